@@ -1,0 +1,1 @@
+"""walex: Postgres Change Data Capture for Python."""
