@@ -1,1 +1,22 @@
-"""walex: Postgres Change Data Capture for Python."""
+"""walex: simple and reliable Postgres Change Data Capture for Python.
+
+Point it at a database with ``wal_level=logical`` and a publication; every
+committed INSERT, UPDATE, DELETE and TRUNCATE reaches your handlers as a typed
+:class:`Event`, and PostgreSQL is told a transaction is done only after every
+handler finished it.
+"""
+
+from .app import WalEx
+from .errors import (
+    ConfigError, DecodeError, HandlerError, ReplicationError, SetupError, SlotInUseError,
+    WalExError,
+)
+from .event import UNCHANGED_TOAST, Change, Event, EventType, Source
+from .handlers import Events
+from .transactions import Transaction
+
+__all__ = [
+    "WalEx", "Events", "Event", "EventType", "Change", "Source", "Transaction",
+    "UNCHANGED_TOAST", "WalExError", "ConfigError", "SetupError", "ReplicationError",
+    "SlotInUseError", "DecodeError", "HandlerError",
+]

@@ -1,0 +1,89 @@
+"""Checks that PostgreSQL is ready for CDC as configured, before any slot exists.
+
+Each failed check raises :class:`~walex.errors.SetupError` naming what is
+wrong and the SQL or setting that fixes it. Nothing here changes the
+database; ``walex setup`` is where fixes are applied on request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from .errors import SetupError
+from .handlers import table_matcher
+
+__all__ = ["Preflight", "preflight", "quote_ident"]
+
+
+@dataclass(slots=True)
+class Preflight:
+    database: str
+    server_version: int
+    published: set[tuple[str, str]]  # (schema, table) in the publication
+    all_tables: bool
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def preflight(
+    conn: psycopg.AsyncConnection, publication: str, subscriptions: list[str]
+) -> Preflight:
+    cur = conn.cursor()
+    await cur.execute(
+        "SELECT current_setting('wal_level'), current_database(), "
+        "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
+        "current_user"
+    )
+    wal_level, database, can_replicate, user = await cur.fetchone()  # type: ignore[misc]
+    if wal_level != "logical":
+        raise SetupError(
+            f"wal_level is {wal_level!r}, logical replication needs 'logical'. Fix: run "
+            "ALTER SYSTEM SET wal_level = 'logical'; then restart PostgreSQL "
+            "(on a managed service, set the parameter group, e.g. rds.logical_replication = 1)."
+        )
+    if not can_replicate:
+        raise SetupError(
+            f"role {user!r} may not start replication. Fix: ALTER ROLE {quote_ident(user)} REPLICATION;"
+        )
+    await cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (publication,))
+    row = await cur.fetchone()
+    if row is None:
+        raise SetupError(
+            f"publication {publication!r} does not exist in database {database!r}. Fix: "
+            f"CREATE PUBLICATION {quote_ident(publication)} FOR ALL TABLES; "
+            f"(or FOR TABLE with the tables to stream)"
+        )
+    await cur.execute(
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+        (publication,),
+    )
+    published = {(s, t) for s, t in await cur.fetchall()}
+    for spec in subscriptions:
+        if spec == "*":
+            continue
+        matches = table_matcher(spec)
+        if any(matches(s, t) for s, t in published):
+            continue
+        schema, _, table = spec.rpartition(".")
+        await cur.execute(
+            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = %s AND c.relkind IN ('r', 'p') AND (%s = '' OR n.nspname = %s)",
+            (table, schema, schema),
+        )
+        found = [r[0] for r in await cur.fetchall()]
+        if not found:
+            raise SetupError(
+                f"subscribed table {spec!r} does not exist in database {database!r}. "
+                "Fix: create it, or remove it from subscriptions."
+            )
+        qualified = f"{quote_ident(found[0])}.{quote_ident(table)}"
+        raise SetupError(
+            f"subscribed table {spec!r} is not in publication {publication!r}, so PostgreSQL "
+            f"will never send its changes. Fix: ALTER PUBLICATION {quote_ident(publication)} "
+            f"ADD TABLE {qualified};"
+        )
+    return Preflight(database, conn.info.server_version, published, bool(row[0]))

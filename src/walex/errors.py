@@ -1,0 +1,88 @@
+"""The walex exception tree.
+
+Every error walex raises on purpose is a :class:`WalExError`; each message names
+what is wrong and, where there is one, the fix. Messages never contain a
+password: anything built from user configuration passes through
+:func:`redact` first.
+
+::
+
+    WalExError
+    ├── ConfigError           invalid or missing configuration
+    ├── SetupError            the database is not ready for CDC (wal_level,
+    │                         publication, tables, privileges, credentials)
+    ├── ReplicationError      the replication connection failed or broke
+    │   └── SlotInUseError    a durable slot is held by another process
+    ├── DecodeError           bytes from the server are not valid pgoutput
+    └── HandlerError          a handler or per-event function failed
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "WalExError",
+    "ConfigError",
+    "SetupError",
+    "ReplicationError",
+    "SlotInUseError",
+    "DecodeError",
+    "HandlerError",
+    "redact",
+]
+
+
+class WalExError(Exception):
+    """Base class of every error raised by walex."""
+
+
+class ConfigError(WalExError, ValueError):
+    """The configuration given to walex is invalid."""
+
+
+class SetupError(WalExError):
+    """PostgreSQL is not set up for change data capture as configured."""
+
+
+class ReplicationError(WalExError):
+    """The replication stream could not be started or was interrupted."""
+
+
+class SlotInUseError(ReplicationError):
+    """A durable replication slot is active for another process."""
+
+
+class DecodeError(WalExError):
+    """A pgoutput message could not be decoded.
+
+    Attributes name the message tag and the WAL position it arrived at, so a
+    report can be matched against ``pg_waldump`` or the server log.
+    """
+
+    def __init__(self, message: str, *, tag: str = "", lsn: int = 0) -> None:
+        super().__init__(message)
+        self.tag = tag
+        self.lsn = lsn
+
+
+class HandlerError(WalExError):
+    """A handler or a per-event function raised."""
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Return ``text`` with passwords removed.
+
+    Removes the password part of a URL, ``password=...`` pairs of a libpq
+    connection string and every literal secret given.
+    """
+    text = _URL_PASSWORD.sub(r"\1***\3", text)
+    text = _KV_PASSWORD.sub(r"\1***", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,79 @@
+"""The :class:`Event` walex hands to handlers, and its parts.
+
+One Event is one row change (or one table of a TRUNCATE) of a committed
+transaction. Invariants:
+
+- ``new_record`` is ``None`` exactly for delete and truncate;
+- ``old_record`` is what Postgres sent of the old row: the whole row under
+  REPLICA IDENTITY FULL, the key columns on a delete or a key-changing update
+  otherwise, else ``None``;
+- ``changes`` is ``None`` when the old values are unknown, never a misleading
+  ``{}``; an unchanged TOAST value is never reported as a change;
+- ``id`` (commit end LSN and position in the transaction) is unique per change
+  and stable across replays, so a consumer can drop duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from .pgoutput.messages import UNCHANGED_TOAST, UnchangedToast
+
+__all__ = ["Event", "EventType", "Change", "Source", "UNCHANGED_TOAST", "UnchangedToast"]
+
+try:
+    WALEX_VERSION = version("walex")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    WALEX_VERSION = "0+unknown"
+
+
+class EventType(StrEnum):
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    TRUNCATE = "truncate"
+
+
+@dataclass(slots=True, frozen=True)
+class Source:
+    """Where an event comes from; one instance is shared by a table's events."""
+
+    db: str
+    schema: str
+    table: str
+    columns: dict[str, str] = field(default_factory=dict)  # column -> type name
+    name: str = "WalEx"
+    version: str = WALEX_VERSION
+
+
+@dataclass(slots=True, frozen=True)
+class Change:
+    old_value: Any
+    new_value: Any
+
+
+@dataclass(slots=True)
+class Event:
+    name: str
+    type: EventType
+    source: Source
+    new_record: dict[str, Any] | None
+    old_record: dict[str, Any] | None
+    changes: dict[str, Change] | None
+    timestamp: datetime
+    lsn: str
+    id: str
+
+    @property
+    def table(self) -> str:
+        """``schema.table`` of the event's table."""
+        return f"{self.source.schema}.{self.source.table}"
+
+    @property
+    def record(self) -> dict[str, Any] | None:
+        """The row as it is now (``new_record``), or as it was for a delete."""
+        return self.new_record if self.new_record is not None else self.old_record

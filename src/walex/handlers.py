@@ -1,0 +1,198 @@
+"""Handler modules: :class:`Events` and the decorators users write.
+
+``Events()`` is the Python form of WalEx's ``use WalEx.Event``: a registry of
+handlers, each bound to a table (or ``"all"``), a set of event types, filters
+and per-event functions. The decorators and :meth:`Events.register` share one
+code path; every argument is checked when the handler is registered, so a
+filter in the wrong shape fails at import time instead of being ignored.
+
+A handler receives a list of events of one transaction: those of its table
+that match its types and filters, in WAL order (for ``"all"``: those of every
+subscribed table). Plain functions run in a worker thread; coroutine functions
+on the event loop.
+
+Filters (all optional, combined with AND):
+
+- ``unwatched_records={"col": value, ...}``: drop an event whose record (the
+  old record for a delete) matches every pair; an empty mapping drops nothing;
+- ``unwatched_fields=[...]``: drop an update whose changed columns are all
+  listed; an update whose old values are unknown is kept;
+- ``columns_changed=[...]``: keep an update only if one of these changed; an
+  update whose old values are unknown is kept;
+- ``where=callable``: keep the event if ``callable(event)`` is true.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .event import Event, EventType
+
+__all__ = ["Events", "Handler", "table_matcher"]
+
+EventFilter = Callable[[Event], bool]
+ALL_TYPES = frozenset(EventType)
+
+
+def table_matcher(spec: str) -> Callable[[str, str], bool]:
+    """``"user"`` matches a table of that name in any schema, ``"s.user"`` exactly, ``"*"`` all."""
+    if spec in ("*", "all"):
+        return lambda schema, table: True
+    schema, dot, table = spec.rpartition(".")
+    if dot:
+        return lambda s, t: s == schema and t == table
+    return lambda s, t: t == spec
+
+
+@dataclass(slots=True)
+class Handler:
+    callback: Callable[[list[Event]], Any]
+    table: str  # "all", "name" or "schema.name"
+    types: frozenset[EventType]
+    filters: list[EventFilter] = field(default_factory=list)
+    functions: list[Callable[[Event], Any]] = field(default_factory=list)
+    is_async: bool = False
+    matches_table: Callable[[str, str], bool] = field(default=lambda s, t: True)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.callback, "__qualname__", repr(self.callback))
+
+    def select(self, events: Iterable[Event]) -> list[Event]:
+        """The events of a transaction this handler wants, in order."""
+        out = []
+        types, filters, matches = self.types, self.filters, self.matches_table
+        for event in events:
+            if event.type not in types:
+                continue
+            source = event.source
+            if not matches(source.schema, source.table):
+                continue
+            if all(f(event) for f in filters):
+                out.append(event)
+        return out
+
+
+class Events:
+    """A handler module: register handlers with the ``on_*`` decorators."""
+
+    def __init__(self) -> None:
+        self.handlers: list[Handler] = []
+
+    def register(
+        self,
+        callback: Callable[[list[Event]], Any],
+        table: str = "all",
+        *,
+        types: Iterable[EventType | str] | None = None,
+        unwatched_records: Mapping[str, Any] | None = None,
+        unwatched_fields: Iterable[str] | None = None,
+        columns_changed: Iterable[str] | None = None,
+        where: EventFilter | None = None,
+        functions: Iterable[Callable[[Event], Any]] | None = None,
+    ) -> Handler:
+        """Register ``callback``; the decorators call this."""
+        if not callable(callback):
+            raise ConfigError(f"a handler must be callable, got {callback!r}")
+        if not isinstance(table, str) or not table:
+            raise ConfigError(f"table must be a table name or 'all', got {table!r}")
+        try:
+            kinds = ALL_TYPES if types is None else frozenset(EventType(t) for t in types)
+        except ValueError:
+            raise ConfigError(
+                f"types must be among {[t.value for t in EventType]}, got {types!r}"
+            ) from None
+        filters: list[EventFilter] = []
+        if unwatched_records is not None:
+            if not isinstance(unwatched_records, Mapping):
+                raise ConfigError(
+                    "unwatched_records must be a mapping of column to value, e.g. "
+                    f"{{'event_subscribe': False}}; got {unwatched_records!r}"
+                )
+            if unwatched_records:
+                filters.append(_unwatched_records(dict(unwatched_records)))
+        if unwatched_fields is not None:
+            filters.append(_unwatched_fields(_columns("unwatched_fields", unwatched_fields)))
+        if columns_changed is not None:
+            filters.append(_columns_changed(_columns("columns_changed", columns_changed)))
+        if where is not None:
+            if not callable(where):
+                raise ConfigError(f"where must be a callable taking an event, got {where!r}")
+            filters.append(where)
+        funcs = list(functions or [])
+        for func in funcs:
+            if not callable(func):
+                raise ConfigError(f"functions must be callables taking an event, got {func!r}")
+        handler = Handler(
+            callback, table, kinds, filters, funcs,
+            is_async=inspect.iscoroutinefunction(callback),
+            matches_table=table_matcher(table),
+        )
+        self.handlers.append(handler)
+        return handler
+
+    def _decorator(self, table: str, types: Iterable[EventType] | None, **options: Any) -> Any:
+        def decorate(callback: Callable[[list[Event]], Any]) -> Callable[[list[Event]], Any]:
+            self.register(callback, table, types=types, **options)
+            return callback
+
+        if callable(table):  # used bare: @events.on_insert
+            callback, table = table, "all"
+            return decorate(callback)
+        return decorate
+
+    def on_event(self, table: str = "all", **options: Any) -> Any:
+        """Every event of ``table`` (or of every subscribed table with ``"all"``)."""
+        return self._decorator(table, None, **options)
+
+    def on_insert(self, table: str = "all", **options: Any) -> Any:
+        return self._decorator(table, [EventType.INSERT], **options)
+
+    def on_update(self, table: str = "all", **options: Any) -> Any:
+        return self._decorator(table, [EventType.UPDATE], **options)
+
+    def on_delete(self, table: str = "all", **options: Any) -> Any:
+        return self._decorator(table, [EventType.DELETE], **options)
+
+    def on_truncate(self, table: str = "all", **options: Any) -> Any:
+        return self._decorator(table, [EventType.TRUNCATE], **options)
+
+
+def _columns(option: str, value: Iterable[str]) -> frozenset[str]:
+    if isinstance(value, str) or not all(isinstance(c, str) for c in value):
+        raise ConfigError(f"{option} must be a list of column names, e.g. ['updated_at']; got {value!r}")
+    return frozenset(value)
+
+
+def _unwatched_records(pairs: dict[str, Any]) -> EventFilter:
+    items = list(pairs.items())
+
+    def keep(event: Event) -> bool:
+        record = event.record
+        if record is None:
+            return True
+        return not all(col in record and record[col] == value for col, value in items)
+
+    return keep
+
+
+def _unwatched_fields(columns: frozenset[str]) -> EventFilter:
+    def keep(event: Event) -> bool:
+        if event.type is not EventType.UPDATE or event.changes is None or not event.changes:
+            return True
+        return not columns.issuperset(event.changes)
+
+    return keep
+
+
+def _columns_changed(columns: frozenset[str]) -> EventFilter:
+    def keep(event: Event) -> bool:
+        if event.type is not EventType.UPDATE or event.changes is None:
+            return True
+        return not columns.isdisjoint(event.changes)
+
+    return keep

@@ -1,0 +1,112 @@
+"""Type names and loaders for the columns of replicated tables.
+
+A :class:`TypeCatalog` owns the psycopg ``AdaptersMap`` used to type every
+value walex delivers. It starts as a copy of the global ``psycopg.adapters``
+(so types a user registered globally apply) and, for every column type the
+server announces that psycopg does not know, looks the type up in ``pg_type``
+once and registers what makes it load like the type it is:
+
+- a domain loads as its base type (as a SELECT would return it);
+- an array of a non-built-in element (enum, domain, composite, hstore) loads
+  as a ``list`` of that element;
+- a composite loads as a named tuple; ``hstore`` as a ``dict``;
+- anything else (enum, citext, ...) loads as ``str`` unless a loader was
+  registered for it.
+
+Invariant: after :meth:`TypeCatalog.resolve` returned for a set of OIDs, the
+adapters hold a loader for each (or psycopg's text fallback applies) and
+:meth:`TypeCatalog.name` knows each type's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import psycopg
+from psycopg.adapt import AdaptersMap
+from psycopg.postgres import types as builtin_types
+from psycopg.pq import Format
+from psycopg.types import TypeInfo
+from psycopg.types.array import register_array
+from psycopg.types.composite import CompositeInfo, register_composite
+from psycopg.types.hstore import register_hstore
+
+__all__ = ["TypeCatalog"]
+
+_PG_TYPE_QUERY = """
+SELECT t.oid, t.typname, n.nspname, t.typtype, t.typbasetype, t.typelem, t.typarray,
+       format_type(t.oid, NULL)
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE t.oid = ANY(%s)
+"""
+
+
+class TypeCatalog:
+    """Resolves column type OIDs to names and loaders, one query per new type."""
+
+    def __init__(self, conn: psycopg.AsyncConnection | None = None) -> None:
+        self.conn = conn
+        self.adapters = AdaptersMap(psycopg.adapters)
+        self._names: dict[int, str] = {}
+
+    def name(self, oid: int) -> str:
+        """The type's name as Postgres spells it (``int4``, ``text[]``, ``mood``)."""
+        known = self._names.get(oid)
+        if known is not None:
+            return known
+        info = builtin_types.get(oid)
+        if info is None:
+            return str(oid)
+        return f"{info.name}[]" if info.array_oid == oid and info.oid != oid else info.name
+
+    def _is_known(self, oid: int) -> bool:
+        return oid in self._names or (
+            builtin_types.get(oid) is not None
+            and self.adapters.get_loader(oid, Format.TEXT) is not None
+        )
+
+    async def resolve(self, oids: Iterable[int]) -> None:
+        """Make sure every OID has a name and a loader; queries ``pg_type`` for new ones."""
+        pending = sorted({oid for oid in oids if not self._is_known(oid)})
+        if not pending or self.conn is None:
+            return
+        async with self.conn.cursor() as cur:
+            await cur.execute(_PG_TYPE_QUERY, (pending,))
+            rows = await cur.fetchall()
+        by_oid = {row[0]: row for row in rows}
+        # Elements and base types first, so arrays and domains can reuse them.
+        deps = {r[4] for r in rows if r[4]} | {r[5] for r in rows if r[5]}
+        if deps - set(pending):
+            await self.resolve(deps - set(pending))
+        # Elements before arrays, so an array is named after its element.
+        for oid in sorted(pending, key=lambda o: bool(by_oid.get(o, (0,) * 8)[5])):
+            row = by_oid.get(oid)
+            if row is None:
+                self._names[oid] = str(oid)  # dropped meanwhile: text fallback
+                continue
+            await self._register(row)
+
+    async def _register(self, row: tuple) -> None:
+        oid, typname, nspname, typtype, basetype, elem, _array, _formatted = row
+        user_loader = self.adapters.get_loader(oid, Format.TEXT) is not None
+        if elem and typtype == "b" and typname.startswith("_"):  # an array type
+            self._names[oid] = f"{self.name(elem)}[]"
+            if not user_loader:
+                register_array(TypeInfo(self.name(elem), elem, oid), self.adapters)
+            return
+        self._names[oid] = typname if nspname in ("pg_catalog", "public") else f"{nspname}.{typname}"
+        if user_loader or self.conn is None:
+            return  # the user registered this type already
+        if typtype == "d":
+            for fmt in (Format.TEXT, Format.BINARY):
+                loader = self.adapters.get_loader(basetype, fmt)
+                if loader is not None:
+                    self.adapters.register_loader(oid, loader)
+        elif typtype == "c":
+            info = await CompositeInfo.fetch(self.conn, f'"{nspname}"."{typname}"')
+            if info is not None:
+                register_composite(info, self.adapters)
+        elif typname == "hstore":
+            info = await TypeInfo.fetch(self.conn, f'"{nspname}"."{typname}"')
+            if info is not None:
+                register_hstore(info, self.adapters)

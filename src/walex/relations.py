@@ -1,0 +1,124 @@
+"""The relation cache: what each table looks like, and how to type its rows.
+
+pgoutput sends a Relation message before the first change of a table in a
+session and again whenever the table's definition changed. Each one replaces
+the cached :class:`Table` wholesale (never merged), after the column types
+were resolved by the :class:`~walex.pgtypes.TypeCatalog`. A :class:`Table`
+types a row with one psycopg ``Transformer`` set up once per definition, so
+the common row (every value text or NULL) is typed in one C call.
+
+Invariants: a change is typed only with the definition announced before it in
+the stream; a row whose column count differs from its definition is an error,
+never silently truncated or padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.adapt import Transformer
+from psycopg.pq import Format
+
+from .errors import DecodeError
+from .event import Source
+from .lsn import format_lsn
+from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, Relation, TupleData
+from .pgtypes import TypeCatalog
+
+__all__ = ["Table", "RelationCache"]
+
+
+class Table:
+    """One table definition as announced by a Relation message."""
+
+    __slots__ = (
+        "relation_id", "schema", "name", "replica_identity", "column_names",
+        "key_indexes", "type_oids", "source", "subscribed", "_tx", "_loaders",
+    )
+
+    def __init__(self, rel: Relation, catalog: TypeCatalog, db: str, subscribed: bool) -> None:
+        self.relation_id = rel.relation_id
+        self.schema = rel.namespace or "pg_catalog"
+        self.name = rel.name
+        self.replica_identity = rel.replica_identity
+        self.column_names = [c.name for c in rel.columns]
+        self.key_indexes = [i for i, c in enumerate(rel.columns) if c.is_key]
+        self.type_oids = [c.type_oid for c in rel.columns]
+        self.source = Source(
+            db=db, schema=self.schema, table=self.name,
+            columns={c.name: catalog.name(c.type_oid) for c in rel.columns},
+        )
+        self.subscribed = subscribed
+        self._tx = Transformer(catalog.adapters)
+        self._tx.set_loader_types(self.type_oids, Format.TEXT)
+        self._loaders: dict[tuple[int, int], Any] = {}
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def load(self, row: TupleData, tag: str, lsn: int) -> list[Any]:
+        """Type one row: a list of Python values in column order.
+
+        NULL stays ``None`` and an unchanged TOAST value stays
+        :data:`~walex.UNCHANGED_TOAST`.
+        """
+        values = row.values
+        if len(values) != len(self.type_oids):
+            raise DecodeError(
+                f"a {tag} row of {self.qualified_name} at LSN {format_lsn(lsn)} has {len(values)} "
+                f"columns but its Relation message announced {len(self.type_oids)}",
+                tag=tag, lsn=lsn,
+            )
+        if row.plain:
+            return list(self._tx.load_sequence(values))
+        out: list[Any] = []
+        for i, value in enumerate(values):
+            if value is None or value is UNCHANGED_TOAST:
+                out.append(value)
+            else:
+                fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
+                out.append(self._loader(i, fmt).load(value))
+        return out
+
+    def _loader(self, index: int, fmt: Format) -> Any:
+        key = (index, fmt)
+        loader = self._loaders.get(key)
+        if loader is None:
+            loader = self._loaders[key] = self._tx.get_loader(self.type_oids[index], fmt)
+        return loader
+
+
+class RelationCache:
+    """Table definitions by relation id, replaced on every Relation message."""
+
+    def __init__(
+        self, catalog: TypeCatalog, db: str, is_subscribed: Callable[[str, str], bool]
+    ) -> None:
+        self.catalog = catalog
+        self.db = db
+        self.is_subscribed = is_subscribed
+        self._tables: dict[int, Table] = {}
+
+    async def update(self, rel: Relation) -> Table:
+        await self.catalog.resolve(c.type_oid for c in rel.columns)
+        schema = rel.namespace or "pg_catalog"
+        table = Table(rel, self.catalog, self.db, self.is_subscribed(schema, rel.name))
+        self._tables[rel.relation_id] = table
+        return table
+
+    def refresh_subscriptions(self) -> None:
+        """Re-evaluate which cached tables are subscribed (after a config change)."""
+        for table in self._tables.values():
+            table.subscribed = self.is_subscribed(table.schema, table.name)
+
+    def get(self, relation_id: int, tag: str, lsn: int) -> Table:
+        table = self._tables.get(relation_id)
+        if table is None:
+            raise DecodeError(
+                f"{tag} for relation id {relation_id} at LSN {format_lsn(lsn)} arrived before any "
+                "Relation message describing it",
+                tag=tag, lsn=lsn,
+            )
+        return table

@@ -1,0 +1,207 @@
+"""The replication connection: slot commands, START_REPLICATION, frames in, status out.
+
+Built on psycopg 3: the connection is an ``AsyncConnection`` opened with
+``replication=database`` (so slot commands run through psycopg's normal
+async execute), and the COPY BOTH stream is driven through its libpq layer
+(``psycopg.pq.PGconn``) in non-blocking mode, waiting on the socket with the
+asyncio loop. Nothing here blocks the event loop.
+
+Invariants: :meth:`read` returns every frame the server sent, in order,
+batched as they are available; :meth:`send_status` never blocks on a reader;
+a server error or a closed stream raises :class:`ReplicationError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import pq, sql
+
+from ..errors import ReplicationError, SlotInUseError, redact
+from ..lsn import format_lsn, parse_lsn
+from .frames import standby_status
+
+__all__ = ["ReplicationConnection", "SlotInfo"]
+
+_COPY_BOTH = pq.ExecStatus.COPY_BOTH
+
+
+@dataclass(slots=True)
+class SlotInfo:
+    name: str
+    consistent_point: int
+    created: bool
+
+
+class ReplicationConnection:
+    """One walsender connection, from slot creation to the end of the stream."""
+
+    def __init__(self, conn: psycopg.AsyncConnection, secret: str | None = None) -> None:
+        self.conn = conn
+        self.pgconn = conn.pgconn
+        self._secret = secret
+        self._loop = asyncio.get_running_loop()
+        self._fd = -1
+        self._send_lock = asyncio.Lock()
+        self.streaming = False
+
+    @classmethod
+    async def connect(cls, conninfo: str, secret: str | None = None) -> ReplicationConnection:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo, replication="database", autocommit=True
+            )
+        except psycopg.Error as exc:
+            raise ReplicationError(
+                f"cannot open a replication connection: {redact(str(exc), secret)}"
+            ) from None
+        return cls(conn, secret)
+
+    @property
+    def server_version(self) -> int:
+        return self.conn.info.server_version
+
+    async def create_slot(self, name: str, *, temporary: bool, failover: bool = False) -> SlotInfo:
+        """Create a pgoutput slot; a durable slot that exists already is reused."""
+        query = sql.SQL("CREATE_REPLICATION_SLOT {} {}LOGICAL pgoutput {}").format(
+            sql.Identifier(name),
+            sql.SQL("TEMPORARY " if temporary else ""),
+            sql.SQL("(SNAPSHOT 'nothing'{})").format(
+                sql.SQL(", FAILOVER") if failover else sql.SQL("")
+            )
+            if self.server_version >= 150000
+            else sql.SQL("NOEXPORT_SNAPSHOT"),
+        )
+        try:
+            cur = await self.conn.execute(query)
+        except psycopg.errors.DuplicateObject:
+            return SlotInfo(name, 0, created=False)
+        except psycopg.Error as exc:
+            raise ReplicationError(
+                f"cannot create replication slot {name!r}: {redact(str(exc), self._secret)}"
+            ) from None
+        row = await cur.fetchone()
+        assert row is not None
+        return SlotInfo(name, parse_lsn(row[1]), created=True)
+
+    async def start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
+        """Send START_REPLICATION and wait until the server is in COPY BOTH."""
+        opts = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
+        )
+        query = sql.SQL("START_REPLICATION SLOT {} LOGICAL {} ({})").format(
+            sql.Identifier(slot), sql.SQL(format_lsn(start_lsn)), opts
+        )
+        pgconn = self.pgconn
+        pgconn.send_query(query.as_bytes(self.conn))
+        await self._flush()
+        while True:
+            while pgconn.is_busy():
+                await self._wait_readable()
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:
+                raise ReplicationError("START_REPLICATION ended without entering COPY BOTH")
+            if result.status == _COPY_BOTH:
+                break
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                primary = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+                message = redact(primary.decode(errors="replace"), self._secret)
+                sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+                if sqlstate == "55006":
+                    raise SlotInUseError(f"replication slot {slot!r}: {message}")
+                raise ReplicationError(f"START_REPLICATION failed: {message} (SQLSTATE {sqlstate})")
+        pgconn.nonblocking = 1
+        self.streaming = True
+
+    async def read(self) -> list[bytes]:
+        """The frames available now; waits for at least one."""
+        pgconn = self.pgconn
+        frames: list[bytes] = []
+        while True:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                frames.append(bytes(data))
+                if len(frames) >= 1024:
+                    return frames
+                continue
+            if nbytes == 0:
+                if frames:
+                    return frames
+                await self._wait_readable()
+                try:
+                    pgconn.consume_input()
+                except psycopg.OperationalError as exc:
+                    self.streaming = False
+                    raise ReplicationError(
+                        f"replication connection lost: {redact(str(exc), self._secret)}"
+                    ) from None
+                continue
+            self._end_of_stream(nbytes)
+
+    def _end_of_stream(self, nbytes: int) -> None:
+        self.streaming = False
+        pgconn = self.pgconn
+        message = ""
+        result = pgconn.get_result()
+        while result is not None:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                message = result.error_message.decode(errors="replace").strip()
+            result = pgconn.get_result()
+        if not message:
+            message = pgconn.error_message.decode(errors="replace").strip() or "the server ended the stream"
+        raise ReplicationError(f"replication stream ended: {redact(message, self._secret)}")
+
+    async def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        """Send a standby status update (only ``flush`` moves the slot)."""
+        async with self._send_lock:
+            if not self.streaming:
+                return
+            if self.pgconn.put_copy_data(standby_status(write, flush, apply, reply)) != 1:
+                raise ReplicationError(
+                    "cannot send a status update: "
+                    + self.pgconn.get_error_message().strip()
+                )
+            try:
+                await self._flush()
+            except psycopg.OperationalError as exc:
+                raise ReplicationError(f"cannot send a status update: {exc}") from None
+
+    async def close(self) -> None:
+        self.streaming = False
+        self._stop_waiting()
+        await self.conn.close()
+
+    # -- socket waits ----------------------------------------------------
+
+    async def _flush(self) -> None:
+        while self.pgconn.flush() == 1:
+            fut = self._loop.create_future()
+            fd = self.pgconn.socket
+            self._loop.add_writer(fd, _resolve, fut)
+            try:
+                await fut
+            finally:
+                self._loop.remove_writer(fd)
+
+    async def _wait_readable(self) -> None:
+        fd = self.pgconn.socket
+        fut = self._loop.create_future()
+        self._loop.add_reader(fd, _resolve, fut)
+        self._fd = fd
+        try:
+            await fut
+        finally:
+            self._loop.remove_reader(fd)
+            self._fd = -1
+
+    def _stop_waiting(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
