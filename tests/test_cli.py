@@ -1,0 +1,85 @@
+"""The ``walex`` command run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psycopg
+
+from walex.demo import EXPECTED_EVENTS, SCRIPT
+
+WALEX = [sys.executable, "-m", "walex.cli"]
+
+
+def test_demo_prints_every_scripted_event() -> None:
+    proc = subprocess.run(
+        [*WALEX, "demo"], capture_output=True, text=True, timeout=180,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for description, _, _ in SCRIPT:
+        assert description in out
+    assert f"{EXPECTED_EVENTS} events received and acknowledged" in out
+    for kind, count in {"INSERT": 4, "UPDATE": 4, "DELETE": 1, "TRUNCATE": 2}.items():
+        assert out.count(kind + " ") >= count, (kind, out)
+    assert "Ada Lovelace" in out
+
+
+def test_run_streams_until_sigint(dsn: str, admin: psycopg.Connection, tmp_path: Path) -> None:
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    log = tmp_path / "events.txt"
+    (tmp_path / "cli_app.py").write_text(textwrap.dedent(f"""
+        from walex import WalEx, Events
+        events = Events()
+
+        @events.on_insert("item")
+        def record(items):
+            with open({str(log)!r}, "a") as f:
+                for e in items:
+                    f.write(e.new_record["label"] + "\\n")
+
+        app = WalEx({dsn!r}, publication="pub", subscriptions=["item"], modules=[events])
+    """))
+    proc = subprocess.Popen(
+        [*WALEX, "run", "cli_app:app"], cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the slot exists once the app streams
+            if admin.execute(
+                "SELECT count(*) FROM pg_replication_slots WHERE active"
+                " AND database = current_database()"
+            ).fetchone()[0]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("walex run never started streaming")
+        admin.execute("INSERT INTO item VALUES (1, 'first'), (2, 'second')")
+        while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") == 2):
+            time.sleep(0.1)
+        assert log.read_text().split() == ["first", "second"]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+
+
+def test_run_reports_import_errors_precisely(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*WALEX, "run", "no_such_module_xyz:app"], capture_output=True, text=True,
+        timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "no_such_module_xyz" in proc.stderr
+    assert "Traceback" not in proc.stderr
