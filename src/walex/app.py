@@ -1,21 +1,17 @@
-"""``WalEx``: one CDC pipeline from a publication to the handlers, and its lifecycle.
+"""``WalEx``: the public face of one CDC app and its lifecycle.
 
-Data flows one way::
+An app is configured once (:mod:`walex.config`), resolves its handler
+modules (:mod:`walex.modules`) and runs a :class:`~walex.pipeline.Pipeline`
+while started. Apps are registered by ``name`` so several can run side by
+side in one process (each with its own slot) and be addressed by name for
+runtime configuration (:mod:`walex.configs`).
 
-    ReplicationConnection.read  -> Decoder.decode -> RelationCache / TransactionAssembler
-        -> bounded queue -> Dispatcher.dispatch -> AckTracker.handled -> status update
-
-Three tasks run while the app is started: the reader (socket to queue), the
-dispatcher (queue to handlers, one transaction at a time) and the
-acknowledger (status updates). The queue is bounded, so slow handlers stop
-the reader instead of growing memory, while the acknowledger keeps answering
-the server.
-
-Invariants: a transaction is acknowledged only after its dispatch returned;
-the flush position never goes backwards; when :meth:`WalEx.start` returns the
-slot exists and streaming has begun, so every change committed afterwards is
-delivered; a failure in any task stops the app without acknowledging the
-transaction in hand and is raised from :meth:`WalEx.wait` / :meth:`WalEx.run`.
+Invariants: when :meth:`WalEx.start` returns the slot exists and streaming
+has begun, so every change committed afterwards is delivered; :meth:`stop`
+lets the transaction in hand finish (within ``shutdown_grace``), sends its
+acknowledgement and disconnects; a failure in any task stops the app without
+acknowledging the transaction in hand and is raised by :meth:`wait` and
+:meth:`run`.
 """
 
 from __future__ import annotations
@@ -24,30 +20,33 @@ import asyncio
 import logging
 import secrets
 import signal
+import weakref
+from collections import deque
 from typing import Any
 
-import psycopg
-
-from .ack import AckTracker
-from .checks import Preflight, preflight
+from .configs import RuntimeConfig
 from .config import WalExSettings, load_settings
 from .dispatch import Dispatcher
-from .errors import ReplicationError, SetupError, WalExError, redact
-from .handlers import table_matcher
-from .lsn import format_lsn, parse_lsn
+from .errors import ConfigError, WalExError
 from .modules import resolve_modules
-from .pgoutput import Decoder, Relation, Type
-from .pgtypes import TypeCatalog
-from .relations import RelationCache
-from .replication.frames import XLOGDATA_HEADER, parse_keepalive
-from .replication.stream import ReplicationConnection
-from .transactions import Transaction, TransactionAssembler
+from .pgoutput.messages import Message
+from .pipeline import Pipeline
 
-__all__ = ["WalEx"]
+__all__ = ["WalEx", "get_app"]
 
 log = logging.getLogger("walex")
 
-_XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
+_running: weakref.WeakValueDictionary[str, WalEx] = weakref.WeakValueDictionary()
+
+
+def get_app(name: str) -> WalEx:
+    """The started app called ``name``."""
+    try:
+        return _running[name]
+    except KeyError:
+        raise ConfigError(
+            f"no walex app named {name!r} is running (running: {sorted(_running) or 'none'})"
+        ) from None
 
 
 class WalEx:
@@ -61,22 +60,21 @@ class WalEx:
         if url is not None:
             options["url"] = url
         self.settings: WalExSettings = load_settings(**options)
-        self._secret = self.settings.secret()
-        self.modules = resolve_modules(
-            self.settings.modules, self.settings.name, self.settings.subscriptions
+        s = self.settings
+        self.modules = resolve_modules(s.modules, s.name, s.subscriptions)
+        self.slot_name = s.slot_name or self._default_slot_name()
+        self.dispatcher = Dispatcher(
+            self.modules, function_concurrency=s.function_concurrency, on_error=s.on_error,
+            max_retries=s.max_retries, retry_backoff=s.retry_backoff,
         )
-        self.slot_name = self.settings.slot_name or self._default_slot_name()
-        self.dispatcher = Dispatcher(self.modules)
-        self.preflight: Preflight | None = None
-        self._admin: psycopg.AsyncConnection | None = None
-        self._repl: ReplicationConnection | None = None
+        self.config = RuntimeConfig(self)
+        self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
         self._tasks: list[asyncio.Task[None]] = []
-        self._queue: asyncio.Queue[Transaction] = asyncio.Queue(self.settings.max_pending_transactions)
-        self._busy = False
         self._stopped = asyncio.Event()
+        self._stopping = False
         self._error: BaseException | None = None
-        self.ack = AckTracker(interval=self.settings.status_interval)
-        self.transactions_handled = 0
+        self._deferred: deque[Message] = deque()
+        self._deferred_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
@@ -87,100 +85,86 @@ class WalEx:
             return f"{base}_walex"
         return f"{base}_walex_{secrets.token_hex(4)}"
 
+    @property
+    def ack(self) -> Any:
+        return self.pipeline.ack
+
+    @property
+    def gaps(self) -> list[str]:
+        """Descriptions of changes a temporary or lost slot could not deliver."""
+        return self.pipeline.gaps
+
+    @property
+    def transactions_handled(self) -> int:
+        return self.pipeline.transactions_handled
+
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
         """Check the setup, create the slot, start streaming; returns once streaming."""
-        s = self.settings
-        conninfo = s.conninfo()
-        try:
-            self._admin = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-        except psycopg.Error as exc:
-            raise SetupError(
-                f"cannot connect to {s.display_target()}: {redact(str(exc), self._secret)}"
-            ) from None
-        try:
-            self.preflight = await preflight(self._admin, s.publication, s.subscriptions)
-            await self._start_stream(conninfo)
-        except BaseException:
-            await self._close_connections()
-            raise
+        name = self.settings.name
+        other = _running.get(name)
+        if other is not None and other is not self:
+            raise ConfigError(
+                f"a walex app named {name!r} is already running in this process; "
+                "give each app its own name"
+            )
+        if self._tasks:
+            raise ConfigError(f"walex app {name!r} is already started")
+        self._stopped.clear()
+        self._stopping = False
+        self._error = None
+        await self.pipeline.open_session()
+        _running[name] = self
+        p = self.pipeline
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name="walex-reader"),
-            asyncio.create_task(self._dispatch_loop(), name="walex-dispatcher"),
-            asyncio.create_task(self._ack_loop(), name="walex-ack"),
+            asyncio.create_task(p.run_reader(), name=f"walex-{name}-reader"),
+            asyncio.create_task(p.run_dispatcher(), name=f"walex-{name}-dispatcher"),
+            asyncio.create_task(p.run_acknowledger(), name=f"walex-{name}-ack"),
         ]
+        if self.settings.heartbeat_interval:
+            self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
-        log.info(
-            "walex %r streaming publication %r from %s via slot %r (%s)",
-            s.name, s.publication, s.display_target(), self.slot_name,
-            "durable" if s.durable_slot else "temporary",
-        )
-
-    async def _start_stream(self, conninfo: str) -> None:
         s = self.settings
-        assert self.preflight is not None and self._admin is not None
-        catalog = TypeCatalog(self._admin)
-        subscribed = [table_matcher(spec) for spec in s.subscriptions]
-        self.relations = RelationCache(
-            catalog, self.preflight.database,
-            lambda schema, table: any(m(schema, table) for m in subscribed),
+        log.info(
+            "walex %r streaming publication %r from %s via %s slot %r",
+            name, s.publication, s.display_target(),
+            "durable" if s.durable_slot else "temporary", self.slot_name,
         )
-        self.assembler = TransactionAssembler(self.relations)
-        self._repl = await ReplicationConnection.connect(conninfo, self._secret)
-        slot = await self._repl.create_slot(self.slot_name, temporary=not s.durable_slot)
-        start = slot.consistent_point
-        if not slot.created:
-            cur = await self._admin.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (self.slot_name,),
-            )
-            row = await cur.fetchone()
-            start = parse_lsn(row[0]) if row and row[0] else 0
-        self.ack.flushed = self.ack.received = start
-        options = {
-            "proto_version": "2" if s.streaming else "1",
-            "publication_names": '"' + s.publication.replace('"', '""') + '"',
-        }
-        if s.streaming:
-            options["streaming"] = "on"
-        await self._repl.start(self.slot_name, start, options)
-        log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
 
     async def stop(self) -> None:
         """Finish the transaction in hand, acknowledge it, and disconnect."""
-        if not self._tasks:
-            await self._close_connections()
+        if self._stopping:
+            await self._stopped.wait()
             return
-        reader, dispatcher, acker = self._tasks
-        reader.cancel()
-        if self._busy and not dispatcher.done():
-            # let the transaction in hand finish so its acknowledgement is sent
-            await asyncio.wait([dispatcher], timeout=30)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._repl is not None and self._repl.streaming:
-            try:
-                await self.ack.send(self._repl)
-            except WalExError as exc:
-                log.warning("final acknowledgement not sent: %s", exc)
-        await self._close_connections()
-        self._stopped.set()
-
-    async def _close_connections(self) -> None:
-        for conn in (self._repl, self._admin):
-            if conn is not None:
-                try:
-                    await conn.close()
-                except Exception:  # pragma: no cover - closing a broken connection
-                    pass
-        self._repl = self._admin = None
+        self._stopping = True
+        try:
+            if self._tasks:
+                reader, dispatcher = self._tasks[0], self._tasks[1]
+                reader.cancel()
+                if self.pipeline.busy and not dispatcher.done():
+                    await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                self._tasks = []
+                repl = self.pipeline.repl
+                if repl is not None and repl.streaming:
+                    try:
+                        await self.pipeline.ack.send(repl)
+                    except WalExError as exc:
+                        log.warning("final acknowledgement not sent: %s", exc)
+            if self._deferred_task is not None:
+                self._deferred_task.cancel()
+            await self.pipeline.close_session()
+        finally:
+            if _running.get(self.settings.name) is self:
+                del _running[self.settings.name]
+            self._stopped.set()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stopped.is_set():
+        if task.cancelled() or self._stopping:
             return
         exc = task.exception()
         if exc is not None and self._error is None:
@@ -218,49 +202,31 @@ class WalEx:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    # -- the pipeline ----------------------------------------------------
+    # -- message middleware ----------------------------------------------
 
-    async def _read_loop(self) -> None:
-        assert self._repl is not None
-        repl, ack, queue = self._repl, self.ack, self._queue
-        decoder, feed, relations = Decoder(), self.assembler.feed, self.relations
-        header = XLOGDATA_HEADER.unpack_from
-        while True:
-            for frame in await repl.read():
-                tag = frame[0]
-                if tag == _XLOGDATA:
-                    _, start, end, _ = header(frame)
-                    msg = decoder.decode(frame[25:], start)
-                    kind = type(msg)
-                    if kind is Relation:
-                        await relations.update(msg)  # type: ignore[arg-type]
-                    elif kind is Type:
-                        await relations.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]
-                    else:
-                        txn = feed(msg, start)
-                        if txn is not None and txn.end_lsn > ack.flushed:
-                            await queue.put(txn)
-                    ack.saw(end)
-                elif tag == _KEEPALIVE:
-                    keepalive = parse_keepalive(frame)
-                    ack.saw(keepalive.wal_end)
-                    if self.assembler.idle and queue.empty() and not self._busy:
-                        ack.idle_at(keepalive.wal_end)
-                    if keepalive.reply_requested:
-                        ack.request()
-                else:
-                    raise ReplicationError(f"unexpected replication frame type {chr(tag)!r}")
+    async def process_message(self, message: Message) -> None:
+        """Hand on a message a ``message_middleware`` received (in stream order, once)."""
+        await self.pipeline.process(message, from_middleware=True)
 
-    async def _dispatch_loop(self) -> None:
-        queue, dispatch, ack = self._queue, self.dispatcher.dispatch, self.ack
-        while True:
-            txn = await queue.get()
-            self._busy = True
-            await dispatch(txn)
-            ack.handled(txn.end_lsn)
-            self._busy = False
-            self.transactions_handled += 1
+    def process_message_nowait(self, message: Message) -> None:
+        """Like :meth:`process_message`, from synchronous code; keeps the order."""
+        self._deferred.append(message)
+        if self._deferred_task is None or self._deferred_task.done():
+            self._deferred_task = asyncio.get_running_loop().create_task(self._drain_deferred())
+            self._deferred_task.add_done_callback(self._task_done)
 
-    async def _ack_loop(self) -> None:
-        assert self._repl is not None
-        await self.ack.run(self._repl)
+    async def _drain_deferred(self) -> None:
+        while self._deferred:
+            await self.pipeline.process(self._deferred.popleft(), from_middleware=True)
+
+    # -- runtime configuration (see walex.configs) -------------------------
+
+    def _apply_settings(self, settings: WalExSettings) -> None:
+        """Take new settings: subscriptions and modules apply from the next transaction."""
+        modules = resolve_modules(settings.modules, settings.name, settings.subscriptions)
+        self.settings = settings
+        self.modules = modules
+        self.dispatcher.set_modules(modules)
+        self.pipeline.settings = settings
+        self.pipeline.secret = settings.secret()
+        self.pipeline.set_subscriptions(settings.subscriptions)

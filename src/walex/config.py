@@ -57,10 +57,25 @@ class WalExSettings(BaseSettings):
     durable_slot: bool = False
     slot_name: str | None = None
 
+    failover: bool = False  # PostgreSQL 17+: the slot survives a failover to a standby
+    recreate_lost_slot: bool = False  # an invalidated durable slot is recreated (a reported gap)
+    slot_wait_timeout: float = Field(default=30.0, ge=0)  # a durable slot held by another process
+
     # the protocol
     streaming: bool = False
     status_interval: float = Field(default=10.0, gt=0, le=60)
+    heartbeat_interval: float | None = Field(default=None, gt=0)
     max_pending_transactions: int = Field(default=64, ge=1)
+    reconnect_max_attempts: int = Field(default=10, ge=0)
+    reconnect_backoff_max: float = Field(default=30.0, gt=0)
+
+    # handlers
+    message_middleware: Any = None
+    on_error: Any = "stop"  # "stop", "skip" or a dead-letter callable(events, exc)
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff: float = Field(default=0.5, ge=0)
+    function_concurrency: int = Field(default=16, ge=1)
+    shutdown_grace: float = Field(default=30.0, ge=0)
 
     @field_validator("subscriptions", "modules", mode="before")
     @classmethod
@@ -75,6 +90,20 @@ class WalExSettings(BaseSettings):
         for item in value:
             if item != "*" and (not item or item.count(".") > 1 or "\x00" in item):
                 raise ValueError(f"{item!r} is not a table name, 'schema.table' or '*'")
+        return value
+
+    @field_validator("on_error")
+    @classmethod
+    def _on_error(cls, value: Any) -> Any:
+        if value in ("stop", "skip") or callable(value):
+            return value
+        raise ValueError("must be 'stop', 'skip' or a dead-letter callable(events, exception)")
+
+    @field_validator("message_middleware")
+    @classmethod
+    def _middleware(cls, value: Any) -> Any:
+        if value is not None and not callable(value):
+            raise ValueError("must be a callable(message, app)")
         return value
 
     @field_validator("publication")

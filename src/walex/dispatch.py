@@ -7,9 +7,16 @@ event; all of these run concurrently (functions bounded by a semaphore) and
 Transactions are dispatched one after the other, so a handler sees a table's
 changes in commit order.
 
+A failing call is retried ``max_retries`` times with exponential backoff
+(only that call: the others already succeeded). Then the error policy
+decides: ``"stop"`` (the default) raises, ``"skip"`` logs and counts it, a
+dead-letter callable receives ``(events, exception)`` and, if it returns, the
+events count as handled.
+
 Invariant: :meth:`Dispatcher.dispatch` either returns after every call
-succeeded, or raises :class:`~walex.errors.HandlerError`; the caller must not
-acknowledge a transaction whose dispatch raised.
+succeeded or was disposed of by the policy, or raises
+:class:`~walex.errors.HandlerError`; the caller must not acknowledge a
+transaction whose dispatch raised.
 """
 
 from __future__ import annotations
@@ -42,9 +49,21 @@ async def _call(func: Callable[..., Any], arg: Any) -> None:
 class Dispatcher:
     """Routes transactions to the handlers of a set of :class:`Events` modules."""
 
-    def __init__(self, modules: Iterable[Events] = (), function_concurrency: int = 16) -> None:
+    def __init__(
+        self,
+        modules: Iterable[Events] = (),
+        function_concurrency: int = 16,
+        on_error: Any = "stop",
+        max_retries: int = 0,
+        retry_backoff: float = 0.5,
+    ) -> None:
         self.handlers: list[Handler] = [h for module in modules for h in module.handlers]
         self._functions = asyncio.Semaphore(function_concurrency)
+        self.on_error = on_error
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
+        self.retries = 0
 
     def set_modules(self, modules: Iterable[Events]) -> None:
         """Replace the handlers; takes effect from the next transaction."""
@@ -59,12 +78,15 @@ class Dispatcher:
             events = handler.select(txn.events)
             if not events:
                 continue
-            calls.append(_call(handler.callback, events))
-            labels.append(f"handler {handler.name}")
+            label = f"handler {handler.name}"
+            calls.append(self._guarded(label, handler.callback, events, events))
+            labels.append(label)
             for func in handler.functions:
+                name = getattr(func, "__qualname__", repr(func))
                 for event in events:
-                    calls.append(self._function(func, event))
-                    labels.append(f"function {getattr(func, '__qualname__', func)} for event {event.id}")
+                    label = f"function {name} for event {event.id}"
+                    calls.append(self._guarded(label, self._function, (func, event), [event]))
+                    labels.append(label)
         if not calls:
             return
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -78,6 +100,36 @@ class Dispatcher:
                 f"{txn.events[0].lsn}; it was not acknowledged"
             ) from exc
 
-    async def _function(self, func: Callable[[Event], Any], event: Event) -> None:
+    async def _function(self, call: tuple[Callable[[Event], Any], Event]) -> None:
+        func, event = call
         async with self._functions:
             await _call(func, event)
+
+    async def _guarded(self, label: str, func: Callable[..., Any], arg: Any, events: list[Event]) -> None:
+        """Call with retries, then apply the error policy; raises only for "stop"."""
+        attempt = 0
+        while True:
+            try:
+                await _call(func, arg)
+                return
+            except Exception as exc:
+                if attempt < self.max_retries:
+                    delay = self.retry_backoff * 2**attempt
+                    attempt += 1
+                    self.retries += 1
+                    log.warning("%s raised %r; retry %d/%d in %.2fs",
+                                label, exc, attempt, self.max_retries, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if self.on_error == "stop":
+                    raise
+                self.failures += 1
+                ids = ", ".join(e.id for e in events)
+                if self.on_error == "skip":
+                    log.error("%s failed after %d retries, skipped events %s: %r",
+                              label, attempt, ids, exc, exc_info=exc)
+                    return
+                log.error("%s failed after %d retries; events %s go to the dead letter handler",
+                          label, attempt, ids)
+                await _call(lambda evs: self.on_error(evs, exc), events)
+                return

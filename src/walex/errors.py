@@ -12,7 +12,8 @@ password: anything built from user configuration passes through
     ├── SetupError            the database is not ready for CDC (wal_level,
     │                         publication, tables, privileges, credentials)
     ├── ReplicationError      the replication connection failed or broke
-    │   └── SlotInUseError    a durable slot is held by another process
+    │   ├── SlotInUseError    a durable slot is held by another process
+    │   └── SlotLostError     a durable slot was invalidated; changes are gone
     ├── DecodeError           bytes from the server are not valid pgoutput
     └── HandlerError          a handler or per-event function failed
 """
@@ -27,6 +28,7 @@ __all__ = [
     "SetupError",
     "ReplicationError",
     "SlotInUseError",
+    "SlotLostError",
     "DecodeError",
     "HandlerError",
     "redact",
@@ -46,11 +48,23 @@ class SetupError(WalExError):
 
 
 class ReplicationError(WalExError):
-    """The replication stream could not be started or was interrupted."""
+    """The replication stream could not be started or was interrupted.
+
+    ``retriable`` is true when reconnecting may help (a lost connection, a
+    restarting server, a terminated walsender).
+    """
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class SlotInUseError(ReplicationError):
     """A durable replication slot is active for another process."""
+
+
+class SlotLostError(ReplicationError):
+    """A durable slot was invalidated (``wal_status = 'lost'``): WAL it needed is gone."""
 
 
 class DecodeError(WalExError):

@@ -28,6 +28,17 @@ __all__ = ["ReplicationConnection", "SlotInfo"]
 _COPY_BOTH = pq.ExecStatus.COPY_BOTH
 
 
+def is_retriable(sqlstate: str) -> bool:
+    """Whether reconnecting may cure an error with this SQLSTATE.
+
+    Connection problems (class 08), a shutting down or restarting server
+    (57P01-57P03), resource shortage (class 53) and a slot still held by a
+    dying walsender (55006) pass; a lost slot (55000), a missing publication
+    and authentication failures do not.
+    """
+    return sqlstate[:2] in ("08", "53") or sqlstate in ("57P01", "57P02", "57P03", "55006", "")
+
+
 @dataclass(slots=True)
 class SlotInfo:
     name: str
@@ -55,7 +66,8 @@ class ReplicationConnection:
             )
         except psycopg.Error as exc:
             raise ReplicationError(
-                f"cannot open a replication connection: {redact(str(exc), secret)}"
+                f"cannot open a replication connection: {redact(str(exc), secret)}",
+                retriable=isinstance(exc, psycopg.OperationalError) and is_retriable(exc.sqlstate or ""),
             ) from None
         return cls(conn, secret)
 
@@ -65,6 +77,8 @@ class ReplicationConnection:
 
     async def create_slot(self, name: str, *, temporary: bool, failover: bool = False) -> SlotInfo:
         """Create a pgoutput slot; a durable slot that exists already is reused."""
+        if failover and self.server_version < 170000:
+            raise ReplicationError("failover slots need PostgreSQL 17 or later")
         query = sql.SQL("CREATE_REPLICATION_SLOT {} {}LOGICAL pgoutput {}").format(
             sql.Identifier(name),
             sql.SQL("TEMPORARY " if temporary else ""),
@@ -80,7 +94,8 @@ class ReplicationConnection:
             return SlotInfo(name, 0, created=False)
         except psycopg.Error as exc:
             raise ReplicationError(
-                f"cannot create replication slot {name!r}: {redact(str(exc), self._secret)}"
+                f"cannot create replication slot {name!r}: {redact(str(exc), self._secret)}",
+                retriable=is_retriable(exc.sqlstate or ""),
             ) from None
         row = await cur.fetchone()
         assert row is not None
@@ -111,8 +126,11 @@ class ReplicationConnection:
                 message = redact(primary.decode(errors="replace"), self._secret)
                 sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
                 if sqlstate == "55006":
-                    raise SlotInUseError(f"replication slot {slot!r}: {message}")
-                raise ReplicationError(f"START_REPLICATION failed: {message} (SQLSTATE {sqlstate})")
+                    raise SlotInUseError(f"replication slot {slot!r}: {message}", retriable=True)
+                raise ReplicationError(
+                    f"START_REPLICATION failed: {message} (SQLSTATE {sqlstate})",
+                    retriable=is_retriable(sqlstate),
+                )
         pgconn.nonblocking = 1
         self.streaming = True
 
@@ -136,7 +154,8 @@ class ReplicationConnection:
                 except psycopg.OperationalError as exc:
                     self.streaming = False
                     raise ReplicationError(
-                        f"replication connection lost: {redact(str(exc), self._secret)}"
+                        f"replication connection lost: {redact(str(exc), self._secret)}",
+                        retriable=True,
                     ) from None
                 continue
             self._end_of_stream(nbytes)
@@ -144,15 +163,23 @@ class ReplicationConnection:
     def _end_of_stream(self, nbytes: int) -> None:
         self.streaming = False
         pgconn = self.pgconn
-        message = ""
-        result = pgconn.get_result()
-        while result is not None:
-            if result.status == pq.ExecStatus.FATAL_ERROR:
-                message = result.error_message.decode(errors="replace").strip()
+        message = sqlstate = ""
+        try:
             result = pgconn.get_result()
+            while result is not None:
+                if result.status == pq.ExecStatus.FATAL_ERROR:
+                    message = result.error_message.decode(errors="replace").strip()
+                    sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+                result = pgconn.get_result()
+        except psycopg.Error:
+            pass
         if not message:
             message = pgconn.error_message.decode(errors="replace").strip() or "the server ended the stream"
-        raise ReplicationError(f"replication stream ended: {redact(message, self._secret)}")
+        raise ReplicationError(
+            f"replication stream ended: {redact(message, self._secret)}"
+            + (f" (SQLSTATE {sqlstate})" if sqlstate else ""),
+            retriable=is_retriable(sqlstate),
+        )
 
     async def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         """Send a standby status update (only ``flush`` moves the slot)."""
@@ -161,18 +188,21 @@ class ReplicationConnection:
                 return
             if self.pgconn.put_copy_data(standby_status(write, flush, apply, reply)) != 1:
                 raise ReplicationError(
-                    "cannot send a status update: "
-                    + self.pgconn.get_error_message().strip()
+                    "cannot send a status update: " + self.pgconn.get_error_message().strip(),
+                    retriable=True,
                 )
             try:
                 await self._flush()
             except psycopg.OperationalError as exc:
-                raise ReplicationError(f"cannot send a status update: {exc}") from None
+                raise ReplicationError(f"cannot send a status update: {exc}", retriable=True) from None
 
     async def close(self) -> None:
         self.streaming = False
         self._stop_waiting()
-        await self.conn.close()
+        try:
+            await self.conn.close()
+        except Exception:  # pragma: no cover - closing a broken connection
+            pass
 
     # -- socket waits ----------------------------------------------------
 

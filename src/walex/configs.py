@@ -1,0 +1,92 @@
+"""Runtime configuration: WalEx's ``Configs.add_config/remove_config/replace_config``.
+
+``app.config.add("subscriptions", ["todo"])``, ``.remove("subscriptions",
+"todo")`` and ``.replace("password", "new")`` validate the whole new
+configuration with the same model as the constructor (so a bad value raises
+:class:`~walex.errors.ConfigError` and nothing changes), then apply it:
+subscriptions and modules from the next transaction, without a restart;
+connection options at the next reconnect. The module-level functions address
+a running app by its ``name``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import load_settings
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .app import WalEx
+
+__all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
+
+_FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover"}
+
+
+class RuntimeConfig:
+    """The configuration of one app, changeable while it runs."""
+
+    def __init__(self, app: WalEx) -> None:
+        self._app = app
+
+    def get(self, key: str) -> Any:
+        settings = self._app.settings
+        if key not in type(settings).model_fields:
+            raise ConfigError(f"unknown configuration key {key!r}")
+        return getattr(settings, key)
+
+    def add(self, key: str, values: Any) -> None:
+        """Append to a list option (``subscriptions``, ``modules``)."""
+        current = self._list(key)
+        extra = values if isinstance(values, (list, tuple)) else [values]
+        self._set(key, current + [v for v in extra if v not in current])
+
+    def remove(self, key: str, value: Any) -> None:
+        """Remove one value from a list option."""
+        current = self._list(key)
+        if value not in current:
+            raise ConfigError(f"{value!r} is not in {key} ({current!r})")
+        self._set(key, [v for v in current if v != value])
+
+    def replace(self, key: str, value: Any) -> None:
+        """Replace an option's value."""
+        self._set(key, value)
+
+    def _list(self, key: str) -> list[Any]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} is not a list option; use replace()")
+        return list(value)
+
+    def _set(self, key: str, value: Any) -> None:
+        settings = self._app.settings
+        if key not in type(settings).model_fields:
+            raise ConfigError(f"unknown configuration key {key!r}")
+        if key in _FIXED:
+            raise ConfigError(f"{key} cannot change while the app exists; create a new app")
+        options = {k: getattr(settings, k) for k in settings.model_fields_set | {key}}
+        options[key] = value
+        self._app._apply_settings(load_settings(**options))
+
+
+def _config(name: str) -> RuntimeConfig:
+    from .app import get_app
+
+    return get_app(name).config
+
+
+def add_config(name: str, key: str, values: Any) -> None:
+    _config(name).add(key, values)
+
+
+def remove_config(name: str, key: str, value: Any) -> None:
+    _config(name).remove(key, value)
+
+
+def replace_config(name: str, key: str, value: Any) -> None:
+    _config(name).replace(key, value)
+
+
+def get_config(name: str, key: str) -> Any:
+    return _config(name).get(key)
