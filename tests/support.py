@@ -1,0 +1,154 @@
+"""Run a WalEx app inside a test and record what its handlers receive.
+
+Usage (inside a coroutine run with ``asyncio.run``)::
+
+    async with collecting(dsn, publication="pub", subscriptions=["t"]) as rec:
+        admin.execute("INSERT INTO t VALUES (1)")
+        [event] = await rec.wait_for(1)
+
+``collecting`` always registers one ``on_event("all")`` handler of its own,
+whose events are :attr:`Recorder.events` (every event of every subscribed
+table, in commit and WAL order). Tests add handlers of their own through
+:meth:`Recorder.handler`, which returns a plain or a coroutine function that
+records each call (label, the list it got) in :attr:`Recorder.calls`.
+
+Every wait has a timeout and fails with what was received so far; if the app
+stops with an error meanwhile, that error is raised instead of timing out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from walex import Event, Events, WalEx
+
+__all__ = ["Call", "Recorder", "collecting", "run"]
+
+_names = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One handler call: which handler (its label) and the list it received."""
+
+    label: str
+    events: list[Event]
+    thread: str  # name of the thread the handler ran in
+
+
+class Recorder:
+    """What the handlers of one app received."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []  # everything the built-in "all" handler got
+        self.calls: list[Call] = []  # every recorded call, including the built-in one
+        self.app: WalEx | None = None
+        self._lock = threading.Lock()
+        self._app_done: asyncio.Task[None] | None = None
+
+    # -- handlers --------------------------------------------------------
+
+    def _record(self, label: str, events: list[Event]) -> None:
+        with self._lock:
+            self.calls.append(Call(label, list(events), threading.current_thread().name))
+            if label == "__all__":
+                self.events.extend(events)
+
+    def handler(self, label: str, *, sync: bool = False) -> Callable[[list[Event]], Any]:
+        """A handler recording its calls under ``label``; a plain function if ``sync``."""
+        if sync:
+            def record_sync(events: list[Event]) -> None:
+                self._record(label, events)
+
+            return record_sync
+
+        async def record_async(events: list[Event]) -> None:
+            self._record(label, events)
+
+        return record_async
+
+    def calls_of(self, label: str) -> list[list[Event]]:
+        """The lists received by the handler labelled ``label``, one per call."""
+        with self._lock:
+            return [c.events for c in self.calls if c.label == label]
+
+    # -- waiting ---------------------------------------------------------
+
+    async def _until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ready():
+            if self._app_done is not None and self._app_done.done():
+                self._app_done.result()  # raises the error that stopped the app
+                raise AssertionError(f"the app stopped while waiting for {what}")
+            if loop.time() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; received "
+                    f"{len(self.events)} events: {[(e.type.value, e.name) for e in self.events]}"
+                )
+            await asyncio.sleep(0.01)
+
+    async def wait_for(self, n: int, timeout: float = 15) -> list[Event]:
+        """Wait until the "all" handler received ``n`` events in total; return those ``n``.
+
+        Fails if more than ``n`` arrived once ``n`` are there (checked right
+        away; call :meth:`settle` first to also catch late extra events).
+        """
+        await self._until(lambda: len(self.events) >= n, timeout, f"{n} events")
+        with self._lock:
+            assert len(self.events) == n, f"expected {n} events, got {len(self.events)}: {self.events}"
+            return list(self.events)
+
+    async def wait_calls(self, label: str, n: int, timeout: float = 15) -> list[list[Event]]:
+        """Wait until the handler ``label`` was called ``n`` times; return the lists."""
+        await self._until(lambda: len(self.calls_of(label)) >= n, timeout,
+                          f"{n} calls of handler {label!r}")
+        return self.calls_of(label)
+
+    async def settle(self, seconds: float = 0.3) -> None:
+        """Give late (unexpected) events a chance to arrive."""
+        await asyncio.sleep(seconds)
+
+
+@asynccontextmanager
+async def collecting(
+    dsn: str,
+    *,
+    publication: str = "pub",
+    subscriptions: Iterable[str] = ("*",),
+    modules: Iterable[Events] = (),
+    recorder: Recorder | None = None,
+    **options: Any,
+) -> AsyncIterator[Recorder]:
+    """Start a WalEx app on ``dsn`` with a recording "all" handler; stop it on exit."""
+    rec = recorder or Recorder()
+    events = Events()
+    events.on_event("all")(rec.handler("__all__"))
+    options.setdefault("name", f"walex_test_{next(_names)}")
+    app = WalEx(
+        dsn, publication=publication, subscriptions=list(subscriptions),
+        modules=[events, *modules], **options,
+    )
+    rec.app = app
+    async with app:
+        rec._app_done = asyncio.create_task(app.wait())
+        try:
+            yield rec
+        finally:
+            rec._app_done.cancel()
+            await asyncio.gather(rec._app_done, return_exceptions=True)
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    """``asyncio.run`` with an overall timeout, so a hang fails the test."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
