@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import psycopg
+from psycopg import sql
 from psycopg.adapt import AdaptersMap
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
@@ -103,10 +104,10 @@ class TypeCatalog:
                 if loader is not None:
                     self.adapters.register_loader(oid, loader)
         elif typtype == "c":
-            info = await CompositeInfo.fetch(self.conn, f'"{nspname}"."{typname}"')
+            info = await CompositeInfo.fetch(self.conn, sql.Identifier(nspname, typname))
             if info is not None:
                 register_composite(info, self.adapters)
         elif typname == "hstore":
-            info = await TypeInfo.fetch(self.conn, f'"{nspname}"."{typname}"')
+            info = await TypeInfo.fetch(self.conn, sql.Identifier(nspname, typname))
             if info is not None:
                 register_hstore(info, self.adapters)
