@@ -71,16 +71,41 @@ class Table:
                 f"columns but its Relation message announced {len(self.type_oids)}",
                 tag=tag, lsn=lsn,
             )
-        if row.plain:
-            return list(self._tx.load_sequence(values))
-        out: list[Any] = []
+        try:
+            if row.plain:
+                return list(self._tx.load_sequence(values))
+            out: list[Any] = []
+            for i, value in enumerate(values):
+                if value is None or value is UNCHANGED_TOAST:
+                    out.append(value)
+                else:
+                    fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
+                    out.append(self._loader(i, fmt).load(value))
+            return out
+        except Exception as exc:
+            raise self._load_error(values, tag, lsn, exc) from exc
+
+    def _load_error(self, values: list[Any], tag: str, lsn: int, exc: Exception) -> DecodeError:
+        """A DecodeError naming the column whose value could not be typed, and why."""
+        where = f"a {tag} row of {self.qualified_name} at LSN {format_lsn(lsn)}"
+        cause: Exception = exc
         for i, value in enumerate(values):
             if value is None or value is UNCHANGED_TOAST:
-                out.append(value)
-            else:
-                fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
-                out.append(self._loader(i, fmt).load(value))
-        return out
+                continue
+            fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
+            try:
+                self._loader(i, fmt).load(value)
+            except Exception as col_exc:
+                name = self.column_names[i]
+                where = f"column {name!r} ({self.source.columns[name]}) of {where}"
+                cause = col_exc
+                break
+        return DecodeError(
+            f"cannot type {where}: {cause}. If the column's type was altered while walex was "
+            "running (e.g. ALTER TYPE ... ADD ATTRIBUTE on a composite), restart walex so it "
+            "reads the new definition.",
+            tag=tag, lsn=lsn,
+        )
 
     def _loader(self, index: int, fmt: Format) -> Any:
         key = (index, fmt)
