@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 
+from . import failpoints
 from .ack import AckTracker
 from .checks import Preflight, preflight
 from .config import WalExSettings
@@ -279,6 +280,8 @@ class Pipeline:
                 await ack.send(repl, reply=True)
                 continue
             asked = False
+            if failpoints.ACTIVE:
+                failpoints.hit("after_frames")
             for frame in frames:
                 tag = frame[0]
                 if tag == _XLOGDATA:
@@ -334,6 +337,8 @@ class Pipeline:
             txn = await queue.get()
             self.busy = True
             await dispatch(txn)
+            if failpoints.ACTIVE:
+                failpoints.hit("after_dispatch")
             ack.handled(txn.end_lsn)
             self.busy = False
             self.transactions_handled += 1
@@ -346,6 +351,8 @@ class Pipeline:
         """Status sink for the acknowledger: the current session, if streaming."""
         repl = self.repl
         if repl is None or not repl.streaming:
+            return
+        if failpoints.ACTIVE and failpoints.hit("before_status"):
             return
         try:
             await repl.send_status(write, flush, apply, reply)
