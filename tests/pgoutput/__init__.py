@@ -1,0 +1,1 @@
+"""pgoutput decoder tests: fixtures captured from real servers, live captures, fuzzing."""
