@@ -1,0 +1,103 @@
+"""Level ``walex``: a WalEx app end to end, as a user would write it.
+
+A durable slot (created by the runner before the workload) and one
+``on_event("all")`` handler that touches every field of every event: name,
+type, source, every value of new_record and old_record, every Change,
+timestamp, lsn, id. The handler is ``async def`` (runs on the event loop);
+``--sync-handler`` makes it a plain function, which walex runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from _common import Result, parse_args, parse_lsn
+
+from walex import Event, Events, WalEx
+
+
+def main() -> int:
+    args = parse_args(__doc__.splitlines()[0], ("--sync-handler",))
+    endpos = parse_lsn(args.endpos)
+    marker = args.marker_table
+    sync = args.sync_handler
+    res = Result("walex_sync" if sync else "walex", args)
+    done = asyncio.Event()
+    lags = res.lags
+    lag = args.lag
+    counters = {"rows": 0, "values": 0, "calls": 0}
+
+    def handle(events: list[Event]) -> None:
+        counters["calls"] += 1
+        rows = values = 0
+        now = time.time() if lag else 0.0
+        for e in events:
+            if e.name == marker:
+                res.data["marker_seen"] = True
+                continue
+            rows += 1
+            _ = (e.type, e.source.schema, e.source.table, e.source.columns, e.lsn, e.id)
+            ts = e.timestamp
+            if lag:
+                lags.append(now - ts.timestamp())
+            rec = e.new_record
+            if rec is not None:
+                for v in rec.values():
+                    values += v is not None
+            rec = e.old_record
+            if rec is not None:
+                for v in rec.values():
+                    values += v is not None
+            ch = e.changes
+            if ch:
+                for c in ch.values():
+                    _ = (c.old_value, c.new_value)
+        if rows:
+            res.first_row()
+        counters["rows"] += rows
+        counters["values"] += values
+        if res.data["marker_seen"] or int(events[-1].id[:16], 16) >= endpos:
+            res.end()
+            loop.call_soon_threadsafe(done.set)
+
+    events_mod = Events()
+    if sync:
+        events_mod.on_event("all")(handle)
+    else:
+        async def handle_async(events: list[Event]) -> None:
+            handle(events)
+        events_mod.on_event("all")(handle_async)
+
+    async def run() -> None:
+        app = WalEx(
+            url=args.dsn, publication=args.publication, subscriptions=["*"],
+            modules=[events_mod], name="bench", durable_slot=True, slot_name=args.slot,
+        )
+        await app.start()
+        res.ready()
+        waiter = asyncio.create_task(app.wait())
+        finished = asyncio.create_task(done.wait())
+        await asyncio.wait([waiter, finished], return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            finished.cancel()
+            waiter.result()  # raises the error that stopped the app
+            raise RuntimeError("walex stopped before the end LSN")
+        waiter.cancel()
+        await app.stop()
+        res.data["transactions_handled"] = app.transactions_handled
+
+    logging.basicConfig(level=logging.WARNING)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(run())
+    loop.close()
+    res.data.update(counters)
+    res.data["rows"] = counters["rows"]
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
