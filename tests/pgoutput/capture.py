@@ -11,9 +11,14 @@ Most scenarios use the SQL interface (``pg_logical_slot_peek_binary_changes``):
 one slot per scenario, peeked with several option sets (peek does not consume).
 A top-level ``ROLLBACK`` of a streamed transaction, however, is only reported
 (Stream Abort) when the same decoding session streamed the transaction while it
-was still in progress; a later SQL call finds it already aborted and sends
-nothing (PostgreSQL 17+) or an empty stream (15).  That scenario therefore reads
-a real walsender (``START_REPLICATION``, the way walex does).
+was still in progress, and the SQL interface decodes flushed WAL only, after
+the fact: it then sends nothing (seen on 18) or an empty stream and a Stream
+Abort (seen on 15).  That scenario therefore reads a real walsender
+(``START_REPLICATION``, the way walex does), rolling back only once the
+transaction has been streamed.  The server settings the scenarios need
+(``logical_decoding_work_mem``, ``max_prepared_transactions`` for two-phase)
+are set here for the clusters this script starts; the live tests set the
+former per session and skip or start a cluster for the latter.
 
 Each fixture file holds ``{"scenario", "server_version", "server_major",
 "interface", "options", "facts", "trimmed", "messages": [{"lsn", "hex"}]}``.
@@ -33,18 +38,19 @@ import os
 import random
 import select
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
+
+from walex.embedded import Cluster, embedded_bindir, server_major_version, system_bindirs
+from walex.lsn import format_lsn, parse_lsn
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 WORK_MEM = "64kB"  # logical_decoding_work_mem: small, so big transactions are streamed
@@ -129,15 +135,6 @@ class Capture:
         return cls(data["scenario"], data["server_version"], data["server_major"],
                    data["interface"], data["options"], data["facts"], messages,
                    [m.get("skipped_before", 0) for m in data["messages"]], data["trimmed"])
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def parse_lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return int(high, 16) << 32 | int(low, 16)
 
 
 def trim_runs(messages: list[tuple[int, bytes]], keep_head: int = 2,
@@ -536,9 +533,6 @@ def load_fixtures() -> list[Capture]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-    from walex.embedded import Cluster, embedded_bindir, server_major_version, system_bindirs
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=FIXTURES)
     args = parser.parse_args()
