@@ -1,0 +1,177 @@
+"""What ``walex status`` reports and what ``walex setup`` changes.
+
+:func:`inspect_database` reads (never writes) everything an operator needs
+to know before and while streaming: ``wal_level``, replication capacity,
+the publication and the replica identity of its tables, every slot with its
+lag and WAL status. Each problem comes with the SQL or setting that fixes it.
+:func:`apply_setup` makes the changes walex can make itself, each one only
+when asked, and returns what it did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["Problem", "Status", "inspect_database", "apply_setup"]
+
+
+@dataclass(slots=True)
+class Problem:
+    what: str
+    fix: str
+    fatal: bool = True
+
+
+@dataclass(slots=True)
+class Status:
+    server_version: str
+    wal_level: str
+    database: str
+    publication: str
+    publication_exists: bool
+    tables: list[dict[str, Any]] = field(default_factory=list)  # schema, table, replica_identity
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.fatal for p in self.problems)
+
+
+_IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
+
+
+def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('wal_level'), current_database()"
+    ).fetchone()
+    assert row is not None
+    status = Status(row[0], row[1], row[2], publication, False)
+    for name in ("max_replication_slots", "max_wal_senders", "max_slot_wal_keep_size",
+                 "wal_sender_timeout", "logical_decoding_work_mem"):
+        status.settings[name] = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
+    if status.wal_level != "logical":
+        status.problems.append(Problem(
+            f"wal_level is {status.wal_level!r}, not 'logical'",
+            "ALTER SYSTEM SET wal_level = 'logical'; then restart PostgreSQL "
+            "(walex setup --wal-level does the ALTER SYSTEM)",
+        ))
+    can = conn.execute(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if not (can and can[0]):
+        status.problems.append(Problem(
+            "the current role may not start replication",
+            "ALTER ROLE <role> REPLICATION; (as a superuser)",
+        ))
+    status.publication_exists = conn.execute(
+        "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
+    ).fetchone() is not None
+    if not status.publication_exists:
+        status.problems.append(Problem(
+            f"publication {publication!r} does not exist",
+            f"walex setup --publication {publication} (creates it FOR ALL TABLES), or "
+            f"CREATE PUBLICATION {sql.Identifier(publication).as_string(conn)} FOR TABLE ...;",
+        ))
+    for schema, table, identity, has_pk in conn.execute(
+        "SELECT p.schemaname, p.tablename, c.relreplident, "
+        "  EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) "
+        "FROM pg_publication_tables p "
+        "JOIN pg_namespace n ON n.nspname = p.schemaname "
+        "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename "
+        "WHERE p.pubname = %s ORDER BY 1, 2",
+        (publication,),
+    ):
+        status.tables.append({"schema": schema, "table": table,
+                              "replica_identity": _IDENTITY.get(identity, identity)})
+        qualified = f"{sql.Identifier(schema).as_string(conn)}.{sql.Identifier(table).as_string(conn)}"
+        if identity == "n" or (identity == "d" and not has_pk):
+            status.problems.append(Problem(
+                f"table {schema}.{table} has no replica identity: UPDATE and DELETE on it fail "
+                "while it is published",
+                f"ALTER TABLE {qualified} REPLICA IDENTITY FULL;",
+            ))
+        elif identity == "d":
+            status.problems.append(Problem(
+                f"table {schema}.{table} has REPLICA IDENTITY DEFAULT: updates carry no old "
+                "values, so Event.changes is None",
+                f"ALTER TABLE {qualified} REPLICA IDENTITY FULL; (walex setup --replica-identity-full)",
+                fatal=False,
+            ))
+    has_wal_status = conn.info.server_version >= 130000
+    for slot in conn.execute(
+        "SELECT slot_name, plugin, temporary, active, active_pid, "
+        "  confirmed_flush_lsn::text, "
+        "  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+        + ("wal_status, safe_wal_size " if has_wal_status else "NULL, NULL ")
+        + "FROM pg_replication_slots WHERE database = current_database() "
+        "AND slot_type = 'logical' ORDER BY slot_name"
+    ):
+        name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe = slot
+        status.slots.append({
+            "slot": name, "plugin": plugin, "temporary": temporary, "active": active,
+            "pid": pid, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
+            "wal_status": wal_status, "safe_wal_size": safe,
+        })
+        if wal_status == "lost":
+            status.problems.append(Problem(
+                f"slot {name!r} was invalidated (wal_status = 'lost'): changes after "
+                f"{confirmed} are gone",
+                f"SELECT pg_drop_replication_slot('{name}'); then resynchronise, or start the "
+                "app with recreate_lost_slot=True",
+            ))
+        elif not active and not temporary:
+            status.problems.append(Problem(
+                f"durable slot {name!r} is not in use and holds {lag or 0} bytes of WAL",
+                f"start its consumer, or drop it: SELECT pg_drop_replication_slot('{name}');",
+                fatal=False,
+            ))
+    return status
+
+
+def apply_setup(
+    conn: psycopg.Connection,
+    publication: str,
+    *,
+    tables: list[str] | None = None,
+    replica_identity_full: bool = False,
+    slot: str | None = None,
+    wal_level: bool = False,
+) -> list[str]:
+    """Make the requested changes; returns a line per change made."""
+    done: list[str] = []
+    pub = sql.Identifier(publication)
+    if wal_level:
+        current = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
+        if current != "logical":
+            conn.execute("ALTER SYSTEM SET wal_level = 'logical'")
+            done.append("ALTER SYSTEM SET wal_level = 'logical' (restart PostgreSQL to apply it)")
+    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is None:
+        if tables:
+            targets = sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, targets))
+        else:
+            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(pub))
+        done.append(f"created publication {publication!r} for {', '.join(tables) if tables else 'all tables'}")
+    if replica_identity_full:
+        for schema, table in conn.execute(
+            "SELECT p.schemaname, p.tablename FROM pg_publication_tables p "
+            "JOIN pg_namespace n ON n.nspname = p.schemaname "
+            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename "
+            "WHERE p.pubname = %s AND c.relreplident <> 'f'",
+            (publication,),
+        ).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(
+                sql.Identifier(schema, table)))
+            done.append(f"set REPLICA IDENTITY FULL on {schema}.{table}")
+    if slot and conn.execute(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone() is None:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        done.append(f"created durable slot {slot!r}")
+    return done
