@@ -15,8 +15,10 @@ capture read from the server's catalogs, never from the decoder itself.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from walex.embedded import Cluster
 from walex.errors import DecodeError
@@ -36,7 +40,8 @@ from walex.pgoutput import (
 from walex.pgoutput.decoder import TAG_NAMES, Decoder
 
 from .capture import (
-    BIG_PAD, DOC_BODY, FIXTURES, WORK_MEM, Capture, capture_all, load_fixtures, parse_lsn,
+    BIG_PAD, DOC_BODY, FIXTURES, WORK_MEM, Capture, WalSender, capture_all, load_fixtures,
+    parse_lsn,
 )
 
 if TYPE_CHECKING:
@@ -549,3 +554,59 @@ def test_live_two_phase(pg_cluster: PgServer, dsn: str) -> None:
     for cap in caps:
         check_capture(cap)
     _compare_with_fixtures(caps, pg_cluster.major_version)
+
+
+def test_live_non_utf8_database(pg_cluster: PgServer) -> None:
+    """Names arrive in the replication connection's client_encoding.
+
+    The decoder reads names as UTF-8.  In a LATIN1 database the server converts
+    them (and text values) only if the connection asks for ``client_encoding
+    UTF8``; otherwise the Relation is a DecodeError, not a UnicodeDecodeError.
+    """
+    dbname = f"walex_latin1_{os.getpid()}"
+    ident = sql.Identifier(dbname)
+    with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C'"
+                             " LC_CTYPE 'C' TEMPLATE template0").format(ident))
+    received: dict[str | None, list[tuple[int, bytes]]] = {}
+    try:
+        dsn = pg_cluster.dsn(dbname)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute('CREATE TABLE "café" ("naïve" text)')
+            conn.execute('CREATE PUBLICATION walex_pub FOR TABLE "café"')
+            for encoding in ("UTF8", None):
+                slot = f"walex_latin1_{encoding or 'default'}".lower()
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
+                conn.execute("""INSERT INTO "café" VALUES ('é')""")
+                sender = WalSender(make_conninfo(dsn, client_encoding=encoding) if encoding
+                                   else dsn, slot, {"proto_version": "1",
+                                                    "publication_names": "walex_pub"})
+                try:
+                    sender.read_until(lambda m: m[:1] == b"C", timeout=30)
+                finally:
+                    sender.close()
+                received[encoding] = sender.messages
+    finally:
+        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+            for _ in range(100):  # the walsenders may take a moment to exit
+                try:
+                    conn.execute("SELECT pg_drop_replication_slot(slot_name)"
+                                 " FROM pg_replication_slots WHERE database = %s", [dbname])
+                    break
+                except psycopg.errors.ObjectInUse:
+                    time.sleep(0.05)
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident))
+
+    decoder = Decoder()
+    _, relation, insert, _ = (decoder.decode(d, lsn) for lsn, d in received["UTF8"])
+    assert type(relation) is Relation and relation.name == "café"
+    assert [c.name for c in relation.columns] == ["naïve"]
+    assert type(insert) is Insert and insert.new.values == ["é".encode()]
+
+    decoder = Decoder()
+    (lsn0, begin_raw), (lsn1, relation_raw), (lsn2, insert_raw), _ = received[None]
+    decoder.decode(begin_raw, lsn0)
+    with pytest.raises(DecodeError, match="malformed pgoutput Relation message") as info:
+        decoder.decode(relation_raw, lsn1)
+    assert info.value.tag == "R"
+    assert decoder.decode(insert_raw, lsn2).new.values == ["é".encode("latin-1")]
