@@ -285,6 +285,8 @@ class Pipeline:
             for frame in frames:
                 tag = frame[0]
                 if tag == _XLOGDATA:
+                    if len(frame) < 25:
+                        raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
                     _, start, end, _ = header(frame)
                     msg = decoder.decode(frame[25:], start)
                     if middleware is None:

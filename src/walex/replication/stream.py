@@ -61,8 +61,10 @@ class ReplicationConnection:
     @classmethod
     async def connect(cls, conninfo: str, secret: str | None = None) -> ReplicationConnection:
         try:
+            # pgoutput sends names and text values in the client encoding: ask for
+            # UTF-8 whatever the database's encoding, which is what the decoder reads.
             conn = await psycopg.AsyncConnection.connect(
-                conninfo, replication="database", autocommit=True
+                conninfo, replication="database", autocommit=True, client_encoding="UTF8"
             )
         except psycopg.Error as exc:
             raise ReplicationError(
