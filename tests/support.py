@@ -31,6 +31,7 @@ from walex import Event, Events, WalEx
 __all__ = ["Call", "Recorder", "collecting", "run"]
 
 _names = itertools.count(1)
+STOP_TIMEOUT = 15.0  # seconds WalEx.stop() may take before the test fails
 
 
 @dataclass(frozen=True)
@@ -136,19 +137,59 @@ async def collecting(
         modules=[events, *modules], **options,
     )
     rec.app = app
-    async with app:
-        rec._app_done = asyncio.create_task(app.wait())
-        try:
-            yield rec
-        finally:
-            rec._app_done.cancel()
-            await asyncio.gather(rec._app_done, return_exceptions=True)
+    await app.start()
+    rec._app_done = asyncio.create_task(app.wait())
+    try:
+        yield rec
+    except BaseException:
+        await _stop(app, rec._app_done)
+        raise
+    await _stop(app, rec._app_done)
+    await app.wait()  # like ``async with app``: raises the error that stopped the app
+
+
+async def _stop(app: WalEx, app_done: asyncio.Task[None], timeout: float = STOP_TIMEOUT) -> None:
+    """``app.stop()``, but a stop that hangs fails the test instead of blocking it."""
+    app_done.cancel()
+    await asyncio.gather(app_done, return_exceptions=True)
+    stopper = asyncio.ensure_future(app.stop())
+    done, _ = await asyncio.wait([stopper], timeout=timeout)
+    if done:
+        stopper.result()
+        return
+    stacks = "\n".join(_describe(t) for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    # Clean up so the next test starts afresh: cancel the app's tasks again.
+    prefix = f"walex-{app.settings.name}-"
+    for task in asyncio.all_tasks():
+        if task.get_name().startswith(prefix):
+            task.cancel()
+    await asyncio.wait([stopper], timeout=5)
+    raise AssertionError(f"WalEx.stop() did not return within {timeout}s; tasks:\n{stacks}")
 
 
 def run(coro: Any, timeout: float = 60) -> Any:
     """``asyncio.run`` with an overall timeout, so a hang fails the test."""
 
     async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
+        task = asyncio.ensure_future(coro)
+        done, _ = await asyncio.wait([task], timeout=timeout)
+        if not done:
+            stacks = "\n".join(_describe(t) for t in asyncio.all_tasks() if t is not asyncio.current_task())
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise AssertionError(f"test coroutine still running after {timeout}s; tasks:\n{stacks}")
+        return task.result()
 
     return asyncio.run(bounded())
+
+
+def _describe(task: asyncio.Task[Any]) -> str:
+    """The task and where each coroutine of its await chain is suspended."""
+    lines = [repr(task)]
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(lines)
