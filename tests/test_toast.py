@@ -135,3 +135,29 @@ def test_unchanged_toast_in_key_changing_update_and_delete(
         assert update.new_record == {"id": 2, "body": walex.UNCHANGED_TOAST, "n": 0}
         assert update.old_record == {"id": 1} and update.changes is None
         assert delete.old_record == {"id": 2}
+
+
+def test_unchanged_toasted_key_is_filled_from_the_old_key(admin: psycopg.Connection, dsn: str) -> None:
+    """A TOASTed primary key (2 400 random characters, stored out of line) that did not
+    change is not resent; PostgreSQL sends the old key instead, which holds its value."""
+    admin.execute("""
+        CREATE TABLE k (id text PRIMARY KEY, n int);
+        ALTER TABLE k ALTER COLUMN id SET STORAGE EXTERNAL;
+        CREATE PUBLICATION pub FOR TABLE k;
+    """)
+
+    async def main() -> tuple[str, list[Event]]:
+        async with collecting(dsn, subscriptions=["k"]) as rec:
+            admin.execute("INSERT INTO k SELECT string_agg(md5(random()::text), ''), 1 "
+                          "FROM generate_series(1, 75)")
+            row = admin.execute("SELECT id FROM k").fetchone()
+            assert row is not None and len(row[0]) == 2400
+            admin.execute("UPDATE k SET n = 2")
+            admin.execute("DELETE FROM k")
+            return row[0], await rec.wait_for(3)
+
+    key, (insert, update, delete) = run(main())
+    assert insert.new_record == {"id": key, "n": 1}
+    assert update.new_record == {"id": key, "n": 2}
+    assert update.old_record == {"id": key} and update.changes is None
+    assert delete.old_record == {"id": key}

@@ -226,6 +226,12 @@ def _update_event(table: Table, msg: m.Update, lsn: int) -> Event:
         old_values = table.load(msg.old, "Update", lsn)
         if msg.old_kind == "K":
             old_record = _key_record(table, old_values)
+            # An unchanged TOASTed key is not resent, but the old key (sent
+            # because it is TOASTed) holds its value.
+            raw_new, raw_old = msg.new.values, msg.old.values
+            for i in table.key_indexes:
+                if raw_new[i] is m.UNCHANGED_TOAST and raw_old[i] is not m.UNCHANGED_TOAST:
+                    new_values[i] = old_values[i]
         else:
             raw_new, raw_old = msg.new.values, msg.old.values
             changes = {}
