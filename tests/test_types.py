@@ -153,9 +153,9 @@ def assert_record(record: dict[str, Any] | None, expected: dict[str, Any], what:
     assert not wrong, f"{what}: walex value != SELECT value for {wrong}"
 
 
-def select_rows(conn: psycopg.Connection) -> dict[int, dict[str, Any]]:
+def select_rows(conn: psycopg.Connection, table: str = "typed") -> dict[int, dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM typed ORDER BY id")
+        cur.execute(sql.SQL("SELECT * FROM {} ORDER BY id").format(sql.Identifier(table)))
         return {row["id"]: row for row in cur.fetchall()}
 
 
@@ -332,6 +332,62 @@ def test_composite_altered_while_streaming_is_a_clear_error(admin: psycopg.Conne
         assert event.new_record is not None and tuple(event.new_record["l"]) == (4, "z", 5)
 
     run(main())
+
+
+MORE_BUILTINS = {  # column type: a value; each compared with a SELECT like the matrix
+    "tsvector": "'a fat cat'", "tsquery": "'fat & rat'", "pg_lsn": "'16/B374D848'",
+    "point": "'(1,2)'", "box": "'((0,0),(1,1))'", "bit(4)": "B'1010'", "varbit": "B'101'",
+    "oid": "42", "name": "'nm'", '"char"': "'x'", "regclass": "'pg_class'",
+    "int2vector": "'1 2 3'", "txid_snapshot": "'10:20:10,14,15'", "numrange": "'[1.5,2.5]'",
+    "datemultirange": "'{[2024-01-01,2024-02-01)}'", "pg_lsn[]": "'{0/1,1/2}'",
+    "money[]": "'{1.5,2}'", "uuid[]": "'{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}'",
+    "json[]": """ARRAY['{"a": 1}'::json, NULL]""", "jsonb[]": """ARRAY['{"a": [1]}', 'null']::jsonb[]""",
+    "timestamptz[]": """'{"2024-01-01 00:00+02",NULL}'""", "int4range[]": """'{"[1,2)",empty}'""",
+    "inet[]": "'{10.0.0.1,::1/64}'", "bytea[]": r"ARRAY['\x00'::bytea, NULL]",
+    "bool[]": "'{t,f,NULL}'", "float8[]": "'{NaN,Infinity,-Infinity,1.5}'",
+    "numeric[]": "'{NaN,1.10}'", "interval[]": "'{1 day,-00:00:01}'", "date[]": "'{2024-01-01,NULL}'",
+    "timetz[]": "'{12:00+02}'", "char(3)[]": """'{a,bc,"d e"}'""",
+}
+
+
+def test_more_builtin_types_match_select(admin: psycopg.Connection, dsn: str) -> None:
+    columns = {f"c{i}": t for i, t in enumerate(MORE_BUILTINS)}
+    admin.execute(
+        "CREATE TABLE more (id int PRIMARY KEY, "
+        + ", ".join(f"{c} {t}" for c, t in columns.items()) + "); CREATE PUBLICATION pub FOR TABLE more"
+    )
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["more"]) as rec:
+            admin.execute(f"INSERT INTO more VALUES (1, {', '.join(MORE_BUILTINS.values())})")
+            [event] = await rec.wait_for(1)
+        assert_record(event.new_record, select_rows(admin, "more")[1], "more builtin types")
+
+    run(main())
+
+
+def test_value_psycopg_cannot_load_is_a_clear_error(admin: psycopg.Connection, dsn: str) -> None:
+    """psycopg loads no 'infinity' timestamp (a SELECT fails too): the app stops with a
+    DecodeError naming the column and the way out, not a bare psycopg DataError."""
+    from walex import DecodeError
+
+    admin.execute("""
+        CREATE TABLE t (id int PRIMARY KEY, valid_until timestamptz);
+        CREATE PUBLICATION pub FOR TABLE t;
+    """)
+
+    async def main() -> str:
+        try:
+            async with collecting(dsn, subscriptions=["t"]) as rec:
+                admin.execute("INSERT INTO t VALUES (1, 'infinity')")
+                await rec.wait_for(1)
+        except DecodeError as exc:
+            return str(exc)
+        raise AssertionError("no DecodeError")
+
+    message = run(main())
+    assert "column 'valid_until' (timestamptz) of a Insert row of public.t" in message
+    assert "register a loader" in message
 
 
 @pytest.mark.xfail(

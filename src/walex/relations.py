@@ -101,9 +101,10 @@ class Table:
                 cause = col_exc
                 break
         return DecodeError(
-            f"cannot type {where}: {cause}. If the column's type was altered while walex was "
-            "running (e.g. ALTER TYPE ... ADD ATTRIBUTE on a composite), restart walex so it "
-            "reads the new definition.",
+            f"cannot type {where}: {cause}. If psycopg cannot represent the value (e.g. an "
+            "'infinity' timestamp), register a loader for its type in psycopg.adapters before "
+            "creating the app; if the type was altered while walex was running (e.g. ALTER "
+            "TYPE ... ADD ATTRIBUTE on a composite), restart walex so it reads the new definition.",
             tag=tag, lsn=lsn,
         )
 
