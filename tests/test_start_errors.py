@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from support import collecting, run
 
 import walex
 from walex import ConfigError, SetupError, WalEx
@@ -101,6 +102,39 @@ def test_subscribed_table_not_in_publication(admin: psycopg.Connection, dsn: str
             pass
 
     asyncio.run(main())
+    assert_nothing_left(admin)
+
+
+def test_partitioned_table_published_under_other_names(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute("""
+        CREATE TABLE m (id int, k int) PARTITION BY RANGE (k);
+        CREATE TABLE m1 PARTITION OF m FOR VALUES FROM (0) TO (10);
+        CREATE TABLE m2 PARTITION OF m FOR VALUES FROM (10) TO (20);
+        CREATE PUBLICATION pub FOR TABLE m;
+    """)
+    # the partitioned table is in the publication, but its changes come as m1 / m2:
+    # "ALTER PUBLICATION ... ADD TABLE m" would be a wrong fix (it is already there)
+    _, exc = start_error(dsn, subscriptions=["m"])
+    assert isinstance(exc, SetupError)
+    message = str(exc)
+    assert "'m' is partitioned" in message and "public.m1, public.m2" in message
+    assert 'ALTER PUBLICATION "pub" SET (publish_via_partition_root = true);' in message
+    assert "ADD TABLE" not in message
+    admin.execute('ALTER PUBLICATION "pub" SET (publish_via_partition_root = true)')
+
+    # now the partitions' changes come as those of m
+    _, exc = start_error(dsn, subscriptions=["m1"])
+    assert isinstance(exc, SetupError)
+    message = str(exc)
+    assert "'m1' is a partition" in message and "'public.m'" in message
+    assert "ADD TABLE" not in message
+
+    async def main() -> list[str]:
+        async with collecting(dsn, subscriptions=["m"]) as rec:
+            admin.execute("INSERT INTO m VALUES (1, 1), (2, 15)")
+            return [e.name for e in await rec.wait_for(2)]
+
+    assert run(main()) == ["m", "m"]
     assert_nothing_left(admin)
 
 

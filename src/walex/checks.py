@@ -70,20 +70,58 @@ async def preflight(
             continue
         schema, _, table = spec.rpartition(".")
         await cur.execute(
-            "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "SELECT n.nspname, c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relname = %s AND c.relkind IN ('r', 'p') AND (%s = '' OR n.nspname = %s)",
             (table, schema, schema),
         )
-        found = [r[0] for r in await cur.fetchall()]
+        found = await cur.fetchall()
         if not found:
             raise SetupError(
                 f"subscribed table {spec!r} does not exist in database {database!r}. "
                 "Fix: create it, or remove it from subscriptions."
             )
-        qualified = f"{quote_ident(found[0])}.{quote_ident(table)}"
+        await _check_partitions(cur, spec, found[0][1], publication, published)
+        qualified = f"{quote_ident(found[0][0])}.{quote_ident(table)}"
         raise SetupError(
             f"subscribed table {spec!r} is not in publication {publication!r}, so PostgreSQL "
             f"will never send its changes. Fix: ALTER PUBLICATION {quote_ident(publication)} "
             f"ADD TABLE {qualified};"
         )
     return Preflight(database, conn.info.server_version, published, bool(row[0]))
+
+
+async def _check_partitions(
+    cur: psycopg.AsyncCursor, spec: str, oid: int, publication: str,
+    published: set[tuple[str, str]],
+) -> None:
+    """Explain a partitioned table or a partition whose changes go out under another name."""
+    pub = quote_ident(publication)
+    await cur.execute(
+        "SELECT n.nspname, c.relname, t.relid = %s::regclass FROM pg_partition_tree(%s::regclass) t "
+        "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE t.isleaf ORDER BY c.relname",
+        (oid, oid),
+    )
+    leaves = [(s, t) for s, t, itself in await cur.fetchall() if not itself]
+    published_leaves = [f"{s}.{t}" for s, t in leaves if (s, t) in published]
+    if published_leaves:
+        raise SetupError(
+            f"subscribed table {spec!r} is partitioned, and publication {publication!r} sends "
+            f"its changes under the names of its partitions ({', '.join(published_leaves)}) "
+            "because its publish_via_partition_root is false. Fix: ALTER PUBLICATION "
+            f"{pub} SET (publish_via_partition_root = true); or subscribe to the partitions."
+        )
+    await cur.execute(
+        "SELECT n.nspname, c.relname FROM pg_partition_ancestors(%s::regclass) a "
+        "JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE a.relid <> %s::regclass",
+        (oid, oid),
+    )
+    ancestors = [f"{s}.{t}" for s, t in await cur.fetchall() if (s, t) in published]
+    if ancestors:
+        raise SetupError(
+            f"subscribed table {spec!r} is a partition, and publication {publication!r} sends "
+            f"its changes as those of {ancestors[0]!r} because its publish_via_partition_root "
+            f"is true. Fix: subscribe to {ancestors[0]!r} instead, or ALTER PUBLICATION {pub} "
+            "SET (publish_via_partition_root = false);"
+        )
