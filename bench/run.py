@@ -217,14 +217,16 @@ def lag_markdown(rows: list[dict[str, Any]], seconds: int) -> str:
              f"| lag max ms | client CPU % |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lag = r["lag"]
-        cpu = 100 * r["cpu_s"] / seconds if r.get("cpu_s") else None
+        run = r.get("run", {})
+        cpu = 100 * r["cpu_s"] / run["exit_s"] if r.get("cpu_s") and run.get("exit_s") else None
         lines.append(
             f"| {r['level']} | {'unthrottled' if r['rate'] == 0 else r['rate']} "
             f"| {fmt(r['pgbench_tps'], ',.0f')} | {r['events']} | {fmt(lag.get('p50_ms'), '.2f')} "
             f"| {fmt(lag.get('p90_ms'), '.2f')} | {fmt(lag.get('p99_ms'), '.2f')} "
             f"| {fmt(lag.get('max_ms'), '.2f')} | {fmt(cpu, '.0f')} |")
     lines.append(f"\nlag = handler's clock when it got the event - commit timestamp; "
-                 f"{seconds} s of pgbench (1 client) per row.")
+                 f"{seconds} s of pgbench (1 client) per row; client CPU % over the "
+                 "consumer's whole run (start to exit).")
     return "\n".join(lines)
 
 
@@ -247,8 +249,8 @@ def main() -> int:
     ap.add_argument("--peer-timeout-factor", type=float, default=4)
     ap.add_argument("--lag", action="store_true", help="run the lag mode instead")
     ap.add_argument("--lag-seconds", type=int, default=20)
-    ap.add_argument("--lag-rate", default="1000",
-                    help="pgbench target rates, comma list; 0 = unthrottled (default 1000)")
+    ap.add_argument("--lag-rate", default="1000,5000",
+                    help="pgbench target rates, comma list; 0 = unthrottled (default 1000,5000)")
     ap.add_argument("--lag-levels", default="walex", help="comma list (walex, walex_sync, psycopg2)")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="extra postgresql.conf setting, repeatable")

@@ -10,7 +10,9 @@ timestamp, lsn, id. The handler is ``async def`` (runs on the event loop);
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import sys
 import time
 
@@ -20,6 +22,9 @@ from walex import Event, Events, WalEx
 
 
 def main() -> int:
+    # what-if knob for experiments, not a user setting: BENCH_GC=off disables the cyclic GC
+    if os.environ.get("BENCH_GC") == "off":
+        gc.disable()
     args = parse_args(__doc__.splitlines()[0], ("--sync-handler",))
     endpos = parse_lsn(args.endpos)
     marker = args.marker_table
