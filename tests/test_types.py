@@ -278,6 +278,37 @@ def test_quoted_names_and_nested_user_types(admin: psycopg.Connection, dsn: str)
     run(main())
 
 
+def test_domains_and_arrays_over_user_types(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute("""
+        CREATE EXTENSION hstore;
+        CREATE TYPE pr AS (a int, b text);
+        CREATE TYPE e AS ENUM ('x', 'y');
+        CREATE DOMAIN dpr AS pr; CREATE DOMAIN dh AS hstore; CREATE DOMAIN de AS e;
+        CREATE DOMAIN dd AS de; CREATE DOMAIN darr AS pr[];
+        CREATE TABLE t (id int PRIMARY KEY, a dpr, b dh, c de[], d dd, f hstore[], g darr, h dpr[]);
+        CREATE PUBLICATION pub FOR ALL TABLES;
+    """)
+
+    async def main() -> None:
+        async with collecting(dsn) as rec:
+            admin.execute("""INSERT INTO t VALUES (1, ROW(1, 'q'), 'a=>b', '{x,y}', 'y',
+                ARRAY['a=>1'::hstore, 'b=>NULL'], ARRAY[ROW(2, 'z')::pr], ARRAY[ROW(3, 'w')::dpr])""")
+            [event] = await rec.wait_for(1)
+        assert event.source.columns == {
+            "id": "int4", "a": "dpr", "b": "dh", "c": "de[]", "d": "dd", "f": "hstore[]",
+            "g": "darr", "h": "dpr[]",
+        }
+        record = event.new_record
+        assert record is not None
+        assert tuple(record["a"]) == (1, "q") and record["b"] == {"a": "b"}
+        assert record["c"] == ["x", "y"] and record["d"] == "y"
+        assert record["f"] == [{"a": "1"}, {"b": None}]
+        assert [tuple(v) for v in record["g"]] == [(2, "z")]
+        assert [tuple(v) for v in record["h"]] == [(3, "w")]
+
+    run(main())
+
+
 def test_type_created_while_streaming(admin: psycopg.Connection, dsn: str) -> None:
     admin.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t")
 
