@@ -1,0 +1,143 @@
+"""An asyncio TCP proxy that can silently drop traffic (a network partition).
+
+::
+
+    proxy = Proxy("127.0.0.1", server_port).start()   # runs in its own thread
+    dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/db"
+    proxy.partition()   # from now on every byte, both ways, is read and discarded;
+                        # new connections are accepted and go nowhere
+    proxy.heal()        # connections that lost bytes are reset (their TCP
+                        # streams are broken for good), new ones flow again
+    proxy.stop()
+
+Nothing is closed while partitioned: the client sees silence, not an error,
+so it has to notice by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class _Link:
+    client: asyncio.StreamWriter
+    server: asyncio.StreamWriter | None = None
+    damaged: bool = False  # bytes were dropped: the stream cannot be resumed
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def abort(self) -> None:
+        for writer in (self.client, self.server):
+            if writer is not None:
+                writer.transport.abort()  # RST, not FIN
+        for task in self.tasks:
+            task.cancel()
+
+
+class Proxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.partitioned = False
+        self.links: set[_Link] = set()
+        self.connections = 0  # accepted, in total
+        self.dropped_bytes = 0
+        self.resets = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="chaos-proxy", daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+
+    # -- control (from any thread) ---------------------------------------
+
+    def start(self) -> Proxy:
+        self._thread.start()
+        self._call(self._listen())
+        return self
+
+    def partition(self) -> None:
+        self._call(self._set(True))
+
+    def heal(self) -> None:
+        self._call(self._set(False))
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for link in list(self.links):
+                link.abort()
+        self._call(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _call(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
+
+    # -- the proxy -------------------------------------------------------
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _set(self, partitioned: bool) -> None:
+        self.partitioned = partitioned
+        if not partitioned:
+            for link in [link for link in self.links if link.damaged]:
+                self.resets += 1
+                link.abort()
+                self.links.discard(link)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        link = _Link(writer)
+        self.links.add(link)
+        try:
+            if self.partitioned:  # accepted, but the server never hears of it
+                link.damaged = True
+                await self._pump(reader, None, link)
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                writer.transport.abort()
+                return
+            link.server = up_writer
+            me = asyncio.current_task()
+            assert me is not None
+            other = asyncio.create_task(self._pump(up_reader, writer, link))
+            link.tasks = [me, other]
+            await self._pump(reader, up_writer, link)
+            await other
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.links.discard(link)
+            for w in (link.client, link.server):
+                if w is not None:
+                    w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None,
+                    link: _Link) -> None:
+        while True:
+            try:
+                data = await reader.read(65536)
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                if writer is not None and not link.damaged:
+                    try:
+                        writer.write_eof()
+                    except (OSError, RuntimeError):
+                        pass
+                return
+            if self.partitioned or writer is None:
+                link.damaged = True
+                self.dropped_bytes += len(data)
+                continue
+            writer.write(data)
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                return
