@@ -290,3 +290,71 @@ def test_status_updates_dropped(run_factory: Any, chaos_cluster: Cluster) -> Non
             conn.execute("SELECT pg_reload_conf()")
     assert report["reconnects"] >= 1
     assert report["duplicates"] > 0
+
+
+BUG_SLOT_IN_USE = (
+    "walex bug: the 'replication slot is in use; retrying' path cannot work. "
+    "ReplicationConnection.start() raises SlotInUseError right after reading the FATAL_ERROR "
+    "result of START_REPLICATION, without reading the connection's remaining results, so the "
+    "retry's send_query fails with psycopg.OperationalError 'sending query failed: another "
+    "command is already in progress'; that is not a ReplicationError, so start() raises it (or, "
+    "on a reconnect, the app stops) about 0.1s after the first attempt instead of waiting up to "
+    "slot_wait_timeout for the slot"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_SLOT_IN_USE)
+def test_second_consumer_waits_for_the_slot(run_factory: Any) -> None:
+    """A rolling restart (or a supervisor restarting a crashed consumer before its
+    walsender is gone): the new process must wait for the slot, then take over."""
+    run = run_factory("slot_in_use")
+    first = run.start_consumer()
+    run.workload.start()
+    time.sleep(1.0)
+    second = run.start_consumer(wait_ready=False, overlap=True)
+    run.fault("slot_in_use")
+    time.sleep(1.5)
+    assert second.proc.poll() is None, (
+        f"the second consumer gave up while the slot was held (exit {second.proc.returncode}):\n"
+        + run.consumer_log_tail(8))
+    run.kill(first, signal.SIGTERM)
+    run.wait_ready(second)
+    _finish(run)
+
+
+BUG_SILENCE = (
+    "walex bug: _read_session takes 2 x status_interval without a frame for a dead connection, "
+    "but a walsender replaying a large committed transaction with no published changes sends "
+    "nothing and answers no reply request until wal_sender_timeout/2 (30s by default) has "
+    "passed since the last reply it processed. walex drops the connection mid-replay, and every "
+    "new session replays the same transaction from restart_lsn and is dropped again: it "
+    "reconnects forever (every ~1-2s here, PG 15 and 18) and never delivers what was committed "
+    "after it, while the slot holds WAL. Today the first reconnect already ends the app, as the "
+    "old walsender still holds the slot (see the slot-in-use bug). With the default "
+    "status_interval=10 any such replay longer than 20s does it"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_SILENCE)
+def test_large_transaction_without_published_changes(run_factory: Any) -> None:
+    """A bulk load of 1M rows into an unpublished table, in one transaction, between
+    published ones: walex must not take the busy walsender for a dead one."""
+    run = run_factory("large_unpublished_txn")
+    with psycopg.connect(run.dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bulk (i int)")
+    run.start_consumer(status_interval=0.2)
+    run.workload.run_for(20)
+    with psycopg.connect(run.dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO bulk SELECT generate_series(1, 1000000)")
+    run.fault("large_unpublished_transaction")
+    run.workload.run_for(20)
+    report = _finish_with(run, catch_up_timeout=10)
+    assert report["reconnects"] == 0, "walex dropped a healthy, busy connection"
+
+
+def _finish_with(run: ChaosRun, catch_up_timeout: float) -> dict[str, Any]:
+    try:
+        return _finish(run, catch_up_timeout)
+    except AssertionError as exc:
+        reconnects = run.consumer_log().count("reconnected (session")
+        raise AssertionError(f"{exc}\n({reconnects} reconnects)") from None
