@@ -421,13 +421,6 @@ def test_value_psycopg_cannot_load_is_a_clear_error(admin: psycopg.Connection, d
     assert "register a loader" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (replication/stream.py or app.py): the replication connection inherits "
-    "database/role settings DateStyle, IntervalStyle and extra_float_digits, so values "
-    "fail to parse or floats silently lose precision; it should connect with "
-    "options '-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3'",
-)
 @pytest.mark.parametrize("setting, value", [
     ("DateStyle", "SQL, DMY"),
     ("IntervalStyle", "sql_standard"),

@@ -147,7 +147,10 @@ class WalEx:
                     await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
                 for task in self._tasks:
                     task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                _, stuck = await asyncio.wait(self._tasks, timeout=10)
+                for task in stuck:
+                    log.error("walex %r: task %s did not stop within 10s", self.settings.name,
+                              task.get_name())
                 self._tasks = []
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:

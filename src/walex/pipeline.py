@@ -270,7 +270,10 @@ class Pipeline:
         asked = False
         while True:
             try:
-                frames = await asyncio.wait_for(repl.read(), silence)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that arrives as the read completes, and stop() hangs.
+                async with asyncio.timeout(silence):
+                    frames = await repl.read()
             except TimeoutError:
                 if asked:
                     raise ReplicationError(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ReplicationError, SlotInUseError, redact
 from ..lsn import format_lsn, parse_lsn
@@ -26,6 +27,7 @@ from .frames import standby_status
 __all__ = ["ReplicationConnection", "SlotInfo"]
 
 _COPY_BOTH = pq.ExecStatus.COPY_BOTH
+_SESSION_OPTIONS = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
 
 
 def is_retriable(sqlstate: str) -> bool:
@@ -63,8 +65,12 @@ class ReplicationConnection:
         try:
             # pgoutput sends names and text values in the client encoding: ask for
             # UTF-8 whatever the database's encoding, which is what the decoder reads.
+            # Text values must be in the formats psycopg parses, whatever the
+            # database's or role's settings (ALTER DATABASE ... SET DateStyle, ...).
+            options = conninfo_to_dict(conninfo).get("options") or ""
             conn = await psycopg.AsyncConnection.connect(
-                conninfo, replication="database", autocommit=True, client_encoding="UTF8"
+                conninfo, replication="database", autocommit=True, client_encoding="UTF8",
+                options=f"{options} {_SESSION_OPTIONS}".strip(),
             )
         except psycopg.Error as exc:
             raise ReplicationError(
