@@ -100,10 +100,10 @@ def category(frames: list[Frame]) -> str:
     leaf_fn, leaf_file = frames[-1]
     py = [f for f in frames if is_python(f) and f[1] != "<string>"]  # <string>: dataclass __init__
     py_file = py[-1][1] if py else "-"
-    if any(fn.startswith(("gc_collect", "collect_with_callback")) for fn in funcs):
-        return "cyclic garbage collector (gc_collect_main)"
     if any("importlib" in f for f in files):
         return "start-up: imports"
+    if any(fn.startswith(("gc_collect", "collect_with_callback")) for fn in funcs):
+        return "cyclic garbage collector (gc_collect_main)"
     if "dealloc" in leaf_fn or leaf_fn in FREE:
         return "freeing objects (deallocation)"
     if "C:psycopg_binary" in files or py_file.startswith("psycopg/types"):
@@ -139,7 +139,13 @@ def aggregate(stacks: list[tuple[list[Frame], int]]) -> dict[str, Any]:
     py_self: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     cats: collections.Counter[str] = collections.Counter()
+    steady_total = 0
     for frames, count in busy:
+        cat = category(frames)
+        cats[cat] += count
+        if cat.startswith(("start-up", "no Python frame")):
+            continue  # the function tables describe the steady state
+        steady_total += count
         func, file = frames[-1]
         self_t[f"{func} ({file})"] += count
         py = [f for f in frames if is_python(f)]
@@ -147,14 +153,14 @@ def aggregate(stacks: list[tuple[list[Frame], int]]) -> dict[str, Any]:
             py_self[f"{py[-1][0]} ({py[-1][1]})"] += count
         for name in {f"{fn} ({fl})" for fn, fl in frames if (fn, fl) != ("(unresolved)", fl)}:
             incl[name] += count
-        cats[category(frames)] += count
     idle = sum(c for _, c in stacks) - total
-    return {"samples": total, "idle": idle, "self": self_t, "py_self": py_self,
+    return {"samples": total, "steady": steady_total, "idle": idle, "self": self_t, "py_self": py_self,
             "inclusive": incl, "categories": cats}
 
 
-def table(counter: collections.Counter[str], total: int, title: str, top: int) -> str:
-    lines = [f"| {title} | % of busy samples |", "|---|---|"]
+def table(counter: collections.Counter[str], total: int, title: str, top: int,
+          unit: str = "% of busy samples") -> str:
+    lines = [f"| {title} | {unit} |", "|---|---|"]
     for name, count in counter.most_common(top):
         lines.append(f"| `{name}` | {100 * count / total:.1f} |")
     return "\n".join(lines)
@@ -209,11 +215,13 @@ def profile_workload(b: h.Bench, name: str, args: argparse.Namespace, pyspy: str
             f"{agg['samples']} busy samples ({agg['idle']} idle ones left out). "
             f"Raw stacks: `{raw.relative_to(h.BENCH)}`.")
     parts = [head, category_table(agg["categories"], total)]
+    steady = agg["steady"] or 1
+    unit = "% excluding start-up"
     if args.native:
-        parts.append(table(agg["py_self"], total,
-                           "self time by Python function, C callees included", args.top))
-    parts += [table(agg["self"], total, "self time (leaf frame)", args.top),
-              table(agg["inclusive"], total, "inclusive time", args.top)]
+        parts.append(table(agg["py_self"], steady,
+                           "self time by Python function, C callees included", args.top, unit))
+    parts += [table(agg["self"], steady, "self time (leaf frame)", args.top, unit),
+              table(agg["inclusive"], steady, "inclusive time", args.top, unit)]
     text = "\n\n".join(parts)
     return text
 
