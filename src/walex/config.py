@@ -65,7 +65,9 @@ class WalExSettings(BaseSettings):
     streaming: bool = False
     status_interval: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval: float | None = Field(default=None, gt=0)
-    max_pending_transactions: int = Field(default=64, ge=1)
+    max_pending_transactions: int = Field(default=64, ge=1)  # batches queued for handlers
+    batch_size: int = Field(default=1000, ge=1)  # most events per handler call
+    spill_dir: str | None = None  # where streamed transactions spill; default: temp dir
     reconnect_max_attempts: int = Field(default=10, ge=0)
     reconnect_backoff_max: float = Field(default=30.0, gt=0)
 

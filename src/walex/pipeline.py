@@ -13,8 +13,11 @@ jitter, resuming from the slot. Changes flow::
 
 Invariants:
 - a transaction is acknowledged only after its dispatch returned;
-- a transaction whose end LSN is not above the acknowledged position is a
-  replay and is dropped before dispatch;
+- a transaction committed below the acknowledged position is a replay and
+  is dropped before dispatch;
+- a large transaction flows through in batches of ``batch_size`` events, so
+  memory is bounded by the queue (``max_pending_transactions`` batches) and
+  not by the transaction's size; it is acknowledged after its last batch;
 - the keepalive's WAL end is acknowledged only when nothing is in flight:
   no open transaction, nothing queued or being handled, nothing held by a
   middleware;
@@ -76,7 +79,9 @@ class Pipeline:
         self.preflight: Preflight | None = None
         self.catalog = TypeCatalog()
         self.relations = RelationCache(self.catalog, "", self._is_subscribed)
-        self.assembler = TransactionAssembler(self.relations)
+        self.assembler = TransactionAssembler(
+            self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir
+        )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
         self.sessions = 0
         self.gaps: list[str] = []
@@ -328,12 +333,17 @@ class Pipeline:
         if kind is Type:
             await self.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]
             return
-        txn = self.assembler.feed(msg, lsn)
-        if txn is not None:
-            if txn.end_lsn <= self.ack.flushed:
-                self.replays_dropped += 1
-                log.debug("dropped replayed transaction ending at %s", format_lsn(txn.end_lsn))
-                return
+        batches = self.assembler.feed(msg, lsn)
+        if batches is None:
+            return
+        for txn in batches:
+            if txn.commit_lsn < self.ack.flushed:
+                # committed before what was acknowledged: a replay after a reconnect
+                if txn.last:
+                    self.replays_dropped += 1
+                    log.debug("dropped replayed transaction committed at %s",
+                              format_lsn(txn.commit_lsn))
+                continue
             await self.queue.put(txn)
 
     async def run_dispatcher(self) -> None:
@@ -344,10 +354,11 @@ class Pipeline:
             await dispatch(txn)
             if failpoints.ACTIVE:
                 failpoints.hit("after_dispatch")
-            ack.handled(txn.end_lsn)
-            self.busy = False
-            self.transactions_handled += 1
             self.events_handled += len(txn.events)
+            if txn.last:
+                ack.handled(txn.end_lsn)
+                self.transactions_handled += 1
+            self.busy = False
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

@@ -1,8 +1,9 @@
-"""Assemble decoded pgoutput messages into committed :class:`Transaction` s.
+"""Assemble decoded pgoutput messages into committed transactions, in batches.
 
 Input: every message of the stream in order (Relation and Type messages are
 applied to the relation cache by the caller before they reach here). Output:
-one :class:`Transaction` per commit, its events in WAL order.
+:class:`Transaction` batches: the events of one committed transaction in WAL
+order, at most ``batch_size`` per batch, the last batch flagged ``last``.
 
 Handles plain transactions (Begin ... Commit), streamed ones (protocol 2+:
 chunks between Stream Start/Stop, possibly interleaved, finished by Stream
@@ -10,38 +11,46 @@ Commit or dropped, in whole or per subtransaction, by Stream Abort) and
 two-phase ones (Begin Prepare ... Prepare, then Commit/Rollback Prepared).
 
 Invariants:
-- a transaction is emitted only at its commit, whole, with every aborted
-  subtransaction's changes removed;
+- memory is bounded by ``batch_size`` events per open transaction: a plain
+  transaction is already committed when the server sends it (protocol 1 sends
+  at commit), so its full batches are handed on before its Commit message;
+  a streamed one spills to disk (:mod:`walex.spill`) until Stream Commit;
+- nothing of a transaction is handed on before it is known to be committed,
+  and aborted subtransactions' changes never are;
 - a change's position is its index among the transaction's surviving changes,
   counting changes of tables that are not subscribed and one per table of a
-  TRUNCATE, so ``Event.id`` is the same whether the transaction arrived
-  streamed or whole and whatever the subscriptions;
+  TRUNCATE, so ``Event.id`` (commit LSN and position) is the same whether the
+  transaction arrived streamed or whole and whatever the subscriptions;
 - :attr:`TransactionAssembler.idle` is true only when no transaction is open,
   so an acknowledgement of the server's WAL end cannot skip a change.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from .errors import DecodeError
-from .event import Change, Event, EventType
+from .event import Event
 from .lsn import format_lsn
 from .pgoutput import messages as m
-from .relations import RelationCache, Table
+from .relations import RelationCache
+from .rows import delete_event, insert_event, truncate_event, update_event
+from .spill import Spill
 
 __all__ = ["Transaction", "TransactionAssembler"]
 
-_INSERT, _UPDATE, _DELETE, _TRUNCATE = (
-    EventType.INSERT, EventType.UPDATE, EventType.DELETE, EventType.TRUNCATE,
-)
+_TAGS = {m.Insert: "I", m.Update: "U", m.Delete: "D", m.Truncate: "T"}
 
 
 @dataclass(slots=True)
 class Transaction:
-    """A committed transaction and the events of its subscribed tables."""
+    """A committed transaction's events: all of them, or one batch of a large one.
+
+    ``end_lsn`` (the end of the commit record, what is acknowledged) is known
+    on the ``last`` batch only; earlier batches carry 0.
+    """
 
     xid: int
     commit_lsn: int
@@ -49,65 +58,76 @@ class Transaction:
     commit_time: datetime
     events: list[Event]
     origin: str | None = None
+    last: bool = True
 
 
 @dataclass(slots=True)
 class _Open:
-    """A transaction being received: events, ``None`` for unsubscribed changes."""
+    """A transaction being received."""
 
     xid: int
+    commit_lsn: int = 0  # known at Begin for plain transactions
+    commit_time: datetime | None = None
     changes: list[Event | None] = field(default_factory=list)
-    subxids: list[int] | None = None  # per change, for streamed transactions
+    emitted: int = 0  # changes already handed on in earlier batches
     origin: str | None = None
+    spill: Spill | None = None  # streamed and prepared transactions
 
 
 class TransactionAssembler:
-    """Feeds on messages, returns a :class:`Transaction` at each commit."""
+    """Feeds on messages; returns the batches each message completes."""
 
-    def __init__(self, relations: RelationCache) -> None:
+    def __init__(
+        self, relations: RelationCache, batch_size: int = 1000, spill_dir: str | None = None
+    ) -> None:
         self.relations = relations
+        self.batch_size = batch_size
+        self.spill_dir = spill_dir
         self._current: _Open | None = None  # Begin/Begin Prepare ... Commit/Prepare
         self._streams: dict[int, _Open] = {}  # streamed, by top-level xid
-        self._stream_xid: int | None = None  # inside Stream Start ... Stream Stop
+        self._stream: _Open | None = None  # inside Stream Start ... Stream Stop
         self._prepared: dict[str, _Open] = {}  # two-phase, by gid
+        self.spilled_events = 0  # changes of held transactions written to disk
 
     @property
     def idle(self) -> bool:
         return self._current is None and not self._streams and not self._prepared
 
-    def feed(self, msg: m.Message, lsn: int) -> Transaction | None:
+    def feed(self, msg: m.Message, lsn: int) -> Iterable[Transaction] | None:
         kind = type(msg)
         if kind is m.Insert or kind is m.Update or kind is m.Delete or kind is m.Truncate:
-            self._change(msg, lsn)  # type: ignore[arg-type]
-            return None
+            return self._change(msg, lsn)  # type: ignore[arg-type]
         if kind is m.Begin:
             self._expect_closed("Begin", lsn)
-            self._current = _Open(msg.xid)  # type: ignore[union-attr]
+            self._current = _Open(msg.xid, msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
         elif kind is m.Commit:
             txn = self._take_current("Commit", lsn)
-            return _finish(txn, msg.commit_lsn, msg.end_lsn, msg.commit_time)  # type: ignore[union-attr]
+            return [self._batch(txn, msg.commit_lsn, msg.commit_time, msg.end_lsn)]  # type: ignore[union-attr]
         elif kind is m.StreamStart:
             xid = msg.xid  # type: ignore[union-attr]
-            self._stream_xid = xid
-            if xid not in self._streams:
-                self._streams[xid] = _Open(xid, subxids=[])
+            stream = self._streams.get(xid)
+            if stream is None:
+                stream = self._streams[xid] = _Open(xid, spill=self._new_spill())
+            self._stream = stream
         elif kind is m.StreamStop:
-            self._stream_xid = None
+            self._stream = None
         elif kind is m.StreamAbort:
             self._abort_stream(msg)  # type: ignore[arg-type]
         elif kind is m.StreamCommit:
-            txn = self._streams.pop(msg.xid, None) or _Open(msg.xid)  # type: ignore[union-attr]
-            return _finish(txn, msg.commit_lsn, msg.end_lsn, msg.commit_time)  # type: ignore[union-attr]
+            txn = self._streams.pop(msg.xid, None) or _Open(msg.xid, spill=self._new_spill())  # type: ignore[union-attr]
+            return self._replay(txn, msg.commit_lsn, msg.commit_time, msg.end_lsn)  # type: ignore[union-attr]
         elif kind is m.Origin:
             if self._current is not None:
                 self._current.origin = msg.name  # type: ignore[union-attr]
         elif kind is m.BeginPrepare:
             self._expect_closed("Begin Prepare", lsn)
-            self._current = _Open(msg.xid)  # type: ignore[union-attr]
+            self._current = _Open(msg.xid, spill=self._new_spill())  # type: ignore[union-attr]
         elif kind is m.Prepare:
             self._prepared[msg.gid] = self._take_current("Prepare", lsn)  # type: ignore[union-attr]
         elif kind is m.StreamPrepare:
-            self._prepared[msg.gid] = self._streams.pop(msg.xid, None) or _Open(msg.xid)  # type: ignore[union-attr]
+            self._prepared[msg.gid] = (  # type: ignore[union-attr]
+                self._streams.pop(msg.xid, None) or _Open(msg.xid, spill=self._new_spill())  # type: ignore[union-attr]
+            )
         elif kind is m.CommitPrepared:
             txn = self._prepared.pop(msg.gid, None)  # type: ignore[union-attr]
             if txn is None:
@@ -116,20 +136,27 @@ class TransactionAssembler:
                     f"{format_lsn(lsn)}: its Prepare was not received in this session",
                     tag="K", lsn=lsn,
                 )
-            return _finish(txn, msg.commit_lsn, msg.end_lsn, msg.commit_time)  # type: ignore[union-attr]
+            return self._replay(txn, msg.commit_lsn, msg.commit_time, msg.end_lsn)  # type: ignore[union-attr]
         elif kind is m.RollbackPrepared:
-            self._prepared.pop(msg.gid, None)  # type: ignore[union-attr]
+            txn = self._prepared.pop(msg.gid, None)  # type: ignore[union-attr]
+            if txn is not None and txn.spill is not None:
+                txn.spill.close()
         # Relation, Type and non-transactional logical messages carry no change.
         return None
 
     def reset(self) -> None:
         """Forget open transactions (after a reconnect the server resends them)."""
-        self._current = None
+        for txn in [self._current, *self._streams.values(), *self._prepared.values()]:
+            if txn is not None and txn.spill is not None:
+                txn.spill.close()
+        self._current = self._stream = None
         self._streams.clear()
-        self._stream_xid = None
         self._prepared.clear()
 
     # -- internals -------------------------------------------------------
+
+    def _new_spill(self) -> Spill:
+        return Spill(self.batch_size, self.spill_dir)
 
     def _expect_closed(self, what: str, lsn: int) -> None:
         if self._current is not None:
@@ -147,109 +174,83 @@ class TransactionAssembler:
 
     def _abort_stream(self, msg: m.StreamAbort) -> None:
         txn = self._streams.get(msg.xid)
-        if txn is None:
+        if txn is None or txn.spill is None:
             return
         if msg.subxid == msg.xid:
             del self._streams[msg.xid]
-            return
-        assert txn.subxids is not None
-        keep = [i for i, sub in enumerate(txn.subxids) if sub != msg.subxid]
-        txn.changes = [txn.changes[i] for i in keep]
-        txn.subxids = [txn.subxids[i] for i in keep]
-
-    def _change(self, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int) -> None:
-        if self._stream_xid is not None:
-            txn = self._streams[self._stream_xid]
-        elif self._current is not None:
-            txn = self._current
+            txn.spill.close()
         else:
-            tag = {m.Insert: "I", m.Update: "U", m.Delete: "D", m.Truncate: "T"}[type(msg)]
+            txn.spill.abort(msg.subxid)
+
+    def _change(
+        self, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int
+    ) -> list[Transaction] | None:
+        txn = self._stream or self._current
+        if txn is None:
             raise DecodeError(
                 f"{type(msg).__name__} at LSN {format_lsn(lsn)} outside of any transaction",
-                tag=tag, lsn=lsn,
+                tag=_TAGS[type(msg)], lsn=lsn,
             )
         relations = self.relations
-        if type(msg) is m.Truncate:
-            new = [_truncate_event(relations.get(rid, "T", lsn)) for rid in msg.relation_ids]
-        elif type(msg) is m.Insert:
-            table = relations.get(msg.relation_id, "I", lsn)
-            new = [_insert_event(table, msg, lsn) if table.subscribed else None]
-        elif type(msg) is m.Update:
-            table = relations.get(msg.relation_id, "U", lsn)
-            new = [_update_event(table, msg, lsn) if table.subscribed else None]
+        kind = type(msg)
+        if kind is m.Insert:
+            table = relations.get(msg.relation_id, "I", lsn)  # type: ignore[union-attr]
+            new: list[Event | None] = [insert_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
+        elif kind is m.Update:
+            table = relations.get(msg.relation_id, "U", lsn)  # type: ignore[union-attr]
+            new = [update_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
+        elif kind is m.Delete:
+            table = relations.get(msg.relation_id, "D", lsn)  # type: ignore[union-attr]
+            new = [delete_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
         else:
-            table = relations.get(msg.relation_id, "D", lsn)
-            new = [_delete_event(table, msg, lsn) if table.subscribed else None]
+            new = []
+            for rid in msg.relation_ids:  # type: ignore[union-attr]
+                table = relations.get(rid, "T", lsn)
+                new.append(truncate_event(table) if table.subscribed else None)
+        spill = txn.spill
+        if spill is not None:
+            subxid = msg.xid or txn.xid
+            for event in new:
+                spill.append(subxid, event)
+            return None
         txn.changes.extend(new)
-        if txn.subxids is not None:
-            txn.subxids.extend([msg.xid or txn.xid] * len(new))
+        if len(txn.changes) >= self.batch_size:
+            assert txn.commit_time is not None
+            return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0)]
+        return None
+
+    def _batch(self, txn: _Open, commit_lsn: int, commit_time: datetime, end_lsn: int) -> Transaction:
+        """Hand on the changes collected so far; ``end_lsn`` non-zero marks the last batch."""
+        changes, first = txn.changes, txn.emitted
+        txn.changes = []
+        txn.emitted = first + len(changes)
+        return Transaction(
+            txn.xid, commit_lsn, end_lsn, commit_time,
+            _stamp(changes, first, commit_lsn, commit_time), txn.origin, last=end_lsn != 0,
+        )
+
+    def _replay(
+        self, txn: _Open, commit_lsn: int, commit_time: datetime, end_lsn: int
+    ) -> Iterator[Transaction]:
+        """The batches of a held (streamed or prepared) transaction, read back lazily."""
+        assert txn.spill is not None
+        self.spilled_events += txn.spill.spilled
+        for event in txn.spill.replay():
+            txn.changes.append(event)
+            if len(txn.changes) >= self.batch_size:
+                yield self._batch(txn, commit_lsn, commit_time, 0)
+        yield self._batch(txn, commit_lsn, commit_time, end_lsn)
 
 
-def _finish(txn: _Open, commit_lsn: int, end_lsn: int, commit_time: datetime) -> Transaction:
+def _stamp(changes: list[Event | None], first: int, commit_lsn: int, commit_time: datetime) -> list[Event]:
+    """Set timestamp, lsn and id of the events; position counts every change."""
     lsn = format_lsn(commit_lsn)
-    prefix = f"{end_lsn:016X}-"
+    prefix = f"{commit_lsn:016X}-"
     events = []
-    for position, event in enumerate(txn.changes):
+    for position, event in enumerate(changes, first):
         if event is not None:
             event.timestamp = commit_time
             event.lsn = lsn
             event.id = f"{prefix}{position:08X}"
             events.append(event)
-    return Transaction(txn.xid, commit_lsn, end_lsn, commit_time, events, txn.origin)
-
-
-_NO_TIME: Any = None  # set at commit
-
-
-def _event(table: Table, kind: EventType, new: Any, old: Any, changes: Any) -> Event:
-    return Event(table.name, kind, table.source, new, old, changes, _NO_TIME, "", "")
-
-
-def _truncate_event(table: Table) -> Event | None:
-    return _event(table, _TRUNCATE, None, None, None) if table.subscribed else None
-
-
-def _insert_event(table: Table, msg: m.Insert, lsn: int) -> Event:
-    return _event(table, _INSERT, dict(zip(table.column_names, table.load(msg.new, "Insert", lsn))), None, None)
-
-
-def _key_record(table: Table, values: list[Any]) -> dict[str, Any]:
-    names = table.column_names
-    return {names[i]: values[i] for i in table.key_indexes}
-
-
-def _update_event(table: Table, msg: m.Update, lsn: int) -> Event:
-    names = table.column_names
-    new_values = table.load(msg.new, "Update", lsn)
-    old_record = changes = None
-    if msg.old is not None:
-        old_values = table.load(msg.old, "Update", lsn)
-        if msg.old_kind == "K":
-            old_record = _key_record(table, old_values)
-            # An unchanged TOASTed key is not resent, but the old key (sent
-            # because it is TOASTed) holds its value.
-            raw_new, raw_old = msg.new.values, msg.old.values
-            for i in table.key_indexes:
-                if raw_new[i] is m.UNCHANGED_TOAST and raw_old[i] is not m.UNCHANGED_TOAST:
-                    new_values[i] = old_values[i]
-        else:
-            raw_new, raw_old = msg.new.values, msg.old.values
-            changes = {}
-            for i, raw in enumerate(raw_new):
-                if raw is m.UNCHANGED_TOAST:
-                    if raw_old[i] is not m.UNCHANGED_TOAST:
-                        new_values[i] = old_values[i]  # not resent: same as before
-                elif raw != raw_old[i] and raw_old[i] is not m.UNCHANGED_TOAST:
-                    changes[names[i]] = Change(old_values[i], new_values[i])
-            old_record = dict(zip(names, old_values))
-    return _event(table, _UPDATE, dict(zip(names, new_values)), old_record, changes)
-
-
-def _delete_event(table: Table, msg: m.Delete, lsn: int) -> Event:
-    old_values = table.load(msg.old, "Delete", lsn)
-    if msg.old_kind == "K":
-        old_record = _key_record(table, old_values)
-    else:
-        old_record = dict(zip(table.column_names, old_values))
-    return _event(table, _DELETE, None, old_record, None)
-
+    return events
