@@ -20,7 +20,10 @@ adapters hold a loader for each (or psycopg's text fallback applies) and
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -31,8 +34,36 @@ from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
 from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.hstore import register_hstore
+from psycopg.types.json import set_json_loads
 
 __all__ = ["TypeCatalog"]
+
+try:
+    import orjson
+
+    _LONG_NUMBER = re.compile(rb"[0-9]{19}")
+
+    def _fast_json_loads(data: bytes | str) -> Any:
+        """orjson, or json where orjson would differ (it turns integers beyond 64 bits
+        into floats): values are exactly what psycopg's default loader gives."""
+        raw = data.encode() if isinstance(data, str) else data
+        if _LONG_NUMBER.search(raw):
+            return json.loads(data)
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return json.loads(data)
+
+except ImportError:  # pragma: no cover - orjson is a dependency, but optional at run time
+    _fast_json_loads = None  # type: ignore[assignment]
+
+
+def _user_json_loads() -> bool:
+    """Whether the user replaced psycopg's global json loads function."""
+    from psycopg.types import json as pgjson
+
+    loader = psycopg.adapters.get_loader(3802, Format.TEXT)
+    return getattr(loader, "_loads", pgjson.json.loads) is not pgjson.json.loads
 
 _PG_TYPE_QUERY = """
 SELECT t.oid, t.typname, n.nspname, t.typtype, t.typbasetype, t.typelem, t.typarray,
@@ -48,6 +79,8 @@ class TypeCatalog:
     def __init__(self, conn: psycopg.AsyncConnection | None = None) -> None:
         self.conn = conn
         self.adapters = AdaptersMap(psycopg.adapters)
+        if _fast_json_loads is not None and not _user_json_loads():
+            set_json_loads(_fast_json_loads, self.adapters)
         self._names: dict[int, str] = {}
 
     def name(self, oid: int) -> str:
