@@ -1,26 +1,50 @@
-"""Configuration: one pydantic-settings model for keyword arguments, a URL and ``WALEX_*``.
+"""Configuration: one pydantic-settings model for keyword arguments, a URL, ``WALEX_*`` and TOML.
 
 Precedence: keyword arguments, then ``WALEX_*`` environment variables, then
-defaults; inside the connection, explicit keys (``hostname``, ``port``, ...)
-win over the parts of ``url``. Every problem is reported at once in one
-:class:`~walex.errors.ConfigError`, and the password never appears in it, in
-``repr`` or in a log line (it is a ``SecretStr``; a URL is shown redacted).
+the values of a TOML file (``walex run --config``, see :func:`read_toml` and
+:func:`file_values`), then defaults; inside the connection, explicit keys
+(``hostname``, ``port``, ``sslmode``, ...) win over the parts of ``url``.
+Every problem is reported at once in one :class:`~walex.errors.ConfigError`,
+and the password never appears in it, in ``repr`` or in a log line (it is a
+``SecretStr``; a URL is shown redacted).
+
+TLS: ``ssl=True`` asks for TLS with the server certificate and host name
+verified (``sslmode=verify-full``, against ``sslrootcert``) unless ``sslmode``
+says otherwise; ``ssl=False`` is ``sslmode=disable``; ``sslrootcert`` without
+``sslmode`` also means ``verify-full``. Without any of these libpq's own
+default applies (or the URL's ``sslmode``).
+
+``message_middleware`` and a dead-letter ``on_error`` may be given as import
+strings (``"pkg.module:function"``), so a TOML file or an environment
+variable can name them.
 """
 
 from __future__ import annotations
 
 import re
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Annotated, Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings, InitSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+)
 
 from .errors import ConfigError, redact
 
-__all__ = ["WalExSettings", "load_settings"]
+__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "SSLMODES"]
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_APP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+# Values of a configuration file, below keyword arguments and WALEX_* variables.
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("walex_file_values", default=None)
 
 
 def _split(value: Any) -> Any:
@@ -44,6 +68,7 @@ class WalExSettings(BaseSettings):
     username: str | None = None
     password: SecretStr | None = None
     database: str | None = None
+    ssl: bool | None = None  # True: TLS with certificate verification (verify-full)
     sslmode: str | None = None
     sslrootcert: str | None = None
 
@@ -51,7 +76,7 @@ class WalExSettings(BaseSettings):
     publication: str = Field(min_length=1, max_length=63)
     subscriptions: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
     modules: Annotated[list[Any], NoDecode] = Field(default_factory=list)
-    name: str = Field(default="walex", min_length=1)
+    name: str = "walex"
 
     # the slot
     durable_slot: bool = False
@@ -79,10 +104,68 @@ class WalExSettings(BaseSettings):
     function_concurrency: int = Field(default=16, ge=1)
     shutdown_grace: float = Field(default=30.0, ge=0)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        values = _FILE_VALUES.get()
+        if values:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=dict(values)))
+        return tuple(sources)
+
     @field_validator("subscriptions", "modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value()
+            try:
+                params = conninfo_to_dict(raw)
+            except Exception as exc:
+                message = redact(str(exc).strip(), raw)
+                raise ValueError(f"not a valid database url: {message}") from None
+            port = str(params.get("port", ""))
+            if not all(p.strip().isdigit() for p in port.split(",") if p.strip()):
+                raise ValueError("not a valid database url: its port is not a number")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _APP_NAME.match(value):
+            raise ValueError(
+                "an app name has 1-63 characters among ASCII letters, digits, '_', '-' and '.', "
+                "and starts with a letter, digit or '_'"
+            )
+        return value
+
+    @field_validator("sslmode")
+    @classmethod
+    def _sslmode(cls, value: str | None) -> str | None:
+        if value is not None and value not in SSLMODES:
+            raise ValueError(f"must be one of {', '.join(SSLMODES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _ssl_consistent(self) -> WalExSettings:
+        if self.ssl is True and self.sslmode in ("disable", "allow", "prefer"):
+            raise ValueError(
+                f"ssl=True asks for TLS but sslmode={self.sslmode!r} does not require it; "
+                "use sslmode='verify-full' (the default with ssl=True), 'verify-ca' or 'require'"
+            )
+        if self.ssl is False and self.sslmode not in (None, "disable"):
+            raise ValueError(f"ssl=False contradicts sslmode={self.sslmode!r}")
+        return self
 
     @field_validator("subscriptions")
     @classmethod
@@ -99,13 +182,24 @@ class WalExSettings(BaseSettings):
     def _on_error(cls, value: Any) -> Any:
         if value in ("stop", "skip") or callable(value):
             return value
-        raise ValueError("must be 'stop', 'skip' or a dead-letter callable(events, exception)")
+        if isinstance(value, str) and ":" in value:
+            value = _import_callable(value)
+            if callable(value):
+                return value
+        raise ValueError(
+            "must be 'stop', 'skip' or a dead-letter callable(events, exception) "
+            "(or its import string 'package.module:function')"
+        )
 
     @field_validator("message_middleware")
     @classmethod
     def _middleware(cls, value: Any) -> Any:
+        if isinstance(value, str) and ":" in value:
+            value = _import_callable(value)
         if value is not None and not callable(value):
-            raise ValueError("must be a callable(message, app)")
+            raise ValueError(
+                "must be a callable(message, app) (or its import string 'package.module:function')"
+            )
         return value
 
     @field_validator("publication")
@@ -113,6 +207,8 @@ class WalExSettings(BaseSettings):
     def _publication(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError("a publication name cannot contain a NUL character")
+        if len(value.encode()) > 63:
+            raise ValueError("a publication name has at most 63 bytes")
         return value
 
     @field_validator("slot_name")
@@ -131,12 +227,26 @@ class WalExSettings(BaseSettings):
         keys = {
             "host": self.hostname, "port": self.port, "user": self.username,
             "password": self.password.get_secret_value() if self.password else None,
-            "dbname": self.database, "sslmode": self.sslmode, "sslrootcert": self.sslrootcert,
+            "dbname": self.database, "sslmode": self.effective_sslmode(),
+            "sslrootcert": self.sslrootcert,
         }
         try:
             return make_conninfo(base, **{k: v for k, v in keys.items() if v is not None})
         except Exception as exc:
             raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
+
+    def effective_sslmode(self) -> str | None:
+        """The ``sslmode`` walex asks libpq for; ``None`` leaves it to the URL or libpq."""
+        if self.sslmode is not None:
+            return self.sslmode
+        if self.ssl is False:
+            return "disable"
+        if self.ssl is None and self.sslrootcert is None:
+            return None
+        in_url = conninfo_to_dict(self.url.get_secret_value()).get("sslmode") if self.url else None
+        if self.ssl is True and in_url not in ("require", "verify-ca", "verify-full"):
+            return "verify-full"  # ssl=True: TLS, and the certificate verified
+        return in_url or "verify-full"  # a root certificate is given to verify with
 
     def secret(self) -> str | None:
         """The password, wherever it was given, so it can be scrubbed from messages."""
@@ -155,6 +265,40 @@ class WalExSettings(BaseSettings):
         )
 
 
+def _import_callable(spec: str) -> Any:
+    from .modules import import_object  # modules imports handlers; avoid a cycle at import
+
+    try:
+        return import_object(spec)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The options of a TOML configuration file (top-level keys, as for ``WalEx(...)``)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {str(path)!r} is not valid TOML: {exc}") from None
+    return values
+
+
+@contextmanager
+def file_values(values: dict[str, Any]) -> Iterator[None]:
+    """Settings built inside take ``values`` as a source below keywords and ``WALEX_*``."""
+    token = _FILE_VALUES.set(values)
+    try:
+        yield
+    finally:
+        _FILE_VALUES.reset(token)
+
+
 def load_settings(**options: Any) -> WalExSettings:
     """Build settings, turning every validation problem into one ConfigError."""
     try:
@@ -163,7 +307,7 @@ def load_settings(**options: Any) -> WalExSettings:
         problems = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "configuration"
-            problems.append(f"  - {where}: {error['msg']}")
+            problems.append(f"  - {where}: {error['msg'].removeprefix('Value error, ')}")
         raise ConfigError(
             f"invalid walex configuration ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(problems)
