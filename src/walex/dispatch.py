@@ -11,7 +11,10 @@ A failing call is retried ``max_retries`` times with exponential backoff
 (only that call: the others already succeeded). Then the error policy
 decides: ``"stop"`` (the default) raises, ``"skip"`` logs and counts it, a
 dead-letter callable receives ``(events, exception)`` and, if it returns, the
-events count as handled.
+events count as handled. Every failure is logged with the ids of the events
+concerned. A ``where`` predicate that raises on an event is such a failure
+too (not retried): under ``"skip"`` or a dead-letter callable that event is
+left out of the handler's list and the rest go on.
 
 Invariant: :meth:`Dispatcher.dispatch` either returns after every call
 succeeded or was disposed of by the policy, or raises
@@ -58,24 +61,59 @@ class Dispatcher:
         retry_backoff: float = 0.5,
     ) -> None:
         self.handlers: list[Handler] = [h for module in modules for h in module.handlers]
-        self._functions = asyncio.Semaphore(function_concurrency)
+        self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
+        self.retries = 0
+        self.configure(on_error, max_retries, retry_backoff, function_concurrency)
+
+    def configure(
+        self, on_error: Any, max_retries: int, retry_backoff: float, function_concurrency: int
+    ) -> None:
+        """Set the error policy and the function bound; takes effect from the next transaction."""
         self.on_error = on_error
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
-        self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
-        self.retries = 0
+        self.function_concurrency = function_concurrency
+        self._functions = asyncio.Semaphore(function_concurrency)
 
     def set_modules(self, modules: Iterable[Events]) -> None:
         """Replace the handlers; takes effect from the next transaction."""
         self.handlers = [h for module in modules for h in module.handlers]
+
+    async def _select(self, handler: Handler, txn: Transaction) -> list[Event]:
+        """The handler's events; a raising filter is a failure under the policy."""
+        selected = []
+        for event in txn.events:
+            if not handler.concerns(event):
+                continue
+            try:
+                keep = handler.passes(event)
+            except Exception as exc:
+                label = f"a filter of handler {handler.name} on event {event.id}"
+                if self.on_error == "stop":
+                    log.error("%s raised %r", label, exc, exc_info=exc)
+                    raise HandlerError(
+                        f"{label} raised {exc!r} on the transaction committed at "
+                        f"{event.lsn}; it was not acknowledged"
+                    ) from exc
+                self.failures += 1
+                if self.on_error == "skip":
+                    log.error("%s raised %r; the event is skipped for this handler",
+                              label, exc, exc_info=exc)
+                else:
+                    log.error("%s raised %r; the event goes to the dead letter handler", label, exc)
+                    await _call(lambda evs: self.on_error(evs, exc), [event])
+                continue
+            if keep:
+                selected.append(event)
+        return selected
 
     async def dispatch(self, txn: Transaction) -> None:
         if not txn.events:
             return
         calls: list[Awaitable[None]] = []
         labels: list[str] = []
-        for handler in self.handlers:
-            events = handler.select(txn.events)
+        selections = [(handler, await self._select(handler, txn)) for handler in self.handlers]
+        for handler, events in selections:  # every filter ran: no call is created in vain
             if not events:
                 continue
             label = f"handler {handler.name}"

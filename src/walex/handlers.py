@@ -16,10 +16,18 @@ Filters (all optional, combined with AND):
 - ``unwatched_records={"col": value, ...}``: drop an event whose record (the
   old record for a delete) matches every pair; an empty mapping drops nothing;
 - ``unwatched_fields=[...]``: drop an update whose changed columns are all
-  listed; an update whose old values are unknown is kept;
+  listed (so also an update that changed nothing); an update whose old values
+  are unknown (no ``REPLICA IDENTITY FULL``) is kept; an empty list drops
+  nothing;
 - ``columns_changed=[...]``: keep an update only if one of these changed; an
-  update whose old values are unknown is kept;
-- ``where=callable``: keep the event if ``callable(event)`` is true.
+  update whose old values are unknown is kept; inserts, deletes and truncates
+  pass;
+- ``where=callable``: keep the event if ``callable(event)`` is true (a
+  predicate that raises is a handler failure under the app's error policy).
+
+``functions=[f, ...]`` is not a filter: each function runs once per event the
+handler selected. Any other keyword, or an argument of the wrong shape, raises
+:class:`~walex.errors.ConfigError` when the handler is registered.
 """
 
 from __future__ import annotations
@@ -30,12 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .event import Event, EventType
+from .event import UNCHANGED_TOAST, Event, EventType
 
 __all__ = ["Events", "Handler", "table_matcher"]
 
 EventFilter = Callable[[Event], bool]
 ALL_TYPES = frozenset(EventType)
+OPTIONS = ("unwatched_records", "unwatched_fields", "columns_changed", "where", "functions")
 
 
 def table_matcher(spec: str) -> Callable[[str, str], bool]:
@@ -62,19 +71,18 @@ class Handler:
     def name(self) -> str:
         return getattr(self.callback, "__qualname__", repr(self.callback))
 
+    def concerns(self, event: Event) -> bool:
+        """Whether the event is of this handler's table and types (filters aside)."""
+        source = event.source
+        return event.type in self.types and self.matches_table(source.schema, source.table)
+
+    def passes(self, event: Event) -> bool:
+        """Whether every filter keeps the event (a filter may raise)."""
+        return all(f(event) for f in self.filters)
+
     def select(self, events: Iterable[Event]) -> list[Event]:
         """The events of a transaction this handler wants, in order."""
-        out = []
-        types, filters, matches = self.types, self.filters, self.matches_table
-        for event in events:
-            if event.type not in types:
-                continue
-            source = event.source
-            if not matches(source.schema, source.table):
-                continue
-            if all(f(event) for f in filters):
-                out.append(event)
-        return out
+        return [e for e in events if self.concerns(e) and self.passes(e)]
 
 
 class Events:
@@ -108,22 +116,39 @@ class Events:
             ) from None
         filters: list[EventFilter] = []
         if unwatched_records is not None:
-            if not isinstance(unwatched_records, Mapping):
+            if not isinstance(unwatched_records, Mapping) or not all(
+                isinstance(k, str) for k in unwatched_records
+            ):
                 raise ConfigError(
-                    "unwatched_records must be a mapping of column to value, e.g. "
+                    "unwatched_records must be a mapping of column name to value, e.g. "
                     f"{{'event_subscribe': False}}; got {unwatched_records!r}"
                 )
             if unwatched_records:
                 filters.append(_unwatched_records(dict(unwatched_records)))
         if unwatched_fields is not None:
-            filters.append(_unwatched_fields(_columns("unwatched_fields", unwatched_fields)))
+            fields = _columns("unwatched_fields", unwatched_fields)
+            if fields:
+                filters.append(_unwatched_fields(fields))
         if columns_changed is not None:
-            filters.append(_columns_changed(_columns("columns_changed", columns_changed)))
+            columns = _columns("columns_changed", columns_changed)
+            if not columns:
+                raise ConfigError(
+                    "columns_changed needs at least one column name; without it no update "
+                    "would ever be kept"
+                )
+            filters.append(_columns_changed(columns))
         if where is not None:
             if not callable(where):
                 raise ConfigError(f"where must be a callable taking an event, got {where!r}")
             filters.append(where)
-        funcs = list(functions or [])
+        if functions is None:
+            funcs: list[Callable[[Event], Any]] = []
+        elif isinstance(functions, (list, tuple)):
+            funcs = list(functions)
+        else:
+            raise ConfigError(
+                f"functions must be a list of callables taking an event, got {functions!r}"
+            )
         for func in funcs:
             if not callable(func):
                 raise ConfigError(f"functions must be callables taking an event, got {func!r}")
@@ -136,6 +161,13 @@ class Events:
         return handler
 
     def _decorator(self, table: str, types: Iterable[EventType] | None, **options: Any) -> Any:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"unknown handler option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"the options are {', '.join(OPTIONS)}"
+            )
+
         def decorate(callback: Callable[[list[Event]], Any]) -> Callable[[list[Event]], Any]:
             self.register(callback, table, types=types, **options)
             return callback
@@ -163,9 +195,11 @@ class Events:
 
 
 def _columns(option: str, value: Iterable[str]) -> frozenset[str]:
-    if isinstance(value, str) or not all(isinstance(c, str) for c in value):
+    items = None if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) \
+        else list(value)  # once: an iterator is consumed by reading it
+    if items is None or not all(isinstance(c, str) for c in items):
         raise ConfigError(f"{option} must be a list of column names, e.g. ['updated_at']; got {value!r}")
-    return frozenset(value)
+    return frozenset(items)
 
 
 def _unwatched_records(pairs: dict[str, Any]) -> EventFilter:
@@ -180,19 +214,24 @@ def _unwatched_records(pairs: dict[str, Any]) -> EventFilter:
     return keep
 
 
+def _old_values_known(event: Event) -> bool:
+    old = event.old_record
+    return event.changes is not None and not any(v is UNCHANGED_TOAST for v in (old or {}).values())
+
+
 def _unwatched_fields(columns: frozenset[str]) -> EventFilter:
     def keep(event: Event) -> bool:
-        if event.type is not EventType.UPDATE or event.changes is None or not event.changes:
+        if event.type is not EventType.UPDATE or not _old_values_known(event):
             return True
-        return not columns.issuperset(event.changes)
+        return not columns.issuperset(event.changes)  # type: ignore[arg-type]
 
     return keep
 
 
 def _columns_changed(columns: frozenset[str]) -> EventFilter:
     def keep(event: Event) -> bool:
-        if event.type is not EventType.UPDATE or event.changes is None:
+        if event.type is not EventType.UPDATE or not _old_values_known(event):
             return True
-        return not columns.isdisjoint(event.changes)
+        return not columns.isdisjoint(event.changes)  # type: ignore[arg-type]
 
     return keep
