@@ -1,10 +1,13 @@
 """Find the handler modules of an app: explicit objects, import strings, convention.
 
 ``modules=[events, "my_app.custom.user", "my_app.cdc:events"]`` names them
-explicitly; with ``name="my_app"``, a subscription ``user`` also picks up
-every :class:`~walex.Events` in ``my_app.events.user`` when that module
-exists (WalEx's ``MyApp.Events.User`` convention). A module that exists but
-fails to import is an error naming it and the cause, never skipped.
+explicitly; with ``name="my_app"``, a subscription ``user`` (or
+``"public.user"``) also picks up every :class:`~walex.Events` in
+``my_app.events.user`` when that module exists (WalEx's
+``MyApp.Events.User`` convention). A module that exists but fails to import
+(itself, or a package on the way to it) is a
+:class:`~walex.errors.ConfigError` naming it and the cause, never skipped.
+Each :class:`~walex.Events` is used once, however many ways it was named.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import importlib.util
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, WalExError
 from .handlers import Events
 
 __all__ = ["resolve_modules", "import_object"]
@@ -23,15 +26,19 @@ __all__ = ["resolve_modules", "import_object"]
 def import_object(spec: str) -> Any:
     """Import ``"pkg.module"`` or ``"pkg.module:attribute"`` with a precise error."""
     module_name, _, attribute = spec.partition(":")
+    if not module_name or not all(part.isidentifier() for part in module_name.split(".")):
+        raise ConfigError(f"{spec!r} is not an import string like 'package.module:attribute'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name) or exc.name == module_name:
+        if _is_prefix(exc.name, module_name):
             raise ConfigError(
                 f"cannot import {module_name!r}: no module named {exc.name!r} "
                 "(is the package installed, or its folder on sys.path / PYTHONPATH?)"
             ) from None
         raise ConfigError(f"importing {module_name!r} failed: {exc!r}") from exc
+    except WalExError as exc:
+        raise ConfigError(f"importing {module_name!r} failed: {exc}") from exc
     except Exception as exc:
         raise ConfigError(f"importing {module_name!r} failed: {exc!r}") from exc
     if not attribute:
@@ -54,16 +61,32 @@ def _events_in(obj: Any, spec: str) -> list[Events]:
     return found
 
 
+def _is_prefix(missing: str | None, name: str) -> bool:
+    """Whether ``missing`` is ``name`` or one of its parent packages."""
+    return bool(missing) and (name == missing or name.startswith(f"{missing}."))
+
+
 def _module_exists(name: str) -> bool:
+    """Whether ``name`` can be imported; finding it imports its parent packages.
+
+    A parent that is missing means no; a parent that fails to import is an
+    error naming it, not a silent no.
+    """
     try:
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
+    except ModuleNotFoundError as exc:
+        if _is_prefix(exc.name, name) or exc.name is None:
+            return False
+        raise ConfigError(f"importing {name.rpartition('.')[0]!r} failed: {exc!r}") from exc
+    except WalExError as exc:
+        raise ConfigError(f"importing {name.rpartition('.')[0]!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"importing {name.rpartition('.')[0]!r} failed: {exc!r}") from exc
 
 
 def _is_package(name: str) -> bool:
-    """True for an importable package, found without importing anything."""
-    if not name.isidentifier():
+    """True for an importable package (a dotted name imports its parents)."""
+    if not all(part.isidentifier() for part in name.split(".")) or not _module_exists(name):
         return False
     spec = importlib.util.find_spec(name)
     return spec is not None and spec.submodule_search_locations is not None
@@ -71,11 +94,15 @@ def _is_package(name: str) -> bool:
 
 def resolve_modules(modules: Iterable[Any], app_name: str, subscriptions: Iterable[str]) -> list[Events]:
     result: list[Events] = []
+
+    def add(found: list[Events]) -> None:
+        result.extend(e for e in found if not any(e is r for r in result))
+
     for item in modules:
         if isinstance(item, Events):
-            result.append(item)
+            add([item])
         elif isinstance(item, str):
-            result.extend(_events_in(import_object(item), item))
+            add(_events_in(import_object(item), item))
         else:
             raise ConfigError(f"modules must hold walex.Events objects or import strings, got {item!r}")
     package = app_name.replace("-", "_")
@@ -85,7 +112,5 @@ def resolve_modules(modules: Iterable[Any], app_name: str, subscriptions: Iterab
                 continue
             name = f"{package}.events.{sub.rpartition('.')[2].lower()}"
             if _module_exists(name):
-                for events in _events_in(import_object(name), name):
-                    if events not in result:
-                        result.append(events)
+                add(_events_in(import_object(name), name))
     return result
