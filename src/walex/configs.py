@@ -4,9 +4,12 @@
 "todo")`` and ``.replace("password", "new")`` validate the whole new
 configuration with the same model as the constructor (so a bad value raises
 :class:`~walex.errors.ConfigError` and nothing changes), then apply it:
-subscriptions and modules from the next transaction, without a restart;
-connection options at the next reconnect. The module-level functions address
-a running app by its ``name``.
+subscriptions, modules and the handler options (``on_error``,
+``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
+transaction, without a restart; connection options (``password``, ``url``,
+...) and ``message_middleware`` at the next reconnect. ``name``, the slot,
+the publication and the protocol options cannot change. The module-level
+functions address a running app by its ``name``.
 """
 
 from __future__ import annotations
@@ -67,7 +70,12 @@ class RuntimeConfig:
             raise ConfigError(f"{key} cannot change while the app exists; create a new app")
         options = {k: getattr(settings, k) for k in settings.model_fields_set | {key}}
         options[key] = value
-        self._app._apply_settings(load_settings(**options))
+        new = load_settings(**options)
+        app = self._app
+        app._apply_settings(new)
+        app.dispatcher.configure(
+            new.on_error, new.max_retries, new.retry_backoff, new.function_concurrency
+        )
 
 
 def _config(name: str) -> RuntimeConfig:
