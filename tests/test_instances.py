@@ -6,7 +6,7 @@ app), its own subscriptions and handler modules; one failing, stopping or
 being reconfigured by name leaves the others streaming; a second app with a
 name already running is refused. Also the lifecycle around a slot: an app
 whose durable slot is held waits for it, and stop() returns once the
-transaction in hand is done (both xfail: bugs outside this test's files).
+transaction in hand is done.
 """
 
 from __future__ import annotations
@@ -180,10 +180,6 @@ def test_durable_slots_named_after_each_app(admin: psycopg.Connection, dsn: str)
     assert [names(r.events) for r in recorders] == [["user1"], ["todo1"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app.py WalEx._default_slot_name lower-cases the name and turns every other character "
-    "into '_', so different app names (my-app/my_app, App/app) share one durable slot "
-    "and the second app cannot stream"))
 @pytest.mark.parametrize(("first", "second"), [("my-app", "my_app"), ("App", "app")])
 def test_distinct_names_get_distinct_durable_slots(first: str, second: str) -> None:
     a = WalEx("postgresql://localhost/x", publication="pub", name=first, durable_slot=True)
@@ -191,11 +187,6 @@ def test_distinct_names_get_distinct_durable_slots(first: str, second: str) -> N
     assert a.slot_name != b.slot_name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "replication/stream.py ReplicationConnection.start raises SlotInUseError on the "
-    "START_REPLICATION error result without draining the connection's remaining results, so "
-    "the retry in Pipeline._start_replication fails with psycopg OperationalError 'another "
-    "command is already in progress' instead of waiting for the slot"))
 def test_app_waits_for_its_durable_slot_held_by_another(admin: psycopg.Connection, dsn: str) -> None:
     admin.execute(SCHEMA)
     got: list[Event] = []
@@ -228,11 +219,6 @@ def test_app_waits_for_its_durable_slot_held_by_another(admin: psycopg.Connectio
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app.py WalEx.stop waits with asyncio.wait([dispatcher], timeout=shutdown_grace) for the "
-    "dispatcher task to end, but that task loops forever: once the transaction in hand is "
-    "done it waits for the next one, so every stop during a transaction takes the whole "
-    "shutdown_grace"))
 def test_stop_returns_once_the_transaction_in_hand_is_done(admin: psycopg.Connection,
                                                            dsn: str) -> None:
     admin.execute(SCHEMA)
@@ -258,3 +244,21 @@ def test_stop_returns_once_the_transaction_in_hand_is_done(admin: psycopg.Connec
         return time.monotonic() - began
 
     assert run(main()) < 2  # the handler needed 0.5 s; shutdown_grace is only a bound
+
+
+def test_handler_registered_after_the_app_was_created_is_called(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    events = Events()
+    late: list[Event] = []
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["user"], modules=[events]) as rec:
+            events.on_insert("user")(late.extend)  # after WalEx(...) copied the modules
+            admin.execute("""INSERT INTO "user" VALUES (1)""")
+            await rec.wait_for(1)
+            await until(lambda: bool(late), "the late handler's event")
+
+    run(main())
+    assert names(late) == ["user1"]

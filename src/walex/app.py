@@ -17,9 +17,11 @@ acknowledging the transaction in hand and is raised by :meth:`wait` and
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import signal
+import time
 import weakref
 from collections import deque
 from typing import Any
@@ -80,7 +82,10 @@ class WalEx:
         return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
 
     def _default_slot_name(self) -> str:
-        base = "".join(c if c.isalnum() else "_" for c in self.settings.name.lower())[:40]
+        name = self.settings.name
+        base = "".join(c if c.isascii() and c.isalnum() else "_" for c in name.lower())[:40]
+        if base != name:  # keep names that differ only in case or punctuation apart
+            base = f"{base}_{hashlib.sha1(name.encode()).hexdigest()[:6]}"
         if self.settings.durable_slot:
             return f"{base}_walex"
         return f"{base}_walex_{secrets.token_hex(4)}"
@@ -143,8 +148,10 @@ class WalEx:
             if self._tasks:
                 reader, dispatcher = self._tasks[0], self._tasks[1]
                 reader.cancel()
-                if self.pipeline.busy and not dispatcher.done():
-                    await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
+                # let the batch in hand finish, so its acknowledgement can be sent
+                deadline = time.monotonic() + self.settings.shutdown_grace
+                while self.pipeline.busy and not dispatcher.done() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
                 for task in self._tasks:
                     task.cancel()
                 _, stuck = await asyncio.wait(self._tasks, timeout=10)

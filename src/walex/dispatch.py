@@ -60,7 +60,7 @@ class Dispatcher:
         max_retries: int = 0,
         retry_backoff: float = 0.5,
     ) -> None:
-        self.handlers: list[Handler] = [h for module in modules for h in module.handlers]
+        self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
         self.configure(on_error, max_retries, retry_backoff, function_concurrency)
@@ -76,8 +76,13 @@ class Dispatcher:
         self._functions = asyncio.Semaphore(function_concurrency)
 
     def set_modules(self, modules: Iterable[Events]) -> None:
-        """Replace the handlers; takes effect from the next transaction."""
-        self.handlers = [h for module in modules for h in module.handlers]
+        """Replace the handler modules; takes effect from the next transaction."""
+        self._modules = list(modules)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._sizes = [len(module.handlers) for module in self._modules]
+        self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
 
     async def _select(self, handler: Handler, txn: Transaction) -> list[Event]:
         """The handler's events; a raising filter is a failure under the policy."""
@@ -110,6 +115,8 @@ class Dispatcher:
     async def dispatch(self, txn: Transaction) -> None:
         if not txn.events:
             return
+        if [len(module.handlers) for module in self._modules] != self._sizes:
+            self._refresh()  # a handler was registered after the app was created
         calls: list[Awaitable[None]] = []
         labels: list[str] = []
         selections = [(handler, await self._select(handler, txn)) for handler in self.handlers]

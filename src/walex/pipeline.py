@@ -84,6 +84,8 @@ class Pipeline:
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
         self.sessions = 0
+        self.wal_sender_timeout = 60.0
+        self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
         self.transactions_handled = 0
         self.events_handled = 0
@@ -113,7 +115,15 @@ class Pipeline:
                 raise SetupError(message) from None
             raise ReplicationError(message, retriable=True) from None
         try:
-            self.preflight = await preflight(self.admin, s.publication, s.subscriptions)
+            try:
+                self.preflight = await preflight(self.admin, s.publication, s.subscriptions)
+                self.silence_limit = await self._silence_limit()
+            except psycopg.OperationalError as exc:
+                if first:
+                    raise SetupError(f"checking {s.display_target()} failed: "
+                                     f"{redact(str(exc), self.secret)}") from None
+                raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
+                                       retriable=True) from None
             self.catalog.conn = self.admin
             self.relations.db = self.preflight.database
             self.assembler.reset()
@@ -124,6 +134,25 @@ class Pipeline:
             await self.close_session()
             raise
         self.sessions += 1
+
+    async def _silence_limit(self) -> float:
+        """How long the server may stay silent before the connection counts as dead.
+
+        A walsender busy decoding a large transaction that publishes nothing
+        sends no frame and answers no reply request until half its
+        ``wal_sender_timeout`` passed, so silence shorter than that is no sign
+        of a dead server.
+        """
+        assert self.admin is not None
+        cur = await self.admin.execute(
+            "SELECT setting::float / 1000 FROM pg_settings WHERE name = 'wal_sender_timeout'"
+        )
+        row = await cur.fetchone()
+        timeout = float(row[0]) if row and row[0] else 0.0
+        if timeout <= 0:
+            timeout = 120.0  # the server never times out: allow a long silence
+        self.wal_sender_timeout = timeout
+        return max(2 * self.settings.status_interval, timeout + self.settings.status_interval)
 
     async def _prepare_slot(self, first: bool) -> int:
         """The LSN to start from; creates the slot when needed."""
@@ -188,7 +217,12 @@ class Pipeline:
         }
         if s.streaming:
             options["streaming"] = "on"
-        deadline = time.monotonic() + s.slot_wait_timeout
+        # After a network failure the old walsender holds the slot until its
+        # wal_sender_timeout notices the dead connection: wait at least that long.
+        wait = s.slot_wait_timeout if self.sessions == 0 else max(
+            s.slot_wait_timeout, self.wal_sender_timeout + 10
+        )
+        deadline = time.monotonic() + wait
         delay = 0.1
         while True:
             try:
@@ -198,7 +232,7 @@ class Pipeline:
                 if time.monotonic() + delay > deadline:
                     raise SlotInUseError(
                         f"replication slot {self.slot_name!r} is in use by process "
-                        f"{await self._slot_holder()} and stayed so for {s.slot_wait_timeout:g}s. "
+                        f"{await self._slot_holder()} and stayed so for {wait:g}s. "
                         "Fix: stop the other consumer (only one process can stream from a "
                         "slot), or give this app another slot_name."
                     ) from None
@@ -271,23 +305,26 @@ class Pipeline:
         header = XLOGDATA_HEADER.unpack_from
         middleware = self.settings.message_middleware
         process = self.process
-        silence = self.settings.status_interval
-        asked = False
+        interval, limit = self.settings.status_interval, self.silence_limit
+        silent_since: float | None = None
         while True:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that arrives as the read completes, and stop() hangs.
-                async with asyncio.timeout(silence):
+                async with asyncio.timeout(interval):
                     frames = await repl.read()
             except TimeoutError:
-                if asked:
+                now = time.monotonic()
+                if silent_since is None:
+                    silent_since = now - interval
+                if now - silent_since >= limit:
                     raise ReplicationError(
-                        f"the server did not answer for {2 * silence:g}s", retriable=True
+                        f"the server sent nothing for {now - silent_since:.0f}s, not even an "
+                        "answer to a reply request", retriable=True,
                     ) from None
-                asked = True
-                await ack.send(repl, reply=True)
+                await ack.send(self, reply=True)  # ask for a sign of life
                 continue
-            asked = False
+            silent_since = None
             if failpoints.ACTIVE:
                 failpoints.hit("after_frames")
             for frame in frames:

@@ -133,6 +133,7 @@ class ReplicationConnection:
                 primary = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
                 message = redact(primary.decode(errors="replace"), self._secret)
                 sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+                await self._discard_results()  # so the connection can take the next command
                 if sqlstate == "55006":
                     raise SlotInUseError(f"replication slot {slot!r}: {message}", retriable=True)
                 raise ReplicationError(
@@ -167,6 +168,15 @@ class ReplicationConnection:
                     ) from None
                 continue
             self._end_of_stream(nbytes)
+
+    async def _discard_results(self) -> None:
+        pgconn = self.pgconn
+        while True:
+            while pgconn.is_busy():
+                await self._wait_readable()
+                pgconn.consume_input()
+            if pgconn.get_result() is None:
+                return
 
     def _end_of_stream(self, nbytes: int) -> None:
         self.streaming = False
