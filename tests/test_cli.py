@@ -83,3 +83,38 @@ def test_run_reports_import_errors_precisely(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "no_such_module_xyz" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_setup_then_status(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
+    env = {**os.environ, "COLUMNS": "200"}
+    before = subprocess.run([*WALEX, "status", "--url", dsn, "-p", "pub"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert "publication 'pub' does not exist" in before.stdout
+    assert "walex setup --publication pub" in before.stdout
+
+    setup = subprocess.run(
+        [*WALEX, "setup", "--url", dsn, "-p", "pub", "--table", "item",
+         "--replica-identity-full", "--slot", "ops_slot"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert "created publication 'pub' for item" in setup.stdout
+    assert "set REPLICA IDENTITY FULL on public.item" in setup.stdout
+    assert "created durable slot 'ops_slot'" in setup.stdout
+
+    after = subprocess.run([*WALEX, "status", "--url", dsn, "-p", "pub"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "public.item" in after.stdout and "full" in after.stdout
+    assert "ops_slot" in after.stdout and "not in use" in after.stdout  # a warning only
+    assert "ready" in after.stdout
+
+
+def test_status_hides_the_password(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*WALEX, "status", "--url", "postgresql://u:s3cret-pw@127.0.0.1:1/db", "-p", "pub"],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "cannot connect" in proc.stderr
+    assert "s3cret-pw" not in proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""The ``walex`` command: ``demo``, ``run``.
+"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import cli_admin
 from .errors import ConfigError, WalExError, redact
 
 app = typer.Typer(
@@ -32,10 +33,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    # escaped: a message may hold brackets ("['a.b']", "[/x]") that rich would take as markup
-    err.print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
-    return typer.Exit(1)
+_fail = cli_admin._fail  # escapes: a message may hold brackets rich would take as markup
 
 
 @app.command()
@@ -151,6 +149,10 @@ def run(
         raise _fail(exc) from None
     except KeyboardInterrupt:  # SIGINT before the app installed its own handler
         err.print("walex: interrupted")
+
+
+app.command()(cli_admin.status)
+app.command()(cli_admin.setup)
 
 
 if __name__ == "__main__":  # pragma: no cover
