@@ -9,6 +9,7 @@ handler finished it.
 from .app import WalEx
 from .errors import (
     ConfigError, DecodeError, HandlerError, ReplicationError, SetupError, SlotInUseError,
+    SlotLostError,
     WalExError,
 )
 from .event import UNCHANGED_TOAST, Change, Event, EventType, Source
@@ -18,5 +19,5 @@ from .transactions import Transaction
 __all__ = [
     "WalEx", "Events", "Event", "EventType", "Change", "Source", "Transaction",
     "UNCHANGED_TOAST", "WalExError", "ConfigError", "SetupError", "ReplicationError",
-    "SlotInUseError", "DecodeError", "HandlerError",
+    "SlotInUseError", "SlotLostError", "DecodeError", "HandlerError",
 ]

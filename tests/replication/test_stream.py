@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from psycopg import sql
 
-from conftest import PgServer
+
 from support import collecting, run
 
 
-def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: PgServer) -> None:
+def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any) -> None:
     dbname = "walex_latin1"
     with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))

@@ -1,0 +1,143 @@
+"""Slots over time: idle acknowledgement, heartbeat, failover, invalidation, temporary gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from support import collecting, run
+from walex import SlotLostError, WalEx
+from walex.embedded import Cluster
+from walex.lsn import parse_lsn
+
+
+def _slot(admin: psycopg.Connection, name: str) -> tuple[int, bool]:
+    row = admin.execute(
+        "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = %s",
+        (name,)).fetchone()
+    assert row is not None, f"no slot {name}"
+    return parse_lsn(row[0]), row[1]
+
+
+def _wal(admin: psycopg.Connection) -> int:
+    return parse_lsn(admin.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+
+
+def test_writes_to_unpublished_tables_do_not_hold_wal(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE published (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE unpublished (id int, pad text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE published")
+
+    async def main() -> tuple[int, int]:
+        async with collecting(dsn, subscriptions=["published"], status_interval=0.2) as rec:
+            admin.execute("INSERT INTO unpublished SELECT g, repeat('x', 500) FROM generate_series(1, 40000) g")
+            written = _wal(admin)
+            deadline = time.monotonic() + 20
+            while _slot(admin, rec.app.slot_name)[0] < written and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return _slot(admin, rec.app.slot_name)[0], written
+
+    confirmed, written = run(main())
+    assert written > 20_000_000  # ~20 MB of WAL that no handler ever saw
+    assert confirmed >= written  # acknowledged through keepalives: the slot holds nothing
+
+
+def test_heartbeat_moves_a_quiet_slot(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> list[int]:
+        async with collecting(dsn, subscriptions=["t"], status_interval=0.2,
+                              heartbeat_interval=0.2) as rec:
+            seen = []
+            for _ in range(4):
+                await asyncio.sleep(0.7)
+                seen.append(_slot(admin, rec.app.slot_name)[0])
+            return seen
+
+    seen = run(main())
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # nobody else writes: only the heartbeat
+
+
+def test_failover_slot(pg_cluster: Any, dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> None:
+        app = WalEx(dsn, publication="pub", name="failover_app", durable_slot=True, failover=True)
+        async with app:
+            row = admin.execute("SELECT failover FROM pg_replication_slots WHERE slot_name = %s",
+                                (app.slot_name,)).fetchone()
+            assert row == (True,)
+
+    if pg_cluster.major_version < 17:
+        with pytest.raises(Exception, match="failover slots need PostgreSQL 17"):
+            run(main())
+    else:
+        run(main())
+
+
+def test_temporary_slot_gap_is_reported_after_a_reconnect(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> list[str]:
+        async with collecting(dsn, subscriptions=["t"], status_interval=0.2) as rec:
+            admin.execute("INSERT INTO t VALUES (1)")
+            await rec.wait_for(1)
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                          "WHERE slot_name = %s", (rec.app.slot_name,))
+            deadline = time.monotonic() + 20
+            while rec.app.pipeline.sessions < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            admin.execute("INSERT INTO t VALUES (2)")
+            await rec.wait_for(2)
+            return list(rec.app.gaps)
+
+    gaps = run(main())
+    assert len(gaps) == 1 and "temporary slot" in gaps[0] and "durable_slot=True" in gaps[0]
+
+
+def test_invalidated_slot_fails_loudly_and_recreation_is_opt_in() -> None:
+    with Cluster(settings={"max_slot_wal_keep_size": "1MB", "wal_keep_size": "0",
+                           "max_wal_size": "32MB", "min_wal_size": "32MB"}) as cluster:
+        dsn = cluster.dsn("postgres")
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+            admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+            admin.execute("SELECT pg_create_logical_replication_slot('lost_slot', 'pgoutput')")
+            for _ in range(100):  # write WAL past max_slot_wal_keep_size, until invalidated
+                admin.execute("INSERT INTO t SELECT g, repeat(md5(random()::text), 300) "
+                              "FROM generate_series(1, 200) g ON CONFLICT DO NOTHING")
+                admin.execute("SELECT pg_switch_wal()")
+                admin.execute("CHECKPOINT")
+                status = admin.execute("SELECT wal_status FROM pg_replication_slots "
+                                       "WHERE slot_name = 'lost_slot'").fetchone()[0]
+                if status == "lost":
+                    break
+            assert status == "lost"
+
+            async def start(**options: Any) -> WalEx:
+                app = WalEx(dsn, publication="pub", name="lost", durable_slot=True,
+                            slot_name="lost_slot", **options)
+                await app.start()
+                return app
+
+            with pytest.raises(SlotLostError, match="invalidated.*recreate_lost_slot=True"):
+                run(start())
+
+            async def recreate() -> list[str]:
+                app = await start(recreate_lost_slot=True)
+                try:
+                    return list(app.gaps)
+                finally:
+                    await app.stop()
+
+            gaps = run(recreate())
+            assert len(gaps) == 1 and "lost_slot" in gaps[0]
+            assert admin.execute("SELECT wal_status FROM pg_replication_slots "
+                                 "WHERE slot_name = 'lost_slot'").fetchone()[0] != "lost"
