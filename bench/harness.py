@@ -204,7 +204,7 @@ class Bench:
                     break
         except OSError:
             pass
-        return {"postgres": settings, "cpu": cpu, "nproc": os.cpu_count(),
+        return {"postgres": settings, "cpu": cpu, "nproc": os.cpu_count(), "walex": walex_version(),
                 "kernel": platform.release(), "python": sys.version.split()[0],
                 "loadavg_at_start": os.getloadavg(), "transport": "TCP 127.0.0.1"}
 
@@ -309,6 +309,19 @@ class Bench:
         if wrap:
             cmd = [*wrap, *cmd]
         return measure(cmd, level, slot, self.cluster.dsn(), result, timeout, self.tmp)
+
+
+def walex_version() -> dict[str, Any]:
+    """The commit of the walex being measured, and whether src/ had uncommitted changes."""
+    root = BENCH.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return {}
+    return {"commit": head, "src_dirty": bool(dirty)}
 
 
 def lsn_int(text: str) -> int:

@@ -169,7 +169,9 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     lines += ["", f"scale {a['scale']}, reps {a['reps']} (peers: {a['peer_reps']}), "
               f"PostgreSQL {env['postgres']['server_version']}, {env['nproc']} CPUs ({env['cpu']}), "
-              f"load average at start {env['loadavg_at_start'][0]:.2f}, {env['transport']}. "
+              f"load average at start {env['loadavg_at_start'][0]:.2f}, {env['transport']}, "
+              f"walex {env.get('walex', {}).get('commit', '?')[:10]}"
+              f"{' + uncommitted src/ changes' if env.get('walex', {}).get('src_dirty') else ''}. "
               "Median [min - max]; ratio = rows/s / pg_recvlogical rows/s of the same repetition."]
     return "\n".join(lines)
 

@@ -9,8 +9,9 @@ the libraries, some of which print).
 Stop rule: the runner records ``endpos = pg_current_wal_lsn()`` after the
 workload and then commits one row into the marker table. A consumer that
 sees commits stops after handling a commit whose end LSN is >= endpos (the
-last workload commit, or the marker's); one that only sees rows stops at the
-marker row. Either way every workload row was handled.
+last workload commit, or the marker's); one that only sees rows or batches
+(walex, the PyPI peers) stops at the marker row. Either way every workload
+row was handled.
 """
 
 from __future__ import annotations
