@@ -106,18 +106,19 @@ def category(frames: list[Frame]) -> str:
         return "cyclic garbage collector (gc_collect_main)"
     if "dealloc" in leaf_fn or leaf_fn in FREE:
         return "freeing objects (deallocation)"
+    if ("C:orjson" in files or "C:_json.c" in files or py_file.startswith("json/")
+            or py_file.startswith("orjson") or py_file == "walex/pgtypes.py"):
+        return "json/jsonb loading (orjson or json, via psycopg's json loader)"
     if "C:psycopg_binary" in files or py_file.startswith("psycopg/types"):
-        if py_file.startswith("json/") or "C:_json.c" in files:
-            return "psycopg loaders: json.loads for json/jsonb"
         return "psycopg loaders (C) incl. Decimal/datetime construction"
-    if py_file.startswith("json/") or "C:_json.c" in files:
-        return "psycopg loaders: json.loads for json/jsonb"
     if py_file == "walex/pgoutput/decoder.py":
         return "walex pgoutput decoder (decoder.py)"
     if py_file == "walex/relations.py":
         return "walex Table.load (relations.py, excl. psycopg)"
-    if py_file == "walex/transactions.py" or py_file == "walex/event.py":
-        return "walex events: dicts, Event objects, ids (transactions.py)"
+    if py_file in ("walex/transactions.py", "walex/event.py", "walex/rows.py"):
+        return "walex events: dicts, Event objects, ids, batches (rows.py, transactions.py)"
+    if py_file == "walex/spill.py":
+        return "walex spilling streamed transactions (spill.py)"
     if py_file in ("walex/pipeline.py", "walex/replication/stream.py", "walex/ack.py",
                    "walex/replication/frames.py"):
         return "walex reader loop: frames, copy data (pipeline.py, stream.py)"
@@ -206,24 +207,26 @@ def profile_workload(b: h.Bench, name: str, args: argparse.Namespace, pyspy: str
         raise RuntimeError(f"walex consumer handled {run.get('rows')} of {rows} rows: "
                            f"{run.get('output_tail', '')}")
     agg = aggregate(parse_raw(raw.read_text()))
-    total = agg["samples"] or 1
-    rate = rows / run["wall_s"]
     mode = "native, blocking" if args.native else "Python only, nonblocking"
     head = (f"### {name}: {w.desc.format(rows=rows)}\n\n"
             f"walex under py-spy ({args.rate} Hz, {mode}; sampling slows it down): "
-            f"{run['wall_s']:.2f} s wall, {rate:,.0f} rows/s, CPU {run['cpu_s']:.2f} s, "
-            f"{agg['samples']} busy samples ({agg['idle']} idle ones left out). "
+            f"{run['wall_s']:.2f} s wall, {rows / run['wall_s']:,.0f} rows/s, CPU {run['cpu_s']:.2f} s. "
             f"Raw stacks: `{raw.relative_to(h.BENCH)}`.")
-    parts = [head, category_table(agg["categories"], total)]
+    return report(head, agg, args.native, args.top)
+
+
+def report(head: str, agg: dict[str, Any], native: bool, top: int) -> str:
+    total = agg["samples"] or 1
     steady = agg["steady"] or 1
     unit = "% excluding start-up"
-    if args.native:
+    parts = [head + f" {agg['samples']} busy samples ({agg['steady']} after start-up).",
+             category_table(agg["categories"], total)]
+    if native:
         parts.append(table(agg["py_self"], steady,
-                           "self time by Python function, C callees included", args.top, unit))
-    parts += [table(agg["self"], steady, "self time (leaf frame)", args.top, unit),
-              table(agg["inclusive"], steady, "inclusive time", args.top, unit)]
-    text = "\n\n".join(parts)
-    return text
+                           "self time by Python function, C callees included", top, unit))
+    parts += [table(agg["self"], steady, "self time (leaf frame)", top, unit),
+              table(agg["inclusive"], steady, "inclusive time", top, unit)]
+    return "\n\n".join(parts)
 
 
 def main() -> int:
@@ -236,7 +239,14 @@ def main() -> int:
     ap.add_argument("--svg", action="store_true", help="also record a flame graph (second run)")
     ap.add_argument("--no-native", dest="native", action="store_false",
                     help="Python frames only, nonblocking (less overhead, C time charged to callers)")
+    ap.add_argument("--summarize", nargs="+", type=Path, metavar="RAW",
+                    help="only summarize existing raw stack files (bench/results/*.raw.txt)")
     args = ap.parse_args()
+    if args.summarize:
+        for raw in args.summarize:
+            agg = aggregate(parse_raw(raw.read_text()))
+            print(report(f"### {raw.name}\n\n", agg, True, args.top) + "\n")
+        return 0
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(pyspy).exists():
         ap.error("py-spy not found: pip install -e '.[bench]'")
