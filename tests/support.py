@@ -19,6 +19,7 @@ stops with an error meanwhile, that error is raised instead of timing out.
 from __future__ import annotations
 
 import asyncio
+import time
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -28,7 +29,7 @@ from typing import Any
 
 from walex import Event, Events, WalEx
 
-__all__ = ["Call", "Recorder", "collecting", "run"]
+__all__ = ["Call", "Recorder", "collecting", "run", "until"]
 
 _names = itertools.count(1)
 STOP_TIMEOUT = 15.0  # seconds WalEx.stop() may take before the test fails
@@ -193,3 +194,12 @@ def _describe(task: asyncio.Task[Any]) -> str:
             lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return "\n".join(lines)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
+    """Wait until ``predicate()`` is true; fail after ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)

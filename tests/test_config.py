@@ -295,7 +295,13 @@ def test_durable_slot_names(admin: psycopg.Connection, dsn: str) -> None:
                 "SELECT slot_name, temporary, active FROM pg_replication_slots "
                 "WHERE database = current_database() ORDER BY slot_name").fetchall()
 
-    assert run(main()) == [("cfg_app_walex", False, True), ("cfg_custom_slot", False, True)]
+    derived, custom = run(main())
+    assert custom == ("cfg_custom_slot", False, True)
+    # "Cfg-App" is no valid slot name: sanitised, plus a hash of the exact name so that
+    # "cfg_app" or "CFG-APP" get slots of their own; stable across restarts
+    assert derived[1:] == (False, True)
+    assert derived[0] == WalEx(dsn, publication="pub", durable_slot=True, name="Cfg-App").slot_name
+    assert derived[0].startswith("cfg_app_") and derived[0].endswith("_walex")
 
 
 def test_subscriptions_accept_schema_and_table(admin: psycopg.Connection, dsn: str) -> None:

@@ -12,16 +12,14 @@ predicate that raises follows the app's error policy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
 import pytest
-from support import Recorder, collecting, run
+from support import Recorder, collecting, run, until
 
 from walex import Change, ConfigError, Event, Events, EventType, HandlerError, Source
 
@@ -36,14 +34,6 @@ CREATE SCHEMA other;
 CREATE TABLE other.plain (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE "user", plain, other.plain;
 """
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def handled(rec: Recorder, transactions: int) -> None:

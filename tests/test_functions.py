@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from support import Recorder, collecting, run
+from support import Recorder, collecting, run, until
 
 from walex import Event, Events, HandlerError
 
@@ -27,14 +27,6 @@ SCHEMA = """
 CREATE TABLE item (id int PRIMARY KEY, label text, hidden bool NOT NULL DEFAULT false);
 CREATE PUBLICATION pub FOR TABLE item;
 """
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def ids(events: list[Event]) -> list[int]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import psycopg
 import pytest
-from support import Recorder, collecting, run
+from support import Recorder, collecting, run, until
 
 from walex import ConfigError, Event, Events, HandlerError, WalEx
 from walex.app import get_app
@@ -30,14 +29,6 @@ CREATE TABLE todo (id int PRIMARY KEY);
 CREATE TABLE shared (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE "user", todo, shared;
 """
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def names(events: list[Event]) -> list[str]:

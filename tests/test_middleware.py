@@ -14,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from support import collecting, run
+from support import collecting, run, until
 
 from walex import ConfigError, Event, WalEx
 from walex.pgoutput.messages import Commit
@@ -33,14 +32,6 @@ ALTER TABLE item REPLICA IDENTITY FULL;
 CREATE TABLE other (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE item, other;
 """
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def describe(events: list[Event]) -> list[str]:

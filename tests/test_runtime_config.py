@@ -19,14 +19,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from support import Recorder, collecting, run
+from support import Recorder, collecting, run, until
 
 from walex import ConfigError, Event, Events
 from walex.configs import add_config, get_config, remove_config, replace_config
@@ -36,14 +36,6 @@ CREATE TABLE item (id int PRIMARY KEY);
 CREATE TABLE note (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE item, note;
 """
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def names(events: list[Event]) -> list[str]:

@@ -21,7 +21,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from . import cli_admin
 from .errors import ConfigError, WalExError, redact

@@ -106,7 +106,7 @@ class Dispatcher:
                               label, exc, exc_info=exc)
                 else:
                     log.error("%s raised %r; the event goes to the dead letter handler", label, exc)
-                    await _call(lambda evs: self.on_error(evs, exc), [event])
+                    await _call(lambda evs, error=exc: self.on_error(evs, error), [event])
                 continue
             if keep:
                 selected.append(event)
@@ -176,5 +176,5 @@ class Dispatcher:
                     return
                 log.error("%s failed after %d retries; events %s go to the dead letter handler",
                           label, attempt, ids)
-                await _call(lambda evs: self.on_error(evs, exc), events)
+                await _call(lambda evs, error=exc: self.on_error(evs, error), events)
                 return

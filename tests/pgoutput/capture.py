@@ -518,7 +518,7 @@ def dumps(data: dict[str, Any]) -> str:
     for key, value in data.items():
         if key == "facts":
             inner = [f"  {compact(k)}: {compact(v)}" for k, v in value.items()]
-            lines.append(f' "facts": {{\n' + ",\n".join(inner) + "\n }")
+            lines.append(' "facts": {\n' + ",\n".join(inner) + "\n }")
         elif key == "messages":
             inner = [f"  {compact(m)}" for m in value]
             lines.append(' "messages": [\n' + ",\n".join(inner) + "\n ]")
