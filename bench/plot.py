@@ -54,18 +54,18 @@ def plot(paths: list[Path], png: Path) -> Path:
             med.append(m)
             lo.append(m - min(vals))
             hi.append(max(vals) - m)
-        bars = ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=lv)
+        ax.bar(xs, med, width, yerr=[lo, hi], capsize=2, label=lv)
         for x, m in zip(xs, med):
             ax.annotate(f"{m:.2f}" if m >= 0.1 else f"{m:.3f}", (x, m), ha="center",
                         va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
-        del bars
     ax.set_yscale("log")
     ax.set_ylim(top=1.6)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(workloads)), workloads)
     ax.set_ylabel("rows/s ÷ pg_recvlogical rows/s (log)")
     ax.set_title("Throughput relative to pg_recvlogical (same WAL, same repetition)")
-    ax.legend(fontsize=8, ncol=min(3, len(levels)), loc="lower left")
+    ax.legend(fontsize=8, ncol=len(levels), loc="upper center", bbox_to_anchor=(0.5, -0.07),
+              frameon=False)
     fig.text(0.01, 0.01, "; ".join(notes), fontsize=6, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(png, dpi=130)

@@ -26,8 +26,11 @@ from walex import Event, Events, WalEx
 
 
 def main() -> int:
-    # what-if knob for experiments, not a user setting: BENCH_GC=off disables the cyclic GC
-    if os.environ.get("BENCH_GC") == "off":
+    # what-if knob for experiments, not a user setting: BENCH_GC=off disables the cyclic GC,
+    # BENCH_GC=freeze moves everything alive once streaming began (imports, settings,
+    # connections) into the permanent generation, so full collections skip it
+    gc_mode = os.environ.get("BENCH_GC", "")
+    if gc_mode == "off":
         gc.disable()
     args = parse_args(__doc__.splitlines()[0], ("--sync-handler",))
     marker = args.marker_table
@@ -85,6 +88,8 @@ def main() -> int:
             modules=[events_mod], name="bench", durable_slot=True, slot_name=args.slot,
         )
         await app.start()
+        if gc_mode == "freeze":
+            gc.freeze()
         res.ready()
         waiter = asyncio.create_task(app.wait())
         finished = asyncio.create_task(done.wait())
