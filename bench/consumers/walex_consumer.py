@@ -27,11 +27,23 @@ from walex import Event, Events, WalEx
 
 def main() -> int:
     # what-if knob for experiments, not a user setting: BENCH_GC=off disables the cyclic GC,
-    # BENCH_GC=freeze moves everything alive once streaming began (imports, settings,
+    # BENCH_GC=stats records time per generation, BENCH_GC=freeze moves everything alive once streaming began (imports, settings,
     # connections) into the permanent generation, so full collections skip it
     gc_mode = os.environ.get("BENCH_GC", "")
     if gc_mode == "off":
         gc.disable()
+    gc_time = [0.0, 0.0, 0.0]
+    gc_count = [0, 0, 0]
+    if gc_mode == "stats":  # time spent in each generation's collections
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                gc_time[info["generation"]] += time.perf_counter() - started[0]
+                gc_count[info["generation"]] += 1
+        gc.callbacks.append(on_gc)
     args = parse_args(__doc__.splitlines()[0], ("--sync-handler",))
     marker = args.marker_table
     sync = args.sync_handler
@@ -109,6 +121,9 @@ def main() -> int:
     loop.run_until_complete(run())
     loop.close()
     res.data.update(counters)
+    if gc_mode == "stats":
+        res.data["gc_s"] = gc_time
+        res.data["gc_collections"] = gc_count
     res.data["rows"] = counters["rows"]
     res.write()
     return 0
