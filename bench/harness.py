@@ -555,6 +555,17 @@ def ensure_peers(levels: list[str], log: Any = print) -> tuple[dict[str, str], d
     return ok, skipped
 
 
+def peer_versions(peers: dict[str, str]) -> dict[str, str]:
+    """The installed version of each peer package, and the peers' Python."""
+    out = {}
+    for level, python in peers.items():
+        code = ("import importlib.metadata as m, sys; "
+                f"print(m.version({level!r}), sys.version.split()[0])")
+        r = subprocess.run([python, "-c", code], capture_output=True, text=True)
+        out[level] = r.stdout.strip() if r.returncode == 0 else "?"
+    return out
+
+
 def _imports(python: Path, module: str) -> bool:
     r = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True)
     return r.returncode == 0

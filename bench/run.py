@@ -163,6 +163,9 @@ def markdown(result: dict[str, Any]) -> str:
     for wl in result["workloads"]:
         lines.append(f"| {wl['workload']} | {wl['desc']} | {wl['rows']:,} "
                      f"| {wl['wal_bytes'] / 1e6:.1f} | {wl['load_s']:.2f} |")
+    if result.get("peer_versions"):
+        lines += ["", "peers (version, Python): " + ", ".join(
+            f"{lv} {v}" for lv, v in result["peer_versions"].items())]
     if result.get("skipped"):
         lines += [""] + [f"- {lv} skipped: {why}" for lv, why in result["skipped"].items()]
     a = result["args"]
@@ -289,7 +292,8 @@ def main() -> int:
         with h.Bench(max_slots=max_slots, settings=settings) as b:
             result = {"mode": "throughput", "args": vars(args), "env": b.env_info(),
                       "started": stamp, "levels": {lv: h.LEVEL_NOTES[lv] for lv in levels},
-                      "skipped": skipped, "workloads": []}
+                      "skipped": skipped, "peer_versions": h.peer_versions(peers),
+                      "workloads": []}
             for name in workloads:
                 result["workloads"].append(bench_workload(b, h.WORKLOADS[name], args, levels, peers))
                 result["summary"] = summarize(result)
