@@ -40,13 +40,22 @@ __all__ = ["Dispatcher"]
 log = logging.getLogger("walex.dispatch")
 
 
-async def _call(func: Callable[..., Any], arg: Any) -> None:
-    if inspect.iscoroutinefunction(func):
+async def _call(func: Callable[..., Any], arg: Any, is_async: bool | None = None) -> None:
+    """Await a coroutine function; run a plain one in a worker thread."""
+    if is_async is None:
+        is_async = inspect.iscoroutinefunction(func)
+    if is_async:
         await func(arg)
         return
     result = await asyncio.to_thread(func, arg)
     if inspect.isawaitable(result):
         await result
+
+
+def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Event | None = None) -> str:
+    if func is None:
+        return f"handler {handler.name}"
+    return f"function {getattr(func, '__qualname__', repr(func))} for event {event.id if event else '?'}"
 
 
 class Dispatcher:
@@ -84,80 +93,106 @@ class Dispatcher:
         self._sizes = [len(module.handlers) for module in self._modules]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
 
-    async def _select(self, handler: Handler, txn: Transaction) -> list[Event]:
-        """The handler's events; a raising filter is a failure under the policy."""
-        selected = []
-        for event in txn.events:
-            if not handler.concerns(event):
+    def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
+        """The handler's events, and the (event, exception) pairs whose filter raised."""
+        selected: list[Event] = []
+        broken: list[Any] = []
+        concerns = handler.concerns
+        passes = handler.passes if handler.filters else None
+        for event in events:
+            if not concerns(event):
                 continue
-            try:
-                keep = handler.passes(event)
-            except Exception as exc:
-                label = f"a filter of handler {handler.name} on event {event.id}"
-                if self.on_error == "stop":
-                    log.error("%s raised %r", label, exc, exc_info=exc)
-                    raise HandlerError(
-                        f"{label} raised {exc!r} on the transaction committed at "
-                        f"{event.lsn}; it was not acknowledged"
-                    ) from exc
-                self.failures += 1
-                if self.on_error == "skip":
-                    log.error("%s raised %r; the event is skipped for this handler",
-                              label, exc, exc_info=exc)
-                else:
-                    log.error("%s raised %r; the event goes to the dead letter handler", label, exc)
-                    await _call(lambda evs, error=exc: self.on_error(evs, error), [event])
-                continue
-            if keep:
-                selected.append(event)
-        return selected
+            if passes is not None:
+                try:
+                    if not passes(event):
+                        continue
+                except Exception as exc:
+                    broken.append((event, exc))
+                    continue
+            selected.append(event)
+        return selected, broken
+
+    async def _filter_failed(self, handler: Handler, broken: list[Any]) -> None:
+        """A filter raised on these events: the policy decides (not retried)."""
+        for event, exc in broken:
+            label = f"a filter of handler {handler.name} on event {event.id}"
+            if self.on_error == "stop":
+                log.error("%s raised %r", label, exc, exc_info=exc)
+                raise HandlerError(
+                    f"{label} raised {exc!r} on the transaction committed at "
+                    f"{event.lsn}; it was not acknowledged"
+                ) from exc
+            self.failures += 1
+            if self.on_error == "skip":
+                log.error("%s raised %r; the event is skipped for this handler",
+                          label, exc, exc_info=exc)
+            else:
+                log.error("%s raised %r; the event goes to the dead letter handler", label, exc)
+                await _call(lambda evs, error=exc: self.on_error(evs, error), [event])
 
     async def dispatch(self, txn: Transaction) -> None:
-        if not txn.events:
+        events = txn.events
+        if not events:
             return
         if [len(module.handlers) for module in self._modules] != self._sizes:
             self._refresh()  # a handler was registered after the app was created
-        calls: list[Awaitable[None]] = []
-        labels: list[str] = []
-        selections = [(handler, await self._select(handler, txn)) for handler in self.handlers]
-        for handler, events in selections:  # every filter ran: no call is created in vain
-            if not events:
-                continue
-            label = f"handler {handler.name}"
-            calls.append(self._guarded(label, handler.callback, events, events))
-            labels.append(label)
-            for func in handler.functions:
-                name = getattr(func, "__qualname__", repr(func))
-                for event in events:
-                    label = f"function {name} for event {event.id}"
-                    calls.append(self._guarded(label, self._function, (func, event), [event]))
-                    labels.append(label)
-        if not calls:
+        selections = []
+        for handler in self.handlers:  # every filter runs before any call is made
+            selected, broken = self._select(handler, events)
+            if broken:
+                await self._filter_failed(handler, broken)
+            if selected:
+                selections.append((handler, selected))
+        if not selections:
             return
+        if len(selections) == 1 and not selections[0][0].functions:
+            handler, selected = selections[0]  # the common case: one call, awaited directly
+            try:
+                await self._guarded(handler, None, None, handler.callback, handler.is_async, selected)
+            except Exception as exc:
+                self._raise([(_label(handler), exc)], txn)
+            return
+        calls: list[Awaitable[None]] = []
+        owners: list[tuple[Handler, Any, Event | None]] = []
+        for handler, selected in selections:
+            calls.append(self._guarded(handler, None, None, handler.callback, handler.is_async, selected))
+            owners.append((handler, None, None))
+            for func in handler.functions:
+                for event in selected:
+                    calls.append(self._guarded(handler, func, event, self._function, True, (func, event)))
+                    owners.append((handler, func, event))
         results = await asyncio.gather(*calls, return_exceptions=True)
-        failures = [(label, r) for label, r in zip(labels, results) if isinstance(r, BaseException)]
+        failures = [(_label(*owner), r) for owner, r in zip(owners, results) if isinstance(r, BaseException)]
         if failures:
-            for label, exc in failures:
-                log.error("%s failed on transaction %s: %r", label, txn.xid, exc, exc_info=exc)
-            label, exc = failures[0]
-            raise HandlerError(
-                f"{label} raised {exc!r} on the transaction committed at "
-                f"{txn.events[0].lsn}; it was not acknowledged"
-            ) from exc
+            self._raise(failures, txn)
+
+    @staticmethod
+    def _raise(failures: list[tuple[str, BaseException]], txn: Transaction) -> None:
+        for label, exc in failures:
+            log.error("%s failed on transaction %s: %r", label, txn.xid, exc, exc_info=exc)
+        label, exc = failures[0]
+        raise HandlerError(
+            f"{label} raised {exc!r} on the transaction committed at "
+            f"{txn.events[0].lsn}; it was not acknowledged"
+        ) from exc
 
     async def _function(self, call: tuple[Callable[[Event], Any], Event]) -> None:
         func, event = call
         async with self._functions:
-            await _call(func, event)
+            await _call(func, event, None)
 
-    async def _guarded(self, label: str, func: Callable[..., Any], arg: Any, events: list[Event]) -> None:
+    async def _guarded(
+        self, handler: Handler, func: Any, event: Event | None,
+        target: Callable[..., Any], is_async: bool, arg: Any,
+    ) -> None:
         """Call with retries, then apply the error policy; raises only for "stop"."""
         attempt = 0
         while True:
             try:
-                await _call(func, arg)
+                await _call(target, arg, is_async)
                 return
             except Exception as exc:
+                label = _label(handler, func, event)
                 if attempt < self.max_retries:
                     delay = self.retry_backoff * 2**attempt
                     attempt += 1
@@ -169,6 +204,7 @@ class Dispatcher:
                 if self.on_error == "stop":
                     raise
                 self.failures += 1
+                events = [event] if event is not None else arg
                 ids = ", ".join(e.id for e in events)
                 if self.on_error == "skip":
                     log.error("%s failed after %d retries, skipped events %s: %r",

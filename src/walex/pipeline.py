@@ -304,7 +304,7 @@ class Pipeline:
         decoder = Decoder()
         header = XLOGDATA_HEADER.unpack_from
         middleware = self.settings.message_middleware
-        process = self.process
+        process, feed, queue = self.process, self.assembler.feed, self.queue
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
@@ -335,7 +335,19 @@ class Pipeline:
                     _, start, end, _ = header(frame)
                     msg = decoder.decode(frame[25:], start)
                     if middleware is None:
-                        await process(msg, start)
+                        kind = type(msg)
+                        if kind is Relation or kind is Type:
+                            await process(msg, start)
+                        else:  # the hot path: no coroutine per message
+                            batches = feed(msg, start)
+                            if batches is not None:
+                                for txn in batches:
+                                    if txn.commit_lsn < ack.flushed:
+                                        self._replayed(txn)
+                                    elif queue.full():
+                                        await queue.put(txn)
+                                    else:
+                                        queue.put_nowait(txn)
                     else:
                         self.held_by_middleware += 1
                         result = middleware(msg, self.owner)
@@ -375,13 +387,15 @@ class Pipeline:
             return
         for txn in batches:
             if txn.commit_lsn < self.ack.flushed:
-                # committed before what was acknowledged: a replay after a reconnect
-                if txn.last:
-                    self.replays_dropped += 1
-                    log.debug("dropped replayed transaction committed at %s",
-                              format_lsn(txn.commit_lsn))
-                continue
-            await self.queue.put(txn)
+                self._replayed(txn)
+            else:
+                await self.queue.put(txn)
+
+    def _replayed(self, txn: Transaction) -> None:
+        """Committed before what was acknowledged: a replay after a reconnect."""
+        if txn.last:
+            self.replays_dropped += 1
+            log.debug("dropped replayed transaction committed at %s", format_lsn(txn.commit_lsn))
 
     async def run_dispatcher(self) -> None:
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack

@@ -14,7 +14,7 @@ never silently truncated or padded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg.adapt import Transformer
@@ -58,8 +58,8 @@ class Table:
     def qualified_name(self) -> str:
         return f"{self.schema}.{self.name}"
 
-    def load(self, row: TupleData, tag: str, lsn: int) -> list[Any]:
-        """Type one row: a list of Python values in column order.
+    def load(self, row: TupleData, tag: str, lsn: int) -> Sequence[Any]:
+        """Type one row: Python values in column order (a list when ``row`` is not plain).
 
         NULL stays ``None`` and an unchanged TOAST value stays
         :data:`~walex.UNCHANGED_TOAST`.
@@ -73,7 +73,7 @@ class Table:
             )
         try:
             if row.plain:
-                return list(self._tx.load_sequence(values))
+                return self._tx.load_sequence(values)  # type: ignore[return-value]
             out: list[Any] = []
             for i, value in enumerate(values):
                 if value is None or value is UNCHANGED_TOAST:

@@ -43,7 +43,7 @@ def _key_record(table: Table, values: list[Any]) -> dict[str, Any]:
 
 def update_event(table: Table, msg: m.Update, lsn: int) -> Event:
     names = table.column_names
-    new_values = table.load(msg.new, "Update", lsn)
+    new_values = table.load(msg.new, "Update", lsn)  # a list unless every value was sent
     old_record = changes = None
     if msg.old is not None:
         old_values = table.load(msg.old, "Update", lsn)

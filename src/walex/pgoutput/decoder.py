@@ -120,16 +120,13 @@ class Decoder:
         plain = True
         for _ in range(count):
             kind = data[pos]
-            pos += 1
-            if kind == 116:  # 't' text
-                (length,) = _S32(data, pos)
-                pos += 4
-                end = pos + length
-                if length < 0 or end > size:
-                    raise _Malformed(f"column value of {length} bytes overruns the message")
-                append(data[pos:end])
+            if kind == 116:  # 't' text; lengths are unsigned here, so an overrun
+                end = pos + 5 + _I32(data, pos + 1)[0]  # shows as pos > size below
+                append(data[pos + 5:end])
                 pos = end
-            elif kind == 110:  # 'n' null
+                continue
+            pos += 1
+            if kind == 110:  # 'n' null
                 append(None)
             elif kind == 117:  # 'u' unchanged TOAST
                 append(UNCHANGED_TOAST)
@@ -145,6 +142,8 @@ class Decoder:
                 plain = False
             else:
                 raise _Malformed(f"unknown column kind {chr(kind)!r} in tuple data")
+        if pos > size:
+            raise _Malformed(f"a column value overruns the message by {pos - size} bytes")
         return TupleData(values, plain), pos
 
     # -- messages --------------------------------------------------------
