@@ -54,6 +54,13 @@ def update_event(table: Table, msg: m.Update, lsn: int) -> Event:
             for i in table.key_indexes:
                 if raw_new[i] is m.UNCHANGED_TOAST and raw_old[i] is not m.UNCHANGED_TOAST:
                     new_values[i] = old_values[i]
+        elif msg.new.plain and msg.old.plain:  # the common case: every value was sent
+            changes = {
+                name: Change(old, new)
+                for name, raw, raw_was, new, old in zip(names, raw_new, raw_old, new_values, old_values)
+                if raw != raw_was
+            }
+            old_record = dict(zip(names, old_values))
         else:
             changes = {}
             for i, raw in enumerate(raw_new):
