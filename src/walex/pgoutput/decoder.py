@@ -4,6 +4,10 @@ Covers every message of protocol versions 1-4. The only state is whether the
 decoder is inside a streamed block (between Stream Start and Stream Stop),
 because changes there carry an extra xid field.
 
+The per-column TupleData loop runs in C (``_tuple.c``) when that optional
+extension was built, else in Python; both give identical results and errors
+of the same kind (``WALEX_PURE_PYTHON=1`` forces the Python one).
+
 Invariant: any input either decodes to exactly one message that consumed every
 byte, or raises :class:`walex.errors.DecodeError` naming the message tag and the
 WAL position; no ``IndexError``/``struct.error`` escapes.
@@ -11,6 +15,7 @@ WAL position; no ``IndexError``/``struct.error`` escapes.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -55,6 +60,17 @@ def pg_timestamp(micros: int) -> datetime:
     return _PG_EPOCH + timedelta(microseconds=micros)
 
 
+try:
+    from ._tuple import parse_tuple as _c_parse_tuple
+except ImportError:  # not built: the pure-Python parser serves
+    _c_parse_tuple = None
+
+
+def _c_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
+    values, plain, end = _c_parse_tuple(data, pos, UNCHANGED_TOAST, BinaryValue)  # type: ignore[misc]
+    return TupleData(values, plain), end
+
+
 class _Malformed(Exception):
     """Raised inside the decoder; turned into DecodeError with context."""
 
@@ -62,9 +78,18 @@ class _Malformed(Exception):
 class Decoder:
     """Turns the payload of one XLogData frame into one pgoutput message."""
 
-    __slots__ = ("in_stream", "_dispatch")
+    __slots__ = ("in_stream", "_dispatch", "_tuple", "accelerated")
 
-    def __init__(self) -> None:
+    def __init__(self, accelerated: bool | None = None) -> None:
+        """``accelerated``: use the C tuple parser (default: when it was built)."""
+        if accelerated is None:
+            accelerated = _c_parse_tuple is not None and not os.environ.get("WALEX_PURE_PYTHON")
+        if accelerated and _c_parse_tuple is None:
+            raise RuntimeError("walex.pgoutput._tuple (the C accelerator) is not built")
+        self.accelerated = accelerated
+        self._tuple: Callable[[bytes, int], tuple[TupleData, int]] = (
+            _c_tuple if accelerated else self._py_tuple
+        )
         self.in_stream = False
         self._dispatch: dict[int, Callable[[bytes], Message]] = {
             ord(tag): getattr(self, "_" + name.lower().replace(" ", "_"))
@@ -111,7 +136,8 @@ class Decoder:
         return None, 1
 
     @staticmethod
-    def _tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
+    def _py_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
+        """The reference TupleData parser (``_tuple.c`` must give identical results)."""
         (count,) = _I16(data, pos)
         pos += 2
         size = len(data)
