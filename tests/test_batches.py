@@ -88,3 +88,23 @@ def test_streamed_transaction_spills_to_disk_and_matches_the_whole_one(
     assert [e.new_record for e in streamed.events] == [e.new_record for e in whole.events]
     assert max(len(c.events) for c in streamed.calls) <= 300
     assert not any(e.new_record["v"] == "gone" for e in streamed.events)
+
+
+def test_gc_freeze_option_freezes_what_lives_at_start(dsn: str, admin: psycopg.Connection) -> None:
+    import gc
+
+    admin.execute("CREATE TABLE g (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE g")
+
+    async def main() -> int:
+        gc.unfreeze()
+        async with collecting(dsn, subscriptions=["g"], gc_freeze=True) as rec:
+            frozen = gc.get_freeze_count()
+            admin.execute("INSERT INTO g VALUES (1)")
+            await rec.wait_for(1)
+        return frozen
+
+    try:
+        assert run(main()) > 1000  # modules, settings, connections: out of every full collection
+    finally:
+        gc.unfreeze()

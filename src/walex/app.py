@@ -17,6 +17,7 @@ acknowledging the transaction in hand and is raised by :meth:`wait` and
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import logging
 import secrets
@@ -131,6 +132,8 @@ class WalEx:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        if self.settings.gc_freeze:
+            gc.freeze()  # what lives now (modules, settings, connections) is never garbage
         s = self.settings
         log.info(
             "walex %r streaming publication %r from %s via %s slot %r",
