@@ -80,10 +80,6 @@ class Handler:
         """Whether every filter keeps the event (a filter may raise)."""
         return all(f(event) for f in self.filters)
 
-    def select(self, events: Iterable[Event]) -> list[Event]:
-        """The events of a transaction this handler wants, in order."""
-        return [e for e in events if self.concerns(e) and self.passes(e)]
-
 
 class Events:
     """A handler module: register handlers with the ``on_*`` decorators."""
