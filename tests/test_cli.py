@@ -118,3 +118,34 @@ def test_status_hides_the_password(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot connect" in proc.stderr
     assert "s3cret-pw" not in proc.stdout + proc.stderr
+
+
+def test_tail_prints_committed_changes(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
+    admin.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    proc = subprocess.Popen(
+        [*WALEX, "tail", "--url", dsn, "-p", "pub", "--table", "item", "--limit", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not admin.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE active AND database = current_database()"
+        ).fetchone()[0]:
+            time.sleep(0.1)
+        admin.execute("INSERT INTO other VALUES (1)")  # not tailed
+        admin.execute("INSERT INTO item VALUES (1, 'first')")
+        admin.execute("UPDATE item SET label = 'second'")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "INSERT   public.item" in out and "'first'" in out
+    assert "UPDATE   public.item" in out
+    assert "public.other" not in out
+    # a temporary slot: nothing left behind
+    assert admin.execute("SELECT count(*) FROM pg_replication_slots "
+                         "WHERE database = current_database()").fetchone()[0] == 0

@@ -1,4 +1,4 @@
-"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``.
+"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -152,6 +152,7 @@ def run(
 
 app.command()(cli_admin.status)
 app.command()(cli_admin.setup)
+app.command()(cli_admin.tail)
 
 
 if __name__ == "__main__":  # pragma: no cover
