@@ -358,3 +358,22 @@ def test_handler_options_apply_at_once(admin: psycopg.Connection, dsn: str) -> N
 
     run(main())
     assert next(attempts) == 5  # 3 tries of the first, 1 of the second
+
+
+def test_added_subscription_outside_the_publication_is_reported(
+    admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.execute("CREATE TABLE published (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE hidden (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE published")
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["published"]) as rec:
+            assert rec.app is not None
+            with caplog.at_level("ERROR", logger="walex"):
+                rec.app.config.add("subscriptions", ["hidden"])
+                await until(lambda: "not in publication" in caplog.text, "the report")
+            assert rec.app.config.get("subscriptions") == ["published", "hidden"]
+
+    run(main())
+    assert 'ALTER PUBLICATION "pub" ADD TABLE "public"."hidden"' in caplog.text

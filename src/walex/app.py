@@ -27,10 +27,13 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .configs import RuntimeConfig
+import psycopg
+
+from .checks import preflight
 from .config import WalExSettings, load_settings
+from .configs import RuntimeConfig
 from .dispatch import Dispatcher
-from .errors import ConfigError, WalExError
+from .errors import ConfigError, SetupError, WalExError
 from .modules import resolve_modules
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
@@ -243,3 +246,20 @@ class WalEx:
         self.pipeline.settings = settings
         self.pipeline.secret = settings.secret()
         self.pipeline.set_subscriptions(settings.subscriptions)
+        if self._tasks:  # running: say at once if a new subscription can never get events
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # changed from another thread: checked at the next reconnect
+            loop.create_task(self._check_subscriptions())
+
+    async def _check_subscriptions(self) -> None:
+        admin = self.pipeline.admin
+        if admin is None:
+            return
+        try:
+            await preflight(admin, self.settings.publication, self.settings.subscriptions)
+        except SetupError as exc:
+            log.error("walex %r: %s", self.settings.name, exc)
+        except psycopg.Error as exc:
+            log.debug("subscription check not run: %s", exc)
