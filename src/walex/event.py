@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, NamedTuple
 
 from .pgoutput.messages import UNCHANGED_TOAST, UnchangedToast
 
@@ -50,8 +50,9 @@ class Source:
     version: str = WALEX_VERSION
 
 
-@dataclass(slots=True, frozen=True)
-class Change:
+class Change(NamedTuple):
+    """A column's value before and after an update (a named tuple: cheap to build)."""
+
     old_value: Any
     new_value: Any
 
