@@ -48,7 +48,7 @@ from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
-from .replication.frames import XLOGDATA_HEADER, parse_keepalive
+from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .transactions import Transaction, TransactionAssembler
 
@@ -302,7 +302,7 @@ class Pipeline:
         repl, ack = self.repl, self.ack
         assert repl is not None
         decoder = Decoder()
-        header = XLOGDATA_HEADER.unpack_from
+        header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
         process, feed, queue = self.process, self.assembler.feed, self.queue
         interval, limit = self.settings.status_interval, self.silence_limit
@@ -332,7 +332,7 @@ class Pipeline:
                 if tag == _XLOGDATA:
                     if len(frame) < 25:
                         raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
-                    _, start, end, _ = header(frame)
+                    start, end = header(frame)
                     msg = decoder.decode(frame[25:], start)
                     if middleware is None:
                         kind = type(msg)

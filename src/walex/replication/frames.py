@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from ..errors import ReplicationError
 
-__all__ = ["Keepalive", "XLOGDATA_HEADER", "parse_keepalive", "standby_status", "pg_now"]
+__all__ = ["Keepalive", "XLOGDATA_HEADER", "XLOGDATA_POSITIONS", "parse_keepalive", "standby_status", "pg_now"]
 
 XLOGDATA_HEADER = struct.Struct("!cQQq")  # 'w', wal_start, wal_end, send_time; 25 bytes
+XLOGDATA_POSITIONS = struct.Struct("!xQQ")  # just wal_start and wal_end, for the hot path
 _KEEPALIVE = struct.Struct("!cQqB")
 _STATUS = struct.Struct("!cQQQqB")
 _PG_EPOCH_UNIX = 946_684_800  # 2000-01-01 in seconds since the Unix epoch
