@@ -21,6 +21,7 @@ variable can name them.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Iterator
@@ -235,7 +236,13 @@ class WalExSettings(BaseSettings):
             "sslrootcert": self.sslrootcert,
         }
         try:
-            return make_conninfo(base, **{k: v for k, v in keys.items() if v is not None})
+            conninfo = make_conninfo(base, **{k: v for k, v in keys.items() if v is not None})
+            if "connect_timeout" not in conninfo_to_dict(conninfo) and not os.environ.get(
+                "PGCONNECT_TIMEOUT"
+            ):
+                # libpq waits forever by default: a reconnect to a silent network must not hang
+                conninfo = make_conninfo(conninfo, connect_timeout=10)
+            return conninfo
         except Exception as exc:
             raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
 
