@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from consumers._common import vmhwm_kb
 from walex.embedded import Cluster, embedded_bindir
 
 try:
@@ -403,7 +404,7 @@ class RssWatch(threading.Thread):
     def run(self) -> None:
         t0 = time.monotonic()
         while not self.stop_evt.is_set():
-            hwm = _vmhwm_kb(self.pid)
+            hwm = vmhwm_kb(str(self.pid))
             if hwm is None:
                 return
             self.hwm_kb = max(self.hwm_kb, hwm)
@@ -423,15 +424,6 @@ class RssWatch(threading.Thread):
             self.stop_evt.wait(0.005 if time.monotonic() - t0 < 1.0 else 0.05)
 
 
-def _vmhwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def measure(cmd: list[str], level: str, slot: str, admin_dsn: str, result: Path,
