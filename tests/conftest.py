@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,3 +111,16 @@ def admin(dsn: str) -> Iterator[psycopg.Connection]:
     """Autocommit superuser connection to the test's fresh database."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``tmp_path`` first on ``sys.path``; modules imported from it are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    yield tmp_path
+    for name in set(sys.modules) - before:
+        module = sys.modules[name]
+        origin = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), "")
+        if str(origin).startswith(str(tmp_path)):
+            del sys.modules[name]

@@ -15,7 +15,6 @@ import asyncio
 import importlib
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,16 +128,6 @@ def test_plain_middleware_with_process_message_nowait(admin: psycopg.Connection,
             assert count["messages"] == 3 * 2 + 1 + 50 + 3 + 47  # Begin/Commit, Relation, rows
 
     run(main())
-
-
-@pytest.fixture
-def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
-    yield tmp_path
-    for module in set(sys.modules) - before:
-        if module.startswith("wxmw_"):
-            del sys.modules[module]
 
 
 def test_middleware_as_import_string(admin: psycopg.Connection, dsn: str, on_path: Path) -> None:

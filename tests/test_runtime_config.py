@@ -93,16 +93,6 @@ def record(items):
 """
 
 
-@pytest.fixture
-def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = set(sys.modules)
-    yield tmp_path
-    for module in set(sys.modules) - before:
-        if module.startswith("wxrt_"):
-            del sys.modules[module]
-
-
 def test_modules_added_and_removed_while_running(admin: psycopg.Connection, dsn: str,
                                                  on_path: Path) -> None:
     admin.execute(SCHEMA)
