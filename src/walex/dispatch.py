@@ -122,13 +122,7 @@ class Dispatcher:
                     f"{label} raised {exc!r} on the transaction committed at "
                     f"{event.lsn}; it was not acknowledged"
                 ) from exc
-            self.failures += 1
-            if self.on_error == "skip":
-                log.error("%s raised %r; the event is skipped for this handler",
-                          label, exc, exc_info=exc)
-            else:
-                log.error("%s raised %r; the event goes to the dead letter handler", label, exc)
-                await _call(lambda evs, error=exc: self.on_error(evs, error), [event])
+            await self._dispose(f"{label} raised", exc, [event])
 
     async def dispatch(self, txn: Transaction) -> None:
         events = txn.events
@@ -203,14 +197,16 @@ class Dispatcher:
                     continue
                 if self.on_error == "stop":
                     raise
-                self.failures += 1
                 events = [event] if event is not None else arg
-                ids = ", ".join(e.id for e in events)
-                if self.on_error == "skip":
-                    log.error("%s failed after %d retries, skipped events %s: %r",
-                              label, attempt, ids, exc, exc_info=exc)
-                    return
-                log.error("%s failed after %d retries; events %s go to the dead letter handler",
-                          label, attempt, ids)
-                await _call(lambda evs, error=exc: self.on_error(evs, error), events)
+                await self._dispose(f"{label} failed after {attempt} retries", exc, events)
                 return
+
+    async def _dispose(self, what: str, exc: BaseException, events: list[Event]) -> None:
+        """Apply the "skip" or the dead-letter policy to events whose handling failed."""
+        self.failures += 1
+        ids = ", ".join(e.id for e in events)
+        if self.on_error == "skip":
+            log.error("%s, skipped events %s: %r", what, ids, exc, exc_info=exc)
+            return
+        log.error("%s; events %s go to the dead letter handler", what, ids)
+        await _call(lambda evs, error=exc: self.on_error(evs, error), events)
