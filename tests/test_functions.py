@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -117,6 +118,25 @@ def test_functions_are_concurrent_and_bounded(admin: psycopg.Connection, dsn: st
         assert sorted(ids(tracker.events)) == [1, 2, 3, 4, 5, 6]
         assert tracker.max_running == expected
         assert time.monotonic() - started < 5
+
+    run(main())
+
+
+def test_plain_functions_are_bounded_by_function_concurrency_only(admin: psycopg.Connection,
+                                                                  dsn: str) -> None:
+    # more than the default thread pool's min(32, cpu_count + 4) threads
+    concurrency = min(32, (os.cpu_count() or 1) + 4) + 2
+    admin.execute(SCHEMA)
+    tracker, events = Tracker(), Events()
+    events.on_insert("item", functions=[tracker.sync_function(0.5)])(lambda items: None)
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], function_concurrency=concurrency) as rec:
+            admin.execute("INSERT INTO item SELECT g, 'x' FROM generate_series(1, %s) g",
+                          [concurrency + 2])
+            await until(lambda: rec.app.transactions_handled == 1, "the transaction")  # type: ignore[union-attr]
+        assert len(tracker.events) == concurrency + 2
+        assert tracker.max_running == concurrency
 
     run(main())
 

@@ -8,21 +8,22 @@ runtime configuration (:mod:`walex.configs`).
 
 Invariants: when :meth:`WalEx.start` returns the slot exists and streaming
 has begun, so every change committed afterwards is delivered; :meth:`stop`
-lets the transaction in hand finish (within ``shutdown_grace``), sends its
-acknowledgement and disconnects; a failure in any task stops the app without
-acknowledging the transaction in hand and is raised by :meth:`wait` and
-:meth:`run`.
+lets the batch in hand finish (within ``shutdown_grace``, else cancels it and
+logs so), sends its acknowledgement, starts no batch queued after it and
+disconnects; a failure in any task stops the app without acknowledging the
+transaction in hand and is raised by :meth:`wait` and :meth:`run`, and so is
+an internal task that ends in any other way than by :meth:`stop`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import hashlib
 import logging
 import secrets
 import signal
-import time
 import weakref
 from collections import deque
 from typing import Any
@@ -34,6 +35,7 @@ from .config import WalExSettings, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from .errors import ConfigError, SetupError, WalExError
+from .lsn import format_lsn
 from .modules import resolve_modules
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
@@ -71,7 +73,7 @@ class WalEx:
         self.slot_name = s.slot_name or self._default_slot_name()
         self.dispatcher = Dispatcher(
             self.modules, function_concurrency=s.function_concurrency, on_error=s.on_error,
-            max_retries=s.max_retries, retry_backoff=s.retry_backoff,
+            max_retries=s.max_retries, retry_backoff=s.retry_backoff, name=s.name,
         )
         self.config = RuntimeConfig(self)
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
@@ -123,6 +125,7 @@ class WalEx:
         self._stopped.clear()
         self._stopping = False
         self._error = None
+        self.pipeline.closing = False
         await self.pipeline.open_session()
         _running[name] = self
         p = self.pipeline
@@ -145,19 +148,28 @@ class WalEx:
         )
 
     async def stop(self) -> None:
-        """Finish the transaction in hand, acknowledge it, and disconnect."""
+        """Finish the batch in hand, acknowledge it, and disconnect.
+
+        The batch being handled gets ``shutdown_grace`` seconds to finish; then
+        its calls are cancelled (a plain function's thread cannot be stopped: it
+        runs on until the function returns) and the log says so. Batches
+        received but not started are not handled: a durable slot delivers them
+        again at the next start.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
+        cut_off = False
         try:
             if self._tasks:
                 reader, dispatcher = self._tasks[0], self._tasks[1]
                 reader.cancel()
-                # let the batch in hand finish, so its acknowledgement can be sent
-                deadline = time.monotonic() + self.settings.shutdown_grace
-                while self.pipeline.busy and not dispatcher.done() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.01)
+                pipeline = self.pipeline
+                pipeline.closing = True  # the dispatcher takes no batch after the one in hand
+                if pipeline.busy and not dispatcher.done():
+                    await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
+                    cut_off = self._cut_off(pipeline.in_hand)
                 for task in self._tasks:
                     task.cancel()
                 _, stuck = await asyncio.wait(self._tasks, timeout=10)
@@ -165,6 +177,11 @@ class WalEx:
                     log.error("walex %r: task %s did not stop within 10s", self.settings.name,
                               task.get_name())
                 self._tasks = []
+                left = pipeline.discard_queued()
+                if left:
+                    log.info("walex %r stopped with %d received batches not handled; %s", self.settings.name,
+                             left, "the slot delivers them again" if self.settings.durable_slot
+                             else "they are lost with the temporary slot")
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:
                     try:
@@ -173,19 +190,51 @@ class WalEx:
                         log.warning("final acknowledgement not sent: %s", exc)
             if self._deferred_task is not None:
                 self._deferred_task.cancel()
+            self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
         finally:
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stopping:
-            return
-        exc = task.exception()
-        if exc is not None and self._error is None:
-            self._error = exc
-            log.error("walex %r stopped: %s", self.settings.name, exc)
+    def _cut_off(self, txn: Any) -> bool:
+        """Log that the batch in hand did not finish within the grace; whether it did not."""
+        if txn is None:
+            return False
+        s = self.settings
+        fate = ("a durable slot delivers it again at the next start" if s.durable_slot
+                else "it is lost with the temporary slot")
+        (log.warning if s.durable_slot else log.error)(
+            "walex %r: handler call cut off after shutdown_grace=%gs; the transaction committed at "
+            "%s was not acknowledged (%s)", s.name, s.shutdown_grace, format_lsn(txn.commit_lsn), fate,
+        )
+        return True
+
+    def _task_done(self, task: asyncio.Task[None], may_return: bool = False) -> None:
+        """An internal task ended: unless :meth:`stop` ended it, the app stops with an error."""
+        error: BaseException
+        if task.cancelled():
+            if self._stopping:
+                return
+            error = WalExError(
+                f"walex {self.settings.name!r}: internal task {task.get_name()} cancelled, "
+                "not by stop(); the app stopped"
+            )
+        else:
+            exc = task.exception()
+            if exc is None:
+                if self._stopping or may_return:
+                    return
+                error = WalExError(
+                    f"walex {self.settings.name!r}: internal task {task.get_name()} returned "
+                    "while the app was running; the app stopped"
+                )
+            else:
+                error = exc
+        if self._error is None:
+            self._error = error
+            log.error("walex %r stopped: %s", self.settings.name, error)
+        if not self._stopping:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def wait(self) -> None:
@@ -228,8 +277,10 @@ class WalEx:
         """Like :meth:`process_message`, from synchronous code; keeps the order."""
         self._deferred.append(message)
         if self._deferred_task is None or self._deferred_task.done():
-            self._deferred_task = asyncio.get_running_loop().create_task(self._drain_deferred())
-            self._deferred_task.add_done_callback(self._task_done)
+            self._deferred_task = asyncio.get_running_loop().create_task(
+                self._drain_deferred(), name=f"walex-{self.settings.name}-middleware"
+            )
+            self._deferred_task.add_done_callback(functools.partial(self._task_done, may_return=True))
 
     async def _drain_deferred(self) -> None:
         while self._deferred:

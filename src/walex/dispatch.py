@@ -7,14 +7,20 @@ event; all of these run concurrently (functions bounded by a semaphore) and
 Transactions are dispatched one after the other, so a handler sees a table's
 changes in commit order.
 
+Coroutine functions run on the event loop; plain ones on the app's threads
+(:mod:`walex.threads`): handlers one at a time on one dedicated thread,
+per-event functions on a pool of ``function_concurrency`` threads.
+
 A failing call is retried ``max_retries`` times with exponential backoff
-(only that call: the others already succeeded). Then the error policy
-decides: ``"stop"`` (the default) raises, ``"skip"`` logs and counts it, a
-dead-letter callable receives ``(events, exception)`` and, if it returns, the
-events count as handled. Every failure is logged with the ids of the events
-concerned. A ``where`` predicate that raises on an event is such a failure
-too (not retried): under ``"skip"`` or a dead-letter callable that event is
-left out of the handler's list and the rest go on.
+(only that call: the others already succeeded). Whatever a call raises is a
+failure, ``asyncio.CancelledError`` and any other ``BaseException`` included;
+only the cancellation of walex's own task (by ``stop()``) goes through. Then
+the error policy decides: ``"stop"`` (the default) raises, ``"skip"`` logs
+and counts it, a dead-letter callable receives ``(events, exception)`` and,
+if it returns, the events count as handled. Every failure is logged with
+the ids of the events concerned. A ``where`` predicate that raises on an
+event is such a failure too (not retried): under ``"skip"`` or a dead-letter
+callable that event is left out of the handler's list and the rest go on.
 
 Invariant: :meth:`Dispatcher.dispatch` either returns after every call
 succeeded or was disposed of by the policy, or raises
@@ -33,23 +39,34 @@ from typing import Any
 from .errors import HandlerError
 from .event import Event
 from .handlers import Events, Handler
+from .threads import Workers
 from .transactions import Transaction
 
 __all__ = ["Dispatcher"]
 
 log = logging.getLogger("walex.dispatch")
 
+_Runner = Callable[[Callable[[Any], Any], Any], Awaitable[Any]]
 
-async def _call(func: Callable[..., Any], arg: Any, is_async: bool | None = None) -> None:
-    """Await a coroutine function; run a plain one in a worker thread."""
+
+async def _call(func: Callable[..., Any], arg: Any, is_async: bool | None, run_plain: _Runner) -> None:
+    """Await a coroutine function; run a plain one with ``run_plain`` (a thread)."""
     if is_async is None:
         is_async = inspect.iscoroutinefunction(func)
     if is_async:
         await func(arg)
         return
-    result = await asyncio.to_thread(func, arg)
+    result = await run_plain(func, arg)
     if inspect.isawaitable(result):
         await result
+
+
+def _stopping(exc: BaseException) -> bool:
+    """Whether ``exc`` is walex's own task being cancelled, not something a call raised."""
+    if isinstance(exc, GeneratorExit):
+        return True
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Event | None = None) -> str:
@@ -68,7 +85,9 @@ class Dispatcher:
         on_error: Any = "stop",
         max_retries: int = 0,
         retry_backoff: float = 0.5,
+        name: str = "walex",
     ) -> None:
+        self.workers = Workers(name, function_concurrency)
         self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
@@ -83,6 +102,11 @@ class Dispatcher:
         self.retry_backoff = retry_backoff
         self.function_concurrency = function_concurrency
         self._functions = asyncio.Semaphore(function_concurrency)
+        self.workers.resize(function_concurrency)
+
+    def close(self, wait: bool = True) -> None:
+        """End the threads of plain handlers and functions (see :meth:`Workers.close`)."""
+        self.workers.close(wait)
 
     def set_modules(self, modules: Iterable[Events]) -> None:
         """Replace the handler modules; takes effect from the next transaction."""
@@ -106,7 +130,7 @@ class Dispatcher:
                 try:
                     if not passes(event):
                         continue
-                except Exception as exc:
+                except BaseException as exc:  # a filter runs on the loop: no cancellation here
                     broken.append((event, exc))
                     continue
             selected.append(event)
@@ -141,10 +165,9 @@ class Dispatcher:
             return
         if len(selections) == 1 and not selections[0][0].functions:
             handler, selected = selections[0]  # the common case: one call, awaited directly
-            try:
-                await self._guarded(handler, None, None, handler.callback, handler.is_async, selected)
-            except Exception as exc:
-                self._raise([(_label(handler), exc)], txn)
+            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, selected)
+            if failure is not None:
+                self._raise([(_label(handler), failure)], txn)
             return
         calls: list[Awaitable[None]] = []
         owners: list[tuple[Handler, Any, Event | None]] = []
@@ -156,7 +179,7 @@ class Dispatcher:
                     calls.append(self._guarded(handler, func, event, self._function, True, (func, event)))
                     owners.append((handler, func, event))
         results = await asyncio.gather(*calls, return_exceptions=True)
-        failures = [(_label(*owner), r) for owner, r in zip(owners, results) if isinstance(r, BaseException)]
+        failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
             self._raise(failures, txn)
 
@@ -173,19 +196,24 @@ class Dispatcher:
     async def _function(self, call: tuple[Callable[[Event], Any], Event]) -> None:
         func, event = call
         async with self._functions:
-            await _call(func, event, None)
+            await _call(func, event, None, self.workers.run_function)
 
     async def _guarded(
         self, handler: Handler, func: Any, event: Event | None,
         target: Callable[..., Any], is_async: bool, arg: Any,
-    ) -> None:
-        """Call with retries, then apply the error policy; raises only for "stop"."""
+    ) -> BaseException | None:
+        """Call with retries, then apply the error policy; returns the failure under "stop".
+
+        Raises only the cancellation of walex's own task.
+        """
         attempt = 0
         while True:
             try:
-                await _call(target, arg, is_async)
-                return
-            except Exception as exc:
+                await _call(target, arg, is_async, self.workers.run_handler)
+                return None
+            except BaseException as exc:
+                if _stopping(exc):
+                    raise
                 label = _label(handler, func, event)
                 if attempt < self.max_retries:
                     delay = self.retry_backoff * 2**attempt
@@ -196,10 +224,15 @@ class Dispatcher:
                     await asyncio.sleep(delay)
                     continue
                 if self.on_error == "stop":
-                    raise
+                    return exc
                 events = [event] if event is not None else arg
-                await self._dispose(f"{label} failed after {attempt} retries", exc, events)
-                return
+                try:
+                    await self._dispose(f"{label} failed after {attempt} retries", exc, events)
+                except BaseException as error:  # the dead-letter handler failed
+                    if _stopping(error):
+                        raise
+                    return error
+                return None
 
     async def _dispose(self, what: str, exc: BaseException, events: list[Event]) -> None:
         """Apply the "skip" or the dead-letter policy to events whose handling failed."""
@@ -209,4 +242,6 @@ class Dispatcher:
             log.error("%s, skipped events %s: %r", what, ids, exc, exc_info=exc)
             return
         log.error("%s; events %s go to the dead letter handler", what, ids)
-        await _call(lambda evs, error=exc: self.on_error(evs, error), events)
+        dead_letter = self.on_error
+        await _call(lambda evs: dead_letter(evs, exc), events,
+                    inspect.iscoroutinefunction(dead_letter), self.workers.run_handler)

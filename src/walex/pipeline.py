@@ -22,7 +22,9 @@ Invariants:
   no open transaction, nothing queued or being handled, nothing held by a
   middleware;
 - a temporary slot cannot survive a reconnect: the gap is logged and recorded
-  in :attr:`Pipeline.gaps`.
+  in :attr:`Pipeline.gaps`;
+- once ``closing`` is set (by ``stop()``) the dispatcher finishes the batch in
+  hand and takes no other.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Pipeline:
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
         self.queue: asyncio.Queue[Transaction] = asyncio.Queue(settings.max_pending_transactions)
-        self.busy = False
+        self.in_hand: Transaction | None = None  # the batch being dispatched
+        self.closing = False  # set by stop(): take no batch after the one in hand
         self.held_by_middleware = 0
         self.admin: psycopg.AsyncConnection | None = None
         self.repl: ReplicationConnection | None = None
@@ -365,6 +368,19 @@ class Pipeline:
                     raise ReplicationError(f"unexpected replication frame type {chr(tag)!r}")
 
     @property
+    def busy(self) -> bool:
+        """Whether a batch is being dispatched."""
+        return self.in_hand is not None
+
+    def discard_queued(self) -> int:
+        """Forget the batches received but not dispatched (at stop); how many there were."""
+        count = 0
+        while not self.queue.empty():
+            self.queue.get_nowait()
+            count += 1
+        return count
+
+    @property
     def idle(self) -> bool:
         return (
             self.assembler.idle and self.queue.empty() and not self.busy
@@ -398,18 +414,22 @@ class Pipeline:
             log.debug("dropped replayed transaction committed at %s", format_lsn(txn.commit_lsn))
 
     async def run_dispatcher(self) -> None:
+        """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
-        while True:
-            txn = await queue.get()
-            self.busy = True
-            await dispatch(txn)
-            if failpoints.ACTIVE:
-                failpoints.hit("after_dispatch")
-            self.events_handled += len(txn.events)
-            if txn.last:
-                ack.handled(txn.end_lsn)
-                self.transactions_handled += 1
-            self.busy = False
+        try:
+            while not self.closing:
+                txn = await queue.get()
+                self.in_hand = txn
+                await dispatch(txn)
+                if failpoints.ACTIVE:
+                    failpoints.hit("after_dispatch")
+                self.events_handled += len(txn.events)
+                if txn.last:
+                    ack.handled(txn.end_lsn)
+                    self.transactions_handled += 1
+                self.in_hand = None
+        finally:
+            self.in_hand = None
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

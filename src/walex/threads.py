@@ -1,0 +1,79 @@
+"""Where an app's plain (non-async) code runs: threads of its own, never the event loop.
+
+The event loop owns the socket, the decoder and the acknowledgement, so
+blocking code runs elsewhere:
+
+- an app's plain handlers (and a plain dead-letter handler) run one at a
+  time, in the order they are called, on one dedicated thread named
+  ``walex-<app>-handlers_0``: a thread-bound resource a handler makes on its
+  first call (a sqlite3 connection, a client that is not thread-safe) keeps
+  working in every later call;
+- plain per-event functions run on a pool of ``function_concurrency``
+  threads named ``walex-<app>-functions_<n>``.
+
+Threads start on first use. :meth:`Workers.close` ends them when the app
+stops; a restarted app starts new ones. The caller's context variables are
+copied into each call, as :func:`asyncio.to_thread` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+__all__ = ["Workers"]
+
+
+class Workers:
+    """The handler thread and the function pool of one app."""
+
+    def __init__(self, name: str, function_threads: int) -> None:
+        self.name = name
+        self.function_threads = function_threads
+        self._handlers: ThreadPoolExecutor | None = None
+        self._functions: ThreadPoolExecutor | None = None
+
+    def resize(self, function_threads: int) -> None:
+        """Size the function pool; calls already running finish on the old threads."""
+        if function_threads == self.function_threads:
+            return
+        self.function_threads = function_threads
+        old, self._functions = self._functions, None
+        if old is not None:
+            old.shutdown(wait=False)
+
+    async def run_handler(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        """``func(arg)`` on the app's handler thread, after the calls queued before it."""
+        pool = self._handlers
+        if pool is None:
+            pool = self._handlers = ThreadPoolExecutor(1, thread_name_prefix=f"walex-{self.name}-handlers")
+        return await _run(pool, func, arg)
+
+    async def run_function(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        """``func(arg)`` on a thread of the function pool."""
+        pool = self._functions
+        if pool is None:
+            pool = self._functions = ThreadPoolExecutor(
+                self.function_threads, thread_name_prefix=f"walex-{self.name}-functions"
+            )
+        return await _run(pool, func, arg)
+
+    def close(self, wait: bool = True) -> None:
+        """End the threads; calls not started are dropped.
+
+        With ``wait`` the threads are joined (quick when no call is running);
+        without, a call still running (one cut off by the shutdown grace)
+        finishes on its thread, which then ends.
+        """
+        pools = [p for p in (self._handlers, self._functions) if p is not None]
+        self._handlers = self._functions = None
+        for pool in pools:
+            pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _run(pool: ThreadPoolExecutor, func: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
+    loop = asyncio.get_running_loop()
+    return loop.run_in_executor(pool, contextvars.copy_context().run, func, arg)

@@ -1,0 +1,249 @@
+"""The app's lifecycle: what ``stop()`` finishes and cuts off, and that no internal task dies silently.
+
+Concern: :meth:`WalEx.stop` lets the batch in hand finish (within
+``shutdown_grace``), acknowledges it and starts nothing queued after it; a
+handler call still running when the grace runs out is cancelled, and the log
+says so. Whatever a handler raises, ``asyncio.CancelledError`` included, is a
+handler failure under the error policy; an internal task that ends in any way
+while the app runs makes :meth:`WalEx.wait` raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from support import collecting, run, until
+
+from walex import Event, Events, HandlerError, WalEx, WalExError
+
+SCHEMA = """
+CREATE TABLE item (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE item;
+"""
+
+_names = itertools.count(1)
+
+
+def make_app(dsn: str, events: Events, **options: Any) -> WalEx:
+    options.setdefault("name", f"walex_lifecycle_{next(_names)}")
+    return WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events], **options)
+
+
+def commit_lsn(event: Event) -> int:
+    """The commit LSN of the event's transaction, from its id: acknowledged if the slot is past it."""
+    return int(event.id.split("-")[0], 16)
+
+
+def confirmed_flush(admin: psycopg.Connection, slot: str) -> int:
+    row = admin.execute(
+        "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s", [slot]
+    ).fetchone()
+    assert row is not None, f"no slot {slot}"
+    return int(row[0])
+
+
+def current_lsn(admin: psycopg.Connection) -> int:
+    return int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])  # type: ignore[index]
+
+
+# -- a handler's CancelledError is a handler failure ---------------------------
+
+
+def test_handler_raising_cancelled_error_is_retried(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(SCHEMA)
+    calls: list[list[Event]] = []
+    events = Events()
+
+    @events.on_insert("item")
+    async def flaky(items: list[Event]) -> None:
+        calls.append(items)
+        if len(calls) == 1:
+            raise asyncio.CancelledError()
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, max_retries=2, retry_backoff=0.01)
+        async with app:
+            admin.execute("INSERT INTO item VALUES (1)")
+            await until(lambda: app.transactions_handled == 1, "the transaction handled")
+            assert app.dispatcher.retries == 1
+            await app.stop()
+        [[first], [second]] = calls
+        assert first.id == second.id
+        assert confirmed_flush(admin, app.slot_name) > commit_lsn(first)
+
+    run(main())
+
+
+def test_handler_always_raising_cancelled_error_stops_the_app(
+    admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.execute(SCHEMA)
+    calls: list[list[Event]] = []
+    events = Events()
+
+    @events.on_insert("item")
+    async def broken(items: list[Event]) -> None:
+        calls.append(items)
+        raise asyncio.CancelledError()
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, max_retries=1, retry_backoff=0.01)
+        await app.start()
+        try:
+            admin.execute("INSERT INTO item VALUES (1)")
+            with pytest.raises(HandlerError, match=r"handler .*broken raised CancelledError\(\)"):
+                await asyncio.wait_for(app.wait(), 20)
+        finally:
+            await app.stop()
+        assert len(calls) == 2  # the call and one retry
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(calls[0][0])
+
+    with caplog.at_level(logging.WARNING, logger="walex"):
+        run(main())
+    assert any("retry 1/1" in r.getMessage() for r in caplog.records)
+
+
+def test_function_raising_cancelled_error_is_skipped(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(SCHEMA)
+    seen: list[Event] = []
+    events = Events()
+
+    def function(event: Event) -> None:
+        seen.append(event)
+        if event.new_record["id"] == 1:
+            raise asyncio.CancelledError()
+
+    events.on_insert("item", functions=[function])(lambda items: None)
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], on_error="skip", max_retries=0) as rec:
+            admin.execute("INSERT INTO item VALUES (1), (2)")
+            admin.execute("INSERT INTO item VALUES (3)")
+            await rec.wait_for(3)
+            await until(lambda: rec.app.transactions_handled == 2, "2 transactions")  # type: ignore[union-attr]
+            assert rec.app.dispatcher.failures == 1  # type: ignore[union-attr]
+            assert rec.app.ack.flushed > commit_lsn(rec.events[2])  # type: ignore[union-attr]
+        assert sorted(e.new_record["id"] for e in seen) == [1, 2, 3]
+
+    run(main())
+
+
+# -- an internal task that ends is an error ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancelled", "returned"])
+def test_an_internal_task_that_ends_makes_wait_raise(admin: psycopg.Connection, dsn: str, how: str) -> None:
+    admin.execute(SCHEMA)
+
+    async def main() -> None:
+        app = make_app(dsn, Events())
+        if how == "returned":  # as an acknowledger with a bug would
+            async def returns() -> None:
+                await asyncio.sleep(0.2)
+
+            app.pipeline.run_acknowledger = returns  # type: ignore[method-assign]
+        await app.start()
+        try:
+            if how == "cancelled":
+                [task] = [t for t in asyncio.all_tasks() if t.get_name() == f"walex-{app.settings.name}-ack"]
+                task.cancel()
+            with pytest.raises(WalExError, match=f"internal task walex-{app.settings.name}-ack {how}"):
+                await asyncio.wait_for(app.wait(), 15)
+        finally:
+            await app.stop()
+
+    run(main())
+
+
+# -- stop() and shutdown_grace -------------------------------------------------
+
+
+def test_stop_finishes_the_batch_in_hand_and_starts_no_other(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(SCHEMA)
+    started: list[Event] = []
+    finished: list[Event] = []
+    events = Events()
+
+    @events.on_insert("item")
+    async def slow(items: list[Event]) -> None:
+        started.extend(items)
+        await asyncio.sleep(1)
+        finished.extend(items)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True)
+        await app.start()
+        for i in range(1, 10):
+            admin.execute("INSERT INTO item VALUES (%s)", [i])
+        ninth = current_lsn(admin)
+        admin.execute("INSERT INTO item VALUES (10)")
+        await until(lambda: started, "the first call")
+        # received past the ninth commit: transactions 2 to 9 at least are queued
+        await until(lambda: app.ack.received >= ninth, "the transactions received")
+        began = time.monotonic()
+        await app.stop()
+        assert time.monotonic() - began < 5  # liveness: not a 1 s handler per queued transaction
+        assert [e.new_record["id"] for e in started] == [1]
+        assert finished == started  # the call in hand completed
+        acknowledged = confirmed_flush(admin, app.slot_name)
+        assert acknowledged > commit_lsn(started[0])
+        await app.wait()
+
+        # a restart resumes at the second transaction, each delivered once
+        await app.start()
+        try:
+            await until(lambda: len(finished) == 10, "the other 9 transactions", timeout=30)
+            await asyncio.sleep(0.3)
+        finally:
+            await app.stop()
+        # the first transaction was acknowledged (not delivered again), the second was not
+        assert [e.new_record["id"] for e in finished] == list(range(1, 11))
+        assert acknowledged <= commit_lsn(finished[1])
+
+    run(main(), timeout=90)
+
+
+@pytest.mark.parametrize("kind", ["async", "plain"])
+def test_stop_cuts_off_a_handler_after_the_grace_and_says_so(
+    admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    admin.execute(SCHEMA)
+    started: list[Event] = []
+    finished: list[Event] = []
+    events = Events()
+
+    if kind == "async":
+        @events.on_insert("item")
+        async def stuck(items: list[Event]) -> None:
+            started.extend(items)
+            await asyncio.sleep(4)
+            finished.extend(items)
+    else:
+        @events.on_insert("item")
+        def stuck(items: list[Event]) -> None:
+            started.extend(items)
+            time.sleep(4)
+            finished.extend(items)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: started, "the call")
+        await app.stop()
+        assert finished == []
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(started[0])
+        return app
+
+    with caplog.at_level(logging.WARNING, logger="walex"):
+        app = run(main())
+    [message] = [r.getMessage() for r in caplog.records if "cut off" in r.getMessage()]
+    assert "handler call cut off after shutdown_grace=0.5s" in message
+    assert f"transaction committed at {started[0].lsn} was not acknowledged" in message
+    assert app.settings.name in message
