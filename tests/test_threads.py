@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sqlite3
 import threading
 import time
@@ -131,3 +132,36 @@ def test_a_plain_dead_letter_handler_runs_on_the_handler_thread(admin: psycopg.C
 
     app = run(main())
     assert [t.rpartition("_")[0] for t in threads] == [f"walex-{app.settings.name}-handlers"]
+
+
+def test_function_pool_follows_a_runtime_change_of_function_concurrency(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    lock = threading.Lock()
+    running = [0]
+    peaks: list[int] = []  # the most calls running at once, per transaction
+    events = Events()
+
+    def function(event: Event) -> None:
+        with lock:
+            running[0] += 1
+            peaks[-1] = max(peaks[-1], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+
+    events.on_insert("item", functions=[function])(lambda items: None)
+    more = min(32, (os.cpu_count() or 1) + 4) + 2  # beyond the default thread pool's size
+
+    async def main() -> None:
+        app = make_app(dsn, events, function_concurrency=2)
+        async with app:
+            for n, (first, last) in enumerate([(1, more), (more + 1, 2 * more)], 1):
+                peaks.append(0)
+                admin.execute("INSERT INTO item SELECT generate_series(%s::int, %s::int)", [first, last])
+                await until(lambda: app.transactions_handled == n, f"transaction {n}")
+                app.config.replace("function_concurrency", more)
+        assert peaks == [2, more]
+
+    run(main())

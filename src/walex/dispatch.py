@@ -102,7 +102,7 @@ class Dispatcher:
         self.retry_backoff = retry_backoff
         self.function_concurrency = function_concurrency
         self._functions = asyncio.Semaphore(function_concurrency)
-        self.workers.resize(function_concurrency)
+        self.workers.function_threads = function_concurrency
 
     def close(self, wait: bool = True) -> None:
         """End the threads of plain handlers and functions (see :meth:`Workers.close`)."""

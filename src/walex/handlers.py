@@ -8,8 +8,8 @@ filter in the wrong shape fails at import time instead of being ignored.
 
 A handler receives a list of events of one transaction: those of its table
 that match its types and filters, in WAL order (for ``"all"``: those of every
-subscribed table). Plain functions run in a worker thread; coroutine functions
-on the event loop.
+subscribed table). Coroutine functions run on the event loop; plain ones on
+the app's threads (see :mod:`walex.threads`).
 
 Filters (all optional, combined with AND):
 

@@ -32,18 +32,10 @@ class Workers:
 
     def __init__(self, name: str, function_threads: int) -> None:
         self.name = name
-        self.function_threads = function_threads
+        self.function_threads = function_threads  # may change while running: see run_function
         self._handlers: ThreadPoolExecutor | None = None
         self._functions: ThreadPoolExecutor | None = None
-
-    def resize(self, function_threads: int) -> None:
-        """Size the function pool; calls already running finish on the old threads."""
-        if function_threads == self.function_threads:
-            return
-        self.function_threads = function_threads
-        old, self._functions = self._functions, None
-        if old is not None:
-            old.shutdown(wait=False)
+        self._functions_size = 0
 
     async def run_handler(self, func: Callable[[Any], Any], arg: Any) -> Any:
         """``func(arg)`` on the app's handler thread, after the calls queued before it."""
@@ -55,10 +47,11 @@ class Workers:
     async def run_function(self, func: Callable[[Any], Any], arg: Any) -> Any:
         """``func(arg)`` on a thread of the function pool."""
         pool = self._functions
-        if pool is None:
-            pool = self._functions = ThreadPoolExecutor(
-                self.function_threads, thread_name_prefix=f"walex-{self.name}-functions"
-            )
+        if pool is None or self._functions_size != self.function_threads:
+            if pool is not None:  # resized: calls already running finish on the old threads
+                pool.shutdown(wait=False)
+            size = self._functions_size = self.function_threads
+            pool = self._functions = ThreadPoolExecutor(size, thread_name_prefix=f"walex-{self.name}-functions")
         return await _run(pool, func, arg)
 
     def close(self, wait: bool = True) -> None:
