@@ -55,16 +55,21 @@ def current_lsn(admin: psycopg.Connection) -> int:
 # -- a handler's CancelledError is a handler failure ---------------------------
 
 
-def test_handler_raising_cancelled_error_is_retried(admin: psycopg.Connection, dsn: str) -> None:
+@pytest.mark.parametrize("kind", ["async", "plain"])
+def test_handler_raising_cancelled_error_is_retried(admin: psycopg.Connection, dsn: str, kind: str) -> None:
     admin.execute(SCHEMA)
     calls: list[list[Event]] = []
     events = Events()
 
-    @events.on_insert("item")
-    async def flaky(items: list[Event]) -> None:
+    def flaky(items: list[Event]) -> None:
         calls.append(items)
         if len(calls) == 1:
             raise asyncio.CancelledError()
+
+    async def flaky_async(items: list[Event]) -> None:
+        flaky(items)
+
+    events.on_insert("item")(flaky_async if kind == "async" else flaky)
 
     async def main() -> None:
         app = make_app(dsn, events, durable_slot=True, max_retries=2, retry_backoff=0.01)
