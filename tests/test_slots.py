@@ -1,4 +1,5 @@
-"""Slots over time: idle acknowledgement, heartbeat, failover, invalidation, temporary gaps."""
+"""Slots over time: idle acknowledgement, heartbeat, failover, invalidation, temporary gaps,
+a slot held by another consumer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import psycopg
 import pytest
 
 from support import collecting, run
-from walex import SlotLostError, WalEx
+from walex import SlotInUseError, SlotLostError, WalEx
 from walex.embedded import Cluster
 from walex.lsn import parse_lsn
 
@@ -141,3 +142,31 @@ def test_invalidated_slot_fails_loudly_and_recreation_is_opt_in() -> None:
             assert len(gaps) == 1 and "lost_slot" in gaps[0]
             assert admin.execute("SELECT wal_status FROM pg_replication_slots "
                                  "WHERE slot_name = 'lost_slot'").fetchone()[0] != "lost"
+
+
+def test_slot_held_by_another_consumer_is_waited_for_the_whole_timeout(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> tuple[float, str, tuple[Any, ...]]:
+        async with collecting(dsn, subscriptions=["t"], name="slot_holder", durable_slot=True,
+                              slot_name="busy_slot"):
+            # the holder's connections carry its name, so an operator can find it
+            holder = admin.execute("SELECT pid, client_addr::text, application_name "
+                                   "FROM pg_stat_replication").fetchone()
+            waiter = WalEx(dsn, publication="pub", subscriptions=["t"], name="slot_waiter",
+                           durable_slot=True, slot_name="busy_slot", slot_wait_timeout=3)
+            began = time.monotonic()
+            with pytest.raises(SlotInUseError) as info:
+                await waiter.start()
+            return time.monotonic() - began, str(info.value), holder
+
+    waited, message, (pid, addr, app_name) = run(main())
+    assert app_name == "slot_holder"
+    assert 3 <= waited < 3 + 5  # the whole slot_wait_timeout, not half of it
+    assert f"in use by PostgreSQL process {pid}, the walsender streaming it to another consumer " \
+           f"(client {addr}:" in message
+    assert "application_name 'slot_holder'" in message and "stayed so for 3s" in message
+    assert f"FROM pg_stat_replication WHERE pid = {pid};" in message

@@ -246,6 +246,15 @@ class WalExSettings(BaseSettings):
         except Exception as exc:
             raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
 
+    def app_conninfo(self) -> str:
+        """:meth:`conninfo` for the app's own connections, named after the app.
+
+        The app's ``name`` is the ``application_name`` that ``pg_stat_activity``
+        and ``pg_stat_replication`` show, unless ``application_name`` (in the
+        URL) or ``PGAPPNAME`` says otherwise.
+        """
+        return make_conninfo(self.conninfo(), fallback_application_name=self.name)
+
     def effective_sslmode(self) -> str | None:
         """The ``sslmode`` walex asks libpq for; ``None`` leaves it to the URL or libpq."""
         if self.sslmode is not None:

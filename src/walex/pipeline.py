@@ -59,6 +59,13 @@ log = logging.getLogger("walex")
 _XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
 
 
+def _client(addr: str | None, port: int | None, app_name: str | None) -> str:
+    where = "a local socket" if addr is None and port == -1 else (
+        f"{addr}:{port}" if addr is not None else "an address hidden from this role"
+    )
+    return f"client {where}, application_name {app_name!r}" if app_name else f"client {where}"
+
+
 class Pipeline:
     """Sessions, reconnects and the reader / dispatcher / acknowledger tasks."""
 
@@ -105,7 +112,7 @@ class Pipeline:
     async def open_session(self) -> None:
         """Connect, check, create or reuse the slot, and start streaming."""
         s = self.settings
-        conninfo = s.conninfo()
+        conninfo = s.app_conninfo()
         first = self.sessions == 0
         try:
             self.admin = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
@@ -229,25 +236,47 @@ class Pipeline:
                 await repl.start(self.slot_name, start, options)
                 break
             except SlotInUseError:
-                if time.monotonic() + delay > deadline:
-                    raise SlotInUseError(
-                        f"replication slot {self.slot_name!r} is in use by process "
-                        f"{await self._slot_holder()} and stayed so for {wait:g}s. "
-                        "Fix: stop the other consumer (only one process can stream from a "
-                        "slot), or give this app another slot_name."
-                    ) from None
-                log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, delay)
-                await asyncio.sleep(delay)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SlotInUseError(await self._slot_in_use(wait)) from None
+                pause = min(delay, remaining)  # the last try comes at the deadline
+                log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 5.0)
         log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
 
-    async def _slot_holder(self) -> str:
+    async def _slot_in_use(self, waited: float) -> str:
+        """Why the slot cannot be had: the process holding it, and how to find its client."""
         assert self.admin is not None
         cur = await self.admin.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot_name,)
+            "SELECT s.active_pid, a.backend_type, a.client_addr::text, a.client_port, "
+            "a.application_name FROM pg_replication_slots s "
+            "LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
+            (self.slot_name,),
         )
         row = await cur.fetchone()
-        return str(row[0]) if row and row[0] else "unknown"
+        pid, kind, addr, port, app_name = row if row else (None, None, None, None, None)
+        if pid is None:
+            return (
+                f"replication slot {self.slot_name!r} was in use by another consumer for "
+                f"{waited:g}s (it was released just now). Fix: stop the other consumer (only one "
+                "process can stream from a slot), or give this app another slot_name."
+            )
+        view = "pg_stat_activity" if kind not in (None, "walsender") else "pg_stat_replication"
+        if kind == "walsender":
+            holder = "the walsender streaming it to another consumer"
+        elif kind is None:
+            holder = "the server process serving another consumer of it"
+        else:
+            holder = f"a {kind} session reading it (pg_logical_slot_get_changes or the like)"
+        return (
+            f"replication slot {self.slot_name!r} is in use by PostgreSQL process {pid}, {holder} "
+            f"({_client(addr, port, app_name)}), and stayed so for {waited:g}s. That pid is the "
+            "server's process, not the consumer's: find the consumer with SELECT "
+            f"application_name, client_addr, client_port FROM {view} WHERE pid = {pid}; "
+            "(a walex app's application_name is its name). Fix: stop the other consumer (only "
+            "one process can stream from a slot), or give this app another slot_name."
+        )
 
     async def close_session(self) -> None:
         for conn in (self.repl, self.admin):
