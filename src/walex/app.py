@@ -173,6 +173,7 @@ class WalEx:
                         log.warning("final acknowledgement not sent: %s", exc)
             if self._deferred_task is not None:
                 self._deferred_task.cancel()
+            self.pipeline.note_stop(self._error)
             await self.pipeline.close_session()
         finally:
             if _running.get(self.settings.name) is self:

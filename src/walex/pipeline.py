@@ -21,8 +21,8 @@ Invariants:
 - the keepalive's WAL end is acknowledged only when nothing is in flight:
   no open transaction, nothing queued or being handled, nothing held by a
   middleware;
-- a temporary slot cannot survive a reconnect: the gap is logged and recorded
-  in :attr:`Pipeline.gaps`.
+- a temporary slot survives neither a reconnect nor a stop: the changes it
+  takes along unhandled are logged and recorded in :attr:`Pipeline.gaps`.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class Pipeline:
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
+        self._restart = False  # the next session follows a stop(), not a lost connection
         self.transactions_handled = 0
         self.events_handled = 0
         self.replays_dropped = 0
@@ -136,6 +137,7 @@ class Pipeline:
             self.assembler.reset()
             self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             start = await self._prepare_slot(first)
+            self._restart = False
             await self._start_replication(start)
         except BaseException:
             await self.close_session()
@@ -180,7 +182,7 @@ class Pipeline:
                 if confirmed > self.ack.flushed:
                     self.ack.flushed = self.ack.received = confirmed
                 return confirmed
-        elif not first:
+        elif not first and not self._restart:  # a restart after stop() reported its own loss
             gap = (
                 f"temporary slot {self.slot_name!r} was dropped with the lost connection: "
                 f"changes committed after {format_lsn(self.ack.flushed)} until the new slot "
@@ -277,6 +279,37 @@ class Pipeline:
             "(a walex app's application_name is its name). Fix: stop the other consumer (only "
             "one process can stream from a slot), or give this app another slot_name."
         )
+
+    def note_stop(self, failure: BaseException | None) -> None:
+        """At stop: a temporary slot goes with the connection; report what it takes along.
+
+        Nothing is lost when the app stops with nothing in hand (only what is
+        committed while it is stopped is never seen, as the next start makes a
+        new temporary slot). Stopping after a failure, with changes received
+        but not handled, or while reconnecting loses everything committed
+        after the acknowledged position: that is a gap.
+        """
+        if self.settings.durable_slot or self.sessions == 0:
+            return
+        self._restart = True
+        repl = self.repl
+        if failure is not None:
+            why = "stopped after a failure"
+        elif not self.idle:
+            why = "stopped with changes received but not handled"
+        elif repl is None or not repl.streaming:
+            why = "stopped while reconnecting"
+        else:
+            return
+        gap = (
+            f"walex app {self.settings.name!r} {why}, and its temporary slot {self.slot_name!r} "
+            f"is dropped with the connection: the changes committed after "
+            f"{format_lsn(self.ack.flushed)} (those not handled included) are never delivered, "
+            "not even by a restart, which makes a new slot at the server's current position. "
+            "Use durable_slot=True so that the next start resumes at them."
+        )
+        log.error(gap)
+        self.gaps.append(gap)
 
     async def close_session(self) -> None:
         for conn in (self.repl, self.admin):
