@@ -27,16 +27,15 @@ import weakref
 from collections import deque
 from typing import Any
 
-import psycopg
-
-from .checks import preflight
 from .config import WalExSettings, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
-from .errors import ConfigError, SetupError, WalExError
+from .errors import ConfigError, WalExError
+from .handlers import Handler
 from .modules import resolve_modules
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
+from .subscriptions import check_subscriptions, unreachable
 
 __all__ = ["WalEx", "get_app"]
 
@@ -81,6 +80,7 @@ class WalEx:
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
+        self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
         return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
@@ -135,6 +135,8 @@ class WalEx:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        self._unreachable = {}
+        self._warn_unreachable(p.preflight.published if p.preflight else None)
         if self.settings.gc_freeze:
             gc.freeze()  # what lives now (modules, settings, connections) is never garbage
         s = self.settings
@@ -239,28 +241,29 @@ class WalEx:
     # -- runtime configuration (see walex.configs) -------------------------
 
     def _apply_settings(self, settings: WalExSettings) -> None:
-        """Take new settings: subscriptions and modules apply from the next transaction."""
+        """Take new settings: subscriptions and modules apply from the next transaction.
+
+        While running, an added subscription is checked against the database
+        first, as start() checks it: a SetupError leaves the old settings.
+        """
         modules = resolve_modules(settings.modules, settings.name, settings.subscriptions)
+        added = [spec for spec in settings.subscriptions if spec not in self.settings.subscriptions]
+        if self._tasks and added:
+            check_subscriptions(settings, added)
         self.settings = settings
         self.modules = modules
         self.dispatcher.set_modules(modules)
         self.pipeline.settings = settings
         self.pipeline.secret = settings.secret()
         self.pipeline.set_subscriptions(settings.subscriptions)
-        if self._tasks:  # running: say at once if a new subscription can never get events
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # changed from another thread: checked at the next reconnect
-            loop.create_task(self._check_subscriptions())
+        if self._tasks:
+            self._warn_unreachable(None)
 
-    async def _check_subscriptions(self) -> None:
-        admin = self.pipeline.admin
-        if admin is None:
-            return
-        try:
-            await preflight(admin, self.settings.publication, self.settings.subscriptions)
-        except SetupError as exc:
-            log.error("walex %r: %s", self.settings.name, exc)
-        except psycopg.Error as exc:
-            log.debug("subscription check not run: %s", exc)
+    def _warn_unreachable(self, published: set[tuple[str, str]] | None) -> None:
+        """Warn once about each handler that cannot fire (until it can again)."""
+        handlers = [h for module in self.modules for h in module.handlers]
+        found = unreachable(handlers, self.settings.subscriptions, published)
+        for handler, message in found:
+            if id(handler) not in self._unreachable:
+                log.warning("walex %r: %s", self.settings.name, message)
+        self._unreachable = {id(h): h for h, _ in found}

@@ -50,6 +50,7 @@ from .pgtypes import TypeCatalog
 from .relations import RelationCache
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
+from .subscriptions import renamed
 from .transactions import Transaction, TransactionAssembler
 
 __all__ = ["Pipeline"]
@@ -439,7 +440,13 @@ class Pipeline:
             self.held_by_middleware -= 1
         kind = type(msg)
         if kind is Relation:
-            await self.relations.update(msg)  # type: ignore[arg-type]
+            before = self.relations.known(msg.relation_id)  # type: ignore[union-attr]
+            table = await self.relations.update(msg)  # type: ignore[arg-type]
+            if before is not None and before.qualified_name != table.qualified_name:
+                loss, message = renamed(before, table, self.dispatcher.handlers,
+                                        self.settings.subscriptions)
+                log.log(logging.WARNING if loss else logging.INFO, "walex %r: %s",
+                        self.settings.name, message)
             return
         if kind is Type:
             await self.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]

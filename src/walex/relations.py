@@ -139,6 +139,10 @@ class RelationCache:
         for table in self._tables.values():
             table.subscribed = self.is_subscribed(table.schema, table.name)
 
+    def known(self, relation_id: int) -> Table | None:
+        """The cached definition of ``relation_id``, if any."""
+        return self._tables.get(relation_id)
+
     def get(self, relation_id: int, tag: str, lsn: int) -> Table:
         table = self._tables.get(relation_id)
         if table is None:
