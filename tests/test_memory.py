@@ -24,12 +24,15 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from support import collecting, run, until
 
-from walex import Event, Events, WalEx
+from walex import ConfigError, Event, Events, WalEx
+from walex.config import file_values, load_settings, read_toml
 
 MiB = 1024 * 1024
 ROW_CHARS = 40_000  # a 40 kB text value per row
@@ -219,6 +222,24 @@ def test_a_streamed_transaction_is_read_back_in_batches_cut_by_bytes(
     assert spilled >= 50  # it did arrive streamed, and went to disk by tens
     assert [e.new_record["id"] for b in batches for e in b] == list(range(1, 61))
     assert [len(b) for b in batches] == [2] * 30
+
+
+def test_max_pending_bytes_from_keywords_environment_and_toml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(publication="p").max_pending_bytes == 64 * MiB  # the default
+    assert load_settings(publication="p", max_pending_bytes=5_000_000).max_pending_bytes == 5_000_000
+    config = tmp_path / "walex.toml"
+    config.write_text('publication = "p"\nmax_pending_bytes = "8MiB"\n')
+    with file_values(read_toml(config)):
+        assert load_settings().max_pending_bytes == 8 * MiB
+        monkeypatch.setenv("WALEX_MAX_PENDING_BYTES", "500MB")
+        assert load_settings().max_pending_bytes == 500_000_000
+    for bad in ("0", "lots", -1):
+        with pytest.raises(ConfigError) as info:
+            load_settings(publication="p", max_pending_bytes=bad)
+        assert "max_pending_bytes: must be a size in bytes" in str(info.value)
+        assert "'64MiB'" in str(info.value)
 
 
 # -- the consumer process ---------------------------------------------------
