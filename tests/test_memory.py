@@ -141,15 +141,21 @@ def test_wide_rows_and_a_slow_handler_stay_within_max_pending_bytes(
     assert report["largest_batch"] < 1000  # cut by bytes, not by batch_size
 
 
+async def pass_on(message: Any, app: WalEx) -> None:
+    """A message middleware that hands every message on."""
+    await app.process_message(message)
+
+
+@pytest.mark.parametrize("middleware", [None, pass_on], ids=["reader", "middleware"])
 def test_batches_are_cut_by_bytes_and_a_row_wider_than_the_budget_goes_alone(
-    dsn: str, admin: psycopg.Connection
+    dsn: str, admin: psycopg.Connection, middleware: Any
 ) -> None:
     wide_table(admin)
     budget = 100_000  # batches of about 12.5 kB: two 10 kB rows
 
     async def main() -> list[list[Event]]:
         async with collecting(dsn, subscriptions=["wide"], max_pending_bytes=budget,
-                              batch_size=1000) as rec:
+                              batch_size=1000, message_middleware=middleware) as rec:
             with admin.transaction():
                 insert_wide(admin, 1, 20, chars=10_000)
                 insert_wide(admin, 21, 23, chars=150_000)  # each wider than the whole budget

@@ -408,9 +408,8 @@ class Pipeline:
     async def _put(self, txn: Transaction) -> None:
         """Queue a batch once the batches queued or in hand fit in ``max_pending_bytes``.
 
-        Not holding more than the budget when the batch is added would let a
-        row wider than the budget wait forever: it is queued once the others
-        are handled.
+        Checked before the batch is added, not after: a batch wider than the
+        whole budget is queued once the others were handled, never held forever.
         """
         while self.pending_bytes > self.max_pending_bytes:
             self.room.clear()

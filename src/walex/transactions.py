@@ -5,8 +5,8 @@ applied to the relation cache by the caller before they reach here). Output:
 :class:`Transaction` batches: the events of one committed transaction in WAL
 order, at most ``batch_size`` per batch and about ``batch_bytes`` of them
 (the sizes of the pgoutput messages they came from, given to :meth:`feed`), the
-last batch flagged ``last``; a change wider than ``batch_bytes`` is a batch
-of its own.
+last batch flagged ``last``; a change is never split, so one wider than
+``batch_bytes`` ends its batch.
 
 Handles plain transactions (Begin ... Commit), streamed ones (protocol 2+:
 chunks between Stream Start/Stop, possibly interleaved, finished by Stream
