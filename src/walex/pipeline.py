@@ -15,9 +15,13 @@ Invariants:
 - a transaction is acknowledged only after its dispatch returned;
 - a transaction committed below the acknowledged position is a replay and
   is dropped before dispatch;
-- a large transaction flows through in batches of ``batch_size`` events, so
-  memory is bounded by the queue (``max_pending_transactions`` batches) and
-  not by the transaction's size; it is acknowledged after its last batch;
+- a large transaction flows through in batches of at most ``batch_size``
+  events and about ``max_pending_bytes / 8`` bytes, so memory is bounded by
+  the queue and not by the transaction's size: the reader stops reading while
+  the batches queued or in hand hold more than ``max_pending_bytes`` (their
+  :attr:`Transaction.size`, the bytes they took on the wire) or the queue
+  holds ``max_pending_transactions`` batches; a transaction is acknowledged
+  after its last batch;
 - the keepalive's WAL end is acknowledged only when nothing is in flight:
   no open transaction, nothing queued or being handled, nothing held by a
   middleware;
@@ -80,6 +84,11 @@ class Pipeline:
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
         self.queue: asyncio.Queue[Transaction] = asyncio.Queue(settings.max_pending_transactions)
+        # the byte bound: sizes of the batches queued or in hand; the reader
+        # waits for `room` while they exceed max_pending_bytes
+        self.max_pending_bytes = settings.max_pending_bytes
+        self.pending_bytes = 0
+        self.room = asyncio.Event()
         self.busy = False
         self.held_by_middleware = 0
         self.admin: psycopg.AsyncConnection | None = None
@@ -88,7 +97,10 @@ class Pipeline:
         self.catalog = TypeCatalog()
         self.relations = RelationCache(self.catalog, "", self._is_subscribed)
         self.assembler = TransactionAssembler(
-            self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir
+            self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir,
+            # a batch holds at most 1/8 of the budget, so one huge transaction of wide
+            # rows cannot hold much more than the budget (queued + assembled + in hand)
+            batch_bytes=max(1, settings.max_pending_bytes // 8),
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
         self.sessions = 0
@@ -368,6 +380,7 @@ class Pipeline:
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
         process, feed, queue = self.process, self.assembler.feed, self.queue
+        max_bytes = self.max_pending_bytes
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
@@ -402,15 +415,16 @@ class Pipeline:
                         if kind is Relation or kind is Type:
                             await process(msg, start)
                         else:  # the hot path: no coroutine per message
-                            batches = feed(msg, start)
+                            batches = feed(msg, start, len(frame))  # frame size: the byte bound's unit
                             if batches is not None:
                                 for txn in batches:
                                     if txn.commit_lsn < ack.flushed:
                                         self._replayed(txn)
-                                    elif queue.full():
-                                        await queue.put(txn)
+                                    elif queue.full() or self.pending_bytes > max_bytes:
+                                        await self._put(txn)
                                     else:
                                         queue.put_nowait(txn)
+                                        self.pending_bytes += txn.size
                     else:
                         self.held_by_middleware += 1
                         result = middleware(msg, self.owner)
@@ -451,14 +465,26 @@ class Pipeline:
         if kind is Type:
             await self.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]
             return
-        batches = self.assembler.feed(msg, lsn)
+        batches = self.assembler.feed(msg, lsn, _row_bytes(msg) if from_middleware else 0)
         if batches is None:
             return
         for txn in batches:
             if txn.commit_lsn < self.ack.flushed:
                 self._replayed(txn)
             else:
-                await self.queue.put(txn)
+                await self._put(txn)
+
+    async def _put(self, txn: Transaction) -> None:
+        """Queue a batch once the batches queued or in hand fit in ``max_pending_bytes``.
+
+        Checked before the batch is added, not after: a batch wider than the
+        whole budget is queued once the others were handled, never held forever.
+        """
+        while self.pending_bytes > self.max_pending_bytes:
+            self.room.clear()
+            await self.room.wait()  # set by the dispatcher after each batch
+        await self.queue.put(txn)
+        self.pending_bytes += txn.size
 
     def _replayed(self, txn: Transaction) -> None:
         """Committed before what was acknowledged: a replay after a reconnect."""
@@ -478,6 +504,8 @@ class Pipeline:
             if txn.last:
                 ack.handled(txn.end_lsn)
                 self.transactions_handled += 1
+            self.pending_bytes -= txn.size
+            self.room.set()
             self.busy = False
 
     async def run_acknowledger(self) -> None:
@@ -508,3 +536,18 @@ class Pipeline:
                     )
                 except psycopg.Error as exc:
                     log.debug("heartbeat failed: %s", exc)
+
+
+def _row_bytes(msg: Message) -> int:
+    """The bytes of a change's row values, for messages given back by a middleware.
+
+    The reader counts the received frame instead; a message a middleware hands
+    back comes without it, so its values are counted (off the hot path).
+    """
+    size = 0
+    for row in (getattr(msg, "new", None), getattr(msg, "old", None)):
+        if row is not None:
+            for value in row.values:
+                if isinstance(value, bytes):  # text, or BinaryValue
+                    size += len(value)
+    return size
