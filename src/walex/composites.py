@@ -16,6 +16,10 @@ meets the type, so a value may have fewer or more fields than that definition.
   ran; or a dropped attribute makes the positions ambiguous): the value's text
   form, a ``str`` as PostgreSQL wrote it, with one warning per type.
 
+(After both a DROP and an ADD ATTRIBUTE, an old value with as many fields as
+the current definition cannot be told apart from a new one: it is typed with
+the current fields.) walex reads definitions again at each new session.
+
 Invariant: loading a value never fails because of its shape, so a change
 written before a type was altered can always be delivered and acknowledged.
 """
@@ -97,7 +101,7 @@ class _ShapeTolerantLoader(Loader):
         names = ", ".join(self.info.field_names)
         if self.may_pad:
             why = ("the type was altered (ALTER TYPE) after walex read its definition; "
-                   "walex reads the new one when it restarts")
+                   "walex reads the new one when it reconnects or restarts")
         else:
             why = ("an attribute of the type was dropped, so which field is which cannot "
                    "be told from a value written before")

@@ -89,6 +89,11 @@ class TypeCatalog:
 
     def __init__(self, lookups: LookupConnection | None = None) -> None:
         self.lookups = lookups
+        self.forget()
+
+    def forget(self) -> None:
+        """Start again from psycopg's global adapters: types are looked up anew when
+        next met (at a new session, so a type altered meanwhile is read again)."""
         self.adapters = AdaptersMap(psycopg.adapters)
         if _FastJsonLoader is not None and not _user_json_loads():
             for oid in (114, 3802):  # json, jsonb in text format

@@ -129,6 +129,7 @@ class Pipeline:
                 raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
                                        retriable=True) from None
             self.lookups.use(self.admin, conninfo, self.secret)
+            self.catalog.forget()  # every table's Relation message comes again
             self.relations.db = self.preflight.database
             self.assembler.reset()
             self.repl = await ReplicationConnection.connect(conninfo, self.secret)
