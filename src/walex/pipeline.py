@@ -4,7 +4,8 @@ A *session* is one pair of connections (an admin connection for checks and
 type lookups, a walsender connection for the stream) from slot creation to
 the end of the stream. After the checks the admin connection serves type
 lookups and heartbeats through a :class:`~walex.lookups.LookupConnection`,
-which reopens it whenever the server closed it, without ending the session. The pipeline outlives sessions: when a session breaks
+which reopens it whenever the server closed it, without ending the session.
+The pipeline outlives sessions: when a session breaks
 for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
 jitter, resuming from the slot. Changes flow::
