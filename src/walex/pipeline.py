@@ -2,7 +2,10 @@
 
 A *session* is one pair of connections (an admin connection for checks and
 type lookups, a walsender connection for the stream) from slot creation to
-the end of the stream. The pipeline outlives sessions: when a session breaks
+the end of the stream. After the checks the admin connection serves type
+lookups and heartbeats through a :class:`~walex.lookups.LookupConnection`,
+which reopens it whenever the server closed it, without ending the session.
+The pipeline outlives sessions: when a session breaks
 for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
 jitter, resuming from the slot. Changes flow::
@@ -47,6 +50,7 @@ from .config import WalExSettings
 from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
 from .handlers import table_matcher
+from .lookups import LookupConnection
 from .lsn import format_lsn, parse_lsn
 from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import Message
@@ -94,7 +98,8 @@ class Pipeline:
         self.admin: psycopg.AsyncConnection | None = None
         self.repl: ReplicationConnection | None = None
         self.preflight: Preflight | None = None
-        self.catalog = TypeCatalog()
+        self.lookups = LookupConnection()
+        self.catalog = TypeCatalog(self.lookups)
         self.relations = RelationCache(self.catalog, "", self._is_subscribed)
         self.assembler = TransactionAssembler(
             self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir,
@@ -145,7 +150,8 @@ class Pipeline:
                                      f"{redact(str(exc), self.secret)}") from None
                 raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
                                        retriable=True) from None
-            self.catalog.conn = self.admin
+            self.lookups.use(self.admin, conninfo, self.secret)
+            self.catalog.forget()  # every table's Relation message comes again
             self.relations.db = self.preflight.database
             self.assembler.reset()
             self.repl = await ReplicationConnection.connect(conninfo, self.secret)
@@ -332,7 +338,8 @@ class Pipeline:
                 except Exception:  # pragma: no cover - closing a broken connection
                     pass
         self.repl = self.admin = None
-        self.catalog.conn = None
+        await self.lookups.close()
+        self.lookups.use(None, None, None)
 
     # -- the tasks -------------------------------------------------------
 
@@ -529,12 +536,12 @@ class Pipeline:
         assert interval is not None
         while True:
             await asyncio.sleep(interval)
-            if self.admin is not None:
+            if self.lookups.ready:
                 try:
-                    await self.admin.execute(
+                    await self.lookups.fetch(
                         "SELECT pg_logical_emit_message(false, 'walex.heartbeat', '')"
                     )
-                except psycopg.Error as exc:
+                except (psycopg.Error, ReplicationError) as exc:
                     log.debug("heartbeat failed: %s", exc)
 
 

@@ -103,8 +103,7 @@ class Table:
         return DecodeError(
             f"cannot type {where}: {cause}. If psycopg cannot represent the value (e.g. an "
             "'infinity' timestamp), register a loader for its type in psycopg.adapters before "
-            "creating the app; if the type was altered while walex was running (e.g. ALTER "
-            "TYPE ... ADD ATTRIBUTE on a composite), restart walex so it reads the new definition.",
+            "creating the app.",
             tag=tag, lsn=lsn,
         )
 

@@ -18,7 +18,9 @@ Invariants:
   open transaction: a plain transaction is already committed when the server
   sends it (protocol 1 sends at commit), so its full batches are handed on
   before its Commit message; a streamed one spills to disk (:mod:`walex.spill`)
-  until Stream Commit, and is read back in batches of its average change size;
+  until Stream Commit: the raw decoded changes, typed after reading back with
+  the table definition that was current when each change was made, in batches
+  of its average change size;
 - :attr:`Transaction.size` is what a batch's changes took on the wire, a cheap
   proxy (one integer add per change) for the memory its events hold;
 - nothing of a transaction is handed on before it is known to be committed,
@@ -41,7 +43,7 @@ from .errors import DecodeError
 from .event import Event
 from .lsn import format_lsn
 from .pgoutput import messages as m
-from .relations import RelationCache
+from .relations import RelationCache, Table
 from .rows import delete_event, insert_event, truncate_event, update_event
 from .spill import Spill
 
@@ -206,6 +208,10 @@ class TransactionAssembler:
             )
         relations = self.relations
         kind = type(msg)
+        if txn.spill is not None:
+            txn.held += self._hold(txn, txn.spill, msg, lsn)
+            txn.size += size  # for the batch sizes of the read back (see _replay)
+            return None
         if kind is m.Insert:
             table = relations.get(msg.relation_id, "I", lsn)  # type: ignore[union-attr]
             new: list[Event | None] = [insert_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
@@ -220,14 +226,6 @@ class TransactionAssembler:
             for rid in msg.relation_ids:  # type: ignore[union-attr]
                 table = relations.get(rid, "T", lsn)
                 new.append(truncate_event(table) if table.subscribed else None)
-        spill = txn.spill
-        if spill is not None:
-            subxid = msg.xid or txn.xid
-            for event in new:
-                spill.append(subxid, event)
-            txn.size += size  # for the batch sizes of the read back (see _replay)
-            txn.held += len(new)
-            return None
         txn.changes.extend(new)
         txn.size += size
         # a batch ends at batch_size changes or batch_bytes bytes, whichever comes first
@@ -235,6 +233,22 @@ class TransactionAssembler:
             assert txn.commit_time is not None
             return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0)]
         return None
+
+    def _hold(
+        self, txn: _Open, spill: Spill, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int
+    ) -> int:
+        """Keep a change of a held transaction, untyped: ``(table number, message, lsn)``,
+        or ``None`` for a change of a table that is not subscribed (it keeps its position).
+        Returns the number of changes kept (one per table of a TRUNCATE)."""
+        subxid = msg.xid or txn.xid
+        if type(msg) is m.Truncate:
+            for rid in msg.relation_ids:
+                table = self.relations.get(rid, "T", lsn)
+                spill.append(subxid, (spill.keep(table), None, lsn) if table.subscribed else None)
+            return len(msg.relation_ids)
+        table = self.relations.get(msg.relation_id, _TAGS[type(msg)], lsn)
+        spill.append(subxid, (spill.keep(table), msg, lsn) if table.subscribed else None)
+        return 1
 
     def _batch(self, txn: _Open, commit_lsn: int, commit_time: datetime, end_lsn: int) -> Transaction:
         """Hand on the changes collected so far; ``end_lsn`` non-zero marks the last batch."""
@@ -257,19 +271,33 @@ class TransactionAssembler:
         size of the transaction's changes, so batches of wide rows are cut
         by bytes as in :meth:`_change`.
         """
-        assert txn.spill is not None
-        self.spilled_events += txn.spill.spilled
+        spill = txn.spill
+        assert spill is not None
+        self.spilled_events += spill.spilled
+        tables = spill.kept
         average = txn.size // txn.held if txn.held else 0
         limit = self.batch_size
         if average:
             limit = max(1, min(limit, -(-self.batch_bytes // average)))
-        for event in txn.spill.replay():
-            txn.changes.append(event)
+        for held in spill.replay():
+            txn.changes.append(None if held is None else _typed(tables[held[0]], held[1], held[2]))
             if len(txn.changes) >= limit:
                 txn.size = average * limit
                 yield self._batch(txn, commit_lsn, commit_time, 0)
         txn.size = average * len(txn.changes)
         yield self._batch(txn, commit_lsn, commit_time, end_lsn)
+
+
+def _typed(table: Table, msg: m.Insert | m.Update | m.Delete | None, lsn: int) -> Event:
+    """The event of a held change (``None``: one table of a TRUNCATE)."""
+    kind = type(msg)
+    if kind is m.Insert:
+        return insert_event(table, msg, lsn)  # type: ignore[arg-type]
+    if kind is m.Update:
+        return update_event(table, msg, lsn)  # type: ignore[arg-type]
+    if kind is m.Delete:
+        return delete_event(table, msg, lsn)  # type: ignore[arg-type]
+    return truncate_event(table)
 
 
 def _stamp(changes: list[Event | None], first: int, commit_lsn: int, commit_time: datetime) -> list[Event]:
