@@ -7,7 +7,8 @@ without a restart (one session, one slot) and without losing or repeating an
 event of what stays subscribed, even while changes are committed
 concurrently; a replaced password is used at the next reconnect; the handler
 options apply at once; an invalid change raises ``ConfigError`` and changes
-nothing.
+nothing; an added subscription is checked as ``start()`` checks it (a
+``SetupError``, from any thread, and the old subscriptions stay).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from support import Recorder, collecting, run, until
 
-from walex import ConfigError, Event, Events
+from walex import ConfigError, Event, Events, SetupError
 from walex.configs import add_config, get_config, remove_config, replace_config
 
 SCHEMA = """
@@ -350,20 +351,39 @@ def test_handler_options_apply_at_once(admin: psycopg.Connection, dsn: str) -> N
     assert next(attempts) == 5  # 3 tries of the first, 1 of the second
 
 
-def test_added_subscription_outside_the_publication_is_reported(
-    admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_added_subscription_is_checked_as_at_start(admin: psycopg.Connection, dsn: str) -> None:
+    """The start check, run by add(): it raises, and the old subscriptions stay in force."""
     admin.execute("CREATE TABLE published (id int PRIMARY KEY)")
     admin.execute("CREATE TABLE hidden (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE later (id int PRIMARY KEY)")
     admin.execute("CREATE PUBLICATION pub FOR TABLE published")
 
+    async def start_error(subscriptions: list[str]) -> str:
+        with pytest.raises(SetupError) as info:
+            async with collecting(dsn, subscriptions=subscriptions):
+                pass
+        return str(info.value)
+
     async def main() -> None:
+        at_start = [await start_error(["published", spec]) for spec in ("hidden", "missing")]
         async with collecting(dsn, subscriptions=["published"]) as rec:
-            assert rec.app is not None
-            with caplog.at_level("ERROR", logger="walex"):
-                rec.app.config.add("subscriptions", ["hidden"])
-                await until(lambda: "not in publication" in caplog.text, "the report")
-            assert rec.app.config.get("subscriptions") == ["published", "hidden"]
+            app = rec.app
+            assert app is not None
+            for spec, expected in zip(("hidden", "missing"), at_start):
+                with pytest.raises(SetupError) as info:
+                    app.config.add("subscriptions", [spec])
+                assert str(info.value) == expected
+                assert app.config.get("subscriptions") == ["published"]
+            with pytest.raises(SetupError, match="'later' is not in publication 'pub'"):
+                await asyncio.to_thread(add_config, app.settings.name, "subscriptions", "later")
+            admin.execute("ALTER PUBLICATION pub ADD TABLE later")
+            await asyncio.to_thread(add_config, app.settings.name, "subscriptions", "later")
+            admin.execute("INSERT INTO hidden VALUES (1); INSERT INTO later VALUES (1); "
+                          "INSERT INTO published VALUES (1)")
+            await rec.wait_for(2)
+            assert app.pipeline.sessions == 1
+        assert names(rec.events) == ["later1", "published1"]
+        assert 'ALTER PUBLICATION "pub" ADD TABLE "public"."hidden"' in at_start[0]
+        assert "'missing' does not exist" in at_start[1]
 
     run(main())
-    assert 'ALTER PUBLICATION "pub" ADD TABLE "public"."hidden"' in caplog.text

@@ -1,4 +1,5 @@
-"""Slots over time: idle acknowledgement, heartbeat, failover, invalidation, temporary gaps."""
+"""Slots over time: idle acknowledgement, heartbeat, failover, invalidation, temporary gaps
+(after a reconnect, at a stop after a failure), a slot held by another consumer."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from support import collecting, run
-from walex import SlotLostError, WalEx
+from support import collecting, run, until
+from walex import Event, Events, HandlerError, SlotInUseError, SlotLostError, WalEx
 from walex.embedded import Cluster
-from walex.lsn import parse_lsn
+from walex.lsn import format_lsn, parse_lsn
 
 
 def _slot(admin: psycopg.Connection, name: str) -> tuple[int, bool]:
@@ -141,3 +142,102 @@ def test_invalidated_slot_fails_loudly_and_recreation_is_opt_in() -> None:
             assert len(gaps) == 1 and "lost_slot" in gaps[0]
             assert admin.execute("SELECT wal_status FROM pg_replication_slots "
                                  "WHERE slot_name = 'lost_slot'").fetchone()[0] != "lost"
+
+
+def test_slot_held_by_another_consumer_is_waited_for_the_whole_timeout(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> tuple[float, str, tuple[Any, ...]]:
+        async with collecting(dsn, subscriptions=["t"], name="slot_holder", durable_slot=True,
+                              slot_name="busy_slot"):
+            # the holder's connections carry its name, so an operator can find it
+            holder = admin.execute("SELECT pid, client_addr::text, application_name "
+                                   "FROM pg_stat_replication").fetchone()
+            waiter = WalEx(dsn, publication="pub", subscriptions=["t"], name="slot_waiter",
+                           durable_slot=True, slot_name="busy_slot", slot_wait_timeout=3)
+            began = time.monotonic()
+            with pytest.raises(SlotInUseError) as info:
+                await waiter.start()
+            return time.monotonic() - began, str(info.value), holder
+
+    waited, message, (pid, addr, app_name) = run(main())
+    assert app_name == "slot_holder"
+    assert 3 <= waited < 3 + 5  # the whole slot_wait_timeout, not half of it
+    assert f"in use by PostgreSQL process {pid}, the walsender streaming it to another consumer " \
+           f"(client {addr}:" in message
+    assert "application_name 'slot_holder'" in message and "stayed so for 3s" in message
+    assert f"FROM pg_stat_replication WHERE pid = {pid};" in message
+
+
+def failing_on(row: int) -> tuple[Events, list[int]]:
+    """A module whose handler records ids and raises on ``row``."""
+    events, seen = Events(), []
+
+    @events.on_insert("t")
+    def handle(items: list[Event]) -> None:
+        seen.extend(e.new_record["id"] for e in items)
+        if any(e.new_record["id"] == row for e in items):
+            raise RuntimeError(f"row {row}")
+
+    return events, seen
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_stop_after_a_failure_loses_the_transaction_only_on_a_temporary_slot(
+    dsn: str, admin: psycopg.Connection, durable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    options: dict[str, Any] = dict(publication="pub", subscriptions=["t"], max_retries=0,
+                                   durable_slot=durable, slot_name="stop_gap" if durable else None)
+
+    async def main() -> tuple[list[str], int, list[int]]:
+        events, seen = failing_on(2)
+        app = WalEx(dsn, name="stop_gap_1", modules=[events], **options)
+        await app.start()
+        admin.execute("INSERT INTO t VALUES (1)")
+        await until(lambda: app.transactions_handled == 1, "the first transaction")
+        handled = app.ack.flushed
+        admin.execute("INSERT INTO t VALUES (2)")
+        with pytest.raises(HandlerError, match="row 2"):
+            await asyncio.wait_for(app.wait(), 15)
+        assert seen == [1, 2]
+        admin.execute("INSERT INTO t VALUES (3)")  # committed while stopped
+        events, seen = failing_on(0)
+        again = WalEx(dsn, name="stop_gap_2", modules=[events], **options)
+        async with again:
+            admin.execute("INSERT INTO t VALUES (4)")
+            await until(lambda: 4 in seen, "the row inserted after the restart")
+        return app.gaps, handled, seen
+
+    with caplog.at_level("ERROR", logger="walex"):
+        gaps, handled, seen = run(main())
+    if durable:  # the next start resumes at the failed transaction
+        assert (gaps, seen) == ([], [2, 3, 4])
+        return
+    assert seen == [4]  # the failed transaction and what was committed while stopped are gone
+    [gap] = gaps
+    assert gap in caplog.text  # logged as an error, too
+    assert "'stop_gap_1' stopped after a failure, and its temporary slot" in gap
+    assert f"the changes committed after {format_lsn(handled)} " in gap
+    assert "durable_slot=True" in gap
+
+
+def test_clean_stop_of_a_temporary_slot_reports_no_gap(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> list[str]:
+        async with collecting(dsn, subscriptions=["t"]) as rec:
+            admin.execute("INSERT INTO t VALUES (1)")
+            await rec.wait_for(1)
+            app = rec.app
+        assert app is not None
+        await app.start()  # the same app again: what was committed meanwhile is not a gap either
+        await app.stop()
+        return app.gaps
+
+    assert run(main()) == []

@@ -28,17 +28,16 @@ import weakref
 from collections import deque
 from typing import Any
 
-import psycopg
-
-from .checks import preflight
 from .config import WalExSettings, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
-from .errors import ConfigError, SetupError, WalExError
+from .errors import ConfigError, WalExError
+from .handlers import Handler
 from .lsn import format_lsn
 from .modules import resolve_modules
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
+from .subscriptions import check_subscriptions, unreachable
 
 __all__ = ["WalEx", "get_app"]
 
@@ -83,6 +82,7 @@ class WalEx:
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
+        self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
         return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
@@ -138,6 +138,8 @@ class WalEx:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        self._unreachable = {}
+        self._warn_unreachable(p.preflight.published if p.preflight else None)
         if self.settings.gc_freeze:
             gc.freeze()  # what lives now (modules, settings, connections) is never garbage
         s = self.settings
@@ -169,7 +171,9 @@ class WalEx:
                 pipeline.closing = True  # the dispatcher takes no batch after the one in hand
                 if pipeline.busy and not dispatcher.done():
                     await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
-                    cut_off = self._cut_off(pipeline.in_hand)
+                    if not dispatcher.done():
+                        cut_off = True
+                        self._log_cut_off(pipeline.in_hand)
                 for task in self._tasks:
                     task.cancel()
                 _, stuck = await asyncio.wait(self._tasks, timeout=10)
@@ -177,11 +181,6 @@ class WalEx:
                     log.error("walex %r: task %s did not stop within 10s", self.settings.name,
                               task.get_name())
                 self._tasks = []
-                left = pipeline.discard_queued()
-                if left:
-                    log.info("walex %r stopped with %d received batches not handled; %s", self.settings.name,
-                             left, "the slot delivers them again" if self.settings.durable_slot
-                             else "they are lost with the temporary slot")
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:
                     try:
@@ -190,6 +189,11 @@ class WalEx:
                         log.warning("final acknowledgement not sent: %s", exc)
             if self._deferred_task is not None:
                 self._deferred_task.cancel()
+            self.pipeline.note_stop(self._error)
+            left = self.pipeline.discard_unhandled()
+            if left and self.settings.durable_slot:
+                log.info("walex %r stopped with %d received batches not handled; the slot "
+                         "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
         finally:
@@ -197,10 +201,8 @@ class WalEx:
                 del _running[self.settings.name]
             self._stopped.set()
 
-    def _cut_off(self, txn: Any) -> bool:
-        """Log that the batch in hand did not finish within the grace; whether it did not."""
-        if txn is None:
-            return False
+    def _log_cut_off(self, txn: Any) -> None:
+        """Say that the batch in hand did not finish within the grace and is cancelled."""
         s = self.settings
         fate = ("a durable slot delivers it again at the next start" if s.durable_slot
                 else "it is lost with the temporary slot")
@@ -208,7 +210,6 @@ class WalEx:
             "walex %r: handler call cut off after shutdown_grace=%gs; the transaction committed at "
             "%s was not acknowledged (%s)", s.name, s.shutdown_grace, format_lsn(txn.commit_lsn), fate,
         )
-        return True
 
     def _task_done(self, task: asyncio.Task[None], may_return: bool = False) -> None:
         """An internal task ended: unless :meth:`stop` ended it, the app stops with an error."""
@@ -289,28 +290,29 @@ class WalEx:
     # -- runtime configuration (see walex.configs) -------------------------
 
     def _apply_settings(self, settings: WalExSettings) -> None:
-        """Take new settings: subscriptions and modules apply from the next transaction."""
+        """Take new settings: subscriptions and modules apply from the next transaction.
+
+        While running, an added subscription is checked against the database
+        first, as start() checks it: a SetupError leaves the old settings.
+        """
         modules = resolve_modules(settings.modules, settings.name, settings.subscriptions)
+        added = [spec for spec in settings.subscriptions if spec not in self.settings.subscriptions]
+        if self._tasks and added:
+            check_subscriptions(settings, added)
         self.settings = settings
         self.modules = modules
         self.dispatcher.set_modules(modules)
         self.pipeline.settings = settings
         self.pipeline.secret = settings.secret()
         self.pipeline.set_subscriptions(settings.subscriptions)
-        if self._tasks:  # running: say at once if a new subscription can never get events
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # changed from another thread: checked at the next reconnect
-            loop.create_task(self._check_subscriptions())
+        if self._tasks:
+            self._warn_unreachable(None)
 
-    async def _check_subscriptions(self) -> None:
-        admin = self.pipeline.admin
-        if admin is None:
-            return
-        try:
-            await preflight(admin, self.settings.publication, self.settings.subscriptions)
-        except SetupError as exc:
-            log.error("walex %r: %s", self.settings.name, exc)
-        except psycopg.Error as exc:
-            log.debug("subscription check not run: %s", exc)
+    def _warn_unreachable(self, published: set[tuple[str, str]] | None) -> None:
+        """Warn once about each handler that cannot fire (until it can again)."""
+        handlers = [h for module in self.modules for h in module.handlers]
+        found = unreachable(handlers, self.settings.subscriptions, published)
+        for handler, message in found:
+            if id(handler) not in self._unreachable:
+                log.warning("walex %r: %s", self.settings.name, message)
+        self._unreachable = {id(h): h for h, _ in found}

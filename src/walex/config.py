@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings, InitSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
 )
@@ -92,6 +92,8 @@ class WalExSettings(BaseSettings):
     status_interval: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval: float | None = Field(default=None, gt=0)
     max_pending_transactions: int = Field(default=64, ge=1)  # batches queued for handlers
+    # bytes of row data (as received) queued for handlers: 64 MiB, "16MiB", "500MB"
+    max_pending_bytes: ByteSize = Field(default=ByteSize(64 * 1024 * 1024), ge=1)
     batch_size: int = Field(default=1000, ge=1)  # most events per handler call
     spill_dir: str | None = None  # where streamed transactions spill; default: temp dir
     reconnect_max_attempts: int = Field(default=10, ge=0)
@@ -143,6 +145,17 @@ class WalExSettings(BaseSettings):
             if not all(p.strip().isdigit() for p in port.split(",") if p.strip()):
                 raise ValueError("not a valid database url: its port is not a number")
         return value
+
+    @field_validator("max_pending_bytes", mode="wrap")
+    @classmethod
+    def _byte_size(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(
+                f"must be a size in bytes, at least 1: an integer, or a string such as "
+                f"'64MiB' or '500MB' (got {value!r})"
+            ) from None
 
     @field_validator("name")
     @classmethod
@@ -245,6 +258,15 @@ class WalExSettings(BaseSettings):
             return conninfo
         except Exception as exc:
             raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
+
+    def app_conninfo(self) -> str:
+        """:meth:`conninfo` for the app's own connections, named after the app.
+
+        The app's ``name`` is the ``application_name`` that ``pg_stat_activity``
+        and ``pg_stat_replication`` show, unless ``application_name`` (in the
+        URL) or ``PGAPPNAME`` says otherwise.
+        """
+        return make_conninfo(self.conninfo(), fallback_application_name=self.name)
 
     def effective_sslmode(self) -> str | None:
         """The ``sslmode`` walex asks libpq for; ``None`` leaves it to the URL or libpq."""

@@ -3,7 +3,9 @@
 ``app.config.add("subscriptions", ["todo"])``, ``.remove("subscriptions",
 "todo")`` and ``.replace("password", "new")`` validate the whole new
 configuration with the same model as the constructor (so a bad value raises
-:class:`~walex.errors.ConfigError` and nothing changes), then apply it:
+:class:`~walex.errors.ConfigError` and nothing changes), check an added
+subscription against the database as ``start()`` does while the app runs (a
+:class:`~walex.errors.SetupError`, and nothing changes), then apply it:
 subscriptions, modules and the handler options (``on_error``,
 ``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
 transaction, without a restart; connection options (``password``, ``url``,

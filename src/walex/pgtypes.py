@@ -9,9 +9,17 @@ once and registers what makes it load like the type it is:
 - a domain loads as its base type (as a SELECT would return it);
 - an array of a non-built-in element (enum, domain, composite, hstore) loads
   as a ``list`` of that element;
-- a composite loads as a named tuple; ``hstore`` as a ``dict``;
+- a composite loads as a named tuple whose fields are typed like the same
+  types at top level: the field types are resolved before the composite is
+  registered, so the result does not depend on the order walex met the types
+  in; a value of an older shape of the type is handled by
+  :mod:`walex.composites`;
+- ``hstore`` loads as a ``dict``;
 - anything else (enum, citext, ...) loads as ``str`` unless a loader was
   registered for it.
+
+Lookups run on a :class:`~walex.lookups.LookupConnection`, reopened when the
+server closed it.
 
 Invariant: after :meth:`TypeCatalog.resolve` returned for a set of OIDs, the
 adapters hold a loader for each (or psycopg's text fallback applies) and
@@ -26,14 +34,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.adapt import AdaptersMap, Loader
 from psycopg.postgres import types as builtin_types
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.array import register_array
-from psycopg.types.composite import CompositeInfo, register_composite
 from psycopg.types.hstore import register_hstore
+
+from . import composites
+from .lookups import LookupConnection
 
 __all__ = ["TypeCatalog"]
 
@@ -78,8 +87,13 @@ WHERE t.oid = ANY(%s)
 class TypeCatalog:
     """Resolves column type OIDs to names and loaders, one query per new type."""
 
-    def __init__(self, conn: psycopg.AsyncConnection | None = None) -> None:
-        self.conn = conn
+    def __init__(self, lookups: LookupConnection | None = None) -> None:
+        self.lookups = lookups
+        self.forget()
+
+    def forget(self) -> None:
+        """Start again from psycopg's global adapters: types are looked up anew when
+        next met (at a new session, so a type altered meanwhile is read again)."""
         self.adapters = AdaptersMap(psycopg.adapters)
         if _FastJsonLoader is not None and not _user_json_loads():
             for oid in (114, 3802):  # json, jsonb in text format
@@ -105,11 +119,9 @@ class TypeCatalog:
     async def resolve(self, oids: Iterable[int]) -> None:
         """Make sure every OID has a name and a loader; queries ``pg_type`` for new ones."""
         pending = sorted({oid for oid in oids if not self._is_known(oid)})
-        if not pending or self.conn is None:
+        if not pending or self.lookups is None:
             return
-        async with self.conn.cursor() as cur:
-            await cur.execute(_PG_TYPE_QUERY, (pending,))
-            rows = await cur.fetchall()
+        rows = await self.lookups.fetch(_PG_TYPE_QUERY, (pending,))
         by_oid = {row[0]: row for row in rows}
         # Elements and base types first, so arrays and domains can reuse them.
         deps = {r[4] for r in rows if r[4]} | {r[5] for r in rows if r[5]}
@@ -117,6 +129,8 @@ class TypeCatalog:
             await self.resolve(deps - set(pending))
         # Elements before arrays, so an array is named after its element.
         for oid in sorted(pending, key=lambda o: bool(by_oid.get(o, (0,) * 8)[5])):
+            if oid in self._names:
+                continue  # registered meanwhile, as a field of a composite
             row = by_oid.get(oid)
             if row is None:
                 self._names[oid] = str(oid)  # dropped meanwhile: text fallback
@@ -124,7 +138,7 @@ class TypeCatalog:
             await self._register(row)
 
     async def _register(self, row: tuple) -> None:
-        oid, typname, nspname, typtype, basetype, elem, _array, _formatted = row
+        oid, typname, nspname, typtype, basetype, elem, array_oid, _formatted = row
         user_loader = self.adapters.get_loader(oid, Format.TEXT) is not None
         if elem and typtype == "b" and typname.startswith("_"):  # an array type
             self._names[oid] = f"{self.name(elem)}[]"
@@ -132,7 +146,7 @@ class TypeCatalog:
                 register_array(TypeInfo(self.name(elem), elem, oid), self.adapters)
             return
         self._names[oid] = typname if nspname in ("pg_catalog", "public") else f"{nspname}.{typname}"
-        if user_loader or self.conn is None:
+        if user_loader or self.lookups is None:
             return  # the user registered this type already
         if typtype == "d":
             for fmt in (Format.TEXT, Format.BINARY):
@@ -140,10 +154,11 @@ class TypeCatalog:
                 if loader is not None:
                     self.adapters.register_loader(oid, loader)
         elif typtype == "c":
-            info = await CompositeInfo.fetch(self.conn, sql.Identifier(nspname, typname))
-            if info is not None:
-                register_composite(info, self.adapters)
+            attributes = await self.lookups.fetch(composites.ATTRIBUTES_QUERY, (oid,))
+            # Fields first: the composite's loader takes their loaders when it is made.
+            await self.resolve(typid for _name, typid, dropped in attributes if not dropped)
+            composites.register(
+                self.adapters, typname, f"{nspname}.{typname}", oid, array_oid, attributes
+            )
         elif typname == "hstore":
-            info = await TypeInfo.fetch(self.conn, sql.Identifier(nspname, typname))
-            if info is not None:
-                register_hstore(info, self.adapters)
+            register_hstore(TypeInfo(typname, oid, array_oid), self.adapters)

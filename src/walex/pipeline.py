@@ -2,7 +2,10 @@
 
 A *session* is one pair of connections (an admin connection for checks and
 type lookups, a walsender connection for the stream) from slot creation to
-the end of the stream. The pipeline outlives sessions: when a session breaks
+the end of the stream. After the checks the admin connection serves type
+lookups and heartbeats through a :class:`~walex.lookups.LookupConnection`,
+which reopens it whenever the server closed it, without ending the session.
+The pipeline outlives sessions: when a session breaks
 for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
 jitter, resuming from the slot. Changes flow::
@@ -15,14 +18,18 @@ Invariants:
 - a transaction is acknowledged only after its dispatch returned;
 - a transaction committed below the acknowledged position is a replay and
   is dropped before dispatch;
-- a large transaction flows through in batches of ``batch_size`` events, so
-  memory is bounded by the queue (``max_pending_transactions`` batches) and
-  not by the transaction's size; it is acknowledged after its last batch;
+- a large transaction flows through in batches of at most ``batch_size``
+  events and about ``max_pending_bytes / 8`` bytes, so memory is bounded by
+  the queue and not by the transaction's size: the reader stops reading while
+  the batches queued or in hand hold more than ``max_pending_bytes`` (their
+  :attr:`Transaction.size`, the bytes they took on the wire) or the queue
+  holds ``max_pending_transactions`` batches; a transaction is acknowledged
+  after its last batch;
 - the keepalive's WAL end is acknowledged only when nothing is in flight:
   no open transaction, nothing queued or being handled, nothing held by a
   middleware;
-- a temporary slot cannot survive a reconnect: the gap is logged and recorded
-  in :attr:`Pipeline.gaps`;
+- a temporary slot survives neither a reconnect nor a stop: the changes it
+  takes along unhandled are logged and recorded in :attr:`Pipeline.gaps`;
 - once ``closing`` is set (by ``stop()``) the dispatcher finishes the batch in
   hand and takes no other.
 """
@@ -45,6 +52,7 @@ from .config import WalExSettings
 from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
 from .handlers import table_matcher
+from .lookups import LookupConnection
 from .lsn import format_lsn, parse_lsn
 from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import Message
@@ -52,6 +60,7 @@ from .pgtypes import TypeCatalog
 from .relations import RelationCache
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
+from .subscriptions import renamed
 from .transactions import Transaction, TransactionAssembler
 
 __all__ = ["Pipeline"]
@@ -59,6 +68,13 @@ __all__ = ["Pipeline"]
 log = logging.getLogger("walex")
 
 _XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
+
+
+def _client(addr: str | None, port: int | None, app_name: str | None) -> str:
+    where = "a local socket" if addr is None and port == -1 else (
+        f"{addr}:{port}" if addr is not None else "an address hidden from this role"
+    )
+    return f"client {where}, application_name {app_name!r}" if app_name else f"client {where}"
 
 
 class Pipeline:
@@ -74,22 +90,32 @@ class Pipeline:
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
         self.queue: asyncio.Queue[Transaction] = asyncio.Queue(settings.max_pending_transactions)
+        # the byte bound: sizes of the batches queued or in hand; the reader
+        # waits for `room` while they exceed max_pending_bytes
+        self.max_pending_bytes = settings.max_pending_bytes
+        self.pending_bytes = 0
+        self.room = asyncio.Event()
         self.in_hand: Transaction | None = None  # the batch being dispatched
         self.closing = False  # set by stop(): take no batch after the one in hand
         self.held_by_middleware = 0
         self.admin: psycopg.AsyncConnection | None = None
         self.repl: ReplicationConnection | None = None
         self.preflight: Preflight | None = None
-        self.catalog = TypeCatalog()
+        self.lookups = LookupConnection()
+        self.catalog = TypeCatalog(self.lookups)
         self.relations = RelationCache(self.catalog, "", self._is_subscribed)
         self.assembler = TransactionAssembler(
-            self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir
+            self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir,
+            # a batch holds at most 1/8 of the budget, so one huge transaction of wide
+            # rows cannot hold much more than the budget (queued + assembled + in hand)
+            batch_bytes=max(1, settings.max_pending_bytes // 8),
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
         self.sessions = 0
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
+        self._restart = False  # the next session follows a stop(), not a lost connection
         self.transactions_handled = 0
         self.events_handled = 0
         self.replays_dropped = 0
@@ -108,7 +134,7 @@ class Pipeline:
     async def open_session(self) -> None:
         """Connect, check, create or reuse the slot, and start streaming."""
         s = self.settings
-        conninfo = s.conninfo()
+        conninfo = s.app_conninfo()
         first = self.sessions == 0
         try:
             self.admin = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
@@ -127,11 +153,13 @@ class Pipeline:
                                      f"{redact(str(exc), self.secret)}") from None
                 raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
                                        retriable=True) from None
-            self.catalog.conn = self.admin
+            self.lookups.use(self.admin, conninfo, self.secret)
+            self.catalog.forget()  # every table's Relation message comes again
             self.relations.db = self.preflight.database
             self.assembler.reset()
             self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             start = await self._prepare_slot(first)
+            self._restart = False
             await self._start_replication(start)
         except BaseException:
             await self.close_session()
@@ -176,7 +204,7 @@ class Pipeline:
                 if confirmed > self.ack.flushed:
                     self.ack.flushed = self.ack.received = confirmed
                 return confirmed
-        elif not first:
+        elif not first and not self._restart:  # a restart after stop() reported its own loss
             gap = (
                 f"temporary slot {self.slot_name!r} was dropped with the lost connection: "
                 f"changes committed after {format_lsn(self.ack.flushed)} until the new slot "
@@ -232,25 +260,78 @@ class Pipeline:
                 await repl.start(self.slot_name, start, options)
                 break
             except SlotInUseError:
-                if time.monotonic() + delay > deadline:
-                    raise SlotInUseError(
-                        f"replication slot {self.slot_name!r} is in use by process "
-                        f"{await self._slot_holder()} and stayed so for {wait:g}s. "
-                        "Fix: stop the other consumer (only one process can stream from a "
-                        "slot), or give this app another slot_name."
-                    ) from None
-                log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, delay)
-                await asyncio.sleep(delay)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SlotInUseError(await self._slot_in_use(wait)) from None
+                pause = min(delay, remaining)  # the last try comes at the deadline
+                log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 5.0)
         log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
 
-    async def _slot_holder(self) -> str:
+    async def _slot_in_use(self, waited: float) -> str:
+        """Why the slot cannot be had: the process holding it, and how to find its client."""
         assert self.admin is not None
         cur = await self.admin.execute(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (self.slot_name,)
+            "SELECT s.active_pid, a.backend_type, a.client_addr::text, a.client_port, "
+            "a.application_name FROM pg_replication_slots s "
+            "LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
+            (self.slot_name,),
         )
         row = await cur.fetchone()
-        return str(row[0]) if row and row[0] else "unknown"
+        pid, kind, addr, port, app_name = row if row else (None, None, None, None, None)
+        if pid is None:
+            return (
+                f"replication slot {self.slot_name!r} was in use by another consumer for "
+                f"{waited:g}s (it was released just now). Fix: stop the other consumer (only one "
+                "process can stream from a slot), or give this app another slot_name."
+            )
+        view = "pg_stat_activity" if kind not in (None, "walsender") else "pg_stat_replication"
+        if kind == "walsender":
+            holder = "the walsender streaming it to another consumer"
+        elif kind is None:
+            holder = "the server process serving another consumer of it"
+        else:
+            holder = f"a {kind} session reading it (pg_logical_slot_get_changes or the like)"
+        return (
+            f"replication slot {self.slot_name!r} is in use by PostgreSQL process {pid}, {holder} "
+            f"({_client(addr, port, app_name)}), and stayed so for {waited:g}s. That pid is the "
+            "server's process, not the consumer's: find the consumer with SELECT "
+            f"application_name, client_addr, client_port FROM {view} WHERE pid = {pid}; "
+            "(a walex app's application_name is its name). Fix: stop the other consumer (only "
+            "one process can stream from a slot), or give this app another slot_name."
+        )
+
+    def note_stop(self, failure: BaseException | None) -> None:
+        """At stop: a temporary slot goes with the connection; report what it takes along.
+
+        Nothing is lost when the app stops with nothing in hand (only what is
+        committed while it is stopped is never seen, as the next start makes a
+        new temporary slot). Stopping after a failure, with changes received
+        but not handled, or while reconnecting loses everything committed
+        after the acknowledged position: that is a gap.
+        """
+        if self.settings.durable_slot or self.sessions == 0:
+            return
+        self._restart = True
+        repl = self.repl
+        if failure is not None:
+            why = "stopped after a failure"
+        elif not self.idle:
+            why = "stopped with changes received but not handled"
+        elif repl is None or not repl.streaming:
+            why = "stopped while reconnecting"
+        else:
+            return
+        gap = (
+            f"walex app {self.settings.name!r} {why}, and its temporary slot {self.slot_name!r} "
+            f"is dropped with the connection: the changes committed after "
+            f"{format_lsn(self.ack.flushed)} (those not handled included) are never delivered, "
+            "not even by a restart, which makes a new slot at the server's current position. "
+            "Use durable_slot=True so that the next start resumes at them."
+        )
+        log.error(gap)
+        self.gaps.append(gap)
 
     async def close_session(self) -> None:
         for conn in (self.repl, self.admin):
@@ -260,7 +341,8 @@ class Pipeline:
                 except Exception:  # pragma: no cover - closing a broken connection
                     pass
         self.repl = self.admin = None
-        self.catalog.conn = None
+        await self.lookups.close()
+        self.lookups.use(None, None, None)
 
     # -- the tasks -------------------------------------------------------
 
@@ -308,6 +390,7 @@ class Pipeline:
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
         process, feed, queue = self.process, self.assembler.feed, self.queue
+        max_bytes = self.max_pending_bytes
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
@@ -342,15 +425,16 @@ class Pipeline:
                         if kind is Relation or kind is Type:
                             await process(msg, start)
                         else:  # the hot path: no coroutine per message
-                            batches = feed(msg, start)
+                            batches = feed(msg, start, len(frame))  # frame size: the byte bound's unit
                             if batches is not None:
                                 for txn in batches:
                                     if txn.commit_lsn < ack.flushed:
                                         self._replayed(txn)
-                                    elif queue.full():
-                                        await queue.put(txn)
+                                    elif queue.full() or self.pending_bytes > max_bytes:
+                                        await self._put(txn)
                                     else:
                                         queue.put_nowait(txn)
+                                        self.pending_bytes += txn.size
                     else:
                         self.held_by_middleware += 1
                         result = middleware(msg, self.owner)
@@ -372,12 +456,15 @@ class Pipeline:
         """Whether a batch is being dispatched."""
         return self.in_hand is not None
 
-    def discard_queued(self) -> int:
-        """Forget the batches received but not dispatched (at stop); how many there were."""
+    def discard_unhandled(self) -> int:
+        """At stop: forget the batches received but not handled; how many were queued."""
         count = 0
         while not self.queue.empty():
             self.queue.get_nowait()
             count += 1
+        self.in_hand = None
+        self.pending_bytes = 0
+        self.room.set()
         return count
 
     @property
@@ -393,19 +480,37 @@ class Pipeline:
             self.held_by_middleware -= 1
         kind = type(msg)
         if kind is Relation:
-            await self.relations.update(msg)  # type: ignore[arg-type]
+            before = self.relations.known(msg.relation_id)  # type: ignore[union-attr]
+            table = await self.relations.update(msg)  # type: ignore[arg-type]
+            if before is not None and before.qualified_name != table.qualified_name:
+                loss, message = renamed(before, table, self.dispatcher.handlers,
+                                        self.settings.subscriptions)
+                log.log(logging.WARNING if loss else logging.INFO, "walex %r: %s",
+                        self.settings.name, message)
             return
         if kind is Type:
             await self.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]
             return
-        batches = self.assembler.feed(msg, lsn)
+        batches = self.assembler.feed(msg, lsn, _row_bytes(msg) if from_middleware else 0)
         if batches is None:
             return
         for txn in batches:
             if txn.commit_lsn < self.ack.flushed:
                 self._replayed(txn)
             else:
-                await self.queue.put(txn)
+                await self._put(txn)
+
+    async def _put(self, txn: Transaction) -> None:
+        """Queue a batch once the batches queued or in hand fit in ``max_pending_bytes``.
+
+        Checked before the batch is added, not after: a batch wider than the
+        whole budget is queued once the others were handled, never held forever.
+        """
+        while self.pending_bytes > self.max_pending_bytes:
+            self.room.clear()
+            await self.room.wait()  # set by the dispatcher after each batch
+        await self.queue.put(txn)
+        self.pending_bytes += txn.size
 
     def _replayed(self, txn: Transaction) -> None:
         """Committed before what was acknowledged: a replay after a reconnect."""
@@ -416,19 +521,18 @@ class Pipeline:
     async def run_dispatcher(self) -> None:
         """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
-        try:
-            while not self.closing:
-                txn = await queue.get()
-                self.in_hand = txn
-                await dispatch(txn)
-                if failpoints.ACTIVE:
-                    failpoints.hit("after_dispatch")
-                self.events_handled += len(txn.events)
-                if txn.last:
-                    ack.handled(txn.end_lsn)
-                    self.transactions_handled += 1
-                self.in_hand = None
-        finally:
+        while not self.closing:
+            txn = await queue.get()
+            self.in_hand = txn
+            await dispatch(txn)
+            if failpoints.ACTIVE:
+                failpoints.hit("after_dispatch")
+            self.events_handled += len(txn.events)
+            if txn.last:
+                ack.handled(txn.end_lsn)
+                self.transactions_handled += 1
+            self.pending_bytes -= txn.size
+            self.room.set()
             self.in_hand = None
 
     async def run_acknowledger(self) -> None:
@@ -452,10 +556,25 @@ class Pipeline:
         assert interval is not None
         while True:
             await asyncio.sleep(interval)
-            if self.admin is not None:
+            if self.lookups.ready:
                 try:
-                    await self.admin.execute(
+                    await self.lookups.fetch(
                         "SELECT pg_logical_emit_message(false, 'walex.heartbeat', '')"
                     )
-                except psycopg.Error as exc:
+                except (psycopg.Error, ReplicationError) as exc:
                     log.debug("heartbeat failed: %s", exc)
+
+
+def _row_bytes(msg: Message) -> int:
+    """The bytes of a change's row values, for messages given back by a middleware.
+
+    The reader counts the received frame instead; a message a middleware hands
+    back comes without it, so its values are counted (off the hot path).
+    """
+    size = 0
+    for row in (getattr(msg, "new", None), getattr(msg, "old", None)):
+        if row is not None:
+            for value in row.values:
+                if isinstance(value, bytes):  # text, or BinaryValue
+                    size += len(value)
+    return size

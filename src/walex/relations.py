@@ -103,8 +103,7 @@ class Table:
         return DecodeError(
             f"cannot type {where}: {cause}. If psycopg cannot represent the value (e.g. an "
             "'infinity' timestamp), register a loader for its type in psycopg.adapters before "
-            "creating the app; if the type was altered while walex was running (e.g. ALTER "
-            "TYPE ... ADD ATTRIBUTE on a composite), restart walex so it reads the new definition.",
+            "creating the app.",
             tag=tag, lsn=lsn,
         )
 
@@ -138,6 +137,10 @@ class RelationCache:
         """Re-evaluate which cached tables are subscribed (after a config change)."""
         for table in self._tables.values():
             table.subscribed = self.is_subscribed(table.schema, table.name)
+
+    def known(self, relation_id: int) -> Table | None:
+        """The cached definition of ``relation_id``, if any."""
+        return self._tables.get(relation_id)
 
     def get(self, relation_id: int, tag: str, lsn: int) -> Table:
         table = self._tables.get(relation_id)

@@ -7,6 +7,12 @@ be removed by a subtransaction's Stream Abort. :class:`Spill` keeps at most
 with their subtransaction id, to an anonymous temporary file (deleted by the
 OS when closed, even after a crash).
 
+Items must be plain data that unpickles in any process (the raw decoded
+changes, not typed values: a value's class may be made at run time, such as
+a composite's named tuple). What is needed to interpret them and cannot be
+pickled (a table definition with its loaders) stays in memory, registered
+with :meth:`Spill.keep` and referred to by number.
+
 Invariant: :meth:`Spill.replay` yields every item appended, in order, except
 those of aborted subtransactions, reading back one batch at a time.
 """
@@ -29,6 +35,8 @@ class Spill:
         self.directory = directory
         self.memory: list[tuple[int, Any]] = []
         self.aborted: set[int] = set()
+        self.kept: list[Any] = []  # objects items refer to by number, never written
+        self._kept_numbers: dict[int, int] = {}
         self._file: IO[bytes] | None = None
         self.spilled = 0
         self._batches = 0
@@ -43,6 +51,14 @@ class Spill:
             self._batches += 1
             self.memory = []
 
+    def keep(self, obj: Any) -> int:
+        """The number under which ``obj`` stays in memory (the same for the same object)."""
+        number = self._kept_numbers.get(id(obj))
+        if number is None:
+            number = self._kept_numbers[id(obj)] = len(self.kept)
+            self.kept.append(obj)
+        return number
+
     def abort(self, subxid: int) -> None:
         """Drop everything a subtransaction did (a subtransaction id is never reused)."""
         self.aborted.add(subxid)
@@ -50,19 +66,23 @@ class Spill:
 
     def replay(self) -> Iterator[Any]:
         aborted = self.aborted
-        if self._file is not None:
-            self._file.seek(0)
-            for _ in range(self._batches):
-                for subxid, item in pickle.load(self._file):
-                    if subxid not in aborted:
-                        yield item
-        for subxid, item in self.memory:
-            if subxid not in aborted:
-                yield item
-        self.close()
+        try:
+            if self._file is not None:
+                self._file.seek(0)
+                for _ in range(self._batches):
+                    for subxid, item in pickle.load(self._file):
+                        if subxid not in aborted:
+                            yield item
+            for subxid, item in self.memory:
+                if subxid not in aborted:
+                    yield item
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
         self.memory = []
+        self.kept = []
+        self._kept_numbers = {}

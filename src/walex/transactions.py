@@ -3,7 +3,10 @@
 Input: every message of the stream in order (Relation and Type messages are
 applied to the relation cache by the caller before they reach here). Output:
 :class:`Transaction` batches: the events of one committed transaction in WAL
-order, at most ``batch_size`` per batch, the last batch flagged ``last``.
+order, at most ``batch_size`` per batch and about ``batch_bytes`` of them
+(the sizes of the pgoutput messages they came from, given to :meth:`feed`), the
+last batch flagged ``last``; a change is never split, so one wider than
+``batch_bytes`` ends its batch.
 
 Handles plain transactions (Begin ... Commit), streamed ones (protocol 2+:
 chunks between Stream Start/Stop, possibly interleaved, finished by Stream
@@ -11,10 +14,15 @@ Commit or dropped, in whole or per subtransaction, by Stream Abort) and
 two-phase ones (Begin Prepare ... Prepare, then Commit/Rollback Prepared).
 
 Invariants:
-- memory is bounded by ``batch_size`` events per open transaction: a plain
-  transaction is already committed when the server sends it (protocol 1 sends
-  at commit), so its full batches are handed on before its Commit message;
-  a streamed one spills to disk (:mod:`walex.spill`) until Stream Commit;
+- memory is bounded by ``batch_size`` events and ``batch_bytes`` bytes per
+  open transaction: a plain transaction is already committed when the server
+  sends it (protocol 1 sends at commit), so its full batches are handed on
+  before its Commit message; a streamed one spills to disk (:mod:`walex.spill`)
+  until Stream Commit: the raw decoded changes, typed after reading back with
+  the table definition that was current when each change was made, in batches
+  of its average change size;
+- :attr:`Transaction.size` is what a batch's changes took on the wire, a cheap
+  proxy (one integer add per change) for the memory its events hold;
 - nothing of a transaction is handed on before it is known to be committed,
   and aborted subtransactions' changes never are;
 - a change's position is its index among the transaction's surviving changes,
@@ -35,7 +43,7 @@ from .errors import DecodeError
 from .event import Event
 from .lsn import format_lsn
 from .pgoutput import messages as m
-from .relations import RelationCache
+from .relations import RelationCache, Table
 from .rows import delete_event, insert_event, truncate_event, update_event
 from .spill import Spill
 
@@ -49,7 +57,8 @@ class Transaction:
     """A committed transaction's events: all of them, or one batch of a large one.
 
     ``end_lsn`` (the end of the commit record, what is acknowledged) is known
-    on the ``last`` batch only; earlier batches carry 0.
+    on the ``last`` batch only; earlier batches carry 0. ``size``: bytes of the
+    messages the events came from (what the pipeline's ``max_pending_bytes`` counts).
     """
 
     xid: int
@@ -59,6 +68,7 @@ class Transaction:
     events: list[Event]
     origin: str | None = None
     last: bool = True
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -72,16 +82,20 @@ class _Open:
     emitted: int = 0  # changes already handed on in earlier batches
     origin: str | None = None
     spill: Spill | None = None  # streamed and prepared transactions
+    size: int = 0  # message bytes of `changes` (of everything held, when spilled)
+    held: int = 0  # changes written to the spill
 
 
 class TransactionAssembler:
     """Feeds on messages; returns the batches each message completes."""
 
     def __init__(
-        self, relations: RelationCache, batch_size: int = 1000, spill_dir: str | None = None
+        self, relations: RelationCache, batch_size: int = 1000, spill_dir: str | None = None,
+        batch_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.relations = relations
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.spill_dir = spill_dir
         self._current: _Open | None = None  # Begin/Begin Prepare ... Commit/Prepare
         self._streams: dict[int, _Open] = {}  # streamed, by top-level xid
@@ -93,10 +107,11 @@ class TransactionAssembler:
     def idle(self) -> bool:
         return self._current is None and not self._streams and not self._prepared
 
-    def feed(self, msg: m.Message, lsn: int) -> Iterable[Transaction] | None:
+    def feed(self, msg: m.Message, lsn: int, size: int = 0) -> Iterable[Transaction] | None:
+        """``size``: bytes of the message as received, counted towards ``batch_bytes``."""
         kind = type(msg)
         if kind is m.Insert or kind is m.Update or kind is m.Delete or kind is m.Truncate:
-            return self._change(msg, lsn)  # type: ignore[arg-type]
+            return self._change(msg, lsn, size)  # type: ignore[arg-type]
         if kind is m.Begin:
             self._expect_closed("Begin", lsn)
             self._current = _Open(msg.xid, msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
@@ -183,7 +198,7 @@ class TransactionAssembler:
             txn.spill.abort(msg.subxid)
 
     def _change(
-        self, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int
+        self, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int, size: int
     ) -> list[Transaction] | None:
         txn = self._stream or self._current
         if txn is None:
@@ -193,6 +208,10 @@ class TransactionAssembler:
             )
         relations = self.relations
         kind = type(msg)
+        if txn.spill is not None:
+            txn.held += self._hold(txn, txn.spill, msg, lsn)
+            txn.size += size  # for the batch sizes of the read back (see _replay)
+            return None
         if kind is m.Insert:
             table = relations.get(msg.relation_id, "I", lsn)  # type: ignore[union-attr]
             new: list[Event | None] = [insert_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
@@ -207,39 +226,78 @@ class TransactionAssembler:
             for rid in msg.relation_ids:  # type: ignore[union-attr]
                 table = relations.get(rid, "T", lsn)
                 new.append(truncate_event(table) if table.subscribed else None)
-        spill = txn.spill
-        if spill is not None:
-            subxid = msg.xid or txn.xid
-            for event in new:
-                spill.append(subxid, event)
-            return None
         txn.changes.extend(new)
-        if len(txn.changes) >= self.batch_size:
+        txn.size += size
+        # a batch ends at batch_size changes or batch_bytes bytes, whichever comes first
+        if len(txn.changes) >= self.batch_size or txn.size >= self.batch_bytes:
             assert txn.commit_time is not None
             return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0)]
         return None
 
+    def _hold(
+        self, txn: _Open, spill: Spill, msg: m.Insert | m.Update | m.Delete | m.Truncate, lsn: int
+    ) -> int:
+        """Keep a change of a held transaction, untyped: ``(table number, message, lsn)``,
+        or ``None`` for a change of a table that is not subscribed (it keeps its position).
+        Returns the number of changes kept (one per table of a TRUNCATE)."""
+        subxid = msg.xid or txn.xid
+        if type(msg) is m.Truncate:
+            for rid in msg.relation_ids:
+                table = self.relations.get(rid, "T", lsn)
+                spill.append(subxid, (spill.keep(table), None, lsn) if table.subscribed else None)
+            return len(msg.relation_ids)
+        table = self.relations.get(msg.relation_id, _TAGS[type(msg)], lsn)
+        spill.append(subxid, (spill.keep(table), msg, lsn) if table.subscribed else None)
+        return 1
+
     def _batch(self, txn: _Open, commit_lsn: int, commit_time: datetime, end_lsn: int) -> Transaction:
         """Hand on the changes collected so far; ``end_lsn`` non-zero marks the last batch."""
-        changes, first = txn.changes, txn.emitted
+        changes, first, size = txn.changes, txn.emitted, txn.size
         txn.changes = []
         txn.emitted = first + len(changes)
+        txn.size = 0
         return Transaction(
             txn.xid, commit_lsn, end_lsn, commit_time,
             _stamp(changes, first, commit_lsn, commit_time), txn.origin, last=end_lsn != 0,
+            size=size,
         )
 
     def _replay(
         self, txn: _Open, commit_lsn: int, commit_time: datetime, end_lsn: int
     ) -> Iterator[Transaction]:
-        """The batches of a held (streamed or prepared) transaction, read back lazily."""
-        assert txn.spill is not None
-        self.spilled_events += txn.spill.spilled
-        for event in txn.spill.replay():
-            txn.changes.append(event)
-            if len(txn.changes) >= self.batch_size:
+        """The batches of a held (streamed or prepared) transaction, read back lazily.
+
+        The spill keeps no per-change size: a change counts as the average
+        size of the transaction's changes, so batches of wide rows are cut
+        by bytes as in :meth:`_change`.
+        """
+        spill = txn.spill
+        assert spill is not None
+        self.spilled_events += spill.spilled
+        tables = spill.kept
+        average = txn.size // txn.held if txn.held else 0
+        limit = self.batch_size
+        if average:
+            limit = max(1, min(limit, -(-self.batch_bytes // average)))
+        for held in spill.replay():
+            txn.changes.append(None if held is None else _typed(tables[held[0]], held[1], held[2]))
+            if len(txn.changes) >= limit:
+                txn.size = average * limit
                 yield self._batch(txn, commit_lsn, commit_time, 0)
+        txn.size = average * len(txn.changes)
         yield self._batch(txn, commit_lsn, commit_time, end_lsn)
+
+
+def _typed(table: Table, msg: m.Insert | m.Update | m.Delete | None, lsn: int) -> Event:
+    """The event of a held change (``None``: one table of a TRUNCATE)."""
+    kind = type(msg)
+    if kind is m.Insert:
+        return insert_event(table, msg, lsn)  # type: ignore[arg-type]
+    if kind is m.Update:
+        return update_event(table, msg, lsn)  # type: ignore[arg-type]
+    if kind is m.Delete:
+        return delete_event(table, msg, lsn)  # type: ignore[arg-type]
+    return truncate_event(table)
 
 
 def _stamp(changes: list[Event | None], first: int, commit_lsn: int, commit_time: datetime) -> list[Event]:

@@ -1,0 +1,92 @@
+"""A normal (non-replication) connection opened on demand and reopened when lost.
+
+walex needs ordinary SQL while it streams: ``pg_type`` lookups for types it
+meets, heartbeats. The server may close that connection at any moment
+(``idle_session_timeout``, ``pg_terminate_backend``, a restart) while the
+replication connection lives on. :class:`LookupConnection` runs each query on
+its connection, opening one first when it has none; when the connection is
+lost (``psycopg.OperationalError``) it opens a new one and runs the query
+again, a few times with backoff. Only if that keeps failing does it raise a
+retriable :class:`~walex.errors.ReplicationError`, so the pipeline reconnects
+as for any lost connection.
+
+Invariant: queries sent through it are read-only or safe to repeat (a query
+may run twice when the connection broke after the server ran it). Error
+messages never contain the password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import psycopg
+
+from .errors import ReplicationError, redact
+
+__all__ = ["LookupConnection"]
+
+log = logging.getLogger("walex")
+
+
+class LookupConnection:
+    """Runs queries on a connection to ``conninfo``, reopening it when it was lost."""
+
+    def __init__(
+        self, conninfo: str | None = None, secret: str | None = None, *,
+        attempts: int = 4, backoff: float = 0.2,
+    ) -> None:
+        self.conninfo = conninfo
+        self.secret = secret
+        self.attempts = attempts
+        self.backoff = backoff
+        self.conn: psycopg.AsyncConnection | None = None
+
+    def use(self, conn: psycopg.AsyncConnection | None, conninfo: str | None, secret: str | None) -> None:
+        """Start from an open connection (or none) to ``conninfo``."""
+        self.conn, self.conninfo, self.secret = conn, conninfo, secret
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is a connection, or what it takes to open one."""
+        return self.conn is not None or self.conninfo is not None
+
+    async def fetch(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        """The rows of ``query``; reconnects and retries if the connection is lost."""
+        if not self.ready:
+            raise ReplicationError("no connection for type lookups: not connected", retriable=True)
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                conn = self.conn
+                if conn is None or conn.closed:
+                    conn = self.conn = await self._connect()
+                async with conn.cursor() as cur:
+                    await cur.execute(query, params)
+                    return await cur.fetchall() if cur.description is not None else []
+            except psycopg.OperationalError as exc:
+                await self.close()
+                reason = redact(str(exc).strip(), self.secret)
+                if attempt == self.attempts:
+                    raise ReplicationError(
+                        f"the connection for type lookups and heartbeats was lost and could not "
+                        f"be reopened ({self.attempts} attempts): {reason}", retriable=True,
+                    ) from None
+                log.info("connection for type lookups lost (%s); reopening it", reason)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        if self.conninfo is None:
+            raise psycopg.OperationalError("the connection was closed")
+        return await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
