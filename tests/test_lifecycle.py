@@ -41,11 +41,18 @@ def commit_lsn(event: Event) -> int:
 
 
 def confirmed_flush(admin: psycopg.Connection, slot: str) -> int:
-    row = admin.execute(
-        "SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots WHERE slot_name = %s", [slot]
-    ).fetchone()
-    assert row is not None, f"no slot {slot}"
-    return int(row[0])
+    """The slot's confirmed position, once its walsender is gone (so it read the last status update)."""
+    deadline = time.monotonic() + 10
+    while True:
+        row = admin.execute(
+            "SELECT confirmed_flush_lsn - '0/0', active FROM pg_replication_slots WHERE slot_name = %s",
+            [slot],
+        ).fetchone()
+        assert row is not None, f"no slot {slot}"
+        if not row[1]:
+            return int(row[0])
+        assert time.monotonic() < deadline, f"slot {slot} still active 10s after stop()"
+        time.sleep(0.05)
 
 
 def current_lsn(admin: psycopg.Connection) -> int:
