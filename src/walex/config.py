@@ -242,7 +242,9 @@ class WalExSettings(BaseSettings):
             ):
                 # libpq waits forever by default: a reconnect to a silent network must not hang
                 conninfo = make_conninfo(conninfo, connect_timeout=10)
-            return conninfo
+            # psycopg reads text as bytes from a SQL_ASCII connection (wal_level would be
+            # b'logical'): walex's connections read UTF-8, as its replication stream does
+            return make_conninfo(conninfo, client_encoding="UTF8")
         except Exception as exc:
             raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
 
