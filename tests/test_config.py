@@ -81,6 +81,7 @@ def test_keyword_options() -> None:
         "host": "db.example", "port": "6543", "user": "app", "password": SECRET,
         "dbname": "appdb", "sslmode": "verify-full", "sslrootcert": "/ca.pem",
         "connect_timeout": "10",  # walex's default: libpq would wait forever
+        "client_encoding": "UTF8",  # text as str, whatever the database's encoding
     }
 
 
@@ -89,12 +90,14 @@ def test_explicit_keys_win_over_the_url() -> None:
     assert conninfo_to_dict(load_settings(url=url, publication="p").conninfo()) == {
         "user": "u", "password": SECRET, "host": "h1", "port": "1", "dbname": "db1",
         "sslmode": "require", "application_name": "x", "connect_timeout": "10",
+        "client_encoding": "UTF8",
     }
     s = load_settings(url=url, publication="p", hostname="h2", port=2, username="v",
                       password="other", database="db2", sslmode="verify-ca")
     assert conninfo_to_dict(s.conninfo()) == {
         "user": "v", "password": "other", "host": "h2", "port": "2", "dbname": "db2",
         "sslmode": "verify-ca", "application_name": "x", "connect_timeout": "10",
+        "client_encoding": "UTF8",
     }
     assert s.display_target() == "v@h2:2/db2"
     given = load_settings(url="postgresql://h/db?connect_timeout=3", publication="p")
