@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from walex.demo import EXPECTED_EVENTS, SCRIPT
 
@@ -118,6 +119,21 @@ def test_status_hides_the_password(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot connect" in proc.stderr
     assert "s3cret-pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app:50%offHush!@db.example/app",  # the example of issue 9
+    "postgresql://app:Hu@sh@127.0.0.1:1/app",  # '@' in the password, read as part of the host
+    "postgresql://db/app?password=Hush&Kumquat=1",
+    "host=db password=Hush Kumquat",
+])
+def test_malformed_url_never_shows_its_password(url: str) -> None:
+    proc = subprocess.run([*WALEX, "status", "--url", url, "-p", "events"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "not a valid database url" in proc.stderr
+    for word in ("Hush", "Kumquat", "sh@"):
+        assert word not in proc.stdout + proc.stderr
 
 
 def test_tail_prints_committed_changes(dsn: str, admin: psycopg.Connection) -> None:

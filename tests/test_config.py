@@ -244,10 +244,45 @@ def test_invalid_url_is_reported_redacted() -> None:
         load_settings(url=f"mysql://u:{SECRET}@h/db", publication="p")
     assert str(info.value) == (
         "invalid walex configuration (1 problem):\n  - url: not a valid database url: "
-        'missing "=" after "mysql://u:***@h/db" in connection info string'
+        "it must start with postgresql://"
     )
     with pytest.raises(ConfigError, match="url: not a valid database url: its port is not a number"):
         load_settings(url=f"postgresql://u:{SECRET}@h:port/db", publication="p")
+
+
+# (connection string, the words of its password): libpq quotes what it cannot parse,
+# and a password with an unencoded '@' or '/' is parsed as host, port or database name
+MALFORMED_URLS = [
+    ("postgresql://app:50%offHush!@db.example/app", ["50%offHush!", "offHush"]),  # bad %-encoding
+    ("postgresql://app:Hush%00Kumquat@db/app", ["Hush", "Kumquat"]),  # forbidden %00
+    ("postgres://app:Hush Kumquat@db/app", ["Hush", "Kumquat"]),  # unencoded space
+    ("postgresql://app:Hush@[::1/app", ["Hush"]),  # unterminated IPv6 address
+    ("postgresql://app:Hush@db:x5432/app", ["Hush"]),  # bad port
+    ("postgresql://app:5/Kumquat@db/app", ["Kumquat"]),  # '/' in the password: read as port
+    ("postgresql://app:Hu@sh@db/app", ["Hu@sh", "sh@db"]),  # '@' in the password: read as host
+    ("postgresql://app:Hush@db/app?Kumquat", ["Hush", "Kumquat"]),  # query key without value
+    ("postgresql://db/app?password=Hush&Kumquat=1", ["Hush", "Kumquat"]),  # '&' in the password
+    ("postgresql://app:Hush@db/app?nonsense=1", ["Hush"]),  # unknown option
+    ("host=db password='Hush Kumquat", ["Hush", "Kumquat"]),  # unterminated quotes
+    ("host=db password=Hush Kumquat", ["Hush", "Kumquat"]),  # unquoted space
+    ("host=db password=Hush Kumquat=1", ["Hush", "Kumquat"]),  # read as an unknown option
+]
+
+
+@pytest.mark.parametrize(("url", "words"), MALFORMED_URLS)
+def test_malformed_url_never_shows_its_password(url: str, words: list[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        for build in (lambda: load_settings(url=url, publication="p"),
+                      lambda: WalEx(url, publication="p"), lambda: WalEx(url=url, publication="p")):
+            with pytest.raises(ConfigError) as info:
+                build()
+            message = str(info.value)
+            assert message.startswith("invalid walex configuration (1 problem):\n  - url: "
+                                      "not a valid database url: "), message
+            for word in words:
+                for text in (message, repr(info.value), caplog.text):
+                    assert word not in text, (word, message)
 
 
 @pytest.mark.parametrize("slot_name", ["Upper", "with-dash", "x" * 64, "", "a;drop", 'q"uote'])

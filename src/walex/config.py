@@ -134,14 +134,19 @@ class WalExSettings(BaseSettings):
     def _url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             raw = value.get_secret_value()
+            scheme = raw.partition("://")[0] if "://" in raw else None
+            if scheme is not None and scheme not in ("postgresql", "postgres"):
+                raise ValueError("not a valid database url: it must start with postgresql://")
             try:
                 params = conninfo_to_dict(raw)
             except Exception as exc:
-                message = redact(str(exc).strip(), raw)
-                raise ValueError(f"not a valid database url: {message}") from None
+                raise ValueError(f"not a valid database url: {conninfo_problem(exc, raw)}") from None
             port = str(params.get("port", ""))
             if not all(p.strip().isdigit() for p in port.split(",") if p.strip()):
-                raise ValueError("not a valid database url: its port is not a number")
+                raise ValueError("not a valid database url: its port is not a number" + _hint(raw))
+            misplaced = _misplaced_at(raw, params)
+            if misplaced:
+                raise ValueError(f"not a valid database url: {misplaced}" + _hint(raw))
         return value
 
     @field_validator("name")
@@ -246,7 +251,7 @@ class WalExSettings(BaseSettings):
             # b'logical'): walex's connections read UTF-8, as its replication stream does
             return make_conninfo(conninfo, client_encoding="UTF8")
         except Exception as exc:
-            raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
+            raise ConfigError(f"invalid database url: {conninfo_problem(exc, base)}") from None
 
     def effective_sslmode(self) -> str | None:
         """The ``sslmode`` walex asks libpq for; ``None`` leaves it to the URL or libpq."""
@@ -276,6 +281,44 @@ class WalExSettings(BaseSettings):
             f"{params.get('user', '')}@{params.get('host', 'localhost')}:"
             f"{params.get('port', 5432)}/{params.get('dbname', '')}"
         )
+
+
+# libpq quotes the text it could not parse, which may be part of the password: every
+# quoted part of its message is hidden, but for the few that are its own literal text
+_QUOTED = re.compile(r'"[^"]*"')
+_LIBPQ_LITERALS = [('missing "***" after', 'missing "=" after'),
+                   ('separator "***"', 'separator "="'), ('matching "***"', 'matching "]"'),
+                   ('(expected "***" or "***")', '(expected ":" or "/")')]
+
+
+def conninfo_problem(exc: BaseException, raw: str) -> str:
+    """libpq's complaint about the connection string ``raw``, without any text of ``raw``."""
+    lines = str(exc).strip().splitlines()
+    message = _QUOTED.sub('"***"', lines[0] if lines else "libpq cannot parse it")
+    for hidden, literal in _LIBPQ_LITERALS:
+        message = message.replace(hidden, literal)
+    return f"{redact(message, raw)} (text not repeated: it may hold the password){_hint(raw)}"
+
+
+def _hint(raw: str) -> str:
+    if "://" in raw:
+        return ("; percent-encode special characters of a password in a URL ('%' as %25, "
+                "'@' as %40, '/' as %2F, ' ' as %20, ...) or give it apart (password=..., "
+                "WALEX_PASSWORD)")
+    return "; quote a value holding spaces in a key=value string: password='a b'"
+
+
+def _misplaced_at(raw: str, params: dict[str, Any]) -> str | None:
+    """Why an '@' of ``raw`` cannot be meant as parsed (a password with '@' or '/' unencoded)."""
+    hosts = str(params.get("host", ""))
+    if any("@" in h and not h.startswith("/") for h in hosts.split(",")):
+        return "its host holds an '@' (an '@' of the password is not percent-encoded)"
+    if "://" in raw:
+        path = raw.split("://", 1)[1].split("?", 1)[0].partition("/")[2]
+        if "@" in path:
+            return ("an '@' follows a '/': a '/' of the password, or an '@' of the database "
+                    "name, is not percent-encoded")
+    return None
 
 
 def _import_callable(spec: str) -> Any:
