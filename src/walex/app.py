@@ -30,7 +30,7 @@ from typing import Any
 import psycopg
 
 from .checks import preflight
-from .config import WalExSettings, load_settings
+from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from .errors import ConfigError, SetupError, WalExError
@@ -83,7 +83,16 @@ class WalEx:
         self._deferred_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
+        return f"<WalEx {self.settings.name!r} {self.target} slot={self.slot_name!r}>"
+
+    @property
+    def target(self) -> str:
+        """``user@host:port/db`` of the database: the connection's own once connected."""
+        admin = self.pipeline.admin
+        if admin is not None and not admin.closed:
+            info = admin.info
+            return format_target(info.user, info.host, info.port, info.dbname)
+        return self.settings.display_target()
 
     def _default_slot_name(self) -> str:
         name = self.settings.name
@@ -140,7 +149,7 @@ class WalEx:
         s = self.settings
         log.info(
             "walex %r streaming publication %r from %s via %s slot %r",
-            name, s.publication, s.display_target(),
+            name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
 

@@ -172,7 +172,7 @@ def tail(
             async with app:
                 Console(stderr=True).print(
                     f"[dim]tailing publication {settings.publication} on "
-                    f"{escape(settings.display_target())}; Ctrl-C to stop[/]")
+                    f"{escape(app.target)}; Ctrl-C to stop[/]")
                 waiter = asyncio.create_task(app.wait())
                 stopper = asyncio.create_task(stop.wait())
                 await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -38,7 +39,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError, redact
 
-__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "SSLMODES"]
+__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "format_target", "SSLMODES"]
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
@@ -275,12 +276,30 @@ class WalExSettings(BaseSettings):
         return None
 
     def display_target(self) -> str:
-        """``user@host:port/db`` for logs and errors, without the password."""
+        """``user@host:port/db`` for logs and errors, without the password.
+
+        What libpq connects to: the parts the configuration leaves out come
+        from libpq's ``PG*`` variables and defaults (``[local]`` is its Unix
+        socket).
+        """
         params = conninfo_to_dict(self.conninfo())
-        return (
-            f"{params.get('user', '')}@{params.get('host', 'localhost')}:"
-            f"{params.get('port', 5432)}/{params.get('dbname', '')}"
-        )
+        defaults = {
+            o.keyword.decode(): o.val.decode(errors="replace")
+            for o in pq.Conninfo.get_defaults() if o.val is not None
+        }
+
+        def get(key: str) -> str:
+            return str(params.get(key) or defaults.get(key) or "")
+
+        user = get("user")
+        return format_target(user, get("host") or get("hostaddr") or "[local]",
+                             get("port"), get("dbname") or user)
+
+
+def format_target(user: str | None, host: str | None, port: str | int | None,
+                  dbname: str | None) -> str:
+    """``user@host:port/db``; with a connection's ``info``, the target it is connected to."""
+    return f"{user or ''}@{host or ''}:{port or ''}/{dbname or ''}"
 
 
 # libpq quotes the text it could not parse, which may be part of the password: every
