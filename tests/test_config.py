@@ -140,6 +140,29 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@pytest.mark.parametrize(("value", "expected"), [
+    ('["user","todo"]', ["user", "todo"]),
+    ('[ "user", "public.todo" ]', ["user", "public.todo"]),
+    ("user, todo", ["user", "todo"]),
+    ('["a,b"]', ["a,b"]),  # JSON keeps a comma of a name
+])
+def test_list_variables_take_json_or_commas(monkeypatch: pytest.MonkeyPatch, value: str,
+                                            expected: list[str]) -> None:
+    monkeypatch.setenv("WALEX_SUBSCRIPTIONS", value)
+    monkeypatch.setenv("WALEX_MODULES", value)
+    s = load_settings(publication="p")
+    assert s.subscriptions == expected and s.modules == expected
+
+
+@pytest.mark.parametrize("value", ['["user",', '["user", 1]', '[["user"]]'])
+def test_list_variable_in_broken_json(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WALEX_SUBSCRIPTIONS", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(publication="p")
+    [problem] = str(info.value).splitlines()[1:]
+    assert problem.startswith("  - subscriptions: ") and 'JSON list of strings' in problem
+
+
 def test_environment_configures_a_running_app(admin: psycopg.Connection, dsn: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     table_and_publication(admin)
@@ -214,7 +237,7 @@ def test_every_problem_in_one_error_without_the_password() -> None:
     assert "  - subscriptions: 'a.b.c' is not a table name, 'schema.table' or '*'" in lines
     assert ("  - slot_name: a replication slot name has 1-63 characters among lower-case "
             "letters, digits and underscores") in lines
-    assert "  - publication: Field required" in lines
+    assert "  - publication: required: give publication=... or set WALEX_PUBLICATION" in lines
     assert "  - hostnme: Extra inputs are not permitted" in lines
     assert SECRET not in message
 

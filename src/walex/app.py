@@ -34,6 +34,7 @@ from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from .errors import ConfigError, SetupError, WalExError
+from .logs import default_logging
 from .modules import resolve_modules
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
@@ -213,8 +214,13 @@ class WalEx:
             raise self._error
 
     def run(self) -> None:
-        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised)."""
-        asyncio.run(self._run_until_signal())
+        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised).
+
+        If the program configured no logging, walex logs INFO and above to stderr
+        meanwhile, so a script shows what it streams from where.
+        """
+        with default_logging(self.settings.secret()):
+            asyncio.run(self._run_until_signal())
 
     async def _run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

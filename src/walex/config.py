@@ -21,6 +21,7 @@ variable can name them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -50,7 +51,19 @@ _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("walex_file_values"
 
 
 def _split(value: Any) -> Any:
+    """A list given as a string (``WALEX_*``): JSON (``["user", "todo"]``) or comma-separated."""
     if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                items = json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'starts with "[" but is not a JSON list of strings; write ["user", "todo"] '
+                    "or user,todo"
+                ) from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError('must be a JSON list of strings like ["user", "todo"], or user,todo')
+            return items
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
@@ -374,16 +387,30 @@ def file_values(values: dict[str, Any]) -> Iterator[None]:
         _FILE_VALUES.reset(token)
 
 
-def load_settings(**options: Any) -> WalExSettings:
-    """Build settings, turning every validation problem into one ConfigError."""
+def load_settings(*, hints: dict[str, str] | None = None, **options: Any) -> WalExSettings:
+    """Build settings, turning every validation problem into one ConfigError.
+
+    ``hints`` says how the caller lets a missing option be given (for the
+    CLI: ``{"publication": "-p/--publication"}``).
+    """
     try:
         return WalExSettings(**options)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "configuration"
-            problems.append(f"  - {where}: {error['msg'].removeprefix('Value error, ')}")
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "missing" and len(error["loc"]) == 1:
+                message = _missing(where, (hints or {}).get(where))
+            problems.append(f"  - {where}: {message}")
         raise ConfigError(
             f"invalid walex configuration ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(problems)
         ) from None
+
+
+def _missing(name: str, hint: str | None) -> str:
+    if hint is None:
+        in_file = _FILE_VALUES.get() is not None
+        hint = f"{name} = ... in the configuration file" if in_file else f"{name}=..."
+    return f"required: give {hint} or set WALEX_{name.upper()}"
