@@ -3,7 +3,9 @@
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
 options at top level (``modules`` as import strings; ``WALEX_*`` variables
-override the file). SIGINT and SIGTERM stop it cleanly with exit code 0.
+override the file). Imports start from ``--app-dir``: by default the config
+file's folder, else the current one. SIGINT and SIGTERM stop it cleanly with
+exit code 0.
 Logs go to stderr as text or, with ``--log-format json``, one JSON object per
 line, passwords scrubbed. Each command turns a
 :class:`~walex.errors.WalExError` into a one-line message on stderr and exit

@@ -40,7 +40,7 @@ ConfigOption = Annotated[
 ]
 
 
-_HINTS = {"publication": "-p/--publication", "url": "--url"}
+_HINTS = {"publication": "-p/--publication"}  # how a missing option is given here
 
 
 def _settings(url: str | None, publication: str | None, config: Path | None) -> WalExSettings:

@@ -6,7 +6,10 @@ the values of a TOML file (``walex run --config``, see :func:`read_toml` and
 (``hostname``, ``port``, ``sslmode``, ...) win over the parts of ``url``.
 Every problem is reported at once in one :class:`~walex.errors.ConfigError`,
 and the password never appears in it, in ``repr`` or in a log line (it is a
-``SecretStr``; a URL is shown redacted).
+``SecretStr``; libpq's complaint about a malformed URL is shown without any
+text it quotes from it). List options given as strings (``WALEX_*``) are JSON
+lists or comma-separated. Messages name the target libpq uses, its ``PG*``
+variables included (:meth:`WalExSettings.display_target`).
 
 TLS: ``ssl=True`` asks for TLS with the server certificate and host name
 verified (``sslmode=verify-full``, against ``sslrootcert``) unless ``sslmode``
