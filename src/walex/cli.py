@@ -171,7 +171,9 @@ def run(
         except ConfigError as exc:
             if "no module named" not in str(exc).lower():
                 raise
-            raise ConfigError(f"{exc}\n(walex run imports from {folder}; --app-dir changes that)") from None
+            raise ConfigError(
+                f"{exc}\n(walex run imports from {folder}; --app-dir changes that)"
+            ) from None
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)

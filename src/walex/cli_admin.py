@@ -100,7 +100,8 @@ def setup(
     publication: PublicationOption = None,
     config: ConfigOption = None,
     table: Annotated[list[str], typer.Option(
-        "--table", "-t", metavar="TABLE", help="Create the publication for these tables (default: all tables).")] = [],  # noqa: B006
+        "--table", "-t", metavar="TABLE",
+        help="Create the publication for these tables (default: all tables).")] = [],  # noqa: B006
     replica_identity_full: Annotated[bool, typer.Option(
         "--replica-identity-full",
         help="Set REPLICA IDENTITY FULL on the published tables (old values, changes).")] = False,
@@ -134,7 +135,8 @@ def tail(
     publication: PublicationOption = None,
     config: ConfigOption = None,
     table: Annotated[list[str], typer.Option(
-        "--table", "-t", metavar="TABLE", help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
+        "--table", "-t", metavar="TABLE",
+        help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
         help="Stop after this many events.")] = None,
 ) -> None:

@@ -7,7 +7,8 @@ explicitly; with ``name="my_app"``, a subscription ``user`` (or
 ``MyApp.Events.User`` convention). A module that exists but fails to import
 (itself, or a package on the way to it) is a
 :class:`~walex.errors.ConfigError` naming it and the cause, never skipped;
-one error names every module that cannot be used. Each :class:`~walex.Events` is used once, however many ways it was named.
+one error names every module that cannot be used. Each :class:`~walex.Events`
+is used once, however many ways it was named.
 """
 
 from __future__ import annotations
