@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from walex.demo import EXPECTED_EVENTS, SCRIPT
 
@@ -111,6 +112,57 @@ def test_setup_then_status(dsn: str, admin: psycopg.Connection) -> None:
     assert "ready" in after.stdout
 
 
+def test_version_and_short_help() -> None:
+    from walex.event import WALEX_VERSION
+
+    version = subprocess.run([*WALEX, "--version"], capture_output=True, text=True, timeout=60)
+    assert (version.returncode, version.stdout) == (0, f"walex {WALEX_VERSION}\n")
+    for args in (["-h"], ["status", "-h"], ["run", "-h"]):
+        proc = subprocess.run([*WALEX, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "Usage: " in proc.stdout, (args, proc.stderr)
+
+
+def test_help_at_80_columns_shows_every_option_whole() -> None:
+    import typer.main
+
+    from walex.cli import app
+
+    group = typer.main.get_command(app)
+    env = {**os.environ, "COLUMNS": "80"}
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        proc = subprocess.run([*WALEX, name, "--help"], capture_output=True, text=True,
+                              timeout=60, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "…" not in proc.stdout, proc.stdout
+        for param in command.params:
+            for option in param.opts + param.secondary_opts:
+                if option.startswith("-"):
+                    assert option in proc.stdout, (name, option, proc.stdout)
+
+
+def test_piped_status_prints_each_fix_on_one_line(dsn: str, admin: psycopg.Connection) -> None:
+    table = "a_table_with_a_name_long_enough_to_wrap_at_eighty_columns"
+    admin.execute(f"CREATE TABLE {table} (v text)")  # no key: a fatal problem with a fix
+    admin.execute(f"CREATE PUBLICATION pub FOR TABLE {table}")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.run([*WALEX, "status", "--url", dsn, "-p", "pub"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    fix = f'ALTER TABLE "public"."{table}" REPLICA IDENTITY FULL;'
+    assert any(line.endswith(f"fix: {fix}") for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_status_without_publication_says_how_to_give_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
+    proc = subprocess.run([*WALEX, "status", "--url", "postgresql://127.0.0.1:1/db"],
+                          capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "200"})
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "walex: invalid walex configuration (1 problem):\n"
+        "  - publication: required: give -p/--publication or set WALEX_PUBLICATION\n"
+    )
+
+
 def test_status_hides_the_password(tmp_path: Path) -> None:
     proc = subprocess.run(
         [*WALEX, "status", "--url", "postgresql://u:s3cret-pw@127.0.0.1:1/db", "-p", "pub"],
@@ -118,6 +170,21 @@ def test_status_hides_the_password(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot connect" in proc.stderr
     assert "s3cret-pw" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://app:50%offHush!@db.example/app",  # the example of issue 9
+    "postgresql://app:Hu@sh@127.0.0.1:1/app",  # '@' in the password, read as part of the host
+    "postgresql://db/app?password=Hush&Kumquat=1",
+    "host=db password=Hush Kumquat",
+])
+def test_malformed_url_never_shows_its_password(url: str) -> None:
+    proc = subprocess.run([*WALEX, "status", "--url", url, "-p", "events"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "not a valid database url" in proc.stderr
+    for word in ("Hush", "Kumquat", "sh@"):
+        assert word not in proc.stdout + proc.stderr
 
 
 def test_tail_prints_committed_changes(dsn: str, admin: psycopg.Connection) -> None:

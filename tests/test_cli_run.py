@@ -168,6 +168,7 @@ MODULES = {
     "cli_boom.py": "raise RuntimeError('[/boom] at import')\n",
     "cli_dep.py": "import missing_dep_xyz\n",
     "cli_notapp.py": "app = 42\n",
+    "cli_handlers.py": HANDLERS,
     "cli_badhandlers.py": ("from walex import WalEx\n"
                            "app = WalEx('postgresql://localhost/x', publication='pub',"
                            " modules=['missing_handlers_xyz'])\n"),
@@ -181,7 +182,10 @@ MODULES = {
     (["cli_boom:app"], "importing 'cli_boom' failed: RuntimeError('[/boom] at import')"),
     (["cli_dep:app"], "importing 'cli_dep' failed: ModuleNotFoundError(\"No module named "
      "'missing_dep_xyz'\")"),
-    (["cli_notapp:app"], "'cli_notapp:app' is a int, not a walex.WalEx"),
+    (["cli_notapp:app"], "'cli_notapp:app' is not a walex.WalEx (its type is int)"),
+    (["cli_handlers:events"], "'cli_handlers:events' is a handler module (walex.Events), not an "
+     "app: run a walex.WalEx(..., modules=[...]) that uses it, or --config walex.toml with "
+     "modules = ['cli_handlers:events']"),
     (["cli_mod"], "'cli_mod' names no app; use 'package.module:app'"),
     (["cli_badhandlers:app"], "importing 'cli_badhandlers' failed: cannot import "
      "'missing_handlers_xyz': no module named 'missing_handlers_xyz'"),
@@ -190,7 +194,8 @@ MODULES = {
      "Expected '=' after a key in a key/value pair (at line 1, column 13)"),
     (["--config", "wrong.toml"], "invalid walex configuration (3 problems):\n"
      "  - port: Input should be a valid integer, unable to parse string as an integer\n"
-     "  - publication: Field required\n"
+     "  - publication: required: give publication = ... in the configuration file or set "
+     "WALEX_PUBLICATION\n"
      "  - pasword: Extra inputs are not permitted"),
     (["--config", "modules.toml"], "invalid walex configuration (1 problem):\n"
      "  - message_middleware: cannot import 'missing_mw_xyz': no module named 'missing_mw_xyz'"),
@@ -213,3 +218,37 @@ def test_mistakes_are_one_precise_message(tmp_path: Path, args: list[str], messa
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"walex: {message}"), proc.stderr
     assert "Traceback" not in proc.stderr and SECRET not in proc.stderr
+
+
+def test_config_in_another_folder_imports_modules_from_there(admin: psycopg.Connection, dsn: str,
+                                                             tmp_path: Path) -> None:
+    setup_table(admin)
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    (project / "cli_proj_handlers.py").write_text(HANDLERS)
+    (project / "walex.toml").write_text(textwrap.dedent(f"""
+        url = "{dsn}"
+        publication = "pub"
+        modules = ["cli_proj_handlers:events"]
+    """))
+    proc = start(["--config", "../proj/walex.toml"], elsewhere)
+    wait_for(lambda: streaming(admin), proc, "streaming")
+    admin.execute("INSERT INTO item VALUES (5)")
+    wait_for(lambda: received(elsewhere) == ["5"], proc, "the event")  # the handler writes to cwd
+    code, errors = stop(proc, signal.SIGINT)
+    assert code == 0, errors
+
+
+def test_module_not_found_names_the_folder_and_app_dir(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "walex.toml").write_text('publication = "pub"\nmodules = ["cli_missing_xyz"]\n')
+    proc = subprocess.run([*WALEX, "run", "--config", "proj/walex.toml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "walex: cannot import 'cli_missing_xyz': no module named 'cli_missing_xyz' (is the "
+        "package installed, or its folder on sys.path / PYTHONPATH?)\n"
+        f"(walex run imports from {project.resolve()}; --app-dir changes that)\n"
+    )

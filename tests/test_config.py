@@ -81,6 +81,7 @@ def test_keyword_options() -> None:
         "host": "db.example", "port": "6543", "user": "app", "password": SECRET,
         "dbname": "appdb", "sslmode": "verify-full", "sslrootcert": "/ca.pem",
         "connect_timeout": "10",  # walex's default: libpq would wait forever
+        "client_encoding": "UTF8",  # text as str, whatever the database's encoding
     }
 
 
@@ -89,12 +90,14 @@ def test_explicit_keys_win_over_the_url() -> None:
     assert conninfo_to_dict(load_settings(url=url, publication="p").conninfo()) == {
         "user": "u", "password": SECRET, "host": "h1", "port": "1", "dbname": "db1",
         "sslmode": "require", "application_name": "x", "connect_timeout": "10",
+        "client_encoding": "UTF8",
     }
     s = load_settings(url=url, publication="p", hostname="h2", port=2, username="v",
                       password="other", database="db2", sslmode="verify-ca")
     assert conninfo_to_dict(s.conninfo()) == {
         "user": "v", "password": "other", "host": "h2", "port": "2", "dbname": "db2",
         "sslmode": "verify-ca", "application_name": "x", "connect_timeout": "10",
+        "client_encoding": "UTF8",
     }
     assert s.display_target() == "v@h2:2/db2"
     given = load_settings(url="postgresql://h/db?connect_timeout=3", publication="p")
@@ -135,6 +138,29 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
         "invalid walex configuration (1 problem):\n"
         "  - port: Input should be a valid integer, unable to parse string as an integer"
     )
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ('["user","todo"]', ["user", "todo"]),
+    ('[ "user", "public.todo" ]', ["user", "public.todo"]),
+    ("user, todo", ["user", "todo"]),
+    ('["a,b"]', ["a,b"]),  # JSON keeps a comma of a name
+])
+def test_list_variables_take_json_or_commas(monkeypatch: pytest.MonkeyPatch, value: str,
+                                            expected: list[str]) -> None:
+    monkeypatch.setenv("WALEX_SUBSCRIPTIONS", value)
+    monkeypatch.setenv("WALEX_MODULES", value)
+    s = load_settings(publication="p")
+    assert s.subscriptions == expected and s.modules == expected
+
+
+@pytest.mark.parametrize("value", ['["user",', '["user", 1]', '[["user"]]'])
+def test_list_variable_in_broken_json(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("WALEX_SUBSCRIPTIONS", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(publication="p")
+    [problem] = str(info.value).splitlines()[1:]
+    assert problem.startswith("  - subscriptions: ") and 'JSON list of strings' in problem
 
 
 def test_environment_configures_a_running_app(admin: psycopg.Connection, dsn: str,
@@ -211,7 +237,7 @@ def test_every_problem_in_one_error_without_the_password() -> None:
     assert "  - subscriptions: 'a.b.c' is not a table name, 'schema.table' or '*'" in lines
     assert ("  - slot_name: a replication slot name has 1-63 characters among lower-case "
             "letters, digits and underscores") in lines
-    assert "  - publication: Field required" in lines
+    assert "  - publication: required: give publication=... or set WALEX_PUBLICATION" in lines
     assert "  - hostnme: Extra inputs are not permitted" in lines
     assert SECRET not in message
 
@@ -241,10 +267,45 @@ def test_invalid_url_is_reported_redacted() -> None:
         load_settings(url=f"mysql://u:{SECRET}@h/db", publication="p")
     assert str(info.value) == (
         "invalid walex configuration (1 problem):\n  - url: not a valid database url: "
-        'missing "=" after "mysql://u:***@h/db" in connection info string'
+        "it must start with postgresql://"
     )
     with pytest.raises(ConfigError, match="url: not a valid database url: its port is not a number"):
         load_settings(url=f"postgresql://u:{SECRET}@h:port/db", publication="p")
+
+
+# (connection string, the words of its password): libpq quotes what it cannot parse,
+# and a password with an unencoded '@' or '/' is parsed as host, port or database name
+MALFORMED_URLS = [
+    ("postgresql://app:50%offHush!@db.example/app", ["50%offHush!", "offHush"]),  # bad %-encoding
+    ("postgresql://app:Hush%00Kumquat@db/app", ["Hush", "Kumquat"]),  # forbidden %00
+    ("postgres://app:Hush Kumquat@db/app", ["Hush", "Kumquat"]),  # unencoded space
+    ("postgresql://app:Hush@[::1/app", ["Hush"]),  # unterminated IPv6 address
+    ("postgresql://app:Hush@db:x5432/app", ["Hush"]),  # bad port
+    ("postgresql://app:5/Kumquat@db/app", ["Kumquat"]),  # '/' in the password: read as port
+    ("postgresql://app:Hu@sh@db/app", ["Hu@sh", "sh@db"]),  # '@' in the password: read as host
+    ("postgresql://app:Hush@db/app?Kumquat", ["Hush", "Kumquat"]),  # query key without value
+    ("postgresql://db/app?password=Hush&Kumquat=1", ["Hush", "Kumquat"]),  # '&' in the password
+    ("postgresql://app:Hush@db/app?nonsense=1", ["Hush"]),  # unknown option
+    ("host=db password='Hush Kumquat", ["Hush", "Kumquat"]),  # unterminated quotes
+    ("host=db password=Hush Kumquat", ["Hush", "Kumquat"]),  # unquoted space
+    ("host=db password=Hush Kumquat=1", ["Hush", "Kumquat"]),  # read as an unknown option
+]
+
+
+@pytest.mark.parametrize(("url", "words"), MALFORMED_URLS)
+def test_malformed_url_never_shows_its_password(url: str, words: list[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        for build in (lambda: load_settings(url=url, publication="p"),
+                      lambda: WalEx(url, publication="p"), lambda: WalEx(url=url, publication="p")):
+            with pytest.raises(ConfigError) as info:
+                build()
+            message = str(info.value)
+            assert message.startswith("invalid walex configuration (1 problem):\n  - url: "
+                                      "not a valid database url: "), message
+            for word in words:
+                for text in (message, repr(info.value), caplog.text):
+                    assert word not in text, (word, message)
 
 
 @pytest.mark.parametrize("slot_name", ["Upper", "with-dash", "x" * 64, "", "a;drop", 'q"uote'])

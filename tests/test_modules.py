@@ -187,6 +187,31 @@ def test_module_that_cannot_be_used_is_an_error(package: Package, files: dict[st
     assert message.replace("{pkg}", pkg) in str(info.value)
 
 
+def test_every_module_that_cannot_be_used_in_one_error(package: Package) -> None:
+    pkg = package({
+        "boom.py": "raise RuntimeError('boom')",
+        "dep.py": "import missing_dep_xyz",
+        "good.py": handler_module("events"),
+        "events/__init__.py": "",
+        "events/user.py": "raise RuntimeError('convention boom')",
+        "events/todo.py": "X = 1",
+    })
+    with pytest.raises(ConfigError) as info:
+        WalEx("postgresql://localhost/x", publication="pub", subscriptions=["user", "todo"],
+              name=pkg, modules=[f"{pkg}.boom", f"{pkg}.good:events", f"{pkg}.dep:events",
+                                 f"{pkg}.nope", 42])
+    assert str(info.value).splitlines() == [
+        "6 handler modules cannot be used:",
+        f"  - importing '{pkg}.boom' failed: RuntimeError('boom')",
+        f"  - importing '{pkg}.dep' failed: ModuleNotFoundError(\"No module named 'missing_dep_xyz'\")",
+        f"  - cannot import '{pkg}.nope': no module named '{pkg}.nope' (is the package installed, "
+        "or its folder on sys.path / PYTHONPATH?)",
+        "  - modules must hold walex.Events objects or import strings, got 42",
+        f"  - importing '{pkg}.events.user' failed: RuntimeError('convention boom')",
+        f"  - '{pkg}.events.todo' holds no walex.Events handler module",
+    ]
+
+
 def test_module_of_the_wrong_kind_is_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         WalEx("postgresql://localhost/x", publication="pub", modules=[Events(), 42])

@@ -83,6 +83,22 @@ def test_subscribed_table_does_not_exist(admin: psycopg.Connection, dsn: str) ->
     assert_nothing_left(admin)
 
 
+def test_quoted_subscription_says_names_are_unquoted(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute('CREATE TABLE "User" (id int PRIMARY KEY); CREATE PUBLICATION pub FOR ALL TABLES')
+    for spec, plain in (('"User"', "User"), ('public."User"', "public.User")):
+        _, exc = start_error(dsn, subscriptions=[spec])
+        assert isinstance(exc, SetupError)
+        assert (f"Names are written unquoted, as PostgreSQL stores them (case matters): "
+                f"{plain!r}, not {spec!r}.") in str(exc)
+
+    async def main() -> None:  # the suggestion works
+        async with WalEx(dsn, publication="pub", subscriptions=["User", "public.User"]):
+            pass
+
+    asyncio.run(main())
+    assert_nothing_left(admin)
+
+
 def test_subscribed_table_not_in_publication(admin: psycopg.Connection, dsn: str) -> None:
     admin.execute("""
         CREATE TABLE t (id int PRIMARY KEY);

@@ -28,11 +28,12 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .config import WalExSettings, load_settings
+from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from .errors import ConfigError, WalExError
 from .handlers import Handler
+from .logs import default_logging
 from .lsn import format_lsn
 from .modules import resolve_modules
 from .pgoutput.messages import Message
@@ -85,7 +86,16 @@ class WalEx:
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
-        return f"<WalEx {self.settings.name!r} {self.settings.display_target()} slot={self.slot_name!r}>"
+        return f"<WalEx {self.settings.name!r} {self.target} slot={self.slot_name!r}>"
+
+    @property
+    def target(self) -> str:
+        """``user@host:port/db`` of the database: the connection's own once connected."""
+        admin = self.pipeline.admin
+        if admin is not None and not admin.closed:
+            info = admin.info
+            return format_target(info.user, info.host, info.port, info.dbname)
+        return self.settings.display_target()
 
     def _default_slot_name(self) -> str:
         name = self.settings.name
@@ -145,7 +155,7 @@ class WalEx:
         s = self.settings
         log.info(
             "walex %r streaming publication %r from %s via %s slot %r",
-            name, s.publication, s.display_target(),
+            name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
 
@@ -254,8 +264,13 @@ class WalEx:
             raise self._error
 
     def run(self) -> None:
-        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised)."""
-        asyncio.run(self._run_until_signal())
+        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised).
+
+        If the program configured no logging, walex logs INFO and above to stderr
+        meanwhile, so a script shows what it streams from where.
+        """
+        with default_logging(self.settings.secret()):
+            asyncio.run(self._run_until_signal())
 
     async def _run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

@@ -76,8 +76,12 @@ async def preflight(
         )
         found = await cur.fetchall()
         if not found:
+            quoted = (
+                "Names are written unquoted, as PostgreSQL stores them (case matters): "
+                f"{spec.replace(chr(34), '')!r}, not {spec!r}. " if '"' in spec else ""
+            )
             raise SetupError(
-                f"subscribed table {spec!r} does not exist in database {database!r}. "
+                f"subscribed table {spec!r} does not exist in database {database!r}. {quoted}"
                 "Fix: create it, or remove it from subscriptions."
             )
         await _check_partitions(cur, spec, found[0][1], publication, published)

@@ -3,7 +3,9 @@
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
 options at top level (``modules`` as import strings; ``WALEX_*`` variables
-override the file). SIGINT and SIGTERM stop it cleanly with exit code 0.
+override the file). Imports start from ``--app-dir``: by default the config
+file's folder, else the current one. SIGINT and SIGTERM stop it cleanly with
+exit code 0.
 Logs go to stderr as text or, with ``--log-format json``, one JSON object per
 line, passwords scrubbed. Each command turns a
 :class:`~walex.errors.WalExError` into a one-line message on stderr and exit
@@ -17,19 +19,41 @@ import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from . import cli_admin
 from .errors import ConfigError, WalExError, redact
+from .logs import RedactingFormatter
+
+if TYPE_CHECKING:
+    from .app import WalEx
 
 app = typer.Typer(
     name="walex", help="Simple and reliable Postgres Change Data Capture.",
     no_args_is_help=True, add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .event import WALEX_VERSION
+
+        print(f"walex {WALEX_VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print walex's version and exit.",
+    )] = False,
+) -> None:
+    """Simple and reliable Postgres Change Data Capture."""
 
 
 _fail = cli_admin._fail  # escapes: a message may hold brackets rich would take as markup
@@ -47,17 +71,6 @@ def demo(
     except WalExError as exc:
         raise _fail(exc) from None
     raise typer.Exit(code)
-
-
-class _TextFormatter(logging.Formatter):
-    """The usual one-line format, with passwords scrubbed."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        self.secrets = secrets
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record), *self.secrets)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -85,13 +98,37 @@ def _setup_logging(level: str, fmt: str) -> list[str]:
     """Log to stderr; returns the list of secrets the formatter scrubs (add to it)."""
     secrets: list[str] = []
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter(secrets) if fmt == "json" else _TextFormatter(secrets))
+    handler.setFormatter(_JsonFormatter(secrets) if fmt == "json" else RedactingFormatter(secrets))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     return secrets
 
 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FORMATS = ("text", "json")
+
+
+def _build_app(target: str | None, config: Path | None) -> WalEx:
+    from .app import WalEx
+    from .config import file_values, read_toml
+    from .handlers import Events
+    from .modules import import_object
+
+    if config is not None:
+        with file_values(read_toml(config)):
+            return WalEx()
+    assert target is not None
+    if ":" not in target:
+        raise ConfigError(f"{target!r} names no app; use 'package.module:app'")
+    obj = import_object(target)
+    if isinstance(obj, Events):
+        raise ConfigError(
+            f"{target!r} is a handler module (walex.Events), not an app: run a "
+            f"walex.WalEx(..., modules=[...]) that uses it, or --config walex.toml with "
+            f"modules = [{target!r}]"
+        )
+    if not isinstance(obj, WalEx):
+        raise ConfigError(f"{target!r} is not a walex.WalEx (its type is {type(obj).__name__})")
+    return obj
 
 
 @app.command()
@@ -107,14 +144,13 @@ def run(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
     log_format: Annotated[str, typer.Option(help="text or json (one object per line).")] = "text",
     app_dir: Annotated[
-        str, typer.Option(help="Folder put first on sys.path to import the app and its modules.")
-    ] = ".",
+        Optional[str],  # noqa: UP007
+        typer.Option(help="Folder put first on sys.path to import the app and its modules "
+                          "(default: the --config file's folder, else the current one).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
-    from .app import WalEx
-    from .config import file_values, read_toml
-    from .modules import import_object
-
     try:
         level, fmt = log_level.upper(), log_format.lower()
         if level not in _LEVELS:
@@ -128,18 +164,16 @@ def run(
                 "nothing to run: give the app ('package.module:app') or --config walex.toml"
             )
         secrets = _setup_logging(level, fmt)
-        sys.path.insert(0, str(Path(app_dir).resolve()))
-        if config is not None:
-            with file_values(read_toml(config)):
-                walex_app = WalEx()
-        else:
-            assert target is not None
-            if ":" not in target:
-                raise ConfigError(f"{target!r} names no app; use 'package.module:app'")
-            obj = import_object(target)
-            if not isinstance(obj, WalEx):
-                raise ConfigError(f"{target!r} is a {type(obj).__name__}, not a walex.WalEx")
-            walex_app = obj
+        folder = Path(app_dir if app_dir is not None else config.parent if config else ".").resolve()
+        sys.path.insert(0, str(folder))
+        try:
+            walex_app = _build_app(target, config)
+        except ConfigError as exc:
+            if "no module named" not in str(exc).lower():
+                raise
+            raise ConfigError(
+                f"{exc}\n(walex run imports from {folder}; --app-dir changes that)"
+            ) from None
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)

@@ -40,12 +40,15 @@ ConfigOption = Annotated[
 ]
 
 
+_HINTS = {"publication": "-p/--publication"}  # how a missing option is given here
+
+
 def _settings(url: str | None, publication: str | None, config: Path | None) -> WalExSettings:
     options = {k: v for k, v in (("url", url), ("publication", publication)) if v is not None}
     if config is not None:
         with file_values(read_toml(config)):
-            return load_settings(**options)
-    return load_settings(**options)
+            return load_settings(hints=_HINTS, **options)
+    return load_settings(hints=_HINTS, **options)
 
 
 def _connect(settings: WalExSettings) -> psycopg.Connection:
@@ -68,7 +71,7 @@ def status(url: UrlOption = None, publication: PublicationOption = None,
         raise _fail(exc) from None
     out.print(f"PostgreSQL {report.server_version}, database [bold]{report.database}[/], "
               f"wal_level [bold]{report.wal_level}[/]")
-    out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()))
+    out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()), soft_wrap=True)
     if report.publication_exists:
         tables = Table("table", "replica identity", title=f"publication {report.publication}")
         for t in report.tables:
@@ -84,9 +87,9 @@ def status(url: UrlOption = None, publication: PublicationOption = None,
                 f"{lag / 1048576:.1f} MiB" if lag is not None else "-", s["wal_status"] or "-",
             )
         out.print(slots)
-    for problem in report.problems:
+    for problem in report.problems:  # unwrapped: the fix is SQL to copy whole
         mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
-        out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}")
+        out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}", soft_wrap=True)
     if report.ok:
         out.print("[bold green]ready:[/] walex can stream this publication")
     raise typer.Exit(0 if report.ok else 1)
@@ -97,8 +100,10 @@ def setup(
     publication: PublicationOption = None,
     config: ConfigOption = None,
     table: Annotated[list[str], typer.Option(
-        "--table", "-t", help="Create the publication for these tables (default: all tables).")] = [],  # noqa: B006
+        "--table", "-t", metavar="TABLE",
+        help="Create the publication for these tables (default: all tables).")] = [],  # noqa: B006
     replica_identity_full: Annotated[bool, typer.Option(
+        "--replica-identity-full",
         help="Set REPLICA IDENTITY FULL on the published tables (old values, changes).")] = False,
     slot: Annotated[Optional[str], typer.Option(help="Create this durable slot.")] = None,  # noqa: UP007
     wal_level: Annotated[bool, typer.Option(
@@ -117,7 +122,7 @@ def setup(
     except WalExError as exc:
         raise _fail(exc) from None
     for line in done or ["nothing to do"]:
-        out.print(f"- {escape(line)}")
+        out.print(f"- {escape(line)}", soft_wrap=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -130,7 +135,8 @@ def tail(
     publication: PublicationOption = None,
     config: ConfigOption = None,
     table: Annotated[list[str], typer.Option(
-        "--table", "-t", help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
+        "--table", "-t", metavar="TABLE",
+        help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
         help="Stop after this many events.")] = None,
 ) -> None:
@@ -172,7 +178,7 @@ def tail(
             async with app:
                 Console(stderr=True).print(
                     f"[dim]tailing publication {settings.publication} on "
-                    f"{escape(settings.display_target())}; Ctrl-C to stop[/]")
+                    f"{escape(app.target)}; Ctrl-C to stop[/]")
                 waiter = asyncio.create_task(app.wait())
                 stopper = asyncio.create_task(stop.wait())
                 await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)

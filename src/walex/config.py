@@ -6,7 +6,10 @@ the values of a TOML file (``walex run --config``, see :func:`read_toml` and
 (``hostname``, ``port``, ``sslmode``, ...) win over the parts of ``url``.
 Every problem is reported at once in one :class:`~walex.errors.ConfigError`,
 and the password never appears in it, in ``repr`` or in a log line (it is a
-``SecretStr``; a URL is shown redacted).
+``SecretStr``; libpq's complaint about a malformed URL is shown without any
+text it quotes from it). List options given as strings (``WALEX_*``) are JSON
+lists or comma-separated. Messages name the target libpq uses, its ``PG*``
+variables included (:meth:`WalExSettings.display_target`).
 
 TLS: ``ssl=True`` asks for TLS with the server certificate and host name
 verified (``sslmode=verify-full``, against ``sslrootcert``) unless ``sslmode``
@@ -21,6 +24,7 @@ variable can name them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -30,6 +34,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import ByteSize, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -38,7 +43,7 @@ from pydantic_settings import (
 
 from .errors import ConfigError, redact
 
-__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "SSLMODES"]
+__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "format_target", "SSLMODES"]
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
@@ -49,7 +54,19 @@ _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("walex_file_values"
 
 
 def _split(value: Any) -> Any:
+    """A list given as a string (``WALEX_*``): JSON (``["user", "todo"]``) or comma-separated."""
     if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                items = json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'starts with "[" but is not a JSON list of strings; write ["user", "todo"] '
+                    "or user,todo"
+                ) from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError('must be a JSON list of strings like ["user", "todo"], or user,todo')
+            return items
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
@@ -136,14 +153,19 @@ class WalExSettings(BaseSettings):
     def _url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             raw = value.get_secret_value()
+            scheme = raw.partition("://")[0] if "://" in raw else None
+            if scheme is not None and scheme not in ("postgresql", "postgres"):
+                raise ValueError("not a valid database url: it must start with postgresql://")
             try:
                 params = conninfo_to_dict(raw)
             except Exception as exc:
-                message = redact(str(exc).strip(), raw)
-                raise ValueError(f"not a valid database url: {message}") from None
+                raise ValueError(f"not a valid database url: {conninfo_problem(exc, raw)}") from None
             port = str(params.get("port", ""))
             if not all(p.strip().isdigit() for p in port.split(",") if p.strip()):
-                raise ValueError("not a valid database url: its port is not a number")
+                raise ValueError("not a valid database url: its port is not a number" + _hint(raw))
+            misplaced = _misplaced_at(raw, params)
+            if misplaced:
+                raise ValueError(f"not a valid database url: {misplaced}" + _hint(raw))
         return value
 
     @field_validator("max_pending_bytes", mode="wrap")
@@ -255,9 +277,11 @@ class WalExSettings(BaseSettings):
             ):
                 # libpq waits forever by default: a reconnect to a silent network must not hang
                 conninfo = make_conninfo(conninfo, connect_timeout=10)
-            return conninfo
+            # psycopg reads text as bytes from a SQL_ASCII connection (wal_level would be
+            # b'logical'): walex's connections read UTF-8, as its replication stream does
+            return make_conninfo(conninfo, client_encoding="UTF8")
         except Exception as exc:
-            raise ConfigError(f"invalid database url: {redact(str(exc), base)}") from None
+            raise ConfigError(f"invalid database url: {conninfo_problem(exc, base)}") from None
 
     def app_conninfo(self) -> str:
         """:meth:`conninfo` for the app's own connections, named after the app.
@@ -290,12 +314,68 @@ class WalExSettings(BaseSettings):
         return None
 
     def display_target(self) -> str:
-        """``user@host:port/db`` for logs and errors, without the password."""
+        """``user@host:port/db`` for logs and errors, without the password.
+
+        What libpq connects to: the parts the configuration leaves out come
+        from libpq's ``PG*`` variables and defaults (``[local]`` is its Unix
+        socket).
+        """
         params = conninfo_to_dict(self.conninfo())
-        return (
-            f"{params.get('user', '')}@{params.get('host', 'localhost')}:"
-            f"{params.get('port', 5432)}/{params.get('dbname', '')}"
-        )
+        defaults = {
+            o.keyword.decode(): o.val.decode(errors="replace")
+            for o in pq.Conninfo.get_defaults() if o.val is not None
+        }
+
+        def get(key: str) -> str:
+            return str(params.get(key) or defaults.get(key) or "")
+
+        user = get("user")
+        return format_target(user, get("host") or get("hostaddr") or "[local]",
+                             get("port"), get("dbname") or user)
+
+
+def format_target(user: str | None, host: str | None, port: str | int | None,
+                  dbname: str | None) -> str:
+    """``user@host:port/db``; with a connection's ``info``, the target it is connected to."""
+    return f"{user or ''}@{host or ''}:{port or ''}/{dbname or ''}"
+
+
+# libpq quotes the text it could not parse, which may be part of the password: every
+# quoted part of its message is hidden, but for the few that are its own literal text
+_QUOTED = re.compile(r'"[^"]*"')
+_LIBPQ_LITERALS = [('missing "***" after', 'missing "=" after'),
+                   ('separator "***"', 'separator "="'), ('matching "***"', 'matching "]"'),
+                   ('(expected "***" or "***")', '(expected ":" or "/")')]
+
+
+def conninfo_problem(exc: BaseException, raw: str) -> str:
+    """libpq's complaint about the connection string ``raw``, without any text of ``raw``."""
+    lines = str(exc).strip().splitlines()
+    message = _QUOTED.sub('"***"', lines[0] if lines else "libpq cannot parse it")
+    for hidden, literal in _LIBPQ_LITERALS:
+        message = message.replace(hidden, literal)
+    return f"{redact(message, raw)} (text not repeated: it may hold the password){_hint(raw)}"
+
+
+def _hint(raw: str) -> str:
+    if "://" in raw:
+        return ("; percent-encode special characters of a password in a URL ('%' as %25, "
+                "'@' as %40, '/' as %2F, ' ' as %20, ...) or give it apart (password=..., "
+                "WALEX_PASSWORD)")
+    return "; quote a value holding spaces in a key=value string: password='a b'"
+
+
+def _misplaced_at(raw: str, params: dict[str, Any]) -> str | None:
+    """Why an '@' of ``raw`` cannot be meant as parsed (a password with '@' or '/' unencoded)."""
+    hosts = str(params.get("host", ""))
+    if any("@" in h and not h.startswith("/") for h in hosts.split(",")):
+        return "its host holds an '@' (an '@' of the password is not percent-encoded)"
+    if "://" in raw:
+        path = raw.split("://", 1)[1].split("?", 1)[0].partition("/")[2]
+        if "@" in path:
+            return ("an '@' follows a '/': a '/' of the password, or an '@' of the database "
+                    "name, is not percent-encoded")
+    return None
 
 
 def _import_callable(spec: str) -> Any:
@@ -332,16 +412,30 @@ def file_values(values: dict[str, Any]) -> Iterator[None]:
         _FILE_VALUES.reset(token)
 
 
-def load_settings(**options: Any) -> WalExSettings:
-    """Build settings, turning every validation problem into one ConfigError."""
+def load_settings(*, hints: dict[str, str] | None = None, **options: Any) -> WalExSettings:
+    """Build settings, turning every validation problem into one ConfigError.
+
+    ``hints`` says how the caller lets a missing option be given (for the
+    CLI: ``{"publication": "-p/--publication"}``).
+    """
     try:
         return WalExSettings(**options)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "configuration"
-            problems.append(f"  - {where}: {error['msg'].removeprefix('Value error, ')}")
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "missing" and len(error["loc"]) == 1:
+                message = _missing(where, (hints or {}).get(where))
+            problems.append(f"  - {where}: {message}")
         raise ConfigError(
             f"invalid walex configuration ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}):\n" + "\n".join(problems)
         ) from None
+
+
+def _missing(name: str, hint: str | None) -> str:
+    if hint is None:
+        in_file = _FILE_VALUES.get() is not None
+        hint = f"{name} = ... in the configuration file" if in_file else f"{name}=..."
+    return f"required: give {hint} or set WALEX_{name.upper()}"

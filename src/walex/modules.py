@@ -6,8 +6,9 @@ explicitly; with ``name="my_app"``, a subscription ``user`` (or
 ``my_app.events.user`` when that module exists (WalEx's
 ``MyApp.Events.User`` convention). A module that exists but fails to import
 (itself, or a package on the way to it) is a
-:class:`~walex.errors.ConfigError` naming it and the cause, never skipped.
-Each :class:`~walex.Events` is used once, however many ways it was named.
+:class:`~walex.errors.ConfigError` naming it and the cause, never skipped;
+one error names every module that cannot be used. Each :class:`~walex.Events`
+is used once, however many ways it was named.
 """
 
 from __future__ import annotations
@@ -92,25 +93,56 @@ def _is_package(name: str) -> bool:
     return spec is not None and spec.submodule_search_locations is not None
 
 
-def resolve_modules(modules: Iterable[Any], app_name: str, subscriptions: Iterable[str]) -> list[Events]:
-    result: list[Events] = []
+def _events_of(item: Any) -> list[Events]:
+    if isinstance(item, Events):
+        return [item]
+    if isinstance(item, str):
+        return _events_in(import_object(item), item)
+    raise ConfigError(f"modules must hold walex.Events objects or import strings, got {item!r}")
 
-    def add(found: list[Events]) -> None:
-        result.extend(e for e in found if not any(e is r for r in result))
+
+def _convention_modules(app_name: str, subscriptions: Iterable[str], problems: list[str]) -> list[str]:
+    """``<app>.events.<table>`` for each subscription whose module exists."""
+    package = app_name.replace("-", "_")
+    names: list[str] = []
+    try:
+        if not _is_package(package):
+            return names
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return names
+    for sub in subscriptions:
+        if sub == "*":
+            continue
+        name = f"{package}.events.{sub.rpartition('.')[2].lower()}"
+        try:
+            if _module_exists(name):
+                names.append(name)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return names
+
+
+def resolve_modules(modules: Iterable[Any], app_name: str, subscriptions: Iterable[str]) -> list[Events]:
+    """Every ``Events`` of the app; one ConfigError naming every module that cannot be used."""
+    result: list[Events] = []
+    problems: list[str] = []
+
+    def use(item: Any) -> None:
+        try:
+            found = _events_of(item)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        else:
+            result.extend(e for e in found if not any(e is r for r in result))
 
     for item in modules:
-        if isinstance(item, Events):
-            add([item])
-        elif isinstance(item, str):
-            add(_events_in(import_object(item), item))
-        else:
-            raise ConfigError(f"modules must hold walex.Events objects or import strings, got {item!r}")
-    package = app_name.replace("-", "_")
-    if _is_package(package):
-        for sub in subscriptions:
-            if sub == "*":
-                continue
-            name = f"{package}.events.{sub.rpartition('.')[2].lower()}"
-            if _module_exists(name):
-                add(_events_in(import_object(name), name))
+        use(item)
+    for name in _convention_modules(app_name, subscriptions, problems):
+        use(name)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} handler modules cannot be used:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
     return result

@@ -1,0 +1,81 @@
+"""Databases whose encoding is not UTF-8: walex starts, streams and reports on them.
+
+Concern: psycopg returns ``bytes`` for text read from a ``SQL_ASCII``
+connection, so a setting such as ``wal_level`` would read as ``b'logical'``
+and a catalog name as bytes; walex's own connections ask for UTF-8 whatever
+the database's encoding (as its replication connection does), so checks,
+type lookups, ``walex status`` and the events all see ``str``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from walex import Event, Events, WalEx
+
+if TYPE_CHECKING:
+    from conftest import PgServer
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "walex")
+WALEX = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "walex.cli"]
+
+
+@pytest.fixture(params=["SQL_ASCII", "LATIN1"])
+def encoded_dsn(request: pytest.FixtureRequest, pg_cluster: PgServer) -> Iterator[str]:
+    """A fresh database in the encoding of the parameter, with a table, an enum and a publication."""
+    dbname = f"walex_enc_{request.param.lower()}_{os.getpid()}"
+    with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        conn.execute(sql.SQL(
+            "CREATE DATABASE {} ENCODING {} LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ).format(sql.Identifier(dbname), sql.Literal(request.param)))
+    dsn = pg_cluster.dsn(dbname)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('ok', 'bad')")
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY, label text, m mood)")
+        conn.execute("CREATE PUBLICATION pub FOR TABLE item")
+    try:
+        yield dsn
+    finally:
+        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+def test_app_streams_from_a_database_in_another_encoding(encoded_dsn: str) -> None:
+    got: list[Event] = []
+    events = Events()
+    events.on_insert("item")(got.extend)
+
+    async def main() -> None:
+        async with WalEx(encoded_dsn, publication="pub", subscriptions=["item"], modules=[events]):
+            with psycopg.connect(encoded_dsn, autocommit=True, client_encoding="UTF8") as conn:
+                conn.execute("INSERT INTO item VALUES (1, 'café', 'bad')")
+            for _ in range(1500):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    [event] = got
+    assert event.new_record == {"id": 1, "label": "café", "m": "bad"}
+    assert event.source.columns == {"id": "int4", "label": "text", "m": "mood"}
+    assert isinstance(event.source.db, str)
+
+
+def test_status_on_a_database_in_another_encoding(encoded_dsn: str) -> None:
+    proc = subprocess.run([*WALEX, "status", "--url", encoded_dsn, "-p", "pub"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert "wal_level logical" in proc.stdout, proc.stdout + proc.stderr
+    assert "b'" not in proc.stdout + proc.stderr
+    assert "public.item" in proc.stdout
+    assert "ready" in proc.stdout
