@@ -51,7 +51,9 @@ class Workers:
             if pool is not None:  # resized: calls already running finish on the old threads
                 pool.shutdown(wait=False)
             size = self._functions_size = self.function_threads
-            pool = self._functions = ThreadPoolExecutor(size, thread_name_prefix=f"walex-{self.name}-functions")
+            pool = self._functions = ThreadPoolExecutor(
+                size, thread_name_prefix=f"walex-{self.name}-functions"
+            )
         return await _run(pool, func, arg)
 
     def close(self, wait: bool = True) -> None:
