@@ -32,6 +32,7 @@ import psycopg
 from .checks import preflight
 from .config import WalExSettings, load_settings
 from .configs import RuntimeConfig
+from .destinations import Destinations
 from .dispatch import Dispatcher
 from .errors import ConfigError, SetupError, WalExError
 from .modules import resolve_modules
@@ -75,6 +76,8 @@ class WalEx:
         )
         self.config = RuntimeConfig(self)
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
+        self.destinations = Destinations(s.destination_urls(), s.partitions)  # may be empty
+        self.pipeline.destinations = self.destinations
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -123,7 +126,12 @@ class WalEx:
         self._stopped.clear()
         self._stopping = False
         self._error = None
-        await self.pipeline.open_session()
+        await self.destinations.open()
+        try:
+            await self.pipeline.open_session()
+        except BaseException:
+            await self.destinations.close()
+            raise
         _running[name] = self
         p = self.pipeline
         self._tasks = [
@@ -174,6 +182,7 @@ class WalEx:
             if self._deferred_task is not None:
                 self._deferred_task.cancel()
             await self.pipeline.close_session()
+            await self.destinations.close()
         finally:
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]

@@ -12,7 +12,8 @@ jitter, resuming from the slot. Changes flow::
     acknowledger: AckTracker -> standby status updates
 
 Invariants:
-- a transaction is acknowledged only after its dispatch returned;
+- a transaction is acknowledged only after its dispatch returned and every
+  destination confirmed it durable;
 - a transaction committed below the acknowledged position is a replay and
   is dropped before dispatch;
 - a large transaction flows through in batches of ``batch_size`` events, so
@@ -68,6 +69,7 @@ class Pipeline:
         self.settings = settings
         self.slot_name = slot_name
         self.dispatcher = dispatcher
+        self.destinations: Any = None  # walex.destinations.Destinations, set by the app
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
@@ -399,10 +401,14 @@ class Pipeline:
 
     async def run_dispatcher(self) -> None:
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
+        destinations = self.destinations if self.destinations else None
         while True:
             txn = await queue.get()
             self.busy = True
-            await dispatch(txn)
+            if destinations is None:
+                await dispatch(txn)
+            else:  # published to the destinations while the handlers run; both must finish
+                await destinations.alongside(txn, dispatch)
             if failpoints.ACTIVE:
                 failpoints.hit("after_dispatch")
             self.events_handled += len(txn.events)
