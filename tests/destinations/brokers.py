@@ -106,3 +106,36 @@ async def nats_delete(stream: str, port: int = 4222) -> None:
         pass
     finally:
         await nc.close()
+
+
+# -- Redis -------------------------------------------------------------------
+
+
+async def redis_stored(pattern: str, port: int = 6379) -> list[Stored]:
+    """The entries of every stream whose key matches ``pattern``, stream by stream."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(port=port)
+    try:
+        out = []
+        for key in sorted(await client.keys(pattern)):
+            for entry_id, fields in await client.xrange(key):
+                out.append((fields[b"id"].decode(), json.loads(fields[b"event"]),
+                            (key.decode(), entry_id.decode())))
+        return out
+    finally:
+        await client.aclose()
+
+
+async def redis_delete(pattern: str, port: int = 6379) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(port=port)
+    try:
+        keys = await client.keys(pattern)
+        if keys:
+            await client.delete(*keys)
+    except Exception:
+        pass
+    finally:
+        await client.aclose()
