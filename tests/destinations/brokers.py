@@ -139,3 +139,60 @@ async def redis_delete(pattern: str, port: int = 6379) -> None:
         pass
     finally:
         await client.aclose()
+
+
+# -- RabbitMQ ----------------------------------------------------------------
+
+
+async def rabbitmq_queue(exchange: str, queue: str, port: int = 5672) -> None:
+    """Declare the exchange walex uses and a durable queue bound to all of it."""
+    import aio_pika
+
+    connection = await aio_pika.connect(port=port)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        q = await channel.declare_queue(queue, durable=True)
+        await q.bind(ex, "#")
+    finally:
+        await connection.close()
+
+
+async def rabbitmq_stored(queue: str, port: int = 5672) -> list[Stored]:
+    """Every message in the queue, in order, left in it: read without acknowledging,
+    they go back to their places when the channel closes."""
+    import aio_pika
+
+    connection = await aio_pika.connect(port=port)
+    try:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, durable=True, passive=True)
+        out, held = [], []
+        while True:
+            message = await q.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            held.append(message)
+            out.append((message.message_id, json.loads(message.body),
+                        (message.routing_key, message.delivery_mode, message.content_type)))
+        await channel.close()  # unacknowledged messages go back to the queue, in order
+        return out
+    finally:
+        await connection.close()
+
+
+async def rabbitmq_delete(exchange: str, queue: str, port: int = 5672) -> None:
+    import aio_pika
+
+    try:
+        connection = await aio_pika.connect(port=port)
+    except Exception:
+        return
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(exchange)
+    except Exception:
+        pass
+    finally:
+        await connection.close()
