@@ -157,7 +157,7 @@ class Destinations:
                     await destination.open()
                 await destination.publish(batch)
             except Unavailable as exc:
-                delay = backoff(attempt)
+                delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
                 attempt += 1
                 self.retries += 1
                 log.warning(

@@ -33,7 +33,14 @@ FIELDS = ("schema", "table", "type", "partition")
 
 
 class Unavailable(Exception):
-    """The broker could not confirm the batch now; publishing it again may succeed."""
+    """The broker could not confirm the batch now; publishing it again may succeed.
+
+    ``retry_after``: seconds the broker asked to wait (an HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
