@@ -3,7 +3,10 @@
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
 options at top level (``modules`` as import strings; ``WALEX_*`` variables
-override the file). SIGINT and SIGTERM stop it cleanly with exit code 0.
+override the file). With ``destinations`` and no ``modules`` that is a relay
+to brokers; ``--destination URL`` (repeatable) gives them on the command
+line, with ``--config`` or with the ``WALEX_*`` variables alone. SIGINT and
+SIGTERM stop it cleanly with exit code 0.
 Logs go to stderr as text or, with ``--log-format json``, one JSON object per
 line, passwords scrubbed. Each command turns a
 :class:`~walex.errors.WalExError` into a one-line message on stderr and exit
@@ -109,6 +112,11 @@ def run(
     app_dir: Annotated[
         str, typer.Option(help="Folder put first on sys.path to import the app and its modules.")
     ] = ".",
+    destination: Annotated[
+        Optional[list[str]],  # noqa: UP007
+        typer.Option("--destination", help="A broker or webhook URL to publish every "
+                     "event to (repeatable); with WALEX_* variables or --config, no app needed."),
+    ] = None,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
     from .app import WalEx
@@ -121,7 +129,12 @@ def run(
             raise ConfigError(f"--log-level must be one of {', '.join(_LEVELS)}, got {log_level!r}")
         if fmt not in _FORMATS:
             raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
-        if (target is None) == (config is None):
+        if target is not None and destination:
+            raise ConfigError(
+                "--destination builds the app from --config or WALEX_* variables; "
+                f"{target!r} is an app already: give it destinations=[...] instead"
+            )
+        if (target is None) == (config is None) and not (destination and target is None):
             raise ConfigError(
                 "give either the app to run ('package.module:app') or --config walex.toml, "
                 "not both" if target is not None else
@@ -129,9 +142,12 @@ def run(
             )
         secrets = _setup_logging(level, fmt)
         sys.path.insert(0, str(Path(app_dir).resolve()))
+        relay = {"destinations": destination} if destination else {}
         if config is not None:
             with file_values(read_toml(config)):
-                walex_app = WalEx()
+                walex_app = WalEx(**relay)
+        elif destination:
+            walex_app = WalEx(**relay)  # the connection and publication from WALEX_*
         else:
             assert target is not None
             if ":" not in target:
@@ -143,6 +159,8 @@ def run(
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)
+        for item in walex_app.destinations.items:  # clients may log their URL
+            secrets.extend(item.url.secrets)
         walex_app.run()
     except WalExError as exc:
         raise _fail(exc) from None

@@ -139,7 +139,15 @@ class Destinations:
         except Unavailable as exc:
             log.warning("destination %s is unreachable: %s; walex keeps trying and "
                         "acknowledges nothing until it is back", destination.display, exc)
-            await destination.close()
+            await self._close(destination)
+
+    @staticmethod
+    async def _close(destination: Destination) -> None:
+        """Close a broken connection; a broker that does not answer cannot hold it up."""
+        try:
+            await asyncio.wait_for(destination.close(), timeout=5)
+        except (Exception, TimeoutError):
+            log.debug("closing %s took too long or failed", destination.display)
 
     async def publish(self, events: list[Event]) -> None:
         """Publish one transaction batch to every destination; returns when all are durable."""
@@ -165,7 +173,7 @@ class Destinations:
                     "%.1fs (attempt %d); nothing is acknowledged to PostgreSQL meanwhile",
                     destination.display, exc, len(batch), batch[0].id, delay, attempt,
                 )
-                await destination.close()
+                await self._close(destination)
                 await asyncio.sleep(delay)
                 continue
             if attempt:
@@ -188,4 +196,4 @@ class Destinations:
         await publishing
 
     async def close(self) -> None:
-        await asyncio.gather(*(d.close() for d in self.items), return_exceptions=True)
+        await asyncio.gather(*(self._close(d) for d in self.items))

@@ -102,13 +102,15 @@ class NatsDestination(Destination):
         elif url.username:
             credentials = {"token": url.username}
         try:
-            self.nc = await nats.connect(
+            # one attempt (the client would otherwise retry a refused server by itself)
+            self.nc = await asyncio.wait_for(nats.connect(
                 servers=[self.server], name="walex", allow_reconnect=False,
+                max_reconnect_attempts=1, reconnect_time_wait=0.05,
                 connect_timeout=max(1, round(self.timeout)),
                 tls=ssl.create_default_context() if url.scheme == "tls" else None,
                 error_cb=on_error, closed_cb=on_closed, disconnected_cb=on_closed,
                 **credentials,
-            )
+            ), timeout=self.timeout + 1)
         except Exception as exc:
             raise self.unavailable("cannot connect", exc) from None
         self.js = self.nc.jetstream(timeout=self.timeout)
