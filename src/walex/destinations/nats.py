@@ -43,6 +43,7 @@ __all__ = ["NatsDestination"]
 
 log = logging.getLogger("walex.destinations")
 
+_WINDOW = 4096  # messages in flight at most (the client's async publish limit)
 _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
@@ -113,7 +114,7 @@ class NatsDestination(Destination):
             ), timeout=self.timeout + 1)
         except Exception as exc:
             raise self.unavailable("cannot connect", exc) from None
-        self.js = self.nc.jetstream(timeout=self.timeout)
+        self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
         except Unavailable:
@@ -143,14 +144,20 @@ class NatsDestination(Destination):
                  self.stream, self.stream_subjects, self.duplicate_window, self.url.display)
 
     async def publish(self, batch: list[Outgoing]) -> None:
+        for start in range(0, len(batch), _WINDOW):
+            await self._publish(batch[start:start + _WINDOW])
+
+    async def _publish(self, batch: list[Outgoing]) -> None:
         js, closed, render = self.js, self._closed, self.subject.render
         if js is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
         futures = []
         try:
+            # No wait_stall: with it the client yields after every message and sends
+            # each in its own system call; the window bounds what is in flight instead.
             for item in batch:
                 futures.append(await js.publish_async(
-                    render(item), item.body, wait_stall=self.timeout, stream=self.stream,
+                    render(item), item.body, stream=self.stream,
                     headers={"Nats-Msg-Id": item.id},
                 ))
         except Exception as exc:

@@ -30,6 +30,7 @@ from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError
+from pamqp.commands import Basic  # aio-pika builds on aiormq and pamqp
 
 from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
@@ -67,6 +68,7 @@ class RabbitMQDestination(Destination):
         self.vhost = unquote(url.path[1:]) if len(url.path) > 1 else "/"
         self.connection: Any = None
         self.exchange: Any = None
+        self.underlay: Any = None  # the aiormq channel under the exchange
 
     async def open(self) -> None:
         url = self.url
@@ -85,6 +87,7 @@ class RabbitMQDestination(Destination):
                 )
             else:
                 self.exchange = channel.default_exchange
+            self.underlay = await channel.get_underlay_channel()
         except ChannelPreconditionFailed as exc:
             await self.close()
             raise DestinationError(
@@ -97,18 +100,20 @@ class RabbitMQDestination(Destination):
         self.opened = True
 
     async def publish(self, batch: list[Outgoing]) -> None:
-        exchange = self.exchange
-        if exchange is None:
+        channel = self.underlay
+        if channel is None or channel.is_closed:
             raise Unavailable("not connected")
         render, mandatory, timeout = self.routing_key.render, self.mandatory, self.timeout
-        persistent = aio_pika.DeliveryMode.PERSISTENT
-        # Started in order, the publishes take the channel's lock in order: the
-        # broker receives the batch in order and confirms it as a whole.
+        name, properties = self.exchange_name, Basic.Properties
+        # Started in order, the publishes take the channel's lock in order, so the
+        # broker receives the batch in order; without waiting for each write to
+        # drain (wait=False) the frames of many messages go out in one write.
         confirms = [
-            asyncio.ensure_future(exchange.publish(
-                aio_pika.Message(item.body, delivery_mode=persistent, message_id=item.id,
-                                 content_type="application/cloudevents+json"),
-                routing_key=render(item), mandatory=mandatory, timeout=timeout,
+            asyncio.ensure_future(channel.basic_publish(
+                item.body, exchange=name, routing_key=render(item), mandatory=mandatory,
+                timeout=timeout, wait=False,
+                properties=properties(delivery_mode=2, message_id=item.id,
+                                      content_type="application/cloudevents+json"),
             ))
             for item in batch
         ]
@@ -127,6 +132,7 @@ class RabbitMQDestination(Destination):
 
     async def close(self) -> None:
         connection, self.connection, self.exchange = self.connection, None, None
+        self.underlay = None
         self.opened = False
         if connection is not None:
             try:
