@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -85,8 +86,6 @@ def outage(broker: str, tmp: Path, unique: str) -> Iterator[Outage]:
             out = []
             for hook in hooks:
                 for _path, headers, body, _status in hook.accepted():
-                    import json
-
                     out.extend((e["id"], e, headers["webhook-id"]) for e in json.loads(body))
             return out
 

@@ -116,7 +116,7 @@ class WebhookDestination(Destination):
         self.requests = 0
 
     async def open(self) -> None:
-        if self.url.scheme == "http" and self.url.host not in _LOCAL:
+        if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
             log.warning("destination %s sends events unencrypted over http://; use https:// "
                         "beyond this machine", self.display)
         self.client = httpx.AsyncClient(
