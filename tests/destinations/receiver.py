@@ -27,7 +27,12 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                length = int(self.headers.get("content-length", 0))
+                body = self.rfile.read(length)
+                if len(body) < length:  # the client died while sending: nothing to answer
+                    with receiver._lock:
+                        receiver.requests.append((self.path, dict(self.headers), body, 0))
+                    return
                 with receiver._lock:
                     answer = receiver._script.pop(0) if receiver._script else 200
                 headers: dict[str, str] = {}
