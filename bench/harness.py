@@ -291,11 +291,16 @@ class Bench:
                     "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}",
                     "-f", "/dev/null"]
         python = peers[level] if level in PEER_LEVELS else sys.executable
-        cmd = [python, str(CONSUMERS / CONSUMER_SCRIPTS[level]), "--dsn", self.dsn,
+        script = CONSUMER_SCRIPTS["walex" if level.startswith("walex+") else level]
+        cmd = [python, str(CONSUMERS / script), "--dsn", self.dsn,
                "--slot", slot, "--publication", PUBLICATION, "--endpos", endpos,
                "--marker-table", MARKER, "--result", str(result)]
         if level == "walex_sync":
             cmd.append("--sync-handler")
+        if level.startswith("walex+"):  # bench/destinations.py
+            import destinations
+
+            cmd += ["--destination", destinations.url_for(level, slot)]
         if lag:
             cmd.append("--lag")
         return cmd

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import destinations  # noqa: E402
 import harness as h  # noqa: E402
 
 RESULTS = h.BENCH / "results"
@@ -51,7 +52,7 @@ def plan_runs(levels: list[str], reps: int, peer_reps: int) -> list[tuple[int, s
 
 
 def slot_name(workload: str, level: str, rep: int) -> str:
-    return f"{workload.lower()}_{level.replace('-', '_')}_{rep}"
+    return f"{workload.lower()}_{level.replace('-', '_').replace('+', '_')}_{rep}"
 
 
 def bench_workload(b: h.Bench, w: h.Workload, args: argparse.Namespace, levels: list[str],
@@ -74,7 +75,14 @@ def bench_workload(b: h.Bench, w: h.Workload, args: argparse.Namespace, levels: 
     try:
         for rep, lv in plan:
             timeout = args.timeout * (args.peer_timeout_factor if lv in h.PEER_LEVELS else 1)
-            run = b.run_consumer(lv, slot_name(w.name, lv, rep), info["endpos"], peers, timeout)
+            slot = slot_name(w.name, lv, rep)
+            if lv in destinations.URLS:
+                destinations.prepare(lv, slot)
+            try:
+                run = b.run_consumer(lv, slot, info["endpos"], peers, timeout)
+            finally:
+                if lv in destinations.URLS:
+                    destinations.cleanup(lv, slot)
             run["rep"] = rep
             # a Python consumer counts when it handled every row and recorded the end;
             # a crash while exiting after that (seen with pgoutput-decoder) is noted, not fatal
@@ -259,6 +267,10 @@ def main() -> int:
     ap.add_argument("--lag-levels", default="walex", help="comma list (walex, walex_sync, psycopg2)")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="extra postgresql.conf setting, repeatable")
+    ap.add_argument("--destination", action="append", default=[], metavar="NAME=URL",
+                    help="add the level walex+NAME publishing to URL too (repeatable; URL may "
+                         "be nats, redis, rabbitmq or webhook for the local brokers, see "
+                         "bench/destinations.py)")
     ap.add_argument("--out", help="JSON results file (default bench/results/<mode>-<time>.json)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
@@ -278,7 +290,11 @@ def main() -> int:
         workloads = args.workloads.split(",") + (["W5"] if args.w5 and "W5" not in args.workloads else [])
         levels = [lv for lv in args.levels.split(",")
                   if not (args.no_peers and lv in h.PEER_LEVELS)]
-        unknown = [x for x in levels if x not in h.LEVELS + h.OPTIONAL_LEVELS]
+        for lv in destinations.parse(args.destination):
+            h.LEVEL_NOTES[lv] = f"as walex, also publishing to {destinations.URLS[lv]}"
+            if lv not in levels:
+                levels.append(lv)
+        unknown = [x for x in levels if x not in h.LEVELS + h.OPTIONAL_LEVELS + list(destinations.URLS)]
         unknown += [x for x in workloads if x not in h.WORKLOADS]
         if unknown:
             ap.error(f"unknown level or workload: {', '.join(unknown)}")

@@ -35,6 +35,8 @@ def parse_args(description: str, flags: tuple[str, ...] = ()) -> argparse.Namesp
     ap.add_argument("--marker-table", default="bench_marker")
     ap.add_argument("--result", required=True, help="JSON file to write")
     ap.add_argument("--lag", action="store_true", help="record commit->handler lag per event")
+    ap.add_argument("--destination", action="append", default=[],
+                    help="walex only: also publish every event to this URL")
     return ap.parse_args()
 
 

@@ -6,6 +6,11 @@ type, source, every value of new_record and old_record, every Change,
 timestamp, lsn, id. The handler is ``async def`` (runs on the event loop);
 ``--sync-handler`` makes it a plain function, which walex runs in a thread.
 
+With ``--destination URL`` (levels ``walex+NAME``, bench/destinations.py)
+every event is also published there; a transaction's handler call comes only
+after the previous transaction was confirmed by the broker, so the marker
+row is reached once the workload is published.
+
 It stops when the handler got the marker row (committed right after endpos):
 a handler sees batches of events, not commits, and ``Event.id`` carries the
 commit LSN, so the marker is the reliable end.
@@ -98,6 +103,7 @@ def main() -> int:
         app = WalEx(
             url=args.dsn, publication=args.publication, subscriptions=["*"],
             modules=[events_mod], name="bench", durable_slot=True, slot_name=args.slot,
+            destinations=args.destination,
         )
         await app.start()
         if "freeze" in gc_mode:
@@ -115,6 +121,7 @@ def main() -> int:
         await app.stop()
         res.data["stop_s"] = time.time() - t_stop
         res.data["transactions_handled"] = app.transactions_handled
+        res.data["events_published"] = app.destinations.events_published
 
     logging.basicConfig(level=logging.WARNING)
     loop = asyncio.new_event_loop()

@@ -8,7 +8,7 @@ handler finished it.
 
 from .app import WalEx
 from .errors import (
-    ConfigError, DecodeError, HandlerError, ReplicationError, SetupError, SlotInUseError,
+    ConfigError, DecodeError, DestinationError, HandlerError, ReplicationError, SetupError, SlotInUseError,
     SlotLostError,
     WalExError,
 )
@@ -19,5 +19,5 @@ from .transactions import Transaction
 __all__ = [
     "WalEx", "Events", "Event", "EventType", "Change", "Source", "Transaction",
     "UNCHANGED_TOAST", "WalExError", "ConfigError", "SetupError", "ReplicationError",
-    "SlotInUseError", "SlotLostError", "DecodeError", "HandlerError",
+    "SlotInUseError", "SlotLostError", "DecodeError", "HandlerError", "DestinationError",
 ]

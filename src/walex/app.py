@@ -30,6 +30,7 @@ from typing import Any
 
 from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
+from .destinations import Destinations
 from .dispatch import Dispatcher
 from .errors import ConfigError, WalExError
 from .handlers import Handler
@@ -77,6 +78,8 @@ class WalEx:
         )
         self.config = RuntimeConfig(self)
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
+        self.destinations = Destinations(s.destination_urls(), s.partitions)  # may be empty
+        self.pipeline.destinations = self.destinations
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -136,7 +139,12 @@ class WalEx:
         self._stopping = False
         self._error = None
         self.pipeline.closing = False
-        await self.pipeline.open_session()
+        await self.destinations.open()
+        try:
+            await self.pipeline.open_session()
+        except BaseException:
+            await self.destinations.close()
+            raise
         _running[name] = self
         p = self.pipeline
         self._tasks = [
@@ -206,6 +214,7 @@ class WalEx:
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
+            await self.destinations.close()
         finally:
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]

@@ -4,8 +4,10 @@
 ``walex run --config walex.toml`` builds one from a TOML file holding its
 options at top level (``modules`` as import strings; ``WALEX_*`` variables
 override the file). Imports start from ``--app-dir``: by default the config
-file's folder, else the current one. SIGINT and SIGTERM stop it cleanly with
-exit code 0.
+file's folder, else the current one. With ``destinations`` and no ``modules``
+that is a relay to brokers; ``--destination URL`` (repeatable) gives them on
+the command line, with ``--config`` or with the ``WALEX_*`` variables alone.
+SIGINT and SIGTERM stop it cleanly with exit code 0.
 Logs go to stderr as text or, with ``--log-format json``, one JSON object per
 line, passwords scrubbed. Each command turns a
 :class:`~walex.errors.WalExError` into a one-line message on stderr and exit
@@ -19,7 +21,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -107,7 +109,7 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _FORMATS = ("text", "json")
 
 
-def _build_app(target: str | None, config: Path | None) -> WalEx:
+def _build_app(target: str | None, config: Path | None, relay: dict[str, Any]) -> WalEx:
     from .app import WalEx
     from .config import file_values, read_toml
     from .handlers import Events
@@ -115,7 +117,9 @@ def _build_app(target: str | None, config: Path | None) -> WalEx:
 
     if config is not None:
         with file_values(read_toml(config)):
-            return WalEx()
+            return WalEx(**relay)
+    if relay and target is None:
+        return WalEx(**relay)  # the connection and publication from WALEX_*
     assert target is not None
     if ":" not in target:
         raise ConfigError(f"{target!r} names no app; use 'package.module:app'")
@@ -149,6 +153,11 @@ def run(
                           "(default: the --config file's folder, else the current one).",
                      show_default=False),
     ] = None,
+    destination: Annotated[
+        Optional[list[str]],  # noqa: UP007
+        typer.Option("--destination", help="A broker or webhook URL to publish every "
+                     "event to (repeatable); with WALEX_* variables or --config, no app needed."),
+    ] = None,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
     try:
@@ -157,7 +166,12 @@ def run(
             raise ConfigError(f"--log-level must be one of {', '.join(_LEVELS)}, got {log_level!r}")
         if fmt not in _FORMATS:
             raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
-        if (target is None) == (config is None):
+        if target is not None and destination:
+            raise ConfigError(
+                "--destination builds the app from --config or WALEX_* variables; "
+                f"{target!r} is an app already: give it destinations=[...] instead"
+            )
+        if (target is None) == (config is None) and not (destination and target is None):
             raise ConfigError(
                 "give either the app to run ('package.module:app') or --config walex.toml, "
                 "not both" if target is not None else
@@ -166,8 +180,9 @@ def run(
         secrets = _setup_logging(level, fmt)
         folder = Path(app_dir if app_dir is not None else config.parent if config else ".").resolve()
         sys.path.insert(0, str(folder))
+        relay = {"destinations": destination} if destination else {}
         try:
-            walex_app = _build_app(target, config)
+            walex_app = _build_app(target, config, relay)
         except ConfigError as exc:
             if "no module named" not in str(exc).lower():
                 raise
@@ -177,6 +192,8 @@ def run(
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)
+        for item in walex_app.destinations.items:  # clients may log their URL
+            secrets.extend(item.url.secrets)
         walex_app.run()
     except WalExError as exc:
         raise _fail(exc) from None

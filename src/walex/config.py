@@ -96,6 +96,10 @@ class WalExSettings(BaseSettings):
     modules: Annotated[list[Any], NoDecode] = Field(default_factory=list)
     name: str = "walex"
 
+    # destinations: broker and webhook URLs every event is published to (walex.destinations)
+    destinations: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    partitions: int = Field(default=1, ge=1, le=65536)  # {partition}: hash of table and key
+
     # the slot
     durable_slot: bool = False
     slot_name: str | None = None
@@ -147,6 +151,38 @@ class WalExSettings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destination_list(cls, value: Any) -> Any:
+        if isinstance(value, str):  # WALEX_DESTINATIONS: a JSON list, or comma-separated
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ValueError("is not a JSON list of URLs") from None
+            return _split(text)
+        return value
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, value: list[SecretStr]) -> list[SecretStr]:
+        from .destinations import check_url  # imports no broker client it does not need
+
+        problems = []
+        for url in value:
+            try:
+                check_url(url.get_secret_value())
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def destination_urls(self) -> list[str]:
+        """The destination URLs (with their passwords: never log them)."""
+        return [url.get_secret_value() for url in self.destinations]
 
     @field_validator("url")
     @classmethod

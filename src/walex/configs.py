@@ -10,7 +10,7 @@ subscriptions, modules and the handler options (``on_error``,
 ``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
 transaction, without a restart; connection options (``password``, ``url``,
 ...) and ``message_middleware`` at the next reconnect. ``name``, the slot,
-the publication and the protocol options cannot change. The module-level
+the publication, the protocol options and the destinations cannot change. The module-level
 functions address a running app by its ``name``.
 """
 
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
 
-_FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover"}
+_FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover",
+          "destinations", "partitions"}
 
 
 class RuntimeConfig:

@@ -15,7 +15,10 @@ password: anything built from user configuration passes through
     │   ├── SlotInUseError    a durable slot is held by another process
     │   └── SlotLostError     a durable slot was invalidated; changes are gone
     ├── DecodeError           bytes from the server are not valid pgoutput
-    └── HandlerError          a handler or per-event function failed
+    ├── HandlerError          a handler or per-event function failed
+    └── DestinationError      a destination refused events for good (a webhook
+                              answering 4xx, a redirect); a broker that is
+                              down is retried, not an error
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "SlotLostError",
     "DecodeError",
     "HandlerError",
+    "DestinationError",
     "redact",
 ]
 
@@ -82,6 +86,10 @@ class DecodeError(WalExError):
 
 class HandlerError(WalExError):
     """A handler or a per-event function raised."""
+
+
+class DestinationError(WalExError):
+    """A destination refused the events in a way retrying cannot cure."""
 
 
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")

@@ -46,6 +46,9 @@ class Source:
     schema: str
     table: str
     columns: dict[str, str] = field(default_factory=dict)  # column -> type name
+    # the columns identifying a row: the primary key (or the replica identity
+    # index); empty when the table has neither
+    primary_key: tuple[str, ...] = ()
     name: str = "WalEx"
     version: str = WALEX_VERSION
 

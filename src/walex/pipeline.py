@@ -15,7 +15,8 @@ jitter, resuming from the slot. Changes flow::
     acknowledger: AckTracker -> standby status updates
 
 Invariants:
-- a transaction is acknowledged only after its dispatch returned;
+- a transaction is acknowledged only after its dispatch returned and every
+  destination confirmed it durable;
 - a transaction committed below the acknowledged position is a replay and
   is dropped before dispatch;
 - a large transaction flows through in batches of at most ``batch_size``
@@ -86,6 +87,7 @@ class Pipeline:
         self.settings = settings
         self.slot_name = slot_name
         self.dispatcher = dispatcher
+        self.destinations: Any = None  # walex.destinations.Destinations, set by the app
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
@@ -521,10 +523,14 @@ class Pipeline:
     async def run_dispatcher(self) -> None:
         """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
+        destinations = self.destinations if self.destinations else None
         while not self.closing:
             txn = await queue.get()
             self.in_hand = txn
-            await dispatch(txn)
+            if destinations is None:
+                await dispatch(txn)
+            else:  # published to the destinations while the handlers run; both must finish
+                await destinations.alongside(txn, dispatch)
             if failpoints.ACTIVE:
                 failpoints.hit("after_dispatch")
             self.events_handled += len(txn.events)

@@ -28,6 +28,13 @@ from .pgtypes import TypeCatalog
 
 __all__ = ["Table", "RelationCache"]
 
+_PRIMARY_KEY_QUERY = """
+SELECT a.attname FROM pg_catalog.pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.n
+"""
+
 
 class Table:
     """One table definition as announced by a Relation message."""
@@ -37,7 +44,10 @@ class Table:
         "key_indexes", "type_oids", "source", "subscribed", "_tx", "_loaders",
     )
 
-    def __init__(self, rel: Relation, catalog: TypeCatalog, db: str, subscribed: bool) -> None:
+    def __init__(
+        self, rel: Relation, catalog: TypeCatalog, db: str, subscribed: bool,
+        primary_key: tuple[str, ...] | None = None,
+    ) -> None:
         self.relation_id = rel.relation_id
         self.schema = rel.namespace or "pg_catalog"
         self.name = rel.name
@@ -48,6 +58,9 @@ class Table:
         self.source = Source(
             db=db, schema=self.schema, table=self.name,
             columns={c.name: catalog.name(c.type_oid) for c in rel.columns},
+            primary_key=(
+                tuple(c.name for c in rel.columns if c.is_key) if primary_key is None else primary_key
+            ),
         )
         self.subscribed = subscribed
         self._tx = Transformer(catalog.adapters)
@@ -129,9 +142,23 @@ class RelationCache:
     async def update(self, rel: Relation) -> Table:
         await self.catalog.resolve(c.type_oid for c in rel.columns)
         schema = rel.namespace or "pg_catalog"
-        table = Table(rel, self.catalog, self.db, self.is_subscribed(schema, rel.name))
+        key = None  # the key columns flagged in the Relation message
+        if rel.replica_identity in ("f", "n"):  # they flag every column, or none
+            key = await self._primary_key(rel)
+        table = Table(rel, self.catalog, self.db, self.is_subscribed(schema, rel.name), key)
         self._tables[rel.relation_id] = table
         return table
+
+    async def _primary_key(self, rel: Relation) -> tuple[str, ...]:
+        """The primary key columns of a table whose Relation message does not tell them."""
+        conn = self.catalog.conn
+        if conn is None:
+            return ()
+        async with conn.cursor() as cur:
+            await cur.execute(_PRIMARY_KEY_QUERY, (rel.relation_id,))
+            names = [row[0] for row in await cur.fetchall()]
+        published = {c.name for c in rel.columns}
+        return tuple(names) if names and all(n in published for n in names) else ()
 
     def refresh_subscriptions(self) -> None:
         """Re-evaluate which cached tables are subscribed (after a config change)."""

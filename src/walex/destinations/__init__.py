@@ -1,0 +1,199 @@
+"""Destinations: the changes of each transaction published to brokers and webhooks.
+
+An app given ``destinations=[url, ...]`` publishes every event of every
+subscribed table to each of them, as a CloudEvents 1.0 JSON document
+(:mod:`walex.destinations.encoding`), alongside its handlers.
+
+The contract every destination keeps (:class:`~walex.destinations.base.Destination`):
+
+- ``open()`` connects, creating what it needs when missing (a JetStream
+  stream, an exchange);
+- ``publish(batch)`` sends the encoded events of one transaction batch in
+  order and returns only when the broker confirmed every one durable
+  (JetStream PubAck, AMQP publisher confirm, the reply to ``XADD``, a 2xx
+  answer); if it cannot tell, it raises and the whole batch is published
+  again, so delivery is at-least-once;
+- ``close()`` releases the connection.
+
+Events are published in commit order, one transaction batch after the other,
+so each destination receives a table's (with ``partitions``, a partition's)
+changes in order. A replay after a crash carries the same ``event.id``, which
+the brokers that can deduplicate are given as the message id (NATS
+``Nats-Msg-Id``, AMQP ``message_id``, ``webhook-id``); a consumer drops what
+is left by id.
+
+The acknowledgement rule: a transaction is acknowledged to PostgreSQL only
+after every handler returned and every destination confirmed it
+(:class:`Destinations` is awaited like a handler). A broker that is down is
+retried with backoff, forever, logging a warning with its redacted URL: no
+event is dropped, nothing is acknowledged early, and walex resumes when the
+broker is back. A permanent refusal raises
+:class:`~walex.errors.DestinationError` and stops the app.
+
+One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
+importing its client only when a URL of its scheme is used; another broker
+(Kafka, say) is one more module and one line in ``_SCHEMES``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from ..errors import ConfigError
+from ..event import Event
+from .base import Destination, DestinationURL, Unavailable, backoff
+from .encoding import Outgoing, encode
+
+__all__ = ["Destination", "Destinations", "from_url", "check_url"]
+
+log = logging.getLogger("walex.destinations")
+
+# scheme -> (module, class, pip extra, client package)
+_SCHEMES: dict[str, tuple[str, str, str, str]] = {
+    "nats": ("nats", "NatsDestination", "nats", "nats-py"),
+    "tls": ("nats", "NatsDestination", "nats", "nats-py"),
+    "amqp": ("rabbitmq", "RabbitMQDestination", "rabbitmq", "aio-pika"),
+    "amqps": ("rabbitmq", "RabbitMQDestination", "rabbitmq", "aio-pika"),
+    "redis": ("redis", "RedisDestination", "redis", "redis"),
+    "rediss": ("redis", "RedisDestination", "redis", "redis"),
+    "http": ("webhook", "WebhookDestination", "webhooks", "httpx"),
+    "https": ("webhook", "WebhookDestination", "webhooks", "httpx"),
+}
+
+
+def from_url(url: str, partitions: int = 1) -> Destination:
+    """The destination a URL names, picked by its scheme; nothing is connected yet."""
+    parsed = DestinationURL(url)
+    entry = _SCHEMES.get(parsed.scheme)
+    if entry is None:
+        raise ConfigError(
+            f"destination {parsed.display}: unknown scheme {parsed.scheme!r}; use nats://, "
+            "amqp:// (RabbitMQ), redis:// or https:// (webhooks)"
+        )
+    module_name, class_name, extra, client = entry
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("walex"):
+            raise ConfigError(
+                f"destination {parsed.display} needs the {client} client, which is not "
+                f"installed: pip install 'walex[{extra}]'"
+            ) from None
+        raise
+    destination: Destination = getattr(module, class_name)(parsed, partitions)
+    return destination
+
+
+def check_url(url: str) -> None:
+    """Raise :class:`~walex.errors.ConfigError` if ``url`` is not a usable destination."""
+    from_url(url)
+
+
+async def _all(calls: Iterable[Awaitable[None]]) -> None:
+    """Await every call; the first failure cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    if len(tasks) == 1:
+        await tasks[0]
+        return
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+class Destinations:
+    """The destinations of one app, published to together and retried until durable."""
+
+    def __init__(self, urls: Iterable[str], partitions: int = 1) -> None:
+        self.partitions = partitions
+        self.items: list[Destination] = [from_url(url, partitions) for url in urls]
+        self.events_published = 0
+        self.retries = 0  # publish attempts that failed and were retried
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __repr__(self) -> str:
+        return f"<Destinations {[d.display for d in self.items]}>"
+
+    async def open(self) -> None:
+        """Connect each destination; one that is unreachable now is retried when used."""
+        await asyncio.gather(*(self._open(d) for d in self.items))
+
+    async def _open(self, destination: Destination) -> None:
+        try:
+            await destination.open()
+        except Unavailable as exc:
+            log.warning("destination %s is unreachable: %s; walex keeps trying and "
+                        "acknowledges nothing until it is back", destination.display, exc)
+            await self._close(destination)
+
+    @staticmethod
+    async def _close(destination: Destination) -> None:
+        """Close a broken connection; a broker that does not answer cannot hold it up."""
+        try:
+            await asyncio.wait_for(destination.close(), timeout=5)
+        except (Exception, TimeoutError):
+            log.debug("closing %s took too long or failed", destination.display)
+
+    async def publish(self, events: list[Event]) -> None:
+        """Publish one transaction batch to every destination; returns when all are durable."""
+        if not events or not self.items:
+            return
+        batch = encode(events, self.partitions)
+        await _all(self._deliver(d, batch) for d in self.items)
+        self.events_published += len(batch)
+
+    async def _deliver(self, destination: Destination, batch: list[Outgoing]) -> None:
+        attempt = 0
+        while True:
+            try:
+                if not destination.opened:
+                    await destination.open()
+                await destination.publish(batch)
+            except Unavailable as exc:
+                delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
+                attempt += 1
+                self.retries += 1
+                log.warning(
+                    "destination %s: %s; publishing the batch of %d events (from %s) again in "
+                    "%.1fs (attempt %d); nothing is acknowledged to PostgreSQL meanwhile",
+                    destination.display, exc, len(batch), batch[0].id, delay, attempt,
+                )
+                await self._close(destination)
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.warning("destination %s is back: the batch from %s is published after %d "
+                            "retries", destination.display, batch[0].id, attempt)
+            return
+
+    async def alongside(self, txn: Any, dispatch: Callable[[Any], Awaitable[None]]) -> None:
+        """``dispatch(txn)`` to the handlers while the batch is published; returns when both did."""
+        if not txn.events:
+            await dispatch(txn)
+            return
+        publishing = asyncio.ensure_future(self.publish(txn.events))
+        try:
+            await dispatch(txn)
+        except BaseException:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            raise
+        await publishing
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self._close(d) for d in self.items))

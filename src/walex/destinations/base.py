@@ -1,0 +1,257 @@
+"""What every destination shares: the abstract class, URLs, templates, backoff.
+
+A destination module subclasses :class:`Destination` and implements the
+contract of :mod:`walex.destinations`: :meth:`~Destination.open`,
+:meth:`~Destination.publish` (returns only when the broker confirmed every
+event durable; raises :class:`Unavailable` when it could not, so the caller
+retries the whole batch) and :meth:`~Destination.close`. A permanent refusal
+(a webhook answering 400, a redirect) raises
+:class:`~walex.errors.DestinationError`, which stops the app without
+acknowledging.
+
+URLs are parsed once (:class:`DestinationURL`); the password, and a NATS
+token, never appear in :attr:`DestinationURL.display`, in a ``repr``, a log
+line or an error. Templates (:class:`Template`) take ``{schema}``,
+``{table}``, ``{type}`` and ``{partition}``.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ..errors import ConfigError, redact
+from .encoding import Outgoing
+
+__all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff"]
+
+FIELDS = ("schema", "table", "type", "partition")
+
+
+class Unavailable(Exception):
+    """The broker could not confirm the batch now; publishing it again may succeed.
+
+    ``retry_after``: seconds the broker asked to wait (an HTTP ``Retry-After``).
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): exponential, jittered."""
+    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+class DestinationURL:
+    """A destination URL taken apart; its password is kept out of every text form."""
+
+    def __init__(self, url: str) -> None:
+        self.raw = url
+        try:
+            parts = urlsplit(url)
+            self.port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"destination {redact(url)!r} is not a valid URL: "
+                              f"{redact(str(exc), url)}") from None
+        self.scheme = parts.scheme.lower()
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password is not None else None
+        self.host = parts.hostname or ""
+        self.path = parts.path
+        self.query = parts.query
+        self.params: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in self.params:
+                raise ConfigError(f"destination {self.display}: parameter {key!r} is given twice")
+            self.params[key] = value
+        self.secrets = [s for s in (self.password, parts.password) if s]
+        # a bare user name in a NATS URL is a token: a secret too
+        if self.scheme in ("nats", "tls") and self.username and self.password is None:
+            self.secrets += [self.username, parts.username or ""]
+
+    @property
+    def display(self) -> str:
+        """The URL as shown in logs and errors: ``amqp://guest:***@host:5672/vhost?...``."""
+        netloc = self.host if ":" not in self.host else f"[{self.host}]"
+        if self.port is not None:
+            netloc += f":{self.port}"
+        if self.username is not None:
+            if self.password is not None:
+                user = f"{self.username}:***"
+            elif self.scheme in ("nats", "tls"):
+                user = "***"
+            else:
+                user = self.username
+            netloc = f"{user}@{netloc}"
+        text = f"{self.scheme}://{netloc}{self.path}"
+        if self.query:
+            text += f"?{self.query}"
+        return redact(text, *self.secrets)
+
+    def scrub(self, text: str) -> str:
+        """``text`` (a client's error message, say) without this URL's secrets."""
+        return redact(text, *self.secrets)
+
+    def take(self, name: str, default: str | None = None) -> str | None:
+        """Remove and return a parameter."""
+        return self.params.pop(name, default)
+
+    def take_int(self, name: str, default: int | None, minimum: int = 0) -> int | None:
+        raw = self.take(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise ConfigError(f"destination {self.display}: {name} must be an integer >= {minimum}, "
+                              f"got {raw!r}")
+        return value
+
+    def take_float(self, name: str, default: float, minimum: float = 0.0) -> float:
+        raw = self.take(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not value >= minimum or value == float("inf"):
+            raise ConfigError(f"destination {self.display}: {name} must be a number >= {minimum:g}, "
+                              f"got {raw!r}")
+        return value
+
+    def take_bool(self, name: str, default: bool) -> bool:
+        raw = self.take(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"destination {self.display}: {name} must be true or false, got {raw!r}")
+
+    def require(self, name: str, example: str) -> str:
+        value = self.take(name)
+        if not value:
+            raise ConfigError(f"destination {self.display} needs the parameter {name} "
+                              f"(e.g. {example})")
+        return value
+
+    def no_more_params(self, accepted: tuple[str, ...]) -> None:
+        """Every parameter was used: an unknown one is a typo, reported with the known ones."""
+        if self.params:
+            raise ConfigError(
+                f"destination {self.display}: unknown parameter"
+                f"{'s' if len(self.params) > 1 else ''} {', '.join(sorted(self.params))}; "
+                f"known: {', '.join(accepted)}"
+            )
+
+
+class Template:
+    """A name made from an event's ``{schema}``, ``{table}``, ``{type}`` and ``{partition}``.
+
+    ``escape`` turns a schema or table name into something the broker accepts
+    in that place (a NATS subject token, say); rendered names are cached.
+    """
+
+    def __init__(self, text: str, what: str, where: str, escape: Callable[[str], str] = str) -> None:
+        self.text = text
+        self.escape = escape
+        self.fields: list[str] = []
+        literal: list[str] = []
+        try:
+            for prefix, name, spec, conversion in string.Formatter().parse(text):
+                literal.append(prefix)
+                if name is None:
+                    continue
+                if name not in FIELDS or spec or conversion:
+                    raise ConfigError(
+                        f"destination {where}: {what} template {text!r} uses {{{name}}}; "
+                        f"a template may use {', '.join('{' + f + '}' for f in FIELDS)}"
+                    )
+                self.fields.append(name)
+        except ValueError as exc:
+            raise ConfigError(f"destination {where}: {what} template {text!r} is not valid: "
+                              f"{exc} (write a literal brace as {{{{ or }}}})") from None
+        self.prefix = "".join(literal) if not self.fields else self._fixed_prefix()
+        self._cache: dict[tuple[str, str, str, int], str] = {}
+
+    def _fixed_prefix(self) -> str:
+        """What every rendered name starts with: the text before the first field."""
+        for prefix, name, _spec, _conv in string.Formatter().parse(self.text):
+            if name is not None:
+                return prefix.replace("{{", "{").replace("}}", "}")
+        return self.text  # pragma: no cover - only called when there are fields
+
+    @property
+    def constant(self) -> bool:
+        return not self.fields
+
+    def render(self, item: Outgoing) -> str:
+        key = (item.schema, item.table, item.type, item.partition)
+        text = self._cache.get(key)
+        if text is None:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            text = self._cache[key] = self.text.format(
+                schema=self.escape(item.schema), table=self.escape(item.table),
+                type=item.type, partition=item.partition,
+            )
+        return text
+
+
+class Destination(ABC):
+    """One destination URL: a broker connection and how to publish to it."""
+
+    scheme: ClassVar[str]
+    extra: ClassVar[str]  # the pip extra that installs the client
+    accepted: ClassVar[tuple[str, ...]] = ()  # the URL parameters it understands
+
+    def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
+        self.url = url
+        self.partitions = partitions
+        self.opened = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url.display}>"
+
+    @property
+    def display(self) -> str:
+        return self.url.display
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect (and create what is missing); raises :class:`Unavailable` if it cannot."""
+
+    @abstractmethod
+    async def publish(self, batch: list[Outgoing]) -> None:
+        """Publish the batch in order; return only when every event is durable.
+
+        Raises :class:`Unavailable` when that could not be confirmed (the
+        caller reconnects and publishes the whole batch again) and
+        :class:`~walex.errors.DestinationError` on a permanent refusal.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; never raises."""
+
+    def unavailable(self, what: str, exc: BaseException | None = None) -> Unavailable:
+        """An :class:`Unavailable` whose message holds no secret."""
+        detail = f": {self.url.scrub(f'{type(exc).__name__}: {exc}')}" if exc is not None else ""
+        return Unavailable(f"{what}{detail}")
+
+    def describe(self, exc: BaseException) -> str:
+        return self.url.scrub(f"{type(exc).__name__}: {exc}")
+
+    def info(self) -> dict[str, Any]:
+        """What the destination is, for a status display."""
+        return {"url": self.display}

@@ -1,0 +1,363 @@
+"""The message every destination sends: one CloudEvents 1.0 JSON document per change.
+
+Structured mode, encoded with orjson::
+
+    {"specversion": "1.0", "id": event.id, "source": "/<db>/<schema>/<table>",
+     "type": "walex.insert", "time": "2024-05-01T12:00:00.123456Z",
+     "subject": "<primary key>", "datacontenttype": "application/json",
+     "walexlsn": "0/16B3748", "partitionkey": "public.user/42", "walexpartition": 0,
+     "data": {"new_record": {...}, "old_record": {...} | null,
+              "changes": {column: {"old_value": ..., "new_value": ...}} | null,
+              "columns": {column: type name}, "lsn": "0/16B3748"}}
+
+``source`` segments are percent-encoded. ``subject`` is the key of the row
+(:attr:`~walex.Source.primary_key`): the JSON form of a one-column key as
+text (``"42"``, ``"a0eebc99-..."``), a JSON array of the forms for a key of
+several columns (``'[1,"x"]'``); absent for a truncate and for a table
+without a key. ``partitionkey`` (the CloudEvents partitioning extension) is
+``schema.table`` followed by ``/subject`` when there is one, and
+``walexpartition`` is ``crc32(partitionkey) mod partitions``: stable across
+processes, machines and versions, so a row always lands in the same partition
+while its key stays the same.
+
+The JSON form of a value depends on its Python type, which psycopg chose from
+the column type (``data.columns`` names it, so a consumer can type values
+back):
+
+=====================================  ==========================================
+null, bool, text, enum, citext, uuid   as is (uuid as its canonical string)
+int2, int4, int8, oid                  a number; beyond +/-(2**53 - 1) a string
+float4, float8                         a number; ``"NaN"``, ``"Infinity"``, ``"-Infinity"``
+numeric                                a string, exact, never in exponent form
+bytea                                  base64 (standard alphabet, padded)
+date / timestamp / timestamptz         ISO 8601: ``"2024-02-29"``, ``"2024-02-29T23:59:59.999999"``,
+                                       ``"2024-02-29T18:59:59.999999+00:00"``
+time / timetz                          ``"12:34:56.789000"``, ``"12:34:56.789000+02:30"``
+interval                               ISO 8601 duration of days and seconds: ``"P428DT14706.789S"``,
+                                       ``"-P1DT1S"`` (psycopg counts a month as 30 days)
+json / jsonb                           the document itself, numbers exact
+inet, cidr, macaddr, money            their text form
+ranges                                 ``{"lower": .., "upper": .., "bounds": "[)"}``, bounds
+                                       absent (null) when infinite; ``{"empty": true}``
+multiranges, arrays                    JSON arrays of the element forms (nested for
+                                       multi-dimensional arrays)
+composite types                        an object of field name to field form
+hstore                                 an object of string to string or null
+anything else                          its ``str()``
+=====================================  ==========================================
+
+A value PostgreSQL did not resend (unchanged TOAST) is left out of its record
+and its column is listed in ``data.unchanged_toast``; an upsert of the record's
+columns then leaves it untouched. The schema of all this is
+``cloudevent.schema.json`` beside this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import zlib
+from collections.abc import Callable
+from decimal import Decimal
+from enum import Enum
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from typing import Any, NamedTuple
+from urllib.parse import quote
+from uuid import UUID
+
+import orjson
+
+from ..event import Event
+from ..pgoutput.messages import UnchangedToast
+
+__all__ = ["Outgoing", "encode", "encode_event", "json_value", "partition_of", "SCHEMA_FILE"]
+
+SCHEMA_FILE = "cloudevent.schema.json"
+
+_MAX_SAFE = 2**53 - 1  # beyond this a JSON number loses precision in most parsers
+_JSON_TYPES = frozenset({"json", "jsonb", "json[]", "jsonb[]"})
+_NATIVE = frozenset({str, bool, type(None), dt.date, dt.datetime, UUID})  # orjson's own form is ours
+
+
+class Outgoing(NamedTuple):
+    """One encoded event, with what the destinations' templates and headers need."""
+
+    id: str
+    schema: str
+    table: str
+    type: str  # "insert", "update", "delete", "truncate"
+    partition: int
+    body: bytes  # the CloudEvent, JSON
+
+
+# -- values ------------------------------------------------------------------
+
+
+def _float(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def _decimal(value: Decimal) -> str:
+    return format(value, "f")  # "NaN", "Infinity" and "-Infinity" as they are
+
+
+def _bytes(value: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _time(value: dt.time) -> str:
+    return value.isoformat()
+
+
+def _interval(value: dt.timedelta) -> str:
+    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+    sign = "-" if micros < 0 else ""
+    days, micros = divmod(abs(micros), 86_400_000_000)
+    seconds, fraction = divmod(micros, 1_000_000)
+    text = f"{seconds}.{fraction:06d}".rstrip("0").rstrip(".") if fraction else str(seconds)
+    return f"{sign}P{days}DT{text}S"
+
+
+def _range(value: Any) -> dict[str, Any]:
+    if value.isempty:
+        return {"empty": True}
+    return {"lower": json_value(value.lower), "upper": json_value(value.upper), "bounds": value.bounds}
+
+
+def _mapping(value: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k): json_value(v) for k, v in value.items()}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return [json_value(v) for v in value]
+
+
+def _tuple(value: tuple[Any, ...]) -> Any:
+    fields = getattr(value, "_fields", None)
+    if fields is None:
+        return _sequence(value)
+    return {name: json_value(v) for name, v in zip(fields, value)}  # a composite
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+_CONVERT: dict[type, Callable[[Any], Any]] = {
+    float: _float, Decimal: _decimal, bytes: _bytes, bytearray: _bytes, memoryview: _bytes,
+    dt.time: _time, dt.timedelta: _interval, dict: _mapping, list: _sequence, tuple: _tuple,
+    IPv4Address: _text, IPv6Address: _text, IPv4Interface: _text, IPv6Interface: _text,
+    IPv4Network: _text, IPv6Network: _text,
+}
+
+try:  # psycopg's range types; a lookup by type keeps the common path free of isinstance
+    from psycopg.types.multirange import Multirange
+    from psycopg.types.range import Range
+
+    _CONVERT[Range] = _range
+    _CONVERT[Multirange] = _sequence
+except ImportError:  # pragma: no cover - psycopg always has them
+    pass
+
+
+def json_value(value: Any) -> Any:
+    """The JSON form (something orjson encodes natively) of one typed value."""
+    kind = type(value)
+    if kind in _NATIVE:
+        return value
+    if kind is int:
+        return value if -_MAX_SAFE <= value <= _MAX_SAFE else str(value)
+    convert = _CONVERT.get(kind)
+    if convert is not None:
+        return convert(value)
+    return _json_value_slow(value)
+
+
+def _json_value_slow(value: Any) -> Any:
+    """Subclasses (named tuples, enums, user types) and everything else."""
+    if isinstance(value, Enum):
+        return json_value(value.value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return json_value(int(value))  # bool cannot be subclassed: this is an int subclass
+    for kind, convert in _CONVERT.items():
+        if isinstance(value, kind):
+            return convert(value)
+    if isinstance(value, dt.date):  # a subclass of date or datetime
+        return value.isoformat()
+    if hasattr(value, "isempty") and hasattr(value, "bounds"):  # a range of another kind
+        return _range(value)
+    return str(value)
+
+
+# -- records -----------------------------------------------------------------
+
+
+def _record(
+    record: dict[str, Any], json_columns: frozenset[str], unchanged: list[str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in record.items():
+        kind = type(value)
+        if kind in _NATIVE:
+            out[name] = value
+        elif kind is int:
+            out[name] = value if -_MAX_SAFE <= value <= _MAX_SAFE else str(value)
+        elif kind is UnchangedToast:
+            if name not in unchanged:
+                unchanged.append(name)
+        elif name in json_columns:
+            out[name] = value  # a JSON document goes out as it is
+        else:
+            out[name] = json_value(value)
+    return out
+
+
+def _changes(changes: dict[str, Any], json_columns: frozenset[str]) -> dict[str, Any]:
+    out = {}
+    for name, change in changes.items():
+        if name in json_columns:
+            out[name] = {"old_value": change.old_value, "new_value": change.new_value}
+        else:
+            out[name] = {"old_value": json_value(change.old_value),
+                         "new_value": json_value(change.new_value)}
+    return out
+
+
+class _TableInfo(NamedTuple):
+    source: str  # the CloudEvents source
+    json_columns: frozenset[str]
+    key: tuple[str, ...]
+    prefix: str  # of the partition key: "schema.table"
+
+
+_tables: dict[int, tuple[Any, _TableInfo]] = {}  # id(Source) -> (Source, info)
+
+
+def _table_info(event: Event) -> _TableInfo:
+    src = event.source
+    cached = _tables.get(id(src))
+    if cached is not None and cached[0] is src:
+        return cached[1]
+    info = _TableInfo(
+        "/" + "/".join(quote(part, safe="") for part in (src.db, src.schema, src.table)),
+        frozenset(name for name, kind in src.columns.items() if kind in _JSON_TYPES),
+        tuple(getattr(src, "primary_key", ())),
+        f"{src.schema}.{src.table}",
+    )
+    if len(_tables) >= 4096:  # sources of tables redefined long ago
+        _tables.clear()
+    _tables[id(src)] = (src, info)  # the Source is kept alive, so its id is not reused
+    return info
+
+
+def _subject(info: _TableInfo, event: Event) -> str | None:
+    if not info.key:
+        return None
+    record = event.new_record if event.new_record is not None else event.old_record
+    if not record or any(name not in record for name in info.key):
+        return None
+    values = [record[name] for name in info.key]
+    if any(isinstance(v, UnchangedToast) for v in values):
+        return None
+    if len(values) == 1:
+        form = json_value(values[0])
+        return form if isinstance(form, str) else orjson.dumps(form).decode()
+    return orjson.dumps([json_value(v) for v in values]).decode()
+
+
+def partition_of(partition_key: str, partitions: int) -> int:
+    """The partition of a row: a stable hash of its table and key, mod ``partitions``."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(partition_key.encode("utf-8", "surrogatepass")) % partitions
+
+
+_times: dict[dt.datetime, str] = {}
+
+
+def _rfc3339(moment: dt.datetime) -> str:
+    text = _times.get(moment)
+    if text is None:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        text = moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+        if len(_times) > 64:
+            _times.clear()
+        _times[moment] = text
+    return text
+
+
+def _json_fallback(document: dict[str, Any], json_columns: frozenset[str]) -> bytes:
+    """Encode when orjson refused a JSON document (an integer beyond 64 bits)."""
+
+    def fragment(value: Any) -> Any:
+        return orjson.Fragment(
+            json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        )
+
+    data = document["data"]
+    for part in ("new_record", "old_record"):
+        record = data.get(part)
+        if record:
+            data[part] = {k: fragment(v) if k in json_columns else v for k, v in record.items()}
+    if data.get("changes"):
+        data["changes"] = {
+            k: {"old_value": fragment(c["old_value"]), "new_value": fragment(c["new_value"])}
+            if k in json_columns else c
+            for k, c in data["changes"].items()
+        }
+    return orjson.dumps(document)
+
+
+def encode_event(event: Event, partitions: int = 1) -> Outgoing:
+    """One event as a CloudEvent, with its partition."""
+    info = _table_info(event)
+    json_columns = info.json_columns
+    unchanged: list[str] = []
+    new, old, changes = event.new_record, event.old_record, event.changes
+    data: dict[str, Any] = {
+        "new_record": None if new is None else _record(new, json_columns, unchanged),
+        "old_record": None if old is None else _record(old, json_columns, unchanged),
+        "changes": None if changes is None else _changes(changes, json_columns),
+        "columns": event.source.columns,
+        "lsn": event.lsn,
+    }
+    if unchanged:
+        data["unchanged_toast"] = unchanged
+    subject = _subject(info, event)
+    key = info.prefix if subject is None else f"{info.prefix}/{subject}"
+    partition = partition_of(key, partitions)
+    kind = event.type.value
+    document: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": info.source,
+        "type": f"walex.{kind}",
+        "time": _rfc3339(event.timestamp),
+        "datacontenttype": "application/json",
+        "walexlsn": event.lsn,
+        "partitionkey": key,
+        "walexpartition": partition,
+        "data": data,
+    }
+    if subject is not None:
+        document["subject"] = subject
+    try:
+        body = orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        body = _json_fallback(document, json_columns)
+    src = event.source
+    return Outgoing(event.id, src.schema, src.table, kind, partition, body)
+
+
+def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:
+    """The events of one transaction batch, in order."""
+    return [encode_event(event, partitions) for event in events]

@@ -1,0 +1,190 @@
+"""NATS JetStream: ``nats://[user:pass@]host:port?stream=NAME&subject=walex.{schema}.{table}``.
+
+Each event is published to the subject its template gives, with the header
+``Nats-Msg-Id`` = ``event.id``, and counts as durable when the stream's
+PubAck arrived (the header ``Nats-Expected-Stream`` makes sure it is that
+stream). The stream drops a message whose id it stored within its duplicate
+window, so a replay after a crash stores nothing twice as long as walex is
+back within the window.
+
+When the stream does not exist, walex creates it (file storage, limits
+retention) with the subjects ``<fixed prefix>.>`` of the template (``walex.>``
+for ``walex.{schema}.{table}``) and a duplicate window of
+``duplicate_window`` seconds (default 120, the server's default). An existing
+stream is used as it is. Parameters: ``stream`` (required), ``subject``
+(default ``walex.{schema}.{table}``), ``duplicate_window``, ``timeout``
+(seconds to wait for the connection and for the acks of a batch, default
+10). A schema or table name's ``.``, ``*``, ``>`` and white space become
+``_`` in a subject. ``tls://`` connects with TLS; a bare user name
+(``nats://TOKEN@host``) is a token.
+
+The client's own reconnection is off: a lost connection fails the batch,
+which walex publishes again on a new connection (with backoff), so a
+message is never left in a client buffer while the batch counts as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from typing import Any
+
+import nats
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+
+from ..errors import ConfigError
+from .base import Destination, DestinationURL, Template, Unavailable
+from .encoding import Outgoing
+
+__all__ = ["NatsDestination"]
+
+log = logging.getLogger("walex.destinations")
+
+_WINDOW = 4096  # messages in flight at most (the client's async publish limit)
+_STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
+_NOT_IN_TOKEN = re.compile(r"[\s.*>]")
+
+
+def _token(name: str) -> str:
+    return _NOT_IN_TOKEN.sub("_", name)
+
+
+class NatsDestination(Destination):
+    scheme = "nats"
+    extra = "nats"
+    accepted = ("stream", "subject", "duplicate_window", "timeout")
+
+    def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
+        super().__init__(url, partitions)
+        self.stream = url.require("stream", "stream=WALEX")
+        if not _STREAM_NAME.match(self.stream):
+            raise ConfigError(f"destination {url.display}: stream name {self.stream!r} may not "
+                              "contain white space, '.', '*', '>', '/' or '\\'")
+        self.subject = Template(url.take("subject") or "walex.{schema}.{table}", "subject",
+                                url.display, _token)
+        prefix = self.subject.prefix
+        if self.subject.constant:
+            self.stream_subjects = [self.subject.text]
+        elif prefix.endswith(".") and all(
+            token and not _NOT_IN_TOKEN.search(token) for token in prefix[:-1].split(".")
+        ):
+            self.stream_subjects = [prefix + ">"]
+        else:
+            raise ConfigError(
+                f"destination {url.display}: subject template {self.subject.text!r} must start "
+                "with fixed tokens, like 'walex.{schema}.{table}', so that walex can create "
+                "the stream for the subjects 'walex.>'"
+            )
+        self.duplicate_window = url.take_float("duplicate_window", 120.0, minimum=0.001)
+        self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
+        url.no_more_params(self.accepted)
+        self.server = f"{url.scheme}://{url.host or '127.0.0.1'}:{url.port or 4222}"
+        self.nc: Any = None
+        self.js: Any = None
+        self._closed: asyncio.Event | None = None
+        self.duplicates = 0  # messages the stream recognised as already stored
+
+    async def open(self) -> None:
+        url = self.url
+        closed = self._closed = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("nats %s: %s", url.display, self.describe(exc))
+
+        async def on_closed() -> None:
+            closed.set()
+
+        credentials: dict[str, Any] = {}
+        if url.username is not None and url.password is not None:
+            credentials = {"user": url.username, "password": url.password}
+        elif url.username:
+            credentials = {"token": url.username}
+        try:
+            # one attempt (the client would otherwise retry a refused server by itself)
+            self.nc = await asyncio.wait_for(nats.connect(
+                servers=[self.server], name="walex", allow_reconnect=False,
+                max_reconnect_attempts=1, reconnect_time_wait=0.05,
+                connect_timeout=max(1, round(self.timeout)),
+                tls=ssl.create_default_context() if url.scheme == "tls" else None,
+                error_cb=on_error, closed_cb=on_closed, disconnected_cb=on_closed,
+                **credentials,
+            ), timeout=self.timeout + 1)
+        except Exception as exc:
+            raise self.unavailable("cannot connect", exc) from None
+        self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
+        try:
+            await self._ensure_stream()
+        except Unavailable:
+            await self.close()
+            raise
+        self.opened = True
+
+    async def _ensure_stream(self) -> None:
+        try:
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            info = None
+        except Exception as exc:
+            raise self.unavailable("JetStream does not answer (is it enabled, -js?)", exc) from None
+        if info is not None:
+            return
+        try:
+            await self.js.add_stream(StreamConfig(
+                name=self.stream, subjects=self.stream_subjects,
+                duplicate_window=self.duplicate_window,
+            ))
+        except Exception as exc:
+            raise self.unavailable(
+                f"cannot create stream {self.stream!r} for subjects {self.stream_subjects}", exc
+            ) from None
+        log.info("created JetStream stream %r for subjects %s (duplicate window %gs) on %s",
+                 self.stream, self.stream_subjects, self.duplicate_window, self.url.display)
+
+    async def publish(self, batch: list[Outgoing]) -> None:
+        for start in range(0, len(batch), _WINDOW):
+            await self._publish(batch[start:start + _WINDOW])
+
+    async def _publish(self, batch: list[Outgoing]) -> None:
+        js, closed, render = self.js, self._closed, self.subject.render
+        if js is None or closed is None or closed.is_set():
+            raise Unavailable("not connected")
+        futures = []
+        try:
+            # No wait_stall: with it the client yields after every message and sends
+            # each in its own system call; the window bounds what is in flight instead.
+            for item in batch:
+                futures.append(await js.publish_async(
+                    render(item), item.body, stream=self.stream,
+                    headers={"Nats-Msg-Id": item.id},
+                ))
+        except Exception as exc:
+            raise self.unavailable("publishing failed", exc) from None
+        acks = asyncio.gather(*futures)
+        lost = asyncio.ensure_future(closed.wait())
+        try:
+            done, _ = await asyncio.wait([acks, lost], timeout=self.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if acks not in done:
+            acks.cancel()
+            await asyncio.gather(acks, return_exceptions=True)
+            what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
+            raise Unavailable(f"{what} before every message of the batch was acknowledged")
+        try:
+            results = acks.result()
+        except Exception as exc:
+            raise self.unavailable(f"stream {self.stream!r} refused a message", exc) from None
+        self.duplicates += sum(1 for ack in results if ack.duplicate)
+
+    async def close(self) -> None:
+        nc, self.nc, self.js = self.nc, None, None
+        self.opened = False
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception as exc:  # closing a broken connection
+                log.debug("closing nats connection to %s: %s", self.url.display, self.describe(exc))

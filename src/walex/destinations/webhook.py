@@ -1,0 +1,192 @@
+"""Webhooks: ``https://host/path?secret_env=NAME`` (``http://`` too, meant for local use).
+
+One POST per transaction batch and table, whose body is a JSON array of the
+table's CloudEvents in order (``Content-Type:
+application/cloudevents-batch+json``, the CloudEvents HTTP batch mode),
+signed the Standard Webhooks way:
+
+- ``webhook-id``: the ``event.id`` of the first event in the request, the same
+  on every retry and replay;
+- ``webhook-timestamp``: Unix seconds of this attempt;
+- ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``,
+  one per secret, separated by spaces.
+
+The secrets come from the environment variable ``secret_env`` names, never
+from the URL: Standard Webhooks secrets (``whsec_`` followed by base64), several
+separated by spaces or commas while one is rotated out. A 2xx answer makes the
+events durable. 429, 408, 5xx, a timeout or a lost connection is retried with
+backoff (honouring ``Retry-After``), forever, acknowledging nothing
+meanwhile; requests of the batch that already succeeded are not sent again.
+Any other answer, redirects included (they are not followed), is a
+:class:`~walex.errors.DestinationError`: the app stops without acknowledging.
+
+Parameters (taken out of the URL before it is called; any other query
+parameter goes to the receiver): ``secret_env`` (required), ``timeout``
+(seconds per request, default 10). The URL may use the templates
+(``https://hooks.example.com/{schema}/{table}``), each name percent-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from ..errors import ConfigError, DestinationError
+from ..event import WALEX_VERSION
+from .base import Destination, DestinationURL, Template, Unavailable
+from .encoding import Outgoing
+
+__all__ = ["WebhookDestination", "sign"]
+
+log = logging.getLogger("walex.destinations")
+
+_LOCAL = ("localhost", "127.0.0.1", "::1")
+_RETRIED = {408, 425, 429}
+
+
+def _segment(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _secrets(url: DestinationURL, variable: str) -> list[bytes]:
+    raw = os.environ.get(variable)
+    if not raw or not raw.strip():
+        raise ConfigError(f"destination {url.display}: the environment variable {variable} "
+                          "(secret_env) is not set; put the webhook signing secret in it "
+                          "(whsec_ followed by base64)")
+    keys = []
+    for part in re.split(r"[\s,]+", raw.strip()):
+        text = part.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except ValueError:
+            key = b""
+        if not key:
+            raise ConfigError(f"destination {url.display}: a secret in {variable} is not base64; "
+                              "a Standard Webhooks secret is whsec_ followed by base64")
+        keys.append(key)
+    return keys
+
+
+def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one ``v1,<signature>`` per key."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for key in keys
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: the usual backoff applies
+
+
+class WebhookDestination(Destination):
+    scheme = "https"
+    extra = "webhooks"
+    accepted = ("secret_env", "timeout")
+
+    def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
+        super().__init__(url, partitions)
+        variable = url.require("secret_env", "secret_env=WALEX_WEBHOOK_SECRET")
+        self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
+        self.keys = _secrets(url, variable)
+        netloc = url.raw.split("//", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        query = f"?{urlencode(url.params)}" if url.params else ""
+        self.target = Template(f"{url.scheme}://{netloc}{url.path}{query}", "url", url.display,
+                               _segment)
+        self.client: httpx.AsyncClient | None = None
+        self._batch: str | None = None  # the first id of the batch being published
+        self._delivered: set[str] = set()  # its requests already answered 2xx
+        self.requests = 0
+
+    async def open(self) -> None:
+        if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
+            log.warning("destination %s sends events unencrypted over http://; use https:// "
+                        "beyond this machine", self.display)
+        self.client = httpx.AsyncClient(
+            timeout=self.timeout, follow_redirects=False,
+            headers={"user-agent": f"walex/{WALEX_VERSION}"},
+        )
+        self.opened = True
+
+    def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, list[Outgoing]]]:
+        """(url, events) per table (and rendered URL), in the order of first appearance."""
+        groups: dict[tuple[str, str, str], list[Outgoing]] = {}
+        render = self.target.render
+        for item in batch:
+            groups.setdefault((render(item), item.schema, item.table), []).append(item)
+        for (target, _schema, _table), items in groups.items():
+            yield target, items
+
+    async def publish(self, batch: list[Outgoing]) -> None:
+        client = self.client
+        if client is None:
+            raise Unavailable("not connected")
+        if batch[0].id != self._batch:
+            self._batch, self._delivered = batch[0].id, set()
+        for target, items in self._requests(batch):
+            message_id = items[0].id
+            if message_id in self._delivered:
+                continue
+            await self._post(client, target, message_id, items)
+            self._delivered.add(message_id)
+        self._batch = None  # all done: a later publish of these events sends them again
+
+    async def _post(self, client: httpx.AsyncClient, target: str, message_id: str,
+                    items: list[Outgoing]) -> None:
+        body = b"[" + b",".join(item.body for item in items) + b"]"
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/cloudevents-batch+json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self.keys, message_id, timestamp, body),
+        }
+        self.requests += 1
+        try:
+            response = await client.post(target, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise self.unavailable(f"request {message_id} failed", exc) from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        if status in _RETRIED or status >= 500:
+            raise Unavailable(f"the endpoint answered {status} to request {message_id}",
+                              retry_after=_retry_after(response))
+        if 300 <= status < 400:
+            location = self.url.scrub(response.headers.get("location", "?"))
+            raise DestinationError(
+                f"destination {self.display} answered {status} (redirect to {location}); "
+                "walex does not follow redirects: put the final URL in the destination"
+            )
+        detail = self.url.scrub(response.text[:200].strip())
+        raise DestinationError(
+            f"destination {self.display} refused request {message_id} with {status}"
+            f"{': ' + detail if detail else ''}; nothing was acknowledged. Fix the endpoint "
+            "and restart: walex resumes from this transaction"
+        )
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        self.opened = False
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception as exc:  # pragma: no cover - closing never fails in practice
+                log.debug("closing the HTTP client of %s: %s", self.display, self.describe(exc))

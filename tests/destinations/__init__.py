@@ -1,0 +1,1 @@
+"""Destination tests: the CloudEvents encoding, and each broker on a real server."""

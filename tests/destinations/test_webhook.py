@@ -1,0 +1,138 @@
+"""Webhook destination, against a local HTTP server; signatures checked with standardwebhooks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+
+import psycopg
+import pytest
+from standardwebhooks.webhooks import Webhook
+from support import collecting, run
+
+from walex import ConfigError, DestinationError, Event, WalEx
+from walex.lsn import parse_lsn
+
+from .brokers import check_stream
+from .receiver import Receiver
+from .test_nats import TABLES, workload
+
+SECRET = "whsec_" + base64.b64encode(b"walex test secret 1").decode()
+OLD_SECRET = "whsec_" + base64.b64encode(b"walex test secret 0").decode()
+
+
+@pytest.fixture(autouse=True)
+def secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WALEX_TEST_WEBHOOK_SECRET", f"{SECRET} {OLD_SECRET}")
+
+
+def received(hook: Receiver) -> list[tuple[str, dict, object]]:
+    """Events of the accepted requests, verified, once per webhook-id, in order."""
+    seen, out = set(), []
+    for _path, headers, body, _status in hook.accepted():
+        for secret in (SECRET, OLD_SECRET):  # every secret of the rotation signs it
+            Webhook(secret).verify(body, headers)
+        if headers["webhook-id"] in seen:
+            continue
+        seen.add(headers["webhook-id"])
+        events = json.loads(body)
+        assert isinstance(events, list) and headers["webhook-id"] == events[0]["id"]
+        assert headers["content-type"] == "application/cloudevents-batch+json"
+        assert len({e["source"] for e in events}) == 1  # one table per request
+        out.extend((e["id"], e, headers["webhook-id"]) for e in events)
+    return out
+
+
+def test_one_signed_request_per_transaction_and_table(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(TABLES)
+
+    async def main() -> tuple[list[Event], Receiver]:
+        with Receiver() as hook:
+            url = hook.url("/in/{table}", "secret_env=WALEX_TEST_WEBHOOK_SECRET&team=a")
+            async with collecting(dsn, destinations=[url], batch_size=7) as rec:
+                n = workload(admin)
+                events = await rec.wait_for(n)
+                await rec._until(lambda: rec.app.transactions_handled >= 5, 30, "five transactions")
+            return events, hook
+
+    events, hook = run(main())
+    stored = received(hook)
+    check_stream(stored, [e.id for e in events])
+    paths = [path for path, _h, _b, _s in hook.requests]
+    # 20 inserts in batches of 7; two inserts; the update of both tables; the deletes; the truncate
+    a, bc = "/in/a?team=a", "/in/b.c?team=a"
+    assert paths == [a, a, a, bc, a, bc, a, bc]
+    assert all(h["user-agent"].startswith("walex/") for _p, h, _b, _s in hook.requests)
+
+
+def test_retries_on_5xx_429_and_timeouts_then_delivers(admin: psycopg.Connection, dsn: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    admin.execute(TABLES)
+
+    async def main() -> tuple[list[Event], Receiver]:
+        with Receiver() as hook:
+            hook.script([500, (429, {"retry-after": "1"}), ("hang", 2), 503])
+            url = hook.url(query="secret_env=WALEX_TEST_WEBHOOK_SECRET&timeout=0.5")
+            async with collecting(dsn, destinations=[url]) as rec:
+                app = rec.app
+                admin.execute("INSERT INTO a VALUES (1, 1), (2, 2)")
+                admin.execute("INSERT INTO a VALUES (3, 3)")
+                first = await rec.wait_for(2)  # the handler has the first transaction
+                await rec._until(lambda: app.destinations.retries >= 2, 30, "two retries")
+                assert app.transactions_handled == 0 and app.ack.flushed < parse_lsn(first[0].lsn)
+                await rec._until(lambda: app.transactions_handled == 2, 60, "both transactions")
+                events = await rec.wait_for(3)
+            return events, hook
+
+    with caplog.at_level(logging.WARNING, logger="walex.destinations"):
+        events, hook = run(main())
+    check_stream(received(hook), [e.id for e in events])
+    statuses = [s for _p, _h, _b, s in hook.requests]
+    assert statuses[:2] == [500, 429] and 503 in statuses and statuses[-1] == 200
+    ids = [h["webhook-id"] for _p, h, _b, _s in hook.requests]
+    assert set(ids) == {events[0].id, events[2].id}  # a retry carries the same webhook-id
+    assert "answered 500" in caplog.text and "answered 429" in caplog.text
+    assert "ReadTimeout" in caplog.text
+
+
+@pytest.mark.parametrize("answer, message", [
+    (410, "refused request .* with 410"),
+    ((302, {"location": "https://elsewhere.example/x"}), "does not follow redirects"),
+])
+def test_a_refusal_stops_the_app_unacknowledged(admin: psycopg.Connection, dsn: str,
+                                                answer: object, message: str) -> None:
+    admin.execute(TABLES)
+
+    async def main() -> None:
+        with Receiver() as hook:
+            hook.script([answer])
+            with pytest.raises(DestinationError, match=message):
+                async with collecting(dsn, destinations=[hook.url()]) as rec:
+                    admin.execute("INSERT INTO a VALUES (1, 1)")
+                    [event] = await rec.wait_for(1)
+                    await rec._until(lambda: False, 15, "the app to stop")
+            assert rec.app is not None and rec.app.transactions_handled == 0
+            assert rec.app.ack.flushed < parse_lsn(event.lsn)
+
+    run(main())
+
+
+def test_secret_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(url: str) -> None:
+        WalEx("postgresql://u@h/db", publication="p", destinations=[url])
+
+    with pytest.raises(ConfigError, match="needs the parameter secret_env"):
+        make("https://hooks.example.com/x")
+    with pytest.raises(ConfigError, match="MISSING_SECRET .*is not set"):
+        make("https://hooks.example.com/x?secret_env=MISSING_SECRET")
+    monkeypatch.setenv("BAD_SECRET", "whsec_not*base64!")
+    with pytest.raises(ConfigError, match="not base64") as info:
+        make("https://hooks.example.com/x?secret_env=BAD_SECRET")
+    assert "not*base64" not in str(info.value)
+    with pytest.raises(ConfigError, match="uses {nope}"):
+        make("https://hooks.example.com/{nope}?secret_env=WALEX_TEST_WEBHOOK_SECRET")
+    app = WalEx("postgresql://u@h/db", publication="p",
+                destinations=["https://hooks.example.com/x?secret_env=WALEX_TEST_WEBHOOK_SECRET"])
+    assert os.environ["WALEX_TEST_WEBHOOK_SECRET"] not in repr(app.destinations)
