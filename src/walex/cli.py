@@ -1,4 +1,4 @@
-"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``.
+"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``, ``drop-slot``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from . import cli_admin
+from . import cli_admin, cli_setup, cli_status
 from .errors import ConfigError, WalExError, redact
 from .logs import RedactingFormatter
 
@@ -184,9 +184,10 @@ def run(
         err.print("walex: interrupted")
 
 
-app.command()(cli_admin.status)
-app.command()(cli_admin.setup)
+app.command()(cli_status.status)
+app.command()(cli_setup.setup)
 app.command()(cli_admin.tail)
+app.command("drop-slot")(cli_admin.drop_slot)
 
 
 if __name__ == "__main__":  # pragma: no cover
