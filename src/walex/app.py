@@ -34,6 +34,7 @@ from .errors import ConfigError, WalExError
 from .handlers import Handler
 from .logs import default_logging
 from .modules import resolve_modules
+from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
 from .subscriptions import check_subscriptions, unreachable
@@ -75,6 +76,7 @@ class WalEx:
         )
         self.config = RuntimeConfig(self)
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
+        self.observer = Observer(self)  # metrics, health, lag guard, tracing (walex.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -133,7 +135,12 @@ class WalEx:
         self._stopped.clear()
         self._stopping = False
         self._error = None
-        await self.pipeline.open_session()
+        await self.observer.start()  # before the slot: a standby answers /healthz too
+        try:
+            await self.pipeline.open_session()
+        except BaseException:
+            await self.observer.stop()
+            raise
         _running[name] = self
         p = self.pipeline
         self._tasks = [
@@ -145,6 +152,7 @@ class WalEx:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        self.observer.streaming()
         self._unreachable = {}
         self._warn_unreachable(p.preflight.published if p.preflight else None)
         if self.settings.gc_freeze:
@@ -188,6 +196,7 @@ class WalEx:
             self.pipeline.note_stop(self._error)
             await self.pipeline.close_session()
         finally:
+            await self.observer.stop()
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from . import cli_admin, cli_setup, cli_status
 from .errors import ConfigError, WalExError, redact
-from .logs import RedactingFormatter
+from .logs import RedactingFormatter, transaction_fields
 
 if TYPE_CHECKING:
     from .app import WalEx
@@ -89,6 +89,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage(), *self.secrets),
         }
+        fields = transaction_fields()
+        if fields is not None:
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info), *self.secrets)
         return json.dumps(entry, default=str)
@@ -149,6 +152,14 @@ def run(
                           "(default: the --config file's folder, else the current one).",
                      show_default=False),
     ] = None,
+    metrics_port: Annotated[
+        Optional[int],  # noqa: UP007
+        typer.Option(help="Serve /metrics, /healthz and /livez on this port (needs "
+                          "walex[metrics]).", show_default=False),
+    ] = None,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="If another instance holds the durable slot, wait and take over "
+                          "when it stops.")] = False,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
     try:
@@ -174,6 +185,10 @@ def run(
             raise ConfigError(
                 f"{exc}\n(walex run imports from {folder}; --app-dir changes that)"
             ) from None
+        if metrics_port is not None:
+            walex_app.config.replace("metrics_port", metrics_port)
+        if standby:
+            walex_app.config.replace("standby", True)
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)
