@@ -66,7 +66,7 @@ class WalExCollector(Collector):
         events = CounterMetricFamily("walex_events", "Events handled, by table and type.",
                                      labels=[*names, "table", "type"])
         for (table, kind), count in list(stats.events.items()):
-            events.add_metric([*base, table, getattr(kind, "value", str(kind))], count)
+            events.add_metric([*base, table, kind], count)
         yield events
         yield counter("walex_transactions", "Transactions handled.", p.transactions_handled)
         yield counter("walex_handler_errors",
