@@ -259,17 +259,24 @@ def test_healthz_reports_lag_over_the_limit(dsn: str, admin: psycopg.Connection)
     run(main(), timeout=90)
 
 
+_EXPORTER: Any = None
+
+
 def test_spans_per_batch_parent_the_handlers_spans(dsn: str, admin: psycopg.Connection) -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = provider.get_tracer("test")
-    trace.set_tracer_provider(provider)  # once per process; walex asks the global one
+    global _EXPORTER
+    if _EXPORTER is None:  # the global provider can be set once per process; walex uses it
+        _EXPORTER = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+        trace.set_tracer_provider(provider)
+    exporter = _EXPORTER
+    exporter.clear()
+    tracer = trace.get_tracer("test")
     admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
     admin.execute("CREATE PUBLICATION pub FOR TABLE item")
 
