@@ -81,6 +81,7 @@ class WalEx:
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
         self.destinations = Destinations(s.destination_urls(), s.partitions)  # may be empty
         self.pipeline.destinations = self.destinations
+        self.destinations.stats = self.pipeline.stats  # publish counts and latencies
         self.observer = Observer(self)  # metrics, health, lag guard, tracing (walex.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
