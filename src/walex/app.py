@@ -133,6 +133,7 @@ class WalEx:
         ]
         if self.settings.heartbeat_interval:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+        self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         self._unreachable = {}
@@ -220,6 +221,12 @@ class WalEx:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+    async def backfill(self, table: str, where: str | None = None) -> Any:
+        """Deliver the existing rows of ``table`` (those matching the SQL condition
+        ``where``) as ``read`` events, interleaved with the stream; returns the
+        finished :class:`~walex.backfill.Job` once every one was handled."""
+        return await self.pipeline.backfill.request(table, where)
 
     # -- message middleware ----------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Reading one chunk: the next rows in key order, typed like streamed rows, and their snapshot.
+
+A chunk is read in one ``REPEATABLE READ READ ONLY`` transaction whose first
+statement records the snapshot (``pg_current_snapshot()``), so the watermark
+logic knows exactly which transactions the rows reflect. Rows come in text
+format and are typed by a psycopg ``Transformer`` over the app's adapters
+and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
+does for a streamed row: a ``read`` event's ``new_record`` equals what an
+insert of the same row would give. A value that cannot be typed raises the
+same :class:`~walex.errors.DecodeError` a streamed row would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.adapt import AdaptersMap, Transformer
+from psycopg.pq import Format
+
+from ..pgoutput.messages import TupleData
+from ..relations import Table
+from .target import Target
+
+__all__ = ["Snapshot", "Chunk", "read_chunk"]
+
+
+@dataclass(slots=True, frozen=True)
+class Snapshot:
+    """A snapshot as ``pg_current_snapshot()`` reports it (64-bit transaction ids)."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def visible(self, xid: int) -> bool:
+        """Whether the committed transaction ``xid`` (32 bits, as the stream gives it) is visible."""
+        # widen to 64 bits: the stream's transactions are within 2^31 of xmax
+        delta = (xid - self.xmax) & 0xFFFFFFFF
+        full = self.xmax + delta if delta < 0x80000000 else self.xmax - (0x100000000 - delta)
+        if full >= self.xmax:
+            return False
+        return full < self.xmin or full not in self.xip
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Rows of one chunk: ``(key, record)`` in key order, and what it needs to go on."""
+
+    rows: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    last_key: list[str] | None  # the last row's key columns in text form; None when empty
+    snapshot: Snapshot
+
+
+async def read_chunk(
+    conn: psycopg.AsyncConnection, target: Target, table: Table, adapters: AdaptersMap,
+    where: str | None, after: list[str] | None, limit: int,
+) -> Chunk:
+    """The next ``limit`` rows after the key ``after`` (text forms), in one snapshot."""
+    query = target.chunk_query(where, after is not None, limit)
+    cur = conn.cursor()
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        await cur.execute("SELECT pg_current_snapshot()::text")
+        row = await cur.fetchone()
+        assert row is not None
+        snapshot = Snapshot.parse(row[0])
+        await cur.execute(query, after)
+        result = cur.pgresult
+        await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed:
+            try:
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                pass
+        raise
+    assert result is not None
+    count = result.ntuples
+    positions = target.key_positions()
+    names = table.column_names
+    tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
+    tx.set_pgresult(result, set_loaders=False)
+    tx.set_loader_types(table.type_oids, Format.TEXT)
+    try:
+        values = tx.load_rows(0, count, tuple)
+    except Exception:
+        # type row by row to get the error that names the column and the value
+        for i in range(count):
+            raw = [result.get_value(i, j) for j in range(len(names))]
+            table.load(TupleData(raw, True), "Read", 0)
+        raise
+    rows = [(tuple(v[p] for p in positions), dict(zip(names, v))) for v in values]
+    last = None
+    if count:
+        last = [bytes(result.get_value(count - 1, p) or b"").decode() for p in positions]
+    return Chunk(rows, last, snapshot)
+
