@@ -226,6 +226,9 @@ class WalEx:
         """Deliver the existing rows of ``table`` (those matching the SQL condition
         ``where``) as ``read`` events, interleaved with the stream; returns the
         finished :class:`~walex.backfill.Job` once every one was handled."""
+        if not self._tasks or self._stopping:
+            raise ConfigError(f"walex app {self.settings.name!r} is not running; start it "
+                              "before asking for a backfill")
         return await self.pipeline.backfill.request(table, where)
 
     # -- message middleware ----------------------------------------------

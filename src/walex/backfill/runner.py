@@ -58,8 +58,8 @@ class Backfills:
         self.current: Job | None = None
         self.wake = asyncio.Event()
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
-        self.running = False  # the run() task is alive
-        self.chunks_redone = 0
+        self.chunks_redone = 0  # chunks read again (a truncate or a reconnect in their window)
+        self.rows_left_to_stream = 0  # chunk rows changed in the stream meanwhile: not read events
 
     @property
     def store(self) -> Store:
@@ -132,9 +132,6 @@ class Backfills:
 
     async def request(self, table: str, where: str | None = None) -> Job:
         """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
-        if not self.running:
-            raise ConfigError(f"walex app {self.pipeline.settings.name!r} is not running; "
-                              "start it before asking for a backfill")
         if where is not None and (not isinstance(where, str) or not where.strip()):
             raise ConfigError(f"where must be an SQL condition, got {where!r}")
         s = self.pipeline.settings
@@ -174,7 +171,6 @@ class Backfills:
 
     async def run(self) -> None:
         """Carry out the app's jobs, one at a time, until cancelled."""
-        self.running = True
         failures = 0
         try:
             while True:
@@ -195,7 +191,6 @@ class Backfills:
                 if not jobs:
                     await self.wake.wait()
         finally:
-            self.running = False
             self.window = None
             self.current = None
             for key, waiters in self._waiters.items():
@@ -289,6 +284,7 @@ class Backfills:
                     outcome.redo)
                 continue
             redone = 0
+            self.rows_left_to_stream += outcome.dropped
             if pending is not None:
                 await self._save(conn, job, pending, progress)
             pending = (outcome.end_lsn, chunk.last_key, len(chunk.rows))  # type: ignore[assignment]
