@@ -13,6 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from psycopg.conninfo import make_conninfo
+
 from support import run, until
 from walex import ConfigError, Event, Events, EventType, SetupError, WalEx
 from walex.backfill import runner as backfill_runner
@@ -196,3 +198,58 @@ def test_rows_changed_while_their_chunk_is_read_come_from_the_stream(
     copy, job, left = run(main())
     assert copy.rows["t"] == table_rows(admin, "t", ("id",))
     assert left >= 3 * 9  # per chunk: the update, the delete and the key change after the snapshot
+
+
+def test_a_commit_the_chunk_snapshot_cannot_see_yet_is_not_overwritten(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transaction whose commit is in the stream but not yet visible (it waits for a
+    synchronous standby) while the next chunks are read: its row comes from the stream."""
+    local = make_conninfo(dsn, options="-c synchronous_commit=local")
+    _schema(admin)
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    admin.execute("INSERT INTO t SELECT g * 10, 'old' FROM generate_series(1, 12) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
+    real = backfill_runner.read_chunk
+    hung: dict[str, Any] = {}
+
+    def commit_waiting_for_a_standby() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            hung["pid"] = conn.info.backend_pid
+            conn.execute("UPDATE t SET v = 'committed late' WHERE id = 100")
+
+    async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                     after: list[str] | None, limit: int) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit)
+        if after is None:  # chunk 1 was read: a commit of a row of chunk 3 goes by, unseen
+            admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+            admin.execute("SELECT pg_reload_conf()")
+            hung["thread"] = threading.Thread(target=commit_waiting_for_a_standby)
+            hung["thread"].start()
+            await until(lambda: "pid" in hung and admin.execute(
+                "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (hung["pid"],)
+            ).fetchone() == ("SyncRep",), "a commit waiting for the standby")
+        elif after == ["80"]:  # chunk 3 read while that commit is still invisible
+            admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            admin.execute("SELECT pg_reload_conf()")
+            await asyncio.to_thread(hung["thread"].join)
+        return chunk
+
+    monkeypatch.setattr(backfill_runner, "read_chunk", racing)
+
+    async def main() -> Copy:
+        copy = Copy({"t": ("id",), "marker": ("id",)})
+        app = WalEx(local, publication="pub", name="standby", backfill_chunk_size=4,
+                    modules=[copy.events])
+        async with app:
+            await app.backfill("t")
+            await caught_up(admin, copy)
+        return copy
+
+    try:
+        copy = run(main())
+    finally:
+        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        admin.execute("SELECT pg_reload_conf()")
+    assert copy.rows["t"][(100,)]["v"] == "committed late"
+    assert copy.rows["t"] == table_rows(admin, "t", ("id",))
