@@ -15,15 +15,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import asyncio
+
 import psycopg
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.pq import Format
 
+from ..event import Event, EventType
 from ..pgoutput.messages import TupleData
 from ..relations import Table
 from .target import Target
 
-__all__ = ["Snapshot", "Chunk", "read_chunk"]
+__all__ = ["Snapshot", "Chunk", "read_chunk", "SLICE"]
+
+SLICE = 1000  # rows typed at once; the event loop runs between slices
+_READ = EventType.READ
+_UNSET: Any = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,9 +58,9 @@ class Snapshot:
 
 @dataclass(slots=True)
 class Chunk:
-    """Rows of one chunk: ``(key, record)`` in key order, and what it needs to go on."""
+    """The rows of one chunk as read events, and what the next chunk needs."""
 
-    rows: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    events: list[Event]  # typed, in key order; timestamp, lsn and id set at the high watermark
     last_key: list[str] | None  # the last row's key columns in text form; None when empty
     snapshot: Snapshot
 
@@ -83,22 +90,24 @@ async def read_chunk(
         raise
     assert result is not None
     count = result.ntuples
-    positions = target.key_positions()
     names = table.column_names
     tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
     tx.set_pgresult(result, set_loaders=False)
     tx.set_loader_types(table.type_oids, Format.TEXT)
+    name, source = table.name, table.source
+    events: list[Event] = []
     try:
-        values = tx.load_rows(0, count, tuple)
+        for start in range(0, count, SLICE):  # let the stream go on between slices
+            records = tx.load_rows(start, min(count, start + SLICE), lambda v: dict(zip(names, v)))
+            events += [Event(name, _READ, source, r, None, None, _UNSET, "", "") for r in records]
+            await asyncio.sleep(0)
     except Exception:
         # type row by row to get the error that names the column and the value
         for i in range(count):
             raw = [result.get_value(i, j) for j in range(len(names))]
             table.load(TupleData(raw, True), "Read", 0)
         raise
-    rows = [(tuple(v[p] for p in positions), dict(zip(names, v))) for v in values]
     last = None
     if count:
-        last = [bytes(result.get_value(count - 1, p) or b"").decode() for p in positions]
-    return Chunk(rows, last, snapshot)
-
+        last = [bytes(result.get_value(count - 1, p) or b"").decode() for p in target.key_positions()]
+    return Chunk(events, last, snapshot)

@@ -260,7 +260,7 @@ class Backfills:
         s, pipeline = self.pipeline.settings, self.pipeline
         limit = s.backfill_chunk_size
         run = secrets.token_hex(8)
-        window = self.window = Window(s.name, run, target, table, s.batch_size)
+        window = self.window = Window(s.name, run, target, s.batch_size)
         after = job.last_key
         pending: tuple[int, list[str], int] | None = None  # emitted, not yet known handled
         seq = redone = 0
@@ -271,7 +271,7 @@ class Backfills:
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
             chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
                                      job.condition, after, limit)
-            if not chunk.rows:
+            if not chunk.events:
                 break
             window.load(chunk)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
@@ -287,9 +287,9 @@ class Backfills:
             self.rows_left_to_stream += outcome.dropped
             if pending is not None:
                 await self._save(conn, job, pending, progress)
-            pending = (outcome.end_lsn, chunk.last_key, len(chunk.rows))  # type: ignore[assignment]
+            pending = (outcome.end_lsn, chunk.last_key, len(chunk.events))  # type: ignore[assignment]
             after = chunk.last_key
-            if len(chunk.rows) < limit:
+            if len(chunk.events) < limit:
                 break
         if pending is not None:
             await self._save(conn, job, pending, progress)

@@ -37,9 +37,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..event import UNCHANGED_TOAST, Event, EventType
+from ..event import UNCHANGED_TOAST, EventType
 from ..lsn import format_lsn
-from ..relations import Table
 from ..transactions import Transaction
 from .chunks import Chunk
 from .target import Target
@@ -48,9 +47,7 @@ __all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
 
 PREFIX = "walex.backfill"
 
-_INSERT, _UPDATE, _DELETE, _TRUNCATE, _READ = (
-    EventType.INSERT, EventType.UPDATE, EventType.DELETE, EventType.TRUNCATE, EventType.READ,
-)
+_UPDATE, _TRUNCATE = EventType.UPDATE, EventType.TRUNCATE
 
 
 def payload(app: str, **fields: Any) -> str:
@@ -92,7 +89,7 @@ class _Changes:
 class Window:
     """The stream side of one backfill job (one table), chunk after chunk."""
 
-    def __init__(self, app: str, run: str, target: Target, table: Table, batch_size: int) -> None:
+    def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
         # A transaction that wrote its commit record before the backfill started but
         # that is still invisible to a chunk's snapshot is not known here: the one case
         # left open (it needs a commit stuck between WAL and visibility at that moment).
@@ -100,7 +97,6 @@ class Window:
         self.run = run
         self.schema, self.name = target.schema, target.name
         self.key = target.key
-        self.table = table
         self.batch_size = batch_size
         self.seq = 0
         self.low_seen = False
@@ -214,18 +210,18 @@ class Window:
             drop |= keys
         for xid in hidden:
             drop |= before.by_xid.get(xid, set())
-        table, source = self.table, self.table.source
         commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
         lsn, prefix = format_lsn(commit_lsn), f"{commit_lsn:016X}-R"
-        events = []
-        for key, record in chunk.rows:
-            if drop and key in drop:
-                result.dropped += 1
-                continue
-            events.append(Event(
-                table.name, _READ, source, record, None, None, commit_time, lsn,
-                f"{prefix}{len(events):07X}",
-            ))
+        events = chunk.events
+        if drop:
+            key = self.key
+            kept = [e for e in events if tuple(e.new_record[k] for k in key) not in drop]  # type: ignore[index]
+            result.dropped = len(events) - len(kept)
+            events = kept
+        for index, event in enumerate(events):
+            event.timestamp = commit_time
+            event.lsn = lsn
+            event.id = f"{prefix}{index:07X}"
         result.emitted = len(events)
         size = self.batch_size
         batches = [
