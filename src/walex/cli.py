@@ -1,4 +1,4 @@
-"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``.
+"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``, ``backfill``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from . import cli_admin
+from .backfill.command import backfill as backfill_command
 from .errors import ConfigError, WalExError, redact
 
 app = typer.Typer(
@@ -153,6 +154,7 @@ def run(
 app.command()(cli_admin.status)
 app.command()(cli_admin.setup)
 app.command()(cli_admin.tail)
+app.command()(backfill_command)  # walex backfill TABLE (walex.backfill.command)
 
 
 if __name__ == "__main__":  # pragma: no cover

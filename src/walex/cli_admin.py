@@ -21,6 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .admin import apply_setup, inspect_database
+from .backfill.report import status_table as backfill_table
+from .backfill.store import read_all as read_backfills
 from .config import WalExSettings, file_values, load_settings, read_toml
 from .errors import SetupError, WalExError, redact
 
@@ -59,11 +61,12 @@ def _connect(settings: WalExSettings) -> psycopg.Connection:
 
 def status(url: UrlOption = None, publication: PublicationOption = None,
            config: ConfigOption = None) -> None:
-    """Report whether PostgreSQL is ready for walex, and every slot's lag."""
+    """Report whether PostgreSQL is ready for walex, every slot's lag, and the backfills."""
     try:
         settings = _settings(url, publication, config)
         with _connect(settings) as conn:
             report = inspect_database(conn, settings.publication)
+            backfills = read_backfills(conn, settings.backfill_table)
     except WalExError as exc:
         raise _fail(exc) from None
     out.print(f"PostgreSQL {report.server_version}, database [bold]{report.database}[/], "
@@ -84,6 +87,8 @@ def status(url: UrlOption = None, publication: PublicationOption = None,
                 f"{lag / 1048576:.1f} MiB" if lag is not None else "-", s["wal_status"] or "-",
             )
         out.print(slots)
+    if backfills:
+        out.print(backfill_table(backfills))
     for problem in report.problems:
         mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
         out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}")

@@ -78,7 +78,7 @@ async def read_chunk(
         row = await cur.fetchone()
         assert row is not None
         snapshot = Snapshot.parse(row[0])
-        await cur.execute(query, after)
+        await cur.execute(query, after or [])
         result = cur.pgresult
         await conn.execute("COMMIT")
     except BaseException:

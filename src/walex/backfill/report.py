@@ -36,7 +36,7 @@ def _duration(seconds: float) -> str:
 def describe(rows: int, estimated: int | None, rate: float | None) -> str:
     """``"12,000 of ~50,000 rows (24%), 8,100 rows/s, about 5s left"``."""
     text = f"{rows:,} rows"
-    if estimated:
+    if estimated and rows <= estimated:
         text = f"{rows:,} of ~{estimated:,} rows ({min(100, 100 * rows // estimated)}%)"
     if rate:
         text += f", {rate:,.0f} rows/s"
@@ -96,11 +96,12 @@ def status_table(jobs: list[Job]) -> RichTable:
         state = job.state
         if job.state == "failed" and job.error:
             state = f"failed: {escape(job.error)}"
-        rate = job.rate if job.state == "running" else None
+        running = job.state == "running"
         where = f" where {escape(job.condition)}" if job.condition else ""
         table.add_row(
             escape(job.app), escape(job.qualified) + where, state,
-            describe(job.rows_done, job.rows_estimated, rate),
+            describe(job.rows_done, job.rows_estimated if running else None,
+                     job.rate if running else None),
             f"{_duration((now - job.updated_at).total_seconds())} ago",
         )
     return table

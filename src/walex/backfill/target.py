@@ -65,7 +65,9 @@ class Target:
         return [names.index(k) for k in self.key]
 
     def chunk_query(self, where: str | None, after: bool, limit: int) -> sql.Composed:
-        """``SELECT`` of the next ``limit`` rows in key order, after a key given as text."""
+        """``SELECT`` of the next ``limit`` rows in key order, after a key given as text.
+
+        Run it with a parameter list (empty for the first chunk)."""
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
         conditions: list[sql.Composable] = []
@@ -75,8 +77,8 @@ class Target:
             )
             conditions.append(sql.SQL("({}) > ({})").format(keys, bound))
         for extra in (self.rowfilter, where):
-            if extra:
-                conditions.append(sql.SQL("({})").format(sql.SQL(extra)))  # type: ignore[arg-type]
+            if extra:  # run with parameters: a '%' of the condition is not one
+                conditions.append(sql.SQL("({})").format(sql.SQL(extra.replace("%", "%%"))))  # type: ignore[arg-type]
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
         return sql.SQL("SELECT {} FROM {}{}{} ORDER BY {} LIMIT {}").format(
