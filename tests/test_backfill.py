@@ -18,7 +18,7 @@ import pytest
 
 from psycopg.conninfo import make_conninfo
 
-from support import run, until
+from support import collecting, run, until
 from walex import ConfigError, Event, Events, EventType, SetupError, WalEx
 from walex.backfill import runner as backfill_runner
 
@@ -343,3 +343,48 @@ def test_a_large_backfill_runs_in_bounded_memory_while_the_stream_flows(
     assert large["reads"] == rows
     assert large["stream_during"] > 0  # streamed events were handled while the backfill ran
     assert large["peak_kb"] - baseline["peak_kb"] < 30_000, (baseline, large)
+
+
+def test_read_events_are_typed_exactly_like_inserts(dsn: str, admin: psycopg.Connection) -> None:
+    from test_types import ROW_VALUES, SCHEMA, same
+
+    admin.execute(SCHEMA)
+    admin.execute("ALTER TABLE typed ADD COLUMN c_gen int GENERATED ALWAYS AS (id * 2) STORED")
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["typed"]) as rec:
+            admin.execute(f"INSERT INTO typed VALUES {ROW_VALUES}")
+            await rec.wait_for(5)
+            job = await rec.app.backfill("typed")
+            assert (job.state, job.rows_done, job.chunk_key) == ("done", 5, ["id"])
+            return await rec.wait_for(10)
+
+    events = run(main())
+    inserts, reads = events[:5], events[5:]
+    assert [e.type for e in reads] == [EventType.READ] * 5
+    for insert, read in zip(inserts, reads):
+        assert read.source == insert.source and read.name == insert.name
+        assert list(read.new_record) == list(insert.new_record)  # no generated column either
+        wrong = {k: (v, insert.new_record[k]) for k, v in read.new_record.items()
+                 if not same(v, insert.new_record[k])}
+        assert not wrong
+        assert read.old_record is None and read.changes is None
+    assert len({e.id for e in events}) == 10
+    assert all(e.id[16:18] == "-R" and len(e.id) == len(inserts[0].id) for e in reads)
+    assert sorted(e.id for e in events) == [e.id for e in events]  # increasing in stream order
+    assert reads[0].lsn != inserts[0].lsn and reads[0].timestamp > inserts[0].timestamp
+
+
+def test_the_publication_decides_columns_and_rows(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, shown text, hidden text, n int)")
+    admin.execute("INSERT INTO t SELECT g, 's' || g, 'h', g FROM generate_series(1, 20) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t (id, shown, n) WHERE (n > 5)")
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["t"], backfill_chunk_size=4) as rec:
+            await rec.app.backfill("t", where="n % 2 = 0")
+            return await rec.wait_for(8)
+
+    reads = run(main())  # the column list, the row filter, the condition: 6, 8, ..., 20
+    assert [e.new_record for e in reads] == [
+        {"id": g, "shown": f"s{g}", "n": g} for g in range(6, 21, 2)]
