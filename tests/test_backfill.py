@@ -388,3 +388,76 @@ def test_the_publication_decides_columns_and_rows(dsn: str, admin: psycopg.Conne
     reads = run(main())  # the column list, the row filter, the condition: 6, 8, ..., 20
     assert [e.new_record for e in reads] == [
         {"id": g, "shown": f"s{g}", "n": g} for g in range(6, 21, 2)]
+
+
+def test_chunk_keys_and_tables_without_one(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE by_unique (code text NOT NULL UNIQUE, n int UNIQUE, v text)")
+    admin.execute("ALTER TABLE by_unique REPLICA IDENTITY FULL")
+    admin.execute("INSERT INTO by_unique SELECT 'c' || g, g, 'v' FROM generate_series(1, 30) g")
+    admin.execute("CREATE TABLE by_identity (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text)")
+    admin.execute("ALTER TABLE by_identity REPLICA IDENTITY USING INDEX by_identity_code_key")
+    admin.execute("INSERT INTO by_identity SELECT g, 100 - g, 'v' FROM generate_series(1, 30) g")
+    admin.execute("CREATE TABLE nokey (n int UNIQUE, v text)")  # unique but nullable: no key
+    admin.execute("ALTER TABLE nokey REPLICA IDENTITY FULL")
+    admin.execute("CREATE TABLE not_subscribed (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+
+    async def main() -> tuple[list[Any], list[Event]]:
+        async with collecting(dsn, subscriptions=["by_unique", "by_identity", "nokey"],
+                              backfill_chunk_size=7) as rec:
+            jobs_done = [await rec.app.backfill("by_unique"), await rec.app.backfill("by_identity")]
+            with pytest.raises(SetupError, match=r"public.nokey has no primary key .*ADD PRIMARY KEY"):
+                await rec.app.backfill("nokey")
+            with pytest.raises(ConfigError, match="not among the app's subscriptions"):
+                await rec.app.backfill("not_subscribed")
+            with pytest.raises(SetupError, match="is not in publication 'pub'"):
+                await rec.app.backfill("no_such_table")
+            with pytest.raises(ConfigError, match="is not a valid condition"):
+                await rec.app.backfill("by_unique", where="no_such_column = 1")
+            return jobs_done, await rec.wait_for(60)
+
+    (by_unique, by_identity), events = run(main())
+    assert by_unique.chunk_key == ["code"]  # the unique NOT NULL index (n may be NULL)
+    assert by_identity.chunk_key == ["code"]  # the replica identity index: deletes carry it
+    assert [e.new_record["code"] for e in events[:30]] == sorted(f"c{g}" for g in range(1, 31))
+    assert [e.new_record["code"] for e in events[30:]] == list(range(70, 100))
+
+
+def test_snapshot_initial_of_a_table_without_key_fails_before_the_slot_exists(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    admin.execute("CREATE TABLE nokey (v text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE nokey")
+    app = WalEx(dsn, publication="pub", name="nokeys", durable_slot=True, snapshot="initial")
+    with pytest.raises(SetupError, match=r"snapshot='initial' cannot read every subscribed table "
+                                         r"\(the slot was not created\).*nokey has no primary key"):
+        run(app.start())
+    assert admin.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+
+
+def test_read_events_pass_the_filters(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE u (id int PRIMARY KEY, subscribed bool)")
+    admin.execute("INSERT INTO u SELECT g, g % 2 = 0 FROM generate_series(1, 10) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE u")
+    mine = Events()
+    got: dict[str, list[int]] = {"read": [], "insert": [], "fields": []}
+
+    @mine.on_read("u", unwatched_records={"subscribed": False})
+    async def reads(events: list[Event]) -> None:
+        got["read"] += [e.new_record["id"] for e in events]
+
+    @mine.on_insert("u")
+    async def inserts(events: list[Event]) -> None:
+        got["insert"] += [e.new_record["id"] for e in events]
+
+    @mine.on_event("u", unwatched_fields=["subscribed"])  # an update filter: reads pass
+    async def fields(events: list[Event]) -> None:
+        got["fields"] += [e.new_record["id"] for e in events if e.new_record]
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["u"], modules=[mine]) as rec:
+            await rec.app.backfill("u")
+            await rec.wait_for(10)
+
+    run(main())
+    assert got == {"read": [2, 4, 6, 8, 10], "insert": [], "fields": list(range(1, 11))}
