@@ -19,7 +19,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from support import collecting, run, until
-from walex import ConfigError, Event, Events, EventType, SetupError, WalEx
+from walex import ConfigError, Event, Events, EventType, ReplicationError, SetupError, WalEx
 from walex.backfill import runner as backfill_runner
 
 
@@ -461,3 +461,84 @@ def test_read_events_pass_the_filters(dsn: str, admin: psycopg.Connection) -> No
 
     run(main())
     assert got == {"read": [2, 4, 6, 8, 10], "insert": [], "fields": list(range(1, 11))}
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "temporary"])
+def test_a_truncate_or_a_reconnect_while_a_chunk_is_read(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, durable: bool,
+) -> None:
+    """A TRUNCATE in a chunk's window: the chunk is read again. A reconnect: a durable slot
+    sends the watermarks again, a new temporary slot does not have them: read again."""
+    _schema(admin)
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    admin.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 40) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
+    real = backfill_runner.read_chunk
+    calls: list[list[str] | None] = []
+
+    async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                     after: list[str] | None, limit: int) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit)
+        calls.append(after)
+        if len(calls) == 2:  # the walsender goes away while chunk 2 is in flight
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots")
+        elif len(calls) == 4:  # and then a TRUNCATE (and new rows) while chunk 3 is
+            admin.execute("TRUNCATE t")
+            admin.execute("INSERT INTO t SELECT g, 'new' FROM generate_series(25, 45) g")
+        return chunk
+
+    monkeypatch.setattr(backfill_runner, "read_chunk", racing)
+
+    async def main() -> tuple[Copy, Any, int]:
+        copy = Copy({"t": ("id",), "marker": ("id",)})
+        app = WalEx(dsn, publication="pub", name="again", durable_slot=durable,
+                    backfill_chunk_size=10, modules=[copy.events])
+        async with app:
+            job = await app.backfill("t")
+            await caught_up(admin, copy)
+        return copy, job, app.pipeline.backfill.chunks_redone
+
+    copy, job, redone = run(main(), timeout=120)
+    assert copy.rows["t"] == table_rows(admin, "t", ("id",))
+    assert job.state == "done"
+    if durable:  # chunk 2 went through (unless the slot had confirmed its low watermark)
+        assert calls[:6] == [None, ["10"], ["20"], ["30"], ["30"], ["40"]] or redone == 2
+        assert redone >= 1
+    else:
+        assert calls[:6] == [None, ["10"], ["10"], ["20"], ["20"], ["34"]] and redone == 2
+
+
+def test_a_stopped_backfill_resumes_at_the_next_start(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("INSERT INTO t SELECT g FROM generate_series(1, 2000) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    seen: list[int] = []
+    slow = Events()
+
+    @slow.on_read("t")
+    async def record(events: list[Event]) -> None:
+        seen.extend(e.new_record["id"] for e in events)
+        await asyncio.sleep(0.05)
+
+    def app() -> WalEx:
+        return WalEx(dsn, publication="pub", name="resume", durable_slot=True,
+                     backfill_chunk_size=100, batch_size=50, modules=[slow])
+
+    async def main() -> tuple[int, Any]:
+        first = app()
+        async with first:
+            waiting = asyncio.create_task(first.backfill("t"))
+            await until(lambda: len(seen) >= 500, "some chunks")
+        with pytest.raises(ReplicationError, match="stopped before the backfill of public.t "
+                                                   "finished; it resumes at the next start"):
+            await waiting
+        stopped_at = len(seen)
+        second = app()
+        async with second:
+            await until(lambda: jobs(admin)["t"][0] == "done", "the resumed backfill", 60)
+        return stopped_at, jobs(admin)["t"]
+
+    stopped_at, job = run(main(), timeout=120)
+    assert sorted(set(seen)) == list(range(1, 2001))
+    assert len(seen) - 2000 <= 200  # at most the chunks handled since the last mark, again
+    assert stopped_at < 2000 and job[1] == 2000
