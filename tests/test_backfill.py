@@ -542,3 +542,28 @@ def test_a_stopped_backfill_resumes_at_the_next_start(dsn: str, admin: psycopg.C
     assert sorted(set(seen)) == list(range(1, 2001))
     assert len(seen) - 2000 <= 200  # at most the chunks handled since the last mark, again
     assert stopped_at < 2000 and job[1] == 2000
+
+
+def test_the_progress_store_can_live_elsewhere_and_must_be_writable(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    admin.execute("CREATE SCHEMA ops")
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("INSERT INTO t VALUES (1), (2)")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+
+    async def main() -> None:
+        async with collecting(dsn, backfill_table="ops.progress") as rec:
+            await rec.app.backfill("t")
+            await rec.wait_for(2)
+            await rec.settle()
+            assert {e.name for e in rec.events} == {"t"}  # not ops.progress's own changes
+        async with collecting(dsn, backfill_table="nowhere.progress") as rec:
+            with pytest.raises(SetupError, match=r"cannot write the backfill progress store "
+                                                 r"'nowhere.progress': .*set backfill_table"):
+                await rec.app.backfill("t")
+
+    run(main())
+    assert admin.execute("SELECT table_name, state FROM ops.progress").fetchall() == [("t", "done")]
+    with pytest.raises(ConfigError, match="backfill_table: must be a table name or 'schema.table'"):
+        WalEx(dsn, publication="pub", backfill_table="progress; DROP TABLE t")

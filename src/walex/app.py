@@ -225,7 +225,8 @@ class WalEx:
     async def backfill(self, table: str, where: str | None = None) -> Any:
         """Deliver the existing rows of ``table`` (those matching the SQL condition
         ``where``) as ``read`` events, interleaved with the stream; returns the
-        finished :class:`~walex.backfill.Job` once every one was handled."""
+        finished :class:`~walex.backfill.Job` once every one was handled (a handler
+        awaiting it would wait for itself: start it as a task there)."""
         if not self._tasks or self._stopping:
             raise ConfigError(f"walex app {self.settings.name!r} is not running; start it "
                               "before asking for a backfill")

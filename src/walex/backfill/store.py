@@ -28,6 +28,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..errors import SetupError
+
 __all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL"]
 
 
@@ -131,19 +133,24 @@ class Store:
     def _regclass(self) -> str:
         return ".".join(f'"{part}"' for part in self.option.split(".", 1))
 
-    async def create(self, conn: psycopg.AsyncConnection) -> None:
-        await conn.execute(_q(CREATE, self.option))
-
     async def request(
         self, conn: psycopg.AsyncConnection, schema: str, table: str, condition: str | None,
         key: list[str], restart: bool = False,
     ) -> bool:
         """Ask for a backfill; False when an unfinished one of the table is kept instead."""
-        await self.create(conn)
-        cur = await conn.execute(_q(REQUEST, self.option), {
-            "app": self.app, "schema": schema, "table": table, "condition": condition,
-            "key": key, "restart": restart,
-        })
+        try:
+            await conn.execute(_q(CREATE, self.option))
+            cur = await conn.execute(_q(REQUEST, self.option), {
+                "app": self.app, "schema": schema, "table": table, "condition": condition,
+                "key": key, "restart": restart,
+            })
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName) as exc:
+            raise SetupError(
+                f"cannot write the backfill progress store {self.option!r}: "
+                f"{str(exc).strip().splitlines()[0]}. Fix: let walex's role create the table "
+                "(GRANT CREATE ON SCHEMA ...), or set backfill_table to 'schema.table' in a "
+                "schema it may write"
+            ) from None
         return await cur.fetchone() is not None
 
     async def jobs(self, conn: psycopg.AsyncConnection, unfinished: bool = True) -> list[Job]:
