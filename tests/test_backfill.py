@@ -567,3 +567,36 @@ def test_the_progress_store_can_live_elsewhere_and_must_be_writable(
     assert admin.execute("SELECT table_name, state FROM ops.progress").fetchall() == [("t", "done")]
     with pytest.raises(ConfigError, match="backfill_table: must be a table name or 'schema.table'"):
         WalEx(dsn, publication="pub", backfill_table="progress; DROP TABLE t")
+
+
+def test_a_column_added_during_a_backfill_is_in_the_next_chunks(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _schema(admin)
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    admin.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 30) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
+    real = backfill_runner.read_chunk
+    calls: list[Any] = []
+
+    async def migrating(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                        after: list[str] | None, limit: int) -> Any:
+        calls.append(after)
+        if after == ["10"] and calls.count(after) == 1:  # a migration between chunks 1 and 2
+            admin.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
+        return await real(conn, target, table, adapters, where, after, limit)
+
+    monkeypatch.setattr(backfill_runner, "read_chunk", migrating)
+
+    async def main() -> Copy:
+        copy = Copy({"t": ("id",), "marker": ("id",)})
+        async with collecting(dsn, subscriptions=["t", "marker"], modules=[copy.events],
+                              backfill_chunk_size=10) as rec:
+            await rec.app.backfill("t")
+            await caught_up(admin, copy)
+        return copy
+
+    copy = run(main())
+    assert calls == [None, ["10"], ["10"], ["20"], ["30"]]  # chunk 2 read again, with the new column
+    assert copy.rows["t"][(11,)] == {"id": 11, "v": "v", "extra": 7}
+    assert copy.rows["t"][(1,)] == {"id": 1, "v": "v"}  # read before the migration

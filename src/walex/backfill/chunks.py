@@ -24,7 +24,7 @@ from psycopg.pq import Format
 from ..event import Event, EventType
 from ..pgoutput.messages import TupleData
 from ..relations import Table
-from .target import Target
+from .target import SHAPE, Target
 
 __all__ = ["Snapshot", "Chunk", "read_chunk", "SLICE"]
 
@@ -63,6 +63,7 @@ class Chunk:
     events: list[Event]  # typed, in key order; timestamp, lsn and id set at the high watermark
     last_key: list[str] | None  # the last row's key columns in text form; None when empty
     snapshot: Snapshot
+    reshaped: bool = False  # not read: the table's columns changed since the target was resolved
 
 
 async def read_chunk(
@@ -74,10 +75,13 @@ async def read_chunk(
     cur = conn.cursor()
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        await cur.execute("SELECT pg_current_snapshot()::text")
+        await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE})", (target.oid,))
         row = await cur.fetchone()
         assert row is not None
         snapshot = Snapshot.parse(row[0])
+        if (row[1] or "") != target.shape:  # the table changed since the backfill started
+            await conn.execute("COMMIT")
+            return Chunk([], None, snapshot, reshaped=True)
         await cur.execute(query, after or [])
         result = cur.pgresult
         await conn.execute("COMMIT")

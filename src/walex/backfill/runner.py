@@ -271,6 +271,18 @@ class Backfills:
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
             chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
                                      job.condition, after, limit)
+            if chunk.reshaped:  # DDL: read on with the new definition (as the stream does)
+                log.info("walex %r: %s changed; its backfill goes on with its new columns",
+                         s.name, job.qualified)
+                key = target.key
+                target = await resolve_target(conn, s.publication, job.qualified, s.subscriptions)
+                table = await self._table(target)
+                if target.key != key:
+                    log.warning("walex %r: the key of %s changed (%s, now %s): its backfill "
+                                "starts over", s.name, job.qualified, key, target.key)
+                    after, window.key = None, target.key
+                    await self.store.update(conn, job, chunk_key=target.key)
+                continue
             if not chunk.events:
                 break
             window.load(chunk)

@@ -30,7 +30,7 @@ from ..errors import ConfigError, SetupError
 from ..handlers import table_matcher
 from ..pgoutput.messages import Column, Relation
 
-__all__ = ["Target", "resolve_target"]
+__all__ = ["Target", "resolve_target", "SHAPE"]
 
 
 @dataclass(slots=True)
@@ -47,6 +47,7 @@ class Target:
     key_types: list[str]  # format_type() of each key column, for the keyset cast
     key_from: str  # "replica identity index", "primary key" or "unique index <name>"
     rowfilter: str | None  # the publication's row filter (PostgreSQL 15+)
+    shape: str  # the table's columns and their types now (see SHAPE): a change shows DDL
 
     @property
     def qualified(self) -> str:
@@ -93,6 +94,12 @@ class Target:
             only, sql.Identifier(self.schema, self.name), clause
         )
 
+
+# the columns and types of a table, as one string: compared chunk after chunk
+SHAPE = (
+    "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) "
+    "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+)
 
 _PUBLISHED = """
 SELECT p.schemaname, p.tablename, c.oid, c.relkind, c.relreplident
@@ -185,7 +192,10 @@ async def resolve_target(
     key_from = ("replica identity index", "primary key", f"unique index {index}")[kind]
     flagged = set(_identity_columns(identity, indexes, columns))
     cols = [Column(c.name, c.type_oid, c.type_modifier, c.name in flagged) for c in columns]
-    return Target(oid, schema, name, relkind, cols, identity, key, key_types, key_from, rowfilter)
+    await cur.execute(SHAPE, (oid,))
+    shape = (await cur.fetchone() or ("",))[0] or ""
+    return Target(oid, schema, name, relkind, cols, identity, key, key_types, key_from, rowfilter,
+                  shape)
 
 
 async def _columns(
