@@ -511,3 +511,11 @@ def test_a_column_added_during_a_backfill_is_in_the_next_chunks(
     assert calls == [None, ["10"], ["10"], ["20"], ["30"]]  # chunk 2 read again, with the new column
     assert copy.rows["t"][(11,)] == {"id": 11, "v": "v", "extra": 7}
     assert copy.rows["t"][(1,)] == {"id": 1, "v": "v"}  # read before the migration
+
+
+def test_the_progress_store_cannot_move_while_the_app_exists(dsn: str) -> None:
+    app = WalEx(dsn, publication="pub")
+    app.config.replace("backfill_chunk_size", 500)  # the next backfill reads 500 rows a chunk
+    assert app.pipeline.settings.backfill_chunk_size == 500
+    with pytest.raises(ConfigError, match="backfill_table cannot change while the app exists"):
+        app.config.replace("backfill_table", "elsewhere")

@@ -9,8 +9,9 @@ subscription against the database as ``start()`` does while the app runs (a
 subscriptions, modules and the handler options (``on_error``,
 ``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
 transaction, without a restart; connection options (``password``, ``url``,
-...) and ``message_middleware`` at the next reconnect. ``name``, the slot,
-the publication and the protocol options cannot change. The module-level
+...) and ``message_middleware`` at the next reconnect; ``backfill_chunk_size``
+from the next backfill. ``name``, the slot, the publication, the protocol
+options and the backfill progress store (``backfill_table``) cannot change. The module-level
 functions address a running app by its ``name``.
 """
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
 
-_FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover"}
+_FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover",
+          "backfill_table"}
 
 
 class RuntimeConfig:
