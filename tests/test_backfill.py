@@ -519,3 +519,29 @@ def test_the_progress_store_cannot_move_while_the_app_exists(dsn: str) -> None:
     assert app.pipeline.settings.backfill_chunk_size == 500
     with pytest.raises(ConfigError, match="backfill_table cannot change while the app exists"):
         app.config.replace("backfill_table", "elsewhere")
+
+
+def test_a_service_logs_progress_with_rate_and_time_left(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from walex.backfill import report
+
+    monkeypatch.setattr(report, "LOG_INTERVAL", 0.0)  # a line per chunk instead of every 10 s
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("INSERT INTO t SELECT g FROM generate_series(1, 100) g")
+    admin.execute("ANALYZE t")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> None:
+        async with collecting(dsn, name="logs", backfill_chunk_size=20) as rec:
+            await rec.app.backfill("t")
+
+    with caplog.at_level("INFO", logger="walex.backfill"):
+        run(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "walex.backfill"]
+    assert lines[0] == "walex 'logs': backfilling public.t by id (~100 rows)"
+    progress = [line for line in lines if "rows/s, about" in line]
+    assert progress and progress[0].startswith("walex 'logs': backfill of public.t: 20 of ~100 "
+                                               "rows (20%), ")
+    assert lines[-1].startswith("walex 'logs': backfill of public.t done: 100 rows in ")

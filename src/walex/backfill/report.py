@@ -48,10 +48,10 @@ def describe(rows: int, estimated: int | None, rate: float | None) -> str:
 class ProgressLog:
     """Log lines for one backfill run in a service."""
 
-    def __init__(self, app: str, job: Job, interval: float = LOG_INTERVAL) -> None:
+    def __init__(self, app: str, job: Job, interval: float | None = None) -> None:
         self.app = app
         self.job = job
-        self.interval = interval
+        self.interval = LOG_INTERVAL if interval is None else interval
         self.started = time.monotonic()
         self.rows_at_start = job.rows_done
         self.last_log = self.started
