@@ -286,6 +286,33 @@ def test_read_events_are_typed_exactly_like_inserts(dsn: str, admin: psycopg.Con
     assert reads[0].lsn != inserts[0].lsn and reads[0].timestamp > inserts[0].timestamp
 
 
+def test_read_events_name_the_primary_key_as_streamed_ones_do(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Under REPLICA IDENTITY FULL the stream flags every column as key; Source.primary_key
+    (the destinations' subject and partition) is the primary key for reads too."""
+    admin.execute("CREATE TABLE full_t (b int, a int, note text, PRIMARY KEY (a, b))")
+    admin.execute("ALTER TABLE full_t REPLICA IDENTITY FULL")
+    admin.execute("CREATE TABLE uniq_t (u int NOT NULL UNIQUE, note text)")
+    admin.execute("ALTER TABLE uniq_t REPLICA IDENTITY FULL")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["full_t", "uniq_t"]) as rec:
+            admin.execute("INSERT INTO full_t VALUES (1, 2, 'x')")
+            admin.execute("INSERT INTO uniq_t VALUES (1, 'x')")
+            await rec.wait_for(2)
+            await rec.app.backfill("full_t")
+            await rec.app.backfill("uniq_t")
+            return await rec.wait_for(4)
+
+    inserted_full, inserted_uniq, read_full, read_uniq = run(main())
+    assert read_full.type == EventType.READ and read_full.name == "full_t"
+    assert read_full.source == inserted_full.source
+    assert read_full.source.primary_key == ("a", "b")
+    assert read_uniq.source == inserted_uniq.source and read_uniq.source.primary_key == ()
+
+
 def test_the_publication_decides_columns_and_rows(dsn: str, admin: psycopg.Connection) -> None:
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, shown text, hidden text, n int)")
     admin.execute("INSERT INTO t SELECT g, 's' || g, 'h', g FROM generate_series(1, 20) g")

@@ -337,7 +337,10 @@ class Backfills:
         """The table's definition, typed with the app's catalog as a Relation message is."""
         catalog = self.pipeline.catalog
         await catalog.resolve(c.type_oid for c in target.columns)
-        return Table(target.relation(), catalog, self.pipeline.relations.db, True)
+        # the key a streamed change of this table names (Source.primary_key, the
+        # destinations' subject and partition): the chunk key unless it is a mere unique index
+        key = () if target.key_from.startswith("unique index") else tuple(target.key)
+        return Table(target.relation(), catalog, self.pipeline.relations.db, True, key)
 
     async def _fail(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
         log.error("walex %r: the backfill of %s failed: %s", self.pipeline.settings.name,
