@@ -35,8 +35,10 @@ def test_a_backfill_killed_midway_resumes_after_its_last_completed_chunk(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             row = admin.execute("SELECT to_regclass('walex_backfill') IS NOT NULL").fetchone()
-            if row[0] and admin.execute("SELECT chunks_done >= 8 FROM walex_backfill").fetchone()[0]:
-                break
+            if row[0]:  # the store exists; its row may not yet
+                done = admin.execute("SELECT chunks_done >= 8 FROM walex_backfill").fetchone()
+                if done is not None and done[0]:
+                    break
             time.sleep(0.02)
     finally:
         first.kill()  # SIGKILL
