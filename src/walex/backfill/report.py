@@ -11,9 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-
-from rich.markup import escape
-from rich.table import Table as RichTable
+from typing import Any
 
 from .store import Job
 
@@ -88,8 +86,11 @@ class ProgressLog:
                  f"{(job.rows_done - self.rows_at_start) / elapsed:,.0f}" if elapsed > 0 else "-")
 
 
-def status_table(jobs: list[Job]) -> RichTable:
-    """The store as ``walex status`` shows it."""
+def status_table(jobs: list[Job]) -> Any:
+    """The store as ``walex status`` shows it (a rich Table: rich is the CLI's, imported here)."""
+    from rich.markup import escape
+    from rich.table import Table as RichTable
+
     table = RichTable("app", "table", "state", "progress", "updated", title="backfills")
     now = datetime.now(timezone.utc)
     for job in jobs:
