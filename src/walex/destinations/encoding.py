@@ -8,13 +8,13 @@ Structured mode, encoded with orjson::
      "walexlsn": "0/16B3748", "partitionkey": "public.user/42", "walexpartition": 0,
      "data": {"new_record": {...}, "old_record": {...} | null,
               "changes": {column: {"old_value": ..., "new_value": ...}} | null,
-              "columns": {column: type name}, "lsn": "0/16B3748"}}
+              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748"}}
 
 ``source`` segments are percent-encoded. ``subject`` is the key of the row
 (:attr:`~walex.Source.primary_key`): the JSON form of a one-column key as
 text (``"42"``, ``"a0eebc99-..."``), a JSON array of the forms for a key of
 several columns (``'[1,"x"]'``); absent for a truncate and for a table
-without a key. ``partitionkey`` (the CloudEvents partitioning extension) is
+without a key. ``data.key`` names the key's columns (absent without a key). ``partitionkey`` (the CloudEvents partitioning extension) is
 ``schema.table`` followed by ``/subject`` when there is one, and
 ``walexpartition`` is ``crc32(partitionkey) mod partitions``: stable across
 processes, machines and versions, so a row always lands in the same partition
@@ -330,6 +330,8 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         "columns": event.source.columns,
         "lsn": event.lsn,
     }
+    if info.key:
+        data["key"] = info.key
     if unchanged:
         data["unchanged_toast"] = unchanged
     subject = _subject(info, event)
