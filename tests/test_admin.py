@@ -5,7 +5,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from walex.admin import apply_setup, inspect_database
+from walex.admin import inspect_database
+from walex.diagnosis import apply_plan, diagnose
 
 
 def test_status_reports_missing_publication_and_identity_problems(admin: psycopg.Connection) -> None:
@@ -32,23 +33,22 @@ def test_status_reports_missing_publication_and_identity_problems(admin: psycopg
 def test_setup_applies_only_what_was_asked(admin: psycopg.Connection) -> None:
     admin.execute("CREATE TABLE a (id int PRIMARY KEY)")
     admin.execute("CREATE TABLE b (v text)")
-    done = apply_setup(admin, "pub", tables=["public.a", "b"])
+    admin.execute("ALTER TABLE b REPLICA IDENTITY FULL")
+    done = apply_plan(admin, diagnose(admin, "pub", ["public.a", "b"]))
     assert done == ["created publication 'pub' for public.a, b"]
     assert inspect_database(admin, "pub").tables[0]["replica_identity"] == "default"
 
-    done = apply_setup(admin, "pub", replica_identity_full=True, slot="ops_slot")
-    assert done == [
-        "set REPLICA IDENTITY FULL on public.a",
-        "set REPLICA IDENTITY FULL on public.b",
-        "created durable slot 'ops_slot'",
-    ]
+    done = apply_plan(admin, diagnose(admin, "pub", ["*"], replica_identity_full=True,
+                                      slot="ops_slot"))
+    assert done == ["set REPLICA IDENTITY FULL on public.a", "created durable slot 'ops_slot'"]
     status = inspect_database(admin, "pub")
     assert status.ok, status.problems
     assert {t["replica_identity"] for t in status.tables} == {"full"}
     [slot] = status.slots
     assert slot["slot"] == "ops_slot" and not slot["active"] and not slot["temporary"]
     assert any("not in use" in p.what and not p.fatal for p in status.problems)
-    assert apply_setup(admin, "pub", replica_identity_full=True, slot="ops_slot") == []
+    assert apply_plan(admin, diagnose(admin, "pub", ["*"], replica_identity_full=True,
+                                      slot="ops_slot")) == []
 
 
 def test_status_on_a_server_without_logical_wal() -> None:

@@ -3,20 +3,19 @@
 :func:`inspect_database` reads (never writes) everything an operator needs
 to know before and while streaming: ``wal_level``, replication capacity,
 the publication and the replica identity of its tables, every slot with its
-lag and WAL status. Each problem comes with the SQL or setting that fixes it.
-:func:`apply_setup` makes the changes walex can make itself, each one only
-when asked, and returns what it did.
+client, lag and WAL status. Each problem comes with the SQL or setting that
+fixes it. What ``walex setup`` checks and changes is :mod:`walex.diagnosis`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-__all__ = ["Problem", "Status", "inspect_database", "apply_setup"]
+__all__ = ["Problem", "Status", "inspect_database", "human_size"]
 
 
 @dataclass(slots=True)
@@ -42,8 +41,25 @@ class Status:
     def ok(self) -> bool:
         return not any(p.fatal for p in self.problems)
 
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ok"] = self.ok
+        return data
+
 
 _IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
+
+
+def human_size(size: int | None) -> str | None:
+    """1536 -> '1.5 KiB' (None stays None)."""
+    if size is None:
+        return None
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
@@ -105,18 +121,24 @@ def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
             ))
     has_wal_status = conn.info.server_version >= 130000
     for slot in conn.execute(
-        "SELECT slot_name, plugin, temporary, active, active_pid, "
-        "  confirmed_flush_lsn::text, "
-        "  pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-        + ("wal_status, safe_wal_size " if has_wal_status else "NULL, NULL ")
-        + "FROM pg_replication_slots WHERE database = current_database() "
-        "AND slot_type = 'logical' ORDER BY slot_name"
+        "SELECT s.slot_name, s.plugin, s.temporary, s.active, s.active_pid, "
+        "  s.confirmed_flush_lsn::text, "
+        "  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        + ("s.wal_status, s.safe_wal_size, " if has_wal_status else "NULL, NULL, ")
+        + "r.application_name, host(r.client_addr), r.client_port "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"
     ):
-        name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe = slot
+        name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, app, addr, port = slot
+        client = None
+        if pid is not None:
+            where = "local socket" if addr is None and port == -1 else (
+                f"{addr}:{port}" if addr is not None else None)
+            client = " ".join(p for p in (app, f"({where})" if where else None) if p) or None
         status.slots.append({
             "slot": name, "plugin": plugin, "temporary": temporary, "active": active,
-            "pid": pid, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
-            "wal_status": wal_status, "safe_wal_size": safe,
+            "pid": pid, "client": client, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
+            "lag": human_size(lag), "wal_status": wal_status, "safe_wal_size": safe,
         })
         if wal_status == "lost":
             status.problems.append(Problem(
@@ -132,46 +154,3 @@ def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
                 fatal=False,
             ))
     return status
-
-
-def apply_setup(
-    conn: psycopg.Connection,
-    publication: str,
-    *,
-    tables: list[str] | None = None,
-    replica_identity_full: bool = False,
-    slot: str | None = None,
-    wal_level: bool = False,
-) -> list[str]:
-    """Make the requested changes; returns a line per change made."""
-    done: list[str] = []
-    pub = sql.Identifier(publication)
-    if wal_level:
-        current = conn.execute("SHOW wal_level").fetchone()[0]  # type: ignore[index]
-        if current != "logical":
-            conn.execute("ALTER SYSTEM SET wal_level = 'logical'")
-            done.append("ALTER SYSTEM SET wal_level = 'logical' (restart PostgreSQL to apply it)")
-    if conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)).fetchone() is None:
-        if tables:
-            targets = sql.SQL(", ").join(sql.Identifier(*t.split(".", 1)) for t in tables)
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(pub, targets))
-        else:
-            conn.execute(sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(pub))
-        done.append(f"created publication {publication!r} for {', '.join(tables) if tables else 'all tables'}")
-    if replica_identity_full:
-        for schema, table in conn.execute(
-            "SELECT p.schemaname, p.tablename FROM pg_publication_tables p "
-            "JOIN pg_namespace n ON n.nspname = p.schemaname "
-            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename "
-            "WHERE p.pubname = %s AND c.relreplident <> 'f'",
-            (publication,),
-        ).fetchall():
-            conn.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(
-                sql.Identifier(schema, table)))
-            done.append(f"set REPLICA IDENTITY FULL on {schema}.{table}")
-    if slot and conn.execute(
-        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-    ).fetchone() is None:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-        done.append(f"created durable slot {slot!r}")
-    return done

@@ -37,6 +37,7 @@ from .handlers import Handler
 from .logs import default_logging
 from .lsn import format_lsn
 from .modules import resolve_modules
+from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
 from .subscriptions import check_subscriptions, unreachable
@@ -80,6 +81,8 @@ class WalEx:
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
         self.destinations = Destinations(s.destination_urls(), s.partitions)  # may be empty
         self.pipeline.destinations = self.destinations
+        self.destinations.stats = self.pipeline.stats  # publish counts and latencies
+        self.observer = Observer(self)  # metrics, health, lag guard, tracing (walex.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -139,11 +142,17 @@ class WalEx:
         self._stopping = False
         self._error = None
         self.pipeline.closing = False
-        await self.destinations.open()
+        await self.observer.start()  # before the slot: a standby answers /healthz too
+        try:
+            await self.destinations.open()
+        except BaseException:
+            await self.observer.stop()
+            raise
         try:
             await self.pipeline.open_session()
         except BaseException:
             await self.destinations.close()
+            await self.observer.stop()
             raise
         _running[name] = self
         p = self.pipeline
@@ -156,6 +165,7 @@ class WalEx:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
+        self.observer.streaming()
         self._unreachable = {}
         self._warn_unreachable(p.preflight.published if p.preflight else None)
         if self.settings.gc_freeze:
@@ -216,6 +226,7 @@ class WalEx:
             await self.pipeline.close_session()
             await self.destinations.close()
         finally:
+            await self.observer.stop()
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()

@@ -1,4 +1,4 @@
-"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``.
+"""The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``, ``drop-slot``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from . import cli_admin
+from . import cli_admin, cli_setup, cli_status
 from .errors import ConfigError, WalExError, redact
-from .logs import RedactingFormatter
+from .logs import RedactingFormatter, transaction_fields
 
 if TYPE_CHECKING:
     from .app import WalEx
@@ -91,6 +91,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": redact(record.getMessage(), *self.secrets),
         }
+        fields = transaction_fields()
+        if fields is not None:
+            entry.update(fields)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info), *self.secrets)
         return json.dumps(entry, default=str)
@@ -158,6 +161,14 @@ def run(
         typer.Option("--destination", help="A broker or webhook URL to publish every "
                      "event to (repeatable); with WALEX_* variables or --config, no app needed."),
     ] = None,
+    metrics_port: Annotated[
+        Optional[int],  # noqa: UP007
+        typer.Option(help="Serve /metrics, /healthz and /livez on this port (needs "
+                          "walex[metrics]).", show_default=False),
+    ] = None,
+    standby: Annotated[bool, typer.Option(
+        "--standby", help="If another instance holds the durable slot, wait and take over "
+                          "when it stops.")] = False,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
     try:
@@ -189,6 +200,10 @@ def run(
             raise ConfigError(
                 f"{exc}\n(walex run imports from {folder}; --app-dir changes that)"
             ) from None
+        if metrics_port is not None:
+            walex_app.config.replace("metrics_port", metrics_port)
+        if standby:
+            walex_app.config.replace("standby", True)
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)
@@ -201,9 +216,10 @@ def run(
         err.print("walex: interrupted")
 
 
-app.command()(cli_admin.status)
-app.command()(cli_admin.setup)
+app.command()(cli_status.status)
+app.command()(cli_setup.setup)
 app.command()(cli_admin.tail)
+app.command("drop-slot")(cli_admin.drop_slot)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,12 +1,13 @@
-"""``walex status``, ``walex setup`` and ``walex tail``: the operator's commands.
+"""The operator's commands' common options, ``walex tail`` and ``walex drop-slot``.
 
-Both take the connection and publication like ``walex run``: ``--url`` /
-``--publication`` (or ``WALEX_URL`` / ``WALEX_PUBLICATION`` and the other
-``WALEX_*`` variables), or ``--config walex.toml``. ``status`` only reads and
-exits 1 when something would stop walex; ``setup`` changes only what its
-flags ask for and says what it did; ``tail`` prints the changes of a
+Every command takes the connection and publication like ``walex run``:
+``--url`` / ``--publication`` (or ``WALEX_URL`` / ``WALEX_PUBLICATION`` and
+the other ``WALEX_*`` variables), or ``--config walex.toml``. ``status``
+(:mod:`walex.cli_status`) only reads; ``setup`` (:mod:`walex.cli_setup`)
+checks, then changes only what is missing; ``tail`` prints the changes of a
 publication as they are committed, on a temporary slot (so it leaves nothing
-behind), until Ctrl-C.
+behind), until Ctrl-C; ``drop-slot`` drops a slot that is not in use, after
+saying how much WAL it holds and asking.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from .admin import apply_setup, inspect_database
+from .admin import human_size
 from .config import WalExSettings, file_values, load_settings, read_toml
 from .errors import SetupError, WalExError, redact
 
@@ -58,71 +58,6 @@ def _connect(settings: WalExSettings) -> psycopg.Connection:
         raise SetupError(
             f"cannot connect to {settings.display_target()}: {redact(str(exc), settings.secret())}"
         ) from None
-
-
-def status(url: UrlOption = None, publication: PublicationOption = None,
-           config: ConfigOption = None) -> None:
-    """Report whether PostgreSQL is ready for walex, and every slot's lag."""
-    try:
-        settings = _settings(url, publication, config)
-        with _connect(settings) as conn:
-            report = inspect_database(conn, settings.publication)
-    except WalExError as exc:
-        raise _fail(exc) from None
-    out.print(f"PostgreSQL {report.server_version}, database [bold]{report.database}[/], "
-              f"wal_level [bold]{report.wal_level}[/]")
-    out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()), soft_wrap=True)
-    if report.publication_exists:
-        tables = Table("table", "replica identity", title=f"publication {report.publication}")
-        for t in report.tables:
-            tables.add_row(f"{t['schema']}.{t['table']}", t["replica_identity"])
-        out.print(tables)
-    if report.slots:
-        slots = Table("slot", "active (pid)", "confirmed flush", "lag", "wal status", title="slots")
-        for s in report.slots:
-            lag = s["lag_bytes"]
-            slots.add_row(
-                s["slot"] + (" (temporary)" if s["temporary"] else ""),
-                f"yes ({s['pid']})" if s["active"] else "no", s["confirmed_flush_lsn"] or "-",
-                f"{lag / 1048576:.1f} MiB" if lag is not None else "-", s["wal_status"] or "-",
-            )
-        out.print(slots)
-    for problem in report.problems:  # unwrapped: the fix is SQL to copy whole
-        mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
-        out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}", soft_wrap=True)
-    if report.ok:
-        out.print("[bold green]ready:[/] walex can stream this publication")
-    raise typer.Exit(0 if report.ok else 1)
-
-
-def setup(
-    url: UrlOption = None,
-    publication: PublicationOption = None,
-    config: ConfigOption = None,
-    table: Annotated[list[str], typer.Option(
-        "--table", "-t", metavar="TABLE",
-        help="Create the publication for these tables (default: all tables).")] = [],  # noqa: B006
-    replica_identity_full: Annotated[bool, typer.Option(
-        "--replica-identity-full",
-        help="Set REPLICA IDENTITY FULL on the published tables (old values, changes).")] = False,
-    slot: Annotated[Optional[str], typer.Option(help="Create this durable slot.")] = None,  # noqa: UP007
-    wal_level: Annotated[bool, typer.Option(
-        "--wal-level", help="ALTER SYSTEM SET wal_level = 'logical' (then restart PostgreSQL).")] = False,
-) -> None:
-    """Create what walex needs: the publication, and on request replica identity, a slot, wal_level."""
-    try:
-        settings = _settings(url, publication, config)
-        with _connect(settings) as conn:
-            try:
-                done = apply_setup(conn, settings.publication, tables=table or None,
-                                   replica_identity_full=replica_identity_full, slot=slot,
-                                   wal_level=wal_level)
-            except psycopg.Error as exc:
-                raise SetupError(f"setup failed: {redact(str(exc), settings.secret())}") from None
-    except WalExError as exc:
-        raise _fail(exc) from None
-    for line in done or ["nothing to do"]:
-        out.print(f"- {escape(line)}", soft_wrap=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -191,3 +126,44 @@ def tail(
         asyncio.run(main())
     except WalExError as exc:
         raise _fail(exc) from None
+
+
+def drop_slot(
+    name: Annotated[str, typer.Argument(help="The replication slot to drop.")],
+    url: UrlOption = None,
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Drop a replication slot that no process uses, freeing the WAL it holds (asks first)."""
+    try:
+        settings = _settings(url, "_", config)  # no publication involved
+        with _connect(settings) as conn:
+            row = conn.execute(
+                "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))"
+                "::bigint FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            if row is None:
+                raise SetupError(f"replication slot {name!r} does not exist on "
+                                 f"{settings.display_target()}")
+            database, kind, pid, temporary, confirmed, held = row
+            if pid is not None:
+                raise SetupError(
+                    f"replication slot {name!r} is in use by server process {pid}: stop its "
+                    "consumer first (only a slot nobody streams from can be dropped)")
+            out.print(f"slot [bold]{escape(name)}[/] ({kind}{', temporary' if temporary else ''}, "
+                      f"database {escape(str(database))}) holds {human_size(held) or 'no'} WAL; "
+                      f"confirmed up to {confirmed or '-'}")
+            if not yes and not typer.confirm(
+                f"Drop it? Its consumer loses its position: changes after {confirmed or 'it'} "
+                "are never delivered to it", default=False,
+            ):
+                out.print("not dropped")
+                raise typer.Exit(1)
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            except psycopg.Error as exc:
+                raise SetupError(f"cannot drop slot {name!r}: "
+                                 f"{redact(str(exc).strip(), settings.secret())}") from None
+    except WalExError as exc:
+        raise _fail(exc) from None
+    out.print(f"dropped replication slot {escape(name)}")

@@ -132,6 +132,15 @@ class WalExSettings(BaseSettings):
     # update-heavy streams); for processes dedicated to walex
     gc_freeze: bool = False
 
+    # operating it (walex.observe): /metrics, /healthz and /livez on this port
+    # (0: any free port), the lag limit, an active-passive standby, tracing
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    max_lag_bytes: ByteSize | None = Field(default=None, ge=1)
+    max_lag_release: bool = False  # temporary slot: beyond max_lag_bytes, drop it (a gap)
+    standby: bool = False  # a durable slot held by another instance: wait, then take over
+    tracing: bool = False  # OpenTelemetry spans per batch (needs walex[otel])
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -204,7 +213,7 @@ class WalExSettings(BaseSettings):
                 raise ValueError(f"not a valid database url: {misplaced}" + _hint(raw))
         return value
 
-    @field_validator("max_pending_bytes", mode="wrap")
+    @field_validator("max_pending_bytes", "max_lag_bytes", mode="wrap")
     @classmethod
     def _byte_size(cls, value: Any, handler: Any) -> Any:
         try:
@@ -241,6 +250,17 @@ class WalExSettings(BaseSettings):
             )
         if self.ssl is False and self.sslmode not in (None, "disable"):
             raise ValueError(f"ssl=False contradicts sslmode={self.sslmode!r}")
+        if self.standby and not self.durable_slot:
+            raise ValueError(
+                "standby=True needs durable_slot=True (and the same slot_name on every "
+                "instance): a temporary slot cannot be taken over"
+            )
+        if self.max_lag_release and (self.durable_slot or self.max_lag_bytes is None):
+            raise ValueError(
+                "max_lag_release=True drops a temporary slot that lags more than "
+                "max_lag_bytes: it needs max_lag_bytes and durable_slot=False (a durable slot "
+                "is never dropped by walex; watch it with walex status --max-lag)"
+            )
         return self
 
     @field_validator("subscriptions")

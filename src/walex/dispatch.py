@@ -91,6 +91,7 @@ class Dispatcher:
         self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
+        self.errors = 0  # calls that raised, each try counted (walex_handler_errors_total)
         self.configure(on_error, max_retries, retry_backoff, function_concurrency)
 
     def configure(
@@ -214,6 +215,7 @@ class Dispatcher:
             except BaseException as exc:
                 if _stopping(exc):
                     raise
+                self.errors += 1
                 label = _label(handler, func, event)
                 if attempt < self.max_retries:
                     delay = self.retry_backoff * 2**attempt

@@ -46,7 +46,7 @@ from typing import Any
 
 import psycopg
 
-from . import failpoints
+from . import failpoints, standby
 from .ack import AckTracker
 from .checks import Preflight, preflight
 from .config import WalExSettings
@@ -54,7 +54,9 @@ from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
 from .handlers import table_matcher
 from .lookups import LookupConnection
+from .logs import TRANSACTION
 from .lsn import format_lsn, parse_lsn
+from .observe.stats import Stats
 from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import Message
 from .pgtypes import TypeCatalog
@@ -121,6 +123,8 @@ class Pipeline:
         self.transactions_handled = 0
         self.events_handled = 0
         self.replays_dropped = 0
+        self.stats = Stats()  # walex.observe: standby, takeovers, what metrics read
+        self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
 
     # -- configuration that may change while running ----------------------
 
@@ -262,6 +266,9 @@ class Pipeline:
                 await repl.start(self.slot_name, start, options)
                 break
             except SlotInUseError:
+                if s.standby:
+                    start = await standby.wait_for_slot(self)
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise SlotInUseError(await self._slot_in_use(wait)) from None
@@ -269,6 +276,7 @@ class Pipeline:
                 log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, 5.0)
+        standby.took_over(self, start)
         log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
 
     async def _slot_in_use(self, waited: float) -> str:
@@ -523,14 +531,21 @@ class Pipeline:
     async def run_dispatcher(self) -> None:
         """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
         queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
+        if self.observer is not None:
+            dispatch = self.observer(dispatch)  # metrics / tracing per batch
+        slot, context = self.slot_name, TRANSACTION
         destinations = self.destinations if self.destinations else None
         while not self.closing:
             txn = await queue.get()
             self.in_hand = txn
-            if destinations is None:
-                await dispatch(txn)
-            else:  # published to the destinations while the handlers run; both must finish
-                await destinations.alongside(txn, dispatch)
+            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+            try:
+                if destinations is None:
+                    await dispatch(txn)
+                else:  # published to the destinations while the handlers run; both must finish
+                    await destinations.alongside(txn, dispatch)
+            finally:
+                context.reset(token)
             if failpoints.ACTIVE:
                 failpoints.hit("after_dispatch")
             self.events_handled += len(txn.events)

@@ -151,12 +151,10 @@ class RelationCache:
 
     async def _primary_key(self, rel: Relation) -> tuple[str, ...]:
         """The primary key columns of a table whose Relation message does not tell them."""
-        conn = self.catalog.conn
-        if conn is None:
+        lookups = self.catalog.lookups
+        if lookups is None:
             return ()
-        async with conn.cursor() as cur:
-            await cur.execute(_PRIMARY_KEY_QUERY, (rel.relation_id,))
-            names = [row[0] for row in await cur.fetchall()]
+        names = [row[0] for row in await lookups.fetch(_PRIMARY_KEY_QUERY, (rel.relation_id,))]
         published = {c.name for c in rel.columns}
         return tuple(names) if names and all(n in published for n in names) else ()
 

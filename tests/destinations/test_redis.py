@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 import redis.asyncio as aioredis
@@ -76,3 +78,36 @@ def test_bad_urls() -> None:
         WalEx("postgresql://u@h/db", publication="p", destinations=["redis://h/x?stream=s"])
     shown = from_url("redis://:hunter2@localhost:6379/0?stream=s").display
     assert "hunter2" not in shown
+
+
+def test_publishes_are_counted_in_the_metrics(admin: psycopg.Connection, dsn: str,
+                                              unique: str) -> None:
+    """walex_destination_published_total and the publish histogram count what Redis stored."""
+    from walex.embedded import free_port
+
+    from test_observe import get, samples
+
+    port = require("redis")
+    admin.execute(TABLES)
+    url = f"redis://127.0.0.1:{port}/0?stream=wt{unique}:{{table}}"
+    metrics = free_port()
+
+    async def main() -> None:
+        try:
+            async with collecting(dsn, destinations=[url], metrics_port=metrics) as rec:
+                n = workload(admin)
+                await rec.wait_for(n)
+                await wait_count(lambda: redis_stored(f"wt{unique}:*", port), n)
+                status, text = await asyncio.to_thread(get, f"http://127.0.0.1:{metrics}/metrics")
+            assert status == 200
+            found = {k: v for k, v in samples(text).items() if "destination" in k}
+            published = [v for k, v in found.items() if k.startswith("walex_destination_published")]
+            assert published == [n], found
+            counts = [v for k, v in found.items()
+                      if k.startswith("walex_destination_publish_seconds_count")]
+            assert len(counts) == 1 and counts[0] >= 1, found
+            assert all("secret" not in k for k in found)
+        finally:
+            await redis_delete(f"wt{unique}:*", port)
+
+    run(main())

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -122,6 +123,7 @@ class Destinations:
         self.items: list[Destination] = [from_url(url, partitions) for url in urls]
         self.events_published = 0
         self.retries = 0  # publish attempts that failed and were retried
+        self.stats: Any = None  # walex.observe.Stats: publish counts, seconds, spans
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -160,11 +162,21 @@ class Destinations:
     async def _deliver(self, destination: Destination, batch: list[Outgoing]) -> None:
         attempt = 0
         while True:
+            stats = self.stats
+            started = time.perf_counter()
             try:
                 if not destination.opened:
                     await destination.open()
-                await destination.publish(batch)
+                tracer = stats.tracer if stats is not None else None
+                if tracer is None:
+                    await destination.publish(batch)
+                else:
+                    with tracer.publish(destination.scheme, destination.display, len(batch)):
+                        await destination.publish(batch)
             except Unavailable as exc:
+                if stats is not None:
+                    stats.record_publish(destination.display, len(batch),
+                                         time.perf_counter() - started, ok=False)
                 delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
                 attempt += 1
                 self.retries += 1
@@ -176,6 +188,8 @@ class Destinations:
                 await self._close(destination)
                 await asyncio.sleep(delay)
                 continue
+            if stats is not None:
+                stats.record_publish(destination.display, len(batch), time.perf_counter() - started)
             if attempt:
                 log.warning("destination %s is back: the batch from %s is published after %d "
                             "retries", destination.display, batch[0].id, attempt)

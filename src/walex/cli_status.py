@@ -1,0 +1,200 @@
+"""``walex status``: readiness, every slot's client, lag and WAL status; for people and scripts.
+
+It only reads. Text by default, ``--json`` for scripts, ``--watch`` for a
+live table refreshed every few seconds with a sparkline of each slot's lag.
+``--slot`` limits the slot checks to one slot; ``--max-lag 1GiB`` makes a
+slot whose lag is over that size fail the check.
+
+Exit codes, for a health check: 0 fine; 1 PostgreSQL is not set up for walex
+(a problem with its fix is printed); 2 a slot was invalidated
+(``wal_status = 'lost'``) or is over ``--max-lag``; 3 the server could not be
+checked (unreachable, refused). With ``--watch`` the code of the last check.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ByteSize, TypeAdapter, ValidationError
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+
+from .admin import Status, human_size, inspect_database
+from .cli_admin import ConfigOption, PublicationOption, UrlOption, _connect, _fail, _settings
+from .config import WalExSettings
+from .errors import ConfigError, SetupError, WalExError
+
+__all__ = ["status", "sparkline", "slot_alerts"]
+
+out = Console()
+
+_BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[int]) -> str:
+    """A one-line plot of ``values`` (lowest to highest as ▁ to █)."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = high - low
+    if span == 0:
+        return _BARS[0 if high == 0 else 3] * len(values)
+    return "".join(_BARS[min(7, (v - low) * 8 // span)] for v in values)
+
+
+def _max_lag(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(value))
+    except ValidationError:
+        raise ConfigError(
+            f"--max-lag must be a size such as 500MB, 1GiB or 1048576, got {value!r}"
+        ) from None
+
+
+def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[str]:
+    """Why the slots fail the health check: invalidated, over the lag limit, missing."""
+    alerts = []
+    slots = [s for s in report.slots if slot is None or s["slot"] == slot]
+    if slot is not None and not slots:
+        alerts.append(f"slot {slot!r} does not exist in database {report.database!r}")
+    for s in slots:
+        if s["wal_status"] == "lost":
+            alerts.append(f"slot {s['slot']!r} was invalidated (wal_status = 'lost')")
+        elif max_lag is not None and (s["lag_bytes"] or 0) > max_lag:
+            alerts.append(f"slot {s['slot']!r} lags {human_size(s['lag_bytes'])}, over "
+                          f"--max-lag {human_size(max_lag)}")
+    return alerts
+
+
+def _check(settings: WalExSettings) -> Status:
+    with _connect(settings) as conn:
+        return inspect_database(conn, settings.publication)
+
+
+def status(
+    url: UrlOption = None,
+    publication: PublicationOption = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    watch: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        "--watch", metavar="SECONDS", help="Refresh a live table every SECONDS (Ctrl-C ends).",
+        show_default=False)] = None,
+    slot: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--slot", help="Check only this slot (exit 2 when it is lost, missing or over --max-lag).",
+        show_default=False)] = None,
+    max_lag: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--max-lag", metavar="SIZE", help="Exit 2 when a slot lags more than SIZE (500MB, 1GiB).",
+        show_default=False)] = None,
+) -> None:
+    """Report whether PostgreSQL is ready for walex, and every slot's client and lag."""
+    try:
+        settings = _settings(url, publication, config)
+        limit = _max_lag(max_lag)
+        if watch is not None and watch <= 0:
+            raise ConfigError(f"--watch takes a number of seconds above 0, got {watch:g}")
+    except WalExError as exc:
+        raise _fail(exc) from None
+    if watch is not None:
+        raise typer.Exit(_watch(settings, watch, slot, limit))
+    try:
+        report = _check(settings)
+    except SetupError as exc:
+        if as_json:
+            print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
+        Console(stderr=True).print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(3) from None
+    except WalExError as exc:
+        raise _fail(exc) from None
+    alerts = slot_alerts(report, slot, limit)
+    code = 2 if alerts else 0 if report.ok else 1
+    if as_json:
+        data = report.to_dict()
+        data.update(alerts=alerts, max_lag_bytes=limit, exit_code=code)
+        print(json.dumps(data, indent=2, default=str))
+        raise typer.Exit(code)
+    _print(report, alerts)
+    raise typer.Exit(code)
+
+
+def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) -> Table:
+    columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "wal status", "safe WAL"]
+    if history is not None:
+        columns.append("lag history")
+    table = Table(*columns, title="slots")
+    for s in report.slots:
+        row = [
+            escape(s["slot"]) + (" (temporary)" if s["temporary"] else ""),
+            f"yes ({s['pid']})" if s["active"] else "no", escape(s["client"] or "-"),
+            s["confirmed_flush_lsn"] or "-", s["lag"] or "-", s["wal_status"] or "-",
+            human_size(s["safe_wal_size"]) or "-",
+        ]
+        if history is not None:
+            row.append(sparkline(list(history.get(s["slot"], ()))))
+        table.add_row(*row)
+    return table
+
+
+def _print(report: Status, alerts: list[str]) -> None:
+    out.print(f"PostgreSQL {report.server_version}, database [bold]{escape(report.database)}[/], "
+              f"wal_level [bold]{report.wal_level}[/]")
+    out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()), soft_wrap=True)
+    if report.publication_exists:
+        tables = Table("table", "replica identity", title=f"publication {escape(report.publication)}")
+        for t in report.tables:
+            tables.add_row(escape(f"{t['schema']}.{t['table']}"), t["replica_identity"])
+        out.print(tables)
+    if report.slots:
+        out.print(_slot_table(report))
+    for problem in report.problems:  # unwrapped: the fix is SQL to copy whole
+        mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
+        out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}", soft_wrap=True)
+    for alert in alerts:
+        out.print(f"[bold red]alert[/]: {escape(alert)}", soft_wrap=True)
+    if report.ok and not alerts:
+        out.print("[bold green]ready:[/] walex can stream this publication")
+
+
+def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int | None) -> int:
+    from rich.live import Live
+
+    history: dict[str, deque[int]] = {}
+    code = 0
+
+    def frame() -> Any:
+        nonlocal code
+        try:
+            report = _check(settings)
+        except WalExError as exc:
+            code = 3
+            return f"[bold red]{time.strftime('%H:%M:%S')} could not check:[/] {escape(str(exc))}"
+        for s in report.slots:
+            history.setdefault(s["slot"], deque(maxlen=40)).append(s["lag_bytes"] or 0)
+        alerts = slot_alerts(report, slot, limit)
+        code = 2 if alerts else 0 if report.ok else 1
+        lines = [f"{time.strftime('%H:%M:%S')}  PostgreSQL {report.server_version}, database "
+                 f"{escape(report.database)}, wal_level {report.wal_level}; every {every:g}s, "
+                 "Ctrl-C ends"]
+        lines += [f"[bold red]alert[/]: {escape(a)}" for a in alerts]
+        lines += [f"[{'bold red' if p.fatal else 'yellow'}]{'problem' if p.fatal else 'warning'}"
+                  f"[/]: {escape(p.what)}" for p in report.problems]
+        return Group(_slot_table(report, history), *lines)
+
+    try:
+        with Live(frame(), console=out, auto_refresh=False,
+                  screen=False, transient=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    if not sys.stdout.isatty():
+        out.print()
+    return code

@@ -1,0 +1,92 @@
+"""A minimal HTTP/1.1 server on the app's event loop: ``/metrics``, ``/healthz``, ``/livez``.
+
+GET (or HEAD) only; one request per connection; a request that does not
+arrive whole within 5 seconds is dropped. ``/readyz`` is ``/healthz``.
+Served from the event loop that streams, so an answer shows that loop is
+responsive, and every figure is read between two steps of the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .health import health, liveness
+
+if TYPE_CHECKING:
+    from ..app import WalEx
+
+__all__ = ["HttpServer"]
+
+log = logging.getLogger("walex")
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class HttpServer:
+    def __init__(self, app: WalEx) -> None:
+        from .metrics import registry  # prometheus_client, only when serving
+
+        self.app = app
+        self.registry = registry(app)
+        self.server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        try:
+            self.server = await asyncio.start_server(self._serve, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics_port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                "choose a free port"
+            ) from None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+            except TimeoutError:  # pragma: no cover - a client holding its connection
+                pass
+            self.server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # headers: not needed
+            method, _, rest = request.decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            status, ctype, body = self._answer(method, path)
+            head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + (body if method != "HEAD" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        except Exception:  # never let a request end the app
+            log.exception("walex: the metrics endpoint failed to answer a request")
+        finally:
+            writer.close()
+
+    def _answer(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"GET only\n"
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        answer: tuple[int, dict[str, Any]] | None = None
+        if path in ("/healthz", "/readyz"):
+            answer = health(self.app)
+        elif path == "/livez":
+            answer = liveness(self.app)
+        if answer is None:
+            return 404, "text/plain", b"/metrics, /healthz, /readyz or /livez\n"
+        status, data = answer
+        data = {"app": self.app.settings.name, **data}
+        return status, "application/json", json.dumps(data).encode() + b"\n"

@@ -1,0 +1,75 @@
+"""Active-passive standby: wait for a durable slot another instance holds, then take over.
+
+With ``standby=True`` (and a durable slot), an instance that finds its slot
+active for another process does not fail after ``slot_wait_timeout``: it
+logs once that it is a standby, polls the slot every
+:data:`POLL_INTERVAL` seconds, and when the slot is free (the active
+instance stopped or died and its walsender ended) reads the slot's
+``confirmed_flush_lsn`` and starts streaming from there. Nothing is lost:
+the slot kept every change the active instance did not acknowledge, and
+those are delivered again (at-least-once, same event ids). Whichever
+instance holds the slot first is active; when two standbys race for a freed
+slot, the loser goes on waiting. The takeover is logged and counted
+(``walex_takeovers_total``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from .errors import ReplicationError, redact
+from .lsn import format_lsn, parse_lsn
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["wait_for_slot", "took_over", "POLL_INTERVAL"]
+
+log = logging.getLogger("walex")
+
+POLL_INTERVAL = 0.5
+
+
+async def wait_for_slot(pipeline: Pipeline) -> int:
+    """Wait until the slot is free; the LSN to start from (its ``confirmed_flush_lsn``)."""
+    admin, stats, name = pipeline.admin, pipeline.stats, pipeline.slot_name
+    assert admin is not None
+    if not stats.standby:
+        stats.standby = True
+        stats.standby_since = time.monotonic()
+        log.info("walex %r is a standby: replication slot %r is held by another instance; "
+                 "taking over when it is free", pipeline.settings.name, name)
+    try:
+        while True:
+            cur = await admin.execute(
+                "SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots "
+                "WHERE slot_name = %s", (name,))
+            row = await cur.fetchone()
+            if row is None or row[0] is None:
+                confirmed = parse_lsn(row[1]) if row and row[1] else 0
+                ack = pipeline.ack
+                if confirmed > ack.flushed:
+                    ack.flushed = ack.received = confirmed
+                return max(confirmed, ack.flushed)
+            await asyncio.sleep(POLL_INTERVAL)
+    except psycopg.Error as exc:
+        raise ReplicationError(
+            f"standby lost its connection while waiting for slot {name!r}: "
+            f"{redact(str(exc), pipeline.secret)}", retriable=True) from None
+
+
+def took_over(pipeline: Pipeline, start: int) -> None:
+    """Streaming began after waiting as a standby: log and count the takeover."""
+    stats = pipeline.stats
+    if not stats.standby:
+        return
+    stats.standby = False
+    stats.takeovers += 1
+    waited = time.monotonic() - stats.standby_since
+    log.warning("walex %r took over replication slot %r at %s after %.1fs as a standby",
+                pipeline.settings.name, pipeline.slot_name, format_lsn(start), waited)
