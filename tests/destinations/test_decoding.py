@@ -103,7 +103,7 @@ CREATE TABLE extra (
     c_interval_arr interval[], c_date_arr date[], c_inet_arr inet[], c_cidr_arr cidr[],
     c_range_arr int4range[], c_jsonb_arr jsonb[], c_json_arr json[], c_float_arr float8[],
     c_bool_arr bool[], c_int8_arr int8[], c_hstore_arr hstore[],
-    c_char "char", c_name name, c_oid oid, c_xml xml, c_lsn pg_lsn, c_mac8 macaddr8, c_bit bit(3),
+    c_char "char", c_name name, c_oid oid, c_lsn pg_lsn, c_mac8 macaddr8, c_bit bit(3),
     c_varbit varbit, c_point point, c_tsvector tsvector, c_inet_host inet, c_time_arr time[],
     c_outer outer_t, c_outer_arr outer_t[], c_big_jsonb jsonb
 );
@@ -114,14 +114,14 @@ CREATE PUBLICATION pub FOR TABLE extra;
 EXTRA_ROW = r"""
 (9007199254740993, 'k',
  '[-9223372036854775808,9223372036854775807)', '(1.5,2.25]', '[2024-01-01,2024-02-01)',
- '[2024-01-01 00:00+00,infinity)', '{[1,3),[5,7)}', '{}', '{[2024-01-01 00:00+02,2024-01-02 00:00+02)}',
+ '[2024-01-01 00:00+00,)', '{[1,3),[5,7)}', '{}', '{[2024-01-01 00:00+02,2024-01-02 00:00+02)}',
  '{1.10,NaN,-Infinity,NULL}', ARRAY['\x00'::bytea, NULL, '\xdeadbeef'::bytea],
  '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}', '{"2024-02-29 12:00:00.5+05:30",NULL}',
  '{"1 day 2 hours","-3 mons",00:00:00.000001}', '{2024-02-29,0001-01-01}', '{10.0.0.1,::1/128,192.168.1.0/24}',
  '{10.0.0.0/8,2001:db8::/32}', '{"[1,2)",empty,"(,)"}', ARRAY['[1,[2]]'::jsonb, '{"a":null}', NULL],
  ARRAY['[1, 2]'::json, '3', 'null'], '{1.5,NaN,Infinity,-0}', '{t,f,NULL}',
  '{9223372036854775807,-1}', ARRAY['a=>1'::hstore, NULL, ''],
- 'x', 'a name', 4294967295, '<a>x</a>', '16/B374D848', '08:00:2b:01:02:03:04:05', B'101',
+ 'x', 'a name', 4294967295, '16/B374D848', '08:00:2b:01:02:03:04:05', B'101',
  B'1', '(1.5,-2)', 'a fat cat', '10.1.2.3', '{12:00,23:59:59.999999}',
  ROW(ROW(1, 'in'), true, 12.50, '2024-02-29'), ARRAY[ROW(ROW(2, NULL), NULL, NULL, NULL)::outer_t, NULL],
  '{"n": 123456789012345678901234567890, "f": 1.5e300, "s": "\u00e9"}')
@@ -163,14 +163,22 @@ def test_types_option_types_composite_fields(admin: psycopg.Connection, dsn: str
         typed[str(len(typed))] = form
         original = type(event.new_record["c_outer"])  # type: ignore[index]
         inner = type(event.new_record["c_outer"].i)  # type: ignore[index]
-        return original(inner(**form["i"]), form["flag"], Decimal(form["amount"]),
-                        dt.date.fromisoformat(form["day"]))
+        amount, day = form["amount"], form["day"]
+        return original(inner(**form["i"]), form["flag"], amount and Decimal(amount),
+                        day and dt.date.fromisoformat(day))
 
     got = round_trip(event, Decoder(types={"outer_t": outer_t}))
-    assert got.new_record == event.new_record
+    assert_same_event(got, event)
     assert same(got.new_record["c_outer"], event.new_record["c_outer"])  # type: ignore[index]
     # for an array of the type, the callable receives each element's form
     assert len(typed) == 2
+
+    def broken(form: Any) -> Any:
+        raise ValueError("no")
+
+    with pytest.raises(DecodeError, match=r"message .*: cannot type the value of column "
+                       r"'c_outer' \(outer_t\) back: ValueError\('no'\)"):
+        round_trip(event, Decoder(types={"outer_t": broken}))
 
 
 @pytest.mark.parametrize("identity", ["DEFAULT", "FULL"])
@@ -195,7 +203,7 @@ def test_unchanged_toast_round_trips(admin: psycopg.Connection, dsn: str, identi
 def test_not_a_walex_event_is_a_decode_error() -> None:
     with pytest.raises(DecodeError, match="is not a walex CloudEvent"):
         decode(b"not json")
-    with pytest.raises(DecodeError, match=r"message 'x' .*'walex.other'"):
+    with pytest.raises(DecodeError, match=r"message x .*'walex.other'"):
         decode(orjson.dumps({"id": "x", "type": "walex.other"}))
     with pytest.raises(DecodeError, match="message 00000000016B3748-00000000 .*KeyError"):
         decode({"id": "00000000016B3748-00000000", "type": "walex.insert", "source": "/d/s/t"})

@@ -76,6 +76,11 @@ _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_]")
 _TYPES = {f"walex.{t.value}": t for t in EventType}
 
 
+class _ColumnError(Exception):
+    def __init__(self, column: str, type_name: str, exc: Exception) -> None:
+        super().__init__(f"cannot type the value of column {column!r} ({type_name}) back: {exc!r}")
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -250,21 +255,36 @@ class Decoder:
     def _record(self, form: dict[str, Any], columns: dict[str, str],
                 unchanged: frozenset[str]) -> dict[str, Any]:
         record: dict[str, Any] = {}
-        if unchanged:  # in column order, the unchanged values where they were
-            for name in columns:
-                if name in form:
-                    record[name] = self.value(columns[name], form[name])
-                elif name in unchanged:
-                    record[name] = UNCHANGED_TOAST
-            return record
-        for name, value in form.items():
-            if value is None:
-                record[name] = None
-            else:
-                type_name = columns.get(name, "text")
-                convert = self._converters.get(type_name) or self.converter(type_name)
-                record[name] = convert(value)
+        name = ""
+        try:
+            if unchanged:  # in column order, the unchanged values where they were
+                for name in columns:
+                    if name in form:
+                        record[name] = self.value(columns[name], form[name])
+                    elif name in unchanged:
+                        record[name] = UNCHANGED_TOAST
+                return record
+            for name, value in form.items():
+                if value is None:
+                    record[name] = None
+                else:
+                    type_name = columns.get(name, "text")
+                    convert = self._converters.get(type_name) or self.converter(type_name)
+                    record[name] = convert(value)
+        except Exception as exc:
+            raise _ColumnError(name, columns.get(name, "text"), exc) from None
         return record
+
+    def _changes(self, forms: dict[str, Any], columns: dict[str, str]) -> dict[str, Change]:
+        changes: dict[str, Change] = {}
+        for name, change in forms.items():
+            type_name = columns.get(name, "text")
+            try:
+                changes[name] = Change(self.value(type_name, change["old_value"]),
+                                       self.value(type_name, change["new_value"]))
+            except Exception as exc:
+                raise _ColumnError(name, type_name, exc) from None
+        return changes
 
     def _source(self, doc: dict[str, Any], data: dict[str, Any]) -> Source:
         columns = data.get("columns") or {}
@@ -294,6 +314,8 @@ class Decoder:
             return self._event(doc)
         except Exception as exc:
             name = doc.get("id") if isinstance(doc, dict) else None
+            if isinstance(exc, _ColumnError):
+                raise DecodeError(f"message {name}: {exc}") from None
             raise DecodeError(
                 f"message {name or _excerpt(body)} is not a walex CloudEvent: {exc!r}"
             ) from None
@@ -321,11 +343,7 @@ class Decoder:
             source=source,
             new_record=None if new_form is None else self._record(new_form, columns, new_unchanged),
             old_record=None if old_form is None else self._record(old_form, columns, old_unchanged),
-            changes=None if changes is None else {
-                name: Change(self.value(columns.get(name, "text"), change["old_value"]),
-                             self.value(columns.get(name, "text"), change["new_value"]))
-                for name, change in changes.items()
-            },
+            changes=None if changes is None else self._changes(changes, columns),
             timestamp=_timestamp(moment),
             lsn=doc.get("walexlsn") or data["lsn"],
             id=doc["id"],
