@@ -17,9 +17,9 @@ The contract every source keeps (:mod:`walex.workers.base`):
   and did not acknowledge goes to another worker when it stops or dies;
 - so delivery is at-least-once: a worker killed after its handler returned
   and before the acknowledgement reached the broker leaves that event to be
-  handled again, with the same ``event.id``. A worker drops an event it has
-  already handled itself (a relay's replay, a redelivery after a reconnect):
-  per partition and table, ids only increase.
+  handled again, with the same ``event.id``. A worker drops an event it
+  handled itself among its last 50,000 (a relay's replay, a redelivery after
+  a reconnect).
 
 What a handler receives: a list of events of one transaction and one
 partition, in order, filtered like in-process (table, types,
@@ -47,6 +47,7 @@ import asyncio
 import importlib
 import logging
 import signal
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -128,6 +129,7 @@ class Worker:
     """
 
     poll = 1.0  # seconds a lane waits for messages before it looks at stop()
+    remember = 50_000  # ids of the last events handled, to drop what comes again
 
     def __init__(
         self,
@@ -164,7 +166,7 @@ class Worker:
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
         self._slots = asyncio.Semaphore(concurrency)
-        self._last: dict[tuple[int, str, str, str], str] = {}  # (partition, table) -> last id
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._closing = False
@@ -294,12 +296,10 @@ class Worker:
             i = j
 
     async def _dispatch(self, partition: int, events: list[Event]) -> None:
+        seen = self._seen
         fresh = []
         for event in events:
-            src = event.source
-            key = (partition, src.db, src.schema, src.table)
-            last = self._last.get(key)
-            if last is not None and event.id <= last:
+            if (event.source.db, event.id) in seen:
                 self.duplicates += 1
                 log.debug("worker %r: event %s was handled here already; dropped", self.name, event.id)
                 continue
@@ -312,8 +312,9 @@ class Worker:
         async with self._slots:
             await self.dispatcher.dispatch(txn)
         for event in fresh:
-            src = event.source
-            self._last[(partition, src.db, src.schema, src.table)] = event.id
+            seen[(event.source.db, event.id)] = None
+        while len(seen) > self.remember:
+            seen.popitem(last=False)
         self.events_handled += len(fresh)
 
     async def _undecodable(self, lane: Lane, rest: list[Delivery], error: DecodeError | None) -> None:
