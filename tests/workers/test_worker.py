@@ -426,3 +426,67 @@ def test_for_app_takes_the_apps_handlers_and_policy() -> None:
     assert worker.concurrency == 2 and worker.consumer.partitions == 4
     assert worker.consumer.queues == [f"x.walex.{p}" for p in range(4)]  # type: ignore[attr-defined]
     assert worker.consumer.bindings[3] == "*.*.*.3"  # type: ignore[attr-defined]
+
+
+def test_broker_cut_off_and_back(broker: Broker, admin: psycopg.Connection, dsn: str) -> None:
+    """The worker's connection goes silent, then is reset: it reconnects and loses nothing."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "chaos"))
+    from proxy import Proxy
+
+    admin.execute(TABLE)
+    calls = Calls()
+    calls.events.on_event("item")(calls.handler("item"))
+    proxy = Proxy("127.0.0.1", broker.port).start()
+    source = broker.source(ack_wait=2) if broker.kind == "nats" else broker.source()
+    source = source.replace(f":{broker.port}", f":{proxy.port}")
+
+    async def main() -> Worker:
+        async with collecting(dsn, destinations=[broker.url], partitions=2):
+            worker = Worker(source, [calls.events])
+            async with worker_running(worker):
+                for i in range(1, 7):
+                    admin.execute("INSERT INTO item (id, seq) VALUES (%s, 0)", (i,))
+                await until(lambda: len(calls.flat("item")) >= 6, "the first changes", 30)
+                proxy.partition()
+                for seq in (1, 2, 3):
+                    admin.execute("UPDATE item SET seq = %s", (seq,))
+                await asyncio.sleep(1.5)
+                proxy.heal()  # the silent connections are reset
+                await until(lambda: len({e.id for e in calls.flat("item")}) >= 24,
+                            "every change after the cut", 60)
+        return worker
+
+    try:
+        worker = run(main(), timeout=120)
+    finally:
+        proxy.stop()
+    assert worker.reconnects >= 1
+    first: dict[str, Event] = {}
+    for event in calls.flat("item"):
+        first.setdefault(event.id, event)
+    per_row: dict[int, list[int]] = {}
+    for event in first.values():
+        per_row.setdefault(event.record["id"], []).append(event.record["seq"])  # type: ignore[index]
+    assert per_row == {i: [0, 1, 2, 3] for i in range(1, 7)}
+
+
+def test_relay_defaults_carry_the_partition() -> None:
+    """With partitions > 1 the relay's default subject and routing key end in {partition},
+    so a worker given the same URL consumes each partition apart."""
+    from walex.destinations import from_url
+
+    nats_url, amqp_url = "nats://h?stream=S", "amqp://h?exchange=x"
+    assert from_url(nats_url, 1).subject.text == "walex.{schema}.{table}"  # type: ignore[attr-defined]
+    assert from_url(nats_url, 4).subject.text == "walex.{schema}.{table}.{partition}"  # type: ignore[attr-defined]
+    assert from_url(amqp_url, 4).routing_key.text == "{schema}.{table}.{type}.{partition}"  # type: ignore[attr-defined]
+    events = Events()
+    events.on_event("t")(lambda batch: None)
+    worker = Worker(f"{nats_url}&partitions=4", [events])
+    assert worker.consumer.filters == [f"walex.*.*.{p}" for p in range(4)]  # type: ignore[attr-defined]
+    # one partition: every message, in the stream's order, whatever the relay's partitions
+    assert Worker(nats_url, [events]).consumer.filters == ["walex.*.*"]  # type: ignore[attr-defined]
+    worker = Worker("nats://h?stream=S&subject=cdc.{partition}.{table}", [events])
+    assert worker.consumer.filters == ["cdc.*.*"]  # type: ignore[attr-defined]

@@ -174,6 +174,7 @@ class Worker:
         self.events_handled = 0
         self.duplicates = 0  # events dropped as already handled by this worker
         self.redeliveries = 0  # messages the broker delivered again
+        self.reconnects = 0  # connections to the broker lost and opened again
 
     @classmethod
     def for_app(cls, source_url: str, app: Any, **options: Any) -> Worker:
@@ -246,6 +247,7 @@ class Worker:
             try:
                 await asyncio.gather(*tasks)
             except Unavailable as exc:
+                self.reconnects += 1
                 log.warning("worker %r: lost %s (%s); reconnecting; what was not acknowledged "
                             "is delivered again", self.name, self.consumer.display, exc)
             finally:

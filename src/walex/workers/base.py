@@ -23,6 +23,8 @@ worker group: every group receives every event once; default ``walex``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import string
 from abc import ABC, abstractmethod
@@ -32,7 +34,9 @@ from typing import Any, ClassVar
 from ..destinations.base import Destination, DestinationURL, Unavailable
 from ..errors import ConfigError
 
-__all__ = ["Consumer", "Delivery", "Lane", "Unavailable", "partition_filter"]
+__all__ = ["Consumer", "Delivery", "Lane", "Unavailable", "close_quietly", "partition_filter"]
+
+log = logging.getLogger("walex.workers")
 
 _GROUP = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -152,3 +156,11 @@ def partition_filter(text: str, partition: int, partitions: int, where: str, wha
             f"e.g. 'walex.{{schema}}.{{table}}.{{partition}}', the default when partitions > 1"
         )
     return ".".join(tokens)
+
+
+async def close_quietly(destination: Destination) -> None:
+    """Close a connection that may be broken; a broker that does not answer cannot hold it up."""
+    try:
+        await asyncio.wait_for(destination.close(), timeout=5)
+    except (Exception, TimeoutError) as exc:
+        log.debug("closing %s: %r", destination.display, exc)

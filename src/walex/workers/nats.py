@@ -39,7 +39,7 @@ from nats.js.errors import NotFoundError
 from ..destinations.base import DestinationURL, Unavailable
 from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
-from .base import Consumer, Delivery, Lane, partition_filter
+from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 
 __all__ = ["NatsConsumer"]
 
@@ -181,4 +181,4 @@ class NatsConsumer(Consumer):
         lanes, self.lanes = self.lanes, []
         for lane in lanes:
             await lane.release_held()
-        await self.destination.close()
+        await close_quietly(self.destination)

@@ -35,7 +35,7 @@ from aio_pika.exceptions import ChannelPreconditionFailed
 from ..destinations.base import DestinationURL, Unavailable
 from ..destinations.rabbitmq import RabbitMQDestination
 from ..errors import ConfigError
-from .base import Consumer, Delivery, Lane, partition_filter
+from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 
 __all__ = ["RabbitMQConsumer"]
 
@@ -160,4 +160,4 @@ class RabbitMQConsumer(Consumer):
 
     async def close(self) -> None:
         self.lanes = []
-        await self.destination.close()  # unacknowledged messages go back to their queues
+        await close_quietly(self.destination)  # unacknowledged messages go back to their queues
