@@ -490,3 +490,41 @@ def test_relay_defaults_carry_the_partition() -> None:
     assert Worker(nats_url, [events]).consumer.filters == ["walex.*.*"]  # type: ignore[attr-defined]
     worker = Worker("nats://h?stream=S&subject=cdc.{partition}.{table}", [events])
     assert worker.consumer.filters == ["cdc.*.*"]  # type: ignore[attr-defined]
+
+
+def test_cli_worker_targets_and_errors(tmp_path: Any) -> None:
+    """``walex worker URL target``: an app, an Events or a module; a bad source exits 1."""
+    import subprocess
+    import sys
+
+    from walex.cli_worker import build_worker
+
+    (tmp_path / "cdc_app.py").write_text(
+        "from walex import Events, WalEx\n"
+        "events = Events()\n"
+        "events.on_event('item')(lambda batch: None)\n"
+        "more = Events()\n"
+        "more.on_insert('other')(lambda batch: None)\n"
+        "app = WalEx('postgresql://u@h/db', publication='p', modules=[events], name='cdc',\n"
+        "            on_error='skip', max_retries=1)\n"
+        "not_handlers = 42\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        url = "amqp://h?exchange=x&partitions=2"
+        from_app = build_worker(url, "cdc_app:app", {"concurrency": 2})
+        assert from_app.name == "cdc" and from_app.dispatcher.on_error == "skip"
+        assert from_app.dispatcher.max_retries == 1 and from_app.concurrency == 2
+        assert len(build_worker(url, "cdc_app:events", {}).modules) == 1
+        assert len(build_worker(url, "cdc_app", {}).modules) == 2
+        with pytest.raises(ConfigError, match="is not a walex.WalEx app, a walex.Events"):
+            build_worker(url, "cdc_app:not_handlers", {})
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("cdc_app", None)
+    script = [sys.executable, "-m", "walex.cli", "worker", "redis://:s3cret@h:6379/0?stream=x",
+              "cdc_app:app"]
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Redis Streams is supported as a destination only" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
