@@ -23,6 +23,7 @@ from support import collecting, run, until
 from test_types import same
 
 from walex import Event, Events, EventType, Source, WalEx
+from walex.destinations import Destinations
 from walex.destinations.encoding import encode_event
 from walex.errors import ConfigError, HandlerError
 from walex.workers import Worker
@@ -131,6 +132,28 @@ class Calls:
         return [e for batch in self.of(label) for e in batch]
 
 
+_SOURCE = Source(db="d", schema="public", table="item", columns={"id": "int4", "seq": "int4"},
+                 primary_key=("id",))
+
+
+def made_up(i: int, seq: int = 0, pk: int | None = None) -> Event:
+    """A change of row ``pk`` (default ``i``) as a relay publishes it; ids increase with ``i``."""
+    return Event("item", EventType.INSERT if seq == 0 else EventType.UPDATE, _SOURCE,
+                 {"id": i if pk is None else pk, "seq": seq}, None, None,
+                 dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc), "0/10", f"{16 + i:016X}-00000000")
+
+
+async def relay(broker: Broker, batches: list[list[Event]], partitions: int = 2) -> None:
+    """Publish like a relay does: each batch through the destination, confirmed."""
+    destinations = Destinations([broker.url], partitions)
+    await destinations.open()
+    try:
+        for batch in batches:
+            await destinations.publish(batch)
+    finally:
+        await destinations.close()
+
+
 @asynccontextmanager
 async def worker_running(worker: Worker) -> AsyncIterator[Worker]:
     await worker.start()
@@ -203,72 +226,55 @@ def test_worker_handlers_receive_the_in_process_events(
     assert truncate.new_record is None and truncate.source.table == "other"
 
 
-def test_failing_handler_stops_the_worker_and_another_gets_the_message(
-    broker: Broker, admin: psycopg.Connection, dsn: str,
-) -> None:
+def test_failing_handler_stops_the_worker_and_another_gets_the_message(broker: Broker) -> None:
     """Under on_error="stop" nothing is acknowledged: the next worker receives the change."""
-    admin.execute(TABLE)
     bad, good = Calls(), Calls()
     bad.events.on_event("item")(bad.handler("item", fail=lambda batch: True))
     good.events.on_event("item")(good.handler("item"))
+    event = made_up(1)
 
     async def main() -> None:
-        async with collecting(dsn, destinations=[broker.url], partitions=2) as rec:
-            failing = Worker(broker.source(), [bad.events], max_retries=1, retry_backoff=0.01)
-            await failing.start()
-            admin.execute("INSERT INTO item (id, seq) VALUES (1, 0)")
-            [event] = await rec.wait_for(1)
-            with pytest.raises(HandlerError, match="refuses"):
-                await asyncio.wait_for(failing.wait(), 30)
-            assert not bad.calls
-            async with worker_running(Worker(broker.source(), [good.events])):
-                await until(lambda: bool(good.calls), "the second worker's call", 30)
-            assert [e.id for e in good.flat("item")] == [event.id]
+        failing = Worker(broker.source(), [bad.events], max_retries=1, retry_backoff=0.01)
+        await failing.start()
+        await relay(broker, [[event]])
+        with pytest.raises(HandlerError, match="refuses"):
+            await asyncio.wait_for(failing.wait(), 30)
+        assert not bad.calls
+        async with worker_running(Worker(broker.source(), [good.events])):
+            await until(lambda: bool(good.calls), "the second worker's call", 30)
+        assert [e.id for e in good.flat("item")] == [event.id]
 
     run(main(), timeout=120)
 
 
-def test_skip_and_dead_letter_acknowledge(broker: Broker, admin: psycopg.Connection, dsn: str) -> None:
+def test_skip_and_dead_letter_acknowledge(broker: Broker) -> None:
     """A failure disposed of by the policy is acknowledged: the group does not see it again."""
-    admin.execute(TABLE)
     calls = Calls()
     calls.events.on_event("item")(calls.handler(
-        "item", fail=lambda batch: any(e.record["seq"] == 13 for e in batch)))  # type: ignore[index]
+        "item", fail=lambda batch: any(e.record["id"] == 13 for e in batch)))  # type: ignore[index]
     dead: list[tuple[list[str], str]] = []
 
     def dead_letter(events: list[Event], exc: BaseException) -> None:
         dead.append(([e.id for e in events], str(exc)))
 
     async def main() -> None:
-        async with collecting(dsn, destinations=[broker.url], partitions=1):
-            worker = Worker(broker.source(partitions=1), [calls.events], on_error=dead_letter,
-                            max_retries=0)
-            async with worker_running(worker):
-                for seq in (12, 13, 14):
-                    admin.execute("INSERT INTO item (id, seq) VALUES (%s, %s)", (seq, seq))
-                await until(lambda: len(calls.flat("item")) == 2 and len(dead) == 1,
-                            "two handled and one dead-lettered", 30)
-            again = Calls()
-            again.events.on_event("item")(again.handler("item"))
-            async with worker_running(Worker(broker.source(partitions=1), [again.events])):
-                admin.execute("INSERT INTO item (id, seq) VALUES (15, 15)")
-                await until(lambda: bool(again.calls), "the next change", 30)
-                await asyncio.sleep(0.5)
-            assert [e.record["seq"] for e in again.flat("item")] == [15]  # type: ignore[index]
+        worker = Worker(broker.source(partitions=1), [calls.events], on_error=dead_letter,
+                        max_retries=0)
+        async with worker_running(worker):
+            await relay(broker, [[made_up(i)] for i in (12, 13, 14)], partitions=1)
+            await until(lambda: len(calls.flat("item")) == 2 and len(dead) == 1,
+                        "two handled and one dead-lettered", 30)
+        again = Calls()
+        again.events.on_event("item")(again.handler("item"))
+        async with worker_running(Worker(broker.source(partitions=1), [again.events])):
+            await relay(broker, [[made_up(15)]], partitions=1)
+            await until(lambda: bool(again.calls), "the next change", 30)
+            await asyncio.sleep(0.5)
+        assert [e.record["id"] for e in again.flat("item")] == [15]  # type: ignore[index]
 
     run(main(), timeout=120)
-    assert [e.record["seq"] for e in calls.flat("item")] == [12, 14]  # type: ignore[index]
-    assert "refuses" in dead[0][1]
-
-
-_SOURCE = Source(db="d", schema="public", table="item", columns={"id": "int4"}, primary_key=("id",))
-
-
-def made_up(i: int) -> Event:
-    """An insert of row ``i`` as a relay would publish it, its id increasing with ``i``."""
-    return Event("item", EventType.INSERT, _SOURCE, {"id": i}, None, None,
-                 dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc), "0/10",
-                 f"{16 + i:016X}-00000000")
+    assert [e.record["id"] for e in calls.flat("item")] == [12, 14]  # type: ignore[index]
+    assert dead[0][0] == [made_up(13).id] and "refuses" in dead[0][1]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -316,10 +322,9 @@ def test_a_replay_is_dropped_by_id(unique: str) -> None:
         asyncio.run(b.cleanup())
 
 
-def test_slow_handler_keeps_its_jetstream_message(admin: psycopg.Connection, dsn: str, unique: str) -> None:
+def test_slow_handler_keeps_its_jetstream_message(unique: str) -> None:
     """A call longer than ack_wait: progress reports keep the message from going out again."""
     b = Broker("nats", unique)
-    admin.execute(TABLE)
     calls = Calls()
 
     async def slow(batch: list[Event]) -> None:
@@ -330,22 +335,22 @@ def test_slow_handler_keeps_its_jetstream_message(admin: psycopg.Connection, dsn
     other = Calls()
     other.events.on_event("item")(other.handler("item"))
 
-    async def main() -> None:
-        async with collecting(dsn, destinations=[b.url], partitions=1):
-            first = Worker(b.source(partitions=1, ack_wait=1), [calls.events])
-            second = Worker(b.source(partitions=1, ack_wait=1), [other.events])
-            async with worker_running(first):
-                admin.execute("INSERT INTO item (id, seq) VALUES (1, 0)")
-                await asyncio.sleep(0.5)  # the first worker has the message
-                async with worker_running(second):
-                    await until(lambda: bool(calls.calls), "the slow call", 30)
-                    await asyncio.sleep(1.5)
-            assert not other.calls and first.redeliveries == 0
+    async def main() -> Worker:
+        first = Worker(b.source(partitions=1, ack_wait=1), [calls.events])
+        second = Worker(b.source(partitions=1, ack_wait=1), [other.events])
+        async with worker_running(first):
+            await relay(b, [[made_up(1)]], partitions=1)
+            await asyncio.sleep(0.5)  # the first worker has the message
+            async with worker_running(second):
+                await until(lambda: bool(calls.calls), "the slow call", 30)
+                await asyncio.sleep(1.5)
+        return first
 
     try:
-        run(main(), timeout=60)
+        first = run(main(), timeout=60)
     finally:
         asyncio.run(b.cleanup())
+    assert not other.calls and first.redeliveries == 0
 
 
 def test_setups_that_cannot_keep_the_order(broker: Broker) -> None:
@@ -428,7 +433,7 @@ def test_for_app_takes_the_apps_handlers_and_policy() -> None:
     assert worker.consumer.bindings[3] == "*.*.*.3"  # type: ignore[attr-defined]
 
 
-def test_broker_cut_off_and_back(broker: Broker, admin: psycopg.Connection, dsn: str) -> None:
+def test_broker_cut_off_and_back(broker: Broker) -> None:
     """The worker's connection goes silent, then is reset: it reconnects and loses nothing."""
     import sys
     from pathlib import Path
@@ -436,27 +441,25 @@ def test_broker_cut_off_and_back(broker: Broker, admin: psycopg.Connection, dsn:
     sys.path.insert(0, str(Path(__file__).parents[1] / "chaos"))
     from proxy import Proxy
 
-    admin.execute(TABLE)
     calls = Calls()
     calls.events.on_event("item")(calls.handler("item"))
     proxy = Proxy("127.0.0.1", broker.port).start()
     source = broker.source(ack_wait=2) if broker.kind == "nats" else broker.source()
     source = source.replace(f":{broker.port}", f":{proxy.port}")
+    rows = range(1, 7)
 
     async def main() -> Worker:
-        async with collecting(dsn, destinations=[broker.url], partitions=2):
-            worker = Worker(source, [calls.events])
-            async with worker_running(worker):
-                for i in range(1, 7):
-                    admin.execute("INSERT INTO item (id, seq) VALUES (%s, 0)", (i,))
-                await until(lambda: len(calls.flat("item")) >= 6, "the first changes", 30)
-                proxy.partition()
-                for seq in (1, 2, 3):
-                    admin.execute("UPDATE item SET seq = %s", (seq,))
-                await asyncio.sleep(1.5)
-                proxy.heal()  # the silent connections are reset
-                await until(lambda: len({e.id for e in calls.flat("item")}) >= 24,
-                            "every change after the cut", 60)
+        worker = Worker(source, [calls.events])
+        async with worker_running(worker):
+            await relay(broker, [[made_up(pk, 0)] for pk in rows])
+            await until(lambda: len(calls.flat("item")) >= 6, "the first changes", 30)
+            proxy.partition()
+            await relay(broker, [[made_up(seq * 10 + pk, seq, pk) for pk in rows]
+                                 for seq in (1, 2, 3)])
+            await asyncio.sleep(1.5)
+            proxy.heal()  # the silent connections are reset
+            await until(lambda: len({e.id for e in calls.flat("item")}) >= 24,
+                        "every change after the cut", 60)
         return worker
 
     try:
@@ -470,7 +473,7 @@ def test_broker_cut_off_and_back(broker: Broker, admin: psycopg.Connection, dsn:
     per_row: dict[int, list[int]] = {}
     for event in first.values():
         per_row.setdefault(event.record["id"], []).append(event.record["seq"])  # type: ignore[index]
-    assert per_row == {i: [0, 1, 2, 3] for i in range(1, 7)}
+    assert per_row == {i: [0, 1, 2, 3] for i in rows}
 
 
 def test_relay_defaults_carry_the_partition() -> None:
