@@ -233,3 +233,4 @@ def test_event_partition_matches_its_key(partitions: int) -> None:
     doc = orjson.loads(encode_event(_event(), partitions).body)
     assert doc["partitionkey"] == "public.t/1"
     assert doc["walexpartition"] == zlib.crc32(b"public.t/1") % partitions
+    assert doc["walexpartitions"] == partitions

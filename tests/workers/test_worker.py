@@ -531,3 +531,28 @@ def test_cli_worker_targets_and_errors(tmp_path: Any) -> None:
     assert done.returncode == 1
     assert "Redis Streams is supported as a destination only" in done.stderr
     assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+def test_partitions_must_be_the_relays(unique: str) -> None:
+    """A worker told 2 partitions, fed by a relay with 4: it stops and says so, acknowledging
+    nothing, rather than leave partitions 2 and 3 to nobody."""
+    b = Broker("nats", unique)
+    calls = Calls()
+    calls.events.on_event("item")(calls.handler("item"))
+
+    async def main() -> None:
+        worker = Worker(b.source(partitions=2), [calls.events])
+        async with worker_running(worker):
+            await relay(b, [[made_up(pk) for pk in range(1, 9)]], partitions=4)
+            with pytest.raises(ConfigError, match=r"published with partitions=4, and this worker "
+                                                  r"has partitions=2.*&partitions=4"):
+                await asyncio.wait_for(worker.wait(), 30)
+        assert not calls.calls
+        right = Worker(b.source(partitions=4), [calls.events])
+        async with worker_running(right):
+            await until(lambda: len(calls.flat("item")) == 8, "every change", 30)
+
+    try:
+        run(main(), timeout=60)
+    finally:
+        asyncio.run(b.cleanup())

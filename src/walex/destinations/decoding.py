@@ -302,6 +302,14 @@ class Decoder:
             )
         return source
 
+    @staticmethod
+    def document(body: bytes | str) -> dict[str, Any]:
+        """The parsed JSON object of a message body; :class:`~walex.errors.DecodeError` if none."""
+        try:
+            return _parse(body)
+        except Exception as exc:
+            raise DecodeError(f"message {_excerpt(body)} is not a walex CloudEvent: {exc!r}") from None
+
     def decode(self, body: bytes | str | dict[str, Any]) -> Event:
         """The Event of one message body (the CloudEvent JSON, or it parsed).
 

@@ -270,7 +270,21 @@ class Worker:
             if delivery.redelivered:
                 self.redeliveries += 1
             try:
-                items.append((delivery, self.decoder.decode(delivery.body), None))
+                doc = self.decoder.document(delivery.body)
+            except DecodeError as exc:
+                items.append((delivery, None, exc))
+                continue
+            theirs, mine = doc.get("walexpartitions"), self.consumer.partitions
+            if mine > 1 and isinstance(theirs, int) and theirs != mine:
+                await lane.release(deliveries)
+                raise ConfigError(
+                    f"worker {self.name!r}: message {doc.get('id')} was published with "
+                    f"partitions={theirs}, and this worker has partitions={mine}: its source URL "
+                    f"must say the relay's partitions (&partitions={theirs}), or some partitions "
+                    "are never handled"
+                )
+            try:
+                items.append((delivery, self.decoder.decode(doc), None))
             except DecodeError as exc:
                 items.append((delivery, None, exc))
         i = 0

@@ -29,7 +29,6 @@ import logging
 import random
 from typing import Any
 
-import aio_pika
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 from ..destinations.base import DestinationURL, Unavailable
