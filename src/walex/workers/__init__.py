@@ -215,6 +215,9 @@ class Worker:
         except Unavailable as exc:
             log.warning("worker %r: %s is unreachable (%s); trying again", self.name,
                         self.consumer.display, exc)
+        except BaseException:
+            self._stopped.set()  # never started: wait() does not hang
+            raise
         self._task = asyncio.create_task(self._run(lanes), name=f"walex-worker-{self.name}")
         self._task.add_done_callback(self._done)
 
