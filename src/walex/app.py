@@ -163,6 +163,7 @@ class WalEx:
         ]
         if self.settings.heartbeat_interval:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+        self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         self.observer.streaming()
@@ -302,6 +303,16 @@ class WalEx:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+
+    async def backfill(self, table: str, where: str | None = None) -> Any:
+        """Deliver the existing rows of ``table`` (those matching the SQL condition
+        ``where``) as ``read`` events, interleaved with the stream; returns the
+        finished :class:`~walex.backfill.Job` once every one was handled (a handler
+        awaiting it would wait for itself: start it as a task there)."""
+        if not self._tasks or self._stopping:
+            raise ConfigError(f"walex app {self.settings.name!r} is not running; start it "
+                              "before asking for a backfill")
+        return await self.pipeline.backfill.request(table, where)
 
     # -- message middleware ----------------------------------------------
 

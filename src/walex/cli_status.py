@@ -26,6 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .admin import Status, human_size, inspect_database
+from .backfill.report import status_table as backfill_table
+from .backfill.store import Job, read_all as read_backfills
 from .cli_admin import ConfigOption, PublicationOption, UrlOption, _connect, _fail, _settings
 from .config import WalExSettings
 from .errors import ConfigError, SetupError, WalExError
@@ -74,9 +76,11 @@ def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[s
     return alerts
 
 
-def _check(settings: WalExSettings) -> Status:
+def _check(settings: WalExSettings) -> tuple[Status, list[Job]]:
+    """The server's state and the backfills recorded in the progress store."""
     with _connect(settings) as conn:
-        return inspect_database(conn, settings.publication)
+        report = inspect_database(conn, settings.publication)
+        return report, read_backfills(conn, settings.backfill_table) or []
 
 
 def status(
@@ -105,7 +109,7 @@ def status(
     if watch is not None:
         raise typer.Exit(_watch(settings, watch, slot, limit))
     try:
-        report = _check(settings)
+        report, backfills = _check(settings)
     except SetupError as exc:
         if as_json:
             print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
@@ -117,10 +121,12 @@ def status(
     code = 2 if alerts else 0 if report.ok else 1
     if as_json:
         data = report.to_dict()
-        data.update(alerts=alerts, max_lag_bytes=limit, exit_code=code)
+        data.update(alerts=alerts, max_lag_bytes=limit, exit_code=code,
+                    backfills=[{name: getattr(job, name) for name in job.__dataclass_fields__}
+                               for job in backfills])
         print(json.dumps(data, indent=2, default=str))
         raise typer.Exit(code)
-    _print(report, alerts)
+    _print(report, alerts, backfills)
     raise typer.Exit(code)
 
 
@@ -142,7 +148,7 @@ def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) ->
     return table
 
 
-def _print(report: Status, alerts: list[str]) -> None:
+def _print(report: Status, alerts: list[str], backfills: list[Job]) -> None:
     out.print(f"PostgreSQL {report.server_version}, database [bold]{escape(report.database)}[/], "
               f"wal_level [bold]{report.wal_level}[/]")
     out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()), soft_wrap=True)
@@ -153,6 +159,8 @@ def _print(report: Status, alerts: list[str]) -> None:
         out.print(tables)
     if report.slots:
         out.print(_slot_table(report))
+    if backfills:
+        out.print(backfill_table(backfills))
     for problem in report.problems:  # unwrapped: the fix is SQL to copy whole
         mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
         out.print(f"{mark}: {escape(problem.what)}\n  fix: {escape(problem.fix)}", soft_wrap=True)
@@ -171,7 +179,7 @@ def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int |
     def frame() -> Any:
         nonlocal code
         try:
-            report = _check(settings)
+            report, backfills = _check(settings)
         except WalExError as exc:
             code = 3
             return f"[bold red]{time.strftime('%H:%M:%S')} could not check:[/] {escape(str(exc))}"
@@ -185,7 +193,10 @@ def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int |
         lines += [f"[bold red]alert[/]: {escape(a)}" for a in alerts]
         lines += [f"[{'bold red' if p.fatal else 'yellow'}]{'problem' if p.fatal else 'warning'}"
                   f"[/]: {escape(p.what)}" for p in report.problems]
-        return Group(_slot_table(report, history), *lines)
+        tables = [_slot_table(report, history)]
+        if backfills:
+            tables.append(backfill_table(backfills))
+        return Group(*tables, *lines)
 
     try:
         with Live(frame(), console=out, auto_refresh=False,

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -46,6 +46,7 @@ from .errors import ConfigError, redact
 __all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "format_target", "SSLMODES"]
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+_STORE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
 _APP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -119,6 +120,11 @@ class WalExSettings(BaseSettings):
     spill_dir: str | None = None  # where streamed transactions spill; default: temp dir
     reconnect_max_attempts: int = Field(default=10, ge=0)
     reconnect_backoff_max: float = Field(default=30.0, gt=0)
+
+    # existing rows as "read" events (walex.backfill)
+    snapshot: Literal["never", "initial"] = "never"  # "initial": every table when the slot is made
+    backfill_chunk_size: int = Field(default=10000, ge=1)  # rows per chunk (keyset pagination)
+    backfill_table: str = "walex_backfill"  # the progress store, "table" or "schema.table"
 
     # handlers
     message_middleware: Any = None
@@ -305,6 +311,13 @@ class WalExSettings(BaseSettings):
             raise ValueError("a publication name cannot contain a NUL character")
         if len(value.encode()) > 63:
             raise ValueError("a publication name has at most 63 bytes")
+        return value
+
+    @field_validator("backfill_table")
+    @classmethod
+    def _backfill_table(cls, value: str) -> str:
+        if not _STORE_NAME.match(value):
+            raise ValueError("must be a table name or 'schema.table' of letters, digits and '_'")
         return value
 
     @field_validator("slot_name")

@@ -9,8 +9,10 @@ subscription against the database as ``start()`` does while the app runs (a
 subscriptions, modules and the handler options (``on_error``,
 ``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
 transaction, without a restart; connection options (``password``, ``url``,
-...) and ``message_middleware`` at the next reconnect. ``name``, the slot,
-the publication, the protocol options and the destinations cannot change. The module-level
+...) and ``message_middleware`` at the next reconnect; ``backfill_chunk_size``
+from the next backfill. ``name``, the slot, the publication, the protocol
+options, the destinations and the backfill progress store (``backfill_table``)
+cannot change. The module-level
 functions address a running app by its ``name``.
 """
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
 
 _FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover",
-          "destinations", "partitions"}
+          "destinations", "partitions", "backfill_table"}
 
 
 class RuntimeConfig:

@@ -76,7 +76,8 @@ def _show(value: Any) -> str:
 
 def print_event(console: Console, event: Event) -> None:
     """Print one event readably: type, table, ids, then the values or the changes."""
-    colour = {"insert": "green", "update": "yellow", "delete": "red", "truncate": "magenta"}[event.type]
+    colour = {"insert": "green", "update": "yellow", "delete": "red", "truncate": "magenta",
+              "read": "cyan"}[event.type]
     console.print(
         f"[bold {colour}]{event.type.upper():8}[/] [bold]{event.source.schema}.{event.name}[/]"
         f"  [dim]lsn {event.lsn}  id {event.id}[/]"

@@ -36,6 +36,7 @@ class EventType(StrEnum):
     UPDATE = "update"
     DELETE = "delete"
     TRUNCATE = "truncate"
+    READ = "read"  # an existing row, from a snapshot or a backfill (walex.backfill)
 
 
 @dataclass(slots=True, frozen=True)

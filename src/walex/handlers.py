@@ -189,6 +189,10 @@ class Events:
     def on_truncate(self, table: str = "all", **options: Any) -> Any:
         return self._decorator(table, [EventType.TRUNCATE], **options)
 
+    def on_read(self, table: str = "all", **options: Any) -> Any:
+        """Existing rows delivered by a snapshot or a backfill (:mod:`walex.backfill`)."""
+        return self._decorator(table, [EventType.READ], **options)
+
 
 def _columns(option: str, value: Iterable[str]) -> frozenset[str]:
     items = None if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable) \

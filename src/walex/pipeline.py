@@ -48,6 +48,7 @@ import psycopg
 
 from . import failpoints, standby
 from .ack import AckTracker
+from .backfill import Backfills
 from .checks import Preflight, preflight
 from .config import WalExSettings
 from .dispatch import Dispatcher
@@ -58,7 +59,7 @@ from .logs import TRANSACTION
 from .lsn import format_lsn, parse_lsn
 from .observe.stats import Stats
 from .pgoutput import Decoder, Relation, Type
-from .pgoutput.messages import Message
+from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
@@ -115,6 +116,7 @@ class Pipeline:
             batch_bytes=max(1, settings.max_pending_bytes // 8),
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
+        self.backfill = Backfills(self)  # existing rows as read events (walex.backfill)
         self.sessions = 0
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
@@ -129,6 +131,8 @@ class Pipeline:
     # -- configuration that may change while running ----------------------
 
     def _is_subscribed(self, schema: str, table: str) -> bool:
+        if self.backfill.excludes(schema, table):  # the backfill progress store
+            return False
         return any(match(schema, table) for match in self._subscribed)
 
     def set_subscriptions(self, subscriptions: list[str]) -> None:
@@ -218,6 +222,8 @@ class Pipeline:
             )
             log.error(gap)
             self.gaps.append(gap)
+        if first:  # snapshot="initial": the requests are stored before the slot exists
+            await self.backfill.initial(admin)
         slot = await repl.create_slot(self.slot_name, temporary=not s.durable_slot, failover=s.failover)
         if slot.created:
             log.info("created %s replication slot %r at %s",
@@ -254,6 +260,8 @@ class Pipeline:
         }
         if s.streaming:
             options["streaming"] = "on"
+        assert self.preflight is not None
+        options.update(self.backfill.stream_options(self.preflight.server_version))
         # After a network failure the old walsender holds the slot until its
         # wal_sender_timeout notices the dead connection: wait at least that long.
         wait = s.slot_wait_timeout if self.sessions == 0 else max(
@@ -401,6 +409,7 @@ class Pipeline:
         middleware = self.settings.message_middleware
         process, feed, queue = self.process, self.assembler.feed, self.queue
         max_bytes = self.max_pending_bytes
+        backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
@@ -434,10 +443,14 @@ class Pipeline:
                         kind = type(msg)
                         if kind is Relation or kind is Type:
                             await process(msg, start)
+                        elif kind is LogicalMessage:
+                            backfill.message(msg)  # type: ignore[arg-type]
                         else:  # the hot path: no coroutine per message
                             batches = feed(msg, start, len(frame))  # frame size: the byte bound's unit
                             if batches is not None:
                                 for txn in batches:
+                                    if backfill.window is not None:  # a backfill runs
+                                        await backfill.batch(txn)
                                     if txn.commit_lsn < ack.flushed:
                                         self._replayed(txn)
                                     elif queue.full() or self.pending_bytes > max_bytes:
@@ -501,10 +514,15 @@ class Pipeline:
         if kind is Type:
             await self.catalog.resolve([msg.type_oid])  # type: ignore[union-attr]
             return
+        if kind is LogicalMessage:
+            self.backfill.message(msg)  # type: ignore[arg-type]
+            return
         batches = self.assembler.feed(msg, lsn, _row_bytes(msg) if from_middleware else 0)
         if batches is None:
             return
         for txn in batches:
+            if self.backfill.window is not None:
+                await self.backfill.batch(txn)
             if txn.commit_lsn < self.ack.flushed:
                 self._replayed(txn)
             else:

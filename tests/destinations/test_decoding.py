@@ -207,3 +207,24 @@ def test_not_a_walex_event_is_a_decode_error() -> None:
         decode(orjson.dumps({"id": "x", "type": "walex.other"}))
     with pytest.raises(DecodeError, match="message 00000000016B3748-00000000 .*KeyError"):
         decode({"id": "00000000016B3748-00000000", "type": "walex.insert", "source": "/d/s/t"})
+
+
+def test_a_backfill_read_event_round_trips() -> None:
+    """``walex.read`` (an existing row from a backfill) is in the schema and decodes back."""
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    from walex import EventType, Source
+
+    source = Source(db="db", schema="public", table="t", columns={"id": "int8", "at": "date"},
+                    primary_key=("id",))
+    event = Event("t", EventType.READ, source, {"id": 7, "at": dt.date(2024, 2, 29)}, None, None,
+                  dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc), "0/16B3748",
+                  "00000000016B3748-00000000")
+    body = encode_event(event).body
+    schema = json.loads(resources.files("walex.destinations").joinpath("cloudevent.schema.json")
+                        .read_text())
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(orjson.loads(body)))
+    assert decode(body) == event

@@ -1,0 +1,45 @@
+"""Existing rows as ``read`` events: the initial snapshot and backfills.
+
+Contract:
+
+- ``WalEx(..., snapshot="initial")``: when the app's first session creates
+  its slot (a durable slot's first start; every start of a temporary one),
+  every subscribed table is backfilled. ``await app.backfill("table",
+  where=None)`` and ``walex backfill TABLE [--where SQL]`` backfill one table
+  (or the rows matching a condition) at any time while the app streams.
+- A backfill delivers each existing row once as an event of type
+  ``EventType.READ`` (``new_record`` set, typed exactly as an insert of the
+  row would be), through the same handlers (``on_read``, ``on_event``),
+  filters and acknowledgement as streamed events. It never overwrites a
+  newer change: a row changed in the stream while its chunk is read reaches
+  handlers from the stream, not from the chunk (the watermark protocol,
+  :mod:`.watermarks`). At the end, a handler that applies read, insert,
+  update and delete events to a copy holds what the table holds.
+- Rows are read in chunks of ``backfill_chunk_size`` in key order (keyset
+  pagination on the primary key, the replica identity index, or as a
+  fallback a unique index on NOT NULL columns; a table without any is a
+  :class:`~walex.errors.SetupError`), on a connection of their own, while the
+  stream flows. Memory holds one chunk plus the handlers' queue.
+- Progress is stored per app and table in the database (:mod:`.store`) once
+  a chunk's events were handled: a backfill stopped or killed resumes after
+  its last completed chunk (at-least-once: the chunks handled since the last
+  mark may be delivered again, never skipped), and ``walex status`` shows it.
+- Read event ids, ``<commit LSN of the chunk's high watermark>-R<index>``,
+  never collide with streamed ids. A chunk delivered again after a crash is
+  read anew, so its events carry new ids and current values.
+- Needs PostgreSQL 14+ (pgoutput's ``messages`` option, turned on for every
+  stream; a ``message_middleware`` therefore also sees
+  :class:`~walex.pgoutput.messages.LogicalMessage` s).
+
+Modules: :mod:`.target` (table, key, columns), :mod:`.chunks` (reading and
+typing a chunk), :mod:`.watermarks` (the stream side), :mod:`.store`
+(progress), :mod:`.report` (progress for people), :mod:`.runner` (the
+jobs), :mod:`.command` (``walex backfill``).
+"""
+
+from __future__ import annotations
+
+from .runner import Backfills
+from .store import Job
+
+__all__ = ["Backfills", "Job"]

@@ -1,0 +1,384 @@
+"""One app's backfills: the requests, the task that carries them out, the stream hooks.
+
+:class:`Backfills` belongs to a :class:`~walex.pipeline.Pipeline`. The
+pipeline calls it at a few places: :meth:`~Backfills.stream_options` when
+starting replication (pgoutput's ``messages`` option), :meth:`~Backfills.excludes`
+to keep the progress store's own changes from handlers,
+:meth:`~Backfills.message` for every logical decoding message and
+:meth:`~Backfills.batch` for every assembled batch while a backfill runs (in
+stream order, before the batch is queued), and :meth:`~Backfills.initial`
+before it creates a slot. :meth:`~Backfills.run` is a task of the app: it
+takes the app's unfinished jobs from the store, oldest first, one at a time,
+and sleeps until a new request comes (from :meth:`~Backfills.request`, or
+from ``walex backfill`` through a ``walex.backfill`` message in the stream).
+
+A job that cannot be carried out (the table lost its key, a condition that
+fails, a value that cannot be typed) is marked ``failed`` with the reason and
+logged; the app goes on streaming. A lost connection of the backfill is
+retried with backoff, resuming at the last chunk marked done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ..errors import ConfigError, ReplicationError, SetupError, WalExError, redact
+from ..pgoutput.messages import LogicalMessage
+from ..relations import Table
+from ..transactions import Transaction
+from .chunks import read_chunk
+from .report import ProgressLog
+from .store import Job, Store
+from .target import Target, resolve_target
+from .watermarks import PREFIX, Outcome, Window, parse, payload
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+__all__ = ["Backfills"]
+
+log = logging.getLogger("walex.backfill")
+
+_EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
+
+
+class Backfills:
+    """The backfills of one app (see the module docstring)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.window: Window | None = None  # set while a job runs: the reader feeds it
+        self.current: Job | None = None
+        self.wake = asyncio.Event()
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
+        self.chunks_redone = 0  # chunks read again (a truncate or a reconnect in their window)
+        self.rows_left_to_stream = 0  # chunk rows changed in the stream meanwhile: not read events
+
+    @property
+    def store(self) -> Store:
+        s = self.pipeline.settings
+        return Store(s.backfill_table, s.name)
+
+    # -- hooks called by the pipeline ------------------------------------
+
+    @staticmethod
+    def stream_options(server_version: int) -> dict[str, str]:
+        """pgoutput options: logical decoding messages (the watermarks), PostgreSQL 14+."""
+        return {"messages": "true"} if server_version >= 140000 else {}
+
+    def excludes(self, schema: str, table: str) -> bool:
+        return self.store.excludes(schema, table)
+
+    def message(self, msg: LogicalMessage) -> None:
+        """A logical decoding message of the stream, in stream order."""
+        if msg.prefix != PREFIX:
+            return
+        fields = parse(msg.content)
+        if fields is None or fields.get("app") != self.pipeline.settings.name:
+            return
+        if fields.get("wake"):
+            self.wake.set()
+        elif self.window is not None:
+            self.window.message(fields)
+
+    async def batch(self, txn: Transaction) -> None:
+        """An assembled batch, before it is queued; at a high watermark, the reads go first."""
+        window = self.window
+        if window is None:
+            return
+        reads = window.observe(txn)
+        if reads:
+            put = self.pipeline.queue.put
+            for read in reads:
+                await put(read)
+
+    async def initial(self, conn: psycopg.AsyncConnection) -> None:
+        """``snapshot="initial"``: before the app's first slot is made, ask for every table."""
+        s = self.pipeline.settings
+        if s.snapshot != "initial":
+            return
+        preflight = self.pipeline.preflight
+        assert preflight is not None
+        targets: list[Target] = []
+        problems: list[str] = []
+        for schema, name in sorted(preflight.published):
+            if self.excludes(schema, name):
+                continue
+            try:
+                targets.append(await resolve_target(conn, s.publication, f"{schema}.{name}",
+                                                    s.subscriptions))
+            except ConfigError:
+                continue  # not subscribed
+            except SetupError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise SetupError(
+                "snapshot='initial' cannot read every subscribed table (the slot was not "
+                "created): " + " ".join(problems)
+            )
+        for target in targets:
+            await self.store.request(conn, target.schema, target.name, None, target.key, restart=True)
+        log.info("walex %r: initial snapshot of %s requested", s.name,
+                 ", ".join(t.qualified for t in targets) or "no table")
+
+    # -- requests ---------------------------------------------------------
+
+    async def request(self, table: str, where: str | None = None) -> Job:
+        """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
+        if where is not None and (not isinstance(where, str) or not where.strip()):
+            raise ConfigError(f"where must be an SQL condition, got {where!r}")
+        s = self.pipeline.settings
+        async with await self._connect() as conn:
+            target = await resolve_target(conn, s.publication, table, s.subscriptions)
+            await check_condition(conn, target, where)
+            key = (target.schema, target.name)
+            waiter: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(key, []).append(waiter)
+            try:
+                if not await self.store.request(conn, target.schema, target.name, where, target.key):
+                    job = await self.store.job(conn, target.schema, target.name)
+                    if job is not None and job.condition != where:
+                        raise ConfigError(
+                            f"a backfill of {target.qualified} is already under way"
+                            f"{' where ' + job.condition if job.condition else ''}; wait for it "
+                            "to finish before asking for another"
+                        )
+                    if job is not None and job.finished:
+                        self._finished(job)
+            except BaseException:
+                self._waiters[key].remove(waiter)
+                raise
+        self.wake.set()
+        return await waiter
+
+    def _finished(self, job: Job) -> None:
+        for waiter in self._waiters.pop((job.schema, job.table), []):
+            if waiter.done():
+                continue
+            if job.state == "done":
+                waiter.set_result(job)
+            else:
+                waiter.set_exception(SetupError(f"the backfill of {job.qualified} failed: {job.error}"))
+
+    # -- the task -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Carry out the app's jobs, one at a time, until cancelled."""
+        failures = 0
+        try:
+            while True:
+                self.wake.clear()
+                try:
+                    async with await self._connect() as conn:
+                        jobs = await self.store.jobs(conn)
+                        for job in jobs:
+                            await self._run(conn, job)
+                            failures = 0
+                except (psycopg.OperationalError, ReplicationError) as exc:
+                    failures += 1
+                    delay = min(self.pipeline.settings.reconnect_backoff_max, 0.5 * 2 ** failures)
+                    log.warning("walex %r: backfill interrupted (%s); resuming in %.1fs",
+                                self.pipeline.settings.name, exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if not jobs:
+                    await self.wake.wait()
+        finally:
+            self.window = None
+            self.current = None
+            for key, waiters in self._waiters.items():
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(ReplicationError(
+                            f"walex app {self.pipeline.settings.name!r} stopped before the "
+                            f"backfill of {'.'.join(key)} finished; it resumes at the next start"
+                        ))
+            self._waiters.clear()
+
+    async def _connect(self) -> psycopg.AsyncConnection:
+        s = self.pipeline.settings
+        try:
+            return await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ReplicationError(
+                f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}",
+                retriable=True,
+            ) from None
+
+    async def _run(self, conn: psycopg.AsyncConnection, job: Job) -> None:
+        """One job, from its last completed chunk to its end."""
+        s, store = self.pipeline.settings, self.store
+        self.current = job
+        try:
+            try:
+                target = await resolve_target(conn, s.publication, job.qualified, s.subscriptions)
+                table = await self._table(target)
+            except WalExError as exc:
+                await self._fail(conn, job, str(exc))
+                return
+            resumed = job.last_key is not None
+            if resumed and job.chunk_key != target.key:
+                log.warning("walex %r: the key of %s changed (%s, now %s): its backfill starts "
+                            "over", s.name, job.qualified, job.chunk_key, target.key)
+                resumed = False
+            if not resumed:
+                job.last_key, job.rows_done, job.chunks_done = None, 0, 0
+            estimated = await estimate(conn, target, job.condition)
+            await store.update(
+                conn, job, state="running", chunk_key=target.key, rows_estimated=estimated,
+                started_at=job.started_at if resumed and job.started_at else _now(),
+                last_key=job.last_key, rows_done=job.rows_done, chunks_done=job.chunks_done,
+            )
+            progress = ProgressLog(s.name, job)
+            progress.start(resumed)
+            try:
+                await self._chunks(conn, job, target, table, progress)
+            except psycopg.OperationalError:
+                raise
+            except (psycopg.Error, WalExError) as exc:
+                log.error("walex %r: the backfill of %s failed", s.name, job.qualified, exc_info=exc)
+                await self._fail(conn, job, redact(str(exc), s.secret()))
+                return
+            await store.update(conn, job, state="done", finished_at=_now(), rate=progress.rate)
+            progress.done()
+            self._finished(job)
+        finally:
+            self.window = None
+            self.current = None
+
+    async def _chunks(
+        self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
+        progress: ProgressLog,
+    ) -> None:
+        s, pipeline = self.pipeline.settings, self.pipeline
+        limit = s.backfill_chunk_size
+        run = secrets.token_hex(8)
+        window = self.window = Window(s.name, run, target, s.batch_size)
+        after = job.last_key
+        pending: tuple[int, list[str], int] | None = None  # emitted, not yet known handled
+        seq = redone = 0
+        while True:
+            seq += 1
+            outcome_future = window.arm(seq)
+            session = pipeline.sessions
+            await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
+            chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
+                                     job.condition, after, limit)
+            if chunk.reshaped:  # DDL: read on with the new definition (as the stream does)
+                log.info("walex %r: %s changed; its backfill goes on with its new columns",
+                         s.name, job.qualified)
+                key = target.key
+                target = await resolve_target(conn, s.publication, job.qualified, s.subscriptions)
+                table = await self._table(target)
+                if target.key != key:
+                    log.warning("walex %r: the key of %s changed (%s, now %s): its backfill "
+                                "starts over", s.name, job.qualified, key, target.key)
+                    after, window.key = None, target.key
+                    await self.store.update(conn, job, chunk_key=target.key)
+                continue
+            if not chunk.events:
+                break
+            window.load(chunk)
+            await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
+            outcome = await self._outcome(outcome_future, session, job)
+            if outcome.redo is not None:
+                redone += 1
+                self.chunks_redone += 1
+                (log.warning if redone % 10 == 0 else log.debug)(
+                    "walex %r: chunk %d of %s read again (%s)", s.name, seq, job.qualified,
+                    outcome.redo)
+                continue
+            redone = 0
+            self.rows_left_to_stream += outcome.dropped
+            if pending is not None:
+                await self._save(conn, job, pending, progress)
+            pending = (outcome.end_lsn, chunk.last_key, len(chunk.events))  # type: ignore[assignment]
+            after = chunk.last_key
+            if len(chunk.events) < limit:
+                break
+        if pending is not None:
+            await self._save(conn, job, pending, progress)
+
+    async def _outcome(self, future: asyncio.Future[Outcome], session: int, job: Job) -> Outcome:
+        """Wait for the reader to reach the high watermark (or a reconnect to lose it)."""
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait([future], timeout=0.05)
+            if done:
+                return future.result()
+            if self.pipeline.sessions != session:
+                return Outcome(redo="the replication connection was re-established")
+            waited += 0.05
+            if waited >= 60 and waited % 60 < 0.05:
+                log.warning("walex %r: the backfill of %s has waited %.0fs for the stream to "
+                            "reach its watermark", self.pipeline.settings.name, job.qualified,
+                            waited)
+
+    async def _save(self, conn: psycopg.AsyncConnection, job: Job,
+                    pending: tuple[int, list[str], int], progress: ProgressLog) -> None:
+        """Mark a chunk done once every handler finished its events (its watermark handled)."""
+        end_lsn, last_key, rows = pending
+        ack = self.pipeline.ack
+        while ack.flushed < end_lsn:
+            await asyncio.sleep(0.005)
+        job.rows_done += rows
+        await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
+                                chunks_done=job.chunks_done + 1, rate=progress.rate)
+        progress.chunk()
+
+    async def _table(self, target: Target) -> Table:
+        """The table's definition, typed with the app's catalog as a Relation message is."""
+        catalog = self.pipeline.catalog
+        await catalog.resolve(c.type_oid for c in target.columns)
+        # the key a streamed change of this table names (Source.primary_key, the
+        # destinations' subject and partition): the chunk key unless it is a mere unique index
+        key = () if target.key_from.startswith("unique index") else tuple(target.key)
+        return Table(target.relation(), catalog, self.pipeline.relations.db, True, key)
+
+    async def _fail(self, conn: psycopg.AsyncConnection, job: Job, error: str) -> None:
+        log.error("walex %r: the backfill of %s failed: %s", self.pipeline.settings.name,
+                  job.qualified, error)
+        await self.store.update(conn, job, state="failed", error=error, finished_at=_now())
+        self._finished(job)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def check_condition(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> None:
+    """A ConfigError naming the problem when ``where`` is not a valid condition on the table."""
+    if where is None:
+        return
+    try:
+        await conn.execute(target.estimate_query(where))
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"where {where!r} is not a valid condition on {target.qualified}: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from None
+
+
+async def estimate(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> int | None:
+    """The planner's estimate of the rows to read."""
+    try:
+        cur = await conn.execute(target.estimate_query(where))
+        row = await cur.fetchone()
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error:
+        return None
+    plan: Any = row[0] if row else None
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    try:
+        return int(plan[0]["Plan"]["Plan Rows"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        return None

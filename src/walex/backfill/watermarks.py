@@ -1,0 +1,236 @@
+"""The watermark protocol: the stream side of a backfill (DBLog's method).
+
+For each chunk the backfill task writes a *low* watermark, reads the chunk
+in one snapshot, then writes a *high* watermark; each watermark is a
+transactional logical decoding message (``pg_logical_emit_message(true,
+'walex.backfill', payload)``, a transaction of its own). :class:`Window` sees
+the stream in commit order, as the reader assembles it:
+
+- it records the keys of the backfilled table's rows changed by each
+  transaction of the stream since the backfill started, with the
+  transaction's id, and forgets a transaction once a chunk's snapshot shows
+  it (every later snapshot shows it too);
+- at the high watermark it leaves out of the chunk every row changed by a
+  transaction after the low watermark, and every row changed before it by a
+  transaction the chunk's snapshot does not show (one that had written its
+  commit record but was not yet visible when the snapshot was taken, e.g.
+  waiting for a synchronous standby: the stream has it, the snapshot not);
+  such rows reach handlers from the stream with their newer values;
+- the rest of the chunk becomes ``read`` events, put on the handlers' queue
+  just before the high watermark's own (empty) transaction, as batches of
+  that transaction: the high watermark is acknowledged only after they were
+  handled.
+
+A chunk is *redone* (read again, nothing emitted) when a change to the table
+in its window cannot be tied to a key (a TRUNCATE, a key column missing from
+the old row) or when the stream did not show its low watermark (a reconnect).
+
+Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
+in the chunk, 7 hex digits>``: never equal to a streamed id (whose second part
+has 8 hex digits and no ``R``) and increasing in commit order with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..event import UNCHANGED_TOAST, EventType
+from ..lsn import format_lsn
+from ..transactions import Transaction
+from .chunks import Chunk
+from .target import Target
+
+__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
+
+PREFIX = "walex.backfill"
+
+_UPDATE, _TRUNCATE = EventType.UPDATE, EventType.TRUNCATE
+
+
+def payload(app: str, **fields: Any) -> str:
+    """The content of a ``walex.backfill`` message for the app called ``app``."""
+    return json.dumps({"app": app, **fields}, separators=(",", ":"))
+
+
+def parse(content: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of a chunk at its high watermark."""
+
+    end_lsn: int = 0  # end of the high watermark's transaction: acknowledged after the reads
+    emitted: int = 0
+    dropped: int = 0  # rows left to the stream
+    redo: str | None = None  # why the chunk must be read again
+
+
+@dataclass(slots=True)
+class _Changes:
+    """Keys of the table changed by the transactions of a stretch of the stream."""
+
+    by_xid: dict[int, set[tuple[Any, ...]]] = field(default_factory=dict)
+    unknown: dict[int, str] = field(default_factory=dict)  # xid -> why its keys are unknown
+
+    def absorb(self, other: _Changes) -> None:
+        for xid, keys in other.by_xid.items():
+            self.by_xid.setdefault(xid, set()).update(keys)
+        self.unknown.update(other.unknown)
+
+
+class Window:
+    """The stream side of one backfill job (one table), chunk after chunk."""
+
+    def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
+        # A transaction that wrote its commit record before the backfill started but
+        # that is still invisible to a chunk's snapshot is not known here: the one case
+        # left open (it needs a commit stuck between WAL and visibility at that moment).
+        self.app = app
+        self.run = run
+        self.schema, self.name = target.schema, target.name
+        self.key = target.key
+        self.batch_size = batch_size
+        self.seq = 0
+        self.low_seen = False
+        self.high_seen = False
+        self.chunk: Chunk | None = None
+        self.outcome: asyncio.Future[Outcome] | None = None
+        self._before = _Changes()  # since the previous high watermark, up to the low one
+        self._after = _Changes()  # since the low watermark
+
+    # -- the backfill task's side -----------------------------------------
+
+    def arm(self, seq: int) -> asyncio.Future[Outcome]:
+        """Expect the watermarks of chunk ``seq``; the future tells what became of it."""
+        self.seq = seq
+        self.low_seen = self.high_seen = False
+        self.chunk = None
+        # a chunk given up (a reconnect): its window is before the next chunk's low watermark
+        self._before.absorb(self._after)
+        self._after = _Changes()
+        self.outcome = asyncio.get_running_loop().create_future()
+        return self.outcome
+
+    def load(self, chunk: Chunk) -> None:
+        """The chunk's rows, read after the low watermark and before the high one is written."""
+        self.chunk = chunk
+
+    # -- the stream's side (the reader, in stream order) --------------------
+
+    def message(self, fields: dict[str, Any]) -> None:
+        """A ``walex.backfill`` watermark of this app arrived in the stream."""
+        if fields.get("run") != self.run or fields.get("chunk") != self.seq:
+            return  # an old run's or chunk's watermark, replayed after a reconnect
+        mark = fields.get("mark")
+        if mark == "low":
+            self.low_seen = True
+            self._before.absorb(self._after)
+            self._after = _Changes()
+        elif mark == "high" and self.chunk is not None:
+            self.high_seen = True
+
+    def observe(self, txn: Transaction) -> list[Transaction] | None:
+        """Record the keys a transaction batch changed; at the high watermark, the reads."""
+        if self.high_seen:
+            return self._emit(txn)
+        changes = self._after if self.low_seen else self._before
+        schema, name, key = self.schema, self.name, self.key
+        for event in txn.events:
+            source = event.source
+            if source.table != name or source.schema != schema:
+                continue
+            kind = event.type
+            if kind is _TRUNCATE:
+                changes.unknown[txn.xid] = "the table was truncated"
+                continue
+            for record in (event.new_record, event.old_record):
+                if record is None:
+                    continue
+                try:
+                    value = tuple(record[k] for k in key)
+                except KeyError:
+                    if kind is _UPDATE and record is event.old_record:
+                        continue  # an old record without the key: the key did not change
+                    changes.unknown[txn.xid] = f"a {kind.value} without the key columns"
+                    continue
+                if any(v is UNCHANGED_TOAST for v in value):
+                    changes.unknown[txn.xid] = f"a {kind.value} with an unsent key column"
+                    continue
+                keys = changes.by_xid.get(txn.xid)
+                if keys is None:
+                    keys = changes.by_xid[txn.xid] = set()
+                keys.add(value)
+        return None
+
+    def _emit(self, txn: Transaction) -> list[Transaction]:
+        """The high watermark's transaction: the chunk's reads go out just before it."""
+        chunk, outcome = self.chunk, self.outcome
+        assert chunk is not None and outcome is not None
+        self.high_seen = False
+        self.chunk = None
+        before, after = self._before, self._after
+        visible = chunk.snapshot.visible
+        # What the snapshot shows, every later snapshot shows: forget those transactions.
+        # Those it does not show are kept for the next chunks (one may be waiting for a
+        # synchronous standby while its commit already went by in the stream).
+        self._before, self._after = _Changes(), _Changes()
+        for changes in (before, after):
+            for xid, keys in changes.by_xid.items():
+                if not visible(xid):
+                    self._before.by_xid.setdefault(xid, set()).update(keys)
+            for xid, why in changes.unknown.items():
+                if not visible(xid):
+                    self._before.unknown[xid] = why
+        result = Outcome(end_lsn=txn.end_lsn)
+        hidden = [xid for xid in before.by_xid.keys() | before.unknown.keys() if not visible(xid)]
+        if not self.low_seen:
+            result.redo = "its low watermark was not seen in this session"
+        elif after.unknown:
+            result.redo = next(iter(after.unknown.values()))
+        else:
+            for xid in hidden:
+                if xid in before.unknown:
+                    result.redo = before.unknown[xid]
+                    break
+        self.low_seen = False
+        if result.redo is not None:
+            if not outcome.done():
+                outcome.set_result(result)
+            return []
+        drop: set[tuple[Any, ...]] = set()
+        for keys in after.by_xid.values():
+            drop |= keys
+        for xid in hidden:
+            drop |= before.by_xid.get(xid, set())
+        commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
+        lsn, prefix = format_lsn(commit_lsn), f"{commit_lsn:016X}-R"
+        events = chunk.events
+        if drop:
+            key = self.key
+            kept = [e for e in events if tuple(e.new_record[k] for k in key) not in drop]  # type: ignore[index]
+            result.dropped = len(events) - len(kept)
+            events = kept
+        for index, event in enumerate(events):
+            event.timestamp = commit_time
+            event.lsn = lsn
+            event.id = f"{prefix}{index:07X}"
+        result.emitted = len(events)
+        size = self.batch_size
+        batches = [
+            Transaction(
+                xid=txn.xid, commit_lsn=commit_lsn, end_lsn=0, commit_time=commit_time,
+                events=events[i:i + size], last=False,
+            )
+            for i in range(0, len(events), size)
+        ]
+        if not outcome.done():
+            outcome.set_result(result)
+        return batches
