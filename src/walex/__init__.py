@@ -15,9 +15,10 @@ from .errors import (
 from .event import UNCHANGED_TOAST, Change, Event, EventType, Source
 from .handlers import Events
 from .transactions import Transaction
+from .workers import Worker
 
 __all__ = [
-    "WalEx", "Events", "Event", "EventType", "Change", "Source", "Transaction",
+    "WalEx", "Worker", "Events", "Event", "EventType", "Change", "Source", "Transaction",
     "UNCHANGED_TOAST", "WalExError", "ConfigError", "SetupError", "ReplicationError",
     "SlotInUseError", "SlotLostError", "DecodeError", "HandlerError", "DestinationError",
 ]

@@ -1,5 +1,5 @@
 """The ``walex`` command: ``demo``, ``run``, ``status``, ``setup``, ``tail``, ``drop-slot``,
-``backfill``.
+``backfill``, ``worker``.
 
 ``walex run package.module:app`` imports and runs a :class:`~walex.WalEx`;
 ``walex run --config walex.toml`` builds one from a TOML file holding its
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from . import cli_admin, cli_setup, cli_status
+from . import cli_admin, cli_setup, cli_status, cli_worker
 from .backfill.command import backfill as backfill_command
 from .errors import ConfigError, WalExError, redact
 from .logs import RedactingFormatter, transaction_fields
@@ -223,6 +223,7 @@ app.command()(cli_setup.setup)
 app.command()(cli_admin.tail)
 app.command("drop-slot")(cli_admin.drop_slot)
 app.command()(backfill_command)  # walex backfill TABLE (walex.backfill.command)
+app.command()(cli_worker.command(_setup_logging))  # walex worker SOURCE_URL package.module:obj
 
 
 if __name__ == "__main__":  # pragma: no cover

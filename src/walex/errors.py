@@ -14,7 +14,8 @@ password: anything built from user configuration passes through
     ├── ReplicationError      the replication connection failed or broke
     │   ├── SlotInUseError    a durable slot is held by another process
     │   └── SlotLostError     a durable slot was invalidated; changes are gone
-    ├── DecodeError           bytes from the server are not valid pgoutput
+    ├── DecodeError           bytes from the server are not valid pgoutput,
+    │                         or a worker's message is not a walex CloudEvent
     ├── HandlerError          a handler or per-event function failed
     └── DestinationError      a destination refused events for good (a webhook
                               answering 4xx, a redirect); a broker that is

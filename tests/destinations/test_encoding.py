@@ -142,7 +142,7 @@ def test_type_matrix_envelope_and_forms(admin: psycopg.Connection, dsn: str) -> 
     assert truncate["type"] == "walex.truncate" and "subject" not in truncate
     assert truncate["partitionkey"] == "public.typed"
     assert truncate["data"] == {"new_record": None, "old_record": None, "changes": None,
-                                "columns": COLUMNS, "lsn": truncate["walexlsn"]}
+                                "columns": COLUMNS, "key": ["id"], "lsn": truncate["walexlsn"]}
 
 
 def test_primary_key_of_full_identity_and_composite_keys(admin: psycopg.Connection, dsn: str) -> None:
@@ -233,3 +233,4 @@ def test_event_partition_matches_its_key(partitions: int) -> None:
     doc = orjson.loads(encode_event(_event(), partitions).body)
     assert doc["partitionkey"] == "public.t/1"
     assert doc["walexpartition"] == zlib.crc32(b"public.t/1") % partitions
+    assert doc["walexpartitions"] == partitions

@@ -6,19 +6,20 @@ Structured mode, encoded with orjson::
      "type": "walex.insert", "time": "2024-05-01T12:00:00.123456Z",
      "subject": "<primary key>", "datacontenttype": "application/json",
      "walexlsn": "0/16B3748", "partitionkey": "public.user/42", "walexpartition": 0,
-     "data": {"new_record": {...}, "old_record": {...} | null,
+     "walexpartitions": 1, "data": {"new_record": {...}, "old_record": {...} | null,
               "changes": {column: {"old_value": ..., "new_value": ...}} | null,
-              "columns": {column: type name}, "lsn": "0/16B3748"}}
+              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748"}}
 
 ``source`` segments are percent-encoded. ``subject`` is the key of the row
 (:attr:`~walex.Source.primary_key`): the JSON form of a one-column key as
 text (``"42"``, ``"a0eebc99-..."``), a JSON array of the forms for a key of
 several columns (``'[1,"x"]'``); absent for a truncate and for a table
-without a key. ``partitionkey`` (the CloudEvents partitioning extension) is
+without a key. ``data.key`` names the key's columns (absent without a key). ``partitionkey`` (the CloudEvents partitioning extension) is
 ``schema.table`` followed by ``/subject`` when there is one, and
 ``walexpartition`` is ``crc32(partitionkey) mod partitions``: stable across
 processes, machines and versions, so a row always lands in the same partition
-while its key stays the same.
+while its key stays the same; ``walexpartitions`` is ``partitions`` (a
+worker checks it against its own).
 
 The JSON form of a value depends on its Python type, which psycopg chose from
 the column type (``data.columns`` names it, so a consumer can type values
@@ -330,6 +331,8 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         "columns": event.source.columns,
         "lsn": event.lsn,
     }
+    if info.key:
+        data["key"] = info.key
     if unchanged:
         data["unchanged_toast"] = unchanged
     subject = _subject(info, event)
@@ -346,6 +349,7 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         "walexlsn": event.lsn,
         "partitionkey": key,
         "walexpartition": partition,
+        "walexpartitions": partitions,
         "data": data,
     }
     if subject is not None:

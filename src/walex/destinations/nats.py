@@ -12,7 +12,9 @@ retention) with the subjects ``<fixed prefix>.>`` of the template (``walex.>``
 for ``walex.{schema}.{table}``) and a duplicate window of
 ``duplicate_window`` seconds (default 120, the server's default). An existing
 stream is used as it is. Parameters: ``stream`` (required), ``subject``
-(default ``walex.{schema}.{table}``), ``duplicate_window``, ``timeout``
+(default ``walex.{schema}.{table}``, and ``walex.{schema}.{table}.{partition}``
+when the app has ``partitions`` > 1, so workers can consume each partition),
+``duplicate_window``, ``timeout``
 (seconds to wait for the connection and for the acks of a batch, default
 10). A schema or table name's ``.``, ``*``, ``>`` and white space become
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
@@ -63,7 +65,8 @@ class NatsDestination(Destination):
         if not _STREAM_NAME.match(self.stream):
             raise ConfigError(f"destination {url.display}: stream name {self.stream!r} may not "
                               "contain white space, '.', '*', '>', '/' or '\\'")
-        self.subject = Template(url.take("subject") or "walex.{schema}.{table}", "subject",
+        default = "walex.{schema}.{table}" + (".{partition}" if partitions > 1 else "")
+        self.subject = Template(url.take("subject") or default, "subject",
                                 url.display, _token)
         prefix = self.subject.prefix
         if self.subject.constant:

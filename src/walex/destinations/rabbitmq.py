@@ -16,7 +16,9 @@ where the routing key is a queue name. Binding queues is the consumers'
 business. A schema or table name's ``.`` becomes ``_`` in a routing key, so
 the key's words stay ``schema``, ``table``, ``type``. Parameters:
 ``exchange`` (default ``walex``), ``routing_key`` (default
-``{schema}.{table}.{type}``), ``exchange_type``, ``mandatory``, ``timeout``
+``{schema}.{table}.{type}``, and ``{schema}.{table}.{type}.{partition}`` when
+the app has ``partitions`` > 1, so workers can bind a queue per partition),
+``exchange_type``, ``mandatory``, ``timeout``
 (seconds, default 10). ``amqps://`` uses TLS; the vhost is the path
 (``/`` when absent; ``%2F`` spells a vhost named ``/``).
 """
@@ -55,7 +57,8 @@ class RabbitMQDestination(Destination):
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
         self.exchange_name = url.take("exchange", "walex") or ""
-        self.routing_key = Template(url.take("routing_key") or "{schema}.{table}.{type}",
+        default = "{schema}.{table}.{type}" + (".{partition}" if partitions > 1 else "")
+        self.routing_key = Template(url.take("routing_key") or default,
                                     "routing_key", url.display, _word)
         kind = url.take("exchange_type", "topic") or "topic"
         if kind not in _EXCHANGE_TYPES:

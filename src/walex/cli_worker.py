@@ -1,0 +1,100 @@
+"""``walex worker SOURCE_URL package.module:obj``: handlers fed by what a relay published.
+
+``obj`` may be a :class:`~walex.WalEx` app (its handler modules, name and
+error policy are used; it does not connect to PostgreSQL), a
+:class:`~walex.Events` handler module, or, without ``:obj``, a Python module
+(every ``Events`` in it). ``SOURCE_URL`` is the relay's destination URL plus
+``partitions=N`` when the relay has ``partitions`` (see :mod:`walex.workers`).
+Options given on the command line override the app's. SIGINT and SIGTERM
+stop the worker cleanly (exit 0); a handler failure under ``on_error="stop"``
+exits 1 with the error, its messages left to the other workers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .cli_admin import _fail
+from .errors import ConfigError, WalExError
+
+__all__ = ["build_worker", "command"]
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
+    """The :class:`~walex.workers.Worker` for ``target``; ``options`` override the app's."""
+    from .app import WalEx
+    from .handlers import Events
+    from .modules import import_object
+    from .workers import Worker, consumer_from_url
+
+    consumer_from_url(source_url)  # a bad URL is reported before the handlers are imported
+    obj = import_object(target)
+    if isinstance(obj, WalEx):
+        return Worker.for_app(source_url, obj, **options)
+    if isinstance(obj, Events):
+        return Worker(source_url, [obj], **options)
+    if isinstance(obj, ModuleType):
+        return Worker(source_url, [target], **options)
+    raise ConfigError(f"{target!r} is not a walex.WalEx app, a walex.Events handler module or a "
+                      f"Python module holding them (its type is {type(obj).__name__})")
+
+
+def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., None]:
+    """The ``worker`` command, logging set up by ``setup_logging(level, format)``."""
+
+    def worker(
+        source_url: Annotated[str, typer.Argument(
+            help="The relay's destination URL (nats:// or amqp://), plus &partitions=N if the "
+                 "relay has partitions.", show_default=False)],
+        target: Annotated[str, typer.Argument(
+            help="The handlers: 'package.module:app' (a WalEx app), 'package.module:events' "
+                 "(a walex.Events) or 'package.module'.", show_default=False)],
+        concurrency: Annotated[Optional[int], typer.Option(  # noqa: UP007
+            help="Handler calls at once, for different partitions (default 1).",
+            show_default=False)] = None,
+        on_error: Annotated[Optional[str], typer.Option(  # noqa: UP007
+            help="stop, skip, or 'package.module:function' (a dead-letter handler); default: "
+                 "the app's, else stop.", show_default=False)] = None,
+        max_retries: Annotated[Optional[int], typer.Option(  # noqa: UP007
+            help="Retries of a failing call (default: the app's, else 3).",
+            show_default=False)] = None,
+        log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+        log_format: Annotated[str, typer.Option(help="text or json (one object per line).")] = "text",
+        app_dir: Annotated[str, typer.Option(
+            help="Folder put first on sys.path to import the handlers.")] = ".",
+    ) -> None:
+        """Handle what a relay published to a broker, with an app's handlers (exit 0 on SIGTERM)."""
+        try:
+            level, fmt = log_level.upper(), log_format.lower()
+            if level not in _LEVELS:
+                raise ConfigError(f"--log-level must be one of {', '.join(_LEVELS)}, got {log_level!r}")
+            if fmt not in ("text", "json"):
+                raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
+            secrets = setup_logging(level, fmt)
+            folder = Path(app_dir).resolve()
+            sys.path.insert(0, str(folder))
+            options = {k: v for k, v in (("concurrency", concurrency), ("on_error", on_error),
+                                         ("max_retries", max_retries)) if v is not None}
+            try:
+                built = build_worker(source_url, target, options)
+            except ConfigError as exc:
+                if "no module named" not in str(exc).lower():
+                    raise
+                raise ConfigError(f"{exc}\n(walex worker imports from {folder}; --app-dir "
+                                  "changes that)") from None
+            secrets.extend(built.secrets)
+            built.run()
+        except WalExError as exc:
+            raise _fail(exc) from None
+        except KeyboardInterrupt:
+            typer.echo("walex: interrupted", err=True)
+
+    return worker

@@ -1,0 +1,397 @@
+"""Events back from the CloudEvents walex published: the inverse of :mod:`.encoding`.
+
+:class:`Decoder` turns one message body into the :class:`~walex.Event` an
+in-process handler would have received, typing each value back from its
+JSON form by the column's type name in ``data.columns``:
+
+=====================================  ==========================================
+bool, int2, int4, int8, oid            ``bool``, ``int`` (int8 beyond 2**53 comes as a string)
+float4, float8                         ``float`` (``"NaN"``, ``"Infinity"``, ``"-Infinity"`` too)
+numeric                                ``Decimal``
+bytea                                  ``bytes``
+uuid                                   ``UUID``
+date, time, timetz,                    ``date``, ``time``, ``datetime``; the tz kinds with a
+timestamp, timestamptz                 fixed-offset ``tzinfo`` (the same instant as psycopg's
+                                       zone-aware value, which compares equal)
+interval                               ``timedelta``
+inet, cidr                             ``ipaddress`` interface or address, network
+built-in ranges and multiranges        psycopg's ``Range`` / ``Multirange`` of typed bounds
+json, jsonb (and their arrays)         the document, integers of any size exact
+arrays (``int4[]``, ``mood[]`` ...)    lists (nested), each element typed as above
+hstore                                 ``dict``
+text kinds, enums, money, macaddr,     ``str``, as psycopg loads them
+every other type psycopg loads as str
+=====================================  ==========================================
+
+What the message cannot say:
+
+- **composite types**: a JSON object of a column whose type walex does not
+  know by name becomes a named tuple of the type's name with the object's
+  fields, in order. It equals the in-process value (named tuples compare as
+  tuples) when every field's JSON form is its Python value (text, enum,
+  integers, bool, null, nested composites); a field of another type (numeric,
+  a date ...) keeps its JSON form, since the message does not carry field
+  types. Type such fields, or any user type, with ``types={"type name":
+  callable}``: the callable receives the JSON form (of each element, for an
+  array of that type) and returns the value.
+- a user type with a loader registered in the relay (psycopg ``register_*``)
+  comes back as its JSON form unless ``types`` says how to type it;
+- ``Source.version`` is this process's walex version.
+
+An unchanged TOAST value (``data.unchanged_toast``) is
+:data:`~walex.UNCHANGED_TOAST` again, in the record it was left out of.
+Sources are shared: the events of one table (with the same columns) carry
+the same :class:`~walex.Source` object, as in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import keyword
+import re
+from collections import namedtuple
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from ipaddress import ip_address, ip_interface, ip_network
+from typing import Any
+from urllib.parse import unquote
+from uuid import UUID
+
+import orjson
+from psycopg.types.multirange import Multirange
+from psycopg.types.range import Range
+
+from ..errors import DecodeError
+from ..event import UNCHANGED_TOAST, Change, Event, EventType, Source
+
+__all__ = ["Decoder", "decode"]
+
+Convert = Callable[[Any], Any]
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # orjson turns integers beyond 64 bits into floats
+_INTERVAL = re.compile(r"^(-?)P(\d+)DT(\d+)(?:\.(\d{1,6}))?S$")
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_]")
+_TYPES = {f"walex.{t.value}": t for t in EventType}
+
+
+class _ColumnError(Exception):
+    def __init__(self, column: str, type_name: str, exc: Exception) -> None:
+        super().__init__(f"cannot type the value of column {column!r} ({type_name}) back: {exc!r}")
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _int(value: Any) -> int:
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    return float(value)  # also "NaN", "Infinity", "-Infinity"
+
+
+def _decimal(value: Any) -> Decimal:
+    return Decimal(value)
+
+
+def _bytes(value: str) -> bytes:
+    return base64.b64decode(value)
+
+
+def _interval(value: str) -> dt.timedelta:
+    match = _INTERVAL.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not an interval of the form P<days>DT<seconds>S")
+    sign, days, seconds, fraction = match.groups()
+    delta = dt.timedelta(days=int(days), seconds=int(seconds),
+                         microseconds=int((fraction or "").ljust(6, "0")))
+    return -delta if sign else delta
+
+
+def _inet(value: str) -> Any:
+    return ip_interface(value) if "/" in value else ip_address(value)
+
+
+def _range_of(bound: Convert) -> Convert:
+    def load(value: dict[str, Any]) -> Range[Any]:
+        if value.get("empty"):
+            return Range(empty=True)
+        lower, upper = value.get("lower"), value.get("upper")
+        return Range(None if lower is None else bound(lower), None if upper is None else bound(upper),
+                     value.get("bounds") or "[)")
+
+    return load
+
+
+def _multirange_of(bound: Convert) -> Convert:
+    load_range = _range_of(bound)
+
+    def load(value: list[Any]) -> Multirange[Any]:
+        return Multirange([load_range(item) for item in value])
+
+    return load
+
+
+_BOUNDS: dict[str, Convert] = {
+    "int4": _int, "int8": _int, "num": _decimal, "date": dt.date.fromisoformat,
+    "ts": dt.datetime.fromisoformat, "tstz": dt.datetime.fromisoformat,
+}
+
+_BUILT_IN: dict[str, Convert] = {
+    "bool": _identity, "int2": _int, "int4": _int, "int8": _int, "oid": _int,
+    "float4": _float, "float8": _float, "numeric": _decimal, "bytea": _bytes,
+    "uuid": UUID, "date": dt.date.fromisoformat, "time": dt.time.fromisoformat,
+    "timetz": dt.time.fromisoformat, "timestamp": dt.datetime.fromisoformat,
+    "timestamptz": dt.datetime.fromisoformat, "interval": _interval,
+    "json": _identity, "jsonb": _identity, "json[]": _identity, "jsonb[]": _identity,
+    "inet": _inet, "cidr": ip_network,
+    **{f"{kind}range": _range_of(bound) for kind, bound in _BOUNDS.items()},
+    **{f"{kind}multirange": _multirange_of(bound) for kind, bound in _BOUNDS.items()},
+}
+
+# Built-in types psycopg loads as str: their JSON form is the value itself.
+_TEXT = frozenset({
+    "text", "varchar", "bpchar", "name", '"char"', "money", "macaddr", "macaddr8", "xml",
+    "pg_lsn", "bit", "varbit", "tsvector", "tsquery", "jsonpath", "point", "line", "lseg",
+    "box", "path", "polygon", "circle", "xid", "xid8", "cid", "tid", "regclass", "regtype",
+    "regproc", "regprocedure", "regoper", "regoperator", "regconfig", "regdictionary",
+    "regnamespace", "regrole", "regcollation", "int2vector", "oidvector", "txid_snapshot",
+    "aclitem", "refcursor",
+})
+
+
+def _python_name(name: str) -> str:
+    """A type or field name as psycopg names its composite named tuples."""
+    if not name.isidentifier():
+        if name[:1].isdigit():
+            name = "f" + name
+        if not name.isidentifier():
+            name = _NOT_IN_NAME.sub("_", name)
+    if name[:1] == "_":
+        name = "f" + name
+    return name
+
+
+class Decoder:
+    """Decodes message bodies into Events; holds the caches that make it cheap.
+
+    ``types``: ``{"type name": callable}`` typing the JSON form of a column of
+    that type (a user type; a composite whose fields the message cannot type).
+    """
+
+    def __init__(self, types: Mapping[str, Convert] | None = None) -> None:
+        self.types = dict(types or {})
+        self._converters: dict[str, Convert] = {}
+        self._tuples: dict[tuple[str, tuple[str, ...]], type] = {}
+        self._sources: dict[tuple[Any, ...], Source] = {}
+
+    # -- values ------------------------------------------------------------
+
+    def converter(self, type_name: str) -> Convert:
+        """The function typing a non-null JSON form of a value of ``type_name``."""
+        convert = self._converters.get(type_name)
+        if convert is None:
+            convert = self._converters[type_name] = self._make_converter(type_name)
+        return convert
+
+    def _make_converter(self, type_name: str) -> Convert:
+        user = self.types.get(type_name)
+        if user is not None:
+            return user
+        if type_name.endswith("[]"):
+            element = type_name[:-2]
+            if self.types.get(element) is None and element in ("json", "jsonb"):
+                return _identity  # documents, which may be arrays themselves
+            return self._array_of(self.converter(element))
+        built_in = _BUILT_IN.get(type_name)
+        if built_in is not None:
+            return built_in
+        if type_name in _TEXT or type_name.rpartition(".")[2] == "hstore":
+            return _identity
+        return self._unknown_of(type_name.rpartition(".")[2])
+
+    @staticmethod
+    def _array_of(element: Convert) -> Convert:
+        def load(value: Any) -> Any:
+            if isinstance(value, list):
+                return [None if item is None else load(item) for item in value]
+            return element(value)
+
+        return load
+
+    def _unknown_of(self, type_name: str) -> Convert:
+        """An enum, a domain, a user type: its JSON form; an object is a composite."""
+
+        def load(value: Any) -> Any:
+            if isinstance(value, dict):
+                return self.composite(type_name, value)
+            return value
+
+        return load
+
+    def composite(self, type_name: str, fields: dict[str, Any]) -> Any:
+        """A named tuple of the fields' JSON forms (nested objects as named tuples)."""
+        names = tuple(fields)
+        cls = self._tuples.get((type_name, names))
+        if cls is None:
+            try:
+                cls = namedtuple(_python_name(type_name), names)  # type: ignore[misc]
+            except ValueError:  # a keyword, a repeated name
+                cls = namedtuple(_python_name(type_name) + ("_" if keyword.iskeyword(type_name) else ""),
+                                 names, rename=True)  # type: ignore[misc]
+            self._tuples[(type_name, names)] = cls
+        return cls(*(self.composite(name, v) if isinstance(v, dict) else v
+                     for name, v in fields.items()))
+
+    def value(self, type_name: str, form: Any) -> Any:
+        """One value of a column of ``type_name`` from its JSON form."""
+        return None if form is None else self.converter(type_name)(form)
+
+    # -- events ------------------------------------------------------------
+
+    def _record(self, form: dict[str, Any], columns: dict[str, str],
+                unchanged: frozenset[str]) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        name = ""
+        try:
+            if unchanged:  # in column order, the unchanged values where they were
+                for name in columns:
+                    if name in form:
+                        record[name] = self.value(columns[name], form[name])
+                    elif name in unchanged:
+                        record[name] = UNCHANGED_TOAST
+                return record
+            for name, value in form.items():
+                if value is None:
+                    record[name] = None
+                else:
+                    type_name = columns.get(name, "text")
+                    convert = self._converters.get(type_name) or self.converter(type_name)
+                    record[name] = convert(value)
+        except Exception as exc:
+            raise _ColumnError(name, columns.get(name, "text"), exc) from None
+        return record
+
+    def _changes(self, forms: dict[str, Any], columns: dict[str, str]) -> dict[str, Change]:
+        changes: dict[str, Change] = {}
+        for name, change in forms.items():
+            type_name = columns.get(name, "text")
+            try:
+                changes[name] = Change(self.value(type_name, change["old_value"]),
+                                       self.value(type_name, change["new_value"]))
+            except Exception as exc:
+                raise _ColumnError(name, type_name, exc) from None
+        return changes
+
+    def _source(self, doc: dict[str, Any], data: dict[str, Any]) -> Source:
+        columns = data.get("columns") or {}
+        key = (doc["source"], tuple(columns.items()), tuple(data.get("key") or ()))
+        source = self._sources.get(key)
+        if source is None:
+            parts = doc["source"].split("/")
+            if len(parts) != 4:
+                raise ValueError(f"source {doc['source']!r} is not /<db>/<schema>/<table>")
+            db, schema, table = (unquote(p) for p in parts[1:])
+            if len(self._sources) >= 4096:
+                self._sources.clear()
+            source = self._sources[key] = Source(
+                db=db, schema=schema, table=table, columns=dict(columns), primary_key=key[2],
+            )
+        return source
+
+    @staticmethod
+    def document(body: bytes | str) -> dict[str, Any]:
+        """The parsed JSON object of a message body; :class:`~walex.errors.DecodeError` if none."""
+        try:
+            return _parse(body)
+        except Exception as exc:
+            raise DecodeError(f"message {_excerpt(body)} is not a walex CloudEvent: {exc!r}") from None
+
+    def decode(self, body: bytes | str | dict[str, Any]) -> Event:
+        """The Event of one message body (the CloudEvent JSON, or it parsed).
+
+        Raises :class:`~walex.errors.DecodeError` naming the message when the
+        body is not a walex CloudEvent.
+        """
+        doc: Any = None
+        try:
+            doc = body if isinstance(body, dict) else _parse(body)
+            return self._event(doc)
+        except Exception as exc:
+            name = doc.get("id") if isinstance(doc, dict) else None
+            if isinstance(exc, _ColumnError):
+                raise DecodeError(f"message {name}: {exc}") from None
+            raise DecodeError(
+                f"message {name or _excerpt(body)} is not a walex CloudEvent: {exc!r}"
+            ) from None
+
+    def _event(self, doc: dict[str, Any]) -> Event:
+        kind = _TYPES.get(doc.get("type", ""))
+        if kind is None:
+            raise ValueError(f"type {doc.get('type')!r} is not one of {', '.join(_TYPES)}")
+        data = doc["data"]
+        source = self._source(doc, data)
+        columns = source.columns
+        listed = data.get("unchanged_toast")
+        new_form, old_form = data.get("new_record"), data.get("old_record")
+        new_unchanged = old_unchanged = frozenset()
+        if listed:
+            # a listed column missing from new_record was left out of it; one that
+            # new_record has (or every listed one, for a delete) was left out of old_record
+            new_unchanged = frozenset(c for c in listed if new_form is not None and c not in new_form)
+            old_unchanged = frozenset(listed) - new_unchanged
+        changes = data.get("changes")
+        moment = doc["time"]
+        return Event(
+            name=source.table,
+            type=kind,
+            source=source,
+            new_record=None if new_form is None else self._record(new_form, columns, new_unchanged),
+            old_record=None if old_form is None else self._record(old_form, columns, old_unchanged),
+            changes=None if changes is None else self._changes(changes, columns),
+            timestamp=_timestamp(moment),
+            lsn=doc.get("walexlsn") or data["lsn"],
+            id=doc["id"],
+        )
+
+
+_times: dict[str, dt.datetime] = {}
+
+
+def _timestamp(text: str) -> dt.datetime:
+    moment = _times.get(text)
+    if moment is None:
+        moment = dt.datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        if len(_times) > 64:
+            _times.clear()
+        _times[text] = moment
+    return moment
+
+
+def _parse(body: bytes | str) -> dict[str, Any]:
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    if _LONG_NUMBER.search(raw):
+        doc = json.loads(raw)  # integers of any size stay exact
+    else:
+        doc = orjson.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+    return doc
+
+
+def _excerpt(body: Any) -> str:
+    text = body if isinstance(body, str) else bytes(body or b"")[:80].decode("utf-8", "replace")
+    return repr(text[:80])
+
+
+_default = Decoder()
+
+
+def decode(body: bytes | str | dict[str, Any]) -> Event:
+    """The Event of one message body, with no ``types`` (see :class:`Decoder`)."""
+    return _default.decode(body)

@@ -1,0 +1,402 @@
+"""Workers: the handlers of an app, on many processes, fed by what a relay published.
+
+A relay (``walex run`` with ``destinations`` and ``partitions``) publishes
+every change to a broker; :class:`Worker` processes (``walex worker
+SOURCE_URL package.module:obj``) consume it and call the same
+:class:`~walex.Events` handlers with the same :class:`~walex.Event` objects
+(:mod:`walex.destinations.decoding` types the values back).
+
+The contract every source keeps (:mod:`walex.workers.base`):
+
+- a partition's messages are handled in the order they were published, by
+  one worker at a time, through the broker's own mechanism (a JetStream
+  durable consumer per partition with ``max_ack_pending=1``; a RabbitMQ
+  queue per partition with single active consumer), never a lock of ours;
+- a message is acknowledged to the broker only after the handlers it went
+  to returned (or the error policy disposed of it); what a worker received
+  and did not acknowledge goes to another worker when it stops or dies;
+- so delivery is at-least-once: a worker killed after its handler returned
+  and before the acknowledgement reached the broker leaves that event to be
+  handled again, with the same ``event.id``. A worker drops an event it
+  handled itself among its last 50,000 (a relay's replay, a redelivery after
+  a reconnect).
+
+What a handler receives: a list of events of one transaction and one
+partition, in order, filtered like in-process (table, types,
+``unwatched_records``, ``where`` ...): the consecutive messages of one
+transaction that the broker has delivered at once (NATS: one message per
+call, as ``max_ack_pending=1`` lets one out at a time; RabbitMQ: up to
+``prefetch``). A transaction's rows in other partitions go to other calls,
+maybe on other workers. The error policy is the app's: ``max_retries`` with
+backoff, then ``"stop"`` (the worker stops with the error and its messages
+go back to the broker, so another worker tries them), ``"skip"`` or a
+dead-letter callable (the message is acknowledged after it returned). A
+message that is not a walex event is such a failure too.
+
+Calls run one at a time per worker by default (``concurrency``), so a
+handler written for an in-process app, which never runs twice at once, runs
+unchanged; scale out with processes. Redis Streams is a destination only:
+a consumer group hands entries to whichever consumer asks, and the entries
+a dead consumer held are claimed by another while newer entries of the same
+rows are being handled, so per-row order cannot be kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ..destinations.base import DestinationURL, Unavailable, backoff
+from ..destinations.decoding import Decoder
+from ..dispatch import Dispatcher
+from ..errors import ConfigError, DecodeError, HandlerError
+from ..event import Event
+from ..logs import default_logging
+from ..modules import import_object, resolve_modules
+from ..transactions import Transaction
+from .base import Consumer, Delivery, Lane
+
+__all__ = ["Worker", "consumer_from_url"]
+
+log = logging.getLogger("walex.workers")
+
+# scheme -> (module, class, pip extra, client package)
+_SCHEMES: dict[str, tuple[str, str, str, str]] = {
+    "nats": ("nats", "NatsConsumer", "nats", "nats-py"),
+    "tls": ("nats", "NatsConsumer", "nats", "nats-py"),
+    "amqp": ("rabbitmq", "RabbitMQConsumer", "rabbitmq", "aio-pika"),
+    "amqps": ("rabbitmq", "RabbitMQConsumer", "rabbitmq", "aio-pika"),
+}
+
+_NOT_A_SOURCE = {
+    "redis": "Redis Streams is supported as a destination only: a consumer group hands each "
+             "entry to whichever consumer reads next, and the entries a stopped or killed consumer "
+             "held are claimed (XAUTOCLAIM) by another while newer entries of the same rows are "
+             "handled elsewhere, so per-row order cannot be kept. Read the stream with one "
+             "consumer (XREAD), or publish to NATS JetStream (nats://) or RabbitMQ (amqp://) "
+             "for workers",
+    "http": "a webhook is a destination only: it pushes to your endpoint; give workers a "
+            "NATS JetStream (nats://) or RabbitMQ (amqp://) URL",
+}
+_NOT_A_SOURCE["rediss"] = _NOT_A_SOURCE["redis"]
+_NOT_A_SOURCE["https"] = _NOT_A_SOURCE["http"]
+
+
+def consumer_from_url(url: str) -> Consumer:
+    """The source a URL names, picked by its scheme; nothing is connected yet."""
+    parsed = DestinationURL(url)
+    reason = _NOT_A_SOURCE.get(parsed.scheme)
+    if reason is not None:
+        raise ConfigError(f"worker source {parsed.display}: {reason}")
+    entry = _SCHEMES.get(parsed.scheme)
+    if entry is None:
+        raise ConfigError(f"worker source {parsed.display}: unknown scheme {parsed.scheme!r}; use "
+                          "nats:// (JetStream) or amqp:// (RabbitMQ)")
+    module_name, class_name, extra, client = entry
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("walex"):
+            raise ConfigError(f"worker source {parsed.display} needs the {client} client, which "
+                              f"is not installed: pip install 'walex[{extra}]'") from None
+        raise
+    consumer: Consumer = getattr(module, class_name)(parsed)
+    return consumer
+
+
+def _policy(on_error: Any) -> Any:
+    if on_error in ("stop", "skip") or callable(on_error):
+        return on_error
+    if isinstance(on_error, str) and ":" in on_error:
+        found = import_object(on_error)
+        if callable(found):
+            return found
+    raise ConfigError(f"on_error must be 'stop', 'skip' or a dead-letter callable(events, "
+                      f"exception) (or its import string 'package.module:function'), got {on_error!r}")
+
+
+class Worker:
+    """Handle what a relay published to ``source_url`` with the handlers of ``modules``.
+
+    ``modules``: :class:`~walex.Events` objects or import strings, as for
+    :class:`~walex.WalEx`; :meth:`for_app` takes an app's modules and error
+    policy. ``types``: see :class:`~walex.destinations.decoding.Decoder`.
+    """
+
+    poll = 1.0  # seconds a lane waits for messages before it looks at stop()
+    remember = 50_000  # ids of the last events handled, to drop what comes again
+
+    def __init__(
+        self,
+        source_url: str,
+        modules: Iterable[Any] = (),
+        *,
+        name: str = "walex-worker",
+        on_error: Any = "stop",
+        max_retries: int = 3,
+        retry_backoff: float = 0.5,
+        function_concurrency: int = 16,
+        concurrency: int = 1,
+        shutdown_grace: float = 30.0,
+        types: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> None:
+        for option, value, minimum in (("max_retries", max_retries, 0), ("concurrency", concurrency, 1),
+                                       ("function_concurrency", function_concurrency, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ConfigError(f"{option} must be an integer >= {minimum}, got {value!r}")
+        for option, number in (("retry_backoff", retry_backoff), ("shutdown_grace", shutdown_grace)):
+            if not isinstance(number, (int, float)) or number < 0:
+                raise ConfigError(f"{option} must be a number >= 0, got {number!r}")
+        self.name = name
+        self.consumer = consumer_from_url(source_url)
+        self.modules = resolve_modules(modules, name, ())
+        if not any(module.handlers for module in self.modules):
+            raise ConfigError(f"worker {name!r} has no handler: give modules with handlers "
+                              "(walex.Events) or an app that has them")
+        self.dispatcher = Dispatcher(
+            self.modules, function_concurrency=function_concurrency, on_error=_policy(on_error),
+            max_retries=max_retries, retry_backoff=retry_backoff, name=name,
+        )
+        self.decoder = Decoder(types)
+        self.concurrency = concurrency
+        self.shutdown_grace = shutdown_grace
+        self._slots = asyncio.Semaphore(concurrency)
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._closing = False
+        self._error: BaseException | None = None
+        self.events_handled = 0
+        self.duplicates = 0  # events dropped as already handled by this worker
+        self.redeliveries = 0  # messages the broker delivered again
+        self.reconnects = 0  # connections to the broker lost and opened again
+
+    @classmethod
+    def for_app(cls, source_url: str, app: Any, **options: Any) -> Worker:
+        """A worker with the handler modules and error policy of a :class:`~walex.WalEx`."""
+        s = app.settings
+        values: dict[str, Any] = {
+            "name": s.name, "on_error": s.on_error, "max_retries": s.max_retries,
+            "retry_backoff": s.retry_backoff, "function_concurrency": s.function_concurrency,
+            "shutdown_grace": s.shutdown_grace,
+        }
+        values.update(options)
+        return cls(source_url, app.modules, **values)
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name!r} {self.consumer.display} group={self.consumer.group!r}>"
+
+    @property
+    def secrets(self) -> list[str]:
+        """What log output must not show (the source URL's password)."""
+        return list(self.consumer.url.secrets)
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect and start handling; a broker that cannot be reached is retried meanwhile.
+
+        Raises :class:`~walex.errors.ConfigError` when what exists on the
+        broker cannot keep the order (a consumer or queue set up otherwise).
+        """
+        if self._task is not None:
+            raise ConfigError(f"worker {self.name!r} is already started")
+        self._closing = False
+        self._error = None
+        self._stopped.clear()
+        lanes: list[Lane] | None = None
+        try:
+            lanes = await self.consumer.open()
+        except Unavailable as exc:
+            log.warning("worker %r: %s is unreachable (%s); trying again", self.name,
+                        self.consumer.display, exc)
+        except BaseException:
+            self._stopped.set()  # never started: wait() does not hang
+            raise
+        self._task = asyncio.create_task(self._run(lanes), name=f"walex-worker-{self.name}")
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
+            log.error("worker %r stopped: %s", self.name, self._error)
+        if not self._closing:
+            asyncio.get_running_loop().create_task(self.stop())
+
+    async def _run(self, lanes: list[Lane] | None) -> None:
+        """Run the lanes; reconnect when the connection is lost, until stop()."""
+        attempt = 0
+        while not self._closing:
+            if lanes is None:
+                try:
+                    lanes = await self.consumer.open()
+                except Unavailable as exc:
+                    delay = backoff(attempt)
+                    attempt += 1
+                    log.warning("worker %r: %s is unreachable (%s); trying again in %.1fs",
+                                self.name, self.consumer.display, exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if attempt:
+                    log.warning("worker %r: %s is back", self.name, self.consumer.display)
+                attempt = 0
+            tasks = [asyncio.create_task(self._lane(lane), name=f"walex-worker-{self.name}-p{lane.partition}")
+                     for lane in lanes]
+            try:
+                await asyncio.gather(*tasks)
+            except Unavailable as exc:
+                self.reconnects += 1
+                log.warning("worker %r: lost %s (%s); reconnecting; what was not acknowledged "
+                            "is delivered again", self.name, self.consumer.display, exc)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.consumer.close()
+            lanes = None
+
+    async def _lane(self, lane: Lane) -> None:
+        while not self._closing:
+            deliveries = await lane.receive(self.poll)
+            if deliveries:
+                await self._handle(lane, deliveries)
+
+    async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
+        """Handle the deliveries in order, a transaction's consecutive events per call."""
+        items: list[tuple[Delivery, Event | None, DecodeError | None]] = []
+        for delivery in deliveries:
+            if delivery.redelivered:
+                self.redeliveries += 1
+            try:
+                doc = self.decoder.document(delivery.body)
+            except DecodeError as exc:
+                items.append((delivery, None, exc))
+                continue
+            theirs, mine = doc.get("walexpartitions"), self.consumer.partitions
+            if mine > 1 and isinstance(theirs, int) and theirs != mine:
+                await lane.release(deliveries)
+                raise ConfigError(
+                    f"worker {self.name!r}: message {doc.get('id')} was published with "
+                    f"partitions={theirs}, and this worker has partitions={mine}: its source URL "
+                    f"must say the relay's partitions (&partitions={theirs}), or some partitions "
+                    "are never handled"
+                )
+            try:
+                items.append((delivery, self.decoder.decode(doc), None))
+            except DecodeError as exc:
+                items.append((delivery, None, exc))
+        i = 0
+        while i < len(items):
+            if self._closing:
+                await lane.release([d for d, _, _ in items[i:]])
+                return
+            delivery, event, error = items[i]
+            if event is None:
+                await self._undecodable(lane, [d for d, _, _ in items[i:]], error)
+                i += 1
+                continue
+            commit = event.id.partition("-")[0]
+            j = i + 1
+            while j < len(items) and items[j][1] is not None and \
+                    items[j][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
+                j += 1
+            group = items[i:j]
+            try:
+                await self._dispatch(lane.partition, [e for _, e, _ in group])  # type: ignore[misc]
+            except BaseException:
+                await lane.release([d for d, _, _ in items[i:]])
+                raise
+            await lane.ack([d for d, _, _ in group])
+            i = j
+
+    async def _dispatch(self, partition: int, events: list[Event]) -> None:
+        seen = self._seen
+        fresh = []
+        for event in events:
+            if (event.source.db, event.id) in seen:
+                self.duplicates += 1
+                log.debug("worker %r: event %s was handled here already; dropped", self.name, event.id)
+                continue
+            fresh.append(event)
+        if not fresh:
+            return
+        first = fresh[0]
+        txn = Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16), end_lsn=0,
+                          commit_time=first.timestamp, events=fresh)
+        async with self._slots:
+            await self.dispatcher.dispatch(txn)
+        for event in fresh:
+            seen[(event.source.db, event.id)] = None
+        while len(seen) > self.remember:
+            seen.popitem(last=False)
+        self.events_handled += len(fresh)
+
+    async def _undecodable(self, lane: Lane, rest: list[Delivery], error: DecodeError | None) -> None:
+        """A message that is not a walex event: a failure under the error policy."""
+        policy = self.dispatcher.on_error
+        if policy == "stop":
+            await lane.release(rest)
+            raise HandlerError(f"worker {self.name!r}: {error} (partition {lane.partition}); "
+                               "it was not acknowledged")
+        log.error("worker %r: %s (partition %d); acknowledged and skipped", self.name, error,
+                  lane.partition)
+        self.dispatcher.failures += 1
+        await lane.ack(rest[:1])
+
+    async def stop(self) -> None:
+        """Finish the calls in hand (within ``shutdown_grace``), give back the rest, disconnect."""
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        try:
+            task = self._task
+            if task is not None and not task.done():
+                await asyncio.wait([task], timeout=self.shutdown_grace + self.poll + 1)
+                if not task.done():
+                    log.warning("worker %r: a handler call was cut off after shutdown_grace=%gs; "
+                                "its messages go back to the broker", self.name, self.shutdown_grace)
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            await self.consumer.close()
+            self.dispatcher.close(wait=task is None or not task.cancelled())
+        finally:
+            self._task = None
+            self._stopped.set()
+
+    async def wait(self) -> None:
+        """Wait until the worker stops; raises the error that stopped it, if any."""
+        await self._stopped.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+    def run(self) -> None:
+        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised)."""
+        with default_logging(self.secrets[0] if self.secrets else None):
+            asyncio.run(self._run_until_signal())
+
+    async def _run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+        try:
+            await self.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+

@@ -1,0 +1,166 @@
+"""What every worker source shares: the abstract consumer, its lanes, the partition filters.
+
+A broker module subclasses :class:`Consumer`: :meth:`~Consumer.open`
+connects, declares what it consumes (with the broker's own mechanism that
+lets one worker at a time take a partition's messages) and returns one
+:class:`Lane` per partition; :meth:`~Consumer.close` disconnects, and
+whatever was received but not acknowledged goes back to the broker.
+
+A :class:`Lane` hands out one partition's messages in order:
+:meth:`~Lane.receive` returns the next messages available (an empty list
+after ``wait`` seconds without any), :meth:`~Lane.ack` acknowledges
+delivered messages once they are handled, :meth:`~Lane.release` gives
+messages back unhandled, for redelivery. A connection that is lost raises
+:class:`~walex.destinations.base.Unavailable` from any of them; the worker
+then reconnects with backoff.
+
+A source URL is its destination URL (the broker module takes the
+destination's own parameters through the destination class, which also
+connects and declares the stream or exchange) plus the worker's:
+``partitions`` (the relay's ``partitions``, default 1) and ``group`` (the
+worker group: every group receives every event once; default ``walex``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import string
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..destinations.base import Destination, DestinationURL, Unavailable
+from ..errors import ConfigError
+
+__all__ = ["Consumer", "Delivery", "Lane", "Unavailable", "close_quietly", "partition_filter"]
+
+log = logging.getLogger("walex.workers")
+
+_GROUP = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as the broker delivered it."""
+
+    body: bytes
+    handle: Any  # the client's message object
+    redelivered: bool = False
+
+
+class Lane(ABC):
+    """One partition's messages at this worker, in the order they were published."""
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+
+    @abstractmethod
+    async def receive(self, wait: float) -> list[Delivery]:
+        """The next messages: at least one, or none after ``wait`` seconds."""
+
+    @abstractmethod
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        """Acknowledge these messages (the oldest unacknowledged ones, in order)."""
+
+    @abstractmethod
+    async def release(self, deliveries: list[Delivery]) -> None:
+        """Give these messages back to the broker unhandled; never raises."""
+
+
+class Consumer(ABC):
+    """One source URL: a broker connection and the lanes of its partitions."""
+
+    scheme: ClassVar[str]
+    destination_class: ClassVar[type[Destination]]
+    accepted: ClassVar[tuple[str, ...]] = ()  # the worker's own URL parameters
+
+    def __init__(self, url: DestinationURL) -> None:
+        self.url = url
+        self.partitions = url.take_int("partitions", 1, minimum=1) or 1
+        if self.partitions > 65536:
+            raise ConfigError(f"worker source {url.display}: partitions must be at most 65536")
+        self.group = url.take("group", "walex") or "walex"
+        if not _GROUP.match(self.group):
+            raise ConfigError(f"worker source {url.display}: group {self.group!r} may use letters, "
+                              "digits, '_' and '-' only (at most 64)")
+        self.take_options(url)
+        known = ("partitions", "group", *self.accepted, *self.destination_class.accepted)
+        unknown = sorted(set(url.params) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"worker source {url.display}: unknown parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)}; known: {', '.join(known)}"
+            )
+        # the rest are the destination's parameters: the same URL as the relay's
+        self.destination = self.destination_class(url, self.partitions)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.display} group={self.group!r}>"
+
+    @property
+    def display(self) -> str:
+        return self.url.display
+
+    def take_options(self, url: DestinationURL) -> None:
+        """Take the broker module's own worker parameters from ``url``."""
+
+    @abstractmethod
+    async def open(self) -> list[Lane]:
+        """Connect, declare, subscribe; one lane per partition.
+
+        Raises :class:`Unavailable` when the broker cannot be reached (the
+        worker tries again) and :class:`~walex.errors.ConfigError` when what
+        exists on the broker cannot keep the order (the worker stops).
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect; unacknowledged messages go back to the broker. Never raises."""
+
+    def info(self) -> dict[str, Any]:
+        return {"url": self.display, "group": self.group, "partitions": self.partitions}
+
+
+def partition_filter(text: str, partition: int, partitions: int, where: str, what: str) -> str:
+    """The subject filter (or binding key) of one partition's messages, from a template.
+
+    Each ``.``-separated token holding ``{schema}``, ``{table}`` or ``{type}``
+    becomes ``*``; ``{partition}`` becomes the partition (``*`` with one
+    partition, so a worker of one partition takes every message in order).
+    With several partitions ``{partition}`` must be in a token without the
+    other fields.
+    """
+    tokens: list[str] = []
+    found = False
+    for token in text.split("."):
+        fields = [name for _, name, _, _ in string.Formatter().parse(token) if name is not None]
+        if not fields:
+            tokens.append(token.replace("{{", "{").replace("}}", "}"))
+        elif "partition" not in fields:
+            tokens.append("*")
+        elif len(fields) == 1:
+            found = True
+            tokens.append("*" if partitions == 1 else token.format(partition=partition))
+        else:
+            raise ConfigError(
+                f"worker source {where}: the {what} template {text!r} mixes {{partition}} with "
+                f"other fields in one token; write it as a token of its own, e.g. "
+                f"'walex.{{schema}}.{{table}}.{{partition}}'"
+            )
+    if partitions > 1 and not found:
+        raise ConfigError(
+            f"worker source {where}: with partitions={partitions} the {what} template {text!r} "
+            f"must contain {{partition}} as a token of its own (the relay's destination URL too), "
+            f"e.g. 'walex.{{schema}}.{{table}}.{{partition}}', the default when partitions > 1"
+        )
+    return ".".join(tokens)
+
+
+async def close_quietly(destination: Destination) -> None:
+    """Close a connection that may be broken; a broker that does not answer cannot hold it up."""
+    try:
+        await asyncio.wait_for(destination.close(), timeout=5)
+    except (Exception, TimeoutError) as exc:
+        log.debug("closing %s: %r", destination.display, exc)
