@@ -43,6 +43,7 @@ from .config import WalExSettings
 from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
 from .handlers import table_matcher
+from .hotpath import NOT_HANDLED, hot_path
 from .lsn import format_lsn, parse_lsn
 from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import Message
@@ -304,6 +305,8 @@ class Pipeline:
         decoder = Decoder()
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
+        hot = hot_path(self.assembler, decoder) if middleware is None else None
+        self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
@@ -328,6 +331,21 @@ class Pipeline:
             if failpoints.ACTIVE:
                 failpoints.hit("after_frames")
             for frame in frames:
+                # -- the compiled hot path (walex.hotpath): Begin/Insert/Update/Delete/Commit
+                if hot is not None:
+                    batches = hot.feed(frame)
+                    if batches is not NOT_HANDLED:
+                        if batches is not None:
+                            for txn in batches:
+                                if txn.commit_lsn < ack.flushed:
+                                    self._replayed(txn)
+                                elif queue.full():
+                                    await queue.put(txn)
+                                else:
+                                    queue.put_nowait(txn)
+                        ack.saw(hot.end)
+                        continue
+                # -- the pure-Python path: every frame when hot is None, else the others
                 tag = frame[0]
                 if tag == _XLOGDATA:
                     if len(frame) < 25:
