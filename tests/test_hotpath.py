@@ -19,8 +19,10 @@ one database, one forced to the pure path, hand their handlers identical events.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +116,34 @@ def test_real_streams(cap: Any, batch_size: int, subscription: str) -> None:
     assert not any(isinstance(item, tuple) for item in out), out[-1]  # no error
     if any(payload[:1] == b"B" for _, payload in cap.messages):
         assert handled > 0  # the compiled path took part
+
+
+@needs_compiled
+def test_compiled_objects_are_built_directly_and_freed() -> None:
+    """Events, rows, batches and open transactions are built straight into their slots
+    (the fast way; the classes stayed plain slots dataclasses), and nothing leaks."""
+    from walex._hotpath import _direct_construction
+
+    assert _direct_construction() == {"Event": True, "TupleData": True, "Transaction": True,
+                                      "_Open": True}
+    stream = next(c for c in FIXTURES if c.name == "pg18/dml").messages
+
+    def live_objects() -> int:
+        gc.collect()
+        return sys.getallocatedblocks()
+
+    async def replays(n: int) -> int:
+        for _ in range(n):
+            out, handled = await replay(stream, compiled=True, batch_size=2)
+        return handled
+
+    async def main() -> None:
+        await replays(200)  # caches filled
+        before = live_objects()
+        assert await replays(200) > 10
+        assert live_objects() - before < 100  # every Event, Change, batch... of 200 replays freed
+
+    asyncio.run(main())
 
 
 # -- hypothesis: mutations of the real streams ---------------------------------------------

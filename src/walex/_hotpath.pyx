@@ -20,17 +20,20 @@ Transformer, user adapters included), never here.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Copy, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
+import dataclasses
 from datetime import timedelta
+from types import MemberDescriptorType
 
 from .event import Change, Event, EventType
-from .lsn import format_lsn
 from .pgoutput.decoder import _PG_EPOCH
 from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
 from .transactions import Transaction, _Open
@@ -47,8 +50,102 @@ cdef object _UPDATE = EventType.UPDATE
 cdef object _DELETE = EventType.DELETE
 cdef object _EPOCH = _PG_EPOCH
 cdef object _timedelta = timedelta
-cdef object _tuple_new = tuple.__new__
 cdef const char *_HEX = b"0123456789ABCDEF"
+
+
+cdef extern from "Python.h":
+    ctypedef struct _Type "PyTypeObject":
+        PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
+        Py_ssize_t tp_itemsize
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    void PyTuple_SET_ITEM_STEAL "PyTuple_SET_ITEM" (PyObject *, Py_ssize_t, PyObject *)
+
+cdef extern from "structmember.h":
+    int T_OBJECT_EX
+
+
+cdef class _Maker:
+    """Builds instances of a slots dataclass without running its generated ``__init__``.
+
+    Equivalent to ``cls(*args)`` (fields not given take their default or
+    default factory), by storing straight into the slots, which is what that
+    ``__init__`` does, several times faster. Used only when the class is a
+    plain one (object's ``__new__``, no ``__post_init__``, every field an
+    object slot); otherwise it calls ``cls``.
+    """
+
+    cdef object cls
+    cdef _Type *tp
+    cdef Py_ssize_t offsets[16]
+    cdef Py_ssize_t count
+    cdef tuple defaults  # (value, is_factory) of each field
+    cdef bint direct
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.tp = <_Type *>cls
+        fields = dataclasses.fields(cls)
+        self.count = len(fields)
+        defaults = []
+        direct = (cls.__new__ is object.__new__ and not hasattr(cls, "__post_init__")
+                  and self.count <= 16 and tuple(f.name for f in fields) == tuple(cls.__slots__))
+        for i, f in enumerate(fields):
+            if f.default_factory is not dataclasses.MISSING:
+                defaults.append((f.default_factory, True))
+            else:
+                defaults.append((f.default, False))
+            descr = cls.__dict__.get(f.name) if direct else None
+            if type(descr) is not MemberDescriptorType or not f.init:
+                direct = False
+            else:
+                member = (<PyMemberDescrObject *>descr).d_member
+                if member.type != T_OBJECT_EX:
+                    direct = False
+                self.offsets[i] = member.offset
+        self.defaults = tuple(defaults)
+        self.direct = direct
+
+    cdef object make(self, tuple args):
+        cdef Py_ssize_t i, n = len(args)
+        if not self.direct:
+            return self.cls(*args)
+        obj = <object>self.tp.tp_alloc(self.tp, 0)
+        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
+        for i in range(self.count):
+            if i < n:
+                value = args[i]
+            else:
+                value, factory = self.defaults[i]
+                if factory:
+                    value = value()
+                elif value is dataclasses.MISSING:
+                    raise TypeError(f"{self.cls.__name__}() missing a value for field {i}")
+            Py_INCREF(value)
+            (<PyObject **>(<char *><PyObject *>obj + self.offsets[i]))[0] = <PyObject *>value
+        return obj
+
+
+cdef object _change_tuple(object old, object new):
+    """``Change(old, new)``: the named tuple built as tuple.__new__ builds a subclass."""
+    cdef _Type *tp = <_Type *>Change
+    cdef PyObject *obj = tp.tp_alloc(tp, 2)
+    Py_INCREF(old)
+    Py_INCREF(new)
+    PyTuple_SET_ITEM_STEAL(obj, 0, <PyObject *>old)
+    PyTuple_SET_ITEM_STEAL(obj, 1, <PyObject *>new)
+    result = <object>obj
+    Py_DECREF(result)  # the reference tp_alloc gave
+    return result
+
+
+cdef _Maker _make_event = _Maker(Event)
+cdef _Maker _make_row = _Maker(TupleData)
+cdef _Maker _make_transaction = _Maker(Transaction)
+cdef _Maker _make_open = _Maker(_Open)
 
 
 cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
@@ -153,6 +250,7 @@ cdef class HotPath:
     cdef int64_t _begun_ts
     # the table of the last change
     cdef object _table, _names, _name, _source, _load, _keys
+    cdef dict _template  # {column: None} in column order, copied for each record
 
     def __init__(self, assembler, decoder):
         self.assembler = assembler
@@ -194,7 +292,7 @@ cdef class HotPath:
         commit_time = _pg_timestamp(ts)
         if commit_time is None:
             return _NOT_HANDLED
-        txn = _Open(_be32(data + 17), _be64(data + 1), commit_time)
+        txn = _make_open.make((_be32(data + 17), _be64(data + 1), commit_time))
         assembler._current = txn
         self._begun = txn
         self._begun_ts = ts
@@ -264,7 +362,9 @@ cdef class HotPath:
 
         # From here on, as TransactionAssembler._change with walex.rows.
         lsn = start
-        table = self.relations.get(relid, chr(tag), lsn)
+        table = self.relations._tables.get(relid)  # RelationCache.get, without a Python call
+        if table is None:
+            table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
         if table.subscribed:
             if table is not self._table:
                 self._table = table
@@ -273,11 +373,12 @@ cdef class HotPath:
                 self._source = table.source
                 self._load = table.load
                 self._keys = table.key_indexes
+                self._template = dict.fromkeys(self._names)
             if txn is not self._stamped:
                 self._stamped = txn
                 self._commit_lsn = txn.commit_lsn
                 self._commit_time = txn.commit_time
-                self._lsn_text = format_lsn(txn.commit_lsn)
+                self._lsn_text = _format_lsn(self._commit_lsn)
             changes = txn.changes
             self._id = _event_id(self._commit_lsn, txn.emitted + len(changes))
             if tag == 73:
@@ -294,22 +395,34 @@ cdef class HotPath:
             return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0, False)]
         return None
 
+    cdef dict _record(self, object values):
+        """``dict(zip(names, values))``: a copy of the template, its values replaced."""
+        cdef list names = self._names
+        cdef dict template = self._template
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(names)
+        if len(values) != n or len(template) != n:
+            return _record(names, values)
+        cdef dict record = PyDict_Copy(template)
+        for i in range(n):
+            PyDict_SetItem(record, <object>PyList_GET_ITEM(names, i), values[i])
+        return record
+
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
-        return Event(self._name, kind, self._source, new_record, old_record, changes,
-                     self._commit_time, self._lsn_text, self._id)
+        return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
+                                 self._commit_time, self._lsn_text, self._id))
 
     cdef object _insert(self, list new, bint plain, object lsn):
-        values = self._load(TupleData(new, plain), "Insert", lsn)
-        return self._event(_INSERT, _record(self._names, values), None, None)
+        values = self._load(_make_row.make((new, plain)), "Insert", lsn)
+        return self._event(_INSERT, self._record(values), None, None)
 
     cdef object _update(self, list raw_new, bint new_plain, object raw_old, bint old_plain,
                         unsigned char old_kind, object lsn):
         cdef list names = self._names
         cdef Py_ssize_t i, n
-        new_values = self._load(TupleData(raw_new, new_plain), "Update", lsn)
+        new_values = self._load(_make_row.make((raw_new, new_plain)), "Update", lsn)
         old_record = changes = None
         if raw_old is not None:
-            old_values = self._load(TupleData(raw_old, old_plain), "Update", lsn)
+            old_values = self._load(_make_row.make((raw_old, old_plain)), "Update", lsn)
             if old_kind == 75:  # 'K'
                 old_record = _key_record(names, self._keys, old_values)
                 # An unchanged TOASTed key is not resent, but the old key holds its value.
@@ -321,9 +434,9 @@ cdef class HotPath:
                 n = PyList_GET_SIZE(names)
                 for i in range(n):
                     if _differ(raw_new[i], raw_old[i]):
-                        changes[<object>PyList_GET_ITEM(names, i)] = _tuple_new(
-                            Change, (old_values[i], new_values[i]))
-                old_record = _record(names, old_values)
+                        changes[<object>PyList_GET_ITEM(names, i)] = _change_tuple(
+                            old_values[i], new_values[i])
+                old_record = self._record(old_values)
             else:
                 changes = {}
                 n = PyList_GET_SIZE(raw_new)
@@ -333,16 +446,16 @@ cdef class HotPath:
                         if raw_old[i] is not _UNCHANGED:
                             new_values[i] = old_values[i]  # not resent: same as before
                     elif raw != raw_old[i] and raw_old[i] is not _UNCHANGED:
-                        changes[names[i]] = _tuple_new(Change, (old_values[i], new_values[i]))
-                old_record = _record(names, old_values)
-        return self._event(_UPDATE, _record(names, new_values), old_record, changes)
+                        changes[names[i]] = _change_tuple(old_values[i], new_values[i])
+                old_record = self._record(old_values)
+        return self._event(_UPDATE, self._record(new_values), old_record, changes)
 
     cdef object _delete(self, list raw_old, bint plain, unsigned char old_kind, object lsn):
-        old_values = self._load(TupleData(raw_old, plain), "Delete", lsn)
+        old_values = self._load(_make_row.make((raw_old, plain)), "Delete", lsn)
         if old_kind == 75:  # 'K'
             old_record = _key_record(self._names, self._keys, old_values)
         else:
-            old_record = _record(self._names, old_values)
+            old_record = self._record(old_values)
         return self._event(_DELETE, None, old_record, None)
 
     # -- batches ---------------------------------------------------------
@@ -368,13 +481,15 @@ cdef class HotPath:
                 continue
             if restamp or not event.id:
                 if lsn_text is None:
-                    lsn_text = format_lsn(commit_lsn)
+                    lsn_text = _format_lsn(lsn)
                 event.timestamp = commit_time
                 event.lsn = lsn_text
                 event.id = _event_id(lsn, first + i)
             events.append(event)
-        return Transaction(txn.xid, commit_lsn, end_lsn, commit_time, events, txn.origin,
-                           last=end_lsn != 0)
+        batch = _make_transaction.make((txn.xid, commit_lsn, end_lsn, commit_time, events, txn.origin))
+        if end_lsn == 0:
+            batch.last = False
+        return batch
 
 
 cdef str _event_id(uint64_t commit_lsn, object position):
@@ -391,3 +506,16 @@ cdef str _event_id(uint64_t commit_lsn, object position):
     for k in range(8):
         text[24 - k] = _HEX[(p >> (4 * k)) & 15]
     return PyUnicode_DecodeASCII(text, 25, NULL)
+
+
+cdef str _format_lsn(uint64_t lsn):
+    """walex.lsn.format_lsn: ``"16/B374D848"``."""
+    cdef char text[17]
+    cdef int n = snprintf(text, 17, "%X/%X", <unsigned int>(lsn >> 32), <unsigned int>(lsn & 0xFFFFFFFF))
+    return PyUnicode_DecodeASCII(text, n, NULL)
+
+
+def _direct_construction():
+    """Which classes are built straight into their slots (for tests)."""
+    return {m.cls.__name__: m.direct
+            for m in (_make_event, _make_row, _make_transaction, _make_open)}
