@@ -24,10 +24,9 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     except ImportError:  # no Cython: the pure-Python hot path serves
         pass
     else:
-        extensions += cythonize(
-            [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"], optional=True)],
-            compiler_directives={"language_level": 3},
-            quiet=True,
-        )
+        for ext in cythonize([Extension("walex._hotpath", ["src/walex/_hotpath.pyx"])],
+                             compiler_directives={"language_level": 3}, quiet=True):
+            ext.optional = True  # cythonize does not carry it over
+            extensions.append(ext)
 
 setup(ext_modules=extensions)
