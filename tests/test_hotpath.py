@@ -262,6 +262,23 @@ def test_synthetic_changes(stream: Stream, batch_size: int) -> None:
     out, _ = asyncio.run(both(stream, batch_size=batch_size))
 
 
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_begin_and_commit_field_values(begin_ts: int, commit_ts: int, begin_lsn: int,
+                                       commit_lsn: int, xid: int) -> None:
+    """Timestamps over the whole int64 range (out of datetime's range too), any LSN and xid."""
+    stream = [(0, _relation(7, [True])),
+              (1, b"B" + struct.pack("!QqI", begin_lsn, begin_ts, xid)),
+              (2, b"I" + struct.pack("!I", 7) + b"N" + _tuple([b"x"])),
+              (3, b"C" + struct.pack("!BQQq", 0, commit_lsn, commit_lsn // 2, commit_ts))]
+    for ts in (begin_ts, begin_ts % 10**15):  # the second one in range
+        stream[1] = (1, b"B" + struct.pack("!QqI", begin_lsn, ts, xid))
+        asyncio.run(both(stream))
+        asyncio.run(both(stream[:3] + [(3, stream[3][1][:18] + stream[1][1][9:17])]))  # same ts
+
+
 # -- the type matrix, captured live --------------------------------------------------------
 
 def capture_type_matrix(admin: psycopg.Connection, binary: bool) -> Stream:

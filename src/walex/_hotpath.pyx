@@ -19,6 +19,7 @@ the message. Rows are typed by :meth:`walex.relations.Table.load` (psycopg's
 Transformer, user adapters included), never here.
 """
 
+from cpython.datetime cimport import_datetime, timedelta_new
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
@@ -30,7 +31,6 @@ from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
 import dataclasses
-from datetime import timedelta
 from types import MemberDescriptorType
 
 from .event import Change, Event, EventType
@@ -43,13 +43,14 @@ __all__ = ["HotPath", "NOT_HANDLED"]
 NOT_HANDLED = object()
 """What :meth:`HotPath.feed` returns for a frame the pure path must handle."""
 
+import_datetime()
+
 cdef object _NOT_HANDLED = NOT_HANDLED
 cdef object _UNCHANGED = UNCHANGED_TOAST
 cdef object _INSERT = EventType.INSERT
 cdef object _UPDATE = EventType.UPDATE
 cdef object _DELETE = EventType.DELETE
 cdef object _EPOCH = _PG_EPOCH
-cdef object _timedelta = timedelta
 cdef const char *_HEX = b"0123456789ABCDEF"
 
 
@@ -158,8 +159,14 @@ cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
 
 cdef object _pg_timestamp(int64_t micros):
     """As walex.pgoutput.decoder.pg_timestamp; None where that one raises."""
+    cdef int64_t days = micros // 86400000000, rest = micros % 86400000000
+    if rest < 0:  # floor division
+        rest += 86400000000
+        days -= 1
+    if days > 999999999 or days < -999999999:
+        return None
     try:
-        return _EPOCH + _timedelta(0, 0, micros)
+        return _EPOCH + timedelta_new(<int>days, <int>(rest // 1000000), <int>(rest % 1000000))
     except (OverflowError, ValueError):
         return None
 
@@ -510,8 +517,8 @@ cdef str _event_id(uint64_t commit_lsn, object position):
 
 cdef str _format_lsn(uint64_t lsn):
     """walex.lsn.format_lsn: ``"16/B374D848"``."""
-    cdef char text[17]
-    cdef int n = snprintf(text, 17, "%X/%X", <unsigned int>(lsn >> 32), <unsigned int>(lsn & 0xFFFFFFFF))
+    cdef char text[24]  # at most "FFFFFFFF/FFFFFFFF" and the NUL
+    cdef int n = snprintf(text, 24, "%X/%X", <unsigned int>(lsn >> 32), <unsigned int>(lsn & 0xFFFFFFFF))
     return PyUnicode_DecodeASCII(text, n, NULL)
 
 
