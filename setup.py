@@ -1,9 +1,13 @@
-"""Build the optional C accelerator of the pgoutput decoder.
+"""Build the optional compiled parts of walex.
 
-Everything else is declared in pyproject.toml. ``optional=True``: a machine
-without a C compiler or Python headers still installs walex, which then runs
-its pure-Python decoder (identical results, tested both ways). Set
-``WALEX_NO_EXTENSIONS=1`` to skip building it.
+Everything else is declared in pyproject.toml. Both extensions are optional:
+a machine without a C compiler, Python headers or Cython still installs walex,
+which then runs its pure-Python code (identical results, tested both ways).
+Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
+
+- ``walex.pgoutput._tuple`` (C): the decoder's per-column TupleData loop;
+- ``walex._hotpath`` (Cython): XLogData frames to Events for the common
+  messages (Begin, Insert, Update, Delete, Commit), see its docstring.
 """
 
 import os
@@ -15,5 +19,14 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     extensions.append(
         Extension("walex.pgoutput._tuple", ["src/walex/pgoutput/_tuple.c"], optional=True)
     )
+    try:
+        from Cython.Build import cythonize
+    except ImportError:  # no Cython: the pure-Python hot path serves
+        pass
+    else:
+        for ext in cythonize([Extension("walex._hotpath", ["src/walex/_hotpath.pyx"])],
+                             compiler_directives={"language_level": 3}, quiet=True):
+            ext.optional = True  # cythonize does not carry it over
+            extensions.append(ext)
 
 setup(ext_modules=extensions)

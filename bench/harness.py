@@ -148,7 +148,8 @@ WORKLOADS = {
 class Bench:
     """A throwaway PostgreSQL 18 cluster and an admin connection to it."""
 
-    def __init__(self, max_slots: int = 20, settings: dict[str, str] | None = None) -> None:
+    def __init__(self, max_slots: int = 20, settings: dict[str, str] | None = None,
+                 unix_socket: bool = False) -> None:
         conf = {
             "max_replication_slots": str(max(20, max_slots + 4)),
             "max_wal_senders": str(max(20, max_slots + 4)),
@@ -160,6 +161,7 @@ class Bench:
         self.bindir = embedded_bindir()
         self.cluster = Cluster(settings=conf)
         self.conf = conf
+        self.unix_socket = unix_socket  # consumers connect through the Unix socket, not TCP
         self.conn: psycopg.Connection | None = None
         self.tmp = Path(tempfile.mkdtemp(prefix="walex-bench-"))
 
@@ -180,8 +182,13 @@ class Bench:
 
     @property
     def dsn(self) -> str:
-        """Key/value form: every client here (libpq, psycopg2, the Rust peer) reads it."""
-        return f"host={self.cluster.host} port={self.cluster.port} user=postgres dbname=postgres"
+        """Key/value form: every client here (libpq, psycopg2, the Rust peer) reads it.
+
+        With ``unix_socket`` the host is the server's socket directory (the
+        cluster's base directory).
+        """
+        host = self.cluster.datadir.parent if self.unix_socket else self.cluster.host
+        return f"host={host} port={self.cluster.port} user=postgres dbname=postgres"
 
     def q(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
         assert self.conn is not None
@@ -207,7 +214,9 @@ class Bench:
             pass
         return {"postgres": settings, "cpu": cpu, "nproc": os.cpu_count(), "walex": walex_version(),
                 "kernel": platform.release(), "python": sys.version.split()[0],
-                "loadavg_at_start": os.getloadavg(), "transport": "TCP 127.0.0.1"}
+                "loadavg_at_start": os.getloadavg(),
+                "transport": "Unix socket" if self.unix_socket else "TCP 127.0.0.1",
+                "python_loop_s": python_loop_seconds()}
 
     # -- workloads -----------------------------------------------------------
 
@@ -429,6 +438,22 @@ class RssWatch(threading.Thread):
             self.stop_evt.wait(0.005 if time.monotonic() - t0 < 1.0 else 0.05)
 
 
+
+
+def python_loop_seconds() -> float:
+    """This machine's Python speed: CPU seconds of a fixed loop (10**7 multiply-adds), best of 3.
+
+    Printed with every run, with the walsender's CPU per row, so runs on
+    different machines (or a busy one) can be compared.
+    """
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        s = 0
+        for i in range(10**7):
+            s += i * i
+        best = min(best, time.process_time() - t0)
+    return best
 
 
 def measure(cmd: list[str], level: str, slot: str, admin_dsn: str, result: Path,

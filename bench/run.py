@@ -104,7 +104,26 @@ def bench_workload(b: h.Bench, w: h.Workload, args: argparse.Namespace, levels: 
                 log("   | " + run["output_tail"].strip().replace("\n", "\n   | ")[-1500:])
     finally:
         b.drop_slots(slots)
-    return {"workload": w.name, "desc": desc, "rows": rows, **info, "runs": runs}
+    per_row = walsender_us_per_row(runs, rows)
+    log(f"   calibration: walsender CPU {fmt(per_row, '.2f')} us/row (serving pg_recvlogical)")
+    return {"workload": w.name, "desc": desc, "rows": rows, **info, "runs": runs,
+            "walsender_us_per_row": per_row}
+
+
+def walsender_us_per_row(runs: list[dict[str, Any]], rows: int) -> float | None:
+    """Median walsender CPU per row while it served pg_recvlogical (a fixed C client)."""
+    cpu = [r["walsender_cpu_s"] for r in runs
+           if r["level"] == h.LIMIT and r["ok"] and r["walsender_cpu_s"] is not None]
+    return 1e6 * statistics.median(cpu) / rows if cpu else None
+
+
+def calibration_line(result: dict[str, Any]) -> str:
+    env = result["env"]
+    walsender = ", ".join(f"{wl['workload']} {fmt(wl.get('walsender_us_per_row'), '.2f')}"
+                          for wl in result.get("workloads", []))
+    return (f"calibration: Python {env.get('python', '?')} runs `for i in range(10**7): s += i * i` "
+            f"in {fmt(env.get('python_loop_s'), '.3f')} s CPU; walsender CPU us/row (serving "
+            f"pg_recvlogical): {walsender or '-'}")
 
 
 # -- summary -----------------------------------------------------------------
@@ -178,6 +197,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [""] + [f"- {lv} skipped: {why}" for lv, why in result["skipped"].items()]
     a = result["args"]
     env = result["env"]
+    lines += ["", calibration_line(result)]
     lines += ["", f"scale {a['scale']}, reps {a['reps']} (peers: {a['peer_reps']}), "
               f"PostgreSQL {env['postgres']['server_version']}, {env['nproc']} CPUs ({env['cpu']}), "
               f"load average at start {env['loadavg_at_start'][0]:.2f}, {env['transport']}, "
@@ -265,6 +285,8 @@ def main() -> int:
     ap.add_argument("--lag-rate", default="1000,5000",
                     help="pgbench target rates, comma list; 0 = unthrottled (default 1000,5000)")
     ap.add_argument("--lag-levels", default="walex", help="comma list (walex, walex_sync, psycopg2)")
+    ap.add_argument("--unix-socket", action="store_true",
+                    help="consumers connect through the Unix socket instead of TCP 127.0.0.1")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                     help="extra postgresql.conf setting, repeatable")
     ap.add_argument("--destination", action="append", default=[], metavar="NAME=URL",
@@ -282,8 +304,11 @@ def main() -> int:
 
     if args.lag:
         levels = args.lag_levels.split(",")
-        with h.Bench(settings=settings) as b:
-            result = {"mode": "lag", "args": vars(args), "env": b.env_info(),
+        with h.Bench(settings=settings, unix_socket=args.unix_socket) as b:
+            env = b.env_info()
+            log(f"calibration: Python {env['python']} runs `for i in range(10**7): s += i * i` in "
+                f"{env['python_loop_s']:.3f} s CPU ({env['transport']})")
+            result = {"mode": "lag", "args": vars(args), "env": env,
                       "started": stamp, "lag": bench_lag(b, args, levels)}
         text = lag_markdown(result["lag"], args.lag_seconds)
     else:
@@ -305,8 +330,11 @@ def main() -> int:
             log(f"skipping {lv}: {why}")
         levels = [lv for lv in levels if lv not in skipped]
         max_slots = len(plan_runs(levels, args.reps, args.peer_reps))
-        with h.Bench(max_slots=max_slots, settings=settings) as b:
-            result = {"mode": "throughput", "args": vars(args), "env": b.env_info(),
+        with h.Bench(max_slots=max_slots, settings=settings, unix_socket=args.unix_socket) as b:
+            env = b.env_info()
+            log(f"calibration: Python {env['python']} runs `for i in range(10**7): s += i * i` in "
+                f"{env['python_loop_s']:.3f} s CPU ({env['transport']})")
+            result = {"mode": "throughput", "args": vars(args), "env": env,
                       "started": stamp, "levels": {lv: h.LEVEL_NOTES[lv] for lv in levels},
                       "skipped": skipped, "peer_versions": h.peer_versions(peers),
                       "workloads": []}

@@ -54,6 +54,7 @@ from .config import WalExSettings
 from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
 from .handlers import table_matcher
+from .hotpath import NOT_HANDLED, hot_path
 from .lookups import LookupConnection
 from .logs import TRANSACTION
 from .lsn import format_lsn, parse_lsn
@@ -407,6 +408,8 @@ class Pipeline:
         decoder = Decoder()
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
+        hot = hot_path(self.assembler, decoder) if middleware is None else None
+        self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
         max_bytes = self.max_pending_bytes
         backfill = self.backfill
@@ -433,6 +436,24 @@ class Pipeline:
             if failpoints.ACTIVE:
                 failpoints.hit("after_frames")
             for frame in frames:
+                # -- the compiled hot path (walex.hotpath): Begin/Insert/Update/Delete/Commit
+                if hot is not None:
+                    batches = hot.feed(frame)
+                    if batches is not NOT_HANDLED:
+                        if batches is not None:  # as the pure path below does with them
+                            for txn in batches:
+                                if backfill.window is not None:  # a backfill runs
+                                    await backfill.batch(txn)
+                                if txn.commit_lsn < ack.flushed:
+                                    self._replayed(txn)
+                                elif queue.full() or self.pending_bytes > max_bytes:
+                                    await self._put(txn)
+                                else:
+                                    queue.put_nowait(txn)
+                                    self.pending_bytes += txn.size
+                        ack.saw(hot.end)
+                        continue
+                # -- the pure-Python path: every frame when hot is None, else the others
                 tag = frame[0]
                 if tag == _XLOGDATA:
                     if len(frame) < 25:

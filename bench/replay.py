@@ -1,0 +1,155 @@
+"""Client CPU of walex's hot path alone, pure Python against compiled, on recorded WAL.
+
+    .venv/bin/python bench/replay.py                    # W1-W4 shapes, 20k rows each
+    .venv/bin/python bench/replay.py --rows 50000 --reps 7
+
+Starts a throwaway PostgreSQL 18, runs the benchmark's workloads (same tables
+and SQL as ``harness.py``, W2 as single-row INSERT transactions), records the
+pgoutput messages with ``pg_logical_slot_peek_binary_changes``, then feeds
+them, as XLogData frames, through the reader's two paths in this process:
+pure Python (``Decoder.decode`` + ``TransactionAssembler.feed``) and compiled
+(``walex._hotpath``, the pure path for the frames it hands back). No socket,
+no handler, no asyncio: CPU time per row of turning frames into typed Events
+and batches, the best of ``--reps`` runs, so other load on the machine matters
+much less than in ``run.py``. A calibration line gives this machine's Python
+speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import struct
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import ROWS_DDL, rows_insert_sql, wide_ddl, wide_insert_sql  # noqa: E402
+
+from walex import hotpath  # noqa: E402
+from walex.embedded import Cluster, embedded_bindir  # noqa: E402
+from walex.pgoutput import Decoder, Relation, Type  # noqa: E402
+from walex.pgtypes import TypeCatalog  # noqa: E402
+from walex.relations import RelationCache  # noqa: E402
+from walex.transactions import TransactionAssembler  # noqa: E402
+
+_HEADER = struct.Struct("!cQQq")
+
+
+def calibration() -> float:
+    """Seconds of CPU for a fixed pure-Python loop (10**7 multiply-adds), best of 3."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        s = 0
+        for i in range(10**7):
+            s += i * i
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
+    """The workload's pgoutput messages, as XLogData frames."""
+    for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+        conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+    conn.execute("DROP PUBLICATION IF EXISTS replay_pub")
+    conn.execute("DROP TABLE IF EXISTS bench_rows, bench_wide")
+    table = "bench_wide" if workload == "W4" else "bench_rows"
+    conn.execute(wide_ddl() if workload == "W4" else ROWS_DDL)
+    conn.execute(f"CREATE PUBLICATION replay_pub FOR TABLE {table}")
+    if workload == "W3":
+        conn.execute(rows_insert_sql(rows))
+        conn.execute("ALTER TABLE bench_rows REPLICA IDENTITY FULL")
+    conn.execute("SELECT pg_create_logical_replication_slot('replay', 'pgoutput')")
+    if workload == "W1":
+        conn.execute(rows_insert_sql(rows))
+    elif workload == "W2":
+        for i in range(rows):
+            conn.execute("INSERT INTO bench_rows (a, b, c, d, e) VALUES (%s, 'row ' || md5(%s::text), "
+                         "now(), round(%s * 1.2345, 4), jsonb_build_object('k', %s, 'tag', 'x', "
+                         "'even', %s %% 2 = 0))", [i] * 5)
+    elif workload == "W3":
+        conn.execute("UPDATE bench_rows SET a = a + 1, d = d + 1")
+    else:
+        conn.execute(wide_insert_sql(rows))
+    data = conn.execute(
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes('replay', NULL, NULL, "
+        "'proto_version', '1', 'publication_names', 'replay_pub')").fetchall()
+    frames = []
+    for lsn_text, payload in data:
+        hi, lo = lsn_text.split("/")
+        lsn = int(hi, 16) << 32 | int(lo, 16)
+        frames.append(_HEADER.pack(b"w", lsn, lsn + len(payload), 0) + bytes(payload))
+    return frames
+
+
+async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection) -> tuple[float, int]:
+    """CPU seconds to turn ``frames`` into batches, and the number of events."""
+    catalog = TypeCatalog(conn)
+    relations = RelationCache(catalog, "bench", lambda schema, table: True)
+    assembler = TransactionAssembler(relations)
+    decoder = Decoder()
+    hot = hotpath.hot_path(assembler, decoder) if compiled else None
+    events = 0
+    NOT_HANDLED = hotpath.NOT_HANDLED
+    header = struct.Struct("!xQQ").unpack_from
+    t0 = time.process_time()
+    for frame in frames:
+        batches = hot.feed(frame) if hot is not None else NOT_HANDLED
+        if batches is NOT_HANDLED:
+            start, _ = header(frame)
+            msg = decoder.decode(frame[25:], start)
+            if type(msg) is Relation:
+                await relations.update(msg)
+                continue
+            if type(msg) is Type:
+                await catalog.resolve([msg.type_oid])
+                continue
+            batches = assembler.feed(msg, start)
+        if batches is not None:
+            for txn in batches:
+                events += len(txn.events)
+    return time.process_time() - t0, events
+
+
+async def measure(frames: list[bytes], compiled: bool, reps: int, dsn: str) -> tuple[float, int]:
+    best, events = float("inf"), 0
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for _ in range(reps):
+            gc.collect()
+            seconds, events = await feed(frames, compiled, conn)
+            best = min(best, seconds)
+    return best, events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--w2-rows", type=int, default=5_000)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--workloads", default="W1,W2,W3,W4")
+    args = parser.parse_args()
+    if not hotpath.compiled_available():
+        sys.exit("walex._hotpath is not built (pip install -e . with Cython and a C compiler)")
+    print(f"calibration: {calibration():.3f} s CPU for `for i in range(10**7): s += i * i` "
+          f"(Python {sys.version.split()[0]})")
+    print("| workload | rows | pure us/row | compiled us/row | compiled / pure |")
+    print("|---|---|---|---|---|")
+    with Cluster(embedded_bindir()) as cluster, \
+            psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        for workload in args.workloads.split(","):
+            rows = args.w2_rows if workload == "W2" else args.rows
+            frames = record(conn, workload, rows)
+            pure, n = asyncio.run(measure(frames, False, args.reps, cluster.dsn()))
+            fast, m = asyncio.run(measure(frames, True, args.reps, cluster.dsn()))
+            assert n == m == rows, (n, m, rows)
+            print(f"| {workload} | {rows:,} | {pure / rows * 1e6:.2f} | {fast / rows * 1e6:.2f} "
+                  f"| {fast / pure:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+# cython: language_level=3, wraparound=False, cdivision=True
+"""walex._hotpath: XLogData frames to the Events of a batch, in one compiled pass.
+
+The optional compiled twin (Cython) of the pure-Python hot path, which stays
+the reference and the fallback: :meth:`walex.pgoutput.decoder.Decoder.decode`,
+then :meth:`walex.transactions.TransactionAssembler.feed` with the Event rules
+of :mod:`walex.rows`. :mod:`walex.hotpath` chooses between them.
+
+:meth:`HotPath.feed` takes one replication frame and handles it only when it
+is the XLogData of a Begin, Insert, Update, Delete or Commit of a plain
+(neither streamed nor two-phase) transaction, well formed, arriving in a state
+where the pure path would accept it. It then gives exactly what the pure path
+gives (the same Events, Transaction batches and ids) without building message
+objects, and shares the assembler's state, so the two paths can take turns
+inside one transaction. Everything else, malformed input and messages out of
+place included, returns :data:`NOT_HANDLED` *before any state changed*: the
+pure path then decodes the frame and raises its own DecodeError, or applies
+the message. Rows are typed by :meth:`walex.relations.Table.load` (psycopg's
+Transformer, user adapters included), never here.
+"""
+
+from cpython.datetime cimport import_datetime, timedelta_new
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Copy, PyDict_SetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcmp
+
+import dataclasses
+from types import MemberDescriptorType
+
+from .event import Change, Event, EventType
+from .pgoutput.decoder import _PG_EPOCH
+from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
+from .transactions import Transaction, _Open
+
+__all__ = ["HotPath", "NOT_HANDLED"]
+
+NOT_HANDLED = object()
+"""What :meth:`HotPath.feed` returns for a frame the pure path must handle."""
+
+import_datetime()
+
+cdef object _NOT_HANDLED = NOT_HANDLED
+cdef object _UNCHANGED = UNCHANGED_TOAST
+cdef object _INSERT = EventType.INSERT
+cdef object _UPDATE = EventType.UPDATE
+cdef object _DELETE = EventType.DELETE
+cdef object _EPOCH = _PG_EPOCH
+cdef const char *_HEX = b"0123456789ABCDEF"
+
+
+cdef extern from "Python.h":
+    ctypedef struct _Type "PyTypeObject":
+        PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
+        Py_ssize_t tp_itemsize
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    void PyTuple_SET_ITEM_STEAL "PyTuple_SET_ITEM" (PyObject *, Py_ssize_t, PyObject *)
+
+cdef extern from "structmember.h":
+    int T_OBJECT_EX
+
+
+cdef class _Maker:
+    """Builds instances of a slots dataclass without running its generated ``__init__``.
+
+    Equivalent to ``cls(*args)`` (fields not given take their default or
+    default factory), by storing straight into the slots, which is what that
+    ``__init__`` does, several times faster. Used only when the class is a
+    plain one (object's ``__new__``, no ``__post_init__``, every field an
+    object slot); otherwise it calls ``cls``.
+    """
+
+    cdef object cls
+    cdef _Type *tp
+    cdef Py_ssize_t offsets[16]
+    cdef Py_ssize_t count
+    cdef tuple defaults  # (value, is_factory) of each field
+    cdef bint direct
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.tp = <_Type *>cls
+        fields = dataclasses.fields(cls)
+        self.count = len(fields)
+        defaults = []
+        direct = (cls.__new__ is object.__new__ and not hasattr(cls, "__post_init__")
+                  and self.count <= 16 and tuple(f.name for f in fields) == tuple(cls.__slots__))
+        for i, f in enumerate(fields):
+            if f.default_factory is not dataclasses.MISSING:
+                defaults.append((f.default_factory, True))
+            else:
+                defaults.append((f.default, False))
+            descr = cls.__dict__.get(f.name) if direct else None
+            if type(descr) is not MemberDescriptorType or not f.init:
+                direct = False
+            else:
+                member = (<PyMemberDescrObject *>descr).d_member
+                if member.type != T_OBJECT_EX:
+                    direct = False
+                self.offsets[i] = member.offset
+        self.defaults = tuple(defaults)
+        self.direct = direct
+
+    cdef object make(self, tuple args):
+        cdef Py_ssize_t i, n = len(args)
+        if not self.direct:
+            return self.cls(*args)
+        obj = <object>self.tp.tp_alloc(self.tp, 0)
+        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
+        for i in range(self.count):
+            if i < n:
+                value = args[i]
+            else:
+                value, factory = self.defaults[i]
+                if factory:
+                    value = value()
+                elif value is dataclasses.MISSING:
+                    raise TypeError(f"{self.cls.__name__}() missing a value for field {i}")
+            Py_INCREF(value)
+            (<PyObject **>(<char *><PyObject *>obj + self.offsets[i]))[0] = <PyObject *>value
+        return obj
+
+
+cdef object _change_tuple(object old, object new):
+    """``Change(old, new)``: the named tuple built as tuple.__new__ builds a subclass."""
+    cdef _Type *tp = <_Type *>Change
+    cdef PyObject *obj = tp.tp_alloc(tp, 2)
+    Py_INCREF(old)
+    Py_INCREF(new)
+    PyTuple_SET_ITEM_STEAL(obj, 0, <PyObject *>old)
+    PyTuple_SET_ITEM_STEAL(obj, 1, <PyObject *>new)
+    result = <object>obj
+    Py_DECREF(result)  # the reference tp_alloc gave
+    return result
+
+
+cdef _Maker _make_event = _Maker(Event)
+cdef _Maker _make_row = _Maker(TupleData)
+cdef _Maker _make_transaction = _Maker(Transaction)
+cdef _Maker _make_open = _Maker(_Open)
+
+
+cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
+    return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
+
+
+cdef object _pg_timestamp(int64_t micros):
+    """As walex.pgoutput.decoder.pg_timestamp; None where that one raises."""
+    cdef int64_t days = micros // 86400000000, rest = micros % 86400000000
+    if rest < 0:  # floor division
+        rest += 86400000000
+        days -= 1
+    if days > 999999999 or days < -999999999:
+        return None
+    try:
+        return _EPOCH + timedelta_new(<int>days, <int>(rest // 1000000), <int>(rest % 1000000))
+    except (OverflowError, ValueError):
+        return None
+
+
+cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain):
+    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed.
+
+    Accepts exactly what ``Decoder._py_tuple`` accepts, with the same values.
+    """
+    cdef Py_ssize_t pos = ppos[0], count, i
+    cdef uint32_t length
+    cdef unsigned char kind
+    cdef object item
+    if pos + 2 > size:
+        return None
+    count = (<Py_ssize_t>buf[pos] << 8) | buf[pos + 1]
+    pos += 2
+    cdef list values = PyList_New(count)
+    for i in range(count):
+        if pos >= size:
+            return None
+        kind = buf[pos]
+        pos += 1
+        if kind == 116 or kind == 98:  # 't' text, 'b' binary
+            if pos + 4 > size:
+                return None
+            length = _be32(buf + pos)
+            pos += 4
+            if <int32_t>length < 0 or <Py_ssize_t>length > size - pos:
+                return None
+            item = PyBytes_FromStringAndSize(<const char *>buf + pos, <Py_ssize_t>length)
+            pos += <Py_ssize_t>length
+            if kind == 98:
+                item = BinaryValue(item)
+                plain[0] = False
+        elif kind == 110:  # 'n' null
+            item = None
+        elif kind == 117:  # 'u' unchanged TOAST
+            item = _UNCHANGED
+            plain[0] = False
+        else:
+            return None
+        Py_INCREF(item)
+        PyList_SET_ITEM(values, i, item)
+    ppos[0] = pos
+    return values
+
+
+cdef inline bint _differ(object a, object b) except -1:
+    """``a != b`` for raw column values (bytes, None, BinaryValue, UNCHANGED_TOAST)."""
+    cdef Py_ssize_t n
+    if type(a) is bytes and type(b) is bytes:
+        n = PyBytes_GET_SIZE(a)
+        return n != PyBytes_GET_SIZE(b) or memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), n) != 0
+    return PyObject_RichCompareBool(a, b, Py_NE)
+
+
+cdef dict _record(list names, object values):
+    """``dict(zip(names, values))``."""
+    cdef dict record = {}
+    cdef Py_ssize_t i, n = min(PyList_GET_SIZE(names), len(values))
+    for i in range(n):
+        record[<object>PyList_GET_ITEM(names, i)] = values[i]
+    return record
+
+
+cdef dict _key_record(list names, list keys, object values):
+    cdef dict record = {}
+    for i in keys:
+        record[names[i]] = values[i]
+    return record
+
+
+cdef class HotPath:
+    """Feeds a session's frames to its :class:`~walex.transactions.TransactionAssembler`.
+
+    One per session, beside the session's Decoder (whose stream state it reads).
+    """
+
+    cdef object assembler, relations, decoder
+    cdef readonly object end  # WAL end of the last frame handled (for AckTracker.saw)
+    # stamp of the open transaction the events are built for
+    cdef object _stamped  # the _Open the fields below belong to
+    cdef uint64_t _commit_lsn
+    cdef object _commit_time, _lsn_text, _id  # _id: of the event being built
+    # the Begin this path handled last: its _Open and raw timestamp
+    cdef object _begun
+    cdef int64_t _begun_ts
+    # the table of the last change
+    cdef object _table, _names, _name, _source, _load, _keys
+    cdef dict _template  # {column: None} in column order, copied for each record
+
+    def __init__(self, assembler, decoder):
+        self.assembler = assembler
+        self.relations = assembler.relations
+        self.decoder = decoder
+        self.end = 0
+
+    def feed(self, bytes frame):
+        """Handle one frame: the batches it completes, None, or :data:`NOT_HANDLED`."""
+        cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(frame)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        if size < 26 or buf[0] != 119:  # not XLogData ('w'), or an empty payload
+            return _NOT_HANDLED
+        if self.decoder.in_stream:
+            return _NOT_HANDLED
+        cdef unsigned char tag = buf[25]
+        cdef object result
+        if tag == 73 or tag == 85 or tag == 68:  # 'I', 'U', 'D'
+            result = self._change(buf + 25, size - 25, tag, _be64(buf + 1))
+        elif tag == 66:  # 'B'
+            result = self._begin(buf + 25, size - 25)
+        elif tag == 67:  # 'C'
+            result = self._commit(buf + 25, size - 25)
+        else:
+            return _NOT_HANDLED
+        if result is not _NOT_HANDLED:
+            self.end = _be64(buf + 9)
+        return result
+
+    # -- Begin and Commit ------------------------------------------------
+
+    cdef object _begin(self, const unsigned char *data, Py_ssize_t size):
+        assembler = self.assembler
+        if size != 21 or assembler._current is not None:
+            return _NOT_HANDLED
+        cdef int64_t ts = <int64_t>_be64(data + 9)
+        commit_time = _pg_timestamp(ts)
+        if commit_time is None:
+            return _NOT_HANDLED
+        txn = _make_open.make((_be32(data + 17), _be64(data + 1), commit_time))
+        assembler._current = txn
+        self._begun = txn
+        self._begun_ts = ts
+        return None
+
+    cdef object _commit(self, const unsigned char *data, Py_ssize_t size):
+        assembler = self.assembler
+        txn = assembler._current
+        if size != 26 or txn is None or txn.spill is not None:
+            return _NOT_HANDLED
+        cdef int64_t ts = <int64_t>_be64(data + 18)
+        cdef uint64_t commit_lsn = _be64(data + 2)
+        if txn is self._begun and ts == self._begun_ts:
+            commit_time = txn.commit_time
+            same = commit_lsn == <uint64_t>txn.commit_lsn
+        else:
+            commit_time = _pg_timestamp(ts)
+            if commit_time is None:
+                return _NOT_HANDLED
+            same = commit_lsn == <uint64_t>txn.commit_lsn and commit_time == txn.commit_time
+        assembler._current = None
+        self._begun = None
+        return [self._batch(txn, commit_lsn, commit_time, _be64(data + 10), not same)]
+
+    # -- changes ---------------------------------------------------------
+
+    cdef object _change(self, const unsigned char *data, Py_ssize_t size, unsigned char tag, uint64_t start):
+        assembler = self.assembler
+        txn = assembler._current
+        if txn is None or assembler._stream is not None or txn.spill is not None:
+            return _NOT_HANDLED
+        # Parse the whole message first (what Decoder._insert/_update/_delete accept).
+        cdef Py_ssize_t pos = 5
+        cdef bint new_plain = True, old_plain = True
+        cdef unsigned char kind = 0, old_kind = 0
+        cdef object new = None, old = None
+        if size < 6:
+            return _NOT_HANDLED
+        cdef uint32_t relid = _be32(data + 1)
+        kind = data[5]
+        if tag == 73:  # Insert: 'N' tuple
+            if kind != 78:
+                return _NOT_HANDLED
+            pos = 6
+            new = _tuple(data, size, &pos, &new_plain)
+        elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
+            if kind == 75 or kind == 79:
+                old_kind = kind
+                pos = 6
+                old = _tuple(data, size, &pos, &old_plain)
+                if old is None or pos >= size:
+                    return _NOT_HANDLED
+                kind = data[pos]
+            if kind != 78:
+                return _NOT_HANDLED
+            pos += 1
+            new = _tuple(data, size, &pos, &new_plain)
+        else:  # Delete: 'K'|'O' tuple
+            if kind != 75 and kind != 79:
+                return _NOT_HANDLED
+            old_kind = kind
+            pos = 6
+            old = _tuple(data, size, &pos, &old_plain)
+            new = old  # only checked for None below
+        if new is None or pos != size:
+            return _NOT_HANDLED
+
+        # From here on, as TransactionAssembler._change with walex.rows.
+        lsn = start
+        table = self.relations._tables.get(relid)  # RelationCache.get, without a Python call
+        if table is None:
+            table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
+        if table.subscribed:
+            if table is not self._table:
+                self._table = table
+                self._names = table.column_names
+                self._name = table.name
+                self._source = table.source
+                self._load = table.load
+                self._keys = table.key_indexes
+                self._template = dict.fromkeys(self._names)
+            if txn is not self._stamped:
+                self._stamped = txn
+                self._commit_lsn = txn.commit_lsn
+                self._commit_time = txn.commit_time
+                self._lsn_text = _format_lsn(self._commit_lsn)
+            changes = txn.changes
+            self._id = _event_id(self._commit_lsn, txn.emitted + len(changes))
+            if tag == 73:
+                event = self._insert(new, new_plain, lsn)
+            elif tag == 85:
+                event = self._update(new, new_plain, old, old_plain, old_kind, lsn)
+            else:
+                event = self._delete(old, old_plain, old_kind, lsn)
+        else:
+            event = None
+            changes = txn.changes
+        changes.append(event)
+        # the frame's size (payload and its 25-byte XLogData header), as the pure path
+        # counts it towards batch_bytes and the pipeline's max_pending_bytes
+        txn.size += size + 25
+        if len(changes) >= assembler.batch_size or txn.size >= assembler.batch_bytes:
+            return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0, False)]
+        return None
+
+    cdef dict _record(self, object values):
+        """``dict(zip(names, values))``: a copy of the template, its values replaced."""
+        cdef list names = self._names
+        cdef dict template = self._template
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(names)
+        if len(values) != n or len(template) != n:
+            return _record(names, values)
+        cdef dict record = PyDict_Copy(template)
+        for i in range(n):
+            PyDict_SetItem(record, <object>PyList_GET_ITEM(names, i), values[i])
+        return record
+
+    cdef object _event(self, object kind, object new_record, object old_record, object changes):
+        return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
+                                 self._commit_time, self._lsn_text, self._id))
+
+    cdef object _insert(self, list new, bint plain, object lsn):
+        values = self._load(_make_row.make((new, plain)), "Insert", lsn)
+        return self._event(_INSERT, self._record(values), None, None)
+
+    cdef object _update(self, list raw_new, bint new_plain, object raw_old, bint old_plain,
+                        unsigned char old_kind, object lsn):
+        cdef list names = self._names
+        cdef Py_ssize_t i, n
+        new_values = self._load(_make_row.make((raw_new, new_plain)), "Update", lsn)
+        old_record = changes = None
+        if raw_old is not None:
+            old_values = self._load(_make_row.make((raw_old, old_plain)), "Update", lsn)
+            if old_kind == 75:  # 'K'
+                old_record = _key_record(names, self._keys, old_values)
+                # An unchanged TOASTed key is not resent, but the old key holds its value.
+                for i in self._keys:
+                    if raw_new[i] is _UNCHANGED and raw_old[i] is not _UNCHANGED:
+                        new_values[i] = old_values[i]
+            elif new_plain and old_plain:  # the common case: every value was sent
+                changes = {}
+                n = PyList_GET_SIZE(names)
+                for i in range(n):
+                    if _differ(raw_new[i], raw_old[i]):
+                        changes[<object>PyList_GET_ITEM(names, i)] = _change_tuple(
+                            old_values[i], new_values[i])
+                old_record = self._record(old_values)
+            else:
+                changes = {}
+                n = PyList_GET_SIZE(raw_new)
+                for i in range(n):
+                    raw = <object>PyList_GET_ITEM(raw_new, i)
+                    if raw is _UNCHANGED:
+                        if raw_old[i] is not _UNCHANGED:
+                            new_values[i] = old_values[i]  # not resent: same as before
+                    elif raw != raw_old[i] and raw_old[i] is not _UNCHANGED:
+                        changes[names[i]] = _change_tuple(old_values[i], new_values[i])
+                old_record = self._record(old_values)
+        return self._event(_UPDATE, self._record(new_values), old_record, changes)
+
+    cdef object _delete(self, list raw_old, bint plain, unsigned char old_kind, object lsn):
+        old_values = self._load(_make_row.make((raw_old, plain)), "Delete", lsn)
+        if old_kind == 75:  # 'K'
+            old_record = _key_record(self._names, self._keys, old_values)
+        else:
+            old_record = self._record(old_values)
+        return self._event(_DELETE, None, old_record, None)
+
+    # -- batches ---------------------------------------------------------
+
+    cdef object _batch(self, txn, commit_lsn, commit_time, end_lsn, bint restamp):
+        """As TransactionAssembler._batch: hand on the changes collected so far.
+
+        Events built here are stamped already; ``restamp`` when the Commit's
+        LSN or time differ from the Begin's. Events of the pure path (a
+        Truncate in the same transaction) still have an empty id.
+        """
+        cdef list changes = txn.changes
+        first, size = txn.emitted, txn.size
+        txn.changes = []
+        txn.emitted = first + len(changes)
+        txn.size = 0
+        cdef list events = []
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(changes)
+        cdef uint64_t lsn = commit_lsn
+        lsn_text = None
+        for i in range(n):
+            event = <object>PyList_GET_ITEM(changes, i)
+            if event is None:
+                continue
+            if restamp or not event.id:
+                if lsn_text is None:
+                    lsn_text = _format_lsn(lsn)
+                event.timestamp = commit_time
+                event.lsn = lsn_text
+                event.id = _event_id(lsn, first + i)
+            events.append(event)
+        batch = _make_transaction.make(
+            (txn.xid, commit_lsn, end_lsn, commit_time, events, txn.origin, end_lsn != 0, size))
+        return batch
+
+
+cdef str _event_id(uint64_t commit_lsn, object position):
+    """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of transactions.py's _stamp."""
+    cdef char text[25]
+    cdef int k
+    cdef uint64_t p
+    if position > 0xFFFFFFFF:
+        return f"{commit_lsn:016X}-{position:08X}"
+    p = position
+    for k in range(16):
+        text[15 - k] = _HEX[(commit_lsn >> (4 * k)) & 15]
+    text[16] = 45  # '-'
+    for k in range(8):
+        text[24 - k] = _HEX[(p >> (4 * k)) & 15]
+    return PyUnicode_DecodeASCII(text, 25, NULL)
+
+
+cdef str _format_lsn(uint64_t lsn):
+    """walex.lsn.format_lsn: ``"16/B374D848"``."""
+    cdef char text[24]  # at most "FFFFFFFF/FFFFFFFF" and the NUL
+    cdef int n = snprintf(text, 24, "%X/%X", <unsigned int>(lsn >> 32), <unsigned int>(lsn & 0xFFFFFFFF))
+    return PyUnicode_DecodeASCII(text, n, NULL)
+
+
+def _direct_construction():
+    """Which classes are built straight into their slots (for tests)."""
+    return {m.cls.__name__: m.direct
+            for m in (_make_event, _make_row, _make_transaction, _make_open)}

@@ -1,0 +1,364 @@
+"""The compiled hot path (``walex._hotpath``) gives exactly what the pure-Python path gives.
+
+Both paths are fed the same replication frames, in order, each with its own
+relation cache and assembler, exactly as the reader does (``Pipeline._read_session``):
+the compiled one first, the pure one (``Decoder.decode`` then
+``TransactionAssembler.feed``) for the frames it hands back. What comes out is
+compared: every Transaction batch (its events by ``repr``, so NaN compares and
+value types count), whether the assembler is idle after each frame, and the
+error that ends the stream (class, text, tag and LSN).
+
+Streams: the messages real servers sent (``tests/pgoutput/fixtures``, PG 15 and
+18), the type matrix of ``test_types.py`` captured live in text and binary
+format, and hypothesis mutations of the real streams (messages dropped,
+repeated, moved in from other scenarios, bytes flipped, payloads cut or
+extended), with batch sizes and subscriptions varied. Last, two WalEx apps on
+one database, one forced to the pure path, hand their handlers identical events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pgoutput.capture import load_fixtures
+from support import collecting, run, until
+from test_types import DATA_COLUMNS, ROW_VALUES, SCHEMA
+
+from walex import hotpath
+from walex.pgoutput import Decoder, Relation, Type
+from walex.pgtypes import TypeCatalog
+from walex.lookups import LookupConnection
+from walex.relations import RelationCache
+from walex.replication.frames import XLOGDATA_HEADER
+from walex.transactions import TransactionAssembler
+
+needs_compiled = pytest.mark.skipif(
+    not hotpath.compiled_available(), reason="walex._hotpath (the compiled hot path) is not built"
+)
+
+FIXTURES = load_fixtures()
+Stream = list[tuple[int, bytes]]  # (WAL start, pgoutput payload)
+
+
+def frame(lsn: int, payload: bytes) -> bytes:
+    return XLOGDATA_HEADER.pack(b"w", lsn, lsn + len(payload), 0) + payload
+
+
+async def replay(
+    stream: Stream, *, compiled: bool, batch_size: int = 1000,
+    subscribed: Callable[[str, str], bool] = lambda schema, table: True,
+    conn: psycopg.AsyncConnection | None = None,
+) -> tuple[list[Any], int]:
+    """What one path makes of ``stream``: the outcome list, and how many frames it compiled."""
+    lookups = None  # no connection: the types Type messages name stay text
+    if conn is not None:
+        lookups = LookupConnection()
+        lookups.use(conn, None, None)
+    catalog = TypeCatalog(lookups)
+    relations = RelationCache(catalog, "db", subscribed)
+    assembler = TransactionAssembler(relations, batch_size=batch_size)
+    decoder = Decoder()
+    hot = hotpath.HotPath(assembler, decoder) if compiled else None  # type: ignore[misc]
+    out: list[Any] = []
+    handled = 0
+    try:
+        for lsn, payload in stream:
+            batches = hotpath.NOT_HANDLED
+            if hot is not None:
+                batches = hot.feed(frame(lsn, payload))
+                if batches is not hotpath.NOT_HANDLED:
+                    handled += 1
+                    assert hot.end == lsn + len(payload)
+            if batches is hotpath.NOT_HANDLED:
+                msg = decoder.decode(payload, lsn)
+                if type(msg) is Relation:
+                    await relations.update(msg)
+                    batches = None
+                elif type(msg) is Type:
+                    await catalog.resolve([msg.type_oid])
+                    batches = None
+                else:  # the frame's size, as the pipeline passes it (the byte bound's unit)
+                    batches = assembler.feed(msg, lsn, len(payload) + XLOGDATA_HEADER.size)
+            for txn in batches or ():
+                out.append(repr(txn))
+            out.append(assembler.idle)
+    except Exception as exc:  # noqa: BLE001 - the error is part of the outcome
+        out.append((type(exc).__name__, str(exc), getattr(exc, "tag", None), getattr(exc, "lsn", None)))
+    return out, handled
+
+
+async def both(stream: Stream, **options: Any) -> tuple[list[Any], int]:
+    pure, _ = await replay(stream, compiled=False, **options)
+    compiled, handled = await replay(stream, compiled=True, **options)
+    assert compiled == pure
+    return pure, handled
+
+
+SUBSCRIPTIONS: dict[str, Callable[[str, str], bool]] = {
+    "all": lambda schema, table: True,
+    "none": lambda schema, table: False,
+    "some": lambda schema, table: table in ("items", "docs", "parent", "big"),
+}
+
+
+@needs_compiled
+@pytest.mark.parametrize("cap", FIXTURES, ids=lambda c: c.name)
+@pytest.mark.parametrize("batch_size", [1, 2, 1000])
+@pytest.mark.parametrize("subscription", list(SUBSCRIPTIONS))
+def test_real_streams(cap: Any, batch_size: int, subscription: str) -> None:
+    out, handled = asyncio.run(both(cap.messages, batch_size=batch_size,
+                                    subscribed=SUBSCRIPTIONS[subscription]))
+    assert not any(isinstance(item, tuple) for item in out), out[-1]  # no error
+    if any(payload[:1] == b"B" for _, payload in cap.messages):
+        assert handled > 0  # the compiled path took part
+
+
+@needs_compiled
+def test_compiled_objects_are_built_directly_and_freed() -> None:
+    """Events, rows, batches and open transactions are built straight into their slots
+    (the fast way; the classes stayed plain slots dataclasses), and nothing leaks."""
+    from walex._hotpath import _direct_construction
+
+    assert _direct_construction() == {"Event": True, "TupleData": True, "Transaction": True,
+                                      "_Open": True}
+    stream = next(c for c in FIXTURES if c.name == "pg18/dml").messages
+
+    def live_objects() -> int:
+        gc.collect()
+        return sys.getallocatedblocks()
+
+    async def replays(n: int) -> int:
+        for _ in range(n):
+            out, handled = await replay(stream, compiled=True, batch_size=2)
+        return handled
+
+    async def main() -> None:
+        await replays(200)  # caches filled
+        before = live_objects()
+        assert await replays(200) > 10
+        assert live_objects() - before < 100  # every Event, Change, batch... of 200 replays freed
+
+    asyncio.run(main())
+
+
+# -- hypothesis: mutations of the real streams ---------------------------------------------
+
+POOLS: dict[int, list[tuple[int, bytes]]] = {}
+for _cap in FIXTURES:
+    POOLS.setdefault(_cap.server_major, []).extend(_cap.messages)
+
+
+@st.composite
+def mutated_streams(draw: st.DrawFn) -> Stream:
+    cap = draw(st.sampled_from(FIXTURES))
+    stream = list(cap.messages)
+    pool = POOLS[cap.server_major]
+    for _ in range(draw(st.integers(0, 4))):
+        if not stream:
+            break
+        i = draw(st.integers(0, len(stream) - 1))
+        lsn, payload = stream[i]
+        op = draw(st.sampled_from(["drop", "repeat", "insert", "flip", "cut", "extend", "field"]))
+        if op == "drop":
+            del stream[i]
+        elif op == "repeat":
+            stream.insert(i, stream[i])
+        elif op == "insert":  # a message of another scenario of the same server
+            stream.insert(i, draw(st.sampled_from(pool)))
+        elif op == "flip" and payload:
+            j = draw(st.integers(0, len(payload) - 1))
+            byte = draw(st.integers(0, 255))
+            stream[i] = (lsn, payload[:j] + bytes([byte]) + payload[j + 1:])
+        elif op == "cut":
+            stream[i] = (lsn, payload[: draw(st.integers(0, max(len(payload) - 1, 0)))])
+        elif op == "extend":
+            stream[i] = (lsn, payload + draw(st.binary(min_size=1, max_size=3)))
+        elif op == "field" and len(payload) > 9:  # overwrite 8 bytes: LSNs, times, counts
+            j = draw(st.integers(1, len(payload) - 8))
+            stream[i] = (lsn, payload[:j] + draw(st.binary(min_size=8, max_size=8)) + payload[j + 8:])
+    return stream
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_streams(), st.integers(1, 4), st.sampled_from(list(SUBSCRIPTIONS)))
+def test_mutated_streams(stream: Stream, batch_size: int, subscription: str) -> None:
+    asyncio.run(both(stream, batch_size=batch_size, subscribed=SUBSCRIPTIONS[subscription]))
+
+
+@needs_compiled
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(b"BCIUD"), st.binary(max_size=40)), max_size=8))
+def test_random_payloads_after_the_real_relations(payloads: list[tuple[int, bytes]]) -> None:
+    """Random bodies behind the hot tags, after a real stream set up relations and a Begin."""
+    setup = [m for m in POOLS[18] if m[1][:1] in (b"R", b"Y")]
+    begin = next(m for m in POOLS[18] if m[1][:1] == b"B")
+    stream = setup + [begin] + [(0x16B3748 + n, bytes([tag]) + body)
+                                for n, (tag, body) in enumerate(payloads)]
+    asyncio.run(both(stream, batch_size=2))
+
+
+# -- hypothesis: synthetic changes of every tuple shape ---------------------------------------
+
+def _tuple(values: list[bytes | str | None]) -> bytes:
+    """TupleData: bytes are text ('t'), None is NULL, "u" unchanged TOAST, "b:x" binary."""
+    out = struct.pack("!H", len(values))
+    for value in values:
+        if value is None:
+            out += b"n"
+        elif value == "u":
+            out += b"u"
+        elif isinstance(value, str):
+            out += b"b" + struct.pack("!i", len(value) - 2) + value[2:].encode()
+        else:
+            out += b"t" + struct.pack("!i", len(value)) + value
+    return out
+
+
+def _relation(relid: int, keys: list[bool]) -> bytes:
+    columns = b"".join(struct.pack("!B", key) + f"c{i}".encode() + b"\0" + struct.pack("!Ii", 25, -1)
+                       for i, key in enumerate(keys))
+    return b"R" + struct.pack("!I", relid) + b"public\0t\0f" + struct.pack("!H", len(keys)) + columns
+
+
+values = st.one_of(st.sampled_from([b"a", b"b", b""]), st.none(), st.just("u"), st.just("b:a"))
+
+
+@st.composite
+def synthetic_streams(draw: st.DrawFn) -> Stream:
+    ncols = draw(st.integers(1, 4))
+    keys = draw(st.lists(st.booleans(), min_size=ncols, max_size=ncols))
+    row = st.lists(values, min_size=ncols, max_size=ncols)
+    stream: Stream = [(0, _relation(7, keys))]
+    for txn in range(draw(st.integers(1, 3))):
+        stream.append((0, b"B" + struct.pack("!QqI", 0x1000 * (txn + 1), 10**15, 500 + txn)))
+        for _ in range(draw(st.integers(0, 5))):
+            kind = draw(st.sampled_from(["I", "U", "UK", "UO", "DK", "DO"]))
+            if kind == "I":
+                body = b"N" + _tuple(draw(row))
+            elif kind == "U":
+                body = b"N" + _tuple(draw(row))
+            elif kind.startswith("U"):
+                body = kind[1].encode() + _tuple(draw(row)) + b"N" + _tuple(draw(row))
+            else:
+                body = kind[1].encode() + _tuple(draw(row))
+            stream.append((0x100, kind[0].encode() + struct.pack("!I", 7) + body))
+        commit_lsn = 0x1000 * (txn + 1) + draw(st.sampled_from([0, 0, 0, 8]))
+        stream.append((0, b"C" + struct.pack("!BQQq", 0, commit_lsn, commit_lsn + 0x30,
+                                             10**15 + draw(st.sampled_from([0, 0, 0, 1])))))
+    return stream
+
+
+@needs_compiled
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(synthetic_streams(), st.integers(1, 4))
+def test_synthetic_changes(stream: Stream, batch_size: int) -> None:
+    """Every Update/Delete branch of walex.rows: 'K' and 'O', TOAST, NULL, binary values."""
+    out, _ = asyncio.run(both(stream, batch_size=batch_size))
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**63), 2**63 - 1), st.integers(-(2**63), 2**63 - 1),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_begin_and_commit_field_values(begin_ts: int, commit_ts: int, begin_lsn: int,
+                                       commit_lsn: int, xid: int) -> None:
+    """Timestamps over the whole int64 range (out of datetime's range too), any LSN and xid."""
+    stream = [(0, _relation(7, [True])),
+              (1, b"B" + struct.pack("!QqI", begin_lsn, begin_ts, xid)),
+              (2, b"I" + struct.pack("!I", 7) + b"N" + _tuple([b"x"])),
+              (3, b"C" + struct.pack("!BQQq", 0, commit_lsn, commit_lsn // 2, commit_ts))]
+    for ts in (begin_ts, begin_ts % 10**15):  # the second one in range
+        stream[1] = (1, b"B" + struct.pack("!QqI", begin_lsn, ts, xid))
+        asyncio.run(both(stream))
+        asyncio.run(both(stream[:3] + [(3, stream[3][1][:18] + stream[1][1][9:17])]))  # same ts
+
+
+# -- the type matrix, captured live --------------------------------------------------------
+
+def capture_type_matrix(admin: psycopg.Connection, binary: bool) -> Stream:
+    admin.execute(SCHEMA)
+    admin.execute("SELECT pg_create_logical_replication_slot('hot', 'pgoutput')")
+    admin.execute(f"INSERT INTO typed VALUES {ROW_VALUES}")
+    columns = ", ".join(DATA_COLUMNS)
+    admin.execute(f"UPDATE typed t SET ({columns}) = "
+                  f"(SELECT {columns} FROM typed s WHERE s.id = 3 - t.id) WHERE t.id IN (1, 2)")
+    admin.execute("UPDATE typed SET c_int4 = 5 WHERE id = 3")
+    admin.execute("DELETE FROM typed WHERE id IN (4, 5)")
+    admin.execute("ALTER TABLE typed REPLICA IDENTITY DEFAULT")
+    admin.execute("UPDATE typed SET id = 10 WHERE id = 1")  # key changed: 'K'
+    admin.execute("DELETE FROM typed WHERE id = 10")
+    options = ["proto_version", "1", "publication_names", "pub"] + (["binary", "true"] if binary else [])
+    rows = admin.execute(
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes('hot', NULL, NULL, "
+        "VARIADIC %s::text[])", [options]).fetchall()
+    hi_lo = [lsn.split("/") for lsn, _ in rows]
+    return [(int(hi, 16) << 32 | int(lo, 16), bytes(data)) for (hi, lo), (_, data) in zip(hi_lo, rows)]
+
+
+@needs_compiled
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_type_matrix(admin: psycopg.Connection, dsn: str, binary: bool) -> None:
+    stream = capture_type_matrix(admin, binary)
+
+    async def main() -> list[Any]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            out, handled = await both(stream, conn=conn)
+            assert handled >= 10
+            return out
+
+    out = asyncio.run(main())
+    assert not any(isinstance(item, tuple) for item in out), out[-1]
+    text = "".join(item for item in out if isinstance(item, str))
+    for value in ("Decimal('NaN')", "inf", "'a': '1'", "'very \"happy\", {yes}', None]"):
+        assert value in text, (value, text[:3000])  # the typed values went through both paths
+
+
+# -- end to end: two apps, one pure ----------------------------------------------------------
+
+@needs_compiled
+def test_app_gives_identical_events_with_and_without_the_compiled_path(
+    admin: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin.execute(SCHEMA)
+    admin.execute("CREATE TABLE other (id int PRIMARY KEY, note text);"
+                  "ALTER PUBLICATION pub ADD TABLE other")
+
+    async def main() -> None:
+        monkeypatch.setenv("WALEX_PURE_PYTHON", "1")
+        async with collecting(dsn, subscriptions=["typed"], batch_size=3) as pure:
+            # the path is chosen when the reader starts its session
+            await until(lambda: getattr(pure.app.pipeline, "compiled_path", None) is False,
+                        "the pure app's reader")
+            monkeypatch.delenv("WALEX_PURE_PYTHON")
+            async with collecting(dsn, subscriptions=["typed"], batch_size=3) as compiled:
+                admin.execute(f"INSERT INTO typed VALUES {ROW_VALUES}")
+                columns = ", ".join(DATA_COLUMNS)
+                with admin.transaction():
+                    admin.execute("INSERT INTO other VALUES (1, 'not subscribed')")
+                    admin.execute(f"UPDATE typed t SET ({columns}) = (SELECT {columns} FROM typed s "
+                                  "WHERE s.id = 3 - t.id) WHERE t.id IN (1, 2)")
+                    admin.execute("UPDATE other SET note = 'still not' WHERE id = 1")
+                    admin.execute("DELETE FROM typed WHERE id = 5")
+                admin.execute("TRUNCATE typed")
+                expected = 5 + 2 + 1 + 1
+                await compiled.wait_for(expected)
+                await pure.wait_for(expected)
+                assert compiled.app.pipeline.compiled_path is True
+        for calls in (pure.calls_of("__all__"), compiled.calls_of("__all__")):
+            assert [len(c) for c in calls] == [3, 2, 2, 1, 1]  # batches of 3, per transaction
+        assert [repr(e) for e in compiled.events] == [repr(e) for e in pure.events]
+        assert compiled.events[7].id[-8:] == "00000004"  # positions count unsubscribed changes
+
+    assert "WALEX_PURE_PYTHON" not in os.environ
+    run(main())
