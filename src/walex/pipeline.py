@@ -437,63 +437,50 @@ class Pipeline:
                 failpoints.hit("after_frames")
             for frame in frames:
                 # -- the compiled hot path (walex.hotpath): Begin/Insert/Update/Delete/Commit
-                if hot is not None:
-                    batches = hot.feed(frame)
-                    if batches is not NOT_HANDLED:
-                        if batches is not None:  # as the pure path below does with them
-                            for txn in batches:
-                                if backfill.window is not None:  # a backfill runs
-                                    await backfill.batch(txn)
-                                if txn.commit_lsn < ack.flushed:
-                                    self._replayed(txn)
-                                elif queue.full() or self.pending_bytes > max_bytes:
-                                    await self._put(txn)
-                                else:
-                                    queue.put_nowait(txn)
-                                    self.pending_bytes += txn.size
-                        ack.saw(hot.end)
-                        continue
+                if hot is not None and (batches := hot.feed(frame)) is not NOT_HANDLED:
+                    end = hot.end
                 # -- the pure-Python path: every frame when hot is None, else the others
-                tag = frame[0]
-                if tag == _XLOGDATA:
+                elif frame[0] == _XLOGDATA:
                     if len(frame) < 25:
                         raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
                     start, end = header(frame)
                     msg = decoder.decode(frame[25:], start)
+                    batches = None
                     if middleware is None:
                         kind = type(msg)
                         if kind is Relation or kind is Type:
                             await process(msg, start)
                         elif kind is LogicalMessage:
                             backfill.message(msg)  # type: ignore[arg-type]
-                        else:  # the hot path: no coroutine per message
+                        else:  # no coroutine per message
                             batches = feed(msg, start, len(frame))  # frame size: the byte bound's unit
-                            if batches is not None:
-                                for txn in batches:
-                                    if backfill.window is not None:  # a backfill runs
-                                        await backfill.batch(txn)
-                                    if txn.commit_lsn < ack.flushed:
-                                        self._replayed(txn)
-                                    elif queue.full() or self.pending_bytes > max_bytes:
-                                        await self._put(txn)
-                                    else:
-                                        queue.put_nowait(txn)
-                                        self.pending_bytes += txn.size
                     else:
                         self.held_by_middleware += 1
                         result = middleware(msg, self.owner)
                         if inspect.isawaitable(result):
                             await result
-                    ack.saw(end)
-                elif tag == _KEEPALIVE:
+                elif frame[0] == _KEEPALIVE:
                     keepalive = parse_keepalive(frame)
                     ack.saw(keepalive.wal_end)
                     if self.idle:
                         ack.idle_at(keepalive.wal_end)
                     if keepalive.reply_requested:
                         ack.request()
+                    continue
                 else:
-                    raise ReplicationError(f"unexpected replication frame type {chr(tag)!r}")
+                    raise ReplicationError(f"unexpected replication frame type {chr(frame[0])!r}")
+                if batches is not None:  # committed batches, from either path, to the queue
+                    for txn in batches:
+                        if backfill.window is not None:  # a backfill runs
+                            await backfill.batch(txn)
+                        if txn.commit_lsn < ack.flushed:
+                            self._replayed(txn)
+                        elif queue.full() or self.pending_bytes > max_bytes:
+                            await self._put(txn)
+                        else:
+                            queue.put_nowait(txn)
+                            self.pending_bytes += txn.size
+                ack.saw(end)
 
     @property
     def busy(self) -> bool:
