@@ -130,7 +130,7 @@ def test_compiled_objects_are_built_directly_and_freed() -> None:
     from walex._hotpath import _direct_construction
 
     assert _direct_construction() == {"Event": True, "TupleData": True, "Transaction": True,
-                                      "_Open": True}
+                                      "_Open": True, "Change": True}
     stream = next(c for c in FIXTURES if c.name == "pg18/dml").messages
 
     def live_objects() -> int:

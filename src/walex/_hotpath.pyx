@@ -89,6 +89,9 @@ cdef class _Maker:
     def __init__(self, cls):
         self.cls = cls
         self.tp = <_Type *>cls
+        self.direct = False
+        if not dataclasses.is_dataclass(cls):
+            return
         fields = dataclasses.fields(cls)
         self.count = len(fields)
         defaults = []
@@ -130,8 +133,17 @@ cdef class _Maker:
         return obj
 
 
+cdef bint _change_direct = (  # a tuple subclass adding no fields: built like tuple.__new__ does
+    issubclass(Change, tuple) and Change.__dictoffset__ == 0 and Change.__weakrefoffset__ == 0
+    and Change.__basicsize__ == tuple.__basicsize__ and Change.__itemsize__ == tuple.__itemsize__
+)
+cdef object _tuple_new = tuple.__new__
+
+
 cdef object _change_tuple(object old, object new):
     """``Change(old, new)``: the named tuple built as tuple.__new__ builds a subclass."""
+    if not _change_direct:
+        return _tuple_new(Change, (old, new))
     cdef _Type *tp = <_Type *>Change
     cdef PyObject *obj = tp.tp_alloc(tp, 2)
     Py_INCREF(old)
@@ -525,5 +537,6 @@ cdef str _format_lsn(uint64_t lsn):
 
 def _direct_construction():
     """Which classes are built straight into their slots (for tests)."""
-    return {m.cls.__name__: m.direct
-            for m in (_make_event, _make_row, _make_transaction, _make_open)}
+    made = {m.cls.__name__: m.direct for m in (_make_event, _make_row, _make_transaction, _make_open)}
+    made["Change"] = _change_direct
+    return made
