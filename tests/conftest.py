@@ -124,3 +124,11 @@ def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         origin = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), "")
         if str(origin).startswith(str(tmp_path)):
             del sys.modules[name]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fault-injection scenarios run one after the other on one xdist worker."""
+    chaos = Path(__file__).parent / "chaos"
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(chaos):
+            item.add_marker(pytest.mark.xdist_group("chaos"))
