@@ -63,6 +63,7 @@ from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
+from .slots import slot_in_use
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
@@ -73,13 +74,6 @@ __all__ = ["Pipeline"]
 log = logging.getLogger("walex")
 
 _XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
-
-
-def _client(addr: str | None, port: int | None, app_name: str | None) -> str:
-    where = "a local socket" if addr is None and port == -1 else (
-        f"{addr}:{port}" if addr is not None else "an address hidden from this role"
-    )
-    return f"client {where}, application_name {app_name!r}" if app_name else f"client {where}"
 
 
 class Pipeline:
@@ -280,46 +274,13 @@ class Pipeline:
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise SlotInUseError(await self._slot_in_use(wait)) from None
+                    raise SlotInUseError(await slot_in_use(self.admin, self.slot_name, wait)) from None
                 pause = min(delay, remaining)  # the last try comes at the deadline
                 log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, 5.0)
         standby.took_over(self, start)
         log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
-
-    async def _slot_in_use(self, waited: float) -> str:
-        """Why the slot cannot be had: the process holding it, and how to find its client."""
-        assert self.admin is not None
-        cur = await self.admin.execute(
-            "SELECT s.active_pid, a.backend_type, a.client_addr::text, a.client_port, "
-            "a.application_name FROM pg_replication_slots s "
-            "LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
-            (self.slot_name,),
-        )
-        row = await cur.fetchone()
-        pid, kind, addr, port, app_name = row if row else (None, None, None, None, None)
-        if pid is None:
-            return (
-                f"replication slot {self.slot_name!r} was in use by another consumer for "
-                f"{waited:g}s (it was released just now). Fix: stop the other consumer (only one "
-                "process can stream from a slot), or give this app another slot_name."
-            )
-        view = "pg_stat_activity" if kind not in (None, "walsender") else "pg_stat_replication"
-        if kind == "walsender":
-            holder = "the walsender streaming it to another consumer"
-        elif kind is None:
-            holder = "the server process serving another consumer of it"
-        else:
-            holder = f"a {kind} session reading it (pg_logical_slot_get_changes or the like)"
-        return (
-            f"replication slot {self.slot_name!r} is in use by PostgreSQL process {pid}, {holder} "
-            f"({_client(addr, port, app_name)}), and stayed so for {waited:g}s. That pid is the "
-            "server's process, not the consumer's: find the consumer with SELECT "
-            f"application_name, client_addr, client_port FROM {view} WHERE pid = {pid}; "
-            "(a walex app's application_name is its name). Fix: stop the other consumer (only "
-            "one process can stream from a slot), or give this app another slot_name."
-        )
 
     def note_stop(self, failure: BaseException | None) -> None:
         """At stop: a temporary slot goes with the connection; report what it takes along.
