@@ -42,17 +42,18 @@ MARKER = "bench_marker"
 
 LIMIT = "pg_recvlogical"
 LEVELS = ["pg_recvlogical", "walex", "psycopg2", "pypgoutput", "pgoutput-decoder"]
-OPTIONAL_LEVELS = ["walex_sync"]
+OPTIONAL_LEVELS = ["walex_sync", "walex_uvloop"]
 PEER_LEVELS = {"pypgoutput": "pypgoutput", "pgoutput-decoder": "pgoutput_decoder"}
 CONSUMER_SCRIPTS = {
-    "walex": "walex_consumer.py", "walex_sync": "walex_consumer.py",
+    "walex": "walex_consumer.py", "walex_sync": "walex_consumer.py", "walex_uvloop": "walex_consumer.py",
     "psycopg2": "psycopg2_consumer.py", "pypgoutput": "pypgoutput_consumer.py",
     "pgoutput-decoder": "pgoutput_decoder_consumer.py",
 }
 LEVEL_NOTES = {
     "pg_recvlogical": "C client, output to /dev/null: the ceiling (server decoding + transport)",
-    "walex": "WalEx app, durable slot, async on_event('all') handler touching every field",
+    "walex": "WalEx app on asyncio's loop, durable slot, async on_event('all') handler touching every field",
     "walex_sync": "as walex, with a plain (threaded) handler",
+    "walex_uvloop": "as walex, on uvloop (walex[fast]; WalEx.run() takes it when installed)",
     "psycopg2": "psycopg2 LogicalReplicationConnection + plain pgoutput decoder (bench/consumers/pgoutput_plain.py)",
     "pypgoutput": "PyPI pypgoutput (psycopg2 + pydantic 1), in bench/.venv-peers",
     "pgoutput-decoder": "PyPI pgoutput-decoder (Rust/pyo3), in bench/.venv-peers",
@@ -306,6 +307,8 @@ class Bench:
                "--marker-table", MARKER, "--result", str(result)]
         if level == "walex_sync":
             cmd.append("--sync-handler")
+        if level == "walex_uvloop":
+            cmd.append("--uvloop")
         if level.startswith("walex+"):  # bench/destinations.py
             import destinations
 

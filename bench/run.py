@@ -284,7 +284,7 @@ def main() -> int:
     ap.add_argument("--lag-seconds", type=int, default=20)
     ap.add_argument("--lag-rate", default="1000,5000",
                     help="pgbench target rates, comma list; 0 = unthrottled (default 1000,5000)")
-    ap.add_argument("--lag-levels", default="walex", help="comma list (walex, walex_sync, psycopg2)")
+    ap.add_argument("--lag-levels", default="walex", help="comma list (walex, walex_sync, walex_uvloop, psycopg2)")
     ap.add_argument("--unix-socket", action="store_true",
                     help="consumers connect through the Unix socket instead of TCP 127.0.0.1")
     ap.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",

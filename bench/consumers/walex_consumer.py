@@ -5,6 +5,9 @@ A durable slot (created by the runner before the workload) and one
 type, source, every value of new_record and old_record, every Change,
 timestamp, lsn, id. The handler is ``async def`` (runs on the event loop);
 ``--sync-handler`` makes it a plain function, which walex runs in a thread.
+The app runs on asyncio's own event loop; ``--uvloop`` (level
+``walex_uvloop``) runs it on uvloop instead (``walex[fast]``), the loop
+``WalEx.run()`` takes when uvloop is installed.
 
 With ``--destination URL`` (levels ``walex+NAME``, bench/destinations.py)
 every event is also published there; a transaction's handler call comes only
@@ -28,6 +31,7 @@ import time
 from _common import Result, parse_args
 
 from walex import Event, Events, WalEx
+from walex.lifecycle import run_loop
 
 
 def main() -> int:
@@ -49,10 +53,10 @@ def main() -> int:
                 gc_time[info["generation"]] += time.perf_counter() - started[0]
                 gc_count[info["generation"]] += 1
         gc.callbacks.append(on_gc)
-    args = parse_args(__doc__.splitlines()[0], ("--sync-handler",))
+    args = parse_args(__doc__.splitlines()[0], ("--sync-handler", "--uvloop"))
     marker = args.marker_table
     sync = args.sync_handler
-    res = Result("walex_sync" if sync else "walex", args)
+    res = Result("walex" + ("_sync" if sync else "") + ("_uvloop" if args.uvloop else ""), args)
     done = asyncio.Event()
     lags = res.lags
     lag = args.lag
@@ -89,7 +93,7 @@ def main() -> int:
         counters["values"] += values
         if res.data["marker_seen"]:
             res.end()
-            loop.call_soon_threadsafe(done.set)
+            loop.call_soon_threadsafe(done.set)  # type: ignore[union-attr]
 
     events_mod = Events()
     if sync:
@@ -99,7 +103,11 @@ def main() -> int:
             handle(events)
         events_mod.on_event("all")(handle_async)
 
+    loop: asyncio.AbstractEventLoop | None = None
+
     async def run() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
         app = WalEx(
             url=args.dsn, publication=args.publication, subscriptions=["*"],
             modules=[events_mod], name="bench", durable_slot=True, slot_name=args.slot,
@@ -124,9 +132,7 @@ def main() -> int:
         res.data["events_published"] = app.destinations.events_published
 
     logging.basicConfig(level=logging.WARNING)
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(run())
-    loop.close()
+    run_loop(run, "uvloop" if args.uvloop else "asyncio")
     res.data.update(counters)
     if "stats" in gc_mode:
         res.data["gc_s"] = gc_time

@@ -34,6 +34,7 @@ from .destinations import Destinations
 from .dispatch import Dispatcher
 from .errors import ConfigError, WalExError
 from .handlers import Handler
+from .lifecycle import run_loop
 from .logs import default_logging
 from .lsn import format_lsn
 from .modules import resolve_modules
@@ -291,7 +292,7 @@ class WalEx:
         meanwhile, so a script shows what it streams from where.
         """
         with default_logging(self.settings.secret()):
-            asyncio.run(self._run_until_signal())
+            run_loop(self._run_until_signal, self.settings.loop)
 
     async def _run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()

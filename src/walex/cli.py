@@ -171,6 +171,12 @@ def run(
     standby: Annotated[bool, typer.Option(
         "--standby", help="If another instance holds the durable slot, wait and take over "
                           "when it stops.")] = False,
+    loop: Annotated[
+        Optional[str],  # noqa: UP007
+        typer.Option(help="The event loop: auto (uvloop if installed), asyncio or uvloop "
+                          "(default: the app's loop option, else WALEX_LOOP, else auto).",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Run a WalEx app until SIGINT/SIGTERM (exit 0), from 'package.module:app' or --config."""
     try:
@@ -206,6 +212,8 @@ def run(
             walex_app.config.replace("metrics_port", metrics_port)
         if standby:
             walex_app.config.replace("standby", True)
+        if loop is not None:
+            walex_app.config.replace("loop", loop)
         secret = walex_app.settings.secret()
         if secret:
             secrets.append(secret)

@@ -83,6 +83,7 @@ def tail(
     from .demo import print_event
     from .event import Event
     from .handlers import Events
+    from .lifecycle import run_loop
 
     try:
         settings = _settings(url, publication, config)
@@ -123,7 +124,7 @@ def tail(
                 else:
                     waiter.cancel()
 
-        asyncio.run(main())
+        run_loop(main, app.settings.loop)
     except WalExError as exc:
         raise _fail(exc) from None
 

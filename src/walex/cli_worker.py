@@ -66,6 +66,9 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
         max_retries: Annotated[Optional[int], typer.Option(  # noqa: UP007
             help="Retries of a failing call (default: the app's, else 3).",
             show_default=False)] = None,
+        loop: Annotated[Optional[str], typer.Option(  # noqa: UP007
+            help="The event loop: auto (uvloop if installed), asyncio or uvloop (default: the "
+                 "app's, else WALEX_LOOP, else auto).", show_default=False)] = None,
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
         log_format: Annotated[str, typer.Option(help="text or json (one object per line).")] = "text",
         app_dir: Annotated[str, typer.Option(
@@ -82,7 +85,8 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
             folder = Path(app_dir).resolve()
             sys.path.insert(0, str(folder))
             options = {k: v for k, v in (("concurrency", concurrency), ("on_error", on_error),
-                                         ("max_retries", max_retries)) if v is not None}
+                                         ("max_retries", max_retries), ("loop", loop))
+                       if v is not None}
             try:
                 built = build_worker(source_url, target, options)
             except ConfigError as exc:

@@ -137,6 +137,9 @@ class WalExSettings(BaseSettings):
     # collections skip everything alive at start (about 10% less CPU per row on
     # update-heavy streams); for processes dedicated to walex
     gc_freeze: bool = False
+    # the event loop run() and the walex commands create (walex.lifecycle): "auto" takes
+    # uvloop when it is installed (walex[fast]), "asyncio" never does, "uvloop" insists
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # operating it (walex.observe): /metrics, /healthz and /livez on this port
     # (0: any free port), the lag limit, an active-passive standby, tracing
@@ -238,6 +241,17 @@ class WalExSettings(BaseSettings):
                 "an app name has 1-63 characters among ASCII letters, digits, '_', '-' and '.', "
                 "and starts with a letter, digit or '_'"
             )
+        return value
+
+    @field_validator("loop")
+    @classmethod
+    def _loop(cls, value: str) -> str:
+        from .lifecycle import check_loop
+
+        try:
+            check_loop(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("sslmode")

@@ -22,6 +22,7 @@ from .app import WalEx
 from .embedded import Cluster
 from .event import UNCHANGED_TOAST, Event
 from .handlers import Events
+from .lifecycle import run_loop
 
 __all__ = ["run_demo", "SCRIPT", "EXPECTED_EVENTS"]
 
@@ -162,4 +163,4 @@ def run_demo(follow: bool = False, console: Console | None = None) -> int:
     """Run the demo; returns the process exit code."""
     console = console or Console()
     os.environ.pop("PGPASSWORD", None)
-    return asyncio.run(_demo(console, follow, None))
+    return run_loop(lambda: _demo(console, follow, None))  # WALEX_LOOP, else uvloop if installed

@@ -56,6 +56,7 @@ def backfill(
     """Deliver a table's existing rows (or those matching --where) as read events."""
     from ..app import WalEx
     from ..config import file_values, read_toml
+    from ..lifecycle import run_loop
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -66,7 +67,7 @@ def backfill(
                 app = WalEx()
         else:
             app = WalEx()  # from WALEX_* variables
-        job = asyncio.run(_backfill(app, table, where))
+        job = run_loop(lambda: _backfill(app, table, where), app.settings.loop)
     except WalExError as exc:
         err.print(f"[bold red]walex:[/] {_escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None

@@ -56,6 +56,7 @@ from ..destinations.decoding import Decoder
 from ..dispatch import Dispatcher
 from ..errors import ConfigError, DecodeError, HandlerError
 from ..event import Event
+from ..lifecycle import check_loop, run_loop
 from ..logs import default_logging
 from ..modules import import_object, resolve_modules
 from ..transactions import Transaction
@@ -126,6 +127,8 @@ class Worker:
     ``modules``: :class:`~walex.Events` objects or import strings, as for
     :class:`~walex.WalEx`; :meth:`for_app` takes an app's modules and error
     policy. ``types``: see :class:`~walex.destinations.decoding.Decoder`.
+    ``loop``: the event loop :meth:`run` creates, as the app option of that
+    name (:mod:`walex.lifecycle`); ``None`` takes ``WALEX_LOOP``, else ``"auto"``.
     """
 
     poll = 1.0  # seconds a lane waits for messages before it looks at stop()
@@ -144,6 +147,7 @@ class Worker:
         concurrency: int = 1,
         shutdown_grace: float = 30.0,
         types: Mapping[str, Callable[[Any], Any]] | None = None,
+        loop: str | None = None,
     ) -> None:
         for option, value, minimum in (("max_retries", max_retries, 0), ("concurrency", concurrency, 1),
                                        ("function_concurrency", function_concurrency, 1)):
@@ -153,6 +157,7 @@ class Worker:
             if not isinstance(number, (int, float)) or number < 0:
                 raise ConfigError(f"{option} must be a number >= 0, got {number!r}")
         self.name = name
+        self.loop = check_loop(loop)  # run()'s event loop: None takes WALEX_LOOP, else "auto"
         self.consumer = consumer_from_url(source_url)
         self.modules = resolve_modules(modules, name, ())
         if not any(module.handlers for module in self.modules):
@@ -183,7 +188,7 @@ class Worker:
         values: dict[str, Any] = {
             "name": s.name, "on_error": s.on_error, "max_retries": s.max_retries,
             "retry_backoff": s.retry_backoff, "function_concurrency": s.function_concurrency,
-            "shutdown_grace": s.shutdown_grace,
+            "shutdown_grace": s.shutdown_grace, "loop": s.loop,
         }
         values.update(options)
         return cls(source_url, app.modules, **values)
@@ -387,7 +392,7 @@ class Worker:
     def run(self) -> None:
         """Run until SIGINT/SIGTERM (clean stop) or a failure (raised)."""
         with default_logging(self.secrets[0] if self.secrets else None):
-            asyncio.run(self._run_until_signal())
+            run_loop(self._run_until_signal, self.loop)
 
     async def _run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
