@@ -23,7 +23,6 @@ import gc
 import hashlib
 import logging
 import secrets
-import signal
 import weakref
 from collections import deque
 from typing import Any
@@ -34,8 +33,7 @@ from .destinations import Destinations
 from .dispatch import Dispatcher
 from .errors import ConfigError, WalExError
 from .handlers import Handler
-from .lifecycle import run_loop
-from .logs import default_logging
+from .lifecycle import Lifecycle
 from .lsn import format_lsn
 from .modules import resolve_modules
 from .observe import Observer
@@ -60,11 +58,13 @@ def get_app(name: str) -> WalEx:
         ) from None
 
 
-class WalEx:
+class WalEx(Lifecycle):
     """Stream the changes of a publication into handler modules.
 
     Options are those of :class:`~walex.config.WalExSettings`; a bad option
     raises :class:`~walex.errors.ConfigError` listing every problem.
+    ``wait()``, ``async with`` and ``run()`` come from
+    :class:`~walex.lifecycle.Lifecycle`.
     """
 
     def __init__(self, url: str | None = None, **options: Any) -> None:
@@ -270,40 +270,8 @@ class WalEx:
         if not self._stopping:
             asyncio.get_running_loop().create_task(self.stop())
 
-    async def wait(self) -> None:
-        """Wait until the app stops; raises the error that stopped it, if any."""
-        await self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def __aenter__(self) -> WalEx:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-        if self._error is not None and exc_info[0] is None:
-            raise self._error
-
-    def run(self) -> None:
-        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised).
-
-        If the program configured no logging, walex logs INFO and above to stderr
-        meanwhile, so a script shows what it streams from where.
-        """
-        with default_logging(self.settings.secret()):
-            run_loop(self._run_until_signal, self.settings.loop)
-
-    async def _run_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        await self.start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
-        try:
-            await self.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+    def _run_options(self) -> tuple[str | None, str | None]:
+        return self.settings.loop, self.settings.secret()
 
     async def backfill(self, table: str, where: str | None = None) -> Any:
         """Deliver the existing rows of ``table`` (those matching the SQL condition

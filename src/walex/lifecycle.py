@@ -1,7 +1,13 @@
-"""The event loop walex's own entry points run on.
+"""The lifecycle ``WalEx`` and ``Worker`` share, and the event loop walex creates.
 
-``WalEx.run()``, ``Worker.run()`` and the ``walex`` commands create their
-event loop with :func:`run_loop`. Its kind is the ``loop`` option (``WALEX_LOOP``):
+:class:`Lifecycle` is the base of :class:`~walex.WalEx` and
+:class:`~walex.workers.Worker`: each defines ``start()`` and ``stop()`` and
+keeps ``_stopped`` (set once stopped) and ``_error`` (what stopped it); the
+base gives them :meth:`~Lifecycle.wait`, ``async with`` and
+:meth:`~Lifecycle.run`, which runs until SIGINT/SIGTERM on a loop of its own.
+
+``run()`` and the ``walex`` commands create that loop with :func:`run_loop`.
+Its kind is the ``loop`` option (``WALEX_LOOP``):
 
 - ``"auto"`` (the default): uvloop when it is installed (``pip install
   'walex[fast]'``), else asyncio's own loop, as uvicorn does;
@@ -20,12 +26,15 @@ import asyncio
 import importlib.util
 import logging
 import os
+import signal
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from .errors import ConfigError
+from .logs import default_logging
 
-__all__ = ["LOOPS", "check_loop", "loop_factory", "run_loop"]
+__all__ = ["LOOPS", "Lifecycle", "check_loop", "loop_factory", "run_loop"]
 
 log = logging.getLogger("walex")
 
@@ -74,3 +83,59 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, T]], loop: str | None = None
     log.debug("walex: event loop %s", description)
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
+
+
+class Lifecycle(ABC):
+    """Started and stopped by the subclass; waited for, used with ``async with``, or run."""
+
+    _stopped: asyncio.Event  # set once stop() finished
+    _error: BaseException | None  # what stopped it, raised by wait(), __aexit__ and run()
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start; returns once running."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop cleanly; sets ``_stopped``."""
+
+    @abstractmethod
+    def _run_options(self) -> tuple[str | None, str | None]:
+        """For :meth:`run`: the ``loop`` option, and the secret its log lines must not show."""
+
+    async def wait(self) -> None:
+        """Wait until stopped; raises the error that stopped it, if any."""
+        await self._stopped.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+    def run(self) -> None:
+        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised), on a loop of its own.
+
+        The loop is the ``loop`` option's (see the module). If the program
+        configured no logging, walex logs INFO and above to stderr meanwhile,
+        so a script shows what it does and where.
+        """
+        loop, secret = self._run_options()
+        with default_logging(secret):
+            run_loop(self._run_until_signal, loop)
+
+    async def _run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+        try:
+            await self.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import signal
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -56,8 +55,7 @@ from ..destinations.decoding import Decoder
 from ..dispatch import Dispatcher
 from ..errors import ConfigError, DecodeError, HandlerError
 from ..event import Event
-from ..lifecycle import check_loop, run_loop
-from ..logs import default_logging
+from ..lifecycle import Lifecycle, check_loop
 from ..modules import import_object, resolve_modules
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
@@ -121,7 +119,7 @@ def _policy(on_error: Any) -> Any:
                       f"exception) (or its import string 'package.module:function'), got {on_error!r}")
 
 
-class Worker:
+class Worker(Lifecycle):
     """Handle what a relay published to ``source_url`` with the handlers of ``modules``.
 
     ``modules``: :class:`~walex.Events` objects or import strings, as for
@@ -129,6 +127,8 @@ class Worker:
     policy. ``types``: see :class:`~walex.destinations.decoding.Decoder`.
     ``loop``: the event loop :meth:`run` creates, as the app option of that
     name (:mod:`walex.lifecycle`); ``None`` takes ``WALEX_LOOP``, else ``"auto"``.
+    ``wait()``, ``async with`` and ``run()`` come from
+    :class:`~walex.lifecycle.Lifecycle`.
     """
 
     poll = 1.0  # seconds a lane waits for messages before it looks at stop()
@@ -374,34 +374,5 @@ class Worker:
             self._task = None
             self._stopped.set()
 
-    async def wait(self) -> None:
-        """Wait until the worker stops; raises the error that stopped it, if any."""
-        await self._stopped.wait()
-        if self._error is not None:
-            raise self._error
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-        if self._error is not None and exc_info[0] is None:
-            raise self._error
-
-    def run(self) -> None:
-        """Run until SIGINT/SIGTERM (clean stop) or a failure (raised)."""
-        with default_logging(self.secrets[0] if self.secrets else None):
-            run_loop(self._run_until_signal, self.loop)
-
-    async def _run_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        await self.start()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
-        try:
-            await self.wait()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
+    def _run_options(self) -> tuple[str | None, str | None]:
+        return self.loop, self.secrets[0] if self.secrets else None
