@@ -8,7 +8,7 @@ import pytest
 
 from walex import ConfigError, WalEx
 from walex.config import load_settings
-from walex.destinations import Destinations, from_url
+from walex.destinations import SCHEMES, Destination, Destinations, from_url, load_class
 
 NATS = "nats://u:n4tspw@127.0.0.1:4222?stream=S"
 REDIS = "redis://127.0.0.1:6379/0?stream=walex:{table}"
@@ -42,6 +42,25 @@ def test_a_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delitem(sys.modules, "walex.destinations.rabbitmq", raising=False)
     with pytest.raises(ConfigError, match=r"needs the aio-pika client.*pip install 'walex\[rabbitmq\]'"):
         from_url("amqp://guest:guest@localhost/")
+
+
+def test_one_scheme_table_for_destinations_and_worker_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scheme's destination class, and its worker source's, which publishes through it."""
+    from walex.workers import consumer_from_url
+    from walex.workers.base import Consumer
+
+    for scheme in SCHEMES.values():
+        destination = load_class("walex.destinations", scheme, scheme.destination, "test")
+        assert issubclass(destination, Destination)
+        if scheme.consumer is not None:
+            consumer = load_class("walex.workers", scheme, scheme.consumer, "test")
+            assert issubclass(consumer, Consumer) and consumer.destination_class is destination
+    monkeypatch.setitem(sys.modules, "aio_pika", None)  # as if aio-pika were not installed
+    for module in ("walex.destinations.rabbitmq", "walex.workers.rabbitmq"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(ConfigError, match=r"worker source amqp://127.0.0.1/\?exchange=x needs the "
+                                          r"aio-pika client.*pip install 'walex\[rabbitmq\]'"):
+        consumer_from_url("amqp://127.0.0.1/?exchange=x")
 
 
 def test_destinations_cannot_change_at_runtime() -> None:

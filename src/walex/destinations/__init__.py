@@ -32,7 +32,8 @@ broker is back. A permanent refusal raises
 
 One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
 importing its client only when a URL of its scheme is used; another broker
-(Kafka, say) is one more module and one line in ``_SCHEMES``.
+(Kafka, say) is one more module and one line in :data:`SCHEMES`, the table
+:mod:`walex.workers` picks its sources from too.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
@@ -49,43 +51,61 @@ from ..event import Event
 from .base import Destination, DestinationURL, Unavailable, backoff
 from .encoding import Outgoing, encode
 
-__all__ = ["Destination", "Destinations", "from_url", "check_url"]
+__all__ = ["Destination", "Destinations", "SCHEMES", "Scheme", "from_url", "check_url", "load_class"]
 
 log = logging.getLogger("walex.destinations")
 
-# scheme -> (module, class, pip extra, client package)
-_SCHEMES: dict[str, tuple[str, str, str, str]] = {
-    "nats": ("nats", "NatsDestination", "nats", "nats-py"),
-    "tls": ("nats", "NatsDestination", "nats", "nats-py"),
-    "amqp": ("rabbitmq", "RabbitMQDestination", "rabbitmq", "aio-pika"),
-    "amqps": ("rabbitmq", "RabbitMQDestination", "rabbitmq", "aio-pika"),
-    "redis": ("redis", "RedisDestination", "redis", "redis"),
-    "rediss": ("redis", "RedisDestination", "redis", "redis"),
-    "http": ("webhook", "WebhookDestination", "webhooks", "httpx"),
-    "https": ("webhook", "WebhookDestination", "webhooks", "httpx"),
+
+@dataclass(frozen=True, slots=True)
+class Scheme:
+    """The walex modules of one URL scheme, imported only when a URL of it is used."""
+
+    module: str  # walex.destinations.<module>, and walex.workers.<module> for a source
+    destination: str  # its Destination class
+    consumer: str | None  # its worker Consumer class (walex.workers); None: a destination only
+    extra: str  # the pip extra installing the client
+    client: str  # the client package
+
+
+_NATS = Scheme("nats", "NatsDestination", "NatsConsumer", "nats", "nats-py")
+_RABBITMQ = Scheme("rabbitmq", "RabbitMQDestination", "RabbitMQConsumer", "rabbitmq", "aio-pika")
+_REDIS = Scheme("redis", "RedisDestination", None, "redis", "redis")
+_WEBHOOK = Scheme("webhook", "WebhookDestination", None, "webhooks", "httpx")
+
+# the one table of schemes, for destinations and worker sources
+SCHEMES: dict[str, Scheme] = {
+    "nats": _NATS, "tls": _NATS, "amqp": _RABBITMQ, "amqps": _RABBITMQ,
+    "redis": _REDIS, "rediss": _REDIS, "http": _WEBHOOK, "https": _WEBHOOK,
 }
+
+
+def load_class(package: str, scheme: Scheme, name: str, what: str) -> Any:
+    """The class ``name`` of ``package``'s module for ``scheme``, its client imported now.
+
+    A client that is not installed is a :class:`~walex.errors.ConfigError`
+    naming the pip extra; ``what`` says what needs it (``destination URL``).
+    """
+    try:
+        module = importlib.import_module(f"{package}.{scheme.module}")
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("walex"):
+            raise ConfigError(f"{what} needs the {scheme.client} client, which is not installed: "
+                              f"pip install 'walex[{scheme.extra}]'") from None
+        raise
+    return getattr(module, name)
 
 
 def from_url(url: str, partitions: int = 1) -> Destination:
     """The destination a URL names, picked by its scheme; nothing is connected yet."""
     parsed = DestinationURL(url)
-    entry = _SCHEMES.get(parsed.scheme)
-    if entry is None:
+    scheme = SCHEMES.get(parsed.scheme)
+    if scheme is None:
         raise ConfigError(
             f"destination {parsed.display}: unknown scheme {parsed.scheme!r}; use nats://, "
             "amqp:// (RabbitMQ), redis:// or https:// (webhooks)"
         )
-    module_name, class_name, extra, client = entry
-    try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith("walex"):
-            raise ConfigError(
-                f"destination {parsed.display} needs the {client} client, which is not "
-                f"installed: pip install 'walex[{extra}]'"
-            ) from None
-        raise
-    destination: Destination = getattr(module, class_name)(parsed, partitions)
+    cls = load_class(__name__, scheme, scheme.destination, f"destination {parsed.display}")
+    destination: Destination = cls(parsed, partitions)
     return destination
 
 

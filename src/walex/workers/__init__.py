@@ -44,12 +44,12 @@ rows are being handled, so per-row order cannot be kept.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ..destinations import SCHEMES, load_class
 from ..destinations.base import DestinationURL, Unavailable, backoff
 from ..destinations.decoding import Decoder
 from ..dispatch import Dispatcher
@@ -64,14 +64,7 @@ __all__ = ["Worker", "consumer_from_url"]
 
 log = logging.getLogger("walex.workers")
 
-# scheme -> (module, class, pip extra, client package)
-_SCHEMES: dict[str, tuple[str, str, str, str]] = {
-    "nats": ("nats", "NatsConsumer", "nats", "nats-py"),
-    "tls": ("nats", "NatsConsumer", "nats", "nats-py"),
-    "amqp": ("rabbitmq", "RabbitMQConsumer", "rabbitmq", "aio-pika"),
-    "amqps": ("rabbitmq", "RabbitMQConsumer", "rabbitmq", "aio-pika"),
-}
-
+# why the schemes without a consumer (walex.destinations.SCHEMES) cannot be sources
 _NOT_A_SOURCE = {
     "redis": "Redis Streams is supported as a destination only: a consumer group hands each "
              "entry to whichever consumer reads next, and the entries a stopped or killed consumer "
@@ -89,22 +82,16 @@ _NOT_A_SOURCE["https"] = _NOT_A_SOURCE["http"]
 def consumer_from_url(url: str) -> Consumer:
     """The source a URL names, picked by its scheme; nothing is connected yet."""
     parsed = DestinationURL(url)
-    reason = _NOT_A_SOURCE.get(parsed.scheme)
-    if reason is not None:
-        raise ConfigError(f"worker source {parsed.display}: {reason}")
-    entry = _SCHEMES.get(parsed.scheme)
-    if entry is None:
+    scheme = SCHEMES.get(parsed.scheme)
+    if scheme is None:
         raise ConfigError(f"worker source {parsed.display}: unknown scheme {parsed.scheme!r}; use "
                           "nats:// (JetStream) or amqp:// (RabbitMQ)")
-    module_name, class_name, extra, client = entry
-    try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith("walex"):
-            raise ConfigError(f"worker source {parsed.display} needs the {client} client, which "
-                              f"is not installed: pip install 'walex[{extra}]'") from None
-        raise
-    consumer: Consumer = getattr(module, class_name)(parsed)
+    if scheme.consumer is None:
+        reason = _NOT_A_SOURCE.get(parsed.scheme, "it is a destination only; use nats:// "
+                                                  "(JetStream) or amqp:// (RabbitMQ)")
+        raise ConfigError(f"worker source {parsed.display}: {reason}")
+    cls = load_class(__name__, scheme, scheme.consumer, f"worker source {parsed.display}")
+    consumer: Consumer = cls(parsed)
     return consumer
 
 
