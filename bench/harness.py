@@ -83,9 +83,18 @@ def rows_insert_sql(n: int) -> str:
     )
 
 
-PGBENCH_INSERT = """\\set i random(1, 100000000)
-INSERT INTO bench_rows (a, b, c, d, e) VALUES (:i::int, 'row ' || md5(:i::int::text), now(), round(:i::int * 1.2345, 4), jsonb_build_object('k', :i::int, 'tag', 'x', 'even', :i::int % 2 = 0));
-"""
+# W2's transaction: one row of bench_rows made from {i}
+_ROW_INSERT = ("INSERT INTO bench_rows (a, b, c, d, e) VALUES ({i}::int, 'row ' || md5({i}::int::text), "
+               "now(), round({i}::int * 1.2345, 4), jsonb_build_object('k', {i}::int, 'tag', 'x', "
+               "'even', {i}::int % 2 = 0))")
+
+
+def row_insert_sql(i: int) -> str:
+    """One W2 transaction, for ``i`` (what pgbench runs with a random ``i``)."""
+    return _ROW_INSERT.format(i=int(i))
+
+
+PGBENCH_INSERT = f"\\set i random(1, 100000000)\n{_ROW_INSERT.format(i=':i')};\n"
 
 # (type, SQL expression of i and k) for the 49 data columns of the wide table
 _WIDE_TYPES = [
@@ -129,7 +138,7 @@ class Workload:
         return max(1, round(self.base_rows * scale))
 
 
-WORKLOADS = {
+WORKLOADS: dict[str, Workload] = {
     "W1": Workload("W1", 1_000_000, "bench_rows",
                    "{rows:,} rows INSERTed in one transaction (bigint, int, text, timestamptz, numeric, jsonb)"),
     "W2": Workload("W2", 100_000, "bench_rows",
@@ -141,6 +150,42 @@ WORKLOADS = {
     "W5": Workload("W5", 5_000_000, "bench_rows",
                    "{rows:,} rows INSERTed in one transaction (as W1; memory)"),
 }
+
+
+def reset_tables(conn: psycopg.Connection, table: str, publication: str,
+                 marker: str | None = None) -> None:
+    """Drop every slot, the publication and the bench tables; create ``table`` (and
+    ``marker``) and the publication of them."""
+    for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+    conn.execute(f"DROP PUBLICATION IF EXISTS {publication}")
+    conn.execute(f"DROP TABLE IF EXISTS bench_rows, bench_wide{f', {marker}' if marker else ''}")
+    conn.execute(ROWS_DDL if table == "bench_rows" else wide_ddl())
+    tables = table
+    if marker:
+        conn.execute(f"CREATE TABLE {marker} (id serial PRIMARY KEY, note text)")
+        tables += f", {marker}"
+    conn.execute(f"CREATE PUBLICATION {publication} FOR TABLE {tables}")
+
+
+def prepare_rows(conn: psycopg.Connection, name: str, rows: int) -> None:
+    """What a workload needs before the slots exist (W3: the rows it updates, sent whole)."""
+    if name == "W3":
+        conn.execute(rows_insert_sql(rows))
+        conn.execute("ALTER TABLE bench_rows REPLICA IDENTITY FULL")
+        conn.execute("VACUUM ANALYZE bench_rows")
+
+
+def workload_sql(name: str, rows: int) -> str:
+    """The one statement of a single-transaction workload (W1, W3, W4, W5); W2 is
+    ``rows`` transactions of :func:`row_insert_sql` instead."""
+    if name in ("W1", "W5"):
+        return rows_insert_sql(rows)
+    if name == "W3":
+        return "UPDATE bench_rows SET a = a + 1, d = d + 1"
+    if name == "W4":
+        return wide_insert_sql(rows)
+    raise ValueError(f"{name} is not a single-transaction workload")
 
 
 # -- the cluster -------------------------------------------------------------
@@ -223,21 +268,14 @@ class Bench:
 
     def reset(self, table: str) -> None:
         """Drop slots, publication and tables; create ``table``, the marker and the publication."""
-        for (slot,) in self.q("SELECT slot_name FROM pg_replication_slots"):
-            self.q("SELECT pg_drop_replication_slot(%s)", (slot,))
-        self.q(f"DROP PUBLICATION IF EXISTS {PUBLICATION}")
-        self.q("DROP TABLE IF EXISTS bench_rows, bench_wide, bench_marker")
-        self.q(ROWS_DDL if table == "bench_rows" else wide_ddl())
-        self.q(f"CREATE TABLE {MARKER} (id serial PRIMARY KEY, note text)")
-        self.q(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE {table}, {MARKER}")
+        assert self.conn is not None
+        reset_tables(self.conn, table, PUBLICATION, MARKER)
 
     def prepare(self, w: Workload, rows: int) -> None:
         """Everything before the slots are created (not part of the replicated WAL)."""
+        assert self.conn is not None
         self.reset(w.table)
-        if w.name == "W3":
-            self.q(rows_insert_sql(rows))
-            self.q("ALTER TABLE bench_rows REPLICA IDENTITY FULL")
-            self.q("VACUUM ANALYZE bench_rows")
+        prepare_rows(self.conn, w.name, rows)
         self.q("CHECKPOINT")
 
     def create_slots(self, names: list[str]) -> None:
@@ -253,16 +291,10 @@ class Bench:
         """Run the workload; returns its facts, including ``endpos`` (then commits the marker)."""
         info: dict[str, Any] = {"start_lsn": self.one("SELECT pg_current_wal_lsn()::text")}
         t0 = time.perf_counter()
-        if w.name in ("W1", "W5"):
-            self.q(rows_insert_sql(rows))
-        elif w.name == "W3":
-            self.q("UPDATE bench_rows SET a = a + 1, d = d + 1")
-        elif w.name == "W4":
-            self.q(wide_insert_sql(rows))
-        elif w.name == "W2":
+        if w.name == "W2":
             info["pgbench"] = self.pgbench(["-t", str(rows)])
         else:
-            raise ValueError(w.name)
+            self.q(workload_sql(w.name, rows))
         info["load_s"] = time.perf_counter() - t0
         info["endpos"] = self.one("SELECT pg_current_wal_lsn()::text")
         self.commit_marker()

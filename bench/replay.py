@@ -28,10 +28,11 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROWS_DDL, rows_insert_sql, wide_ddl, wide_insert_sql  # noqa: E402
+from harness import WORKLOADS, prepare_rows, reset_tables, row_insert_sql, workload_sql  # noqa: E402
 
 from walex import hotpath  # noqa: E402
 from walex.embedded import Cluster, embedded_bindir  # noqa: E402
+from walex.lookups import LookupConnection  # noqa: E402
 from walex.pgoutput import Decoder, Relation, Type  # noqa: E402
 from walex.pgtypes import TypeCatalog  # noqa: E402
 from walex.relations import RelationCache  # noqa: E402
@@ -54,28 +55,14 @@ def calibration() -> float:
 
 def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
     """The workload's pgoutput messages, as XLogData frames."""
-    for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-        conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-    conn.execute("DROP PUBLICATION IF EXISTS replay_pub")
-    conn.execute("DROP TABLE IF EXISTS bench_rows, bench_wide")
-    table = "bench_wide" if workload == "W4" else "bench_rows"
-    conn.execute(wide_ddl() if workload == "W4" else ROWS_DDL)
-    conn.execute(f"CREATE PUBLICATION replay_pub FOR TABLE {table}")
-    if workload == "W3":
-        conn.execute(rows_insert_sql(rows))
-        conn.execute("ALTER TABLE bench_rows REPLICA IDENTITY FULL")
+    reset_tables(conn, WORKLOADS[workload].table, "replay_pub")
+    prepare_rows(conn, workload, rows)
     conn.execute("SELECT pg_create_logical_replication_slot('replay', 'pgoutput')")
-    if workload == "W1":
-        conn.execute(rows_insert_sql(rows))
-    elif workload == "W2":
+    if workload == "W2":
         for i in range(rows):
-            conn.execute("INSERT INTO bench_rows (a, b, c, d, e) VALUES (%s, 'row ' || md5(%s::text), "
-                         "now(), round(%s * 1.2345, 4), jsonb_build_object('k', %s, 'tag', 'x', "
-                         "'even', %s %% 2 = 0))", [i] * 5)
-    elif workload == "W3":
-        conn.execute("UPDATE bench_rows SET a = a + 1, d = d + 1")
+            conn.execute(row_insert_sql(i))
     else:
-        conn.execute(wide_insert_sql(rows))
+        conn.execute(workload_sql(workload, rows))
     data = conn.execute(
         "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes('replay', NULL, NULL, "
         "'proto_version', '1', 'publication_names', 'replay_pub')").fetchall()
@@ -89,7 +76,9 @@ def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
 
 async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection) -> tuple[float, int]:
     """CPU seconds to turn ``frames`` into batches, and the number of events."""
-    catalog = TypeCatalog(conn)
+    lookups = LookupConnection()
+    lookups.use(conn, None, None)
+    catalog = TypeCatalog(lookups)
     relations = RelationCache(catalog, "bench", lambda schema, table: True)
     assembler = TransactionAssembler(relations)
     decoder = Decoder()
