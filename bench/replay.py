@@ -3,9 +3,10 @@
     .venv/bin/python bench/replay.py                    # W1-W4 shapes, 20k rows each
     .venv/bin/python bench/replay.py --rows 50000 --reps 7
 
-Starts a throwaway PostgreSQL 18, runs the benchmark's workloads (same tables
-and SQL as ``harness.py``, W2 as single-row INSERT transactions), records the
-pgoutput messages with ``pg_logical_slot_peek_binary_changes``, then feeds
+Starts a throwaway PostgreSQL 18, runs the benchmark's workloads (the tables
+and SQL of ``workloads.py``, as ``run.py`` does; W2 as single-row INSERT
+transactions, not through pgbench), records the pgoutput messages with
+``pg_logical_slot_peek_binary_changes``, then feeds
 them, as XLogData frames, through the reader's two paths in this process:
 pure Python (``Decoder.decode`` + ``TransactionAssembler.feed``) and compiled
 (``walex._hotpath``, the pure path for the frames it hands back). No socket,
@@ -28,7 +29,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import WORKLOADS, prepare_rows, reset_tables, row_insert_sql, workload_sql  # noqa: E402
+from workloads import WORKLOADS, prepare_rows, reset_tables, row_insert_sql, workload_sql  # noqa: E402
 
 from walex import hotpath  # noqa: E402
 from walex.embedded import Cluster, embedded_bindir  # noqa: E402
