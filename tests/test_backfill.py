@@ -16,7 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from support import collecting, run, until
 from walex import ConfigError, Event, Events, EventType, ReplicationError, SetupError, WalEx
-from walex.backfill import runner as backfill_runner
+from walex.backfill import chunks as backfill_chunks  # the runner imports read_chunk on use
 
 
 class Copy:
@@ -171,7 +171,7 @@ def test_rows_changed_while_their_chunk_is_read_come_from_the_stream(
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     admin.execute("INSERT INTO t SELECT g * 10, 'old' FROM generate_series(1, 100) g")
     admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
-    real = backfill_runner.read_chunk
+    real = backfill_chunks.read_chunk
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
                      after: list[str] | None, limit: int) -> Any:
@@ -184,7 +184,7 @@ def test_rows_changed_while_their_chunk_is_read_come_from_the_stream(
         admin.execute("UPDATE t SET id = id + 5 WHERE id = %s", (base + 60,))
         return chunk
 
-    monkeypatch.setattr(backfill_runner, "read_chunk", racing)
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
 
     async def main() -> tuple[Copy, Any, int]:
         copy = Copy({"t": ("id",), "marker": ("id",)})
@@ -211,7 +211,7 @@ def test_a_commit_the_chunk_snapshot_cannot_see_yet_is_not_overwritten(
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     admin.execute("INSERT INTO t SELECT g * 10, 'old' FROM generate_series(1, 12) g")
     admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
-    real = backfill_runner.read_chunk
+    real = backfill_chunks.read_chunk
     hung: dict[str, Any] = {}
 
     def commit_waiting_for_a_standby() -> None:
@@ -236,7 +236,7 @@ def test_a_commit_the_chunk_snapshot_cannot_see_yet_is_not_overwritten(
             await asyncio.to_thread(hung["thread"].join)
         return chunk
 
-    monkeypatch.setattr(backfill_runner, "read_chunk", racing)
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
 
     async def main() -> Copy:
         copy = Copy({"t": ("id",), "marker": ("id",)})
@@ -411,7 +411,7 @@ def test_a_truncate_or_a_reconnect_while_a_chunk_is_read(
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     admin.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 40) g")
     admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
-    real = backfill_runner.read_chunk
+    real = backfill_chunks.read_chunk
     calls: list[list[str] | None] = []
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
@@ -425,7 +425,7 @@ def test_a_truncate_or_a_reconnect_while_a_chunk_is_read(
             admin.execute("INSERT INTO t SELECT g, 'new' FROM generate_series(25, 45) g")
         return chunk
 
-    monkeypatch.setattr(backfill_runner, "read_chunk", racing)
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
 
     async def main() -> tuple[Copy, Any, int]:
         copy = Copy({"t": ("id",), "marker": ("id",)})
@@ -514,7 +514,7 @@ def test_a_column_added_during_a_backfill_is_in_the_next_chunks(
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
     admin.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 30) g")
     admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
-    real = backfill_runner.read_chunk
+    real = backfill_chunks.read_chunk
     calls: list[Any] = []
 
     async def migrating(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
@@ -524,7 +524,7 @@ def test_a_column_added_during_a_backfill_is_in_the_next_chunks(
             admin.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
         return await real(conn, target, table, adapters, where, after, limit)
 
-    monkeypatch.setattr(backfill_runner, "read_chunk", migrating)
+    monkeypatch.setattr(backfill_chunks, "read_chunk", migrating)
 
     async def main() -> Copy:
         copy = Copy({"t": ("id",), "marker": ("id",)})

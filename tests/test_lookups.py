@@ -1,6 +1,7 @@
 """The normal connection walex keeps for type lookups and heartbeats can be lost
 at any time (``idle_session_timeout``, ``pg_terminate_backend``): it is reopened
-on demand and the stream goes on."""
+on demand and the stream goes on. It is opened on first use: the first row of a
+table with an enum column needs a ``pg_type`` lookup."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ WHERE datname = current_database() AND backend_type = 'client backend' AND pid <
 
 SCHEMA = """
 CREATE TYPE color AS ENUM ('red', 'green');
+CREATE TYPE mood AS ENUM ('calm', 'keen');
 CREATE TABLE plain (id int PRIMARY KEY);
 CREATE TABLE colored (id int PRIMARY KEY, c color, cs color[]);
-CREATE PUBLICATION pub FOR TABLE plain, colored;
+CREATE TABLE moody (id int PRIMARY KEY, m mood);
+CREATE PUBLICATION pub FOR TABLE plain, colored, moody;
 """
 
 
@@ -34,9 +37,12 @@ def test_type_lookup_after_idle_session_timeout(admin: psycopg.Connection, dsn: 
         sql.Identifier(admin.info.dbname)))
 
     async def main() -> None:
-        async with collecting(dsn, subscriptions=["plain", "colored"]) as rec:
+        async with collecting(dsn, subscriptions=["plain", "colored", "moody"]) as rec:
             admin.execute("INSERT INTO plain VALUES (1)")
             await rec.wait_for(1)
+            assert not clients(admin), "a normal connection was opened before it was needed"
+            admin.execute("INSERT INTO moody VALUES (1, 'keen')")  # opens it: a lookup
+            await rec.wait_for(2)
             before = clients(admin)
             assert before, "walex holds no normal connection: the test proves nothing"
             for _ in range(100):  # the server closes idle sessions after 3 s
@@ -46,8 +52,8 @@ def test_type_lookup_after_idle_session_timeout(admin: psycopg.Connection, dsn: 
             assert not clients(admin) & before, "idle_session_timeout did not close walex's connection"
             # The first row of a table with an enum column needs a pg_type lookup.
             admin.execute("INSERT INTO colored VALUES (1, 'red', '{green,red}')")
-            events = await rec.wait_for(2)
-        assert events[1].new_record == {"id": 1, "c": "red", "cs": ["green", "red"]}
+            events = await rec.wait_for(3)
+        assert events[2].new_record == {"id": 1, "c": "red", "cs": ["green", "red"]}
 
     run(main())
 
@@ -56,16 +62,17 @@ def test_type_lookup_after_its_connection_was_terminated(admin: psycopg.Connecti
     admin.execute(SCHEMA)
 
     async def main() -> None:
-        async with collecting(dsn, subscriptions=["plain", "colored"]) as rec:
+        async with collecting(dsn, subscriptions=["plain", "colored", "moody"]) as rec:
             admin.execute("INSERT INTO plain VALUES (1)")
-            await rec.wait_for(1)
+            admin.execute("INSERT INTO moody VALUES (1, 'calm')")  # opens it: a lookup
+            await rec.wait_for(2)
             killed = clients(admin)
             assert killed
             for pid in killed:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             admin.execute("INSERT INTO colored VALUES (1, 'green', '{red}')")
-            events = await rec.wait_for(2)
-        assert events[1].new_record == {"id": 1, "c": "green", "cs": ["red"]}
+            events = await rec.wait_for(3)
+        assert events[2].new_record == {"id": 1, "c": "green", "cs": ["red"]}
         assert rec.app is not None and rec.app.pipeline.sessions == 1  # no reconnect of the stream
 
     run(main())

@@ -25,11 +25,10 @@ import logging
 import secrets
 import weakref
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
-from .destinations import Destinations
 from .dispatch import Dispatcher
 from .errors import ConfigError, WalExError
 from .handlers import Handler
@@ -40,6 +39,9 @@ from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
 from .subscriptions import check_subscriptions, unreachable
+
+if TYPE_CHECKING:
+    from .destinations import Destinations
 
 __all__ = ["WalEx", "get_app"]
 
@@ -56,6 +58,28 @@ def get_app(name: str) -> WalEx:
         raise ConfigError(
             f"no walex app named {name!r} is running (running: {sorted(_running) or 'none'})"
         ) from None
+
+
+class NoDestinations:
+    """The destinations of an app that publishes nowhere: nothing to open, publish or close."""
+
+    items: list[Any] = []
+    partitions = 1
+    events_published = 0
+    retries = 0
+    stats: Any = None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "<Destinations []>"
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
 
 class WalEx(Lifecycle):
@@ -80,7 +104,11 @@ class WalEx(Lifecycle):
         )
         self.config = RuntimeConfig(self)
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
-        self.destinations = Destinations(s.destination_urls(), s.partitions)  # may be empty
+        self.destinations: Destinations | NoDestinations = NoDestinations()
+        if s.destinations:  # walex.destinations (and its encoders) only for an app that publishes
+            from .destinations import Destinations
+
+            self.destinations = Destinations(s.destination_urls(), s.partitions)
         self.pipeline.destinations = self.destinations
         self.destinations.stats = self.pipeline.stats  # publish counts and latencies
         self.observer = Observer(self)  # metrics, health, lag guard, tracing (walex.observe)
@@ -98,9 +126,9 @@ class WalEx(Lifecycle):
     @property
     def target(self) -> str:
         """``user@host:port/db`` of the database: the connection's own once connected."""
-        admin = self.pipeline.admin
-        if admin is not None and not admin.closed:
-            info = admin.info
+        conn = self.pipeline.connection
+        if conn is not None:
+            info = conn.info
             return format_target(info.user, info.host, info.port, info.dbname)
         return self.settings.display_target()
 

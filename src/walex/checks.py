@@ -23,22 +23,47 @@ class Preflight:
     server_version: int
     published: set[tuple[str, str]]  # (schema, table) in the publication
     all_tables: bool
+    wal_sender_timeout: float = 60.0  # seconds; 0: the server never times out a walsender
+    # (wal_status, confirmed_flush_lsn) of the slot asked about; None when it does not exist
+    slot: tuple[str | None, str | None] | None = None
+    store_exists: bool = True  # whether the backfill progress store asked about exists
 
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Every check in one statement (one round trip), in the simple query protocol with the
+# values bound by the client: it runs on a replication connection before START_REPLICATION
+# as well as on a normal one.
+_CHECKS = (
+    "SELECT current_setting('wal_level'), current_database(), "
+    "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
+    "current_user, "
+    "(SELECT puballtables FROM pg_publication WHERE pubname = %(pub)s), "
+    "ARRAY(SELECT ARRAY[schemaname::text, tablename::text] FROM pg_publication_tables "
+    "WHERE pubname = %(pub)s), "
+    "(SELECT setting::float / 1000 FROM pg_settings WHERE name = 'wal_sender_timeout'), "
+    "(SELECT ARRAY[wal_status, confirmed_flush_lsn::text] FROM pg_replication_slots "
+    "WHERE slot_name = %(slot)s), "
+    "%(store)s::text IS NULL OR to_regclass(%(store)s::text) IS NOT NULL"
+)
+
+
 async def preflight(
-    conn: psycopg.AsyncConnection, publication: str, subscriptions: list[str]
+    conn: psycopg.AsyncConnection, publication: str, subscriptions: list[str], *,
+    slot: str | None = None, store: str | None = None,
 ) -> Preflight:
-    cur = conn.cursor()
-    await cur.execute(
-        "SELECT current_setting('wal_level'), current_database(), "
-        "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
-        "current_user"
-    )
-    wal_level, database, can_replicate, user = await cur.fetchone()  # type: ignore[misc]
+    """Check the setup for streaming ``publication``; raises SetupError naming the fix.
+
+    Also reads, in the same round trip, the state of replication slot ``slot``
+    and whether the relation ``store`` (a regclass text) exists, when given.
+    """
+    cur = psycopg.AsyncClientCursor(conn)
+    await cur.execute(_CHECKS, {"pub": publication, "slot": slot, "store": store})
+    row = await cur.fetchone()
+    assert row is not None
+    wal_level, database, can_replicate, user, all_tables, tables, timeout, slot_state, store_exists = row
     if wal_level != "logical":
         raise SetupError(
             f"wal_level is {wal_level!r}, logical replication needs 'logical'. Fix: run "
@@ -49,19 +74,13 @@ async def preflight(
         raise SetupError(
             f"role {user!r} may not start replication. Fix: ALTER ROLE {quote_ident(user)} REPLICATION;"
         )
-    await cur.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", (publication,))
-    row = await cur.fetchone()
-    if row is None:
+    if all_tables is None:
         raise SetupError(
             f"publication {publication!r} does not exist in database {database!r}. Fix: "
             f"CREATE PUBLICATION {quote_ident(publication)} FOR ALL TABLES; "
             f"(or FOR TABLE with the tables to stream)"
         )
-    await cur.execute(
-        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-        (publication,),
-    )
-    published = {(s, t) for s, t in await cur.fetchall()}
+    published = {(s, t) for s, t in tables}
     for spec in subscriptions:
         if spec == "*":
             continue
@@ -91,7 +110,11 @@ async def preflight(
             f"will never send its changes. Fix: ALTER PUBLICATION {quote_ident(publication)} "
             f"ADD TABLE {qualified};"
         )
-    return Preflight(database, conn.info.server_version, published, bool(row[0]))
+    return Preflight(
+        database, conn.info.server_version, published, bool(all_tables),
+        float(timeout) if timeout else 0.0,
+        (slot_state[0], slot_state[1]) if slot_state is not None else None, bool(store_exists),
+    )
 
 
 async def _check_partitions(

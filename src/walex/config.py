@@ -186,6 +186,8 @@ class WalExSettings(BaseSettings):
     @field_validator("destinations")
     @classmethod
     def _destinations(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if not value:
+            return value
         from .destinations import check_url  # imports no broker client it does not need
 
         problems = []

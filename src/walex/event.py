@@ -18,17 +18,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from importlib.metadata import PackageNotFoundError, version
+from functools import cache
 from typing import Any, NamedTuple
 
 from .pgoutput.messages import UNCHANGED_TOAST, UnchangedToast
 
-__all__ = ["Event", "EventType", "Change", "Source", "UNCHANGED_TOAST", "UnchangedToast"]
+__all__ = ["Event", "EventType", "Change", "Source", "UNCHANGED_TOAST", "UnchangedToast",
+           "walex_version"]
 
-try:
-    WALEX_VERSION = version("walex")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    WALEX_VERSION = "0+unknown"
+
+@cache
+def walex_version() -> str:
+    """This walex's version, read from the installed metadata once, when first asked for
+    (the lookup lists every installed package: a few milliseconds kept off ``import``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("walex")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WALEX_VERSION":  # the version, looked up on first use
+        return walex_version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EventType(StrEnum):
@@ -51,7 +65,7 @@ class Source:
     # index); empty when the table has neither
     primary_key: tuple[str, ...] = ()
     name: str = "WalEx"
-    version: str = WALEX_VERSION
+    version: str = field(default_factory=walex_version)
 
 
 class Change(NamedTuple):

@@ -1,7 +1,8 @@
 """A normal (non-replication) connection opened on demand and reopened when lost.
 
 walex needs ordinary SQL while it streams: ``pg_type`` lookups for types it
-meets, heartbeats. The server may close that connection at any moment
+meets, heartbeats, the few statements a walsender connection cannot run. No
+connection is opened before one is needed. The server may close that connection at any moment
 (``idle_session_timeout``, ``pg_terminate_backend``, a restart) while the
 replication connection lives on. :class:`LookupConnection` runs each query on
 its connection, opening one first when it has none; when the connection is
@@ -77,6 +78,18 @@ class LookupConnection:
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def connection(self) -> psycopg.AsyncConnection:
+        """The open connection, opened now if there is none (for statements not to repeat)."""
+        if self.conn is None or self.conn.closed:
+            try:
+                self.conn = await self._connect()
+            except psycopg.OperationalError as exc:
+                raise ReplicationError(
+                    f"cannot open a normal connection: {redact(str(exc).strip(), self.secret)}",
+                    retriable=True,
+                ) from None
+        return self.conn
 
     async def _connect(self) -> psycopg.AsyncConnection:
         if self.conninfo is None:

@@ -1,10 +1,10 @@
 """The running pipeline of one app: sessions, reconnects, and the three tasks.
 
-A *session* is one pair of connections (an admin connection for checks and
-type lookups, a walsender connection for the stream) from slot creation to
-the end of the stream. After the checks the admin connection serves type
-lookups and heartbeats through a :class:`~walex.lookups.LookupConnection`,
-which reopens it whenever the server closed it, without ending the session.
+A *session* is one walsender connection, which runs the checks, creates the
+slot and streams, from slot creation to the end of the stream. Type lookups,
+heartbeats and the rare statements a walsender cannot run go through a
+:class:`~walex.lookups.LookupConnection`, a normal connection opened on first
+use and reopened whenever the server closed it, without ending the session.
 The pipeline outlives sessions: when a session breaks
 for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
@@ -98,7 +98,6 @@ class Pipeline:
         self.in_hand: Transaction | None = None  # the batch being dispatched
         self.closing = False  # set by stop(): take no batch after the one in hand
         self.held_by_middleware = 0
-        self.admin: psycopg.AsyncConnection | None = None
         self.repl: ReplicationConnection | None = None
         self.preflight: Preflight | None = None
         self.lookups = LookupConnection()
@@ -137,32 +136,41 @@ class Pipeline:
     # -- sessions --------------------------------------------------------
 
     async def open_session(self) -> None:
-        """Connect, check, create or reuse the slot, and start streaming."""
+        """Connect, check, create or reuse the slot, and start streaming.
+
+        One connection before streaming: the replication connection runs the
+        checks (one round trip, :func:`~walex.checks.preflight`), the slot
+        commands and START_REPLICATION. The normal connection (type lookups,
+        heartbeats, the rare statements a walsender cannot run) is opened on
+        first use by :attr:`lookups`.
+        """
         s = self.settings
         conninfo = s.app_conninfo()
         first = self.sessions == 0
-        try:
-            self.admin = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-        except psycopg.Error as exc:
-            message = f"cannot connect to {s.display_target()}: {redact(str(exc), self.secret)}"
-            if first:
-                raise SetupError(message) from None
-            raise ReplicationError(message, retriable=True) from None
+        self.lookups.use(None, conninfo, self.secret)
         try:
             try:
-                self.preflight = await preflight(self.admin, s.publication, s.subscriptions)
-                self.silence_limit = await self._silence_limit()
+                self.repl = await ReplicationConnection.connect(conninfo, self.secret)
+            except ReplicationError:
+                await self._diagnose(conninfo, first)
+                raise
+            try:
+                self.preflight = await preflight(
+                    self.repl.conn, s.publication, s.subscriptions,
+                    slot=self.slot_name if s.durable_slot else None,
+                    store=self.backfill.store.regclass(),
+                )
             except psycopg.OperationalError as exc:
                 if first:
                     raise SetupError(f"checking {s.display_target()} failed: "
                                      f"{redact(str(exc), self.secret)}") from None
                 raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
                                        retriable=True) from None
-            self.lookups.use(self.admin, conninfo, self.secret)
+            self.silence_limit = self._silence_limit(self.preflight.wal_sender_timeout)
+            self.backfill.store_known = self.preflight.store_exists
             self.catalog.forget()  # every table's Relation message comes again
             self.relations.db = self.preflight.database
             self.assembler.reset()
-            self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             start = await self._prepare_slot(first)
             self._restart = False
             await self._start_replication(start)
@@ -171,7 +179,35 @@ class Pipeline:
             raise
         self.sessions += 1
 
-    async def _silence_limit(self) -> float:
+    async def _diagnose(self, conninfo: str, first: bool) -> None:
+        """The replication connection was refused: say why as precisely as a normal one can.
+
+        Raises the error of a normal connection to the same server, or the
+        setup problem its checks find (a role without REPLICATION, wal_level,
+        the publication); returns when neither explains it.
+        """
+        s = self.settings
+        try:
+            conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            message = f"cannot connect to {s.display_target()}: {redact(str(exc), self.secret)}"
+            if first:
+                raise SetupError(message) from None
+            raise ReplicationError(message, retriable=True) from None
+        try:
+            await preflight(conn, s.publication, s.subscriptions)
+        except psycopg.Error:
+            pass  # the replication connection's own error says more
+        finally:
+            await conn.close()
+
+    @property
+    def connection(self) -> psycopg.AsyncConnection | None:
+        """The session's replication connection (its ``info`` names the server), if open."""
+        repl = self.repl
+        return repl.conn if repl is not None and not repl.conn.closed else None
+
+    def _silence_limit(self, wal_sender_timeout: float) -> float:
         """How long the server may stay silent before the connection counts as dead.
 
         A walsender busy decoding a large transaction that publishes nothing
@@ -179,12 +215,7 @@ class Pipeline:
         ``wal_sender_timeout`` passed, so silence shorter than that is no sign
         of a dead server.
         """
-        assert self.admin is not None
-        cur = await self.admin.execute(
-            "SELECT setting::float / 1000 FROM pg_settings WHERE name = 'wal_sender_timeout'"
-        )
-        row = await cur.fetchone()
-        timeout = float(row[0]) if row and row[0] else 0.0
+        timeout = wal_sender_timeout
         if timeout <= 0:
             timeout = 120.0  # the server never times out: allow a long silence
         self.wal_sender_timeout = timeout
@@ -192,15 +223,10 @@ class Pipeline:
 
     async def _prepare_slot(self, first: bool) -> int:
         """The LSN to start from; creates the slot when needed."""
-        s, admin, repl = self.settings, self.admin, self.repl
-        assert admin is not None and repl is not None
+        s, repl = self.settings, self.repl
+        assert repl is not None and self.preflight is not None
         if s.durable_slot:
-            cur = await admin.execute(
-                "SELECT wal_status, confirmed_flush_lsn::text FROM pg_replication_slots "
-                "WHERE slot_name = %s",
-                (self.slot_name,),
-            )
-            row = await cur.fetchone()
+            row = self.preflight.slot  # read with the checks
             if row is not None and row[0] == "lost":
                 await self._slot_lost(row[1])
                 row = None
@@ -217,8 +243,8 @@ class Pipeline:
             )
             log.error(gap)
             self.gaps.append(gap)
-        if first:  # snapshot="initial": the requests are stored before the slot exists
-            await self.backfill.initial(admin)
+        if first and s.snapshot == "initial":  # the requests are stored before the slot exists
+            await self.backfill.initial(await self.lookups.connection())
         slot = await repl.create_slot(self.slot_name, temporary=not s.durable_slot, failover=s.failover)
         if slot.created:
             log.info("created %s replication slot %r at %s",
@@ -241,10 +267,10 @@ class Pipeline:
                 message + "; pass recreate_lost_slot=True to drop and recreate the slot "
                 "(and resynchronise what was missed)."
             )
-        assert self.admin is not None
         log.error("%s; recreating it as recreate_lost_slot=True", message)
         self.gaps.append(message)
-        await self.admin.execute("SELECT pg_drop_replication_slot(%s)", (self.slot_name,))
+        admin = await self.lookups.connection()
+        await admin.execute("SELECT pg_drop_replication_slot(%s)", (self.slot_name,))
 
     async def _start_replication(self, start: int) -> None:
         s, repl = self.settings, self.repl
@@ -274,7 +300,7 @@ class Pipeline:
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise SlotInUseError(await slot_in_use(self.admin, self.slot_name, wait)) from None
+                    raise SlotInUseError(await slot_in_use(self.lookups, self.slot_name, wait)) from None
                 pause = min(delay, remaining)  # the last try comes at the deadline
                 log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
                 await asyncio.sleep(pause)
@@ -314,13 +340,12 @@ class Pipeline:
         self.gaps.append(gap)
 
     async def close_session(self) -> None:
-        for conn in (self.repl, self.admin):
-            if conn is not None:
-                try:
-                    await conn.close()
-                except Exception:  # pragma: no cover - closing a broken connection
-                    pass
-        self.repl = self.admin = None
+        if self.repl is not None:
+            try:
+                await self.repl.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+        self.repl = None
         await self.lookups.close()
         self.lookups.use(None, None, None)
 

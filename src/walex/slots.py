@@ -7,21 +7,23 @@ consumer's address and ``application_name`` and the query to look it up.
 
 from __future__ import annotations
 
-import psycopg
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lookups import LookupConnection
 
 __all__ = ["slot_in_use"]
 
 
-async def slot_in_use(admin: psycopg.AsyncConnection | None, slot_name: str, waited: float) -> str:
+async def slot_in_use(lookups: LookupConnection, slot_name: str, waited: float) -> str:
     """Why the slot cannot be had: the process holding it, and how to find its client."""
-    assert admin is not None
-    cur = await admin.execute(
+    rows = await lookups.fetch(
         "SELECT s.active_pid, a.backend_type, a.client_addr::text, a.client_port, "
         "a.application_name FROM pg_replication_slots s "
         "LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = %s",
         (slot_name,),
     )
-    row = await cur.fetchone()
+    row = rows[0] if rows else None
     pid, kind, addr, port, app_name = row if row else (None, None, None, None, None)
     if pid is None:
         return (

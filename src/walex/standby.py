@@ -37,8 +37,7 @@ POLL_INTERVAL = 0.5
 
 async def wait_for_slot(pipeline: Pipeline) -> int:
     """Wait until the slot is free; the LSN to start from (its ``confirmed_flush_lsn``)."""
-    admin, stats, name = pipeline.admin, pipeline.stats, pipeline.slot_name
-    assert admin is not None
+    lookups, stats, name = pipeline.lookups, pipeline.stats, pipeline.slot_name
     if not stats.standby:
         stats.standby = True
         stats.standby_since = time.monotonic()
@@ -46,10 +45,10 @@ async def wait_for_slot(pipeline: Pipeline) -> int:
                  "taking over when it is free", pipeline.settings.name, name)
     try:
         while True:
-            cur = await admin.execute(
+            rows = await lookups.fetch(
                 "SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots "
                 "WHERE slot_name = %s", (name,))
-            row = await cur.fetchone()
+            row = rows[0] if rows else None
             if row is None or row[0] is None:
                 confirmed = parse_lsn(row[1]) if row and row[1] else 0
                 ack = pipeline.ack

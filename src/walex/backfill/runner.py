@@ -33,14 +33,16 @@ from ..errors import ConfigError, ReplicationError, SetupError, WalExError, reda
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
-from .chunks import read_chunk
-from .report import ProgressLog
 from .store import Job, Store
-from .target import Target, resolve_target
 from .watermarks import PREFIX, Outcome, Window, parse, payload
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
+    from .report import ProgressLog
+    from .target import Target
+
+# .chunks, .report and .target (reading tables) are imported by the methods that read
+# tables: an app that runs no backfill never loads them.
 
 __all__ = ["Backfills"]
 
@@ -60,6 +62,10 @@ class Backfills:
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
         self.chunks_redone = 0  # chunks read again (a truncate or a reconnect in their window)
         self.rows_left_to_stream = 0  # chunk rows changed in the stream meanwhile: not read events
+        # whether the progress store existed at the session's start (pipeline.open_session
+        # reads it with its checks): without it no job is pending, and run() opens no
+        # connection until a request comes
+        self.store_known = True
 
     @property
     def store(self) -> Store:
@@ -104,6 +110,8 @@ class Backfills:
         s = self.pipeline.settings
         if s.snapshot != "initial":
             return
+        from .target import resolve_target
+
         preflight = self.pipeline.preflight
         assert preflight is not None
         targets: list[Target] = []
@@ -125,6 +133,7 @@ class Backfills:
             )
         for target in targets:
             await self.store.request(conn, target.schema, target.name, None, target.key, restart=True)
+        self.store_known = True
         log.info("walex %r: initial snapshot of %s requested", s.name,
                  ", ".join(t.qualified for t in targets) or "no table")
 
@@ -134,6 +143,8 @@ class Backfills:
         """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
         if where is not None and (not isinstance(where, str) or not where.strip()):
             raise ConfigError(f"where must be an SQL condition, got {where!r}")
+        from .target import resolve_target
+
         s = self.pipeline.settings
         async with await self._connect() as conn:
             target = await resolve_target(conn, s.publication, table, s.subscriptions)
@@ -173,6 +184,8 @@ class Backfills:
         """Carry out the app's jobs, one at a time, until cancelled."""
         failures = 0
         try:
+            if not self.store_known:  # no store, so no job: wait for a request (or its wake)
+                await self.wake.wait()
             while True:
                 self.wake.clear()
                 try:
@@ -214,6 +227,9 @@ class Backfills:
 
     async def _run(self, conn: psycopg.AsyncConnection, job: Job) -> None:
         """One job, from its last completed chunk to its end."""
+        from .report import ProgressLog
+        from .target import resolve_target
+
         s, store = self.pipeline.settings, self.store
         self.current = job
         try:
@@ -257,6 +273,9 @@ class Backfills:
         self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
         progress: ProgressLog,
     ) -> None:
+        from .chunks import read_chunk
+        from .target import resolve_target
+
         s, pipeline = self.pipeline.settings, self.pipeline
         limit = s.backfill_chunk_size
         run = secrets.token_hex(8)

@@ -126,11 +126,12 @@ class Store:
         return table == want_table and (not dot or schema == want_schema)
 
     async def exists(self, conn: psycopg.AsyncConnection) -> bool:
-        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._regclass(),))
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self.regclass(),))
         row = await cur.fetchone()
         return bool(row and row[0])
 
-    def _regclass(self) -> str:
+    def regclass(self) -> str:
+        """The store's name as ``to_regclass`` takes it."""
         return ".".join(f'"{part}"' for part in self.option.split(".", 1))
 
     async def request(

@@ -35,13 +35,15 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..event import UNCHANGED_TOAST, EventType
 from ..lsn import format_lsn
 from ..transactions import Transaction
-from .chunks import Chunk
-from .target import Target
+
+if TYPE_CHECKING:
+    from .chunks import Chunk
+    from .target import Target
 
 __all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
 

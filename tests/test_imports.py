@@ -1,0 +1,85 @@
+"""What a process loads: ``import walex`` only the errors, and the streaming path only
+what it needs (never the CLI's libraries, the destinations, the workers or the backfill's
+table readers).
+
+Each check runs in a new interpreter, so nothing this test process imported counts.
+The public names stay importable from ``walex``, and ``start()`` opens one connection
+before streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psycopg
+
+from support import collecting, run
+
+# modules of the CLI (typer, rich), of publishing (walex.destinations), of the workers,
+# of reading tables for backfills, and of the settings (pydantic): never loaded by
+# ``import walex``
+HEAVY = ["typer", "rich", "pydantic", "pydantic_settings", "psycopg", "walex.app",
+         "walex.config", "walex.destinations", "walex.workers", "walex.backfill",
+         "walex.pipeline"]
+# loaded by the streaming path only when an app asks for them
+OFF_STREAMING_PATH = ["typer", "rich", "walex.destinations", "walex.workers",
+                      "walex.backfill.chunks", "walex.backfill.target", "walex.backfill.report",
+                      "walex.observe.server", "walex.cli"]
+
+
+def loaded(code: str, names: list[str]) -> list[str]:
+    """Which of ``names`` are in ``sys.modules`` after running ``code`` in a new interpreter."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([n for n in {names!r} if n in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_walex_loads_only_the_errors() -> None:
+    assert loaded("import walex", HEAVY) == []
+
+
+def test_public_names_still_import() -> None:
+    code = (
+        "from walex import WalEx, Worker, Events, Event, EventType, Change, Source, Transaction, "
+        "UNCHANGED_TOAST, WalExError, ConfigError, SetupError, ReplicationError, SlotInUseError, "
+        "SlotLostError, DecodeError, HandlerError, DestinationError\n"
+        "import walex\n"
+        "from walex.app import WalEx as A\n"
+        "from walex.event import WALEX_VERSION\n"
+        "assert walex.WalEx is A and set(walex.__all__) <= set(dir(walex)) and WALEX_VERSION\n"
+        "from walex import *\n"
+    )
+    assert loaded(code, ["walex.workers"]) == ["walex.workers"]
+
+
+def test_streaming_app_loads_nothing_off_its_path() -> None:
+    code = (
+        "from walex import Event, Events, WalEx\n"
+        "app = WalEx('postgresql://u@h/db', publication='p', modules=[Events()])\n"
+    )
+    assert loaded(code, OFF_STREAMING_PATH) == []
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "has no attribute 'Nope'" in out.stdout
+
+
+def test_start_opens_one_connection_before_streaming(admin: psycopg.Connection, dsn: str) -> None:
+    """The walsender runs the checks; no normal connection until one is needed."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t")
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["t"], publication="pub") as rec:
+            admin.execute("INSERT INTO t VALUES (1)")
+            await rec.wait_for(1)
+            others = admin.execute(
+                "SELECT backend_type FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type IN ('client backend', 'walsender')"
+            ).fetchall()
+            assert others == [("walsender",)]
+
+    run(main())
