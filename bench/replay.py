@@ -32,6 +32,7 @@ from harness import ROWS_DDL, rows_insert_sql, wide_ddl, wide_insert_sql  # noqa
 
 from walex import hotpath  # noqa: E402
 from walex.embedded import Cluster, embedded_bindir  # noqa: E402
+from walex.lookups import LookupConnection  # noqa: E402
 from walex.pgoutput import Decoder, Relation, Type  # noqa: E402
 from walex.pgtypes import TypeCatalog  # noqa: E402
 from walex.relations import RelationCache  # noqa: E402
@@ -89,7 +90,9 @@ def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
 
 async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection) -> tuple[float, int]:
     """CPU seconds to turn ``frames`` into batches, and the number of events."""
-    catalog = TypeCatalog(conn)
+    lookups = LookupConnection()
+    lookups.use(conn, None, None)
+    catalog = TypeCatalog(lookups)
     relations = RelationCache(catalog, "bench", lambda schema, table: True)
     assembler = TransactionAssembler(relations)
     decoder = Decoder()
