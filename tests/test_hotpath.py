@@ -54,6 +54,19 @@ def frame(lsn: int, payload: bytes) -> bytes:
     return XLOGDATA_HEADER.pack(b"w", lsn, lsn + len(payload), 0) + payload
 
 
+def pure_catalog(lookups: LookupConnection | None) -> TypeCatalog:
+    """A TypeCatalog of the pure path (json/jsonb by walex.pgtypes.py_json_loads)."""
+    saved = os.environ.get("WALEX_PURE_PYTHON")
+    os.environ["WALEX_PURE_PYTHON"] = "1"
+    try:
+        return TypeCatalog(lookups)
+    finally:
+        if saved is None:
+            del os.environ["WALEX_PURE_PYTHON"]
+        else:
+            os.environ["WALEX_PURE_PYTHON"] = saved
+
+
 async def replay(
     stream: Stream, *, compiled: bool, batch_size: int = 1000,
     subscribed: Callable[[str, str], bool] = lambda schema, table: True,
@@ -64,7 +77,7 @@ async def replay(
     if conn is not None:
         lookups = LookupConnection()
         lookups.use(conn, None, None)
-    catalog = TypeCatalog(lookups)
+    catalog = pure_catalog(lookups) if not compiled else TypeCatalog(lookups)
     relations = RelationCache(catalog, "db", subscribed)
     assembler = TransactionAssembler(relations, batch_size=batch_size)
     decoder = Decoder()
