@@ -268,7 +268,8 @@ cdef class HotPath:
     cdef object _begun
     cdef int64_t _begun_ts
     # the table of the last change
-    cdef object _table, _names, _name, _source, _load, _keys
+    cdef object _table, _names, _name, _source, _load, _load_plain, _keys
+    cdef Py_ssize_t _width  # the table's column count
     cdef dict _template  # {column: None} in column order, copied for each record
 
     def __init__(self, assembler, decoder):
@@ -389,6 +390,8 @@ cdef class HotPath:
                 self._name = table.name
                 self._source = table.source
                 self._load = table.load
+                self._load_plain = table.load_plain
+                self._width = len(table.type_oids)
                 self._keys = table.key_indexes
                 self._template = dict.fromkeys(self._names)
             if txn is not self._stamped:
@@ -427,22 +430,33 @@ cdef class HotPath:
             PyDict_SetItem(record, <object>PyList_GET_ITEM(names, i), values[i])
         return record
 
+    cdef object _load_row(self, list values, bint plain, str tag, object lsn):
+        """``Table.load(TupleData(values, plain), tag, lsn)``: for a plain row of the
+        table's width, its ``load_plain`` called directly (no TupleData, no Python
+        frame); ``Table.load`` for any other row, and to raise its DecodeError."""
+        if plain and PyList_GET_SIZE(values) == self._width:
+            try:
+                return self._load_plain(values)
+            except Exception:
+                pass  # Table.load fails the same way, and names the column
+        return self._load(_make_row.make((values, plain)), tag, lsn)
+
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
         return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
                                  self._commit_time, self._lsn_text, self._id))
 
     cdef object _insert(self, list new, bint plain, object lsn):
-        values = self._load(_make_row.make((new, plain)), "Insert", lsn)
+        values = self._load_row(new, plain, "Insert", lsn)
         return self._event(_INSERT, self._record(values), None, None)
 
     cdef object _update(self, list raw_new, bint new_plain, object raw_old, bint old_plain,
                         unsigned char old_kind, object lsn):
         cdef list names = self._names
         cdef Py_ssize_t i, n
-        new_values = self._load(_make_row.make((raw_new, new_plain)), "Update", lsn)
+        new_values = self._load_row(raw_new, new_plain, "Update", lsn)
         old_record = changes = None
         if raw_old is not None:
-            old_values = self._load(_make_row.make((raw_old, old_plain)), "Update", lsn)
+            old_values = self._load_row(raw_old, old_plain, "Update", lsn)
             if old_kind == 75:  # 'K'
                 old_record = _key_record(names, self._keys, old_values)
                 # An unchanged TOASTed key is not resent, but the old key holds its value.
@@ -471,7 +485,7 @@ cdef class HotPath:
         return self._event(_UPDATE, self._record(new_values), old_record, changes)
 
     cdef object _delete(self, list raw_old, bint plain, unsigned char old_kind, object lsn):
-        old_values = self._load(_make_row.make((raw_old, plain)), "Delete", lsn)
+        old_values = self._load_row(raw_old, plain, "Delete", lsn)
         if old_kind == 75:  # 'K'
             old_record = _key_record(self._names, self._keys, old_values)
         else:
