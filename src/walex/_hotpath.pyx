@@ -21,10 +21,10 @@ Transformer, user adapters included), never here.
 
 from cpython.datetime cimport import_datetime, timedelta_new
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
-from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
@@ -36,7 +36,9 @@ from types import MemberDescriptorType
 from .event import Change, Event, EventType
 from .pgoutput.decoder import _PG_EPOCH
 from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
-from .transactions import Transaction, _Open
+from .pgoutput.decoder import Decoder
+from .relations import Table
+from .transactions import Transaction, TransactionAssembler, _Open
 
 __all__ = ["HotPath", "NOT_HANDLED"]
 
@@ -155,6 +157,62 @@ cdef object _change_tuple(object old, object new):
     return result
 
 
+cdef Py_ssize_t _slot_offset(type cls, str name) except -1:
+    """Where instances of ``cls`` keep their slot ``name`` (an object slot), or -1."""
+    for klass in cls.__mro__:
+        descr = klass.__dict__.get(name)
+        if descr is not None:
+            if type(descr) is MemberDescriptorType:
+                member = (<PyMemberDescrObject *>descr).d_member
+                if member.type == T_OBJECT_EX:
+                    return member.offset
+            return -1
+    return -1
+
+
+cdef class _Slots:
+    """Direct access to the object slots of one class's instances: what
+    ``getattr``/``setattr`` do for a slots class (the member descriptors), without
+    the attribute lookup. Raises the AttributeError of ``getattr`` for an unset slot."""
+
+    cdef type cls
+    cdef tuple names
+    cdef Py_ssize_t offsets[8]
+
+    def __init__(self, type cls, tuple names):
+        self.cls = cls
+        self.names = names
+        for i, name in enumerate(names):
+            self.offsets[i] = _slot_offset(cls, name)
+            if self.offsets[i] < 0:
+                raise TypeError(f"{cls.__name__}.{name} is not an object slot; walex._hotpath "
+                                "needs it as one (a __slots__ entry)")
+
+    cdef inline object get(self, object obj, int i):
+        cdef PyObject *value = (<PyObject **>(<char *><PyObject *>obj + self.offsets[i]))[0]
+        if value == NULL:
+            return getattr(obj, self.names[i])  # raises AttributeError
+        return <object>value
+
+    cdef inline void put(self, object obj, int i, object value) noexcept:
+        cdef PyObject **slot = <PyObject **>(<char *><PyObject *>obj + self.offsets[i])
+        cdef PyObject *old = slot[0]
+        Py_INCREF(value)
+        slot[0] = <PyObject *>value
+        Py_XDECREF(old)
+
+
+# _Open's slots the per-row path reads: changes, emitted, size, spill
+cdef _Slots _OPEN = _Slots(_Open, ("changes", "emitted", "size", "spill"))
+cdef enum:
+    O_CHANGES, O_EMITTED, O_SIZE, O_SPILL
+cdef _Slots _ASSEMBLER = _Slots(TransactionAssembler, ("_current", "_stream", "batch_size", "batch_bytes"))
+cdef enum:
+    A_CURRENT, A_STREAM, A_BATCH_SIZE, A_BATCH_BYTES
+cdef _Slots _TABLE = _Slots(Table, ("subscribed",))
+cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
+
+
 cdef _Maker _make_event = _Maker(Event)
 cdef _Maker _make_row = _Maker(TupleData)
 cdef _Maker _make_transaction = _Maker(Transaction)
@@ -271,10 +329,14 @@ cdef class HotPath:
     cdef object _table, _names, _name, _source, _load, _load_plain, _keys
     cdef Py_ssize_t _width  # the table's column count
     cdef dict _template  # {column: None} in column order, copied for each record
+    cdef dict _tables  # the relation cache's tables by relation id
 
     def __init__(self, assembler, decoder):
+        if not isinstance(assembler, TransactionAssembler) or not isinstance(decoder, Decoder):
+            raise TypeError("HotPath takes a TransactionAssembler and a Decoder")
         self.assembler = assembler
         self.relations = assembler.relations
+        self._tables = self.relations._tables
         self.decoder = decoder
         self.end = 0
 
@@ -284,7 +346,7 @@ cdef class HotPath:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         if size < 26 or buf[0] != 119:  # not XLogData ('w'), or an empty payload
             return _NOT_HANDLED
-        if self.decoder.in_stream:
+        if _DECODER.get(self.decoder, 0):  # in_stream
             return _NOT_HANDLED
         cdef unsigned char tag = buf[25]
         cdef object result
@@ -339,8 +401,9 @@ cdef class HotPath:
 
     cdef object _change(self, const unsigned char *data, Py_ssize_t size, unsigned char tag, uint64_t start):
         assembler = self.assembler
-        txn = assembler._current
-        if txn is None or assembler._stream is not None or txn.spill is not None:
+        txn = _ASSEMBLER.get(assembler, A_CURRENT)
+        if (type(txn) is not _Open or _ASSEMBLER.get(assembler, A_STREAM) is not None
+                or _OPEN.get(txn, O_SPILL) is not None):
             return _NOT_HANDLED
         # Parse the whole message first (what Decoder._insert/_update/_delete accept).
         cdef Py_ssize_t pos = 5
@@ -380,10 +443,12 @@ cdef class HotPath:
 
         # From here on, as TransactionAssembler._change with walex.rows.
         lsn = start
-        table = self.relations._tables.get(relid)  # RelationCache.get, without a Python call
-        if table is None:
+        cdef PyObject *found = PyDict_GetItem(self._tables, relid)  # RelationCache.get, in C
+        if found == NULL:
             table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
-        if table.subscribed:
+        else:
+            table = <object>found
+        if _TABLE.get(table, 0) if type(table) is Table else table.subscribed:
             if table is not self._table:
                 self._table = table
                 self._names = table.column_names
@@ -399,8 +464,8 @@ cdef class HotPath:
                 self._commit_lsn = txn.commit_lsn
                 self._commit_time = txn.commit_time
                 self._lsn_text = _format_lsn(self._commit_lsn)
-            changes = txn.changes
-            self._id = _event_id(self._commit_lsn, txn.emitted + len(changes))
+            changes = _OPEN.get(txn, O_CHANGES)
+            self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
             if tag == 73:
                 event = self._insert(new, new_plain, lsn)
             elif tag == 85:
@@ -409,12 +474,14 @@ cdef class HotPath:
                 event = self._delete(old, old_plain, old_kind, lsn)
         else:
             event = None
-            changes = txn.changes
+            changes = _OPEN.get(txn, O_CHANGES)
         changes.append(event)
         # the frame's size (payload and its 25-byte XLogData header), as the pure path
         # counts it towards batch_bytes and the pipeline's max_pending_bytes
-        txn.size += size + 25
-        if len(changes) >= assembler.batch_size or txn.size >= assembler.batch_bytes:
+        held = _OPEN.get(txn, O_SIZE) + (size + 25)
+        _OPEN.put(txn, O_SIZE, held)
+        if (len(changes) >= _ASSEMBLER.get(assembler, A_BATCH_SIZE)
+                or held >= _ASSEMBLER.get(assembler, A_BATCH_BYTES)):
             return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0, False)]
         return None
 
