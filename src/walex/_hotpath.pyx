@@ -31,6 +31,9 @@ from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
 import dataclasses
+import datetime
+from decimal import Decimal
+from uuid import UUID
 from types import MemberDescriptorType
 
 from .event import Change, Event, EventType
@@ -285,6 +288,22 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
     return values
 
 
+cdef object _Decimal = Decimal
+cdef object _datetime = datetime.datetime
+cdef object _date = datetime.date
+cdef object _time = datetime.time
+cdef object _timedelta = datetime.timedelta
+cdef object _UUID = UUID
+
+
+cdef inline bint _immutable(object value):
+    """Whether ``value`` is of a type whose instances cannot change (exact types only:
+    a loader's subclass might add mutable state), so two columns may share it."""
+    t = type(value)
+    return (t is int or t is str or t is _Decimal or t is _datetime or t is float or t is bool
+            or t is _date or t is bytes or t is _UUID or t is _time or t is _timedelta)
+
+
 cdef inline bint _differ(object a, object b) except -1:
     """``a != b`` for raw column values (bytes, None, BinaryValue, UNCHANGED_TOAST)."""
     cdef Py_ssize_t n
@@ -523,6 +542,9 @@ cdef class HotPath:
         new_values = self._load_row(raw_new, new_plain, "Update", lsn)
         old_record = changes = None
         if raw_old is not None:
+            if (old_kind == 79 and new_plain and old_plain and PyList_GET_SIZE(raw_new) == self._width
+                    and PyList_GET_SIZE(raw_old) == self._width):  # 'O': the common FULL case
+                return self._whole_row_update(raw_new, new_values, raw_old, lsn)
             old_values = self._load_row(raw_old, old_plain, "Update", lsn)
             if old_kind == 75:  # 'K'
                 old_record = _key_record(names, self._keys, old_values)
@@ -550,6 +572,37 @@ cdef class HotPath:
                         changes[names[i]] = _change_tuple(old_values[i], new_values[i])
                 old_record = self._record(old_values)
         return self._event(_UPDATE, self._record(new_values), old_record, changes)
+
+    cdef object _whole_row_update(self, list raw_new, object new_values, list raw_old, object lsn):
+        """The Event of an update that sent every value of the new and the old row.
+
+        As the pure path's, except that a column sent unchanged is typed once: the old
+        record holds the new record's value when it is immutable (see _immutable), which
+        no handler can tell from a value typed twice but for ``is``; the other old values
+        are typed from the old row (a mutable value is never shared)."""
+        cdef list names = self._names
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(names)
+        cdef list partial = raw_old[:]  # the old row, None where the new value serves
+        cdef bint shared = False
+        for i in range(n):
+            raw = <object>PyList_GET_ITEM(raw_old, i)
+            if (raw is not None and not _differ(<object>PyList_GET_ITEM(raw_new, i), raw)
+                    and _immutable(new_values[i])):
+                partial[i] = None
+                shared = True
+        loaded = self._load_row(partial, True, "Update", lsn)
+        if shared:
+            old_values = list(loaded)
+            for i in range(n):
+                if PyList_GET_ITEM(partial, i) == <PyObject *>None and PyList_GET_ITEM(raw_old, i) != <PyObject *>None:
+                    old_values[i] = new_values[i]
+        else:
+            old_values = loaded
+        changes = {}
+        for i in range(n):
+            if _differ(<object>PyList_GET_ITEM(raw_new, i), <object>PyList_GET_ITEM(raw_old, i)):
+                changes[<object>PyList_GET_ITEM(names, i)] = _change_tuple(old_values[i], new_values[i])
+        return self._event(_UPDATE, self._record(new_values), self._record(old_values), changes)
 
     cdef object _delete(self, list raw_old, bint plain, unsigned char old_kind, object lsn):
         old_values = self._load_row(raw_old, plain, "Delete", lsn)
