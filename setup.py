@@ -26,7 +26,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     except ImportError:  # no Cython: the pure-Python hot path serves
         pass
     else:
-        compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"]),
+        compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
+                              depends=["src/walex/_hotpath_objects.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
