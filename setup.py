@@ -7,7 +7,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 
 - ``walex.pgoutput._tuple`` (C): the decoder's per-column TupleData loop;
 - ``walex._hotpath`` (Cython): XLogData frames to Events for the common
-  messages (Begin, Insert, Update, Delete, Commit), see its docstring.
+  messages (Begin, Insert, Update, Delete, Commit), see its docstring;
+- ``walex._json`` (Cython): the json/jsonb value loader (twin of
+  ``walex.pgtypes.py_json_loads``).
 """
 
 import os
@@ -24,7 +26,10 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     except ImportError:  # no Cython: the pure-Python hot path serves
         pass
     else:
-        for ext in cythonize([Extension("walex._hotpath", ["src/walex/_hotpath.pyx"])],
+        compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
+                              depends=["src/walex/_hotpath_objects.pxi"]),
+                    Extension("walex._json", ["src/walex/_json.pyx"])]
+        for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over
             extensions.append(ext)

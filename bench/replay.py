@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/replay.py                    # W1-W4 shapes, 20k rows each
     .venv/bin/python bench/replay.py --rows 50000 --reps 7
+    .venv/bin/python bench/replay.py --keep 64 --gc-threshold 700   # a full queue, Python's GC
 
 Starts a throwaway PostgreSQL 18, runs the benchmark's workloads (the tables
 and SQL of ``workloads.py``, as ``run.py`` does; W2 as single-row INSERT
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import struct
 import sys
@@ -75,8 +77,11 @@ def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
     return frames
 
 
-async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection) -> tuple[float, int]:
-    """CPU seconds to turn ``frames`` into batches, and the number of events."""
+async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection,
+               keep: int = 0) -> tuple[float, int]:
+    """CPU seconds to turn ``frames`` into batches, and the number of events.
+
+    ``keep``: the last that many batches stay alive, as in a full queue."""
     lookups = LookupConnection()
     lookups.use(conn, None, None)
     catalog = TypeCatalog(lookups)
@@ -85,6 +90,7 @@ async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnectio
     decoder = Decoder()
     hot = hotpath.hot_path(assembler, decoder) if compiled else None
     events = 0
+    kept: collections.deque = collections.deque(maxlen=max(keep, 1))
     NOT_HANDLED = hotpath.NOT_HANDLED
     header = struct.Struct("!xQQ").unpack_from
     t0 = time.process_time()
@@ -103,15 +109,18 @@ async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnectio
         if batches is not None:
             for txn in batches:
                 events += len(txn.events)
+                if keep:
+                    kept.append(txn)
     return time.process_time() - t0, events
 
 
-async def measure(frames: list[bytes], compiled: bool, reps: int, dsn: str) -> tuple[float, int]:
+async def measure(frames: list[bytes], compiled: bool, reps: int, dsn: str,
+                  keep: int = 0) -> tuple[float, int]:
     best, events = float("inf"), 0
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(reps):
             gc.collect()
-            seconds, events = await feed(frames, compiled, conn)
+            seconds, events = await feed(frames, compiled, conn, keep)
             best = min(best, seconds)
     return best, events
 
@@ -122,9 +131,16 @@ def main() -> None:
     parser.add_argument("--w2-rows", type=int, default=5_000)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--workloads", default="W1,W2,W3,W4")
+    parser.add_argument("--keep", type=int, default=0,
+                        help="batches kept alive, as in a full queue (walex's default holds 64)")
+    parser.add_argument("--gc-threshold", type=int, default=10_000,
+                        help="the GC's generation-0 threshold: walex's gc_threshold while streaming "
+                             "(default 10000); 700 is Python's own")
     args = parser.parse_args()
+    gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     if not hotpath.compiled_available():
         sys.exit("walex._hotpath is not built (pip install -e . with Cython and a C compiler)")
+    print(f"gc threshold {gc.get_threshold()}, {args.keep} batches kept alive")
     print(f"calibration: {calibration():.3f} s CPU for `for i in range(10**7): s += i * i` "
           f"(Python {sys.version.split()[0]})")
     print("| workload | rows | pure us/row | compiled us/row | compiled / pure |")
@@ -134,8 +150,8 @@ def main() -> None:
         for workload in args.workloads.split(","):
             rows = args.w2_rows if workload == "W2" else args.rows
             frames = record(conn, workload, rows)
-            pure, n = asyncio.run(measure(frames, False, args.reps, cluster.dsn()))
-            fast, m = asyncio.run(measure(frames, True, args.reps, cluster.dsn()))
+            pure, n = asyncio.run(measure(frames, False, args.reps, cluster.dsn(), args.keep))
+            fast, m = asyncio.run(measure(frames, True, args.reps, cluster.dsn(), args.keep))
             assert n == m == rows, (n, m, rows)
             print(f"| {workload} | {rows:,} | {pure / rows * 1e6:.2f} | {fast / rows * 1e6:.2f} "
                   f"| {fast / pure:.2f} |", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import pytest
 
 from support import Recorder, collecting, run
 from walex import Event, Events
@@ -108,3 +109,29 @@ def test_gc_freeze_option_freezes_what_lives_at_start(dsn: str, admin: psycopg.C
         assert run(main()) > 1000  # modules, settings, connections: out of every full collection
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("setting", [None, 0, 25_000])
+def test_gc_threshold_raised_while_streaming_and_restored_at_stop(
+    dsn: str, admin: psycopg.Connection, setting: int | None
+) -> None:
+    import gc
+
+    admin.execute("CREATE TABLE g (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE g")
+    options = {} if setting is None else {"gc_threshold": setting}
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+
+    async def main() -> tuple[int, int, int]:
+        async with collecting(dsn, subscriptions=["g"], **options) as rec:
+            admin.execute("INSERT INTO g VALUES (1)")
+            await rec.wait_for(1)
+            return gc.get_threshold()
+
+    try:
+        streaming = run(main())
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+    assert streaming == ({None: 10_000, 0: 700}.get(setting, setting), 10, 10)  # type: ignore[arg-type]

@@ -54,6 +54,19 @@ def frame(lsn: int, payload: bytes) -> bytes:
     return XLOGDATA_HEADER.pack(b"w", lsn, lsn + len(payload), 0) + payload
 
 
+def pure_catalog(lookups: LookupConnection | None) -> TypeCatalog:
+    """A TypeCatalog of the pure path (json/jsonb by walex.pgtypes.py_json_loads)."""
+    saved = os.environ.get("WALEX_PURE_PYTHON")
+    os.environ["WALEX_PURE_PYTHON"] = "1"
+    try:
+        return TypeCatalog(lookups)
+    finally:
+        if saved is None:
+            del os.environ["WALEX_PURE_PYTHON"]
+        else:
+            os.environ["WALEX_PURE_PYTHON"] = saved
+
+
 async def replay(
     stream: Stream, *, compiled: bool, batch_size: int = 1000,
     subscribed: Callable[[str, str], bool] = lambda schema, table: True,
@@ -64,7 +77,7 @@ async def replay(
     if conn is not None:
         lookups = LookupConnection()
         lookups.use(conn, None, None)
-    catalog = TypeCatalog(lookups)
+    catalog = pure_catalog(lookups) if not compiled else TypeCatalog(lookups)
     relations = RelationCache(catalog, "db", subscribed)
     assembler = TransactionAssembler(relations, batch_size=batch_size)
     decoder = Decoder()
@@ -322,6 +335,60 @@ def test_type_matrix(admin: psycopg.Connection, dsn: str, binary: bool) -> None:
     text = "".join(item for item in out if isinstance(item, str))
     for value in ("Decimal('NaN')", "inf", "'a': '1'", "'very \"happy\", {yes}', None]"):
         assert value in text, (value, text[:3000])  # the typed values went through both paths
+
+
+@needs_compiled
+def test_whole_row_updates_share_only_immutable_unchanged_values(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    """REPLICA IDENTITY FULL: a column sent unchanged is typed once by the compiled path
+    (the old record holds the new value) only when that value is immutable; a json
+    value, a list or a user loader's object is typed for each record, as the pure path does."""
+    admin.execute("CREATE TABLE w (id int PRIMARY KEY, n int, t text, d numeric, ts timestamptz, "
+                  "j jsonb, a int[], u uuid, x int)")
+    admin.execute("ALTER TABLE w REPLICA IDENTITY FULL")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE w")
+    admin.execute("INSERT INTO w VALUES (1, 5, 'same', 1.5, now(), '{\"k\": [1]}', '{1,2}', "
+                  "gen_random_uuid(), NULL)")
+    admin.execute("SELECT pg_create_logical_replication_slot('hot', 'pgoutput')")
+    admin.execute("UPDATE w SET n = 6, x = 1")  # NULL to a value: a change
+    admin.execute("UPDATE w SET x = NULL")
+    rows = admin.execute(
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes('hot', NULL, NULL, "
+        "'proto_version', '1', 'publication_names', 'pub')").fetchall()
+    stream = [(int(lsn.split("/")[0], 16) << 32 | int(lsn.split("/")[1], 16), bytes(data))
+              for lsn, data in rows]
+
+    async def events(compiled: bool) -> list[Any]:
+        catalog = TypeCatalog() if compiled else pure_catalog(None)
+        relations = RelationCache(catalog, "db", lambda schema, table: True)
+        assembler = TransactionAssembler(relations)
+        decoder = Decoder()
+        hot = hotpath.HotPath(assembler, decoder) if compiled else None  # type: ignore[misc]
+        out: list[Any] = []
+        for lsn, payload in stream:
+            batches = hot.feed(frame(lsn, payload)) if hot is not None else hotpath.NOT_HANDLED
+            if batches is hotpath.NOT_HANDLED:
+                msg = decoder.decode(payload, lsn)
+                if type(msg) is Relation:
+                    await relations.update(msg)
+                    continue
+                batches = assembler.feed(msg, lsn)
+            for txn in batches or ():
+                out.extend(txn.events)
+        return out
+
+    compiled, pure = asyncio.run(events(True)), asyncio.run(events(False))
+    assert [repr(e) for e in compiled] == [repr(e) for e in pure]
+    first, second = compiled
+    assert set(first.changes) == {"n", "x"} and set(second.changes) == {"x"}
+    old, new = first.old_record, first.new_record
+    for column in ("t", "d", "ts", "u"):  # immutable, sent unchanged: typed once
+        assert old[column] is new[column], column
+    for column in ("j", "a"):  # mutable: each record has its own
+        assert old[column] == new[column] and old[column] is not new[column], column
+    new["j"]["k"].append(2)
+    assert old["j"] == {"k": [1]}
 
 
 # -- end to end: two apps, one pure ----------------------------------------------------------

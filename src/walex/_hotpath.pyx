@@ -21,22 +21,27 @@ Transformer, user adapters included), never here.
 
 from cpython.datetime cimport import_datetime, timedelta_new
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Copy, PyDict_SetItem
+from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
-from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
 import dataclasses
+import datetime
+from decimal import Decimal
+from uuid import UUID
 from types import MemberDescriptorType
 
 from .event import Change, Event, EventType
 from .pgoutput.decoder import _PG_EPOCH
 from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
-from .transactions import Transaction, _Open
+from .pgoutput.decoder import Decoder
+from .relations import Table
+from .transactions import Transaction, TransactionAssembler, _Open
 
 __all__ = ["HotPath", "NOT_HANDLED"]
 
@@ -54,105 +59,18 @@ cdef object _EPOCH = _PG_EPOCH
 cdef const char *_HEX = b"0123456789ABCDEF"
 
 
-cdef extern from "Python.h":
-    ctypedef struct _Type "PyTypeObject":
-        PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
-        Py_ssize_t tp_itemsize
-    ctypedef struct PyMemberDef:
-        int type
-        Py_ssize_t offset
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef *d_member
-    void PyTuple_SET_ITEM_STEAL "PyTuple_SET_ITEM" (PyObject *, Py_ssize_t, PyObject *)
-
-cdef extern from "structmember.h":
-    int T_OBJECT_EX
+include "_hotpath_objects.pxi"  # _Maker, _Slots, _change_tuple, _immutable
 
 
-cdef class _Maker:
-    """Builds instances of a slots dataclass without running its generated ``__init__``.
-
-    Equivalent to ``cls(*args)`` (fields not given take their default or
-    default factory), by storing straight into the slots, which is what that
-    ``__init__`` does, several times faster. Used only when the class is a
-    plain one (object's ``__new__``, no ``__post_init__``, every field an
-    object slot); otherwise it calls ``cls``.
-    """
-
-    cdef object cls
-    cdef _Type *tp
-    cdef Py_ssize_t offsets[16]
-    cdef Py_ssize_t count
-    cdef tuple defaults  # (value, is_factory) of each field
-    cdef bint direct
-
-    def __init__(self, cls):
-        self.cls = cls
-        self.tp = <_Type *>cls
-        self.direct = False
-        if not dataclasses.is_dataclass(cls):
-            return
-        fields = dataclasses.fields(cls)
-        self.count = len(fields)
-        defaults = []
-        direct = (cls.__new__ is object.__new__ and not hasattr(cls, "__post_init__")
-                  and self.count <= 16 and tuple(f.name for f in fields) == tuple(cls.__slots__))
-        for i, f in enumerate(fields):
-            if f.default_factory is not dataclasses.MISSING:
-                defaults.append((f.default_factory, True))
-            else:
-                defaults.append((f.default, False))
-            descr = cls.__dict__.get(f.name) if direct else None
-            if type(descr) is not MemberDescriptorType or not f.init:
-                direct = False
-            else:
-                member = (<PyMemberDescrObject *>descr).d_member
-                if member.type != T_OBJECT_EX:
-                    direct = False
-                self.offsets[i] = member.offset
-        self.defaults = tuple(defaults)
-        self.direct = direct
-
-    cdef object make(self, tuple args):
-        cdef Py_ssize_t i, n = len(args)
-        if not self.direct:
-            return self.cls(*args)
-        obj = <object>self.tp.tp_alloc(self.tp, 0)
-        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
-        for i in range(self.count):
-            if i < n:
-                value = args[i]
-            else:
-                value, factory = self.defaults[i]
-                if factory:
-                    value = value()
-                elif value is dataclasses.MISSING:
-                    raise TypeError(f"{self.cls.__name__}() missing a value for field {i}")
-            Py_INCREF(value)
-            (<PyObject **>(<char *><PyObject *>obj + self.offsets[i]))[0] = <PyObject *>value
-        return obj
-
-
-cdef bint _change_direct = (  # a tuple subclass adding no fields: built like tuple.__new__ does
-    issubclass(Change, tuple) and Change.__dictoffset__ == 0 and Change.__weakrefoffset__ == 0
-    and Change.__basicsize__ == tuple.__basicsize__ and Change.__itemsize__ == tuple.__itemsize__
-)
-cdef object _tuple_new = tuple.__new__
-
-
-cdef object _change_tuple(object old, object new):
-    """``Change(old, new)``: the named tuple built as tuple.__new__ builds a subclass."""
-    if not _change_direct:
-        return _tuple_new(Change, (old, new))
-    cdef _Type *tp = <_Type *>Change
-    cdef PyObject *obj = tp.tp_alloc(tp, 2)
-    Py_INCREF(old)
-    Py_INCREF(new)
-    PyTuple_SET_ITEM_STEAL(obj, 0, <PyObject *>old)
-    PyTuple_SET_ITEM_STEAL(obj, 1, <PyObject *>new)
-    result = <object>obj
-    Py_DECREF(result)  # the reference tp_alloc gave
-    return result
+# _Open's slots the per-row path reads: changes, emitted, size, spill
+cdef _Slots _OPEN = _Slots(_Open, ("changes", "emitted", "size", "spill"))
+cdef enum:
+    O_CHANGES, O_EMITTED, O_SIZE, O_SPILL
+cdef _Slots _ASSEMBLER = _Slots(TransactionAssembler, ("_current", "_stream", "batch_size", "batch_bytes"))
+cdef enum:
+    A_CURRENT, A_STREAM, A_BATCH_SIZE, A_BATCH_BYTES
+cdef _Slots _TABLE = _Slots(Table, ("subscribed",))
+cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
 
 
 cdef _Maker _make_event = _Maker(Event)
@@ -268,12 +186,17 @@ cdef class HotPath:
     cdef object _begun
     cdef int64_t _begun_ts
     # the table of the last change
-    cdef object _table, _names, _name, _source, _load, _keys
+    cdef object _table, _names, _name, _source, _load, _load_plain, _keys
+    cdef Py_ssize_t _width  # the table's column count
     cdef dict _template  # {column: None} in column order, copied for each record
+    cdef dict _tables  # the relation cache's tables by relation id
 
     def __init__(self, assembler, decoder):
+        if not isinstance(assembler, TransactionAssembler) or not isinstance(decoder, Decoder):
+            raise TypeError("HotPath takes a TransactionAssembler and a Decoder")
         self.assembler = assembler
         self.relations = assembler.relations
+        self._tables = self.relations._tables
         self.decoder = decoder
         self.end = 0
 
@@ -283,7 +206,7 @@ cdef class HotPath:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         if size < 26 or buf[0] != 119:  # not XLogData ('w'), or an empty payload
             return _NOT_HANDLED
-        if self.decoder.in_stream:
+        if _DECODER.get(self.decoder, 0):  # in_stream
             return _NOT_HANDLED
         cdef unsigned char tag = buf[25]
         cdef object result
@@ -338,8 +261,9 @@ cdef class HotPath:
 
     cdef object _change(self, const unsigned char *data, Py_ssize_t size, unsigned char tag, uint64_t start):
         assembler = self.assembler
-        txn = assembler._current
-        if txn is None or assembler._stream is not None or txn.spill is not None:
+        txn = _ASSEMBLER.get(assembler, A_CURRENT)
+        if (type(txn) is not _Open or _ASSEMBLER.get(assembler, A_STREAM) is not None
+                or _OPEN.get(txn, O_SPILL) is not None):
             return _NOT_HANDLED
         # Parse the whole message first (what Decoder._insert/_update/_delete accept).
         cdef Py_ssize_t pos = 5
@@ -379,16 +303,20 @@ cdef class HotPath:
 
         # From here on, as TransactionAssembler._change with walex.rows.
         lsn = start
-        table = self.relations._tables.get(relid)  # RelationCache.get, without a Python call
-        if table is None:
+        cdef PyObject *found = PyDict_GetItem(self._tables, relid)  # RelationCache.get, in C
+        if found == NULL:
             table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
-        if table.subscribed:
+        else:
+            table = <object>found
+        if _TABLE.get(table, 0) if type(table) is Table else table.subscribed:
             if table is not self._table:
                 self._table = table
                 self._names = table.column_names
                 self._name = table.name
                 self._source = table.source
                 self._load = table.load
+                self._load_plain = table.load_plain
+                self._width = len(table.type_oids)
                 self._keys = table.key_indexes
                 self._template = dict.fromkeys(self._names)
             if txn is not self._stamped:
@@ -396,8 +324,8 @@ cdef class HotPath:
                 self._commit_lsn = txn.commit_lsn
                 self._commit_time = txn.commit_time
                 self._lsn_text = _format_lsn(self._commit_lsn)
-            changes = txn.changes
-            self._id = _event_id(self._commit_lsn, txn.emitted + len(changes))
+            changes = _OPEN.get(txn, O_CHANGES)
+            self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
             if tag == 73:
                 event = self._insert(new, new_plain, lsn)
             elif tag == 85:
@@ -406,12 +334,14 @@ cdef class HotPath:
                 event = self._delete(old, old_plain, old_kind, lsn)
         else:
             event = None
-            changes = txn.changes
+            changes = _OPEN.get(txn, O_CHANGES)
         changes.append(event)
         # the frame's size (payload and its 25-byte XLogData header), as the pure path
         # counts it towards batch_bytes and the pipeline's max_pending_bytes
-        txn.size += size + 25
-        if len(changes) >= assembler.batch_size or txn.size >= assembler.batch_bytes:
+        held = _OPEN.get(txn, O_SIZE) + (size + 25)
+        _OPEN.put(txn, O_SIZE, held)
+        if (len(changes) >= _ASSEMBLER.get(assembler, A_BATCH_SIZE)
+                or held >= _ASSEMBLER.get(assembler, A_BATCH_BYTES)):
             return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0, False)]
         return None
 
@@ -427,22 +357,36 @@ cdef class HotPath:
             PyDict_SetItem(record, <object>PyList_GET_ITEM(names, i), values[i])
         return record
 
+    cdef object _load_row(self, list values, bint plain, str tag, object lsn):
+        """``Table.load(TupleData(values, plain), tag, lsn)``: for a plain row of the
+        table's width, its ``load_plain`` called directly (no TupleData, no Python
+        frame); ``Table.load`` for any other row, and to raise its DecodeError."""
+        if plain and PyList_GET_SIZE(values) == self._width:
+            try:
+                return self._load_plain(values)
+            except Exception:
+                pass  # Table.load fails the same way, and names the column
+        return self._load(_make_row.make((values, plain)), tag, lsn)
+
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
         return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
                                  self._commit_time, self._lsn_text, self._id))
 
     cdef object _insert(self, list new, bint plain, object lsn):
-        values = self._load(_make_row.make((new, plain)), "Insert", lsn)
+        values = self._load_row(new, plain, "Insert", lsn)
         return self._event(_INSERT, self._record(values), None, None)
 
     cdef object _update(self, list raw_new, bint new_plain, object raw_old, bint old_plain,
                         unsigned char old_kind, object lsn):
         cdef list names = self._names
         cdef Py_ssize_t i, n
-        new_values = self._load(_make_row.make((raw_new, new_plain)), "Update", lsn)
+        new_values = self._load_row(raw_new, new_plain, "Update", lsn)
         old_record = changes = None
         if raw_old is not None:
-            old_values = self._load(_make_row.make((raw_old, old_plain)), "Update", lsn)
+            if (old_kind == 79 and new_plain and old_plain and PyList_GET_SIZE(raw_new) == self._width
+                    and PyList_GET_SIZE(raw_old) == self._width):  # 'O': the common FULL case
+                return self._whole_row_update(raw_new, new_values, raw_old, lsn)
+            old_values = self._load_row(raw_old, old_plain, "Update", lsn)
             if old_kind == 75:  # 'K'
                 old_record = _key_record(names, self._keys, old_values)
                 # An unchanged TOASTed key is not resent, but the old key holds its value.
@@ -470,8 +414,39 @@ cdef class HotPath:
                 old_record = self._record(old_values)
         return self._event(_UPDATE, self._record(new_values), old_record, changes)
 
+    cdef object _whole_row_update(self, list raw_new, object new_values, list raw_old, object lsn):
+        """The Event of an update that sent every value of the new and the old row.
+
+        As the pure path's, except that a column sent unchanged is typed once: the old
+        record holds the new record's value when it is immutable (see _immutable), which
+        no handler can tell from a value typed twice but for ``is``; the other old values
+        are typed from the old row (a mutable value is never shared)."""
+        cdef list names = self._names
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(names)
+        cdef list partial = raw_old[:]  # the old row, None where the new value serves
+        cdef bint shared = False
+        for i in range(n):
+            raw = <object>PyList_GET_ITEM(raw_old, i)
+            if (raw is not None and not _differ(<object>PyList_GET_ITEM(raw_new, i), raw)
+                    and _immutable(new_values[i])):
+                partial[i] = None
+                shared = True
+        loaded = self._load_row(partial, True, "Update", lsn)
+        if shared:
+            old_values = list(loaded)
+            for i in range(n):
+                if PyList_GET_ITEM(partial, i) == <PyObject *>None and PyList_GET_ITEM(raw_old, i) != <PyObject *>None:
+                    old_values[i] = new_values[i]
+        else:
+            old_values = loaded
+        changes = {}
+        for i in range(n):
+            if _differ(<object>PyList_GET_ITEM(raw_new, i), <object>PyList_GET_ITEM(raw_old, i)):
+                changes[<object>PyList_GET_ITEM(names, i)] = _change_tuple(old_values[i], new_values[i])
+        return self._event(_UPDATE, self._record(new_values), self._record(old_values), changes)
+
     cdef object _delete(self, list raw_old, bint plain, unsigned char old_kind, object lsn):
-        old_values = self._load(_make_row.make((raw_old, plain)), "Delete", lsn)
+        old_values = self._load_row(raw_old, plain, "Delete", lsn)
         if old_kind == 75:  # 'K'
             old_record = _key_record(self._names, self._keys, old_values)
         else:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
+from . import gcpolicy
 from .errors import ConfigError, WalExError
 from .handlers import Handler
 from .lifecycle import Lifecycle
@@ -115,6 +116,7 @@ class WalEx(Lifecycle):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._gc_held = 0  # the gc_threshold this app holds while it streams (walex.gcpolicy)
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
@@ -198,6 +200,8 @@ class WalEx(Lifecycle):
         self.observer.streaming()
         self._unreachable = {}
         self._warn_unreachable(p.preflight.published if p.preflight else None)
+        self._gc_held = self.settings.gc_threshold
+        gcpolicy.hold(self._gc_held)  # fewer full collections while rows stream
         if self.settings.gc_freeze:
             gc.freeze()  # what lives now (modules, settings, connections) is never garbage
         s = self.settings
@@ -256,6 +260,8 @@ class WalEx(Lifecycle):
             await self.pipeline.close_session()
             await self.destinations.close()
         finally:
+            gcpolicy.release(self._gc_held)
+            self._gc_held = 0
             await self.observer.stop()
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]

@@ -133,9 +133,13 @@ class WalExSettings(BaseSettings):
     retry_backoff: float = Field(default=0.5, ge=0)
     function_concurrency: int = Field(default=16, ge=1)
     shutdown_grace: float = Field(default=30.0, ge=0)
+    # process-wide, while streaming: the cyclic GC's generation-0 threshold is at
+    # least this (never lowered, restored at stop; 0: leave the GC alone). Rows
+    # become objects that outlive the young collections, so with Python's 700 a
+    # full collection comes every ~10k rows; see walex/gcpolicy.py
+    gc_threshold: int = Field(default=10_000, ge=0)
     # process-wide: gc.freeze() once streaming began, so the cyclic GC's full
-    # collections skip everything alive at start (about 10% less CPU per row on
-    # update-heavy streams); for processes dedicated to walex
+    # collections skip everything alive at start; for processes dedicated to walex
     gc_freeze: bool = False
     # the event loop run() and the walex commands create (walex.lifecycle): "auto" takes
     # uvloop when it is installed (walex[fast]), "asyncio" never does, "uvloop" insists

@@ -41,7 +41,7 @@ class Table:
 
     __slots__ = (
         "relation_id", "schema", "name", "replica_identity", "column_names",
-        "key_indexes", "type_oids", "source", "subscribed", "_tx", "_loaders",
+        "key_indexes", "type_oids", "source", "subscribed", "load_plain", "_tx", "_loaders",
     )
 
     def __init__(
@@ -65,6 +65,10 @@ class Table:
         self.subscribed = subscribed
         self._tx = Transformer(catalog.adapters)
         self._tx.set_loader_types(self.type_oids, Format.TEXT)
+        # the values of a plain row (text or NULL, one per column) to Python values:
+        # what load() does for such a row, minus its checks and error; walex._hotpath
+        # calls it directly, and load() when it raises
+        self.load_plain = self._tx.load_sequence
         self._loaders: dict[tuple[int, int], Any] = {}
 
     @property
@@ -86,7 +90,7 @@ class Table:
             )
         try:
             if row.plain:
-                return self._tx.load_sequence(values)  # type: ignore[return-value]
+                return self.load_plain(values)  # type: ignore[no-any-return]
             out: list[Any] = []
             for i, value in enumerate(values):
                 if value is None or value is UNCHANGED_TOAST:

@@ -9,6 +9,12 @@ written values are handled as the server sees them); a value PostgreSQL did
 not resend (unchanged TOAST) is filled from the old row when it sent one and
 is never a change. ``timestamp``, ``lsn`` and ``id`` are set by the
 transaction assembler when the commit is known.
+
+The compiled twin (``walex._hotpath``) gives the same Events, with one
+difference no handler can see but for ``is``: on an update that sent the
+whole old row, a column sent unchanged is typed once when its value is
+immutable (int, str, Decimal, datetime, ...), the old record holding the new
+record's object; mutable values (json, arrays, ...) are typed for each record.
 """
 
 from __future__ import annotations

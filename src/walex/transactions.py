@@ -89,6 +89,10 @@ class _Open:
 class TransactionAssembler:
     """Feeds on messages; returns the batches each message completes."""
 
+    # slots: walex._hotpath reads and writes this state directly
+    __slots__ = ("relations", "batch_size", "batch_bytes", "spill_dir", "_current", "_streams",
+                 "_stream", "_prepared", "spilled_events")
+
     def __init__(
         self, relations: RelationCache, batch_size: int = 1000, spill_dir: str | None = None,
         batch_bytes: int = 8 * 1024 * 1024,
