@@ -75,6 +75,37 @@ def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Even
     return f"function {getattr(func, '__qualname__', repr(func))} for event {event.id if event else '?'}"
 
 
+class Plan:
+    """The calls of one transaction (:meth:`Dispatcher.plan`): ``selections``, (handler,
+    events) pairs, and ``broken``, (handler, [(event, exception)]) of filters that raised.
+
+    ``plain``: the transaction is exactly one plain handler call (``callback(events)``)
+    or no call at all (``callback`` None), so it can join a run on the handlers' thread.
+    """
+
+    __slots__ = ("selections", "broken", "plain", "callback", "events")
+
+    def __init__(self, selections: list[tuple[Handler, list[Event]]],
+                 broken: list[tuple[Handler, list[Any]]] | None = None) -> None:
+        self.selections = selections
+        self.broken = broken or []
+        self.callback: Callable[[list[Event]], Any] | None = None
+        self.events: list[Event] | None = None
+        self.plain = False
+        if broken:
+            return
+        if not selections:
+            self.plain = True
+        elif len(selections) == 1:
+            handler, selected = selections[0]
+            if not handler.is_async and not handler.functions:
+                self.plain = True
+                self.callback, self.events = handler.callback, selected
+
+
+_NOTHING = Plan([])
+
+
 class Dispatcher:
     """Routes transactions to the handlers of a set of :class:`Events` modules."""
 
@@ -149,24 +180,53 @@ class Dispatcher:
                 ) from exc
             await self._dispose(f"{label} raised", exc, [event])
 
-    async def dispatch(self, txn: Transaction) -> None:
+    def plan(self, txn: Transaction) -> Plan:
+        """Which handlers get which events of ``txn``: every filter runs here, once."""
         events = txn.events
         if not events:
-            return
-        if [len(module.handlers) for module in self._modules] != self._sizes:
-            self._refresh()  # a handler was registered after the app was created
+            return _NOTHING
+        sizes = self._sizes
+        for i, module in enumerate(self._modules):
+            if len(module.handlers) != sizes[i]:
+                self._refresh()  # a handler was registered after the app was created
+                break
         selections = []
+        broken_filters = []
         for handler in self.handlers:  # every filter runs before any call is made
             selected, broken = self._select(handler, events)
             if broken:
-                await self._filter_failed(handler, broken)
+                broken_filters.append((handler, broken))
             if selected:
                 selections.append((handler, selected))
+        if broken_filters:
+            return Plan(selections, broken_filters)
+        if not selections:
+            return _NOTHING
+        return Plan(selections)
+
+    async def dispatch(self, txn: Transaction, plan: Plan | None = None) -> None:
+        """Call the handlers (and functions) of ``txn``, planned by :meth:`plan` if not given."""
+        if plan is None:
+            plan = self.plan(txn)
+        for handler, broken in plan.broken:
+            await self._filter_failed(handler, broken)
+        selections = plan.selections
         if not selections:
             return
         if len(selections) == 1 and not selections[0][0].functions:
             handler, selected = selections[0]  # the common case: one call, awaited directly
-            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, selected)
+            if handler.is_async:
+                try:
+                    await handler.callback(selected)
+                    return
+                except BaseException as exc:
+                    if _stopping(exc):
+                        raise
+                    first: BaseException | None = exc
+            else:
+                first = None
+            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async,
+                                          selected, first)
             if failure is not None:
                 self._raise([(_label(handler), failure)], txn)
             return
@@ -183,6 +243,14 @@ class Dispatcher:
         failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
             self._raise(failures, txn)
+
+    async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:
+        """The single plain call of ``plan`` raised ``exc`` (in a run on the handlers' thread):
+        retries and the error policy, as :meth:`dispatch` applies them to a failed call."""
+        handler, selected = plan.selections[0]
+        failure = await self._guarded(handler, None, None, handler.callback, False, selected, exc)
+        if failure is not None:
+            self._raise([(_label(handler), failure)], txn)
 
     @staticmethod
     def _raise(failures: list[tuple[str, BaseException]], txn: Transaction) -> None:
@@ -201,15 +269,19 @@ class Dispatcher:
 
     async def _guarded(
         self, handler: Handler, func: Any, event: Event | None,
-        target: Callable[..., Any], is_async: bool, arg: Any,
+        target: Callable[..., Any], is_async: bool, arg: Any, first: BaseException | None = None,
     ) -> BaseException | None:
         """Call with retries, then apply the error policy; returns the failure under "stop".
 
-        Raises only the cancellation of walex's own task.
+        ``first``: what the first call, made already, raised. Raises only the
+        cancellation of walex's own task.
         """
         attempt = 0
         while True:
             try:
+                if first is not None:
+                    exc, first = first, None
+                    raise exc
                 await _call(target, arg, is_async, self.workers.run_handler)
                 return None
             except BaseException as exc:
