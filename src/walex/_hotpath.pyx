@@ -261,6 +261,8 @@ cdef class HotPath:
     cdef object assembler, relations, decoder
     cdef readonly object end  # WAL end of the last frame handled (for AckTracker.saw)
     cdef readonly Py_ssize_t pos  # after feed_frames: the index of the first frame not handled
+    cdef object _error  # raised by a frame after feed_frames completed batches, raised next call
+    cdef Py_ssize_t _error_pos
     # stamp of the open transaction the events are built for
     cdef object _stamped  # the _Open the fields below belong to
     cdef uint64_t _commit_lsn
@@ -289,15 +291,28 @@ cdef class HotPath:
         queue takes without waiting: the reader stops building batches it could
         not queue). Returns the completed batches (a list, or None); ``pos`` is
         then the index of the first frame not handled, ``end`` the WAL end of the
-        last handled one. One call instead of a Python loop over the frames.
+        last handled one. One call instead of a Python loop over the frames. An
+        error a frame raises comes after the batches completed before it: with
+        the next call, from that frame's index.
         """
         cdef Py_ssize_t n = PyList_GET_SIZE(frames), size = 0
         cdef list out = None
+        if self._error is not None:  # what the frame at _error_pos raised, after batches before it
+            error, self._error = self._error, None
+            if pos == self._error_pos:
+                raise error
         while pos < n:
             frame = <object>PyList_GET_ITEM(frames, pos)
             if type(frame) is not bytes:
                 break
-            result = self._feed(frame)
+            try:
+                result = self._feed(frame)
+            except Exception as exc:  # raised before any state changed, as feed()
+                if out is None:
+                    raise
+                # the batches completed before this frame first; the next call raises it
+                self._error, self._error_pos = exc, pos
+                break
             if result is _NOT_HANDLED:
                 break
             pos += 1
