@@ -42,7 +42,7 @@ from .handlers import Events, Handler
 from .threads import Workers
 from .transactions import Transaction
 
-__all__ = ["Dispatcher"]
+__all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
 
 log = logging.getLogger("walex.dispatch")
 
@@ -75,35 +75,14 @@ def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Even
     return f"function {getattr(func, '__qualname__', repr(func))} for event {event.id if event else '?'}"
 
 
-class Plan:
-    """The calls of one transaction (:meth:`Dispatcher.plan`): ``selections``, (handler,
-    events) pairs, and ``broken``, (handler, [(event, exception)]) of filters that raised.
-
-    ``plain``: the transaction is exactly one plain handler call (``callback(events)``)
-    or no call at all (``callback`` None), so it can join a run on the handlers' thread.
-    """
-
-    __slots__ = ("selections", "broken", "plain", "callback", "events")
-
-    def __init__(self, selections: list[tuple[Handler, list[Event]]],
-                 broken: list[tuple[Handler, list[Any]]] | None = None) -> None:
-        self.selections = selections
-        self.broken = broken or []
-        self.callback: Callable[[list[Event]], Any] | None = None
-        self.events: list[Event] | None = None
-        self.plain = False
-        if broken:
-            return
-        if not selections:
-            self.plain = True
-        elif len(selections) == 1:
-            handler, selected = selections[0]
-            if not handler.is_async and not handler.functions:
-                self.plain = True
-                self.callback, self.events = handler.callback, selected
-
-
-_NOTHING = Plan([])
+# What Dispatcher.plan gives for a transaction: a tuple
+# (kind, callback, events, selections, broken), ``selections`` the (handler, events)
+# pairs to call, ``broken`` the (handler, [(event, exception)]) of filters that raised;
+# for a single call (kind PLAIN or ASYNC: one handler, no per-event functions, no
+# filter raised) ``callback(events)`` is that call.
+NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
+Plan = tuple[int, Any, Any, Any, Any]
+_NOTHING: Plan = (NOTHING, None, None, (), ())
 
 
 class Dispatcher:
@@ -146,7 +125,8 @@ class Dispatcher:
         self._refresh()
 
     def _refresh(self) -> None:
-        self._sizes = [len(module.handlers) for module in self._modules]
+        self._lists = [module.handlers for module in self._modules]
+        self._sizes = [len(handlers) for handlers in self._lists]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
 
     def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
@@ -181,54 +161,62 @@ class Dispatcher:
             await self._dispose(f"{label} raised", exc, [event])
 
     def plan(self, txn: Transaction) -> Plan:
-        """Which handlers get which events of ``txn``: every filter runs here, once."""
+        """Which handlers get which events of ``txn`` (see :data:`Plan`); every filter runs
+        here, once, before any call is made."""
         events = txn.events
         if not events:
             return _NOTHING
-        sizes = self._sizes
-        for i, module in enumerate(self._modules):
-            if len(module.handlers) != sizes[i]:
-                self._refresh()  # a handler was registered after the app was created
-                break
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()  # a handler was registered after the app was created
         selections = []
-        broken_filters = []
-        for handler in self.handlers:  # every filter runs before any call is made
-            selected, broken = self._select(handler, events)
-            if broken:
-                broken_filters.append((handler, broken))
+        broken_filters = None
+        one = events[0] if len(events) == 1 else None
+        for handler in self.handlers:
+            if handler.filters:
+                selected, broken = self._select(handler, events)
+                if broken:
+                    if broken_filters is None:
+                        broken_filters = []
+                    broken_filters.append((handler, broken))
+            elif one is not None:  # a transaction of one change: the common case
+                selected = [one] if handler.concerns(one) else None
+            else:
+                concerns = handler.concerns
+                selected = [event for event in events if concerns(event)]
             if selected:
                 selections.append((handler, selected))
-        if broken_filters:
-            return Plan(selections, broken_filters)
+        if broken_filters is not None:
+            return (OTHER, None, None, selections, broken_filters)
         if not selections:
             return _NOTHING
-        return Plan(selections)
+        if len(selections) == 1:
+            handler, selected = selections[0]
+            if not handler.functions:
+                return (ASYNC if handler.is_async else PLAIN, handler.callback, selected, selections, ())
+        return (OTHER, None, None, selections, ())
 
     async def dispatch(self, txn: Transaction, plan: Plan | None = None) -> None:
         """Call the handlers (and functions) of ``txn``, planned by :meth:`plan` if not given."""
         if plan is None:
             plan = self.plan(txn)
-        for handler, broken in plan.broken:
+        kind, callback, selected, selections, broken_filters = plan
+        for handler, broken in broken_filters:
             await self._filter_failed(handler, broken)
-        selections = plan.selections
-        if not selections:
+        if kind == ASYNC:  # the common case: one call, awaited directly
+            try:
+                await callback(selected)
+            except BaseException as exc:
+                if _stopping(exc):
+                    raise
+                await self.recover(txn, plan, exc)
             return
-        if len(selections) == 1 and not selections[0][0].functions:
-            handler, selected = selections[0]  # the common case: one call, awaited directly
-            if handler.is_async:
-                try:
-                    await handler.callback(selected)
-                    return
-                except BaseException as exc:
-                    if _stopping(exc):
-                        raise
-                    first: BaseException | None = exc
-            else:
-                first = None
-            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async,
-                                          selected, first)
+        if kind == PLAIN:
+            handler = selections[0][0]
+            failure = await self._guarded(handler, None, None, callback, False, selected)
             if failure is not None:
                 self._raise([(_label(handler), failure)], txn)
+            return
+        if not selections:
             return
         calls: list[Awaitable[None]] = []
         owners: list[tuple[Handler, Any, Event | None]] = []
@@ -245,10 +233,11 @@ class Dispatcher:
             self._raise(failures, txn)
 
     async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:
-        """The single plain call of ``plan`` raised ``exc`` (in a run on the handlers' thread):
-        retries and the error policy, as :meth:`dispatch` applies them to a failed call."""
-        handler, selected = plan.selections[0]
-        failure = await self._guarded(handler, None, None, handler.callback, False, selected, exc)
+        """The single call of ``plan`` (kind PLAIN or ASYNC), made already, raised ``exc``:
+        retries and the error policy, as for any failed call; raises HandlerError under "stop"."""
+        kind, callback, selected, selections, _ = plan
+        handler = selections[0][0]
+        failure = await self._guarded(handler, None, None, callback, kind == ASYNC, selected, exc)
         if failure is not None:
             self._raise([(_label(handler), failure)], txn)
 

@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any
 
 from . import failpoints
+from .dispatch import ASYNC, NOTHING, PLAIN, _stopping
 from .logs import TRANSACTION
 from .transactions import Transaction
 
@@ -128,27 +129,24 @@ async def run_dispatcher(p: Any) -> None:
         dispatch = observer(dispatch)  # metrics / tracing per batch
     slot, context = p.slot_name, TRANSACTION
     destinations = p.destinations if p.destinations else None
-    # runs of plain calls: only where a batch is nothing but its handler calls
-    runs = observer is None and destinations is None
+    # planned here (runs of plain calls, async calls awaited directly) only where a
+    # batch is nothing but its handler calls
+    direct = observer is None and destinations is None
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
         return p.closing
 
-    ahead: list[Any] = []  # the plans of items[0], items[1], ... made already (filters run once)
+    ahead: list[Any] = []  # plans of items[0], items[1], ... made by a run (filters run once)
     while not p.closing:
         if not items:
             await queue.wait_ready()
             continue
         txn = items[0]
-        if ahead:
-            todo = ahead[0]
-        elif runs:
-            todo = plan(txn)
-            ahead.append(todo)
-        else:
-            todo = None
-        if runs and todo.plain:
+        todo = ahead[0] if ahead else plan(txn) if direct else None
+        if todo is not None and todo[0] == PLAIN:
+            if not ahead:
+                ahead.append(todo)
             await _plain_run(p, ahead, stopping)
             continue
         items.popleft()
@@ -157,12 +155,20 @@ async def run_dispatcher(p: Any) -> None:
         p.in_hand = txn
         token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
         try:
-            if destinations is not None:  # published while the handlers run; both must finish
-                await destinations.alongside(txn, dispatch)
-            elif todo is not None:
+            if todo is None:
+                if destinations is None:
+                    await dispatch(txn)
+                else:  # published while the handlers run; both must finish
+                    await destinations.alongside(txn, dispatch)
+            elif todo[0] == ASYNC:  # one coroutine function: awaited right here
+                try:
+                    await todo[1](todo[2])
+                except BaseException as exc:
+                    if _stopping(exc):
+                        raise
+                    await dispatcher.recover(txn, todo, exc)  # raises HandlerError under "stop"
+            elif todo[0] != NOTHING:
                 await dispatcher.dispatch(txn, todo)
-            else:
-                await dispatch(txn)
         finally:
             context.reset(token)
         if failpoints.ACTIVE:
@@ -183,33 +189,25 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
     items = queue.items
     plan = dispatcher.plan
     limit = min(len(items), _RUN)
-    while len(ahead) < limit:  # plan the queued transactions, up to the first that is no plain call
-        todo = ahead[-1]
-        if not todo.plain:
-            break
-        ahead.append(plan(items[len(ahead)]))
     count = 0
-    for todo in ahead:
-        if not todo.plain or count == limit:
+    while count < limit:  # the queued transactions up to the first that is not a plain call
+        if count == len(ahead):
+            ahead.append(plan(items[count]))
+        kind = ahead[count][0]
+        if kind != PLAIN and kind != NOTHING:
             break
         count += 1
     slot = p.slot_name
     calls = []
     for i in range(count):
         txn, todo = items[i], ahead[i]
-        calls.append((todo.callback, todo.events, (slot, txn.commit_lsn, txn.xid)))
+        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
     p.in_hand = items[0]
     done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
-    for _ in range(done):  # handled: acknowledged in order
+    for _ in range(done):  # handled: recorded in order
         txn = items.popleft()
         del ahead[0]
-        if failpoints.ACTIVE:
-            failpoints.hit("after_dispatch")
-        p.events_handled += len(txn.events)
-        if txn.last:
-            ack.handled(txn.end_lsn)
-            p.transactions_handled += 1
-        queue.release(txn.size)
+        _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
         txn, todo = items[0], ahead[0]
         p.in_hand = txn
@@ -220,11 +218,16 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             TRANSACTION.reset(token)
         items.popleft()
         del ahead[0]
-        if failpoints.ACTIVE:
-            failpoints.hit("after_dispatch")
-        p.events_handled += len(txn.events)
-        if txn.last:
-            ack.handled(txn.end_lsn)
-            p.transactions_handled += 1
-        queue.release(txn.size)
+        _handled(p, queue, ack, txn)
     p.in_hand = None
+
+
+def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
+    """Record a batch handled (by every call of a run before it, and its own)."""
+    if failpoints.ACTIVE:
+        failpoints.hit("after_dispatch")
+    p.events_handled += len(txn.events)
+    if txn.last:
+        ack.handled(txn.end_lsn)
+        p.transactions_handled += 1
+    queue.release(txn.size)
