@@ -184,6 +184,7 @@ def callgrind(args: argparse.Namespace, handler: str) -> float:
                  sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
                  "--handlers", handler, "--chunk", str(args.chunk), "--quiet"],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
             )
             for line in out.read_text().splitlines():
                 if line.startswith("summary:") or line.startswith("totals:"):

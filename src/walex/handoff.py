@@ -69,15 +69,16 @@ class BatchQueue:
     def full(self) -> bool:
         return len(self.items) >= self.limit
 
-    def has_room(self) -> bool:
-        """Whether a batch can be queued without waiting."""
-        return len(self.items) < self.limit and self.bytes <= self.max_bytes
-
     def put_nowait(self, txn: Transaction, counted: bool = True) -> None:
         self.items.append(txn)
         if counted:
             self.bytes += txn.size
-        if self._dispatcher_waits:
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the dispatcher if it waits for a batch (the reader appends to ``items``
+        itself, then calls this once)."""
+        if self._dispatcher_waits and self.items:
             self._dispatcher_waits = False
             self._ready.set()
 
@@ -89,6 +90,7 @@ class BatchQueue:
         whole budget is queued once the others were handled, never held forever.
         """
         while len(self.items) >= self.limit or (counted and self.bytes > self.max_bytes):
+            self.wake()  # what is queued goes first
             self._reader_waits = True
             self._room.clear()
             await self._room.wait()
@@ -104,6 +106,12 @@ class BatchQueue:
     def release(self, size: int) -> None:
         """A batch taken off the queue was handled: its bytes leave the budget."""
         self.bytes -= size
+        if self._reader_waits:
+            self.room_made()
+
+    def room_made(self) -> None:
+        """Wake the reader waiting for room once the queue fell to half its limit and
+        within the byte budget (not at every batch handled)."""
         if self._reader_waits and len(self.items) <= self.limit // 2 and self.bytes <= self.max_bytes:
             self._reader_waits = False
             self._room.set()
@@ -175,9 +183,12 @@ async def run_dispatcher(p: Any) -> None:
             failpoints.hit("after_dispatch")
         p.events_handled += len(txn.events)
         if txn.last:
-            ack.handled(txn.end_lsn)
+            if txn.end_lsn > ack.flushed:  # ack.handled(txn.end_lsn)
+                ack.flushed = txn.end_lsn
             p.transactions_handled += 1
-        queue.release(txn.size)
+        queue.bytes -= txn.size  # queue.release(txn.size)
+        if queue._reader_waits:
+            queue.room_made()
         p.in_hand = None
 
 

@@ -370,7 +370,7 @@ class Pipeline:
         hot = hot_path(self.assembler, decoder) if middleware is None else None
         self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
-        items, has_room, put_nowait = queue.items, queue.has_room, queue.put_nowait
+        items, most, max_bytes = queue.items, queue.limit, queue.max_bytes
         backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
@@ -399,8 +399,8 @@ class Pipeline:
                 # -- the compiled hot path (walex.hotpath): a run of Begin/Insert/Update/Delete/
                 # Commit frames per call, building no more batches than the queue takes at once
                 if hot is not None and (
-                    (batches := hot.feed_frames(frames, i, queue.limit - len(items),
-                                                queue.max_bytes - queue.bytes)) is not None
+                    (batches := hot.feed_frames(frames, i, most - len(items),
+                                                max_bytes - queue.bytes)) is not None
                     or hot.pos > i
                 ):
                     i = hot.pos
@@ -447,11 +447,15 @@ class Pipeline:
                             await backfill.batch(txn)
                         if txn.commit_lsn < ack.flushed:
                             self._replayed(txn)
-                        elif has_room():
-                            put_nowait(txn)
+                        elif len(items) < most and queue.bytes <= max_bytes:  # room: no wait
+                            items.append(txn)
+                            queue.bytes += txn.size
                         else:
+                            queue.wake()
                             await queue.put(txn)
-                ack.saw(end)
+                    queue.wake()  # the dispatcher, if it waits for a batch
+                if end > ack.received:  # ack.saw(end)
+                    ack.received = end
 
     @property
     def busy(self) -> bool:
