@@ -10,8 +10,8 @@ for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
 jitter, resuming from the slot. Changes flow::
 
-    reader: frames -> Decoder -> [message_middleware] -> process() -> bounded queue
-    dispatcher: queue -> Dispatcher.dispatch -> AckTracker.handled
+    reader: frames -> compiled hot path or Decoder -> [message_middleware] -> bounded queue
+    dispatcher (walex.handoff): queue -> Dispatcher (plain calls in runs) -> AckTracker.handled
     acknowledger: AckTracker -> standby status updates
 
 Invariants:

@@ -7,7 +7,8 @@ blocking code runs elsewhere:
   time, in the order they are called, on one dedicated thread named
   ``walex-<app>-handlers_0``: a thread-bound resource a handler makes on its
   first call (a sqlite3 connection, a client that is not thread-safe) keeps
-  working in every later call;
+  working in every later call; the calls of consecutive transactions come as
+  one run (:meth:`Workers.run_handlers`), one hand-off for all of them;
 - plain per-event functions run on a pool of ``function_concurrency``
   threads named ``walex-<app>-functions_<n>``.
 
