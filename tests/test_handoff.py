@@ -51,12 +51,14 @@ class Calls:
 
     def __init__(self, app_box: list[WalEx], fail_at: dict[int, int] | None = None) -> None:
         self.app_box = app_box
+        self.started = threading.Event()  # the first call began
         self.go = threading.Event()
         self.seen: list[tuple[int, int, int, int]] = []  # (id, commit lsn, flushed, handled)
         self.fail_at = dict(fail_at or {})  # row id -> how many times its call raises
 
     def __call__(self, items: list[Event]) -> None:
         if not self.seen:
+            self.started.set()
             assert self.go.wait(30), "the test never released the first call"
         app = self.app_box[0]
         event = items[0]
@@ -71,8 +73,11 @@ class Calls:
 
 
 async def queue_up(admin: psycopg.Connection, app: WalEx, calls: Calls, rows: int) -> None:
-    """Commit ``rows`` one-row transactions while the first call waits, until all are received."""
-    for i in range(1, rows + 1):
+    """Commit ``rows`` one-row transactions, all but the first while the first call waits,
+    until all are received and queued."""
+    admin.execute("INSERT INTO item VALUES (1)")
+    await until(calls.started.is_set, "the first call")
+    for i in range(2, rows + 1):
         admin.execute("INSERT INTO item VALUES (%s)", [i])
     end = current_lsn(admin)
     await until(lambda: app.ack.received >= end, "every transaction received")
@@ -92,6 +97,7 @@ def test_queued_transactions_are_each_acknowledged_only_after_their_handler(
     else:
         async def handler(items: list[Event]) -> None:
             if not calls.seen:
+                calls.started.set()
                 await until(calls.go.is_set, "the test releasing the first call", timeout=30)
             calls(items)
         events.on_insert("item")(handler)
@@ -133,11 +139,10 @@ def test_plain_handler_calls_of_queued_transactions_go_to_its_thread_as_one_run(
 
     run(main())
     assert calls.ids() == list(range(1, 13))
-    # Two hand-offs: what was queued when the first transaction came (the first call
-    # waiting), then everything queued behind it, as one run: the loop recorded none of
-    # a run's transactions handled before the run ended. One call at a time, each call
-    # would see every earlier one recorded: twelve different counts.
-    assert len({s[3] for s in calls.seen}) <= 2, calls.seen
+    # Calls 2 to 12, queued while the first one waited, came as one run: the loop
+    # recorded none of them handled before the run ended. One call at a time, each
+    # call would see every earlier one recorded.
+    assert [s[3] for s in calls.seen] == [0] + [1] * 11, calls.seen
 
 
 def test_a_plain_call_failing_in_a_run_stops_there_unacknowledged(
@@ -161,7 +166,7 @@ def test_a_plain_call_failing_in_a_run_stops_there_unacknowledged(
         finally:
             await app.stop()
         assert calls.ids() == [1, 2, 3, 4, 5, 6]  # none after the failing call
-        assert calls.seen[5][3] < 5  # the failure came inside a run, after calls not yet recorded
+        assert [s[3] for s in calls.seen] == [0] + [1] * 5  # the failure came inside a run
         fifth, sixth = calls.seen[4][1], calls.seen[5][1]
         assert app.transactions_handled == 5
         assert fifth < app.ack.flushed < sixth  # the five before it acknowledged, not it
