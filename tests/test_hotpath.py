@@ -110,10 +110,58 @@ async def replay(
     return out, handled
 
 
+async def replay_frames(
+    stream: Stream, *, room: tuple[int, int], batch_size: int = 1000,
+    subscribed: Callable[[str, str], bool] = lambda schema, table: True,
+    conn: psycopg.AsyncConnection | None = None,
+) -> list[Any]:
+    """What the reader makes of ``stream`` with ``HotPath.feed_frames`` (a run of frames per
+    call, at most ``room`` = (batches, bytes) per call): the batches and the error."""
+    lookups = None
+    if conn is not None:
+        lookups = LookupConnection()
+        lookups.use(conn, None, None)
+    catalog = TypeCatalog(lookups)
+    relations = RelationCache(catalog, "db", subscribed)
+    assembler = TransactionAssembler(relations, batch_size=batch_size)
+    decoder = Decoder()
+    hot = hotpath.HotPath(assembler, decoder)  # type: ignore[misc]
+    frames = [frame(lsn, payload) for lsn, payload in stream]
+    out: list[Any] = []
+    i = 0
+    try:
+        while i < len(frames):
+            batches = hot.feed_frames(frames, i, *room)
+            if hot.pos > i:
+                assert batches is None or len(batches) <= max(room[0], 1) or (
+                    sum(b.size for b in batches[:-1]) <= room[1])
+                i = hot.pos
+                lsn, payload = stream[i - 1]
+                assert hot.end == lsn + len(payload)
+            else:
+                assert batches is None
+                lsn, payload = stream[i]
+                i += 1
+                msg = decoder.decode(payload, lsn)
+                if type(msg) is Relation:
+                    await relations.update(msg)
+                elif type(msg) is Type:
+                    await catalog.resolve([msg.type_oid])
+                else:
+                    batches = assembler.feed(msg, lsn, len(payload) + XLOGDATA_HEADER.size)
+            out.extend(repr(txn) for txn in batches or ())
+    except Exception as exc:  # noqa: BLE001 - the error is part of the outcome
+        out.append((type(exc).__name__, str(exc), getattr(exc, "tag", None), getattr(exc, "lsn", None)))
+    return out
+
+
 async def both(stream: Stream, **options: Any) -> tuple[list[Any], int]:
     pure, _ = await replay(stream, compiled=False, **options)
     compiled, handled = await replay(stream, compiled=True, **options)
     assert compiled == pure
+    batches = [item for item in pure if not isinstance(item, bool)]
+    for room in ((1024, 1 << 40), (2, 300), (0, 0)):  # the queue's room: ample, little, none
+        assert await replay_frames(stream, room=room, **options) == batches
     return pure, handled
 
 

@@ -178,6 +178,9 @@ cdef class HotPath:
 
     cdef object assembler, relations, decoder
     cdef readonly object end  # WAL end of the last frame handled (for AckTracker.saw)
+    cdef readonly Py_ssize_t pos  # after feed_frames: the index of the first frame not handled
+    cdef object _error  # raised by a frame after feed_frames completed batches, raised next call
+    cdef Py_ssize_t _error_pos
     # stamp of the open transaction the events are built for
     cdef object _stamped  # the _Open the fields below belong to
     cdef uint64_t _commit_lsn
@@ -202,6 +205,53 @@ cdef class HotPath:
 
     def feed(self, bytes frame):
         """Handle one frame: the batches it completes, None, or :data:`NOT_HANDLED`."""
+        return self._feed(frame)
+
+    def feed_frames(self, list frames, Py_ssize_t pos, Py_ssize_t max_batches, Py_ssize_t max_bytes):
+        """Handle ``frames[pos:]`` in order, as :meth:`feed` each, until the first frame
+        :meth:`feed` would not handle, or until the batches completed number
+        ``max_batches`` or their sizes add up to more than ``max_bytes`` (what the
+        queue takes without waiting: the reader stops building batches it could
+        not queue). Returns the completed batches (a list, or None); ``pos`` is
+        then the index of the first frame not handled, ``end`` the WAL end of the
+        last handled one. One call instead of a Python loop over the frames. An
+        error a frame raises comes after the batches completed before it: with
+        the next call, from that frame's index.
+        """
+        cdef Py_ssize_t n = PyList_GET_SIZE(frames), size = 0
+        cdef list out = None
+        if self._error is not None:  # what the frame at _error_pos raised, after batches before it
+            error, self._error = self._error, None
+            if pos == self._error_pos:
+                raise error
+        while pos < n:
+            frame = <object>PyList_GET_ITEM(frames, pos)
+            if type(frame) is not bytes:
+                break
+            try:
+                result = self._feed(frame)
+            except Exception as exc:  # raised before any state changed, as feed()
+                if out is None:
+                    raise
+                # the batches completed before this frame first; the next call raises it
+                self._error, self._error_pos = exc, pos
+                break
+            if result is _NOT_HANDLED:
+                break
+            pos += 1
+            if result is not None:
+                if out is None:
+                    out = result
+                else:
+                    out.extend(result)
+                for txn in result:
+                    size += <Py_ssize_t>txn.size
+                if PyList_GET_SIZE(out) >= max_batches or size > max_bytes:
+                    break
+        self.pos = pos
+        return out
+
+    cdef object _feed(self, bytes frame):
         cdef const unsigned char *buf = <const unsigned char *>PyBytes_AS_STRING(frame)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         if size < 26 or buf[0] != 119:  # not XLogData ('w'), or an empty payload

@@ -42,7 +42,7 @@ from .handlers import Events, Handler
 from .threads import Workers
 from .transactions import Transaction
 
-__all__ = ["Dispatcher"]
+__all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
 
 log = logging.getLogger("walex.dispatch")
 
@@ -73,6 +73,16 @@ def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Even
     if func is None:
         return f"handler {handler.name}"
     return f"function {getattr(func, '__qualname__', repr(func))} for event {event.id if event else '?'}"
+
+
+# What Dispatcher.plan gives for a transaction: a tuple
+# (kind, callback, events, selections, broken), ``selections`` the (handler, events)
+# pairs to call, ``broken`` the (handler, [(event, exception)]) of filters that raised;
+# for a single call (kind PLAIN or ASYNC: one handler, no per-event functions, no
+# filter raised) ``callback(events)`` is that call.
+NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
+Plan = tuple[int, Any, Any, Any, Any]
+_NOTHING: Plan = (NOTHING, None, None, (), ())
 
 
 class Dispatcher:
@@ -115,7 +125,8 @@ class Dispatcher:
         self._refresh()
 
     def _refresh(self) -> None:
-        self._sizes = [len(module.handlers) for module in self._modules]
+        self._lists = [module.handlers for module in self._modules]
+        self._sizes = [len(handlers) for handlers in self._lists]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
 
     def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
@@ -149,26 +160,63 @@ class Dispatcher:
                 ) from exc
             await self._dispose(f"{label} raised", exc, [event])
 
-    async def dispatch(self, txn: Transaction) -> None:
+    def plan(self, txn: Transaction) -> Plan:
+        """Which handlers get which events of ``txn`` (see :data:`Plan`); every filter runs
+        here, once, before any call is made."""
         events = txn.events
         if not events:
-            return
-        if [len(module.handlers) for module in self._modules] != self._sizes:
+            return _NOTHING
+        if list(map(len, self._lists)) != self._sizes:
             self._refresh()  # a handler was registered after the app was created
         selections = []
-        for handler in self.handlers:  # every filter runs before any call is made
-            selected, broken = self._select(handler, events)
-            if broken:
-                await self._filter_failed(handler, broken)
+        broken_filters = None
+        one = events[0] if len(events) == 1 else None
+        for handler in self.handlers:
+            if handler.filters:
+                selected, broken = self._select(handler, events)
+                if broken:
+                    if broken_filters is None:
+                        broken_filters = []
+                    broken_filters.append((handler, broken))
+            elif one is not None:  # a transaction of one change: the common case
+                selected = [one] if handler.concerns(one) else None
+            else:
+                concerns = handler.concerns
+                selected = [event for event in events if concerns(event)]
             if selected:
                 selections.append((handler, selected))
+        if broken_filters is not None:
+            return (OTHER, None, None, selections, broken_filters)
         if not selections:
+            return _NOTHING
+        if len(selections) == 1:
+            handler, selected = selections[0]
+            if not handler.functions:
+                return (ASYNC if handler.is_async else PLAIN, handler.callback, selected, selections, ())
+        return (OTHER, None, None, selections, ())
+
+    async def dispatch(self, txn: Transaction, plan: Plan | None = None) -> None:
+        """Call the handlers (and functions) of ``txn``, planned by :meth:`plan` if not given."""
+        if plan is None:
+            plan = self.plan(txn)
+        kind, callback, selected, selections, broken_filters = plan
+        for handler, broken in broken_filters:
+            await self._filter_failed(handler, broken)
+        if kind == ASYNC:  # the common case: one call, awaited directly
+            try:
+                await callback(selected)
+            except BaseException as exc:
+                if _stopping(exc):
+                    raise
+                await self.recover(txn, plan, exc)
             return
-        if len(selections) == 1 and not selections[0][0].functions:
-            handler, selected = selections[0]  # the common case: one call, awaited directly
-            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, selected)
+        if kind == PLAIN:
+            handler = selections[0][0]
+            failure = await self._guarded(handler, None, None, callback, False, selected)
             if failure is not None:
                 self._raise([(_label(handler), failure)], txn)
+            return
+        if not selections:
             return
         calls: list[Awaitable[None]] = []
         owners: list[tuple[Handler, Any, Event | None]] = []
@@ -183,6 +231,15 @@ class Dispatcher:
         failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
             self._raise(failures, txn)
+
+    async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:
+        """The single call of ``plan`` (kind PLAIN or ASYNC), made already, raised ``exc``:
+        retries and the error policy, as for any failed call; raises HandlerError under "stop"."""
+        kind, callback, selected, selections, _ = plan
+        handler = selections[0][0]
+        failure = await self._guarded(handler, None, None, callback, kind == ASYNC, selected, exc)
+        if failure is not None:
+            self._raise([(_label(handler), failure)], txn)
 
     @staticmethod
     def _raise(failures: list[tuple[str, BaseException]], txn: Transaction) -> None:
@@ -201,15 +258,19 @@ class Dispatcher:
 
     async def _guarded(
         self, handler: Handler, func: Any, event: Event | None,
-        target: Callable[..., Any], is_async: bool, arg: Any,
+        target: Callable[..., Any], is_async: bool, arg: Any, first: BaseException | None = None,
     ) -> BaseException | None:
         """Call with retries, then apply the error policy; returns the failure under "stop".
 
-        Raises only the cancellation of walex's own task.
+        ``first``: what the first call, made already, raised. Raises only the
+        cancellation of walex's own task.
         """
         attempt = 0
         while True:
             try:
+                if first is not None:
+                    exc, first = first, None
+                    raise exc
                 await _call(target, arg, is_async, self.workers.run_handler)
                 return None
             except BaseException as exc:

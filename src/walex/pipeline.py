@@ -10,8 +10,8 @@ for a reason a reconnect can cure, it lets the dispatcher finish every
 transaction already received, then opens a new session with backoff and
 jitter, resuming from the slot. Changes flow::
 
-    reader: frames -> Decoder -> [message_middleware] -> process() -> bounded queue
-    dispatcher: queue -> Dispatcher.dispatch -> AckTracker.handled
+    reader: frames -> compiled hot path or Decoder -> [message_middleware] -> bounded queue
+    dispatcher (walex.handoff): queue -> Dispatcher (plain calls in runs) -> AckTracker.handled
     acknowledger: AckTracker -> standby status updates
 
 Invariants:
@@ -53,10 +53,10 @@ from .checks import Preflight, preflight
 from .config import WalExSettings
 from .dispatch import Dispatcher
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
+from .handoff import BatchQueue, run_dispatcher
 from .handlers import table_matcher
 from .hotpath import NOT_HANDLED, hot_path
 from .lookups import LookupConnection
-from .logs import TRANSACTION
 from .lsn import format_lsn, parse_lsn
 from .observe.stats import Stats
 from .pgoutput import Decoder, Relation, Type
@@ -89,12 +89,10 @@ class Pipeline:
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
-        self.queue: asyncio.Queue[Transaction] = asyncio.Queue(settings.max_pending_transactions)
-        # the byte bound: sizes of the batches queued or in hand; the reader
-        # waits for `room` while they exceed max_pending_bytes
+        # the batches for the dispatcher (walex.handoff), bounded by count and by bytes:
+        # the reader waits while the batches queued or in hand exceed max_pending_bytes
+        self.queue = BatchQueue(settings.max_pending_transactions, settings.max_pending_bytes)
         self.max_pending_bytes = settings.max_pending_bytes
-        self.pending_bytes = 0
-        self.room = asyncio.Event()
         self.in_hand: Transaction | None = None  # the batch being dispatched
         self.closing = False  # set by stop(): take no batch after the one in hand
         self.held_by_middleware = 0
@@ -397,7 +395,7 @@ class Pipeline:
         hot = hot_path(self.assembler, decoder) if middleware is None else None
         self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
-        max_bytes = self.max_pending_bytes
+        items, most, max_bytes = queue.items, queue.limit, queue.max_bytes
         backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
@@ -421,11 +419,24 @@ class Pipeline:
             silent_since = None
             if failpoints.ACTIVE:
                 failpoints.hit("after_frames")
-            for frame in frames:
-                # -- the compiled hot path (walex.hotpath): Begin/Insert/Update/Delete/Commit
-                if hot is not None and (batches := hot.feed(frame)) is not NOT_HANDLED:
+            i, count = 0, len(frames)
+            while i < count:
+                # -- the compiled hot path (walex.hotpath): a run of Begin/Insert/Update/Delete/
+                # Commit frames per call, building no more batches than the queue takes at once
+                if hot is not None and (
+                    (batches := hot.feed_frames(frames, i, most - len(items),
+                                                max_bytes - queue.bytes)) is not None
+                    or hot.pos > i
+                ):
+                    i = hot.pos
                     end = hot.end
+                    frame = None
+                else:
+                    frame = frames[i]
+                    i += 1
                 # -- the pure-Python path: every frame when hot is None, else the others
+                if frame is None:
+                    pass
                 elif frame[0] == _XLOGDATA:
                     if len(frame) < 25:
                         raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
@@ -461,27 +472,30 @@ class Pipeline:
                             await backfill.batch(txn)
                         if txn.commit_lsn < ack.flushed:
                             self._replayed(txn)
-                        elif queue.full() or self.pending_bytes > max_bytes:
-                            await self._put(txn)
+                        elif len(items) < most and queue.bytes <= max_bytes:  # room: no wait
+                            items.append(txn)
+                            queue.bytes += txn.size
                         else:
-                            queue.put_nowait(txn)
-                            self.pending_bytes += txn.size
-                ack.saw(end)
+                            queue.wake()
+                            await queue.put(txn)
+                    queue.wake()  # the dispatcher, if it waits for a batch
+                if end > ack.received:  # ack.saw(end)
+                    ack.received = end
 
     @property
     def busy(self) -> bool:
         """Whether a batch is being dispatched."""
         return self.in_hand is not None
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of the batches queued or in hand (what ``max_pending_bytes`` bounds)."""
+        return self.queue.bytes
+
     def discard_unhandled(self) -> int:
         """At stop: forget the batches received but not handled; how many were queued."""
-        count = 0
-        while not self.queue.empty():
-            self.queue.get_nowait()
-            count += 1
+        count = self.queue.clear()
         self.in_hand = None
-        self.pending_bytes = 0
-        self.room.set()
         return count
 
     @property
@@ -520,19 +534,7 @@ class Pipeline:
             if txn.commit_lsn < self.ack.flushed:
                 self._replayed(txn)
             else:
-                await self._put(txn)
-
-    async def _put(self, txn: Transaction) -> None:
-        """Queue a batch once the batches queued or in hand fit in ``max_pending_bytes``.
-
-        Checked before the batch is added, not after: a batch wider than the
-        whole budget is queued once the others were handled, never held forever.
-        """
-        while self.pending_bytes > self.max_pending_bytes:
-            self.room.clear()
-            await self.room.wait()  # set by the dispatcher after each batch
-        await self.queue.put(txn)
-        self.pending_bytes += txn.size
+                await self.queue.put(txn)
 
     def _replayed(self, txn: Transaction) -> None:
         """Committed before what was acknowledged: a replay after a reconnect."""
@@ -542,31 +544,7 @@ class Pipeline:
 
     async def run_dispatcher(self) -> None:
         """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
-        queue, dispatch, ack = self.queue, self.dispatcher.dispatch, self.ack
-        if self.observer is not None:
-            dispatch = self.observer(dispatch)  # metrics / tracing per batch
-        slot, context = self.slot_name, TRANSACTION
-        destinations = self.destinations if self.destinations else None
-        while not self.closing:
-            txn = await queue.get()
-            self.in_hand = txn
-            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
-            try:
-                if destinations is None:
-                    await dispatch(txn)
-                else:  # published to the destinations while the handlers run; both must finish
-                    await destinations.alongside(txn, dispatch)
-            finally:
-                context.reset(token)
-            if failpoints.ACTIVE:
-                failpoints.hit("after_dispatch")
-            self.events_handled += len(txn.events)
-            if txn.last:
-                ack.handled(txn.end_lsn)
-                self.transactions_handled += 1
-            self.pending_bytes -= txn.size
-            self.room.set()
-            self.in_hand = None
+        await run_dispatcher(self)  # walex.handoff
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

@@ -7,7 +7,8 @@ blocking code runs elsewhere:
   time, in the order they are called, on one dedicated thread named
   ``walex-<app>-handlers_0``: a thread-bound resource a handler makes on its
   first call (a sqlite3 connection, a client that is not thread-safe) keeps
-  working in every later call;
+  working in every later call; the calls of consecutive transactions come as
+  one run (:meth:`Workers.run_handlers`), one hand-off for all of them;
 - plain per-event functions run on a pool of ``function_concurrency``
   threads named ``walex-<app>-functions_<n>``.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -44,6 +46,36 @@ class Workers:
             pool = self._handlers = ThreadPoolExecutor(1, thread_name_prefix=f"walex-{self.name}-handlers")
         return await _run(pool, func, arg)
 
+    async def run_handlers(
+        self, calls: list[tuple[Any, Any, Any]], var: contextvars.ContextVar[Any],
+        stopping: Callable[[], bool],
+    ) -> tuple[int, BaseException | None]:
+        """A run of calls ``func(arg)``, for each ``(func, arg, value)`` with ``var`` set to
+        ``value`` (``func`` None: nothing to call), on the handler thread with one hand-off.
+
+        Returns how many calls finished, and what the next one raised, if it did
+        (the calls after it are not made). Stops before a call once ``stopping()``
+        is true (the first call is always made). A plain handler that returns an
+        awaitable has it awaited here, on the loop, and the run stops after it.
+        """
+        pool = self._handlers
+        if pool is None:
+            pool = self._handlers = ThreadPoolExecutor(1, thread_name_prefix=f"walex-{self.name}-handlers")
+        loop = asyncio.get_running_loop()
+        done, failure, pending = await loop.run_in_executor(
+            pool, _run_calls, contextvars.copy_context(), calls, var, stopping
+        )
+        if pending is not None:  # an awaitable returned by call `done`: awaited on the loop
+            try:
+                await pending
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                return done, exc
+            done += 1
+        return done, failure
+
     async def run_function(self, func: Callable[[Any], Any], arg: Any) -> Any:
         """``func(arg)`` on a thread of the function pool."""
         pool = self._functions
@@ -67,6 +99,27 @@ class Workers:
         self._handlers = self._functions = None
         for pool in pools:
             pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _run_calls(
+    base: contextvars.Context, calls: list[tuple[Any, Any, Any]], var: contextvars.ContextVar[Any],
+    stopping: Callable[[], bool],
+) -> tuple[int, BaseException | None, Any]:
+    """On the handler thread: the calls of a run, each in its own copy of the caller's context."""
+    for i, (func, arg, value) in enumerate(calls):
+        if i and stopping():
+            return i, None, None
+        if func is None:
+            continue
+        context = base.copy()
+        context.run(var.set, value)
+        try:
+            result = context.run(func, arg)
+        except BaseException as exc:  # the loop applies the error policy
+            return i, exc, None
+        if result is not None and inspect.isawaitable(result):
+            return i, None, result
+    return len(calls), None, None
 
 
 def _run(pool: ThreadPoolExecutor, func: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:

@@ -103,7 +103,7 @@ class Backfills:
         if reads:
             put = self.pipeline.queue.put
             for read in reads:
-                await put(read)
+                await put(read, counted=False)  # read batches: bounded by count only
 
     async def initial(self, conn: psycopg.AsyncConnection) -> None:
         """``snapshot="initial"``: before the app's first slot is made, ask for every table."""

@@ -1,0 +1,228 @@
+"""Client cost per transaction of walex's whole in-process path on W2 (single-row transactions).
+
+    .venv/bin/python bench/pertxn.py                       # CPU us per transaction, async and plain
+    .venv/bin/python bench/pertxn.py --callgrind           # instructions per transaction (valgrind)
+    .venv/bin/python bench/pertxn.py --txns 50000 --reps 5 --handlers async
+
+Unlike ``replay.py`` (frames -> Events only), this drives the real
+``Pipeline`` tasks: the reader (``_read_session``: frame loop, compiled hot
+path, queue, byte budget), the dispatcher (``run_dispatcher``,
+``Dispatcher.dispatch``, the plain handlers' thread) and the acknowledger,
+with a handler touching every field of every event, as
+``consumers/walex_consumer.py`` does, once ``async def`` and once a plain
+function. The W2 frames (``INSERT`` of one row per transaction into the
+benchmark's ``bench_rows``) are recorded once from a throwaway PostgreSQL 18
+(``replay.record``) and kept in ``bench/results/``; the only stand-in is the
+replication *transport*: ``read()`` hands out the recorded frames 1024 at a
+time (what ``ReplicationConnection.read`` returns when the consumer is
+behind), yielding to the event loop between reads. No socket, no server while
+measuring, so it is repeatable on a busy machine: CPU time (process-wide, the
+handler thread included) is the best of ``--reps``.
+
+``--callgrind`` runs this script under ``valgrind --tool=callgrind`` twice,
+with ``--txns`` and 3x ``--txns`` transactions, and reports the difference in
+instructions divided by the extra transactions: start-up, imports and the
+recording drop out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from walex import Event, Events, WalEx  # noqa: E402
+
+_LEN = struct.Struct("!I")
+
+
+def frames_file(txns: int) -> Path:
+    return HERE / "results" / f"w2-frames-{txns}.bin"
+
+
+def record_frames(txns: int) -> list[bytes]:
+    """W2's frames (one Relation, then Begin/Insert/Commit per transaction), recorded once."""
+    path = frames_file(txns)
+    if not path.exists():
+        import psycopg
+        from replay import record
+
+        from walex.embedded import Cluster, embedded_bindir
+
+        with Cluster(embedded_bindir()) as cluster, \
+                psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            frames = record(conn, "W2", txns)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"".join(_LEN.pack(len(f)) + f for f in frames))
+    data = path.read_bytes()
+    frames, pos = [], 0
+    while pos < len(data):
+        (n,) = _LEN.unpack_from(data, pos)
+        frames.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return frames
+
+
+class RecordedTransport:
+    """Stands in for ``ReplicationConnection``: recorded frames in, status updates dropped."""
+
+    def __init__(self, frames: list[bytes], chunk: int = 1024) -> None:
+        self.frames = frames
+        self.chunk = chunk
+        self.pos = 0
+        self.streaming = True
+        self.status_sent = 0
+
+    async def read(self) -> list[bytes]:
+        await asyncio.sleep(0)  # the socket wait of a read that finds data buffered
+        if self.pos >= len(self.frames):
+            await asyncio.get_running_loop().create_future()  # the end: wait for ever
+        chunk = self.frames[self.pos:self.pos + self.chunk]
+        self.pos += len(chunk)
+        return chunk
+
+    async def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        self.status_sent += 1
+
+    async def close(self) -> None:
+        self.streaming = False
+
+
+def touch(events: list[Event]) -> int:
+    """Every field of every event, as consumers/walex_consumer.py's handler."""
+    values = 0
+    for e in events:
+        _ = (e.name, e.type, e.source.schema, e.source.table, e.source.columns, e.lsn, e.id)
+        _ = e.timestamp
+        rec = e.new_record
+        if rec is not None:
+            for v in rec.values():
+                values += v is not None
+        rec = e.old_record
+        if rec is not None:
+            for v in rec.values():
+                values += v is not None
+        ch = e.changes
+        if ch:
+            for c in ch.values():
+                _ = (c.old_value, c.new_value)
+    return values
+
+
+async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int) -> tuple[float, int]:
+    """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    seen = [0]
+
+    def handle(events: list[Event]) -> None:
+        touch(events)
+        seen[0] += len(events)
+        if seen[0] >= txns:
+            loop.call_soon_threadsafe(done.set)
+
+    module = Events()
+    if plain:
+        module.on_event("all")(handle)
+    else:
+        async def handle_async(events: list[Event]) -> None:
+            handle(events)
+        module.on_event("all")(handle_async)
+    app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
+                subscriptions=["*"], modules=[module], name="pertxn", durable_slot=True)
+    p = app.pipeline
+    p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
+    p.relations.db = "bench"
+    gc.collect()
+    t0 = time.process_time()
+    tasks = [loop.create_task(p.run_reader()), loop.create_task(p.run_dispatcher()),
+             loop.create_task(p.run_acknowledger())]
+    waiting = loop.create_task(done.wait())
+    await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task.done():
+            task.result()  # raise what stopped it
+    while p.transactions_handled < txns:
+        await asyncio.sleep(0)
+    seconds = time.process_time() - t0
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    app.dispatcher.close()
+    assert p.transactions_handled == txns and p.events_handled == txns, (
+        p.transactions_handled, p.events_handled, txns)
+    assert p.ack.flushed > 0
+    return seconds, txns
+
+
+def measure(frames: list[bytes], txns: int, plain: bool, reps: int, chunk: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        seconds, _n = asyncio.run(run_once(frames, txns, plain, chunk))
+        best = min(best, seconds)
+    return best
+
+
+def callgrind(args: argparse.Namespace, handler: str) -> float:
+    """Instructions per transaction: two runs under callgrind, their difference."""
+    counts = []
+    for n in (args.txns, 3 * args.txns):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "callgrind.out"
+            subprocess.run(
+                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                 sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
+                 "--handlers", handler, "--chunk", str(args.chunk), "--quiet"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
+            )
+            for line in out.read_text().splitlines():
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    counts.append(int(line.split()[1]))
+                    break
+    return (counts[1] - counts[0]) / (2 * args.txns)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--txns", type=int, default=20_000, help="transactions per run")
+    parser.add_argument("--frames", type=int, default=60_000,
+                        help="transactions recorded (runs take the first --txns)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--handlers", default="async,plain")
+    parser.add_argument("--chunk", type=int, default=1024, help="frames per read()")
+    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    all_frames = record_frames(max(args.frames, args.txns))
+    if args.quiet:  # a run under callgrind
+        plain = args.handlers == "plain"
+        frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
+        measure(frames, args.txns, plain, args.reps, args.chunk)
+        return
+    from walex import hotpath
+    print(f"walex {'compiled' if hotpath.compiled_available() and not os.environ.get('WALEX_PURE_PYTHON') else 'pure-Python'} "
+          f"hot path, Python {sys.version.split()[0]}")
+    for handler in args.handlers.split(","):
+        if args.callgrind:
+            print(f"{handler} handler: {callgrind(args, handler):,.0f} instructions per transaction "
+                  f"(callgrind, {args.txns} vs {3 * args.txns} transactions)", flush=True)
+            continue
+        frames = all_frames[:1 + 3 * args.txns]
+        seconds = measure(frames, args.txns, handler == "plain", args.reps, args.chunk)
+        print(f"{handler} handler: {seconds / args.txns * 1e6:.2f} us CPU per transaction "
+              f"(best of {args.reps}, {args.txns:,} transactions)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

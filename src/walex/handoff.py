@@ -1,0 +1,244 @@
+"""From the reader to the handlers: the queue of committed batches and the dispatcher loop.
+
+The reader puts each committed batch on a :class:`BatchQueue`; the
+dispatcher (:func:`run_dispatcher`) takes them in order, has the
+:class:`~walex.dispatch.Dispatcher` hand them to the handlers, and records
+each one handled with the :class:`~walex.ack.AckTracker`. The costs that do
+not depend on a batch's size are paid per wake-up, not per transaction:
+
+- the queue is a deque with two wake-ups: the dispatcher is woken only when
+  it waits on an empty queue, and it then takes every batch queued before it
+  waits again; the reader, waiting for room, is woken only once the queue fell
+  to half its length limit and under the byte budget;
+- consecutive transactions that each go to exactly one plain (non-async)
+  handler are handed to the handlers' thread as one run of calls
+  (:meth:`walex.threads.Workers.run_handlers`): one thread switch and one
+  loop wake-up per run. The run stops at the first call that fails (the
+  calls before it count as handled, the failing one goes through the error
+  policy as any failed call, the later ones are called afterwards, or never
+  if the policy stops the app) and before any further call once ``stop()``
+  set ``closing``.
+
+Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
+after every handler (and destination) finished it, in queue order; the batches
+queued or in hand hold at most ``max_pending_transactions`` entries (plus the
+read batches of a backfill) and about ``max_pending_bytes``; once ``closing``
+is set no call starts but the one in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from . import failpoints
+from .dispatch import ASYNC, NOTHING, PLAIN, _stopping
+from .logs import TRANSACTION
+from .transactions import Transaction
+
+__all__ = ["BatchQueue", "run_dispatcher"]
+
+_RUN = 256  # most transactions handed to the handlers' thread at once
+
+
+class BatchQueue:
+    """Committed batches in commit order, bounded by count (``limit``) and bytes (``max_bytes``).
+
+    ``bytes`` counts the batches queued *or in hand* (their
+    :attr:`Transaction.size`): the dispatcher gives them back with
+    :meth:`release` once handled.
+    """
+
+    def __init__(self, limit: int, max_bytes: int) -> None:
+        self.items: deque[Transaction] = deque()
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._ready = asyncio.Event()  # the dispatcher waits on it, the queue being empty
+        self._room = asyncio.Event()  # the reader waits on it, the queue being full
+        self._dispatcher_waits = False
+        self._reader_waits = False
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def full(self) -> bool:
+        return len(self.items) >= self.limit
+
+    def put_nowait(self, txn: Transaction, counted: bool = True) -> None:
+        self.items.append(txn)
+        if counted:
+            self.bytes += txn.size
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the dispatcher if it waits for a batch (the reader appends to ``items``
+        itself, then calls this once)."""
+        if self._dispatcher_waits and self.items:
+            self._dispatcher_waits = False
+            self._ready.set()
+
+    async def put(self, txn: Transaction, counted: bool = True) -> None:
+        """Queue ``txn`` once there is room: fewer than ``limit`` queued and, when
+        ``counted``, the bytes queued or in hand within ``max_bytes``.
+
+        Checked before the batch is added, not after: a batch wider than the
+        whole budget is queued once the others were handled, never held forever.
+        """
+        while len(self.items) >= self.limit or (counted and self.bytes > self.max_bytes):
+            self.wake()  # what is queued goes first
+            self._reader_waits = True
+            self._room.clear()
+            await self._room.wait()
+        self.put_nowait(txn, counted)
+
+    async def wait_ready(self) -> None:
+        """Wait until something is queued."""
+        while not self.items:
+            self._dispatcher_waits = True
+            self._ready.clear()
+            await self._ready.wait()
+
+    def release(self, size: int) -> None:
+        """A batch taken off the queue was handled: its bytes leave the budget."""
+        self.bytes -= size
+        if self._reader_waits:
+            self.room_made()
+
+    def room_made(self) -> None:
+        """Wake the reader waiting for room once the queue fell to half its limit and
+        within the byte budget (not at every batch handled)."""
+        if self._reader_waits and len(self.items) <= self.limit // 2 and self.bytes <= self.max_bytes:
+            self._reader_waits = False
+            self._room.set()
+
+    def clear(self) -> int:
+        """Forget every batch (at stop); how many were queued."""
+        count = len(self.items)
+        self.items.clear()
+        self.bytes = 0
+        self._reader_waits = False
+        self._room.set()
+        return count
+
+
+async def run_dispatcher(p: Any) -> None:
+    """Dispatch the queued batches of pipeline ``p`` in order; returns when ``closing``,
+    after the batch (or run of plain calls) in hand."""
+    queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    items = queue.items
+    dispatch = dispatcher.dispatch
+    observer = p.observer
+    if observer is not None:
+        dispatch = observer(dispatch)  # metrics / tracing per batch
+    slot, context = p.slot_name, TRANSACTION
+    destinations = p.destinations if p.destinations else None
+    # planned here (runs of plain calls, async calls awaited directly) only where a
+    # batch is nothing but its handler calls
+    direct = observer is None and destinations is None
+    plan = dispatcher.plan
+
+    def stopping() -> bool:  # read by the handlers' thread between the calls of a run
+        return p.closing
+
+    ahead: list[Any] = []  # plans of items[0], items[1], ... made by a run (filters run once)
+    while not p.closing:
+        if not items:
+            await queue.wait_ready()
+            continue
+        txn = items[0]
+        todo = ahead[0] if ahead else plan(txn) if direct else None
+        if todo is not None and todo[0] == PLAIN:
+            if not ahead:
+                ahead.append(todo)
+            await _plain_run(p, ahead, stopping)
+            continue
+        items.popleft()
+        if ahead:
+            del ahead[0]
+        p.in_hand = txn
+        token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+        try:
+            if todo is None:
+                if destinations is None:
+                    await dispatch(txn)
+                else:  # published while the handlers run; both must finish
+                    await destinations.alongside(txn, dispatch)
+            elif todo[0] == ASYNC:  # one coroutine function: awaited right here
+                try:
+                    await todo[1](todo[2])
+                except BaseException as exc:
+                    if _stopping(exc):
+                        raise
+                    await dispatcher.recover(txn, todo, exc)  # raises HandlerError under "stop"
+            elif todo[0] != NOTHING:
+                await dispatcher.dispatch(txn, todo)
+        finally:
+            context.reset(token)
+        if failpoints.ACTIVE:
+            failpoints.hit("after_dispatch")
+        p.events_handled += len(txn.events)
+        if txn.last:
+            if txn.end_lsn > ack.flushed:  # ack.handled(txn.end_lsn)
+                ack.flushed = txn.end_lsn
+            p.transactions_handled += 1
+        queue.bytes -= txn.size  # queue.release(txn.size)
+        if queue._reader_waits:
+            queue.room_made()
+        p.in_hand = None
+
+
+async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
+    """Hand the queued transactions that each go to one plain handler (or to none) to the
+    handlers' thread at once; record the handled ones; the failing one goes through the
+    error policy. ``ahead`` holds the plans of the first queued items (at least one)."""
+    queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    items = queue.items
+    plan = dispatcher.plan
+    limit = min(len(items), _RUN)
+    count = 0
+    while count < limit:  # the queued transactions up to the first that is not a plain call
+        if count == len(ahead):
+            ahead.append(plan(items[count]))
+        kind = ahead[count][0]
+        if kind != PLAIN and kind != NOTHING:
+            break
+        count += 1
+    slot = p.slot_name
+    calls = []
+    for i in range(count):
+        txn, todo = items[i], ahead[i]
+        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
+    p.in_hand = items[0]
+    done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
+    for _ in range(done):  # handled: recorded in order
+        txn = items.popleft()
+        del ahead[0]
+        _handled(p, queue, ack, txn)
+    if failure is not None:  # the call `done` failed: the error policy decides
+        txn, todo = items[0], ahead[0]
+        p.in_hand = txn
+        token = TRANSACTION.set((slot, txn.commit_lsn, txn.xid))
+        try:
+            await dispatcher.recover(txn, todo, failure)  # raises HandlerError under "stop"
+        finally:
+            TRANSACTION.reset(token)
+        items.popleft()
+        del ahead[0]
+        _handled(p, queue, ack, txn)
+    p.in_hand = None
+
+
+def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
+    """Record a batch handled (by every call of a run before it, and its own)."""
+    if failpoints.ACTIVE:
+        failpoints.hit("after_dispatch")
+    p.events_handled += len(txn.events)
+    if txn.last:
+        ack.handled(txn.end_lsn)
+        p.transactions_handled += 1
+    queue.release(txn.size)
