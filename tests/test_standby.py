@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,9 +15,12 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from test_observe import get, samples, wait_until
+from walex import Events, WalEx
 from walex.embedded import free_port
+from walex.errors import StoppedError
 
 WALEX = [sys.executable, "-m", "walex.cli"]
 ROWS = 300
@@ -127,3 +131,113 @@ def test_the_standby_takes_over_after_a_sigkill_with_nothing_lost(
     tail = [i for i in a_ids if i >= first]
     assert b_ids[:len(tail)] == tail
     assert len(a) >= ROWS // 3 and len(b) > 0
+
+
+def test_a_sigterm_while_standing_by_stops_the_standby_cleanly(
+    dsn: str, admin: psycopg.Connection, tmp_path: Path
+) -> None:
+    """SIGTERM (or SIGINT) to a standby waiting for the slot: exit 0 promptly, said in the log,
+    nothing left behind; the active instance goes on holding the slot."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    (tmp_path / "standby_app.py").write_text(textwrap.dedent(APP.format(dsn=dsn)))
+    ports = {name: free_port() for name in ("a", "b", "c")}
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(
+            [*WALEX, "run", "standby_app:app", "--standby", "--metrics-port", str(ports[name])],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(tmp_path),
+                 "STANDBY_LOG": str(tmp_path / f"{name}.sqlite")},
+        )
+
+    def status(name: str) -> object:
+        _, body = get(f"http://127.0.0.1:{ports[name]}/healthz")
+        return json.loads(body).get("status") if body else None
+
+    def slot() -> tuple[object, ...] | None:
+        return admin.execute("SELECT active_pid, confirmed_flush_lsn FROM pg_replication_slots "
+                             "WHERE slot_name = 'standby_slot'").fetchone()
+
+    try:
+        start("a")
+        wait_until(lambda: status("a") == "streaming", "instance a streaming")
+        held_by = slot()
+        start("b")
+        start("c")
+        for name in ("b", "c"):
+            wait_until(lambda: status(name) == "standby", f"instance {name} standby")
+        time.sleep(1)  # a few polls of the slot into the wait
+        for name, sig in (("b", signal.SIGTERM), ("c", signal.SIGINT)):
+            procs[name].send_signal(sig)
+            try:  # a hang detector, not a timing test: the stop takes well under a second
+                out, err = procs[name].communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                procs[name].kill()
+                out, err = procs[name].communicate()
+                raise AssertionError(f"standby {name} still running 10s after {sig.name}:\n{err}")
+            assert procs[name].returncode == 0, (sig.name, procs[name].returncode, err)
+            assert ("walex 'standby_app' stopped while standing by for replication slot "
+                    "'standby_slot'") in err, err
+            assert "Traceback" not in err and "Task was destroyed" not in err, err
+            assert "took over" not in err, err
+        assert slot() == held_by  # the active instance still holds the slot, untouched
+        assert status("a") == "streaming"
+        assert admin.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (1,)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        outputs = {name: proc.communicate(timeout=30) for name, proc in procs.items()}
+    assert procs["a"].returncode == 0, outputs["a"][1]
+
+
+def test_stop_while_start_stands_by_ends_the_start_and_closes_what_it_opened(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``await app.stop()`` while ``await app.start()`` waits as a standby: start() raises
+    StoppedError, stop() returns, the standby's connections and endpoint are gone."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    options = {"publication": "pub", "modules": [Events()], "durable_slot": True,
+               "slot_name": "stop_slot", "standby": True}
+    active = WalEx(dsn, name="stop_active", **options)
+    waiting = WalEx(dsn, name="stop_standby", metrics_port=0, **options)
+
+    def connections(name: str) -> int:
+        row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                            [name]).fetchone()
+        return int(row[0]) if row else 0
+
+    async def scenario() -> None:
+        await active.start()
+        try:
+            held_by = admin.execute("SELECT active_pid FROM pg_replication_slots").fetchall()
+            starting = asyncio.create_task(waiting.start())
+            while not waiting.pipeline.stats.standby:
+                assert not starting.done(), starting
+                await asyncio.sleep(0.05)
+            port = waiting.observer.port
+            assert port and (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/livez"))[0] == 200
+            assert connections("stop_standby") == 2  # its admin and replication connections
+            await asyncio.wait_for(waiting.stop(), 10)  # a hang detector
+            with pytest.raises(StoppedError, match="stopped while standing by for replication "
+                                                   "slot 'stop_slot'; it never streamed"):
+                await asyncio.wait_for(starting, 10)
+            for _ in range(100):  # a closed connection's backend leaves pg_stat_activity soon after
+                if connections("stop_standby") == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert connections("stop_standby") == 0
+            assert (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/livez"))[0] == 0
+            assert waiting.pipeline.stats.standby is False and waiting.pipeline.stats.takeovers == 0
+            await asyncio.wait_for(waiting.wait(), 1)  # stopped: wait() does not hang
+            assert admin.execute("SELECT active_pid FROM pg_replication_slots").fetchall() == held_by
+        finally:
+            await active.stop()
+
+    with caplog.at_level("INFO", logger="walex"):
+        asyncio.run(scenario())
+    assert ("walex 'stop_standby' stopped while standing by for replication slot 'stop_slot'"
+            in caplog.text)

@@ -39,6 +39,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
+from .standby import stop_waiting
 from .subscriptions import check_subscriptions, unreachable
 
 if TYPE_CHECKING:
@@ -226,6 +227,8 @@ class WalEx(Lifecycle):
         self._stopping = True
         cut_off = False
         try:
+            if not self._tasks:  # start() may be waiting as a standby: it raises StoppedError
+                await stop_waiting(self.pipeline)
             if self._tasks:
                 reader, dispatcher = self._tasks[0], self._tasks[1]
                 reader.cancel()

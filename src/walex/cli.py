@@ -166,7 +166,7 @@ def run(
     metrics_port: Annotated[
         Optional[int],  # noqa: UP007
         typer.Option(help="Serve /metrics, /healthz and /livez on this port (needs "
-                          "walex[metrics]).", show_default=False),
+                          "walex\\[metrics]).", show_default=False),
     ] = None,
     standby: Annotated[bool, typer.Option(
         "--standby", help="If another instance holds the durable slot, wait and take over "

@@ -5,7 +5,9 @@ error policy are used; it does not connect to PostgreSQL), a
 :class:`~walex.Events` handler module, or, without ``:obj``, a Python module
 (every ``Events`` in it). ``SOURCE_URL`` is the relay's destination URL plus
 ``partitions=N`` when the relay has ``partitions`` (see :mod:`walex.workers`).
-Options given on the command line override the app's. SIGINT and SIGTERM
+Options given on the command line override the app's (``--metrics-port``
+is the worker's own: an app's ``metrics_port`` is not taken, as several
+workers of one app may share a machine). SIGINT and SIGTERM
 stop the worker cleanly (exit 0); a handler failure under ``on_error="stop"``
 exits 1 with the error, its messages left to the other workers.
 """
@@ -66,6 +68,9 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
         max_retries: Annotated[Optional[int], typer.Option(  # noqa: UP007
             help="Retries of a failing call (default: the app's, else 3).",
             show_default=False)] = None,
+        metrics_port: Annotated[Optional[int], typer.Option(  # noqa: UP007
+            help="Serve /metrics, /healthz and /livez on this port (needs walex\\[metrics]).",
+            show_default=False)] = None,
         loop: Annotated[Optional[str], typer.Option(  # noqa: UP007
             help="The event loop: auto (uvloop if installed), asyncio or uvloop (default: the "
                  "app's, else WALEX_LOOP, else auto).", show_default=False)] = None,
@@ -85,7 +90,8 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
             folder = Path(app_dir).resolve()
             sys.path.insert(0, str(folder))
             options = {k: v for k, v in (("concurrency", concurrency), ("on_error", on_error),
-                                         ("max_retries", max_retries), ("loop", loop))
+                                         ("max_retries", max_retries), ("loop", loop),
+                                         ("metrics_port", metrics_port))
                        if v is not None}
             try:
                 built = build_worker(source_url, target, options)

@@ -17,6 +17,8 @@ password: anything built from user configuration passes through
     ├── DecodeError           bytes from the server are not valid pgoutput,
     │                         or a worker's message is not a walex CloudEvent
     ├── HandlerError          a handler or per-event function failed
+    ├── StoppedError          stop() came while start() was still waiting
+    │                         (a standby waiting for its slot): never started
     └── DestinationError      a destination refused events for good (a webhook
                               answering 4xx, a redirect); a broker that is
                               down is retried, not an error
@@ -35,6 +37,7 @@ __all__ = [
     "SlotLostError",
     "DecodeError",
     "HandlerError",
+    "StoppedError",
     "DestinationError",
     "redact",
 ]
@@ -87,6 +90,14 @@ class DecodeError(WalExError):
 
 class HandlerError(WalExError):
     """A handler or a per-event function raised."""
+
+
+class StoppedError(WalExError):
+    """``stop()`` was called while ``start()`` waited as a standby: the app never streamed.
+
+    Raised by that ``start()`` once it closed what it had opened; ``stop()``
+    itself returns normally.
+    """
 
 
 class DestinationError(WalExError):

@@ -130,11 +130,35 @@ class Lifecycle(ABC):
             run_loop(self._run_until_signal, loop)
 
     async def _run_until_signal(self) -> None:
+        """Start, then wait; SIGINT/SIGTERM stop it, and end a start still under way.
+
+        The signals are caught from before ``start()``: one that comes while it
+        is still under way (connecting, or a standby waiting for its slot)
+        cancels it, and it closes what it had opened; run() then returns.
+        """
         loop = asyncio.get_running_loop()
-        await self.start()
+        starting = loop.create_task(self.start())
+        stopping: list[asyncio.Task[None]] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stopping:
+                return
+            if not starting.done():
+                log.info("%r stopped by %s while starting", self, sig.name)
+                stopping.append(starting)
+                starting.cancel()
+            else:
+                stopping.append(loop.create_task(self.stop()))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: loop.create_task(self.stop()))
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
+            try:
+                await starting
+            except asyncio.CancelledError:
+                if stopping and stopping[0] is starting:
+                    return  # a signal ended the start: a clean stop
+                raise
             await self.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ..app import WalEx
     from ..config import WalExSettings
 
-__all__ = ["Observer", "Stats", "check_extras"]
+__all__ = ["Observer", "Stats", "check_extras", "require_extra"]
 
 log = logging.getLogger("walex")
 
@@ -55,16 +55,22 @@ _EXTRAS = {
 }
 
 
+def require_extra(option: str) -> None:
+    """A ConfigError naming the extra when ``option`` needs a package that is missing."""
+    module, package, extra = _EXTRAS[option]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{option} needs the {package} package, which is not installed: "
+            f"pip install 'walex[{extra}]'"
+        )
+
+
 def check_extras(settings: WalExSettings) -> None:
     """A ConfigError naming the extra when an option needs a package that is missing."""
     wanted = {"metrics_port": settings.metrics_port is not None, "tracing": settings.tracing}
     for option, on in wanted.items():
-        module, package, extra = _EXTRAS[option]
-        if on and importlib.util.find_spec(module) is None:
-            raise ConfigError(
-                f"{option} needs the {package} package, which is not installed: "
-                f"pip install 'walex[{extra}]'"
-            )
+        if on:
+            require_extra(option)
 
 
 class Observer:
@@ -93,9 +99,13 @@ class Observer:
             self.stats.tracer = tracer
             pipeline.observer = self.stats.observing(self.app.slot_name, tracer)
         if settings.metrics_port is not None:
+            from .health import health, liveness
+            from .metrics import registry  # prometheus_client, only when serving
             from .server import HttpServer
 
-            self.server = HttpServer(self.app)
+            app = self.app
+            self.server = HttpServer({"app": settings.name}, registry(app),
+                                     lambda: health(app), lambda: liveness(app))
             self.port = await self.server.start(settings.metrics_host, settings.metrics_port)
             log.info("walex %r serves /metrics, /healthz and /livez on %s:%d",
                      settings.name, settings.metrics_host, self.port)

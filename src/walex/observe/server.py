@@ -1,9 +1,13 @@
-"""A minimal HTTP/1.1 server on the app's event loop: ``/metrics``, ``/healthz``, ``/livez``.
+"""A minimal HTTP/1.1 server on the event loop: ``/metrics``, ``/healthz``, ``/livez``.
 
 GET (or HEAD) only; one request per connection; a request that does not
 arrive whole within 5 seconds is dropped. ``/readyz`` is ``/healthz``.
-Served from the event loop that streams, so an answer shows that loop is
-responsive, and every figure is read between two steps of the pipeline.
+Served from the event loop that streams (or, for a worker, consumes), so an
+answer shows that loop is responsive, and every figure is read between two
+steps of the pipeline. What it serves comes from its owner, an app's
+:class:`~walex.observe.Observer` or a worker's
+(:mod:`walex.observe.workers`): a Prometheus registry, and the health and
+liveness answers as ``(status, body)``, the body prefixed with ``identity``.
 """
 
 from __future__ import annotations
@@ -11,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ConfigError
-from .health import health, liveness
-
-if TYPE_CHECKING:
-    from ..app import WalEx
 
 __all__ = ["HttpServer"]
 
@@ -26,12 +27,16 @@ log = logging.getLogger("walex")
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-class HttpServer:
-    def __init__(self, app: WalEx) -> None:
-        from .metrics import registry  # prometheus_client, only when serving
+Answer = Callable[[], tuple[int, dict[str, Any]]]
 
-        self.app = app
-        self.registry = registry(app)
+
+class HttpServer:
+    def __init__(self, identity: dict[str, Any], registry: Any, health: Answer,
+                 liveness: Answer) -> None:
+        self.identity = identity  # {"app": name}, {"worker": name, "group": group}
+        self.registry = registry  # prometheus_client's CollectorRegistry
+        self.health = health
+        self.liveness = liveness
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -82,11 +87,11 @@ class HttpServer:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         answer: tuple[int, dict[str, Any]] | None = None
         if path in ("/healthz", "/readyz"):
-            answer = health(self.app)
+            answer = self.health()
         elif path == "/livez":
-            answer = liveness(self.app)
+            answer = self.liveness()
         if answer is None:
             return 404, "text/plain", b"/metrics, /healthz, /readyz or /livez\n"
         status, data = answer
-        data = {"app": self.app.settings.name, **data}
+        data = {**self.identity, **data}
         return status, "application/json", json.dumps(data).encode() + b"\n"

@@ -39,12 +39,17 @@ unchanged; scale out with processes. Redis Streams is a destination only:
 a consumer group hands entries to whichever consumer asks, and the entries
 a dead consumer held are claimed by another while newer entries of the same
 rows are being handled, so per-row order cannot be kept.
+
+``metrics_port`` (and ``metrics_host``) serve the worker's Prometheus
+metrics, ``/healthz`` and ``/livez`` as an app's do (:mod:`walex.observe.workers`;
+needs ``walex[metrics]``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -57,6 +62,8 @@ from ..errors import ConfigError, DecodeError, HandlerError
 from ..event import Event
 from ..lifecycle import Lifecycle, check_loop
 from ..modules import import_object, resolve_modules
+from ..observe import require_extra
+from ..observe.workers import WorkerObserver, WorkerStats
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
 
@@ -114,6 +121,9 @@ class Worker(Lifecycle):
     policy. ``types``: see :class:`~walex.destinations.decoding.Decoder`.
     ``loop``: the event loop :meth:`run` creates, as the app option of that
     name (:mod:`walex.lifecycle`); ``None`` takes ``WALEX_LOOP``, else ``"auto"``.
+    ``metrics_port``, ``metrics_host``: serve ``/metrics``, ``/healthz`` and
+    ``/livez`` (:mod:`walex.observe.workers`; needs ``walex[metrics]``; ``0``
+    picks a free port, ``worker.observer.port``).
     ``wait()``, ``async with`` and ``run()`` come from
     :class:`~walex.lifecycle.Lifecycle`.
     """
@@ -135,6 +145,8 @@ class Worker(Lifecycle):
         shutdown_grace: float = 30.0,
         types: Mapping[str, Callable[[Any], Any]] | None = None,
         loop: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
     ) -> None:
         for option, value, minimum in (("max_retries", max_retries, 0), ("concurrency", concurrency, 1),
                                        ("function_concurrency", function_concurrency, 1)):
@@ -143,6 +155,12 @@ class Worker(Lifecycle):
         for option, number in (("retry_backoff", retry_backoff), ("shutdown_grace", shutdown_grace)):
             if not isinstance(number, (int, float)) or number < 0:
                 raise ConfigError(f"{option} must be a number >= 0, got {number!r}")
+        if metrics_port is not None:
+            if not isinstance(metrics_port, int) or isinstance(metrics_port, bool) or \
+                    not 0 <= metrics_port <= 65535:
+                raise ConfigError(f"metrics_port must be a port number from 0 to 65535, "
+                                  f"got {metrics_port!r}")
+            require_extra("metrics_port")
         self.name = name
         self.loop = check_loop(loop)  # run()'s event loop: None takes WALEX_LOOP, else "auto"
         self.consumer = consumer_from_url(source_url)
@@ -167,6 +185,10 @@ class Worker(Lifecycle):
         self.duplicates = 0  # events dropped as already handled by this worker
         self.redeliveries = 0  # messages the broker delivered again
         self.reconnects = 0  # connections to the broker lost and opened again
+        self.undecodable = 0  # messages that were not walex events
+        self.connected = False  # consuming: connected, the partitions subscribed
+        self.stats: WorkerStats | None = WorkerStats() if metrics_port is not None else None
+        self.observer = WorkerObserver(self, metrics_port, metrics_host)
 
     @classmethod
     def for_app(cls, source_url: str, app: Any, **options: Any) -> Worker:
@@ -203,12 +225,14 @@ class Worker(Lifecycle):
         self._stopped.clear()
         lanes: list[Lane] | None = None
         try:
+            await self.observer.start()  # before connecting: /livez answers meanwhile
             lanes = await self.consumer.open()
         except Unavailable as exc:
             log.warning("worker %r: %s is unreachable (%s); trying again", self.name,
                         self.consumer.display, exc)
         except BaseException:
             self._stopped.set()  # never started: wait() does not hang
+            await self.observer.stop()
             raise
         self._task = asyncio.create_task(self._run(lanes), name=f"walex-worker-{self.name}")
         self._task.add_done_callback(self._done)
@@ -239,6 +263,7 @@ class Worker(Lifecycle):
                 attempt = 0
             tasks = [asyncio.create_task(self._lane(lane), name=f"walex-worker-{self.name}-p{lane.partition}")
                      for lane in lanes]
+            self.connected = True
             try:
                 await asyncio.gather(*tasks)
             except Unavailable as exc:
@@ -246,6 +271,7 @@ class Worker(Lifecycle):
                 log.warning("worker %r: lost %s (%s); reconnecting; what was not acknowledged "
                             "is delivered again", self.name, self.consumer.display, exc)
             finally:
+                self.connected = False
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -261,6 +287,8 @@ class Worker(Lifecycle):
     async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
         """Handle the deliveries in order, a transaction's consecutive events per call."""
         items: list[tuple[Delivery, Event | None, DecodeError | None]] = []
+        if self.stats is not None and deliveries[-1].pending is not None:
+            self.stats.pending[lane.partition] = deliveries[-1].pending
         for delivery in deliveries:
             if delivery.redelivered:
                 self.redeliveries += 1
@@ -321,7 +349,12 @@ class Worker(Lifecycle):
         txn = Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16), end_lsn=0,
                           commit_time=first.timestamp, events=fresh)
         async with self._slots:
-            await self.dispatcher.dispatch(txn)
+            if self.stats is None:
+                await self.dispatcher.dispatch(txn)
+            else:
+                started, clock = time.time(), time.perf_counter()
+                await self.dispatcher.dispatch(txn)
+                self.stats.handled(partition, fresh, started, time.perf_counter() - clock)
         for event in fresh:
             seen[(event.source.db, event.id)] = None
         while len(seen) > self.remember:
@@ -338,6 +371,7 @@ class Worker(Lifecycle):
         log.error("worker %r: %s (partition %d); acknowledged and skipped", self.name, error,
                   lane.partition)
         self.dispatcher.failures += 1
+        self.undecodable += 1
         await lane.ack(rest[:1])
 
     async def stop(self) -> None:
@@ -359,6 +393,7 @@ class Worker(Lifecycle):
             self.dispatcher.close(wait=task is None or not task.cancelled())
         finally:
             self._task = None
+            await self.observer.stop()
             self._stopped.set()
 
     def _run_options(self) -> tuple[str | None, str | None]:

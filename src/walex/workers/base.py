@@ -48,6 +48,7 @@ class Delivery:
     body: bytes
     handle: Any  # the client's message object
     redelivered: bool = False
+    pending: int | None = None  # messages of the partition after this one, if the broker says
 
 
 class Lane(ABC):

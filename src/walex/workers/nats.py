@@ -64,7 +64,8 @@ class NatsLane(Lane):
         except Exception as exc:
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
         self.held[id(msg)] = (msg, asyncio.create_task(self._progress(msg)))
-        return [Delivery(msg.data, msg, redelivered=msg.metadata.num_delivered > 1)]
+        meta = msg.metadata
+        return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending)]
 
     async def _progress(self, msg: Any) -> None:
         """Reset the server's ack_wait timer while the message is held."""
