@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConfigError, DecodeError, DestinationError, HandlerError, ReplicationError, SetupError, SlotInUseError,
-    SlotLostError,
-    WalExError,
+    SlotLostError, StoppedError, WalExError,
 )
 
 if TYPE_CHECKING:
@@ -33,6 +32,7 @@ __all__ = [
     "WalEx", "Worker", "Events", "Event", "EventType", "Change", "Source", "Transaction",
     "UNCHANGED_TOAST", "WalExError", "ConfigError", "SetupError", "ReplicationError",
     "SlotInUseError", "SlotLostError", "DecodeError", "HandlerError", "DestinationError",
+    "StoppedError",
 ]
 
 # public name -> the module that defines it, imported on first use
