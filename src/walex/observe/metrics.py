@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .families import Families
 from .health import acknowledged, lag_bytes
-from .stats import Buckets
 
 if TYPE_CHECKING:
     from ..app import WalEx
@@ -50,24 +50,10 @@ class WalExCollector(Collector):
     def collect(self) -> Iterator[Any]:
         app = self.app
         p, d, stats = app.pipeline, app.dispatcher, app.pipeline.stats
-        base = [app.settings.name, app.slot_name]
-        names = ["app", "slot"]
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(base, value)
-            return family
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=names)
-            family.add_metric(base, value)
-            return family
-
-        events = CounterMetricFamily("walex_events", "Events handled, by table and type.",
-                                     labels=[*names, "table", "type"])
-        for (table, kind), count in list(stats.events.items()):
-            events.add_metric([*base, table, kind], count)
-        yield events
+        names, base = ["app", "slot"], [app.settings.name, app.slot_name]
+        f = Families(names, base)
+        counter, gauge = f.counter, f.gauge
+        yield f.events("walex_events", stats.events)
         yield counter("walex_transactions", "Transactions handled.", p.transactions_handled)
         yield counter("walex_handler_errors",
                       "Handler and function calls that raised, each try counted.",
@@ -82,9 +68,9 @@ class WalExCollector(Collector):
         lag = lag_bytes(app)
         if lag is not None:
             yield gauge("walex_lag_bytes", "Server WAL end minus the acknowledged position.", lag)
-        yield _histogram("walex_commit_to_handler_seconds",
-                         "Seconds from commit (server clock) to the handler call.",
-                         names, base, stats.commit_to_handler)
+        yield f.histogram("walex_commit_to_handler_seconds",
+                          "Seconds from commit (server clock) to the handler call.",
+                          stats.commit_to_handler)
         yield gauge("walex_pending_bytes", "Bytes of received changes not yet handled.",
                     p.pending_bytes)
         repl = p.repl
@@ -119,13 +105,6 @@ class WalExCollector(Collector):
         yield published
         yield errors
         yield seconds
-
-
-def _histogram(name: str, doc: str, names: list[str], base: list[str],
-               buckets: Buckets) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=names)
-    family.add_metric(base, buckets.cumulative(), buckets.sum)
-    return family
 
 
 def registry(app: WalEx) -> CollectorRegistry:

@@ -112,36 +112,17 @@ class WorkerCollector:
         self.worker = worker
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+        from .families import Families
 
         w, d, stats = self.worker, self.worker.dispatcher, self.worker.stats
-        names, base = ["worker", "group"], [w.name, w.consumer.group]
-
-        def counter(name: str, doc: str, value: float) -> Any:
-            family = CounterMetricFamily(name, doc, labels=names)
-            family.add_metric(base, value)
-            return family
-
-        def histogram(name: str, doc: str, buckets: Buckets) -> Any:
-            family = HistogramMetricFamily(name, doc, labels=names)
-            family.add_metric(base, buckets.cumulative(), buckets.sum)
-            return family
+        f = Families(["worker", "group"], [w.name, w.consumer.group])
+        counter, histogram = f.counter, f.histogram
 
         def per_partition(name: str, doc: str, values: dict[int, Any]) -> Any:
-            family = GaugeMetricFamily(name, doc, labels=[*names, "partition"])
-            for partition, value in sorted(values.items()):
-                family.add_metric([*base, str(partition)], value)
-            return family
+            return f.labelled("gauge", name, doc, ["partition"],
+                              [((partition,), value) for partition, value in sorted(values.items())])
 
-        events = CounterMetricFamily("walex_worker_events", "Events handled, by table and type.",
-                                     labels=[*names, "table", "type"])
-        for (table, kind), count in list(stats.events.items()):
-            events.add_metric([*base, table, kind], count)
-        yield events
+        yield f.events("walex_worker_events", stats.events)
         yield counter("walex_worker_calls", "Handler calls.", stats.calls)
         yield counter("walex_worker_handler_errors",
                       "Handler and function calls that raised, each try counted.", d.errors)
@@ -158,10 +139,8 @@ class WorkerCollector:
                       w.duplicates)
         yield counter("walex_worker_reconnects", "Broker connections lost and opened again.",
                       w.reconnects)
-        connected = GaugeMetricFamily("walex_worker_connected", "1 while consuming from the broker.",
-                                      labels=names)
-        connected.add_metric(base, 1 if w.connected and _running(w) else 0)
-        yield connected
+        yield f.gauge("walex_worker_connected", "1 while consuming from the broker.",
+                      1 if w.connected and _running(w) else 0)
         yield histogram("walex_worker_handler_seconds", "Seconds each handler call took.",
                         stats.handler_seconds)
         yield histogram("walex_worker_commit_to_handler_seconds",
