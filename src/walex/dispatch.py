@@ -22,6 +22,15 @@ the ids of the events concerned. A ``where`` predicate that raises on an
 event is such a failure too (not retried): under ``"skip"`` or a dead-letter
 callable that event is left out of the handler's list and the rest go on.
 
+A handler registered with ``max_batch`` gets the events of several
+transactions per call: :meth:`Dispatcher.dispatch` with ``defer=True`` (the
+pipeline's dispatcher loop, while more transactions are queued) keeps its
+selected events, making a call whenever ``max_batch`` of them are there, and
+:meth:`Dispatcher.flush` calls it with the rest; the caller acknowledges the
+transactions it deferred only after ``flush`` returned. Without ``defer``
+(workers, single transactions) everything is flushed before ``dispatch``
+returns.
+
 Invariant: :meth:`Dispatcher.dispatch` either returns after every call
 succeeded or was disposed of by the policy, or raises
 :class:`~walex.errors.HandlerError`; the caller must not acknowledge a
@@ -98,6 +107,8 @@ class Dispatcher:
         name: str = "walex",
     ) -> None:
         self.workers = Workers(name, function_concurrency)
+        # max_batch handlers' events not yet handed over, by id(handler) (handlers are unhashable)
+        self._pending: dict[int, tuple[Handler, list[Event]]] = {}
         self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
@@ -128,6 +139,19 @@ class Dispatcher:
         self._lists = [module.handlers for module in self._modules]
         self._sizes = [len(handlers) for handlers in self._lists]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
+        self.batching = any(h.max_batch for h in self.handlers)
+
+    @property
+    def pending(self) -> bool:
+        """Whether ``max_batch`` handlers hold events of deferred transactions not yet handed over."""
+        return bool(self._pending)
+
+    def drop_pending(self) -> int:
+        """Forget the events kept for ``max_batch`` handlers (their transactions were not
+        acknowledged and will be delivered again); how many."""
+        count = sum(len(kept) for _, kept in self._pending.values())
+        self._pending = {}
+        return count
 
     def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
         """The handler's events, and the (event, exception) pairs whose filter raised."""
@@ -191,12 +215,15 @@ class Dispatcher:
             return _NOTHING
         if len(selections) == 1:
             handler, selected = selections[0]
-            if not handler.functions:
+            if not handler.functions and not handler.max_batch:
                 return (ASYNC if handler.is_async else PLAIN, handler.callback, selected, selections, ())
         return (OTHER, None, None, selections, ())
 
-    async def dispatch(self, txn: Transaction, plan: Plan | None = None) -> None:
-        """Call the handlers (and functions) of ``txn``, planned by :meth:`plan` if not given."""
+    async def dispatch(self, txn: Transaction, plan: Plan | None = None, defer: bool = False) -> None:
+        """Call the handlers (and functions) of ``txn``, planned by :meth:`plan` if not given.
+
+        ``defer``: ``max_batch`` handlers may keep events for a later call (see :meth:`flush`).
+        """
         if plan is None:
             plan = self.plan(txn)
         kind, callback, selected, selections, broken_filters = plan
@@ -217,10 +244,18 @@ class Dispatcher:
                 self._raise([(_label(handler), failure)], txn)
             return
         if not selections:
+            if not defer and self._pending:
+                await self.flush()
             return
-        calls: list[Awaitable[None]] = []
+        calls: list[Awaitable[Any]] = []
         owners: list[tuple[Handler, Any, Event | None]] = []
         for handler, selected in selections:
+            if handler.max_batch:
+                chunks = self._keep(handler, selected)
+                if chunks:
+                    calls.append(self._guarded_chunks(handler, chunks))
+                    owners.append((handler, None, None))
+                continue
             calls.append(self._guarded(handler, None, None, handler.callback, handler.is_async, selected))
             owners.append((handler, None, None))
             for func in handler.functions:
@@ -231,6 +266,54 @@ class Dispatcher:
         failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
             self._raise(failures, txn)
+        if not defer and self._pending:
+            await self.flush()
+
+    def _keep(self, handler: Handler, selected: list[Event]) -> list[list[Event]]:
+        """Add ``selected`` to the handler's kept events; the calls of ``max_batch`` due now."""
+        size = handler.max_batch
+        entry = self._pending.get(id(handler))
+        kept = None if entry is None else entry[1]
+        chunks = []
+        if kept is not None and len(kept) + len(selected) > size:
+            chunks.append(kept)  # what fits no more goes first, in WAL order
+            kept = None
+        kept = selected if kept is None else kept + selected
+        while len(kept) >= size:
+            chunks.append(kept[:size])
+            kept = kept[size:]
+        if kept:
+            self._pending[id(handler)] = (handler, kept)
+        else:
+            self._pending.pop(id(handler), None)
+        return chunks
+
+    async def flush(self) -> None:
+        """Hand the kept events to their ``max_batch`` handlers; raises HandlerError under
+        "stop" (the deferred transactions must then not be acknowledged)."""
+        pending, self._pending = list(self._pending.values()), {}
+        if not pending:
+            return
+        results = await asyncio.gather(
+            *(self._guarded_chunks(h, [kept]) for h, kept in pending), return_exceptions=True)
+        failures = [(h, kept, r) for (h, kept), r in zip(pending, results) if r is not None]
+        if failures:
+            for handler, kept, exc in failures:
+                log.error("%s failed on a batch of %d events: %r", _label(handler),
+                          len(kept), exc, exc_info=exc)
+            handler, events, exc = failures[0]
+            raise HandlerError(
+                f"{_label(handler)} raised {exc!r} on a batch of {len(events)} events "
+                f"({events[0].id} to {events[-1].id}); their transactions were not acknowledged"
+            ) from exc
+
+    async def _guarded_chunks(self, handler: Handler, chunks: list[list[Event]]) -> BaseException | None:
+        """The calls of a ``max_batch`` handler, one after the other; stops at a failure."""
+        for chunk in chunks:
+            failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, chunk)
+            if failure is not None:
+                return failure
+        return None
 
     async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:
         """The single call of ``plan`` (kind PLAIN or ASYNC), made already, raised ``exc``:

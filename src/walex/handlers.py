@@ -26,7 +26,15 @@ Filters (all optional, combined with AND):
   predicate that raises is a handler failure under the app's error policy).
 
 ``functions=[f, ...]`` is not a filter: each function runs once per event the
-handler selected. Any other keyword, or an argument of the wrong shape, raises
+handler selected.
+
+``max_batch=N`` (off by default) batches across transactions: when several
+committed transactions are queued, the handler gets their selected events in
+one call, at most ``N`` events a call, in WAL order; a transaction is
+acknowledged only after every call holding any of its events returned. Nothing
+waits for a batch to fill: with nothing else queued the call is made at once.
+A transaction with more than ``N`` selected events is handed over in calls of
+``N``. Not with ``functions=`` (those run per event anyway). Any other keyword, or an argument of the wrong shape, raises
 :class:`~walex.errors.ConfigError` when the handler is registered.
 """
 
@@ -44,7 +52,8 @@ __all__ = ["Events", "Handler", "table_matcher"]
 
 EventFilter = Callable[[Event], bool]
 ALL_TYPES = frozenset(EventType)
-OPTIONS = ("unwatched_records", "unwatched_fields", "columns_changed", "where", "functions")
+OPTIONS = ("unwatched_records", "unwatched_fields", "columns_changed", "where", "functions",
+           "max_batch")
 
 
 def table_matcher(spec: str) -> Callable[[str, str], bool]:
@@ -66,6 +75,7 @@ class Handler:
     functions: list[Callable[[Event], Any]] = field(default_factory=list)
     is_async: bool = False
     matches_table: Callable[[str, str], bool] = field(default=lambda s, t: True)
+    max_batch: int = 0  # > 0: events of several queued transactions per call, at most this many
 
     @property
     def name(self) -> str:
@@ -98,6 +108,7 @@ class Events:
         columns_changed: Iterable[str] | None = None,
         where: EventFilter | None = None,
         functions: Iterable[Callable[[Event], Any]] | None = None,
+        max_batch: int | None = None,
     ) -> Handler:
         """Register ``callback``; the decorators call this."""
         if not callable(callback):
@@ -148,10 +159,22 @@ class Events:
         for func in funcs:
             if not callable(func):
                 raise ConfigError(f"functions must be callables taking an event, got {func!r}")
+        if max_batch is not None:
+            if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+                raise ConfigError(
+                    f"max_batch must be a whole number of events >= 1, e.g. max_batch=5000; "
+                    f"got {max_batch!r}"
+                )
+            if funcs:
+                raise ConfigError(
+                    "max_batch cannot be combined with functions=: functions run once per event "
+                    "already; register the functions on a handler of their own without max_batch"
+                )
         handler = Handler(
             callback, table, kinds, filters, funcs,
             is_async=inspect.iscoroutinefunction(callback),
             matches_table=table_matcher(table),
+            max_batch=max_batch or 0,
         )
         self.handlers.append(handler)
         return handler

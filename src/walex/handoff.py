@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from functools import partial
 from typing import Any
 
 from . import failpoints
@@ -131,7 +132,12 @@ async def run_dispatcher(p: Any) -> None:
     after the batch (or run of plain calls) in hand."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
-    dispatch = dispatcher.dispatch
+    # max_batch handlers: while more batches are queued their events are kept
+    # (dispatch(defer=True)), the batches deferred, and acknowledged after flush()
+    batching = dispatcher.batching
+    deferred: list[Transaction] = []
+    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
+    dispatch = partial(dispatcher.dispatch, defer=True) if batching else dispatcher.dispatch
     observer = p.observer
     if observer is not None:
         dispatch = observer(dispatch)  # metrics / tracing per batch
@@ -139,7 +145,7 @@ async def run_dispatcher(p: Any) -> None:
     destinations = p.destinations if p.destinations else None
     # planned here (runs of plain calls, async calls awaited directly) only where a
     # batch is nothing but its handler calls
-    direct = observer is None and destinations is None
+    direct = observer is None and destinations is None and not batching
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
@@ -179,6 +185,21 @@ async def run_dispatcher(p: Any) -> None:
                 await dispatcher.dispatch(txn, todo)
         finally:
             context.reset(token)
+        if batching:
+            deferred.append(txn)
+            if dispatcher.pending:
+                if items and len(deferred) < queue.limit and not p.closing:
+                    continue  # more queued: the kept events may share a call with theirs
+                token = context.set((slot, txn.commit_lsn, txn.xid))
+                try:
+                    await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
+                finally:
+                    context.reset(token)
+            for txn in deferred:  # every call holding their events returned
+                _handled(p, queue, ack, txn)
+            deferred.clear()
+            p.in_hand = None
+            continue
         if failpoints.ACTIVE:
             failpoints.hit("after_dispatch")
         p.events_handled += len(txn.events)

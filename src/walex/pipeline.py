@@ -495,6 +495,7 @@ class Pipeline:
     def discard_unhandled(self) -> int:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
+        self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.in_hand = None
         return count
 
