@@ -204,6 +204,8 @@ class Dispatcher:
                     broken_filters.append((handler, broken))
             elif one is not None:  # a transaction of one change: the common case
                 selected = [one] if handler.concerns(one) else None
+            elif handler.takes_all:  # on_event("all"): no test per event
+                selected = events[:]
             else:
                 concerns = handler.concerns
                 selected = [event for event in events if concerns(event)]

@@ -76,6 +76,7 @@ class Handler:
     is_async: bool = False
     matches_table: Callable[[str, str], bool] = field(default=lambda s, t: True)
     max_batch: int = 0  # > 0: events of several queued transactions per call, at most this many
+    takes_all: bool = False  # every table and every type: concerns() is true of any event
 
     @property
     def name(self) -> str:
@@ -175,6 +176,7 @@ class Events:
             is_async=inspect.iscoroutinefunction(callback),
             matches_table=table_matcher(table),
             max_batch=max_batch or 0,
+            takes_all=table in ("*", "all") and kinds == ALL_TYPES,
         )
         self.handlers.append(handler)
         return handler
