@@ -92,6 +92,25 @@ async def queue_up(admin: psycopg.Connection, app: WalEx, batches: Batches, rows
     await until(lambda: app.pipeline.queue.qsize() >= rows - 1, "the transactions queued")
 
 
+def stream_queued(admin: psycopg.Connection, dsn: str, events: Events, batches: Batches,
+                  rows: int, **options: Any) -> WalEx:
+    """Queue ``rows`` transactions behind the first call (:func:`queue_up`), release it, and
+    return the app once every transaction was handled and the last one acknowledged."""
+
+    async def main() -> WalEx:
+        app = make_app(dsn, events, **options)
+        batches.box.append(app)
+        async with app:
+            await queue_up(admin, app, batches, rows)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == rows, f"{rows} transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+        return app
+
+    return run(main())
+
+
 @pytest.mark.parametrize("plain", [False, True], ids=["async", "plain"])
 def test_queued_transactions_come_in_calls_of_at_most_max_batch_acknowledged_after_them(
     admin: psycopg.Connection, dsn: str, plain: bool
@@ -101,18 +120,7 @@ def test_queued_transactions_come_in_calls_of_at_most_max_batch_acknowledged_aft
     batches = Batches(box)
     events = Events()
     register(events, batches, plain, max_batch=20)
-
-    async def main() -> None:
-        app = make_app(dsn, events)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 51)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 51, "51 transactions handled")
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
-
-    run(main())
+    stream_queued(admin, dsn, events, batches, 51)
     # the first call alone (nothing was queued), then the 50 queued transactions in
     # calls of 20, 20 and the 10 left: nothing waited for a batch to fill
     assert batches.rows() == [[1], list(range(2, 22)), list(range(22, 42)), list(range(42, 52))]
@@ -129,16 +137,7 @@ def test_without_max_batch_each_transaction_is_its_own_call(
     batches = Batches(box)
     events = Events()
     register(events, batches, plain=False)
-
-    async def main() -> None:
-        app = make_app(dsn, events)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 8)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 8, "8 transactions handled")
-
-    run(main())
+    stream_queued(admin, dsn, events, batches, 8)
     assert batches.rows() == [[i] for i in range(1, 9)]
 
 
@@ -177,15 +176,7 @@ def test_other_handlers_still_get_one_call_per_transaction(
     async def per_transaction(items: list[Event]) -> None:
         each.append([e.new_record["id"] for e in items])
 
-    async def main() -> None:
-        app = make_app(dsn, events)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 10)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 10, "10 transactions handled")
-
-    run(main())
+    stream_queued(admin, dsn, events, batches, 10)
     assert batches.rows() == [[1], list(range(2, 11))]
     assert each == [[i] for i in range(1, 11)]
 
@@ -246,19 +237,8 @@ def test_a_failing_batch_under_skip_is_skipped_as_a_whole(
     batches = Batches(box, fail_first={2: 1})
     events = Events()
     register(events, batches, plain=False, max_batch=5)
-
-    async def main() -> None:
-        app = make_app(dsn, events, on_error="skip", max_retries=0)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 12)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 12, "12 transactions handled")
-            assert app.dispatcher.failures == 1
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
-
-    run(main())
+    app = stream_queued(admin, dsn, events, batches, 12, on_error="skip", max_retries=0)
+    assert app.dispatcher.failures == 1
     assert batches.rows() == [[1], [2, 3, 4, 5, 6], [7, 8, 9, 10, 11], [12]]
 
 
