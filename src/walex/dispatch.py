@@ -382,6 +382,14 @@ class Dispatcher:
                     return error
                 return None
 
+    async def settle(self, what: str, exc: Exception, events: list[Event]) -> None:
+        """A failure outside the handlers (a destination's permanent refusal) under the error
+        policy: raises ``exc`` under "stop"; otherwise skipped or dead-lettered as a failed
+        call's events would be (a dead-letter handler that raises raises here)."""
+        if self.on_error == "stop":
+            raise exc
+        await self._dispose(what, exc, events)
+
     async def _dispose(self, what: str, exc: BaseException, events: list[Event]) -> None:
         """Apply the "skip" or the dead-letter policy to events whose handling failed."""
         self.failures += 1

@@ -119,6 +119,39 @@ def test_a_refusal_stops_the_app_unacknowledged(admin: psycopg.Connection, dsn: 
     run(main())
 
 
+@pytest.mark.parametrize("policy", ["skip", "dead_letter"])
+def test_a_refusal_follows_on_error_when_it_is_not_stop(admin: psycopg.Connection, dsn: str,
+                                                        policy: str) -> None:
+    admin.execute(TABLES)
+    dead: list[tuple[list[str], BaseException]] = []
+
+    def dead_letter(events: list[Event], exc: BaseException) -> None:
+        dead.append(([e.id for e in events], exc))
+
+    async def main() -> tuple[list[Event], Receiver]:
+        with Receiver() as hook:
+            hook.script([410])  # the first request is refused for good, the next accepted
+            on_error = "skip" if policy == "skip" else dead_letter
+            async with collecting(dsn, destinations=[hook.url()], on_error=on_error) as rec:
+                app = rec.app
+                admin.execute("INSERT INTO a VALUES (1, 1)")
+                admin.execute("INSERT INTO a VALUES (2, 2)")
+                events = await rec.wait_for(2)
+                await rec._until(lambda: app.transactions_handled == 2, 30, "both transactions")
+                await rec._until(lambda: app.ack.flushed > parse_lsn(events[1].lsn), 30,
+                                 "the second acknowledged")
+                assert app.destinations.refusals == 1 and app.dispatcher.failures == 1
+            return events, hook
+
+    events, hook = run(main())
+    assert [s for _p, _h, _b, s in hook.requests] == [410, 200]  # not retried
+    assert [e for e, _event, _id in received(hook)] == [events[1].id]
+    if policy == "dead_letter":
+        [(ids, exc)] = dead
+        assert ids == [events[0].id] and isinstance(exc, DestinationError)
+        assert "410" in str(exc)
+
+
 def test_secret_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     def make(url: str) -> None:
         WalEx("postgresql://u@h/db", publication="p", destinations=[url])

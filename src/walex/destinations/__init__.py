@@ -27,8 +27,12 @@ after every handler returned and every destination confirmed it
 (:class:`Destinations` is awaited like a handler). A broker that is down is
 retried with backoff, forever, logging a warning with its redacted URL: no
 event is dropped, nothing is acknowledged early, and walex resumes when the
-broker is back. A permanent refusal raises
-:class:`~walex.errors.DestinationError` and stops the app.
+broker is back. A permanent refusal (:class:`~walex.errors.DestinationError`:
+a webhook answering 4xx, a message the broker will never take) goes to the
+app's ``on_error`` policy through :attr:`Destinations.refused`: under
+``"stop"`` (the default) it stops the app unacknowledged; under ``"skip"`` or
+a dead-letter callable that destination's batch is settled as a failed
+handler call's would be, and the stream goes on.
 
 One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
 importing its client only when a URL of its scheme is used; another broker
@@ -46,7 +50,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DestinationError
 from ..event import Event
 from .base import Destination, DestinationURL, Unavailable, backoff
 from .encoding import Outgoing, encode
@@ -143,7 +147,11 @@ class Destinations:
         self.items: list[Destination] = [from_url(url, partitions) for url in urls]
         self.events_published = 0
         self.retries = 0  # publish attempts that failed and were retried
+        self.refusals = 0  # batches a destination refused for good, settled by the policy
         self.stats: Any = None  # walex.observe.Stats: publish counts, seconds, spans
+        # what a permanent refusal becomes: None raises it (the app stops); the app sets
+        # its error policy here (Dispatcher.settle), which raises under "stop"
+        self.refused: Callable[[str, Exception, list[Event]], Awaitable[None]] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -172,14 +180,16 @@ class Destinations:
             log.debug("closing %s took too long or failed", destination.display)
 
     async def publish(self, events: list[Event]) -> None:
-        """Publish one transaction batch to every destination; returns when all are durable."""
+        """Publish one transaction batch to every destination; returns when all are durable
+        (or a refusal was settled by :attr:`refused`)."""
         if not events or not self.items:
             return
         batch = encode(events, self.partitions)
-        await _all(self._deliver(d, batch) for d in self.items)
+        await _all(self._deliver(d, batch, events) for d in self.items)
         self.events_published += len(batch)
 
-    async def _deliver(self, destination: Destination, batch: list[Outgoing]) -> None:
+    async def _deliver(self, destination: Destination, batch: list[Outgoing],
+                       events: list[Event]) -> None:
         attempt = 0
         while True:
             stats = self.stats
@@ -193,6 +203,16 @@ class Destinations:
                 else:
                     with tracer.publish(destination.scheme, destination.display, len(batch)):
                         await destination.publish(batch)
+            except DestinationError as exc:
+                if self.refused is None:
+                    raise
+                if stats is not None:
+                    stats.record_publish(destination.display, len(batch),
+                                         time.perf_counter() - started, ok=False)
+                await self.refused(f"destination {destination.display} refused the batch", exc,
+                                   events)  # raises under "stop"
+                self.refusals += 1
+                return
             except Unavailable as exc:
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),

@@ -6,8 +6,8 @@ contract of :mod:`walex.destinations`: :meth:`~Destination.open`,
 event durable; raises :class:`Unavailable` when it could not, so the caller
 retries the whole batch) and :meth:`~Destination.close`. A permanent refusal
 (a webhook answering 400, a redirect) raises
-:class:`~walex.errors.DestinationError`, which stops the app without
-acknowledging.
+:class:`~walex.errors.DestinationError`, which the app's ``on_error`` settles
+(``"stop"``: the app stops without acknowledging).
 
 URLs are parsed once (:class:`DestinationURL`); the password, and a NATS
 token, never appear in :attr:`DestinationURL.display`, in a ``repr``, a log

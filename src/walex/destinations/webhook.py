@@ -18,7 +18,8 @@ events durable. 429, 408, 5xx, a timeout or a lost connection is retried with
 backoff (honouring ``Retry-After``), forever, acknowledging nothing
 meanwhile; requests of the batch that already succeeded are not sent again.
 Any other answer, redirects included (they are not followed), is a
-:class:`~walex.errors.DestinationError`: the app stops without acknowledging.
+:class:`~walex.errors.DestinationError`, settled by the app's ``on_error``
+(``"stop"``, the default: the app stops without acknowledging).
 
 Parameters (taken out of the URL before it is called; any other query
 parameter goes to the receiver): ``secret_env`` (required), ``timeout``
