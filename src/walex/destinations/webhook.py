@@ -179,8 +179,8 @@ class WebhookDestination(Destination):
         detail = self.url.scrub(response.text[:200].strip())
         raise DestinationError(
             f"destination {self.display} refused request {message_id} with {status}"
-            f"{': ' + detail if detail else ''}; nothing was acknowledged. Fix the endpoint "
-            "and restart: walex resumes from this transaction"
+            f"{': ' + detail if detail else ''}. Fix the endpoint; under on_error=\"stop\" "
+            "nothing was acknowledged and walex resumes from this transaction when restarted"
         )
 
     async def close(self) -> None:
