@@ -45,10 +45,11 @@ MARKER = "bench_marker"
 
 LIMIT = "pg_recvlogical"
 LEVELS = ["pg_recvlogical", "walex", "psycopg2", "pypgoutput", "pgoutput-decoder"]
-OPTIONAL_LEVELS = ["walex_sync", "walex_uvloop"]
+OPTIONAL_LEVELS = ["walex_sync", "walex_uvloop", "walex_batch"]
 PEER_LEVELS = {"pypgoutput": "pypgoutput", "pgoutput-decoder": "pgoutput_decoder"}
 CONSUMER_SCRIPTS = {
     "walex": "walex_consumer.py", "walex_sync": "walex_consumer.py", "walex_uvloop": "walex_consumer.py",
+    "walex_batch": "walex_consumer.py",
     "psycopg2": "psycopg2_consumer.py", "pypgoutput": "pypgoutput_consumer.py",
     "pgoutput-decoder": "pgoutput_decoder_consumer.py",
 }
@@ -57,6 +58,7 @@ LEVEL_NOTES = {
     "walex": "WalEx app on asyncio's loop, durable slot, async on_event('all') handler touching every field",
     "walex_sync": "as walex, with a plain (threaded) handler",
     "walex_uvloop": "as walex, on uvloop (walex[fast]; WalEx.run() takes it when installed)",
+    "walex_batch": "as walex, the handler registered with max_batch=5000",
     "psycopg2": "psycopg2 LogicalReplicationConnection + plain pgoutput decoder (bench/consumers/pgoutput_plain.py)",
     "pypgoutput": "PyPI pypgoutput (psycopg2 + pydantic 1), in bench/.venv-peers",
     "pgoutput-decoder": "PyPI pgoutput-decoder (Rust/pyo3), in bench/.venv-peers",
@@ -216,6 +218,8 @@ class Bench:
             cmd.append("--sync-handler")
         if level == "walex_uvloop":
             cmd.append("--uvloop")
+        if level == "walex_batch":
+            cmd.append("--max-batch")
         if level.startswith("walex+"):  # bench/destinations.py
             import destinations
 

@@ -7,7 +7,9 @@ timestamp, lsn, id. The handler is ``async def`` (runs on the event loop);
 ``--sync-handler`` makes it a plain function, which walex runs in a thread.
 The app runs on asyncio's own event loop; ``--uvloop`` (level
 ``walex_uvloop``) runs it on uvloop instead (``walex[fast]``), the loop
-``WalEx.run()`` takes when uvloop is installed.
+``WalEx.run()`` takes when uvloop is installed. ``--max-batch`` (level
+``walex_batch``) registers the async handler with ``max_batch=5000``: the
+events of the transactions queued while it runs come in one call.
 
 With ``--destination URL`` (levels ``walex+NAME``, bench/destinations.py)
 every event is also published there; a transaction's handler call comes only
@@ -53,10 +55,11 @@ def main() -> int:
                 gc_time[info["generation"]] += time.perf_counter() - started[0]
                 gc_count[info["generation"]] += 1
         gc.callbacks.append(on_gc)
-    args = parse_args(__doc__.splitlines()[0], ("--sync-handler", "--uvloop"))
+    args = parse_args(__doc__.splitlines()[0], ("--sync-handler", "--uvloop", "--max-batch"))
     marker = args.marker_table
     sync = args.sync_handler
-    res = Result("walex" + ("_sync" if sync else "") + ("_uvloop" if args.uvloop else ""), args)
+    res = Result("walex" + ("_sync" if sync else "") + ("_uvloop" if args.uvloop else "")
+                 + ("_batch" if args.max_batch else ""), args)
     done = asyncio.Event()
     lags = res.lags
     lag = args.lag
@@ -101,7 +104,7 @@ def main() -> int:
     else:
         async def handle_async(events: list[Event]) -> None:
             handle(events)
-        events_mod.on_event("all")(handle_async)
+        events_mod.on_event("all", **({"max_batch": 5000} if args.max_batch else {}))(handle_async)
 
     loop: asyncio.AbstractEventLoop | None = None
 
