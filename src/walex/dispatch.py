@@ -264,10 +264,15 @@ class Dispatcher:
                 for event in selected:
                     calls.append(self._guarded(handler, func, event, self._function, True, (func, event)))
                     owners.append((handler, func, event))
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
-        if failures:
-            self._raise(failures, txn)
+        if len(calls) == 1:  # one call (a max_batch handler's due batch, say): no gather
+            failure = await calls[0]
+            if failure is not None:
+                self._raise([(_label(*owners[0]), failure)], txn)
+        elif calls:
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
+            if failures:
+                self._raise(failures, txn)
         if not defer and self._pending:
             await self.flush()
 
