@@ -120,8 +120,9 @@ def test_queued_transactions_are_each_acknowledged_only_after_their_handler(
     assert flushed_seen == sorted(flushed_seen)
 
 
+@pytest.mark.parametrize("metrics", [False, True], ids=["plain", "with-metrics"])
 def test_plain_handler_calls_of_queued_transactions_go_to_its_thread_as_one_run(
-    admin: psycopg.Connection, dsn: str
+    admin: psycopg.Connection, dsn: str, metrics: bool
 ) -> None:
     admin.execute(SCHEMA)
     box: list[WalEx] = []
@@ -130,12 +131,17 @@ def test_plain_handler_calls_of_queued_transactions_go_to_its_thread_as_one_run(
     events.on_insert("item")(calls)
 
     async def main() -> None:
-        app = make_app(dsn, events)
+        # metrics (without tracing) count through hooks and keep the runs
+        app = make_app(dsn, events, **({"metrics_port": 0} if metrics else {}))
         box.append(app)
         async with app:
             await queue_up(admin, app, calls, 12)
             calls.go.set()
             await until(lambda: app.transactions_handled == 12, "12 transactions handled")
+            if metrics:  # every transaction counted once, with its latency
+                stats = app.pipeline.stats
+                assert sum(stats.events.values()) == 12
+                assert sum(stats.commit_to_handler.counts) == 12
 
     run(main())
     assert calls.ids() == list(range(1, 13))

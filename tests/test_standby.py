@@ -182,7 +182,12 @@ def test_a_sigterm_while_standing_by_stops_the_standby_cleanly(
                     "'standby_slot'") in err, err
             assert "Traceback" not in err and "Task was destroyed" not in err, err
             assert "took over" not in err, err
-        assert slot() == held_by  # the active instance still holds the slot, untouched
+        # the active instance still holds the slot (its position may move on: an idle
+        # instance acknowledges the server's WAL end, which other databases move)
+        now = slot()
+        assert now is not None and held_by is not None and now[0] == held_by[0]
+        assert int(admin.execute("SELECT %s::pg_lsn - %s::pg_lsn",
+                                 [now[1], held_by[1]]).fetchone()[0]) >= 0
         assert status("a") == "streaming"
         assert admin.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (1,)
     finally:

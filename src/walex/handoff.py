@@ -145,7 +145,9 @@ async def run_dispatcher(p: Any) -> None:
     destinations = p.destinations if p.destinations else None
     # planned here (runs of plain calls, async calls awaited directly) only where a
     # batch is nothing but its handler calls
-    direct = observer is None and destinations is None and not batching
+    # metrics without tracing count through hooks (counting), so they keep the runs
+    counting = p.counting
+    direct = (observer is None or counting is not None) and destinations is None and not batching
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
@@ -168,6 +170,8 @@ async def run_dispatcher(p: Any) -> None:
             del ahead[0]
         p.in_hand = txn
         token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+        if counting is not None and todo is not None:
+            counting.reached(txn)
         try:
             if todo is None:
                 if destinations is None:
@@ -185,6 +189,8 @@ async def run_dispatcher(p: Any) -> None:
                 await dispatcher.dispatch(txn, todo)
         finally:
             context.reset(token)
+        if counting is not None and todo is not None:
+            counting.counted(txn)
         if batching:
             deferred.append(txn)
             if dispatcher.pending:
@@ -231,14 +237,27 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         count += 1
     slot = p.slot_name
     calls = []
+    counting = p.counting
     for i in range(count):
         txn, todo = items[i], ahead[i]
         calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
+    if counting is not None:  # latencies at the hand-off, once per batch: a run cut short by
+        first = 0  # a failure leaves the rest at the front of the queue, reached already
+        for i in range(count):
+            if items[i] is p.reached_last:
+                first = i + 1
+                break
+        for i in range(first, count):
+            counting.reached(items[i])
+        if count:
+            p.reached_last = items[count - 1]
     p.in_hand = items[0]
     done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
     for _ in range(done):  # handled: recorded in order
         txn = items.popleft()
         del ahead[0]
+        if counting is not None:
+            counting.counted(txn)
         _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
         txn, todo = items[0], ahead[0]
@@ -250,6 +269,8 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             TRANSACTION.reset(token)
         items.popleft()
         del ahead[0]
+        if counting is not None:
+            counting.counted(txn)
         _handled(p, queue, ack, txn)
     p.in_hand = None
 

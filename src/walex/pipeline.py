@@ -119,6 +119,8 @@ class Pipeline:
         self.replays_dropped = 0
         self.stats = Stats()  # walex.observe: standby, takeovers, what metrics read
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
+        self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
+        self.reached_last: Any = None  # the last batch counting.reached in a plain run (handoff)
 
     # -- configuration that may change while running ----------------------
 

@@ -90,6 +90,7 @@ class Observer:
         check_extras(settings)
         pipeline = self.app.pipeline
         pipeline.observer = None
+        pipeline.counting = None
         if settings.metrics_port is not None or settings.tracing:
             tracer = None
             if settings.tracing:
@@ -98,6 +99,8 @@ class Observer:
                 tracer = Tracer(settings, self.app.slot_name)
             self.stats.tracer = tracer
             pipeline.observer = self.stats.observing(self.app.slot_name, tracer)
+            # metrics alone: counted by hooks, so the dispatcher keeps its runs (walex.handoff)
+            pipeline.counting = self.stats if tracer is None else None
         if settings.metrics_port is not None:
             from .health import health, liveness
             from .metrics import registry  # prometheus_client, only when serving

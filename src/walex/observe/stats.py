@@ -70,30 +70,38 @@ class Stats:
         self.publish_seconds: dict[str, Buckets] = {}
         self.tracer: Any = None  # .tracing.Tracer when tracing=True (for destinations' spans)
 
+    def reached(self, txn: Transaction) -> None:
+        """A batch reaches its handlers: its commit-to-handler latency."""
+        if txn.events:
+            latency = self.commit_to_handler
+            seconds = time.time() - txn.commit_time.timestamp()
+            latency.counts[bisect_left(latency.bounds, seconds)] += 1
+            latency.sum += seconds
+
+    def counted(self, txn: Transaction) -> None:
+        """A batch was handled: its events, by table and type."""
+        batch, events = txn.events, self.events
+        if len(batch) == 1:
+            key = _TABLE_AND_TYPE(batch[0])
+            events[key] = events.get(key, 0) + 1
+        elif batch:  # Counter.update's C loop, without its Python preamble
+            _count_elements(events, map(_TABLE_AND_TYPE, batch))
+
     def observing(
         self, slot: str, tracer: Any = None
     ) -> Callable[[Callable[[Transaction], Awaitable[None]]], Callable[[Transaction], Awaitable[None]]]:
         """A wrapper for the dispatcher's ``dispatch`` that counts (and traces) each batch."""
-        events, latency, now = self.events, self.commit_to_handler, time.time
-        bounds, counts = latency.bounds, latency.counts
+        reached, counted = self.reached, self.counted
 
         def wrap(dispatch: Callable[[Transaction], Awaitable[None]]) -> Callable[[Transaction], Awaitable[None]]:
             async def observed(txn: Transaction) -> None:
-                batch = txn.events
-                if batch:
-                    seconds = now() - txn.commit_time.timestamp()
-                    counts[bisect_left(bounds, seconds)] += 1
-                    latency.sum += seconds
+                reached(txn)
                 if tracer is None:
                     await dispatch(txn)
                 else:
                     with tracer.batch(txn):
                         await dispatch(txn)
-                if len(batch) == 1:
-                    key = _TABLE_AND_TYPE(batch[0])
-                    events[key] = events.get(key, 0) + 1
-                else:  # Counter.update's C loop, without its Python preamble
-                    _count_elements(events, map(_TABLE_AND_TYPE, batch))
+                counted(txn)
 
             return observed
 
