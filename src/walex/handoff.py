@@ -19,6 +19,11 @@ not depend on a batch's size are paid per wake-up, not per transaction:
   if the policy stops the app) and before any further call once ``stop()``
   set ``closing``.
 
+Runs of plain calls and async calls awaited in the loop serve apps without
+destinations, tracing or ``max_batch`` handlers (metrics alone count through
+the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch
+at a time through the observer's wrapper and the destinations.
+
 Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
 queued or in hand hold at most ``max_pending_transactions`` entries (plus the
