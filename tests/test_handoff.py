@@ -229,3 +229,39 @@ def test_stop_during_a_run_lets_only_the_call_in_hand_finish(admin: psycopg.Conn
         assert app.transactions_handled == 1
 
     run(main())
+
+
+def test_metrics_count_each_transaction_once_when_a_plain_run_stops_short(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    """A run cut by a failing call leaves transactions it had counted at the queue's
+    front, some for no handler at all: each is still counted once."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY);"
+                  "CREATE PUBLICATION pub FOR TABLE item, other")
+    box: list[WalEx] = []
+    calls = Calls(box, fail_at={3: 1})
+    events = Events()
+    events.on_insert("item")(calls)
+
+    async def main() -> None:
+        app = WalEx(dsn, publication="pub", subscriptions=["item", "other"], modules=[events],
+                    name=f"walex_handoff_{next(_names)}", metrics_port=0, max_retries=1,
+                    retry_backoff=0.01)
+        box.append(app)
+        async with app:
+            admin.execute("INSERT INTO item VALUES (1)")
+            await until(calls.started.is_set, "the first call")
+            for i in range(2, 7):  # item i, then a transaction no handler takes
+                admin.execute("INSERT INTO item VALUES (%s)", [i])
+                admin.execute("INSERT INTO other VALUES (%s)", [i])
+            end = current_lsn(admin)
+            await until(lambda: app.ack.received >= end, "every transaction received")
+            calls.go.set()
+            await until(lambda: app.transactions_handled == 11, "11 transactions handled")
+            stats = app.pipeline.stats
+            assert sum(stats.commit_to_handler.counts) == 11
+            assert stats.events[("item", "insert")] == 6
+            assert stats.events[("other", "insert")] == 5
+
+    run(main())
+    assert calls.ids() == [1, 2, 3, 3, 4, 5, 6]

@@ -142,6 +142,7 @@ async def run_dispatcher(p: Any) -> None:
     batching = dispatcher.batching
     deferred: list[Transaction] = []
     dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
+    p.reached_ahead = 0
     dispatch = partial(dispatcher.dispatch, defer=True) if batching else dispatcher.dispatch
     observer = p.observer
     if observer is not None:
@@ -176,7 +177,10 @@ async def run_dispatcher(p: Any) -> None:
         p.in_hand = txn
         token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
         if counting is not None and todo is not None:
-            counting.reached(txn)
+            if p.reached_ahead:  # reached when a plain run that stopped short took it
+                p.reached_ahead -= 1
+            else:
+                counting.reached(txn)
         try:
             if todo is None:
                 if destinations is None:
@@ -247,21 +251,17 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         txn, todo = items[i], ahead[i]
         calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
     if counting is not None:  # latencies at the hand-off, once per batch: a run cut short by
-        first = 0  # a failure leaves the rest at the front of the queue, reached already
-        for i in range(count):
-            if items[i] is p.reached_last:
-                first = i + 1
-                break
-        for i in range(first, count):
+        # a failure leaves the rest at the front of the queue, reached already
+        for i in range(p.reached_ahead, count):
             counting.reached(items[i])
-        if count:
-            p.reached_last = items[count - 1]
+        p.reached_ahead = max(p.reached_ahead, count)
     p.in_hand = items[0]
     done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
     for _ in range(done):  # handled: recorded in order
         txn = items.popleft()
         del ahead[0]
         if counting is not None:
+            p.reached_ahead -= 1
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
@@ -275,6 +275,7 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         items.popleft()
         del ahead[0]
         if counting is not None:
+            p.reached_ahead -= 1
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     p.in_hand = None

@@ -120,7 +120,7 @@ class Pipeline:
         self.stats = Stats()  # walex.observe: standby, takeovers, what metrics read
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
         self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
-        self.reached_last: Any = None  # the last batch counting.reached in a plain run (handoff)
+        self.reached_ahead = 0  # batches at the queue's front counting.reached already (handoff)
 
     # -- configuration that may change while running ----------------------
 
@@ -498,6 +498,7 @@ class Pipeline:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
+        self.reached_ahead = 0
         self.in_hand = None
         return count
 
