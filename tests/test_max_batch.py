@@ -273,3 +273,151 @@ def test_max_batch_with_functions_is_refused_with_the_fix() -> None:
     events = Events()
     with pytest.raises(ConfigError, match="register the functions on a handler of their own"):
         events.on_insert("item", max_batch=10, functions=[print])(lambda items: None)
+
+
+def test_a_call_can_hold_more_transactions_than_the_queue(admin: psycopg.Connection, dsn: str) -> None:
+    # the transactions a call defers are in hand, not queued: the reader, held up by
+    # a full queue, may queue more, so one call is not capped by max_pending_transactions
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=False, max_batch=100)
+
+    async def main() -> None:
+        app = make_app(dsn, events, max_pending_transactions=8)
+        box.append(app)
+        async with app:
+            admin.execute("INSERT INTO item VALUES (1)")
+            await until(batches.started.is_set, "the first call")
+            for i in range(2, 202):
+                admin.execute("INSERT INTO item VALUES (%s)", [i])
+            await until(lambda: app.pipeline.queue.qsize() >= 8, "the queue full")
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 201, "201 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    sizes = [len(rows) for rows in batches.rows()]
+    assert [r for rows in batches.rows() for r in rows] == list(range(1, 202))
+    assert max(sizes) <= 100
+    assert max(sizes) > 8, sizes
+    for _rows, lsns, flushed in batches.calls:
+        assert lsns == sorted(lsns)
+        assert flushed < lsns[0]
+
+
+def slot_flushed(admin: psycopg.Connection, slot: str) -> int:
+    row = admin.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots "
+                        "WHERE slot_name = %s", [slot]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_slot_is_not_advanced_past_a_batch_whose_call_is_running(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    in_call = threading.Event()
+    leave = threading.Event()
+    calls: list[list[int]] = []
+
+    @events.on_insert("item", max_batch=100)
+    def handler(items: list[Event]) -> None:
+        calls.append([commit_lsn(e) for e in items])
+        if len(calls) == 1:
+            batches.started.set()
+            assert batches.go.wait(30)
+        elif len(calls) == 2:  # the batch: blocked mid-call
+            in_call.set()
+            assert leave.wait(30)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, slot_name="walex_max_batch_slot")
+        box.append(app)
+        async with app:
+            slot = app.slot_name
+            await queue_up(admin, app, batches, 21)
+            batches.go.set()
+            await until(in_call.is_set, "the batched call")
+            assert len(calls[1]) == 20
+            first, last = calls[1][0], calls[1][-1]
+            await until(lambda: slot_flushed(admin, slot) > calls[0][0], "row 1 acknowledged")
+            app.ack.last_sent = -1
+            await until(lambda: app.ack.last_sent != -1, "a status update during the call")
+            assert app.ack.last_sent < first
+            assert app.ack.flushed < first
+            assert slot_flushed(admin, slot) < first
+            leave.set()
+            await until(lambda: slot_flushed(admin, slot) > last, "the batch acknowledged")
+
+    try:
+        run(main())
+    finally:
+        leave.set()
+        batches.go.set()
+
+
+def test_a_failing_batch_goes_to_the_dead_letter_handler_as_a_whole(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box, fail_first={2: 2})
+    events = Events()
+    register(events, batches, plain=True, max_batch=6)
+    dead: list[tuple[list[int], str]] = []
+
+    def dead_letter(items: list[Event], exc: BaseException) -> None:
+        dead.append(([e.new_record["id"] for e in items], str(exc)))
+
+    async def main() -> None:
+        app = make_app(dsn, events, on_error=dead_letter, max_retries=1, retry_backoff=0.01)
+        box.append(app)
+        async with app:
+            await queue_up(admin, app, batches, 12)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 12, "12 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    # the failing call, retried once, fails again: its events go to the dead letter
+    # handler in one list, and its transactions count as handled
+    assert batches.rows() == [[1], [2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    assert dead == [([2, 3, 4, 5, 6, 7], "batch handler fails on the batch from row 2")]
+
+
+def test_a_full_call_failing_under_stop_names_the_whole_batch(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    # the call made as soon as max_batch events are kept (not the one made when the
+    # queue ran dry) fails: the error names its events, all of them unacknowledged
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box, fail_first={2: 1})
+    events = Events()
+    register(events, batches, plain=False, max_batch=5)
+
+    async def main() -> None:
+        app = make_app(dsn, events, max_retries=0)
+        box.append(app)
+        await app.start()
+        try:
+            await queue_up(admin, app, batches, 12)
+            batches.go.set()
+            with pytest.raises(HandlerError, match="on a batch of 5 events") as raised:
+                await asyncio.wait_for(app.wait(), 30)
+        finally:
+            await app.stop()
+        failed = batches.calls[1]
+        assert failed[0] == [2, 3, 4, 5, 6]
+        assert f"{failed[1][0]:016X}-" in str(raised.value)
+        assert app.transactions_handled == 1
+        assert app.ack.flushed < failed[1][0]
+
+    run(main())

@@ -78,6 +78,15 @@ def _stopping(exc: BaseException) -> bool:
     return task is not None and task.cancelling() > 0
 
 
+class _BatchFailure:
+    """A ``max_batch`` call failed under "stop": the handler, the call's events, what it raised."""
+
+    __slots__ = ("events", "exc", "handler")
+
+    def __init__(self, handler: Handler, events: list[Event], exc: BaseException) -> None:
+        self.handler, self.events, self.exc = handler, events, exc
+
+
 def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Event | None = None) -> str:
     if func is None:
         return f"handler {handler.name}"
@@ -139,7 +148,9 @@ class Dispatcher:
         self._lists = [module.handlers for module in self._modules]
         self._sizes = [len(handlers) for handlers in self._lists]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
-        self.batching = any(h.max_batch for h in self.handlers)
+        # the largest max_batch (0: no handler batches across transactions)
+        self.max_batch = max((h.max_batch for h in self.handlers), default=0)
+        self.batching = self.max_batch > 0
 
     @property
     def pending(self) -> bool:
@@ -265,6 +276,12 @@ class Dispatcher:
         results = await asyncio.gather(*calls, return_exceptions=True)
         failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
+            batch = next((r for r in results if isinstance(r, _BatchFailure)), None)
+            if batch is not None:  # name the whole call, not only this transaction
+                for label, exc in failures:
+                    if exc is not batch:
+                        log.error("%s failed on transaction %s: %r", label, txn.xid, exc, exc_info=exc)
+                self._raise_batch([batch])
             self._raise(failures, txn)
         if not defer and self._pending:
             await self.flush()
@@ -296,23 +313,29 @@ class Dispatcher:
             return
         results = await asyncio.gather(
             *(self._guarded_chunks(h, [kept]) for h, kept in pending), return_exceptions=True)
-        failures = [(h, kept, r) for (h, kept), r in zip(pending, results) if r is not None]
+        failures = [r if isinstance(r, _BatchFailure) else _BatchFailure(h, kept, r)
+                    for (h, kept), r in zip(pending, results) if r is not None]
         if failures:
-            for handler, kept, exc in failures:
-                log.error("%s failed on a batch of %d events: %r", _label(handler),
-                          len(kept), exc, exc_info=exc)
-            handler, events, exc = failures[0]
-            raise HandlerError(
-                f"{_label(handler)} raised {exc!r} on a batch of {len(events)} events "
-                f"({events[0].id} to {events[-1].id}); their transactions were not acknowledged"
-            ) from exc
+            self._raise_batch(failures)
 
-    async def _guarded_chunks(self, handler: Handler, chunks: list[list[Event]]) -> BaseException | None:
+    @staticmethod
+    def _raise_batch(failures: list[_BatchFailure]) -> None:
+        for f in failures:
+            log.error("%s failed on a batch of %d events: %r", _label(f.handler),
+                      len(f.events), f.exc, exc_info=f.exc)
+        f = failures[0]
+        events = f.events
+        raise HandlerError(
+            f"{_label(f.handler)} raised {f.exc!r} on a batch of {len(events)} events "
+            f"({events[0].id} to {events[-1].id}); their transactions were not acknowledged"
+        ) from f.exc
+
+    async def _guarded_chunks(self, handler: Handler, chunks: list[list[Event]]) -> _BatchFailure | None:
         """The calls of a ``max_batch`` handler, one after the other; stops at a failure."""
         for chunk in chunks:
             failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, chunk)
             if failure is not None:
-                return failure
+                return _BatchFailure(handler, chunk, failure)
         return None
 
     async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:

@@ -19,11 +19,21 @@ not depend on a batch's size are paid per wake-up, not per transaction:
   if the policy stops the app) and before any further call once ``stop()``
   set ``closing``.
 
+With a ``max_batch`` handler (:mod:`walex.dispatch`), the batches taken while
+more are queued are deferred: recorded handled once every call holding their
+events returned. While it defers, a reader waiting for room is let in (the
+deferred batches are in hand, no longer queued), so a call can hold up to
+``max_batch`` single-event transactions however short the queue; nothing
+waits otherwise: with nothing queued and the reader not held up, the call is
+made at once.
+
 Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
 queued or in hand hold at most ``max_pending_transactions`` entries (plus the
-read batches of a backfill) and about ``max_pending_bytes``; once ``closing``
-is set no call starts but the one in hand.
+read batches of a backfill; plus, deferred for a ``max_batch`` handler, up to
+the larger of that and ``max_batch``) and about ``max_pending_bytes``; once
+``closing`` is set no call starts but the one in hand (and, for a ``max_batch``
+handler, the call holding the events of the batches in hand).
 """
 
 from __future__ import annotations
@@ -136,6 +146,9 @@ async def run_dispatcher(p: Any) -> None:
     # (dispatch(defer=True)), the batches deferred, and acknowledged after flush()
     batching = dispatcher.batching
     deferred: list[Transaction] = []
+    # most batches deferred at once: enough for a call of max_batch single-event
+    # transactions, however short the queue (the byte budget bounds their memory)
+    hold = max(queue.limit, dispatcher.max_batch)
     dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
     dispatch = partial(dispatcher.dispatch, defer=True) if batching else dispatcher.dispatch
     observer = p.observer
@@ -188,7 +201,14 @@ async def run_dispatcher(p: Any) -> None:
         if batching:
             deferred.append(txn)
             if dispatcher.pending:
-                if items and len(deferred) < queue.limit and not p.closing:
+                if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
+                    # the reader holds a batch and waits for room: the deferred batches are
+                    # in hand, not queued, so let it queue more (the byte budget still
+                    # counts them) before the call is made
+                    queue.room_made()
+                    if not queue._reader_waits:
+                        await asyncio.sleep(0)
+                if items and len(deferred) < hold and not p.closing:
                     continue  # more queued: the kept events may share a call with theirs
                 token = context.set((slot, txn.commit_lsn, txn.xid))
                 try:
