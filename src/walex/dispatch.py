@@ -144,6 +144,11 @@ class Dispatcher:
         self._modules = list(modules)
         self._refresh()
 
+    def refresh(self) -> None:
+        """Take in the handlers registered in the modules since (:meth:`plan` does it too)."""
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()
+
     def _refresh(self) -> None:
         self._lists = [module.handlers for module in self._modules]
         self._sizes = [len(handlers) for handlers in self._lists]
@@ -226,7 +231,7 @@ class Dispatcher:
             return _NOTHING
         if len(selections) == 1:
             handler, selected = selections[0]
-            if not handler.functions and not handler.max_batch:
+            if handler.single:  # no functions, no max_batch
                 return (ASYNC if handler.is_async else PLAIN, handler.callback, selected, selections, ())
         return (OTHER, None, None, selections, ())
 

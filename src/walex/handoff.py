@@ -141,16 +141,12 @@ async def run_dispatcher(p: Any) -> None:
     """Dispatch the queued batches of pipeline ``p`` in order; returns when ``closing``,
     after the batch (or run of plain calls) in hand."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    dispatcher.refresh()  # handlers registered after the app was made count
+    if dispatcher.batching:  # a max_batch handler: the loop of its own below
+        await _run_batching(p)
+        return
     items = queue.items
-    # max_batch handlers: while more batches are queued their events are kept
-    # (dispatch(defer=True)), the batches deferred, and acknowledged after flush()
-    batching = dispatcher.batching
-    deferred: list[Transaction] = []
-    # most batches deferred at once: enough for a call of max_batch single-event
-    # transactions, however short the queue (the byte budget bounds their memory)
-    hold = max(queue.limit, dispatcher.max_batch)
-    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
-    dispatch = partial(dispatcher.dispatch, defer=True) if batching else dispatcher.dispatch
+    dispatch = dispatcher.dispatch
     observer = p.observer
     if observer is not None:
         dispatch = observer(dispatch)  # metrics / tracing per batch
@@ -158,7 +154,7 @@ async def run_dispatcher(p: Any) -> None:
     destinations = p.destinations if p.destinations else None
     # planned here (runs of plain calls, async calls awaited directly) only where a
     # batch is nothing but its handler calls
-    direct = observer is None and destinations is None and not batching
+    direct = observer is None and destinations is None
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
@@ -198,28 +194,6 @@ async def run_dispatcher(p: Any) -> None:
                 await dispatcher.dispatch(txn, todo)
         finally:
             context.reset(token)
-        if batching:
-            deferred.append(txn)
-            if dispatcher.pending:
-                if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
-                    # the reader holds a batch and waits for room: the deferred batches are
-                    # in hand, not queued, so let it queue more (the byte budget still
-                    # counts them) before the call is made
-                    queue.room_made()
-                    if not queue._reader_waits:
-                        await asyncio.sleep(0)
-                if items and len(deferred) < hold and not p.closing:
-                    continue  # more queued: the kept events may share a call with theirs
-                token = context.set((slot, txn.commit_lsn, txn.xid))
-                try:
-                    await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
-                finally:
-                    context.reset(token)
-            for txn in deferred:  # every call holding their events returned
-                _handled(p, queue, ack, txn)
-            deferred.clear()
-            p.in_hand = None
-            continue
         if failpoints.ACTIVE:
             failpoints.hit("after_dispatch")
         p.events_handled += len(txn.events)
@@ -230,6 +204,62 @@ async def run_dispatcher(p: Any) -> None:
         queue.bytes -= txn.size  # queue.release(txn.size)
         if queue._reader_waits:
             queue.room_made()
+        p.in_hand = None
+
+
+async def _run_batching(p: Any) -> None:
+    """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
+    queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
+    the batches deferred; those are recorded handled, in order, once
+    :meth:`~walex.dispatch.Dispatcher.flush` returned. Chosen at start: ``max_batch``
+    added by a runtime reconfiguration batches from the next start (one call per
+    transaction until then)."""
+    queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    items = queue.items
+    deferred: list[Transaction] = []
+    # most batches deferred at once: enough for a call of max_batch single-event
+    # transactions, however short the queue (the byte budget bounds their memory)
+    hold = max(queue.limit, dispatcher.max_batch)
+    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
+    dispatch: Any = partial(dispatcher.dispatch, defer=True)
+    observer = p.observer
+    if observer is not None:
+        dispatch = observer(dispatch)  # metrics / tracing per batch
+    slot, context = p.slot_name, TRANSACTION
+    destinations = p.destinations if p.destinations else None
+    while not p.closing:
+        if not items:
+            await queue.wait_ready()
+            continue
+        txn = items.popleft()
+        p.in_hand = txn
+        token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+        try:
+            if destinations is None:
+                await dispatch(txn)
+            else:  # published while the handlers run; both must finish
+                await destinations.alongside(txn, dispatch)
+        finally:
+            context.reset(token)
+        deferred.append(txn)
+        if dispatcher.pending:
+            if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
+                # the reader holds a batch and waits for room: the deferred batches are
+                # in hand, not queued, so let it queue more (the byte budget still
+                # counts them) before the call is made
+                queue.room_made()
+                if not queue._reader_waits:
+                    await asyncio.sleep(0)
+            if items and len(deferred) < hold and not p.closing:
+                continue  # more queued: the kept events may share a call with theirs
+            token = context.set((slot, txn.commit_lsn, txn.xid))
+            try:
+                await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
+            finally:
+                context.reset(token)
+        for done in deferred:  # every call holding their events returned
+            _handled(p, queue, ack, done)
+        deferred.clear()
         p.in_hand = None
 
 
