@@ -424,3 +424,40 @@ def test_a_full_call_failing_under_stop_names_the_whole_batch(
         assert app.ack.flushed < failed[1][0]
 
     run(main())
+
+
+def test_with_a_destination_every_transaction_is_published_and_acknowledged_after_its_call(
+    admin: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import json
+
+    from destinations.receiver import Receiver
+
+    monkeypatch.setenv("WALEX_TEST_MAX_BATCH_SECRET",
+                       "whsec_" + base64.b64encode(b"walex max_batch test").decode())
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=False, max_batch=10)
+
+    async def main() -> list[bytes]:
+        with Receiver() as hook:
+            app = make_app(dsn, events,
+                           destinations=[hook.url(query="secret_env=WALEX_TEST_MAX_BATCH_SECRET")])
+            box.append(app)
+            async with app:
+                await queue_up(admin, app, batches, 21)
+                batches.go.set()
+                await until(lambda: app.transactions_handled == 21, "21 transactions handled")
+                last = batches.calls[-1][1][-1]
+                await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+            return [body for _p, _h, body, _s in hook.accepted()]
+
+    bodies = run(main())
+    assert batches.rows() == [[1], list(range(2, 12)), list(range(12, 22))]
+    for _rows, _lsns, flushed in batches.calls:
+        assert flushed < _lsns[0]
+    published = [e["data"]["new_record"]["id"] for body in bodies for e in json.loads(body)]
+    assert published == list(range(1, 22))  # one request per transaction, in order

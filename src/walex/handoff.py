@@ -211,9 +211,9 @@ async def _run_batching(p: Any) -> None:
     """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
     queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
     the batches deferred; those are recorded handled, in order, once
-    :meth:`~walex.dispatch.Dispatcher.flush` returned. Chosen at start: ``max_batch``
-    added by a runtime reconfiguration batches from the next start (one call per
-    transaction until then)."""
+    :meth:`~walex.dispatch.Dispatcher.flush` returned. Chosen at start: with no
+    ``max_batch`` handler then, one added by a runtime reconfiguration gets one call
+    per transaction until the next start."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
     deferred: list[Transaction] = []
