@@ -461,3 +461,31 @@ def test_with_a_destination_every_transaction_is_published_and_acknowledged_afte
         assert flushed < _lsns[0]
     published = [e["data"]["new_record"]["id"] for body in bodies for e in json.loads(body)]
     assert published == list(range(1, 22))  # one request per transaction, in order
+
+
+def test_filters_still_choose_the_events_of_a_batched_handler(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    # where= keeps the even rows: a call holds those of several transactions, and the
+    # transactions between them (nothing selected) are acknowledged in order after it
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=True, max_batch=4,
+             where=lambda e: e.new_record["id"] % 2 == 0 or e.new_record["id"] == 1)
+
+    async def main() -> None:
+        app = make_app(dsn, events)
+        box.append(app)
+        async with app:
+            await queue_up(admin, app, batches, 21)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 21, "21 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    assert batches.rows() == [[1], [2, 4, 6, 8], [10, 12, 14, 16], [18, 20]]
+    for _rows, lsns, flushed in batches.calls:
+        assert flushed < lsns[0]

@@ -27,7 +27,9 @@ transactions per call: :meth:`Dispatcher.dispatch` with ``defer=True`` (the
 pipeline's dispatcher loop, while more transactions are queued) keeps its
 selected events, making a call whenever ``max_batch`` of them are there, and
 :meth:`Dispatcher.flush` calls it with the rest; the caller acknowledges the
-transactions it deferred only after ``flush`` returned. Without ``defer``
+transactions it deferred only after ``flush`` returned (:meth:`Dispatcher.kept`
+keeps a planned transaction's events without a ``dispatch`` when no call is
+due). Without ``defer``
 (workers, single transactions) everything is flushed before ``dispatch``
 returns.
 
@@ -100,6 +102,7 @@ def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Even
 # filter raised) ``callback(events)`` is that call.
 NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
 Plan = tuple[int, Any, Any, Any, Any]
+_NO_CALLS: list[list[Event]] = []  # _keep's answer when nothing is due (never changed)
 _NOTHING: Plan = (NOTHING, None, None, (), ())
 
 
@@ -278,6 +281,10 @@ class Dispatcher:
                 for event in selected:
                     calls.append(self._guarded(handler, func, event, self._function, True, (func, event)))
                     owners.append((handler, func, event))
+        if not calls:  # max_batch handlers only, their events kept
+            if not defer and self._pending:
+                await self.flush()
+            return
         results = await asyncio.gather(*calls, return_exceptions=True)
         failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
         if failures:
@@ -291,23 +298,54 @@ class Dispatcher:
         if not defer and self._pending:
             await self.flush()
 
+    def kept(self, plan: Plan) -> bool:
+        """The batching loop's fast path: when every call of ``plan`` goes to a ``max_batch``
+        handler with room for its events, keep them (no call is due) and say True; else
+        do nothing and say False (:meth:`dispatch` it)."""
+        kind, _, _, selections, broken = plan
+        if kind != OTHER or broken:
+            return kind == NOTHING
+        pending = self._pending
+        for handler, selected in selections:
+            size = handler.max_batch
+            entry = pending.get(id(handler))
+            if not size or len(selected) + (0 if entry is None else len(entry[1])) >= size:
+                return False
+        for handler, selected in selections:
+            entry = pending.get(id(handler))
+            if entry is None:
+                pending[id(handler)] = (handler, selected[:])  # a list of its own
+            else:
+                entry[1].extend(selected)
+        return True
+
     def _keep(self, handler: Handler, selected: list[Event]) -> list[list[Event]]:
-        """Add ``selected`` to the handler's kept events; the calls of ``max_batch`` due now."""
+        """Add ``selected`` to the handler's kept events; the calls of ``max_batch`` due now.
+
+        A transaction's events share a call unless they alone are more than ``max_batch``:
+        kept events with which they would not fit go first, on their own."""
         size = handler.max_batch
-        entry = self._pending.get(id(handler))
-        kept = None if entry is None else entry[1]
-        chunks = []
-        if kept is not None and len(kept) + len(selected) > size:
-            chunks.append(kept)  # what fits no more goes first, in WAL order
-            kept = None
-        kept = selected if kept is None else kept + selected
-        while len(kept) >= size:
-            chunks.append(kept[:size])
-            kept = kept[size:]
-        if kept:
-            self._pending[id(handler)] = (handler, kept)
+        key = id(handler)
+        entry = self._pending.get(key)
+        if entry is not None:
+            kept = entry[1]
+            if len(kept) + len(selected) <= size:  # the common case: kept in place
+                kept += selected
+                if len(kept) < size:
+                    return _NO_CALLS
+                del self._pending[key]
+                return [kept]
+            chunks = [kept]  # what fits no more goes first, in WAL order
         else:
-            self._pending.pop(id(handler), None)
+            chunks = []
+        count, start = len(selected), 0
+        while count - start >= size:
+            chunks.append(selected[start:start + size])
+            start += size
+        if start < count:
+            self._pending[key] = (handler, selected[start:])  # a list of its own
+        elif entry is not None:
+            del self._pending[key]
         return chunks
 
     async def flush(self) -> None:

@@ -227,6 +227,9 @@ async def _run_batching(p: Any) -> None:
         dispatch = observer(dispatch)  # metrics / tracing per batch
     slot, context = p.slot_name, TRANSACTION
     destinations = p.destinations if p.destinations else None
+    # without observer and destinations: planned here, events kept without a dispatch
+    direct = observer is None and destinations is None
+    plan, kept, dispatch_one = dispatcher.plan, dispatcher.kept, dispatcher.dispatch
     while not p.closing:
         if not items:
             await queue.wait_ready()
@@ -235,14 +238,18 @@ async def _run_batching(p: Any) -> None:
         p.in_hand = txn
         token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
         try:
-            if destinations is None:
+            if direct:
+                todo = plan(txn)
+                if not kept(todo):
+                    await dispatch_one(txn, todo, True)
+            elif destinations is None:
                 await dispatch(txn)
             else:  # published while the handlers run; both must finish
                 await destinations.alongside(txn, dispatch)
         finally:
             context.reset(token)
         deferred.append(txn)
-        if dispatcher.pending:
+        if dispatcher._pending:  # events kept for a later call
             if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
                 # the reader holds a batch and waits for room: the deferred batches are
                 # in hand, not queued, so let it queue more (the byte budget still
@@ -257,8 +264,17 @@ async def _run_batching(p: Any) -> None:
                 await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
             finally:
                 context.reset(token)
-        for done in deferred:  # every call holding their events returned
-            _handled(p, queue, ack, done)
+        for done in deferred:  # every call holding their events returned: _handled inline
+            if failpoints.ACTIVE:
+                failpoints.hit("after_dispatch")
+            p.events_handled += len(done.events)
+            if done.last:
+                if done.end_lsn > ack.flushed:  # ack.handled(done.end_lsn)
+                    ack.flushed = done.end_lsn
+                p.transactions_handled += 1
+            queue.bytes -= done.size  # queue.release(done.size), the reader woken once
+        if queue._reader_waits:
+            queue.room_made()
         deferred.clear()
         p.in_hand = None
 
