@@ -3,6 +3,7 @@
     .venv/bin/python bench/pertxn.py                       # CPU us per transaction, async and plain
     .venv/bin/python bench/pertxn.py --callgrind           # instructions per transaction (valgrind)
     .venv/bin/python bench/pertxn.py --txns 50000 --reps 5 --handlers async
+    .venv/bin/python bench/pertxn.py --max-batch 5000      # handlers batching across transactions
 
 Unlike ``replay.py`` (frames -> Events only), this drives the real
 ``Pipeline`` tasks: the reader (``_read_session``: frame loop, compiled hot
@@ -119,7 +120,8 @@ def touch(events: list[Event]) -> int:
     return values
 
 
-async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int) -> tuple[float, int]:
+async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
+                   max_batch: int | None = None) -> tuple[float, int]:
     """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -133,11 +135,11 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int) -> t
 
     module = Events()
     if plain:
-        module.on_event("all")(handle)
+        module.on_event("all", max_batch=max_batch)(handle)
     else:
         async def handle_async(events: list[Event]) -> None:
             handle(events)
-        module.on_event("all")(handle_async)
+        module.on_event("all", max_batch=max_batch)(handle_async)
     app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
                 subscriptions=["*"], modules=[module], name="pertxn", durable_slot=True)
     p = app.pipeline
@@ -165,10 +167,11 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int) -> t
     return seconds, txns
 
 
-def measure(frames: list[bytes], txns: int, plain: bool, reps: int, chunk: int) -> float:
+def measure(frames: list[bytes], txns: int, plain: bool, reps: int, chunk: int,
+            max_batch: int | None = None) -> float:
     best = float("inf")
     for _ in range(reps):
-        seconds, _n = asyncio.run(run_once(frames, txns, plain, chunk))
+        seconds, _n = asyncio.run(run_once(frames, txns, plain, chunk, max_batch))
         best = min(best, seconds)
     return best
 
@@ -182,7 +185,8 @@ def callgrind(args: argparse.Namespace, handler: str) -> float:
             subprocess.run(
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                  sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
-                 "--handlers", handler, "--chunk", str(args.chunk), "--quiet"],
+                 "--handlers", handler, "--chunk", str(args.chunk), "--quiet",
+                 *(["--max-batch", str(args.max_batch)] if args.max_batch else [])],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
             )
@@ -201,6 +205,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--handlers", default="async,plain")
     parser.add_argument("--chunk", type=int, default=1024, help="frames per read()")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="register the handlers with max_batch=N (batching across transactions)")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -208,7 +214,7 @@ def main() -> None:
     if args.quiet:  # a run under callgrind
         plain = args.handlers == "plain"
         frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
-        measure(frames, args.txns, plain, args.reps, args.chunk)
+        measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch)
         return
     from walex import hotpath
     print(f"walex {'compiled' if hotpath.compiled_available() and not os.environ.get('WALEX_PURE_PYTHON') else 'pure-Python'} "
@@ -219,7 +225,7 @@ def main() -> None:
                   f"(callgrind, {args.txns} vs {3 * args.txns} transactions)", flush=True)
             continue
         frames = all_frames[:1 + 3 * args.txns]
-        seconds = measure(frames, args.txns, handler == "plain", args.reps, args.chunk)
+        seconds = measure(frames, args.txns, handler == "plain", args.reps, args.chunk, args.max_batch)
         print(f"{handler} handler: {seconds / args.txns * 1e6:.2f} us CPU per transaction "
               f"(best of {args.reps}, {args.txns:,} transactions)", flush=True)
 

@@ -119,8 +119,22 @@ def test_queued_transactions_come_in_calls_of_at_most_max_batch_acknowledged_aft
     box: list[WalEx] = []
     batches = Batches(box)
     events = Events()
-    register(events, batches, plain, max_batch=20)
-    stream_queued(admin, dsn, events, batches, 51)
+    if not plain:
+        register(events, batches, plain, max_batch=20)
+
+    async def main() -> None:
+        app = make_app(dsn, events)
+        box.append(app)
+        if plain:  # registered after the app was made: batches all the same
+            register(events, batches, plain, max_batch=20)
+        async with app:
+            await queue_up(admin, app, batches, 51)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 51, "51 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
     # the first call alone (nothing was queued), then the 50 queued transactions in
     # calls of 20, 20 and the 10 left: nothing waited for a batch to fill
     assert batches.rows() == [[1], list(range(2, 22)), list(range(22, 42)), list(range(42, 52))]
@@ -253,3 +267,216 @@ def test_max_batch_with_functions_is_refused_with_the_fix() -> None:
     events = Events()
     with pytest.raises(ConfigError, match="register the functions on a handler of their own"):
         events.on_insert("item", max_batch=10, functions=[print])(lambda items: None)
+
+
+def test_a_call_can_hold_more_transactions_than_the_queue(admin: psycopg.Connection, dsn: str) -> None:
+    # the transactions a call defers are in hand, not queued: the reader, held up by
+    # a full queue, may queue more, so one call is not capped by max_pending_transactions
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=False, max_batch=100)
+
+    async def main() -> None:
+        app = make_app(dsn, events, max_pending_transactions=8)
+        box.append(app)
+        async with app:
+            admin.execute("INSERT INTO item VALUES (1)")
+            await until(batches.started.is_set, "the first call")
+            for i in range(2, 202):
+                admin.execute("INSERT INTO item VALUES (%s)", [i])
+            await until(lambda: app.pipeline.queue.qsize() >= 8, "the queue full")
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 201, "201 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    sizes = [len(rows) for rows in batches.rows()]
+    assert [r for rows in batches.rows() for r in rows] == list(range(1, 202))
+    assert max(sizes) <= 100
+    assert max(sizes) > 8, sizes
+    for _rows, lsns, flushed in batches.calls:
+        assert lsns == sorted(lsns)
+        assert flushed < lsns[0]
+
+
+def slot_flushed(admin: psycopg.Connection, slot: str) -> int:
+    row = admin.execute("SELECT confirmed_flush_lsn - '0/0' FROM pg_replication_slots "
+                        "WHERE slot_name = %s", [slot]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_slot_is_not_advanced_past_a_batch_whose_call_is_running(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    in_call = threading.Event()
+    leave = threading.Event()
+    calls: list[list[int]] = []
+
+    @events.on_insert("item", max_batch=100)
+    def handler(items: list[Event]) -> None:
+        calls.append([commit_lsn(e) for e in items])
+        if len(calls) == 1:
+            batches.started.set()
+            assert batches.go.wait(30)
+        elif len(calls) == 2:  # the batch: blocked mid-call
+            in_call.set()
+            assert leave.wait(30)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, slot_name="walex_max_batch_slot")
+        box.append(app)
+        async with app:
+            slot = app.slot_name
+            await queue_up(admin, app, batches, 21)
+            batches.go.set()
+            await until(in_call.is_set, "the batched call")
+            assert len(calls[1]) == 20
+            first, last = calls[1][0], calls[1][-1]
+            await until(lambda: slot_flushed(admin, slot) > calls[0][0], "row 1 acknowledged")
+            app.ack.last_sent = -1
+            await until(lambda: app.ack.last_sent != -1, "a status update during the call")
+            assert app.ack.last_sent < first
+            assert app.ack.flushed < first
+            assert slot_flushed(admin, slot) < first
+            leave.set()
+            await until(lambda: slot_flushed(admin, slot) > last, "the batch acknowledged")
+
+    try:
+        run(main())
+    finally:
+        leave.set()
+        batches.go.set()
+
+
+def test_a_failing_batch_goes_to_the_dead_letter_handler_as_a_whole(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box, fail_first={2: 2})
+    events = Events()
+    register(events, batches, plain=True, max_batch=6)
+    dead: list[tuple[list[int], str]] = []
+
+    def dead_letter(items: list[Event], exc: BaseException) -> None:
+        dead.append(([e.new_record["id"] for e in items], str(exc)))
+
+    async def main() -> None:
+        app = make_app(dsn, events, on_error=dead_letter, max_retries=1, retry_backoff=0.01)
+        box.append(app)
+        async with app:
+            await queue_up(admin, app, batches, 12)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 12, "12 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    # the failing call, retried once, fails again: its events go to the dead letter
+    # handler in one list, and its transactions count as handled
+    assert batches.rows() == [[1], [2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    assert dead == [([2, 3, 4, 5, 6, 7], "batch handler fails on the batch from row 2")]
+
+
+def test_a_full_call_failing_under_stop_names_the_whole_batch(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    # the call made as soon as max_batch events are kept (not the one made when the
+    # queue ran dry) fails: the error names its events, all of them unacknowledged
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box, fail_first={2: 1})
+    events = Events()
+    register(events, batches, plain=False, max_batch=5)
+
+    async def main() -> None:
+        app = make_app(dsn, events, max_retries=0)
+        box.append(app)
+        await app.start()
+        try:
+            await queue_up(admin, app, batches, 12)
+            batches.go.set()
+            with pytest.raises(HandlerError, match="on a batch of 5 events") as raised:
+                await asyncio.wait_for(app.wait(), 30)
+        finally:
+            await app.stop()
+        failed = batches.calls[1]
+        assert failed[0] == [2, 3, 4, 5, 6]
+        assert f"{failed[1][0]:016X}-" in str(raised.value)
+        assert app.transactions_handled == 1
+        assert app.ack.flushed < failed[1][0]
+
+    run(main())
+
+
+def test_with_a_destination_every_transaction_is_published_and_acknowledged_after_its_call(
+    admin: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+    import json
+
+    from destinations.receiver import Receiver
+
+    monkeypatch.setenv("WALEX_TEST_MAX_BATCH_SECRET",
+                       "whsec_" + base64.b64encode(b"walex max_batch test").decode())
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=False, max_batch=10)
+
+    async def main() -> list[bytes]:
+        with Receiver() as hook:
+            app = make_app(dsn, events,
+                           destinations=[hook.url(query="secret_env=WALEX_TEST_MAX_BATCH_SECRET")])
+            box.append(app)
+            async with app:
+                await queue_up(admin, app, batches, 21)
+                batches.go.set()
+                await until(lambda: app.transactions_handled == 21, "21 transactions handled")
+                last = batches.calls[-1][1][-1]
+                await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+            return [body for _p, _h, body, _s in hook.accepted()]
+
+    bodies = run(main())
+    assert batches.rows() == [[1], list(range(2, 12)), list(range(12, 22))]
+    for _rows, _lsns, flushed in batches.calls:
+        assert flushed < _lsns[0]
+    published = [e["data"]["new_record"]["id"] for body in bodies for e in json.loads(body)]
+    assert published == list(range(1, 22))  # one request per transaction, in order
+
+
+def test_filters_still_choose_the_events_of_a_batched_handler(
+    admin: psycopg.Connection, dsn: str
+) -> None:
+    # where= keeps the even rows: a call holds those of several transactions, and the
+    # transactions between them (nothing selected) are acknowledged in order after it
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    register(events, batches, plain=True, max_batch=4,
+             where=lambda e: e.new_record["id"] % 2 == 0 or e.new_record["id"] == 1)
+
+    async def main() -> None:
+        app = make_app(dsn, events)
+        box.append(app)
+        async with app:
+            await queue_up(admin, app, batches, 21)
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 21, "21 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    assert batches.rows() == [[1], [2, 4, 6, 8], [10, 12, 14, 16], [18, 20]]
+    for _rows, lsns, flushed in batches.calls:
+        assert flushed < lsns[0]

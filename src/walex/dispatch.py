@@ -27,7 +27,9 @@ transactions per call: :meth:`Dispatcher.dispatch` with ``defer=True`` (the
 pipeline's dispatcher loop, while more transactions are queued) keeps its
 selected events, making a call whenever ``max_batch`` of them are there, and
 :meth:`Dispatcher.flush` calls it with the rest; the caller acknowledges the
-transactions it deferred only after ``flush`` returned. Without ``defer``
+transactions it deferred only after ``flush`` returned (:meth:`Dispatcher.kept`
+keeps a planned transaction's events without a ``dispatch`` when no call is
+due). Without ``defer``
 (workers, single transactions) everything is flushed before ``dispatch``
 returns.
 
@@ -78,6 +80,15 @@ def _stopping(exc: BaseException) -> bool:
     return task is not None and task.cancelling() > 0
 
 
+class _BatchFailure:
+    """A ``max_batch`` call failed under "stop": the handler, the call's events, what it raised."""
+
+    __slots__ = ("events", "exc", "handler")
+
+    def __init__(self, handler: Handler, events: list[Event], exc: BaseException) -> None:
+        self.handler, self.events, self.exc = handler, events, exc
+
+
 def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Event | None = None) -> str:
     if func is None:
         return f"handler {handler.name}"
@@ -91,6 +102,7 @@ def _label(handler: Handler, func: Callable[..., Any] | None = None, event: Even
 # filter raised) ``callback(events)`` is that call.
 NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
 Plan = tuple[int, Any, Any, Any, Any]
+_NO_CALLS: list[list[Event]] = []  # _keep's answer when nothing is due (never changed)
 _NOTHING: Plan = (NOTHING, None, None, (), ())
 
 
@@ -135,11 +147,18 @@ class Dispatcher:
         self._modules = list(modules)
         self._refresh()
 
+    def refresh(self) -> None:
+        """Take in the handlers registered in the modules since (:meth:`plan` does it too)."""
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()
+
     def _refresh(self) -> None:
         self._lists = [module.handlers for module in self._modules]
         self._sizes = [len(handlers) for handlers in self._lists]
         self.handlers: list[Handler] = [h for module in self._modules for h in module.handlers]
-        self.batching = any(h.max_batch for h in self.handlers)
+        # the largest max_batch (0: no handler batches across transactions)
+        self.max_batch = max((h.max_batch for h in self.handlers), default=0)
+        self.batching = self.max_batch > 0
 
     @property
     def pending(self) -> bool:
@@ -217,7 +236,7 @@ class Dispatcher:
             return _NOTHING
         if len(selections) == 1:
             handler, selected = selections[0]
-            if not handler.functions and not handler.max_batch:
+            if handler.single:  # no functions, no max_batch
                 return (ASYNC if handler.is_async else PLAIN, handler.callback, selected, selections, ())
         return (OTHER, None, None, selections, ())
 
@@ -264,35 +283,71 @@ class Dispatcher:
                 for event in selected:
                     calls.append(self._guarded(handler, func, event, self._function, True, (func, event)))
                     owners.append((handler, func, event))
-        if len(calls) == 1:  # one call (a max_batch handler's due batch, say): no gather
-            failure = await calls[0]
-            if failure is not None:
-                self._raise([(_label(*owners[0]), failure)], txn)
-        elif calls:
-            results = await asyncio.gather(*calls, return_exceptions=True)
-            failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
-            if failures:
-                self._raise(failures, txn)
+        if not calls:  # max_batch handlers only, their events kept
+            if not defer and self._pending:
+                await self.flush()
+            return
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        failures = [(_label(*owner), r) for owner, r in zip(owners, results) if r is not None]
+        if failures:
+            batch = next((r for r in results if isinstance(r, _BatchFailure)), None)
+            if batch is not None:  # name the whole call, not only this transaction
+                for label, exc in failures:
+                    if exc is not batch:
+                        log.error("%s failed on transaction %s: %r", label, txn.xid, exc, exc_info=exc)
+                self._raise_batch([batch])
+            self._raise(failures, txn)
         if not defer and self._pending:
             await self.flush()
 
+    def kept(self, plan: Plan) -> bool:
+        """The batching loop's fast path: when every call of ``plan`` goes to a ``max_batch``
+        handler with room for its events, keep them (no call is due) and say True; else
+        do nothing and say False (:meth:`dispatch` it)."""
+        kind, _, _, selections, broken = plan
+        if kind != OTHER or broken:
+            return kind == NOTHING
+        pending = self._pending
+        for handler, selected in selections:
+            size = handler.max_batch
+            entry = pending.get(id(handler))
+            if not size or len(selected) + (0 if entry is None else len(entry[1])) >= size:
+                return False
+        for handler, selected in selections:
+            entry = pending.get(id(handler))
+            if entry is None:
+                pending[id(handler)] = (handler, selected[:])  # a list of its own
+            else:
+                entry[1].extend(selected)
+        return True
+
     def _keep(self, handler: Handler, selected: list[Event]) -> list[list[Event]]:
-        """Add ``selected`` to the handler's kept events; the calls of ``max_batch`` due now."""
+        """Add ``selected`` to the handler's kept events; the calls of ``max_batch`` due now.
+
+        A transaction's events share a call unless they alone are more than ``max_batch``:
+        kept events with which they would not fit go first, on their own."""
         size = handler.max_batch
-        entry = self._pending.get(id(handler))
-        kept = None if entry is None else entry[1]
-        chunks = []
-        if kept is not None and len(kept) + len(selected) > size:
-            chunks.append(kept)  # what fits no more goes first, in WAL order
-            kept = None
-        kept = selected if kept is None else kept + selected
-        while len(kept) >= size:
-            chunks.append(kept[:size])
-            kept = kept[size:]
-        if kept:
-            self._pending[id(handler)] = (handler, kept)
+        key = id(handler)
+        entry = self._pending.get(key)
+        if entry is not None:
+            kept = entry[1]
+            if len(kept) + len(selected) <= size:  # the common case: kept in place
+                kept += selected
+                if len(kept) < size:
+                    return _NO_CALLS
+                del self._pending[key]
+                return [kept]
+            chunks = [kept]  # what fits no more goes first, in WAL order
         else:
-            self._pending.pop(id(handler), None)
+            chunks = []
+        count, start = len(selected), 0
+        while count - start >= size:
+            chunks.append(selected[start:start + size])
+            start += size
+        if start < count:
+            self._pending[key] = (handler, selected[start:])  # a list of its own
+        elif entry is not None:
+            del self._pending[key]
         return chunks
 
     async def flush(self) -> None:
@@ -303,23 +358,29 @@ class Dispatcher:
             return
         results = await asyncio.gather(
             *(self._guarded_chunks(h, [kept]) for h, kept in pending), return_exceptions=True)
-        failures = [(h, kept, r) for (h, kept), r in zip(pending, results) if r is not None]
+        failures = [r if isinstance(r, _BatchFailure) else _BatchFailure(h, kept, r)
+                    for (h, kept), r in zip(pending, results) if r is not None]
         if failures:
-            for handler, kept, exc in failures:
-                log.error("%s failed on a batch of %d events: %r", _label(handler),
-                          len(kept), exc, exc_info=exc)
-            handler, events, exc = failures[0]
-            raise HandlerError(
-                f"{_label(handler)} raised {exc!r} on a batch of {len(events)} events "
-                f"({events[0].id} to {events[-1].id}); their transactions were not acknowledged"
-            ) from exc
+            self._raise_batch(failures)
 
-    async def _guarded_chunks(self, handler: Handler, chunks: list[list[Event]]) -> BaseException | None:
+    @staticmethod
+    def _raise_batch(failures: list[_BatchFailure]) -> None:
+        for f in failures:
+            log.error("%s failed on a batch of %d events: %r", _label(f.handler),
+                      len(f.events), f.exc, exc_info=f.exc)
+        f = failures[0]
+        events = f.events
+        raise HandlerError(
+            f"{_label(f.handler)} raised {f.exc!r} on a batch of {len(events)} events "
+            f"({events[0].id} to {events[-1].id}); their transactions were not acknowledged"
+        ) from f.exc
+
+    async def _guarded_chunks(self, handler: Handler, chunks: list[list[Event]]) -> _BatchFailure | None:
         """The calls of a ``max_batch`` handler, one after the other; stops at a failure."""
         for chunk in chunks:
             failure = await self._guarded(handler, None, None, handler.callback, handler.is_async, chunk)
             if failure is not None:
-                return failure
+                return _BatchFailure(handler, chunk, failure)
         return None
 
     async def recover(self, txn: Transaction, plan: Plan, exc: BaseException) -> None:

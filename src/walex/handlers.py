@@ -77,6 +77,12 @@ class Handler:
     matches_table: Callable[[str, str], bool] = field(default=lambda s, t: True)
     max_batch: int = 0  # > 0: events of several queued transactions per call, at most this many
     takes_all: bool = False  # every table and every type: concerns() is true of any event
+    # one call per transaction and nothing else (no functions, no max_batch): the
+    # dispatcher's fast paths; set at registration
+    single: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        self.single = not self.functions and not self.max_batch
 
     @property
     def name(self) -> str:

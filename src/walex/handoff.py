@@ -19,6 +19,14 @@ not depend on a batch's size are paid per wake-up, not per transaction:
   if the policy stops the app) and before any further call once ``stop()``
   set ``closing``.
 
+With a ``max_batch`` handler (:mod:`walex.dispatch`), the batches taken while
+more are queued are deferred: recorded handled once every call holding their
+events returned. While it defers, a reader waiting for room is let in (the
+deferred batches are in hand, no longer queued), so a call can hold up to
+``max_batch`` single-event transactions however short the queue; nothing
+waits otherwise: with nothing queued and the reader not held up, the call is
+made at once.
+
 Runs of plain calls and async calls awaited in the loop serve apps without
 destinations, tracing or ``max_batch`` handlers (metrics alone count through
 the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch
@@ -27,8 +35,10 @@ at a time through the observer's wrapper and the destinations.
 Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
 queued or in hand hold at most ``max_pending_transactions`` entries (plus the
-read batches of a backfill) and about ``max_pending_bytes``; once ``closing``
-is set no call starts but the one in hand.
+read batches of a backfill; plus, deferred for a ``max_batch`` handler, up to
+the larger of that and ``max_batch``) and about ``max_pending_bytes``; once
+``closing`` is set no call starts but the one in hand (and, for a ``max_batch``
+handler, the call holding the events of the batches in hand).
 """
 
 from __future__ import annotations
@@ -136,24 +146,23 @@ async def run_dispatcher(p: Any) -> None:
     """Dispatch the queued batches of pipeline ``p`` in order; returns when ``closing``,
     after the batch (or run of plain calls) in hand."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    dispatcher.refresh()  # handlers registered after the app was made count
+    if dispatcher.batching:  # a max_batch handler: the loop of its own below
+        await _run_batching(p)
+        return
     items = queue.items
-    # max_batch handlers: while more batches are queued their events are kept
-    # (dispatch(defer=True)), the batches deferred, and acknowledged after flush()
-    batching = dispatcher.batching
-    deferred: list[Transaction] = []
-    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
     p.reached_ahead = 0
-    dispatch = partial(dispatcher.dispatch, defer=True) if batching else dispatcher.dispatch
+    dispatch = dispatcher.dispatch
     observer = p.observer
     if observer is not None:
         dispatch = observer(dispatch)  # metrics / tracing per batch
     slot, context = p.slot_name, TRANSACTION
     destinations = p.destinations if p.destinations else None
     # planned here (runs of plain calls, async calls awaited directly) only where a
-    # batch is nothing but its handler calls
-    # metrics without tracing count through hooks (counting), so they keep the runs
+    # batch is nothing but its handler calls; metrics without tracing count through
+    # hooks (counting), so they keep the runs
     counting = p.counting
-    direct = (observer is None or counting is not None) and destinations is None and not batching
+    direct = (observer is None or counting is not None) and destinations is None
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
@@ -200,21 +209,6 @@ async def run_dispatcher(p: Any) -> None:
             context.reset(token)
         if counting is not None and todo is not None:
             counting.counted(txn)
-        if batching:
-            deferred.append(txn)
-            if dispatcher.pending:
-                if items and len(deferred) < queue.limit and not p.closing:
-                    continue  # more queued: the kept events may share a call with theirs
-                token = context.set((slot, txn.commit_lsn, txn.xid))
-                try:
-                    await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
-                finally:
-                    context.reset(token)
-            for txn in deferred:  # every call holding their events returned
-                _handled(p, queue, ack, txn)
-            deferred.clear()
-            p.in_hand = None
-            continue
         if failpoints.ACTIVE:
             failpoints.hit("after_dispatch")
         p.events_handled += len(txn.events)
@@ -225,6 +219,78 @@ async def run_dispatcher(p: Any) -> None:
         queue.bytes -= txn.size  # queue.release(txn.size)
         if queue._reader_waits:
             queue.room_made()
+        p.in_hand = None
+
+
+async def _run_batching(p: Any) -> None:
+    """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
+    queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
+    the batches deferred; those are recorded handled, in order, once
+    :meth:`~walex.dispatch.Dispatcher.flush` returned. Chosen at start: with no
+    ``max_batch`` handler then, one added by a runtime reconfiguration gets one call
+    per transaction until the next start."""
+    queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
+    items = queue.items
+    deferred: list[Transaction] = []
+    # most batches deferred at once: enough for a call of max_batch single-event
+    # transactions, however short the queue (the byte budget bounds their memory)
+    hold = max(queue.limit, dispatcher.max_batch)
+    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
+    dispatch: Any = partial(dispatcher.dispatch, defer=True)
+    observer = p.observer
+    if observer is not None:
+        dispatch = observer(dispatch)  # metrics / tracing per batch
+    slot, context = p.slot_name, TRANSACTION
+    destinations = p.destinations if p.destinations else None
+    # without observer and destinations: planned here, events kept without a dispatch
+    direct = observer is None and destinations is None
+    plan, kept, dispatch_one = dispatcher.plan, dispatcher.kept, dispatcher.dispatch
+    while not p.closing:
+        if not items:
+            await queue.wait_ready()
+            continue
+        txn = items.popleft()
+        p.in_hand = txn
+        token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+        try:
+            if direct:
+                todo = plan(txn)
+                if not kept(todo):
+                    await dispatch_one(txn, todo, True)
+            elif destinations is None:
+                await dispatch(txn)
+            else:  # published while the handlers run; both must finish
+                await destinations.alongside(txn, dispatch)
+        finally:
+            context.reset(token)
+        deferred.append(txn)
+        if dispatcher._pending:  # events kept for a later call
+            if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
+                # the reader holds a batch and waits for room: the deferred batches are
+                # in hand, not queued, so let it queue more (the byte budget still
+                # counts them) before the call is made
+                queue.room_made()
+                if not queue._reader_waits:
+                    await asyncio.sleep(0)
+            if items and len(deferred) < hold and not p.closing:
+                continue  # more queued: the kept events may share a call with theirs
+            token = context.set((slot, txn.commit_lsn, txn.xid))
+            try:
+                await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
+            finally:
+                context.reset(token)
+        for done in deferred:  # every call holding their events returned: _handled inline
+            if failpoints.ACTIVE:
+                failpoints.hit("after_dispatch")
+            p.events_handled += len(done.events)
+            if done.last:
+                if done.end_lsn > ack.flushed:  # ack.handled(done.end_lsn)
+                    ack.flushed = done.end_lsn
+                p.transactions_handled += 1
+            queue.bytes -= done.size  # queue.release(done.size), the reader woken once
+        if queue._reader_waits:
+            queue.room_made()
+        deferred.clear()
         p.in_hand = None
 
 
