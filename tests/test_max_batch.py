@@ -369,17 +369,7 @@ def test_a_failing_batch_goes_to_the_dead_letter_handler_as_a_whole(
     def dead_letter(items: list[Event], exc: BaseException) -> None:
         dead.append(([e.new_record["id"] for e in items], str(exc)))
 
-    async def main() -> None:
-        app = make_app(dsn, events, on_error=dead_letter, max_retries=1, retry_backoff=0.01)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 12)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 12, "12 transactions handled")
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
-
-    run(main())
+    stream_queued(admin, dsn, events, batches, 12, on_error=dead_letter, max_retries=1, retry_backoff=0.01)
     # the failing call, retried once, fails again: its events go to the dead letter
     # handler in one list, and its transactions count as handled
     assert batches.rows() == [[1], [2, 3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
@@ -466,17 +456,7 @@ def test_filters_still_choose_the_events_of_a_batched_handler(
     register(events, batches, plain=True, max_batch=4,
              where=lambda e: e.new_record["id"] % 2 == 0 or e.new_record["id"] == 1)
 
-    async def main() -> None:
-        app = make_app(dsn, events)
-        box.append(app)
-        async with app:
-            await queue_up(admin, app, batches, 21)
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 21, "21 transactions handled")
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
-
-    run(main())
+    stream_queued(admin, dsn, events, batches, 21)
     assert batches.rows() == [[1], [2, 4, 6, 8], [10, 12, 14, 16], [18, 20]]
     for _rows, lsns, flushed in batches.calls:
         assert flushed < lsns[0]
