@@ -111,10 +111,10 @@ class WalEx(Lifecycle):
             from .destinations import Destinations
 
             self.destinations = Destinations(s.destination_urls(), s.partitions)
+            # a permanent refusal follows on_error, as a failed handler call
+            self.destinations.refused = self.dispatcher.settle
         self.pipeline.destinations = self.destinations
         self.destinations.stats = self.pipeline.stats  # publish counts and latencies
-        if s.destinations:  # a permanent refusal follows on_error, as a failed handler call
-            self.destinations.refused = self.dispatcher.settle  # type: ignore[union-attr]
         self.observer = Observer(self)  # metrics, health, lag guard, tracing (walex.observe)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()

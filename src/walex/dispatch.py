@@ -314,11 +314,7 @@ class Dispatcher:
             if not size or len(selected) + (0 if entry is None else len(entry[1])) >= size:
                 return False
         for handler, selected in selections:
-            entry = pending.get(id(handler))
-            if entry is None:
-                pending[id(handler)] = (handler, selected[:])  # a list of its own
-            else:
-                entry[1].extend(selected)
+            self._keep(handler, selected)  # room for them all: no call due
         return True
 
     def _keep(self, handler: Handler, selected: list[Event]) -> list[list[Event]]:

@@ -264,7 +264,7 @@ async def _run_batching(p: Any) -> None:
         finally:
             context.reset(token)
         deferred.append(txn)
-        if dispatcher._pending:  # events kept for a later call
+        if dispatcher.pending:  # events kept for a later call
             if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
                 # the reader holds a batch and waits for room: the deferred batches are
                 # in hand, not queued, so let it queue more (the byte budget still
@@ -279,17 +279,9 @@ async def _run_batching(p: Any) -> None:
                 await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
             finally:
                 context.reset(token)
-        for done in deferred:  # every call holding their events returned: _handled inline
-            if failpoints.ACTIVE:
-                failpoints.hit("after_dispatch")
-            p.events_handled += len(done.events)
-            if done.last:
-                if done.end_lsn > ack.flushed:  # ack.handled(done.end_lsn)
-                    ack.flushed = done.end_lsn
-                p.transactions_handled += 1
-            queue.bytes -= done.size  # queue.release(done.size), the reader woken once
-        if queue._reader_waits:
-            queue.room_made()
+        for done in deferred:  # every call holding their events returned
+            _record(p, ack, done)
+        queue.release(sum(done.size for done in deferred))  # the reader woken once for all
         deferred.clear()
         p.in_hand = None
 
@@ -323,13 +315,17 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         p.reached_ahead = max(p.reached_ahead, count)
     p.in_hand = items[0]
     done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
-    for _ in range(done):  # handled: recorded in order
+
+    def finish() -> None:  # the queue's first batch was handled: recorded in order
         txn = items.popleft()
         del ahead[0]
         if counting is not None:
             p.reached_ahead -= 1
             counting.counted(txn)
         _handled(p, queue, ack, txn)
+
+    for _ in range(done):
+        finish()
     if failure is not None:  # the call `done` failed: the error policy decides
         txn, todo = items[0], ahead[0]
         p.in_hand = txn
@@ -338,21 +334,21 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             await dispatcher.recover(txn, todo, failure)  # raises HandlerError under "stop"
         finally:
             TRANSACTION.reset(token)
-        items.popleft()
-        del ahead[0]
-        if counting is not None:
-            p.reached_ahead -= 1
-            counting.counted(txn)
-        _handled(p, queue, ack, txn)
+        finish()
     p.in_hand = None
 
 
-def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
-    """Record a batch handled (by every call of a run before it, and its own)."""
+def _record(p: Any, ack: Any, txn: Transaction) -> None:
+    """Record a batch handled (its bytes are the queue's to release)."""
     if failpoints.ACTIVE:
         failpoints.hit("after_dispatch")
     p.events_handled += len(txn.events)
     if txn.last:
         ack.handled(txn.end_lsn)
         p.transactions_handled += 1
+
+
+def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
+    """Record a batch handled (by every call of a run before it, and its own)."""
+    _record(p, ack, txn)
     queue.release(txn.size)
