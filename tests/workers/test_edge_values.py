@@ -245,6 +245,73 @@ def test_edge_values_and_domains_through_a_relay_to_a_worker(
     assert isinstance(inserted[7]["c_d_tstz_arr"][0], dt.datetime)
 
 
+DOMAINS = """
+CREATE TABLE doms (id int PRIMARY KEY, c_d_date d_date, c_d_num d_num, c_d_tstz d_tstz,
+                   c_d_d_date d_d_date, c_d_ints d_ints, c_d_date_arr d_date[],
+                   c_d_num_arr d_num[], c_d_tstz_arr d_tstz[]);
+ALTER PUBLICATION pub ADD TABLE doms;
+"""
+
+
+def test_domains_reach_a_worker_typed_as_in_process(
+    admin: psycopg.Connection, dsn: str, unique: str,
+) -> None:
+    """Domains over date, numeric and timestamptz, a domain over a domain and over an array,
+    and arrays of domains: the worker types them by ``data.base_types``, as in-process."""
+    port = require("nats")
+    url = URL.format(port=port, unique=unique)
+    admin.execute(SCHEMA)
+    admin.execute(DOMAINS)
+    got: list[Event] = []
+    events = Events()
+
+    @events.on_event("doms")
+    async def record(batch: list[Event]) -> None:
+        got.extend(batch)
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["doms"], destinations=[url]) as rec:
+            worker = Worker(url + "&partitions=1", [events])
+            await worker.start()
+            try:
+                admin.execute("""INSERT INTO doms VALUES
+                    (1, '2024-02-29', 12.5, '2024-02-29 12:00+05', '0001-01-01', '{1,NULL}',
+                     '{2024-02-29,NULL}', '{0.1,NULL,7}', '{"2024-02-29 12:00+05"}'),
+                    (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""")
+                admin.execute("UPDATE doms SET c_d_num = c_d_num + 1, c_d_date = '2025-01-01'")
+                expected = await rec.wait_for(4, timeout=60)
+                await until(lambda: len(got) >= 4, "4 events at the worker", 60)
+            finally:
+                await asyncio.wait_for(worker.stop(), 30)
+        return expected
+
+    try:
+        expected = run(main(), timeout=180)
+    finally:
+        asyncio.run(nats_delete(f"EDGE_{unique}", port))
+    one = expected[0].new_record
+    assert one == {
+        "id": 1, "c_d_date": dt.date(2024, 2, 29), "c_d_num": Decimal("12.50"),
+        "c_d_tstz": dt.datetime(2024, 2, 29, 7, tzinfo=dt.timezone.utc),
+        "c_d_d_date": dt.date(1, 1, 1), "c_d_ints": [1, None],
+        "c_d_date_arr": [dt.date(2024, 2, 29), None],
+        "c_d_num_arr": [Decimal("0.10"), None, Decimal("7.00")],
+        "c_d_tstz_arr": [dt.datetime(2024, 2, 29, 7, tzinfo=dt.timezone.utc)],
+    }
+    assert [e.id for e in got] == [e.id for e in expected]
+    for mine, theirs in zip(got, expected):
+        assert mine.source == theirs.source
+        for part in ("new_record", "old_record"):
+            a, b = getattr(mine, part), getattr(theirs, part)
+            assert (a is None) == (b is None), part
+            if b is not None:
+                wrong = {c: (a[c], b[c]) for c in b if not same(a[c], b[c])}
+                assert not wrong and list(a) == list(b), f"{theirs.id} {part}: {wrong}"
+    update = got[2]
+    assert update.new_record["c_d_num"] == Decimal("13.50")  # type: ignore[index]
+    assert type(update.new_record["c_d_date_arr"][0]) is dt.date  # type: ignore[index]
+
+
 def _lsn(text: str) -> int:
     high, low = text.split("/")
     return (int(high, 16) << 32) + int(low, 16)
