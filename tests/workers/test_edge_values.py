@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import pickle
+import signal
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -312,6 +318,94 @@ def test_domains_reach_a_worker_typed_as_in_process(
     assert type(update.new_record["c_d_date_arr"][0]) is dt.date  # type: ignore[index]
 
 
+HANDLERS = """
+import datetime as dt, os, pickle
+from decimal import Decimal
+from walex import Events
+
+events = Events()
+TYPES = {"pt": lambda form: (Decimal(form["x"]), dt.date.fromisoformat(form["d"]))}
+
+
+@events.on_event("doms")
+def record(batch):
+    with open(os.environ["RECORDED"], "ab") as out:
+        for event in batch:
+            pickle.dump(event.new_record, out)
+"""
+
+
+def test_walex_worker_types_domains_edge_values_and_user_types(
+    admin: psycopg.Connection, dsn: str, unique: str, tmp_path: Path,
+) -> None:
+    """A ``walex worker`` process: domains and values Python cannot hold typed as in-process
+    with no option, a composite typed back with ``--types package.module:mapping``."""
+    port = require("nats")
+    url = URL.format(port=port, unique=unique)
+    admin.execute(SCHEMA)
+    admin.execute(DOMAINS)
+    admin.execute("CREATE TYPE pt AS (x numeric, d date); ALTER TABLE doms ADD p pt")
+    (tmp_path / "handlers.py").write_text(HANDLERS)
+    recorded = tmp_path / "recorded.pickle"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
+    env["RECORDED"] = str(recorded)
+
+    def received() -> list[dict[str, Any]]:
+        found = []
+        if recorded.exists():
+            with recorded.open("rb") as source:
+                while True:
+                    try:
+                        found.append(pickle.load(source))
+                    except EOFError:
+                        return found
+        return found
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["doms"], destinations=[url]) as rec:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "walex.cli", "worker", url + "&partitions=1",
+                 "handlers:events", "--types", "handlers:TYPES"],
+                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                admin.execute("""INSERT INTO doms VALUES
+                    (1, 'infinity', 12.5, '2024-02-29 12:00+05', '0044-03-15 BC', '{1,NULL}',
+                     '{2024-02-29,-infinity}', '{0.1,NULL}', '{"10000-01-01 00:00+00"}',
+                     ROW(1.50, '2024-02-29')),
+                    (2, '2024-02-29', 0, 'infinity', NULL, NULL, NULL, NULL, NULL, NULL)""")
+                expected = await rec.wait_for(2, timeout=60)
+
+                async def done() -> None:
+                    while len(received()) < 2:
+                        if proc.poll() is not None:
+                            raise AssertionError(f"walex worker exited {proc.returncode}: "
+                                                 f"{proc.communicate()[1][-2000:]}")
+                        await asyncio.sleep(0.05)
+
+                await asyncio.wait_for(done(), 60)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+            assert proc.returncode == 0, err[-2000:]
+        return expected
+
+    try:
+        expected = run(main(), timeout=180)
+    finally:
+        asyncio.run(nats_delete(f"EDGE_{unique}", port))
+    got = received()
+    assert len(got) == len(expected) == 2
+    for mine, theirs in zip(got, (e.new_record for e in expected)):
+        assert theirs is not None and list(mine) == list(theirs)
+        p = theirs["p"]
+        assert mine["p"] == (None if p is None else tuple(p))
+        wrong = {c: (mine[c], theirs[c]) for c in theirs if c != "p" and not same(mine[c], theirs[c])}
+        assert not wrong, wrong
+    assert got[0]["c_d_date"] == "infinity" and got[0]["c_d_num"] == Decimal("12.50")
+    assert got[0]["c_d_d_date"] == "0044-03-15 BC" and got[1]["c_d_tstz"] == "infinity"
+    assert got[0]["p"] == (Decimal("1.50"), dt.date(2024, 2, 29))
+
+
 def _lsn(text: str) -> int:
     high, low = text.split("/")
     return (int(high, 16) << 32) + int(low, 16)
@@ -334,3 +428,16 @@ def test_the_schema_takes_the_text_forms(form: tuple[str, str]) -> None:
     type_name, value = form
     assert not list(form_validator(type_name).iter_errors(value))
     assert not list(form_validator(type_name + "[]").iter_errors([value, None]))
+
+
+def test_walex_worker_types_that_are_not_a_mapping_of_callables(tmp_path: Path) -> None:
+    (tmp_path / "handlers.py").write_text(HANDLERS + "\nBAD = {'pt': 'not callable'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
+    for spec, why in (("handlers:BAD", "types must map type names to callables"),
+                      ("handlers:NOPE", "module 'handlers' has no attribute 'NOPE'")):
+        done = subprocess.run(
+            [sys.executable, "-m", "walex.cli", "worker", "nats://127.0.0.1:1?stream=S&partitions=1",
+             "handlers:events", "--types", spec],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 1, done.stderr
+        assert why in done.stderr and "Traceback" not in done.stderr

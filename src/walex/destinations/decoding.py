@@ -66,7 +66,7 @@ import orjson
 from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
 
-from ..errors import DecodeError
+from ..errors import ConfigError, DecodeError
 from ..event import UNCHANGED_TOAST, Change, Event, EventType, Source
 
 __all__ = ["Decoder", "decode"]
@@ -204,6 +204,10 @@ class Decoder:
     """
 
     def __init__(self, types: Mapping[str, Convert] | None = None) -> None:
+        if types is not None and not (isinstance(types, Mapping) and all(
+                isinstance(name, str) and callable(convert) for name, convert in types.items())):
+            raise ConfigError(f"types must map type names to callables typing a value's JSON "
+                              f"form back, like {{'mytype': MyType.from_json}}, got {types!r}")
         self.types = dict(types or {})
         self._converters: dict[str, Convert] = {}
         self._tuples: dict[tuple[str, tuple[str, ...]], type] = {}
