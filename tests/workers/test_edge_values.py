@@ -125,10 +125,14 @@ def selected(admin: psycopg.Connection, ident: int, column: str) -> Any:
     else the value's PostgreSQL text form (DateStyle ISO, as walex's stream has it)."""
     admin.execute("SET DateStyle = ISO")
     query = f"SELECT {column} FROM edge WHERE id = %s"
+    admin.execute("SET TimeZone = 'UTC'")  # walex types a timestamptz in UTC
     try:
         return admin.execute(query, [ident]).fetchone()[0]  # type: ignore[index]
     except psycopg.DataError:
+        admin.execute("RESET TimeZone")  # the server's, as the stream writes the text
         return admin.execute(query.replace(column, f"{column}::text", 1), [ident]).fetchone()[0]  # type: ignore[index]
+    finally:
+        admin.execute("RESET TimeZone")
 
 
 URL = "nats://127.0.0.1:{port}?stream=EDGE_{unique}&subject=edge{unique}.{{schema}}.{{table}}.{{partition}}"
