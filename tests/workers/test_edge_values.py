@@ -456,3 +456,30 @@ def test_walex_worker_types_that_are_not_a_mapping_of_callables(tmp_path: Path) 
             cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 1, done.stderr
         assert why in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_backfill_reads_them_as_the_stream_gives_them(admin: psycopg.Connection, dsn: str) -> None:
+    """``read`` events of rows with such values equal the inserts the stream gave."""
+    admin.execute(SCHEMA)
+    statements = rows(admin)
+
+    async def main() -> list[Event]:
+        async with collecting(dsn, subscriptions=["edge"]) as rec:
+            for statement in statements:
+                admin.execute(statement)
+            await rec.wait_for(len(statements), timeout=60)
+            job = await rec.app.backfill("edge")  # type: ignore[union-attr]
+            assert (job.state, job.rows_done) == ("done", len(EDGES))
+            return await rec.wait_for(len(statements) + len(EDGES), timeout=60)
+
+    events = run(main(), timeout=120)
+    streamed = {e.new_record["id"]: e for e in events[:len(statements)]}  # type: ignore[index]
+    reads = events[len(statements):]
+    assert [e.type.value for e in reads] == ["read"] * len(EDGES)
+    for read in reads:
+        insert = streamed[read.new_record["id"]]  # type: ignore[index]
+        assert read.source == insert.source
+        wrong = {c: (v, insert.new_record[c]) for c, v in read.new_record.items()  # type: ignore[union-attr,index]
+                 if not same(v, insert.new_record[c])}  # type: ignore[index]
+        assert not wrong, wrong
+    assert streamed[1].new_record["c_date"] == "infinity"  # type: ignore[index]
