@@ -200,7 +200,8 @@ class Decoder:
     """Decodes message bodies into Events; holds the caches that make it cheap.
 
     ``types``: ``{"type name": callable}`` typing the JSON form of a column of
-    that type (a user type; a composite whose fields the message cannot type).
+    that type (a user type; a composite whose fields the message cannot type; a
+    domain named here is typed by its callable, not as its base type).
     """
 
     def __init__(self, types: Mapping[str, Convert] | None = None) -> None:
