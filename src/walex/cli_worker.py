@@ -7,7 +7,9 @@ error policy are used; it does not connect to PostgreSQL), a
 ``partitions=N`` when the relay has ``partitions`` (see :mod:`walex.workers`).
 Options given on the command line override the app's (``--metrics-port``
 is the worker's own: an app's ``metrics_port`` is not taken, as several
-workers of one app may share a machine). SIGINT and SIGTERM
+workers of one app may share a machine). ``--types package.module:mapping``
+is the worker's ``types`` (:class:`~walex.destinations.decoding.Decoder`);
+domains need none: the message names their base types. SIGINT and SIGTERM
 stop the worker cleanly (exit 0); a handler failure under ``on_error="stop"``
 exits 1 with the error, its messages left to the other workers.
 """
@@ -39,6 +41,8 @@ def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
 
     consumer_from_url(source_url)  # a bad URL is reported before the handlers are imported
     obj = import_object(target)
+    if isinstance(options.get("types"), str):  # 'package.module:mapping'
+        options = {**options, "types": import_object(options["types"])}
     if isinstance(obj, WalEx):
         return Worker.for_app(source_url, obj, **options)
     if isinstance(obj, Events):
@@ -71,6 +75,9 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
         metrics_port: Annotated[Optional[int], typer.Option(  # noqa: UP007
             help="Serve /metrics, /healthz and /livez on this port (needs walex\\[metrics]).",
             show_default=False)] = None,
+        types: Annotated[Optional[str], typer.Option(  # noqa: UP007
+            help="'package.module:mapping': {type name: callable} typing the JSON form of a "
+                 "user type back (see walex.destinations.decoding).", show_default=False)] = None,
         loop: Annotated[Optional[str], typer.Option(  # noqa: UP007
             help="The event loop: auto (uvloop if installed), asyncio or uvloop (default: the "
                  "app's, else WALEX_LOOP, else auto).", show_default=False)] = None,
@@ -91,7 +98,7 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
             sys.path.insert(0, str(folder))
             options = {k: v for k, v in (("concurrency", concurrency), ("on_error", on_error),
                                          ("max_retries", max_retries), ("loop", loop),
-                                         ("metrics_port", metrics_port))
+                                         ("metrics_port", metrics_port), ("types", types))
                        if v is not None}
             try:
                 built = build_worker(source_url, target, options)

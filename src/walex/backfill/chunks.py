@@ -106,11 +106,13 @@ async def read_chunk(
             events += [Event(name, _READ, source, r, None, None, _UNSET, "", "") for r in records]
             await asyncio.sleep(0)
     except Exception:
-        # type row by row to get the error that names the column and the value
+        # type row by row, as a streamed row: a value Python cannot hold ('infinity', a
+        # year BC) becomes its text form, any other failure the error naming the column
+        events = []
         for i in range(count):
             raw = [result.get_value(i, j) for j in range(len(names))]
-            table.load(TupleData(raw, True), "Read", 0)
-        raise
+            record = dict(zip(names, table.load(TupleData(raw, True), "Read", 0)))
+            events.append(Event(name, _READ, source, record, None, None, _UNSET, "", ""))
     last = None
     if count:
         last = [bytes(result.get_value(count - 1, p) or b"").decode() for p in target.key_positions()]
