@@ -6,14 +6,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from walex.diagnosis import apply_plan, diagnose
 from walex.embedded import Cluster
+
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
 
 WALEX = [sys.executable, "-m", "walex.cli"]
 # no WALEX_* from the environment: each test says what it gives
@@ -187,7 +193,7 @@ def test_setup_that_fails_on_the_slot_reports_the_publication_it_created(
         assert "nothing was changed" not in proc.stdout + proc.stderr
         assert "- created publication 'pub' for item" in proc.stdout
         assert "pg_create_logical_replication_slot('late_slot', 'pgoutput') failed" in proc.stderr
-        assert "applied before it, and kept: created publication 'pub' for item" in proc.stderr
+        assert "Applied before it, and kept: created publication 'pub' for item" in proc.stderr
         assert state(admin)["published"] == [("pub", "public", "item")]
         assert state(admin)["slots"] == []
 
@@ -241,3 +247,40 @@ def test_setup_json_has_the_same_keys_in_every_outcome(
     assert "publication" in results["no publication"]["error"]
     assert "missing.toml" in results["bad config file"]["error"]
     assert "pw-s3cret" not in json.dumps(results)
+
+
+def test_setup_gives_up_on_a_silent_network_while_applying(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """CREATE PUBLICATION waits for a lock, then the network goes silent: exit, no hang."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params["host"]), int(params["port"])).start()
+    try:
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE item IN ACCESS EXCLUSIVE MODE")
+            url = make_conninfo(dsn, port=proxy.port, application_name="setup_silent")
+            proc = subprocess.Popen([*WALEX, "setup", "--url", url, "-p", "pub", "-t", "item",
+                                     "--timeout", "8", "--json"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=ENV)
+            try:
+                deadline = time.monotonic() + 60
+                while admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'setup_silent' "
+                    "AND wait_event_type = 'Lock'").fetchone() is None:
+                    assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+                    time.sleep(0.05)
+                proxy.partition()  # the server's answer (a statement timeout) never arrives
+                out, err = proc.communicate(timeout=90)
+            finally:
+                proc.kill()
+    finally:
+        proxy.stop()
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    result = json.loads(out)
+    assert result["failed"] == 'CREATE PUBLICATION "pub" FOR TABLE "public"."item"', result
+    assert result["applied"] == [] and "no answer from" in result["error"], result
+    assert "whether it was applied is unknown" in result["error"]
+    assert "Nothing was applied before it" in result["error"]
+    assert state(admin)["publications"] == []  # the server's statement_timeout undid it

@@ -140,8 +140,11 @@ def _failure(failed: Action, exc: BaseException, applied: list[str], secret: str
         if failed.phase == "slot" and isinstance(exc, psycopg.errors.QueryCanceled):
             what += (" (creating a slot waits for every transaction open when it starts: end "
                      "the long-running ones, see pg_stat_activity)")
-    done = ("applied before it, and kept: " + "; ".join(applied)) if applied else \
-        "nothing was changed"
+    if applied:
+        done = "Applied before it, and kept: " + "; ".join(applied)
+    else:
+        done = "Nothing was applied before it" if isinstance(exc, SetupError) else \
+            "Nothing was changed"
     return f"setup failed: {what}. {done}. Run walex setup again once fixed: it skips what exists"
 
 
