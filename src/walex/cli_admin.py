@@ -207,10 +207,12 @@ def drop_slot(
     try:
         settings = _settings(url, "_", config)  # no publication involved
         with _connect(settings) as conn:
-            row = conn.execute(
-                "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))"
-                "::bigint FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            with deadline(conn, settings, QUERY_TIMEOUT, "reading the slot"):
+                row = conn.execute(
+                    "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
+                    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, "
+                    "restart_lsn))::bigint FROM pg_replication_slots WHERE slot_name = %s",
+                    (name,)).fetchone()
             if row is None:
                 raise SetupError(f"replication slot {name!r} does not exist on "
                                  f"{settings.display_target()}")
@@ -229,7 +231,8 @@ def drop_slot(
                 out.print("not dropped")
                 raise typer.Exit(1)
             try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                with deadline(conn, settings, QUERY_TIMEOUT, "dropping the slot"):
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
             except psycopg.Error as exc:
                 raise SetupError(f"cannot drop slot {name!r}: "
                                  f"{redact(str(exc).strip(), settings.secret())}") from None
