@@ -103,7 +103,7 @@ def deadline(conn: psycopg.Connection, settings: WalExSettings, timeout: float,
     The server's ``statement_timeout`` ends slow statements; this ends the wait
     for an answer that never comes (a network that drops packets without closing
     the connection). The connection is closed when it fires. Main thread only
-    (SIGALRM); elsewhere the block runs without it.
+    (SIGALRM); elsewhere the block runs without it. Not nested: one at a time.
     """
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
