@@ -95,10 +95,10 @@ def test_worker_metrics_count_what_it_handled(
             events = await rec.wait_for(12, timeout=30)
         found = await asyncio.to_thread(
             wait_until, lambda: (f := scrape()) and handled(f) == 12 and f, "12 events in /metrics")
-        assert found['walex_worker_events_total{table="item",type="insert"}'] == 5
-        assert found['walex_worker_events_total{table="item",type="update"}'] == 2
-        assert found['walex_worker_events_total{table="item",type="delete"}'] == 1
-        assert found['walex_worker_events_total{table="other",type="insert"}'] == 4
+        assert found['walex_worker_events_total{table="public.item",type="insert"}'] == 5
+        assert found['walex_worker_events_total{table="public.item",type="update"}'] == 2
+        assert found['walex_worker_events_total{table="public.item",type="delete"}'] == 1
+        assert found['walex_worker_events_total{table="public.other",type="insert"}'] == 4
         assert found["walex_worker_handler_errors_total"] == 1
         assert found["walex_worker_handler_retries_total"] == 1
         assert found["walex_worker_handler_failures_total"] == 0
