@@ -66,8 +66,9 @@ from ..observe import require_extra
 from ..observe.workers import WorkerObserver, WorkerStats
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
+from .lease import _CURRENT, Lease, LeaseLost, current_lease
 
-__all__ = ["Worker", "consumer_from_url"]
+__all__ = ["Lease", "LeaseLost", "Worker", "consumer_from_url", "current_lease", "declare"]
 
 log = logging.getLogger("walex.workers")
 
@@ -100,6 +101,14 @@ def consumer_from_url(url: str) -> Consumer:
     cls = load_class(__name__, scheme, scheme.consumer, f"worker source {parsed.display}")
     consumer: Consumer = cls(parsed)
     return consumer
+
+
+async def declare(source_url: str) -> None:
+    """Declare a worker group on the broker before the relay publishes (or before its
+    workers start): the stream or exchange as the relay creates it, and the group's
+    consumers (JetStream) or queues (RabbitMQ, where a group must be declared: a worker
+    does not create its group's queues, see the module's doc)."""
+    await consumer_from_url(source_url).declare()
 
 
 def _policy(on_error: Any) -> Any:
@@ -186,6 +195,7 @@ class Worker(Lifecycle):
         self.redeliveries = 0  # messages the broker delivered again
         self.reconnects = 0  # connections to the broker lost and opened again
         self.undecodable = 0  # messages that were not walex events
+        self.fenced = 0  # calls cut off (not acknowledged) as the worker lost their partition
         self.connected = False  # consuming: connected, the partitions subscribed
         self.stats: WorkerStats | None = WorkerStats() if metrics_port is not None else None
         self.observer = WorkerObserver(self, metrics_port, metrics_host)
@@ -327,12 +337,40 @@ class Worker(Lifecycle):
                 j += 1
             group = items[i:j]
             try:
-                await self._dispatch(lane.partition, [e for _, e, _ in group])  # type: ignore[misc]
+                await self._call(lane, [e for _, e, _ in group], [d for d, _, _ in group])  # type: ignore[misc]
             except BaseException:
                 await lane.release([d for d, _, _ in items[i:]])
                 raise
             await lane.ack([d for d, _, _ in group])
             i = j
+
+    async def _call(self, lane: Lane, events: list[Event], deliveries: list[Delivery]) -> None:
+        """Dispatch under the partition's lease: the call is cancelled when the lane is
+        revoked (this worker lost the partition), and then nothing is acknowledged."""
+        last = deliveries[-1]
+        lease = Lease(lane.partition, events[-1].id, any(d.redelivered for d in deliveries),
+                      last.attempt, last.sequence, lane)
+        if lane.revoked.is_set():
+            raise Unavailable(f"partition {lane.partition}: {lane.reason}")
+        token = _CURRENT.set(lease)
+        try:
+            call = asyncio.create_task(self._dispatch(lane.partition, events))
+        finally:
+            _CURRENT.reset(token)
+        lost = asyncio.create_task(lane.revoked.wait())
+        try:
+            await asyncio.wait([call, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+        if lane.revoked.is_set():
+            self.fenced += 1
+            raise Unavailable(f"partition {lane.partition}: {lane.reason}; the call with events "
+                              f"{events[0].id}..{events[-1].id} was cancelled or its end not "
+                              "acknowledged")
+        call.result()
 
     async def _dispatch(self, partition: int, events: list[Event]) -> None:
         seen = self._seen
