@@ -156,6 +156,8 @@ async def relay(broker: Broker, batches: list[list[Event]], partitions: int = 2)
 
 @asynccontextmanager
 async def worker_running(worker: Worker) -> AsyncIterator[Worker]:
+    """Declare the worker's group (and stream or exchange), then run the worker."""
+    await worker.consumer.declare()
     await worker.start()
     try:
         yield worker
@@ -235,6 +237,7 @@ def test_failing_handler_stops_the_worker_and_another_gets_the_message(broker: B
 
     async def main() -> None:
         failing = Worker(broker.source(), [bad.events], max_retries=1, retry_backoff=0.01)
+        await failing.consumer.declare()
         await failing.start()
         await relay(broker, [[event]])
         with pytest.raises(HandlerError, match="refuses"):
@@ -375,9 +378,12 @@ def test_setups_that_cannot_keep_the_order(broker: Broker) -> None:
 
             connection = await aio_pika.connect(port=broker.port)
             channel = await connection.channel()
-            await channel.declare_queue(f"wk{broker.unique}.walex.0", durable=True)
+            await channel.declare_exchange(f"wk{broker.unique}", aio_pika.ExchangeType.TOPIC,
+                                           durable=True)
+            for p in range(2):
+                await channel.declare_queue(f"wk{broker.unique}.walex.{p}", durable=True)
             await connection.close()
-            expected = r"queue 'wk\w+\.walex\.0' exists with other settings.*x-single-active-consumer"
+            expected = r"queue 'wk\w+\.walex\.\d' exists with other settings.*x-single-active-consumer"
         worker = Worker(broker.source(), [calls.events])
         with pytest.raises(ConfigError, match=expected):
             await worker.start()
