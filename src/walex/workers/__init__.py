@@ -15,6 +15,14 @@ The contract every source keeps (:mod:`walex.workers.base`):
 - a message is acknowledged to the broker only after the handlers it went
   to returned (or the error policy disposed of it); what a worker received
   and did not acknowledge goes to another worker when it stops or dies;
+- a call holds its partition's lease (:mod:`walex.workers.lease`): when the
+  worker learns the broker may hand the partition to another worker (JetStream:
+  before ``ack_wait`` runs out without a confirmed progress report; RabbitMQ:
+  the connection or channel closed), the call is cancelled and nothing is
+  acknowledged; :func:`current_lease` gives a call its fencing token;
+- a worker creates no stream or exchange and checks at start that what the
+  broker holds can feed it (the relay's partitions and subjects); a RabbitMQ
+  group is declared up front (:func:`declare`, ``walex worker --declare``);
 - so delivery is at-least-once: a worker killed after its handler returned
   and before the acknowledgement reached the broker leaves that event to be
   handled again, with the same ``event.id``. A worker drops an event it

@@ -20,7 +20,9 @@ A source URL is its destination URL (the broker module takes the
 destination's own parameters through the destination class, which also
 connects and declares the stream or exchange) plus the worker's:
 ``partitions`` (the relay's ``partitions``, default 1) and ``group`` (the
-worker group: every group receives every event once; default ``walex``).
+worker group: every group receives every event once, from its declaration
+on; default ``walex``). A worker never creates the stream or exchange: the
+relay does, or :meth:`Consumer.declare`.
 """
 
 from __future__ import annotations

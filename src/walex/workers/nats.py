@@ -16,15 +16,28 @@ however many workers; a handler receives one event per call.
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
 (after ``ack_wait``). While it holds a message, a worker tells the server it
-is still working on it every ``ack_wait / 3`` seconds, so a slow handler
-keeps its message. A message given back (a worker stopping) is
-negatively acknowledged and goes out again at once.
+is still working on it every ``ack_wait / 3`` seconds and has the server
+confirm it (a flush), so a slow handler keeps its message. The worker's
+lease ends ``ack_wait / 4`` before the server could hand the message out
+again (``ack_wait`` after the fetch or the last confirmed report): then the
+call is cancelled, its message neither acknowledged nor given back, and the
+worker reconnects (:mod:`walex.workers.lease`). So a worker whose connection
+went silent stops its call before another worker starts the message. A
+message given back (a worker stopping) is negatively acknowledged and goes
+out again at once.
 
 The consumers are created when missing (deliver policy ``all``: a new
 group starts with the oldest message the stream keeps); an existing one
 whose filter or ``max_ack_pending`` differ is an error naming it, since it
-could not keep the order. The stream is created like the destination does,
-so workers may start before the relay.
+could not keep the order. The stream is the relay's: a worker never creates
+it (a missing or mistyped stream is a :class:`~walex.errors.ConfigError`,
+naming the stream that holds the subjects if there is one), and checks it at
+start, then every ``recheck_every`` seconds while partition 0 is idle: its
+subjects must hold the worker's filters, and its newest message must have
+been published with the worker's ``partitions`` to a subject a filter takes,
+else the worker stops with a ``ConfigError`` rather than idle for ever.
+:meth:`NatsConsumer.declare` (``walex worker --declare``) creates the
+stream as the relay does, and the group's consumers.
 """
 
 from __future__ import annotations
@@ -122,6 +135,8 @@ class NatsLane(Lane):
     async def release(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             self._drop(delivery.handle)
+            if self.revoked.is_set():  # another worker may hold it now: a late nak would
+                continue               # let it out a second time; ack_wait gives it back
             try:
                 await delivery.handle.nak()
             except Exception as exc:  # not connected: the server redelivers after ack_wait

@@ -1,25 +1,44 @@
 """RabbitMQ source: ``amqp://user:pass@host:5672/vhost?exchange=walex&partitions=4``.
 
 The relay's destination URL, plus ``partitions`` (the relay's), ``group``
-(default ``walex``) and ``prefetch`` (default 100).
+(default ``walex``), ``prefetch`` (default 100) and ``balance`` (seconds
+between looks at how many workers share the group, default 5).
 
-For each partition ``p`` the worker declares a durable queue
+For each partition ``p`` the group has a durable queue
 ``<exchange>.<group>.<p>`` with ``x-single-active-consumer``, bound to the
 exchange with that partition's binding key (the routing key template with
 its ``{schema}``, ``{table}`` and ``{type}`` words as ``*`` and
 ``{partition}`` as ``p``). Every worker consumes every queue, and the broker
 delivers a queue's messages to one consumer at a time, in queue order; when
 that consumer's connection ends (a worker stopped or killed), the broker
-puts its unacknowledged messages back in their places and makes another
+puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
 unacknowledged messages at most: a handler call receives the consecutive
 events of one transaction that are there (``prefetch`` at most).
 
-The exchange is declared like the destination does (so workers may start
-before the relay, and the relay's ``mandatory`` messages find their queues);
-it must be a ``topic`` exchange, or ``direct`` when the routing key template
-has no other field than ``{partition}``. A queue that exists without single
-active consumer is an error naming it.
+The group is declared up front: :meth:`RabbitMQConsumer.declare`
+(``walex worker --declare SOURCE_URL``) declares the exchange as the relay
+does and the group's queues, bound. A worker declares neither: a missing
+exchange, a missing queue of the group (a group created while the relay
+publishes would silently miss what was published before) or a queue for
+partition ``partitions`` (the group has more partitions than the worker) is
+a :class:`~walex.errors.ConfigError` naming the fix. A queue that exists
+without single active consumer is one too.
+
+Spreading: the broker makes a queue's first consumer the active one, so a
+worker started first would hold every partition. Every ``balance`` seconds
+a worker counts the group's workers (the consumers of its queues) and, when
+it holds more than ``ceil(partitions / workers)`` partitions (those it
+received messages from, or subscribed to first), hands the rest over: once
+such a partition's lane holds nothing, it closes the queue's channel (the
+broker puts what it had prefetched back in place and makes the next worker
+in line the active one) and subscribes again, last in line.
+
+When the connection or a channel is closed under it, the worker cancels the
+call in hand and acknowledges nothing (:mod:`walex.workers.lease`); the
+broker may have handed the messages to another worker already (it notices a
+reset connection at once, a silent one after the heartbeat timeout), so the
+fencing token is what keeps a stale call's effect out.
 """
 
 from __future__ import annotations
