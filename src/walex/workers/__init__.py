@@ -345,7 +345,8 @@ class Worker(Lifecycle):
                 j += 1
             group = items[i:j]
             try:
-                await self._call(lane, [e for _, e, _ in group], [d for d, _, _ in group])  # type: ignore[misc]
+                await self._call(lane, [e for _, e, _ in group],  # type: ignore[misc]
+                                 [d for d, _, _ in group])
             except BaseException:
                 await lane.release([d for d, _, _ in items[i:]])
                 raise
@@ -375,6 +376,9 @@ class Worker(Lifecycle):
                 await asyncio.gather(call, return_exceptions=True)
         if lane.revoked.is_set():
             self.fenced += 1
+            log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
+                        "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
+                        events[0].id, events[-1].id)
             raise Unavailable(f"partition {lane.partition}: {lane.reason}; the call with events "
                               f"{events[0].id}..{events[-1].id} was cancelled or its end not "
                               "acknowledged")

@@ -70,8 +70,7 @@ class Lane(ABC):
         if not self.revoked.is_set():
             self.reason = reason
             self.revoked.set()
-            log.warning("partition %d: %s; the call in hand is cancelled and its messages are "
-                        "not acknowledged", self.partition, reason)
+            log.debug("partition %d: %s", self.partition, reason)
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:

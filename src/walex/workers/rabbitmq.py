@@ -136,7 +136,7 @@ class RabbitMQLane(Lane):
         self.consumer.active.discard(self.partition)
         await self._close_channel()
         try:
-            before = await self.subscribe()
+            before = await asyncio.wait_for(self.subscribe(), self.consumer.destination.timeout)
         except ConfigError:
             raise
         except Exception as exc:
@@ -149,7 +149,7 @@ class RabbitMQLane(Lane):
     async def _close_channel(self) -> None:
         self.closing = True
         try:
-            await self.channel.close()
+            await asyncio.wait_for(self.channel.close(), self.consumer.destination.timeout)
         except Exception as exc:
             log.debug("closing the channel of partition %d: %r", self.partition, exc)
 
@@ -197,24 +197,22 @@ class RabbitMQConsumer(Consumer):
         self.lanes: list[RabbitMQLane] = []
         self.lost = False
         self.stopping = False  # close() closes the connection: not a loss
-        self.declaring = False  # declare(): create the exchange and the group's queues
         self.active: set[int] = set()  # partitions the broker made this worker the consumer of
         self._balancer: asyncio.Task[None] | None = None
 
     async def declare(self) -> None:
         """Declare the exchange (as the relay does) and the group's queues, bound."""
-        self.declaring = True
         self.destination.passive = False
         try:
             await self.destination.open()
+            timeout = self.destination.timeout
             for lane in [RabbitMQLane(p, self) for p in range(self.partitions)]:
-                await lane.subscribe(consume=False)
+                await asyncio.wait_for(lane.subscribe(consume=False), timeout)
                 await lane._close_channel()
-            await self._check_more()
+            await asyncio.wait_for(self._check_more(), timeout)
             log.info("declared the exchange %r and the queues %s... of group %r on %s",
                      self.destination.exchange_name, self.queues[0], self.group, self.display)
         finally:
-            self.declaring = False
             self.destination.passive = True
             await self.close()
 
@@ -278,13 +276,13 @@ class RabbitMQConsumer(Consumer):
                                 "partition's unacknowledged messages to another worker")
 
             dest.connection.close_callbacks.add(on_close)
-            await self._check_group()
+            await asyncio.wait_for(self._check_group(), dest.timeout * 2)
             # The broker makes a queue's first consumer its active one: subscribing from a
             # random partition on spreads the partitions over workers started together;
             # the balancer spreads them over workers started one after the other.
             offset = random.randrange(self.partitions)
             for p in [(p + offset) % self.partitions for p in range(self.partitions)]:
-                if not await lanes[p].subscribe():
+                if not await asyncio.wait_for(lanes[p].subscribe(), dest.timeout):
                     self.active.add(p)
         except (ConfigError, Unavailable):
             await self.close()
