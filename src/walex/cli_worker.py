@@ -56,17 +56,17 @@ def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
 def _declare(source_url: str, secrets: list[str]) -> None:
     import asyncio
 
-    from .workers import consumer_from_url
-
     from .destinations.base import Unavailable
     from .errors import DestinationError
+    from .workers import consumer_from_url
 
     consumer = consumer_from_url(source_url)
     secrets.extend(consumer.url.secrets)
     try:
         asyncio.run(asyncio.wait_for(consumer.declare(), 120))
     except (Unavailable, TimeoutError) as exc:
-        raise DestinationError(f"cannot declare on {consumer.display}: {exc or 'no answer'}") from None
+        raise DestinationError(f"cannot declare on {consumer.display}: "
+                               f"{exc or 'no answer'}") from None
     typer.echo(f"declared group {consumer.group!r} ({consumer.partitions} partition(s)) on "
                f"{consumer.display}")
 

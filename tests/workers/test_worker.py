@@ -537,6 +537,15 @@ def test_cli_worker_targets_and_errors(tmp_path: Any) -> None:
     assert done.returncode == 1
     assert "Redis Streams is supported as a destination only" in done.stderr
     assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    script = [sys.executable, "-m", "walex.cli", "worker", "amqp://u:s3cret@h/?exchange=x"]
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs the handlers" in done.stderr and "--declare" in done.stderr
+    # --declare with a broker that is not there: a clear error, the password kept out
+    script = [sys.executable, "-m", "walex.cli", "worker", "--declare",
+              "amqp://u:s3cret@127.0.0.1:1/?exchange=x&timeout=2"]
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot declare on" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
 
 
 def test_partitions_must_be_the_relays(unique: str) -> None:

@@ -234,7 +234,9 @@ class Worker(Lifecycle):
         """Connect and start handling; a broker that cannot be reached is retried meanwhile.
 
         Raises :class:`~walex.errors.ConfigError` when what exists on the
-        broker cannot keep the order (a consumer or queue set up otherwise).
+        broker cannot keep the order (a consumer or queue set up otherwise) or
+        cannot feed this worker (no stream or exchange, a RabbitMQ group not
+        declared, the relay's partitions not the worker's).
         """
         if self._task is not None:
             raise ConfigError(f"worker {self.name!r} is already started")
