@@ -104,12 +104,15 @@ class RabbitMQLane(Lane):
 
         channel.close_callbacks.add(on_close)
         if consume:
-            await queue.consume(self.deliver, no_ack=False)
-        return before
+            buffer = self.buffer
 
-    async def deliver(self, message: Any) -> None:
-        self.consumer.active.add(self.partition)  # the broker made this worker the active one
-        self.buffer.put_nowait(message)
+            async def deliver(message: Any) -> None:
+                if self.channel is channel:  # not a late one of a channel handed over
+                    self.consumer.active.add(self.partition)  # the broker made this worker
+                    buffer.put_nowait(message)                # the active one
+
+            await queue.consume(deliver, no_ack=False)
+        return before
 
     def check(self) -> None:
         if self.channel.is_closed or self.consumer.lost:
