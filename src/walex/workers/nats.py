@@ -152,7 +152,9 @@ def _covers(pattern: str, subject: str) -> bool:
     for i, token in enumerate(want):
         if token == ">":
             return len(have) > i
-        if i >= len(have) or have[i] == ">" or (token != "*" and (token != have[i] or have[i] == "*")):
+        if i >= len(have) or have[i] == ">":
+            return False
+        if token != "*" and (token != have[i] or have[i] == "*"):
             return False
     return len(have) == len(want)
 
@@ -179,7 +181,7 @@ class _SourceStream(NatsDestination):
             raise self.unavailable("JetStream does not answer (is it enabled, -js?)", exc) from None
 
     async def holder(self, subject: str) -> str:
-        """', and stream 'X' holds ...' when another stream holds ``subject``, else ''."""
+        """The words naming the other stream that holds ``subject``, if one does; else ''."""
         try:
             other = await self.js.find_stream_name_by_subject(subject)
         except Exception:  # none, or no answer: nothing to add

@@ -305,18 +305,20 @@ class RabbitMQConsumer(Consumer):
         while True:
             await asyncio.sleep(self.balance)
             try:
-                workers = await self._workers()
+                self._shed(await asyncio.wait_for(self._workers(), self.destination.timeout * 2))
             except Exception as exc:  # the lanes notice a lost connection
                 log.debug("counting the workers of group %r: %r", self.group, exc)
-                continue
-            share = math.ceil(self.partitions / max(workers, 1))
-            held = sorted(p for p in self.active if not self.lanes[p].shed)
-            extra = len(held) - share
-            if extra > 0:
-                for p in random.sample(held, extra):
-                    self.lanes[p].shed = True
-                log.info("worker group %r: %d worker(s), this one holds %d of %d partitions; "
-                         "handing %d over", self.group, workers, len(held), self.partitions, extra)
+
+    def _shed(self, workers: int) -> None:
+        """Mark the partitions beyond this worker's share to be handed over."""
+        share = math.ceil(self.partitions / max(workers, 1))
+        held = sorted(p for p in self.active if not self.lanes[p].shed)
+        extra = len(held) - share
+        if extra > 0:
+            for p in random.sample(held, extra):
+                self.lanes[p].shed = True
+            log.info("worker group %r: %d worker(s), this one holds %d of %d partitions; "
+                     "handing %d over", self.group, workers, len(held), self.partitions, extra)
 
     async def _workers(self) -> int:
         """The consumers of the group's queues (every worker consumes every queue)."""
