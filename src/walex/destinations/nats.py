@@ -37,7 +37,7 @@ import nats
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from ..errors import ConfigError, DestinationError
+from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
@@ -120,7 +120,7 @@ class NatsDestination(Destination):
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
-        except Unavailable:
+        except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
         self.opened = True
