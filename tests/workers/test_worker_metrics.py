@@ -73,6 +73,8 @@ def test_worker_metrics_count_what_it_handled(
     (tmp_path / "handlers.py").write_text(HANDLERS)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
+    subprocess.run([sys.executable, "-m", "walex.cli", "worker", "--declare",  # the stream first
+                    broker.source(partitions=2)], cwd=tmp_path, env=env, check=True, timeout=60)
     proc = subprocess.Popen(
         [sys.executable, "-m", "walex.cli", "worker", broker.source(partitions=2),
          "handlers:events", "--metrics-port", str(port), "--max-retries", "2"],

@@ -37,7 +37,7 @@ import nats
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
@@ -120,7 +120,7 @@ class NatsDestination(Destination):
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
-        except Unavailable:
+        except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
         self.opened = True
@@ -140,11 +140,27 @@ class NatsDestination(Destination):
                 duplicate_window=self.duplicate_window,
             ))
         except Exception as exc:
+            await self._overlap()
             raise self.unavailable(
                 f"cannot create stream {self.stream!r} for subjects {self.stream_subjects}", exc
             ) from None
         log.info("created JetStream stream %r for subjects %s (duplicate window %gs) on %s",
                  self.stream, self.stream_subjects, self.duplicate_window, self.url.display)
+
+    async def _overlap(self) -> None:
+        """Raise :class:`DestinationError` when another stream holds this one's subjects
+        (JetStream refuses overlapping streams: retrying cannot help)."""
+        try:
+            other = await self.js.find_stream_name_by_subject(self.stream_subjects[0])
+        except Exception:  # none holds them, or no answer: the retry tells
+            return
+        if other and other != self.stream:
+            raise DestinationError(
+                f"destination {self.url.display}: cannot create stream {self.stream!r} for "
+                f"subjects {self.stream_subjects}: stream {other!r} already holds them "
+                f"(JetStream streams may not overlap). Use stream={other}, or delete stream "
+                f"{other!r} if nothing else needs it (nats stream rm {other})"
+            )
 
     async def publish(self, batch: list[Outgoing]) -> None:
         for start in range(0, len(batch), _WINDOW):

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import aio_pika
-from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed, DeliveryError
 from pamqp.commands import Basic  # aio-pika builds on aiormq and pamqp
 
 from ..errors import ConfigError, DestinationError
@@ -73,6 +73,8 @@ class RabbitMQDestination(Destination):
         self.exchange: Any = None
         self.underlay: Any = None  # the aiormq channel under the exchange
 
+    passive = False  # a worker's: the exchange must exist (the relay declares it)
+
     async def open(self) -> None:
         url = self.url
         try:
@@ -87,6 +89,7 @@ class RabbitMQDestination(Destination):
             if self.exchange_name:
                 self.exchange = await channel.declare_exchange(
                     self.exchange_name, self.exchange_type, durable=True, timeout=self.timeout,
+                    passive=self.passive,
                 )
             else:
                 self.exchange = channel.default_exchange
@@ -96,6 +99,13 @@ class RabbitMQDestination(Destination):
             raise DestinationError(
                 f"destination {self.display}: exchange {self.exchange_name!r} exists with other "
                 f"settings ({self.describe(exc)}); use its exchange_type or another exchange"
+            ) from None
+        except ChannelNotFoundEntity:
+            await self.close()
+            raise ConfigError(
+                f"worker source {self.display}: exchange {self.exchange_name!r} does not exist, "
+                "and a worker does not declare it: start the relay first (it declares the "
+                "exchange), or declare it with 'walex worker --declare SOURCE_URL'"
             ) from None
         except Exception as exc:
             await self.close()
