@@ -292,8 +292,11 @@ class Destination(ABC):
     def misconfigured(self, problem: str, fix: str) -> ConfigError:
         """A :class:`~walex.errors.ConfigError` for what retrying cannot cure (wrong
         credentials, a missing vhost): the redacted URL, the problem and the fix."""
+        for secret in self.url.secrets:  # (the fix's example URL keeps its PASSWORD)
+            if secret:
+                fix = fix.replace(secret, "***")
         return ConfigError(f"{self.display}: {self.url.scrub(problem)}; {fix}. Retrying cannot "
-                           "help, so walex stops (nothing was acknowledged for this broker)")
+                           "help, so walex stops")
 
     def info(self) -> dict[str, Any]:
         """What the destination is, for a status display."""
