@@ -250,3 +250,37 @@ def test_redis_with_a_changed_password_stops_the_relay(dsn: str, admin: psycopg.
         run(main(), timeout=120)
     finally:
         server.stop()
+
+
+def test_a_worker_stops_when_nats_comes_back_with_other_credentials(tmp_path: Path,
+                                                                     unique: str) -> None:
+    from walex import Events
+
+    server = AuthNats(tmp_path)
+    server.start()
+    url = url_of("nats", server.port, PASSWORD, unique)
+    events = Events()
+    events.on_event("a")(lambda items: None)
+
+    async def main() -> None:
+        import asyncio
+
+        from support import until
+
+        worker = Worker(url, [events])
+        await worker.start()
+        try:
+            await until(lambda: worker.connected, "the worker consuming", timeout=30)
+            server.stop()
+            server.password = "Changed-pa55-2202"
+            server.start()
+            with pytest.raises(ConfigError) as info:
+                await asyncio.wait_for(worker.wait(), 60)
+            check(str(info.value), "nats", url)
+        finally:
+            await worker.stop()
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        server.stop()
