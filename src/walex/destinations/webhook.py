@@ -146,8 +146,8 @@ class WebhookDestination(Destination):
         if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
             log.warning("destination %s sends events unencrypted over http://; use https:// "
                         "beyond this machine", self.display)
-        self.client = httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=False,
+        self.client = httpx.AsyncClient(  # (timeout bounds each request whole, in _post)
+            timeout=self.timeout + 1, follow_redirects=False,
             headers={"user-agent": f"walex/{WALEX_VERSION}"},
         )
         self.opened = True
