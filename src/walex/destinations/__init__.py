@@ -32,7 +32,13 @@ a webhook answering 4xx, a message the broker will never take) goes to the
 app's ``on_error`` policy through :attr:`Destinations.refused`: under
 ``"stop"`` (the default) it stops the app unacknowledged; under ``"skip"`` or
 a dead-letter callable that destination's batch is settled as a failed
-handler call's would be, and the stream goes on.
+handler call's would be, and the stream goes on. A refusal that may pass
+(a full NATS stream with ``discard=new``) raises ``Unavailable`` with
+``attempts``: retried that many times, then settled as a permanent one.
+Misconfiguration no retry cures (wrong credentials, a missing vhost) is a
+:class:`~walex.errors.ConfigError` from ``open()``: it stops the app at start
+or on a reconnect. :meth:`Destinations.trouble` tells ``/healthz`` when a
+destination has failed every attempt for longer than ``unhealthy_after``.
 
 One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
 importing its client only when a URL of its scheme is used; another broker

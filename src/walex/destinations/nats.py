@@ -20,6 +20,14 @@ when the app has ``partitions`` > 1, so workers can consume each partition),
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
+A PubAck error retrying cannot cure is a :class:`~walex.errors.DestinationError`
+for the app's ``on_error``: an event over the server's ``max_payload``
+(checked before the batch is sent), over the stream's ``max_msg_size``
+(10054), a subject no stream takes (no responders while the stream exists
+with other subjects) or another stream holds (10060). A full stream with
+``discard=new`` (10077) is retried ``full_attempts`` times (8), then a
+refusal too. Wrong credentials are a :class:`~walex.errors.ConfigError`.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
