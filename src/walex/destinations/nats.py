@@ -128,7 +128,8 @@ class NatsDestination(Destination):
             if isinstance(exc, APIError):
                 # nats-py (up to 2.16 at least, nats.py#985) raises a PubAck's error in its
                 # reply handler instead of failing the publish's future: it ends up here
-                self._api_errors.append(exc)
+                if len(self._api_errors) < 16:  # the first tell; cleared at each batch
+                    self._api_errors.append(exc)
                 if self._api_error is not None:
                     self._api_error.set()
 
