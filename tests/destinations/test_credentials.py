@@ -291,3 +291,36 @@ def test_a_worker_stops_when_nats_comes_back_with_other_credentials(tmp_path: Pa
         run(main(), timeout=120)
     finally:
         server.stop()
+
+
+def test_a_redis_user_without_xadd_stops_the_relay(dsn: str, admin: psycopg.Connection,
+                                                   tmp_path: Path, unique: str) -> None:
+    """An ACL user that may connect (PING) but not publish: a ConfigError, not an outage."""
+    admin.execute(TABLE)
+    server = OwnRedis(tmp_path)
+    server.start()
+    url = f"redis://reader:{PASSWORD}@127.0.0.1:{server.port}/0?stream=wc{unique}:{{table}}"
+
+    async def main() -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=server.port)
+        try:
+            await client.execute_command("ACL", "SETUSER", "reader", "on", f">{PASSWORD}",
+                                         "+ping", "+client", "~*")
+        finally:
+            await client.aclose()
+        with pytest.raises(ConfigError) as info:
+            async with collecting(dsn, destinations=[url]) as rec:
+                admin.execute("INSERT INTO a VALUES (1, 1)")
+                await rec._until(lambda: False, 60, "the app to stop")
+        message = str(info.value)
+        assert "Redis refused a command to the URL's user" in message, message
+        assert "ACL SETUSER USER +multi +exec +xadd" in message and PASSWORD not in message
+        [event] = rec.events
+        assert rec.app is not None and rec.app.ack.flushed < parse_lsn(event.lsn)
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        server.stop()

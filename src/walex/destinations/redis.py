@@ -69,7 +69,14 @@ class RedisDestination(Destination):
         )
         try:
             await self.client.ping()
-        except (AuthenticationError, AuthenticationWrongNumberOfArgsError, NoPermissionError) as exc:
+        except NoPermissionError as exc:  # logged in, but PING or CLIENT SETNAME not allowed
+            await self.close()
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user PING, CLIENT, MULTI, EXEC and XADD on the stream keys (ACL "
+                "SETUSER USER +ping +client +multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
+        except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
             await self.close()
             given = "a password" if url.password else "no password"
             raise self.misconfigured(
@@ -102,6 +109,12 @@ class RedisDestination(Destination):
                       approximate=True)
         try:
             await pipe.execute()
+        except NoPermissionError as exc:  # an ACL user without MULTI, EXEC or XADD
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
+                "+multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise DestinationError(
