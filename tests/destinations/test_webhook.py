@@ -94,7 +94,7 @@ def test_retries_on_5xx_429_and_timeouts_then_delivers(admin: psycopg.Connection
     ids = [h["webhook-id"] for _p, h, _b, _s in hook.requests]
     assert set(ids) == {events[0].id, events[2].id}  # a retry carries the same webhook-id
     assert "answered 500" in caplog.text and "answered 429" in caplog.text
-    assert "ReadTimeout" in caplog.text
+    assert "was not answered within timeout=0.5s" in caplog.text  # the hang, cut off
 
 
 @pytest.mark.parametrize("answer, message", [

@@ -32,7 +32,13 @@ a webhook answering 4xx, a message the broker will never take) goes to the
 app's ``on_error`` policy through :attr:`Destinations.refused`: under
 ``"stop"`` (the default) it stops the app unacknowledged; under ``"skip"`` or
 a dead-letter callable that destination's batch is settled as a failed
-handler call's would be, and the stream goes on.
+handler call's would be, and the stream goes on. A refusal that may pass
+(a full NATS stream with ``discard=new``) raises ``Unavailable`` with
+``attempts``: retried that many times, then settled as a permanent one.
+Misconfiguration no retry cures (wrong credentials, a missing vhost) is a
+:class:`~walex.errors.ConfigError` from ``open()``: it stops the app at start
+or on a reconnect. :meth:`Destinations.trouble` tells ``/healthz`` when a
+destination has failed every attempt for longer than ``unhealthy_after``.
 
 One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
 importing its client only when a URL of its scheme is used; another broker
@@ -152,6 +158,9 @@ class Destinations:
         # what a permanent refusal becomes: None raises it (the app stops); the app sets
         # its error policy here (Dispatcher.settle), which raises under "stop"
         self.refused: Callable[[str, Exception, list[Event]], Awaitable[None]] | None = None
+        # display -> (since when, why) of each destination that failed its last attempt
+        self.failing: dict[str, tuple[float, str]] = {}
+        self.unhealthy_after = 30.0  # seconds of failed attempts before /healthz says so
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -160,8 +169,16 @@ class Destinations:
         return f"<Destinations {[d.display for d in self.items]}>"
 
     async def open(self) -> None:
-        """Connect each destination; one that is unreachable now is retried when used."""
-        await asyncio.gather(*(self._open(d) for d in self.items))
+        """Connect each destination; one that is unreachable now is retried when used.
+
+        Misconfiguration no retry cures (wrong credentials, a missing vhost) raises
+        :class:`~walex.errors.ConfigError`, every destination closed.
+        """
+        try:
+            await _all(self._open(d) for d in self.items)
+        except BaseException:
+            await self.close()
+            raise
 
     async def _open(self, destination: Destination) -> None:
         try:
@@ -204,19 +221,27 @@ class Destinations:
                     with tracer.publish(destination.scheme, destination.display, len(batch)):
                         await destination.publish(batch)
             except DestinationError as exc:
+                self._failed(destination, exc)
                 if self.refused is None:
                     raise
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
-                await self.refused(f"destination {destination.display} refused the batch", exc,
-                                   events)  # raises under "stop"
-                self.refusals += 1
+                await self._refuse(destination, exc, events)
                 return
             except Unavailable as exc:
+                self._failed(destination, exc)
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
+                if exc.attempts is not None and attempt + 1 >= exc.attempts:
+                    refusal = DestinationError(
+                        f"destination {destination.display}: {exc} (still refused after "
+                        f"{attempt + 1} attempts)")
+                    if self.refused is None:
+                        raise refusal from None
+                    await self._refuse(destination, refusal, events)
+                    return
                 delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
                 attempt += 1
                 self.retries += 1
@@ -230,10 +255,33 @@ class Destinations:
                 continue
             if stats is not None:
                 stats.record_publish(destination.display, len(batch), time.perf_counter() - started)
+            self.failing.pop(destination.display, None)
             if attempt:
                 log.warning("destination %s is back: the batch from %s is published after %d "
                             "retries", destination.display, batch[0].id, attempt)
             return
+
+    async def _refuse(self, destination: Destination, exc: DestinationError,
+                      events: list[Event]) -> None:
+        """Settle a refusal for good with the app's policy (which raises under "stop")."""
+        assert self.refused is not None
+        await self.refused(f"destination {destination.display} refused the batch", exc, events)
+        self.refusals += 1
+        self.failing.pop(destination.display, None)  # settled: the destination goes on
+
+    def _failed(self, destination: Destination, exc: Exception) -> None:
+        since, _why = self.failing.get(destination.display, (time.monotonic(), ""))
+        self.failing[destination.display] = (since, str(exc))
+
+    def trouble(self) -> str | None:
+        """Why the app is unhealthy for its destinations: one has failed every attempt
+        for longer than :attr:`unhealthy_after` seconds (None: all deliver)."""
+        now = time.monotonic()
+        for display, (since, why) in self.failing.items():
+            if now - since >= self.unhealthy_after:
+                return (f"destination {display} has not delivered for {now - since:.0f}s: {why}; "
+                        "nothing is acknowledged to PostgreSQL meanwhile")
+        return None
 
     async def alongside(self, txn: Any, dispatch: Callable[[Any], Awaitable[None]]) -> None:
         """``dispatch(txn)`` to the handlers while the batch is published; returns when both did."""

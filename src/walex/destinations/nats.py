@@ -20,6 +20,14 @@ when the app has ``partitions`` > 1, so workers can consume each partition),
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
+A PubAck error retrying cannot cure is a :class:`~walex.errors.DestinationError`
+for the app's ``on_error``: an event over the server's ``max_payload``
+(checked before the batch is sent), over the stream's ``max_msg_size``
+(10054), a subject no stream takes (no responders while the stream exists
+with other subjects) or another stream holds (10060). A full stream with
+``discard=new`` (10077) is retried ``full_attempts`` times (8), then a
+refusal too. Wrong credentials are a :class:`~walex.errors.ConfigError`.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
@@ -35,7 +43,7 @@ from typing import Any
 
 import nats
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
@@ -46,12 +54,29 @@ __all__ = ["NatsDestination"]
 log = logging.getLogger("walex.destinations")
 
 _WINDOW = 4096  # messages in flight at most (the client's async publish limit)
+# JetStream's error codes of a PubAck that retrying at once cannot cure
+_TOO_LARGE = 10054  # message size exceeds the stream's max_msg_size
+_OTHER_STREAM = 10060  # the subject belongs to another stream than Nats-Expected-Stream
+_STORE_FAILED = 10077  # the stream is full (max_msgs, max_bytes ...) with discard=new
+# bytes of the headers besides the id and stream name (NATS/1.0, Nats-Msg-Id, Nats-Expected-Stream)
+_HEADERS = 64
 _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
 
 def _token(name: str) -> str:
     return _NOT_IN_TOKEN.sub("_", name)
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether a stream subject (``*`` one token, ``>`` the rest) takes ``subject``."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
 
 
 class NatsDestination(Destination):
@@ -89,6 +114,10 @@ class NatsDestination(Destination):
         self.js: Any = None
         self._closed: asyncio.Event | None = None
         self.duplicates = 0  # messages the stream recognised as already stored
+        # failed attempts in a row at a full stream (discard=new) before it is a refusal
+        self.full_attempts = 8
+        self._api_errors: list[APIError] = []  # PubAck errors the client reported on the side
+        self._api_error: asyncio.Event | None = None
 
     async def open(self) -> None:
         url = self.url
@@ -96,6 +125,13 @@ class NatsDestination(Destination):
 
         async def on_error(exc: Exception) -> None:
             log.debug("nats %s: %s", url.display, self.describe(exc))
+            if isinstance(exc, APIError):
+                # nats-py (up to 2.16 at least, nats.py#985) raises a PubAck's error in its
+                # reply handler instead of failing the publish's future: it ends up here
+                if len(self._api_errors) < 16:  # the first tell; cleared at each batch
+                    self._api_errors.append(exc)
+                if self._api_error is not None:
+                    self._api_error.set()
 
         async def on_closed() -> None:
             closed.set()
@@ -116,6 +152,15 @@ class NatsDestination(Destination):
                 **credentials,
             ), timeout=self.timeout + 1)
         except Exception as exc:
+            if "authorization violation" in str(exc).lower():
+                given = "token" if "token" in credentials else "user name and password" \
+                    if credentials else "no credentials"
+                raise self.misconfigured(
+                    f"the server refused the connection (Authorization Violation) with the "
+                    f"{given} the URL gives",
+                    "put credentials the server's authorization accepts in the URL: "
+                    "nats://USER:PASSWORD@host:4222 or nats://TOKEN@host:4222",
+                ) from None
             raise self.unavailable("cannot connect", exc) from None
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
@@ -170,6 +215,9 @@ class NatsDestination(Destination):
         js, closed, render = self.js, self._closed, self.subject.render
         if js is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
+        self._check_sizes(batch)
+        self._api_errors.clear()
+        refused = self._api_error = asyncio.Event()
         futures = []
         try:
             # No wait_stall: with it the client yields after every message and sends
@@ -181,23 +229,97 @@ class NatsDestination(Destination):
                 ))
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
-        acks = asyncio.gather(*futures)
+        acks = asyncio.gather(*futures, return_exceptions=True)
         lost = asyncio.ensure_future(closed.wait())
+        refusal = asyncio.ensure_future(refused.wait())
         try:
-            done, _ = await asyncio.wait([acks, lost], timeout=self.timeout,
+            done, _ = await asyncio.wait([acks, lost, refusal], timeout=self.timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
+            refusal.cancel()
         if acks not in done:
             acks.cancel()
             await asyncio.gather(acks, return_exceptions=True)
+            if self._api_errors:  # which message it was is not known: the batch's first
+                raise await self._refusal(batch[0], self._api_errors[0], whole=len(batch) > 1)
             what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
             raise Unavailable(f"{what} before every message of the batch was acknowledged")
-        try:
-            results = acks.result()
-        except Exception as exc:
-            raise self.unavailable(f"stream {self.stream!r} refused a message", exc) from None
+        results = acks.result()
+        for item, result in zip(batch, results):
+            if isinstance(result, BaseException):
+                raise await self._refusal(item, result)
         self.duplicates += sum(1 for ack in results if ack.duplicate)
+
+    def _check_sizes(self, batch: list[Outgoing]) -> None:
+        """A message over the server's max_payload is refused before anything is sent.
+
+        (The server would close the connection on it, and the client raises
+        after it registered the PubAck it waits for.)
+        """
+        nc = self.nc
+        limit = nc.max_payload if nc is not None else 0
+        if not limit:
+            return
+        overhead = _HEADERS + len(self.stream)
+        for item in batch:
+            size = len(item.body) + len(item.id) + overhead
+            if size > limit:
+                raise DestinationError(
+                    f"destination {self.display}: event {item.id} ({item.schema}.{item.table}) "
+                    f"is {size} bytes with its headers, over the server's max_payload of {limit}; "
+                    "raise max_payload in the nats-server configuration, or leave the large "
+                    "column out of the publication"
+                )
+
+    async def _refusal(self, item: Outgoing, exc: BaseException, whole: bool = False) -> Exception:
+        """What a failed PubAck of ``item`` (``whole``: of a message of the batch from
+        ``item``) is: for good (DestinationError) or for now (Unavailable)."""
+        subject = self.subject.render(item)
+        what = (f"stream {self.stream!r} refused a message of the batch from event {item.id}"
+                if whole else f"stream {self.stream!r} refused event {item.id} (subject {subject!r})")
+        if isinstance(exc, APIError) and exc.err_code == _TOO_LARGE:
+            return DestinationError(
+                f"destination {self.display}: {what}: {exc.description} (the stream's "
+                "max_msg_size); raise the stream's max_msg_size or leave the large column "
+                "out of the publication"
+            )
+        if isinstance(exc, APIError) and exc.err_code == _OTHER_STREAM:
+            return DestinationError(
+                f"destination {self.display}: {what}: the subject is stored by another stream "
+                f"({exc.description}); give walex a subject template only {self.stream!r} covers"
+            )
+        if isinstance(exc, APIError) and exc.err_code == _STORE_FAILED:
+            # a stream at its limits with discard=new: consumers or max_age may free room,
+            # so this is retried a while; then it goes to on_error, never dropped silently
+            return Unavailable(
+                f"{what}: {exc.description} (the stream is full and has discard=new); raise "
+                "its limits (max_msgs, max_bytes, max_msgs_per_subject) or let it discard old "
+                "messages",
+                attempts=self.full_attempts,
+            )
+        if isinstance(exc, NoStreamResponseError):
+            subjects = await self._stream_subjects()
+            if subjects is not None and not any(_covers(s, subject) for s in subjects):
+                return DestinationError(
+                    f"destination {self.display}: no stream takes subject {subject!r}: stream "
+                    f"{self.stream!r} has the subjects {subjects}; add {self.stream_subjects} "
+                    "to them or give walex a subject template they cover"
+                )
+            return Unavailable(f"{what}: no answer from JetStream (no responders); the stream "
+                               "is missing or JetStream is not ready")
+        return self.unavailable(f"stream {self.stream!r} refused a message", exc)
+
+    async def _stream_subjects(self) -> list[str] | None:
+        """The subjects of the stream when it exists and answers; None otherwise."""
+        js = self.js
+        if js is None:
+            return None
+        try:
+            info = await js.stream_info(self.stream)
+        except Exception:  # missing, or JetStream not answering: not a refusal for good
+            return None
+        return list(info.config.subjects or [])
 
     async def close(self) -> None:
         nc, self.nc, self.js = self.nc, None, None

@@ -23,7 +23,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
@@ -63,6 +69,30 @@ class RedisDestination(Destination):
         )
         try:
             await self.client.ping()
+        except NoPermissionError as exc:  # logged in, but PING or CLIENT SETNAME not allowed
+            await self.close()
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user PING, CLIENT, MULTI, EXEC and XADD on the stream keys (ACL "
+                "SETUSER USER +ping +client +multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
+        except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+            await self.close()
+            given = "a password" if url.password else "no password"
+            raise self.misconfigured(
+                f"Redis refused the login with {given} ({self.describe(exc)})",
+                "put the user and password Redis accepts (requirepass, or an ACL user allowed "
+                "PING and XADD) in the URL: redis://[USER]:PASSWORD@host:6379/0",
+            ) from None
+        except ResponseError as exc:
+            await self.close()
+            if "AUTH" not in str(exc):
+                raise self.unavailable("cannot connect", exc) from None
+            raise self.misconfigured(
+                f"Redis refused the login ({self.describe(exc)})",
+                "the server has no password set: remove it from the URL, or set one "
+                "(requirepass or an ACL user)",
+            ) from None
         except Exception as exc:
             await self.close()
             raise self.unavailable("cannot connect", exc) from None
@@ -79,6 +109,12 @@ class RedisDestination(Destination):
                       approximate=True)
         try:
             await pipe.execute()
+        except NoPermissionError as exc:  # an ACL user without MULTI, EXEC or XADD
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
+                "+multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise DestinationError(

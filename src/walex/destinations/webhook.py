@@ -23,12 +23,14 @@ Any other answer, redirects included (they are not followed), is a
 
 Parameters (taken out of the URL before it is called; any other query
 parameter goes to the receiver): ``secret_env`` (required), ``timeout``
-(seconds per request, default 10). The URL may use the templates
+(seconds a whole request may take, connecting, sending and reading the
+answer included, default 10). The URL may use the templates
 (``https://hooks.example.com/{schema}/{table}``), each name percent-encoded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -52,6 +54,27 @@ log = logging.getLogger("walex.destinations")
 
 _LOCAL = ("localhost", "127.0.0.1", "::1")
 _RETRIED = {408, 425, 429}
+
+
+class _RedactURLs(logging.Filter):
+    """Shows the URLs httpx logs (``HTTP Request: POST <url> ...``) as walex shows them:
+    a token in a webhook's path or query stays out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(arg, httpx.URL) for arg in args):
+            record.args = tuple(_shown(arg) if isinstance(arg, httpx.URL) else arg for arg in args)
+        return True
+
+
+def _shown(url: httpx.URL) -> str:
+    try:
+        return DestinationURL(str(url)).display
+    except ConfigError:
+        return f"{url.scheme}://{url.host}/***"
+
+
+_REDACT_URLS = _RedactURLs()
 
 
 def _segment(name: str) -> str:
@@ -117,11 +140,14 @@ class WebhookDestination(Destination):
         self.requests = 0
 
     async def open(self) -> None:
+        client_log = logging.getLogger("httpx")
+        if _REDACT_URLS not in client_log.filters:
+            client_log.addFilter(_REDACT_URLS)
         if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
             log.warning("destination %s sends events unencrypted over http://; use https:// "
                         "beyond this machine", self.display)
-        self.client = httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=False,
+        self.client = httpx.AsyncClient(  # (timeout bounds each request whole, in _post)
+            timeout=self.timeout + 1, follow_redirects=False,
             headers={"user-agent": f"walex/{WALEX_VERSION}"},
         )
         self.opened = True
@@ -161,7 +187,13 @@ class WebhookDestination(Destination):
         }
         self.requests += 1
         try:
-            response = await client.post(target, content=body, headers=headers)
+            # httpx's timeout bounds each read, not the request: an endpoint that drips its
+            # answer a byte at a time would hold the batch for ever; this bounds all of it
+            async with asyncio.timeout(self.timeout):
+                response = await client.post(target, content=body, headers=headers)
+        except TimeoutError:
+            raise Unavailable(f"request {message_id} was not answered within "
+                              f"timeout={self.timeout:g}s") from None
         except httpx.HTTPError as exc:
             raise self.unavailable(f"request {message_id} failed", exc) from None
         status = response.status_code
