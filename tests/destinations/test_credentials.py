@@ -274,6 +274,9 @@ def test_a_worker_stops_when_nats_comes_back_with_other_credentials(tmp_path: Pa
 
         from support import until
 
+        from walex.workers import declare
+
+        await declare(url)  # a worker does not create its stream
         worker = Worker(url, [events])
         await worker.start()
         try:
