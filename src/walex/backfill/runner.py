@@ -49,14 +49,16 @@ __all__ = ["Backfills"]
 log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
-# transactions committed (in the commit log) that a snapshot taken now does not show
+# transactions a snapshot taken now does not show whose commit record is written: their
+# sessions wait for a synchronous standby (pg_xact_status still says "in progress")
+_SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
 _COMMITTED_INVISIBLE = (
     "SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x "
-    "WHERE pg_xact_status(x) = 'committed')"
+    f"WHERE xid(x) = ANY({_SYNC_REP}))"
 )
 _STILL_INVISIBLE = (
     "SELECT array(SELECT x::text FROM unnest(%s::xid8[]) x "
-    "WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot()))"
+    f"WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot()) AND xid(x) = ANY({_SYNC_REP}))"
 )
 
 
@@ -368,10 +370,14 @@ class Backfills:
         invisible, for a synchronous standby (``synchronous_commit`` ``on`` or
         ``remote_apply``). The window records the keys of what the stream passes from now
         on; what it passed before is unknown to it, so no chunk may be read in a snapshot
-        that does not show it. Such a transaction is one that PostgreSQL marks committed
-        while a snapshot still lists it as running. A transaction of this session is
-        committed first, so that every earlier transaction id is below the snapshot's
-        ``xmax`` (and so in its list of running ones when it is not visible).
+        that does not show it. Such a transaction is listed as running by a snapshot
+        taken now while its session waits for the standby (wait event ``SyncRep``, seen
+        in ``pg_stat_activity``; another role's sessions need ``pg_read_all_stats``). A
+        transaction of this session is committed first, so that every earlier
+        transaction id is below the snapshot's ``xmax`` (and so in its list of running
+        ones when it is not visible). The wait ends when the standby confirms, when the
+        session stops waiting (cancelled: its commit then becomes visible), or for a
+        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared.
         """
         await conn.execute("SELECT pg_current_xact_id()")
         cur = await conn.execute(_COMMITTED_INVISIBLE)

@@ -1,0 +1,252 @@
+"""Backfill beyond the happy path: rows left to the stream that lack a TOASTed column, a
+commit the stream passed before snapshots show it, keys Python cannot hash or compare
+(walex.backfill.watermarks, .chunks, .keys, .runner)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from support import run, until
+from test_backfill import Copy, caught_up, table_rows
+from walex import UNCHANGED_TOAST, Event, EventType, WalEx
+from walex.backfill import chunks as backfill_chunks
+
+# ~6.4 kB of incompressible text, stored out of line (the column is SET STORAGE EXTERNAL)
+BIG = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 200))"
+
+
+class MergingCopy(Copy):
+    """A copy kept the way a consumer must keep one: a value an update did not resend
+    (UNCHANGED_TOAST) keeps the value the row had."""
+
+    async def apply(self, events: list[Event]) -> None:
+        for e in events:
+            if e.type is EventType.UPDATE and e.name in self.keys:
+                rows = self.rows.setdefault(e.name, {})
+                was = rows.get(self.key(e.name, e.old_record or e.new_record), {})
+                e.new_record = {k: was.get(k, v) if v is UNCHANGED_TOAST else v
+                                for k, v in e.new_record.items()}
+        await super().apply(events)
+
+
+def _doc_schema(admin: psycopg.Connection, rows: int) -> None:
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TABLE doc (id int PRIMARY KEY, body text, n int NOT NULL DEFAULT 0)")
+    admin.execute("ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL")
+    admin.execute(f"INSERT INTO doc SELECT g, {BIG}, 0 FROM generate_series(1, {rows}) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE doc, marker")
+
+
+def _complete(copy: Copy, admin: psycopg.Connection) -> None:
+    rows = copy.rows["doc"]
+    lacking = sorted(k for k, r in rows.items() if any(v is UNCHANGED_TOAST for v in r.values()))
+    assert not lacking, f"{len(lacking)} rows never got their body: {lacking[:10]}"
+    assert rows == table_rows(admin, "doc", ("id",))
+
+
+def test_a_row_left_to_a_change_without_its_toasted_value_is_read_again(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Default replica identity: an update of a small column sends the large one as
+    unchanged TOAST. The row, left out of its chunk, is read again with a later chunk."""
+    _doc_schema(admin, 40)
+    real = backfill_chunks.read_chunk
+    again_seen: set[tuple[str, ...]] = set()
+
+    async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
+        base = int(after[0]) if after else 0
+        for _, key in kw.get("again") or ():
+            if key not in again_seen:  # changed once more while it is read again
+                again_seen.add(key)
+                admin.execute("UPDATE doc SET n = n + 1 WHERE id = %s", (int(key[0]),))
+        if limit:
+            admin.execute("UPDATE doc SET n = n + 1 WHERE id = %s", (base + 2,))
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
+        if limit:
+            admin.execute("UPDATE doc SET n = n + 1 WHERE id = %s", (base + 5,))
+        return chunk
+
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
+
+    async def main() -> tuple[Copy, Any, int]:
+        copy = MergingCopy({"doc": ("id",), "marker": ("id",)})
+        app = WalEx(dsn, publication="pub", name="toast", backfill_chunk_size=10,
+                    modules=[copy.events])
+        async with app:
+            job = await app.backfill("doc")
+            await caught_up(admin, copy)
+            left = app.pipeline.backfill.rows_left_to_stream
+        return copy, job, left
+
+    copy, job, left = run(main())
+    assert job.state == "done" and left >= 8
+    _complete(copy, admin)
+
+
+def test_toasted_rows_under_writers_updating_a_small_column(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """The report's workload, smaller: writers update the small column of random rows
+    while the table is backfilled; every row ends up with its body."""
+    _doc_schema(admin, 1500)
+    stop = threading.Event()
+    done = {"txns": 0}
+
+    def writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("UPDATE doc SET n = n + 1 WHERE id = %s", (rnd.randrange(1, 1501),))
+                done["txns"] += 1
+
+    async def main() -> tuple[Copy, Any]:
+        copy = MergingCopy({"doc": ("id",), "marker": ("id",)})
+        app = WalEx(dsn, publication="pub", name="writers", backfill_chunk_size=50,
+                    modules=[copy.events])
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+        async with app:
+            for t in threads:
+                t.start()
+            try:
+                await until(lambda: done["txns"] > 20, "the writers to start")
+                job = await app.backfill("doc")
+            finally:
+                stop.set()
+                for t in threads:
+                    await asyncio.to_thread(t.join)
+            await caught_up(admin, copy, 60)
+        return copy, job
+
+    copy, job = run(main(), timeout=180)
+    assert job.state == "done"
+    _complete(copy, admin)
+
+
+def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwritten(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """A commit waiting for a synchronous standby is in the WAL, so the stream delivers
+    it, while snapshots do not show it yet. A backfill started then must not deliver the
+    row's older value after it: it waits until the commit is visible."""
+    local = make_conninfo(dsn, options="-c synchronous_commit=local")
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    admin.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 30) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
+    hung: dict[str, Any] = {}
+
+    def commit_waiting_for_a_standby() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            hung["pid"] = conn.info.backend_pid
+            conn.execute("UPDATE t SET v = 'committed, not yet visible' WHERE id = 7")
+
+    def release() -> None:
+        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        admin.execute("SELECT pg_reload_conf()")
+
+    async def main() -> tuple[Copy, Any, list[int]]:
+        copy = Copy({"t": ("id",), "marker": ("id",)})
+        app = WalEx(local, publication="pub", name="early", backfill_chunk_size=10,
+                    modules=[copy.events])
+        async with app:
+            await caught_up(admin, copy)
+            admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+            admin.execute("SELECT pg_reload_conf()")
+            thread = threading.Thread(target=commit_waiting_for_a_standby)
+            thread.start()
+            try:
+                # the stream delivered the update; its session still waits for the standby
+                await until(lambda: copy.rows["t"].get((7,), {}).get("v")
+                            == "committed, not yet visible", "the streamed update")
+                assert admin.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                     (hung["pid"],)).fetchone() == ("SyncRep",)
+                assert admin.execute("SELECT v FROM t WHERE id = 7").fetchone() == ("old",)
+                backfills = app.pipeline.backfill
+                task = asyncio.create_task(app.backfill("t"))
+                await until(lambda: task.done() or getattr(backfills, "waiting_for", None),
+                            "the backfill to finish or to wait", 30)
+                waited = list(getattr(backfills, "waiting_for", []))
+            finally:
+                release()
+                await asyncio.to_thread(thread.join)
+            job = await task
+            await caught_up(admin, copy)
+        return copy, job, waited
+
+    try:
+        copy, job, waited = run(main())
+    finally:
+        release()
+    assert job.state == "done"
+    assert copy.rows["t"][(7,)]["v"] == "committed, not yet visible"
+    assert copy.rows["t"] == table_rows(admin, "t", ("id",))
+    assert len(waited) == 1  # the one commit waiting for the standby
+
+
+# keys PostgreSQL accepts that Python cannot hash (arrays, jsonb) or compare (NaN), and
+# jsonb keys equal in Python but not in PostgreSQL (true and 1); the key changed
+# after each chunk's snapshot is the one named last
+KEYS = {
+    "int[]": (["'{1,2}'", "'{3}'", "'{}'", "'{4,NULL}'"], "'{1,2}'"),
+    "text[]": (["'{a,b}'", "'{c}'"], "'{a,b}'"),
+    "jsonb": (["'true'", "'1'", "'{\"a\": [1, true]}'", "'[1, 2]'", "'\"x\"'"], "'1'"),
+    "float8": (["'NaN'", "1.5", "'-Infinity'", "0"], "'NaN'"),
+    "numeric": (["'NaN'", "2", "2.50"], "'NaN'"),
+}
+
+
+def _repr_rows(rows: dict[Any, dict[str, Any]]) -> dict[str, str]:
+    # NaN is not equal to itself and lists are unhashable: compare the reprs
+    return {repr(k): repr(sorted(r.items())) for k, r in rows.items()}
+
+
+class ReprCopy(Copy):
+    def key(self, table: str, record: dict[str, Any]) -> tuple[Any, ...]:
+        if table != "k":
+            return super().key(table, record)
+        return (repr(record["id"]),)
+
+
+@pytest.mark.parametrize("kind", list(KEYS))
+def test_keys_python_cannot_hash_or_compare(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, kind: str,
+) -> None:
+    values, changed = KEYS[kind]
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute(f"CREATE TABLE k (id {kind} PRIMARY KEY, v text)")
+    for value in values:
+        admin.execute(f"INSERT INTO k VALUES ({value}, 'old')")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE k, marker")
+    real = backfill_chunks.read_chunk
+
+    async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
+        if after is None:
+            admin.execute(f"UPDATE k SET v = 'after the snapshot' WHERE id = {changed}")
+        return chunk
+
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
+
+    async def main() -> tuple[Copy, Any]:
+        copy = ReprCopy({"k": ("id",), "marker": ("id",)})
+        app = WalEx(dsn, publication="pub", name="keys", modules=[copy.events])
+        async with app:
+            job = await app.backfill("k")
+            await caught_up(admin, copy)
+        return copy, job
+
+    copy, job = run(main())
+    assert job.state == "done"
+    with admin.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        table = {(repr(r["id"]),): r for r in cur.execute("SELECT * FROM k")}
+    assert _repr_rows(copy.rows["k"]) == _repr_rows(table)
+    assert copy.counts["read"] == len(values) - 1 and copy.counts["update"] == 1
