@@ -195,11 +195,12 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
 # jsonb keys equal in Python but not in PostgreSQL (true and 1); the key changed
 # after each chunk's snapshot is the one named last
 KEYS = {
-    "int[]": (["'{1,2}'", "'{3}'", "'{}'", "'{4,NULL}'"], "'{1,2}'"),
-    "text[]": (["'{a,b}'", "'{c}'"], "'{a,b}'"),
-    "jsonb": (["'true'", "'1'", "'{\"a\": [1, true]}'", "'[1, 2]'", "'\"x\"'"], "'1'"),
-    "float8": (["'NaN'", "1.5", "'-Infinity'", "0"], "'NaN'"),
-    "numeric": (["'NaN'", "2", "2.50"], "'NaN'"),
+    "int[]": ("int[]", ["'{1,2}'", "'{3}'", "'{}'", "'{4,NULL}'"], "'{1,2}'"),
+    "text[]": ("text[]", ["'{a,b}'", "'{c}'"], "'{a,b}'"),
+    "jsonb": ("jsonb", ["'true'", "'1'", "'{\"a\": [1, true]}'", "'[1, 2]'", "'\"x\"'"], "'1'"),
+    "jsonb-scalars": ("jsonb", ["'true'", "'1'", "'false'", "'0'"], "'1'"),  # equal in Python
+    "float8": ("float8", ["'NaN'", "1.5", "'-Infinity'", "0"], "'NaN'"),
+    "numeric": ("numeric", ["'NaN'", "2", "2.50"], "'NaN'"),
 }
 
 
@@ -219,9 +220,9 @@ class ReprCopy(Copy):
 def test_keys_python_cannot_hash_or_compare(
     dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, kind: str,
 ) -> None:
-    values, changed = KEYS[kind]
+    pgtype, values, changed = KEYS[kind]
     admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
-    admin.execute(f"CREATE TABLE k (id {kind} PRIMARY KEY, v text)")
+    admin.execute(f"CREATE TABLE k (id {pgtype} PRIMARY KEY, v text)")
     for value in values:
         admin.execute(f"INSERT INTO k VALUES ({value}, 'old')")
     admin.execute("CREATE PUBLICATION pub FOR TABLE k, marker")
