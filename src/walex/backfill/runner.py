@@ -54,7 +54,9 @@ _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
 _SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
 _COMMITTED_INVISIBLE = (
     "SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x "
-    f"WHERE xid(x) = ANY({_SYNC_REP}))"
+    f"WHERE xid(x) = ANY({_SYNC_REP})), "
+    "current_setting('synchronous_standby_names') <> '' "
+    "AND NOT pg_has_role('pg_read_all_stats', 'USAGE')"
 )
 _STILL_INVISIBLE = (
     "SELECT array(SELECT x::text FROM unnest(%s::xid8[]) x "
@@ -383,10 +385,17 @@ class Backfills:
         cur = await conn.execute(_COMMITTED_INVISIBLE)
         row = await cur.fetchone()
         waiting: list[str] = list(row[0]) if row and row[0] else []
-        waited, delay = 0.0, 0.01
+        if row and row[1]:
+            log.warning("walex %r: synchronous replication is on, but walex's role cannot see "
+                        "other roles' wait events: a backfill of %s may not see that a commit "
+                        "the stream already sent waits for a standby (and deliver an older read "
+                        "of its rows). Fix: GRANT pg_read_all_stats TO the role",
+                        self.pipeline.settings.name, job.qualified)
+        waited, delay, warn_at = 0.0, 0.01, 60.0
         while waiting:
             self.waiting_for = [int(x) for x in waiting]
-            if waited >= 60 and (waited - delay) // 60 != waited // 60:
+            if waited >= warn_at:
+                warn_at += 60
                 log.warning("walex %r: the backfill of %s has waited %.0fs for transaction(s) %s, "
                             "committed but not yet visible (a synchronous standby that does not "
                             "confirm?), to become visible", self.pipeline.settings.name,

@@ -10,10 +10,10 @@ the stream in commit order, as the reader assembles it:
   transaction of the stream since the backfill started, with the
   transaction's id, and forgets a transaction once a chunk's snapshot shows
   it (every later snapshot shows it too). Transactions the stream passed
-  before the window opened are not recorded: the backfill task starts
-  reading only once each of them is visible to snapshots (see
-  :meth:`walex.backfill.runner.Backfills` ``_settle``), so every chunk's
-  snapshot shows them;
+  before the window opened are not recorded: the backfill task reads its
+  first chunk only once each of them is visible to snapshots (the runner
+  waits for a commit whose session still waits for a synchronous standby),
+  so every chunk's snapshot shows them;
 - keys are compared in the canonical form of :mod:`.keys` (arrays, ``jsonb``,
   ``NaN`` compare as PostgreSQL compares them);
 - at the high watermark it leaves out of the chunk every row changed by a
