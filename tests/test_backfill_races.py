@@ -251,3 +251,55 @@ def test_keys_python_cannot_hash_or_compare(
         table = {(repr(r["id"]),): r for r in cur.execute("SELECT * FROM k")}
     assert _repr_rows(copy.rows["k"]) == _repr_rows(table)
     assert copy.counts["read"] == len(values) - 1 and copy.counts["update"] == 1
+
+
+def test_a_chunk_is_not_marked_done_past_a_row_still_to_read_again(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Row 5 is changed again each time it is read again: the progress store never moves
+    past the row before it, so a restart (here: a stop, then a new app) reads it again."""
+    _doc_schema(admin, 40)
+    real = backfill_chunks.read_chunk
+    state = {"busy": True, "tries": 0}
+    marks: list[Any] = []
+
+    async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
+        again = [key for _, key in kw.get("again") or ()]
+        if state["busy"] and (after is None or ("5",) in again):
+            state["tries"] += 1
+            admin.execute("UPDATE doc SET n = n + 1 WHERE id = 5")  # after the low watermark
+        if ("5",) in again:
+            marks.append(admin.execute("SELECT last_key FROM walex_backfill").fetchone()[0])
+        return await real(conn, target, table, adapters, where, after, limit, **kw)
+
+    monkeypatch.setattr(backfill_chunks, "read_chunk", racing)
+    copy = MergingCopy({"doc": ("id",), "marker": ("id",)})
+
+    def app() -> WalEx:
+        return WalEx(dsn, publication="pub", name="marks", durable_slot=True,
+                     backfill_chunk_size=10, modules=[copy.events])
+
+    def progress() -> tuple[Any, ...]:
+        if admin.execute("SELECT to_regclass('walex_backfill')").fetchone() == (None,):
+            return (None, 0, None)
+        return admin.execute("SELECT state, rows_done, last_key FROM walex_backfill").fetchone()
+
+    async def main() -> tuple[Any, ...]:
+        first = app()
+        async with first:
+            waiting = asyncio.create_task(first.backfill("doc"))
+            await until(lambda: progress()[1] == 40 and state["tries"] > 5,
+                        "every chunk read, row 5 still to read again", 60)
+        await asyncio.gather(waiting, return_exceptions=True)
+        stopped = progress()
+        state["busy"] = False
+        async with app():
+            await until(lambda: progress()[0] == "done", "the resumed backfill", 60)
+            await caught_up(admin, copy)
+        return stopped
+
+    stopped = run(main(), timeout=150)
+    assert stopped[0] == "running" and stopped[2] == ["4"]
+    assert marks and all(m in (None, ["4"]) for m in marks)
+    _complete(copy, admin)
