@@ -201,6 +201,10 @@ KEYS = {
     "jsonb-scalars": ("jsonb", ["'true'", "'1'", "'false'", "'0'"], "'1'"),  # equal in Python
     "float8": ("float8", ["'NaN'", "1.5", "'-Infinity'", "0"], "'NaN'"),
     "numeric": ("numeric", ["'NaN'", "2", "2.50"], "'NaN'"),
+    "int4multirange": ("int4multirange", ["'{[1,3), [5,7)}'", "'{}'", "'{[2,3)}'"],
+                       "'{[1,3), [5,7)}'"),
+    "composite": ("pair", ["ROW('{1}', 'NaN')", "ROW('{2}', 1)", "ROW('{}', 'NaN')"],
+                  "ROW('{1}', 'NaN')::pair"),
 }
 
 
@@ -222,6 +226,7 @@ def test_keys_python_cannot_hash_or_compare(
 ) -> None:
     pgtype, values, changed = KEYS[kind]
     admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TYPE pair AS (a int[], b float8)")
     admin.execute(f"CREATE TABLE k (id {pgtype} PRIMARY KEY, v text)")
     for value in values:
         admin.execute(f"INSERT INTO k VALUES ({value}, 'old')")
@@ -247,9 +252,13 @@ def test_keys_python_cannot_hash_or_compare(
 
     copy, job = run(main())
     assert job.state == "done"
-    with admin.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        table = {(repr(r["id"]),): r for r in cur.execute("SELECT * FROM k")}
-    assert _repr_rows(copy.rows["k"]) == _repr_rows(table)
+    if kind != "composite":  # psycopg's own connection gets a composite as text
+        with admin.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            table = {(repr(r["id"]),): r for r in cur.execute("SELECT * FROM k")}
+        assert _repr_rows(copy.rows["k"]) == _repr_rows(table)
+    # every row once, the changed one from the stream only
+    assert sorted(r["v"] for r in copy.rows["k"].values()) == sorted(
+        r[0] for r in admin.execute("SELECT v FROM k"))
     assert copy.counts["read"] == len(values) - 1 and copy.counts["update"] == 1
 
 
