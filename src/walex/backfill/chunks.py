@@ -130,13 +130,14 @@ async def read_chunk(
                 pass
         raise
     positions = target.key_positions()
-    events, texts = await _typed(results[0], table, adapters, positions)
+    encoding = conn.info.encoding  # key text forms go back as parameters: the same encoding
+    events, texts = await _typed(results[0], table, adapters, positions, encoding)
     chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, rows=len(events),
                   after=tuple(after) if after is not None else None, texts=texts)
     if again:
         wanted = {key: (before, key) for before, key in again}
         for result in results[1:]:
-            found, keys = await _typed(result, table, adapters, positions)
+            found, keys = await _typed(result, table, adapters, positions, encoding)
             for event, key in zip(found, keys):
                 bound = wanted.pop(key, None)
                 if bound is not None:  # else the row is gone: the next one was read
@@ -146,7 +147,7 @@ async def read_chunk(
 
 
 async def _typed(
-    result: Any, table: Table, adapters: AdaptersMap, positions: list[int],
+    result: Any, table: Table, adapters: AdaptersMap, positions: list[int], encoding: str,
 ) -> tuple[list[Event], list[tuple[str, ...]]]:
     """A result's rows as read events, and each row's key in text form."""
     assert result is not None
@@ -169,5 +170,6 @@ async def _typed(
             table.load(TupleData(raw, True), "Read", 0)
         raise
     value = result.get_value
-    texts = [tuple(bytes(value(i, p) or b"").decode() for p in positions) for i in range(count)]
+    texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
+             for i in range(count)]
     return events, texts
