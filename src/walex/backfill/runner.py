@@ -180,7 +180,9 @@ class Backfills:
                     if job is not None and job.finished:
                         self._finished(job)
             except BaseException:
-                self._waiters[key].remove(waiter)
+                waiters = self._waiters.get(key, [])  # run() clears them when the app stops
+                if waiter in waiters:
+                    waiters.remove(waiter)
                 raise
         self.wake.set()
         return await waiter
