@@ -362,6 +362,11 @@ class Backfills:
                 # rows changed again and again: give their writers some time between tries
                 stuck = 0 if len(again) < before else stuck + 1
                 if stuck:
+                    if stuck % 20 == 0:
+                        log.warning("walex %r: %d row(s) of %s changed again each time they "
+                                    "were read again (a change without a TOASTed column), %d "
+                                    "times; still trying", s.name, len(again), job.qualified,
+                                    stuck)
                     await asyncio.sleep(min(1.0, 0.01 * 2 ** stuck))
         if pending is not None:
             await self._save(conn, job, pending, progress)
