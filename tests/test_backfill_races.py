@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -130,12 +131,14 @@ def test_toasted_rows_under_writers_updating_a_small_column(
     _complete(copy, admin)
 
 
+@pytest.mark.parametrize("release", ["standby", "cancel"])
 def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwritten(
-    dsn: str, admin: psycopg.Connection,
+    dsn: str, admin: psycopg.Connection, release: str,
 ) -> None:
     """A commit waiting for a synchronous standby is in the WAL, so the stream delivers
     it, while snapshots do not show it yet. A backfill started then must not deliver the
-    row's older value after it: it waits until the commit is visible."""
+    row's older value after it: it waits until the commit is visible (the standby is no
+    longer required, or the waiting session is cancelled: its commit stands)."""
     local = make_conninfo(dsn, options="-c synchronous_commit=local")
     admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
     admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
@@ -148,9 +151,18 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
             hung["pid"] = conn.info.backend_pid
             conn.execute("UPDATE t SET v = 'committed, not yet visible' WHERE id = 7")
 
-    def release() -> None:
+    def reset() -> None:
         admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
         admin.execute("SELECT pg_reload_conf()")
+
+    def let_go() -> None:
+        if release == "cancel":  # "canceling wait for synchronous replication": committed
+            admin.execute("SELECT pg_cancel_backend(%s)", (hung["pid"],))
+            deadline = time.monotonic() + 30
+            while admin.execute("SELECT v FROM t WHERE id = 7").fetchone() == ("old",):
+                assert time.monotonic() < deadline, "the cancelled commit never became visible"
+                time.sleep(0.01)
+        reset()
 
     async def main() -> tuple[Copy, Any, list[int]]:
         copy = Copy({"t": ("id",), "marker": ("id",)})
@@ -178,7 +190,7 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
                             "the backfill to finish or to wait", 30)
                 waited = list(getattr(backfills, "waiting_for", []))
             finally:
-                release()
+                await asyncio.to_thread(let_go)
                 await asyncio.to_thread(thread.join)
             job = await task
             await caught_up(admin, copy)
@@ -187,7 +199,7 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
     try:
         copy, job, waited = run(main())
     finally:
-        release()
+        reset()
     assert job.state == "done"
     assert copy.rows["t"][(7,)]["v"] == "committed, not yet visible"
     assert copy.rows["t"] == table_rows(admin, "t", ("id",))
