@@ -1,0 +1,251 @@
+"""Pipelining across transactions (``destination_window``): faster, and no guarantee weaker.
+
+With a window above 1 the handlers and the publishes run ahead of the
+confirmations, a lane publishes the queued transactions as one group, and the
+acknowledgement still waits, in order, for every destination's confirmation.
+The tests run many one-row transactions (updates cycling over ten keys, so
+the order per key is checked by the values) against real brokers: one behind
+the fault suite's TCP proxy, cut off while the window is full, and brokers
+the test starts and kills mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from support import collecting, run
+
+from walex.lsn import parse_lsn
+
+from .brokers import (
+    Stored, nats_stored, rabbitmq_delete, rabbitmq_queue, rabbitmq_stored, redis_delete,
+    redis_stored,
+)
+from .conftest import require
+from .servers import OwnNats, OwnRedis
+from .test_outage import confirmed
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "chaos"))
+from proxy import Proxy  # noqa: E402
+
+KEYS = 10
+INSERT_KEYS = f"INSERT INTO k SELECT i, 0 FROM generate_series(0, {KEYS - 1}) i"
+SETUP = """
+    CREATE TABLE k (id int PRIMARY KEY, v int);
+    CREATE TABLE other (id int PRIMARY KEY);
+    CREATE PUBLICATION pub FOR ALL TABLES;
+"""
+
+
+def write(dsn: str, updates: int) -> None:
+    """``updates`` one-row transactions: key ``i % KEYS`` gets v + 1."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(updates):
+            conn.execute("UPDATE k SET v = v + 1 WHERE id = %s", (i % KEYS,))
+
+
+def check_keys(stored: list[Stored], updates: int) -> dict[str, dict[str, Any]]:
+    """Every change stored (first copies), in order per key; a duplicate is the first copy
+    again (same id, same content). Returns the first copies by id."""
+    first: dict[str, dict[str, Any]] = {}
+    values: dict[int, list[int]] = {key: [] for key in range(KEYS)}
+    for message_id, doc, _extra in stored:
+        if message_id in first:
+            assert first[message_id] == doc, f"{message_id}: a duplicate differs from the first copy"
+            continue
+        first[message_id] = doc
+        record = doc["data"]["new_record"]
+        values[record["id"]].append(record["v"])
+    for key, seen in values.items():
+        count = updates // KEYS + (1 if key < updates % KEYS else 0)
+        assert seen == list(range(count + 1)), f"key {key}: values stored {seen}"
+    ids = list(first)
+    assert ids == sorted(ids), "first copies out of commit order"
+    return first
+
+
+async def until_confirmed(admin: psycopg.Connection, slot: str, lsn: int, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while confirmed(admin, slot) < lsn:
+        assert loop.time() < deadline, "the slot never reached the last transaction"
+        await asyncio.sleep(0.1)
+
+
+def test_acknowledgement_never_passes_what_a_cut_off_destination_confirmed(
+    admin: psycopg.Connection, dsn: str, unique: str,
+) -> None:
+    """Redis takes everything; RabbitMQ, behind a TCP proxy, is cut off mid-stream while the
+    window is full: the slot's confirmed_flush_lsn, polled meanwhile, stays at what
+    RabbitMQ stored; once healed, both hold every change, in order per key."""
+    rport, aport = require("redis"), require("rabbitmq")
+    admin.execute(SETUP)
+    slot, updates = f"window_{unique}", 400
+    exchange, queue = f"ww{unique}", f"ww{unique}.q"
+    asyncio.run(rabbitmq_queue(exchange, queue, aport))
+    proxy = Proxy("127.0.0.1", aport).start()
+    urls = [f"redis://127.0.0.1:{rport}/0?stream=ww{unique}:{{table}}",
+            f"amqp://guest:guest@127.0.0.1:{proxy.port}/?exchange={exchange}&timeout=1"]
+
+    async def main() -> tuple[list[Any], int]:
+        async with collecting(dsn, destinations=urls, durable_slot=True, slot_name=slot,
+                              status_interval=0.2, destination_window=32) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            writing = asyncio.ensure_future(asyncio.to_thread(write, dsn, updates))
+            await rec._until(lambda: len(rec.events) >= 150, 60, "150 changes handled")
+            await asyncio.to_thread(proxy.partition)
+            loop = asyncio.get_running_loop()
+            highest, end = 0, loop.time() + 3  # fifteen status intervals, cut off
+            while loop.time() < end:
+                highest = max(highest, confirmed(admin, slot))
+                await asyncio.sleep(0.05)
+            at_rabbitmq = {i for i, _d, _x in await rabbitmq_stored(queue, aport)}
+            handled = list(rec.events)
+            early = [e.id for e in handled if parse_lsn(e.lsn) < highest and e.id not in at_rabbitmq]
+            assert not early, f"acknowledged before RabbitMQ had them: {early[:5]}"
+            assert any(parse_lsn(e.lsn) >= highest for e in handled), \
+                "the handlers did not run ahead of the acknowledgement"
+            await asyncio.to_thread(proxy.heal)
+            await writing
+            events = await rec.wait_for(KEYS + updates, 120)
+            await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
+            return events, highest
+
+    try:
+        events, _highest = run(main(), timeout=300)
+        for stored in (asyncio.run(redis_stored(f"ww{unique}:*", rport)),
+                       asyncio.run(rabbitmq_stored(queue, aport))):
+            first = check_keys(stored, updates)
+            assert list(first) == [e.id for e in events]
+    finally:
+        proxy.stop()
+        asyncio.run(rabbitmq_delete(exchange, queue, aport))
+        asyncio.run(redis_delete(f"ww{unique}:*", rport))
+
+
+@pytest.mark.parametrize("broker", ["nats", "redis"])
+def test_broker_killed_mid_stream_with_a_window_loses_nothing(
+    broker: str, admin: psycopg.Connection, dsn: str, tmp_path: Path, unique: str,
+) -> None:
+    """The broker is SIGKILLed while the window holds unconfirmed transactions and started
+    again: every change is there, in order per key, replays with the same ids and content
+    (none at all in JetStream, which drops a replayed Nats-Msg-Id)."""
+    admin.execute(SETUP)
+    slot, updates = f"window_{unique}", 300
+    server = (OwnNats if broker == "nats" else OwnRedis)(tmp_path).start()
+    if broker == "nats":
+        url = f"nats://127.0.0.1:{server.port}?stream=WW&subject=ww.{{table}}&timeout=1"
+        read: Any = lambda: nats_stored("WW", server.port)  # noqa: E731
+    else:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=ww:{{table}}&timeout=1"
+        read = lambda: redis_stored("ww:*", server.port)  # noqa: E731
+
+    async def main() -> list[Any]:
+        async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                              status_interval=0.2, destination_window=64) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            writing = asyncio.ensure_future(asyncio.to_thread(write, dsn, updates))
+            await rec._until(lambda: len(rec.events) >= 100, 60, "100 changes handled")
+            await asyncio.to_thread(server.stop)
+            await rec._until(lambda: app.destinations.retries >= 2, 60, "two failed attempts")
+            await asyncio.to_thread(server.start)
+            await writing
+            events = await rec.wait_for(KEYS + updates, 120)
+            await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
+            return events
+
+    try:
+        events = run(main(), timeout=300)
+        stored = asyncio.run(read())
+    finally:
+        server.stop()
+    first = check_keys(stored, updates)
+    assert list(first) == [e.id for e in events]
+    if broker == "nats":
+        assert len(stored) == len(first), "JetStream stored a replayed message id twice"
+
+
+def test_handlers_run_ahead_and_a_lane_publishes_the_queued_transactions_at_once(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path, unique: str,
+) -> None:
+    """With the broker down, the handlers get every transaction (up to the window) and none
+    is acknowledged; once it is back the lane publishes them in a few groups, not one
+    publish per transaction."""
+    admin.execute(SETUP)
+    slot, updates = f"window_{unique}", 40
+
+    async def main(server: OwnNats) -> tuple[list[Any], int]:
+        url = f"nats://127.0.0.1:{server.port}?stream=WW&subject=ww.{{table}}&timeout=1"
+        async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                              status_interval=0.2, destination_window=64) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            await rec._until(lambda: app.transactions_handled >= 1, 60, "the rows stored")
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(write, dsn, updates)
+            events = await rec.wait_for(KEYS + updates, 60)  # none waits for a confirmation
+            await asyncio.sleep(1)  # five status intervals
+            assert confirmed(admin, slot) < parse_lsn(events[KEYS].lsn)
+            assert app.ack.flushed < parse_lsn(events[KEYS].lsn)
+            await asyncio.to_thread(server.start)
+            await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
+            groups = app.pipeline.window.lanes[0].groups
+            return events, groups
+
+    with OwnNats(tmp_path) as server:
+        events, groups = run(main(server), timeout=240)
+        stored = asyncio.run(nats_stored("WW", server.port))
+    first = check_keys(stored, updates)
+    assert list(first) == [e.id for e in events] and len(stored) == len(first)
+    assert groups < updates // 2, f"{groups} publishes for {updates + 1} transactions"
+
+
+def test_a_refusal_in_a_group_settles_that_transaction_only(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """Redis refuses the events of ``other`` for good (its stream key holds a string); they
+    are queued in one group with events of ``k``. Under on_error="skip" the group goes
+    again one transaction at a time: the refused one is skipped, the others delivered."""
+    admin.execute(SETUP)
+    slot = "window_refusal"
+
+    async def main(server: OwnRedis) -> list[Any]:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=server.port)
+        await client.set("wr:other", "not a stream")
+        await client.aclose()
+        url = f"redis://127.0.0.1:{server.port}/0?stream=wr:{{table}}&timeout=1"
+        async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                              status_interval=0.2, destination_window=64,
+                              on_error="skip") as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute("INSERT INTO k VALUES (0, 0)")
+            await rec._until(lambda: app.transactions_handled >= 1, 60, "the first stored")
+            await asyncio.to_thread(server.stop)
+            admin.execute("INSERT INTO k VALUES (1, 0)")  # published alone, retried
+            admin.execute("INSERT INTO other VALUES (1)")  # these two wait, then go as a group
+            admin.execute("INSERT INTO k VALUES (2, 0)")
+            events = await rec.wait_for(4, 60)
+            await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
+            await asyncio.to_thread(server.start)
+            await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
+            assert app.destinations.refusals == 1 and app.dispatcher.failures == 1
+            return events
+
+    with OwnRedis(tmp_path) as server:
+        events = run(main(server), timeout=240)
+        stored = asyncio.run(redis_stored("wr:k", server.port))
+    ids = [e.id for e in events if e.name == "k"]
+    assert sorted({i for i, _d, _x in stored}) == ids  # the k events, duplicates aside
