@@ -20,6 +20,10 @@ when the app has ``partitions`` > 1, so workers can consume each partition),
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
+The PubAcks come to one subscription of the connection (a reply subject
+per message, :mod:`walex.destinations.pubacks`) and are counted there, with
+no future or parsed PubAck per message; only an error is parsed.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
@@ -40,6 +44,8 @@ from nats.js.errors import NotFoundError
 from ..errors import ConfigError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
+from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
+from .pubacks import PubAcks
 
 __all__ = ["NatsDestination"]
 
@@ -88,6 +94,7 @@ class NatsDestination(Destination):
         self.nc: Any = None
         self.js: Any = None
         self._closed: asyncio.Event | None = None
+        self._acks: PubAcks | None = None
         self.duplicates = 0  # messages the stream recognised as already stored
 
     async def open(self) -> None:
@@ -120,9 +127,14 @@ class NatsDestination(Destination):
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
+            self._acks = PubAcks(self.nc.new_inbox() + ".")
+            await self.nc.subscribe(self._acks.prefix + "*", cb=self._acks.received)
         except Unavailable:
             await self.close()
             raise
+        except Exception as exc:
+            await self.close()
+            raise self.unavailable("cannot subscribe to the PubAcks", exc) from None
         self.opened = True
 
     async def _ensure_stream(self) -> None:
@@ -151,40 +163,34 @@ class NatsDestination(Destination):
             await self._publish(batch[start:start + _WINDOW])
 
     async def _publish(self, batch: list[Outgoing]) -> None:
-        js, closed, render = self.js, self._closed, self.subject.render
-        if js is None or closed is None or closed.is_set():
+        nc, acks, closed, render = self.nc, self._acks, self._closed, self.subject.render
+        if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
-        futures = []
+        first, done = acks.expect(len(batch))
+        prefix, stream = acks.prefix, self.stream
         try:
-            # No wait_stall: with it the client yields after every message and sends
-            # each in its own system call; the window bounds what is in flight instead.
-            for item in batch:
-                futures.append(await js.publish_async(
-                    render(item), item.body, stream=self.stream,
-                    headers={"Nats-Msg-Id": item.id},
-                ))
+            # Core publishes with a reply subject each (what JetStream answers with its
+            # PubAck); the client buffers them and writes many in one system call.
+            for n, item in enumerate(batch, first):
+                await nc.publish(render(item), item.body, reply=f"{prefix}{n}",
+                                 headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
-        acks = asyncio.gather(*futures)
         lost = asyncio.ensure_future(closed.wait())
         try:
-            done, _ = await asyncio.wait([acks, lost], timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait([done, lost], timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
-        if acks not in done:
-            acks.cancel()
-            await asyncio.gather(acks, return_exceptions=True)
+        if done not in finished:
             what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
             raise Unavailable(f"{what} before every message of the batch was acknowledged")
-        try:
-            results = acks.result()
-        except Exception as exc:
-            raise self.unavailable(f"stream {self.stream!r} refused a message", exc) from None
-        self.duplicates += sum(1 for ack in results if ack.duplicate)
+        if acks.failure is not None:
+            raise self.unavailable(f"stream {self.stream!r} refused a message", acks.failure)
+        self.duplicates += acks.duplicates
 
     async def close(self) -> None:
-        nc, self.nc, self.js = self.nc, None, None
+        nc, self.nc, self.js, self._acks = self.nc, None, None, None
         self.opened = False
         if nc is not None:
             try:
