@@ -12,6 +12,8 @@ the test starts and kills mid-stream.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -249,3 +251,105 @@ def test_a_refusal_in_a_group_settles_that_transaction_only(
         stored = asyncio.run(redis_stored("wr:k", server.port))
     ids = [e.id for e in events if e.name == "k"]
     assert sorted({i for i, _d, _x in stored}) == ids  # the k events, duplicates aside
+
+
+def test_webhook_requests_carry_several_transactions_signed_with_one_id_per_request(
+    admin: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-row transactions queued while a request is retried go out together, at most
+    ``group_events`` (here 8) events per request, each request signed and named by the
+    range of ids it carries; the retry of a request repeats its id and its body."""
+    from standardwebhooks.webhooks import Webhook
+
+    from walex.destinations.webhook import WebhookDestination
+
+    from .receiver import Receiver
+
+    secret = "whsec_" + base64.b64encode(b"window").decode()
+    monkeypatch.setenv("WALEX_TEST_WINDOW_SECRET", secret)
+    monkeypatch.setattr(WebhookDestination, "group_events", 8)
+    admin.execute(SETUP)
+    updates = 20
+
+    async def main(hook: Receiver) -> list[Any]:
+        url = hook.url(query="secret_env=WALEX_TEST_WINDOW_SECRET&timeout=0.5")
+        async with collecting(dsn, destinations=[url], destination_window=64) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)  # its request hangs past the timeout: retried
+            await rec._until(lambda: app.pipeline.window is not None
+                             and app.pipeline.window.lanes[0].groups >= 1, 30, "a first request")
+            await asyncio.to_thread(write, dsn, updates)  # queued meanwhile
+            events = await rec.wait_for(KEYS + updates, 60)
+            await rec._until(lambda: app.transactions_handled == 1 + updates, 60, "all confirmed")
+            return events
+
+    with Receiver() as hook:
+        # the first transaction's two requests (10 events): the first hangs twice, then both
+        # go;
+        # then the first request of the transactions queued meanwhile fails once
+        hook.script([("hang", 2), ("hang", 2), 200, 200, 500])
+        events = run(main(hook), timeout=180)
+    requests = hook.requests
+    for _path, headers, body, status in requests:
+        if status:
+            Webhook(secret).verify(body, headers)
+    stored: list[Stored] = []
+    seen: set[str] = set()
+    for _path, headers, body, _status in hook.accepted():
+        docs = json.loads(body)
+        assert len(docs) <= 8 or len({d["walexlsn"] for d in docs}) == 1
+        if len(docs) > 1:
+            assert headers["webhook-id"] == f"{docs[0]['id']}_{docs[-1]['id']}"
+        stored.extend((d["id"], d, headers["webhook-id"]) for d in docs if d["id"] not in seen)
+        seen.update(d["id"] for d in docs)
+    assert [i for i, _d, _x in stored] == [e.id for e in events]
+    check_keys(stored, updates)
+    failed = [(h["webhook-id"], b) for _p, h, b, s in requests if s == 500]
+    assert len(failed) == 1
+    retried = [(h["webhook-id"], b) for _p, h, b, s in requests if h["webhook-id"] == failed[0][0]]
+    assert len(retried) == 2 and retried[0][1] == retried[1][1]
+    assert len({d["walexlsn"] for d in json.loads(failed[0][1])}) > 1, \
+        "the retried request did not carry several transactions"
+
+
+def test_what_waits_in_any_window_is_bounded_by_max_pending_bytes(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """With the broker down and a window far larger than the budget, wide one-row
+    transactions stop being read once the batches waiting for confirmation hold
+    ``max_pending_bytes``; nothing is lost when the broker is back."""
+    admin.execute("CREATE TABLE w (id int PRIMARY KEY, t text); CREATE PUBLICATION pub FOR ALL TABLES")
+    rows, budget, width = 200, 1024 * 1024, 40_000
+
+    async def main(server: OwnRedis) -> tuple[list[Any], int, int]:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=wm:{{table}}&timeout=1"
+        async with collecting(dsn, destinations=[url], destination_window=100_000,
+                              max_pending_bytes=budget, max_pending_transactions=10_000,
+                              durable_slot=True, slot_name="window_memory") as rec:
+            app = rec.app
+            assert app is not None
+            await asyncio.to_thread(server.stop)
+
+            def insert() -> None:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    for i in range(rows):
+                        conn.execute("INSERT INTO w VALUES (%s, repeat(md5(%s::text), %s))",
+                                     (i, i, width // 32))
+
+            await asyncio.to_thread(insert)
+            await rec._until(lambda: app.destinations.retries >= 3, 60, "three failed attempts")
+            await rec._until(lambda: len(rec.events) > budget // width, 60, "the budget's worth")
+            await asyncio.sleep(2)  # the reader would go on here if nothing held it
+            held, most = len(rec.events), app.pipeline.queue.bytes
+            await asyncio.to_thread(server.start)
+            events = await rec.wait_for(rows, 120)
+            await until_confirmed(admin, "window_memory", parse_lsn(events[-1].lsn), 120)
+            return events, held, most
+
+    with OwnRedis(tmp_path) as server:
+        events, held, most = run(main(server), timeout=300)
+        stored = asyncio.run(redis_stored("wm:*", server.port))
+    assert held < rows // 2, f"{held} of {rows} wide transactions handled with the broker down"
+    assert most <= budget + 2 * width, f"{most} bytes held for a budget of {budget}"
+    assert sorted({i for i, _d, _x in stored}) == [e.id for e in events]
