@@ -25,7 +25,7 @@ from support import collecting, run
 from walex.lsn import parse_lsn
 
 from .brokers import (
-    Stored, nats_stored, rabbitmq_delete, rabbitmq_queue, rabbitmq_stored, redis_delete,
+    Stored, nats_delete, nats_stored, rabbitmq_delete, rabbitmq_queue, rabbitmq_stored, redis_delete,
     redis_stored,
 )
 from .conftest import require
@@ -353,3 +353,55 @@ def test_what_waits_in_any_window_is_bounded_by_max_pending_bytes(
     assert held < rows // 2, f"{held} of {rows} wide transactions handled with the broker down"
     assert most <= budget + 2 * width, f"{most} bytes held for a budget of {budget}"
     assert sorted({i for i, _d, _x in stored}) == [e.id for e in events]
+
+
+def test_jetstream_answers_are_counted_per_batch_and_an_error_answer_fails_it(
+    admin: psycopg.Connection, dsn: str, unique: str,
+) -> None:
+    """The PubAcks of a batch come to one subscription (walex.destinations.pubacks): a batch
+    is confirmed with every answer in, replays are counted as duplicates, and a message the
+    stream refuses (larger than its max_msg_size) fails the batch, with the server's reason."""
+    from nats.js.api import StreamConfig
+
+    from walex.destinations import from_url
+    from walex.destinations.base import Unavailable
+    from walex.destinations.encoding import encode
+    from walex.errors import DestinationError
+
+    port = require("nats")
+    admin.execute(SETUP)
+    stream = f"WP_{unique}"
+
+    async def main() -> None:
+        import nats
+
+        async with collecting(dsn) as rec:
+            admin.execute(INSERT_KEYS)
+            events = await rec.wait_for(KEYS)
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            await nc.jetstream().add_stream(StreamConfig(
+                name=stream, subjects=[f"wp{unique}.>"], max_msg_size=2000))
+        finally:
+            await nc.close()
+        destination = from_url(f"nats://127.0.0.1:{port}?stream={stream}&subject=wp{unique}.{{table}}")
+        await destination.open()
+        try:
+            batch = encode(events)
+            await destination.publish(batch)
+            await destination.publish(batch[:4])
+            assert destination.duplicates == 4  # type: ignore[attr-defined]
+            wide = batch[0]._replace(id="wide", body=b'{"pad": "' + b"x" * 5000 + b'"}')
+            with pytest.raises((Unavailable, DestinationError), match=stream):
+                await destination.publish([batch[1], wide])
+            await destination.publish(batch[4:])  # the connection goes on
+            assert destination.duplicates == 4 + KEYS - 4  # type: ignore[attr-defined]
+        finally:
+            await destination.close()
+        stored = await nats_stored(stream, port)
+        assert [i for i, _d, _x in stored] == [e.id for e in events]
+
+    try:
+        run(main())
+    finally:
+        asyncio.run(nats_delete(stream, port))

@@ -66,7 +66,10 @@ class PubAcks:
             return  # another attempt's answer, or one answered already
         data = msg.data
         if not data.startswith(_PUBACK):
-            failure = _error(msg)
+            try:
+                failure = _error(msg)
+            except Exception as exc:  # an answer beyond reading: the batch fails, never hangs
+                failure = exc
             if failure is not None:
                 self.failure = failure
                 done.set_result(None)
@@ -92,7 +95,11 @@ def _error(msg: Any) -> BaseException | None:
     if not isinstance(answer, dict):
         return nats.js.errors.Error(f"unreadable PubAck {msg.data[:200]!r}")
     if "error" in answer:
-        return nats.js.errors.APIError.from_error(answer["error"])
+        try:  # the client raises the error of the answer's code
+            nats.js.errors.APIError.from_error(answer["error"])
+        except Exception as exc:
+            return exc
+        return nats.js.errors.Error(f"refused: {answer['error']!r}")
     if "stream" in answer and "seq" in answer:
         return None
     return nats.js.errors.Error(f"unreadable PubAck {msg.data[:200]!r}")
