@@ -27,6 +27,12 @@ deferred batches are in hand, no longer queued), so a call can hold up to
 waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
+With destinations whose window is above 1 (:mod:`walex.destinations.window`),
+each batch is submitted to the destinations' lanes and handed to the
+handlers; the window records it handled, in order, once every destination
+confirmed it, so the dispatcher does not wait for a confirmation (its
+batches stay counted in ``max_pending_bytes`` until recorded).
+
 Runs of plain calls and async calls awaited in the loop serve apps without
 destinations, tracing or ``max_batch`` handlers (metrics alone count through
 the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch

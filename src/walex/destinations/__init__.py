@@ -17,7 +17,10 @@ The contract every destination keeps (:class:`~walex.destinations.base.Destinati
 
 Events are published in commit order, one transaction batch after the other,
 so each destination receives a table's (with ``partitions``, a partition's)
-changes in order. A replay after a crash carries the same ``event.id``, which
+changes in order. With a window above 1 (``destination_window``, ``window=``
+in a URL) the next batches are published before the previous ones are
+confirmed, in order, by one lane per destination
+(:mod:`walex.destinations.window`); the acknowledgement still waits. A replay after a crash carries the same ``event.id``, which
 the brokers that can deduplicate are given as the message id (NATS
 ``Nats-Msg-Id``, AMQP ``message_id``, ``webhook-id``); a consumer drops what
 is left by id.

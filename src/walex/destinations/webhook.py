@@ -6,7 +6,8 @@ application/cloudevents-batch+json``, the CloudEvents HTTP batch mode),
 signed the Standard Webhooks way:
 
 - ``webhook-id``: the ``event.id`` of the first event in the request, the same
-  on every retry and replay;
+  on every retry and replay; under a window above 1 (whose groups depend on
+  timing) ``<first id>_<last id>`` for a request of several events;
 - ``webhook-timestamp``: Unix seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``,
   one per secret, separated by spaces.
