@@ -405,3 +405,40 @@ def test_jetstream_answers_are_counted_per_batch_and_an_error_answer_fails_it(
         run(main())
     finally:
         asyncio.run(nats_delete(stream, port))
+
+
+def test_stop_with_the_broker_down_leaves_the_window_unacknowledged(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """stop() gives the published transactions shutdown_grace to be confirmed; with the
+    broker down they are cut off, unacknowledged, and a restart delivers them."""
+    admin.execute(SETUP)
+    slot = "window_stop"
+
+    async def main(server: OwnRedis) -> tuple[list[Any], int]:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=ws:{{table}}&timeout=1"
+        options: dict[str, Any] = dict(durable_slot=True, slot_name=slot, status_interval=0.2,
+                                       destination_window=64, shutdown_grace=1)
+        async with collecting(dsn, destinations=[url], **options) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            await rec._until(lambda: app.transactions_handled == 1, 60, "the rows stored")
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(write, dsn, 5)
+            events = await rec.wait_for(KEYS + 5, 60)  # handled, waiting in the window
+            await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
+        held = confirmed(admin, slot)
+        await asyncio.to_thread(server.start)
+        async with collecting(dsn, destinations=[url], **options) as rec:
+            again = await rec.wait_for(5, 60)
+            await until_confirmed(admin, slot, parse_lsn(again[-1].lsn), 60)
+        assert [e.id for e in again] == [e.id for e in events[KEYS:]]
+        return events, held
+
+    with OwnRedis(tmp_path) as server:
+        events, held = run(main(server), timeout=240)
+        stored = asyncio.run(redis_stored("ws:*", server.port))
+    assert held < parse_lsn(events[KEYS].lsn)
+    assert "cut off" in caplog.text
+    check_keys(stored, 5)
