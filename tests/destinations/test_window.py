@@ -442,3 +442,28 @@ def test_stop_with_the_broker_down_leaves_the_window_unacknowledged(
     assert held < parse_lsn(events[KEYS].lsn)
     assert "cut off" in caplog.text
     check_keys(stored, 5)
+
+
+def test_window_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``destination_window`` and ``window=`` are checked when the app is made; ``window=``
+    is taken out of the URL before the broker's module (or a webhook's receiver) sees it."""
+    from walex import ConfigError, WalEx
+
+    def make(url: str, **options: Any) -> Any:
+        return WalEx("postgresql://u@h/db", publication="p", destinations=[url], **options)
+
+    with pytest.raises(ConfigError, match="destination_window"):
+        make("redis://127.0.0.1:6379/0?stream=s", destination_window=0)
+    with pytest.raises(ConfigError, match="window must be an integer >= 1"):
+        make("redis://127.0.0.1:6379/0?stream=s&window=0")
+    with pytest.raises(ConfigError, match="window must be an integer >= 1, got 'many'"):
+        make("nats://127.0.0.1:4222?stream=S&window=many")
+    app = make("redis://127.0.0.1:6379/0?stream=s&window=8", destination_window=1)
+    [destination] = app.destinations.items
+    assert destination.window == 8 and app.destinations.pipelined
+    app = make("redis://127.0.0.1:6379/0?stream=s", destination_window=1)
+    assert not app.destinations.pipelined
+    monkeypatch.setenv("WALEX_TEST_WINDOW_SECRET", "whsec_" + base64.b64encode(b"w").decode())
+    app = make("https://hooks.example.com/x?secret_env=WALEX_TEST_WINDOW_SECRET&window=4&team=a")
+    [hook] = app.destinations.items
+    assert hook.window == 4 and hook.target.text == "https://hooks.example.com/x?team=a"
