@@ -470,3 +470,45 @@ def test_window_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     app = make("https://hooks.example.com/x?secret_env=WALEX_TEST_WINDOW_SECRET&window=4&team=a")
     [hook] = app.destinations.items
     assert hook.window == 4 and hook.target.text == "https://hooks.example.com/x?team=a"
+
+
+def test_a_lost_replication_connection_waits_for_the_window_before_resuming(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """The walsender is terminated mid-stream while the broker is down and the window holds
+    unconfirmed transactions: walex waits for their confirmations before it reconnects
+    (resuming earlier would hand the handlers those transactions again), so the handlers
+    get each change once and the broker every change in order."""
+    admin.execute(SETUP)
+    slot, updates = "window_reconnect", 300
+
+    async def main(server: OwnNats) -> list[Any]:
+        url = f"nats://127.0.0.1:{server.port}?stream=WR&subject=wr.{{table}}&timeout=1"
+        async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                              status_interval=0.2, destination_window=64) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            writing = asyncio.ensure_future(asyncio.to_thread(write, dsn, updates))
+            await rec._until(lambda: len(rec.events) >= 100, 60, "100 changes handled")
+            await asyncio.to_thread(server.stop)
+            await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                          "WHERE slot_name = %s", (slot,))
+            await asyncio.sleep(2)  # a reconnect would be done by now
+            await asyncio.to_thread(server.start)
+            await writing
+            await rec._until(lambda: app.pipeline.sessions >= 2, 60, "a reconnect")
+            events = await rec.wait_for(KEYS + updates, 120)
+            await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
+            await asyncio.sleep(1)  # a change handed over twice would be here by now
+            assert len(rec.events) == len(events)
+            return events
+
+    with OwnNats(tmp_path) as server:
+        events = run(main(server), timeout=300)
+        stored = asyncio.run(nats_stored("WR", server.port))
+    ids = [e.id for e in events]
+    assert len(set(ids)) == len(ids), "a change reached the handlers twice"
+    first = check_keys(stored, updates)
+    assert list(first) == ids and len(stored) == len(first)
