@@ -512,3 +512,87 @@ def test_a_lost_replication_connection_waits_for_the_window_before_resuming(
     assert len(set(ids)) == len(ids), "a change reached the handlers twice"
     first = check_keys(stored, updates)
     assert list(first) == ids and len(stored) == len(first)
+
+
+@pytest.mark.parametrize("broker", ["nats", "redis", "rabbitmq"])
+def test_relay_sigkilled_with_a_full_window_loses_nothing(
+    broker: str, admin: psycopg.Connection, dsn: str, tmp_path: Path, unique: str,
+) -> None:
+    """``walex run`` with a window, fed one-row transactions as fast as PostgreSQL commits
+    them, is SIGKILLed twice mid-stream and started again: every change is at the broker,
+    in order per key, a replay with the same id and content (none in JetStream)."""
+    import signal
+    import threading
+
+    from .test_crash import relay, streaming, wait
+
+    admin.execute(SETUP)
+    admin.execute(INSERT_KEYS)  # before the slot: the updates alone are relayed
+    slot, updates = f"window_{unique}", 600
+    if broker == "nats":
+        port = require("nats")
+        url = f"nats://127.0.0.1:{port}?stream=WK_{unique}&subject=wk{unique}.{{table}}"
+        read: Any = lambda: nats_stored(f"WK_{unique}", port)  # noqa: E731
+        cleanup: Any = lambda: nats_delete(f"WK_{unique}", port)  # noqa: E731
+    elif broker == "redis":
+        port = require("redis")
+        url = f"redis://127.0.0.1:{port}/0?stream=wk{unique}:{{table}}"
+        read = lambda: redis_stored(f"wk{unique}:*", port)  # noqa: E731
+        cleanup = lambda: redis_delete(f"wk{unique}:*", port)  # noqa: E731
+    else:
+        port = require("rabbitmq")
+        exchange, queue = f"wk{unique}", f"wk{unique}.q"
+        asyncio.run(rabbitmq_queue(exchange, queue, port))
+        url = f"amqp://guest:guest@127.0.0.1:{port}/?exchange={exchange}"
+        read = lambda: rabbitmq_stored(queue, port)  # noqa: E731
+        cleanup = lambda: rabbitmq_delete(exchange, queue, port)  # noqa: E731
+    (tmp_path / "walex.toml").write_text(
+        f"url = {json.dumps(dsn)}\npublication = \"pub\"\ndurable_slot = true\n"
+        f"slot_name = \"{slot}\"\nstatus_interval = 0.5\ndestination_window = 128\n"
+        f"destinations = [{json.dumps(url)}]\n"
+    )
+    log = tmp_path / "relay.log"
+    proc = relay(["--config", "walex.toml"], tmp_path, {})
+    try:
+        wait(lambda: streaming(admin, slot), "the relay to stream", 60, log)
+        done = threading.Event()
+
+        def writer() -> None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for i in range(updates):
+                    conn.execute("UPDATE k SET v = v + 1 WHERE id = %s", (i % KEYS,))
+            done.set()
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        for kill_at in (updates // 4, updates // 2):
+            wait(lambda: admin.execute("SELECT sum(v) FROM k").fetchone()[0] >= kill_at,
+                 f"{kill_at} updates", 120, log)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            proc = relay(["--config", "walex.toml"], tmp_path, {})
+        thread.join(120)
+        assert done.is_set(), "the writer did not finish"
+        wait(lambda: len({i for i, _d, _x in asyncio.run(read())}) >= updates,
+             f"{updates} changes at the broker", 180, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-4000:]
+        stored = asyncio.run(read())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        asyncio.run(cleanup())
+    first: dict[str, dict[str, Any]] = {}
+    values: dict[int, list[int]] = {key: [] for key in range(KEYS)}
+    for message_id, doc, _extra in stored:
+        if message_id in first:
+            assert first[message_id] == doc, f"{message_id}: a duplicate differs from the first copy"
+            continue
+        first[message_id] = doc
+        values[doc["data"]["new_record"]["id"]].append(doc["data"]["new_record"]["v"])
+    for key, seen in values.items():
+        assert seen == list(range(1, updates // KEYS + 1)), f"key {key}: values stored {seen}"
+    assert list(first) == sorted(first), "first copies out of commit order"
+    if broker == "nats":
+        assert len(stored) == len(first), "JetStream stored a replayed message id twice"
