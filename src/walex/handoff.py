@@ -42,9 +42,11 @@ Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
 queued or in hand hold at most ``max_pending_transactions`` entries (plus the
 read batches of a backfill; plus, deferred for a ``max_batch`` handler, up to
-the larger of that and ``max_batch``) and about ``max_pending_bytes``; once
+the larger of that and ``max_batch``; plus, with a destination window, the
+batches waiting for their confirmations) and about ``max_pending_bytes``; once
 ``closing`` is set no call starts but the one in hand (and, for a ``max_batch``
-handler, the call holding the events of the batches in hand).
+handler, the call holding the events of the batches in hand), and a window's
+batches are given ``shutdown_grace`` to be confirmed.
 """
 
 from __future__ import annotations
