@@ -17,7 +17,10 @@ The contract every destination keeps (:class:`~walex.destinations.base.Destinati
 
 Events are published in commit order, one transaction batch after the other,
 so each destination receives a table's (with ``partitions``, a partition's)
-changes in order. A replay after a crash carries the same ``event.id``, which
+changes in order. With a window above 1 (``destination_window``, ``window=``
+in a URL) the next batches are published before the previous ones are
+confirmed, in order, by one lane per destination
+(:mod:`walex.destinations.window`); the acknowledgement still waits. A replay after a crash carries the same ``event.id``, which
 the brokers that can deduplicate are given as the message id (NATS
 ``Nats-Msg-Id``, AMQP ``message_id``, ``webhook-id``); a consumer drops what
 is left by id.
@@ -106,8 +109,13 @@ def load_class(package: str, scheme: Scheme, name: str, what: str) -> Any:
 
 
 def from_url(url: str, partitions: int = 1) -> Destination:
-    """The destination a URL names, picked by its scheme; nothing is connected yet."""
+    """The destination a URL names, picked by its scheme; nothing is connected yet.
+
+    ``window=N`` in any URL is the destination's window of unconfirmed
+    transactions (:mod:`walex.destinations.window`), taken out before the
+    broker's module reads its parameters."""
     parsed = DestinationURL(url)
+    window = parsed.take_int("window", None, minimum=1)
     scheme = SCHEMES.get(parsed.scheme)
     if scheme is None:
         raise ConfigError(
@@ -116,6 +124,7 @@ def from_url(url: str, partitions: int = 1) -> Destination:
         )
     cls = load_class(__name__, scheme, scheme.destination, f"destination {parsed.display}")
     destination: Destination = cls(parsed, partitions)
+    destination.window = window
     return destination
 
 
@@ -148,9 +157,12 @@ async def _all(calls: Iterable[Awaitable[None]]) -> None:
 class Destinations:
     """The destinations of one app, published to together and retried until durable."""
 
-    def __init__(self, urls: Iterable[str], partitions: int = 1) -> None:
+    def __init__(self, urls: Iterable[str], partitions: int = 1, window: int = 1) -> None:
         self.partitions = partitions
         self.items: list[Destination] = [from_url(url, partitions) for url in urls]
+        # unconfirmed transactions per destination (a URL's window= wins); above 1 the
+        # dispatcher pipelines through walex.destinations.window
+        self.window = window
         self.events_published = 0
         self.retries = 0  # publish attempts that failed and were retried
         self.refusals = 0  # batches a destination refused for good, settled by the policy
@@ -164,6 +176,18 @@ class Destinations:
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether a destination's window holds more than one transaction."""
+        return any((d.window or self.window) > 1 for d in self.items)
+
+    def lanes(self, record: Callable[[Any], None]) -> Any:
+        """The :class:`~walex.destinations.window.Window` of these destinations; ``record(txn)``
+        is called for each batch once every lane and the handlers finished it, in order."""
+        from .window import Window
+
+        return Window(self, record)
 
     def __repr__(self) -> str:
         return f"<Destinations {[d.display for d in self.items]}>"
@@ -206,7 +230,9 @@ class Destinations:
         self.events_published += len(batch)
 
     async def _deliver(self, destination: Destination, batch: list[Outgoing],
-                       events: list[Event]) -> None:
+                       events: list[Event] | None, settle: bool = True) -> bool:
+        """Publish ``batch`` until confirmed (True); a permanent refusal is settled by
+        :attr:`refused` (True), or with ``settle=False`` left to the caller (False)."""
         attempt = 0
         while True:
             stats = self.stats
@@ -222,13 +248,16 @@ class Destinations:
                         await destination.publish(batch)
             except DestinationError as exc:
                 self._failed(destination, exc)
-                if self.refused is None:
+                if settle and self.refused is None:
                     raise
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
-                await self._refuse(destination, exc, events)
-                return
+                if not settle:
+                    return False  # the lane publishes the group's transactions one at a time
+                assert events is not None
+                await self._refuse(destination, exc, events)  # raises under "stop"
+                return True
             except Unavailable as exc:
                 self._failed(destination, exc)
                 if stats is not None:
@@ -259,7 +288,7 @@ class Destinations:
             if attempt:
                 log.warning("destination %s is back: the batch from %s is published after %d "
                             "retries", destination.display, batch[0].id, attempt)
-            return
+            return True
 
     async def _refuse(self, destination: Destination, exc: DestinationError,
                       events: list[Event]) -> None:

@@ -252,11 +252,16 @@ class Destination(ABC):
     scheme: ClassVar[str]
     extra: ClassVar[str]  # the pip extra that installs the client
     accepted: ClassVar[tuple[str, ...]] = ()  # the URL parameters it understands
+    # most events and bytes one publish carries when a window groups several
+    # transactions' batches (walex.destinations.window); one batch alone may exceed them
+    group_events: ClassVar[int] = 4096
+    group_bytes: ClassVar[int] = 8 * 1024 * 1024
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         self.url = url
         self.partitions = partitions
         self.opened = False
+        self.window: int | None = None  # window= of the URL; None: the app's destination_window
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.display}>"

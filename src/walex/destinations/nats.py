@@ -28,6 +28,10 @@ with other subjects) or another stream holds (10060). A full stream with
 ``discard=new`` (10077) is retried ``full_attempts`` times (8), then a
 refusal too. Wrong credentials are a :class:`~walex.errors.ConfigError`.
 
+The PubAcks come to one subscription of the connection (a reply subject
+per message, :mod:`walex.destinations.pubacks`) and are counted there, with
+no future or parsed PubAck per message; only an error is parsed.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
@@ -48,6 +52,8 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
+from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
+from .pubacks import PubAcks
 
 __all__ = ["NatsDestination"]
 
@@ -113,11 +119,10 @@ class NatsDestination(Destination):
         self.nc: Any = None
         self.js: Any = None
         self._closed: asyncio.Event | None = None
+        self._acks: PubAcks | None = None
         self.duplicates = 0  # messages the stream recognised as already stored
         # failed attempts in a row at a full stream (discard=new) before it is a refusal
         self.full_attempts = 8
-        self._api_errors: list[APIError] = []  # PubAck errors the client reported on the side
-        self._api_error: asyncio.Event | None = None
 
     async def open(self) -> None:
         url = self.url
@@ -125,13 +130,6 @@ class NatsDestination(Destination):
 
         async def on_error(exc: Exception) -> None:
             log.debug("nats %s: %s", url.display, self.describe(exc))
-            if isinstance(exc, APIError):
-                # nats-py (up to 2.16 at least, nats.py#985) raises a PubAck's error in its
-                # reply handler instead of failing the publish's future: it ends up here
-                if len(self._api_errors) < 16:  # the first tell; cleared at each batch
-                    self._api_errors.append(exc)
-                if self._api_error is not None:
-                    self._api_error.set()
 
         async def on_closed() -> None:
             closed.set()
@@ -165,9 +163,14 @@ class NatsDestination(Destination):
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
+            self._acks = PubAcks(self.nc.new_inbox() + ".")
+            await self.nc.subscribe(self._acks.prefix + "*", cb=self._acks.received)
         except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
+        except Exception as exc:
+            await self.close()
+            raise self.unavailable("cannot subscribe to the PubAcks", exc) from None
         self.opened = True
 
     async def _ensure_stream(self) -> None:
@@ -212,44 +215,32 @@ class NatsDestination(Destination):
             await self._publish(batch[start:start + _WINDOW])
 
     async def _publish(self, batch: list[Outgoing]) -> None:
-        js, closed, render = self.js, self._closed, self.subject.render
-        if js is None or closed is None or closed.is_set():
+        nc, acks, closed, render = self.nc, self._acks, self._closed, self.subject.render
+        if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
         self._check_sizes(batch)
-        self._api_errors.clear()
-        refused = self._api_error = asyncio.Event()
-        futures = []
+        first, done = acks.expect(len(batch))
+        prefix, stream = acks.prefix, self.stream
         try:
-            # No wait_stall: with it the client yields after every message and sends
-            # each in its own system call; the window bounds what is in flight instead.
-            for item in batch:
-                futures.append(await js.publish_async(
-                    render(item), item.body, stream=self.stream,
-                    headers={"Nats-Msg-Id": item.id},
-                ))
+            # Core publishes with a reply subject each (what JetStream answers with its
+            # PubAck); the client buffers them and writes many in one system call.
+            for n, item in enumerate(batch, first):
+                await nc.publish(render(item), item.body, reply=f"{prefix}{n}",
+                                 headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
-        acks = asyncio.gather(*futures, return_exceptions=True)
         lost = asyncio.ensure_future(closed.wait())
-        refusal = asyncio.ensure_future(refused.wait())
         try:
-            done, _ = await asyncio.wait([acks, lost, refusal], timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait([done, lost], timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
-            refusal.cancel()
-        if acks not in done:
-            acks.cancel()
-            await asyncio.gather(acks, return_exceptions=True)
-            if self._api_errors:  # which message it was is not known: the batch's first
-                raise await self._refusal(batch[0], self._api_errors[0], whole=len(batch) > 1)
+        if done not in finished:
             what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
             raise Unavailable(f"{what} before every message of the batch was acknowledged")
-        results = acks.result()
-        for item, result in zip(batch, results):
-            if isinstance(result, BaseException):
-                raise await self._refusal(item, result)
-        self.duplicates += sum(1 for ack in results if ack.duplicate)
+        if acks.failure is not None:  # the message it answered for: refused for good, or for now
+            raise await self._refusal(batch[acks.failed_at], acks.failure)
+        self.duplicates += acks.duplicates
 
     def _check_sizes(self, batch: list[Outgoing]) -> None:
         """A message over the server's max_payload is refused before anything is sent.
@@ -322,7 +313,7 @@ class NatsDestination(Destination):
         return list(info.config.subjects or [])
 
     async def close(self) -> None:
-        nc, self.nc, self.js = self.nc, None, None
+        nc, self.nc, self.js, self._acks = self.nc, None, None, None
         self.opened = False
         if nc is not None:
             try:

@@ -2,8 +2,9 @@
 
 Each event is one ``XADD`` entry with the fields ``id`` (``event.id``) and
 ``event`` (the CloudEvent JSON), to the stream its template names. A batch
-goes in one ``MULTI``/``EXEC`` transaction, so Redis applies all of it or
-none of it; it counts as durable when the ``EXEC`` reply arrived. Redis
+(with a window, the batches of several transactions) goes in one pipeline,
+without ``MULTI``: one round trip; it counts as durable when every ``XADD``
+was answered, and a batch cut short is published again whole. Redis
 acknowledges a write before it reaches the disk unless the server runs with
 ``appendonly yes`` and ``appendfsync always``: that setting decides what a
 crash of Redis itself can lose.
@@ -103,7 +104,9 @@ class RedisDestination(Destination):
         if client is None:
             raise Unavailable("not connected")
         render, maxlen = self.stream.render, self.maxlen
-        pipe = client.pipeline(transaction=True)
+        # one round trip, no MULTI/EXEC: Redis answers each XADD (half the replies of a
+        # transaction's QUEUED + EXEC); a batch cut short is published again, same ids
+        pipe = client.pipeline(transaction=False)
         for item in batch:
             pipe.xadd(render(item), {"id": item.id, "event": item.body}, maxlen=maxlen,
                       approximate=True)

@@ -6,7 +6,8 @@ application/cloudevents-batch+json``, the CloudEvents HTTP batch mode),
 signed the Standard Webhooks way:
 
 - ``webhook-id``: the ``event.id`` of the first event in the request, the same
-  on every retry and replay;
+  on every retry and replay; under a window above 1 (whose groups depend on
+  timing) ``<first id>_<last id>`` for a request of several events;
 - ``webhook-timestamp``: Unix seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``,
   one per secret, separated by spaces.
@@ -120,10 +121,18 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date: the usual backoff applies
 
 
+def _request_id(items: list[Outgoing], ranged: bool) -> str:
+    if ranged and len(items) > 1:
+        return f"{items[0].id}_{items[-1].id}"
+    return items[0].id
+
+
 class WebhookDestination(Destination):
     scheme = "https"
     extra = "webhooks"
     accepted = ("secret_env", "timeout")
+    group_events = 1000  # most events per request
+    group_bytes = 1024 * 1024  # about the most bytes of events per request (one event may exceed)
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -137,6 +146,7 @@ class WebhookDestination(Destination):
         self.client: httpx.AsyncClient | None = None
         self._batch: str | None = None  # the first id of the batch being published
         self._delivered: set[str] = set()  # its requests already answered 2xx
+        self.grouped = False  # set by a window above 1: requests carry range ids
         self.requests = 0
 
     async def open(self) -> None:
@@ -152,14 +162,27 @@ class WebhookDestination(Destination):
         )
         self.opened = True
 
-    def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, list[Outgoing]]]:
-        """(url, events) per table (and rendered URL), in the order of first appearance."""
+    def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, str, list[Outgoing]]]:
+        """(url, webhook-id, events) per table (and rendered URL), in the order of first
+        appearance, at most ``group_events`` events and about ``group_bytes`` per request.
+
+        The id is the first event's; a request of a window's group (which may hold
+        the events of several transactions, grouped as they came) carries
+        ``<first id>_<last id>`` when it holds more than one event, so the same id
+        always means the same events, however a replay groups them."""
         groups: dict[tuple[str, str, str], list[Outgoing]] = {}
         render = self.target.render
         for item in batch:
             groups.setdefault((render(item), item.schema, item.table), []).append(item)
+        most_events, most_bytes, ranged = self.group_events, self.group_bytes, self.grouped
         for (target, _schema, _table), items in groups.items():
-            yield target, items
+            start, size = 0, 0
+            for i, item in enumerate(items):
+                if i > start and (i - start >= most_events or size + len(item.body) > most_bytes):
+                    yield target, _request_id(items[start:i], ranged), items[start:i]
+                    start, size = i, 0
+                size += len(item.body)
+            yield target, _request_id(items[start:], ranged), items[start:]
 
     async def publish(self, batch: list[Outgoing]) -> None:
         client = self.client
@@ -167,8 +190,7 @@ class WebhookDestination(Destination):
             raise Unavailable("not connected")
         if batch[0].id != self._batch:
             self._batch, self._delivered = batch[0].id, set()
-        for target, items in self._requests(batch):
-            message_id = items[0].id
+        for target, message_id, items in self._requests(batch):
             if message_id in self._delivered:
                 continue
             await self._post(client, target, message_id, items)
