@@ -31,25 +31,53 @@ from walex.destinations import encoding
 from walex.destinations.encoding import encode, encode_event, encode_reference
 
 
+# the fast path's two twins: pure Python, and walex._encode when it was built
+PATHS = [encoding._fast_event] + ([encoding.compiled_fast_event]
+                                  if encoding.compiled_fast_event is not None else [])
+
+
+def test_the_compiled_twin_is_built_and_serves() -> None:
+    """setup.py builds walex._encode where Cython and a compiler are (as for this venv)."""
+    assert encoding.compiled_fast_event is not None
+    assert encoding._fast is encoding.compiled_fast_event
+
+
 def fast_count(events: list[Event], partitions: int) -> int:
-    """How many events the fast path encoded itself (each checked against the reference)."""
-    taken = 0
-    for event in events:
-        try:
-            out = encoding._fast_event(event, partitions)
-        except (encoding._Unfit, encoding.orjson.JSONEncodeError):
-            continue
-        assert out == encoding.encode_event_reference(event, partitions), event
-        taken += 1
-    return taken
+    """How many events the fast path encoded itself, the same in both twins (each checked
+    against the reference, and both twins taking on the same events)."""
+    counts = []
+    for fast in PATHS:
+        taken = 0
+        for event in events:
+            try:
+                out = fast(event, partitions)
+            except (encoding._Unfit, encoding.orjson.JSONEncodeError):
+                continue
+            assert out == encoding.encode_event_reference(event, partitions), (fast, event)
+            taken += 1
+        counts.append(taken)
+    assert len(set(counts)) == 1, counts
+    return counts[0]
 
 
 def assert_same(events: list[Event]) -> None:
     for partitions in (1, 5):
-        fast = encode(events, partitions)
         reference = encode_reference(events, partitions)
-        for event, a, b in zip(events, fast, reference, strict=True):
-            assert a == b, f"{event.type} {event.id}:\n{a.body!r}\n{b.body!r}"
+        outputs = [encode(events, partitions)]
+        for fast in PATHS:
+            outputs.append([_through(fast, event, partitions) for event in events])
+        for out in outputs:
+            for event, a, b in zip(events, out, reference, strict=True):
+                assert a == b, f"{event.type} {event.id}:\n{a.body!r}\n{b.body!r}"
+        fast_count(events, partitions)
+
+
+def _through(fast: Any, event: Event, partitions: int) -> Any:
+    """``encode_event`` with one twin of the fast path."""
+    try:
+        return fast(event, partitions)
+    except (encoding._Unfit, encoding.orjson.JSONEncodeError):
+        return encoding.encode_event_reference(event, partitions)
 
 
 def test_type_matrix_fast_equals_reference(admin: psycopg.Connection, dsn: str) -> None:

@@ -69,6 +69,7 @@ import base64
 import datetime as dt
 import json
 import math
+import os
 import zlib
 from collections.abc import Callable
 from decimal import Decimal
@@ -375,6 +376,7 @@ def encode_event_reference(event: Event, partitions: int = 1) -> Outgoing:
         body = orjson.dumps(document)
     except orjson.JSONEncodeError:
         body = _json_fallback(document, json_columns)
+    body = bytes(memoryview(body))  # see _tuple_new
     src = event.source
     return Outgoing(event.id, src.schema, src.table, kind, partition, body)
 
@@ -396,6 +398,8 @@ def encode_reference(events: list[Event], partitions: int = 1) -> list[Outgoing]
 # encoded once per table. Anything else (a value of another type in a plain column, an
 # unchanged TOAST value, an integer beyond 2**53, an object orjson does not know, a
 # subclass) sends the event to the reference, so the bytes are always the reference's.
+# walex._encode (Cython) is the compiled twin of _fast_event and _fast_record; it serves
+# when built, unless WALEX_PURE_PYTHON is set (read at import).
 
 _PLAIN_TYPES = frozenset({"bool", "int2", "int4", "int8", "oid", "text", "varchar", "bpchar",
                           "char", "name", "citext", "uuid", "date", "timestamp", "timestamptz"})
@@ -403,6 +407,10 @@ _PLAIN_VALUES = frozenset({str, int, bool, type(None), dt.datetime, dt.date, UUI
 _OPTIONS = orjson.OPT_STRICT_INTEGER | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
+_tuple_new = tuple.__new__  # an Outgoing without its Python-level __new__
+# An orjson result is a bytes object over a buffer of a page or more: kept (a batch is
+# kept until the broker confirmed it) each costs a page fault and ~4 KB of memory.
+# A copy of its exact size (bytes(memoryview(...))) costs a tenth of that.
 _KINDS = {kind: (kind.value, f"walex.{kind.value}") for kind in EventType}
 
 
@@ -445,7 +453,7 @@ def _plan(event: Event) -> _Plan:
 
 
 def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-    if not (record.keys() <= plan.names
+    if not (type(record) is dict and record.keys() <= plan.names
             and set(map(type, map(record.get, plan.plain))) <= _PLAIN_VALUES):
         raise _Unfit
     if not plan.convert:
@@ -510,14 +518,25 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
     if subject is not None:
         document["subject"] = subject
     src = event.source
-    return Outgoing(event.id, src.schema, src.table, kind, partition,
-                    orjson.dumps(document, option=_OPTIONS))
+    return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
+                                 bytes(memoryview(orjson.dumps(document, option=_OPTIONS)))))
+
+
+try:  # the compiled twin of _fast_event (walex._encode), when it was built
+    from .._encode import bind as _bind_compiled
+except ImportError:
+    compiled_fast_event = None
+else:
+    compiled_fast_event = _bind_compiled(globals())
+
+_fast = _fast_event if compiled_fast_event is None or os.environ.get("WALEX_PURE_PYTHON") \
+    else compiled_fast_event
 
 
 def encode_event(event: Event, partitions: int = 1) -> Outgoing:
     """One event as a CloudEvent, with its partition."""
     try:
-        return _fast_event(event, partitions)
+        return _fast(event, partitions)
     except (_Unfit, orjson.JSONEncodeError):
         return encode_event_reference(event, partitions)
 
