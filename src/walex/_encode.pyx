@@ -111,7 +111,7 @@ cdef object _record(object record, object plan):
     return out
 
 
-def fast_event(event, int partitions):
+def fast_event(event, partitions):
     """One event as an ``Outgoing``; raises ``_Unfit`` or orjson's error for the reference."""
     plan = _plan(event)
     info = plan.info
