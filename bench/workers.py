@@ -120,12 +120,12 @@ def read_counts(paths: list[Path]) -> list[tuple[int, float, float]]:
 def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
     run = f"benchw_{uuid.uuid4().hex[:8]}"
     url = urls(broker, run, args)
-    asyncio.run(prefill(broker, url, run, args))
     tmp = Path(tempfile.mkdtemp(prefix="walex-bench-workers-"))
     paths = [tmp / f"count{k}" for k in range(workers)]
     walex = Path(sys.executable).with_name("walex")
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        asyncio.run(prefill(broker, url, run, args))
         t_spawn = time.time()
         for path in paths:
             env = {**os.environ, "BENCH_WORKER_COUNT": str(path)}
