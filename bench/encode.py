@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=500, help="events per encode() call")
     args = parser.parse_args()
-    print(f"| workload | path | us/event | events/s | speed-up |\n|---|---|---|---|---|")
+    print("| workload | path | us/event | events/s | speed-up |\n|---|---|---|---|---|")
     for name, make in (("W1", w1_events), ("W4", w4_events)):
         events = make(args.events)
         assert [o.body for o in encode(events[:50], args.partitions)] == \

@@ -178,8 +178,8 @@ def main() -> int:
             rows.append(r)
             print(f"   {broker} x{workers}: {r['events'] / r['window_s']:,.0f} events/s "
                   f"(per worker {r['per_worker']})", flush=True)
-    print(f"\n| broker | workers | events | events/s (handling) | events/s (from spawn) | per worker |"
-          f"\n|---|---|---|---|---|---|")
+    print("\n| broker | workers | events | events/s (handling) | events/s (from spawn) | per worker |"
+          "\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'RabbitMQ' if r['broker'] == 'amqp' else 'NATS'} | {r['workers']} | {r['events']:,} "
               f"| {r['events'] / r['window_s']:,.0f} | {r['events'] / r['from_spawn_s']:,.0f} "
