@@ -18,6 +18,7 @@ from typing import Any
 import asyncio
 
 import psycopg
+from psycopg import sql
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.pq import Format
 
@@ -26,7 +27,7 @@ from ..pgoutput.messages import TupleData
 from ..relations import Table
 from .target import SHAPE, Target
 
-__all__ = ["Snapshot", "Chunk", "read_chunk", "SLICE"]
+__all__ = ["Snapshot", "Chunk", "Limit", "read_chunk", "SLICE"]
 
 SLICE = 1000  # rows typed at once; the event loop runs between slices
 _READ = EventType.READ
@@ -63,27 +64,93 @@ class Chunk:
     events: list[Event]  # typed, in key order; timestamp, lsn and id set at the high watermark
     last_key: list[str] | None  # the last row's key columns in text form; None when empty
     snapshot: Snapshot
-    reshaped: bool = False  # not read: the table's columns changed since the target was resolved
+    reshaped: bool = False  # not read: the table (its columns, keys) changed or is gone
+    more: bool = False  # rows may follow: the row limit was reached or the byte budget spent
+    size: int = 0  # bytes of the rows as read (text form)
+
+
+@dataclass(slots=True, frozen=True)
+class Limit:
+    """How much one chunk may hold: ``rows`` rows and about ``bytes`` bytes of row data
+    (at least one row, however wide)."""
+
+    rows: int
+    bytes: int | None = None
+
+
+_CURSOR = "walex_backfill_chunk"
+_FIRST_FETCH = 4  # rows fetched before the first size estimate
 
 
 async def read_chunk(
     conn: psycopg.AsyncConnection, target: Target, table: Table, adapters: AdaptersMap,
-    where: str | None, after: list[str] | None, limit: int,
+    where: str | None, after: list[str] | None, limit: int | Limit,
 ) -> Chunk:
-    """The next ``limit`` rows after the key ``after`` (text forms), in one snapshot."""
-    query = target.chunk_query(where, after is not None, limit)
+    """The next rows after the key ``after`` (text forms), in one snapshot, within ``limit``.
+
+    The table is locked (``ACCESS SHARE``, as any read does) before the snapshot
+    is taken, so DDL cannot commit between the check of its shape and the read:
+    a chunk is read with the definition it was checked against, or not at all
+    (``reshaped``). Rows are fetched from a cursor until the row limit or the
+    byte budget is reached."""
+    if isinstance(limit, int):
+        limit = Limit(limit)
+    query = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(
+        sql.Identifier(_CURSOR), target.chunk_query(where, after is not None))
+    lock = sql.SQL("LOCK TABLE {}{} IN ACCESS SHARE MODE").format(
+        sql.SQL("ONLY ") if target.relkind == "r" else sql.SQL(""),
+        sql.Identifier(target.schema, target.name))
     cur = conn.cursor()
+    events: list[Event] = []
+    last: list[str] | None = None
+    size = 0
+    more = False
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE})", (target.oid,))
-        row = await cur.fetchone()
-        assert row is not None
-        snapshot = Snapshot.parse(row[0])
-        if (row[1] or "") != target.shape:  # the table changed since the backfill started
-            await conn.execute("COMMIT")
-            return Chunk([], None, snapshot, reshaped=True)
-        await cur.execute(query, after or [])
-        result = cur.pgresult
+        try:
+            # the lock comes before the snapshot: LOCK TABLE takes none
+            await conn.execute(lock, prepare=False)
+            await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE}), "
+                              "to_regclass(%s) = %s::oid", (target.oid, target.quoted, target.oid),
+                              prepare=False)
+            row = await cur.fetchone()
+            assert row is not None
+            snapshot = Snapshot.parse(row[0])
+            if (row[1] or "") != target.shape or not row[2]:  # changed since it was resolved
+                await conn.execute("ROLLBACK")
+                return Chunk([], None, snapshot, reshaped=True)
+            await cur.execute(query, [*(after or []), limit.rows], prepare=False)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.FeatureNotSupported) as exc:
+            # dropped or renamed before the lock; a plan cached before DDL ("cached plan
+            # must not change result type"): the caller resolves the table again
+            if isinstance(exc, psycopg.errors.FeatureNotSupported) and "cached plan" not in str(exc):
+                raise
+            await conn.execute("ROLLBACK")
+            return Chunk([], None, Snapshot(0, 0, frozenset()), reshaped=True)
+        fetched, want = 0, min(limit.rows, _FIRST_FETCH if limit.bytes else limit.rows)
+        while want > 0:
+            await cur.execute(f"FETCH FORWARD {int(want)} FROM {_CURSOR}", prepare=False)
+            result = cur.pgresult
+            assert result is not None
+            count = result.ntuples
+            if count:
+                fetched += count
+                if limit.bytes:
+                    size += _bytes(result)
+                events += await _typed(result, table, adapters)
+                last = [bytes(result.get_value(count - 1, p) or b"").decode()
+                        for p in target.key_positions()]
+                del result  # typed: only the events stay
+            if count < want or fetched >= limit.rows:
+                more = count == want  # the row limit: the next chunk tells
+                break
+            if limit.bytes:
+                left = limit.bytes - size
+                if left <= 0:
+                    more = True
+                    break
+                # about half of what the budget still takes, by the rows' mean size so far
+                want = min(limit.rows - fetched, max(1, left * fetched // max(1, 2 * size)))
         await conn.execute("COMMIT")
     except BaseException:
         if not conn.closed:
@@ -92,13 +159,17 @@ async def read_chunk(
             except psycopg.Error:
                 pass
         raise
-    assert result is not None
+    return Chunk(events, last, snapshot, more=more, size=size)
+
+
+async def _typed(result: Any, table: Table, adapters: AdaptersMap) -> list[Event]:
+    """The rows of a result as read events, typed like the rows of the stream."""
     count = result.ntuples
     names = table.column_names
+    name, source = table.name, table.source
     tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
     tx.set_pgresult(result, set_loaders=False)
     tx.set_loader_types(table.type_oids, Format.TEXT)
-    name, source = table.name, table.source
     events: list[Event] = []
     try:
         for start in range(0, count, SLICE):  # let the stream go on between slices
@@ -111,7 +182,17 @@ async def read_chunk(
             raw = [result.get_value(i, j) for j in range(len(names))]
             table.load(TupleData(raw, True), "Read", 0)
         raise
-    last = None
-    if count:
-        last = [bytes(result.get_value(count - 1, p) or b"").decode() for p in target.key_positions()]
-    return Chunk(events, last, snapshot)
+    return events
+
+
+def _bytes(result: Any) -> int:
+    """About the bytes of the values of a result: variable-width values as received
+    (text forms), fixed-width ones by their type's size."""
+    rows = result.ntuples
+    sizes = [result.fsize(j) for j in range(result.nfields)]
+    total = rows * sum(size for size in sizes if size > 0)
+    get = result.get_value
+    for j, size in enumerate(sizes):
+        if size < 0:
+            total += sum(len(get(i, j) or b"") for i in range(rows))
+    return total
