@@ -228,3 +228,48 @@ def test_rows_done_counts_the_read_events_delivered(
     job, reads = run(main())
     assert len(reads) == 90  # one row of each chunk came from the stream
     assert job.rows_done == len(reads) and job.chunks_done == 10
+
+
+def test_a_progress_store_of_an_earlier_walex_is_brought_up_to_date(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """A store without key_signature and without the state 'cancelled' (as walex made
+    them before): its unfinished job runs, and a job of it can be cancelled."""
+    admin.execute("""
+        CREATE TABLE walex_backfill (
+            app text NOT NULL, table_schema text NOT NULL, table_name text NOT NULL,
+            condition text,
+            state text NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'running', 'done', 'failed')),
+            chunk_key text[], last_key text[], rows_done bigint NOT NULL DEFAULT 0,
+            rows_estimated bigint, chunks_done integer NOT NULL DEFAULT 0,
+            rate double precision, requested_at timestamptz NOT NULL DEFAULT now(),
+            started_at timestamptz, updated_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz, error text,
+            PRIMARY KEY (app, table_schema, table_name))""")
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("INSERT INTO t SELECT g FROM generate_series(1, 3000) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    admin.execute("INSERT INTO walex_backfill (app, table_schema, table_name, state, chunk_key, "
+                  "last_key, rows_done, chunks_done) VALUES "
+                  "('old', 'public', 't', 'running', '{id}', '{2000}', 2000, 20)")
+    seen: list[Any] = []
+
+    async def main() -> Any:
+        app = WalEx(dsn, publication="pub", name="old", backfill_chunk_size=100, batch_size=50,
+                    modules=[_slow(seen)])
+        async with app:
+            await until(lambda: admin.execute("SELECT state FROM walex_backfill").fetchone()[0]
+                        == "done", "the resumed job", 60)
+            waiting = asyncio.create_task(app.backfill("t"))
+            await until(lambda: len(seen) >= 1300, "some rows of a new job")
+            job = await app.cancel_backfill("t")
+            with pytest.raises(BackfillCancelledError):
+                await asyncio.wait_for(waiting, 30)
+        return job
+
+    job = run(main(), timeout=120)
+    assert seen[:1000] == list(range(2001, 3001))  # resumed after the stored key
+    assert job.state == "cancelled"
+    row = admin.execute("SELECT state, key_signature FROM walex_backfill").fetchone()
+    assert row == ("cancelled", "23:-1:0")  # int4, no typmod, no collation
