@@ -258,9 +258,14 @@ def test_a_progress_store_of_an_earlier_walex_is_brought_up_to_date(
     async def main() -> Any:
         app = WalEx(dsn, publication="pub", name="old", backfill_chunk_size=100, batch_size=50,
                     modules=[_slow(seen)])
-        async with app:
-            await until(lambda: admin.execute("SELECT state FROM walex_backfill").fetchone()[0]
-                        == "done", "the resumed job", 60)
+        # polled on a connection of the loop: the upgrade locks the store while it runs, and
+        # a blocking query would keep the loop (and so the upgrade) from going on
+        async with app, await psycopg.AsyncConnection.connect(dsn, autocommit=True) as watch:
+            deadline = time.monotonic() + 60
+            while (await (await watch.execute("SELECT state FROM walex_backfill")).fetchone())[0] \
+                    != "done":
+                assert time.monotonic() < deadline, "timed out waiting for the resumed job"
+                await asyncio.sleep(0.05)
             waiting = asyncio.create_task(app.backfill("t"))
             await until(lambda: len(seen) >= 1300, "some rows of a new job")
             job = await app.cancel_backfill("t")
