@@ -79,6 +79,7 @@ class Limit:
 
 
 _CURSOR = "walex_backfill_chunk"
+LOCK_TIMEOUT = 60  # seconds a chunk waits for the table's lock (behind a migration's)
 _FIRST_FETCH = 4  # rows fetched before the first size estimate
 
 
@@ -108,7 +109,9 @@ async def read_chunk(
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
         try:
-            # the lock comes before the snapshot: LOCK TABLE takes none
+            # the lock comes before the snapshot (LOCK TABLE and SET take none); waiting
+            # longer than LOCK_TIMEOUT behind DDL is an OperationalError: retried later
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}s'")
             await conn.execute(lock, prepare=False)
             await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE}), "
                               "to_regclass(%s) = %s::oid", (target.oid, target.quoted, target.oid),

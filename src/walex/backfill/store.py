@@ -159,6 +159,7 @@ class Store:
         create it (``CREATE TABLE IF NOT EXISTS`` alone is not safe against that)."""
         try:
             async with conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = '30s'")  # an upgrade waits no longer
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                                    (f"walex.backfill:{self.regclass()}",))
                 await conn.execute(_q(CREATE, self.option))
