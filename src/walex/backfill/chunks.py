@@ -1,8 +1,11 @@
 """Reading one chunk: the next rows in key order, typed like streamed rows, and their snapshot.
 
-A chunk is read in one ``REPEATABLE READ READ ONLY`` transaction whose first
-statement records the snapshot (``pg_current_snapshot()``), so the watermark
-logic knows exactly which transactions the rows reflect. Rows come in text
+A chunk is read in one ``REPEATABLE READ READ ONLY`` transaction that locks
+the table (``ACCESS SHARE``) and then records the snapshot
+(``pg_current_snapshot()``) and the table's shape, so the watermark logic
+knows exactly which transactions the rows reflect and DDL cannot come between
+the check of the shape and the read. Rows are fetched from a cursor until the
+row limit or the byte budget (:class:`Limit`) is reached. Rows come in text
 format and are typed by a psycopg ``Transformer`` over the app's adapters
 and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
