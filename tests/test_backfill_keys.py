@@ -22,11 +22,11 @@ def _migrating(monkeypatch: pytest.MonkeyPatch, admin: psycopg.Connection, at: l
     calls: list[Any] = []
 
     async def migrating(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                        after: list[str] | None, limit: Any) -> Any:
+                        after: list[str] | None, limit: Any, **kw: Any) -> Any:
         calls.append(after)
         if after == at and calls.count(at) == 1:
             admin.execute(ddl)
-        return await real(conn, target, table, adapters, where, after, limit)
+        return await real(conn, target, table, adapters, where, after, limit, **kw)
 
     monkeypatch.setattr(backfill_chunks, "read_chunk", migrating)
     return calls

@@ -77,11 +77,11 @@ def test_backoff_starts_again_once_the_job_made_progress(
     calls: list[Any] = []
 
     async def cutting(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                      after: list[str] | None, limit: Any) -> Any:
+                      after: list[str] | None, limit: Any, **kw: Any) -> Any:
         calls.append(after)
         if len(calls) % 3 == 0 and len(calls) <= 12:
             admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
-        return await real(conn, target, table, adapters, where, after, limit)
+        return await real(conn, target, table, adapters, where, after, limit, **kw)
 
     monkeypatch.setattr(backfill_chunks, "read_chunk", cutting)
 
@@ -212,8 +212,8 @@ def test_rows_done_counts_the_read_events_delivered(
     real = backfill_chunks.read_chunk
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                     after: list[str] | None, limit: Any) -> Any:
-        chunk = await real(conn, target, table, adapters, where, after, limit)
+                     after: list[str] | None, limit: Any, **kw: Any) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
         base = int(after[0]) if after else 0
         admin.execute("UPDATE t SET v = 'new' WHERE id = %s", (base + 3,))  # after the snapshot
         return chunk

@@ -11,11 +11,19 @@ and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
 insert of the same row would give. A value that cannot be typed raises the
 same :class:`~walex.errors.DecodeError` a streamed row would.
+
+A chunk can also re-read rows of earlier chunks, in the same snapshot: rows
+the watermark logic left to the stream although the stream's change did not
+carry every column (an unchanged TOASTed value under the default replica
+identity), so that their handlers still get the whole row. Each such row is
+read as the first row after the key before it (:meth:`Target.chunk_query`
+with a limit of one, the backfill's conditions included) and kept only if it
+is still the same key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncio
@@ -30,11 +38,16 @@ from ..pgoutput.messages import TupleData
 from ..relations import Table
 from .target import SHAPE, Target
 
-__all__ = ["Snapshot", "Chunk", "Limit", "read_chunk", "SLICE"]
+__all__ = ["Snapshot", "Chunk", "Bound", "Limit", "read_chunk", "SLICE"]
 
 SLICE = 1000  # rows typed at once; the event loop runs between slices
 _READ = EventType.READ
 _UNSET: Any = None
+_REFETCH_BATCH = 100  # rows re-read by one statement
+
+# A row to read again: (the key before it, or None for the table's first row; its key),
+# in the text forms of the chunk key's columns.
+Bound = tuple[tuple[str, ...] | None, tuple[str, ...]]
 
 
 @dataclass(slots=True, frozen=True)
@@ -70,6 +83,17 @@ class Chunk:
     reshaped: bool = False  # not read: the table (its columns, keys) changed or is gone
     more: bool = False  # rows may follow: the row limit was reached or the byte budget spent
     size: int = 0  # bytes of the rows as read (text form)
+    rows: int = 0  # events[:rows] are the next rows in key order, the rest rows read again
+    after: tuple[str, ...] | None = None  # the key the chunk's rows follow
+    texts: list[tuple[str, ...]] = field(default_factory=list)  # key text forms of events[:rows]
+    again: list[Bound] = field(default_factory=list)  # the bounds of events[rows:]
+
+    def bound(self, index: int) -> Bound:
+        """How to read the row of ``events[index]`` again."""
+        rows = self.rows
+        if index >= rows:
+            return self.again[index - rows]
+        return (self.texts[index - 1] if index else self.after, self.texts[index])
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,14 +113,17 @@ _FIRST_FETCH = 4  # rows fetched before the first size estimate
 async def read_chunk(
     conn: psycopg.AsyncConnection, target: Target, table: Table, adapters: AdaptersMap,
     where: str | None, after: list[str] | None, limit: int | Limit,
+    again: list[Bound] | None = None,
 ) -> Chunk:
-    """The next rows after the key ``after`` (text forms), in one snapshot, within ``limit``.
+    """The next rows after the key ``after`` (text forms), in one snapshot, within ``limit``,
+    and the rows of ``again`` that still exist (and still match the conditions).
 
     The table is locked (``ACCESS SHARE``, as any read does) before the snapshot
     is taken, so DDL cannot commit between the check of its shape and the read:
     a chunk is read with the definition it was checked against, or not at all
     (``reshaped``). Rows are fetched from a cursor until the row limit or the
-    byte budget is reached."""
+    byte budget is reached; the rows of ``again`` are read after them, in the
+    same snapshot."""
     if isinstance(limit, int):
         limit = Limit(limit)
     query = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(
@@ -104,9 +131,12 @@ async def read_chunk(
     lock = sql.SQL("LOCK TABLE {}{} IN ACCESS SHARE MODE").format(
         sql.SQL("ONLY ") if target.relkind == "r" else sql.SQL(""),
         sql.Identifier(target.schema, target.name))
+    positions = target.key_positions()
+    encoding = conn.info.encoding  # key text forms go back as parameters: the same encoding
     cur = conn.cursor()
     events: list[Event] = []
-    last: list[str] | None = None
+    texts: list[tuple[str, ...]] = []
+    found: list[tuple[list[Event], list[tuple[str, ...]]]] = []  # rows of again, per statement
     size = 0
     more = False
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -125,7 +155,8 @@ async def read_chunk(
             if (row[1] or "") != target.shape or not row[2]:  # changed since it was resolved
                 await conn.execute("ROLLBACK")
                 return Chunk([], None, snapshot, reshaped=True)
-            await cur.execute(query, [*(after or []), limit.rows], prepare=False)
+            if limit.rows > 0:  # 0: only rows to read again are left
+                await cur.execute(query, [*(after or []), limit.rows], prepare=False)
         except (psycopg.errors.UndefinedTable, psycopg.errors.FeatureNotSupported) as exc:
             # dropped or renamed before the lock; a plan cached before DDL ("cached plan
             # must not change result type"): the caller resolves the table again
@@ -143,9 +174,9 @@ async def read_chunk(
                 fetched += count
                 if limit.bytes:
                     size += _bytes(result)
-                events += await _typed(result, table, adapters)
-                last = [bytes(result.get_value(count - 1, p) or b"").decode()
-                        for p in target.key_positions()]
+                typed, keys = await _typed(result, table, adapters, positions, encoding)
+                events += typed
+                texts += keys
                 del result  # typed: only the events stay
             if count < want or fetched >= limit.rows:
                 more = count == want  # the row limit: the next chunk tells
@@ -157,6 +188,17 @@ async def read_chunk(
                     break
                 # about half of what the budget still takes, by the rows' mean size so far
                 want = min(limit.rows - fetched, max(1, left * fetched // max(1, 2 * size)))
+        for start in range(0, len(again or ()), _REFETCH_BATCH):
+            part = again[start:start + _REFETCH_BATCH]  # type: ignore[index]
+            await cur.execute(
+                sql.SQL(" UNION ALL ").join(
+                    sql.SQL("({})").format(target.chunk_query(where, before is not None))
+                    for before, _ in part
+                ),
+                [param for before, _ in part for param in (*(before or ()), 1)],
+                prepare=False,
+            )
+            found.append(await _typed(cur.pgresult, table, adapters, positions, encoding))
         await conn.execute("COMMIT")
     except BaseException:
         if not conn.closed:
@@ -165,11 +207,26 @@ async def read_chunk(
             except psycopg.Error:
                 pass
         raise
-    return Chunk(events, last, snapshot, more=more, size=size)
+    chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, more=more, size=size,
+                  rows=len(events), after=tuple(after) if after is not None else None,
+                  texts=texts)
+    if again:
+        wanted = {key: (before, key) for before, key in again}
+        for typed, keys in found:
+            for event, key in zip(typed, keys):
+                bound = wanted.pop(key, None)
+                if bound is not None:  # else the row is gone: the next one was read
+                    chunk.events.append(event)
+                    chunk.again.append(bound)
+    return chunk
 
 
-async def _typed(result: Any, table: Table, adapters: AdaptersMap) -> list[Event]:
-    """The rows of a result as read events, typed like the rows of the stream."""
+async def _typed(
+    result: Any, table: Table, adapters: AdaptersMap, positions: list[int], encoding: str,
+) -> tuple[list[Event], list[tuple[str, ...]]]:
+    """A result's rows as read events, typed like the rows of the stream, and each row's
+    key in text form."""
+    assert result is not None
     count = result.ntuples
     names = table.column_names
     name, source = table.name, table.source
@@ -183,12 +240,17 @@ async def _typed(result: Any, table: Table, adapters: AdaptersMap) -> list[Event
             events += [Event(name, _READ, source, r, None, None, _UNSET, "", "") for r in records]
             await asyncio.sleep(0)
     except Exception:
-        # type row by row to get the error that names the column and the value
+        # type row by row, as a streamed row: a value Python cannot hold ('infinity', a
+        # year BC) becomes its text form, any other failure the error naming the column
+        events = []
         for i in range(count):
             raw = [result.get_value(i, j) for j in range(len(names))]
-            table.load(TupleData(raw, True), "Read", 0)
-        raise
-    return events
+            record = dict(zip(names, table.load(TupleData(raw, True), "Read", 0)))
+            events.append(Event(name, _READ, source, record, None, None, _UNSET, "", ""))
+    value = result.get_value
+    texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
+             for i in range(count)]
+    return events, texts
 
 
 def _bytes(result: Any) -> int:

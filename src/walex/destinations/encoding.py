@@ -8,13 +8,18 @@ Structured mode, encoded with orjson::
      "walexlsn": "0/16B3748", "partitionkey": "public.user/42", "walexpartition": 0,
      "walexpartitions": 1, "data": {"new_record": {...}, "old_record": {...} | null,
               "changes": {column: {"old_value": ..., "new_value": ...}} | null,
-              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748"}}
+              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748",
+              "base_types": {domain type name: base type name}}}
 
 ``source`` segments are percent-encoded. ``subject`` is the key of the row
 (:attr:`~walex.Source.primary_key`): the JSON form of a one-column key as
 text (``"42"``, ``"a0eebc99-..."``), a JSON array of the forms for a key of
 several columns (``'[1,"x"]'``); absent for a truncate and for a table
-without a key. ``data.key`` names the key's columns (absent without a key). ``partitionkey`` (the CloudEvents partitioning extension) is
+without a key. ``data.key`` names the key's columns (absent without a key).
+``data.base_types`` maps each column type that is a domain, or an array of
+domains, to the type its values load as (``{"amount_d": "numeric",
+"day_d[]": "date[]"}``; absent when no column is of such a type), so a
+consumer types them back without asking PostgreSQL. ``partitionkey`` (the CloudEvents partitioning extension) is
 ``schema.table`` followed by ``/subject`` when there is one, and
 ``walexpartition`` is ``crc32(partitionkey) mod partitions``: stable across
 processes, machines and versions, so a row always lands in the same partition
@@ -36,10 +41,15 @@ date / timestamp / timestamptz         ISO 8601: ``"2024-02-29"``, ``"2024-02-29
 time / timetz                          ``"12:34:56.789000"``, ``"12:34:56.789000+02:30"``
 interval                               ISO 8601 duration of days and seconds: ``"P428DT14706.789S"``,
                                        ``"-P1DT1S"`` (psycopg counts a month as 30 days)
+a date, time or interval Python        its PostgreSQL text form, which walex delivers as a
+cannot hold                            ``str``: ``"infinity"``, ``"-infinity"``, ``"0044-03-15 BC"``,
+                                       ``"10000-01-01 00:00:00"``, ``"24:00:00"``, ``"178000000 years"``
+                                       (never ISO 8601 with a ``T``, so a consumer tells them apart)
 json / jsonb                           the document itself, numbers exact
 inet, cidr, macaddr, money            their text form
-ranges                                 ``{"lower": .., "upper": .., "bounds": "[)"}``, bounds
-                                       absent (null) when infinite; ``{"empty": true}``
+ranges                                 ``{"lower": .., "upper": .., "bounds": "[)"}``, a bound null
+                                       when absent (unbounded), ``"infinity"`` for an infinite
+                                       date or timestamp bound; ``{"empty": true}``
 multiranges, arrays                    JSON arrays of the element forms (nested for
                                        multi-dimensional arrays)
 composite types                        an object of field name to field form
@@ -331,6 +341,8 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         "columns": event.source.columns,
         "lsn": event.lsn,
     }
+    if event.source.base_types:
+        data["base_types"] = event.source.base_types
     if info.key:
         data["key"] = info.key
     if unchanged:
