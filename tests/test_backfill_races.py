@@ -17,6 +17,7 @@ from psycopg.conninfo import make_conninfo
 from support import run, until
 from test_backfill import Copy, caught_up, table_rows
 from walex import UNCHANGED_TOAST, Event, EventType, WalEx
+from walex.errors import BackfillCancelledError
 from walex.backfill import chunks as backfill_chunks
 
 # ~6.4 kB of incompressible text, stored out of line (the column is SET STORAGE EXTERNAL)
@@ -244,6 +245,62 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
     assert copy.rows["t"][(7,)]["v"] == "committed, not yet visible"
     assert copy.rows["t"] == table_rows(admin, "t", ("id",))
     assert hung["xid"] in {x & 0xFFFFFFFF for x in waited}  # it waited for that commit
+
+
+def test_a_backfill_waiting_for_a_commit_not_yet_visible_can_be_cancelled(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """While the job waits, before its first chunk, for a commit whose session waits for
+    a synchronous standby, app.cancel_backfill() stops it (the standby never comes)."""
+    local = make_conninfo(dsn, options="-c synchronous_commit=local")
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    admin.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(1, 30) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t, marker")
+    hung: dict[str, Any] = {}
+
+    def commit_waiting_for_a_standby() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            hung["pid"] = conn.info.backend_pid
+            conn.execute("UPDATE t SET v = 'committed, not yet visible' WHERE id = 7")
+
+    def reset() -> None:
+        admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        admin.execute("SELECT pg_reload_conf()")
+
+    async def main() -> tuple[Any, Any, bool]:
+        copy = Copy({"t": ("id",), "marker": ("id",)})
+        app = WalEx(local, publication="pub", name="settlecancel", backfill_chunk_size=10,
+                    modules=[copy.events])
+        async with app:
+            await caught_up(admin, copy)
+            admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+            admin.execute("SELECT pg_reload_conf()")
+            thread = threading.Thread(target=commit_waiting_for_a_standby)
+            thread.start()
+            try:
+                await until(lambda: copy.rows["t"].get((7,), {}).get("v")
+                            == "committed, not yet visible", "the streamed update")
+                backfills = app.pipeline.backfill
+                task = asyncio.create_task(app.backfill("t"))
+                await until(lambda: backfills.waiting_for, "the backfill to wait", 30)
+                job = await asyncio.wait_for(app.cancel_backfill("t"), 60)
+                stopped = backfills.current is None  # the runner let go of the job
+                outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+            finally:
+                await asyncio.to_thread(reset)
+                await asyncio.to_thread(thread.join)
+        return job, outcome, stopped
+
+    try:
+        job, outcome, stopped = run(main(), timeout=150)
+    finally:
+        reset()
+    assert job is not None and job.state == "cancelled"
+    assert stopped
+    assert isinstance(outcome, BackfillCancelledError), outcome
+    assert admin.execute("SELECT state, rows_done FROM walex_backfill").fetchone() == (
+        "cancelled", 0)
 
 
 # keys PostgreSQL accepts that Python cannot hash (arrays, jsonb) or compare (NaN), and

@@ -437,7 +437,8 @@ class Backfills:
         transaction id is below the snapshot's ``xmax`` (and so in its list of running
         ones when it is not visible). The wait ends when the standby confirms, when the
         session stops waiting (cancelled: its commit then becomes visible), or for a
-        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared.
+        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared. A job
+        cancelled meanwhile stops waiting.
         """
         await conn.execute("SELECT pg_current_xact_id()")
         cur = await conn.execute(_COMMITTED_INVISIBLE)
@@ -461,6 +462,9 @@ class Backfills:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(1.0, delay * 2)
+            if await self.store.state(conn, job) not in ("pending", "running"):  # cancelled
+                self.waiting_for = []
+                raise _Cancelled
             cur = await conn.execute(_STILL_INVISIBLE, (waiting,))
             row = await cur.fetchone()
             waiting = list(row[0]) if row and row[0] else []
