@@ -348,7 +348,7 @@ def test_chunk_keys_and_tables_without_one(dsn: str, admin: psycopg.Connection) 
                 await rec.app.backfill("nokey")
             with pytest.raises(ConfigError, match="not among the app's subscriptions"):
                 await rec.app.backfill("not_subscribed")
-            with pytest.raises(SetupError, match="is not in publication 'pub'"):
+            with pytest.raises(SetupError, match="'no_such_table' does not exist"):
                 await rec.app.backfill("no_such_table")
             with pytest.raises(ConfigError, match="is not a valid condition"):
                 await rec.app.backfill("by_unique", where="no_such_column = 1")

@@ -324,6 +324,17 @@ class WalEx(Lifecycle):
                               "before asking for a backfill")
         return await self.pipeline.backfill.request(table, where)
 
+    async def cancel_backfill(self, table: str) -> Any:
+        """Cancel the pending or running backfill of ``table``: a running one stops before
+        its next chunk (the rows already delivered stay delivered) and ``backfill()``
+        awaiting it raises :class:`~walex.errors.BackfillCancelledError`. Returns the
+        cancelled :class:`~walex.backfill.Job` once it stopped, ``None`` when no backfill
+        of the table was under way."""
+        if not self._tasks or self._stopping:
+            raise ConfigError(f"walex app {self.settings.name!r} is not running; start it "
+                              "before cancelling a backfill (or use walex backfill --cancel)")
+        return await self.pipeline.backfill.cancel(table)
+
     # -- message middleware ----------------------------------------------
 
     async def process_message(self, message: Message) -> None:

@@ -19,6 +19,7 @@ password: anything built from user configuration passes through
     ├── HandlerError          a handler or per-event function failed
     ├── StoppedError          stop() came while start() was still waiting
     │                         (a standby waiting for its slot): never started
+    ├── BackfillCancelledError  a backfill was cancelled before it finished
     └── DestinationError      a destination refused events for good (a webhook
                               answering 4xx, a redirect); a broker that is
                               down is retried, not an error
@@ -38,6 +39,7 @@ __all__ = [
     "DecodeError",
     "HandlerError",
     "StoppedError",
+    "BackfillCancelledError",
     "DestinationError",
     "redact",
 ]
@@ -98,6 +100,11 @@ class StoppedError(WalExError):
     Raised by that ``start()`` once it closed what it had opened; ``stop()``
     itself returns normally.
     """
+
+
+class BackfillCancelledError(WalExError):
+    """The backfill awaited was cancelled (``app.cancel_backfill()``, ``walex backfill
+    --cancel``) before it finished: its rows were delivered in part."""
 
 
 class DestinationError(WalExError):

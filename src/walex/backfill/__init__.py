@@ -20,7 +20,13 @@ Contract:
   pagination on the primary key, the replica identity index, or as a
   fallback a unique index on NOT NULL columns; a table without any is a
   :class:`~walex.errors.SetupError`), on a connection of their own, while the
-  stream flows. Memory holds one chunk plus the handlers' queue.
+  stream flows. A chunk also ends once its rows hold a quarter of
+  ``max_pending_bytes``: memory holds about two chunks plus the handlers' queue.
+  A change of the key (its columns, or their types or collations, which decide
+  the order) starts the job over from the first row.
+- A condition (``where``) is one SQL expression, checked before it is used
+  (:func:`.runner.check_condition`). ``app.cancel_backfill(table)`` and
+  ``walex backfill TABLE --cancel`` cancel a job.
 - Progress is stored per app and table in the database (:mod:`.store`) once
   a chunk's events were handled: a backfill stopped or killed resumes after
   its last completed chunk (at-least-once: the chunks handled since the last

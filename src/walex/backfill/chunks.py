@@ -1,8 +1,11 @@
 """Reading one chunk: the next rows in key order, typed like streamed rows, and their snapshot.
 
-A chunk is read in one ``REPEATABLE READ READ ONLY`` transaction whose first
-statement records the snapshot (``pg_current_snapshot()``), so the watermark
-logic knows exactly which transactions the rows reflect. Rows come in text
+A chunk is read in one ``REPEATABLE READ READ ONLY`` transaction that locks
+the table (``ACCESS SHARE``) and then records the snapshot
+(``pg_current_snapshot()``) and the table's shape, so the watermark logic
+knows exactly which transactions the rows reflect and DDL cannot come between
+the check of the shape and the read. Rows are fetched from a cursor until the
+row limit or the byte budget (:class:`Limit`) is reached. Rows come in text
 format and are typed by a psycopg ``Transformer`` over the app's adapters
 and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
@@ -35,7 +38,7 @@ from ..pgoutput.messages import TupleData
 from ..relations import Table
 from .target import SHAPE, Target
 
-__all__ = ["Snapshot", "Chunk", "Bound", "read_chunk", "SLICE"]
+__all__ = ["Snapshot", "Chunk", "Bound", "Limit", "read_chunk", "SLICE"]
 
 SLICE = 1000  # rows typed at once; the event loop runs between slices
 _READ = EventType.READ
@@ -77,7 +80,9 @@ class Chunk:
     events: list[Event]  # typed, in key order; timestamp, lsn and id set at the high watermark
     last_key: list[str] | None  # the last row's key columns in text form; None when empty
     snapshot: Snapshot
-    reshaped: bool = False  # not read: the table's columns changed since the target was resolved
+    reshaped: bool = False  # not read: the table (its columns, keys) changed or is gone
+    more: bool = False  # rows may follow: the row limit was reached or the byte budget spent
+    size: int = 0  # bytes of the rows as read (text form)
     rows: int = 0  # events[:rows] are the next rows in key order, the rest rows read again
     after: tuple[str, ...] | None = None  # the key the chunk's rows follow
     texts: list[tuple[str, ...]] = field(default_factory=list)  # key text forms of events[:rows]
@@ -91,36 +96,109 @@ class Chunk:
         return (self.texts[index - 1] if index else self.after, self.texts[index])
 
 
+@dataclass(slots=True, frozen=True)
+class Limit:
+    """How much one chunk may hold: ``rows`` rows and about ``bytes`` bytes of row data
+    (at least one row, however wide)."""
+
+    rows: int
+    bytes: int | None = None
+
+
+_CURSOR = "walex_backfill_chunk"
+LOCK_TIMEOUT = 60  # seconds a chunk waits for the table's lock (behind a migration's)
+_FIRST_FETCH = 4  # rows fetched before the first size estimate
+
+
 async def read_chunk(
     conn: psycopg.AsyncConnection, target: Target, table: Table, adapters: AdaptersMap,
-    where: str | None, after: list[str] | None, limit: int, again: list[Bound] | None = None,
+    where: str | None, after: list[str] | None, limit: int | Limit,
+    again: list[Bound] | None = None,
 ) -> Chunk:
-    """The next ``limit`` rows after the key ``after`` (text forms), in one snapshot, and
-    the rows of ``again`` that still exist (and still match the conditions)."""
-    query = target.chunk_query(where, after is not None, limit)
+    """The next rows after the key ``after`` (text forms), in one snapshot, within ``limit``,
+    and the rows of ``again`` that still exist (and still match the conditions).
+
+    The table is locked (``ACCESS SHARE``, as any read does) before the snapshot
+    is taken, so DDL cannot commit between the check of its shape and the read:
+    a chunk is read with the definition it was checked against, or not at all
+    (``reshaped``). Rows are fetched from a cursor until the row limit or the
+    byte budget is reached; the rows of ``again`` are read after them, in the
+    same snapshot."""
+    if isinstance(limit, int):
+        limit = Limit(limit)
+    query = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(
+        sql.Identifier(_CURSOR), target.chunk_query(where, after is not None))
+    lock = sql.SQL("LOCK TABLE {}{} IN ACCESS SHARE MODE").format(
+        sql.SQL("ONLY ") if target.relkind == "r" else sql.SQL(""),
+        sql.Identifier(target.schema, target.name))
+    positions = target.key_positions()
+    encoding = conn.info.encoding  # key text forms go back as parameters: the same encoding
     cur = conn.cursor()
-    results = []
+    events: list[Event] = []
+    texts: list[tuple[str, ...]] = []
+    found: list[tuple[list[Event], list[tuple[str, ...]]]] = []  # rows of again, per statement
+    size = 0
+    more = False
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE})", (target.oid,))
-        row = await cur.fetchone()
-        assert row is not None
-        snapshot = Snapshot.parse(row[0])
-        if (row[1] or "") != target.shape:  # the table changed since the backfill started
-            await conn.execute("COMMIT")
-            return Chunk([], None, snapshot, reshaped=True)
-        await cur.execute(query, after or [])
-        results.append(cur.pgresult)
+        try:
+            # the lock comes before the snapshot (LOCK TABLE and SET take none); waiting
+            # longer than LOCK_TIMEOUT behind DDL is an OperationalError: retried later
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}s'")
+            await conn.execute(lock, prepare=False)
+            await cur.execute(f"SELECT pg_current_snapshot()::text, ({SHAPE}), "
+                              "to_regclass(%s) = %s::oid", (target.oid, target.quoted, target.oid),
+                              prepare=False)
+            row = await cur.fetchone()
+            assert row is not None
+            snapshot = Snapshot.parse(row[0])
+            if (row[1] or "") != target.shape or not row[2]:  # changed since it was resolved
+                await conn.execute("ROLLBACK")
+                return Chunk([], None, snapshot, reshaped=True)
+            if limit.rows > 0:  # 0: only rows to read again are left
+                await cur.execute(query, [*(after or []), limit.rows], prepare=False)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.FeatureNotSupported) as exc:
+            # dropped or renamed before the lock; a plan cached before DDL ("cached plan
+            # must not change result type"): the caller resolves the table again
+            if isinstance(exc, psycopg.errors.FeatureNotSupported) and "cached plan" not in str(exc):
+                raise
+            await conn.execute("ROLLBACK")
+            return Chunk([], None, Snapshot(0, 0, frozenset()), reshaped=True)
+        fetched, want = 0, min(limit.rows, _FIRST_FETCH if limit.bytes else limit.rows)
+        while want > 0:
+            await cur.execute(f"FETCH FORWARD {int(want)} FROM {_CURSOR}", prepare=False)
+            result = cur.pgresult
+            assert result is not None
+            count = result.ntuples
+            if count:
+                fetched += count
+                if limit.bytes:
+                    size += _bytes(result)
+                typed, keys = await _typed(result, table, adapters, positions, encoding)
+                events += typed
+                texts += keys
+                del result  # typed: only the events stay
+            if count < want or fetched >= limit.rows:
+                more = count == want  # the row limit: the next chunk tells
+                break
+            if limit.bytes:
+                left = limit.bytes - size
+                if left <= 0:
+                    more = True
+                    break
+                # about half of what the budget still takes, by the rows' mean size so far
+                want = min(limit.rows - fetched, max(1, left * fetched // max(1, 2 * size)))
         for start in range(0, len(again or ()), _REFETCH_BATCH):
             part = again[start:start + _REFETCH_BATCH]  # type: ignore[index]
             await cur.execute(
                 sql.SQL(" UNION ALL ").join(
-                    sql.SQL("({})").format(target.chunk_query(where, before is not None, 1))
+                    sql.SQL("({})").format(target.chunk_query(where, before is not None))
                     for before, _ in part
                 ),
-                [text for before, _ in part for text in before or ()],
+                [param for before, _ in part for param in (*(before or ()), 1)],
+                prepare=False,
             )
-            results.append(cur.pgresult)
+            found.append(await _typed(cur.pgresult, table, adapters, positions, encoding))
         await conn.execute("COMMIT")
     except BaseException:
         if not conn.closed:
@@ -129,16 +207,13 @@ async def read_chunk(
             except psycopg.Error:
                 pass
         raise
-    positions = target.key_positions()
-    encoding = conn.info.encoding  # key text forms go back as parameters: the same encoding
-    events, texts = await _typed(results[0], table, adapters, positions, encoding)
-    chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, rows=len(events),
-                  after=tuple(after) if after is not None else None, texts=texts)
+    chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, more=more, size=size,
+                  rows=len(events), after=tuple(after) if after is not None else None,
+                  texts=texts)
     if again:
         wanted = {key: (before, key) for before, key in again}
-        for result in results[1:]:
-            found, keys = await _typed(result, table, adapters, positions, encoding)
-            for event, key in zip(found, keys):
+        for typed, keys in found:
+            for event, key in zip(typed, keys):
                 bound = wanted.pop(key, None)
                 if bound is not None:  # else the row is gone: the next one was read
                     chunk.events.append(event)
@@ -149,14 +224,15 @@ async def read_chunk(
 async def _typed(
     result: Any, table: Table, adapters: AdaptersMap, positions: list[int], encoding: str,
 ) -> tuple[list[Event], list[tuple[str, ...]]]:
-    """A result's rows as read events, and each row's key in text form."""
+    """A result's rows as read events, typed like the rows of the stream, and each row's
+    key in text form."""
     assert result is not None
     count = result.ntuples
     names = table.column_names
+    name, source = table.name, table.source
     tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
     tx.set_pgresult(result, set_loaders=False)
     tx.set_loader_types(table.type_oids, Format.TEXT)
-    name, source = table.name, table.source
     events: list[Event] = []
     try:
         for start in range(0, count, SLICE):  # let the stream go on between slices
@@ -175,3 +251,16 @@ async def _typed(
     texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
              for i in range(count)]
     return events, texts
+
+
+def _bytes(result: Any) -> int:
+    """About the bytes of the values of a result: variable-width values as received
+    (text forms), fixed-width ones by their type's size."""
+    rows = result.ntuples
+    sizes = [result.fsize(j) for j in range(result.nfields)]
+    total = rows * sum(size for size in sizes if size > 0)
+    get = result.get_value
+    for j, size in enumerate(sizes):
+        if size < 0:
+            total += sum(len(get(i, j) or b"") for i in range(rows))
+    return total

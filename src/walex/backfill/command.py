@@ -12,8 +12,12 @@ request in the progress store, and then:
 
 Either way it draws a progress bar (rows done of the estimate, rows per
 second, time left) and exits 0 when the backfill is done, 1 when it failed
-(with the reason). Ctrl-C stops following; a backfill carried out by a
-running app goes on there (``walex status`` shows it).
+(with the reason) or was cancelled. Ctrl-C stops following; a backfill
+carried out by a running app goes on there (``walex status`` shows it).
+
+``walex backfill TABLE --cancel`` marks the app's pending or running backfill
+of TABLE cancelled in the progress store (a running app stops it before its
+next chunk) and exits 0, or 1 when none was under way.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def backfill(
     )] = None,
     app_dir: Annotated[str, typer.Option(
         help="Folder put first on sys.path to import the app's handler modules.")] = ".",
+    cancel: Annotated[bool, typer.Option(
+        "--cancel", help="Cancel the table's pending or running backfill instead.")] = False,
 ) -> None:
     """Deliver a table's existing rows (or those matching --where) as read events."""
     from ..app import WalEx
@@ -67,6 +73,18 @@ def backfill(
                 app = WalEx()
         else:
             app = WalEx()  # from WALEX_* variables
+        if cancel:
+            if where is not None:
+                raise ConfigError("--cancel takes no --where: it cancels the table's backfill")
+            cancelled = run_loop(lambda: _cancel(app, table), app.settings.loop)
+            if cancelled is None:
+                err.print(f"[bold red]walex:[/] no backfill of {_escape(table)} is pending or "
+                          "running", soft_wrap=True)
+                raise typer.Exit(1)
+            Console().print(f"cancelled the backfill of {cancelled.qualified} after "
+                            f"{cancelled.rows_done:,} rows (a running app stops it before its "
+                            "next chunk)")
+            return
         job = run_loop(lambda: _backfill(app, table, where), app.settings.loop)
     except WalExError as exc:
         err.print(f"[bold red]walex:[/] {_escape(str(exc))}", soft_wrap=True)
@@ -74,6 +92,10 @@ def backfill(
     except KeyboardInterrupt:
         err.print("walex: stopped following the backfill")
         raise typer.Exit(130) from None
+    if job.state == "cancelled":
+        err.print(f"[bold red]walex:[/] the backfill of {_escape(job.qualified)} was cancelled "
+                  f"after {job.rows_done:,} rows", soft_wrap=True)
+        raise typer.Exit(1)
     if job.state != "done":
         err.print(f"[bold red]walex:[/] the backfill of {_escape(job.qualified)} failed: "
                   f"{_escape(job.error or 'unknown error')}", soft_wrap=True)
@@ -87,17 +109,32 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+async def _connect(app: object) -> psycopg.AsyncConnection:
+    from ..app import WalEx
+
+    assert isinstance(app, WalEx)
+    s = app.settings
+    try:
+        return await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
+    except psycopg.Error as exc:
+        raise SetupError(f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}") from None
+
+
+async def _cancel(app: object, table: str) -> Job | None:
+    from ..app import WalEx
+
+    assert isinstance(app, WalEx)
+    async with await _connect(app) as conn:
+        return await Store(app.settings.backfill_table, app.settings.name).cancel(conn, table)
+
+
 async def _backfill(app: object, table: str, where: str | None) -> Job:
     from ..app import WalEx
 
     assert isinstance(app, WalEx)
     s = app.settings
     store = Store(s.backfill_table, s.name)
-    try:
-        conn = await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
-    except psycopg.Error as exc:
-        raise SetupError(f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}") from None
-    async with conn:
+    async with await _connect(app) as conn:
         target = await resolve_target(conn, s.publication, table, s.subscriptions)
         await check_condition(conn, target, where)
         if not await store.request(conn, target.schema, target.name, where, target.key):

@@ -12,10 +12,14 @@ takes the app's unfinished jobs from the store, oldest first, one at a time,
 and sleeps until a new request comes (from :meth:`~Backfills.request`, or
 from ``walex backfill`` through a ``walex.backfill`` message in the stream).
 
-A job that cannot be carried out (the table lost its key, a condition that
-fails, a value that cannot be typed) is marked ``failed`` with the reason and
-logged; the app goes on streaming. A lost connection of the backfill is
-retried with backoff, resuming at the last chunk marked done.
+A job that cannot be carried out (the table lost its key or was dropped, a
+condition that fails, a value that cannot be typed) is marked ``failed`` with
+the reason and logged; the app goes on streaming. A change of the key's
+columns, types or collations (which decide the order rows are read in) starts
+the job over from the first row. A lost connection of the backfill is retried
+with backoff (reset once a chunk was completed since), resuming at the last
+chunk marked done. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
+``walex backfill --cancel``) stops before its next chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from ..errors import ConfigError, ReplicationError, SetupError, WalExError, redact
+from ..errors import (
+    BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
+)
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
@@ -82,6 +88,7 @@ class Backfills:
         # reads it with its checks): without it no job is pending, and run() opens no
         # connection until a request comes
         self.store_known = True
+        self._progressed = False  # a chunk was completed since the last interruption
 
     @property
     def store(self) -> Store:
@@ -157,8 +164,6 @@ class Backfills:
 
     async def request(self, table: str, where: str | None = None) -> Job:
         """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
-        if where is not None and (not isinstance(where, str) or not where.strip()):
-            raise ConfigError(f"where must be an SQL condition, got {where!r}")
         from .target import resolve_target
 
         s = self.pipeline.settings
@@ -187,12 +192,33 @@ class Backfills:
         self.wake.set()
         return await waiter
 
+    async def cancel(self, table: str, timeout: float = 60.0) -> Job | None:
+        """Cancel the pending or running backfill of ``table``; once a running one stopped
+        (before its next chunk; at most ``timeout`` seconds are waited for that), the job.
+        ``None`` when none was under way."""
+        async with await self._connect() as conn:
+            job = await self.store.cancel(conn, table)
+            if job is None:
+                return None
+            key = (job.schema, job.table)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (current := self.current) is not None and (current.schema, current.table) == key \
+                    and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            job = await self.store.job(conn, *key) or job
+        self._finished(job)
+        return job
+
     def _finished(self, job: Job) -> None:
         for waiter in self._waiters.pop((job.schema, job.table), []):
             if waiter.done():
                 continue
             if job.state == "done":
                 waiter.set_result(job)
+            elif job.state == "cancelled":
+                waiter.set_exception(BackfillCancelledError(
+                    f"the backfill of {job.qualified} was cancelled after {job.rows_done:,} rows"))
             else:
                 waiter.set_exception(SetupError(f"the backfill of {job.qualified} failed: {job.error}"))
 
@@ -209,10 +235,14 @@ class Backfills:
                 try:
                     async with await self._connect() as conn:
                         jobs = await self.store.jobs(conn)
+                        if jobs:
+                            await self.store.ensure(conn)  # a store of an earlier walex
                         for job in jobs:
                             await self._run(conn, job)
                             failures = 0
                 except (psycopg.OperationalError, ReplicationError) as exc:
+                    if self._progressed:  # the job went on since the last interruption
+                        self._progressed, failures = False, 0
                     failures += 1
                     delay = min(self.pipeline.settings.reconnect_backoff_max, 0.5 * 2 ** failures)
                     log.warning("walex %r: backfill interrupted (%s); resuming in %.1fs",
@@ -254,22 +284,27 @@ class Backfills:
             try:
                 target = await resolve_target(conn, s.publication, job.qualified, s.subscriptions)
                 table = await self._table(target)
+                await check_condition(conn, target, job.condition)  # stored: checked again
             except WalExError as exc:
                 await self._fail(conn, job, str(exc))
                 return
             resumed = job.last_key is not None
-            if resumed and job.chunk_key != target.key:
+            if resumed and (job.chunk_key != target.key or job.key_signature not in (
+                    None, target.key_signature)):
                 log.warning("walex %r: the key of %s changed (%s, now %s): its backfill starts "
-                            "over", s.name, job.qualified, job.chunk_key, target.key)
+                            "over", s.name, job.qualified, _key_text(job.chunk_key, job.key_signature),
+                            _key_text(target.key, target.key_signature))
                 resumed = False
             if not resumed:
                 job.last_key, job.rows_done, job.chunks_done = None, 0, 0
             estimated = await estimate(conn, target, job.condition)
-            await store.update(
-                conn, job, state="running", chunk_key=target.key, rows_estimated=estimated,
+            if not await store.update(
+                conn, job, if_state=job.state, state="running", chunk_key=target.key,
+                key_signature=target.key_signature, rows_estimated=estimated,
                 started_at=job.started_at if resumed and job.started_at else _now(),
                 last_key=job.last_key, rows_done=job.rows_done, chunks_done=job.chunks_done,
-            )
+            ):
+                raise _Cancelled  # cancelled (or finished) since the jobs were read
             progress = ProgressLog(s.name, job)
             progress.start(resumed)
             try:
@@ -280,8 +315,15 @@ class Backfills:
                 log.error("walex %r: the backfill of %s failed", s.name, job.qualified, exc_info=exc)
                 await self._fail(conn, job, redact(str(exc), s.secret()))
                 return
-            await store.update(conn, job, state="done", finished_at=_now(), rate=progress.rate)
+            if not await store.update(conn, job, if_state="running", state="done",
+                                      finished_at=_now(), rate=progress.rate):
+                raise _Cancelled
             progress.done()
+            self._finished(job)
+        except _Cancelled:
+            job.state = "cancelled"
+            log.warning("walex %r: the backfill of %s was cancelled after %s rows", s.name,
+                        job.qualified, f"{job.rows_done:,}")
             self._finished(job)
         finally:
             self.window = None
@@ -291,11 +333,13 @@ class Backfills:
         self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
         progress: ProgressLog,
     ) -> None:
-        from .chunks import Bound, read_chunk
+        from .chunks import Bound, Limit, read_chunk
         from .target import resolve_target
 
-        s, pipeline = self.pipeline.settings, self.pipeline
-        limit = s.backfill_chunk_size
+        s, pipeline, store = self.pipeline.settings, self.pipeline, self.store
+        # a chunk's rows take at most a quarter of max_pending_bytes as read (the
+        # handlers' queue may hold the previous chunk while the next one is read)
+        limit = Limit(s.backfill_chunk_size, max(1, s.max_pending_bytes // 4))
         run = secrets.token_hex(8)
         window = self.window = Window(s.name, run, target, s.batch_size)
         await self._settle(conn, job)
@@ -307,6 +351,8 @@ class Backfills:
         seq = redone = stuck = 0
         exhausted = False  # every row in key order was read: only rows to read again are left
         while True:
+            if await store.state(conn, job) not in ("pending", "running"):  # cancelled
+                raise _Cancelled
             seq += 1
             outcome_future = window.arm(seq)
             session = pipeline.sessions
@@ -317,17 +363,22 @@ class Backfills:
             if chunk.reshaped:  # DDL: read on with the new definition (as the stream does)
                 log.info("walex %r: %s changed; its backfill goes on with its new columns",
                          s.name, job.qualified)
-                key = target.key
+                old = target
                 target = await resolve_target(conn, s.publication, job.qualified, s.subscriptions)
                 table = await self._table(target)
-                if target.key != key:
+                if (target.key, target.key_signature) != (old.key, old.key_signature):
+                    # the rows' order changed: the last key read no longer tells where to go on
                     log.warning("walex %r: the key of %s changed (%s, now %s): its backfill "
-                                "starts over", s.name, job.qualified, key, target.key)
-                    after, window.key, exhausted = None, target.key, False
+                                "starts over", s.name, job.qualified,
+                                _key_text(old.key, old.key_signature),
+                                _key_text(target.key, target.key_signature))
+                    after, window.key, pending, exhausted = None, target.key, None, False
                     again.clear()  # every row is read anew
-                    await self.store.update(conn, job, chunk_key=target.key)
+                    await store.update(conn, job, chunk_key=target.key,
+                                       key_signature=target.key_signature, last_key=None,
+                                       rows_done=0, chunks_done=0)
                 continue
-            exhausted = exhausted or chunk.rows < limit
+            exhausted = exhausted or not chunk.more  # no row after the last one read
             if not chunk.events:  # no row left, and the rows to read again are gone (deleted)
                 break
             window.load(chunk)
@@ -355,7 +406,7 @@ class Backfills:
             # to read again: a restart reads that one again
             first = next((bound for bound, _ in again.values()), None)
             mark = after if first is None else None if first[0] is None else list(first[0])
-            pending = (outcome.end_lsn, mark, chunk.rows)
+            pending = (outcome.end_lsn, mark, outcome.emitted)
             if exhausted:
                 if not again:
                     break
@@ -386,7 +437,8 @@ class Backfills:
         transaction id is below the snapshot's ``xmax`` (and so in its list of running
         ones when it is not visible). The wait ends when the standby confirms, when the
         session stops waiting (cancelled: its commit then becomes visible), or for a
-        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared.
+        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared. A job
+        cancelled meanwhile stops waiting.
         """
         await conn.execute("SELECT pg_current_xact_id()")
         cur = await conn.execute(_COMMITTED_INVISIBLE)
@@ -410,6 +462,9 @@ class Backfills:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(1.0, delay * 2)
+            if await self.store.state(conn, job) not in ("pending", "running"):  # cancelled
+                self.waiting_for = []
+                raise _Cancelled
             cur = await conn.execute(_STILL_INVISIBLE, (waiting,))
             row = await cur.fetchone()
             waiting = list(row[0]) if row and row[0] else []
@@ -440,6 +495,7 @@ class Backfills:
         job.rows_done += rows
         await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
                                 chunks_done=job.chunks_done + 1, rate=progress.rate)
+        self._progressed = True
         progress.chunk()
 
     async def _table(self, target: Target) -> Table:
@@ -462,23 +518,52 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class _Cancelled(Exception):
+    """The job was cancelled: it stops here."""
+
+
+def _key_text(columns: list[str] | None, signature: str | None) -> str:
+    """``"id (23:-1:0)"``: the key's columns and their type OIDs, type modifiers, collations."""
+    return f"{', '.join(columns or [])} ({signature or '?'})"
+
+
 async def check_condition(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> None:
-    """A ConfigError naming the problem when ``where`` is not a valid condition on the table."""
+    """A ConfigError naming the problem when ``where`` is not one valid condition on the table.
+
+    The condition is parsed and planned (not run) twice, on the extended protocol
+    (one statement only), in a read-only transaction: once between parentheses
+    (``WHERE (...)``, as chunks are read), once between brackets (``ARRAY[...]``).
+    A text that closes a parenthesis it did not open (``id > 5) OR (true``) parses
+    in the first form but not the second, and one that closes a bracket it did not
+    open not in the first: what passes both is one expression, which cannot reach
+    outside the parentheses it is read in. Strings, quoted names and comments are
+    PostgreSQL's to read, as in any condition."""
     if where is None:
         return
-    try:
-        await conn.execute(target.estimate_query(where))
-    except psycopg.Error as exc:
-        raise ConfigError(
-            f"where {where!r} is not a valid condition on {target.qualified}: "
-            f"{str(exc).strip().splitlines()[0]}"
-        ) from None
+    if not isinstance(where, str) or not where.strip() or "\0" in where:
+        raise ConfigError(f"where must be an SQL condition, got {where!r}")
+    for query in (target.bracket_query(where), target.estimate_query(where)):
+        try:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION READ ONLY")
+                await conn.execute(query, (1,), prepare=False)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            hint = ""
+            if isinstance(exc, psycopg.errors.SyntaxError):
+                hint = (" (a condition is one SQL expression: it cannot close a parenthesis or "
+                        "bracket it did not open, nor hold a ';' outside a string)")
+            raise ConfigError(
+                f"where {where!r} is not a valid condition on {target.qualified}: "
+                f"{str(exc).strip().splitlines()[0]}{hint}"
+            ) from None
 
 
 async def estimate(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> int | None:
     """The planner's estimate of the rows to read."""
     try:
-        cur = await conn.execute(target.estimate_query(where))
+        cur = await conn.execute(target.estimate_query(where), (1,), prepare=False)
         row = await cur.fetchone()
     except psycopg.OperationalError:
         raise

@@ -4,14 +4,18 @@ The table (option ``backfill_table``, default ``walex_backfill`` in the first
 schema of the ``search_path``) is created on first use. Operators can read
 it; ``walex status`` shows it. A row is a request and its progress:
 
-- ``state``: ``pending`` (requested), ``running``, ``done`` or ``failed``
-  (``error`` says why);
+- ``state``: ``pending`` (requested), ``running``, ``done``, ``failed``
+  (``error`` says why) or ``cancelled``;
 - ``last_key``: the key (text forms, in ``chunk_key`` order) of the last row
   of the last chunk whose events every handler finished; a restart resumes
-  after it;
-- ``rows_done`` of about ``rows_estimated`` (the planner's estimate when the
-  backfill started), ``chunks_done``, ``rate`` (rows per second of the
-  current run).
+  after it, unless ``key_signature`` (the key columns' types, type modifiers
+  and collations, which decide their order) changed meanwhile;
+- ``rows_done`` (read events delivered, each row once) of about
+  ``rows_estimated`` (the planner's estimate when the backfill started),
+  ``chunks_done``, ``rate`` (rows per second of the current run).
+
+The table is created, or brought up to date from an earlier walex, under an
+advisory lock, so apps asking at the same moment do not race.
 
 Crash consistency: a chunk is marked done only after its events were
 handled, so a crash re-reads at most the chunks handled since the last mark
@@ -28,9 +32,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..errors import SetupError
+from ..errors import ConfigError, SetupError
 
-__all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL"]
+__all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL", "STATES"]
+
+STATES = ("pending", "running", "done", "failed", "cancelled")
 
 
 def store_name(option: str) -> sql.Identifier:
@@ -44,7 +50,7 @@ CREATE TABLE IF NOT EXISTS {store} (
     table_name text NOT NULL,
     condition text,
     state text NOT NULL DEFAULT 'pending'
-        CHECK (state IN ('pending', 'running', 'done', 'failed')),
+        CHECK (state IN ('pending', 'running', 'done', 'failed', 'cancelled')),
     chunk_key text[],
     last_key text[],
     rows_done bigint NOT NULL DEFAULT 0,
@@ -56,6 +62,7 @@ CREATE TABLE IF NOT EXISTS {store} (
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
     error text,
+    key_signature text,
     PRIMARY KEY (app, table_schema, table_name)
 )
 """
@@ -67,16 +74,25 @@ VALUES (%(app)s, %(schema)s, %(table)s, %(condition)s, 'pending', %(key)s)
 ON CONFLICT (app, table_schema, table_name) DO UPDATE
 SET condition = excluded.condition, state = 'pending', chunk_key = excluded.chunk_key,
     last_key = NULL, rows_done = 0, rows_estimated = NULL, chunks_done = 0, rate = NULL,
-    requested_at = now(), started_at = NULL, updated_at = now(), finished_at = NULL, error = NULL
-WHERE s.state IN ('done', 'failed') OR %(restart)s
+    requested_at = now(), started_at = NULL, updated_at = now(), finished_at = NULL, error = NULL,
+    key_signature = NULL
+WHERE s.state IN ('done', 'failed', 'cancelled') OR %(restart)s
 RETURNING state
 """
 
-SELECT_ALL = """
-SELECT app, table_schema, table_name, condition, state, chunk_key, last_key, rows_done,
-       rows_estimated, chunks_done, rate, requested_at, started_at, updated_at, finished_at, error
-FROM {store}
-"""
+# key_signature read through to_jsonb: a store made by an earlier walex has no such column
+_FIELDS = """app, table_schema, table_name, condition, state, chunk_key, last_key, rows_done,
+       rows_estimated, chunks_done, rate, requested_at, started_at, updated_at, finished_at, error,
+       to_jsonb(s) ->> 'key_signature'"""
+SELECT_ALL = "SELECT " + _FIELDS + " FROM {store} s "
+
+# a store made by an earlier walex: the key signature, the state 'cancelled'
+_UPGRADE = [
+    "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS key_signature text",
+    "ALTER TABLE {store} DROP CONSTRAINT IF EXISTS {check}",
+    "ALTER TABLE {store} ADD CONSTRAINT {check} CHECK (state IN ('pending', 'running', 'done', "
+    "'failed', 'cancelled'))",
+]
 
 
 @dataclass(slots=True)
@@ -99,6 +115,7 @@ class Job:
     updated_at: datetime
     finished_at: datetime | None
     error: str | None
+    key_signature: str | None = None  # the key's types and collations when it was last read
 
     @property
     def qualified(self) -> str:
@@ -106,7 +123,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in ("done", "failed", "cancelled")
 
 
 def _q(template: str, option: str) -> sql.Composed:
@@ -134,17 +151,27 @@ class Store:
         """The store's name as ``to_regclass`` takes it."""
         return ".".join(f'"{part}"' for part in self.option.split(".", 1))
 
-    async def request(
-        self, conn: psycopg.AsyncConnection, schema: str, table: str, condition: str | None,
-        key: list[str], restart: bool = False,
-    ) -> bool:
-        """Ask for a backfill; False when an unfinished one of the table is kept instead."""
+    async def ensure(self, conn: psycopg.AsyncConnection) -> None:
+        """Create the store, or bring one made by an earlier walex up to date.
+
+        Under a transaction-scoped advisory lock on the store's name: two apps (or
+        ``walex backfill`` commands) asking at the same moment do not race to
+        create it (``CREATE TABLE IF NOT EXISTS`` alone is not safe against that)."""
         try:
-            await conn.execute(_q(CREATE, self.option))
-            cur = await conn.execute(_q(REQUEST, self.option), {
-                "app": self.app, "schema": schema, "table": table, "condition": condition,
-                "key": key, "restart": restart,
-            })
+            async with conn.transaction():
+                await conn.execute("SET LOCAL lock_timeout = '30s'")  # an upgrade waits no longer
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                   (f"walex.backfill:{self.regclass()}",))
+                await conn.execute(_q(CREATE, self.option))
+                cur = await conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                    "AND attname = 'key_signature' AND NOT attisdropped)", (self.regclass(),))
+                row = await cur.fetchone()
+                if not (row and row[0]):
+                    check = sql.Identifier(f"{self.option.rpartition('.')[2]}_state_check"[:63])
+                    for statement in _UPGRADE:
+                        await conn.execute(sql.SQL(statement).format(  # type: ignore[arg-type]
+                            store=store_name(self.option), check=check))
         except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidSchemaName) as exc:
             raise SetupError(
                 f"cannot write the backfill progress store {self.option!r}: "
@@ -152,7 +179,49 @@ class Store:
                 "(GRANT CREATE ON SCHEMA ...), or set backfill_table to 'schema.table' in a "
                 "schema it may write"
             ) from None
+
+    async def request(
+        self, conn: psycopg.AsyncConnection, schema: str, table: str, condition: str | None,
+        key: list[str], restart: bool = False,
+    ) -> bool:
+        """Ask for a backfill; False when an unfinished one of the table is kept instead."""
+        await self.ensure(conn)
+        cur = await conn.execute(_q(REQUEST, self.option), {
+            "app": self.app, "schema": schema, "table": table, "condition": condition,
+            "key": key, "restart": restart,
+        })
         return await cur.fetchone() is not None
+
+    async def cancel(self, conn: psycopg.AsyncConnection, spec: str) -> Job | None:
+        """Mark this app's pending or running backfill of ``spec`` (``"t"`` or ``"s.t"``)
+        cancelled; the job, or None when none was under way."""
+        from ..handlers import table_matcher
+
+        if not isinstance(spec, str) or not spec or spec.count(".") > 1:
+            raise ConfigError(f"cancelling a backfill needs one table, 'name' or 'schema.name'; "
+                              f"got {spec!r}")
+        matches = table_matcher(spec)
+        found = [j for j in await self.jobs(conn) if matches(j.schema, j.table)]
+        if len(found) > 1:
+            names = ", ".join(j.qualified for j in found)
+            raise ConfigError(f"table {spec!r} is ambiguous ({names}); name it as 'schema.table'")
+        if not found:
+            return None
+        query = _q(
+            "UPDATE {store} AS s SET state = 'cancelled', error = 'cancelled', finished_at = now(), "
+            "updated_at = now() WHERE app = %s AND table_schema = %s AND table_name = %s "
+            "AND state IN ('pending', 'running') RETURNING " + _FIELDS, self.option)
+        cur = await conn.execute(query, (self.app, found[0].schema, found[0].table))
+        row = await cur.fetchone()
+        return Job(*row) if row else None
+
+    async def state(self, conn: psycopg.AsyncConnection, job: Job) -> str | None:
+        """The job's state in the store now (a cancel comes from elsewhere)."""
+        cur = await conn.execute(_q(
+            "SELECT state FROM {store} WHERE app = %s AND table_schema = %s AND table_name = %s",
+            self.option), (self.app, job.schema, job.table))
+        row = await cur.fetchone()
+        return row[0] if row else None
 
     async def jobs(self, conn: psycopg.AsyncConnection, unfinished: bool = True) -> list[Job]:
         """This app's jobs (unfinished ones only by default), oldest request first."""
@@ -171,19 +240,25 @@ class Store:
         row = await cur.fetchone()
         return Job(*row) if row else None
 
-    async def update(self, conn: psycopg.AsyncConnection, job: Job, **fields: Any) -> None:
-        """Set ``fields`` (and ``updated_at``) on the job's row, and on ``job``."""
-        for name, value in fields.items():
-            setattr(job, name, value)
+    async def update(self, conn: psycopg.AsyncConnection, job: Job, *, if_state: str | None = None,
+                     **fields: Any) -> bool:
+        """Set ``fields`` (and ``updated_at``) on the job's row, and on ``job``; with
+        ``if_state``, only while the row is in that state (False when it was not)."""
         columns = {("table_name" if k == "table" else k): v for k, v in fields.items()}
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in columns
         )
         query = sql.SQL(
             "UPDATE {} SET {}, updated_at = now() WHERE app = %(app)s AND table_schema = %(schema)s "
-            "AND table_name = %(table)s"
+            "AND table_name = %(table)s" + (" AND state = %(if_state)s" if if_state else "")
         ).format(store_name(self.option), assignments)
-        await conn.execute(query, {**columns, "app": self.app, "schema": job.schema, "table": job.table})
+        cur = await conn.execute(query, {**columns, "app": self.app, "schema": job.schema,
+                                         "table": job.table, "if_state": if_state})
+        if if_state and not cur.rowcount:
+            return False
+        for name, value in fields.items():
+            setattr(job, name, value)
+        return True
 
 
 def read_all(conn: psycopg.Connection, option: str) -> list[Job] | None:

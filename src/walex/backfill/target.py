@@ -47,7 +47,8 @@ class Target:
     key_types: list[str]  # format_type() of each key column, for the keyset cast
     key_from: str  # "replica identity index", "primary key" or "unique index <name>"
     rowfilter: str | None  # the publication's row filter (PostgreSQL 15+)
-    shape: str  # the table's columns and their types now (see SHAPE): a change shows DDL
+    shape: str  # the table's columns, types, keys now (see SHAPE): a change shows DDL
+    key_signature: str = ""  # type, typmod and collation of each key column: their order
 
     @property
     def qualified(self) -> str:
@@ -65,10 +66,11 @@ class Target:
         names = [c.name for c in self.columns]
         return [names.index(k) for k in self.key]
 
-    def chunk_query(self, where: str | None, after: bool, limit: int) -> sql.Composed:
-        """``SELECT`` of the next ``limit`` rows in key order, after a key given as text.
+    def chunk_query(self, where: str | None, after: bool) -> sql.Composed:
+        """``SELECT`` of the next rows in key order, after a key given as text.
 
-        Run it with a parameter list (empty for the first chunk)."""
+        Run it with the key's text forms (none for the first chunk) and the row
+        limit as parameters: the extended protocol, one statement only."""
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
         conditions: list[sql.Composable] = []
@@ -77,29 +79,47 @@ class Target:
                 sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(t)) for t in self.key_types
             )
             conditions.append(sql.SQL("({}) > ({})").format(keys, bound))
-        for extra in (self.rowfilter, where):
-            if extra:  # run with parameters: a '%' of the condition is not one
-                conditions.append(sql.SQL("({})").format(sql.SQL(extra.replace("%", "%%"))))  # type: ignore[arg-type]
+        conditions += self._conditions(where)
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
-        only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
-        return sql.SQL("SELECT {} FROM {}{}{} ORDER BY {} LIMIT {}").format(
-            cols, only, sql.Identifier(self.schema, self.name), clause, keys, sql.Literal(limit)
+        return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT %s::bigint").format(
+            cols, self._from(), clause, keys
         )
 
     def estimate_query(self, where: str | None) -> sql.Composed:
-        conditions = [sql.SQL("({})").format(sql.SQL(e)) for e in (self.rowfilter, where) if e]  # type: ignore[arg-type]
+        """The planner's estimate of the rows to read; run it with one parameter (any int)."""
+        conditions = self._conditions(where)
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        return sql.SQL("EXPLAIN (FORMAT JSON) SELECT %s::int FROM {}{}").format(self._from(), clause)
+
+    def bracket_query(self, where: str) -> sql.Composed:
+        """The condition between brackets instead of parentheses: with :meth:`estimate_query`,
+        parsing shows it is one expression (see :func:`walex.backfill.runner.check_condition`)."""
+        cond = sql.SQL(where.replace("%", "%%"))  # type: ignore[arg-type]
+        return sql.SQL("EXPLAIN SELECT %s::int, ARRAY[{}\n] FROM {}").format(cond, self._from())
+
+    def _from(self) -> sql.Composed:
         only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
-        return sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}{}{}").format(
-            only, sql.Identifier(self.schema, self.name), clause
-        )
+        return sql.SQL("{}{}").format(only, sql.Identifier(self.schema, self.name))
+
+    def _conditions(self, where: str | None) -> list[sql.Composable]:
+        # run with parameters: a '%' of the condition is not one; the line break ends
+        # a '--' comment before the closing parenthesis
+        return [sql.SQL("({}\n)").format(sql.SQL(extra.replace("%", "%%")))  # type: ignore[arg-type]
+                for extra in (self.rowfilter, where) if extra]
 
 
-# the columns and types of a table, as one string: compared chunk after chunk
-SHAPE = (
-    "SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod, ',' ORDER BY attnum) "
-    "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
-)
+# the columns with their types and collations, the unique indexes and the replica
+# identity of a table, as one string: compared chunk after chunk (NULL once dropped)
+SHAPE = """
+SELECT (SELECT string_agg(attname || ':' || atttypid || ':' || atttypmod || ':' || attcollation,
+                          ',' ORDER BY attnum)
+        FROM pg_attribute WHERE attrelid = x.o AND attnum > 0 AND NOT attisdropped)
+    || '|' || coalesce((SELECT string_agg(indexrelid || ':' || indkey::text || ':' || indisprimary
+                                          || ':' || indisreplident, ',' ORDER BY indexrelid)
+                        FROM pg_index WHERE indrelid = x.o AND indisunique AND indisvalid), '')
+    || '|' || (SELECT relreplident::text FROM pg_class WHERE oid = x.o)
+FROM (SELECT %s::oid AS o) x
+"""
 
 _PUBLISHED = """
 SELECT p.schemaname, p.tablename, c.oid, c.relkind, c.relreplident
@@ -117,12 +137,13 @@ ORDER BY a.attnum
 """
 
 # unique indexes usable as chunk keys: name, replica identity?, primary?, columns,
-# all columns NOT NULL?, column types
+# all columns NOT NULL?, column types, their signature (type, typmod, collation)
 _INDEXES = """
 SELECT ic.relname, i.indisreplident, i.indisprimary,
        array_agg(a.attname ORDER BY k.n),
        bool_and(a.attnotnull),
-       array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.n)
+       array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.n),
+       string_agg(a.atttypid || ':' || a.atttypmod || ':' || a.attcollation, ',' ORDER BY k.n)
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
@@ -144,11 +165,7 @@ async def resolve_target(
     await cur.execute(_PUBLISHED, (publication,))
     found = [row for row in await cur.fetchall() if matches(row[0], row[1])]
     if not found:
-        raise SetupError(
-            f"table {spec!r} is not in publication {publication!r}, so walex cannot keep "
-            "its rows in step with the stream. Fix: ALTER PUBLICATION "
-            f"{quote_ident(publication)} ADD TABLE {spec};"
-        )
+        raise await _not_published(cur, publication, spec)
     if len(found) > 1:
         names = ", ".join(f"{s}.{t}" for s, t, *_ in found)
         raise ConfigError(f"table {spec!r} is ambiguous ({names}); name it as 'schema.table'")
@@ -177,10 +194,10 @@ async def resolve_target(
     indexes = await cur.fetchall()
     published = {c.name for c in columns}
     ranked = []
-    for index, replident, primary, key, not_null, key_types in indexes:
+    for index, replident, primary, key, not_null, key_types, signature in indexes:
         kind = 0 if replident and identity == "i" else 1 if primary else 2
         if not_null and all(k in published for k in key):
-            ranked.append((kind, len(key), index, list(key), list(key_types)))
+            ranked.append((kind, len(key), index, list(key), list(key_types), signature))
     if not ranked:
         raise SetupError(
             f"table {schema}.{name} has no primary key (nor a unique index on NOT NULL columns "
@@ -188,14 +205,54 @@ async def resolve_target(
             "consistent with the stream. Fix: ALTER TABLE "
             f"{quote_ident(schema)}.{quote_ident(name)} ADD PRIMARY KEY (...);"
         )
-    kind, _, index, key, key_types = min(ranked)
+    kind, _, index, key, key_types, signature = min(ranked)
     key_from = ("replica identity index", "primary key", f"unique index {index}")[kind]
     flagged = set(_identity_columns(identity, indexes, columns))
     cols = [Column(c.name, c.type_oid, c.type_modifier, c.name in flagged) for c in columns]
     await cur.execute(SHAPE, (oid,))
     shape = (await cur.fetchone() or ("",))[0] or ""
     return Target(oid, schema, name, relkind, cols, identity, key, key_types, key_from, rowfilter,
-                  shape)
+                  shape, signature)
+
+
+_EXISTING = """
+SELECT n.nspname, c.relname, c.relkind,
+       ARRAY(SELECT p.schemaname || '.' || p.tablename
+             FROM pg_partition_tree(c.oid) t
+             JOIN pg_class pc ON pc.oid = t.relid
+             JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+             JOIN pg_publication_tables p ON p.schemaname = pn.nspname AND p.tablename = pc.relname
+             WHERE p.pubname = %s AND t.relid <> c.oid ORDER BY 1)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND c.relname = %s AND (n.nspname = %s OR %s = '')
+"""
+
+
+async def _not_published(cur: psycopg.AsyncCursor, publication: str, spec: str) -> SetupError:
+    """Why ``spec`` is not among the publication's tables, and the fix."""
+    schema, _, name = spec.rpartition(".")
+    await cur.execute(_EXISTING, (publication, name, schema, schema))
+    rows = await cur.fetchall()
+    if not rows:
+        return SetupError(
+            f"table {spec!r} does not exist (was it dropped or renamed?): there is nothing to "
+            "backfill. Fix: name an existing table, 'name' or 'schema.name'"
+        )
+    for nsp, rel, relkind, parts in rows:
+        if relkind == "p" and parts:
+            shown = ", ".join(parts[:3]) + (", ..." if len(parts) > 3 else "")
+            return SetupError(
+                f"table {nsp}.{rel} is partitioned and publication {publication!r} publishes "
+                f"its partitions ({shown}), not the table itself (publish_via_partition_root "
+                "is off), so the stream names each partition. Fix: backfill each partition, or "
+                f"ALTER PUBLICATION {quote_ident(publication)} SET "
+                "(publish_via_partition_root = true);"
+            )
+    return SetupError(
+        f"table {spec!r} is not in publication {publication!r}, so walex cannot keep "
+        "its rows in step with the stream. Fix: ALTER PUBLICATION "
+        f"{quote_ident(publication)} ADD TABLE {spec};"
+    )
 
 
 async def _columns(
