@@ -25,6 +25,7 @@ from support import collecting, run, until
 from walex import Events, WalEx
 from walex.embedded import Cluster, free_port
 from walex.errors import ConfigError
+from walex.lsn import parse_lsn
 from walex.observe.health import health
 
 WALEX = [sys.executable, "-m", "walex.cli"]
@@ -200,7 +201,7 @@ def test_lag_guard_reports_and_releases_a_temporary_slot(
     async def blocked(events: list[Any]) -> None:
         await gate.wait()
 
-    async def main() -> None:
+    async def main() -> tuple[str, str]:
         async with collecting(dsn, modules=[slow], status_interval=0.3, max_lag_bytes="256kB",
                               max_lag_release=True) as rec:
             app = rec.app
@@ -217,16 +218,23 @@ def test_lag_guard_reports_and_releases_a_temporary_slot(
             ).fetchone() == (0,), "the old walsender gone")
             gate.set()
             await until(lambda: health(app)[0] == 200, "healthy again on a new slot", timeout=60)
-            assert app.gaps and "was dropped with the lost connection" in app.gaps[0]
+            assert len(app.gaps) == 1 and "was released by the lag guard" in app.gaps[0], app.gaps
             admin.execute("INSERT INTO item VALUES (0, 'after')")
             await until(lambda: any(e.new_record and e.new_record["id"] == 0 for e in rec.events),
                         "a change after the release", timeout=30)
+            return app.gaps[0], app.pipeline.slot_name
 
     with caplog.at_level(logging.INFO, logger="walex"):
-        run(main(), timeout=120)
+        gap, slot = run(main(), timeout=120)
     messages = [r.getMessage() for r in caplog.records]
     assert any("over max_lag_bytes (250.0 KiB)" in m and "releasing" in m for m in messages)
     assert any("releasing temporary slot" in m and "never delivered" in m for m in messages)
+    # the range lost is logged once, as recorded, and starts where the new slot starts
+    assert [m for m in messages if "was released by the lag guard" in m] == [gap]
+    after, before = re.search(r"committed after (\S+) and before (\S+) ", gap).groups()
+    created = [m for m in messages if m.startswith(f"created temporary replication slot {slot!r}")]
+    assert len(created) == 2 and created[1].endswith(f" at {before}"), created
+    assert parse_lsn(after) <= parse_lsn(before)
 
 
 def test_healthz_reports_lag_over_the_limit(dsn: str, admin: psycopg.Connection) -> None:

@@ -225,7 +225,7 @@ def test_stop_while_start_stands_by_ends_the_start_and_closes_what_it_opened(
                 await asyncio.sleep(0.05)
             port = waiting.observer.port
             assert port and (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/livez"))[0] == 200
-            assert connections("stop_standby") == 2  # its admin and replication connections
+            assert connections("stop_standby") == 1  # its standby lock's connection
             await asyncio.wait_for(waiting.stop(), 10)  # a hang detector
             with pytest.raises(StoppedError, match="stopped while standing by for replication "
                                                    "slot 'stop_slot'; it never streamed"):

@@ -119,6 +119,7 @@ class WalEx(Lifecycle):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._starting = False  # start() is under way (connecting, or waiting for the slot)
         self._gc_held = 0  # the gc_threshold this app holds while it streams (walex.gcpolicy)
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
@@ -176,18 +177,11 @@ class WalEx(Lifecycle):
         self._stopping = False
         self._error = None
         self.pipeline.closing = False
-        await self.observer.start()  # before the slot: a standby answers /healthz too
+        self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
-            await self.destinations.open()
-        except BaseException:
-            await self.observer.stop()
-            raise
-        try:
-            await self.pipeline.open_session()
-        except BaseException:
-            await self.destinations.close()
-            await self.observer.stop()
-            raise
+            await self._open()
+        finally:
+            self._starting = False
         _running[name] = self
         p = self.pipeline
         self._tasks = [
@@ -197,6 +191,8 @@ class WalEx(Lifecycle):
         ]
         if self.settings.heartbeat_interval:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+        if p.fence is not None:  # standby=True: handle only while holding the lock
+            self._tasks.append(asyncio.create_task(p.run_fence(), name=f"walex-{name}-fence"))
         self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -213,6 +209,22 @@ class WalEx(Lifecycle):
             name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
+
+    async def _open(self) -> None:
+        """start()'s connections: the endpoint, the destinations, the first session."""
+        await self.observer.start()  # before the slot: a standby answers /healthz too
+        try:
+            await self.destinations.open()
+        except BaseException:
+            await self.observer.stop()
+            raise
+        try:
+            await self.pipeline.open_first_session()
+        except BaseException:
+            await self.pipeline.release_fence()
+            await self.destinations.close()
+            await self.observer.stop()
+            raise
 
     async def stop(self) -> None:
         """Finish the batch in hand, acknowledge it, and disconnect.
@@ -263,6 +275,7 @@ class WalEx(Lifecycle):
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
+            await self.pipeline.release_fence()  # nothing is handled any more: a standby may go
             await self.destinations.close()
         finally:
             gcpolicy.release(self._gc_held)

@@ -32,7 +32,11 @@ Invariants:
 - a temporary slot survives neither a reconnect nor a stop: the changes it
   takes along unhandled are logged and recorded in :attr:`Pipeline.gaps`;
 - once ``closing`` is set (by ``stop()``) the dispatcher finishes the batch in
-  hand and takes no other.
+  hand and takes no other;
+- with ``standby=True`` nothing is handled without the standby lock
+  (:mod:`walex.standby`): a session starts only once it is held, and when its
+  connection is lost the pipeline abandons (:meth:`Pipeline.abandon`) what it
+  has not acknowledged before it takes the lock again.
 """
 
 from __future__ import annotations
@@ -121,6 +125,12 @@ class Pipeline:
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
         self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
         self.reached_ahead = 0  # batches at the queue's front counting.reached already (handoff)
+        # standby=True: the lock that lets one instance at a time handle (walex.standby)
+        self.fence = standby.Fence(settings.app_conninfo(), self.secret, slot_name) \
+            if settings.standby else None
+        self.abandoning = False  # the fence was lost: handle nothing until it is held again
+        self._dispatching: asyncio.Task[None] | None = None  # the dispatcher loop under way
+        self.released: tuple[int, int] | None = None  # (lag, limit) when the lag guard released
 
     # -- configuration that may change while running ----------------------
 
@@ -149,6 +159,9 @@ class Pipeline:
         first = self.sessions == 0
         self.lookups.use(None, conninfo, self.secret)
         try:
+            if self.fence is not None:  # one instance at a time: the lock before the slot
+                await standby.hold(self)
+                self.abandoning = False
             try:
                 self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             except ReplicationError:
@@ -178,6 +191,29 @@ class Pipeline:
             await self.close_session()
             raise
         self.sessions += 1
+
+    async def open_first_session(self) -> None:
+        """:meth:`open_session` for ``start()``; a standby retries what a reconnect cures.
+
+        A standby that has never streamed waits and retries as an active
+        instance reconnects: with backoff, ``reconnect_max_attempts`` times in
+        a row (a server restart while it waits is no reason to exit).
+        """
+        attempts = 0
+        while True:
+            try:
+                await self.open_session()
+                return
+            except ReplicationError as exc:
+                attempts += 1
+                if (self.fence is None or not exc.retriable
+                        or attempts > self.settings.reconnect_max_attempts):
+                    raise
+                backoff = min(self.settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+                backoff *= random.uniform(0.5, 1.0)
+                log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
+                            self.settings.name, exc, backoff, attempts)
+                await asyncio.sleep(backoff)
 
     async def _diagnose(self, conninfo: str, first: bool) -> None:
         """The replication connection was refused: say why as precisely as a normal one can.
@@ -235,14 +271,7 @@ class Pipeline:
                 if confirmed > self.ack.flushed:
                     self.ack.flushed = self.ack.received = confirmed
                 return confirmed
-        elif not first and not self._restart:  # a restart after stop() reported its own loss
-            gap = (
-                f"temporary slot {self.slot_name!r} was dropped with the lost connection: "
-                f"changes committed after {format_lsn(self.ack.flushed)} until the new slot "
-                "was created are not delivered (use durable_slot=True to avoid this)"
-            )
-            log.error(gap)
-            self.gaps.append(gap)
+        lost_from = None if first or self._restart else self.ack.flushed  # a stop reported its own
         if first and s.snapshot == "initial":  # the requests are stored before the slot exists
             await self.backfill.initial(await self.lookups.connection())
         slot = await repl.create_slot(self.slot_name, temporary=not s.durable_slot, failover=s.failover)
@@ -250,10 +279,32 @@ class Pipeline:
             log.info("created %s replication slot %r at %s",
                      "durable" if s.durable_slot else "temporary",
                      self.slot_name, format_lsn(slot.consistent_point))
+        if not s.durable_slot and lost_from is not None:
+            self._temporary_gap(lost_from, slot.consistent_point)
         start = slot.consistent_point
         if start > self.ack.flushed:
             self.ack.flushed = self.ack.received = start
         return start
+
+    def _temporary_gap(self, after: int, until: int) -> None:
+        """The temporary slot went with the last session: log and record what is lost.
+
+        ``after`` is the position acknowledged once every batch received whole
+        was handled; ``until`` is where the new slot starts.
+        """
+        why = "was dropped with the lost connection"
+        if self.released is not None:
+            lag, limit = self.released
+            why = (f"was released by the lag guard ({lag} bytes sent to walex and not "
+                   f"acknowledged, over max_lag_bytes {limit})")
+            self.released = None
+        gap = (
+            f"temporary slot {self.slot_name!r} {why}: the changes committed after "
+            f"{format_lsn(after)} and before {format_lsn(until)} (where the new slot starts) "
+            "are never delivered (use durable_slot=True to avoid this)"
+        )
+        log.error(gap)
+        self.gaps.append(gap)
 
     async def _slot_lost(self, confirmed: str | None) -> None:
         message = (
@@ -361,7 +412,10 @@ class Pipeline:
                 if not exc.retriable:
                     raise
                 log.warning("replication interrupted: %s; reconnecting", exc)
-            await self._drain()
+            if self.abandoning:  # the fence was lost: what was received is not handled here
+                self.discard_unhandled()
+            else:
+                await self._drain()
             await self.close_session()
             while True:
                 attempts += 1
@@ -402,6 +456,9 @@ class Pipeline:
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
+            if self.abandoning:
+                raise ReplicationError("the standby lock was lost: ending the session",
+                                       retriable=True)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that arrives as the read completes, and stop() hangs.
@@ -480,9 +537,17 @@ class Pipeline:
                         else:
                             queue.wake()
                             await queue.put(txn)
+                            if self.abandoning:
+                                raise ReplicationError("the standby lock was lost: ending the "
+                                                       "session", retriable=True)
                     queue.wake()  # the dispatcher, if it waits for a batch
                 if end > ack.received:  # ack.saw(end)
                     ack.received = end
+
+    @property
+    def held_back(self) -> bool:
+        """Whether the reader waits for room in the queue (the handlers are the bottleneck)."""
+        return self.queue._reader_waits
 
     @property
     def busy(self) -> bool:
@@ -547,8 +612,68 @@ class Pipeline:
             log.debug("dropped replayed transaction committed at %s", format_lsn(txn.commit_lsn))
 
     async def run_dispatcher(self) -> None:
-        """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
-        await run_dispatcher(self)  # walex.handoff
+        """Dispatch the queued batches in order; returns when ``closing``, after the one in hand.
+
+        The loop (:func:`walex.handoff.run_dispatcher`) runs as a task of its
+        own, so that :meth:`abandon` can cancel it and it starts again once the
+        fence is held again.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            inner = self._dispatching = loop.create_task(
+                run_dispatcher(self), name=f"walex-{self.settings.name}-dispatch")  # walex.handoff
+            try:
+                await inner
+                return
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if (me is not None and me.cancelling()) or not self.abandoning:
+                    inner.cancel()
+                    raise
+            finally:
+                self._dispatching = None
+            while self.abandoning:  # until the fence is held again
+                await asyncio.sleep(0.05)
+
+    def abandon(self, reason: str) -> None:
+        """The fence was lost: stop handling at once; what is not acknowledged comes again.
+
+        The batch in hand is cancelled (a plain handler's thread ends its
+        current call and makes no other), the queue is dropped and the reader
+        ends the session; the next session takes the fence again first.
+        """
+        if self.abandoning:
+            return
+        self.abandoning = True
+        log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at "
+                  "once; the changes not acknowledged (after %s) are delivered again to the "
+                  "instance that holds the slot next", self.settings.name, self.slot_name,
+                  reason, format_lsn(self.ack.flushed))
+        if self._dispatching is not None:
+            self._dispatching.cancel()
+        self.discard_unhandled()
+
+    async def handlers_idle(self) -> None:
+        """Wait until no handler call of this app runs (one abandoned may still be running)."""
+        await self.dispatcher.workers.idle()
+
+    async def run_fence(self) -> None:
+        """Check the fence's connection while it is held; abandon when it is lost."""
+        fence = self.fence
+        assert fence is not None
+        while True:
+            await asyncio.sleep(standby.FENCE_CHECK)
+            if not fence.held or self.abandoning:
+                continue
+            try:
+                await fence.check()
+            except ReplicationError as exc:
+                self.abandon(str(exc))
+
+    async def release_fence(self) -> None:
+        """At stop, once nothing is handled any more: let a standby take over."""
+        if self.fence is not None:
+            await self.fence.release()
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

@@ -1,10 +1,10 @@
 """Is the app healthy? The answers of ``/healthz`` and ``/livez``, from what the app knows.
 
 ``health`` is healthy only while the app streams, its slot is not lost, the
-monitor could reach the server at its last poll, and the lag (the server's
-WAL end minus the position acknowledged to it) is within ``max_lag_bytes``.
-``liveness`` is alive while the app runs at all: reconnecting, or waiting as
-a standby, included. Each returns the HTTP status and a JSON-able body whose
+monitor could reach the server at its last poll, and the lag (:func:`lag_bytes`)
+is within ``max_lag_bytes``. ``liveness`` is alive while the app runs at
+all: starting (connecting, waiting for a slot held elsewhere), reconnecting,
+or waiting as a standby, included. Each returns the HTTP status and a JSON-able body whose
 ``reason`` says why when it is not 200.
 """
 
@@ -27,12 +27,26 @@ def acknowledged(app: WalEx) -> int:
 
 
 def lag_bytes(app: WalEx) -> int | None:
-    """Server WAL end (latest seen on the stream or by the monitor) minus acknowledged."""
-    acked = acknowledged(app)
-    if acked <= 0:
+    """The WAL walex was sent, or could have been sent, and has not confirmed.
+
+    Sent: the latest WAL end the server reported on the stream (the end of the
+    last change received, or a keepalive's WAL end: how far the walsender has
+    decoded). Confirmed: the position walex acknowledges at its next status
+    update (the end of the last transaction handled, or the keepalive's WAL end
+    when nothing is in flight). WAL the walsender has not reached yet, a bulk
+    load into unpublished tables or a transaction not committed, is not lag:
+    walex could not have been sent it. Only while walex holds the stream back
+    (its queue is full: its handlers are the bottleneck) could the server send
+    everything up to its WAL end, which then counts (as read by the monitor).
+    """
+    p = app.pipeline
+    confirmed = p.ack.flushed
+    if confirmed <= 0 or acknowledged(app) <= 0:
         return None  # nothing known yet (not streamed from the slot so far)
-    end = max(app.pipeline.ack.received, app.pipeline.stats.server_wal_end)
-    return max(0, end - acked)
+    end = p.ack.received
+    if p.held_back:
+        end = max(end, p.stats.server_wal_end)
+    return max(0, end - confirmed)
 
 
 def _running(app: WalEx) -> bool:
@@ -43,6 +57,8 @@ def liveness(app: WalEx) -> tuple[int, dict[str, Any]]:
     stats = app.pipeline.stats
     if stats.standby:
         return 200, {"status": "standby", "slot": app.slot_name}
+    if app._starting:  # connecting, or waiting for a slot another consumer holds
+        return 200, {"status": "starting", "slot": app.slot_name}
     if not _running(app):
         return 503, {"status": "stopped", "reason": "the app is not running"}
     return 200, {"status": "running", "slot": app.slot_name}
@@ -58,6 +74,9 @@ def health(app: WalEx) -> tuple[int, dict[str, Any]]:
         reason = (f"standby: slot {app.slot_name!r} is held by another instance; taking over "
                   "when it is free")
         return 503, {"status": "standby", "reason": reason, **body}
+    if app._starting:
+        return 503, {"status": "starting", "reason": "starting: connecting to "
+                     f"{settings.display_target()} and waiting for slot {app.slot_name!r}", **body}
     if not _running(app):
         return 503, {"status": "stopped", "reason": "the app is not running", **body}
     repl = p.repl
@@ -75,5 +94,6 @@ def health(app: WalEx) -> tuple[int, dict[str, Any]]:
     limit = settings.max_lag_bytes
     if limit is not None and lag is not None and lag > limit:
         return 503, {"status": "lagging",
-                     "reason": f"lag of {lag} bytes is over max_lag_bytes ({int(limit)})", **body}
+                     "reason": f"lag of {lag} bytes (sent to walex and not acknowledged) is over "
+                     f"max_lag_bytes ({int(limit)})", **body}
     return 200, {"status": "streaming", **body}
