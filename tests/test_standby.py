@@ -246,3 +246,113 @@ def test_stop_while_start_stands_by_ends_the_start_and_closes_what_it_opened(
         asyncio.run(scenario())
     assert ("walex 'stop_standby' stopped while standing by for replication slot 'stop_slot'"
             in caplog.text)
+
+
+TIMED_APP = """
+import os, sqlite3, threading, time
+from walex import WalEx, Events
+
+events = Events()
+db = sqlite3.connect(os.environ["STANDBY_LOG"], isolation_level=None, check_same_thread=False,
+                     timeout=30)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS batch (pid INTEGER, start REAL, end REAL, ids TEXT)")
+pid = os.getpid()
+
+@events.on_insert("item")
+def record(batch):  # every batch: which process handled it, and when
+    start = time.time()
+    time.sleep(0.05)  # a slow handler: a backlog builds up in the queue
+    db.execute("INSERT INTO batch VALUES (?, ?, ?, ?)",
+               (pid, start, time.time(), ",".join(str(e.new_record["id"]) for e in batch)))
+
+app = WalEx({dsn!r}, publication="pub", modules=[events], name="fenced_app",
+            durable_slot=True, slot_name="fenced_slot", status_interval=0.3)
+"""
+
+
+def _batches(path: Path) -> list[tuple[int, float, float, str]]:
+    with sqlite3.connect(path, timeout=30) as db:
+        try:
+            return db.execute("SELECT pid, start, end, ids FROM batch ORDER BY start").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def test_two_instances_never_handle_at_once_when_the_active_loses_a_connection(
+    dsn: str, admin: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Two ``--standby`` instances; the active one's walsender is terminated while it has a
+    backlog, later its standby lock's connection: every batch is recorded with (pid, start,
+    end), and no two batches of different processes overlap in time; nothing is lost."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    (tmp_path / "fenced_app.py").write_text(textwrap.dedent(TIMED_APP.format(dsn=dsn)))
+    log_path = tmp_path / "batches.sqlite"
+    ports = {name: free_port() for name in ("a", "b")}
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(
+            [*WALEX, "run", "fenced_app:app", "--standby", "--metrics-port", str(ports[name])],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(tmp_path), "STANDBY_LOG": str(log_path)},
+        )
+
+    def status(name: str) -> object:
+        _, body = get(f"http://127.0.0.1:{ports[name]}/healthz")
+        return json.loads(body).get("status") if body else None
+
+    def handled() -> set[int]:
+        return {int(i) for *_, ids in _batches(log_path) for i in ids.split(",")}
+
+    def burst(first: int, count: int) -> None:  # one transaction per row: one batch each
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for pk in range(first, first + count):
+                conn.execute("INSERT INTO item VALUES (%s)", (pk,))
+
+    def no_overlap() -> None:
+        batches = _batches(log_path)
+        for (pid1, _, end1, ids1), (pid2, start2, _, ids2) in zip(batches, batches[1:]):
+            assert pid1 == pid2 or end1 <= start2, (
+                f"process {pid1} handled {ids1} until {end1} while process {pid2} "
+                f"had begun {ids2} at {start2}")
+
+    def backlog() -> bool:  # the active instance received rows it has not handled yet
+        found = samples(get(f"http://127.0.0.1:{ports[active]}/metrics")[1])
+        return found.get("walex_pending_bytes", 0) > 0
+
+    try:
+        start("a")
+        wait_until(lambda: status("a") == "streaming", "instance a streaming")
+        start("b")
+        wait_until(lambda: status("b") == "standby", "instance b standby")
+        active = "a"
+        rows = 0
+        # 1. the walsender of the active instance is terminated while it has a backlog
+        burst(rows + 1, 120)
+        rows += 120
+        wait_until(backlog, "a backlog in the active instance")
+        admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                      "WHERE slot_name = 'fenced_slot'")
+        wait_until(lambda: handled() >= set(range(1, rows + 1)), "every row handled", timeout=90)
+        no_overlap()
+        # 2. the connection holding the active instance's standby lock is terminated
+        burst(rows + 1, 120)
+        rows += 120
+        wait_until(backlog, "a backlog in the active instance")
+        [holder] = admin.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchall()
+        admin.execute("SELECT pg_terminate_backend(%s)", holder)
+        wait_until(lambda: handled() >= set(range(1, rows + 1)), "every row handled", timeout=90)
+        wait_until(lambda: {status("a"), status("b")} == {"streaming", "standby"},
+                   "one instance streaming, the other standing by", timeout=60)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        outputs = {name: proc.communicate(timeout=30) for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, outputs[name][1]
+    no_overlap()
+    assert handled() == set(range(1, rows + 1))

@@ -125,9 +125,9 @@ class Pipeline:
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
         self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
         self.reached_ahead = 0  # batches at the queue's front counting.reached already (handoff)
-        # standby=True: the lock that lets one instance at a time handle (walex.standby)
-        self.fence = standby.Fence(settings.app_conninfo(), self.secret, slot_name) \
-            if settings.standby else None
+        # standby=True: the lock that lets one instance at a time handle (walex.standby),
+        # made by the first session that has the option (``walex run --standby`` sets it late)
+        self.fence: standby.Fence | None = None
         self.abandoning = False  # the fence was lost: handle nothing until it is held again
         self._dispatching: asyncio.Task[None] | None = None  # the dispatcher loop under way
         self.released: tuple[int, int] | None = None  # (lag, limit) when the lag guard released
@@ -159,6 +159,8 @@ class Pipeline:
         first = self.sessions == 0
         self.lookups.use(None, conninfo, self.secret)
         try:
+            if s.standby and self.fence is None:
+                self.fence = standby.Fence(conninfo, self.secret, self.slot_name)
             if self.fence is not None:  # one instance at a time: the lock before the slot
                 await standby.hold(self)
                 self.abandoning = False
@@ -414,6 +416,9 @@ class Pipeline:
                 log.warning("replication interrupted: %s; reconnecting", exc)
             if self.abandoning:  # the fence was lost: what was received is not handled here
                 self.discard_unhandled()
+                # the slot stays ours (no other instance can stream) until an abandoned
+                # handler call on the handlers' thread has returned
+                await self.handlers_idle()
             else:
                 await self._drain()
             await self.close_session()
@@ -648,7 +653,7 @@ class Pipeline:
         log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at "
                   "once; the changes not acknowledged (after %s) are delivered again to the "
                   "instance that holds the slot next", self.settings.name, self.slot_name,
-                  reason, format_lsn(self.ack.flushed))
+                  reason, format_lsn(max(self.ack.last_sent, 0)))
         if self._dispatching is not None:
             self._dispatching.cancel()
         self.discard_unhandled()
