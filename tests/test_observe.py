@@ -330,3 +330,46 @@ def test_import_walex_imports_no_optional_package() -> None:
             "('typer', 'rich', 'prometheus_client', 'opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_livez_answers_200_while_start_waits_for_a_slot_held_elsewhere(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """A liveness probe must not restart an app whose start() waits (slot_wait_timeout) for a
+    slot another consumer holds: /livez 200 ``starting``, /healthz 503 ``starting``."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    options = {"publication": "pub", "durable_slot": True, "slot_name": "held_slot"}
+    holder = WalEx(dsn, name="livez_holder", **options)
+    waiting = WalEx(dsn, name="livez_waiting", metrics_port=0, slot_wait_timeout=120, **options)
+
+    async def main() -> None:
+        await holder.start()
+        starting = asyncio.create_task(waiting.start())
+        try:
+            await until(lambda: waiting.observer.port is not None, "the endpoint served")
+            url = f"http://127.0.0.1:{waiting.observer.port}"
+            # start() retries the slot: well inside its 120 s wait
+            await until(lambda: admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'livez_waiting'"
+            ).fetchone()[0] > 0, "the waiting app connected")
+            for _ in range(3):
+                await asyncio.sleep(0.5)
+                assert not starting.done(), starting
+                status, body = await asyncio.to_thread(get, url + "/livez")
+                assert status == 200 and json.loads(body)["status"] == "starting", (status, body)
+                status, body = await asyncio.to_thread(get, url + "/healthz")
+                assert status == 503 and json.loads(body)["status"] == "starting", (status, body)
+            await holder.stop()  # the slot is free: the waiting app streams
+            await asyncio.wait_for(starting, 60)
+            await until(lambda: health(waiting)[0] == 200, "the waiting app streaming", timeout=30)
+            status, body = await asyncio.to_thread(get, url + "/livez")
+            assert status == 200 and json.loads(body)["status"] == "running", body
+        finally:
+            if not starting.done():
+                starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await holder.stop()
+            await waiting.stop()
+
+    run(main(), timeout=120)
