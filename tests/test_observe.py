@@ -373,3 +373,56 @@ def test_livez_answers_200_while_start_waits_for_a_slot_held_elsewhere(
             await waiting.stop()
 
     run(main(), timeout=120)
+
+
+def test_a_bulk_load_elsewhere_is_no_lag_and_releases_nothing(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Lag is what walex was sent (or could have been) and has not confirmed: an uncommitted
+    bulk INSERT into an unpublished table, with the handler idle, neither turns /healthz
+    ``lagging`` nor makes max_lag_release drop the temporary slot; no published row is lost."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE bulk (id int, pad text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+
+    async def main() -> tuple[list[int], list[tuple[int, Any]], list[str], int]:
+        async with collecting(dsn, subscriptions=["item"], status_interval=0.3,
+                              max_lag_bytes="1MB", max_lag_release=True) as rec:
+            app = rec.app
+            assert app is not None
+            await until(lambda: health(app)[0] == 200, "healthy at first")
+            loading = asyncio.get_running_loop().run_in_executor(None, _bulk_load, dsn)
+            seen: list[tuple[int, Any]] = []
+            pk = 0
+            while not loading.done():
+                pk += 1
+                admin.execute("INSERT INTO item VALUES (%s)", (pk,))
+                status, body = health(app)
+                seen.append((status, body.get("status")))
+                await asyncio.sleep(0.1)
+            wal = await loading
+            await rec.wait_for(pk, timeout=60)
+            for _ in range(10):  # and once the load committed (its changes are not published)
+                await asyncio.sleep(0.3)
+                seen.append((health(app)[0], health(app)[1].get("status")))
+            ids = [e.new_record["id"] for e in rec.events if e.new_record]
+            assert app.pipeline.stats.lag_releases == 0
+            return ids, seen, list(app.gaps), wal
+
+    ids, seen, gaps, wal = run(main(), timeout=300)
+    assert wal > 20_000_000  # the load wrote far more WAL than max_lag_bytes
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 3
+    assert not gaps, gaps
+    assert [s for s in seen if s[1] != "streaming"] == [], seen
+
+
+def _bulk_load(dsn: str) -> int:
+    """A large INSERT into an unpublished table, left uncommitted for a while, then committed;
+    the bytes of WAL it wrote."""
+    with psycopg.connect(dsn) as conn:
+        before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        conn.execute("INSERT INTO bulk SELECT g, repeat('x', 40) FROM generate_series(1, 400000) g")
+        time.sleep(2)  # uncommitted, with its WAL written
+        conn.commit()
+        after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [before]).fetchone()[0]
+    return int(after)
