@@ -19,8 +19,11 @@ import pytest
 
 from test_observe import get, samples, wait_until
 from walex import Events, WalEx
-from walex.embedded import free_port
+from walex.embedded import Cluster, free_port
 from walex.errors import StoppedError
+
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
 
 WALEX = [sys.executable, "-m", "walex.cli"]
 ROWS = 300
@@ -356,3 +359,124 @@ def test_two_instances_never_handle_at_once_when_the_active_loses_a_connection(
         assert proc.returncode == 0, outputs[name][1]
     no_overlap()
     assert handled() == set(range(1, rows + 1))
+
+
+class Instances:
+    """``walex run standby_app:app --standby`` processes, each with its port, log file and
+    stderr in a file (read while it runs)."""
+
+    def __init__(self, tmp_path: Path, dsn: str) -> None:
+        self.tmp_path = tmp_path
+        app = textwrap.dedent(APP.format(dsn=dsn)).replace(
+            f"WalEx({dsn!r},", 'WalEx(os.environ["STANDBY_DSN"],')
+        (tmp_path / "standby_app.py").write_text(app)
+        self.dsn = dsn
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str, dsn: str | None = None) -> None:
+        self.ports[name] = free_port()
+        env = {**os.environ, "PYTHONPATH": str(self.tmp_path),
+               "STANDBY_LOG": str(self.tmp_path / f"{name}.sqlite")}
+        env["STANDBY_DSN"] = dsn or self.dsn  # an instance may connect through a proxy
+        with open(self.tmp_path / f"{name}.err", "w") as err:
+            self.procs[name] = subprocess.Popen(
+                [*WALEX, "run", "standby_app:app", "--standby", "--metrics-port",
+                 str(self.ports[name])], cwd=self.tmp_path, stdout=subprocess.DEVNULL,
+                stderr=err, text=True, env=env)
+
+    def err(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.err").read_text()
+
+    def status(self, name: str) -> object:
+        _, body = get(f"http://127.0.0.1:{self.ports[name]}/healthz")
+        return json.loads(body).get("status") if body else None
+
+    def logged(self, name: str) -> set[int]:
+        return {pk for _, pk in logged(self.tmp_path / f"{name}.sqlite")}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def own_cluster(pg_cluster: object) -> object:
+    """A cluster of this test's own, which it may stop and partition."""
+    bindir = getattr(getattr(pg_cluster, "cluster", None), "bindir", None)
+    if bindir is None:
+        pytest.skip("stops the server: needs a throwaway cluster, not WALEX_TEST_DSN")
+    with Cluster(bindir) as cluster:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION pub FOR TABLE item")
+        yield cluster
+
+
+def test_a_standby_that_never_streamed_survives_a_server_restart(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The server restarts (down 1.5 s) while one instance streams and the other stands by:
+    neither exits; afterwards one streams, the other stands by, and changes flow."""
+    dsn = own_cluster.dsn()
+    run = Instances(tmp_path, dsn)
+    try:
+        run.start("a")
+        wait_until(lambda: run.status("a") == "streaming", "instance a streaming")
+        run.start("b")
+        wait_until(lambda: run.status("b") == "standby", "instance b standby")
+        own_cluster.stop("fast")
+        time.sleep(1.5)
+        own_cluster.restart()
+        wait_until(lambda: {run.status("a"), run.status("b")} == {"streaming", "standby"},
+                   "one instance streaming, the other standing by again", timeout=90)
+        for name, proc in run.procs.items():
+            assert proc.poll() is None, (name, proc.returncode, run.err(name))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO item VALUES (1)")
+        wait_until(lambda: 1 in run.logged("a") | run.logged("b"), "the row handled", timeout=60)
+    finally:
+        run.stop()
+    for name, proc in run.procs.items():
+        assert proc.returncode == 0, (name, run.err(name))
+
+
+def test_a_standby_behind_a_silent_partition_notices_reconnects_and_takes_over(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The standby's network goes silent (a proxy drops every byte): its wait notices within
+    its query timeout and says so; once the network is back and the active instance is gone,
+    it takes over."""
+    dsn = own_cluster.dsn()
+    host, port = psycopg.conninfo.conninfo_to_dict(dsn)["host"], own_cluster.port
+    proxy = Proxy(str(host), int(port)).start()
+    via_proxy = psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
+    run = Instances(tmp_path, dsn)
+    try:
+        run.start("a")
+        wait_until(lambda: run.status("a") == "streaming", "instance a streaming")
+        run.start("b", via_proxy)
+        wait_until(lambda: run.status("b") == "standby", "instance b standby")
+        proxy.partition()
+        wait_until(lambda: "did not answer" in run.err("b"), "the standby noticing the silence",
+                   timeout=60)
+        assert run.procs["b"].poll() is None, run.err("b")
+        run.procs["a"].kill()  # the slot is free, but b cannot reach the server yet
+        run.procs["a"].wait(timeout=30)
+        proxy.heal()
+        wait_until(lambda: run.status("b") == "streaming", "instance b taking over", timeout=120)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("INSERT INTO item VALUES (1)")
+        wait_until(lambda: 1 in run.logged("b"), "the row handled by b", timeout=60)
+    finally:
+        run.stop()
+        proxy.stop()
+    assert run.procs["b"].returncode == 0, run.err("b")
+    assert "took over replication slot 'standby_slot'" in run.err("b")
