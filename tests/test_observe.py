@@ -426,3 +426,66 @@ def _bulk_load(dsn: str) -> int:
         conn.commit()
         after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [before]).fetchone()[0]
     return int(after)
+
+
+def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(pg_cluster: Any) -> None:
+    """The network goes silent (a proxy drops every byte): the monitor's poll times out,
+    says so and /healthz reports it; once the network is back the monitor reconnects and
+    the lag guard and health checks work again."""
+    if pg_cluster.cluster is None:
+        pytest.skip("needs a throwaway cluster, not WALEX_TEST_DSN")
+    sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+    from proxy import Proxy
+
+    cluster = pg_cluster.cluster
+    dbname = f"monitor_partition_{os.getpid()}"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {dbname}")
+    dsn = cluster.dsn(dbname)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+        conn.execute("CREATE PUBLICATION pub FOR TABLE item")
+    proxy = Proxy("127.0.0.1", cluster.port).start()
+    via_proxy = psycopg.conninfo.make_conninfo(dsn, port=proxy.port)
+
+    async def main() -> None:
+        async with collecting(via_proxy, status_interval=0.5, max_lag_bytes="1GB",
+                              reconnect_max_attempts=1000, reconnect_backoff_max=2) as rec:
+            app = rec.app
+            assert app is not None
+            stats = app.pipeline.stats
+            await until(lambda: health(app)[0] == 200 and app.observer.monitor is not None,
+                        "healthy, the monitor running")
+            await until(lambda: stats.server_wal_end > 0, "a first poll")
+            proxy.partition()
+            await until(lambda: stats.monitor_error is not None, "the monitor noticing", timeout=90)
+            assert "connection for the slot monitor" in stats.monitor_error, stats.monitor_error
+            assert health(app)[0] == 503
+            proxy.heal()
+            await until(lambda: stats.monitor_error is None and health(app)[0] == 200,
+                        "the monitor polling again, healthy", timeout=120)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("INSERT INTO item VALUES (1)")
+            await rec.wait_for(1, timeout=60)
+
+    try:
+        with_logs = logging.getLogger("walex")
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        with_logs.addHandler(handler)
+        level = with_logs.level
+        with_logs.setLevel(logging.INFO)
+        try:
+            run(main(), timeout=300)
+        finally:
+            with_logs.removeHandler(handler)
+            with_logs.setLevel(level)
+        assert any("connection for the slot monitor lost (the server did not answer" in m
+                   for m in records), records
+        assert any("slot monitor poll failed" in m for m in records), records
+        assert any("the slot monitor reaches the server again" in m for m in records), records
+    finally:
+        proxy.stop()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")

@@ -65,12 +65,14 @@ class LookupConnection:
     def __init__(
         self, conninfo: str | None = None, secret: str | None = None, *,
         attempts: int = 4, backoff: float = 0.2, timeout: float = 30.0,
+        purpose: str = "type lookups and heartbeats",
     ) -> None:
         self.conninfo = conninfo
         self.secret = secret
         self.attempts = attempts
         self.backoff = backoff
         self.timeout = timeout  # seconds a query may take before the connection counts as lost
+        self.purpose = purpose  # what the connection is for, in its messages
         self.conn: psycopg.AsyncConnection | None = None
 
     def use(self, conn: psycopg.AsyncConnection | None, conninfo: str | None, secret: str | None) -> None:
@@ -98,10 +100,10 @@ class LookupConnection:
                 reason = redact(str(exc).strip(), self.secret)
                 if attempt == self.attempts:
                     raise ReplicationError(
-                        f"the connection for type lookups and heartbeats was lost and could not "
+                        f"the connection for {self.purpose} was lost and could not "
                         f"be reopened ({self.attempts} attempts): {reason}", retriable=True,
                     ) from None
-                log.info("connection for type lookups lost (%s); reopening it", reason)
+                log.info("connection for %s lost (%s); reopening it", self.purpose, reason)
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover

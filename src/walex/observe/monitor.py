@@ -45,7 +45,7 @@ class Monitor:
         self.app = app
         s = app.settings
         self.conn = LookupConnection(s.app_conninfo(), s.secret(), attempts=2,
-                                     timeout=POLL_TIMEOUT)
+                                     timeout=POLL_TIMEOUT, purpose="the slot monitor")
 
     async def run(self) -> None:
         try:
