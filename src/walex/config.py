@@ -375,7 +375,9 @@ class WalExSettings(BaseSettings):
             given = conninfo_to_dict(conninfo)
             # a peer that goes silent without closing (a network partition) is noticed:
             # TCP keepalives on an idle connection, tcp_user_timeout on unanswered data
-            conninfo = make_conninfo(conninfo, **{k: v for k, v in _LIVENESS.items() if k not in given})
+            conninfo = make_conninfo(conninfo, **{
+                k: v for k, v in _LIVENESS.items()
+                if k not in given and (k != "tcp_user_timeout" or pq.version() >= 120000)})
             # psycopg reads text as bytes from a SQL_ASCII connection (wal_level would be
             # b'logical'): walex's connections read UTF-8, as its replication stream does
             return make_conninfo(conninfo, client_encoding="UTF8")
