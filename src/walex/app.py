@@ -39,7 +39,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
-from .standby import stop_waiting
+from .standby import first_session, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class WalEx(Lifecycle):
         if self.settings.heartbeat_interval:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
         if p.fence is not None:  # standby=True: handle only while holding the lock
-            self._tasks.append(asyncio.create_task(p.run_fence(), name=f"walex-{name}-fence"))
+            self._tasks.append(asyncio.create_task(watch(p), name=f"walex-{name}-fence"))
         self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -219,7 +219,7 @@ class WalEx(Lifecycle):
             await self.observer.stop()
             raise
         try:
-            await self.pipeline.open_first_session()
+            await first_session(self.pipeline)  # a standby retries what a reconnect cures
         except BaseException:
             await self.pipeline.release_fence()
             await self.destinations.close()

@@ -35,8 +35,8 @@ Invariants:
   hand and takes no other;
 - with ``standby=True`` nothing is handled without the standby lock
   (:mod:`walex.standby`): a session starts only once it is held, and when its
-  connection is lost the pipeline abandons (:meth:`Pipeline.abandon`) what it
-  has not acknowledged before it takes the lock again.
+  connection is lost the pipeline abandons (:func:`walex.standby.abandon`)
+  what it has not acknowledged before it takes the lock again.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
-from .slots import slot_in_use
+from .slots import slot_in_use, temporary_gap
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
@@ -129,7 +129,7 @@ class Pipeline:
         # made by the first session that has the option (``walex run --standby`` sets it late)
         self.fence: standby.Fence | None = None
         self.abandoning = False  # the fence was lost: handle nothing until it is held again
-        self._dispatching: asyncio.Task[None] | None = None  # the dispatcher loop under way
+        self.dispatching: asyncio.Task[None] | None = None  # the fenced dispatcher loop
         self.released: tuple[int, int] | None = None  # (lag, limit) when the lag guard released
 
     # -- configuration that may change while running ----------------------
@@ -159,11 +159,8 @@ class Pipeline:
         first = self.sessions == 0
         self.lookups.use(None, conninfo, self.secret)
         try:
-            if s.standby and self.fence is None:
-                self.fence = standby.Fence(conninfo, self.secret, self.slot_name)
-            if self.fence is not None:  # one instance at a time: the lock before the slot
+            if s.standby or self.fence is not None:  # one instance at a time: the lock first
                 await standby.hold(self)
-                self.abandoning = False
             try:
                 self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             except ReplicationError:
@@ -193,29 +190,6 @@ class Pipeline:
             await self.close_session()
             raise
         self.sessions += 1
-
-    async def open_first_session(self) -> None:
-        """:meth:`open_session` for ``start()``; a standby retries what a reconnect cures.
-
-        A standby that has never streamed waits and retries as an active
-        instance reconnects: with backoff, ``reconnect_max_attempts`` times in
-        a row (a server restart while it waits is no reason to exit).
-        """
-        attempts = 0
-        while True:
-            try:
-                await self.open_session()
-                return
-            except ReplicationError as exc:
-                attempts += 1
-                if (self.fence is None or not exc.retriable
-                        or attempts > self.settings.reconnect_max_attempts):
-                    raise
-                backoff = min(self.settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
-                backoff *= random.uniform(0.5, 1.0)
-                log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
-                            self.settings.name, exc, backoff, attempts)
-                await asyncio.sleep(backoff)
 
     async def _diagnose(self, conninfo: str, first: bool) -> None:
         """The replication connection was refused: say why as precisely as a normal one can.
@@ -282,31 +256,11 @@ class Pipeline:
                      "durable" if s.durable_slot else "temporary",
                      self.slot_name, format_lsn(slot.consistent_point))
         if not s.durable_slot and lost_from is not None:
-            self._temporary_gap(lost_from, slot.consistent_point)
+            temporary_gap(self, lost_from, slot.consistent_point)
         start = slot.consistent_point
         if start > self.ack.flushed:
             self.ack.flushed = self.ack.received = start
         return start
-
-    def _temporary_gap(self, after: int, until: int) -> None:
-        """The temporary slot went with the last session: log and record what is lost.
-
-        ``after`` is the position acknowledged once every batch received whole
-        was handled; ``until`` is where the new slot starts.
-        """
-        why = "was dropped with the lost connection"
-        if self.released is not None:
-            lag, limit = self.released
-            why = (f"was released by the lag guard ({lag} bytes sent to walex and not "
-                   f"acknowledged, over max_lag_bytes {limit})")
-            self.released = None
-        gap = (
-            f"temporary slot {self.slot_name!r} {why}: the changes committed after "
-            f"{format_lsn(after)} and before {format_lsn(until)} (where the new slot starts) "
-            "are never delivered (use durable_slot=True to avoid this)"
-        )
-        log.error(gap)
-        self.gaps.append(gap)
 
     async def _slot_lost(self, confirmed: str | None) -> None:
         message = (
@@ -418,7 +372,7 @@ class Pipeline:
                 self.discard_unhandled()
                 # the slot stays ours (no other instance can stream) until an abandoned
                 # handler call on the handlers' thread has returned
-                await self.handlers_idle()
+                await self.dispatcher.workers.idle()
             else:
                 await self._drain()
             await self.close_session()
@@ -617,63 +571,11 @@ class Pipeline:
             log.debug("dropped replayed transaction committed at %s", format_lsn(txn.commit_lsn))
 
     async def run_dispatcher(self) -> None:
-        """Dispatch the queued batches in order; returns when ``closing``, after the one in hand.
-
-        The loop (:func:`walex.handoff.run_dispatcher`) runs as a task of its
-        own, so that :meth:`abandon` can cancel it and it starts again once the
-        fence is held again.
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            inner = self._dispatching = loop.create_task(
-                run_dispatcher(self), name=f"walex-{self.settings.name}-dispatch")  # walex.handoff
-            try:
-                await inner
-                return
-            except asyncio.CancelledError:
-                me = asyncio.current_task()
-                if (me is not None and me.cancelling()) or not self.abandoning:
-                    inner.cancel()
-                    raise
-            finally:
-                self._dispatching = None
-            while self.abandoning:  # until the fence is held again
-                await asyncio.sleep(0.05)
-
-    def abandon(self, reason: str) -> None:
-        """The fence was lost: stop handling at once; what is not acknowledged comes again.
-
-        The batch in hand is cancelled (a plain handler's thread ends its
-        current call and makes no other), the queue is dropped and the reader
-        ends the session; the next session takes the fence again first.
-        """
-        if self.abandoning:
-            return
-        self.abandoning = True
-        log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at "
-                  "once; the changes not acknowledged (after %s) are delivered again to the "
-                  "instance that holds the slot next", self.settings.name, self.slot_name,
-                  reason, format_lsn(max(self.ack.last_sent, 0)))
-        if self._dispatching is not None:
-            self._dispatching.cancel()
-        self.discard_unhandled()
-
-    async def handlers_idle(self) -> None:
-        """Wait until no handler call of this app runs (one abandoned may still be running)."""
-        await self.dispatcher.workers.idle()
-
-    async def run_fence(self) -> None:
-        """Check the fence's connection while it is held; abandon when it is lost."""
-        fence = self.fence
-        assert fence is not None
-        while True:
-            await asyncio.sleep(standby.FENCE_CHECK)
-            if not fence.held or self.abandoning:
-                continue
-            try:
-                await fence.check()
-            except ReplicationError as exc:
-                self.abandon(str(exc))
+        """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
+        if self.fence is None:
+            await run_dispatcher(self)  # walex.handoff
+        else:  # as a task the fence can cancel (walex.standby)
+            await standby.fenced_dispatcher(self)
 
     async def release_fence(self) -> None:
         """At stop, once nothing is handled any more: let a standby take over."""

@@ -59,13 +59,15 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from .errors import ReplicationError, StoppedError, redact
+from .handoff import run_dispatcher
 from .lookups import bounded
 from .lsn import format_lsn, parse_lsn
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Fence", "hold", "wait_for_slot", "stop_waiting", "took_over", "POLL_INTERVAL"]
+__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "wait_for_slot",
+           "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
 
 log = logging.getLogger("walex")
 
@@ -136,15 +138,18 @@ async def hold(pipeline: Pipeline) -> None:
     called meanwhile, a retriable ReplicationError after
     ``reconnect_max_attempts`` failed attempts in a row to reach the server.
     """
-    fence: Fence = pipeline.fence
+    if pipeline.fence is None:
+        pipeline.fence = Fence(pipeline.settings.app_conninfo(), pipeline.secret, pipeline.slot_name)
+    fence = pipeline.fence
     if fence.held:
         try:
             await fence.check()
+            pipeline.abandoning = False
             return
         except ReplicationError as exc:
             log.warning("walex %r: %s; taking the standby lock of slot %r again",
                         pipeline.settings.name, exc, pipeline.slot_name)
-    await pipeline.handlers_idle()  # a handler call abandoned with the lock ends first
+    await pipeline.dispatcher.workers.idle()  # a handler call abandoned with the lock ends first
     stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
     settings, stats = pipeline.settings, pipeline.stats
     failures = 0
@@ -152,6 +157,7 @@ async def hold(pipeline: Pipeline) -> None:
         while True:
             try:
                 if await fence.acquire():
+                    pipeline.abandoning = False
                     return
                 failures = 0
                 if not stats.standby:
@@ -235,6 +241,85 @@ async def wait_for_slot(pipeline: Pipeline) -> int:
         if _waits.get(pipeline) == (stop, ended):
             del _waits[pipeline]
         ended.set()
+
+
+async def first_session(pipeline: Pipeline) -> None:
+    """The first session of ``start()``; a standby retries what a reconnect cures.
+
+    A standby that has never streamed waits and retries as an active instance
+    reconnects: with backoff, ``reconnect_max_attempts`` times in a row (a
+    server restart while it waits is no reason to exit).
+    """
+    settings, attempts = pipeline.settings, 0
+    while True:
+        try:
+            await pipeline.open_session()
+            return
+        except ReplicationError as exc:
+            attempts += 1
+            if (pipeline.fence is None or not exc.retriable
+                    or attempts > settings.reconnect_max_attempts):
+                raise
+            backoff = min(settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+            backoff *= random.uniform(0.5, 1.0)
+            log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
+                        settings.name, exc, backoff, attempts)
+            await asyncio.sleep(backoff)
+
+
+async def watch(pipeline: Pipeline) -> None:
+    """Check the fence's connection every FENCE_CHECK s while it is held; abandon if lost."""
+    fence = pipeline.fence
+    assert fence is not None
+    while True:
+        await asyncio.sleep(FENCE_CHECK)
+        if not fence.held or pipeline.abandoning:
+            continue
+        try:
+            await fence.check()
+        except ReplicationError as exc:
+            abandon(pipeline, str(exc))
+
+
+def abandon(pipeline: Pipeline, reason: str) -> None:
+    """The fence was lost: stop handling at once; what is not acknowledged comes again.
+
+    The batch in hand is cancelled (a plain handler's thread ends its current
+    call and makes no other), the queue is dropped and the reader ends the
+    session (once the handlers' thread is idle); the next session takes the
+    fence again first.
+    """
+    if pipeline.abandoning:
+        return
+    pipeline.abandoning = True
+    log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at once; "
+              "the changes not acknowledged (after %s) are delivered again to the instance "
+              "that holds the slot next", pipeline.settings.name, pipeline.slot_name, reason,
+              format_lsn(max(pipeline.ack.last_sent, 0)))
+    if pipeline.dispatching is not None:
+        pipeline.dispatching.cancel()
+    pipeline.discard_unhandled()
+
+
+async def fenced_dispatcher(pipeline: Pipeline) -> None:
+    """:func:`walex.handoff.run_dispatcher` as a task of its own, which :func:`abandon`
+    cancels; it starts again once the fence is held again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        inner = pipeline.dispatching = loop.create_task(
+            run_dispatcher(pipeline), name=f"walex-{pipeline.settings.name}-dispatch")
+        try:
+            await inner
+            return
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if (me is not None and me.cancelling()) or not pipeline.abandoning:
+                inner.cancel()
+                raise
+        finally:
+            pipeline.dispatching = None
+        while pipeline.abandoning:  # until the next session holds the fence
+            await asyncio.sleep(0.05)
 
 
 def _stopped_error(pipeline: Pipeline) -> StoppedError:
