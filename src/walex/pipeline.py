@@ -93,6 +93,7 @@ class Pipeline:
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
+        self.ack.quiet = lambda: self.idle
         # the batches for the dispatcher (walex.handoff), bounded by count and by bytes:
         # the reader waits while the batches queued or in hand exceed max_pending_bytes
         self.queue = BatchQueue(settings.max_pending_transactions, settings.max_pending_bytes)
@@ -449,6 +450,7 @@ class Pipeline:
                     i = hot.pos
                     end = hot.end
                     frame = None
+                    ack.after_flight = 0  # changes after the keepalive: it waits for them
                 else:
                     frame = frames[i]
                     i += 1
@@ -456,6 +458,7 @@ class Pipeline:
                 if frame is None:
                     pass
                 elif frame[0] == _XLOGDATA:
+                    ack.after_flight = 0
                     if len(frame) < 25:
                         raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
                     start, end = header(frame)
@@ -479,6 +482,8 @@ class Pipeline:
                     ack.saw(keepalive.wal_end)
                     if self.idle:
                         ack.idle_at(keepalive.wal_end)
+                    elif keepalive.wal_end > ack.after_flight:
+                        ack.after_flight = keepalive.wal_end
                     if keepalive.reply_requested:
                         ack.request()
                     continue

@@ -135,8 +135,10 @@ async def hold(pipeline: Pipeline) -> None:
     """Return holding the pipeline's fence; waits as a standby while another instance holds it.
 
     Raises :class:`~walex.errors.StoppedError` when :func:`stop_waiting` is
-    called meanwhile, a retriable ReplicationError after
+    called meanwhile, a ReplicationError (not retriable) after
     ``reconnect_max_attempts`` failed attempts in a row to reach the server.
+    Every query has a deadline (:data:`QUERY_TIMEOUT`); a failed attempt is
+    logged with the next try's delay.
     """
     if pipeline.fence is None:
         pipeline.fence = Fence(pipeline.settings.app_conninfo(), pipeline.secret, pipeline.slot_name)

@@ -17,7 +17,7 @@ from ..lsn import format_lsn
 if TYPE_CHECKING:
     from ..app import WalEx
 
-__all__ = ["acknowledged", "lag_bytes", "health", "liveness"]
+__all__ = ["acknowledged", "lag_bytes", "measure", "health", "liveness"]
 
 
 def acknowledged(app: WalEx) -> int:
@@ -27,26 +27,36 @@ def acknowledged(app: WalEx) -> int:
 
 
 def lag_bytes(app: WalEx) -> int | None:
-    """The WAL walex was sent, or could have been sent, and has not confirmed.
+    """The lag the monitor measured at its last poll (see :func:`measure`); None before."""
+    return app.pipeline.stats.lag_bytes
 
-    Sent: the latest WAL end the server reported on the stream (the end of the
-    last change received, or a keepalive's WAL end: how far the walsender has
-    decoded). Confirmed: the position walex acknowledges at its next status
-    update (the end of the last transaction handled, or the keepalive's WAL end
-    when nothing is in flight). WAL the walsender has not reached yet, a bulk
-    load into unpublished tables or a transaction not committed, is not lag:
-    walex could not have been sent it. Only while walex holds the stream back
-    (its queue is full: its handlers are the bottleneck) could the server send
-    everything up to its WAL end, which then counts (as read by the monitor).
+
+def measure(app: WalEx, sent_before: int | None) -> tuple[int | None, int]:
+    """The WAL walex was sent, or could have been sent, and has not confirmed since.
+
+    Sent: the latest WAL position the server reported on the stream (the end
+    of the last transaction received, or a keepalive's WAL end: how far the
+    walsender has decoded), ``sent_before`` being that position one poll ago.
+    Confirmed: the position walex acknowledges at its next status update (the
+    end of the last transaction handled, or the WAL end of the last keepalive
+    once nothing received before it is in flight). The lag is what was sent a
+    poll ago (``status_interval``) and is still not confirmed: a consumer that
+    keeps up has none, even while the server writes a bulk load into
+    unpublished tables or a transaction not committed yet (WAL the walsender
+    skips or has not reached is never sent). Only while walex holds the stream
+    back (its queue is full: its handlers are the bottleneck) could the server
+    send everything up to its WAL end (as read by the monitor), which then
+    counts. Returns the lag (None before anything was streamed) and the
+    position sent now, for the next poll.
     """
     p = app.pipeline
-    confirmed = p.ack.flushed
-    if confirmed <= 0 or acknowledged(app) <= 0:
-        return None  # nothing known yet (not streamed from the slot so far)
-    end = p.ack.received
+    confirmed = p.ack.settled()
+    sent = p.ack.received
     if p.held_back:
-        end = max(end, p.stats.server_wal_end)
-    return max(0, end - confirmed)
+        sent = max(sent, p.stats.server_wal_end)
+    if confirmed <= 0 or acknowledged(app) <= 0:
+        return None, sent  # nothing known yet (not streamed from the slot so far)
+    return max(0, (sent if sent_before is None else sent_before) - confirmed), sent
 
 
 def _running(app: WalEx) -> bool:

@@ -2,9 +2,10 @@
 
 Every ``status_interval`` seconds it reads the server's WAL end and the
 slot's ``wal_status``, ``safe_wal_size`` and walsender, for the metrics and
-``/healthz``. The lag it guards is :func:`~walex.observe.health.lag_bytes`:
-the WAL sent to walex (or held back by it) and not confirmed, never WAL the
-walsender has not reached (bulk loads elsewhere, uncommitted transactions).
+``/healthz``, and measures the lag (:func:`~walex.observe.health.measure`):
+the WAL sent to walex (or held back by it) a poll ago and still not
+confirmed, never WAL the walsender skipped or has not reached (bulk loads
+elsewhere, uncommitted transactions).
 Beyond ``max_lag_bytes`` it logs a warning (once per crossing, and once when
 back under) and ``/healthz`` turns 503; with ``max_lag_release`` (temporary
 slots only) it also ends the slot's walsender, so PostgreSQL drops the slot
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 from ..admin import human_size
 from ..errors import ReplicationError
 from ..lookups import LookupConnection
-from .health import lag_bytes
+from .health import measure
 
 if TYPE_CHECKING:
     from ..app import WalEx
@@ -44,6 +45,7 @@ class Monitor:
     def __init__(self, app: WalEx) -> None:
         self.app = app
         s = app.settings
+        self.sent_before: int | None = None  # the position sent to walex at the last poll
         self.conn = LookupConnection(s.app_conninfo(), s.secret(), attempts=2,
                                      timeout=POLL_TIMEOUT, purpose="the slot monitor")
 
@@ -57,6 +59,7 @@ class Monitor:
 
     async def poll(self) -> None:
         app, stats = self.app, self.app.pipeline.stats
+        stats.lag_bytes, self.sent_before = measure(app, self.sent_before)
         wal_status = "s.wal_status, s.safe_wal_size" if self._v13 else "NULL, NULL"
         try:
             async with asyncio.timeout(2 * POLL_TIMEOUT + 15):  # LookupConnection bounds each try
@@ -97,7 +100,7 @@ class Monitor:
     def guard(self, walsender: int | None) -> None:
         app, stats = self.app, self.app.pipeline.stats
         limit = app.settings.max_lag_bytes
-        lag = lag_bytes(app)
+        lag = stats.lag_bytes
         if limit is None or lag is None or stats.standby:
             stats.lagging = False
             return
