@@ -39,7 +39,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
-from .standby import first_session, stop_waiting, watch
+from .standby import first_session, release, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ class WalEx(Lifecycle):
         try:
             await first_session(self.pipeline)  # a standby retries what a reconnect cures
         except BaseException:
-            await self.pipeline.release_fence()
+            await release(self.pipeline)
             await self.destinations.close()
             await self.observer.stop()
             raise
@@ -275,7 +275,7 @@ class WalEx(Lifecycle):
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
-            await self.pipeline.release_fence()  # nothing is handled any more: a standby may go
+            await release(self.pipeline)  # nothing is handled any more: a standby may go
             await self.destinations.close()
         finally:
             gcpolicy.release(self._gc_held)

@@ -78,6 +78,7 @@ __all__ = ["Pipeline"]
 log = logging.getLogger("walex")
 
 _XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
+_ABANDONED = "the standby lock was lost: ending the session"
 
 
 class Pipeline:
@@ -417,8 +418,7 @@ class Pipeline:
         silent_since: float | None = None
         while True:
             if self.abandoning:
-                raise ReplicationError("the standby lock was lost: ending the session",
-                                       retriable=True)
+                raise ReplicationError(_ABANDONED, retriable=True)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that arrives as the read completes, and stop() hangs.
@@ -502,8 +502,7 @@ class Pipeline:
                             queue.wake()
                             await queue.put(txn)
                             if self.abandoning:
-                                raise ReplicationError("the standby lock was lost: ending the "
-                                                       "session", retriable=True)
+                                raise ReplicationError(_ABANDONED, retriable=True)
                     queue.wake()  # the dispatcher, if it waits for a batch
                 if end > ack.received:  # ack.saw(end)
                     ack.received = end
@@ -581,11 +580,6 @@ class Pipeline:
             await run_dispatcher(self)  # walex.handoff
         else:  # as a task the fence can cancel (walex.standby)
             await standby.fenced_dispatcher(self)
-
-    async def release_fence(self) -> None:
-        """At stop, once nothing is handled any more: let a standby take over."""
-        if self.fence is not None:
-            await self.fence.release()
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

@@ -66,8 +66,8 @@ from .lsn import format_lsn, parse_lsn
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "wait_for_slot",
-           "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
+__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "release",
+           "wait_for_slot", "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
 
 log = logging.getLogger("walex")
 
@@ -281,6 +281,12 @@ async def watch(pipeline: Pipeline) -> None:
             await fence.check()
         except ReplicationError as exc:
             abandon(pipeline, str(exc))
+
+
+async def release(pipeline: Pipeline) -> None:
+    """At stop, once nothing is handled any more: give the fence up, so a standby may go."""
+    if pipeline.fence is not None:
+        await pipeline.fence.release()
 
 
 def abandon(pipeline: Pipeline, reason: str) -> None:
