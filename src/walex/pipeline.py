@@ -370,6 +370,11 @@ class Pipeline:
                 if not exc.retriable:
                     raise
                 log.warning("replication interrupted: %s; reconnecting", exc)
+            if self.fence is not None and not self.abandoning:
+                try:  # finish what was received only while still the one instance handling
+                    await self.fence.check()
+                except ReplicationError as exc:
+                    standby.abandon(self, str(exc))
             if self.abandoning:  # the fence was lost: what was received is not handled here
                 self.discard_unhandled()
                 # the slot stays ours (no other instance can stream) until an abandoned

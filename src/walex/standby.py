@@ -9,10 +9,11 @@ standby and tries again every :data:`POLL_INTERVAL` seconds. The lock only
 changes hands once its holder has given up handling:
 
 - an active instance whose walsender is lost (ended by
-  ``pg_terminate_backend``, a server restart, a network failure) keeps the
-  lock while it finishes the batches it received and reconnects, so a standby
-  cannot start meanwhile (the lock is released by ``stop()``, after every
-  task stopped, or by the server when the process dies);
+  ``pg_terminate_backend``, a network failure) checks that it still holds the
+  lock, then keeps it while it finishes the batches it received and
+  reconnects, so a standby cannot start meanwhile (the lock is released by
+  ``stop()``, after every task stopped, or by the server when the process
+  dies); if the lock is gone too (a server restart) it abandons them;
 - the active instance checks its lock every :data:`FENCE_CHECK` seconds; when
   that connection is lost (so the server may give the lock to a standby) it
   abandons at once what it had not acknowledged: the batch in hand is
@@ -117,7 +118,10 @@ class Fence:
         return self.held
 
     async def check(self) -> None:
-        """The lock's session still answers; raises ReplicationError (and holds nothing) if not."""
+        """The lock is held and its session answers; raises ReplicationError (holding nothing)
+        if not."""
+        if not self.held:
+            raise ReplicationError("the standby lock is not held", retriable=True)
         await self._query("SELECT 1")
 
     async def release(self) -> None:
