@@ -269,7 +269,8 @@ def record(batch):  # every batch: which process handled it, and when
     db.execute("INSERT INTO batch VALUES (?, ?, ?, ?)",
                (pid, start, time.time(), ",".join(str(e.new_record["id"]) for e in batch)))
 
-app = WalEx({dsn!r}, publication="pub", modules=[events], name="fenced_app",
+app = WalEx(os.environ.get("STANDBY_DSN") or {dsn!r}, publication="pub", modules=[events],
+            name="fenced_app",
             durable_slot=True, slot_name="fenced_slot", status_interval=0.3)
 """
 
@@ -322,15 +323,17 @@ def test_two_instances_never_handle_at_once_when_the_active_loses_a_connection(
                 f"had begun {ids2} at {start2}")
 
     def backlog() -> bool:  # the active instance received rows it has not handled yet
-        found = samples(get(f"http://127.0.0.1:{ports[active]}/metrics")[1])
-        return found.get("walex_pending_bytes", 0) > 0
+        for name in ports:
+            found = samples(get(f"http://127.0.0.1:{ports[name]}/metrics")[1])
+            if found.get("walex_streaming") == 1 and found.get("walex_pending_bytes", 0) > 0:
+                return True
+        return False
 
     try:
         start("a")
         wait_until(lambda: status("a") == "streaming", "instance a streaming")
         start("b")
         wait_until(lambda: status("b") == "standby", "instance b standby")
-        active = "a"
         rows = 0
         # 1. the walsender of the active instance is terminated while it has a backlog
         burst(rows + 1, 120)
@@ -355,6 +358,8 @@ def test_two_instances_never_handle_at_once_when_the_active_loses_a_connection(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         outputs = {name: proc.communicate(timeout=30) for name, proc in procs.items()}
+        for name, (_, err) in outputs.items():
+            print(f"--- instance {name}:\n{err}")  # shown when the test fails
     for name, proc in procs.items():
         assert proc.returncode == 0, outputs[name][1]
     no_overlap()
@@ -480,3 +485,78 @@ def test_a_standby_behind_a_silent_partition_notices_reconnects_and_takes_over(
         proxy.stop()
     assert run.procs["b"].returncode == 0, run.err("b")
     assert "took over replication slot 'standby_slot'" in run.err("b")
+
+
+def test_an_active_instance_cut_off_by_a_partition_stops_handling(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The active instance's network goes silent (a proxy drops every byte) while it has a
+    backlog: it notices that its standby lock's connection does not answer, says so and
+    starts no batch after that; once the network is back, every row is handled, and no two
+    batches of different processes overlap."""
+    dsn = own_cluster.dsn()
+    proxy = Proxy("127.0.0.1", own_cluster.port).start()
+    via_proxy = psycopg.conninfo.make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
+    (tmp_path / "fenced_app.py").write_text(textwrap.dedent(TIMED_APP.format(dsn=dsn)))
+    log_path = tmp_path / "batches.sqlite"
+    ports = {name: free_port() for name in ("a", "b")}
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(name: str, url: str) -> None:
+        with open(tmp_path / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen(
+                [*WALEX, "run", "fenced_app:app", "--standby", "--metrics-port", str(ports[name])],
+                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                env={**os.environ, "PYTHONPATH": str(tmp_path), "STANDBY_LOG": str(log_path),
+                     "STANDBY_DSN": url})
+
+    def status(name: str) -> object:
+        _, body = get(f"http://127.0.0.1:{ports[name]}/healthz")
+        return json.loads(body).get("status") if body else None
+
+    def handled() -> set[int]:
+        return {int(i) for *_, ids in _batches(log_path) for i in ids.split(",")}
+
+    def lost_line() -> str | None:
+        for line in (tmp_path / "a.err").read_text().splitlines():
+            if "lost its standby lock" in line:
+                return line
+        return None
+
+    try:
+        start("a", via_proxy)
+        wait_until(lambda: status("a") == "streaming", "instance a streaming")
+        start("b", dsn)
+        wait_until(lambda: status("b") == "standby", "instance b standby")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for pk in range(1, 301):  # one transaction per row: 300 batches of 0.05 s
+                conn.execute("INSERT INTO item VALUES (%s)", (pk,))
+        wait_until(lambda: samples(get(f"http://127.0.0.1:{ports['a']}/metrics")[1]).get(
+            "walex_pending_bytes", 0) > 0, "a backlog in instance a")
+        proxy.partition()
+        line = wait_until(lost_line, "instance a saying it lost its lock", timeout=60)
+        said = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+        a_pid = procs["a"].pid
+        # nothing begun after it said it stopped (the log's clock is read to the ms, and the
+        # call that began as it said so is the one in hand: one call of 0.05 s of slack)
+        late = [(start, ids) for pid, start, _, ids in _batches(log_path)
+                if pid == a_pid and start > said + 0.06]
+        assert late == [], late
+        proxy.heal()
+        wait_until(lambda: handled() >= set(range(1, 301)), "every row handled", timeout=120)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proxy.stop()
+    batches = _batches(log_path)
+    for (pid1, _, end1, ids1), (pid2, start2, _, ids2) in zip(batches, batches[1:]):
+        assert pid1 == pid2 or end1 <= start2, (
+            f"process {pid1} handled {ids1} until {end1} while process {pid2} "
+            f"had begun {ids2} at {start2}")
+    assert handled() == set(range(1, 301))
