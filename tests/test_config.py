@@ -32,6 +32,9 @@ from walex.config import file_values, load_settings, read_toml
 from walex.embedded import Cluster, ClusterError, embedded_bindir, system_bindirs
 
 SECRET = "pw-Secret-4711"
+# what walex adds to every connection unless the URL says otherwise
+LIVENESS = {"keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+            "keepalives_count": "3", "tcp_user_timeout": "30000"}
 
 
 def table_and_publication(admin: psycopg.Connection, publication: str = "pub") -> None:
@@ -81,6 +84,7 @@ def test_keyword_options() -> None:
         "host": "db.example", "port": "6543", "user": "app", "password": SECRET,
         "dbname": "appdb", "sslmode": "verify-full", "sslrootcert": "/ca.pem",
         "connect_timeout": "10",  # walex's default: libpq would wait forever
+        **LIVENESS,  # and a silent network is noticed
         "client_encoding": "UTF8",  # text as str, whatever the database's encoding
     }
 
@@ -89,19 +93,20 @@ def test_explicit_keys_win_over_the_url() -> None:
     url = f"postgresql://u:{SECRET}@h1:1/db1?sslmode=require&application_name=x"
     assert conninfo_to_dict(load_settings(url=url, publication="p").conninfo()) == {
         "user": "u", "password": SECRET, "host": "h1", "port": "1", "dbname": "db1",
-        "sslmode": "require", "application_name": "x", "connect_timeout": "10",
+        "sslmode": "require", "application_name": "x", "connect_timeout": "10", **LIVENESS,
         "client_encoding": "UTF8",
     }
     s = load_settings(url=url, publication="p", hostname="h2", port=2, username="v",
                       password="other", database="db2", sslmode="verify-ca")
     assert conninfo_to_dict(s.conninfo()) == {
         "user": "v", "password": "other", "host": "h2", "port": "2", "dbname": "db2",
-        "sslmode": "verify-ca", "application_name": "x", "connect_timeout": "10",
+        "sslmode": "verify-ca", "application_name": "x", "connect_timeout": "10", **LIVENESS,
         "client_encoding": "UTF8",
     }
     assert s.display_target() == "v@h2:2/db2"
-    given = load_settings(url="postgresql://h/db?connect_timeout=3", publication="p")
+    given = load_settings(url="postgresql://h/db?connect_timeout=3&keepalives_idle=60", publication="p")
     assert conninfo_to_dict(given.conninfo())["connect_timeout"] == "3"
+    assert conninfo_to_dict(given.conninfo())["keepalives_idle"] == "60"  # the URL's wins
 
 
 def test_explicit_database_and_port_win_on_a_real_server(admin: psycopg.Connection, dsn: str) -> None:

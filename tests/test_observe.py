@@ -25,6 +25,7 @@ from support import collecting, run, until
 from walex import Events, WalEx
 from walex.embedded import Cluster, free_port
 from walex.errors import ConfigError
+from walex.lsn import parse_lsn
 from walex.observe.health import health
 
 WALEX = [sys.executable, "-m", "walex.cli"]
@@ -205,7 +206,7 @@ def test_lag_guard_reports_and_releases_a_temporary_slot(
     async def blocked(events: list[Any]) -> None:
         await gate.wait()
 
-    async def main() -> None:
+    async def main() -> tuple[str, str]:
         async with collecting(dsn, modules=[slow], status_interval=0.3, max_lag_bytes="256kB",
                               max_lag_release=True) as rec:
             app = rec.app
@@ -221,17 +222,25 @@ def test_lag_guard_reports_and_releases_a_temporary_slot(
                 "SELECT count(*) FROM pg_replication_slots WHERE active_pid = %s", (pid,)
             ).fetchone() == (0,), "the old walsender gone")
             gate.set()
-            await until(lambda: health(app)[0] == 200, "healthy again on a new slot", timeout=60)
-            assert app.gaps and "was dropped with the lost connection" in app.gaps[0]
+            await until(lambda: app.gaps and health(app)[0] == 200, "healthy again on a new slot",
+                        timeout=60)
+            assert len(app.gaps) == 1 and "was released by the lag guard" in app.gaps[0], app.gaps
             admin.execute("INSERT INTO item VALUES (0, 'after')")
             await until(lambda: any(e.new_record and e.new_record["id"] == 0 for e in rec.events),
                         "a change after the release", timeout=30)
+            return app.gaps[0], app.pipeline.slot_name
 
     with caplog.at_level(logging.INFO, logger="walex"):
-        run(main(), timeout=120)
+        gap, slot = run(main(), timeout=120)
     messages = [r.getMessage() for r in caplog.records]
     assert any("over max_lag_bytes (250.0 KiB)" in m and "releasing" in m for m in messages)
     assert any("releasing temporary slot" in m and "never delivered" in m for m in messages)
+    # the range lost is logged once, as recorded, and starts where the new slot starts
+    assert [m for m in messages if "was released by the lag guard" in m] == [gap]
+    after, before = re.search(r"committed after (\S+) and before (\S+) ", gap).groups()
+    created = [m for m in messages if m.startswith(f"created temporary replication slot {slot!r}")]
+    assert len(created) == 2 and created[1].endswith(f" at {before}"), created
+    assert parse_lsn(after) <= parse_lsn(before)
 
 
 def test_healthz_reports_lag_over_the_limit(dsn: str, admin: psycopg.Connection) -> None:
@@ -252,7 +261,7 @@ def test_healthz_reports_lag_over_the_limit(dsn: str, admin: psycopg.Connection)
             url = f"http://127.0.0.1:{app.observer.port}/healthz"
             admin.execute("INSERT INTO item SELECT g, repeat(md5(g::text), 8) "
                           "FROM generate_series(1, 5000) g")
-            await until(lambda: health(app)[0] == 503, "unhealthy for the lag")
+            await until(lambda: health(app)[1]["status"] == "lagging", "unhealthy for the lag")
             status, body = await asyncio.to_thread(get, url)
             answer = json.loads(body)
             assert status == 503 and answer["status"] == "lagging", answer
@@ -327,3 +336,170 @@ def test_import_walex_imports_no_optional_package() -> None:
             "('typer', 'rich', 'prometheus_client', 'opentelemetry')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_livez_answers_200_while_start_waits_for_a_slot_held_elsewhere(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """A liveness probe must not restart an app whose start() waits (slot_wait_timeout) for a
+    slot another consumer holds: /livez 200 ``starting``, /healthz 503 ``starting``."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    options = {"publication": "pub", "durable_slot": True, "slot_name": "held_slot"}
+    holder = WalEx(dsn, name="livez_holder", **options)
+    waiting = WalEx(dsn, name="livez_waiting", metrics_port=0, slot_wait_timeout=120, **options)
+
+    async def main() -> None:
+        await holder.start()
+        starting = asyncio.create_task(waiting.start())
+        try:
+            await until(lambda: waiting.observer.port is not None, "the endpoint served")
+            url = f"http://127.0.0.1:{waiting.observer.port}"
+            # start() retries the slot: well inside its 120 s wait
+            await until(lambda: admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'livez_waiting'"
+            ).fetchone()[0] > 0, "the waiting app connected")
+            for _ in range(3):
+                await asyncio.sleep(0.5)
+                assert not starting.done(), starting
+                status, body = await asyncio.to_thread(get, url + "/livez")
+                assert status == 200 and json.loads(body)["status"] == "starting", (status, body)
+                status, body = await asyncio.to_thread(get, url + "/healthz")
+                assert status == 503 and json.loads(body)["status"] == "starting", (status, body)
+            await holder.stop()  # the slot is free: the waiting app streams
+            await asyncio.wait_for(starting, 60)
+            await until(lambda: health(waiting)[0] == 200, "the waiting app streaming", timeout=30)
+            status, body = await asyncio.to_thread(get, url + "/livez")
+            assert status == 200 and json.loads(body)["status"] == "running", body
+        finally:
+            if not starting.done():
+                starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await holder.stop()
+            await waiting.stop()
+
+    run(main(), timeout=120)
+
+
+def test_a_bulk_load_elsewhere_is_no_lag_and_releases_nothing(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Lag is what walex was sent (or could have been) and has not confirmed: an uncommitted
+    bulk INSERT into an unpublished table, with the handler idle, neither turns /healthz
+    ``lagging`` nor makes max_lag_release drop the temporary slot; no published row is lost."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE bulk (id int, pad text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+
+    async def main() -> tuple[list[int], list[tuple[int, Any]], list[str], int]:
+        async with collecting(dsn, subscriptions=["item"], status_interval=0.3,
+                              max_lag_bytes="1MB", max_lag_release=True) as rec:
+            app = rec.app
+            assert app is not None
+            await until(lambda: health(app)[0] == 200, "healthy at first")
+            loading = asyncio.get_running_loop().run_in_executor(None, _bulk_load, dsn)
+            seen: list[tuple[int, Any]] = []
+            pk = 0
+            while not loading.done():
+                pk += 1
+                admin.execute("INSERT INTO item VALUES (%s)", (pk,))
+                seen.append(_sample(app))
+                await asyncio.sleep(0.1)
+            wal = await loading
+            await rec.wait_for(pk, timeout=60)
+            for _ in range(10):  # and once the load committed (its changes are not published)
+                await asyncio.sleep(0.3)
+                seen.append(_sample(app))
+            ids = [e.new_record["id"] for e in rec.events if e.new_record]
+            assert app.pipeline.stats.lag_releases == 0
+            return ids, seen, list(app.gaps), wal
+
+    ids, seen, gaps, wal = run(main(), timeout=300)
+    assert wal > 20_000_000  # the load wrote far more WAL than max_lag_bytes
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 3
+    assert not gaps, gaps
+    assert [s for s in seen if s[1] != "streaming"] == []
+
+
+def _sample(app: WalEx) -> tuple[int, Any]:
+    status, body = health(app)
+    if status == 200:
+        return status, body["status"]
+    p, a = app.pipeline, app.pipeline.ack
+    return status, (body, a.received, a.flushed, a.last_sent, a.after_flight, p.idle, p.held_back,
+                    len(p.queue.items), p.in_hand, p.assembler.idle, p.stats.server_wal_end)
+
+
+def _bulk_load(dsn: str) -> int:
+    """A large INSERT into an unpublished table, left uncommitted for a while, then committed;
+    the bytes of WAL it wrote."""
+    with psycopg.connect(dsn) as conn:
+        before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        conn.execute("INSERT INTO bulk SELECT g, repeat('x', 40) FROM generate_series(1, 400000) g")
+        time.sleep(2)  # uncommitted, with its WAL written
+        conn.commit()
+        after = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [before]).fetchone()[0]
+    return int(after)
+
+
+def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(pg_cluster: Any) -> None:
+    """The network goes silent (a proxy drops every byte): the monitor's poll times out,
+    says so and /healthz reports it; once the network is back the monitor reconnects and
+    the lag guard and health checks work again."""
+    if pg_cluster.cluster is None:
+        pytest.skip("needs a throwaway cluster, not WALEX_TEST_DSN")
+    sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+    from proxy import Proxy
+
+    cluster = pg_cluster.cluster
+    dbname = f"monitor_partition_{os.getpid()}"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {dbname}")
+    dsn = cluster.dsn(dbname)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+        conn.execute("CREATE PUBLICATION pub FOR TABLE item")
+    proxy = Proxy("127.0.0.1", cluster.port).start()
+    via_proxy = psycopg.conninfo.make_conninfo(dsn, port=proxy.port)
+
+    async def main() -> None:
+        async with collecting(via_proxy, status_interval=0.5, max_lag_bytes="1GB",
+                              reconnect_max_attempts=1000, reconnect_backoff_max=2) as rec:
+            app = rec.app
+            assert app is not None
+            stats = app.pipeline.stats
+            await until(lambda: health(app)[0] == 200 and app.observer.monitor is not None,
+                        "healthy, the monitor running")
+            await until(lambda: stats.server_wal_end > 0, "a first poll")
+            proxy.partition()
+            await until(lambda: stats.monitor_error is not None, "the monitor noticing", timeout=90)
+            assert "connection for the slot monitor" in stats.monitor_error, stats.monitor_error
+            assert health(app)[0] == 503
+            proxy.heal()
+            await until(lambda: stats.monitor_error is None and health(app)[0] == 200,
+                        "the monitor polling again, healthy", timeout=120)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("INSERT INTO item VALUES (1)")
+            await rec.wait_for(1, timeout=60)
+
+    try:
+        with_logs = logging.getLogger("walex")
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        with_logs.addHandler(handler)
+        level = with_logs.level
+        with_logs.setLevel(logging.INFO)
+        try:
+            run(main(), timeout=300)
+        finally:
+            with_logs.removeHandler(handler)
+            with_logs.setLevel(level)
+        assert any("connection for the slot monitor lost (the server did not answer" in m
+                   for m in records), records
+        assert any("slot monitor poll failed" in m for m in records), records
+        assert any("the slot monitor reaches the server again" in m for m in records), records
+    finally:
+        proxy.stop()
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")

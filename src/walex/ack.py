@@ -2,7 +2,9 @@
 
 ``flushed`` is the end LSN of the last transaction every handler finished
 (or, when nothing at all is in flight, the WAL end of the latest keepalive,
-so an idle or filtered slot does not hold WAL). It only ever grows. Status
+so an idle or filtered slot does not hold WAL; a keepalive that came while
+something was in flight, with no change after it, counts once that is done:
+``after_flight``). It only ever grows. Status
 updates carry it as ``flush`` (the only field that moves the slot's
 ``confirmed_flush_lsn``); they are sent on a timer well inside
 ``wal_sender_timeout``, at once when the server asks, and at shutdown, from
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from .lsn import format_lsn
@@ -34,6 +37,10 @@ class AckTracker:
         self.received = start_lsn
         self.interval = interval
         self.last_sent = -1
+        # the WAL end of a keepalive received while changes were in flight and followed by
+        # no change (0: none): everything below it is done once they are (see settled)
+        self.after_flight = 0
+        self.quiet: Callable[[], bool] | None = None  # whether nothing is in flight now
         self._wake = asyncio.Event()
 
     def handled(self, end_lsn: int) -> None:
@@ -46,6 +53,13 @@ class AckTracker:
         if wal_end > self.flushed:
             self.flushed = wal_end
 
+    def settled(self) -> int:
+        """``flushed``, moved to ``after_flight`` once nothing is in flight any more."""
+        if self.after_flight and self.quiet is not None and self.quiet():
+            self.idle_at(self.after_flight)
+            self.after_flight = 0
+        return self.flushed
+
     def saw(self, wal_end: int) -> None:
         if wal_end > self.received:
             self.received = wal_end
@@ -55,7 +69,7 @@ class AckTracker:
         self._wake.set()
 
     async def send(self, sink: _StatusSink, reply: bool = False) -> None:
-        flushed = self.flushed
+        flushed = self.settled()
         await sink.send_status(max(self.received, flushed), flushed, flushed, reply)
         if flushed != self.last_sent:
             log.debug("acknowledged flush=%s", format_lsn(flushed))

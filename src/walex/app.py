@@ -39,7 +39,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
-from .standby import stop_waiting
+from .standby import first_session, release, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ class WalEx(Lifecycle):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._starting = False  # start() is under way (connecting, or waiting for the slot)
         self._gc_held = 0  # the gc_threshold this app holds while it streams (walex.gcpolicy)
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
@@ -177,18 +178,11 @@ class WalEx(Lifecycle):
         self._stopping = False
         self._error = None
         self.pipeline.closing = False
-        await self.observer.start()  # before the slot: a standby answers /healthz too
+        self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
-            await self.destinations.open()
-        except BaseException:
-            await self.observer.stop()
-            raise
-        try:
-            await self.pipeline.open_session()
-        except BaseException:
-            await self.destinations.close()
-            await self.observer.stop()
-            raise
+            await self._open()
+        finally:
+            self._starting = False
         _running[name] = self
         p = self.pipeline
         self._tasks = [
@@ -198,6 +192,8 @@ class WalEx(Lifecycle):
         ]
         if self.settings.heartbeat_interval:
             self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+        if p.fence is not None:  # standby=True: handle only while holding the lock
+            self._tasks.append(asyncio.create_task(watch(p), name=f"walex-{name}-fence"))
         self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -214,6 +210,22 @@ class WalEx(Lifecycle):
             name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
+
+    async def _open(self) -> None:
+        """start()'s connections: the endpoint, the destinations, the first session."""
+        await self.observer.start()  # before the slot: a standby answers /healthz too
+        try:
+            await self.destinations.open()
+        except BaseException:
+            await self.observer.stop()
+            raise
+        try:
+            await first_session(self.pipeline)  # a standby retries what a reconnect cures
+        except BaseException:
+            await release(self.pipeline)
+            await self.destinations.close()
+            await self.observer.stop()
+            raise
 
     async def stop(self) -> None:
         """Finish the batch in hand, acknowledge it, and disconnect.
@@ -265,6 +277,7 @@ class WalEx(Lifecycle):
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
+            await release(self.pipeline)  # nothing is handled any more: a standby may go
             await self.destinations.close()
         finally:
             gcpolicy.release(self._gc_held)

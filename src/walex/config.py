@@ -72,6 +72,12 @@ def _split(value: Any) -> Any:
     return value
 
 
+# libpq options walex sets on its connections unless the URL gives them (ignored on
+# Unix-domain sockets): a dead peer is noticed within about 30 s
+_LIVENESS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+             "keepalives_count": 3, "tcp_user_timeout": 30000}
+
+
 class WalExSettings(BaseSettings):
     """Every option of a :class:`~walex.WalEx` instance."""
 
@@ -369,6 +375,12 @@ class WalExSettings(BaseSettings):
             ):
                 # libpq waits forever by default: a reconnect to a silent network must not hang
                 conninfo = make_conninfo(conninfo, connect_timeout=10)
+            given = conninfo_to_dict(conninfo)
+            # a peer that goes silent without closing (a network partition) is noticed:
+            # TCP keepalives on an idle connection, tcp_user_timeout on unanswered data
+            conninfo = make_conninfo(conninfo, **{
+                k: v for k, v in _LIVENESS.items()
+                if k not in given and (k != "tcp_user_timeout" or pq.version() >= 120000)})
             # psycopg reads text as bytes from a SQL_ASCII connection (wal_level would be
             # b'logical'): walex's connections read UTF-8, as its replication stream does
             return make_conninfo(conninfo, client_encoding="UTF8")

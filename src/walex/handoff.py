@@ -198,7 +198,7 @@ async def run_dispatcher(p: Any) -> None:
     plan = dispatcher.plan
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
-        return p.closing
+        return p.closing or p.abandoning  # stop(), or the standby lock lost (walex.standby)
 
     ahead: list[Any] = []  # plans of items[0], items[1], ... made by a run (filters run once)
     while not p.closing:

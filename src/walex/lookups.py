@@ -9,7 +9,9 @@ its connection, opening one first when it has none; when the connection is
 lost (``psycopg.OperationalError``) it opens a new one and runs the query
 again, a few times with backoff. Only if that keeps failing does it raise a
 retriable :class:`~walex.errors.ReplicationError`, so the pipeline reconnects
-as for any lost connection.
+as for any lost connection. A query the server does not answer within
+``timeout`` seconds (a network partition leaves a connection silent, not
+closed) counts as a lost connection: :func:`bounded` drops it at once.
 
 Invariant: queries sent through it are read-only or safe to repeat (a query
 may run twice when the connection broke after the server ran it). Error
@@ -26,9 +28,35 @@ import psycopg
 
 from .errors import ReplicationError, redact
 
-__all__ = ["LookupConnection"]
+__all__ = ["LookupConnection", "bounded"]
 
 log = logging.getLogger("walex")
+
+
+async def bounded(conn: psycopg.AsyncConnection, query: Any, params: Any, timeout: float) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` on ``conn``, or ``psycopg.OperationalError`` after ``timeout`` s.
+
+    A server that does not answer in time is treated as gone: the connection
+    is closed on the spot (no cancel request, which a silent network would
+    hold up too), so the caller opens a new one.
+    """
+    async def fetch() -> list[tuple[Any, ...]]:
+        async with conn.cursor() as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall() if cur.description is not None else []
+
+    task = asyncio.ensure_future(fetch())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        conn.pgconn.finish()  # the socket is closed: the query's wait ends with the task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise psycopg.OperationalError(f"the server did not answer within {timeout:g}s")
+    return task.result()
 
 
 class LookupConnection:
@@ -36,12 +64,15 @@ class LookupConnection:
 
     def __init__(
         self, conninfo: str | None = None, secret: str | None = None, *,
-        attempts: int = 4, backoff: float = 0.2,
+        attempts: int = 4, backoff: float = 0.2, timeout: float = 30.0,
+        purpose: str = "type lookups and heartbeats",
     ) -> None:
         self.conninfo = conninfo
         self.secret = secret
         self.attempts = attempts
         self.backoff = backoff
+        self.timeout = timeout  # seconds a query may take before the connection counts as lost
+        self.purpose = purpose  # what the connection is for, in its messages
         self.conn: psycopg.AsyncConnection | None = None
 
     def use(self, conn: psycopg.AsyncConnection | None, conninfo: str | None, secret: str | None) -> None:
@@ -63,18 +94,16 @@ class LookupConnection:
                 conn = self.conn
                 if conn is None or conn.closed:
                     conn = self.conn = await self._connect()
-                async with conn.cursor() as cur:
-                    await cur.execute(query, params)
-                    return await cur.fetchall() if cur.description is not None else []
+                return await bounded(conn, query, params, self.timeout)
             except psycopg.OperationalError as exc:
                 await self.close()
                 reason = redact(str(exc).strip(), self.secret)
                 if attempt == self.attempts:
                     raise ReplicationError(
-                        f"the connection for type lookups and heartbeats was lost and could not "
+                        f"the connection for {self.purpose} was lost and could not "
                         f"be reopened ({self.attempts} attempts): {reason}", retriable=True,
                     ) from None
-                log.info("connection for type lookups lost (%s); reopening it", reason)
+                log.info("connection for %s lost (%s); reopening it", self.purpose, reason)
                 await asyncio.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover

@@ -32,7 +32,11 @@ Invariants:
 - a temporary slot survives neither a reconnect nor a stop: the changes it
   takes along unhandled are logged and recorded in :attr:`Pipeline.gaps`;
 - once ``closing`` is set (by ``stop()``) the dispatcher finishes the batch in
-  hand and takes no other.
+  hand and takes no other;
+- with ``standby=True`` nothing is handled without the standby lock
+  (:mod:`walex.standby`): a session starts only once it is held, and when its
+  connection is lost the pipeline abandons (:func:`walex.standby.abandon`)
+  what it has not acknowledged before it takes the lock again.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
-from .slots import slot_in_use
+from .slots import slot_in_use, temporary_gap
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
@@ -74,6 +78,7 @@ __all__ = ["Pipeline"]
 log = logging.getLogger("walex")
 
 _XLOGDATA, _KEEPALIVE = ord("w"), ord("k")
+_ABANDONED = "the standby lock was lost: ending the session"
 
 
 class Pipeline:
@@ -92,6 +97,7 @@ class Pipeline:
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
+        self.ack.quiet = lambda: self.idle
         # the batches for the dispatcher (walex.handoff), bounded by count and by bytes:
         # the reader waits while the batches queued or in hand exceed max_pending_bytes
         self.queue = BatchQueue(settings.max_pending_transactions, settings.max_pending_bytes)
@@ -124,6 +130,12 @@ class Pipeline:
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
         self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
         self.reached_ahead = 0  # batches at the queue's front counting.reached already (handoff)
+        # standby=True: the lock that lets one instance at a time handle (walex.standby),
+        # made by the first session that has the option (``walex run --standby`` sets it late)
+        self.fence: standby.Fence | None = None
+        self.abandoning = False  # the fence was lost: handle nothing until it is held again
+        self.dispatching: asyncio.Task[None] | None = None  # the fenced dispatcher loop
+        self.released: tuple[int, int] | None = None  # (lag, limit) when the lag guard released
 
     # -- configuration that may change while running ----------------------
 
@@ -152,6 +164,8 @@ class Pipeline:
         first = self.sessions == 0
         self.lookups.use(None, conninfo, self.secret)
         try:
+            if s.standby or self.fence is not None:  # one instance at a time: the lock first
+                await standby.hold(self)
             try:
                 self.repl = await ReplicationConnection.connect(conninfo, self.secret)
             except ReplicationError:
@@ -238,14 +252,7 @@ class Pipeline:
                 if confirmed > self.ack.flushed:
                     self.ack.flushed = self.ack.received = confirmed
                 return confirmed
-        elif not first and not self._restart:  # a restart after stop() reported its own loss
-            gap = (
-                f"temporary slot {self.slot_name!r} was dropped with the lost connection: "
-                f"changes committed after {format_lsn(self.ack.flushed)} until the new slot "
-                "was created are not delivered (use durable_slot=True to avoid this)"
-            )
-            log.error(gap)
-            self.gaps.append(gap)
+        lost_from = None if first or self._restart else self.ack.flushed  # a stop reported its own
         if first and s.snapshot == "initial":  # the requests are stored before the slot exists
             await self.backfill.initial(await self.lookups.connection())
         slot = await repl.create_slot(self.slot_name, temporary=not s.durable_slot, failover=s.failover)
@@ -253,6 +260,8 @@ class Pipeline:
             log.info("created %s replication slot %r at %s",
                      "durable" if s.durable_slot else "temporary",
                      self.slot_name, format_lsn(slot.consistent_point))
+        if not s.durable_slot and lost_from is not None:
+            temporary_gap(self, lost_from, slot.consistent_point)
         start = slot.consistent_point
         if start > self.ack.flushed:
             self.ack.flushed = self.ack.received = start
@@ -364,7 +373,18 @@ class Pipeline:
                 if not exc.retriable:
                     raise
                 log.warning("replication interrupted: %s; reconnecting", exc)
-            await self._drain()
+            if self.fence is not None and not self.abandoning:
+                try:  # finish what was received only while still the one instance handling
+                    await self.fence.check()
+                except ReplicationError as exc:
+                    standby.abandon(self, str(exc))
+            if self.abandoning:  # the fence was lost: what was received is not handled here
+                self.discard_unhandled()
+                # the slot stays ours (no other instance can stream) until an abandoned
+                # handler call on the handlers' thread has returned
+                await self.dispatcher.workers.idle()
+            else:
+                await self._drain()
             await self.close_session()
             while True:
                 attempts += 1
@@ -405,6 +425,8 @@ class Pipeline:
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
         while True:
+            if self.abandoning:
+                raise ReplicationError(_ABANDONED, retriable=True)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that arrives as the read completes, and stop() hangs.
@@ -436,6 +458,7 @@ class Pipeline:
                     i = hot.pos
                     end = hot.end
                     frame = None
+                    ack.after_flight = 0  # changes after the keepalive: it waits for them
                 else:
                     frame = frames[i]
                     i += 1
@@ -443,6 +466,7 @@ class Pipeline:
                 if frame is None:
                     pass
                 elif frame[0] == _XLOGDATA:
+                    ack.after_flight = 0
                     if len(frame) < 25:
                         raise ReplicationError(f"truncated XLogData frame of {len(frame)} bytes")
                     start, end = header(frame)
@@ -466,6 +490,8 @@ class Pipeline:
                     ack.saw(keepalive.wal_end)
                     if self.idle:
                         ack.idle_at(keepalive.wal_end)
+                    elif keepalive.wal_end > ack.after_flight:
+                        ack.after_flight = keepalive.wal_end
                     if keepalive.reply_requested:
                         ack.request()
                     continue
@@ -483,9 +509,16 @@ class Pipeline:
                         else:
                             queue.wake()
                             await queue.put(txn)
+                            if self.abandoning:
+                                raise ReplicationError(_ABANDONED, retriable=True)
                     queue.wake()  # the dispatcher, if it waits for a batch
                 if end > ack.received:  # ack.saw(end)
                     ack.received = end
+
+    @property
+    def held_back(self) -> bool:
+        """Whether the reader waits for room in the queue (the handlers are the bottleneck)."""
+        return self.queue._reader_waits
 
     @property
     def busy(self) -> bool:
@@ -552,7 +585,10 @@ class Pipeline:
 
     async def run_dispatcher(self) -> None:
         """Dispatch the queued batches in order; returns when ``closing``, after the one in hand."""
-        await run_dispatcher(self)  # walex.handoff
+        if self.fence is None:
+            await run_dispatcher(self)  # walex.handoff
+        else:  # as a task the fence can cancel (walex.standby)
+            await standby.fenced_dispatcher(self)
 
     async def run_acknowledger(self) -> None:
         await self.ack.run(self)

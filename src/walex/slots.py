@@ -1,18 +1,48 @@
-"""Who holds a replication slot, said so that an operator can find the other consumer.
+"""What becomes of a slot, said so that an operator can act on it.
 
 PostgreSQL names the server process (the walsender) that holds a slot, not the
 consumer it serves; :func:`slot_in_use` turns that into a message with the
 consumer's address and ``application_name`` and the query to look it up.
+:func:`temporary_gap` says which changes a temporary slot lost with its
+session (a lost connection, or the lag guard's release).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
+
+from .lsn import format_lsn
 
 if TYPE_CHECKING:
     from .lookups import LookupConnection
+    from .pipeline import Pipeline
 
-__all__ = ["slot_in_use"]
+__all__ = ["slot_in_use", "temporary_gap"]
+
+log = logging.getLogger("walex")
+
+
+def temporary_gap(pipeline: Pipeline, after: int, until: int) -> None:
+    """The temporary slot went with the last session: log and record what is lost.
+
+    ``after`` is the position acknowledged once every batch received whole was
+    handled; ``until`` is where the new slot starts. The message logged is the
+    one recorded in :attr:`Pipeline.gaps`.
+    """
+    why = "was dropped with the lost connection"
+    if pipeline.released is not None:
+        lag, limit = pipeline.released
+        why = (f"was released by the lag guard ({lag} bytes sent to walex and not "
+               f"acknowledged, over max_lag_bytes {limit})")
+        pipeline.released = None
+    gap = (
+        f"temporary slot {pipeline.slot_name!r} {why}: the changes committed after "
+        f"{format_lsn(after)} and before {format_lsn(until)} (where the new slot starts) "
+        "are never delivered (use durable_slot=True to avoid this)"
+    )
+    log.error(gap)
+    pipeline.gaps.append(gap)
 
 
 async def slot_in_use(lookups: LookupConnection, slot_name: str, waited: float) -> str:

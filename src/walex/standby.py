@@ -1,16 +1,42 @@
-"""Active-passive standby: wait for a durable slot another instance holds, then take over.
+"""Active-passive standby: one instance handles, the others wait; never two at once.
 
-With ``standby=True`` (and a durable slot), an instance that finds its slot
-active for another process does not fail after ``slot_wait_timeout``: it
-logs once that it is a standby, polls the slot every
-:data:`POLL_INTERVAL` seconds, and when the slot is free (the active
-instance stopped or died and its walsender ended) reads the slot's
-``confirmed_flush_lsn`` and starts streaming from there. Nothing is lost:
-the slot kept every change the active instance did not acknowledge, and
-those are delivered again (at-least-once, same event ids). Whichever
-instance holds the slot first is active; when two standbys race for a freed
-slot, the loser goes on waiting. The takeover is logged and counted
+With ``standby=True`` (and a durable slot) the instances of an app are
+*fenced* by a session-level advisory lock named after the slot
+(:class:`Fence`), held on a normal connection of its own by the instance that
+streams, for as long as it may handle anything. An instance takes the lock
+before it starts streaming; one that finds it held logs once that it is a
+standby and tries again every :data:`POLL_INTERVAL` seconds. The lock only
+changes hands once its holder has given up handling:
+
+- an active instance whose walsender is lost (ended by
+  ``pg_terminate_backend``, a network failure) checks that it still holds the
+  lock, then keeps it while it finishes the batches it received and
+  reconnects, so a standby cannot start meanwhile (the lock is released by
+  ``stop()``, after every task stopped, or by the server when the process
+  dies); if the lock is gone too (a server restart) it abandons them;
+- the active instance checks its lock every :data:`FENCE_CHECK` seconds; when
+  that connection is lost (so the server may give the lock to a standby) it
+  abandons at once what it had not acknowledged: the batch in hand is
+  cancelled (a plain handler's thread finishes its current call and makes no
+  other), the queue is dropped, and the session ends; those changes come again
+  from the slot, with the same ids, to whichever instance takes the lock. It
+  then takes the lock again, or waits as a standby, once its handlers' thread
+  is idle. walex's connections carry TCP keepalives and ``tcp_user_timeout``,
+  and the lock's connection asks the server to notice a silent client within
+  about half a minute, much later than the holder notices itself.
+
+When the lock is had, the slot is read and streamed from its
+``confirmed_flush_lsn``; a slot still held by a walsender (the old holder's,
+ending) is waited for (:func:`wait_for_slot`). Nothing is lost: the slot kept
+every change the active instance did not acknowledge, and those are delivered
+again (at-least-once, same event ids). The takeover is logged and counted
 (``walex_takeovers_total``).
+
+Every query of the wait has a timeout (:data:`QUERY_TIMEOUT`): a server that
+does not answer (a silent network partition) counts as a lost connection. A
+standby that loses its connection (a server restart, a partition) logs it and
+reconnects with backoff, ``reconnect_max_attempts`` times in a row before it
+fails, as an active instance does.
 
 A stop while standing by is prompt and clean: ``stop()`` (SIGTERM and
 SIGINT under ``run()``) ends the wait within moments, whether ``start()`` is
@@ -24,7 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import random
 import time
 import weakref
 from typing import TYPE_CHECKING
@@ -32,16 +60,141 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from .errors import ReplicationError, StoppedError, redact
+from .handoff import run_dispatcher
+from .lookups import bounded
 from .lsn import format_lsn, parse_lsn
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["wait_for_slot", "stop_waiting", "took_over", "POLL_INTERVAL"]
+__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "release",
+           "wait_for_slot", "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
 
 log = logging.getLogger("walex")
 
 POLL_INTERVAL = 0.5
+FENCE_CHECK = 1.0  # seconds between two checks of the lock's connection by its holder
+QUERY_TIMEOUT = 5.0  # seconds the server has to answer a query of the wait or the fence
+# what the server is asked to do for the lock's connection: notice a silent client
+# (keepalives: 10 s idle, then 3 probes 5 s apart; 30 s for unanswered data), so a
+# partitioned holder's lock is freed, later than the holder notices itself (a few s)
+_SERVER_LIVENESS = (("tcp_keepalives_idle", "10"), ("tcp_keepalives_interval", "5"),
+                    ("tcp_keepalives_count", "3"), ("tcp_user_timeout", "30000"))
+
+
+class Fence:
+    """The advisory lock that says which instance of an app may handle its slot's changes."""
+
+    def __init__(self, conninfo: str, secret: str | None, slot_name: str) -> None:
+        self.conninfo = conninfo
+        self.secret = secret
+        digest = hashlib.sha256(f"walex standby {slot_name}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)
+        self.conn: psycopg.AsyncConnection | None = None
+        self.held = False
+
+    async def _query(self, query: str, params: tuple[object, ...] = ()) -> object:
+        try:
+            if self.conn is None or self.conn.closed:
+                self.held = False  # a new session holds nothing
+                async with asyncio.timeout(QUERY_TIMEOUT + 10):  # connect_timeout is 10 s
+                    self.conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                version = self.conn.info.server_version
+                for name, value in _SERVER_LIVENESS + (
+                        (("idle_session_timeout", "0"),) if version >= 140000 else ()):
+                    await bounded(self.conn, "SELECT set_config(%s, %s, false)", (name, value),
+                                  QUERY_TIMEOUT)
+            rows = await bounded(self.conn, query, params, QUERY_TIMEOUT)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            await self.drop()
+            raise ReplicationError(f"the standby lock's connection failed: "
+                                   f"{redact(str(exc).strip(), self.secret)}", retriable=True) from None
+        return rows[0][0] if rows else None
+
+    async def acquire(self) -> bool:
+        """Take the lock if it is free (or already ours); whether it is held now."""
+        if not self.held:
+            self.held = bool(await self._query("SELECT pg_try_advisory_lock(%s)", (self.key,)))
+        return self.held
+
+    async def check(self) -> None:
+        """The lock is held and its session answers; raises ReplicationError (holding nothing)
+        if not."""
+        if not self.held:
+            raise ReplicationError("the standby lock is not held", retriable=True)
+        await self._query("SELECT 1")
+
+    async def release(self) -> None:
+        """Give the lock up (closing its connection frees it)."""
+        await self.drop()
+
+    async def drop(self) -> None:
+        conn, self.conn, self.held = self.conn, None, False
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
+
+
+async def hold(pipeline: Pipeline) -> None:
+    """Return holding the pipeline's fence; waits as a standby while another instance holds it.
+
+    Raises :class:`~walex.errors.StoppedError` when :func:`stop_waiting` is
+    called meanwhile, a ReplicationError (not retriable) after
+    ``reconnect_max_attempts`` failed attempts in a row to reach the server.
+    Every query has a deadline (:data:`QUERY_TIMEOUT`); a failed attempt is
+    logged with the next try's delay.
+    """
+    if pipeline.fence is None:
+        pipeline.fence = Fence(pipeline.settings.app_conninfo(), pipeline.secret, pipeline.slot_name)
+    fence = pipeline.fence
+    if fence.held:
+        try:
+            await fence.check()
+            pipeline.abandoning = False
+            return
+        except ReplicationError as exc:
+            log.warning("walex %r: %s; taking the standby lock of slot %r again",
+                        pipeline.settings.name, exc, pipeline.slot_name)
+    await pipeline.dispatcher.workers.idle()  # a handler call abandoned with the lock ends first
+    stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
+    settings, stats = pipeline.settings, pipeline.stats
+    failures = 0
+    try:
+        while True:
+            try:
+                if await fence.acquire():
+                    pipeline.abandoning = False
+                    return
+                failures = 0
+                if not stats.standby:
+                    stats.standby = True
+                    stats.standby_since = time.monotonic()
+                    log.info("walex %r is a standby: replication slot %r is held by another "
+                             "instance; taking over when it is free", settings.name,
+                             pipeline.slot_name)
+                pause = POLL_INTERVAL
+            except ReplicationError as exc:
+                failures += 1
+                if failures > settings.reconnect_max_attempts:
+                    raise ReplicationError(
+                        f"walex {settings.name!r} gave up waiting for replication slot "
+                        f"{pipeline.slot_name!r} after {failures - 1} failed attempts to reach "
+                        f"{settings.display_target()}: {exc}", retriable=False) from None
+                pause = min(settings.reconnect_backoff_max, 0.2 * 2 ** (failures - 1))
+                pause *= random.uniform(0.5, 1.0)
+                log.warning("walex %r%s: %s; reconnecting in %.1fs (attempt %d)", settings.name,
+                            " (standby)" if stats.standby else "", exc, pause, failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                raise _stopped_error(pipeline)
+    except (StoppedError, asyncio.CancelledError):
+        _stopped(pipeline)
+        raise
+    finally:
+        if _waits.get(pipeline) == (stop, ended):
+            del _waits[pipeline]
+        ended.set()
 
 
 # the waits in progress: pipeline -> (set to stop it, set once it has ended)
@@ -94,6 +247,91 @@ async def wait_for_slot(pipeline: Pipeline) -> int:
         if _waits.get(pipeline) == (stop, ended):
             del _waits[pipeline]
         ended.set()
+
+
+async def first_session(pipeline: Pipeline) -> None:
+    """The first session of ``start()``; a standby retries what a reconnect cures.
+
+    A standby that has never streamed waits and retries as an active instance
+    reconnects: with backoff, ``reconnect_max_attempts`` times in a row (a
+    server restart while it waits is no reason to exit).
+    """
+    settings, attempts = pipeline.settings, 0
+    while True:
+        try:
+            await pipeline.open_session()
+            return
+        except ReplicationError as exc:
+            attempts += 1
+            if (pipeline.fence is None or not exc.retriable
+                    or attempts > settings.reconnect_max_attempts):
+                raise
+            backoff = min(settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+            backoff *= random.uniform(0.5, 1.0)
+            log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
+                        settings.name, exc, backoff, attempts)
+            await asyncio.sleep(backoff)
+
+
+async def watch(pipeline: Pipeline) -> None:
+    """Check the fence's connection every FENCE_CHECK s while it is held; abandon if lost."""
+    fence = pipeline.fence
+    assert fence is not None
+    while True:
+        await asyncio.sleep(FENCE_CHECK)
+        if not fence.held or pipeline.abandoning:
+            continue
+        try:
+            await fence.check()
+        except ReplicationError as exc:
+            abandon(pipeline, str(exc))
+
+
+async def release(pipeline: Pipeline) -> None:
+    """At stop, once nothing is handled any more: give the fence up, so a standby may go."""
+    if pipeline.fence is not None:
+        await pipeline.fence.release()
+
+
+def abandon(pipeline: Pipeline, reason: str) -> None:
+    """The fence was lost: stop handling at once; what is not acknowledged comes again.
+
+    The batch in hand is cancelled (a plain handler's thread ends its current
+    call and makes no other), the queue is dropped and the reader ends the
+    session (once the handlers' thread is idle); the next session takes the
+    fence again first.
+    """
+    if pipeline.abandoning:
+        return
+    pipeline.abandoning = True
+    log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at once; "
+              "the changes not acknowledged (after %s) are delivered again to the instance "
+              "that holds the slot next", pipeline.settings.name, pipeline.slot_name, reason,
+              format_lsn(max(pipeline.ack.last_sent, 0)))
+    if pipeline.dispatching is not None:
+        pipeline.dispatching.cancel()
+    pipeline.discard_unhandled()
+
+
+async def fenced_dispatcher(pipeline: Pipeline) -> None:
+    """:func:`walex.handoff.run_dispatcher` as a task of its own, which :func:`abandon`
+    cancels; it starts again once the fence is held again."""
+    loop = asyncio.get_running_loop()
+    while True:
+        inner = pipeline.dispatching = loop.create_task(
+            run_dispatcher(pipeline), name=f"walex-{pipeline.settings.name}-dispatch")
+        try:
+            await inner
+            return
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if (me is not None and me.cancelling()) or not pipeline.abandoning:
+                inner.cancel()
+                raise
+        finally:
+            pipeline.dispatching = None
+        while pipeline.abandoning:  # until the next session holds the fence
+            await asyncio.sleep(0.05)
 
 
 def _stopped_error(pipeline: Pipeline) -> StoppedError:

@@ -46,6 +46,12 @@ class Workers:
             pool = self._handlers = ThreadPoolExecutor(1, thread_name_prefix=f"walex-{self.name}-handlers")
         return await _run(pool, func, arg)
 
+    async def idle(self) -> None:
+        """Return once the calls on the handler thread so far have ended (a cancelled
+        handler call keeps its thread until it returns)."""
+        if self._handlers is not None:
+            await asyncio.get_running_loop().run_in_executor(self._handlers, _nothing)
+
     async def run_handlers(
         self, calls: list[tuple[Any, Any, Any]], var: contextvars.ContextVar[Any],
         stopping: Callable[[], bool],
@@ -125,3 +131,7 @@ def _run_calls(
 def _run(pool: ThreadPoolExecutor, func: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
     loop = asyncio.get_running_loop()
     return loop.run_in_executor(pool, contextvars.copy_context().run, func, arg)
+
+
+def _nothing() -> None:
+    pass

@@ -15,14 +15,15 @@ Contract:
   its package is a :class:`~walex.errors.ConfigError` naming the extra when
   the app is created. ``import walex`` imports neither.
 - **Health from what the app knows.** ``/healthz`` answers 200 only while
-  the app streams and its lag (server WAL end minus the acknowledged
-  position) is within ``max_lag_bytes``; otherwise 503, always with a JSON
-  body whose ``reason`` says why. ``/livez`` answers 200 while the app runs
-  at all (reconnecting or as a standby included). Both are served from the
+  the app streams and its lag (the WAL sent to walex a poll ago and still
+  not confirmed, :func:`.health.measure`) is within ``max_lag_bytes``;
+  otherwise 503, always with a JSON body whose ``reason`` says why.
+  ``/livez`` answers 200 while the app runs at all (starting, reconnecting
+  or as a standby included). Both are served from the
   app's event loop, so a blocked loop fails them.
 - **The monitor** polls the slot on a connection of its own every
-  ``status_interval`` seconds: the server's WAL end, the slot's
-  ``wal_status`` and ``safe_wal_size``. Beyond ``max_lag_bytes`` it logs
+  ``status_interval`` seconds (each poll with a deadline): the server's WAL
+  end, the slot's ``wal_status`` and ``safe_wal_size``; it measures the lag. Beyond ``max_lag_bytes`` it logs
   (once per crossing), turns ``/healthz`` to 503 and, with
   ``max_lag_release`` on a temporary slot, ends the slot's walsender so
   PostgreSQL frees the WAL (the changes it held are a reported gap). The

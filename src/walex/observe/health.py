@@ -3,10 +3,10 @@
 ``health`` is healthy only while the app streams, its slot is not lost, every
 destination delivered (none has failed every attempt for longer than
 ``Destinations.unhealthy_after``), the monitor could reach the server at its
-last poll, and the lag (the server's
-WAL end minus the position acknowledged to it) is within ``max_lag_bytes``.
-``liveness`` is alive while the app runs at all: reconnecting, or waiting as
-a standby, included. Each returns the HTTP status and a JSON-able body whose
+last poll, and the lag (:func:`lag_bytes`) is within ``max_lag_bytes``.
+``liveness`` is alive while the app runs at all: starting (connecting,
+waiting for a slot held elsewhere), reconnecting, or waiting as a standby,
+included. Each returns the HTTP status and a JSON-able body whose
 ``reason`` says why when it is not 200.
 """
 
@@ -19,7 +19,7 @@ from ..lsn import format_lsn
 if TYPE_CHECKING:
     from ..app import WalEx
 
-__all__ = ["acknowledged", "lag_bytes", "health", "liveness"]
+__all__ = ["acknowledged", "lag_bytes", "measure", "health", "liveness"]
 
 
 def acknowledged(app: WalEx) -> int:
@@ -29,12 +29,36 @@ def acknowledged(app: WalEx) -> int:
 
 
 def lag_bytes(app: WalEx) -> int | None:
-    """Server WAL end (latest seen on the stream or by the monitor) minus acknowledged."""
-    acked = acknowledged(app)
-    if acked <= 0:
-        return None  # nothing known yet (not streamed from the slot so far)
-    end = max(app.pipeline.ack.received, app.pipeline.stats.server_wal_end)
-    return max(0, end - acked)
+    """The lag the monitor measured at its last poll (see :func:`measure`); None before."""
+    return app.pipeline.stats.lag_bytes
+
+
+def measure(app: WalEx, sent_before: int | None) -> tuple[int | None, int]:
+    """The WAL walex was sent, or could have been sent, and has not confirmed since.
+
+    Sent: the latest WAL position the server reported on the stream (the end
+    of the last transaction received, or a keepalive's WAL end: how far the
+    walsender has decoded), ``sent_before`` being that position one poll ago.
+    Confirmed: the position walex acknowledges at its next status update (the
+    end of the last transaction handled, or the WAL end of the last keepalive
+    once nothing received before it is in flight). The lag is what was sent a
+    poll ago (``status_interval``) and is still not confirmed: a consumer that
+    keeps up has none, even while the server writes a bulk load into
+    unpublished tables or a transaction not committed yet (WAL the walsender
+    skips or has not reached is never sent). Only while walex holds the stream
+    back (its queue is full: its handlers are the bottleneck) could the server
+    send everything up to its WAL end (as read by the monitor), which then
+    counts. Returns the lag (None before anything was streamed) and the
+    position sent now, for the next poll.
+    """
+    p = app.pipeline
+    confirmed = p.ack.settled()
+    sent = p.ack.received
+    if p.held_back:
+        sent = max(sent, p.stats.server_wal_end)
+    if confirmed <= 0 or acknowledged(app) <= 0:
+        return None, sent  # nothing known yet (not streamed from the slot so far)
+    return max(0, (sent if sent_before is None else sent_before) - confirmed), sent
 
 
 def _running(app: WalEx) -> bool:
@@ -45,6 +69,8 @@ def liveness(app: WalEx) -> tuple[int, dict[str, Any]]:
     stats = app.pipeline.stats
     if stats.standby:
         return 200, {"status": "standby", "slot": app.slot_name}
+    if app._starting:  # connecting, or waiting for a slot another consumer holds
+        return 200, {"status": "starting", "slot": app.slot_name}
     if not _running(app):
         return 503, {"status": "stopped", "reason": "the app is not running"}
     return 200, {"status": "running", "slot": app.slot_name}
@@ -60,6 +86,9 @@ def health(app: WalEx) -> tuple[int, dict[str, Any]]:
         reason = (f"standby: slot {app.slot_name!r} is held by another instance; taking over "
                   "when it is free")
         return 503, {"status": "standby", "reason": reason, **body}
+    if app._starting:
+        return 503, {"status": "starting", "reason": "starting: connecting to "
+                     f"{settings.display_target()} and waiting for slot {app.slot_name!r}", **body}
     if not _running(app):
         return 503, {"status": "stopped", "reason": "the app is not running", **body}
     repl = p.repl
@@ -81,5 +110,6 @@ def health(app: WalEx) -> tuple[int, dict[str, Any]]:
     limit = settings.max_lag_bytes
     if limit is not None and lag is not None and lag > limit:
         return 503, {"status": "lagging",
-                     "reason": f"lag of {lag} bytes is over max_lag_bytes ({int(limit)})", **body}
+                     "reason": f"lag of {lag} bytes (sent to walex and not acknowledged) is over "
+                     f"max_lag_bytes ({int(limit)})", **body}
     return 200, {"status": "streaming", **body}

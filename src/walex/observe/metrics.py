@@ -11,7 +11,7 @@ Every metric carries the labels ``app`` (the app's name) and ``slot``.
 | ``walex_handler_failures_total`` | counter | calls given up after their retries (skipped, dead-lettered or stopping the app) |
 | ``walex_received_lsn`` | gauge | latest server WAL position received |
 | ``walex_acknowledged_lsn`` | gauge | flush position last sent to the server |
-| ``walex_lag_bytes`` | gauge | server WAL end minus acknowledged |
+| ``walex_lag_bytes`` | gauge | WAL sent to walex (or held back by it) a poll ago and not confirmed |
 | ``walex_commit_to_handler_seconds`` | histogram | from commit (server clock) to the handler call (this clock) |
 | ``walex_pending_bytes`` | gauge | bytes of received changes not yet handled |
 | ``walex_streaming`` | gauge | 1 while streaming |
@@ -67,7 +67,7 @@ class WalExCollector(Collector):
                     acknowledged(app))
         lag = lag_bytes(app)
         if lag is not None:
-            yield gauge("walex_lag_bytes", "Server WAL end minus the acknowledged position.", lag)
+            yield gauge("walex_lag_bytes", "WAL sent to walex (or held back by it) and not confirmed.", lag)
         yield f.histogram("walex_commit_to_handler_seconds",
                           "Seconds from commit (server clock) to the handler call.",
                           stats.commit_to_handler)

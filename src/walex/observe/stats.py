@@ -66,6 +66,7 @@ class Stats:
         self.slot_safe_wal_size: int | None = None
         self.monitor_error: str | None = None
         self.lagging = False  # over max_lag_bytes at the last check
+        self.lag_bytes: int | None = None  # measured by the monitor (walex.observe.health.measure)
         # destinations: name -> count, and publish durations
         self.published: Counter[str] = Counter()
         self.publish_errors: Counter[str] = Counter()
