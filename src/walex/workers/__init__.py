@@ -330,30 +330,48 @@ class Worker(Lifecycle):
                 items.append((delivery, self.decoder.decode(doc), None))
             except DecodeError as exc:
                 items.append((delivery, None, exc))
-        i = 0
-        while i < len(items):
+        # The messages are acknowledged once, after the last call of the batch (one
+        # acknowledgement where the broker takes cumulative ones): deliveries[:done] are
+        # handled or disposed of, deliveries[:acked] acknowledged.
+        acked = done = 0
+        while done < len(items):
             if self._closing:
-                await lane.release([d for d, _, _ in items[i:]])
+                await self._ack_handled(lane, deliveries[acked:done])
+                await lane.release(deliveries[done:])
                 return
-            delivery, event, error = items[i]
+            delivery, event, error = items[done]
             if event is None:
-                await self._undecodable(lane, [d for d, _, _ in items[i:]], error)
-                i += 1
+                if self.dispatcher.on_error == "stop":
+                    await self._ack_handled(lane, deliveries[acked:done])
+                    acked = done
+                await self._undecodable(lane, deliveries[done:], error)
+                done += 1
                 continue
             commit = event.id.partition("-")[0]
-            j = i + 1
+            j = done + 1
             while j < len(items) and items[j][1] is not None and \
                     items[j][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
                 j += 1
-            group = items[i:j]
             try:
-                await self._call(lane, [e for _, e, _ in group],  # type: ignore[misc]
-                                 [d for d, _, _ in group])
+                await self._call(lane, [e for _, e, _ in items[done:j]],  # type: ignore[misc]
+                                 deliveries[done:j])
             except BaseException:
-                await lane.release([d for d, _, _ in items[i:]])
+                await self._ack_handled(lane, deliveries[acked:done])
+                await lane.release(deliveries[done:])
                 raise
-            await lane.ack([d for d, _, _ in group])
-            i = j
+            done = j
+        await lane.ack(deliveries[acked:])
+
+    async def _ack_handled(self, lane: Lane, handled: list[Delivery]) -> None:
+        """Before giving the rest back: acknowledge what was handled, if the lane is still
+        this worker's (else, or failing, it comes again: at-least-once)."""
+        if not handled or lane.revoked.is_set():
+            return
+        try:
+            await lane.ack(handled)
+        except Exception as exc:
+            log.debug("worker %r: acknowledging the handled messages before giving the rest "
+                      "back failed: %r", self.name, exc)
 
     async def _call(self, lane: Lane, events: list[Event], deliveries: list[Delivery]) -> None:
         """Dispatch under the partition's lease: the call is cancelled when the lane is
@@ -420,11 +438,10 @@ class Worker(Lifecycle):
             await lane.release(rest)
             raise HandlerError(f"worker {self.name!r}: {error} (partition {lane.partition}); "
                                "it was not acknowledged")
-        log.error("worker %r: %s (partition %d); acknowledged and skipped", self.name, error,
-                  lane.partition)
+        log.error("worker %r: %s (partition %d); skipped (acknowledged with the batch)",
+                  self.name, error, lane.partition)
         self.dispatcher.failures += 1
         self.undecodable += 1
-        await lane.ack(rest[:1])
 
     async def stop(self) -> None:
         """Finish the calls in hand (within ``shutdown_grace``), give back the rest, disconnect."""
