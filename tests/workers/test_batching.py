@@ -156,3 +156,50 @@ def test_killed_mid_batch_gives_back_the_whole_batch(unique: str, tmp_path: Path
         run(main(), timeout=180)
     finally:
         asyncio.run(broker.cleanup())
+
+
+def test_max_batch_handler_gets_the_transactions_received_together(unique: str) -> None:
+    """A ``max_batch`` handler gets the one-row transactions the worker received at once in
+    one call, in order; a handler without it still gets one call per transaction."""
+    broker = Broker("rabbitmq", unique)
+    source = broker.source(1)
+    events = [one_row(i) for i in range(COUNT)]
+    ids = [e.id for e in events]
+
+    async def main() -> None:
+        await declare(source)
+        gate, started = asyncio.Event(), asyncio.Event()
+        batched: list[list[str]] = []
+        single: list[list[str]] = []
+        handlers = Events()
+
+        @handlers.on_event("item", max_batch=100)
+        async def many(batch: list[Event]) -> None:
+            batched.append([e.id for e in batch])
+
+        @handlers.on_event("item")
+        async def one(batch: list[Event]) -> None:
+            if not single:  # the first transaction's call waits for the rest to be delivered
+                started.set()
+                await asyncio.wait_for(gate.wait(), 60)
+            single.append([e.id for e in batch])
+
+        worker = Worker(source, [handlers])
+        await publish(broker.url, events[:1])
+        await worker.start()
+        try:
+            await asyncio.wait_for(started.wait(), 60)
+            await publish(broker.url, events[1:])
+            await until_delivered(broker.port, f"wk{unique}.walex.0")
+            gate.set()
+            await until(lambda: len(single) == COUNT, "every transaction handled", 60)
+        finally:
+            await worker.stop()
+        assert single == [[i] for i in ids]
+        assert batched == [ids[:1], ids[1:]]
+        assert worker.events_handled == COUNT
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        asyncio.run(broker.cleanup())

@@ -334,6 +334,7 @@ class Worker(Lifecycle):
         # acknowledgement where the broker takes cumulative ones): deliveries[:done] are
         # handled or disposed of, deliveries[:acked] acknowledged.
         acked = done = 0
+        across = self.dispatcher.batching and self.concurrency == 1  # kept events: one call at a time
         while done < len(items):
             if self._closing:
                 await self._ack_handled(lane, deliveries[acked:done])
@@ -347,14 +348,20 @@ class Worker(Lifecycle):
                 await self._undecodable(lane, deliveries[done:], error)
                 done += 1
                 continue
-            commit = event.id.partition("-")[0]
-            j = done + 1
-            while j < len(items) and items[j][1] is not None and \
-                    items[j][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
-                j += 1
+            # one call per transaction; with max_batch handlers, one for the consecutive
+            # transactions received together (the dispatcher calls the others per transaction)
+            groups: list[list[Event]] = []
+            j = done
+            while j < len(items) and items[j][1] is not None and (j == done or across):
+                commit = items[j][1].id.partition("-")[0]  # type: ignore[union-attr]
+                k = j + 1
+                while k < len(items) and items[k][1] is not None and \
+                        items[k][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
+                    k += 1
+                groups.append([e for _, e, _ in items[j:k]])  # type: ignore[misc]
+                j = k
             try:
-                await self._call(lane, [e for _, e, _ in items[done:j]],  # type: ignore[misc]
-                                 deliveries[done:j])
+                await self._call(lane, groups, deliveries[done:j])
             except BaseException:
                 await self._ack_handled(lane, deliveries[acked:done])
                 await lane.release(deliveries[done:])
@@ -373,9 +380,11 @@ class Worker(Lifecycle):
             log.debug("worker %r: acknowledging the handled messages before giving the rest "
                       "back failed: %r", self.name, exc)
 
-    async def _call(self, lane: Lane, events: list[Event], deliveries: list[Delivery]) -> None:
-        """Dispatch under the partition's lease: the call is cancelled when the lane is
-        revoked (this worker lost the partition), and then nothing is acknowledged."""
+    async def _call(self, lane: Lane, groups: list[list[Event]], deliveries: list[Delivery]) -> None:
+        """Dispatch the transactions ``groups`` under the partition's lease: the call is
+        cancelled when the lane is revoked (this worker lost the partition), and then
+        nothing is acknowledged."""
+        events = groups[0] if len(groups) == 1 else [e for group in groups for e in group]
         last = deliveries[-1]
         lease = Lease(lane.partition, events[-1].id, any(d.redelivered for d in deliveries),
                       last.attempt, last.sequence, lane)
@@ -383,7 +392,7 @@ class Worker(Lifecycle):
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
         token = _CURRENT.set(lease)
         try:
-            call = asyncio.create_task(self._dispatch(lane.partition, events))
+            call = asyncio.create_task(self._dispatch(lane.partition, groups))
         finally:
             _CURRENT.reset(token)
         lost = asyncio.create_task(lane.revoked.wait())
@@ -404,32 +413,48 @@ class Worker(Lifecycle):
                               "acknowledged")
         call.result()
 
-    async def _dispatch(self, partition: int, events: list[Event]) -> None:
+    async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
+        """Call the handlers with each transaction of ``groups``, in order; with several,
+        ``max_batch`` handlers get their events in as few calls as their size allows."""
         seen = self._seen
-        fresh = []
-        for event in events:
-            if (event.source.db, event.id) in seen:
-                self.duplicates += 1
-                log.debug("worker %r: event %s was handled here already; dropped", self.name, event.id)
-                continue
-            fresh.append(event)
-        if not fresh:
+        fresh_groups = []
+        for events in groups:
+            fresh = []
+            for event in events:
+                if (event.source.db, event.id) in seen:
+                    self.duplicates += 1
+                    log.debug("worker %r: event %s was handled here already; dropped", self.name,
+                              event.id)
+                    continue
+                fresh.append(event)
+            if fresh:
+                fresh_groups.append(fresh)
+        if not fresh_groups:
             return
-        first = fresh[0]
-        txn = Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16), end_lsn=0,
-                          commit_time=first.timestamp, events=fresh)
+        defer = len(fresh_groups) > 1
+        dispatcher = self.dispatcher
         async with self._slots:
-            if self.stats is None:
-                await self.dispatcher.dispatch(txn)
-            else:
-                started, clock = time.time(), time.perf_counter()
-                await self.dispatcher.dispatch(txn)
-                self.stats.handled(partition, fresh, started, time.perf_counter() - clock)
-        for event in fresh:
+            started, clock = time.time(), time.perf_counter()
+            try:
+                for fresh in fresh_groups:
+                    first = fresh[0]
+                    await dispatcher.dispatch(
+                        Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16),
+                                    end_lsn=0, commit_time=first.timestamp, events=fresh),
+                        defer=defer)
+                if defer and dispatcher.pending:
+                    await dispatcher.flush()
+            except BaseException:
+                dispatcher.drop_pending()  # not acknowledged: they come again
+                raise
+            handled = fresh_groups[0] if not defer else [e for g in fresh_groups for e in g]
+            if self.stats is not None:
+                self.stats.handled(partition, handled, started, time.perf_counter() - clock)
+        for event in handled:
             seen[(event.source.db, event.id)] = None
         while len(seen) > self.remember:
             seen.popitem(last=False)
-        self.events_handled += len(fresh)
+        self.events_handled += len(handled)
 
     async def _undecodable(self, lane: Lane, rest: list[Delivery], error: DecodeError | None) -> None:
         """A message that is not a walex event: a failure under the error policy."""
