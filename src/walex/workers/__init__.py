@@ -13,8 +13,9 @@ The contract every source keeps (:mod:`walex.workers.base`):
   durable consumer per partition with ``max_ack_pending=1``; a RabbitMQ
   queue per partition with single active consumer), never a lock of ours;
 - a message is acknowledged to the broker only after the handlers it went
-  to returned (or the error policy disposed of it); what a worker received
-  and did not acknowledge goes to another worker when it stops or dies;
+  to returned (or the error policy disposed of it), the messages received
+  together once after the last call; what a worker received and did not
+  acknowledge goes to another worker when it stops or dies;
 - a call holds its partition's lease (:mod:`walex.workers.lease`): when the
   worker learns the broker may hand the partition to another worker (JetStream:
   before ``ack_wait`` runs out without a confirmed progress report; RabbitMQ:
@@ -34,7 +35,9 @@ partition, in order, filtered like in-process (table, types,
 ``unwatched_records``, ``where`` ...): the consecutive messages of one
 transaction that the broker has delivered at once (NATS: one message per
 call, as ``max_ack_pending=1`` lets one out at a time; RabbitMQ: up to
-``prefetch``). A transaction's rows in other partitions go to other calls,
+``prefetch``); a ``max_batch`` handler gets the consecutive transactions
+received together in calls of at most ``max_batch`` (with ``concurrency``
+1: the dispatcher keeps their events between calls). A transaction's rows in other partitions go to other calls,
 maybe on other workers. The error policy is the app's: ``max_retries`` with
 backoff, then ``"stop"`` (the worker stops with the error and its messages
 go back to the broker, so another worker tries them), ``"skip"`` or a

@@ -13,8 +13,9 @@ delivers a queue's messages to one consumer at a time, in queue order; when
 that consumer's connection ends (a worker stopped or killed), the broker
 puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
-unacknowledged messages at most: a handler call receives the consecutive
-events of one transaction that are there (``prefetch`` at most).
+unacknowledged messages at most: the worker takes what is there at once,
+calls the handlers per transaction (``max_batch`` handlers: once for them
+all) and acknowledges the last one with ``multiple=True``.
 
 The group is declared up front: :meth:`RabbitMQConsumer.declare`
 (``walex worker --declare SOURCE_URL``) declares the exchange as the relay
