@@ -107,12 +107,13 @@ class RabbitMQLane(Lane):
         if consume:
             buffer = self.buffer
 
-            async def deliver(message: Any) -> None:
+            async def deliver(message: Any) -> None:  # aiormq's own message: no wrapper made
                 if self.channel is channel:  # not a late one of a channel handed over
                     self.consumer.active.add(self.partition)  # the broker made this worker
                     buffer.put_nowait(message)                # the active one
 
-            await queue.consume(deliver, no_ack=False)
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_consume(name, deliver, no_ack=False)
         return before
 
     def check(self) -> None:
@@ -131,7 +132,7 @@ class RabbitMQLane(Lane):
         messages = [first]
         while not self.buffer.empty():
             messages.append(self.buffer.get_nowait())
-        return [Delivery(m.body, m, redelivered=bool(m.redelivered)) for m in messages]
+        return [Delivery(m.body, m, redelivered=bool(m.delivery.redelivered)) for m in messages]
 
     async def _hand_over(self) -> None:
         """Nothing in hand: close the channel (the broker puts what it prefetched back in
@@ -159,7 +160,8 @@ class RabbitMQLane(Lane):
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         try:
-            await deliveries[-1].handle.ack(multiple=True)
+            last = deliveries[-1].handle  # every one before it too, in one frame
+            await last.channel.basic_ack(last.delivery.delivery_tag, multiple=True)
         except Exception as exc:
             raise self.consumer.destination.unavailable("acknowledging failed", exc) from None
 
