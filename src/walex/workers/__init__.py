@@ -398,14 +398,17 @@ class Worker(Lifecycle):
             call = asyncio.create_task(self._dispatch(lane.partition, groups))
         finally:
             _CURRENT.reset(token)
-        lost = asyncio.create_task(lane.revoked.wait())
+        lane.call = call  # lane.revoke() cancels it
         try:
-            await asyncio.wait([call, lost], return_when=asyncio.FIRST_COMPLETED)
+            await call  # ends when the call does (cancelled or not)
+        except BaseException:
+            # the call's own outcome does not count once the partition is lost; the
+            # worker's own cancellation (stop) goes on
+            task = asyncio.current_task()
+            if not lane.revoked.is_set() or (task is not None and task.cancelling()):
+                raise
         finally:
-            lost.cancel()
-            if not call.done():
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+            lane.call = None
         if lane.revoked.is_set():
             self.fenced += 1
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
