@@ -16,11 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import run, until
 from workers.test_worker import Broker
 
 from walex import Event, Events, EventType, Source
 from walex.destinations import Destinations
+from walex.errors import HandlerError
 from walex.workers import Worker, current_lease, declare
 
 COUNT, KILL_AT = 10, 5
@@ -198,6 +200,61 @@ def test_max_batch_handler_gets_the_transactions_received_together(unique: str) 
         assert single == [[i] for i in ids]
         assert batched == [ids[:1], ids[1:]]
         assert worker.events_handled == COUNT
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        asyncio.run(broker.cleanup())
+
+
+def test_failing_mid_batch_acknowledges_what_was_handled(unique: str) -> None:
+    """Under "stop", a call failing in the middle of a batch: the transactions handled
+    before it are acknowledged, the failing one and the rest go back, in order."""
+    broker = Broker("rabbitmq", unique)
+    source = broker.source(1)
+    events = [one_row(i) for i in range(COUNT)]
+    ids = [e.id for e in events]
+
+    async def main() -> None:
+        await declare(source)
+        gate, started = asyncio.Event(), asyncio.Event()
+        calls: list[str] = []
+        handlers = Events()
+
+        @handlers.on_event("item")
+        async def fails_at_kill(batch: list[Event]) -> None:
+            if not calls:
+                started.set()
+                await asyncio.wait_for(gate.wait(), 60)
+            calls.append(batch[0].id)
+            if batch[0].id == ids[KILL_AT - 1]:
+                raise RuntimeError("boom")
+
+        worker = Worker(source, [handlers], max_retries=0)
+        await publish(broker.url, events[:1])
+        await worker.start()
+        await asyncio.wait_for(started.wait(), 60)
+        await publish(broker.url, events[1:])
+        await until_delivered(broker.port, f"wk{unique}.walex.0")
+        gate.set()
+        with pytest.raises(HandlerError):
+            await asyncio.wait_for(worker.wait(), 60)
+        assert calls == ids[:KILL_AT]
+
+        again: list[str] = []
+        others = Events()
+
+        @others.on_event("item")
+        async def record(batch: list[Event]) -> None:
+            again.extend(e.id for e in batch)
+
+        second = Worker(source, [others])
+        await second.start()
+        try:
+            await until(lambda: ids[-1] in again, "the second worker handling the last event", 60)
+        finally:
+            await second.stop()
+        assert again == ids[KILL_AT - 1:]
 
     try:
         run(main(), timeout=120)
