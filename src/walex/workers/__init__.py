@@ -150,6 +150,7 @@ class Worker(Lifecycle):
 
     poll = 1.0  # seconds a lane waits for messages before it looks at stop()
     remember = 50_000  # ids of the last events handled, to drop what comes again
+    ack_interval = 10.0  # seconds: within a batch of slow calls, acknowledge what is handled
 
     def __init__(
         self,
@@ -338,6 +339,7 @@ class Worker(Lifecycle):
         # handled or disposed of, deliveries[:acked] acknowledged.
         acked = done = 0
         across = self.dispatcher.batching and self.concurrency == 1  # kept events: one call at a time
+        since = time.monotonic()  # of the oldest unacknowledged message (a broker may time it out)
         while done < len(items):
             if self._closing:
                 await self._ack_handled(lane, deliveries[acked:done])
@@ -370,6 +372,9 @@ class Worker(Lifecycle):
                 await lane.release(deliveries[done:])
                 raise
             done = j
+            if done < len(items) and time.monotonic() - since > self.ack_interval:
+                await lane.ack(deliveries[acked:done])  # slow calls: do not hold them for long
+                acked, since = done, time.monotonic()
         await lane.ack(deliveries[acked:])
 
     async def _ack_handled(self, lane: Lane, handled: list[Delivery]) -> None:
