@@ -5,7 +5,9 @@ the worker calls the handler once per transaction among them, in order, and
 acknowledges them with one cumulative acknowledgement after the last call
 (not one per call: a socket write each). So a worker SIGKILLed in the
 middle of a batch gives back, in place, every message of that batch: the
-next worker handles them again, same ids, in order, then the rest.
+next worker handles them again, same ids, in order, then the rest. A
+``max_batch`` handler gets the transactions received together in one call;
+a call failing mid-batch under "stop" has those before it acknowledged.
 """
 
 from __future__ import annotations
@@ -106,8 +108,9 @@ async def until_delivered(port: int, queue: str) -> None:
 @pytest.mark.parametrize("ack_interval", [None, 0.0])
 def test_killed_mid_batch_gives_back_the_whole_batch(unique: str, tmp_path: Path,
                                                       ack_interval: float | None) -> None:
-    """With ``ack_interval=0`` (calls slower than it), what was handled before the kill is
-    acknowledged already: only the message in hand comes again."""
+    """SIGKILLed mid-batch, a worker gives back its whole batch (the default); with
+    ``ack_interval=0`` (every call slower than it) what it handled before the kill was
+    acknowledged already, and only the message in hand comes again."""
     broker = Broker("rabbitmq", unique)
     source = broker.source(1)
     queue = f"wk{unique}.walex.0"
