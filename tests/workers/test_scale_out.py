@@ -72,7 +72,10 @@ def handle(batch):
         mine = conn.execute("SELECT count(*) FROM handled WHERE worker = ?",
                             (os.environ["WORKER_NAME"],)).fetchone()[0]
         if mine >= stall:
-            open(os.environ["WORKER_LOG"] + ".stalled", "w").write(batch[-1].id)
+            stalled = os.environ["WORKER_LOG"] + ".stalled"
+            with open(stalled + ".tmp", "w") as out:  # the test waits for the file: whole
+                out.write(batch[-1].id)
+            os.replace(stalled + ".tmp", stalled)
             time.sleep(3600)  # handled and logged, never acknowledged: killed here
     time.sleep(0.005)
 '''

@@ -13,8 +13,9 @@ The contract every source keeps (:mod:`walex.workers.base`):
   durable consumer per partition with ``max_ack_pending=1``; a RabbitMQ
   queue per partition with single active consumer), never a lock of ours;
 - a message is acknowledged to the broker only after the handlers it went
-  to returned (or the error policy disposed of it); what a worker received
-  and did not acknowledge goes to another worker when it stops or dies;
+  to returned (or the error policy disposed of it), the messages received
+  together once after the last call; what a worker received and did not
+  acknowledge goes to another worker when it stops or dies;
 - a call holds its partition's lease (:mod:`walex.workers.lease`): when the
   worker learns the broker may hand the partition to another worker (JetStream:
   before ``ack_wait`` runs out without a confirmed progress report; RabbitMQ:
@@ -34,12 +35,15 @@ partition, in order, filtered like in-process (table, types,
 ``unwatched_records``, ``where`` ...): the consecutive messages of one
 transaction that the broker has delivered at once (NATS: one message per
 call, as ``max_ack_pending=1`` lets one out at a time; RabbitMQ: up to
-``prefetch``). A transaction's rows in other partitions go to other calls,
-maybe on other workers. The error policy is the app's: ``max_retries`` with
-backoff, then ``"stop"`` (the worker stops with the error and its messages
-go back to the broker, so another worker tries them), ``"skip"`` or a
-dead-letter callable (the message is acknowledged after it returned). A
-message that is not a walex event is such a failure too.
+``prefetch``); a ``max_batch`` handler gets the consecutive transactions
+received together in calls of at most ``max_batch`` (with ``concurrency`` 1:
+the dispatcher keeps their events between calls). A transaction's rows in
+other partitions go to other calls, maybe on other workers. The error policy
+is the app's: ``max_retries`` with backoff, then ``"stop"`` (the worker
+stops with the error and its messages go back to the broker, so another
+worker tries them), ``"skip"`` or a dead-letter callable (the message is
+acknowledged after it returned). A message that is not a walex event is such
+a failure too.
 
 Calls run one at a time per worker by default (``concurrency``), so a
 handler written for an in-process app, which never runs twice at once, runs
@@ -147,6 +151,7 @@ class Worker(Lifecycle):
 
     poll = 1.0  # seconds a lane waits for messages before it looks at stop()
     remember = 50_000  # ids of the last events handled, to drop what comes again
+    ack_interval = 10.0  # seconds: within a batch of slow calls, acknowledge what is handled
 
     def __init__(
         self,
@@ -330,34 +335,65 @@ class Worker(Lifecycle):
                 items.append((delivery, self.decoder.decode(doc), None))
             except DecodeError as exc:
                 items.append((delivery, None, exc))
-        i = 0
-        while i < len(items):
+        # The messages are acknowledged once, after the last call of the batch (one
+        # acknowledgement where the broker takes cumulative ones): deliveries[:done] are
+        # handled or disposed of, deliveries[:acked] acknowledged.
+        acked = done = 0
+        across = self.dispatcher.batching and self.concurrency == 1  # kept events: one call at a time
+        since = time.monotonic()  # of the oldest unacknowledged message (a broker may time it out)
+        while done < len(items):
             if self._closing:
-                await lane.release([d for d, _, _ in items[i:]])
+                await self._ack_handled(lane, deliveries[acked:done])
+                await lane.release(deliveries[done:])
                 return
-            delivery, event, error = items[i]
+            delivery, event, error = items[done]
             if event is None:
-                await self._undecodable(lane, [d for d, _, _ in items[i:]], error)
-                i += 1
+                if self.dispatcher.on_error == "stop":
+                    await self._ack_handled(lane, deliveries[acked:done])
+                    acked = done
+                await self._undecodable(lane, deliveries[done:], error)
+                done += 1
                 continue
-            commit = event.id.partition("-")[0]
-            j = i + 1
-            while j < len(items) and items[j][1] is not None and \
-                    items[j][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
-                j += 1
-            group = items[i:j]
+            # one call per transaction; with max_batch handlers, one for the consecutive
+            # transactions received together (the dispatcher calls the others per transaction)
+            groups: list[list[Event]] = []
+            j = done
+            while j < len(items) and items[j][1] is not None and (j == done or across):
+                commit = items[j][1].id.partition("-")[0]  # type: ignore[union-attr]
+                k = j + 1
+                while k < len(items) and items[k][1] is not None and \
+                        items[k][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
+                    k += 1
+                groups.append([e for _, e, _ in items[j:k]])  # type: ignore[misc]
+                j = k
             try:
-                await self._call(lane, [e for _, e, _ in group],  # type: ignore[misc]
-                                 [d for d, _, _ in group])
+                await self._call(lane, groups, deliveries[done:j])
             except BaseException:
-                await lane.release([d for d, _, _ in items[i:]])
+                await self._ack_handled(lane, deliveries[acked:done])
+                await lane.release(deliveries[done:])
                 raise
-            await lane.ack([d for d, _, _ in group])
-            i = j
+            done = j
+            if done < len(items) and time.monotonic() - since > self.ack_interval:
+                await lane.ack(deliveries[acked:done])  # slow calls: do not hold them for long
+                acked, since = done, time.monotonic()
+        await lane.ack(deliveries[acked:])
 
-    async def _call(self, lane: Lane, events: list[Event], deliveries: list[Delivery]) -> None:
-        """Dispatch under the partition's lease: the call is cancelled when the lane is
-        revoked (this worker lost the partition), and then nothing is acknowledged."""
+    async def _ack_handled(self, lane: Lane, handled: list[Delivery]) -> None:
+        """Before giving the rest back: acknowledge what was handled, if the lane is still
+        this worker's (else, or failing, it comes again: at-least-once)."""
+        if not handled or lane.revoked.is_set():
+            return
+        try:
+            await lane.ack(handled)
+        except Exception as exc:
+            log.debug("worker %r: acknowledging the handled messages before giving the rest "
+                      "back failed: %r", self.name, exc)
+
+    async def _call(self, lane: Lane, groups: list[list[Event]], deliveries: list[Delivery]) -> None:
+        """Dispatch the transactions ``groups`` under the partition's lease: the call is
+        cancelled when the lane is revoked (this worker lost the partition), and then
+        nothing is acknowledged."""
+        events = groups[0] if len(groups) == 1 else [e for group in groups for e in group]
         last = deliveries[-1]
         lease = Lease(lane.partition, events[-1].id, any(d.redelivered for d in deliveries),
                       last.attempt, last.sequence, lane)
@@ -365,17 +401,20 @@ class Worker(Lifecycle):
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
         token = _CURRENT.set(lease)
         try:
-            call = asyncio.create_task(self._dispatch(lane.partition, events))
+            call = asyncio.create_task(self._dispatch(lane.partition, groups))
         finally:
             _CURRENT.reset(token)
-        lost = asyncio.create_task(lane.revoked.wait())
+        lane.call = call  # lane.revoke() cancels it
         try:
-            await asyncio.wait([call, lost], return_when=asyncio.FIRST_COMPLETED)
+            await call  # ends when the call does (cancelled or not)
+        except BaseException:
+            # the call's own outcome does not count once the partition is lost; the
+            # worker's own cancellation (stop) goes on
+            task = asyncio.current_task()
+            if not lane.revoked.is_set() or (task is not None and task.cancelling()):
+                raise
         finally:
-            lost.cancel()
-            if not call.done():
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+            lane.call = None
         if lane.revoked.is_set():
             self.fenced += 1
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
@@ -386,32 +425,48 @@ class Worker(Lifecycle):
                               "acknowledged")
         call.result()
 
-    async def _dispatch(self, partition: int, events: list[Event]) -> None:
+    async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
+        """Call the handlers with each transaction of ``groups``, in order; with several,
+        ``max_batch`` handlers get their events in as few calls as their size allows."""
         seen = self._seen
-        fresh = []
-        for event in events:
-            if (event.source.db, event.id) in seen:
-                self.duplicates += 1
-                log.debug("worker %r: event %s was handled here already; dropped", self.name, event.id)
-                continue
-            fresh.append(event)
-        if not fresh:
+        fresh_groups = []
+        for events in groups:
+            fresh = []
+            for event in events:
+                if (event.source.db, event.id) in seen:
+                    self.duplicates += 1
+                    log.debug("worker %r: event %s was handled here already; dropped", self.name,
+                              event.id)
+                    continue
+                fresh.append(event)
+            if fresh:
+                fresh_groups.append(fresh)
+        if not fresh_groups:
             return
-        first = fresh[0]
-        txn = Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16), end_lsn=0,
-                          commit_time=first.timestamp, events=fresh)
+        defer = len(fresh_groups) > 1
+        dispatcher = self.dispatcher
         async with self._slots:
-            if self.stats is None:
-                await self.dispatcher.dispatch(txn)
-            else:
-                started, clock = time.time(), time.perf_counter()
-                await self.dispatcher.dispatch(txn)
-                self.stats.handled(partition, fresh, started, time.perf_counter() - clock)
-        for event in fresh:
+            started, clock = time.time(), time.perf_counter()
+            try:
+                for fresh in fresh_groups:
+                    first = fresh[0]
+                    await dispatcher.dispatch(
+                        Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16),
+                                    end_lsn=0, commit_time=first.timestamp, events=fresh),
+                        defer=defer)
+                if defer and dispatcher.pending:
+                    await dispatcher.flush()
+            except BaseException:
+                dispatcher.drop_pending()  # not acknowledged: they come again
+                raise
+            handled = fresh_groups[0] if not defer else [e for g in fresh_groups for e in g]
+            if self.stats is not None:
+                self.stats.handled(partition, handled, started, time.perf_counter() - clock)
+        for event in handled:
             seen[(event.source.db, event.id)] = None
         while len(seen) > self.remember:
             seen.popitem(last=False)
-        self.events_handled += len(fresh)
+        self.events_handled += len(handled)
 
     async def _undecodable(self, lane: Lane, rest: list[Delivery], error: DecodeError | None) -> None:
         """A message that is not a walex event: a failure under the error policy."""
@@ -420,11 +475,10 @@ class Worker(Lifecycle):
             await lane.release(rest)
             raise HandlerError(f"worker {self.name!r}: {error} (partition {lane.partition}); "
                                "it was not acknowledged")
-        log.error("worker %r: %s (partition %d); acknowledged and skipped", self.name, error,
-                  lane.partition)
+        log.error("worker %r: %s (partition %d); skipped (acknowledged with the batch)",
+                  self.name, error, lane.partition)
         self.dispatcher.failures += 1
         self.undecodable += 1
-        await lane.ack(rest[:1])
 
     async def stop(self) -> None:
         """Finish the calls in hand (within ``shutdown_grace``), give back the rest, disconnect."""

@@ -64,6 +64,7 @@ class Lane(ABC):
         self.partition = partition
         self.revoked = asyncio.Event()  # set when this worker lost the partition
         self.reason = ""
+        self.call: asyncio.Task[Any] | None = None  # the handler call in hand, cancelled by revoke
 
     def revoke(self, reason: str) -> None:
         """This worker no longer holds the partition: the call in hand is cancelled."""
@@ -71,6 +72,8 @@ class Lane(ABC):
             self.reason = reason
             self.revoked.set()
             log.debug("partition %d: %s", self.partition, reason)
+            if self.call is not None:
+                self.call.cancel()
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:

@@ -69,7 +69,8 @@ class NatsLane(Lane):
         self.ack_wait = ack_wait
         self.every = max(ack_wait / 3, 0.05)
         self.margin = ack_wait / 4  # the lease ends this long before the server's deadline
-        self.held: dict[int, tuple[Any, asyncio.Task[None]]] = {}
+        # held messages: the timer that starts keeping one, then the task keeping it
+        self.held: dict[int, tuple[Any, asyncio.TimerHandle | asyncio.Task[None]]] = {}
         self.asked: float | None = None  # when the previous fetch went out
 
     async def receive(self, wait: float) -> list[Delivery]:
@@ -87,10 +88,22 @@ class NatsLane(Lane):
             return []
         except Exception as exc:
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
-        self.held[id(msg)] = (msg, asyncio.create_task(self._keep(msg, asked)))
+        self._hold(msg, asked)
         meta = msg.metadata
         return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending,
                          attempt=meta.num_delivered, sequence=meta.sequence.stream)]
+
+    def _hold(self, msg: Any, since: float) -> None:
+        """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
+        sooner costs a timer, not a task)."""
+        key = id(msg)
+
+        def keep() -> None:
+            if key in self.held:
+                self.held[key] = (msg, asyncio.create_task(self._keep(msg, since)))
+
+        delay = max(since + self.every - time.monotonic(), 0.0)
+        self.held[key] = (msg, asyncio.get_running_loop().call_later(delay, keep))
 
     async def _keep(self, msg: Any, since: float) -> None:
         """Hold the message: report progress every ``ack_wait / 3`` and have the server

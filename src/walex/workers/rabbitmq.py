@@ -13,8 +13,9 @@ delivers a queue's messages to one consumer at a time, in queue order; when
 that consumer's connection ends (a worker stopped or killed), the broker
 puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
-unacknowledged messages at most: a handler call receives the consecutive
-events of one transaction that are there (``prefetch`` at most).
+unacknowledged messages at most: the worker takes what is there at once,
+calls the handlers per transaction (``max_batch`` handlers: once for them
+all) and acknowledges the last one with ``multiple=True``.
 
 The group is declared up front: :meth:`RabbitMQConsumer.declare`
 (``walex worker --declare SOURCE_URL``) declares the exchange as the relay
@@ -106,12 +107,13 @@ class RabbitMQLane(Lane):
         if consume:
             buffer = self.buffer
 
-            async def deliver(message: Any) -> None:
+            async def deliver(message: Any) -> None:  # aiormq's own message: no wrapper made
                 if self.channel is channel:  # not a late one of a channel handed over
                     self.consumer.active.add(self.partition)  # the broker made this worker
                     buffer.put_nowait(message)                # the active one
 
-            await queue.consume(deliver, no_ack=False)
+            underlay = await channel.get_underlay_channel()
+            await underlay.basic_consume(name, deliver, no_ack=False)
         return before
 
     def check(self) -> None:
@@ -130,7 +132,7 @@ class RabbitMQLane(Lane):
         messages = [first]
         while not self.buffer.empty():
             messages.append(self.buffer.get_nowait())
-        return [Delivery(m.body, m, redelivered=bool(m.redelivered)) for m in messages]
+        return [Delivery(m.body, m, redelivered=bool(m.delivery.redelivered)) for m in messages]
 
     async def _hand_over(self) -> None:
         """Nothing in hand: close the channel (the broker puts what it prefetched back in
@@ -158,7 +160,8 @@ class RabbitMQLane(Lane):
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         try:
-            await deliveries[-1].handle.ack(multiple=True)
+            last = deliveries[-1].handle  # every one before it too, in one frame
+            await last.channel.basic_ack(last.delivery.delivery_tag, multiple=True)
         except Exception as exc:
             raise self.consumer.destination.unavailable("acknowledging failed", exc) from None
 
