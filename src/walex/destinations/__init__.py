@@ -80,6 +80,7 @@ _WEBHOOK = Scheme("webhook", "WebhookDestination", None, "webhooks", "httpx")
 SCHEMES: dict[str, Scheme] = {
     "nats": _NATS, "tls": _NATS, "amqp": _RABBITMQ, "amqps": _RABBITMQ,
     "redis": _REDIS, "rediss": _REDIS, "http": _WEBHOOK, "https": _WEBHOOK,
+    "kafka": Scheme("kafka", "KafkaDestination", "KafkaConsumer", "kafka", "confluent-kafka"),
 }
 
 

@@ -18,6 +18,7 @@ line or an error. Templates (:class:`Template`) take ``{schema}``,
 from __future__ import annotations
 
 import random
+import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from .encoding import Outgoing
 __all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff"]
 
 FIELDS = ("schema", "table", "type", "partition")
+# parameters whose value is a secret: sasl.password, ssl.key.password, ...client.secret
+_SECRET_PARAM = re.compile(r"password|secret|\.pem$|oauthbearer\.config", re.IGNORECASE)
 
 
 class Unavailable(Exception):
@@ -55,7 +58,9 @@ class DestinationURL:
         self.raw = url
         try:
             parts = urlsplit(url)
-            self.port = parts.port
+            # host:port[,host:port...]: a Kafka URL may name several bootstrap servers
+            self.servers = parts.netloc.rpartition("@")[2]
+            self.port = parts.port if "," not in self.servers else None
         except ValueError as exc:
             raise ConfigError(f"destination {redact(url)!r} is not a valid URL: "
                               f"{redact(str(exc), url)}") from None
@@ -66,11 +71,16 @@ class DestinationURL:
         self.path = parts.path
         self.query = parts.query
         self.params: dict[str, str] = {}
+        self.secrets = [s for s in (self.password, parts.password) if s]
+        # a client setting passed through as a parameter (Kafka's sasl.password=...)
+        for pair in parts.query.split("&"):
+            key, _, value = pair.partition("=")
+            if value and _SECRET_PARAM.search(unquote(key)):
+                self.secrets += [value, unquote(value.replace("+", " "))]
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in self.params:
                 raise ConfigError(f"destination {self.display}: parameter {key!r} is given twice")
             self.params[key] = value
-        self.secrets = [s for s in (self.password, parts.password) if s]
         # a bare user name in a NATS URL is a token: a secret too
         if self.scheme in ("nats", "tls") and self.username and self.password is None:
             self.secrets += [self.username, parts.username or ""]
@@ -79,7 +89,9 @@ class DestinationURL:
     def display(self) -> str:
         """The URL as shown in logs and errors: ``amqp://guest:***@host:5672/vhost?...``."""
         netloc = self.host if ":" not in self.host else f"[{self.host}]"
-        if self.port is not None:
+        if "," in self.servers:
+            netloc = self.servers
+        elif self.port is not None:
             netloc += f":{self.port}"
         if self.username is not None:
             if self.password is not None:
