@@ -37,11 +37,16 @@ def records(port: int, topic: str, timeout: float = 30) -> list[Any]:
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
         got = {p: 0 for p in ends}
         deadline = time.monotonic() + timeout
-        while any(got[p] < ends[p] for p in ends):
+        quiet = 0.0
+        # tansu's high watermark can be short of the end (its last batch's first offset + 1):
+        # read on until nothing came for a second
+        while any(got[p] < ends[p] for p in ends) or quiet < 1.0:
             assert time.monotonic() < deadline, f"could not read {topic}: {got} of {ends}"
-            msg = consumer.poll(0.5)
+            msg = consumer.poll(0.25)
             if msg is None:
+                quiet += 0.25
                 continue
+            quiet = 0.0
             assert msg.error() is None, msg.error()
             out.append(msg)
             got[msg.partition()] = msg.offset() + 1

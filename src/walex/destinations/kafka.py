@@ -54,13 +54,13 @@ from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
-__all__ = ["KafkaDestination", "client_settings", "PERMANENT"]
+__all__ = ["KafkaDestination", "client_settings", "AUTHENTICATION", "OWN", "PERMANENT"]
 
 log = logging.getLogger("walex.destinations")
 
 CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
-_OWN = ("topic", "tombstones", "timeout")
-_FIXED = {"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"}
+OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
+_FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 
 # delivery errors retrying cannot cure: the batch goes to on_error
 PERMANENT = frozenset(getattr(KafkaError, name) for name in (
@@ -83,17 +83,22 @@ class _Quiet:
             log.debug("librdkafka: %s", self.url.scrub(fmt % args if args else fmt))
 
 
-def client_settings(url: DestinationURL, what: str) -> dict[str, Any]:
-    """The librdkafka settings a URL gives: its hosts, SASL user and the parameters left."""
+def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
+                    fixed: frozenset[str] = _FIXED) -> dict[str, Any]:
+    """The librdkafka settings a URL gives: its hosts, SASL user and the parameters left
+    (but ``keep``); a setting of ``fixed`` is walex's own, an error naming it."""
     servers = url.servers or "127.0.0.1:9092"
     settings: dict[str, Any] = {"bootstrap.servers": servers, "logger": _Quiet(url)}
     if url.username is not None:
         settings["sasl.username"] = url.username
         settings["sasl.password"] = url.password or ""
     for name in list(url.params):
-        if name in _FIXED:
+        if name in keep:
+            continue
+        if name in fixed:
             raise ConfigError(f"{what} {url.display}: {name} is set by walex (the URL's hosts, an "
-                              "idempotent producer with acks=all); remove it")
+                              "idempotent producer with acks=all, the worker's group and offsets); "
+                              "remove it")
         settings[name] = url.params.pop(name)
     return settings
 
@@ -101,7 +106,7 @@ def client_settings(url: DestinationURL, what: str) -> dict[str, Any]:
 class KafkaDestination(Destination):
     scheme = "kafka"
     extra = "kafka"
-    accepted = (*_OWN, "<any librdkafka setting>")
+    accepted = OWN
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
