@@ -107,7 +107,7 @@ def from_url(url: str, partitions: int = 1) -> Destination:
     if scheme is None:
         raise ConfigError(
             f"destination {parsed.display}: unknown scheme {parsed.scheme!r}; use nats://, "
-            "amqp:// (RabbitMQ), redis:// or https:// (webhooks)"
+            "amqp:// (RabbitMQ), redis://, https:// (webhooks) or kafka://"
         )
     cls = load_class(__name__, scheme, scheme.destination, f"destination {parsed.display}")
     destination: Destination = cls(parsed, partitions)
