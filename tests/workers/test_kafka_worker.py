@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import psycopg
 import pytest
 from destinations.kafka_support import GROUP, create_topic
-from destinations.servers import OwnTansu
+from destinations.servers import OwnTansu, free_port
 from support import collecting, run
 
 from walex import Event, Events
-from walex.errors import ConfigError
+from walex.errors import ConfigError, DestinationError
 from walex.workers import Worker
 from walex.workers.kafka import topic_pattern
 
@@ -87,3 +88,36 @@ def test_worker_source_configuration() -> None:
     assert "pw1234" not in repr(worker)
     assert topic_pattern("walex.{schema}.{table}") == "^walex\\..+\\..+$"
     assert topic_pattern("plain.topic") == "plain.topic"
+
+
+def test_unreachable_broker_is_retried_with_a_clear_warning_and_a_refused_login_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = Events()
+    events.on_event("item")(lambda batch: None)
+    port = free_port()
+
+    async def unreachable() -> None:
+        worker = Worker(f"kafka://127.0.0.1:{port}?topic=t&timeout=1&sasl.password=pw5555",
+                        [events])
+        await asyncio.wait_for(worker.start(), 30)  # returns: the broker is retried
+        assert not worker.connected
+        await asyncio.wait_for(worker.stop(), 30)
+
+    with caplog.at_level(logging.WARNING, logger="walex.workers"):
+        run(unreachable(), timeout=60)
+    assert f"no Kafka broker of 127.0.0.1:{port} answered" in caplog.text
+    assert "pw5555" not in caplog.text
+
+    server = OwnTansu(tmp_path)
+    server.authentication = True
+    with server as broker:
+        async def refused() -> None:
+            worker = Worker(f"kafka://walex:pw6666@127.0.0.1:{broker.port}?topic=t&timeout=5"
+                            "&security.protocol=SASL_PLAINTEXT&sasl.mechanism=SCRAM-SHA-256",
+                            [events])
+            with pytest.raises(DestinationError, match="refused the login") as info:
+                await asyncio.wait_for(worker.start(), 60)
+            assert "pw6666" not in str(info.value)
+
+        run(refused(), timeout=90)

@@ -54,7 +54,7 @@ from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
-__all__ = ["KafkaDestination", "client_settings", "AUTHENTICATION", "OWN", "PERMANENT"]
+__all__ = ["KafkaDestination", "client_settings", "validate", "AUTHENTICATION", "OWN", "PERMANENT"]
 
 log = logging.getLogger("walex.destinations")
 
@@ -103,6 +103,20 @@ def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
     return settings
 
 
+def validate(client: Any, settings: dict[str, Any], what: str, url: DestinationURL) -> None:
+    """Let librdkafka check the settings now (a client without brokers connects nowhere):
+    a misspelt or invalid setting is a :class:`~walex.errors.ConfigError` when the URL is given."""
+    offline = {k: v for k, v in settings.items() if k != "bootstrap.servers"}
+    try:
+        made = client(offline)
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise ConfigError(f"{what} {url.display}: the Kafka client refused its settings: "
+                          f"{url.scrub(str(exc.args[0].str() if isinstance(exc, KafkaException) else exc))}"
+                          ) from None
+    if hasattr(made, "close"):
+        made.close()
+
+
 class KafkaDestination(Destination):
     scheme = "kafka"
     extra = "kafka"
@@ -120,6 +134,7 @@ class KafkaDestination(Destination):
             # librdkafka gives up on a record when walex would: the batch is published again
             "message.timeout.ms": int(self.timeout * 1000),
         })
+        validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()

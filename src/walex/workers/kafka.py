@@ -42,7 +42,7 @@ from confluent_kafka import Consumer as KafkaClient
 from confluent_kafka import KafkaException, TopicPartition
 
 from ..destinations.base import DestinationURL, Unavailable
-from ..destinations.kafka import AUTHENTICATION, OWN, KafkaDestination, client_settings
+from ..destinations.kafka import AUTHENTICATION, OWN, KafkaDestination, client_settings, validate
 from ..errors import ConfigError, DestinationError
 from .base import Consumer, Delivery, Lane
 
@@ -127,6 +127,7 @@ class KafkaConsumer(Consumer):
                          "enable.auto.offset.store": False, "auto.offset.reset": self.start})
         if self.subscription.startswith("^"):
             settings.setdefault("topic.metadata.refresh.interval.ms", 10_000)
+        validate(KafkaClient, settings, "worker source", url)
         self.client: Any = None
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
@@ -212,10 +213,22 @@ class KafkaConsumer(Consumer):
         log.info("worker group %r consumes %s on %s", self.group, self.subscription, self.display)
         return [self.lane]
 
+    def _ask(self, client: Any) -> None:
+        """Metadata from a broker within ``timeout``; serves the client's error reports meanwhile
+        (a refused login shows there), as nothing else polls the client yet."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                client.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+                return
+            except KafkaException:
+                client.poll(0)  # no subscription yet: only serves error_cb
+                if self.auth_error is not None or time.monotonic() >= deadline:
+                    raise
+
     async def _check(self, client: Any) -> None:
         try:
-            await asyncio.wait_for(asyncio.to_thread(client.list_topics, timeout=self.timeout),
-                                   timeout=self.timeout + 5)
+            await asyncio.wait_for(asyncio.to_thread(self._ask, client), timeout=self.timeout + 5)
         except (KafkaException, TimeoutError) as exc:
             if self.auth_error is not None:
                 raise self._refused_login() from None
