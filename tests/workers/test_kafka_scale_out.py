@@ -172,6 +172,7 @@ def test_three_workers_one_killed_every_change_in_order_one_worker_per_partition
             Path(f"{db}.joined").write_text("")
             stalled = Path(f"{db}.stalled")
             wait(stalled.exists, "worker w0 to stall after its handler committed", 120, logs)
+            time.sleep(2)  # a worker committing offsets too early would have done so by now
             workers["w0"].send_signal(signal.SIGKILL)
             workers["w0"].wait(30)
             killed_at = time.time()

@@ -156,15 +156,22 @@ class KafkaConsumer(Consumer):
             raise self.failed
 
     def take(self) -> list[Delivery]:
-        """The buffered records of one partition (the one waiting longest), now handed out."""
+        """The next transaction's buffered records of one partition (the one waiting longest),
+        now handed out."""
         with self.lock:
             for tp, buffer in self.buffers.items():
                 if not buffer or tp not in self.assigned or self.busy.get(tp):
                     continue
                 while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
                     self.done[tp] = buffer.popleft().offset() + 1
+                # one transaction's records: the call in hand is all a rebalance waits for
                 messages = []
+                commit = None
                 while buffer and buffer[0].value() is not None:
+                    this = _commit_of(buffer[0])
+                    if messages and (this is None or this != commit):
+                        break
+                    commit = this
                     messages.append(buffer.popleft())
                 if messages:
                     self.busy[tp] = len(messages)
@@ -404,6 +411,14 @@ class KafkaConsumer(Consumer):
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}
+
+
+def _commit_of(message: Any) -> bytes | None:
+    """The commit LSN part of the record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
+    for name, value in message.headers() or ():
+        if name == "ce_id" and value:
+            return bytes(value).partition(b"-")[0]
+    return None
 
 
 def _names(partitions: list[Any]) -> str:
