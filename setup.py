@@ -9,7 +9,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex._hotpath`` (Cython): XLogData frames to Events for the common
   messages (Begin, Insert, Update, Delete, Commit), see its docstring;
 - ``walex._json`` (Cython): the json/jsonb value loader (twin of
-  ``walex.pgtypes.py_json_loads``).
+  ``walex.pgtypes.py_json_loads``);
+- ``walex._encode`` (Cython): the CloudEvents encoder's fast path (twin of
+  ``_fast_event`` in ``walex.destinations.encoding``).
 """
 
 import os
@@ -28,7 +30,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     else:
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
                               depends=["src/walex/_hotpath_objects.pxi"]),
-                    Extension("walex._json", ["src/walex/_json.pyx"])]
+                    Extension("walex._json", ["src/walex/_json.pyx"]),
+                    Extension("walex._encode", ["src/walex/_encode.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

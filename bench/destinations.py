@@ -14,6 +14,12 @@ machine's brokers:
 - ``webhook``: a local HTTP endpoint the runner starts, answering 204
 
 A full URL is used as given; ``RUN`` in it is replaced by the run's name.
+
+Each ``--destination NAME`` also adds the level ``NAME_ceiling``
+(``consumers/ceiling_consumer.py``): the same payloads (walex's CloudEvents of
+the same WAL, same ids and targets) published by the broker's official
+client alone, as fast as it can, with the same durability; its wall time is
+the publishing time only. The table reads each ``walex+NAME`` against it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ SHORTCUTS = {
     "webhook": "http://127.0.0.1:PORT/RUN?secret_env=BENCH_WEBHOOK_SECRET",
 }
 URLS: dict[str, str] = {}  # level -> URL (with RUN)
+CEILINGS: dict[str, str] = {}  # walex+NAME -> NAME_ceiling
 
 
 def parse(specs: list[str]) -> list[str]:
@@ -43,7 +50,9 @@ def parse(specs: list[str]) -> list[str]:
         if not url:
             raise SystemExit(f"--destination {spec!r}: give NAME=URL or one of {', '.join(SHORTCUTS)}")
         URLS[f"walex+{name}"] = url
-        levels.append(f"walex+{name}")
+        URLS[f"{name}_ceiling"] = url
+        CEILINGS[f"walex+{name}"] = f"{name}_ceiling"
+        levels += [f"walex+{name}", f"{name}_ceiling"]
     return levels
 
 

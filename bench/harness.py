@@ -51,7 +51,7 @@ CONSUMER_SCRIPTS = {
     "walex": "walex_consumer.py", "walex_sync": "walex_consumer.py", "walex_uvloop": "walex_consumer.py",
     "walex_batch": "walex_consumer.py",
     "psycopg2": "psycopg2_consumer.py", "pypgoutput": "pypgoutput_consumer.py",
-    "pgoutput-decoder": "pgoutput_decoder_consumer.py",
+    "pgoutput-decoder": "pgoutput_decoder_consumer.py", "ceiling": "ceiling_consumer.py",
 }
 LEVEL_NOTES = {
     "pg_recvlogical": "C client, output to /dev/null: the ceiling (server decoding + transport)",
@@ -210,7 +210,8 @@ class Bench:
                     "-o", "proto_version=1", "-o", f"publication_names={PUBLICATION}",
                     "-f", "/dev/null"]
         python = peers[level] if level in PEER_LEVELS else sys.executable
-        script = CONSUMER_SCRIPTS["walex" if level.startswith("walex+") else level]
+        script = CONSUMER_SCRIPTS["walex" if level.startswith("walex+") else
+                                  "ceiling" if level.endswith("_ceiling") else level]
         cmd = [python, str(CONSUMERS / script), "--dsn", self.dsn,
                "--slot", slot, "--publication", PUBLICATION, "--endpos", endpos,
                "--marker-table", MARKER, "--result", str(result)]
@@ -220,7 +221,7 @@ class Bench:
             cmd.append("--uvloop")
         if level == "walex_batch":
             cmd.append("--max-batch")
-        if level.startswith("walex+"):  # bench/destinations.py
+        if level.startswith("walex+") or level.endswith("_ceiling"):  # bench/destinations.py
             import destinations
 
             cmd += ["--destination", destinations.url_for(level, slot)]

@@ -84,6 +84,11 @@ def bench_workload(b: h.Bench, w: h.Workload, args: argparse.Namespace, levels: 
                 if lv in destinations.URLS:
                     destinations.cleanup(lv, slot)
             run["rep"] = rep
+            if lv.endswith("_ceiling") and run.get("end_s") is not None and run.get("ready_s") is not None:
+                # the publishing phase only (collecting the payloads from the slot is not timed)
+                run["collect_s"] = run["ready_s"]
+                run["wall_s"] = run["end_s"] - run["ready_s"]
+                run["cpu_s"] = run["consumer"].get("publish_cpu_s", run["cpu_s"])
             # a Python consumer counts when it handled every row and recorded the end;
             # a crash while exiting after that (seen with pgoutput-decoder) is noted, not fatal
             if lv == h.LIMIT:
@@ -157,7 +162,12 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             rates = [n_rows / r["wall_s"] for r in runs]
             ratios = [n_rows / r["wall_s"] / limit_by_rep[r["rep"]] for r in runs
                       if r["rep"] in limit_by_rep]
+            ceiling = destinations.CEILINGS.get(lv)
+            ceiling_by_rep = {r["rep"]: n_rows / r["wall_s"] for r in wl["runs"]
+                              if r["level"] == ceiling and r["ok"]}
             rows_out.append({
+                "ratio_to_ceiling": [n_rows / r["wall_s"] / ceiling_by_rep[r["rep"]] for r in runs
+                                     if r["rep"] in ceiling_by_rep],
                 "workload": wl["workload"], "level": lv, "n": len(runs), "failed": len(failed),
                 "notes": sorted({r["note"] for r in runs if r.get("note")}),
                 "wall_s": [r["wall_s"] for r in runs], "rows_per_s": rates, "ratio": ratios,
@@ -173,9 +183,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| workload | level | n | wall s | rows/s | ratio to pg_recvlogical | client CPU us/row "
-        "| peak RSS MB | walsender CPU s | s to streaming | s to first row |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | level | n | wall s | rows/s | ratio to pg_recvlogical | ratio to broker ceiling "
+        "| client CPU us/row | peak RSS MB | walsender CPU s | s to streaming | s to first row |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         n = f"{s['n']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
@@ -183,6 +193,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {s['workload']} | {s['level']} | {n} | {med_range(s['wall_s'], '.3f')} "
             f"| {med_range(s['rows_per_s'], ',.0f')} | {med_range(s['ratio'], '.3f')} "
+            f"| {med_range(s.get('ratio_to_ceiling', []), '.3f')} "
             f"| {med_range(s['cpu_us_per_row'], '.1f')} | {med_range(s['peak_rss_mb'], '.0f')} "
             f"| {med_range(s['walsender_cpu_s'], '.2f')} | {med_range(s['ready_s'], '.2f')} "
             f"| {med_range(s['first_row_s'], '.2f')} |")
@@ -203,7 +214,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"load average at start {env['loadavg_at_start'][0]:.2f}, {env['transport']}, "
               f"walex {env.get('walex', {}).get('commit', '?')[:10]}"
               f"{' + uncommitted src/ changes' if env.get('walex', {}).get('src_dirty') else ''}. "
-              "Median [min - max]; ratio = rows/s / pg_recvlogical rows/s of the same repetition."]
+              "Median [min - max]; ratio = rows/s / pg_recvlogical rows/s of the same repetition; "
+              "ratio to broker ceiling = walex+NAME rows/s / NAME_ceiling rows/s of the same "
+              "repetition (a ceiling's wall s is its publishing time only)."]
     return "\n".join(lines)
 
 
@@ -316,7 +329,9 @@ def main() -> int:
         levels = [lv for lv in args.levels.split(",")
                   if not (args.no_peers and lv in h.PEER_LEVELS)]
         for lv in destinations.parse(args.destination):
-            h.LEVEL_NOTES[lv] = f"as walex, also publishing to {destinations.URLS[lv]}"
+            h.LEVEL_NOTES[lv] = (
+                f"the same payloads through the broker's official client alone, to {destinations.URLS[lv]}"
+                if lv.endswith("_ceiling") else f"as walex, also publishing to {destinations.URLS[lv]}")
             if lv not in levels:
                 levels.append(lv)
         unknown = [x for x in levels if x not in h.LEVELS + h.OPTIONAL_LEVELS + list(destinations.URLS)]

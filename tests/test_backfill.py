@@ -174,10 +174,10 @@ def test_rows_changed_while_their_chunk_is_read_come_from_the_stream(
     real = backfill_chunks.read_chunk
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                     after: list[str] | None, limit: int) -> Any:
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
         base = int(after[0]) if after else 0
         admin.execute("UPDATE t SET v = 'seen by the snapshot' WHERE id = %s", (base + 10,))
-        chunk = await real(conn, target, table, adapters, where, after, limit)
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
         admin.execute("UPDATE t SET v = 'after the snapshot' WHERE id = %s", (base + 30,))
         admin.execute("DELETE FROM t WHERE id = %s", (base + 40,))
         admin.execute("INSERT INTO t VALUES (%s, 'inserted')", (base + 45,))
@@ -220,8 +220,8 @@ def test_a_commit_the_chunk_snapshot_cannot_see_yet_is_not_overwritten(
             conn.execute("UPDATE t SET v = 'committed late' WHERE id = 100")
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                     after: list[str] | None, limit: int) -> Any:
-        chunk = await real(conn, target, table, adapters, where, after, limit)
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
         if after is None:  # chunk 1 was read: a commit of a row of chunk 3 goes by, unseen
             admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
             admin.execute("SELECT pg_reload_conf()")
@@ -415,8 +415,8 @@ def test_a_truncate_or_a_reconnect_while_a_chunk_is_read(
     calls: list[list[str] | None] = []
 
     async def racing(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                     after: list[str] | None, limit: int) -> Any:
-        chunk = await real(conn, target, table, adapters, where, after, limit)
+                     after: list[str] | None, limit: int, **kw: Any) -> Any:
+        chunk = await real(conn, target, table, adapters, where, after, limit, **kw)
         calls.append(after)
         if len(calls) == 2:  # the walsender goes away while chunk 2 is in flight
             admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots")
@@ -518,11 +518,11 @@ def test_a_column_added_during_a_backfill_is_in_the_next_chunks(
     calls: list[Any] = []
 
     async def migrating(conn: Any, target: Any, table: Any, adapters: Any, where: Any,
-                        after: list[str] | None, limit: int) -> Any:
+                        after: list[str] | None, limit: int, **kw: Any) -> Any:
         calls.append(after)
         if after == ["10"] and calls.count(after) == 1:  # a migration between chunks 1 and 2
             admin.execute("ALTER TABLE t ADD COLUMN extra int DEFAULT 7")
-        return await real(conn, target, table, adapters, where, after, limit)
+        return await real(conn, target, table, adapters, where, after, limit, **kw)
 
     monkeypatch.setattr(backfill_chunks, "read_chunk", migrating)
 

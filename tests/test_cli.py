@@ -152,9 +152,10 @@ def test_piped_status_prints_each_fix_on_one_line(dsn: str, admin: psycopg.Conne
     assert any(line.endswith(f"fix: {fix}") for line in proc.stdout.splitlines()), proc.stdout
 
 
-def test_status_without_publication_says_how_to_give_it(tmp_path: Path) -> None:
+def test_setup_without_publication_says_how_to_give_it(tmp_path: Path) -> None:
+    # (walex status works without one: tests/test_status.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
-    proc = subprocess.run([*WALEX, "status", "--url", "postgresql://127.0.0.1:1/db"],
+    proc = subprocess.run([*WALEX, "setup", "--url", "postgresql://127.0.0.1:1/db"],
                           capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "200"})
     assert proc.returncode == 1
     assert proc.stderr == (

@@ -260,8 +260,8 @@ def test_metrics_count_each_transaction_once_when_a_plain_run_stops_short(
             await until(lambda: app.transactions_handled == 11, "11 transactions handled")
             stats = app.pipeline.stats
             assert sum(stats.commit_to_handler.counts) == 11
-            assert stats.events[("item", "insert")] == 6
-            assert stats.events[("other", "insert")] == 5
+            assert stats.events[("public", "item", "insert")] == 6
+            assert stats.events[("public", "other", "insert")] == 5
 
     run(main())
     assert calls.ids() == [1, 2, 3, 3, 4, 5, 6]

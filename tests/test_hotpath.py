@@ -386,6 +386,39 @@ def test_type_matrix(admin: psycopg.Connection, dsn: str, binary: bool) -> None:
 
 
 @needs_compiled
+def test_values_python_cannot_hold(admin: psycopg.Connection, dsn: str) -> None:
+    """Rows of infinite, BC and year-10000 dates and timestamps, 24:00, huge intervals and
+    domains over them (tests/workers/test_edge_values.py): both paths give their text forms."""
+    from workers.test_edge_values import SCHEMA as EDGE_SCHEMA
+    from workers.test_edge_values import rows
+
+    admin.execute(EDGE_SCHEMA)
+    admin.execute("SELECT pg_create_logical_replication_slot('hot', 'pgoutput')")
+    for statement in rows(admin):
+        admin.execute(statement)
+    admin.execute("UPDATE edge SET c_ts = '-infinity', c_d_date = '0001-01-01 BC'")
+    admin.execute("DELETE FROM edge WHERE id = 1")
+    found = admin.execute(
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes('hot', NULL, NULL, "
+        "'proto_version', '1', 'publication_names', 'pub')").fetchall()
+    stream = [(int(lsn.split("/")[0], 16) << 32 | int(lsn.split("/")[1], 16), bytes(data))
+              for lsn, data in found]
+
+    async def main() -> list[Any]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            out, handled = await both(stream, conn=conn)
+            assert handled >= 5
+            return out
+
+    out = asyncio.run(main())
+    assert not any(isinstance(item, tuple) for item in out), out[-1]
+    text = "".join(item for item in out if isinstance(item, str))
+    for value in ("'c_date': 'infinity'", "'c_time': '24:00:00'", "'0044-03-15 BC'",
+                  "Range(datetime.date(2024, 1, 1), 'infinity', '[)')", "base_types={"):
+        assert value in text, (value, text[:3000])
+
+
+@needs_compiled
 def test_whole_row_updates_share_only_immutable_unchanged_values(
     admin: psycopg.Connection, dsn: str
 ) -> None:

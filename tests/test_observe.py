@@ -87,6 +87,8 @@ def test_metrics_carry_the_counts_of_a_known_workload(
 ) -> None:
     admin.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
     admin.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    admin.execute("CREATE SCHEMA audit")
+    admin.execute("CREATE TABLE audit.item (id int PRIMARY KEY)")  # another table, same name
     admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
     port = free_port()
     proc = start_app(tmp_path, f"""
@@ -112,22 +114,25 @@ def test_metrics_carry_the_counts_of_a_known_workload(
         admin.execute("UPDATE item SET label = 'y' WHERE id <= 2")
         admin.execute("DELETE FROM item WHERE id = 5")
         admin.execute("INSERT INTO other SELECT generate_series(1, 4)")
+        admin.execute("INSERT INTO audit.item SELECT generate_series(1, 3)")
 
         def scraped() -> dict[str, float] | None:
             status, text = get(f"http://127.0.0.1:{port}/metrics")
             found = samples(text) if status == 200 else {}
-            return found if found.get("walex_transactions_total") == 4 else None
+            return found if found.get("walex_transactions_total") == 5 else None
 
-        found = wait_until(scraped, "4 transactions in /metrics")
-        assert found['walex_events_total{table="item",type="insert"}'] == 5
-        assert found['walex_events_total{table="item",type="update"}'] == 2
-        assert found['walex_events_total{table="item",type="delete"}'] == 1
-        assert found['walex_events_total{table="other",type="insert"}'] == 4
+        found = wait_until(scraped, "5 transactions in /metrics")
+        assert found['walex_events_total{table="public.item",type="insert"}'] == 5
+        assert found['walex_events_total{table="public.item",type="update"}'] == 2
+        assert found['walex_events_total{table="public.item",type="delete"}'] == 1
+        assert found['walex_events_total{table="public.other",type="insert"}'] == 4
+        assert found['walex_events_total{table="audit.item",type="insert"}'] == 3
+        assert sum(v for k, v in found.items() if k.startswith("walex_events_total")) == 15
         assert found["walex_handler_errors_total"] == 1
         assert found["walex_handler_retries_total"] == 1
         assert found["walex_handler_failures_total"] == 0
-        assert found["walex_commit_to_handler_seconds_count"] == 4
-        assert found['walex_commit_to_handler_seconds_bucket{le="+Inf"}'] == 4
+        assert found["walex_commit_to_handler_seconds_count"] == 5
+        assert found['walex_commit_to_handler_seconds_bucket{le="+Inf"}'] == 5
         assert found["walex_streaming"] == 1 and found["walex_standby"] == 0
         assert found["walex_received_lsn"] >= found["walex_acknowledged_lsn"] > 0
         assert found["walex_pending_bytes"] == 0 and "walex_lag_bytes" in found
@@ -142,7 +147,7 @@ def test_metrics_carry_the_counts_of_a_known_workload(
     retry = [entry for entry in lines if "retry 1/2" in entry["message"]]
     assert retry and {"slot", "lsn", "xid"} <= set(retry[0]), retry
     own = [entry for entry in lines if entry["logger"] == "ops_app"]
-    assert len(own) == 4 and all(entry["slot"].endswith("_walex_" + entry["slot"][-8:])
+    assert len(own) == 5 and all(entry["slot"].endswith("_walex_" + entry["slot"][-8:])
                                  for entry in own), own
     assert all(isinstance(entry["xid"], int) and "/" in entry["lsn"] for entry in own)
 
@@ -300,7 +305,7 @@ def test_spans_per_batch_parent_the_handlers_spans(dsn: str, admin: psycopg.Conn
     assert batch.attributes["messaging.system"] == "postgresql"
     assert batch.attributes["messaging.operation.type"] == "process"
     assert batch.attributes["messaging.batch.message_count"] == 2
-    assert batch.attributes["walex.tables"] == ("item",)
+    assert batch.attributes["walex.tables"] == ("public.item",)  # schema.table, as metrics
     assert work.parent is not None and work.parent.span_id == batch.context.span_id
 
 

@@ -6,21 +6,30 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from walex.diagnosis import apply_plan, diagnose
 from walex.embedded import Cluster
 
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
+
 WALEX = [sys.executable, "-m", "walex.cli"]
-ENV = {**os.environ, "COLUMNS": "200"}
+# no WALEX_* from the environment: each test says what it gives
+ENV = {**{k: v for k, v in os.environ.items() if not k.upper().startswith("WALEX_")},
+       "COLUMNS": "200"}
 
 
-def walex(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*WALEX, *args], capture_output=True, text=True, timeout=120, env=ENV)
+def walex(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*WALEX, *args], capture_output=True, text=True, timeout=120,
+                          env={**ENV, **env})
 
 
 def state(conn: psycopg.Connection) -> dict[str, Any]:
@@ -160,3 +169,118 @@ def test_role_without_replication_and_for_all_tables(dsn: str, admin: psycopg.Co
         admin.execute("REVOKE ALL ON DATABASE " + admin.info.dbname + " FROM walex_plain")
         admin.execute("DROP OWNED BY walex_plain")
         admin.execute("DROP ROLE walex_plain")
+
+
+# PGOPTIONS (read by libpq) makes the slot creation give up quickly; walex keeps a
+# statement_timeout lower than its own --timeout
+QUICK = {"PGOPTIONS": "-c statement_timeout=3s"}
+
+
+def test_setup_that_fails_on_the_slot_reports_the_publication_it_created(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """The publication is created, then the slot times out: say what was applied, not
+    "nothing was changed"."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY, label text)")
+    admin.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    with psycopg.connect(dsn) as open_txn:
+        # a transaction that wrote and stays open: creating a slot waits for it to end
+        open_txn.execute("INSERT INTO other VALUES (1)")
+        proc = walex("setup", "--url", dsn, "-p", "pub", "-t", "item", "--slot", "late_slot",
+                     **QUICK)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "nothing was changed" not in proc.stdout + proc.stderr
+        assert "- created publication 'pub' for item" in proc.stdout
+        assert "pg_create_logical_replication_slot('late_slot', 'pgoutput') failed" in proc.stderr
+        assert "Applied before it, and kept: created publication 'pub' for item" in proc.stderr
+        assert state(admin)["published"] == [("pub", "public", "item")]
+        assert state(admin)["slots"] == []
+
+        admin.execute("DROP PUBLICATION pub")
+        proc = walex("setup", "--url", dsn, "-p", "pub", "-t", "item", "--slot", "late_slot",
+                     "--json", **QUICK)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["applied"] == ["created publication 'pub' for item"], result
+        assert result["failed"] == "SELECT pg_create_logical_replication_slot('late_slot', 'pgoutput')"
+        assert "statement timeout" in result["error"] and "nothing was changed" not in result["error"]
+        assert state(admin)["published"] == [("pub", "public", "item")]
+        assert state(admin)["slots"] == []
+        open_txn.rollback()
+    proc = walex("setup", "--url", dsn, "-p", "pub", "-t", "item", "--slot", "late_slot", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["applied"] == ["created durable slot 'late_slot'"]
+
+
+def test_setup_json_has_the_same_keys_in_every_outcome(
+    dsn: str, admin: psycopg.Connection, tmp_path: Any
+) -> None:
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE keyless (v text)")
+    outcomes = {
+        "ready": walex("setup", "--url", dsn, "-p", "pub", "-t", "item", "--json"),
+        "dry run": walex("setup", "--url", dsn, "-p", "pub", "-t", "item", "--dry-run", "--json"),
+        "blocked": walex("setup", "--url", dsn, "-p", "pub", "-t", "keyless", "--json"),
+        "unreachable": walex("setup", "--url", "postgresql://u:pw-s3cret@127.0.0.1:1/db",
+                             "-p", "pub", "--json"),
+        "no publication": walex("setup", "--url", dsn, "--json"),
+        "bad config file": walex("setup", "--config", str(tmp_path / "missing.toml"), "--json"),
+    }
+    with psycopg.connect(dsn) as open_txn:
+        open_txn.execute("INSERT INTO item VALUES (1)")
+        outcomes["failed applying"] = walex("setup", "--url", dsn, "-p", "pub", "-t", "item",
+                                            "--slot", "late_slot", "--json", **QUICK)
+    codes = {name: proc.returncode for name, proc in outcomes.items()}
+    assert codes == {"ready": 0, "dry run": 0, "blocked": 1, "unreachable": 3,
+                     "no publication": 1, "bad config file": 1, "failed applying": 1}, outcomes
+    results = {name: json.loads(proc.stdout) for name, proc in outcomes.items()}
+    keys = {name: sorted(result) for name, result in results.items()}
+    assert len({tuple(k) for k in keys.values()}) == 1, keys
+    assert sorted(results["ready"]) == sorted([
+        "publication", "platform", "target", "dry_run", "exit_code", "blocked", "findings",
+        "sql", "applied", "failed", "error"])
+    for name, result in results.items():
+        assert result["exit_code"] == codes[name]
+        assert (result["error"] is None) == (codes[name] == 0) or name == "blocked", result
+    assert results["unreachable"]["error"].startswith("could not check: cannot connect")
+    assert "publication" in results["no publication"]["error"]
+    assert "missing.toml" in results["bad config file"]["error"]
+    assert "pw-s3cret" not in json.dumps(results)
+
+
+def test_setup_gives_up_on_a_silent_network_while_applying(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """CREATE PUBLICATION waits for a lock, then the network goes silent: exit, no hang."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params["host"]), int(params["port"])).start()
+    try:
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE item IN ACCESS EXCLUSIVE MODE")
+            url = make_conninfo(dsn, port=proxy.port, application_name="setup_silent")
+            proc = subprocess.Popen([*WALEX, "setup", "--url", url, "-p", "pub", "-t", "item",
+                                     "--timeout", "8", "--json"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=ENV)
+            try:
+                deadline = time.monotonic() + 60
+                while admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'setup_silent' "
+                    "AND wait_event_type = 'Lock'").fetchone() is None:
+                    assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+                    time.sleep(0.05)
+                proxy.partition()  # the server's answer (a statement timeout) never arrives
+                out, err = proc.communicate(timeout=90)
+            finally:
+                proc.kill()
+    finally:
+        proxy.stop()
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    result = json.loads(out)
+    assert result["failed"] == 'CREATE PUBLICATION "pub" FOR TABLE "public"."item"', result
+    assert result["applied"] == [] and "no answer from" in result["error"], result
+    assert "whether it was applied is unknown" in result["error"]
+    assert "Nothing was applied before it" in result["error"]
+    assert state(admin)["publications"] == []  # the server's statement_timeout undid it

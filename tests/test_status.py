@@ -5,17 +5,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from support import collecting, run
+from walex.backfill.store import CREATE as CREATE_STORE
 from walex.cli_status import sparkline
 
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
+
 WALEX = [sys.executable, "-m", "walex.cli"]
-ENV = {**os.environ, "COLUMNS": "200"}
+# no WALEX_* from the environment: each test says what it gives
+ENV = {**{k: v for k, v in os.environ.items() if not k.upper().startswith("WALEX_")},
+       "COLUMNS": "200"}
 
 
 def status(dsn: str, *args: str) -> tuple[int, dict[str, Any]]:
@@ -81,3 +95,141 @@ def test_sparkline() -> None:
     assert sparkline([0, 0]) == "▁▁"
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇██"
     assert sparkline([5, 5]) == "▄▄"
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+@pytest.fixture
+def plain_role(admin: psycopg.Connection) -> Iterator[str]:
+    """A role without privileges (LOGIN, REPLICATION), dropped afterwards."""
+    role = f"walex_plain_{os.getpid()}"
+    admin.execute(f"DROP ROLE IF EXISTS {role}")
+    admin.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    try:
+        yield role
+    finally:
+        admin.execute(f"DROP OWNED BY {role}")
+        admin.execute(f"DROP ROLE {role}")
+
+
+def test_status_without_a_publication_reports_the_server_and_every_slot(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("SELECT pg_create_logical_replication_slot('first_slot', 'pgoutput')")
+    admin.execute("SELECT pg_create_logical_replication_slot('second_slot', 'pgoutput')")
+    proc = subprocess.run([*WALEX, "status", "--url", dsn, "--json"],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["publication"] is None and report["publication_exists"] is False
+    assert [s["slot"] for s in report["slots"]] == ["first_slot", "second_slot"]
+    assert report["wal_level"] == "logical" and report["settings"]["max_replication_slots"]
+    assert not [p for p in report["problems"] if p["fatal"]], report["problems"]
+
+    proc = subprocess.run([*WALEX, "status", "--url", dsn], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "first_slot" in proc.stdout and "second_slot" in proc.stdout
+    assert "no publication checked" in proc.stdout and "publication" not in proc.stderr
+
+
+def test_status_names_a_missing_privilege_and_exits_3(
+    dsn: str, admin: psycopg.Connection, plain_role: str
+) -> None:
+    admin.execute(CREATE_STORE.format(store="walex_backfill"))  # the progress store: not readable
+    url = make_conninfo(dsn, user=plain_role)
+    proc = subprocess.run([*WALEX, "status", "--url", url], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "permission denied for table walex_backfill" in proc.stderr, proc.stderr
+    proc = subprocess.run([*WALEX, "status", "--url", url, "--json"], capture_output=True,
+                          text=True, timeout=60, env=ENV)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["exit_code"] == 3 and "permission denied" in report["error"], report
+
+
+def blocked_on(admin: psycopg.Connection, application: str) -> int | None:
+    """The pid of the backend of ``application`` once it waits for a lock."""
+    row = admin.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock'", (application,)).fetchone()
+    return row[0] if row else None
+
+
+def test_status_reports_a_dropped_connection_and_exits_3(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("CREATE TABLE walex_backfill (x int)")
+    with psycopg.connect(dsn) as locker:  # holds the store: status waits on it
+        locker.execute("LOCK TABLE walex_backfill IN ACCESS EXCLUSIVE MODE")
+        url = make_conninfo(dsn, application_name="status_dropped")
+        proc = subprocess.Popen([*WALEX, "status", "--url", url], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            pid = wait_for(lambda: blocked_on(admin, "status_dropped"), "status waiting")
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 3, out + err
+    assert "Traceback" not in err and "terminating connection" in err, err
+
+
+def test_status_gives_up_on_a_silent_network(dsn: str, admin: psycopg.Connection) -> None:
+    """The connection goes silent mid-query (a proxy drops every byte): exit 3, no hang."""
+    admin.execute("CREATE TABLE walex_backfill (x int)")
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params["host"]), int(params["port"])).start()
+    try:
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE walex_backfill IN ACCESS EXCLUSIVE MODE")
+            url = make_conninfo(dsn, port=proxy.port, application_name="status_silent")
+            started = time.monotonic()
+            proc = subprocess.Popen([*WALEX, "status", "--url", url, "--timeout", "8"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=ENV)
+            try:
+                wait_for(lambda: blocked_on(admin, "status_silent"), "status waiting")
+                proxy.partition()  # the server's statement_timeout error never arrives
+                out, err = proc.communicate(timeout=90)
+            finally:
+                proc.kill()
+    finally:
+        proxy.stop()
+    assert proc.returncode == 3, out + err
+    assert "Traceback" not in err and "no answer from" in err, err
+    assert time.monotonic() - started < 90
+
+
+def test_status_watch_prints_each_refresh_when_stdout_is_a_pipe(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    admin.execute("SELECT pg_create_logical_replication_slot('watched_slot', 'pgoutput')")
+    proc = subprocess.Popen([*WALEX, "status", "--url", dsn, "-p", "pub", "--watch", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout],  # type: ignore[union-attr]
+                     daemon=True).start()
+    seen: list[str] = []
+
+    def refreshes() -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        return sum("Ctrl-C ends" in line for line in seen) >= 3
+
+    try:
+        wait_for(refreshes, "three refreshes on the pipe")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert sum("watched_slot" in line for line in seen) >= 3, seen

@@ -363,15 +363,24 @@ def test_more_builtin_types_match_select(admin: psycopg.Connection, dsn: str) ->
     run(main())
 
 
-def test_value_psycopg_cannot_load_is_a_clear_error(admin: psycopg.Connection, dsn: str) -> None:
-    """psycopg loads no 'infinity' timestamp (a SELECT fails too): the app stops with a
-    DecodeError naming the column and the way out, not a bare psycopg DataError."""
+def test_value_a_user_loader_refuses_is_a_clear_error(admin: psycopg.Connection, dsn: str) -> None:
+    """A loader the user registered raises (walex gives values psycopg's own loaders cannot
+    hold as text, tests/workers/test_edge_values.py): the app stops with a DecodeError naming
+    the column and the way out, not a bare exception of the loader."""
+    from psycopg.adapt import Loader
+
     from walex import DecodeError
 
     admin.execute("""
         CREATE TABLE t (id int PRIMARY KEY, valid_until timestamptz);
         CREATE PUBLICATION pub FOR TABLE t;
     """)
+    psycopgs = psycopg.adapters.get_loader(1184, psycopg.pq.Format.TEXT)
+    assert psycopgs is not None
+
+    class Refusing(Loader):
+        def load(self, data: Any) -> Any:
+            raise ValueError(f"no {bytes(data).decode()} here")
 
     async def main() -> str:
         try:
@@ -382,9 +391,13 @@ def test_value_psycopg_cannot_load_is_a_clear_error(admin: psycopg.Connection, d
             return str(exc)
         raise AssertionError("no DecodeError")
 
-    message = run(main())
+    psycopg.adapters.register_loader("timestamptz", Refusing)
+    try:
+        message = run(main())
+    finally:
+        psycopg.adapters.register_loader("timestamptz", psycopgs)
     assert "column 'valid_until' (timestamptz) of a Insert row of public.t" in message
-    assert "register a loader" in message
+    assert "no infinity here" in message and "make it take this value" in message
 
 
 @pytest.mark.parametrize("setting, value", [

@@ -4,7 +4,7 @@
 to know before and while streaming: ``wal_level``, replication capacity,
 the publication and the replica identity of its tables, every slot with its
 client, lag and WAL status. Each problem comes with the SQL or setting that
-fixes it. What ``walex setup`` checks and changes is :mod:`walex.diagnosis`.
+fixes it. Without a publication (None) it reports the rest and checks none. What ``walex setup`` checks and changes is :mod:`walex.diagnosis`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Status:
     server_version: str
     wal_level: str
     database: str
-    publication: str
+    publication: str | None  # None: none was given, none was checked
     publication_exists: bool
     tables: list[dict[str, Any]] = field(default_factory=list)  # schema, table, replica_identity
     slots: list[dict[str, Any]] = field(default_factory=list)
@@ -62,7 +62,7 @@ def human_size(size: int | None) -> str | None:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
+def inspect_database(conn: psycopg.Connection, publication: str | None) -> Status:
     row = conn.execute(
         "SELECT current_setting('server_version'), current_setting('wal_level'), current_database()"
     ).fetchone()
@@ -85,6 +85,9 @@ def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
             "the current role may not start replication",
             "ALTER ROLE <role> REPLICATION; (as a superuser)",
         ))
+    if publication is None:
+        _inspect_slots(conn, status)
+        return status
     status.publication_exists = conn.execute(
         "SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,)
     ).fetchone() is not None
@@ -119,6 +122,12 @@ def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
                 f"ALTER TABLE {qualified} REPLICA IDENTITY FULL; (walex setup --replica-identity-full)",
                 fatal=False,
             ))
+    _inspect_slots(conn, status)
+    return status
+
+
+def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
+    """Every logical slot of the database, with its client, lag and WAL status."""
     has_wal_status = conn.info.server_version >= 130000
     for slot in conn.execute(
         "SELECT s.slot_name, s.plugin, s.temporary, s.active, s.active_pid, "
@@ -153,4 +162,3 @@ def inspect_database(conn: psycopg.Connection, publication: str) -> Status:
                 f"start its consumer, or drop it: SELECT pg_drop_replication_slot('{name}');",
                 fatal=False,
             ))
-    return status

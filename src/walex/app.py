@@ -110,7 +110,8 @@ class WalEx(Lifecycle):
         if s.destinations:  # walex.destinations (and its encoders) only for an app that publishes
             from .destinations import Destinations
 
-            self.destinations = Destinations(s.destination_urls(), s.partitions)
+            self.destinations = Destinations(s.destination_urls(), s.partitions,
+                                             s.destination_window)
             # a permanent refusal follows on_error, as a failed handler call
             self.destinations.refused = self.dispatcher.settle
         self.pipeline.destinations = self.destinations
@@ -236,6 +237,7 @@ class WalEx(Lifecycle):
                 reader.cancel()
                 pipeline = self.pipeline
                 pipeline.closing = True  # the dispatcher takes no batch after the one in hand
+                pipeline.queue.interrupt()  # nor waits for one (a window may wait to drain)
                 if pipeline.busy and not dispatcher.done():
                     await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
                     if not dispatcher.done():

@@ -8,12 +8,21 @@ checks, then changes only what is missing; ``tail`` prints the changes of a
 publication as they are committed, on a temporary slot (so it leaves nothing
 behind), until Ctrl-C; ``drop-slot`` drops a slot that is not in use, after
 saying how much WAL it holds and asking.
+
+Every query has a timeout (``--timeout``, 30 s by default): the session's
+``statement_timeout`` is set to it (unless a lower one is set already, e.g.
+in ``PGOPTIONS``), and :func:`deadline` gives up on the client side a little
+later, for a network that goes silent without closing the connection.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import psycopg
 import typer
@@ -38,6 +47,11 @@ ConfigOption = Annotated[
     Optional[Path],  # noqa: UP007
     typer.Option("--config", "-c", help="A TOML file of WalEx options."),
 ]
+QUERY_TIMEOUT = 30.0  # seconds, the default of --timeout
+TimeoutOption = Annotated[float, typer.Option(
+    "--timeout", metavar="SECONDS", min=1,
+    help="Give up on a query after SECONDS (statement_timeout; a silent network too).")]
+_MARGIN = 5.0  # the client gives up this long after the server's statement_timeout would
 
 
 _HINTS = {"publication": "-p/--publication"}  # how a missing option is given here
@@ -51,13 +65,67 @@ def _settings(url: str | None, publication: str | None, config: Path | None) -> 
     return load_settings(hints=_HINTS, **options)
 
 
-def _connect(settings: WalExSettings) -> psycopg.Connection:
+def _connect(settings: WalExSettings, timeout: float = QUERY_TIMEOUT) -> psycopg.Connection:
+    """An autocommit connection whose statements time out after ``timeout`` seconds."""
     try:
-        return psycopg.connect(settings.conninfo(), autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(settings.conninfo(), autocommit=True,
+                               connect_timeout=max(2, min(10, round(timeout))))
     except psycopg.Error as exc:
         raise SetupError(
             f"cannot connect to {settings.display_target()}: {redact(str(exc), settings.secret())}"
         ) from None
+    ms = int(timeout * 1000)
+    try:
+        with deadline(conn, settings, timeout, "setting statement_timeout"):
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false) FROM pg_settings "
+                "WHERE name = 'statement_timeout' AND (setting::bigint = 0 OR setting::bigint > %s)",
+                (f"{ms}ms", ms))
+    except psycopg.Error as exc:
+        conn.close()
+        raise SetupError(f"cannot use {settings.display_target()}: "
+                         f"{redact(str(exc).strip(), settings.secret())}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class _Expired(BaseException):
+    """The client-side deadline passed (raised by SIGALRM inside a query's wait)."""
+
+
+@contextmanager
+def deadline(conn: psycopg.Connection, settings: WalExSettings, timeout: float,
+             what: str) -> Iterator[None]:
+    """A SetupError when the block still waits for the server ``timeout`` (+5) seconds on.
+
+    The server's ``statement_timeout`` ends slow statements; this ends the wait
+    for an answer that never comes (a network that drops packets without closing
+    the connection). The connection is closed when it fires. Main thread only
+    (SIGALRM); elsewhere the block runs without it. Not nested: one at a time.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+    seconds = timeout + _MARGIN
+
+    def expire(signum: int, frame: Any) -> None:
+        conn.pgconn.finish()  # the wait is abandoned: nothing may use the connection again
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Expired:
+        raise SetupError(
+            f"no answer from {settings.display_target()} in {seconds:g}s while {what}: the "
+            "network or the server is not answering (a firewall dropping packets, a paused "
+            "server?); check the connection, or raise --timeout") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -139,10 +207,12 @@ def drop_slot(
     try:
         settings = _settings(url, "_", config)  # no publication involved
         with _connect(settings) as conn:
-            row = conn.execute(
-                "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
-                "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))"
-                "::bigint FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            with deadline(conn, settings, QUERY_TIMEOUT, "reading the slot"):
+                row = conn.execute(
+                    "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
+                    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, "
+                    "restart_lsn))::bigint FROM pg_replication_slots WHERE slot_name = %s",
+                    (name,)).fetchone()
             if row is None:
                 raise SetupError(f"replication slot {name!r} does not exist on "
                                  f"{settings.display_target()}")
@@ -161,7 +231,8 @@ def drop_slot(
                 out.print("not dropped")
                 raise typer.Exit(1)
             try:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+                with deadline(conn, settings, QUERY_TIMEOUT, "dropping the slot"):
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
             except psycopg.Error as exc:
                 raise SetupError(f"cannot drop slot {name!r}: "
                                  f"{redact(str(exc).strip(), settings.secret())}") from None

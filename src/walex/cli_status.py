@@ -1,24 +1,32 @@
 """``walex status``: readiness, every slot's client, lag and WAL status; for people and scripts.
 
 It only reads. Text by default, ``--json`` for scripts, ``--watch`` for a
-live table refreshed every few seconds with a sparkline of each slot's lag.
+live table refreshed every few seconds with a sparkline of each slot's lag
+(when stdout is not a terminal, each refresh is printed after the last).
 ``--slot`` limits the slot checks to one slot; ``--max-lag 1GiB`` makes a
-slot whose lag is over that size fail the check.
+slot whose lag is over that size fail the check. Without a publication
+(no ``-p``, ``WALEX_PUBLICATION`` or ``publication`` in the file) it reports
+the server, its settings and every slot, and checks no publication.
 
 Exit codes, for a health check: 0 fine; 1 PostgreSQL is not set up for walex
 (a problem with its fix is printed); 2 a slot was invalidated
 (``wal_status = 'lost'``) or is over ``--max-lag``; 3 the server could not be
-checked (unreachable, refused). With ``--watch`` the code of the last check.
+checked (unreachable, refused, the connection lost, a privilege missing, no
+answer within ``--timeout``), with the reason. With ``--watch`` the code of
+the last check.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import deque
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import psycopg
 import typer
 from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console, Group
@@ -28,9 +36,12 @@ from rich.table import Table
 from .admin import Status, human_size, inspect_database
 from .backfill.report import status_table as backfill_table
 from .backfill.store import Job, read_all as read_backfills
-from .cli_admin import ConfigOption, PublicationOption, UrlOption, _connect, _fail, _settings
-from .config import WalExSettings
-from .errors import ConfigError, SetupError, WalExError
+from .cli_admin import (
+    QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
+    _settings, deadline,
+)
+from .config import WalExSettings, read_toml
+from .errors import ConfigError, SetupError, WalExError, redact
 
 __all__ = ["status", "sparkline", "slot_alerts"]
 
@@ -76,11 +87,34 @@ def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[s
     return alerts
 
 
-def _check(settings: WalExSettings) -> tuple[Status, list[Job]]:
-    """The server's state and the backfills recorded in the progress store."""
-    with _connect(settings) as conn:
-        report = inspect_database(conn, settings.publication)
-        return report, read_backfills(conn, settings.backfill_table) or []
+def _status_settings(
+    url: str | None, publication: str | None, config: Path | None
+) -> tuple[WalExSettings, str | None]:
+    """The settings and the publication to check (None when none is configured anywhere)."""
+    given = publication is not None or any(k.upper() == "WALEX_PUBLICATION" for k in os.environ) \
+        or (config is not None and "publication" in read_toml(config))
+    if given:
+        settings = _settings(url, publication, config)
+        return settings, settings.publication
+    return _settings(url, "-", config), None  # a placeholder the report never uses
+
+
+def _check(settings: WalExSettings, publication: str | None,
+           timeout: float = QUERY_TIMEOUT) -> tuple[Status, list[Job]]:
+    """The server's state and the backfills recorded in the progress store.
+
+    Anything that stops the check (the server unreachable or not answering, the
+    connection lost, a privilege missing) is a SetupError saying why.
+    """
+    with _connect(settings, timeout) as conn:
+        try:
+            with deadline(conn, settings, timeout, "reading the server's state"):
+                report = inspect_database(conn, publication)
+                return report, read_backfills(conn, settings.backfill_table) or []
+        except psycopg.Error as exc:
+            message = redact(str(exc).strip(), settings.secret()) or type(exc).__name__
+            raise SetupError(f"could not read the state of {settings.display_target()}: "
+                             f"{message}") from None
 
 
 def status(
@@ -97,23 +131,25 @@ def status(
     max_lag: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--max-lag", metavar="SIZE", help="Exit 2 when a slot lags more than SIZE (500MB, 1GiB).",
         show_default=False)] = None,
+    timeout: TimeoutOption = QUERY_TIMEOUT,
 ) -> None:
     """Report whether PostgreSQL is ready for walex, and every slot's client and lag."""
     try:
-        settings = _settings(url, publication, config)
+        settings, pub = _status_settings(url, publication, config)
         limit = _max_lag(max_lag)
         if watch is not None and watch <= 0:
             raise ConfigError(f"--watch takes a number of seconds above 0, got {watch:g}")
     except WalExError as exc:
         raise _fail(exc) from None
     if watch is not None:
-        raise typer.Exit(_watch(settings, watch, slot, limit))
+        raise typer.Exit(_watch(settings, pub, watch, slot, limit, timeout))
     try:
-        report, backfills = _check(settings)
+        report, backfills = _check(settings, pub, timeout)
     except SetupError as exc:
         if as_json:
             print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
-        Console(stderr=True).print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]walex:[/] could not check: {escape(str(exc))}",
+                                   soft_wrap=True)
         raise typer.Exit(3) from None
     except WalExError as exc:
         raise _fail(exc) from None
@@ -167,10 +203,12 @@ def _print(report: Status, alerts: list[str], backfills: list[Job]) -> None:
     for alert in alerts:
         out.print(f"[bold red]alert[/]: {escape(alert)}", soft_wrap=True)
     if report.ok and not alerts:
-        out.print("[bold green]ready:[/] walex can stream this publication")
+        out.print("[bold green]ready:[/] walex can stream this publication" if report.publication
+                  else "[bold green]ok:[/] no publication checked (give -p to check one)")
 
 
-def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int | None) -> int:
+def _watch(settings: WalExSettings, publication: str | None, every: float, slot: str | None,
+           limit: int | None, timeout: float) -> int:
     from rich.live import Live
 
     history: dict[str, deque[int]] = {}
@@ -179,7 +217,7 @@ def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int |
     def frame() -> Any:
         nonlocal code
         try:
-            report, backfills = _check(settings)
+            report, backfills = _check(settings, publication, timeout)
         except WalExError as exc:
             code = 3
             return f"[bold red]{time.strftime('%H:%M:%S')} could not check:[/] {escape(str(exc))}"
@@ -199,6 +237,11 @@ def _watch(settings: WalExSettings, every: float, slot: str | None, limit: int |
         return Group(*tables, *lines)
 
     try:
+        if not out.is_terminal:  # a pipe or a file: each refresh after the last, as it comes
+            while True:
+                out.print(frame())
+                out.file.flush()
+                time.sleep(every)
         with Live(frame(), console=out, auto_refresh=False,
                   screen=False, transient=False) as live:
             while True:

@@ -1,5 +1,9 @@
 """``walex worker SOURCE_URL package.module:obj``: handlers fed by what a relay published.
 
+``walex worker --declare SOURCE_URL`` declares the group on the broker (the
+stream or exchange, the group's consumers or queues) and exits: run it
+before the relay publishes, so the group gets every event.
+
 ``obj`` may be a :class:`~walex.WalEx` app (its handler modules, name and
 error policy are used; it does not connect to PostgreSQL), a
 :class:`~walex.Events` handler module, or, without ``:obj``, a Python module
@@ -7,7 +11,9 @@ error policy are used; it does not connect to PostgreSQL), a
 ``partitions=N`` when the relay has ``partitions`` (see :mod:`walex.workers`).
 Options given on the command line override the app's (``--metrics-port``
 is the worker's own: an app's ``metrics_port`` is not taken, as several
-workers of one app may share a machine). SIGINT and SIGTERM
+workers of one app may share a machine). ``--types package.module:mapping``
+is the worker's ``types`` (:class:`~walex.destinations.decoding.Decoder`);
+domains need none: the message names their base types. SIGINT and SIGTERM
 stop the worker cleanly (exit 0); a handler failure under ``on_error="stop"``
 exits 1 with the error, its messages left to the other workers.
 """
@@ -39,6 +45,8 @@ def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
 
     consumer_from_url(source_url)  # a bad URL is reported before the handlers are imported
     obj = import_object(target)
+    if isinstance(options.get("types"), str):  # 'package.module:mapping'
+        options = {**options, "types": import_object(options["types"])}
     if isinstance(obj, WalEx):
         return Worker.for_app(source_url, obj, **options)
     if isinstance(obj, Events):
@@ -49,6 +57,24 @@ def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
                       f"Python module holding them (its type is {type(obj).__name__})")
 
 
+def _declare(source_url: str, secrets: list[str]) -> None:
+    import asyncio
+
+    from .destinations.base import Unavailable
+    from .errors import DestinationError
+    from .workers import consumer_from_url
+
+    consumer = consumer_from_url(source_url)
+    secrets.extend(consumer.url.secrets)
+    try:
+        asyncio.run(asyncio.wait_for(consumer.declare(), 120))
+    except (Unavailable, TimeoutError) as exc:
+        raise DestinationError(f"cannot declare on {consumer.display}: "
+                               f"{exc or 'no answer'}") from None
+    typer.echo(f"declared group {consumer.group!r} ({consumer.partitions} partition(s)) on "
+               f"{consumer.display}")
+
+
 def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., None]:
     """The ``worker`` command, logging set up by ``setup_logging(level, format)``."""
 
@@ -56,9 +82,14 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
         source_url: Annotated[str, typer.Argument(
             help="The relay's destination URL (nats:// or amqp://), plus &partitions=N if the "
                  "relay has partitions.", show_default=False)],
-        target: Annotated[str, typer.Argument(
+        target: Annotated[Optional[str], typer.Argument(  # noqa: UP007
             help="The handlers: 'package.module:app' (a WalEx app), 'package.module:events' "
-                 "(a walex.Events) or 'package.module'.", show_default=False)],
+                 "(a walex.Events) or 'package.module' (not with --declare).",
+            show_default=False)] = None,
+        declare: Annotated[bool, typer.Option(
+            "--declare", help="Declare the group on the broker (the stream or exchange, the "
+                              "group's consumers or queues) and exit: before the relay "
+                              "publishes, so that the group gets every event.")] = False,
         concurrency: Annotated[Optional[int], typer.Option(  # noqa: UP007
             help="Handler calls at once, for different partitions (default 1).",
             show_default=False)] = None,
@@ -71,6 +102,9 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
         metrics_port: Annotated[Optional[int], typer.Option(  # noqa: UP007
             help="Serve /metrics, /healthz and /livez on this port (needs walex\\[metrics]).",
             show_default=False)] = None,
+        types: Annotated[Optional[str], typer.Option(  # noqa: UP007
+            help="'package.module:mapping': {type name: callable} typing the JSON form of a "
+                 "user type back (see walex.destinations.decoding).", show_default=False)] = None,
         loop: Annotated[Optional[str], typer.Option(  # noqa: UP007
             help="The event loop: auto (uvloop if installed), asyncio or uvloop (default: the "
                  "app's, else WALEX_LOOP, else auto).", show_default=False)] = None,
@@ -87,11 +121,17 @@ def command(setup_logging: Callable[[str, str], list[str]]) -> Callable[..., Non
             if fmt not in ("text", "json"):
                 raise ConfigError(f"--log-format must be text or json, got {log_format!r}")
             secrets = setup_logging(level, fmt)
+            if declare:
+                _declare(source_url, secrets)
+                return
+            if target is None:
+                raise ConfigError("walex worker needs the handlers ('package.module:app'), "
+                                  "or --declare")
             folder = Path(app_dir).resolve()
             sys.path.insert(0, str(folder))
             options = {k: v for k, v in (("concurrency", concurrency), ("on_error", on_error),
                                          ("max_retries", max_retries), ("loop", loop),
-                                         ("metrics_port", metrics_port))
+                                         ("metrics_port", metrics_port), ("types", types))
                        if v is not None}
             try:
                 built = build_worker(source_url, target, options)

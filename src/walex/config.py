@@ -100,6 +100,9 @@ class WalExSettings(BaseSettings):
     # destinations: broker and webhook URLs every event is published to (walex.destinations)
     destinations: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     partitions: int = Field(default=1, ge=1, le=65536)  # {partition}: hash of table and key
+    # transactions published to a destination before their confirmation (window= in a URL
+    # overrides it): acknowledgement still waits for the confirmations, in order
+    destination_window: int = Field(default=256, ge=1, le=1_000_000)
 
     # the slot
     durable_slot: bool = False

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
 
 _FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover",
-          "destinations", "partitions", "backfill_table"}
+          "destinations", "partitions", "destination_window", "backfill_table"}
 
 
 class RuntimeConfig:

@@ -472,15 +472,17 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def apply_plan(conn: psycopg.Connection, plan: Plan) -> list[str]:
+def apply_plan(conn: psycopg.Connection, plan: Plan, done: list[str] | None = None) -> list[str]:
     """Run the plan's runnable actions; returns what was done (empty when blocked).
 
     ``conn`` must be in autocommit mode. The DDL runs in one transaction: a
     failure (a concurrent change, a privilege the checks could not see)
-    leaves the database as it was and raises :class:`psycopg.Error`.
+    leaves it undone and raises :class:`psycopg.Error`. What ran before the
+    failing step stays applied: ``done``, when given, receives each step's
+    report as it completes, so the caller can say exactly what was applied.
     """
     actions = plan.runnable()
-    done: list[str] = []
+    done = [] if done is None else done
     for action in (a for a in actions if a.phase == "system"):
         conn.execute(action.sql)
         done.append(action.done)

@@ -66,6 +66,9 @@ class Source:
     primary_key: tuple[str, ...] = ()
     name: str = "WalEx"
     version: str = field(default_factory=walex_version)
+    # the column types that are domains (or arrays of domains) -> the type their values
+    # load as: {"positive_amount": "numeric", "day[]": "date[]"}
+    base_types: dict[str, str] = field(default_factory=dict)
 
 
 class Change(NamedTuple):

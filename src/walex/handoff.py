@@ -27,6 +27,12 @@ deferred batches are in hand, no longer queued), so a call can hold up to
 waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
+With destinations whose window is above 1 (:mod:`walex.destinations.window`),
+each batch is submitted to the destinations' lanes and handed to the
+handlers; the window records it handled, in order, once every destination
+confirmed it, so the dispatcher does not wait for a confirmation (its
+batches stay counted in ``max_pending_bytes`` until recorded).
+
 Runs of plain calls and async calls awaited in the loop serve apps without
 destinations, tracing or ``max_batch`` handlers (metrics alone count through
 the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch
@@ -36,9 +42,11 @@ Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
 queued or in hand hold at most ``max_pending_transactions`` entries (plus the
 read batches of a backfill; plus, deferred for a ``max_batch`` handler, up to
-the larger of that and ``max_batch``) and about ``max_pending_bytes``; once
+the larger of that and ``max_batch``; plus, with a destination window, the
+batches waiting for their confirmations) and about ``max_pending_bytes``; once
 ``closing`` is set no call starts but the one in hand (and, for a ``max_batch``
-handler, the call holding the events of the batches in hand).
+handler, the call holding the events of the batches in hand), and a window's
+batches are given ``shutdown_grace`` to be confirmed.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ class BatchQueue:
         self._room = asyncio.Event()  # the reader waits on it, the queue being full
         self._dispatcher_waits = False
         self._reader_waits = False
+        self.interrupted = False
 
     def qsize(self) -> int:
         return len(self.items)
@@ -113,11 +122,21 @@ class BatchQueue:
         self.put_nowait(txn, counted)
 
     async def wait_ready(self) -> None:
-        """Wait until something is queued."""
+        """Wait until something is queued, or :meth:`interrupt` was called."""
         while not self.items:
             self._dispatcher_waits = True
             self._ready.clear()
             await self._ready.wait()
+            if self.interrupted:
+                self.interrupted = False
+                return
+
+    def interrupt(self) -> None:
+        """Make a waiting :meth:`wait_ready` return (``stop()`` set ``closing``)."""
+        if self._dispatcher_waits:
+            self.interrupted = True
+            self._dispatcher_waits = False
+            self._ready.set()
 
     def release(self, size: int) -> None:
         """A batch taken off the queue was handled: its bytes leave the budget."""
@@ -147,6 +166,19 @@ async def run_dispatcher(p: Any) -> None:
     after the batch (or run of plain calls) in hand."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     dispatcher.refresh()  # handlers registered after the app was made count
+    destinations = p.destinations
+    if destinations and destinations.pipelined:  # a window of unconfirmed transactions
+        window = p.window = destinations.lanes(partial(_handled, p, queue, ack))
+        async with window.running():
+            if dispatcher.batching:
+                await _run_batching(p, window)
+            else:
+                await _run_windowed(p, window)
+            if window:  # closing: the batches published wait for their confirmations
+                p.in_hand = window.first
+                await window.drain()
+                p.in_hand = None
+        return
     if dispatcher.batching:  # a max_batch handler: the loop of its own below
         await _run_batching(p)
         return
@@ -222,7 +254,36 @@ async def run_dispatcher(p: Any) -> None:
         p.in_hand = None
 
 
-async def _run_batching(p: Any) -> None:
+async def _run_windowed(p: Any, window: Any) -> None:
+    """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): each batch is
+    submitted to the destinations' lanes (once they have room) and handed to the handlers;
+    the window records it handled once the handlers and every destination finished it and
+    every earlier batch was recorded, so the next batch does not wait for a confirmation."""
+    queue, dispatcher = p.queue, p.dispatcher
+    items = queue.items
+    dispatch = dispatcher.dispatch
+    observer = p.observer
+    if observer is not None:
+        dispatch = observer(dispatch)  # metrics / tracing per batch
+    slot, context = p.slot_name, TRANSACTION
+    submit, finished = window.submit, window.finished
+    while not p.closing:
+        if not items:
+            await queue.wait_ready()
+            continue
+        txn = items.popleft()
+        p.in_hand = txn
+        token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+        try:
+            entry = await submit(txn)  # published from now on, while the handlers run
+            await dispatch(txn)  # raises HandlerError under "stop": the entry stays unrecorded
+        finally:
+            context.reset(token)
+        p.in_hand = None
+        finished(entry)
+
+
+async def _run_batching(p: Any, window: Any = None) -> None:
     """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
     queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
     the batches deferred; those are recorded handled, in order, once
@@ -231,7 +292,7 @@ async def _run_batching(p: Any) -> None:
     per transaction until the next start."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
-    deferred: list[Transaction] = []
+    deferred: list[Any] = []  # batches, or with a window their entries
     # most batches deferred at once: enough for a call of max_batch single-event
     # transactions, however short the queue (the byte budget bounds their memory)
     hold = max(queue.limit, dispatcher.max_batch)
@@ -257,13 +318,16 @@ async def _run_batching(p: Any) -> None:
                 todo = plan(txn)
                 if not kept(todo):
                     await dispatch_one(txn, todo, True)
+            elif window is not None:  # published through the lanes, recorded by the window
+                entry = await window.submit(txn)
+                await dispatch(txn)
             elif destinations is None:
                 await dispatch(txn)
             else:  # published while the handlers run; both must finish
                 await destinations.alongside(txn, dispatch)
         finally:
             context.reset(token)
-        deferred.append(txn)
+        deferred.append(txn if window is None else entry)
         if dispatcher.pending:  # events kept for a later call
             if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
                 # the reader holds a batch and waits for room: the deferred batches are
@@ -279,8 +343,12 @@ async def _run_batching(p: Any) -> None:
                 await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
             finally:
                 context.reset(token)
-        for done in deferred:  # every call holding their events returned (no await in
-            _handled(p, queue, ack, done)  # between: the reader runs once they all are)
+        if window is not None:  # the window records them once the destinations confirmed
+            for done in deferred:
+                window.finished(done)
+        else:
+            for done in deferred:  # every call holding their events returned (no await in
+                _handled(p, queue, ack, done)  # between: the reader runs once they all are)
         deferred.clear()
         p.in_hand = None
 

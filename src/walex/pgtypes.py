@@ -18,6 +18,15 @@ once and registers what makes it load like the type it is:
 - anything else (enum, citext, ...) loads as ``str`` unless a loader was
   registered for it.
 
+:meth:`TypeCatalog.base_name` names the type a domain (or an array of
+domains) loads as, for the messages a relay publishes. :meth:`TypeCatalog.tolerant`
+is the same adapters where psycopg's own loaders of date, time, timetz,
+timestamp, timestamptz and interval (and of the domains over them) give a value
+Python cannot hold (``infinity``, a year BC or after 9999, ``24:00:00``, an
+interval beyond ``timedelta``) as its PostgreSQL text form, a ``str``: a row
+is typed with it only when the plain adapters failed, so the common row pays
+nothing.
+
 Lookups run on a :class:`~walex.lookups.LookupConnection`, reopened when the
 server closed it.
 
@@ -109,6 +118,42 @@ def _user_json_loads() -> bool:
     loader = psycopg.adapters.get_loader(3802, Format.TEXT)
     return getattr(loader, "_loads", pgjson.json.loads) is not pgjson.json.loads
 
+# date, time, timetz, timestamp, timestamptz, interval: types of values Python may not hold
+_TEMPORAL = (1082, 1083, 1266, 1114, 1184, 1186)
+
+
+class _OrText(Loader):
+    """A psycopg loader (``inner``, subclassed per loader by :func:`_or_text`) whose value
+    Python cannot hold is loaded as its text form, as PostgreSQL wrote it."""
+
+    inner: type[Loader]
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._load = self.inner(oid, context).load
+
+    def load(self, data: Any) -> Any:
+        try:
+            return self._load(data)
+        except (psycopg.DataError, ValueError, OverflowError):
+            return bytes(data).decode("utf-8", "replace")
+
+
+_or_text_classes: dict[type[Loader], type[Loader]] = {}
+
+
+def _or_text(inner: type[Loader]) -> type[Loader]:
+    cls = _or_text_classes.get(inner)
+    if cls is None:
+        cls = _or_text_classes[inner] = type(f"{inner.__name__}OrText", (_OrText,), {"inner": inner})
+    return cls
+
+
+def _psycopgs(loader: type[Loader]) -> bool:
+    """Whether a loader class is psycopg's own (C or Python), not one the user registered."""
+    return loader.__module__.split(".")[0] in ("psycopg", "psycopg_binary", "psycopg_c")
+
+
 _PG_TYPE_QUERY = """
 SELECT t.oid, t.typname, n.nspname, t.typtype, t.typbasetype, t.typelem, t.typarray,
        format_type(t.oid, NULL)
@@ -133,6 +178,9 @@ class TypeCatalog:
             for oid in (114, 3802):  # json, jsonb in text format
                 self.adapters.register_loader(oid, loader)
         self._names: dict[int, str] = {}
+        self._domains: dict[int, int] = {}  # domain -> its base type, for the domains walex types
+        self._arrays: dict[int, int] = {}  # array -> its element, for the arrays walex registered
+        self._tolerant: AdaptersMap | None = None
 
     def name(self, oid: int) -> str:
         """The type's name as Postgres spells it (``int4``, ``text[]``, ``mood``)."""
@@ -143,6 +191,37 @@ class TypeCatalog:
         if info is None:
             return str(oid)
         return f"{info.name}[]" if info.array_oid == oid and info.oid != oid else info.name
+
+    def base_name(self, oid: int) -> str | None:
+        """The name of the type a domain's values load as (``date``; ``date[]`` for an array
+        of a domain over date); None for a type that is neither."""
+        base = self._domains.get(oid)
+        if base is not None:
+            return self.base_name(base) or self.name(base)
+        element = self._arrays.get(oid)
+        if element is not None:
+            inner = self.base_name(element)
+            return None if inner is None else f"{inner}[]"
+        return None
+
+    def tolerant(self) -> AdaptersMap:
+        """The adapters, with the text form for the values of psycopg's own date and time
+        loaders that Python cannot hold (see the module's docstring)."""
+        if self._tolerant is None:
+            tolerant = AdaptersMap(self.adapters)
+            for oid in _TEMPORAL:
+                loader = self.adapters.get_loader(oid, Format.TEXT)
+                if loader is not None and _psycopgs(loader):
+                    tolerant.register_loader(oid, _or_text(loader))
+            for domain in self._domains:
+                base = domain
+                while base in self._domains:
+                    base = self._domains[base]
+                if base in _TEMPORAL and self.adapters.get_loader(domain, Format.TEXT) is \
+                        self.adapters.get_loader(base, Format.TEXT):
+                    tolerant.register_loader(domain, tolerant.get_loader(base, Format.TEXT))
+            self._tolerant = tolerant
+        return self._tolerant
 
     def _is_known(self, oid: int) -> bool:
         return oid in self._names or (
@@ -174,15 +253,18 @@ class TypeCatalog:
     async def _register(self, row: tuple) -> None:
         oid, typname, nspname, typtype, basetype, elem, array_oid, _formatted = row
         user_loader = self.adapters.get_loader(oid, Format.TEXT) is not None
+        self._tolerant = None  # made again with this type when next asked for
         if elem and typtype == "b" and typname.startswith("_"):  # an array type
             self._names[oid] = f"{self.name(elem)}[]"
             if not user_loader:
                 register_array(TypeInfo(self.name(elem), elem, oid), self.adapters)
+                self._arrays[oid] = elem
             return
         self._names[oid] = typname if nspname in ("pg_catalog", "public") else f"{nspname}.{typname}"
         if user_loader or self.lookups is None:
             return  # the user registered this type already
         if typtype == "d":
+            self._domains[oid] = basetype
             for fmt in (Format.TEXT, Format.BINARY):
                 loader = self.adapters.get_loader(basetype, fmt)
                 if loader is not None:

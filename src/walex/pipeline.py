@@ -86,6 +86,9 @@ class Pipeline:
         self.slot_name = slot_name
         self.dispatcher = dispatcher
         self.destinations: Any = None  # walex.destinations.Destinations, set by the app
+        # walex.destinations.window.Window: batches handed to the destinations' lanes and not
+        # yet recorded (set by the dispatcher when a destination's window is above 1)
+        self.window: Any = None
         self.owner = owner  # passed to message_middleware
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
@@ -486,8 +489,8 @@ class Pipeline:
 
     @property
     def busy(self) -> bool:
-        """Whether a batch is being dispatched."""
-        return self.in_hand is not None
+        """Whether a batch is being dispatched, or waits in a window for its confirmations."""
+        return self.in_hand is not None or bool(self.window)
 
     @property
     def pending_bytes(self) -> int:
@@ -500,6 +503,7 @@ class Pipeline:
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.reached_ahead = 0
         self.in_hand = None
+        self.window = None  # its batches were not acknowledged: delivered again
         return count
 
     @property

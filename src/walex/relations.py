@@ -7,6 +7,12 @@ were resolved by the :class:`~walex.pgtypes.TypeCatalog`. A :class:`Table`
 types a row with one psycopg ``Transformer`` set up once per definition, so
 the common row (every value text or NULL) is typed in one C call.
 
+A row the Transformer cannot type (a date of ``infinity``, a year BC or after
+9999, a time of ``24:00:00``, ...) is typed again with the catalog's
+:meth:`~walex.pgtypes.TypeCatalog.tolerant` adapters, where such a value is its
+PostgreSQL text form; only a value that still cannot be typed (a user's loader
+raised) stops the stream with a :class:`~walex.errors.DecodeError`.
+
 Invariants: a change is typed only with the definition announced before it in
 the stream; a row whose column count differs from its definition is an error,
 never silently truncated or padded.
@@ -42,6 +48,7 @@ class Table:
     __slots__ = (
         "relation_id", "schema", "name", "replica_identity", "column_names",
         "key_indexes", "type_oids", "source", "subscribed", "load_plain", "_tx", "_loaders",
+        "_tolerant", "_tolerant_tx",
     )
 
     def __init__(
@@ -61,6 +68,11 @@ class Table:
             primary_key=(
                 tuple(c.name for c in rel.columns if c.is_key) if primary_key is None else primary_key
             ),
+            base_types={
+                name: base for name, base in (
+                    (catalog.name(c.type_oid), catalog.base_name(c.type_oid)) for c in rel.columns
+                ) if base is not None
+            },
         )
         self.subscribed = subscribed
         self._tx = Transformer(catalog.adapters)
@@ -70,6 +82,8 @@ class Table:
         # calls it directly, and load() when it raises
         self.load_plain = self._tx.load_sequence
         self._loaders: dict[tuple[int, int], Any] = {}
+        self._tolerant = catalog.tolerant()  # made when a row needs it: _load_tolerant
+        self._tolerant_tx: Transformer | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -99,28 +113,47 @@ class Table:
                     fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
                     out.append(self._loader(i, fmt).load(value))
             return out
+        except Exception:
+            pass
+        try:
+            return self._load_tolerant(values)
         except Exception as exc:
             raise self._load_error(values, tag, lsn, exc) from exc
 
+    def _load_tolerant(self, values: list[Any]) -> list[Any]:
+        """The row typed with the tolerant adapters: a value Python cannot hold is text."""
+        tx = self._tolerant_tx
+        if tx is None:
+            tx = self._tolerant_tx = Transformer(self._tolerant)
+        out: list[Any] = []
+        for oid, value in zip(self.type_oids, values):
+            if value is None or value is UNCHANGED_TOAST:
+                out.append(value)
+            else:
+                fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
+                out.append(tx.get_loader(oid, fmt).load(value))
+        return out
+
     def _load_error(self, values: list[Any], tag: str, lsn: int, exc: Exception) -> DecodeError:
-        """A DecodeError naming the column whose value could not be typed, and why."""
+        """A DecodeError naming the column whose value the tolerant adapters could not
+        type either, and why."""
         where = f"a {tag} row of {self.qualified_name} at LSN {format_lsn(lsn)}"
         cause: Exception = exc
+        tx = self._tolerant_tx or self._tx
         for i, value in enumerate(values):
             if value is None or value is UNCHANGED_TOAST:
                 continue
             fmt = Format.BINARY if type(value) is BinaryValue else Format.TEXT
             try:
-                self._loader(i, fmt).load(value)
+                tx.get_loader(self.type_oids[i], fmt).load(value)
             except Exception as col_exc:
                 name = self.column_names[i]
                 where = f"column {name!r} ({self.source.columns[name]}) of {where}"
                 cause = col_exc
                 break
         return DecodeError(
-            f"cannot type {where}: {cause}. If psycopg cannot represent the value (e.g. an "
-            "'infinity' timestamp), register a loader for its type in psycopg.adapters before "
-            "creating the app.",
+            f"cannot type {where}: {cause}. If a loader registered for its type in "
+            "psycopg.adapters raised, make it take this value.",
             tag=tag, lsn=lsn,
         )
 

@@ -133,11 +133,13 @@ def test_sigkilled_relay_leaves_no_gap_and_no_duplicate_beyond_ids(
     if broker == "nats":
         args = ["--destination", url]
         env.update(WALEX_URL=dsn, WALEX_PUBLICATION="pub", WALEX_DURABLE_SLOT="true",
-                   WALEX_SLOT_NAME=slot, WALEX_STATUS_INTERVAL="0.5", WALEX_BATCH_SIZE="4")
+                   WALEX_SLOT_NAME=slot, WALEX_STATUS_INTERVAL="0.5", WALEX_BATCH_SIZE="4",
+                   WALEX_DESTINATION_WINDOW="32")  # pipelined (walex.destinations.window)
     else:
         (tmp_path / "walex.toml").write_text(
             f"url = {json.dumps(dsn)}\npublication = \"pub\"\ndurable_slot = true\n"
             f"slot_name = \"{slot}\"\nstatus_interval = 0.5\nbatch_size = 4\n"
+            "destination_window = 32\n"
             f"destinations = [{json.dumps(url)}]\n"
         )
         args = ["--config", "walex.toml"]

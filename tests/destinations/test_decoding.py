@@ -228,3 +228,27 @@ def test_a_backfill_read_event_round_trips() -> None:
                         .read_text())
     assert not list(jsonschema.Draft202012Validator(schema).iter_errors(orjson.loads(body)))
     assert decode(body) == event
+
+
+def test_domains_are_typed_by_their_base_unless_types_names_them(
+    admin: psycopg.Connection, dsn: str,
+) -> None:
+    """``data.base_types`` types a domain (and an array of one) as its base type; a
+    ``types`` entry for the domain's own name takes precedence."""
+    admin.execute("""
+        CREATE DOMAIN amount AS numeric(10, 2);
+        CREATE DOMAIN day AS date;
+        CREATE TABLE ledger (id int PRIMARY KEY, a amount, d day, ds day[]);
+        CREATE PUBLICATION pub FOR TABLE ledger;
+    """)
+    [event] = stream(admin, dsn, ["INSERT INTO ledger VALUES (1, 2.5, '2024-02-29', "
+                                  "'{2024-02-29,infinity}')"], 1, ["ledger"])
+    assert event.source.base_types == {"amount": "numeric", "day": "date", "day[]": "date[]"}
+    assert event.new_record == {"id": 1, "a": Decimal("2.50"), "d": dt.date(2024, 2, 29),
+                                "ds": [dt.date(2024, 2, 29), "infinity"]}
+    got = round_trip(event)
+    assert_same_event(got, event)
+    assert got.source.base_types == event.source.base_types
+    mine = round_trip(event, Decoder(types={"amount": lambda form: ("cents", form)}))
+    assert mine.new_record["a"] == ("cents", "2.50")  # type: ignore[index]
+    assert mine.new_record["d"] == dt.date(2024, 2, 29)  # type: ignore[index]

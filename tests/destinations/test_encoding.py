@@ -142,7 +142,8 @@ def test_type_matrix_envelope_and_forms(admin: psycopg.Connection, dsn: str) -> 
     assert truncate["type"] == "walex.truncate" and "subject" not in truncate
     assert truncate["partitionkey"] == "public.typed"
     assert truncate["data"] == {"new_record": None, "old_record": None, "changes": None,
-                                "columns": COLUMNS, "key": ["id"], "lsn": truncate["walexlsn"]}
+                                "columns": COLUMNS, "key": ["id"], "lsn": truncate["walexlsn"],
+                                "base_types": {"posint": "int4", "mood_d": "mood"}}
 
 
 def test_primary_key_of_full_identity_and_composite_keys(admin: psycopg.Connection, dsn: str) -> None:

@@ -13,7 +13,7 @@ from destinations.servers import OwnTansu, free_port
 from support import collecting, run
 
 from walex import Event, Events
-from walex.errors import ConfigError, DestinationError
+from walex.errors import ConfigError
 from walex.workers import Worker
 from walex.workers.kafka import topic_pattern
 
@@ -116,7 +116,7 @@ def test_unreachable_broker_is_retried_with_a_clear_warning_and_a_refused_login_
             worker = Worker(f"kafka://walex:pw6666@127.0.0.1:{broker.port}?topic=t&timeout=5"
                             "&security.protocol=SASL_PLAINTEXT&sasl.mechanism=SCRAM-SHA-256",
                             [events])
-            with pytest.raises(DestinationError, match="refused the login") as info:
+            with pytest.raises(ConfigError, match="refused the login") as info:
                 await asyncio.wait_for(worker.start(), 60)
             assert "pw6666" not in str(info.value)
 

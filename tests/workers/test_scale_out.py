@@ -156,6 +156,10 @@ def test_three_workers_one_killed_nothing_lost_order_kept(
     workers: dict[str, subprocess.Popen[bytes]] = {}
     relay = None
     try:
+        # the group declared before the relay publishes (workers create no stream or exchange)
+        subprocess.run([*WALEX, "worker", "--declare", source], cwd=tmp_path, timeout=60,
+                       check=True, env={k: v for k, v in os.environ.items()
+                                        if not k.startswith("WALEX_") and k != "PYTHONPATH"})
         # w0 first: RabbitMQ makes a queue's first consumer the active one, so w0 has
         # partitions to stall on; w1 and w2 take them over when it is killed
         for name, log in zip(names, logs):

@@ -156,6 +156,8 @@ async def relay(broker: Broker, batches: list[list[Event]], partitions: int = 2)
 
 @asynccontextmanager
 async def worker_running(worker: Worker) -> AsyncIterator[Worker]:
+    """Declare the worker's group (and stream or exchange), then run the worker."""
+    await worker.consumer.declare()
     await worker.start()
     try:
         yield worker
@@ -235,6 +237,7 @@ def test_failing_handler_stops_the_worker_and_another_gets_the_message(broker: B
 
     async def main() -> None:
         failing = Worker(broker.source(), [bad.events], max_retries=1, retry_backoff=0.01)
+        await failing.consumer.declare()
         await failing.start()
         await relay(broker, [[event]])
         with pytest.raises(HandlerError, match="refuses"):
@@ -375,9 +378,12 @@ def test_setups_that_cannot_keep_the_order(broker: Broker) -> None:
 
             connection = await aio_pika.connect(port=broker.port)
             channel = await connection.channel()
-            await channel.declare_queue(f"wk{broker.unique}.walex.0", durable=True)
+            await channel.declare_exchange(f"wk{broker.unique}", aio_pika.ExchangeType.TOPIC,
+                                           durable=True)
+            for p in range(2):
+                await channel.declare_queue(f"wk{broker.unique}.walex.{p}", durable=True)
             await connection.close()
-            expected = r"queue 'wk\w+\.walex\.0' exists with other settings.*x-single-active-consumer"
+            expected = r"queue 'wk\w+\.walex\.\d' exists with other settings.*x-single-active-consumer"
         worker = Worker(broker.source(), [calls.events])
         with pytest.raises(ConfigError, match=expected):
             await worker.start()
@@ -530,6 +536,15 @@ def test_cli_worker_targets_and_errors(tmp_path: Any) -> None:
     done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "Redis Streams is supported as a destination only" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    script = [sys.executable, "-m", "walex.cli", "worker", "amqp://u:s3cret@h/?exchange=x"]
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "needs the handlers" in done.stderr and "--declare" in done.stderr
+    # --declare with a broker that is not there: a clear error, the password kept out
+    script = [sys.executable, "-m", "walex.cli", "worker", "--declare",
+              "amqp://u:s3cret@127.0.0.1:1/?exchange=x&timeout=2"]
+    done = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "cannot declare on" in done.stderr, done.stderr
     assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
 
 

@@ -73,6 +73,8 @@ def test_worker_metrics_count_what_it_handled(
     (tmp_path / "handlers.py").write_text(HANDLERS)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WALEX_")}
+    subprocess.run([sys.executable, "-m", "walex.cli", "worker", "--declare",  # the stream first
+                    broker.source(partitions=2)], cwd=tmp_path, env=env, check=True, timeout=60)
     proc = subprocess.Popen(
         [sys.executable, "-m", "walex.cli", "worker", broker.source(partitions=2),
          "handlers:events", "--metrics-port", str(port), "--max-retries", "2"],
@@ -95,10 +97,10 @@ def test_worker_metrics_count_what_it_handled(
             events = await rec.wait_for(12, timeout=30)
         found = await asyncio.to_thread(
             wait_until, lambda: (f := scrape()) and handled(f) == 12 and f, "12 events in /metrics")
-        assert found['walex_worker_events_total{table="item",type="insert"}'] == 5
-        assert found['walex_worker_events_total{table="item",type="update"}'] == 2
-        assert found['walex_worker_events_total{table="item",type="delete"}'] == 1
-        assert found['walex_worker_events_total{table="other",type="insert"}'] == 4
+        assert found['walex_worker_events_total{table="public.item",type="insert"}'] == 5
+        assert found['walex_worker_events_total{table="public.item",type="update"}'] == 2
+        assert found['walex_worker_events_total{table="public.item",type="delete"}'] == 1
+        assert found['walex_worker_events_total{table="public.other",type="insert"}'] == 4
         assert found["walex_worker_handler_errors_total"] == 1
         assert found["walex_worker_handler_retries_total"] == 1
         assert found["walex_worker_handler_failures_total"] == 0

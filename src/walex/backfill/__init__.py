@@ -13,7 +13,8 @@ Contract:
   filters and acknowledgement as streamed events. It never overwrites a
   newer change: a row changed in the stream while its chunk is read reaches
   handlers from the stream, not from the chunk (the watermark protocol,
-  :mod:`.watermarks`). At the end, a handler that applies read, insert,
+  :mod:`.watermarks`; read again with a later chunk when the stream's change
+  lacked a column, an unchanged TOASTed value). At the end, a handler that applies read, insert,
   update and delete events to a copy holds what the table holds.
 - Rows are read in chunks of ``backfill_chunk_size`` in key order (keyset
   pagination on the primary key, the replica identity index, or as a
@@ -32,7 +33,8 @@ Contract:
   :class:`~walex.pgoutput.messages.LogicalMessage` s).
 
 Modules: :mod:`.target` (table, key, columns), :mod:`.chunks` (reading and
-typing a chunk), :mod:`.watermarks` (the stream side), :mod:`.store`
+typing a chunk), :mod:`.watermarks` (the stream side), :mod:`.keys` (keys
+compared as PostgreSQL compares them), :mod:`.store`
 (progress), :mod:`.report` (progress for people), :mod:`.runner` (the
 jobs), :mod:`.command` (``walex backfill``).
 """

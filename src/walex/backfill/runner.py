@@ -49,6 +49,19 @@ __all__ = ["Backfills"]
 log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
+# transactions a snapshot taken now does not show whose commit record is written: their
+# sessions wait for a synchronous standby (pg_xact_status still says "in progress")
+_SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
+_COMMITTED_INVISIBLE = (
+    "SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x "
+    f"WHERE xid(x) = ANY({_SYNC_REP})), "
+    "current_setting('synchronous_standby_names') <> '' "
+    "AND NOT pg_has_role('pg_read_all_stats', 'USAGE')"
+)
+_STILL_INVISIBLE = (
+    "SELECT array(SELECT x::text FROM unnest(%s::xid8[]) x "
+    f"WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot()) AND xid(x) = ANY({_SYNC_REP}))"
+)
 
 
 class Backfills:
@@ -62,6 +75,9 @@ class Backfills:
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
         self.chunks_redone = 0  # chunks read again (a truncate or a reconnect in their window)
         self.rows_left_to_stream = 0  # chunk rows changed in the stream meanwhile: not read events
+        self.rows_read_again = 0  # of those, rows read again (a change sent without every column)
+        # transactions a job waits for before its first chunk: committed, not yet visible
+        self.waiting_for: list[int] = []
         # whether the progress store existed at the session's start (pipeline.open_session
         # reads it with its checks): without it no job is pending, and run() opens no
         # connection until a request comes
@@ -164,7 +180,9 @@ class Backfills:
                     if job is not None and job.finished:
                         self._finished(job)
             except BaseException:
-                self._waiters[key].remove(waiter)
+                waiters = self._waiters.get(key, [])  # run() clears them when the app stops
+                if waiter in waiters:
+                    waiters.remove(waiter)
                 raise
         self.wake.set()
         return await waiter
@@ -273,23 +291,29 @@ class Backfills:
         self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
         progress: ProgressLog,
     ) -> None:
-        from .chunks import read_chunk
+        from .chunks import Bound, read_chunk
         from .target import resolve_target
 
         s, pipeline = self.pipeline.settings, self.pipeline
         limit = s.backfill_chunk_size
         run = secrets.token_hex(8)
         window = self.window = Window(s.name, run, target, s.batch_size)
+        await self._settle(conn, job)
         after = job.last_key
-        pending: tuple[int, list[str], int] | None = None  # emitted, not yet known handled
-        seq = redone = 0
+        pending: tuple[int, list[str] | None, int] | None = None  # emitted, not yet known handled
+        # rows to read again (their handlers lack a column), by key, in key order: each one's
+        # bound and place (the chunk that first left it out, its index there)
+        again: dict[tuple[str, ...], tuple[Bound, tuple[int, int]]] = {}
+        seq = redone = stuck = 0
+        exhausted = False  # every row in key order was read: only rows to read again are left
         while True:
             seq += 1
             outcome_future = window.arm(seq)
             session = pipeline.sessions
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
             chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
-                                     job.condition, after, limit)
+                                     job.condition, after, 0 if exhausted else limit,
+                                     again=[bound for bound, _ in again.values()])
             if chunk.reshaped:  # DDL: read on with the new definition (as the stream does)
                 log.info("walex %r: %s changed; its backfill goes on with its new columns",
                          s.name, job.qualified)
@@ -299,10 +323,12 @@ class Backfills:
                 if target.key != key:
                     log.warning("walex %r: the key of %s changed (%s, now %s): its backfill "
                                 "starts over", s.name, job.qualified, key, target.key)
-                    after, window.key = None, target.key
+                    after, window.key, exhausted = None, target.key, False
+                    again.clear()  # every row is read anew
                     await self.store.update(conn, job, chunk_key=target.key)
                 continue
-            if not chunk.events:
+            exhausted = exhausted or chunk.rows < limit
+            if not chunk.events:  # no row left, and the rows to read again are gone (deleted)
                 break
             window.load(chunk)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
@@ -316,14 +342,78 @@ class Backfills:
                 continue
             redone = 0
             self.rows_left_to_stream += outcome.dropped
+            self.rows_read_again += len(chunk.events) - chunk.rows
+            before = len(again)
+            places = {key: place for key, (_, place) in again.items()}
+            left = [(places.get(b[1], (seq, i)), b) for i, b in enumerate(outcome.again)]
+            again = {b[1]: (b, place) for place, b in sorted(left, key=lambda x: x[0])}
+            if chunk.rows:
+                after = chunk.last_key
             if pending is not None:
                 await self._save(conn, job, pending, progress)
-            pending = (outcome.end_lsn, chunk.last_key, len(chunk.events))  # type: ignore[assignment]
-            after = chunk.last_key
-            if len(chunk.events) < limit:
-                break
+            # marked done up to the last row read, or up to the row before the first row still
+            # to read again: a restart reads that one again
+            first = next((bound for bound, _ in again.values()), None)
+            mark = after if first is None else None if first[0] is None else list(first[0])
+            pending = (outcome.end_lsn, mark, chunk.rows)
+            if exhausted:
+                if not again:
+                    break
+                # rows changed again and again: give their writers some time between tries
+                stuck = 0 if len(again) < before else stuck + 1
+                if stuck:
+                    if stuck % 20 == 0:
+                        log.warning("walex %r: %d row(s) of %s changed again each time they "
+                                    "were read again (a change without a TOASTed column), %d "
+                                    "times; still trying", s.name, len(again), job.qualified,
+                                    stuck)
+                    await asyncio.sleep(min(1.0, 0.01 * 2 ** stuck))
         if pending is not None:
             await self._save(conn, job, pending, progress)
+
+    async def _settle(self, conn: psycopg.AsyncConnection, job: Job) -> None:
+        """Wait until every transaction committed before the window opened is visible.
+
+        A commit can reach the stream before snapshots show it: its commit record is
+        flushed (so logical decoding sends it) while the committing session still waits,
+        invisible, for a synchronous standby (``synchronous_commit`` ``on`` or
+        ``remote_apply``). The window records the keys of what the stream passes from now
+        on; what it passed before is unknown to it, so no chunk may be read in a snapshot
+        that does not show it. Such a transaction is listed as running by a snapshot
+        taken now while its session waits for the standby (wait event ``SyncRep``, seen
+        in ``pg_stat_activity``; another role's sessions need ``pg_read_all_stats``). A
+        transaction of this session is committed first, so that every earlier
+        transaction id is below the snapshot's ``xmax`` (and so in its list of running
+        ones when it is not visible). The wait ends when the standby confirms, when the
+        session stops waiting (cancelled: its commit then becomes visible), or for a
+        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared.
+        """
+        await conn.execute("SELECT pg_current_xact_id()")
+        cur = await conn.execute(_COMMITTED_INVISIBLE)
+        row = await cur.fetchone()
+        waiting: list[str] = list(row[0]) if row and row[0] else []
+        if row and row[1]:
+            log.warning("walex %r: synchronous replication is on, but walex's role cannot see "
+                        "other roles' wait events: a backfill of %s may not see that a commit "
+                        "the stream already sent waits for a standby (and deliver an older read "
+                        "of its rows). Fix: GRANT pg_read_all_stats TO the role",
+                        self.pipeline.settings.name, job.qualified)
+        waited, delay, warn_at = 0.0, 0.01, 60.0
+        while waiting:
+            self.waiting_for = [int(x) for x in waiting]
+            if waited >= warn_at:
+                warn_at += 60
+                log.warning("walex %r: the backfill of %s has waited %.0fs for transaction(s) %s, "
+                            "committed but not yet visible (a synchronous standby that does not "
+                            "confirm?), to become visible", self.pipeline.settings.name,
+                            job.qualified, waited, ", ".join(waiting))
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(1.0, delay * 2)
+            cur = await conn.execute(_STILL_INVISIBLE, (waiting,))
+            row = await cur.fetchone()
+            waiting = list(row[0]) if row and row[0] else []
+        self.waiting_for = []
 
     async def _outcome(self, future: asyncio.Future[Outcome], session: int, job: Job) -> Outcome:
         """Wait for the reader to reach the high watermark (or a reconnect to lose it)."""

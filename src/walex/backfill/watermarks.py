@@ -9,7 +9,13 @@ the stream in commit order, as the reader assembles it:
 - it records the keys of the backfilled table's rows changed by each
   transaction of the stream since the backfill started, with the
   transaction's id, and forgets a transaction once a chunk's snapshot shows
-  it (every later snapshot shows it too);
+  it (every later snapshot shows it too). Transactions the stream passed
+  before the window opened are not recorded: the backfill task reads its
+  first chunk only once each of them is visible to snapshots (the runner
+  waits for a commit whose session still waits for a synchronous standby),
+  so every chunk's snapshot shows them;
+- keys are compared in the canonical form of :mod:`.keys` (arrays, ``jsonb``,
+  ``NaN`` compare as PostgreSQL compares them);
 - at the high watermark it leaves out of the chunk every row changed by a
   transaction after the low watermark, and every row changed before it by a
   transaction the chunk's snapshot does not show (one that had written its
@@ -19,7 +25,11 @@ the stream in commit order, as the reader assembles it:
 - the rest of the chunk becomes ``read`` events, put on the handlers' queue
   just before the high watermark's own (empty) transaction, as batches of
   that transaction: the high watermark is acknowledged only after they were
-  handled.
+  handled;
+- a row left out although a change of it the stream sent lacked a column (a
+  TOASTed value an update left unchanged, under the default replica
+  identity: the stream never sends it) is read again with a later chunk
+  (:attr:`Outcome.again`), so its handlers still get every column.
 
 A chunk is *redone* (read again, nothing emitted) when a change to the table
 in its window cannot be tied to a key (a TRUNCATE, a key column missing from
@@ -40,9 +50,10 @@ from typing import TYPE_CHECKING, Any
 from ..event import UNCHANGED_TOAST, EventType
 from ..lsn import format_lsn
 from ..transactions import Transaction
+from .keys import canonical
 
 if TYPE_CHECKING:
-    from .chunks import Chunk
+    from .chunks import Bound, Chunk
     from .target import Target
 
 __all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
@@ -73,6 +84,8 @@ class Outcome:
     emitted: int = 0
     dropped: int = 0  # rows left to the stream
     redo: str | None = None  # why the chunk must be read again
+    # rows left to the stream whose streamed change lacked a column: read them again
+    again: list[Bound] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -81,20 +94,30 @@ class _Changes:
 
     by_xid: dict[int, set[tuple[Any, ...]]] = field(default_factory=dict)
     unknown: dict[int, str] = field(default_factory=dict)  # xid -> why its keys are unknown
+    # xid -> keys whose new row lacked a column (an unchanged TOASTed value)
+    partial: dict[int, set[tuple[Any, ...]]] = field(default_factory=dict)
 
     def absorb(self, other: _Changes) -> None:
         for xid, keys in other.by_xid.items():
             self.by_xid.setdefault(xid, set()).update(keys)
+        for xid, keys in other.partial.items():
+            self.partial.setdefault(xid, set()).update(keys)
         self.unknown.update(other.unknown)
+
+    def keep(self, other: _Changes, xid: int) -> None:
+        """Take ``other``'s record of transaction ``xid``."""
+        if xid in other.by_xid:
+            self.by_xid.setdefault(xid, set()).update(other.by_xid[xid])
+        if xid in other.partial:
+            self.partial.setdefault(xid, set()).update(other.partial[xid])
+        if xid in other.unknown:
+            self.unknown[xid] = other.unknown[xid]
 
 
 class Window:
     """The stream side of one backfill job (one table), chunk after chunk."""
 
     def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
-        # A transaction that wrote its commit record before the backfill started but
-        # that is still invisible to a chunk's snapshot is not known here: the one case
-        # left open (it needs a commit stuck between WAL and visibility at that moment).
         self.app = app
         self.run = run
         self.schema, self.name = target.schema, target.name
@@ -166,10 +189,14 @@ class Window:
                 if any(v is UNCHANGED_TOAST for v in value):
                     changes.unknown[txn.xid] = f"a {kind.value} with an unsent key column"
                     continue
+                value = canonical(value)
                 keys = changes.by_xid.get(txn.xid)
                 if keys is None:
                     keys = changes.by_xid[txn.xid] = set()
                 keys.add(value)
+                if (kind is _UPDATE and record is event.new_record
+                        and any(v is UNCHANGED_TOAST for v in record.values())):
+                    changes.partial.setdefault(txn.xid, set()).add(value)
         return None
 
     def _emit(self, txn: Transaction) -> list[Transaction]:
@@ -185,12 +212,9 @@ class Window:
         # synchronous standby while its commit already went by in the stream).
         self._before, self._after = _Changes(), _Changes()
         for changes in (before, after):
-            for xid, keys in changes.by_xid.items():
+            for xid in changes.by_xid.keys() | changes.unknown.keys():
                 if not visible(xid):
-                    self._before.by_xid.setdefault(xid, set()).update(keys)
-            for xid, why in changes.unknown.items():
-                if not visible(xid):
-                    self._before.unknown[xid] = why
+                    self._before.keep(changes, xid)
         result = Outcome(end_lsn=txn.end_lsn)
         hidden = [xid for xid in before.by_xid.keys() | before.unknown.keys() if not visible(xid)]
         if not self.low_seen:
@@ -208,16 +232,26 @@ class Window:
                 outcome.set_result(result)
             return []
         drop: set[tuple[Any, ...]] = set()
+        partial: set[tuple[Any, ...]] = set()
         for keys in after.by_xid.values():
             drop |= keys
+        for keys in after.partial.values():
+            partial |= keys
         for xid in hidden:
             drop |= before.by_xid.get(xid, set())
+            partial |= before.partial.get(xid, set())
         commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
         lsn, prefix = format_lsn(commit_lsn), f"{commit_lsn:016X}-R"
         events = chunk.events
         if drop:
             key = self.key
-            kept = [e for e in events if tuple(e.new_record[k] for k in key) not in drop]  # type: ignore[index]
+            kept = []
+            for index, event in enumerate(events):
+                value = canonical(tuple(event.new_record[k] for k in key))  # type: ignore[index]
+                if value not in drop:
+                    kept.append(event)
+                elif value in partial:  # its handlers lack a column: read it again
+                    result.again.append(chunk.bound(index))
             result.dropped = len(events) - len(kept)
             events = kept
         for index, event in enumerate(events):

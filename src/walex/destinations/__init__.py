@@ -17,7 +17,10 @@ The contract every destination keeps (:class:`~walex.destinations.base.Destinati
 
 Events are published in commit order, one transaction batch after the other,
 so each destination receives a table's (with ``partitions``, a partition's)
-changes in order. A replay after a crash carries the same ``event.id``, which
+changes in order. With a window above 1 (``destination_window``, ``window=``
+in a URL) the next batches are published before the previous ones are
+confirmed, in order, by one lane per destination
+(:mod:`walex.destinations.window`); the acknowledgement still waits. A replay after a crash carries the same ``event.id``, which
 the brokers that can deduplicate are given as the message id (NATS
 ``Nats-Msg-Id``, AMQP ``message_id``, ``webhook-id``); a consumer drops what
 is left by id.
@@ -32,7 +35,13 @@ a webhook answering 4xx, a message the broker will never take) goes to the
 app's ``on_error`` policy through :attr:`Destinations.refused`: under
 ``"stop"`` (the default) it stops the app unacknowledged; under ``"skip"`` or
 a dead-letter callable that destination's batch is settled as a failed
-handler call's would be, and the stream goes on.
+handler call's would be, and the stream goes on. A refusal that may pass
+(a full NATS stream with ``discard=new``) raises ``Unavailable`` with
+``attempts``: retried that many times, then settled as a permanent one.
+Misconfiguration no retry cures (wrong credentials, a missing vhost) is a
+:class:`~walex.errors.ConfigError` from ``open()``: it stops the app at start
+or on a reconnect. :meth:`Destinations.trouble` tells ``/healthz`` when a
+destination has failed every attempt for longer than ``unhealthy_after``.
 
 One module per broker (``nats``, ``rabbitmq``, ``redis``, ``webhook``), each
 importing its client only when a URL of its scheme is used; another broker
@@ -101,8 +110,13 @@ def load_class(package: str, scheme: Scheme, name: str, what: str) -> Any:
 
 
 def from_url(url: str, partitions: int = 1) -> Destination:
-    """The destination a URL names, picked by its scheme; nothing is connected yet."""
+    """The destination a URL names, picked by its scheme; nothing is connected yet.
+
+    ``window=N`` in any URL is the destination's window of unconfirmed
+    transactions (:mod:`walex.destinations.window`), taken out before the
+    broker's module reads its parameters."""
     parsed = DestinationURL(url)
+    window = parsed.take_int("window", None, minimum=1)
     scheme = SCHEMES.get(parsed.scheme)
     if scheme is None:
         raise ConfigError(
@@ -111,6 +125,7 @@ def from_url(url: str, partitions: int = 1) -> Destination:
         )
     cls = load_class(__name__, scheme, scheme.destination, f"destination {parsed.display}")
     destination: Destination = cls(parsed, partitions)
+    destination.window = window
     return destination
 
 
@@ -143,9 +158,12 @@ async def _all(calls: Iterable[Awaitable[None]]) -> None:
 class Destinations:
     """The destinations of one app, published to together and retried until durable."""
 
-    def __init__(self, urls: Iterable[str], partitions: int = 1) -> None:
+    def __init__(self, urls: Iterable[str], partitions: int = 1, window: int = 1) -> None:
         self.partitions = partitions
         self.items: list[Destination] = [from_url(url, partitions) for url in urls]
+        # unconfirmed transactions per destination (a URL's window= wins); above 1 the
+        # dispatcher pipelines through walex.destinations.window
+        self.window = window
         self.events_published = 0
         self.retries = 0  # publish attempts that failed and were retried
         self.refusals = 0  # batches a destination refused for good, settled by the policy
@@ -153,16 +171,39 @@ class Destinations:
         # what a permanent refusal becomes: None raises it (the app stops); the app sets
         # its error policy here (Dispatcher.settle), which raises under "stop"
         self.refused: Callable[[str, Exception, list[Event]], Awaitable[None]] | None = None
+        # display -> (since when, why) of each destination that failed its last attempt
+        self.failing: dict[str, tuple[float, str]] = {}
+        self.unhealthy_after = 30.0  # seconds of failed attempts before /healthz says so
 
     def __bool__(self) -> bool:
         return bool(self.items)
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether a destination's window holds more than one transaction."""
+        return any((d.window or self.window) > 1 for d in self.items)
+
+    def lanes(self, record: Callable[[Any], None]) -> Any:
+        """The :class:`~walex.destinations.window.Window` of these destinations; ``record(txn)``
+        is called for each batch once every lane and the handlers finished it, in order."""
+        from .window import Window
+
+        return Window(self, record)
 
     def __repr__(self) -> str:
         return f"<Destinations {[d.display for d in self.items]}>"
 
     async def open(self) -> None:
-        """Connect each destination; one that is unreachable now is retried when used."""
-        await asyncio.gather(*(self._open(d) for d in self.items))
+        """Connect each destination; one that is unreachable now is retried when used.
+
+        Misconfiguration no retry cures (wrong credentials, a missing vhost) raises
+        :class:`~walex.errors.ConfigError`, every destination closed.
+        """
+        try:
+            await _all(self._open(d) for d in self.items)
+        except BaseException:
+            await self.close()
+            raise
 
     async def _open(self, destination: Destination) -> None:
         try:
@@ -190,7 +231,9 @@ class Destinations:
         self.events_published += len(batch)
 
     async def _deliver(self, destination: Destination, batch: list[Outgoing],
-                       events: list[Event]) -> None:
+                       events: list[Event] | None, settle: bool = True) -> bool:
+        """Publish ``batch`` until confirmed (True); a permanent refusal is settled by
+        :attr:`refused` (True), or with ``settle=False`` left to the caller (False)."""
         attempt = 0
         while True:
             stats = self.stats
@@ -205,19 +248,30 @@ class Destinations:
                     with tracer.publish(destination.scheme, destination.display, len(batch)):
                         await destination.publish(batch)
             except DestinationError as exc:
-                if self.refused is None:
+                self._failed(destination, exc)
+                if settle and self.refused is None:
                     raise
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
-                await self.refused(f"destination {destination.display} refused the batch", exc,
-                                   events)  # raises under "stop"
-                self.refusals += 1
-                return
+                if not settle:
+                    return False  # the lane publishes the group's transactions one at a time
+                assert events is not None
+                await self._refuse(destination, exc, events)  # raises under "stop"
+                return True
             except Unavailable as exc:
+                self._failed(destination, exc)
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
+                if exc.attempts is not None and attempt + 1 >= exc.attempts:
+                    refusal = DestinationError(
+                        f"destination {destination.display}: {exc} (still refused after "
+                        f"{attempt + 1} attempts)")
+                    if self.refused is None:
+                        raise refusal from None
+                    await self._refuse(destination, refusal, events)
+                    return
                 delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
                 attempt += 1
                 self.retries += 1
@@ -231,10 +285,33 @@ class Destinations:
                 continue
             if stats is not None:
                 stats.record_publish(destination.display, len(batch), time.perf_counter() - started)
+            self.failing.pop(destination.display, None)
             if attempt:
                 log.warning("destination %s is back: the batch from %s is published after %d "
                             "retries", destination.display, batch[0].id, attempt)
-            return
+            return True
+
+    async def _refuse(self, destination: Destination, exc: DestinationError,
+                      events: list[Event]) -> None:
+        """Settle a refusal for good with the app's policy (which raises under "stop")."""
+        assert self.refused is not None
+        await self.refused(f"destination {destination.display} refused the batch", exc, events)
+        self.refusals += 1
+        self.failing.pop(destination.display, None)  # settled: the destination goes on
+
+    def _failed(self, destination: Destination, exc: Exception) -> None:
+        since, _why = self.failing.get(destination.display, (time.monotonic(), ""))
+        self.failing[destination.display] = (since, str(exc))
+
+    def trouble(self) -> str | None:
+        """Why the app is unhealthy for its destinations: one has failed every attempt
+        for longer than :attr:`unhealthy_after` seconds (None: all deliver)."""
+        now = time.monotonic()
+        for display, (since, why) in self.failing.items():
+            if now - since >= self.unhealthy_after:
+                return (f"destination {display} has not delivered for {now - since:.0f}s: {why}; "
+                        "nothing is acknowledged to PostgreSQL meanwhile")
+        return None
 
     async def alongside(self, txn: Any, dispatch: Callable[[Any], Awaitable[None]]) -> None:
         """``dispatch(txn)`` to the handlers while the batch is published; returns when both did."""

@@ -9,16 +9,16 @@ retries the whole batch) and :meth:`~Destination.close`. A permanent refusal
 :class:`~walex.errors.DestinationError`, which the app's ``on_error`` settles
 (``"stop"``: the app stops without acknowledging).
 
-URLs are parsed once (:class:`DestinationURL`); the password, and a NATS
-token, never appear in :attr:`DestinationURL.display`, in a ``repr``, a log
-line or an error. Templates (:class:`Template`) take ``{schema}``,
+URLs are parsed once (:class:`DestinationURL`); its :attr:`~DestinationURL.display`
+is the one text form of a destination or worker-source URL in every log line,
+error, ``repr`` and metric label: the user name, password (a NATS token),
+every query value but walex's own and a webhook's path are ``***`` there. Templates (:class:`Template`) take ``{schema}``,
 ``{table}``, ``{type}`` and ``{partition}``.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -31,19 +31,32 @@ from .encoding import Outgoing
 __all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff"]
 
 FIELDS = ("schema", "table", "type", "partition")
-# parameters whose value is a secret: sasl.password, ssl.key.password, ...client.secret
-_SECRET_PARAM = re.compile(r"password|secret|\.pem$|oauthbearer\.config", re.IGNORECASE)
+
+# The parameters of walex's own whose values a URL's display shows: names, numbers and
+# flags, never secrets (every destination's and worker source's ``accepted``; a test
+# keeps the two in step). Any other value, a webhook receiver's token say, is ``***``.
+SHOWN = frozenset({
+    "stream", "subject", "duplicate_window", "timeout", "exchange", "routing_key",
+    "exchange_type", "mandatory", "maxlen", "partitions", "group", "ack_wait", "prefetch",
+    "balance", "topic", "tombstones", "start",
+})
+_WEBHOOK_SCHEMES = ("http", "https")
+_WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's
 
 
 class Unavailable(Exception):
     """The broker could not confirm the batch now; publishing it again may succeed.
 
     ``retry_after``: seconds the broker asked to wait (an HTTP ``Retry-After``).
+    ``attempts``: a refusal that may pass (a full stream): after this many failed
+    attempts in a row it is one for good, settled by ``on_error``.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None,
+                 attempts: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.attempts = attempts
 
 
 def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
@@ -62,7 +75,8 @@ class DestinationURL:
             self.servers = parts.netloc.rpartition("@")[2]
             self.port = parts.port if "," not in self.servers else None
         except ValueError as exc:
-            raise ConfigError(f"destination {redact(url)!r} is not a valid URL: "
+            shown = url.split("://", 1)[0] + "://..." if "://" in url else "(not a URL)"
+            raise ConfigError(f"destination {shown} is not a valid URL: "
                               f"{redact(str(exc), url)}") from None
         self.scheme = parts.scheme.lower()
         self.username = unquote(parts.username) if parts.username else None
@@ -70,41 +84,57 @@ class DestinationURL:
         self.host = parts.hostname or ""
         self.path = parts.path
         self.query = parts.query
-        self.params: dict[str, str] = {}
         self.secrets = [s for s in (self.password, parts.password) if s]
-        # a client setting passed through as a parameter (Kafka's sasl.password=...)
-        for pair in parts.query.split("&"):
-            key, _, value = pair.partition("=")
-            if value and _SECRET_PARAM.search(unquote(key)):
-                self.secrets += [value, unquote(value.replace("+", " "))]
+        # a bare user name in a NATS URL is a token: a secret too
+        if self.scheme in ("nats", "tls") and self.username and self.password is None:
+            self.secrets += [self.username, parts.username or ""]
+        # what display hides is kept out of scrubbed text (a client's error) too: the
+        # values of the parameters that are not walex's own, and a webhook's path
+        shown = _WEBHOOK_SHOWN if self.scheme in _WEBHOOK_SCHEMES else SHOWN
+        hidden = [value for key, value in parse_qsl(parts.query, keep_blank_values=True)
+                  if key not in shown]
+        hidden += [raw for key, sep, raw in (p.partition("=") for p in parts.query.split("&"))
+                   if sep and key not in shown]
+        if self.scheme in _WEBHOOK_SCHEMES and self.path not in ("", "/"):
+            hidden += [self.path, unquote(self.path)]
+            # token-like segments too (a rendered template path is not the path as given)
+            hidden += [seg for seg in self.path.split("/")
+                       if len(seg) >= 16 or (len(seg) >= 8 and not seg.isalpha())]
+        # longest first, so a value is not left half shown by a shorter one inside it
+        self.secrets += sorted({h for h in hidden if len(h) >= 4}, key=len, reverse=True)
+        self.params: dict[str, str] = {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key in self.params:
                 raise ConfigError(f"destination {self.display}: parameter {key!r} is given twice")
             self.params[key] = value
-        # a bare user name in a NATS URL is a token: a secret too
-        if self.scheme in ("nats", "tls") and self.username and self.password is None:
-            self.secrets += [self.username, parts.username or ""]
 
     @property
     def display(self) -> str:
-        """The URL as shown in logs and errors: ``amqp://guest:***@host:5672/vhost?...``."""
+        """The URL as shown in every log line, error, ``repr`` and metric label.
+
+        Scheme, host and port as given; the user name and password (a NATS
+        token) as ``***``; every query value as ``***`` except those of walex's
+        own parameters (:data:`SHOWN`: names and numbers, never secrets); and
+        a webhook's path as ``/***`` (Slack-style URLs carry their token
+        there). E.g. ``https://hooks.example.com:443/***?token=***&timeout=5``.
+        """
         netloc = self.host if ":" not in self.host else f"[{self.host}]"
         if "," in self.servers:
             netloc = self.servers
         elif self.port is not None:
             netloc += f":{self.port}"
-        if self.username is not None:
-            if self.password is not None:
-                user = f"{self.username}:***"
-            elif self.scheme in ("nats", "tls"):
-                user = "***"
-            else:
-                user = self.username
-            netloc = f"{user}@{netloc}"
-        text = f"{self.scheme}://{netloc}{self.path}"
+        if self.username is not None or self.password is not None:
+            netloc = f"***@{netloc}"
+        webhook = self.scheme in _WEBHOOK_SCHEMES
+        path = "/***" if webhook and self.path not in ("", "/") else self.path
+        text = f"{self.scheme}://{netloc}{path}"
         if self.query:
-            text += f"?{self.query}"
-        return redact(text, *self.secrets)
+            shown = _WEBHOOK_SHOWN if webhook else SHOWN
+            text += "?" + "&".join(
+                f"{key}={value if key in shown else '***'}" if sep else key
+                for key, sep, value in (part.partition("=") for part in self.query.split("&"))
+            )
+        return text  # built without any secret: no literal replacing that could mangle it
 
     def scrub(self, text: str) -> str:
         """``text`` (a client's error message, say) without this URL's secrets."""
@@ -226,11 +256,16 @@ class Destination(ABC):
     scheme: ClassVar[str]
     extra: ClassVar[str]  # the pip extra that installs the client
     accepted: ClassVar[tuple[str, ...]] = ()  # the URL parameters it understands
+    # most events and bytes one publish carries when a window groups several
+    # transactions' batches (walex.destinations.window); one batch alone may exceed them
+    group_events: ClassVar[int] = 4096
+    group_bytes: ClassVar[int] = 8 * 1024 * 1024
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         self.url = url
         self.partitions = partitions
         self.opened = False
+        self.window: int | None = None  # window= of the URL; None: the app's destination_window
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.display}>"
@@ -263,6 +298,15 @@ class Destination(ABC):
 
     def describe(self, exc: BaseException) -> str:
         return self.url.scrub(f"{type(exc).__name__}: {exc}")
+
+    def misconfigured(self, problem: str, fix: str) -> ConfigError:
+        """A :class:`~walex.errors.ConfigError` for what retrying cannot cure (wrong
+        credentials, a missing vhost): the redacted URL, the problem and the fix."""
+        for secret in self.url.secrets:  # (the fix's example URL keeps its PASSWORD)
+            if secret:
+                fix = fix.replace(secret, "***")
+        return ConfigError(f"{self.display}: {self.url.scrub(problem)}; {fix}. Retrying cannot "
+                           "help, so walex stops")
 
     def info(self) -> dict[str, Any]:
         """What the destination is, for a status display."""

@@ -14,6 +14,8 @@ date, time, timetz,                    ``date``, ``time``, ``datetime``; the tz 
 timestamp, timestamptz                 fixed-offset ``tzinfo`` (the same instant as psycopg's
                                        zone-aware value, which compares equal)
 interval                               ``timedelta``
+  a value Python cannot hold           its PostgreSQL text form, a ``str`` (``"infinity"``,
+                                       ``"0044-03-15 BC"``, ``"24:00:00"``), as in-process
 inet, cidr                             ``ipaddress`` interface or address, network
 built-in ranges and multiranges        psycopg's ``Range`` / ``Multirange`` of typed bounds
 json, jsonb (and their arrays)         the document, integers of any size exact
@@ -21,6 +23,7 @@ arrays (``int4[]``, ``mood[]`` ...)    lists (nested), each element typed as abo
 hstore                                 ``dict``
 text kinds, enums, money, macaddr,     ``str``, as psycopg loads them
 every other type psycopg loads as str
+domains, arrays of domains             as their base type (``data.base_types`` names it)
 =====================================  ==========================================
 
 What the message cannot say:
@@ -63,7 +66,7 @@ import orjson
 from psycopg.types.multirange import Multirange
 from psycopg.types.range import Range
 
-from ..errors import DecodeError
+from ..errors import ConfigError, DecodeError
 from ..event import UNCHANGED_TOAST, Change, Event, EventType, Source
 
 __all__ = ["Decoder", "decode"]
@@ -72,6 +75,7 @@ Convert = Callable[[Any], Any]
 
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")  # orjson turns integers beyond 64 bits into floats
 _INTERVAL = re.compile(r"^(-?)P(\d+)DT(\d+)(?:\.(\d{1,6}))?S$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_]")
 _TYPES = {f"walex.{t.value}": t for t in EventType}
 
@@ -101,10 +105,28 @@ def _bytes(value: str) -> bytes:
     return base64.b64decode(value)
 
 
-def _interval(value: str) -> dt.timedelta:
+# A date, time or interval Python cannot hold came as its PostgreSQL text form, which
+# walex delivers as a str in-process: it stays one. Such a form is never the ISO form
+# walex writes for a value Python holds (a date of 10 characters, a timestamp with a "T",
+# a time before 24:00, an interval "P...DT...S").
+
+
+def _date(value: str) -> dt.date | str:
+    return dt.date.fromisoformat(value) if _DATE.match(value) else value
+
+
+def _timestamp_value(value: str) -> dt.datetime | str:
+    return dt.datetime.fromisoformat(value) if value[10:11] == "T" else value
+
+
+def _time(value: str) -> dt.time | str:
+    return value if value.startswith("24:") else dt.time.fromisoformat(value)
+
+
+def _interval(value: str) -> dt.timedelta | str:
     match = _INTERVAL.match(value)
     if match is None:
-        raise ValueError(f"{value!r} is not an interval of the form P<days>DT<seconds>S")
+        return value  # PostgreSQL's text form: beyond timedelta, or infinite
     sign, days, seconds, fraction = match.groups()
     delta = dt.timedelta(days=int(days), seconds=int(seconds),
                          microseconds=int((fraction or "").ljust(6, "0")))
@@ -136,16 +158,15 @@ def _multirange_of(bound: Convert) -> Convert:
 
 
 _BOUNDS: dict[str, Convert] = {
-    "int4": _int, "int8": _int, "num": _decimal, "date": dt.date.fromisoformat,
-    "ts": dt.datetime.fromisoformat, "tstz": dt.datetime.fromisoformat,
+    "int4": _int, "int8": _int, "num": _decimal, "date": _date,
+    "ts": _timestamp_value, "tstz": _timestamp_value,
 }
 
 _BUILT_IN: dict[str, Convert] = {
     "bool": _identity, "int2": _int, "int4": _int, "int8": _int, "oid": _int,
     "float4": _float, "float8": _float, "numeric": _decimal, "bytea": _bytes,
-    "uuid": UUID, "date": dt.date.fromisoformat, "time": dt.time.fromisoformat,
-    "timetz": dt.time.fromisoformat, "timestamp": dt.datetime.fromisoformat,
-    "timestamptz": dt.datetime.fromisoformat, "interval": _interval,
+    "uuid": UUID, "date": _date, "time": _time, "timetz": _time,
+    "timestamp": _timestamp_value, "timestamptz": _timestamp_value, "interval": _interval,
     "json": _identity, "jsonb": _identity, "json[]": _identity, "jsonb[]": _identity,
     "inet": _inet, "cidr": ip_network,
     **{f"{kind}range": _range_of(bound) for kind, bound in _BOUNDS.items()},
@@ -179,14 +200,20 @@ class Decoder:
     """Decodes message bodies into Events; holds the caches that make it cheap.
 
     ``types``: ``{"type name": callable}`` typing the JSON form of a column of
-    that type (a user type; a composite whose fields the message cannot type).
+    that type (a user type; a composite whose fields the message cannot type; a
+    domain named here is typed by its callable, not as its base type).
     """
 
     def __init__(self, types: Mapping[str, Convert] | None = None) -> None:
+        if types is not None and not (isinstance(types, Mapping) and all(
+                isinstance(name, str) and callable(convert) for name, convert in types.items())):
+            raise ConfigError(f"types must map type names to callables typing a value's JSON "
+                              f"form back, like {{'mytype': MyType.from_json}}, got {types!r}")
         self.types = dict(types or {})
         self._converters: dict[str, Convert] = {}
         self._tuples: dict[tuple[str, tuple[str, ...]], type] = {}
-        self._sources: dict[tuple[Any, ...], Source] = {}
+        # the Source of a table, and the type each of its columns is typed back as
+        self._sources: dict[tuple[Any, ...], tuple[Source, dict[str, str]]] = {}
 
     # -- values ------------------------------------------------------------
 
@@ -286,21 +313,29 @@ class Decoder:
                 raise _ColumnError(name, type_name, exc) from None
         return changes
 
-    def _source(self, doc: dict[str, Any], data: dict[str, Any]) -> Source:
+    def _source(self, doc: dict[str, Any], data: dict[str, Any]) -> tuple[Source, dict[str, str]]:
+        """The event's Source, and the type each column is typed back as: a domain's base
+        type (``data.base_types``) unless ``types`` names the domain itself."""
         columns = data.get("columns") or {}
-        key = (doc["source"], tuple(columns.items()), tuple(data.get("key") or ()))
-        source = self._sources.get(key)
-        if source is None:
+        bases = data.get("base_types") or {}
+        key = (doc["source"], tuple(columns.items()), tuple(data.get("key") or ()),
+               tuple(bases.items()))
+        found = self._sources.get(key)
+        if found is None:
             parts = doc["source"].split("/")
             if len(parts) != 4:
                 raise ValueError(f"source {doc['source']!r} is not /<db>/<schema>/<table>")
             db, schema, table = (unquote(p) for p in parts[1:])
             if len(self._sources) >= 4096:
                 self._sources.clear()
-            source = self._sources[key] = Source(
+            source = Source(
                 db=db, schema=schema, table=table, columns=dict(columns), primary_key=key[2],
+                base_types=dict(bases),
             )
-        return source
+            typing = {name: kind if kind in self.types else bases.get(kind, kind)
+                      for name, kind in columns.items()}
+            found = self._sources[key] = (source, typing)
+        return found
 
     @staticmethod
     def document(body: bytes | str) -> dict[str, Any]:
@@ -333,8 +368,7 @@ class Decoder:
         if kind is None:
             raise ValueError(f"type {doc.get('type')!r} is not one of {', '.join(_TYPES)}")
         data = doc["data"]
-        source = self._source(doc, data)
-        columns = source.columns
+        source, columns = self._source(doc, data)
         listed = data.get("unchanged_toast")
         new_form, old_form = data.get("new_record"), data.get("old_record")
         new_unchanged = old_unchanged = frozenset()

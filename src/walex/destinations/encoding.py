@@ -8,13 +8,18 @@ Structured mode, encoded with orjson::
      "walexlsn": "0/16B3748", "partitionkey": "public.user/42", "walexpartition": 0,
      "walexpartitions": 1, "data": {"new_record": {...}, "old_record": {...} | null,
               "changes": {column: {"old_value": ..., "new_value": ...}} | null,
-              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748"}}
+              "columns": {column: type name}, "key": [key columns], "lsn": "0/16B3748",
+              "base_types": {domain type name: base type name}}}
 
 ``source`` segments are percent-encoded. ``subject`` is the key of the row
 (:attr:`~walex.Source.primary_key`): the JSON form of a one-column key as
 text (``"42"``, ``"a0eebc99-..."``), a JSON array of the forms for a key of
 several columns (``'[1,"x"]'``); absent for a truncate and for a table
-without a key. ``data.key`` names the key's columns (absent without a key). ``partitionkey`` (the CloudEvents partitioning extension) is
+without a key. ``data.key`` names the key's columns (absent without a key).
+``data.base_types`` maps each column type that is a domain, or an array of
+domains, to the type its values load as (``{"amount_d": "numeric",
+"day_d[]": "date[]"}``; absent when no column is of such a type), so a
+consumer types them back without asking PostgreSQL. ``partitionkey`` (the CloudEvents partitioning extension) is
 ``schema.table`` followed by ``/subject`` when there is one, and
 ``walexpartition`` is ``crc32(partitionkey) mod partitions``: stable across
 processes, machines and versions, so a row always lands in the same partition
@@ -36,10 +41,15 @@ date / timestamp / timestamptz         ISO 8601: ``"2024-02-29"``, ``"2024-02-29
 time / timetz                          ``"12:34:56.789000"``, ``"12:34:56.789000+02:30"``
 interval                               ISO 8601 duration of days and seconds: ``"P428DT14706.789S"``,
                                        ``"-P1DT1S"`` (psycopg counts a month as 30 days)
+a date, time or interval Python        its PostgreSQL text form, which walex delivers as a
+cannot hold                            ``str``: ``"infinity"``, ``"-infinity"``, ``"0044-03-15 BC"``,
+                                       ``"10000-01-01 00:00:00"``, ``"24:00:00"``, ``"178000000 years"``
+                                       (never ISO 8601 with a ``T``, so a consumer tells them apart)
 json / jsonb                           the document itself, numbers exact
 inet, cidr, macaddr, money            their text form
-ranges                                 ``{"lower": .., "upper": .., "bounds": "[)"}``, bounds
-                                       absent (null) when infinite; ``{"empty": true}``
+ranges                                 ``{"lower": .., "upper": .., "bounds": "[)"}``, a bound null
+                                       when absent (unbounded), ``"infinity"`` for an infinite
+                                       date or timestamp bound; ``{"empty": true}``
 multiranges, arrays                    JSON arrays of the element forms (nested for
                                        multi-dimensional arrays)
 composite types                        an object of field name to field form
@@ -59,6 +69,7 @@ import base64
 import datetime as dt
 import json
 import math
+import os
 import zlib
 from collections.abc import Callable
 from decimal import Decimal
@@ -70,10 +81,11 @@ from uuid import UUID
 
 import orjson
 
-from ..event import Event
+from ..event import Event, EventType
 from ..pgoutput.messages import UnchangedToast
 
-__all__ = ["Outgoing", "encode", "encode_event", "json_value", "partition_of", "SCHEMA_FILE"]
+__all__ = ["Outgoing", "encode", "encode_event", "encode_event_reference", "encode_reference",
+           "json_value", "partition_of", "SCHEMA_FILE"]
 
 SCHEMA_FILE = "cloudevent.schema.json"
 
@@ -318,8 +330,12 @@ def _json_fallback(document: dict[str, Any], json_columns: frozenset[str]) -> by
     return orjson.dumps(document)
 
 
-def encode_event(event: Event, partitions: int = 1) -> Outgoing:
-    """One event as a CloudEvent, with its partition."""
+def encode_event_reference(event: Event, partitions: int = 1) -> Outgoing:
+    """One event as a CloudEvent, every value through :func:`json_value`: the reference.
+
+    :func:`encode_event` gives the same bytes for every event (tested over the type
+    matrix and generated values) and falls back to this for anything it does not
+    take on itself."""
     info = _table_info(event)
     json_columns = info.json_columns
     unchanged: list[str] = []
@@ -331,6 +347,8 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         "columns": event.source.columns,
         "lsn": event.lsn,
     }
+    if event.source.base_types:
+        data["base_types"] = event.source.base_types
     if info.key:
         data["key"] = info.key
     if unchanged:
@@ -338,12 +356,12 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
     subject = _subject(info, event)
     key = info.prefix if subject is None else f"{info.prefix}/{subject}"
     partition = partition_of(key, partitions)
-    kind = event.type.value
+    kind, type_name = _KINDS[event.type]
     document: dict[str, Any] = {
         "specversion": "1.0",
         "id": event.id,
         "source": info.source,
-        "type": f"walex.{kind}",
+        "type": type_name,
         "time": _rfc3339(event.timestamp),
         "datacontenttype": "application/json",
         "walexlsn": event.lsn,
@@ -358,8 +376,170 @@ def encode_event(event: Event, partitions: int = 1) -> Outgoing:
         body = orjson.dumps(document)
     except orjson.JSONEncodeError:
         body = _json_fallback(document, json_columns)
+    body = bytes(memoryview(body))  # see _tuple_new
     src = event.source
     return Outgoing(event.id, src.schema, src.table, kind, partition, body)
+
+
+def encode_reference(events: list[Event], partitions: int = 1) -> list[Outgoing]:
+    """:func:`encode` through :func:`encode_event_reference` (tests and ``bench/encode.py``)."""
+    return [encode_event_reference(event, partitions) for event in events]
+
+
+
+# -- the fast path -----------------------------------------------------------
+#
+# orjson writes str, int (up to 2**53 - 1; beyond it OPT_STRICT_INTEGER makes it
+# refuse), bool, None, datetime, date and UUID exactly as the reference does, so a
+# column whose type name says its values are of these types ("plain") is checked with
+# one pass in C over the types of its values and goes out as it is, without a copy; a
+# json column goes out as it is (as in the reference); every other column goes
+# through json_value. The per-table parts (source, columns, base_types, key) are
+# encoded once per table. Anything else (a value of another type in a plain column, an
+# unchanged TOAST value, an integer beyond 2**53, an object orjson does not know, a
+# subclass) sends the event to the reference, so the bytes are always the reference's.
+# walex._encode (Cython) is the compiled twin of _fast_event and _fast_record; it serves
+# when built, unless WALEX_PURE_PYTHON is set (read at import).
+
+_PLAIN_TYPES = frozenset({"bool", "int2", "int4", "int8", "oid", "text", "varchar", "bpchar",
+                          "char", "name", "citext", "uuid", "date", "timestamp", "timestamptz"})
+_PLAIN_VALUES = frozenset({str, int, bool, type(None), dt.datetime, dt.date, UUID})
+_OPTIONS = orjson.OPT_STRICT_INTEGER | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+_tuple_new = tuple.__new__  # an Outgoing without its Python-level __new__
+# An orjson result is a bytes object over a buffer of a page or more: kept (a batch is
+# kept until the broker confirmed it) each costs a page fault and ~4 KB of memory.
+# A copy of its exact size (bytes(memoryview(...))) costs a tenth of that.
+_KINDS = {kind: (kind.value, f"walex.{kind.value}") for kind in EventType}
+
+
+class _Unfit(Exception):
+    """A value the fast path does not take on: the reference encodes the event."""
+
+
+class _Plan(NamedTuple):
+    info: _TableInfo
+    names: frozenset[str]  # every column
+    plain: tuple[str, ...]  # checked by the types of their values, then as they are
+    convert: tuple[str, ...]  # through json_value
+    columns: orjson.Fragment
+    base_types: orjson.Fragment | None
+    key: orjson.Fragment | None
+    key1: str | None  # the key column of a one-column key
+
+
+_plans: dict[int, tuple[Any, _Plan]] = {}  # id(Source) -> (Source, plan)
+
+
+def _plan(event: Event) -> _Plan:
+    src = event.source
+    cached = _plans.get(id(src))
+    if cached is not None and cached[0] is src:
+        return cached[1]
+    info = _table_info(event)
+    columns = src.columns
+    plain = tuple(name for name, kind in columns.items() if kind in _PLAIN_TYPES)
+    convert = tuple(name for name, kind in columns.items()
+                    if kind not in _PLAIN_TYPES and name not in info.json_columns)
+    plan = _Plan(info, frozenset(columns), plain, convert, orjson.Fragment(orjson.dumps(columns)),
+                 orjson.Fragment(orjson.dumps(src.base_types)) if src.base_types else None,
+                 orjson.Fragment(orjson.dumps(info.key)) if info.key else None,
+                 info.key[0] if len(info.key) == 1 else None)
+    if len(_plans) >= 4096:
+        _plans.clear()
+    _plans[id(src)] = (src, plan)
+    return plan
+
+
+def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
+    if not (type(record) is dict and record.keys() <= plan.names
+            and set(map(type, map(record.get, plan.plain))) <= _PLAIN_VALUES):
+        raise _Unfit
+    if not plan.convert:
+        return record  # orjson reads it as it is
+    out = record.copy()
+    for name in plan.convert:
+        if name in out:
+            value = out[name]
+            kind = type(value)
+            if kind is Decimal:  # numeric and float columns first, as json_value does them
+                text = str(value)  # three times faster than format(value, "f"), the same text
+                out[name] = text if "E" not in text else format(value, "f")  # unless exponent form
+            elif kind is float:
+                if not math.isfinite(value):
+                    out[name] = _float(value)
+            elif kind is UnchangedToast:
+                raise _Unfit
+            else:
+                out[name] = json_value(value)
+    return out
+
+
+def _fast_event(event: Event, partitions: int) -> Outgoing:
+    plan = _plan(event)
+    info = plan.info
+    new, old, changes = event.new_record, event.old_record, event.changes
+    data: dict[str, Any] = {
+        "new_record": None if new is None else _fast_record(new, plan),
+        "old_record": None if old is None else _fast_record(old, plan),
+        "changes": None if changes is None else _changes(changes, info.json_columns),
+        "columns": plan.columns,
+        "lsn": event.lsn,
+    }
+    if plan.base_types is not None:
+        data["base_types"] = plan.base_types
+    if plan.key is not None:
+        data["key"] = plan.key
+    subject: str | None
+    record = new if new is not None else old
+    value = record.get(plan.key1) if record and plan.key1 is not None else None
+    if type(value) is int and -_MAX_SAFE <= value <= _MAX_SAFE:
+        subject = str(value)  # what orjson writes for it
+    elif type(value) is str:
+        subject = value
+    else:
+        subject = _subject(info, event)
+    key = info.prefix if subject is None else f"{info.prefix}/{subject}"
+    partition = partition_of(key, partitions) if partitions > 1 else 0
+    kind, type_name = _KINDS[event.type]
+    document: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": info.source,
+        "type": type_name,
+        "time": _rfc3339(event.timestamp),
+        "datacontenttype": "application/json",
+        "walexlsn": event.lsn,
+        "partitionkey": key,
+        "walexpartition": partition,
+        "walexpartitions": partitions,
+        "data": data,
+    }
+    if subject is not None:
+        document["subject"] = subject
+    src = event.source
+    return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
+                                 bytes(memoryview(orjson.dumps(document, option=_OPTIONS)))))
+
+
+try:  # the compiled twin of _fast_event (walex._encode), when it was built
+    from .._encode import bind as _bind_compiled
+except ImportError:
+    compiled_fast_event = None
+else:
+    compiled_fast_event = _bind_compiled(globals())
+
+_fast = _fast_event if compiled_fast_event is None or os.environ.get("WALEX_PURE_PYTHON") \
+    else compiled_fast_event
+
+
+def encode_event(event: Event, partitions: int = 1) -> Outgoing:
+    """One event as a CloudEvent, with its partition."""
+    try:
+        return _fast(event, partitions)
+    except (_Unfit, orjson.JSONEncodeError):
+        return encode_event_reference(event, partitions)
 
 
 def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:

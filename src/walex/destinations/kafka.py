@@ -21,7 +21,8 @@ on a new producer, so a record may be stored twice (a consumer drops it by
 ``ce_id``) and none is lost. A record the broker refuses for good (too
 large, unknown topic with auto-creation off, not authorized, invalid topic
 name) is a :class:`~walex.errors.DestinationError`, which the app's
-``on_error`` settles.
+``on_error`` settles. A login the broker refuses is a
+:class:`~walex.errors.ConfigError` (retrying cannot cure it).
 
 Parameters: ``topic`` (default ``walex.{schema}.{table}``), ``tombstones``
 (``true``: after a delete, a record with the same key and no value, for
@@ -179,11 +180,11 @@ class KafkaDestination(Destination):
         if self._auth_error is not None:
             raise self.refused_login()
 
-    def refused_login(self) -> DestinationError:
-        return DestinationError(
-            f"destination {self.display}: the Kafka broker refused the login "
-            f"({self.url.scrub(self._auth_error or '')}); check security.protocol, sasl.mechanism, "
-            "sasl.username and sasl.password"
+    def refused_login(self) -> ConfigError:
+        return self.misconfigured(
+            f"the Kafka broker refused the login ({self._auth_error or ''})",
+            "check security.protocol, sasl.mechanism, sasl.username and sasl.password "
+            "(kafka://USER:PASSWORD@host:9092?security.protocol=SASL_SSL&sasl.mechanism=...)",
         )
 
     def _serve(self, producer: Any, stop: threading.Event) -> None:

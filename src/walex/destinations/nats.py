@@ -20,6 +20,18 @@ when the app has ``partitions`` > 1, so workers can consume each partition),
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
+A PubAck error retrying cannot cure is a :class:`~walex.errors.DestinationError`
+for the app's ``on_error``: an event over the server's ``max_payload``
+(checked before the batch is sent), over the stream's ``max_msg_size``
+(10054), a subject no stream takes (no responders while the stream exists
+with other subjects) or another stream holds (10060). A full stream with
+``discard=new`` (10077) is retried ``full_attempts`` times (8), then a
+refusal too. Wrong credentials are a :class:`~walex.errors.ConfigError`.
+
+The PubAcks come to one subscription of the connection (a reply subject
+per message, :mod:`walex.destinations.pubacks`) and are counted there, with
+no future or parsed PubAck per message; only an error is parsed.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
@@ -35,23 +47,42 @@ from typing import Any
 
 import nats
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
+from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
+from .pubacks import PubAcks
 
 __all__ = ["NatsDestination"]
 
 log = logging.getLogger("walex.destinations")
 
 _WINDOW = 4096  # messages in flight at most (the client's async publish limit)
+# JetStream's error codes of a PubAck that retrying at once cannot cure
+_TOO_LARGE = 10054  # message size exceeds the stream's max_msg_size
+_OTHER_STREAM = 10060  # the subject belongs to another stream than Nats-Expected-Stream
+_STORE_FAILED = 10077  # the stream is full (max_msgs, max_bytes ...) with discard=new
+# bytes of the headers besides the id and stream name (NATS/1.0, Nats-Msg-Id, Nats-Expected-Stream)
+_HEADERS = 64
 _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
 
 def _token(name: str) -> str:
     return _NOT_IN_TOKEN.sub("_", name)
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether a stream subject (``*`` one token, ``>`` the rest) takes ``subject``."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
 
 
 class NatsDestination(Destination):
@@ -88,7 +119,10 @@ class NatsDestination(Destination):
         self.nc: Any = None
         self.js: Any = None
         self._closed: asyncio.Event | None = None
+        self._acks: PubAcks | None = None
         self.duplicates = 0  # messages the stream recognised as already stored
+        # failed attempts in a row at a full stream (discard=new) before it is a refusal
+        self.full_attempts = 8
 
     async def open(self) -> None:
         url = self.url
@@ -116,13 +150,27 @@ class NatsDestination(Destination):
                 **credentials,
             ), timeout=self.timeout + 1)
         except Exception as exc:
+            if "authorization violation" in str(exc).lower():
+                given = "token" if "token" in credentials else "user name and password" \
+                    if credentials else "no credentials"
+                raise self.misconfigured(
+                    f"the server refused the connection (Authorization Violation) with the "
+                    f"{given} the URL gives",
+                    "put credentials the server's authorization accepts in the URL: "
+                    "nats://USER:PASSWORD@host:4222 or nats://TOKEN@host:4222",
+                ) from None
             raise self.unavailable("cannot connect", exc) from None
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
-        except Unavailable:
+            self._acks = PubAcks(self.nc.new_inbox() + ".")
+            await self.nc.subscribe(self._acks.prefix + "*", cb=self._acks.received)
+        except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
+        except Exception as exc:
+            await self.close()
+            raise self.unavailable("cannot subscribe to the PubAcks", exc) from None
         self.opened = True
 
     async def _ensure_stream(self) -> None:
@@ -140,51 +188,132 @@ class NatsDestination(Destination):
                 duplicate_window=self.duplicate_window,
             ))
         except Exception as exc:
+            await self._overlap()
             raise self.unavailable(
                 f"cannot create stream {self.stream!r} for subjects {self.stream_subjects}", exc
             ) from None
         log.info("created JetStream stream %r for subjects %s (duplicate window %gs) on %s",
                  self.stream, self.stream_subjects, self.duplicate_window, self.url.display)
 
+    async def _overlap(self) -> None:
+        """Raise :class:`DestinationError` when another stream holds this one's subjects
+        (JetStream refuses overlapping streams: retrying cannot help)."""
+        try:
+            other = await self.js.find_stream_name_by_subject(self.stream_subjects[0])
+        except Exception:  # none holds them, or no answer: the retry tells
+            return
+        if other and other != self.stream:
+            raise DestinationError(
+                f"destination {self.url.display}: cannot create stream {self.stream!r} for "
+                f"subjects {self.stream_subjects}: stream {other!r} already holds them "
+                f"(JetStream streams may not overlap). Use stream={other}, or delete stream "
+                f"{other!r} if nothing else needs it (nats stream rm {other})"
+            )
+
     async def publish(self, batch: list[Outgoing]) -> None:
         for start in range(0, len(batch), _WINDOW):
             await self._publish(batch[start:start + _WINDOW])
 
     async def _publish(self, batch: list[Outgoing]) -> None:
-        js, closed, render = self.js, self._closed, self.subject.render
-        if js is None or closed is None or closed.is_set():
+        nc, acks, closed, render = self.nc, self._acks, self._closed, self.subject.render
+        if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
-        futures = []
+        self._check_sizes(batch)
+        first, done = acks.expect(len(batch))
+        prefix, stream = acks.prefix, self.stream
         try:
-            # No wait_stall: with it the client yields after every message and sends
-            # each in its own system call; the window bounds what is in flight instead.
-            for item in batch:
-                futures.append(await js.publish_async(
-                    render(item), item.body, stream=self.stream,
-                    headers={"Nats-Msg-Id": item.id},
-                ))
+            # Core publishes with a reply subject each (what JetStream answers with its
+            # PubAck); the client buffers them and writes many in one system call.
+            for n, item in enumerate(batch, first):
+                await nc.publish(render(item), item.body, reply=f"{prefix}{n}",
+                                 headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
-        acks = asyncio.gather(*futures)
         lost = asyncio.ensure_future(closed.wait())
         try:
-            done, _ = await asyncio.wait([acks, lost], timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            finished, _ = await asyncio.wait([done, lost], timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
-        if acks not in done:
-            acks.cancel()
-            await asyncio.gather(acks, return_exceptions=True)
+        if done not in finished:
             what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
             raise Unavailable(f"{what} before every message of the batch was acknowledged")
+        if acks.failure is not None:  # the message it answered for: refused for good, or for now
+            raise await self._refusal(batch[acks.failed_at], acks.failure)
+        self.duplicates += acks.duplicates
+
+    def _check_sizes(self, batch: list[Outgoing]) -> None:
+        """A message over the server's max_payload is refused before anything is sent.
+
+        (The server would close the connection on it, and the client raises
+        after it registered the PubAck it waits for.)
+        """
+        nc = self.nc
+        limit = nc.max_payload if nc is not None else 0
+        if not limit:
+            return
+        overhead = _HEADERS + len(self.stream)
+        for item in batch:
+            size = len(item.body) + len(item.id) + overhead
+            if size > limit:
+                raise DestinationError(
+                    f"destination {self.display}: event {item.id} ({item.schema}.{item.table}) "
+                    f"is {size} bytes with its headers, over the server's max_payload of {limit}; "
+                    "raise max_payload in the nats-server configuration, or leave the large "
+                    "column out of the publication"
+                )
+
+    async def _refusal(self, item: Outgoing, exc: BaseException, whole: bool = False) -> Exception:
+        """What a failed PubAck of ``item`` (``whole``: of a message of the batch from
+        ``item``) is: for good (DestinationError) or for now (Unavailable)."""
+        subject = self.subject.render(item)
+        what = (f"stream {self.stream!r} refused a message of the batch from event {item.id}"
+                if whole else f"stream {self.stream!r} refused event {item.id} (subject {subject!r})")
+        if isinstance(exc, APIError) and exc.err_code == _TOO_LARGE:
+            return DestinationError(
+                f"destination {self.display}: {what}: {exc.description} (the stream's "
+                "max_msg_size); raise the stream's max_msg_size or leave the large column "
+                "out of the publication"
+            )
+        if isinstance(exc, APIError) and exc.err_code == _OTHER_STREAM:
+            return DestinationError(
+                f"destination {self.display}: {what}: the subject is stored by another stream "
+                f"({exc.description}); give walex a subject template only {self.stream!r} covers"
+            )
+        if isinstance(exc, APIError) and exc.err_code == _STORE_FAILED:
+            # a stream at its limits with discard=new: consumers or max_age may free room,
+            # so this is retried a while; then it goes to on_error, never dropped silently
+            return Unavailable(
+                f"{what}: {exc.description} (the stream is full and has discard=new); raise "
+                "its limits (max_msgs, max_bytes, max_msgs_per_subject) or let it discard old "
+                "messages",
+                attempts=self.full_attempts,
+            )
+        if isinstance(exc, NoStreamResponseError):
+            subjects = await self._stream_subjects()
+            if subjects is not None and not any(_covers(s, subject) for s in subjects):
+                return DestinationError(
+                    f"destination {self.display}: no stream takes subject {subject!r}: stream "
+                    f"{self.stream!r} has the subjects {subjects}; add {self.stream_subjects} "
+                    "to them or give walex a subject template they cover"
+                )
+            return Unavailable(f"{what}: no answer from JetStream (no responders); the stream "
+                               "is missing or JetStream is not ready")
+        return self.unavailable(f"stream {self.stream!r} refused a message", exc)
+
+    async def _stream_subjects(self) -> list[str] | None:
+        """The subjects of the stream when it exists and answers; None otherwise."""
+        js = self.js
+        if js is None:
+            return None
         try:
-            results = acks.result()
-        except Exception as exc:
-            raise self.unavailable(f"stream {self.stream!r} refused a message", exc) from None
-        self.duplicates += sum(1 for ack in results if ack.duplicate)
+            info = await js.stream_info(self.stream)
+        except Exception:  # missing, or JetStream not answering: not a refusal for good
+            return None
+        return list(info.config.subjects or [])
 
     async def close(self) -> None:
-        nc, self.nc, self.js = self.nc, None, None
+        nc, self.nc, self.js, self._acks = self.nc, None, None, None
         self.opened = False
         if nc is not None:
             try:

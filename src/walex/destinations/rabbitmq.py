@@ -31,7 +31,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import aio_pika
-from aio_pika.exceptions import ChannelPreconditionFailed, DeliveryError
+from aio_pika.exceptions import (
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    InvalidFrameError,
+    ProbableAuthenticationError,
+)
 from pamqp.commands import Basic  # aio-pika builds on aiormq and pamqp
 
 from ..errors import ConfigError, DestinationError
@@ -73,6 +79,8 @@ class RabbitMQDestination(Destination):
         self.exchange: Any = None
         self.underlay: Any = None  # the aiormq channel under the exchange
 
+    passive = False  # a worker's: the exchange must exist (the relay declares it)
+
     async def open(self) -> None:
         url = self.url
         try:
@@ -87,6 +95,7 @@ class RabbitMQDestination(Destination):
             if self.exchange_name:
                 self.exchange = await channel.declare_exchange(
                     self.exchange_name, self.exchange_type, durable=True, timeout=self.timeout,
+                    passive=self.passive,
                 )
             else:
                 self.exchange = channel.default_exchange
@@ -96,6 +105,34 @@ class RabbitMQDestination(Destination):
             raise DestinationError(
                 f"destination {self.display}: exchange {self.exchange_name!r} exists with other "
                 f"settings ({self.describe(exc)}); use its exchange_type or another exchange"
+            ) from None
+        except ChannelNotFoundEntity:
+            await self.close()
+            raise ConfigError(
+                f"worker source {self.display}: exchange {self.exchange_name!r} does not exist, "
+                "and a worker does not declare it: start the relay first (it declares the "
+                "exchange), or declare it with 'walex worker --declare SOURCE_URL'"
+            ) from None
+        except ProbableAuthenticationError as exc:
+            await self.close()
+            user = url.username if url.username is not None else "guest"
+            raise self.misconfigured(
+                f"RabbitMQ refused the login of user {user!r} ({self.describe(exc)})",
+                "put a user and password the broker accepts in the URL: "
+                "amqp://USER:PASSWORD@host:5672/vhost",
+            ) from None
+        except InvalidFrameError as exc:
+            await self.close()
+            if "Connection.Close" not in str(exc):
+                raise self.unavailable("cannot connect", exc) from None
+            # the broker closes the connection instead of opening the vhost (NOT_ALLOWED)
+            user = url.username if url.username is not None else "guest"
+            raise self.misconfigured(
+                f"RabbitMQ refused to open the vhost {self.vhost!r}: it does not exist, or "
+                f"user {user!r} has no permissions on it",
+                f"create it and grant access (rabbitmqctl add_vhost {self.vhost}; rabbitmqctl "
+                f"set_permissions -p {self.vhost} {user} '.*' '.*' '.*'), or name an existing "
+                "vhost as the URL's path (amqp://host:5672/VHOST; %2F for '/')",
             ) from None
         except Exception as exc:
             await self.close()

@@ -2,8 +2,9 @@
 
 Each event is one ``XADD`` entry with the fields ``id`` (``event.id``) and
 ``event`` (the CloudEvent JSON), to the stream its template names. A batch
-goes in one ``MULTI``/``EXEC`` transaction, so Redis applies all of it or
-none of it; it counts as durable when the ``EXEC`` reply arrived. Redis
+(with a window, the batches of several transactions) goes in one pipeline,
+without ``MULTI``: one round trip; it counts as durable when every ``XADD``
+was answered, and a batch cut short is published again whole. Redis
 acknowledges a write before it reaches the disk unless the server runs with
 ``appendonly yes`` and ``appendfsync always``: that setting decides what a
 crash of Redis itself can lose.
@@ -23,7 +24,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 
 from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
@@ -63,6 +70,30 @@ class RedisDestination(Destination):
         )
         try:
             await self.client.ping()
+        except NoPermissionError as exc:  # logged in, but PING or CLIENT SETNAME not allowed
+            await self.close()
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user PING, CLIENT, MULTI, EXEC and XADD on the stream keys (ACL "
+                "SETUSER USER +ping +client +multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
+        except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
+            await self.close()
+            given = "a password" if url.password else "no password"
+            raise self.misconfigured(
+                f"Redis refused the login with {given} ({self.describe(exc)})",
+                "put the user and password Redis accepts (requirepass, or an ACL user allowed "
+                "PING and XADD) in the URL: redis://[USER]:PASSWORD@host:6379/0",
+            ) from None
+        except ResponseError as exc:
+            await self.close()
+            if "AUTH" not in str(exc):
+                raise self.unavailable("cannot connect", exc) from None
+            raise self.misconfigured(
+                f"Redis refused the login ({self.describe(exc)})",
+                "the server has no password set: remove it from the URL, or set one "
+                "(requirepass or an ACL user)",
+            ) from None
         except Exception as exc:
             await self.close()
             raise self.unavailable("cannot connect", exc) from None
@@ -73,12 +104,20 @@ class RedisDestination(Destination):
         if client is None:
             raise Unavailable("not connected")
         render, maxlen = self.stream.render, self.maxlen
-        pipe = client.pipeline(transaction=True)
+        # one round trip, no MULTI/EXEC: Redis answers each XADD (half the replies of a
+        # transaction's QUEUED + EXEC); a batch cut short is published again, same ids
+        pipe = client.pipeline(transaction=False)
         for item in batch:
             pipe.xadd(render(item), {"id": item.id, "event": item.body}, maxlen=maxlen,
                       approximate=True)
         try:
             await pipe.execute()
+        except NoPermissionError as exc:  # an ACL user without MULTI, EXEC or XADD
+            raise self.misconfigured(
+                f"Redis refused a command to the URL's user ({self.describe(exc)})",
+                "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
+                "+multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
                 raise DestinationError(

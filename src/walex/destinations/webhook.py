@@ -6,7 +6,8 @@ application/cloudevents-batch+json``, the CloudEvents HTTP batch mode),
 signed the Standard Webhooks way:
 
 - ``webhook-id``: the ``event.id`` of the first event in the request, the same
-  on every retry and replay;
+  on every retry and replay; under a window above 1 (whose groups depend on
+  timing) ``<first id>_<last id>`` for a request of several events;
 - ``webhook-timestamp``: Unix seconds of this attempt;
 - ``webhook-signature``: ``v1,<base64 HMAC-SHA256 of "id.timestamp.body">``,
   one per secret, separated by spaces.
@@ -23,12 +24,14 @@ Any other answer, redirects included (they are not followed), is a
 
 Parameters (taken out of the URL before it is called; any other query
 parameter goes to the receiver): ``secret_env`` (required), ``timeout``
-(seconds per request, default 10). The URL may use the templates
+(seconds a whole request may take, connecting, sending and reading the
+answer included, default 10). The URL may use the templates
 (``https://hooks.example.com/{schema}/{table}``), each name percent-encoded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -52,6 +55,27 @@ log = logging.getLogger("walex.destinations")
 
 _LOCAL = ("localhost", "127.0.0.1", "::1")
 _RETRIED = {408, 425, 429}
+
+
+class _RedactURLs(logging.Filter):
+    """Shows the URLs httpx logs (``HTTP Request: POST <url> ...``) as walex shows them:
+    a token in a webhook's path or query stays out of the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(arg, httpx.URL) for arg in args):
+            record.args = tuple(_shown(arg) if isinstance(arg, httpx.URL) else arg for arg in args)
+        return True
+
+
+def _shown(url: httpx.URL) -> str:
+    try:
+        return DestinationURL(str(url)).display
+    except ConfigError:
+        return f"{url.scheme}://{url.host}/***"
+
+
+_REDACT_URLS = _RedactURLs()
 
 
 def _segment(name: str) -> str:
@@ -97,10 +121,18 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None  # an HTTP date: the usual backoff applies
 
 
+def _request_id(items: list[Outgoing], ranged: bool) -> str:
+    if ranged and len(items) > 1:
+        return f"{items[0].id}_{items[-1].id}"
+    return items[0].id
+
+
 class WebhookDestination(Destination):
     scheme = "https"
     extra = "webhooks"
     accepted = ("secret_env", "timeout")
+    group_events = 1000  # most events per request
+    group_bytes = 1024 * 1024  # about the most bytes of events per request (one event may exceed)
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -114,26 +146,43 @@ class WebhookDestination(Destination):
         self.client: httpx.AsyncClient | None = None
         self._batch: str | None = None  # the first id of the batch being published
         self._delivered: set[str] = set()  # its requests already answered 2xx
+        self.grouped = False  # set by a window above 1: requests carry range ids
         self.requests = 0
 
     async def open(self) -> None:
+        client_log = logging.getLogger("httpx")
+        if _REDACT_URLS not in client_log.filters:
+            client_log.addFilter(_REDACT_URLS)
         if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
             log.warning("destination %s sends events unencrypted over http://; use https:// "
                         "beyond this machine", self.display)
-        self.client = httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=False,
+        self.client = httpx.AsyncClient(  # (timeout bounds each request whole, in _post)
+            timeout=self.timeout + 1, follow_redirects=False,
             headers={"user-agent": f"walex/{WALEX_VERSION}"},
         )
         self.opened = True
 
-    def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, list[Outgoing]]]:
-        """(url, events) per table (and rendered URL), in the order of first appearance."""
+    def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, str, list[Outgoing]]]:
+        """(url, webhook-id, events) per table (and rendered URL), in the order of first
+        appearance, at most ``group_events`` events and about ``group_bytes`` per request.
+
+        The id is the first event's; a request of a window's group (which may hold
+        the events of several transactions, grouped as they came) carries
+        ``<first id>_<last id>`` when it holds more than one event, so the same id
+        always means the same events, however a replay groups them."""
         groups: dict[tuple[str, str, str], list[Outgoing]] = {}
         render = self.target.render
         for item in batch:
             groups.setdefault((render(item), item.schema, item.table), []).append(item)
+        most_events, most_bytes, ranged = self.group_events, self.group_bytes, self.grouped
         for (target, _schema, _table), items in groups.items():
-            yield target, items
+            start, size = 0, 0
+            for i, item in enumerate(items):
+                if i > start and (i - start >= most_events or size + len(item.body) > most_bytes):
+                    yield target, _request_id(items[start:i], ranged), items[start:i]
+                    start, size = i, 0
+                size += len(item.body)
+            yield target, _request_id(items[start:], ranged), items[start:]
 
     async def publish(self, batch: list[Outgoing]) -> None:
         client = self.client
@@ -141,8 +190,7 @@ class WebhookDestination(Destination):
             raise Unavailable("not connected")
         if batch[0].id != self._batch:
             self._batch, self._delivered = batch[0].id, set()
-        for target, items in self._requests(batch):
-            message_id = items[0].id
+        for target, message_id, items in self._requests(batch):
             if message_id in self._delivered:
                 continue
             await self._post(client, target, message_id, items)
@@ -161,7 +209,13 @@ class WebhookDestination(Destination):
         }
         self.requests += 1
         try:
-            response = await client.post(target, content=body, headers=headers)
+            # httpx's timeout bounds each read, not the request: an endpoint that drips its
+            # answer a byte at a time would hold the batch for ever; this bounds all of it
+            async with asyncio.timeout(self.timeout):
+                response = await client.post(target, content=body, headers=headers)
+        except TimeoutError:
+            raise Unavailable(f"request {message_id} was not answered within "
+                              f"timeout={self.timeout:g}s") from None
         except httpx.HTTPError as exc:
             raise self.unavailable(f"request {message_id} failed", exc) from None
         status = response.status_code

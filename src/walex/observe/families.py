@@ -51,7 +51,9 @@ class Families:
             family.add_metric([*self.base, *map(str, labels)], value)
         return family
 
-    def events(self, name: str, counts: dict[tuple[str, str], int]) -> CounterMetricFamily:
-        """Events handled, by table and type."""
-        return self.labelled("counter", name, "Events handled, by table and type.",
-                             ["table", "type"], list(counts.items()))
+    def events(self, name: str, counts: dict[tuple[str, str, str], int]) -> CounterMetricFamily:
+        """Events handled, by table (``schema.table``, as ``Event.table``) and type."""
+        return self.labelled("counter", name, "Events handled, by table (schema.table) and type.",
+                             ["table", "type"],
+                             [((f"{schema}.{table}", kind), count)
+                              for (schema, table, kind), count in list(counts.items())])

@@ -1,7 +1,9 @@
 """Is the app healthy? The answers of ``/healthz`` and ``/livez``, from what the app knows.
 
-``health`` is healthy only while the app streams, its slot is not lost, the
-monitor could reach the server at its last poll, and the lag (the server's
+``health`` is healthy only while the app streams, its slot is not lost, every
+destination delivered (none has failed every attempt for longer than
+``Destinations.unhealthy_after``), the monitor could reach the server at its
+last poll, and the lag (the server's
 WAL end minus the position acknowledged to it) is within ``max_lag_bytes``.
 ``liveness`` is alive while the app runs at all: reconnecting, or waiting as
 a standby, included. Each returns the HTTP status and a JSON-able body whose
@@ -69,6 +71,10 @@ def health(app: WalEx) -> tuple[int, dict[str, Any]]:
         return 503, {"status": "slot_lost",
                      "reason": f"slot {app.slot_name!r} was invalidated (wal_status = 'lost')",
                      **body}
+    trouble = getattr(app.destinations, "trouble", None)  # an app with destinations
+    reason = trouble() if trouble is not None else None
+    if reason is not None:
+        return 503, {"status": "destination_failing", "reason": reason, **body}
     if stats.monitor_error is not None:
         return 503, {"status": "unreachable",
                      "reason": f"cannot query the server: {stats.monitor_error}", **body}

@@ -22,7 +22,9 @@ __all__ = ["Buckets", "Stats"]
 LATENCY_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                   30.0, 60.0, 300.0)
 
-_TABLE_AND_TYPE = attrgetter("name", "type._value_")  # plain strs: hashed in C
+# (schema, table, type) of an event: plain strs, hashed in C; public.items and audit.items
+# are different tables, so the schema is part of the key (Families.events joins them)
+_TABLE_AND_TYPE = attrgetter("source.schema", "name", "type._value_")
 
 
 class Buckets:
@@ -52,7 +54,7 @@ class Stats:
     """Counters of one app that the pipeline does not keep itself."""
 
     def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()  # (table, type) -> events handled
+        self.events: Counter[tuple[str, str, str]] = Counter()  # (schema, table, type) -> events
         self.commit_to_handler = Buckets()
         self.standby = False  # waiting for the slot another instance holds
         self.standby_since = 0.0  # time.monotonic() when it began waiting

@@ -52,7 +52,8 @@ class Tracer:
             "walex.lsn": format_lsn(txn.commit_lsn),
             "walex.xid": txn.xid,
             "walex.last_batch": txn.last,
-            "walex.tables": sorted({e.name for e in events}),
+            "walex.tables": sorted({f"{s}.{t}" for s, t in {(e.source.schema, e.name)
+                                                             for e in events}}),
         }
         if len(events) == 1:
             attributes["messaging.message.id"] = events[0].id

@@ -8,7 +8,7 @@ metric carries the labels ``worker`` (its name) and ``group``.
 
 | metric | type | what |
 |---|---|---|
-| ``walex_worker_events_total{table,type}`` | counter | events handled (duplicates dropped not counted) |
+| ``walex_worker_events_total{table,type}`` | counter | events handled, ``table`` as ``schema.table`` (duplicates dropped not counted) |
 | ``walex_worker_calls_total`` | counter | handler calls (one transaction's events of one partition each) |
 | ``walex_worker_handler_errors_total``, ``_retries_total``, ``_failures_total`` | counter | as the app's ``walex_handler_*`` |
 | ``walex_worker_undecodable_total`` | counter | messages that were not walex events |
@@ -57,7 +57,7 @@ class WorkerStats:
     """What a worker counts for its metrics, per handler call."""
 
     def __init__(self) -> None:
-        self.events: Counter[tuple[str, str]] = Counter()  # (table, type) -> events handled
+        self.events: Counter[tuple[str, str, str]] = Counter()  # (schema, table, type) -> events
         self.calls = 0
         self.handler_seconds = Buckets(HANDLER_BOUNDS)
         self.commit_to_handler = Buckets()

@@ -15,6 +15,14 @@ The contract every source keeps (:mod:`walex.workers.base`):
 - a message is acknowledged to the broker only after the handlers it went
   to returned (or the error policy disposed of it); what a worker received
   and did not acknowledge goes to another worker when it stops or dies;
+- a call holds its partition's lease (:mod:`walex.workers.lease`): when the
+  worker learns the broker may hand the partition to another worker (JetStream:
+  before ``ack_wait`` runs out without a confirmed progress report; RabbitMQ:
+  the connection or channel closed), the call is cancelled and nothing is
+  acknowledged; :func:`current_lease` gives a call its fencing token;
+- a worker creates no stream or exchange and checks at start that what the
+  broker holds can feed it (the relay's partitions and subjects); a RabbitMQ
+  group is declared up front (:func:`declare`, ``walex worker --declare``);
 - so delivery is at-least-once: a worker killed after its handler returned
   and before the acknowledgement reached the broker leaves that event to be
   handled again, with the same ``event.id``. A worker drops an event it
@@ -66,8 +74,9 @@ from ..observe import require_extra
 from ..observe.workers import WorkerObserver, WorkerStats
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
+from .lease import _CURRENT, Lease, LeaseLost, current_lease
 
-__all__ = ["Worker", "consumer_from_url"]
+__all__ = ["Lease", "LeaseLost", "Worker", "consumer_from_url", "current_lease", "declare"]
 
 log = logging.getLogger("walex.workers")
 
@@ -100,6 +109,14 @@ def consumer_from_url(url: str) -> Consumer:
     cls = load_class(__name__, scheme, scheme.consumer, f"worker source {parsed.display}")
     consumer: Consumer = cls(parsed)
     return consumer
+
+
+async def declare(source_url: str) -> None:
+    """Declare a worker group on the broker before the relay publishes (or before its
+    workers start): the stream or exchange as the relay creates it, and the group's
+    consumers (JetStream) or queues (RabbitMQ, where a group must be declared: a worker
+    does not create its group's queues, see the module's doc)."""
+    await consumer_from_url(source_url).declare()
 
 
 def _policy(on_error: Any) -> Any:
@@ -186,6 +203,7 @@ class Worker(Lifecycle):
         self.redeliveries = 0  # messages the broker delivered again
         self.reconnects = 0  # connections to the broker lost and opened again
         self.undecodable = 0  # messages that were not walex events
+        self.fenced = 0  # calls cut off (not acknowledged) as the worker lost their partition
         self.connected = False  # consuming: connected, the partitions subscribed
         self.stats: WorkerStats | None = WorkerStats() if metrics_port is not None else None
         self.observer = WorkerObserver(self, metrics_port, metrics_host)
@@ -216,7 +234,9 @@ class Worker(Lifecycle):
         """Connect and start handling; a broker that cannot be reached is retried meanwhile.
 
         Raises :class:`~walex.errors.ConfigError` when what exists on the
-        broker cannot keep the order (a consumer or queue set up otherwise).
+        broker cannot keep the order (a consumer or queue set up otherwise) or
+        cannot feed this worker (no stream or exchange, a RabbitMQ group not
+        declared, the relay's partitions not the worker's).
         """
         if self._task is not None:
             raise ConfigError(f"worker {self.name!r} is already started")
@@ -327,12 +347,44 @@ class Worker(Lifecycle):
                 j += 1
             group = items[i:j]
             try:
-                await self._dispatch(lane.partition, [e for _, e, _ in group])  # type: ignore[misc]
+                await self._call(lane, [e for _, e, _ in group],  # type: ignore[misc]
+                                 [d for d, _, _ in group])
             except BaseException:
                 await lane.release([d for d, _, _ in items[i:]])
                 raise
             await lane.ack([d for d, _, _ in group])
             i = j
+
+    async def _call(self, lane: Lane, events: list[Event], deliveries: list[Delivery]) -> None:
+        """Dispatch under the partition's lease: the call is cancelled when the lane is
+        revoked (this worker lost the partition), and then nothing is acknowledged."""
+        last = deliveries[-1]
+        lease = Lease(lane.partition, events[-1].id, any(d.redelivered for d in deliveries),
+                      last.attempt, last.sequence, lane)
+        if lane.revoked.is_set():
+            raise Unavailable(f"partition {lane.partition}: {lane.reason}")
+        token = _CURRENT.set(lease)
+        try:
+            call = asyncio.create_task(self._dispatch(lane.partition, events))
+        finally:
+            _CURRENT.reset(token)
+        lost = asyncio.create_task(lane.revoked.wait())
+        try:
+            await asyncio.wait([call, lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+        if lane.revoked.is_set():
+            self.fenced += 1
+            log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
+                        "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
+                        events[0].id, events[-1].id)
+            raise Unavailable(f"partition {lane.partition}: {lane.reason}; the call with events "
+                              f"{events[0].id}..{events[-1].id} was cancelled or its end not "
+                              "acknowledged")
+        call.result()
 
     async def _dispatch(self, partition: int, events: list[Event]) -> None:
         seen = self._seen

@@ -6,7 +6,9 @@ lets one worker at a time take a partition's messages) and returns one
 :class:`Lane` per partition; :meth:`~Consumer.close` disconnects, and
 whatever was received but not acknowledged goes back to the broker.
 
-A :class:`Lane` hands out one partition's messages in order:
+A :class:`Lane` hands out one partition's messages in order (and is
+revoked, :meth:`Lane.revoke`, when the worker learns the broker may hand
+them to another worker: the worker cancels the call in hand):
 :meth:`~Lane.receive` returns the next messages available (an empty list
 after ``wait`` seconds without any), :meth:`~Lane.ack` acknowledges
 delivered messages once they are handled, :meth:`~Lane.release` gives
@@ -18,7 +20,9 @@ A source URL is its destination URL (the broker module takes the
 destination's own parameters through the destination class, which also
 connects and declares the stream or exchange) plus the worker's:
 ``partitions`` (the relay's ``partitions``, default 1) and ``group`` (the
-worker group: every group receives every event once; default ``walex``).
+worker group: every group receives every event once, from its declaration
+on; default ``walex``). A worker never creates the stream or exchange: the
+relay does, or :meth:`Consumer.declare`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class Delivery:
     handle: Any  # the client's message object
     redelivered: bool = False
     pending: int | None = None  # messages of the partition after this one, if the broker says
+    attempt: int | None = None  # deliveries of this message so far, if the broker says
+    sequence: int | None = None  # its position in the stream, if the broker says
 
 
 class Lane(ABC):
@@ -56,6 +62,15 @@ class Lane(ABC):
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
+        self.revoked = asyncio.Event()  # set when this worker lost the partition
+        self.reason = ""
+
+    def revoke(self, reason: str) -> None:
+        """This worker no longer holds the partition: the call in hand is cancelled."""
+        if not self.revoked.is_set():
+            self.reason = reason
+            self.revoked.set()
+            log.debug("partition %d: %s", self.partition, reason)
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:
@@ -115,6 +130,11 @@ class Consumer(ABC):
         worker tries again) and :class:`~walex.errors.ConfigError` when what
         exists on the broker cannot keep the order (the worker stops).
         """
+
+    @abstractmethod
+    async def declare(self) -> None:
+        """Create what the relay and this worker group need on the broker (the stream or
+        exchange as the relay does, the group's consumers or queues), then disconnect."""
 
     @abstractmethod
     async def close(self) -> None:

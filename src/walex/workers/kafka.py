@@ -25,6 +25,13 @@ killed leaves its partitions to the group after ``session.timeout.ms``; the
 records it had handled and not committed are handled again, with the same
 ``event.id``.
 
+A worker that learns it lost partitions without giving them up (it missed
+its session: the group gave them away already) cancels the call in hand, as
+the other sources do (:func:`walex.workers.current_lease`; the lease's
+``partition`` is the record's Kafka partition), commits nothing of it and
+joins again. ``walex worker --declare`` has nothing to create on Kafka: it
+checks that the brokers answer and take the login.
+
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
 run there); the event loop only exchanges records and offsets with it.
 """
@@ -43,7 +50,7 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from ..destinations.base import DestinationURL, Unavailable
 from ..destinations.kafka import AUTHENTICATION, OWN, KafkaDestination, client_settings, validate
-from ..errors import ConfigError, DestinationError
+from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane
 
 __all__ = ["KafkaConsumer"]
@@ -86,6 +93,8 @@ class KafkaLane(Lane):
             c.check()
             taken = c.take()
             if taken:
+                # the lease of the call (walex.workers.current_lease) names its Kafka partition
+                self.partition = taken[0].handle[0][1]
                 return taken
             left = deadline - time.monotonic()
             if left <= 0:
@@ -106,7 +115,7 @@ class KafkaLane(Lane):
 class KafkaConsumer(Consumer):
     scheme = "kafka"
     destination_class = KafkaDestination
-    accepted = ("start", "<any librdkafka setting>")
+    accepted = ("start",)
     destination: KafkaDestination
 
     def take_options(self, url: DestinationURL) -> None:
@@ -245,12 +254,23 @@ class KafkaConsumer(Consumer):
         if self.auth_error is not None:
             raise self._refused_login()
 
-    def _refused_login(self) -> DestinationError:
-        return DestinationError(
-            f"worker source {self.display}: the Kafka broker refused the login "
-            f"({self.url.scrub(self.auth_error or '')}); check security.protocol, sasl.mechanism, "
-            "sasl.username and sasl.password"
+    def _refused_login(self) -> ConfigError:
+        return self.destination.misconfigured(
+            f"the Kafka broker refused the login ({self.auth_error or ''})",
+            "check security.protocol, sasl.mechanism, sasl.username and sasl.password",
         )
+
+    async def declare(self) -> None:
+        """A Kafka group needs nothing declared (a group without committed offsets starts at
+        ``start``); this checks that the brokers answer and take the login, then disconnects."""
+        self._reset()
+        client = KafkaClient(dict(self.client_settings, error_cb=self._on_error))
+        try:
+            await self._check(client)
+        finally:
+            await asyncio.to_thread(client.close)
+        log.info("worker group %r on %s: nothing to declare on Kafka (the group starts at %s)",
+                 self.group, self.display, self.start)
 
     async def close(self) -> None:
         thread, self.thread = self.thread, None
@@ -388,6 +408,16 @@ class KafkaConsumer(Consumer):
         with self.lock:
             for key in keys:
                 self.buffers.get(key, deque()).clear()
+            lane, loop = self.lane, self.loop
+            if not commit and lane is not None and loop is not None and \
+                    any(self.busy.get(k) for k in keys):
+                # the group gave them away already (this worker missed its session): the call
+                # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
+                try:
+                    loop.call_soon_threadsafe(lane.revoke, f"Kafka partitions {_names(partitions)} "
+                                              "were lost (the group session timed out)")
+                except RuntimeError:
+                    pass
             while not self.closing and any(self.busy.get(k) for k in keys):
                 left = limit - time.monotonic()
                 if left <= 0:

@@ -16,21 +16,36 @@ however many workers; a handler receives one event per call.
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
 (after ``ack_wait``). While it holds a message, a worker tells the server it
-is still working on it every ``ack_wait / 3`` seconds, so a slow handler
-keeps its message. A message given back (a worker stopping) is
-negatively acknowledged and goes out again at once.
+is still working on it every ``ack_wait / 3`` seconds and has the server
+confirm it (a flush), so a slow handler keeps its message. The worker's
+lease ends ``ack_wait / 4`` before the server could hand the message out
+again (``ack_wait`` after the fetch or the last confirmed report): then the
+call is cancelled, its message neither acknowledged nor given back, and the
+worker reconnects (:mod:`walex.workers.lease`). So a worker whose connection
+went silent stops its call before another worker starts the message. A
+message given back (a worker stopping) is negatively acknowledged and goes
+out again at once.
 
 The consumers are created when missing (deliver policy ``all``: a new
 group starts with the oldest message the stream keeps); an existing one
 whose filter or ``max_ack_pending`` differ is an error naming it, since it
-could not keep the order. The stream is created like the destination does,
-so workers may start before the relay.
+could not keep the order. The stream is the relay's: a worker never creates
+it (a missing or mistyped stream is a :class:`~walex.errors.ConfigError`,
+naming the stream that holds the subjects if there is one), and checks it at
+start, then every ``recheck_every`` seconds while partition 0 is idle: its
+subjects must hold the worker's filters, and its newest message must have
+been published with the worker's ``partitions`` to a subject a filter takes,
+else the worker stops with a ``ConfigError`` rather than idle for ever.
+:meth:`NatsConsumer.declare` (``walex worker --declare``) creates the
+stream as the relay does, and the group's consumers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -51,31 +66,58 @@ class NatsLane(Lane):
         super().__init__(partition)
         self.consumer = consumer
         self.psub = psub
+        self.ack_wait = ack_wait
         self.every = max(ack_wait / 3, 0.05)
+        self.margin = ack_wait / 4  # the lease ends this long before the server's deadline
         self.held: dict[int, tuple[Any, asyncio.Task[None]]] = {}
+        self.asked: float | None = None  # when the previous fetch went out
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
+        now = time.monotonic()
+        # A message already waiting came for an earlier request, maybe delivered then.
+        asked = self.asked if self.asked is not None and getattr(self.psub, "pending_msgs", 0) \
+            else now
+        self.asked = now
         try:
             [msg] = await self.psub.fetch(1, timeout=wait)
         except TimeoutError:  # nothing within wait (nats' errors subclass it)
             self.consumer.check()
+            await self.consumer.recheck(self.partition)
             return []
         except Exception as exc:
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
-        self.held[id(msg)] = (msg, asyncio.create_task(self._progress(msg)))
+        self.held[id(msg)] = (msg, asyncio.create_task(self._keep(msg, asked)))
         meta = msg.metadata
-        return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending)]
+        return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending,
+                         attempt=meta.num_delivered, sequence=meta.sequence.stream)]
 
-    async def _progress(self, msg: Any) -> None:
-        """Reset the server's ack_wait timer while the message is held."""
+    async def _keep(self, msg: Any, since: float) -> None:
+        """Hold the message: report progress every ``ack_wait / 3`` and have the server
+        confirm it (a flush); revoke the lane ``ack_wait / 4`` before the server may give
+        the message to another worker, i.e. ``ack_wait`` after the last confirmed report
+        (or the fetch), so this worker stops the call before another starts it."""
+        deadline = since + self.ack_wait - self.margin
+        following = since + self.every
         while True:
-            await asyncio.sleep(self.every)
+            now = time.monotonic()
+            if now >= deadline:
+                self.revoke(f"no progress report confirmed by NATS within ack_wait="
+                            f"{self.ack_wait:g}s: the server gives the message to another worker")
+                return
+            if now < following:
+                await asyncio.sleep(min(following, deadline) - now)
+                continue
+            sent = time.monotonic()
+            following = sent + self.every
+            nc = self.consumer.destination.nc
             try:
                 await msg.in_progress()
-            except Exception as exc:  # the connection is gone: the message is redelivered
-                log.debug("progress of a held message not sent: %r", exc)
-                return
+                await nc.flush(timeout=max(deadline - sent, 0.01))
+            except Exception as exc:  # not confirmed: the deadline stays
+                log.debug("progress of a held message not confirmed: %r", exc)
+                continue
+            deadline = sent + self.ack_wait - self.margin
 
     def _drop(self, msg: Any) -> None:
         _, task = self.held.pop(id(msg), (None, None))
@@ -93,6 +135,8 @@ class NatsLane(Lane):
     async def release(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             self._drop(delivery.handle)
+            if self.revoked.is_set():  # another worker may hold it now: a late nak would
+                continue               # let it out a second time; ack_wait gives it back
             try:
                 await delivery.handle.nak()
             except Exception as exc:  # not connected: the server redelivers after ack_wait
@@ -102,11 +146,58 @@ class NatsLane(Lane):
         await self.release([Delivery(b"", msg) for msg, _task in list(self.held.values())])
 
 
+def _covers(pattern: str, subject: str) -> bool:
+    """Whether every subject ``subject`` (which may hold wildcards) matches ``pattern``."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or have[i] == ">":
+            return False
+        if token != "*" and (token != have[i] or have[i] == "*"):
+            return False
+    return len(have) == len(want)
+
+
+class _SourceStream(NatsDestination):
+    """The relay's stream, seen from a worker: used as it is, never created (unless declared)."""
+
+    create = False  # declare() creates it as the relay does
+
+    async def _ensure_stream(self) -> None:
+        if self.create:
+            await super()._ensure_stream()
+            return
+        try:
+            await self.js.stream_info(self.stream)
+        except NotFoundError:
+            raise ConfigError(
+                f"worker source {self.display}: stream {self.stream!r} does not exist, and a "
+                f"worker does not create it{await self.holder(self.stream_subjects[0])}: start "
+                f"the relay first (it creates the stream), or declare it with 'walex worker "
+                f"--declare SOURCE_URL'"
+            ) from None
+        except Exception as exc:
+            raise self.unavailable("JetStream does not answer (is it enabled, -js?)", exc) from None
+
+    async def holder(self, subject: str) -> str:
+        """The words naming the other stream that holds ``subject``, if one does; else ''."""
+        try:
+            other = await self.js.find_stream_name_by_subject(subject)
+        except Exception:  # none, or no answer: nothing to add
+            return ""
+        if not other or other == self.stream:
+            return ""
+        return (f"; the subjects {subject!r} are in stream {other!r} (is the stream name "
+                f"mistyped? stream={other})")
+
+
 class NatsConsumer(Consumer):
     scheme = "nats"
-    destination_class = NatsDestination
+    destination_class = _SourceStream
     accepted = ("ack_wait",)
-    destination: NatsDestination
+    destination: _SourceStream
+    recheck_every = 30.0  # seconds between looks at the stream while partition 0 is idle
 
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
@@ -114,10 +205,11 @@ class NatsConsumer(Consumer):
     def __init__(self, url: DestinationURL) -> None:
         super().__init__(url)
         self.stream = self.destination.stream
-        template = self.destination.subject.text
-        self.filters = [partition_filter(template, p, self.partitions, url.display, "subject")
+        self.template = self.destination.subject.text
+        self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
         self.lanes: list[NatsLane] = []
+        self.checked = 0.0  # when the stream was last compared with this worker's setup
 
     def check(self) -> None:
         """Raise :class:`Unavailable` when the connection is gone."""
@@ -125,10 +217,20 @@ class NatsConsumer(Consumer):
         if nc is None or not nc.is_connected:
             raise Unavailable("the connection to NATS was lost")
 
-    async def open(self) -> list[Lane]:
-        await self.destination.open()  # connects; creates the stream when missing
-        js = self.destination.js
+    async def declare(self) -> None:
+        """Create the stream (as the relay does) and the group's consumers when missing."""
+        self.destination.create = True
         try:
+            await self.open()
+        finally:
+            self.destination.create = False
+            await self.close()
+
+    async def open(self) -> list[Lane]:
+        try:
+            await self.destination.open()  # connects; the stream must exist
+            js = self.destination.js
+            await self.verify()
             self.lanes = []
             for p, subject in enumerate(self.filters):
                 name = f"{self.group}_{p}"
@@ -147,6 +249,67 @@ class NatsConsumer(Consumer):
         log.info("worker group %r consumes %d partition(s) of stream %r on %s",
                  self.group, self.partitions, self.stream, self.display)
         return list(self.lanes)
+
+    async def verify(self) -> None:
+        """Raise :class:`ConfigError` when the stream cannot feed this worker: its subjects
+        do not hold the worker's, or its newest message was published with other
+        ``partitions`` or to a subject none of the worker's filters takes (the worker
+        would idle for ever)."""
+        self.checked = time.monotonic()
+        dest = self.destination
+        try:
+            info = await dest.js.stream_info(self.stream)
+        except NotFoundError:
+            raise ConfigError(f"worker source {self.display}: stream {self.stream!r} was "
+                              "deleted; start the relay (it creates the stream)") from None
+        subjects = list(info.config.subjects or [])
+        for wanted in self.filters:
+            if not any(_covers(have, wanted) for have in subjects):
+                raise ConfigError(
+                    f"worker source {self.display}: stream {self.stream!r} holds the subjects "
+                    f"{subjects}, not {wanted!r} (this worker's filter from the subject template "
+                    f"{self.template!r}){await dest.holder(wanted)}: give the worker the relay's "
+                    "stream= and subject="
+                )
+        last = info.state.last_seq if info.state is not None else 0
+        if not last:
+            return
+        try:
+            newest = await dest.js.get_msg(self.stream, seq=last)
+        except NotFoundError:  # just removed (limits): the next look tells
+            return
+        try:
+            theirs = json.loads(newest.data).get("walexpartitions")
+        except (ValueError, TypeError, AttributeError):
+            theirs = None
+        taken = any(_covers(f, newest.subject) for f in self.filters)
+        mine = self.partitions
+        if isinstance(theirs, int) and theirs != mine and (mine > 1 or not taken):
+            raise ConfigError(
+                f"worker source {self.display}: the relay publishes to stream {self.stream!r} "
+                f"with partitions={theirs} (its newest message, on {newest.subject!r}), and this "
+                f"worker has partitions={mine}: its source URL must say the relay's partitions "
+                f"(&partitions={theirs}), or partitions are never handled"
+            )
+        if not taken:
+            raise ConfigError(
+                f"worker source {self.display}: the newest message of stream {self.stream!r} is "
+                f"on {newest.subject!r}, which none of this worker's filters ({self.filters[0]!r}"
+                f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
+                "partitions="
+            )
+
+    async def recheck(self, partition: int) -> None:
+        """Look at the stream again, now and then while partition 0 is idle."""
+        if partition != 0 or time.monotonic() - self.checked < self.recheck_every:
+            return
+        try:
+            await self.verify()
+        except ConfigError:
+            raise
+        except Exception as exc:  # no answer now: the next look tells
+            self.checked = time.monotonic()
+            log.debug("looking at stream %r: %r", self.stream, exc)
 
     async def _ensure_consumer(self, js: Any, name: str, subject: str) -> float:
         """Create the partition's durable consumer, or check the existing one; its ack_wait."""

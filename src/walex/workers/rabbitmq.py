@@ -1,35 +1,55 @@
 """RabbitMQ source: ``amqp://user:pass@host:5672/vhost?exchange=walex&partitions=4``.
 
 The relay's destination URL, plus ``partitions`` (the relay's), ``group``
-(default ``walex``) and ``prefetch`` (default 100).
+(default ``walex``), ``prefetch`` (default 100) and ``balance`` (seconds
+between looks at how many workers share the group, default 5).
 
-For each partition ``p`` the worker declares a durable queue
+For each partition ``p`` the group has a durable queue
 ``<exchange>.<group>.<p>`` with ``x-single-active-consumer``, bound to the
 exchange with that partition's binding key (the routing key template with
 its ``{schema}``, ``{table}`` and ``{type}`` words as ``*`` and
 ``{partition}`` as ``p``). Every worker consumes every queue, and the broker
 delivers a queue's messages to one consumer at a time, in queue order; when
 that consumer's connection ends (a worker stopped or killed), the broker
-puts its unacknowledged messages back in their places and makes another
+puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
 unacknowledged messages at most: a handler call receives the consecutive
 events of one transaction that are there (``prefetch`` at most).
 
-The exchange is declared like the destination does (so workers may start
-before the relay, and the relay's ``mandatory`` messages find their queues);
-it must be a ``topic`` exchange, or ``direct`` when the routing key template
-has no other field than ``{partition}``. A queue that exists without single
-active consumer is an error naming it.
+The group is declared up front: :meth:`RabbitMQConsumer.declare`
+(``walex worker --declare SOURCE_URL``) declares the exchange as the relay
+does and the group's queues, bound. A worker declares neither: a missing
+exchange, a missing queue of the group (a group created while the relay
+publishes would silently miss what was published before) or a queue for
+partition ``partitions`` (the group has more partitions than the worker) is
+a :class:`~walex.errors.ConfigError` naming the fix. A queue that exists
+without single active consumer is one too.
+
+Spreading: the broker makes a queue's first consumer the active one, so a
+worker started first would hold every partition. Every ``balance`` seconds
+a worker counts the group's workers (the consumers of its queues) and, when
+it holds more than ``ceil(partitions / workers)`` partitions (those it
+received messages from, or subscribed to first), hands the rest over: once
+such a partition's lane holds nothing, it closes the queue's channel (the
+broker puts what it had prefetched back in place and makes the next worker
+in line the active one) and subscribes again, last in line.
+
+When the connection or a channel is closed under it, the worker cancels the
+call in hand and acknowledges nothing (:mod:`walex.workers.lease`); the
+broker may have handed the messages to another worker already (it notices a
+reset connection at once, a silent one after the heartbeat timeout), so the
+fencing token is what keeps a stale call's effect out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from typing import Any
 
-from aio_pika.exceptions import ChannelPreconditionFailed
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from ..destinations.base import DestinationURL, Unavailable
 from ..destinations.rabbitmq import RabbitMQDestination
@@ -40,16 +60,59 @@ __all__ = ["RabbitMQConsumer"]
 
 log = logging.getLogger("walex.workers")
 
+_SAC = {"x-single-active-consumer": True}
+
+
+class _SourceExchange(RabbitMQDestination):
+    """The relay's exchange, seen from a worker: it must exist (unless declared)."""
+
+    passive = True
+
 
 class RabbitMQLane(Lane):
-    def __init__(self, partition: int, consumer: RabbitMQConsumer, channel: Any) -> None:
+    def __init__(self, partition: int, consumer: RabbitMQConsumer) -> None:
         super().__init__(partition)
         self.consumer = consumer
-        self.channel = channel
+        self.channel: Any = None
         self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self.shed = False  # give the partition to the next worker in line when idle
+        self.closing = False  # this worker closes the channel: not a loss
 
-    async def deliver(self, message: Any) -> None:
-        self.buffer.put_nowait(message)
+    async def subscribe(self, consume: bool = True) -> int:
+        """Open a channel and consume the partition's queue; the consumers there before."""
+        consumer, dest = self.consumer, self.consumer.destination
+        self.buffer = asyncio.Queue()
+        self.closing = False
+        channel = self.channel = await dest.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=consumer.prefetch)
+        name = consumer.queues[self.partition]
+        try:
+            queue = await channel.declare_queue(name, durable=True, arguments=_SAC)
+        except ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"worker source {consumer.display}: queue {name!r} exists with other "
+                f"settings ({dest.describe(exc)}); a worker needs a durable queue with "
+                "x-single-active-consumer to keep the order: delete it or use another group="
+            ) from None
+        before = int(queue.declaration_result.consumer_count or 0)
+        await queue.bind(dest.exchange_name, routing_key=consumer.bindings[self.partition])
+
+        def on_close(*_args: Any) -> None:
+            if not (self.closing and self.channel is channel) and not consumer.stopping:
+                self.revoke("the channel to RabbitMQ was closed: the broker gives the "
+                            "partition's unacknowledged messages to another worker")
+
+        channel.close_callbacks.add(on_close)
+        if consume:
+            buffer = self.buffer
+
+            async def deliver(message: Any) -> None:
+                if self.channel is channel:  # not a late one of a channel handed over
+                    self.consumer.active.add(self.partition)  # the broker made this worker
+                    buffer.put_nowait(message)                # the active one
+
+            await queue.consume(deliver, no_ack=False)
+        return before
 
     def check(self) -> None:
         if self.channel.is_closed or self.consumer.lost:
@@ -57,6 +120,8 @@ class RabbitMQLane(Lane):
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.check()
+        if self.shed:
+            await self._hand_over()
         try:
             first = await asyncio.wait_for(self.buffer.get(), wait)
         except TimeoutError:
@@ -66,6 +131,30 @@ class RabbitMQLane(Lane):
         while not self.buffer.empty():
             messages.append(self.buffer.get_nowait())
         return [Delivery(m.body, m, redelivered=bool(m.redelivered)) for m in messages]
+
+    async def _hand_over(self) -> None:
+        """Nothing in hand: close the channel (the broker puts what it prefetched back in
+        place and makes the next worker in line the active one) and queue up again, last."""
+        self.shed = False
+        self.consumer.active.discard(self.partition)
+        await self._close_channel()
+        try:
+            before = await asyncio.wait_for(self.subscribe(), self.consumer.destination.timeout)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise self.consumer.destination.unavailable("subscribing again failed", exc) from None
+        if not before:  # nobody else there: still this worker's
+            self.consumer.active.add(self.partition)
+        log.info("worker group %r: partition %d handed over to the next worker in line",
+                 self.consumer.group, self.partition)
+
+    async def _close_channel(self) -> None:
+        self.closing = True
+        try:
+            await asyncio.wait_for(self.channel.close(), self.consumer.destination.timeout)
+        except Exception as exc:
+            log.debug("closing the channel of partition %d: %r", self.partition, exc)
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         try:
@@ -77,20 +166,18 @@ class RabbitMQLane(Lane):
         """Close the channel: the broker puts back every unacknowledged message of the
         queue in its place (a negative acknowledgement of some would let the messages
         still in the buffer overtake them)."""
-        try:
-            await self.channel.close()
-        except Exception as exc:
-            log.debug("closing the channel of partition %d: %r", self.partition, exc)
+        await self._close_channel()
 
 
 class RabbitMQConsumer(Consumer):
     scheme = "amqp"
-    destination_class = RabbitMQDestination
-    accepted = ("prefetch",)
-    destination: RabbitMQDestination
+    destination_class = _SourceExchange
+    accepted = ("prefetch", "balance")
+    destination: _SourceExchange
 
     def take_options(self, url: DestinationURL) -> None:
         self.prefetch = url.take_int("prefetch", 100, minimum=1) or 100
+        self.balance = url.take_float("balance", 5.0, minimum=0.1)
 
     def __init__(self, url: DestinationURL) -> None:
         super().__init__(url)
@@ -112,51 +199,145 @@ class RabbitMQConsumer(Consumer):
         self.queues = [f"{dest.exchange_name}.{self.group}.{p}" for p in range(self.partitions)]
         self.lanes: list[RabbitMQLane] = []
         self.lost = False
+        self.stopping = False  # close() closes the connection: not a loss
+        self.active: set[int] = set()  # partitions the broker made this worker the consumer of
+        self._balancer: asyncio.Task[None] | None = None
+
+    async def declare(self) -> None:
+        """Declare the exchange (as the relay does) and the group's queues, bound."""
+        self.destination.passive = False
+        try:
+            await self.destination.open()
+            timeout = self.destination.timeout
+            for lane in [RabbitMQLane(p, self) for p in range(self.partitions)]:
+                await asyncio.wait_for(lane.subscribe(consume=False), timeout)
+                await lane._close_channel()
+            await asyncio.wait_for(self._check_more(), timeout)
+            log.info("declared the exchange %r and the queues %s... of group %r on %s",
+                     self.destination.exchange_name, self.queues[0], self.group, self.display)
+        finally:
+            self.destination.passive = True
+            await self.close()
+
+    async def _exists(self, channel: Any, name: str) -> tuple[Any, bool]:
+        """``(channel, exists)``; a missing queue closes the channel: a new one then."""
+        try:
+            await channel.declare_queue(name, passive=True)
+            return channel, True
+        except ChannelNotFoundEntity:
+            return await self.destination.connection.channel(publisher_confirms=False), False
+
+    async def _check_more(self) -> None:
+        """A queue for partition ``partitions`` means the group has more partitions."""
+        channel = await self.destination.connection.channel(publisher_confirms=False)
+        channel, more = await self._exists(channel, f"{self.destination.exchange_name}."
+                                                    f"{self.group}.{self.partitions}")
+        await channel.close()
+        if more:
+            raise ConfigError(
+                f"worker source {self.display}: group {self.group!r} has a queue for partition "
+                f"{self.partitions} too, so it was declared with more partitions than this "
+                f"worker's partitions={self.partitions}: give the worker the relay's partitions "
+                "(or delete the group's extra queues if the relay now has fewer)"
+            )
+
+    async def _check_group(self) -> None:
+        """The group's queues must exist: a group created now would silently start
+        mid-stream, without what the relay published before."""
+        channel = await self.destination.connection.channel(publisher_confirms=False)
+        for p, name in enumerate(self.queues):
+            channel, exists = await self._exists(channel, name)
+            if not exists:
+                await channel.close()
+                hint = (f" (its queues stop at partition {p - 1}: was it declared with "
+                        f"partitions={p}? the worker's partitions must be the relay's)") if p else ""
+                raise ConfigError(
+                    f"worker source {self.display}: queue {name!r} of group {self.group!r} does "
+                    f"not exist{hint}. A worker does not create its group's queues, as a group "
+                    "created while the relay publishes would miss what was published before: "
+                    "declare the group before the relay publishes ('walex worker --declare "
+                    "SOURCE_URL', or walex.workers.declare(url)); declared later, it receives "
+                    "what is published from then on"
+                )
+        await channel.close()
+        await self._check_more()
 
     async def open(self) -> list[Lane]:
         dest = self.destination
-        await dest.open()  # connects; declares the exchange when missing
         self.lost = False
-
-        def on_close(*_args: Any) -> None:
-            self.lost = True
-
-        dest.connection.close_callbacks.add(on_close)
-        lanes: dict[int, RabbitMQLane] = {}
-        # The broker makes a queue's first consumer its active one: subscribing from a
-        # random partition on spreads the partitions over workers started together.
-        offset = random.randrange(self.partitions)
-        order = [(p + offset) % self.partitions for p in range(self.partitions)]
+        self.stopping = False
+        self.active = set()
         try:
-            for p in order:
-                queue_name, binding = self.queues[p], self.bindings[p]
-                channel = await dest.connection.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=self.prefetch)
-                try:
-                    queue = await channel.declare_queue(
-                        queue_name, durable=True, arguments={"x-single-active-consumer": True},
-                    )
-                except ChannelPreconditionFailed as exc:
-                    raise ConfigError(
-                        f"worker source {self.display}: queue {queue_name!r} exists with other "
-                        f"settings ({dest.describe(exc)}); a worker needs a durable queue with "
-                        "x-single-active-consumer to keep the order: delete it or use another "
-                        "group="
-                    ) from None
-                await queue.bind(dest.exchange_name, routing_key=binding)
-                lane = lanes[p] = RabbitMQLane(p, self, channel)
-                await queue.consume(lane.deliver, no_ack=False)
+            await dest.open()  # connects; the exchange must exist
+            self.lost = False
+            lanes = [RabbitMQLane(p, self) for p in range(self.partitions)]
+
+            def on_close(*_args: Any) -> None:
+                self.lost = True
+                for lane in lanes if not self.stopping else ():
+                    lane.revoke("the connection to RabbitMQ was lost: the broker gives the "
+                                "partition's unacknowledged messages to another worker")
+
+            dest.connection.close_callbacks.add(on_close)
+            await asyncio.wait_for(self._check_group(), dest.timeout * 2)
+            # The broker makes a queue's first consumer its active one: subscribing from a
+            # random partition on spreads the partitions over workers started together;
+            # the balancer spreads them over workers started one after the other.
+            offset = random.randrange(self.partitions)
+            for p in [(p + offset) % self.partitions for p in range(self.partitions)]:
+                if not await asyncio.wait_for(lanes[p].subscribe(), dest.timeout):
+                    self.active.add(p)
         except (ConfigError, Unavailable):
             await self.close()
             raise
         except Exception as exc:
             await self.close()
             raise dest.unavailable("subscribing failed", exc) from None
-        self.lanes = [lanes[p] for p in range(self.partitions)]
+        self.lanes = lanes
+        self._balancer = asyncio.create_task(self._balance(), name="walex-worker-balance")
         log.info("worker group %r consumes %d partition queue(s) %s... on %s",
                  self.group, self.partitions, self.queues[0], self.display)
         return list(self.lanes)
 
+    async def _balance(self) -> None:
+        """Every ``balance`` seconds: with W workers on the queues, hold at most
+        ceil(partitions / W); hand the rest over (each lane when idle)."""
+        while True:
+            await asyncio.sleep(self.balance)
+            try:
+                self._shed(await asyncio.wait_for(self._workers(), self.destination.timeout * 2))
+            except Exception as exc:  # the lanes notice a lost connection
+                log.debug("counting the workers of group %r: %r", self.group, exc)
+
+    def _shed(self, workers: int) -> None:
+        """Mark the partitions beyond this worker's share to be handed over."""
+        share = math.ceil(self.partitions / max(workers, 1))
+        held = sorted(p for p in self.active if not self.lanes[p].shed)
+        extra = len(held) - share
+        if extra > 0:
+            for p in random.sample(held, extra):
+                self.lanes[p].shed = True
+            log.info("worker group %r: %d worker(s), this one holds %d of %d partitions; "
+                     "handing %d over", self.group, workers, len(held), self.partitions, extra)
+
+    async def _workers(self) -> int:
+        """The consumers of the group's queues (every worker consumes every queue)."""
+        channel = await self.destination.connection.channel(publisher_confirms=False)
+        try:
+            counts = []
+            for name in self.queues:
+                queue = await asyncio.wait_for(channel.declare_queue(name, passive=True),
+                                               self.destination.timeout)
+                counts.append(int(queue.declaration_result.consumer_count or 0))
+            return max(counts)
+        finally:
+            await channel.close()
+
     async def close(self) -> None:
+        balancer, self._balancer = self._balancer, None
+        if balancer is not None:
+            balancer.cancel()
+            await asyncio.gather(balancer, return_exceptions=True)
         self.lanes = []
+        self.stopping = True
         await close_quietly(self.destination)  # unacknowledged messages go back to their queues

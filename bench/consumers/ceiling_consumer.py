@@ -1,0 +1,223 @@
+"""Levels ``NAME_ceiling``: what the broker and its official client take, the same payloads.
+
+Added by ``bench/run.py --destination NAME`` next to ``walex+NAME``, with the
+same URL (a target of its own: its stream, exchange and queue, keys). Two
+phases in one process:
+
+1. untimed: a WalEx app drains this level's slot (the same WAL as every
+   level) and keeps every change encoded as walex's relay would publish it
+   (``walex.destinations.encoding.encode``: the same CloudEvents bodies,
+   message ids and subjects / keys / routing keys), until the marker row;
+2. timed: the official client publishes them all, as fast as it can, with
+   the durability walex waits for:
+
+   - NATS (nats-py): core publishes to the stream's subjects with a reply
+     subject each and ``Nats-Msg-Id``, one subscription counting JetStream's
+     PubAcks, up to ``WINDOW`` unanswered, every PubAck awaited;
+   - Redis (redis-py asyncio): ``XADD id event`` pipelined, ``WINDOW``
+     commands per round trip (no MULTI: the cheapest a client can do);
+   - RabbitMQ (aiormq, as walex): persistent messages with ``message_id`` on a
+     publisher-confirm channel, up to ``WINDOW`` confirms pending;
+   - webhook (httpx, as walex): signed POSTs of ``CHUNK`` events (the
+     CloudEvents batch form walex sends), one at a time, each answered.
+
+``t_ready``/``t_end`` mark phase 2 only, so the runner's wall time is the
+publishing time; ``publish_cpu_s`` is the CPU of phase 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import sys
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from _common import Result, parse_args
+
+from walex import Event, Events, WalEx
+from walex.destinations.encoding import Outgoing, encode
+
+WINDOW = int(os.environ.get("BENCH_CEILING_WINDOW", "4096"))
+CHUNK = int(os.environ.get("BENCH_CEILING_CHUNK", "1000"))
+
+
+def render(template: str, item: Outgoing, word: bool) -> str:
+    """A subject / stream / routing key template, as walex fills it for the bench's URLs."""
+    schema, table = (item.schema.replace(".", "_"), item.table.replace(".", "_")) if word \
+        else (item.schema, item.table)
+    return template.format(schema=schema, table=table, type=item.type, partition=item.partition)
+
+
+async def collect(args: Any, res: Result) -> list[Outgoing]:
+    marker = args.marker_table
+    out: list[Outgoing] = []
+    done = asyncio.Event()
+
+    async def handle(events: list[Event]) -> None:
+        rows = [e for e in events if e.name != marker]
+        out.extend(encode(rows))
+        if len(rows) != len(events):
+            done.set()
+
+    module = Events()
+    module.on_event("all")(handle)
+    app = WalEx(url=args.dsn, publication=args.publication, subscriptions=["*"], modules=[module],
+                name="bench", durable_slot=True, slot_name=args.slot)
+    await app.start()
+    waiter = asyncio.create_task(app.wait())
+    finished = asyncio.create_task(done.wait())
+    await asyncio.wait([waiter, finished], return_when=asyncio.FIRST_COMPLETED)
+    if waiter.done():
+        waiter.result()
+        raise RuntimeError("walex stopped before the marker")
+    waiter.cancel()
+    await app.stop()
+    return out
+
+
+async def nats_publish(url: str, items: list[Outgoing]) -> None:
+    """Core publishes with a reply subject each (JetStream answers there with its PubAck),
+    one subscription counting the answers, up to WINDOW unanswered: the cheapest way
+    nats-py has to publish to JetStream and wait for every PubAck (cheaper than
+    ``publish_async``, which makes a future per message)."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    stream, template = query["stream"], query["subject"]
+    subjects = [(render(template, item, True), item) for item in items]
+    nc = await nats.connect(f"nats://{parts.hostname}:{parts.port}", allow_reconnect=False,
+                            connect_timeout=5)
+    try:
+        await nc.jetstream(timeout=30).add_stream(
+            StreamConfig(name=stream, subjects=[template.split("{")[0] + ">"]))
+        prefix = f"_INBOX.{stream}."
+        state = {"acked": 0, "error": None}
+        room, finished = asyncio.Event(), asyncio.Event()
+
+        async def answered(msg: Any) -> None:
+            if msg.data.startswith(b'{"stream":'):
+                state["acked"] += 1
+            elif state["error"] is None:
+                state["error"] = msg.data[:300] or msg.headers
+                finished.set()
+            if len(subjects) - state["acked"] == 0:
+                finished.set()
+            room.set()
+
+        await nc.subscribe(prefix + "*", cb=answered)
+        yield_start()
+        for n, (subject, item) in enumerate(subjects):
+            while n - state["acked"] >= WINDOW:
+                room.clear()
+                await asyncio.wait_for(room.wait(), timeout=60)
+            await nc.publish(subject, item.body, reply=f"{prefix}{n}",
+                             headers={"Nats-Msg-Id": item.id, "Nats-Expected-Stream": stream})
+        await asyncio.wait_for(finished.wait(), timeout=120)
+        if state["error"] is not None:
+            raise RuntimeError(f"JetStream refused a message: {state['error']!r}")
+    finally:
+        await nc.close()
+
+
+async def redis_publish(url: str, items: list[Outgoing]) -> None:
+    import redis.asyncio as aioredis
+
+    parts = urlsplit(url)
+    template = parse_qs(parts.query)["stream"][0]
+    keyed = [(render(template, item, False), item) for item in items]
+    client = aioredis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+                            socket_timeout=30)
+    try:
+        yield_start()
+        for at in range(0, len(keyed), WINDOW):
+            pipe = client.pipeline(transaction=False)
+            for key, item in keyed[at:at + WINDOW]:
+                pipe.xadd(key, {"id": item.id, "event": item.body})
+            await pipe.execute()
+    finally:
+        await client.aclose()
+
+
+async def rabbitmq_publish(url: str, items: list[Outgoing]) -> None:
+    import aiormq
+    from pamqp.commands import Basic
+
+    parts = urlsplit(url)
+    exchange = parse_qs(parts.query)["exchange"][0]
+    keyed = [(render("{schema}.{table}.{type}", item, True), item) for item in items]
+    connection = await aiormq.connect(url.split("?")[0])
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        yield_start()
+        for at in range(0, len(keyed), WINDOW):
+            confirms = [asyncio.ensure_future(channel.basic_publish(
+                item.body, exchange=exchange, routing_key=key, wait=False,
+                properties=Basic.Properties(delivery_mode=2, message_id=item.id,
+                                            content_type="application/cloudevents+json")))
+                for key, item in keyed[at:at + WINDOW]]
+            for result in await asyncio.wait_for(asyncio.gather(*confirms), timeout=120):
+                if not isinstance(result, Basic.Ack):
+                    raise RuntimeError(f"not confirmed: {result!r}")
+    finally:
+        await connection.close()
+
+
+async def webhook_publish(url: str, items: list[Outgoing]) -> None:
+    import httpx
+
+    secret = os.environ["BENCH_WEBHOOK_SECRET"]
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    target = url.split("?")[0]
+    chunks = [items[at:at + CHUNK] for at in range(0, len(items), CHUNK)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield_start()
+        for chunk in chunks:
+            body = b"[" + b",".join(item.body for item in chunk) + b"]"
+            message_id, stamp = chunk[0].id, int(time.time())
+            digest = hmac.new(key, f"{message_id}.{stamp}.".encode() + body, hashlib.sha256).digest()
+            response = await client.post(target, content=body, headers={
+                "content-type": "application/cloudevents-batch+json", "webhook-id": message_id,
+                "webhook-timestamp": str(stamp),
+                "webhook-signature": "v1," + base64.b64encode(digest).decode()})
+            response.raise_for_status()
+
+
+_phase: dict[str, float] = {}
+
+
+def yield_start() -> None:
+    """Connected, the target made: the timed phase begins."""
+    _phase["t"] = time.time()
+    _phase["cpu"] = time.process_time()
+
+
+PUBLISHERS = {"nats": nats_publish, "redis": redis_publish, "amqp": rabbitmq_publish,
+              "http": webhook_publish}
+
+
+def main() -> int:
+    args = parse_args(__doc__.splitlines()[0])
+    url = args.destination[0]
+    publisher = PUBLISHERS[urlsplit(url).scheme]
+    res = Result(f"ceiling:{urlsplit(url).scheme}", args)
+    items = asyncio.run(collect(args, res))
+    asyncio.run(publisher(url, items))
+    res.data["t_ready"] = _phase["t"]
+    res.data["t_first_row"] = _phase["t"]
+    res.end()
+    res.data["publish_cpu_s"] = time.process_time() - _phase["cpu"]
+    res.data["rows"] = len(items)
+    res.data["marker_seen"] = True
+    res.write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The handler of ``bench/workers.py``: does nothing with its events, only counts them.
+
+``walex worker URL noop_handler:events --app-dir bench/consumers``. A daemon
+thread writes ``<count> <first> <last>`` (epoch seconds of the first and
+last call) to ``$BENCH_WORKER_COUNT`` every 50 ms, so the bench reads how
+many events this process handled without slowing the handler.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from walex import Event, Events
+
+events = Events()
+_state = [0, 0.0, 0.0]  # events, first call, last call
+
+
+@events.on_event("all")
+async def handle(batch: list[Event]) -> None:
+    state = _state
+    now = time.time()
+    if not state[0]:
+        state[1] = now
+    state[0] += len(batch)
+    state[2] = now
+
+
+def _report(path: str) -> None:
+    written = None
+    while True:
+        snapshot = tuple(_state)
+        if snapshot != written:
+            with open(path + ".tmp", "w") as fh:
+                fh.write(f"{snapshot[0]} {snapshot[1]} {snapshot[2]}")
+            os.replace(path + ".tmp", path)
+            written = snapshot
+        time.sleep(0.05)
+
+
+if os.environ.get("BENCH_WORKER_COUNT"):
+    threading.Thread(target=_report, args=(os.environ["BENCH_WORKER_COUNT"],), daemon=True).start()

@@ -1,0 +1,193 @@
+"""Events/s handled by ``walex worker`` processes with a handler that does nothing.
+
+    .venv/bin/python bench/workers.py                          # NATS and RabbitMQ, 1 and 3 workers
+    .venv/bin/python bench/workers.py --brokers nats --events 20000 --workers 1,2,3
+
+For each broker and each worker count: a fresh target (a JetStream stream,
+or an exchange and its partition queues, declared as the workers declare
+them) is filled, untimed, with ``--events`` CloudEvents of W1-like rows (the
+bytes walex's relay publishes: ``walex.destinations.encoding``, published
+by walex's own destination, ``--partitions`` partitions, transactions of
+``--txn`` events); then N ``walex worker URL noop_handler:events``
+processes start (``consumers/noop_handler.py``: it counts, nothing else)
+and the bench waits until they handled every event, then stops them.
+
+Reported per run: **events/s** over the handling window (first handler call
+of any worker to the last), which is what the workers take once running,
+and **from spawn** (interpreter start, imports, connecting included). Uses
+the machine's brokers (``--nats``, ``--amqp``); every target is removed
+afterwards. Rough figures on a shared machine: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent / "src"))
+sys.path.insert(0, str(BENCH))
+
+from encode import w1_events  # noqa: E402
+
+from walex.destinations import from_url  # noqa: E402
+from walex.destinations.encoding import encode  # noqa: E402
+from walex.workers.base import partition_filter  # noqa: E402
+
+
+def urls(broker: str, run: str, args: argparse.Namespace) -> str:
+    """The relay's destination URL (the workers add &partitions=)."""
+    if broker == "nats":
+        return f"{args.nats}?stream={run}&subject={run}.{{schema}}.{{table}}.{{partition}}"
+    return f"{args.amqp}?exchange={run}&routing_key={{schema}}.{{table}}.{{type}}.{{partition}}"
+
+
+def events_of(n: int, txn: int) -> list:
+    events = w1_events(n)
+    for i, event in enumerate(events):  # transactions of txn events: commit LSN, position
+        event.id = f"{0x16B3748 + i // txn:016X}-{i % txn:08X}"
+    return events
+
+
+async def prefill(broker: str, url: str, run: str, args: argparse.Namespace) -> None:
+    if broker == "amqp":  # the queues first, as the workers declare them, or nothing is routed
+        import aio_pika
+
+        connection = await aio_pika.connect(args.amqp, timeout=10)
+        try:
+            channel = await connection.channel()
+            await channel.declare_exchange(run, aio_pika.ExchangeType.TOPIC, durable=True)
+            for p in range(args.partitions):
+                queue = await channel.declare_queue(f"{run}.walex.{p}", durable=True,
+                                                    arguments={"x-single-active-consumer": True})
+                key = partition_filter("{schema}.{table}.{type}.{partition}", p, args.partitions,
+                                       url, "routing_key")
+                await queue.bind(run, routing_key=key)
+        finally:
+            await connection.close()
+    destination = from_url(url, args.partitions)
+    await asyncio.wait_for(destination.open(), timeout=30)
+    try:
+        events = events_of(args.events, args.txn)
+        for at in range(0, len(events), 1000):
+            await asyncio.wait_for(destination.publish(encode(events[at:at + 1000], args.partitions)),
+                                   timeout=120)
+    finally:
+        await destination.close()
+
+
+async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
+    if broker == "nats":
+        import nats
+
+        nc = await nats.connect(args.nats, allow_reconnect=False, connect_timeout=5)
+        try:
+            await nc.jetstream(timeout=10).delete_stream(run)
+        finally:
+            await nc.close()
+    else:
+        import aio_pika
+
+        connection = await aio_pika.connect(args.amqp, timeout=10)
+        try:
+            channel = await connection.channel()
+            for p in range(args.partitions):
+                await channel.queue_delete(f"{run}.walex.{p}")
+            await channel.exchange_delete(run)
+        finally:
+            await connection.close()
+
+
+def read_counts(paths: list[Path]) -> list[tuple[int, float, float]]:
+    out = []
+    for path in paths:
+        try:
+            n, first, last = path.read_text().split()
+            out.append((int(n), float(first), float(last)))
+        except (OSError, ValueError):
+            out.append((0, 0.0, 0.0))
+    return out
+
+
+def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
+    run = f"benchw_{uuid.uuid4().hex[:8]}"
+    url = urls(broker, run, args)
+    tmp = Path(tempfile.mkdtemp(prefix="walex-bench-workers-"))
+    paths = [tmp / f"count{k}" for k in range(workers)]
+    walex = Path(sys.executable).with_name("walex")
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        asyncio.run(prefill(broker, url, run, args))
+        t_spawn = time.time()
+        for path in paths:
+            env = {**os.environ, "BENCH_WORKER_COUNT": str(path)}
+            procs.append(subprocess.Popen(
+                [str(walex), "worker", f"{url}&partitions={args.partitions}", "noop_handler:events",
+                 "--app-dir", str(BENCH / "consumers"), "--log-level", "WARNING"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"{path.name}.err", "wb"), start_new_session=True))
+        deadline = time.time() + args.timeout
+        counts = read_counts(paths)
+        while sum(c[0] for c in counts) < args.events:
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                errors = "".join((tmp / f"{p.name}.err").read_text()[-500:] for p in paths)
+                raise RuntimeError(f"{broker} x{workers}: {sum(c[0] for c in counts)} of "
+                                   f"{args.events} events handled\n{errors}")
+            time.sleep(0.05)
+            counts = read_counts(paths)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        asyncio.run(remove(broker, run, args))
+    busy = [c for c in counts if c[0]]
+    first, last = min(c[1] for c in busy), max(c[2] for c in busy)
+    return {"broker": broker, "workers": workers, "events": sum(c[0] for c in counts),
+            "per_worker": [c[0] for c in counts], "window_s": last - first,
+            "from_spawn_s": last - t_spawn}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--brokers", default="nats,amqp", help="comma list: nats, amqp (RabbitMQ)")
+    ap.add_argument("--workers", default="1,3", help="comma list of worker process counts")
+    ap.add_argument("--events", type=int, default=5000)
+    ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--txn", type=int, default=100, help="events per transaction")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per run at most")
+    ap.add_argument("--nats", default="nats://127.0.0.1:4222")
+    ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/")
+    args = ap.parse_args()
+    rows = []
+    for broker in args.brokers.split(","):
+        for workers in (int(w) for w in args.workers.split(",")):
+            r = measure(broker, workers, args)
+            rows.append(r)
+            print(f"   {broker} x{workers}: {r['events'] / r['window_s']:,.0f} events/s "
+                  f"(per worker {r['per_worker']})", flush=True)
+    print("\n| broker | workers | events | events/s (handling) | events/s (from spawn) | per worker |"
+          "\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'RabbitMQ' if r['broker'] == 'amqp' else 'NATS'} | {r['workers']} | {r['events']:,} "
+              f"| {r['events'] / r['window_s']:,.0f} | {r['events'] / r['from_spawn_s']:,.0f} "
+              f"| {', '.join(map(str, r['per_worker']))} |")
+    print(f"\n{args.partitions} partitions, transactions of {args.txn} events, W1-like rows, "
+          f"load average {os.getloadavg()[0]:.2f}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+# cython: language_level=3, wraparound=False, boundscheck=False
+"""walex._encode: the CloudEvents encoder's fast path, compiled (optional).
+
+The twin of ``_fast_event`` / ``_fast_record`` in
+:mod:`walex.destinations.encoding`, which stay the pure-Python path and, with
+``encode_event_reference``, the reference: the same rules, the same bytes
+(``tests/destinations/test_encoding_paths.py`` runs every check through both
+paths). Here the type checks of the plain columns are pointer comparisons in
+a C loop and no Python frame runs per event. The encoding module hands its
+helpers over with :func:`bind` (this module imports nothing of walex, so
+there is no import cycle); anything the fast path does not take on raises
+the module's ``_Unfit`` (or orjson's error), and ``encode_event`` falls back
+to the reference. The body is copied out of orjson's result at its exact size,
+as the pure twin does (see ``_tuple_new`` there).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Size
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+
+import datetime as _dt
+import math as _math
+from decimal import Decimal as _Decimal
+from uuid import UUID as _UUID_class
+
+import orjson
+
+__all__ = ["bind", "fast_event"]
+
+cdef object _dumps = orjson.dumps
+cdef object _isfinite = _math.isfinite
+cdef object _tuple_new = tuple.__new__
+cdef object _DATETIME = _dt.datetime
+cdef object _DATE = _dt.date
+cdef object _UUID = _UUID_class
+cdef object _DECIMAL = _Decimal
+cdef long long _MAX_SAFE = 2**53 - 1
+
+# the encoding module's helpers, set by bind()
+cdef object _plan = None
+cdef object _json_value = None
+cdef object _changes = None
+cdef object _subject = None
+cdef object _rfc3339 = None
+cdef object _partition_of = None
+cdef object _float = None
+cdef object _Outgoing = None
+cdef object _Unfit = None
+cdef object _UnchangedToast = None
+cdef dict _KINDS = None
+cdef object _OPTIONS = None
+
+
+def bind(helpers):
+    """Take the encoding module's helpers (its namespace); returns :func:`fast_event`."""
+    global _plan, _json_value, _changes, _subject, _rfc3339, _partition_of, _float
+    global _Outgoing, _Unfit, _UnchangedToast, _KINDS, _OPTIONS
+    _plan, _json_value, _changes = helpers["_plan"], helpers["json_value"], helpers["_changes"]
+    _subject, _rfc3339 = helpers["_subject"], helpers["_rfc3339"]
+    _partition_of, _float = helpers["partition_of"], helpers["_float"]
+    _Outgoing, _Unfit = helpers["Outgoing"], helpers["_Unfit"]
+    _UnchangedToast, _KINDS, _OPTIONS = helpers["UnchangedToast"], helpers["_KINDS"], helpers["_OPTIONS"]
+    return fast_event
+
+
+cdef inline bint _plain_value(object value):
+    """The twin of ``type(value) in _PLAIN_VALUES``."""
+    cdef object kind = type(value)
+    return (kind is str or kind is int or kind is bool or value is None or kind is _DATETIME
+            or kind is _DATE or kind is _UUID)
+
+
+cdef object _record(object record, object plan):
+    cdef tuple plain = plan.plain
+    cdef tuple convert = plan.convert
+    cdef object names = plan.names
+    cdef Py_ssize_t i
+    cdef PyObject *found
+    cdef object name, value, kind
+    cdef dict out
+    if type(record) is not dict:
+        raise _Unfit
+    for name in record:
+        if name not in names:
+            raise _Unfit
+    for i in range(PyTuple_GET_SIZE(plain)):
+        found = PyDict_GetItem(record, <object>PyTuple_GET_ITEM(plain, i))
+        if found is not NULL and not _plain_value(<object>found):
+            raise _Unfit
+    if PyTuple_GET_SIZE(convert) == 0:
+        return record  # orjson reads it as it is
+    out = PyDict_Copy(record)
+    for i in range(PyTuple_GET_SIZE(convert)):
+        name = <object>PyTuple_GET_ITEM(convert, i)
+        found = PyDict_GetItem(out, name)
+        if found is NULL:
+            continue
+        value = <object>found
+        kind = type(value)
+        if kind is _DECIMAL:
+            text = str(value)  # three times faster than format(value, "f"), the same text
+            out[name] = text if "E" not in text else format(value, "f")  # unless exponent form
+        elif kind is float:
+            if not _isfinite(value):
+                out[name] = _float(value)
+        elif kind is _UnchangedToast:
+            raise _Unfit
+        else:
+            out[name] = _json_value(value)
+    return out
+
+
+def fast_event(event, partitions):
+    """One event as an ``Outgoing``; raises ``_Unfit`` or orjson's error for the reference."""
+    plan = _plan(event)
+    info = plan.info
+    new, old, changes = event.new_record, event.old_record, event.changes
+    data = {
+        "new_record": None if new is None else _record(new, plan),
+        "old_record": None if old is None else _record(old, plan),
+        "changes": None if changes is None else _changes(changes, info.json_columns),
+        "columns": plan.columns,
+        "lsn": event.lsn,
+    }
+    if plan.base_types is not None:
+        data["base_types"] = plan.base_types
+    if plan.key is not None:
+        data["key"] = plan.key
+    record = new if new is not None else old
+    key1 = plan.key1
+    value = record.get(key1) if record and key1 is not None else None
+    if type(value) is int and -_MAX_SAFE <= value <= _MAX_SAFE:
+        subject = str(value)
+    elif type(value) is str:
+        subject = value
+    else:
+        subject = _subject(info, event)
+    key = info.prefix if subject is None else info.prefix + "/" + subject
+    partition = _partition_of(key, partitions) if partitions > 1 else 0
+    kind, type_name = _KINDS[event.type]
+    document = {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": info.source,
+        "type": type_name,
+        "time": _rfc3339(event.timestamp),
+        "datacontenttype": "application/json",
+        "walexlsn": event.lsn,
+        "partitionkey": key,
+        "walexpartition": partition,
+        "walexpartitions": partitions,
+        "data": data,
+    }
+    if subject is not None:
+        document["subject"] = subject
+    src = event.source
+    body = _dumps(document, option=_OPTIONS)
+    return _tuple_new(_Outgoing, (event.id, src.schema, src.table, kind, partition,
+                                  PyBytes_FromStringAndSize(PyBytes_AS_STRING(body),
+                                                            PyBytes_GET_SIZE(body))))

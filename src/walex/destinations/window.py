@@ -1,0 +1,233 @@
+"""Pipelining across transactions: a window of unconfirmed transactions per destination.
+
+With ``destination_window`` (or ``window=`` in a destination URL) above 1, the
+dispatcher does not wait for a transaction's confirmation before it takes the
+next one. It :meth:`Window.submit`\\ s each batch: the batch is encoded once and
+queued on every destination's :class:`Lane`, and the handlers are called
+meanwhile. A lane publishes what is queued on it in order, as one group per
+publish (up to its window of transactions and a bound of events and bytes:
+one round trip for many one-row transactions), and marks the group's
+transactions confirmed when the broker confirmed it durable.
+
+A batch is *recorded* (``record``: the acknowledgement tracker learns its end
+LSN, its bytes leave ``max_pending_bytes``) once the handlers finished it and
+every lane confirmed it **and** every batch submitted before it was recorded:
+acknowledgement stays in commit order and never passes a transaction a
+destination has not confirmed. Batches in a window stay counted in
+``max_pending_bytes`` until recorded, so memory is bounded by it whatever the
+window.
+
+Failures keep today's semantics, per group: a group the broker could not
+confirm (:class:`~walex.destinations.base.Unavailable`) is published again,
+the same group with the same ids, in order, with backoff, forever, and no
+later batch goes out on that lane meanwhile (so a consumer never sees a gap
+followed by later events). A permanent refusal of a group of several batches
+publishes them again one batch at a time, so that the error policy
+(``on_error``: ``"skip"``, a dead-letter callable) settles the refused
+transaction only; under ``"stop"`` the refusal, like any error a lane cannot
+settle, ends the dispatcher task that runs the lanes (:meth:`Window.running`),
+so the app stops unacknowledged.
+
+One connection per destination, one publish in flight per lane: the order
+per key holds without any reordering logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from .base import Destination
+from .encoding import Outgoing, encode
+
+if TYPE_CHECKING:
+    from . import Destinations
+
+__all__ = ["Entry", "Lane", "Window"]
+
+log = logging.getLogger("walex.destinations")
+
+
+class Entry:
+    """One submitted batch: its encoded events and how many parties have yet to finish it
+    (the handlers, and each lane it was queued on)."""
+
+    __slots__ = ("outgoing", "pending", "size", "txn")
+
+    def __init__(self, txn: Any, outgoing: list[Outgoing], pending: int) -> None:
+        self.txn = txn
+        self.outgoing = outgoing
+        self.pending = pending
+        self.size = sum(len(o.body) for o in outgoing)
+
+
+class Lane:
+    """The batches queued for one destination, published in order, a group at a time."""
+
+    def __init__(self, window: Window, destination: Destination, size: int) -> None:
+        self.window = window
+        self.destination = destination
+        self.size = size  # most batches queued and unconfirmed
+        self.queued: deque[Entry] = deque()  # unconfirmed, in order; the front ones may be in flight
+        self._wake = asyncio.Event()
+        self.groups = 0  # publishes made (each retry counted once)
+
+    def __len__(self) -> int:
+        return len(self.queued)
+
+    @property
+    def full(self) -> bool:
+        return len(self.queued) >= self.size
+
+    def put(self, entry: Entry) -> None:
+        self.queued.append(entry)
+        self._wake.set()
+
+    def _group(self) -> list[Entry]:
+        """The front batches to publish together: at most the window's, and within the
+        destination's bounds of events and bytes (one batch alone may exceed them)."""
+        d = self.destination
+        most_events, most_bytes = d.group_events, d.group_bytes
+        group: list[Entry] = []
+        events = size = 0
+        for entry in self.queued:
+            if group and (events + len(entry.outgoing) > most_events
+                          or size + entry.size > most_bytes or len(group) >= self.size):
+                break
+            group.append(entry)
+            events += len(entry.outgoing)
+            size += entry.size
+        return group
+
+    async def run(self) -> None:
+        """Publish until cancelled; raises what no retry and no error policy settles."""
+        destinations = self.window.destinations
+        queued = self.queued
+        while True:
+            while not queued:
+                self._wake.clear()
+                await self._wake.wait()
+            group = self._group()
+            self.groups += 1
+            if len(group) == 1:
+                entry = group[0]
+                await destinations._deliver(self.destination, entry.outgoing, entry.txn.events)
+            else:
+                batch = [item for entry in group for item in entry.outgoing]
+                if not await destinations._deliver(self.destination, batch, None, settle=False):
+                    # refused for good: again one batch at a time, so the error policy
+                    # settles the refused transaction only (the others carry the same ids)
+                    for entry in group:
+                        await destinations._deliver(self.destination, entry.outgoing,
+                                                    entry.txn.events)
+            for _ in group:
+                self.window.finished(queued.popleft())
+
+
+class Window:
+    """The lanes of an app's destinations and the batches they have not all confirmed.
+
+    ``record(txn)`` is called for each batch, in submission order, once it is
+    finished by the handlers and every lane and every earlier batch was recorded.
+    """
+
+    def __init__(self, destinations: Destinations, record: Callable[[Any], None]) -> None:
+        self.destinations = destinations
+        self.record = record
+        self.lanes = [Lane(self, d, d.window or destinations.window) for d in destinations.items]
+        for lane in self.lanes:
+            if lane.size > 1 and hasattr(lane.destination, "grouped"):
+                lane.destination.grouped = True  # a webhook: ids that name a request's range
+        self.entries: deque[Entry] = deque()  # submitted, not recorded, in order
+        self._room = asyncio.Event()
+        self._waiting = False
+        self.error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    @property
+    def first(self) -> Any:
+        """The transaction batch of the oldest entry not recorded (None if none)."""
+        return self.entries[0].txn if self.entries else None
+
+    async def submit(self, txn: Any) -> Entry:
+        """Queue ``txn`` on every lane, once each has room in its window; the caller calls
+        :meth:`finished` with the entry once the handlers finished the batch."""
+        lanes = self.lanes
+        while any(lane.full for lane in lanes):
+            self._waiting = True
+            self._room.clear()
+            await self._room.wait()
+        events = txn.events
+        if not events:
+            entry = Entry(txn, [], 1)
+            self.entries.append(entry)
+            return entry
+        outgoing = encode(events, self.destinations.partitions)
+        entry = Entry(txn, outgoing, 1 + len(lanes))
+        self.entries.append(entry)
+        for lane in lanes:
+            lane.put(entry)
+        return entry
+
+    def finished(self, entry: Entry) -> None:
+        """The handlers, or one lane, finished ``entry``: record what is complete, in order."""
+        entry.pending -= 1
+        if not entry.pending:
+            entries = self.entries
+            while entries and entries[0].pending == 0:
+                done = entries.popleft()
+                if done.outgoing:
+                    self.destinations.events_published += len(done.outgoing)
+                self.record(done.txn)
+        if self._waiting and not any(lane.full for lane in self.lanes):
+            self._waiting = False
+            self._room.set()
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch was recorded (at a graceful stop)."""
+        while self.entries:
+            self._waiting = True
+            self._room.clear()
+            await self._room.wait()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the lanes while the body (the dispatcher loop) runs. A lane ending with an
+        error cancels the body's task, which then raises that error, not the
+        cancellation; the lanes end with the body."""
+        owner = asyncio.current_task()
+        assert owner is not None
+        tasks = []
+
+        def done(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or self.error is not None:
+                return
+            exc = task.exception()
+            self.error = exc if exc is not None else RuntimeError(
+                f"the publishing lane {task.get_name()} returned")
+            owner.cancel()
+
+        for lane in self.lanes:
+            task = asyncio.create_task(lane.run(), name=f"walex-lane-{lane.destination.display}")
+            task.add_done_callback(done)
+            tasks.append(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self.error is not None:
+                owner.uncancel()
+                raise self.error from None
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
