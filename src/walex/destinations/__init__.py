@@ -89,6 +89,7 @@ _WEBHOOK = Scheme("webhook", "WebhookDestination", None, "webhooks", "httpx")
 SCHEMES: dict[str, Scheme] = {
     "nats": _NATS, "tls": _NATS, "amqp": _RABBITMQ, "amqps": _RABBITMQ,
     "redis": _REDIS, "rediss": _REDIS, "http": _WEBHOOK, "https": _WEBHOOK,
+    "kafka": Scheme("kafka", "KafkaDestination", "KafkaConsumer", "kafka", "confluent-kafka"),
 }
 
 
@@ -120,7 +121,7 @@ def from_url(url: str, partitions: int = 1) -> Destination:
     if scheme is None:
         raise ConfigError(
             f"destination {parsed.display}: unknown scheme {parsed.scheme!r}; use nats://, "
-            "amqp:// (RabbitMQ), redis:// or https:// (webhooks)"
+            "amqp:// (RabbitMQ), redis://, https:// (webhooks) or kafka://"
         )
     cls = load_class(__name__, scheme, scheme.destination, f"destination {parsed.display}")
     destination: Destination = cls(parsed, partitions)

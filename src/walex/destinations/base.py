@@ -38,7 +38,7 @@ FIELDS = ("schema", "table", "type", "partition")
 SHOWN = frozenset({
     "stream", "subject", "duplicate_window", "timeout", "exchange", "routing_key",
     "exchange_type", "mandatory", "maxlen", "partitions", "group", "ack_wait", "prefetch",
-    "balance",
+    "balance", "topic", "tombstones", "start",
 })
 _WEBHOOK_SCHEMES = ("http", "https")
 _WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's
@@ -71,7 +71,9 @@ class DestinationURL:
         self.raw = url
         try:
             parts = urlsplit(url)
-            self.port = parts.port
+            # host:port[,host:port...]: a Kafka URL may name several bootstrap servers
+            self.servers = parts.netloc.rpartition("@")[2]
+            self.port = parts.port if "," not in self.servers else None
         except ValueError as exc:
             shown = url.split("://", 1)[0] + "://..." if "://" in url else "(not a URL)"
             raise ConfigError(f"destination {shown} is not a valid URL: "
@@ -117,7 +119,9 @@ class DestinationURL:
         there). E.g. ``https://hooks.example.com:443/***?token=***&timeout=5``.
         """
         netloc = self.host if ":" not in self.host else f"[{self.host}]"
-        if self.port is not None:
+        if "," in self.servers:
+            netloc = self.servers
+        elif self.port is not None:
             netloc += f":{self.port}"
         if self.username is not None or self.password is not None:
             netloc = f"***@{netloc}"

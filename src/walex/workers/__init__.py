@@ -105,7 +105,7 @@ def consumer_from_url(url: str) -> Consumer:
     scheme = SCHEMES.get(parsed.scheme)
     if scheme is None:
         raise ConfigError(f"worker source {parsed.display}: unknown scheme {parsed.scheme!r}; use "
-                          "nats:// (JetStream) or amqp:// (RabbitMQ)")
+                          "nats:// (JetStream), amqp:// (RabbitMQ) or kafka://")
     if scheme.consumer is None:
         reason = _NOT_A_SOURCE.get(parsed.scheme, "it is a destination only; use nats:// "
                                                   "(JetStream) or amqp:// (RabbitMQ)")

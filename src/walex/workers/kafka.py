@@ -1,0 +1,455 @@
+"""Kafka source: ``kafka://host:9092?topic=walex.{schema}.{table}&group=NAME``.
+
+The relay's destination URL, plus ``group`` (the Kafka consumer group,
+default ``walex``) and ``start`` (where a group without committed offsets
+begins: ``earliest``, the default, the oldest record the topic keeps, or
+``latest``). Other parameters are librdkafka settings, as for the
+destination (``session.timeout.ms=6000`` makes a dead worker's partitions
+move sooner). ``partitions`` is not used: Kafka's own partitions are.
+
+The workers of a group share the topic's partitions through Kafka's group
+protocol (a topic template with fields is a pattern subscription:
+``^walex\\..+\\..+``; new topics are seen within
+``topic.metadata.refresh.interval.ms``, 10 s unless set). A worker hands a
+partition's records to its handlers in order, one partition's consecutive
+records of one transaction per call, and commits a partition's offset only
+past records whose handlers returned (or that the error policy disposed of),
+so a record is never counted as done before its handler returned.
+
+When partitions move (a worker joined, left or died), a worker giving up a
+partition first waits for the handler call in hand for it to return,
+commits what was done and drops what it had received and not handed out:
+the new owner starts after the last committed record, so a partition is
+handled by one worker at a time and per-key order holds. A worker that was
+killed leaves its partitions to the group after ``session.timeout.ms``; the
+records it had handled and not committed are handled again, with the same
+``event.id``.
+
+A worker that learns it lost partitions without giving them up (it missed
+its session: the group gave them away already) cancels the call in hand, as
+the other sources do (:func:`walex.workers.current_lease`; the lease's
+``partition`` is the record's Kafka partition), commits nothing of it and
+joins again. ``walex worker --declare`` has nothing to create on Kafka: it
+checks that the brokers answer and take the login.
+
+The consumer runs on a thread of its own (librdkafka's rebalance callbacks
+run there); the event loop only exchanges records and offsets with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from confluent_kafka import Consumer as KafkaClient
+from confluent_kafka import KafkaException, TopicPartition
+
+from ..destinations.base import DestinationURL, Unavailable
+from ..destinations.kafka import AUTHENTICATION, OWN, KafkaDestination, client_settings, validate
+from ..errors import ConfigError
+from .base import Consumer, Delivery, Lane
+
+__all__ = ["KafkaConsumer"]
+
+log = logging.getLogger("walex.workers")
+
+_FIXED = frozenset({"bootstrap.servers", "group.id", "enable.auto.commit",
+                    "enable.auto.offset.store", "auto.offset.reset"})
+_BATCH = 500  # records taken from the client at once
+_COMMIT_EVERY = 0.5  # seconds between commits of what was handled
+
+TP = tuple[str, int]
+
+
+def topic_pattern(text: str) -> str:
+    """A topic template as a subscription: the topic itself, or a regular expression."""
+    parts = text.replace("{{", "\0").replace("}}", "\1").split("{")
+    if len(parts) == 1:
+        return text.replace("\0", "{").replace("\1", "}")
+    out = ["^"]
+    for i, part in enumerate(parts):
+        literal = part.split("}", 1)[1] if i else part
+        out.append(literal.replace(".", "\\.").replace("\0", "\\{").replace("\1", "\\}"))
+        if i + 1 < len(parts):
+            out.append(".+")
+    return "".join(out) + "$"
+
+
+class KafkaLane(Lane):
+    """Every partition the worker is assigned, handed out one partition's records at a time."""
+
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        super().__init__(0)
+        self.consumer = consumer
+
+    async def receive(self, wait: float) -> list[Delivery]:
+        c = self.consumer
+        deadline = time.monotonic() + wait
+        while True:
+            c.check()
+            taken = c.take()
+            if taken:
+                # the lease of the call (walex.workers.current_lease) names its Kafka partition
+                self.partition = taken[0].handle[0][1]
+                return taken
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            c.ready.clear()
+            try:
+                await asyncio.wait_for(c.ready.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def ack(self, deliveries: list[Delivery]) -> None:
+        self.consumer.settle(deliveries, handled=True)
+
+    async def release(self, deliveries: list[Delivery]) -> None:
+        self.consumer.settle(deliveries, handled=False)
+
+
+class KafkaConsumer(Consumer):
+    scheme = "kafka"
+    destination_class = KafkaDestination
+    accepted = ("start",)
+    destination: KafkaDestination
+
+    def take_options(self, url: DestinationURL) -> None:
+        start = url.take("start", "earliest")
+        if start not in ("earliest", "latest"):
+            raise ConfigError(f"worker source {url.display}: start must be earliest or latest, "
+                              f"got {start!r}")
+        self.start = start
+        self.client_settings = client_settings(url, "worker source", keep=OWN,
+                                               fixed=_FIXED | {"acks", "enable.idempotence"})
+
+    def __init__(self, url: DestinationURL) -> None:
+        super().__init__(url)
+        self.subscription = topic_pattern(self.destination.topic.text)
+        self.timeout = self.destination.timeout
+        settings = self.client_settings
+        settings.update({"group.id": self.group, "enable.auto.commit": False,
+                         "enable.auto.offset.store": False, "auto.offset.reset": self.start})
+        if self.subscription.startswith("^"):
+            settings.setdefault("topic.metadata.refresh.interval.ms", 10_000)
+        validate(KafkaClient, settings, "worker source", url)
+        self.client: Any = None
+        self.ready = asyncio.Event()
+        self.lock = threading.Condition()
+        self.lane: KafkaLane | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.assigned: set[TP] = set()
+        self.buffers: dict[TP, deque[Any]] = {}
+        self.busy: dict[TP, int] = {}  # records handed out, not yet acknowledged or released
+        self.done: dict[TP, int] = {}  # next offset to commit, past handled records
+        self.committed: dict[TP, int] = {}
+        self.rewind: dict[TP, int] = {}  # released records: read again from here
+        self.failed: Exception | None = None
+        self.closing = False
+        self.last_error: str | None = None
+        self.auth_error: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    # -- the loop's side -------------------------------------------------
+
+    def check(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+
+    def take(self) -> list[Delivery]:
+        """The next transaction's buffered records of one partition (the one waiting longest),
+        now handed out."""
+        with self.lock:
+            for tp, buffer in self.buffers.items():
+                if not buffer or tp not in self.assigned or self.busy.get(tp):
+                    continue
+                while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
+                    self.done[tp] = buffer.popleft().offset() + 1
+                # one transaction's records: the call in hand is all a rebalance waits for
+                messages = []
+                commit = None
+                while buffer and buffer[0].value() is not None:
+                    this = _commit_of(buffer[0])
+                    if messages and (this is None or this != commit):
+                        break
+                    commit = this
+                    messages.append(buffer.popleft())
+                if messages:
+                    self.busy[tp] = len(messages)
+                    # the next call looks at the other partitions first
+                    self.buffers[tp] = self.buffers.pop(tp)
+                    return [Delivery(m.value(), (tp, m.offset())) for m in messages]
+        return []
+
+    def settle(self, deliveries: list[Delivery], handled: bool) -> None:
+        if not deliveries:
+            return
+        tp, first = deliveries[0].handle
+        last = deliveries[-1].handle[1]
+        with self.lock:
+            self.busy[tp] = max(0, self.busy.get(tp, 0) - len(deliveries))
+            if tp in self.assigned:
+                if handled:
+                    self.done[tp] = max(self.done.get(tp, 0), last + 1)
+                else:  # read again from the first one given back; what followed is dropped
+                    self.rewind[tp] = first
+                    self.busy[tp] = 0
+                    self.buffers.get(tp, deque()).clear()
+            self.lock.notify_all()
+
+    async def open(self) -> list[Lane]:
+        self._reset()
+        self.loop = asyncio.get_running_loop()
+        self.ready = asyncio.Event()
+        settings = dict(self.client_settings, error_cb=self._on_error)
+        try:
+            client = KafkaClient(settings)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigError(f"worker source {self.display}: the Kafka client refused its "
+                              f"settings: {self.destination.describe(exc)}") from None
+        self.client = client
+        try:
+            await self._check(client)
+        except BaseException:
+            await asyncio.to_thread(client.close)
+            self.client = None
+            raise
+        self.thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
+                                       name=f"walex-kafka-{self.group}")
+        self.thread.start()
+        self.lane = KafkaLane(self)
+        log.info("worker group %r consumes %s on %s", self.group, self.subscription, self.display)
+        return [self.lane]
+
+    def _ask(self, client: Any) -> None:
+        """Metadata from a broker within ``timeout``; serves the client's error reports meanwhile
+        (a refused login shows there), as nothing else polls the client yet."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                client.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+                return
+            except KafkaException:
+                client.poll(0)  # no subscription yet: only serves error_cb
+                if self.auth_error is not None or time.monotonic() >= deadline:
+                    raise
+
+    async def _check(self, client: Any) -> None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._ask, client), timeout=self.timeout + 5)
+        except (KafkaException, TimeoutError) as exc:
+            if self.auth_error is not None:
+                raise self._refused_login() from None
+            detail = self.last_error or self.destination.describe(exc)
+            raise Unavailable(f"no Kafka broker of {self.url.servers} answered within "
+                              f"{self.timeout:g}s: {self.url.scrub(detail)}") from None
+        if self.auth_error is not None:
+            raise self._refused_login()
+
+    def _refused_login(self) -> ConfigError:
+        return self.destination.misconfigured(
+            f"the Kafka broker refused the login ({self.auth_error or ''})",
+            "check security.protocol, sasl.mechanism, sasl.username and sasl.password",
+        )
+
+    async def declare(self) -> None:
+        """A Kafka group needs nothing declared (a group without committed offsets starts at
+        ``start``); this checks that the brokers answer and take the login, then disconnects."""
+        self._reset()
+        client = KafkaClient(dict(self.client_settings, error_cb=self._on_error))
+        try:
+            await self._check(client)
+        finally:
+            await asyncio.to_thread(client.close)
+        log.info("worker group %r on %s: nothing to declare on Kafka (the group starts at %s)",
+                 self.group, self.display, self.start)
+
+    async def close(self) -> None:
+        thread, self.thread = self.thread, None
+        self.closing = True
+        self.stopping.set()
+        with self.lock:
+            self.lock.notify_all()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, self.timeout + 30)
+            if thread.is_alive():
+                log.warning("worker group %r: the Kafka consumer did not close in time", self.group)
+        self.client = None
+        self.lane = None
+
+    def _wake(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:
+                pass
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failed is None:
+            self.failed = exc
+        self._wake()
+
+    # -- the consumer's thread -------------------------------------------
+
+    def _on_error(self, err: Any) -> None:
+        text = self.url.scrub(str(err.str()))
+        self.last_error = text
+        if err.code() in AUTHENTICATION:
+            self.auth_error = text
+        if err.fatal():
+            self._fail(Unavailable(f"the Kafka consumer failed: {text}"))
+        log.debug("worker source %s: %s", self.display, text)
+
+    def _serve(self, client: Any) -> None:
+        try:
+            client.subscribe([self.subscription], on_assign=self._on_assign,
+                             on_revoke=self._on_revoke, on_lost=self._on_lost)
+            last_commit = time.monotonic()
+            while not self.stopping.is_set():
+                self._seek(client)
+                messages = client.consume(_BATCH, 0.2)
+                self._receive(messages)
+                if time.monotonic() - last_commit >= _COMMIT_EVERY:
+                    self._commit(client, None, wait=False)
+                    last_commit = time.monotonic()
+        except Exception as exc:
+            log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
+                      self.destination.describe(exc))
+            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc))
+        finally:
+            self.closing = True
+            try:
+                self._commit(client, None, wait=True)
+            finally:
+                try:
+                    client.close()  # leaves the group: its partitions go to the others now
+                except Exception as exc:
+                    log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
+
+    def _receive(self, messages: list[Any]) -> None:
+        if not messages:
+            return
+        added = False
+        with self.lock:
+            for m in messages:
+                err = m.error()
+                if err is not None:
+                    self.last_error = self.url.scrub(str(err.str()))
+                    if err.fatal():
+                        self.failed = Unavailable(f"the Kafka consumer failed: {self.last_error}")
+                    log.debug("worker source %s: %s", self.display, self.last_error)
+                    continue
+                tp = (m.topic(), m.partition())
+                if tp not in self.assigned or tp in self.rewind:
+                    continue  # revoked meanwhile, or to be read again
+                self.buffers.setdefault(tp, deque()).append(m)
+                added = True
+        if added or self.failed is not None:
+            self._wake()
+
+    def _seek(self, client: Any) -> None:
+        with self.lock:
+            rewind, self.rewind = self.rewind, {}
+        for (topic, partition), offset in rewind.items():
+            try:
+                client.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # not fetching yet: the committed offset holds
+                log.debug("seeking %s[%d] to %d: %s", topic, partition, offset,
+                          self.destination.describe(exc))
+
+    def _commit(self, client: Any, only: set[TP] | None, wait: bool) -> None:
+        with self.lock:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
+                       if (only is None or (t, p) in only) and self.committed.get((t, p)) != o]
+        if not offsets:
+            return
+        try:
+            client.commit(offsets=offsets, asynchronous=not wait)
+        except KafkaException as exc:
+            log.warning("worker group %r: committing offsets failed (%s); those records may be "
+                        "handled again", self.group, self.destination.describe(exc))
+            return
+        with self.lock:
+            for tp in offsets:
+                self.committed[(tp.topic, tp.partition)] = tp.offset
+
+    def _on_assign(self, client: Any, partitions: list[Any]) -> None:
+        with self.lock:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self.assigned.add(key)
+                self.buffers[key] = deque()
+                self.busy[key] = 0
+                self.done.pop(key, None)
+                self.committed.pop(key, None)
+                self.rewind.pop(key, None)
+        log.info("worker group %r: assigned %s", self.group, _names(partitions))
+
+    def _on_revoke(self, client: Any, partitions: list[Any]) -> None:
+        self._give_up(client, partitions, commit=True)
+
+    def _on_lost(self, client: Any, partitions: list[Any]) -> None:
+        self._give_up(client, partitions, commit=False)
+
+    def _give_up(self, client: Any, partitions: list[Any], commit: bool) -> None:
+        """Before partitions go to another worker: the call in hand returns, what was handled is
+        committed, the rest is dropped."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        limit = time.monotonic() + max(self.timeout, 60.0)
+        with self.lock:
+            for key in keys:
+                self.buffers.get(key, deque()).clear()
+            lane, loop = self.lane, self.loop
+            if not commit and lane is not None and loop is not None and \
+                    any(self.busy.get(k) for k in keys):
+                # the group gave them away already (this worker missed its session): the call
+                # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
+                try:
+                    loop.call_soon_threadsafe(lane.revoke, f"Kafka partitions {_names(partitions)} "
+                                              "were lost (the group session timed out)")
+                except RuntimeError:
+                    pass
+            while not self.closing and any(self.busy.get(k) for k in keys):
+                left = limit - time.monotonic()
+                if left <= 0:
+                    log.error("worker group %r: a handler call still runs for %s; the partitions "
+                              "are given up without it (its records are handled again)",
+                              self.group, sorted(keys))
+                    break
+                self.lock.wait(min(left, 1.0))
+        if commit:
+            self._commit(client, keys, wait=True)
+        with self.lock:
+            for key in keys:
+                self.assigned.discard(key)
+                self.buffers.pop(key, None)
+                self.busy.pop(key, None)
+                self.done.pop(key, None)
+                self.committed.pop(key, None)
+                self.rewind.pop(key, None)
+        log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
+                 _names(partitions))
+
+    def info(self) -> dict[str, Any]:
+        return {"url": self.display, "group": self.group, "topics": self.subscription}
+
+
+def _commit_of(message: Any) -> bytes | None:
+    """The commit LSN part of the record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
+    for name, value in message.headers() or ():
+        if name == "ce_id" and value:
+            return bytes(value).partition(b"-")[0]
+    return None
+
+
+def _names(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
