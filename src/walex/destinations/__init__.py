@@ -268,10 +268,13 @@ class Destinations:
                     refusal = DestinationError(
                         f"destination {destination.display}: {exc} (still refused after "
                         f"{attempt + 1} attempts)")
-                    if self.refused is None:
+                    if settle and self.refused is None:
                         raise refusal from None
-                    await self._refuse(destination, refusal, events)
-                    return
+                    if not settle:
+                        return False  # the lane publishes the group's transactions one at a time
+                    assert events is not None
+                    await self._refuse(destination, refusal, events)  # raises under "stop"
+                    return True
                 delay = max(backoff(attempt), min(exc.retry_after or 0.0, 600.0))
                 attempt += 1
                 self.retries += 1
