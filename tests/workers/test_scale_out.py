@@ -200,8 +200,14 @@ def test_three_workers_one_killed_nothing_lost_order_kept(
         thread.join(120)
         assert done.is_set(), "the writer did not finish"
 
+        stalled_id = stalled.read_text()
+
         def complete() -> bool:
-            return len({(r[2], r[3]) for r in handled(db)}) >= EXPECTED
+            # every change, and the stalled worker's unacknowledged one again by another worker
+            # (its (pk, seq) was logged before the stall, so the count alone does not wait for it)
+            rows = handled(db)
+            again = any(r[1] == stalled_id and r[5] != "w0" for r in rows)
+            return again and len({(r[2], r[3]) for r in rows}) >= EXPECTED
 
         wait(complete, f"{EXPECTED} changes handled", 120, logs)
         for name in ("w1", "w2"):
@@ -235,7 +241,6 @@ def test_three_workers_one_killed_nothing_lost_order_kept(
         assert seqs == list(range(ROUNDS + 1)), f"row {pk}: changes handled in the order {seqs}"
     assert len(first) == EXPECTED
     # the stalled worker's last change was handled again, by another worker, same id
-    stalled_id = stalled.read_text()
     assert any(event_id == stalled_id and worker != "w0" for event_id, worker in duplicates), \
         f"{stalled_id} (handled by w0, never acknowledged) was not handled again: {duplicates}"
     by_worker = defaultdict(int)
