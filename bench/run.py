@@ -304,7 +304,8 @@ def main() -> int:
                     help="extra postgresql.conf setting, repeatable")
     ap.add_argument("--destination", action="append", default=[], metavar="NAME=URL",
                     help="add the level walex+NAME publishing to URL too (repeatable; URL may "
-                         "be nats, redis, rabbitmq or webhook for the local brokers, see "
+                         "be nats, redis, rabbitmq or webhook for the local brokers, or kafka for a tansu "
+                         "broker the runner starts; see "
                          "bench/destinations.py)")
     ap.add_argument("--out", help="JSON results file (default bench/results/<mode>-<time>.json)")
     ap.add_argument("--no-plot", action="store_true")

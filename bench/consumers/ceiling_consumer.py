@@ -19,7 +19,13 @@ phases in one process:
    - RabbitMQ (aiormq, as walex): persistent messages with ``message_id`` on a
      publisher-confirm channel, up to ``WINDOW`` confirms pending;
    - webhook (httpx, as walex): signed POSTs of ``CHUNK`` events (the
-     CloudEvents batch form walex sends), one at a time, each answered.
+     CloudEvents batch form walex sends), one at a time, each answered;
+   - Kafka (confluent-kafka, as walex): an idempotent producer with
+     ``acks=all`` (and walex's partitioner), warmed up by one record without
+     a value per partition before the timer, produces every record (the same
+     value, key and ``ce_`` headers as walex's, made in phase 1), serving
+     delivery reports only when its queue is full, then flushes; every
+     delivery report is counted and must be a success.
 
 ``t_ready``/``t_end`` mark phase 2 only, so the runner's wall time is the
 publishing time; ``publish_cpu_s`` is the CPU of phase 2.
@@ -189,6 +195,67 @@ async def webhook_publish(url: str, items: list[Outgoing]) -> None:
             response.raise_for_status()
 
 
+def kafka_records(items: list[Outgoing]) -> list[tuple[bytes, bytes, list[Any]]]:
+    """Each item's record as walex's Kafka destination makes it: (key, value, headers)."""
+    import orjson
+
+    from walex.destinations.kafka import CONTENT_TYPE
+
+    out = []
+    for item in items:
+        doc = orjson.loads(item.body)
+        headers = [("ce_specversion", b"1.0"), ("ce_id", item.id.encode()),
+                   ("ce_source", doc["source"].encode()), ("ce_type", doc["type"].encode()),
+                   ("ce_time", doc["time"].encode()), ("content-type", CONTENT_TYPE)]
+        if doc.get("subject") is not None:
+            headers.append(("ce_subject", doc["subject"].encode()))
+        out.append((doc["partitionkey"].encode(), item.body, headers))
+    return out
+
+
+async def kafka_publish(url: str, items: list[Outgoing]) -> None:
+    from confluent_kafka import KafkaException, Producer
+
+    parts = urlsplit(url)
+    topic = parse_qs(parts.query)["topic"][0]
+    records = kafka_records(items)
+    producer = Producer({"bootstrap.servers": parts.netloc, "enable.idempotence": True,
+                         "acks": "all", "partitioner": "murmur2_random",
+                         "message.timeout.ms": 30000})
+    state = {"ok": 0, "error": None}
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is None:
+            state["ok"] += 1
+        elif state["error"] is None:
+            state["error"] = err
+
+    try:
+        # untimed warm-up: a fresh idempotent producer gets its producer id and the
+        # partitions' leaders only after list_topics() (seen: 0.5 s more on tansu), so one
+        # record without a value goes to each partition and is flushed first
+        meta = producer.list_topics(topic, timeout=30)
+        for partition in meta.topics[topic].partitions:
+            producer.produce(topic, None, b"bench-warmup", partition=partition)
+        if producer.flush(30):
+            raise RuntimeError(f"the warm-up records to {topic} were not confirmed in 30 s")
+        yield_start()
+        produce, poll = producer.produce, producer.poll
+        for key, value, headers in records:
+            while True:
+                try:
+                    produce(topic, value, key, headers=headers, on_delivery=delivered)
+                    break
+                except BufferError:  # the queue is full: serve reports to free it
+                    poll(0.05)
+        left = producer.flush(120)
+    except KafkaException as exc:
+        raise RuntimeError(f"Kafka refused: {exc}") from None
+    if state["error"] is not None or left or state["ok"] != len(records):
+        raise RuntimeError(f"{state['ok']} of {len(records)} records confirmed, {left} left: "
+                           f"{state['error']}")
+
+
 _phase: dict[str, float] = {}
 
 
@@ -199,7 +266,7 @@ def yield_start() -> None:
 
 
 PUBLISHERS = {"nats": nats_publish, "redis": redis_publish, "amqp": rabbitmq_publish,
-              "http": webhook_publish}
+              "http": webhook_publish, "kafka": kafka_publish}
 
 
 def main() -> int:
