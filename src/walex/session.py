@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from . import standby
-from .checks import preflight
+from .checks import CHECK_TIMEOUT, preflight
 from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
+from .lookups import within
 from .lsn import format_lsn, parse_lsn
 from .replication.stream import ReplicationConnection
 from .slots import slot_in_use, temporary_gap
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["open_session", "close_session", "note_stop"]
 
 log = logging.getLogger("walex")
+
+START_TIMEOUT = 60.0  # seconds the server has to answer START_REPLICATION
 
 
 async def open_session(pipeline: Pipeline) -> None:
@@ -75,11 +78,12 @@ async def open_session(pipeline: Pipeline) -> None:
             await _diagnose(pipeline, conninfo, first)
             raise
         try:
-            pipeline.preflight = await preflight(
-                pipeline.repl.conn, s.publication, s.subscriptions,
+            conn = pipeline.repl.conn
+            pipeline.preflight = await within(conn, preflight(
+                conn, s.publication, s.subscriptions,
                 slot=pipeline.slot_name if s.durable_slot else None,
                 store=pipeline.backfill.store.regclass(),
-            )
+            ), CHECK_TIMEOUT)
         except psycopg.OperationalError as exc:
             if first:
                 raise SetupError(f"checking {s.display_target()} failed: "
@@ -116,7 +120,7 @@ async def _diagnose(pipeline: Pipeline, conninfo: str, first: bool) -> None:
             raise SetupError(message) from None
         raise ReplicationError(message, retriable=True) from None
     try:
-        await preflight(conn, s.publication, s.subscriptions)
+        await within(conn, preflight(conn, s.publication, s.subscriptions), CHECK_TIMEOUT)
     except psycopg.Error:
         pass  # the replication connection's own error says more
     finally:
@@ -206,8 +210,13 @@ async def _start_replication(pipeline: Pipeline, start: int) -> None:
     delay = 0.1
     while True:
         try:
-            await repl.start(pipeline.slot_name, start, options)
+            async with asyncio.timeout(START_TIMEOUT):
+                await repl.start(pipeline.slot_name, start, options)
             break
+        except TimeoutError:
+            raise ReplicationError(
+                f"START_REPLICATION was not answered within {START_TIMEOUT:g}s",
+                retriable=True) from None
         except SlotInUseError:
             if s.standby:
                 start = await standby.wait_for_slot(pipeline)

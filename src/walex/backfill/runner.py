@@ -18,7 +18,8 @@ the reason and logged; the app goes on streaming. A change of the key's
 columns, types or collations (which decide the order rows are read in) starts
 the job over from the first row. A lost connection of the backfill is retried
 with backoff (reset once a chunk was completed since), resuming at the last
-chunk marked done. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
+chunk marked done; a query not answered within ``backfill_query_timeout`` (a
+network gone silent, a chunk read slower than that) counts as a lost connection. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
 ``walex backfill --cancel``) stops before its next chunk.
 """
 
@@ -36,6 +37,7 @@ import psycopg
 from ..errors import (
     BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
 )
+from ..lookups import DeadlineConnection
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
@@ -264,14 +266,32 @@ class Backfills:
             self._waiters.clear()
 
     async def _connect(self) -> psycopg.AsyncConnection:
+        """A connection for the backfill: every exchange within ``backfill_query_timeout``.
+
+        A query the server does not answer in time (a network gone silent, a chunk
+        read slower than the bound) closes the connection: :meth:`run` reconnects
+        and resumes at the last completed chunk. The server is asked to give up on
+        such a query too (its ``statement_timeout``, unless a lower one is set).
+        """
         s = self.pipeline.settings
+        timeout = s.backfill_query_timeout
         try:
-            return await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
+            conn = await DeadlineConnection.connect(s.app_conninfo(), autocommit=True)
         except psycopg.OperationalError as exc:
             raise ReplicationError(
                 f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}",
                 retriable=True,
             ) from None
+        conn.deadline, conn.setting = timeout, "backfill_query_timeout"
+        try:
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false) WHERE "
+                "current_setting('statement_timeout')::interval NOT BETWEEN '1ms' AND %s::interval",
+                (f"{int(timeout * 1000)}ms", f"{int(timeout * 1000)} ms"))
+            return conn
+        except BaseException:
+            await conn.close()
+            raise
 
     async def _run(self, conn: psycopg.AsyncConnection, job: Job) -> None:
         """One job, from its last completed chunk to its end."""
