@@ -76,6 +76,12 @@ class Proxy:
                 self._server.close()
             for link in list(self.links):
                 link.abort()
+            # every connection's task ends here, not when garbage collected after the loop
+            # stopped (an unraisable exception in whichever test runs then)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._call(shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
