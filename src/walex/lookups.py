@@ -11,7 +11,9 @@ again, a few times with backoff. Only if that keeps failing does it raise a
 retriable :class:`~walex.errors.ReplicationError`, so the pipeline reconnects
 as for any lost connection. A query the server does not answer within
 ``timeout`` seconds (a network partition leaves a connection silent, not
-closed) counts as a lost connection: :func:`bounded` drops it at once.
+closed) counts as a lost connection: :func:`bounded` drops it at once
+(:func:`within` does so for any work on a connection, and a
+:class:`DeadlineConnection` for each of its exchanges with the server).
 
 Invariant: queries sent through it are read-only or safe to repeat (a query
 may run twice when the connection broke after the server ran it). Error

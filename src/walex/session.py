@@ -21,6 +21,10 @@ Contract:
 - a temporary slot made again after a lost connection, and a stop with changes
   unhandled, records the changes it lost in :attr:`Pipeline.gaps`
   (:func:`note_stop`, :func:`walex.slots.temporary_gap`);
+- the checks must be answered within :data:`~walex.checks.CHECK_TIMEOUT` and
+  START_REPLICATION within :data:`START_TIMEOUT`, else the session counts as
+  lost (a silent network); creating a slot has no deadline, as the server waits
+  for the transactions running then to end;
 - :func:`close_session` closes the replication and the lookup connections and
   never raises.
 
