@@ -14,6 +14,9 @@ import psycopg
 from .errors import SetupError
 from .handlers import table_matcher
 
+# seconds the server has to answer the checks (a silent network counts as a lost connection)
+CHECK_TIMEOUT = 30.0
+
 __all__ = ["Preflight", "preflight", "quote_ident"]
 
 

@@ -134,6 +134,9 @@ class WalExSettings(BaseSettings):
     snapshot: Literal["never", "initial"] = "never"  # "initial": every table when the slot is made
     backfill_chunk_size: int = Field(default=10000, ge=1)  # rows per chunk (keyset pagination)
     backfill_table: str = "walex_backfill"  # the progress store, "table" or "schema.table"
+    # seconds one exchange of a backfill's connection (a chunk's read included) may take:
+    # past it the connection counts as lost and the chunk is read again on a new one
+    backfill_query_timeout: float = Field(default=300.0, gt=0)
 
     # handlers
     message_middleware: Any = None

@@ -66,6 +66,8 @@ SCRIPT: list[tuple[str, str, int]] = [
     ("both tables are truncated in one statement", "TRUNCATE todo, \"user\" RESTART IDENTITY", 2),
 ]
 EXPECTED_EVENTS = sum(n for _, _, n in SCRIPT)
+# the demo's own connections (to the embedded server): bounded opening and statements
+_BOUNDED = {"connect_timeout": 10, "options": "-c statement_timeout=30000"}
 
 
 def _show(value: Any) -> str:
@@ -116,7 +118,7 @@ async def _demo(console: Console, follow: bool, settings: dict[str, str] | None)
         cluster = await asyncio.to_thread(lambda: Cluster(settings=settings).start())
     try:
         dsn = cluster.dsn("postgres")
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn, autocommit=True, **_BOUNDED) as conn:
             conn.execute(SCHEMA)
         console.print(f"[dim]PostgreSQL {cluster.major_version} on {dsn}; "
                       "tables user, todo; publication events[/]")
@@ -129,7 +131,7 @@ async def _demo(console: Console, follow: bool, settings: dict[str, str] | None)
                 await _wait_forever()
                 return 0
             expected = 0
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, **_BOUNDED) as conn:
                 for description, statement, count in SCRIPT:
                     console.print(f"\n[cyan]-- {description}[/]")
                     async with conn.transaction():

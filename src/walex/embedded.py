@@ -57,6 +57,11 @@ def embedded_bindir() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
+# seconds a server binary may run (initdb on a slow disk; pg_ctl waits 60 s itself), and a
+# quick command (a version, a user added)
+_SLOW, _QUICK = 300, 60
+
+
 def _is_bindir(path: Path) -> bool:
     return all(os.access(path / name, os.X_OK) for name in _REQUIRED)
 
@@ -65,7 +70,8 @@ def system_bindirs() -> list[Path]:
     """Return other complete PostgreSQL bin dirs on this machine (no duplicates)."""
     candidates: list[Path] = []
     if pg_config := shutil.which("pg_config"):
-        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                             timeout=_QUICK)
         if out.returncode == 0 and out.stdout.strip():
             candidates.append(Path(out.stdout.strip()))
     candidates += sorted(Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin"))
@@ -81,7 +87,7 @@ def system_bindirs() -> list[Path]:
 def server_major_version(bindir: Path) -> int:
     """Return the major version of the ``postgres`` binary in ``bindir``."""
     out = subprocess.run([str(bindir / "postgres"), "--version"],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, timeout=_QUICK).stdout
     match = re.search(r"(\d+)", out)
     if match is None:
         raise ClusterError(f"cannot parse postgres --version output: {out!r}")
@@ -108,7 +114,8 @@ def _server_user() -> pwd.struct_passwd | None:
         except KeyError:
             pass
     subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
-                    "/usr/sbin/nologin", _FALLBACK_USER], check=True, capture_output=True)
+                    "/usr/sbin/nologin", _FALLBACK_USER], check=True, capture_output=True,
+                   timeout=_QUICK)
     return pwd.getpwnam(_FALLBACK_USER)
 
 
@@ -193,9 +200,13 @@ class Cluster:
             try:
                 proc = subprocess.run([str(self.bindir / program), *args], env=env,
                                       cwd=self._base(), stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, text=True, **kwargs)  # type: ignore[call-overload]
+                                      stdin=subprocess.DEVNULL, text=True, timeout=_SLOW,
+                                      **kwargs)  # type: ignore[call-overload]
             except OSError as exc:
                 raise ClusterError(f"cannot run {program}: {exc}") from exc
+            except subprocess.TimeoutExpired:
+                raise ClusterError(f"{program} {' '.join(args)} did not finish within "
+                                   f"{_SLOW}s{self._log_tail()}") from None
             out.seek(0)
             output: str = out.read()
         if proc.returncode != 0:

@@ -11,7 +11,9 @@ again, a few times with backoff. Only if that keeps failing does it raise a
 retriable :class:`~walex.errors.ReplicationError`, so the pipeline reconnects
 as for any lost connection. A query the server does not answer within
 ``timeout`` seconds (a network partition leaves a connection silent, not
-closed) counts as a lost connection: :func:`bounded` drops it at once.
+closed) counts as a lost connection: :func:`bounded` drops it at once
+(:func:`within` does so for any work on a connection, and a
+:class:`DeadlineConnection` for each of its exchanges with the server).
 
 Invariant: queries sent through it are read-only or safe to repeat (a query
 may run twice when the connection broke after the server ran it). Error
@@ -22,15 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 import psycopg
 
 from .errors import ReplicationError, redact
 
-__all__ = ["LookupConnection", "bounded"]
+__all__ = ["DeadlineConnection", "LookupConnection", "bounded", "within"]
 
 log = logging.getLogger("walex")
+
+T = TypeVar("T")
 
 
 async def bounded(conn: psycopg.AsyncConnection, query: Any, params: Any, timeout: float) -> list[tuple[Any, ...]]:
@@ -45,7 +49,14 @@ async def bounded(conn: psycopg.AsyncConnection, query: Any, params: Any, timeou
             await cur.execute(query, params)
             return await cur.fetchall() if cur.description is not None else []
 
-    task = asyncio.ensure_future(fetch())
+    return await within(conn, fetch(), timeout)
+
+
+async def within(conn: psycopg.AsyncConnection, work: Awaitable[T], timeout: float,
+                 setting: str | None = None) -> T:
+    """``await work`` (which talks over ``conn``), or ``psycopg.OperationalError`` after
+    ``timeout`` s, ``conn`` then closed on the spot (as :func:`bounded` does)."""
+    task = asyncio.ensure_future(work)
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:
@@ -55,8 +66,32 @@ async def bounded(conn: psycopg.AsyncConnection, query: Any, params: Any, timeou
         conn.pgconn.finish()  # the socket is closed: the query's wait ends with the task
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise psycopg.OperationalError(f"the server did not answer within {timeout:g}s")
+        raise psycopg.OperationalError(f"the server did not answer within {timeout:g}s"
+                                       + (f" ({setting})" if setting else ""))
     return task.result()
+
+
+class DeadlineConnection(psycopg.AsyncConnection):  # type: ignore[type-arg]
+    """A connection on which every exchange with the server has a deadline.
+
+    Each round trip (a query sent and its results read, a commit, a fetch)
+    must complete within :attr:`deadline` seconds, else the connection is
+    closed on the spot and ``psycopg.OperationalError`` raised, as by
+    :func:`bounded`: a network gone silent without closing (which TCP
+    keepalives do not notice when something on the way still answers them)
+    costs one deadline, not a hang. ``None`` leaves the exchanges unbounded.
+    Opening the connection is bounded by ``connect_timeout`` (in walex's
+    connection strings).
+    """
+
+    deadline: float | None = None
+    setting: str | None = None  # the setting that gives the deadline, named in the error
+
+    async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = self.deadline
+        if deadline is None or kwargs.get("timeout") is not None or len(args) > 1:
+            return await super().wait(gen, *args, **kwargs)
+        return await within(self, super().wait(gen, *args, **kwargs), deadline, self.setting)
 
 
 class LookupConnection:

@@ -1,7 +1,8 @@
 """The running pipeline of one app: sessions, reconnects, and the three tasks.
 
 A *session* is one walsender connection, which runs the checks, creates the
-slot and streams, from slot creation to the end of the stream. Type lookups,
+slot and streams, from slot creation to the end of the stream; opening and
+closing one is :mod:`walex.session`. Type lookups,
 heartbeats and the rare statements a walsender cannot run go through a
 :class:`~walex.lookups.LookupConnection`, a normal connection opened on first
 use and reopened whenever the server closed it, without ending the session.
@@ -50,24 +51,23 @@ from typing import Any
 
 import psycopg
 
-from . import failpoints, standby
+from . import failpoints, session, standby
 from .ack import AckTracker
 from .backfill import Backfills
-from .checks import Preflight, preflight
+from .checks import Preflight
 from .config import WalExSettings
 from .dispatch import Dispatcher
-from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError, redact
+from .errors import ReplicationError
 from .handoff import BatchQueue, run_dispatcher
 from .handlers import table_matcher
 from .hotpath import NOT_HANDLED, hot_path
 from .lookups import LookupConnection
-from .lsn import format_lsn, parse_lsn
+from .lsn import format_lsn
 from .observe.stats import Stats
 from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
-from .slots import slot_in_use, temporary_gap
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
@@ -122,7 +122,7 @@ class Pipeline:
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
-        self._restart = False  # the next session follows a stop(), not a lost connection
+        self.after_stop = False  # the next session follows a stop(), not a lost connection
         self.transactions_handled = 0
         self.events_handled = 0
         self.replays_dropped = 0
@@ -148,75 +148,7 @@ class Pipeline:
         self._subscribed = [table_matcher(s) for s in subscriptions]
         self.relations.refresh_subscriptions()
 
-    # -- sessions --------------------------------------------------------
-
-    async def open_session(self) -> None:
-        """Connect, check, create or reuse the slot, and start streaming.
-
-        One connection before streaming: the replication connection runs the
-        checks (one round trip, :func:`~walex.checks.preflight`), the slot
-        commands and START_REPLICATION. The normal connection (type lookups,
-        heartbeats, the rare statements a walsender cannot run) is opened on
-        first use by :attr:`lookups`.
-        """
-        s = self.settings
-        conninfo = s.app_conninfo()
-        first = self.sessions == 0
-        self.lookups.use(None, conninfo, self.secret)
-        try:
-            if s.standby or self.fence is not None:  # one instance at a time: the lock first
-                await standby.hold(self)
-            try:
-                self.repl = await ReplicationConnection.connect(conninfo, self.secret)
-            except ReplicationError:
-                await self._diagnose(conninfo, first)
-                raise
-            try:
-                self.preflight = await preflight(
-                    self.repl.conn, s.publication, s.subscriptions,
-                    slot=self.slot_name if s.durable_slot else None,
-                    store=self.backfill.store.regclass(),
-                )
-            except psycopg.OperationalError as exc:
-                if first:
-                    raise SetupError(f"checking {s.display_target()} failed: "
-                                     f"{redact(str(exc), self.secret)}") from None
-                raise ReplicationError(f"checking the server failed: {redact(str(exc), self.secret)}",
-                                       retriable=True) from None
-            self.silence_limit = self._silence_limit(self.preflight.wal_sender_timeout)
-            self.backfill.store_known = self.preflight.store_exists
-            self.catalog.forget()  # every table's Relation message comes again
-            self.relations.db = self.preflight.database
-            self.assembler.reset()
-            start = await self._prepare_slot(first)
-            self._restart = False
-            await self._start_replication(start)
-        except BaseException:
-            await self.close_session()
-            raise
-        self.sessions += 1
-
-    async def _diagnose(self, conninfo: str, first: bool) -> None:
-        """The replication connection was refused: say why as precisely as a normal one can.
-
-        Raises the error of a normal connection to the same server, or the
-        setup problem its checks find (a role without REPLICATION, wal_level,
-        the publication); returns when neither explains it.
-        """
-        s = self.settings
-        try:
-            conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-        except psycopg.Error as exc:
-            message = f"cannot connect to {s.display_target()}: {redact(str(exc), self.secret)}"
-            if first:
-                raise SetupError(message) from None
-            raise ReplicationError(message, retriable=True) from None
-        try:
-            await preflight(conn, s.publication, s.subscriptions)
-        except psycopg.Error:
-            pass  # the replication connection's own error says more
-        finally:
-            await conn.close()
+    # -- sessions (walex.session) ------------------------------------------
 
     @property
     def connection(self) -> psycopg.AsyncConnection | None:
@@ -224,142 +156,16 @@ class Pipeline:
         repl = self.repl
         return repl.conn if repl is not None and not repl.conn.closed else None
 
-    def _silence_limit(self, wal_sender_timeout: float) -> float:
-        """How long the server may stay silent before the connection counts as dead.
-
-        A walsender busy decoding a large transaction that publishes nothing
-        sends no frame and answers no reply request until half its
-        ``wal_sender_timeout`` passed, so silence shorter than that is no sign
-        of a dead server.
-        """
-        timeout = wal_sender_timeout
-        if timeout <= 0:
-            timeout = 120.0  # the server never times out: allow a long silence
-        self.wal_sender_timeout = timeout
-        return max(2 * self.settings.status_interval, timeout + self.settings.status_interval)
-
-    async def _prepare_slot(self, first: bool) -> int:
-        """The LSN to start from; creates the slot when needed."""
-        s, repl = self.settings, self.repl
-        assert repl is not None and self.preflight is not None
-        if s.durable_slot:
-            row = self.preflight.slot  # read with the checks
-            if row is not None and row[0] == "lost":
-                await self._slot_lost(row[1])
-                row = None
-            if row is not None:
-                confirmed = parse_lsn(row[1]) if row[1] else 0
-                if confirmed > self.ack.flushed:
-                    self.ack.flushed = self.ack.received = confirmed
-                return confirmed
-        lost_from = None if first or self._restart else self.ack.flushed  # a stop reported its own
-        if first and s.snapshot == "initial":  # the requests are stored before the slot exists
-            await self.backfill.initial(await self.lookups.connection())
-        slot = await repl.create_slot(self.slot_name, temporary=not s.durable_slot, failover=s.failover)
-        if slot.created:
-            log.info("created %s replication slot %r at %s",
-                     "durable" if s.durable_slot else "temporary",
-                     self.slot_name, format_lsn(slot.consistent_point))
-        if not s.durable_slot and lost_from is not None:
-            temporary_gap(self, lost_from, slot.consistent_point)
-        start = slot.consistent_point
-        if start > self.ack.flushed:
-            self.ack.flushed = self.ack.received = start
-        return start
-
-    async def _slot_lost(self, confirmed: str | None) -> None:
-        message = (
-            f"replication slot {self.slot_name!r} was invalidated (wal_status = 'lost'): "
-            f"PostgreSQL removed WAL it still needed, so changes committed after "
-            f"{confirmed or 'its last confirmed position'} are lost to walex. "
-            "Raise max_slot_wal_keep_size to prevent this"
-        )
-        if not self.settings.recreate_lost_slot:
-            raise SlotLostError(
-                message + "; pass recreate_lost_slot=True to drop and recreate the slot "
-                "(and resynchronise what was missed)."
-            )
-        log.error("%s; recreating it as recreate_lost_slot=True", message)
-        self.gaps.append(message)
-        admin = await self.lookups.connection()
-        await admin.execute("SELECT pg_drop_replication_slot(%s)", (self.slot_name,))
-
-    async def _start_replication(self, start: int) -> None:
-        s, repl = self.settings, self.repl
-        assert repl is not None
-        options = {
-            "proto_version": "2" if s.streaming else "1",
-            "publication_names": '"' + s.publication.replace('"', '""') + '"',
-        }
-        if s.streaming:
-            options["streaming"] = "on"
-        assert self.preflight is not None
-        options.update(self.backfill.stream_options(self.preflight.server_version))
-        # After a network failure the old walsender holds the slot until its
-        # wal_sender_timeout notices the dead connection: wait at least that long.
-        wait = s.slot_wait_timeout if self.sessions == 0 else max(
-            s.slot_wait_timeout, self.wal_sender_timeout + 10
-        )
-        deadline = time.monotonic() + wait
-        delay = 0.1
-        while True:
-            try:
-                await repl.start(self.slot_name, start, options)
-                break
-            except SlotInUseError:
-                if s.standby:
-                    start = await standby.wait_for_slot(self)
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SlotInUseError(await slot_in_use(self.lookups, self.slot_name, wait)) from None
-                pause = min(delay, remaining)  # the last try comes at the deadline
-                log.warning("replication slot %r is in use; retrying in %.1fs", self.slot_name, pause)
-                await asyncio.sleep(pause)
-                delay = min(delay * 2, 5.0)
-        standby.took_over(self, start)
-        log.debug("START_REPLICATION %s at %s", self.slot_name, format_lsn(start))
+    async def open_session(self) -> None:
+        """Connect, check, create or reuse the slot, and start streaming (:mod:`walex.session`)."""
+        await session.open_session(self)
 
     def note_stop(self, failure: BaseException | None) -> None:
-        """At stop: a temporary slot goes with the connection; report what it takes along.
-
-        Nothing is lost when the app stops with nothing in hand (only what is
-        committed while it is stopped is never seen, as the next start makes a
-        new temporary slot). Stopping after a failure, with changes received
-        but not handled, or while reconnecting loses everything committed
-        after the acknowledged position: that is a gap.
-        """
-        if self.settings.durable_slot or self.sessions == 0:
-            return
-        self._restart = True
-        repl = self.repl
-        if failure is not None:
-            why = "stopped after a failure"
-        elif not self.idle:
-            why = "stopped with changes received but not handled"
-        elif repl is None or not repl.streaming:
-            why = "stopped while reconnecting"
-        else:
-            return
-        gap = (
-            f"walex app {self.settings.name!r} {why}, and its temporary slot {self.slot_name!r} "
-            f"is dropped with the connection: the changes committed after "
-            f"{format_lsn(self.ack.flushed)} (those not handled included) are never delivered, "
-            "not even by a restart, which makes a new slot at the server's current position. "
-            "Use durable_slot=True so that the next start resumes at them."
-        )
-        log.error(gap)
-        self.gaps.append(gap)
+        """At stop: record what a temporary slot takes along (:func:`walex.session.note_stop`)."""
+        session.note_stop(self, failure)
 
     async def close_session(self) -> None:
-        if self.repl is not None:
-            try:
-                await self.repl.close()
-            except Exception:  # pragma: no cover - closing a broken connection
-                pass
-        self.repl = None
-        await self.lookups.close()
-        self.lookups.use(None, None, None)
+        await session.close_session(self)
 
     # -- the tasks -------------------------------------------------------
 

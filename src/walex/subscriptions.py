@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from .checks import Preflight, preflight
+from .checks import CHECK_TIMEOUT, Preflight, preflight
 from .errors import SetupError, redact
 from .handlers import Handler, table_matcher
+from .lookups import within
 
 if TYPE_CHECKING:
     from .config import WalExSettings
@@ -53,7 +54,7 @@ def check_subscriptions(settings: WalExSettings, specs: list[str]) -> Preflight:
             ) from None
         async with conn:
             try:
-                return await preflight(conn, settings.publication, specs)
+                return await within(conn, preflight(conn, settings.publication, specs), CHECK_TIMEOUT)
             except psycopg.Error as exc:
                 raise SetupError(
                     f"checking the subscriptions {specs!r} on {settings.display_target()} "

@@ -8,6 +8,8 @@
                         # new connections are accepted and go nowhere
     proxy.heal()        # connections that lost bytes are reset (their TCP
                         # streams are broken for good), new ones flow again
+    proxy.silence(port) # only the connection whose server side has local port ``port``
+                        # (its backend's pg_stat_activity.client_port) drops every byte
     proxy.stop()
 
 Nothing is closed while partitioned: the client sees silence, not an error,
@@ -26,6 +28,7 @@ class _Link:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter | None = None
     damaged: bool = False  # bytes were dropped: the stream cannot be resumed
+    silent: bool = False  # this connection alone is partitioned (Proxy.silence)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def abort(self) -> None:
@@ -62,12 +65,23 @@ class Proxy:
     def heal(self) -> None:
         self._call(self._set(False))
 
+    def silence(self, server_port: int) -> bool:
+        """Partition one connection: the one whose socket to the server has local port
+        ``server_port``; whether there was one."""
+        return bool(self._call(self._silence(server_port)))
+
     def stop(self) -> None:
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
             for link in list(self.links):
                 link.abort()
+            # every connection's task ends here, not when garbage collected after the loop
+            # stopped (an unraisable exception in whichever test runs then)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._call(shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -88,6 +102,13 @@ class Proxy:
                 self.resets += 1
                 link.abort()
                 self.links.discard(link)
+
+    async def _silence(self, server_port: int) -> bool:
+        for link in self.links:
+            if link.server is not None and link.server.get_extra_info("sockname")[1] == server_port:
+                link.silent = True
+                return True
+        return False
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -132,7 +153,7 @@ class Proxy:
                     except (OSError, RuntimeError):
                         pass
                 return
-            if self.partitioned or writer is None:
+            if self.partitioned or link.silent or writer is None:
                 link.damaged = True
                 self.dropped_bytes += len(data)
                 continue

@@ -36,6 +36,7 @@ from rich.progress import (
 )
 
 from ..errors import ConfigError, SetupError, WalExError, redact
+from ..lookups import DeadlineConnection
 from .runner import check_condition
 from .store import Job, Store
 from .target import resolve_target
@@ -44,6 +45,8 @@ from .watermarks import PREFIX, payload
 __all__ = ["backfill"]
 
 err = Console(stderr=True)
+# seconds the server has to answer each query of the command (a silent network included)
+QUERY_TIMEOUT = 30.0
 
 
 def backfill(
@@ -89,6 +92,10 @@ def backfill(
     except WalExError as exc:
         err.print(f"[bold red]walex:[/] {_escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from None
+    except psycopg.OperationalError as exc:
+        err.print(f"[bold red]walex:[/] the connection to {_escape(app.settings.display_target())} "
+                  f"was lost: {_escape(redact(str(exc), app.settings.secret()))}", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("walex: stopped following the backfill")
         raise typer.Exit(130) from None
@@ -115,9 +122,11 @@ async def _connect(app: object) -> psycopg.AsyncConnection:
     assert isinstance(app, WalEx)
     s = app.settings
     try:
-        return await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
+        conn = await DeadlineConnection.connect(s.app_conninfo(), autocommit=True)
     except psycopg.Error as exc:
         raise SetupError(f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}") from None
+    conn.deadline = QUERY_TIMEOUT  # a query not answered in time: the connection is lost
+    return conn
 
 
 async def _cancel(app: object, table: str) -> Job | None:

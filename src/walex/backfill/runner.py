@@ -18,27 +18,29 @@ the reason and logged; the app goes on streaming. A change of the key's
 columns, types or collations (which decide the order rows are read in) starts
 the job over from the first row. A lost connection of the backfill is retried
 with backoff (reset once a chunk was completed since), resuming at the last
-chunk marked done. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
+chunk marked done; a query not answered within ``backfill_query_timeout`` (a
+network gone silent, a chunk read slower than that) counts as a lost connection. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
 ``walex backfill --cancel``) stops before its next chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from ..errors import (
     BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
 )
+from ..lookups import DeadlineConnection
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
+from .conditions import check_condition, estimate
 from .store import Job, Store
 from .watermarks import PREFIX, Outcome, Window, parse, payload
 
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 # .chunks, .report and .target (reading tables) are imported by the methods that read
 # tables: an app that runs no backfill never loads them.
 
-__all__ = ["Backfills"]
+__all__ = ["Backfills", "check_condition", "estimate"]
 
 log = logging.getLogger("walex.backfill")
 
@@ -264,14 +266,32 @@ class Backfills:
             self._waiters.clear()
 
     async def _connect(self) -> psycopg.AsyncConnection:
+        """A connection for the backfill: every exchange within ``backfill_query_timeout``.
+
+        A query the server does not answer in time (a network gone silent, a chunk
+        read slower than the bound) closes the connection: :meth:`run` reconnects
+        and resumes at the last completed chunk. The server is asked to give up on
+        such a query too (its ``statement_timeout``, unless a lower one is set).
+        """
         s = self.pipeline.settings
+        timeout = s.backfill_query_timeout
         try:
-            return await psycopg.AsyncConnection.connect(s.app_conninfo(), autocommit=True)
+            conn = await DeadlineConnection.connect(s.app_conninfo(), autocommit=True)
         except psycopg.OperationalError as exc:
             raise ReplicationError(
                 f"cannot connect to {s.display_target()}: {redact(str(exc), s.secret())}",
                 retriable=True,
             ) from None
+        conn.deadline, conn.setting = timeout, "backfill_query_timeout"
+        try:
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false) WHERE "
+                "current_setting('statement_timeout')::interval NOT BETWEEN '1ms' AND %s::interval",
+                (f"{int(timeout * 1000)}ms", f"{int(timeout * 1000)} ms"))
+            return conn
+        except BaseException:
+            await conn.close()
+            raise
 
     async def _run(self, conn: psycopg.AsyncConnection, job: Job) -> None:
         """One job, from its last completed chunk to its end."""
@@ -525,54 +545,3 @@ class _Cancelled(Exception):
 def _key_text(columns: list[str] | None, signature: str | None) -> str:
     """``"id (23:-1:0)"``: the key's columns and their type OIDs, type modifiers, collations."""
     return f"{', '.join(columns or [])} ({signature or '?'})"
-
-
-async def check_condition(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> None:
-    """A ConfigError naming the problem when ``where`` is not one valid condition on the table.
-
-    The condition is parsed and planned (not run) twice, on the extended protocol
-    (one statement only), in a read-only transaction: once between parentheses
-    (``WHERE (...)``, as chunks are read), once between brackets (``ARRAY[...]``).
-    A text that closes a parenthesis it did not open (``id > 5) OR (true``) parses
-    in the first form but not the second, and one that closes a bracket it did not
-    open not in the first: what passes both is one expression, which cannot reach
-    outside the parentheses it is read in. Strings, quoted names and comments are
-    PostgreSQL's to read, as in any condition."""
-    if where is None:
-        return
-    if not isinstance(where, str) or not where.strip() or "\0" in where:
-        raise ConfigError(f"where must be an SQL condition, got {where!r}")
-    for query in (target.bracket_query(where), target.estimate_query(where)):
-        try:
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION READ ONLY")
-                await conn.execute(query, (1,), prepare=False)
-        except psycopg.OperationalError:
-            raise
-        except psycopg.Error as exc:
-            hint = ""
-            if isinstance(exc, psycopg.errors.SyntaxError):
-                hint = (" (a condition is one SQL expression: it cannot close a parenthesis or "
-                        "bracket it did not open, nor hold a ';' outside a string)")
-            raise ConfigError(
-                f"where {where!r} is not a valid condition on {target.qualified}: "
-                f"{str(exc).strip().splitlines()[0]}{hint}"
-            ) from None
-
-
-async def estimate(conn: psycopg.AsyncConnection, target: Target, where: str | None) -> int | None:
-    """The planner's estimate of the rows to read."""
-    try:
-        cur = await conn.execute(target.estimate_query(where), (1,), prepare=False)
-        row = await cur.fetchone()
-    except psycopg.OperationalError:
-        raise
-    except psycopg.Error:
-        return None
-    plan: Any = row[0] if row else None
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    try:
-        return int(plan[0]["Plan"]["Plan Rows"])
-    except (TypeError, KeyError, IndexError, ValueError):
-        return None
