@@ -296,6 +296,28 @@ def partition_of(partition_key: str, partitions: int) -> int:
 _times: dict[dt.datetime, str] = {}
 
 
+def _document(event: Event, info: Any, key: str, partition: int, partitions: int,
+              subject: str | None, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The message's kind and its CloudEvents document (both encoding paths build it here)."""
+    kind, type_name = _KINDS[event.type]
+    document: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event.id,
+        "source": info.source,
+        "type": type_name,
+        "time": _rfc3339(event.timestamp),
+        "datacontenttype": "application/json",
+        "walexlsn": event.lsn,
+        "partitionkey": key,
+        "walexpartition": partition,
+        "walexpartitions": partitions,
+        "data": data,
+    }
+    if subject is not None:
+        document["subject"] = subject
+    return kind, document
+
+
 def _rfc3339(moment: dt.datetime) -> str:
     text = _times.get(moment)
     if text is None:
@@ -356,22 +378,7 @@ def encode_event_reference(event: Event, partitions: int = 1) -> Outgoing:
     subject = _subject(info, event)
     key = info.prefix if subject is None else f"{info.prefix}/{subject}"
     partition = partition_of(key, partitions)
-    kind, type_name = _KINDS[event.type]
-    document: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event.id,
-        "source": info.source,
-        "type": type_name,
-        "time": _rfc3339(event.timestamp),
-        "datacontenttype": "application/json",
-        "walexlsn": event.lsn,
-        "partitionkey": key,
-        "walexpartition": partition,
-        "walexpartitions": partitions,
-        "data": data,
-    }
-    if subject is not None:
-        document["subject"] = subject
+    kind, document = _document(event, info, key, partition, partitions, subject, data)
     try:
         body = orjson.dumps(document)
     except orjson.JSONEncodeError:
@@ -502,22 +509,7 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
         subject = _subject(info, event)
     key = info.prefix if subject is None else f"{info.prefix}/{subject}"
     partition = partition_of(key, partitions) if partitions > 1 else 0
-    kind, type_name = _KINDS[event.type]
-    document: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event.id,
-        "source": info.source,
-        "type": type_name,
-        "time": _rfc3339(event.timestamp),
-        "datacontenttype": "application/json",
-        "walexlsn": event.lsn,
-        "partitionkey": key,
-        "walexpartition": partition,
-        "walexpartitions": partitions,
-        "data": data,
-    }
-    if subject is not None:
-        document["subject"] = subject
+    kind, document = _document(event, info, key, partition, partitions, subject, data)
     src = event.source
     return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
                                  bytes(memoryview(orjson.dumps(document, option=_OPTIONS)))))
