@@ -12,9 +12,10 @@ The app runs on asyncio's own event loop; ``--uvloop`` (level
 events of the transactions queued while it runs come in one call.
 
 With ``--destination URL`` (levels ``walex+NAME``, bench/destinations.py)
-every event is also published there; a transaction's handler call comes only
-after the previous transaction was confirmed by the broker, so the marker
-row is reached once the workload is published.
+every event is also published there. Handlers run ahead of the broker's
+confirmations (by up to the destination window), so the run ends only when
+the marker's transaction is acknowledged, which walex does once every
+destination confirmed it and everything before it.
 
 It stops when the handler got the marker row (committed right after endpos):
 a handler sees batches of events, not commits, and ``Event.id`` carries the
@@ -64,6 +65,7 @@ def main() -> int:
     lags = res.lags
     lag = args.lag
     counters = {"rows": 0, "values": 0, "calls": 0}
+    marker_lsn: list[str] = []  # the marker's commit LSN, once seen
 
     def handle(events: list[Event]) -> None:
         counters["calls"] += 1
@@ -72,6 +74,7 @@ def main() -> int:
         for e in events:
             if e.name == marker:
                 res.data["marker_seen"] = True
+                marker_lsn.append(e.lsn)
                 continue
             rows += 1
             _ = (e.type, e.source.schema, e.source.table, e.source.columns, e.lsn, e.id)
@@ -95,7 +98,8 @@ def main() -> int:
         counters["rows"] += rows
         counters["values"] += values
         if res.data["marker_seen"]:
-            res.end()
+            if not args.destination:  # else: once the broker confirmed it (run())
+                res.end()
             loop.call_soon_threadsafe(done.set)  # type: ignore[union-attr]
 
     events_mod = Events()
@@ -127,6 +131,13 @@ def main() -> int:
             finished.cancel()
             waiter.result()  # raises the error that stopped the app
             raise RuntimeError("walex stopped before the end LSN")
+        if args.destination:  # the marker acknowledged: every destination confirmed it
+            from walex.lsn import parse_lsn
+
+            end = parse_lsn(marker_lsn[0])
+            while app.ack.flushed <= end and not waiter.done():
+                await asyncio.sleep(0.001)
+            res.end()
         waiter.cancel()
         t_stop = time.time()
         await app.stop()

@@ -112,6 +112,8 @@ class WalEx(Lifecycle):
 
             self.destinations = Destinations(s.destination_urls(), s.partitions,
                                              s.destination_window)
+            # the encoded messages a window holds unconfirmed: a quarter of the budget
+            self.destinations.held_bytes = max(1, int(s.max_pending_bytes) // 4)
             # a permanent refusal follows on_error, as a failed handler call
             self.destinations.refused = self.dispatcher.settle
         self.pipeline.destinations = self.destinations

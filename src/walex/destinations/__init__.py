@@ -164,6 +164,9 @@ class Destinations:
         # unconfirmed transactions per destination (a URL's window= wins); above 1 the
         # dispatcher pipelines through walex.destinations.window
         self.window = window
+        # most bytes of encoded messages a window holds unconfirmed (the app sets it from
+        # max_pending_bytes); one batch alone may exceed it
+        self.held_bytes = 16 * 1024 * 1024
         self.events_published = 0
         self.retries = 0  # publish attempts that failed and were retried
         self.refusals = 0  # batches a destination refused for good, settled by the policy

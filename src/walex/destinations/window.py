@@ -15,7 +15,10 @@ every lane confirmed it **and** every batch submitted before it was recorded:
 acknowledgement stays in commit order and never passes a transaction a
 destination has not confirmed. Batches in a window stay counted in
 ``max_pending_bytes`` until recorded, so memory is bounded by it whatever the
-window.
+window. The encoded messages of the batches not recorded are bounded too, by
+``Destinations.held_bytes`` (a quarter of ``max_pending_bytes``): a slow
+broker holds the dispatcher, and so the handlers and the reader, back once
+they reach it, whatever the window (one batch alone may exceed it).
 
 Failures keep today's semantics, per group: a group the broker could not
 confirm (:class:`~walex.destinations.base.Unavailable`) is published again,
@@ -143,6 +146,7 @@ class Window:
             if lane.size > 1 and hasattr(lane.destination, "grouped"):
                 lane.destination.grouped = True  # a webhook: ids that name a request's range
         self.entries: deque[Entry] = deque()  # submitted, not recorded, in order
+        self.held = 0  # bytes of the encoded messages of those entries
         self._room = asyncio.Event()
         self._waiting = False
         self.error: BaseException | None = None
@@ -162,7 +166,7 @@ class Window:
         """Queue ``txn`` on every lane, once each has room in its window; the caller calls
         :meth:`finished` with the entry once the handlers finished the batch."""
         lanes = self.lanes
-        while any(lane.full for lane in lanes):
+        while self._full():
             self._waiting = True
             self._room.clear()
             await self._room.wait()
@@ -174,6 +178,7 @@ class Window:
         outgoing = encode(events, self.destinations.partitions)
         entry = Entry(txn, outgoing, 1 + len(lanes))
         self.entries.append(entry)
+        self.held += entry.size
         for lane in lanes:
             lane.put(entry)
         return entry
@@ -185,12 +190,19 @@ class Window:
             entries = self.entries
             while entries and entries[0].pending == 0:
                 done = entries.popleft()
+                self.held -= done.size
                 if done.outgoing:
                     self.destinations.events_published += len(done.outgoing)
                 self.record(done.txn)
-        if self._waiting and not any(lane.full for lane in self.lanes):
+        if self._waiting and not self._full():
             self._waiting = False
             self._room.set()
+
+    def _full(self) -> bool:
+        """No room for another batch: a lane's window is full, or the encoded messages held
+        reached ``held_bytes`` (with at least one batch held, so that one always goes)."""
+        return (any(lane.full for lane in self.lanes)
+                or (self.held >= self.destinations.held_bytes and bool(self.entries)))
 
     async def drain(self) -> None:
         """Wait until every submitted batch was recorded (at a graceful stop)."""
