@@ -263,12 +263,11 @@ class NatsDestination(Destination):
                     "column out of the publication"
                 )
 
-    async def _refusal(self, item: Outgoing, exc: BaseException, whole: bool = False) -> Exception:
-        """What a failed PubAck of ``item`` (``whole``: of a message of the batch from
-        ``item``) is: for good (DestinationError) or for now (Unavailable)."""
+    async def _refusal(self, item: Outgoing, exc: BaseException) -> Exception:
+        """What the failed PubAck of ``item`` is: for good (DestinationError) or for now
+        (Unavailable)."""
         subject = self.subject.render(item)
-        what = (f"stream {self.stream!r} refused a message of the batch from event {item.id}"
-                if whole else f"stream {self.stream!r} refused event {item.id} (subject {subject!r})")
+        what = f"stream {self.stream!r} refused event {item.id} (subject {subject!r})"
         if isinstance(exc, APIError) and exc.err_code == _TOO_LARGE:
             return DestinationError(
                 f"destination {self.display}: {what}: {exc.description} (the stream's "
