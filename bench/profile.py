@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile.py                       # W1 and W3 at --scale 0.2
     .venv/bin/python bench/profile.py --workloads W2 --scale 0.1 --svg
+    .venv/bin/python bench/profile.py --workloads W1 --destination nats  # the relay
 
 Same set-up as run.py (throwaway cluster, slot created before the
 workload), then the walex consumer runs under ``py-spy record --nonblocking
@@ -191,7 +192,16 @@ def profile_workload(b: h.Bench, name: str, args: argparse.Namespace, pyspy: str
     wrap = [pyspy, "record", "--function", "--full-filenames", "--rate", str(args.rate),
             *(["--native"] if args.native else ["--nonblocking"]),
             "--format", "raw", "--output", str(raw), "--"]
-    run = b.run_consumer("walex", slot, info["endpos"], {}, args.timeout, wrap=wrap)
+    level = f"walex+{args.destination}" if args.destination else "walex"
+    if args.destination:
+        import destinations
+
+        destinations.prepare(level, slot)
+    try:
+        run = b.run_consumer(level, slot, info["endpos"], {}, args.timeout, wrap=wrap)
+    finally:
+        if args.destination:
+            destinations.cleanup(level, slot)
     if args.svg:
         svg = RESULTS / f"profile-{name}-{stamp}.svg"
         slot2 = f"prof_{name.lower()}_svg"
@@ -199,7 +209,7 @@ def profile_workload(b: h.Bench, name: str, args: argparse.Namespace, pyspy: str
         b.prepare(w, rows)
         b.create_slots([slot2])
         info2 = b.run_workload(w, rows)
-        b.run_consumer("walex", slot2, info2["endpos"], {}, args.timeout,
+        b.run_consumer(level, slot2, info2["endpos"], {}, args.timeout,
                        wrap=[pyspy, "record", "--nonblocking", "--rate", str(args.rate),
                              "--output", str(svg), "--"])
     b.drop_slots([slot])
@@ -239,6 +249,9 @@ def main() -> int:
     ap.add_argument("--svg", action="store_true", help="also record a flame graph (second run)")
     ap.add_argument("--no-native", dest="native", action="store_false",
                     help="Python frames only, nonblocking (less overhead, C time charged to callers)")
+    ap.add_argument("--destination", metavar="NAME",
+                    help="profile walex+NAME, the relay to a destination (nats, redis, rabbitmq, "
+                         "webhook, kafka; as run.py --destination)")
     ap.add_argument("--summarize", nargs="+", type=Path, metavar="RAW",
                     help="only summarize existing raw stack files (bench/results/*.raw.txt)")
     args = ap.parse_args()
@@ -251,6 +264,10 @@ def main() -> int:
     if not Path(pyspy).exists():
         ap.error("py-spy not found: pip install -e '.[bench]'")
     RESULTS.mkdir(exist_ok=True)
+    if args.destination:
+        import destinations
+
+        destinations.parse([args.destination])
     parts = []
     with h.Bench() as b:
         for name in args.workloads.split(","):
