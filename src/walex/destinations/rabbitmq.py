@@ -10,6 +10,15 @@ flag: a message no queue is bound for is returned by the broker and walex
 keeps publishing it again (logging a warning) until a binding takes it,
 rather than lose it; ``mandatory=false`` lets such messages go.
 
+Permissions: the URL's user needs ``configure`` on the exchange to declare it
+and ``write`` to publish to it. A user without ``configure`` uses an exchange
+that exists as it is (declared beforehand); one that does not exist is a
+:class:`~walex.errors.ConfigError` at open, naming user, vhost, exchange and
+the ``rabbitmqctl set_permissions`` that fixes it. A publish the broker
+refuses (``ACCESS_REFUSED``: no ``write``) is a permanent refusal
+(:class:`~walex.errors.DestinationError`, settled by ``on_error``), never
+retried.
+
 walex declares the exchange (durable, of ``exchange_type``, default
 ``topic``) when missing; ``exchange=`` (empty) is the default exchange,
 where the routing key is a queue name. Binding queues is the consumers'
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,6 +48,7 @@ from aio_pika.exceptions import (
     InvalidFrameError,
     ProbableAuthenticationError,
 )
+from aiormq.exceptions import ChannelAccessRefused  # aio-pika's AMQP layer
 from pamqp.commands import Basic  # aio-pika builds on aiormq and pamqp
 
 from ..errors import ConfigError, DestinationError
@@ -53,6 +64,11 @@ _EXCHANGE_TYPES = {t.value: t for t in aio_pika.ExchangeType}
 
 def _word(name: str) -> str:
     return name.replace(".", "_")
+
+
+def pattern(*names: str) -> str:
+    """A rabbitmqctl permission pattern matching exactly ``names``."""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 class RabbitMQDestination(Destination):
@@ -93,13 +109,37 @@ class RabbitMQDestination(Destination):
             )
             channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
             if self.exchange_name:
-                self.exchange = await channel.declare_exchange(
-                    self.exchange_name, self.exchange_type, durable=True, timeout=self.timeout,
-                    passive=self.passive,
-                )
+                try:
+                    self.exchange = await channel.declare_exchange(
+                        self.exchange_name, self.exchange_type, durable=True,
+                        timeout=self.timeout, passive=self.passive,
+                    )
+                except ChannelAccessRefused as exc:
+                    if self.passive:
+                        raise
+                    # no configure permission: an exchange that exists is used as it is
+                    channel = await self.connection.channel(publisher_confirms=True,
+                                                            on_return_raises=True)
+                    try:
+                        self.exchange = await channel.declare_exchange(
+                            self.exchange_name, passive=True, timeout=self.timeout)
+                    except ChannelNotFoundEntity:
+                        raise self.no_permission(
+                            f"may not declare the exchange {self.exchange_name!r}, which does "
+                            f"not exist ({self.describe(exc)})",
+                            "or declare the exchange "
+                            f"beforehand (durable, type {self.exchange_type.value}); then the "
+                            "user needs write only",
+                        ) from None
             else:
                 self.exchange = channel.default_exchange
             self.underlay = await channel.get_underlay_channel()
+        except ConfigError:
+            await self.close()
+            raise
+        except ChannelAccessRefused as exc:
+            await self.close()
+            raise self.no_permission(f"was refused access ({self.describe(exc)})") from None
         except ChannelPreconditionFailed as exc:
             await self.close()
             raise DestinationError(
@@ -139,6 +179,30 @@ class RabbitMQDestination(Destination):
             raise self.unavailable("cannot connect", exc) from None
         self.opened = True
 
+    @property
+    def user(self) -> str:
+        return self.url.username if self.url.username is not None else "guest"
+
+    def grant(self, configure: str, write: str, read: str) -> str:
+        """The ``rabbitmqctl set_permissions`` line giving the URL's user these patterns;
+        ``{x}`` in one stands for the pattern of the exchange alone."""
+        x = pattern(self.exchange_name or "amq.default")
+        return (f"rabbitmqctl set_permissions -p {self.vhost} {self.user} "
+                + " ".join(f"'{p.replace('{x}', x)}'" for p in (configure, write, read))
+                + "; set_permissions replaces the user's permissions on the vhost, so add "
+                "the patterns it has already")
+
+    def no_permission(self, problem: str, more: str = "") -> ConfigError:
+        """A :class:`~walex.errors.ConfigError`: the user may not use the exchange (a
+        relay declares it and publishes: configure and write; a worker reads it)."""
+        needs, grant = (("read", self.grant("", "", "{x}")) if self.passive else
+                        ("configure and write", self.grant("{x}", "{x}", "")))
+        return self.misconfigured(
+            f"RabbitMQ user {self.user!r} {problem}: it needs {needs} permission on the "
+            f"exchange {self.exchange_name or 'amq.default'!r} in vhost {self.vhost!r}",
+            f"grant it ({grant}){', ' + more if more else ''}",
+        )
+
     async def publish(self, batch: list[Outgoing]) -> None:
         channel = self.underlay
         if channel is None or channel.is_closed:
@@ -158,6 +222,15 @@ class RabbitMQDestination(Destination):
             for item in batch
         ]
         results = await asyncio.gather(*confirms, return_exceptions=True)
+        for result in results:
+            if isinstance(result, ChannelAccessRefused):
+                await self.close()  # the broker closed the channel: a new one next time
+                raise DestinationError(
+                    f"destination {self.display}: RabbitMQ refused user {self.user!r} to "
+                    f"publish to the exchange {self.exchange_name or 'amq.default'!r} in vhost "
+                    f"{self.vhost!r} ({self.describe(result)}): it needs write permission "
+                    f"there; grant it ({self.grant('^$', '{x}', '')})"
+                )
         for item, result in zip(batch, results):
             if isinstance(result, DeliveryError) and type(result.frame).__name__ == "Return":
                 raise Unavailable(

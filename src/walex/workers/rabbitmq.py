@@ -24,7 +24,10 @@ exchange, a missing queue of the group (a group created while the relay
 publishes would silently miss what was published before) or a queue for
 partition ``partitions`` (the group has more partitions than the worker) is
 a :class:`~walex.errors.ConfigError` naming the fix. A queue that exists
-without single active consumer is one too.
+without single active consumer is one too, and so is a user the broker refuses
+(``ACCESS_REFUSED``): a worker needs configure and write on its group's queues
+(it declares and binds them) and read on them and on the exchange; the error
+names user, vhost, queue and the ``rabbitmqctl set_permissions`` that fixes it.
 
 Spreading: the broker makes a queue's first consumer the active one, so a
 worker started first would hold every partition. Every ``balance`` seconds
@@ -48,12 +51,14 @@ import asyncio
 import logging
 import math
 import random
+import re
 from typing import Any
 
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused  # aio-pika's AMQP layer
 
 from ..destinations.base import DestinationURL, Unavailable
-from ..destinations.rabbitmq import RabbitMQDestination
+from ..destinations.rabbitmq import RabbitMQDestination, pattern
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 
@@ -81,6 +86,13 @@ class RabbitMQLane(Lane):
 
     async def subscribe(self, consume: bool = True) -> int:
         """Open a channel and consume the partition's queue; the consumers there before."""
+        try:
+            return await self._subscribe(consume)
+        except ChannelAccessRefused as exc:
+            raise self.consumer.no_permission(self.consumer.queues[self.partition],
+                                              exc) from None
+
+    async def _subscribe(self, consume: bool) -> int:
         consumer, dest = self.consumer, self.consumer.destination
         self.buffer = asyncio.Queue()
         self.closing = False
@@ -206,6 +218,20 @@ class RabbitMQConsumer(Consumer):
         self.active: set[int] = set()  # partitions the broker made this worker the consumer of
         self._balancer: asyncio.Task[None] | None = None
 
+    def no_permission(self, queue: str, exc: BaseException) -> ConfigError:
+        """The broker refused the user access to a queue of the group (or to the exchange)."""
+        dest = self.destination
+        group = f"{dest.exchange_name}.{self.group}."
+        queues = "^" + re.escape(group)
+        return dest.misconfigured(
+            f"RabbitMQ user {dest.user!r} was refused access to queue {queue!r} of group "
+            f"{self.group!r} (exchange {dest.exchange_name!r}) in vhost {dest.vhost!r} "
+            f"({dest.describe(exc)}): a worker needs configure and write permission on its "
+            "group's queues (it declares and binds them) and read on them and on the exchange",
+            "grant it (" + dest.grant(queues, queues, f"{queues}|{pattern(dest.exchange_name)}")
+            + ")",
+        )
+
     async def declare(self) -> None:
         """Declare the exchange (as the relay does) and the group's queues, bound."""
         self.destination.passive = False
@@ -293,6 +319,9 @@ class RabbitMQConsumer(Consumer):
         except (ConfigError, Unavailable):
             await self.close()
             raise
+        except ChannelAccessRefused as exc:  # looking at the group's queues
+            await self.close()
+            raise self.no_permission(self.queues[0], exc) from None
         except Exception as exc:
             await self.close()
             raise dest.unavailable("subscribing failed", exc) from None
