@@ -12,6 +12,7 @@ import pytest
 
 from support import collecting, run, until
 from walex import Event, Events, HandlerError, SlotInUseError, SlotLostError, WalEx
+from walex import errors as walex_errors
 from walex.embedded import Cluster
 from walex.lsn import format_lsn, parse_lsn
 
@@ -241,3 +242,49 @@ def test_clean_stop_of_a_temporary_slot_reports_no_gap(dsn: str, admin: psycopg.
         return app.gaps
 
     assert run(main()) == []
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_slot_creation_held_by_an_open_transaction_times_out_with_the_holder(
+        dsn: str, admin: psycopg.Connection, durable: bool) -> None:
+    """CREATE_REPLICATION_SLOT waits for a transaction that has written: bounded by
+    slot_create_timeout, the error names the holder and the fix, the creation is cancelled
+    (no slot left), and once the transaction ends walex starts."""
+    admin.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    name = f"held_{'durable' if durable else 'temp'}"
+    blocker = psycopg.connect(dsn, application_name="the_blocker")
+    try:
+        blocker.execute("INSERT INTO a VALUES (1)")  # a transaction with an xid, left open
+        pid = blocker.info.backend_pid
+
+        async def fails() -> BaseException:
+            app = WalEx(dsn, publication="pub", name=name, durable_slot=durable,
+                        slot_create_timeout=2)
+            started = time.monotonic()
+            with pytest.raises(walex_errors.ReplicationError) as info:
+                await asyncio.wait_for(app.start(), 60)
+            assert time.monotonic() - started < 30
+            return info.value
+
+        message = str(run(fails(), timeout=90))
+        assert "did not finish within 2s (slot_create_timeout)" in message, message
+        assert f"pid {pid} (application_name 'the_blocker'" in message, message
+        assert f"SELECT pg_terminate_backend({pid})" in message
+        assert "no slot was left behind" in message, message
+        assert admin.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+        blocker.commit()
+
+        async def starts() -> None:
+            async with collecting(dsn, name=name, durable_slot=durable,
+                                  slot_create_timeout=10) as rec:
+                admin.execute("INSERT INTO a VALUES (2)")
+                [event] = await rec.wait_for(1)
+                assert event.new_record == {"id": 2}
+
+        run(starts(), timeout=90)
+    finally:
+        blocker.close()
+        if durable:
+            admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                          "WHERE slot_name = %s", (name,))

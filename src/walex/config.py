@@ -117,6 +117,8 @@ class WalExSettings(BaseSettings):
     failover: bool = False  # PostgreSQL 17+: the slot survives a failover to a standby
     recreate_lost_slot: bool = False  # an invalidated durable slot is recreated (a reported gap)
     slot_wait_timeout: float = Field(default=30.0, ge=0)  # a durable slot held by another process
+    # CREATE_REPLICATION_SLOT waits for the transactions that had written when it began
+    slot_create_timeout: float = Field(default=120.0, gt=0)
 
     # the protocol
     streaming: bool = False

@@ -48,7 +48,7 @@ from .errors import ReplicationError, SetupError, SlotInUseError, SlotLostError,
 from .lookups import within
 from .lsn import format_lsn, parse_lsn
 from .replication.stream import ReplicationConnection
-from .slots import slot_in_use, temporary_gap
+from .slots import slot_create_blocked, slot_in_use, temporary_gap
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -163,7 +163,13 @@ async def _prepare_slot(pipeline: Pipeline, first: bool) -> int:
     lost_from = None if first or pipeline.after_stop else pipeline.ack.flushed  # a stop reported its own
     if first and s.snapshot == "initial":  # the requests are stored before the slot exists
         await pipeline.backfill.initial(await pipeline.lookups.connection())
-    slot = await repl.create_slot(pipeline.slot_name, temporary=not s.durable_slot, failover=s.failover)
+    try:
+        async with asyncio.timeout(s.slot_create_timeout):  # psycopg cancels it on the server
+            slot = await repl.create_slot(pipeline.slot_name, temporary=not s.durable_slot,
+                                          failover=s.failover)
+    except TimeoutError:
+        raise ReplicationError(await slot_create_blocked(
+            pipeline.lookups, pipeline.slot_name, s.slot_create_timeout)) from None
     if slot.created:
         log.info("created %s replication slot %r at %s",
                  "durable" if s.durable_slot else "temporary",

@@ -5,6 +5,8 @@ consumer it serves; :func:`slot_in_use` turns that into a message with the
 consumer's address and ``application_name`` and the query to look it up.
 :func:`temporary_gap` says which changes a temporary slot lost with its
 session (a lost connection, or the lag guard's release).
+:func:`slot_create_blocked` says which transactions kept a slot's creation
+waiting past ``slot_create_timeout``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
     from .lookups import LookupConnection
     from .pipeline import Pipeline
 
-__all__ = ["slot_in_use", "temporary_gap"]
+__all__ = ["slot_create_blocked", "slot_in_use", "temporary_gap"]
 
 log = logging.getLogger("walex")
 
@@ -83,3 +85,49 @@ def _client(addr: str | None, port: int | None, app_name: str | None) -> str:
         f"{addr}:{port}" if addr is not None else "an address hidden from this role"
     )
     return f"client {where}, application_name {app_name!r}" if app_name else f"client {where}"
+
+
+async def slot_create_blocked(lookups: LookupConnection, slot_name: str, waited: float) -> str:
+    """Why CREATE_REPLICATION_SLOT did not finish: the open transactions it waits for.
+
+    PostgreSQL starts a slot's stream at a consistent point: once every
+    transaction that had written when the creation began has ended. The
+    creation was cancelled on the server; whether the slot remains is said.
+    """
+    rows = await lookups.fetch(
+        "SELECT pid, application_name, usename, state, "
+        "extract(epoch FROM now() - xact_start)::int FROM pg_stat_activity "
+        "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+        "ORDER BY xact_start LIMIT 3", (),
+    )
+    prepared = await lookups.fetch(
+        "SELECT gid, extract(epoch FROM now() - prepared)::int FROM pg_prepared_xacts "
+        "ORDER BY prepared LIMIT 3", (),
+    )
+    left = await lookups.fetch(
+        "SELECT temporary, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+        (slot_name,),
+    )
+    holders = [
+        f"pid {pid} (application_name {app!r}, user {user!r}, {state}, transaction open "
+        f"for {age}s)" for pid, app, user, state, age in rows
+    ] + [f"prepared transaction {gid!r} (prepared {age}s ago)" for gid, age in prepared]
+    if holders:
+        what = ("it waits for the transactions that had written when it began to end; "
+                f"the oldest open: {'; '.join(holders)}")
+        fix = (f"end it (commit or roll back; SELECT pg_terminate_backend({rows[0][0]}) ends "
+               "its session)" if rows else "COMMIT PREPARED or ROLLBACK PREPARED it")
+    else:
+        what = ("it waited for the transactions that had written when it began to end "
+                "(none is open now)")
+        fix = "start walex again"
+    remains = ("no slot was left behind" if not left else
+               f"slot {slot_name!r} remains ({'temporary' if left[0][0] else 'durable'}, "
+               f"held by pid {left[0][1]}); it goes when that process ends, or drop it with "
+               f"SELECT pg_drop_replication_slot('{slot_name}')")
+    return (
+        f"creating replication slot {slot_name!r} did not finish within {waited:g}s "
+        f"(slot_create_timeout), so it was cancelled ({remains}): PostgreSQL starts a slot "
+        f"at a consistent point, and {what}. Fix: {fix}, then start walex again; or raise "
+        "slot_create_timeout to wait longer."
+    )
