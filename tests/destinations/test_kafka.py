@@ -214,11 +214,15 @@ def test_a_record_too_large_follows_on_error(admin: psycopg.Connection, dsn: str
 
         async def main() -> None:
             if policy == "stop":
-                with pytest.raises(DestinationError, match="MSG_SIZE_TOO_LARGE"):
+                with pytest.raises(DestinationError, match="MSG_SIZE_TOO_LARGE") as info:
                     async with collecting(dsn, destinations=[url]) as rec:
                         admin.execute("INSERT INTO a VALUES (1, repeat('x', 5000))")
                         [event] = await rec.wait_for(1)
                         await rec._until(lambda: False, 30, "the app to stop")
+                message = str(info.value)  # the topic and the fix
+                assert "topic 'wk.a' refused a record for good" in message, message
+                assert "Fix: the record is over the producer's message.max.bytes" in message
+                assert "--entity-name wk.a --add-config max.message.bytes=" in message
                 assert rec.app is not None and rec.app.ack.flushed < parse_lsn(event.lsn)
                 return
 
@@ -235,5 +239,34 @@ def test_a_record_too_large_follows_on_error(admin: psycopg.Connection, dsn: str
             [(ids, exc)] = dead
             assert ids == [events[0].id] and isinstance(exc, DestinationError)
             assert [i for i, _d, _m in stored(broker.port, "wk.a")] == [events[1].id]
+
+        run(main(), timeout=120)
+
+
+def test_a_topic_that_does_not_exist_follows_on_error_with_the_fix(
+        admin: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+    """tansu creates a topic when a producer's metadata request lets it; with
+    allow.auto.create.topics=false it answers UNKNOWN_TOPIC_OR_PART: the broker's refusal
+    (auto-creation off) is a DestinationError naming the topic and the fix, never retried."""
+    admin.execute(TABLES)
+    with OwnTansu(tmp_path) as broker:
+        url = (f"kafka://127.0.0.1:{broker.port}?topic=missing.{{table}}"
+               "&allow.auto.create.topics=false&topic.metadata.propagation.max.ms=1000")
+
+        async def main() -> None:
+            with pytest.raises(DestinationError) as info:
+                async with collecting(dsn, destinations=[url]) as rec:
+                    admin.execute("INSERT INTO a VALUES (1, 1)")
+                    [event] = await rec.wait_for(1)
+                    await rec._until(lambda: False, 60, "the app to stop")
+            message = str(info.value)
+            assert "topic 'missing.a' refused a record for good" in message, message
+            assert "UNKNOWN_TOPIC" in message
+            assert ("Fix: create topic 'missing.a' on the broker (kafka-topics.sh --create "
+                    "--topic missing.a), or turn the broker's auto.create.topics.enable on"
+                    ) in message, message
+            app = rec.app
+            assert app is not None and app.destinations.retries == 0
+            assert app.ack.flushed < parse_lsn(event.lsn)
 
         run(main(), timeout=120)

@@ -70,6 +70,11 @@ PERMANENT = frozenset(getattr(KafkaError, name) for name in (
     "UNKNOWN_TOPIC_OR_PART", "TOPIC_EXCEPTION", "_INVALID_ARG", "POLICY_VIOLATION",
     "INVALID_REQUIRED_ACKS",
 ) if hasattr(KafkaError, name))
+_TOO_LARGE = frozenset(getattr(KafkaError, n) for n in (
+    "MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_MSG_SIZE") if hasattr(KafkaError, n))
+_NO_TOPIC = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
+_NOT_ALLOWED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                          KafkaError.CLUSTER_AUTHORIZATION_FAILED})
 AUTHENTICATION = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
@@ -292,7 +297,31 @@ class KafkaDestination(Destination):
 
     def refusal(self, topic: str, err: Any) -> DestinationError:
         return DestinationError(f"destination {self.display}: topic {topic!r} refused a record for "
-                                f"good: {self.url.scrub(str(err.str()))} ({err.name()})")
+                                f"good: {self.url.scrub(str(err.str()))} ({err.name()}). Fix: "
+                                f"{self.fix(topic, err.code())}")
+
+    def fix(self, topic: str, code: int) -> str:
+        """What makes the broker take such a record (a refusal's fix)."""
+        if code in _TOO_LARGE:
+            limit = self.settings.get("message.max.bytes", 1_000_000)
+            return (f"the record is over the producer's message.max.bytes ({limit}; a URL "
+                    "parameter) or the broker's limit (message.max.bytes, or the topic's "
+                    f"max.message.bytes: kafka-configs.sh --alter --entity-type topics "
+                    f"--entity-name {topic} --add-config max.message.bytes=BYTES): raise them, "
+                    "or keep such rows out of the destination")
+        if code in _NO_TOPIC:
+            return (f"create topic {topic!r} on the broker (kafka-topics.sh --create --topic "
+                    f"{topic}), or turn the broker's auto.create.topics.enable on (a topic "
+                    "template makes one topic per table: create each)")
+        if code in _NOT_ALLOWED:
+            user = self.url.username or "the URL's user"
+            if user in self.url.secrets:  # a password that is the user name too
+                user = "the URL's user"
+            return (f"grant {user} WRITE on topic {topic!r} (kafka-acls.sh --add "
+                    f"--allow-principal User:{user} --operation Write --topic {topic}); "
+                    "an idempotent producer needs IDEMPOTENT_WRITE on the cluster on brokers "
+                    "before Kafka 3.0")
+        return "see the broker's reason above; retrying cannot help, so on_error settles it"
 
     def classify(self, err: Any, topic: str) -> Exception:
         if err.code() in PERMANENT:
