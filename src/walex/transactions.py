@@ -280,16 +280,21 @@ class TransactionAssembler:
         self.spilled_events += spill.spilled
         tables = spill.kept
         average = txn.size // txn.held if txn.held else 0
-        limit = self.batch_size
-        if average:
-            limit = max(1, min(limit, -(-self.batch_bytes // average)))
+        limit = self._replay_limit(average)
         for held in spill.replay():
             txn.changes.append(None if held is None else _typed(tables[held[0]], held[1], held[2]))
             if len(txn.changes) >= limit:
                 txn.size = average * limit
                 yield self._batch(txn, commit_lsn, commit_time, 0)
+                limit = self._replay_limit(average)  # batch_bytes may have changed meanwhile
         txn.size = average * len(txn.changes)
         yield self._batch(txn, commit_lsn, commit_time, end_lsn)
+
+    def _replay_limit(self, average: int) -> int:
+        """Changes per batch read back, for changes of ``average`` bytes."""
+        if not average:
+            return self.batch_size
+        return max(1, min(self.batch_size, -(-self.batch_bytes // average)))
 
 
 def _typed(table: Table, msg: m.Insert | m.Update | m.Delete | None, lsn: int) -> Event:

@@ -65,7 +65,8 @@ class Entry:
         self.txn = txn
         self.outgoing = outgoing
         self.pending = pending
-        self.size = sum(len(o.body) for o in outgoing)
+        # in memory: the bodies, and each message's tuple and bytes object (121 bytes)
+        self.size = sum(len(o.body) for o in outgoing) + 128 * len(outgoing)
 
 
 class Lane:
