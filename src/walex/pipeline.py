@@ -23,8 +23,9 @@ Invariants:
 - a large transaction flows through in batches of at most ``batch_size``
   events and about ``max_pending_bytes / 8`` bytes, so memory is bounded by
   the queue and not by the transaction's size: the reader stops reading while
-  the batches queued or in hand hold more than ``max_pending_bytes`` (their
-  :attr:`Transaction.size`, the bytes they took on the wire) or the queue
+  the batches queued or in hand hold more than their share of
+  ``max_pending_bytes`` (their :attr:`Transaction.size`, what their events take
+  in memory, :mod:`walex.sizes`) or the queue
   holds ``max_pending_transactions`` batches; a transaction is acknowledged
   after its last batch;
 - the keepalive's WAL end is acknowledged only when nothing is in flight:

@@ -21,8 +21,10 @@ Invariants:
   until Stream Commit: the raw decoded changes, typed after reading back with
   the table definition that was current when each change was made, in batches
   of its average change size;
-- :attr:`Transaction.size` is what a batch's changes took on the wire, a cheap
-  proxy (one integer add per change) for the memory its events hold;
+- :attr:`Transaction.size` is what a batch's changes took on the wire (one
+  integer add per change), and ``batch_bytes`` is in the same unit: the
+  pipeline turns it into the events' size in memory (:mod:`walex.sizes`) and
+  sets ``batch_bytes`` from the memory per wire byte it measured;
 - nothing of a transaction is handed on before it is known to be committed,
   and aborted subtransactions' changes never are;
 - a change's position is its index among the transaction's surviving changes,
@@ -58,7 +60,8 @@ class Transaction:
 
     ``end_lsn`` (the end of the commit record, what is acknowledged) is known
     on the ``last`` batch only; earlier batches carry 0. ``size``: bytes of the
-    messages the events came from (what the pipeline's ``max_pending_bytes`` counts).
+    messages the events came from, until the pipeline sets it to what the events
+    take in memory (what its ``max_pending_bytes`` counts, :mod:`walex.sizes`).
     """
 
     xid: int
