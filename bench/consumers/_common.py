@@ -70,6 +70,7 @@ class Result:
 
     def ready(self) -> None:
         self.data["t_ready"] = time.time()
+        self.data["ready_rss_kb"] = vmhwm_kb(field="VmRSS:")  # the baseline: imports, clients
 
     def first_row(self) -> None:
         if self.data["t_first_row"] is None:
@@ -90,13 +91,13 @@ class Result:
             json.dump(self.data, fh, default=str)
 
 
-def vmhwm_kb(pid: str = "self") -> int | None:
+def vmhwm_kb(pid: str = "self", field: str = "VmHWM:") -> int | None:
     """Peak resident set of this process image (VmHWM), unlike ru_maxrss not inflated
-    by the memory of the parent that forked it."""
+    by the memory of the parent that forked it (``field="VmRSS:"``: the current one)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass

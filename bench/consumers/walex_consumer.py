@@ -37,6 +37,30 @@ from walex import Event, Events, WalEx
 from walex.lifecycle import run_loop
 
 
+async def trace_peak(data: dict) -> None:
+    """``BENCH_TRACEMALLOC=1``: trace Python's allocations once streaming began; keep the
+    largest sites (file:line) of the largest snapshot, taken whenever the traced memory grew
+    by a tenth. Slows walex several-fold: for finding what holds memory, not for timing."""
+    import tracemalloc
+
+    tracemalloc.start(1)
+    best = 0
+    try:
+        while True:
+            await asyncio.sleep(0.2)
+            current, peak = tracemalloc.get_traced_memory()
+            data["traced_peak_mb"] = peak / 1e6
+            if current > best * 1.1:
+                best = current
+                stats = tracemalloc.take_snapshot().statistics("lineno")
+                data["traced_mb"] = current / 1e6
+                data["traced_top"] = [f"{s.size / 1e6:7.2f} MB {s.count:8} "
+                                      f"{s.traceback[0].filename.split('/')[-1]}:{s.traceback[0].lineno}"
+                                      for s in stats[:15]]
+    finally:
+        tracemalloc.stop()
+
+
 def main() -> int:
     # what-if knob for experiments, not a user setting: BENCH_GC=off disables the cyclic GC,
     # BENCH_GC=stats records time per generation (combinable: BENCH_GC=freeze,stats), BENCH_GC=freeze moves everything alive once streaming began (imports, settings,
@@ -121,6 +145,9 @@ def main() -> int:
             destinations=args.destination,
         )
         await app.start()
+        tracer = None
+        if os.environ.get("BENCH_TRACEMALLOC"):  # what-if knob: where the memory is, at its peak
+            tracer = asyncio.create_task(trace_peak(res.data))
         if "freeze" in gc_mode:
             gc.freeze()
         res.ready()
@@ -139,6 +166,8 @@ def main() -> int:
                 await asyncio.sleep(0.001)
             res.end()
         waiter.cancel()
+        if tracer is not None:
+            tracer.cancel()
         t_stop = time.time()
         await app.stop()
         res.data["stop_s"] = time.time() - t_stop

@@ -112,8 +112,11 @@ class WalEx(Lifecycle):
 
             self.destinations = Destinations(s.destination_urls(), s.partitions,
                                              s.destination_window)
-            # the encoded messages a window holds unconfirmed: a quarter of the budget
-            self.destinations.held_bytes = max(1, int(s.max_pending_bytes) // 4)
+            # the encoded messages a window holds unconfirmed: a quarter of the budget,
+            # taken off what the events queued or in hand may hold
+            held = self.destinations.held_bytes = max(1, int(s.max_pending_bytes) // 4)
+            queue = self.pipeline.queue
+            queue.max_bytes = max(1, queue.max_bytes - held)
             # a permanent refusal follows on_error, as a failed handler call
             self.destinations.refused = self.dispatcher.settle
         self.pipeline.destinations = self.destinations

@@ -125,7 +125,9 @@ class WalExSettings(BaseSettings):
     status_interval: float = Field(default=10.0, gt=0, le=60)
     heartbeat_interval: float | None = Field(default=None, gt=0)
     max_pending_transactions: int = Field(default=64, ge=1)  # batches queued for handlers
-    # bytes of row data (as received) queued for handlers: 64 MiB, "16MiB", "500MB"
+    # bytes walex holds for handlers and destinations, in memory (walex.sizes): the typed
+    # events queued, in hand or awaiting confirmation, a destination window's encoded
+    # messages (a quarter), the batch being assembled: 64 MiB, "16MiB", "500MB"
     max_pending_bytes: ByteSize = Field(default=ByteSize(64 * 1024 * 1024), ge=1)
     batch_size: int = Field(default=1000, ge=1)  # most events per handler call
     spill_dir: str | None = None  # where streamed transactions spill; default: temp dir

@@ -23,8 +23,9 @@ Invariants:
 - a large transaction flows through in batches of at most ``batch_size``
   events and about ``max_pending_bytes / 8`` bytes, so memory is bounded by
   the queue and not by the transaction's size: the reader stops reading while
-  the batches queued or in hand hold more than ``max_pending_bytes`` (their
-  :attr:`Transaction.size`, the bytes they took on the wire) or the queue
+  the batches queued or in hand hold more than their share of
+  ``max_pending_bytes`` (their :attr:`Transaction.size`, what their events take
+  in memory, :mod:`walex.sizes`) or the queue
   holds ``max_pending_transactions`` batches; a transaction is acknowledged
   after its last batch;
 - the keepalive's WAL end is acknowledged only when nothing is in flight:
@@ -68,6 +69,7 @@ from .pgoutput import Decoder, Relation, Type
 from .pgoutput.messages import LogicalMessage, Message
 from .pgtypes import TypeCatalog
 from .relations import RelationCache
+from .sizes import Sizer
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
@@ -98,9 +100,17 @@ class Pipeline:
         self.secret = settings.secret()
         self.ack = AckTracker(interval=settings.status_interval)
         self.ack.quiet = lambda: self.idle
+        # max_pending_bytes, in memory (walex.sizes): the batches queued or in hand (and
+        # waiting in a destination's window) take what the batch being assembled, the one
+        # that crossed the bound and, with destinations, their encoded messages (a
+        # quarter, taken off queue.max_bytes by the app) leave
+        self.sizer = Sizer()
+        budget = int(settings.max_pending_bytes)
+        self.batch_memory = max(1, budget // 8)  # most bytes of one batch
         # the batches for the dispatcher (walex.handoff), bounded by count and by bytes:
-        # the reader waits while the batches queued or in hand exceed max_pending_bytes
-        self.queue = BatchQueue(settings.max_pending_transactions, settings.max_pending_bytes)
+        # the reader waits while the batches queued or in hand exceed their share
+        self.queue = BatchQueue(settings.max_pending_transactions,
+                                max(1, budget - 2 * self.batch_memory))
         self.max_pending_bytes = settings.max_pending_bytes
         self.in_hand: Transaction | None = None  # the batch being dispatched
         self.closing = False  # set by stop(): take no batch after the one in hand
@@ -113,8 +123,9 @@ class Pipeline:
         self.assembler = TransactionAssembler(
             self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir,
             # a batch holds at most 1/8 of the budget, so one huge transaction of wide
-            # rows cannot hold much more than the budget (queued + assembled + in hand)
-            batch_bytes=max(1, settings.max_pending_bytes // 8),
+            # rows cannot hold much more than the budget (queued + assembled + in hand);
+            # in the wire bytes the assembler counts, by the ratio the sizer learns
+            batch_bytes=self.sizer.wire(self.batch_memory),
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
         self.backfill = Backfills(self)  # existing rows as read events (walex.backfill)
@@ -226,7 +237,9 @@ class Pipeline:
         hot = hot_path(self.assembler, decoder) if middleware is None else None
         self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
-        items, most, max_bytes = queue.items, queue.limit, queue.max_bytes
+        items, most = queue.items, queue.limit
+        sizer, assembler, batch_memory = self.sizer, self.assembler, self.batch_memory
+        measure, wire = sizer.measure, sizer.wire
         backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
@@ -258,7 +271,7 @@ class Pipeline:
                 # Commit frames per call, building no more batches than the queue takes at once
                 if hot is not None and (
                     (batches := hot.feed_frames(frames, i, most - len(items),
-                                                max_bytes - queue.bytes)) is not None
+                                                wire(queue.max_bytes - queue.bytes))) is not None
                     or hot.pos > i
                 ):
                     i = hot.pos
@@ -305,11 +318,13 @@ class Pipeline:
                     raise ReplicationError(f"unexpected replication frame type {chr(frame[0])!r}")
                 if batches is not None:  # committed batches, from either path, to the queue
                     for txn in batches:
+                        measure(txn)  # its size in memory, not on the wire (walex.sizes)
+                        assembler.batch_bytes = wire(batch_memory)  # by the ratio measured
                         if backfill.window is not None:  # a backfill runs
                             await backfill.batch(txn)
                         if txn.commit_lsn < ack.flushed:
                             self._replayed(txn)
-                        elif len(items) < most and queue.bytes <= max_bytes:  # room: no wait
+                        elif len(items) < most and queue.bytes <= queue.max_bytes:  # room
                             items.append(txn)
                             queue.bytes += txn.size
                         else:
@@ -376,6 +391,8 @@ class Pipeline:
         if batches is None:
             return
         for txn in batches:
+            self.sizer.measure(txn)  # its size in memory (walex.sizes)
+            self.assembler.batch_bytes = self.sizer.wire(self.batch_memory)
             if self.backfill.window is not None:
                 await self.backfill.batch(txn)
             if txn.commit_lsn < self.ack.flushed:

@@ -21,8 +21,10 @@ Invariants:
   until Stream Commit: the raw decoded changes, typed after reading back with
   the table definition that was current when each change was made, in batches
   of its average change size;
-- :attr:`Transaction.size` is what a batch's changes took on the wire, a cheap
-  proxy (one integer add per change) for the memory its events hold;
+- :attr:`Transaction.size` is what a batch's changes took on the wire (one
+  integer add per change), and ``batch_bytes`` is in the same unit: the
+  pipeline turns it into the events' size in memory (:mod:`walex.sizes`) and
+  sets ``batch_bytes`` from the memory per wire byte it measured;
 - nothing of a transaction is handed on before it is known to be committed,
   and aborted subtransactions' changes never are;
 - a change's position is its index among the transaction's surviving changes,
@@ -58,7 +60,8 @@ class Transaction:
 
     ``end_lsn`` (the end of the commit record, what is acknowledged) is known
     on the ``last`` batch only; earlier batches carry 0. ``size``: bytes of the
-    messages the events came from (what the pipeline's ``max_pending_bytes`` counts).
+    messages the events came from, until the pipeline sets it to what the events
+    take in memory (what its ``max_pending_bytes`` counts, :mod:`walex.sizes`).
     """
 
     xid: int
@@ -280,16 +283,21 @@ class TransactionAssembler:
         self.spilled_events += spill.spilled
         tables = spill.kept
         average = txn.size // txn.held if txn.held else 0
-        limit = self.batch_size
-        if average:
-            limit = max(1, min(limit, -(-self.batch_bytes // average)))
+        limit = self._replay_limit(average)
         for held in spill.replay():
             txn.changes.append(None if held is None else _typed(tables[held[0]], held[1], held[2]))
             if len(txn.changes) >= limit:
                 txn.size = average * limit
                 yield self._batch(txn, commit_lsn, commit_time, 0)
+                limit = self._replay_limit(average)  # batch_bytes may have changed meanwhile
         txn.size = average * len(txn.changes)
         yield self._batch(txn, commit_lsn, commit_time, end_lsn)
+
+    def _replay_limit(self, average: int) -> int:
+        """Changes per batch read back, for changes of ``average`` bytes."""
+        if not average:
+            return self.batch_size
+        return max(1, min(self.batch_size, -(-self.batch_bytes // average)))
 
 
 def _typed(table: Table, msg: m.Insert | m.Update | m.Delete | None, lsn: int) -> Event:

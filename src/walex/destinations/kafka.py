@@ -135,6 +135,9 @@ class KafkaDestination(Destination):
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination")
         self.settings.setdefault("partitioner", "murmur2_random")
+        # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
+        # its default of 1 GiB is no bound (a full queue makes produce() wait for reports)
+        self.settings.setdefault("queue.buffering.max.kbytes", 2 * self.group_bytes // 1024)
         self.settings.update({
             "enable.idempotence": True, "acks": "all",
             # librdkafka gives up on a record when walex would: the batch is published again

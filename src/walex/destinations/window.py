@@ -16,7 +16,8 @@ acknowledgement stays in commit order and never passes a transaction a
 destination has not confirmed. Batches in a window stay counted in
 ``max_pending_bytes`` until recorded, so memory is bounded by it whatever the
 window. The encoded messages of the batches not recorded are bounded too, by
-``Destinations.held_bytes`` (a quarter of ``max_pending_bytes``): a slow
+``Destinations.held_bytes`` (a quarter of ``max_pending_bytes``, which the
+events queued and waiting leave to them): a slow
 broker holds the dispatcher, and so the handlers and the reader, back once
 they reach it, whatever the window (one batch alone may exceed it).
 
@@ -65,7 +66,8 @@ class Entry:
         self.txn = txn
         self.outgoing = outgoing
         self.pending = pending
-        self.size = sum(len(o.body) for o in outgoing)
+        # in memory: the bodies, and each message's tuple and bytes object (121 bytes)
+        self.size = sum(len(o.body) for o in outgoing) + 128 * len(outgoing)
 
 
 class Lane:

@@ -1,0 +1,92 @@
+"""A batch's size in memory (walex.sizes), checked against what tracemalloc sees freed.
+
+Concern: ``max_pending_bytes`` bounds what walex holds in real bytes, so the
+estimate the pipeline gives each batch (a few events walked, times the batch's
+length) must be close to what the events take: rows of the W1 bench (bigint,
+int, text, timestamptz, numeric, jsonb), wide text, nested json and arrays,
+updates with the whole old row. Measured: the events of real transactions
+are received and kept, then released, under tracemalloc; the memory freed is
+what they held. The wire bytes, what was counted before, are far below it.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+import pytest
+from support import collecting, run
+
+from walex import Event, Events
+from walex.sizes import Sizer, event_bytes
+
+TABLES = {
+    "w1": ("(id bigserial PRIMARY KEY, a int, b text, c timestamptz, d numeric, e jsonb)",
+           "INSERT INTO w1 (a, b, c, d, e) SELECT i, 'row ' || md5(i::text), "
+           "timestamptz '2025-01-01 00:00:00+00' + i * interval '1 second', round(i * 1.2345, 4), "
+           "jsonb_build_object('k', i, 'tag', 'x', 'even', i % 2 = 0) FROM generate_series(1, 3000) i"),
+    "wide": ("(id int PRIMARY KEY, payload text)",
+             "INSERT INTO wide SELECT i, repeat(md5(i::text), 100) FROM generate_series(1, 300) i"),
+    "docs": ("(id int PRIMARY KEY, doc jsonb, tags text[], ids int[], u uuid, raw bytea)",
+             "INSERT INTO docs SELECT i, jsonb_build_object('n', i, 'items', "
+             "(SELECT jsonb_agg(jsonb_build_object('sku', 'p' || j, 'qty', j)) "
+             "FROM generate_series(1, 20) j), 'note', repeat('z', 50)), "
+             "ARRAY['a' || i, 'b', 'c'], ARRAY[i, i + 1, i + 2, i + 3], md5(i::text)::uuid, "
+             "decode(md5(i::text), 'hex') FROM generate_series(1, 1000) i"),
+    "full": ("(id int PRIMARY KEY, a int, b text, c numeric)",
+             "UPDATE full_ SET a = a + 1"),
+}
+
+
+def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str) -> tuple[int, int, int]:
+    """(bytes tracemalloc saw freed when the received events were dropped, the sampled
+    estimate of the batches, the exact walk of every event)."""
+    ddl, dml = TABLES[table]
+    name = "full_" if table == "full" else table
+    admin.execute(f"CREATE TABLE {name} {ddl}")
+    if table == "full":
+        admin.execute("ALTER TABLE full_ REPLICA IDENTITY FULL")
+        admin.execute("INSERT INTO full_ SELECT i, i, 'text ' || i, i * 1.5 FROM generate_series(1, 3000) i")
+    admin.execute(f"CREATE PUBLICATION pub FOR TABLE {name}")
+    kept: list[list[Event]] = []
+    events = Events()
+
+    @events.on_event(name)
+    def keep(batch: list[Event]) -> None:
+        kept.append(list(batch))
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=[name], modules=[events]) as rec:
+            admin.execute(dml)
+            rows = admin.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+            await rec.wait_for(rows, timeout=60)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        run(main())
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        sizer = Sizer()
+        estimate = sum(sizer.measure(SimpleNamespace(size=0, events=b)) for b in kept)
+        exact = sum(event_bytes(e) + 8 for b in kept for e in b)
+        kept.clear()
+        gc.collect()
+        freed = before - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return freed, estimate, exact
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_a_batch_is_sized_by_what_its_events_hold(
+    dsn: str, admin: psycopg.Connection, table: str
+) -> None:
+    freed, estimate, exact = _held_and_estimates(dsn, admin, table)
+    assert freed > 0
+    # within a tenth of what was freed (measured: within 1%)
+    assert 0.9 * freed <= estimate <= 1.15 * freed, (freed, estimate, exact)
+    assert 0.9 * freed <= exact <= 1.15 * freed, (freed, estimate, exact)
