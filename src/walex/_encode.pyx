@@ -139,12 +139,14 @@ def fast_event(event, partitions):
     key = info.prefix if subject is None else info.prefix + "/" + subject
     partition = _partition_of(key, partitions) if partitions > 1 else 0
     kind, type_name = _KINDS[event.type]
+    source = info.source
+    time = _rfc3339(event.timestamp)
     document = {
         "specversion": "1.0",
         "id": event.id,
-        "source": info.source,
+        "source": source,
         "type": type_name,
-        "time": _rfc3339(event.timestamp),
+        "time": time,
         "datacontenttype": "application/json",
         "walexlsn": event.lsn,
         "partitionkey": key,
@@ -158,4 +160,5 @@ def fast_event(event, partitions):
     body = _dumps(document, option=_OPTIONS)
     return _tuple_new(_Outgoing, (event.id, src.schema, src.table, kind, partition,
                                   PyBytes_FromStringAndSize(PyBytes_AS_STRING(body),
-                                                            PyBytes_GET_SIZE(body))))
+                                                            PyBytes_GET_SIZE(body)),
+                                  source, time, key, subject))

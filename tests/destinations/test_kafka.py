@@ -187,6 +187,8 @@ def test_a_refused_login_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapt
 def test_settings_walex_owns_and_unknown_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="acks is set by walex"):
         from_url("kafka://127.0.0.1:9092?acks=1")
+    with pytest.raises(ConfigError, match="delivery.report.only.error is set by walex"):
+        from_url("kafka://127.0.0.1:9092?delivery.report.only.error=false")
     with pytest.raises(ConfigError, match="No such configuration property: \"no.such.setting\""):
         from_url("kafka://127.0.0.1:1?no.such.setting=1")
     with pytest.raises(ConfigError, match="refused its settings: Invalid value") as info:

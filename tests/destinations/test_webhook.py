@@ -172,3 +172,30 @@ def test_secret_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     app = WalEx("postgresql://u@h/db", publication="p",
                 destinations=["https://hooks.example.com/x?secret_env=WALEX_TEST_WEBHOOK_SECRET"])
     assert os.environ["WALEX_TEST_WEBHOOK_SECRET"] not in repr(app.destinations)
+
+
+def test_an_http_url_loads_no_certificates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http:// never speaks TLS: opening it reads no CA file (loading certifi's took ~90 ms
+    at each open), so a CA file that does not exist does not stop it; https:// reads it."""
+    from walex.destinations import from_url
+    from walex.destinations.encoding import Outgoing
+
+    monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent/walex-test-ca.pem")
+    item = Outgoing("e1", "public", "t", "insert", 0, b'{"id":"e1"}', "/db/public/t",
+                    "2024-01-01T00:00:00Z", "public.t/1", "1")
+
+    async def main() -> Receiver:
+        with Receiver() as hook:
+            destination = from_url(hook.url("/in", "secret_env=WALEX_TEST_WEBHOOK_SECRET"))
+            await destination.open()
+            try:
+                await destination.publish([item])
+            finally:
+                await destination.close()
+            secure = from_url("https://127.0.0.1:9/in?secret_env=WALEX_TEST_WEBHOOK_SECRET")
+            with pytest.raises(FileNotFoundError):
+                await secure.open()
+            return hook
+
+    hook = run(main())
+    assert [json.loads(body)[0]["id"] for _p, _h, body, _s in hook.accepted()] == ["e1"]

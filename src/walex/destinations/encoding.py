@@ -103,6 +103,12 @@ class Outgoing(NamedTuple):
     type: str  # "insert", "update", "delete", "truncate"
     partition: int
     body: bytes  # the CloudEvent, JSON
+    # the body's attributes a destination puts in headers (Kafka's ce_*) and keys,
+    # kept so that nobody parses the body again; the same str objects the body was made of
+    source: str  # "source": "/<db>/<schema>/<table>"
+    time: str  # "time"
+    key: str  # "partitionkey": "schema.table" or "schema.table/<subject>"
+    subject: str | None  # "subject": the row's key (None: absent)
 
 
 # -- values ------------------------------------------------------------------
@@ -385,7 +391,8 @@ def encode_event_reference(event: Event, partitions: int = 1) -> Outgoing:
         body = _json_fallback(document, json_columns)
     body = bytes(memoryview(body))  # see _tuple_new
     src = event.source
-    return Outgoing(event.id, src.schema, src.table, kind, partition, body)
+    return Outgoing(event.id, src.schema, src.table, kind, partition, body, info.source,
+                    document["time"], key, subject)
 
 
 def encode_reference(events: list[Event], partitions: int = 1) -> list[Outgoing]:
@@ -512,7 +519,8 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
     kind, document = _document(event, info, key, partition, partitions, subject, data)
     src = event.source
     return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
-                                 bytes(memoryview(orjson.dumps(document, option=_OPTIONS)))))
+                                 bytes(memoryview(orjson.dumps(document, option=_OPTIONS))),
+                                 info.source, document["time"], key, subject))
 
 
 try:  # the compiled twin of _fast_event (walex._encode), when it was built

@@ -12,10 +12,12 @@ consumer can route without parsing the value.
 The producer is librdkafka's (``confluent-kafka``), idempotent with
 ``acks=all``: a batch counts as durable when the broker confirmed every
 record of it to the producer (its delivery report). Records are produced
-all at once and their reports awaited without blocking the event loop (a
-thread of this destination serves them); a report that says the broker
-could not take a record now, or none within ``timeout`` seconds, fails the
-batch (:class:`~walex.destinations.base.Unavailable`): the producer is
+all at once, then the producer is served from the event loop, without
+blocking it, until it holds none of them: the client calls back only for a
+record that failed (``delivery.report.only.error``), so a record that left
+the producer without such a report was confirmed. A report that says the
+broker could not take a record now, or no end within ``timeout`` seconds,
+fails the batch (:class:`~walex.destinations.base.Unavailable`): the producer is
 closed, what it still held dropped, and the whole batch is published again
 on a new producer, so a record may be stored twice (a consumer drops it by
 ``ce_id``) and none is lost. A record the broker refuses for good (too
@@ -34,9 +36,9 @@ is a librdkafka setting, passed as it is (``linger.ms=5``,
 URL are ``sasl.username`` and ``sasl.password``. Values of settings named
 like a secret (``*password*``, ``*secret*``, ``*.pem``) never appear in a
 log line or an error. walex sets ``bootstrap.servers`` (the URL's hosts),
-``enable.idempotence=true``, ``acks=all`` and ``partitioner=murmur2_random``
-(the Java client's, so other producers' records of one key share the
-partition); the first three cannot be changed. Topics are not created:
+``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``
+and ``partitioner=murmur2_random`` (the Java client's, so other producers'
+records of one key share the partition); all but the partitioner cannot be changed. Topics are not created:
 the broker's auto-creation does it, or create them beforehand with the
 partitions you want.
 """
@@ -45,13 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any
 
-import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..errors import ConfigError, DestinationError
+from ..event import EventType
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
@@ -60,6 +61,10 @@ __all__ = ["KafkaDestination", "client_settings", "validate", "AUTHENTICATION", 
 log = logging.getLogger("walex.destinations")
 
 CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
+_SPECVERSION = ("ce_specversion", b"1.0")
+_CONTENT_TYPE = ("content-type", CONTENT_TYPE)
+_TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}") for kind in EventType}
+_IDLE_POLL = 0.25  # seconds between two services of the producer while no batch is published
 OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 
@@ -103,7 +108,8 @@ def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
             continue
         if name in fixed:
             raise ConfigError(f"{what} {url.display}: {name} is set by walex (the URL's hosts, an "
-                              "idempotent producer with acks=all, the worker's group and offsets); "
+                              "idempotent producer with acks=all reporting failed records, the "
+                              "worker's group and offsets); "
                               "remove it")
         settings[name] = url.params.pop(name)
     return settings
@@ -133,7 +139,8 @@ class KafkaDestination(Destination):
         self.topic = Template(url.take("topic") or "walex.{schema}.{table}", "topic", url.display)
         self.tombstones = url.take_bool("tombstones", False)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
-        self.settings = client_settings(url, "destination")
+        self.settings = client_settings(url, "destination",
+                                        fixed=_FIXED | {"delivery.report.only.error"})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports)
@@ -142,12 +149,15 @@ class KafkaDestination(Destination):
             "enable.idempotence": True, "acks": "all",
             # librdkafka gives up on a record when walex would: the batch is published again
             "message.timeout.ms": int(self.timeout * 1000),
+            # the client calls back into Python only for a failed record; a success is a
+            # record that left the producer without one (see publish)
+            "delivery.report.only.error": True,
         })
         validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._pending: set[_Batch] = set()
+        self._server: asyncio.Task[None] | None = None  # serves the producer between publishes
+        self._publishing = asyncio.Lock()
+        self._sources: dict[str, tuple[str, str]] = {}  # the ce_source header of each source
         self._fatal: str | None = None  # the producer cannot go on: a new one is needed
         self._last_error: str | None = None
         self._auth_error: str | None = None
@@ -155,7 +165,6 @@ class KafkaDestination(Destination):
     # -- connection ------------------------------------------------------
 
     async def open(self) -> None:
-        self._stop = threading.Event()
         self._fatal = self._last_error = self._auth_error = None
         settings = dict(self.settings, error_cb=self._on_error)
         try:
@@ -164,9 +173,7 @@ class KafkaDestination(Destination):
             raise ConfigError(f"destination {self.display}: the Kafka client refused its settings: "
                               f"{self.describe(exc)}") from None
         self.producer = producer
-        self._thread = threading.Thread(target=self._serve, args=(producer, self._stop),
-                                        name="walex-kafka-producer", daemon=True)
-        self._thread.start()
+        self._server = asyncio.create_task(self._serve(producer), name="walex-kafka-producer")
         try:
             await self._check(producer)
         except BaseException:
@@ -180,11 +187,13 @@ class KafkaDestination(Destination):
             await asyncio.wait_for(asyncio.to_thread(producer.list_topics, timeout=self.timeout),
                                    timeout=self.timeout + 5)
         except (KafkaException, TimeoutError) as exc:
+            self._poll(producer)  # the errors the brokers' answers left
             if self._auth_error is not None:
                 raise self.refused_login() from None
             detail = self._last_error or self.describe(exc)
             raise Unavailable(f"no Kafka broker of {self.url.servers} answered within "
                               f"{self.timeout:g}s: {self.url.scrub(detail)}") from None
+        self._poll(producer)
         if self._auth_error is not None:
             raise self.refused_login()
 
@@ -195,14 +204,21 @@ class KafkaDestination(Destination):
             "(kafka://USER:PASSWORD@host:9092?security.protocol=SASL_SSL&sasl.mechanism=...)",
         )
 
-    def _serve(self, producer: Any, stop: threading.Event) -> None:
-        """The producer's thread: serves delivery reports and errors until close()."""
-        while not stop.is_set():
-            try:
-                producer.poll(0.1)
-            except Exception as exc:  # a callback's bug must not end the thread
-                log.error("destination %s: serving delivery reports: %s", self.display,
-                          self.describe(exc))
+    async def _serve(self, producer: Any) -> None:
+        """Between publishes, serve the producer's errors and log lines (a publish serves
+        its own delivery reports), so that they neither pile up nor go unseen."""
+        while True:
+            await asyncio.sleep(_IDLE_POLL)
+            self._poll(producer)
+
+    def _poll(self, producer: Any) -> None:
+        """Run the producer's callbacks that are due, here in the event loop's thread (a
+        thread of its own would fight the event loop for the GIL at each callback)."""
+        try:
+            producer.poll(0)
+        except Exception as exc:  # a callback's bug must not end the relay
+            log.error("destination %s: serving delivery reports: %s", self.display,
+                      self.describe(exc))
 
     def _on_error(self, err: Any) -> None:
         text = self.url.scrub(str(err.str()))
@@ -211,23 +227,18 @@ class KafkaDestination(Destination):
             self._auth_error = text
         if err.fatal():
             self._fatal = text
-            for batch in list(self._pending):
-                batch.fail(Unavailable(f"the producer failed: {text}"))
         log.debug("destination %s: %s", self.display, text)
 
     async def close(self) -> None:
         producer, self.producer = self.producer, None
-        thread, self._thread = self._thread, None
+        server, self._server = self._server, None
         self.opened = False
-        self._stop.set()
-        for batch in list(self._pending):
-            batch.fail(Unavailable("the producer was closed"))
+        if server is not None:
+            server.cancel()
         if producer is None:
             return
 
         def shut() -> None:
-            if thread is not None:
-                thread.join(5)
             try:  # records not yet confirmed are dropped: their batch is published again
                 producer.purge(in_queue=True, in_flight=True)
                 producer.flush(1)
@@ -242,61 +253,112 @@ class KafkaDestination(Destination):
     # -- publishing ------------------------------------------------------
 
     async def publish(self, batch: list[Outgoing]) -> None:
-        producer = self.producer
-        if producer is None or self._fatal is not None:
-            raise Unavailable(f"the producer failed: {self._fatal}" if self._fatal else "not connected")
-        loop = asyncio.get_running_loop()
-        waiting = _Batch(loop, self._pending, self.classify)
-        render = self.topic.render
-        try:
-            for item in batch:
-                doc = orjson.loads(item.body)
-                key = doc["partitionkey"].encode()
-                headers = [
-                    ("ce_specversion", b"1.0"), ("ce_id", item.id.encode()),
-                    ("ce_source", doc["source"].encode()), ("ce_type", doc["type"].encode()),
-                    ("ce_time", doc["time"].encode()), ("content-type", CONTENT_TYPE),
-                ]
-                subject = doc.get("subject")
-                if subject is not None:
-                    headers.append(("ce_subject", subject.encode()))
-                topic = render(item)
-                await self._produce(producer, waiting, topic, key, item.body, headers)
-                if self.tombstones and item.type == "delete":
-                    await self._produce(producer, waiting, topic, key, None, None)
-        except (Unavailable, DestinationError):
-            waiting.fail(None)
-            raise
-        waiting.sealed()
-        try:
-            await asyncio.wait_for(asyncio.shield(waiting.future), timeout=self.timeout + 5)
-        except TimeoutError:
-            waiting.fail(None)
-            raise Unavailable(f"{waiting.left} of {waiting.count} records were not confirmed "
-                              f"within {self.timeout:g}s") from None
-        error = waiting.future.result()
-        if error is not None:
-            raise error
+        """Produce every record of the batch, then serve delivery reports until the producer
+        holds none: the batch is confirmed when each of its records left the producer
+        without a failed report (see :class:`_Failures`)."""
+        async with self._publishing:  # one batch at a time: the producer holds no other's
+            producer = self.producer
+            if producer is None or self._fatal is not None:
+                raise Unavailable(f"the producer failed: {self._fatal}" if self._fatal
+                                  else "not connected")
+            failures = _Failures(self.classify)
+            deadline = asyncio.get_running_loop().time() + self.timeout + 5
+            count = await self._produce_all(producer, batch, failures, deadline)
+            await self._confirmed(producer, count, deadline)
+            if failures.error is not None:
+                raise failures.error
 
-    async def _produce(self, producer: Any, waiting: _Batch, topic: str, key: bytes,
-                       value: bytes | None, headers: Any) -> None:
-        waiting.count += 1
-        while True:
+    async def _produce_all(self, producer: Any, batch: list[Outgoing], failures: _Failures,
+                           deadline: float) -> int:
+        """Produce the batch's records (tombstones included); returns how many."""
+        produce, failed = producer.produce, failures.delivered
+        topic = self.topic.prefix if self.topic.constant else None
+        render, tombstones = self.topic.render, self.tombstones
+        sources, types = self._sources, _TYPE_HEADERS
+        time_text: str | None = None
+        time_header: tuple[str, str] = ("ce_time", "")
+        count = 0
+        for item in batch:
+            source = sources.get(item.source)
+            if source is None:
+                if len(sources) >= 4096:
+                    sources.clear()
+                source = sources[item.source] = ("ce_source", item.source)
+            if item.time is not time_text:
+                time_text = item.time
+                time_header = ("ce_time", time_text)
+            # header values as str: the client writes them UTF-8, as the key
+            headers = [_SPECVERSION, ("ce_id", item.id), source, types[item.type], time_header,
+                       _CONTENT_TYPE]
+            if item.subject is not None:
+                headers.append(("ce_subject", item.subject))
+            where = topic if topic is not None else render(item)
             try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=waiting.delivered)
-                return
-            except BufferError:  # the producer's queue is full: wait for reports to free it
-                if waiting.future.done():
-                    break
-                await asyncio.sleep(0.01)
+                produce(where, item.body, item.key, headers=headers, on_delivery=failed)
+            except BufferError:
+                await self._produce_later(producer, where, item.body, item.key, headers,
+                                          failed, deadline)
             except KafkaException as exc:
-                waiting.count -= 1
-                err = exc.args[0]
-                if err.code() in PERMANENT:
-                    raise self.refusal(topic, err) from None
-                raise self.unavailable("producing failed", exc) from None
-        waiting.count -= 1
-        raise waiting.future.result() or Unavailable("the batch failed")
+                raise self._produce_error(where, exc) from None
+            count += 1
+            if tombstones and item.type == "delete":
+                try:
+                    produce(where, None, item.key, on_delivery=failed)
+                except BufferError:
+                    await self._produce_later(producer, where, None, item.key, None, failed,
+                                              deadline)
+                except KafkaException as exc:
+                    raise self._produce_error(where, exc) from None
+                count += 1
+        return count
+
+    async def _produce_later(self, producer: Any, topic: str, value: bytes | None, key: str,
+                             headers: Any, failed: Any, deadline: float) -> None:
+        """The producer's queue is full: serve reports to free it, then produce."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._poll(producer)
+            self._still_usable(producer, loop, deadline,
+                               f"the producer's queue stayed full for {self.timeout:g}s")
+            await asyncio.sleep(0.005)
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=failed)
+                return
+            except BufferError:
+                continue
+            except KafkaException as exc:
+                raise self._produce_error(topic, exc) from None
+
+    def _produce_error(self, topic: str, exc: KafkaException) -> Exception:
+        err = exc.args[0]
+        if err.code() in PERMANENT:
+            return self.refusal(topic, err)
+        return self.unavailable("producing failed", exc)
+
+    def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
+                      timed_out: str) -> None:
+        if self.producer is not producer:
+            raise Unavailable("the producer was closed")
+        if self._fatal is not None:
+            raise Unavailable(f"the producer failed: {self._fatal}")
+        if loop.time() >= deadline:
+            raise Unavailable(timed_out)
+
+    async def _confirmed(self, producer: Any, count: int, deadline: float) -> None:
+        """Serve delivery reports until the producer holds no record (its count includes
+        those whose report is not served yet), pausing 0.5 ms doubling up to 5 ms."""
+        loop = asyncio.get_running_loop()
+        pause = 0.0005
+        while True:
+            self._poll(producer)
+            left = len(producer)
+            if not left:
+                return
+            self._still_usable(producer, loop, deadline,
+                               f"{min(left, count)} of {count} records were not confirmed "
+                               f"within {self.timeout:g}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def refusal(self, topic: str, err: Any) -> DestinationError:
         return DestinationError(f"destination {self.display}: topic {topic!r} refused a record for "
@@ -336,59 +398,16 @@ class KafkaDestination(Destination):
         return {"url": self.display, "topic": self.topic.text}
 
 
-class _Batch:
-    """The delivery reports of one batch, counted in the producer's thread."""
+class _Failures:
+    """The failed delivery reports of one batch (the producer calls back only for those:
+    ``delivery.report.only.error``); the first one is the batch's error."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pending: set[_Batch],
-                 classify: Any) -> None:
-        self.loop = loop
+    __slots__ = ("classify", "error")
+
+    def __init__(self, classify: Any) -> None:
         self.classify = classify
-        self.future: asyncio.Future[Exception | None] = loop.create_future()
-        self.count = 0
-        self.reported = 0
         self.error: Exception | None = None
-        self.done = False
-        self.is_sealed = False
-        self.lock = threading.Lock()
-        self.pending = pending
-        pending.add(self)
 
-    @property
-    def left(self) -> int:
-        return self.count - self.reported
-
-    def delivered(self, err: Any, msg: Any) -> None:  # the producer's thread
-        with self.lock:
-            self.reported += 1
-            if err is not None and self.error is None:
-                owner = msg.topic() if msg is not None else "?"
-                self.error = self.classify(err, owner)
-            finished = self.is_sealed and self.reported >= self.count
-        if finished:
-            self._finish(self.error)
-
-    def sealed(self) -> None:  # every record produced
-        with self.lock:
-            self.is_sealed = True
-            finished = self.reported >= self.count
-        if finished:
-            self._finish(self.error)
-
-    def fail(self, error: Exception | None) -> None:
-        self._finish(error or Unavailable("the batch was abandoned"))
-
-    def _finish(self, error: Exception | None) -> None:
-        with self.lock:
-            if self.done:
-                return
-            self.done = True
-        self.pending.discard(self)
-
-        def settle() -> None:
-            if not self.future.done():
-                self.future.set_result(error)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop is closed
-            pass
+    def delivered(self, err: Any, msg: Any) -> None:
+        if err is not None and self.error is None:
+            self.error = self.classify(err, msg.topic() if msg is not None else "?")

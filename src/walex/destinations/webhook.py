@@ -38,6 +38,7 @@ import hmac
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from urllib.parse import quote, urlencode
@@ -103,12 +104,15 @@ def _secrets(url: DestinationURL, variable: str) -> list[bytes]:
 
 
 def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header: one ``v1,<signature>`` per key."""
-    signed = f"{message_id}.{timestamp}.".encode() + body
-    return " ".join(
-        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-        for key in keys
-    )
+    """The ``webhook-signature`` header: one ``v1,<signature>`` per key (of
+    ``id.timestamp.body``, the body hashed where it is, not copied)."""
+    prefix = f"{message_id}.{timestamp}.".encode()
+    signatures = []
+    for key in keys:
+        mac = hmac.new(key, prefix, hashlib.sha256)
+        mac.update(body)
+        signatures.append("v1," + base64.b64encode(mac.digest()).decode())
+    return " ".join(signatures)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -147,6 +151,10 @@ class WebhookDestination(Destination):
         self._batch: str | None = None  # the first id of the batch being published
         self._delivered: set[str] = set()  # its requests already answered 2xx
         self.grouped = False  # set by a window above 1: requests carry range ids
+        self._tls: ssl.SSLContext | None = None
+        # a URL of at most {schema} and {table} is the same for every event of a table:
+        # events are grouped by their source (one str per table) and the URL made once
+        self._per_table = set(self.target.fields) <= {"schema", "table"}
         self.requests = 0
 
     async def open(self) -> None:
@@ -156,8 +164,13 @@ class WebhookDestination(Destination):
         if self.url.scheme == "http" and self.url.host not in _LOCAL and not self.requests:
             log.warning("destination %s sends events unencrypted over http://; use https:// "
                         "beyond this machine", self.display)
+        if self._tls is None:  # made once: loading the CA certificates takes ~90 ms
+            # http:// never speaks TLS (redirects are not followed): a bare context, verifying
+            # everything and trusting nothing, instead of the certificates httpx would load
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT) if self.url.scheme == "http" \
+                else httpx.create_ssl_context()
         self.client = httpx.AsyncClient(  # (timeout bounds each request whole, in _post)
-            timeout=self.timeout + 1, follow_redirects=False,
+            timeout=self.timeout + 1, follow_redirects=False, verify=self._tls,
             headers={"user-agent": f"walex/{WALEX_VERSION}"},
         )
         self.opened = True
@@ -170,12 +183,23 @@ class WebhookDestination(Destination):
         the events of several transactions, grouped as they came) carries
         ``<first id>_<last id>`` when it holds more than one event, so the same id
         always means the same events, however a replay groups them."""
-        groups: dict[tuple[str, str, str], list[Outgoing]] = {}
         render = self.target.render
-        for item in batch:
-            groups.setdefault((render(item), item.schema, item.table), []).append(item)
+        tables: list[tuple[str, list[Outgoing]]]
+        if self._per_table:
+            by_source: dict[str, list[Outgoing]] = {}
+            for item in batch:
+                items = by_source.get(item.source)
+                if items is None:
+                    items = by_source[item.source] = []
+                items.append(item)
+            tables = [(render(items[0]), items) for items in by_source.values()]
+        else:
+            groups: dict[tuple[str, str, str], list[Outgoing]] = {}
+            for item in batch:
+                groups.setdefault((render(item), item.schema, item.table), []).append(item)
+            tables = [(target, items) for (target, _s, _t), items in groups.items()]
         most_events, most_bytes, ranged = self.group_events, self.group_bytes, self.grouped
-        for (target, _schema, _table), items in groups.items():
+        for target, items in tables:
             start, size = 0, 0
             for i, item in enumerate(items):
                 if i > start and (i - start >= most_events or size + len(item.body) > most_bytes):
