@@ -104,11 +104,6 @@ class Frames:
         caller then publishes with ``Client.publish``); raises what nats-py's
         publish raises on a closed or draining connection or a bad subject.
         """
-        nc = self.nc
-        if nc.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
         subject, frame = self.subject, self.frame
         chunks: list[bytes] = []
         part: list[bytes] = []
@@ -126,14 +121,24 @@ class Frames:
                 part, size = [], 0
         if part:
             chunks.append(b"".join(part))
+        await self.send(chunks, len(batch), payload)
+        return True
+
+    async def send(self, chunks: list[bytes], messages: int, payload: int) -> None:
+        """Hand frames (``messages`` of them, ``payload`` bytes of bodies) to the client as
+        its publish does, with its checks."""
+        nc = self.nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
         if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
             total = sum(map(len, chunks))
             if nc._max_pending_size <= 0 or total + nc._pending_data_size > nc._max_pending_size:
                 raise nats.errors.OutboundBufferLimitError
-        nc.stats["out_msgs"] += len(batch)
+        nc.stats["out_msgs"] += messages
         nc.stats["out_bytes"] += payload
         for chunk in chunks:
             await nc._send_command(chunk)
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
-        return True
