@@ -111,3 +111,8 @@ def test_only_checked_versions_take_the_frames(monkeypatch: pytest.MonkeyPatch) 
             await nc.close()
 
     run(main())
+
+
+def test_the_caches_key_on_what_a_template_may_use() -> None:
+    """hpub.Frames and the Redis destination key their caches on ``item[1:5]``."""
+    assert Outgoing._fields[1:5] == ("schema", "table", "type", "partition")

@@ -75,18 +75,15 @@ class Frames:
         self.stream = stream.encode()
         self.prefix = prefix.encode()
         self.header_bytes = _HEADER_BYTES + len(self.stream)
-        self._subjects: dict[str, bytes] = {}
+        # (schema, table, type, partition) -> the rendered subject, encoded
+        self._subjects: dict[tuple[str, str, str, int], bytes] = {}
 
-    def subject(self, subject: str) -> bytes:
+    @staticmethod
+    def subject(subject: str) -> bytes:
         """``subject`` as bytes, refused as nats-py refuses it (empty, white space)."""
-        encoded = self._subjects.get(subject)
-        if encoded is None:
-            if not subject or _NOT_IN_SUBJECT.search(subject):
-                raise nats.errors.BadSubjectError
-            if len(self._subjects) > 10_000:
-                self._subjects.clear()
-            encoded = self._subjects[subject] = subject.encode()
-        return encoded
+        if not subject or _NOT_IN_SUBJECT.search(subject):
+            raise nats.errors.BadSubjectError
+        return subject.encode()
 
     def frame(self, subject: bytes, n: int, event_id: str, body: bytes) -> bytes:
         """The HPUB frame nats-py's publish writes for ``subject``, reply ``<prefix><n>``
@@ -104,7 +101,7 @@ class Frames:
         caller then publishes with ``Client.publish``); raises what nats-py's
         publish raises on a closed or draining connection or a bad subject.
         """
-        subject, frame = self.subject, self.frame
+        subjects, frame = self._subjects, self.frame
         chunks: list[bytes] = []
         part: list[bytes] = []
         size = payload = 0
@@ -112,7 +109,13 @@ class Frames:
             event_id, body = item.id, item.body
             if not _PLAIN(event_id):
                 return False
-            data = frame(subject(render(item)), n, event_id, body)
+            key = item[1:5]  # schema, table, type, partition: what a template may use
+            subject = subjects.get(key)
+            if subject is None:
+                if len(subjects) > 10_000:
+                    subjects.clear()
+                subject = subjects[key] = self.subject(render(item))
+            data = frame(subject, n, event_id, body)
             part.append(data)
             size += len(data)
             payload += len(body)

@@ -84,7 +84,8 @@ class RedisDestination(Destination):
         self.stream = Template(url.require("stream", "stream=walex:{schema}.{table}"),
                                "stream", url.display)
         self.maxlen = url.take_int("maxlen", None, minimum=1)
-        self._heads: dict[str, bytes] = {}  # stream key -> the start of its XADD commands
+        # (schema, table, type, partition) -> the start of the XADD commands to its stream
+        self._heads: dict[tuple[Any, ...], bytes] = {}
         self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
         url.no_more_params(self.accepted)
         db = url.path.strip("/") or "0"
@@ -148,12 +149,12 @@ class RedisDestination(Destination):
         # connection: redis-py's pipeline costs ~5x as much CPU per command.
         commands = []
         for item in batch:
-            key = render(item)
+            key = item[1:5]  # schema, table, type, partition: what the template may use
             head = heads.get(key)
             if head is None:
                 if len(heads) > 10_000:
                     heads.clear()
-                head = heads[key] = xadd_head(key, self.maxlen)
+                head = heads[key] = xadd_head(render(item), self.maxlen)
             commands.append(xadd_command(head, item.id, item.body))
         refused: ResponseError | None = None
         try:
