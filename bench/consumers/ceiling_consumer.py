@@ -13,9 +13,13 @@ phases in one process:
 
    - NATS (nats-py): core publishes to the stream's subjects with a reply
      subject each and ``Nats-Msg-Id``, one subscription counting JetStream's
-     PubAcks, up to ``WINDOW`` unanswered, every PubAck awaited;
+     PubAcks, up to ``WINDOW`` unanswered, every PubAck awaited; the frames
+     built as walex builds them (``walex.destinations.hpub``) and handed to the
+     client's write buffer, the fastest way through nats-py;
    - Redis (redis-py asyncio): ``XADD id event`` pipelined, ``WINDOW``
-     commands per round trip (no MULTI: the cheapest a client can do);
+     commands per round trip (no MULTI), packed as walex packs them and
+     written on the client's connection, every reply read (hiredis): the
+     cheapest a client can do;
    - RabbitMQ (aiormq, as walex): persistent messages with ``message_id`` on a
      publisher-confirm channel, up to ``WINDOW`` confirms pending;
    - webhook (httpx, as walex): signed POSTs of ``CHUNK`` events (the
@@ -50,6 +54,7 @@ from walex.destinations.encoding import Outgoing, encode
 
 WINDOW = int(os.environ.get("BENCH_CEILING_WINDOW", "4096"))
 CHUNK = int(os.environ.get("BENCH_CEILING_CHUNK", "1000"))
+STEP = 256  # NATS frames handed to the client at a time
 
 
 def render(template: str, item: Outgoing, word: bool) -> str:
@@ -90,9 +95,14 @@ async def nats_publish(url: str, items: list[Outgoing]) -> None:
     """Core publishes with a reply subject each (JetStream answers there with its PubAck),
     one subscription counting the answers, up to WINDOW unanswered: the cheapest way
     nats-py has to publish to JetStream and wait for every PubAck (cheaper than
-    ``publish_async``, which makes a future per message)."""
+    ``publish_async``, which makes a future per message). The frames are built as walex
+    builds them (``walex.destinations.hpub``: one bytes format per message, handed to the
+    client's write buffer, ``STEP`` at a time) when the client allows it, else each
+    message goes through ``Client.publish``."""
     import nats
     from nats.js.api import StreamConfig
+
+    from walex.destinations.hpub import Frames, usable
 
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -104,6 +114,9 @@ async def nats_publish(url: str, items: list[Outgoing]) -> None:
         await nc.jetstream(timeout=30).add_stream(
             StreamConfig(name=stream, subjects=[template.split("{")[0] + ">"]))
         prefix = f"_INBOX.{stream}."
+        frames = Frames(nc, stream, prefix) if usable(nc) else None
+        encoded = [(frames.subject(subject) if frames else b"", item)
+                   for subject, item in subjects]
         state = {"acked": 0, "error": None}
         room, finished = asyncio.Event(), asyncio.Event()
 
@@ -119,11 +132,20 @@ async def nats_publish(url: str, items: list[Outgoing]) -> None:
 
         await nc.subscribe(prefix + "*", cb=answered)
         yield_start()
-        for n, (subject, item) in enumerate(subjects):
-            while n - state["acked"] >= WINDOW:
+        step = STEP if frames is not None else 1
+        for at in range(0, len(subjects), step):
+            while at + step - state["acked"] > WINDOW:
                 room.clear()
                 await asyncio.wait_for(room.wait(), timeout=60)
-            await nc.publish(subject, item.body, reply=f"{prefix}{n}",
+            if frames is not None:
+                frame = frames.frame
+                chunk = encoded[at:at + step]
+                await frames.send([b"".join([frame(subject, n, item.id, item.body)
+                                             for n, (subject, item) in enumerate(chunk, at)])],
+                                  len(chunk), sum(len(item.body) for _s, item in chunk))
+                continue
+            subject, item = subjects[at]
+            await nc.publish(subject, item.body, reply=f"{prefix}{at}",
                              headers={"Nats-Msg-Id": item.id, "Nats-Expected-Stream": stream})
         await asyncio.wait_for(finished.wait(), timeout=120)
         if state["error"] is not None:
@@ -133,20 +155,34 @@ async def nats_publish(url: str, items: list[Outgoing]) -> None:
 
 
 async def redis_publish(url: str, items: list[Outgoing]) -> None:
+    """``XADD id event``, WINDOW commands per round trip, packed as walex packs them
+    (``walex.destinations.redis.xadd_command``, what redis-py's packers give) and written
+    on the client's connection, every reply read (hiredis when installed): ~5x less
+    CPU per command than redis-py's pipeline."""
     import redis.asyncio as aioredis
+
+    from walex.destinations.redis import xadd_command, xadd_head
 
     parts = urlsplit(url)
     template = parse_qs(parts.query)["stream"][0]
-    keyed = [(render(template, item, False), item) for item in items]
+    heads: dict[str, bytes] = {}
+    packed = []
+    for item in items:
+        key = render(template, item, False)
+        head = heads.get(key) or heads.setdefault(key, xadd_head(key, None))
+        packed.append(xadd_command(head, item.id, item.body))
     client = aioredis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
-                            socket_timeout=30)
+                            single_connection_client=True)
     try:
+        await client.ping()
+        conn = client.connection
         yield_start()
-        for at in range(0, len(keyed), WINDOW):
-            pipe = client.pipeline(transaction=False)
-            for key, item in keyed[at:at + WINDOW]:
-                pipe.xadd(key, {"id": item.id, "event": item.body})
-            await pipe.execute()
+        for at in range(0, len(packed), WINDOW):
+            commands = packed[at:at + WINDOW]
+            async with asyncio.timeout(30):
+                await conn.send_packed_command(commands)
+                for _ in commands:
+                    await conn.read_response()
     finally:
         await client.aclose()
 

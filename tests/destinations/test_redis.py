@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -15,6 +18,7 @@ from walex.lsn import parse_lsn
 
 from .brokers import check_stream, redis_delete, redis_stored, wait_count
 from .conftest import require
+from .servers import OwnRedis
 from .test_nats import TABLES, workload
 
 
@@ -111,3 +115,39 @@ def test_publishes_are_counted_in_the_metrics(admin: psycopg.Connection, dsn: st
             await redis_delete(f"wt{unique}:*", port)
 
     run(main())
+
+
+def test_a_stalled_redis_fails_the_batch_within_the_timeout(tmp_path: Path) -> None:
+    """The timeout bounds the whole batch (redis-py reads without its per-reply timer): a
+    Redis that stops answering (SIGSTOP) fails the batch after ``timeout``; once it answers
+    again, the batch published again on a new connection is stored, ids and order kept."""
+    from walex.destinations.base import Unavailable
+    from walex.destinations.encoding import Outgoing
+
+    batch = [Outgoing(f"id-{i}", "public", "a", "insert", 0, b'{"n":%d}' % i)
+             for i in range(500)]
+
+    async def main(server: OwnRedis) -> None:
+        destination = from_url(f"redis://127.0.0.1:{server.port}/0?stream=st:{{table}}&timeout=1")
+        await destination.open()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="no reply from Redis to the batch within 1s"):
+                await destination.publish(batch)
+            assert time.monotonic() - started < 4
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        await destination.publish(batch)  # the dropped connection is made again
+        await destination.close()
+        client = aioredis.Redis(port=server.port)
+        try:
+            entries = await client.xrange("st:a")
+        finally:
+            await client.aclose()
+        assert [fields[b"id"] for _entry, fields in entries][-500:] == \
+            [item.id.encode() for item in batch]
+
+    with OwnRedis(tmp_path) as server:
+        run(main(server))

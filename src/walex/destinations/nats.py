@@ -32,6 +32,12 @@ The PubAcks come to one subscription of the connection (a reply subject
 per message, :mod:`walex.destinations.pubacks`) and are counted there, with
 no future or parsed PubAck per message; only an error is parsed.
 
+The frames of a batch are built by walex (:mod:`walex.destinations.hpub`,
+half nats-py's CPU per message) and handed to the client's write buffer when
+the installed nats-py is one whose internals that relies on were checked;
+otherwise each message goes through ``Client.publish``. Both store the same
+messages.
+
 The client's own reconnection is off: a lost connection fails the batch,
 which walex publishes again on a new connection (with backoff), so a
 message is never left in a client buffer while the batch counts as done.
@@ -52,6 +58,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
+from .hpub import Frames, usable
 from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
 from .pubacks import PubAcks
 
@@ -120,6 +127,7 @@ class NatsDestination(Destination):
         self.js: Any = None
         self._closed: asyncio.Event | None = None
         self._acks: PubAcks | None = None
+        self._frames: Frames | None = None  # None: Client.publish (hpub.usable said no)
         self.duplicates = 0  # messages the stream recognised as already stored
         # failed attempts in a row at a full stream (discard=new) before it is a refusal
         self.full_attempts = 8
@@ -165,6 +173,8 @@ class NatsDestination(Destination):
             await self._ensure_stream()
             self._acks = PubAcks(self.nc.new_inbox() + ".")
             await self.nc.subscribe(self._acks.prefix + "*", cb=self._acks.received)
+            self._frames = Frames(self.nc, self.stream, self._acks.prefix) \
+                if usable(self.nc) else None
         except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
@@ -220,13 +230,15 @@ class NatsDestination(Destination):
             raise Unavailable("not connected")
         self._check_sizes(batch)
         first, done = acks.expect(len(batch))
-        prefix, stream = acks.prefix, self.stream
+        prefix, stream, frames = acks.prefix, self.stream, self._frames
         try:
             # Core publishes with a reply subject each (what JetStream answers with its
-            # PubAck); the client buffers them and writes many in one system call.
-            for n, item in enumerate(batch, first):
-                await nc.publish(render(item), item.body, reply=f"{prefix}{n}",
-                                 headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
+            # PubAck); the client buffers them and writes many in one system call. The
+            # frames are built here when the client allows (walex.destinations.hpub).
+            if frames is None or not await frames.publish(batch, render, first):
+                for n, item in enumerate(batch, first):
+                    await nc.publish(render(item), item.body, reply=f"{prefix}{n}",
+                                     headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
         lost = asyncio.ensure_future(closed.wait())
@@ -312,7 +324,7 @@ class NatsDestination(Destination):
         return list(info.config.subjects or [])
 
     async def close(self) -> None:
-        nc, self.nc, self.js, self._acks = self.nc, None, None, None
+        nc, self.nc, self.js, self._acks, self._frames = self.nc, None, None, None, None
         self.opened = False
         if nc is not None:
             try:

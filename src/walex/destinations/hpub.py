@@ -1,0 +1,147 @@
+"""JetStream publishes as HPUB frames built by walex and handed to nats-py's write buffer.
+
+nats-py's ``Client.publish`` spends about as much CPU on one message as all
+of walex's decoding and encoding of it: it checks the subject and the reply
+subject with a regular expression, builds the header block from a dict a
+piece at a time (a check of every key, ``strip``, ``translate``, ``encode``)
+and formats the frame in two steps. :class:`Frames` writes the same frame,
+``HPUB <subject> <reply> <header bytes> <total bytes>`` with the headers
+``Nats-Msg-Id`` and ``Nats-Expected-Stream``, in one bytes format per
+message, and hands the frames of a batch to the client as its own
+``_send_publish`` does: ``_send_command`` (the pending buffer, flushed at once
+when it passes the client's ``pending_size``) and then a kick of its flusher
+task. The connection, its reconnection, its flusher, PINGs and the read loop
+stay nats-py's.
+
+Those are nats-py internals, the same from 2.6 (walex's oldest) to 2.16:
+:func:`usable` takes this path only for a 2.x client from 2.6 on that has
+them, and :class:`~walex.destinations.nats.NatsDestination` otherwise
+publishes with ``Client.publish``, as it does for a batch holding an event
+id that is not plain printable ASCII (which nats-py would rewrite). A test
+publishes the same batch both ways to a real stream and finds the stored
+messages identical (subject, headers, payload, ``Nats-Msg-Id``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+
+from .encoding import Outgoing
+
+__all__ = ["Frames", "usable"]
+
+_CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
+_FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
+_HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\nNats-Expected-Stream: \r\n\r\n")
+_PLAIN = re.compile(r"[!-~]+").fullmatch  # printable ASCII, no space: as nats-py would send it
+_NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")  # what nats-py refuses in a published subject
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = re.match(r"\d*", part)
+        parts.append(int(digits.group()) if digits and digits.group() else 0)
+    return tuple(parts)
+
+
+def usable(nc: Any) -> bool:
+    """Whether ``nc`` (a connected nats-py client) has the internals :class:`Frames` uses,
+    as every nats-py 2.x from 2.6 has."""
+    try:
+        from nats.aio.client import __version__
+    except ImportError:
+        return False
+    if not (2, 6) <= _version(__version__) < (3, 0):
+        return False
+    return (asyncio.iscoroutinefunction(getattr(nc, "_send_command", None))
+            and asyncio.iscoroutinefunction(getattr(nc, "_flush_pending", None))
+            and isinstance(getattr(nc, "_pending_data_size", None), int)
+            and isinstance(getattr(nc, "_max_pending_size", None), int)
+            and isinstance(getattr(nc, "stats", None), dict)
+            and hasattr(nc, "_flush_queue"))
+
+
+class Frames:
+    """The frames of one connection's publishes to one stream, replies ``<prefix><n>``."""
+
+    def __init__(self, nc: Any, stream: str, prefix: str) -> None:
+        self.nc = nc
+        self.stream = stream.encode()
+        self.prefix = prefix.encode()
+        self.header_bytes = _HEADER_BYTES + len(self.stream)
+        # (schema, table, type, partition) -> the rendered subject, encoded
+        self._subjects: dict[tuple[str, str, str, int], bytes] = {}
+
+    @staticmethod
+    def subject(subject: str) -> bytes:
+        """``subject`` as bytes, refused as nats-py refuses it (empty, white space)."""
+        if not subject or _NOT_IN_SUBJECT.search(subject):
+            raise nats.errors.BadSubjectError
+        return subject.encode()
+
+    def frame(self, subject: bytes, n: int, event_id: str, body: bytes) -> bytes:
+        """The HPUB frame nats-py's publish writes for ``subject``, reply ``<prefix><n>``
+        and the headers Nats-Msg-Id (a plain ``event_id``) and Nats-Expected-Stream."""
+        ident = event_id.encode()
+        headers = self.header_bytes + len(ident)
+        return _FRAME % (subject, self.prefix, n, headers, headers + len(body), ident,
+                         self.stream, body)
+
+    async def publish(self, batch: list[Outgoing], render: Callable[[Outgoing], str],
+                      first: int) -> bool:
+        """Publish each event to the subject ``render`` gives, replies numbered from ``first``.
+
+        Returns False, having sent nothing, when an event id is not plain (the
+        caller then publishes with ``Client.publish``); raises what nats-py's
+        publish raises on a closed or draining connection or a bad subject.
+        """
+        subjects, frame = self._subjects, self.frame
+        chunks: list[bytes] = []
+        part: list[bytes] = []
+        size = payload = 0
+        for n, item in enumerate(batch, first):
+            event_id, body = item.id, item.body
+            if not _PLAIN(event_id):
+                return False
+            key = item[1:5]  # schema, table, type, partition: what a template may use
+            subject = subjects.get(key)
+            if subject is None:
+                if len(subjects) > 10_000:
+                    subjects.clear()
+                subject = subjects[key] = self.subject(render(item))
+            data = frame(subject, n, event_id, body)
+            part.append(data)
+            size += len(data)
+            payload += len(body)
+            if size >= _CHUNK:
+                chunks.append(b"".join(part))
+                part, size = [], 0
+        if part:
+            chunks.append(b"".join(part))
+        await self.send(chunks, len(batch), payload)
+        return True
+
+    async def send(self, chunks: list[bytes], messages: int, payload: int) -> None:
+        """Hand frames (``messages`` of them, ``payload`` bytes of bodies) to the client as
+        its publish does, with its checks."""
+        nc = self.nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
+            total = sum(map(len, chunks))
+            if nc._max_pending_size <= 0 or total + nc._pending_data_size > nc._max_pending_size:
+                raise nats.errors.OutboundBufferLimitError
+        nc.stats["out_msgs"] += messages
+        nc.stats["out_bytes"] += payload
+        for chunk in chunks:
+            await nc._send_command(chunk)
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()

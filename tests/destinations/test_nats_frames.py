@@ -1,0 +1,118 @@
+"""walex's own HPUB frames (walex.destinations.hpub) against nats-py's Client.publish: the
+same batch published both ways to a real JetStream stream is stored identically."""
+
+from __future__ import annotations
+
+import base64
+
+import nats
+import nats.aio.client
+import pytest
+from support import run
+
+from walex.destinations import from_url
+from walex.destinations.encoding import Outgoing
+from walex.destinations.hpub import usable
+
+from .brokers import nats_delete
+from .conftest import require
+
+
+def _batch(tag: str) -> list[Outgoing]:
+    """Events of several subjects, types and partitions, sizes from empty to past a chunk,
+    a table name with characters a subject token may not hold and one that is not ASCII."""
+    batch = []
+    tables = ["a", "b.c", "tä blé", "x*y>z"]
+    for i in range(300):
+        body = b'{"n":%d,"pad":"%b"}' % (i, b"x" * (i * 37 % 3000))
+        if i == 7:
+            body = b""
+        if i == 150:
+            body = b"y" * 200_000  # more than a chunk by itself
+        batch.append(Outgoing(f"0/{tag}:{i}", "public", tables[i % 4],
+                              ("insert", "update", "delete")[i % 3], i % 3, body))
+    return batch
+
+
+async def _stored(stream: str, port: int) -> list[tuple[str, bytes, bytes]]:
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            out.append((msg.subject, base64.b64decode(msg.hdrs or b""), msg.data or b""))
+        return out
+    finally:
+        await nc.close()
+
+
+def test_both_ways_store_identical_messages(unique: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    port = require("nats")
+    stream = f"WF{unique}"
+    url = (f"nats://127.0.0.1:{port}?stream={stream}"
+           f"&subject=wf{unique}.{{schema}}.{{table}}.{{type}}.{{partition}}")
+
+    async def publish(batches: list[list[Outgoing]], frames: bool) -> list[tuple[str, bytes, bytes]]:
+        destination = from_url(url, partitions=3)
+        await destination.open()
+        try:
+            assert (destination._frames is not None) is frames
+            for batch in batches:
+                await destination.publish(batch)
+        finally:
+            await destination.close()
+        try:
+            return await _stored(stream, port)
+        finally:
+            await nats_delete(stream, port)
+
+    # a batch with an event id nats-py would rewrite goes through Client.publish whole
+    odd = [Outgoing("0/odd:0", "public", "a", "insert", 0, b"{}"),
+           Outgoing(" 0/odd:1 ", "public", "a", "insert", 0, b"{}")]
+    batches = [_batch("1"), odd, _batch("2")]
+
+    async def main() -> None:
+        try:
+            ours = await publish(batches, frames=True)
+            monkeypatch.setattr(nats.aio.client, "__version__", "2.5.0")  # not a checked one
+            theirs = await publish(batches, frames=False)
+        finally:
+            await nats_delete(stream, port)
+        assert len(ours) == sum(map(len, batches))
+        assert ours == theirs
+        subject, headers, data = ours[1]
+        assert subject == f"wf{unique}.public.b_c.update.1"
+        assert headers == (b"NATS/1.0\r\nNats-Msg-Id: 0/1:1\r\n"
+                           b"Nats-Expected-Stream: " + stream.encode() + b"\r\n\r\n")
+        assert data == batches[0][1].body
+        assert ours[2][0] == f"wf{unique}.public.tä_blé.delete.2"
+
+    run(main())
+
+
+def test_only_checked_versions_take_the_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        try:
+            assert usable(nc)  # the nats-py walex is tested with
+            for version in ("2.5.3", "3.0.0", "0.0.0", "1.9"):
+                monkeypatch.setattr(nats.aio.client, "__version__", version)
+                assert not usable(nc), version
+            monkeypatch.setattr(nats.aio.client, "__version__", "2.6.0")
+            assert usable(nc)
+            monkeypatch.delattr(type(nc), "_send_command")
+            assert not usable(nc)  # a client without the internals
+        finally:
+            await nc.close()
+
+    run(main())
+
+
+def test_the_caches_key_on_what_a_template_may_use() -> None:
+    """hpub.Frames and the Redis destination key their caches on ``item[1:5]``."""
+    assert Outgoing._fields[1:5] == ("schema", "table", "type", "partition")
