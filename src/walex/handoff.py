@@ -28,10 +28,13 @@ waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
 With destinations whose window is above 1 (:mod:`walex.destinations.window`),
-each batch is submitted to the destinations' lanes and handed to the
-handlers; the window records it handled, in order, once every destination
-confirmed it, so the dispatcher does not wait for a confirmation (its
-batches stay counted in ``max_pending_bytes`` until recorded).
+the dispatcher takes every queued batch the window has room for at once,
+queues them on the destinations' lanes together and hands them to the
+handlers one after the other; the window records them handled, in order,
+once every destination confirmed them (a group at a time), so the dispatcher
+does not wait for a confirmation. Taken batches are no longer queued, so the
+reader may queue more meanwhile; they stay counted in ``max_pending_bytes``
+until recorded.
 
 Runs of plain calls and async calls awaited in the loop serve apps without
 destinations, tracing or ``max_batch`` handlers (metrics alone count through

@@ -2,12 +2,15 @@
 
 With ``destination_window`` (or ``window=`` in a destination URL) above 1, the
 dispatcher does not wait for a transaction's confirmation before it takes the
-next one. It :meth:`Window.submit`\\ s each batch: the batch is encoded once and
-queued on every destination's :class:`Lane`, and the handlers are called
-meanwhile. A lane publishes what is queued on it in order, as one group per
-publish (up to its window of transactions and a bound of events and bytes:
-one round trip for many one-row transactions), and marks the group's
-transactions confirmed when the broker confirmed it durable.
+next one. It takes every queued batch the window has room for at once
+(:meth:`Window.take`; :meth:`Window.submit` one batch, for ``max_batch``
+handlers): each is encoded once and queued on every destination's
+:class:`Lane` (one wake-up per take), and the handlers are called meanwhile.
+A lane publishes what is queued on it in order, as one group per publish (up
+to its window of transactions and a bound of events and bytes: one round trip
+for many one-row transactions), and marks the group's
+transactions confirmed when the broker confirmed it durable; what is then
+complete is recorded at once (:meth:`Window.settle`).
 
 A batch is *recorded* (``record``: the acknowledgement tracker learns its end
 LSN, its bytes leave ``max_pending_bytes``) once the handlers finished it and
