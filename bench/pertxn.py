@@ -4,6 +4,7 @@
     .venv/bin/python bench/pertxn.py --callgrind           # instructions per transaction (valgrind)
     .venv/bin/python bench/pertxn.py --txns 50000 --reps 5 --handlers async
     .venv/bin/python bench/pertxn.py --max-batch 5000      # handlers batching across transactions
+    .venv/bin/python bench/pertxn.py --destination nats    # relaying too (a local broker, as run.py)
 
 Unlike ``replay.py`` (frames -> Events only), this drives the real
 ``Pipeline`` tasks: the reader (``_read_session``: frame loop, compiled hot
@@ -24,6 +25,12 @@ handler thread included) is the best of ``--reps``.
 with ``--txns`` and 3x ``--txns`` transactions, and reports the difference in
 instructions divided by the extra transactions: start-up, imports and the
 recording drop out.
+
+``--destination NAME`` (``nats``, ``redis``, ``rabbitmq``, ``webhook``, ``kafka``
+or a URL, as ``run.py --destination``) makes the app publish every event
+there too: a transaction counts once the broker confirmed it, the CPU is the
+process's (the broker's client included, the broker not), and the line also
+says how many transactions went out per publish (``Lane.groups``).
 """
 
 from __future__ import annotations
@@ -121,7 +128,8 @@ def touch(events: list[Event]) -> int:
 
 
 async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
-                   max_batch: int | None = None) -> tuple[float, int]:
+                   max_batch: int | None = None, destination: str | None = None,
+                   ) -> tuple[float, int, int]:
     """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -141,8 +149,11 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
             handle(events)
         module.on_event("all", max_batch=max_batch)(handle_async)
     app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
-                subscriptions=["*"], modules=[module], name="pertxn", durable_slot=True)
+                subscriptions=["*"], modules=[module], name="pertxn", durable_slot=True,
+                destinations=[destination] if destination else [])
     p = app.pipeline
+    if destination:
+        await app.destinations.open()
     p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
     p.relations.db = "bench"
     gc.collect()
@@ -154,26 +165,45 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
     for task in tasks:
         if task.done():
             task.result()  # raise what stopped it
-    while p.transactions_handled < txns:
-        await asyncio.sleep(0)
+    while p.transactions_handled < txns:  # with a destination: its last confirmations
+        await asyncio.sleep(0.001 if destination else 0)
     seconds = time.process_time() - t0
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     app.dispatcher.close()
+    groups = 0
+    if destination:
+        window = getattr(p, "window", None)
+        groups = sum(lane.groups for lane in window.lanes) if window is not None else txns
+        await app.destinations.close()
+        assert app.destinations.events_published == txns, app.destinations.events_published
     assert p.transactions_handled == txns and p.events_handled == txns, (
         p.transactions_handled, p.events_handled, txns)
     assert p.ack.flushed > 0
-    return seconds, txns
+    return seconds, txns, groups
 
 
 def measure(frames: list[bytes], txns: int, plain: bool, reps: int, chunk: int,
-            max_batch: int | None = None) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        seconds, _n = asyncio.run(run_once(frames, txns, plain, chunk, max_batch))
+            max_batch: int | None = None, destination: str | None = None) -> tuple[float, int]:
+    """Best CPU seconds of ``reps`` runs, and the publishes (groups) of the last run."""
+    best, groups = float("inf"), 0
+    for rep in range(reps):
+        url = None
+        if destination:
+            import destinations as targets
+
+            run = f"pertxn{os.getpid()}r{rep}"
+            targets.prepare(destination, run)
+            url = targets.url_for(destination, run)
+        try:
+            seconds, _n, groups = asyncio.run(
+                run_once(frames, txns, plain, chunk, max_batch, url))
+        finally:
+            if destination:
+                targets.cleanup(destination, run)
         best = min(best, seconds)
-    return best
+    return best, groups
 
 
 def callgrind(args: argparse.Namespace, handler: str) -> float:
@@ -186,7 +216,8 @@ def callgrind(args: argparse.Namespace, handler: str) -> float:
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                  sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
                  "--handlers", handler, "--chunk", str(args.chunk), "--quiet",
-                 *(["--max-batch", str(args.max_batch)] if args.max_batch else [])],
+                 *(["--max-batch", str(args.max_batch)] if args.max_batch else []),
+                 *(["--destination", args.destination] if args.destination else [])],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
             )
@@ -207,14 +238,21 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="frames per read()")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="register the handlers with max_batch=N (batching across transactions)")
+    parser.add_argument("--destination", default=None,
+                        help="publish to NAME (nats, redis, ...) or NAME=URL too, as run.py --destination")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     all_frames = record_frames(max(args.frames, args.txns))
+    destination = None
+    if args.destination:
+        import destinations as targets
+
+        destination = targets.parse([args.destination])[0]  # the level walex+NAME
     if args.quiet:  # a run under callgrind
         plain = args.handlers == "plain"
         frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
-        measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch)
+        measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch, destination)
         return
     from walex import hotpath
     print(f"walex {'compiled' if hotpath.compiled_available() and not os.environ.get('WALEX_PURE_PYTHON') else 'pure-Python'} "
@@ -225,9 +263,12 @@ def main() -> None:
                   f"(callgrind, {args.txns} vs {3 * args.txns} transactions)", flush=True)
             continue
         frames = all_frames[:1 + 3 * args.txns]
-        seconds = measure(frames, args.txns, handler == "plain", args.reps, args.chunk, args.max_batch)
+        seconds, groups = measure(frames, args.txns, handler == "plain", args.reps, args.chunk,
+                                  args.max_batch, destination)
+        relay = (f", {destination}: {groups:,} publishes, {args.txns / max(groups, 1):.1f} "
+                 "transactions each" if destination else "")
         print(f"{handler} handler: {seconds / args.txns * 1e6:.2f} us CPU per transaction "
-              f"(best of {args.reps}, {args.txns:,} transactions)", flush=True)
+              f"(best of {args.reps}, {args.txns:,} transactions{relay})", flush=True)
 
 
 if __name__ == "__main__":

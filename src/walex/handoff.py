@@ -28,10 +28,13 @@ waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
 With destinations whose window is above 1 (:mod:`walex.destinations.window`),
-each batch is submitted to the destinations' lanes and handed to the
-handlers; the window records it handled, in order, once every destination
-confirmed it, so the dispatcher does not wait for a confirmation (its
-batches stay counted in ``max_pending_bytes`` until recorded).
+the dispatcher takes every queued batch the window has room for at once,
+queues them on the destinations' lanes together and hands them to the
+handlers one after the other; the window records them handled, in order,
+once every destination confirmed them (a group at a time), so the dispatcher
+does not wait for a confirmation. Taken batches are no longer queued, so the
+reader may queue more meanwhile; they stay counted in ``max_pending_bytes``
+until recorded.
 
 Runs of plain calls and async calls awaited in the loop serve apps without
 destinations, tracing or ``max_batch`` handlers (metrics alone count through
@@ -168,7 +171,7 @@ async def run_dispatcher(p: Any) -> None:
     dispatcher.refresh()  # handlers registered after the app was made count
     destinations = p.destinations
     if destinations and destinations.pipelined:  # a window of unconfirmed transactions
-        window = p.window = destinations.lanes(partial(_handled, p, queue, ack))
+        window = p.window = destinations.lanes(partial(_recorded, p, queue, ack))
         async with window.running():
             if dispatcher.batching:
                 await _run_batching(p, window)
@@ -255,32 +258,56 @@ async def run_dispatcher(p: Any) -> None:
 
 
 async def _run_windowed(p: Any, window: Any) -> None:
-    """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): each batch is
-    submitted to the destinations' lanes (once they have room) and handed to the handlers;
-    the window records it handled once the handlers and every destination finished it and
-    every earlier batch was recorded, so the next batch does not wait for a confirmation."""
+    """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): the batches
+    queued are taken at once, as many as the window has room for, queued on the
+    destinations' lanes together (:meth:`Window.take`) and handed to the handlers, one
+    after the other; the window records each batch once the handlers and every
+    destination finished it and every earlier batch was recorded, so the next batch does
+    not wait for a confirmation. Once ``closing`` is set, the batches taken whose
+    handlers were not called yet go back to the queue, unacknowledged."""
     queue, dispatcher = p.queue, p.dispatcher
     items = queue.items
-    dispatch = dispatcher.dispatch
     observer = p.observer
-    if observer is not None:
-        dispatch = observer(dispatch)  # metrics / tracing per batch
+    # planned here (async calls awaited directly) unless an observer wraps each dispatch
+    dispatch = None if observer is None else observer(dispatcher.dispatch)
+    plan, recover = dispatcher.plan, dispatcher.recover
     slot, context = p.slot_name, TRANSACTION
-    submit, finished = window.submit, window.finished
+    take, settle = window.take, window.settle
     while not p.closing:
         if not items:
             await queue.wait_ready()
             continue
-        txn = items.popleft()
-        p.in_hand = txn
-        token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
-        try:
-            entry = await submit(txn)  # published from now on, while the handlers run
-            await dispatch(txn)  # raises HandlerError under "stop": the entry stays unrecorded
-        finally:
-            context.reset(token)
+        taken = await take(items)  # published from now on, while the handlers run
+        if queue._reader_waits:  # taken, no longer queued (their bytes still count until
+            queue.room_made()  # recorded): the reader may queue more meanwhile
+        for index, entry in enumerate(taken):
+            if p.closing:  # stop(): no call starts but the one in hand
+                window.give_back(taken[index:], items)
+                break
+            txn = entry.txn
+            p.in_hand = txn
+            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+            try:
+                if dispatch is not None:
+                    await dispatch(txn)  # raises HandlerError under "stop": unrecorded
+                else:
+                    todo = plan(txn)
+                    kind = todo[0]
+                    if kind == ASYNC:  # one coroutine function: awaited right here
+                        try:
+                            await todo[1](todo[2])
+                        except BaseException as exc:
+                            if _stopping(exc):
+                                raise
+                            await recover(txn, todo, exc)  # raises HandlerError under "stop"
+                    elif kind != NOTHING:
+                        await dispatcher.dispatch(txn, todo)
+            finally:
+                context.reset(token)
+            entry.pending -= 1  # the handlers finished it
+            if not entry.pending:  # and every lane had: recorded with those before it
+                settle()
         p.in_hand = None
-        finished(entry)
 
 
 async def _run_batching(p: Any, window: Any = None) -> None:
@@ -415,3 +442,25 @@ def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
         ack.handled(txn.end_lsn)
         p.transactions_handled += 1
     queue.release(txn.size)
+
+
+def _recorded(p: Any, queue: BatchQueue, ack: Any, txns: list[Transaction]) -> None:
+    """Record batches handled, in order (a window's, once every destination confirmed them):
+    the acknowledgement position, the counters and the byte budget once for them all."""
+    if failpoints.ACTIVE:  # the failpoint sees each batch recorded, one at a time
+        for txn in txns:
+            _handled(p, queue, ack, txn)
+        return
+    events = transactions = size = 0
+    end = 0
+    for txn in txns:
+        events += len(txn.events)
+        size += txn.size
+        if txn.last:
+            end = txn.end_lsn
+            transactions += 1
+    p.events_handled += events
+    p.transactions_handled += transactions
+    if end:
+        ack.handled(end)
+    queue.release(size)

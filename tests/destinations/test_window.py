@@ -639,3 +639,88 @@ def test_relay_sigkilled_with_a_full_window_loses_nothing(
     assert list(first) == sorted(first), "first copies out of commit order"
     if broker == "nats":
         assert len(stored) == len(first), "JetStream stored a replayed message id twice"
+
+
+def test_stop_with_batches_taken_together_lets_only_the_call_in_hand_finish(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """The dispatcher takes every queued transaction the window has room for at once and
+    publishes them together; a stop() while the handler has the first of them in hand lets
+    only that call finish: the later ones reach no handler and are not acknowledged, and a
+    restart delivers them again with the same ids."""
+    from walex import Event, Events, WalEx
+
+    admin.execute(SETUP)
+    slot, rows = "window_stop_taken", 12
+    seen: list[tuple[int, str, str]] = []  # row, event id, event lsn
+
+    async def main(server: OwnRedis) -> tuple[list[str], list[str], int, str]:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=wt:{{table}}&timeout=5"
+        gates = [asyncio.Event(), asyncio.Event()]  # the first two calls wait for these
+        started = [asyncio.Event(), asyncio.Event()]
+        events = Events()
+
+        @events.on_insert("other")
+        async def handle(items: list[Event]) -> None:
+            call = len(seen)
+            seen.append((items[0].new_record["id"], items[0].id, items[0].lsn))
+            if call < 2:
+                started[call].set()
+                await gates[call].wait()
+
+        app = WalEx(dsn, publication="pub", subscriptions=["other"], modules=[events],
+                    name="walex_window_taken", destinations=[url], durable_slot=True,
+                    slot_name=slot, status_interval=0.2, destination_window=64)
+        await app.start()
+        try:
+            admin.execute("INSERT INTO other VALUES (0)")
+            await asyncio.wait_for(started[0].wait(), 30)  # the dispatcher holds row 0
+            for i in range(1, rows + 1):  # queued meanwhile: taken together after it
+                admin.execute("INSERT INTO other VALUES (%s)", [i])
+            end = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while app.ack.received < end or app.pipeline.queue.qsize() < rows:
+                assert loop.time() < deadline, "the transactions were never queued"
+                await asyncio.sleep(0.01)
+            gates[0].set()
+            await asyncio.wait_for(started[1].wait(), 30)  # row 1 in hand, 2..12 taken with it
+            assert len(app.pipeline.window) == rows
+            stopping = asyncio.ensure_future(app.stop())
+            while not app.pipeline.closing:
+                await asyncio.sleep(0.01)
+            gates[1].set()
+            await asyncio.wait_for(stopping, 30)
+        finally:
+            gates[0].set()
+            gates[1].set()
+            await app.stop()
+        first = [event_id for _row, event_id, _lsn in seen]
+        assert [row for row, _id, _lsn in seen] == [0, 1]
+        assert app.transactions_handled == 2
+        held = confirmed(admin, slot)
+        seen.clear()
+        gates[0].set()
+        gates[1].set()
+        again = WalEx(dsn, publication="pub", subscriptions=["other"], modules=[events],
+                      name="walex_window_taken_again", destinations=[url], durable_slot=True,
+                      slot_name=slot, destination_window=64)
+        started[0].set()
+        await again.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(seen) < rows - 1:
+                assert asyncio.get_running_loop().time() < deadline, f"redelivered {seen}"
+                await asyncio.sleep(0.01)
+        finally:
+            await again.stop()
+        return first, [event_id for _row, event_id, _lsn in seen], held, seen[0][2]
+
+    with OwnRedis(tmp_path) as server:
+        first, again, held, row2_lsn = run(main(server), timeout=180)
+        stored = asyncio.run(redis_stored("wt:*", server.port))
+    assert [row for row, _id, _lsn in seen] == list(range(2, rows + 1))
+    assert not set(first) & set(again)
+    assert held < parse_lsn(row2_lsn), "acknowledged past the transactions given back"
+    ids = [message_id for message_id, _doc, _extra in stored]
+    assert sorted(set(ids)) == sorted(first + again)  # published, some maybe twice, none lost

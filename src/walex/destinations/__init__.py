@@ -187,8 +187,8 @@ class Destinations:
         return any((d.window or self.window) > 1 for d in self.items)
 
     def lanes(self, record: Callable[[Any], None]) -> Any:
-        """The :class:`~walex.destinations.window.Window` of these destinations; ``record(txn)``
-        is called for each batch once every lane and the handlers finished it, in order."""
+        """The :class:`~walex.destinations.window.Window` of these destinations; ``record(txns)``
+        is called with the batches every lane and the handlers finished, in order."""
         from .window import Window
 
         return Window(self, record)

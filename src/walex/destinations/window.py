@@ -2,12 +2,15 @@
 
 With ``destination_window`` (or ``window=`` in a destination URL) above 1, the
 dispatcher does not wait for a transaction's confirmation before it takes the
-next one. It :meth:`Window.submit`\\ s each batch: the batch is encoded once and
-queued on every destination's :class:`Lane`, and the handlers are called
-meanwhile. A lane publishes what is queued on it in order, as one group per
-publish (up to its window of transactions and a bound of events and bytes:
-one round trip for many one-row transactions), and marks the group's
-transactions confirmed when the broker confirmed it durable.
+next one. It takes every queued batch the window has room for at once
+(:meth:`Window.take`; :meth:`Window.submit` one batch, for ``max_batch``
+handlers): each is encoded once and queued on every destination's
+:class:`Lane` (one wake-up per take), and the handlers are called meanwhile.
+A lane publishes what is queued on it in order, as one group per publish (up
+to its window of transactions and a bound of events and bytes: one round trip
+for many one-row transactions), and marks the group's
+transactions confirmed when the broker confirmed it durable; what is then
+complete is recorded at once (:meth:`Window.settle`).
 
 A batch is *recorded* (``record``: the acknowledgement tracker learns its end
 LSN, its bytes leave ``max_pending_bytes``) once the handlers finished it and
@@ -46,7 +49,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from .base import Destination
-from .encoding import Outgoing, encode
+from .encoding import Outgoing, encode, encode_event
 
 if TYPE_CHECKING:
     from . import Destinations
@@ -62,12 +65,16 @@ class Entry:
 
     __slots__ = ("outgoing", "pending", "size", "txn")
 
-    def __init__(self, txn: Any, outgoing: list[Outgoing], pending: int) -> None:
+    def __init__(self, txn: Any, outgoing: list[Outgoing], pending: int, size: int = -1) -> None:
         self.txn = txn
         self.outgoing = outgoing
         self.pending = pending
         # in memory: the bodies, and each message's tuple and bytes object (121 bytes)
-        self.size = sum(len(o.body) for o in outgoing) + 128 * len(outgoing)
+        self.size = (sum(len(o.body) for o in outgoing) + 128 * len(outgoing)) if size < 0 \
+            else size
+
+
+_NONE: list[Outgoing] = []  # the outgoing of a batch without events (never changed)
 
 
 class Lane:
@@ -110,7 +117,8 @@ class Lane:
 
     async def run(self) -> None:
         """Publish until cancelled; raises what no retry and no error policy settles."""
-        destinations = self.window.destinations
+        window = self.window
+        deliver, settle = window.destinations._deliver, window.settle
         queued = self.queued
         while True:
             while not queued:
@@ -120,23 +128,23 @@ class Lane:
             self.groups += 1
             if len(group) == 1:
                 entry = group[0]
-                await destinations._deliver(self.destination, entry.outgoing, entry.txn.events)
+                await deliver(self.destination, entry.outgoing, entry.txn.events)
             else:
                 batch = [item for entry in group for item in entry.outgoing]
-                if not await destinations._deliver(self.destination, batch, None, settle=False):
+                if not await deliver(self.destination, batch, None, settle=False):
                     # refused for good: again one batch at a time, so the error policy
                     # settles the refused transaction only (the others carry the same ids)
                     for entry in group:
-                        await destinations._deliver(self.destination, entry.outgoing,
-                                                    entry.txn.events)
-            for _ in group:
-                self.window.finished(queued.popleft())
+                        await deliver(self.destination, entry.outgoing, entry.txn.events)
+            for _ in range(len(group)):  # confirmed: this lane is done with them
+                queued.popleft().pending -= 1
+            settle()  # what is complete now is recorded, in order, at once
 
 
 class Window:
     """The lanes of an app's destinations and the batches they have not all confirmed.
 
-    ``record(txn)`` is called for each batch, in submission order, once it is
+    ``record(txns)`` is called with batches, in submission order, once each is
     finished by the handlers and every lane and every earlier batch was recorded.
     """
 
@@ -164,38 +172,109 @@ class Window:
         """The transaction batch of the oldest entry not recorded (None if none)."""
         return self.entries[0].txn if self.entries else None
 
-    async def submit(self, txn: Any) -> Entry:
-        """Queue ``txn`` on every lane, once each has room in its window; the caller calls
-        :meth:`finished` with the entry once the handlers finished the batch."""
-        lanes = self.lanes
+    async def _wait_room(self) -> None:
         while self._full():
             self._waiting = True
             self._room.clear()
             await self._room.wait()
+
+    async def submit(self, txn: Any) -> Entry:
+        """Queue ``txn`` on every lane, once each has room in its window; the caller calls
+        :meth:`finished` with the entry once the handlers finished the batch."""
+        if self._full():
+            await self._wait_room()
         events = txn.events
         if not events:
-            entry = Entry(txn, [], 1)
+            entry = Entry(txn, _NONE, 1, 0)
             self.entries.append(entry)
             return entry
         outgoing = encode(events, self.destinations.partitions)
-        entry = Entry(txn, outgoing, 1 + len(lanes))
+        entry = Entry(txn, outgoing, 1 + len(self.lanes))
         self.entries.append(entry)
         self.held += entry.size
-        for lane in lanes:
+        for lane in self.lanes:
             lane.put(entry)
         return entry
+
+    async def take(self, items: deque[Any]) -> list[Entry]:
+        """Take the batches at the front of ``items`` that the window has room for (at least
+        one, once there is room for one) and queue them on every lane at once: one wake-up
+        of each lane, not one per batch. The caller hands each entry's batch to the
+        handlers, in order, then counts the handlers done (``entry.pending -= 1``) and calls
+        :meth:`settle` when that made it complete; or gives back the entries it did not hand
+        to the handlers (:meth:`give_back`)."""
+        if self._full():
+            await self._wait_room()
+        lanes = self.lanes
+        room = min([lane.size - len(lane.queued) for lane in lanes])  # >= 1: not full
+        most = self.destinations.held_bytes
+        partitions = self.destinations.partitions
+        entries, parties = self.entries, 1 + len(lanes)
+        taken: list[Entry] = []
+        sending: list[Entry] = []
+        held = self.held
+        try:
+            while items and room > 0 and (held < most or not taken):
+                txn = items[0]
+                events = txn.events
+                if not events:  # nothing to publish: the handlers alone finish it
+                    entry = Entry(txn, _NONE, 1, 0)
+                elif len(events) == 1:  # a one-change transaction: the common case
+                    one = encode_event(events[0], partitions)
+                    entry = Entry(txn, [one], parties, len(one.body) + 128)
+                    sending.append(entry)
+                    room -= 1
+                else:
+                    entry = Entry(txn, encode(events, partitions), parties)
+                    sending.append(entry)
+                    room -= 1
+                items.popleft()
+                entries.append(entry)
+                taken.append(entry)
+                held += entry.size
+        finally:  # what was taken is in the window, so on the lanes too
+            self.held = held
+            if sending:
+                for lane in lanes:
+                    lane.queued.extend(sending)
+                    lane._wake.set()
+        return taken
+
+    def give_back(self, taken: list[Entry], items: deque[Any]) -> None:
+        """Put the batches of ``taken`` (the last entries taken) back at the front of
+        ``items``, out of the window: their handlers were not called (the app is
+        stopping). The lanes may still publish them; they are not acknowledged."""
+        entries = self.entries
+        for entry in reversed(taken):
+            done = entries.pop()
+            assert done is entry
+            self.held -= entry.size
+            items.appendleft(entry.txn)
+        if self._waiting and not self._full():
+            self._waiting = False
+            self._room.set()
 
     def finished(self, entry: Entry) -> None:
         """The handlers, or one lane, finished ``entry``: record what is complete, in order."""
         entry.pending -= 1
         if not entry.pending:
-            entries = self.entries
-            while entries and entries[0].pending == 0:
-                done = entries.popleft()
-                self.held -= done.size
-                if done.outgoing:
-                    self.destinations.events_published += len(done.outgoing)
-                self.record(done.txn)
+            self.settle()
+
+    def settle(self) -> None:
+        """Record the complete entries at the front, in order (``record`` once, with their
+        batches), and let a submission waiting for room go on if there is room now."""
+        entries = self.entries
+        if entries and not entries[0].pending:
+            done = []
+            held, published = self.held, 0
+            while entries and not entries[0].pending:
+                entry = entries.popleft()
+                held -= entry.size
+                published += len(entry.outgoing)
+                done.append(entry.txn)
+            self.held = held
+            self.destinations.events_published += published
+            self.record(done)
         if self._waiting and not self._full():
             self._waiting = False
             self._room.set()
@@ -203,8 +282,10 @@ class Window:
     def _full(self) -> bool:
         """No room for another batch: a lane's window is full, or the encoded messages held
         reached ``held_bytes`` (with at least one batch held, so that one always goes)."""
-        return (any(lane.full for lane in self.lanes)
-                or (self.held >= self.destinations.held_bytes and bool(self.entries)))
+        for lane in self.lanes:
+            if len(lane.queued) >= lane.size:
+                return True
+        return self.held >= self.destinations.held_bytes and bool(self.entries)
 
     async def drain(self) -> None:
         """Wait until every submitted batch was recorded (at a graceful stop)."""
