@@ -30,7 +30,9 @@ def _batch(tag: str) -> list[Outgoing]:
         if i == 150:
             body = b"y" * 200_000  # more than a chunk by itself
         batch.append(Outgoing(f"0/{tag}:{i}", "public", tables[i % 4],
-                              ("insert", "update", "delete")[i % 3], i % 3, body))
+                              ("insert", "update", "delete")[i % 3], i % 3, body,
+                              f"/db/public/{tables[i % 4]}", "2026-12-06T00:00:00Z",
+                              f"public.{tables[i % 4]}/{i}", str(i)))
     return batch
 
 
@@ -70,8 +72,10 @@ def test_both_ways_store_identical_messages(unique: str,
             await nats_delete(stream, port)
 
     # a batch with an event id nats-py would rewrite goes through Client.publish whole
-    odd = [Outgoing("0/odd:0", "public", "a", "insert", 0, b"{}"),
-           Outgoing(" 0/odd:1 ", "public", "a", "insert", 0, b"{}")]
+    odd = [Outgoing("0/odd:0", "public", "a", "insert", 0, b"{}", "/db/public/a",
+                    "2026-12-06T00:00:00Z", "public.a", None),
+           Outgoing(" 0/odd:1 ", "public", "a", "insert", 0, b"{}", "/db/public/a",
+                    "2026-12-06T00:00:00Z", "public.a", None)]
     batches = [_batch("1"), odd, _batch("2")]
 
     async def main() -> None:

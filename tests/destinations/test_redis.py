@@ -124,7 +124,8 @@ def test_a_stalled_redis_fails_the_batch_within_the_timeout(tmp_path: Path) -> N
     from walex.destinations.base import Unavailable
     from walex.destinations.encoding import Outgoing
 
-    batch = [Outgoing(f"id-{i}", "public", "a", "insert", 0, b'{"n":%d}' % i)
+    batch = [Outgoing(f"id-{i}", "public", "a", "insert", 0, b'{"n":%d}' % i,
+                      "/db/public/a", "2026-12-06T00:00:00Z", f"public.a/{i}", str(i))
              for i in range(500)]
 
     async def main(server: OwnRedis) -> None:
