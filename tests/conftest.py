@@ -91,6 +91,8 @@ def _drop_database(server: PgServer, dbname: str) -> None:
                 break
             except psycopg.errors.ObjectInUse:  # walsender not gone yet
                 time.sleep(0.1)
+            except psycopg.errors.UndefinedObject:  # a temporary slot went with its backend
+                time.sleep(0.1)
         conn.execute(query)
 
 
