@@ -165,9 +165,15 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             ceiling = destinations.CEILINGS.get(lv)
             ceiling_by_rep = {r["rep"]: n_rows / r["wall_s"] for r in wl["runs"]
                               if r["level"] == ceiling and r["ok"]}
+            # what walex could reach at best: neither more than PostgreSQL sends
+            # (pg_recvlogical) nor more than the broker and its client take (the ceiling)
+            attainable = {rep: min(rate, limit_by_rep[rep]) for rep, rate in ceiling_by_rep.items()
+                          if rep in limit_by_rep}
             rows_out.append({
                 "ratio_to_ceiling": [n_rows / r["wall_s"] / ceiling_by_rep[r["rep"]] for r in runs
                                      if r["rep"] in ceiling_by_rep],
+                "ratio_to_attainable": [n_rows / r["wall_s"] / attainable[r["rep"]] for r in runs
+                                        if r["rep"] in attainable],
                 "workload": wl["workload"], "level": lv, "n": len(runs), "failed": len(failed),
                 "notes": sorted({r["note"] for r in runs if r.get("note")}),
                 "wall_s": [r["wall_s"] for r in runs], "rows_per_s": rates, "ratio": ratios,
@@ -184,8 +190,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| workload | level | n | wall s | rows/s | ratio to pg_recvlogical | ratio to broker ceiling "
+        "| ratio to the lower of the two "
         "| client CPU us/row | peak RSS MB | walsender CPU s | s to streaming | s to first row |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         n = f"{s['n']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
@@ -194,6 +201,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {s['workload']} | {s['level']} | {n} | {med_range(s['wall_s'], '.3f')} "
             f"| {med_range(s['rows_per_s'], ',.0f')} | {med_range(s['ratio'], '.3f')} "
             f"| {med_range(s.get('ratio_to_ceiling', []), '.3f')} "
+            f"| {med_range(s.get('ratio_to_attainable', []), '.3f')} "
             f"| {med_range(s['cpu_us_per_row'], '.1f')} | {med_range(s['peak_rss_mb'], '.0f')} "
             f"| {med_range(s['walsender_cpu_s'], '.2f')} | {med_range(s['ready_s'], '.2f')} "
             f"| {med_range(s['first_row_s'], '.2f')} |")
@@ -216,7 +224,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"{' + uncommitted src/ changes' if env.get('walex', {}).get('src_dirty') else ''}. "
               "Median [min - max]; ratio = rows/s / pg_recvlogical rows/s of the same repetition; "
               "ratio to broker ceiling = walex+NAME rows/s / NAME_ceiling rows/s of the same "
-              "repetition (a ceiling's wall s is its publishing time only)."]
+              "repetition (a ceiling's wall s is its publishing time only); ratio to the lower of "
+              "the two = walex+NAME rows/s / the lower of pg_recvlogical's and NAME_ceiling's rows/s "
+              "(walex can exceed neither what PostgreSQL sends nor what the broker takes)."]
     return "\n".join(lines)
 
 
