@@ -33,7 +33,7 @@ import nats.errors
 
 from .encoding import Outgoing
 
-__all__ = ["Frames", "usable"]
+__all__ = ["Frames", "checked_client", "usable"]
 
 _CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
 _FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
@@ -50,14 +50,20 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def usable(nc: Any) -> bool:
-    """Whether ``nc`` (a connected nats-py client) has the internals :class:`Frames` uses,
-    as every nats-py 2.x from 2.6 has."""
+def checked_client() -> bool:
+    """Whether the installed nats-py is a 2.x from 2.6 on: the versions whose internals
+    walex relies on (here and in :mod:`walex.destinations.pubacks`) were checked."""
     try:
         from nats.aio.client import __version__
     except ImportError:
         return False
-    if not (2, 6) <= _version(__version__) < (3, 0):
+    return (2, 6) <= _version(__version__) < (3, 0)
+
+
+def usable(nc: Any) -> bool:
+    """Whether ``nc`` (a connected nats-py client) has the internals :class:`Frames` uses,
+    as every nats-py 2.x from 2.6 has."""
+    if not checked_client():
         return False
     return (asyncio.iscoroutinefunction(getattr(nc, "_send_command", None))
             and asyncio.iscoroutinefunction(getattr(nc, "_flush_pending", None))

@@ -30,7 +30,9 @@ refusal too. Wrong credentials are a :class:`~walex.errors.ConfigError`.
 
 The PubAcks come to one subscription of the connection (a reply subject
 per message, :mod:`walex.destinations.pubacks`) and are counted there, with
-no future or parsed PubAck per message; only an error is parsed.
+no future or parsed PubAck per message; only an error is parsed. With a
+checked nats-py, a plain PubAck is counted as the client's parser hands it
+over, before the client builds a message of it for the subscription.
 
 The frames of a batch are built by walex (:mod:`walex.destinations.hpub`,
 half nats-py's CPU per message) and handed to the client's write buffer when
@@ -171,8 +173,9 @@ class NatsDestination(Destination):
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
-            self._acks = PubAcks(self.nc.new_inbox() + ".")
-            await self.nc.subscribe(self._acks.prefix + "*", cb=self._acks.received)
+            acks = self._acks = PubAcks(self.nc.new_inbox() + ".")
+            sub = await self.nc.subscribe(acks.prefix + "*", cb=acks.received)
+            acks.direct(self.nc, getattr(sub, "_id", -1))  # plain PubAcks straight from the parser
             self._frames = Frames(self.nc, self.stream, self._acks.prefix) \
                 if usable(self.nc) else None
         except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
@@ -324,8 +327,11 @@ class NatsDestination(Destination):
         return list(info.config.subjects or [])
 
     async def close(self) -> None:
-        nc, self.nc, self.js, self._acks, self._frames = self.nc, None, None, None, None
+        nc, acks = self.nc, self._acks
+        self.nc, self.js, self._acks, self._frames = None, None, None, None
         self.opened = False
+        if acks is not None:
+            acks.release()
         if nc is not None:
             try:
                 await nc.close()

@@ -2,29 +2,56 @@
 
 :class:`~walex.destinations.nats.NatsDestination` publishes each message of a
 batch with the reply subject ``<prefix><n>`` (``n`` numbers the messages of
-the connection) and one subscription to ``<prefix>*`` hands every answer to
-:meth:`PubAcks.received`. An answer is a PubAck (``{"stream":...,"seq":...}``,
-with ``"duplicate": true`` when the stream already had the message id) or an
-error; only an error, or anything that is not a plain PubAck, is parsed as
-JSON. The batch is confirmed when each of its numbers was answered once with
-a PubAck; an answer to an earlier, abandoned attempt is ignored.
+the connection) and one subscription to ``<prefix>*`` takes every answer. An
+answer is a PubAck (``{"stream":...,"seq":...}``, with ``"duplicate": true``
+when the stream already had the message id) or an error; only an error, or
+anything that is not a plain PubAck, is parsed as JSON. The batch is
+confirmed when each of its numbers was answered once with a PubAck; an
+answer to an earlier, abandoned attempt is ignored.
+
+Two ways in, the same counting:
+
+* Direct (:meth:`PubAcks.direct`): nats-py's protocol parser hands every
+  message to ``await client._process_msg(sid, subject, reply, data, headers)``,
+  looked up on the client instance each time. walex sets that attribute on
+  its own connection to :meth:`PubAcks._take`, which counts an answer of the
+  ack subscription's sid that has no headers and whose data starts with
+  ``{"stream":`` (a plain PubAck) right there: its number from the subject
+  bytes, no ``Msg``, no header parsing, no queue, no switch to the
+  subscription's task. It keeps the client's ``in_msgs``/``in_bytes``
+  statistics; the subscription's own counters (``delivered``, pending) do
+  not see these answers, and none of them can be dropped as a slow
+  consumer's. Everything else (another sid, an answer with headers such as a
+  503 no-responders status, an error, anything else) goes to the client's
+  own ``_process_msg``, hence through the subscription to
+  :meth:`PubAcks.received` and the careful parsing, exactly as without the
+  direct way. The attribute is removed by :meth:`PubAcks.release` (walex
+  closes the connection then); a reconnect of the same client keeps the
+  subscription's sid, so the hook stays right. It is set only for a nats-py
+  whose parser and client have that shape (2.6 to 2.16 were read: the call
+  is the same), see :func:`direct_usable`; otherwise the subscription
+  alone delivers the answers, to :meth:`PubAcks.received`.
+* Subscription: :meth:`PubAcks.received` is the subscription's callback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Any
 
 import nats.js.errors
 
-__all__ = ["EXPECTED_STREAM", "PubAcks"]
+from .hpub import checked_client
+
+__all__ = ["EXPECTED_STREAM", "PubAcks", "direct_usable"]
 
 EXPECTED_STREAM = "Nats-Expected-Stream"  # the stream must be this one, or it is an error
 _STATUS, _NO_RESPONDERS = "Status", "503"
 _PUBACK = b'{"stream":'
 _DUPLICATE = b'"duplicate":'  # then true or false, with or without a space (the server writes
-# '{"stream":"S", "seq":1,"duplicate": true}')
+# '{"stream":"S", "seq":1,"duplicate": true}', the field last)
 
 
 class PubAcks:
@@ -41,6 +68,32 @@ class PubAcks:
         self.duplicates = 0
         self.failure: BaseException | None = None
         self.failed_at = 0  # the batch's message the failure answered for
+        self._client: Any = None  # the client whose _process_msg is self._take (direct way)
+        self._sid = -1
+        self._process: Any = None  # that client's own _process_msg
+        self._stats: dict[str, int] = {}
+
+    def direct(self, nc: Any, sid: int) -> bool:
+        """Take the plain PubAcks of subscription ``sid`` straight from ``nc``'s parser
+        (see the module's docstring); False, changing nothing, when ``nc`` is not a client
+        this was checked for (then the subscription's callback gets every answer)."""
+        if self._client is not None or not direct_usable(nc, sid):
+            return False
+        self._sid, self._process, self._stats = sid, nc._process_msg, nc.stats
+        nc._process_msg = self._take
+        self._client = nc
+        return True
+
+    @property
+    def is_direct(self) -> bool:
+        """Whether plain PubAcks come straight from the parser (:meth:`direct`)."""
+        return self._client is not None
+
+    def release(self) -> None:
+        """Give the client its own ``_process_msg`` back (when it still has ours)."""
+        nc, self._client, self._process = self._client, None, None
+        if nc is not None and vars(nc).get("_process_msg") == self._take:
+            del nc._process_msg
 
     def expect(self, count: int) -> tuple[int, asyncio.Future[None]]:
         """Start a batch of ``count`` messages: their first number and a future done when
@@ -56,6 +109,32 @@ class PubAcks:
         if not count:
             done.set_result(None)
         return first, done
+
+    async def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                    headers: bytes | None) -> None:
+        """The client's ``_process_msg`` while direct: a plain PubAck of the ack
+        subscription is counted here, anything else goes to the client's own."""
+        if sid != self._sid or headers is not None or not data.startswith(_PUBACK):
+            return await self._process(sid, subject, reply, data, headers)
+        stats = self._stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        try:
+            i = int(subject[self._cut:]) - self._first
+        except ValueError:
+            return
+        seen = self._seen
+        if not 0 <= i < len(seen) or seen[i]:
+            return  # another attempt's answer, or one answered already
+        done = self._done
+        if done is None or done.done():
+            return
+        seen[i] = 1
+        if not 48 <= data[-2] <= 57 and _duplicate(data):  # ends "<digit>}": not one
+            self.duplicates += 1
+        self._left -= 1
+        if not self._left:
+            done.set_result(None)
 
     async def received(self, msg: Any) -> None:
         """The subscription's callback: one answer."""
@@ -77,12 +156,41 @@ class PubAcks:
                 done.set_result(None)
                 return
         seen[i] = 1
-        at = data.find(_DUPLICATE)
-        if at >= 0 and data[at + len(_DUPLICATE):].lstrip().startswith(b"true"):
+        if _duplicate(data):
             self.duplicates += 1
         self._left -= 1
         if not self._left:
             done.set_result(None)
+
+
+def direct_usable(nc: Any, sid: int) -> bool:
+    """Whether :meth:`PubAcks.direct` may hook ``nc`` (a connected nats-py client) for
+    its subscription ``sid``: a checked nats-py version whose parser dispatches through
+    the client's ``_process_msg`` attribute, a coroutine method nobody replaced yet."""
+    if not checked_client():
+        return False
+    parser = getattr(nc, "_ps", None)
+    parse = getattr(type(parser), "parse", None)
+    code = getattr(parse, "__code__", None)
+    process = getattr(type(nc), "_process_msg", None)
+    subs = getattr(nc, "_subs", None)
+    return (code is not None and "_process_msg" in code.co_names
+            and getattr(parser, "nc", None) is nc
+            and inspect.iscoroutinefunction(process)
+            and "_process_msg" not in vars(nc)
+            and isinstance(getattr(nc, "stats", None), dict)
+            and isinstance(subs, dict) and sid in subs)
+
+
+def _duplicate(data: bytes) -> bool:
+    """Whether a PubAck says ``"duplicate": true``.
+
+    The server writes that field last (``{"stream":"S", "seq":7,"duplicate": true}``),
+    after the sequence number, so a PubAck whose last value is a number (``..."seq":7}``,
+    the common case) needs no search: :meth:`PubAcks._take` looks at that byte first.
+    """
+    at = data.find(_DUPLICATE)
+    return at >= 0 and data[at + len(_DUPLICATE):].lstrip().startswith(b"true")
 
 
 def _error(msg: Any) -> BaseException | None:
