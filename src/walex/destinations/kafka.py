@@ -280,7 +280,7 @@ class KafkaDestination(Destination):
     async def _produce_all(self, producer: Any, batch: list[Outgoing], failures: _Failures,
                            deadline: float) -> int:
         """Produce the batch's records (tombstones included); returns how many."""
-        produce, failed = producer.produce, failures.delivered
+        produce, failed, put = producer.produce, failures.delivered, self._put
         topic = self.topic.prefix if self.topic.constant else None
         render, tombstones = self.topic.render, self.tombstones
         sources, types = self._sources, _TYPE_HEADERS
@@ -302,24 +302,32 @@ class KafkaDestination(Destination):
             if item.subject is not None:
                 headers.append(("ce_subject", item.subject))
             where = topic if topic is not None else render(item)
-            try:
-                produce(where, item.body, item.key, headers=headers, on_delivery=failed)
-            except BufferError:
+            if not put(produce, where, item.body, item.key, headers, failed):
                 await self._produce_later(producer, where, item.body, item.key, headers,
                                           failed, deadline)
-            except KafkaException as exc:
-                raise self._produce_error(where, exc) from None
             count += 1
             if tombstones and item.type == "delete":
-                try:
-                    produce(where, None, item.key, on_delivery=failed)
-                except BufferError:
+                if not put(produce, where, None, item.key, None, failed):
                     await self._produce_later(producer, where, None, item.key, None, failed,
                                               deadline)
-                except KafkaException as exc:
-                    raise self._produce_error(where, exc) from None
                 count += 1
         return count
+
+    def _put(self, produce: Any, topic: str, value: bytes | None, key: str, headers: Any,
+             failed: Any) -> bool:
+        """Produce one record (``value`` None: a tombstone); False when the producer's queue
+        is full (:meth:`_produce_later`). A record the client refuses raises: for good
+        (:meth:`refusal`, with the fix) or :class:`~walex.destinations.base.Unavailable`."""
+        try:
+            produce(topic, value, key, headers=headers, on_delivery=failed)
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in PERMANENT:
+                raise self.refusal(topic, err) from None
+            raise self.unavailable("producing failed", exc) from None
+        return True
 
     async def _produce_later(self, producer: Any, topic: str, value: bytes | None, key: str,
                              headers: Any, failed: Any, deadline: float) -> None:
@@ -330,19 +338,8 @@ class KafkaDestination(Destination):
             self._still_usable(producer, loop, deadline,
                                f"the producer's queue stayed full for {self.timeout:g}s")
             await asyncio.sleep(0.005)
-            try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=failed)
+            if self._put(producer.produce, topic, value, key, headers, failed):
                 return
-            except BufferError:
-                continue
-            except KafkaException as exc:
-                raise self._produce_error(topic, exc) from None
-
-    def _produce_error(self, topic: str, exc: KafkaException) -> Exception:
-        err = exc.args[0]
-        if err.code() in PERMANENT:
-            return self.refusal(topic, err)
-        return self.unavailable("producing failed", exc)
 
     def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
                       timed_out: str) -> None:
