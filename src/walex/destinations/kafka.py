@@ -12,10 +12,13 @@ consumer can route without parsing the value.
 The producer is librdkafka's (``confluent-kafka``), idempotent with
 ``acks=all``: a batch counts as durable when the broker confirmed every
 record of it to the producer (its delivery report). Records are produced
-all at once, then the producer is served from the event loop, without
-blocking it, until it holds none of them: the client calls back only for a
-record that failed (``delivery.report.only.error``), so a record that left
-the producer without such a report was confirmed. A report that says the
+all at once, then the producer is flushed on a thread of the destination's
+own while the event loop goes on: a flush sends what the producer holds at
+once, without waiting ``linger.ms``, and returns as soon as the last record
+was confirmed (no polling cadence), so a group of one-row transactions costs
+one round trip to the broker. The client calls back only for a record that
+failed (``delivery.report.only.error``), so a record that left the producer
+without such a report was confirmed. A report that says the
 broker could not take a record now, or no end within ``timeout`` seconds,
 fails the batch (:class:`~walex.destinations.base.Unavailable`): the producer is
 closed, what it still held dropped, and the whole batch is published again
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -65,6 +69,7 @@ _SPECVERSION = ("ce_specversion", b"1.0")
 _CONTENT_TYPE = ("content-type", CONTENT_TYPE)
 _TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}") for kind in EventType}
 _IDLE_POLL = 0.25  # seconds between two services of the producer while no batch is published
+_FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees its thread by then
 OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 
@@ -156,6 +161,7 @@ class KafkaDestination(Destination):
         validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
         self._server: asyncio.Task[None] | None = None  # serves the producer between publishes
+        self._flusher: ThreadPoolExecutor | None = None  # waits for a publish's reports
         self._publishing = asyncio.Lock()
         self._sources: dict[str, tuple[str, str]] = {}  # the ce_source header of each source
         self._fatal: str | None = None  # the producer cannot go on: a new one is needed
@@ -235,6 +241,9 @@ class KafkaDestination(Destination):
         self.opened = False
         if server is not None:
             server.cancel()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:  # a flush still running ends within its slice
+            flusher.shutdown(wait=False)
         if producer is None:
             return
 
@@ -271,7 +280,7 @@ class KafkaDestination(Destination):
     async def _produce_all(self, producer: Any, batch: list[Outgoing], failures: _Failures,
                            deadline: float) -> int:
         """Produce the batch's records (tombstones included); returns how many."""
-        produce, failed = producer.produce, failures.delivered
+        produce, failed, put = producer.produce, failures.delivered, self._put
         topic = self.topic.prefix if self.topic.constant else None
         render, tombstones = self.topic.render, self.tombstones
         sources, types = self._sources, _TYPE_HEADERS
@@ -293,24 +302,32 @@ class KafkaDestination(Destination):
             if item.subject is not None:
                 headers.append(("ce_subject", item.subject))
             where = topic if topic is not None else render(item)
-            try:
-                produce(where, item.body, item.key, headers=headers, on_delivery=failed)
-            except BufferError:
+            if not put(produce, where, item.body, item.key, headers, failed):
                 await self._produce_later(producer, where, item.body, item.key, headers,
                                           failed, deadline)
-            except KafkaException as exc:
-                raise self._produce_error(where, exc) from None
             count += 1
             if tombstones and item.type == "delete":
-                try:
-                    produce(where, None, item.key, on_delivery=failed)
-                except BufferError:
+                if not put(produce, where, None, item.key, None, failed):
                     await self._produce_later(producer, where, None, item.key, None, failed,
                                               deadline)
-                except KafkaException as exc:
-                    raise self._produce_error(where, exc) from None
                 count += 1
         return count
+
+    def _put(self, produce: Any, topic: str, value: bytes | None, key: str, headers: Any,
+             failed: Any) -> bool:
+        """Produce one record (``value`` None: a tombstone); False when the producer's queue
+        is full (:meth:`_produce_later`). A record the client refuses raises: for good
+        (:meth:`refusal`, with the fix) or :class:`~walex.destinations.base.Unavailable`."""
+        try:
+            produce(topic, value, key, headers=headers, on_delivery=failed)
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in PERMANENT:
+                raise self.refusal(topic, err) from None
+            raise self.unavailable("producing failed", exc) from None
+        return True
 
     async def _produce_later(self, producer: Any, topic: str, value: bytes | None, key: str,
                              headers: Any, failed: Any, deadline: float) -> None:
@@ -321,19 +338,8 @@ class KafkaDestination(Destination):
             self._still_usable(producer, loop, deadline,
                                f"the producer's queue stayed full for {self.timeout:g}s")
             await asyncio.sleep(0.005)
-            try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=failed)
+            if self._put(producer.produce, topic, value, key, headers, failed):
                 return
-            except BufferError:
-                continue
-            except KafkaException as exc:
-                raise self._produce_error(topic, exc) from None
-
-    def _produce_error(self, topic: str, exc: KafkaException) -> Exception:
-        err = exc.args[0]
-        if err.code() in PERMANENT:
-            return self.refusal(topic, err)
-        return self.unavailable("producing failed", exc)
 
     def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
                       timed_out: str) -> None:
@@ -345,20 +351,32 @@ class KafkaDestination(Destination):
             raise Unavailable(timed_out)
 
     async def _confirmed(self, producer: Any, count: int, deadline: float) -> None:
-        """Serve delivery reports until the producer holds no record (its count includes
-        those whose report is not served yet), pausing 0.5 ms doubling up to 5 ms."""
+        """Wait until the producer holds no record (its count includes those whose report
+        is not served yet): flush it on the destination's thread, which serves the reports
+        there, in slices of at most :data:`_FLUSH_SLICE`, checking between two.
+
+        librdkafka's flush sends what the producer holds at once (``linger.ms`` does not
+        apply) and is woken when the last record left it, so the wait is the broker's
+        round trip, and the event loop goes on meanwhile (the call holds no GIL while it
+        waits). The callbacks it runs on that thread only record (:class:`_Failures`,
+        :meth:`_on_error`): the loop reads them once the flush returned."""
         loop = asyncio.get_running_loop()
-        pause = 0.0005
+        flusher = self._flusher
+        if flusher is None:
+            flusher = self._flusher = ThreadPoolExecutor(1, thread_name_prefix="walex-kafka-flush")
         while True:
-            self._poll(producer)
             left = len(producer)
             if not left:
                 return
             self._still_usable(producer, loop, deadline,
                                f"{min(left, count)} of {count} records were not confirmed "
                                f"within {self.timeout:g}s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.005)
+            wait = min(_FLUSH_SLICE, max(deadline - loop.time(), 0.001))
+            try:
+                await loop.run_in_executor(flusher, producer.flush, wait)
+            except Exception as exc:  # a callback's bug must not end the relay
+                log.error("destination %s: serving delivery reports: %s", self.display,
+                          self.describe(exc))
 
     def refusal(self, topic: str, err: Any) -> DestinationError:
         return DestinationError(f"destination {self.display}: topic {topic!r} refused a record for "
