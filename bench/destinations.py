@@ -220,8 +220,8 @@ async def _rabbitmq(run: str, create: bool) -> None:
         await connection.close()
 
 
-def _kafka_topic(url: str, create: bool) -> None:
-    """Make (or delete) the run's topic: ``KAFKA_PARTITIONS`` partitions, one replica."""
+def _kafka_topic(url: str, create: bool, partitions: int = KAFKA_PARTITIONS) -> None:
+    """Make (or delete) the run's topic: ``partitions`` partitions, one replica."""
     from urllib.parse import parse_qs, urlsplit
 
     from confluent_kafka.admin import AdminClient, NewTopic
@@ -229,7 +229,7 @@ def _kafka_topic(url: str, create: bool) -> None:
     parts = urlsplit(url)
     topic = parse_qs(parts.query)["topic"][0]
     admin = AdminClient({"bootstrap.servers": parts.netloc})
-    futures = (admin.create_topics([NewTopic(topic, num_partitions=KAFKA_PARTITIONS,
+    futures = (admin.create_topics([NewTopic(topic, num_partitions=partitions,
                                              replication_factor=1)], request_timeout=30)
                if create else admin.delete_topics([topic], request_timeout=30))
     for future in futures.values():

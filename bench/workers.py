@@ -1,11 +1,12 @@
 """Events/s handled by ``walex worker`` processes with a handler that does nothing.
 
-    .venv/bin/python bench/workers.py                          # NATS and RabbitMQ, 1 and 3 workers
+    .venv/bin/python bench/workers.py                          # NATS, RabbitMQ, Kafka; 1 and 3 workers
     .venv/bin/python bench/workers.py --brokers nats --events 20000 --workers 1,2,3
 
-For each broker and each worker count: a fresh target (a JetStream stream,
-or an exchange and its partition queues, declared as the workers declare
-them) is filled, untimed, with ``--events`` CloudEvents of W1-like rows (the
+For each broker and each worker count: a fresh target (a JetStream stream;
+an exchange and its partition queues, declared as the workers declare them;
+a Kafka topic of ``--partitions`` partitions on the tansu broker that
+``destinations.py`` starts, the same as ``run.py --destination kafka``) is filled, untimed, with ``--events`` CloudEvents of W1-like rows (the
 bytes walex's relay publishes: ``walex.destinations.encoding``, published
 by walex's own destination, ``--partitions`` partitions, transactions of
 ``--txn`` events); then N ``walex worker URL noop_handler:events``
@@ -14,9 +15,13 @@ and the bench waits until they handled every event, then stops them.
 
 Reported per run: **events/s** over the handling window (first handler call
 of any worker to the last), which is what the workers take once running,
-and **from spawn** (interpreter start, imports, connecting included). Uses
-the machine's brokers (``--nats``, ``--amqp``); every target is removed
-afterwards. Rough figures on a shared machine: compare within one run.
+and **from spawn** (interpreter start, imports, connecting included), and
+**worker CPU µs/event**: the workers' CPU time (user and system) over their
+handling windows per event, the figure to compare on a shared machine (the
+event rates are wall-clock: compare within one run). Uses the machine's
+brokers (``--nats``, ``--amqp``) and a tansu of its own (an in-memory
+Kafka-protocol broker, not Apache Kafka; killed at exit); every target is
+removed afterwards. Kafka's workers are one group per run.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent / "src"))
 sys.path.insert(0, str(BENCH))
 
+import destinations  # noqa: E402
 from encode import w1_events  # noqa: E402
 
 from walex.destinations import from_url  # noqa: E402
@@ -47,7 +53,13 @@ def urls(broker: str, run: str, args: argparse.Namespace) -> str:
     """The relay's destination URL (the workers add &partitions=)."""
     if broker == "nats":
         return f"{args.nats}?stream={run}&subject={run}.{{schema}}.{{table}}.{{partition}}"
+    if broker == "kafka":  # tansu, started at the first Kafka run (bench/destinations.py)
+        return destinations.SHORTCUTS["kafka"].replace("KPORT", str(destinations._kafka_port())) \
+            .replace("RUN", run)
     return f"{args.amqp}?exchange={run}&routing_key={{schema}}.{{table}}.{{type}}.{{partition}}"
+
+
+NAMES = {"nats": "NATS", "amqp": "RabbitMQ", "kafka": "Kafka (tansu)"}
 
 
 def events_of(n: int, txn: int) -> list:
@@ -73,6 +85,8 @@ async def prefill(broker: str, url: str, run: str, args: argparse.Namespace) -> 
                 await queue.bind(run, routing_key=key)
         finally:
             await connection.close()
+    elif broker == "kafka":  # the topic with --partitions partitions, before the relay's records
+        await asyncio.to_thread(destinations._kafka_topic, url, True, args.partitions)
     destination = from_url(url, args.partitions)
     await asyncio.wait_for(destination.open(), timeout=30)
     try:
@@ -93,6 +107,8 @@ async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
             await nc.jetstream(timeout=10).delete_stream(run)
         finally:
             await nc.close()
+    elif broker == "kafka":
+        await asyncio.to_thread(destinations._kafka_topic, urls(broker, run, args), False)
     else:
         import aio_pika
 
@@ -106,14 +122,15 @@ async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
             await connection.close()
 
 
-def read_counts(paths: list[Path]) -> list[tuple[int, float, float]]:
+def read_counts(paths: list[Path]) -> list[tuple[int, float, float, float]]:
+    """Per worker: events handled, first and last call (epoch s), CPU s between them."""
     out = []
     for path in paths:
         try:
-            n, first, last = path.read_text().split()
-            out.append((int(n), float(first), float(last)))
+            n, first, last, cpu = path.read_text().split()
+            out.append((int(n), float(first), float(last), float(cpu)))
         except (OSError, ValueError):
-            out.append((0, 0.0, 0.0))
+            out.append((0, 0.0, 0.0, 0.0))
     return out
 
 
@@ -126,11 +143,14 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         asyncio.run(prefill(broker, url, run, args))
+        source = f"{url}&partitions={args.partitions}"
+        if broker == "kafka":
+            source += f"&group={run}"  # a group of the run's own: it starts at the earliest record
         t_spawn = time.time()
         for path in paths:
             env = {**os.environ, "BENCH_WORKER_COUNT": str(path)}
             procs.append(subprocess.Popen(
-                [str(walex), "worker", f"{url}&partitions={args.partitions}", "noop_handler:events",
+                [str(walex), "worker", source, "noop_handler:events",
                  "--app-dir", str(BENCH / "consumers"), "--log-level", "WARNING"],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(tmp / f"{path.name}.err", "wb"), start_new_session=True))
@@ -157,12 +177,13 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
     first, last = min(c[1] for c in busy), max(c[2] for c in busy)
     return {"broker": broker, "workers": workers, "events": sum(c[0] for c in counts),
             "per_worker": [c[0] for c in counts], "window_s": last - first,
-            "from_spawn_s": last - t_spawn}
+            "from_spawn_s": last - t_spawn, "cpu_s": sum(c[3] for c in counts)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--brokers", default="nats,amqp", help="comma list: nats, amqp (RabbitMQ)")
+    ap.add_argument("--brokers", default="nats,amqp,kafka",
+                    help="comma list: nats, amqp (RabbitMQ), kafka (a tansu the bench starts)")
     ap.add_argument("--workers", default="1,3", help="comma list of worker process counts")
     ap.add_argument("--events", type=int, default=5000)
     ap.add_argument("--partitions", type=int, default=3)
@@ -178,11 +199,12 @@ def main() -> int:
             rows.append(r)
             print(f"   {broker} x{workers}: {r['events'] / r['window_s']:,.0f} events/s "
                   f"(per worker {r['per_worker']})", flush=True)
-    print("\n| broker | workers | events | events/s (handling) | events/s (from spawn) | per worker |"
-          "\n|---|---|---|---|---|---|")
+    print("\n| broker | workers | events | events/s (handling) | events/s (from spawn) "
+          "| worker CPU µs/event | per worker |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {'RabbitMQ' if r['broker'] == 'amqp' else 'NATS'} | {r['workers']} | {r['events']:,} "
+        print(f"| {NAMES[r['broker']]} | {r['workers']} | {r['events']:,} "
               f"| {r['events'] / r['window_s']:,.0f} | {r['events'] / r['from_spawn_s']:,.0f} "
+              f"| {r['cpu_s'] / r['events'] * 1e6:,.0f} "
               f"| {', '.join(map(str, r['per_worker']))} |")
     print(f"\n{args.partitions} partitions, transactions of {args.txn} events, W1-like rows, "
           f"load average {os.getloadavg()[0]:.2f}.")

@@ -1,9 +1,10 @@
 """The handler of ``bench/workers.py``: does nothing with its events, only counts them.
 
 ``walex worker URL noop_handler:events --app-dir bench/consumers``. A daemon
-thread writes ``<count> <first> <last>`` (epoch seconds of the first and
-last call) to ``$BENCH_WORKER_COUNT`` every 50 ms, so the bench reads how
-many events this process handled without slowing the handler.
+thread writes ``<count> <first> <last> <cpu>`` (epoch seconds of the first
+and last call; the process's CPU seconds, user and system, between them) to
+``$BENCH_WORKER_COUNT`` every 50 ms, so the bench reads how many events this
+process handled without slowing the handler.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ import time
 from walex import Event, Events
 
 events = Events()
-_state = [0, 0.0, 0.0]  # events, first call, last call
+_state = [0, 0.0, 0.0, 0.0, 0.0]  # events, first call, last call, CPU seconds at both
 
 
 @events.on_event("all")
 async def handle(batch: list[Event]) -> None:
     state = _state
-    now = time.time()
+    now, cpu = time.time(), time.process_time()
     if not state[0]:
-        state[1] = now
+        state[1], state[3] = now, cpu
     state[0] += len(batch)
-    state[2] = now
+    state[2], state[4] = now, cpu
 
 
 def _report(path: str) -> None:
@@ -34,7 +35,7 @@ def _report(path: str) -> None:
         snapshot = tuple(_state)
         if snapshot != written:
             with open(path + ".tmp", "w") as fh:
-                fh.write(f"{snapshot[0]} {snapshot[1]} {snapshot[2]}")
+                fh.write(f"{snapshot[0]} {snapshot[1]} {snapshot[2]} {snapshot[4] - snapshot[3]}")
             os.replace(path + ".tmp", path)
             written = snapshot
         time.sleep(0.05)

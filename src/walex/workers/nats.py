@@ -11,7 +11,12 @@ as ``*`` and ``{partition}`` as ``p``) and created with
 unacknowledged at a time, whichever worker fetched it, and hands out the
 next one, to any worker, only once that one is acknowledged. So the
 partition's messages are handled one after the other, in stream order, by
-however many workers; a handler receives one event per call.
+however many workers; a handler receives one event per call. The
+acknowledgement asks for the next message too (JetStream's ``+NXT``, one
+request of ``batch`` 1 expiring after the worker's poll), so a partition
+with messages waiting costs one message to the server per event, not an
+acknowledgement and a fetch request; a worker that stops gives back at once
+what came for such a request and was not handled.
 
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
@@ -72,16 +77,32 @@ class NatsLane(Lane):
         # held messages: the timer that starts keeping one, then the task keeping it
         self.held: dict[int, tuple[Any, asyncio.TimerHandle | asyncio.Task[None]]] = {}
         self.asked: float | None = None  # when the previous fetch went out
+        self.following: float | None = None  # when an acknowledgement asked for the next one
+        self.wait = 1.0  # the worker's poll: how long such a request waits on the server
+        # the pull subscription's inbox (what fetch() asks the server to deliver to)
+        self.inbox: str | None = getattr(psub, "_deliver", None)
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
+        self.wait = wait
         now = time.monotonic()
-        # A message already waiting came for an earlier request, maybe delivered then.
-        asked = self.asked if self.asked is not None and getattr(self.psub, "pending_msgs", 0) \
-            else now
-        self.asked = now
+        if self.following is not None and now - self.following > 2 * self.wait + 1:
+            self.following = None  # its request expired and no word of it came: fetch again
         try:
-            [msg] = await self.psub.fetch(1, timeout=wait)
+            if self.following is not None:  # the acknowledgement asked for the next message
+                msg = await self._following(wait)
+                if msg is None:
+                    self.consumer.check()
+                    await self.consumer.recheck(self.partition)
+                    return []
+                asked = self.following
+                self.following = None
+            else:
+                # A message already waiting came for an earlier request, maybe delivered then.
+                asked = self.asked if self.asked is not None and \
+                    getattr(self.psub, "pending_msgs", 0) else now
+                self.asked = now
+                [msg] = await self.psub.fetch(1, timeout=wait)
         except TimeoutError:  # nothing within wait (nats' errors subclass it)
             self.consumer.check()
             await self.consumer.recheck(self.partition)
@@ -92,6 +113,21 @@ class NatsLane(Lane):
         meta = msg.metadata
         return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending,
                          attempt=meta.num_delivered, sequence=meta.sequence.stream)]
+
+    async def _following(self, wait: float) -> Any:
+        """The message the last acknowledgement asked for (``+NXT``), or None: its request
+        expired without one (then the next receive asks with a fetch)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                msg = await self.psub._sub.next_msg(timeout=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                return None
+            if not _is_status(msg):
+                return msg
+            if msg.header.get("Status") != "100":  # 408: the request expired (else: the same)
+                self.following = None
+                return None
 
     def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
@@ -138,10 +174,21 @@ class NatsLane(Lane):
             task.cancel()
 
     async def ack(self, deliveries: list[Delivery]) -> None:
-        for delivery in deliveries:
+        """Acknowledge; the last one with ``+NXT`` (JetStream's acknowledge-and-ask-for-the-
+        next), so the next message is delivered as soon as the server took the
+        acknowledgement, without a fetch request of its own."""
+        for i, delivery in enumerate(deliveries):
             self._drop(delivery.handle)
+            msg = delivery.handle
             try:
-                await delivery.handle.ack()
+                if i + 1 == len(deliveries) and self.inbox is not None and msg.reply and \
+                        self.following is None and not self.revoked.is_set():
+                    request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
+                    self.following = time.monotonic()
+                    await self.consumer.destination.nc.publish(msg.reply, request, reply=self.inbox)
+                    msg._ackd = True
+                else:
+                    await msg.ack()
             except Exception as exc:
                 raise self.consumer.destination.unavailable("acknowledging failed", exc) from None
 
@@ -156,7 +203,29 @@ class NatsLane(Lane):
                 log.debug("giving a message back failed: %r", exc)
 
     async def release_held(self) -> None:
-        await self.release([Delivery(b"", msg) for msg, _task in list(self.held.values())])
+        """Give back what this lane holds, and what came for its requests and was not
+        taken yet (a message the last acknowledgement asked for): at once, not after
+        ``ack_wait``."""
+        held = [Delivery(b"", msg) for msg, _task in list(self.held.values())]
+        if self.following is not None and self.consumer.destination.nc is not None and \
+                self.consumer.destination.nc.is_connected:
+            # the request of the last acknowledgement is served (or expires) within wait
+            left = self.following + self.wait + 0.5 - time.monotonic()
+            msg = await self._following(left) if left > 0 else None
+            if msg is not None:
+                held.append(Delivery(b"", msg))
+            self.following = None
+        queue = getattr(getattr(self.psub, "_sub", None), "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            if not _is_status(msg):
+                held.append(Delivery(b"", msg))
+        await self.release(held)
+
+
+def _is_status(msg: Any) -> bool:
+    """A JetStream status message (no messages, request expired, heartbeat), not a message."""
+    return not msg.data and bool(msg.header) and "Status" in msg.header
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -356,6 +425,5 @@ class NatsConsumer(Consumer):
 
     async def close(self) -> None:
         lanes, self.lanes = self.lanes, []
-        for lane in lanes:
-            await lane.release_held()
+        await asyncio.gather(*(lane.release_held() for lane in lanes), return_exceptions=True)
         await close_quietly(self.destination)
