@@ -425,5 +425,12 @@ class NatsConsumer(Consumer):
 
     async def close(self) -> None:
         lanes, self.lanes = self.lanes, []
-        await asyncio.gather(*(lane.release_held() for lane in lanes), return_exceptions=True)
+        results = await asyncio.gather(*(lane.release_held() for lane in lanes),
+                                       return_exceptions=True)
+        for lane, result in zip(lanes, results):
+            if isinstance(result, Exception):  # they come back after ack_wait instead
+                log.warning("worker: giving back the messages held for partition %s failed: %r;"
+                            " the server delivers them again after ack_wait", lane.partition, result)
+            elif isinstance(result, BaseException):
+                raise result
         await close_quietly(self.destination)
