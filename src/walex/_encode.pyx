@@ -50,6 +50,9 @@ cdef object _Unfit = None
 cdef object _UnchangedToast = None
 cdef dict _KINDS = None
 cdef object _OPTIONS = None
+# the Source planned last and its plan, as one tuple (the events of a table come in runs;
+# the Source is kept alive, so its identity is not reused)
+cdef tuple _last_plan = (None, None)
 
 
 def bind(helpers):
@@ -113,7 +116,14 @@ cdef object _record(object record, object plan):
 
 def fast_event(event, partitions):
     """One event as an ``Outgoing``; raises ``_Unfit`` or orjson's error for the reference."""
-    plan = _plan(event)
+    global _last_plan
+    src = event.source
+    last = _last_plan
+    if <object>PyTuple_GET_ITEM(last, 0) is src:
+        plan = <object>PyTuple_GET_ITEM(last, 1)
+    else:
+        plan = _plan(event)
+        _last_plan = (src, plan)
     info = plan.info
     new, old, changes = event.new_record, event.old_record, event.changes
     data = {
@@ -156,7 +166,6 @@ def fast_event(event, partitions):
     }
     if subject is not None:
         document["subject"] = subject
-    src = event.source
     body = _dumps(document, option=_OPTIONS)
     return _tuple_new(_Outgoing, (event.id, src.schema, src.table, kind, partition,
                                   PyBytes_FromStringAndSize(PyBytes_AS_STRING(body),

@@ -85,7 +85,7 @@ from ..event import Event, EventType
 from ..pgoutput.messages import UnchangedToast
 
 __all__ = ["Outgoing", "encode", "encode_event", "encode_event_reference", "encode_reference",
-           "json_value", "partition_of", "SCHEMA_FILE"]
+           "fast_path", "json_value", "partition_of", "SCHEMA_FILE"]
 
 SCHEMA_FILE = "cloudevent.schema.json"
 
@@ -324,15 +324,35 @@ def _document(event: Event, info: Any, key: str, partition: int, partitions: int
     return kind, document
 
 
+_UTC = dt.timezone.utc
+_last_time: tuple[Any, str] = (None, "")  # the moment formatted last and its text (one
+# object, replaced whole: a thread encoding meanwhile sees either pair, never a mix)
+
+
 def _rfc3339(moment: dt.datetime) -> str:
-    text = _times.get(moment)
-    if text is None:
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.timezone.utc)
-        text = moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-        if len(_times) > 64:
-            _times.clear()
-        _times[moment] = text
+    """``moment`` in UTC, ISO 8601 with ``Z`` (a naive one taken as UTC).
+
+    The events of a transaction share one commit time object, and one-change
+    transactions each bring a new one: the text of the last moment is kept (an
+    identity test, no hashing), and a moment already in UTC (as the decoder
+    makes them) is formatted by orjson, with no conversion (the same text as
+    ``isoformat()`` with ``Z``, which formats through C's printf: ten times the
+    instructions)."""
+    global _last_time
+    last = _last_time
+    if moment is last[0]:
+        return last[1]
+    if moment.tzinfo is _UTC and type(moment) is dt.datetime:
+        text = orjson.dumps(moment, option=orjson.OPT_UTC_Z)[1:-1].decode()
+    else:
+        text = _times.get(moment)
+        if text is None:
+            aware = moment.replace(tzinfo=_UTC) if moment.tzinfo is None else moment
+            text = aware.astimezone(_UTC).isoformat().replace("+00:00", "Z")
+            if len(_times) > 64:
+                _times.clear()
+            _times[moment] = text
+    _last_time = (moment, text)
     return text
 
 
@@ -444,6 +464,9 @@ class _Plan(NamedTuple):
 
 
 _plans: dict[int, tuple[Any, _Plan]] = {}  # id(Source) -> (Source, plan)
+# the Source planned last and its plan, one tuple replaced whole (the events of a table
+# come in runs; the Source is kept alive, so its identity is not reused)
+_last_plan: tuple[Any, Any] = (None, None)
 
 
 def _plan(event: Event) -> _Plan:
@@ -491,7 +514,14 @@ def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
 
 
 def _fast_event(event: Event, partitions: int) -> Outgoing:
-    plan = _plan(event)
+    global _last_plan
+    src = event.source
+    last = _last_plan
+    if last[0] is src:
+        plan = last[1]
+    else:
+        plan = _plan(event)
+        _last_plan = (src, plan)
     info = plan.info
     new, old, changes = event.new_record, event.old_record, event.changes
     data: dict[str, Any] = {
@@ -517,7 +547,6 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
     key = info.prefix if subject is None else f"{info.prefix}/{subject}"
     partition = partition_of(key, partitions) if partitions > 1 else 0
     kind, document = _document(event, info, key, partition, partitions, subject, data)
-    src = event.source
     return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
                                  bytes(memoryview(orjson.dumps(document, option=_OPTIONS))),
                                  info.source, document["time"], key, subject))
@@ -534,12 +563,22 @@ _fast = _fast_event if compiled_fast_event is None or os.environ.get("WALEX_PURE
     else compiled_fast_event
 
 
+_UNFIT = (_Unfit, orjson.JSONEncodeError)  # what sends an event from _fast to the reference
+
+
 def encode_event(event: Event, partitions: int = 1) -> Outgoing:
     """One event as a CloudEvent, with its partition."""
     try:
         return _fast(event, partitions)
-    except (_Unfit, orjson.JSONEncodeError):
+    except _UNFIT:
         return encode_event_reference(event, partitions)
+
+
+def fast_path() -> tuple[Callable[[Event, int], Outgoing], tuple[type[Exception], ...]]:
+    """:func:`encode_event` in two parts, for a caller that inlines it in its loop (the
+    destinations' window): the fast path, and the exceptions on which the event goes to
+    :func:`encode_event_reference` instead (the same bytes either way)."""
+    return _fast, _UNFIT
 
 
 def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:
