@@ -452,7 +452,7 @@ class _Unfit(Exception):
     """A value the fast path does not take on: the reference encodes the event."""
 
 
-class _Plan(NamedTuple):
+class _Plan(NamedTuple):  # the compiled twin reads its fields by position: keep the order
     info: _TableInfo
     names: frozenset[str]  # every column
     plain: tuple[str, ...]  # checked by the types of their values, then as they are
@@ -489,14 +489,15 @@ def _plan(event: Event) -> _Plan:
     return plan
 
 
-def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-    if not (type(record) is dict and record.keys() <= plan.names
-            and set(map(type, map(record.get, plan.plain))) <= _PLAIN_VALUES):
+def _fast_record(record: dict[str, Any], names: frozenset[str], plain: tuple[str, ...],
+                 convert: tuple[str, ...]) -> dict[str, Any]:
+    if not (type(record) is dict and record.keys() <= names
+            and set(map(type, map(record.get, plain))) <= _PLAIN_VALUES):
         raise _Unfit
-    if not plan.convert:
+    if not convert:
         return record  # orjson reads it as it is
     out = record.copy()
-    for name in plan.convert:
+    for name in convert:
         if name in out:
             value = out[name]
             kind = type(value)
@@ -522,22 +523,22 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
     else:
         plan = _plan(event)
         _last_plan = (src, plan)
-    info = plan.info
+    info, names, plain, convert, columns, base_types, key_columns, key1 = plan  # no lookups
     new, old, changes = event.new_record, event.old_record, event.changes
     data: dict[str, Any] = {
-        "new_record": None if new is None else _fast_record(new, plan),
-        "old_record": None if old is None else _fast_record(old, plan),
+        "new_record": None if new is None else _fast_record(new, names, plain, convert),
+        "old_record": None if old is None else _fast_record(old, names, plain, convert),
         "changes": None if changes is None else _changes(changes, info.json_columns),
-        "columns": plan.columns,
+        "columns": columns,
         "lsn": event.lsn,
     }
-    if plan.base_types is not None:
-        data["base_types"] = plan.base_types
-    if plan.key is not None:
-        data["key"] = plan.key
+    if base_types is not None:
+        data["base_types"] = base_types
+    if key_columns is not None:
+        data["key"] = key_columns
     subject: str | None
     record = new if new is not None else old
-    value = record.get(plan.key1) if record and plan.key1 is not None else None
+    value = record.get(key1) if record and key1 is not None else None
     if type(value) is int and -_MAX_SAFE <= value <= _MAX_SAFE:
         subject = str(value)  # what orjson writes for it
     elif type(value) is str:
