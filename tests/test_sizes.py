@@ -90,3 +90,37 @@ def test_a_batch_is_sized_by_what_its_events_hold(
     # within a tenth of what was freed (measured: within 1%)
     assert 0.9 * freed <= estimate <= 1.15 * freed, (freed, estimate, exact)
     assert 0.9 * freed <= exact <= 1.15 * freed, (freed, estimate, exact)
+
+
+def test_the_inlined_common_values_count_as_value_bytes_does() -> None:
+    """event_bytes sizes the common values of a new record inline (no value_bytes call):
+    the same total as value_bytes for every kind, subclasses and containers included."""
+    import datetime as dt
+    from collections import namedtuple
+    from decimal import Decimal
+    from sys import getsizeof
+    from uuid import UUID
+
+    from walex.sizes import value_bytes
+
+    class Stamp(dt.datetime):  # a subclass: through value_bytes, as before
+        pass
+
+    class Holder:  # a value class with attributes
+        def __init__(self) -> None:
+            self.a = "x" * 40
+
+    pair = namedtuple("pair", "a b")
+    values = [None, True, False, 0, 7, 256, 257, -5, -6, 2**70, 1.5, "", "text" * 9, b"\x00" * 33,
+              Decimal("12.3400"), dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc),
+              dt.date(2025, 1, 1), dt.time(1, 2, 3), dt.timedelta(days=2),
+              UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Stamp(2025, 1, 1), Holder(),
+              {"k": 1000, "tag": "x", "nested": [1, 2.5, {"deep": "y" * 70}]}, [300, "a"],
+              (1, 2), pair(1000, "b")]
+    new = {f"c{i}": v for i, v in enumerate(values)}
+    event = SimpleNamespace(id="0/1:0", new_record=new, old_record=None, changes=None)
+    expected = (getsizeof(event) + getsizeof(event.id) + getsizeof(new)
+                + sum(value_bytes(v) for v in values))
+    assert event_bytes(event) == expected
+    for value in values[10:20]:  # the flat kinds: the object alone
+        assert value_bytes(value) == getsizeof(value)

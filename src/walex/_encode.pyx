@@ -50,6 +50,9 @@ cdef object _Unfit = None
 cdef object _UnchangedToast = None
 cdef dict _KINDS = None
 cdef object _OPTIONS = None
+# the Source planned last and its plan, as one tuple (the events of a table come in runs;
+# the Source is kept alive, so its identity is not reused)
+cdef tuple _last_plan = (None, None)
 
 
 def bind(helpers):
@@ -71,10 +74,7 @@ cdef inline bint _plain_value(object value):
             or kind is _DATE or kind is _UUID)
 
 
-cdef object _record(object record, object plan):
-    cdef tuple plain = plan.plain
-    cdef tuple convert = plan.convert
-    cdef object names = plan.names
+cdef object _record(object record, object names, tuple plain, tuple convert):
     cdef Py_ssize_t i
     cdef PyObject *found
     cdef object name, value, kind
@@ -113,22 +113,36 @@ cdef object _record(object record, object plan):
 
 def fast_event(event, partitions):
     """One event as an ``Outgoing``; raises ``_Unfit`` or orjson's error for the reference."""
-    plan = _plan(event)
-    info = plan.info
+    global _last_plan
+    src = event.source
+    last = _last_plan
+    if <object>PyTuple_GET_ITEM(last, 0) is src:
+        plan = <object>PyTuple_GET_ITEM(last, 1)
+    else:
+        plan = _plan(event)
+        _last_plan = (src, plan)
+    # the plan's fields by position (a _Plan is a tuple): no attribute lookup each
+    cdef tuple fields = <tuple>plan
+    info = <object>PyTuple_GET_ITEM(fields, 0)
+    names = <object>PyTuple_GET_ITEM(fields, 1)
+    plain = <tuple>PyTuple_GET_ITEM(fields, 2)
+    convert = <tuple>PyTuple_GET_ITEM(fields, 3)
+    base_types = <object>PyTuple_GET_ITEM(fields, 5)
+    key_columns = <object>PyTuple_GET_ITEM(fields, 6)
+    key1 = <object>PyTuple_GET_ITEM(fields, 7)
     new, old, changes = event.new_record, event.old_record, event.changes
     data = {
-        "new_record": None if new is None else _record(new, plan),
-        "old_record": None if old is None else _record(old, plan),
+        "new_record": None if new is None else _record(new, names, plain, convert),
+        "old_record": None if old is None else _record(old, names, plain, convert),
         "changes": None if changes is None else _changes(changes, info.json_columns),
-        "columns": plan.columns,
+        "columns": <object>PyTuple_GET_ITEM(fields, 4),
         "lsn": event.lsn,
     }
-    if plan.base_types is not None:
-        data["base_types"] = plan.base_types
-    if plan.key is not None:
-        data["key"] = plan.key
+    if base_types is not None:
+        data["base_types"] = base_types
+    if key_columns is not None:
+        data["key"] = key_columns
     record = new if new is not None else old
-    key1 = plan.key1
     value = record.get(key1) if record and key1 is not None else None
     if type(value) is int and -_MAX_SAFE <= value <= _MAX_SAFE:
         subject = str(value)
@@ -156,7 +170,6 @@ def fast_event(event, partitions):
     }
     if subject is not None:
         document["subject"] = subject
-    src = event.source
     body = _dumps(document, option=_OPTIONS)
     return _tuple_new(_Outgoing, (event.id, src.schema, src.table, kind, partition,
                                   PyBytes_FromStringAndSize(PyBytes_AS_STRING(body),

@@ -243,6 +243,7 @@ class Pipeline:
         backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
+        scale = 0.0  # the memory per wire byte batch_bytes was last set from (never 0)
         while True:
             if self.abandoning:
                 raise ReplicationError(_ABANDONED, retriable=True)
@@ -319,7 +320,9 @@ class Pipeline:
                 if batches is not None:  # committed batches, from either path, to the queue
                     for txn in batches:
                         measure(txn)  # its size in memory, not on the wire (walex.sizes)
-                        assembler.batch_bytes = wire(batch_memory)  # by the ratio measured
+                        if sizer.scale != scale:  # the ratio measured changed (or first batch)
+                            scale = sizer.scale
+                            assembler.batch_bytes = wire(batch_memory)
                         if backfill.window is not None:  # a backfill runs
                             await backfill.batch(txn)
                         if txn.commit_lsn < ack.flushed:

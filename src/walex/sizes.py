@@ -26,8 +26,11 @@ batch, whatever its length; :attr:`Sizer.scale` is at least 1.
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
 from sys import getsizeof
 from typing import Any
+from uuid import UUID
 
 __all__ = ["Sizer", "event_bytes", "value_bytes"]
 
@@ -38,6 +41,8 @@ _FIRST_SCALE = 8.0  # memory per wire byte assumed before the first batch was me
 _MOST_NODES = 5000  # nodes of one value walked; beyond, the rest counts at the mean so far
 _SHARED = (type(None), bool)
 _LEAVES = (int, float, str, bytes)
+# types of values with no attributes of their own and no items: their getsizeof is all
+_FLAT = frozenset({float, bytes, dt.datetime, dt.date, dt.time, dt.timedelta, Decimal, UUID})
 
 
 def value_bytes(value: Any) -> int:
@@ -46,6 +51,8 @@ def value_bytes(value: Any) -> int:
     kind = type(value)
     if kind in _LEAVES:
         return getsizeof(value) if kind is not int or not -5 <= value <= 256 else 0
+    if kind in _FLAT:
+        return getsizeof(value)
     if kind in _SHARED:
         return 0
     if kind is not dict and kind is not list and not isinstance(value, tuple):
@@ -80,8 +87,15 @@ def event_bytes(event: Any) -> int:
     new, old, changes = event.new_record, event.old_record, event.changes
     if new is not None:
         total += getsizeof(new)
-        for value in new.values():
-            total += value_bytes(value)
+        for value in new.values():  # value_bytes, its common cases without a call
+            kind = type(value)
+            if kind is str or kind in _FLAT:
+                total += getsizeof(value)
+            elif kind is int:
+                if not -5 <= value <= 256:
+                    total += getsizeof(value)
+            elif value is not None and kind is not bool:
+                total += value_bytes(value)
     if old is not None:
         total += getsizeof(old)
         get = new.get if new is not None else None
@@ -106,7 +120,9 @@ class Sizer:
         wire = txn.size
         events = txn.events
         n = len(events)
-        if n <= _SAMPLES:
+        if n == 1:  # a one-change transaction: the common case
+            held = event_bytes(events[0])
+        elif n <= _SAMPLES:
             held = sum(event_bytes(e) for e in events)
         else:
             step = (n - 1) / (_SAMPLES - 1)

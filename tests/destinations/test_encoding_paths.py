@@ -286,3 +286,56 @@ def test_numeric_text_is_the_reference_form(value: Decimal) -> None:
                   old_record=None, changes=None, timestamp=datetime(2025, 1, 1, tzinfo=timezone.utc),
                   lsn="0/1", id="0000000000000001-00000000")
     assert fast_count([event], 1) == 1
+
+
+def _event(source: Source, record: dict[str, Any], moment: datetime, n: int = 0) -> Event:
+    return Event(name=source.table, type=EventType.INSERT, source=source, new_record=record,
+                 old_record=None, changes=None, timestamp=moment, lsn="0/1",
+                 id=f"0000000000000001-{n:08X}")
+
+
+def test_time_is_utc_rfc3339_for_every_moment_and_repeated_one() -> None:
+    """"time" is the commit time in UTC with Z, whatever the moment's zone (naive: UTC), its
+    microseconds or year; the same text for the same moment given again (the encoder keeps
+    the last one), for moments alternating, and for a datetime subclass."""
+
+    class Moment(datetime):
+        pass
+
+    plus2 = timezone(timedelta(hours=2))
+    moments = [datetime(2024, 5, 1, 12, tzinfo=timezone.utc),
+               datetime(2024, 5, 1, 12, 0, 0, 5, tzinfo=timezone.utc),
+               datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc),
+               datetime(44, 3, 15, tzinfo=timezone.utc), datetime(9999, 12, 31, 23, 59, 59, 999999,
+                                                                  tzinfo=timezone.utc),
+               datetime(2024, 5, 1, 12, 0, 0, 5), datetime(2024, 5, 1, 1, 0, 0, 5, tzinfo=plus2),
+               Moment(2024, 5, 1, 12, 0, 0, 7, tzinfo=timezone.utc)]
+    source = Source(db="db", schema="public", table="t", columns={"id": "int4"}, primary_key=("id",))
+    for round_ in range(2):
+        for n, moment in enumerate(moments * 2):
+            aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+            expected = aware.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+            for fast in PATHS:
+                out = _through(fast, _event(source, {"id": n}, moment, n), 1)
+                assert out.time == expected, (moment, out.time)
+                assert encoding.orjson.loads(out.body)["time"] == expected
+
+
+def test_a_redefined_table_is_encoded_by_its_new_definition() -> None:
+    """The fast path plans a table once per Source: a table redefined (a new Source of the
+    same name) is encoded by its new columns at once, and tables alternating each by their
+    own, in both twins."""
+    moment = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    old = Source(db="db", schema="public", table="t", columns={"id": "int4", "v": "text"},
+                 primary_key=("id",))
+    new = Source(db="db", schema="public", table="t", columns={"id": "int4", "v": "jsonb"},
+                 primary_key=("id",))
+    other = Source(db="db", schema="public", table="u", columns={"k": "text"}, primary_key=("k",))
+    sequence = [(old, {"id": 1, "v": "a"}), (old, {"id": 2, "v": "b"}), (new, {"id": 3, "v": {"x": 1}}),
+                (other, {"k": "z"}), (new, {"id": 4, "v": [1]}), (old, {"id": 5, "v": "c"})]
+    for fast in PATHS:
+        for n, (source, record) in enumerate(sequence):
+            event = _event(source, record, moment, n)
+            out = _through(fast, event, 1)
+            assert out == encoding.encode_event_reference(event, 1)
+            assert encoding.orjson.loads(out.body)["data"]["columns"] == source.columns

@@ -85,7 +85,7 @@ from ..event import Event, EventType
 from ..pgoutput.messages import UnchangedToast
 
 __all__ = ["Outgoing", "encode", "encode_event", "encode_event_reference", "encode_reference",
-           "json_value", "partition_of", "SCHEMA_FILE"]
+           "fast_path", "json_value", "partition_of", "SCHEMA_FILE"]
 
 SCHEMA_FILE = "cloudevent.schema.json"
 
@@ -324,15 +324,35 @@ def _document(event: Event, info: Any, key: str, partition: int, partitions: int
     return kind, document
 
 
+_UTC = dt.timezone.utc
+_last_time: tuple[Any, str] = (None, "")  # the moment formatted last and its text (one
+# object, replaced whole: a thread encoding meanwhile sees either pair, never a mix)
+
+
 def _rfc3339(moment: dt.datetime) -> str:
-    text = _times.get(moment)
-    if text is None:
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.timezone.utc)
-        text = moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-        if len(_times) > 64:
-            _times.clear()
-        _times[moment] = text
+    """``moment`` in UTC, ISO 8601 with ``Z`` (a naive one taken as UTC).
+
+    The events of a transaction share one commit time object, and one-change
+    transactions each bring a new one: the text of the last moment is kept (an
+    identity test, no hashing), and a moment already in UTC (as the decoder
+    makes them) is formatted by orjson, with no conversion (the same text as
+    ``isoformat()`` with ``Z``, which formats through C's printf: ten times the
+    instructions)."""
+    global _last_time
+    last = _last_time
+    if moment is last[0]:
+        return last[1]
+    if moment.tzinfo is _UTC and type(moment) is dt.datetime:
+        text = orjson.dumps(moment, option=orjson.OPT_UTC_Z)[1:-1].decode()
+    else:
+        text = _times.get(moment)
+        if text is None:
+            aware = moment.replace(tzinfo=_UTC) if moment.tzinfo is None else moment
+            text = aware.astimezone(_UTC).isoformat().replace("+00:00", "Z")
+            if len(_times) > 64:
+                _times.clear()
+            _times[moment] = text
+    _last_time = (moment, text)
     return text
 
 
@@ -432,7 +452,7 @@ class _Unfit(Exception):
     """A value the fast path does not take on: the reference encodes the event."""
 
 
-class _Plan(NamedTuple):
+class _Plan(NamedTuple):  # the compiled twin reads its fields by position: keep the order
     info: _TableInfo
     names: frozenset[str]  # every column
     plain: tuple[str, ...]  # checked by the types of their values, then as they are
@@ -444,6 +464,9 @@ class _Plan(NamedTuple):
 
 
 _plans: dict[int, tuple[Any, _Plan]] = {}  # id(Source) -> (Source, plan)
+# the Source planned last and its plan, one tuple replaced whole (the events of a table
+# come in runs; the Source is kept alive, so its identity is not reused)
+_last_plan: tuple[Any, Any] = (None, None)
 
 
 def _plan(event: Event) -> _Plan:
@@ -466,14 +489,15 @@ def _plan(event: Event) -> _Plan:
     return plan
 
 
-def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-    if not (type(record) is dict and record.keys() <= plan.names
-            and set(map(type, map(record.get, plan.plain))) <= _PLAIN_VALUES):
+def _fast_record(record: dict[str, Any], names: frozenset[str], plain: tuple[str, ...],
+                 convert: tuple[str, ...]) -> dict[str, Any]:
+    if not (type(record) is dict and record.keys() <= names
+            and set(map(type, map(record.get, plain))) <= _PLAIN_VALUES):
         raise _Unfit
-    if not plan.convert:
+    if not convert:
         return record  # orjson reads it as it is
     out = record.copy()
-    for name in plan.convert:
+    for name in convert:
         if name in out:
             value = out[name]
             kind = type(value)
@@ -491,23 +515,30 @@ def _fast_record(record: dict[str, Any], plan: _Plan) -> dict[str, Any]:
 
 
 def _fast_event(event: Event, partitions: int) -> Outgoing:
-    plan = _plan(event)
-    info = plan.info
+    global _last_plan
+    src = event.source
+    last = _last_plan
+    if last[0] is src:
+        plan = last[1]
+    else:
+        plan = _plan(event)
+        _last_plan = (src, plan)
+    info, names, plain, convert, columns, base_types, key_columns, key1 = plan  # no lookups
     new, old, changes = event.new_record, event.old_record, event.changes
     data: dict[str, Any] = {
-        "new_record": None if new is None else _fast_record(new, plan),
-        "old_record": None if old is None else _fast_record(old, plan),
+        "new_record": None if new is None else _fast_record(new, names, plain, convert),
+        "old_record": None if old is None else _fast_record(old, names, plain, convert),
         "changes": None if changes is None else _changes(changes, info.json_columns),
-        "columns": plan.columns,
+        "columns": columns,
         "lsn": event.lsn,
     }
-    if plan.base_types is not None:
-        data["base_types"] = plan.base_types
-    if plan.key is not None:
-        data["key"] = plan.key
+    if base_types is not None:
+        data["base_types"] = base_types
+    if key_columns is not None:
+        data["key"] = key_columns
     subject: str | None
     record = new if new is not None else old
-    value = record.get(plan.key1) if record and plan.key1 is not None else None
+    value = record.get(key1) if record and key1 is not None else None
     if type(value) is int and -_MAX_SAFE <= value <= _MAX_SAFE:
         subject = str(value)  # what orjson writes for it
     elif type(value) is str:
@@ -517,7 +548,6 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
     key = info.prefix if subject is None else f"{info.prefix}/{subject}"
     partition = partition_of(key, partitions) if partitions > 1 else 0
     kind, document = _document(event, info, key, partition, partitions, subject, data)
-    src = event.source
     return _tuple_new(Outgoing, (event.id, src.schema, src.table, kind, partition,
                                  bytes(memoryview(orjson.dumps(document, option=_OPTIONS))),
                                  info.source, document["time"], key, subject))
@@ -534,12 +564,22 @@ _fast = _fast_event if compiled_fast_event is None or os.environ.get("WALEX_PURE
     else compiled_fast_event
 
 
+_UNFIT = (_Unfit, orjson.JSONEncodeError)  # what sends an event from _fast to the reference
+
+
 def encode_event(event: Event, partitions: int = 1) -> Outgoing:
     """One event as a CloudEvent, with its partition."""
     try:
         return _fast(event, partitions)
-    except (_Unfit, orjson.JSONEncodeError):
+    except _UNFIT:
         return encode_event_reference(event, partitions)
+
+
+def fast_path() -> tuple[Callable[[Event, int], Outgoing], tuple[type[Exception], ...]]:
+    """:func:`encode_event` in two parts, for a caller that inlines it in its loop (the
+    destinations' window): the fast path, and the exceptions on which the event goes to
+    :func:`encode_event_reference` instead (the same bytes either way)."""
+    return _fast, _UNFIT
 
 
 def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:

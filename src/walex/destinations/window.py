@@ -49,7 +49,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from .base import Destination
-from .encoding import Outgoing, encode, encode_event
+from .encoding import Outgoing, encode, encode_event_reference, fast_path
 
 if TYPE_CHECKING:
     from . import Destinations
@@ -99,44 +99,45 @@ class Lane:
         self.queued.append(entry)
         self._wake.set()
 
-    def _group(self) -> list[Entry]:
-        """The front batches to publish together: at most the window's, and within the
-        destination's bounds of events and bytes (one batch alone may exceed them)."""
+    def _group(self) -> tuple[int, list[Outgoing]]:
+        """How many front batches to publish together, and their messages in order: at most
+        the window's, and within the destination's bounds of events and bytes (one batch
+        alone may exceed them)."""
         d = self.destination
-        most_events, most_bytes = d.group_events, d.group_bytes
-        group: list[Entry] = []
-        events = size = 0
+        most_events, most_bytes, most = d.group_events, d.group_bytes, self.size
+        batch: list[Outgoing] = []
+        count = size = 0
         for entry in self.queued:
-            if group and (events + len(entry.outgoing) > most_events
-                          or size + entry.size > most_bytes or len(group) >= self.size):
+            outgoing = entry.outgoing
+            if count and (len(batch) + len(outgoing) > most_events
+                          or size + entry.size > most_bytes or count >= most):
                 break
-            group.append(entry)
-            events += len(entry.outgoing)
+            batch += outgoing
             size += entry.size
-        return group
+            count += 1
+        return count, batch
 
     async def run(self) -> None:
         """Publish until cancelled; raises what no retry and no error policy settles."""
         window = self.window
         deliver, settle = window.destinations._deliver, window.settle
-        queued = self.queued
+        destination, queued = self.destination, self.queued
         while True:
             while not queued:
                 self._wake.clear()
                 await self._wake.wait()
-            group = self._group()
-            self.groups += 1
-            if len(group) == 1:
-                entry = group[0]
-                await deliver(self.destination, entry.outgoing, entry.txn.events)
-            else:
-                batch = [item for entry in group for item in entry.outgoing]
-                if not await deliver(self.destination, batch, None, settle=False):
-                    # refused for good: again one batch at a time, so the error policy
-                    # settles the refused transaction only (the others carry the same ids)
-                    for entry in group:
-                        await deliver(self.destination, entry.outgoing, entry.txn.events)
-            for _ in range(len(group)):  # confirmed: this lane is done with them
+            count, batch = self._group()  # the front `count` entries (only this lane takes
+            self.groups += 1  # them off; the others are appended behind)
+            if count == 1:
+                entry = queued[0]
+                await deliver(destination, entry.outgoing, entry.txn.events)
+            elif not await deliver(destination, batch, None, settle=False):
+                # refused for good: again one batch at a time, so the error policy
+                # settles the refused transaction only (the others carry the same ids)
+                for i in range(count):
+                    entry = queued[i]
+                    await deliver(destination, entry.outgoing, entry.txn.events)
+            for _ in range(count):  # confirmed: this lane is done with them
                 queued.popleft().pending -= 1
             settle()  # what is complete now is recorded, in order, at once
 
@@ -210,6 +211,7 @@ class Window:
         most = self.destinations.held_bytes
         partitions = self.destinations.partitions
         entries, parties = self.entries, 1 + len(lanes)
+        fast, unfit = fast_path()  # encode_event, inlined
         taken: list[Entry] = []
         sending: list[Entry] = []
         held = self.held
@@ -220,7 +222,10 @@ class Window:
                 if not events:  # nothing to publish: the handlers alone finish it
                     entry = Entry(txn, _NONE, 1, 0)
                 elif len(events) == 1:  # a one-change transaction: the common case
-                    one = encode_event(events[0], partitions)
+                    try:
+                        one = fast(events[0], partitions)
+                    except unfit:
+                        one = encode_event_reference(events[0], partitions)
                     entry = Entry(txn, [one], parties, len(one.body) + 128)
                     sending.append(entry)
                     room -= 1
