@@ -15,6 +15,9 @@ ratio of memory to wire bytes (:attr:`Sizer.scale`), with which the pipeline
 turns its byte bounds into the wire units the assembler and the compiled hot
 path count in (where a batch is cut, how many batches one read may build).
 
+A backfill counts the rows of its chunks with :func:`events_bytes` too, in
+the same units (:mod:`walex.backfill.chunks`).
+
 Objects events share (the table's ``Source``, names, the commit's time and
 LSN text, small ints, ``None``) are not counted. What the estimate misses
 (allocator rounding, freed memory not returned) is the stated margin of the
@@ -32,7 +35,7 @@ from sys import getsizeof
 from typing import Any
 from uuid import UUID
 
-__all__ = ["Sizer", "event_bytes", "value_bytes"]
+__all__ = ["Sizer", "event_bytes", "events_bytes", "value_bytes"]
 
 _SAMPLES = 4  # events walked per batch
 _PER_EVENT = 8  # the batch's list slot of each event
@@ -107,6 +110,19 @@ def event_bytes(event: Any) -> int:
     return total
 
 
+def events_bytes(events: Any) -> int:
+    """Deep size of a list of events, estimated from at most a fixed number of them, sampled
+    evenly (their mean times the length), with each one's slot in the list. Also what a
+    backfill counts its chunks by (:mod:`walex.backfill.chunks`)."""
+    n = len(events)
+    if n <= _SAMPLES:
+        held = sum(event_bytes(e) for e in events)
+    else:
+        step = (n - 1) / (_SAMPLES - 1)
+        held = sum(event_bytes(events[round(i * step)]) for i in range(_SAMPLES)) * n // _SAMPLES
+    return held + _PER_EVENT * n
+
+
 class Sizer:
     """Sizes batches in memory bytes and learns the ratio of memory to wire bytes."""
 
@@ -119,15 +135,10 @@ class Sizer:
         """Set ``txn.size`` (wire bytes, as assembled) to the batch's size in memory; returns it."""
         wire = txn.size
         events = txn.events
-        n = len(events)
-        if n == 1:  # a one-change transaction: the common case
-            held = event_bytes(events[0])
-        elif n <= _SAMPLES:
-            held = sum(event_bytes(e) for e in events)
+        if len(events) == 1:  # a one-change transaction: the common case, without a call
+            held = event_bytes(events[0]) + _PER_EVENT + _PER_BATCH
         else:
-            step = (n - 1) / (_SAMPLES - 1)
-            held = sum(event_bytes(events[round(i * step)]) for i in range(_SAMPLES)) * n // _SAMPLES
-        held += _PER_EVENT * n + _PER_BATCH
+            held = events_bytes(events) + _PER_BATCH
         if wire > 4096:  # big enough to learn from (one-row batches count their header too)
             self.scale = max(1.0, held / wire)
         size = txn.size = max(held, wire)

@@ -21,7 +21,10 @@ Contract:
   fallback a unique index on NOT NULL columns; a table without any is a
   :class:`~walex.errors.SetupError`), on a connection of their own, while the
   stream flows. A chunk also ends once its rows hold a quarter of
-  ``max_pending_bytes``: memory holds about two chunks plus the handlers' queue.
+  ``max_pending_bytes`` in memory (counted as :mod:`walex.sizes` counts streamed
+  batches), the rows it reads again for a TOASTed value included (within half
+  of it, the rest left to later chunks): memory holds about two chunks plus
+  the handlers' queue.
   A change of the key (its columns, or their types or collations, which decide
   the order) starts the job over from the first row.
 - A condition (``where``) is one SQL expression, checked before it is used

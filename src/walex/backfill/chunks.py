@@ -18,7 +18,17 @@ carry every column (an unchanged TOASTed value under the default replica
 identity), so that their handlers still get the whole row. Each such row is
 read as the first row after the key before it (:meth:`Target.chunk_query`
 with a limit of one, the backfill's conditions included) and kept only if it
-is still the same key.
+is still the same key. They are read before the next rows, in pieces, within
+half the byte budget (the whole budget once no next rows are left): those the
+budget leaves out (:attr:`Chunk.untried`) are read by a later chunk, so
+however many wait, and however wide their TOASTed values, a chunk holds about
+its budget, and both the rows to read again and the next rows advance.
+
+The byte budget counts rows in memory, as the pipeline counts streamed
+batches (:func:`walex.sizes.events_bytes`: a few events of each fetch,
+sampled, times their number), plus the key text forms a chunk keeps, and never
+less than the rows' text: a row of small typed values (numeric, timestamptz,
+jsonb) takes several times its text as an event.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from psycopg.pq import Format
 from ..event import Event, EventType
 from ..pgoutput.messages import TupleData
 from ..relations import Table
+from ..sizes import events_bytes, value_bytes
 from .target import SHAPE, Target
 
 __all__ = ["Snapshot", "Chunk", "Bound", "Limit", "read_chunk", "SLICE"]
@@ -82,11 +93,13 @@ class Chunk:
     snapshot: Snapshot
     reshaped: bool = False  # not read: the table (its columns, keys) changed or is gone
     more: bool = False  # rows may follow: the row limit was reached or the byte budget spent
-    size: int = 0  # bytes of the rows as read (text form)
+    size: int = 0  # bytes of the rows in memory (walex.sizes), when the limit has a budget
     rows: int = 0  # events[:rows] are the next rows in key order, the rest rows read again
     after: tuple[str, ...] | None = None  # the key the chunk's rows follow
     texts: list[tuple[str, ...]] = field(default_factory=list)  # key text forms of events[:rows]
     again: list[Bound] = field(default_factory=list)  # the bounds of events[rows:]
+    # bounds of rows to read again that this chunk did not try (the budget was spent)
+    untried: list[Bound] = field(default_factory=list)
 
     def bound(self, index: int) -> Bound:
         """How to read the row of ``events[index]`` again."""
@@ -98,8 +111,9 @@ class Chunk:
 
 @dataclass(slots=True, frozen=True)
 class Limit:
-    """How much one chunk may hold: ``rows`` rows and about ``bytes`` bytes of row data
-    (at least one row, however wide)."""
+    """How much one chunk may hold: ``rows`` rows and about ``bytes`` bytes of rows in
+    memory, as :mod:`walex.sizes` counts streamed batches (at least one row, however wide;
+    with rows to read again, at least one of those and one next row)."""
 
     rows: int
     bytes: int | None = None
@@ -116,14 +130,19 @@ async def read_chunk(
     again: list[Bound] | None = None,
 ) -> Chunk:
     """The next rows after the key ``after`` (text forms), in one snapshot, within ``limit``,
-    and the rows of ``again`` that still exist (and still match the conditions).
+    and the rows of ``again`` that still exist (and still match the conditions), as many
+    as the byte budget takes.
 
     The table is locked (``ACCESS SHARE``, as any read does) before the snapshot
     is taken, so DDL cannot commit between the check of its shape and the read:
     a chunk is read with the definition it was checked against, or not at all
-    (``reshaped``). Rows are fetched from a cursor until the row limit or the
-    byte budget is reached; the rows of ``again`` are read after them, in the
-    same snapshot."""
+    (``reshaped``). The rows of ``again`` are read first, in pieces, until they
+    hold half the byte budget (all of it when ``limit.rows`` is 0: no next rows
+    are read), at least one piece; those not tried are :attr:`Chunk.untried`,
+    for a later chunk. Then the next rows are fetched from a cursor until the row
+    limit or what is left of the byte budget is reached (at least one row). Sizes
+    are in memory, as :func:`walex.sizes.events_bytes` estimates them, never below
+    the rows' text."""
     if isinstance(limit, int):
         limit = Limit(limit)
     query = sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(
@@ -136,7 +155,7 @@ async def read_chunk(
     cur = conn.cursor()
     events: list[Event] = []
     texts: list[tuple[str, ...]] = []
-    found: list[tuple[list[Event], list[tuple[str, ...]]]] = []  # rows of again, per statement
+    found = _Again(again or [], limit.bytes, limit.rows > 0)
     size = 0
     more = False
     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -155,6 +174,24 @@ async def read_chunk(
             if (row[1] or "") != target.shape or not row[2]:  # changed since it was resolved
                 await conn.execute("ROLLBACK")
                 return Chunk([], None, snapshot, reshaped=True)
+            # the rows to read again first: however many wait, they take their share of
+            # the budget, and the next rows the rest
+            while found.want():
+                part = found.next_part()
+                await cur.execute(
+                    sql.SQL(" UNION ALL ").join(
+                        sql.SQL("({})").format(target.chunk_query(where, before is not None))
+                        for before, _ in part
+                    ),
+                    [param for before, _ in part for param in (*(before or ()), 1)],
+                    prepare=False,
+                )
+                result = cur.pgresult
+                assert result is not None
+                typed, keys = await _typed(result, table, adapters, positions, encoding)
+                found.add(typed, keys, _held(typed, keys, result) if limit.bytes else 0)
+                del result
+            size = found.size
             if limit.rows > 0:  # 0: only rows to read again are left
                 await cur.execute(query, [*(after or []), limit.rows], prepare=False)
         except (psycopg.errors.UndefinedTable, psycopg.errors.FeatureNotSupported) as exc:
@@ -164,7 +201,10 @@ async def read_chunk(
                 raise
             await conn.execute("ROLLBACK")
             return Chunk([], None, Snapshot(0, 0, frozenset()), reshaped=True)
-        fetched, want = 0, min(limit.rows, _FIRST_FETCH if limit.bytes else limit.rows)
+        want = min(limit.rows, _FIRST_FETCH if limit.bytes else limit.rows)
+        if limit.bytes and size:
+            want = min(want, 1)  # the rows read again took part of the budget: one row first
+        fetched = taken = 0  # rows fetched, their bytes
         while want > 0:
             await cur.execute(f"FETCH FORWARD {int(want)} FROM {_CURSOR}", prepare=False)
             result = cur.pgresult
@@ -172,9 +212,9 @@ async def read_chunk(
             count = result.ntuples
             if count:
                 fetched += count
-                if limit.bytes:
-                    size += _bytes(result)
                 typed, keys = await _typed(result, table, adapters, positions, encoding)
+                if limit.bytes:
+                    taken += _held(typed, keys, result)
                 events += typed
                 texts += keys
                 del result  # typed: only the events stay
@@ -182,23 +222,13 @@ async def read_chunk(
                 more = count == want  # the row limit: the next chunk tells
                 break
             if limit.bytes:
-                left = limit.bytes - size
+                left = limit.bytes - size - taken
                 if left <= 0:
                     more = True
                     break
                 # about half of what the budget still takes, by the rows' mean size so far
-                want = min(limit.rows - fetched, max(1, left * fetched // max(1, 2 * size)))
-        for start in range(0, len(again or ()), _REFETCH_BATCH):
-            part = again[start:start + _REFETCH_BATCH]  # type: ignore[index]
-            await cur.execute(
-                sql.SQL(" UNION ALL ").join(
-                    sql.SQL("({})").format(target.chunk_query(where, before is not None))
-                    for before, _ in part
-                ),
-                [param for before, _ in part for param in (*(before or ()), 1)],
-                prepare=False,
-            )
-            found.append(await _typed(cur.pgresult, table, adapters, positions, encoding))
+                want = min(limit.rows - fetched, max(1, left * fetched // max(1, 2 * taken)))
+        size += taken
         await conn.execute("COMMIT")
     except BaseException:
         if not conn.closed:
@@ -209,16 +239,60 @@ async def read_chunk(
         raise
     chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, more=more, size=size,
                   rows=len(events), after=tuple(after) if after is not None else None,
-                  texts=texts)
-    if again:
-        wanted = {key: (before, key) for before, key in again}
-        for typed, keys in found:
-            for event, key in zip(typed, keys):
-                bound = wanted.pop(key, None)
-                if bound is not None:  # else the row is gone: the next one was read
-                    chunk.events.append(event)
-                    chunk.again.append(bound)
+                  texts=texts, untried=found.untried())
+    chunk.events += found.events
+    chunk.again = found.bounds
     return chunk
+
+
+class _Again:
+    """The rows of a chunk to read again, read in pieces within their share of the budget.
+
+    A piece is a statement of up to ``_REFETCH_BATCH`` rows: the first of one row (they
+    are often wide: a TOASTed value), the next ones of about half of what the share still
+    takes, by the mean size of the rows read so far. A row is taken by its key, whichever
+    bound's statement returned it (the row after a deleted one is the next bound's row)."""
+
+    def __init__(self, bounds: list[Bound], budget: int | None, rows_follow: bool) -> None:
+        self.bounds_in = bounds
+        self.wanted = {key: (before, key) for before, key in bounds}
+        self.share = None if not budget else max(1, budget // 2) if rows_follow else budget
+        self.tried = 0  # bounds_in[:tried] were tried
+        self.size = 0  # bytes of the rows read, in memory
+        self.events: list[Event] = []
+        self.bounds: list[Bound] = []  # of each of events
+        self._step = 1
+
+    def want(self) -> bool:
+        """Whether another piece is read: bounds are left and the share is not spent."""
+        return self.tried < len(self.bounds_in) and (self.share is None or self.size < self.share)
+
+    def next_part(self) -> list[Bound]:
+        start = self.tried
+        if self.share is None:
+            step = _REFETCH_BATCH
+        elif self.events:  # about half of what the share still takes
+            step = max(1, (self.share - self.size) * len(self.events) // max(1, 2 * self.size))
+        else:  # none read yet, or the rows tried were gone: they took nothing
+            step = self._step
+            self._step = min(_REFETCH_BATCH, 2 * step)
+        self.tried = min(len(self.bounds_in), start + min(step, _REFETCH_BATCH))
+        return self.bounds_in[start:self.tried]
+
+    def add(self, typed: list[Event], keys: list[tuple[str, ...]], size: int) -> None:
+        """The rows a piece returned, and their size."""
+        wanted = self.wanted
+        for event, key in zip(typed, keys):
+            bound = wanted.pop(key, None)
+            if bound is not None:  # else not a row to read again (the row after a gone one)
+                self.events.append(event)
+                self.bounds.append(bound)
+        self.size += size
+
+    def untried(self) -> list[Bound]:
+        """The bounds not tried yet whose row no statement returned."""
+        wanted = self.wanted
+        return [bound for bound in self.bounds_in[self.tried:] if bound[1] in wanted]
 
 
 async def _typed(
@@ -251,6 +325,14 @@ async def _typed(
     texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
              for i in range(count)]
     return events, texts
+
+
+def _held(events: list[Event], keys: list[tuple[str, ...]], result: Any) -> int:
+    """What the rows of a result take in memory as typed events (walex.sizes) with their keys'
+    text forms, never less than their text (which a value takes at least)."""
+    count = len(keys)
+    held = events_bytes(events) + (count and count * value_bytes(keys[count // 2]))
+    return max(held, _bytes(result))
 
 
 def _bytes(result: Any) -> int:

@@ -357,8 +357,9 @@ class Backfills:
         from .target import resolve_target
 
         s, pipeline, store = self.pipeline.settings, self.pipeline, self.store
-        # a chunk's rows take at most a quarter of max_pending_bytes as read (the
-        # handlers' queue may hold the previous chunk while the next one is read)
+        # a chunk's rows, read again ones included, take about a quarter of max_pending_bytes
+        # in memory (walex.sizes; the handlers' queue may hold the previous chunk while the
+        # next one is read)
         limit = Limit(s.backfill_chunk_size, max(1, s.max_pending_bytes // 4))
         run = secrets.token_hex(8)
         window = self.window = Window(s.name, run, target, s.batch_size)
@@ -399,8 +400,8 @@ class Backfills:
                                        rows_done=0, chunks_done=0)
                 continue
             exhausted = exhausted or not chunk.more  # no row after the last one read
-            if not chunk.events:  # no row left, and the rows to read again are gone (deleted)
-                break
+            if not chunk.events and not chunk.untried:
+                break  # no row left, and the rows to read again are gone (deleted)
             window.load(chunk)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
             outcome = await self._outcome(outcome_future, session, job)
@@ -417,6 +418,7 @@ class Backfills:
             before = len(again)
             places = {key: place for key, (_, place) in again.items()}
             left = [(places.get(b[1], (seq, i)), b) for i, b in enumerate(outcome.again)]
+            left += [(places.get(b[1], (seq, 0)), b) for b in chunk.untried]  # left for later
             again = {b[1]: (b, place) for place, b in sorted(left, key=lambda x: x[0])}
             if chunk.rows:
                 after = chunk.last_key
