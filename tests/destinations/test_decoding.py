@@ -230,6 +230,42 @@ def test_a_backfill_read_event_round_trips() -> None:
     assert decode(body) == event
 
 
+def test_long_digit_runs_in_strings_keep_orjson_big_numbers_stay_exact(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body whose runs of 19 digits are all inside strings (zero-padded codes, ids, an
+    escaped quote before one) is parsed by orjson; one whose JSON numbers hold an integer
+    beyond 64 bits by the json module, so the integer stays exact."""
+    from walex import EventType, Source
+    from walex.destinations import decoding
+
+    source = Source(db="db", schema="public", table="t",
+                    columns={"id": "int8", "code": "text", "doc": "jsonb"}, primary_key=("id",))
+
+    def event(code: str, doc: Any) -> Event:
+        return Event("t", EventType.INSERT, source, {"id": 7, "code": code, "doc": doc}, None,
+                     None, dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc), "0/16B3748",
+                     "00000000016B3748-00000000")
+
+    calls: list[bytes] = []
+    slow = decoding.json.loads
+    monkeypatch.setattr(decoding.json, "loads", lambda raw, **kw: calls.append(raw) or slow(raw, **kw))
+    in_strings = [
+        event(f"row {7:032x}", {"k": "1234567890123456789012", "n": 123456789012345678}),
+        event('say "00000000000000000000001"', {"a\\": "12345678901234567890"}),
+    ]
+    for expected in in_strings:
+        assert decode(encode_event(expected).body) == expected
+    assert calls == []  # orjson took them all
+    big = 123456789012345678901234567890
+    for expected in (event(f"row {7:032x}", {"n": big, "s": "00000000000000000000001"}),
+                     event('x "\\', [1, -big, "12345678901234567890123"])):
+        got = decode(encode_event(expected).body)
+        assert got == expected and got.new_record is not None
+        assert isinstance(got.new_record["doc"]["n" if isinstance(got.new_record["doc"], dict)
+                                                else 1], int)
+    assert len(calls) == 2  # the json module took these: exact
+
+
 def test_domains_are_typed_by_their_base_unless_types_names_them(
     admin: psycopg.Connection, dsn: str,
 ) -> None:
