@@ -110,9 +110,9 @@ class NatsLane(Lane):
         except Exception as exc:
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
         self._hold(msg, asked)
-        meta = msg.metadata
-        return [Delivery(msg.data, msg, redelivered=meta.num_delivered > 1, pending=meta.num_pending,
-                         attempt=meta.num_delivered, sequence=meta.sequence.stream)]
+        delivered, sequence, pending = _acked_as(msg)
+        return [Delivery(msg.data, msg, redelivered=delivered > 1, pending=pending,
+                         attempt=delivered, sequence=sequence)]
 
     async def _following(self, wait: float) -> Any:
         """The message the last acknowledgement asked for (``+NXT``), or None: its request
@@ -120,7 +120,7 @@ class NatsLane(Lane):
         deadline = time.monotonic() + wait
         while True:
             try:
-                msg = await self.psub._sub.next_msg(timeout=max(deadline - time.monotonic(), 0.001))
+                msg = await self._next(max(deadline - time.monotonic(), 0.001))
             except TimeoutError:
                 return None
             if not _is_status(msg):
@@ -128,6 +128,21 @@ class NatsLane(Lane):
             if msg.header.get("Status") != "100":  # 408: the request expired (else: the same)
                 self.following = None
                 return None
+
+    async def _next(self, timeout: float) -> Any:
+        """The next message of the subscription, as its ``next_msg()`` gives it (the same
+        queue and bookkeeping), without the task, timeout task and uuid that costs per
+        message: one already queued is taken at once; TimeoutError after ``timeout``."""
+        sub = self.psub._sub
+        queue = sub._pending_queue
+        if queue.empty():
+            async with asyncio.timeout(timeout):
+                msg = await queue.get()
+        else:
+            msg = queue.get_nowait()
+        sub._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
 
     def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
@@ -221,6 +236,17 @@ class NatsLane(Lane):
             if not _is_status(msg):
                 held.append(Delivery(b"", msg))
         await self.release(held)
+
+
+def _acked_as(msg: Any) -> tuple[int, int, int]:
+    """Deliveries so far, stream sequence and messages pending after it, from the reply
+    subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
+    <pending>``) without building nats-py's metadata; other forms go through nats-py."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    meta = msg.metadata
+    return meta.num_delivered, meta.sequence.stream, meta.num_pending
 
 
 def _is_status(msg: Any) -> bool:
