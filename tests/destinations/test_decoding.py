@@ -248,7 +248,8 @@ def test_long_digit_runs_in_strings_keep_orjson_big_numbers_stay_exact(
 
     calls: list[bytes] = []
     slow = decoding.json.loads
-    monkeypatch.setattr(decoding.json, "loads", lambda raw, **kw: calls.append(raw) or slow(raw, **kw))
+    monkeypatch.setattr(decoding.json, "loads",
+                        lambda raw, **kw: calls.append(raw) or slow(raw, **kw))
     in_strings = [
         event(f"row {7:032x}", {"k": "1234567890123456789012", "n": 123456789012345678}),
         event('say "00000000000000000000001"', {"a\\": "12345678901234567890"}),
