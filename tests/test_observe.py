@@ -501,5 +501,6 @@ def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(pg_cluster: 
         assert any("the slot monitor reaches the server again" in m for m in records), records
     finally:
         proxy.stop()
-        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        from conftest import _drop_database  # its temporary slot's walsender may linger
+
+        _drop_database(pg_cluster, dbname)
