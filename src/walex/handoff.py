@@ -260,19 +260,26 @@ async def run_dispatcher(p: Any) -> None:
 async def _run_windowed(p: Any, window: Any) -> None:
     """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): the batches
     queued are taken at once, as many as the window has room for, queued on the
-    destinations' lanes together (:meth:`Window.take`) and handed to the handlers, one
-    after the other; the window records each batch once the handlers and every
-    destination finished it and every earlier batch was recorded, so the next batch does
-    not wait for a confirmation. Once ``closing`` is set, the batches taken whose
-    handlers were not called yet go back to the queue, unacknowledged."""
+    destinations' lanes together (:meth:`Window.take`) and handed to the handlers in
+    order: consecutive ones that each go to one plain handler (or to none) as one run
+    (:func:`_hand_run`), the others one after the other. The window records each batch
+    once the handlers and every destination finished it and every earlier batch was
+    recorded, so the next batch does not wait for a confirmation. Once ``closing`` is
+    set, the batches taken whose handlers were not called yet go back to the queue,
+    unacknowledged."""
     queue, dispatcher = p.queue, p.dispatcher
     items = queue.items
     observer = p.observer
-    # planned here (async calls awaited directly) unless an observer wraps each dispatch
+    # planned here (runs of plain calls, async calls awaited directly) unless an observer
+    # wraps each dispatch
     dispatch = None if observer is None else observer(dispatcher.dispatch)
     plan, recover = dispatcher.plan, dispatcher.recover
     slot, context = p.slot_name, TRANSACTION
     take, settle = window.take, window.settle
+
+    def stopping() -> bool:  # read by the handlers' thread between the calls of a run
+        return p.closing or p.abandoning
+
     while not p.closing:
         if not items:
             await queue.wait_ready()
@@ -280,18 +287,51 @@ async def _run_windowed(p: Any, window: Any) -> None:
         taken = await take(items)  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued (their bytes still count until
             queue.room_made()  # recorded): the reader may queue more meanwhile
-        for index, entry in enumerate(taken):
+        count = len(taken)
+        plans: list[Any] = []  # of taken[0], taken[1], ... (filters run once)
+        index = 0
+        while index < count:
             if p.closing:  # stop(): no call starts but the one in hand
                 window.give_back(taken[index:], items)
                 break
+            entry = taken[index]
             txn = entry.txn
+            if dispatch is None:
+                if index == len(plans):
+                    plans.append(plan(txn))
+                todo = plans[index]
+                if todo[0] == PLAIN:  # a run of plain calls: one hand-off to their thread
+                    end, most = index + 1, min(count, index + _RUN)
+                    while end < most:
+                        if end == len(plans):
+                            plans.append(plan(taken[end].txn))
+                        kind = plans[end][0]
+                        if kind != PLAIN and kind != NOTHING:
+                            break
+                        end += 1
+                    txns = [e.txn for e in taken[index:end]]
+                    done, failure = await _hand_run(p, txns, plans[index:end], stopping)
+                    for i in range(index, index + done):  # the handlers finished them
+                        entry = taken[i]
+                        entry.pending -= 1
+                        if not entry.pending:  # and every lane had: recorded, in order
+                            settle()
+                    index += done
+                    if failure is not None:  # call `done` failed: the error policy decides
+                        await _recover(p, txns[done], plans[index], failure)  # raises under "stop"
+                        entry = taken[index]
+                        entry.pending -= 1
+                        if not entry.pending:
+                            settle()
+                        index += 1
+                    p.in_hand = None
+                    continue  # stopped short: closing (the rest given back), or the fence lost
             p.in_hand = txn
             token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
             try:
                 if dispatch is not None:
                     await dispatch(txn)  # raises HandlerError under "stop": unrecorded
                 else:
-                    todo = plan(txn)
                     kind = todo[0]
                     if kind == ASYNC:  # one coroutine function: awaited right here
                         try:
@@ -307,6 +347,7 @@ async def _run_windowed(p: Any, window: Any) -> None:
             entry.pending -= 1  # the handlers finished it
             if not entry.pending:  # and every lane had: recorded with those before it
                 settle()
+            index += 1
         p.in_hand = None
 
 
@@ -382,8 +423,9 @@ async def _run_batching(p: Any, window: Any = None) -> None:
 
 async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
     """Hand the queued transactions that each go to one plain handler (or to none) to the
-    handlers' thread at once; record the handled ones; the failing one goes through the
-    error policy. ``ahead`` holds the plans of the first queued items (at least one)."""
+    handlers' thread at once (:func:`_hand_run`); record the handled ones; the failing one
+    goes through the error policy. ``ahead`` holds the plans of the first queued items (at
+    least one)."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
     plan = dispatcher.plan
@@ -396,19 +438,13 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         if kind != PLAIN and kind != NOTHING:
             break
         count += 1
-    slot = p.slot_name
-    calls = []
     counting = p.counting
-    for i in range(count):
-        txn, todo = items[i], ahead[i]
-        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
     if counting is not None:  # latencies at the hand-off, once per batch: a run cut short by
         # a failure leaves the rest at the front of the queue, reached already
         for i in range(p.reached_ahead, count):
             counting.reached(items[i])
         p.reached_ahead = max(p.reached_ahead, count)
-    p.in_hand = items[0]
-    done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
+    done, failure = await _hand_run(p, items, ahead[:count], stopping)
     for _ in range(done):  # handled: recorded in order (written out twice, not a closure:
         txn = items.popleft()  # a call per transaction costs ~1% on one-row transactions)
         del ahead[0]
@@ -417,13 +453,8 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
-        txn, todo = items[0], ahead[0]
-        p.in_hand = txn
-        token = TRANSACTION.set((slot, txn.commit_lsn, txn.xid))
-        try:
-            await dispatcher.recover(txn, todo, failure)  # raises HandlerError under "stop"
-        finally:
-            TRANSACTION.reset(token)
+        txn = items[0]
+        await _recover(p, txn, ahead[0], failure)  # raises HandlerError under "stop"
         items.popleft()
         del ahead[0]
         if counting is not None:
@@ -431,6 +462,33 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     p.in_hand = None
+
+
+async def _hand_run(p: Any, txns: Any, todos: list[Any], stopping: Any) -> tuple[int, Any]:
+    """Hand the calls of ``todos`` (plans of kind PLAIN or NOTHING of ``txns[0]``,
+    ``txns[1]``, ...) to the handlers' thread as one run
+    (:meth:`~walex.threads.Workers.run_handlers`): how many finished, and what the next
+    one raised, if it did. No call starts once ``stopping()`` (the first is always made).
+    The caller records the finished ones, then has a failure go through :func:`_recover`."""
+    slot = p.slot_name
+    calls = []
+    for i, todo in enumerate(todos):
+        txn = txns[i]
+        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
+    p.in_hand = txns[0]
+    return await p.dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
+
+
+async def _recover(p: Any, txn: Transaction, todo: Any, failure: BaseException) -> None:
+    """The single call ``todo`` of ``txn``, made in a run, raised ``failure``: retries and
+    the error policy (:meth:`~walex.dispatch.Dispatcher.recover`); raises HandlerError
+    under "stop"."""
+    p.in_hand = txn
+    token = TRANSACTION.set((p.slot_name, txn.commit_lsn, txn.xid))
+    try:
+        await p.dispatcher.recover(txn, todo, failure)
+    finally:
+        TRANSACTION.reset(token)
 
 
 def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
