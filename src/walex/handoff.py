@@ -174,7 +174,7 @@ async def run_dispatcher(p: Any) -> None:
         window = p.window = destinations.lanes(partial(_recorded, p, queue, ack))
         async with window.running():
             if dispatcher.batching:
-                await _run_batching(p, window)
+                await _run_batching_windowed(p, window)
             else:
                 await _run_windowed(p, window)
             if window:  # closing: the batches published wait for their confirmations
@@ -351,7 +351,7 @@ async def _run_windowed(p: Any, window: Any) -> None:
         p.in_hand = None
 
 
-async def _run_batching(p: Any, window: Any = None) -> None:
+async def _run_batching(p: Any) -> None:
     """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
     queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
     the batches deferred; those are recorded handled, in order, once
@@ -360,7 +360,7 @@ async def _run_batching(p: Any, window: Any = None) -> None:
     per transaction until the next start."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
-    deferred: list[Any] = []  # batches, or with a window their entries
+    deferred: list[Any] = []
     # most batches deferred at once: enough for a call of max_batch single-event
     # transactions, however short the queue (the byte budget bounds their memory)
     hold = max(queue.limit, dispatcher.max_batch)
@@ -386,16 +386,13 @@ async def _run_batching(p: Any, window: Any = None) -> None:
                 todo = plan(txn)
                 if not kept(todo):
                     await dispatch_one(txn, todo, True)
-            elif window is not None:  # published through the lanes, recorded by the window
-                entry = await window.submit(txn)
-                await dispatch(txn)
             elif destinations is None:
                 await dispatch(txn)
             else:  # published while the handlers run; both must finish
                 await destinations.alongside(txn, dispatch)
         finally:
             context.reset(token)
-        deferred.append(txn if window is None else entry)
+        deferred.append(txn)
         if dispatcher.pending:  # events kept for a later call
             if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
                 # the reader holds a batch and waits for room: the deferred batches are
@@ -411,14 +408,97 @@ async def _run_batching(p: Any, window: Any = None) -> None:
                 await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
             finally:
                 context.reset(token)
-        if window is not None:  # the window records them once the destinations confirmed
-            for done in deferred:
-                window.finished(done)
-        else:
-            for done in deferred:  # every call holding their events returned (no await in
-                _handled(p, queue, ack, done)  # between: the reader runs once they all are)
+        for done in deferred:  # every call holding their events returned (no await in
+            _handled(p, queue, ack, done)  # between: the reader runs once they all are)
         deferred.clear()
         p.in_hand = None
+
+
+async def _run_batching_windowed(p: Any, window: Any) -> None:
+    """:func:`_run_batching` with a window: the queued batches are taken as
+    :func:`_run_windowed` takes them (published together from then on), and the
+    ``max_batch`` handlers' events are kept while more batches are taken and not handed to
+    the handlers yet, or queued (the same rules as :func:`_run_batching`: at most ``hold``
+    batches deferred, the waiting reader let in). The kept events are handed over
+    (:meth:`~walex.dispatch.Dispatcher.flush`) before the loop waits for the window's
+    room held by the encoded messages of unrecorded batches (``held_bytes``): the
+    deferred batches are among them and are recorded only once their calls returned.
+    The window records the deferred batches once those calls returned and every
+    destination confirmed them."""
+    queue, dispatcher = p.queue, p.dispatcher
+    items = queue.items
+    deferred: list[Any] = []  # the window's entries of the deferred batches
+    hold = max(queue.limit, dispatcher.max_batch)  # as in _run_batching
+    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
+    dispatch: Any = partial(dispatcher.dispatch, defer=True)
+    observer = p.observer
+    direct = observer is None  # planned here, events kept without a dispatch
+    if observer is not None:
+        dispatch = observer(dispatch)  # metrics / tracing per batch
+    slot, context = p.slot_name, TRANSACTION
+    plan, kept, dispatch_one = dispatcher.plan, dispatcher.kept, dispatcher.dispatch
+    take, finished = window.take, window.finished
+    while not p.closing:
+        if not items:
+            await queue.wait_ready()
+            continue
+        if deferred and window.held_full():  # take would wait for room that only the
+            await _flush(p, deferred, finished)  # deferred batches' calls can make
+            continue
+        taken = await take(items)  # published from now on, while the handlers run
+        if queue._reader_waits:  # taken, no longer queued: the reader may queue more
+            queue.room_made()
+        count = len(taken)
+        for index in range(count):
+            if p.closing:  # stop(): no call starts but the one in hand (nothing deferred:
+                window.give_back(taken[index:], items)  # a batch deferred is flushed once
+                break  # closing is set, before the next one)
+            entry = taken[index]
+            txn = entry.txn
+            p.in_hand = txn
+            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
+            try:
+                if direct:
+                    todo = plan(txn)
+                    if not kept(todo):
+                        await dispatch_one(txn, todo, True)
+                else:
+                    await dispatch(txn)
+            finally:
+                context.reset(token)
+            deferred.append(entry)
+            if dispatcher.pending:  # events kept for a later call
+                if len(deferred) < hold and not p.closing:
+                    if index + 1 < count:
+                        continue  # taken, in hand: their events may share the call
+                    if not items and queue._reader_waits:  # let the reader in, as
+                        queue.room_made()  # _run_batching does
+                        if not queue._reader_waits:
+                            await asyncio.sleep(0)
+                    if items and not p.closing:
+                        continue  # more queued: taken next (flushed first if no room)
+                await _flush(p, deferred, finished)
+                continue
+            for done in deferred:  # nothing kept: every call holding their events returned
+                finished(done)
+            deferred.clear()
+        p.in_hand = None
+
+
+async def _flush(p: Any, deferred: list[Any], finished: Any) -> None:
+    """Hand the kept events to their ``max_batch`` handlers, then count the handlers done
+    with the ``deferred`` entries (the window records them once confirmed); raises
+    HandlerError under "stop", none of them counted."""
+    txn = deferred[-1].txn
+    p.in_hand = txn
+    token = TRANSACTION.set((p.slot_name, txn.commit_lsn, txn.xid))
+    try:
+        await p.dispatcher.flush()
+    finally:
+        TRANSACTION.reset(token)
+    for done in deferred:
+        finished(done)
+    deferred.clear()
 
 
 async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
