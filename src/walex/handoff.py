@@ -12,12 +12,12 @@ not depend on a batch's size are paid per wake-up, not per transaction:
   to half its length limit and under the byte budget;
 - consecutive transactions that each go to exactly one plain (non-async)
   handler are handed to the handlers' thread as one run of calls
-  (:meth:`walex.threads.Workers.run_handlers`): one thread switch and one
-  loop wake-up per run. The run stops at the first call that fails (the
-  calls before it count as handled, the failing one goes through the error
-  policy as any failed call, the later ones are called afterwards, or never
-  if the policy stops the app) and before any further call once ``stop()``
-  set ``closing``.
+  (:func:`walex.runs.hand_run`, :meth:`walex.threads.Workers.run_handlers`):
+  one thread switch and one loop wake-up per run. The run stops at the first
+  call that fails (the calls before it count as handled, the failing one goes
+  through the error policy as any failed call, the later ones are called
+  afterwards, or never if the policy stops the app) and before any further
+  call once ``stop()`` set ``closing``.
 
 With a ``max_batch`` handler (:mod:`walex.dispatch`), the batches taken while
 more are queued are deferred: recorded handled once every call holding their
@@ -28,18 +28,25 @@ waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
 With destinations whose window is above 1 (:mod:`walex.destinations.window`),
-the dispatcher takes every queued batch the window has room for at once,
-queues them on the destinations' lanes together and hands them to the
-handlers one after the other; the window records them handled, in order,
-once every destination confirmed them (a group at a time), so the dispatcher
-does not wait for a confirmation. Taken batches are no longer queued, so the
-reader may queue more meanwhile; they stay counted in ``max_pending_bytes``
-until recorded.
+the dispatcher loops of :mod:`walex.windowed` take every queued batch the
+window has room for at once and queue them on the destinations' lanes
+together; the handlers get them as above: runs of plain calls (a failing
+call, ``closing``: the same rules; the batches taken whose calls were not
+made go back to the queue), and a ``max_batch`` handler the events of every
+batch taken or queued in one call (deferring by the same rules; the kept
+events are handed over before the loop waits for room that only recording
+the deferred batches would make). The window records them handled, in order,
+once every destination confirmed them too (a group at a time), so the
+dispatcher does not wait for a confirmation. Taken batches are no longer
+queued, so the reader may queue more meanwhile; they stay counted in
+``max_pending_bytes`` until recorded.
 
-Runs of plain calls and async calls awaited in the loop serve apps without
-destinations, tracing or ``max_batch`` handlers (metrics alone count through
-the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch
-at a time through the observer's wrapper and the destinations.
+Runs of plain calls and async calls awaited in the loop serve apps without a
+``max_batch`` handler and without tracing: without destinations (metrics
+alone count through the hooks ``Stats.reached``/``Stats.counted``), or with
+a destination window and no metrics either; the others dispatch one batch at
+a time through the observer's wrapper (and, with a window of 1, the
+destinations).
 
 Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
@@ -62,12 +69,11 @@ from typing import Any
 from . import failpoints
 from .dispatch import ASYNC, NOTHING, PLAIN, _stopping
 from .logs import TRANSACTION
+from .runs import RUN, hand_run, recover_call
 from .transactions import Transaction
+from .windowed import run_batching_windowed, run_windowed
 
 __all__ = ["BatchQueue", "run_dispatcher"]
-
-_RUN = 256  # most transactions handed to the handlers' thread at once
-
 
 class BatchQueue:
     """Committed batches in commit order, bounded by count (``limit``) and bytes (``max_bytes``).
@@ -174,9 +180,9 @@ async def run_dispatcher(p: Any) -> None:
         window = p.window = destinations.lanes(partial(_recorded, p, queue, ack))
         async with window.running():
             if dispatcher.batching:
-                await _run_batching_windowed(p, window)
+                await run_batching_windowed(p, window)
             else:
-                await _run_windowed(p, window)
+                await run_windowed(p, window)
             if window:  # closing: the batches published wait for their confirmations
                 p.in_hand = window.first
                 await window.drain()
@@ -257,100 +263,6 @@ async def run_dispatcher(p: Any) -> None:
         p.in_hand = None
 
 
-async def _run_windowed(p: Any, window: Any) -> None:
-    """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): the batches
-    queued are taken at once, as many as the window has room for, queued on the
-    destinations' lanes together (:meth:`Window.take`) and handed to the handlers in
-    order: consecutive ones that each go to one plain handler (or to none) as one run
-    (:func:`_hand_run`), the others one after the other. The window records each batch
-    once the handlers and every destination finished it and every earlier batch was
-    recorded, so the next batch does not wait for a confirmation. Once ``closing`` is
-    set, the batches taken whose handlers were not called yet go back to the queue,
-    unacknowledged."""
-    queue, dispatcher = p.queue, p.dispatcher
-    items = queue.items
-    observer = p.observer
-    # planned here (runs of plain calls, async calls awaited directly) unless an observer
-    # wraps each dispatch
-    dispatch = None if observer is None else observer(dispatcher.dispatch)
-    plan, recover = dispatcher.plan, dispatcher.recover
-    slot, context = p.slot_name, TRANSACTION
-    take, settle = window.take, window.settle
-
-    def stopping() -> bool:  # read by the handlers' thread between the calls of a run
-        return p.closing or p.abandoning
-
-    while not p.closing:
-        if not items:
-            await queue.wait_ready()
-            continue
-        taken = await take(items)  # published from now on, while the handlers run
-        if queue._reader_waits:  # taken, no longer queued (their bytes still count until
-            queue.room_made()  # recorded): the reader may queue more meanwhile
-        count = len(taken)
-        plans: list[Any] = []  # of taken[0], taken[1], ... (filters run once)
-        index = 0
-        while index < count:
-            if p.closing:  # stop(): no call starts but the one in hand
-                window.give_back(taken[index:], items)
-                break
-            entry = taken[index]
-            txn = entry.txn
-            if dispatch is None:
-                if index == len(plans):
-                    plans.append(plan(txn))
-                todo = plans[index]
-                if todo[0] == PLAIN:  # a run of plain calls: one hand-off to their thread
-                    end, most = index + 1, min(count, index + _RUN)
-                    while end < most:
-                        if end == len(plans):
-                            plans.append(plan(taken[end].txn))
-                        kind = plans[end][0]
-                        if kind != PLAIN and kind != NOTHING:
-                            break
-                        end += 1
-                    txns = [e.txn for e in taken[index:end]]
-                    done, failure = await _hand_run(p, txns, plans[index:end], stopping)
-                    for i in range(index, index + done):  # the handlers finished them
-                        entry = taken[i]
-                        entry.pending -= 1
-                        if not entry.pending:  # and every lane had: recorded, in order
-                            settle()
-                    index += done
-                    if failure is not None:  # call `done` failed: the error policy decides
-                        await _recover(p, txns[done], plans[index], failure)  # raises under "stop"
-                        entry = taken[index]
-                        entry.pending -= 1
-                        if not entry.pending:
-                            settle()
-                        index += 1
-                    p.in_hand = None
-                    continue  # stopped short: closing (the rest given back), or the fence lost
-            p.in_hand = txn
-            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
-            try:
-                if dispatch is not None:
-                    await dispatch(txn)  # raises HandlerError under "stop": unrecorded
-                else:
-                    kind = todo[0]
-                    if kind == ASYNC:  # one coroutine function: awaited right here
-                        try:
-                            await todo[1](todo[2])
-                        except BaseException as exc:
-                            if _stopping(exc):
-                                raise
-                            await recover(txn, todo, exc)  # raises HandlerError under "stop"
-                    elif kind != NOTHING:
-                        await dispatcher.dispatch(txn, todo)
-            finally:
-                context.reset(token)
-            entry.pending -= 1  # the handlers finished it
-            if not entry.pending:  # and every lane had: recorded with those before it
-                settle()
-            index += 1
-        p.in_hand = None
-
-
 async def _run_batching(p: Any) -> None:
     """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
     queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
@@ -414,102 +326,15 @@ async def _run_batching(p: Any) -> None:
         p.in_hand = None
 
 
-async def _run_batching_windowed(p: Any, window: Any) -> None:
-    """:func:`_run_batching` with a window: the queued batches are taken as
-    :func:`_run_windowed` takes them (published together from then on), and the
-    ``max_batch`` handlers' events are kept while more batches are taken and not handed to
-    the handlers yet, or queued (the same rules as :func:`_run_batching`: at most ``hold``
-    batches deferred, the waiting reader let in). The kept events are handed over
-    (:meth:`~walex.dispatch.Dispatcher.flush`) before the loop waits for the window's
-    room held by the encoded messages of unrecorded batches (``held_bytes``): the
-    deferred batches are among them and are recorded only once their calls returned.
-    The window records the deferred batches once those calls returned and every
-    destination confirmed them."""
-    queue, dispatcher = p.queue, p.dispatcher
-    items = queue.items
-    deferred: list[Any] = []  # the window's entries of the deferred batches
-    hold = max(queue.limit, dispatcher.max_batch)  # as in _run_batching
-    dispatcher.drop_pending()  # a new session: whatever was kept is delivered again
-    dispatch: Any = partial(dispatcher.dispatch, defer=True)
-    observer = p.observer
-    direct = observer is None  # planned here, events kept without a dispatch
-    if observer is not None:
-        dispatch = observer(dispatch)  # metrics / tracing per batch
-    slot, context = p.slot_name, TRANSACTION
-    plan, kept, dispatch_one = dispatcher.plan, dispatcher.kept, dispatcher.dispatch
-    take, finished = window.take, window.finished
-    while not p.closing:
-        if not items:
-            await queue.wait_ready()
-            continue
-        if deferred and window.held_full():  # take would wait for room that only the
-            await _flush(p, deferred, finished)  # deferred batches' calls can make
-            continue
-        taken = await take(items)  # published from now on, while the handlers run
-        if queue._reader_waits:  # taken, no longer queued: the reader may queue more
-            queue.room_made()
-        count = len(taken)
-        for index in range(count):
-            if p.closing:  # stop(): no call starts but the one in hand (nothing deferred:
-                window.give_back(taken[index:], items)  # a batch deferred is flushed once
-                break  # closing is set, before the next one)
-            entry = taken[index]
-            txn = entry.txn
-            p.in_hand = txn
-            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
-            try:
-                if direct:
-                    todo = plan(txn)
-                    if not kept(todo):
-                        await dispatch_one(txn, todo, True)
-                else:
-                    await dispatch(txn)
-            finally:
-                context.reset(token)
-            deferred.append(entry)
-            if dispatcher.pending:  # events kept for a later call
-                if len(deferred) < hold and not p.closing:
-                    if index + 1 < count:
-                        continue  # taken, in hand: their events may share the call
-                    if not items and queue._reader_waits:  # let the reader in, as
-                        queue.room_made()  # _run_batching does
-                        if not queue._reader_waits:
-                            await asyncio.sleep(0)
-                    if items and not p.closing:
-                        continue  # more queued: taken next (flushed first if no room)
-                await _flush(p, deferred, finished)
-                continue
-            for done in deferred:  # nothing kept: every call holding their events returned
-                finished(done)
-            deferred.clear()
-        p.in_hand = None
-
-
-async def _flush(p: Any, deferred: list[Any], finished: Any) -> None:
-    """Hand the kept events to their ``max_batch`` handlers, then count the handlers done
-    with the ``deferred`` entries (the window records them once confirmed); raises
-    HandlerError under "stop", none of them counted."""
-    txn = deferred[-1].txn
-    p.in_hand = txn
-    token = TRANSACTION.set((p.slot_name, txn.commit_lsn, txn.xid))
-    try:
-        await p.dispatcher.flush()
-    finally:
-        TRANSACTION.reset(token)
-    for done in deferred:
-        finished(done)
-    deferred.clear()
-
-
 async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
     """Hand the queued transactions that each go to one plain handler (or to none) to the
-    handlers' thread at once (:func:`_hand_run`); record the handled ones; the failing one
+    handlers' thread at once (:func:`walex.runs.hand_run`); record the handled ones; the failing one
     goes through the error policy. ``ahead`` holds the plans of the first queued items (at
     least one)."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
     plan = dispatcher.plan
-    limit = min(len(items), _RUN)
+    limit = min(len(items), RUN)
     count = 0
     while count < limit:  # the queued transactions up to the first that is not a plain call
         if count == len(ahead):
@@ -524,7 +349,7 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         for i in range(p.reached_ahead, count):
             counting.reached(items[i])
         p.reached_ahead = max(p.reached_ahead, count)
-    done, failure = await _hand_run(p, items, ahead[:count], stopping)
+    done, failure = await hand_run(p, items, ahead[:count], stopping)
     for _ in range(done):  # handled: recorded in order (written out twice, not a closure:
         txn = items.popleft()  # a call per transaction costs ~1% on one-row transactions)
         del ahead[0]
@@ -534,7 +359,7 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
         txn = items[0]
-        await _recover(p, txn, ahead[0], failure)  # raises HandlerError under "stop"
+        await recover_call(p, txn, ahead[0], failure)  # raises HandlerError under "stop"
         items.popleft()
         del ahead[0]
         if counting is not None:
@@ -542,33 +367,6 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     p.in_hand = None
-
-
-async def _hand_run(p: Any, txns: Any, todos: list[Any], stopping: Any) -> tuple[int, Any]:
-    """Hand the calls of ``todos`` (plans of kind PLAIN or NOTHING of ``txns[0]``,
-    ``txns[1]``, ...) to the handlers' thread as one run
-    (:meth:`~walex.threads.Workers.run_handlers`): how many finished, and what the next
-    one raised, if it did. No call starts once ``stopping()`` (the first is always made).
-    The caller records the finished ones, then has a failure go through :func:`_recover`."""
-    slot = p.slot_name
-    calls = []
-    for i, todo in enumerate(todos):
-        txn = txns[i]
-        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
-    p.in_hand = txns[0]
-    return await p.dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
-
-
-async def _recover(p: Any, txn: Transaction, todo: Any, failure: BaseException) -> None:
-    """The single call ``todo`` of ``txn``, made in a run, raised ``failure``: retries and
-    the error policy (:meth:`~walex.dispatch.Dispatcher.recover`); raises HandlerError
-    under "stop"."""
-    p.in_hand = txn
-    token = TRANSACTION.set((p.slot_name, txn.commit_lsn, txn.xid))
-    try:
-        await p.dispatcher.recover(txn, todo, failure)
-    finally:
-        TRANSACTION.reset(token)
 
 
 def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
