@@ -40,15 +40,14 @@ __all__ = ["run_batching_windowed", "run_windowed"]
 
 
 async def run_windowed(p: Any, window: Any) -> None:
-    """:func:`walex.handoff.run_dispatcher` with a window (:mod:`walex.destinations.window`): the batches
-    queued are taken at once, as many as the window has room for, queued on the
-    destinations' lanes together (:meth:`Window.take`) and handed to the handlers in
-    order: consecutive ones that each go to one plain handler (or to none) as one run
-    (:func:`walex.runs.hand_run`), the others one after the other. The window records each batch
-    once the handlers and every destination finished it and every earlier batch was
-    recorded, so the next batch does not wait for a confirmation. Once ``closing`` is
-    set, the batches taken whose handlers were not called yet go back to the queue,
-    unacknowledged."""
+    """:func:`walex.handoff.run_dispatcher` with a window: the batches queued are taken at
+    once, as many as the window has room for, queued on the destinations' lanes together
+    (:meth:`Window.take`) and handed to the handlers in order: consecutive ones that each
+    go to one plain handler (or to none) as one run (:func:`walex.runs.hand_run`), the
+    others one after the other. The window records each batch once the handlers and
+    every destination finished it and every earlier batch was recorded, so the next
+    batch does not wait for a confirmation. Once ``closing`` is set, the batches taken
+    whose handlers were not called yet go back to the queue, unacknowledged."""
     queue, dispatcher = p.queue, p.dispatcher
     items = queue.items
     observer = p.observer
@@ -100,7 +99,7 @@ async def run_windowed(p: Any, window: Any) -> None:
                             settle()
                     index += done
                     if failure is not None:  # call `done` failed: the error policy decides
-                        await recover_call(p, txns[done], plans[index], failure)  # raises under "stop"
+                        await recover_call(p, txns[done], plans[index], failure)  # "stop": raises
                         entry = taken[index]
                         entry.pending -= 1
                         if not entry.pending:
