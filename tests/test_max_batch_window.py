@@ -185,3 +185,37 @@ def test_a_failing_batch_under_stop_acknowledges_exactly_the_calls_before_it(
 
     calls, before, again = run(main())
     assert again == list(range(len(before) + 1, rows + 1)), (calls, again)
+
+
+def test_a_call_can_hold_more_transactions_than_the_queue(
+    admin: psycopg.Connection, dsn: str, stream: str
+) -> None:
+    """The batches taken are in hand, not queued: the reader, held up by a full queue, is
+    let in before the kept events are handed over, so one call is not capped by
+    ``max_pending_transactions`` (8 here)."""
+    admin.execute(SCHEMA)
+    box: list[WalEx] = []
+    batches = Batches(box)
+    events = Events()
+    events.on_insert("item", max_batch=100)(batches)
+
+    async def main() -> None:
+        app = make_app(dsn, events, stream, max_pending_transactions=8)
+        box.append(app)
+        async with app:
+            admin.execute("INSERT INTO item VALUES (1, '')")
+            await until(batches.started.is_set, "the first call")
+            for i in range(2, 202):
+                admin.execute("INSERT INTO item VALUES (%s, '')", [i])
+            await until(lambda: app.pipeline.queue.qsize() >= 8, "the queue full")
+            batches.go.set()
+            await until(lambda: app.transactions_handled == 201, "201 transactions handled")
+            last = batches.calls[-1][1][-1]
+            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+    run(main())
+    sizes = [len(rows) for rows in batches.rows()]
+    assert [r for rows in batches.rows() for r in rows] == list(range(1, 202))
+    assert max(sizes) <= 100 and max(sizes) > 8, sizes
+    for _rows, lsns, flushed in batches.calls:
+        assert flushed < lsns[0]

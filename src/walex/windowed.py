@@ -156,6 +156,7 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
     slot, context = p.slot_name, TRANSACTION
     plan, kept, dispatch_one = dispatcher.plan, dispatcher.kept, dispatcher.dispatch
     take, finished = window.take, window.finished
+    let_in = False  # the reader was woken to queue more and has not run since
     while not p.closing:
         if not items:
             await queue.wait_ready()
@@ -166,6 +167,7 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
         taken = await take(items)  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued: the reader may queue more
             queue.room_made()
+            let_in = not queue._reader_waits  # woken, it runs at the loop's next turn
         count = len(taken)
         for index in range(count):
             if p.closing:  # stop(): no call starts but the one in hand (nothing deferred:
@@ -189,9 +191,12 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
                 if len(deferred) < hold and not p.closing:
                     if index + 1 < count:
                         continue  # taken, in hand: their events may share the call
-                    if not items and queue._reader_waits:  # let the reader in, as
-                        queue.room_made()  # without a window
-                        if not queue._reader_waits:
+                    if not items:  # let the reader in, as without a window
+                        if queue._reader_waits:
+                            queue.room_made()
+                            let_in = let_in or not queue._reader_waits
+                        if let_in:  # woken since the loop last yielded: it queues first
+                            let_in = False
                             await asyncio.sleep(0)
                     if items and not p.closing:
                         continue  # more queued: taken next (flushed first if no room)
