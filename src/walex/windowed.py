@@ -69,7 +69,7 @@ async def run_windowed(p: Any, window: Any) -> None:
         if queue._reader_waits:  # taken, no longer queued (their bytes still count until
             queue.room_made()  # recorded): the reader may queue more meanwhile
         count = len(taken)
-        plans: list[Any] = []  # of taken[0], taken[1], ... (filters run once)
+        plans: list[Any] = [None] * count  # of taken[0], ... once made (filters run once)
         index = 0
         while index < count:
             if p.closing:  # stop(): no call starts but the one in hand
@@ -78,15 +78,17 @@ async def run_windowed(p: Any, window: Any) -> None:
             entry = taken[index]
             txn = entry.txn
             if dispatch is None:
-                if index == len(plans):
-                    plans.append(plan(txn))
                 todo = plans[index]
+                if todo is None:
+                    todo = plan(txn)
                 if todo[0] == PLAIN:  # a run of plain calls: one hand-off to their thread
+                    plans[index] = todo
                     end, most = index + 1, min(count, index + RUN)
                     while end < most:
-                        if end == len(plans):
-                            plans.append(plan(taken[end].txn))
-                        kind = plans[end][0]
+                        ahead = plans[end]
+                        if ahead is None:
+                            ahead = plans[end] = plan(taken[end].txn)
+                        kind = ahead[0]
                         if kind != PLAIN and kind != NOTHING:
                             break
                         end += 1
