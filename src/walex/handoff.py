@@ -12,12 +12,12 @@ not depend on a batch's size are paid per wake-up, not per transaction:
   to half its length limit and under the byte budget;
 - consecutive transactions that each go to exactly one plain (non-async)
   handler are handed to the handlers' thread as one run of calls
-  (:meth:`walex.threads.Workers.run_handlers`): one thread switch and one
-  loop wake-up per run. The run stops at the first call that fails (the
-  calls before it count as handled, the failing one goes through the error
-  policy as any failed call, the later ones are called afterwards, or never
-  if the policy stops the app) and before any further call once ``stop()``
-  set ``closing``.
+  (:func:`walex.runs.hand_run`, :meth:`walex.threads.Workers.run_handlers`):
+  one thread switch and one loop wake-up per run. The run stops at the first
+  call that fails (the calls before it count as handled, the failing one goes
+  through the error policy as any failed call, the later ones are called
+  afterwards, or never if the policy stops the app) and before any further
+  call once ``stop()`` set ``closing``.
 
 With a ``max_batch`` handler (:mod:`walex.dispatch`), the batches taken while
 more are queued are deferred: recorded handled once every call holding their
@@ -28,18 +28,25 @@ waits otherwise: with nothing queued and the reader not held up, the call is
 made at once.
 
 With destinations whose window is above 1 (:mod:`walex.destinations.window`),
-the dispatcher takes every queued batch the window has room for at once,
-queues them on the destinations' lanes together and hands them to the
-handlers one after the other; the window records them handled, in order,
-once every destination confirmed them (a group at a time), so the dispatcher
-does not wait for a confirmation. Taken batches are no longer queued, so the
-reader may queue more meanwhile; they stay counted in ``max_pending_bytes``
-until recorded.
+the dispatcher loops of :mod:`walex.windowed` take every queued batch the
+window has room for at once and queue them on the destinations' lanes
+together; the handlers get them as above: runs of plain calls (a failing
+call, ``closing``: the same rules; the batches taken whose calls were not
+made go back to the queue), and a ``max_batch`` handler the events of every
+batch taken or queued in one call (deferring by the same rules; the kept
+events are handed over before the loop waits for room that only recording
+the deferred batches would make). The window records them handled, in order,
+once every destination confirmed them too (a group at a time), so the
+dispatcher does not wait for a confirmation. Taken batches are no longer
+queued, so the reader may queue more meanwhile; they stay counted in
+``max_pending_bytes`` until recorded.
 
-Runs of plain calls and async calls awaited in the loop serve apps without
-destinations, tracing or ``max_batch`` handlers (metrics alone count through
-the hooks ``Stats.reached``/``Stats.counted``); the others dispatch one batch
-at a time through the observer's wrapper and the destinations.
+Runs of plain calls and async calls awaited in the loop serve apps without a
+``max_batch`` handler and without tracing: without destinations (metrics
+alone count through the hooks ``Stats.reached``/``Stats.counted``), or with
+a destination window and no metrics either; the others dispatch one batch at
+a time through the observer's wrapper (and, with a window of 1, the
+destinations).
 
 Invariants (those of :mod:`walex.pipeline`): a batch is recorded handled only
 after every handler (and destination) finished it, in queue order; the batches
@@ -62,12 +69,11 @@ from typing import Any
 from . import failpoints
 from .dispatch import ASYNC, NOTHING, PLAIN, _stopping
 from .logs import TRANSACTION
+from .runs import RUN, hand_run, recover_call
 from .transactions import Transaction
+from .windowed import run_batching_windowed, run_windowed
 
 __all__ = ["BatchQueue", "run_dispatcher"]
-
-_RUN = 256  # most transactions handed to the handlers' thread at once
-
 
 class BatchQueue:
     """Committed batches in commit order, bounded by count (``limit``) and bytes (``max_bytes``).
@@ -174,9 +180,9 @@ async def run_dispatcher(p: Any) -> None:
         window = p.window = destinations.lanes(partial(_recorded, p, queue, ack))
         async with window.running():
             if dispatcher.batching:
-                await _run_batching(p, window)
+                await run_batching_windowed(p, window)
             else:
-                await _run_windowed(p, window)
+                await run_windowed(p, window)
             if window:  # closing: the batches published wait for their confirmations
                 p.in_hand = window.first
                 await window.drain()
@@ -257,60 +263,7 @@ async def run_dispatcher(p: Any) -> None:
         p.in_hand = None
 
 
-async def _run_windowed(p: Any, window: Any) -> None:
-    """:func:`run_dispatcher` with a window (:mod:`walex.destinations.window`): the batches
-    queued are taken at once, as many as the window has room for, queued on the
-    destinations' lanes together (:meth:`Window.take`) and handed to the handlers, one
-    after the other; the window records each batch once the handlers and every
-    destination finished it and every earlier batch was recorded, so the next batch does
-    not wait for a confirmation. Once ``closing`` is set, the batches taken whose
-    handlers were not called yet go back to the queue, unacknowledged."""
-    queue, dispatcher = p.queue, p.dispatcher
-    items = queue.items
-    observer = p.observer
-    # planned here (async calls awaited directly) unless an observer wraps each dispatch
-    dispatch = None if observer is None else observer(dispatcher.dispatch)
-    plan, recover = dispatcher.plan, dispatcher.recover
-    slot, context = p.slot_name, TRANSACTION
-    take, settle = window.take, window.settle
-    while not p.closing:
-        if not items:
-            await queue.wait_ready()
-            continue
-        taken = await take(items)  # published from now on, while the handlers run
-        if queue._reader_waits:  # taken, no longer queued (their bytes still count until
-            queue.room_made()  # recorded): the reader may queue more meanwhile
-        for index, entry in enumerate(taken):
-            if p.closing:  # stop(): no call starts but the one in hand
-                window.give_back(taken[index:], items)
-                break
-            txn = entry.txn
-            p.in_hand = txn
-            token = context.set((slot, txn.commit_lsn, txn.xid))  # log lines carry them
-            try:
-                if dispatch is not None:
-                    await dispatch(txn)  # raises HandlerError under "stop": unrecorded
-                else:
-                    todo = plan(txn)
-                    kind = todo[0]
-                    if kind == ASYNC:  # one coroutine function: awaited right here
-                        try:
-                            await todo[1](todo[2])
-                        except BaseException as exc:
-                            if _stopping(exc):
-                                raise
-                            await recover(txn, todo, exc)  # raises HandlerError under "stop"
-                    elif kind != NOTHING:
-                        await dispatcher.dispatch(txn, todo)
-            finally:
-                context.reset(token)
-            entry.pending -= 1  # the handlers finished it
-            if not entry.pending:  # and every lane had: recorded with those before it
-                settle()
-        p.in_hand = None
-
-
-async def _run_batching(p: Any, window: Any = None) -> None:
+async def _run_batching(p: Any) -> None:
     """:func:`run_dispatcher` when a handler has ``max_batch``: while more batches are
     queued, the ``max_batch`` handlers' events are kept (``dispatch(defer=True)``) and
     the batches deferred; those are recorded handled, in order, once
@@ -319,7 +272,7 @@ async def _run_batching(p: Any, window: Any = None) -> None:
     per transaction until the next start."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
-    deferred: list[Any] = []  # batches, or with a window their entries
+    deferred: list[Any] = []
     # most batches deferred at once: enough for a call of max_batch single-event
     # transactions, however short the queue (the byte budget bounds their memory)
     hold = max(queue.limit, dispatcher.max_batch)
@@ -345,16 +298,13 @@ async def _run_batching(p: Any, window: Any = None) -> None:
                 todo = plan(txn)
                 if not kept(todo):
                     await dispatch_one(txn, todo, True)
-            elif window is not None:  # published through the lanes, recorded by the window
-                entry = await window.submit(txn)
-                await dispatch(txn)
             elif destinations is None:
                 await dispatch(txn)
             else:  # published while the handlers run; both must finish
                 await destinations.alongside(txn, dispatch)
         finally:
             context.reset(token)
-        deferred.append(txn if window is None else entry)
+        deferred.append(txn)
         if dispatcher.pending:  # events kept for a later call
             if not items and queue._reader_waits and len(deferred) < hold and not p.closing:
                 # the reader holds a batch and waits for room: the deferred batches are
@@ -370,24 +320,21 @@ async def _run_batching(p: Any, window: Any = None) -> None:
                 await dispatcher.flush()  # raises HandlerError under "stop": none acknowledged
             finally:
                 context.reset(token)
-        if window is not None:  # the window records them once the destinations confirmed
-            for done in deferred:
-                window.finished(done)
-        else:
-            for done in deferred:  # every call holding their events returned (no await in
-                _handled(p, queue, ack, done)  # between: the reader runs once they all are)
+        for done in deferred:  # every call holding their events returned (no await in
+            _handled(p, queue, ack, done)  # between: the reader runs once they all are)
         deferred.clear()
         p.in_hand = None
 
 
 async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
     """Hand the queued transactions that each go to one plain handler (or to none) to the
-    handlers' thread at once; record the handled ones; the failing one goes through the
-    error policy. ``ahead`` holds the plans of the first queued items (at least one)."""
+    handlers' thread at once (:func:`walex.runs.hand_run`); record the handled ones; the failing one
+    goes through the error policy. ``ahead`` holds the plans of the first queued items (at
+    least one)."""
     queue, dispatcher, ack = p.queue, p.dispatcher, p.ack
     items = queue.items
     plan = dispatcher.plan
-    limit = min(len(items), _RUN)
+    limit = min(len(items), RUN)
     count = 0
     while count < limit:  # the queued transactions up to the first that is not a plain call
         if count == len(ahead):
@@ -396,19 +343,13 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
         if kind != PLAIN and kind != NOTHING:
             break
         count += 1
-    slot = p.slot_name
-    calls = []
     counting = p.counting
-    for i in range(count):
-        txn, todo = items[i], ahead[i]
-        calls.append((todo[1], todo[2], (slot, txn.commit_lsn, txn.xid)))
     if counting is not None:  # latencies at the hand-off, once per batch: a run cut short by
         # a failure leaves the rest at the front of the queue, reached already
         for i in range(p.reached_ahead, count):
             counting.reached(items[i])
         p.reached_ahead = max(p.reached_ahead, count)
-    p.in_hand = items[0]
-    done, failure = await dispatcher.workers.run_handlers(calls, TRANSACTION, stopping)
+    done, failure = await hand_run(p, items, ahead[:count], stopping)
     for _ in range(done):  # handled: recorded in order (written out twice, not a closure:
         txn = items.popleft()  # a call per transaction costs ~1% on one-row transactions)
         del ahead[0]
@@ -417,13 +358,8 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
             counting.counted(txn)
         _handled(p, queue, ack, txn)
     if failure is not None:  # the call `done` failed: the error policy decides
-        txn, todo = items[0], ahead[0]
-        p.in_hand = txn
-        token = TRANSACTION.set((slot, txn.commit_lsn, txn.xid))
-        try:
-            await dispatcher.recover(txn, todo, failure)  # raises HandlerError under "stop"
-        finally:
-            TRANSACTION.reset(token)
+        txn = items[0]
+        await recover_call(p, txn, ahead[0], failure)  # raises HandlerError under "stop"
         items.popleft()
         del ahead[0]
         if counting is not None:

@@ -292,6 +292,13 @@ class Window:
                 return True
         return self.held >= self.destinations.held_bytes and bool(self.entries)
 
+    def held_full(self) -> bool:
+        """No room for another batch until batches held are *recorded* (the encoded messages
+        held reached ``held_bytes``): a lane's confirmations alone do not make it. A caller
+        keeping batches unfinished (``max_batch`` handlers' deferred calls) must finish them
+        before waiting for room."""
+        return self.held >= self.destinations.held_bytes and bool(self.entries)
+
     async def drain(self) -> None:
         """Wait until every submitted batch was recorded (at a graceful stop)."""
         while self.entries:
