@@ -18,7 +18,7 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +94,12 @@ def _drop_database(server: PgServer, dbname: str) -> None:
             except psycopg.errors.UndefinedObject:  # a temporary slot went with its backend
                 time.sleep(0.1)
         conn.execute(query)
+
+
+@pytest.fixture
+def drop_database(pg_cluster: PgServer) -> Callable[[str], None]:
+    """Drops a database of ``pg_cluster`` a test made itself, its replication slots first."""
+    return lambda dbname: _drop_database(pg_cluster, dbname)
 
 
 @pytest.fixture

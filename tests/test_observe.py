@@ -442,7 +442,9 @@ def _bulk_load(dsn: str) -> int:
     return int(after)
 
 
-def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(pg_cluster: Any) -> None:
+def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(
+    pg_cluster: Any, drop_database: Any,
+) -> None:
     """The network goes silent (a proxy drops every byte): the monitor's poll times out,
     says so and /healthz reports it; once the network is back the monitor reconnects and
     the lag guard and health checks work again."""
@@ -501,6 +503,4 @@ def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(pg_cluster: 
         assert any("the slot monitor reaches the server again" in m for m in records), records
     finally:
         proxy.stop()
-        from conftest import _drop_database  # its temporary slot's walsender may linger
-
-        _drop_database(pg_cluster, dbname)
+        drop_database(dbname)  # its temporary slot's walsender may still be active
