@@ -49,6 +49,7 @@ sys.path.insert(0, str(BENCH.parent / "src"))
 sys.path.insert(0, str(BENCH))
 
 import destinations  # noqa: E402
+import harness  # noqa: E402
 from encode import w1_events  # noqa: E402
 
 from walex.destinations import from_url  # noqa: E402
@@ -221,6 +222,9 @@ def main() -> int:
               f"| {', '.join(map(str, r['per_worker']))} |")
     print(f"\n{args.partitions} partitions, transactions of {args.txn} events, W1-like rows, "
           f"load average {os.getloadavg()[0]:.2f}.")
+    # the same calibration line as run.py's, to compare machines by
+    print(f"calibration: Python {sys.version.split()[0]} runs `for i in range(10**7): s += i * i` "
+          f"in {harness.python_loop_seconds():.3f} s CPU")
     return 0
 
 
