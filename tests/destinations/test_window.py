@@ -256,6 +256,50 @@ def test_a_refusal_in_a_group_settles_that_transaction_only(
     assert len(stored) > len(ids)
 
 
+def test_a_refusal_under_stop_leaves_the_group_s_earlier_transactions_acknowledged(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """A group of ``k`` then ``other`` (whose stream key Redis refuses for good) goes again
+    one transaction at a time; under on_error="stop" the app stops at ``other``, with the
+    ``k`` transaction before it confirmed and recorded, not left to be sent again."""
+    from walex import DestinationError
+
+    admin.execute(SETUP)
+    slot = "window_refusal_stop"
+
+    async def main(server: OwnRedis) -> tuple[list[Any], int]:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(port=server.port)
+        await client.set("ws2:other", "not a stream")
+        await client.aclose()
+        url = f"redis://127.0.0.1:{server.port}/0?stream=ws2:{{table}}&timeout=1"
+        app: Any = None
+        with pytest.raises(DestinationError, match="WRONGTYPE"):
+            async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                                  status_interval=0.2, destination_window=64,
+                                  on_error="stop") as rec:
+                app = rec.app
+                assert app is not None
+                admin.execute("INSERT INTO k VALUES (0, 0)")
+                await rec._until(lambda: app.transactions_handled >= 1, 60, "the first stored")
+                await asyncio.to_thread(server.stop)
+                admin.execute("INSERT INTO k VALUES (1, 0)")  # published alone, retried
+                admin.execute("INSERT INTO k VALUES (2, 0)")  # these two wait, then go as
+                admin.execute("INSERT INTO other VALUES (1)")  # one group: k first
+                events = await rec.wait_for(4, 60)
+                await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
+                await asyncio.to_thread(server.start)
+                await app.wait()
+        return events, app.pipeline.ack.flushed
+
+    with OwnRedis(tmp_path) as server:
+        events, flushed = run(main(server), timeout=240)
+    k2, other = events[2], events[3]
+    assert (k2.name, other.name) == ("k", "other")
+    assert parse_lsn(k2.lsn) < flushed <= parse_lsn(other.lsn)
+
+
 def test_webhook_requests_carry_several_transactions_signed_with_one_id_per_request(
     admin: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -133,10 +133,15 @@ class Lane:
                 await deliver(destination, entry.outgoing, entry.txn.events)
             elif not await deliver(destination, batch, None, settle=False):
                 # refused for good: again one batch at a time, so the error policy
-                # settles the refused transaction only (the others carry the same ids)
-                for i in range(count):
-                    entry = queued[i]
+                # settles the refused transaction only (the others carry the same ids);
+                # each confirmed one is done at once, so an error policy that stops
+                # leaves unacknowledged only the refused transaction and those after it
+                for _ in range(count):
+                    entry = queued[0]
                     await deliver(destination, entry.outgoing, entry.txn.events)
+                    queued.popleft().pending -= 1
+                    settle()
+                continue
             for _ in range(count):  # confirmed: this lane is done with them
                 queued.popleft().pending -= 1
             settle()  # what is complete now is recorded, in order, at once
