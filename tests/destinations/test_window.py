@@ -275,7 +275,7 @@ def test_a_refusal_under_stop_leaves_the_group_s_earlier_transactions_acknowledg
         await client.aclose()
         url = f"redis://127.0.0.1:{server.port}/0?stream=ws2:{{table}}&timeout=1"
         app: Any = None
-        with pytest.raises(DestinationError, match="WRONGTYPE"):
+        with pytest.raises(DestinationError, match="the stream key 'ws2:other' holds"):
             async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
                                   status_interval=0.2, destination_window=64,
                                   on_error="stop") as rec:

@@ -157,16 +157,18 @@ class RedisDestination(Destination):
                 head = heads[key] = xadd_head(render(item), self.maxlen)
             commands.append(xadd_command(head, item.id, item.body))
         refused: ResponseError | None = None
+        refused_at = 0  # the batch's message the first refusal answered
         try:
             async with asyncio.timeout(self.timeout):
                 try:
                     await conn.send_packed_command(commands)
                     read = conn.read_response
-                    for _ in commands:  # every reply is read, so the connection stays usable
-                        try:
+                    for i in range(len(commands)):  # every reply is read, so the connection
+                        try:  # stays usable
                             await read()
                         except ResponseError as exc:
-                            refused = refused or exc
+                            if refused is None:
+                                refused, refused_at = exc, i
                 except BaseException:  # replies may be left unread: never reuse the socket
                     await conn.disconnect(nowait=True)
                     raise
@@ -183,9 +185,14 @@ class RedisDestination(Destination):
             ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
+                what, fix = "a stream key", "give the stream template other names"
+                if refused is exc:  # the refusal of a message of the batch: its key is known
+                    name = render(batch[refused_at])
+                    what = f"the stream key {name!r}"
+                    fix = (f"delete that key (DEL {name}) if nothing else uses it, or " + fix)
                 raise DestinationError(
-                    f"destination {self.display}: a stream key holds another type of value "
-                    f"({self.describe(exc)}); give the stream template other names"
+                    f"destination {self.display}: {what} holds another type of value than a "
+                    f"stream ({self.describe(exc)}); {fix}"
                 ) from None
             raise self.unavailable("Redis refused the batch", exc) from None
         except (RedisError, OSError) as exc:
