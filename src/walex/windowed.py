@@ -56,7 +56,7 @@ async def run_windowed(p: Any, window: Any) -> None:
     dispatch = None if observer is None else observer(dispatcher.dispatch)
     plan, recover = dispatcher.plan, dispatcher.recover
     slot, context = p.slot_name, TRANSACTION
-    take, settle = window.take, window.settle
+    take, finished = window.take, window.finished
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
         return p.closing or p.abandoning
@@ -95,17 +95,11 @@ async def run_windowed(p: Any, window: Any) -> None:
                     txns = [e.txn for e in taken[index:end]]
                     done, failure = await hand_run(p, txns, plans[index:end], stopping)
                     for i in range(index, index + done):  # the handlers finished them
-                        entry = taken[i]
-                        entry.pending -= 1
-                        if not entry.pending:  # and every lane had: recorded, in order
-                            settle()
+                        finished(taken[i])  # recorded, in order, once every lane had too
                     index += done
                     if failure is not None:  # call `done` failed: the error policy decides
                         await recover_call(p, txns[done], plans[index], failure)  # "stop": raises
-                        entry = taken[index]
-                        entry.pending -= 1
-                        if not entry.pending:
-                            settle()
+                        finished(taken[index])
                         index += 1
                     p.in_hand = None
                     continue  # stopped short: closing (the rest given back), or the fence lost
@@ -127,9 +121,7 @@ async def run_windowed(p: Any, window: Any) -> None:
                         await dispatcher.dispatch(txn, todo)
             finally:
                 context.reset(token)
-            entry.pending -= 1  # the handlers finished it
-            if not entry.pending:  # and every lane had: recorded with those before it
-                settle()
+            finished(entry)  # recorded with those before it once every lane had too
             index += 1
         p.in_hand = None
 

@@ -3,8 +3,7 @@
 With ``destination_window`` (or ``window=`` in a destination URL) above 1, the
 dispatcher does not wait for a transaction's confirmation before it takes the
 next one. It takes every queued batch the window has room for at once
-(:meth:`Window.take`; :meth:`Window.submit` one batch, for ``max_batch``
-handlers): each is encoded once and queued on every destination's
+(:meth:`Window.take`): each is encoded once and queued on every destination's
 :class:`Lane` (one wake-up per take), and the handlers are called meanwhile.
 A lane publishes what is queued on it in order, as one group per publish (up
 to its window of transactions and a bound of events and bytes: one round trip
@@ -91,14 +90,6 @@ class Lane:
     def __len__(self) -> int:
         return len(self.queued)
 
-    @property
-    def full(self) -> bool:
-        return len(self.queued) >= self.size
-
-    def put(self, entry: Entry) -> None:
-        self.queued.append(entry)
-        self._wake.set()
-
     def _group(self) -> tuple[int, list[Outgoing]]:
         """How many front batches to publish together, and their messages in order: at most
         the window's, and within the destination's bounds of events and bytes (one batch
@@ -184,30 +175,11 @@ class Window:
             self._room.clear()
             await self._room.wait()
 
-    async def submit(self, txn: Any) -> Entry:
-        """Queue ``txn`` on every lane, once each has room in its window; the caller calls
-        :meth:`finished` with the entry once the handlers finished the batch."""
-        if self._full():
-            await self._wait_room()
-        events = txn.events
-        if not events:
-            entry = Entry(txn, _NONE, 1, 0)
-            self.entries.append(entry)
-            return entry
-        outgoing = encode(events, self.destinations.partitions)
-        entry = Entry(txn, outgoing, 1 + len(self.lanes))
-        self.entries.append(entry)
-        self.held += entry.size
-        for lane in self.lanes:
-            lane.put(entry)
-        return entry
-
     async def take(self, items: deque[Any]) -> list[Entry]:
         """Take the batches at the front of ``items`` that the window has room for (at least
         one, once there is room for one) and queue them on every lane at once: one wake-up
         of each lane, not one per batch. The caller hands each entry's batch to the
-        handlers, in order, then counts the handlers done (``entry.pending -= 1``) and calls
-        :meth:`settle` when that made it complete; or gives back the entries it did not hand
+        handlers, in order, then counts the handlers done (:meth:`finished`); or gives back the entries it did not hand
         to the handlers (:meth:`give_back`)."""
         if self._full():
             await self._wait_room()
@@ -265,7 +237,7 @@ class Window:
             self._room.set()
 
     def finished(self, entry: Entry) -> None:
-        """The handlers, or one lane, finished ``entry``: record what is complete, in order."""
+        """The handlers finished ``entry``: record what is complete, in order."""
         entry.pending -= 1
         if not entry.pending:
             self.settle()
@@ -295,7 +267,7 @@ class Window:
         for lane in self.lanes:
             if len(lane.queued) >= lane.size:
                 return True
-        return self.held >= self.destinations.held_bytes and bool(self.entries)
+        return self.held_full()
 
     def held_full(self) -> bool:
         """No room for another batch until batches held are *recorded* (the encoded messages
