@@ -91,10 +91,8 @@ class NatsLane(Lane):
         try:
             if self.following is not None:  # the acknowledgement asked for the next message
                 msg = await self._following(wait)
-                if msg is None:
-                    self.consumer.check()
-                    await self.consumer.recheck(self.partition)
-                    return []
+                if msg is None:  # its request expired without one: as a fetch that timed out
+                    raise TimeoutError
                 asked = self.following
                 self.following = None
             else:
