@@ -15,9 +15,7 @@ on. Runs against a real PostgreSQL and the local Redis.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -26,6 +24,7 @@ import pytest
 from destinations.brokers import redis_delete, redis_stored
 from destinations.conftest import require
 from support import run, until
+from window_support import commit_lsn, make_app, redelivered, wait_confirmed
 
 from walex import Event, Events, HandlerError, WalEx
 
@@ -34,11 +33,7 @@ CREATE TABLE item (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE item;
 """
 
-_names = itertools.count(1)
 
-
-def commit_lsn(event: Event) -> int:
-    return int(event.id.split("-")[0], 16)
 
 
 class Calls:
@@ -64,11 +59,7 @@ class Calls:
         self.seen.append((row, commit_lsn(event), app.ack.flushed, app.transactions_handled))
         if row in self.fail_at:
             self.fail_at.discard(row)
-            lane = app.pipeline.window.lanes[0]
-            deadline = time.monotonic() + 30
-            while lane.queued:  # read from this thread: a length, no iteration
-                assert time.monotonic() < deadline, "Redis never confirmed the run"
-                time.sleep(0.005)
+            wait_confirmed(app, "Redis never confirmed the run")
             raise RuntimeError(f"handler fails on row {row}")
 
     def ids(self) -> list[int]:
@@ -100,13 +91,6 @@ class HandOffs:
     def total(self) -> int:
         return len(self.runs) + self.singles
 
-
-def make_app(dsn: str, events: Events, stream: str, **options: Any) -> WalEx:
-    options.setdefault("name", f"walex_handoff_window_{next(_names)}")
-    options.setdefault("status_interval", 0.2)
-    return WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events],
-                 destinations=[f"redis://127.0.0.1:6379/0?stream={stream}:{{table}}&timeout=5"],
-                 destination_window=64, **options)
 
 
 async def queue_up(admin: psycopg.Connection, app: WalEx, calls: Calls, rows: int) -> None:
@@ -189,16 +173,7 @@ def test_a_plain_call_failing_in_a_run_under_stop_acknowledges_exactly_those_bef
         assert app.transactions_handled == 5
         assert fifth < app.ack.flushed < sixth  # the five before it acknowledged, not it
         # a restart delivers again from the failing transaction on, not before it
-        again: list[int] = []
-        more = Events()
-
-        @more.on_insert("item")
-        def collect(items: list[Event]) -> None:
-            again.extend(e.new_record["id"] for e in items)
-
-        restarted = make_app(dsn, more, stream, durable_slot=True, slot_name=slot)
-        async with restarted:
-            await until(lambda: len(again) >= 7, "rows 6..12 delivered again")
+        again = await redelivered(dsn, stream, slot, 7, "rows 6..12 delivered again")
         return handoffs, again
 
     handoffs, again = run(main())
@@ -282,16 +257,7 @@ def test_stop_during_a_run_in_the_window_lets_only_the_call_in_hand_finish(
             await app.stop()
         assert calls.ids() == [1, 2]
         assert app.transactions_handled == 2
-        again: list[int] = []
-        more = Events()
-
-        @more.on_insert("item")
-        def collect(items: list[Event]) -> None:
-            again.extend(e.new_record["id"] for e in items)
-
-        restarted = make_app(dsn, more, stream, durable_slot=True, slot_name=slot)
-        async with restarted:
-            await until(lambda: len(again) >= 10, "rows 3..12 delivered again")
+        again = await redelivered(dsn, stream, slot, 10, "rows 3..12 delivered again")
         return handoffs, again
 
     handoffs, again = run(main())

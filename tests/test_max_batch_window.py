@@ -15,9 +15,7 @@ PostgreSQL and the local Redis.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -26,6 +24,7 @@ import pytest
 from destinations.brokers import redis_delete, redis_stored
 from destinations.conftest import require
 from support import run, until
+from window_support import commit_lsn, make_app, redelivered, wait_confirmed
 
 from walex import Event, Events, HandlerError, WalEx
 
@@ -34,13 +33,9 @@ CREATE TABLE item (id int PRIMARY KEY, pad text);
 CREATE PUBLICATION pub FOR TABLE item;
 """
 
-_names = itertools.count(1)
 PAD = 4000  # characters a row: ~4 kB encoded
 PENDING = 64 * 1024  # max_pending_bytes: a window holding 16 kB of encoded messages
 
-
-def commit_lsn(event: Event) -> int:
-    return int(event.id.split("-")[0], 16)
 
 
 class Batches:
@@ -66,23 +61,12 @@ class Batches:
         if failing:
             self.fail_at -= failing
             if self.confirmed_first:  # what the calls before finished is recorded at once
-                lane = self.box[0].pipeline.window.lanes[0]
-                deadline = time.monotonic() + 30
-                while lane.queued:
-                    assert time.monotonic() < deadline, "Redis never confirmed them"
-                    time.sleep(0.005)
+                wait_confirmed(self.box[0], "Redis never confirmed them")
             raise RuntimeError(f"batch handler fails on the batch from row {rows[0]}")
 
     def rows(self) -> list[list[int]]:
         return [c[0] for c in self.calls]
 
-
-def make_app(dsn: str, events: Events, stream: str, **options: Any) -> WalEx:
-    options.setdefault("name", f"walex_max_batch_window_{next(_names)}")
-    options.setdefault("status_interval", 0.2)
-    return WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events],
-                 destinations=[f"redis://127.0.0.1:6379/0?stream={stream}:{{table}}&timeout=5"],
-                 destination_window=64, **options)
 
 
 async def queue_up(admin: psycopg.Connection, batches: Batches, rows: int) -> None:
@@ -171,16 +155,8 @@ def test_a_failing_batch_under_stop_acknowledges_exactly_the_calls_before_it(
         assert before == list(range(1, calls[failed][0]))
         assert app.transactions_handled == len(before)
         assert batches.calls[failed - 1][1][-1] < app.ack.flushed < batches.calls[failed][1][0]
-        again: list[int] = []
-        more = Events()
-
-        @more.on_insert("item")
-        def collect(items: list[Event]) -> None:
-            again.extend(e.new_record["id"] for e in items)
-
-        restarted = make_app(dsn, more, stream, durable_slot=True, slot_name=slot)
-        async with restarted:
-            await until(lambda: len(again) >= rows - len(before), "the rest delivered again")
+        again = await redelivered(dsn, stream, slot, rows - len(before),
+                                  "the rest delivered again")
         return calls, before, again
 
     calls, before, again = run(main())
