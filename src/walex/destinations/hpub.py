@@ -11,7 +11,8 @@ message, and hands the frames of a batch to the client as its own
 ``_send_publish`` does: ``_send_command`` (the pending buffer, flushed at once
 when it passes the client's ``pending_size``) and then a kick of its flusher
 task. The connection, its reconnection, its flusher, PINGs and the read loop
-stay nats-py's.
+stay nats-py's. :meth:`Frames.chained` writes a batch whose messages the
+stream checks link by link, only the last asking for a PubAck (see there).
 
 Those are nats-py internals, the same from 2.6 (walex's oldest) to 2.16:
 :func:`usable` takes this path only for a 2.x client from 2.6 on that has
@@ -33,11 +34,19 @@ import nats.errors
 
 from .encoding import Outgoing
 
-__all__ = ["Frames", "checked_client", "usable"]
+__all__ = ["CHAINED_EXTRA", "Frames", "checked_client", "usable"]
 
 _CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
 _FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
 _HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\nNats-Expected-Stream: \r\n\r\n")
+# a chained message (see Frames.chained): its headers, then the frame without or with a reply
+_CHAINED = (b"NATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n"
+            b"Nats-Expected-Last-Sequence: %d\r\nNats-Expected-Last-Msg-Id: %b\r\n\r\n")
+_UNANSWERED = b"HPUB %b %d %d\r\n%b%b\r\n"
+_ANSWERED = b"HPUB %b %b%d %d %d\r\n%b%b\r\n"
+# what a chained message's headers add to the plain ones, besides the two numbers' digits and
+# the previous message's id
+CHAINED_EXTRA = len(b"Nats-Expected-Last-Sequence: \r\nNats-Expected-Last-Msg-Id: \r\n")
 _PLAIN = re.compile(r"[!-~]+").fullmatch  # printable ASCII, no space: as nats-py would send it
 _NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")  # what nats-py refuses in a published subject
 
@@ -107,11 +116,33 @@ class Frames:
         caller then publishes with ``Client.publish``); raises what nats-py's
         publish raises on a closed or draining connection or a bad subject.
         """
-        subjects, frame = self._subjects, self.frame
+        return await self._publish(batch, render, first, None)
+
+    async def chained(self, batch: list[Outgoing], render: Callable[[Outgoing], str],
+                      reply: int, last_seq: int, last_id: str) -> bool:
+        """Publish ``batch`` as a chain the stream checks link by link; only the last
+        message has a reply subject (``<prefix><reply>``), so one PubAck answers for all.
+
+        Message ``i`` carries ``Nats-Expected-Last-Sequence: last_seq + i`` and
+        ``Nats-Expected-Last-Msg-Id``: the id of the message before it (``last_id``, the
+        stream's last message, for the first). JetStream stores a message only when the
+        stream's last stored message is exactly that one at that sequence, so once one
+        message of the chain is not stored (refused, a duplicate, lost) none after it is,
+        whatever else reaches the stream meanwhile, and the last message's answer is an
+        error. Its PubAck with sequence ``last_seq + len(batch)`` therefore says the whole
+        chain is stored. Returns False, having sent nothing, when an event id is not plain.
+        """
+        return await self._publish(batch, render, reply, (last_seq, last_id.encode()))
+
+    async def _publish(self, batch: list[Outgoing], render: Callable[[Outgoing], str],
+                       first: int, chain: tuple[int, bytes] | None) -> bool:
+        subjects, frame, stream, prefix = self._subjects, self.frame, self.stream, self.prefix
         chunks: list[bytes] = []
         part: list[bytes] = []
         size = payload = 0
-        for n, item in enumerate(batch, first):
+        last_seq, previous = chain if chain is not None else (0, b"")
+        end = len(batch) - 1
+        for i, item in enumerate(batch):
             event_id, body = item.id, item.body
             if not _PLAIN(event_id):
                 return False
@@ -121,7 +152,16 @@ class Frames:
                 if len(subjects) > 10_000:
                     subjects.clear()
                 subject = subjects[key] = self.subject(render(item))
-            data = frame(subject, n, event_id, body)
+            if chain is None:
+                data = frame(subject, first + i, event_id, body)
+            else:
+                ident = event_id.encode()
+                headers = _CHAINED % (ident, stream, last_seq + i, previous)
+                previous = ident
+                data = (_UNANSWERED % (subject, len(headers), len(headers) + len(body), headers, body)
+                        if i < end else
+                        _ANSWERED % (subject, prefix, first, len(headers), len(headers) + len(body),
+                                     headers, body))
             part.append(data)
             size += len(data)
             payload += len(body)

@@ -34,6 +34,15 @@ no future or parsed PubAck per message; only an error is parsed. With a
 checked nats-py, a plain PubAck is counted as the client's parser hands it
 over, before the client builds a message of it for the subscription.
 
+Once a PubAck showed the stream's last message (sequence and id: the last
+message of a batch, when its PubAck is not a duplicate's), the next batch
+is *chained* (:meth:`~walex.destinations.hpub.Frames.chained`): every
+message names the message before it as the stream's last, and only the last
+one asks for a PubAck, which at the expected sequence says the whole batch
+is stored. Anything else (an error, a duplicate's PubAck, another sequence)
+breaks the chain: the batch is published again with a PubAck per message,
+and the next ``2**breaks - 1`` batches (at most 63) are not chained.
+
 The frames of a batch are built by walex (:mod:`walex.destinations.hpub`,
 half nats-py's CPU per message) and handed to the client's write buffer when
 the installed nats-py is one whose internals that relies on were checked;
@@ -60,9 +69,9 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
-from .hpub import Frames, usable
+from .hpub import CHAINED_EXTRA, Frames, usable
 from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
-from .pubacks import PubAcks
+from .pubacks import PubAcks, stored_at
 
 __all__ = ["NatsDestination"]
 
@@ -75,6 +84,7 @@ _OTHER_STREAM = 10060  # the subject belongs to another stream than Nats-Expecte
 _STORE_FAILED = 10077  # the stream is full (max_msgs, max_bytes ...) with discard=new
 # bytes of the headers besides the id and stream name (NATS/1.0, Nats-Msg-Id, Nats-Expected-Stream)
 _HEADERS = 64
+_MAX_MISSES = 6  # after a chain that failed, 2, 4 ... 64 batches go with a PubAck per message
 _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
@@ -131,6 +141,13 @@ class NatsDestination(Destination):
         self._acks: PubAcks | None = None
         self._frames: Frames | None = None  # None: Client.publish (hpub.usable said no)
         self.duplicates = 0  # messages the stream recognised as already stored
+        # chained batches (Frames.chained): the stream's last message as the last PubAck
+        # showed it, (sequence, id); None while unknown (then a PubAck per message)
+        self.chained = True  # False: a PubAck per message always
+        self._last: tuple[int, str] | None = None
+        self._misses = 0  # chains that failed in a row
+        self._unchained = 0  # batches to go with a PubAck per message after one failed
+        self.chains = self.chains_failed = 0  # batches sent as a chain, and those that failed
         # failed attempts in a row at a full stream (discard=new) before it is a refusal
         self.full_attempts = 8
 
@@ -228,10 +245,68 @@ class NatsDestination(Destination):
             await self._publish(batch[start:start + _WINDOW])
 
     async def _publish(self, batch: list[Outgoing]) -> None:
-        nc, acks, closed, render = self.nc, self._acks, self._closed, self.subject.render
+        nc, acks, closed = self.nc, self._acks, self._closed
         if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
-        self._check_sizes(batch)
+        largest = self._check_sizes(batch)
+        last, self._last = self._last, None  # unknown until this batch is answered
+        limit = nc.max_payload or 0  # a chained message's headers are longer (by at most this)
+        if (last is not None and len(batch) > 1 and self._frames is not None and self.chained
+                and (not limit or largest + CHAINED_EXTRA + 20 + len(last[1]) <= limit)):
+            if self._unchained:
+                self._unchained -= 1
+            elif await self._chain(batch, last):
+                return
+        await self._each(batch)
+
+    async def _chain(self, batch: list[Outgoing], last: tuple[int, str]) -> bool:
+        """Publish ``batch`` chained (:meth:`Frames.chained`): True when its one PubAck says
+        every message is stored; False when the chain broke (a message refused or a
+        duplicate, another publisher's message in between), the caller then publishes the
+        batch again with a PubAck per message, which tells what each message's fate was
+        (those stored already are duplicates by their ids)."""
+        acks, frames = self._acks, self._frames
+        assert acks is not None and frames is not None
+        first, done = acks.expect(1)
+        try:
+            if not await frames.chained(batch, self.subject.render, first, *last):
+                return False  # an id nats-py would rewrite: Client.publish, one by one
+            self.chains += 1
+        except Exception as exc:
+            raise self.unavailable("publishing failed", exc) from None
+        await self._answered(done)
+        seq = stored_at(acks.last) if acks.failure is None else None
+        if seq == last[0] + len(batch):
+            self._misses = 0
+            self._last = (seq, batch[-1].id)
+            return True
+        self.chains_failed += 1
+        self._misses = min(self._misses + 1, _MAX_MISSES)
+        self._unchained = 2 ** self._misses - 1  # the next ones not chained, so that a
+        # stream other publishers write to does not take every batch twice
+        log.debug("nats %s: a chained batch of %d was not stored whole (%s); publishing it "
+                  "with a PubAck per message", self.url.display, len(batch),
+                  self.describe(acks.failure) if acks.failure is not None else "its PubAck")
+        return False
+
+    async def _answered(self, done: asyncio.Future[None]) -> None:
+        """Wait for the batch's PubAcks (``done``), the connection's loss or the timeout."""
+        closed = self._closed
+        assert closed is not None
+        lost = asyncio.ensure_future(closed.wait())
+        try:
+            finished, _ = await asyncio.wait([done, lost], timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if done not in finished:
+            what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
+            raise Unavailable(f"{what} before every message of the batch was acknowledged")
+
+    async def _each(self, batch: list[Outgoing]) -> None:
+        """Publish ``batch`` with a PubAck per message."""
+        nc, acks, render = self.nc, self._acks, self.subject.render
+        assert nc is not None and acks is not None
         first, done = acks.expect(len(batch))
         prefix, stream, frames = acks.prefix, self.stream, self._frames
         try:
@@ -244,39 +319,37 @@ class NatsDestination(Destination):
                                      headers={"Nats-Msg-Id": item.id, _EXPECTED_STREAM: stream})
         except Exception as exc:
             raise self.unavailable("publishing failed", exc) from None
-        lost = asyncio.ensure_future(closed.wait())
-        try:
-            finished, _ = await asyncio.wait([done, lost], timeout=self.timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-        if done not in finished:
-            what = "the connection closed" if closed.is_set() else f"no PubAck within {self.timeout:g}s"
-            raise Unavailable(f"{what} before every message of the batch was acknowledged")
+        await self._answered(done)
         if acks.failure is not None:  # the message it answered for: refused for good, or for now
             raise await self._refusal(batch[acks.failed_at], acks.failure)
         self.duplicates += acks.duplicates
+        if frames is not None:  # the stream's last message, if its PubAck shows it
+            seq = stored_at(acks.last)
+            self._last = None if seq is None else (seq, batch[-1].id)
 
-    def _check_sizes(self, batch: list[Outgoing]) -> None:
+    def _check_sizes(self, batch: list[Outgoing]) -> int:
         """A message over the server's max_payload is refused before anything is sent.
 
         (The server would close the connection on it, and the client raises
-        after it registered the PubAck it waits for.)
+        after it registered the PubAck it waits for.) Returns the largest size.
         """
         nc = self.nc
         limit = nc.max_payload if nc is not None else 0
-        if not limit:
-            return
         overhead = _HEADERS + len(self.stream)
+        largest = 0
         for item in batch:
             size = len(item.body) + len(item.id) + overhead
-            if size > limit:
+            if size <= largest:
+                continue
+            largest = size
+            if limit and size > limit:
                 raise DestinationError(
                     f"destination {self.display}: event {item.id} ({item.schema}.{item.table}) "
                     f"is {size} bytes with its headers, over the server's max_payload of {limit}; "
                     "raise max_payload in the nats-server configuration, or leave the large "
                     "column out of the publication"
                 )
+        return largest
 
     async def _refusal(self, item: Outgoing, exc: BaseException) -> Exception:
         """What the failed PubAck of ``item`` is: for good (DestinationError) or for now
@@ -329,7 +402,7 @@ class NatsDestination(Destination):
     async def close(self) -> None:
         nc, acks = self.nc, self._acks
         self.nc, self.js, self._acks, self._frames = None, None, None, None
-        self.opened = False
+        self.opened, self._last = False, None
         if acks is not None:
             acks.release()
         if nc is not None:

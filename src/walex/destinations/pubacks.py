@@ -45,7 +45,7 @@ import nats.js.errors
 
 from .hpub import checked_client
 
-__all__ = ["EXPECTED_STREAM", "PubAcks", "direct_usable"]
+__all__ = ["EXPECTED_STREAM", "PubAcks", "direct_usable", "stored_at"]
 
 EXPECTED_STREAM = "Nats-Expected-Stream"  # the stream must be this one, or it is an error
 _STATUS, _NO_RESPONDERS = "Status", "503"
@@ -68,6 +68,7 @@ class PubAcks:
         self.duplicates = 0
         self.failure: BaseException | None = None
         self.failed_at = 0  # the batch's message the failure answered for
+        self.last = b""  # the PubAck of the batch's last message (its stream sequence)
         self._client: Any = None  # the client whose _process_msg is self._take (direct way)
         self._sid = -1
         self._process: Any = None  # that client's own _process_msg
@@ -105,6 +106,7 @@ class PubAcks:
         self.duplicates = 0
         self.failure = None
         self.failed_at = 0
+        self.last = b""
         done = self._done = asyncio.get_running_loop().create_future()
         if not count:
             done.set_result(None)
@@ -132,6 +134,8 @@ class PubAcks:
         seen[i] = 1
         if not 48 <= data[-2] <= 57 and _duplicate(data):  # ends "<digit>}": not one
             self.duplicates += 1
+        if i == len(seen) - 1:
+            self.last = data
         self._left -= 1
         if not self._left:
             done.set_result(None)
@@ -158,6 +162,8 @@ class PubAcks:
         seen[i] = 1
         if _duplicate(data):
             self.duplicates += 1
+        if i == len(seen) - 1:
+            self.last = data
         self._left -= 1
         if not self._left:
             done.set_result(None)
@@ -180,6 +186,20 @@ def direct_usable(nc: Any, sid: int) -> bool:
             and "_process_msg" not in vars(nc)
             and isinstance(getattr(nc, "stats", None), dict)
             and isinstance(subs, dict) and sid in subs)
+
+
+def stored_at(answer: bytes) -> int | None:
+    """The stream sequence a plain PubAck (:attr:`PubAcks.last`) gives its message, or None
+    when it is not one or says ``"duplicate": true`` (then the message was stored earlier,
+    and that sequence is not the stream's last)."""
+    try:
+        fields = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict) or fields.get("duplicate"):
+        return None
+    seq = fields.get("seq")
+    return seq if type(seq) is int and seq > 0 else None
 
 
 def _duplicate(data: bytes) -> bool:
