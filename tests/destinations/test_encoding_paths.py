@@ -36,6 +36,9 @@ from walex.destinations.encoding import encode, encode_event, encode_reference
 # the fast path's two twins: pure Python, and walex._encode when it was built
 PATHS = [encoding._fast_event] + ([encoding.compiled_fast_event]
                                   if encoding.compiled_fast_event is not None else [])
+# and of encode: an event at a time with the reference for what the fast path leaves
+BATCH_PATHS = [encoding._encode_events] + ([encoding.compiled_fast_events]
+                                           if encoding.compiled_fast_events is not None else [])
 
 
 @pytest.mark.skipif(encoding.compiled_fast_event is None,
@@ -44,6 +47,8 @@ def test_the_compiled_twin_serves_unless_pure_python_is_asked_for() -> None:
     expected = encoding._fast_event if os.environ.get("WALEX_PURE_PYTHON") \
         else encoding.compiled_fast_event
     assert encoding._fast is expected
+    assert encoding._events is (encoding._encode_events if os.environ.get("WALEX_PURE_PYTHON")
+                                else encoding.compiled_fast_events)
 
 
 def fast_count(events: list[Event], partitions: int) -> int:
@@ -67,7 +72,7 @@ def fast_count(events: list[Event], partitions: int) -> int:
 def assert_same(events: list[Event]) -> None:
     for partitions in (1, 5):
         reference = encode_reference(events, partitions)
-        outputs = [encode(events, partitions)]
+        outputs = [encode(events, partitions)] + [each(events, partitions) for each in BATCH_PATHS]
         for fast in PATHS:
             outputs.append([_through(fast, event, partitions) for event in events])
         for out in outputs:

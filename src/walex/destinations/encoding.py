@@ -553,15 +553,22 @@ def _fast_event(event: Event, partitions: int) -> Outgoing:
                                  info.source, document["time"], key, subject))
 
 
-try:  # the compiled twin of _fast_event (walex._encode), when it was built
-    from .._encode import bind as _bind_compiled
-except ImportError:
-    compiled_fast_event = None
-else:
-    compiled_fast_event = _bind_compiled(globals())
+def _encode_events(events: list[Event], partitions: int) -> list[Outgoing]:
+    """:func:`encode`, pure Python (``walex._encode.fast_events`` is its compiled twin)."""
+    return [encode_event(event, partitions) for event in events]
 
-_fast = _fast_event if compiled_fast_event is None or os.environ.get("WALEX_PURE_PYTHON") \
-    else compiled_fast_event
+
+try:  # the compiled twins of _fast_event and _encode_events (walex._encode), when built
+    from .. import _encode as _compiled
+except ImportError:
+    compiled_fast_event = compiled_fast_events = None
+else:
+    compiled_fast_event = _compiled.bind(globals())
+    compiled_fast_events = _compiled.fast_events
+
+_PURE = compiled_fast_event is None or bool(os.environ.get("WALEX_PURE_PYTHON"))
+_fast = _fast_event if _PURE else compiled_fast_event
+_events = _encode_events if _PURE else compiled_fast_events
 
 
 _UNFIT = (_Unfit, orjson.JSONEncodeError)  # what sends an event from _fast to the reference
@@ -584,4 +591,4 @@ def fast_path() -> tuple[Callable[[Event, int], Outgoing], tuple[type[Exception]
 
 def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:
     """The events of one transaction batch, in order."""
-    return [encode_event(event, partitions) for event in events]
+    return _events(events, partitions)
