@@ -212,3 +212,13 @@ async def nats_stored_raw(stream: str, port: int) -> list[str | None]:
         return out
     finally:
         await nc.close()
+
+
+def test_chain_is_a_switch() -> None:
+    from walex import ConfigError
+
+    base = "nats://127.0.0.1:4222?stream=S"
+    assert from_url(base).chained is True  # type: ignore[attr-defined]
+    assert from_url(base + "&chain=false").chained is False  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="chain must be true or false, got 'maybe'"):
+        from_url(base + "&chain=maybe")

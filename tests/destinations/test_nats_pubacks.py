@@ -65,8 +65,7 @@ def test_every_event_stored_once_and_duplicates_counted(admin: psycopg.Connectio
     async def main() -> None:
         try:
             batch = await _events(admin, dsn, 5000)  # more than one window of 4096
-            destination = from_url(url)
-            destination.chained = False  # type: ignore[attr-defined]  # a PubAck per message
+            destination = from_url(url + "&chain=false")  # a PubAck per message
             for attempt in range(2):  # a second connection (as after a lost one) works alike
                 await destination.open()
                 acks = destination._acks  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ stream is used as it is. Parameters: ``stream`` (required), ``subject``
 when the app has ``partitions`` > 1, so workers can consume each partition),
 ``duplicate_window``, ``timeout``
 (seconds to wait for the connection and for the acks of a batch, default
-10). A schema or table name's ``.``, ``*``, ``>`` and white space become
+10), ``chain`` (default true; false: a PubAck per message, see below). A schema or table name's ``.``, ``*``, ``>`` and white space become
 ``_`` in a subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
@@ -107,7 +107,7 @@ def _covers(pattern: str, subject: str) -> bool:
 class NatsDestination(Destination):
     scheme = "nats"
     extra = "nats"
-    accepted = ("stream", "subject", "duplicate_window", "timeout")
+    accepted = ("stream", "subject", "duplicate_window", "timeout", "chain")
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -133,6 +133,9 @@ class NatsDestination(Destination):
             )
         self.duplicate_window = url.take_float("duplicate_window", 120.0, minimum=0.001)
         self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
+        # chained batches (one PubAck each, see the module's docstring); False: a PubAck
+        # per message always (chain=false)
+        self.chained = url.take_bool("chain", True)
         url.no_more_params(self.accepted)
         self.server = f"{url.scheme}://{url.host or '127.0.0.1'}:{url.port or 4222}"
         self.nc: Any = None
@@ -143,7 +146,6 @@ class NatsDestination(Destination):
         self.duplicates = 0  # messages the stream recognised as already stored
         # chained batches (Frames.chained): the stream's last message as the last PubAck
         # showed it, (sequence, id); None while unknown (then a PubAck per message)
-        self.chained = True  # False: a PubAck per message always
         self._last: tuple[int, str] | None = None
         self._misses = 0  # chains that failed in a row
         self._unchained = 0  # batches to go with a PubAck per message after one failed
