@@ -11,7 +11,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex._json`` (Cython): the json/jsonb value loader (twin of
   ``walex.pgtypes.py_json_loads``);
 - ``walex._encode`` (Cython): the CloudEvents encoder's fast path (twin of
-  ``_fast_event`` in ``walex.destinations.encoding``).
+  ``_fast_event`` in ``walex.destinations.encoding``);
+- ``walex.destinations._hpub`` (Cython): a JetStream batch's HPUB frames (twin of
+  ``frames`` in ``walex.destinations.hpub``).
 """
 
 import os
@@ -31,7 +33,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
                               depends=["src/walex/_hotpath_objects.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
-                    Extension("walex._encode", ["src/walex/_encode.pyx"])]
+                    Extension("walex._encode", ["src/walex/_encode.pyx"]),
+                    Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

@@ -4,6 +4,7 @@ same batch published both ways to a real JetStream stream is stored identically.
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import nats
 import nats.aio.client
@@ -12,6 +13,7 @@ from support import run
 
 from walex.destinations import from_url
 from walex.destinations.encoding import Outgoing
+from walex.destinations import hpub
 from walex.destinations.hpub import usable
 
 from .brokers import nats_delete
@@ -120,3 +122,37 @@ def test_only_checked_versions_take_the_frames(monkeypatch: pytest.MonkeyPatch) 
 def test_the_caches_key_on_what_a_template_may_use() -> None:
     """hpub.Frames and the Redis destination key their caches on ``item[1:5]``."""
     assert Outgoing._fields[1:5] == ("schema", "table", "type", "partition")
+
+
+@pytest.mark.skipif(hpub.compiled_frames is None,
+                    reason="walex.destinations._hpub not built (no Cython or C compiler at install)")
+def test_the_compiled_frames_are_the_pure_frames() -> None:
+    """walex.destinations._hpub.frames, the twin of hpub.frames: the same chunks and body
+    bytes for plain and chained batches (sizes from empty to past a chunk), and both
+    refuse an id that is not plain printable ASCII."""
+    import os
+
+    assert hpub._frames is (hpub.frames if os.environ.get("WALEX_PURE_PYTHON")
+                            else hpub.compiled_frames)
+
+    def subject_of(subjects: dict[Any, bytes]) -> Any:
+        def render(key: Any, item: Outgoing) -> bytes:
+            subject = subjects[key] = ".".join(map(str, key)).replace(" ", "_").encode()
+            return subject
+        return render
+
+    batch = _batch("tw")
+    for chain in (None, (1, b"0/tw:prev"), (2**40, b"x")):
+        for first in (0, 7, 10**12):
+            for part in (batch, batch[:1], batch[140:160], []):
+                built = []
+                for frames in (hpub.frames, hpub.compiled_frames):
+                    subjects: dict[Any, bytes] = {}
+                    built.append(frames(part, subjects, subject_of(subjects), b"_INBOX.r.",
+                                        b"STREAM", first, chain))
+                assert built[0] == built[1], (chain, first, len(part))
+    for bad in ("0/a b", "0/é", "", "0/\x7f", "0/\t"):
+        odd = batch[:3] + [batch[3]._replace(id=bad)]
+        for frames in (hpub.frames, hpub.compiled_frames):
+            subjects = {}
+            assert frames(odd, subjects, subject_of(subjects), b"p.", b"S", 0, None) is None

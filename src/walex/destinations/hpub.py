@@ -26,6 +26,7 @@ messages identical (subject, headers, payload, ``Nats-Msg-Id``).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +90,6 @@ class Frames:
         self.nc = nc
         self.stream = stream.encode()
         self.prefix = prefix.encode()
-        self.header_bytes = _HEADER_BYTES + len(self.stream)
         # (schema, table, type, partition) -> the rendered subject, encoded
         self._subjects: dict[tuple[str, str, str, int], bytes] = {}
 
@@ -99,14 +99,6 @@ class Frames:
         if not subject or _NOT_IN_SUBJECT.search(subject):
             raise nats.errors.BadSubjectError
         return subject.encode()
-
-    def frame(self, subject: bytes, n: int, event_id: str, body: bytes) -> bytes:
-        """The HPUB frame nats-py's publish writes for ``subject``, reply ``<prefix><n>``
-        and the headers Nats-Msg-Id (a plain ``event_id``) and Nats-Expected-Stream."""
-        ident = event_id.encode()
-        headers = self.header_bytes + len(ident)
-        return _FRAME % (subject, self.prefix, n, headers, headers + len(body), ident,
-                         self.stream, body)
 
     async def publish(self, batch: list[Outgoing], render: Callable[[Outgoing], str],
                       first: int) -> bool:
@@ -136,40 +128,18 @@ class Frames:
 
     async def _publish(self, batch: list[Outgoing], render: Callable[[Outgoing], str],
                        first: int, chain: tuple[int, bytes] | None) -> bool:
-        subjects, frame, stream, prefix = self._subjects, self.frame, self.stream, self.prefix
-        chunks: list[bytes] = []
-        part: list[bytes] = []
-        size = payload = 0
-        last_seq, previous = chain if chain is not None else (0, b"")
-        end = len(batch) - 1
-        for i, item in enumerate(batch):
-            event_id, body = item.id, item.body
-            if not _PLAIN(event_id):
-                return False
-            key = item[1:5]  # schema, table, type, partition: what a template may use
-            subject = subjects.get(key)
-            if subject is None:
-                if len(subjects) > 10_000:
-                    subjects.clear()
-                subject = subjects[key] = self.subject(render(item))
-            if chain is None:
-                data = frame(subject, first + i, event_id, body)
-            else:
-                ident = event_id.encode()
-                headers = _CHAINED % (ident, stream, last_seq + i, previous)
-                previous = ident
-                data = (_UNANSWERED % (subject, len(headers), len(headers) + len(body), headers, body)
-                        if i < end else
-                        _ANSWERED % (subject, prefix, first, len(headers), len(headers) + len(body),
-                                     headers, body))
-            part.append(data)
-            size += len(data)
-            payload += len(body)
-            if size >= _CHUNK:
-                chunks.append(b"".join(part))
-                part, size = [], 0
-        if part:
-            chunks.append(b"".join(part))
+        subjects = self._subjects
+
+        def subject_of(key: tuple[str, str, str, int], item: Outgoing) -> bytes:
+            if len(subjects) > 10_000:
+                subjects.clear()
+            subject = subjects[key] = self.subject(render(item))
+            return subject
+
+        built = _frames(batch, subjects, subject_of, self.prefix, self.stream, first, chain)
+        if built is None:
+            return False
+        chunks, payload = built
         await self.send(chunks, len(batch), payload)
         return True
 
@@ -191,3 +161,61 @@ class Frames:
             await nc._send_command(chunk)
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
+
+
+def frames(batch: list[Outgoing], subjects: dict[Any, bytes],
+           subject_of: Callable[[Any, Outgoing], bytes], prefix: bytes, stream: bytes,
+           first: int, chain: tuple[int, bytes] | None) -> tuple[list[bytes], int] | None:
+    """The HPUB frames of ``batch`` in chunks of about ``_CHUNK`` bytes, and the bytes of
+    its bodies; None when an event id is not plain. Each message's subject is
+    ``subjects[item[1:5]]``, or ``subject_of(key, item)`` (which keeps it there).
+
+    Without ``chain``: reply ``<prefix><first + i>`` and the headers Nats-Msg-Id and
+    Nats-Expected-Stream. With ``chain`` = (last sequence, last
+    id): the headers of :meth:`Frames.chained`, the reply ``<prefix><first>`` on the last
+    message only. ``walex.destinations._hpub.frames`` is the compiled twin (the same
+    bytes, ``tests/destinations/test_nats_frames.py``)."""
+    chunks: list[bytes] = []
+    part: list[bytes] = []
+    size = payload = 0
+    last_seq, previous = chain if chain is not None else (0, b"")
+    header_bytes = _HEADER_BYTES + len(stream)
+    end = len(batch) - 1
+    for i, item in enumerate(batch):
+        event_id, body = item.id, item.body
+        if not _PLAIN(event_id):
+            return None
+        key = item[1:5]  # schema, table, type, partition: what a template may use
+        subject = subjects.get(key)
+        if subject is None:
+            subject = subject_of(key, item)
+        ident = event_id.encode()
+        if chain is None:
+            headers = header_bytes + len(ident)
+            data = _FRAME % (subject, prefix, first + i, headers, headers + len(body), ident,
+                             stream, body)
+        else:
+            block = _CHAINED % (ident, stream, last_seq + i, previous)
+            previous = ident
+            data = (_UNANSWERED % (subject, len(block), len(block) + len(body), block, body)
+                    if i < end else
+                    _ANSWERED % (subject, prefix, first, len(block), len(block) + len(body),
+                                 block, body))
+        part.append(data)
+        size += len(data)
+        payload += len(body)
+        if size >= _CHUNK:
+            chunks.append(b"".join(part))
+            part, size = [], 0
+    if part:
+        chunks.append(b"".join(part))
+    return chunks, payload
+
+
+try:  # the compiled twin, when it was built
+    from ._hpub import frames as compiled_frames
+except ImportError:
+    compiled_frames = None
+
+_frames = frames if compiled_frames is None or os.environ.get("WALEX_PURE_PYTHON") \
+    else compiled_frames
