@@ -313,7 +313,7 @@ class NatsLane(Lane):
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
                         await self.direct.send(b"PUB %b %b %d\r\n%b\r\n" % (
-                            msg.reply, self.inbox_bytes, len(request), request), len(request))
+                            msg.reply, self.inbox_bytes, len(request), request), len(request), coalesce=True)
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,
                                                                    reply=self.inbox)

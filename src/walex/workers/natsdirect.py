@@ -22,7 +22,8 @@ The lane then asks for messages itself, as nats-py's ``fetch(1)`` does (a
 ``CONSUMER.MSG.NEXT`` request of ``batch`` 1 to the subscription's inbox),
 and acknowledges, reports progress and gives back by publishing to the
 message's reply subject as ``Msg.ack()``, ``in_progress()`` and ``nak()``
-do. The hook is set only for a nats-py whose parser and client have that
+do, handing the commands to the client's transport itself (:meth:`Inboxes._write`).
+The hook is set only for a nats-py whose parser and client have that
 shape (:func:`usable`: 2.6 to 2.16 were read, as for the PubAcks) and is
 removed (:meth:`Inboxes.release`) before the connection is closed;
 otherwise (``NatsConsumer.direct = False`` too) the lanes use the
@@ -31,7 +32,9 @@ subscription's queue and ``fetch`` as before.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +44,8 @@ from nats.aio.msg import Msg
 from ..destinations.hpub import usable as hpub_usable
 
 __all__ = ["Inboxes", "Raw", "usable"]
+
+log = logging.getLogger("walex.workers")
 
 _STATUS_LINE = b"NATS/1.0 "  # headers that open with an inline status (NATS/1.0 408 ...)
 
@@ -111,6 +116,7 @@ class Inboxes:
         self._stats: dict[str, int] = nc.stats
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
+        self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
         nc._process_msg = self._take
 
     @classmethod
@@ -137,6 +143,7 @@ class Inboxes:
     def release(self) -> None:
         """Give the client what ``_process_msg`` was before (when it still has ours)."""
         nc = self.nc
+        self._write()
         if vars(nc).get("_process_msg") != self._take:
             return
         if self._had is not None:
@@ -144,9 +151,10 @@ class Inboxes:
         else:
             del nc._process_msg
 
-    async def send(self, command: bytes, payload: int) -> None:
-        """Hand one ``PUB`` command (``payload`` bytes of body) to the client as its
-        publish does, with its checks."""
+    async def send(self, command: bytes, payload: int, coalesce: bool = False) -> None:
+        """Hand one ``PUB`` command (``payload`` bytes of body) to the client, with the
+        checks of its publish; written to the socket at once or, ``coalesce``, with the
+        others of this turn of the event loop (see :meth:`_write`)."""
         nc = self.nc
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError
@@ -159,9 +167,35 @@ class Inboxes:
         stats = self._stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload
-        await nc._send_command(command)
-        if nc._flush_queue is not None and nc._flush_queue.empty():
-            await nc._flush_pending()
+        out = self._outbox
+        out.append(command)
+        if not coalesce:
+            self._write()
+        elif len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        """Write the commands handed over. nats-py's own publish appends to the client's
+        pending buffer and wakes its flusher task (a future and a queue per message, a task
+        switch); here they go to the transport directly, as nats-py writes its PINGs, while
+        nothing of the client's is pending (so the order of the connection's commands stays
+        the order they were handed over in). Otherwise, or not connected, they join the
+        pending buffer, which nats-py writes (after a reconnect too)."""
+        out = self._outbox
+        if not out:
+            return
+        self._outbox = []
+        nc = self.nc
+        if nc.is_connected and not nc._pending and nc._transport is not None:
+            try:
+                nc._transport.writelines(out)
+                return
+            except Exception as exc:  # a transport closing: nats-py's pending buffer takes them
+                log.debug("writing to NATS directly failed: %r", exc)
+        nc._pending.extend(out)
+        nc._pending_data_size += sum(map(len, out))
+        if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
+            asyncio.get_running_loop().create_task(nc._flush_pending())
 
     async def reply(self, raw: Raw, body: bytes) -> None:
         """Answer a message (``+ACK``, ``+WPI``, ``-NAK``), as ``Msg.ack()`` and its kin."""
