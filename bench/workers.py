@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -165,6 +166,8 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
                 str(Path(sys.executable).with_name("py-spy")), "record", "--native", "--format", "raw",
                 "--rate", str(args.profile_rate),
                 "-o", f"{args.profile}.{broker}{workers}.{k}.txt", "--"]
+            if args.wrap:  # e.g. valgrind --tool=callgrind: instructions, not noisy CPU time
+                spy = [*shlex.split(args.wrap.replace("{k}", str(k))), *spy]
             procs.append(subprocess.Popen(
                 [*spy, str(walex), "worker", source, "noop_handler:events",
                  "--app-dir", str(BENCH / "consumers"), "--log-level", "WARNING"],
@@ -220,6 +223,10 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PREFIX",
                     help="run each worker under py-spy (record --native, raw folded stacks) into "
                     "PREFIX.<broker><workers>.<k>.txt; its sampling slows the worker")
+    ap.add_argument("--wrap", metavar="COMMAND",
+                    help="run each worker under COMMAND ({k}: the worker's number), e.g. "
+                    "'valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.{k}': two runs of "
+                    "different --events give the instructions per event by their difference")
     ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
     ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/")
