@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -130,15 +131,16 @@ async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
             await connection.close()
 
 
-def read_counts(paths: list[Path]) -> list[tuple[int, float, float, float]]:
-    """Per worker: events handled, first and last call (epoch s), CPU s between them."""
+def read_counts(paths: list[Path]) -> list[tuple[int, float, float, float, float]]:
+    """Per worker: events handled, first and last call (epoch s), CPU s between them, the
+    system CPU's share of it."""
     out = []
     for path in paths:
         try:
-            n, first, last, cpu = path.read_text().split()
-            out.append((int(n), float(first), float(last), float(cpu)))
+            n, first, last, cpu, share = path.read_text().split()
+            out.append((int(n), float(first), float(last), float(cpu), float(share)))
         except (OSError, ValueError):
-            out.append((0, 0.0, 0.0, 0.0))
+            out.append((0, 0.0, 0.0, 0.0, 0.0))
     return out
 
 
@@ -158,10 +160,16 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
                 source += (f"&session.timeout.ms={args.kafka_session_ms}"
                            f"&heartbeat.interval.ms={max(100, args.kafka_session_ms // 6)}")
         t_spawn = time.time()
-        for path in paths:
+        for k, path in enumerate(paths):
             env = {**os.environ, "BENCH_WORKER_COUNT": str(path)}
+            spy = [] if not args.profile else [
+                str(Path(sys.executable).with_name("py-spy")), "record", "--native", "--format", "raw",
+                "--rate", str(args.profile_rate),
+                "-o", f"{args.profile}.{broker}{workers}.{k}.txt", "--"]
+            if args.wrap:  # e.g. valgrind --tool=callgrind: instructions, not noisy CPU time
+                spy = [*shlex.split(args.wrap.replace("{k}", str(k))), *spy]
             procs.append(subprocess.Popen(
-                [str(walex), "worker", source, "noop_handler:events",
+                [*spy, str(walex), "worker", source, "noop_handler:events",
                  "--app-dir", str(BENCH / "consumers"), "--log-level", "WARNING"],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(tmp / f"{path.name}.err", "wb"), start_new_session=True))
@@ -176,8 +184,16 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
             counts = read_counts(paths)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            if args.profile and proc.poll() is None:  # py-spy writes its file on SIGINT
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:  # the whole session: the worker under py-spy too
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for proc in procs:
             try:
                 proc.wait(timeout=30)
@@ -188,7 +204,8 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
     first, last = min(c[1] for c in busy), max(c[2] for c in busy)
     return {"broker": broker, "workers": workers, "events": sum(c[0] for c in counts),
             "per_worker": [c[0] for c in counts], "window_s": last - first,
-            "from_spawn_s": last - t_spawn, "cpu_s": sum(c[3] for c in counts)}
+            "from_spawn_s": last - t_spawn, "cpu_s": sum(c[3] for c in counts),
+            "system_s": sum(c[3] * c[4] for c in counts)}
 
 
 def main() -> int:
@@ -203,6 +220,14 @@ def main() -> int:
     ap.add_argument("--kafka-session-ms", type=int, default=6000,
                     help="the Kafka workers' session.timeout.ms (0: librdkafka's default, 45 s, "
                     "which tansu turns into a ~23 s wait before the first record)")
+    ap.add_argument("--profile", metavar="PREFIX",
+                    help="run each worker under py-spy (record --native, raw folded stacks) into "
+                    "PREFIX.<broker><workers>.<k>.txt; its sampling slows the worker")
+    ap.add_argument("--wrap", metavar="COMMAND",
+                    help="run each worker under COMMAND ({k}: the worker's number), e.g. "
+                    "'valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.{k}': two runs of "
+                    "different --events give the instructions per event by their difference")
+    ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
     ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/")
     args = ap.parse_args()
@@ -214,11 +239,11 @@ def main() -> int:
             print(f"   {broker} x{workers}: {r['events'] / r['window_s']:,.0f} events/s "
                   f"(per worker {r['per_worker']})", flush=True)
     print("\n| broker | workers | events | events/s (handling) | events/s (from spawn) "
-          "| worker CPU µs/event | per worker |\n|---|---|---|---|---|---|---|")
+          "| worker CPU µs/event (system) | per worker |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {NAMES[r['broker']]} | {r['workers']} | {r['events']:,} "
               f"| {r['events'] / r['window_s']:,.0f} | {r['events'] / r['from_spawn_s']:,.0f} "
-              f"| {r['cpu_s'] / r['events'] * 1e6:,.0f} "
+              f"| {r['cpu_s'] / r['events'] * 1e6:,.0f} ({r['system_s'] / r['events'] * 1e6:,.0f}) "
               f"| {', '.join(map(str, r['per_worker']))} |")
     print(f"\n{args.partitions} partitions, transactions of {args.txn} events, W1-like rows, "
           f"load average {os.getloadavg()[0]:.2f}.")

@@ -399,23 +399,28 @@ class Worker(Lifecycle):
                       last.attempt, last.sequence, lane)
         if lane.revoked.is_set():
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
+        # The call runs in the lane's own task (no task of its own per call): revoke()
+        # cancels that task, only while lane.call names it, i.e. within the await below
+        # (it is called from other tasks and callbacks, so the cancellation lands there).
+        task = asyncio.current_task()
+        assert task is not None
+        failure: BaseException | None = None
         token = _CURRENT.set(lease)
+        lane.call = task
         try:
-            call = asyncio.create_task(self._dispatch(lane.partition, groups))
-        finally:
-            _CURRENT.reset(token)
-        lane.call = call  # lane.revoke() cancels it
-        try:
-            await call  # ends when the call does (cancelled or not)
-        except BaseException:
-            # the call's own outcome does not count once the partition is lost; the
-            # worker's own cancellation (stop) goes on
-            task = asyncio.current_task()
-            if not lane.revoked.is_set() or (task is not None and task.cancelling()):
-                raise
+            await self._dispatch(lane.partition, groups)
+        except BaseException as exc:  # decided below: the partition may be lost
+            failure = exc
         finally:
             lane.call = None
+            _CURRENT.reset(token)
         if lane.revoked.is_set():
+            # revoke() cancelled this task once, during the call: that request is taken
+            # back, and the call's own outcome does not count; the worker's own
+            # cancellation (stop) goes on
+            if task.uncancel() > 0:
+                raise failure if isinstance(failure, asyncio.CancelledError) else \
+                    asyncio.CancelledError()
             self.fenced += 1
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
                         "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
@@ -423,7 +428,8 @@ class Worker(Lifecycle):
             raise Unavailable(f"partition {lane.partition}: {lane.reason}; the call with events "
                               f"{events[0].id}..{events[-1].id} was cancelled or its end not "
                               "acknowledged")
-        call.result()
+        if failure is not None:
+            raise failure
 
     async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
         """Call the handlers with each transaction of ``groups``, in order; with several,

@@ -16,7 +16,10 @@ acknowledgement asks for the next message too (JetStream's ``+NXT``, one
 request of ``batch`` 1 expiring after the worker's poll), so a partition
 with messages waiting costs one message to the server per event, not an
 acknowledgement and a fetch request; a worker that stops gives back at once
-what came for such a request and was not handled.
+what came for such a request and was not handled. The lanes take their
+messages straight from nats-py's parser and write their acknowledgements to
+the transport (:mod:`walex.workers.natsdirect`), with the subscriptions'
+queues and ``fetch`` as the fallback for a nats-py walex did not check.
 
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
@@ -51,19 +54,23 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ..destinations.base import DestinationURL, Unavailable
-from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
+from .natsdirect import Inboxes, Raw
+from .natsstream import _covers, _SourceStream
 
 __all__ = ["NatsConsumer"]
 
 log = logging.getLogger("walex.workers")
+
+_TEMPORARY = ("404", "408", "409")  # a fetch that ends so is as one that timed out (nats-py's)
 
 
 class NatsLane(Lane):
@@ -74,13 +81,31 @@ class NatsLane(Lane):
         self.ack_wait = ack_wait
         self.every = max(ack_wait / 3, 0.05)
         self.margin = ack_wait / 4  # the lease ends this long before the server's deadline
-        # held messages: the timer that starts keeping one, then the task keeping it
-        self.held: dict[int, tuple[Any, asyncio.TimerHandle | asyncio.Task[None]]] = {}
+        # held messages: since when, and the task keeping it (None until ack_wait / 3 passed)
+        self.held: dict[int, tuple[Any, float, asyncio.Task[None] | None]] = {}
+        self._keeper: asyncio.TimerHandle | None = None  # starts the keeping when it is due
+        self._keeper_at = 0.0
         self.asked: float | None = None  # when the previous fetch went out
         self.following: float | None = None  # when an acknowledgement asked for the next one
         self.wait = 1.0  # the worker's poll: how long such a request waits on the server
         # the pull subscription's inbox (what fetch() asks the server to deliver to)
         self.inbox: str | None = getattr(psub, "_deliver", None)
+        self.inbox_bytes = (self.inbox or "").encode()
+        # the direct way (walex.workers.natsdirect): the messages the parser handed over
+        self.direct: Inboxes | None = None
+        self.box: deque[Raw] = deque()
+        self.waiter: asyncio.Future[None] | None = None  # woken by arrive() or the alarm
+        self.deadline = 0.0  # when the wait in hand ends
+        self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
+        self._alarm_at = 0.0
+        self.status: str | None = None  # the last JetStream status a request was answered with
+
+    def arrive(self, raw: Raw) -> None:
+        """A message of this lane's subscription, from the parser (the direct way)."""
+        self.box.append(raw)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
@@ -89,9 +114,26 @@ class NatsLane(Lane):
         if self.following is not None and now - self.following > 2 * self.wait + 1:
             self.following = None  # its request expired and no word of it came: fetch again
         try:
-            if self.following is not None:  # the acknowledgement asked for the next message
+            msg = None
+            if self.following is None and self.direct is not None:
+                # a message already waiting came for an earlier request, maybe delivered then
+                asked = self.asked if self.asked is not None and self.box else now
+                self.asked = now
+                msg = self._waiting()
+                if msg is None:  # fetch(1), as nats-py asks for it
+                    request = b'{"batch":1,"expires":%d}' % (int(wait * 1e9) - 100_000)
+                    await self.consumer.destination.nc.publish(self.psub._nms, request,
+                                                               reply=self.inbox)
+                    self.following = now
+            if msg is not None:
+                pass
+            elif self.following is not None:  # the acknowledgement asked for the next message
                 msg = await self._following(wait)
                 if msg is None:  # its request expired without one: as a fetch that timed out
+                    if self.direct is not None and self.status is not None and \
+                            self.status not in _TEMPORARY:
+                        raise RuntimeError(f"JetStream answered the request with status "
+                                           f"{self.status}")
                     raise TimeoutError
                 asked = self.following
                 self.following = None
@@ -108,29 +150,55 @@ class NatsLane(Lane):
         except Exception as exc:
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
         self._hold(msg, asked)
-        delivered, sequence, pending = _acked_as(msg)
+        delivered, sequence, pending = msg.acked_as() if type(msg) is Raw else _acked_as(msg)
         return [Delivery(msg.data, msg, redelivered=delivered > 1, pending=pending,
                          attempt=delivered, sequence=sequence)]
+
+    def _waiting(self) -> Raw | None:
+        """The first message of the box (the statuses before it dropped: they answered
+        earlier requests), or None."""
+        box = self.box
+        while box:
+            raw = box.popleft()
+            if raw.status is None:
+                return raw
+        return None
 
     async def _following(self, wait: float) -> Any:
         """The message the last acknowledgement asked for (``+NXT``), or None: its request
         expired without one (then the next receive asks with a fetch)."""
         deadline = time.monotonic() + wait
+        self.status = None
         while True:
             try:
                 msg = await self._next(max(deadline - time.monotonic(), 0.001))
             except TimeoutError:
                 return None
-            if not _is_status(msg):
+            if type(msg) is Raw:
+                status = msg.status
+                if status is None:
+                    return msg
+            elif not _is_status(msg):
                 return msg
-            if msg.header.get("Status") != "100":  # 408: the request expired (else: the same)
+            else:
+                status = msg.header.get("Status")
+            if status != "100":  # 408: the request expired (else: the same)
+                self.status = status
                 self.following = None
                 return None
 
     async def _next(self, timeout: float) -> Any:
         """The next message of the subscription, as its ``next_msg()`` gives it (the same
         queue and bookkeeping), without the task, timeout task and uuid that costs per
-        message: one already queued is taken at once; TimeoutError after ``timeout``."""
+        message: one already queued is taken at once; TimeoutError after ``timeout``. The
+        direct way: the next message of the box."""
+        if self.direct is not None:
+            box = self.box
+            if not box:
+                await self._wait(timeout)
+                if not box:
+                    raise TimeoutError
+            return box.popleft()
         sub = self.psub._sub
         queue = sub._pending_queue
         if queue.empty():
@@ -142,17 +210,62 @@ class NatsLane(Lane):
         queue.task_done()
         return msg
 
+    async def _wait(self, timeout: float) -> None:
+        """Until :meth:`arrive` or ``timeout`` seconds. One timer serves the lane's waits:
+        it is re-armed when it rings before the wait in hand ends, not per wait."""
+        loop = asyncio.get_running_loop()
+        deadline = self.deadline = time.monotonic() + timeout
+        if self._alarm is None or self._alarm_at > deadline + 0.001:
+            if self._alarm is not None:
+                self._alarm.cancel()
+            self._alarm_at = deadline
+            self._alarm = loop.call_later(timeout, self._ring)
+        waiter = self.waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+    def _ring(self) -> None:
+        self._alarm = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # no wait in hand: the next one arms it again
+        left = self.deadline - time.monotonic()
+        if left <= 0.001:
+            waiter.set_result(None)
+        else:
+            self._alarm_at = self.deadline
+            self._alarm = asyncio.get_running_loop().call_later(left, self._ring)
+
     def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
-        sooner costs a timer, not a task)."""
-        key = id(msg)
+        sooner costs neither a task nor a timer of its own: one timer of the lane, re-armed
+        when it finds a held message not due yet, starts the keeping)."""
+        self.held[id(msg)] = (msg, since, None)
+        due = since + self.every
+        if self._keeper is None or self._keeper_at > due:
+            if self._keeper is not None:
+                self._keeper.cancel()
+            self._keeper_at = due
+            self._keeper = asyncio.get_running_loop().call_later(
+                max(due - time.monotonic(), 0.0), self._keep_due)
 
-        def keep() -> None:
-            if key in self.held:
-                self.held[key] = (msg, asyncio.create_task(self._keep(msg, since)))
-
-        delay = max(since + self.every - time.monotonic(), 0.0)
-        self.held[key] = (msg, asyncio.get_running_loop().call_later(delay, keep))
+    def _keep_due(self) -> None:
+        """Start keeping the held messages that are due; the timer again for the others."""
+        self._keeper = None
+        now = time.monotonic()
+        due = None
+        for key, (msg, since, task) in list(self.held.items()):
+            if task is not None:
+                continue
+            if since + self.every <= now + 0.001:
+                self.held[key] = (msg, since, asyncio.create_task(self._keep(msg, since)))
+            elif due is None or since + self.every < due:
+                due = since + self.every
+        if due is not None:
+            self._keeper_at = due
+            self._keeper = asyncio.get_running_loop().call_later(due - now, self._keep_due)
 
     async def _keep(self, msg: Any, since: float) -> None:
         """Hold the message: report progress every ``ack_wait / 3`` and have the server
@@ -174,7 +287,10 @@ class NatsLane(Lane):
             following = sent + self.every
             nc = self.consumer.destination.nc
             try:
-                await msg.in_progress()
+                if type(msg) is Raw and self.direct is not None:
+                    await self.direct.reply(msg, b"+WPI")
+                else:
+                    await msg.in_progress()
                 await nc.flush(timeout=max(deadline - sent, 0.01))
             except Exception as exc:  # not confirmed: the deadline stays
                 log.debug("progress of a held message not confirmed: %r", exc)
@@ -182,9 +298,9 @@ class NatsLane(Lane):
             deadline = sent + self.ack_wait - self.margin
 
     def _drop(self, msg: Any) -> None:
-        _, task = self.held.pop(id(msg), (None, None))
-        if task is not None:
-            task.cancel()
+        held = self.held.pop(id(msg), None)
+        if held is not None and held[2] is not None:
+            held[2].cancel()
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge; the last one with ``+NXT`` (JetStream's acknowledge-and-ask-for-the-
@@ -198,8 +314,15 @@ class NatsLane(Lane):
                         self.following is None and not self.revoked.is_set():
                     request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
                     self.following = time.monotonic()
-                    await self.consumer.destination.nc.publish(msg.reply, request, reply=self.inbox)
-                    msg._ackd = True
+                    if type(msg) is Raw and self.direct is not None:
+                        await self.direct.send(b"PUB %b %b %d\r\n%b\r\n" % (
+                            msg.reply, self.inbox_bytes, len(request), request), len(request), coalesce=True)
+                    else:
+                        await self.consumer.destination.nc.publish(msg.reply, request,
+                                                                   reply=self.inbox)
+                        msg._ackd = True
+                elif type(msg) is Raw and self.direct is not None:
+                    await self.direct.reply(msg, b"+ACK")
                 else:
                     await msg.ack()
             except Exception as exc:
@@ -211,7 +334,10 @@ class NatsLane(Lane):
             if self.revoked.is_set():  # another worker may hold it now: a late nak would
                 continue               # let it out a second time; ack_wait gives it back
             try:
-                await delivery.handle.nak()
+                if type(delivery.handle) is Raw and self.direct is not None:
+                    await self.direct.reply(delivery.handle, b"-NAK")
+                else:
+                    await delivery.handle.nak()
             except Exception as exc:  # not connected: the server redelivers after ack_wait
                 log.debug("giving a message back failed: %r", exc)
 
@@ -219,7 +345,7 @@ class NatsLane(Lane):
         """Give back what this lane holds, and what came for its requests and was not
         taken yet (a message the last acknowledgement asked for): at once, not after
         ``ack_wait``."""
-        held = [Delivery(b"", msg) for msg, _task in list(self.held.values())]
+        held = [Delivery(b"", msg) for msg, _since, _task in list(self.held.values())]
         if self.following is not None and self.consumer.destination.nc is not None and \
                 self.consumer.destination.nc.is_connected:
             # the request of the last acknowledgement is served (or expires) within wait
@@ -228,6 +354,8 @@ class NatsLane(Lane):
             if msg is not None:
                 held.append(Delivery(b"", msg))
             self.following = None
+        while (msg := self._waiting()) is not None:  # the direct way's box
+            held.append(Delivery(b"", msg))
         queue = getattr(getattr(self.psub, "_sub", None), "_pending_queue", None)
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
@@ -252,58 +380,13 @@ def _is_status(msg: Any) -> bool:
     return not msg.data and bool(msg.header) and "Status" in msg.header
 
 
-def _covers(pattern: str, subject: str) -> bool:
-    """Whether every subject ``subject`` (which may hold wildcards) matches ``pattern``."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or have[i] == ">":
-            return False
-        if token != "*" and (token != have[i] or have[i] == "*"):
-            return False
-    return len(have) == len(want)
-
-
-class _SourceStream(NatsDestination):
-    """The relay's stream, seen from a worker: used as it is, never created (unless declared)."""
-
-    create = False  # declare() creates it as the relay does
-
-    async def _ensure_stream(self) -> None:
-        if self.create:
-            await super()._ensure_stream()
-            return
-        try:
-            await self.js.stream_info(self.stream)
-        except NotFoundError:
-            raise ConfigError(
-                f"worker source {self.display}: stream {self.stream!r} does not exist, and a "
-                f"worker does not create it{await self.holder(self.stream_subjects[0])}: start "
-                f"the relay first (it creates the stream), or declare it with 'walex worker "
-                f"--declare SOURCE_URL'"
-            ) from None
-        except Exception as exc:
-            raise self.unavailable("JetStream does not answer (is it enabled, -js?)", exc) from None
-
-    async def holder(self, subject: str) -> str:
-        """The words naming the other stream that holds ``subject``, if one does; else ''."""
-        try:
-            other = await self.js.find_stream_name_by_subject(subject)
-        except Exception:  # none, or no answer: nothing to add
-            return ""
-        if not other or other == self.stream:
-            return ""
-        return (f"; the subjects {subject!r} are in stream {other!r} (is the stream name "
-                f"mistyped? stream={other})")
-
-
 class NatsConsumer(Consumer):
     scheme = "nats"
     destination_class = _SourceStream
     accepted = ("ack_wait",)
     destination: _SourceStream
     recheck_every = 30.0  # seconds between looks at the stream while partition 0 is idle
+    direct = True  # the lanes' messages straight from the parser (walex.workers.natsdirect)
 
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
@@ -315,6 +398,7 @@ class NatsConsumer(Consumer):
         self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
         self.lanes: list[NatsLane] = []
+        self.inboxes: Inboxes | None = None  # the direct way's hook, while it is set
         self.checked = 0.0  # when the stream was last compared with this worker's setup
 
     def check(self) -> None:
@@ -343,6 +427,8 @@ class NatsConsumer(Consumer):
                 ack_wait = await self._ensure_consumer(js, name, subject)
                 psub = await js.pull_subscribe_bind(durable=name, stream=self.stream)
                 self.lanes.append(NatsLane(p, self, psub, ack_wait))
+            if self.direct:
+                self._hook()
         except Unavailable:
             await self.close()
             raise
@@ -355,6 +441,23 @@ class NatsConsumer(Consumer):
         log.info("worker group %r consumes %d partition(s) of stream %r on %s",
                  self.group, self.partitions, self.stream, self.display)
         return list(self.lanes)
+
+    def _hook(self) -> None:
+        """Take the lanes' messages straight from the parser, when the client allows it."""
+        nc = self.destination.nc
+        lanes = {getattr(getattr(lane.psub, "_sub", None), "_id", None): lane
+                 for lane in self.lanes}
+        if None in lanes or len(lanes) != len(self.lanes) or \
+                not all(isinstance(getattr(lane.psub, "_nms", None), str) for lane in self.lanes):
+            return
+        inboxes = Inboxes.install(nc, {sid: lane.arrive for sid, lane in lanes.items()})
+        if inboxes is None:
+            log.debug("the worker's messages go through nats-py's subscriptions (a nats-py "
+                      "walex did not check)")
+            return
+        self.inboxes = inboxes
+        for lane in self.lanes:
+            lane.direct = inboxes
 
     async def verify(self) -> None:
         """Raise :class:`ConfigError` when the stream cannot feed this worker: its subjects
@@ -457,4 +560,7 @@ class NatsConsumer(Consumer):
                             " the server delivers them again after ack_wait", lane.partition, result)
             elif isinstance(result, BaseException):
                 raise result
+        inboxes, self.inboxes = self.inboxes, None
+        if inboxes is not None:
+            inboxes.release()
         await close_quietly(self.destination)

@@ -1,0 +1,202 @@
+"""A NATS worker's deliveries straight from nats-py's parser: no ``Msg``, no header parsing, no queue.
+
+nats-py's protocol parser hands every message to ``await
+client._process_msg(sid, subject, reply, data, headers)``, looked up on the
+client instance each time; for a subscription without a callback that
+builds a ``Msg`` (decoding the subject and reply, parsing every header of
+the relay's message, ``Nats-Msg-Id`` and the expected-stream ones, which a
+worker never reads) and puts it on the subscription's ``asyncio.Queue``,
+from which the lane takes it. :class:`Inboxes` sets that attribute, on the
+worker's own connection, to :meth:`Inboxes._take`: a message of one of the
+lanes' pull subscriptions (found by its sid) becomes a :class:`Raw` (the
+reply subject, body and header bytes as the parser cut them) appended to
+that lane's deque, and the lane's waiting future is woken
+(:meth:`~walex.workers.nats.NatsLane.arrive`); the client's ``in_msgs``,
+``in_bytes`` and the subscription's ``delivered`` count as before. A
+JetStream status (a request that expired, a heartbeat) comes the same way
+and is recognised from its header bytes (``NATS/1.0 408``) as nats-py does.
+Every other sid goes to what ``_process_msg`` was before (nats-py's own, or
+the PubAcks hook of :mod:`walex.destinations.pubacks`), unchanged.
+
+The lane then asks for messages itself, as nats-py's ``fetch(1)`` does (a
+``CONSUMER.MSG.NEXT`` request of ``batch`` 1 to the subscription's inbox),
+and acknowledges, reports progress and gives back by publishing to the
+message's reply subject as ``Msg.ack()``, ``in_progress()`` and ``nak()``
+do, handing the commands to the client's transport itself (:meth:`Inboxes._write`).
+The hook is set only for a nats-py whose parser and client have that
+shape (:func:`usable`: 2.6 to 2.16 were read, as for the PubAcks) and is
+removed (:meth:`Inboxes.release`) before the connection is closed;
+otherwise (``NatsConsumer.direct = False`` too) the lanes use the
+subscription's queue and ``fetch`` as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from ..destinations.hpub import usable as hpub_usable
+
+__all__ = ["Inboxes", "Raw", "usable"]
+
+log = logging.getLogger("walex.workers")
+
+_STATUS_LINE = b"NATS/1.0 "  # headers that open with an inline status (NATS/1.0 408 ...)
+
+
+class Raw:
+    """One message of a lane's pull subscription, as the parser cut it."""
+
+    __slots__ = ("reply", "data", "headers", "_text")
+
+    def __init__(self, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.reply = reply
+        self.data = data
+        self.headers = headers
+        self._text: str | None = None
+
+    @property
+    def reply_text(self) -> str:
+        text = self._text
+        if text is None:
+            text = self._text = self.reply.decode()
+        return text
+
+    @property
+    def status(self) -> str | None:
+        """A JetStream status message's code (``"408"``, ``"100"`` ...), else None: as
+        nats-py reads it (an empty body, headers opening with ``NATS/1.0 <digits>``)."""
+        headers = self.headers
+        if self.data or not headers or not headers.startswith(_STATUS_LINE):
+            return None
+        code = headers[9:12].strip()
+        return code.decode() if code.isdigit() else None
+
+    def acked_as(self) -> tuple[int, int, int]:
+        """Deliveries so far, stream sequence and messages pending after it, from the reply
+        subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+        <time>.<pending>``); other forms (a domain's) go through nats-py's metadata."""
+        tokens = self.reply.split(b".")
+        if len(tokens) == 9 and tokens[0] == b"$JS" and tokens[1] == b"ACK":
+            return int(tokens[4]), int(tokens[5]), int(tokens[8])
+        meta = Msg(_client=None, reply=self.reply_text, data=self.data).metadata  # type: ignore[arg-type]
+        return meta.num_delivered, meta.sequence.stream, meta.num_pending
+
+
+def usable(nc: Any, sids: list[int]) -> bool:
+    """Whether :class:`Inboxes` may hook ``nc`` (a connected nats-py client) for the
+    subscriptions ``sids``: a checked nats-py version whose parser dispatches through the
+    client's ``_process_msg`` attribute (a coroutine function, nats-py's own or the
+    PubAcks hook), with the internals :meth:`Inboxes.send` uses."""
+    if not hpub_usable(nc):
+        return False
+    parser = getattr(nc, "_ps", None)
+    code = getattr(getattr(type(parser), "parse", None), "__code__", None)
+    subs = getattr(nc, "_subs", None)
+    return (code is not None and "_process_msg" in code.co_names
+            and getattr(parser, "nc", None) is nc
+            and inspect.iscoroutinefunction(getattr(nc, "_process_msg", None))
+            and isinstance(subs, dict) and all(sid in subs for sid in sids)
+            and all(isinstance(getattr(subs[sid], "_received", None), int) for sid in sids))
+
+
+class Inboxes:
+    """The hook on one client: the messages of the lanes' subscriptions, by sid."""
+
+    def __init__(self, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> None:
+        self.nc = nc
+        self._lanes = lanes
+        self._subs = {sid: nc._subs[sid] for sid in lanes}
+        self._stats: dict[str, int] = nc.stats
+        self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
+        self._process = nc._process_msg  # what every other sid goes to
+        self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        nc._process_msg = self._take
+
+    @classmethod
+    def install(cls, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> Inboxes | None:
+        """Hook ``nc`` for these sids; None, changing nothing, when it is not a client this
+        was checked for."""
+        if not usable(nc, list(lanes)):
+            return None
+        return cls(nc, lanes)
+
+    async def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                    headers: bytes | None) -> None:
+        """The client's ``_process_msg`` while hooked."""
+        arrive = self._lanes.get(sid)
+        if arrive is None:
+            return await self._process(sid, subject, reply, data, headers)
+        stats = self._stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        self._subs[sid]._received += 1
+        arrive(Raw(reply, data, headers))
+        return None
+
+    def release(self) -> None:
+        """Give the client what ``_process_msg`` was before (when it still has ours)."""
+        nc = self.nc
+        self._write()
+        if vars(nc).get("_process_msg") != self._take:
+            return
+        if self._had is not None:
+            nc._process_msg = self._had
+        else:
+            del nc._process_msg
+
+    async def send(self, command: bytes, payload: int, coalesce: bool = False) -> None:
+        """Hand one ``PUB`` command (``payload`` bytes of body) to the client, with the
+        checks of its publish; written to the socket at once or, ``coalesce``, with the
+        others of this turn of the event loop (see :meth:`_write`)."""
+        nc = self.nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
+            if nc._max_pending_size <= 0 or \
+                    len(command) + nc._pending_data_size > nc._max_pending_size:
+                raise nats.errors.OutboundBufferLimitError
+        stats = self._stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += payload
+        out = self._outbox
+        out.append(command)
+        if not coalesce:
+            self._write()
+        elif len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        """Write the commands handed over. nats-py's own publish appends to the client's
+        pending buffer and wakes its flusher task (a future and a queue per message, a task
+        switch); here they go to the transport directly, as nats-py writes its PINGs, while
+        nothing of the client's is pending (so the order of the connection's commands stays
+        the order they were handed over in). Otherwise, or not connected, they join the
+        pending buffer, which nats-py writes (after a reconnect too)."""
+        out = self._outbox
+        if not out:
+            return
+        self._outbox = []
+        nc = self.nc
+        if nc.is_connected and not nc._pending and nc._transport is not None:
+            try:
+                nc._transport.writelines(out)
+                return
+            except Exception as exc:  # a transport closing: nats-py's pending buffer takes them
+                log.debug("writing to NATS directly failed: %r", exc)
+        nc._pending.extend(out)
+        nc._pending_data_size += sum(map(len, out))
+        if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
+            asyncio.get_running_loop().create_task(nc._flush_pending())
+
+    async def reply(self, raw: Raw, body: bytes) -> None:
+        """Answer a message (``+ACK``, ``+WPI``, ``-NAK``), as ``Msg.ack()`` and its kin."""
+        await self.send(b"PUB %b %d\r\n%b\r\n" % (raw.reply, len(body), body), len(body))
