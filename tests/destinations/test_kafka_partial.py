@@ -8,7 +8,10 @@ topic), then ``a`` again: the broker stores the ``a`` records and refuses the
 policy settled it; under ``"stop"`` the app stops and, once the topic exists,
 a restart publishes the whole transaction again with the same ids, so
 nothing is lost; under a dead-letter policy the refused transaction goes
-there and the relay goes on.
+there and the relay goes on. Both ways a publish waits for its reports see the
+refusal: served from the event loop (a large group's, while many records are
+unconfirmed) and flushed on the destination's thread (a small group's, the
+last ones of a large group).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 from support import collecting, run
 
 from walex import Event
+from walex.destinations import kafka
 from walex.errors import DestinationError
 from walex.lsn import parse_lsn
 
@@ -59,10 +63,14 @@ async def _until_confirmed(admin: psycopg.Connection, slot: str, lsn: int) -> No
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("served", ["loop", "thread"])
 @pytest.mark.parametrize("policy", ["stop", "dead_letter"])
 def test_a_record_refused_in_the_middle_of_a_batch(admin: psycopg.Connection, dsn: str,
                                                    tmp_path: Path, unique: str,
-                                                   policy: str) -> None:
+                                                   policy: str, served: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # every report served from the event loop, or every one by the flush on the thread
+    monkeypatch.setattr(kafka, "_FLUSH_AT", 0 if served == "loop" else 1 << 30)
     admin.execute(TABLES)
     slot = f"kpart_{unique}"
     dead: list[tuple[list[str], BaseException]] = []

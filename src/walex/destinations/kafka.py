@@ -12,11 +12,14 @@ consumer can route without parsing the value.
 The producer is librdkafka's (``confluent-kafka``), idempotent with
 ``acks=all``: a batch counts as durable when the broker confirmed every
 record of it to the producer (its delivery report). Records are produced
-all at once, then the producer is flushed on a thread of the destination's
-own while the event loop goes on: a flush sends what the producer holds at
-once, without waiting ``linger.ms``, and returns as soon as the last record
-was confirmed (no polling cadence), so a group of one-row transactions costs
-one round trip to the broker. The client calls back only for a record that
+all at once; while many of them are unconfirmed, their reports are served
+from the event loop (a thread of its own would take the GIL from the loop
+for each record's report), and the last few (a small group's all) are
+waited for by a flush on a thread of the destination's own while the event
+loop goes on: a flush sends what the producer holds at once, without waiting
+``linger.ms``, and returns as soon as the last record was confirmed (no
+polling cadence), so a group of one-row transactions costs one round trip to
+the broker. The client calls back only for a record that
 failed (``delivery.report.only.error``), so a record that left the producer
 without such a report was confirmed. A report that says the
 broker could not take a record now, or no end within ``timeout`` seconds,
@@ -67,9 +70,12 @@ log = logging.getLogger("walex.destinations")
 CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
 _SPECVERSION = ("ce_specversion", b"1.0")
 _CONTENT_TYPE = ("content-type", CONTENT_TYPE)
-_TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}") for kind in EventType}
+_TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}".encode()) for kind in EventType}
 _IDLE_POLL = 0.25  # seconds between two services of the producer while no batch is published
 _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees its thread by then
+_FLUSH_AT = 256  # records left unconfirmed in a publish from which its thread flushes the rest
+_FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's reports on the loop
+_LONGEST_PAUSE = 0.002  # ... and the longest
 OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 
@@ -161,9 +167,9 @@ class KafkaDestination(Destination):
         validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
         self._server: asyncio.Task[None] | None = None  # serves the producer between publishes
-        self._flusher: ThreadPoolExecutor | None = None  # waits for a publish's reports
+        self._flusher: ThreadPoolExecutor | None = None  # waits for the last reports of a publish
         self._publishing = asyncio.Lock()
-        self._sources: dict[str, tuple[str, str]] = {}  # the ce_source header of each source
+        self._sources: dict[str, tuple[str, bytes]] = {}  # the ce_source header of each source
         self._fatal: str | None = None  # the producer cannot go on: a new one is needed
         self._last_error: str | None = None
         self._auth_error: str | None = None
@@ -279,55 +285,65 @@ class KafkaDestination(Destination):
 
     async def _produce_all(self, producer: Any, batch: list[Outgoing], failures: _Failures,
                            deadline: float) -> int:
-        """Produce the batch's records (tombstones included); returns how many."""
-        produce, failed, put = producer.produce, failures.delivered, self._put
+        """Produce the batch's records (tombstones included); returns how many.
+
+        The hot loop of the relay: the client's ``produce`` takes its arguments by
+        position (by keyword, it builds a str and looks it up for each of the five
+        parameters before ``headers``), and the headers that several records share
+        (spec version, type, source, time, content type) are bytes made once (the
+        client copies bytes as they are, a str it encodes each time; both are the same
+        UTF-8 on the wire)."""
+        produce, failed = producer.produce, failures.delivered
         topic = self.topic.prefix if self.topic.constant else None
         render, tombstones = self.topic.render, self.tombstones
         sources, types = self._sources, _TYPE_HEADERS
+        last_source: str | None = None
+        source_header: tuple[str, bytes] = ("ce_source", b"")
         time_text: str | None = None
-        time_header: tuple[str, str] = ("ce_time", "")
+        time_header: tuple[str, bytes] = ("ce_time", b"")
         count = 0
         for item in batch:
-            source = sources.get(item.source)
-            if source is None:
-                if len(sources) >= 4096:
-                    sources.clear()
-                source = sources[item.source] = ("ce_source", item.source)
-            if item.time is not time_text:
-                time_text = item.time
-                time_header = ("ce_time", time_text)
-            # header values as str: the client writes them UTF-8, as the key
-            headers = [_SPECVERSION, ("ce_id", item.id), source, types[item.type], time_header,
+            (id_, _schema, _table, kind, _partition, body, source, time, key,
+             subject) = item
+            if source is not last_source:
+                last_source = source
+                source_header = sources.get(source)  # type: ignore[assignment]
+                if source_header is None:
+                    if len(sources) >= 4096:
+                        sources.clear()
+                    source_header = sources[source] = ("ce_source", source.encode())
+            if time is not time_text:
+                time_text = time
+                time_header = ("ce_time", time.encode())
+            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
                        _CONTENT_TYPE]
-            if item.subject is not None:
-                headers.append(("ce_subject", item.subject))
+            if subject is not None:
+                headers.append(("ce_subject", subject))
             where = topic if topic is not None else render(item)
-            if not put(produce, where, item.body, item.key, headers, failed):
-                await self._produce_later(producer, where, item.body, item.key, headers,
-                                          failed, deadline)
+            try:  # partition -1: the partitioner's; timestamp 0: now
+                produce(where, body, key, -1, failed, None, 0, headers)
+            except BufferError:  # the producer's queue is full
+                await self._produce_later(producer, where, body, key, headers, failed, deadline)
+            except KafkaException as exc:
+                raise self.refused(where, exc) from None
             count += 1
-            if tombstones and item.type == "delete":
-                if not put(produce, where, None, item.key, None, failed):
-                    await self._produce_later(producer, where, None, item.key, None, failed,
-                                              deadline)
+            if tombstones and kind == "delete":
+                try:
+                    produce(where, None, key, -1, failed)
+                except BufferError:
+                    await self._produce_later(producer, where, None, key, None, failed, deadline)
+                except KafkaException as exc:
+                    raise self.refused(where, exc) from None
                 count += 1
         return count
 
-    def _put(self, produce: Any, topic: str, value: bytes | None, key: str, headers: Any,
-             failed: Any) -> bool:
-        """Produce one record (``value`` None: a tombstone); False when the producer's queue
-        is full (:meth:`_produce_later`). A record the client refuses raises: for good
-        (:meth:`refusal`, with the fix) or :class:`~walex.destinations.base.Unavailable`."""
-        try:
-            produce(topic, value, key, headers=headers, on_delivery=failed)
-        except BufferError:
-            return False
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() in PERMANENT:
-                raise self.refusal(topic, err) from None
-            raise self.unavailable("producing failed", exc) from None
-        return True
+    def refused(self, topic: str, exc: KafkaException) -> Exception:
+        """What a record the client refused at once is: a refusal for good (:meth:`refusal`,
+        with the fix) or :class:`~walex.destinations.base.Unavailable`."""
+        err = exc.args[0]
+        if err.code() in PERMANENT:
+            return self.refusal(topic, err)
+        return self.unavailable("producing failed", exc)
 
     async def _produce_later(self, producer: Any, topic: str, value: bytes | None, key: str,
                              headers: Any, failed: Any, deadline: float) -> None:
@@ -338,8 +354,13 @@ class KafkaDestination(Destination):
             self._still_usable(producer, loop, deadline,
                                f"the producer's queue stayed full for {self.timeout:g}s")
             await asyncio.sleep(0.005)
-            if self._put(producer.produce, topic, value, key, headers, failed):
+            try:
+                producer.produce(topic, value, key, -1, failed, None, 0, headers)
                 return
+            except BufferError:
+                continue
+            except KafkaException as exc:
+                raise self.refused(topic, exc) from None
 
     def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
                       timed_out: str) -> None:
@@ -352,18 +373,22 @@ class KafkaDestination(Destination):
 
     async def _confirmed(self, producer: Any, count: int, deadline: float) -> None:
         """Wait until the producer holds no record (its count includes those whose report
-        is not served yet): flush it on the destination's thread, which serves the reports
-        there, in slices of at most :data:`_FLUSH_SLICE`, checking between two.
+        is not served yet), checking between two waits.
 
-        librdkafka's flush sends what the producer holds at once (``linger.ms`` does not
-        apply) and is woken when the last record left it, so the wait is the broker's
-        round trip, and the event loop goes on meanwhile (the call holds no GIL while it
-        waits). The callbacks it runs on that thread only record (:class:`_Failures`,
-        :meth:`_on_error`): the loop reads them once the flush returned."""
+        The client takes the GIL for each record's report, whatever the callback (even
+        none). While many records are unconfirmed (more than :data:`_FLUSH_AT`: a large
+        group), their reports are served here, in the event loop's thread, pausing
+        :data:`_FIRST_PAUSE` at first and doubling up to :data:`_LONGEST_PAUSE`: served on
+        another thread, they would fight the event loop, busy reading and encoding the
+        next records, for the GIL at each record. The last ones (or a small group's) are
+        waited for with librdkafka's flush on the destination's thread, in slices of at
+        most :data:`_FLUSH_SLICE`: it sends what the producer holds at once (``linger.ms``
+        does not apply) and is woken when the last record was confirmed, so a group of
+        one-row transactions costs one round trip, no polling cadence. The callbacks it
+        runs there only record (:class:`_Failures`, :meth:`_on_error`): the loop reads
+        them once the flush returned."""
         loop = asyncio.get_running_loop()
-        flusher = self._flusher
-        if flusher is None:
-            flusher = self._flusher = ThreadPoolExecutor(1, thread_name_prefix="walex-kafka-flush")
+        pause = _FIRST_PAUSE
         while True:
             left = len(producer)
             if not left:
@@ -371,6 +396,15 @@ class KafkaDestination(Destination):
             self._still_usable(producer, loop, deadline,
                                f"{min(left, count)} of {count} records were not confirmed "
                                f"within {self.timeout:g}s")
+            if left > _FLUSH_AT:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _LONGEST_PAUSE)
+                self._poll(producer)
+                continue
+            flusher = self._flusher
+            if flusher is None:
+                flusher = self._flusher = ThreadPoolExecutor(
+                    1, thread_name_prefix="walex-kafka-flush")
             wait = min(_FLUSH_SLICE, max(deadline - loop.time(), 0.001))
             try:
                 await loop.run_in_executor(flusher, producer.flush, wait)

@@ -1,0 +1,131 @@
+"""CPU per record of the Kafka relay's publish alone (``KafkaDestination.publish``).
+
+    .venv/bin/python bench/kafka_publish.py                    # 200k records, groups of 4096
+    .venv/bin/python bench/kafka_publish.py --busy             # a busy event loop meanwhile
+    .venv/bin/python bench/kafka_publish.py --records 50000 --group 1 --reps 3
+
+Starts tansu (as ``run.py --destination kafka``), makes a topic of 3 partitions,
+and publishes synthetic CloudEvents (the W1 row's size: ~300-byte bodies, keys,
+subjects) in groups of ``--group`` records, one publish after the other, as a
+lane does. ``--busy`` runs a coroutine meanwhile that burns the CPU in slices of
+``--slice`` ms and yields (the reader and decoder of a relay): the publish's
+threads then contend for the GIL as in the relay. Prints the process's CPU
+(every thread, librdkafka's too; the busy coroutine's own work subtracted,
+measured alone first) per record, best of ``--reps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import destinations  # noqa: E402
+
+from walex.destinations.base import DestinationURL  # noqa: E402
+from walex.destinations.encoding import Outgoing  # noqa: E402
+from walex.destinations.kafka import KafkaDestination  # noqa: E402
+
+
+def items(n: int) -> list[Outgoing]:
+    out = []
+    source, when = "/bench/public/bench_rows", "2026-12-06T23:31:24.123456Z"
+    for i in range(n):
+        subject = str(i)
+        body = (b'{"specversion":"1.0","id":"0/4000000:%d","source":"/bench/public/bench_rows",'
+                b'"type":"walex.insert","time":"2026-12-06T23:31:24.123456Z","subject":"%d",'
+                b'"partitionkey":"public.bench_rows/%d","datacontenttype":"application/json",'
+                b'"data":{"id":%d,"n":42,"t":"some text of the row","ts":"2026-12-06T23:31:24Z",'
+                b'"amount":"123.45","doc":{"a":1,"b":[1,2,3]}}}' % (i, i, i, i))
+        out.append(Outgoing(f"0/4000000:{i}", "public", "bench_rows", "insert", 0, body, source,
+                            when, f"public.bench_rows/{subject}", subject))
+    return out
+
+
+switches = [0, 0]  # voluntary and involuntary context switches of the last run
+
+
+def burn(ms: float) -> int:
+    end = time.thread_time() + ms / 1000
+    n = 0
+    while time.thread_time() < end:
+        n += 1
+    return n
+
+
+async def run(url: str, records: list[Outgoing], group: int, busy: bool, slice_ms: float
+              ) -> tuple[float, float, int]:
+    dest = KafkaDestination(DestinationURL(url))
+    await dest.open()
+    await dest.publish(records[:3])  # warm-up: the producer id, the partitions' leaders
+    stop = False
+    slices = 0
+
+    async def busy_loop() -> None:
+        nonlocal slices
+        while not stop:
+            burn(slice_ms)
+            slices += 1
+            await asyncio.sleep(0)
+
+    burner = asyncio.create_task(busy_loop()) if busy else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for at in range(0, len(records), group):
+        await dest.publish(records[at:at + group])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    switches[:] = [r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw]
+    stop = True
+    if burner is not None:
+        await burner
+    await dest.close()
+    return wall, cpu, slices
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--group", type=int, default=4096)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--busy", action="store_true")
+    parser.add_argument("--slice", type=float, default=1.0)
+    parser.add_argument("--url", default="", help="a kafka:// URL instead of a tansu of our own")
+    parser.add_argument("--param", action="append", default=[],
+                        help="NAME=VALUE added to the URL (a librdkafka setting)")
+    args = parser.parse_args()
+    if not args.url:
+        destinations.parse(["kafka"])
+    url = args.url or destinations.url_for("walex+kafka", f"kpub{os.getpid()}")
+    for p in args.param:
+        url += "&" + p
+    destinations._kafka_topic(url, create=True)
+    records = items(args.records)
+    best = None
+    try:
+        for _ in range(args.reps):
+            wall, cpu, slices = asyncio.run(run(url, records, args.group, args.busy, args.slice))
+            spare = cpu - slices * args.slice / 1000  # the busy coroutine's own CPU out
+            line = (f"wall {wall:.3f}s cpu {cpu:.3f}s cpu-minus-busy {spare:.3f}s "
+                    f"= {spare / len(records) * 1e6:.2f} us/record"
+                    + f" switches {switches[0]}+{switches[1]}"
+                    + (f" (busy slices {slices})" if args.busy else ""))
+            print(line, flush=True)
+            best = spare if best is None else min(best, spare)
+    finally:
+        destinations._kafka_topic(url, create=False)
+    assert best is not None
+    print(f"best: {best / len(records) * 1e6:.2f} us/record ({args.records} records, group "
+          f"{args.group}{', busy' if args.busy else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
