@@ -45,11 +45,18 @@ from redis.exceptions import (
     ResponseError,
 )
 
+try:  # the reader redis-py's hiredis parser uses, and its marker of a reply not whole yet
+    from hiredis import Reader as _Reader
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
+except ImportError:  # pragma: no cover - the redis extra installs hiredis
+    _Reader = None
+    _MORE = None
+
 from ..errors import ConfigError, DestinationError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
 
-__all__ = ["RedisDestination", "xadd_command", "xadd_head"]
+__all__ = ["RedisDestination", "replies", "xadd_command", "xadd_head"]
 
 log = logging.getLogger("walex.destinations")
 
@@ -72,6 +79,50 @@ def xadd_command(head: bytes, event_id: str, body: bytes) -> bytes:
     ident = event_id.encode()
     return b"%b$%d\r\n%b\r\n$5\r\nevent\r\n$%d\r\n%b\r\n" % (
         head, len(ident), ident, len(body), body)
+
+
+async def replies(conn: Any, count: int) -> tuple[ResponseError | None, int]:
+    """Read the ``count`` replies of the commands just written on ``conn``, each one; return
+    the first refusal (a ``ResponseError`` reply, say WRONGTYPE) and its position, or
+    ``(None, 0)`` when every command was answered without one. A reply that is a
+    connection error (LOADING, say) is raised at once; the caller drops the connection.
+
+    With hiredis (the ``redis`` extra), the replies are taken from the connection's own
+    hiredis reader in this one loop, the socket read when it has no whole reply left: two
+    C calls per reply instead of three coroutines, a host description and a protocol
+    check in redis-py's ``read_response`` per reply (about 5x less CPU per reply).
+    Without it, through ``read_response``."""
+    refused: ResponseError | None = None
+    at = 0
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    if _Reader is None or type(reader) is not _Reader or not getattr(parser, "_connected", 0):
+        read = conn.read_response
+        for i in range(count):
+            try:
+                await read()
+            except ResponseError as exc:
+                if refused is None:
+                    refused, at = exc, i
+        return refused, at
+    gets, more = reader.gets, parser.read_from_socket
+    i = 0
+    while i < count:
+        reply = gets()
+        if reply.__class__ is bytes:  # an entry id: the common case, first
+            i += 1
+        elif reply is _MORE:
+            await more()  # raises ConnectionError when the server closed the connection
+        elif isinstance(reply, list):  # RESP3 push (an invalidation, say), not a reply: an
+            await parser.handle_push_response(reply)  # XADD never answers with an array
+        else:
+            if isinstance(reply, ResponseError):
+                if refused is None:
+                    refused, at = reply, i
+            elif isinstance(reply, BaseException):  # ConnectionError replies, as redis-py
+                raise reply
+            i += 1
+    return refused, at
 
 
 class RedisDestination(Destination):
@@ -157,18 +208,11 @@ class RedisDestination(Destination):
                 head = heads[key] = xadd_head(render(item), self.maxlen)
             commands.append(xadd_command(head, item.id, item.body))
         refused: ResponseError | None = None
-        refused_at = 0  # the batch's message the first refusal answered
         try:
             async with asyncio.timeout(self.timeout):
                 try:
                     await conn.send_packed_command(commands)
-                    read = conn.read_response
-                    for i in range(len(commands)):  # every reply is read, so the connection
-                        try:  # stays usable
-                            await read()
-                        except ResponseError as exc:
-                            if refused is None:
-                                refused, refused_at = exc, i
+                    refused, refused_at = await replies(conn, len(commands))
                 except BaseException:  # replies may be left unread: never reuse the socket
                     await conn.disconnect(nowait=True)
                     raise
