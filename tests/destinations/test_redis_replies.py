@@ -16,7 +16,7 @@ from support import run
 
 from walex.destinations import from_url
 from walex.destinations.encoding import Outgoing
-from walex.destinations.redis import xadd_command, xadd_head
+from walex.destinations.redis import xadd_commands, xadd_head
 
 from .conftest import require
 
@@ -76,7 +76,6 @@ def test_a_refusal_mid_batch_is_found_and_every_reply_read(unique: str, parser: 
     port = require("redis")
     good, bad = f"wr{unique}:good", f"wr{unique}:bad"
     good_head, bad_head = xadd_head(good, None), xadd_head(bad, None)
-    body = b'{"pad":"%s"}' % (b"y" * 200)
     refused_at = 2500
 
     async def main() -> None:
@@ -87,18 +86,22 @@ def test_a_refusal_mid_batch_is_found_and_every_reply_read(unique: str, parser: 
             await client.ping()
             conn = client.connection
             assert isinstance(conn._parser, parser)
-            commands = [xadd_command(bad_head if i == refused_at else good_head, f"id-{i}", body)
-                        for i in range(4000)]
+            batch = _outgoing("good", 4000)
+            batch[refused_at] = batch[refused_at]._replace(table="bad")
+            heads = {("public", "good", "insert", 0): good_head,
+                     ("public", "bad", "insert", 0): bad_head}
+            commands = xadd_commands(batch, heads, heads.__getitem__)
             await conn.send_packed_command(commands)
             refused, at = await replies(conn, len(commands))
             assert isinstance(refused, ResponseError) and "WRONGTYPE" in str(refused)
             assert at == refused_at
             # the connection is in step: the next batch's replies are its own
-            await conn.send_packed_command([xadd_command(good_head, "next", body)])
+            await conn.send_packed_command(xadd_commands(_outgoing("good", 1, 4000), heads,
+                                                         heads.__getitem__))
             assert await replies(conn, 1) == (None, 0)
             assert await client.xlen(good) == 4000
             last = await client.xrevrange(good, count=1)
-            assert last[0][1][b"id"] == b"next"
+            assert last[0][1][b"id"] == b"id-4000"
         finally:
             await client.delete(good, bad)
             await client.aclose()
