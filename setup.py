@@ -1,6 +1,6 @@
 """Build the optional compiled parts of walex.
 
-Everything else is declared in pyproject.toml. Both extensions are optional:
+Everything else is declared in pyproject.toml. The extensions are optional:
 a machine without a C compiler, Python headers or Cython still installs walex,
 which then runs its pure-Python code (identical results, tested both ways).
 Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
@@ -11,7 +11,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex._json`` (Cython): the json/jsonb value loader (twin of
   ``walex.pgtypes.py_json_loads``);
 - ``walex._encode`` (Cython): the CloudEvents encoder's fast path (twin of
-  ``_fast_event`` in ``walex.destinations.encoding``).
+  ``_fast_event`` in ``walex.destinations.encoding``);
+- ``walex.destinations._resp`` (Cython): a batch's Redis ``XADD`` commands in
+  one buffer (twin of ``py_xadd_commands`` in ``walex.destinations.redis``).
 """
 
 import os
@@ -31,7 +33,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
                               depends=["src/walex/_hotpath_objects.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
-                    Extension("walex._encode", ["src/walex/_encode.pyx"])]
+                    Extension("walex._encode", ["src/walex/_encode.pyx"]),
+                    Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

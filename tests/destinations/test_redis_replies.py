@@ -92,7 +92,7 @@ def test_a_refusal_mid_batch_is_found_and_every_reply_read(unique: str, parser: 
                      ("public", "bad", "insert", 0): bad_head}
             commands = xadd_commands(batch, heads, heads.__getitem__)
             await conn.send_packed_command(commands)
-            refused, at = await replies(conn, len(commands))
+            refused, at = await replies(conn, len(batch))
             assert isinstance(refused, ResponseError) and "WRONGTYPE" in str(refused)
             assert at == refused_at
             # the connection is in step: the next batch's replies are its own
