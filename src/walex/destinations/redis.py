@@ -16,10 +16,11 @@ Parameters: ``stream`` (required; ``{schema}``, ``{table}``, ``{type}``,
 ``MAXLEN ~``), ``timeout`` (seconds to wait for the connection and for the
 replies of a batch, default 10). ``rediss://`` uses TLS.
 
-How a batch goes out, for speed (~8x less CPU per event than redis-py's
-pipeline, whose packing and per-reply timer dominated the relay): walex packs
-the ``XADD`` commands itself (:func:`xadd_commands`, byte for byte what
-redis-py packs, which a test checks) and writes them on the client's one
+How a batch goes out, for speed (about 20x less CPU per event than redis-py's
+pipeline, whose packing and per-reply timer dominated the relay: 1.05 vs 20.7
+us per 250-byte event in batches of 4096): walex packs the ``XADD`` commands
+itself into one buffer (:func:`xadd_commands`, compiled when built, byte for
+byte what redis-py packs, which a test checks) and writes them on the client's one
 connection (``single_connection_client``; redis-py still connects, logs in,
 selects the database and says HELLO). The replies are taken from that
 connection's hiredis reader (:func:`replies`; the ``redis`` extra installs
