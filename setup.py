@@ -1,6 +1,6 @@
 """Build the optional compiled parts of walex.
 
-Everything else is declared in pyproject.toml. Both extensions are optional:
+Everything else is declared in pyproject.toml. The extensions are optional:
 a machine without a C compiler, Python headers or Cython still installs walex,
 which then runs its pure-Python code (identical results, tested both ways).
 Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
@@ -13,7 +13,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex._encode`` (Cython): the CloudEvents encoder's fast path (twin of
   ``_fast_event`` in ``walex.destinations.encoding``);
 - ``walex.destinations._hpub`` (Cython): a JetStream batch's HPUB frames (twin of
-  ``frames`` in ``walex.destinations.hpub``).
+  ``frames`` in ``walex.destinations.hpub``);
+- ``walex.destinations._resp`` (Cython): a batch's Redis ``XADD`` commands in
+  one buffer (twin of ``py_xadd_commands`` in ``walex.destinations.redis``).
 """
 
 import os
@@ -34,7 +36,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                               depends=["src/walex/_hotpath_objects.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
                     Extension("walex._encode", ["src/walex/_encode.pyx"]),
-                    Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"])]
+                    Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"]),
+                    Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

@@ -1,0 +1,87 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The compiled twin of ``walex.destinations.redis.py_xadd_commands``: a batch's ``XADD``
+commands in RESP, in one buffer (the same bytes; a test holds the twins equal).
+
+Two passes over the batch: the first finds each message's head (the start of the
+command, per stream) and sums the sizes, the second copies the parts into one bytes
+object. No Python object per message but the head lookup's key, and only when the
+message's (schema, table, type, partition) are not the previous message's objects.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcpy
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+
+
+cdef inline Py_ssize_t _digits(Py_ssize_t n) noexcept:
+    cdef Py_ssize_t d = 1
+    while n >= 10:
+        n //= 10
+        d += 1
+    return d
+
+
+cdef inline char* _length(char* p, Py_ssize_t n) noexcept:
+    """Write ``$<n>\\r\\n`` at p; return the end."""
+    cdef Py_ssize_t d = _digits(n)
+    cdef char* q = p + d
+    p[0] = b'$'
+    while True:
+        q[0] = <char>(48 + n % 10)
+        n //= 10
+        if n == 0:
+            break
+        q -= 1
+    p += d + 1
+    p[0] = b'\r'
+    p[1] = b'\n'
+    return p + 2
+
+
+def xadd_commands(list batch, dict heads, head_of):
+    cdef Py_ssize_t count = len(batch), i, total = 0, size
+    cdef list found = [None] * count  # each message's head, kept alive while copying
+    cdef tuple item, previous = None
+    cdef object head = None, text
+    cdef bytes body, out
+    cdef const char* ident
+    cdef char* p
+    for i in range(count):
+        item = <tuple>batch[i]
+        if previous is None or not (item[1] is previous[1] and item[2] is previous[2]
+                                    and item[3] is previous[3] and item[4] is previous[4]):
+            head = heads.get(item[1:5])
+            if head is None:
+                head = head_of(item)
+            previous = item
+        found[i] = head
+        PyUnicode_AsUTF8AndSize(item[0], &size)
+        body = <bytes?>item[5]
+        total += (PyBytes_GET_SIZE(<bytes?>head) + 3 + _digits(size) + size + 2 + 11
+                  + 3 + _digits(PyBytes_GET_SIZE(body)) + PyBytes_GET_SIZE(body) + 2)
+    out = PyBytes_FromStringAndSize(NULL, total)
+    p = PyBytes_AS_STRING(out)
+    for i in range(count):
+        item = <tuple>batch[i]
+        head = found[i]
+        size = PyBytes_GET_SIZE(<bytes>head)
+        memcpy(p, PyBytes_AS_STRING(<bytes>head), size)
+        p += size
+        ident = PyUnicode_AsUTF8AndSize(item[0], &size)
+        p = _length(p, size)
+        memcpy(p, ident, size)
+        p += size
+        memcpy(p, b"\r\n$5\r\nevent\r\n", 13)
+        p += 13
+        body = <bytes>item[5]
+        size = PyBytes_GET_SIZE(body)
+        p = _length(p, size)
+        memcpy(p, PyBytes_AS_STRING(body), size)
+        p += size
+        p[0] = b'\r'
+        p[1] = b'\n'
+        p += 2
+    return out
