@@ -11,11 +11,12 @@ phases in one process:
 2. timed: the official client publishes them all, as fast as it can, with
    the durability walex waits for:
 
-   - NATS (nats-py): core publishes to the stream's subjects with a reply
-     subject each and ``Nats-Msg-Id``, one subscription counting JetStream's
-     PubAcks, up to ``WINDOW`` unanswered, every PubAck awaited; the frames
-     built as walex builds them (``walex.destinations.hpub``) and handed to the
-     client's write buffer, the fastest way through nats-py;
+   - NATS (nats-py): core publishes to the stream's subjects with
+     ``Nats-Msg-Id``, in chains of ``STEP`` messages each confirmed by one
+     PubAck (every message stored, as walex's relay confirms them), up to
+     ``WINDOW`` messages unconfirmed; the frames built as walex builds them
+     (``walex.destinations.hpub``) and handed to the client's write buffer, the
+     fastest way through nats-py;
    - Redis (redis-py asyncio): ``XADD id event`` pipelined, ``WINDOW``
      commands per round trip (no MULTI), packed as walex packs them and
      written on the client's connection, every reply read as walex reads
@@ -92,22 +93,22 @@ async def collect(args: Any, res: Result) -> list[Outgoing]:
 
 
 async def nats_publish(url: str, items: list[Outgoing]) -> None:
-    """Core publishes with a reply subject each (JetStream answers there with its PubAck),
-    one subscription counting the answers, up to WINDOW unanswered: the cheapest way
-    nats-py has to publish to JetStream and wait for every PubAck (cheaper than
-    ``publish_async``, which makes a future per message). The frames are built as walex
-    builds them (``walex.destinations.hpub``: one bytes format per message, handed to the
-    client's write buffer, ``STEP`` at a time) when the client allows it, else each
-    message goes through ``Client.publish``."""
+    """Core publishes to JetStream, every message confirmed stored, as walex's relay does it:
+    the messages go in chains of ``STEP`` built by walex's own frames
+    (``walex.destinations.hpub.frames``: each message names the one before it as the
+    stream's last, only the last asks for a PubAck, which then confirms the whole chain),
+    handed to the client's write buffer, up to WINDOW messages unconfirmed; the stream is
+    fresh and this the only publisher, so each chain's start is known before the previous
+    one is answered. When the client does not allow walex's frames, each message goes
+    through ``Client.publish`` with a PubAck of its own."""
     import nats
     from nats.js.api import StreamConfig
 
-    from walex.destinations.hpub import Frames, usable
+    from walex.destinations.hpub import Frames, frames as build, usable
 
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
     stream, template = query["stream"], query["subject"]
-    subjects = [(render(template, item, True), item) for item in items]
     nc = await nats.connect(f"nats://{parts.hostname}:{parts.port}", allow_reconnect=False,
                             connect_timeout=5)
     try:
@@ -115,37 +116,44 @@ async def nats_publish(url: str, items: list[Outgoing]) -> None:
             StreamConfig(name=stream, subjects=[template.split("{")[0] + ">"]))
         prefix = f"_INBOX.{stream}."
         frames = Frames(nc, stream, prefix) if usable(nc) else None
-        encoded = [(frames.subject(subject) if frames else b"", item)
-                   for subject, item in subjects]
+        subjects: dict[Any, bytes] = {}
+        for item in items:  # rendered before the timer, as walex keeps them per table
+            key = item[1:5]
+            if key not in subjects:
+                subjects[key] = Frames.subject(render(template, item, True))
         state = {"acked": 0, "error": None}
+        sizes: dict[int, int] = {}  # a chain's reply number -> its messages
         room, finished = asyncio.Event(), asyncio.Event()
 
         async def answered(msg: Any) -> None:
             if msg.data.startswith(b'{"stream":'):
-                state["acked"] += 1
+                state["acked"] += sizes.get(int(msg.subject[len(prefix):]), 1)
             elif state["error"] is None:
                 state["error"] = msg.data[:300] or msg.headers
                 finished.set()
-            if len(subjects) - state["acked"] == 0:
+            if len(items) - state["acked"] == 0:
                 finished.set()
             room.set()
 
         await nc.subscribe(prefix + "*", cb=answered)
         yield_start()
         step = STEP if frames is not None else 1
-        for at in range(0, len(subjects), step):
+        last_id = b""
+        for at in range(0, len(items), step):
             while at + step - state["acked"] > WINDOW:
                 room.clear()
                 await asyncio.wait_for(room.wait(), timeout=60)
             if frames is not None:
-                frame = frames.frame
-                chunk = encoded[at:at + step]
-                await frames.send([b"".join([frame(subject, n, item.id, item.body)
-                                             for n, (subject, item) in enumerate(chunk, at)])],
-                                  len(chunk), sum(len(item.body) for _s, item in chunk))
+                chunk = items[at:at + step]
+                sizes[at] = len(chunk)
+                built = build(chunk, subjects, lambda key, item: subjects[key],
+                              frames.prefix, frames.stream, at, (at, last_id))
+                assert built is not None, "an event id that is not plain"
+                await frames.send(built[0], len(chunk), built[1])
+                last_id = chunk[-1].id.encode()
                 continue
-            subject, item = subjects[at]
-            await nc.publish(subject, item.body, reply=f"{prefix}{at}",
+            item = items[at]
+            await nc.publish(render(template, item, True), item.body, reply=f"{prefix}{at}",
                              headers={"Nats-Msg-Id": item.id, "Nats-Expected-Stream": stream})
         await asyncio.wait_for(finished.wait(), timeout=120)
         if state["error"] is not None:
