@@ -3,6 +3,8 @@ in the compiled twin."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import given
@@ -15,8 +17,8 @@ from walex.destinations import redis as redis_destination
 from walex.destinations.redis import py_xadd_commands, xadd_head
 
 # the packer's two twins: pure Python, and walex.destinations._resp when it was built
-PACKERS = [py_xadd_commands] + ([redis_destination.xadd_commands]
-                                if redis_destination.xadd_commands is not py_xadd_commands
+PACKERS = [py_xadd_commands] + ([redis_destination.compiled_xadd_commands]
+                                if redis_destination.compiled_xadd_commands is not None
                                 else [])
 
 
@@ -71,7 +73,11 @@ def test_the_compiled_packer_is_built() -> None:
 
     if encoding.compiled_fast_event is None:
         pytest.skip("no compiled parts were built (no Cython or C compiler at install)")
-    assert redis_destination.xadd_commands is not py_xadd_commands
+    assert redis_destination.compiled_xadd_commands is not None
+    # and it serves, unless WALEX_PURE_PYTHON asks for the pure twins
+    assert redis_destination.xadd_commands is (
+        py_xadd_commands if os.environ.get("WALEX_PURE_PYTHON")
+        else redis_destination.compiled_xadd_commands)
 
 
 def test_a_message_that_is_not_bytes_is_refused_by_both() -> None:

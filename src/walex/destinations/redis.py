@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
@@ -99,9 +100,13 @@ def py_xadd_commands(batch: list[Outgoing], heads: dict[tuple[Any, ...], bytes],
 
 
 try:
-    from ._resp import xadd_commands
+    from ._resp import xadd_commands as compiled_xadd_commands
 except ImportError:  # not built (no compiler or Cython): the same bytes, in Python
-    xadd_commands = py_xadd_commands
+    compiled_xadd_commands = None
+# WALEX_PURE_PYTHON=1 takes the pure twin, as for walex's other compiled parts
+xadd_commands = compiled_xadd_commands \
+    if compiled_xadd_commands is not None and not os.environ.get("WALEX_PURE_PYTHON") \
+    else py_xadd_commands
 
 
 async def replies(conn: Any, count: int) -> tuple[ResponseError | None, int]:
