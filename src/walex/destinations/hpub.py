@@ -35,7 +35,7 @@ import nats.errors
 
 from .encoding import Outgoing
 
-__all__ = ["CHAINED_EXTRA", "Frames", "checked_client", "usable"]
+__all__ = ["CHAINED_EXTRA", "Frames", "check_publishable", "checked_client", "frames", "usable"]
 
 _CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
 _FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
@@ -81,6 +81,20 @@ def usable(nc: Any) -> bool:
             and isinstance(getattr(nc, "_max_pending_size", None), int)
             and isinstance(getattr(nc, "stats", None), dict)
             and hasattr(nc, "_flush_queue"))
+
+
+def check_publishable(nc: Any, data: list[bytes]) -> None:
+    """Raise what nats-py's ``publish`` raises before it takes ``data`` (commands for the
+    client's pending buffer): the connection closed or draining, or, while it reconnects,
+    more than its ``pending_size`` would hold."""
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
+        total = sum(map(len, data))
+        if nc._max_pending_size <= 0 or total + nc._pending_data_size > nc._max_pending_size:
+            raise nats.errors.OutboundBufferLimitError
 
 
 class Frames:
@@ -147,14 +161,7 @@ class Frames:
         """Hand frames (``messages`` of them, ``payload`` bytes of bodies) to the client as
         its publish does, with its checks."""
         nc = self.nc
-        if nc.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
-            total = sum(map(len, chunks))
-            if nc._max_pending_size <= 0 or total + nc._pending_data_size > nc._max_pending_size:
-                raise nats.errors.OutboundBufferLimitError
+        check_publishable(nc, chunks)
         nc.stats["out_msgs"] += messages
         nc.stats["out_bytes"] += payload
         for chunk in chunks:

@@ -38,9 +38,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.msg import Msg
 
+from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
 
 __all__ = ["Inboxes", "Raw", "usable"]
@@ -155,15 +155,7 @@ class Inboxes:
         """Hand one ``PUB`` command (``payload`` bytes of body) to the client, with the
         checks of its publish; written to the socket at once or, ``coalesce``, with the
         others of this turn of the event loop (see :meth:`_write`)."""
-        nc = self.nc
-        if nc.is_closed:
-            raise nats.errors.ConnectionClosedError
-        if nc.is_draining_pubs:
-            raise nats.errors.ConnectionDrainingError
-        if not nc.is_connected:  # nats-py buffers while it reconnects, within pending_size
-            if nc._max_pending_size <= 0 or \
-                    len(command) + nc._pending_data_size > nc._max_pending_size:
-                raise nats.errors.OutboundBufferLimitError
+        check_publishable(self.nc, [command])
         stats = self._stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload
