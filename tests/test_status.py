@@ -233,3 +233,26 @@ def test_status_watch_prints_each_refresh_when_stdout_is_a_pipe(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert sum("watched_slot" in line for line in seen) >= 3, seen
+
+
+def test_status_watch_ends_on_ctrl_c_that_a_check_swallowed(dsn: str, admin: psycopg.Connection) -> None:
+    """Ctrl-C while a check runs, where something catches the KeyboardInterrupt (the
+    failpoint ``status_check=swallow``, as a library could): the watch still ends, at once
+    and with its code, instead of refreshing for ever."""
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    env = {**ENV, "WALEX_FAILPOINTS": "status_check=swallow:2"}
+    proc = subprocess.Popen([*WALEX, "status", "--url", dsn, "-p", "pub", "--watch", "0.1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = threading.Event()
+    threading.Thread(target=lambda: [first.set() for line in proc.stdout  # type: ignore[union-attr]
+                                     if "Ctrl-C ends" in line], daemon=True).start()
+    try:
+        assert first.wait(60), "no refresh"
+        time.sleep(0.8)  # the next check is in the failpoint's 2 s (it starts 0.1 s on)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, proc.stderr.read()  # type: ignore[union-attr]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
+from . import failpoints
 from .admin import Status, human_size, inspect_database
 from .backfill.report import status_table as backfill_table
 from .backfill.store import Job, read_all as read_backfills
@@ -106,6 +108,8 @@ def _check(settings: WalExSettings, publication: str | None,
     Anything that stops the check (the server unreachable or not answering, the
     connection lost, a privilege missing) is a SetupError saying why.
     """
+    if failpoints.ACTIVE:
+        failpoints.hit("status_check")
     with _connect(settings, timeout) as conn:
         try:
             with deadline(conn, settings, timeout, "reading the server's state"):
@@ -236,19 +240,37 @@ def _watch(settings: WalExSettings, publication: str | None, every: float, slot:
             tables.append(backfill_table(backfills))
         return Group(*tables, *lines)
 
+    # Ctrl-C ends the watch even when it comes while a check runs and something in there
+    # catches the KeyboardInterrupt (or turns it into an error): the loop ends on the flag
+    stopped = False
+
+    def interrupted(signum: int, frame_: Any) -> None:
+        nonlocal stopped
+        stopped = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
     try:
         if not out.is_terminal:  # a pipe or a file: each refresh after the last, as it comes
-            while True:
-                out.print(frame())
+            while not stopped:
+                shown = frame()
+                if stopped:
+                    break
+                out.print(shown)
                 out.file.flush()
                 time.sleep(every)
-        with Live(frame(), console=out, auto_refresh=False,
-                  screen=False, transient=False) as live:
-            while True:
-                time.sleep(every)
-                live.update(frame(), refresh=True)
+        else:
+            with Live(frame(), console=out, auto_refresh=False,
+                      screen=False, transient=False) as live:
+                while not stopped:
+                    time.sleep(every)
+                    shown = frame()
+                    if not stopped:
+                        live.update(shown, refresh=True)
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if not sys.stdout.isatty():
         out.print()
     return code

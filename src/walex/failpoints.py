@@ -7,11 +7,14 @@ at the named point, on the Nth hit (default: every hit), do the action:
 - ``exit``: end the process at once (``os._exit(137)``, like SIGKILL);
 - ``raise``: raise ``RuntimeError``;
 - ``sleep:S``: block the event loop for S seconds (a stalled process);
+- ``swallow:S``: block S seconds and swallow a Ctrl-C (KeyboardInterrupt) that
+  comes meanwhile, as a library that catches it would;
 - ``skip``: tell the caller to skip what it was about to do.
 
 Points: ``after_dispatch`` (handlers finished, before the acknowledgement is
 recorded), ``before_status`` (before a status update is sent; ``skip`` drops
-it), ``after_frames`` (a batch of frames was read).
+it), ``after_frames`` (a batch of frames was read), ``status_check`` (``walex status``
+is about to read the server's state).
 
 Invariant: with ``WALEX_FAILPOINTS`` unset, :func:`hit` is never reached from
 the hot paths (they check :data:`ACTIVE` first) and does nothing.
@@ -31,7 +34,7 @@ def _parse(spec: str) -> dict[str, tuple[str, float, int]]:
         name, _, action = item.partition("=")
         action, _, nth = action.partition("@")
         verb, _, arg = action.partition(":")
-        if verb not in ("exit", "raise", "sleep", "skip"):
+        if verb not in ("exit", "raise", "sleep", "swallow", "skip"):
             raise ValueError(f"WALEX_FAILPOINTS: unknown action {verb!r} in {item!r}")
         points[name.strip()] = (verb, float(arg or 0), int(nth or 0))
     return points
@@ -57,5 +60,11 @@ def hit(name: str) -> bool:
         raise RuntimeError(f"failpoint {name} hit {count}")
     if verb == "sleep":
         time.sleep(arg)
+        return False
+    if verb == "swallow":
+        try:
+            time.sleep(arg)
+        except KeyboardInterrupt:
+            pass
         return False
     return True
