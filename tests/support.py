@@ -203,3 +203,34 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 15) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def queue_up(admin: Any, app: Any, calls: Any, rows: int) -> None:
+    """Commit ``rows`` one-row transactions on table ``item``, all but the first while the
+    first handler call waits (``calls.started`` is set by it), until all are received and
+    queued behind it."""
+    admin.execute("INSERT INTO item VALUES (1)")
+    await until(calls.started.is_set, "the first call")
+    for i in range(2, rows + 1):
+        admin.execute("INSERT INTO item VALUES (%s)", [i])
+    end = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+    await until(lambda: app.ack.received >= end, "every transaction received")
+    await until(lambda: app.pipeline.queue.qsize() >= rows - 1, "the transactions queued")
+
+
+async def release_a_full_queue(admin: Any, app: Any, batches: Any, insert: str, rows: int,
+                               queued: int) -> None:
+    """Row 1, then rows 2..``rows`` one transaction each (``insert`` takes the id) while
+    the first handler call waits (``batches.started``), until ``queued`` transactions wait
+    in the queue; then let the calls go (``batches.go``) and wait until every transaction
+    was handled and the last call's last one acknowledged (``batches.calls``: rows, commit
+    LSNs, acknowledged position)."""
+    admin.execute(insert, [1])
+    await until(batches.started.is_set, "the first call")
+    for i in range(2, rows + 1):
+        admin.execute(insert, [i])
+    await until(lambda: app.pipeline.queue.qsize() >= queued, "the queue full")
+    batches.go.set()
+    await until(lambda: app.transactions_handled == rows, f"{rows} transactions handled")
+    last = batches.calls[-1][1][-1]
+    await until(lambda: app.ack.flushed > last, "the last one acknowledged")

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import run, until
+from support import queue_up, run, until
 
 from walex import Event, Events, HandlerError, WalEx
 
@@ -70,18 +70,6 @@ class Calls:
 
     def ids(self) -> list[int]:
         return [s[0] for s in self.seen]
-
-
-async def queue_up(admin: psycopg.Connection, app: WalEx, calls: Calls, rows: int) -> None:
-    """Commit ``rows`` one-row transactions, all but the first while the first call waits,
-    until all are received and queued."""
-    admin.execute("INSERT INTO item VALUES (1)")
-    await until(calls.started.is_set, "the first call")
-    for i in range(2, rows + 1):
-        admin.execute("INSERT INTO item VALUES (%s)", [i])
-    end = current_lsn(admin)
-    await until(lambda: app.ack.received >= end, "every transaction received")
-    await until(lambda: app.pipeline.queue.qsize() >= rows - 1, "the transactions queued")
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["async", "plain"])

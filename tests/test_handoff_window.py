@@ -21,10 +21,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from destinations.brokers import redis_delete, redis_stored
-from destinations.conftest import require
-from support import run, until
-from window_support import commit_lsn, make_app, redelivered, wait_confirmed
+from destinations.brokers import redis_stored
+from support import queue_up, run, until
+from window_support import commit_lsn, make_app, redelivered, stream_fixture, wait_confirmed
 
 from walex import Event, Events, HandlerError, WalEx
 
@@ -32,8 +31,6 @@ SCHEMA = """
 CREATE TABLE item (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE item;
 """
-
-
 
 
 class Calls:
@@ -92,25 +89,7 @@ class HandOffs:
         return len(self.runs) + self.singles
 
 
-
-async def queue_up(admin: psycopg.Connection, app: WalEx, calls: Calls, rows: int) -> None:
-    """Row 1, then rows 2..``rows`` one transaction each while the first call waits, until
-    they are all queued (then taken into the window together)."""
-    admin.execute("INSERT INTO item VALUES (1)")
-    await until(calls.started.is_set, "the first call")
-    for i in range(2, rows + 1):
-        admin.execute("INSERT INTO item VALUES (%s)", [i])
-    end = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])  # type: ignore[index]
-    await until(lambda: app.ack.received >= end, "every transaction received")
-    await until(lambda: app.pipeline.queue.qsize() >= rows - 1, "the transactions queued")
-
-
-@pytest.fixture
-def stream() -> Any:
-    require("redis")
-    name = f"hw{uuid.uuid4().hex[:8]}"
-    yield name
-    asyncio.run(redis_delete(f"{name}:*"))
+stream = stream_fixture("hw")
 
 
 def test_plain_calls_taken_into_the_window_go_to_the_thread_as_one_run(

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import run, until
+from support import queue_up, release_a_full_queue, run, until
 
 from walex import ConfigError, Event, Events, HandlerError, WalEx
 
@@ -78,18 +78,6 @@ def register(events: Events, batches: Batches, plain: bool, **options: Any) -> N
             await until(batches.go.is_set, "the test releasing the first call", timeout=30)
         batches(items)
     events.on_insert("item", **options)(handler)
-
-
-async def queue_up(admin: psycopg.Connection, app: WalEx, batches: Batches, rows: int) -> None:
-    """Row 1 in a transaction of its own, then rows 2..``rows`` one transaction each while
-    the first call waits, until they are all queued."""
-    admin.execute("INSERT INTO item VALUES (1)")
-    await until(batches.started.is_set, "the first call")
-    for i in range(2, rows + 1):
-        admin.execute("INSERT INTO item VALUES (%s)", [i])
-    end = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])  # type: ignore[index]
-    await until(lambda: app.ack.received >= end, "every transaction received")
-    await until(lambda: app.pipeline.queue.qsize() >= rows - 1, "the transactions queued")
 
 
 def stream_queued(admin: psycopg.Connection, dsn: str, events: Events, batches: Batches,
@@ -282,15 +270,7 @@ def test_a_call_can_hold_more_transactions_than_the_queue(admin: psycopg.Connect
         app = make_app(dsn, events, max_pending_transactions=8)
         box.append(app)
         async with app:
-            admin.execute("INSERT INTO item VALUES (1)")
-            await until(batches.started.is_set, "the first call")
-            for i in range(2, 202):
-                admin.execute("INSERT INTO item VALUES (%s)", [i])
-            await until(lambda: app.pipeline.queue.qsize() >= 8, "the queue full")
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 201, "201 transactions handled")
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+            await release_a_full_queue(admin, app, batches, "INSERT INTO item VALUES (%s)", 201, 8)
 
     run(main())
     sizes = [len(rows) for rows in batches.rows()]

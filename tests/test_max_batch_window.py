@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from typing import Any
 
 import psycopg
 import pytest
-from destinations.brokers import redis_delete, redis_stored
-from destinations.conftest import require
-from support import run, until
-from window_support import commit_lsn, make_app, redelivered, wait_confirmed
+from destinations.brokers import redis_stored
+from support import release_a_full_queue, run, until
+from window_support import commit_lsn, make_app, redelivered, stream_fixture, wait_confirmed
 
 from walex import Event, Events, HandlerError, WalEx
 
@@ -35,7 +33,6 @@ CREATE PUBLICATION pub FOR TABLE item;
 
 PAD = 4000  # characters a row: ~4 kB encoded
 PENDING = 64 * 1024  # max_pending_bytes: a window holding 16 kB of encoded messages
-
 
 
 class Batches:
@@ -68,7 +65,6 @@ class Batches:
         return [c[0] for c in self.calls]
 
 
-
 async def queue_up(admin: psycopg.Connection, batches: Batches, rows: int) -> None:
     """Row 1 alone, then rows 2..``rows`` of ``PAD`` characters, one transaction each, while
     the first call waits (the byte budget holds the reader back after a few)."""
@@ -79,12 +75,7 @@ async def queue_up(admin: psycopg.Connection, batches: Batches, rows: int) -> No
     await asyncio.sleep(0.5)  # the reader queues what the budget lets in
 
 
-@pytest.fixture
-def stream() -> Any:
-    require("redis")
-    name = f"mbw{uuid.uuid4().hex[:8]}"
-    yield name
-    asyncio.run(redis_delete(f"{name}:*"))
+stream = stream_fixture("mbw")
 
 
 def test_transactions_taken_together_share_calls_beyond_the_bytes_the_window_holds(
@@ -179,15 +170,7 @@ def test_a_call_can_hold_more_transactions_than_the_queue(
         app = make_app(dsn, events, stream, max_pending_transactions=8)
         box.append(app)
         async with app:
-            admin.execute("INSERT INTO item VALUES (1, '')")
-            await until(batches.started.is_set, "the first call")
-            for i in range(2, 202):
-                admin.execute("INSERT INTO item VALUES (%s, '')", [i])
-            await until(lambda: app.pipeline.queue.qsize() >= 8, "the queue full")
-            batches.go.set()
-            await until(lambda: app.transactions_handled == 201, "201 transactions handled")
-            last = batches.calls[-1][1][-1]
-            await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+            await release_a_full_queue(admin, app, batches, "INSERT INTO item VALUES (%s, '')", 201, 8)
 
     run(main())
     sizes = [len(rows) for rows in batches.rows()]

@@ -4,15 +4,35 @@ of it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+from destinations.brokers import redis_delete
+from destinations.conftest import require
 from support import until
 
 from walex import Event, Events, WalEx
 
 _names = itertools.count(1)
+
+
+def stream_fixture(prefix: str) -> Any:
+    """A fixture giving each test a stream key prefix of its own (``<prefix><8 hex>``) on
+    the local Redis, its streams removed after: ``stream = stream_fixture("hw")``."""
+
+    @pytest.fixture
+    def stream() -> Iterator[str]:
+        require("redis")
+        name = f"{prefix}{uuid.uuid4().hex[:8]}"
+        yield name
+        asyncio.run(redis_delete(f"{name}:*"))
+
+    return stream
 
 
 def commit_lsn(event: Event) -> int:
