@@ -212,6 +212,35 @@ def test_handlers_run_ahead_and_a_lane_publishes_the_queued_transactions_at_once
     assert groups < updates // 2, f"{groups} publishes for {updates + 1} transactions"
 
 
+async def _refusing_other(server: OwnRedis, prefix: str) -> str:
+    """The URL of a relay to ``<prefix>:{table}`` on ``server``, whose stream key for table
+    ``other`` holds a string: Redis refuses its events for good (WRONGTYPE)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis(port=server.port)
+    await client.set(f"{prefix}:other", "not a stream")
+    await client.aclose()
+    return f"redis://127.0.0.1:{server.port}/0?stream={prefix}:{{table}}&timeout=1"
+
+
+async def _grouped_while_down(admin: psycopg.Connection, rec: Any, server: OwnRedis,
+                              group: list[str]) -> list[Any]:
+    """k 0 stored; Redis stopped; k 1 (published alone, retried) and the ``group``
+    statements committed meanwhile, so that they wait and then go as one group; Redis
+    started again once an attempt failed. Returns the four events."""
+    app = rec.app
+    admin.execute("INSERT INTO k VALUES (0, 0)")
+    await rec._until(lambda: app.transactions_handled >= 1, 60, "the first stored")
+    await asyncio.to_thread(server.stop)
+    admin.execute("INSERT INTO k VALUES (1, 0)")  # published alone, retried
+    for statement in group:
+        admin.execute(statement)
+    events = await rec.wait_for(4, 60)
+    await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
+    await asyncio.to_thread(server.start)
+    return events
+
+
 def test_a_refusal_in_a_group_settles_that_transaction_only(
     admin: psycopg.Connection, dsn: str, tmp_path: Path,
 ) -> None:
@@ -222,26 +251,15 @@ def test_a_refusal_in_a_group_settles_that_transaction_only(
     slot = "window_refusal"
 
     async def main(server: OwnRedis) -> list[Any]:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis(port=server.port)
-        await client.set("wr:other", "not a stream")
-        await client.aclose()
-        url = f"redis://127.0.0.1:{server.port}/0?stream=wr:{{table}}&timeout=1"
+        url = await _refusing_other(server, "wr")
         async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
                               status_interval=0.2, destination_window=64,
                               on_error="skip") as rec:
             app = rec.app
             assert app is not None
-            admin.execute("INSERT INTO k VALUES (0, 0)")
-            await rec._until(lambda: app.transactions_handled >= 1, 60, "the first stored")
-            await asyncio.to_thread(server.stop)
-            admin.execute("INSERT INTO k VALUES (1, 0)")  # published alone, retried
-            admin.execute("INSERT INTO other VALUES (1)")  # these two wait, then go as a group
-            admin.execute("INSERT INTO k VALUES (2, 0)")
-            events = await rec.wait_for(4, 60)
-            await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
-            await asyncio.to_thread(server.start)
+            events = await _grouped_while_down(admin, rec, server, [
+                "INSERT INTO other VALUES (1)",  # these two wait, then go as a group
+                "INSERT INTO k VALUES (2, 0)"])
             await until_confirmed(admin, slot, parse_lsn(events[-1].lsn), 120)
             assert app.destinations.refusals == 1 and app.dispatcher.failures == 1
             return events
@@ -268,12 +286,7 @@ def test_a_refusal_under_stop_leaves_the_group_s_earlier_transactions_acknowledg
     slot = "window_refusal_stop"
 
     async def main(server: OwnRedis) -> tuple[list[Any], int]:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis(port=server.port)
-        await client.set("ws2:other", "not a stream")
-        await client.aclose()
-        url = f"redis://127.0.0.1:{server.port}/0?stream=ws2:{{table}}&timeout=1"
+        url = await _refusing_other(server, "ws2")
         app: Any = None
         with pytest.raises(DestinationError, match="the stream key 'ws2:other' holds"):
             async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
@@ -281,15 +294,9 @@ def test_a_refusal_under_stop_leaves_the_group_s_earlier_transactions_acknowledg
                                   on_error="stop") as rec:
                 app = rec.app
                 assert app is not None
-                admin.execute("INSERT INTO k VALUES (0, 0)")
-                await rec._until(lambda: app.transactions_handled >= 1, 60, "the first stored")
-                await asyncio.to_thread(server.stop)
-                admin.execute("INSERT INTO k VALUES (1, 0)")  # published alone, retried
-                admin.execute("INSERT INTO k VALUES (2, 0)")  # these two wait, then go as
-                admin.execute("INSERT INTO other VALUES (1)")  # one group: k first
-                events = await rec.wait_for(4, 60)
-                await rec._until(lambda: app.destinations.retries >= 1, 60, "a failed attempt")
-                await asyncio.to_thread(server.start)
+                events = await _grouped_while_down(admin, rec, server, [
+                    "INSERT INTO k VALUES (2, 0)",  # these two wait, then go as
+                    "INSERT INTO other VALUES (1)"])  # one group: k first
                 await app.wait()
         return events, app.pipeline.ack.flushed
 
