@@ -7,6 +7,8 @@ PubAck per message, which tells each message's fate."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats
@@ -22,6 +24,17 @@ from .brokers import check_stream, nats_delete, nats_stored
 from .conftest import require
 from .test_nats_pubacks import TABLES, WAYS, _events, _way
 from .test_nats_refusals import make_stream
+
+
+@asynccontextmanager
+async def _opened(url: str) -> AsyncIterator[Any]:
+    """A NATS destination of ``url``, opened, closed on the way out."""
+    destination = from_url(url)
+    await destination.open()
+    try:
+        yield destination
+    finally:
+        await destination.close()
 
 
 def _answers(destination: Any) -> int:
@@ -49,11 +62,9 @@ def test_a_chained_batch_is_stored_whole_with_one_puback(admin: psycopg.Connecti
     url = f"nats://127.0.0.1:{port}?stream={stream}&subject=ch{unique}.{{table}}"
 
     async def main() -> None:
-        destination: Any = from_url(url)
         try:
             batch = await _events(admin, dsn, 5000)
-            await destination.open()
-            try:
+            async with _opened(url) as destination:
                 before = _answers(destination)
                 await destination.publish(batch[:10])  # a PubAck each: shows the stream's last
                 assert _answers(destination) - before == 10
@@ -61,8 +72,6 @@ def test_a_chained_batch_is_stored_whole_with_one_puback(admin: psycopg.Connecti
                 assert _answers(destination) - before == 10 + 2  # one PubAck per chain
                 assert (destination.chains, destination.chains_failed) == (2, 0)
                 assert destination.duplicates == 0
-            finally:
-                await destination.close()
             check_stream(await nats_stored(stream, port), [e.id for e in batch])
         finally:
             await nats_delete(stream, port)
@@ -81,11 +90,9 @@ def test_another_publisher_breaks_the_chain_and_nothing_is_lost_or_stored_twice(
     url = f"nats://127.0.0.1:{port}?stream={stream}&subject=cf{unique}.{{table}}"
 
     async def main() -> None:
-        destination: Any = from_url(url)
         try:
             batch = await _events(admin, dsn, 400)
-            await destination.open()
-            try:
+            async with _opened(url) as destination:
                 await destination.publish(batch[:100])
                 await destination.publish(batch[100:200])
                 assert (destination.chains, destination.chains_failed) == (1, 0)
@@ -97,8 +104,6 @@ def test_another_publisher_breaks_the_chain_and_nothing_is_lost_or_stored_twice(
                 assert destination.chains == 2
                 await destination.publish(batch[350:])  # and chained again
                 assert (destination.chains, destination.chains_failed) == (3, 1)
-            finally:
-                await destination.close()
             stored = [ident for ident, _doc, _subject in await nats_stored(stream, port)]
             ids = [e.id for e in batch]
             assert stored == ids[:200] + ["foreign"] + ids[200:]
@@ -120,7 +125,6 @@ def test_a_refusal_inside_a_chain_is_told_for_its_message(admin: psycopg.Connect
     url = f"nats://127.0.0.1:{port}?stream={stream}&subject=cr{unique}.{{table}}&timeout=5"
 
     async def main() -> None:
-        destination: Any = from_url(url)
         try:
             await make_stream(port, name=stream, subjects=[f"cr{unique}.>"], max_msg_size=4000)
             async with collecting(dsn) as rec:
@@ -130,15 +134,12 @@ def test_a_refusal_inside_a_chain_is_told_for_its_message(admin: psycopg.Connect
                 batch: list[Outgoing] = encode(await rec.wait_for(71))
             large = batch[60]
             assert len(large.body) > 4000
-            await destination.open()
-            try:
+            async with _opened(url) as destination:
                 await destination.publish(batch[:20])
                 with pytest.raises(DestinationError) as info:
                     await destination.publish(batch[20:])
                 assert (destination.chains, destination.chains_failed) == (1, 1)
                 assert large.id in str(info.value) and "max_msg_size" in str(info.value)
-            finally:
-                await destination.close()
             check_stream(await nats_stored(stream, port), [e.id for e in batch if e is not large])
         finally:
             await nats_delete(stream, port)
@@ -156,9 +157,9 @@ def test_a_lost_link_is_not_hidden_by_another_publisher_s_message(
     admin.execute("CREATE TABLE a (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR ALL TABLES")
     stream = f"CL{unique}"
     subject = f"cl{unique}.a"
+    url = f"nats://127.0.0.1:{port}?stream={stream}&subject=cl{unique}.{{table}}"
 
     async def main() -> None:
-        destination: Any = from_url(f"nats://127.0.0.1:{port}?stream={stream}&subject=cl{unique}.{{table}}")
         try:
             await make_stream(port, name=stream, subjects=[f"cl{unique}.>"], max_msg_size=4000)
             async with collecting(dsn) as rec:
@@ -166,8 +167,7 @@ def test_a_lost_link_is_not_hidden_by_another_publisher_s_message(
                 admin.execute("INSERT INTO a VALUES (2, repeat('y', 6000))")
                 admin.execute("INSERT INTO a VALUES (3, 'x')")
                 batch: list[Outgoing] = encode(await rec.wait_for(3))
-            await destination.open()
-            try:
+            async with _opened(url) as destination:
                 await destination.publish(batch[:1])  # the stream's last: (1, batch[0].id)
                 frames, acks = destination._frames, destination._acks
                 sent: list[bytes] = []
@@ -189,8 +189,6 @@ def test_a_lost_link_is_not_hidden_by_another_publisher_s_message(
                 await frames.send([data[:second] + foreign + data[second:]], 2, 0)
                 await asyncio.wait_for(done, 5)
                 assert acks.failure is not None and "wrong last msg ID" in str(acks.failure)
-            finally:
-                await destination.close()
             stored = await nats_stored_raw(stream, port)
             assert stored == [batch[0].id, None]  # the first, then the other publisher's
         finally:
@@ -236,27 +234,21 @@ def test_two_relays_publishing_into_one_stream_at_once(admin: psycopg.Connection
     url = f"nats://127.0.0.1:{port}?stream={stream}&subject=ct{unique}.{{table}}"
 
     async def main() -> None:
-        first: Any = from_url(url)
-        second: Any = from_url(url)
         try:
             events = await _events(admin, dsn, 3999)  # 3,999 rows of a, then one of b
             halves = [events[0::2], events[1::2]]  # ids of both relays interleave in commit order
-            await first.open()
-            await second.open()
-            try:
-                async def relay(destination: Any, batch: list[Outgoing]) -> None:
-                    for at in range(0, len(batch), 100):
-                        await destination.publish(batch[at:at + 100])
-                        await asyncio.sleep(0)
 
+            async def relay(destination: Any, batch: list[Outgoing]) -> None:
+                for at in range(0, len(batch), 100):
+                    await destination.publish(batch[at:at + 100])
+                    await asyncio.sleep(0)
+
+            async with _opened(url) as first, _opened(url) as second:
                 await asyncio.gather(relay(first, halves[0]), relay(second, halves[1]))
                 chains = first.chains + second.chains
                 broken = first.chains_failed + second.chains_failed
                 assert chains > 0 and broken > 0  # the case this is about: chains broke
                 assert first.duplicates + second.duplicates <= 100 * broken
-            finally:
-                await first.close()
-                await second.close()
             stored = [ident for ident, _doc, _subject in await nats_stored(stream, port)]
             assert sorted(stored) == sorted(e.id for e in events), "not every event once"
             for half in halves:
