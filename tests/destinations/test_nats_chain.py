@@ -19,6 +19,7 @@ from support import collecting, run
 from walex import DestinationError
 from walex.destinations import from_url
 from walex.destinations.encoding import Outgoing, encode
+from walex.destinations.hpub import CHAINED_EXTRA
 
 from .brokers import check_stream, nats_delete, nats_stored
 from .conftest import require
@@ -258,3 +259,32 @@ def test_two_relays_publishing_into_one_stream_at_once(admin: psycopg.Connection
             await nats_delete(stream, port)
 
     run(main())
+
+
+def test_a_batch_whose_chained_headers_would_pass_max_payload_goes_unchained(unique: str) -> None:
+    """A chained message carries the previous message's id: a message that fits the server's
+    max_payload with its own headers, after one with a long id, would not fit chained (the
+    server closes the connection on that). Such a batch goes with a PubAck per message."""
+    port = require("nats")
+    stream = f"CP{unique}"
+    url = f"nats://127.0.0.1:{port}?stream={stream}&subject=cp{unique}.{{table}}"
+
+    def item(ident: str, body: bytes) -> Outgoing:
+        return Outgoing(ident, "public", "a", "insert", 0, body, "/db/public/a",
+                        "2026-12-06T00:00:00Z", "public.a", None)
+
+    async def main() -> None:
+        try:
+            async with _opened(url) as destination:
+                limit = destination.nc.max_payload
+                await destination.publish([item("s", b"{}")])  # the stream's last: a short id
+                # the largest body the chain would have been allowed with only "s" in mind
+                size = limit - (1 + 64 + len(stream) + CHAINED_EXTRA + 20 + 1)
+                batch = [item("x" * 200, b"{}"), item("y", b"z" * size)]
+                await destination.publish(batch)
+                assert destination.chains == 0
+            assert await nats_stored_raw(stream, port) == ["s", "x" * 200, "y"]
+        finally:
+            await nats_delete(stream, port)
+
+    run(main(), timeout=60)

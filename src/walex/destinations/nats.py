@@ -16,8 +16,9 @@ stream is used as it is. Parameters: ``stream`` (required), ``subject``
 when the app has ``partitions`` > 1, so workers can consume each partition),
 ``duplicate_window``, ``timeout``
 (seconds to wait for the connection and for the acks of a batch, default
-10), ``chain`` (default true; false: a PubAck per message, see below). A schema or table name's ``.``, ``*``, ``>`` and white space become
-``_`` in a subject. ``tls://`` connects with TLS; a bare user name
+10), ``chain`` (default true; false: a PubAck per message, see below). A
+schema or table name's ``.``, ``*``, ``>`` and white space become ``_`` in a
+subject. ``tls://`` connects with TLS; a bare user name
 (``nats://TOKEN@host``) is a token.
 
 A PubAck error retrying cannot cure is a :class:`~walex.errors.DestinationError`
@@ -84,7 +85,8 @@ _OTHER_STREAM = 10060  # the subject belongs to another stream than Nats-Expecte
 _STORE_FAILED = 10077  # the stream is full (max_msgs, max_bytes ...) with discard=new
 # bytes of the headers besides the id and stream name (NATS/1.0, Nats-Msg-Id, Nats-Expected-Stream)
 _HEADERS = 64
-_MAX_MISSES = 6  # after a chain that failed, 2, 4 ... 64 batches go with a PubAck per message
+_MAX_MISSES = 6  # after chains that failed in a row, the next 1, 3 ... 63 batches go unchained
+_SEQ_DIGITS = 20  # at most, of the Nats-Expected-Last-Sequence value (a uint64)
 _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
@@ -250,11 +252,13 @@ class NatsDestination(Destination):
         nc, acks, closed = self.nc, self._acks, self._closed
         if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
-        largest = self._check_sizes(batch)
+        largest, longest_id = self._check_sizes(batch)
         last, self._last = self._last, None  # unknown until this batch is answered
-        limit = nc.max_payload or 0  # a chained message's headers are longer (by at most this)
+        # a chained message's headers add a sequence number and the previous message's id
+        limit = nc.max_payload or 0
+        extra = CHAINED_EXTRA + _SEQ_DIGITS + max(longest_id, len(last[1])) if last else 0
         if (last is not None and len(batch) > 1 and self._frames is not None and self.chained
-                and (not limit or largest + CHAINED_EXTRA + 20 + len(last[1]) <= limit)):
+                and (not limit or largest + extra <= limit)):
             if self._unchained:
                 self._unchained -= 1
             elif await self._chain(batch, last):
@@ -329,18 +333,22 @@ class NatsDestination(Destination):
             seq = stored_at(acks.last)
             self._last = None if seq is None else (seq, batch[-1].id)
 
-    def _check_sizes(self, batch: list[Outgoing]) -> int:
+    def _check_sizes(self, batch: list[Outgoing]) -> tuple[int, int]:
         """A message over the server's max_payload is refused before anything is sent.
 
         (The server would close the connection on it, and the client raises
-        after it registered the PubAck it waits for.) Returns the largest size.
+        after it registered the PubAck it waits for.) Returns the largest size
+        and the longest event id.
         """
         nc = self.nc
         limit = nc.max_payload if nc is not None else 0
         overhead = _HEADERS + len(self.stream)
-        largest = 0
+        largest = longest_id = 0
         for item in batch:
-            size = len(item.body) + len(item.id) + overhead
+            ident = len(item.id)
+            if ident > longest_id:
+                longest_id = ident
+            size = len(item.body) + ident + overhead
             if size <= largest:
                 continue
             largest = size
@@ -351,7 +359,7 @@ class NatsDestination(Destination):
                     "raise max_payload in the nats-server configuration, or leave the large "
                     "column out of the publication"
                 )
-        return largest
+        return largest, longest_id
 
     async def _refusal(self, item: Outgoing, exc: BaseException) -> Exception:
         """What the failed PubAck of ``item`` is: for good (DestinationError) or for now
