@@ -320,7 +320,7 @@ class KafkaDestination(Destination):
             if subject is not None:
                 headers.append(("ce_subject", subject))
             where = topic if topic is not None else render(item)
-            try:  # partition -1: the partitioner's; timestamp 0: now
+            try:  # partition -1: the partitioner's; timestamp 0: now (:meth:`_put`, inlined)
                 produce(where, body, key, -1, failed, None, 0, headers)
             except BufferError:  # the producer's queue is full
                 await self._produce_later(producer, where, body, key, headers, failed, deadline)
@@ -328,14 +328,23 @@ class KafkaDestination(Destination):
                 raise self.refused(where, exc) from None
             count += 1
             if tombstones and kind == "delete":
-                try:
-                    produce(where, None, key, -1, failed)
-                except BufferError:
+                if not self._put(producer, where, None, key, None, failed):
                     await self._produce_later(producer, where, None, key, None, failed, deadline)
-                except KafkaException as exc:
-                    raise self.refused(where, exc) from None
                 count += 1
         return count
+
+    def _put(self, producer: Any, topic: str, value: bytes | None, key: str, headers: Any,
+             failed: Any) -> bool:
+        """Produce one record (``value`` None: a tombstone); False when the producer's queue
+        is full (:meth:`_produce_later`); a record the client refuses at once raises
+        (:meth:`refused`). The records' loop in :meth:`_produce_all` inlines it."""
+        try:
+            producer.produce(topic, value, key, -1, failed, None, 0, headers)
+        except BufferError:
+            return False
+        except KafkaException as exc:
+            raise self.refused(topic, exc) from None
+        return True
 
     def refused(self, topic: str, exc: KafkaException) -> Exception:
         """What a record the client refused at once is: a refusal for good (:meth:`refusal`,
@@ -354,13 +363,8 @@ class KafkaDestination(Destination):
             self._still_usable(producer, loop, deadline,
                                f"the producer's queue stayed full for {self.timeout:g}s")
             await asyncio.sleep(0.005)
-            try:
-                producer.produce(topic, value, key, -1, failed, None, 0, headers)
+            if self._put(producer, topic, value, key, headers, failed):
                 return
-            except BufferError:
-                continue
-            except KafkaException as exc:
-                raise self.refused(topic, exc) from None
 
     def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
                       timed_out: str) -> None:
