@@ -63,7 +63,7 @@ from nats.js.errors import NotFoundError
 from ..destinations.base import DestinationURL, Unavailable
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
-from .natsdirect import Inboxes, Raw
+from .natsdirect import Inboxes, Raw, acked_fields
 from .natsstream import _covers, _SourceStream
 
 __all__ = ["NatsConsumer"]
@@ -71,6 +71,8 @@ __all__ = ["NatsConsumer"]
 log = logging.getLogger("walex.workers")
 
 _TEMPORARY = ("404", "408", "409")  # a fetch that ends so is as one that timed out (nats-py's)
+# the answers to a held message, and nats-py's Msg methods that send them
+_ANSWERS = {b"+WPI": "in_progress", b"+ACK": "ack", b"-NAK": "nak"}
 
 
 class NatsLane(Lane):
@@ -125,9 +127,8 @@ class NatsLane(Lane):
                     await self.consumer.destination.nc.publish(self.psub._nms, request,
                                                                reply=self.inbox)
                     self.following = now
-            if msg is not None:
-                pass
-            elif self.following is not None:  # the acknowledgement asked for the next message
+            if msg is None and self.following is not None:  # a request for it is out (the
+                # acknowledgement's +NXT, or the fetch just above)
                 msg = await self._following(wait)
                 if msg is None:  # its request expired without one: as a fetch that timed out
                     if self.direct is not None and self.status is not None and \
@@ -137,7 +138,7 @@ class NatsLane(Lane):
                     raise TimeoutError
                 asked = self.following
                 self.following = None
-            else:
+            elif msg is None:
                 # A message already waiting came for an earlier request, maybe delivered then.
                 asked = self.asked if self.asked is not None and \
                     getattr(self.psub, "pending_msgs", 0) else now
@@ -287,15 +288,20 @@ class NatsLane(Lane):
             following = sent + self.every
             nc = self.consumer.destination.nc
             try:
-                if type(msg) is Raw and self.direct is not None:
-                    await self.direct.reply(msg, b"+WPI")
-                else:
-                    await msg.in_progress()
+                await self._answer(msg, b"+WPI")
                 await nc.flush(timeout=max(deadline - sent, 0.01))
             except Exception as exc:  # not confirmed: the deadline stays
                 log.debug("progress of a held message not confirmed: %r", exc)
                 continue
             deadline = sent + self.ack_wait - self.margin
+
+    async def _answer(self, msg: Any, body: bytes) -> None:
+        """Answer a held message (``+WPI``, ``+ACK``, ``-NAK``): through the direct way for
+        its messages, else as nats-py's ``in_progress()``, ``ack()``, ``nak()``."""
+        if type(msg) is Raw and self.direct is not None:
+            await self.direct.reply(msg, body)
+        else:
+            await getattr(msg, _ANSWERS[body])()
 
     def _drop(self, msg: Any) -> None:
         held = self.held.pop(id(msg), None)
@@ -315,16 +321,15 @@ class NatsLane(Lane):
                     request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
-                        await self.direct.send(b"PUB %b %b %d\r\n%b\r\n" % (
-                            msg.reply, self.inbox_bytes, len(request), request), len(request), coalesce=True)
+                        command = b"PUB %b %b %d\r\n%b\r\n" % (
+                            msg.reply, self.inbox_bytes, len(request), request)
+                        await self.direct.send(command, len(request), coalesce=True)
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,
                                                                    reply=self.inbox)
                         msg._ackd = True
-                elif type(msg) is Raw and self.direct is not None:
-                    await self.direct.reply(msg, b"+ACK")
                 else:
-                    await msg.ack()
+                    await self._answer(msg, b"+ACK")
             except Exception as exc:
                 raise self.consumer.destination.unavailable("acknowledging failed", exc) from None
 
@@ -334,10 +339,7 @@ class NatsLane(Lane):
             if self.revoked.is_set():  # another worker may hold it now: a late nak would
                 continue               # let it out a second time; ack_wait gives it back
             try:
-                if type(delivery.handle) is Raw and self.direct is not None:
-                    await self.direct.reply(delivery.handle, b"-NAK")
-                else:
-                    await delivery.handle.nak()
+                await self._answer(delivery.handle, b"-NAK")
             except Exception as exc:  # not connected: the server redelivers after ack_wait
                 log.debug("giving a message back failed: %r", exc)
 
@@ -365,12 +367,11 @@ class NatsLane(Lane):
 
 
 def _acked_as(msg: Any) -> tuple[int, int, int]:
-    """Deliveries so far, stream sequence and messages pending after it, from the reply
-    subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.
-    <pending>``) without building nats-py's metadata; other forms go through nats-py."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    """Deliveries so far, stream sequence and messages pending after it, of a nats-py
+    message (:func:`~walex.workers.natsdirect.acked_fields`, else its metadata)."""
+    fields = acked_fields(msg.reply or "")
+    if fields is not None:
+        return fields
     meta = msg.metadata
     return meta.num_delivered, meta.sequence.stream, meta.num_pending
 

@@ -43,7 +43,7 @@ from nats.aio.msg import Msg
 from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
 
-__all__ = ["Inboxes", "Raw", "usable"]
+__all__ = ["Inboxes", "Raw", "acked_fields", "usable"]
 
 log = logging.getLogger("walex.workers")
 
@@ -79,14 +79,23 @@ class Raw:
         return code.decode() if code.isdigit() else None
 
     def acked_as(self) -> tuple[int, int, int]:
-        """Deliveries so far, stream sequence and messages pending after it, from the reply
-        subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
-        <time>.<pending>``); other forms (a domain's) go through nats-py's metadata."""
-        tokens = self.reply.split(b".")
-        if len(tokens) == 9 and tokens[0] == b"$JS" and tokens[1] == b"ACK":
-            return int(tokens[4]), int(tokens[5]), int(tokens[8])
+        """Deliveries so far, stream sequence and messages pending after it
+        (:func:`acked_fields`; other forms, a domain's, through nats-py's metadata)."""
+        fields = acked_fields(self.reply_text)
+        if fields is not None:
+            return fields
         meta = Msg(_client=None, reply=self.reply_text, data=self.data).metadata  # type: ignore[arg-type]
         return meta.num_delivered, meta.sequence.stream, meta.num_pending
+
+
+def acked_fields(reply: str) -> tuple[int, int, int] | None:
+    """Deliveries so far, stream sequence and messages pending after it, from a JetStream
+    message's reply subject (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.
+    <consumer seq>.<time>.<pending>``) without nats-py's metadata; None for other forms."""
+    tokens = reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    return None
 
 
 def usable(nc: Any, sids: list[int]) -> bool:
