@@ -126,6 +126,7 @@ class Inboxes:
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        self._kicks: set[asyncio.Task[None]] = set()  # nats-py's flusher being woken
         nc._process_msg = self._take
 
     @classmethod
@@ -196,7 +197,15 @@ class Inboxes:
         nc._pending.extend(out)
         nc._pending_data_size += sum(map(len, out))
         if nc.is_connected and nc._flush_queue is not None and nc._flush_queue.empty():
-            asyncio.get_running_loop().create_task(nc._flush_pending())
+            kick = asyncio.get_running_loop().create_task(nc._flush_pending())
+            self._kicks.add(kick)  # kept until done; a failure is told, not left unseen
+            kick.add_done_callback(self._kicked)
+
+    def _kicked(self, kick: asyncio.Task[None]) -> None:
+        self._kicks.discard(kick)
+        if not kick.cancelled() and kick.exception() is not None:
+            log.warning("waking nats-py's flusher failed (%r): the commands wait in its "
+                        "buffer until the next publish or reconnection", kick.exception())
 
     async def reply(self, raw: Raw, body: bytes) -> None:
         """Answer a message (``+ACK``, ``+WPI``, ``-NAK``), as ``Msg.ack()`` and its kin."""
