@@ -1,0 +1,116 @@
+"""Events whose rows are typed only when something reads them.
+
+An app that only relays (destinations, no handler) never looks at a typed
+value: it needs the CloudEvent's JSON, which can be written straight from the
+text PostgreSQL sent (:mod:`walex.destinations.direct`). For such an app the
+compiled hot path builds a :class:`RawEvent` for a change whose rows came
+whole and as text (no unchanged TOAST value, no binary value, the table's
+width): an :class:`~walex.event.Event` that keeps the raw values and the
+:class:`~walex.relations.Table` that types them, and types them the first
+time ``new_record``, ``old_record`` or ``changes`` is read (by a filter, a
+backfill, an ``on_error`` callback, ``repr``...), with exactly the rules of
+:mod:`walex.rows`, so that nothing but ``type(event)`` tells it from the
+Event the typed path builds.
+
+``raw`` is ``(table, new, old, old_kind, lsn)``: ``new`` and ``old`` the rows'
+values (``bytes`` or ``None`` per column, ``None`` for a row not sent),
+``old_kind`` ``"K"``, ``"O"`` or ``""``, ``lsn`` the change's (for the
+errors of typing). It is ``None`` once the rows were typed.
+
+Invariant: a RawEvent's typed rows equal those the typed path gives for the
+same change (``tests/test_rawevent.py``); :meth:`RawEvent.typed` gives them
+without keeping them (the encoder's fallback: the event stays small).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .event import Change, Event, EventType
+from .pgoutput.messages import TupleData
+
+__all__ = ["RawEvent", "typed_rows"]
+
+_NEW = Event.__dict__["new_record"]  # the slots' member descriptors
+_OLD = Event.__dict__["old_record"]
+_CHANGES = Event.__dict__["changes"]
+_INSERT, _UPDATE, _DELETE = EventType.INSERT, EventType.UPDATE, EventType.DELETE
+_TAGS = {_INSERT: "Insert", _UPDATE: "Update", _DELETE: "Delete"}
+
+
+def typed_rows(kind: EventType, raw: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """``(new_record, old_record, changes)`` of a change from its raw rows, as
+    :mod:`walex.rows` builds them for rows that came whole and as text."""
+    table, new, old, old_kind, lsn = raw
+    names = table.column_names
+    tag = _TAGS[kind]
+    new_values = table.load(TupleData(new, True), tag, lsn) if new is not None else None
+    old_values = table.load(TupleData(old, True), tag, lsn) if old is not None else None
+    old_record = changes = None
+    if old_values is not None:
+        if old_kind == "K":
+            old_record = {names[i]: old_values[i] for i in table.key_indexes}
+        else:
+            old_record = dict(zip(names, old_values))
+            if new_values is not None:
+                changes = {
+                    name: Change(was, now)
+                    for name, raw_now, raw_was, now, was in zip(names, new, old, new_values, old_values)
+                    if raw_now != raw_was
+                }
+    new_record = dict(zip(names, new_values)) if new_values is not None else None
+    return new_record, old_record, changes
+
+
+class RawEvent(Event):
+    """An :class:`~walex.event.Event` typed on first access of its rows (see the module)."""
+
+    __slots__ = ("raw",)
+
+    @classmethod
+    def of(cls, name: str, kind: EventType, source: Any, raw: tuple[Any, ...], timestamp: Any,
+           lsn: str, id: str) -> RawEvent:
+        """A RawEvent with its rows not typed yet (what the compiled hot path builds in C)."""
+        event = object.__new__(cls)
+        for attr, value in (("name", name), ("type", kind), ("source", source),
+                            ("timestamp", timestamp), ("lsn", lsn), ("id", id), ("raw", raw)):
+            object.__setattr__(event, attr, value)
+        return event
+
+    def _typed(self) -> None:
+        raw = self.raw
+        new, old, changes = typed_rows(self.type, raw)
+        _NEW.__set__(self, new)
+        _OLD.__set__(self, old)
+        _CHANGES.__set__(self, changes)
+        self.raw = None
+
+    def typed(self) -> Event:
+        """A plain Event with this one's rows typed, this one left as it is."""
+        raw = getattr(self, "raw", None)
+        if raw is None:
+            new, old, changes = self.new_record, self.old_record, self.changes
+        else:
+            new, old, changes = typed_rows(self.type, raw)
+        return Event(self.name, self.type, self.source, new, old, changes, self.timestamp,
+                     self.lsn, self.id)
+
+    def _get(descriptor: Any) -> Any:  # type: ignore[misc]  # noqa: N805 - builds properties
+        def get(self: RawEvent) -> Any:
+            try:
+                return descriptor.__get__(self)
+            except AttributeError:
+                self._typed()
+                return descriptor.__get__(self)
+
+        def put(self: RawEvent, value: Any) -> None:
+            if getattr(self, "raw", None) is not None:
+                self._typed()  # the others typed before one is replaced
+            descriptor.__set__(self, value)
+
+        return property(get, put)
+
+    new_record = _get(_NEW)  # type: ignore[assignment]
+    old_record = _get(_OLD)  # type: ignore[assignment]
+    changes = _get(_CHANGES)  # type: ignore[assignment]
+    del _get
