@@ -40,6 +40,7 @@ from .event import Change, Event, EventType
 from .pgoutput.decoder import _PG_EPOCH
 from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
 from .pgoutput.decoder import Decoder
+from .rawevent import RawEvent
 from .relations import Table
 from .transactions import Transaction, TransactionAssembler, _Open
 
@@ -74,6 +75,11 @@ cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
 
 
 cdef _Maker _make_event = _Maker(Event)
+# a RawEvent (walex.rawevent): Event's slots but its rows', and its own raw slot
+cdef _Slots _EVENT = _Slots(Event, ("name", "type", "source", "timestamp", "lsn", "id"))
+cdef _Slots _RAW = _Slots(RawEvent, ("raw",))
+cdef _Type *_RAW_TYPE = <_Type *>RawEvent
+cdef str _KEY_KIND = "K", _OLD_KIND = "O", _NO_KIND = ""
 cdef _Maker _make_row = _Maker(TupleData)
 cdef _Maker _make_transaction = _Maker(Transaction)
 cdef _Maker _make_open = _Maker(_Open)
@@ -178,6 +184,9 @@ cdef class HotPath:
 
     cdef object assembler, relations, decoder
     cdef readonly object end  # WAL end of the last frame handled (for AckTracker.saw)
+    # build RawEvents (walex.rawevent) for rows sent whole as text: set for an app that
+    # only relays, whose rows the encoder writes from their text
+    cdef public bint raw_rows
     cdef readonly Py_ssize_t pos  # after feed_frames: the index of the first frame not handled
     cdef object _error  # raised by a frame after feed_frames completed batches, raised next call
     cdef Py_ssize_t _error_pos
@@ -376,7 +385,11 @@ cdef class HotPath:
                 self._lsn_text = _format_lsn(self._commit_lsn)
             changes = _OPEN.get(txn, O_CHANGES)
             self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
-            if tag == 73:
+            if self.raw_rows and type(table) is Table and (
+                    (new_plain and PyList_GET_SIZE(new) == self._width) if tag != 68 else True) and (
+                    old is None or (old_plain and PyList_GET_SIZE(old) == self._width)):
+                event = self._raw(tag, new, old, old_kind, lsn, table)
+            elif tag == 73:
                 event = self._insert(new, new_plain, lsn)
             elif tag == 85:
                 event = self._update(new, new_plain, old, old_plain, old_kind, lsn)
@@ -417,6 +430,28 @@ cdef class HotPath:
             except Exception:
                 pass  # Table.load fails the same way, and names the column
         return self._load(_make_row.make((values, plain)), tag, lsn)
+
+    cdef object _raw(self, unsigned char tag, object new, object old, unsigned char old_kind,
+                     object lsn, object table):
+        """A RawEvent: the rows kept as sent, typed when read (walex.rawevent)."""
+        if tag == 73:
+            kind, old = _INSERT, None
+        elif tag == 85:
+            kind = _UPDATE
+        else:
+            kind, new = _DELETE, None
+        obj = <object>_RAW_TYPE.tp_alloc(_RAW_TYPE, 0)
+        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
+        _EVENT.put(obj, 0, self._name)
+        _EVENT.put(obj, 1, kind)
+        _EVENT.put(obj, 2, self._source)
+        _EVENT.put(obj, 3, self._commit_time)
+        _EVENT.put(obj, 4, self._lsn_text)
+        _EVENT.put(obj, 5, self._id)
+        _RAW.put(obj, 0, (table, new, old,
+                          _KEY_KIND if old_kind == 75 else _OLD_KIND if old_kind == 79 else _NO_KIND,
+                          lsn))
+        return obj
 
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
         return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,

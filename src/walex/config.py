@@ -131,6 +131,9 @@ class WalExSettings(BaseSettings):
     max_pending_bytes: ByteSize = Field(default=ByteSize(64 * 1024 * 1024), ge=1)
     batch_size: int = Field(default=1000, ge=1)  # most events per handler call
     spill_dir: str | None = None  # where streamed transactions spill; default: temp dir
+    # rows typed when first read (walex.rawevent), the relay writing their JSON from the
+    # text PostgreSQL sent: None (default) for an app with destinations and no handler
+    raw_rows: bool | None = None
     reconnect_max_attempts: int = Field(default=10, ge=0)
     reconnect_backoff_max: float = Field(default=30.0, gt=0)
 

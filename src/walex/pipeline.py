@@ -223,6 +223,14 @@ class Pipeline:
                         raise
                     log.warning("reconnect attempt %d failed: %s", attempts, exc)
 
+    def raw_rows(self) -> bool:
+        """Whether the compiled path keeps rows as sent (walex.rawevent): asked for, or by
+        default when the app publishes to destinations and has no handler to type them for."""
+        asked = self.settings.raw_rows
+        if asked is not None:
+            return asked
+        return bool(getattr(self.destinations, "items", None)) and not self.dispatcher.handlers
+
     async def _drain(self) -> None:
         """Wait until every received transaction was handled."""
         while not self.queue.empty() or self.busy:
@@ -235,6 +243,8 @@ class Pipeline:
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
         hot = hot_path(self.assembler, decoder) if middleware is None else None
+        if hot is not None:
+            hot.raw_rows = self.raw_rows()
         self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
         items, most = queue.items, queue.limit

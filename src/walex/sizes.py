@@ -35,6 +35,8 @@ from sys import getsizeof
 from typing import Any
 from uuid import UUID
 
+from .rawevent import RawEvent
+
 __all__ = ["Sizer", "event_bytes", "events_bytes", "value_bytes"]
 
 _SAMPLES = 4  # events walked per batch
@@ -83,9 +85,27 @@ def value_bytes(value: Any) -> int:
     return total
 
 
+def _raw_bytes(event: Any, raw: tuple[Any, ...]) -> int:
+    """Deep size of a RawEvent not typed yet: its rows as sent (lists of bytes), not the
+    Table they share."""
+    total = getsizeof(event) + getsizeof(event.id) + getsizeof(raw)
+    for row in (raw[1], raw[2]):
+        if row is not None:
+            total += getsizeof(row)
+            for value in row:
+                if value is not None:
+                    total += getsizeof(value)
+    return total
+
+
 def event_bytes(event: Any) -> int:
     """Deep size of one event: the object, its id, records, values and changes (a value the
-    old record shares with the new one counted once)."""
+    old record shares with the new one counted once); for a RawEvent (walex.rawevent) not
+    typed yet, its rows as sent."""
+    if type(event) is RawEvent:
+        raw = event.raw
+        if raw is not None:
+            return _raw_bytes(event, raw)
     total = getsizeof(event) + getsizeof(event.id)
     new, old, changes = event.new_record, event.old_record, event.changes
     if new is not None:

@@ -27,7 +27,7 @@ from .frames import standby_status
 __all__ = ["ReplicationConnection", "SlotInfo"]
 
 _COPY_BOTH = pq.ExecStatus.COPY_BOTH
-_SESSION_OPTIONS = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
+_SESSION_OPTIONS = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC"
 
 
 def is_retriable(sqlstate: str) -> bool:
@@ -66,7 +66,8 @@ class ReplicationConnection:
             # pgoutput sends names and text values in the client encoding: ask for
             # UTF-8 whatever the database's encoding, which is what the decoder reads.
             # Text values must be in the formats psycopg parses, whatever the
-            # database's or role's settings (ALTER DATABASE ... SET DateStyle, ...).
+            # database's or role's settings (ALTER DATABASE ... SET DateStyle, ...); in
+            # UTC, as walex types timestamptz values (the relay writes their JSON from the text).
             options = conninfo_to_dict(conninfo).get("options") or ""
             conn = await psycopg.AsyncConnection.connect(
                 conninfo, replication="database", autocommit=True, client_encoding="UTF8",

@@ -1,0 +1,150 @@
+"""Rows kept as sent and typed when read (walex.rawevent): the same Events.
+
+With ``raw_rows`` the compiled hot path hands on :class:`RawEvent` s for rows
+PostgreSQL sent whole as text; reading their records types them with the
+rules of walex.rows. Two apps stream the same changes from two slots, one
+with raw rows and one typed, and every field of every event must agree, over
+the type matrix, the edge values Python cannot hold, replica identities and
+unchanged TOAST values (which stay typed Events). An app with destinations and
+no handler keeps raw rows by default; an app with a handler does not.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg
+import pytest
+from support import collecting, run
+from test_types import ROW_VALUES, same
+from test_types import SCHEMA as MATRIX_SCHEMA
+from workers.test_edge_values import SCHEMA as EDGE_SCHEMA
+from workers.test_edge_values import rows as edge_rows
+
+from walex import Events, WalEx
+from walex.event import Event
+from walex.hotpath import compiled_available
+from walex.rawevent import RawEvent
+
+pytestmark = pytest.mark.skipif(
+    not compiled_available() or bool(os.environ.get("WALEX_PURE_PYTHON")),
+    reason="raw rows are a way of the compiled hot path (walex._hotpath)")
+
+_FIELDS = ("name", "type", "source", "timestamp", "lsn", "id")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, tuple) and isinstance(b, tuple) and type(a) is type(b) and len(a) == len(b):
+        return all(_same_value(x, y) for x, y in zip(a, b))
+    return same(a, b) and type(a) is type(b)
+
+
+def assert_same_events(raw: list[Event], typed: list[Event]) -> None:
+    assert len(raw) == len(typed)
+    for r, t in zip(raw, typed):
+        assert type(t) is Event
+        for name in _FIELDS:
+            if name not in ("timestamp", "lsn", "id"):  # the slots differ: LSNs are the same
+                assert getattr(r, name) == getattr(t, name), name
+        for name in ("new_record", "old_record"):
+            a, b = getattr(r, name), getattr(t, name)
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert _same_value(a, b), f"{r.type} {name}:\n{a}\n{b}"
+        if t.changes is None:
+            assert r.changes is None
+        else:
+            assert list(r.changes) == list(t.changes)
+            for col in t.changes:
+                assert _same_value(r.changes[col].old_value, t.changes[col].old_value), col
+                assert _same_value(r.changes[col].new_value, t.changes[col].new_value), col
+
+
+async def _both(dsn: str, statements: list[str], admin: psycopg.Connection, count: int,
+                **options: Any) -> tuple[list[Event], list[bool], list[Event]]:
+    """The events of the same changes through a raw-rows app and a typed one, and whether
+    each raw one still held its rows untyped when its handler got it."""
+    async with collecting(dsn, raw_rows=True, **options) as raw, \
+            collecting(dsn, raw_rows=False, **options) as typed:
+        for statement in statements:
+            admin.execute(statement)
+        raw_events = await raw.wait_for(count)
+        untyped = [type(e) is RawEvent and e.raw is not None for e in raw_events]
+        return raw_events, untyped, await typed.wait_for(count)
+
+
+def test_type_matrix_raw_rows_type_as_the_typed_path(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(MATRIX_SCHEMA)
+    admin.execute("ALTER TABLE typed REPLICA IDENTITY FULL")
+    statements = [
+        f"INSERT INTO typed VALUES {ROW_VALUES}",
+        "UPDATE typed SET c_int4 = 5, c_bytea = '\\x01', c_float8 = 'NaN' WHERE id IN (1, 2)",
+        "UPDATE typed SET c_text = c_text WHERE id = 3",  # no change at all
+        "DELETE FROM typed WHERE id = 4",
+    ]
+    raw, untyped, typed = run(_both(dsn, statements, admin, 9, subscriptions=["typed"]))
+    assert all(untyped), untyped
+    assert_same_events(raw, typed)
+
+
+def test_edge_values_raw_rows_type_as_the_typed_path(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(EDGE_SCHEMA)
+    statements = edge_rows(admin) + ["UPDATE edge SET c_date = c_date"]
+    count = len(statements) - 1 + 7
+    raw, untyped, typed = run(_both(dsn, statements, admin, count, subscriptions=["edge"]))
+    assert any(untyped)
+    assert_same_events(raw, typed)
+
+
+IDENTITIES = """
+CREATE TABLE d (id int PRIMARY KEY, b text, n numeric);
+CREATE TABLE f (id int PRIMARY KEY, b text, n numeric);
+ALTER TABLE f REPLICA IDENTITY FULL;
+CREATE TABLE k (a int NOT NULL, b text NOT NULL, c text);
+CREATE UNIQUE INDEX k_ab ON k (b, a);
+ALTER TABLE k REPLICA IDENTITY USING INDEX k_ab;
+CREATE TABLE doc (id int PRIMARY KEY, body text, n int);
+ALTER TABLE doc ALTER COLUMN body SET STORAGE EXTERNAL;
+CREATE PUBLICATION pub FOR TABLE d, f, k, doc;
+"""
+
+
+def test_replica_identities_and_toast(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute(IDENTITIES)
+    statements = []
+    for table in ("d", "f"):
+        statements += [f"INSERT INTO {table} VALUES (1, 'x', 1.5), (2, NULL, NULL)",
+                       f"UPDATE {table} SET b = 'y' WHERE id = 1",
+                       f"UPDATE {table} SET id = 3 WHERE id = 2",
+                       f"DELETE FROM {table} WHERE id = 1"]
+    statements += ["INSERT INTO k VALUES (1, 'a', 'c')", "UPDATE k SET c = 'd'",
+                   "UPDATE k SET a = 2", "DELETE FROM k",
+                   "INSERT INTO doc VALUES (1, repeat('toast ', 4000), 1)",
+                   "UPDATE doc SET n = 2",  # body not resent: an unchanged TOAST value
+                   "DELETE FROM doc"]
+    raw, untyped, typed = run(_both(dsn, statements, admin, 2 * 5 + 4 + 3))
+    assert_same_events(raw, typed)
+    assert untyped[:14] == [True] * 14
+    assert untyped[14:] == [True, False, True]  # the update with an unchanged TOAST value
+
+
+def test_raw_rows_by_default_only_for_an_app_that_only_relays(dsn: str) -> None:
+    def raw_rows(**options: Any) -> bool:
+        app = WalEx(dsn, publication="pub", **options)
+        return app.pipeline.raw_rows()
+
+    relay = {"destinations": ["redis://127.0.0.1:9/0?stream=x"]}
+    assert raw_rows(**relay) is True
+    assert raw_rows() is False  # no destination
+    assert raw_rows(**relay, raw_rows=False) is False
+
+    events = Events()
+
+    @events.on_event("all")
+    async def handler(batch: list[Event]) -> None:
+        pass
+
+    assert raw_rows(**relay, modules=[events]) is False  # a handler: rows typed
