@@ -12,6 +12,7 @@ what they held. The wire bytes, what was counted before, are far below it.
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,8 @@ import pytest
 from support import collecting, run
 
 from walex import Event, Events
+from walex.hotpath import compiled_available
+from walex.rawevent import RawEvent
 from walex.sizes import Sizer, event_bytes
 
 TABLES = {
@@ -41,7 +44,13 @@ TABLES = {
 }
 
 
-def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str) -> tuple[int, int, int]:
+def raw_rows_built() -> bool:
+    """Whether raw rows can be had: a way of the compiled hot path only."""
+    return compiled_available() and not os.environ.get("WALEX_PURE_PYTHON")
+
+
+def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str,
+                        raw_rows: bool = False) -> tuple[int, int, int]:
     """(bytes tracemalloc saw freed when the received events were dropped, the sampled
     estimate of the batches, the exact walk of every event)."""
     ddl, dml = TABLES[table]
@@ -59,7 +68,7 @@ def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str) -> tupl
         kept.append(list(batch))
 
     async def main() -> None:
-        async with collecting(dsn, subscriptions=[name], modules=[events]) as rec:
+        async with collecting(dsn, subscriptions=[name], modules=[events], raw_rows=raw_rows) as rec:
             admin.execute(dml)
             rows = admin.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
             await rec.wait_for(rows, timeout=60)
@@ -70,6 +79,8 @@ def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str) -> tupl
         run(main())
         gc.collect()
         before = tracemalloc.get_traced_memory()[0]
+        untyped = sum(type(e) is RawEvent and e.raw is not None for b in kept for e in b)
+        assert untyped == (sum(map(len, kept)) if raw_rows and raw_rows_built() else 0)
         sizer = Sizer()
         estimate = sum(sizer.measure(SimpleNamespace(size=0, events=b)) for b in kept)
         exact = sum(event_bytes(e) + 8 for b in kept for e in b)
@@ -81,11 +92,14 @@ def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str) -> tupl
     return freed, estimate, exact
 
 
+@pytest.mark.parametrize("raw_rows", [False, True], ids=["typed", "raw"])
 @pytest.mark.parametrize("table", sorted(TABLES))
 def test_a_batch_is_sized_by_what_its_events_hold(
-    dsn: str, admin: psycopg.Connection, table: str
+    dsn: str, admin: psycopg.Connection, table: str, raw_rows: bool
 ) -> None:
-    freed, estimate, exact = _held_and_estimates(dsn, admin, table)
+    """Typed events, and RawEvents (walex.rawevent) whose rows nothing read: their rows
+    as sent."""
+    freed, estimate, exact = _held_and_estimates(dsn, admin, table, raw_rows)
     assert freed > 0
     # within a tenth of what was freed (measured: within 1%)
     assert 0.9 * freed <= estimate <= 1.15 * freed, (freed, estimate, exact)
