@@ -5,8 +5,8 @@ PostgreSQL sent whole as text; reading their records types them with the
 rules of walex.rows. Two apps stream the same changes from two slots, one
 with raw rows and one typed, and every field of every event must agree, over
 the type matrix, the edge values Python cannot hold, replica identities and
-unchanged TOAST values (which stay typed Events). An app with destinations and
-no handler keeps raw rows by default; an app with a handler does not.
+unchanged TOAST values (which stay typed Events). An app with destinations
+keeps raw rows by default for the tables no handler takes.
 """
 
 from __future__ import annotations
@@ -131,20 +131,24 @@ def test_replica_identities_and_toast(admin: psycopg.Connection, dsn: str) -> No
     assert untyped[14:] == [True, False, True]  # the update with an unchanged TOAST value
 
 
-def test_raw_rows_by_default_only_for_an_app_that_only_relays(dsn: str) -> None:
-    def raw_rows(**options: Any) -> bool:
-        app = WalEx(dsn, publication="pub", **options)
-        return app.pipeline.raw_rows()
+def test_raw_rows_by_default_for_the_tables_no_handler_takes_in_an_app_that_relays(
+        dsn: str) -> None:
+    def raw(table: str, *handled: str, **options: Any) -> bool:
+        events = Events()
+        for name in handled:
+            events.on_event(name)(_nothing)
+        app = WalEx(dsn, publication="pub", modules=[events], **options)
+        return app.pipeline._is_raw("public", table)
 
     relay = {"destinations": ["redis://127.0.0.1:9/0?stream=x"]}
-    assert raw_rows(**relay) is True
-    assert raw_rows() is False  # no destination
-    assert raw_rows(**relay, raw_rows=False) is False
+    assert raw("t", **relay) is True
+    assert raw("t", "other", **relay) is True  # a handler of another table only
+    assert raw("t", "t", **relay) is False  # a handler would type them anyway
+    assert raw("t", "all", **relay) is False
+    assert raw("t", **relay, raw_rows=False) is False
+    assert raw("t") is False  # no destination
+    assert raw("t", "t", raw_rows=True) is True
 
-    events = Events()
 
-    @events.on_event("all")
-    async def handler(batch: list[Event]) -> None:
-        pass
-
-    assert raw_rows(**relay, modules=[events]) is False  # a handler: rows typed
+async def _nothing(batch: list[Event]) -> None:
+    pass

@@ -70,7 +70,7 @@ cdef enum:
 cdef _Slots _ASSEMBLER = _Slots(TransactionAssembler, ("_current", "_stream", "batch_size", "batch_bytes"))
 cdef enum:
     A_CURRENT, A_STREAM, A_BATCH_SIZE, A_BATCH_BYTES
-cdef _Slots _TABLE = _Slots(Table, ("subscribed",))
+cdef _Slots _TABLE = _Slots(Table, ("subscribed", "raw"))
 cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
 
 
@@ -184,9 +184,6 @@ cdef class HotPath:
 
     cdef object assembler, relations, decoder
     cdef readonly object end  # WAL end of the last frame handled (for AckTracker.saw)
-    # build RawEvents (walex.rawevent) for rows sent whole as text: set for an app that
-    # only relays, whose rows the encoder writes from their text
-    cdef public bint raw_rows
     cdef readonly Py_ssize_t pos  # after feed_frames: the index of the first frame not handled
     cdef object _error  # raised by a frame after feed_frames completed batches, raised next call
     cdef Py_ssize_t _error_pos
@@ -385,7 +382,7 @@ cdef class HotPath:
                 self._lsn_text = _format_lsn(self._commit_lsn)
             changes = _OPEN.get(txn, O_CHANGES)
             self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
-            if self.raw_rows and type(table) is Table and (
+            if type(table) is Table and _TABLE.get(table, 1) is True and (
                     (new_plain and PyList_GET_SIZE(new) == self._width) if tag != 68 else True) and (
                     old is None or (old_plain and PyList_GET_SIZE(old) == self._width)):
                 event = self._raw(tag, new, old, old_kind, lsn, table)

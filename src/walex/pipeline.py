@@ -119,7 +119,7 @@ class Pipeline:
         self.preflight: Preflight | None = None
         self.lookups = LookupConnection()
         self.catalog = TypeCatalog(self.lookups)
-        self.relations = RelationCache(self.catalog, "", self._is_subscribed)
+        self.relations = RelationCache(self.catalog, "", self._is_subscribed, self._is_raw)
         self.assembler = TransactionAssembler(
             self.relations, batch_size=settings.batch_size, spill_dir=settings.spill_dir,
             # a batch holds at most 1/8 of the budget, so one huge transaction of wide
@@ -154,6 +154,16 @@ class Pipeline:
         if self.backfill.excludes(schema, table):  # the backfill progress store
             return False
         return any(match(schema, table) for match in self._subscribed)
+
+    def _is_raw(self, schema: str, table: str) -> bool:
+        """Whether the compiled hot path keeps the table's rows as sent, typed when read
+        (walex.rawevent): as ``raw_rows`` says, or by default when the app publishes to
+        destinations and no handler takes the table (its rows would be typed for nobody)."""
+        asked = self.settings.raw_rows
+        if asked is not None:
+            return asked
+        return bool(getattr(self.destinations, "items", None)) and not any(
+            h.matches_table(schema, table) for h in self.dispatcher.handlers)
 
     def set_subscriptions(self, subscriptions: list[str]) -> None:
         self._subscribed = [table_matcher(s) for s in subscriptions]
@@ -223,14 +233,6 @@ class Pipeline:
                         raise
                     log.warning("reconnect attempt %d failed: %s", attempts, exc)
 
-    def raw_rows(self) -> bool:
-        """Whether the compiled path keeps rows as sent (walex.rawevent): asked for, or by
-        default when the app publishes to destinations and has no handler to type them for."""
-        asked = self.settings.raw_rows
-        if asked is not None:
-            return asked
-        return bool(getattr(self.destinations, "items", None)) and not self.dispatcher.handlers
-
     async def _drain(self) -> None:
         """Wait until every received transaction was handled."""
         while not self.queue.empty() or self.busy:
@@ -243,8 +245,6 @@ class Pipeline:
         header = XLOGDATA_POSITIONS.unpack_from
         middleware = self.settings.message_middleware
         hot = hot_path(self.assembler, decoder) if middleware is None else None
-        if hot is not None:
-            hot.raw_rows = self.raw_rows()
         self.compiled_path = hot is not None  # for tests and diagnostics
         process, feed, queue = self.process, self.assembler.feed, self.queue
         items, most = queue.items, queue.limit

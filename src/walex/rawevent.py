@@ -1,9 +1,10 @@
 """Events whose rows are typed only when something reads them.
 
-An app that only relays (destinations, no handler) never looks at a typed
-value: it needs the CloudEvent's JSON, which can be written straight from the
-text PostgreSQL sent (:mod:`walex.destinations.direct`). For such an app the
-compiled hot path builds a :class:`RawEvent` for a change whose rows came
+An app that relays (destinations) never looks at the typed values of a table
+no handler takes: it needs the CloudEvent's JSON, which can be written
+straight from the text PostgreSQL sent (:mod:`walex.destinations.direct`).
+For such a table (``Table.raw``, set by the pipeline; ``raw_rows`` forces it
+on or off) the compiled hot path builds a :class:`RawEvent` for a change whose rows came
 whole and as text (no unchanged TOAST value, no binary value, the table's
 width): an :class:`~walex.event.Event` that keeps the raw values and the
 :class:`~walex.relations.Table` that types them, and types them the first

@@ -47,7 +47,7 @@ class Table:
 
     __slots__ = (
         "relation_id", "schema", "name", "replica_identity", "column_names",
-        "key_indexes", "type_oids", "source", "subscribed", "load_plain", "_tx", "_loaders",
+        "key_indexes", "type_oids", "source", "subscribed", "raw", "load_plain", "_tx", "_loaders",
         "_tolerant", "_tolerant_tx",
     )
 
@@ -75,6 +75,8 @@ class Table:
             },
         )
         self.subscribed = subscribed
+        # rows kept as sent, typed when read (walex.rawevent), by the compiled hot path
+        self.raw = False
         self._tx = Transformer(catalog.adapters)
         self._tx.set_loader_types(self.type_oids, Format.TEXT)
         # the values of a plain row (text or NULL, one per column) to Python values:
@@ -169,11 +171,13 @@ class RelationCache:
     """Table definitions by relation id, replaced on every Relation message."""
 
     def __init__(
-        self, catalog: TypeCatalog, db: str, is_subscribed: Callable[[str, str], bool]
+        self, catalog: TypeCatalog, db: str, is_subscribed: Callable[[str, str], bool],
+        is_raw: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.catalog = catalog
         self.db = db
         self.is_subscribed = is_subscribed
+        self.is_raw = is_raw  # which tables' rows the hot path keeps as sent (Table.raw)
         self._tables: dict[int, Table] = {}
 
     async def update(self, rel: Relation) -> Table:
@@ -183,6 +187,8 @@ class RelationCache:
         if rel.replica_identity in ("f", "n"):  # they flag every column, or none
             key = await self._primary_key(rel)
         table = Table(rel, self.catalog, self.db, self.is_subscribed(schema, rel.name), key)
+        if self.is_raw is not None:
+            table.raw = self.is_raw(schema, rel.name)
         self._tables[rel.relation_id] = table
         return table
 
@@ -196,9 +202,11 @@ class RelationCache:
         return tuple(names) if names and all(n in published for n in names) else ()
 
     def refresh_subscriptions(self) -> None:
-        """Re-evaluate which cached tables are subscribed (after a config change)."""
+        """Re-evaluate which cached tables are subscribed, and kept raw (after a config change)."""
         for table in self._tables.values():
             table.subscribed = self.is_subscribed(table.schema, table.name)
+            if self.is_raw is not None:
+                table.raw = self.is_raw(table.schema, table.name)
 
     def known(self, relation_id: int) -> Table | None:
         """The cached definition of ``relation_id``, if any."""
