@@ -12,10 +12,14 @@ The app runs on asyncio's own event loop; ``--uvloop`` (level
 events of the transactions queued while it runs come in one call.
 
 With ``--destination URL`` (levels ``walex+NAME``, bench/destinations.py)
-every event is also published there. Handlers run ahead of the broker's
-confirmations (by up to the destination window), so the run ends only when
-the marker's transaction is acknowledged, which walex does once every
-destination confirmed it and everything before it.
+every event is published there, and the app is a relay as ``walex relay``
+runs one: the handler takes the marker table only, so the workload's rows go
+to the destination without being typed for a handler (walex.rawevent: their
+JSON is written from the text PostgreSQL sent). ``BENCH_RELAY_TOUCH=1`` in the
+environment puts the handler on every table again (a relay beside a handler
+that reads every value: how these levels ran before 2026-12-07). The run ends
+only when the marker's transaction is acknowledged, which walex does once
+every destination confirmed it and everything before it.
 
 It stops when the handler got the marker row (committed right after endpos):
 a handler sees batches of events, not commits, and ``Event.id`` carries the
@@ -132,7 +136,9 @@ def main() -> int:
     else:
         async def handle_async(events: list[Event]) -> None:
             handle(events)
-        events_mod.on_event("all", **({"max_batch": 5000} if args.max_batch else {}))(handle_async)
+        # a relay: the handler takes the marker only, unless asked to read every value
+        taken = marker if args.destination and not os.environ.get("BENCH_RELAY_TOUCH") else "all"
+        events_mod.on_event(taken, **({"max_batch": 5000} if args.max_batch else {}))(handle_async)
 
     loop: asyncio.AbstractEventLoop | None = None
 
