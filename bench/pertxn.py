@@ -5,6 +5,7 @@
     .venv/bin/python bench/pertxn.py --txns 50000 --reps 5 --handlers async
     .venv/bin/python bench/pertxn.py --max-batch 5000      # handlers batching across transactions
     .venv/bin/python bench/pertxn.py --destination nats    # relaying too (a local broker, as run.py)
+    .venv/bin/python bench/pertxn.py --destination nats --handlers none   # a relay alone
 
 Unlike ``replay.py`` (frames -> Events only), this drives the real
 ``Pipeline`` tasks: the reader (``_read_session``: frame loop, compiled hot
@@ -127,7 +128,7 @@ def touch(events: list[Event]) -> int:
     return values
 
 
-async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
+async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: int,
                    max_batch: int | None = None, destination: str | None = None,
                    ) -> tuple[float, int, int]:
     """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
@@ -142,7 +143,9 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
             loop.call_soon_threadsafe(done.set)
 
     module = Events()
-    if plain:
+    if plain is None:  # --handlers none: a relay, as walex relay runs one (raw rows)
+        pass
+    elif plain:
         module.on_event("all", max_batch=max_batch)(handle)
     else:
         async def handle_async(events: list[Event]) -> None:
@@ -160,7 +163,11 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
     t0 = time.process_time()
     tasks = [loop.create_task(p.run_reader()), loop.create_task(p.run_dispatcher()),
              loop.create_task(p.run_acknowledger())]
-    waiting = loop.create_task(done.wait())
+    async def handled() -> None:  # no handler to tell: the transactions handled
+        while p.transactions_handled < txns:
+            await asyncio.sleep(0.001)
+
+    waiting = loop.create_task(done.wait() if plain is not None else handled())
     await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         if task.done():
@@ -184,7 +191,7 @@ async def run_once(frames: list[bytes], txns: int, plain: bool, chunk: int,
     return seconds, txns, groups
 
 
-def measure(frames: list[bytes], txns: int, plain: bool, reps: int, chunk: int,
+def measure(frames: list[bytes], txns: int, plain: bool | None, reps: int, chunk: int,
             max_batch: int | None = None, destination: str | None = None) -> tuple[float, int]:
     """Best CPU seconds of ``reps`` runs, and the publishes (groups) of the last run."""
     best, groups = float("inf"), 0
@@ -250,7 +257,7 @@ def main() -> None:
 
         destination = targets.parse([args.destination])[0]  # the level walex+NAME
     if args.quiet:  # a run under callgrind
-        plain = args.handlers == "plain"
+        plain = None if args.handlers == "none" else args.handlers == "plain"
         frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
         measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch, destination)
         return
@@ -263,7 +270,8 @@ def main() -> None:
                   f"(callgrind, {args.txns} vs {3 * args.txns} transactions)", flush=True)
             continue
         frames = all_frames[:1 + 3 * args.txns]
-        seconds, groups = measure(frames, args.txns, handler == "plain", args.reps, args.chunk,
+        seconds, groups = measure(frames, args.txns, None if handler == "none" else handler == "plain",
+                                  args.reps, args.chunk,
                                   args.max_batch, destination)
         relay = (f", {destination}: {groups:,} publishes, {args.txns / max(groups, 1):.1f} "
                  "transactions each" if destination else "")
