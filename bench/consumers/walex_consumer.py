@@ -131,13 +131,13 @@ def main() -> int:
             loop.call_soon_threadsafe(done.set)  # type: ignore[union-attr]
 
     events_mod = Events()
+    # a relay: the handler takes the marker only, unless asked to read every value
+    taken = marker if args.destination and not os.environ.get("BENCH_RELAY_TOUCH") else "all"
     if sync:
-        events_mod.on_event("all")(handle)
+        events_mod.on_event(taken)(handle)
     else:
         async def handle_async(events: list[Event]) -> None:
             handle(events)
-        # a relay: the handler takes the marker only, unless asked to read every value
-        taken = marker if args.destination and not os.environ.get("BENCH_RELAY_TOUCH") else "all"
         events_mod.on_event(taken, **({"max_batch": 5000} if args.max_batch else {}))(handle_async)
 
     loop: asyncio.AbstractEventLoop | None = None
@@ -179,6 +179,8 @@ def main() -> int:
         res.data["stop_s"] = time.time() - t_stop
         res.data["transactions_handled"] = app.transactions_handled
         res.data["events_published"] = app.destinations.events_published
+        if taken == marker:  # a relay: the rows are those published, less the marker
+            counters["rows"] = app.destinations.events_published - len(marker_lsn)
 
     logging.basicConfig(level=logging.WARNING)
     run_loop(run, "uvloop" if args.uvloop else "asyncio")
