@@ -10,7 +10,9 @@ a C loop and no Python frame runs per event. The encoding module hands its
 helpers over with :func:`bind` (this module imports nothing of walex, so
 there is no import cycle); anything the fast path does not take on raises
 the module's ``_Unfit`` (or orjson's error), and ``encode_event`` falls back
-to the reference. The body is copied out of orjson's result at its exact size,
+to the reference. A :class:`~walex.rawevent.RawEvent` still holding its raw rows
+goes through the direct encoder first (:mod:`walex.destinations.direct`), and is
+typed (``event.typed()``, the RawEvent left as it is) only when that one leaves it. The body is copied out of orjson's result at its exact size,
 as the pure twin does (see ``_tuple_new`` there).
 """
 
@@ -51,6 +53,8 @@ cdef object _UnchangedToast = None
 cdef dict _KINDS = None
 cdef object _OPTIONS = None
 cdef object _reference = None  # encode_event_reference
+cdef object _RawEvent = None  # walex.rawevent.RawEvent
+cdef object _direct = None  # walex.destinations.direct.direct_event
 cdef object _JSON_ERROR = orjson.JSONEncodeError
 # the Source planned last and its plan, as one tuple (the events of a table come in runs;
 # the Source is kept alive, so its identity is not reused)
@@ -60,13 +64,14 @@ cdef tuple _last_plan = (None, None)
 def bind(helpers):
     """Take the encoding module's helpers (its namespace); returns :func:`fast_event`."""
     global _plan, _json_value, _changes, _subject, _rfc3339, _partition_of, _float
-    global _Outgoing, _Unfit, _UnchangedToast, _KINDS, _OPTIONS, _reference
+    global _Outgoing, _Unfit, _UnchangedToast, _KINDS, _OPTIONS, _reference, _RawEvent, _direct
     _plan, _json_value, _changes = helpers["_plan"], helpers["json_value"], helpers["_changes"]
     _subject, _rfc3339 = helpers["_subject"], helpers["_rfc3339"]
     _partition_of, _float = helpers["partition_of"], helpers["_float"]
     _Outgoing, _Unfit = helpers["Outgoing"], helpers["_Unfit"]
     _UnchangedToast, _KINDS, _OPTIONS = helpers["UnchangedToast"], helpers["_KINDS"], helpers["_OPTIONS"]
     _reference = helpers["encode_event_reference"]
+    _RawEvent, _direct = helpers["RawEvent"], helpers["direct_event"]
     return fast_event
 
 
@@ -133,6 +138,11 @@ def fast_event(event, partitions):
 
 cdef object _fast_event(object event, Py_ssize_t partitions):
     global _last_plan
+    if type(event) is _RawEvent and event.raw is not None:  # rows as PostgreSQL sent them
+        out = _direct(event, partitions)
+        if out is not None:
+            return out
+        event = event.typed()
     src = event.source
     last = _last_plan
     if <object>PyTuple_GET_ITEM(last, 0) is src:

@@ -79,6 +79,7 @@ import orjson
 from ..event import Event
 from ..pgoutput.messages import UnchangedToast
 from ..rawevent import RawEvent
+from .direct import direct_event
 from .values import (_KINDS, _MAX_SAFE, _NATIVE, _OPTIONS, Outgoing, _float, _rfc3339,  # noqa: F401
                      _table_info, _TableInfo, _tuple_new, _Unfit, json_value, partition_of)
 
@@ -191,6 +192,8 @@ def encode_event_reference(event: Event, partitions: int = 1) -> Outgoing:
     :func:`encode_event` gives the same bytes for every event (tested over the type
     matrix and generated values) and falls back to this for anything it does not
     take on itself."""
+    if type(event) is RawEvent and event.raw is not None:
+        event = event.typed()  # the RawEvent itself stays untyped (small)
     info = _table_info(event)
     json_columns = info.json_columns
     unchanged: list[str] = []
@@ -311,6 +314,11 @@ def _fast_record(record: dict[str, Any], names: frozenset[str], plain: tuple[str
 
 def _fast_event(event: Event, partitions: int) -> Outgoing:
     global _last_plan
+    if type(event) is RawEvent and event.raw is not None:  # rows as PostgreSQL sent them
+        out = direct_event(event, partitions)
+        if out is not None:
+            return out
+        event = event.typed()
     src = event.source
     last = _last_plan
     if last[0] is src:
