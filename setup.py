@@ -15,7 +15,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex.destinations._hpub`` (Cython): a JetStream batch's HPUB frames (twin of
   ``frames`` in ``walex.destinations.hpub``);
 - ``walex.destinations._resp`` (Cython): a batch's Redis ``XADD`` commands in
-  one buffer (twin of ``py_xadd_commands`` in ``walex.destinations.redis``).
+  one buffer (twin of ``py_xadd_commands`` in ``walex.destinations.redis``);
+- ``walex.destinations._direct`` (Cython): a RawEvent's CloudEvent written from
+  its raw rows (twin of ``py_direct_event`` in ``walex.destinations.direct``).
 """
 
 import os
@@ -37,7 +39,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex._json", ["src/walex/_json.pyx"]),
                     Extension("walex._encode", ["src/walex/_encode.pyx"]),
                     Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"]),
-                    Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"])]
+                    Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"]),
+                    Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

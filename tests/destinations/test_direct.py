@@ -356,3 +356,34 @@ def test_ordinary_rows_are_encoded_without_typing_them(admin: psycopg.Connection
     assert loads == 0
     assert all(event.raw is not None for event in events)
     assert check(events, (3,)) == len(events)
+
+
+GENERATED = """
+CREATE TABLE gen (id int PRIMARY KEY, i8 int8, i4 int4, n numeric, d date, ts timestamp,
+                  tz timestamptz, t text, f float8, b bool, u uuid);
+CREATE PUBLICATION pub FOR TABLE gen;
+INSERT INTO gen SELECT i,
+    CASE WHEN i % 3 = 0 THEN (9007199254740991 + (i % 7) - 3) * (1 - 2 * (i % 2))
+         ELSE ((random() - 0.5) * 2 ^ 63)::int8 END,
+    ((random() - 0.5) * 2 ^ 32)::int4,
+    round(((random() - 0.5) * 10 ^ (i % 40 - 10))::numeric, i % 25),
+    date '0001-01-01' + (random() * 3652058)::int,
+    timestamp '0001-01-01' + random() * interval '9998 years' + (i % 1000000) * interval '1 microsecond',
+    timestamptz '1900-01-01 00:00+00' + random() * interval '300 years',
+    (SELECT string_agg(chr(c), '') FROM (SELECT CASE WHEN random() < 0.5 THEN 1 + (random() * 126)::int
+            ELSE 160 + (random() * 55000)::int END AS c FROM generate_series(0, i % 12 + g * 0)) x),
+    random() * 10 ^ (i % 50 - 25), i % 2 = 0, gen_random_uuid()
+FROM generate_series(1, 400) i, LATERAL (SELECT 0 AS g) z;
+"""
+
+
+def test_generated_values(admin: psycopg.Connection, dsn: str) -> None:
+    """Values PostgreSQL made at random (integers about 2**53 and 2**63, numerics of every
+    scale, dates and timestamps over years 1 to 9999 with microseconds, text of any
+    character), all direct and the reference's."""
+    admin.execute(GENERATED.split("INSERT")[0])
+    slot(admin)
+    admin.execute("INSERT" + GENERATED.split("INSERT", 1)[1])
+    events = raw_events(admin, dsn)
+    assert len(events) == 400
+    assert check(events, (1, 16)) == 400

@@ -130,7 +130,7 @@ class Plan(NamedTuple):
     kinds: bytes  # the writer of each column
     names: tuple[bytes, ...]  # b'"name":' per column
     loads: tuple[Any, ...]  # the loader's load per column
-    key: tuple[int, ...]  # the columns of the row's key (empty: no subject)
+    key: tuple[int, ...] | None  # the columns of the row's key (empty: no subject; None: unfit)
     key_in_k: bool  # every key column is in a key ('K') old row
     key_indexes: tuple[int, ...]  # the columns of a key ('K') old row
     source_part: bytes  # b',"source":"/db/schema/table","type":'
@@ -142,6 +142,7 @@ class Plan(NamedTuple):
     schema: str
     table_name: str
     tolerant_loads: list[Any]  # [the tolerant loaders' load per column], made when first needed
+    key_position: bytes  # per column: 0, or 1 + its position in the key
 
 
 _plans: dict[int, Plan] = {}  # id(Table) -> plan (the plan keeps its Table alive)
@@ -166,9 +167,10 @@ def plan_of(event: Any, table: Any) -> Plan:
         names.append(orjson.dumps(name) + b":")
         loads.append(loader.load)
     position = {name: i for i, name in enumerate(table.column_names)}
-    key: tuple[int, ...] = ()
+    key: tuple[int, ...] | None = ()
     if info.key and all(name in position for name in info.key):
-        key = tuple(position[name] for name in info.key)
+        # PostgreSQL's indexes have at most 32 columns; a longer key is left to the typed path
+        key = tuple(position[name] for name in info.key) if len(info.key) <= 32 else None
     tail = b""
     if src.base_types:
         tail += b',"base_types":' + orjson.dumps(src.base_types)
@@ -176,11 +178,12 @@ def plan_of(event: Any, table: Any) -> Plan:
         tail += b',"key":' + orjson.dumps(info.key)
     plan = Plan(
         table, src, bytes(kinds), tuple(names), tuple(loads), key,
-        all(i in table.key_indexes for i in key), tuple(table.key_indexes),
+        all(i in table.key_indexes for i in key or ()), tuple(table.key_indexes),
         b',"source":' + orjson.dumps(info.source) + b',"type":',
         info.prefix, b',"partitionkey":' + orjson.dumps(info.prefix)[:-1],
         b',"columns":' + orjson.dumps(src.columns) + b',"lsn":', tail + b"}",
         info.source, src.schema, src.table, [],
+        bytes(key.index(i) + 1 if key and i in key else 0 for i in range(len(kinds))),
     )
     if len(_plans) >= 4096:  # tables redefined long ago
         _plans.clear()
@@ -190,7 +193,7 @@ def plan_of(event: Any, table: Any) -> Plan:
 
 # -- the writers, pure Python ----------------------------------------------------
 
-_INT = re.compile(rb"-?(?:0|[1-9][0-9]{0,18})")
+_INT = re.compile(rb"0|-?[1-9][0-9]{0,18}")
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NUMERIC = re.compile(rb"NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
 _DAY = rb"([0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01]))"
@@ -345,6 +348,8 @@ def py_direct_event(event: Any, partitions: int) -> Outgoing | None:
 def _direct(event: Any, partitions: int) -> Outgoing:
     table, new, old, old_kind, _lsn = event.raw
     plan = plan_of(event, table)
+    if plan.key is None:
+        raise _Unfit
     width = len(plan.kinds)
     everything = range(width)
     new_part = old_part = changes_part = b"null"

@@ -1,0 +1,662 @@
+# cython: language_level=3, wraparound=False, boundscheck=False
+"""walex.destinations._direct: the direct encoder, compiled (optional).
+
+The twin of ``py_direct_event`` in :mod:`walex.destinations.direct`, which
+stays the pure-Python path and makes the per-table plans both twins use: the
+same writers, the same rules, the same bytes or the same "unfit"
+(``tests/destinations/test_direct.py`` runs every check through both). Here the
+document is written into one C buffer: the values of the plain writers (bool,
+integers, text, uuid, numeric, date, timestamps) straight from their text, the
+rest through their loader, ``json_value`` and orjson, as the pure twin does.
+The direct module hands its helpers over with :func:`bind` (this module
+imports nothing of walex, so there is no import cycle).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.string cimport memcmp, memcpy, memmove
+
+import orjson
+
+__all__ = ["bind", "direct_event", "direct_event_or_raise"]
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
+    object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+
+
+# the writers (walex.destinations.direct's numbers)
+cdef enum:
+    GENERIC = 0
+    JSON = 1
+    BOOL = 2
+    INT = 3
+    TEXT = 4
+    UUID = 5
+    NUMERIC = 6
+    DATE = 7
+    TIMESTAMP = 8
+    TIMESTAMPTZ = 9
+    MAX_KEY = 32  # PostgreSQL's indexes have at most 32 columns
+    STACK = 2048
+
+cdef long long _MAX_SAFE = 2**53 - 1
+cdef object _dumps = orjson.dumps
+cdef object _tuple_new = tuple.__new__
+
+# orjson's escape of each ASCII character, from the direct module: length and bytes
+cdef unsigned char _esc_len[128]
+cdef char _esc[128][8]
+
+# the direct module's helpers, set by bind()
+cdef object _plan_of = None
+cdef object _tolerant_loads = None
+cdef object _json_value = None
+cdef object _rfc3339 = None
+cdef object _partition_of = None
+cdef object _Outgoing = None
+cdef dict _KINDS = None
+cdef object _Unfit = None
+cdef object _Tolerant = None
+cdef bytes _UTC_OFFSET = b"+00:00"
+cdef tuple _last = (None, None)  # the Table planned last and its plan
+
+
+def bind(helpers):
+    """Take the direct module's helpers (its namespace); returns :func:`direct_event`."""
+    global _plan_of, _tolerant_loads, _json_value, _rfc3339, _partition_of, _Outgoing
+    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET
+    cdef int i
+    cdef bytes escape
+    _plan_of, _tolerant_loads = helpers["plan_of"], helpers["tolerant_loads"]
+    _json_value, _rfc3339 = helpers["json_value"], helpers["_rfc3339"]
+    _partition_of, _Outgoing = helpers["partition_of"], helpers["Outgoing"]
+    _KINDS, _Unfit, _Tolerant = helpers["_KINDS"], helpers["_Unfit"], helpers["_Tolerant"]
+    _UTC_OFFSET = helpers["_UTC_OFFSET"]
+    escapes = helpers["ESCAPES"]
+    for i in range(128):
+        escape = escapes[i]
+        if PyBytes_GET_SIZE(escape) > 7:
+            raise ValueError("an escape longer than 7 bytes")
+        _esc_len[i] = <unsigned char>PyBytes_GET_SIZE(escape)
+        memcpy(_esc[i], PyBytes_AS_STRING(escape), PyBytes_GET_SIZE(escape))
+    return direct_event
+
+
+# -- the buffer ------------------------------------------------------------------
+
+cdef struct Buf:
+    char *p
+    Py_ssize_t n
+    Py_ssize_t cap
+    char *stack  # the caller's stack storage: p while it is big enough
+
+
+cdef inline void _init(Buf *b, char *stack, Py_ssize_t size) noexcept:
+    b.p = stack
+    b.stack = stack
+    b.n = 0
+    b.cap = size
+
+
+cdef inline void _free(Buf *b) noexcept:
+    if b.p != b.stack:
+        PyMem_Free(b.p)
+    b.p = b.stack
+
+
+cdef int _grow(Buf *b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = b.cap * 2
+    cdef char *p
+    while cap < b.n + extra:
+        cap *= 2
+    if b.p == b.stack:
+        p = <char *>PyMem_Malloc(cap)
+        if p == NULL:
+            raise MemoryError()
+        memcpy(p, b.p, b.n)
+    else:
+        p = <char *>PyMem_Realloc(b.p, cap)
+        if p == NULL:
+            raise MemoryError()
+    b.p = p
+    b.cap = cap
+    return 0
+
+
+cdef inline int _put(Buf *b, const char *s, Py_ssize_t n) except -1:
+    if b.n + n > b.cap:
+        _grow(b, n)
+    memcpy(b.p + b.n, s, n)
+    b.n += n
+    return 0
+
+
+cdef inline int _put_bytes(Buf *b, bytes s) except -1:
+    return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+
+
+cdef inline int _put_char(Buf *b, char c) except -1:
+    if b.n + 1 > b.cap:
+        _grow(b, 1)
+    b.p[b.n] = c
+    b.n += 1
+    return 0
+
+
+cdef int _put_int(Buf *b, Py_ssize_t v) except -1:
+    cdef char digits[24]
+    cdef int i = 24
+    cdef bint negative = v < 0
+    cdef unsigned long long u = <unsigned long long>(-v) if negative else <unsigned long long>v
+    while True:
+        i -= 1
+        digits[i] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if negative:
+        i -= 1
+        digits[i] = b'-'
+    return _put(b, digits + i, 24 - i)
+
+
+# -- strings as orjson writes them -----------------------------------------------
+
+cdef inline bint _cont(unsigned char c) noexcept:
+    return (c & 0xC0) == 0x80
+
+
+cdef Py_ssize_t _utf8_length(const unsigned char *s, Py_ssize_t n) noexcept:
+    """The length of the valid UTF-8 sequence at ``s`` (Python's rules: no overlong form,
+    no surrogate, nothing beyond U+10FFFF), or 0."""
+    cdef unsigned char c = s[0]
+    if 0xC2 <= c <= 0xDF:
+        return 2 if n >= 2 and _cont(s[1]) else 0
+    if 0xE0 <= c <= 0xEF:
+        if n < 3 or not _cont(s[1]) or not _cont(s[2]):
+            return 0
+        if (c == 0xE0 and s[1] < 0xA0) or (c == 0xED and s[1] > 0x9F):
+            return 0
+        return 3
+    if 0xF0 <= c <= 0xF4:
+        if n < 4 or not _cont(s[1]) or not _cont(s[2]) or not _cont(s[3]):
+            return 0
+        if (c == 0xF0 and s[1] < 0x90) or (c == 0xF4 and s[1] > 0x8F):
+            return 0
+        return 4
+    return 0
+
+
+cdef int _put_string(Buf *b, const unsigned char *s, Py_ssize_t n) except -1:
+    """``s`` (UTF-8) as a JSON string; raises _Unfit if it is not valid UTF-8."""
+    cdef Py_ssize_t i = 0, start, step
+    cdef unsigned char c
+    _put_char(b, b'"')
+    while i < n:
+        start = i
+        while i < n:  # a run written as it is
+            c = s[i]
+            if c < 0x80:
+                if _esc_len[c] != 1 or <unsigned char>_esc[c][0] != c:
+                    break
+                i += 1
+            else:
+                step = _utf8_length(s + i, n - i)
+                if step == 0:
+                    raise _Unfit
+                i += step
+        if i > start:
+            _put(b, <const char *>s + start, i - start)
+        if i < n:
+            c = s[i]
+            _put(b, _esc[c], _esc_len[c])
+            i += 1
+    _put_char(b, b'"')
+    return 0
+
+
+cdef int _put_str(Buf *b, object text) except -1:
+    cdef Py_ssize_t n
+    cdef const char *s = PyUnicode_AsUTF8AndSize(text, &n)
+    return _put_string(b, <const unsigned char *>s, n)
+
+
+# -- the writers -----------------------------------------------------------------
+
+cdef inline bint _digit(char c) noexcept:
+    return b'0' <= c <= b'9'
+
+
+cdef inline bint _two(const char *s, int low, int high) noexcept:
+    """Whether s[0:2] are digits of a number in low..high."""
+    if not (_digit(s[0]) and _digit(s[1])):
+        return False
+    cdef int v = (s[0] - 48) * 10 + (s[1] - 48)
+    return low <= v <= high
+
+
+cdef bint _day(const char *s) noexcept:
+    """Whether s[0:10] is YYYY-MM-DD (a year 0001 to 9999)."""
+    return (_digit(s[0]) and _digit(s[1]) and _digit(s[2]) and _digit(s[3])
+            and not (s[0] == b'0' and s[1] == b'0' and s[2] == b'0' and s[3] == b'0')
+            and s[4] == b'-' and _two(s + 5, 1, 12) and s[7] == b'-' and _two(s + 8, 1, 31))
+
+
+cdef int _timestamp(Buf *b, const char *s, Py_ssize_t n, bint tz) except -1:
+    """Write the ISO form of a timestamp's text if it is the plain form; 0 if it is not."""
+    cdef Py_ssize_t end = n - 3 if tz else n, digits, i
+    if end < 19 or not _day(s) or s[10] != b' ' or not _two(s + 11, 0, 23) or s[13] != b':' \
+            or not _two(s + 14, 0, 59) or s[16] != b':' or not _two(s + 17, 0, 59):
+        return 0
+    if tz and not (s[end] == b'+' and s[end + 1] == b'0' and s[end + 2] == b'0'):
+        return 0
+    digits = 0
+    if end > 19:
+        if s[19] != b'.' or end - 20 < 1 or end - 20 > 6:
+            return 0
+        for i in range(20, end):
+            if not _digit(s[i]):
+                return 0
+        digits = end - 20
+    _put_char(b, b'"')
+    _put(b, s, 10)
+    _put_char(b, b'T')
+    _put(b, s + 11, 8)
+    for i in range(digits):
+        if s[20 + i] != b'0':
+            _put(b, s + 19, 1 + digits)
+            _put(b, b"000000", 6 - digits)
+            break
+    if tz:
+        _put_bytes(b, _UTC_OFFSET)
+    _put_char(b, b'"')
+    return 1
+
+
+cdef bint _numeric(const char *s, Py_ssize_t n) noexcept:
+    """NaN, Infinity, -Infinity, or -?(0|[1-9][0-9]*)(.[0-9]+)?"""
+    cdef Py_ssize_t i = 0
+    if n == 3 and s[0] == b'N' and s[1] == b'a' and s[2] == b'N':
+        return True
+    if n > 0 and s[0] == b'-':
+        i = 1
+    if n - i == 8 and memcmp(s + i, b"Infinity", 8) == 0:
+        return True
+    if i >= n or not _digit(s[i]):
+        return False
+    if s[i] == b'0':
+        i += 1
+    else:
+        while i < n and _digit(s[i]):
+            i += 1
+    if i == n:
+        return True
+    if s[i] != b'.' or i + 1 == n:
+        return False
+    i += 1
+    while i < n:
+        if not _digit(s[i]):
+            return False
+        i += 1
+    return True
+
+
+cdef bint _uuid(const char *s, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    cdef char c
+    if n != 36:
+        return False
+    for i in range(36):
+        c = s[i]
+        if i == 8 or i == 13 or i == 18 or i == 23:
+            if c != b'-':
+                return False
+        elif not (_digit(c) or b'a' <= c <= b'f'):
+            return False
+    return True
+
+
+cdef object _load(object load, bytes raw, int mode):
+    """The loader's value; a refusal in a row typed with the table's loaders (mode 0)
+    raises _Tolerant (the row is written again with the tolerant loaders)."""
+    try:
+        return load(raw)
+    except Exception as exc:
+        if mode == 0:
+            raise _Tolerant() from exc
+        raise
+
+
+cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keyed):
+    """Write one value; returns its JSON form when it is a str and ``keyed`` (else None)."""
+    cdef const char *s = PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, start
+    cdef unsigned long long v
+    if kind == INT:
+        start = 1 if n > 0 and s[0] == b'-' else 0
+        if n - start < 1 or n - start > 19 or not _digit(s[start]) \
+                or (s[start] == b'0' and (n - start > 1 or start == 1)):
+            raise _Unfit
+        v = 0
+        for i in range(start, n):
+            if not _digit(s[i]):
+                raise _Unfit
+            v = v * 10 + <unsigned long long>(s[i] - 48)
+        if n - start <= 15 or v <= <unsigned long long>_MAX_SAFE:
+            _put(b, s, n)
+            return None
+        _put_char(b, b'"')
+        _put(b, s, n)
+        _put_char(b, b'"')
+        return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
+    if kind == TEXT:
+        _put_string(b, <const unsigned char *>s, n)
+        return PyUnicode_DecodeUTF8(s, n, NULL) if keyed else None
+    if kind == BOOL:
+        if n == 1 and s[0] == b't':
+            _put(b, b"true", 4)
+        elif n == 1 and s[0] == b'f':
+            _put(b, b"false", 5)
+        else:
+            raise _Unfit
+        return None
+    if kind == NUMERIC:
+        if not _numeric(s, n):
+            raise _Unfit
+        _put_char(b, b'"')
+        _put(b, s, n)
+        _put_char(b, b'"')
+        return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
+    if kind == UUID:
+        if not _uuid(s, n):
+            raise _Unfit
+        _put_char(b, b'"')
+        _put(b, s, n)
+        _put_char(b, b'"')
+        return None
+    if kind == DATE:
+        if n == 10 and _day(s):
+            _put_char(b, b'"')
+            _put(b, s, n)
+            _put_char(b, b'"')
+            return None
+        return _temporal_text(b, raw, load, mode)
+    if kind == TIMESTAMP or kind == TIMESTAMPTZ:
+        if _timestamp(b, s, n, kind == TIMESTAMPTZ):
+            return None
+        return _temporal_text(b, raw, load, mode)
+    if kind == JSON:
+        _put_bytes(b, _dumps(_load(load, raw, mode)))
+        return None  # its form for a key: see _subject
+    form = _json_value(_load(load, raw, mode))
+    _put_bytes(b, _dumps(form))
+    return form if type(form) is str else None
+
+
+cdef object _temporal_text(Buf *b, bytes raw, object load, int mode):
+    """The twin of ``temporal_text``: the text the tolerant loader gives."""
+    if mode == 0:
+        raise _Tolerant()
+    value = load(raw)
+    if type(value) is not str:
+        raise _Unfit
+    _put_str(b, value)
+    return value
+
+
+cdef int _record(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width, int mode,
+                 Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
+    """Write ``{"name":piece,...}`` of ``row``'s columns (all of them, or ``columns``): each
+    piece's span in ``spans`` (when given, two per column) and, for the key's columns, in
+    ``key_spans`` with their str forms in ``key_forms``."""
+    cdef bytes kinds = <bytes>PyTuple_GET_ITEM(plan, 2)
+    cdef tuple names = <tuple>PyTuple_GET_ITEM(plan, 3)
+    cdef tuple loads
+    if mode:
+        loads = <tuple>_tolerant_loads(plan)
+    else:
+        loads = <tuple>PyTuple_GET_ITEM(plan, 4)
+    cdef bytes positions = <bytes>PyTuple_GET_ITEM(plan, 17)
+    cdef const unsigned char *kind = <const unsigned char *>PyBytes_AS_STRING(kinds)
+    cdef const unsigned char *position = <const unsigned char *>PyBytes_AS_STRING(positions)
+    cdef Py_ssize_t count = width if columns is None else PyTuple_GET_SIZE(columns), j, i, at
+    cdef PyObject *value
+    cdef int keyed
+    _put_char(b, b'{')
+    for j in range(count):
+        i = j if columns is None else <Py_ssize_t>(<object>PyTuple_GET_ITEM(columns, j))
+        if j:
+            _put_char(b, b',')
+        _put_bytes(b, <bytes>PyTuple_GET_ITEM(names, i))
+        value = PyList_GET_ITEM(row, i)
+        at = b.n
+        keyed = position[i]
+        if <object>value is None:
+            _put(b, b"null", 4)
+            form = None
+        elif type(<object>value) is bytes:
+            form = _piece(b, kind[i], <bytes>value, <object>PyTuple_GET_ITEM(loads, i), mode,
+                          keyed != 0)
+        else:
+            raise _Unfit  # a binary or unchanged TOAST value: not a raw row
+        if spans != NULL:
+            spans[2 * i] = at
+            spans[2 * i + 1] = b.n
+        if keyed:
+            key_spans[2 * (keyed - 1)] = at
+            key_spans[2 * (keyed - 1) + 1] = b.n
+            key_forms[keyed - 1] = form
+    _put_char(b, b'}')
+    return 0
+
+
+cdef int _row(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width,
+              Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
+    """:func:`_record` with the table's loaders, or again with the tolerant ones; the mode."""
+    cdef Py_ssize_t at = b.n
+    if PyList_GET_SIZE(row) != width:
+        raise _Unfit
+    try:
+        _record(b, plan, row, columns, width, 0, spans, key_spans, key_forms)
+        return 0
+    except _Tolerant:
+        b.n = at
+    _record(b, plan, row, columns, width, 1, spans, key_spans, key_forms)
+    return 1
+
+
+cdef object _subject(Buf *b, tuple plan, list row, int mode, Py_ssize_t *key_spans,
+                     list key_forms):
+    """The twin of ``direct._subject``: the key's text from its pieces in ``b``."""
+    cdef tuple key = <tuple>PyTuple_GET_ITEM(plan, 5)
+    cdef bytes kinds = <bytes>PyTuple_GET_ITEM(plan, 2)
+    cdef Py_ssize_t count = PyTuple_GET_SIZE(key), j, i
+    cdef list pieces = None
+    cdef bint json_key = False
+    cdef char stack[256]
+    cdef Buf k
+    for j in range(count):
+        i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
+        if (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON \
+                and <object>PyList_GET_ITEM(row, i) is not None:
+            json_key = True
+    if json_key:  # a json key's form is json_value's of the document: through Python
+        pieces = []
+        loads = _tolerant_loads(plan) if mode else <tuple>PyTuple_GET_ITEM(plan, 4)
+        for j in range(count):
+            i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
+            value = <object>PyList_GET_ITEM(row, i)
+            if (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON and value is not None:
+                form = _json_value(loads[i](value))
+                pieces.append(_dumps(form))
+                key_forms[j] = form if type(form) is str else None
+            else:
+                pieces.append(PyBytes_FromStringAndSize(b.p + key_spans[2 * j],
+                                                        key_spans[2 * j + 1] - key_spans[2 * j]))
+    if count == 1:
+        if key_forms[0] is not None:
+            return key_forms[0]
+        if pieces is not None:
+            return (<bytes>pieces[0]).decode()
+        return PyUnicode_DecodeUTF8(b.p + key_spans[0], key_spans[1] - key_spans[0], NULL)
+    if pieces is not None:
+        return (b"[" + b",".join(pieces) + b"]").decode()
+    _init(&k, stack, 256)
+    try:
+        _put_char(&k, b'[')
+        for j in range(count):
+            if j:
+                _put_char(&k, b',')
+            _put(&k, b.p + key_spans[2 * j], key_spans[2 * j + 1] - key_spans[2 * j])
+        _put_char(&k, b']')
+        return PyUnicode_DecodeUTF8(k.p, k.n, NULL)
+    finally:
+        _free(&k)
+
+
+def direct_event(event, Py_ssize_t partitions):
+    """The twin of ``direct.py_direct_event``: the Outgoing, or None when unfit."""
+    try:
+        return _direct(event, partitions)
+    except Exception:  # unfit: the typed path encodes it (and raises, if it must)
+        return None
+
+
+cdef object _direct(object event, Py_ssize_t partitions):
+    global _last
+    cdef tuple raw = <tuple?>event.raw
+    table = <object>PyTuple_GET_ITEM(raw, 0)
+    new = <object>PyTuple_GET_ITEM(raw, 1)
+    old = <object>PyTuple_GET_ITEM(raw, 2)
+    old_kind = <object>PyTuple_GET_ITEM(raw, 3)
+    cdef tuple plan
+    if <object>PyTuple_GET_ITEM(_last, 0) is table \
+            and <object>PyTuple_GET_ITEM(<tuple>PyTuple_GET_ITEM(_last, 1), 1) is event.source:
+        plan = <tuple>PyTuple_GET_ITEM(_last, 1)
+    else:
+        plan = <tuple>_plan_of(event, table)
+        _last = (table, plan)
+    key = <object>PyTuple_GET_ITEM(plan, 5)
+    if key is None:
+        raise _Unfit
+    cdef Py_ssize_t width = PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(plan, 2)), at
+    cdef Py_ssize_t nkey = PyTuple_GET_SIZE(<tuple>key), i
+    cdef Py_ssize_t key_spans[2 * MAX_KEY]
+    cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
+    cdef list key_forms = [None] * nkey
+    cdef list old_key_forms = [None] * nkey
+    cdef Py_ssize_t *spans = NULL
+    cdef int new_mode = 0, old_mode = 0
+    cdef bint changes = old is not None and new is not None and old_kind != "K"
+    cdef bint full_old = old_kind != "K"
+    cdef char data_stack[STACK]
+    cdef char head_stack[512]
+    cdef Buf d, h
+    _init(&d, data_stack, STACK)
+    _init(&h, head_stack, 512)
+    try:
+        if changes:
+            spans = <Py_ssize_t *>PyMem_Malloc(4 * width * sizeof(Py_ssize_t))
+            if spans == NULL:
+                raise MemoryError()
+        _put(&d, b'"data":{"new_record":', 21)
+        if new is not None:
+            new_mode = _row(&d, plan, <list?>new, None, width, spans, key_spans, key_forms)
+        else:
+            _put(&d, b"null", 4)
+        _put(&d, b',"old_record":', 14)
+        if old is not None:
+            old_mode = _row(&d, plan, <list?>old, None if full_old else
+                            <tuple>PyTuple_GET_ITEM(plan, 7), width,
+                            spans + 2 * width if spans != NULL else NULL,
+                            old_key_spans, old_key_forms)
+        else:
+            _put(&d, b"null", 4)
+        _put(&d, b',"changes":', 11)
+        if changes:
+            _put_char(&d, b'{')
+            first = True
+            names = <tuple>PyTuple_GET_ITEM(plan, 3)
+            for i in range(width):
+                if PyList_GET_ITEM(<list>new, i) == PyList_GET_ITEM(<list>old, i) or \
+                        <object>PyList_GET_ITEM(<list>new, i) == <object>PyList_GET_ITEM(<list>old, i):
+                    continue
+                if not first:
+                    _put_char(&d, b',')
+                first = False
+                _put_bytes(&d, <bytes>PyTuple_GET_ITEM(names, i))
+                _put(&d, b'{"old_value":', 13)
+                _put(&d, d.p + spans[2 * width + 2 * i], spans[2 * width + 2 * i + 1] - spans[2 * width + 2 * i])
+                _put(&d, b',"new_value":', 13)
+                _put(&d, d.p + spans[2 * i], spans[2 * i + 1] - spans[2 * i])
+                _put_char(&d, b'}')
+            _put_char(&d, b'}')
+        else:
+            _put(&d, b"null", 4)
+        subject = None
+        if nkey:
+            if new is not None:
+                subject = _subject(&d, plan, <list>new, new_mode, key_spans, key_forms)
+            elif old is not None and (full_old or <object>PyTuple_GET_ITEM(plan, 6)):
+                subject = _subject(&d, plan, <list>old, old_mode, old_key_spans, old_key_forms)
+        _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
+        lsn = event.lsn
+        _put_str(&d, lsn)
+        _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 12))  # base_types, key, }
+        prefix = <object>PyTuple_GET_ITEM(plan, 9)
+        if subject is not None:
+            _put(&d, b',"subject":', 11)
+            _put_str(&d, subject)
+            key_text = prefix + "/" + subject
+        else:
+            key_text = prefix
+        _put_char(&d, b'}')
+
+        kind, type_name = _KINDS[event.type]
+        time = _rfc3339(event.timestamp)
+        partition = _partition_of(key_text, partitions) if partitions > 1 else 0
+        ident = event.id
+        _put(&h, b'{"specversion":"1.0","id":', 26)
+        _put_str(&h, ident)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 8))  # ,"source":...,"type":
+        _put_str(&h, type_name)
+        _put(&h, b',"time":', 8)
+        _put_str(&h, time)
+        _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
+        _put_str(&h, lsn)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
+        if subject is not None:
+            _put_char(&h, b'/')
+            at = h.n
+            _put_str(&h, subject)
+            memmove(h.p + at, h.p + at + 1, h.n - at - 1)  # the subject's opening quote out
+            h.n -= 1
+        else:
+            _put_char(&h, b'"')
+        _put(&h, b',"walexpartition":', 18)
+        _put_int(&h, partition)
+        _put(&h, b',"walexpartitions":', 19)
+        _put_int(&h, partitions)
+        _put_char(&h, b',')
+        body = PyBytes_FromStringAndSize(NULL, h.n + d.n)
+        memcpy(PyBytes_AS_STRING(body), h.p, h.n)
+        memcpy(PyBytes_AS_STRING(body) + h.n, d.p, d.n)
+    finally:
+        _free(&d)
+        _free(&h)
+        if spans != NULL:
+            PyMem_Free(spans)
+    return _tuple_new(_Outgoing, (ident, <object>PyTuple_GET_ITEM(plan, 14),
+                                  <object>PyTuple_GET_ITEM(plan, 15), kind, partition, body,
+                                  <object>PyTuple_GET_ITEM(plan, 13), time, key_text, subject))
+
+
+def direct_event_or_raise(event, Py_ssize_t partitions):
+    """:func:`direct_event` that raises what made the event unfit (for tests)."""
+    return _direct(event, partitions)
