@@ -30,7 +30,10 @@ from test_types import SCHEMA as MATRIX_SCHEMA
 from workers.test_edge_values import SCHEMA as EDGE_SCHEMA
 from workers.test_edge_values import rows as edge_rows
 
+from support import collecting, run
+
 from walex import EventType
+from walex.hotpath import compiled_available
 from walex.destinations import direct, encoding
 from walex.destinations.encoding import encode, encode_event, encode_event_reference
 from walex.lookups import LookupConnection
@@ -387,3 +390,33 @@ def test_generated_values(admin: psycopg.Connection, dsn: str) -> None:
     events = raw_events(admin, dsn)
     assert len(events) == 400
     assert check(events, (1, 16)) == 400
+
+
+@pytest.mark.skipif(not compiled_available() or bool(os.environ.get("WALEX_PURE_PYTHON")),
+                    reason="raw rows are a way of the compiled hot path (walex._hotpath)")
+def test_raw_events_a_walex_app_streams(admin: psycopg.Connection, dsn: str) -> None:
+    """The RawEvents a WalEx app with ``raw_rows`` hands on (the compiled hot path's, from
+    its replication session): the type matrix, the edge values and the bench's columns."""
+    admin.execute(MATRIX_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE typed;", ""))
+    admin.execute(EDGE_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE edge;", ""))
+    admin.execute(PLAIN_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE plain;", ""))
+    admin.execute("CREATE PUBLICATION pub FOR TABLE typed, edge, plain")
+    edge = edge_rows(admin)  # one change each
+    statements = [f"INSERT INTO typed VALUES {ROW_VALUES}",
+                  "UPDATE typed SET c_int4 = 5, c_text = 'x' WHERE id IN (1, 2)",
+                  "DELETE FROM typed WHERE id = 4", *edge,
+                  "UPDATE edge SET c_ts = '-infinity' WHERE id = 7", f"INSERT INTO plain VALUES {PLAIN_ROWS}",
+                  "UPDATE plain SET f = 'Infinity', d = 2 WHERE id = 1", "DELETE FROM plain WHERE id = 3"]
+    count = 5 + 2 + 1 + len(edge) + 1 + 5 + 1 + 1
+    events: list[Any] = []
+
+    async def main() -> None:  # returns nothing: asyncio's debug mode would repr (type) them
+        async with collecting(dsn, raw_rows=True) as rec:
+            for statement in statements:
+                admin.execute(statement)
+            events.extend(await rec.wait_for(count))
+
+    run(main())
+    raws = [e for e in events if type(e) is RawEvent and e.raw is not None]
+    assert len(raws) == len(events)
+    assert check(raws, (1, 3)) >= len(raws) - 1  # the huge jsonb number: orjson refuses it
