@@ -40,7 +40,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex._encode", ["src/walex/_encode.pyx"]),
                     Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"]),
                     Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"]),
-                    Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"])]
+                    Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"],
+                              depends=["src/walex/destinations/_direct_buffer.pxi"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

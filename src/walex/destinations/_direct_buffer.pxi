@@ -1,0 +1,235 @@
+# The buffer, strings as orjson writes them, and the checks of the plain forms of
+# walex.destinations._direct (included there: it declares the names used here).
+
+# -- the buffer ------------------------------------------------------------------
+
+cdef struct Buf:
+    char *p
+    Py_ssize_t n
+    Py_ssize_t cap
+    char *stack  # the caller's stack storage: p while it is big enough
+
+
+cdef inline void _init(Buf *b, char *stack, Py_ssize_t size) noexcept:
+    b.p = stack
+    b.stack = stack
+    b.n = 0
+    b.cap = size
+
+
+cdef inline void _free(Buf *b) noexcept:
+    if b.p != b.stack:
+        PyMem_Free(b.p)
+    b.p = b.stack
+
+
+cdef int _grow(Buf *b, Py_ssize_t extra) except -1:
+    cdef Py_ssize_t cap = b.cap * 2
+    cdef char *p
+    while cap < b.n + extra:
+        cap *= 2
+    if b.p == b.stack:
+        p = <char *>PyMem_Malloc(cap)
+        if p == NULL:
+            raise MemoryError()
+        memcpy(p, b.p, b.n)
+    else:
+        p = <char *>PyMem_Realloc(b.p, cap)
+        if p == NULL:
+            raise MemoryError()
+    b.p = p
+    b.cap = cap
+    return 0
+
+
+cdef inline int _put(Buf *b, const char *s, Py_ssize_t n) except -1:
+    if b.n + n > b.cap:
+        _grow(b, n)
+    memcpy(b.p + b.n, s, n)
+    b.n += n
+    return 0
+
+
+cdef inline int _put_bytes(Buf *b, bytes s) except -1:
+    return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
+
+
+cdef inline int _put_char(Buf *b, char c) except -1:
+    if b.n + 1 > b.cap:
+        _grow(b, 1)
+    b.p[b.n] = c
+    b.n += 1
+    return 0
+
+
+cdef int _put_int(Buf *b, Py_ssize_t v) except -1:
+    cdef char digits[24]
+    cdef int i = 24
+    cdef bint negative = v < 0
+    cdef unsigned long long u = <unsigned long long>(-v) if negative else <unsigned long long>v
+    while True:
+        i -= 1
+        digits[i] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if negative:
+        i -= 1
+        digits[i] = b'-'
+    return _put(b, digits + i, 24 - i)
+
+
+# -- strings as orjson writes them -----------------------------------------------
+
+cdef inline bint _cont(unsigned char c) noexcept:
+    return (c & 0xC0) == 0x80
+
+
+cdef Py_ssize_t _utf8_length(const unsigned char *s, Py_ssize_t n) noexcept:
+    """The length of the valid UTF-8 sequence at ``s`` (Python's rules: no overlong form,
+    no surrogate, nothing beyond U+10FFFF), or 0."""
+    cdef unsigned char c = s[0]
+    if 0xC2 <= c <= 0xDF:
+        return 2 if n >= 2 and _cont(s[1]) else 0
+    if 0xE0 <= c <= 0xEF:
+        if n < 3 or not _cont(s[1]) or not _cont(s[2]):
+            return 0
+        if (c == 0xE0 and s[1] < 0xA0) or (c == 0xED and s[1] > 0x9F):
+            return 0
+        return 3
+    if 0xF0 <= c <= 0xF4:
+        if n < 4 or not _cont(s[1]) or not _cont(s[2]) or not _cont(s[3]):
+            return 0
+        if (c == 0xF0 and s[1] < 0x90) or (c == 0xF4 and s[1] > 0x8F):
+            return 0
+        return 4
+    return 0
+
+
+cdef int _put_string(Buf *b, const unsigned char *s, Py_ssize_t n) except -1:
+    """``s`` (UTF-8) as a JSON string; raises _Unfit if it is not valid UTF-8."""
+    cdef Py_ssize_t i = 0, start, step
+    cdef unsigned char c
+    _put_char(b, b'"')
+    while i < n:
+        start = i
+        while i < n:  # a run written as it is
+            c = s[i]
+            if c < 0x80:
+                if _esc_len[c] != 1 or <unsigned char>_esc[c][0] != c:
+                    break
+                i += 1
+            else:
+                step = _utf8_length(s + i, n - i)
+                if step == 0:
+                    raise _Unfit
+                i += step
+        if i > start:
+            _put(b, <const char *>s + start, i - start)
+        if i < n:
+            c = s[i]
+            _put(b, _esc[c], _esc_len[c])
+            i += 1
+    _put_char(b, b'"')
+    return 0
+
+
+cdef int _put_str(Buf *b, object text) except -1:
+    cdef Py_ssize_t n
+    cdef const char *s = PyUnicode_AsUTF8AndSize(text, &n)
+    return _put_string(b, <const unsigned char *>s, n)
+
+
+# -- the writers -----------------------------------------------------------------
+
+cdef inline bint _digit(char c) noexcept:
+    return b'0' <= c <= b'9'
+
+
+cdef inline bint _two(const char *s, int low, int high) noexcept:
+    """Whether s[0:2] are digits of a number in low..high."""
+    if not (_digit(s[0]) and _digit(s[1])):
+        return False
+    cdef int v = (s[0] - 48) * 10 + (s[1] - 48)
+    return low <= v <= high
+
+
+cdef bint _day(const char *s) noexcept:
+    """Whether s[0:10] is YYYY-MM-DD (a year 0001 to 9999)."""
+    return (_digit(s[0]) and _digit(s[1]) and _digit(s[2]) and _digit(s[3])
+            and not (s[0] == b'0' and s[1] == b'0' and s[2] == b'0' and s[3] == b'0')
+            and s[4] == b'-' and _two(s + 5, 1, 12) and s[7] == b'-' and _two(s + 8, 1, 31))
+
+
+cdef int _timestamp(Buf *b, const char *s, Py_ssize_t n, bint tz) except -1:
+    """Write the ISO form of a timestamp's text if it is the plain form; 0 if it is not."""
+    cdef Py_ssize_t end = n - 3 if tz else n, digits, i
+    if end < 19 or not _day(s) or s[10] != b' ' or not _two(s + 11, 0, 23) or s[13] != b':' \
+            or not _two(s + 14, 0, 59) or s[16] != b':' or not _two(s + 17, 0, 59):
+        return 0
+    if tz and not (s[end] == b'+' and s[end + 1] == b'0' and s[end + 2] == b'0'):
+        return 0
+    digits = 0
+    if end > 19:
+        if s[19] != b'.' or end - 20 < 1 or end - 20 > 6:
+            return 0
+        for i in range(20, end):
+            if not _digit(s[i]):
+                return 0
+        digits = end - 20
+    _put_char(b, b'"')
+    _put(b, s, 10)
+    _put_char(b, b'T')
+    _put(b, s + 11, 8)
+    for i in range(digits):
+        if s[20 + i] != b'0':
+            _put(b, s + 19, 1 + digits)
+            _put(b, b"000000", 6 - digits)
+            break
+    if tz:
+        _put_bytes(b, _UTC_OFFSET)
+    _put_char(b, b'"')
+    return 1
+
+
+cdef bint _numeric(const char *s, Py_ssize_t n) noexcept:
+    """NaN, Infinity, -Infinity, or -?(0|[1-9][0-9]*)(.[0-9]+)?"""
+    cdef Py_ssize_t i = 0
+    if n == 3 and s[0] == b'N' and s[1] == b'a' and s[2] == b'N':
+        return True
+    if n > 0 and s[0] == b'-':
+        i = 1
+    if n - i == 8 and memcmp(s + i, b"Infinity", 8) == 0:
+        return True
+    if i >= n or not _digit(s[i]):
+        return False
+    if s[i] == b'0':
+        i += 1
+    else:
+        while i < n and _digit(s[i]):
+            i += 1
+    if i == n:
+        return True
+    if s[i] != b'.' or i + 1 == n:
+        return False
+    i += 1
+    while i < n:
+        if not _digit(s[i]):
+            return False
+        i += 1
+    return True
+
+
+cdef bint _uuid(const char *s, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t i
+    cdef char c
+    if n != 36:
+        return False
+    for i in range(36):
+        c = s[i]
+        if i == 8 or i == 13 or i == 18 or i == 23:
+            if c != b'-':
+                return False
+        elif not (_digit(c) or b'a' <= c <= b'f'):
+            return False
+    return True
