@@ -12,8 +12,9 @@ there is no import cycle); anything the fast path does not take on raises
 the module's ``_Unfit`` (or orjson's error), and ``encode_event`` falls back
 to the reference. A :class:`~walex.rawevent.RawEvent` still holding its raw rows
 goes through the direct encoder first (:mod:`walex.destinations.direct`), and is
-typed (``event.typed()``, the RawEvent left as it is) only when that one leaves it. The body is copied out of orjson's result at its exact size,
-as the pure twin does (see ``_tuple_new`` there).
+typed (``event.typed()``, the RawEvent left as it is) only when that one leaves
+it. The body is copied out of orjson's result at its exact size, as the pure
+twin does (see ``_tuple_new`` there).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
