@@ -669,6 +669,10 @@ def test_relay_sigkilled_with_a_full_window_loses_nothing(
         assert done.is_set(), "the writer did not finish"
         wait(lambda: len({i for i, _d, _x in asyncio.run(read())}) >= updates,
              f"{updates} changes at the broker", 180, log)
+        # the last relay may find every change published already (its predecessor was fast):
+        # it is stopped once it streams, not while it starts (a signal before the loop
+        # runs ends the process as the default action does)
+        wait(lambda: log.read_text().count("streaming publication") >= 3, "the third relay", 60, log)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()[-4000:]
         stored = asyncio.run(read())
