@@ -125,7 +125,7 @@ def raw_events(events: list[Event]) -> list[RawEvent]:
                     for name, kind in src.columns.items()])
     table = asyncio.run(RelationCache(TypeCatalog(None), src.db, lambda s, t: True).update(rel))
     return [RawEvent.of(e.name, e.type, table.source,
-                        (table, [_text(v) for v in e.new_record.values()], None, "", 1),  # type: ignore[union-attr]
+                        (table, tuple(_text(v) for v in e.new_record.values()), None, "", 1),  # type: ignore[union-attr]
                         e.timestamp, e.lsn, e.id) for e in events]
 
 

@@ -4,6 +4,11 @@
     .venv/bin/python bench/replay.py --rows 50000 --reps 7
     .venv/bin/python bench/replay.py --keep 64 --gc-threshold 700   # a full queue, Python's GC
 
+The last two columns are a relay's reader and encoder: the compiled path with
+each batch encoded to CloudEvents (``encode``), the rows typed and then
+encoded, against the rows kept as sent (walex.rawevent) and written by the
+direct encoder.
+
 Starts a throwaway PostgreSQL 18, runs the benchmark's workloads (the tables
 and SQL of ``workloads.py``, as ``run.py`` does; W2 as single-row INSERT
 transactions, not through pgbench), records the pgoutput messages with
@@ -35,6 +40,7 @@ from workloads import WORKLOADS, prepare_rows, reset_tables, row_insert_sql, wor
 
 from walex import hotpath  # noqa: E402
 from walex.embedded import Cluster, embedded_bindir  # noqa: E402
+from walex.destinations.encoding import encode  # noqa: E402
 from walex.lookups import LookupConnection  # noqa: E402
 from walex.pgoutput import Decoder, Relation, Type  # noqa: E402
 from walex.pgtypes import TypeCatalog  # noqa: E402
@@ -78,14 +84,17 @@ def record(conn: psycopg.Connection, workload: str, rows: int) -> list[bytes]:
 
 
 async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnection,
-               keep: int = 0) -> tuple[float, int]:
+               keep: int = 0, raw: bool = False, relay: bool = False) -> tuple[float, int]:
     """CPU seconds to turn ``frames`` into batches, and the number of events.
 
-    ``keep``: the last that many batches stay alive, as in a full queue."""
+    ``keep``: the last that many batches stay alive, as in a full queue. ``raw``: every
+    table's rows kept as sent (walex.rawevent), as for a relay; ``relay``: each batch
+    encoded to CloudEvents too (walex.destinations.encoding), as a relay does."""
     lookups = LookupConnection()
     lookups.use(conn, None, None)
     catalog = TypeCatalog(lookups)
-    relations = RelationCache(catalog, "bench", lambda schema, table: True)
+    relations = RelationCache(catalog, "bench", lambda schema, table: True,
+                              (lambda schema, table: True) if raw else None)
     assembler = TransactionAssembler(relations)
     decoder = Decoder()
     hot = hotpath.hot_path(assembler, decoder) if compiled else None
@@ -109,18 +118,20 @@ async def feed(frames: list[bytes], compiled: bool, conn: psycopg.AsyncConnectio
         if batches is not None:
             for txn in batches:
                 events += len(txn.events)
+                if relay:
+                    encode(txn.events)
                 if keep:
                     kept.append(txn)
     return time.process_time() - t0, events
 
 
 async def measure(frames: list[bytes], compiled: bool, reps: int, dsn: str,
-                  keep: int = 0) -> tuple[float, int]:
+                  keep: int = 0, raw: bool = False, relay: bool = False) -> tuple[float, int]:
     best, events = float("inf"), 0
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for _ in range(reps):
             gc.collect()
-            seconds, events = await feed(frames, compiled, conn, keep)
+            seconds, events = await feed(frames, compiled, conn, keep, raw, relay)
             best = min(best, seconds)
     return best, events
 
@@ -143,8 +154,9 @@ def main() -> None:
     print(f"gc threshold {gc.get_threshold()}, {args.keep} batches kept alive")
     print(f"calibration: {calibration():.3f} s CPU for `for i in range(10**7): s += i * i` "
           f"(Python {sys.version.split()[0]})")
-    print("| workload | rows | pure us/row | compiled us/row | compiled / pure |")
-    print("|---|---|---|---|---|")
+    print("| workload | rows | pure us/row | compiled us/row | compiled / pure "
+          "| relay: typed + encode us/row | relay: raw + direct us/row |")
+    print("|---|---|---|---|---|---|---|")
     with Cluster(embedded_bindir()) as cluster, \
             psycopg.connect(cluster.dsn(), autocommit=True) as conn:
         for workload in args.workloads.split(","):
@@ -152,9 +164,14 @@ def main() -> None:
             frames = record(conn, workload, rows)
             pure, n = asyncio.run(measure(frames, False, args.reps, cluster.dsn(), args.keep))
             fast, m = asyncio.run(measure(frames, True, args.reps, cluster.dsn(), args.keep))
-            assert n == m == rows, (n, m, rows)
+            typed, k = asyncio.run(measure(frames, True, args.reps, cluster.dsn(), args.keep,
+                                           relay=True))
+            raw, r = asyncio.run(measure(frames, True, args.reps, cluster.dsn(), args.keep,
+                                         raw=True, relay=True))
+            assert n == m == k == r == rows, (n, m, k, r, rows)
             print(f"| {workload} | {rows:,} | {pure / rows * 1e6:.2f} | {fast / rows * 1e6:.2f} "
-                  f"| {fast / pure:.2f} |", flush=True)
+                  f"| {fast / pure:.2f} | {typed / rows * 1e6:.2f} | {raw / rows * 1e6:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Transformer, user adapters included), never here.
 from cpython.datetime cimport import_datetime, timedelta_new
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -445,6 +445,12 @@ cdef class HotPath:
         _EVENT.put(obj, 3, self._commit_time)
         _EVENT.put(obj, 4, self._lsn_text)
         _EVENT.put(obj, 5, self._id)
+        # the rows as tuples: of bytes and None only, the collector stops tracking them at its
+        # first look, so the events a relay holds in flight cost the later collections less
+        if new is not None:
+            new = PyList_AsTuple(new)
+        if old is not None:
+            old = PyList_AsTuple(old)
         _RAW.put(obj, 0, (table, new, old,
                           _KEY_KIND if old_kind == 75 else _OLD_KIND if old_kind == 79 else _NO_KIND,
                           lsn))

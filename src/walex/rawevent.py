@@ -14,7 +14,7 @@ backfill, an ``on_error`` callback, ``repr``...), with exactly the rules of
 Event the typed path builds.
 
 ``raw`` is ``(table, new, old, old_kind, lsn)``: ``new`` and ``old`` the rows'
-values (``bytes`` or ``None`` per column, ``None`` for a row not sent),
+values (tuples of ``bytes`` or ``None`` per column, ``None`` for a row not sent),
 ``old_kind`` ``"K"``, ``"O"`` or ``""``, ``lsn`` the change's (for the
 errors of typing). It is ``None`` once the rows were typed.
 

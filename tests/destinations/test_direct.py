@@ -98,7 +98,8 @@ def raw_events(admin: psycopg.Connection, dsn: str) -> list[RawEvent]:
                     kind = {m.Insert: EventType.INSERT, m.Update: EventType.UPDATE,
                             m.Delete: EventType.DELETE}[type(msg)]
                     old_kind = getattr(msg, "old_kind", None) or "" if old is not None else ""
-                    raw = (table, new, old, old_kind, lsn)
+                    raw = (table, None if new is None else tuple(new),
+                           None if old is None else tuple(old), old_kind, lsn)
                     out.append(RawEvent.of(table.name, kind, table.source, raw, COMMIT,
                                            format_lsn(lsn), f"{lsn:016X}-{len(out):08X}"))
 

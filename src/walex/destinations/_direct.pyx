@@ -13,7 +13,6 @@ imports nothing of walex, so there is no import cycle).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
@@ -179,7 +178,7 @@ cdef object _temporal_text(Buf *b, bytes raw, object load, int mode):
     return value
 
 
-cdef int _record(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width, int mode,
+cdef int _record(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width, int mode,
                  Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
     """Write ``{"name":piece,...}`` of ``row``'s columns (all of them, or ``columns``): each
     piece's span in ``spans`` (when given, two per column) and, for the key's columns, in
@@ -203,7 +202,7 @@ cdef int _record(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width, 
         if j:
             _put_char(b, b',')
         _put_bytes(b, <bytes>PyTuple_GET_ITEM(names, i))
-        value = PyList_GET_ITEM(row, i)
+        value = PyTuple_GET_ITEM(row, i)
         at = b.n
         keyed = position[i]
         if <object>value is None:
@@ -225,11 +224,11 @@ cdef int _record(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width, 
     return 0
 
 
-cdef int _row(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width,
+cdef int _row(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width,
               Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
     """:func:`_record` with the table's loaders, or again with the tolerant ones; the mode."""
     cdef Py_ssize_t at = b.n
-    if PyList_GET_SIZE(row) != width:
+    if PyTuple_GET_SIZE(row) != width:
         raise _Unfit
     try:
         _record(b, plan, row, columns, width, 0, spans, key_spans, key_forms)
@@ -240,7 +239,7 @@ cdef int _row(Buf *b, tuple plan, list row, tuple columns, Py_ssize_t width,
     return 1
 
 
-cdef object _subject(Buf *b, tuple plan, list row, int mode, Py_ssize_t *key_spans,
+cdef object _subject(Buf *b, tuple plan, tuple row, int mode, Py_ssize_t *key_spans,
                      list key_forms):
     """The twin of ``direct._subject``: the key's text from its pieces in ``b``."""
     cdef tuple key = <tuple>PyTuple_GET_ITEM(plan, 5)
@@ -253,14 +252,14 @@ cdef object _subject(Buf *b, tuple plan, list row, int mode, Py_ssize_t *key_spa
     for j in range(count):
         i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
         if (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON \
-                and <object>PyList_GET_ITEM(row, i) is not None:
+                and <object>PyTuple_GET_ITEM(row, i) is not None:
             json_key = True
     if json_key:  # a json key's form is json_value's of the document: through Python
         pieces = []
         loads = _tolerant_loads(plan) if mode else <tuple>PyTuple_GET_ITEM(plan, 4)
         for j in range(count):
             i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
-            value = <object>PyList_GET_ITEM(row, i)
+            value = <object>PyTuple_GET_ITEM(row, i)
             if (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON and value is not None:
                 form = _json_value(loads[i](value))
                 pieces.append(_dumps(form))
@@ -336,12 +335,12 @@ cdef object _direct(object event, Py_ssize_t partitions):
                 raise MemoryError()
         _put(&d, b'"data":{"new_record":', 21)
         if new is not None:
-            new_mode = _row(&d, plan, <list?>new, None, width, spans, key_spans, key_forms)
+            new_mode = _row(&d, plan, <tuple?>new, None, width, spans, key_spans, key_forms)
         else:
             _put(&d, b"null", 4)
         _put(&d, b',"old_record":', 14)
         if old is not None:
-            old_mode = _row(&d, plan, <list?>old, None if full_old else
+            old_mode = _row(&d, plan, <tuple?>old, None if full_old else
                             <tuple>PyTuple_GET_ITEM(plan, 7), width,
                             spans + 2 * width if spans != NULL else NULL,
                             old_key_spans, old_key_forms)
@@ -353,8 +352,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
             first = True
             names = <tuple>PyTuple_GET_ITEM(plan, 3)
             for i in range(width):
-                if PyList_GET_ITEM(<list>new, i) == PyList_GET_ITEM(<list>old, i) or \
-                        <object>PyList_GET_ITEM(<list>new, i) == <object>PyList_GET_ITEM(<list>old, i):
+                if PyTuple_GET_ITEM(<tuple>new, i) == PyTuple_GET_ITEM(<tuple>old, i) or \
+                        <object>PyTuple_GET_ITEM(<tuple>new, i) == <object>PyTuple_GET_ITEM(<tuple>old, i):
                     continue
                 if not first:
                     _put_char(&d, b',')
@@ -371,9 +370,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
         subject = None
         if nkey:
             if new is not None:
-                subject = _subject(&d, plan, <list>new, new_mode, key_spans, key_forms)
+                subject = _subject(&d, plan, <tuple>new, new_mode, key_spans, key_forms)
             elif old is not None and (full_old or <object>PyTuple_GET_ITEM(plan, 6)):
-                subject = _subject(&d, plan, <list>old, old_mode, old_key_spans, old_key_forms)
+                subject = _subject(&d, plan, <tuple>old, old_mode, old_key_spans, old_key_forms)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
         lsn = event.lsn
         _put_str(&d, lsn)
