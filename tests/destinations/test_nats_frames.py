@@ -156,3 +156,26 @@ def test_the_compiled_frames_are_the_pure_frames() -> None:
         for frames in (hpub.frames, hpub.compiled_frames):
             subjects = {}
             assert frames(odd, subjects, subject_of(subjects), b"p.", b"S", 0, None) is None
+
+
+@pytest.mark.skipif(hpub.compiled_sizes is None,
+                    reason="walex.destinations._hpub not built (no Cython or C compiler at install)")
+def test_the_compiled_sizes_are_the_pure_sizes() -> None:
+    """walex.destinations._hpub.sizes, the twin of hpub.sizes (the max_payload check and
+    the longest id of a batch): the same answers, the first message over the limit."""
+    import os
+
+    assert hpub.batch_sizes is (hpub.sizes if os.environ.get("WALEX_PURE_PYTHON")
+                                else hpub.compiled_sizes)
+    batch = _batch("sz")
+    batch[5] = batch[5]._replace(id="0/" + "i" * 90)
+    batch[9] = batch[9]._replace(body=b"x" * 5000)
+    batch[12] = batch[12]._replace(body=b"y" * 7000)
+    for part in (batch, batch[:1], batch[6:], []):
+        for overhead in (0, 77):
+            for limit in (0, 100, 5050, 5100, 10**6):
+                expected = hpub.sizes(part, overhead, limit)
+                assert hpub.compiled_sizes(part, overhead, limit) == expected, (len(part), limit)
+    largest, longest, over = hpub.sizes(batch, 10, 6000)
+    assert over == 12 and longest == 92 and largest == 7000 + len(batch[12].id) + 10
+    assert hpub.sizes(batch, 10, 0)[2] == -1

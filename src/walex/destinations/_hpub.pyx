@@ -1,9 +1,9 @@
 # cython: language_level=3, wraparound=False, boundscheck=False
 """walex.destinations._hpub: the HPUB frames of a JetStream batch, compiled (optional).
 
-The twin of :func:`walex.destinations.hpub.frames`, which stays the pure-Python
-path: the same arguments, the same bytes (``tests/destinations/test_nats_frames.py``
-builds batches both ways). Each frame is written into one bytes object of its exact
+The twin of :func:`walex.destinations.hpub.frames` and :func:`~walex.destinations.hpub.sizes`,
+which stay the pure-Python path: the same arguments, the same results
+(``tests/destinations/test_nats_frames.py`` builds batches both ways). Each frame is written into one bytes object of its exact
 size (no format string parsed per message), and the frames are joined into chunks of
 about 64 KiB as the pure twin joins them.
 """
@@ -14,7 +14,7 @@ from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
-__all__ = ["frames"]
+__all__ = ["frames", "sizes"]
 
 DEF CHUNK = 64 * 1024
 
@@ -132,3 +132,25 @@ def frames(list batch, dict subjects, subject_of, bytes prefix, bytes stream,
     if part:
         chunks.append(b"".join(part))
     return chunks, payload
+
+
+def sizes(list batch, Py_ssize_t overhead, Py_ssize_t limit):
+    """The twin of ``hpub.sizes``: ``(largest, longest_id, over)``; items are Outgoing
+    tuples (``id`` first, ``body`` sixth), anything else is read by attribute."""
+    cdef Py_ssize_t largest = 0, longest_id = 0, ident, size, i
+    for i in range(len(batch)):
+        item = batch[i]
+        if isinstance(item, tuple) and PyTuple_GET_SIZE(item) >= 6:
+            ident = len(<object>PyTuple_GET_ITEM(item, 0))
+            size = len(<object>PyTuple_GET_ITEM(item, 5))
+        else:
+            ident = len(item.id)
+            size = len(item.body)
+        if ident > longest_id:
+            longest_id = ident
+        size += ident + overhead
+        if size > largest:
+            largest = size
+            if limit and size > limit:
+                return largest, longest_id, i
+    return largest, longest_id, -1

@@ -35,7 +35,8 @@ import nats.errors
 
 from .encoding import Outgoing
 
-__all__ = ["CHAINED_EXTRA", "Frames", "check_publishable", "checked_client", "frames", "usable"]
+__all__ = ["CHAINED_EXTRA", "Frames", "batch_sizes", "check_publishable", "checked_client", "frames",
+           "sizes", "usable"]
 
 _CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
 _FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
@@ -219,10 +220,29 @@ def frames(batch: list[Outgoing], subjects: dict[Any, bytes],
     return chunks, payload
 
 
-try:  # the compiled twin, when it was built
-    from ._hpub import frames as compiled_frames
-except ImportError:
-    compiled_frames = None
+def sizes(batch: list[Outgoing], overhead: int, limit: int) -> tuple[int, int, int]:
+    """``(largest, longest_id, over)`` of a batch: the largest message with its headers
+    (body, id and ``overhead``), the longest event id, and the index of the first message
+    over ``limit`` (-1: none; ``limit`` 0: no limit). ``_hpub.sizes`` is the compiled twin."""
+    largest = longest_id = 0
+    for i, item in enumerate(batch):
+        ident = len(item.id)
+        if ident > longest_id:
+            longest_id = ident
+        size = len(item.body) + ident + overhead
+        if size > largest:
+            largest = size
+            if limit and size > limit:
+                return largest, longest_id, i
+    return largest, longest_id, -1
 
-_frames = frames if compiled_frames is None or os.environ.get("WALEX_PURE_PYTHON") \
-    else compiled_frames
+
+try:  # the compiled twins, when they were built
+    from ._hpub import frames as compiled_frames
+    from ._hpub import sizes as compiled_sizes
+except ImportError:
+    compiled_frames = compiled_sizes = None
+
+_pure = compiled_frames is None or bool(os.environ.get("WALEX_PURE_PYTHON"))
+_frames = frames if _pure else compiled_frames
+batch_sizes = sizes if _pure else compiled_sizes

@@ -70,7 +70,7 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 from ..errors import ConfigError, DestinationError, WalExError
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
-from .hpub import CHAINED_EXTRA, Frames, usable
+from .hpub import CHAINED_EXTRA, Frames, batch_sizes, usable
 from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
 from .pubacks import PubAcks, stored_at
 
@@ -342,23 +342,16 @@ class NatsDestination(Destination):
         """
         nc = self.nc
         limit = nc.max_payload if nc is not None else 0
-        overhead = _HEADERS + len(self.stream)
-        largest = longest_id = 0
-        for item in batch:
-            ident = len(item.id)
-            if ident > longest_id:
-                longest_id = ident
-            size = len(item.body) + ident + overhead
-            if size <= largest:
-                continue
-            largest = size
-            if limit and size > limit:
-                raise DestinationError(
-                    f"destination {self.display}: event {item.id} ({item.schema}.{item.table}) "
-                    f"is {size} bytes with its headers, over the server's max_payload of {limit}; "
-                    "raise max_payload in the nats-server configuration, or leave the large "
-                    "column out of the publication"
-                )
+        largest, longest_id, over = batch_sizes(batch, _HEADERS + len(self.stream), limit or 0)
+        if over >= 0:
+            item = batch[over]
+            size = len(item.body) + len(item.id) + _HEADERS + len(self.stream)
+            raise DestinationError(
+                f"destination {self.display}: event {item.id} ({item.schema}.{item.table}) "
+                f"is {size} bytes with its headers, over the server's max_payload of {limit}; "
+                "raise max_payload in the nats-server configuration, or leave the large "
+                "column out of the publication"
+            )
         return largest, longest_id
 
     async def _refusal(self, item: Outgoing, exc: BaseException) -> Exception:
