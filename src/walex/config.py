@@ -156,7 +156,7 @@ class WalExSettings(BaseSettings):
     # least this (never lowered, restored at stop; 0: leave the GC alone). Rows
     # become objects that outlive the young collections, so with Python's 700 a
     # full collection comes every ~10k rows; see walex/gcpolicy.py
-    gc_threshold: int = Field(default=10_000, ge=0)
+    gc_threshold: int = Field(default=100_000, ge=0)
     # process-wide: gc.freeze() once streaming began, so the cyclic GC's full
     # collections skip everything alive at start; for processes dedicated to walex
     gc_freeze: bool = False
