@@ -119,9 +119,7 @@ cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keye
         if n - start <= 15 or v <= <unsigned long long>_MAX_SAFE:
             _put(b, s, n)
             return None
-        _put_char(b, b'"')
-        _put(b, s, n)
-        _put_char(b, b'"')
+        _put_quoted(b, s, n)
         return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
     if kind == TEXT:
         _put_string(b, <const unsigned char *>s, n)
@@ -137,16 +135,12 @@ cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keye
     if kind == NUMERIC:
         if not _numeric(s, n):
             raise _Unfit
-        _put_char(b, b'"')
-        _put(b, s, n)
-        _put_char(b, b'"')
+        _put_quoted(b, s, n)
         return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
     if kind == UUID:
         if not _uuid(s, n):
             raise _Unfit
-        _put_char(b, b'"')
-        _put(b, s, n)
-        _put_char(b, b'"')
+        _put_quoted(b, s, n)
         return None
     if kind == DATE:
         if n == 10 and _day(s):

@@ -62,6 +62,17 @@ cdef inline int _put_char(Buf *b, char c) except -1:
     return 0
 
 
+cdef inline int _put_quoted(Buf *b, const char *s, Py_ssize_t n) except -1:
+    """``s`` between double quotes (text that needs no escape)."""
+    if b.n + n + 2 > b.cap:
+        _grow(b, n + 2)
+    b.p[b.n] = b'"'
+    memcpy(b.p + b.n + 1, s, n)
+    b.p[b.n + n + 1] = b'"'
+    b.n += n + 2
+    return 0
+
+
 cdef int _put_int(Buf *b, Py_ssize_t v) except -1:
     cdef char digits[24]
     cdef int i = 24

@@ -235,16 +235,21 @@ def temporal_text(load: Any, raw: bytes, mode: int) -> bytes:
     return orjson.dumps(value)
 
 
-def generic(load: Any, raw: bytes, mode: int) -> tuple[bytes, Any]:
-    """The piece of a value of any other type, and its JSON form (``mode``: see
-    :func:`temporal_text`)."""
+def _loaded(load: Any, raw: bytes, mode: int) -> Any:
+    """The value ``load`` gives; a refusal with the plain loaders (``mode`` 0) asks for the
+    row's tolerant loaders (:func:`temporal_text`), with them it is the loader's error."""
     try:
-        value = load(raw)
+        return load(raw)
     except Exception as exc:  # noqa: BLE001 - the typed path catches any, too
         if not mode:
             raise _Tolerant from exc
         raise
-    form = json_value(value)
+
+
+def generic(load: Any, raw: bytes, mode: int) -> tuple[bytes, Any]:
+    """The piece of a value of any other type, and its JSON form (``mode``: see
+    :func:`temporal_text`)."""
+    form = json_value(_loaded(load, raw, mode))
     return orjson.dumps(form), form
 
 
@@ -284,13 +289,7 @@ def _piece(kind: int, raw: bytes, load: Any, mode: int) -> tuple[bytes, Any]:
         return (b'"' + match[1] + b"T" + match[2] + (b"." + fraction if fraction != b"000000" else b"")
                 + (_UTC_OFFSET if kind == TIMESTAMPTZ else b"") + b'"'), None
     if kind == JSON:
-        try:
-            value = load(raw)
-        except Exception as exc:  # noqa: BLE001 - the typed path catches any, too
-            if not mode:
-                raise _Tolerant from exc
-            raise
-        return orjson.dumps(value), None  # its form for a key: see _subject
+        return orjson.dumps(_loaded(load, raw, mode)), None  # its form for a key: see _subject
     piece, form = generic(load, raw, mode)
     return piece, form if type(form) is str else None
 
