@@ -144,9 +144,7 @@ cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keye
         return None
     if kind == DATE:
         if n == 10 and _day(s):
-            _put_char(b, b'"')
-            _put(b, s, n)
-            _put_char(b, b'"')
+            _put_quoted(b, s, n)
             return None
         return _temporal_text(b, raw, load, mode)
     if kind == TIMESTAMP or kind == TIMESTAMPTZ:
