@@ -241,12 +241,18 @@ def test_a_connection_cut_mid_batch_fails_it_and_it_is_published_again(
 
     async def attempt(batch: list[Outgoing]) -> bool:
         """Whether the cut came while the batch was out (else it was confirmed first)."""
+        import aio_pika
+
+        watcher = await aio_pika.connect(port=port)  # polls the queue, past the proxy
+        watch = await watcher.channel()
         destination = await opened(url)
         try:
             destination.framed = framed
             publishing = asyncio.ensure_future(destination.publish(batch))
-            while not publishing.done() and await count(queue, port) == 0:
-                await asyncio.sleep(0.002)
+            while not publishing.done():
+                q = await watch.declare_queue(queue, durable=True, passive=True)
+                if q.declaration_result.message_count:
+                    break
             proxy.partition()
             proxy.heal()  # the damaged connection is reset
             try:
@@ -256,9 +262,10 @@ def test_a_connection_cut_mid_batch_fails_it_and_it_is_published_again(
                 return True
         finally:
             await destination.close()
+            await watcher.close()
 
     async def main() -> tuple[list[Outgoing], list[dict[str, Any]]]:
-        size = 5_000
+        size = 20_000
         for _ in range(3):
             batch = outgoing(size, size=200)
             if await attempt(batch):
