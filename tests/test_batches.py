@@ -134,4 +134,4 @@ def test_gc_threshold_raised_while_streaming_and_restored_at_stop(
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*before)
-    assert streaming == ({None: 10_000, 0: 700}.get(setting, setting), 10, 10)  # type: ignore[arg-type]
+    assert streaming == ({None: 100_000, 0: 700}.get(setting, setting), 10, 10)  # type: ignore[arg-type]
