@@ -746,7 +746,8 @@ def test_stop_with_batches_taken_together_lets_only_the_call_in_hand_finish(
                 await asyncio.sleep(0.01)
             gates[0].set()
             await asyncio.wait_for(started[1].wait(), 30)  # row 1 in hand, 2..12 taken with it
-            assert len(app.pipeline.window) == rows
+            # rows 1..12 taken together (row 0's entry too while Redis had not confirmed it)
+            assert len(app.pipeline.window) in (rows, rows + 1)
             stopping = asyncio.ensure_future(app.stop())
             while not app.pipeline.closing:
                 await asyncio.sleep(0.01)
