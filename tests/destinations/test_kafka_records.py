@@ -138,8 +138,8 @@ def test_a_refusal_names_its_topic_in_both_twins() -> None:
         assert len(rec.calls) == 6
 
 
-TABLES = ("CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text); "
-          "CREATE PUBLICATION pub FOR ALL TABLES")
+TABLES = ("CREATE TABLE a (id int PRIMARY KEY, v text); "
+          "CREATE TABLE b (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR ALL TABLES")
 
 
 @pytest.mark.parametrize("pure", [False, True])

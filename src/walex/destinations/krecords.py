@@ -2,9 +2,9 @@
 
 :func:`records` gives what :mod:`walex.destinations.kafka` calls: the compiled twin
 (``walex.destinations._krecords.records``) when that was built, else :func:`py_records`
-(``WALEX_PURE_PYTHON=1`` in the environment when a destination is made forces the pure one). Both take the same arguments and make the
-same calls of ``produce`` (``tests/destinations/test_kafka_records.py`` runs them side by
-side):
+(``WALEX_PURE_PYTHON=1`` in the environment when a destination is made forces the pure
+one). Both take the same arguments and make the same calls of ``produce``
+(``tests/destinations/test_kafka_records.py`` runs them side by side):
 
 - each item (an :class:`~walex.destinations.encoding.Outgoing`) is one record of its
   topic (``topic``, or ``render(item)`` when the topic is a template: rendered again
