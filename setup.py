@@ -17,7 +17,9 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex.destinations._resp`` (Cython): a batch's Redis ``XADD`` commands in
   one buffer (twin of ``py_xadd_commands`` in ``walex.destinations.redis``);
 - ``walex.destinations._direct`` (Cython): a RawEvent's CloudEvent written from
-  its raw rows (twin of ``py_direct_event`` in ``walex.destinations.direct``).
+  its raw rows (twin of ``py_direct_event`` in ``walex.destinations.direct``);
+- ``walex.destinations._krecords`` (Cython): a batch's records handed to the Kafka
+  producer (twin of ``py_records`` in ``walex.destinations.krecords``).
 """
 
 import os
@@ -41,7 +43,9 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"]),
                     Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"]),
                     Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"],
-                              depends=["src/walex/destinations/_direct_buffer.pxi"])]
+                              depends=["src/walex/destinations/_direct_buffer.pxi"]),
+                    Extension("walex.destinations._krecords",
+                              ["src/walex/destinations/_krecords.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

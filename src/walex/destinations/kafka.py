@@ -60,16 +60,16 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..errors import ConfigError, DestinationError
 from ..event import EventType
+from . import krecords
 from .base import Destination, DestinationURL, Template, Unavailable
 from .encoding import Outgoing
+from .krecords import CONTENT_TYPE
 
-__all__ = ["KafkaDestination", "client_settings", "validate", "AUTHENTICATION", "OWN", "PERMANENT"]
+__all__ = ["CONTENT_TYPE", "KafkaDestination", "client_settings", "validate", "AUTHENTICATION",
+           "OWN", "PERMANENT"]
 
 log = logging.getLogger("walex.destinations")
 
-CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
-_SPECVERSION = ("ce_specversion", b"1.0")
-_CONTENT_TYPE = ("content-type", CONTENT_TYPE)
 _TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}".encode()) for kind in EventType}
 _IDLE_POLL = 0.25  # seconds between two services of the producer while no batch is published
 _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees its thread by then
@@ -170,6 +170,7 @@ class KafkaDestination(Destination):
         self._flusher: ThreadPoolExecutor | None = None  # waits for the last reports of a publish
         self._publishing = asyncio.Lock()
         self._sources: dict[str, tuple[str, bytes]] = {}  # the ce_source header of each source
+        self._records = krecords.records()  # the records loop: compiled, or its pure twin
         self._fatal: str | None = None  # the producer cannot go on: a new one is needed
         self._last_error: str | None = None
         self._auth_error: str | None = None
@@ -287,57 +288,37 @@ class KafkaDestination(Destination):
                            deadline: float) -> int:
         """Produce the batch's records (tombstones included); returns how many.
 
-        The hot loop of the relay: the client's ``produce`` takes its arguments by
-        position (by keyword, it builds a str and looks it up for each of the five
-        parameters before ``headers``), and the headers that several records share
-        (spec version, type, source, time, content type) are bytes made once (the
-        client copies bytes as they are, a str it encodes each time; both are the same
-        UTF-8 on the wire)."""
-        produce, failed = producer.produce, failures.delivered
+        The hot loop of the relay is :mod:`~walex.destinations.krecords`' (compiled when
+        built): it stops at a record the producer's queue has no room for, produced here
+        once there is (:meth:`_produce_later`), and goes on after it."""
+        produce, failed, records = producer.produce, failures.delivered, self._records
         topic = self.topic.prefix if self.topic.constant else None
-        render, tombstones = self.topic.render, self.tombstones
-        sources, types = self._sources, _TYPE_HEADERS
-        last_source: str | None = None
-        source_header: tuple[str, bytes] = ("ce_source", b"")
-        time_text: str | None = None
-        time_header: tuple[str, bytes] = ("ce_time", b"")
-        count = 0
-        for item in batch:
-            (id_, _schema, _table, kind, _partition, body, source, time, key,
-             subject) = item
-            if source is not last_source:
-                last_source = source
-                source_header = sources.get(source)  # type: ignore[assignment]
-                if source_header is None:
-                    if len(sources) >= 4096:
-                        sources.clear()
-                    source_header = sources[source] = ("ce_source", source.encode())
-            if time is not time_text:
-                time_text = time
-                time_header = ("ce_time", time.encode())
-            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
-                       _CONTENT_TYPE]
-            if subject is not None:
-                headers.append(("ce_subject", subject))
-            where = topic if topic is not None else render(item)
-            try:  # partition -1: the partitioner's; timestamp 0: now (:meth:`_put`, inlined)
-                produce(where, body, key, -1, failed, None, 0, headers)
-            except BufferError:  # the producer's queue is full
-                await self._produce_later(producer, where, body, key, headers, failed, deadline)
-            except KafkaException as exc:
-                raise self.refused(where, exc) from None
-            count += 1
-            if tombstones and kind == "delete":
-                if not self._put(producer, where, None, key, None, failed):
-                    await self._produce_later(producer, where, None, key, None, failed, deadline)
+        render, tombstones, sources = self.topic.render, self.tombstones, self._sources
+        count, start, end = 0, 0, len(batch)
+        while True:
+            done, stop, where, headers, tombstone = records(
+                produce, batch, start, topic, render, failed, sources, _TYPE_HEADERS,
+                tombstones, self.refused)
+            count += done
+            if stop >= end:
+                return count
+            item = batch[stop]
+            if not tombstone:  # the item's record met a full queue
+                await self._produce_later(producer, where, item.body, item.key, headers, failed,
+                                          deadline)
                 count += 1
-        return count
+            if tombstones and item.type == "delete":  # its tombstone (the one that met it)
+                if tombstone or not self._put(producer, where, None, item.key, None, failed):
+                    await self._produce_later(producer, where, None, item.key, None, failed,
+                                              deadline)
+                count += 1
+            start = stop + 1
 
     def _put(self, producer: Any, topic: str, value: bytes | None, key: str, headers: Any,
              failed: Any) -> bool:
         """Produce one record (``value`` None: a tombstone); False when the producer's queue
         is full (:meth:`_produce_later`); a record the client refuses at once raises
-        (:meth:`refused`). The records' loop in :meth:`_produce_all` inlines it."""
+        (:meth:`refused`)."""
         try:
             producer.produce(topic, value, key, -1, failed, None, 0, headers)
         except BufferError:
