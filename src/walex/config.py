@@ -108,7 +108,7 @@ class WalExSettings(BaseSettings):
     partitions: int = Field(default=1, ge=1, le=65536)  # {partition}: hash of table and key
     # transactions published to a destination before their confirmation (window= in a URL
     # overrides it): acknowledgement still waits for the confirmations, in order
-    destination_window: int = Field(default=256, ge=1, le=1_000_000)
+    destination_window: int = Field(default=1024, ge=1, le=1_000_000)
 
     # the slot
     durable_slot: bool = False
