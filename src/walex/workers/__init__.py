@@ -304,6 +304,8 @@ class Worker(Lifecycle):
             lanes = None
 
     async def _lane(self, lane: Lane) -> None:
+        # the lane's task, looked up once: on Python 3.11 each lookup asks the OS for the pid
+        lane.task = asyncio.current_task()
         while not self._closing:
             deliveries = await lane.receive(self.poll)
             if deliveries:
@@ -402,7 +404,7 @@ class Worker(Lifecycle):
         # The call runs in the lane's own task (no task of its own per call): revoke()
         # cancels that task, only while lane.call names it, i.e. within the await below
         # (it is called from other tasks and callbacks, so the cancellation lands there).
-        task = asyncio.current_task()
+        task = lane.task if lane.task is not None else asyncio.current_task()
         assert task is not None
         failure: BaseException | None = None
         token = _CURRENT.set(lease)

@@ -62,6 +62,7 @@ class Lane(ABC):
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
+        self.task: asyncio.Task[Any] | None = None  # the task running the lane (Worker._lane)
         self.revoked = asyncio.Event()  # set when this worker lost the partition
         self.reason = ""
         self.call: asyncio.Task[Any] | None = None  # the handler call in hand, cancelled by revoke

@@ -100,6 +100,7 @@ class NatsLane(Lane):
         self.deadline = 0.0  # when the wait in hand ends
         self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
         self._alarm_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None  # see _running
         self.status: str | None = None  # the last JetStream status a request was answered with
 
     def arrive(self, raw: Raw) -> None:
@@ -211,10 +212,18 @@ class NatsLane(Lane):
         queue.task_done()
         return msg
 
+    def _running(self) -> asyncio.AbstractEventLoop:
+        """The lane's event loop, looked up once: on Python 3.11 ``get_running_loop`` asks
+        the OS for the process id each call (a system call per message)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     async def _wait(self, timeout: float) -> None:
         """Until :meth:`arrive` or ``timeout`` seconds. One timer serves the lane's waits:
         it is re-armed when it rings before the wait in hand ends, not per wait."""
-        loop = asyncio.get_running_loop()
+        loop = self._running()
         deadline = self.deadline = time.monotonic() + timeout
         if self._alarm is None or self._alarm_at > deadline + 0.001:
             if self._alarm is not None:
@@ -237,7 +246,7 @@ class NatsLane(Lane):
             waiter.set_result(None)
         else:
             self._alarm_at = self.deadline
-            self._alarm = asyncio.get_running_loop().call_later(left, self._ring)
+            self._alarm = self._running().call_later(left, self._ring)
 
     def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
@@ -249,7 +258,7 @@ class NatsLane(Lane):
             if self._keeper is not None:
                 self._keeper.cancel()
             self._keeper_at = due
-            self._keeper = asyncio.get_running_loop().call_later(
+            self._keeper = self._running().call_later(
                 max(due - time.monotonic(), 0.0), self._keep_due)
 
     def _keep_due(self) -> None:
@@ -266,7 +275,7 @@ class NatsLane(Lane):
                 due = since + self.every
         if due is not None:
             self._keeper_at = due
-            self._keeper = asyncio.get_running_loop().call_later(due - now, self._keep_due)
+            self._keeper = self._running().call_later(due - now, self._keep_due)
 
     async def _keep(self, msg: Any, since: float) -> None:
         """Hold the message: report progress every ``ack_wait / 3`` and have the server

@@ -127,6 +127,7 @@ class Inboxes:
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
         self._kicks: set[asyncio.Task[None]] = set()  # nats-py's flusher being woken
+        self._loop: asyncio.AbstractEventLoop | None = None  # see send()
         nc._process_msg = self._take
 
     @classmethod
@@ -174,7 +175,10 @@ class Inboxes:
         if not coalesce:
             self._write()
         elif len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._write)
+            loop = self._loop
+            if loop is None:  # looked up once: on Python 3.11 each lookup is a system call
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._write)
 
     def _write(self) -> None:
         """Write the commands handed over. nats-py's own publish appends to the client's
