@@ -54,7 +54,7 @@ from psycopg.types.hstore import register_hstore
 from . import composites
 from .lookups import LookupConnection
 
-__all__ = ["TypeCatalog"]
+__all__ = ["TypeCatalog", "json_loaders"]
 
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 _DIGITS = b"0123456789"
@@ -100,6 +100,12 @@ class _CompiledJsonLoader(Loader):
     compiled function directly, with no Python frame per value."""
 
     load = staticmethod(compiled_json_loads)
+
+
+def json_loaders() -> frozenset[type[Loader]]:
+    """The json/jsonb loader classes walex registers (either twin): what the relay's direct
+    encoder (walex.destinations.direct) writes jsonb for without calling them."""
+    return frozenset({_FastJsonLoader, _CompiledJsonLoader})
 
 
 def _json_loader() -> type[Loader] | None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from psycopg.types.numeric import FloatLoader
@@ -421,3 +422,45 @@ def test_raw_events_a_walex_app_streams(admin: psycopg.Connection, dsn: str) -> 
     raws = [e for e in events if type(e) is RawEvent and e.raw is not None]
     assert len(raws) == len(events)
     assert check(raws, (1, 3)) >= len(raws) - 1  # the huge jsonb number: orjson refuses it
+
+
+JSONB_VALUES = [
+    '{"k": 1, "tag": "x", "even": true}', '{}', '[]', 'null', 'true', '0', '-7', '"s"',
+    '123456789012345', '1234567890123456', '-999999999999999', '9007199254740993',
+    '1180591620717411303425', '1.50', '0.1', '1e5', '-0', '2.5e-7', '100.0',
+    '{"a": {"b": [1, -2, 0, {"c": "\\\\ \\" \\/ \\u00e9 é ✓ 🎉"}]}, "": null}',
+    '"\\u0001\\u001f\\b\\t\\n\\f\\r\\u007f"', '{"k\\"ey": "v\\\\al", "n": [1, [2, [3]]]}',
+    '"' + 'x' * 5000 + '"', '"1234567890123456789012"', '{"b": 1, "a": 2, "aa": 3, "a": 4}',
+    '[' * 70 + ']' * 70, '[' * 60 + '1' + ']' * 60, '{"u": "\\u2028\\u2029"}',
+]
+
+
+def test_jsonb_written_from_its_text(admin: psycopg.Connection, dsn: str) -> None:
+    """jsonb as PostgreSQL writes it (hostile strings, escapes, numbers of every form,
+    nesting past 64 levels, duplicate keys it drops): compacted from its text where that is
+    certain (integers of up to 15 digits, PostgreSQL's escapes), through the loader
+    otherwise; both twins give the reference's bytes, and agree on which text they take."""
+    admin.execute("CREATE TABLE j (id int PRIMARY KEY, doc jsonb, plain json, "
+                  "arr jsonb[]); CREATE PUBLICATION pub FOR TABLE j")
+    slot(admin)
+    for i, value in enumerate(JSONB_VALUES):
+        admin.execute("INSERT INTO j VALUES (%s, %s::jsonb, %s::json, ARRAY[%s::jsonb])",
+                      (i, value, value, value))
+    admin.execute("UPDATE j SET doc = '{\"k\": 2}' WHERE id < 3")
+    events = raw_events(admin, dsn)
+    assert len(events) == len(JSONB_VALUES) + 3
+    assert check(events, (1, 4)) >= len(events) - 2  # beyond 64 bits: unfit in the reference
+    texts = [event.raw[1][1] for event in events]
+    assert texts[0] == b'{"k": 1, "tag": "x", "even": true}'  # as PostgreSQL sent it
+    compact = [direct.jsonb_compact(text) for text in texts]
+    assert compact[0] == b'{"k":1,"tag":"x","even":true}'
+    assert sum(piece is not None for piece in compact) >= 15  # the ordinary ones go direct
+    if direct.compiled_direct_event is not None:
+        from walex.destinations import _direct
+
+        assert [_direct.jsonb_compact(text) for text in texts] == compact
+    from walex.pgtypes import py_json_loads
+
+    for text, piece in zip(texts, compact):
+        if piece is not None:
+            assert piece == orjson.dumps(py_json_loads(text)), text

@@ -244,3 +244,108 @@ cdef bint _uuid(const char *s, Py_ssize_t n) noexcept:
         elif not (_digit(c) or b'a' <= c <= b'f'):
             return False
     return True
+
+
+cdef inline bint _hex_lower(unsigned char c) noexcept:
+    return (48 <= c <= 57) or (97 <= c <= 102)
+
+
+cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
+    """The twin of ``direct.jsonb_compact``: jsonb text without PostgreSQL's spaces written
+    to ``b`` (True), or nothing written (False) where that is not certain to be what the
+    json loader and orjson.dumps give."""
+    cdef Py_ssize_t i = 0, j, start, digits, mark = b.n
+    cdef int depth = 0, code
+    cdef unsigned char c, d, e
+    while i < n:
+        c = <unsigned char>s[i]
+        if c == 34:  # '"': a string, copied as it is, its escapes checked
+            j = i + 1
+            while True:
+                if j >= n:
+                    b.n = mark
+                    return False
+                d = <unsigned char>s[j]
+                if d == 34:
+                    break
+                if d < 32:
+                    b.n = mark
+                    return False
+                if d == 92:  # backslash
+                    if j + 1 >= n:
+                        b.n = mark
+                        return False
+                    e = <unsigned char>s[j + 1]
+                    if e == 117:  # \u00xx: the control characters PostgreSQL writes so
+                        if (j + 5 >= n or s[j + 2] != b'0' or s[j + 3] != b'0'
+                                or not _hex_lower(<unsigned char>s[j + 4])
+                                or not _hex_lower(<unsigned char>s[j + 5])):
+                            b.n = mark
+                            return False
+                        code = ((<unsigned char>s[j + 4] - 48 if s[j + 4] <= b'9'
+                                 else <unsigned char>s[j + 4] - 87) * 16
+                                + (<unsigned char>s[j + 5] - 48 if s[j + 5] <= b'9'
+                                   else <unsigned char>s[j + 5] - 87))
+                        if code >= 32 or code == 8 or code == 9 or code == 10 or code == 12 \
+                                or code == 13:
+                            b.n = mark
+                            return False
+                        j += 6
+                        continue
+                    if not (e == 34 or e == 92 or e == 98 or e == 102 or e == 110 or e == 114
+                            or e == 116):
+                        b.n = mark
+                        return False
+                    j += 2
+                    continue
+                j += 1
+            _put(b, s + i, j + 1 - i)
+            i = j + 1
+        elif c == 32:  # only PostgreSQL's, after a comma or a colon
+            if b.n == mark or (b.p[b.n - 1] != b',' and b.p[b.n - 1] != b':'):
+                b.n = mark
+                return False
+            i += 1
+        elif c == 123 or c == 91:  # '{' '['
+            depth += 1
+            if depth > 64:
+                b.n = mark
+                return False
+            _put_char(b, <char>c)
+            i += 1
+        elif c == 125 or c == 93 or c == 44 or c == 58:  # '}' ']' ',' ':'
+            if c == 125 or c == 93:
+                depth -= 1
+                if depth < 0:
+                    b.n = mark
+                    return False
+            _put_char(b, <char>c)
+            i += 1
+        elif c == 45 or 48 <= c <= 57:  # a number: an integer of at most 15 digits
+            j = i + 1 if c == 45 else i
+            start = j
+            while j < n and 48 <= <unsigned char>s[j] <= 57:
+                j += 1
+            digits = j - start
+            if (digits == 0 or digits > 15 or (s[start] == b'0' and (digits > 1 or c == 45))
+                    or (j < n and (s[j] == b'.' or s[j] == b'e' or s[j] == b'E'))):
+                b.n = mark
+                return False
+            _put(b, s + i, j - i)
+            i = j
+        elif c == 116 and i + 4 <= n and memcmp(s + i, b"true", 4) == 0:
+            _put(b, b"true", 4)
+            i += 4
+        elif c == 102 and i + 5 <= n and memcmp(s + i, b"false", 5) == 0:
+            _put(b, b"false", 5)
+            i += 5
+        elif c == 110 and i + 4 <= n and memcmp(s + i, b"null", 4) == 0:
+            _put(b, b"null", 4)
+            i += 4
+        else:
+            b.n = mark
+            return False
+    if depth != 0:
+        b.n = mark
+        return False
+    return True

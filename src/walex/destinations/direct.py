@@ -56,13 +56,14 @@ from psycopg import postgres
 from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.pq import Format
 
+from ..pgtypes import json_loaders
 from .values import _KINDS, _MAX_SAFE, Outgoing, _rfc3339, _table_info, _tuple_new, json_value, \
     partition_of
 
 __all__ = ["direct_event", "py_direct_event", "compiled_direct_event", "plan_of"]
 
 # the writers, one per column (the compiled twin knows them by these numbers)
-GENERIC, JSON, BOOL, INT, TEXT, UUID, NUMERIC, DATE, TIMESTAMP, TIMESTAMPTZ = range(10)
+GENERIC, JSON, BOOL, INT, TEXT, UUID, NUMERIC, DATE, TIMESTAMP, TIMESTAMPTZ, JSONB = range(11)
 _TEMPORAL = (DATE, TIMESTAMP, TIMESTAMPTZ)
 
 # orjson's escape of each ASCII character (the byte itself when it writes it as is)
@@ -87,6 +88,7 @@ def _defaults() -> dict[type, int]:
 
 
 _DEFAULTS = _defaults()
+_JSON_LOADERS = json_loaders()  # walex's own json/jsonb loader classes (jsonb_compact's twin)
 _UTC_OFFSET = orjson.dumps(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc))[-7:-1]  # b"+00:00"
 # what each writer's loader must give for a probe, and the probe
 _PROBES: dict[int, tuple[bytes, Any]] = {}
@@ -160,7 +162,8 @@ def plan_of(event: Any, table: Any) -> Plan:
         loader = table._tx.get_loader(oid, Format.TEXT)
         kind = _DEFAULTS.get(type(loader), GENERIC)
         if name in info.json_columns:
-            kind = JSON
+            kind = JSONB if src.columns.get(name) == "jsonb" and type(loader) in _JSON_LOADERS \
+                else JSON
         elif kind != GENERIC and not _probe_ok(kind, loader.load):
             kind = GENERIC
         kinds.append(kind)
@@ -192,6 +195,95 @@ def plan_of(event: Any, table: Any) -> Plan:
 
 
 # -- the writers, pure Python ----------------------------------------------------
+
+# jsonb text: PostgreSQL writes it in one form (", " and ": " between items, keys in
+# jsonb's order, no duplicates, strings with the escapes below): without the spaces it is
+# what walex's json loader and orjson.dumps give of it, as long as every number is an
+# integer of at most 15 digits (orjson would write a fraction or an exponent its own way)
+_JSONB_ESCAPES = frozenset(b'"\\bfnrt')
+_JSONB_MAX_DEPTH = 64
+
+
+def jsonb_compact(raw: bytes) -> bytes | None:
+    """``orjson.dumps`` of what walex's json loader gives for ``raw`` (jsonb text as
+    PostgreSQL writes it), or None where that is not certain (a number with a fraction, an
+    exponent or more than 15 digits, an escape PostgreSQL does not write, white space other
+    than its single spaces after a comma or a colon, nesting beyond 64 levels). ``_direct``'s ``_jsonb`` is the twin."""
+    out = bytearray()
+    i, n, depth = 0, len(raw), 0
+    while i < n:
+        c = raw[i]
+        if c == 0x22:  # a string: copied as it is, its escapes checked
+            j = i + 1
+            while True:
+                if j >= n:
+                    return None
+                d = raw[j]
+                if d == 0x22:
+                    break
+                if d < 0x20:
+                    return None
+                if d == 0x5C:
+                    if j + 1 >= n:
+                        return None
+                    e = raw[j + 1]
+                    if e == 0x75:  # \u00xx: the control characters PostgreSQL writes so
+                        code = raw[j + 2:j + 6]
+                        if (len(code) != 4 or not code.startswith(b"00")
+                                or code[2:] != code[2:].lower()
+                                or not all(x in b"0123456789abcdef" for x in code[2:])):
+                            return None
+                        value = int(code, 16)
+                        if value >= 0x20 or value in (8, 9, 10, 12, 13):
+                            return None
+                        j += 6
+                        continue
+                    if e not in _JSONB_ESCAPES:
+                        return None
+                    j += 2
+                    continue
+                j += 1
+            out += raw[i:j + 1]
+            i = j + 1
+        elif c == 0x20:  # only PostgreSQL's, after a comma or a colon
+            if not out or out[-1] not in b",:":
+                return None
+            i += 1
+        elif c in b"{[":
+            depth += 1
+            if depth > _JSONB_MAX_DEPTH:
+                return None
+            out.append(c)
+            i += 1
+        elif c in b"}]":
+            depth -= 1
+            if depth < 0:
+                return None
+            out.append(c)
+            i += 1
+        elif c in b",:":
+            out.append(c)
+            i += 1
+        elif c in b"-0123456789":
+            j = i + 1 if c == 0x2D else i
+            start = j
+            while j < n and 0x30 <= raw[j] <= 0x39:
+                j += 1
+            digits = j - start
+            if (digits == 0 or digits > 15 or (raw[start] == 0x30 and (digits > 1 or c == 0x2D))
+                    or (j < n and raw[j] in b".eE")):
+                return None
+            out += raw[i:j]
+            i = j
+        else:
+            for word in (b"true", b"false", b"null"):
+                if raw.startswith(word, i):
+                    out += word
+                    i += len(word)
+                    break
+            else:
+                return None
+    return bytes(out) if depth == 0 else None
 
 _INT = re.compile(rb"0|-?[1-9][0-9]{0,18}")
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -288,8 +380,16 @@ def _piece(kind: int, raw: bytes, load: Any, mode: int) -> tuple[bytes, Any]:
         fraction = (match[3] or b"").ljust(6, b"0")
         return (b'"' + match[1] + b"T" + match[2] + (b"." + fraction if fraction != b"000000" else b"")
                 + (_UTC_OFFSET if kind == TIMESTAMPTZ else b"") + b'"'), None
+    if kind == JSONB:
+        piece = jsonb_compact(raw)
+        if piece is not None:
+            return piece, None
+        kind = JSON
     if kind == JSON:
-        return orjson.dumps(_loaded(load, raw, mode)), None  # its form for a key: see _subject
+        value = _loaded(load, raw, mode)
+        if type(value) is int and not -_MAX_SAFE <= value <= _MAX_SAFE:
+            return orjson.dumps(str(value)), None  # as the reference writes a whole document
+        return orjson.dumps(value), None  # its form for a key: see _subject
     piece, form = generic(load, raw, mode)
     return piece, form if type(form) is str else None
 
@@ -325,7 +425,7 @@ def _subject(plan: Plan, row: list[Any], pieces: list[Any], mode: int) -> str:
     key = plan.key
     forms = []
     for i in key:
-        if plan.kinds[i] == JSON and row[i] is not None:  # the key's form is json_value's
+        if plan.kinds[i] in (JSON, JSONB) and row[i] is not None:  # the key's: json_value's
             piece, text = generic((tolerant_loads(plan) if mode else plan.loads)[i], row[i], 1)
             forms.append((piece, text if type(text) is str else None))
         else:
