@@ -2,7 +2,10 @@
 
 An app given ``destinations=[url, ...]`` publishes every event of every
 subscribed table to each of them, as a CloudEvents 1.0 JSON document
-(:mod:`walex.destinations.encoding`), alongside its handlers.
+(:mod:`walex.destinations.encoding`), alongside its handlers. The events of a
+table no handler takes come as :class:`~walex.rawevent.RawEvent` s, rows as
+PostgreSQL sent them, and their documents are written from that text
+(:mod:`walex.destinations.direct`): the same bytes as from typed rows.
 
 The contract every destination keeps (:class:`~walex.destinations.base.Destination`):
 
