@@ -152,3 +152,43 @@ def test_raw_rows_by_default_for_the_tables_no_handler_takes_in_an_app_that_rela
 
 async def _nothing(batch: list[Event]) -> None:
     pass
+
+
+def test_a_raw_event_typed_by_threads_at_once_and_replaced() -> None:
+    """Several threads reading one RawEvent's rows at once all get them (typed once or more,
+    never a failure), and ``dataclasses.replace`` gives an event the encoder and the sizer
+    take as typed."""
+    import dataclasses
+    import threading
+
+    from walex.event import EventType, Source
+    from walex.sizes import event_bytes
+
+    class Slow:
+        column_names = ["id", "b"]
+        key_indexes = [0]
+
+        def load(self, row: Any, tag: str, lsn: int) -> list[Any]:
+            import time
+
+            time.sleep(0.01)  # threads overlap while typing
+            return [int(row.values[0]), row.values[1].decode()]
+
+    source = Source(db="d", schema="s", table="t", columns={"id": "int4", "b": "text"},
+                    primary_key=("id",))
+    for _ in range(5):
+        event = RawEvent.of("t", EventType.UPDATE, source, (Slow(), (b"1", b"x"), (b"1", b"y"), "O", 5),
+                            None, "0/1", "id1")
+        seen: list[Any] = []
+        threads = [threading.Thread(target=lambda: seen.append(event.changes)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [dict(c) for c in seen] == [{"b": ("y", "x")}] * 4
+        assert event.raw is None and event.new_record == {"id": 1, "b": "x"}
+    fresh = RawEvent.of("t", EventType.INSERT, source, (Slow(), (b"2", b"z"), None, "", 5),
+                        None, "0/1", "id2")
+    copy = dataclasses.replace(fresh, id="id3")
+    assert type(copy) is RawEvent and copy.raw is None and copy.new_record == {"id": 2, "b": "z"}
+    assert event_bytes(copy) > 0

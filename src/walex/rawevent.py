@@ -79,7 +79,9 @@ class RawEvent(Event):
         return event
 
     def _typed(self) -> None:
-        raw = self.raw
+        raw = getattr(self, "raw", None)
+        if raw is None:  # typed meanwhile (by another thread), or built typed
+            return
         new, old, changes = typed_rows(self.type, raw)
         _NEW.__set__(self, new)
         _OLD.__set__(self, old)
@@ -107,6 +109,8 @@ class RawEvent(Event):
         def put(self: RawEvent, value: Any) -> None:
             if getattr(self, "raw", None) is not None:
                 self._typed()  # the others typed before one is replaced
+            else:
+                self.raw = None  # built by __init__ (dataclasses.replace): typed already
             descriptor.__set__(self, value)
 
         return property(get, put)
