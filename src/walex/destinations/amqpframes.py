@@ -45,12 +45,12 @@ both ways to a real broker and finds the queued messages identical.
 from __future__ import annotations
 
 import asyncio
-import re
 import struct
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from .base import version_tuple as _version
 from .encoding import Outgoing
 
 __all__ = ["CONTENT_TYPE", "Pending", "frames", "publish", "usable"]
@@ -68,14 +68,6 @@ _HEADER_SIZE = 14 + len(_PROPERTIES) + 1  # + the id's bytes
 _SUPPORTED = ((6, 8), (8, 0))  # aiormq versions [from, to) whose internals this uses
 _ATTRIBUTES = ("confirmations", "message_id_delivery_tag", "delivery_tag", "write_queue",
                "number", "max_content_size", "create_future", "publisher_confirms")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:2]:
-        digits = re.match(r"\d*", part)
-        parts.append(int(digits.group()) if digits and digits.group() else 0)
-    return tuple(parts)
 
 
 def supported_version() -> bool:

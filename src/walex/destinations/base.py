@@ -19,6 +19,7 @@ every query value but walex's own and a webhook's path are ``***`` there. Templa
 from __future__ import annotations
 
 import random
+import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ..errors import ConfigError, redact
 from .encoding import Outgoing
 
-__all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff"]
+__all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff", "version_tuple"]
 
 FIELDS = ("schema", "table", "type", "partition")
 
@@ -311,3 +312,13 @@ class Destination(ABC):
     def info(self) -> dict[str, Any]:
         """What the destination is, for a status display."""
         return {"url": self.display}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """A client's version as (major, minor), what walex checks before it relies on a client's
+    internals (``"2.10.0"`` -> ``(2, 10)``, ``"7.0.0b1"`` -> ``(7, 0)``)."""
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = re.match(r"\d*", part)
+        parts.append(int(digits.group()) if digits and digits.group() else 0)
+    return tuple(parts)

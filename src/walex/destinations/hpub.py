@@ -33,6 +33,7 @@ from typing import Any
 
 import nats.errors
 
+from .base import version_tuple as _version
 from .encoding import Outgoing
 
 __all__ = ["CHAINED_EXTRA", "Frames", "batch_sizes", "check_publishable", "checked_client", "frames",
@@ -51,14 +52,6 @@ _ANSWERED = b"HPUB %b %b%d %d %d\r\n%b%b\r\n"
 CHAINED_EXTRA = len(b"Nats-Expected-Last-Sequence: \r\nNats-Expected-Last-Msg-Id: \r\n")
 _PLAIN = re.compile(r"[!-~]+").fullmatch  # printable ASCII, no space: as nats-py would send it
 _NOT_IN_SUBJECT = re.compile(r"[ \t\r\n]")  # what nats-py refuses in a published subject
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:2]:
-        digits = re.match(r"\d*", part)
-        parts.append(int(digits.group()) if digits and digits.group() else 0)
-    return tuple(parts)
 
 
 def checked_client() -> bool:
