@@ -127,6 +127,40 @@ def test_a_break_in_the_first_of_two_groups_in_flight_stores_nothing_of_the_seco
         asyncio.run(nats_delete(stream, port))
 
 
+def test_a_second_chain_waits_for_the_first_to_be_handed_over_whole(
+        admin: psycopg.Connection, dsn: str, unique: str) -> None:
+    """The client's write buffer full (a tiny pending_size): handing a large chain over
+    suspends between its chunks. A second publish started meanwhile is handed over after
+    the whole first one, on its end, so neither chain breaks."""
+    port = require("nats")
+    admin.execute(TABLES)
+    stream = f"PH{unique}"
+    url = f"nats://127.0.0.1:{port}?stream={stream}&subject=ph{unique}.{{table}}"
+
+    async def main() -> list[str]:
+        batch = await _events(admin, dsn, 2100)
+        destination = from_url(url)
+        await destination.open()
+        try:
+            await destination.publish(batch[:100])  # a PubAck each: the stream's last known
+            destination.nc._max_pending_size = 1000  # each chunk waits for the flusher
+            one = asyncio.create_task(destination.publish(batch[100:1100]))
+            await asyncio.sleep(0)
+            assert destination._handover.locked(), "the first chain was handed over at once"
+            two = asyncio.create_task(destination.publish(batch[1100:]))
+            await asyncio.gather(one, two)
+            assert (destination.chains, destination.chains_failed) == (2, 0)
+        finally:
+            await destination.close()
+        return [e.id for e in batch]
+
+    try:
+        ids = run(main())
+        check_stream(asyncio.run(nats_stored(stream, port)), ids)
+    finally:
+        asyncio.run(nats_delete(stream, port))
+
+
 def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
         admin: psycopg.Connection, dsn: str, unique: str) -> None:
     """A relay with groups in flight two at a time while another publisher keeps writing
