@@ -338,12 +338,13 @@ class NatsDestination(Destination):
         """Publish ``batch`` chained (:meth:`Frames.chained`) on ``last`` with the PubAcks
         and frames of ``slot``; ``last`` None: on the end of the chain handed over before
         (:attr:`_tip`, taken once that one is handed over), if it is known and the batch
-        (``sizes``: largest message, longest id) fits a chain on it, else False. True
-        when its one PubAck says every message is stored; False when the chain broke (a message refused or a duplicate, another publisher's
-        message in between, a chain before it broke), or an id is not plain (nothing
-        sent). After a break the caller publishes the batch again with a PubAck per message,
-        which tells what each message's fate was (those stored already are duplicates by
-        their ids)."""
+        (``sizes``: largest message, longest id) fits a chain on it, else False.
+
+        True when its one PubAck says every message is stored; False when the chain broke
+        (a message refused or a duplicate, another publisher's message in between, a chain
+        before it broke), or an id is not plain (nothing sent). After a break the caller
+        publishes the batch again with a PubAck per message, which tells what each
+        message's fate was (those stored already are duplicates by their ids)."""
         acks, frames = self._slots[slot] if self._slots else (self._acks, self._frames)
         assert acks is not None and frames is not None and not self._busy[slot]
         self._busy[slot] = True
