@@ -288,13 +288,6 @@ class Destination(ABC):
         :class:`~walex.errors.DestinationError` on a permanent refusal.
         """
 
-    def pipelined(self) -> bool:
-        """Whether a publish started now, while the previous one awaits its confirmation,
-        could only be stored if that one was stored whole (so that a window's lane may have
-        both in flight without a consumer ever seeing a gap): False unless a destination
-        makes sure of it (JetStream's chains, :mod:`walex.destinations.nats`)."""
-        return False
-
     @abstractmethod
     async def close(self) -> None:
         """Release the connection; never raises."""

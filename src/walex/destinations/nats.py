@@ -44,18 +44,6 @@ is stored. Anything else (an error, a duplicate's PubAck, another sequence)
 breaks the chain: the batch is published again with a PubAck per message,
 and the next ``2**breaks - 1`` batches (at most 63) are not chained.
 
-Two chains may be in flight (:meth:`NatsDestination.pipelined`, which a window's
-lane asks, :mod:`walex.destinations.window`): a publish started while another
-awaits its PubAck is chained on that one's *predicted* end (its base sequence
-plus its length, its last id), handed over after it (a lock), and answered on
-a second PubAck subscription. It can only be stored if the one before it was
-stored whole, so a consumer never sees it after a gap. Such a publish is never
-sent another way: when it cannot be chained (the prediction void after a
-break, the one before it unchained, ids or sizes that do not fit a chain) or
-its chain broke, it raises :class:`~walex.destinations.base.Unavailable`
-having stored nothing, and the lane publishes it again once the one before it
-is done.
-
 The frames of a batch are built by walex (:mod:`walex.destinations.hpub`,
 half nats-py's CPU per message) and handed to the client's write buffer when
 the installed nats-py is one whose internals that relies on were checked;
@@ -161,16 +149,6 @@ class NatsDestination(Destination):
         # chained batches (Frames.chained): the stream's last message as the last PubAck
         # showed it, (sequence, id); None while unknown (then a PubAck per message)
         self._last: tuple[int, str] | None = None
-        # the base of the next chain: ``_last``, or the predicted end of a chain sent and
-        # not yet answered; None when unknown (a failure voids it)
-        self._tip: tuple[int, str] | None = None
-        self._flying = 0  # publishes in progress (two while a lane pipelines)
-        self._long = False  # the one in progress is split in several chains (> _WINDOW)
-        self._handover = asyncio.Lock()  # a chain's base taken and its frames handed over
-        # the PubAcks and frames of a chain being answered: the connection's (also those of
-        # a PubAck per message), and a spare pair for a second chain in flight
-        self._slots: list[tuple[PubAcks, Frames]] = []
-        self._busy = [False, False]
         self._misses = 0  # chains that failed in a row
         self._unchained = 0  # batches to go with a PubAck per message after one failed
         self.chains = self.chains_failed = 0  # batches sent as a chain, and those that failed
@@ -221,13 +199,6 @@ class NatsDestination(Destination):
             acks.direct(self.nc, getattr(sub, "_id", -1))  # plain PubAcks straight from the parser
             self._frames = Frames(self.nc, self.stream, self._acks.prefix) \
                 if usable(self.nc) else None
-            if self._frames is not None and self.chained:  # a second chain's PubAck
-                spare = PubAcks(self.nc.new_inbox() + ".")
-                await self.nc.subscribe(spare.prefix + "*", cb=spare.received)
-                frames = Frames(self.nc, self.stream, spare.prefix)
-                frames._subjects = self._frames._subjects  # one cache of rendered subjects
-                self._slots = [(acks, self._frames), (spare, frames)]
-                self._busy = [False, False]
         except (Unavailable, WalExError):  # a refusal, or (a worker's) a missing stream
             await self.close()
             raise
@@ -273,108 +244,48 @@ class NatsDestination(Destination):
                 f"{other!r} if nothing else needs it (nats stream rm {other})"
             )
 
-    def pipelined(self) -> bool:
-        """Whether a publish started now, while another awaits its PubAck, would be chained
-        on that one's end (see the module's docstring)."""
-        return (self._tip is not None and not self._unchained and not self._long
-                and self._flying < 2 and bool(self._slots))
-
     async def publish(self, batch: list[Outgoing]) -> None:
-        if self._flying:  # another publish awaits its answer: chained on its end or not at all
-            await self._follow(batch)
-            return
-        self._flying += 1
-        self._long = len(batch) > _WINDOW
-        try:
-            for start in range(0, len(batch), _WINDOW):
-                await self._publish(batch[start:start + _WINDOW])
-        finally:
-            self._flying -= 1
-            self._long = False
+        for start in range(0, len(batch), _WINDOW):
+            await self._publish(batch[start:start + _WINDOW])
 
-    def _connected(self) -> None:
+    async def _publish(self, batch: list[Outgoing]) -> None:
         nc, acks, closed = self.nc, self._acks, self._closed
         if nc is None or acks is None or closed is None or closed.is_set():
             raise Unavailable("not connected")
-
-    def _fits(self, last: tuple[int, str], largest: int, longest_id: int) -> bool:
-        """Whether a batch may go as a chain on ``last``: chains on, walex's frames, and a
-        chained message's headers (a sequence number and the previous message's id more)
-        within the server's max_payload."""
-        limit = self.nc.max_payload or 0
-        extra = CHAINED_EXTRA + _SEQ_DIGITS + max(longest_id, len(last[1]))
-        return (self._frames is not None and self.chained
-                and (not limit or largest + extra <= limit))
-
-    async def _publish(self, batch: list[Outgoing]) -> None:
-        self._connected()
         largest, longest_id = self._check_sizes(batch)
-        last, self._tip = self._tip, None  # unknown until this batch is answered
-        if last is not None and len(batch) > 1 and self._fits(last, largest, longest_id):
+        last, self._last = self._last, None  # unknown until this batch is answered
+        # a chained message's headers add a sequence number and the previous message's id
+        limit = nc.max_payload or 0
+        extra = CHAINED_EXTRA + _SEQ_DIGITS + max(longest_id, len(last[1])) if last else 0
+        if (last is not None and len(batch) > 1 and self._frames is not None and self.chained
+                and (not limit or largest + extra <= limit)):
             if self._unchained:
                 self._unchained -= 1
-            elif await self._chain(batch, last, 0):
+            elif await self._chain(batch, last):
                 return
         await self._each(batch)
 
-    async def _follow(self, batch: list[Outgoing]) -> None:
-        """Publish ``batch`` chained on the end of the chain in flight, on the free slot;
-        raise :class:`Unavailable`, having stored nothing, when it cannot be or its chain
-        broke (the caller publishes it again after the one in flight is done)."""
-        self._flying += 1
+    async def _chain(self, batch: list[Outgoing], last: tuple[int, str]) -> bool:
+        """Publish ``batch`` chained (:meth:`Frames.chained`): True when its one PubAck says
+        every message is stored; False when the chain broke (a message refused or a
+        duplicate, another publisher's message in between), the caller then publishes the
+        batch again with a PubAck per message, which tells what each message's fate was
+        (those stored already are duplicates by their ids)."""
+        acks, frames = self._acks, self._frames
+        assert acks is not None and frames is not None
+        first, done = acks.expect(1)
         try:
-            self._connected()
-            sizes = self._check_sizes(batch)
-            if self._long or len(batch) > _WINDOW or len(self._slots) < 2 or \
-                    not await self._chain(batch, None, 1 if self._busy[0] else 0, sizes):
-                raise Unavailable("not stored while the batch before it was in flight: that "
-                                  "one was not chained, or a chain broke (a refusal, another "
-                                  "publisher's message in between); published again after it")
-        finally:
-            self._flying -= 1
-
-    async def _chain(self, batch: list[Outgoing], last: tuple[int, str] | None, slot: int,
-                     sizes: tuple[int, int] = (0, 0)) -> bool:
-        """Publish ``batch`` chained (:meth:`Frames.chained`) on ``last`` with the PubAcks
-        and frames of ``slot``; ``last`` None: on the end of the chain handed over before
-        (:attr:`_tip`, taken once that one is handed over), if it is known and the batch
-        (``sizes``: largest message, longest id) fits a chain on it, else False.
-
-        True when its one PubAck says every message is stored; False when the chain broke
-        (a message refused or a duplicate, another publisher's message in between, a chain
-        before it broke), or an id is not plain (nothing sent). After a break the caller
-        publishes the batch again with a PubAck per message, which tells what each
-        message's fate was (those stored already are duplicates by their ids)."""
-        acks, frames = self._slots[slot] if self._slots else (self._acks, self._frames)
-        assert acks is not None and frames is not None and not self._busy[slot]
-        self._busy[slot] = True
-        try:
-            async with self._handover:  # the base read and the frames handed over in order
-                if last is None:  # a follower
-                    last = self._tip
-                    if last is None or self._long or not self._fits(last, *sizes):
-                        return False
-                first, done = acks.expect(1)
-                try:
-                    if not await frames.chained(batch, self.subject.render, first, *last):
-                        return False  # an id nats-py would rewrite: Client.publish, one by one
-                    self.chains += 1
-                except Exception as exc:
-                    raise self.unavailable("publishing failed", exc) from None
-                end = (last[0] + len(batch), batch[-1].id)
-                self._tip = end  # what a chain sent before this one's answer is based on
-            await self._answered(done)
-        except BaseException:
-            self._tip = None
-            raise
-        finally:
-            self._busy[slot] = False
+            if not await frames.chained(batch, self.subject.render, first, *last):
+                return False  # an id nats-py would rewrite: Client.publish, one by one
+            self.chains += 1
+        except Exception as exc:
+            raise self.unavailable("publishing failed", exc) from None
+        await self._answered(done)
         seq = stored_at(acks.last) if acks.failure is None else None
-        if seq == end[0]:
+        if seq == last[0] + len(batch):
             self._misses = 0
-            self._last = end
+            self._last = (seq, batch[-1].id)
             return True
-        self._tip = None  # void: a chain sent on it breaks too
         self.chains_failed += 1
         self._misses = min(self._misses + 1, _MAX_MISSES)
         self._unchained = 2 ** self._misses - 1  # the next ones not chained, so that a
@@ -420,7 +331,7 @@ class NatsDestination(Destination):
         self.duplicates += acks.duplicates
         if frames is not None:  # the stream's last message, if its PubAck shows it
             seq = stored_at(acks.last)
-            self._last = self._tip = None if seq is None else (seq, batch[-1].id)
+            self._last = None if seq is None else (seq, batch[-1].id)
 
     def _check_sizes(self, batch: list[Outgoing]) -> tuple[int, int]:
         """A message over the server's max_payload is refused before anything is sent.
@@ -494,7 +405,7 @@ class NatsDestination(Destination):
     async def close(self) -> None:
         nc, acks = self.nc, self._acks
         self.nc, self.js, self._acks, self._frames = None, None, None, None
-        self.opened, self._last, self._tip, self._slots = False, None, None, []
+        self.opened, self._last = False, None
         if acks is not None:
             acks.release()
         if nc is not None:

@@ -35,31 +35,19 @@ settle, ends the dispatcher task that runs the lanes (:meth:`Window.running`),
 so the app stops unacknowledged.
 
 One connection per destination, one publish in flight per lane: the order
-per key holds without any reordering logic. The exception is a destination
-whose next publish could only be stored if the one in flight is stored whole
-(:meth:`~walex.destinations.base.Destination.pipelined`: JetStream's chains,
-each message naming the one before it): there the lane starts the next group
-while the previous one awaits its confirmation, at most two in flight, each
-handed over after the one before it, and confirms them strictly in order. A
-failure of either (the second breaks with the first) waits for the other,
-then every group that was in flight goes again the sequential way above (the
-same ids: JetStream's duplicate window drops what was stored already), so
-there is never a gap followed by later events there either.
+per key holds without any reordering logic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
-from itertools import islice
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DestinationError
-from .base import Destination, Unavailable
+from .base import Destination
 from .encoding import Outgoing, encode, encode_event_reference, fast_path
 
 if TYPE_CHECKING:
@@ -98,22 +86,19 @@ class Lane:
         self.queued: deque[Entry] = deque()  # unconfirmed, in order; the front ones may be in flight
         self._wake = asyncio.Event()
         self.groups = 0  # publishes made (each retry counted once)
-        self.overlapped = 0  # groups started while the one before was in flight
-        self.fallbacks = 0  # failures of groups in flight, which then went the sequential way
-        self._careful = 0  # front entries to publish the sequential way (after a failure)
 
     def __len__(self) -> int:
         return len(self.queued)
 
-    def _group(self, skip: int = 0) -> tuple[int, list[Outgoing]]:
-        """How many front batches (after the first ``skip``) to publish together, and their
-        messages in order: at most the window's, and within the destination's bounds of
-        events and bytes (one batch alone may exceed them)."""
+    def _group(self) -> tuple[int, list[Outgoing]]:
+        """How many front batches to publish together, and their messages in order: at most
+        the window's, and within the destination's bounds of events and bytes (one batch
+        alone may exceed them)."""
         d = self.destination
         most_events, most_bytes, most = d.group_events, d.group_bytes, self.size
         batch: list[Outgoing] = []
         count = size = 0
-        for entry in (islice(self.queued, skip, None) if skip else self.queued):
+        for entry in self.queued:
             outgoing = entry.outgoing
             if count and (len(batch) + len(outgoing) > most_events
                           or size + entry.size > most_bytes or count >= most):
@@ -128,17 +113,12 @@ class Lane:
         window = self.window
         deliver, settle = window.destinations._deliver, window.settle
         destination, queued = self.destination, self.queued
-        pipelined = destination.pipelined
         while True:
             while not queued:
                 self._wake.clear()
                 await self._wake.wait()
-            if self._careful <= 0 and pipelined():
-                await self._pipeline()
-                continue
             count, batch = self._group()  # the front `count` entries (only this lane takes
             self.groups += 1  # them off; the others are appended behind)
-            self._careful -= count
             if count == 1:
                 entry = queued[0]
                 await deliver(destination, entry.outgoing, entry.txn.events)
@@ -156,88 +136,6 @@ class Lane:
             for _ in range(count):  # confirmed: this lane is done with them
                 queued.popleft().pending -= 1
             settle()  # what is complete now is recorded, in order, at once
-
-    async def _pipeline(self) -> None:
-        """Publish groups, up to two in flight, while the destination chains each on the one
-        before it (:meth:`Destination.pipelined`), and confirm them in order. Returns when
-        nothing is in flight and the next would not be chained (or nothing is queued), or
-        after a failure: then the groups that were in flight go the sequential way."""
-        window = self.window
-        destinations, settle = window.destinations, window.settle
-        destination, queued, wake = self.destination, self.queued, self._wake
-        flying: deque[tuple[int, asyncio.Task[Exception | None]]] = deque()
-        taken = 0  # the front entries of `queued` in flight
-
-        def woken(_task: asyncio.Task[Exception | None]) -> None:
-            wake.set()
-
-        try:
-            while True:
-                wake.clear()
-                while flying and flying[0][1].done():
-                    count, task = flying.popleft()
-                    failure = task.result()  # (what _attempt does not return, it raises)
-                    if failure is not None:  # the one after it broke too, or goes again
-                        if flying:
-                            await asyncio.wait([other for _, other in flying])
-                            flying.clear()
-                        log.debug("destination %s: %s; the %d transactions in flight go "
-                                  "again one group at a time", destination.display, failure,
-                                  taken)
-                        self._careful = taken
-                        self.fallbacks += 1
-                        return
-                    taken -= count
-                    for _ in range(count):
-                        queued.popleft().pending -= 1
-                    settle()
-                if len(flying) < 2 and len(queued) > taken and destination.pipelined():
-                    count, batch = self._group(taken)
-                    task = asyncio.create_task(_attempt(destinations, destination, batch))
-                    task.add_done_callback(woken)
-                    self.groups += 1
-                    self.overlapped += bool(flying)
-                    flying.append((count, task))
-                    taken += count
-                    await asyncio.sleep(0)  # its first step: its frames handed over
-                    continue
-                if not flying:
-                    return
-                await wake.wait()
-        finally:
-            for _count, task in flying:
-                task.cancel()
-            if flying:
-                await asyncio.wait([task for _, task in flying])
-
-
-async def _attempt(destinations: Destinations, destination: Destination,
-                   batch: list[Outgoing]) -> Exception | None:
-    """One publish of a pipelined group, recorded (stats, trace, failing) as an attempt of
-    ``Destinations._deliver``; its failure returned, not retried (the lane publishes the
-    group again with ``_deliver``)."""
-    stats = destinations.stats
-    started = time.perf_counter()
-    try:
-        if not destination.opened:
-            raise Unavailable("not connected")
-        tracer = stats.tracer if stats is not None else None
-        if tracer is None:
-            await destination.publish(batch)
-        else:
-            with tracer.publish(destination.scheme, destination.display, len(batch)):
-                await destination.publish(batch)
-    except (DestinationError, Unavailable) as exc:
-        destinations._failed(destination, exc)
-        destinations.retries += 1
-        if stats is not None:
-            stats.record_publish(destination.display, len(batch),
-                                 time.perf_counter() - started, ok=False)
-        return exc
-    if stats is not None:
-        stats.record_publish(destination.display, len(batch), time.perf_counter() - started)
-    destinations.failing.pop(destination.display, None)
-    return None
 
 
 class Window:
