@@ -164,7 +164,11 @@ def test_a_raw_event_typed_by_threads_at_once_and_replaced() -> None:
     from walex.event import EventType, Source
     from walex.sizes import event_bytes
 
-    class Slow:
+    source = Source(db="d", schema="s", table="t", columns={"id": "int4", "b": "text"},
+                    primary_key=("id",))
+
+    class Slow:  # a Table's face: what walex.rows reads of one
+        relation_id, name = 1, "t"
         column_names = ["id", "b"]
         key_indexes = [0]
 
@@ -174,8 +178,7 @@ def test_a_raw_event_typed_by_threads_at_once_and_replaced() -> None:
             time.sleep(0.01)  # threads overlap while typing
             return [int(row.values[0]), row.values[1].decode()]
 
-    source = Source(db="d", schema="s", table="t", columns={"id": "int4", "b": "text"},
-                    primary_key=("id",))
+    Slow.source = source
     for _ in range(5):
         event = RawEvent.of("t", EventType.UPDATE, source, (Slow(), (b"1", b"x"), (b"1", b"y"), "O", 5),
                             None, "0/1", "id1")

@@ -27,40 +27,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from .event import Change, Event, EventType
-from .pgoutput.messages import TupleData
+from .event import Event, EventType
+from .pgoutput.messages import Delete, Insert, TupleData, Update
+from .rows import delete_event, insert_event, update_event
 
 __all__ = ["RawEvent", "typed_rows"]
 
 _NEW = Event.__dict__["new_record"]  # the slots' member descriptors
 _OLD = Event.__dict__["old_record"]
 _CHANGES = Event.__dict__["changes"]
-_INSERT, _UPDATE, _DELETE = EventType.INSERT, EventType.UPDATE, EventType.DELETE
-_TAGS = {_INSERT: "Insert", _UPDATE: "Update", _DELETE: "Delete"}
+_INSERT, _UPDATE = EventType.INSERT, EventType.UPDATE
 
 
 def typed_rows(kind: EventType, raw: tuple[Any, ...]) -> tuple[Any, Any, Any]:
-    """``(new_record, old_record, changes)`` of a change from its raw rows, as
-    :mod:`walex.rows` builds them for rows that came whole and as text."""
+    """``(new_record, old_record, changes)`` of a change from its raw rows: the Event
+    :mod:`walex.rows` builds from the change message, for rows that came whole as text."""
     table, new, old, old_kind, lsn = raw
-    names = table.column_names
-    tag = _TAGS[kind]
-    new_values = table.load(TupleData(new, True), tag, lsn) if new is not None else None
-    old_values = table.load(TupleData(old, True), tag, lsn) if old is not None else None
-    old_record = changes = None
-    if old_values is not None:
-        if old_kind == "K":
-            old_record = {names[i]: old_values[i] for i in table.key_indexes}
-        else:
-            old_record = dict(zip(names, old_values))
-            if new_values is not None:
-                changes = {
-                    name: Change(was, now)
-                    for name, raw_now, raw_was, now, was in zip(names, new, old, new_values, old_values)
-                    if raw_now != raw_was
-                }
-    new_record = dict(zip(names, new_values)) if new_values is not None else None
-    return new_record, old_record, changes
+    old_row = TupleData(old, True) if old is not None else None
+    if kind is _INSERT:
+        event = insert_event(table, Insert(table.relation_id, TupleData(new, True)), lsn)
+    elif kind is _UPDATE:
+        event = update_event(table, Update(table.relation_id, TupleData(new, True), old_row,
+                                           old_kind or None), lsn)
+    else:
+        event = delete_event(table, Delete(table.relation_id, old_row, old_kind), lsn)
+    return event.new_record, event.old_record, event.changes
 
 
 class RawEvent(Event):
