@@ -86,7 +86,7 @@ def value_bytes(value: Any) -> int:
 
 
 def _raw_bytes(event: Any, raw: tuple[Any, ...]) -> int:
-    """Deep size of a RawEvent not typed yet: its rows as sent (lists of bytes), not the
+    """Deep size of a RawEvent not typed yet: its rows as sent (tuples of bytes), not the
     Table they share."""
     total = getsizeof(event) + getsizeof(event.id) + getsizeof(raw) + getsizeof(raw[4])
     for row in (raw[1], raw[2]):
