@@ -208,7 +208,8 @@ def jsonb_compact(raw: bytes) -> bytes | None:
     """``orjson.dumps`` of what walex's json loader gives for ``raw`` (jsonb text as
     PostgreSQL writes it), or None where that is not certain (a number with a fraction, an
     exponent or more than 15 digits, an escape PostgreSQL does not write, white space other
-    than its single spaces after a comma or a colon, nesting beyond 64 levels). ``_direct``'s ``_jsonb`` is the twin."""
+    than its single spaces after a comma or a colon, nesting beyond 64 levels).
+    ``_direct``'s ``_jsonb`` is the twin."""
     out = bytearray()
     i, n, depth = 0, len(raw), 0
     while i < n:
@@ -394,7 +395,7 @@ def _piece(kind: int, raw: bytes, load: Any, mode: int) -> tuple[bytes, Any]:
     return piece, form if type(form) is str else None
 
 
-def _record(plan: Plan, row: list[Any], columns: Any) -> tuple[bytes, list[Any], int]:
+def _record(plan: Plan, row: tuple[Any, ...], columns: Any) -> tuple[bytes, list[Any], int]:
     """``{"name":piece,...}`` of ``row``'s ``columns``, each column's (piece, str form), and
     the mode the row was typed in (1: with the tolerant loaders)."""
     try:
@@ -403,7 +404,8 @@ def _record(plan: Plan, row: list[Any], columns: Any) -> tuple[bytes, list[Any],
         return _record_in(plan, row, columns, 1)
 
 
-def _record_in(plan: Plan, row: list[Any], columns: Any, mode: int) -> tuple[bytes, list[Any], int]:
+def _record_in(plan: Plan, row: tuple[Any, ...], columns: Any,
+               mode: int) -> tuple[bytes, list[Any], int]:
     kinds, names = plan.kinds, plan.names
     loads = tolerant_loads(plan) if mode else plan.loads
     pieces: list[Any] = [None] * len(kinds)
@@ -420,7 +422,7 @@ def _record_in(plan: Plan, row: list[Any], columns: Any, mode: int) -> tuple[byt
     return b"{" + b",".join(parts) + b"}", pieces, mode
 
 
-def _subject(plan: Plan, row: list[Any], pieces: list[Any], mode: int) -> str:
+def _subject(plan: Plan, row: tuple[Any, ...], pieces: list[Any], mode: int) -> str:
     """The reference's subject (``encoding._subject``) from the pieces of the key columns."""
     key = plan.key
     forms = []
