@@ -158,6 +158,33 @@ def url_for(level: str, run: str) -> str:
     return url
 
 
+def server_pids(level: str) -> list[int]:
+    """The processes that serve ``level``'s destination on this machine, whose CPU the
+    runner counts beside the consumer's and the walsender's: the process listening on the
+    URL's port (nats-server, redis-server, RabbitMQ's beam.smp, our tansu) when the host is
+    local, or this runner for the webhook endpoint it serves (its sampling threads are
+    counted with it: a few ms per run). Empty when it cannot be told (a remote broker, or
+    psutil missing)."""
+    import psutil
+    from urllib.parse import urlsplit
+
+    url = url_for(level, "x")
+    if _server is not None and url.startswith("http") and \
+            urlsplit(url).port == _server.server_address[1]:
+        return [os.getpid()]
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return []
+    port = parts.port or {"nats": 4222, "redis": 6379, "amqp": 5672, "kafka": 9092}.get(
+        parts.scheme.split("+")[0], 0)
+    try:
+        return sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                       if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       and c.pid})
+    except psutil.Error:
+        return []
+
+
 def prepare(level: str, run: str) -> None:
     url = url_for(level, run)
     if url.startswith("amqp"):

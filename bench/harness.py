@@ -238,7 +238,13 @@ class Bench:
         cmd = self.consumer_cmd(level, slot, endpos, result, peers, lag)
         if wrap:
             cmd = [*wrap, *cmd]
-        return measure(cmd, level, slot, self.cluster.dsn(), result, timeout, self.tmp)
+        servers: list[int] = []
+        if "+" in level or level.endswith("_ceiling"):
+            import destinations
+
+            if level in destinations.URLS:
+                servers = destinations.server_pids(level)
+        return measure(cmd, level, slot, self.cluster.dsn(), result, timeout, self.tmp, servers)
 
 
 def walex_version() -> dict[str, Any]:
@@ -371,14 +377,28 @@ def python_loop_seconds() -> float:
     return best
 
 
+def servers_cpu_s(pids: list[int]) -> float | None:
+    """The summed CPU time of ``pids`` (a destination's server processes), None if one is gone."""
+    total = 0.0
+    for pid in pids:
+        cpu = proc_cpu_s(pid)
+        if cpu is None:
+            return None
+        total += cpu
+    return total
+
+
 def measure(cmd: list[str], level: str, slot: str, admin_dsn: str, result: Path,
-            timeout: float, tmp: Path) -> dict[str, Any]:
-    """Run ``cmd``; wall time from just before spawn, CPU and max RSS from wait4."""
+            timeout: float, tmp: Path, servers: list[int] | None = None) -> dict[str, Any]:
+    """Run ``cmd``; wall time from just before spawn, CPU and max RSS from wait4; the CPU the
+    ``servers`` (a destination's broker processes) spent meanwhile."""
+    servers = servers or []
     ws = WalsenderWatch(admin_dsn, slot)
     ws.start()
     out_path = tmp / f"{slot}.out"
     with open(out_path, "wb") as out:
         load1 = os.getloadavg()[0]
+        server_cpu0 = servers_cpu_s(servers)
         t_spawn = time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=clean_env(), start_new_session=True)
@@ -388,6 +408,7 @@ def measure(cmd: list[str], level: str, slot: str, admin_dsn: str, result: Path,
         timer.start()
         _, status, ru = os.wait4(proc.pid, 0)
         t_exit = time.time()
+        server_cpu1 = servers_cpu_s(servers)
         timer.cancel()
     rss.stop_evt.set()
     ws.stop_evt.set()
@@ -401,6 +422,9 @@ def measure(cmd: list[str], level: str, slot: str, admin_dsn: str, result: Path,
         "ru_maxrss_kb": ru.ru_maxrss, "vmhwm_sampled_kb": rss.hwm_kb,
         "tree_rss_peak_kb": rss.tree_peak_kb,
         "walsender_pid": ws.pid, "walsender_cpu_s": ws.cpu_s, "loadavg1_before": load1,
+        "server_pids": servers,
+        "server_cpu_s": (server_cpu1 - server_cpu0 if servers and server_cpu0 is not None
+                         and server_cpu1 is not None else None),
     }
     if result.exists():
         child = json.loads(result.read_text())

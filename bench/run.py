@@ -102,7 +102,9 @@ def bench_workload(b: h.Bench, w: h.Workload, args: argparse.Namespace, levels: 
             extra = "" if lv == h.LIMIT else f" rows={run.get('rows')}"
             log(f"   rep{rep} {lv:<17} {run['wall_s']:8.3f}s {rows / run['wall_s']:>12,.0f} rows/s"
                 f"  cpu={run['cpu_s']:.2f}s rss={run['peak_rss_kb'] / 1024:.0f}MB"
-                f" walsender={fmt(run['walsender_cpu_s'], '.2f')}s{extra}"
+                f" walsender={fmt(run['walsender_cpu_s'], '.2f')}s"
+                + (f" broker={fmt(run.get('server_cpu_s'), '.2f')}s" if run.get("server_pids") else "")
+                + extra
                 + ("" if ok else f"  FAILED rc={run['rc']}")
                 + (f"  ({run['note']})" if run.get("note") else ""))
             if not ok and run.get("output_tail"):
@@ -182,17 +184,37 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "walsender_cpu_s": [r["walsender_cpu_s"] for r in runs
                                     if r["walsender_cpu_s"] is not None],
                 "ready_s": [r["ready_s"] for r in runs if r.get("ready_s") is not None],
+                "broker_cpu_us_per_row": [1e6 * r["server_cpu_s"] / n_rows for r in runs
+                                          if r.get("server_cpu_s") is not None],
+                "busy_cores": [c for c in (busy_cores(r) for r in runs) if c is not None],
                 "first_row_s": [r["first_row_s"] for r in runs if r.get("first_row_s") is not None],
             })
     return rows_out
+
+
+def busy_cores(run: dict[str, Any]) -> float | None:
+    """The cores a run kept busy on average over its wall time: the consumer's CPU, the
+    walsender's (not for a ceiling, whose timed phase reads nothing from PostgreSQL) and the
+    destination's server processes' (when known). Near the machine's core count, the level
+    is bound by CPU on this machine, whatever each part's own pace."""
+    if run["level"].endswith("_ceiling"):
+        parts = [run["cpu_s"], run.get("server_cpu_s")]
+    else:
+        parts = [run["cpu_s"], run.get("walsender_cpu_s")]
+        if run.get("server_pids"):
+            parts.append(run.get("server_cpu_s"))
+    if any(p is None for p in parts) or not run.get("wall_s"):
+        return None
+    return sum(parts) / run["wall_s"]
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         "| workload | level | n | wall s | rows/s | ratio to pg_recvlogical | ratio to broker ceiling "
         "| ratio to the lower of the two "
-        "| client CPU us/row | peak RSS MB | walsender CPU s | s to streaming | s to first row |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| client CPU us/row | broker CPU us/row | busy cores | peak RSS MB | walsender CPU s "
+        "| s to streaming | s to first row |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in result["summary"]:
         n = f"{s['n']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
@@ -202,7 +224,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {med_range(s['rows_per_s'], ',.0f')} | {med_range(s['ratio'], '.3f')} "
             f"| {med_range(s.get('ratio_to_ceiling', []), '.3f')} "
             f"| {med_range(s.get('ratio_to_attainable', []), '.3f')} "
-            f"| {med_range(s['cpu_us_per_row'], '.1f')} | {med_range(s['peak_rss_mb'], '.0f')} "
+            f"| {med_range(s['cpu_us_per_row'], '.1f')} "
+            f"| {med_range(s.get('broker_cpu_us_per_row', []), '.1f')} "
+            f"| {med_range(s.get('busy_cores', []), '.2f')} | {med_range(s['peak_rss_mb'], '.0f')} "
             f"| {med_range(s['walsender_cpu_s'], '.2f')} | {med_range(s['ready_s'], '.2f')} "
             f"| {med_range(s['first_row_s'], '.2f')} |")
     lines += ["", "| workload | what | rows | WAL MB | load s |", "|---|---|---|---|---|"]
@@ -226,7 +250,10 @@ def markdown(result: dict[str, Any]) -> str:
               "ratio to broker ceiling = walex+NAME rows/s / NAME_ceiling rows/s of the same "
               "repetition (a ceiling's wall s is its publishing time only); ratio to the lower of "
               "the two = walex+NAME rows/s / the lower of pg_recvlogical's and NAME_ceiling's rows/s "
-              "(walex can exceed neither what PostgreSQL sends nor what the broker takes)."]
+              "(walex can exceed neither what PostgreSQL sends nor what the broker takes). "
+              "Broker CPU: the destination's server processes on this machine during the run "
+              "(the webhook endpoint is this runner); busy cores = (client + walsender + broker "
+              "CPU) / wall s (a ceiling's: client and broker over its publishing phase)."]
     return "\n".join(lines)
 
 
