@@ -9,9 +9,9 @@ whole and as text (no unchanged TOAST value, no binary value, the table's
 width): an :class:`~walex.event.Event` that keeps the raw values and the
 :class:`~walex.relations.Table` that types them, and types them the first
 time ``new_record``, ``old_record`` or ``changes`` is read (by a filter, a
-backfill, an ``on_error`` callback, ``repr``...), with exactly the rules of
+backfill, an ``on_error`` callback, ``repr``, ``==``...), with exactly the rules of
 :mod:`walex.rows`, so that nothing but ``type(event)`` tells it from the
-Event the typed path builds.
+Event the typed path builds (it compares equal to it).
 
 ``raw`` is ``(table, new, old, old_kind, lsn)``: ``new`` and ``old`` the rows'
 values (tuples of ``bytes`` or ``None`` per column, ``None`` for a row not sent),
@@ -88,6 +88,19 @@ class RawEvent(Event):
             new, old, changes = typed_rows(self.type, raw)
         return Event(self.name, self.type, self.source, new, old, changes, self.timestamp,
                      self.lsn, self.id)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to an Event (typed or raw) with the same fields, its rows typed: a RawEvent
+        is the Event the typed path builds, whichever side of ``==`` it is on (Python asks
+        the subclass first)."""
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.name, self.type, self.source, self.new_record, self.old_record, self.changes,
+                self.timestamp, self.lsn, self.id) == (
+                other.name, other.type, other.source, other.new_record, other.old_record,
+                other.changes, other.timestamp, other.lsn, other.id)
+
+    __hash__ = None  # type: ignore[assignment]  # as Event's: mutable, compared by value
 
     def _get(descriptor: Any) -> Any:  # type: ignore[misc]  # noqa: N805 - builds properties
         def get(self: RawEvent) -> Any:
