@@ -1,7 +1,7 @@
 """Rows kept as sent and typed when read (walex.rawevent): the same Events.
 
-With ``raw_rows`` the compiled hot path hands on :class:`RawEvent` s for rows
-PostgreSQL sent whole as text; reading their records types them with the
+With ``raw_rows`` either hot path (each test runs on both) hands on
+:class:`RawEvent` s for rows PostgreSQL sent whole as text; reading their records types them with the
 rules of walex.rows. Two apps stream the same changes from two slots, one
 with raw rows and one typed, and every field of every event must agree, over
 the type matrix, the edge values Python cannot hold, replica identities and
@@ -28,9 +28,19 @@ from walex.event import Event
 from walex.hotpath import compiled_available
 from walex.rawevent import RawEvent
 
-pytestmark = pytest.mark.skipif(
-    not compiled_available() or bool(os.environ.get("WALEX_PURE_PYTHON")),
-    reason="raw rows are a way of the compiled hot path (walex._hotpath)")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "pure"])
+def hot_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test on both hot paths: the compiled one (walex._hotpath) and the pure-Python
+    one (walex.transactions with walex.rawevent.change_event), which make the same
+    RawEvents."""
+    if request.param == "compiled":
+        if not compiled_available() or os.environ.get("WALEX_PURE_PYTHON"):
+            pytest.skip("walex._hotpath not built, or the pure-Python path forced")
+    else:
+        monkeypatch.setenv("WALEX_PURE_PYTHON", "1")
+    return request.param
 
 _FIELDS = ("name", "type", "source", "timestamp", "lsn", "id")
 

@@ -12,17 +12,14 @@ what they held. The wire bytes, what was counted before, are far below it.
 from __future__ import annotations
 
 import gc
-import os
 import tracemalloc
 from types import SimpleNamespace
-from typing import Any
 
 import psycopg
 import pytest
 from support import collecting, run
 
 from walex import Event, Events
-from walex.hotpath import compiled_available
 from walex.rawevent import RawEvent
 from walex.sizes import Sizer, event_bytes
 
@@ -42,11 +39,6 @@ TABLES = {
     "full": ("(id int PRIMARY KEY, a int, b text, c numeric)",
              "UPDATE full_ SET a = a + 1"),
 }
-
-
-def raw_rows_built() -> bool:
-    """Whether raw rows can be had: a way of the compiled hot path only."""
-    return compiled_available() and not os.environ.get("WALEX_PURE_PYTHON")
 
 
 def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str,
@@ -80,7 +72,7 @@ def _held_and_estimates(dsn: str, admin: psycopg.Connection, table: str,
         gc.collect()
         before = tracemalloc.get_traced_memory()[0]
         untyped = sum(type(e) is RawEvent and e.raw is not None for b in kept for e in b)
-        assert untyped == (sum(map(len, kept)) if raw_rows and raw_rows_built() else 0)
+        assert untyped == (sum(map(len, kept)) if raw_rows else 0)
         sizer = Sizer()
         estimate = sum(sizer.measure(SimpleNamespace(size=0, events=b)) for b in kept)
         exact = sum(event_bytes(e) + 8 for b in kept for e in b)

@@ -156,7 +156,7 @@ class Pipeline:
         return any(match(schema, table) for match in self._subscribed)
 
     def _is_raw(self, schema: str, table: str) -> bool:
-        """Whether the compiled hot path keeps the table's rows as sent, typed when read
+        """Whether the hot path keeps the table's rows as sent, typed when read
         (walex.rawevent): as ``raw_rows`` says, or by default when the app publishes to
         destinations and no handler takes the table (its rows would be typed for nobody)."""
         asked = self.settings.raw_rows

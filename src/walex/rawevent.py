@@ -4,7 +4,8 @@ An app that relays (destinations) never looks at the typed values of a table
 no handler takes: it needs the CloudEvent's JSON, which can be written
 straight from the text PostgreSQL sent (:mod:`walex.destinations.direct`).
 For such a table (``Table.raw``, set by the pipeline; ``raw_rows`` forces it
-on or off) the compiled hot path builds a :class:`RawEvent` for a change whose rows came
+on or off) the compiled hot path, and the pure-Python one through
+:func:`change_event`, build a :class:`RawEvent` for a change whose rows came
 whole and as text (no unchanged TOAST value, no binary value, the table's
 width): an :class:`~walex.event.Event` that keeps the raw values and the
 :class:`~walex.relations.Table` that types them, and types them the first
@@ -29,14 +30,16 @@ from typing import Any
 
 from .event import Event, EventType
 from .pgoutput.messages import Delete, Insert, TupleData, Update
+from .relations import Table
 from .rows import delete_event, insert_event, update_event
 
-__all__ = ["RawEvent", "typed_rows"]
+__all__ = ["RawEvent", "change_event", "typed_rows"]
 
 _NEW = Event.__dict__["new_record"]  # the slots' member descriptors
 _OLD = Event.__dict__["old_record"]
 _CHANGES = Event.__dict__["changes"]
 _INSERT, _UPDATE = EventType.INSERT, EventType.UPDATE
+_KIND = {Insert: _INSERT, Update: _UPDATE, Delete: EventType.DELETE}
 
 
 def typed_rows(kind: EventType, raw: tuple[Any, ...]) -> tuple[Any, Any, Any]:
@@ -54,6 +57,31 @@ def typed_rows(kind: EventType, raw: tuple[Any, ...]) -> tuple[Any, Any, Any]:
     return event.new_record, event.old_record, event.changes
 
 
+def change_event(table: Table, msg: Insert | Update | Delete, lsn: int) -> Event:
+    """The Event of a change message, as the pure-Python path makes it (the assembler, and
+    the changes of a spilled transaction read back): a :class:`RawEvent` where the compiled
+    hot path makes one (a ``Table`` whose ``raw`` is True, every row sent whole as text at
+    the table's width), else the typed Event of :mod:`walex.rows`. Its timestamp, lsn and
+    id are set later, as for the typed ones."""
+    kind = type(msg)
+    if table.raw is True and type(table) is Table:
+        width = len(table.type_oids)
+        new = msg.new if kind is not Delete else None  # type: ignore[union-attr]
+        old = msg.old if kind is not Insert else None  # type: ignore[union-attr]
+        if (new is None or (new.plain and len(new.values) == width)) and (
+                old is None or (old.plain and len(old.values) == width)) and (
+                new is not None or kind is Delete):
+            raw = (table, None if new is None else tuple(new.values),
+                   None if old is None else tuple(old.values),
+                   "" if kind is Insert else (msg.old_kind or ""), lsn)  # type: ignore[union-attr]
+            return RawEvent.of(table.name, _KIND[kind], table.source, raw, None, "", "")
+    if kind is Insert:
+        return insert_event(table, msg, lsn)  # type: ignore[arg-type]
+    if kind is Update:
+        return update_event(table, msg, lsn)  # type: ignore[arg-type]
+    return delete_event(table, msg, lsn)  # type: ignore[arg-type]
+
+
 class RawEvent(Event):
     """An :class:`~walex.event.Event` typed on first access of its rows (see the module)."""
 
@@ -62,7 +90,7 @@ class RawEvent(Event):
     @classmethod
     def of(cls, name: str, kind: EventType, source: Any, raw: tuple[Any, ...], timestamp: Any,
            lsn: str, id: str) -> RawEvent:
-        """A RawEvent with its rows not typed yet (what the compiled hot path builds in C)."""
+        """A RawEvent with its rows not typed yet (what the compiled hot path builds in C, and change_event)."""
         event = object.__new__(cls)
         for attr, value in (("name", name), ("type", kind), ("source", source),
                             ("timestamp", timestamp), ("lsn", lsn), ("id", id), ("raw", raw)):

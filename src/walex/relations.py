@@ -75,7 +75,7 @@ class Table:
             },
         )
         self.subscribed = subscribed
-        # rows kept as sent, typed when read (walex.rawevent), by the compiled hot path
+        # rows kept as sent, typed when read (walex.rawevent), by either hot path
         self.raw = False
         self._tx = Transformer(catalog.adapters)
         self._tx.set_loader_types(self.type_oids, Format.TEXT)

@@ -45,8 +45,9 @@ from .errors import DecodeError
 from .event import Event
 from .lsn import format_lsn
 from .pgoutput import messages as m
+from .rawevent import change_event
 from .relations import RelationCache, Table
-from .rows import delete_event, insert_event, truncate_event, update_event
+from .rows import truncate_event
 from .spill import Spill
 
 __all__ = ["Transaction", "TransactionAssembler"]
@@ -219,15 +220,9 @@ class TransactionAssembler:
             txn.held += self._hold(txn, txn.spill, msg, lsn)
             txn.size += size  # for the batch sizes of the read back (see _replay)
             return None
-        if kind is m.Insert:
-            table = relations.get(msg.relation_id, "I", lsn)  # type: ignore[union-attr]
-            new: list[Event | None] = [insert_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
-        elif kind is m.Update:
-            table = relations.get(msg.relation_id, "U", lsn)  # type: ignore[union-attr]
-            new = [update_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
-        elif kind is m.Delete:
-            table = relations.get(msg.relation_id, "D", lsn)  # type: ignore[union-attr]
-            new = [delete_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
+        if kind is not m.Truncate:
+            table = relations.get(msg.relation_id, _TAGS[kind], lsn)  # type: ignore[union-attr]
+            new: list[Event | None] = [change_event(table, msg, lsn) if table.subscribed else None]  # type: ignore[arg-type]
         else:
             new = []
             for rid in msg.relation_ids:  # type: ignore[union-attr]
@@ -302,14 +297,9 @@ class TransactionAssembler:
 
 def _typed(table: Table, msg: m.Insert | m.Update | m.Delete | None, lsn: int) -> Event:
     """The event of a held change (``None``: one table of a TRUNCATE)."""
-    kind = type(msg)
-    if kind is m.Insert:
-        return insert_event(table, msg, lsn)  # type: ignore[arg-type]
-    if kind is m.Update:
-        return update_event(table, msg, lsn)  # type: ignore[arg-type]
-    if kind is m.Delete:
-        return delete_event(table, msg, lsn)  # type: ignore[arg-type]
-    return truncate_event(table)
+    if msg is None:
+        return truncate_event(table)
+    return change_event(table, msg, lsn)
 
 
 def _stamp(changes: list[Event | None], first: int, commit_lsn: int, commit_time: datetime) -> list[Event]:

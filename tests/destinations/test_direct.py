@@ -34,7 +34,6 @@ from workers.test_edge_values import rows as edge_rows
 from support import collecting, run
 
 from walex import EventType
-from walex.hotpath import compiled_available
 from walex.destinations import direct, encoding
 from walex.destinations.encoding import encode, encode_event, encode_event_reference
 from walex.lookups import LookupConnection
@@ -394,11 +393,9 @@ def test_generated_values(admin: psycopg.Connection, dsn: str) -> None:
     assert check(events, (1, 16)) == 400
 
 
-@pytest.mark.skipif(not compiled_available() or bool(os.environ.get("WALEX_PURE_PYTHON")),
-                    reason="raw rows are a way of the compiled hot path (walex._hotpath)")
 def test_raw_events_a_walex_app_streams(admin: psycopg.Connection, dsn: str) -> None:
-    """The RawEvents a WalEx app with ``raw_rows`` hands on (the compiled hot path's, from
-    its replication session): the type matrix, the edge values and the bench's columns."""
+    """The RawEvents a WalEx app with ``raw_rows`` hands on (from its replication session,
+    by the compiled hot path or the pure one): the type matrix, the edge values and the bench's columns."""
     admin.execute(MATRIX_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE typed;", ""))
     admin.execute(EDGE_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE edge;", ""))
     admin.execute(PLAIN_SCHEMA.replace("CREATE PUBLICATION pub FOR TABLE plain;", ""))

@@ -11,7 +11,6 @@ it. A dead-letter ``on_error`` callable gets the refused events typed.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import psycopg
@@ -20,16 +19,10 @@ from psycopg.adapt import Loader
 from support import run
 
 from walex import DecodeError, WalEx
-from walex.hotpath import compiled_available
 from walex.lsn import parse_lsn
 
 from .brokers import redis_delete, redis_stored
 from .conftest import require
-
-pytestmark = pytest.mark.skipif(
-    not compiled_available() or bool(os.environ.get("WALEX_PURE_PYTHON")),
-    reason="raw rows are a way of the compiled hot path (walex._hotpath)")
-
 
 def _slot_flushed(admin: psycopg.Connection, slot: str) -> int:
     row = admin.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots "
