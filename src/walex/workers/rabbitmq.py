@@ -15,7 +15,13 @@ puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
 unacknowledged messages at most: the worker takes what is there at once,
 calls the handlers per transaction (``max_batch`` handlers: once for them
-all) and acknowledges the last one with ``multiple=True``.
+all) and acknowledges the last one with ``multiple=True``, on the channel it
+came on. The deliveries come straight off the connection's bytes
+(:mod:`walex.workers.amqpdeliveries`: the tag, the ``redelivered`` flag and
+the body of each, in order, into the lane's inbox, with no aiormq message,
+queue or task per delivery); aiormq still opens, acknowledges and closes,
+and an aiormq whose internals that module does not know delivers through
+``basic_consume`` as before.
 
 The group is declared up front: :meth:`RabbitMQConsumer.declare`
 (``walex worker --declare SOURCE_URL``) declares the exchange as the relay
