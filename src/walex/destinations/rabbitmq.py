@@ -119,6 +119,7 @@ class RabbitMQDestination(Destination):
         self._number = -1  # the channel number they were made for
 
     passive = False  # a worker's: the exchange must exist (the relay declares it)
+    connection_class: Any = None  # aio-pika's Connection, or a worker's (walex.workers.rabbitmq)
 
     async def open(self) -> None:
         url = self.url
@@ -129,6 +130,7 @@ class RabbitMQDestination(Destination):
                 password=url.password if url.password is not None else "guest",
                 virtualhost=self.vhost, ssl=url.scheme == "amqps", timeout=self.timeout,
                 client_properties={"connection_name": "walex"},
+                **({"connection_class": self.connection_class} if self.connection_class else {}),
             )
             channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
             if self.exchange_name:

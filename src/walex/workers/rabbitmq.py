@@ -15,7 +15,13 @@ puts its unacknowledged messages back in their places and makes the next
 consumer the active one. Each queue has its own channel, with ``prefetch``
 unacknowledged messages at most: the worker takes what is there at once,
 calls the handlers per transaction (``max_batch`` handlers: once for them
-all) and acknowledges the last one with ``multiple=True``.
+all) and acknowledges the last one with ``multiple=True``, on the channel it
+came on. The deliveries come straight off the connection's bytes
+(:mod:`walex.workers.amqpdeliveries`: the tag, the ``redelivered`` flag and
+the body of each, in order, into the lane's inbox, with no aiormq message,
+queue or task per delivery); aiormq still opens, acknowledges and closes,
+and an aiormq whose internals that module does not know delivers through
+``basic_consume`` as before.
 
 The group is declared up front: :meth:`RabbitMQConsumer.declare`
 (``walex worker --declare SOURCE_URL``) declares the exchange as the relay
@@ -60,6 +66,7 @@ from aiormq.exceptions import ChannelAccessRefused  # aio-pika's AMQP layer
 from ..destinations.base import DestinationURL, Unavailable
 from ..destinations.rabbitmq import RabbitMQDestination, pattern
 from ..errors import ConfigError
+from . import amqpdeliveries
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 
 __all__ = ["RabbitMQConsumer"]
@@ -73,6 +80,24 @@ class _SourceExchange(RabbitMQDestination):
     """The relay's exchange, seen from a worker: it must exist (unless declared)."""
 
     passive = True
+    # the deliveries taken off the connection's bytes (walex.workers.amqpdeliveries)
+    connection_class = amqpdeliveries.connection_class() if amqpdeliveries.usable() else None
+
+
+class _Inbox:
+    """One subscription's deliveries not yet received, and the lane waiting for them."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[Delivery] = []
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, delivery: Delivery) -> None:
+        self.items.append(delivery)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class RabbitMQLane(Lane):
@@ -80,9 +105,10 @@ class RabbitMQLane(Lane):
         super().__init__(partition)
         self.consumer = consumer
         self.channel: Any = None
-        self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox = _Inbox()
         self.shed = False  # give the partition to the next worker in line when idle
         self.closing = False  # this worker closes the channel: not a loss
+        self._taking: tuple[Any, int, Any] | None = None  # (split reader, channel, sink)
 
     async def subscribe(self, consume: bool = True) -> int:
         """Open a channel and consume the partition's queue; the consumers there before."""
@@ -94,7 +120,7 @@ class RabbitMQLane(Lane):
 
     async def _subscribe(self, consume: bool) -> int:
         consumer, dest = self.consumer, self.consumer.destination
-        self.buffer = asyncio.Queue()
+        inbox = self.inbox = _Inbox()
         self.closing = False
         channel = self.channel = await dest.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=consumer.prefetch)
@@ -111,22 +137,38 @@ class RabbitMQLane(Lane):
         await queue.bind(dest.exchange_name, routing_key=consumer.bindings[self.partition])
 
         def on_close(*_args: Any) -> None:
+            self._stop_taking()
             if not (self.closing and self.channel is channel) and not consumer.stopping:
                 self.revoke("the channel to RabbitMQ was closed: the broker gives the "
                             "partition's unacknowledged messages to another worker")
 
         channel.close_callbacks.add(on_close)
         if consume:
-            buffer = self.buffer
+            underlay = await channel.get_underlay_channel()
+            active, partition = consumer.active, self.partition
+
+            def take(tag: int, redelivered: bool, body: bytes) -> None:
+                # the broker made this worker the queue's active consumer
+                active.add(partition)
+                inbox.put(Delivery(body, (underlay, tag), redelivered))
 
             async def deliver(message: Any) -> None:  # aiormq's own message: no wrapper made
                 if self.channel is channel:  # not a late one of a channel handed over
-                    self.consumer.active.add(self.partition)  # the broker made this worker
-                    buffer.put_nowait(message)                # the active one
+                    take(message.delivery.delivery_tag, bool(message.delivery.redelivered),
+                         message.body)
 
-            underlay = await channel.get_underlay_channel()
+            split = getattr(dest.connection, "split", None)  # walex.workers.amqpdeliveries
+            if split is not None:  # the deliveries straight from the connection's bytes
+                self._taking = (split, underlay.number, take)
+                split.register(underlay.number, take)
             await underlay.basic_consume(name, deliver, no_ack=False)
         return before
+
+    def _stop_taking(self) -> None:
+        if self._taking is not None:
+            split, number, take = self._taking
+            self._taking = None
+            split.unregister(number, take)
 
     def check(self) -> None:
         if self.channel.is_closed or self.consumer.lost:
@@ -136,15 +178,18 @@ class RabbitMQLane(Lane):
         self.check()
         if self.shed:
             await self._hand_over()
-        try:
-            first = await asyncio.wait_for(self.buffer.get(), wait)
-        except TimeoutError:
-            self.check()
-            return []
-        messages = [first]
-        while not self.buffer.empty():
-            messages.append(self.buffer.get_nowait())
-        return [Delivery(m.body, m, redelivered=bool(m.delivery.redelivered)) for m in messages]
+        inbox = self.inbox
+        if not inbox.items:
+            waiter = inbox.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                self.check()
+                return []
+            finally:
+                inbox.waiter = None
+        items, inbox.items = inbox.items, []
+        return items
 
     async def _hand_over(self) -> None:
         """Nothing in hand: close the channel (the broker puts what it prefetched back in
@@ -165,6 +210,7 @@ class RabbitMQLane(Lane):
 
     async def _close_channel(self) -> None:
         self.closing = True
+        self._stop_taking()  # what still comes on it is dropped: the broker puts it back
         try:
             await asyncio.wait_for(self.channel.close(), self.consumer.destination.timeout)
         except Exception as exc:
@@ -172,8 +218,8 @@ class RabbitMQLane(Lane):
 
     async def ack(self, deliveries: list[Delivery]) -> None:
         try:
-            last = deliveries[-1].handle  # every one before it too, in one frame
-            await last.channel.basic_ack(last.delivery.delivery_tag, multiple=True)
+            channel, tag = deliveries[-1].handle  # every one before it too, in one frame
+            await channel.basic_ack(tag, multiple=True)
         except Exception as exc:
             raise self.consumer.destination.unavailable("acknowledging failed", exc) from None
 
