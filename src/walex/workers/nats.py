@@ -101,6 +101,7 @@ class NatsLane(Lane):
         self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
         self._alarm_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # see _running
+        self._requests: tuple[float, bytes, bytes] | None = None  # see _next_request
         self.status: str | None = None  # the last JetStream status a request was answered with
 
     def arrive(self, raw: Raw) -> None:
@@ -171,11 +172,23 @@ class NatsLane(Lane):
         expired without one (then the next receive asks with a fetch)."""
         deadline = time.monotonic() + wait
         self.status = None
+        box = self.box
         while True:
-            try:
-                msg = await self._next(max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                return None
+            if self.direct is not None:  # the direct way: the box, no coroutine of its own
+                if not box:
+                    waiter = self._waiter(max(deadline - time.monotonic(), 0.001))
+                    try:
+                        await waiter
+                    finally:
+                        self.waiter = None
+                    if not box:
+                        return None
+                msg = box.popleft()
+            else:
+                try:
+                    msg = await self._next(max(deadline - time.monotonic(), 0.001))
+                except TimeoutError:
+                    return None
             if type(msg) is Raw:
                 status = msg.status
                 if status is None:
@@ -192,15 +205,8 @@ class NatsLane(Lane):
     async def _next(self, timeout: float) -> Any:
         """The next message of the subscription, as its ``next_msg()`` gives it (the same
         queue and bookkeeping), without the task, timeout task and uuid that costs per
-        message: one already queued is taken at once; TimeoutError after ``timeout``. The
-        direct way: the next message of the box."""
-        if self.direct is not None:
-            box = self.box
-            if not box:
-                await self._wait(timeout)
-                if not box:
-                    raise TimeoutError
-            return box.popleft()
+        message: one already queued is taken at once; TimeoutError after ``timeout``. (The
+        direct way takes the box's instead, in :meth:`_following`.)"""
         sub = self.psub._sub
         queue = sub._pending_queue
         if queue.empty():
@@ -220,9 +226,10 @@ class NatsLane(Lane):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    async def _wait(self, timeout: float) -> None:
-        """Until :meth:`arrive` or ``timeout`` seconds. One timer serves the lane's waits:
-        it is re-armed when it rings before the wait in hand ends, not per wait."""
+    def _waiter(self, timeout: float) -> asyncio.Future[None]:
+        """The future :meth:`arrive` or ``timeout`` seconds end (the caller awaits it, then
+        sets ``waiter`` to None). One timer serves the lane's waits: it is re-armed when it
+        rings before the wait in hand ends, not per wait."""
         loop = self._running()
         deadline = self.deadline = time.monotonic() + timeout
         if self._alarm is None or self._alarm_at > deadline + 0.001:
@@ -231,10 +238,7 @@ class NatsLane(Lane):
             self._alarm_at = deadline
             self._alarm = loop.call_later(timeout, self._ring)
         waiter = self.waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.waiter = None
+        return waiter
 
     def _ring(self) -> None:
         self._alarm = None
@@ -317,22 +321,31 @@ class NatsLane(Lane):
         if held is not None and held[2] is not None:
             held[2].cancel()
 
+    def _next_request(self) -> tuple[bytes, bytes]:
+        """The ``+NXT`` body for the worker's poll, and what follows the reply subject in
+        its ``PUB`` command (made again only when the poll changes)."""
+        made = self._requests
+        if made is None or made[0] != self.wait:
+            request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
+            made = self._requests = (self.wait, request, b" %b %d\r\n%b\r\n" % (
+                self.inbox_bytes, len(request), request))
+        return made[1], made[2]
+
     async def ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge; the last one with ``+NXT`` (JetStream's acknowledge-and-ask-for-the-
         next), so the next message is delivered as soon as the server took the
         acknowledgement, without a fetch request of its own."""
+        last = len(deliveries) - 1
         for i, delivery in enumerate(deliveries):
-            self._drop(delivery.handle)
             msg = delivery.handle
+            self._drop(msg)
             try:
-                if i + 1 == len(deliveries) and self.inbox is not None and msg.reply and \
+                if i == last and self.inbox is not None and msg.reply and \
                         self.following is None and not self.revoked.is_set():
-                    request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
+                    request, rest = self._next_request()
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
-                        command = b"PUB %b %b %d\r\n%b\r\n" % (
-                            msg.reply, self.inbox_bytes, len(request), request)
-                        await self.direct.send(command, len(request), coalesce=True)
+                        self.direct.queue(b"PUB " + msg.reply + rest, len(request))
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,
                                                                    reply=self.inbox)
