@@ -410,6 +410,7 @@ class NatsConsumer(Consumer):
     destination: _SourceStream
     recheck_every = 30.0  # seconds between looks at the stream while partition 0 is idle
     direct = True  # the lanes' messages straight from the parser (walex.workers.natsdirect)
+    tap = True  # and from the socket's chunks while the read loop is idle (walex.workers.natstap)
 
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
@@ -473,7 +474,8 @@ class NatsConsumer(Consumer):
         if None in lanes or len(lanes) != len(self.lanes) or \
                 not all(isinstance(getattr(lane.psub, "_nms", None), str) for lane in self.lanes):
             return
-        inboxes = Inboxes.install(nc, {sid: lane.arrive for sid, lane in lanes.items()})
+        inboxes = Inboxes.install(nc, {sid: lane.arrive for sid, lane in lanes.items()},
+                                  taps=self.tap)
         if inboxes is None:
             log.debug("the worker's messages go through nats-py's subscriptions (a nats-py "
                       "walex did not check)")

@@ -27,7 +27,9 @@ coroutine call per message of nats-py's parser; the rest of the chunk (another
 sid, a ``PING``, ``+OK``, ``INFO``, ``-ERR``, a frame cut in two, anything the
 cut does not recognise) goes to nats-py's ``parse`` from where the cut
 stopped, so the order of the frames and nats-py's handling of everything else
-stay as they were.
+stay as they were. Before that, :mod:`walex.workers.natstap` cuts them from
+the chunk as the transport hands it over, when the read loop is idle (the
+same cut, without waking the read loop).
 
 The lane then asks for messages itself, as nats-py's ``fetch(1)`` does (a
 ``CONSUMER.MSG.NEXT`` request of ``batch`` 1 to the subscription's inbox),
@@ -54,6 +56,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE as _AWAITING_CONTROL_LINE
 
 from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
+from .natstap import Tap, tap
 
 __all__ = ["Inboxes", "Raw", "acked_fields", "usable"]
 
@@ -134,7 +137,8 @@ def usable(nc: Any, sids: list[int]) -> bool:
 class Inboxes:
     """The hook on one client: the messages of the lanes' subscriptions, by sid."""
 
-    def __init__(self, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> None:
+    def __init__(self, nc: Any, lanes: dict[int, Callable[[Raw], None]],
+                 taps: bool = True) -> None:
         self.nc = nc
         self._lanes = lanes
         self._subs = {sid: nc._subs[sid] for sid in lanes}
@@ -149,14 +153,22 @@ class Inboxes:
         self._parser = parser
         self._parse = type(parser).parse.__get__(parser)  # nats-py's own, for the rest
         parser.parse = self.parse
+        # the chunks themselves, before the read loop takes them (walex.workers.natstap)
+        self.tap: Tap | None = tap(nc, self.cut, self._idle) if taps else None
+
+    def _idle(self) -> bool:
+        """Whether nats-py's parser holds nothing (between frames, no bytes kept)."""
+        parser = self._parser
+        return not parser.buf and parser.state == _AWAITING_CONTROL_LINE
 
     @classmethod
-    def install(cls, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> Inboxes | None:
-        """Hook ``nc`` for these sids; None, changing nothing, when it is not a client this
-        was checked for."""
+    def install(cls, nc: Any, lanes: dict[int, Callable[[Raw], None]],
+                taps: bool = True) -> Inboxes | None:
+        """Hook ``nc`` for these sids (and tap its connection, ``taps``, when it can be);
+        None, changing nothing, when it is not a client this was checked for."""
         if not usable(nc, list(lanes)):
             return None
-        return cls(nc, lanes)
+        return cls(nc, lanes, taps)
 
     async def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                     headers: bytes | None) -> None:
@@ -187,14 +199,14 @@ class Inboxes:
         ``data`` (as :meth:`_take` does); the offset of the first byte not taken: the start
         of anything else (another sid's frame, another command, a frame not whole)."""
         lanes = self._lanes
-        stats = self._stats
         subs = self._subs
         at, end = 0, len(data)
+        taken = taken_bytes = 0  # into the client's stats once, at the end
         while at < end:
             if data.startswith(b"HMSG ", at):
                 eol = data.find(b"\r\n", at)
                 if eol < 0:
-                    return at
+                    break
                 fields = data[at + 5:eol].split()
                 if len(fields) == 5:
                     _subject, sid, reply, hsize, size = fields
@@ -202,11 +214,11 @@ class Inboxes:
                     _subject, sid, hsize, size = fields
                     reply = b""
                 else:
-                    return at
+                    break
             elif data.startswith(b"MSG ", at):
                 eol = data.find(b"\r\n", at)
                 if eol < 0:
-                    return at
+                    break
                 fields = data[at + 4:eol].split()
                 hsize = b"0"
                 if len(fields) == 4:
@@ -215,30 +227,36 @@ class Inboxes:
                     _subject, sid, size = fields
                     reply = b""
                 else:
-                    return at
+                    break
             else:
-                return at
+                break
             if not (sid.isdigit() and size.isdigit() and hsize.isdigit()):
-                return at
+                break
             key = int(sid)
             arrive = lanes.get(key)
             start = eol + 2
             stop = start + int(size)
             if arrive is None or stop + 2 > end:
-                return at
+                break
             head = int(hsize)
             body = data[start + head:stop]
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(body)
+            taken += 1
+            taken_bytes += len(body)
             subs[key]._received += 1
             arrive(Raw(reply, body, data[start:start + head] if head else None))
             at = stop + 2
+        if taken:
+            stats = self._stats
+            stats["in_msgs"] += taken
+            stats["in_bytes"] += taken_bytes
         return at
 
     def release(self) -> None:
         """Give the client what ``_process_msg`` was before (when it still has ours)."""
         nc = self.nc
         self._write()
+        if self.tap is not None:
+            self.tap.remove()
         if vars(self._parser).get("parse") == self.parse:
             del self._parser.parse
         if vars(nc).get("_process_msg") != self._take:
