@@ -384,16 +384,17 @@ class Decoder:
             old_unchanged = frozenset(listed) - new_unchanged
         changes = data.get("changes")
         moment = doc["time"]
-        return Event(
-            name=source.table,
-            type=kind,
-            source=source,
-            new_record=None if new_form is None else self._record(new_form, columns, new_unchanged),
-            old_record=None if old_form is None else self._record(old_form, columns, old_unchanged),
-            changes=None if changes is None else self._changes(changes, columns),
-            timestamp=_timestamp(moment),
-            lsn=doc.get("walexlsn") or data["lsn"],
-            id=doc["id"],
+        return Event(  # positional (cheaper): name, type, source, new_record, old_record,
+            # changes, timestamp, lsn, id
+            source.table,
+            kind,
+            source,
+            None if new_form is None else self._record(new_form, columns, new_unchanged),
+            None if old_form is None else self._record(old_form, columns, old_unchanged),
+            None if changes is None else self._changes(changes, columns),
+            _timestamp(moment),
+            doc.get("walexlsn") or data["lsn"],
+            doc["id"],
         )
 
 

@@ -66,6 +66,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .. import gcpolicy
 from ..destinations import SCHEMES, load_class
 from ..destinations.base import DestinationURL, Unavailable, backoff
 from ..destinations.decoding import Decoder
@@ -145,6 +146,10 @@ class Worker(Lifecycle):
     ``metrics_port``, ``metrics_host``: serve ``/metrics``, ``/healthz`` and
     ``/livez`` (:mod:`walex.observe.workers`; needs ``walex[metrics]``; ``0``
     picks a free port, ``worker.observer.port``).
+    ``gc_threshold``: the cyclic GC's generation-0 threshold is at least this while the
+    worker runs, as an app's setting of that name (:mod:`walex.gcpolicy`; ``0`` leaves
+    the GC alone): each event's objects are then mostly freed before a young collection
+    walks them.
     ``wait()``, ``async with`` and ``run()`` come from
     :class:`~walex.lifecycle.Lifecycle`.
     """
@@ -169,9 +174,11 @@ class Worker(Lifecycle):
         loop: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
+        gc_threshold: int = 100_000,
     ) -> None:
         for option, value, minimum in (("max_retries", max_retries, 0), ("concurrency", concurrency, 1),
-                                       ("function_concurrency", function_concurrency, 1)):
+                                       ("function_concurrency", function_concurrency, 1),
+                                       ("gc_threshold", gc_threshold, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{option} must be an integer >= {minimum}, got {value!r}")
         for option, number in (("retry_backoff", retry_backoff), ("shutdown_grace", shutdown_grace)):
@@ -197,6 +204,8 @@ class Worker(Lifecycle):
         self.decoder = Decoder(types)
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
+        self.gc_threshold = gc_threshold
+        self._gc_held = 0  # the gc_threshold held while running (walex.gcpolicy)
         self._slots = asyncio.Semaphore(concurrency)
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
@@ -220,7 +229,7 @@ class Worker(Lifecycle):
         values: dict[str, Any] = {
             "name": s.name, "on_error": s.on_error, "max_retries": s.max_retries,
             "retry_backoff": s.retry_backoff, "function_concurrency": s.function_concurrency,
-            "shutdown_grace": s.shutdown_grace, "loop": s.loop,
+            "shutdown_grace": s.shutdown_grace, "loop": s.loop, "gc_threshold": s.gc_threshold,
         }
         values.update(options)
         return cls(source_url, app.modules, **values)
@@ -249,6 +258,8 @@ class Worker(Lifecycle):
         self._error = None
         self._stopped.clear()
         lanes: list[Lane] | None = None
+        self._gc_held = self.gc_threshold
+        gcpolicy.hold(self._gc_held)  # fewer young collections while events stream
         try:
             await self.observer.start()  # before connecting: /livez answers meanwhile
             lanes = await self.consumer.open()
@@ -256,6 +267,8 @@ class Worker(Lifecycle):
             log.warning("worker %r: %s is unreachable (%s); trying again", self.name,
                         self.consumer.display, exc)
         except BaseException:
+            gcpolicy.release(self._gc_held)
+            self._gc_held = 0
             self._stopped.set()  # never started: wait() does not hang
             await self.observer.stop()
             raise
@@ -308,7 +321,9 @@ class Worker(Lifecycle):
         lane.task = asyncio.current_task()
         while not self._closing:
             deliveries = await lane.receive(self.poll)
-            if deliveries:
+            if len(deliveries) == 1 and self.stats is None:  # a NATS lane's every call
+                await self._handle_one(lane, deliveries)
+            elif deliveries:
                 await self._handle(lane, deliveries)
 
     async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
@@ -542,6 +557,8 @@ class Worker(Lifecycle):
             self.dispatcher.close(wait=task is None or not task.cancelled())
         finally:
             self._task = None
+            gcpolicy.release(self._gc_held)
+            self._gc_held = 0
             await self.observer.stop()
             self._stopped.set()
 

@@ -302,8 +302,12 @@ class Inboxes:
         self._outbox = []
         nc = self.nc
         if nc.is_connected and not nc._pending and nc._transport is not None:
+            tapped = self.tap
             try:
-                nc._transport.writelines(out)
+                if tapped is not None and not tapped.transport.is_closing():
+                    tapped.transport.writelines(out)  # the socket's, under nats-py's two
+                else:
+                    nc._transport.writelines(out)
                 return
             except Exception as exc:  # a transport closing: nats-py's pending buffer takes them
                 log.debug("writing to NATS directly failed: %r", exc)
