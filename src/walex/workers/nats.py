@@ -97,6 +97,7 @@ class NatsLane(Lane):
         self.direct: Inboxes | None = None
         self.box: deque[Raw] = deque()
         self.waiter: asyncio.Future[None] | None = None  # woken by arrive() or the alarm
+        self.woken = False  # by arrive(), counted in the direct way's awake until _settle()
         self.deadline = 0.0  # when the wait in hand ends
         self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
         self._alarm_at = 0.0
@@ -110,6 +111,16 @@ class NatsLane(Lane):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+            if not self.woken and self.direct is not None:
+                self.woken = True
+                self.direct.awake += 1
+
+    def _settle(self) -> None:
+        """The lane woken by :meth:`arrive` answered (or waits again): no longer awake."""
+        if self.woken:
+            self.woken = False
+            if self.direct is not None:
+                self.direct.awake -= 1
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
@@ -230,6 +241,7 @@ class NatsLane(Lane):
         """The future :meth:`arrive` or ``timeout`` seconds end (the caller awaits it, then
         sets ``waiter`` to None). One timer serves the lane's waits: it is re-armed when it
         rings before the wait in hand ends, not per wait."""
+        self._settle()
         loop = self._running()
         deadline = self.deadline = time.monotonic() + timeout
         if self._alarm is None or self._alarm_at > deadline + 0.001:
@@ -345,6 +357,7 @@ class NatsLane(Lane):
                     request, rest = self._next_request()
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
+                        self._settle()
                         self.direct.queue(b"PUB " + msg.reply + rest, len(request))
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,

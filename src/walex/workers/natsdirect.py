@@ -146,6 +146,9 @@ class Inboxes:
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        # lanes woken by a delivery that have not answered it or waited again yet (the
+        # lanes count it, NatsLane.arrive and _settle): queue() writes when it is 0
+        self.awake = 0
         self._kicks: set[asyncio.Task[None]] = set()  # nats-py's flusher being woken
         self._loop: asyncio.AbstractEventLoop | None = None  # see send()
         nc._process_msg = self._take
@@ -276,14 +279,18 @@ class Inboxes:
 
     def queue(self, command: bytes, payload: int) -> None:
         """:meth:`send` with ``coalesce``, which never waits: the command is written with
-        the others handed over in this turn of the event loop."""
+        the others handed over in this turn of the event loop; at once when no lane woken
+        by a delivery is still to answer (``awake``), since none would join it then (and
+        the event loop need not turn once more before it goes)."""
         check_publishable(self.nc, [command])
         stats = self._stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload
         out = self._outbox
         out.append(command)
-        if len(out) == 1:
+        if not self.awake:
+            self._write()
+        elif len(out) == 1:
             loop = self._loop
             if loop is None:  # looked up once: on Python 3.11 each lookup is a system call
                 loop = self._loop = asyncio.get_running_loop()
