@@ -79,6 +79,7 @@ from ..observe import require_extra
 from ..observe.workers import WorkerObserver, WorkerStats
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
+from .gate import Gate
 from .lease import _CURRENT, Lease, LeaseLost, current_lease
 
 __all__ = ["Lease", "LeaseLost", "Worker", "consumer_from_url", "current_lease", "declare"]
@@ -206,7 +207,7 @@ class Worker(Lifecycle):
         self.shutdown_grace = shutdown_grace
         self.gc_threshold = gc_threshold
         self._gc_held = 0  # the gc_threshold held while running (walex.gcpolicy)
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Gate(concurrency)  # how many calls run at once
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -503,7 +504,10 @@ class Worker(Lifecycle):
         defer = len(fresh_groups) > 1
         dispatcher = self.dispatcher
         stats = self.stats
-        async with self._slots:
+        slots = self._slots
+        if not slots.enter_now():
+            await slots.enter()
+        try:
             started, clock = (time.time(), time.perf_counter()) if stats is not None else (0.0, 0.0)
             try:
                 for fresh in fresh_groups:
@@ -520,6 +524,8 @@ class Worker(Lifecycle):
             handled = fresh_groups[0] if not defer else [e for g in fresh_groups for e in g]
             if stats is not None:
                 stats.handled(partition, handled, started, time.perf_counter() - clock)
+        finally:
+            slots.leave()
         for event in handled:
             seen[(event.source.db, event.id)] = None
         while len(seen) > self.remember:
