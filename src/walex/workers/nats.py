@@ -201,6 +201,8 @@ class NatsLane(Lane):
                 except TimeoutError:
                     return None
             if type(msg) is Raw:
+                if msg.data:  # a message (a status has no body)
+                    return msg
                 status = msg.status
                 if status is None:
                     return msg
@@ -241,8 +243,9 @@ class NatsLane(Lane):
         """The future :meth:`arrive` or ``timeout`` seconds end (the caller awaits it, then
         sets ``waiter`` to None). One timer serves the lane's waits: it is re-armed when it
         rings before the wait in hand ends, not per wait."""
-        self._settle()
-        loop = self._running()
+        if self.woken:
+            self._settle()
+        loop = self._loop or self._running()
         deadline = self.deadline = time.monotonic() + timeout
         if self._alarm is None or self._alarm_at > deadline + 0.001:
             if self._alarm is not None:
@@ -357,7 +360,8 @@ class NatsLane(Lane):
                     request, rest = self._next_request()
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
-                        self._settle()
+                        if self.woken:
+                            self._settle()
                         self.direct.queue(b"PUB " + msg.reply + rest, len(request))
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,

@@ -282,7 +282,9 @@ class Inboxes:
         the others handed over in this turn of the event loop; at once when no lane woken
         by a delivery is still to answer (``awake``), since none would join it then (and
         the event loop need not turn once more before it goes)."""
-        check_publishable(self.nc, [command])
+        nc = self.nc
+        if not nc.is_connected or nc.is_draining_pubs:  # (else check_publishable passes)
+            check_publishable(nc, [command])
         stats = self._stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload
