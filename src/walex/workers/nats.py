@@ -142,7 +142,18 @@ class NatsLane(Lane):
                     self.following = now
             if msg is None and self.following is not None:  # a request for it is out (the
                 # acknowledgement's +NXT, or the fetch just above)
-                msg = await self._following(wait)
+                box = self.box
+                if self.direct is not None and not box:  # wait here (no coroutine of its own)
+                    waiter = self._waiter(wait)
+                    try:
+                        await waiter
+                    finally:
+                        self.waiter = None
+                if self.direct is not None and box and box[0].data:  # a message, not a status
+                    msg = box.popleft()
+                    self.status = None
+                else:  # statuses, or nothing yet: the rest of wait
+                    msg = await self._following(max(now + wait - time.monotonic(), 0.001))
                 if msg is None:  # its request expired without one: as a fetch that timed out
                     if self.direct is not None and self.status is not None and \
                             self.status not in _TEMPORARY:
