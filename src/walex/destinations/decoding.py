@@ -94,16 +94,10 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _int(value: Any) -> int:
-    return int(value)
-
-
-def _float(value: Any) -> float:
-    return float(value)  # also "NaN", "Infinity", "-Infinity"
-
-
-def _decimal(value: Any) -> Decimal:
-    return Decimal(value)
+# int, float ("NaN", "Infinity", "-Infinity" too) and Decimal type their values themselves
+_int: Convert = int
+_float: Convert = float
+_decimal: Convert = Decimal
 
 
 def _bytes(value: str) -> bytes:
@@ -302,7 +296,7 @@ class Decoder:
                 else:
                     type_name = columns.get(name, "text")
                     convert = self._converters.get(type_name) or self.converter(type_name)
-                    record[name] = convert(value)
+                    record[name] = value if convert is _identity else convert(value)
         except Exception as exc:
             raise _ColumnError(name, columns.get(name, "text"), exc) from None
         return record
