@@ -407,12 +407,13 @@ def _timestamp(text: str) -> dt.datetime:
     return moment
 
 
-def _long_number(raw: bytes) -> bool:
+def py_long_number(raw: bytes) -> bool:
     """Whether a JSON number of ``raw`` has 19 digits in a row (an integer orjson may not
     hold exactly): only then does the slower json module parse it. A run of digits inside
     a string (a zero-padded code, an id) does not count, so such a body keeps orjson: a
     run is in a string when an odd number of quotes precede it (exact while no backslash
-    precedes it; else the strings are cut out first)."""
+    precedes it; else the strings are cut out first). The reference of the compiled twin
+    ``walex.destinations._longnum.long_number`` (one C loop), and its fallback."""
     flat = raw.translate(_DIGITS)
     at = flat.find(_RUN)
     while at >= 0:
@@ -424,9 +425,16 @@ def _long_number(raw: bytes) -> bool:
     return False
 
 
+try:
+    from ._longnum import long_number as compiled_long_number
+except ImportError:  # not built: the pure-Python scan serves
+    compiled_long_number = None
+
+
 def _parse(body: bytes | str) -> dict[str, Any]:
     raw = body.encode() if isinstance(body, str) else bytes(body)
-    if _long_number(raw):
+    if compiled_long_number(raw, py_long_number) if compiled_long_number is not None else \
+            py_long_number(raw):
         doc = json.loads(raw)  # integers of any size stay exact
     else:
         doc = orjson.loads(raw)
