@@ -51,7 +51,6 @@ stream as the relay does, and the group's consumers.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -64,7 +63,7 @@ from ..destinations.base import DestinationURL, Unavailable
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 from .natsdirect import Inboxes, Raw, acked_fields
-from .natsstream import _covers, _SourceStream
+from .natsstream import _SourceStream, verify
 
 __all__ = ["NatsConsumer"]
 
@@ -513,53 +512,11 @@ class NatsConsumer(Consumer):
             lane.direct = inboxes
 
     async def verify(self) -> None:
-        """Raise :class:`ConfigError` when the stream cannot feed this worker: its subjects
-        do not hold the worker's, or its newest message was published with other
-        ``partitions`` or to a subject none of the worker's filters takes (the worker
-        would idle for ever)."""
+        """Raise :class:`ConfigError` when the stream cannot feed this worker
+        (:func:`~walex.workers.natsstream.verify`)."""
         self.checked = time.monotonic()
-        dest = self.destination
-        try:
-            info = await dest.js.stream_info(self.stream)
-        except NotFoundError:
-            raise ConfigError(f"worker source {self.display}: stream {self.stream!r} was "
-                              "deleted; start the relay (it creates the stream)") from None
-        subjects = list(info.config.subjects or [])
-        for wanted in self.filters:
-            if not any(_covers(have, wanted) for have in subjects):
-                raise ConfigError(
-                    f"worker source {self.display}: stream {self.stream!r} holds the subjects "
-                    f"{subjects}, not {wanted!r} (this worker's filter from the subject template "
-                    f"{self.template!r}){await dest.holder(wanted)}: give the worker the relay's "
-                    "stream= and subject="
-                )
-        last = info.state.last_seq if info.state is not None else 0
-        if not last:
-            return
-        try:
-            newest = await dest.js.get_msg(self.stream, seq=last)
-        except NotFoundError:  # just removed (limits): the next look tells
-            return
-        try:
-            theirs = json.loads(newest.data).get("walexpartitions")
-        except (ValueError, TypeError, AttributeError):
-            theirs = None
-        taken = any(_covers(f, newest.subject) for f in self.filters)
-        mine = self.partitions
-        if isinstance(theirs, int) and theirs != mine and (mine > 1 or not taken):
-            raise ConfigError(
-                f"worker source {self.display}: the relay publishes to stream {self.stream!r} "
-                f"with partitions={theirs} (its newest message, on {newest.subject!r}), and this "
-                f"worker has partitions={mine}: its source URL must say the relay's partitions "
-                f"(&partitions={theirs}), or partitions are never handled"
-            )
-        if not taken:
-            raise ConfigError(
-                f"worker source {self.display}: the newest message of stream {self.stream!r} is "
-                f"on {newest.subject!r}, which none of this worker's filters ({self.filters[0]!r}"
-                f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
-                "partitions="
-            )
+        await verify(self.destination, self.filters, self.partitions, self.display,
+                     self.template)
 
     async def recheck(self, partition: int) -> None:
         """Look at the stream again, now and then while partition 0 is idle."""
