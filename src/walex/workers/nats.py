@@ -17,9 +17,12 @@ request of ``batch`` 1 expiring after the worker's poll), so a partition
 with messages waiting costs one message to the server per event, not an
 acknowledgement and a fetch request; a worker that stops gives back at once
 what came for such a request and was not handled. The lanes take their
-messages straight from nats-py's parser and write their acknowledgements to
-the transport (:mod:`walex.workers.natsdirect`), with the subscriptions'
-queues and ``fetch`` as the fallback for a nats-py walex did not check.
+messages straight from nats-py's parser, or from the socket's chunks before
+nats-py's read loop wakes (:mod:`walex.workers.natstap`), and write their
+acknowledgements to the transport (:mod:`walex.workers.natsdirect`): at once
+when no other lane woken by a message is still to answer, else with theirs in
+one write; the subscriptions' queues and ``fetch`` are the fallback for a
+nats-py walex did not check.
 
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
