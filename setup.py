@@ -45,7 +45,9 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"],
                               depends=["src/walex/destinations/_direct_buffer.pxi"]),
                     Extension("walex.destinations._krecords",
-                              ["src/walex/destinations/_krecords.pyx"])]
+                              ["src/walex/destinations/_krecords.pyx"]),
+                    Extension("walex.destinations._longnum",
+                              ["src/walex/destinations/_longnum.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

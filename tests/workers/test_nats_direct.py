@@ -1,9 +1,12 @@
-"""The two ways a NATS worker's messages reach its lanes (walex.workers.natsdirect): straight
-from nats-py's parser (direct) and through the pull subscriptions' queues and ``fetch``
-(the fallback, for a nats-py walex did not check), against the machine's nats-server. Both
-hand every event once, in order per partition, one per call, with the same stream sequences
-and delivery counts; both give back what they hold when the worker stops, and both deliver
-a message again to the next worker after a failed call."""
+"""The ways a NATS worker's messages reach its lanes (walex.workers.natsdirect): cut from the
+socket's chunks before nats-py's read loop (direct, walex.workers.natstap), from nats-py's
+read loop through walex's cut and parser hook (read loop: the tap off), and through the
+pull subscriptions' queues and ``fetch`` (the fallback, for a nats-py walex did not check),
+against the machine's nats-server. Each hands every event once, in order per partition,
+one per call, with the same stream sequences and delivery counts; each gives back what it
+holds when the worker stops, and delivers a message again to the next worker after a
+failed call. The cut hands the lanes the frames nats-py's own parser would, however the
+bytes are split into chunks, and leaves every other frame to nats-py."""
 
 from __future__ import annotations
 
@@ -12,14 +15,16 @@ from typing import Any
 
 import pytest
 from support import run, until
+from workers.conftest import require
 from workers.test_worker import Broker, Calls, made_up, relay, worker_running
 
 from walex import Event
 from walex.workers import Worker, current_lease
 from walex.workers import natsdirect as natsdirect_module
-from walex.workers.natsdirect import Inboxes
+from walex.workers.nats import NatsConsumer
+from walex.workers.natsdirect import Inboxes, Raw
 
-WAYS = ["direct", "subscription"]
+WAYS = ["direct", "read loop", "subscription"]
 PARTITIONS = 3
 COUNT = 60
 
@@ -27,6 +32,8 @@ COUNT = 60
 def _way(way: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if way == "subscription":  # a client the direct way was not checked for
         monkeypatch.setattr(natsdirect_module, "usable", lambda nc, sids: False)
+    elif way == "read loop":  # the chunks through nats-py's read loop, not tapped
+        monkeypatch.setattr(NatsConsumer, "tap", False)
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -63,10 +70,15 @@ def test_both_ways_hand_every_event_once_in_order(unique: str, way: str,
         worker, inboxes, nc = run(main(), timeout=120)
     finally:
         asyncio.run(b.cleanup())
-    if way == "direct":
+    if way != "subscription":
         assert isinstance(inboxes, Inboxes)
         # given back before the connection closed
         assert vars(nc).get("_process_msg") != inboxes._take
+        assert "parse" not in vars(nc._ps)
+        if way == "direct":  # chunks were cut before the read loop woke
+            assert inboxes.tap is not None and inboxes.tap.chunks > 0
+        else:
+            assert inboxes.tap is None
     else:
         assert inboxes is None
     handled = calls.flat("item")
@@ -120,3 +132,117 @@ def test_both_ways_give_back_and_redeliver(unique: str, way: str,
     assert [e.id for e in first.flat("item")] == [made_up(i).id for i in range(2)]
     assert [e.id for e in second.flat("item")] == [made_up(i).id for i in range(2, 5)]
     assert attempts[0] == (made_up(2).id, 2) and other.redeliveries == 1
+
+
+def _frames(lane: int, other: int) -> tuple[bytes, list[tuple[bytes, bytes, bytes | None]]]:
+    """A stream of frames for the sid ``lane`` (with and without a reply subject and
+    headers) and for ``other``, with a ``+OK`` between them; and the lane's frames."""
+    stream, mine = b"", []
+    for i in range(12):
+        body = b'{"n":%d,"pad":"%b"}' % (i, b"x" * (i * 7))
+        if i % 4 == 0:
+            headers = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\n\r\n" % i
+            reply = b"$JS.ACK.S.C.1.%d.%d.1700000000000000000.%d" % (i + 1, i + 1, 11 - i)
+            stream += b"HMSG wk.a.%d %d %b %d %d\r\n%b%b\r\n" % (
+                i, lane, reply, len(headers), len(headers) + len(body), headers, body)
+            mine.append((reply, body, headers))
+        elif i % 4 == 1:
+            reply = b"_INBOX.r%d" % i
+            stream += b"MSG wk.a.%d %d %b %d\r\n%b\r\n" % (i, lane, reply, len(body), body)
+            mine.append((reply, body, None))
+        elif i % 4 == 2:
+            stream += b"MSG wk.a.%d %d %d\r\n%b\r\n" % (i, lane, len(body), body)
+            mine.append((b"", body, None))
+        else:  # another subscription's, then a +OK
+            headers = b"NATS/1.0 408 Request Timeout\r\n\r\n"
+            stream += b"HMSG wk.b %d %d %d\r\n%b\r\n+OK\r\n" % (
+                other, len(headers), len(headers), headers)
+    return stream, mine
+
+
+def test_the_cut_hands_the_lanes_what_nats_py_parser_does() -> None:
+    """nats-py's own parser (the reference: every frame through it) and walex's cut with the
+    parser hook, fed the same bytes in chunks split at every offset, give the lane the
+    same frames in the same order and the other subscription its own."""
+    import nats
+
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            lane_sub = await nc.subscribe("wk.nothing.a")  # never published to
+            other_sub = await nc.subscribe("wk.nothing.b")
+            got: list[Raw] = []
+            inboxes = Inboxes.install(nc, {lane_sub._id: got.append}, taps=False)
+            assert inboxes is not None
+            stream, mine = _frames(lane_sub._id, other_sub._id)
+            others = stream.count(b"HMSG wk.b")
+
+            async def others_got() -> list[Any]:
+                msgs = [await other_sub.next_msg(timeout=5) for _ in range(others)]
+                assert other_sub.pending_msgs == 0
+                return [(m.subject, m.headers, m.data) for m in msgs]
+
+            await inboxes._parse(stream)  # nats-py's parse, frame by frame through _take
+            reference = [(r.reply, r.data, r.headers) for r in got]
+            assert reference == mine
+            reference_others = await others_got()
+            assert reference_others and all(o == reference_others[0] for o in reference_others)
+            received = nc.stats["in_msgs"]
+            for split in range(1, len(stream)):
+                got.clear()
+                await inboxes.parse(stream[:split])
+                await inboxes.parse(stream[split:])
+                assert [(r.reply, r.data, r.headers) for r in got] == reference, split
+                assert await others_got() == reference_others, split
+                assert not nc._ps.buf
+            assert nc.stats["in_msgs"] - received == (len(stream) - 1) * (len(mine) + others)
+            inboxes.release()
+            assert "parse" not in vars(nc._ps)
+        finally:
+            await nc.close()
+
+    run(main(), timeout=60)
+
+
+def test_the_tap_leaves_a_chunk_to_the_read_loop_while_it_holds_bytes() -> None:
+    """A chunk comes to the tap while nats-py's read loop has bytes it has not parsed yet (the
+    first half of a frame): it goes to the read loop, after those bytes, not cut ahead of
+    them; once the read loop is idle again, the next chunk is cut at once."""
+    import nats
+
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            lane_sub = await nc.subscribe("wk.nothing.a")
+            other_sub = await nc.subscribe("wk.nothing.b")
+            got: list[Raw] = []
+            inboxes = Inboxes.install(nc, {lane_sub._id: got.append})
+            assert inboxes is not None and inboxes.tap is not None
+            tap = inboxes.tap
+            stream, mine = _frames(lane_sub._id, other_sub._id)
+            first = stream.index(b"MSG wk.a.1 ")  # the second frame, cut in two
+            half = first + 10
+            await until(lambda: tap.reader._waiter is not None, "the read loop waiting")
+            tap.data_received(stream[:half])  # one whole frame (cut here), then half of one
+            assert [r.data for r in got] == [mine[0][1]] and tap.chunks == 0
+            tap.data_received(stream[half:])  # the read loop has not run: all to it
+            assert len(got) == 1 and tap.reader._buffer
+            await until(lambda: len(got) == len(mine), "the read loop's frames")
+            assert [(r.reply, r.data, r.headers) for r in got] == mine
+            await other_sub.next_msg(timeout=5)
+            await until(lambda: tap.reader._waiter is not None and not tap.reader._buffer,
+                        "the read loop idle")
+            got.clear()
+            tap.data_received(stream[:first])  # whole frames, the read loop idle: cut here
+            assert [(r.reply, r.data, r.headers) for r in got] == mine[:1] and tap.chunks == 1
+            inboxes.release()
+            assert tap.transport.get_protocol() is tap.protocol
+            await nc.flush(timeout=5)  # the connection works on after the tap is gone
+        finally:
+            await nc.close()
+
+    run(main(), timeout=60)

@@ -571,3 +571,38 @@ def test_partitions_must_be_the_relays(unique: str) -> None:
         run(main(), timeout=60)
     finally:
         asyncio.run(b.cleanup())
+
+
+def test_a_running_worker_holds_the_gc_threshold(unique: str) -> None:
+    """While a worker runs, the cyclic GC's generation-0 threshold is at least its
+    ``gc_threshold`` (as an app's while it streams, walex.gcpolicy), seen from its handler;
+    the thresholds come back when it stops; ``gc_threshold=0`` leaves them alone."""
+    import gc
+
+    b = Broker("nats", unique)
+    before = gc.get_threshold()
+    young = before[0] + 54_321
+    seen: list[tuple[int, int, int]] = []
+
+    async def note(batch: list[Event]) -> None:
+        seen.append(gc.get_threshold())
+
+    events = Events()
+    events.on_event("item")(note)
+
+    async def main() -> None:
+        await relay(b, [[made_up(0)], [made_up(1)]], partitions=1)
+        async with worker_running(Worker(b.source(partitions=1), [events],
+                                         gc_threshold=young)):
+            await until(lambda: len(seen) >= 1, "the first event handled", 30)
+        assert gc.get_threshold() == before
+        async with worker_running(Worker(b.source(partitions=1, group="other"), [events],
+                                         gc_threshold=0)):
+            await until(lambda: len(seen) >= 3, "the events handled again", 30)
+
+    try:
+        run(main(), timeout=90)
+    finally:
+        asyncio.run(b.cleanup())
+    assert seen[0] == (young, *before[1:])
+    assert seen[-1] == before and gc.get_threshold() == before

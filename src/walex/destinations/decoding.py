@@ -94,16 +94,10 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _int(value: Any) -> int:
-    return int(value)
-
-
-def _float(value: Any) -> float:
-    return float(value)  # also "NaN", "Infinity", "-Infinity"
-
-
-def _decimal(value: Any) -> Decimal:
-    return Decimal(value)
+# int, float ("NaN", "Infinity", "-Infinity" too) and Decimal type their values themselves
+_int: Convert = int
+_float: Convert = float
+_decimal: Convert = Decimal
 
 
 def _bytes(value: str) -> bytes:
@@ -302,7 +296,7 @@ class Decoder:
                 else:
                     type_name = columns.get(name, "text")
                     convert = self._converters.get(type_name) or self.converter(type_name)
-                    record[name] = convert(value)
+                    record[name] = value if convert is _identity else convert(value)
         except Exception as exc:
             raise _ColumnError(name, columns.get(name, "text"), exc) from None
         return record
@@ -384,16 +378,17 @@ class Decoder:
             old_unchanged = frozenset(listed) - new_unchanged
         changes = data.get("changes")
         moment = doc["time"]
-        return Event(
-            name=source.table,
-            type=kind,
-            source=source,
-            new_record=None if new_form is None else self._record(new_form, columns, new_unchanged),
-            old_record=None if old_form is None else self._record(old_form, columns, old_unchanged),
-            changes=None if changes is None else self._changes(changes, columns),
-            timestamp=_timestamp(moment),
-            lsn=doc.get("walexlsn") or data["lsn"],
-            id=doc["id"],
+        return Event(  # positional (cheaper): name, type, source, new_record, old_record,
+            # changes, timestamp, lsn, id
+            source.table,
+            kind,
+            source,
+            None if new_form is None else self._record(new_form, columns, new_unchanged),
+            None if old_form is None else self._record(old_form, columns, old_unchanged),
+            None if changes is None else self._changes(changes, columns),
+            _timestamp(moment),
+            doc.get("walexlsn") or data["lsn"],
+            doc["id"],
         )
 
 
@@ -412,12 +407,13 @@ def _timestamp(text: str) -> dt.datetime:
     return moment
 
 
-def _long_number(raw: bytes) -> bool:
+def py_long_number(raw: bytes) -> bool:
     """Whether a JSON number of ``raw`` has 19 digits in a row (an integer orjson may not
     hold exactly): only then does the slower json module parse it. A run of digits inside
     a string (a zero-padded code, an id) does not count, so such a body keeps orjson: a
     run is in a string when an odd number of quotes precede it (exact while no backslash
-    precedes it; else the strings are cut out first)."""
+    precedes it; else the strings are cut out first). The reference of the compiled twin
+    ``walex.destinations._longnum.long_number`` (one C loop), and its fallback."""
     flat = raw.translate(_DIGITS)
     at = flat.find(_RUN)
     while at >= 0:
@@ -429,9 +425,16 @@ def _long_number(raw: bytes) -> bool:
     return False
 
 
+try:
+    from ._longnum import long_number as compiled_long_number
+except ImportError:  # not built: the pure-Python scan serves
+    compiled_long_number = None
+
+
 def _parse(body: bytes | str) -> dict[str, Any]:
     raw = body.encode() if isinstance(body, str) else bytes(body)
-    if _long_number(raw):
+    if compiled_long_number(raw, py_long_number) if compiled_long_number is not None else \
+            py_long_number(raw):
         doc = json.loads(raw)  # integers of any size stay exact
     else:
         doc = orjson.loads(raw)

@@ -66,6 +66,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .. import gcpolicy
 from ..destinations import SCHEMES, load_class
 from ..destinations.base import DestinationURL, Unavailable, backoff
 from ..destinations.decoding import Decoder
@@ -78,6 +79,7 @@ from ..observe import require_extra
 from ..observe.workers import WorkerObserver, WorkerStats
 from ..transactions import Transaction
 from .base import Consumer, Delivery, Lane
+from .gate import Gate
 from .lease import _CURRENT, Lease, LeaseLost, current_lease
 
 __all__ = ["Lease", "LeaseLost", "Worker", "consumer_from_url", "current_lease", "declare"]
@@ -145,6 +147,10 @@ class Worker(Lifecycle):
     ``metrics_port``, ``metrics_host``: serve ``/metrics``, ``/healthz`` and
     ``/livez`` (:mod:`walex.observe.workers`; needs ``walex[metrics]``; ``0``
     picks a free port, ``worker.observer.port``).
+    ``gc_threshold``: the cyclic GC's generation-0 threshold is at least this while the
+    worker runs, as an app's setting of that name (:mod:`walex.gcpolicy`; ``0`` leaves
+    the GC alone): each event's objects are then mostly freed before a young collection
+    walks them.
     ``wait()``, ``async with`` and ``run()`` come from
     :class:`~walex.lifecycle.Lifecycle`.
     """
@@ -169,9 +175,11 @@ class Worker(Lifecycle):
         loop: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
+        gc_threshold: int = 100_000,
     ) -> None:
         for option, value, minimum in (("max_retries", max_retries, 0), ("concurrency", concurrency, 1),
-                                       ("function_concurrency", function_concurrency, 1)):
+                                       ("function_concurrency", function_concurrency, 1),
+                                       ("gc_threshold", gc_threshold, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"{option} must be an integer >= {minimum}, got {value!r}")
         for option, number in (("retry_backoff", retry_backoff), ("shutdown_grace", shutdown_grace)):
@@ -197,7 +205,9 @@ class Worker(Lifecycle):
         self.decoder = Decoder(types)
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
-        self._slots = asyncio.Semaphore(concurrency)
+        self.gc_threshold = gc_threshold
+        self._gc_held = 0  # the gc_threshold held while running (walex.gcpolicy)
+        self._slots = Gate(concurrency)  # how many calls run at once
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -220,7 +230,7 @@ class Worker(Lifecycle):
         values: dict[str, Any] = {
             "name": s.name, "on_error": s.on_error, "max_retries": s.max_retries,
             "retry_backoff": s.retry_backoff, "function_concurrency": s.function_concurrency,
-            "shutdown_grace": s.shutdown_grace, "loop": s.loop,
+            "shutdown_grace": s.shutdown_grace, "loop": s.loop, "gc_threshold": s.gc_threshold,
         }
         values.update(options)
         return cls(source_url, app.modules, **values)
@@ -249,6 +259,8 @@ class Worker(Lifecycle):
         self._error = None
         self._stopped.clear()
         lanes: list[Lane] | None = None
+        self._gc_held = self.gc_threshold
+        gcpolicy.hold(self._gc_held)  # fewer young collections while events stream
         try:
             await self.observer.start()  # before connecting: /livez answers meanwhile
             lanes = await self.consumer.open()
@@ -256,6 +268,8 @@ class Worker(Lifecycle):
             log.warning("worker %r: %s is unreachable (%s); trying again", self.name,
                         self.consumer.display, exc)
         except BaseException:
+            gcpolicy.release(self._gc_held)
+            self._gc_held = 0
             self._stopped.set()  # never started: wait() does not hang
             await self.observer.stop()
             raise
@@ -308,35 +322,29 @@ class Worker(Lifecycle):
         lane.task = asyncio.current_task()
         while not self._closing:
             deliveries = await lane.receive(self.poll)
-            if deliveries:
+            if len(deliveries) == 1 and self.stats is None:  # a NATS lane's every call
+                await self._handle_one(lane, deliveries)
+            elif deliveries:
                 await self._handle(lane, deliveries)
 
     async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
         """Handle the deliveries in order, a transaction's consecutive events per call."""
-        items: list[tuple[Delivery, Event | None, DecodeError | None]] = []
         if self.stats is not None and deliveries[-1].pending is not None:
             self.stats.pending[lane.partition] = deliveries[-1].pending
+        if len(deliveries) == 1:  # a NATS lane's every time: the same steps, fewer of them
+            await self._handle_one(lane, deliveries)
+            return
+        items: list[tuple[Delivery, Event | None, DecodeError | None]] = []
         for delivery in deliveries:
-            if delivery.redelivered:
-                self.redeliveries += 1
             try:
-                doc = self.decoder.document(delivery.body)
+                event = self._event(delivery)
             except DecodeError as exc:
                 items.append((delivery, None, exc))
-                continue
-            theirs, mine = doc.get("walexpartitions"), self.consumer.partitions
-            if mine > 1 and isinstance(theirs, int) and theirs != mine:
+            except ConfigError:
                 await lane.release(deliveries)
-                raise ConfigError(
-                    f"worker {self.name!r}: message {doc.get('id')} was published with "
-                    f"partitions={theirs}, and this worker has partitions={mine}: its source URL "
-                    f"must say the relay's partitions (&partitions={theirs}), or some partitions "
-                    "are never handled"
-                )
-            try:
-                items.append((delivery, self.decoder.decode(doc), None))
-            except DecodeError as exc:
-                items.append((delivery, None, exc))
+                raise
+            else:
+                items.append((delivery, event, None))
         # The messages are acknowledged once, after the last call of the batch (one
         # acknowledgement where the broker takes cumulative ones): deliveries[:done] are
         # handled or disposed of, deliveries[:acked] acknowledged.
@@ -380,6 +388,47 @@ class Worker(Lifecycle):
                 acked, since = done, time.monotonic()
         await lane.ack(deliveries[acked:])
 
+    def _event(self, delivery: Delivery) -> Event:
+        """The event of a delivery (counted if redelivered); DecodeError when it is not a
+        walex event, ConfigError (the caller gives the deliveries back) when it was
+        published with other partitions than this worker's."""
+        if delivery.redelivered:
+            self.redeliveries += 1
+        doc = self.decoder.document(delivery.body)
+        theirs, mine = doc.get("walexpartitions"), self.consumer.partitions
+        if mine > 1 and isinstance(theirs, int) and theirs != mine:
+            raise ConfigError(
+                f"worker {self.name!r}: message {doc.get('id')} was published with "
+                f"partitions={theirs}, and this worker has partitions={mine}: its source URL "
+                f"must say the relay's partitions (&partitions={theirs}), or some partitions "
+                "are never handled"
+            )
+        return self.decoder.decode(doc)
+
+    async def _handle_one(self, lane: Lane, deliveries: list[Delivery]) -> None:
+        """:meth:`_handle` of a single delivery: its steps without the grouping."""
+        try:
+            event = self._event(deliveries[0])
+        except ConfigError:
+            await lane.release(deliveries)
+            raise
+        except DecodeError as exc:
+            if self._closing:
+                await lane.release(deliveries)
+                return
+            await self._undecodable(lane, deliveries, exc)
+            await lane.ack(deliveries)
+            return
+        if self._closing:
+            await lane.release(deliveries)
+            return
+        try:
+            await self._call(lane, [[event]], deliveries)
+        except BaseException:
+            await lane.release(deliveries)
+            raise
+        await lane.ack(deliveries)
+
     async def _ack_handled(self, lane: Lane, handled: list[Delivery]) -> None:
         """Before giving the rest back: acknowledge what was handled, if the lane is still
         this worker's (else, or failing, it comes again: at-least-once)."""
@@ -397,8 +446,9 @@ class Worker(Lifecycle):
         nothing is acknowledged."""
         events = groups[0] if len(groups) == 1 else [e for group in groups for e in group]
         last = deliveries[-1]
-        lease = Lease(lane.partition, events[-1].id, any(d.redelivered for d in deliveries),
-                      last.attempt, last.sequence, lane)
+        redelivered = last.redelivered if len(deliveries) == 1 else \
+            any(d.redelivered for d in deliveries)
+        lease = Lease(lane.partition, events[-1].id, redelivered, last.attempt, last.sequence, lane)
         if lane.revoked.is_set():
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
         # The call runs in the lane's own task (no task of its own per call): revoke()
@@ -453,8 +503,12 @@ class Worker(Lifecycle):
             return
         defer = len(fresh_groups) > 1
         dispatcher = self.dispatcher
-        async with self._slots:
-            started, clock = time.time(), time.perf_counter()
+        stats = self.stats
+        slots = self._slots
+        if not slots.enter_now():
+            await slots.enter()
+        try:
+            started, clock = (time.time(), time.perf_counter()) if stats is not None else (0.0, 0.0)
             try:
                 for fresh in fresh_groups:
                     first = fresh[0]
@@ -468,8 +522,10 @@ class Worker(Lifecycle):
                 dispatcher.drop_pending()  # not acknowledged: they come again
                 raise
             handled = fresh_groups[0] if not defer else [e for g in fresh_groups for e in g]
-            if self.stats is not None:
-                self.stats.handled(partition, handled, started, time.perf_counter() - clock)
+            if stats is not None:
+                stats.handled(partition, handled, started, time.perf_counter() - clock)
+        finally:
+            slots.leave()
         for event in handled:
             seen[(event.source.db, event.id)] = None
         while len(seen) > self.remember:
@@ -507,6 +563,8 @@ class Worker(Lifecycle):
             self.dispatcher.close(wait=task is None or not task.cancelled())
         finally:
             self._task = None
+            gcpolicy.release(self._gc_held)
+            self._gc_held = 0
             await self.observer.stop()
             self._stopped.set()
 

@@ -17,9 +17,12 @@ request of ``batch`` 1 expiring after the worker's poll), so a partition
 with messages waiting costs one message to the server per event, not an
 acknowledgement and a fetch request; a worker that stops gives back at once
 what came for such a request and was not handled. The lanes take their
-messages straight from nats-py's parser and write their acknowledgements to
-the transport (:mod:`walex.workers.natsdirect`), with the subscriptions'
-queues and ``fetch`` as the fallback for a nats-py walex did not check.
+messages straight from nats-py's parser, or from the socket's chunks before
+nats-py's read loop wakes (:mod:`walex.workers.natstap`), and write their
+acknowledgements to the transport (:mod:`walex.workers.natsdirect`): at once
+when no other lane woken by a message is still to answer, else with theirs in
+one write; the subscriptions' queues and ``fetch`` are the fallback for a
+nats-py walex did not check.
 
 A message that is not acknowledged within ``ack_wait`` seconds is delivered
 again: that is how the message a killed worker held goes to another worker
@@ -51,7 +54,6 @@ stream as the relay does, and the group's consumers.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -64,7 +66,7 @@ from ..destinations.base import DestinationURL, Unavailable
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 from .natsdirect import Inboxes, Raw, acked_fields
-from .natsstream import _covers, _SourceStream
+from .natsstream import _SourceStream, verify
 
 __all__ = ["NatsConsumer"]
 
@@ -97,10 +99,12 @@ class NatsLane(Lane):
         self.direct: Inboxes | None = None
         self.box: deque[Raw] = deque()
         self.waiter: asyncio.Future[None] | None = None  # woken by arrive() or the alarm
+        self.woken = False  # by arrive(), counted in the direct way's awake until _settle()
         self.deadline = 0.0  # when the wait in hand ends
         self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
         self._alarm_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None  # see _running
+        self._requests: tuple[float, bytes, bytes] | None = None  # see _next_request
         self.status: str | None = None  # the last JetStream status a request was answered with
 
     def arrive(self, raw: Raw) -> None:
@@ -109,6 +113,16 @@ class NatsLane(Lane):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+            if not self.woken and self.direct is not None:
+                self.woken = True
+                self.direct.awake += 1
+
+    def _settle(self) -> None:
+        """The lane woken by :meth:`arrive` answered (or waits again): no longer awake."""
+        if self.woken:
+            self.woken = False
+            if self.direct is not None:
+                self.direct.awake -= 1
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
@@ -130,7 +144,18 @@ class NatsLane(Lane):
                     self.following = now
             if msg is None and self.following is not None:  # a request for it is out (the
                 # acknowledgement's +NXT, or the fetch just above)
-                msg = await self._following(wait)
+                box = self.box
+                if self.direct is not None and not box:  # wait here (no coroutine of its own)
+                    waiter = self._waiter(wait)
+                    try:
+                        await waiter
+                    finally:
+                        self.waiter = None
+                if self.direct is not None and box and box[0].data:  # a message, not a status
+                    msg = box.popleft()
+                    self.status = None
+                else:  # statuses, or nothing yet: the rest of wait
+                    msg = await self._following(max(now + wait - time.monotonic(), 0.001))
                 if msg is None:  # its request expired without one: as a fetch that timed out
                     if self.direct is not None and self.status is not None and \
                             self.status not in _TEMPORARY:
@@ -171,12 +196,26 @@ class NatsLane(Lane):
         expired without one (then the next receive asks with a fetch)."""
         deadline = time.monotonic() + wait
         self.status = None
+        box = self.box
         while True:
-            try:
-                msg = await self._next(max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                return None
+            if self.direct is not None:  # the direct way: the box, no coroutine of its own
+                if not box:
+                    waiter = self._waiter(max(deadline - time.monotonic(), 0.001))
+                    try:
+                        await waiter
+                    finally:
+                        self.waiter = None
+                    if not box:
+                        return None
+                msg = box.popleft()
+            else:
+                try:
+                    msg = await self._next(max(deadline - time.monotonic(), 0.001))
+                except TimeoutError:
+                    return None
             if type(msg) is Raw:
+                if msg.data:  # a message (a status has no body)
+                    return msg
                 status = msg.status
                 if status is None:
                     return msg
@@ -192,15 +231,8 @@ class NatsLane(Lane):
     async def _next(self, timeout: float) -> Any:
         """The next message of the subscription, as its ``next_msg()`` gives it (the same
         queue and bookkeeping), without the task, timeout task and uuid that costs per
-        message: one already queued is taken at once; TimeoutError after ``timeout``. The
-        direct way: the next message of the box."""
-        if self.direct is not None:
-            box = self.box
-            if not box:
-                await self._wait(timeout)
-                if not box:
-                    raise TimeoutError
-            return box.popleft()
+        message: one already queued is taken at once; TimeoutError after ``timeout``. (The
+        direct way takes the box's instead, in :meth:`_following`.)"""
         sub = self.psub._sub
         queue = sub._pending_queue
         if queue.empty():
@@ -220,10 +252,13 @@ class NatsLane(Lane):
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    async def _wait(self, timeout: float) -> None:
-        """Until :meth:`arrive` or ``timeout`` seconds. One timer serves the lane's waits:
-        it is re-armed when it rings before the wait in hand ends, not per wait."""
-        loop = self._running()
+    def _waiter(self, timeout: float) -> asyncio.Future[None]:
+        """The future :meth:`arrive` or ``timeout`` seconds end (the caller awaits it, then
+        sets ``waiter`` to None). One timer serves the lane's waits: it is re-armed when it
+        rings before the wait in hand ends, not per wait."""
+        if self.woken:
+            self._settle()
+        loop = self._loop or self._running()
         deadline = self.deadline = time.monotonic() + timeout
         if self._alarm is None or self._alarm_at > deadline + 0.001:
             if self._alarm is not None:
@@ -231,10 +266,7 @@ class NatsLane(Lane):
             self._alarm_at = deadline
             self._alarm = loop.call_later(timeout, self._ring)
         waiter = self.waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            self.waiter = None
+        return waiter
 
     def _ring(self) -> None:
         self._alarm = None
@@ -317,22 +349,33 @@ class NatsLane(Lane):
         if held is not None and held[2] is not None:
             held[2].cancel()
 
+    def _next_request(self) -> tuple[bytes, bytes]:
+        """The ``+NXT`` body for the worker's poll, and what follows the reply subject in
+        its ``PUB`` command (made again only when the poll changes)."""
+        made = self._requests
+        if made is None or made[0] != self.wait:
+            request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
+            made = self._requests = (self.wait, request, b" %b %d\r\n%b\r\n" % (
+                self.inbox_bytes, len(request), request))
+        return made[1], made[2]
+
     async def ack(self, deliveries: list[Delivery]) -> None:
         """Acknowledge; the last one with ``+NXT`` (JetStream's acknowledge-and-ask-for-the-
         next), so the next message is delivered as soon as the server took the
         acknowledgement, without a fetch request of its own."""
+        last = len(deliveries) - 1
         for i, delivery in enumerate(deliveries):
-            self._drop(delivery.handle)
             msg = delivery.handle
+            self._drop(msg)
             try:
-                if i + 1 == len(deliveries) and self.inbox is not None and msg.reply and \
+                if i == last and self.inbox is not None and msg.reply and \
                         self.following is None and not self.revoked.is_set():
-                    request = b'+NXT {"batch":1,"expires":%d}' % int(self.wait * 1e9)
+                    request, rest = self._next_request()
                     self.following = time.monotonic()
                     if type(msg) is Raw and self.direct is not None:
-                        command = b"PUB %b %b %d\r\n%b\r\n" % (
-                            msg.reply, self.inbox_bytes, len(request), request)
-                        await self.direct.send(command, len(request), coalesce=True)
+                        if self.woken:
+                            self._settle()
+                        self.direct.queue(b"PUB " + msg.reply + rest, len(request))
                     else:
                         await self.consumer.destination.nc.publish(msg.reply, request,
                                                                    reply=self.inbox)
@@ -397,6 +440,7 @@ class NatsConsumer(Consumer):
     destination: _SourceStream
     recheck_every = 30.0  # seconds between looks at the stream while partition 0 is idle
     direct = True  # the lanes' messages straight from the parser (walex.workers.natsdirect)
+    tap = True  # and from the socket's chunks while the read loop is idle (walex.workers.natstap)
 
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
@@ -460,7 +504,8 @@ class NatsConsumer(Consumer):
         if None in lanes or len(lanes) != len(self.lanes) or \
                 not all(isinstance(getattr(lane.psub, "_nms", None), str) for lane in self.lanes):
             return
-        inboxes = Inboxes.install(nc, {sid: lane.arrive for sid, lane in lanes.items()})
+        inboxes = Inboxes.install(nc, {sid: lane.arrive for sid, lane in lanes.items()},
+                                  taps=self.tap)
         if inboxes is None:
             log.debug("the worker's messages go through nats-py's subscriptions (a nats-py "
                       "walex did not check)")
@@ -470,53 +515,11 @@ class NatsConsumer(Consumer):
             lane.direct = inboxes
 
     async def verify(self) -> None:
-        """Raise :class:`ConfigError` when the stream cannot feed this worker: its subjects
-        do not hold the worker's, or its newest message was published with other
-        ``partitions`` or to a subject none of the worker's filters takes (the worker
-        would idle for ever)."""
+        """Raise :class:`ConfigError` when the stream cannot feed this worker
+        (:func:`~walex.workers.natsstream.verify`)."""
         self.checked = time.monotonic()
-        dest = self.destination
-        try:
-            info = await dest.js.stream_info(self.stream)
-        except NotFoundError:
-            raise ConfigError(f"worker source {self.display}: stream {self.stream!r} was "
-                              "deleted; start the relay (it creates the stream)") from None
-        subjects = list(info.config.subjects or [])
-        for wanted in self.filters:
-            if not any(_covers(have, wanted) for have in subjects):
-                raise ConfigError(
-                    f"worker source {self.display}: stream {self.stream!r} holds the subjects "
-                    f"{subjects}, not {wanted!r} (this worker's filter from the subject template "
-                    f"{self.template!r}){await dest.holder(wanted)}: give the worker the relay's "
-                    "stream= and subject="
-                )
-        last = info.state.last_seq if info.state is not None else 0
-        if not last:
-            return
-        try:
-            newest = await dest.js.get_msg(self.stream, seq=last)
-        except NotFoundError:  # just removed (limits): the next look tells
-            return
-        try:
-            theirs = json.loads(newest.data).get("walexpartitions")
-        except (ValueError, TypeError, AttributeError):
-            theirs = None
-        taken = any(_covers(f, newest.subject) for f in self.filters)
-        mine = self.partitions
-        if isinstance(theirs, int) and theirs != mine and (mine > 1 or not taken):
-            raise ConfigError(
-                f"worker source {self.display}: the relay publishes to stream {self.stream!r} "
-                f"with partitions={theirs} (its newest message, on {newest.subject!r}), and this "
-                f"worker has partitions={mine}: its source URL must say the relay's partitions "
-                f"(&partitions={theirs}), or partitions are never handled"
-            )
-        if not taken:
-            raise ConfigError(
-                f"worker source {self.display}: the newest message of stream {self.stream!r} is "
-                f"on {newest.subject!r}, which none of this worker's filters ({self.filters[0]!r}"
-                f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
-                "partitions="
-            )
+        await verify(self.destination, self.filters, self.partitions, self.display,
+                     self.template)
 
     async def recheck(self, partition: int) -> None:
         """Look at the stream again, now and then while partition 0 is idle."""

@@ -18,6 +18,19 @@ and is recognised from its header bytes (``NATS/1.0 408``) as nats-py does.
 Every other sid goes to what ``_process_msg`` was before (nats-py's own, or
 the PubAcks hook of :mod:`walex.destinations.pubacks`), unchanged.
 
+The parser's own ``parse`` is also taken over (an instance attribute of the
+connection's parser, :meth:`Inboxes.parse`): a chunk read while the parser holds
+nothing is cut with ``bytes.find``/``split`` (:meth:`Inboxes.cut`) as long as it
+holds whole ``MSG``/``HMSG`` frames of the lanes' sids, which go to the lanes
+as above without the two regular expressions, the ``bytearray`` copies and the
+coroutine call per message of nats-py's parser; the rest of the chunk (another
+sid, a ``PING``, ``+OK``, ``INFO``, ``-ERR``, a frame cut in two, anything the
+cut does not recognise) goes to nats-py's ``parse`` from where the cut
+stopped, so the order of the frames and nats-py's handling of everything else
+stay as they were. Before that, :mod:`walex.workers.natstap` cuts them from
+the chunk as the transport hands it over, when the read loop is idle (the
+same cut, without waking the read loop).
+
 The lane then asks for messages itself, as nats-py's ``fetch(1)`` does (a
 ``CONSUMER.MSG.NEXT`` request of ``batch`` 1 to the subscription's inbox),
 and acknowledges, reports progress and gives back by publishing to the
@@ -39,9 +52,11 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.protocol.parser import AWAITING_CONTROL_LINE as _AWAITING_CONTROL_LINE
 
 from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
+from .natstap import Tap, tap
 
 __all__ = ["Inboxes", "Raw", "acked_fields", "usable"]
 
@@ -80,10 +95,11 @@ class Raw:
 
     def acked_as(self) -> tuple[int, int, int]:
         """Deliveries so far, stream sequence and messages pending after it
-        (:func:`acked_fields`; other forms, a domain's, through nats-py's metadata)."""
-        fields = acked_fields(self.reply_text)
-        if fields is not None:
-            return fields
+        (:func:`acked_fields`, read from the bytes; other forms, a domain's, through
+        nats-py's metadata)."""
+        tokens = self.reply.split(b".")
+        if len(tokens) == 9 and tokens[0] == b"$JS" and tokens[1] == b"ACK":
+            return int(tokens[4]), int(tokens[5]), int(tokens[8])
         meta = Msg(_client=None, reply=self.reply_text, data=self.data).metadata  # type: ignore[arg-type]
         return meta.num_delivered, meta.sequence.stream, meta.num_pending
 
@@ -102,7 +118,8 @@ def usable(nc: Any, sids: list[int]) -> bool:
     """Whether :class:`Inboxes` may hook ``nc`` (a connected nats-py client) for the
     subscriptions ``sids``: a checked nats-py version whose parser dispatches through the
     client's ``_process_msg`` attribute (a coroutine function, nats-py's own or the
-    PubAcks hook), with the internals :meth:`Inboxes.send` uses."""
+    PubAcks hook), whose ``buf`` and ``state`` :meth:`Inboxes.parse` reads, with the
+    internals :meth:`Inboxes.send` uses."""
     if not hpub_usable(nc):
         return False
     parser = getattr(nc, "_ps", None)
@@ -110,6 +127,8 @@ def usable(nc: Any, sids: list[int]) -> bool:
     subs = getattr(nc, "_subs", None)
     return (code is not None and "_process_msg" in code.co_names
             and getattr(parser, "nc", None) is nc
+            and isinstance(getattr(parser, "buf", None), bytearray)
+            and getattr(parser, "state", None) is not None and "parse" not in vars(parser)
             and inspect.iscoroutinefunction(getattr(nc, "_process_msg", None))
             and isinstance(subs, dict) and all(sid in subs for sid in sids)
             and all(isinstance(getattr(subs[sid], "_received", None), int) for sid in sids))
@@ -118,7 +137,8 @@ def usable(nc: Any, sids: list[int]) -> bool:
 class Inboxes:
     """The hook on one client: the messages of the lanes' subscriptions, by sid."""
 
-    def __init__(self, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> None:
+    def __init__(self, nc: Any, lanes: dict[int, Callable[[Raw], None]],
+                 taps: bool = True) -> None:
         self.nc = nc
         self._lanes = lanes
         self._subs = {sid: nc._subs[sid] for sid in lanes}
@@ -126,17 +146,32 @@ class Inboxes:
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        # lanes woken by a delivery that have not answered it or waited again yet (the
+        # lanes count it, NatsLane.arrive and _settle): queue() writes when it is 0
+        self.awake = 0
         self._kicks: set[asyncio.Task[None]] = set()  # nats-py's flusher being woken
         self._loop: asyncio.AbstractEventLoop | None = None  # see send()
         nc._process_msg = self._take
+        parser = nc._ps
+        self._parser = parser
+        self._parse = type(parser).parse.__get__(parser)  # nats-py's own, for the rest
+        parser.parse = self.parse
+        # the chunks themselves, before the read loop takes them (walex.workers.natstap)
+        self.tap: Tap | None = tap(nc, self.cut, self._idle) if taps else None
+
+    def _idle(self) -> bool:
+        """Whether nats-py's parser holds nothing (between frames, no bytes kept)."""
+        parser = self._parser
+        return not parser.buf and parser.state == _AWAITING_CONTROL_LINE
 
     @classmethod
-    def install(cls, nc: Any, lanes: dict[int, Callable[[Raw], None]]) -> Inboxes | None:
-        """Hook ``nc`` for these sids; None, changing nothing, when it is not a client this
-        was checked for."""
+    def install(cls, nc: Any, lanes: dict[int, Callable[[Raw], None]],
+                taps: bool = True) -> Inboxes | None:
+        """Hook ``nc`` for these sids (and tap its connection, ``taps``, when it can be);
+        None, changing nothing, when it is not a client this was checked for."""
         if not usable(nc, list(lanes)):
             return None
-        return cls(nc, lanes)
+        return cls(nc, lanes, taps)
 
     async def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                     headers: bytes | None) -> None:
@@ -151,10 +186,82 @@ class Inboxes:
         arrive(Raw(reply, data, headers))
         return None
 
+    async def parse(self, data: bytes = b"") -> None:
+        """The parser's ``parse`` while hooked: the lanes' whole frames at the head of a
+        chunk cut here (:meth:`cut`), the rest by nats-py's ``parse``."""
+        parser = self._parser
+        if parser.buf or parser.state != _AWAITING_CONTROL_LINE or not data:
+            return await self._parse(data)
+        at = self.cut(data)
+        if at < len(data):
+            await self._parse(data[at:] if at else data)
+        return None
+
+    def cut(self, data: bytes) -> int:
+        """Hand the lanes the whole ``MSG``/``HMSG`` frames of their sids at the head of
+        ``data`` (as :meth:`_take` does); the offset of the first byte not taken: the start
+        of anything else (another sid's frame, another command, a frame not whole)."""
+        lanes = self._lanes
+        subs = self._subs
+        at, end = 0, len(data)
+        taken = taken_bytes = 0  # into the client's stats once, at the end
+        while at < end:
+            if data.startswith(b"HMSG ", at):
+                eol = data.find(b"\r\n", at)
+                if eol < 0:
+                    break
+                fields = data[at + 5:eol].split()
+                if len(fields) == 5:
+                    _subject, sid, reply, hsize, size = fields
+                elif len(fields) == 4:
+                    _subject, sid, hsize, size = fields
+                    reply = b""
+                else:
+                    break
+            elif data.startswith(b"MSG ", at):
+                eol = data.find(b"\r\n", at)
+                if eol < 0:
+                    break
+                fields = data[at + 4:eol].split()
+                hsize = b"0"
+                if len(fields) == 4:
+                    _subject, sid, reply, size = fields
+                elif len(fields) == 3:
+                    _subject, sid, size = fields
+                    reply = b""
+                else:
+                    break
+            else:
+                break
+            if not (sid.isdigit() and size.isdigit() and hsize.isdigit()):
+                break
+            key = int(sid)
+            arrive = lanes.get(key)
+            start = eol + 2
+            stop = start + int(size)
+            if arrive is None or stop + 2 > end:
+                break
+            head = int(hsize)
+            body = data[start + head:stop]
+            taken += 1
+            taken_bytes += len(body)
+            subs[key]._received += 1
+            arrive(Raw(reply, body, data[start:start + head] if head else None))
+            at = stop + 2
+        if taken:
+            stats = self._stats
+            stats["in_msgs"] += taken
+            stats["in_bytes"] += taken_bytes
+        return at
+
     def release(self) -> None:
         """Give the client what ``_process_msg`` was before (when it still has ours)."""
         nc = self.nc
         self._write()
+        if self.tap is not None:
+            self.tap.remove()
+        if vars(self._parser).get("parse") == self.parse:
+            del self._parser.parse
         if vars(nc).get("_process_msg") != self._take:
             return
         if self._had is not None:
@@ -166,13 +273,24 @@ class Inboxes:
         """Hand one ``PUB`` command (``payload`` bytes of body) to the client, with the
         checks of its publish; written to the socket at once or, ``coalesce``, with the
         others of this turn of the event loop (see :meth:`_write`)."""
-        check_publishable(self.nc, [command])
+        self.queue(command, payload)
+        if not coalesce:
+            self._write()
+
+    def queue(self, command: bytes, payload: int) -> None:
+        """:meth:`send` with ``coalesce``, which never waits: the command is written with
+        the others handed over in this turn of the event loop; at once when no lane woken
+        by a delivery is still to answer (``awake``), since none would join it then (and
+        the event loop need not turn once more before it goes)."""
+        nc = self.nc
+        if not nc.is_connected or nc.is_draining_pubs:  # (else check_publishable passes)
+            check_publishable(nc, [command])
         stats = self._stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload
         out = self._outbox
         out.append(command)
-        if not coalesce:
+        if not self.awake:
             self._write()
         elif len(out) == 1:
             loop = self._loop
@@ -193,8 +311,12 @@ class Inboxes:
         self._outbox = []
         nc = self.nc
         if nc.is_connected and not nc._pending and nc._transport is not None:
+            tapped = self.tap
             try:
-                nc._transport.writelines(out)
+                if tapped is not None and not tapped.transport.is_closing():
+                    tapped.transport.writelines(out)  # the socket's, under nats-py's two
+                else:
+                    nc._transport.writelines(out)
                 return
             except Exception as exc:  # a transport closing: nats-py's pending buffer takes them
                 log.debug("writing to NATS directly failed: %r", exc)

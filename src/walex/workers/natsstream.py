@@ -1,14 +1,17 @@
 """The relay's JetStream stream, seen from a NATS worker (:mod:`walex.workers.nats`): used as
-it is, never created (unless declared), and the subject filters it must hold."""
+it is, never created (unless declared), the subject filters it must hold, and the check
+(:func:`verify`) that it can feed the worker."""
 
 from __future__ import annotations
+
+import json
 
 from nats.js.errors import NotFoundError
 
 from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
 
-__all__ = ["_SourceStream", "_covers"]
+__all__ = ["_SourceStream", "_covers", "verify"]
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -55,3 +58,52 @@ class _SourceStream(NatsDestination):
             return ""
         return (f"; the subjects {subject!r} are in stream {other!r} (is the stream name "
                 f"mistyped? stream={other})")
+
+
+async def verify(dest: _SourceStream, filters: list[str], partitions: int, display: str,
+                 template: str) -> None:
+    """Raise :class:`ConfigError` when the stream cannot feed a worker of these subject
+    ``filters`` (one per partition): its subjects do not hold them, or its newest message
+    was published with other ``partitions`` or to a subject none of the filters takes (the
+    worker would idle for ever)."""
+    try:
+        info = await dest.js.stream_info(dest.stream)
+    except NotFoundError:
+        raise ConfigError(f"worker source {display}: stream {dest.stream!r} was "
+                          "deleted; start the relay (it creates the stream)") from None
+    subjects = list(info.config.subjects or [])
+    for wanted in filters:
+        if not any(_covers(have, wanted) for have in subjects):
+            raise ConfigError(
+                f"worker source {display}: stream {dest.stream!r} holds the subjects "
+                f"{subjects}, not {wanted!r} (this worker's filter from the subject template "
+                f"{template!r}){await dest.holder(wanted)}: give the worker the relay's "
+                "stream= and subject="
+            )
+    last = info.state.last_seq if info.state is not None else 0
+    if not last:
+        return
+    try:
+        newest = await dest.js.get_msg(dest.stream, seq=last)
+    except NotFoundError:  # just removed (limits): the next look tells
+        return
+    try:
+        theirs = json.loads(newest.data).get("walexpartitions")
+    except (ValueError, TypeError, AttributeError):
+        theirs = None
+    taken = any(_covers(f, newest.subject) for f in filters)
+    mine = partitions
+    if isinstance(theirs, int) and theirs != mine and (mine > 1 or not taken):
+        raise ConfigError(
+            f"worker source {display}: the relay publishes to stream {dest.stream!r} "
+            f"with partitions={theirs} (its newest message, on {newest.subject!r}), and this "
+            f"worker has partitions={mine}: its source URL must say the relay's partitions "
+            f"(&partitions={theirs}), or partitions are never handled"
+        )
+    if not taken:
+        raise ConfigError(
+            f"worker source {display}: the newest message of stream {dest.stream!r} is "
+            f"on {newest.subject!r}, which none of this worker's filters ({filters[0]!r}"
+            f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
+            "partitions="
+        )
