@@ -182,21 +182,20 @@ class Lane:
         stats = destinations.stats
         flying: deque[tuple[int, Any, float]] = deque()  # (entries, flight, when handed over)
         taken = 0  # the front entries of `queued` in flight
-        failed = False  # a group failed: nothing in flight after it is taken as stored
 
         def woken(_answer: Any) -> None:
             wake.set()
 
-        ahead = True  # AHEAD; False: DRAINING
+        state = _AHEAD
         while True:
             wake.clear()
-            while flying and flying[0][1].answer.done():
+            while flying and flying[0][1].answer.done():  # outcomes, in order
                 count, flight, started = flying.popleft()
-                if failed:  # draining after a failure: its outcome does not matter
+                if state is _FAILED:  # its outcome is not looked at: it goes again
                     continue
                 failure = destination.landed(flight)
                 seconds = time.perf_counter() - started
-                if failure is None:
+                if failure is None:  # stored whole: this lane is done with its entries
                     taken -= count
                     for _ in range(count):
                         queued.popleft().pending -= 1
@@ -205,7 +204,7 @@ class Lane:
                         stats.record_publish(display, flight.size, seconds)
                     destinations.failing.pop(display, None)
                     continue
-                failed, ahead = True, False
+                state = _FAILED
                 self.fallbacks += 1
                 destinations.retries += 1
                 destinations._failed(destination, failure)
@@ -213,7 +212,7 @@ class Lane:
                     stats.record_publish(display, flight.size, seconds, ok=False)
                 log.debug("destination %s: %s; the %d transactions in flight go again one "
                           "group at a time", display, failure, taken)
-            if ahead and len(flying) < depth and len(queued) > taken:
+            if state is _AHEAD and len(flying) < depth and len(queued) > taken:
                 flight = None
                 if destination.pipelined():
                     count, batch = self._group(taken)
@@ -221,9 +220,10 @@ class Lane:
                         flight = await destination.send_ahead(batch)
                     except Unavailable as exc:  # handed over in part at most: a chain
                         destinations._failed(destination, exc)
-                        failed = True
-                if flight is None:
-                    ahead = False  # the front group will go one at a time
+                        state = _FAILED
+                        continue
+                if flight is None:  # not to go ahead: it goes one at a time, after
+                    state = _DRAINING  # those in flight
                 else:
                     flight.answer.add_done_callback(woken)
                     self.groups += 1
@@ -231,9 +231,15 @@ class Lane:
                     flying.append((count, flight, time.perf_counter()))
                     taken += count
                 continue
-            if not flying and not ahead:
+            if not flying and state is not _AHEAD:
                 return
             await wake.wait()
+
+
+# the states of a lane's groups handed over ahead (Lane._ahead); ONE AT A TIME is Lane.run
+_AHEAD = "ahead"  # groups handed over while the destination allows, confirmed in order
+_DRAINING = "draining"  # nothing more handed over; those in flight confirmed in order
+_FAILED = "failed"  # a group failed: nothing more handed over, no outcome looked at
 
 
 class Window:
