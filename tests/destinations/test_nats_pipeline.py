@@ -22,6 +22,7 @@ import pytest
 from support import collecting, run
 
 from walex.destinations import from_url
+from walex.destinations.nats import NatsDestination
 from walex.lsn import parse_lsn
 
 from .brokers import check_stream, nats_delete, nats_stored
@@ -70,6 +71,13 @@ def watch(destination: Any) -> list[str]:
     return violations
 
 
+def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups of 16 events at most: one-row transactions in a window of 64 then make
+    several full groups, so groups go ahead (a lane hands one over while another is in
+    flight only when more than a group is queued)."""
+    monkeypatch.setattr(NatsDestination, "group_events", 16)
+
+
 async def _lane(rec: Any) -> Any:
     """The app's one lane, once its window exists (with the first transaction)."""
     app = rec.app
@@ -78,10 +86,11 @@ async def _lane(rec: Any) -> Any:
 
 
 def test_a_lane_has_two_chained_groups_in_flight_and_stores_each_once_in_order(
-        admin: psycopg.Connection, dsn: str, unique: str) -> None:
+        admin: psycopg.Connection, dsn: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Many one-row transactions through a window: groups overlap (the next one handed
     over before the one before it was confirmed), and JetStream holds every change once,
     in commit order, with the ids walex gave them."""
+    small_groups(monkeypatch)
     port = require("nats")
     admin.execute(SETUP)
     stream, updates = f"PL{unique}", 1500
@@ -258,11 +267,12 @@ def test_a_chain_without_its_puback_within_the_timeout_fails_and_voids_the_chain
 
 
 def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
-        admin: psycopg.Connection, dsn: str, unique: str) -> None:
+        admin: psycopg.Connection, dsn: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A relay with groups in flight two at a time while another publisher keeps writing
     into the same stream: chains break, the groups in flight go again one at a time (none
     unchained while another is, or while a chain has no outcome), and walex's messages
     are stored once each, in commit order (none after a missing one)."""
+    small_groups(monkeypatch)
     port = require("nats")
     admin.execute(SETUP)
     stream, updates = f"PO{unique}", 1500
@@ -301,10 +311,11 @@ def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
 
 
 def test_a_connection_cut_with_two_groups_in_flight_loses_nothing_and_acknowledges_nothing_early(
-        admin: psycopg.Connection, dsn: str, unique: str) -> None:
+        admin: psycopg.Connection, dsn: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection to nats-server cut (a TCP proxy) while groups are in flight two at a
     time: the slot's confirmed_flush_lsn, polled meanwhile, stays at what JetStream stored;
     once healed every change is stored exactly once, in order."""
+    small_groups(monkeypatch)
     port = require("nats")
     admin.execute(SETUP)
     slot, updates, stream = f"pipe_{unique}", 1500, f"PC{unique}"

@@ -133,6 +133,20 @@ class Lane:
             count += 1
         return count, batch
 
+    def _more_than_a_group(self, skip: int) -> bool:
+        """Whether the batches queued after the first ``skip`` hold more than one group
+        (:meth:`_group` would stop at a bound before the last of them)."""
+        d = self.destination
+        most_events, most_bytes, most = d.group_events, d.group_bytes, self.size
+        count = events = size = 0
+        for entry in islice(self.queued, skip, None):
+            events += len(entry.outgoing)
+            size += entry.size
+            count += 1
+            if count > 1 and (events > most_events or size > most_bytes or count > most):
+                return True
+        return False
+
     async def run(self) -> None:
         """Publish until cancelled; raises what no retry and no error policy settles."""
         window = self.window
@@ -212,7 +226,10 @@ class Lane:
                     stats.record_publish(display, flight.size, seconds, ok=False)
                 log.debug("destination %s: %s; the %d transactions in flight go again one "
                           "group at a time", display, failure, taken)
-            if state is _AHEAD and len(flying) < depth and len(queued) > taken:
+            if state is _AHEAD and len(flying) < depth and len(queued) > taken and (
+                    not flying or self._more_than_a_group(taken)):
+                # (with one in flight, a group not full waits for it: groups as large as
+                # one at a time would make them, not more of them; see bench/PROFILE.md)
                 flight = None
                 if destination.pipelined():
                     count, batch = self._group(taken)
