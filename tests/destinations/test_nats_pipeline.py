@@ -275,7 +275,7 @@ def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
     small_groups(monkeypatch)
     port = require("nats")
     admin.execute(SETUP)
-    stream, updates = f"PO{unique}", 1500
+    stream, updates = f"PO{unique}", 1500  # at least
     url = f"nats://127.0.0.1:{port}?stream={stream}&subject=po{unique}.{{table}}"
 
     async def main() -> tuple[list[Any], Any, list[str]]:
@@ -286,14 +286,20 @@ def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
             await rec.wait_for(10, 60)
             lane = await _lane(rec)
             violations = watch(lane.destination)
-            writing = asyncio.ensure_future(asyncio.to_thread(write, dsn, updates))
-            n = 0
-            while not writing.done():
-                await _foreign(port, f"po{unique}.other", f"foreign-{n}")
-                n += 1
-                await asyncio.sleep(0.02)
-            await writing
-            events = await rec.wait_for(10 + updates, 120)
+            written = n = 0
+            # rounds of 500 until groups went ahead and some failed (a loaded machine may
+            # take more than one), 10 at most
+            while written < updates or not (lane.overlapped and lane.fallbacks):
+                if written >= 10 * 500:
+                    break
+                writing = asyncio.ensure_future(asyncio.to_thread(write, dsn, 500))
+                while not writing.done():
+                    await _foreign(port, f"po{unique}.other", f"foreign-{n}")
+                    n += 1
+                    await asyncio.sleep(0.02)
+                await writing
+                written += 500
+            events = await rec.wait_for(10 + written, 120)
             await rec._until(lambda: not lane.queued, 60, "every group confirmed")
             return events, lane, violations
 
@@ -303,11 +309,11 @@ def test_other_publishers_breaking_pipelined_groups_leave_no_gap(
     finally:
         asyncio.run(nats_delete(stream, port))
     mine = [s for s in stored if not s[0].startswith("foreign-")]
-    destination = lane.destination
-    assert lane.overlapped > 0 and destination.chains_failed > 0 and lane.fallbacks > 0, \
-        (lane.overlapped, destination.chains_failed, lane.fallbacks)
     assert not violations, violations
     check_stream(mine, [e.id for e in events])
+    destination = lane.destination  # and the case this is about happened:
+    assert lane.overlapped > 0 and destination.chains_failed > 0 and lane.fallbacks > 0, \
+        (lane.overlapped, destination.chains_failed, lane.fallbacks)
 
 
 def test_a_connection_cut_with_two_groups_in_flight_loses_nothing_and_acknowledges_nothing_early(
