@@ -73,8 +73,8 @@ def watch(destination: Any) -> list[str]:
 
 def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups of 16 events at most: one-row transactions in a window of 64 then make
-    several full groups, so groups go ahead (a lane hands one over while another is in
-    flight only when more than a group is queued)."""
+    groups worth going ahead (a lane hands one over while another is in flight only when
+    a quarter of a group's bound is queued: 4 one-row transactions here, not 1,024)."""
     monkeypatch.setattr(NatsDestination, "group_events", 16)
 
 
