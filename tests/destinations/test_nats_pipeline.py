@@ -23,6 +23,7 @@ from support import collecting, run
 
 from walex.destinations import from_url
 from walex.destinations.nats import NatsDestination
+from walex.destinations.window import Lane
 from walex.lsn import parse_lsn
 
 from .brokers import check_stream, nats_delete, nats_stored
@@ -364,6 +365,28 @@ def test_a_connection_cut_with_two_groups_in_flight_loses_nothing_and_acknowledg
     assert not violations, violations
     check_stream(stored, [e.id for e in events])
     check_keys(stored, updates)
+
+
+def test_the_broker_killed_with_groups_in_flight_loses_nothing(
+        admin: psycopg.Connection, dsn: str, tmp_path: Path, unique: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """test_window's broker-kill test (nats-server SIGKILLed mid-stream and started again)
+    with groups going ahead: every change is there once, in order, and groups did go
+    ahead."""
+    from . import test_window
+
+    small_groups(monkeypatch)
+    lanes: list[Lane] = []
+    init = Lane.__init__
+
+    def keep(self: Lane, *args: Any) -> None:
+        init(self, *args)
+        lanes.append(self)
+
+    monkeypatch.setattr(Lane, "__init__", keep)
+    test_window.test_broker_killed_mid_stream_with_a_window_loses_nothing(
+        "nats", admin, dsn, tmp_path, unique)
+    assert any(lane.overlapped for lane in lanes), "no group went ahead"
 
 
 @pytest.mark.parametrize("url", [
