@@ -288,6 +288,30 @@ class Destination(ABC):
         :class:`~walex.errors.DestinationError` on a permanent refusal.
         """
 
+    # groups a window's lane may have in flight at once (walex.destinations.window): above 1
+    # only for a destination whose send_ahead makes sure a group handed over while others
+    # await their confirmation is stored only if those are stored whole
+    depth: ClassVar[int] = 1
+
+    def pipelined(self) -> bool:
+        """Whether a group may be handed over now with :meth:`send_ahead` (False unless a
+        destination makes sure of :attr:`depth`'s promise: JetStream's chains)."""
+        return False
+
+    async def send_ahead(self, batch: list[Outgoing]) -> Any:
+        """Hand ``batch`` over without waiting for its confirmation, stored only if every
+        group handed over before it is stored whole; returns a flight whose ``answer``
+        (a future) is done, within the destination's timeout, once :meth:`landed` can
+        tell its outcome; None, having sent nothing, when it cannot go so. Raises
+        :class:`Unavailable` when it could not be handed over."""
+        return None
+
+    def landed(self, flight: Any) -> Exception | None:
+        """The outcome of a flight of :meth:`send_ahead` whose answer is done, asked in the
+        order they were handed over: None when it is stored whole; otherwise why not
+        (then no flight after it may be taken as stored)."""
+        raise NotImplementedError
+
     @abstractmethod
     async def close(self) -> None:
         """Release the connection; never raises."""

@@ -44,6 +44,17 @@ is stored. Anything else (an error, a duplicate's PubAck, another sequence)
 breaks the chain: the batch is published again with a PubAck per message,
 and the next ``2**breaks - 1`` batches (at most 63) are not chained.
 
+A window's lane may hand groups over *ahead* (:meth:`NatsDestination.send_ahead`,
+:mod:`walex.destinations.window`): while the last group confirmed was a chain
+that held, the next one goes chained on the predicted end of the one before it
+(its base sequence plus its length, its last id), up to :attr:`depth` in
+flight, each with its own answer (:meth:`~walex.destinations.pubacks.PubAcks.expect_one`)
+and timer. Such a group is stored only if every group before it was stored
+whole, and is never sent another way: any failure (a break, an error, a
+timeout, the connection lost) voids the predicted end and what was sent on it
+(:meth:`NatsDestination.landed`), and the lane publishes again from there, one
+group at a time, the way above.
+
 The frames of a batch are built by walex (:mod:`walex.destinations.hpub`,
 half nats-py's CPU per message) and handed to the client's write buffer when
 the installed nats-py is one whose internals that relies on were checked;
@@ -110,6 +121,7 @@ class NatsDestination(Destination):
     scheme = "nats"
     extra = "nats"
     accepted = ("stream", "subject", "duplicate_window", "timeout", "chain")
+    depth = 2  # chained groups a window's lane may have in flight (send_ahead)
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -149,6 +161,11 @@ class NatsDestination(Destination):
         # chained batches (Frames.chained): the stream's last message as the last PubAck
         # showed it, (sequence, id); None while unknown (then a PubAck per message)
         self._last: tuple[int, str] | None = None
+        # the base of a chain sent ahead: the predicted end of the last chain handed over,
+        # set only while every chain since the last group confirmed held (the last confirmed
+        # was a chain); None otherwise (then nothing is sent ahead)
+        self._tip: tuple[int, str] | None = None
+        self._epoch = 0  # counts voids: a chain sent before the last void cannot be confirmed
         self._misses = 0  # chains that failed in a row
         self._unchained = 0  # batches to go with a PubAck per message after one failed
         self.chains = self.chains_failed = 0  # batches sent as a chain, and those that failed
@@ -162,8 +179,12 @@ class NatsDestination(Destination):
         async def on_error(exc: Exception) -> None:
             log.debug("nats %s: %s", url.display, self.describe(exc))
 
+        answers: list[PubAcks] = []
+
         async def on_closed() -> None:
             closed.set()
+            for acks in answers:  # no answer comes any more: the chains in flight failed
+                acks.abandon(Unavailable("the connection closed before the chain's PubAck"))
 
         credentials: dict[str, Any] = {}
         if url.username is not None and url.password is not None:
@@ -195,6 +216,7 @@ class NatsDestination(Destination):
         try:
             await self._ensure_stream()
             acks = self._acks = PubAcks(self.nc.new_inbox() + ".")
+            answers.append(acks)
             sub = await self.nc.subscribe(acks.prefix + "*", cb=acks.received)
             acks.direct(self.nc, getattr(sub, "_id", -1))  # plain PubAcks straight from the parser
             self._frames = Frames(self.nc, self.stream, self._acks.prefix) \
@@ -254,46 +276,123 @@ class NatsDestination(Destination):
             raise Unavailable("not connected")
         largest, longest_id = self._check_sizes(batch)
         last, self._last = self._last, None  # unknown until this batch is answered
-        # a chained message's headers add a sequence number and the previous message's id
-        limit = nc.max_payload or 0
-        extra = CHAINED_EXTRA + _SEQ_DIGITS + max(longest_id, len(last[1])) if last else 0
-        if (last is not None and len(batch) > 1 and self._frames is not None and self.chained
-                and (not limit or largest + extra <= limit)):
+        if last is not None and len(batch) > 1 and self._fits(last, largest, longest_id):
             if self._unchained:
                 self._unchained -= 1
             elif await self._chain(batch, last):
                 return
         await self._each(batch)
 
+    def _fits(self, last: tuple[int, str], largest: int, longest_id: int) -> bool:
+        """Whether a batch may go as a chain on ``last``: chains on, walex's frames, and each
+        message's headers with a sequence number and the previous message's id more within
+        the server's max_payload (``largest``: the largest message with its plain headers)."""
+        limit = self.nc.max_payload or 0
+        extra = CHAINED_EXTRA + _SEQ_DIGITS + max(longest_id, len(last[1]))
+        return (self._frames is not None and self.chained
+                and (not limit or largest + extra <= limit))
+
     async def _chain(self, batch: list[Outgoing], last: tuple[int, str]) -> bool:
-        """Publish ``batch`` chained (:meth:`Frames.chained`): True when its one PubAck says
-        every message is stored; False when the chain broke (a message refused or a
-        duplicate, another publisher's message in between), the caller then publishes the
-        batch again with a PubAck per message, which tells what each message's fate was
-        (those stored already are duplicates by their ids)."""
+        """Publish ``batch`` chained (:meth:`Frames.chained`) on ``last`` and wait for its
+        answer: True when its one PubAck says every message is stored; False when the
+        chain broke (a message refused or a duplicate, another publisher's message in
+        between), the caller then publishes the batch again with a PubAck per message,
+        which tells what each message's fate was (those stored already are duplicates by
+        their ids), or when an id is not plain (nothing sent). Raises
+        :class:`Unavailable` on a timeout or a lost connection."""
+        flight = await self._hand_over(batch, last)
+        if flight is None:
+            return False  # an id nats-py would rewrite: Client.publish, one by one
+        try:
+            await flight.answer  # done within the timeout (its timer), or at a close
+        except asyncio.CancelledError:
+            self._void()
+            raise
+        failure = self.landed(flight)
+        if failure is None:
+            return True
+        if isinstance(flight.answer.result(), Unavailable):
+            raise failure  # a timeout or a lost connection: not the chain's fault
+        return False
+
+    def pipelined(self) -> bool:
+        """Whether a group may be handed over ahead now (:meth:`send_ahead`): connected,
+        chains on, the last group confirmed a chain and every chain sent since chained on
+        it (no failure since), and no batch is to go unchained after a break."""
+        return self._tip is not None and not self._unchained and self._frames is not None
+
+    async def send_ahead(self, batch: list[Outgoing]) -> _Flight | None:
+        """Hand ``batch`` over chained on the predicted end of the chain handed over before
+        (:attr:`_tip`), without waiting for any answer; its outcome is :meth:`landed`'s once
+        the returned flight's ``answer`` is done (within the timeout). None, having sent
+        nothing: it cannot go so (:meth:`pipelined` says no, an id is not plain, more
+        than one publish's messages, a message too large chained); raises
+        :class:`Unavailable` when the client refused the frames (the chain state void)."""
+        tip, nc = self._tip, self.nc
+        if tip is None or self._unchained or nc is None or len(batch) > _WINDOW:
+            return None
+        limit = nc.max_payload or 0
+        largest, longest_id, over = batch_sizes(batch, _HEADERS + len(self.stream), limit)
+        if over >= 0 or not self._fits(tip, largest, longest_id):
+            return None
+        return await self._hand_over(batch, tip)
+
+    async def _hand_over(self, batch: list[Outgoing], last: tuple[int, str]) -> _Flight | None:
+        """The frames of ``batch`` chained on ``last`` handed to the client, with a number
+        for the last message's answer and a timer; None when an id is not plain."""
         acks, frames = self._acks, self._frames
         assert acks is not None and frames is not None
-        first, done = acks.expect(1)
+        reply, answer = acks.expect_one()
+        epoch, self._tip = self._epoch, None  # unknown while the frames are handed over
         try:
-            if not await frames.chained(batch, self.subject.render, first, *last):
-                return False  # an id nats-py would rewrite: Client.publish, one by one
-            self.chains += 1
+            if not await frames.chained(batch, self.subject.render, reply, *last):
+                acks.drop(reply)
+                return None
         except Exception as exc:
+            acks.drop(reply)
+            self._void()
             raise self.unavailable("publishing failed", exc) from None
-        await self._answered(done)
-        seq = stored_at(acks.last) if acks.failure is None else None
-        if seq == last[0] + len(batch):
+        self.chains += 1
+        end = (last[0] + len(batch), batch[-1].id)
+        if epoch == self._epoch:  # (a close meanwhile voided it: never confirmed)
+            self._tip = end
+        timer = asyncio.get_running_loop().call_later(
+            self.timeout, acks.drop, reply,
+            Unavailable(f"no PubAck within {self.timeout:g}s for a chain of {len(batch)}"))
+        return _Flight(answer, end, len(batch), epoch, timer)
+
+    def landed(self, flight: _Flight) -> Exception | None:
+        """The outcome of a chain whose answer is done, taken in the order they were handed
+        over: None when its PubAck at the predicted sequence says it is stored whole (the
+        stream's last message is its end); otherwise why not, and the chain state is void
+        (every chain sent after it fails too: its outcome is not looked at, it is published
+        again). A chain handed over before a void is never confirmed."""
+        flight.timer.cancel()
+        answer = flight.answer.result()
+        if flight.epoch != self._epoch:  # (and so not looked at)
+            return answer if isinstance(answer, Unavailable) else \
+                Unavailable("chained on a chain that failed")
+        if not isinstance(answer, BaseException) and stored_at(answer) == flight.end[0]:
             self._misses = 0
-            self._last = (seq, batch[-1].id)
-            return True
+            self._last = flight.end
+            return None
+        self._void()
+        if isinstance(answer, Unavailable):
+            return answer
         self.chains_failed += 1
         self._misses = min(self._misses + 1, _MAX_MISSES)
         self._unchained = 2 ** self._misses - 1  # the next ones not chained, so that a
         # stream other publishers write to does not take every batch twice
+        why = self.describe(answer) if isinstance(answer, BaseException) else "its PubAck"
         log.debug("nats %s: a chained batch of %d was not stored whole (%s); publishing it "
-                  "with a PubAck per message", self.url.display, len(batch),
-                  self.describe(acks.failure) if acks.failure is not None else "its PubAck")
-        return False
+                  "again with a PubAck per message", self.url.display, flight.size, why)
+        return Unavailable(f"a chain of {flight.size} was not stored whole ({why})")
+
+    def _void(self) -> None:
+        """Forget the stream's last message and every chain's predicted end: what is in
+        flight is never confirmed, the next batch goes with a PubAck per message."""
+        self._tip = self._last = None
+        self._epoch += 1
 
     async def _answered(self, done: asyncio.Future[None]) -> None:
         """Wait for the batch's PubAcks (``done``), the connection's loss or the timeout."""
@@ -313,6 +412,7 @@ class NatsDestination(Destination):
         """Publish ``batch`` with a PubAck per message."""
         nc, acks, render = self.nc, self._acks, self.subject.render
         assert nc is not None and acks is not None
+        self._void()  # no chain is sent ahead of an unchained batch
         first, done = acks.expect(len(batch))
         prefix, stream, frames = acks.prefix, self.stream, self._frames
         try:
@@ -405,11 +505,28 @@ class NatsDestination(Destination):
     async def close(self) -> None:
         nc, acks = self.nc, self._acks
         self.nc, self.js, self._acks, self._frames = None, None, None, None
-        self.opened, self._last = False, None
+        self.opened = False
+        self._void()
         if acks is not None:
+            acks.abandon(Unavailable("the connection was closed before the chain's PubAck"))
             acks.release()
         if nc is not None:
             try:
                 await nc.close()
             except Exception as exc:  # closing a broken connection
                 log.debug("closing nats connection to %s: %s", self.url.display, self.describe(exc))
+
+
+class _Flight:
+    """A chain handed over (:meth:`NatsDestination.send_ahead`): ``answer`` is done with its
+    last message's answer, or an :class:`Unavailable` (its timer, the connection lost)."""
+
+    __slots__ = ("answer", "end", "epoch", "size", "timer")
+
+    def __init__(self, answer: asyncio.Future[bytes | BaseException], end: tuple[int, str],
+                 size: int, epoch: int, timer: asyncio.TimerHandle) -> None:
+        self.answer = answer
+        self.end = end  # the stream's last message once it is stored: (sequence, id)
+        self.size = size
+        self.epoch = epoch
+        self.timer = timer

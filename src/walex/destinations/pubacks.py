@@ -7,7 +7,10 @@ answer is a PubAck (``{"stream":...,"seq":...}``, with ``"duplicate": true``
 when the stream already had the message id) or an error; only an error, or
 anything that is not a plain PubAck, is parsed as JSON. The batch is
 confirmed when each of its numbers was answered once with a PubAck; an
-answer to an earlier, abandoned attempt is ignored.
+answer to an earlier, abandoned attempt is ignored. A chained batch asks for
+one answer only (its last message's), and several may be awaited at once
+(:meth:`PubAcks.expect_one`, a future per chain, beside the batch being
+confirmed).
 
 Two ways in, the same counting:
 
@@ -73,6 +76,8 @@ class PubAcks:
         self._sid = -1
         self._process: Any = None  # that client's own _process_msg
         self._stats: dict[str, int] = {}
+        # the one answer each chain in flight awaits: its number -> its future (expect_one)
+        self._ones: dict[int, asyncio.Future[bytes | BaseException]] = {}
 
     def direct(self, nc: Any, sid: int) -> bool:
         """Take the plain PubAcks of subscription ``sid`` straight from ``nc``'s parser
@@ -112,6 +117,36 @@ class PubAcks:
             done.set_result(None)
         return first, done
 
+    def expect_one(self) -> tuple[int, asyncio.Future[bytes | BaseException]]:
+        """A number for one message's answer, awaited besides the batch of :meth:`expect`
+        and the other numbers of this method, and its future: done with the answer as
+        it came (a PubAck's bytes, or the error it is), or with what :meth:`drop` or
+        :meth:`abandon` gave. The caller bounds the wait (a timer that drops it)."""
+        number = self._next
+        self._next += 1
+        answer = self._ones[number] = asyncio.get_running_loop().create_future()
+        return number, answer
+
+    def drop(self, number: int, outcome: BaseException | None = None) -> None:
+        """Stop awaiting the answer of ``number`` (:meth:`expect_one`); its future, not done
+        yet, is done with ``outcome`` (or left as it is: None)."""
+        answer = self._ones.pop(number, None)
+        if answer is not None and outcome is not None and not answer.done():
+            answer.set_result(outcome)
+
+    def abandon(self, outcome: BaseException) -> None:
+        """Every answer of :meth:`expect_one` still awaited is done with ``outcome`` (the
+        connection closed: none will come)."""
+        ones, self._ones = self._ones, {}
+        for answer in ones.values():
+            if not answer.done():
+                answer.set_result(outcome)
+
+    def _one(self, number: int, answer: bytes | BaseException) -> None:
+        future = self._ones.pop(number, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
     async def _take(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                     headers: bytes | None) -> None:
         """The client's ``_process_msg`` while direct: a plain PubAck of the ack
@@ -122,12 +157,17 @@ class PubAcks:
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         try:
-            i = int(subject[self._cut:]) - self._first
+            number = int(subject[self._cut:])
         except ValueError:
             return
+        i = number - self._first
         seen = self._seen
-        if not 0 <= i < len(seen) or seen[i]:
-            return  # another attempt's answer, or one answered already
+        if not 0 <= i < len(seen):
+            if self._ones:
+                self._one(number, data)  # a chain's answer (or another attempt's: ignored)
+            return
+        if seen[i]:
+            return  # answered already
         done = self._done
         if done is None or done.done():
             return
@@ -143,12 +183,17 @@ class PubAcks:
     async def received(self, msg: Any) -> None:
         """The subscription's callback: one answer."""
         try:
-            i = int(msg.subject[self._cut:]) - self._first
+            number = int(msg.subject[self._cut:])
         except ValueError:
             return
+        i = number - self._first
         seen, done = self._seen, self._done
-        if not 0 <= i < len(seen) or seen[i] or done is None or done.done():
-            return  # another attempt's answer, or one answered already
+        if not 0 <= i < len(seen):
+            if number in self._ones:  # a chain's answer
+                self._one(number, _answer(msg))
+            return  # or another attempt's answer
+        if seen[i] or done is None or done.done():
+            return  # answered already
         data = msg.data
         if not data.startswith(_PUBACK):
             try:
@@ -211,6 +256,19 @@ def _duplicate(data: bytes) -> bool:
     """
     at = data.find(_DUPLICATE)
     return at >= 0 and data[at + len(_DUPLICATE):].lstrip().startswith(b"true")
+
+
+def _answer(msg: Any) -> bytes | BaseException:
+    """An answer as :meth:`PubAcks.expect_one`'s future gives it: a PubAck's bytes, or the
+    error it is."""
+    data = msg.data
+    if data.startswith(_PUBACK):
+        return bytes(data)
+    try:
+        failure = _error(msg)
+    except Exception as exc:  # an answer beyond reading: the chain fails, never hangs
+        failure = exc
+    return bytes(data) if failure is None else failure
 
 
 def _error(msg: Any) -> BaseException | None:
