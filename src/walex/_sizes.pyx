@@ -1,0 +1,182 @@
+# cython: language_level=3, wraparound=False, boundscheck=False
+"""walex._sizes: an event's deep size in memory, compiled (optional).
+
+The twin of ``py_event_bytes`` / ``py_value_bytes`` in :mod:`walex.sizes`, which
+stay the reference and the fallback: the same walk, the same totals
+(``tests/test_sizes.py`` checks both on every kind of value). The pipeline sizes
+every batch it queues (``Sizer.measure``), so a one-row transaction paid a
+Python frame or two and a dozen ``sys.getsizeof`` calls (each an argument
+parse, a bound ``__sizeof__`` and an int); here the walk is a C loop and the
+size of an object is:
+
+- for a compact ASCII ``str`` (ids, most text), its header and characters, as
+  ``str.__sizeof__`` counts them;
+- for a type whose instances all take the same memory (no items, the
+  ``__sizeof__`` of ``object``: float, datetime, date, time, timedelta, UUID,
+  Event), ``sys.getsizeof`` of its first instance, kept per type;
+- for anything else, ``sys.getsizeof`` (in C, without the call, where the
+  interpreter exports it).
+
+:mod:`walex.sizes` hands its constants over with :func:`bind` (this module
+imports nothing of walex, so there is no import cycle).
+"""
+
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.object cimport PyObject
+
+import sys
+
+__all__ = ["bind", "event_bytes", "value_bytes"]
+
+cdef extern from *:
+    """
+    #if PY_VERSION_HEX < 0x030D0000
+    #define WALEX_SIZEOF_C 1
+    #else
+    #define WALEX_SIZEOF_C 0
+    #define _PySys_GetSizeOf(o) ((size_t)-1)
+    #endif
+    /* str.__sizeof__ of a compact ASCII str (no separate UTF-8 or wchar_t copy):
+       -1 for any other object */
+    static Py_ssize_t walex_ascii_sizeof(PyObject *o) {
+        if (!PyUnicode_CheckExact(o) || !PyUnicode_IS_COMPACT_ASCII(o))
+            return -1;
+    #if PY_VERSION_HEX < 0x030C0000
+        if (((PyASCIIObject *)o)->wstr != NULL)
+            return -1;
+    #endif
+        return (Py_ssize_t)sizeof(PyASCIIObject) + PyUnicode_GET_LENGTH(o) + 1;
+    }
+    /* whether every instance of a type has the same size (its __sizeof__ being object's):
+       no items, and a GC header that does not depend on the instance */
+    static int walex_fixed_layout(PyObject *kind) {
+        PyTypeObject *t = (PyTypeObject *)kind;
+        return t->tp_itemsize == 0 && t->tp_is_gc == NULL;
+    }
+    """
+    const int WALEX_SIZEOF_C
+    Py_ssize_t walex_ascii_sizeof(object o)
+    bint walex_fixed_layout(object kind)
+    size_t _PySys_GetSizeOf(object o) except? <size_t>-1
+
+cdef object _getsizeof = sys.getsizeof
+cdef object _object_sizeof = object.__sizeof__
+cdef dict _fixed = {}  # type -> the size of each of its instances, or -1: not fixed
+
+# set by bind()
+cdef object _RawEvent = None
+cdef object _FLAT = frozenset()
+cdef Py_ssize_t _MOST_NODES = 5000
+
+
+def bind(raw_event, flat, Py_ssize_t most_nodes):
+    """Take :mod:`walex.sizes`' definitions: the RawEvent class, the flat value types, the
+    most nodes of one value walked."""
+    global _RawEvent, _FLAT, _MOST_NODES
+    _RawEvent, _FLAT, _MOST_NODES = raw_event, frozenset(flat), most_nodes
+
+
+cdef Py_ssize_t _size(object o) except -1:
+    """``sys.getsizeof(o)``."""
+    cdef Py_ssize_t n = walex_ascii_sizeof(o)
+    if n >= 0:
+        return n
+    cdef object kind = type(o)
+    cdef PyObject *found = PyDict_GetItem(_fixed, kind)
+    if found != NULL:
+        n = <object>found
+        if n >= 0:
+            return n
+    elif walex_fixed_layout(kind) and getattr(kind, "__sizeof__", None) is _object_sizeof:
+        n = _getsizeof(o)  # every instance takes the type's basic size (and GC header)
+        PyDict_SetItem(_fixed, kind, n)
+        return n
+    else:
+        PyDict_SetItem(_fixed, kind, -1)
+    if WALEX_SIZEOF_C:
+        return <Py_ssize_t>_PySys_GetSizeOf(o)
+    return _getsizeof(o)
+
+
+cdef inline bint _small_int(object value):
+    """An int the interpreter shares (-5..256)."""
+    return -5 <= value <= 256
+
+
+cpdef Py_ssize_t value_bytes(object value) except -1:
+    """``walex.sizes.py_value_bytes``: deep size of one typed value."""
+    kind = type(value)
+    if kind is str or kind is float or kind is bytes:
+        return _size(value)
+    if kind is int:
+        return 0 if _small_int(value) else _size(value)
+    if kind in _FLAT:
+        return _size(value)
+    if value is None or kind is bool:
+        return 0
+    if kind is not dict and kind is not list and not isinstance(value, tuple):
+        extra = getattr(value, "__dict__", None)  # a value class with attributes
+        return _size(value) + (_size(extra) if extra is not None else 0)
+    cdef Py_ssize_t total = 0, nodes = 0
+    cdef list stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if item is None or kind is bool:
+            continue
+        if kind is int and _small_int(item):  # the interpreter's shared small ints
+            continue
+        total += _size(item)
+        nodes += 1
+        if kind is dict:  # keys up to 64 bytes: shared through orjson's key cache
+            for key in <dict>item:
+                if type(key) is not str or len(<str>key) > 64:
+                    stack.append(key)
+            stack.extend((<dict>item).values())
+        elif kind is list or isinstance(item, tuple):
+            stack.extend(item)
+        if nodes >= _MOST_NODES and stack:  # a huge document: the rest at the mean node size
+            return total + total // nodes * len(stack)
+    return total
+
+
+cdef Py_ssize_t _raw_bytes(object event, tuple raw) except -1:
+    """``walex.sizes._raw_bytes``: a RawEvent not typed yet, its rows as sent."""
+    cdef Py_ssize_t total = _size(event) + _size(event.id) + _size(raw) + _size(raw[4])
+    for row in (raw[1], raw[2]):
+        if row is not None:
+            total += _size(row)
+            for value in row:
+                if value is not None:
+                    total += _size(value)
+    return total
+
+
+cpdef Py_ssize_t event_bytes(object event) except -1:
+    """``walex.sizes.py_event_bytes``: deep size of one event."""
+    if type(event) is _RawEvent:
+        raw = event.raw
+        if raw is not None:
+            return _raw_bytes(event, raw)
+    cdef Py_ssize_t total = _size(event) + _size(event.id)
+    new, old, changes = event.new_record, event.old_record, event.changes
+    if new is not None:
+        total += _size(new)
+        for value in new.values():
+            kind = type(value)
+            if kind is str:
+                total += _size(value)
+            elif kind is int:
+                if not _small_int(value):
+                    total += _size(value)
+            elif value is not None and kind is not bool:
+                total += value_bytes(value)
+    if old is not None:
+        total += _size(old)
+        get = new.get if new is not None else None
+        for key, value in old.items():
+            if get is None or get(key) is not value:
+                total += value_bytes(value)
+    if changes:  # named tuples of values the records hold
+        total += _size(changes) + 56 * len(changes)
+    return total
