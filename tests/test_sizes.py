@@ -198,4 +198,10 @@ def test_the_compiled_sizer_gives_the_pure_totals() -> None:
     ]
     for event in events:
         assert compiled.event_bytes(event) == sizes.py_event_bytes(event), event
-    assert sizes.events_bytes(events) > 0
+    assert Sizer.measure is compiled.measure
+    pure, fast = Sizer(), Sizer()
+    for batch in ([events[0]], [events[5]], events, events * 3, [events[1]] * 9):
+        for wire in (0, 100, 4096, 4097, 10**6, 10**9):
+            a, b = SimpleNamespace(size=wire, events=batch), SimpleNamespace(size=wire, events=batch)
+            assert fast.measure(b) == pure.py_measure(a) and b.size == a.size
+            assert fast.scale == pure.scale

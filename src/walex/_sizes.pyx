@@ -11,6 +11,8 @@ size of an object is:
 
 - for a compact ASCII ``str`` (ids, most text), its header and characters, as
   ``str.__sizeof__`` counts them;
+- for an ``int`` within 64 bits, ``sys.getsizeof`` of the first one of as many
+  digits, kept by digits;
 - for a type whose instances all take the same memory (no items, the
   ``__sizeof__`` of ``object``: float, datetime, date, time, timedelta, UUID,
   Event), ``sys.getsizeof`` of its first instance, kept per type;
@@ -26,7 +28,7 @@ from cpython.object cimport PyObject
 
 import sys
 
-__all__ = ["bind", "event_bytes", "value_bytes"]
+__all__ = ["bind", "event_bytes", "measure", "value_bytes"]
 
 cdef extern from *:
     """
@@ -47,6 +49,24 @@ cdef extern from *:
     #endif
         return (Py_ssize_t)sizeof(PyASCIIObject) + PyUnicode_GET_LENGTH(o) + 1;
     }
+    /* the PyLong digits of an int within a long long (getsizeof depends on nothing
+       else), -1 past that */
+    static int walex_int_digits(PyObject *o) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        unsigned long long a;
+        int bits = 0;
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return -1;
+        }
+        a = v < 0 ? (unsigned long long)0 - (unsigned long long)v : (unsigned long long)v;
+        while (a) {
+            bits++;
+            a >>= 1;
+        }
+        return (bits + PyLong_SHIFT - 1) / PyLong_SHIFT;
+    }
     /* whether every instance of a type has the same size (its __sizeof__ being object's):
        no items, and a GC header that does not depend on the instance */
     static int walex_fixed_layout(PyObject *kind) {
@@ -57,23 +77,54 @@ cdef extern from *:
     const int WALEX_SIZEOF_C
     Py_ssize_t walex_ascii_sizeof(object o)
     bint walex_fixed_layout(object kind)
+    int walex_int_digits(object o)
     size_t _PySys_GetSizeOf(object o) except? <size_t>-1
 
 cdef object _getsizeof = sys.getsizeof
 cdef object _object_sizeof = object.__sizeof__
 cdef dict _fixed = {}  # type -> the size of each of its instances, or -1: not fixed
+# the last types looked up in _fixed (which holds them), by their address: a dict lookup saved
+cdef enum:
+    _WAYS = 16
+cdef PyObject *_seen_type[_WAYS]
+cdef Py_ssize_t _seen_size[_WAYS]
+cdef Py_ssize_t _int_sizes[8]  # getsizeof of an int by its digits, 64 bits at most (-1: not seen)
+for _i in range(8):
+    _int_sizes[_i] = -1
 
 # set by bind()
 cdef object _RawEvent = None
 cdef object _FLAT = frozenset()
 cdef Py_ssize_t _MOST_NODES = 5000
+cdef Py_ssize_t _PER_EVENT = 8, _PER_BATCH = 200
+cdef object _events_bytes = None
 
 
-def bind(raw_event, flat, Py_ssize_t most_nodes):
+def bind(raw_event, flat, Py_ssize_t most_nodes, Py_ssize_t per_event, Py_ssize_t per_batch,
+         events_bytes):
     """Take :mod:`walex.sizes`' definitions: the RawEvent class, the flat value types, the
-    most nodes of one value walked."""
-    global _RawEvent, _FLAT, _MOST_NODES
+    most nodes of one value walked, the bytes counted per event and per batch, and its
+    ``events_bytes``."""
+    global _RawEvent, _FLAT, _MOST_NODES, _PER_EVENT, _PER_BATCH, _events_bytes
     _RawEvent, _FLAT, _MOST_NODES = raw_event, frozenset(flat), most_nodes
+    _PER_EVENT, _PER_BATCH, _events_bytes = per_event, per_batch, events_bytes
+
+
+def measure(sizer, txn):
+    """``walex.sizes.Sizer.py_measure`` (a method of ``Sizer`` when compiled): set
+    ``txn.size`` to the batch's size in memory; returns it."""
+    wire = txn.size
+    events = txn.events
+    cdef Py_ssize_t held
+    if len(events) == 1:  # a one-change transaction: the common case
+        held = event_bytes(events[0]) + _PER_EVENT + _PER_BATCH
+    else:
+        held = _events_bytes(events) + _PER_BATCH
+    if wire > 4096:
+        sizer.scale = max(1.0, held / wire)
+    size = max(held, wire)
+    txn.size = size
+    return size
 
 
 cdef Py_ssize_t _size(object o) except -1:
@@ -82,17 +133,32 @@ cdef Py_ssize_t _size(object o) except -1:
     if n >= 0:
         return n
     cdef object kind = type(o)
-    cdef PyObject *found = PyDict_GetItem(_fixed, kind)
-    if found != NULL:
-        n = <object>found
-        if n >= 0:
+    cdef int digits
+    if kind is int:
+        digits = walex_int_digits(o)
+        if digits >= 0:
+            n = _int_sizes[digits]
+            if n < 0:
+                n = _int_sizes[digits] = _getsizeof(o)
             return n
-    elif walex_fixed_layout(kind) and getattr(kind, "__sizeof__", None) is _object_sizeof:
-        n = _getsizeof(o)  # every instance takes the type's basic size (and GC header)
-        PyDict_SetItem(_fixed, kind, n)
-        return n
+    cdef size_t way = (<size_t><PyObject *>kind >> 4) % _WAYS
+    cdef PyObject *found
+    if _seen_type[way] == <PyObject *>kind:
+        n = _seen_size[way]
     else:
-        PyDict_SetItem(_fixed, kind, -1)
+        found = PyDict_GetItem(_fixed, kind)
+        if found != NULL:
+            n = <object>found
+        elif walex_fixed_layout(kind) and getattr(kind, "__sizeof__", None) is _object_sizeof:
+            n = _getsizeof(o)  # every instance takes the type's basic size (and GC header)
+            PyDict_SetItem(_fixed, kind, n)
+        else:
+            n = -1
+            PyDict_SetItem(_fixed, kind, n)
+        _seen_type[way] = <PyObject *>kind  # held by _fixed
+        _seen_size[way] = n
+    if n >= 0:
+        return n
     if WALEX_SIZEOF_C:
         return <Py_ssize_t>_PySys_GetSizeOf(o)
     return _getsizeof(o)

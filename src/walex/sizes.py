@@ -23,10 +23,11 @@ LSN text, small ints, ``None``) are not counted. What the estimate misses
 (allocator rounding, freed memory not returned) is the stated margin of the
 setting; tests/test_memory.py checks the estimate against tracemalloc.
 
-:func:`event_bytes` and :func:`value_bytes` are the compiled twins of
-:func:`py_event_bytes` and :func:`py_value_bytes` (``walex._sizes``, the same
-totals without a Python frame or a ``sys.getsizeof`` call per object) when they
-were built and ``WALEX_PURE_PYTHON`` is not set at import; else the pure ones.
+:func:`event_bytes`, :func:`value_bytes` and :meth:`Sizer.measure` are the compiled
+twins of :func:`py_event_bytes`, :func:`py_value_bytes` and :meth:`Sizer.py_measure`
+(``walex._sizes``: the same totals without a Python frame or a ``sys.getsizeof``
+call per object) when they were built and ``WALEX_PURE_PYTHON`` is not set at
+import; else the pure ones.
 
 Invariants: :meth:`Sizer.measure` costs a fixed number of object walks per
 batch, whatever its length; :attr:`Sizer.scale` is at least 1.
@@ -138,15 +139,13 @@ def py_event_bytes(event: Any) -> int:
 
 value_bytes = py_value_bytes
 event_bytes = py_event_bytes
-if not os.environ.get("WALEX_PURE_PYTHON"):
-    try:
-        from . import _sizes
-    except ImportError:  # not built: the pure twins serve
-        pass
-    else:
-        _sizes.bind(RawEvent, _FLAT, _MOST_NODES)
-        value_bytes = _sizes.value_bytes
-        event_bytes = _sizes.event_bytes
+try:
+    from . import _sizes
+except ImportError:  # not built: the pure twins serve
+    _sizes = None  # type: ignore[assignment]
+if _sizes is not None and not os.environ.get("WALEX_PURE_PYTHON"):
+    value_bytes = _sizes.value_bytes
+    event_bytes = _sizes.event_bytes
 
 
 def events_bytes(events: Any) -> int:
@@ -170,7 +169,7 @@ class Sizer:
     def __init__(self) -> None:
         self.scale = _FIRST_SCALE
 
-    def measure(self, txn: Any) -> int:
+    def py_measure(self, txn: Any) -> int:
         """Set ``txn.size`` (wire bytes, as assembled) to the batch's size in memory; returns it."""
         wire = txn.size
         events = txn.events
@@ -186,3 +185,12 @@ class Sizer:
     def wire(self, memory: int) -> int:
         """``memory`` bytes in the wire units the assembler counts (at least 1)."""
         return max(1, int(memory / self.scale))
+
+    # the compiled twin of py_measure when built (and WALEX_PURE_PYTHON not set at import)
+    measure = py_measure
+
+
+if _sizes is not None:
+    _sizes.bind(RawEvent, _FLAT, _MOST_NODES, _PER_EVENT, _PER_BATCH, events_bytes)
+    if event_bytes is _sizes.event_bytes:
+        Sizer.measure = _sizes.measure  # type: ignore[method-assign]
