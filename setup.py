@@ -39,7 +39,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
         pass
     else:
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
-                              depends=["src/walex/_hotpath_objects.pxi"]),
+                              depends=["src/walex/_hotpath_objects.pxi",
+                                       "src/walex/_hotpath_stamps.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
                     Extension("walex._encode", ["src/walex/_encode.pyx"]),
                     Extension("walex._sizes", ["src/walex/_sizes.pyx"]),
