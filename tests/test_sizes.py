@@ -176,7 +176,10 @@ def test_the_compiled_sizer_gives_the_pure_totals() -> None:
               UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Stamp(2025, 1, 1), Holder(), Slotted(),
               {"k": 1000, "tag": "x", "even": True},
               {"k": 1000, "tag": "x", "nested": [1, 2.5, {"deep": "y" * 70, "k" * 70: None}]},
-              {1: "int key", ("t",): 2}, [300, "a", None, [1, [2, [3]]]], (1, 2), pair(1000, "b"),
+              {1: "int key", ("t",): 2}, {"k" * 64: 2**40, "f": 1.5, "d": Decimal("2.5"), "h": Holder(),
+                                          "s": Slotted(), "n": None, "b": False, "u": "ü", "i": 9},
+              {"k" * 65: 1}, {"t": (1, 2)}, {}, {str(i): i for i in range(4998)},
+              {str(i): 1000 + i for i in range(5000)}, {str(i): [i] for i in range(5000)}, [300, "a", None, [1, [2, [3]]]], (1, 2), pair(1000, "b"),
               {"big": [{"n": i, "s": f"v{i}"} for i in range(3000)]}, list(range(200, 12000)),
               [[i] for i in range(6000)]]
     for value in values:

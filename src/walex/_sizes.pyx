@@ -23,7 +23,7 @@ size of an object is:
 imports nothing of walex, so there is no import cycle).
 """
 
-from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetItem, PyDict_Size
 from cpython.object cimport PyObject
 
 import sys
@@ -184,6 +184,11 @@ cpdef Py_ssize_t value_bytes(object value) except -1:
         extra = getattr(value, "__dict__", None)  # a value class with attributes
         return _size(value) + (_size(extra) if extra is not None else 0)
     cdef Py_ssize_t total = 0, nodes = 0
+    if kind is dict:
+        total = _flat_dict_bytes(<dict>value)
+        if total >= 0:
+            return total
+        total = 0
     cdef list stack = [value]
     while stack:
         item = stack.pop()
@@ -203,6 +208,27 @@ cpdef Py_ssize_t value_bytes(object value) except -1:
             stack.extend(item)
         if nodes >= _MOST_NODES and stack:  # a huge document: the rest at the mean node size
             return total + total // nodes * len(stack)
+    return total
+
+
+cdef Py_ssize_t _flat_dict_bytes(dict value) except -2:
+    """value_bytes of a dict (a json object) whose keys are all str of 64 characters at most
+    and whose values are no containers, in one pass (the walk below would size the same
+    nodes, and cannot reach the node bound with so few); -1 for any other dict."""
+    if PyDict_Size(value) >= _MOST_NODES - 1:
+        return -1
+    cdef Py_ssize_t total = _size(value), pos = 0
+    cdef PyObject *key
+    cdef PyObject *item
+    while PyDict_Next(value, &pos, &key, &item):
+        if type(<object>key) is not str or len(<str>key) > 64:
+            return -1
+        kind = type(<object>item)
+        if kind is dict or kind is list or isinstance(<object>item, tuple):
+            return -1
+        if item == <PyObject *>None or kind is bool or (kind is int and _small_int(<object>item)):
+            continue
+        total += _size(<object>item)
     return total
 
 
