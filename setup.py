@@ -12,6 +12,8 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
   ``walex.pgtypes.py_json_loads``);
 - ``walex._encode`` (Cython): the CloudEvents encoder's fast path (twin of
   ``_fast_event`` in ``walex.destinations.encoding``);
+- ``walex._sizes`` (Cython): an event's deep size in memory (twin of
+  ``py_event_bytes`` / ``py_value_bytes`` in ``walex.sizes``);
 - ``walex.destinations._hpub`` (Cython): a JetStream batch's HPUB frames (twin of
   ``frames`` in ``walex.destinations.hpub``);
 - ``walex.destinations._resp`` (Cython): a batch's Redis ``XADD`` commands in
@@ -37,9 +39,11 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
         pass
     else:
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
-                              depends=["src/walex/_hotpath_objects.pxi"]),
+                              depends=["src/walex/_hotpath_objects.pxi",
+                                       "src/walex/_hotpath_stamps.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
                     Extension("walex._encode", ["src/walex/_encode.pyx"]),
+                    Extension("walex._sizes", ["src/walex/_sizes.pyx"]),
                     Extension("walex.destinations._hpub", ["src/walex/destinations/_hpub.pyx"]),
                     Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"]),
                     Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"],

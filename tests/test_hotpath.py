@@ -345,6 +345,48 @@ def test_begin_and_commit_field_values(begin_ts: int, commit_ts: int, begin_lsn:
         asyncio.run(both(stream[:3] + [(3, stream[3][1][:18] + stream[1][1][9:17])]))  # same ts
 
 
+@needs_compiled
+def test_commit_times_and_lsn_texts_at_the_edges() -> None:
+    """The compiled commit time (a date from the day count) and LSN text against the pure
+    rules, at the ends of datetime's range, around leap days and century years, the epoch,
+    negative times, and LSNs of every hex width."""
+    from datetime import datetime, timedelta, timezone
+
+    from walex._hotpath import _stamps
+    from walex.lsn import format_lsn
+    from walex.pgoutput.decoder import _PG_EPOCH as _EPOCH
+    from walex.pgoutput.decoder import pg_timestamp
+
+    day = 86_400_000_000
+    first = int((datetime(1, 1, 1, tzinfo=timezone.utc) - _EPOCH) // timedelta(microseconds=1))
+    last = int((datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc) - _EPOCH)
+               // timedelta(microseconds=1))
+    times = [0, 1, -1, day - 1, day, -day, -day - 1, first, first - 1, first + 1, last, last + 1,
+             last - 1, -(2**63), 2**63 - 1, 2**40, -(2**40)]
+    for year in (1, 4, 100, 400, 1582, 1900, 1970, 1999, 2000, 2024, 2100, 2400, 9999):
+        for month, dom in ((1, 1), (2, 28), (3, 1), (12, 31)):
+            base = datetime(year, month, dom, tzinfo=timezone.utc)
+            times.append(int((base - _EPOCH) // timedelta(microseconds=1)))
+        if year % 4 == 0 and (year % 100 or year % 400 == 0):
+            base = datetime(year, 2, 29, 23, 59, 59, 999999, tzinfo=timezone.utc)
+            times.append(int((base - _EPOCH) // timedelta(microseconds=1)))
+    times += range(-3 * day, 3 * day, 3_599_999_999)
+    times += range(first, last, 7_777_777_777_777)
+    lsns = [0, 1, 15, 16, 0xFFFFFFFF, 2**32, 2**32 + 1, 0xABCDEF0123456789, 2**64 - 1]
+    lsns += [1 << k for k in range(64)] + [(1 << k) - 1 for k in range(1, 65)]
+    for i, micros in enumerate(times):
+        try:
+            expected = pg_timestamp(micros)
+        except (OverflowError, ValueError):
+            expected = None
+        lsn = lsns[i % len(lsns)]
+        stamp, text = _stamps(micros, lsn)
+        assert stamp == expected and (stamp is None or stamp.tzinfo is expected.tzinfo), micros
+        assert text == format_lsn(lsn)
+    for lsn in lsns:
+        assert _stamps(0, lsn)[1] == format_lsn(lsn)
+
+
 # -- the type matrix, captured live --------------------------------------------------------
 
 def capture_type_matrix(admin: psycopg.Connection, binary: bool) -> Stream:

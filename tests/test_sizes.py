@@ -130,3 +130,81 @@ def test_the_inlined_common_values_count_as_value_bytes_does() -> None:
     assert event_bytes(event) == expected
     for value in values[10:20]:  # the flat kinds: the object alone
         assert value_bytes(value) == getsizeof(value)
+
+
+def test_the_compiled_sizer_gives_the_pure_totals() -> None:
+    """walex._sizes (the compiled event_bytes/value_bytes) against the pure twins: every kind
+    of value (ASCII and non-ASCII text, ints of every width, the flat kinds, subclasses,
+    value classes, nested and huge documents past the node bound), typed events with old
+    records and changes, RawEvents with their rows as sent, and duck-typed events."""
+    import datetime as dt
+    from collections import namedtuple
+    from decimal import Decimal
+    from uuid import UUID
+
+    from walex import sizes
+    from walex.event import Change, EventType, Source
+
+    compiled = pytest.importorskip("walex._sizes")
+    if sizes.event_bytes is sizes.py_event_bytes:
+        pytest.skip("WALEX_PURE_PYTHON is set: the pure twins serve")
+    assert sizes.event_bytes is compiled.event_bytes and sizes.value_bytes is compiled.value_bytes
+
+    class Stamp(dt.datetime):
+        pass
+
+    class Text(str):
+        pass
+
+    class Holder:
+        def __init__(self) -> None:
+            self.a = "x" * 40
+
+    class Slotted:
+        __slots__ = ("a",)
+
+    pair = namedtuple("pair", "a b")
+    text = "row " + "ab" * 20
+    unicode_text = "héllo wörld"
+    unicode_text.encode()  # a str whose UTF-8 copy is kept (counted by str.__sizeof__)
+    values = [None, True, False, 0, 7, 256, 257, -5, -6, -257, 2**29, 2**30, 2**31, 2**60,
+              -(2**62), 2**63, 2**70, 10**40, 1.5, float("nan"), "", "x", text, unicode_text,
+              "日本語", "😀" * 3, Text("sub"), b"", b"\x00" * 33, bytearray(b"ab"),
+              Decimal("12.3400"), Decimal("1e-30"), Decimal("123456789012345678901234567890.5"),
+              dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2025, 1, 1),
+              dt.date(2025, 1, 1), dt.time(1, 2, 3), dt.timedelta(days=2),
+              UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Stamp(2025, 1, 1), Holder(), Slotted(),
+              {"k": 1000, "tag": "x", "even": True},
+              {"k": 1000, "tag": "x", "nested": [1, 2.5, {"deep": "y" * 70, "k" * 70: None}]},
+              {1: "int key", ("t",): 2}, {"k" * 64: 2**40, "f": 1.5, "d": Decimal("2.5"), "h": Holder(),
+                                          "s": Slotted(), "n": None, "b": False, "u": "ü", "i": 9},
+              {"k" * 65: 1}, {"t": (1, 2)}, {}, {str(i): i for i in range(4998)},
+              {str(i): 1000 + i for i in range(5000)}, {str(i): [i] for i in range(5000)}, [300, "a", None, [1, [2, [3]]]], (1, 2), pair(1000, "b"),
+              {"big": [{"n": i, "s": f"v{i}"} for i in range(3000)]}, list(range(200, 12000)),
+              [[i] for i in range(6000)]]
+    for value in values:
+        assert compiled.value_bytes(value) == sizes.py_value_bytes(value), value
+
+    source = Source(db="d", schema="s", table="t", columns={}, primary_key=("id",))
+    new = {f"c{i}": v for i, v in enumerate(values)}
+    old = {f"c{i}": (v if i % 2 else f"old {i}") for i, v in enumerate(values)}
+    changes = {"c0": Change(1, 2), "c2": Change("a", "b")}
+    events = [
+        Event("t", EventType.INSERT, source, new, None, None, dt.datetime(2025, 1, 1), "0/1", "A" * 25),
+        Event("t", EventType.UPDATE, source, new, old, changes, dt.datetime(2025, 1, 1), "0/1", "id"),
+        Event("t", EventType.DELETE, source, None, old, None, dt.datetime(2025, 1, 1), "0/1", "é"),
+        Event("t", EventType.UPDATE, source, new, old, {}, dt.datetime(2025, 1, 1), "0/1", ""),
+        SimpleNamespace(id="0/1:0", new_record=new, old_record=None, changes=None),
+        RawEvent.of("t", EventType.UPDATE, source, (None, (b"1", None, b"x" * 50), (b"1", b"y"),
+                                                     "O", 5), None, "0/1", "raw id"),
+        RawEvent.of("t", EventType.INSERT, source, (None, (b"2",), None, "", 2**40), None, "0/1", "r2"),
+    ]
+    for event in events:
+        assert compiled.event_bytes(event) == sizes.py_event_bytes(event), event
+    assert Sizer.measure is compiled.measure
+    pure, fast = Sizer(), Sizer()
+    for batch in ([events[0]], [events[5]], events, events * 3, [events[1]] * 9):
+        for wire in (0, 100, 4096, 4097, 10**6, 10**9):
+            a, b = SimpleNamespace(size=wire, events=batch), SimpleNamespace(size=wire, events=batch)
+            assert fast.measure(b) == pure.py_measure(a) and b.size == a.size
+            assert fast.scale == pure.scale

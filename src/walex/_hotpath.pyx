@@ -19,7 +19,7 @@ the message. Rows are typed by :meth:`walex.relations.Table.load` (psycopg's
 Transformer, user adapters included), never here.
 """
 
-from cpython.datetime cimport import_datetime, timedelta_new
+from cpython.datetime cimport datetime_new, import_datetime
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
@@ -27,7 +27,6 @@ from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.stdio cimport snprintf
 from libc.string cimport memcmp
 
 import dataclasses
@@ -56,17 +55,19 @@ cdef object _UNCHANGED = UNCHANGED_TOAST
 cdef object _INSERT = EventType.INSERT
 cdef object _UPDATE = EventType.UPDATE
 cdef object _DELETE = EventType.DELETE
-cdef object _EPOCH = _PG_EPOCH
+cdef object _UTC = _PG_EPOCH.tzinfo  # what _PG_EPOCH + a timedelta carries
 cdef const char *_HEX = b"0123456789ABCDEF"
 
 
 include "_hotpath_objects.pxi"  # _Maker, _Slots, _change_tuple, _immutable
+include "_hotpath_stamps.pxi"  # _pg_timestamp, _event_id, _format_lsn
 
 
-# _Open's slots the per-row path reads: changes, emitted, size, spill
-cdef _Slots _OPEN = _Slots(_Open, ("changes", "emitted", "size", "spill"))
+# _Open's slots the per-row path, Commit and _batch read
+cdef _Slots _OPEN = _Slots(_Open, ("changes", "emitted", "size", "spill", "xid", "origin",
+                                   "commit_lsn", "commit_time"))
 cdef enum:
-    O_CHANGES, O_EMITTED, O_SIZE, O_SPILL
+    O_CHANGES, O_EMITTED, O_SIZE, O_SPILL, O_XID, O_ORIGIN, O_COMMIT_LSN, O_COMMIT_TIME
 cdef _Slots _ASSEMBLER = _Slots(TransactionAssembler, ("_current", "_stream", "batch_size", "batch_bytes"))
 cdef enum:
     A_CURRENT, A_STREAM, A_BATCH_SIZE, A_BATCH_BYTES
@@ -91,20 +92,6 @@ cdef inline uint32_t _be32(const unsigned char *p) noexcept nogil:
 
 cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
-
-
-cdef object _pg_timestamp(int64_t micros):
-    """As walex.pgoutput.decoder.pg_timestamp; None where that one raises."""
-    cdef int64_t days = micros // 86400000000, rest = micros % 86400000000
-    if rest < 0:  # floor division
-        rest += 86400000000
-        days -= 1
-    if days > 999999999 or days < -999999999:
-        return None
-    try:
-        return _EPOCH + timedelta_new(<int>days, <int>(rest // 1000000), <int>(rest % 1000000))
-    except (OverflowError, ValueError):
-        return None
 
 
 cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain):
@@ -296,19 +283,20 @@ cdef class HotPath:
 
     cdef object _commit(self, const unsigned char *data, Py_ssize_t size):
         assembler = self.assembler
-        txn = assembler._current
-        if size != 26 or txn is None or txn.spill is not None:
+        txn = _ASSEMBLER.get(assembler, A_CURRENT)
+        if size != 26 or type(txn) is not _Open or _OPEN.get(txn, O_SPILL) is not None:
             return _NOT_HANDLED
         cdef int64_t ts = <int64_t>_be64(data + 18)
         cdef uint64_t commit_lsn = _be64(data + 2)
         if txn is self._begun and ts == self._begun_ts:
-            commit_time = txn.commit_time
-            same = commit_lsn == <uint64_t>txn.commit_lsn
+            commit_time = _OPEN.get(txn, O_COMMIT_TIME)
+            same = commit_lsn == <uint64_t>_OPEN.get(txn, O_COMMIT_LSN)
         else:
             commit_time = _pg_timestamp(ts)
             if commit_time is None:
                 return _NOT_HANDLED
-            same = commit_lsn == <uint64_t>txn.commit_lsn and commit_time == txn.commit_time
+            same = (commit_lsn == <uint64_t>_OPEN.get(txn, O_COMMIT_LSN)
+                    and commit_time == _OPEN.get(txn, O_COMMIT_TIME))
         assembler._current = None
         self._begun = None
         return [self._batch(txn, commit_lsn, commit_time, _be64(data + 10), not same)]
@@ -402,7 +390,8 @@ cdef class HotPath:
         _OPEN.put(txn, O_SIZE, held)
         if (len(changes) >= _ASSEMBLER.get(assembler, A_BATCH_SIZE)
                 or held >= _ASSEMBLER.get(assembler, A_BATCH_BYTES)):
-            return [self._batch(txn, txn.commit_lsn, txn.commit_time, 0, False)]
+            return [self._batch(txn, _OPEN.get(txn, O_COMMIT_LSN), _OPEN.get(txn, O_COMMIT_TIME),
+                                0, False)]
         return None
 
     cdef dict _record(self, object values):
@@ -550,11 +539,11 @@ cdef class HotPath:
         LSN or time differ from the Begin's. Events of the pure path (a
         Truncate in the same transaction) still have an empty id.
         """
-        cdef list changes = txn.changes
-        first, size = txn.emitted, txn.size
-        txn.changes = []
-        txn.emitted = first + len(changes)
-        txn.size = 0
+        cdef list changes = _OPEN.get(txn, O_CHANGES)
+        first, size = _OPEN.get(txn, O_EMITTED), _OPEN.get(txn, O_SIZE)
+        _OPEN.put(txn, O_CHANGES, [])
+        _OPEN.put(txn, O_EMITTED, first + len(changes))
+        _OPEN.put(txn, O_SIZE, 0)
         cdef list events = []
         cdef Py_ssize_t i, n = PyList_GET_SIZE(changes)
         cdef uint64_t lsn = commit_lsn
@@ -571,31 +560,9 @@ cdef class HotPath:
                 event.id = _event_id(lsn, first + i)
             events.append(event)
         batch = _make_transaction.make(
-            (txn.xid, commit_lsn, end_lsn, commit_time, events, txn.origin, end_lsn != 0, size))
+            (_OPEN.get(txn, O_XID), commit_lsn, end_lsn, commit_time, events,
+             _OPEN.get(txn, O_ORIGIN), end_lsn != 0, size))
         return batch
-
-
-cdef str _event_id(uint64_t commit_lsn, object position):
-    """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of transactions.py's _stamp."""
-    cdef char text[25]
-    cdef int k
-    cdef uint64_t p
-    if position > 0xFFFFFFFF:
-        return f"{commit_lsn:016X}-{position:08X}"
-    p = position
-    for k in range(16):
-        text[15 - k] = _HEX[(commit_lsn >> (4 * k)) & 15]
-    text[16] = 45  # '-'
-    for k in range(8):
-        text[24 - k] = _HEX[(p >> (4 * k)) & 15]
-    return PyUnicode_DecodeASCII(text, 25, NULL)
-
-
-cdef str _format_lsn(uint64_t lsn):
-    """walex.lsn.format_lsn: ``"16/B374D848"``."""
-    cdef char text[24]  # at most "FFFFFFFF/FFFFFFFF" and the NUL
-    cdef int n = snprintf(text, 24, "%X/%X", <unsigned int>(lsn >> 32), <unsigned int>(lsn & 0xFFFFFFFF))
-    return PyUnicode_DecodeASCII(text, n, NULL)
 
 
 def _direct_construction():
@@ -603,3 +570,8 @@ def _direct_construction():
     made = {m.cls.__name__: m.direct for m in (_make_event, _make_row, _make_transaction, _make_open)}
     made["Change"] = _change_direct
     return made
+
+
+def _stamps(int64_t micros, uint64_t lsn):
+    """``_pg_timestamp(micros)`` and ``_format_lsn(lsn)`` (for tests)."""
+    return _pg_timestamp(micros), _format_lsn(lsn)

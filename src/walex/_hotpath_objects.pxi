@@ -17,6 +17,10 @@ cdef extern from "structmember.h":
     int T_OBJECT_EX
 
 
+cdef enum:  # _Maker.default_kinds
+    _PLAIN, _FACTORY, _MISSING
+
+
 cdef class _Maker:
     """Builds instances of a slots dataclass without running its generated ``__init__``.
 
@@ -32,6 +36,9 @@ cdef class _Maker:
     cdef Py_ssize_t offsets[16]
     cdef Py_ssize_t count
     cdef tuple defaults  # (value, is_factory) of each field
+    # the same, for make's C loop: each field's default (held by defaults) and its kind
+    cdef PyObject *default_values[16]
+    cdef char default_kinds[16]  # _PLAIN, _FACTORY, or _MISSING (no default)
     cdef bint direct
 
     def __init__(self, cls):
@@ -59,6 +66,11 @@ cdef class _Maker:
                     direct = False
                 self.offsets[i] = member.offset
         self.defaults = tuple(defaults)
+        if direct:
+            for i, (value, factory) in enumerate(self.defaults):
+                self.default_values[i] = <PyObject *>value
+                self.default_kinds[i] = (_FACTORY if factory else
+                                         _MISSING if value is dataclasses.MISSING else _PLAIN)
         self.direct = direct
 
     cdef object make(self, tuple args):
@@ -70,12 +82,12 @@ cdef class _Maker:
         for i in range(self.count):
             if i < n:
                 value = args[i]
+            elif self.default_kinds[i] == _PLAIN:
+                value = <object>self.default_values[i]
+            elif self.default_kinds[i] == _FACTORY:
+                value = (<object>self.default_values[i])()
             else:
-                value, factory = self.defaults[i]
-                if factory:
-                    value = value()
-                elif value is dataclasses.MISSING:
-                    raise TypeError(f"{self.cls.__name__}() missing a value for field {i}")
+                raise TypeError(f"{self.cls.__name__}() missing a value for field {i}")
             Py_INCREF(value)
             (<PyObject **>(<char *><PyObject *>obj + self.offsets[i]))[0] = <PyObject *>value
         return obj

@@ -23,6 +23,12 @@ LSN text, small ints, ``None``) are not counted. What the estimate misses
 (allocator rounding, freed memory not returned) is the stated margin of the
 setting; tests/test_memory.py checks the estimate against tracemalloc.
 
+:func:`event_bytes`, :func:`value_bytes` and :meth:`Sizer.measure` are the compiled
+twins of :func:`py_event_bytes`, :func:`py_value_bytes` and :meth:`Sizer.py_measure`
+(``walex._sizes``: the same totals without a Python frame or a ``sys.getsizeof``
+call per object) when they were built and ``WALEX_PURE_PYTHON`` is not set at
+import; else the pure ones.
+
 Invariants: :meth:`Sizer.measure` costs a fixed number of object walks per
 batch, whatever its length; :attr:`Sizer.scale` is at least 1.
 """
@@ -30,6 +36,7 @@ batch, whatever its length; :attr:`Sizer.scale` is at least 1.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from decimal import Decimal
 from sys import getsizeof
 from typing import Any
@@ -37,7 +44,7 @@ from uuid import UUID
 
 from .rawevent import RawEvent
 
-__all__ = ["Sizer", "event_bytes", "events_bytes", "value_bytes"]
+__all__ = ["Sizer", "event_bytes", "events_bytes", "py_event_bytes", "py_value_bytes", "value_bytes"]
 
 _SAMPLES = 4  # events walked per batch
 _PER_EVENT = 8  # the batch's list slot of each event
@@ -50,7 +57,7 @@ _LEAVES = (int, float, str, bytes)
 _FLAT = frozenset({float, bytes, dt.datetime, dt.date, dt.time, dt.timedelta, Decimal, UUID})
 
 
-def value_bytes(value: Any) -> int:
+def py_value_bytes(value: Any) -> int:
     """Deep size of one typed value: containers (json objects and arrays, arrays, composites,
     which are named tuples) with their items; ``None`` and booleans are shared."""
     kind = type(value)
@@ -98,7 +105,7 @@ def _raw_bytes(event: Any, raw: tuple[Any, ...]) -> int:
     return total
 
 
-def event_bytes(event: Any) -> int:
+def py_event_bytes(event: Any) -> int:
     """Deep size of one event: the object, its id, records, values and changes (a value the
     old record shares with the new one counted once); for a RawEvent (walex.rawevent) not
     typed yet, its rows as sent."""
@@ -118,16 +125,27 @@ def event_bytes(event: Any) -> int:
                 if not -5 <= value <= 256:
                     total += getsizeof(value)
             elif value is not None and kind is not bool:
-                total += value_bytes(value)
+                total += py_value_bytes(value)
     if old is not None:
         total += getsizeof(old)
         get = new.get if new is not None else None
         for key, value in old.items():
             if get is None or get(key) is not value:
-                total += value_bytes(value)
+                total += py_value_bytes(value)
     if changes:  # named tuples of values the records hold
         total += getsizeof(changes) + 56 * len(changes)
     return total
+
+
+value_bytes = py_value_bytes
+event_bytes = py_event_bytes
+try:
+    from . import _sizes
+except ImportError:  # not built: the pure twins serve
+    _sizes = None  # type: ignore[assignment]
+if _sizes is not None and not os.environ.get("WALEX_PURE_PYTHON"):
+    value_bytes = _sizes.value_bytes
+    event_bytes = _sizes.event_bytes
 
 
 def events_bytes(events: Any) -> int:
@@ -151,7 +169,7 @@ class Sizer:
     def __init__(self) -> None:
         self.scale = _FIRST_SCALE
 
-    def measure(self, txn: Any) -> int:
+    def py_measure(self, txn: Any) -> int:
         """Set ``txn.size`` (wire bytes, as assembled) to the batch's size in memory; returns it."""
         wire = txn.size
         events = txn.events
@@ -167,3 +185,12 @@ class Sizer:
     def wire(self, memory: int) -> int:
         """``memory`` bytes in the wire units the assembler counts (at least 1)."""
         return max(1, int(memory / self.scale))
+
+    # the compiled twin of py_measure when built (and WALEX_PURE_PYTHON not set at import)
+    measure = py_measure
+
+
+if _sizes is not None:
+    _sizes.bind(RawEvent, _FLAT, _MOST_NODES, _PER_EVENT, _PER_BATCH, events_bytes)
+    if event_bytes is _sizes.event_bytes:
+        Sizer.measure = _sizes.measure  # type: ignore[method-assign]
