@@ -1,14 +1,17 @@
-"""The replication connection end to end: encodings and stream errors."""
+"""The replication connection end to end: encodings and stream errors (a connection libpq
+dropped)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
-
-
 from support import collecting, run
+
+from walex.errors import ReplicationError
+from walex.replication.stream import ReplicationConnection
 
 
 def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any) -> None:
@@ -39,3 +42,31 @@ def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any) -> 
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                          "WHERE database = %s AND NOT active", (dbname,))
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+
+
+def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_error(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """A replication connection whose socket libpq has dropped (a status update's write
+    failed first, say, after the walsender was terminated: seen as an app that stopped with
+    "the connection is lost" instead of reconnecting) ends ``read`` with a retriable
+    ReplicationError, whichever libpq call sees it first."""
+    admin.execute("CREATE TABLE dropped_t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION dropped_pub FOR TABLE dropped_t")
+
+    async def scenario() -> None:
+        stream = await ReplicationConnection.connect(dsn)
+        try:
+            await stream.create_slot("dropped_slot", temporary=True)
+            await stream.start("dropped_slot", 0, {"proto_version": "1",
+                                                  "publication_names": "dropped_pub"})
+            admin.execute("INSERT INTO dropped_t VALUES (1)")
+            assert await stream.read()  # frames come
+            stream.pgconn.finish()  # what libpq does to a connection whose write failed
+            with pytest.raises(ReplicationError) as caught:
+                await stream.read()
+            assert caught.value.retriable and "replication connection lost" in str(caught.value)
+            assert not stream.streaming
+        finally:
+            await stream.close()
+
+    run(scenario())

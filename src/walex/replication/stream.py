@@ -145,30 +145,32 @@ class ReplicationConnection:
         self.streaming = True
 
     async def read(self) -> list[bytes]:
-        """The frames available now; waits for at least one."""
+        """The frames available now; waits for at least one. A connection libpq finds or
+        already found broken (its socket gone: a status update's write failed first, say)
+        raises a retriable :class:`ReplicationError`, whichever call sees it."""
         pgconn = self.pgconn
         frames: list[bytes] = []
-        while True:
-            nbytes, data = pgconn.get_copy_data(1)
-            if nbytes > 0:
-                frames.append(bytes(data))
-                if len(frames) >= 1024:
-                    return frames
-                continue
-            if nbytes == 0:
-                if frames:
-                    return frames
-                await self._wait_readable()
-                try:
+        try:
+            while True:
+                nbytes, data = pgconn.get_copy_data(1)
+                if nbytes > 0:
+                    frames.append(bytes(data))
+                    if len(frames) >= 1024:
+                        return frames
+                    continue
+                if nbytes == 0:
+                    if frames:
+                        return frames
+                    await self._wait_readable()
                     pgconn.consume_input()
-                except psycopg.OperationalError as exc:
-                    self.streaming = False
-                    raise ReplicationError(
-                        f"replication connection lost: {redact(str(exc), self._secret)}",
-                        retriable=True,
-                    ) from None
-                continue
-            self._end_of_stream(nbytes)
+                    continue
+                self._end_of_stream(nbytes)
+        except psycopg.OperationalError as exc:
+            self.streaming = False
+            raise ReplicationError(
+                f"replication connection lost: {redact(str(exc), self._secret)}",
+                retriable=True,
+            ) from None
 
     async def _discard_results(self) -> None:
         pgconn = self.pgconn
