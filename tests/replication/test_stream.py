@@ -66,6 +66,10 @@ def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_err
                 await stream.read()
             assert caught.value.retriable and "replication connection lost" in str(caught.value)
             assert not stream.streaming
+            stream.streaming = True  # a status update sent on it meanwhile
+            with pytest.raises(ReplicationError) as caught:
+                await stream.send_status(1, 1, 1)
+            assert caught.value.retriable and "cannot send a status update" in str(caught.value)
         finally:
             await stream.close()
 

@@ -207,15 +207,17 @@ class ReplicationConnection:
         async with self._send_lock:
             if not self.streaming:
                 return
-            if self.pgconn.put_copy_data(standby_status(write, flush, apply, reply)) != 1:
-                raise ReplicationError(
-                    "cannot send a status update: " + self.pgconn.get_error_message().strip(),
-                    retriable=True,
-                )
             try:
+                if self.pgconn.put_copy_data(standby_status(write, flush, apply, reply)) != 1:
+                    raise ReplicationError(
+                        "cannot send a status update: " + self.pgconn.get_error_message().strip(),
+                        retriable=True,
+                    )
                 await self._flush()
-            except psycopg.OperationalError as exc:
-                raise ReplicationError(f"cannot send a status update: {exc}", retriable=True) from None
+            except psycopg.OperationalError as exc:  # libpq's write failed, or had dropped it
+                raise ReplicationError(
+                    f"cannot send a status update: {redact(str(exc), self._secret)}", retriable=True,
+                ) from None
 
     async def close(self) -> None:
         self.streaming = False
