@@ -48,7 +48,8 @@ def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_err
         admin: psycopg.Connection, dsn: str) -> None:
     """A replication connection whose socket libpq has dropped (a status update's write
     failed first, say, after the walsender was terminated: seen as an app that stopped with
-    "the connection is lost" instead of reconnecting) ends ``read`` with a retriable
+    "the connection is lost" instead of reconnecting) ends ``read``, a status update and a
+    START_REPLICATION (a reconnect meeting a closed connection) with a retriable
     ReplicationError, whichever libpq call sees it first."""
     admin.execute("CREATE TABLE dropped_t (id int PRIMARY KEY)")
     admin.execute("CREATE PUBLICATION dropped_pub FOR TABLE dropped_t")
@@ -70,6 +71,10 @@ def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_err
             with pytest.raises(ReplicationError) as caught:
                 await stream.send_status(1, 1, 1)
             assert caught.value.retriable and "cannot send a status update" in str(caught.value)
+            with pytest.raises(ReplicationError) as caught:  # a session starting on it
+                await stream.start("dropped_slot", 0, {"proto_version": "1",
+                                                       "publication_names": "dropped_pub"})
+            assert caught.value.retriable and "connection was lost" in str(caught.value)
         finally:
             await stream.close()
 

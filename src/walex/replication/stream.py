@@ -111,7 +111,19 @@ class ReplicationConnection:
         return SlotInfo(name, parse_lsn(row[1]), created=True)
 
     async def start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
-        """Send START_REPLICATION and wait until the server is in COPY BOTH."""
+        """Send START_REPLICATION and wait until the server is in COPY BOTH; a connection
+        lost meanwhile (or that libpq had dropped) raises a retriable ReplicationError, as
+        in :meth:`read`."""
+        try:
+            await self._start(slot, start_lsn, options)
+        except psycopg.OperationalError as exc:
+            self.streaming = False
+            raise ReplicationError(
+                f"START_REPLICATION failed: the connection was lost: "
+                f"{redact(str(exc), self._secret)}", retriable=True,
+            ) from None
+
+    async def _start(self, slot: str, start_lsn: int, options: dict[str, str]) -> None:
         opts = sql.SQL(", ").join(
             sql.SQL("{} {}").format(sql.Identifier(k), sql.Literal(v)) for k, v in options.items()
         )
