@@ -189,6 +189,9 @@ def test_settings_walex_owns_and_unknown_settings_are_clear_errors() -> None:
         from_url("kafka://127.0.0.1:9092?acks=1")
     with pytest.raises(ConfigError, match="delivery.report.only.error is set by walex"):
         from_url("kafka://127.0.0.1:9092?delivery.report.only.error=false")
+    for name in ("message.timeout.ms", "delivery.timeout.ms"):  # timeout= is walex's
+        with pytest.raises(ConfigError, match=f"{name} is set by walex .*timeout="):
+            from_url(f"kafka://127.0.0.1:9092?{name}=5000")
     with pytest.raises(ConfigError, match="No such configuration property: \"no.such.setting\""):
         from_url("kafka://127.0.0.1:1?no.such.setting=1")
     with pytest.raises(ConfigError, match="refused its settings: Invalid value") as info:

@@ -22,7 +22,8 @@ polling cadence), so a group of one-row transactions costs one round trip to
 the broker. The client calls back only for a record that
 failed (``delivery.report.only.error``), so a record that left the producer
 without such a report was confirmed. A report that says the
-broker could not take a record now, or no end within ``timeout`` seconds,
+broker could not take a record now, or no end within ``timeout`` seconds
+(librdkafka itself never gives up on a record: ``message.timeout.ms=0``),
 fails the batch (:class:`~walex.destinations.base.Unavailable`): the producer is
 closed, what it still held dropped, and the whole batch is published again
 on a new producer, so a record may be stored twice (a consumer drops it by
@@ -42,9 +43,10 @@ is a librdkafka setting, passed as it is (``linger.ms=5``,
 URL are ``sasl.username`` and ``sasl.password``. Values of settings named
 like a secret (``*password*``, ``*secret*``, ``*.pem``) never appear in a
 log line or an error. walex sets ``bootstrap.servers`` (the URL's hosts),
-``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``
-and ``partitioner=murmur2_random`` (the Java client's, so other producers'
-records of one key share the partition); all but the partitioner cannot be changed. Topics are not created:
+``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``,
+``message.timeout.ms=0`` (``timeout`` instead; ``delivery.timeout.ms`` too) and
+``partitioner=murmur2_random`` (the Java client's, so other producers' records of one
+key share the partition); all but the partitioner cannot be changed. Topics are not created:
 the broker's auto-creation does it, or create them beforehand with the
 partitions you want.
 """
@@ -78,6 +80,7 @@ _FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's r
 _LONGEST_PAUSE = 0.002  # ... and the longest
 OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
+_OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
 
 # delivery errors retrying cannot cure: the batch goes to on_error
 PERMANENT = frozenset(getattr(KafkaError, name) for name in (
@@ -119,9 +122,9 @@ def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
             continue
         if name in fixed:
             raise ConfigError(f"{what} {url.display}: {name} is set by walex (the URL's hosts, an "
-                              "idempotent producer with acks=all reporting failed records, the "
-                              "worker's group and offsets); "
-                              "remove it")
+                              "idempotent producer with acks=all reporting failed records, "
+                              "records given up by walex's timeout=, the worker's group and "
+                              "offsets); remove it")
         settings[name] = url.params.pop(name)
     return settings
 
@@ -151,15 +154,20 @@ class KafkaDestination(Destination):
         self.tombstones = url.take_bool("tombstones", False)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | {"delivery.report.only.error"})
+                                        fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error"})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports)
         self.settings.setdefault("queue.buffering.max.kbytes", 2 * self.group_bytes // 1024)
         self.settings.update({
             "enable.idempotence": True, "acks": "all",
-            # librdkafka gives up on a record when walex would: the batch is published again
-            "message.timeout.ms": int(self.timeout * 1000),
+            # librdkafka never gives up on a record by itself: a record it dropped after
+            # message.timeout.ms while the broker was away leaves a gap that the records
+            # behind it, sent once the broker is back, pass (an epoch bump renumbers them),
+            # and the batch published again would put the dropped one after them. walex's
+            # timeout fails the publish instead, closes the producer (what it held dropped)
+            # and publishes the batch again on a new one, from its first record
+            "message.timeout.ms": 0,
             # the client calls back into Python only for a failed record; a success is a
             # record that left the producer without one (see publish)
             "delivery.report.only.error": True,
