@@ -69,7 +69,11 @@ class Cuttable:
                 client, _ = listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # tansu gone (the test's end)
+                client.close()
+                continue
             with self.lock:
                 if self.listener is not listener:
                     client.close()
@@ -86,11 +90,12 @@ class Cuttable:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
+        for s in (src, dst):  # the other pump's recv ends, then it closes both too
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            s.close()
 
 
 class RelayedTansu(OwnTansu):
