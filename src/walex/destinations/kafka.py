@@ -7,7 +7,7 @@ is the CloudEvents JSON document of the other destinations (structured
 mode, ``content-type: application/cloudevents+json; charset=UTF-8``), and the
 headers carry the CloudEvents Kafka binding's ``ce_specversion``, ``ce_id``,
 ``ce_source``, ``ce_type``, ``ce_time`` and ``ce_subject`` too, so a
-consumer can route without parsing the value.
+consumer can route without parsing the value (``ce_headers=false``: not).
 
 The producer is librdkafka's (``confluent-kafka``), idempotent with
 ``acks=all``: a batch counts as durable when the broker confirmed every
@@ -36,7 +36,10 @@ name) is a :class:`~walex.errors.DestinationError`, which the app's
 Parameters: ``topic`` (default ``walex.{schema}.{table}``), ``tombstones``
 (``true``: after a delete, a record with the same key and no value, for
 compacted topics; default false), ``timeout`` (seconds to wait for the
-brokers and for the reports of a batch, default 30). Every other parameter
+brokers and for the reports of a batch, default 30), ``ce_headers`` (``false``:
+the ``content-type`` header alone, the attributes in the value only; the six
+``ce_*`` headers cost the client about half of what a record costs it, see
+``bench/PROFILE.md``; default true). Every other parameter
 is a librdkafka setting, passed as it is (``linger.ms=5``,
 ``security.protocol=SASL_SSL``, ``sasl.mechanism=SCRAM-SHA-256``,
 ``sasl.username=...``, ``sasl.password=...``); a user and password in the
@@ -78,7 +81,7 @@ _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees it
 _FLUSH_AT = 256  # records left unconfirmed in a publish from which its thread flushes the rest
 _FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's reports on the loop
 _LONGEST_PAUSE = 0.002  # ... and the longest
-OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
+OWN = ("topic", "tombstones", "timeout", "ce_headers")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 _OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
 
@@ -152,6 +155,7 @@ class KafkaDestination(Destination):
         super().__init__(url, partitions)
         self.topic = Template(url.take("topic") or "walex.{schema}.{table}", "topic", url.display)
         self.tombstones = url.take_bool("tombstones", False)
+        self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
                                         fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error"})
@@ -306,7 +310,7 @@ class KafkaDestination(Destination):
         while True:
             done, stop, where, headers, tombstone = records(
                 produce, batch, start, topic, render, failed, sources, _TYPE_HEADERS,
-                tombstones, self.refused)
+                tombstones, self.refused, self.ce_headers)
             count += done
             if stop >= end:
                 return count
