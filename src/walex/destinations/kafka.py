@@ -39,7 +39,8 @@ compacted topics; default false), ``timeout`` (seconds to wait for the
 brokers and for the reports of a batch, default 30), ``ce_headers`` (``false``:
 the ``content-type`` header alone, the attributes in the value only; the six
 ``ce_*`` headers cost the client about half of what a record costs it, see
-``bench/PROFILE.md``; default true). Every other parameter
+``bench/PROFILE.md``; a Kafka worker, which groups a transaction's records by
+``ce_id``, then hands each record to a call of its own; default true). Every other parameter
 is a librdkafka setting, passed as it is (``linger.ms=5``,
 ``security.protocol=SASL_SSL``, ``sasl.mechanism=SCRAM-SHA-256``,
 ``sasl.username=...``, ``sasl.password=...``); a user and password in the
