@@ -365,6 +365,13 @@ class Window:
         if not entry.pending:
             self.settle()
 
+    def finished_all(self, taken: list[Entry]) -> None:
+        """The handlers finished every entry of ``taken`` (none had a call to make): record
+        what is complete, in order, once."""
+        for entry in taken:
+            entry.pending -= 1
+        self.settle()
+
     def settle(self) -> None:
         """Record the complete entries at the front, in order (``record`` once, with their
         batches), and let a submission waiting for room go on if there is room now."""
