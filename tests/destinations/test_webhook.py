@@ -199,3 +199,39 @@ def test_an_http_url_loads_no_certificates(monkeypatch: pytest.MonkeyPatch) -> N
 
     hook = run(main())
     assert [json.loads(body)[0]["id"] for _p, _h, body, _s in hook.accepted()] == ["e1"]
+
+
+def test_a_group_is_cut_into_requests_per_table_and_bounds() -> None:
+    """How a window's group becomes requests (WebhookDestination._requests): one per table,
+    in order of first appearance, each within the bounds of events and bytes (one event
+    alone may exceed them), with the range id of its first and last event; a group of one
+    table within the bounds is one request of the whole group."""
+    from walex.destinations import from_url
+    from walex.destinations.encoding import Outgoing
+
+    def item(i: int, table: str, body: bytes = b"{}") -> Outgoing:
+        return Outgoing(f"id{i}", "public", table, "insert", 0, body, f"/db/public/{table}",
+                        "t", f"public.{table}", None)
+
+    d = from_url("http://127.0.0.1:9/in/{table}?secret_env=WALEX_TEST_WEBHOOK_SECRET")
+    d.grouped = True
+
+    def requests(batch: list[Outgoing]) -> list[tuple[str, str, list[str]]]:
+        return [(url, rid, [o.id for o in items]) for url, rid, items in d._requests(batch)]
+
+    a = [item(i, "a") for i in range(5)]
+    assert requests(a) == [("http://127.0.0.1:9/in/a", "id0_id4", [o.id for o in a])]
+    assert requests(a[:1]) == [("http://127.0.0.1:9/in/a", "id0", ["id0"])]
+    mixed = [item(0, "a"), item(1, "b"), item(2, "a"), item(3, "b"), item(4, "a")]
+    assert requests(mixed) == [("http://127.0.0.1:9/in/a", "id0_id4", ["id0", "id2", "id4"]),
+                               ("http://127.0.0.1:9/in/b", "id1_id3", ["id1", "id3"])]
+    d.group_events = 2  # (a class attribute, set on this instance only)
+    assert [r[2] for r in requests(a)] == [["id0", "id1"], ["id2", "id3"], ["id4"]]
+    assert [r[2] for r in requests(mixed)] == [["id0", "id2"], ["id4"], ["id1", "id3"]]
+    d.group_events, d.group_bytes = 1000, 10
+    sized = [item(0, "a", b"x" * 4), item(1, "a", b"x" * 4), item(2, "a", b"x" * 30),
+             item(3, "a", b"x" * 2)]
+    assert [r[1:] for r in requests(sized)] == [("id0_id1", ["id0", "id1"]), ("id2", ["id2"]),
+                                                ("id3", ["id3"])]
+    d.grouped = False  # a window of 1: the first event's id
+    assert [r[1] for r in requests(sized)] == ["id0", "id2", "id3"]
