@@ -10,9 +10,9 @@ import os
 import psycopg
 import pytest
 from standardwebhooks.webhooks import Webhook
-from support import collecting, run
+from support import collecting, run, until
 
-from walex import ConfigError, DestinationError, Event, WalEx
+from walex import ConfigError, DestinationError, Event, Events, WalEx
 from walex.lsn import parse_lsn
 
 from .brokers import check_stream
@@ -235,3 +235,42 @@ def test_a_group_is_cut_into_requests_per_table_and_bounds() -> None:
                                                 ("id3", ["id3"])]
     d.grouped = False  # a window of 1: the first event's id
     assert [r[1] for r in requests(sized)] == ["id0", "id2", "id3"]
+
+
+def test_a_relay_alone_then_a_handler_registered_while_it_streams(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """A relay with a window and no handler (the batches taken are done for the handlers at
+    once: walex.windowed) publishes and acknowledges each transaction; a handler registered
+    while it streams gets every transaction taken after that, each one acknowledged only
+    once the handler returned and the endpoint confirmed it."""
+    admin.execute(TABLES)
+    module = Events()
+    seen: list[tuple[int, int, int]] = []  # (id, commit LSN, position acknowledged when called)
+
+    async def main() -> tuple[WalEx, Receiver]:
+        with Receiver() as hook:
+            app = WalEx(dsn, publication="pub", subscriptions=["*"], modules=[module],
+                        name="walex_test_relay_alone", destinations=[hook.url()],
+                        destination_window=64)
+            async with app:
+                for i in range(30):
+                    admin.execute("INSERT INTO a VALUES (%s, 0)", (i,))
+                await until(lambda: app.transactions_handled == 30, "30 transactions relayed", 30)
+                assert app.pipeline.dispatcher.handlers == []
+
+                @module.on_event("all")
+                async def handler(events: list[Event]) -> None:
+                    for e in events:
+                        seen.append((e.new_record["id"], parse_lsn(e.lsn), app.ack.flushed))
+
+                for i in range(30, 60):
+                    admin.execute("INSERT INTO a VALUES (%s, 0)", (i,))
+                await until(lambda: app.transactions_handled == 60, "60 transactions", 30)
+                await until(lambda: app.ack.flushed >= app.ack.received, "all acknowledged", 30)
+            return app, hook
+
+    app, hook = run(main())
+    assert [i for i, _c, _f in seen] == list(range(30, 60))
+    assert all(flushed < commit for _i, commit, flushed in seen)  # none acknowledged before
+    ids = [e["id"] for _u, _h, body, _s in hook.accepted() for e in json.loads(body)]
+    assert len(set(ids)) == 60 and app.destinations.events_published == 60
