@@ -23,7 +23,8 @@ from cpython.datetime cimport datetime_new, import_datetime
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
-from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
+from cpython.object cimport Py_NE, Py_SIZE, PyObject, PyObject_RichCompareBool
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
@@ -94,8 +95,10 @@ cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
 
 
-cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain):
-    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed.
+cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain,
+                   bint as_tuple):
+    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed;
+    the values as a tuple if ``as_tuple`` (a raw row: what a RawEvent keeps).
 
     Accepts exactly what ``Decoder._py_tuple`` accepts, with the same values.
     """
@@ -107,7 +110,7 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         return None
     count = (<Py_ssize_t>buf[pos] << 8) | buf[pos + 1]
     pos += 2
-    cdef list values = PyList_New(count)
+    cdef object values = PyTuple_New(count) if as_tuple else PyList_New(count)
     for i in range(count):
         if pos >= size:
             return None
@@ -133,7 +136,10 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         else:
             return None
         Py_INCREF(item)
-        PyList_SET_ITEM(values, i, item)
+        if as_tuple:
+            PyTuple_SET_ITEM(values, i, item)
+        else:
+            PyList_SET_ITEM(values, i, item)
     ppos[0] = pos
     return values
 
@@ -317,41 +323,44 @@ cdef class HotPath:
         if size < 6:
             return _NOT_HANDLED
         cdef uint32_t relid = _be32(data + 1)
+        relation_id = relid
+        # the table (RelationCache.get, in C; no side effect): a raw table's rows are parsed
+        # into tuples, as its RawEvents keep them
+        cdef PyObject *found = PyDict_GetItem(self._tables, relation_id)
+        table = <object>found if found != NULL else None
+        cdef bint as_tuple = type(table) is Table and _TABLE.get(table, 1) is True
         kind = data[5]
         if tag == 73:  # Insert: 'N' tuple
             if kind != 78:
                 return _NOT_HANDLED
             pos = 6
-            new = _tuple(data, size, &pos, &new_plain)
+            new = _tuple(data, size, &pos, &new_plain, as_tuple)
         elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
             if kind == 75 or kind == 79:
                 old_kind = kind
                 pos = 6
-                old = _tuple(data, size, &pos, &old_plain)
+                old = _tuple(data, size, &pos, &old_plain, as_tuple)
                 if old is None or pos >= size:
                     return _NOT_HANDLED
                 kind = data[pos]
             if kind != 78:
                 return _NOT_HANDLED
             pos += 1
-            new = _tuple(data, size, &pos, &new_plain)
+            new = _tuple(data, size, &pos, &new_plain, as_tuple)
         else:  # Delete: 'K'|'O' tuple
             if kind != 75 and kind != 79:
                 return _NOT_HANDLED
             old_kind = kind
             pos = 6
-            old = _tuple(data, size, &pos, &old_plain)
+            old = _tuple(data, size, &pos, &old_plain, as_tuple)
             new = old  # only checked for None below
         if new is None or pos != size:
             return _NOT_HANDLED
 
         # From here on, as TransactionAssembler._change with walex.rows.
         lsn = start
-        cdef PyObject *found = PyDict_GetItem(self._tables, relid)  # RelationCache.get, in C
-        if found == NULL:
+        if table is None:
             table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
-        else:
-            table = <object>found
         if _TABLE.get(table, 0) if type(table) is Table else table.subscribed:
             if table is not self._table:
                 self._table = table
@@ -371,9 +380,23 @@ cdef class HotPath:
             changes = _OPEN.get(txn, O_CHANGES)
             self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
             if type(table) is Table and _TABLE.get(table, 1) is True and (
-                    (new_plain and PyList_GET_SIZE(new) == self._width) if tag != 68 else True) and (
-                    old is None or (old_plain and PyList_GET_SIZE(old) == self._width)):
+                    (new_plain and Py_SIZE(new) == self._width) if tag != 68 else True) and (
+                    old is None or (old_plain and Py_SIZE(old) == self._width)):
                 event = self._raw(tag, new, old, old_kind, lsn, table)
+            elif as_tuple:  # parsed as a raw row, typed after all: as lists, as the pure path
+                if tag == 68:
+                    old = list(old)
+                    new = old
+                else:
+                    new = list(new)
+                    if old is not None:
+                        old = list(old)
+                if tag == 73:
+                    event = self._insert(new, new_plain, lsn)
+                elif tag == 85:
+                    event = self._update(new, new_plain, old, old_plain, old_kind, lsn)
+                else:
+                    event = self._delete(old, old_plain, old_kind, lsn)
             elif tag == 73:
                 event = self._insert(new, new_plain, lsn)
             elif tag == 85:
@@ -436,9 +459,9 @@ cdef class HotPath:
         _EVENT.put(obj, 5, self._id)
         # the rows as tuples: of bytes and None only, the collector stops tracking them at its
         # first look, so the events a relay holds in flight cost the later collections less
-        if new is not None:
+        if type(new) is list:
             new = PyList_AsTuple(new)
-        if old is not None:
+        if type(old) is list:
             old = PyList_AsTuple(old)
         _RAW.put(obj, 0, (table, new, old,
                           _KEY_KIND if old_kind == 75 else _OLD_KIND if old_kind == 79 else _NO_KIND,
