@@ -26,6 +26,7 @@ from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyLi
 from cpython.object cimport Py_NE, Py_SIZE, PyObject, PyObject_RichCompareBool
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.long cimport PyLong_AsSsize_t
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp
@@ -79,6 +80,8 @@ cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
 cdef _Maker _make_event = _Maker(Event)
 # a RawEvent (walex.rawevent): Event's slots but its rows', and its own raw slot
 cdef _Slots _EVENT = _Slots(Event, ("name", "type", "source", "timestamp", "lsn", "id"))
+cdef _Slots _EVENT_ROWS = _Slots(Event, ("new_record", "old_record", "changes"))
+cdef _Type *_EVENT_TYPE = <_Type *>Event
 cdef _Slots _RAW = _Slots(RawEvent, ("raw",))
 cdef _Type *_RAW_TYPE = <_Type *>RawEvent
 cdef str _KEY_KIND = "K", _OLD_KIND = "O", _NO_KIND = ""
@@ -378,7 +381,12 @@ cdef class HotPath:
                 self._commit_time = txn.commit_time
                 self._lsn_text = _format_lsn(self._commit_lsn)
             changes = _OPEN.get(txn, O_CHANGES)
-            self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
+            emitted = _OPEN.get(txn, O_EMITTED)
+            if type(emitted) is int and type(changes) is list:  # the position in C
+                position = PyLong_AsSsize_t(emitted)
+                self._id = _event_id_at(self._commit_lsn, position + PyList_GET_SIZE(changes))
+            else:
+                self._id = _event_id(self._commit_lsn, emitted + len(changes))
             if type(table) is Table and _TABLE.get(table, 1) is True and (
                     (new_plain and Py_SIZE(new) == self._width) if tag != 68 else True) and (
                     old is None or (old_plain and Py_SIZE(old) == self._width)):
@@ -469,8 +477,23 @@ cdef class HotPath:
         return obj
 
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
-        return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
-                                 self._commit_time, self._lsn_text, self._id))
+        """``Event(name, kind, source, new_record, old_record, changes, time, lsn, id)``:
+        stored straight into its slots (as _Maker.make, without the argument tuple)."""
+        if not _make_event.direct:
+            return _make_event.make((self._name, kind, self._source, new_record, old_record,
+                                     changes, self._commit_time, self._lsn_text, self._id))
+        obj = <object>_EVENT_TYPE.tp_alloc(_EVENT_TYPE, 0)
+        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
+        _EVENT.put(obj, 0, self._name)
+        _EVENT.put(obj, 1, kind)
+        _EVENT.put(obj, 2, self._source)
+        _EVENT_ROWS.put(obj, 0, new_record)
+        _EVENT_ROWS.put(obj, 1, old_record)
+        _EVENT_ROWS.put(obj, 2, changes)
+        _EVENT.put(obj, 3, self._commit_time)
+        _EVENT.put(obj, 4, self._lsn_text)
+        _EVENT.put(obj, 5, self._id)
+        return obj
 
     cdef object _insert(self, list new, bint plain, object lsn):
         values = self._load_row(new, plain, "Insert", lsn)

@@ -32,12 +32,19 @@ cdef object _pg_timestamp(int64_t micros):
 
 cdef str _event_id(uint64_t commit_lsn, object position):
     """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of transactions.py's _stamp."""
+    if position > 0xFFFFFFFF or position < 0:
+        return f"{commit_lsn:016X}-{position:08X}"
+    return _event_id_at(commit_lsn, position)
+
+
+cdef str _event_id_at(uint64_t commit_lsn, Py_ssize_t position):
+    """:func:`_event_id` of a position held in C."""
     cdef char text[25]
     cdef int k
     cdef uint64_t p
-    if position > 0xFFFFFFFF:
+    if position > 0xFFFFFFFF or position < 0:
         return f"{commit_lsn:016X}-{position:08X}"
-    p = position
+    p = <uint64_t>position
     for k in range(16):
         text[15 - k] = _HEX[(commit_lsn >> (4 * k)) & 15]
     text[16] = 45  # '-'
