@@ -319,7 +319,7 @@ cdef class HotPath:
                 or _OPEN.get(txn, O_SPILL) is not None):
             return _NOT_HANDLED
         # Parse the whole message first (what Decoder._insert/_update/_delete accept).
-        cdef Py_ssize_t pos = 5
+        cdef Py_ssize_t pos = 5, position
         cdef bint new_plain = True, old_plain = True
         cdef unsigned char kind = 0, old_kind = 0
         cdef object new = None, old = None
@@ -621,3 +621,8 @@ def _direct_construction():
 def _stamps(int64_t micros, uint64_t lsn):
     """``_pg_timestamp(micros)`` and ``_format_lsn(lsn)`` (for tests)."""
     return _pg_timestamp(micros), _format_lsn(lsn)
+
+
+def _ids(uint64_t commit_lsn, object position):
+    """``_event_id`` of ``position`` and ``_event_id_at`` of it held in C (for tests)."""
+    return _event_id(commit_lsn, position), _event_id_at(commit_lsn, position)

@@ -42,7 +42,7 @@ cdef str _event_id_at(uint64_t commit_lsn, Py_ssize_t position):
     cdef char text[25]
     cdef int k
     cdef uint64_t p
-    if position > 0xFFFFFFFF or position < 0:
+    if position < 0 or <uint64_t>position > <uint64_t>4294967295ULL:
         return f"{commit_lsn:016X}-{position:08X}"
     p = <uint64_t>position
     for k in range(16):
