@@ -84,6 +84,7 @@ cdef bint _outgoing_direct = False  # Outgoing built as tuple.__new__ builds it 
 # the texts a transaction's events share, with their JSON strings (one object each, replaced
 # whole): the commit time and its text, the LSN's, the type name's
 cdef tuple _last_time = (None, None)
+cdef tuple _time_json = (None, None)
 cdef tuple _lsn_json = (None, None)
 cdef tuple _type_json = (None, None)
 # ASCII characters orjson writes as they are (from ESCAPES)
@@ -415,7 +416,7 @@ def direct_event(event, Py_ssize_t partitions):
 
 
 cdef object _direct(object event, Py_ssize_t partitions):
-    global _last, _last_time, _lsn_json, _type_json
+    global _last, _last_time, _lsn_json, _type_json, _time_json
     if type(event) is not _slots_of:
         _learn(type(event))
     cdef tuple raw = <tuple?>_attr(event, E_RAW)
@@ -523,7 +524,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _type_json = _json_of(_type_json, type_name)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_type_json, 1))
         _put(&h, b',"time":', 8)
-        _put_str(&h, time)
+        _time_json = _json_of(_time_json, time)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_time_json, 1))
         _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
