@@ -57,6 +57,8 @@ def test_the_compiled_twin_serves_unless_pure_python_is_asked_for() -> None:
     expected = direct.py_direct_event if os.environ.get("WALEX_PURE_PYTHON") \
         else direct.compiled_direct_event
     assert direct.direct_event is expected
+    # walex._encode calls the compiled one as a C function, and only when it serves
+    assert (encoding.direct_c_entry is not None) == (expected is direct.compiled_direct_event)
 
 
 def slot(admin: psycopg.Connection) -> None:

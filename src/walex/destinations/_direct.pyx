@@ -15,6 +15,7 @@ imports nothing of walex, so there is no import cycle).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
+from cpython.pycapsule cimport PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcmp, memcpy, memmove
 
@@ -22,7 +23,7 @@ from types import MemberDescriptorType
 
 import orjson
 
-__all__ = ["bind", "direct_event", "direct_event_or_raise"]
+__all__ = ["bind", "c_entry", "direct_event", "direct_event_or_raise"]
 
 
 cdef extern from "Python.h":
@@ -553,6 +554,21 @@ cdef object _direct(object event, Py_ssize_t partitions):
     return _outgoing(ident, <object>PyTuple_GET_ITEM(plan, 14), <object>PyTuple_GET_ITEM(plan, 15),
                      kind, partition, body, <object>PyTuple_GET_ITEM(plan, 13), time, key_text,
                      subject)
+
+
+cdef object _direct_or_none(object event, Py_ssize_t partitions):
+    """:func:`direct_event` as a C function (see :func:`c_entry`)."""
+    try:
+        return _direct(event, partitions)
+    except Exception:  # unfit: the typed path encodes it (and raises, if it must)
+        return None
+
+
+def c_entry():
+    """:func:`direct_event` as a C function in a capsule (``object (*)(object, Py_ssize_t)``,
+    named ``walex.destinations._direct.direct_event``): walex._encode calls it with no
+    Python call per event."""
+    return PyCapsule_New(<void *>_direct_or_none, b"walex.destinations._direct.direct_event", NULL)
 
 
 def direct_event_or_raise(event, Py_ssize_t partitions):
