@@ -440,8 +440,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef Py_ssize_t nkey = PyTuple_GET_SIZE(<tuple>key), i
     cdef Py_ssize_t key_spans[2 * MAX_KEY]
     cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
-    cdef list key_forms = [None] * nkey
-    cdef list old_key_forms = [None] * nkey
+    # the key's forms in each row sent (an insert has no old row, a delete no new one)
+    cdef list key_forms = [None] * nkey if new is not None else None
+    cdef list old_key_forms = [None] * nkey if old is not None else None
     cdef Py_ssize_t *spans = NULL
     cdef int new_mode = 0, old_mode = 0
     cdef bint changes = old is not None and new is not None and old_kind != "K"
