@@ -124,9 +124,11 @@ cdef int _learn(type cls) except -1:
     return 0
 
 
-cdef inline object _attr(object event, int i):
-    """``getattr(event, _ATTRS[i])``, for an event of the class last learned."""
-    cdef Py_ssize_t offset = _offsets[i]
+cdef inline object _attr(object event, const Py_ssize_t *offsets, int i):
+    """``getattr(event, _ATTRS[i])``, ``offsets`` those of the event's class (a copy taken
+    when it was learned: a Python call meanwhile, another thread's encoding, may learn
+    another class)."""
+    cdef Py_ssize_t offset = offsets[i]
     cdef PyObject *value
     if offset >= 0:
         value = (<PyObject **>(<char *><PyObject *>event + offset))[0]
@@ -418,16 +420,18 @@ def direct_event(event, Py_ssize_t partitions):
 
 cdef object _direct(object event, Py_ssize_t partitions):
     global _last, _last_time, _lsn_json, _type_json, _time_json
+    cdef Py_ssize_t offsets[6]
     if type(event) is not _slots_of:
         _learn(type(event))
-    cdef tuple raw = <tuple?>_attr(event, E_RAW)
+    memcpy(offsets, _offsets, sizeof(offsets))  # no Python code ran since the check
+    cdef tuple raw = <tuple?>_attr(event, offsets, E_RAW)
     table = <object>PyTuple_GET_ITEM(raw, 0)
     new = <object>PyTuple_GET_ITEM(raw, 1)
     old = <object>PyTuple_GET_ITEM(raw, 2)
     old_kind = <object>PyTuple_GET_ITEM(raw, 3)
     cdef tuple plan
     if <object>PyTuple_GET_ITEM(_last, 0) is table \
-            and <object>PyTuple_GET_ITEM(<tuple>PyTuple_GET_ITEM(_last, 1), 1) is _attr(event, E_SOURCE):
+            and <object>PyTuple_GET_ITEM(<tuple>PyTuple_GET_ITEM(_last, 1), 1) is _attr(event, offsets, E_SOURCE):
         plan = <tuple>PyTuple_GET_ITEM(_last, 1)
     else:
         plan = <tuple>_plan_of(event, table)
@@ -498,7 +502,7 @@ cdef object _direct(object event, Py_ssize_t partitions):
             elif old is not None and (full_old or <object>PyTuple_GET_ITEM(plan, 6)):
                 subject = _subject(&d, plan, <tuple>old, old_mode, old_key_spans, old_key_forms)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
-        lsn = _attr(event, E_LSN)
+        lsn = _attr(event, offsets, E_LSN)
         _lsn_json = _json_of(_lsn_json, lsn)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 12))  # base_types, key, }
@@ -511,15 +515,15 @@ cdef object _direct(object event, Py_ssize_t partitions):
             key_text = prefix
         _put_char(&d, b'}')
 
-        kind, type_name = _KINDS[_attr(event, E_TYPE)]
-        moment = _attr(event, E_TIMESTAMP)
+        kind, type_name = _KINDS[_attr(event, offsets, E_TYPE)]
+        moment = _attr(event, offsets, E_TIMESTAMP)
         if <object>PyTuple_GET_ITEM(_last_time, 0) is moment:  # the transaction's time again
             time = <object>PyTuple_GET_ITEM(_last_time, 1)
         else:
             time = _rfc3339(moment)
             _last_time = (moment, time)
         partition = _partition_of(key_text, partitions) if partitions > 1 else 0
-        ident = _attr(event, E_ID)
+        ident = _attr(event, offsets, E_ID)
         _put(&h, b'{"specversion":"1.0","id":', 26)
         _put_str(&h, ident)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 8))  # ,"source":...,"type":
