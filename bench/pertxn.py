@@ -32,6 +32,13 @@ or a URL, as ``run.py --destination``) makes the app publish every event
 there too: a transaction counts once the broker confirmed it, the CPU is the
 process's (the broker's client included, the broker not), and the line also
 says how many transactions went out per publish (``Lane.groups``).
+
+``--gc-threshold N`` sets the cyclic GC's generation-0 threshold while measuring
+as an app does while it streams (``gc_threshold``, 100,000 by default,
+:mod:`walex.gcpolicy`); left out, Python's own 700 stays, as in the figures of
+``PROFILE.md`` before 2026-12-07. With a relay, whose window holds batches until
+the broker confirmed them, the young collections then cost ~4k instructions per
+one-row transaction that the app does not pay.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from walex import Event, Events, WalEx  # noqa: E402
+from walex import Event, Events, WalEx, gcpolicy  # noqa: E402
 
 _LEN = struct.Struct("!I")
 
@@ -130,7 +137,7 @@ def touch(events: list[Event]) -> int:
 
 async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: int,
                    max_batch: int | None = None, destination: str | None = None,
-                   ) -> tuple[float, int, int]:
+                   gc_threshold: int = 0) -> tuple[float, int, int]:
     """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -160,6 +167,8 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
     p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
     p.relations.db = "bench"
     gc.collect()
+    if gc_threshold:  # as WalEx.start does while streaming (walex.gcpolicy)
+        gcpolicy.hold(gc_threshold)
     t0 = time.process_time()
     tasks = [loop.create_task(p.run_reader()), loop.create_task(p.run_dispatcher()),
              loop.create_task(p.run_acknowledger())]
@@ -175,6 +184,7 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
     while p.transactions_handled < txns:  # with a destination: its last confirmations
         await asyncio.sleep(0.001 if destination else 0)
     seconds = time.process_time() - t0
+    gcpolicy.release(gc_threshold)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -192,7 +202,8 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
 
 
 def measure(frames: list[bytes], txns: int, plain: bool | None, reps: int, chunk: int,
-            max_batch: int | None = None, destination: str | None = None) -> tuple[float, int]:
+            max_batch: int | None = None, destination: str | None = None,
+            gc_threshold: int = 0) -> tuple[float, int]:
     """Best CPU seconds of ``reps`` runs, and the publishes (groups) of the last run."""
     best, groups = float("inf"), 0
     for rep in range(reps):
@@ -205,7 +216,7 @@ def measure(frames: list[bytes], txns: int, plain: bool | None, reps: int, chunk
             url = targets.url_for(destination, run)
         try:
             seconds, _n, groups = asyncio.run(
-                run_once(frames, txns, plain, chunk, max_batch, url))
+                run_once(frames, txns, plain, chunk, max_batch, url, gc_threshold))
         finally:
             if destination:
                 targets.cleanup(destination, run)
@@ -224,7 +235,8 @@ def callgrind(args: argparse.Namespace, handler: str) -> float:
                  sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
                  "--handlers", handler, "--chunk", str(args.chunk), "--quiet",
                  *(["--max-batch", str(args.max_batch)] if args.max_batch else []),
-                 *(["--destination", args.destination] if args.destination else [])],
+                 *(["--destination", args.destination] if args.destination else []),
+                 "--gc-threshold", str(args.gc_threshold)],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
             )
@@ -247,6 +259,10 @@ def main() -> None:
                         help="register the handlers with max_batch=N (batching across transactions)")
     parser.add_argument("--destination", default=None,
                         help="publish to NAME (nats, redis, ...) or NAME=URL too, as run.py --destination")
+    parser.add_argument("--gc-threshold", type=int, default=0,
+                        help="generation 0's GC threshold while measuring, as an app sets it "
+                             "while streaming (its gc_threshold, 100000 by default); 0 (the "
+                             "default here): Python's own (700)")
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -259,7 +275,8 @@ def main() -> None:
     if args.quiet:  # a run under callgrind
         plain = None if args.handlers == "none" else args.handlers == "plain"
         frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
-        measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch, destination)
+        measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch, destination,
+                args.gc_threshold)
         return
     from walex import hotpath
     print(f"walex {'compiled' if hotpath.compiled_available() and not os.environ.get('WALEX_PURE_PYTHON') else 'pure-Python'} "
@@ -272,7 +289,7 @@ def main() -> None:
         frames = all_frames[:1 + 3 * args.txns]
         seconds, groups = measure(frames, args.txns, None if handler == "none" else handler == "plain",
                                   args.reps, args.chunk,
-                                  args.max_batch, destination)
+                                  args.max_batch, destination, args.gc_threshold)
         relay = (f", {destination}: {groups:,} publishes, {args.txns / max(groups, 1):.1f} "
                  "transactions each" if destination else "")
         print(f"{handler} handler: {seconds / args.txns * 1e6:.2f} us CPU per transaction "

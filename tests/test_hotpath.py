@@ -387,6 +387,17 @@ def test_commit_times_and_lsn_texts_at_the_edges() -> None:
         assert _stamps(0, lsn)[1] == format_lsn(lsn)
 
 
+@needs_compiled
+def test_event_ids_at_the_edges() -> None:
+    """The compiled event id, of a position held as an int or in C, against the pure rule
+    (transactions.py's ``f"{commit_lsn:016X}-{position:08X}"``), past eight hex digits too."""
+    from walex._hotpath import _ids
+
+    for lsn in (0, 1, 0x16B374D848, 2**64 - 1):
+        for position in (0, 1, 15, 16, 2**31, 0xFFFFFFFF, 2**32, 2**32 + 5, 2**40, 2**63 - 1):
+            assert _ids(lsn, position) == (f"{lsn:016X}-{position:08X}",) * 2, (lsn, position)
+
+
 # -- the type matrix, captured live --------------------------------------------------------
 
 def capture_type_matrix(admin: psycopg.Connection, binary: bool) -> Stream:

@@ -182,6 +182,12 @@ def test_the_compiled_sizer_gives_the_pure_totals() -> None:
               {str(i): 1000 + i for i in range(5000)}, {str(i): [i] for i in range(5000)}, [300, "a", None, [1, [2, [3]]]], (1, 2), pair(1000, "b"),
               {"big": [{"n": i, "s": f"v{i}"} for i in range(3000)]}, list(range(200, 12000)),
               [[i] for i in range(6000)]]
+    class Blob(bytes):
+        pass
+
+    # exact bytes and tuples are sized from their length (a RawEvent's rows as sent)
+    values += [(), ("a", None, 3), tuple(range(50)), (None,) * 300, bytes(1), b"x" * 1000,
+               bytes(100_000), Blob(b"sub")]
     for value in values:
         assert compiled.value_bytes(value) == sizes.py_value_bytes(value), value
 
@@ -198,6 +204,8 @@ def test_the_compiled_sizer_gives_the_pure_totals() -> None:
         RawEvent.of("t", EventType.UPDATE, source, (None, (b"1", None, b"x" * 50), (b"1", b"y"),
                                                      "O", 5), None, "0/1", "raw id"),
         RawEvent.of("t", EventType.INSERT, source, (None, (b"2",), None, "", 2**40), None, "0/1", "r2"),
+        RawEvent.of("t", EventType.INSERT, source, (None, tuple(b"v" * i for i in range(40)), None,
+                                                     "", 3), None, "0/1", "r3"),
     ]
     for event in events:
         assert compiled.event_bytes(event) == sizes.py_event_bytes(event), event

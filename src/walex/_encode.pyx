@@ -20,6 +20,7 @@ twin does (see ``_tuple_new`` there).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_Size
 from cpython.object cimport PyObject
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 
 import datetime as _dt
@@ -56,6 +57,8 @@ cdef object _OPTIONS = None
 cdef object _reference = None  # encode_event_reference
 cdef object _RawEvent = None  # walex.rawevent.RawEvent
 cdef object _direct = None  # walex.destinations.direct.direct_event
+ctypedef object (*_direct_fn)(object, Py_ssize_t)
+cdef _direct_fn _direct_c = NULL  # the same, when it is the compiled one: its C function
 cdef object _JSON_ERROR = orjson.JSONEncodeError
 # the Source planned last and its plan, as one tuple (the events of a table come in runs;
 # the Source is kept alive, so its identity is not reused)
@@ -73,6 +76,10 @@ def bind(helpers):
     _UnchangedToast, _KINDS, _OPTIONS = helpers["UnchangedToast"], helpers["_KINDS"], helpers["_OPTIONS"]
     _reference = helpers["encode_event_reference"]
     _RawEvent, _direct = helpers["RawEvent"], helpers["direct_event"]
+    global _direct_c
+    entry = helpers.get("direct_c_entry")
+    _direct_c = (<_direct_fn>PyCapsule_GetPointer(entry, b"walex.destinations._direct.direct_event")
+                 if entry is not None else NULL)
     return fast_event
 
 
@@ -140,7 +147,7 @@ def fast_event(event, partitions):
 cdef object _fast_event(object event, Py_ssize_t partitions):
     global _last_plan
     if type(event) is _RawEvent and event.raw is not None:  # rows as PostgreSQL sent them
-        out = _direct(event, partitions)
+        out = _direct_c(event, partitions) if _direct_c != NULL else _direct(event, partitions)
         if out is not None:
             return out
         event = event.typed()

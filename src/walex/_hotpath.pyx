@@ -23,8 +23,10 @@ from cpython.datetime cimport datetime_new, import_datetime
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
 from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
-from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
+from cpython.object cimport Py_NE, Py_SIZE, PyObject, PyObject_RichCompareBool
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.long cimport PyLong_AsSsize_t
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcmp
@@ -78,6 +80,8 @@ cdef _Slots _DECODER = _Slots(Decoder, ("in_stream",))
 cdef _Maker _make_event = _Maker(Event)
 # a RawEvent (walex.rawevent): Event's slots but its rows', and its own raw slot
 cdef _Slots _EVENT = _Slots(Event, ("name", "type", "source", "timestamp", "lsn", "id"))
+cdef _Slots _EVENT_ROWS = _Slots(Event, ("new_record", "old_record", "changes"))
+cdef _Type *_EVENT_TYPE = <_Type *>Event
 cdef _Slots _RAW = _Slots(RawEvent, ("raw",))
 cdef _Type *_RAW_TYPE = <_Type *>RawEvent
 cdef str _KEY_KIND = "K", _OLD_KIND = "O", _NO_KIND = ""
@@ -94,8 +98,10 @@ cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
 
 
-cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain):
-    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed.
+cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain,
+                   bint as_tuple):
+    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed;
+    the values as a tuple if ``as_tuple`` (a raw row: what a RawEvent keeps).
 
     Accepts exactly what ``Decoder._py_tuple`` accepts, with the same values.
     """
@@ -107,7 +113,7 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         return None
     count = (<Py_ssize_t>buf[pos] << 8) | buf[pos + 1]
     pos += 2
-    cdef list values = PyList_New(count)
+    cdef object values = PyTuple_New(count) if as_tuple else PyList_New(count)
     for i in range(count):
         if pos >= size:
             return None
@@ -133,7 +139,10 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         else:
             return None
         Py_INCREF(item)
-        PyList_SET_ITEM(values, i, item)
+        if as_tuple:
+            PyTuple_SET_ITEM(values, i, item)
+        else:
+            PyList_SET_ITEM(values, i, item)
     ppos[0] = pos
     return values
 
@@ -310,48 +319,51 @@ cdef class HotPath:
                 or _OPEN.get(txn, O_SPILL) is not None):
             return _NOT_HANDLED
         # Parse the whole message first (what Decoder._insert/_update/_delete accept).
-        cdef Py_ssize_t pos = 5
+        cdef Py_ssize_t pos = 5, position
         cdef bint new_plain = True, old_plain = True
         cdef unsigned char kind = 0, old_kind = 0
         cdef object new = None, old = None
         if size < 6:
             return _NOT_HANDLED
         cdef uint32_t relid = _be32(data + 1)
+        relation_id = relid
+        # the table (RelationCache.get, in C; no side effect): a raw table's rows are parsed
+        # into tuples, as its RawEvents keep them
+        cdef PyObject *found = PyDict_GetItem(self._tables, relation_id)
+        table = <object>found if found != NULL else None
+        cdef bint as_tuple = type(table) is Table and _TABLE.get(table, 1) is True
         kind = data[5]
         if tag == 73:  # Insert: 'N' tuple
             if kind != 78:
                 return _NOT_HANDLED
             pos = 6
-            new = _tuple(data, size, &pos, &new_plain)
+            new = _tuple(data, size, &pos, &new_plain, as_tuple)
         elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
             if kind == 75 or kind == 79:
                 old_kind = kind
                 pos = 6
-                old = _tuple(data, size, &pos, &old_plain)
+                old = _tuple(data, size, &pos, &old_plain, as_tuple)
                 if old is None or pos >= size:
                     return _NOT_HANDLED
                 kind = data[pos]
             if kind != 78:
                 return _NOT_HANDLED
             pos += 1
-            new = _tuple(data, size, &pos, &new_plain)
+            new = _tuple(data, size, &pos, &new_plain, as_tuple)
         else:  # Delete: 'K'|'O' tuple
             if kind != 75 and kind != 79:
                 return _NOT_HANDLED
             old_kind = kind
             pos = 6
-            old = _tuple(data, size, &pos, &old_plain)
+            old = _tuple(data, size, &pos, &old_plain, as_tuple)
             new = old  # only checked for None below
         if new is None or pos != size:
             return _NOT_HANDLED
 
         # From here on, as TransactionAssembler._change with walex.rows.
         lsn = start
-        cdef PyObject *found = PyDict_GetItem(self._tables, relid)  # RelationCache.get, in C
-        if found == NULL:
+        if table is None:
             table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
-        else:
-            table = <object>found
         if _TABLE.get(table, 0) if type(table) is Table else table.subscribed:
             if table is not self._table:
                 self._table = table
@@ -369,11 +381,30 @@ cdef class HotPath:
                 self._commit_time = txn.commit_time
                 self._lsn_text = _format_lsn(self._commit_lsn)
             changes = _OPEN.get(txn, O_CHANGES)
-            self._id = _event_id(self._commit_lsn, _OPEN.get(txn, O_EMITTED) + len(changes))
+            emitted = _OPEN.get(txn, O_EMITTED)
+            if type(emitted) is int and type(changes) is list:  # the position in C
+                position = PyLong_AsSsize_t(emitted)
+                self._id = _event_id_at(self._commit_lsn, position + PyList_GET_SIZE(changes))
+            else:
+                self._id = _event_id(self._commit_lsn, emitted + len(changes))
             if type(table) is Table and _TABLE.get(table, 1) is True and (
-                    (new_plain and PyList_GET_SIZE(new) == self._width) if tag != 68 else True) and (
-                    old is None or (old_plain and PyList_GET_SIZE(old) == self._width)):
+                    (new_plain and Py_SIZE(new) == self._width) if tag != 68 else True) and (
+                    old is None or (old_plain and Py_SIZE(old) == self._width)):
                 event = self._raw(tag, new, old, old_kind, lsn, table)
+            elif as_tuple:  # parsed as a raw row, typed after all: as lists, as the pure path
+                if tag == 68:
+                    old = list(old)
+                    new = old
+                else:
+                    new = list(new)
+                    if old is not None:
+                        old = list(old)
+                if tag == 73:
+                    event = self._insert(new, new_plain, lsn)
+                elif tag == 85:
+                    event = self._update(new, new_plain, old, old_plain, old_kind, lsn)
+                else:
+                    event = self._delete(old, old_plain, old_kind, lsn)
             elif tag == 73:
                 event = self._insert(new, new_plain, lsn)
             elif tag == 85:
@@ -436,9 +467,9 @@ cdef class HotPath:
         _EVENT.put(obj, 5, self._id)
         # the rows as tuples: of bytes and None only, the collector stops tracking them at its
         # first look, so the events a relay holds in flight cost the later collections less
-        if new is not None:
+        if type(new) is list:
             new = PyList_AsTuple(new)
-        if old is not None:
+        if type(old) is list:
             old = PyList_AsTuple(old)
         _RAW.put(obj, 0, (table, new, old,
                           _KEY_KIND if old_kind == 75 else _OLD_KIND if old_kind == 79 else _NO_KIND,
@@ -446,8 +477,23 @@ cdef class HotPath:
         return obj
 
     cdef object _event(self, object kind, object new_record, object old_record, object changes):
-        return _make_event.make((self._name, kind, self._source, new_record, old_record, changes,
-                                 self._commit_time, self._lsn_text, self._id))
+        """``Event(name, kind, source, new_record, old_record, changes, time, lsn, id)``:
+        stored straight into its slots (as _Maker.make, without the argument tuple)."""
+        if not _make_event.direct:
+            return _make_event.make((self._name, kind, self._source, new_record, old_record,
+                                     changes, self._commit_time, self._lsn_text, self._id))
+        obj = <object>_EVENT_TYPE.tp_alloc(_EVENT_TYPE, 0)
+        Py_DECREF(obj)  # tp_alloc gave a new reference, and so does <object>
+        _EVENT.put(obj, 0, self._name)
+        _EVENT.put(obj, 1, kind)
+        _EVENT.put(obj, 2, self._source)
+        _EVENT_ROWS.put(obj, 0, new_record)
+        _EVENT_ROWS.put(obj, 1, old_record)
+        _EVENT_ROWS.put(obj, 2, changes)
+        _EVENT.put(obj, 3, self._commit_time)
+        _EVENT.put(obj, 4, self._lsn_text)
+        _EVENT.put(obj, 5, self._id)
+        return obj
 
     cdef object _insert(self, list new, bint plain, object lsn):
         values = self._load_row(new, plain, "Insert", lsn)
@@ -575,3 +621,8 @@ def _direct_construction():
 def _stamps(int64_t micros, uint64_t lsn):
     """``_pg_timestamp(micros)`` and ``_format_lsn(lsn)`` (for tests)."""
     return _pg_timestamp(micros), _format_lsn(lsn)
+
+
+def _ids(uint64_t commit_lsn, object position):
+    """``_event_id`` of ``position`` and ``_event_id_at`` of it held in C (for tests)."""
+    return _event_id(commit_lsn, position), _event_id_at(commit_lsn, position)

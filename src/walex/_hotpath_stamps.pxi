@@ -32,18 +32,32 @@ cdef object _pg_timestamp(int64_t micros):
 
 cdef str _event_id(uint64_t commit_lsn, object position):
     """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of transactions.py's _stamp."""
-    cdef char text[25]
+    if position > 0xFFFFFFFF or position < 0:
+        return f"{commit_lsn:016X}-{position:08X}"
+    return _event_id_at(commit_lsn, position)
+
+
+cdef extern from "Python.h":
+    object _unicode_new "PyUnicode_New" (Py_ssize_t size, unsigned int maxchar)
+    unsigned char *_unicode_ascii "PyUnicode_1BYTE_DATA" (object text)
+
+
+cdef str _event_id_at(uint64_t commit_lsn, Py_ssize_t position):
+    """:func:`_event_id` of a position held in C: an ASCII str written in place."""
     cdef int k
     cdef uint64_t p
-    if position > 0xFFFFFFFF:
+    cdef unsigned char *text
+    if position < 0 or <uint64_t>position > <uint64_t>4294967295ULL:
         return f"{commit_lsn:016X}-{position:08X}"
-    p = position
+    p = <uint64_t>position
+    ident = _unicode_new(25, 127)
+    text = _unicode_ascii(ident)
     for k in range(16):
         text[15 - k] = _HEX[(commit_lsn >> (4 * k)) & 15]
     text[16] = 45  # '-'
     for k in range(8):
         text[24 - k] = _HEX[(p >> (4 * k)) & 15]
-    return PyUnicode_DecodeASCII(text, 25, NULL)
+    return ident
 
 
 cdef inline int _hex32(char *text, uint32_t value) noexcept:

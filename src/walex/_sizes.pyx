@@ -11,6 +11,8 @@ size of an object is:
 
 - for a compact ASCII ``str`` (ids, most text), its header and characters, as
   ``str.__sizeof__`` counts them;
+- for an exact ``bytes`` or ``tuple`` (a RawEvent's rows as sent), the size of one
+  of no length (``sys.getsizeof``'s, at import) and its length times its item's size;
 - for an ``int`` within 64 bits, ``sys.getsizeof`` of the first one of as many
   digits, kept by digits;
 - for a type whose instances all take the same memory (no items, the
@@ -49,6 +51,17 @@ cdef extern from *:
     #endif
         return (Py_ssize_t)sizeof(PyASCIIObject) + PyUnicode_GET_LENGTH(o) + 1;
     }
+    /* the size of an exact bytes or tuple (the rows of a RawEvent as sent), from its
+       length and the size of one of no length (getsizeof's, measured at import): -1 for
+       any other object */
+    static Py_ssize_t walex_bytes_base, walex_tuple_base;
+    static Py_ssize_t walex_var_sizeof(PyObject *o) {
+        if (PyBytes_CheckExact(o))
+            return walex_bytes_base + PyBytes_GET_SIZE(o);
+        if (PyTuple_CheckExact(o))
+            return walex_tuple_base + PyTuple_GET_SIZE(o) * (Py_ssize_t)sizeof(PyObject *);
+        return -1;
+    }
     /* the PyLong digits of an int within a long long (getsizeof depends on nothing
        else), -1 past that */
     static int walex_int_digits(PyObject *o) {
@@ -76,6 +89,8 @@ cdef extern from *:
     """
     const int WALEX_SIZEOF_C
     Py_ssize_t walex_ascii_sizeof(object o)
+    Py_ssize_t walex_var_sizeof(object o)
+    Py_ssize_t walex_bytes_base, walex_tuple_base
     bint walex_fixed_layout(object kind)
     int walex_int_digits(object o)
     size_t _PySys_GetSizeOf(object o) except? <size_t>-1
@@ -91,6 +106,10 @@ cdef Py_ssize_t _seen_size[_WAYS]
 cdef Py_ssize_t _int_sizes[8]  # getsizeof of an int by its digits, 64 bits at most (-1: not seen)
 for _i in range(8):
     _int_sizes[_i] = -1
+# getsizeof(b"x") less its one byte, getsizeof((None,)) less its one item: what a bytes or
+# tuple of no length takes (object.__sizeof__ and bytes.__sizeof__ add tp_itemsize per item)
+walex_bytes_base = sys.getsizeof(b"x") - bytes.__itemsize__
+walex_tuple_base = sys.getsizeof((None,)) - tuple.__itemsize__
 
 # set by bind()
 cdef object _RawEvent = None
@@ -130,6 +149,9 @@ def measure(sizer, txn):
 cdef Py_ssize_t _size(object o) except -1:
     """``sys.getsizeof(o)``."""
     cdef Py_ssize_t n = walex_ascii_sizeof(o)
+    if n >= 0:
+        return n
+    n = walex_var_sizeof(o)
     if n >= 0:
         return n
     cdef object kind = type(o)

@@ -160,6 +160,12 @@ class Dispatcher:
         self.max_batch = max((h.max_batch for h in self.handlers), default=0)
         self.batching = self.max_batch > 0
 
+    def has_handlers(self) -> bool:
+        """Whether any handler is registered (those registered since the last look count)."""
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()
+        return bool(self.handlers)
+
     @property
     def pending(self) -> bool:
         """Whether ``max_batch`` handlers hold events of deferred transactions not yet handed over."""

@@ -5,7 +5,9 @@ window is above 1. Each takes every queued batch the window has room for at
 once (:meth:`Window.take`: published together from then on), then hands them
 to the handlers in order:
 
-- :func:`run_windowed`: consecutive batches that each go to exactly one plain
+- :func:`run_windowed`: with no handler at all (a relay alone), the batches
+  taken are done for the handlers at once (:meth:`Window.finished_all`);
+  otherwise consecutive batches that each go to exactly one plain
   handler (or to none) as one run of calls (:func:`walex.runs.hand_run`), the
   others one after the other (async calls awaited in the loop, or through the
   observer's wrapper);
@@ -57,6 +59,7 @@ async def run_windowed(p: Any, window: Any) -> None:
     plan, recover = dispatcher.plan, dispatcher.recover
     slot, context = p.slot_name, TRANSACTION
     take, finished = window.take, window.finished
+    has_handlers = dispatcher.has_handlers
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
         return p.closing or p.abandoning
@@ -68,6 +71,12 @@ async def run_windowed(p: Any, window: Any) -> None:
         taken = await take(items)  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued (their bytes still count until
             queue.room_made()  # recorded): the reader may queue more meanwhile
+        if dispatch is None and not has_handlers():  # a relay alone: no call to make, so
+            if p.closing:  # the handlers are done with every batch taken at once, as
+                window.give_back(taken, items)  # with a plan of nothing to call (no plan,
+            else:  # no context, no call per batch); at a stop they go back, as below
+                window.finished_all(taken)
+            continue
         count = len(taken)
         plans: list[Any] = [None] * count  # of taken[0], ... once made (filters run once)
         index = 0

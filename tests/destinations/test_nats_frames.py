@@ -158,6 +158,52 @@ def test_the_compiled_frames_are_the_pure_frames() -> None:
             assert frames(odd, subjects, subject_of(subjects), b"p.", b"S", 0, None) is None
 
 
+@pytest.mark.skipif(hpub.compiled_frames is None,
+                    reason="walex.destinations._hpub not built (no Cython or C compiler at install)")
+def test_the_compiled_frames_of_runs_of_one_subject_are_the_pure_frames() -> None:
+    """A relay's batches come in runs of one table's events (the same key objects): the
+    compiled twin takes a run's subject from the message before it. Runs of the same
+    objects, keys equal but not the same objects, a key changing in one field only, a
+    subject_of that empties the cache midway, negative reply numbers and chain sequences:
+    the same chunks as the pure twin, and subject_of called for the same keys."""
+    schema, table, kind = "public", "bench_rows", "insert"
+    batch = []
+    for i in range(2_000):  # several chunks
+        # every 300th message a key equal to the run's, not the same objects
+        key = ((schema, table, kind, 0) if i % 300 else
+               ("".join(["pub", "lic"]), "".join(["bench", "_rows"]), "".join(["ins", "ert"]), 0))
+        if 500 <= i < 520:
+            key = (schema, table, "update", 0)  # one field changes
+        if 900 <= i < 910:
+            key = (schema, table, kind, 1 + i % 2)  # the partition alternates
+        body = b'{"row":%d,"pad":"%b"}' % (i, b"p" * (i % 97))
+        batch.append(Outgoing(f"0000000A{i:08X}-{i:08X}", *key, body, f"/db/{schema}/{table}",
+                              "2026-12-07T00:00:00Z", f"{schema}.{table}/{i}", str(i)))
+
+    def subject_of(subjects: dict[Any, bytes], calls: list[Any], clear_at: int) -> Any:
+        def render(key: Any, item: Outgoing) -> bytes:
+            calls.append(key)
+            if len(calls) == clear_at:
+                subjects.clear()  # as Frames' cache does past 10,000 subjects
+            subject = subjects[key] = ".".join(map(str, key)).encode()
+            return subject
+        return render
+
+    for chain in (None, (5, b"0/prev"), (-3, b"x")):
+        for first in (0, -2, 10**12):
+            for clear_at in (0, 2, 3):
+                built, called = [], []
+                for frames in (hpub.frames, hpub.compiled_frames):
+                    subjects: dict[Any, bytes] = {}
+                    calls: list[Any] = []
+                    built.append(frames(batch, subjects, subject_of(subjects, calls, clear_at),
+                                        b"_INBOX.r.", b"STREAM", first, chain))
+                    called.append(calls)
+                assert built[0] == built[1], (chain, first, clear_at)
+                assert called[0] == called[1]
+                assert len(built[0][0]) > 2  # several chunks
+
+
 @pytest.mark.skipif(hpub.compiled_sizes is None,
                     reason="walex.destinations._hpub not built (no Cython or C compiler at install)")
 def test_the_compiled_sizes_are_the_pure_sizes() -> None:

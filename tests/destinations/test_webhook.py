@@ -10,9 +10,9 @@ import os
 import psycopg
 import pytest
 from standardwebhooks.webhooks import Webhook
-from support import collecting, run
+from support import collecting, run, until
 
-from walex import ConfigError, DestinationError, Event, WalEx
+from walex import ConfigError, DestinationError, Event, Events, WalEx
 from walex.lsn import parse_lsn
 
 from .brokers import check_stream
@@ -199,3 +199,78 @@ def test_an_http_url_loads_no_certificates(monkeypatch: pytest.MonkeyPatch) -> N
 
     hook = run(main())
     assert [json.loads(body)[0]["id"] for _p, _h, body, _s in hook.accepted()] == ["e1"]
+
+
+def test_a_group_is_cut_into_requests_per_table_and_bounds() -> None:
+    """How a window's group becomes requests (WebhookDestination._requests): one per table,
+    in order of first appearance, each within the bounds of events and bytes (one event
+    alone may exceed them), with the range id of its first and last event; a group of one
+    table within the bounds is one request of the whole group."""
+    from walex.destinations import from_url
+    from walex.destinations.encoding import Outgoing
+
+    def item(i: int, table: str, body: bytes = b"{}") -> Outgoing:
+        return Outgoing(f"id{i}", "public", table, "insert", 0, body, f"/db/public/{table}",
+                        "t", f"public.{table}", None)
+
+    d = from_url("http://127.0.0.1:9/in/{table}?secret_env=WALEX_TEST_WEBHOOK_SECRET")
+    d.grouped = True
+
+    def requests(batch: list[Outgoing]) -> list[tuple[str, str, list[str]]]:
+        return [(url, rid, [o.id for o in items]) for url, rid, items in d._requests(batch)]
+
+    a = [item(i, "a") for i in range(5)]
+    assert requests(a) == [("http://127.0.0.1:9/in/a", "id0_id4", [o.id for o in a])]
+    assert requests(a[:1]) == [("http://127.0.0.1:9/in/a", "id0", ["id0"])]
+    mixed = [item(0, "a"), item(1, "b"), item(2, "a"), item(3, "b"), item(4, "a")]
+    assert requests(mixed) == [("http://127.0.0.1:9/in/a", "id0_id4", ["id0", "id2", "id4"]),
+                               ("http://127.0.0.1:9/in/b", "id1_id3", ["id1", "id3"])]
+    d.group_events = 2  # (a class attribute, set on this instance only)
+    assert [r[2] for r in requests(a)] == [["id0", "id1"], ["id2", "id3"], ["id4"]]
+    assert [r[2] for r in requests(mixed)] == [["id0", "id2"], ["id4"], ["id1", "id3"]]
+    d.group_events, d.group_bytes = 1000, 10
+    sized = [item(0, "a", b"x" * 4), item(1, "a", b"x" * 4), item(2, "a", b"x" * 30),
+             item(3, "a", b"x" * 2)]
+    assert [r[1:] for r in requests(sized)] == [("id0_id1", ["id0", "id1"]), ("id2", ["id2"]),
+                                                ("id3", ["id3"])]
+    d.grouped = False  # a window of 1: the first event's id
+    assert [r[1] for r in requests(sized)] == ["id0", "id2", "id3"]
+
+
+def test_a_relay_alone_then_a_handler_registered_while_it_streams(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """A relay with a window and no handler (the batches taken are done for the handlers at
+    once: walex.windowed) publishes and acknowledges each transaction; a handler registered
+    while it streams gets every transaction taken after that, each one acknowledged only
+    once the handler returned and the endpoint confirmed it."""
+    admin.execute(TABLES)
+    module = Events()
+    seen: list[tuple[int, int, int]] = []  # (id, commit LSN, position acknowledged when called)
+
+    async def main() -> tuple[WalEx, Receiver]:
+        with Receiver() as hook:
+            app = WalEx(dsn, publication="pub", subscriptions=["*"], modules=[module],
+                        name="walex_test_relay_alone", destinations=[hook.url()],
+                        destination_window=64)
+            async with app:
+                for i in range(30):
+                    admin.execute("INSERT INTO a VALUES (%s, 0)", (i,))
+                await until(lambda: app.transactions_handled == 30, "30 transactions relayed", 30)
+                assert app.pipeline.dispatcher.handlers == []
+
+                @module.on_event("all")
+                async def handler(events: list[Event]) -> None:
+                    for e in events:
+                        seen.append((e.new_record["id"], parse_lsn(e.lsn), app.ack.flushed))
+
+                for i in range(30, 60):
+                    admin.execute("INSERT INTO a VALUES (%s, 0)", (i,))
+                await until(lambda: app.transactions_handled == 60, "60 transactions", 30)
+                await until(lambda: app.ack.flushed >= app.ack.received, "all acknowledged", 30)
+            return app, hook
+
+    app, hook = run(main())
+    assert [i for i, _c, _f in seen] == list(range(30, 60))
+    assert all(flushed < commit for _i, commit, flushed in seen)  # none acknowledged before
+    ids = [e["id"] for _u, _h, body, _s in hook.accepted() for e in json.loads(body)]
+    assert len(set(ids)) == 60 and app.destinations.events_published == 60

@@ -15,18 +15,34 @@ imports nothing of walex, so there is no import cycle).
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
+from cpython.pycapsule cimport PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcmp, memcpy, memmove
 
+from types import MemberDescriptorType
+
 import orjson
 
-__all__ = ["bind", "direct_event", "direct_event_or_raise"]
+__all__ = ["bind", "c_entry", "direct_event", "direct_event_or_raise"]
 
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
     object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
     object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+    ctypedef struct _Type "PyTypeObject":
+        PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    void PyTuple_SET_ITEM_STEAL "PyTuple_SET_ITEM" (PyObject *, Py_ssize_t, PyObject *)
+    void Py_INCREF(PyObject *)
+    void Py_DECREF(PyObject *)
+
+cdef extern from "structmember.h":
+    int T_OBJECT_EX
 
 
 # the writers (walex.destinations.direct's numbers)
@@ -64,13 +80,67 @@ cdef dict _KINDS = None
 cdef object _Unfit = None
 cdef object _Tolerant = None
 cdef bytes _UTC_OFFSET = b"+00:00"
-cdef tuple _last = (None, None)  # the Table planned last and its plan
+cdef tuple _last = (None, None, None)  # the Table planned last, its plan, its prefix + "/"
+cdef bint _outgoing_direct = False  # Outgoing built as tuple.__new__ builds it (see bind)
+# the texts a transaction's events share, with their JSON strings (one object each, replaced
+# whole): the commit time and its text, the LSN's, the type name's
+cdef tuple _last_time = (None, None)
+cdef tuple _time_json = (None, None)
+cdef tuple _lsn_json = (None, None)
+cdef tuple _type_json = (None, None)
+# ASCII characters orjson writes as they are (from ESCAPES)
+cdef unsigned char _as_is[128]
+
+# The event attributes _direct reads, from their object slots when the event's class keeps
+# them there (an Event's and a RawEvent's do), as getattr finds them: no attribute lookup.
+cdef enum:
+    E_RAW, E_SOURCE, E_LSN, E_TYPE, E_TIMESTAMP, E_ID
+cdef tuple _ATTRS = ("raw", "source", "lsn", "type", "timestamp", "id")
+cdef type _slots_of = None  # the class _offsets are of
+cdef Py_ssize_t _offsets[6]  # -1: read with getattr
+
+
+cdef Py_ssize_t _slot_offset(type cls, str name) except -2:
+    """Where instances of ``cls`` keep the attribute ``name``, if getattr reads it from an
+    object slot (its member descriptor, first in the MRO); -1 otherwise."""
+    for klass in cls.__mro__:
+        descr = klass.__dict__.get(name)
+        if descr is not None:
+            if type(descr) is MemberDescriptorType:
+                member = (<PyMemberDescrObject *>descr).d_member
+                if member.type == T_OBJECT_EX:
+                    return member.offset
+            return -1
+    return -1
+
+
+cdef int _learn(type cls) except -1:
+    global _slots_of
+    cdef int i
+    plain = cls.__getattribute__ is object.__getattribute__
+    for i in range(6):
+        _offsets[i] = _slot_offset(cls, _ATTRS[i]) if plain else -1
+    _slots_of = cls
+    return 0
+
+
+cdef inline object _attr(object event, const Py_ssize_t *offsets, int i):
+    """``getattr(event, _ATTRS[i])``, ``offsets`` those of the event's class (a copy taken
+    when it was learned: a Python call meanwhile, another thread's encoding, may learn
+    another class)."""
+    cdef Py_ssize_t offset = offsets[i]
+    cdef PyObject *value
+    if offset >= 0:
+        value = (<PyObject **>(<char *><PyObject *>event + offset))[0]
+        if value != NULL:
+            return <object>value
+    return getattr(event, <str>PyTuple_GET_ITEM(_ATTRS, i))  # raises AttributeError if unset
 
 
 def bind(helpers):
     """Take the direct module's helpers (its namespace); returns :func:`direct_event`."""
     global _plan_of, _tolerant_loads, _json_value, _rfc3339, _partition_of, _Outgoing
-    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET
+    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET, _outgoing_direct
     cdef int i
     cdef bytes escape
     _plan_of, _tolerant_loads = helpers["plan_of"], helpers["tolerant_loads"]
@@ -85,10 +155,61 @@ def bind(helpers):
             raise ValueError("an escape longer than 7 bytes")
         _esc_len[i] = <unsigned char>PyBytes_GET_SIZE(escape)
         memcpy(_esc[i], PyBytes_AS_STRING(escape), PyBytes_GET_SIZE(escape))
+        _as_is[i] = PyBytes_GET_SIZE(escape) == 1 and <int>(PyBytes_AS_STRING(escape)[0]) == i
+    # a tuple subclass adding no fields, with tuple's allocation: built as tuple.__new__ does
+    _outgoing_direct = (issubclass(_Outgoing, tuple) and _Outgoing.__dictoffset__ == 0
+                        and _Outgoing.__weakrefoffset__ == 0
+                        and _Outgoing.__basicsize__ == tuple.__basicsize__
+                        and _Outgoing.__itemsize__ == tuple.__itemsize__
+                        and (<_Type *>_Outgoing).tp_alloc == (<_Type *>tuple).tp_alloc
+                        and len(_Outgoing._fields) == 10)
     return direct_event
 
 
 include "_direct_buffer.pxi"
+
+
+cdef object _outgoing(object ident, object schema, object table, object kind, object partition,
+                      object body, object source, object time, object key, object subject):
+    """``Outgoing(...)``, as ``tuple.__new__(Outgoing, (...))`` builds it (no argument
+    tuple, no call)."""
+    if not _outgoing_direct:
+        return _tuple_new(_Outgoing, (ident, schema, table, kind, partition, body, source,
+                                      time, key, subject))
+    cdef _Type *tp = <_Type *>_Outgoing
+    cdef PyObject *obj = tp.tp_alloc(tp, 10)
+    cdef PyObject *items[10]
+    cdef int i
+    items[0] = <PyObject *>ident
+    items[1] = <PyObject *>schema
+    items[2] = <PyObject *>table
+    items[3] = <PyObject *>kind
+    items[4] = <PyObject *>partition
+    items[5] = <PyObject *>body
+    items[6] = <PyObject *>source
+    items[7] = <PyObject *>time
+    items[8] = <PyObject *>key
+    items[9] = <PyObject *>subject
+    for i in range(10):
+        Py_INCREF(items[i])
+        PyTuple_SET_ITEM_STEAL(obj, i, items[i])
+    result = <object>obj
+    Py_DECREF(obj)  # the reference tp_alloc gave
+    return result
+
+
+cdef tuple _json_of(tuple cache, object text):
+    """``cache`` if it is ``text``'s, else ``(text, text as a JSON string)``."""
+    if <object>PyTuple_GET_ITEM(cache, 0) is text:
+        return cache
+    cdef char stack[256]
+    cdef Buf k
+    _init(&k, stack, 256)
+    try:
+        _put_str(&k, text)
+        return (text, PyBytes_FromStringAndSize(k.p, k.n))
+    finally:
+        _free(&k)
 
 
 cdef object _load(object load, bytes raw, int mode):
@@ -298,19 +419,24 @@ def direct_event(event, Py_ssize_t partitions):
 
 
 cdef object _direct(object event, Py_ssize_t partitions):
-    global _last
-    cdef tuple raw = <tuple?>event.raw
+    global _last, _last_time, _lsn_json, _type_json, _time_json
+    cdef Py_ssize_t offsets[6]
+    if type(event) is not _slots_of:
+        _learn(type(event))
+    memcpy(offsets, _offsets, sizeof(offsets))  # no Python code ran since the check
+    cdef tuple raw = <tuple?>_attr(event, offsets, E_RAW)
     table = <object>PyTuple_GET_ITEM(raw, 0)
     new = <object>PyTuple_GET_ITEM(raw, 1)
     old = <object>PyTuple_GET_ITEM(raw, 2)
     old_kind = <object>PyTuple_GET_ITEM(raw, 3)
     cdef tuple plan
     if <object>PyTuple_GET_ITEM(_last, 0) is table \
-            and <object>PyTuple_GET_ITEM(<tuple>PyTuple_GET_ITEM(_last, 1), 1) is event.source:
+            and <object>PyTuple_GET_ITEM(<tuple>PyTuple_GET_ITEM(_last, 1), 1) is _attr(event, offsets, E_SOURCE):
         plan = <tuple>PyTuple_GET_ITEM(_last, 1)
     else:
         plan = <tuple>_plan_of(event, table)
-        _last = (table, plan)
+        _last = (table, plan, <object>PyTuple_GET_ITEM(plan, 9) + "/")
+    prefix_slash = <object>PyTuple_GET_ITEM(_last, 2)
     key = <object>PyTuple_GET_ITEM(plan, 5)
     if key is None:
         raise _Unfit
@@ -318,8 +444,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef Py_ssize_t nkey = PyTuple_GET_SIZE(<tuple>key), i
     cdef Py_ssize_t key_spans[2 * MAX_KEY]
     cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
-    cdef list key_forms = [None] * nkey
-    cdef list old_key_forms = [None] * nkey
+    # the key's forms in each row sent (an insert has no old row, a delete no new one)
+    cdef list key_forms = [None] * nkey if new is not None else None
+    cdef list old_key_forms = [None] * nkey if old is not None else None
     cdef Py_ssize_t *spans = NULL
     cdef int new_mode = 0, old_mode = 0
     cdef bint changes = old is not None and new is not None and old_kind != "K"
@@ -375,30 +502,38 @@ cdef object _direct(object event, Py_ssize_t partitions):
             elif old is not None and (full_old or <object>PyTuple_GET_ITEM(plan, 6)):
                 subject = _subject(&d, plan, <tuple>old, old_mode, old_key_spans, old_key_forms)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
-        lsn = event.lsn
-        _put_str(&d, lsn)
+        lsn = _attr(event, offsets, E_LSN)
+        _lsn_json = _json_of(_lsn_json, lsn)
+        _put_bytes(&d, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 12))  # base_types, key, }
         prefix = <object>PyTuple_GET_ITEM(plan, 9)
         if subject is not None:
             _put(&d, b',"subject":', 11)
             _put_str(&d, subject)
-            key_text = prefix + "/" + subject
+            key_text = prefix_slash + subject
         else:
             key_text = prefix
         _put_char(&d, b'}')
 
-        kind, type_name = _KINDS[event.type]
-        time = _rfc3339(event.timestamp)
+        kind, type_name = _KINDS[_attr(event, offsets, E_TYPE)]
+        moment = _attr(event, offsets, E_TIMESTAMP)
+        if <object>PyTuple_GET_ITEM(_last_time, 0) is moment:  # the transaction's time again
+            time = <object>PyTuple_GET_ITEM(_last_time, 1)
+        else:
+            time = _rfc3339(moment)
+            _last_time = (moment, time)
         partition = _partition_of(key_text, partitions) if partitions > 1 else 0
-        ident = event.id
+        ident = _attr(event, offsets, E_ID)
         _put(&h, b'{"specversion":"1.0","id":', 26)
         _put_str(&h, ident)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 8))  # ,"source":...,"type":
-        _put_str(&h, type_name)
+        _type_json = _json_of(_type_json, type_name)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_type_json, 1))
         _put(&h, b',"time":', 8)
-        _put_str(&h, time)
+        _time_json = _json_of(_time_json, time)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_time_json, 1))
         _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
-        _put_str(&h, lsn)
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
         if subject is not None:
             _put_char(&h, b'/')
@@ -421,9 +556,24 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _free(&h)
         if spans != NULL:
             PyMem_Free(spans)
-    return _tuple_new(_Outgoing, (ident, <object>PyTuple_GET_ITEM(plan, 14),
-                                  <object>PyTuple_GET_ITEM(plan, 15), kind, partition, body,
-                                  <object>PyTuple_GET_ITEM(plan, 13), time, key_text, subject))
+    return _outgoing(ident, <object>PyTuple_GET_ITEM(plan, 14), <object>PyTuple_GET_ITEM(plan, 15),
+                     kind, partition, body, <object>PyTuple_GET_ITEM(plan, 13), time, key_text,
+                     subject)
+
+
+cdef object _direct_or_none(object event, Py_ssize_t partitions):
+    """:func:`direct_event` as a C function (see :func:`c_entry`)."""
+    try:
+        return _direct(event, partitions)
+    except Exception:  # unfit: the typed path encodes it (and raises, if it must)
+        return None
+
+
+def c_entry():
+    """:func:`direct_event` as a C function in a capsule (``object (*)(object, Py_ssize_t)``,
+    named ``walex.destinations._direct.direct_event``): walex._encode calls it with no
+    Python call per event."""
+    return PyCapsule_New(<void *>_direct_or_none, b"walex.destinations._direct.direct_event", NULL)
 
 
 def direct_event_or_raise(event, Py_ssize_t partitions):

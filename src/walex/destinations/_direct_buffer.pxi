@@ -127,7 +127,7 @@ cdef int _put_string(Buf *b, const unsigned char *s, Py_ssize_t n) except -1:
         while i < n:  # a run written as it is
             c = s[i]
             if c < 0x80:
-                if _esc_len[c] != 1 or <unsigned char>_esc[c][0] != c:
+                if not _as_is[c]:
                     break
                 i += 1
             else:

@@ -3,15 +3,18 @@
 
 The twin of :func:`walex.destinations.hpub.frames` and :func:`~walex.destinations.hpub.sizes`,
 which stay the pure-Python path: the same arguments, the same results
-(``tests/destinations/test_nats_frames.py`` builds batches both ways). Each frame is written into one bytes object of its exact
-size (no format string parsed per message), and the frames are joined into chunks of
-about 64 KiB as the pure twin joins them.
+(``tests/destinations/test_nats_frames.py`` builds batches both ways). The frames are
+written straight into chunks of about 64 KiB, each chunk a bytes object of its exact size
+(no format string parsed per message, no bytes object per frame, no join).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItemWithError
+from cpython.list cimport PyList_GET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdio cimport snprintf
 from libc.string cimport memcpy
 
 __all__ = ["frames", "sizes"]
@@ -45,92 +48,169 @@ cdef inline bint _plain(const char *text, Py_ssize_t size) noexcept:
     return True
 
 
+cdef inline int _ndigits(unsigned long long v) noexcept:
+    cdef int n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline int _number_size(long long v) noexcept:
+    """The length of ``b"%d" % v``."""
+    if v < 0:
+        return 1 + _ndigits(<unsigned long long>(-(v + 1)) + 1)
+    return _ndigits(<unsigned long long>v)
+
+
+cdef inline char *_number(char *out, long long v) noexcept:
+    """``b"%d" % v`` written at ``out`` (what snprintf's ``%lld`` writes, without parsing a
+    format per call)."""
+    cdef unsigned long long u
+    cdef int n, k
+    if v < 0:
+        out[0] = b'-'
+        out += 1
+        u = <unsigned long long>(-(v + 1)) + 1
+    else:
+        u = <unsigned long long>v
+    n = _ndigits(u)
+    for k in range(n - 1, -1, -1):
+        out[k] = <char>(48 + u % 10)
+        u //= 10
+    return out + n
+
+
 def frames(list batch, dict subjects, subject_of, bytes prefix, bytes stream,
            Py_ssize_t first, chain):
-    cdef list chunks = []
-    cdef list part = []
-    cdef Py_ssize_t size = 0, payload = 0, i, n = len(batch), end = len(batch) - 1
-    cdef Py_ssize_t ident_size, previous_size = 0, block, total, frame_size, reply_size
+    """The twin of ``hpub.frames``. Two passes: the first checks the ids, finds the subjects
+    and adds up each frame's size; the second writes the frames straight into chunks of
+    their exact size (no bytes object per frame, no join). A message whose
+    ``(schema, table, type, partition)`` are the very objects of the one before it takes
+    that one's subject without a dict lookup (the events of a table come in runs)."""
+    cdef Py_ssize_t n = len(batch), end = len(batch) - 1, i, j, start, count
+    cdef Py_ssize_t size, payload = 0, ident_size, previous_size = 0, block, total
+    cdef Py_ssize_t fixed = PyBytes_GET_SIZE(HEAD) + PyBytes_GET_SIZE(STREAM) \
+        + PyBytes_GET_SIZE(stream) + PyBytes_GET_SIZE(END)
+    cdef Py_ssize_t linked = PyBytes_GET_SIZE(LAST_SEQ) + PyBytes_GET_SIZE(LAST_ID)
+    cdef Py_ssize_t *frame_sizes
     cdef const char *ident
     cdef const char *previous = NULL
+    cdef const char *first_previous = NULL
     cdef long long last_seq = 0
-    cdef char seq_text[24]
-    cdef char reply_text[24]
-    cdef char head_text[48]
-    cdef int seq_size, head_size
     cdef bytes body, subject, data, previous_bytes = None
     cdef tuple item
-    cdef object event_id, key
+    cdef object event_id
+    cdef PyObject *found
+    cdef object subject_found = None, run = None  # the run's subject, and an item of the run
     cdef char *out
     cdef bint chained = chain is not None, answered
     if chained:
         last_seq = chain[0]
         previous_bytes = chain[1]
-        previous = PyBytes_AS_STRING(previous_bytes)
-        previous_size = PyBytes_GET_SIZE(previous_bytes)
-    for i in range(n):
-        item = <tuple>batch[i]
-        event_id = <object>PyTuple_GET_ITEM(item, 0)
-        body = <bytes>PyTuple_GET_ITEM(item, 5)
-        if type(event_id) is not str:
-            return None
-        ident = PyUnicode_AsUTF8AndSize(event_id, &ident_size)
-        if not _plain(ident, ident_size):
-            return None
-        key = item[1:5]
-        found = subjects.get(key)
-        if found is None:
-            found = subject_of(key, item)
-        subject = <bytes>found
-        # the header block
-        block = PyBytes_GET_SIZE(HEAD) + ident_size + PyBytes_GET_SIZE(STREAM) \
-            + PyBytes_GET_SIZE(stream) + PyBytes_GET_SIZE(END)
-        seq_size = 0
-        if chained:
-            seq_size = snprintf(seq_text, sizeof(seq_text), "%lld", last_seq + i)
-            block += PyBytes_GET_SIZE(LAST_SEQ) + seq_size + PyBytes_GET_SIZE(LAST_ID) \
-                + previous_size
-        total = block + PyBytes_GET_SIZE(body)
-        answered = not chained or i == end
-        reply_size = 0
-        if answered:
-            reply_size = snprintf(reply_text, sizeof(reply_text), "%zd",
-                                  first + i if not chained else first)
-        head_size = snprintf(head_text, sizeof(head_text), " %zd %zd\r\n", block, total)
-        frame_size = 5 + PyBytes_GET_SIZE(subject) + head_size + total + 2
-        if answered:
-            frame_size += 1 + PyBytes_GET_SIZE(prefix) + reply_size
-        data = PyBytes_FromStringAndSize(NULL, frame_size)
-        out = PyBytes_AS_STRING(data)
-        out = _put(out, b"HPUB ", 5)
-        out = _put_bytes(out, subject)
-        if answered:
-            out = _put(out, b" ", 1)
-            out = _put_bytes(out, prefix)
-            out = _put(out, reply_text, reply_size)
-        out = _put(out, head_text, head_size)
-        out = _put_bytes(out, HEAD)
-        out = _put(out, ident, ident_size)
-        out = _put_bytes(out, STREAM)
-        out = _put_bytes(out, stream)
-        if chained:
-            out = _put_bytes(out, LAST_SEQ)
-            out = _put(out, seq_text, seq_size)
-            out = _put_bytes(out, LAST_ID)
-            out = _put(out, previous, previous_size)
-            previous, previous_size = ident, ident_size  # kept alive by event_id (in batch)
-        out = _put_bytes(out, END)
-        out = _put_bytes(out, body)
-        _put(out, b"\r\n", 2)
-        part.append(data)
-        size += frame_size
-        payload += PyBytes_GET_SIZE(body)
-        if size >= CHUNK:
-            chunks.append(b"".join(part))
-            part = []
+        first_previous = PyBytes_AS_STRING(previous_bytes)
+    cdef list subject_list = [None] * n
+    cdef list chunks = []
+    if n == 0:
+        return chunks, 0
+    frame_sizes = <Py_ssize_t *>PyMem_Malloc(n * sizeof(Py_ssize_t))
+    if frame_sizes == NULL:
+        raise MemoryError()
+    try:
+        # pass 1: ids, subjects, sizes
+        previous_size = PyBytes_GET_SIZE(previous_bytes) if chained else 0
+        for i in range(n):
+            item = <tuple>batch[i]
+            event_id = <object>PyTuple_GET_ITEM(item, 0)
+            body = <bytes>PyTuple_GET_ITEM(item, 5)
+            if type(event_id) is not str:
+                return None
+            ident = PyUnicode_AsUTF8AndSize(event_id, &ident_size)
+            if not _plain(ident, ident_size):
+                return None
+            if (run is not None
+                    and PyTuple_GET_ITEM(item, 1) == PyTuple_GET_ITEM(<tuple>run, 1)
+                    and PyTuple_GET_ITEM(item, 2) == PyTuple_GET_ITEM(<tuple>run, 2)
+                    and PyTuple_GET_ITEM(item, 3) == PyTuple_GET_ITEM(<tuple>run, 3)
+                    and PyTuple_GET_ITEM(item, 4) == PyTuple_GET_ITEM(<tuple>run, 4)):
+                subject = <bytes>subject_found
+            else:
+                key = item[1:5]
+                found = PyDict_GetItemWithError(subjects, key)
+                if found == NULL:
+                    subject = <bytes>subject_of(key, item)
+                else:
+                    subject = <bytes>found
+                subject_found, run = subject, item
+            subject_list[i] = subject
+            block = fixed + ident_size
+            if chained:
+                block += linked + _number_size(last_seq + i) + previous_size
+                previous_size = ident_size
+            total = block + PyBytes_GET_SIZE(body)
+            answered = not chained or i == end
+            size = 5 + PyBytes_GET_SIZE(subject) + 1 + _number_size(block) + 1 \
+                + _number_size(total) + 2 + total + 2
+            if answered:
+                size += 1 + PyBytes_GET_SIZE(prefix) \
+                    + _number_size(first + i if not chained else first)
+            frame_sizes[i] = size
+            payload += PyBytes_GET_SIZE(body)
+        # pass 2: the frames, written into chunks of about CHUNK bytes
+        previous = first_previous
+        previous_size = PyBytes_GET_SIZE(previous_bytes) if chained else 0
+        start = 0
+        while start < n:
             size = 0
-    if part:
-        chunks.append(b"".join(part))
+            j = start
+            while j < n:
+                size += frame_sizes[j]
+                j += 1
+                if size >= CHUNK:
+                    break
+            data = PyBytes_FromStringAndSize(NULL, size)
+            out = PyBytes_AS_STRING(data)
+            for i in range(start, j):
+                item = <tuple>PyList_GET_ITEM(batch, i)
+                event_id = <object>PyTuple_GET_ITEM(item, 0)
+                body = <bytes>PyTuple_GET_ITEM(item, 5)
+                subject = <bytes>PyList_GET_ITEM(subject_list, i)
+                ident = PyUnicode_AsUTF8AndSize(event_id, &ident_size)
+                block = fixed + ident_size
+                if chained:
+                    block += linked + _number_size(last_seq + i) + previous_size
+                total = block + PyBytes_GET_SIZE(body)
+                answered = not chained or i == end
+                out = _put(out, b"HPUB ", 5)
+                out = _put_bytes(out, subject)
+                if answered:
+                    out = _put(out, b" ", 1)
+                    out = _put_bytes(out, prefix)
+                    out = _number(out, first + i if not chained else first)
+                out = _put(out, b" ", 1)
+                out = _number(out, block)
+                out = _put(out, b" ", 1)
+                out = _number(out, total)
+                out = _put(out, b"\r\n", 2)
+                out = _put_bytes(out, HEAD)
+                out = _put(out, ident, ident_size)
+                out = _put_bytes(out, STREAM)
+                out = _put_bytes(out, stream)
+                if chained:
+                    out = _put_bytes(out, LAST_SEQ)
+                    out = _number(out, last_seq + i)
+                    out = _put_bytes(out, LAST_ID)
+                    out = _put(out, previous, previous_size)
+                    previous, previous_size = ident, ident_size  # kept alive by event_id (in batch)
+                out = _put_bytes(out, END)
+                out = _put_bytes(out, body)
+                out = _put(out, b"\r\n", 2)
+            if out != PyBytes_AS_STRING(data) + size:
+                raise AssertionError("HPUB frames of another size than counted")
+            chunks.append(data)
+            start = j
+    finally:
+        PyMem_Free(frame_sizes)
     return chunks, payload
 
 

@@ -506,9 +506,10 @@ def _direct(event: Any, partitions: int) -> Outgoing:
 try:  # the compiled twin (walex.destinations._direct), when built
     from . import _direct as _compiled
 except ImportError:
-    compiled_direct_event = None
+    compiled_direct_event = compiled_entry = None
 else:
     compiled_direct_event = _compiled.bind(globals())
+    compiled_entry = _compiled.c_entry()  # the same as a C function, for walex._encode
 
 direct_event = (py_direct_event if compiled_direct_event is None
                 or os.environ.get("WALEX_PURE_PYTHON") else compiled_direct_event)

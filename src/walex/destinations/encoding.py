@@ -79,7 +79,7 @@ import orjson
 from ..event import Event
 from ..pgoutput.messages import UnchangedToast
 from ..rawevent import RawEvent
-from .direct import direct_event
+from .direct import compiled_direct_event, compiled_entry, direct_event
 from .values import (_KINDS, _MAX_SAFE, _NATIVE, _OPTIONS, Outgoing, _float, _rfc3339,  # noqa: F401
                      _table_info, _TableInfo, _tuple_new, _Unfit, json_value, partition_of)
 
@@ -360,6 +360,9 @@ def _encode_events(events: list[Event], partitions: int) -> list[Outgoing]:
     """:func:`encode`, pure Python (``walex._encode.fast_events`` is its compiled twin)."""
     return [encode_event(event, partitions) for event in events]
 
+
+# the compiled direct encoder as a C function, when it is the one serving (walex._encode's)
+direct_c_entry = compiled_entry if direct_event is compiled_direct_event else None
 
 try:  # the compiled twins of _fast_event and _encode_events (walex._encode), when built
     from .. import _encode as _compiled
