@@ -184,11 +184,45 @@ def test_a_refused_login_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCapt
     assert "s3cr3tpw" not in caplog.text
 
 
+def test_without_ce_headers_a_record_carries_its_content_type_alone(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """``ce_headers=false``: the value, key and topic as always, the ``content-type``
+    header and no ``ce_*`` one (a tombstone none at all)."""
+    admin.execute(TABLES)
+    with OwnTansu(tmp_path) as broker:
+        create_topic(broker.port, "wh.a", 2)
+        url = (f"kafka://127.0.0.1:{broker.port}?topic=wh.{{table}}&tombstones=true"
+               "&linger.ms=1&ce_headers=false")
+
+        async def main() -> list[Event]:
+            async with collecting(dsn, destinations=[url]) as rec:
+                app = rec.app
+                admin.execute("INSERT INTO a SELECT g, 'x' FROM generate_series(1, 10) g")
+                admin.execute("DELETE FROM a WHERE id = 3")
+                events = await rec.wait_for(11, timeout=60)
+                await rec._until(lambda: app.transactions_handled == 2, 60, "all published")
+                return events
+
+        events = run(main(), timeout=120)
+        got = records(broker.port, "wh.a")
+    values = [m for m in got if m.value() is not None]
+    assert sorted(json.loads(m.value())["id"] for m in values) == sorted(e.id for e in events)
+    for m in values:
+        doc = json.loads(m.value())
+        assert m.key() == doc["partitionkey"].encode()
+        assert m.headers() == [("content-type", b"application/cloudevents+json; charset=UTF-8")]
+    assert [m.headers() for m in got if m.value() is None] == [None]
+
+
 def test_settings_walex_owns_and_unknown_settings_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="acks is set by walex"):
         from_url("kafka://127.0.0.1:9092?acks=1")
     with pytest.raises(ConfigError, match="delivery.report.only.error is set by walex"):
         from_url("kafka://127.0.0.1:9092?delivery.report.only.error=false")
+    for name in ("message.timeout.ms", "delivery.timeout.ms"):  # timeout= is walex's
+        with pytest.raises(ConfigError, match=f"{name} is set by walex .*timeout="):
+            from_url(f"kafka://127.0.0.1:9092?{name}=5000")
     with pytest.raises(ConfigError, match="No such configuration property: \"no.such.setting\""):
         from_url("kafka://127.0.0.1:1?no.such.setting=1")
     with pytest.raises(ConfigError, match="refused its settings: Invalid value") as info:

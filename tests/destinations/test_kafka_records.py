@@ -71,7 +71,7 @@ def _FAILED(err: Any, msg: Any) -> None:  # noqa: N802 - the delivery callback p
 
 
 def _loop(loop: Any, batch: list[Outgoing], topic: str | None, tombstones: bool,
-          room: int) -> tuple[list[Any], list[Any]]:
+          room: int, ce_headers: bool = True) -> tuple[list[Any], list[Any]]:
     """Every record of the batch through ``loop``, as KafkaDestination._produce_all drives it
     (the queue emptied where it was full, the record that met it produced by hand)."""
     rec = _Recorded(room)
@@ -81,7 +81,8 @@ def _loop(loop: Any, batch: list[Outgoing], topic: str | None, tombstones: bool,
     start = 0
     while True:
         result = loop(rec.produce, batch, start, topic, template.render, _FAILED, sources,
-                      _TYPE_HEADERS, tombstones, lambda where, exc: RuntimeError(where))
+                      _TYPE_HEADERS, tombstones, lambda where, exc: RuntimeError(where),
+                      ce_headers)
         results.append(result)
         count, stop, where, headers, tombstone = result
         if stop >= len(batch):
@@ -99,13 +100,14 @@ def _loop(loop: Any, batch: list[Outgoing], topic: str | None, tombstones: bool,
 @pytest.mark.parametrize("topic", ["wk.all", None])
 @pytest.mark.parametrize("tombstones", [False, True])
 @pytest.mark.parametrize("room", [1000, 5, 6])
+@pytest.mark.parametrize("ce_headers", [True, False])
 def test_the_compiled_records_loop_is_the_pure_one(topic: str | None, tombstones: bool,
-                                                   room: int) -> None:
+                                                   room: int, ce_headers: bool) -> None:
     """The same produce calls (topic, value, key, partition, callback, timestamp, headers),
     the same stops at a full queue (at a record or at a tombstone), the same counts."""
     batch = _batch()
-    pure = _loop(krecords.py_records, batch, topic, tombstones, room)
-    compiled = _loop(krecords.compiled_records, batch, topic, tombstones, room)
+    pure = _loop(krecords.py_records, batch, topic, tombstones, room, ce_headers)
+    compiled = _loop(krecords.compiled_records, batch, topic, tombstones, room, ce_headers)
     assert compiled == pure
     calls, results = pure
     produced = [c for c in calls if c[0] not in ("again", "refused")]
@@ -119,6 +121,10 @@ def test_the_compiled_records_loop_is_the_pure_one(topic: str | None, tombstones
             assert any(c[3] for c in calls if c[0] == "again"), "no tombstone met a full queue"
     first = produced[0]
     assert first[:6] == (topic or "walex.public.a", batch[0].body, batch[0].key, -1, True, None)
+    if not ce_headers:  # content-type alone, for every record
+        assert {tuple(c[7]) for c in produced if c[1] is not None} == {
+            (("content-type", b"application/cloudevents+json; charset=UTF-8"),)}
+        return
     assert first[6] == 0 and first[7] == [
         ("ce_specversion", b"1.0"), ("ce_id", batch[0].id), ("ce_source", b"/db/public/a"),
         ("ce_type", b"walex.insert"), ("ce_time", b"2026-01-02T03:04:05Z"),

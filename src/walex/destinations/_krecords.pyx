@@ -19,10 +19,12 @@ cdef Py_ssize_t _MOST_SOURCES = 4096
 
 
 def records(object produce, list batch, Py_ssize_t start, object topic, object render,
-            object failed, dict sources, dict types, bint tombstones, object refused):
+            object failed, dict sources, dict types, bint tombstones, object refused,
+            bint ce_headers=True):
     cdef Py_ssize_t at, n = len(batch), count = 0
     cdef tuple item, source_header = None, time_header = ("ce_time", b"")
     cdef list headers = None
+    cdef list only = [_CONTENT_TYPE]  # the headers of every record without the ce_* ones
     cdef object id_, schema, table, kind, partition, body, source, time, key, subject
     cdef object last_source = None, time_text = None
     cdef object last_schema = None, last_table = None, last_kind = None, last_partition = -1
@@ -51,23 +53,26 @@ def records(object produce, list batch, Py_ssize_t start, object topic, object r
                 last_table = table
                 last_kind = kind
                 last_partition = partition
-        if source is not last_source:
-            last_source = source
-            source_header = sources.get(source)
-            if source_header is None:
-                if len(sources) >= _MOST_SOURCES:
-                    sources.clear()
-                source_header = ("ce_source", source.encode())
-                sources[source] = source_header
-        if time is not time_text:
-            time_text = time
-            time_header = ("ce_time", time.encode())
-        if subject is None:
-            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
-                       _CONTENT_TYPE]
+        if not ce_headers:
+            headers = only
         else:
-            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
-                       _CONTENT_TYPE, ("ce_subject", subject)]
+            if source is not last_source:
+                last_source = source
+                source_header = sources.get(source)
+                if source_header is None:
+                    if len(sources) >= _MOST_SOURCES:
+                        sources.clear()
+                    source_header = ("ce_source", source.encode())
+                    sources[source] = source_header
+            if time is not time_text:
+                time_text = time
+                time_header = ("ce_time", time.encode())
+            if subject is None:
+                headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind],
+                           time_header, _CONTENT_TYPE]
+            else:
+                headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind],
+                           time_header, _CONTENT_TYPE, ("ce_subject", subject)]
         try:
             produce(where, item[5], key, -1, failed, None, 0, headers)
         except BufferError:  # the producer's queue is full

@@ -39,7 +39,7 @@ FIELDS = ("schema", "table", "type", "partition")
 SHOWN = frozenset({
     "stream", "subject", "duplicate_window", "timeout", "exchange", "routing_key",
     "exchange_type", "mandatory", "maxlen", "partitions", "group", "ack_wait", "prefetch",
-    "balance", "topic", "tombstones", "start", "chain",
+    "balance", "topic", "tombstones", "start", "chain", "ce_headers",
 })
 _WEBHOOK_SCHEMES = ("http", "https")
 _WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's

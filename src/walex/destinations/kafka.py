@@ -7,7 +7,7 @@ is the CloudEvents JSON document of the other destinations (structured
 mode, ``content-type: application/cloudevents+json; charset=UTF-8``), and the
 headers carry the CloudEvents Kafka binding's ``ce_specversion``, ``ce_id``,
 ``ce_source``, ``ce_type``, ``ce_time`` and ``ce_subject`` too, so a
-consumer can route without parsing the value.
+consumer can route without parsing the value (``ce_headers=false``: not).
 
 The producer is librdkafka's (``confluent-kafka``), idempotent with
 ``acks=all``: a batch counts as durable when the broker confirmed every
@@ -22,7 +22,8 @@ polling cadence), so a group of one-row transactions costs one round trip to
 the broker. The client calls back only for a record that
 failed (``delivery.report.only.error``), so a record that left the producer
 without such a report was confirmed. A report that says the
-broker could not take a record now, or no end within ``timeout`` seconds,
+broker could not take a record now, or no end within ``timeout`` seconds
+(librdkafka itself never gives up on a record: ``message.timeout.ms=0``),
 fails the batch (:class:`~walex.destinations.base.Unavailable`): the producer is
 closed, what it still held dropped, and the whole batch is published again
 on a new producer, so a record may be stored twice (a consumer drops it by
@@ -35,16 +36,21 @@ name) is a :class:`~walex.errors.DestinationError`, which the app's
 Parameters: ``topic`` (default ``walex.{schema}.{table}``), ``tombstones``
 (``true``: after a delete, a record with the same key and no value, for
 compacted topics; default false), ``timeout`` (seconds to wait for the
-brokers and for the reports of a batch, default 30). Every other parameter
+brokers and for the reports of a batch, default 30), ``ce_headers`` (``false``:
+the ``content-type`` header alone, the attributes in the value only; the six
+``ce_*`` headers cost the client about half of what a record costs it, see
+``bench/PROFILE.md``; a Kafka worker, which groups a transaction's records by
+``ce_id``, then hands each record to a call of its own; default true). Every other parameter
 is a librdkafka setting, passed as it is (``linger.ms=5``,
 ``security.protocol=SASL_SSL``, ``sasl.mechanism=SCRAM-SHA-256``,
 ``sasl.username=...``, ``sasl.password=...``); a user and password in the
 URL are ``sasl.username`` and ``sasl.password``. Values of settings named
 like a secret (``*password*``, ``*secret*``, ``*.pem``) never appear in a
 log line or an error. walex sets ``bootstrap.servers`` (the URL's hosts),
-``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``
-and ``partitioner=murmur2_random`` (the Java client's, so other producers'
-records of one key share the partition); all but the partitioner cannot be changed. Topics are not created:
+``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``,
+``message.timeout.ms=0`` (``timeout`` instead; ``delivery.timeout.ms`` too) and
+``partitioner=murmur2_random`` (the Java client's, so other producers' records of one
+key share the partition); all but the partitioner cannot be changed. Topics are not created:
 the broker's auto-creation does it, or create them beforehand with the
 partitions you want.
 """
@@ -76,8 +82,9 @@ _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees it
 _FLUSH_AT = 256  # records left unconfirmed in a publish from which its thread flushes the rest
 _FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's reports on the loop
 _LONGEST_PAUSE = 0.002  # ... and the longest
-OWN = ("topic", "tombstones", "timeout")  # walex's parameters; the others are librdkafka's
+OWN = ("topic", "tombstones", "timeout", "ce_headers")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
+_OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
 
 # delivery errors retrying cannot cure: the batch goes to on_error
 PERMANENT = frozenset(getattr(KafkaError, name) for name in (
@@ -119,9 +126,9 @@ def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
             continue
         if name in fixed:
             raise ConfigError(f"{what} {url.display}: {name} is set by walex (the URL's hosts, an "
-                              "idempotent producer with acks=all reporting failed records, the "
-                              "worker's group and offsets); "
-                              "remove it")
+                              "idempotent producer with acks=all reporting failed records, "
+                              "records given up by walex's timeout=, the worker's group and "
+                              "offsets); remove it")
         settings[name] = url.params.pop(name)
     return settings
 
@@ -149,17 +156,23 @@ class KafkaDestination(Destination):
         super().__init__(url, partitions)
         self.topic = Template(url.take("topic") or "walex.{schema}.{table}", "topic", url.display)
         self.tombstones = url.take_bool("tombstones", False)
+        self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | {"delivery.report.only.error"})
+                                        fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error"})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports)
         self.settings.setdefault("queue.buffering.max.kbytes", 2 * self.group_bytes // 1024)
         self.settings.update({
             "enable.idempotence": True, "acks": "all",
-            # librdkafka gives up on a record when walex would: the batch is published again
-            "message.timeout.ms": int(self.timeout * 1000),
+            # librdkafka never gives up on a record by itself: a record it dropped after
+            # message.timeout.ms while the broker was away leaves a gap that the records
+            # behind it, sent once the broker is back, pass (an epoch bump renumbers them),
+            # and the batch published again would put the dropped one after them. walex's
+            # timeout fails the publish instead, closes the producer (what it held dropped)
+            # and publishes the batch again on a new one, from its first record
+            "message.timeout.ms": 0,
             # the client calls back into Python only for a failed record; a success is a
             # record that left the producer without one (see publish)
             "delivery.report.only.error": True,
@@ -298,7 +311,7 @@ class KafkaDestination(Destination):
         while True:
             done, stop, where, headers, tombstone = records(
                 produce, batch, start, topic, render, failed, sources, _TYPE_HEADERS,
-                tombstones, self.refused)
+                tombstones, self.refused, self.ce_headers)
             count += done
             if stop >= end:
                 return count

@@ -15,7 +15,10 @@ one). Both take the same arguments and make the same calls of ``produce``
   ``content-type`` and, when the item has a subject, ``ce_subject``: a new list per
   record, of (name, value) pairs whose values shared by many records (the spec
   version, content type, type, source and time) are bytes made once (``sources``
-  keeps each source's pair across batches, ``types`` is each type's);
+  keeps each source's pair across batches, ``types`` is each type's); with
+  ``ce_headers`` false, ``content-type`` alone (one list for every record: the
+  client copies the headers at once, and the ``ce_*`` ones cost it about half of a
+  record's instructions, see ``bench/PROFILE.md``);
 - with ``tombstones``, a ``delete`` item's record is followed by a tombstone: the same
   topic and key, no value, no headers.
 
@@ -50,7 +53,7 @@ _MOST_SOURCES = 4096  # pairs kept in ``sources``; more and it starts again
 def py_records(produce: Callable[..., Any], batch: list[Any], start: int, topic: str | None,
                render: Callable[[Any], str], failed: Any, sources: dict[str, tuple[str, bytes]],
                types: dict[str, tuple[str, bytes]], tombstones: bool,
-               refused: Callable[[str, KafkaException], Exception]
+               refused: Callable[[str, KafkaException], Exception], ce_headers: bool = True
                ) -> tuple[int, int, str, Any, bool]:
     """Produce the records of ``batch[start:]`` (see the module's docstring)."""
     last_source: str | None = None
@@ -61,6 +64,7 @@ def py_records(produce: Callable[..., Any], batch: list[Any], start: int, topic:
     last_schema = last_table = last_kind = None
     last_partition = -1
     count = 0
+    only = [_CONTENT_TYPE]  # the headers of every record without the ce_* ones
     for at in range(start, len(batch)):
         item = batch[at]
         (id_, schema, table, kind, partition, body, source, time, key, subject) = item
@@ -68,22 +72,25 @@ def py_records(produce: Callable[..., Any], batch: list[Any], start: int, topic:
                               or kind is not last_kind or partition != last_partition):
             where = render(item)
             last_schema, last_table, last_kind, last_partition = schema, table, kind, partition
-        if source is not last_source:
-            last_source = source
-            source_header = sources.get(source)
-            if source_header is None:
-                if len(sources) >= _MOST_SOURCES:
-                    sources.clear()
-                source_header = sources[source] = ("ce_source", source.encode())
-        if time is not time_text:
-            time_text = time
-            time_header = ("ce_time", time.encode())
-        if subject is None:
-            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
-                       _CONTENT_TYPE]
+        if not ce_headers:
+            headers = only
         else:
-            headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind], time_header,
-                       _CONTENT_TYPE, ("ce_subject", subject)]
+            if source is not last_source:
+                last_source = source
+                source_header = sources.get(source)
+                if source_header is None:
+                    if len(sources) >= _MOST_SOURCES:
+                        sources.clear()
+                    source_header = sources[source] = ("ce_source", source.encode())
+            if time is not time_text:
+                time_text = time
+                time_header = ("ce_time", time.encode())
+            if subject is None:
+                headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind],
+                           time_header, _CONTENT_TYPE]
+            else:
+                headers = [_SPECVERSION, ("ce_id", id_), source_header, types[kind],
+                           time_header, _CONTENT_TYPE, ("ce_subject", subject)]
         try:
             produce(where, body, key, -1, failed, None, 0, headers)
         except BufferError:  # the producer's queue is full
