@@ -208,7 +208,9 @@ def _rfc3339(moment: dt.datetime) -> str:
     ``isoformat()`` with ``Z``, which formats through C's printf: ten times the
     instructions). Other moments are kept by value (equal ones, the same instant, have
     the same text), a datetime subclass's not: it may format itself otherwise, and an
-    equal datetime must not be given its text."""
+    equal datetime must not be given its text. The compiled encoders write the same text
+    in C for a datetime naive or in UTC (``destinations/_rfc3339.pxi``) and call this one
+    for the rest."""
     global _last_time
     last = _last_time
     if moment is last[0]:
