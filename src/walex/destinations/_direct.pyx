@@ -167,6 +167,7 @@ def bind(helpers):
 
 
 include "_direct_buffer.pxi"
+include "_rfc3339.pxi"  # _rfc3339_c, _time_text, _time_json_c
 
 
 cdef object _outgoing(object ident, object schema, object table, object kind, object partition,
@@ -519,8 +520,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
         moment = _attr(event, offsets, E_TIMESTAMP)
         if <object>PyTuple_GET_ITEM(_last_time, 0) is moment:  # the transaction's time again
             time = <object>PyTuple_GET_ITEM(_last_time, 1)
-        else:
-            time = _rfc3339(moment)
+        else:  # written here with its JSON string, else _rfc3339's
+            pair = _time_json_c(moment)
+            time = _rfc3339(moment) if pair is None else <object>PyTuple_GET_ITEM(pair, 0)
+            _time_json = _time_json if pair is None else pair
             _last_time = (moment, time)
         partition = _partition_of(key_text, partitions) if partitions > 1 else 0
         ident = _attr(event, offsets, E_ID)

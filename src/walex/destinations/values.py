@@ -206,21 +206,27 @@ def _rfc3339(moment: dt.datetime) -> str:
     identity test, no hashing), and a moment already in UTC (as the decoder
     makes them) is formatted by orjson, with no conversion (the same text as
     ``isoformat()`` with ``Z``, which formats through C's printf: ten times the
-    instructions)."""
+    instructions). Other moments are kept by value (equal ones, the same instant, have
+    the same text), a datetime subclass's not: it may format itself otherwise, and an
+    equal datetime must not be given its text. The compiled encoders write the same text
+    in C for a datetime naive or in UTC (``destinations/_rfc3339.pxi``) and call this one
+    for the rest."""
     global _last_time
     last = _last_time
     if moment is last[0]:
         return last[1]
-    if moment.tzinfo is _UTC and type(moment) is dt.datetime:
+    plain = type(moment) is dt.datetime
+    if moment.tzinfo is _UTC and plain:
         text = orjson.dumps(moment, option=orjson.OPT_UTC_Z)[1:-1].decode()
     else:
-        text = _times.get(moment)
+        text = _times.get(moment) if plain else None
         if text is None:
             aware = moment.replace(tzinfo=_UTC) if moment.tzinfo is None else moment
             text = aware.astimezone(_UTC).isoformat().replace("+00:00", "Z")
-            if len(_times) > 64:
-                _times.clear()
-            _times[moment] = text
+            if plain:
+                if len(_times) > 64:
+                    _times.clear()
+                _times[moment] = text
     _last_time = (moment, text)
     return text
 
