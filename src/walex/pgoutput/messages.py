@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
+from ..records import Record
+
 __all__ = [
     "UNCHANGED_TOAST", "UnchangedToast", "BinaryValue", "TupleData", "Column",
     "Begin", "Commit", "Origin", "Relation", "Type", "Insert", "Update", "Delete",
@@ -58,14 +60,18 @@ class BinaryValue(bytes):
     __slots__ = ()
 
 
-@dataclass(slots=True)
-class TupleData:
+@dataclass(slots=True, repr=False, eq=False)
+class TupleData(Record):
+    """A row's column values (see the module)."""
+
     values: list[bytes | BinaryValue | UnchangedToast | None]
     plain: bool
 
 
-@dataclass(slots=True)
-class Column:
+@dataclass(slots=True, repr=False, eq=False)
+class Column(Record):
+    """A column of a :class:`Relation`."""
+
     name: str
     type_oid: int
     type_modifier: int
@@ -76,29 +82,37 @@ TRUNCATE_CASCADE: Final = 1
 TRUNCATE_RESTART_IDENTITY: Final = 2
 
 
-@dataclass(slots=True)
-class Begin:
+@dataclass(slots=True, repr=False, eq=False)
+class Begin(Record):
+    """Begin (B): a transaction starts; ``final_lsn`` is the LSN of its commit record."""
+
     final_lsn: int
     commit_time: datetime
     xid: int
 
 
-@dataclass(slots=True)
-class Commit:
+@dataclass(slots=True, repr=False, eq=False)
+class Commit(Record):
+    """Commit (C): the transaction ends."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
     commit_time: datetime
 
 
-@dataclass(slots=True)
-class Origin:
+@dataclass(slots=True, repr=False, eq=False)
+class Origin(Record):
+    """Origin (O): the transaction was replicated from elsewhere."""
+
     commit_lsn: int
     name: str
 
 
-@dataclass(slots=True)
-class Relation:
+@dataclass(slots=True, repr=False, eq=False)
+class Relation(Record):
+    """Relation (R): a table's definition, sent before its first change in a session."""
+
     relation_id: int
     namespace: str
     name: str
@@ -107,23 +121,29 @@ class Relation:
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class Type:
+@dataclass(slots=True, repr=False, eq=False)
+class Type(Record):
+    """Type (Y): a column's type that is not built in."""
+
     type_oid: int
     namespace: str
     name: str
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class Insert:
+@dataclass(slots=True, repr=False, eq=False)
+class Insert(Record):
+    """Insert (I): a new row."""
+
     relation_id: int
     new: TupleData
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class Update:
+@dataclass(slots=True, repr=False, eq=False)
+class Update(Record):
+    """Update (U): a row's new values, with its old key or row when sent."""
+
     relation_id: int
     new: TupleData
     old: TupleData | None  # the key ('K') or the whole old row ('O')
@@ -131,16 +151,20 @@ class Update:
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class Delete:
+@dataclass(slots=True, repr=False, eq=False)
+class Delete(Record):
+    """Delete (D): a row's old key or row."""
+
     relation_id: int
     old: TupleData
     old_kind: Literal["K", "O"]
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class Truncate:
+@dataclass(slots=True, repr=False, eq=False)
+class Truncate(Record):
+    """Truncate (T): tables emptied."""
+
     relation_ids: list[int]
     options: int  # TRUNCATE_CASCADE | TRUNCATE_RESTART_IDENTITY
     xid: int | None = None
@@ -154,8 +178,10 @@ class Truncate:
         return bool(self.options & TRUNCATE_RESTART_IDENTITY)
 
 
-@dataclass(slots=True)
-class LogicalMessage:
+@dataclass(slots=True, repr=False, eq=False)
+class LogicalMessage(Record):
+    """Message (M): a logical decoding message (``pg_logical_emit_message``)."""
+
     transactional: bool
     lsn: int
     prefix: str
@@ -163,19 +189,23 @@ class LogicalMessage:
     xid: int | None = None
 
 
-@dataclass(slots=True)
-class StreamStart:
+@dataclass(slots=True, repr=False, eq=False)
+class StreamStart(Record):
+    """Stream Start (S): a block of an in-progress transaction (protocol 2+)."""
+
     xid: int
     first_segment: bool
 
 
-@dataclass(slots=True)
-class StreamStop:
-    pass
+@dataclass(slots=True, repr=False, eq=False)
+class StreamStop(Record):
+    """Stream Stop (E): the end of a streamed block."""
 
 
-@dataclass(slots=True)
-class StreamCommit:
+@dataclass(slots=True, repr=False, eq=False)
+class StreamCommit(Record):
+    """Stream Commit (c): a streamed transaction committed."""
+
     xid: int
     flags: int
     commit_lsn: int
@@ -183,16 +213,20 @@ class StreamCommit:
     commit_time: datetime
 
 
-@dataclass(slots=True)
-class StreamAbort:
+@dataclass(slots=True, repr=False, eq=False)
+class StreamAbort(Record):
+    """Stream Abort (A): a streamed (sub)transaction aborted."""
+
     xid: int
     subxid: int
     abort_lsn: int | None = None  # protocol 4 with streaming = parallel
     abort_time: datetime | None = None
 
 
-@dataclass(slots=True)
-class BeginPrepare:
+@dataclass(slots=True, repr=False, eq=False)
+class BeginPrepare(Record):
+    """Begin Prepare (b): a two-phase transaction starts (protocol 3+)."""
+
     prepare_lsn: int
     end_lsn: int
     prepare_time: datetime
@@ -200,8 +234,10 @@ class BeginPrepare:
     gid: str
 
 
-@dataclass(slots=True)
-class Prepare:
+@dataclass(slots=True, repr=False, eq=False)
+class Prepare(Record):
+    """Prepare (P): a two-phase transaction was prepared."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int
@@ -210,8 +246,10 @@ class Prepare:
     gid: str
 
 
-@dataclass(slots=True)
-class StreamPrepare:
+@dataclass(slots=True, repr=False, eq=False)
+class StreamPrepare(Record):
+    """Stream Prepare (p): a streamed transaction was prepared."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int
@@ -220,8 +258,10 @@ class StreamPrepare:
     gid: str
 
 
-@dataclass(slots=True)
-class CommitPrepared:
+@dataclass(slots=True, repr=False, eq=False)
+class CommitPrepared(Record):
+    """Commit Prepared (K): a prepared transaction committed."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -230,8 +270,10 @@ class CommitPrepared:
     gid: str
 
 
-@dataclass(slots=True)
-class RollbackPrepared:
+@dataclass(slots=True, repr=False, eq=False)
+class RollbackPrepared(Record):
+    """Rollback Prepared (r): a prepared transaction was rolled back."""
+
     flags: int
     prepare_end_lsn: int
     rollback_end_lsn: int
