@@ -191,7 +191,11 @@ class WalExSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
+        sources = [init_settings]
+        # pydantic-settings matches WALEX_* names in any case; with none set, its
+        # per-field look-ups (a third of building the settings) would find nothing
+        if any(name[:6].lower() == "walex_" for name in os.environ):
+            sources.append(env_settings)
         values = _FILE_VALUES.get()
         if values:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=dict(values)))
