@@ -62,6 +62,45 @@ def test_streaming_app_loads_nothing_off_its_path() -> None:
     assert loaded(code, OFF_STREAMING_PATH) == []
 
 
+# never loaded by an app that streams to handlers only, up to and after start(): the
+# broker clients, the CLI's libraries, and what only some apps need (pickle: a spill of a
+# streamed transaction; tomllib: a configuration file)
+NOT_FOR_A_PLAIN_APP = ["nats", "aiormq", "aio_pika", "pamqp", "redis", "confluent_kafka",
+                       "httpx", "httpcore", "aiohttp", "typer", "rich", "click", "pickle",
+                       "tomllib", "walex.destinations", "walex.workers", "walex.cli"]
+
+
+def test_a_streaming_app_loads_no_broker_client_nor_cli(admin: psycopg.Connection,
+                                                         dsn: str) -> None:
+    """A new interpreter starts an app with one handler; once streaming (start() returned,
+    a row received) none of those modules (nor any of their submodules) was imported."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t")
+    code = (
+        "import asyncio, json, sys\n"
+        "import psycopg\n"
+        "from walex import Event, Events, WalEx\n"
+        "events = Events()\n"
+        "got = []\n"
+        "@events.on_event('all')\n"
+        "async def handle(batch: list[Event]) -> None:\n"
+        "    got.extend(batch)\n"
+        "async def main() -> None:\n"
+        f"    app = WalEx({dsn!r}, publication='pub', modules=[events])\n"
+        "    await app.start()\n"
+        f"    with psycopg.connect({dsn!r}, autocommit=True) as conn:\n"
+        "        conn.execute('INSERT INTO t VALUES (1)')\n"
+        "    while not got:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    await app.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    probe = (f"{code}\nprint(json.dumps(sorted({{m for m in sys.modules for n in "
+             f"{NOT_FOR_A_PLAIN_APP!r} if m == n or m.startswith(n + '.')}})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
