@@ -51,6 +51,13 @@ def reference(cls: type) -> type:
     return ref
 
 
+def params(cls: type) -> list[tuple[str, Any, Any, str]]:
+    """What ``cls(...)`` takes: each parameter's name, kind, default and annotation (as
+    text: a hand-written ``__init__``'s return annotation is the string 'None')."""
+    return [(p.name, p.kind, p.default, str(p.annotation))
+            for p in inspect.signature(cls).parameters.values()]
+
+
 def values(cls: type, start: int) -> dict[str, Any]:
     """Distinct values for the init fields of ``cls`` (of several kinds, repr-able)."""
     kinds = itertools.cycle([lambda i: i, lambda i: f"text {i}", lambda i: [i, None],
@@ -74,7 +81,7 @@ def test_a_record_behaves_as_its_dataclass(cls: type) -> None:
     assert cls.__match_args__ == ref.__match_args__
     assert cls.__slots__ == ref.__slots__
     assert not hasattr(obj, "__dict__")
-    assert inspect.signature(cls) == inspect.signature(ref)
+    assert params(cls) == params(ref)
     # equality: field by field, only with the same class
     assert obj == cls(**kwargs)
     assert not obj != cls(**kwargs)
