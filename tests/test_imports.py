@@ -101,6 +101,18 @@ def test_a_streaming_app_loads_no_broker_client_nor_cli(admin: psycopg.Connectio
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_a_relay_loads_the_client_of_its_destination_only() -> None:
+    """An app publishing to NATS imports nats-py (when the URL is checked), no other broker's
+    client, nor the CLI's libraries."""
+    code = (
+        "from walex import WalEx\n"
+        "app = WalEx('postgresql://u@h/db', publication='p', "
+        "destinations=['nats://127.0.0.1:4222?stream=s'])\n"
+    )
+    clients = ["nats", "aio_pika", "aiormq", "redis", "confluent_kafka", "httpx", "typer", "rich"]
+    assert loaded(code, clients) == ["nats"]
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
