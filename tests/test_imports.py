@@ -113,6 +113,16 @@ def test_a_relay_loads_the_client_of_its_destination_only() -> None:
     assert loaded(code, clients) == ["nats"]
 
 
+def test_the_cli_loads_the_settings_only_for_a_command_that_reads_them() -> None:
+    """``walex --help`` and ``walex worker`` do not pay for pydantic: the commands that build
+    settings (run, status, setup, ...) import them when they run."""
+    assert loaded("import walex.cli", ["pydantic", "pydantic_settings", "walex.config",
+                                       "walex.app", "walex.destinations"]) == []
+    out = subprocess.run([sys.executable, "-m", "walex.cli", "--help"], capture_output=True,
+                         text=True, check=False)
+    assert "status" in out.stdout and "worker" in out.stdout, out.stderr
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
