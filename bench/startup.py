@@ -16,7 +16,15 @@ Python processes (``python -c ...``) one after the other:
 - ``traced``: as ``stream``, timing each phase: the import, ``WalEx(...)``,
   every connection opened and every statement sent before ``start()``
   returned (psycopg's connect and cursor execute, START_REPLICATION), and
-  ``start()``'s own remaining work.
+  ``start()``'s own remaining work;
+- ``relay`` (with ``--destination NAME``, repeatable: ``nats``, ``redis``,
+  ``rabbitmq``, ``webhook``, ``kafka`` or ``NAME=URL``, as ``run.py`` takes
+  them, see ``destinations.py``): as ``stream`` with
+  ``destinations=[URL, ...]``: its broker client is imported and connected
+  (a NATS stream made by the warm-up run) before ``start()`` returns; the
+  targets are removed at the end.
+
+    .venv/bin/python bench/startup.py --runs 5 --destination nats --instructions 3
 
 For each kind it prints the median and min-max over ``--runs`` of the wall time
 (from just before the process is spawned to the mark, measured by this
@@ -48,6 +56,9 @@ from pathlib import Path
 import psycopg
 
 from walex.embedded import Cluster, embedded_bindir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import destinations as bench_destinations  # noqa: E402  (bench/destinations.py)
 
 PUBLICATION, SLOT, TABLE = "bench_pub", "bench_startup", "bench_rows"
 
@@ -107,6 +118,7 @@ if trace:
 import asyncio
 
 dsn, publication, slot = sys.argv[1:4]
+destinations = sys.argv[4:]  # the relay kind: publishing to these too
 events = Events()
 
 @events.on_event("all")
@@ -116,7 +128,7 @@ async def handle(batch: list[Event]) -> None:
 async def run() -> None:
     t0 = time.perf_counter()
     app = WalEx(url=dsn, publication=publication, subscriptions=["*"], modules=[events],
-                name="bench", durable_slot=True, slot_name=slot)
+                name="bench", durable_slot=True, slot_name=slot, destinations=destinations)
     t1 = time.perf_counter()
     marks["WalEx()"] = t1 - t0
     await app.start()
@@ -195,7 +207,12 @@ def main() -> int:
     ap.add_argument("--instructions", type=int, default=0, metavar="N",
                     help="also count the instructions of N processes of each kind under valgrind "
                     "(deterministic, unlike times on a busy machine; ~15 s per process)")
+    ap.add_argument("--destination", action="append", default=[], metavar="NAME[=URL]",
+                    help="add the kind `relay`: the app publishing to this destination too "
+                    "(repeatable; nats, redis, rabbitmq, webhook, kafka, or NAME=URL)")
     args = ap.parse_args()
+    levels = [lv for lv in bench_destinations.parse(args.destination) if lv.startswith("walex+")]
+    run_name = f"bench_startup_{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "WALEX_"))}
     if not args.no_bytecode_cache:  # as an installed package has them: the warm-up writes them
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -209,18 +226,30 @@ def main() -> int:
             dsn = f"postgresql://postgres@/postgres?host={cluster.datadir.parent}&port={cluster.port}"
         child_args = [dsn, PUBLICATION, SLOT]
         major = cluster.major_version
-        spawn(_STREAM, child_args, env)  # warm the OS caches and the server
-        results: dict[str, list[dict]] = {"baseline": [], "import": [], "stream": [], "traced": []}
-        for _ in range(args.runs):  # interleaved, so a burst of load hits every kind alike
-            results["baseline"].append(spawn(_BASELINE, [], env))
-            results["import"].append(spawn(_IMPORT, [], env))
-            results["stream"].append(spawn(_STREAM, child_args, env))
-            results["traced"].append(spawn(_STREAM, child_args, {**env, "BENCH_STARTUP_TRACE": "1"}))
-        counts: dict[str, list[int]] = {"baseline": [], "import": [], "stream": []}
-        for _ in range(args.instructions):
-            counts["baseline"].append(instructions(_BASELINE, [], env))
-            counts["import"].append(instructions(_IMPORT, [], env))
-            counts["stream"].append(instructions(_STREAM, child_args, env))
+        for level in levels:
+            bench_destinations.prepare(level, run_name)
+        try:
+            relay_args = child_args + [bench_destinations.url_for(lv, run_name) for lv in levels]
+            kinds = {"baseline": (_BASELINE, []), "import": (_IMPORT, []),
+                     "stream": (_STREAM, child_args)}
+            if levels:
+                kinds["relay"] = (_STREAM, relay_args)
+            spawn(_STREAM, child_args, env)  # warm the OS caches and the server
+            if levels:
+                spawn(_STREAM, relay_args, env)  # and make the broker's targets (a NATS stream)
+            results: dict[str, list[dict]] = {kind: [] for kind in [*kinds, "traced"]}
+            for _ in range(args.runs):  # interleaved, so a burst of load hits every kind alike
+                for kind, (code, argv) in kinds.items():
+                    results[kind].append(spawn(code, argv, env))
+                results["traced"].append(spawn(_STREAM, child_args,
+                                               {**env, "BENCH_STARTUP_TRACE": "1"}))
+            counts: dict[str, list[int]] = {kind: [] for kind in kinds}
+            for _ in range(args.instructions):
+                for kind, (code, argv) in kinds.items():
+                    counts[kind].append(instructions(code, argv, env))
+        finally:
+            for level in levels:
+                bench_destinations.cleanup(level, run_name)
     print(f"python {sys.version.split()[0]}, PostgreSQL {major}, "
           f"{'unix socket' if args.unix_socket else 'TCP'}, {args.runs} runs each, bytecode cache "
           f"{'off' if 'PYTHONDONTWRITEBYTECODE' in env else 'on'}; ms, median [min-max]")
@@ -228,7 +257,11 @@ def main() -> int:
     print("| process | wall to mark | child CPU to mark | instructions (M) | modules |")
     print("|---|---|---|---|---|")
     for kind, mark in (("baseline", "interpreter up"), ("import", "import walex done"),
-                       ("stream", "start() returned")):
+                       ("stream", "start() returned"), ("relay", "start() returned")):
+        if kind not in results:
+            continue
+        if kind == "relay":
+            mark += ", publishing to " + ", ".join(lv.removeprefix("walex+") for lv in levels)
         runs = results[kind]
         modules = runs[0].get("modules", "")
         count = (f"{statistics.median(counts[kind]) / 1e6:.0f}" if counts[kind] else "-")

@@ -145,6 +145,19 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_environment_variable_names_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower- and mixed-case names count as ``WALEX_*`` (the settings look at the environment
+    only when such a name is set), and settings built before one was set do not hide it."""
+    for name in [n for n in os.environ if n.lower().startswith("walex_")]:
+        monkeypatch.delenv(name)
+    assert load_settings(publication="p").name == "walex"
+    monkeypatch.setenv("walex_name", "lower_app")
+    assert load_settings(publication="p").name == "lower_app"
+    monkeypatch.delenv("walex_name")
+    monkeypatch.setenv("Walex_Port", "6543")
+    assert load_settings(publication="p").port == 6543
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ('["user","todo"]', ["user", "todo"]),
     ('[ "user", "public.todo" ]', ["user", "public.todo"]),

@@ -62,6 +62,67 @@ def test_streaming_app_loads_nothing_off_its_path() -> None:
     assert loaded(code, OFF_STREAMING_PATH) == []
 
 
+# never loaded by an app that streams to handlers only, up to and after start(): the
+# broker clients, the CLI's libraries, and what only some apps need (pickle: a spill of a
+# streamed transaction; tomllib: a configuration file)
+NOT_FOR_A_PLAIN_APP = ["nats", "aiormq", "aio_pika", "pamqp", "redis", "confluent_kafka",
+                       "httpx", "httpcore", "aiohttp", "typer", "rich", "click", "pickle",
+                       "tomllib", "walex.destinations", "walex.workers", "walex.cli"]
+
+
+def test_a_streaming_app_loads_no_broker_client_nor_cli(admin: psycopg.Connection,
+                                                         dsn: str) -> None:
+    """A new interpreter starts an app with one handler; once streaming (start() returned,
+    a row received) none of those modules (nor any of their submodules) was imported."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t")
+    code = (
+        "import asyncio, json, sys\n"
+        "import psycopg\n"
+        "from walex import Event, Events, WalEx\n"
+        "events = Events()\n"
+        "got = []\n"
+        "@events.on_event('all')\n"
+        "async def handle(batch: list[Event]) -> None:\n"
+        "    got.extend(batch)\n"
+        "async def main() -> None:\n"
+        f"    app = WalEx({dsn!r}, publication='pub', modules=[events])\n"
+        "    await app.start()\n"
+        f"    with psycopg.connect({dsn!r}, autocommit=True) as conn:\n"
+        "        conn.execute('INSERT INTO t VALUES (1)')\n"
+        "    while not got:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    await app.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    probe = (f"{code}\nprint(json.dumps(sorted({{m for m in sys.modules for n in "
+             f"{NOT_FOR_A_PLAIN_APP!r} if m == n or m.startswith(n + '.')}})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_relay_loads_the_client_of_its_destination_only() -> None:
+    """An app publishing to NATS imports nats-py (when the URL is checked), no other broker's
+    client, nor the CLI's libraries."""
+    code = (
+        "from walex import WalEx\n"
+        "app = WalEx('postgresql://u@h/db', publication='p', "
+        "destinations=['nats://127.0.0.1:4222?stream=s'])\n"
+    )
+    clients = ["nats", "aio_pika", "aiormq", "redis", "confluent_kafka", "httpx", "typer", "rich"]
+    assert loaded(code, clients) == ["nats"]
+
+
+def test_the_cli_loads_the_settings_only_for_a_command_that_reads_them() -> None:
+    """``walex --help`` and ``walex worker`` do not pay for pydantic: the commands that build
+    settings (run, status, setup, ...) import them when they run."""
+    assert loaded("import walex.cli", ["pydantic", "pydantic_settings", "walex.config",
+                                       "walex.app", "walex.destinations"]) == []
+    out = subprocess.run([sys.executable, "-m", "walex.cli", "--help"], capture_output=True,
+                         text=True, check=False)
+    assert "status" in out.stdout and "worker" in out.stdout, out.stderr
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

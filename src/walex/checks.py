@@ -13,6 +13,7 @@ import psycopg
 
 from .errors import SetupError
 from .handlers import table_matcher
+from .records import Record
 
 # seconds the server has to answer the checks (a silent network counts as a lost connection)
 CHECK_TIMEOUT = 30.0
@@ -20,8 +21,10 @@ CHECK_TIMEOUT = 30.0
 __all__ = ["Preflight", "preflight", "quote_ident"]
 
 
-@dataclass(slots=True)
-class Preflight:
+@dataclass(slots=True, repr=False, eq=False)
+class Preflight(Record):
+    """What the checks at the start of a session found out about the server."""
+
     database: str
     server_version: int
     published: set[tuple[str, str]]  # (schema, table) in the publication

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import psycopg
 import typer
@@ -30,8 +30,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from .admin import human_size
-from .config import WalExSettings, file_values, load_settings, read_toml
 from .errors import SetupError, WalExError, redact
+
+if TYPE_CHECKING:  # the settings (pydantic) are imported by the commands that read them
+    from .config import WalExSettings
 
 out = Console()
 
@@ -58,6 +60,8 @@ _HINTS = {"publication": "-p/--publication"}  # how a missing option is given he
 
 
 def _settings(url: str | None, publication: str | None, config: Path | None) -> WalExSettings:
+    from .config import file_values, load_settings, read_toml
+
     options = {k: v for k, v in (("url", url), ("publication", publication)) if v is not None}
     if config is not None:
         with file_values(read_toml(config)):

@@ -25,11 +25,10 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import psycopg
 import typer
-from pydantic import ByteSize, TypeAdapter, ValidationError
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
@@ -42,8 +41,10 @@ from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
     _settings, deadline,
 )
-from .config import WalExSettings, read_toml
 from .errors import ConfigError, SetupError, WalExError, redact
+
+if TYPE_CHECKING:  # the settings (pydantic) are imported by the commands that read them
+    from .config import WalExSettings
 
 __all__ = ["status", "sparkline", "slot_alerts"]
 
@@ -66,6 +67,8 @@ def sparkline(values: list[int]) -> str:
 def _max_lag(value: str | None) -> int | None:
     if value is None:
         return None
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
     try:
         return int(TypeAdapter(ByteSize).validate_python(value))
     except ValidationError:
@@ -93,6 +96,8 @@ def _status_settings(
     url: str | None, publication: str | None, config: Path | None
 ) -> tuple[WalExSettings, str | None]:
     """The settings and the publication to check (None when none is configured anywhere)."""
+    from .config import read_toml
+
     given = publication is not None or any(k.upper() == "WALEX_PUBLICATION" for k in os.environ) \
         or (config is not None and "publication" in read_toml(config))
     if given:

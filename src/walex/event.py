@@ -22,6 +22,7 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from .pgoutput.messages import UNCHANGED_TOAST, UnchangedToast
+from .records import Record
 
 __all__ = ["Event", "EventType", "Change", "Source", "UNCHANGED_TOAST", "UnchangedToast",
            "walex_version"]
@@ -78,8 +79,10 @@ class Change(NamedTuple):
     new_value: Any
 
 
-@dataclass(slots=True)
-class Event:
+@dataclass(slots=True, repr=False, eq=False)
+class Event(Record):
+    """One change as handlers receive it: a row inserted, updated, deleted or read, or a truncate."""
+
     name: str
     type: EventType
     source: Source

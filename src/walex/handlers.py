@@ -47,6 +47,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .event import UNCHANGED_TOAST, Event, EventType
+from .records import Record
 
 __all__ = ["Events", "Handler", "table_matcher"]
 
@@ -66,8 +67,10 @@ def table_matcher(spec: str) -> Callable[[str, str], bool]:
     return lambda s, t: t == spec
 
 
-@dataclass(slots=True)
-class Handler:
+@dataclass(slots=True, repr=False, eq=False)
+class Handler(Record):
+    """A registered handler: its callback and what it takes (:meth:`Events.on_event`)."""
+
     callback: Callable[[list[Event]], Any]
     table: str  # "all", "name" or "schema.name"
     types: frozenset[EventType]

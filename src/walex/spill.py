@@ -19,7 +19,6 @@ those of aborted subtransactions, reading back one batch at a time.
 
 from __future__ import annotations
 
-import pickle
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -44,6 +43,8 @@ class Spill:
     def append(self, subxid: int, item: Any) -> None:
         self.memory.append((subxid, item))
         if len(self.memory) >= self.batch_size:
+            import pickle  # imported by the first spill: most processes never spill
+
             if self._file is None:
                 self._file = tempfile.TemporaryFile(prefix="walex-spill-", dir=self.directory)
             pickle.dump(self.memory, self._file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -68,6 +69,8 @@ class Spill:
         aborted = self.aborted
         try:
             if self._file is not None:
+                import pickle
+
                 self._file.seek(0)
                 for _ in range(self._batches):
                     for subxid, item in pickle.load(self._file):

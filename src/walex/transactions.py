@@ -46,6 +46,7 @@ from .event import Event
 from .lsn import format_lsn
 from .pgoutput import messages as m
 from .rawevent import change_event
+from .records import Record
 from .relations import RelationCache, Table
 from .rows import truncate_event
 from .spill import Spill
@@ -55,8 +56,8 @@ __all__ = ["Transaction", "TransactionAssembler"]
 _TAGS = {m.Insert: "I", m.Update: "U", m.Delete: "D", m.Truncate: "T"}
 
 
-@dataclass(slots=True)
-class Transaction:
+@dataclass(slots=True, repr=False, eq=False)
+class Transaction(Record):
     """A committed transaction's events: all of them, or one batch of a large one.
 
     ``end_lsn`` (the end of the commit record, what is acknowledged) is known
@@ -75,8 +76,8 @@ class Transaction:
     size: int = 0
 
 
-@dataclass(slots=True)
-class _Open:
+@dataclass(slots=True, repr=False, eq=False)
+class _Open(Record):
     """A transaction being received."""
 
     xid: int

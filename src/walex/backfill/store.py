@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 from ..errors import ConfigError, SetupError
+from ..records import Record
 
 __all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL", "STATES"]
 
@@ -95,8 +96,8 @@ _UPGRADE = [
 ]
 
 
-@dataclass(slots=True)
-class Job:
+@dataclass(slots=True, repr=False, eq=False)
+class Job(Record):
     """One row of the store."""
 
     app: str

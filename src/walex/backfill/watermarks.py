@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..event import UNCHANGED_TOAST, EventType
 from ..lsn import format_lsn
+from ..records import Record
 from ..transactions import Transaction
 from .keys import canonical
 
@@ -76,8 +77,8 @@ def parse(content: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-@dataclass(slots=True)
-class Outcome:
+@dataclass(slots=True, repr=False, eq=False)
+class Outcome(Record):
     """What became of a chunk at its high watermark."""
 
     end_lsn: int = 0  # end of the high watermark's transaction: acknowledged after the reads
@@ -88,8 +89,8 @@ class Outcome:
     again: list[Bound] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Changes:
+@dataclass(slots=True, repr=False, eq=False)
+class _Changes(Record):
     """Keys of the table changed by the transactions of a stretch of the stream."""
 
     by_xid: dict[int, set[tuple[Any, ...]]] = field(default_factory=dict)

@@ -11,6 +11,9 @@ for SQL NULL, :data:`UNCHANGED_TOAST` for a TOASTed value the server did not
 resend, ``bytes`` in text format, or :class:`BinaryValue` in binary format;
 ``plain`` is true when every item is ``None`` or text ``bytes``, so the whole
 row can be handed to psycopg's ``Transformer.load_sequence`` at once.
+
+The messages are dataclasses (:mod:`walex.records`: their ``__init__`` written
+out, so importing this module compiles none).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
+
+from ..records import Record
 
 __all__ = [
     "UNCHANGED_TOAST", "UnchangedToast", "BinaryValue", "TupleData", "Column",
@@ -58,47 +63,88 @@ class BinaryValue(bytes):
     __slots__ = ()
 
 
-@dataclass(slots=True)
-class TupleData:
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class TupleData(Record):
+    """A row's column values (see the module)."""
+
     values: list[bytes | BinaryValue | UnchangedToast | None]
     plain: bool
 
+    def __init__(
+        self,
+        values: list[bytes | BinaryValue | UnchangedToast | None],
+        plain: bool,
+    ) -> None:
+        self.values = values
+        self.plain = plain
 
-@dataclass(slots=True)
-class Column:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Column(Record):
+    """A column of a :class:`Relation`."""
+
     name: str
     type_oid: int
     type_modifier: int
     is_key: bool
+
+    def __init__(self, name: str, type_oid: int, type_modifier: int, is_key: bool) -> None:
+        self.name = name
+        self.type_oid = type_oid
+        self.type_modifier = type_modifier
+        self.is_key = is_key
 
 
 TRUNCATE_CASCADE: Final = 1
 TRUNCATE_RESTART_IDENTITY: Final = 2
 
 
-@dataclass(slots=True)
-class Begin:
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Begin(Record):
+    """Begin (B): a transaction starts; ``final_lsn`` is the LSN of its commit record."""
+
     final_lsn: int
     commit_time: datetime
     xid: int
 
+    def __init__(self, final_lsn: int, commit_time: datetime, xid: int) -> None:
+        self.final_lsn = final_lsn
+        self.commit_time = commit_time
+        self.xid = xid
 
-@dataclass(slots=True)
-class Commit:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Commit(Record):
+    """Commit (C): the transaction ends."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
     commit_time: datetime
 
+    def __init__(self, flags: int, commit_lsn: int, end_lsn: int, commit_time: datetime) -> None:
+        self.flags = flags
+        self.commit_lsn = commit_lsn
+        self.end_lsn = end_lsn
+        self.commit_time = commit_time
 
-@dataclass(slots=True)
-class Origin:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Origin(Record):
+    """Origin (O): the transaction was replicated from elsewhere."""
+
     commit_lsn: int
     name: str
 
+    def __init__(self, commit_lsn: int, name: str) -> None:
+        self.commit_lsn = commit_lsn
+        self.name = name
 
-@dataclass(slots=True)
-class Relation:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Relation(Record):
+    """Relation (R): a table's definition, sent before its first change in a session."""
+
     relation_id: int
     namespace: str
     name: str
@@ -106,44 +152,112 @@ class Relation:
     columns: list[Column]
     xid: int | None = None
 
+    def __init__(
+        self,
+        relation_id: int,
+        namespace: str,
+        name: str,
+        replica_identity: str,
+        columns: list[Column],
+        xid: int | None = None,
+    ) -> None:
+        self.relation_id = relation_id
+        self.namespace = namespace
+        self.name = name
+        self.replica_identity = replica_identity
+        self.columns = columns
+        self.xid = xid
 
-@dataclass(slots=True)
-class Type:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Type(Record):
+    """Type (Y): a column's type that is not built in."""
+
     type_oid: int
     namespace: str
     name: str
     xid: int | None = None
 
+    def __init__(self, type_oid: int, namespace: str, name: str, xid: int | None = None) -> None:
+        self.type_oid = type_oid
+        self.namespace = namespace
+        self.name = name
+        self.xid = xid
 
-@dataclass(slots=True)
-class Insert:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Insert(Record):
+    """Insert (I): a new row."""
+
     relation_id: int
     new: TupleData
     xid: int | None = None
 
+    def __init__(self, relation_id: int, new: TupleData, xid: int | None = None) -> None:
+        self.relation_id = relation_id
+        self.new = new
+        self.xid = xid
 
-@dataclass(slots=True)
-class Update:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Update(Record):
+    """Update (U): a row's new values, with its old key or row when sent."""
+
     relation_id: int
     new: TupleData
     old: TupleData | None  # the key ('K') or the whole old row ('O')
     old_kind: Literal["K", "O"] | None
     xid: int | None = None
 
+    def __init__(
+        self,
+        relation_id: int,
+        new: TupleData,
+        old: TupleData | None,
+        old_kind: Literal["K", "O"] | None,
+        xid: int | None = None,
+    ) -> None:
+        self.relation_id = relation_id
+        self.new = new
+        self.old = old
+        self.old_kind = old_kind
+        self.xid = xid
 
-@dataclass(slots=True)
-class Delete:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Delete(Record):
+    """Delete (D): a row's old key or row."""
+
     relation_id: int
     old: TupleData
     old_kind: Literal["K", "O"]
     xid: int | None = None
 
+    def __init__(
+        self,
+        relation_id: int,
+        old: TupleData,
+        old_kind: Literal["K", "O"],
+        xid: int | None = None,
+    ) -> None:
+        self.relation_id = relation_id
+        self.old = old
+        self.old_kind = old_kind
+        self.xid = xid
 
-@dataclass(slots=True)
-class Truncate:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Truncate(Record):
+    """Truncate (T): tables emptied."""
+
     relation_ids: list[int]
     options: int  # TRUNCATE_CASCADE | TRUNCATE_RESTART_IDENTITY
     xid: int | None = None
+
+    def __init__(self, relation_ids: list[int], options: int, xid: int | None = None) -> None:
+        self.relation_ids = relation_ids
+        self.options = options
+        self.xid = xid
 
     @property
     def cascade(self) -> bool:
@@ -154,54 +268,124 @@ class Truncate:
         return bool(self.options & TRUNCATE_RESTART_IDENTITY)
 
 
-@dataclass(slots=True)
-class LogicalMessage:
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class LogicalMessage(Record):
+    """Message (M): a logical decoding message (``pg_logical_emit_message``)."""
+
     transactional: bool
     lsn: int
     prefix: str
     content: bytes
     xid: int | None = None
 
+    def __init__(
+        self,
+        transactional: bool,
+        lsn: int,
+        prefix: str,
+        content: bytes,
+        xid: int | None = None,
+    ) -> None:
+        self.transactional = transactional
+        self.lsn = lsn
+        self.prefix = prefix
+        self.content = content
+        self.xid = xid
 
-@dataclass(slots=True)
-class StreamStart:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class StreamStart(Record):
+    """Stream Start (S): a block of an in-progress transaction (protocol 2+)."""
+
     xid: int
     first_segment: bool
 
+    def __init__(self, xid: int, first_segment: bool) -> None:
+        self.xid = xid
+        self.first_segment = first_segment
 
-@dataclass(slots=True)
-class StreamStop:
-    pass
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class StreamStop(Record):
+    """Stream Stop (E): the end of a streamed block."""
 
 
-@dataclass(slots=True)
-class StreamCommit:
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class StreamCommit(Record):
+    """Stream Commit (c): a streamed transaction committed."""
+
     xid: int
     flags: int
     commit_lsn: int
     end_lsn: int
     commit_time: datetime
 
+    def __init__(
+        self,
+        xid: int,
+        flags: int,
+        commit_lsn: int,
+        end_lsn: int,
+        commit_time: datetime,
+    ) -> None:
+        self.xid = xid
+        self.flags = flags
+        self.commit_lsn = commit_lsn
+        self.end_lsn = end_lsn
+        self.commit_time = commit_time
 
-@dataclass(slots=True)
-class StreamAbort:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class StreamAbort(Record):
+    """Stream Abort (A): a streamed (sub)transaction aborted."""
+
     xid: int
     subxid: int
     abort_lsn: int | None = None  # protocol 4 with streaming = parallel
     abort_time: datetime | None = None
 
+    def __init__(
+        self,
+        xid: int,
+        subxid: int,
+        abort_lsn: int | None = None,
+        abort_time: datetime | None = None,
+    ) -> None:
+        self.xid = xid
+        self.subxid = subxid
+        self.abort_lsn = abort_lsn
+        self.abort_time = abort_time
 
-@dataclass(slots=True)
-class BeginPrepare:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class BeginPrepare(Record):
+    """Begin Prepare (b): a two-phase transaction starts (protocol 3+)."""
+
     prepare_lsn: int
     end_lsn: int
     prepare_time: datetime
     xid: int
     gid: str
 
+    def __init__(
+        self,
+        prepare_lsn: int,
+        end_lsn: int,
+        prepare_time: datetime,
+        xid: int,
+        gid: str,
+    ) -> None:
+        self.prepare_lsn = prepare_lsn
+        self.end_lsn = end_lsn
+        self.prepare_time = prepare_time
+        self.xid = xid
+        self.gid = gid
 
-@dataclass(slots=True)
-class Prepare:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class Prepare(Record):
+    """Prepare (P): a two-phase transaction was prepared."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int
@@ -209,9 +393,27 @@ class Prepare:
     xid: int
     gid: str
 
+    def __init__(
+        self,
+        flags: int,
+        prepare_lsn: int,
+        end_lsn: int,
+        prepare_time: datetime,
+        xid: int,
+        gid: str,
+    ) -> None:
+        self.flags = flags
+        self.prepare_lsn = prepare_lsn
+        self.end_lsn = end_lsn
+        self.prepare_time = prepare_time
+        self.xid = xid
+        self.gid = gid
 
-@dataclass(slots=True)
-class StreamPrepare:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class StreamPrepare(Record):
+    """Stream Prepare (p): a streamed transaction was prepared."""
+
     flags: int
     prepare_lsn: int
     end_lsn: int
@@ -219,9 +421,27 @@ class StreamPrepare:
     xid: int
     gid: str
 
+    def __init__(
+        self,
+        flags: int,
+        prepare_lsn: int,
+        end_lsn: int,
+        prepare_time: datetime,
+        xid: int,
+        gid: str,
+    ) -> None:
+        self.flags = flags
+        self.prepare_lsn = prepare_lsn
+        self.end_lsn = end_lsn
+        self.prepare_time = prepare_time
+        self.xid = xid
+        self.gid = gid
 
-@dataclass(slots=True)
-class CommitPrepared:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class CommitPrepared(Record):
+    """Commit Prepared (K): a prepared transaction committed."""
+
     flags: int
     commit_lsn: int
     end_lsn: int
@@ -229,9 +449,27 @@ class CommitPrepared:
     xid: int
     gid: str
 
+    def __init__(
+        self,
+        flags: int,
+        commit_lsn: int,
+        end_lsn: int,
+        commit_time: datetime,
+        xid: int,
+        gid: str,
+    ) -> None:
+        self.flags = flags
+        self.commit_lsn = commit_lsn
+        self.end_lsn = end_lsn
+        self.commit_time = commit_time
+        self.xid = xid
+        self.gid = gid
 
-@dataclass(slots=True)
-class RollbackPrepared:
+
+@dataclass(slots=True, init=False, repr=False, eq=False)
+class RollbackPrepared(Record):
+    """Rollback Prepared (r): a prepared transaction was rolled back."""
+
     flags: int
     prepare_end_lsn: int
     rollback_end_lsn: int
@@ -239,6 +477,24 @@ class RollbackPrepared:
     rollback_time: datetime
     xid: int
     gid: str
+
+    def __init__(
+        self,
+        flags: int,
+        prepare_end_lsn: int,
+        rollback_end_lsn: int,
+        prepare_time: datetime,
+        rollback_time: datetime,
+        xid: int,
+        gid: str,
+    ) -> None:
+        self.flags = flags
+        self.prepare_end_lsn = prepare_end_lsn
+        self.rollback_end_lsn = rollback_end_lsn
+        self.prepare_time = prepare_time
+        self.rollback_time = rollback_time
+        self.xid = xid
+        self.gid = gid
 
 
 Message = (

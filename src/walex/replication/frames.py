@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ReplicationError
+from ..records import Record
 
 __all__ = ["Keepalive", "XLOGDATA_HEADER", "XLOGDATA_POSITIONS", "parse_keepalive", "standby_status", "pg_now"]
 
@@ -23,8 +24,10 @@ _STATUS = struct.Struct("!cQQQqB")
 _PG_EPOCH_UNIX = 946_684_800  # 2000-01-01 in seconds since the Unix epoch
 
 
-@dataclass(slots=True)
-class Keepalive:
+@dataclass(slots=True, repr=False, eq=False)
+class Keepalive(Record):
+    """A Primary keepalive message of the stream."""
+
     wal_end: int
     send_time: int
     reply_requested: bool

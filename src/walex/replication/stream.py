@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import ReplicationError, SlotInUseError, redact
 from ..lsn import format_lsn, parse_lsn
+from ..records import Record
 from .frames import standby_status
 
 __all__ = ["ReplicationConnection", "SlotInfo"]
@@ -41,8 +42,10 @@ def is_retriable(sqlstate: str) -> bool:
     return sqlstate[:2] in ("08", "53") or sqlstate in ("57P01", "57P02", "57P03", "55006", "")
 
 
-@dataclass(slots=True)
-class SlotInfo:
+@dataclass(slots=True, repr=False, eq=False)
+class SlotInfo(Record):
+    """The slot a session streams from: its name, where it starts, whether it was made now."""
+
     name: str
     consistent_point: int
     created: bool
