@@ -104,6 +104,7 @@ NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
 Plan = tuple[int, Any, Any, Any, Any]
 _NO_CALLS: list[list[Event]] = []  # _keep's answer when nothing is due (never changed)
 _NOTHING: Plan = (NOTHING, None, None, (), ())
+_IGNORED_KINDS = 4096  # most (type, schema, table) answers Dispatcher.plan keeps
 
 
 class Dispatcher:
@@ -159,6 +160,47 @@ class Dispatcher:
         # the largest max_batch (0: no handler batches across transactions)
         self.max_batch = max((h.max_batch for h in self.handlers), default=0)
         self.batching = self.max_batch > 0
+        # (type, schema, table) -> whether no handler concerns such an event (filters
+        # aside): plan()'s answer for a table no handler takes, found once per handler set
+        self._ignored: dict[tuple[Any, str, str], bool] = {}
+        self._everything = any(h.takes_all for h in self.handlers)  # every event wanted
+
+    def _ignores(self, event: Event) -> bool:
+        """Whether no handler concerns an event of this one's type, schema and table (what
+        :meth:`Handler.concerns` looks at), kept for :meth:`plan` until handlers change."""
+        ignored = self._ignored
+        if len(ignored) >= _IGNORED_KINDS:  # bounded however many tables come and go
+            ignored.clear()
+        source = event.source
+        hit = ignored[(event.type, source.schema, source.table)] = not any(
+            handler.concerns(event) for handler in self.handlers)
+        return hit
+
+    def unwanted(self, txns: Iterable[Transaction]) -> int:
+        """How many of ``txns``, from the first, no handler wants, told without planning
+        them: each of their events is of a type and table no handler concerns (so
+        :meth:`plan` would run no filter and give a plan of nothing to call). Handlers
+        registered since the last look count."""
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()
+        if self._everything:
+            return 0
+        ignored = self._ignored
+        count = 0
+        last_source = last_type = None  # of the last event found unwanted (one shared
+        for txn in txns:  # Source per table: most events are of the same one and type)
+            for event in txn.events:
+                source = event.source
+                if source is last_source and event.type is last_type:
+                    continue
+                hit = ignored.get((event.type, source.schema, source.table))
+                if hit is None:
+                    hit = self._ignores(event)
+                if not hit:
+                    return count
+                last_source, last_type = source, event.type
+            count += 1
+        return count
 
     def has_handlers(self) -> bool:
         """Whether any handler is registered (those registered since the last look count)."""
@@ -217,6 +259,17 @@ class Dispatcher:
             return _NOTHING
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()  # a handler was registered after the app was created
+        if not self._everything:  # is every event of a kind no handler takes? (known per kind)
+            ignored = self._ignored
+            for event in events:
+                source = event.source
+                hit = ignored.get((event.type, source.schema, source.table))
+                if hit is None:
+                    hit = self._ignores(event)
+                if not hit:
+                    break
+            else:
+                return _NOTHING  # no handler concerns any of them: no filter to run, no call
         selections = []
         broken_filters = None
         one = events[0] if len(events) == 1 else None
