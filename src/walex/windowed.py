@@ -96,28 +96,27 @@ async def run_windowed(p: Any, window: Any) -> None:
             if dispatch is None:
                 todo = plans[index]
                 if todo is None:
-                    # this one and the next ones that no handler wants (no filter to run, no
-                    # call, no await): done for the handlers together, without a plan each,
-                    # the log context or a settle each
-                    skip = unwanted(map(_txn, islice(taken, index, None)))
-                    if skip:
-                        finished_all(taken if skip == count else taken[index:index + skip])
-                        index += skip
-                        continue
                     todo = plan(txn)
-                if todo[0] == NOTHING:  # planned by a run, or every event filtered out
-                    finished(entry)
-                    index += 1
+                kind = todo[0]
+                if kind == NOTHING:  # no call: this one and the next ones that no
+                    end = index + 1  # handler wants (no filter to run, no call, no await)
+                    if end < count:  # are done for the handlers together, without a
+                        end += unwanted(map(_txn, islice(taken, end, None)))  # plan each,
+                    if end == index + 1:  # the log context or a settle each
+                        finished(entry)
+                    else:
+                        finished_all(taken if end - index == count else taken[index:end])
+                    index = end
                     continue
-                if todo[0] == PLAIN:  # a run of plain calls: one hand-off to their thread
+                if kind == PLAIN:  # a run of plain calls: one hand-off to their thread
                     plans[index] = todo
                     end, most = index + 1, min(count, index + RUN)
                     while end < most:
                         ahead = plans[end]
                         if ahead is None:
                             ahead = plans[end] = plan(taken[end].txn)
-                        kind = ahead[0]
-                        if kind != PLAIN and kind != NOTHING:
+                        ahead_kind = ahead[0]
+                        if ahead_kind != PLAIN and ahead_kind != NOTHING:
                             break
                         end += 1
                     txns = [e.txn for e in taken[index:end]]
@@ -136,8 +135,7 @@ async def run_windowed(p: Any, window: Any) -> None:
             try:
                 if dispatch is not None:
                     await dispatch(txn)  # raises HandlerError under "stop": unrecorded
-                else:
-                    kind = todo[0]
+                else:  # kind: that of todo, planned above
                     if kind == ASYNC:  # one coroutine function: awaited right here
                         try:
                             await todo[1](todo[2])
@@ -145,7 +143,7 @@ async def run_windowed(p: Any, window: Any) -> None:
                             if _stopping(exc):
                                 raise
                             await recover(txn, todo, exc)  # raises HandlerError under "stop"
-                    elif kind != NOTHING:
+                    else:
                         await dispatcher.dispatch(txn, todo)
             finally:
                 context.reset(token)
