@@ -6,6 +6,7 @@
     .venv/bin/python bench/pertxn.py --max-batch 5000      # handlers batching across transactions
     .venv/bin/python bench/pertxn.py --destination nats    # relaying too (a local broker, as run.py)
     .venv/bin/python bench/pertxn.py --destination nats --handlers none   # a relay alone
+    .venv/bin/python bench/pertxn.py --destination nats --handlers marker # a relay, a handler elsewhere
 
 Unlike ``replay.py`` (frames -> Events only), this drives the real
 ``Pipeline`` tasks: the reader (``_read_session``: frame loop, compiled hot
@@ -32,6 +33,13 @@ or a URL, as ``run.py --destination``) makes the app publish every event
 there too: a transaction counts once the broker confirmed it, the CPU is the
 process's (the broker's client included, the broker not), and the line also
 says how many transactions went out per publish (``Lane.groups``).
+
+``--handlers`` names the handlers measured, one run each: ``async`` and ``plain``
+(one handler on every table, as above), ``none`` (no handler: a relay alone, as
+``walex relay`` runs one) or ``marker`` (one async handler on a table the
+workload never changes, ``bench_marker``: the benchmark's relay, ``run.py``'s
+``walex+NAME`` levels, whose handler waits for the marker row; no call is
+made).
 
 ``--gc-threshold N`` sets the cyclic GC's generation-0 threshold while measuring
 as an app does while it streams (``gc_threshold``, 100,000 by default,
@@ -135,7 +143,12 @@ def touch(events: list[Event]) -> int:
     return values
 
 
-async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: int,
+def _plain(handler: str) -> bool | str | None:
+    """run_once's ``plain`` for a ``--handlers`` name."""
+    return {"none": None, "marker": "marker"}.get(handler, handler == "plain")
+
+
+async def run_once(frames: list[bytes], txns: int, plain: bool | str | None, chunk: int,
                    max_batch: int | None = None, destination: str | None = None,
                    gc_threshold: int = 0) -> tuple[float, int, int]:
     """CPU seconds for ``txns`` transactions through reader -> dispatcher -> handler -> ack."""
@@ -152,6 +165,10 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
     module = Events()
     if plain is None:  # --handlers none: a relay, as walex relay runs one (raw rows)
         pass
+    elif plain == "marker":  # a relay whose one handler takes a table the workload never
+        async def on_marker(events: list[Event]) -> None:  # changes (run.py's walex+NAME)
+            raise AssertionError(f"the marker handler got {events!r}")
+        module.on_event("bench_marker")(on_marker)
     elif plain:
         module.on_event("all", max_batch=max_batch)(handle)
     else:
@@ -176,7 +193,8 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
         while p.transactions_handled < txns:
             await asyncio.sleep(0.001)
 
-    waiting = loop.create_task(done.wait() if plain is not None else handled())
+    calls = plain is not None and plain != "marker"  # a handler called for every event
+    waiting = loop.create_task(done.wait() if calls else handled())
     await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         if task.done():
@@ -201,7 +219,7 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | None, chunk: in
     return seconds, txns, groups
 
 
-def measure(frames: list[bytes], txns: int, plain: bool | None, reps: int, chunk: int,
+def measure(frames: list[bytes], txns: int, plain: bool | str | None, reps: int, chunk: int,
             max_batch: int | None = None, destination: str | None = None,
             gc_threshold: int = 0) -> tuple[float, int]:
     """Best CPU seconds of ``reps`` runs, and the publishes (groups) of the last run."""
@@ -253,7 +271,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60_000,
                         help="transactions recorded (runs take the first --txns)")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--handlers", default="async,plain")
+    parser.add_argument("--handlers", default="async,plain",
+                        help="comma-separated: async, plain, none (a relay alone), marker "
+                             "(a relay with a handler on another table)")
     parser.add_argument("--chunk", type=int, default=1024, help="frames per read()")
     parser.add_argument("--max-batch", type=int, default=None,
                         help="register the handlers with max_batch=N (batching across transactions)")
@@ -273,7 +293,7 @@ def main() -> None:
 
         destination = targets.parse([args.destination])[0]  # the level walex+NAME
     if args.quiet:  # a run under callgrind
-        plain = None if args.handlers == "none" else args.handlers == "plain"
+        plain = _plain(args.handlers)
         frames = all_frames[:1 + 3 * args.txns]  # the Relation, then B/I/C per transaction
         measure(frames, args.txns, plain, args.reps, args.chunk, args.max_batch, destination,
                 args.gc_threshold)
@@ -287,7 +307,7 @@ def main() -> None:
                   f"(callgrind, {args.txns} vs {3 * args.txns} transactions)", flush=True)
             continue
         frames = all_frames[:1 + 3 * args.txns]
-        seconds, groups = measure(frames, args.txns, None if handler == "none" else handler == "plain",
+        seconds, groups = measure(frames, args.txns, _plain(handler),
                                   args.reps, args.chunk,
                                   args.max_batch, destination, args.gc_threshold)
         relay = (f", {destination}: {groups:,} publishes, {args.txns / max(groups, 1):.1f} "

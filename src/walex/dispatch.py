@@ -104,6 +104,7 @@ NOTHING, PLAIN, ASYNC, OTHER = 0, 1, 2, 3
 Plan = tuple[int, Any, Any, Any, Any]
 _NO_CALLS: list[list[Event]] = []  # _keep's answer when nothing is due (never changed)
 _NOTHING: Plan = (NOTHING, None, None, (), ())
+_KINDS = 4096  # most (type, schema, table) answers Dispatcher.plan keeps
 
 
 class Dispatcher:
@@ -159,6 +160,45 @@ class Dispatcher:
         # the largest max_batch (0: no handler batches across transactions)
         self.max_batch = max((h.max_batch for h in self.handlers), default=0)
         self.batching = self.max_batch > 0
+        # (type, schema, table) -> the handlers that concern such an event, in order
+        # (:meth:`Handler.concerns` looks at nothing else; filters aside), found once per
+        # handler set: plan() asks no handler about a table none takes, and unwanted()
+        self._kinds: dict[tuple[Any, str, str], tuple[Handler, ...]] = {}
+
+    def _concerned(self, event: Event) -> tuple[Handler, ...]:
+        """The handlers that concern an event of this one's type, schema and table, kept
+        for :meth:`plan` and :meth:`unwanted` until the handlers change."""
+        kinds = self._kinds
+        if len(kinds) >= _KINDS:  # bounded however many tables come and go
+            kinds.clear()
+        source = event.source
+        found = kinds[(event.type, source.schema, source.table)] = tuple(
+            handler for handler in self.handlers if handler.concerns(event))
+        return found
+
+    def unwanted(self, txns: Iterable[Transaction]) -> int:
+        """How many of ``txns``, from the first, no handler wants, told without planning
+        them: each of their events is of a type and table no handler concerns (so
+        :meth:`plan` would run no filter and give a plan of nothing to call). Handlers
+        registered since the last look count."""
+        if list(map(len, self._lists)) != self._sizes:
+            self._refresh()
+        kinds = self._kinds
+        count = 0
+        last_source = last_type = None  # of the last event found unwanted (one shared
+        for txn in txns:  # Source per table: most events are of the same one and type)
+            for event in txn.events:
+                source = event.source
+                if source is last_source and event.type is last_type:
+                    continue
+                concerned = kinds.get((event.type, source.schema, source.table))
+                if concerned is None:
+                    concerned = self._concerned(event)
+                if concerned:
+                    return count
+                last_source, last_type = source, event.type
+            count += 1
+        return count
 
     def has_handlers(self) -> bool:
         """Whether any handler is registered (those registered since the last look count)."""
@@ -217,18 +257,44 @@ class Dispatcher:
             return _NOTHING
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()  # a handler was registered after the app was created
+        kinds = self._kinds
+        if len(events) == 1:  # a transaction of one change: the common case
+            one = events[0]
+            source = one.source
+            concerned = kinds.get((one.type, source.schema, source.table))
+            if concerned is None:
+                concerned = self._concerned(one)
+            if not concerned:
+                return _NOTHING  # no handler concerns it: no filter to run, no call
+            if len(concerned) == 1:
+                handler = concerned[0]
+                if not handler.filters and handler.single:  # one call of that one event
+                    selected = [one]
+                    return (ASYNC if handler.is_async else PLAIN, handler.callback, selected,
+                            [(handler, selected)], ())
+        else:
+            for event in events:  # is every event of a kind no handler concerns?
+                source = event.source
+                concerned = kinds.get((event.type, source.schema, source.table))
+                if concerned is None:
+                    concerned = self._concerned(event)
+                if concerned:
+                    break
+            else:
+                return _NOTHING
+            concerned = self.handlers
         selections = []
         broken_filters = None
         one = events[0] if len(events) == 1 else None
-        for handler in self.handlers:
+        for handler in concerned:  # those concerned by the one event, or every handler
             if handler.filters:
                 selected, broken = self._select(handler, events)
                 if broken:
                     if broken_filters is None:
                         broken_filters = []
                     broken_filters.append((handler, broken))
-            elif one is not None:  # a transaction of one change: the common case
-                selected = [one] if handler.concerns(one) else None
+            elif one is not None:  # a transaction of one change, that concerns the handler
+                selected = [one]
             elif handler.takes_all:  # on_event("all"): no test per event
                 selected = events[:]
             else:

@@ -7,7 +7,10 @@ to the handlers in order:
 
 - :func:`run_windowed`: with no handler at all (a relay alone), the batches
   taken are done for the handlers at once (:meth:`Window.finished_all`);
-  otherwise consecutive batches that each go to exactly one plain
+  otherwise consecutive batches that no handler wants (a plan of nothing to
+  call: :meth:`~walex.dispatch.Dispatcher.plan` knows a table no handler takes
+  without asking the handlers again) are done together the same way, without
+  the log context; consecutive batches that each go to exactly one plain
   handler (or to none) as one run of calls (:func:`walex.runs.hand_run`), the
   others one after the other (async calls awaited in the loop, or through the
   observer's wrapper);
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 from functools import partial
+from itertools import islice
+from operator import attrgetter
 from typing import Any
 
 from .dispatch import ASYNC, NOTHING, PLAIN, _stopping
@@ -39,6 +44,8 @@ from .logs import TRANSACTION
 from .runs import RUN, hand_run, recover_call
 
 __all__ = ["run_batching_windowed", "run_windowed"]
+
+_txn = attrgetter("txn")  # a window entry's batch
 
 
 async def run_windowed(p: Any, window: Any) -> None:
@@ -56,9 +63,9 @@ async def run_windowed(p: Any, window: Any) -> None:
     # planned here (runs of plain calls, async calls awaited directly) unless an observer
     # wraps each dispatch
     dispatch = None if observer is None else observer(dispatcher.dispatch)
-    plan, recover = dispatcher.plan, dispatcher.recover
+    plan, recover, unwanted = dispatcher.plan, dispatcher.recover, dispatcher.unwanted
     slot, context = p.slot_name, TRANSACTION
-    take, finished = window.take, window.finished
+    take, finished, finished_all = window.take, window.finished, window.finished_all
     has_handlers = dispatcher.has_handlers
 
     def stopping() -> bool:  # read by the handlers' thread between the calls of a run
@@ -75,7 +82,7 @@ async def run_windowed(p: Any, window: Any) -> None:
             if p.closing:  # the handlers are done with every batch taken at once, as
                 window.give_back(taken, items)  # with a plan of nothing to call (no plan,
             else:  # no context, no call per batch); at a stop they go back, as below
-                window.finished_all(taken)
+                finished_all(taken)
             continue
         count = len(taken)
         plans: list[Any] = [None] * count  # of taken[0], ... once made (filters run once)
@@ -90,15 +97,26 @@ async def run_windowed(p: Any, window: Any) -> None:
                 todo = plans[index]
                 if todo is None:
                     todo = plan(txn)
-                if todo[0] == PLAIN:  # a run of plain calls: one hand-off to their thread
+                kind = todo[0]
+                if kind == NOTHING:  # no call: this one and the next ones that no
+                    end = index + 1  # handler wants (no filter to run, no call, no await)
+                    if end < count:  # are done for the handlers together, without a
+                        end += unwanted(map(_txn, islice(taken, end, None)))  # plan each,
+                    if end == index + 1:  # the log context or a settle each
+                        finished(entry)
+                    else:
+                        finished_all(taken if end - index == count else taken[index:end])
+                    index = end
+                    continue
+                if kind == PLAIN:  # a run of plain calls: one hand-off to their thread
                     plans[index] = todo
                     end, most = index + 1, min(count, index + RUN)
                     while end < most:
                         ahead = plans[end]
                         if ahead is None:
                             ahead = plans[end] = plan(taken[end].txn)
-                        kind = ahead[0]
-                        if kind != PLAIN and kind != NOTHING:
+                        ahead_kind = ahead[0]
+                        if ahead_kind != PLAIN and ahead_kind != NOTHING:
                             break
                         end += 1
                     txns = [e.txn for e in taken[index:end]]
@@ -117,8 +135,7 @@ async def run_windowed(p: Any, window: Any) -> None:
             try:
                 if dispatch is not None:
                     await dispatch(txn)  # raises HandlerError under "stop": unrecorded
-                else:
-                    kind = todo[0]
+                else:  # kind: that of todo, planned above
                     if kind == ASYNC:  # one coroutine function: awaited right here
                         try:
                             await todo[1](todo[2])
@@ -126,7 +143,7 @@ async def run_windowed(p: Any, window: Any) -> None:
                             if _stopping(exc):
                                 raise
                             await recover(txn, todo, exc)  # raises HandlerError under "stop"
-                    elif kind != NOTHING:
+                    else:
                         await dispatcher.dispatch(txn, todo)
             finally:
                 context.reset(token)
