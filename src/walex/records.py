@@ -7,8 +7,7 @@ a process's start when every data class of the streaming path (the pgoutput
 messages, events, transactions) is one. walex's are
 ``@dataclass(slots=True, repr=False, eq=False)`` subclasses of :class:`Record`,
 whose ``__repr__`` and ``__eq__`` are those a dataclass generates, written once
-for all: only ``__init__`` is compiled per class, and not even that for the
-pgoutput messages (``init=False``, theirs written out). They remain dataclasses
+for all: only ``__init__`` is compiled per class. They remain dataclasses
 (``dataclasses.fields``, ``asdict``, ``replace`` and pattern matching work), with
 the same ``repr``, equality, (no) hash and parameters as before; a test compares
 each with the plain dataclass of the same fields.
