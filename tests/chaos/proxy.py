@@ -6,6 +6,8 @@
     dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/db"
     proxy.partition()   # from now on every byte, both ways, is read and discarded;
                         # new connections are accepted and go nowhere
+    proxy.partition_after(n)  # the same, once n more bytes went from clients to the
+                        # server (what a read holds past them is dropped already)
     proxy.heal()        # connections that lost bytes are reset (their TCP
                         # streams are broken for good), new ones flow again
     proxy.silence(port) # only the connection whose server side has local port ``port``
@@ -48,6 +50,7 @@ class Proxy:
         self.connections = 0  # accepted, in total
         self.dropped_bytes = 0
         self.resets = 0
+        self._cut_after: int | None = None  # bytes upstream until partition_after() cuts
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="chaos-proxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
@@ -61,6 +64,13 @@ class Proxy:
 
     def partition(self) -> None:
         self._call(self._set(True))
+
+    def partition_after(self, count: int) -> None:
+        """Partition once ``count`` more bytes went from the clients to the server: a cut
+        at a known point of a stream, whatever the pace of either side."""
+        async def arm() -> None:
+            self._cut_after = count
+        self._call(arm())
 
     def heal(self) -> None:
         self._call(self._set(False))
@@ -102,6 +112,7 @@ class Proxy:
     async def _set(self, partitioned: bool) -> None:
         self.partitioned = partitioned
         if not partitioned:
+            self._cut_after = None
             for link in [link for link in self.links if link.damaged]:
                 self.resets += 1
                 link.abort()
@@ -133,7 +144,7 @@ class Proxy:
             assert me is not None
             other = asyncio.create_task(self._pump(up_reader, writer, link))
             link.tasks = [me, other]
-            await self._pump(reader, up_writer, link)
+            await self._pump(reader, up_writer, link, upstream=True)
             await other
         except asyncio.CancelledError:
             pass
@@ -147,7 +158,7 @@ class Proxy:
                         pass
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | None,
-                    link: _Link) -> None:
+                    link: _Link, upstream: bool = False) -> None:
         while True:
             try:
                 data = await reader.read(65536)
@@ -160,6 +171,17 @@ class Proxy:
                     except (OSError, RuntimeError):
                         pass
                 return
+            left = self._cut_after
+            if upstream and left is not None and not self.partitioned and writer is not None:
+                if len(data) < left:
+                    self._cut_after = left - len(data)
+                else:  # the cut: what passes it is dropped, from now on both ways
+                    self._cut_after = None
+                    writer.write(data[:left])
+                    data = data[left:]
+                    self.partitioned = link.damaged = True
+                    self.dropped_bytes += len(data)
+                    continue
             if self.partitioned or link.silent or writer is None:
                 link.damaged = True
                 self.dropped_bytes += len(data)
