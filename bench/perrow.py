@@ -41,9 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from pertxn import RecordedTransport, touch  # noqa: E402
+from pertxn import recorded_app, touch  # noqa: E402
 
-from walex import Event, Events, WalEx, gcpolicy  # noqa: E402
+from walex import Event, Events, gcpolicy  # noqa: E402
 
 
 def record_frames(rows: int) -> list[bytes]:
@@ -72,15 +72,7 @@ async def run_once(frames: list[bytes], rows: int, relay: bool, chunk: int,
         async def handle(events: list[Event]) -> None:
             touch(events)
         module.on_event("all")(handle)
-    app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
-                subscriptions=["*"], modules=[module], name="perrow", durable_slot=True,
-                destinations=[destination] if destination else [])
-    p = app.pipeline
-    if destination:
-        await app.destinations.open()
-    p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
-    p.relations.db = "bench"
-    gc.collect()
+    app, p = await recorded_app(module, "perrow", destination, frames, chunk)
     gcpolicy.hold(app.settings.gc_threshold)  # as WalEx.start does while it streams
     if app.settings.gc_freeze:
         gc.freeze()

@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -148,6 +149,23 @@ def _plain(handler: str) -> bool | str | None:
     return {"none": None, "marker": "marker"}.get(handler, handler == "plain")
 
 
+async def recorded_app(module: Events, name: str, destination: str | None,
+                       frames: list[bytes], chunk: int) -> tuple[WalEx, Any]:
+    """An app of ``module`` (publishing to ``destination`` too) whose pipeline reads the
+    recorded ``frames``, ``chunk`` at a time, its destinations open: for ``run_once`` here
+    and in ``perrow.py``."""
+    app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
+                subscriptions=["*"], modules=[module], name=name, durable_slot=True,
+                destinations=[destination] if destination else [])
+    p = app.pipeline
+    if destination:
+        await app.destinations.open()
+    p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
+    p.relations.db = "bench"
+    gc.collect()
+    return app, p
+
+
 async def run_once(frames: list[bytes], txns: int, plain: bool | str | None, chunk: int,
                    max_batch: int | None = None, destination: str | None = None,
                    gc_threshold: int = 0) -> tuple[float, int, int]:
@@ -175,15 +193,7 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | str | None, chu
         async def handle_async(events: list[Event]) -> None:
             handle(events)
         module.on_event("all", max_batch=max_batch)(handle_async)
-    app = WalEx(url="postgresql://bench@localhost/bench", publication="replay_pub",
-                subscriptions=["*"], modules=[module], name="pertxn", durable_slot=True,
-                destinations=[destination] if destination else [])
-    p = app.pipeline
-    if destination:
-        await app.destinations.open()
-    p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
-    p.relations.db = "bench"
-    gc.collect()
+    app, p = await recorded_app(module, "pertxn", destination, frames, chunk)
     if gc_threshold:  # as WalEx.start does while streaming (walex.gcpolicy)
         gcpolicy.hold(gc_threshold)
     t0 = time.process_time()
