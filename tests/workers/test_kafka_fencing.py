@@ -75,7 +75,7 @@ def test_a_frozen_worker_loses_its_partitions_and_its_call_is_cut_off(
         url = f"kafka://127.0.0.1:{broker.port}?topic=wf.{{table}}&partitioner=consistent"
         source = f"{url}&{GROUP}&group=wf"
         try:
-            w0 = start(["worker", source, "handlers:events"], tmp_path, logs[0],
+            w0 = start(["worker", source, "handlers:events", "--log-level", "DEBUG"], tmp_path, logs[0],
                        {"WORKER_LOG": str(db), "WORKER_NAME": "w0"})
             procs.append(w0)
             wait(lambda: "wf.item[" in logs[0].read_text(), "w0 assigned", 120, logs)
@@ -97,7 +97,7 @@ def test_a_frozen_worker_loses_its_partitions_and_its_call_is_cut_off(
             frozen = Path(f"{db}.frozen")
             wait(frozen.exists, "w0 inside the call to freeze", 120, logs)
             w0.send_signal(signal.SIGSTOP)
-            w1 = start(["worker", source, "handlers:events"], tmp_path, logs[1],
+            w1 = start(["worker", source, "handlers:events", "--log-level", "DEBUG"], tmp_path, logs[1],
                        {"WORKER_LOG": str(db), "WORKER_NAME": "w1"})
             procs.append(w1)
             # w1 joins; the group waits for w0 until its session (6 s) times out, then w1
