@@ -31,17 +31,14 @@ import asyncio
 import gc
 import marshal
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from pertxn import recorded_app, touch  # noqa: E402
+from pertxn import callgrind_total, fresh_target, recorded_app, touch  # noqa: E402
 
 from walex import Event, Events, gcpolicy  # noqa: E402
 
@@ -102,41 +99,18 @@ def measure(frames: list[bytes], rows: int, relay: bool, reps: int, chunk: int,
             destination: str | None) -> float:
     best = float("inf")
     for rep in range(reps):
-        url = None
-        if destination:
-            import destinations as targets
-
-            run = f"perrow{os.getpid()}r{rep}"
-            targets.prepare(destination, run)
-            url = targets.url_for(destination, run)
-        try:
+        with fresh_target(destination, f"perrow{os.getpid()}r{rep}") as url:
             best = min(best, asyncio.run(run_once(frames, rows, relay, chunk, url)))
-        finally:
-            if destination:
-                targets.cleanup(destination, run)
     return best
 
 
 def callgrind(args: argparse.Namespace, mode: str) -> float:
     """Instructions per row: two runs under callgrind, their difference."""
-    counts = []
-    for n in (args.rows, 3 * args.rows):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "callgrind.out"
-            subprocess.run(
-                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                 sys.executable, __file__, "--rows", str(n), "--reps", "1", "--modes", mode,
-                 "--chunk", str(args.chunk), "--destination", args.destination, "--quiet"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
-            )
-            for line in out.read_text().splitlines():
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    counts.append(int(line.split()[1]))
-                    break
-            if args.keep_out:
-                Path(args.keep_out).mkdir(parents=True, exist_ok=True)
-                shutil.copy(out, Path(args.keep_out) / f"{mode}-{n}.out")
+    counts = [callgrind_total(
+        [__file__, "--rows", str(n), "--reps", "1", "--modes", mode, "--chunk", str(args.chunk),
+         "--destination", args.destination, "--quiet"],
+        Path(args.keep_out) / f"{mode}-{n}.out" if args.keep_out else None)
+        for n in (args.rows, 3 * args.rows)]
     return (counts[1] - counts[0]) / (2 * args.rows)
 
 

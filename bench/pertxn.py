@@ -55,11 +55,14 @@ import argparse
 import asyncio
 import gc
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -229,49 +232,61 @@ async def run_once(frames: list[bytes], txns: int, plain: bool | str | None, chu
     return seconds, txns, groups
 
 
+@contextmanager
+def fresh_target(destination: str | None, run: str) -> Iterator[str | None]:
+    """The URL of a fresh stream, queue or key named ``run`` at ``destination`` (``NAME`` or
+    ``NAME=URL``, as run.py takes it), removed afterwards; None without a destination."""
+    if not destination:
+        yield None
+        return
+    import destinations as targets
+
+    targets.prepare(destination, run)
+    try:
+        yield targets.url_for(destination, run)
+    finally:
+        targets.cleanup(destination, run)
+
+
+def callgrind_total(argv: list[str], keep: Path | None = None) -> int:
+    """Instructions of ``python argv`` under callgrind (the out file copied to ``keep``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *argv],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
+        )
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out, keep)
+        for line in out.read_text().splitlines():
+            if line.startswith("summary:") or line.startswith("totals:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"callgrind reported no total for {argv}")
+
+
 def measure(frames: list[bytes], txns: int, plain: bool | str | None, reps: int, chunk: int,
             max_batch: int | None = None, destination: str | None = None,
             gc_threshold: int = 0) -> tuple[float, int]:
     """Best CPU seconds of ``reps`` runs, and the publishes (groups) of the last run."""
     best, groups = float("inf"), 0
     for rep in range(reps):
-        url = None
-        if destination:
-            import destinations as targets
-
-            run = f"pertxn{os.getpid()}r{rep}"
-            targets.prepare(destination, run)
-            url = targets.url_for(destination, run)
-        try:
+        with fresh_target(destination, f"pertxn{os.getpid()}r{rep}") as url:
             seconds, _n, groups = asyncio.run(
                 run_once(frames, txns, plain, chunk, max_batch, url, gc_threshold))
-        finally:
-            if destination:
-                targets.cleanup(destination, run)
         best = min(best, seconds)
     return best, groups
 
 
 def callgrind(args: argparse.Namespace, handler: str) -> float:
     """Instructions per transaction: two runs under callgrind, their difference."""
-    counts = []
-    for n in (args.txns, 3 * args.txns):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "callgrind.out"
-            subprocess.run(
-                ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                 sys.executable, __file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
-                 "--handlers", handler, "--chunk", str(args.chunk), "--quiet",
-                 *(["--max-batch", str(args.max_batch)] if args.max_batch else []),
-                 *(["--destination", args.destination] if args.destination else []),
-                 "--gc-threshold", str(args.gc_threshold)],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
-            )
-            for line in out.read_text().splitlines():
-                if line.startswith("summary:") or line.startswith("totals:"):
-                    counts.append(int(line.split()[1]))
-                    break
+    counts = [callgrind_total(
+        [__file__, "--txns", str(n), "--reps", "1", "--frames", str(args.frames),
+         "--handlers", handler, "--chunk", str(args.chunk), "--quiet",
+         *(["--max-batch", str(args.max_batch)] if args.max_batch else []),
+         *(["--destination", args.destination] if args.destination else []),
+         "--gc-threshold", str(args.gc_threshold)]) for n in (args.txns, 3 * args.txns)]
     return (counts[1] - counts[0]) / (2 * args.txns)
 
 
