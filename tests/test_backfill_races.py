@@ -219,11 +219,14 @@ def test_a_commit_streamed_before_the_backfill_but_not_yet_visible_is_not_overwr
                 # the stream delivered the update; its session still waits for the standby
                 await until(lambda: copy.rows["t"].get((7,), {}).get("v")
                             == "committed, not yet visible", "the streamed update")
-                wait, xid = admin.execute("SELECT wait_event, backend_xid::text::bigint FROM "
-                                          "pg_stat_activity WHERE pid = %s", (hung["pid"],)
-                                          ).fetchone()
-                assert wait == "SyncRep"
-                hung["xid"] = xid
+                # the walsender may send the commit before its session starts to wait
+                # (the WAL is flushed first): look until it waits
+                def waiting() -> Any:
+                    return admin.execute("SELECT backend_xid::text::bigint FROM pg_stat_activity "
+                                         "WHERE pid = %s AND wait_event = 'SyncRep'",
+                                         (hung["pid"],)).fetchone()
+                await until(waiting, "the committing session to wait for the standby")
+                hung["xid"] = waiting()[0]
                 assert admin.execute("SELECT v FROM t WHERE id = 7").fetchone() == ("old",)
                 backfills = app.pipeline.backfill
                 task = asyncio.create_task(app.backfill("t"))
