@@ -13,7 +13,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -30,7 +30,8 @@ WALEX = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "walex.cl
 
 
 @pytest.fixture(params=["SQL_ASCII", "LATIN1"])
-def encoded_dsn(request: pytest.FixtureRequest, pg_cluster: PgServer) -> Iterator[str]:
+def encoded_dsn(request: pytest.FixtureRequest, pg_cluster: PgServer,
+                drop_database: Callable[[str], None]) -> Iterator[str]:
     """A fresh database in the encoding of the parameter, with a table, an enum and a publication."""
     dbname = f"walex_enc_{request.param.lower()}_{os.getpid()}"
     with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
@@ -45,9 +46,8 @@ def encoded_dsn(request: pytest.FixtureRequest, pg_cluster: PgServer) -> Iterato
         conn.execute("CREATE PUBLICATION pub FOR TABLE item")
     try:
         yield dsn
-    finally:
-        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    finally:  # its slots first: a stopped app's walsender may still be exiting
+        drop_database(dbname)
 
 
 def test_app_streams_from_a_database_in_another_encoding(encoded_dsn: str) -> None:

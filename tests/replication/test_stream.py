@@ -3,7 +3,6 @@ dropped)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psycopg
@@ -15,7 +14,7 @@ from walex.errors import ReplicationError
 from walex.replication.stream import ReplicationConnection
 
 
-def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any) -> None:
+def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any, drop_database: Any) -> None:
     dbname = "walex_latin1"
     with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
@@ -38,17 +37,8 @@ def test_latin1_database_names_and_values_arrive_as_unicode(pg_cluster: Any) -> 
         assert event.name == "café"
         assert event.new_record == {"id": 1, "crème": "brûlée à 5"}
         assert event.source.columns == {"id": "int4", "crème": "text"}
-    finally:
-        with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
-            # the stopped app's walsender may still be exiting (its slot active a moment
-            # longer), and DROP DATABASE refuses a database with an active slot
-            deadline = time.monotonic() + 30
-            while conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = %s "
-                               "AND active", (dbname,)).fetchone()[0] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                         "WHERE database = %s AND NOT active", (dbname,))
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    finally:  # its slots first: the stopped app's walsender may still be exiting
+        drop_database(dbname)
 
 
 def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_error(
