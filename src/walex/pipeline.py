@@ -54,7 +54,7 @@ import psycopg
 
 from . import failpoints, session, standby
 from .ack import AckTracker
-from .backfill import Backfills
+from .backfill.runner import Backfills
 from .checks import Preflight
 from .config import WalExSettings
 from .dispatch import Dispatcher
