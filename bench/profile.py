@@ -116,8 +116,8 @@ def category(frames: list[Frame]) -> str:
         return "walex pgoutput decoder (decoder.py)"
     if py_file == "walex/relations.py":
         return "walex Table.load (relations.py, excl. psycopg)"
-    if py_file in ("walex/transactions.py", "walex/event.py", "walex/rows.py"):
-        return "walex events: dicts, Event objects, ids, batches (rows.py, transactions.py)"
+    if py_file in ("walex/assembler.py", "walex/transactions.py", "walex/event.py", "walex/rows.py"):
+        return "walex events: dicts, Event objects, ids, batches (rows.py, assembler.py)"
     if py_file == "walex/spill.py":
         return "walex spilling streamed transactions (spill.py)"
     if py_file in ("walex/pipeline.py", "walex/replication/stream.py", "walex/ack.py",

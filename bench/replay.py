@@ -45,7 +45,7 @@ from walex.lookups import LookupConnection  # noqa: E402
 from walex.pgoutput import Decoder, Relation, Type  # noqa: E402
 from walex.pgtypes import TypeCatalog  # noqa: E402
 from walex.relations import RelationCache  # noqa: E402
-from walex.transactions import TransactionAssembler  # noqa: E402
+from walex.assembler import TransactionAssembler  # noqa: E402
 
 _HEADER = struct.Struct("!cQQq")
 

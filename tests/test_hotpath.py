@@ -40,7 +40,7 @@ from walex.pgtypes import TypeCatalog
 from walex.lookups import LookupConnection
 from walex.relations import RelationCache
 from walex.replication.frames import XLOGDATA_HEADER
-from walex.transactions import TransactionAssembler
+from walex.assembler import TransactionAssembler
 
 needs_compiled = pytest.mark.skipif(
     not hotpath.compiled_available(), reason="walex._hotpath (the compiled hot path) is not built"
@@ -390,7 +390,7 @@ def test_commit_times_and_lsn_texts_at_the_edges() -> None:
 @needs_compiled
 def test_event_ids_at_the_edges() -> None:
     """The compiled event id, of a position held as an int or in C, against the pure rule
-    (transactions.py's ``f"{commit_lsn:016X}-{position:08X}"``), past eight hex digits too."""
+    (assembler.py's ``f"{commit_lsn:016X}-{position:08X}"``), past eight hex digits too."""
     from walex._hotpath import _ids
 
     for lsn in (0, 1, 0x16B374D848, 2**64 - 1):

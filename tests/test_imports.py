@@ -10,8 +10,11 @@ before streaming.
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -144,3 +147,86 @@ def test_start_opens_one_connection_before_streaming(admin: psycopg.Connection, 
             assert others == [("walsender",)]
 
     run(main())
+
+
+# never loaded by a worker (walex.workers), which reads what a relay published and never
+# talks to PostgreSQL: psycopg, and walex's modules of the replication stream and of encoding
+NOT_FOR_A_WORKER = ["psycopg", "psycopg_binary", "psycopg_c", "walex.pgoutput", "walex.relations",
+                    "walex.rawevent", "walex.pgtypes", "walex.assembler", "walex.app",
+                    "walex.destinations.encoding", "walex.destinations.direct",
+                    "walex.destinations.fanout", "walex.backfill", "pydantic"]
+
+
+def _relay_encoded() -> tuple[bytes, dict[str, Any]]:
+    """One event as a relay publishes it (the relay's encoder), and the record it carries."""
+    import datetime as dt
+    import ipaddress
+    import uuid
+    from decimal import Decimal
+
+    from walex.destinations.encoding import encode
+    from walex.event import Event, EventType, Source
+
+    columns = {"id": "int8", "big": "int8", "note": "text", "price": "numeric", "at": "timestamptz",
+               "day": "date", "ref": "uuid", "doc": "jsonb", "tags": "text[]", "raw": "bytea",
+               "took": "interval", "addr": "inet", "ok": "bool", "ratio": "float8", "gone": "text"}
+    record: dict[str, Any] = {
+        "id": 7, "big": 2**62 + 1, "note": "é\"x", "price": Decimal("12.50"),
+        "at": dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.timezone.utc), "day": dt.date(2026, 2, 3),
+        "ref": uuid.UUID(int=7), "doc": {"a": [1, 2**70], "b": None}, "tags": ["a", None, "c"],
+        "raw": b"\x00\xff", "took": dt.timedelta(days=1, seconds=2, microseconds=3),
+        "addr": ipaddress.ip_interface("10.0.0.1/24"), "ok": True, "ratio": 0.5, "gone": None,
+    }
+    source = Source(db="app", schema="public", table="orders", columns=columns, primary_key=("id",))
+    event = Event("orders", EventType.INSERT, source, record, None, None,
+                  dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), "0/16B3748",
+                  "00000000016B3748-00000000")
+    return encode([event], 1)[0].body, record
+
+
+def test_a_worker_loads_no_psycopg(tmp_path: Path) -> None:
+    """A new interpreter builds a worker as ``walex worker nats://... handlers:events`` does
+    (walex.cli_worker.build_worker: the NATS source, the handlers' module) and types a
+    relay-encoded event back through its decoder: the values are the relay's, and neither
+    psycopg nor walex's replication or encoding modules were imported."""
+    body, record = _relay_encoded()
+    (tmp_path / "handlers_noimports.py").write_text(
+        "from walex import Events\n"
+        "events = Events()\n"
+        "@events.on_event('all')\n"
+        "async def handle(batch):\n"
+        "    pass\n"
+    )
+    code = (
+        "import pickle, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from walex.cli_worker import build_worker\n"
+        "worker = build_worker('nats://127.0.0.1:4222?stream=S&partitions=1', "
+        "'handlers_noimports:events', {})\n"
+        f"event = worker.decoder.decode({body!r})\n"
+        "print(pickle.dumps((type(worker).__name__, type(worker.consumer).__name__, "
+        "event.new_record)).hex())\n"
+    )
+    probe = (f"{code}\nimport json\nprint(json.dumps(sorted({{m for m in sys.modules for n in "
+             f"{NOT_FOR_A_WORKER!r} if m == n or m.startswith(n + '.')}})))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert pickle.loads(bytes.fromhex(lines[-2])) == ("Worker", "NatsConsumer", record)
+    assert json.loads(lines[-1]) == []
+
+
+def test_walex_worker_help_loads_no_psycopg() -> None:
+    """``walex worker --help`` registers every command (typer) without their PostgreSQL
+    machinery: psycopg, the checks, the backfill runner are imported by the commands that run."""
+    code = (
+        "import sys\n"
+        "sys.argv = ['walex', 'worker', '--help']\n"
+        "import walex.cli\n"
+        "try:\n"
+        "    walex.cli.app()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+    )
+    assert loaded(code, ["psycopg", "walex.diagnosis", "walex.backfill.runner",
+                         "walex.backfill.store", "walex.lookups", "walex.app", "walex.workers"]) == []

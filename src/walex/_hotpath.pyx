@@ -3,7 +3,7 @@
 
 The optional compiled twin (Cython) of the pure-Python hot path, which stays
 the reference and the fallback: :meth:`walex.pgoutput.decoder.Decoder.decode`,
-then :meth:`walex.transactions.TransactionAssembler.feed` with the Event rules
+then :meth:`walex.assembler.TransactionAssembler.feed` with the Event rules
 of :mod:`walex.rows`. :mod:`walex.hotpath` chooses between them.
 
 :meth:`HotPath.feed` takes one replication frame and handles it only when it
@@ -43,7 +43,8 @@ from .pgoutput.messages import UNCHANGED_TOAST, BinaryValue, TupleData
 from .pgoutput.decoder import Decoder
 from .rawevent import RawEvent
 from .relations import Table
-from .transactions import Transaction, TransactionAssembler, _Open
+from .assembler import TransactionAssembler, _Open
+from .transactions import Transaction
 
 __all__ = ["HotPath", "NOT_HANDLED"]
 
@@ -173,7 +174,7 @@ cdef dict _key_record(list names, list keys, object values):
 
 
 cdef class HotPath:
-    """Feeds a session's frames to its :class:`~walex.transactions.TransactionAssembler`.
+    """Feeds a session's frames to its :class:`~walex.assembler.TransactionAssembler`.
 
     One per session, beside the session's Decoder (whose stream state it reads).
     """

@@ -31,7 +31,7 @@ cdef object _pg_timestamp(int64_t micros):
 
 
 cdef str _event_id(uint64_t commit_lsn, object position):
-    """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of transactions.py's _stamp."""
+    """``f"{commit_lsn:016X}-{position:08X}"``, the Event id of assembler.py's _stamp."""
     if position > 0xFFFFFFFF or position < 0:
         return f"{commit_lsn:016X}-{position:08X}"
     return _event_id_at(commit_lsn, position)

@@ -10,10 +10,10 @@ fixes it. Without a publication (None) it reports the rest and checks none. What
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg import sql
+if TYPE_CHECKING:  # psycopg is imported by the functions that query (the CLI imports
+    import psycopg  # this module for human_size and Status, also for commands that never connect)
 
 __all__ = ["Problem", "Status", "inspect_database", "human_size"]
 
@@ -63,6 +63,8 @@ def human_size(size: int | None) -> str | None:
 
 
 def inspect_database(conn: psycopg.Connection, publication: str | None) -> Status:
+    from psycopg import sql
+
     row = conn.execute(
         "SELECT current_setting('server_version'), current_setting('wal_level'), current_database()"
     ).fetchone()

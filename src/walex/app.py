@@ -43,7 +43,7 @@ from .standby import first_session, release, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
 if TYPE_CHECKING:
-    from .destinations import Destinations
+    from .destinations.fanout import Destinations
 
 __all__ = ["WalEx", "get_app"]
 
@@ -108,7 +108,7 @@ class WalEx(Lifecycle):
         self.pipeline = Pipeline(s, self.slot_name, self.dispatcher, self)
         self.destinations: Destinations | NoDestinations = NoDestinations()
         if s.destinations:  # walex.destinations (and its encoders) only for an app that publishes
-            from .destinations import Destinations
+            from .destinations.fanout import Destinations
 
             self.destinations = Destinations(s.destination_urls(), s.partitions,
                                              s.destination_window)

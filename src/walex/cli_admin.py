@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -32,7 +31,9 @@ from rich.markup import escape
 from .admin import human_size
 from .errors import SetupError, WalExError, redact
 
-if TYPE_CHECKING:  # the settings (pydantic) are imported by the commands that read them
+if TYPE_CHECKING:  # the settings (pydantic) and psycopg are imported by the commands that use them
+    import psycopg
+
     from .config import WalExSettings
 
 out = Console()
@@ -71,6 +72,8 @@ def _settings(url: str | None, publication: str | None, config: Path | None) -> 
 
 def _connect(settings: WalExSettings, timeout: float = QUERY_TIMEOUT) -> psycopg.Connection:
     """An autocommit connection whose statements time out after ``timeout`` seconds."""
+    import psycopg
+
     try:
         conn = psycopg.connect(settings.conninfo(), autocommit=True,
                                connect_timeout=max(2, min(10, round(timeout))))
@@ -208,6 +211,8 @@ def drop_slot(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Drop a replication slot that no process uses, freeing the WAL it holds (asks first)."""
+    import psycopg
+
     try:
         settings = _settings(url, "_", config)  # no publication involved
         with _connect(settings) as conn:

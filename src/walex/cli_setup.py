@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -32,13 +31,13 @@ from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _settings,
     deadline,
 )
-from .diagnosis import FIX, OK, PROBLEM, UNKNOWN, WARNING, Action, Plan, apply_plan, diagnose
 from .errors import SetupError, WalExError, redact
 
-__all__ = ["setup"]
+if TYPE_CHECKING:  # psycopg and the checks (walex.diagnosis) are imported when setup runs:
+    # `walex worker` and `walex --help` load neither
+    from .diagnosis import Action, Plan
 
-_STYLE = {OK: "green", FIX: "cyan", WARNING: "yellow", PROBLEM: "bold red", UNKNOWN: "magenta"}
-_LABEL = {OK: "ok", FIX: "will fix", WARNING: "warning", PROBLEM: "problem", UNKNOWN: "unknown"}
+__all__ = ["setup"]
 
 
 def setup(
@@ -61,6 +60,10 @@ def setup(
     timeout: TimeoutOption = QUERY_TIMEOUT,
 ) -> None:
     """Check PostgreSQL for walex, then create what is missing (nothing if a check fails)."""
+    import psycopg
+
+    from .diagnosis import apply_plan, diagnose
+
     err = Console(stderr=True)
 
     def stop(code: int, error: str, plan: Plan | None = None, applied: list[str] | None = None,
@@ -129,6 +132,8 @@ def _result(plan: Plan | None, publication: str | None, target: str | None, dry_
 
 def _failure(failed: Action, exc: BaseException, applied: list[str], secret: str | None) -> str:
     """What failed, why, and exactly what was applied before it (and stays)."""
+    from psycopg.errors import QueryCanceled  # loaded already: setup connected
+
     why = redact(str(exc).strip(), secret) or type(exc).__name__
     if isinstance(exc, SetupError):  # no answer: the server may or may not have run it
         what = f"no answer while running {failed.sql}: {why}; whether it was applied is unknown"
@@ -137,7 +142,7 @@ def _failure(failed: Action, exc: BaseException, applied: list[str], secret: str
         if failed.phase == "ddl":
             what += " (the publication and replica identity changes run in one transaction: " \
                     "none of them was applied)"
-        if failed.phase == "slot" and isinstance(exc, psycopg.errors.QueryCanceled):
+        if failed.phase == "slot" and isinstance(exc, QueryCanceled):
             what += (" (creating a slot waits for every transaction open when it starts: end "
                      "the long-running ones, see pg_stat_activity)")
     if applied:
@@ -160,8 +165,12 @@ def _print(plan: Plan, applied: list[str], dry_run: bool, target: str,
     out = Console(width=None if sys.stdout.isatty() else 10_000)
     table = Table("check", "status", "finding", "fix",
                   title=f"walex setup: publication {plan.publication} on {target}")
+    from .diagnosis import FIX, OK, PROBLEM, UNKNOWN, WARNING
+
+    style = {OK: "green", FIX: "cyan", WARNING: "yellow", PROBLEM: "bold red", UNKNOWN: "magenta"}
+    label = {OK: "ok", FIX: "will fix", WARNING: "warning", PROBLEM: "problem", UNKNOWN: "unknown"}
     for f in plan.findings:
-        table.add_row(escape(f.check), f"[{_STYLE[f.status]}]{_LABEL[f.status]}[/]",
+        table.add_row(escape(f.check), f"[{style[f.status]}]{label[f.status]}[/]",
                       escape(f.detail), escape(f.fix) if f.status != OK else "")
     out.print(table)
     runnable = plan.runnable()

@@ -27,23 +27,22 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import psycopg
 import typer
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
 from . import failpoints
-from .admin import Status, human_size, inspect_database
-from .backfill.report import status_table as backfill_table
-from .backfill.store import Job, read_all as read_backfills
+from .admin import Status, human_size
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
     _settings, deadline,
 )
 from .errors import ConfigError, SetupError, WalExError, redact
 
-if TYPE_CHECKING:  # the settings (pydantic) are imported by the commands that read them
+if TYPE_CHECKING:  # the settings (pydantic), psycopg and the backfill store are imported by
+    # the commands that use them: `walex worker` and `walex --help` load none of them
+    from .backfill.store import Job
     from .config import WalExSettings
 
 __all__ = ["status", "sparkline", "slot_alerts"]
@@ -113,6 +112,11 @@ def _check(settings: WalExSettings, publication: str | None,
     Anything that stops the check (the server unreachable or not answering, the
     connection lost, a privilege missing) is a SetupError saying why.
     """
+    import psycopg
+
+    from .admin import inspect_database
+    from .backfill.store import read_all as read_backfills
+
     if failpoints.ACTIVE:
         failpoints.hit("status_check")
     with _connect(settings, timeout) as conn:
@@ -205,6 +209,8 @@ def _print(report: Status, alerts: list[str], backfills: list[Job]) -> None:
     if report.slots:
         out.print(_slot_table(report))
     if backfills:
+        from .backfill.report import status_table as backfill_table
+
         out.print(backfill_table(backfills))
     for problem in report.problems:  # unwrapped: the fix is SQL to copy whole
         mark = "[bold red]problem[/]" if problem.fatal else "[yellow]warning[/]"
@@ -242,6 +248,8 @@ def _watch(settings: WalExSettings, publication: str | None, every: float, slot:
                   f"[/]: {escape(p.what)}" for p in report.problems]
         tables = [_slot_table(report, history)]
         if backfills:
+            from .backfill.report import status_table as backfill_table
+
             tables.append(backfill_table(backfills))
         return Group(*tables, *lines)
 

@@ -38,7 +38,6 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
     """The :class:`~walex.workers.Worker` for ``target``; ``options`` override the app's."""
-    from .app import WalEx
     from .handlers import Events
     from .modules import import_object
     from .workers import Worker, consumer_from_url
@@ -47,7 +46,10 @@ def build_worker(source_url: str, target: str, options: dict[str, Any]) -> Any:
     obj = import_object(target)
     if isinstance(options.get("types"), str):  # 'package.module:mapping'
         options = {**options, "types": import_object(options["types"])}
-    if isinstance(obj, WalEx):
+    # a WalEx app was built by importing walex.app (and psycopg): when the handlers' module
+    # did not, obj is no app, and a worker of Events never loads either
+    app_module = sys.modules.get("walex.app")
+    if app_module is not None and isinstance(obj, app_module.WalEx):
         return Worker.for_app(source_url, obj, **options)
     if isinstance(obj, Events):
         return Worker(source_url, [obj], **options)

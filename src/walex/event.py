@@ -11,6 +11,11 @@ transaction. Invariants:
   ``{}``; an unchanged TOAST value is never reported as a change;
 - ``id`` (commit end LSN and position in the transaction) is unique per change
   and stable across replays, so a consumer can drop duplicates.
+
+:data:`UNCHANGED_TOAST` is defined here (the pgoutput decoder,
+:mod:`walex.pgoutput.messages`, puts it in rows and re-exports it), so the
+event types import nothing of the protocol: a worker, whose events come from
+a broker, never loads the pgoutput decoder.
 """
 
 from __future__ import annotations
@@ -19,9 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from .pgoutput.messages import UNCHANGED_TOAST, UnchangedToast
 from .records import Record
 
 __all__ = ["Event", "EventType", "Change", "Source", "UNCHANGED_TOAST", "UnchangedToast",
@@ -44,6 +48,30 @@ def __getattr__(name: str) -> Any:
     if name == "WALEX_VERSION":  # the version, looked up on first use
         return walex_version()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class UnchangedToast:
+    """Type of :data:`UNCHANGED_TOAST`: a value PostgreSQL did not resend."""
+
+    _instance: UnchangedToast | None = None
+
+    def __new__(cls) -> UnchangedToast:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED_TOAST"
+
+    def __reduce__(self) -> str:
+        return "UNCHANGED_TOAST"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNCHANGED_TOAST: Final = UnchangedToast()
+"""A TOASTed column value that did not change and that PostgreSQL did not send."""
 
 
 class EventType(StrEnum):

@@ -2,7 +2,7 @@
 
 The pure-Python path is the reference: each XLogData payload is decoded into a
 message (:mod:`walex.pgoutput.decoder`) and fed to the
-:class:`~walex.transactions.TransactionAssembler`, which builds the Events
+:class:`~walex.assembler.TransactionAssembler`, which builds the Events
 (:mod:`walex.rows`). The compiled path, ``walex._hotpath`` (Cython, built at
 install when Cython and a C compiler are there), does the same for the frames
 that carry nearly all the traffic, Begin, Insert, Update, Delete and Commit of
@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from .pgoutput import Decoder
-from .transactions import TransactionAssembler
+from .assembler import TransactionAssembler
 
 __all__ = ["NOT_HANDLED", "compiled_available", "hot_path"]
 

@@ -54,7 +54,7 @@ import psycopg
 
 from . import failpoints, session, standby
 from .ack import AckTracker
-from .backfill import Backfills
+from .backfill.runner import Backfills
 from .checks import Preflight
 from .config import WalExSettings
 from .dispatch import Dispatcher
@@ -73,7 +73,8 @@ from .sizes import Sizer
 from .replication.frames import XLOGDATA_POSITIONS, parse_keepalive
 from .replication.stream import ReplicationConnection
 from .subscriptions import renamed
-from .transactions import Transaction, TransactionAssembler
+from .assembler import TransactionAssembler
+from .transactions import Transaction
 
 __all__ = ["Pipeline"]
 

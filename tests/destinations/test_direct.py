@@ -61,6 +61,16 @@ def test_the_compiled_twin_serves_unless_pure_python_is_asked_for() -> None:
     assert (encoding.direct_c_entry is not None) == (expected is direct.compiled_direct_event)
 
 
+def test_the_default_loaders_are_psycopgs_defaults() -> None:
+    """The loader classes that go direct, found registering only the modules of psycopg
+    that load those types (cheaper at import), are what all of psycopg's default
+    adapters give (a user's loader, registered in psycopg.adapters, is never among them)."""
+    from psycopg import postgres
+
+    assert direct._DEFAULTS == direct._defaults(postgres.register_default_adapters)
+    assert len(set(direct._DEFAULTS.values())) == 8  # every writer but json, jsonb, generic
+
+
 def slot(admin: psycopg.Connection) -> None:
     admin.execute("SELECT pg_create_logical_replication_slot('direct', 'pgoutput')")
 

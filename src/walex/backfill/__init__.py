@@ -50,7 +50,23 @@ jobs), :mod:`.command` (``walex backfill``).
 
 from __future__ import annotations
 
-from .runner import Backfills
-from .store import Job
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import Backfills
+    from .store import Job
 
 __all__ = ["Backfills", "Job"]
+
+
+def __getattr__(name: str) -> Any:
+    """``Backfills`` and ``Job`` imported when first asked for (PEP 562): importing
+    :mod:`.command` or :mod:`.report` (the CLI) loads neither the runner nor psycopg."""
+    module = {"Backfills": "runner", "Job": "store"}.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the next access is a plain module attribute
+    return value

@@ -26,9 +26,8 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -36,11 +35,12 @@ from rich.progress import (
 )
 
 from ..errors import ConfigError, SetupError, WalExError, redact
-from ..lookups import DeadlineConnection
-from .runner import check_condition
-from .store import Job, Store
-from .target import resolve_target
-from .watermarks import PREFIX, payload
+
+if TYPE_CHECKING:  # psycopg and the backfill's machinery are imported when the command runs:
+    # the CLI registers it without loading them (`walex worker`, `walex --help`)
+    import psycopg
+
+    from .store import Job, Store
 
 __all__ = ["backfill"]
 
@@ -63,6 +63,8 @@ def backfill(
         "--cancel", help="Cancel the table's pending or running backfill instead.")] = False,
 ) -> None:
     """Deliver a table's existing rows (or those matching --where) as read events."""
+    import psycopg
+
     from ..app import WalEx
     from ..config import file_values, read_toml
     from ..lifecycle import run_loop
@@ -117,7 +119,10 @@ def _escape(text: str) -> str:
 
 
 async def _connect(app: object) -> psycopg.AsyncConnection:
+    import psycopg
+
     from ..app import WalEx
+    from ..lookups import DeadlineConnection
 
     assert isinstance(app, WalEx)
     s = app.settings
@@ -131,6 +136,7 @@ async def _connect(app: object) -> psycopg.AsyncConnection:
 
 async def _cancel(app: object, table: str) -> Job | None:
     from ..app import WalEx
+    from .store import Store
 
     assert isinstance(app, WalEx)
     async with await _connect(app) as conn:
@@ -139,6 +145,10 @@ async def _cancel(app: object, table: str) -> Job | None:
 
 async def _backfill(app: object, table: str, where: str | None) -> Job:
     from ..app import WalEx
+    from .runner import check_condition
+    from .store import Store
+    from .target import resolve_target
+    from .watermarks import PREFIX, payload
 
     assert isinstance(app, WalEx)
     s = app.settings

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .store import Job
+if TYPE_CHECKING:  # annotations only: `walex status` imports this without the store's psycopg
+    from .store import Job
 
 __all__ = ["ProgressLog", "status_table", "describe", "LOG_INTERVAL"]
 

@@ -50,8 +50,8 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from .base import Outgoing
 from .base import version_tuple as _version
-from .encoding import Outgoing
 
 __all__ = ["CONTENT_TYPE", "Pending", "frames", "publish", "usable"]
 

@@ -1,4 +1,5 @@
-"""What every destination shares: the abstract class, URLs, templates, backoff.
+"""What every destination shares: the abstract class, what it publishes (:class:`Outgoing`),
+URLs, templates, backoff.
 
 A destination module subclasses :class:`Destination` and implements the
 contract of :mod:`walex.destinations`: :meth:`~Destination.open`,
@@ -23,13 +24,13 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigError, redact
-from .encoding import Outgoing
 
-__all__ = ["Destination", "DestinationURL", "Template", "Unavailable", "backoff", "version_tuple"]
+__all__ = ["Destination", "DestinationURL", "Outgoing", "Template", "Unavailable", "backoff",
+           "version_tuple"]
 
 FIELDS = ("schema", "table", "type", "partition")
 
@@ -43,6 +44,23 @@ SHOWN = frozenset({
 })
 _WEBHOOK_SCHEMES = ("http", "https")
 _WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's
+
+
+class Outgoing(NamedTuple):
+    """One encoded event, with what the destinations' templates and headers need."""
+
+    id: str
+    schema: str
+    table: str
+    type: str  # "insert", "update", "delete", "truncate"
+    partition: int
+    body: bytes  # the CloudEvent, JSON
+    # the body's attributes a destination puts in headers (Kafka's ce_*) and keys,
+    # kept so that nobody parses the body again; the same str objects the body was made of
+    source: str  # "source": "/<db>/<schema>/<table>"
+    time: str  # "time"
+    key: str  # "partitionkey": "schema.table" or "schema.table/<subject>"
+    subject: str | None  # "subject": the row's key (None: absent)
 
 
 class Unavailable(Exception):

@@ -45,6 +45,10 @@ An unchanged TOAST value (``data.unchanged_toast``) is
 :data:`~walex.UNCHANGED_TOAST` again, in the record it was left out of.
 Sources are shared: the events of one table (with the same columns) carry
 the same :class:`~walex.Source` object, as in-process.
+
+Imports no psycopg (a worker reading what a relay published never talks to
+PostgreSQL): psycopg's range types are imported when a range or multirange
+column is first typed.
 """
 
 from __future__ import annotations
@@ -63,8 +67,6 @@ from urllib.parse import unquote
 from uuid import UUID
 
 import orjson
-from psycopg.types.multirange import Multirange
-from psycopg.types.range import Range
 
 from ..errors import ConfigError, DecodeError
 from ..event import UNCHANGED_TOAST, Change, Event, EventType, Source
@@ -137,6 +139,10 @@ def _inet(value: str) -> Any:
 
 
 def _range_of(bound: Convert) -> Convert:
+    # psycopg's Range (importing psycopg, ~90 ms) when a range column is first typed,
+    # not at import: a worker whose tables have none never loads psycopg
+    from psycopg.types.range import Range
+
     def load(value: dict[str, Any]) -> Range[Any]:
         if value.get("empty"):
             return Range(empty=True)
@@ -148,6 +154,8 @@ def _range_of(bound: Convert) -> Convert:
 
 
 def _multirange_of(bound: Convert) -> Convert:
+    from psycopg.types.multirange import Multirange
+
     load_range = _range_of(bound)
 
     def load(value: list[Any]) -> Multirange[Any]:
@@ -168,8 +176,12 @@ _BUILT_IN: dict[str, Convert] = {
     "timestamp": _timestamp_value, "timestamptz": _timestamp_value, "interval": _interval,
     "json": _identity, "jsonb": _identity, "json[]": _identity, "jsonb[]": _identity,
     "inet": _inet, "cidr": ip_network,
-    **{f"{kind}range": _range_of(bound) for kind, bound in _BOUNDS.items()},
-    **{f"{kind}multirange": _multirange_of(bound) for kind, bound in _BOUNDS.items()},
+}
+
+# the built-in ranges and multiranges: their converters are made when first asked for
+_RANGES: dict[str, tuple[Callable[[Convert], Convert], Convert]] = {
+    **{f"{kind}range": (_range_of, bound) for kind, bound in _BOUNDS.items()},
+    **{f"{kind}multirange": (_multirange_of, bound) for kind, bound in _BOUNDS.items()},
 }
 
 # Built-in types psycopg loads as str: their JSON form is the value itself.
@@ -235,6 +247,10 @@ class Decoder:
         built_in = _BUILT_IN.get(type_name)
         if built_in is not None:
             return built_in
+        ranged = _RANGES.get(type_name)
+        if ranged is not None:
+            make, bound = ranged
+            return make(bound)
         if type_name in _TEXT or type_name.rpartition(".")[2] == "hstore":
             return _identity
         return self._unknown_of(type_name.rpartition(".")[2])

@@ -70,11 +70,25 @@ _TEMPORAL = (DATE, TIMESTAMP, TIMESTAMPTZ)
 ESCAPES = tuple(orjson.dumps(chr(b))[1:-1] for b in range(128))
 
 
-def _defaults() -> dict[type, int]:
+def _register_loaders(adapters: AdaptersMap) -> None:
+    """psycopg's default loaders of the types below: only the modules of psycopg that
+    register them (``postgres.register_default_adapters``, ranges and arrays included,
+    took ~2M instructions of every relay's start); ``tests/destinations/test_direct.py``
+    checks that :func:`_defaults` finds what that one gives."""
+    from psycopg.types import bool as pg_bool
+    from psycopg.types import datetime as pg_datetime
+    from psycopg.types import numeric, string
+    from psycopg.types import uuid as pg_uuid
+
+    for module in (pg_bool, numeric, string, pg_uuid, pg_datetime):
+        module.register_default_adapters(adapters)
+
+
+def _defaults(register: Any = _register_loaders) -> dict[type, int]:
     """The writer of each of psycopg's default loader classes (of a fresh adapters map,
     whatever the user registered in ``psycopg.adapters`` since)."""
     pristine = AdaptersMap(types=postgres.types)
-    postgres.register_default_adapters(pristine)
+    register(pristine)
     out: dict[type, int] = {}
     for kind, names in ((BOOL, ["bool"]), (INT, ["int2", "int4", "int8", "oid"]),
                         (TEXT, ["text", "varchar", "bpchar", "name"]), (UUID, ["uuid"]),

@@ -76,8 +76,7 @@ from uuid import UUID
 
 import orjson
 
-from ..event import Event
-from ..pgoutput.messages import UnchangedToast
+from ..event import Event, UnchangedToast
 from ..rawevent import RawEvent
 from .direct import compiled_direct_event, compiled_entry, direct_event
 from .values import (_KINDS, _MAX_SAFE, _NATIVE, _OPTIONS, Outgoing, _float, _rfc3339,  # noqa: F401

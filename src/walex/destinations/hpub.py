@@ -33,8 +33,8 @@ from typing import Any
 
 import nats.errors
 
+from .base import Outgoing
 from .base import version_tuple as _version
-from .encoding import Outgoing
 
 __all__ = ["CHAINED_EXTRA", "Frames", "batch_sizes", "check_publishable", "checked_client", "frames",
            "sizes", "usable"]

@@ -67,8 +67,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from ..errors import ConfigError, DestinationError
 from ..event import EventType
 from . import krecords
-from .base import Destination, DestinationURL, Template, Unavailable
-from .encoding import Outgoing
+from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 from .krecords import CONTENT_TYPE
 
 __all__ = ["CONTENT_TYPE", "KafkaDestination", "client_settings", "validate", "AUTHENTICATION",

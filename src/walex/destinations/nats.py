@@ -79,8 +79,7 @@ from nats.js.api import StreamConfig
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from ..errors import ConfigError, DestinationError, WalExError
-from .base import Destination, DestinationURL, Template, Unavailable
-from .encoding import Outgoing
+from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 from .hpub import CHAINED_EXTRA, Frames, batch_sizes, usable
 from .pubacks import EXPECTED_STREAM as _EXPECTED_STREAM
 from .pubacks import PubAcks, stored_at

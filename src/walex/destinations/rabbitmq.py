@@ -58,8 +58,7 @@ from pamqp.commands import Basic  # aio-pika builds on aiormq and pamqp
 
 from ..errors import ConfigError, DestinationError
 from . import amqpframes
-from .base import Destination, DestinationURL, Template, Unavailable
-from .encoding import Outgoing
+from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 
 __all__ = ["RabbitMQDestination"]
 

@@ -58,8 +58,7 @@ except ImportError:  # pragma: no cover - the redis extra installs hiredis
     _MORE = None
 
 from ..errors import ConfigError, DestinationError
-from .base import Destination, DestinationURL, Template, Unavailable
-from .encoding import Outgoing
+from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 
 __all__ = ["RedisDestination", "py_xadd_commands", "replies", "xadd_commands", "xadd_head"]
 

@@ -27,29 +27,13 @@ from uuid import UUID
 import orjson
 
 from ..event import EventType
+from .base import Outgoing
 
 __all__ = ["Outgoing", "json_value", "partition_of"]
 
 _MAX_SAFE = 2**53 - 1  # beyond this a JSON number loses precision in most parsers
 _JSON_TYPES = frozenset({"json", "jsonb", "json[]", "jsonb[]"})
 _NATIVE = frozenset({str, bool, type(None), dt.date, dt.datetime, UUID})  # orjson's own form is ours
-
-class Outgoing(NamedTuple):
-    """One encoded event, with what the destinations' templates and headers need."""
-
-    id: str
-    schema: str
-    table: str
-    type: str  # "insert", "update", "delete", "truncate"
-    partition: int
-    body: bytes  # the CloudEvent, JSON
-    # the body's attributes a destination puts in headers (Kafka's ce_*) and keys,
-    # kept so that nobody parses the body again; the same str objects the body was made of
-    source: str  # "source": "/<db>/<schema>/<table>"
-    time: str  # "time"
-    key: str  # "partitionkey": "schema.table" or "schema.table/<subject>"
-    subject: str | None  # "subject": the row's key (None: absent)
-
 
 # -- values ------------------------------------------------------------------
 

@@ -48,8 +48,7 @@ import httpx
 
 from ..errors import ConfigError, DestinationError
 from ..event import WALEX_VERSION
-from .base import Destination, DestinationURL, Template, Unavailable
-from .encoding import Outgoing
+from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 
 __all__ = ["WebhookDestination", "sign"]
 

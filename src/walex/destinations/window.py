@@ -74,7 +74,7 @@ from .base import Destination, Unavailable
 from .encoding import Outgoing, encode, encode_event_reference, fast_path
 
 if TYPE_CHECKING:
-    from . import Destinations
+    from .fanout import Destinations
 
 __all__ = ["Entry", "Lane", "Window"]
 

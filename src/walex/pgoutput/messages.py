@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal
 
+from ..event import UNCHANGED_TOAST, UnchangedToast
 from ..records import Record
 
 __all__ = [
@@ -31,30 +32,6 @@ __all__ = [
     "StreamAbort", "BeginPrepare", "Prepare", "CommitPrepared", "RollbackPrepared",
     "StreamPrepare", "Message", "TRUNCATE_CASCADE", "TRUNCATE_RESTART_IDENTITY",
 ]
-
-
-class UnchangedToast:
-    """Type of :data:`UNCHANGED_TOAST`: a value PostgreSQL did not resend."""
-
-    _instance: UnchangedToast | None = None
-
-    def __new__(cls) -> UnchangedToast:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNCHANGED_TOAST"
-
-    def __reduce__(self) -> str:
-        return "UNCHANGED_TOAST"
-
-    def __bool__(self) -> bool:
-        return False
-
-
-UNCHANGED_TOAST: Final = UnchangedToast()
-"""A TOASTed column value that did not change and that PostgreSQL did not send."""
 
 
 class BinaryValue(bytes):
