@@ -37,7 +37,10 @@ async def handle(batch):
     me = os.environ["WORKER_NAME"]
     base = os.environ["WORKER_LOG"]
     if me == "w0" and batch[0].record["seq"] == 3 and not os.path.exists(base + ".frozen"):
-        open(base + ".frozen", "w").write(batch[0].id)
+        # the test freezes this process as soon as the file exists: it appears whole
+        with open(base + ".frozen.tmp", "w") as out:
+            out.write(batch[0].id)
+        os.replace(base + ".frozen.tmp", base + ".frozen")
         await asyncio.sleep(60)  # frozen here by the test, then cancelled on the lost partition
     conn = sqlite3.connect(base, isolation_level=None, timeout=60)
     conn.executemany("INSERT INTO handled (event_id, pk, seq, worker, part) VALUES (?, ?, ?, ?, ?)",
@@ -97,13 +100,15 @@ def test_a_frozen_worker_loses_its_partitions_and_its_call_is_cut_off(
             frozen = Path(f"{db}.frozen")
             wait(frozen.exists, "w0 inside the call to freeze", 120, logs)
             w0.send_signal(signal.SIGSTOP)
+            cut = frozen.read_text()  # the frozen call's first event
+            assert cut, "the marker file of the frozen call is empty"
             w1 = start(["worker", source, "handlers:events", "--log-level", "DEBUG"], tmp_path, logs[1],
                        {"WORKER_LOG": str(db), "WORKER_NAME": "w1"})
             procs.append(w1)
             # w1 joins; the group waits for w0 until its session (6 s) times out, then w1
             # takes both partitions and handles what w0 was holding
-            wait(lambda: frozen.read_text() in {r[0] for r in query(db, "SELECT event_id FROM handled")},
-                 "w1 to handle the frozen call's changes", 180, logs)
+            wait(lambda: cut in {r[0] for r in query(db, "SELECT event_id FROM handled")},
+                 f"w1 to handle the frozen call's changes ({cut})", 180, logs)
             w0.send_signal(signal.SIGCONT)
             wait(lambda: "cut off" in logs[0].read_text(), "w0 to cut its call off", 120, logs)
             thread.join(120)
@@ -117,6 +122,5 @@ def test_a_frozen_worker_loses_its_partitions_and_its_call_is_cut_off(
                     proc.kill()
                     proc.wait(10)
     rows = query(db, "SELECT event_id, worker FROM handled")
-    cut = frozen.read_text()
     assert [w for i, w in rows if i == cut] == ["w1"], "the frozen call was not cut off"
     assert "were lost" in logs[0].read_text()

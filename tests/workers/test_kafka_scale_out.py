@@ -76,7 +76,10 @@ def handle(batch):
     if stall and os.path.exists(os.environ["WORKER_LOG"] + ".joined"):
         mine = conn.execute("SELECT count(*) FROM handled WHERE worker = ?", (me,)).fetchone()[0]
         if mine >= stall:
-            open(os.environ["WORKER_LOG"] + ".stalled", "w").write(batch[-1].id)
+            stalled = os.environ["WORKER_LOG"] + ".stalled"
+            with open(stalled + ".tmp", "w") as out:  # the test waits for the file: whole
+                out.write(batch[-1].id)
+            os.replace(stalled + ".tmp", stalled)
             time.sleep(3600)  # handled and logged, never acknowledged: killed here
     time.sleep(0.01)
     conn.execute("UPDATE calls SET stop = ? WHERE n = ?", (time.time(), call))
