@@ -215,6 +215,7 @@ class NatsLane(BoxLane):
         queue.task_done()
         return msg
 
+    def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
         sooner costs neither a task nor a timer of its own: one timer of the lane, re-armed
         when it finds a held message not due yet, starts the keeping)."""
