@@ -423,7 +423,7 @@ class NatsConsumer(Consumer):
             if self.direct:
                 self._hook()
             if self.prefetch > 1 and not self.declaring:
-                await self._lease(js)
+                await self._lease()
         except Unavailable:
             await self.close()
             raise
@@ -455,12 +455,13 @@ class NatsConsumer(Consumer):
         for lane in self.lanes:
             lane.direct = inboxes
 
-    async def _lease(self, js: Any) -> None:
+    async def _lease(self) -> None:
         """prefetch > 1: the lanes pull only while this worker holds their partition's lease
         (:mod:`walex.workers.natslease`); the lease lasts the consumers' ack_wait."""
         lanes: list[BatchLane] = self.lanes  # type: ignore[assignment]
         self.leases = Leases(
-            js, self.group, self.stream, self.partitions, max(lane.ack_wait for lane in lanes),
+            self.destination.nc, self.group, self.stream, self.partitions,
+            max(lane.ack_wait for lane in lanes),
             granted=lambda p: lanes[p].grant(), lost=lambda p, why: lanes[p].lose(why),
             shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}")
         for lane in lanes:

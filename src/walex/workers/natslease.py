@@ -56,7 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 
 __all__ = ["Leases", "bucket_name", "stream_key"]
 
@@ -95,10 +95,11 @@ class Leases:
     give it back (:meth:`release`) after the call in hand.
     """
 
-    def __init__(self, js: Any, group: str, stream: str, partitions: int, ttl: float,
+    def __init__(self, nc: Any, group: str, stream: str, partitions: int, ttl: float,
                  granted: Callable[[int], None], lost: Callable[[int, str], None],
                  shed: Callable[[int], None], name: str = "") -> None:
-        self.js = js
+        # its own requests' timeout: a renewal not answered within ttl / 4 is as refused
+        self.js = nc.jetstream(timeout=min(max(ttl / 4, 0.5), 5.0))
         self.bucket = bucket_name(group)
         self.prefix = stream_key(stream)
         self.partitions = partitions
@@ -107,7 +108,8 @@ class Leases:
         self._granted, self._lost, self._shed = granted, lost, shed
         self.kv: Any = None
         self.held: dict[int, Held] = {}
-        self.members = 1
+        self.members: list[str] = []  # the live workers' ids, as the last round saw them
+        self.stream_name = f"KV_{self.bucket}"
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one write per key at a time (renewal, release)
         self.rotation = zlib.crc32(self.id.encode()) % partitions
@@ -154,8 +156,10 @@ class Leases:
 
     async def _rounds(self) -> None:
         every = self.ttl / 3
+        due = time.monotonic()
         while True:
-            await asyncio.sleep(every)
+            due = max(due + every, time.monotonic() + every / 4)  # a cadence, not a pause
+            await asyncio.sleep(due - time.monotonic())
             try:
                 await self.round()
             except asyncio.CancelledError:
@@ -169,28 +173,40 @@ class Leases:
         await kv.put(self.member, self.id.encode())
         for partition in list(self.held):
             await self._renew(partition)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        mark = f"{self.prefix}.m."
-        self.members = max(1, sum(1 for k in keys if k.startswith(mark)))
-        target = math.ceil(self.partitions / self.members)
-        taken = {int(k.rsplit(".", 1)[1]) for k in keys if k.startswith(f"{self.prefix}.p.")
-                 and k.rsplit(".", 1)[1].isdigit()}
+        members = await self._members()
+        if members != self.members:
+            log.info("worker %s: %d worker(s) of group %r on stream %r: %s", self.id,
+                     len(members), self.bucket[len("walex_leases_"):], self.prefix,
+                     ", ".join(members))
+        self.members = members
+        target = math.ceil(self.partitions / max(len(members), 1))
         order = [(self.rotation + i) % self.partitions for i in range(self.partitions)]
         for partition in order:
             if len(self.held) >= target:
                 break
-            if partition in self.held or partition in taken:
+            if partition in self.held:
                 continue
             await self._take(partition)
         keep = [p for p in order if p in self.held and not self.held[p].shedding]
         for partition in keep[target:]:
             self.held[partition].shedding = True
             log.info("worker %s gives partition %d back (%d workers share %d partitions)",
-                     self.id, partition, self.members, self.partitions)
+                     self.id, partition, len(self.members), self.partitions)
             self._shed(partition)
+
+    async def _members(self) -> list[str]:
+        """The ids of the live workers: the member keys the bucket holds (the stream's
+        subjects), less those whose last entry is a delete marker."""
+        head = f"$KV.{self.bucket}.{self.prefix}.m."
+        info = await self.js.stream_info(self.stream_name, subjects_filter=head + ">")
+        live = []
+        for subject in sorted((info.state.subjects or {}) if info.state is not None else {}):
+            try:
+                await self.kv.get(subject[len(f"$KV.{self.bucket}."):])
+            except (KeyDeletedError, KeyNotFoundError):
+                continue
+            live.append(subject[len(head):])
+        return live or [self.id]
 
     async def _take(self, partition: int) -> None:
         sent = time.monotonic()
