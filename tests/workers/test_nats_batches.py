@@ -159,7 +159,7 @@ class Group:
         for name in self.names:
             with open(self.log(name), "ab") as out:
                 self.procs[name] = subprocess.Popen(
-                    [*WALEX, "worker", self.source, "handlers:events"], cwd=self.tmp, stdout=out,
+                    [*WALEX, "worker", self.source, "handlers:events", *os.environ.get("NB_WORKER_ARGS", "").split()], cwd=self.tmp, stdout=out,
                     stderr=out, stdin=subprocess.DEVNULL,
                     env={**env_base(), "WORKER_LOG": str(self.db), "WORKER_NAME": name,
                          **env.get(name, {})})

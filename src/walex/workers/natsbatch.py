@@ -55,6 +55,7 @@ from ..destinations.base import Unavailable
 from .base import Delivery
 from .natsbox import BoxLane, is_status
 from .natsdirect import Raw
+from .natslease import reraise_cancel
 
 __all__ = ["BatchLane"]
 
@@ -145,6 +146,7 @@ class BatchLane(BoxLane):
         except Unavailable:
             raise
         except Exception as exc:
+            reraise_cancel()
             raise self.consumer.destination.unavailable("fetching failed", exc) from None
         if self.state == READY and self._fresh():
             return self._deliveries()
@@ -312,6 +314,7 @@ class BatchLane(BoxLane):
             try:
                 await self.consumer.destination.nc.flush(timeout=2)
             except Exception as exc:
+                reraise_cancel()
                 log.debug("flushing before giving partition %d back: %r", self.partition, exc)
         self.mine.clear()
         self.given.clear()
@@ -379,6 +382,7 @@ class BatchLane(BoxLane):
         a flush; only while the lease is valid."""
         nc = self.consumer.destination.nc
         while not self.revoked.is_set():
+            reraise_cancel()  # nats-py may have taken a cancellation in for itself
             await asyncio.sleep(self.every)
             if not self.mine or not self._holding():
                 continue
@@ -386,6 +390,7 @@ class BatchLane(BoxLane):
                 self._write([m for m, _n, _d in self.mine.values()], b"+WPI")
                 await nc.flush(timeout=max(self.every, 0.05))
             except Exception as exc:  # not confirmed: the server may deliver them again
+                reraise_cancel()  # nats-py turns a cancelled flush into a timeout
                 log.debug("progress of held messages not confirmed: %r", exc)
 
     async def release_held(self) -> None:

@@ -29,7 +29,8 @@ one holding its lease here:
   before its lease, so no request of a former holder stays open on the server
   once another may hold the partition;
 - every round (``ttl / 3``) a worker renews its member key and leases, counts
-  the live members, aims at ``ceil(partitions / members)`` leases, takes free
+  the live members, aims at its share (``partitions // members``, one more for
+  the first ``partitions % members`` workers by id), takes free
   partitions up to that (in an order rotated by its id, so workers do not all
   race for partition 0) and asks its lanes to give back the ones above it
   (:meth:`Leases.shed`: after the call in hand, the lane gives back what it
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 import uuid
@@ -58,11 +58,19 @@ from typing import Any
 
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 
-__all__ = ["Leases", "bucket_name", "stream_key"]
+__all__ = ["Leases", "bucket_name", "reraise_cancel", "stream_key"]
 
 log = logging.getLogger("walex.workers")
 
 _KEY_SAFE = re.compile(r"^[-_=A-Za-z0-9]+$")
+
+
+def reraise_cancel() -> None:
+    """Raise CancelledError when the running task is being cancelled: nats-py answers a
+    request or flush cancelled in flight with its TimeoutError."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def bucket_name(group: str) -> str:
@@ -111,6 +119,7 @@ class Leases:
         self.members: list[str] = []  # the live workers' ids, as the last round saw them
         self.stream_name = f"KV_{self.bucket}"
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._lock = asyncio.Lock()  # one write per key at a time (renewal, release)
         self.rotation = zlib.crc32(self.id.encode()) % partitions
 
@@ -157,7 +166,8 @@ class Leases:
     async def _rounds(self) -> None:
         every = self.ttl / 3
         due = time.monotonic()
-        while True:
+        while not self._stopped:
+            reraise_cancel()  # nats-py may have taken a cancellation in for itself
             due = max(due + every, time.monotonic() + every / 4)  # a cadence, not a pause
             await asyncio.sleep(due - time.monotonic())
             try:
@@ -165,6 +175,7 @@ class Leases:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # no answer: the leases' own timers end them in time
+                reraise_cancel()  # nats-py turns a cancelled request into a timeout
                 log.debug("lease round of %r failed: %r", self.bucket, exc)
 
     async def round(self) -> None:
@@ -179,7 +190,11 @@ class Leases:
                      len(members), self.bucket[len("walex_leases_"):], self.prefix,
                      ", ".join(members))
         self.members = members
-        target = math.ceil(self.partitions / max(len(members), 1))
+        # the share: partitions // members, one more for the first partitions % members
+        # workers by id (the same ranks in every worker's view of the same members)
+        rank = members.index(self.id) if self.id in members else len(members)
+        target = self.partitions // len(members) + \
+            (1 if rank < self.partitions % len(members) else 0)
         order = [(self.rotation + i) % self.partitions for i in range(self.partitions)]
         for partition in order:
             if len(self.held) >= target:
@@ -279,6 +294,7 @@ class Leases:
 
     async def stop(self) -> None:
         """Stop the rounds (no lease is taken or shed any more; held ones still count)."""
+        self._stopped = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
