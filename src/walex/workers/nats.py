@@ -1,7 +1,21 @@
 """NATS JetStream source: ``nats://host:4222?stream=WALEX&partitions=4``.
 
 The relay's destination URL, plus ``partitions`` (the relay's), ``group``
-(default ``walex``) and ``ack_wait`` (seconds, default 30).
+(default ``walex``), ``ack_wait`` (seconds, default 30) and ``prefetch``
+(messages a partition lets out at once, default 1; 1 to 10,000).
+
+``prefetch=1`` (the default) is what follows. With ``prefetch=N`` > 1 the
+consumers have ``max_ack_pending=N`` and a lane takes batches of up to N
+messages (:class:`~walex.workers.natsbatch.BatchLane`): the server no longer
+keeps one worker per partition then, so a worker pulls a partition only while
+it holds the partition's lease in the JetStream key-value bucket
+``walex_leases_<group>`` (:mod:`walex.workers.natslease`; the workers share
+the partitions out between them), and handles nothing of it until every
+message pending on the consumer is its own. The workers of a group share one
+prefetch: an existing consumer whose ``max_ack_pending`` is not the worker's
+prefetch is a :class:`~walex.errors.ConfigError` naming the fix (stop the
+workers, then ``walex worker --declare`` with the new prefetch updates the
+consumers).
 
 For each partition ``p`` the worker uses a durable pull consumer named
 ``<group>_<p>`` on the stream, filtered on that partition's subjects (the
@@ -40,7 +54,8 @@ out again at once.
 The consumers are created when missing (deliver policy ``all``: a new
 group starts with the oldest message the stream keeps); an existing one
 whose filter or ``max_ack_pending`` differ is an error naming it, since it
-could not keep the order. The stream is the relay's: a worker never creates
+could not keep the order (``--declare`` updates a ``max_ack_pending`` to the
+URL's prefetch). The stream is the relay's: a worker never creates
 it (a missing or mistyped stream is a :class:`~walex.errors.ConfigError`,
 naming the stream that holds the subjects if there is one), and checks it at
 start, then every ``recheck_every`` seconds while partition 0 is idle: its
