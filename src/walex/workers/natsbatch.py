@@ -38,6 +38,15 @@ client asks. Only the worker holding the partition's lease
   call in hand, the lane lets its pull request end, gives back what it holds
   (``-NAK``) and deletes the lease (:meth:`~walex.workers.natslease.Leases.release`).
 
+Limits: the seniority check compares counts, once per lease taken. A former
+holder's acknowledgement written before its lease ended but reaching the server
+more than the lease's margin (``ttl / 4``) later, after this lane counted, can
+make the counts agree while one of that holder's messages is still pending (when
+it also acknowledged one this lane holds again): that message would then come
+back after newer ones. The consumer sequences catch a late delivery, not a late
+acknowledgement; a connection that holds written bytes back that long (a proxy,
+a frozen network path) is what it takes.
+
 The lane takes its messages as :class:`~walex.workers.nats.NatsLane` does
 (:mod:`walex.workers.natsbox`: the direct way of :mod:`walex.workers.natsdirect`, else the subscription's queue).
 """
