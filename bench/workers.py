@@ -115,6 +115,8 @@ async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
         nc = await nats.connect(args.nats, allow_reconnect=False, connect_timeout=5)
         try:
             await nc.jetstream(timeout=10).delete_stream(run)
+            if args.nats_prefetch > 1:  # the run's lease bucket (walex.workers.natslease)
+                await nc.jetstream(timeout=10).delete_key_value(f"walex_leases_{run}")
         finally:
             await nc.close()
     elif broker == "kafka":
@@ -156,7 +158,7 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
         asyncio.run(prefill(broker, url, run, args))
         source = f"{url}&partitions={args.partitions}"
         if broker == "nats" and args.nats_prefetch > 1:  # batches under partition leases
-            source += f"&prefetch={args.nats_prefetch}"
+            source += f"&prefetch={args.nats_prefetch}&group={run}"  # its leases' own bucket
         if broker == "kafka":
             source += f"&group={run}"  # a group of the run's own: it starts at the earliest record
             if args.kafka_session_ms:  # tansu holds each join for half of it (see the docstring)
