@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/workers.py                          # NATS, RabbitMQ, Kafka; 1 and 3 workers
     .venv/bin/python bench/workers.py --brokers nats --events 20000 --workers 1,2,3
+    .venv/bin/python bench/workers.py --brokers nats --events 20000 --nats-prefetch 256
 
 For each broker and each worker count: a fresh target (a JetStream stream;
 an exchange and its partition queues, declared as the workers declare them;
@@ -114,6 +115,8 @@ async def remove(broker: str, run: str, args: argparse.Namespace) -> None:
         nc = await nats.connect(args.nats, allow_reconnect=False, connect_timeout=5)
         try:
             await nc.jetstream(timeout=10).delete_stream(run)
+            if args.nats_prefetch > 1:  # the run's lease bucket (walex.workers.natslease)
+                await nc.jetstream(timeout=10).delete_key_value(f"walex_leases_{run}")
         finally:
             await nc.close()
     elif broker == "kafka":
@@ -154,6 +157,8 @@ def measure(broker: str, workers: int, args: argparse.Namespace) -> dict:
     try:
         asyncio.run(prefill(broker, url, run, args))
         source = f"{url}&partitions={args.partitions}"
+        if broker == "nats" and args.nats_prefetch > 1:  # batches under partition leases
+            source += f"&prefetch={args.nats_prefetch}&group={run}"  # its leases' own bucket
         if broker == "kafka":
             source += f"&group={run}"  # a group of the run's own: it starts at the earliest record
             if args.kafka_session_ms:  # tansu holds each join for half of it (see the docstring)
@@ -229,6 +234,9 @@ def main() -> int:
                     "different --events give the instructions per event by their difference")
     ap.add_argument("--profile-rate", type=int, default=500, help="py-spy samples per second")
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
+    ap.add_argument("--nats-prefetch", type=int, default=1,
+                    help="the NATS workers' prefetch= (1: one message per partition at a time; "
+                    "more: batches, each partition under a lease, walex.workers.natsbatch)")
     ap.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/")
     args = ap.parse_args()
     rows = []

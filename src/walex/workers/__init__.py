@@ -12,6 +12,11 @@ The contract every source keeps (:mod:`walex.workers.base`):
   one worker at a time, through the broker's own mechanism (a JetStream
   durable consumer per partition with ``max_ack_pending=1``; a RabbitMQ
   queue per partition with single active consumer), never a lock of ours;
+  except a NATS source with ``prefetch`` > 1 (batches of up to ``prefetch``
+  messages per partition): there a worker pulls and handles a partition only
+  while it holds the partition's lease in a JetStream key-value bucket, which
+  ends on this worker's side before the server can give it to another
+  (:mod:`walex.workers.natslease`, :mod:`walex.workers.natsbatch`);
 - a message is acknowledged to the broker only after the handlers it went
   to returned (or the error policy disposed of it), the messages received
   together once after the last call; what a worker received and did not
@@ -34,8 +39,8 @@ What a handler receives: a list of events of one transaction and one
 partition, in order, filtered like in-process (table, types,
 ``unwatched_records``, ``where`` ...): the consecutive messages of one
 transaction that the broker has delivered at once (NATS: one message per
-call, as ``max_ack_pending=1`` lets one out at a time; RabbitMQ: up to
-``prefetch``); a ``max_batch`` handler gets the consecutive transactions
+call, as ``max_ack_pending=1`` lets one out at a time, or up to ``prefetch``
+with the URL's ``prefetch``; RabbitMQ: up to ``prefetch``); a ``max_batch`` handler gets the consecutive transactions
 received together in calls of at most ``max_batch`` (with ``concurrency`` 1:
 the dispatcher keeps their events between calls). A transaction's rows in
 other partitions go to other calls, maybe on other workers. The error policy

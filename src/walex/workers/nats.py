@@ -1,7 +1,21 @@
 """NATS JetStream source: ``nats://host:4222?stream=WALEX&partitions=4``.
 
 The relay's destination URL, plus ``partitions`` (the relay's), ``group``
-(default ``walex``) and ``ack_wait`` (seconds, default 30).
+(default ``walex``), ``ack_wait`` (seconds, default 30) and ``prefetch``
+(messages a partition lets out at once, default 1; 1 to 10,000).
+
+``prefetch=1`` (the default) is what follows. With ``prefetch=N`` > 1 the
+consumers have ``max_ack_pending=N`` and a lane takes batches of up to N
+messages (:class:`~walex.workers.natsbatch.BatchLane`): the server no longer
+keeps one worker per partition then, so a worker pulls a partition only while
+it holds the partition's lease in the JetStream key-value bucket
+``walex_leases_<group>`` (:mod:`walex.workers.natslease`; the workers share
+the partitions out between them), and handles nothing of it until every
+message pending on the consumer is its own. The workers of a group share one
+prefetch: an existing consumer whose ``max_ack_pending`` is not the worker's
+prefetch is a :class:`~walex.errors.ConfigError` naming the fix (stop the
+workers, then ``walex worker --declare`` with the new prefetch updates the
+consumers).
 
 For each partition ``p`` the worker uses a durable pull consumer named
 ``<group>_<p>`` on the stream, filtered on that partition's subjects (the
@@ -40,7 +54,8 @@ out again at once.
 The consumers are created when missing (deliver policy ``all``: a new
 group starts with the oldest message the stream keeps); an existing one
 whose filter or ``max_ack_pending`` differ is an error naming it, since it
-could not keep the order. The stream is the relay's: a worker never creates
+could not keep the order (``--declare`` updates a ``max_ack_pending`` to the
+URL's prefetch). The stream is the relay's: a worker never creates
 it (a missing or mistyped stream is a :class:`~walex.errors.ConfigError`,
 naming the stream that holds the subjects if there is one), and checks it at
 start, then every ``recheck_every`` seconds while partition 0 is idle: its
@@ -55,8 +70,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
-from collections import deque
 from typing import Any
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -65,7 +81,10 @@ from nats.js.errors import NotFoundError
 from ..destinations.base import DestinationURL, Unavailable
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
+from .natsbatch import BatchLane
+from .natsbox import BoxLane, is_status
 from .natsdirect import Inboxes, Raw, acked_fields
+from .natslease import Leases
 from .natsstream import _SourceStream, verify
 
 __all__ = ["NatsConsumer"]
@@ -77,52 +96,19 @@ _TEMPORARY = ("404", "408", "409")  # a fetch that ends so is as one that timed 
 _ANSWERS = {b"+WPI": "in_progress", b"+ACK": "ack", b"-NAK": "nak"}
 
 
-class NatsLane(Lane):
+class NatsLane(BoxLane):
+    """One message at a time (``max_ack_pending=1``), see the module's doc."""
+
     def __init__(self, partition: int, consumer: NatsConsumer, psub: Any, ack_wait: float) -> None:
-        super().__init__(partition)
-        self.consumer = consumer
-        self.psub = psub
-        self.ack_wait = ack_wait
-        self.every = max(ack_wait / 3, 0.05)
-        self.margin = ack_wait / 4  # the lease ends this long before the server's deadline
+        super().__init__(partition, consumer, psub, ack_wait)
         # held messages: since when, and the task keeping it (None until ack_wait / 3 passed)
         self.held: dict[int, tuple[Any, float, asyncio.Task[None] | None]] = {}
         self._keeper: asyncio.TimerHandle | None = None  # starts the keeping when it is due
         self._keeper_at = 0.0
         self.asked: float | None = None  # when the previous fetch went out
         self.following: float | None = None  # when an acknowledgement asked for the next one
-        self.wait = 1.0  # the worker's poll: how long such a request waits on the server
-        # the pull subscription's inbox (what fetch() asks the server to deliver to)
-        self.inbox: str | None = getattr(psub, "_deliver", None)
-        self.inbox_bytes = (self.inbox or "").encode()
-        # the direct way (walex.workers.natsdirect): the messages the parser handed over
-        self.direct: Inboxes | None = None
-        self.box: deque[Raw] = deque()
-        self.waiter: asyncio.Future[None] | None = None  # woken by arrive() or the alarm
-        self.woken = False  # by arrive(), counted in the direct way's awake until _settle()
-        self.deadline = 0.0  # when the wait in hand ends
-        self._alarm: asyncio.TimerHandle | None = None  # ends waits; re-armed when it rings
-        self._alarm_at = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None  # see _running
         self._requests: tuple[float, bytes, bytes] | None = None  # see _next_request
         self.status: str | None = None  # the last JetStream status a request was answered with
-
-    def arrive(self, raw: Raw) -> None:
-        """A message of this lane's subscription, from the parser (the direct way)."""
-        self.box.append(raw)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-            if not self.woken and self.direct is not None:
-                self.woken = True
-                self.direct.awake += 1
-
-    def _settle(self) -> None:
-        """The lane woken by :meth:`arrive` answered (or waits again): no longer awake."""
-        if self.woken:
-            self.woken = False
-            if self.direct is not None:
-                self.direct.awake -= 1
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.consumer.check()
@@ -219,7 +205,7 @@ class NatsLane(Lane):
                 status = msg.status
                 if status is None:
                     return msg
-            elif not _is_status(msg):
+            elif not is_status(msg):
                 return msg
             else:
                 status = msg.header.get("Status")
@@ -243,42 +229,6 @@ class NatsLane(Lane):
         sub._pending_size -= len(msg.data)
         queue.task_done()
         return msg
-
-    def _running(self) -> asyncio.AbstractEventLoop:
-        """The lane's event loop, looked up once: on Python 3.11 ``get_running_loop`` asks
-        the OS for the process id each call (a system call per message)."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        return loop
-
-    def _waiter(self, timeout: float) -> asyncio.Future[None]:
-        """The future :meth:`arrive` or ``timeout`` seconds end (the caller awaits it, then
-        sets ``waiter`` to None). One timer serves the lane's waits: it is re-armed when it
-        rings before the wait in hand ends, not per wait."""
-        if self.woken:
-            self._settle()
-        loop = self._loop or self._running()
-        deadline = self.deadline = time.monotonic() + timeout
-        if self._alarm is None or self._alarm_at > deadline + 0.001:
-            if self._alarm is not None:
-                self._alarm.cancel()
-            self._alarm_at = deadline
-            self._alarm = loop.call_later(timeout, self._ring)
-        waiter = self.waiter = loop.create_future()
-        return waiter
-
-    def _ring(self) -> None:
-        self._alarm = None
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            return  # no wait in hand: the next one arms it again
-        left = self.deadline - time.monotonic()
-        if left <= 0.001:
-            waiter.set_result(None)
-        else:
-            self._alarm_at = self.deadline
-            self._alarm = self._running().call_later(left, self._ring)
 
     def _hold(self, msg: Any, since: float) -> None:
         """Keep the message from ``ack_wait / 3`` after ``since`` on (a call that ends
@@ -413,7 +363,7 @@ class NatsLane(Lane):
         queue = getattr(getattr(self.psub, "_sub", None), "_pending_queue", None)
         while queue is not None and not queue.empty():
             msg = queue.get_nowait()
-            if not _is_status(msg):
+            if not is_status(msg):
                 held.append(Delivery(b"", msg))
         await self.release(held)
 
@@ -428,15 +378,11 @@ def _acked_as(msg: Any) -> tuple[int, int, int]:
     return meta.num_delivered, meta.sequence.stream, meta.num_pending
 
 
-def _is_status(msg: Any) -> bool:
-    """A JetStream status message (no messages, request expired, heartbeat), not a message."""
-    return not msg.data and bool(msg.header) and "Status" in msg.header
-
-
 class NatsConsumer(Consumer):
     scheme = "nats"
     destination_class = _SourceStream
-    accepted = ("ack_wait",)
+    accepted = ("ack_wait", "prefetch")
+    max_prefetch = 10_000
     destination: _SourceStream
     recheck_every = 30.0  # seconds between looks at the stream while partition 0 is idle
     direct = True  # the lanes' messages straight from the parser (walex.workers.natsdirect)
@@ -444,6 +390,11 @@ class NatsConsumer(Consumer):
 
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
+        self.prefetch = url.take_int("prefetch", 1, minimum=1) or 1
+        if self.prefetch > self.max_prefetch:
+            raise ConfigError(f"worker source {url.display}: prefetch must be at most "
+                              f"{self.max_prefetch} (messages held per partition), got "
+                              f"{self.prefetch}")
 
     def __init__(self, url: DestinationURL) -> None:
         super().__init__(url)
@@ -451,7 +402,9 @@ class NatsConsumer(Consumer):
         self.template = self.destination.subject.text
         self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
-        self.lanes: list[NatsLane] = []
+        self.lanes: list[NatsLane | BatchLane] = []
+        self.leases: Leases | None = None  # prefetch > 1: the partitions' leases
+        self.declaring = False
         self.inboxes: Inboxes | None = None  # the direct way's hook, while it is set
         self.checked = 0.0  # when the stream was last compared with this worker's setup
 
@@ -463,11 +416,11 @@ class NatsConsumer(Consumer):
 
     async def declare(self) -> None:
         """Create the stream (as the relay does) and the group's consumers when missing."""
-        self.destination.create = True
+        self.destination.create = self.declaring = True
         try:
             await self.open()
         finally:
-            self.destination.create = False
+            self.destination.create = self.declaring = False
             await self.close()
 
     async def open(self) -> list[Lane]:
@@ -480,9 +433,12 @@ class NatsConsumer(Consumer):
                 name = f"{self.group}_{p}"
                 ack_wait = await self._ensure_consumer(js, name, subject)
                 psub = await js.pull_subscribe_bind(durable=name, stream=self.stream)
-                self.lanes.append(NatsLane(p, self, psub, ack_wait))
+                self.lanes.append(NatsLane(p, self, psub, ack_wait) if self.prefetch == 1 else
+                                  BatchLane(p, self, psub, ack_wait, self.prefetch, name))
             if self.direct:
                 self._hook()
+            if self.prefetch > 1 and not self.declaring:
+                await self._lease()
         except Unavailable:
             await self.close()
             raise
@@ -514,6 +470,19 @@ class NatsConsumer(Consumer):
         for lane in self.lanes:
             lane.direct = inboxes
 
+    async def _lease(self) -> None:
+        """prefetch > 1: the lanes pull only while this worker holds their partition's lease
+        (:mod:`walex.workers.natslease`); the lease lasts the consumers' ack_wait."""
+        lanes: list[BatchLane] = self.lanes  # type: ignore[assignment]
+        self.leases = Leases(
+            self.destination.nc, self.group, self.stream, self.partitions,
+            max(lane.ack_wait for lane in lanes),
+            granted=lambda p: lanes[p].grant(), lost=lambda p, why: lanes[p].lose(why),
+            shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}")
+        for lane in lanes:
+            lane.leases = self.leases
+        await self.leases.open()
+
     async def verify(self) -> None:
         """Raise :class:`ConfigError` when the stream cannot feed this worker
         (:func:`~walex.workers.natsstream.verify`)."""
@@ -540,7 +509,7 @@ class NatsConsumer(Consumer):
         except NotFoundError:
             config = ConsumerConfig(
                 durable_name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL, max_ack_pending=1, ack_wait=self.ack_wait,
+                deliver_policy=DeliverPolicy.ALL, max_ack_pending=self.prefetch, ack_wait=self.ack_wait,
                 max_deliver=-1,
             )
             try:
@@ -548,14 +517,28 @@ class NatsConsumer(Consumer):
             except Exception:  # another worker created it meanwhile, maybe otherwise
                 info = await js.consumer_info(self.stream, name)
         config = info.config
-        if config.max_ack_pending != 1 or config.filter_subject != subject or \
-                config.ack_policy != AckPolicy.EXPLICIT:
+        if config.filter_subject != subject or config.ack_policy != AckPolicy.EXPLICIT:
             raise ConfigError(
                 f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
-                f"exists with filter_subject={config.filter_subject!r}, max_ack_pending="
-                f"{config.max_ack_pending}, ack_policy={config.ack_policy}; a worker needs "
-                f"{subject!r}, 1 and explicit to keep the order. Delete it (nats consumer rm "
-                f"{self.stream} {name}) or use another group="
+                f"exists with filter_subject={config.filter_subject!r}, ack_policy="
+                f"{config.ack_policy}; a worker needs {subject!r} and explicit to keep the order. "
+                f"Delete it (nats consumer rm {self.stream} {name}) or use another group="
+            )
+        if config.max_ack_pending != self.prefetch:
+            if self.declaring:  # walex worker --declare: the group's prefetch is this one's
+                info = await js.add_consumer(self.stream, config.evolve(
+                    max_ack_pending=self.prefetch))
+                log.info("consumer %r: max_ack_pending %s -> %d", name, config.max_ack_pending,
+                         self.prefetch)
+                return float(info.config.ack_wait or self.ack_wait)
+            raise ConfigError(
+                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
+                f"has max_ack_pending={config.max_ack_pending}, and this worker has prefetch="
+                f"{self.prefetch} (it needs max_ack_pending={self.prefetch}; the workers of a "
+                f"group share one prefetch). Stop the group's workers, then run 'walex worker "
+                f"--declare SOURCE_URL' with prefetch={self.prefetch} in the URL (it updates the "
+                f"consumers), or delete it (nats consumer rm {self.stream} {name}), or give "
+                f"this worker prefetch={config.max_ack_pending}"
             )
         if config.ack_wait and abs(config.ack_wait - self.ack_wait) > 1e-3:
             log.warning("consumer %r has ack_wait=%gs (not %gs): a killed worker's message "
@@ -565,6 +548,9 @@ class NatsConsumer(Consumer):
 
     async def close(self) -> None:
         lanes, self.lanes = self.lanes, []
+        leases, self.leases = self.leases, None
+        if leases is not None:
+            await leases.stop()  # no lease taken meanwhile; the lanes give theirs back
         results = await asyncio.gather(*(lane.release_held() for lane in lanes),
                                        return_exceptions=True)
         for lane, result in zip(lanes, results):
@@ -573,6 +559,8 @@ class NatsConsumer(Consumer):
                             " the server delivers them again after ack_wait", lane.partition, result)
             elif isinstance(result, BaseException):
                 raise result
+        if leases is not None:
+            await leases.close()
         inboxes, self.inboxes = self.inboxes, None
         if inboxes is not None:
             inboxes.release()

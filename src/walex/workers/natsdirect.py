@@ -333,6 +333,18 @@ class Inboxes:
             log.warning("waking nats-py's flusher failed (%r): the commands wait in its "
                         "buffer until the next publish or reconnection", kick.exception())
 
+    def send_many(self, commands: list[bytes], payload: int) -> None:
+        """Hand ``PUB`` commands of ``payload`` bytes of body each to the client, written
+        together (a batch's acknowledgements: one write)."""
+        nc = self.nc
+        if not nc.is_connected or nc.is_draining_pubs:
+            check_publishable(nc, commands)
+        stats = self._stats
+        stats["out_msgs"] += len(commands)
+        stats["out_bytes"] += payload * len(commands)
+        self._outbox.extend(commands)
+        self._write()
+
     async def reply(self, raw: Raw, body: bytes) -> None:
         """Answer a message (``+ACK``, ``+WPI``, ``-NAK``), as ``Msg.ack()`` and its kin."""
         await self.send(b"PUB %b %d\r\n%b\r\n" % (raw.reply, len(body), body), len(body))
