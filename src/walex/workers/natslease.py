@@ -28,7 +28,7 @@ one holding its lease here:
   running the timer. The lane sends pull requests whose ``expires`` ends
   before its lease, so no request of a former holder stays open on the server
   once another may hold the partition;
-- every round (``ttl / 3``) a worker renews its member key and leases, counts
+- every round (``ttl / 3``, at most a second apart) a worker renews its member key and leases, counts
   the live members, aims at its share (``partitions // members``, one more for
   the first ``partitions % members`` workers by id), takes free
   partitions up to that (in an order rotated by its id, so workers do not all
@@ -103,6 +103,8 @@ class Leases:
     give it back (:meth:`release`) after the call in hand.
     """
 
+    round_every = 1.0  # longest pause between two rounds (ttl / 3 when shorter)
+
     def __init__(self, nc: Any, group: str, stream: str, partitions: int, ttl: float,
                  granted: Callable[[int], None], lost: Callable[[int, str], None],
                  shed: Callable[[int], None], name: str = "") -> None:
@@ -164,7 +166,9 @@ class Leases:
         return 0.0 if held is None else held.valid_until - time.monotonic()
 
     async def _rounds(self) -> None:
-        every = self.ttl / 3
+        # at most a second apart: a worker that joins gets its share within a round or two
+        # (workers started together first see one another only in their next round)
+        every = min(self.ttl / 3, self.round_every)
         due = time.monotonic()
         while not self._stopped:
             reraise_cancel()  # nats-py may have taken a cancellation in for itself
