@@ -93,26 +93,55 @@ def publish_through_outages(group: nb.Group) -> threading.Thread:
     return thread
 
 
+@pytest.mark.parametrize("mode", ["frozen", "busy", pytest.param("window", marks=pytest.mark.xfail(
+    strict=False, reason="natsbatch's documented limit: a former holder's acknowledgement "
+    "held back beyond the lease's margin, reaching the server while the new holder counts"))])
 def test_a_paused_path_holds_a_worker_s_bytes_beyond_its_lease(
-        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """``frozen``: ``a`` waits in a call when the path pauses, until ``b`` handled the call's
+    events and the call is cancelled. ``busy``: the path pauses while ``a`` is in one of its
+    calls (which ends, its acknowledgement held back with the rest). Both resume once ``b``
+    has handled on every partition since the pause (it counted every partition's pending
+    messages before ``a``'s late bytes arrive). ``window``: as ``busy``, but resumes 2 to 5 s
+    after the pause, around ``b``'s counting: ``a``'s acknowledgements held back beyond its
+    lease can make ``b``'s counts agree while a message of ``a`` is still pending, the
+    limit natsbatch documents; an order violation there is that limit (xfail)."""
     monkeypatch.setattr(nb, "EVENTS", EVENTS)
     group = nb.Group(tmp_path, unique, ["a", "b"])
     proxy = Proxy("127.0.0.1", group.port).start()
     frozen = Path(f"{group.db}.frozen")
     frozen.write_text("")  # a's handler waits in a call only once the test removes it
+    call = ""
     try:
-        start(group, "a", via(group, proxy.port), {"WORKER_FREEZE_AFTER": "1"})
+        start(group, "a", via(group, proxy.port),
+              {"WORKER_FREEZE_AFTER": "1"} if mode == "frozen" else {})
         group.publish()
         group.wait(lambda: handled_by(group, "a"), "a to handle", 30)
         start(group, "b", group.source, {})
-        frozen.unlink()
-        group.wait(lambda: frozen.exists() and frozen.read_text(), "a's call to begin its wait", 30)
-        proxy.pause()
-        call, first_id = frozen.read_text().split()
-        group.wait(lambda: any(r[1] == first_id and r[4] == "b" for r in group.rows("handled")),
-                   "b to handle the paused call's first event", 40)
-        group.wait(lambda: group.rows("calls")[int(call) - 1][5] is not None,
-                   "a's call in hand to be cancelled", 30)
+        if mode == "frozen":
+            frozen.unlink()
+            group.wait(lambda: frozen.exists() and frozen.read_text(),
+                       "a's call to begin its wait", 30)
+            proxy.pause()
+            call, first_id = frozen.read_text().split()
+            group.wait(lambda: any(r[1] == first_id and r[4] == "b"
+                                   for r in group.rows("handled")),
+                       "b to handle the paused call's first event", 40)
+            group.wait(lambda: group.rows("calls")[int(call) - 1][5] is not None,
+                       "a's call in hand to be cancelled", 30)
+        else:
+            group.wait(lambda: handled_by(group, "b"), "b to handle", 30)
+            time.sleep(random.uniform(0, 1))
+            # in one of a's calls: its acknowledgement, written after it, is held back
+            group.wait(lambda: any(r[1] == "a" and r[4] is None and r[5] is None
+                                   for r in group.rows("calls")), "a to be in a call", 30)
+            proxy.pause()
+        paused = time.time()
+        if mode == "window":
+            time.sleep(random.uniform(2, 5))
+        else:
+            group.wait(lambda: len({r[2] for r in calls_of(group, "b", paused)}) == nb.PARTITIONS,
+                       "b to handle on every partition since the pause", 40)
         proxy.resume()
         resumed = time.time()
         group.wait(lambda: calls_of(group, "a", resumed), "a to handle again after the resume", 40)
@@ -122,11 +151,12 @@ def test_a_paused_path_holds_a_worker_s_bytes_beyond_its_lease(
         proxy.stop()
         asyncio.run(group.cleanup())
     group.check()
-    row = group.rows("calls")[int(call) - 1]
-    assert row[1] == "a" and row[4] is None and row[5] is not None, row
-    assert not any(r[5] == int(call) for r in group.rows("handled")), \
-        "the paused call applied its events"
-    assert "lost partition" in group.log("a").read_text()
+    if mode == "frozen":
+        row = group.rows("calls")[int(call) - 1]
+        assert row[1] == "a" and row[4] is None and row[5] is not None, row
+        assert not any(r[5] == int(call) for r in group.rows("handled")), \
+            "the paused call applied its events"
+        assert "lost partition" in group.log("a").read_text()
 
 
 def test_a_cut_connection_is_made_again_and_nothing_is_lost(
