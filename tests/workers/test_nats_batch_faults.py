@@ -10,7 +10,9 @@ overlapping across workers); here the network misbehaves:
   longer than the lease: ``b`` takes the partitions and handles the call's events,
   ``a``'s call is cancelled, never completed; on resume the held bytes (``a``'s late
   acknowledgements among them) reach the server, and ``a`` comes back and handles
-  again;
+  again. Resumed while ``b`` still counts a partition's pending messages (``window``),
+  the late acknowledgements can reorder a row: the limit natsbatch's docstring
+  states, so that case is an expected failure (1 run in 22 that resumed then);
 - **cut**: the proxy resets ``a``'s connections at a point of its byte stream
   (``partition_after``) while it handles: ``a`` reconnects and handles again;
 - **restarted**: two workers on a nats-server of the test's own, killed (SIGKILL) and
