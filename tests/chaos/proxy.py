@@ -10,6 +10,9 @@
                         # server (what a read holds past them is dropped already)
     proxy.heal()        # connections that lost bytes are reset (their TCP
                         # streams are broken for good), new ones flow again
+    proxy.pause()       # every byte, both ways, is held (not dropped) until resume()
+    proxy.resume()      # what was held goes on, in order
+    proxy.cut()         # every connection is reset now (RST); new ones flow
     proxy.silence(port) # only the connection whose server side has local port ``port``
                         # (its backend's pg_stat_activity.client_port) drops every byte
     proxy.stop()
@@ -51,6 +54,7 @@ class Proxy:
         self.dropped_bytes = 0
         self.resets = 0
         self._cut_after: int | None = None  # bytes upstream until partition_after() cuts
+        self._flowing: asyncio.Event | None = None  # cleared while paused (made in the loop)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="chaos-proxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
@@ -74,6 +78,29 @@ class Proxy:
 
     def heal(self) -> None:
         self._call(self._set(False))
+
+    def pause(self) -> None:
+        """Hold every byte, both ways, from now on (read, kept, not written) until
+        :meth:`resume`: a path that stalls without losing anything."""
+        async def hold() -> None:
+            assert self._flowing is not None
+            self._flowing.clear()
+        self._call(hold())
+
+    def resume(self) -> None:
+        async def flow() -> None:
+            assert self._flowing is not None
+            self._flowing.set()
+        self._call(flow())
+
+    def cut(self) -> None:
+        """Reset every connection now (RST both ways); new ones flow."""
+        async def reset() -> None:
+            for link in list(self.links):
+                self.resets += 1
+                link.abort()
+                self.links.discard(link)
+        self._call(reset())
 
     def silence(self, server_port: int) -> bool:
         """Partition one connection: the one whose socket to the server has local port
@@ -106,6 +133,8 @@ class Proxy:
     # -- the proxy -------------------------------------------------------
 
     async def _listen(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -171,6 +200,8 @@ class Proxy:
                     except (OSError, RuntimeError):
                         pass
                 return
+            if self._flowing is not None and not self._flowing.is_set():
+                await self._flowing.wait()  # paused: held here, the rest in the socket buffers
             left = self._cut_after
             if upstream and left is not None and not self.partitioned and writer is not None:
                 if len(data) < left:
