@@ -333,15 +333,17 @@ class Inboxes:
             log.warning("waking nats-py's flusher failed (%r): the commands wait in its "
                         "buffer until the next publish or reconnection", kick.exception())
 
-    def send_many(self, commands: list[bytes], payload: int) -> None:
+    def send_many(self, commands: list[bytes], payload: int, count: int | None = None) -> None:
         """Hand ``PUB`` commands of ``payload`` bytes of body each to the client, written
-        together (a batch's acknowledgements: one write)."""
+        together (a batch's acknowledgements: one write). ``count``: how many commands
+        ``commands`` holds when they come joined (fewer bytes objects than commands)."""
         nc = self.nc
         if not nc.is_connected or nc.is_draining_pubs:
             check_publishable(nc, commands)
+        n = len(commands) if count is None else count
         stats = self._stats
-        stats["out_msgs"] += len(commands)
-        stats["out_bytes"] += payload * len(commands)
+        stats["out_msgs"] += n
+        stats["out_bytes"] += payload * n
         self._outbox.extend(commands)
         self._write()
 
