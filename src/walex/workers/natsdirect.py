@@ -53,6 +53,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.protocol.parser import AWAITING_CONTROL_LINE as _AWAITING_CONTROL_LINE
+from nats.protocol.parser import MAX_CONTROL_LINE_SIZE as _MAX_CONTROL_LINE
 
 from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
@@ -146,6 +147,9 @@ class Inboxes:
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        # the head of a frame the chunks cut in two (see cut), held here, not by nats-py's
+        # parser, so the next chunk's frames are cut here too; nats-py's parser is idle then
+        self._carry = b""
         # lanes woken by a delivery that have not answered it or waited again yet (the
         # lanes count it, NatsLane.arrive and _settle): queue() writes when it is 0
         self.awake = 0
@@ -192,15 +196,56 @@ class Inboxes:
         parser = self._parser
         if parser.buf or parser.state != _AWAITING_CONTROL_LINE or not data:
             return await self._parse(data)
-        at = self.cut(data)
-        if at < len(data):
-            await self._parse(data[at:] if at else data)
+        rest = self.cut(data)
+        if rest:
+            await self._parse(rest)
         return None
 
-    def cut(self, data: bytes) -> int:
+    carry_at_most = 65536  # bytes of a frame cut in two held here; a longer one: nats-py's
+
+    def cut(self, data: bytes) -> bytes:
         """Hand the lanes the whole ``MSG``/``HMSG`` frames of their sids at the head of
-        ``data`` (as :meth:`_take` does); the offset of the first byte not taken: the start
-        of anything else (another sid's frame, another command, a frame not whole)."""
+        the held bytes and ``data`` (as :meth:`_take` does); the bytes not taken, for
+        nats-py's parser: from anything else on (another sid's frame, another command),
+        else b"". A chunk ending within a frame (a batch of messages spans several)
+        leaves that frame's head held here (up to ``carry_at_most`` bytes), cut with the
+        next chunk, so nats-py's parser, which would then take every following chunk
+        whole, is not handed it."""
+        carry = self._carry
+        if carry:
+            self._carry = b""
+            data = carry + data
+        at = self._cut(data)
+        end = len(data)
+        if at == end:
+            return b""
+        if end - at <= self.carry_at_most and self._cut_in_two(data, at):
+            self._carry = data[at:]
+            return b""
+        return data[at:] if at else data
+
+    def _cut_in_two(self, data: bytes, at: int) -> bool:
+        """Whether ``data[at:]`` is the head of a lane's frame (or of a ``MSG``/``HMSG``
+        control line) that the next bytes complete."""
+        head = data[at:at + 5]
+        if len(head) < 5:
+            return b"HMSG ".startswith(head) or b"MSG ".startswith(head[:4])
+        eol = data.find(b"\r\n", at)
+        if eol < 0:
+            return (head == b"HMSG " or head[:4] == b"MSG ") and \
+                len(data) - at <= _MAX_CONTROL_LINE
+        fields = data[at:eol].split()
+        if fields[0] == b"MSG" and len(fields) in (4, 5):
+            sid, size, hsize = fields[2], fields[-1], b"0"
+        elif fields[0] == b"HMSG" and len(fields) in (5, 6):
+            sid, size, hsize = fields[2], fields[-1], fields[-2]
+        else:
+            return False
+        return sid.isdigit() and size.isdigit() and hsize.isdigit() and \
+            int(sid) in self._lanes and eol + 2 + int(size) + 2 > len(data)
+
+    def _cut(self, data: bytes) -> int:
+        """:meth:`cut` of ``data``: the offset of the first byte not taken."""
         lanes = self._lanes
         subs = self._subs
         at, end = 0, len(data)
@@ -258,6 +303,9 @@ class Inboxes:
         """Give the client what ``_process_msg`` was before (when it still has ours)."""
         nc = self.nc
         self._write()
+        if self._carry:  # nats-py's parser goes on from the frame's head
+            self._parser.buf.extend(self._carry)
+            self._carry = b""
         if self.tap is not None:
             self.tap.remove()
         if vars(self._parser).get("parse") == self.parse:
