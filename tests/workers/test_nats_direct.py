@@ -292,3 +292,40 @@ def test_a_lane_frame_cut_in_two_by_the_chunks_is_cut_with_the_next_one() -> Non
             await nc.close()
 
     run(main(), timeout=60)
+
+
+def test_after_another_subscription_s_frame_the_lane_frames_are_cut_again() -> None:
+    """A chunk of lane frames with another subscription's frame and a ``+OK`` among them:
+    nats-py's parser is handed those two alone, and every lane frame after them is cut
+    (none goes through nats-py's parser and ``_process_msg``)."""
+    import nats
+
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            lane_sub = await nc.subscribe("wk.nothing.a")
+            other_sub = await nc.subscribe("wk.nothing.b")
+            got: list[Raw] = []
+            inboxes = Inboxes.install(nc, {lane_sub._id: got.append}, taps=False)
+            assert inboxes is not None
+            stream, mine = _frames(lane_sub._id, other_sub._id)
+            through_nats_py: list[int] = []
+            hooked = nc._process_msg
+
+            async def counting(sid: int, *args: Any) -> None:
+                through_nats_py.append(sid)
+                await hooked(sid, *args)
+
+            nc._process_msg = counting
+            await inboxes.parse(stream)
+            assert [(r.reply, r.data, r.headers) for r in got] == mine
+            assert through_nats_py == [other_sub._id] * stream.count(b"HMSG wk.b")
+            assert (await other_sub.next_msg(timeout=5)).data == b""
+            nc._process_msg = hooked
+            inboxes.release()
+        finally:
+            await nc.close()
+
+    run(main(), timeout=60)

@@ -138,6 +138,21 @@ def usable(nc: Any, sids: list[int]) -> bool:
             and all(isinstance(getattr(subs[sid], "_received", None), int) for sid in sids))
 
 
+def _frame_end(data: bytes) -> int:
+    """The length of the whole frame (``MSG``/``HMSG`` or a one-line command) at the head of
+    ``data``; 0 when it is not whole or not read."""
+    eol = data.find(b"\r\n")
+    if eol < 0:
+        return 0
+    if not (data.startswith(b"MSG ") or data.startswith(b"HMSG ")):
+        return eol + 2
+    size = data[:eol].rsplit(None, 1)[-1]
+    if not size.isdigit():
+        return 0
+    end = eol + 2 + int(size) + 2
+    return end if end <= len(data) else 0
+
+
 class Inboxes:
     """The hook on one client: the messages of the lanes' subscriptions, by sid."""
 
@@ -200,8 +215,19 @@ class Inboxes:
         if parser.buf or parser.state != _AWAITING_CONTROL_LINE or not data:
             return await self._parse(data)
         rest = self.cut(data)
-        if rest:
-            await self._parse(rest)
+        while rest:
+            # anything else (a lease's reply, a PING): that frame alone to nats-py, when it
+            # is whole, and the lanes' frames after it cut here again
+            end = _frame_end(rest)
+            if not end or end == len(rest):
+                await self._parse(rest)
+                return None
+            await self._parse(rest[:end])
+            if parser.buf or parser.state != _AWAITING_CONTROL_LINE or \
+                    vars(parser).get("parse") != self.parse:
+                await self._parse(rest[end:])
+                return None
+            rest = self.cut(rest[end:])
         return None
 
     carry_at_most = 65536  # bytes of a frame cut in two held here; a longer one: nats-py's
