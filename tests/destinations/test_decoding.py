@@ -289,3 +289,46 @@ def test_domains_are_typed_by_their_base_unless_types_names_them(
     mine = round_trip(event, Decoder(types={"amount": lambda form: ("cents", form)}))
     assert mine.new_record["a"] == ("cents", "2.50")  # type: ignore[index]
     assert mine.new_record["d"] == dt.date(2024, 2, 29)  # type: ignore[index]
+
+
+def test_a_table_whose_columns_change_gets_a_source_of_its_own_each_time() -> None:
+    """The decoder keeps the last Source of each table and takes it again while an event's
+    columns, key and base types are the ones it was made from: a column's type, the
+    columns' order, the key or a base type changing (an ALTER TABLE between two events of
+    one stream) gives a Source of the new shape, and the values typed by it."""
+    from walex import EventType, Source
+
+    decoder = Decoder()
+
+    def event(columns: dict[str, str], key: tuple[str, ...], record: dict[str, Any],
+              bases: dict[str, str] | None = None) -> Event:
+        source = Source(db="db", schema="public", table="t", columns=columns, primary_key=key,
+                        base_types=bases or {})
+        return Event("t", EventType.INSERT, source, record, None, None,
+                     dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc), "0/16B3748",
+                     "00000000016B3748-00000000")
+
+    first = event({"id": "int8", "at": "date"}, ("id",), {"id": 7, "at": dt.date(2024, 2, 29)})
+    shapes = [  # each differs from the one before in one thing
+        first,
+        first,  # the same shape again: the kept Source, equal
+        event({"at": "date", "id": "int8"}, ("id",), {"id": 7, "at": dt.date(2024, 2, 29)}),
+        first,
+        event({"id": "int8", "at": "date"}, ("id", "at"), {"id": 7, "at": dt.date(2024, 2, 29)}),
+        first,
+        event({"id": "int8", "at": "text"}, ("id",), {"id": 7, "at": "2024-02-29"}),
+        event({"id": "int8", "at": "day"}, ("id",), {"id": 7, "at": dt.date(2024, 2, 29)},
+              {"day": "date"}),
+        event({"id": "int8", "at": "day"}, ("id",), {"id": 7, "at": "2024-02-29"},
+              {"day": "text"}),
+        first,
+    ]
+    for expected in shapes:
+        got = decoder.decode(encode_event(expected).body)
+        assert got.source == expected.source
+        assert list(got.source.columns) == list(expected.source.columns)  # in order
+        assert got.new_record == expected.new_record
+        assert [type(v) for v in got.new_record.values()] == \
+            [type(v) for v in expected.new_record.values()]  # type: ignore[union-attr]
+    again = decoder.decode(encode_event(first).body).source
+    assert again is decoder.decode(encode_event(first).body).source  # kept, not made again

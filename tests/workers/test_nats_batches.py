@@ -378,3 +378,18 @@ def test_prefetch_is_a_nats_worker_option() -> None:
     consumer = consumer_from_url("nats://127.0.0.1:4222?stream=S&subject=s.{schema}.{table}."
                                  "{partition}&partitions=2&prefetch=64")
     assert consumer.prefetch == 64  # type: ignore[attr-defined]
+
+
+def test_acknowledgements_of_a_batch_are_the_frames_of_each_message_in_order() -> None:
+    """The ``+ACK``/``-NAK``/``+WPI`` of a batch go out as one bytes object: the same bytes as
+    a ``PUB <reply> <n>`` frame per message, in order; a str reply (nats-py's Msg) is
+    refused, so those messages go through the client's publish."""
+    from walex.workers.natsbatch import pub_frames
+
+    replies = [b"$JS.ACK.s.c.1.%d.%d.1700000000000000000.%d" % (i, i, 9 - i) for i in range(1, 9)]
+    for body in (b"+ACK", b"-NAK", b"+WPI", b""):
+        for n in (1, 2, len(replies)):
+            assert pub_frames(replies[:n], body) == b"".join(
+                b"PUB %b %d\r\n%b\r\n" % (r, len(body), body) for r in replies[:n])
+    with pytest.raises(TypeError):
+        pub_frames([replies[0], "$JS.ACK.s.c.1.2.2.0.0"], b"+ACK")  # type: ignore[list-item]

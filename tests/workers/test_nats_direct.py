@@ -196,7 +196,7 @@ def test_the_cut_hands_the_lanes_what_nats_py_parser_does() -> None:
                 await inboxes.parse(stream[split:])
                 assert [(r.reply, r.data, r.headers) for r in got] == reference, split
                 assert await others_got() == reference_others, split
-                assert not nc._ps.buf
+                assert not nc._ps.buf and not inboxes._carry
             assert nc.stats["in_msgs"] - received == (len(stream) - 1) * (len(mine) + others)
             inboxes.release()
             assert "parse" not in vars(nc._ps)
@@ -208,8 +208,9 @@ def test_the_cut_hands_the_lanes_what_nats_py_parser_does() -> None:
 
 def test_the_tap_leaves_a_chunk_to_the_read_loop_while_it_holds_bytes() -> None:
     """A chunk comes to the tap while nats-py's read loop has bytes it has not parsed yet (the
-    first half of a frame): it goes to the read loop, after those bytes, not cut ahead of
-    them; once the read loop is idle again, the next chunk is cut at once."""
+    first half of another subscription's frame): it goes to the read loop, after those
+    bytes, not cut ahead of them; once the read loop is idle again, the next chunk is cut
+    at once."""
     import nats
 
     port = require("nats")
@@ -224,13 +225,14 @@ def test_the_tap_leaves_a_chunk_to_the_read_loop_while_it_holds_bytes() -> None:
             assert inboxes is not None and inboxes.tap is not None
             tap = inboxes.tap
             stream, mine = _frames(lane_sub._id, other_sub._id)
-            first = stream.index(b"MSG wk.a.1 ")  # the second frame, cut in two
-            half = first + 10
+            first = stream.index(b"MSG wk.a.1 ")  # the second frame
+            other = stream.index(b"HMSG wk.b ")  # the fourth, the other subscription's
+            half = stream.index(b"\r\n", other) + 5  # cut in two after its control line
             await until(lambda: tap.reader._waiter is not None, "the read loop waiting")
-            tap.data_received(stream[:half])  # one whole frame (cut here), then half of one
-            assert [r.data for r in got] == [mine[0][1]] and tap.chunks == 0
+            tap.data_received(stream[:half])  # three whole frames (cut here), then half of one
+            assert [r.data for r in got] == [m[1] for m in mine[:3]] and tap.chunks == 0
             tap.data_received(stream[half:])  # the read loop has not run: all to it
-            assert len(got) == 1 and tap.reader._buffer
+            assert len(got) == 3 and tap.reader._buffer
             await until(lambda: len(got) == len(mine), "the read loop's frames")
             assert [(r.reply, r.data, r.headers) for r in got] == mine
             await other_sub.next_msg(timeout=5)
@@ -242,6 +244,87 @@ def test_the_tap_leaves_a_chunk_to_the_read_loop_while_it_holds_bytes() -> None:
             inboxes.release()
             assert tap.transport.get_protocol() is tap.protocol
             await nc.flush(timeout=5)  # the connection works on after the tap is gone
+        finally:
+            await nc.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_lane_frame_cut_in_two_by_the_chunks_is_cut_with_the_next_one() -> None:
+    """A chunk ends within a lane's frame (a batch's messages span several chunks): the
+    frame's head is held by walex's cut, not handed to nats-py's parser (which would then
+    take every following chunk whole, frame by frame), and the next chunk's frames are cut
+    at once with it, at every offset of the frame, in order; what is held goes to nats-py's
+    parser when the hook is removed."""
+    import nats
+
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            lane_sub = await nc.subscribe("wk.nothing.a")
+            other_sub = await nc.subscribe("wk.nothing.b")
+            got: list[Raw] = []
+            inboxes = Inboxes.install(nc, {lane_sub._id: got.append})
+            assert inboxes is not None and inboxes.tap is not None
+            tap = inboxes.tap
+            stream, mine = _frames(lane_sub._id, other_sub._id)
+            lane_frames = stream[:stream.index(b"HMSG wk.b ")]  # three whole frames
+            await until(lambda: tap.reader._waiter is not None, "the read loop waiting")
+            for split in range(1, len(lane_frames)):
+                got.clear()
+                chunks = tap.chunks
+                tap.data_received(lane_frames[:split])
+                tap.data_received(lane_frames[split:])
+                assert [(r.reply, r.data, r.headers) for r in got] == mine[:3], split
+                assert tap.chunks == chunks + 2 and not tap.reader._buffer, split
+                assert not nc._ps.buf and not inboxes._carry, split
+            got.clear()
+            tap.data_received(lane_frames[:10])  # held: the hook goes, nats-py's parser has it
+            assert inboxes._carry == lane_frames[:10] and not got
+            inboxes.release()
+            assert nc._ps.buf == lane_frames[:10] and not inboxes._carry
+            await nc._ps.parse(lane_frames[10:])  # (the read loop's next chunk)
+            assert [(r.reply, r.data, r.headers) for r in got] == []  # _take is gone:
+            assert lane_sub.pending_msgs == 3  # nats-py's own took the three frames
+        finally:
+            await nc.close()
+
+    run(main(), timeout=60)
+
+
+def test_after_another_subscription_s_frame_the_lane_frames_are_cut_again() -> None:
+    """A chunk of lane frames with another subscription's frame and a ``+OK`` among them:
+    nats-py's parser is handed those two alone, and every lane frame after them is cut
+    (none goes through nats-py's parser and ``_process_msg``)."""
+    import nats
+
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        try:
+            lane_sub = await nc.subscribe("wk.nothing.a")
+            other_sub = await nc.subscribe("wk.nothing.b")
+            got: list[Raw] = []
+            inboxes = Inboxes.install(nc, {lane_sub._id: got.append}, taps=False)
+            assert inboxes is not None
+            stream, mine = _frames(lane_sub._id, other_sub._id)
+            through_nats_py: list[int] = []
+            hooked = nc._process_msg
+
+            async def counting(sid: int, *args: Any) -> None:
+                through_nats_py.append(sid)
+                await hooked(sid, *args)
+
+            nc._process_msg = counting
+            await inboxes.parse(stream)
+            assert [(r.reply, r.data, r.headers) for r in got] == mine
+            assert through_nats_py == [other_sub._id] * stream.count(b"HMSG wk.b")
+            assert (await other_sub.next_msg(timeout=5)).data == b""
+            nc._process_msg = hooked
+            inboxes.release()
         finally:
             await nc.close()
 

@@ -225,6 +225,9 @@ class Decoder:
         self._tuples: dict[tuple[str, tuple[str, ...]], type] = {}
         # the Source of a table, and the type each of its columns is typed back as
         self._sources: dict[tuple[Any, ...], tuple[Source, dict[str, str]]] = {}
+        # by source: the last forms seen (columns, their names, key, base types) and what
+        # they gave; the forms compared as they are (no key tuples built, no hashing)
+        self._last: dict[str, tuple[Any, ...]] = {}
 
     # -- values ------------------------------------------------------------
 
@@ -333,7 +336,21 @@ class Decoder:
         type (``data.base_types``) unless ``types`` names the domain itself."""
         columns = data.get("columns") or {}
         bases = data.get("base_types") or {}
-        key = (doc["source"], tuple(columns.items()), tuple(data.get("key") or ()),
+        named, keyed = doc["source"], data.get("key")
+        last = self._last.get(named)
+        if last is not None and last[0] == columns and last[2] == keyed and \
+                last[3] == bases and last[1] == tuple(columns):  # (dicts compare unordered)
+            return last[4]  # type: ignore[no-any-return]
+        found = self._found(doc, columns, bases, keyed)
+        if len(self._last) >= 4096:
+            self._last.clear()
+        self._last[named] = (dict(columns), tuple(columns),
+                             None if keyed is None else list(keyed), dict(bases), found)
+        return found
+
+    def _found(self, doc: dict[str, Any], columns: dict[str, Any], bases: dict[str, Any],
+               keyed: Any) -> tuple[Source, dict[str, str]]:
+        key = (doc["source"], tuple(columns.items()), tuple(keyed or ()),
                tuple(bases.items()))
         found = self._sources.get(key)
         if found is None:

@@ -373,11 +373,16 @@ class Worker(Lifecycle):
             # transactions received together (the dispatcher calls the others per transaction)
             groups: list[list[Event]] = []
             j = done
-            while j < len(items) and items[j][1] is not None and (j == done or across):
-                commit = items[j][1].id.partition("-")[0]  # type: ignore[union-attr]
+            n = len(items)
+            while j < n and items[j][1] is not None and (j == done or across):
+                first = items[j][1].id  # type: ignore[union-attr]
+                commit = first.partition("-")[0]
+                prefix = commit + "-"  # an id is "<commit>-<position>"
                 k = j + 1
-                while k < len(items) and items[k][1] is not None and \
-                        items[k][1].id.partition("-")[0] == commit:  # type: ignore[union-attr]
+                while k < n:
+                    later = items[k][1]
+                    if later is None or not (later.id.startswith(prefix) or later.id == commit):
+                        break
                     k += 1
                 groups.append([e for _, e, _ in items[j:k]])  # type: ignore[misc]
                 j = k
@@ -493,15 +498,18 @@ class Worker(Lifecycle):
         ``max_batch`` handlers get their events in as few calls as their size allows."""
         seen = self._seen
         fresh_groups = []
+        keys = []  # of the fresh events, in order: remembered once they are handled
         for events in groups:
             fresh = []
             for event in events:
-                if (event.source.db, event.id) in seen:
+                key = (event.source.db, event.id)
+                if key in seen:
                     self.duplicates += 1
                     log.debug("worker %r: event %s was handled here already; dropped", self.name,
                               event.id)
                     continue
                 fresh.append(event)
+                keys.append(key)
             if fresh:
                 fresh_groups.append(fresh)
         if not fresh_groups:
@@ -531,8 +539,8 @@ class Worker(Lifecycle):
                 stats.handled(partition, handled, started, time.perf_counter() - clock)
         finally:
             slots.leave()
-        for event in handled:
-            seen[(event.source.db, event.id)] = None
+        for key in keys:
+            seen[key] = None
         while len(seen) > self.remember:
             seen.popitem(last=False)
         self.events_handled += len(handled)

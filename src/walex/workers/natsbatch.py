@@ -84,6 +84,13 @@ def message_fields(msg: Any) -> tuple[int, int, int, int]:
             meta.num_pending)
 
 
+def pub_frames(replies: list[bytes], body: bytes) -> bytes:
+    """``PUB <reply> <n>\r\n<body>\r\n`` for each reply subject, in order, in one join
+    (not a frame object per message); TypeError when a reply is not bytes."""
+    tail = b" %d\r\n%b\r\n" % (len(body), body)
+    return b"PUB " + (tail + b"PUB ").join(replies) + tail
+
+
 class BatchLane(BoxLane):
     """One partition's messages in batches, while this worker holds its lease."""
 
@@ -177,19 +184,28 @@ class BatchLane(BoxLane):
         return len(self.mine) > len(self.given)
 
     def _deliveries(self) -> list[Delivery]:
+        mine, given = self.mine, self.given
+        fresh = sorted(mine) if not given else sorted(s for s in mine if s not in given)
+        given.update(fresh)
         out = []
-        for sseq in sorted(self.mine):
-            if sseq in self.given:
-                continue
-            msg, delivered, _dseq = self.mine[sseq]
-            self.given.add(sseq)
-            out.append(Delivery(msg.data, msg, redelivered=delivered > 1, attempt=delivered,
-                                sequence=sseq))
+        append = out.append
+        for sseq in fresh:
+            msg, delivered, _dseq = mine[sseq]
+            append(Delivery(msg.data, msg, delivered > 1, None, delivered, sseq))
         return out
 
     def _take(self) -> None:
         """Move what arrived into ``mine`` (statuses end the request in hand)."""
         box = self.box
+        if box:  # the direct way: Raw messages
+            arrived = self._arrived
+            popleft = box.popleft
+            while box:
+                raw = popleft()
+                if not raw.data and raw.status is not None:
+                    self._status(raw.status)
+                else:
+                    arrived(raw)
         queue = None if self.direct is not None else self.psub._sub._pending_queue
         while True:
             if box:
@@ -215,7 +231,11 @@ class BatchLane(BoxLane):
             self.request_until = 0.0
 
     def _arrived(self, msg: Any) -> None:
-        delivered, sseq, dseq, _pending = message_fields(msg)
+        tokens = msg.reply.split(b".") if type(msg) is Raw else ()
+        if len(tokens) == 9 and tokens[0] == b"$JS" and tokens[1] == b"ACK":
+            delivered, sseq, dseq = int(tokens[4]), int(tokens[5]), int(tokens[6])
+        else:  # nats-py's Msg, or a reply subject of another form
+            delivered, sseq, dseq, _pending = message_fields(msg)
         self.requested -= 1
         if self.requested <= 0:  # the request in hand is served in full
             self.requested = 0
@@ -339,10 +359,14 @@ class BatchLane(BoxLane):
         if not msgs:
             return
         direct = self.direct
-        if direct is not None and all(type(m) is Raw for m in msgs):
-            direct.send_many([b"PUB %b %d\r\n%b\r\n" % (m.reply, len(body), body) for m in msgs],
-                             len(body))
-            return
+        if direct is not None:
+            try:  # a str reply (nats-py's Msg) fails: those go through publish below
+                frames = pub_frames([m.reply for m in msgs], body)
+            except TypeError:
+                pass
+            else:
+                direct.send_many([frames], len(body), len(msgs))
+                return
         nc = self.consumer.destination.nc
         for m in msgs:
             reply = m.reply.decode() if type(m) is Raw else m.reply
@@ -359,15 +383,13 @@ class BatchLane(BoxLane):
                 self.revoke("the partition's lease ended before the acknowledgement")
             raise Unavailable(f"partition {self.partition}: {self.reason}; nothing acknowledged")
         msgs = []
+        append = msgs.append
+        given, pop = self.given, self.mine.pop
         for delivery in deliveries:
             sseq = delivery.sequence
-            self.given.discard(sseq)
-            held = self.mine.get(sseq)  # type: ignore[arg-type]
-            if held is not None:
-                del self.mine[sseq]  # type: ignore[arg-type]
-                msgs.append(held[0])
-            else:
-                msgs.append(delivery.handle)
+            given.discard(sseq)
+            held = pop(sseq, None)  # type: ignore[arg-type]
+            append(delivery.handle if held is None else held[0])  # the latest delivery's reply
         try:
             self._write(msgs, b"+ACK")
         except Exception as exc:

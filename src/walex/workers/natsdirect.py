@@ -26,8 +26,12 @@ as above without the two regular expressions, the ``bytearray`` copies and the
 coroutine call per message of nats-py's parser; the rest of the chunk (another
 sid, a ``PING``, ``+OK``, ``INFO``, ``-ERR``, a frame cut in two, anything the
 cut does not recognise) goes to nats-py's ``parse`` from where the cut
-stopped, so the order of the frames and nats-py's handling of everything else
-stay as they were. Before that, :mod:`walex.workers.natstap` cuts them from
+stopped (in the parser hook: that frame alone when it is whole, and the lane
+frames after it are cut again), so the order of the frames and nats-py's
+handling of everything else stay as they were. A chunk that ends within a lane's frame (a batch's messages
+span several chunks) leaves that frame's head with the cut, not with nats-py's
+parser (which, holding bytes, would be handed every chunk after it): it is cut
+with the next chunk; :meth:`Inboxes.release` hands what it holds to the parser. Before that, :mod:`walex.workers.natstap` cuts them from
 the chunk as the transport hands it over, when the read loop is idle (the
 same cut, without waking the read loop).
 
@@ -53,6 +57,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.protocol.parser import AWAITING_CONTROL_LINE as _AWAITING_CONTROL_LINE
+from nats.protocol.parser import MAX_CONTROL_LINE_SIZE as _MAX_CONTROL_LINE
 
 from ..destinations.hpub import check_publishable
 from ..destinations.hpub import usable as hpub_usable
@@ -134,6 +139,21 @@ def usable(nc: Any, sids: list[int]) -> bool:
             and all(isinstance(getattr(subs[sid], "_received", None), int) for sid in sids))
 
 
+def _frame_end(data: bytes) -> int:
+    """The length of the whole frame (``MSG``/``HMSG`` or a one-line command) at the head of
+    ``data``; 0 when it is not whole or not read."""
+    eol = data.find(b"\r\n")
+    if eol < 0:
+        return 0
+    if not (data.startswith(b"MSG ") or data.startswith(b"HMSG ")):
+        return eol + 2
+    size = data[:eol].rsplit(None, 1)[-1]
+    if not size.isdigit():
+        return 0
+    end = eol + 2 + int(size) + 2
+    return end if end <= len(data) else 0
+
+
 class Inboxes:
     """The hook on one client: the messages of the lanes' subscriptions, by sid."""
 
@@ -146,6 +166,9 @@ class Inboxes:
         self._had = vars(nc).get("_process_msg")  # an instance attribute before ours (PubAcks)
         self._process = nc._process_msg  # what every other sid goes to
         self._outbox: list[bytes] = []  # commands not written yet (send(coalesce=True))
+        # the head of a frame the chunks cut in two (see cut), held here, not by nats-py's
+        # parser, so the next chunk's frames are cut here too; nats-py's parser is idle then
+        self._carry = b""
         # lanes woken by a delivery that have not answered it or waited again yet (the
         # lanes count it, NatsLane.arrive and _settle): queue() writes when it is 0
         self.awake = 0
@@ -192,15 +215,67 @@ class Inboxes:
         parser = self._parser
         if parser.buf or parser.state != _AWAITING_CONTROL_LINE or not data:
             return await self._parse(data)
-        at = self.cut(data)
-        if at < len(data):
-            await self._parse(data[at:] if at else data)
+        rest = self.cut(data)
+        while rest:
+            # anything else (a lease's reply, a PING): that frame alone to nats-py, when it
+            # is whole, and the lanes' frames after it cut here again
+            end = _frame_end(rest)
+            if not end or end == len(rest):
+                await self._parse(rest)
+                return None
+            await self._parse(rest[:end])
+            if parser.buf or parser.state != _AWAITING_CONTROL_LINE or \
+                    vars(parser).get("parse") != self.parse:
+                await self._parse(rest[end:])
+                return None
+            rest = self.cut(rest[end:])
         return None
 
-    def cut(self, data: bytes) -> int:
+    carry_at_most = 65536  # bytes of a frame cut in two held here; a longer one: nats-py's
+
+    def cut(self, data: bytes) -> bytes:
         """Hand the lanes the whole ``MSG``/``HMSG`` frames of their sids at the head of
-        ``data`` (as :meth:`_take` does); the offset of the first byte not taken: the start
-        of anything else (another sid's frame, another command, a frame not whole)."""
+        the held bytes and ``data`` (as :meth:`_take` does); the bytes not taken, for
+        nats-py's parser: from anything else on (another sid's frame, another command),
+        else b"". A chunk ending within a frame (a batch of messages spans several)
+        leaves that frame's head held here (up to ``carry_at_most`` bytes), cut with the
+        next chunk, so nats-py's parser, which would then take every following chunk
+        whole, is not handed it."""
+        carry = self._carry
+        if carry:
+            self._carry = b""
+            data = carry + data
+        at = self._cut(data)
+        end = len(data)
+        if at == end:
+            return b""
+        if end - at <= self.carry_at_most and self._cut_in_two(data, at):
+            self._carry = data[at:]
+            return b""
+        return data[at:] if at else data
+
+    def _cut_in_two(self, data: bytes, at: int) -> bool:
+        """Whether ``data[at:]`` is the head of a lane's frame (or of a ``MSG``/``HMSG``
+        control line) that the next bytes complete."""
+        head = data[at:at + 5]
+        if len(head) < 5:
+            return b"HMSG ".startswith(head) or b"MSG ".startswith(head[:4])
+        eol = data.find(b"\r\n", at)
+        if eol < 0:
+            return (head == b"HMSG " or head[:4] == b"MSG ") and \
+                len(data) - at <= _MAX_CONTROL_LINE
+        fields = data[at:eol].split()
+        if fields[0] == b"MSG" and len(fields) in (4, 5):
+            sid, size, hsize = fields[2], fields[-1], b"0"
+        elif fields[0] == b"HMSG" and len(fields) in (5, 6):
+            sid, size, hsize = fields[2], fields[-1], fields[-2]
+        else:
+            return False
+        return sid.isdigit() and size.isdigit() and hsize.isdigit() and \
+            int(sid) in self._lanes and eol + 2 + int(size) + 2 > len(data)
+
+    def _cut(self, data: bytes) -> int:
+        """:meth:`cut` of ``data``: the offset of the first byte not taken."""
         lanes = self._lanes
         subs = self._subs
         at, end = 0, len(data)
@@ -258,6 +333,9 @@ class Inboxes:
         """Give the client what ``_process_msg`` was before (when it still has ours)."""
         nc = self.nc
         self._write()
+        if self._carry:  # nats-py's parser goes on from the frame's head
+            self._parser.buf.extend(self._carry)
+            self._carry = b""
         if self.tap is not None:
             self.tap.remove()
         if vars(self._parser).get("parse") == self.parse:
@@ -333,15 +411,17 @@ class Inboxes:
             log.warning("waking nats-py's flusher failed (%r): the commands wait in its "
                         "buffer until the next publish or reconnection", kick.exception())
 
-    def send_many(self, commands: list[bytes], payload: int) -> None:
+    def send_many(self, commands: list[bytes], payload: int, count: int | None = None) -> None:
         """Hand ``PUB`` commands of ``payload`` bytes of body each to the client, written
-        together (a batch's acknowledgements: one write)."""
+        together (a batch's acknowledgements: one write). ``count``: how many commands
+        ``commands`` holds when they come joined (fewer bytes objects than commands)."""
         nc = self.nc
         if not nc.is_connected or nc.is_draining_pubs:
             check_publishable(nc, commands)
+        n = len(commands) if count is None else count
         stats = self._stats
-        stats["out_msgs"] += len(commands)
-        stats["out_bytes"] += payload * len(commands)
+        stats["out_msgs"] += n
+        stats["out_bytes"] += payload * n
         self._outbox.extend(commands)
         self._write()
 

@@ -41,11 +41,11 @@ class Tap(asyncio.Protocol):
     """The connection's protocol while tapped: its chunks' leading lane frames cut here."""
 
     def __init__(self, transport: Any, protocol: Any, reader: Any,
-                 cut: Callable[[bytes], int], idle: Callable[[], bool]) -> None:
+                 cut: Callable[[bytes], bytes], idle: Callable[[], bool]) -> None:
         self.transport = transport
         self.protocol = protocol
         self.reader = reader
-        self.cut = cut  # dispatches the leading lane frames; the offset of the rest
+        self.cut = cut  # dispatches the leading lane frames; the rest (b"": none)
         self.idle = idle  # whether nats-py's parser holds nothing
         self.chunks = 0  # chunks cut here entirely (for the tests and the curious)
 
@@ -54,12 +54,10 @@ class Tap(asyncio.Protocol):
         waiter = reader._waiter
         if waiter is not None and not waiter.done() and not reader._buffer and \
                 not reader._eof and self.idle():
-            at = self.cut(data)
-            if at == len(data):
+            data = self.cut(data)
+            if not data:
                 self.chunks += 1
                 return
-            if at:
-                data = data[at:]
         self.protocol.data_received(data)
 
     def connection_made(self, transport: Any) -> None:
@@ -88,7 +86,7 @@ class Tap(asyncio.Protocol):
             log.debug("removing the NATS worker's tap: %r", exc)
 
 
-def tap(nc: Any, cut: Callable[[bytes], int], idle: Callable[[], bool]) -> Tap | None:
+def tap(nc: Any, cut: Callable[[bytes], bytes], idle: Callable[[], bool]) -> Tap | None:
     """Tap the connection of ``nc`` (a connected nats-py client); None, changing nothing,
     when its transport is not a plain TCP stream of the shape :class:`Tap` reads."""
     reader = getattr(nc._transport, "_io_reader", None)
