@@ -40,15 +40,15 @@ partition, in order, filtered like in-process (table, types,
 ``unwatched_records``, ``where`` ...): the consecutive messages of one
 transaction that the broker has delivered at once (NATS: one message per
 call, as ``max_ack_pending=1`` lets one out at a time, or up to ``prefetch``
-with the URL's ``prefetch``; RabbitMQ: up to ``prefetch``); a ``max_batch`` handler gets the consecutive transactions
-received together in calls of at most ``max_batch`` (with ``concurrency`` 1:
-the dispatcher keeps their events between calls). A transaction's rows in
-other partitions go to other calls, maybe on other workers. The error policy
-is the app's: ``max_retries`` with backoff, then ``"stop"`` (the worker
-stops with the error and its messages go back to the broker, so another
-worker tries them), ``"skip"`` or a dead-letter callable (the message is
-acknowledged after it returned). A message that is not a walex event is such
-a failure too.
+with the URL's ``prefetch``; RabbitMQ: up to ``prefetch``); a ``max_batch``
+handler gets the consecutive transactions received together in calls of at
+most ``max_batch`` (with ``concurrency`` 1: the dispatcher keeps their
+events between calls). A transaction's rows in other partitions go to other
+calls, maybe on other workers. The error policy is the app's:
+``max_retries`` with backoff, then ``"stop"`` (the worker stops with the
+error and its messages go back to the broker, so another worker tries them),
+``"skip"`` or a dead-letter callable (the message is acknowledged after it
+returned). A message that is not a walex event is such a failure too.
 
 Calls run one at a time per worker by default (``concurrency``), so a
 handler written for an in-process app, which never runs twice at once, runs

@@ -25,15 +25,16 @@ holds whole ``MSG``/``HMSG`` frames of the lanes' sids, which go to the lanes
 as above without the two regular expressions, the ``bytearray`` copies and the
 coroutine call per message of nats-py's parser; the rest of the chunk (another
 sid, a ``PING``, ``+OK``, ``INFO``, ``-ERR``, a frame cut in two, anything the
-cut does not recognise) goes to nats-py's ``parse`` from where the cut
-stopped (in the parser hook: that frame alone when it is whole, and the lane
-frames after it are cut again), so the order of the frames and nats-py's
-handling of everything else stay as they were. A chunk that ends within a lane's frame (a batch's messages
-span several chunks) leaves that frame's head with the cut, not with nats-py's
-parser (which, holding bytes, would be handed every chunk after it): it is cut
-with the next chunk; :meth:`Inboxes.release` hands what it holds to the parser. Before that, :mod:`walex.workers.natstap` cuts them from
-the chunk as the transport hands it over, when the read loop is idle (the
-same cut, without waking the read loop).
+cut does not recognise) goes to nats-py's ``parse`` from where the cut stopped
+(in the parser hook: that frame alone when it is whole, and the lane frames
+after it are cut again), so the order of the frames and nats-py's handling of
+everything else stay as they were. A chunk that ends within a lane's frame (a
+batch's messages span several chunks) leaves that frame's head with the cut,
+not with nats-py's parser (which, holding bytes, would be handed every chunk
+after it): it is cut with the next chunk; :meth:`Inboxes.release` hands what it
+holds to the parser. Before that, :mod:`walex.workers.natstap` cuts them from
+the chunk as the transport hands it over, when the read loop is idle (the same
+cut, without waking the read loop).
 
 The lane then asks for messages itself, as nats-py's ``fetch(1)`` does (a
 ``CONSUMER.MSG.NEXT`` request of ``batch`` 1 to the subscription's inbox),
