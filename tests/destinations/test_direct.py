@@ -142,6 +142,10 @@ def check(events: list[RawEvent], partitions: tuple[int, ...] = (1, 5)) -> int:
         for batch in encoding._encode_events, encoding.compiled_fast_events:
             if batch is not None:
                 assert batch(events, parts) == expected
+        expected_size = sum(len(o.body) for o in expected)
+        for sized in encoding._encode_events_sized, encoding.compiled_fast_events_sized:
+            if sized is not None:
+                assert sized(events, parts) == (expected, expected_size)
         assert encode_event_reference(events[0], parts) == expected[0] if events else True
     assert all(event.raw is not None for event in events)  # none typed in place
     return counts[0] // len(partitions)
