@@ -310,6 +310,23 @@ def test_hostile_text_and_composite_keys(admin: psycopg.Connection, dsn: str) ->
     assert check(events) == len(NASTY) + 2
 
 
+def test_text_with_an_escape_or_a_wide_character_at_every_offset(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """The compiled twin writes text eight bytes at a time while they need no escape: a
+    character to escape, DEL or a multi-byte one at every offset of texts longer than
+    two words, and plain texts of every length up to three, as the reference writes them."""
+    admin.execute("CREATE TABLE words (t text PRIMARY KEY, u text); "
+                  "CREATE PUBLICATION pub FOR TABLE words")
+    slot(admin)
+    texts = ["x" * n for n in range(25)]
+    for special in ['"', "\\", "\x01", "\x1f", "\x7f", " ", "~", "é", "€", "😀", "\u2028"]:
+        texts += [f"{'a' * at}{special}{'b' * (19 - at)}" for at in range(20)]
+    for n, text in enumerate(texts):
+        admin.execute("INSERT INTO words VALUES (%s, %s)", (f"{n:03d}{text}", text * 3))
+    events = raw_events(admin, dsn)
+    assert check(events) == len(texts)
+
+
 KEYS = """
 CREATE TABLE keyed (a int, b text, c uuid, d date, n numeric, v text, PRIMARY KEY (a, b));
 CREATE TABLE by_uuid (c uuid PRIMARY KEY, v text);

@@ -17,6 +17,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 
 from types import MemberDescriptorType
@@ -90,6 +91,9 @@ cdef tuple _lsn_json = (None, None)
 cdef tuple _type_json = (None, None)
 # ASCII characters orjson writes as they are (from ESCAPES)
 cdef unsigned char _as_is[128]
+# _as_is is every ASCII character from ' ' on but '"' and '\\' (what orjson's escapes give):
+# _put_string then checks eight bytes at a time (set by bind)
+cdef bint _words = False
 
 # The event attributes _direct reads, from their object slots when the event's class keeps
 # them there (an Event's and a RawEvent's do), as getattr finds them: no attribute lookup.
@@ -156,6 +160,11 @@ def bind(helpers):
         _esc_len[i] = <unsigned char>PyBytes_GET_SIZE(escape)
         memcpy(_esc[i], PyBytes_AS_STRING(escape), PyBytes_GET_SIZE(escape))
         _as_is[i] = PyBytes_GET_SIZE(escape) == 1 and <int>(PyBytes_AS_STRING(escape)[0]) == i
+    global _words
+    _words = True
+    for i in range(128):
+        if _as_is[i] != (i >= 0x20 and i != 0x22 and i != 0x5C):
+            _words = False
     # a tuple subclass adding no fields, with tuple's allocation: built as tuple.__new__ does
     _outgoing_direct = (issubclass(_Outgoing, tuple) and _Outgoing.__dictoffset__ == 0
                         and _Outgoing.__weakrefoffset__ == 0
