@@ -31,6 +31,7 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
     object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
     object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+    object PyUnicode_Concat(object left, object right)
     ctypedef struct _Type "PyTypeObject":
         PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
     ctypedef struct PyMemberDef:
@@ -450,7 +451,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
     key = <object>PyTuple_GET_ITEM(plan, 5)
     if key is None:
         raise _Unfit
-    cdef Py_ssize_t width = PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(plan, 2)), at
+    cdef Py_ssize_t width = PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(plan, 2))
+    cdef Py_ssize_t subject_at = 0, subject_end = 0
     cdef Py_ssize_t nkey = PyTuple_GET_SIZE(<tuple>key), i
     cdef Py_ssize_t key_spans[2 * MAX_KEY]
     cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
@@ -519,8 +521,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
         prefix = <object>PyTuple_GET_ITEM(plan, 9)
         if subject is not None:
             _put(&d, b',"subject":', 11)
+            subject_at = d.n
             _put_str(&d, subject)
-            key_text = prefix_slash + subject
+            subject_end = d.n  # the subject as a JSON string: d.p[subject_at:subject_end]
+            key_text = PyUnicode_Concat(prefix_slash, subject)
         else:
             key_text = prefix
         _put_char(&d, b'}')
@@ -547,12 +551,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
-        if subject is not None:
+        if subject is not None:  # "/" and the subject's JSON string without its opening quote
             _put_char(&h, b'/')
-            at = h.n
-            _put_str(&h, subject)
-            memmove(h.p + at, h.p + at + 1, h.n - at - 1)  # the subject's opening quote out
-            h.n -= 1
+            _put(&h, d.p + subject_at + 1, subject_end - subject_at - 1)
         else:
             _put_char(&h, b'"')
         _put(&h, b',"walexpartition":', 18)
