@@ -14,7 +14,10 @@ protocol (a topic template with fields is a pattern subscription:
 partition's records to its handlers in order, one partition's consecutive
 records of one transaction per call, and commits a partition's offset only
 past records whose handlers returned (or that the error policy disposed of),
-so a record is never counted as done before its handler returned.
+so a record is never counted as done before its handler returned. A record
+stored again (a publish the relay could not confirm, produced again: the same
+``ce_id``) is left out of the call that has it already, so a call holds each
+event once; one that comes in a later call is dropped as handled already.
 
 When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
@@ -141,6 +144,7 @@ class KafkaConsumer(Consumer):
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
         self.lane: KafkaLane | None = None
+        self.copies = 0  # records left out of a call that had their ce_id already
         self._reset()
 
     def _reset(self) -> None:
@@ -173,20 +177,35 @@ class KafkaConsumer(Consumer):
                     continue
                 while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
                     self.done[tp] = buffer.popleft().offset() + 1
-                # one transaction's records: the call in hand is all a rebalance waits for
+                # one transaction's records: the call in hand is all a rebalance waits for.
+                # A record whose ce_id the call has already is a copy (a publish the relay
+                # could not confirm, produced again): left out, its offset covered by the
+                # call's last delivery, so the handler gets each event once
                 messages = []
                 commit = None
+                ids: set[bytes] = set()
+                last = -1  # the offset of the last record taken, a copy left out included
                 while buffer and buffer[0].value() is not None:
-                    this = _commit_of(buffer[0])
+                    this_id = _id_of(buffer[0])
+                    this = this_id.partition(b"-")[0] if this_id is not None else None
                     if messages and (this is None or this != commit):
                         break
                     commit = this
-                    messages.append(buffer.popleft())
+                    message = buffer.popleft()
+                    last = message.offset()
+                    if this_id is not None:
+                        if this_id in ids:
+                            self.copies += 1
+                            continue
+                        ids.add(this_id)
+                    messages.append(message)
                 if messages:
                     self.busy[tp] = len(messages)
                     # the next call looks at the other partitions first
                     self.buffers[tp] = self.buffers.pop(tp)
-                    return [Delivery(m.value(), (tp, m.offset())) for m in messages]
+                    taken = [Delivery(m.value(), (tp, m.offset())) for m in messages]
+                    taken[-1].handle = (tp, last)  # acknowledged: read on after the copies
+                    return taken
         return []
 
     def settle(self, deliveries: list[Delivery], handled: bool) -> None:
@@ -443,11 +462,11 @@ class KafkaConsumer(Consumer):
         return {"url": self.display, "group": self.group, "topics": self.subscription}
 
 
-def _commit_of(message: Any) -> bytes | None:
-    """The commit LSN part of the record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
+def _id_of(message: Any) -> bytes | None:
+    """The record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
     for name, value in message.headers() or ():
         if name == "ce_id" and value:
-            return bytes(value).partition(b"-")[0]
+            return bytes(value)
     return None
 
 
