@@ -178,7 +178,7 @@ class KafkaConsumer(Consumer):
                 while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
                     self.done[tp] = buffer.popleft().offset() + 1
                 # one transaction's records: the call in hand is all a rebalance waits for.
-                # A record whose ce_id the call has already is a copy (a publish the relay
+                # A record whose ce_id (and ce_source) the call has already is a copy (a publish the relay
                 # could not confirm, produced again): left out, its offset covered by the
                 # call's last delivery, so the handler gets each event once
                 messages = []
@@ -463,11 +463,17 @@ class KafkaConsumer(Consumer):
 
 
 def _id_of(message: Any) -> bytes | None:
-    """The record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
+    """The record's ``ce_id`` header (``<commit>-<n>``), if it has one, followed by its
+    ``ce_source`` (``-/<db>/<schema>/<table>``: the ids of two databases may meet)."""
+    found = source = None
     for name, value in message.headers() or ():
         if name == "ce_id" and value:
-            return bytes(value)
-    return None
+            found = bytes(value)
+        elif name == "ce_source" and value:
+            source = bytes(value)
+    if found is None or source is None:
+        return found
+    return found + b"-" + source
 
 
 def _names(partitions: list[Any]) -> str:
