@@ -28,6 +28,11 @@ killed leaves its partitions to the group after ``session.timeout.ms``; the
 records it had handled and not committed are handled again, with the same
 ``event.id``.
 
+A broker error (librdkafka reconnects by itself) makes the worker ask the
+brokers for metadata each second until they answer: none for ``timeout``
+seconds and the worker reconnects, as for the other sources (a warning,
+``/healthz`` ``reconnecting`` until they are back).
+
 A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
 the other sources do (:func:`walex.workers.current_lease`; the lease's
@@ -158,6 +163,8 @@ class KafkaConsumer(Consumer):
         self.closing = False
         self.last_error: str | None = None
         self.auth_error: str | None = None
+        self.trouble_since: float | None = None  # the client's first error not yet cleared
+        self.next_probe = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
@@ -241,6 +248,7 @@ class KafkaConsumer(Consumer):
             await asyncio.to_thread(client.close)
             self.client = None
             raise
+        self.trouble_since = None  # the brokers answered
         self.thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
                                        name=f"walex-kafka-{self.group}")
         self.thread.start()
@@ -322,6 +330,8 @@ class KafkaConsumer(Consumer):
     def _on_error(self, err: Any) -> None:
         text = self.url.scrub(str(err.str()))
         self.last_error = text
+        if self.trouble_since is None:
+            self.trouble_since = time.monotonic()
         if err.code() in AUTHENTICATION:
             self.auth_error = text
         if err.fatal():
@@ -340,6 +350,8 @@ class KafkaConsumer(Consumer):
                 if time.monotonic() - last_commit >= _COMMIT_EVERY:
                     self._commit(client, None, wait=False)
                     last_commit = time.monotonic()
+                if self.trouble_since is not None and self.failed is None:
+                    self._probe(client)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
@@ -353,6 +365,27 @@ class KafkaConsumer(Consumer):
                     client.close()  # leaves the group: its partitions go to the others now
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
+
+    def _probe(self, client: Any) -> None:
+        """After an error of the client (it reconnects by itself, silently): do the brokers
+        answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
+        :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
+        again)."""
+        now = time.monotonic()
+        since = self.trouble_since
+        if since is None or now < self.next_probe:
+            return
+        self.next_probe = now + 1.0
+        try:
+            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
+        except KafkaException as exc:
+            if now - since >= self.timeout:
+                detail = self.last_error or self.destination.describe(exc)
+                self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
+                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"))
+            return
+        if self.trouble_since == since:
+            self.trouble_since = None  # they answer: the error passed
 
     def _receive(self, messages: list[Any]) -> None:
         if not messages:
