@@ -185,9 +185,9 @@ class KafkaConsumer(Consumer):
                 while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
                     self.done[tp] = buffer.popleft().offset() + 1
                 # one transaction's records: the call in hand is all a rebalance waits for.
-                # A record whose ce_id (and ce_source) the call has already is a copy (a publish the relay
-                # could not confirm, produced again): left out, its offset covered by the
-                # call's last delivery, so the handler gets each event once
+                # A record whose ce_id (and ce_source) the call has already is a copy (a
+                # publish the relay could not confirm, produced again): left out, its
+                # offset covered by the call's last delivery: each event once per call
                 messages = []
                 commit = None
                 ids: set[bytes] = set()
