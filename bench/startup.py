@@ -22,7 +22,13 @@ Python processes (``python -c ...``) one after the other:
   them, see ``destinations.py``): as ``stream`` with
   ``destinations=[URL, ...]``: its broker client is imported and connected
   (a NATS stream made by the warm-up run) before ``start()`` returns; the
-  targets are removed at the end.
+  targets are removed at the end;
+- ``cli`` (with ``--destination`` too): the command ``walex run --destination
+  URL ...`` (a relay as the command line starts one, typer and the CLI's
+  modules included), its connection, publication and durable slot given by
+  ``WALEX_*`` variables; the mark is its log line "... streaming publication
+  ...", read by this process (wall time), the child's CPU time read from
+  ``/proc`` at that moment (so a little late); no instruction count.
 
     .venv/bin/python bench/startup.py --runs 5 --destination nats --instructions 3
 
@@ -158,6 +164,32 @@ def spawn(code: str, args: list[str], env: dict[str, str]) -> dict:
     return result
 
 
+def spawn_cli(dsn: str, urls: list[str], env: dict[str, str]) -> dict:
+    """``walex run --destination URL...`` up to its "streaming" log line; then SIGTERM."""
+    cmd = [sys.executable, "-c", "import sys; from walex.cli import app; sys.argv[0] = 'walex'; app()",
+           "run", "--log-level", "INFO"]
+    for url in urls:
+        cmd += ["--destination", url]
+    env = {**env, "WALEX_URL": dsn, "WALEX_PUBLICATION": PUBLICATION, "WALEX_DURABLE_SLOT": "true",
+           "WALEX_SLOT_NAME": SLOT, "WALEX_NAME": "bench"}
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if "streaming publication" in line:
+                t = time.time()
+                with open(f"/proc/{proc.pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                return {"t": t, "wall": t - t0, "cpu": cpu}
+        raise RuntimeError("walex run ended before streaming:\n" + "".join(lines[-20:]))
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def instructions(code: str, args: list[str], env: dict[str, str]) -> int:
     """Instructions the process executed (valgrind's cachegrind, no cache simulation)."""
     proc = subprocess.run(
@@ -234,6 +266,7 @@ def main() -> int:
                      "stream": (_STREAM, child_args)}
             if levels:
                 kinds["relay"] = (_STREAM, relay_args)
+            cli_urls = relay_args[3:]
             spawn(_STREAM, child_args, env)  # warm the OS caches and the server
             if levels:
                 spawn(_STREAM, relay_args, env)  # and make the broker's targets (a NATS stream)
@@ -243,6 +276,8 @@ def main() -> int:
                     results[kind].append(spawn(code, argv, env))
                 results["traced"].append(spawn(_STREAM, child_args,
                                                {**env, "BENCH_STARTUP_TRACE": "1"}))
+                if levels:
+                    results.setdefault("cli", []).append(spawn_cli(dsn, cli_urls, env))
             counts: dict[str, list[int]] = {kind: [] for kind in kinds}
             for _ in range(args.instructions):
                 for kind, (code, argv) in kinds.items():
@@ -257,14 +292,15 @@ def main() -> int:
     print("| process | wall to mark | child CPU to mark | instructions (M) | modules |")
     print("|---|---|---|---|---|")
     for kind, mark in (("baseline", "interpreter up"), ("import", "import walex done"),
-                       ("stream", "start() returned"), ("relay", "start() returned")):
+                       ("stream", "start() returned"), ("relay", "start() returned"),
+                       ("cli", "`walex run --destination`: its streaming log line")):
         if kind not in results:
             continue
-        if kind == "relay":
+        if kind in ("relay", "cli"):
             mark += ", publishing to " + ", ".join(lv.removeprefix("walex+") for lv in levels)
         runs = results[kind]
         modules = runs[0].get("modules", "")
-        count = (f"{statistics.median(counts[kind]) / 1e6:.0f}" if counts[kind] else "-")
+        count = (f"{statistics.median(counts[kind]) / 1e6:.0f}" if counts.get(kind) else "-")
         print(f"| {kind} ({mark}) | {med_range([r['wall'] for r in runs])} "
               f"| {med_range([r['cpu'] for r in runs])} | {count} | {modules} |")
     traced = results["traced"]

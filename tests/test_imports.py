@@ -126,6 +126,16 @@ def test_the_cli_loads_the_settings_only_for_a_command_that_reads_them() -> None
     assert "status" in out.stdout and "worker" in out.stdout, out.stderr
 
 
+def test_the_cli_loads_rich_only_to_print() -> None:
+    """``walex run`` (a relay started from the command line) and ``walex worker`` print
+    through rich only on an error: building the CLI loads none of it
+    (walex.cli_console), and a console is made when it first prints."""
+    assert loaded("import walex.cli", ["rich"]) == []
+    code = ("from walex.cli_admin import out\n"
+            "assert out.is_terminal in (True, False)\n")  # an attribute makes the console
+    assert loaded(code, ["rich", "rich.console"]) == ["rich", "rich.console"]
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     probe = "import walex\ntry:\n    walex.Nope\nexcept AttributeError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -41,32 +41,38 @@ def quote_ident(name: str) -> str:
 
 # Every check in one statement (one round trip), in the simple query protocol with the
 # values bound by the client: it runs on a replication connection before START_REPLICATION
-# as well as on a normal one.
+# as well as on a normal one. On a replication connection the role's REPLICATION attribute
+# is not looked up: the server admits no walsender without it (nor superuser). The
+# timeout is read from current_setting (shown with its unit, "1min", "500ms", "0"), not
+# the pg_settings view, which builds a row for every setting (~1 ms on a new backend).
 _CHECKS = (
-    "SELECT current_setting('wal_level'), current_database(), "
-    "(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), "
-    "current_user, "
+    "SELECT current_setting('wal_level'), current_database(), {role}, current_user, "
     "(SELECT puballtables FROM pg_publication WHERE pubname = %(pub)s), "
     "ARRAY(SELECT ARRAY[schemaname::text, tablename::text] FROM pg_publication_tables "
     "WHERE pubname = %(pub)s), "
-    "(SELECT setting::float / 1000 FROM pg_settings WHERE name = 'wal_sender_timeout'), "
+    "extract(epoch FROM current_setting('wal_sender_timeout')::interval)::float8, "
     "(SELECT ARRAY[wal_status, confirmed_flush_lsn::text] FROM pg_replication_slots "
     "WHERE slot_name = %(slot)s), "
     "%(store)s::text IS NULL OR to_regclass(%(store)s::text) IS NOT NULL"
 )
+_CHECKS_NORMAL = _CHECKS.format(
+    role="(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)")
+_CHECKS_WALSENDER = _CHECKS.format(role="true")
 
 
 async def preflight(
     conn: psycopg.AsyncConnection, publication: str, subscriptions: list[str], *,
-    slot: str | None = None, store: str | None = None,
+    slot: str | None = None, store: str | None = None, walsender: bool = False,
 ) -> Preflight:
     """Check the setup for streaming ``publication``; raises SetupError naming the fix.
 
     Also reads, in the same round trip, the state of replication slot ``slot``
     and whether the relation ``store`` (a regclass text) exists, when given.
+    ``walsender``: ``conn`` is a replication connection (its role may replicate).
     """
     cur = psycopg.AsyncClientCursor(conn)
-    await cur.execute(_CHECKS, {"pub": publication, "slot": slot, "store": store})
+    await cur.execute(_CHECKS_WALSENDER if walsender else _CHECKS_NORMAL,
+                      {"pub": publication, "slot": slot, "store": store})
     row = await cur.fetchone()
     assert row is not None
     wal_level, database, can_replicate, user, all_tables, tables, timeout, slot_state, store_exists = row

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from . import cli_admin, cli_setup, cli_status, cli_worker
 from .backfill.command import backfill as backfill_command
+from .cli_console import console
 from .errors import ConfigError, WalExError, redact
 from .logs import RedactingFormatter, transaction_fields
 
@@ -40,7 +40,7 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err = Console(stderr=True)
+err = console(stderr=True)
 
 
 def _print_version(value: bool) -> None:

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from .admin import human_size
+from .cli_console import console, escape
 from .errors import SetupError, WalExError, redact
 
 if TYPE_CHECKING:  # the settings (pydantic) and psycopg are imported by the commands that use them
@@ -36,7 +35,7 @@ if TYPE_CHECKING:  # the settings (pydantic) and psycopg are imported by the com
 
     from .config import WalExSettings
 
-out = Console()
+out = console()
 
 UrlOption = Annotated[
     Optional[str],  # noqa: UP007 - typer needs Optional on Python 3.11
@@ -136,7 +135,7 @@ def deadline(conn: psycopg.Connection, settings: WalExSettings, timeout: float,
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
+    console(stderr=True).print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -187,7 +186,7 @@ def tail(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             async with app:
-                Console(stderr=True).print(
+                console(stderr=True).print(
                     f"[dim]tailing publication {settings.publication} on "
                     f"{escape(app.target)}; Ctrl-C to stop[/]")
                 waiter = asyncio.create_task(app.wait())

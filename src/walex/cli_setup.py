@@ -23,14 +23,12 @@ import sys
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _settings,
     deadline,
 )
+from .cli_console import console, escape
 from .errors import SetupError, WalExError, redact
 
 if TYPE_CHECKING:  # psycopg and the checks (walex.diagnosis) are imported when setup runs:
@@ -64,7 +62,7 @@ def setup(
 
     from .diagnosis import apply_plan, diagnose
 
-    err = Console(stderr=True)
+    err = console(stderr=True)
 
     def stop(code: int, error: str, plan: Plan | None = None, applied: list[str] | None = None,
              failed: Action | None = None, target: str | None = None) -> typer.Exit:
@@ -162,6 +160,9 @@ def _exit_code(plan: Plan, applied: list[str]) -> int:
 def _print(plan: Plan, applied: list[str], dry_run: bool, target: str,
            failed: bool = False) -> None:
     # the whole width the table needs when piped: a fix is SQL to copy, never wrapped
+    from rich.console import Console
+    from rich.table import Table
+
     out = Console(width=None if sys.stdout.isatty() else 10_000)
     table = Table("check", "status", "finding", "fix",
                   title=f"walex setup: publication {plan.publication} on {target}")

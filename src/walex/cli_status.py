@@ -28,9 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console, Group
-from rich.markup import escape
-from rich.table import Table
 
 from . import failpoints
 from .admin import Status, human_size
@@ -38,16 +35,19 @@ from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
     _settings, deadline,
 )
+from .cli_console import console, escape
 from .errors import ConfigError, SetupError, WalExError, redact
 
 if TYPE_CHECKING:  # the settings (pydantic), psycopg and the backfill store are imported by
     # the commands that use them: `walex worker` and `walex --help` load none of them
+    from rich.table import Table
+
     from .backfill.store import Job
     from .config import WalExSettings
 
 __all__ = ["status", "sparkline", "slot_alerts"]
 
-out = Console()
+out = console()
 
 _BARS = "▁▂▃▄▅▆▇█"
 
@@ -161,7 +161,7 @@ def status(
     except SetupError as exc:
         if as_json:
             print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
-        Console(stderr=True).print(f"[bold red]walex:[/] could not check: {escape(str(exc))}",
+        console(stderr=True).print(f"[bold red]walex:[/] could not check: {escape(str(exc))}",
                                    soft_wrap=True)
         raise typer.Exit(3) from None
     except WalExError as exc:
@@ -180,6 +180,8 @@ def status(
 
 
 def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) -> Table:
+    from rich.table import Table
+
     columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "wal status", "safe WAL"]
     if history is not None:
         columns.append("lag history")
@@ -202,6 +204,8 @@ def _print(report: Status, alerts: list[str], backfills: list[Job]) -> None:
               f"wal_level [bold]{report.wal_level}[/]")
     out.print("  " + ", ".join(f"{k}={v}" for k, v in report.settings.items()), soft_wrap=True)
     if report.publication_exists:
+        from rich.table import Table
+
         tables = Table("table", "replica identity", title=f"publication {escape(report.publication)}")
         for t in report.tables:
             tables.add_row(escape(f"{t['schema']}.{t['table']}"), t["replica_identity"])
@@ -224,6 +228,7 @@ def _print(report: Status, alerts: list[str], backfills: list[Job]) -> None:
 
 def _watch(settings: WalExSettings, publication: str | None, every: float, slot: str | None,
            limit: int | None, timeout: float) -> int:
+    from rich.console import Group
     from rich.live import Live
 
     history: dict[str, deque[int]] = {}
@@ -273,7 +278,7 @@ def _watch(settings: WalExSettings, publication: str | None, every: float, slot:
                 out.file.flush()
                 time.sleep(every)
         else:
-            with Live(frame(), console=out, auto_refresh=False,
+            with Live(frame(), console=out.console, auto_refresh=False,
                       screen=False, transient=False) as live:
                 while not stopped:
                     time.sleep(every)

@@ -86,7 +86,7 @@ async def open_session(pipeline: Pipeline) -> None:
             pipeline.preflight = await within(conn, preflight(
                 conn, s.publication, s.subscriptions,
                 slot=pipeline.slot_name if s.durable_slot else None,
-                store=pipeline.backfill.store.regclass(),
+                store=pipeline.backfill.store.regclass(), walsender=True,
             ), CHECK_TIMEOUT)
         except psycopg.OperationalError as exc:
             if first:

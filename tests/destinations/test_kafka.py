@@ -306,3 +306,23 @@ def test_a_topic_that_does_not_exist_follows_on_error_with_the_fix(
             assert app.ack.flushed < parse_lsn(event.lsn)
 
         run(main(), timeout=120)
+
+
+@pytest.mark.parametrize("cut", ["/", "#", "?"])
+@pytest.mark.parametrize("head", ["abc", "1234"])
+def test_a_password_with_an_unencoded_reserved_character_is_never_shown(cut: str,
+                                                                        head: str) -> None:
+    """``kafka://user:abc/def@host`` (a base64 password's ``/``, a ``#`` or ``?``): the URL
+    parser reads ``user`` as the host and the password's start as the port. Neither the
+    error (the port the parser refused) nor a display (a numeric start taken for a port:
+    the password shown as host, port and path, and connected to) may show any of it."""
+    from walex.workers import consumer_from_url
+    password = f"{head}{cut}Zq9xW7vK"
+    url = f"kafka://walex:{password}@broker.example:9092?topic=t&sasl.mechanism=PLAIN"
+    for make, what in ((from_url, "destination"), (consumer_from_url, "worker source")):
+        with pytest.raises(ConfigError) as info:
+            make(url)
+        text = str(info.value)
+        assert "percent-encoded" in text, text
+        for part in (head, "Zq9xW7vK", password):
+            assert part not in text, (what, text)

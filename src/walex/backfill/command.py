@@ -29,11 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-)
 
+from ..cli_console import console
 from ..errors import ConfigError, SetupError, WalExError, redact
 
 if TYPE_CHECKING:  # psycopg and the backfill's machinery are imported when the command runs:
@@ -44,7 +41,7 @@ if TYPE_CHECKING:  # psycopg and the backfill's machinery are imported when the 
 
 __all__ = ["backfill"]
 
-err = Console(stderr=True)
+err = console(stderr=True)
 # seconds the server has to answer each query of the command (a silent network included)
 QUERY_TIMEOUT = 30.0
 
@@ -86,7 +83,7 @@ def backfill(
                 err.print(f"[bold red]walex:[/] no backfill of {_escape(table)} is pending or "
                           "running", soft_wrap=True)
                 raise typer.Exit(1)
-            Console().print(f"cancelled the backfill of {cancelled.qualified} after "
+            console().print(f"cancelled the backfill of {cancelled.qualified} after "
                             f"{cancelled.rows_done:,} rows (a running app stops it before its "
                             "next chunk)")
             return
@@ -109,7 +106,7 @@ def backfill(
         err.print(f"[bold red]walex:[/] the backfill of {_escape(job.qualified)} failed: "
                   f"{_escape(job.error or 'unknown error')}", soft_wrap=True)
         raise typer.Exit(1)
-    Console().print(f"backfilled {job.qualified}: {job.rows_done:,} rows")
+    console().print(f"backfilled {job.qualified}: {job.rows_done:,} rows")
 
 
 def _escape(text: str) -> str:
@@ -197,12 +194,16 @@ async def _running(conn: psycopg.AsyncConnection, slot: str, name: str, durable:
 
 async def _follow(conn: psycopg.AsyncConnection, store: Store, schema: str, table: str) -> Job:
     """Show the stored progress as a bar until the backfill is done or failed."""
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("left"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=False) as bar:
+    with Progress(*columns, console=err.console, transient=False) as bar:
         task = bar.add_task(f"{schema}.{table}", total=None, rate="")
         while True:
             job = await store.job(conn, schema, table)

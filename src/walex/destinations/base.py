@@ -44,6 +44,9 @@ SHOWN = frozenset({
 })
 _WEBHOOK_SCHEMES = ("http", "https")
 _WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's
+_ENCODE = ("its host and port cannot be read (nothing of it is shown: it may hold a "
+           "password). A user name or password holding / ? # @ : or % must be "
+           "percent-encoded: urllib.parse.quote(password, safe='')")
 
 
 class Outgoing(NamedTuple):
@@ -95,8 +98,17 @@ class DestinationURL:
             self.port = parts.port if "," not in self.servers else None
         except ValueError as exc:
             shown = url.split("://", 1)[0] + "://..." if "://" in url else "(not a URL)"
+            if "@" in url:  # the "port" may be a password's start (a / ? # in it cut it there)
+                raise ConfigError(f"destination {shown} is not a valid URL: {_ENCODE}") from None
             raise ConfigError(f"destination {shown} is not a valid URL: "
                               f"{redact(str(exc), url)}") from None
+        if "@" not in parts.netloc and parts.scheme.lower() not in _WEBHOOK_SCHEMES and (
+                "@" in parts.path or "@" in parts.fragment
+                or any("@" in p.partition("=")[0] for p in parts.query.split("&"))):
+            # user:pass/word@host read as host "user", port "pass", path "/word@host": the
+            # password would be shown (and connected to) as a host and port
+            shown = url.split("://", 1)[0] + "://..."
+            raise ConfigError(f"destination {shown} is not a valid URL: {_ENCODE}")
         self.scheme = parts.scheme.lower()
         self.username = unquote(parts.username) if parts.username else None
         self.password = unquote(parts.password) if parts.password is not None else None

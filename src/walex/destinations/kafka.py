@@ -30,7 +30,10 @@ on a new producer, so a record may be stored twice (a consumer drops it by
 ``ce_id``) and none is lost. A record the broker refuses for good (too
 large, unknown topic with auto-creation off, not authorized, invalid topic
 name) is a :class:`~walex.errors.DestinationError`, which the app's
-``on_error`` settles. A login the broker refuses is a
+``on_error`` settles; so is a record over the producer's queue
+(``queue.buffering.max.kbytes``: walex makes it hold two groups and the largest
+record ``message.max.bytes`` allows; a smaller one given in the URL could never
+take it). A login the broker refuses is a
 :class:`~walex.errors.ConfigError` (retrying cannot cure it).
 
 Parameters: ``topic`` (default ``walex.{schema}.{table}``), ``tombstones``
@@ -161,8 +164,15 @@ class KafkaDestination(Destination):
                                         fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error"})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
-        # its default of 1 GiB is no bound (a full queue makes produce() wait for reports)
-        self.settings.setdefault("queue.buffering.max.kbytes", 2 * self.group_bytes // 1024)
+        # its default of 1 GiB is no bound (a full queue makes produce() wait for reports).
+        # The largest record message.max.bytes lets through must fit in it (else the queue
+        # is full for it even empty, for ever)
+        try:
+            most = int(self.settings.get("message.max.bytes", 1_000_000))
+        except (TypeError, ValueError):  # librdkafka's check below says what is wrong
+            most = 0
+        self.settings.setdefault("queue.buffering.max.kbytes",
+                                 max(2 * self.group_bytes, 2 * most) // 1024)
         self.settings.update({
             "enable.idempotence": True, "acks": "all",
             # librdkafka never gives up on a record by itself: a record it dropped after
@@ -358,6 +368,16 @@ class KafkaDestination(Destination):
             await asyncio.sleep(0.005)
             if self._put(producer, topic, value, key, headers, failed):
                 return
+            if not len(producer):  # no room in an empty queue: the record alone is over its bound
+                raise self.over_queue(topic, len(value or b"") + len(key.encode()))
+
+    def over_queue(self, topic: str, size: int) -> DestinationError:
+        kbytes = self.settings["queue.buffering.max.kbytes"]
+        return DestinationError(
+            f"destination {self.display}: topic {topic!r} refused a record for good: the record "
+            f"({size} bytes) is over the producer's queue (queue.buffering.max.kbytes={kbytes}). "
+            "Fix: raise queue.buffering.max.kbytes (a URL parameter) above the largest record, "
+            "or lower message.max.bytes so that such a record is refused as too large")
 
     def _still_usable(self, producer: Any, loop: asyncio.AbstractEventLoop, deadline: float,
                       timed_out: str) -> None:

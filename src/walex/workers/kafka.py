@@ -14,7 +14,10 @@ protocol (a topic template with fields is a pattern subscription:
 partition's records to its handlers in order, one partition's consecutive
 records of one transaction per call, and commits a partition's offset only
 past records whose handlers returned (or that the error policy disposed of),
-so a record is never counted as done before its handler returned.
+so a record is never counted as done before its handler returned. A record
+stored again (a publish the relay could not confirm, produced again: the same
+``ce_id``) is left out of the call that has it already, so a call holds each
+event once; one that comes in a later call is dropped as handled already.
 
 When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
@@ -24,6 +27,11 @@ handled by one worker at a time and per-key order holds. A worker that was
 killed leaves its partitions to the group after ``session.timeout.ms``; the
 records it had handled and not committed are handled again, with the same
 ``event.id``.
+
+A broker error (librdkafka reconnects by itself) makes the worker ask the
+brokers for metadata each second until they answer: none for ``timeout``
+seconds and the worker reconnects, as for the other sources (a warning,
+``/healthz`` ``reconnecting`` until they are back).
 
 A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
@@ -141,6 +149,7 @@ class KafkaConsumer(Consumer):
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
         self.lane: KafkaLane | None = None
+        self.copies = 0  # records left out of a call that had their ce_id already
         self._reset()
 
     def _reset(self) -> None:
@@ -154,6 +163,8 @@ class KafkaConsumer(Consumer):
         self.closing = False
         self.last_error: str | None = None
         self.auth_error: str | None = None
+        self.trouble_since: float | None = None  # the client's first error not yet cleared
+        self.next_probe = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.stopping = threading.Event()
@@ -173,20 +184,35 @@ class KafkaConsumer(Consumer):
                     continue
                 while buffer and buffer[0].value() is None:  # a tombstone: nothing to handle
                     self.done[tp] = buffer.popleft().offset() + 1
-                # one transaction's records: the call in hand is all a rebalance waits for
+                # one transaction's records: the call in hand is all a rebalance waits for.
+                # A record whose ce_id (and ce_source) the call has already is a copy (a
+                # publish the relay could not confirm, produced again): left out, its
+                # offset covered by the call's last delivery: each event once per call
                 messages = []
                 commit = None
+                ids: set[bytes] = set()
+                last = -1  # the offset of the last record taken, a copy left out included
                 while buffer and buffer[0].value() is not None:
-                    this = _commit_of(buffer[0])
+                    this_id = _id_of(buffer[0])
+                    this = this_id.partition(b"-")[0] if this_id is not None else None
                     if messages and (this is None or this != commit):
                         break
                     commit = this
-                    messages.append(buffer.popleft())
+                    message = buffer.popleft()
+                    last = message.offset()
+                    if this_id is not None:
+                        if this_id in ids:
+                            self.copies += 1
+                            continue
+                        ids.add(this_id)
+                    messages.append(message)
                 if messages:
                     self.busy[tp] = len(messages)
                     # the next call looks at the other partitions first
                     self.buffers[tp] = self.buffers.pop(tp)
-                    return [Delivery(m.value(), (tp, m.offset())) for m in messages]
+                    taken = [Delivery(m.value(), (tp, m.offset())) for m in messages]
+                    taken[-1].handle = (tp, last)  # acknowledged: read on after the copies
+                    return taken
         return []
 
     def settle(self, deliveries: list[Delivery], handled: bool) -> None:
@@ -222,6 +248,7 @@ class KafkaConsumer(Consumer):
             await asyncio.to_thread(client.close)
             self.client = None
             raise
+        self.trouble_since = None  # the brokers answered
         self.thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
                                        name=f"walex-kafka-{self.group}")
         self.thread.start()
@@ -303,6 +330,8 @@ class KafkaConsumer(Consumer):
     def _on_error(self, err: Any) -> None:
         text = self.url.scrub(str(err.str()))
         self.last_error = text
+        if self.trouble_since is None:
+            self.trouble_since = time.monotonic()
         if err.code() in AUTHENTICATION:
             self.auth_error = text
         if err.fatal():
@@ -321,6 +350,8 @@ class KafkaConsumer(Consumer):
                 if time.monotonic() - last_commit >= _COMMIT_EVERY:
                     self._commit(client, None, wait=False)
                     last_commit = time.monotonic()
+                if self.trouble_since is not None and self.failed is None:
+                    self._probe(client)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
@@ -334,6 +365,27 @@ class KafkaConsumer(Consumer):
                     client.close()  # leaves the group: its partitions go to the others now
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
+
+    def _probe(self, client: Any) -> None:
+        """After an error of the client (it reconnects by itself, silently): do the brokers
+        answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
+        :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
+        again)."""
+        now = time.monotonic()
+        since = self.trouble_since
+        if since is None or now < self.next_probe:
+            return
+        self.next_probe = now + 1.0
+        try:
+            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
+        except KafkaException as exc:
+            if now - since >= self.timeout:
+                detail = self.last_error or self.destination.describe(exc)
+                self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
+                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"))
+            return
+        if self.trouble_since == since:
+            self.trouble_since = None  # they answer: the error passed
 
     def _receive(self, messages: list[Any]) -> None:
         if not messages:
@@ -443,12 +495,18 @@ class KafkaConsumer(Consumer):
         return {"url": self.display, "group": self.group, "topics": self.subscription}
 
 
-def _commit_of(message: Any) -> bytes | None:
-    """The commit LSN part of the record's ``ce_id`` header (``<commit>-<n>``), if it has one."""
+def _id_of(message: Any) -> bytes | None:
+    """The record's ``ce_id`` header (``<commit>-<n>``), if it has one, followed by its
+    ``ce_source`` (``-/<db>/<schema>/<table>``: the ids of two databases may meet)."""
+    found = source = None
     for name, value in message.headers() or ():
         if name == "ce_id" and value:
-            return bytes(value).partition(b"-")[0]
-    return None
+            found = bytes(value)
+        elif name == "ce_source" and value:
+            source = bytes(value)
+    if found is None or source is None:
+        return found
+    return found + b"-" + source
 
 
 def _names(partitions: list[Any]) -> str:
