@@ -142,6 +142,10 @@ def check(events: list[RawEvent], partitions: tuple[int, ...] = (1, 5)) -> int:
         for batch in encoding._encode_events, encoding.compiled_fast_events:
             if batch is not None:
                 assert batch(events, parts) == expected
+        expected_size = sum(len(o.body) for o in expected)
+        for sized in encoding._encode_events_sized, encoding.compiled_fast_events_sized:
+            if sized is not None:
+                assert sized(events, parts) == (expected, expected_size)
         assert encode_event_reference(events[0], parts) == expected[0] if events else True
     assert all(event.raw is not None for event in events)  # none typed in place
     return counts[0] // len(partitions)
@@ -304,6 +308,23 @@ def test_hostile_text_and_composite_keys(admin: psycopg.Connection, dsn: str) ->
     bodies = [encode_event(e).body for e in events]
     assert any(b'\\u0001' in b for b in bodies) and any("\u2028".encode() in b for b in bodies)
     assert check(events) == len(NASTY) + 2
+
+
+def test_text_with_an_escape_or_a_wide_character_at_every_offset(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """The compiled twin writes text eight bytes at a time while they need no escape: a
+    character to escape, DEL or a multi-byte one at every offset of texts longer than
+    two words, and plain texts of every length up to three, as the reference writes them."""
+    admin.execute("CREATE TABLE words (t text PRIMARY KEY, u text); "
+                  "CREATE PUBLICATION pub FOR TABLE words")
+    slot(admin)
+    texts = ["x" * n for n in range(25)]
+    for special in ['"', "\\", "\x01", "\x1f", "\x7f", " ", "~", "é", "€", "😀", "\u2028"]:
+        texts += [f"{'a' * at}{special}{'b' * (19 - at)}" for at in range(20)]
+    for n, text in enumerate(texts):
+        admin.execute("INSERT INTO words VALUES (%s, %s)", (f"{n:03d}{text}", text * 3))
+    events = raw_events(admin, dsn)
+    assert check(events) == len(texts)
 
 
 KEYS = """

@@ -39,6 +39,10 @@ PATHS = [encoding._fast_event] + ([encoding.compiled_fast_event]
 # and of encode: an event at a time with the reference for what the fast path leaves
 BATCH_PATHS = [encoding._encode_events] + ([encoding.compiled_fast_events]
                                            if encoding.compiled_fast_events is not None else [])
+# and of encode_sized: the same messages, and the bytes of their bodies added up
+SIZED_PATHS = [encoding._encode_events_sized] + (
+    [encoding.compiled_fast_events_sized] if encoding.compiled_fast_events_sized is not None
+    else [])
 
 
 @pytest.mark.skipif(encoding.compiled_fast_event is None,
@@ -49,6 +53,9 @@ def test_the_compiled_twin_serves_unless_pure_python_is_asked_for() -> None:
     assert encoding._fast is expected
     assert encoding._events is (encoding._encode_events if os.environ.get("WALEX_PURE_PYTHON")
                                 else encoding.compiled_fast_events)
+    assert encoding._events_sized is (encoding._encode_events_sized
+                                      if os.environ.get("WALEX_PURE_PYTHON")
+                                      else encoding.compiled_fast_events_sized)
 
 
 def fast_count(events: list[Event], partitions: int) -> int:
@@ -75,6 +82,10 @@ def assert_same(events: list[Event]) -> None:
         outputs = [encode(events, partitions)] + [each(events, partitions) for each in BATCH_PATHS]
         for fast in PATHS:
             outputs.append([_through(fast, event, partitions) for event in events])
+        for sized in [encoding.encode_sized] + SIZED_PATHS:
+            out, size = sized(events, partitions)
+            assert size == sum(len(o.body) for o in reference), sized
+            outputs.append(out)
         for out in outputs:
             for event, a, b in zip(events, out, reference, strict=True):
                 assert a == b, f"{event.type} {event.id}:\n{a.body!r}\n{b.body!r}"

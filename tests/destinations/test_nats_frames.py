@@ -225,3 +225,54 @@ def test_the_compiled_sizes_are_the_pure_sizes() -> None:
     largest, longest, over = hpub.sizes(batch, 10, 6000)
     assert over == 12 and longest == 92 and largest == 7000 + len(batch[12].id) + 10
     assert hpub.sizes(batch, 10, 0)[2] == -1
+
+
+def test_frames_go_to_the_socket_only_when_nothing_is_pending() -> None:
+    """hpub.Frames.send writes straight to the connection's transport when nats-py has
+    nothing pending and the socket keeps up (one copy less than the flusher's join);
+    otherwise through the client's pending buffer, behind what is there: a subscriber
+    sees every command in the order it was handed over."""
+    port = require("nats")
+
+    async def main() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        other = await nats.connect(f"nats://127.0.0.1:{port}", allow_reconnect=False)
+        try:
+            sub = await other.subscribe("wfdirect.x")
+            await other.flush()
+            frames = hpub.Frames(nc, "S", "_INBOX.r.")
+            assert hpub.usable(nc)
+            await nc.flush()
+
+            def pub(n: int) -> bytes:
+                return b"PUB wfdirect.x %d\r\n%b\r\n" % (len(str(n)), str(n).encode())
+
+            socket = hpub.writable(nc)
+            assert socket is not None  # connected, nothing pending
+            await frames.send([pub(0), pub(1)], 2, 2)
+            assert nc._pending == [] and nc._pending_data_size == 0  # not through the client
+            await nc.publish("wfdirect.x", b"2")  # pending until the flusher runs
+            assert nc._pending and hpub.writable(nc) is None
+            await frames.send([pub(3)], 1, 1)  # behind it, through the pending buffer
+            assert nc._pending[-1] == pub(3)
+            await nc.flush()
+            low, high = socket.get_write_buffer_limits()
+            socket.set_write_buffer_limits(high=0)  # as if the socket lagged: pending again
+            try:
+                assert hpub.writable(nc) is None
+                await frames.send([pub(4)], 1, 1)
+                assert nc._pending == [pub(4)]
+            finally:
+                socket.set_write_buffer_limits(high=high, low=low)
+            await nc.flush()
+            assert hpub.writable(nc) is socket
+            await frames.send([pub(5)], 1, 1)
+            await nc.flush()
+            got = [(await sub.next_msg(timeout=5)).data for _ in range(6)]
+            assert got == [b"0", b"1", b"2", b"3", b"4", b"5"]
+            assert nc.stats["out_msgs"] >= 6
+        finally:
+            await nc.close()
+            await other.close()
+
+    run(main())

@@ -17,6 +17,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.pycapsule cimport PyCapsule_New
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memmove
 
 from types import MemberDescriptorType
@@ -30,6 +31,7 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
     object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
     object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
+    object PyUnicode_Concat(object left, object right)
     ctypedef struct _Type "PyTypeObject":
         PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
     ctypedef struct PyMemberDef:
@@ -90,6 +92,9 @@ cdef tuple _lsn_json = (None, None)
 cdef tuple _type_json = (None, None)
 # ASCII characters orjson writes as they are (from ESCAPES)
 cdef unsigned char _as_is[128]
+# _as_is is every ASCII character from ' ' on but '"' and '\\' (what orjson's escapes give):
+# _put_string then checks eight bytes at a time (set by bind)
+cdef bint _words = False
 
 # The event attributes _direct reads, from their object slots when the event's class keeps
 # them there (an Event's and a RawEvent's do), as getattr finds them: no attribute lookup.
@@ -156,6 +161,11 @@ def bind(helpers):
         _esc_len[i] = <unsigned char>PyBytes_GET_SIZE(escape)
         memcpy(_esc[i], PyBytes_AS_STRING(escape), PyBytes_GET_SIZE(escape))
         _as_is[i] = PyBytes_GET_SIZE(escape) == 1 and <int>(PyBytes_AS_STRING(escape)[0]) == i
+    global _words
+    _words = True
+    for i in range(128):
+        if _as_is[i] != (i >= 0x20 and i != 0x22 and i != 0x5C):
+            _words = False
     # a tuple subclass adding no fields, with tuple's allocation: built as tuple.__new__ does
     _outgoing_direct = (issubclass(_Outgoing, tuple) and _Outgoing.__dictoffset__ == 0
                         and _Outgoing.__weakrefoffset__ == 0
@@ -441,7 +451,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
     key = <object>PyTuple_GET_ITEM(plan, 5)
     if key is None:
         raise _Unfit
-    cdef Py_ssize_t width = PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(plan, 2)), at
+    cdef Py_ssize_t width = PyBytes_GET_SIZE(<bytes>PyTuple_GET_ITEM(plan, 2))
+    cdef Py_ssize_t subject_at = 0, subject_end = 0
     cdef Py_ssize_t nkey = PyTuple_GET_SIZE(<tuple>key), i
     cdef Py_ssize_t key_spans[2 * MAX_KEY]
     cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
@@ -510,8 +521,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
         prefix = <object>PyTuple_GET_ITEM(plan, 9)
         if subject is not None:
             _put(&d, b',"subject":', 11)
+            subject_at = d.n
             _put_str(&d, subject)
-            key_text = prefix_slash + subject
+            subject_end = d.n  # the subject as a JSON string: d.p[subject_at:subject_end]
+            key_text = PyUnicode_Concat(prefix_slash, subject)
         else:
             key_text = prefix
         _put_char(&d, b'}')
@@ -538,12 +551,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
-        if subject is not None:
+        if subject is not None:  # "/" and the subject's JSON string without its opening quote
             _put_char(&h, b'/')
-            at = h.n
-            _put_str(&h, subject)
-            memmove(h.p + at, h.p + at + 1, h.n - at - 1)  # the subject's opening quote out
-            h.n -= 1
+            _put(&h, d.p + subject_at + 1, subject_end - subject_at - 1)
         else:
             _put_char(&h, b'"')
         _put(&h, b',"walexpartition":', 18)

@@ -117,6 +117,19 @@ cdef Py_ssize_t _utf8_length(const unsigned char *s, Py_ssize_t n) noexcept:
     return 0
 
 
+cdef inline bint _plain8(const unsigned char *s) noexcept:
+    """Whether the eight bytes at ``s`` are ASCII from ' ' on, none '"' or '\\' (each
+    written as it is when ``_words``): the usual bit tricks on a 64-bit word, exact
+    for "any byte": a byte of 0x80 or more, below 0x20, or equal to '"' or '\\'."""
+    cdef uint64_t w, q, e
+    memcpy(&w, s, 8)
+    q = w ^ 0x2222222222222222ULL
+    e = w ^ 0x5C5C5C5C5C5C5C5CULL
+    return ((w | ((w - 0x2020202020202020ULL) & ~w)
+             | ((q - 0x0101010101010101ULL) & ~q)
+             | ((e - 0x0101010101010101ULL) & ~e)) & 0x8080808080808080ULL) == 0
+
+
 cdef int _put_string(Buf *b, const unsigned char *s, Py_ssize_t n) except -1:
     """``s`` (UTF-8) as a JSON string; raises _Unfit if it is not valid UTF-8."""
     cdef Py_ssize_t i = 0, start, step
@@ -125,6 +138,11 @@ cdef int _put_string(Buf *b, const unsigned char *s, Py_ssize_t n) except -1:
     while i < n:
         start = i
         while i < n:  # a run written as it is
+            if _words:
+                while i + 8 <= n and _plain8(s + i):
+                    i += 8
+                if i >= n:
+                    break
             c = s[i]
             if c < 0x80:
                 if not _as_is[c]:

@@ -83,7 +83,7 @@ from .values import (_KINDS, _MAX_SAFE, _NATIVE, _OPTIONS, Outgoing, _float, _rf
                      _table_info, _TableInfo, _tuple_new, _Unfit, json_value, partition_of)
 
 __all__ = ["Outgoing", "encode", "encode_event", "encode_event_reference", "encode_reference",
-           "fast_path", "json_value", "partition_of", "SCHEMA_FILE"]
+           "encode_sized", "fast_path", "json_value", "partition_of", "SCHEMA_FILE"]
 
 SCHEMA_FILE = "cloudevent.schema.json"
 
@@ -360,20 +360,29 @@ def _encode_events(events: list[Event], partitions: int) -> list[Outgoing]:
     return [encode_event(event, partitions) for event in events]
 
 
+def _encode_events_sized(events: list[Event], partitions: int) -> tuple[list[Outgoing], int]:
+    """:func:`encode_sized`, pure Python (``walex._encode.fast_events_sized`` is its
+    compiled twin)."""
+    out = _encode_events(events, partitions)
+    return out, sum(len(o.body) for o in out)
+
+
 # the compiled direct encoder as a C function, when it is the one serving (walex._encode's)
 direct_c_entry = compiled_entry if direct_event is compiled_direct_event else None
 
 try:  # the compiled twins of _fast_event and _encode_events (walex._encode), when built
     from .. import _encode as _compiled
 except ImportError:
-    compiled_fast_event = compiled_fast_events = None
+    compiled_fast_event = compiled_fast_events = compiled_fast_events_sized = None
 else:
     compiled_fast_event = _compiled.bind(globals())
     compiled_fast_events = _compiled.fast_events
+    compiled_fast_events_sized = _compiled.fast_events_sized
 
 _PURE = compiled_fast_event is None or bool(os.environ.get("WALEX_PURE_PYTHON"))
 _fast = _fast_event if _PURE else compiled_fast_event
 _events = _encode_events if _PURE else compiled_fast_events
+_events_sized = _encode_events_sized if _PURE else compiled_fast_events_sized
 
 
 _UNFIT = (_Unfit, orjson.JSONEncodeError)  # what sends an event from _fast to the reference
@@ -397,3 +406,9 @@ def fast_path() -> tuple[Callable[[Event, int], Outgoing], tuple[type[Exception]
 def encode(events: list[Event], partitions: int = 1) -> list[Outgoing]:
     """The events of one transaction batch, in order."""
     return _events(events, partitions)
+
+
+def encode_sized(events: list[Event], partitions: int = 1) -> tuple[list[Outgoing], int]:
+    """:func:`encode`, and the bytes of the messages' bodies added up (the destinations'
+    window counts them in ``held_bytes``)."""
+    return _events_sized(events, partitions)

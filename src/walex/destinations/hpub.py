@@ -10,7 +10,8 @@ and formats the frame in two steps. :class:`Frames` writes the same frame,
 message, and hands the frames of a batch to the client as its own
 ``_send_publish`` does: ``_send_command`` (the pending buffer, flushed at once
 when it passes the client's ``pending_size``) and then a kick of its flusher
-task. The connection, its reconnection, its flusher, PINGs and the read loop
+task; or, when nothing is pending and the socket keeps up, straight to the
+connection's transport (:func:`writable`: one copy of the frames less). The connection, its reconnection, its flusher, PINGs and the read loop
 stay nats-py's. :meth:`Frames.chained` writes a batch whose messages the
 stream checks link by link, only the last asking for a PubAck (see there).
 
@@ -33,11 +34,16 @@ from typing import Any
 
 import nats.errors
 
+try:
+    from nats.aio.transport import TcpTransport as _TCP
+except ImportError:  # (nats-py before 2.2: usable() says no anyway)
+    _TCP = None
+
 from .base import Outgoing
 from .base import version_tuple as _version
 
 __all__ = ["CHAINED_EXTRA", "Frames", "batch_sizes", "check_publishable", "checked_client", "frames",
-           "sizes", "usable"]
+           "sizes", "usable", "writable"]
 
 _CHUNK = 64 * 1024  # bytes handed to the client at a time (it copies them once more)
 _FRAME = b"HPUB %b %b%d %d %d\r\nNATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n%b\r\n"
@@ -89,6 +95,32 @@ def check_publishable(nc: Any, data: list[bytes]) -> None:
         total = sum(map(len, data))
         if nc._max_pending_size <= 0 or total + nc._pending_data_size > nc._max_pending_size:
             raise nats.errors.OutboundBufferLimitError
+
+
+def writable(nc: Any) -> asyncio.WriteTransport | None:
+    """The socket's transport of ``nc``'s connection when frames may be written to it at
+    once rather than through the client's pending buffer; None otherwise.
+
+    The client's flusher hands its pending commands over with ``writelines``, which
+    (Python's default) joins them into one more copy of every byte; a frame written to
+    the transport straight is copied once less. That keeps the order of the client's
+    writes only when nothing of them is pending (the commands queued while it
+    reconnected are pending until its flusher writes them), on a plain TCP connection
+    (the client's ``TcpTransport``, TLS or not; a websocket's goes through the client),
+    connected. And it keeps the flow control: when the transport holds more than its
+    high-water mark unsent, the frames go to the pending buffer, whose flusher waits
+    for the socket (``drain``) and whose ``pending_size`` then holds the publisher back.
+    """
+    if (nc._pending_data_size or getattr(nc, "_pending", True) or not nc.is_connected
+            or type(nc._transport) is not _TCP):
+        return None
+    writer = getattr(nc._transport, "_io_writer", None)
+    socket = getattr(writer, "transport", None)
+    if socket is None or socket.is_closing():
+        return None
+    if socket.get_write_buffer_size() >= socket.get_write_buffer_limits()[1]:
+        return None  # paused: the flusher waits for the socket
+    return socket
 
 
 class Frames:
@@ -158,6 +190,11 @@ class Frames:
         check_publishable(nc, chunks)
         nc.stats["out_msgs"] += messages
         nc.stats["out_bytes"] += payload
+        socket = writable(nc)
+        if socket is not None:
+            for chunk in chunks:
+                socket.write(chunk)
+            return
         for chunk in chunks:
             await nc._send_command(chunk)
         if nc._flush_queue is not None and nc._flush_queue.empty():

@@ -71,7 +71,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from .base import Destination, Unavailable
-from .encoding import Outgoing, encode, encode_event_reference, fast_path
+from .encoding import Outgoing, encode_event_reference, encode_sized, fast_path
 
 if TYPE_CHECKING:
     from .fanout import Destinations
@@ -79,6 +79,10 @@ if TYPE_CHECKING:
 __all__ = ["Entry", "Lane", "Window"]
 
 log = logging.getLogger("walex.destinations")
+
+
+# in memory besides a message's body: its Outgoing tuple and the bytes object (121 bytes)
+_PER_MESSAGE = 128
 
 
 class Entry:
@@ -91,9 +95,8 @@ class Entry:
         self.txn = txn
         self.outgoing = outgoing
         self.pending = pending
-        # in memory: the bodies, and each message's tuple and bytes object (121 bytes)
-        self.size = (sum(len(o.body) for o in outgoing) + 128 * len(outgoing)) if size < 0 \
-            else size
+        self.size = (sum(len(o.body) for o in outgoing) + _PER_MESSAGE * len(outgoing)) \
+            if size < 0 else size
 
 
 _NONE: list[Outgoing] = []  # the outgoing of a batch without events (never changed)
@@ -336,12 +339,14 @@ class Window:
                         one = encode_event_reference(events[0], partitions)
                     entry = new(Entry)  # Entry(txn, [one], parties, size), without its frame
                     entry.txn, entry.outgoing, entry.pending = txn, [one], parties
-                    held += (size := len(one.body) + 128)
+                    held += (size := len(one.body) + _PER_MESSAGE)
                     entry.size = size
                     room -= 1
                 elif events:
-                    entry = Entry(txn, encode(events, partitions), parties)
-                    held += entry.size
+                    outgoing, size = encode_sized(events, partitions)
+                    size += _PER_MESSAGE * len(outgoing)
+                    entry = Entry(txn, outgoing, parties, size)
+                    held += size
                     room -= 1
                 else:  # nothing to publish: the handlers alone finish it
                     entry = Entry(txn, _NONE, 1, 0)
