@@ -61,7 +61,13 @@ naming the stream that holds the subjects if there is one), and checks it at
 start, then every ``recheck_every`` seconds while partition 0 is idle: its
 subjects must hold the worker's filters, and its newest message must have
 been published with the worker's ``partitions`` to a subject a filter takes,
-else the worker stops with a ``ConfigError`` rather than idle for ever.
+else the worker stops with a ``ConfigError`` rather than idle for ever. Each
+lane looks at its consumer every ``recheck_every`` seconds too, busy or idle
+(:meth:`NatsConsumer.look`): deleted (its requests would go unanswered for
+ever), or its filter or ``max_ack_pending`` edited by hand (the order would be
+lost), the worker stops with a ``ConfigError``; its ``ack_wait`` edited, the
+worker reconnects to keep the new one (shortened: the call in hand cut off
+first).
 :meth:`NatsConsumer.declare` (``walex worker --declare``) creates the
 stream as the relay does, and the group's consumers.
 """
@@ -85,7 +91,7 @@ from .natsbatch import BatchLane
 from .natsbox import BoxLane, is_status
 from .natsdirect import Inboxes, Raw, acked_fields
 from .natslease import Leases, reraise_cancel
-from .natsstream import _SourceStream, verify
+from .natsstream import _SourceStream, refuse, verify
 
 __all__ = ["NatsConsumer"]
 
@@ -528,7 +534,8 @@ class NatsConsumer(Consumer):
             reraise_cancel()
             log.debug("looking at consumer %r: %r", name, exc)
             return
-        self._refuse(name, info.config, self.filters[lane.partition])
+        refuse(self.display, self.stream, name, info.config, self.filters[lane.partition],
+               self.prefetch)
         ack_wait = info.config.ack_wait
         if ack_wait and abs(ack_wait - lane.ack_wait) > 1e-3:
             reason = (f"the consumer {name!r} of stream {self.stream!r} has ack_wait={ack_wait:g}s "
@@ -536,26 +543,6 @@ class NatsConsumer(Consumer):
             if ack_wait < lane.ack_wait:
                 lane.revoke(reason)
             raise Unavailable(f"partition {lane.partition}: {reason}; reconnecting to keep it")
-
-    def _refuse(self, name: str, config: Any, subject: str) -> None:
-        """A :class:`ConfigError` when the consumer cannot keep the order for this worker."""
-        if config.filter_subject != subject or config.ack_policy != AckPolicy.EXPLICIT:
-            raise ConfigError(
-                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
-                f"exists with filter_subject={config.filter_subject!r}, ack_policy="
-                f"{config.ack_policy}; a worker needs {subject!r} and explicit to keep the order. "
-                f"Delete it (nats consumer rm {self.stream} {name}) or use another group="
-            )
-        if config.max_ack_pending != self.prefetch:
-            raise ConfigError(
-                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
-                f"has max_ack_pending={config.max_ack_pending}, and this worker has prefetch="
-                f"{self.prefetch} (it needs max_ack_pending={self.prefetch}; the workers of a "
-                f"group share one prefetch). Stop the group's workers, then run 'walex worker "
-                f"--declare SOURCE_URL' with prefetch={self.prefetch} in the URL (it updates the "
-                f"consumers), or delete it (nats consumer rm {self.stream} {name}), or give "
-                f"this worker prefetch={config.max_ack_pending}"
-            )
 
     async def _ensure_consumer(self, js: Any, name: str, subject: str) -> float:
         """Create the partition's durable consumer, or check the existing one; its ack_wait."""
@@ -579,7 +566,7 @@ class NatsConsumer(Consumer):
             log.info("consumer %r: max_ack_pending %s -> %d", name, config.max_ack_pending,
                      self.prefetch)
             return float(info.config.ack_wait or self.ack_wait)
-        self._refuse(name, config, subject)
+        refuse(self.display, self.stream, name, config, subject, self.prefetch)
         if config.ack_wait and abs(config.ack_wait - self.ack_wait) > 1e-3:
             log.warning("consumer %r has ack_wait=%gs (not %gs): a killed worker's message "
                         "goes to another after %gs", name, config.ack_wait, self.ack_wait,

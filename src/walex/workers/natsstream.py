@@ -1,17 +1,20 @@
 """The relay's JetStream stream, seen from a NATS worker (:mod:`walex.workers.nats`): used as
 it is, never created (unless declared), the subject filters it must hold, and the check
-(:func:`verify`) that it can feed the worker."""
+(:func:`verify`) that it can feed the worker, and the check of a partition's consumer
+(:func:`refuse`)."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
 
 from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
 
-__all__ = ["_SourceStream", "_covers", "verify"]
+__all__ = ["_SourceStream", "_covers", "refuse", "verify"]
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -106,4 +109,27 @@ async def verify(dest: _SourceStream, filters: list[str], partitions: int, displ
             f"on {newest.subject!r}, which none of this worker's filters ({filters[0]!r}"
             f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
             "partitions="
+        )
+
+
+def refuse(display: str, stream: str, name: str, config: Any, subject: str,
+           prefetch: int) -> None:
+    """A :class:`ConfigError` when the consumer ``name`` (its ``config``) cannot keep the
+    order for a worker of this partition's ``subject`` filter and ``prefetch``."""
+    if config.filter_subject != subject or config.ack_policy != AckPolicy.EXPLICIT:
+        raise ConfigError(
+            f"worker source {display}: the consumer {name!r} of stream {stream!r} "
+            f"exists with filter_subject={config.filter_subject!r}, ack_policy="
+            f"{config.ack_policy}; a worker needs {subject!r} and explicit to keep the order. "
+            f"Delete it (nats consumer rm {stream} {name}) or use another group="
+        )
+    if config.max_ack_pending != prefetch:
+        raise ConfigError(
+            f"worker source {display}: the consumer {name!r} of stream {stream!r} "
+            f"has max_ack_pending={config.max_ack_pending}, and this worker has prefetch="
+            f"{prefetch} (it needs max_ack_pending={prefetch}; the workers of a "
+            f"group share one prefetch). Stop the group's workers, then run 'walex worker "
+            f"--declare SOURCE_URL' with prefetch={prefetch} in the URL (it updates the "
+            f"consumers), or delete it (nats consumer rm {stream} {name}), or give "
+            f"this worker prefetch={config.max_ack_pending}"
         )
