@@ -26,9 +26,9 @@ async def _edit(b: Broker, what: str) -> None:
     try:
         js = nc.jetstream()
         if what == "deleted":
-            await js.delete_consumer(f"WK_{b.unique}", "walex_0")
+            await js.delete_consumer(f"WK_{b.unique}", f"g{b.unique}_0")
             return
-        info = await js.consumer_info(f"WK_{b.unique}", "walex_0")
+        info = await js.consumer_info(f"WK_{b.unique}", f"g{b.unique}_0")
         change = {"max_ack_pending": 50} if what == "max_ack_pending" else {"ack_wait": 1.5}
         await js.add_consumer(f"WK_{b.unique}", info.config.evolve(**change))
     finally:
@@ -44,7 +44,8 @@ def test_a_consumer_deleted_or_edited_mid_run_is_noticed(unique: str, what: str,
     calls.events.on_event("item")(calls.handler("item"))
 
     async def main() -> None:
-        worker = Worker(b.source(partitions=1, prefetch=prefetch, ack_wait=3), [calls.events])
+        worker = Worker(b.source(partitions=1, prefetch=prefetch, ack_wait=3, group=f"g{unique}"),
+                        [calls.events])
         worker.consumer.recheck_every = 0.5  # type: ignore[attr-defined]
         async with worker_running(worker):
             await relay(b, [[made_up(1)]], partitions=1)
@@ -56,13 +57,23 @@ def test_a_consumer_deleted_or_edited_mid_run_is_noticed(unique: str, what: str,
                 await relay(b, [[made_up(2)]], partitions=1)
                 await until(lambda: len(calls.flat("item")) == 2, "the second event", 20)
                 return
-            expected = (r"consumer 'walex_0' of stream 'WK_\w+' was deleted while the worker ran"
+            expected = (r"consumer 'g\w+_0' of stream 'WK_\w+' was deleted while the worker ran"
                         r".*--declare" if what == "deleted" else
-                        r"consumer 'walex_0' .* max_ack_pending=50, and this worker has prefetch=")
+                        r"consumer 'g\w+_0' .* max_ack_pending=50, and this worker has prefetch=")
             with pytest.raises(ConfigError, match=expected):
                 await asyncio.wait_for(worker.wait(), 20)
+
+    async def cleanup() -> None:
+        await b.cleanup()
+        nc = await nats.connect(f"nats://127.0.0.1:{b.port}")
+        try:
+            await nc.jetstream().delete_key_value(f"walex_leases_g{unique}")
+        except Exception:  # prefetch=1 made none
+            pass
+        finally:
+            await nc.close()
 
     try:
         run(main(), timeout=60)
     finally:
-        asyncio.run(b.cleanup())
+        asyncio.run(cleanup())
