@@ -61,7 +61,13 @@ naming the stream that holds the subjects if there is one), and checks it at
 start, then every ``recheck_every`` seconds while partition 0 is idle: its
 subjects must hold the worker's filters, and its newest message must have
 been published with the worker's ``partitions`` to a subject a filter takes,
-else the worker stops with a ``ConfigError`` rather than idle for ever.
+else the worker stops with a ``ConfigError`` rather than idle for ever. Each
+lane looks at its consumer every ``recheck_every`` seconds too, busy or idle
+(:meth:`NatsConsumer.look`): deleted (its requests would go unanswered for
+ever), or its filter or ``max_ack_pending`` edited by hand (the order would be
+lost), the worker stops with a ``ConfigError``; its ``ack_wait`` edited, the
+worker reconnects to keep the new one (shortened: the call in hand cut off
+first).
 :meth:`NatsConsumer.declare` (``walex worker --declare``) creates the
 stream as the relay does, and the group's consumers.
 """
@@ -84,8 +90,8 @@ from .base import Consumer, Delivery, Lane, close_quietly, partition_filter
 from .natsbatch import BatchLane
 from .natsbox import BoxLane, is_status
 from .natsdirect import Inboxes, Raw, acked_fields
-from .natslease import Leases
-from .natsstream import _SourceStream, verify
+from .natslease import Leases, reraise_cancel
+from .natsstream import _SourceStream, check_template, refuse, verify
 
 __all__ = ["NatsConsumer"]
 
@@ -114,6 +120,8 @@ class NatsLane(BoxLane):
         self.consumer.check()
         self.wait = wait
         now = time.monotonic()
+        if now - self.looked >= self.consumer.recheck_every:
+            await self.consumer.look(self)
         if self.following is not None and now - self.following > 2 * self.wait + 1:
             self.following = None  # its request expired and no word of it came: fetch again
         try:
@@ -400,6 +408,7 @@ class NatsConsumer(Consumer):
         super().__init__(url)
         self.stream = self.destination.stream
         self.template = self.destination.subject.text
+        check_template(self.template, url.display)
         self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
         self.lanes: list[NatsLane | BatchLane] = []
@@ -502,6 +511,40 @@ class NatsConsumer(Consumer):
             self.checked = time.monotonic()
             log.debug("looking at stream %r: %r", self.stream, exc)
 
+    async def look(self, lane: NatsLane | BatchLane) -> None:
+        """Every ``recheck_every`` seconds per lane, busy or idle: its consumer must still be
+        as the worker found it. Deleted (its requests go unanswered: the lane would idle for
+        ever), or its filter or ``max_ack_pending`` edited (the order is not kept): a
+        :class:`ConfigError`; its ``ack_wait`` edited: the call in hand is cut off (shorter:
+        the server may have handed its messages out again) and the worker reconnects, to
+        keep the new one."""
+        lane.looked = time.monotonic()
+        name = f"{self.group}_{lane.partition}"
+        try:
+            info = await self.destination.js.consumer_info(
+                self.stream, name, timeout=max(min(lane.ack_wait / 3, 5.0), 0.5))
+        except NotFoundError:
+            await self.verify()  # the stream itself deleted: says so
+            raise ConfigError(
+                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
+                f"was deleted while the worker ran (partition {lane.partition} would never be "
+                f"handled). A new one starts with the oldest message the stream keeps (those "
+                f"are handled again): stop the group's workers, run 'walex worker --declare "
+                f"SOURCE_URL', then start them") from None
+        except Exception as exc:  # no answer now: the next look tells
+            reraise_cancel()
+            log.debug("looking at consumer %r: %r", name, exc)
+            return
+        refuse(self.display, self.stream, name, info.config, self.filters[lane.partition],
+               self.prefetch)
+        ack_wait = info.config.ack_wait
+        if ack_wait and abs(ack_wait - lane.ack_wait) > 1e-3:
+            reason = (f"the consumer {name!r} of stream {self.stream!r} has ack_wait={ack_wait:g}s "
+                      f"now, not {lane.ack_wait:g}s (edited while the worker ran)")
+            if ack_wait < lane.ack_wait:
+                lane.revoke(reason)
+            raise Unavailable(f"partition {lane.partition}: {reason}; reconnecting to keep it")
+
     async def _ensure_consumer(self, js: Any, name: str, subject: str) -> float:
         """Create the partition's durable consumer, or check the existing one; its ack_wait."""
         try:
@@ -517,29 +560,14 @@ class NatsConsumer(Consumer):
             except Exception:  # another worker created it meanwhile, maybe otherwise
                 info = await js.consumer_info(self.stream, name)
         config = info.config
-        if config.filter_subject != subject or config.ack_policy != AckPolicy.EXPLICIT:
-            raise ConfigError(
-                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
-                f"exists with filter_subject={config.filter_subject!r}, ack_policy="
-                f"{config.ack_policy}; a worker needs {subject!r} and explicit to keep the order. "
-                f"Delete it (nats consumer rm {self.stream} {name}) or use another group="
-            )
-        if config.max_ack_pending != self.prefetch:
-            if self.declaring:  # walex worker --declare: the group's prefetch is this one's
-                info = await js.add_consumer(self.stream, config.evolve(
-                    max_ack_pending=self.prefetch))
-                log.info("consumer %r: max_ack_pending %s -> %d", name, config.max_ack_pending,
-                         self.prefetch)
-                return float(info.config.ack_wait or self.ack_wait)
-            raise ConfigError(
-                f"worker source {self.display}: the consumer {name!r} of stream {self.stream!r} "
-                f"has max_ack_pending={config.max_ack_pending}, and this worker has prefetch="
-                f"{self.prefetch} (it needs max_ack_pending={self.prefetch}; the workers of a "
-                f"group share one prefetch). Stop the group's workers, then run 'walex worker "
-                f"--declare SOURCE_URL' with prefetch={self.prefetch} in the URL (it updates the "
-                f"consumers), or delete it (nats consumer rm {self.stream} {name}), or give "
-                f"this worker prefetch={config.max_ack_pending}"
-            )
+        if config.max_ack_pending != self.prefetch and self.declaring and \
+                config.filter_subject == subject and config.ack_policy == AckPolicy.EXPLICIT:
+            # walex worker --declare: the group's prefetch is this one's
+            info = await js.add_consumer(self.stream, config.evolve(max_ack_pending=self.prefetch))
+            log.info("consumer %r: max_ack_pending %s -> %d", name, config.max_ack_pending,
+                     self.prefetch)
+            return float(info.config.ack_wait or self.ack_wait)
+        refuse(self.display, self.stream, name, config, subject, self.prefetch)
         if config.ack_wait and abs(config.ack_wait - self.ack_wait) > 1e-3:
             log.warning("consumer %r has ack_wait=%gs (not %gs): a killed worker's message "
                         "goes to another after %gs", name, config.ack_wait, self.ack_wait,

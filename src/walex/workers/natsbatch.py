@@ -135,6 +135,8 @@ class BatchLane(BoxLane):
         p = self.partition
         if self.revoked.is_set():
             raise Unavailable(f"partition {p}: {self.reason}")
+        if time.monotonic() - self.looked >= self.consumer.recheck_every:
+            await self.consumer.look(self)
         leases = self.leases
         if self.state == IDLE:
             if not leases.valid(p):

@@ -32,6 +32,7 @@ class BoxLane(Lane):
         self.every = max(ack_wait / 3, 0.05)
         self.margin = ack_wait / 4  # the lease ends this long before the server's deadline
         self.wait = 1.0  # the worker's poll: how long a request waits on the server
+        self.looked = time.monotonic()  # when its consumer was last looked at (NatsConsumer.look)
         # the pull subscription's inbox (what fetch() asks the server to deliver to)
         self.inbox: str | None = getattr(psub, "_deliver", None)
         self.inbox_bytes = (self.inbox or "").encode()

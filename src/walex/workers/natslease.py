@@ -122,7 +122,8 @@ class Leases:
         self.stream_name = f"KV_{self.bucket}"
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self._lock = asyncio.Lock()  # one write per key at a time (renewal, release)
+        # one write per key at a time (renewal, release): a lock per partition
+        self._locks: dict[int, asyncio.Lock] = {}
         self.rotation = zlib.crc32(self.id.encode()) % partitions
 
     @property
@@ -238,8 +239,14 @@ class Leases:
         log.debug("worker %s took partition %d (revision %d)", self.id, partition, revision)
         self._granted(partition)
 
+    def _lock(self, partition: int) -> asyncio.Lock:
+        lock = self._locks.get(partition)
+        if lock is None:
+            lock = self._locks[partition] = asyncio.Lock()
+        return lock
+
     async def _renew(self, partition: int) -> None:
-        async with self._lock:
+        async with self._lock(partition):
             held = self.held.get(partition)
             if held is None:
                 return
@@ -283,7 +290,7 @@ class Leases:
     async def release(self, partition: int) -> None:
         """Give the lease back (the lane gave back its messages): delete the key, so
         another worker can take it at once. Never raises."""
-        async with self._lock:
+        async with self._lock(partition):
             held = self.held.pop(partition, None)
             if held is None:
                 return
@@ -308,8 +315,12 @@ class Leases:
         """Stop the rounds, give back the leases still held and the member key. Never
         raises (what is not deleted expires)."""
         await self.stop()
-        for partition in list(self.held):
-            await self.release(partition)
+        # all at once: a server gone silent answers none, and each waits for the requests'
+        # timeout (one after the other, a stopping worker waited that long per partition, up
+        # to the leases' validity, ttl * 3/4)
+        await asyncio.gather(*(self.release(p) for p in list(self.held)), self._leave())
+
+    async def _leave(self) -> None:
         if self.kv is not None:
             try:
                 await self.kv.delete(self.member)

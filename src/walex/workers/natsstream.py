@@ -1,17 +1,45 @@
 """The relay's JetStream stream, seen from a NATS worker (:mod:`walex.workers.nats`): used as
 it is, never created (unless declared), the subject filters it must hold, and the check
-(:func:`verify`) that it can feed the worker."""
+(:func:`verify`) that it can feed the worker, and the check of a partition's consumer
+(:func:`refuse`)."""
 
 from __future__ import annotations
 
 import json
+import re
+import string
+from typing import Any
 
+from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
 
 from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
 
-__all__ = ["_SourceStream", "_covers", "verify"]
+__all__ = ["_SourceStream", "_covers", "check_template", "refuse", "verify"]
+
+
+_NOT_IN_SUBJECT = re.compile(r"[\s*>\x00-\x1f\x7f]")
+
+
+def check_template(template: str, display: str) -> None:
+    """A :class:`ConfigError` when the subject template's own text (what is not a field)
+    holds a wildcard (``*``, ``>``), white space or a control character, or a token is
+    empty: the worker's filters would take more than the relay's subjects (``walex.>``),
+    drop what no subject can hold (``walex.{table} x`` filtered as ``walex.*``), or be
+    refused by the server at every attempt (``walex.{table}.``)."""
+    literal = "".join(text for text, _n, _s, _c in string.Formatter().parse(template))
+    bad = _NOT_IN_SUBJECT.search(literal)
+    what = repr(bad.group()) if bad is not None else "an empty token" \
+        if "" in template.split(".") else None
+    if what is not None:
+        raise ConfigError(
+            f"worker source {display}: the subject template {template!r} holds {what}: "
+            f"a subject's tokens are fields ({{schema}}, {{table}}, {{type}}, {{partition}}) "
+            f"and fixed text, none empty, without wildcards ('*', '>'), white space or control "
+            f"characters; "
+            f"give the relay's subject=, e.g. 'walex.{{schema}}.{{table}}.{{partition}}'"
+        )
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -106,4 +134,27 @@ async def verify(dest: _SourceStream, filters: list[str], partitions: int, displ
             f"on {newest.subject!r}, which none of this worker's filters ({filters[0]!r}"
             f"{', ...' if mine > 1 else ''}) takes: give the worker the relay's subject= and "
             "partitions="
+        )
+
+
+def refuse(display: str, stream: str, name: str, config: Any, subject: str,
+           prefetch: int) -> None:
+    """A :class:`ConfigError` when the consumer ``name`` (its ``config``) cannot keep the
+    order for a worker of this partition's ``subject`` filter and ``prefetch``."""
+    if config.filter_subject != subject or config.ack_policy != AckPolicy.EXPLICIT:
+        raise ConfigError(
+            f"worker source {display}: the consumer {name!r} of stream {stream!r} "
+            f"exists with filter_subject={config.filter_subject!r}, ack_policy="
+            f"{config.ack_policy}; a worker needs {subject!r} and explicit to keep the order. "
+            f"Delete it (nats consumer rm {stream} {name}) or use another group="
+        )
+    if config.max_ack_pending != prefetch:
+        raise ConfigError(
+            f"worker source {display}: the consumer {name!r} of stream {stream!r} "
+            f"has max_ack_pending={config.max_ack_pending}, and this worker has prefetch="
+            f"{prefetch} (it needs max_ack_pending={prefetch}; the workers of a "
+            f"group share one prefetch). Stop the group's workers, then run 'walex worker "
+            f"--declare SOURCE_URL' with prefetch={prefetch} in the URL (it updates the "
+            f"consumers), or delete it (nats consumer rm {stream} {name}), or give "
+            f"this worker prefetch={config.max_ack_pending}"
         )
