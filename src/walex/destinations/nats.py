@@ -72,6 +72,7 @@ import asyncio
 import logging
 import re
 import ssl
+import string
 from typing import Any
 
 import nats
@@ -101,6 +102,29 @@ _STREAM_NAME = re.compile(r"^[^\s.*>/\\]+$")
 _NOT_IN_TOKEN = re.compile(r"[\s.*>]")
 
 
+_NOT_IN_SUBJECT = re.compile(r"[\s*>\x00-\x1f\x7f]")
+
+
+def check_subject_template(template: str, where: str, fix: str) -> None:
+    """A :class:`ConfigError` when the subject template's own text (what is not a field)
+    holds a wildcard (``*``, ``>``), white space or a control character, or a token is
+    empty: a relay would publish to subjects a worker cannot filter apart (JetStream
+    stores ``walex.>`` as a literal subject) or that the server refuses at every attempt
+    (``walex.{table} x``, ``walex.{table}.``); a worker's filters would take more than the
+    relay's subjects, or drop what no subject can hold."""
+    literal = "".join(text for text, _n, _s, _c in string.Formatter().parse(template))
+    bad = _NOT_IN_SUBJECT.search(literal)
+    what = repr(bad.group()) if bad is not None else "an empty token" \
+        if "" in template.split(".") else None
+    if what is not None:
+        raise ConfigError(
+            f"{where}: the subject template {template!r} holds {what}: a subject's tokens "
+            "are fields ({schema}, {table}, {type}, {partition}) and fixed text, none empty, "
+            f"without wildcards ('*', '>'), white space or control characters; {fix}, e.g. "
+            "'walex.{schema}.{table}.{partition}'"
+        )
+
+
 def _token(name: str) -> str:
     return _NOT_IN_TOKEN.sub("_", name)
 
@@ -121,6 +145,7 @@ class NatsDestination(Destination):
     extra = "nats"
     accepted = ("stream", "subject", "duplicate_window", "timeout", "chain")
     depth = 2  # chained groups a window's lane may have in flight (send_ahead)
+    role, subject_fix = "destination", "give subject="  # what a bad subject template's error says
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -129,8 +154,9 @@ class NatsDestination(Destination):
             raise ConfigError(f"destination {url.display}: stream name {self.stream!r} may not "
                               "contain white space, '.', '*', '>', '/' or '\\'")
         default = "walex.{schema}.{table}" + (".{partition}" if partitions > 1 else "")
-        self.subject = Template(url.take("subject") or default, "subject",
-                                url.display, _token)
+        template = url.take("subject") or default
+        check_subject_template(template, f"{self.role} {url.display}", self.subject_fix)
+        self.subject = Template(template, "subject", url.display, _token)
         prefix = self.subject.prefix
         if self.subject.constant:
             self.stream_subjects = [self.subject.text]

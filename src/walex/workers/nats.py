@@ -91,7 +91,7 @@ from .natsbatch import BatchLane
 from .natsbox import BoxLane, is_status
 from .natsdirect import Inboxes, Raw, acked_fields
 from .natslease import Leases, reraise_cancel
-from .natsstream import _SourceStream, check_template, refuse, verify
+from .natsstream import _SourceStream, refuse, verify
 
 __all__ = ["NatsConsumer"]
 
@@ -408,7 +408,6 @@ class NatsConsumer(Consumer):
         super().__init__(url)
         self.stream = self.destination.stream
         self.template = self.destination.subject.text
-        check_template(self.template, url.display)
         self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
         self.lanes: list[NatsLane | BatchLane] = []

@@ -6,8 +6,6 @@ it is, never created (unless declared), the subject filters it must hold, and th
 from __future__ import annotations
 
 import json
-import re
-import string
 from typing import Any
 
 from nats.js.api import AckPolicy
@@ -16,30 +14,7 @@ from nats.js.errors import NotFoundError
 from ..destinations.nats import NatsDestination
 from ..errors import ConfigError
 
-__all__ = ["_SourceStream", "_covers", "check_template", "refuse", "verify"]
-
-
-_NOT_IN_SUBJECT = re.compile(r"[\s*>\x00-\x1f\x7f]")
-
-
-def check_template(template: str, display: str) -> None:
-    """A :class:`ConfigError` when the subject template's own text (what is not a field)
-    holds a wildcard (``*``, ``>``), white space or a control character, or a token is
-    empty: the worker's filters would take more than the relay's subjects (``walex.>``),
-    drop what no subject can hold (``walex.{table} x`` filtered as ``walex.*``), or be
-    refused by the server at every attempt (``walex.{table}.``)."""
-    literal = "".join(text for text, _n, _s, _c in string.Formatter().parse(template))
-    bad = _NOT_IN_SUBJECT.search(literal)
-    what = repr(bad.group()) if bad is not None else "an empty token" \
-        if "" in template.split(".") else None
-    if what is not None:
-        raise ConfigError(
-            f"worker source {display}: the subject template {template!r} holds {what}: "
-            f"a subject's tokens are fields ({{schema}}, {{table}}, {{type}}, {{partition}}) "
-            f"and fixed text, none empty, without wildcards ('*', '>'), white space or control "
-            f"characters; "
-            f"give the relay's subject=, e.g. 'walex.{{schema}}.{{table}}.{{partition}}'"
-        )
+__all__ = ["_SourceStream", "_covers", "refuse", "verify"]
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -59,6 +34,7 @@ class _SourceStream(NatsDestination):
     """The relay's stream, seen from a worker: used as it is, never created (unless declared)."""
 
     create = False  # declare() creates it as the relay does
+    role, subject_fix = "worker source", "give the relay's subject="
 
     async def _ensure_stream(self) -> None:
         if self.create:
