@@ -144,6 +144,12 @@ class KafkaConsumer(Consumer):
                          "enable.auto.offset.store": False, "auto.offset.reset": self.start})
         if self.subscription.startswith("^"):
             settings.setdefault("topic.metadata.refresh.interval.ms", 10_000)
+        # a broker that stops answering without closing the connection: every request (and
+        # connection attempt) of the worker gives up after walex's timeout, unless set (a
+        # consumer's requests need fetch.wait.max.ms + 1 s at least)
+        wait_ms = int(float(settings.get("fetch.wait.max.ms", 500)))
+        settings.setdefault("socket.timeout.ms", max(int(self.timeout * 1000), wait_ms + 1000))
+        settings.setdefault("socket.connection.setup.timeout.ms", max(int(self.timeout * 1000), 1000))
         validate(KafkaClient, settings, "worker source", url)
         self.client: Any = None
         self.ready = asyncio.Event()
