@@ -23,12 +23,24 @@ When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
 commits what was done and drops what it had received and not handed out:
 the new owner starts after the last committed record, so a partition is
-handled by one worker at a time and per-key order holds. A worker that was
-killed leaves its partitions to the group after ``session.timeout.ms``; the
-records it had handled and not committed are handled again, with the same
-``event.id``.
+handled by one worker at a time and per-key order holds. The group waits
+``max.poll.interval.ms`` (its rebalance timeout, 300 s unless set) for a
+worker to give its partitions up: a call that has not returned after a
+third of it (60 s at most) is cancelled, as when a partition is lost
+(below), nothing of it is committed, and the worker waits as long again for
+it to end before it lets the partitions go (then connects again). A plain
+handler runs on a thread and cannot be cancelled: as with the other
+sources, its lease says lost (``current_lease().check()`` raises
+:class:`~walex.workers.LeaseLost`: call it before the effect, or keep the
+lease's fencing token with it) and the worker does not wait for it. A
+worker that was killed leaves its partitions to the group after
+``session.timeout.ms``; the records it had handled and not committed are
+handled again, with the same ``event.id``.
 
-A broker error (librdkafka reconnects by itself) makes the worker ask the
+Every request of the worker gives up after ``timeout`` (``socket.timeout.ms``
+and ``socket.connection.setup.timeout.ms`` default to it), so a broker that
+stops answering without closing its connections is an error too. A broker
+error (librdkafka reconnects by itself) makes the worker ask the
 brokers for metadata each second until they answer: none for ``timeout``
 seconds and the worker reconnects, as for the other sources (a warning,
 ``/healthz`` ``reconnecting`` until they are back).
@@ -151,6 +163,11 @@ class KafkaConsumer(Consumer):
         settings.setdefault("socket.timeout.ms", max(int(self.timeout * 1000), wait_ms + 1000))
         settings.setdefault("socket.connection.setup.timeout.ms", max(int(self.timeout * 1000), 1000))
         validate(KafkaClient, settings, "worker source", url)
+        # the group waits max.poll.interval.ms (its rebalance timeout) for a worker to give up
+        # its partitions: a call in hand is waited for a third of it (60 s at most), then
+        # cancelled and waited for as long again, so it ends before they can move
+        poll = float(settings.get("max.poll.interval.ms", 300_000)) / 1000
+        self.revoke_limit = max(0.5, min(60.0, poll / 3))
         self.client: Any = None
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
@@ -167,6 +184,7 @@ class KafkaConsumer(Consumer):
         self.rewind: dict[TP, int] = {}  # released records: read again from here
         self.failed: Exception | None = None
         self.closing = False
+        self.rejoining = False  # a rebalance this member gave up a call in: it rejoins first
         self.last_error: str | None = None
         self.auth_error: str | None = None
         self.trouble_since: float | None = None  # the client's first error not yet cleared
@@ -349,7 +367,12 @@ class KafkaConsumer(Consumer):
             client.subscribe([self.subscription], on_assign=self._on_assign,
                              on_revoke=self._on_revoke, on_lost=self._on_lost)
             last_commit = time.monotonic()
-            while not self.stopping.is_set():
+            rejoin_limit = None
+            while not self.stopping.is_set() or self.rejoining:
+                if self.stopping.is_set():  # the rebalance this member is in ends first
+                    rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
+                    if time.monotonic() > rejoin_limit:
+                        break
                 self._seek(client)
                 messages = client.consume(_BATCH, 0.2)
                 self._receive(messages)
@@ -441,6 +464,7 @@ class KafkaConsumer(Consumer):
                 self.committed[(tp.topic, tp.partition)] = tp.offset
 
     def _on_assign(self, client: Any, partitions: list[Any]) -> None:
+        self.rejoining = False
         with self.lock:
             for tp in partitions:
                 key = (tp.topic, tp.partition)
@@ -462,30 +486,43 @@ class KafkaConsumer(Consumer):
         """Before partitions go to another worker: the call in hand returns, what was handled is
         committed, the rest is dropped."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
-        limit = time.monotonic() + max(self.timeout, 60.0)
+        limit = time.monotonic() + self.revoke_limit
+        cancelled = False
         with self.lock:
             for key in keys:
                 self.buffers.get(key, deque()).clear()
             lane, loop = self.lane, self.loop
-            if not commit and lane is not None and loop is not None and \
-                    any(self.busy.get(k) for k in keys):
+            if not commit and any(self.busy.get(k) for k in keys):
                 # the group gave them away already (this worker missed its session): the call
                 # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
-                try:
-                    loop.call_soon_threadsafe(lane.revoke, f"Kafka partitions {_names(partitions)} "
-                                              "were lost (the group session timed out)")
-                except RuntimeError:
-                    pass
+                cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                         "were lost (the group session timed out)")
             while not self.closing and any(self.busy.get(k) for k in keys):
                 left = limit - time.monotonic()
+                if left <= 0 and not cancelled:
+                    # the group waits max.poll.interval.ms for this worker to give them up:
+                    # the call is cancelled well before, and nothing of it committed
+                    log.warning("worker group %r: a handler call for %s did not return within "
+                                "%gs of a rebalance; it is cancelled and its records are "
+                                "handled again", self.group, _names(partitions), self.revoke_limit)
+                    cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                             "are revoked and the call did not return within "
+                                             f"{self.revoke_limit:g}s")
+                    limit = time.monotonic() + self.revoke_limit
+                    continue
                 if left <= 0:
-                    log.error("worker group %r: a handler call still runs for %s; the partitions "
-                              "are given up without it (its records are handled again)",
-                              self.group, sorted(keys))
+                    log.error("worker group %r: a handler call still runs for %s after it was "
+                              "cancelled; the partitions are given up without it (its records "
+                              "are handled again)", self.group, sorted(keys))
                     break
                 self.lock.wait(min(left, 1.0))
         if commit:
             self._commit(client, keys, wait=True)
+        if cancelled and commit:
+            # the lane is revoked: the worker connects again, as a new member. This one first
+            # takes its part in the rebalance under way (_serve), then leaves: the group's
+            # leader leaving in the middle of one can wedge it (tansu kept it as the leader)
+            self.rejoining = True
         with self.lock:
             for key in keys:
                 self.assigned.discard(key)
@@ -496,6 +533,17 @@ class KafkaConsumer(Consumer):
                 self.rewind.pop(key, None)
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
+
+    def _cancel(self, lane: KafkaLane | None, loop: asyncio.AbstractEventLoop | None,
+                reason: str) -> bool:
+        """Revoke the lane (on the loop): the call in hand is cancelled, its lease lost."""
+        if lane is None or loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(lane.revoke, reason)
+        except RuntimeError:  # the loop is closed: no call runs
+            return False
+        return True
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}
