@@ -53,7 +53,10 @@ joins again. ``walex worker --declare`` has nothing to create on Kafka: it
 checks that the brokers answer and take the login.
 
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
-run there); the event loop only exchanges records and offsets with it.
+run there); the event loop only exchanges records and offsets with it. Each
+connection's thread and callbacks carry its session: one that outlives
+``close()`` (a broker that does not answer its leaving) touches nothing of
+the next connection's partitions, offsets or state.
 """
 
 from __future__ import annotations
@@ -173,6 +176,9 @@ class KafkaConsumer(Consumer):
         self.lock = threading.Condition()
         self.lane: KafkaLane | None = None
         self.copies = 0  # records left out of a call that had their ce_id already
+        # the consumer thread (and client callbacks) of the session that made them: a thread
+        # that outlived close() touches no state of a later session
+        self.session = object()
         self._reset()
 
     def _reset(self) -> None:
@@ -256,10 +262,12 @@ class KafkaConsumer(Consumer):
             self.lock.notify_all()
 
     async def open(self) -> list[Lane]:
-        self._reset()
+        with self.lock:  # a consumer thread of an earlier session, still running, leaves it be
+            token = self.session = object()
+            self._reset()
         self.loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
-        settings = dict(self.client_settings, error_cb=self._on_error)
+        settings = dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
         try:
             client = KafkaClient(settings)
         except (KafkaException, ValueError, TypeError) as exc:
@@ -273,7 +281,8 @@ class KafkaConsumer(Consumer):
             self.client = None
             raise
         self.trouble_since = None  # the brokers answered
-        self.thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
+        self.thread = threading.Thread(target=self._serve, args=(client, token, self.stopping),
+                                       daemon=True,
                                        name=f"walex-kafka-{self.group}")
         self.thread.start()
         self.lane = KafkaLane(self)
@@ -314,8 +323,11 @@ class KafkaConsumer(Consumer):
     async def declare(self) -> None:
         """A Kafka group needs nothing declared (a group without committed offsets starts at
         ``start``); this checks that the brokers answer and take the login, then disconnects."""
-        self._reset()
-        client = KafkaClient(dict(self.client_settings, error_cb=self._on_error))
+        with self.lock:
+            token = self.session = object()
+            self._reset()
+        client = KafkaClient(dict(self.client_settings,
+                                  error_cb=lambda err: self._on_error(err, token)))
         try:
             await self._check(client)
         finally:
@@ -344,58 +356,68 @@ class KafkaConsumer(Consumer):
             except RuntimeError:
                 pass
 
-    def _fail(self, exc: Exception) -> None:
-        if self.failed is None:
-            self.failed = exc
+    def _fail(self, exc: Exception, token: object) -> None:
+        with self.lock:
+            if self.session is not token:
+                return
+            if self.failed is None:
+                self.failed = exc
         self._wake()
 
     # -- the consumer's thread -------------------------------------------
 
-    def _on_error(self, err: Any) -> None:
+    def _on_error(self, err: Any, token: object) -> None:
         text = self.url.scrub(str(err.str()))
+        log.debug("worker source %s: %s", self.display, text)
+        if self.session is not token:
+            return
         self.last_error = text
         if self.trouble_since is None:
             self.trouble_since = time.monotonic()
         if err.code() in AUTHENTICATION:
             self.auth_error = text
         if err.fatal():
-            self._fail(Unavailable(f"the Kafka consumer failed: {text}"))
-        log.debug("worker source %s: %s", self.display, text)
+            self._fail(Unavailable(f"the Kafka consumer failed: {text}"), token)
 
-    def _serve(self, client: Any) -> None:
+    def _serve(self, client: Any, token: object, stopping: threading.Event) -> None:
         try:
-            client.subscribe([self.subscription], on_assign=self._on_assign,
-                             on_revoke=self._on_revoke, on_lost=self._on_lost)
+            client.subscribe([self.subscription],
+                             on_assign=lambda c, p: self._on_assign(c, p, token),
+                             on_revoke=lambda c, p: self._give_up(c, p, True, token),
+                             on_lost=lambda c, p: self._give_up(c, p, False, token))
             last_commit = time.monotonic()
             rejoin_limit = None
-            while not self.stopping.is_set() or self.rejoining:
-                if self.stopping.is_set():  # the rebalance this member is in ends first
+            while not stopping.is_set() or (self.rejoining and self.session is token):
+                if stopping.is_set():  # the rebalance this member is in ends first
                     rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
                     if time.monotonic() > rejoin_limit:
                         break
-                self._seek(client)
+                self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
-                self._receive(messages)
+                self._receive(messages, token)
                 if time.monotonic() - last_commit >= _COMMIT_EVERY:
-                    self._commit(client, None, wait=False)
+                    self._commit(client, None, wait=False, token=token)
                     last_commit = time.monotonic()
-                if self.trouble_since is not None and self.failed is None:
-                    self._probe(client)
+                if self.trouble_since is not None and self.failed is None and \
+                        self.session is token:
+                    self._probe(client, token)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
-            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc))
+            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc), token)
         finally:
-            self.closing = True
+            with self.lock:
+                if self.session is token:
+                    self.closing = True
             try:
-                self._commit(client, None, wait=True)
+                self._commit(client, None, wait=True, token=token)
             finally:
                 try:
                     client.close()  # leaves the group: its partitions go to the others now
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
 
-    def _probe(self, client: Any) -> None:
+    def _probe(self, client: Any, token: object) -> None:
         """After an error of the client (it reconnects by itself, silently): do the brokers
         answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
         :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
@@ -411,16 +433,18 @@ class KafkaConsumer(Consumer):
             if now - since >= self.timeout:
                 detail = self.last_error or self.destination.describe(exc)
                 self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
-                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"))
+                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"), token)
             return
-        if self.trouble_since == since:
+        if self.trouble_since == since and self.session is token:
             self.trouble_since = None  # they answer: the error passed
 
-    def _receive(self, messages: list[Any]) -> None:
+    def _receive(self, messages: list[Any], token: object) -> None:
         if not messages:
             return
         added = False
         with self.lock:
+            if self.session is not token:
+                return
             for m in messages:
                 err = m.error()
                 if err is not None:
@@ -437,8 +461,10 @@ class KafkaConsumer(Consumer):
         if added or self.failed is not None:
             self._wake()
 
-    def _seek(self, client: Any) -> None:
+    def _seek(self, client: Any, token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return
             rewind, self.rewind = self.rewind, {}
         for (topic, partition), offset in rewind.items():
             try:
@@ -447,8 +473,10 @@ class KafkaConsumer(Consumer):
                 log.debug("seeking %s[%d] to %d: %s", topic, partition, offset,
                           self.destination.describe(exc))
 
-    def _commit(self, client: Any, only: set[TP] | None, wait: bool) -> None:
+    def _commit(self, client: Any, only: set[TP] | None, wait: bool, token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return
             offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
                        if (only is None or (t, p) in only) and self.committed.get((t, p)) != o]
         if not offsets:
@@ -460,12 +488,16 @@ class KafkaConsumer(Consumer):
                         "handled again", self.group, self.destination.describe(exc))
             return
         with self.lock:
+            if self.session is not token:
+                return
             for tp in offsets:
                 self.committed[(tp.topic, tp.partition)] = tp.offset
 
-    def _on_assign(self, client: Any, partitions: list[Any]) -> None:
-        self.rejoining = False
+    def _on_assign(self, client: Any, partitions: list[Any], token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return  # the client of an earlier session: its records are not read
+            self.rejoining = False
             for tp in partitions:
                 key = (tp.topic, tp.partition)
                 self.assigned.add(key)
@@ -476,19 +508,17 @@ class KafkaConsumer(Consumer):
                 self.rewind.pop(key, None)
         log.info("worker group %r: assigned %s", self.group, _names(partitions))
 
-    def _on_revoke(self, client: Any, partitions: list[Any]) -> None:
-        self._give_up(client, partitions, commit=True)
-
-    def _on_lost(self, client: Any, partitions: list[Any]) -> None:
-        self._give_up(client, partitions, commit=False)
-
-    def _give_up(self, client: Any, partitions: list[Any], commit: bool) -> None:
+    def _give_up(self, client: Any, partitions: list[Any], commit: bool, token: object) -> None:
         """Before partitions go to another worker: the call in hand returns, what was handled is
         committed, the rest is dropped."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
         limit = time.monotonic() + self.revoke_limit
         cancelled = False
         with self.lock:
+            if self.session is not token:  # a later session's partitions are not these
+                log.info("worker group %r: %s %s (an earlier connection's)", self.group,
+                         "released" if commit else "lost", _names(partitions))
+                return
             for key in keys:
                 self.buffers.get(key, deque()).clear()
             lane, loop = self.lane, self.loop
@@ -497,7 +527,8 @@ class KafkaConsumer(Consumer):
                 # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
                 cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
                                          "were lost (the group session timed out)")
-            while not self.closing and any(self.busy.get(k) for k in keys):
+            while self.session is token and not self.closing and \
+                    any(self.busy.get(k) for k in keys):
                 left = limit - time.monotonic()
                 if left <= 0 and not cancelled:
                     # the group waits max.poll.interval.ms for this worker to give them up:
@@ -517,13 +548,15 @@ class KafkaConsumer(Consumer):
                     break
                 self.lock.wait(min(left, 1.0))
         if commit:
-            self._commit(client, keys, wait=True)
-        if cancelled and commit:
-            # the lane is revoked: the worker connects again, as a new member. This one first
-            # takes its part in the rebalance under way (_serve), then leaves: the group's
-            # leader leaving in the middle of one can wedge it (tansu kept it as the leader)
-            self.rejoining = True
+            self._commit(client, keys, wait=True, token=token)
         with self.lock:
+            if self.session is not token:
+                return
+            if cancelled and commit:
+                # the lane is revoked: the worker connects again, as a new member. This one
+                # first takes its part in the rebalance under way (_serve), then leaves: the
+                # group's leader leaving in the middle of one can wedge it (tansu kept it so)
+                self.rejoining = True
             for key in keys:
                 self.assigned.discard(key)
                 self.buffers.pop(key, None)
