@@ -23,12 +23,24 @@ When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
 commits what was done and drops what it had received and not handed out:
 the new owner starts after the last committed record, so a partition is
-handled by one worker at a time and per-key order holds. A worker that was
-killed leaves its partitions to the group after ``session.timeout.ms``; the
-records it had handled and not committed are handled again, with the same
-``event.id``.
+handled by one worker at a time and per-key order holds. The group waits
+``max.poll.interval.ms`` (its rebalance timeout, 300 s unless set) for a
+worker to give its partitions up: a call that has not returned after a
+third of it (60 s at most) is cancelled, as when a partition is lost
+(below), nothing of it is committed, and the worker waits as long again for
+it to end before it lets the partitions go (then connects again). A plain
+handler runs on a thread and cannot be cancelled: as with the other
+sources, its lease says lost (``current_lease().check()`` raises
+:class:`~walex.workers.LeaseLost`: call it before the effect, or keep the
+lease's fencing token with it) and the worker does not wait for it. A
+worker that was killed leaves its partitions to the group after
+``session.timeout.ms``; the records it had handled and not committed are
+handled again, with the same ``event.id``.
 
-A broker error (librdkafka reconnects by itself) makes the worker ask the
+Every request of the worker gives up after ``timeout`` (``socket.timeout.ms``
+and ``socket.connection.setup.timeout.ms`` default to it), so a broker that
+stops answering without closing its connections is an error too. A broker
+error (librdkafka reconnects by itself) makes the worker ask the
 brokers for metadata each second until they answer: none for ``timeout``
 seconds and the worker reconnects, as for the other sources (a warning,
 ``/healthz`` ``reconnecting`` until they are back).
@@ -41,7 +53,10 @@ joins again. ``walex worker --declare`` has nothing to create on Kafka: it
 checks that the brokers answer and take the login.
 
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
-run there); the event loop only exchanges records and offsets with it.
+run there); the event loop only exchanges records and offsets with it. Each
+connection's thread and callbacks carry its session: one that outlives
+``close()`` (a broker that does not answer its leaving) touches nothing of
+the next connection's partitions, offsets or state.
 """
 
 from __future__ import annotations
@@ -144,12 +159,26 @@ class KafkaConsumer(Consumer):
                          "enable.auto.offset.store": False, "auto.offset.reset": self.start})
         if self.subscription.startswith("^"):
             settings.setdefault("topic.metadata.refresh.interval.ms", 10_000)
+        # a broker that stops answering without closing the connection: every request (and
+        # connection attempt) of the worker gives up after walex's timeout, unless set (a
+        # consumer's requests need fetch.wait.max.ms + 1 s at least)
+        wait_ms = int(float(settings.get("fetch.wait.max.ms", 500)))
+        settings.setdefault("socket.timeout.ms", max(int(self.timeout * 1000), wait_ms + 1000))
+        settings.setdefault("socket.connection.setup.timeout.ms", max(int(self.timeout * 1000), 1000))
         validate(KafkaClient, settings, "worker source", url)
+        # the group waits max.poll.interval.ms (its rebalance timeout) for a worker to give up
+        # its partitions: a call in hand is waited for a third of it (60 s at most), then
+        # cancelled and waited for as long again, so it ends before they can move
+        poll = float(settings.get("max.poll.interval.ms", 300_000)) / 1000
+        self.revoke_limit = max(0.5, min(60.0, poll / 3))
         self.client: Any = None
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
         self.lane: KafkaLane | None = None
         self.copies = 0  # records left out of a call that had their ce_id already
+        # the consumer thread (and client callbacks) of the session that made them: a thread
+        # that outlived close() touches no state of a later session
+        self.session = object()
         self._reset()
 
     def _reset(self) -> None:
@@ -161,6 +190,7 @@ class KafkaConsumer(Consumer):
         self.rewind: dict[TP, int] = {}  # released records: read again from here
         self.failed: Exception | None = None
         self.closing = False
+        self.rejoining = False  # a rebalance this member gave up a call in: it rejoins first
         self.last_error: str | None = None
         self.auth_error: str | None = None
         self.trouble_since: float | None = None  # the client's first error not yet cleared
@@ -232,10 +262,12 @@ class KafkaConsumer(Consumer):
             self.lock.notify_all()
 
     async def open(self) -> list[Lane]:
-        self._reset()
+        with self.lock:  # a consumer thread of an earlier session, still running, leaves it be
+            token = self.session = object()
+            self._reset()
         self.loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
-        settings = dict(self.client_settings, error_cb=self._on_error)
+        settings = dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
         try:
             client = KafkaClient(settings)
         except (KafkaException, ValueError, TypeError) as exc:
@@ -249,7 +281,8 @@ class KafkaConsumer(Consumer):
             self.client = None
             raise
         self.trouble_since = None  # the brokers answered
-        self.thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
+        self.thread = threading.Thread(target=self._serve, args=(client, token, self.stopping),
+                                       daemon=True,
                                        name=f"walex-kafka-{self.group}")
         self.thread.start()
         self.lane = KafkaLane(self)
@@ -290,8 +323,11 @@ class KafkaConsumer(Consumer):
     async def declare(self) -> None:
         """A Kafka group needs nothing declared (a group without committed offsets starts at
         ``start``); this checks that the brokers answer and take the login, then disconnects."""
-        self._reset()
-        client = KafkaClient(dict(self.client_settings, error_cb=self._on_error))
+        with self.lock:
+            token = self.session = object()
+            self._reset()
+        client = KafkaClient(dict(self.client_settings,
+                                  error_cb=lambda err: self._on_error(err, token)))
         try:
             await self._check(client)
         finally:
@@ -320,53 +356,68 @@ class KafkaConsumer(Consumer):
             except RuntimeError:
                 pass
 
-    def _fail(self, exc: Exception) -> None:
-        if self.failed is None:
-            self.failed = exc
+    def _fail(self, exc: Exception, token: object) -> None:
+        with self.lock:
+            if self.session is not token:
+                return
+            if self.failed is None:
+                self.failed = exc
         self._wake()
 
     # -- the consumer's thread -------------------------------------------
 
-    def _on_error(self, err: Any) -> None:
+    def _on_error(self, err: Any, token: object) -> None:
         text = self.url.scrub(str(err.str()))
+        log.debug("worker source %s: %s", self.display, text)
+        if self.session is not token:
+            return
         self.last_error = text
         if self.trouble_since is None:
             self.trouble_since = time.monotonic()
         if err.code() in AUTHENTICATION:
             self.auth_error = text
         if err.fatal():
-            self._fail(Unavailable(f"the Kafka consumer failed: {text}"))
-        log.debug("worker source %s: %s", self.display, text)
+            self._fail(Unavailable(f"the Kafka consumer failed: {text}"), token)
 
-    def _serve(self, client: Any) -> None:
+    def _serve(self, client: Any, token: object, stopping: threading.Event) -> None:
         try:
-            client.subscribe([self.subscription], on_assign=self._on_assign,
-                             on_revoke=self._on_revoke, on_lost=self._on_lost)
+            client.subscribe([self.subscription],
+                             on_assign=lambda c, p: self._on_assign(c, p, token),
+                             on_revoke=lambda c, p: self._give_up(c, p, True, token),
+                             on_lost=lambda c, p: self._give_up(c, p, False, token))
             last_commit = time.monotonic()
-            while not self.stopping.is_set():
-                self._seek(client)
+            rejoin_limit = None
+            while not stopping.is_set() or (self.rejoining and self.session is token):
+                if stopping.is_set():  # the rebalance this member is in ends first
+                    rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
+                    if time.monotonic() > rejoin_limit:
+                        break
+                self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
-                self._receive(messages)
+                self._receive(messages, token)
                 if time.monotonic() - last_commit >= _COMMIT_EVERY:
-                    self._commit(client, None, wait=False)
+                    self._commit(client, None, wait=False, token=token)
                     last_commit = time.monotonic()
-                if self.trouble_since is not None and self.failed is None:
-                    self._probe(client)
+                if self.trouble_since is not None and self.failed is None and \
+                        self.session is token:
+                    self._probe(client, token)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
-            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc))
+            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc), token)
         finally:
-            self.closing = True
+            with self.lock:
+                if self.session is token:
+                    self.closing = True
             try:
-                self._commit(client, None, wait=True)
+                self._commit(client, None, wait=True, token=token)
             finally:
                 try:
                     client.close()  # leaves the group: its partitions go to the others now
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
 
-    def _probe(self, client: Any) -> None:
+    def _probe(self, client: Any, token: object) -> None:
         """After an error of the client (it reconnects by itself, silently): do the brokers
         answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
         :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
@@ -382,16 +433,18 @@ class KafkaConsumer(Consumer):
             if now - since >= self.timeout:
                 detail = self.last_error or self.destination.describe(exc)
                 self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
-                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"))
+                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"), token)
             return
-        if self.trouble_since == since:
+        if self.trouble_since == since and self.session is token:
             self.trouble_since = None  # they answer: the error passed
 
-    def _receive(self, messages: list[Any]) -> None:
+    def _receive(self, messages: list[Any], token: object) -> None:
         if not messages:
             return
         added = False
         with self.lock:
+            if self.session is not token:
+                return
             for m in messages:
                 err = m.error()
                 if err is not None:
@@ -408,8 +461,10 @@ class KafkaConsumer(Consumer):
         if added or self.failed is not None:
             self._wake()
 
-    def _seek(self, client: Any) -> None:
+    def _seek(self, client: Any, token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return
             rewind, self.rewind = self.rewind, {}
         for (topic, partition), offset in rewind.items():
             try:
@@ -418,8 +473,10 @@ class KafkaConsumer(Consumer):
                 log.debug("seeking %s[%d] to %d: %s", topic, partition, offset,
                           self.destination.describe(exc))
 
-    def _commit(self, client: Any, only: set[TP] | None, wait: bool) -> None:
+    def _commit(self, client: Any, only: set[TP] | None, wait: bool, token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return
             offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
                        if (only is None or (t, p) in only) and self.committed.get((t, p)) != o]
         if not offsets:
@@ -431,11 +488,16 @@ class KafkaConsumer(Consumer):
                         "handled again", self.group, self.destination.describe(exc))
             return
         with self.lock:
+            if self.session is not token:
+                return
             for tp in offsets:
                 self.committed[(tp.topic, tp.partition)] = tp.offset
 
-    def _on_assign(self, client: Any, partitions: list[Any]) -> None:
+    def _on_assign(self, client: Any, partitions: list[Any], token: object) -> None:
         with self.lock:
+            if self.session is not token:
+                return  # the client of an earlier session: its records are not read
+            self.rejoining = False
             for tp in partitions:
                 key = (tp.topic, tp.partition)
                 self.assigned.add(key)
@@ -446,41 +508,55 @@ class KafkaConsumer(Consumer):
                 self.rewind.pop(key, None)
         log.info("worker group %r: assigned %s", self.group, _names(partitions))
 
-    def _on_revoke(self, client: Any, partitions: list[Any]) -> None:
-        self._give_up(client, partitions, commit=True)
-
-    def _on_lost(self, client: Any, partitions: list[Any]) -> None:
-        self._give_up(client, partitions, commit=False)
-
-    def _give_up(self, client: Any, partitions: list[Any], commit: bool) -> None:
+    def _give_up(self, client: Any, partitions: list[Any], commit: bool, token: object) -> None:
         """Before partitions go to another worker: the call in hand returns, what was handled is
         committed, the rest is dropped."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
-        limit = time.monotonic() + max(self.timeout, 60.0)
+        limit = time.monotonic() + self.revoke_limit
+        cancelled = False
         with self.lock:
+            if self.session is not token:  # a later session's partitions are not these
+                log.info("worker group %r: %s %s (an earlier connection's)", self.group,
+                         "released" if commit else "lost", _names(partitions))
+                return
             for key in keys:
                 self.buffers.get(key, deque()).clear()
             lane, loop = self.lane, self.loop
-            if not commit and lane is not None and loop is not None and \
-                    any(self.busy.get(k) for k in keys):
+            if not commit and any(self.busy.get(k) for k in keys):
                 # the group gave them away already (this worker missed its session): the call
                 # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
-                try:
-                    loop.call_soon_threadsafe(lane.revoke, f"Kafka partitions {_names(partitions)} "
-                                              "were lost (the group session timed out)")
-                except RuntimeError:
-                    pass
-            while not self.closing and any(self.busy.get(k) for k in keys):
+                cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                         "were lost (the group session timed out)")
+            while self.session is token and not self.closing and \
+                    any(self.busy.get(k) for k in keys):
                 left = limit - time.monotonic()
+                if left <= 0 and not cancelled:
+                    # the group waits max.poll.interval.ms for this worker to give them up:
+                    # the call is cancelled well before, and nothing of it committed
+                    log.warning("worker group %r: a handler call for %s did not return within "
+                                "%gs of a rebalance; it is cancelled and its records are "
+                                "handled again", self.group, _names(partitions), self.revoke_limit)
+                    cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                             "are revoked and the call did not return within "
+                                             f"{self.revoke_limit:g}s")
+                    limit = time.monotonic() + self.revoke_limit
+                    continue
                 if left <= 0:
-                    log.error("worker group %r: a handler call still runs for %s; the partitions "
-                              "are given up without it (its records are handled again)",
-                              self.group, sorted(keys))
+                    log.error("worker group %r: a handler call still runs for %s after it was "
+                              "cancelled; the partitions are given up without it (its records "
+                              "are handled again)", self.group, sorted(keys))
                     break
                 self.lock.wait(min(left, 1.0))
         if commit:
-            self._commit(client, keys, wait=True)
+            self._commit(client, keys, wait=True, token=token)
         with self.lock:
+            if self.session is not token:
+                return
+            if cancelled and commit:
+                # the lane is revoked: the worker connects again, as a new member. This one
+                # first takes its part in the rebalance under way (_serve), then leaves: the
+                # group's leader leaving in the middle of one can wedge it (tansu kept it so)
+                self.rejoining = True
             for key in keys:
                 self.assigned.discard(key)
                 self.buffers.pop(key, None)
@@ -490,6 +566,17 @@ class KafkaConsumer(Consumer):
                 self.rewind.pop(key, None)
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
+
+    def _cancel(self, lane: KafkaLane | None, loop: asyncio.AbstractEventLoop | None,
+                reason: str) -> bool:
+        """Revoke the lane (on the loop): the call in hand is cancelled, its lease lost."""
+        if lane is None or loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(lane.revoke, reason)
+        except RuntimeError:  # the loop is closed: no call runs
+            return False
+        return True
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}
