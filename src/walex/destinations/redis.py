@@ -14,7 +14,10 @@ added again (with the same ``id`` field), and a consumer drops them by id.
 Parameters: ``stream`` (required; ``{schema}``, ``{table}``, ``{type}``,
 ``{partition}``), ``maxlen`` (trims each stream to about N entries,
 ``MAXLEN ~``), ``timeout`` (seconds to wait for the connection and for the
-replies of a batch, default 10). ``rediss://`` uses TLS.
+replies of a batch, default 10). ``rediss://`` uses TLS. A batch refused for
+want of memory (``maxmemory`` with ``noeviction``: OOM) is published again
+``full_attempts`` times (8) in a row, then it is a refusal
+(:class:`~walex.errors.DestinationError`) naming the fixes.
 
 How a batch goes out, for speed (about 20x less CPU per event than redis-py's
 pipeline, whose packing and per-reply timer dominated the relay: 1.05 vs 20.7
@@ -46,6 +49,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -172,6 +176,8 @@ class RedisDestination(Destination):
                               f"number (redis://host:6379/0), not {db!r}")
         self.db = int(db)
         self.client: Any = None
+        # failed attempts in a row refused for want of memory (OOM) before it is a refusal
+        self.full_attempts = 8
 
     async def open(self) -> None:
         url = self.url
@@ -253,6 +259,12 @@ class RedisDestination(Destination):
                 f"Redis refused a command to the URL's user ({self.describe(exc)})",
                 "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
                 "+multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
+        except OutOfMemoryError as exc:  # maxmemory reached, maxmemory-policy noeviction
+            raise Unavailable(
+                f"Redis refused the batch for want of memory ({self.describe(exc)}); raise "
+                "its maxmemory, give the destination maxlen=N (walex trims each stream to "
+                "about N entries) or trim the streams (XTRIM)", attempts=self.full_attempts,
             ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):
