@@ -140,7 +140,9 @@ class WebhookDestination(Destination):
     extra = "webhooks"
     accepted = ("secret_env", "timeout")
     group_events = 1000  # most events per request
-    group_bytes = 1024 * 1024  # about the most bytes of events per request (one event may exceed)
+    # the most bytes of a request's body, the JSON array's brackets and commas included (one
+    # event alone may exceed it): 1 MiB, the default limit of nginx (client_max_body_size 1m)
+    group_bytes = 1024 * 1024
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -181,7 +183,8 @@ class WebhookDestination(Destination):
 
     def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, str, list[Outgoing]]]:
         """(url, webhook-id, events) per table (and rendered URL), in the order of first
-        appearance, at most ``group_events`` events and about ``group_bytes`` per request.
+        appearance, at most ``group_events`` events and ``group_bytes`` bytes of body (the
+        JSON array, brackets and commas included) per request, but for one event alone.
 
         The id is the first event's; a request of a window's group (which may hold
         the events of several transactions, grouped as they came) carries
@@ -196,7 +199,8 @@ class WebhookDestination(Destination):
                 # one table (a window's group of one table's transactions): no dict, and
                 # one request when within the bounds (a lane's group is, but for one
                 # transaction larger than them), the sizes summed in C
-                if len(batch) <= most_events and sum(map(len, map(_BODY, batch))) <= most_bytes:
+                if len(batch) <= most_events and \
+                        sum(map(len, map(_BODY, batch))) + len(batch) + 1 <= most_bytes:
                     yield render(batch[0]), _request_id(batch, ranged), batch
                     return
                 tables = [(render(batch[0]), batch)]
@@ -214,12 +218,13 @@ class WebhookDestination(Destination):
                 groups.setdefault((render(item), item.schema, item.table), []).append(item)
             tables = [(target, items) for (target, _s, _t), items in groups.items()]
         for target, items in tables:
-            start, size = 0, 0
+            start, size = 0, 1  # the body's bytes: "[", each event and its "," or "]"
             for i, item in enumerate(items):
-                if i > start and (i - start >= most_events or size + len(item.body) > most_bytes):
+                if i > start and (i - start >= most_events
+                                  or size + len(item.body) + 1 > most_bytes):
                     yield target, _request_id(items[start:i], ranged), items[start:i]
-                    start, size = i, 0
-                size += len(item.body)
+                    start, size = i, 1
+                size += len(item.body) + 1
             yield target, _request_id(items[start:], ranged), items[start:]
 
     async def publish(self, batch: list[Outgoing]) -> None:

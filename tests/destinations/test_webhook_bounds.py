@@ -1,0 +1,54 @@
+"""A webhook request's body stays within ``group_bytes`` (1 MiB), commas and brackets included.
+
+A receiver behind nginx refuses bodies over its ``client_max_body_size``
+(1 MiB by default) with 413, a refusal that stops the app. walex counted
+only the events' bytes against its 1 MiB bound, not the JSON array's ``[``,
+``]`` and the comma between events: a batch of events just under 1 MiB in
+all went out as one body of 1 MiB plus a byte per event, and was refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from support import run
+
+from walex.destinations import from_url
+from walex.destinations.base import Outgoing
+
+from .receiver import Receiver
+
+SECRET = "whsec_" + base64.b64encode(b"walex bounds secret").decode()
+MIB = 1024 * 1024
+
+
+def event(i: int, size: int) -> Outgoing:
+    """An event whose JSON body is ``size`` bytes."""
+    head = b'{"id":"%d","x":"' % i
+    return Outgoing(str(i), "public", "a", "insert", 0, head + b"x" * (size - len(head) - 2) + b'"}',
+                    "/db/public/a", "t", "public.a", None)
+
+
+@pytest.mark.parametrize("sizes", [[1048] * 1000, [1100] * 1500], ids=["whole", "cut"])
+def test_every_request_fits_a_1_mib_receiver(monkeypatch: pytest.MonkeyPatch,
+                                             sizes: list[int]) -> None:
+    monkeypatch.setenv("WALEX_TEST_WEBHOOK_SECRET", SECRET)
+    batch = [event(i, size) for i, size in enumerate(sizes)]
+    # "whole": group_events events within the bound counted without the separators, so
+    # one request; "cut": cut where the events alone reach the bound
+
+    async def main(hook: Receiver) -> None:
+        d = from_url(hook.url("/in"))
+        await d.open()
+        try:
+            await d.publish(batch)
+        finally:
+            await d.close()
+
+    with Receiver(max_body=MIB) as hook:
+        run(main(hook), timeout=30)
+    assert all(len(body) <= MIB for _p, _h, body, _s in hook.requests)
+    ids = [e["id"] for _p, _h, body, _s in hook.accepted() for e in json.loads(body)]
+    assert ids == [item.id for item in batch]
