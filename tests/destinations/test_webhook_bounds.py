@@ -1,16 +1,19 @@
-"""A webhook request's body stays within ``group_bytes`` (1 MiB), commas and brackets included.
+"""Webhook bounds: a request body within ``group_bytes`` (1 MiB), ``Retry-After`` honoured.
 
 A receiver behind nginx refuses bodies over its ``client_max_body_size``
 (1 MiB by default) with 413, a refusal that stops the app. walex counted
 only the events' bytes against its 1 MiB bound, not the JSON array's ``[``,
 ``]`` and the comma between events: a batch of events just under 1 MiB in
 all went out as one body of 1 MiB plus a byte per event, and was refused.
+A ``Retry-After`` given as an HTTP date (RFC 9110 allows both forms) was
+ignored: the retry came after the usual backoff, a fraction of a second.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import time
 
 import pytest
 from support import run
@@ -52,3 +55,31 @@ def test_every_request_fits_a_1_mib_receiver(monkeypatch: pytest.MonkeyPatch,
     assert all(len(body) <= MIB for _p, _h, body, _s in hook.requests)
     ids = [e["id"] for _p, _h, body, _s in hook.accepted() for e in json.loads(body)]
     assert ids == [item.id for item in batch]
+
+
+@pytest.mark.parametrize("form", ["seconds", "date"])
+def test_retry_after_in_seconds_or_as_an_http_date_is_honoured(monkeypatch: pytest.MonkeyPatch,
+                                                               form: str) -> None:
+    """``Retry-After`` is a number of seconds or an HTTP date (RFC 9110): a date 30 s
+    ahead asks for about 30 s, not the usual backoff of a fraction of a second."""
+    from email.utils import formatdate
+
+    from walex.destinations.base import Unavailable
+
+    monkeypatch.setenv("WALEX_TEST_WEBHOOK_SECRET", SECRET)
+    value = "30" if form == "seconds" else formatdate(time.time() + 30, usegmt=True)
+
+    async def main(hook: Receiver) -> Unavailable:
+        d = from_url(hook.url("/in"))
+        await d.open()
+        try:
+            with pytest.raises(Unavailable) as info:
+                await d.publish([event(1, 100)])
+            return info.value
+        finally:
+            await d.close()
+
+    with Receiver() as hook:
+        hook.script([(503, {"retry-after": value})])
+        refused = run(main(hook), timeout=30)
+    assert refused.retry_after is not None and 28 <= refused.retry_after <= 31, refused.retry_after

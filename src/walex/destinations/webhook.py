@@ -16,7 +16,7 @@ The secrets come from the environment variable ``secret_env`` names, never
 from the URL: Standard Webhooks secrets (``whsec_`` followed by base64), several
 separated by spaces or commas while one is rotated out. A 2xx answer makes the
 events durable. 429, 408, 5xx, a timeout or a lost connection is retried with
-backoff (honouring ``Retry-After``), forever, acknowledging nothing
+backoff (honouring ``Retry-After``, in seconds or an HTTP date), forever, acknowledging nothing
 meanwhile; requests of the batch that already succeeded are not sent again.
 Any other answer, redirects included (they are not followed), is a
 :class:`~walex.errors.DestinationError`, settled by the app's ``on_error``
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import hmac
 import logging
@@ -41,6 +42,7 @@ import re
 import ssl
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from operator import itemgetter
 from urllib.parse import quote, urlencode
 
@@ -116,13 +118,21 @@ def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds ``Retry-After`` asks to wait: a number of seconds or an HTTP date."""
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: the usual backoff applies
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # neither: the usual backoff applies
+    if when.tzinfo is None:  # (-0000: UTC)
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 _SOURCE = itemgetter(Outgoing._fields.index("source"))  # item.source, in C
