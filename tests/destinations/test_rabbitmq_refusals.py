@@ -1,4 +1,4 @@
-"""RabbitMQ refusals: a message over the broker's size limit and a full queue.
+"""RabbitMQ refusals: a message over the broker's size limit, a full queue, a long key.
 
 Against the machine's RabbitMQ (127.0.0.1:5672) and a real PostgreSQL:
 
@@ -114,5 +114,34 @@ def test_a_refusal_stops_the_app_unacknowledged(admin: psycopg.Connection, dsn: 
                 run(main(), timeout=90)
         else:
             run(main(), timeout=90)
+    finally:
+        run(rabbitmq_delete(exchange, name, port))
+
+
+def test_a_routing_key_over_255_bytes_is_a_refusal(admin: psycopg.Connection, dsn: str,
+                                                   unique: str) -> None:
+    """A routing key longer than AMQP's short string (a long routing_key template) is the
+    same at every attempt: a refusal naming the event and the fix, not a retry forever."""
+    port = require("rabbitmq")
+    admin.execute(TABLE)
+    exchange, name = f"rr{unique}", f"rr{unique}.q"
+    template = "k" * 260 + ".{table}"
+    url = (f"amqp://guest:guest@127.0.0.1:{port}/?exchange={exchange}&timeout=5"
+           f"&routing_key={template}")
+
+    async def main() -> None:
+        await queue(exchange, name, port)
+        with pytest.raises(DestinationError, match="over AMQP's 255: shorten the routing_key"):
+            async with collecting(dsn, destinations=[url]) as rec:
+                admin.execute("INSERT INTO a VALUES (1, 'x')")
+                await rec._until(lambda: False, 40, "the app to stop")
+        app = rec.app
+        assert app is not None
+        event = rec.events[0]
+        assert app.ack.flushed < parse_lsn(event.lsn)
+        assert await rabbitmq_stored(name, port) == []
+
+    try:
+        run(main(), timeout=90)
     finally:
         run(rabbitmq_delete(exchange, name, port))

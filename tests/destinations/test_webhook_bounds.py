@@ -30,8 +30,8 @@ MIB = 1024 * 1024
 def event(i: int, size: int) -> Outgoing:
     """An event whose JSON body is ``size`` bytes."""
     head = b'{"id":"%d","x":"' % i
-    return Outgoing(str(i), "public", "a", "insert", 0, head + b"x" * (size - len(head) - 2) + b'"}',
-                    "/db/public/a", "t", "public.a", None)
+    body = head + b"x" * (size - len(head) - 2) + b'"}'
+    return Outgoing(str(i), "public", "a", "insert", 0, body, "/db/public/a", "t", "public.a", None)
 
 
 @pytest.mark.parametrize("sizes", [[1048] * 1000, [1100] * 1500], ids=["whole", "cut"])

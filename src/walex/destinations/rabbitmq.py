@@ -23,7 +23,8 @@ the ``rabbitmqctl set_permissions`` that fixes it. A publish the broker
 refuses (``ACCESS_REFUSED``: no ``write``) is a permanent refusal
 (:class:`~walex.errors.DestinationError`, settled by ``on_error``), never
 retried; so is a message over the broker's ``max_message_size`` (the broker
-closes the channel with ``PRECONDITION_FAILED``). Messages the broker nacks (a
+closes the channel with ``PRECONDITION_FAILED``) and a routing key over 255
+bytes (a long ``routing_key`` template). Messages the broker nacks (a
 full queue with ``x-overflow`` ``reject-publish``) are published again
 ``full_attempts`` times (8) in a row, then that is a refusal too.
 
@@ -296,17 +297,25 @@ class RabbitMQDestination(Destination):
         """aiormq's own path: a ``basic_publish`` task per message."""
         render, mandatory, timeout = self.routing_key.render, self.mandatory, self.timeout
         name, properties = self.exchange_name, Basic.Properties
+        keys = [render(item) for item in batch]
+        for item, key in zip(batch, keys):  # the same at every attempt: a refusal
+            if len(key.encode()) > 255:
+                raise DestinationError(
+                    f"destination {self.display}: the routing key of event {item.id} "
+                    f"({item.schema}.{item.table}) is {len(key.encode())} bytes, over AMQP's 255: "
+                    "shorten the routing_key template"
+                )
         # Started in order, the publishes take the channel's lock in order, so the
         # broker receives the batch in order; without waiting for each write to
         # drain (wait=False) the frames of many messages go out in one write.
         confirms = [
             asyncio.ensure_future(channel.basic_publish(
-                item.body, exchange=name, routing_key=render(item), mandatory=mandatory,
+                item.body, exchange=name, routing_key=key, mandatory=mandatory,
                 timeout=timeout, wait=False,
                 properties=properties(delivery_mode=2, message_id=item.id,
                                       content_type=amqpframes.CONTENT_TYPE),
             ))
-            for item in batch
+            for item, key in zip(batch, keys)
         ]
         results = await asyncio.gather(*confirms, return_exceptions=True)
         return [result for result in results if isinstance(result, BaseException)]
