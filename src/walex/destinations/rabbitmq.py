@@ -357,6 +357,12 @@ class RabbitMQDestination(Destination):
         for failure in failures:
             if isinstance(failure, asyncio.CancelledError):
                 raise self.unavailable("a publish was cancelled", failure)
+        if all(isinstance(failure, TimeoutError) for failure in failures):
+            raise Unavailable(
+                f"RabbitMQ did not confirm the batch within timeout={self.timeout:g}s: the "
+                "connection went silent, or the broker blocks publishers (a memory or disk "
+                "alarm: see rabbitmqctl status); the batch is published again"
+            )
         raise self.unavailable("the batch was not confirmed", failures[0])
 
     def _too_large(self, batch: list[Outgoing], limit: int, exc: BaseException) -> DestinationError:
