@@ -6,7 +6,8 @@ only the events' bytes against its 1 MiB bound, not the JSON array's ``[``,
 ``]`` and the comma between events: a batch of events just under 1 MiB in
 all went out as one body of 1 MiB plus a byte per event, and was refused.
 A ``Retry-After`` given as an HTTP date (RFC 9110 allows both forms) was
-ignored: the retry came after the usual backoff, a fraction of a second.
+ignored: the retry came after the usual backoff, a fraction of a second. One
+event over the receiver's limit is a refusal whose message names the limit.
 """
 
 from __future__ import annotations
@@ -83,3 +84,25 @@ def test_retry_after_in_seconds_or_as_an_http_date_is_honoured(monkeypatch: pyte
         hook.script([(503, {"retry-after": value})])
         refused = run(main(hook), timeout=30)
     assert refused.retry_after is not None and 28 <= refused.retry_after <= 31, refused.retry_after
+
+
+def test_an_event_over_the_receivers_limit_is_a_refusal_naming_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One event larger than the receiver takes goes alone, and the 413 names the limit."""
+    from walex import DestinationError
+
+    monkeypatch.setenv("WALEX_TEST_WEBHOOK_SECRET", SECRET)
+
+    async def main(hook: Receiver) -> None:
+        d = from_url(hook.url("/in"))
+        await d.open()
+        try:
+            with pytest.raises(DestinationError, match="client_max_body_size") as info:
+                await d.publish([event(1, 100), event(2, MIB + 10)])
+            assert f"{MIB + 12} bytes (1 event)" in str(info.value)
+        finally:
+            await d.close()
+
+    with Receiver(max_body=MIB) as hook:
+        run(main(hook), timeout=30)
+    assert [s for _p, _h, _b, s in hook.requests] == [200, 413]
