@@ -286,9 +286,9 @@ class WebhookDestination(Destination):
         if status == 413:  # over the receiver's body limit: that request is never taken
             raise DestinationError(
                 f"destination {self.display} refused request {message_id} of {len(body)} bytes "
-                f"({len(items)} event{'s' if len(items) > 1 else ''}) as too large (413): raise the receiver's body limit "
-                "(nginx: client_max_body_size, 1m by default) above the largest event, or leave "
-                "the large column out of the publication"
+                f"({len(items)} event{'s' if len(items) > 1 else ''}) as too large (413): raise "
+                "the receiver's body limit (nginx: client_max_body_size, 1m by default) above "
+                "the largest event, or leave the large column out of the publication"
             )
         detail = self.url.scrub(response.text[:200].strip())
         raise DestinationError(
