@@ -1,4 +1,4 @@
-"""A Redis out of memory (``maxmemory`` with ``noeviction``) is not retried forever.
+"""What Redis refuses at every attempt is not retried forever: out of memory, a maxlen.
 
 Against a redis-server this test starts (with ``maxmemory``) and a real
 PostgreSQL: once Redis holds more than its ``maxmemory``, every ``XADD`` is
@@ -19,6 +19,7 @@ from walex import DestinationError
 from walex.lsn import parse_lsn
 
 from .brokers import wait_count
+from .conftest import require
 from .servers import OwnRedis
 
 TABLE = """
@@ -73,3 +74,37 @@ def test_out_of_memory_becomes_a_refusal_naming_the_fix(admin: psycopg.Connectio
         run(main(), timeout=90)
     finally:
         server.stop()
+
+
+def test_a_maxlen_redis_cannot_take_is_a_config_error(unique: str) -> None:
+    """A maxlen over a signed 64-bit integer made Redis refuse every XADD ("value is not
+    an integer or out of range"), retried for ever: it is a ConfigError when the app is
+    made; the largest one Redis takes trims as asked."""
+    import redis
+
+    from walex import ConfigError
+    from walex.destinations import from_url
+    from walex.destinations.base import Outgoing
+
+    port = require("redis")
+    stream = f"wm{unique}"
+    url = f"redis://127.0.0.1:{port}/0?stream={stream}&timeout=5&maxlen="
+    with pytest.raises(ConfigError, match="maxlen must be at most 9223372036854775807"):
+        from_url(url + str(2**63))
+    item = Outgoing("1", "public", "a", "insert", 0, b"{}", "/db/public/a", "t", "public.a", None)
+
+    async def main() -> None:
+        d = from_url(url + str(2**63 - 1))
+        await d.open()
+        try:
+            await d.publish([item])
+        finally:
+            await d.close()
+
+    client = redis.Redis(port=port)
+    try:
+        run(main(), timeout=30)
+        assert client.xlen(stream) == 1
+    finally:
+        client.delete(stream)
+        client.close()

@@ -68,6 +68,8 @@ __all__ = ["RedisDestination", "py_xadd_commands", "replies", "xadd_commands", "
 
 log = logging.getLogger("walex.destinations")
 
+_MOST = 2**63 - 1  # the largest integer Redis takes (maxlen)
+
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
@@ -166,6 +168,9 @@ class RedisDestination(Destination):
         self.stream = Template(url.require("stream", "stream=walex:{schema}.{table}"),
                                "stream", url.display)
         self.maxlen = url.take_int("maxlen", None, minimum=1)
+        if self.maxlen is not None and self.maxlen > _MOST:  # Redis would refuse every XADD
+            raise ConfigError(f"destination {url.display}: maxlen must be at most {_MOST} "
+                              f"(Redis takes a signed 64-bit integer), got {self.maxlen}")
         # (schema, table, type, partition) -> the start of the XADD commands to its stream
         self._heads: dict[tuple[Any, ...], bytes] = {}
         self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
