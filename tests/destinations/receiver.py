@@ -8,6 +8,9 @@
         ...
         hook.requests                          # every request: (path, headers, body, status)
         hook.accepted()                        # the bodies answered 2xx, in order
+
+``max_body``: a larger request body is answered 413, as nginx does past its
+``client_max_body_size`` (1 MiB by default).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 
 
 class Receiver:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, max_body: int | None = None) -> None:
+        self.max_body = max_body
         self.requests: list[tuple[str, dict[str, str], bytes, int]] = []
         self._script: list[Any] = []
         self._lock = threading.Lock()
@@ -35,6 +39,8 @@ class Receiver:
                     return
                 with receiver._lock:
                     answer = receiver._script.pop(0) if receiver._script else 200
+                if receiver.max_body is not None and length > receiver.max_body:
+                    answer = 413
                 headers: dict[str, str] = {}
                 if isinstance(answer, tuple) and answer[0] == "hang":
                     time.sleep(answer[1])

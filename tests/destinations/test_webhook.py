@@ -228,7 +228,7 @@ def test_a_group_is_cut_into_requests_per_table_and_bounds() -> None:
     d.group_events = 2  # (a class attribute, set on this instance only)
     assert [r[2] for r in requests(a)] == [["id0", "id1"], ["id2", "id3"], ["id4"]]
     assert [r[2] for r in requests(mixed)] == [["id0", "id2"], ["id4"], ["id1", "id3"]]
-    d.group_events, d.group_bytes = 1000, 10
+    d.group_events, d.group_bytes = 1000, 11  # "[xxxx,xxxx]": two of 4 bytes fit in 11
     sized = [item(0, "a", b"x" * 4), item(1, "a", b"x" * 4), item(2, "a", b"x" * 30),
              item(3, "a", b"x" * 2)]
     assert [r[1:] for r in requests(sized)] == [("id0_id1", ["id0", "id1"]), ("id2", ["id2"]),

@@ -22,7 +22,11 @@ that exists as it is (declared beforehand); one that does not exist is a
 the ``rabbitmqctl set_permissions`` that fixes it. A publish the broker
 refuses (``ACCESS_REFUSED``: no ``write``) is a permanent refusal
 (:class:`~walex.errors.DestinationError`, settled by ``on_error``), never
-retried.
+retried; so is a message over the broker's ``max_message_size`` (the broker
+closes the channel with ``PRECONDITION_FAILED``) and a routing key over 255
+bytes (a long ``routing_key`` template). Messages the broker nacks (a
+full queue with ``x-overflow`` ``reject-publish``) are published again
+``full_attempts`` times (8) in a row, then that is a refusal too.
 
 walex declares the exchange (durable, of ``exchange_type``, default
 ``topic``) when missing; ``exchange=`` (empty) is the default exchange,
@@ -80,6 +84,15 @@ def _returned_id(failure: BaseException) -> str | None:
     return None
 
 
+def _nacked(failure: BaseException) -> bool:
+    """Whether the broker refused the message with a ``Basic.Nack``."""
+    return isinstance(failure, DeliveryError) and type(failure.frame).__name__ == "Nack"
+
+
+# the reason of the channel's close when a message is over the broker's max_message_size
+_MAX_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+
 def _word(name: str) -> str:
     return name.replace(".", "_")
 
@@ -116,6 +129,8 @@ class RabbitMQDestination(Destination):
         self.framed = False
         self._methods: dict[tuple, bytes] = {}  # Basic.Publish frames by routing key fields
         self._number = -1  # the channel number they were made for
+        # failed attempts in a row with messages nacked (a full queue) before it is a refusal
+        self.full_attempts = 8
 
     passive = False  # a worker's: the exchange must exist (the relay declares it)
     connection_class: Any = None  # aio-pika's Connection, or a worker's (walex.workers.rabbitmq)
@@ -282,17 +297,25 @@ class RabbitMQDestination(Destination):
         """aiormq's own path: a ``basic_publish`` task per message."""
         render, mandatory, timeout = self.routing_key.render, self.mandatory, self.timeout
         name, properties = self.exchange_name, Basic.Properties
+        keys = [render(item) for item in batch]
+        for item, key in zip(batch, keys):  # the same at every attempt: a refusal
+            if len(key.encode()) > 255:
+                raise DestinationError(
+                    f"destination {self.display}: the routing key of event {item.id} "
+                    f"({item.schema}.{item.table}) is {len(key.encode())} bytes, over AMQP's 255: "
+                    "shorten the routing_key template"
+                )
         # Started in order, the publishes take the channel's lock in order, so the
         # broker receives the batch in order; without waiting for each write to
         # drain (wait=False) the frames of many messages go out in one write.
         confirms = [
             asyncio.ensure_future(channel.basic_publish(
-                item.body, exchange=name, routing_key=render(item), mandatory=mandatory,
+                item.body, exchange=name, routing_key=key, mandatory=mandatory,
                 timeout=timeout, wait=False,
                 properties=properties(delivery_mode=2, message_id=item.id,
                                       content_type=amqpframes.CONTENT_TYPE),
             ))
-            for item in batch
+            for item, key in zip(batch, keys)
         ]
         results = await asyncio.gather(*confirms, return_exceptions=True)
         return [result for result in results if isinstance(result, BaseException)]
@@ -308,6 +331,21 @@ class RabbitMQDestination(Destination):
                     f"{self.vhost!r} ({self.describe(failure)}): it needs write permission "
                     f"there; grant it ({self.grant('^$', '{x}', '')})"
                 )
+            if isinstance(failure, ChannelPreconditionFailed):
+                size = _MAX_SIZE.search(str(failure))
+                if size is not None:  # the broker closed the channel: a new one next time
+                    await self.close()
+                    raise self._too_large(batch, int(size.group(1)), failure)
+        nacked = sum(1 for f in failures if _nacked(f))
+        if nacked:
+            raise Unavailable(
+                f"RabbitMQ refused {nacked} of the batch's {len(batch)} messages (from event "
+                f"{batch[0].id}) with a Basic.Nack: a queue they are routed to is full and "
+                "refuses new messages (x-max-length or x-max-length-bytes with x-overflow "
+                "reject-publish), or the broker could not store them; let the queue's consumers "
+                "catch up, raise its limits or let it drop old messages (x-overflow drop-head)",
+                attempts=self.full_attempts,
+            )
         returned = {_returned_id(f) for f in failures} - {None}
         for item in batch if returned else ():
             if item.id in returned:
@@ -319,7 +357,24 @@ class RabbitMQDestination(Destination):
         for failure in failures:
             if isinstance(failure, asyncio.CancelledError):
                 raise self.unavailable("a publish was cancelled", failure)
+        if all(isinstance(failure, TimeoutError) for failure in failures):
+            raise Unavailable(
+                f"RabbitMQ did not confirm the batch within timeout={self.timeout:g}s: the "
+                "connection went silent, or the broker blocks publishers (a memory or disk "
+                "alarm: see rabbitmqctl status); the batch is published again"
+            )
         raise self.unavailable("the batch was not confirmed", failures[0])
+
+    def _too_large(self, batch: list[Outgoing], limit: int, exc: BaseException) -> DestinationError:
+        """The broker closed the channel on a message over its ``max_message_size``."""
+        over = [item for item in batch if len(item.body) > limit]
+        what = (f"event {over[0].id} ({over[0].schema}.{over[0].table}) is {len(over[0].body)} "
+                "bytes" if over else "a message of the batch is")
+        return DestinationError(
+            f"destination {self.display}: {what}, over the broker's max_message_size of {limit} "
+            f"bytes ({self.describe(exc)}); raise max_message_size in rabbitmq.conf, or leave "
+            "the large column out of the publication"
+        )
 
     async def close(self) -> None:
         connection, self.connection, self.exchange = self.connection, None, None

@@ -14,7 +14,10 @@ added again (with the same ``id`` field), and a consumer drops them by id.
 Parameters: ``stream`` (required; ``{schema}``, ``{table}``, ``{type}``,
 ``{partition}``), ``maxlen`` (trims each stream to about N entries,
 ``MAXLEN ~``), ``timeout`` (seconds to wait for the connection and for the
-replies of a batch, default 10). ``rediss://`` uses TLS.
+replies of a batch, default 10). ``rediss://`` uses TLS. A batch refused for
+want of memory (``maxmemory`` with ``noeviction``: OOM) is published again
+``full_attempts`` times (8) in a row, then it is a refusal
+(:class:`~walex.errors.DestinationError`) naming the fixes.
 
 How a batch goes out, for speed (about 20x less CPU per event than redis-py's
 pipeline, whose packing and per-reply timer dominated the relay: 1.05 vs 20.7
@@ -46,6 +49,7 @@ from redis.exceptions import (
     AuthenticationError,
     AuthenticationWrongNumberOfArgsError,
     NoPermissionError,
+    OutOfMemoryError,
     RedisError,
     ResponseError,
 )
@@ -63,6 +67,8 @@ from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 __all__ = ["RedisDestination", "py_xadd_commands", "replies", "xadd_commands", "xadd_head"]
 
 log = logging.getLogger("walex.destinations")
+
+_MOST = 2**63 - 1  # the largest integer Redis takes (maxlen)
 
 
 def _bulk(value: bytes) -> bytes:
@@ -162,6 +168,9 @@ class RedisDestination(Destination):
         self.stream = Template(url.require("stream", "stream=walex:{schema}.{table}"),
                                "stream", url.display)
         self.maxlen = url.take_int("maxlen", None, minimum=1)
+        if self.maxlen is not None and self.maxlen > _MOST:  # Redis would refuse every XADD
+            raise ConfigError(f"destination {url.display}: maxlen must be at most {_MOST} "
+                              f"(Redis takes a signed 64-bit integer), got {self.maxlen}")
         # (schema, table, type, partition) -> the start of the XADD commands to its stream
         self._heads: dict[tuple[Any, ...], bytes] = {}
         self.timeout = url.take_float("timeout", 10.0, minimum=0.01)
@@ -172,6 +181,8 @@ class RedisDestination(Destination):
                               f"number (redis://host:6379/0), not {db!r}")
         self.db = int(db)
         self.client: Any = None
+        # failed attempts in a row refused for want of memory (OOM) before it is a refusal
+        self.full_attempts = 8
 
     async def open(self) -> None:
         url = self.url
@@ -253,6 +264,12 @@ class RedisDestination(Destination):
                 f"Redis refused a command to the URL's user ({self.describe(exc)})",
                 "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
                 "+multi +exec +xadd ~KEYS), or give a user that may",
+            ) from None
+        except OutOfMemoryError as exc:  # maxmemory reached, maxmemory-policy noeviction
+            raise Unavailable(
+                f"Redis refused the batch for want of memory ({self.describe(exc)}); raise "
+                "its maxmemory, give the destination maxlen=N (walex trims each stream to "
+                "about N entries) or trim the streams (XTRIM)", attempts=self.full_attempts,
             ) from None
         except ResponseError as exc:
             if "WRONGTYPE" in str(exc):

@@ -16,7 +16,7 @@ The secrets come from the environment variable ``secret_env`` names, never
 from the URL: Standard Webhooks secrets (``whsec_`` followed by base64), several
 separated by spaces or commas while one is rotated out. A 2xx answer makes the
 events durable. 429, 408, 5xx, a timeout or a lost connection is retried with
-backoff (honouring ``Retry-After``), forever, acknowledging nothing
+backoff (honouring ``Retry-After``, in seconds or an HTTP date), forever, acknowledging nothing
 meanwhile; requests of the batch that already succeeded are not sent again.
 Any other answer, redirects included (they are not followed), is a
 :class:`~walex.errors.DestinationError`, settled by the app's ``on_error``
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import hashlib
 import hmac
 import logging
@@ -41,6 +42,7 @@ import re
 import ssl
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from operator import itemgetter
 from urllib.parse import quote, urlencode
 
@@ -116,13 +118,21 @@ def sign(keys: list[bytes], message_id: str, timestamp: int, body: bytes) -> str
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds ``Retry-After`` asks to wait: a number of seconds or an HTTP date."""
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: the usual backoff applies
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # neither: the usual backoff applies
+    if when.tzinfo is None:  # (-0000: UTC)
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 _SOURCE = itemgetter(Outgoing._fields.index("source"))  # item.source, in C
@@ -140,7 +150,9 @@ class WebhookDestination(Destination):
     extra = "webhooks"
     accepted = ("secret_env", "timeout")
     group_events = 1000  # most events per request
-    group_bytes = 1024 * 1024  # about the most bytes of events per request (one event may exceed)
+    # the most bytes of a request's body, the JSON array's brackets and commas included (one
+    # event alone may exceed it): 1 MiB, the default limit of nginx (client_max_body_size 1m)
+    group_bytes = 1024 * 1024
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         super().__init__(url, partitions)
@@ -181,7 +193,8 @@ class WebhookDestination(Destination):
 
     def _requests(self, batch: list[Outgoing]) -> Iterator[tuple[str, str, list[Outgoing]]]:
         """(url, webhook-id, events) per table (and rendered URL), in the order of first
-        appearance, at most ``group_events`` events and about ``group_bytes`` per request.
+        appearance, at most ``group_events`` events and ``group_bytes`` bytes of body (the
+        JSON array, brackets and commas included) per request, but for one event alone.
 
         The id is the first event's; a request of a window's group (which may hold
         the events of several transactions, grouped as they came) carries
@@ -196,7 +209,8 @@ class WebhookDestination(Destination):
                 # one table (a window's group of one table's transactions): no dict, and
                 # one request when within the bounds (a lane's group is, but for one
                 # transaction larger than them), the sizes summed in C
-                if len(batch) <= most_events and sum(map(len, map(_BODY, batch))) <= most_bytes:
+                if len(batch) <= most_events and \
+                        sum(map(len, map(_BODY, batch))) + len(batch) + 1 <= most_bytes:
                     yield render(batch[0]), _request_id(batch, ranged), batch
                     return
                 tables = [(render(batch[0]), batch)]
@@ -214,12 +228,13 @@ class WebhookDestination(Destination):
                 groups.setdefault((render(item), item.schema, item.table), []).append(item)
             tables = [(target, items) for (target, _s, _t), items in groups.items()]
         for target, items in tables:
-            start, size = 0, 0
+            start, size = 0, 1  # the body's bytes: "[", each event and its "," or "]"
             for i, item in enumerate(items):
-                if i > start and (i - start >= most_events or size + len(item.body) > most_bytes):
+                if i > start and (i - start >= most_events
+                                  or size + len(item.body) + 1 > most_bytes):
                     yield target, _request_id(items[start:i], ranged), items[start:i]
-                    start, size = i, 0
-                size += len(item.body)
+                    start, size = i, 1
+                size += len(item.body) + 1
             yield target, _request_id(items[start:], ranged), items[start:]
 
     async def publish(self, batch: list[Outgoing]) -> None:
@@ -267,6 +282,13 @@ class WebhookDestination(Destination):
             raise DestinationError(
                 f"destination {self.display} answered {status} (redirect to {location}); "
                 "walex does not follow redirects: put the final URL in the destination"
+            )
+        if status == 413:  # over the receiver's body limit: that request is never taken
+            raise DestinationError(
+                f"destination {self.display} refused request {message_id} of {len(body)} bytes "
+                f"({len(items)} event{'s' if len(items) > 1 else ''}) as too large (413): raise "
+                "the receiver's body limit (nginx: client_max_body_size, 1m by default) above "
+                "the largest event, or leave the large column out of the publication"
             )
         detail = self.url.scrub(response.text[:200].strip())
         raise DestinationError(

@@ -48,7 +48,10 @@ When the connection or a channel is closed under it, the worker cancels the
 call in hand and acknowledges nothing (:mod:`walex.workers.lease`); the
 broker may have handed the messages to another worker already (it notices a
 reset connection at once, a silent one after the heartbeat timeout), so the
-fencing token is what keeps a stale call's effect out.
+fencing token is what keeps a stale call's effect out. A queue deleted under
+the worker (the broker cancels its consumer, ``Basic.Cancel``, and leaves the
+channel open) ends the subscription the same way: the worker reconnects, and
+its group's missing queue is the ConfigError that names the fix.
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class _Inbox:
 
     def put(self, delivery: Delivery) -> None:
         self.items.append(delivery)
+        self.wake()
+
+    def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -109,6 +115,7 @@ class RabbitMQLane(Lane):
         self.shed = False  # give the partition to the next worker in line when idle
         self.closing = False  # this worker closes the channel: not a loss
         self._taking: tuple[Any, int, Any] | None = None  # (split reader, channel, sink)
+        self._consuming: tuple[Any, str] | None = None  # (aiormq channel, consumer tag)
 
     async def subscribe(self, consume: bool = True) -> int:
         """Open a channel and consume the partition's queue; the consumers there before."""
@@ -122,6 +129,7 @@ class RabbitMQLane(Lane):
         consumer, dest = self.consumer, self.consumer.destination
         inbox = self.inbox = _Inbox()
         self.closing = False
+        self._consuming = None
         channel = self.channel = await dest.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=consumer.prefetch)
         name = consumer.queues[self.partition]
@@ -161,7 +169,18 @@ class RabbitMQLane(Lane):
             if split is not None:  # the deliveries straight from the connection's bytes
                 self._taking = (split, underlay.number, take)
                 split.register(underlay.number, take)
-            await underlay.basic_consume(name, deliver, no_ack=False)
+            def on_cancel(frame: Any) -> None:  # the queue deleted under the consumer
+                if self.channel is channel and not consumer.stopping:
+                    self._stop_taking()
+                    self.revoke(f"the broker cancelled the subscription to queue {name!r} "
+                                "(deleted?)")
+                    inbox.wake()
+
+            cancels = getattr(underlay, "on_consumer_cancel_callbacks", None)
+            if cancels is not None:  # (aiormq 7)
+                cancels.add(on_cancel)
+            ok = await underlay.basic_consume(name, deliver, no_ack=False)
+            self._consuming = (underlay, ok.consumer_tag)
         return before
 
     def _stop_taking(self) -> None:
@@ -173,6 +192,11 @@ class RabbitMQLane(Lane):
     def check(self) -> None:
         if self.channel.is_closed or self.consumer.lost:
             raise Unavailable("the channel to RabbitMQ was closed")
+        consuming = self._consuming
+        if consuming is not None and consuming[1] not in consuming[0].consumers:
+            # the broker sent Basic.Cancel: nothing more comes on this subscription
+            raise Unavailable(f"the broker cancelled the subscription to queue "
+                              f"{self.consumer.queues[self.partition]!r} (was it deleted?)")
 
     async def receive(self, wait: float) -> list[Delivery]:
         self.check()
@@ -188,6 +212,8 @@ class RabbitMQLane(Lane):
                 return []
             finally:
                 inbox.waiter = None
+            if not inbox.items:  # woken with nothing: the subscription ended
+                self.check()
         items, inbox.items = inbox.items, []
         return items
 
