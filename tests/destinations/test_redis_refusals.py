@@ -108,3 +108,56 @@ def test_a_maxlen_redis_cannot_take_is_a_config_error(unique: str) -> None:
     finally:
         client.delete(stream)
         client.close()
+
+
+class Restarted(OwnRedis):
+    """A redis-server that, once started again, is over its ``maxmemory`` at once."""
+
+    full = False
+
+    def command(self) -> list[str]:
+        extra = ["--maxmemory", "1", "--maxmemory-policy", "noeviction"] if self.full else []
+        return [*super().command(), *extra]
+
+
+def test_a_refusal_after_an_outage_is_retried_as_many_times(
+        admin: psycopg.Connection, dsn: str, tmp_path: Path, unique: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The attempts a full refusal gets are counted in a row: an outage's attempts before
+    it (Redis stopped, then back out of memory) do not make the first OOM final."""
+    import logging
+    import time
+
+    admin.execute(TABLE)
+    server = Restarted(tmp_path)
+    server.start()
+    stream = f"wo{unique}"
+    url = f"redis://127.0.0.1:{server.port}/0?stream={stream}&timeout=2"
+    caplog.set_level(logging.WARNING, logger="walex.destinations")
+
+    def oom_retries() -> int:
+        return sum("for want of memory" in r.getMessage() and "again in" in r.getMessage()
+                   for r in caplog.records)
+
+    async def main() -> None:
+        with pytest.raises(DestinationError, match="for want of memory") as info:
+            async with collecting(dsn, destinations=[url]) as rec:
+                app = rec.app
+                assert app is not None
+                fanout = app.destinations
+                fanout.items[0].full_attempts = 3  # type: ignore[union-attr]
+                server.stop()
+                admin.execute("INSERT INTO a VALUES (1, 'after the outage')")
+                await rec._until(lambda: fanout.retries >= 4, 30, "the outage's retries")
+                assert oom_retries() == 0
+                server.full = True
+                server.start()
+                deadline = time.monotonic() + 40
+                await rec._until(lambda: time.monotonic() > deadline, 45, "the app to stop")
+        assert "3 attempts in a row" in str(info.value)
+        assert oom_retries() == 2  # on main: 0, the first OOM was final
+
+    try:
+        run(main(), timeout=120)
+    finally:
+        server.stop()

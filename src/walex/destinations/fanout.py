@@ -133,6 +133,7 @@ class Destinations:
         """Publish ``batch`` until confirmed (True); a permanent refusal is settled by
         :attr:`refused` (True), or with ``settle=False`` left to the caller (False)."""
         attempt = 0
+        limited = 0  # attempts in a row refused the way exc.attempts bounds (a full queue...)
         while True:
             stats = self.stats
             started = time.perf_counter()
@@ -162,10 +163,13 @@ class Destinations:
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),
                                          time.perf_counter() - started, ok=False)
-                if exc.attempts is not None and attempt + 1 >= exc.attempts:
+                # the bound counts refusals of that kind in a row, not the attempts of an
+                # outage before them (one full queue after a long outage is no refusal yet)
+                limited = limited + 1 if exc.attempts is not None else 0
+                if exc.attempts is not None and limited >= exc.attempts:
                     refusal = DestinationError(
                         f"destination {destination.display}: {exc} (still refused after "
-                        f"{attempt + 1} attempts)")
+                        f"{limited} attempts in a row)")
                     if settle and self.refused is None:
                         raise refusal from None
                     if not settle:
