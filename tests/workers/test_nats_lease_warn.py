@@ -1,0 +1,159 @@
+"""A NATS worker (``prefetch`` > 1) whose lease rounds keep failing says so, once, and
+says so again when they work.
+
+The worker holds partitions by leases in the JetStream key-value bucket
+``walex_leases_<group>`` (:mod:`walex.workers.natslease`). On a nats-server of the
+test's own with two users -- ``admin``, who declares the stream and consumers and
+publishes, and ``worker`` -- the worker starts and handles; then a config reload
+(SIGHUP) denies ``worker`` publishing to ``$KV.walex_leases_<group>.>``: the server
+drops its lease writes, every round fails (unanswered), the leases lapse and the
+worker handles nothing. Within a few seconds (the leases' ttl, then a round) one
+WARNING names the worker, the bucket, the last error and what to check, with no
+password in any log record. Once a reload lifts the denial, one INFO says the leases
+work again, and the events published meanwhile are handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from destinations.servers import OwnNats
+from support import run
+from workers.test_worker import made_up
+
+from walex import Events
+from walex.destinations import Destinations
+from walex.workers import Worker
+
+ADMIN_PASSWORD = "adm-Pw-7f3c91"
+WORKER_PASSWORD = "wrk-Pw-5b8e22"
+ACK_WAIT = 2  # the leases' ttl: the WARNING comes after 2 s of failed rounds
+
+
+class AuthNats(OwnNats):
+    """nats-server with JetStream and users, from a config file the test rewrites and
+    reloads (all in the file: a reload drops what only flags gave, JetStream included)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.conf = folder / "nats.conf"
+
+    def write(self, denied: list[str]) -> None:
+        deny = ", ".join(f'"{subject}"' for subject in denied)
+        self.conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{store_dir: "{self.folder}/jetstream"}}\n'
+            "authorization {\n  users = [\n"
+            f'    {{user: admin, password: "{ADMIN_PASSWORD}"}}\n'
+            f'    {{user: worker, password: "{WORKER_PASSWORD}", permissions: '
+            f'{{publish: {{allow: [">"], deny: [{deny}]}}, subscribe: {{allow: [">"]}}}}}}\n'
+            "  ]\n}\n")
+
+    def reload(self, denied: list[str]) -> None:
+        self.write(denied)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+    def command(self) -> list[str]:
+        return [super().command()[0], "-c", str(self.conf)]
+
+
+async def until(check, what: str, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    """Wait for ``check()``; the seconds it took."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"no {what} within {timeout:g}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_failing_lease_rounds_warn_once_and_recover(
+        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    group = f"g{unique}"
+    bucket = f"walex_leases_{group}"
+    server = AuthNats(tmp_path)
+    server.write([])
+
+    def source(user: str, password: str) -> str:
+        return (f"nats://{user}:{password}@127.0.0.1:{server.port}?stream=LW_{unique}"
+                f"&subject=lw{unique}.{{schema}}.{{table}}.{{partition}}&partitions=1"
+                f"&group={group}&ack_wait={ACK_WAIT}&prefetch=8")
+
+    admin = source("admin", ADMIN_PASSWORD)
+    url = admin.split("&partitions=")[0]  # the relay's URL: stream and subject
+    handled: dict[str, list[int]] = {"a": [], "b": []}
+
+    def handler(name: str) -> Events:
+        events = Events()
+        events.on_event("item")(
+            lambda batch: handled[name].extend(e.new_record["id"] for e in batch))
+        return events
+
+    # the lease ids begin with the host name: "a-..." ranks before "b-...", so with one
+    # partition and both workers live, a holds it and b holds nothing (b's share is 0)
+    host = {"name": "a"}
+    monkeypatch.setattr(socket, "gethostname", lambda: host["name"])
+
+    def records(level: int, text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno == level and text in r.getMessage()]
+
+    async def publish(first: int, last: int) -> None:
+        destinations = Destinations([url], 1)
+        await destinations.open()
+        try:
+            await destinations.publish([made_up(i) for i in range(first, last)])
+        finally:
+            await destinations.close()
+
+    async def main() -> None:
+        await Worker(admin, [handler("a")]).consumer.declare()  # stream and consumer
+        a = Worker(admin, [handler("a")])  # the admin's: never denied
+        await a.start()
+        host["name"] = "b"
+        b = Worker(source("worker", WORKER_PASSWORD), [handler("b")])
+        await b.start()
+        try:
+            await publish(0, 20)
+            await until(lambda: len(handled["a"]) == 20, "a handling", 15)
+            leases = b.consumer.leases  # type: ignore[attr-defined]
+            assert not leases.held and len(leases.members) == 2, (leases.held, leases.members)
+
+            server.reload([f"$KV.{bucket}.>"])  # b's lease rounds fail from now on
+            took = await until(lambda: records(logging.WARNING, "lease rounds"),
+                               "WARNING of the failing lease rounds", 10)
+            assert took > ACK_WAIT, f"warned after {took:.1f}s, within the leases' ttl"
+            await asyncio.sleep(2 * ACK_WAIT)  # more failed rounds: no second WARNING
+
+            server.reload([])
+            await until(lambda: records(logging.INFO, "work again"), "INFO of leases back", 10)
+            await asyncio.wait_for(a.stop(), 20)  # gives its lease back: b takes it
+            await publish(20, 40)
+            await until(lambda: len(handled["b"]) == 20, "b handling", 15)
+        finally:
+            await asyncio.wait_for(b.stop(), 20)
+            await asyncio.wait_for(a.stop(), 20)
+
+    caplog.set_level(logging.DEBUG, logger="walex")
+    with server:
+        run(main(), timeout=60)
+
+    [warning] = records(logging.WARNING, "lease rounds")
+    text = warning.getMessage()
+    assert f"worker b-{os.getpid()}-" in text and repr(bucket) in text, text
+    assert f"'$KV.{bucket}.>'" in text and "'$JS.API.>'" in text and "reachable" in text, text
+    assert "last error: TimeoutError" in text, text
+    assert len(records(logging.INFO, "work again")) == 1
+    assert sorted(handled["a"]) == list(range(20)) and sorted(handled["b"]) == list(range(20, 40))
+    assert not records(logging.WARNING, "lost partition")  # b held nothing, a was never denied
+    for record in caplog.records:
+        message = record.getMessage()
+        assert WORKER_PASSWORD not in message and ADMIN_PASSWORD not in message, message
