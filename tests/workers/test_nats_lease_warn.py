@@ -1,16 +1,20 @@
 """A NATS worker (``prefetch`` > 1) whose lease rounds keep failing says so, once, and
 says so again when they work.
 
-The worker holds partitions by leases in the JetStream key-value bucket
+Workers hold partitions by leases in the JetStream key-value bucket
 ``walex_leases_<group>`` (:mod:`walex.workers.natslease`). On a nats-server of the
-test's own with two users -- ``admin``, who declares the stream and consumers and
-publishes, and ``worker`` -- the worker starts and handles; then a config reload
-(SIGHUP) denies ``worker`` publishing to ``$KV.walex_leases_<group>.>``: the server
-drops its lease writes, every round fails (unanswered), the leases lapse and the
-worker handles nothing. Within a few seconds (the leases' ttl, then a round) one
-WARNING names the worker, the bucket, the last error and what to check, with no
-password in any log record. Once a reload lifts the denial, one INFO says the leases
-work again, and the events published meanwhile are handled.
+test's own with two users, ``admin`` (declares the stream and consumer, publishes, runs
+worker ``a``) and ``worker`` (runs worker ``b``), one partition: ``a`` holds it, ``b``
+holds nothing (its share is 0). A config reload (SIGHUP) denies ``worker`` publishing to
+``$KV.walex_leases_<group>.>``: the server drops ``b``'s lease writes and every round of
+``b`` fails (unanswered) -- before this WARNING, silently: ``b`` lost no lease, so nothing
+else told. After the leases' ttl and a round, one WARNING names the worker, the bucket,
+the last error and what to check; no log record holds a password. Once a reload lifts the
+denial, one INFO says the leases work again, and ``b`` takes the partition ``a`` gives
+back on stopping and handles what is published then.
+
+(A worker denied from its start, or holding leases when the denial comes, is loud
+already: its start fails, or its lapsed leases make it reconnect, each with a WARNING.)
 """
 
 from __future__ import annotations
