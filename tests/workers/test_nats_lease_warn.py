@@ -79,75 +79,93 @@ async def until(check, what: str, timeout: float) -> float:  # type: ignore[no-u
     return time.monotonic() - start
 
 
-def test_failing_lease_rounds_warn_once_and_recover(
-        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    group = f"g{unique}"
-    bucket = f"walex_leases_{group}"
-    server = AuthNats(tmp_path)
-    server.write([])
+class Setup:
+    """The server, the group's source URLs, the publisher and what each worker handled."""
 
-    def source(user: str, password: str) -> str:
-        return (f"nats://{user}:{password}@127.0.0.1:{server.port}?stream=LW_{unique}"
-                f"&subject=lw{unique}.{{schema}}.{{table}}.{{partition}}&partitions=1"
-                f"&group={group}&ack_wait={ACK_WAIT}&prefetch=8")
+    def __init__(self, tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture,
+                 denied: bool) -> None:
+        self.unique, self.caplog = unique, caplog
+        self.group = f"g{unique}"
+        self.bucket = f"walex_leases_{self.group}"
+        self.server = AuthNats(tmp_path)
+        self.server.write([f"$KV.{self.bucket}.>"] if denied else [])
+        self.handled: dict[str, list[int]] = {"a": [], "b": []}
+        caplog.set_level(logging.DEBUG, logger="walex")
 
-    admin = source("admin", ADMIN_PASSWORD)
-    url = admin.split("&partitions=")[0]  # the relay's URL: stream and subject
-    handled: dict[str, list[int]] = {"a": [], "b": []}
+    def source(self, user: str, password: str) -> str:
+        return (f"nats://{user}:{password}@127.0.0.1:{self.server.port}?stream=LW_{self.unique}"
+                f"&subject=lw{self.unique}.{{schema}}.{{table}}.{{partition}}&partitions=1"
+                f"&group={self.group}&ack_wait={ACK_WAIT}&prefetch=8")
 
-    def handler(name: str) -> Events:
+    @property
+    def admin(self) -> str:
+        return self.source("admin", ADMIN_PASSWORD)
+
+    def deny(self, denied: bool) -> None:
+        self.server.reload([f"$KV.{self.bucket}.>"] if denied else [])
+
+    def handler(self, name: str) -> Events:
         events = Events()
         events.on_event("item")(
-            lambda batch: handled[name].extend(e.new_record["id"] for e in batch))
+            lambda batch: self.handled[name].extend(e.new_record["id"] for e in batch))
         return events
 
-    # the lease ids begin with the host name: "a-..." ranks before "b-...", so with one
-    # partition and both workers live, a holds it and b holds nothing (b's share is 0)
-    host = {"name": "a"}
-    monkeypatch.setattr(socket, "gethostname", lambda: host["name"])
+    def records(self, level: int, text: str) -> list[logging.LogRecord]:
+        return [r for r in self.caplog.records if r.levelno == level and text in r.getMessage()]
 
-    def records(level: int, text: str) -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.levelno == level and text in r.getMessage()]
-
-    async def publish(first: int, last: int) -> None:
-        destinations = Destinations([url], 1)
+    async def publish(self, first: int, last: int) -> None:
+        destinations = Destinations([self.admin.split("&partitions=")[0]], 1)  # the relay's
         await destinations.open()
         try:
             await destinations.publish([made_up(i) for i in range(first, last)])
         finally:
             await destinations.close()
 
+    def no_password(self) -> None:
+        for record in self.caplog.records:
+            message = record.getMessage()
+            assert WORKER_PASSWORD not in message and ADMIN_PASSWORD not in message, message
+
+
+def test_failing_lease_rounds_warn_once_and_recover(
+        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Setup(tmp_path, unique, caplog, denied=False)
+    bucket, handled, records = t.bucket, t.handled, t.records
+    # the lease ids begin with the host name: "a-..." ranks before "b-...", so with one
+    # partition and both workers live, a holds it and b holds nothing (b's share is 0)
+    host = {"name": "a"}
+    monkeypatch.setattr(socket, "gethostname", lambda: host["name"])
+
     async def main() -> None:
-        await Worker(admin, [handler("a")]).consumer.declare()  # stream and consumer
-        a = Worker(admin, [handler("a")])  # the admin's: never denied
+        await Worker(t.admin, [t.handler("a")]).consumer.declare()  # stream and consumer
+        a = Worker(t.admin, [t.handler("a")])  # the admin's: never denied
         await a.start()
         host["name"] = "b"
-        b = Worker(source("worker", WORKER_PASSWORD), [handler("b")])
+        b = Worker(t.source("worker", WORKER_PASSWORD), [t.handler("b")])
         await b.start()
         try:
-            await publish(0, 20)
+            await t.publish(0, 20)
             await until(lambda: len(handled["a"]) == 20, "a handling", 15)
             leases = b.consumer.leases  # type: ignore[attr-defined]
             assert not leases.held and len(leases.members) == 2, (leases.held, leases.members)
 
-            server.reload([f"$KV.{bucket}.>"])  # b's lease rounds fail from now on
+            t.deny(True)  # b's lease rounds fail from now on
             took = await until(lambda: records(logging.WARNING, "lease rounds"),
                                "WARNING of the failing lease rounds", 10)
             assert took > ACK_WAIT, f"warned after {took:.1f}s, within the leases' ttl"
             await asyncio.sleep(2 * ACK_WAIT)  # more failed rounds: no second WARNING
 
-            server.reload([])
+            t.deny(False)
             await until(lambda: records(logging.INFO, "work again"), "INFO of leases back", 10)
             await asyncio.wait_for(a.stop(), 20)  # gives its lease back: b takes it
-            await publish(20, 40)
+            await t.publish(20, 40)
             await until(lambda: len(handled["b"]) == 20, "b handling", 15)
         finally:
             await asyncio.wait_for(b.stop(), 20)
             await asyncio.wait_for(a.stop(), 20)
 
-    caplog.set_level(logging.DEBUG, logger="walex")
-    with server:
+    with t.server:
         run(main(), timeout=60)
 
     [warning] = records(logging.WARNING, "lease rounds")
@@ -158,6 +176,32 @@ def test_failing_lease_rounds_warn_once_and_recover(
     assert len(records(logging.INFO, "work again")) == 1
     assert sorted(handled["a"]) == list(range(20)) and sorted(handled["b"]) == list(range(20, 40))
     assert not records(logging.WARNING, "lost partition")  # b held nothing, a was never denied
-    for record in caplog.records:
-        message = record.getMessage()
-        assert WORKER_PASSWORD not in message and ADMIN_PASSWORD not in message, message
+    t.no_password()
+
+
+def test_a_worker_denied_its_lease_bucket_from_its_start_says_what_to_check(
+        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Denied from the start, the worker's start fails and is tried again, each time with
+    a WARNING; it names the lease bucket and the permissions to check (not only 'nats:
+    timeout'), and the worker handles once the denial is lifted."""
+    t = Setup(tmp_path, unique, caplog, denied=True)
+
+    async def main() -> None:
+        await Worker(t.admin, [t.handler("a")]).consumer.declare()
+        b = Worker(t.source("worker", WORKER_PASSWORD), [t.handler("b")])
+        await b.start()
+        try:
+            await until(lambda: t.records(logging.WARNING, "unreachable"), "WARNING", 10)
+            t.deny(False)
+            await t.publish(0, 20)
+            await until(lambda: len(t.handled["b"]) == 20, "b handling", 20)
+        finally:
+            await asyncio.wait_for(b.stop(), 20)
+
+    with t.server:
+        run(main(), timeout=60)
+
+    text = t.records(logging.WARNING, "unreachable")[0].getMessage()
+    assert f"lease bucket {t.bucket!r}" in text, text
+    assert f"'$KV.{t.bucket}.>'" in text and "'$JS.API.>'" in text and "reachable" in text, text
+    t.no_password()
