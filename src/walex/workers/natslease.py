@@ -157,8 +157,16 @@ class Leases:
             raise RuntimeError(f"the lease bucket {self.bucket!r} has no ttl (max_age); delete it "
                                f"(nats kv rm {self.bucket}) and start the workers again")
         self.kv = kv
-        await kv.put(self.member, self.id.encode())
-        await self.round()
+        try:
+            await kv.put(self.member, self.id.encode())
+            await self.round()
+        except Exception as exc:  # the worker tries again: say what to check meanwhile
+            reraise_cancel()
+            raise RuntimeError(
+                f"the lease bucket {self.bucket!r} did not take this worker's writes "
+                f"({self._scrub(f'{type(exc).__name__}: {exc}')}); check that NATS is "
+                f"reachable and that the worker's user may publish to '$KV.{self.bucket}.>' "
+                "and '$JS.API.>' (a publish the user may not make goes unanswered)") from None
         self._task = asyncio.get_running_loop().create_task(self._rounds(),
                                                              name=f"walex-leases-{self.bucket}")
 
