@@ -36,7 +36,10 @@ one holding its lease here:
   (:meth:`Leases.shed`: after the call in hand, the lane gives back what it
   holds, then :meth:`Leases.release` deletes the key, so another worker takes
   it in its next round rather than after ``ttl``). A worker that dies leaves its
-  member key and leases to expire after ``ttl``.
+  member key and leases to expire after ``ttl``;
+- rounds failing (no answer, a permission missing) for longer than ``ttl``: one
+  WARNING naming the bucket, the last error and what to check, one INFO once a
+  round succeeds again (a worker holding nothing would otherwise idle silently).
 
 The lease says who may pull and handle. The messages a former holder was
 delivered and did not acknowledge are still pending on the server for it; the
