@@ -486,7 +486,8 @@ class NatsConsumer(Consumer):
             self.destination.nc, self.group, self.stream, self.partitions,
             max(lane.ack_wait for lane in lanes),
             granted=lambda p: lanes[p].grant(), lost=lambda p, why: lanes[p].lose(why),
-            shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}")
+            shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}",
+            scrub=self.url.scrub)
         for lane in lanes:
             lane.leases = self.leases
         await self.leases.open()

@@ -36,7 +36,10 @@ one holding its lease here:
   (:meth:`Leases.shed`: after the call in hand, the lane gives back what it
   holds, then :meth:`Leases.release` deletes the key, so another worker takes
   it in its next round rather than after ``ttl``). A worker that dies leaves its
-  member key and leases to expire after ``ttl``.
+  member key and leases to expire after ``ttl``;
+- rounds failing (no answer, a permission missing) for longer than ``ttl``: one
+  WARNING naming the bucket, the last error and what to check, one INFO once a
+  round succeeds again (a worker holding nothing would otherwise idle silently).
 
 The lease says who may pull and handle. The messages a former holder was
 delivered and did not acknowledge are still pending on the server for it; the
@@ -107,7 +110,8 @@ class Leases:
 
     def __init__(self, nc: Any, group: str, stream: str, partitions: int, ttl: float,
                  granted: Callable[[int], None], lost: Callable[[int, str], None],
-                 shed: Callable[[int], None], name: str = "") -> None:
+                 shed: Callable[[int], None], name: str = "",
+                 scrub: Callable[[str], str] = lambda text: text) -> None:
         # its own requests' timeout: a renewal not answered within ttl / 4 is as refused
         self.js = nc.jetstream(timeout=min(max(ttl / 4, 0.5), 5.0))
         self.bucket = bucket_name(group)
@@ -125,6 +129,9 @@ class Leases:
         # one write per key at a time (renewal, release): a lock per partition
         self._locks: dict[int, asyncio.Lock] = {}
         self.rotation = zlib.crc32(self.id.encode()) % partitions
+        self._scrub = scrub  # an error's text without the URL's secrets
+        self.failing_since: float | None = None  # when the rounds began failing, in a row
+        self._warned = False  # the failing rounds were told (a WARNING), once
 
     @property
     def margin(self) -> float:
@@ -153,8 +160,16 @@ class Leases:
             raise RuntimeError(f"the lease bucket {self.bucket!r} has no ttl (max_age); delete it "
                                f"(nats kv rm {self.bucket}) and start the workers again")
         self.kv = kv
-        await kv.put(self.member, self.id.encode())
-        await self.round()
+        try:
+            await kv.put(self.member, self.id.encode())
+            await self.round()
+        except Exception as exc:  # the worker tries again: say what to check meanwhile
+            reraise_cancel()
+            raise RuntimeError(
+                f"the lease bucket {self.bucket!r} did not take this worker's writes "
+                f"({self._scrub(f'{type(exc).__name__}: {exc}')}); check that NATS is "
+                f"reachable and that the worker's user may publish to '$KV.{self.bucket}.>' "
+                "and '$JS.API.>' (a publish the user may not make goes unanswered)") from None
         self._task = asyncio.get_running_loop().create_task(self._rounds(),
                                                              name=f"walex-leases-{self.bucket}")
 
@@ -181,7 +196,42 @@ class Leases:
                 raise
             except Exception as exc:  # no answer: the leases' own timers end them in time
                 reraise_cancel()  # nats-py turns a cancelled request into a timeout
-                log.debug("lease round of %r failed: %r", self.bucket, exc)
+                self._failed(exc)
+            else:
+                self._succeeded()
+
+    def _failed(self, exc: Exception) -> None:
+        """A round failed: a WARNING, once, when they have failed for longer than ttl.
+
+        Not sooner: a blip shorter than ttl costs no lease a round later renews (they
+        last ttl - margin from the last confirmed renewal, each lost one told as it
+        ends); after ttl every lease is gone and the worker handles nothing, which must
+        not stay silent. The rounds are at most ttl / 3 apart: three failed at least.
+        Once (until a round succeeds): a worker left failing logs nothing more."""
+        now = time.monotonic()
+        error = self._scrub(f"{type(exc).__name__}: {exc}")
+        log.debug("lease round of %r failed: %s", self.bucket, error)
+        if self.failing_since is None:
+            self.failing_since = now
+        elif not self._warned and now - self.failing_since > self.ttl:
+            self._warned = True
+            log.warning(
+                "worker %s: its lease rounds in bucket %r have failed for %.1fs (leases last "
+                "%gs; last error: %s): it takes no partition until a round succeeds (it holds "
+                "%d now, each only while its renewals are confirmed). Check that NATS is "
+                "reachable and that the worker's user may publish to '$KV.%s.>' and "
+                "'$JS.API.>' (the server drops a publish the user may not make, so a missing "
+                "permission shows as a timeout; the server's log names it)",
+                self.id, self.bucket, now - self.failing_since, self.ttl, error, len(self.held),
+                self.bucket)
+
+    def _succeeded(self) -> None:
+        if self._warned:
+            log.info("worker %s: its lease rounds in bucket %r work again (after %.1fs of "
+                     "failures); it holds %d partition(s)", self.id, self.bucket,
+                     time.monotonic() - (self.failing_since or time.monotonic()), len(self.held))
+        self.failing_since = None
+        self._warned = False
 
     async def round(self) -> None:
         """Renew; count the members; take free partitions up to the share, shed the rest."""
