@@ -201,8 +201,8 @@ class RedisDestination(Destination):
             await self.close()
             raise self.misconfigured(
                 f"Redis refused a command to the URL's user ({self.describe(exc)})",
-                "allow the user PING, CLIENT, MULTI, EXEC and XADD on the stream keys (ACL "
-                "SETUSER USER +ping +client +multi +exec +xadd ~KEYS), or give a user that may",
+                "allow the user PING, CLIENT and XADD on the stream keys (ACL SETUSER USER "
+                "+ping +client +xadd ~KEYS), or give a user that may",
             ) from None
         except (AuthenticationError, AuthenticationWrongNumberOfArgsError) as exc:
             await self.close()
@@ -259,11 +259,11 @@ class RedisDestination(Destination):
         except TimeoutError:
             raise Unavailable(f"no reply from Redis to the batch within {self.timeout:g}s (the "
                               "connection is dropped; the batch is published again)") from None
-        except NoPermissionError as exc:  # an ACL user without MULTI, EXEC or XADD
+        except NoPermissionError as exc:  # an ACL user without XADD (on these keys)
             raise self.misconfigured(
                 f"Redis refused a command to the URL's user ({self.describe(exc)})",
-                "allow the user MULTI, EXEC and XADD on the stream keys (ACL SETUSER USER "
-                "+multi +exec +xadd ~KEYS), or give a user that may",
+                "allow the user XADD on the stream keys (ACL SETUSER USER +xadd ~KEYS), or "
+                "give a user that may",
             ) from None
         except OutOfMemoryError as exc:  # maxmemory reached, maxmemory-policy noeviction
             raise Unavailable(
