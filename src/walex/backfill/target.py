@@ -91,11 +91,20 @@ class Target:
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         return sql.SQL("EXPLAIN (FORMAT JSON) SELECT %s::int FROM {}{}").format(self._from(), clause)
 
-    def bracket_query(self, where: str) -> sql.Composed:
-        """The condition between brackets instead of parentheses: with :meth:`estimate_query`,
-        parsing shows it is one expression (see :func:`walex.backfill.runner.check_condition`)."""
-        cond = sql.SQL(where.replace("%", "%%"))  # type: ignore[arg-type]
-        return sql.SQL("EXPLAIN SELECT %s::int, ARRAY[{}\n] FROM {}").format(cond, self._from())
+    def check_queries(self, where: str) -> list[sql.Composed]:
+        """The condition planned (``EXPLAIN``) between parentheses, as chunks read it, and
+        between brackets: parsing both shows it is one expression (see
+        :func:`walex.backfill.conditions.check_condition`). They have no parameter: run on
+        the extended protocol with none, a ``$1`` of the condition is an error, not a
+        reference to what the chunk statements bind (their row limit, the last key read)."""
+        cond = sql.SQL(where)  # type: ignore[arg-type]
+        conditions = [sql.SQL("({}\n)").format(sql.SQL(extra))  # type: ignore[arg-type]
+                      for extra in (self.rowfilter, where) if extra]
+        return [
+            sql.SQL("EXPLAIN SELECT ARRAY[{}\n] FROM {}").format(cond, self._from()),
+            sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(
+                self._from(), sql.SQL(" AND ").join(conditions)),
+        ]
 
     def _from(self) -> sql.Composed:
         only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
