@@ -66,8 +66,9 @@ class Target:
         names = [c.name for c in self.columns]
         return [names.index(k) for k in self.key]
 
-    def chunk_query(self, where: str | None, after: bool) -> sql.Composed:
-        """``SELECT`` of the next rows in key order, after a key given as text.
+    def chunk_query(self, where: str | None, after: bool, at: bool = False) -> sql.Composed:
+        """``SELECT`` of the next rows in key order, after a key given as text (with
+        ``at``: from that key on, itself included).
 
         Run it with the key's text forms (none for the first chunk) and the row
         limit as parameters: the extended protocol, one statement only."""
@@ -78,7 +79,8 @@ class Target:
             bound = sql.SQL(", ").join(
                 sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(t)) for t in self.key_types
             )
-            conditions.append(sql.SQL("({}) > ({})").format(keys, bound))
+            op = sql.SQL(">=" if at else ">")
+            conditions.append(sql.SQL("({}) {} ({})").format(keys, op, bound))
         conditions += self._conditions(where)
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT %s::bigint").format(
