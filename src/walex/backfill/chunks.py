@@ -16,9 +16,10 @@ A chunk can also re-read rows of earlier chunks, in the same snapshot: rows
 the watermark logic left to the stream although the stream's change did not
 carry every column (an unchanged TOASTed value under the default replica
 identity), so that their handlers still get the whole row. Each such row is
-read as the first row after the key before it (:meth:`Target.chunk_query`
-with a limit of one, the backfill's conditions included) and kept only if it
-is still the same key. They are read before the next rows, in pieces, within
+read as the first row from its key on (:meth:`Target.chunk_query` with a
+limit of one, the backfill's conditions included; not the first row after the
+key before it, which a row inserted since may be) and kept only if it is
+still the same key. They are read before the next rows, in pieces, within
 half the byte budget (the whole budget once no next rows are left): those the
 budget leaves out (:attr:`Chunk.untried`) are read by a later chunk, so
 however many wait, and however wide their TOASTed values, a chunk holds about
@@ -180,10 +181,10 @@ async def read_chunk(
                 part = found.next_part()
                 await cur.execute(
                     sql.SQL(" UNION ALL ").join(
-                        sql.SQL("({})").format(target.chunk_query(where, before is not None))
-                        for before, _ in part
+                        sql.SQL("({})").format(target.chunk_query(where, True, at=True))
+                        for _ in part
                     ),
-                    [param for before, _ in part for param in (*(before or ()), 1)],
+                    [param for _, key in part for param in (*key, 1)],
                     prepare=False,
                 )
                 result = cur.pgresult
@@ -251,7 +252,7 @@ class _Again:
     A piece is a statement of up to ``_REFETCH_BATCH`` rows: the first of one row (they
     are often wide: a TOASTed value), the next ones of about half of what the share still
     takes, by the mean size of the rows read so far. A row is taken by its key, whichever
-    bound's statement returned it (the row after a deleted one is the next bound's row)."""
+    bound's statement returned it (the row from a deleted one's key on is another row)."""
 
     def __init__(self, bounds: list[Bound], budget: int | None, rows_follow: bool) -> None:
         self.bounds_in = bounds

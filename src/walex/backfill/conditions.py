@@ -26,8 +26,10 @@ async def check_condition(conn: psycopg.AsyncConnection, target: Target, where: 
     """A ConfigError naming the problem when ``where`` is not one valid condition on the table.
 
     The condition is parsed and planned (not run) twice, on the extended protocol
-    (one statement only), in a read-only transaction: once between parentheses
-    (``WHERE (...)``, as chunks are read), once between brackets (``ARRAY[...]``).
+    (one statement only) with no parameter bound (a ``$1`` would be what chunk
+    statements bind: their row limit, the last key read), in a read-only transaction:
+    once between parentheses (``WHERE (...)``, as chunks are read), once between
+    brackets (``ARRAY[...]``).
     A text that closes a parenthesis it did not open (``id > 5) OR (true``) parses
     in the first form but not the second, and one that closes a bracket it did not
     open not in the first: what passes both is one expression, which cannot reach
@@ -37,11 +39,19 @@ async def check_condition(conn: psycopg.AsyncConnection, target: Target, where: 
         return
     if not isinstance(where, str) or not where.strip() or "\0" in where:
         raise ConfigError(f"where must be an SQL condition, got {where!r}")
-    for query in (target.bracket_query(where), target.estimate_query(where)):
+    for query in target.check_queries(where):
         try:
             async with conn.transaction():
                 await conn.execute("SET TRANSACTION READ ONLY")
-                await conn.execute(query, (1,), prepare=False)
+                # binary: the extended protocol although no parameter is bound
+                await conn.cursor(binary=True).execute(query, prepare=False)
+        except psycopg.errors.ProtocolViolation:  # "bind message supplies 0 parameters"
+            raise ConfigError(
+                f"where {where!r} is not a valid condition on {target.qualified}: it refers to "
+                "a statement parameter ($1, ...), which the statements chunks are read by "
+                "bind to their own values (the row limit, the last key read). Fix: write the "
+                "value itself"
+            ) from None
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:

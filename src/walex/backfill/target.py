@@ -66,8 +66,9 @@ class Target:
         names = [c.name for c in self.columns]
         return [names.index(k) for k in self.key]
 
-    def chunk_query(self, where: str | None, after: bool) -> sql.Composed:
-        """``SELECT`` of the next rows in key order, after a key given as text.
+    def chunk_query(self, where: str | None, after: bool, at: bool = False) -> sql.Composed:
+        """``SELECT`` of the next rows in key order, after a key given as text (with
+        ``at``: from that key on, itself included).
 
         Run it with the key's text forms (none for the first chunk) and the row
         limit as parameters: the extended protocol, one statement only."""
@@ -78,7 +79,8 @@ class Target:
             bound = sql.SQL(", ").join(
                 sql.SQL("{}::{}").format(sql.Placeholder(), sql.SQL(t)) for t in self.key_types
             )
-            conditions.append(sql.SQL("({}) > ({})").format(keys, bound))
+            op = sql.SQL(">=" if at else ">")
+            conditions.append(sql.SQL("({}) {} ({})").format(keys, op, bound))
         conditions += self._conditions(where)
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT %s::bigint").format(
@@ -91,11 +93,20 @@ class Target:
         clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         return sql.SQL("EXPLAIN (FORMAT JSON) SELECT %s::int FROM {}{}").format(self._from(), clause)
 
-    def bracket_query(self, where: str) -> sql.Composed:
-        """The condition between brackets instead of parentheses: with :meth:`estimate_query`,
-        parsing shows it is one expression (see :func:`walex.backfill.runner.check_condition`)."""
-        cond = sql.SQL(where.replace("%", "%%"))  # type: ignore[arg-type]
-        return sql.SQL("EXPLAIN SELECT %s::int, ARRAY[{}\n] FROM {}").format(cond, self._from())
+    def check_queries(self, where: str) -> list[sql.Composed]:
+        """The condition planned (``EXPLAIN``) between parentheses, as chunks read it, and
+        between brackets: parsing both shows it is one expression (see
+        :func:`walex.backfill.conditions.check_condition`). They have no parameter: run on
+        the extended protocol with none, a ``$1`` of the condition is an error, not a
+        reference to what the chunk statements bind (their row limit, the last key read)."""
+        cond = sql.SQL(where)  # type: ignore[arg-type]
+        conditions = [sql.SQL("({}\n)").format(sql.SQL(extra))  # type: ignore[arg-type]
+                      for extra in (self.rowfilter, where) if extra]
+        return [
+            sql.SQL("EXPLAIN SELECT ARRAY[{}\n] FROM {}").format(cond, self._from()),
+            sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(
+                self._from(), sql.SQL(" AND ").join(conditions)),
+        ]
 
     def _from(self) -> sql.Composed:
         only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
