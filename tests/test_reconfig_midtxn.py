@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 import pytest
 from support import collecting, run, until
+from window_support import stream_fixture
 
 from walex import Event, Events
 from walex.lsn import parse_lsn
@@ -26,6 +27,7 @@ CREATE TABLE note (id int PRIMARY KEY);
 CREATE PUBLICATION pub FOR TABLE item, note;
 """
 ROWS = 400
+stream = stream_fixture("reconf")
 BIG = (f"BEGIN; INSERT INTO item SELECT g FROM generate_series(1, {ROWS}) g; "
        f"INSERT INTO note SELECT g FROM generate_series(1, {ROWS}) g; COMMIT")
 
@@ -115,3 +117,48 @@ def test_subscription_removed_while_a_transaction_streams(admin: psycopg.Connect
     notes = [e.new_record["id"] for e in events if e.name == "note"]
     assert notes == list(range(1, 2 * half + 1)), (
         f"{len(notes)} of the {2 * half} note rows of the streamed transaction delivered")
+
+
+@pytest.mark.parametrize("window", [0, 64])
+def test_module_removed_mid_transaction_applies_from_the_next(
+        admin: psycopg.Connection, dsn: str, window: int, request: pytest.FixtureRequest) -> None:
+    """The first batch's handler removes the module whose handler takes "note" while the
+    transaction's later batches wait: that handler still gets every note row of it
+    (without destinations, and relaying to Redis with a window of 64)."""
+    options: dict[str, Any] = {}
+    if window:
+        prefix = request.getfixturevalue("stream")
+        options = {"destination_window": window, "destinations": [
+            f"redis://127.0.0.1:6379/0?stream={prefix}:{{table}}&timeout=5"]}
+    admin.execute(SCHEMA)
+    changer, notes_module = Events(), Events()
+    state: dict[str, Any] = {}
+    noted: list[int] = []
+
+    @changer.on_insert("item")
+    async def first(items: list[Event]) -> None:
+        if "done" not in state:
+            state["done"] = True
+            state["app"].config.remove("modules", notes_module)
+
+    @notes_module.on_insert("note")
+    async def note(events: list[Event]) -> None:
+        noted.extend(e.new_record["id"] for e in events)
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["item", "note"],
+                              modules=[changer, notes_module], batch_size=10,
+                              max_pending_transactions=1, **options) as rec:
+            app = rec.app
+            assert app is not None
+            state["app"] = app
+            admin.execute(BIG)
+            admin.execute("INSERT INTO note VALUES (0); INSERT INTO item VALUES (0)")
+            await until(lambda: bool(rec.events) and rec.events[-1].name == "item"
+                        and rec.events[-1].new_record["id"] == 0, "the end marker", timeout=30)
+            assert (app.pipeline.window is not None) is bool(window)
+
+    run(main())
+    assert noted == list(range(1, ROWS + 1)), (
+        f"the removed module's handler got {len(noted)} of the {ROWS} note rows of the "
+        "transaction under way")

@@ -122,6 +122,8 @@ class Dispatcher:
         self.workers = Workers(name, function_concurrency)
         # max_batch handlers' events not yet handed over, by id(handler) (handlers are unhashable)
         self._pending: dict[int, tuple[Handler, list[Event]]] = {}
+        self._open = False  # the last batch planned is not its transaction's last
+        self._modules_due: list[Events] | None = None  # change_modules: at the next transaction
         self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
@@ -144,9 +146,19 @@ class Dispatcher:
         self.workers.close(wait)
 
     def set_modules(self, modules: Iterable[Events]) -> None:
-        """Replace the handler modules; takes effect from the next transaction."""
+        """Replace the handler modules at once (nothing is dispatched)."""
+        self._modules_due = None
         self._modules = list(modules)
         self._refresh()
+
+    def change_modules(self, modules: Iterable[Events]) -> None:
+        """Replace the handler modules from the next transaction: while one is half
+        planned (its later batches to come), once it ends, so that each transaction
+        goes whole to one set of handlers."""
+        if self._open:
+            self._modules_due = list(modules)
+        else:
+            self.set_modules(modules)
 
     def refresh(self) -> None:
         """Take in the handlers registered in the modules since (:meth:`plan` does it too)."""
@@ -183,6 +195,8 @@ class Dispatcher:
         registered since the last look count."""
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()
+        if self._modules_due is not None:
+            return 0  # each batch planned, so the new modules come in between transactions
         kinds = self._kinds
         count = 0
         last_source = last_type = None  # of the last event found unwanted (one shared
@@ -198,13 +212,14 @@ class Dispatcher:
                     return count
                 last_source, last_type = source, event.type
             count += 1
+            self._open = not txn.last  # as plan() tracks it
         return count
 
     def has_handlers(self) -> bool:
         """Whether any handler is registered (those registered since the last look count)."""
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()
-        return bool(self.handlers)
+        return bool(self.handlers) or self._modules_due is not None
 
     @property
     def pending(self) -> bool:
@@ -216,6 +231,9 @@ class Dispatcher:
         acknowledged and will be delivered again); how many."""
         count = sum(len(kept) for _, kept in self._pending.values())
         self._pending = {}
+        self._open = False  # what was half planned is delivered again from its start
+        if self._modules_due is not None:
+            self.set_modules(self._modules_due)
         return count
 
     def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
@@ -252,6 +270,9 @@ class Dispatcher:
     def plan(self, txn: Transaction) -> Plan:
         """Which handlers get which events of ``txn`` (see :data:`Plan`); every filter runs
         here, once, before any call is made."""
+        if self._modules_due is not None and not self._open:  # change_modules: between
+            self.set_modules(self._modules_due)  # transactions
+        self._open = not txn.last
         events = txn.events
         if not events:
             return _NOTHING
