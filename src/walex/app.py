@@ -386,7 +386,7 @@ class WalEx(Lifecycle):
             check_subscriptions(settings, added)
         self.settings = settings
         self.modules = modules
-        self.dispatcher.set_modules(modules)
+        self.dispatcher.change_modules(modules)  # from the next transaction
         self.pipeline.settings = settings
         self.pipeline.secret = settings.secret()
         self.pipeline.set_subscriptions(settings.subscriptions)

@@ -122,6 +122,11 @@ class Dispatcher:
         self.workers = Workers(name, function_concurrency)
         # max_batch handlers' events not yet handed over, by id(handler) (handlers are unhashable)
         self._pending: dict[int, tuple[Handler, list[Event]]] = {}
+        # the commit LSN of the transaction whose later batches are still to be planned
+        # (0: none; a backfill's read batches, never "last", carry their watermark's)
+        self._open = 0
+        self._modules_due: list[Events] | None = None  # change_modules: at the next transaction
+        self._watch = False  # either of them set: plan() tracks the batches (_track)
         self.set_modules(modules)
         self.failures = 0  # calls that failed after every retry (skipped or dead-lettered)
         self.retries = 0
@@ -144,9 +149,21 @@ class Dispatcher:
         self.workers.close(wait)
 
     def set_modules(self, modules: Iterable[Events]) -> None:
-        """Replace the handler modules; takes effect from the next transaction."""
+        """Replace the handler modules at once (nothing is dispatched)."""
+        self._modules_due = None
+        self._watch = bool(self._open)
         self._modules = list(modules)
         self._refresh()
+
+    def change_modules(self, modules: Iterable[Events]) -> None:
+        """Replace the handler modules from the next transaction: while one is half
+        planned (its later batches to come), once it ends, so that each transaction
+        goes whole to one set of handlers."""
+        if self._open:  # the next batch planned may continue that transaction
+            self._modules_due = list(modules)
+            self._watch = True
+        else:
+            self.set_modules(modules)
 
     def refresh(self) -> None:
         """Take in the handlers registered in the modules since (:meth:`plan` does it too)."""
@@ -183,6 +200,8 @@ class Dispatcher:
         registered since the last look count."""
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()
+        if self._modules_due is not None:
+            return 0  # each batch planned, so the new modules come in between transactions
         kinds = self._kinds
         count = 0
         last_source = last_type = None  # of the last event found unwanted (one shared
@@ -198,13 +217,25 @@ class Dispatcher:
                     return count
                 last_source, last_type = source, event.type
             count += 1
+            if not txn.last or self._watch:  # as plan() tracks it
+                self._track(txn)
         return count
+
+    def _track(self, txn: Transaction) -> None:
+        """Note the transaction planned is open (batches of it to come) or closed; take
+        the modules change_modules left due once a batch of another one is planned."""
+        due = self._modules_due
+        if due is not None and self._open != txn.commit_lsn:
+            self._open = 0
+            self.set_modules(due)
+        self._open = 0 if txn.last else txn.commit_lsn
+        self._watch = bool(self._open) or self._modules_due is not None
 
     def has_handlers(self) -> bool:
         """Whether any handler is registered (those registered since the last look count)."""
         if list(map(len, self._lists)) != self._sizes:
             self._refresh()
-        return bool(self.handlers)
+        return bool(self.handlers) or self._modules_due is not None
 
     @property
     def pending(self) -> bool:
@@ -216,6 +247,10 @@ class Dispatcher:
         acknowledged and will be delivered again); how many."""
         count = sum(len(kept) for _, kept in self._pending.values())
         self._pending = {}
+        self._open = 0  # what was half planned is delivered again from its start
+        self._watch = False
+        if self._modules_due is not None:
+            self.set_modules(self._modules_due)
         return count
 
     def _select(self, handler: Handler, events: list[Event]) -> tuple[list[Event], list[Any]]:
@@ -252,6 +287,8 @@ class Dispatcher:
     def plan(self, txn: Transaction) -> Plan:
         """Which handlers get which events of ``txn`` (see :data:`Plan`); every filter runs
         here, once, before any call is made."""
+        if not txn.last or self._watch:  # a batch of a transaction split in several, or
+            self._track(txn)  # one after it: change_modules waits for their end
         events = txn.events
         if not events:
             return _NOTHING

@@ -129,6 +129,10 @@ class Pipeline:
             batch_bytes=self.sizer.wire(self.batch_memory),
         )
         self._subscribed = [table_matcher(s) for s in settings.subscriptions]
+        # what set_subscriptions asked for: applied between transactions while a session
+        # reads (only ever replaced whole, so a change from another thread is never lost)
+        self._subscriptions_due = self._subscribed
+        self.reading = False  # _read_session runs
         self.backfill = Backfills(self)  # existing rows as read events (walex.backfill)
         self.sessions = 0
         self.wal_sender_timeout = 60.0
@@ -167,8 +171,23 @@ class Pipeline:
             h.matches_table(schema, table) for h in self.dispatcher.handlers)
 
     def set_subscriptions(self, subscriptions: list[str]) -> None:
-        self._subscribed = [table_matcher(s) for s in subscriptions]
-        self.relations.refresh_subscriptions()
+        """Subscribe to ``subscriptions`` from the next transaction: while a session
+        reads, the reader applies them once no transaction is open (one half read
+        under the old ones would otherwise lose, or gain, the rest of its rows)."""
+        self._subscriptions_due = [table_matcher(s) for s in subscriptions]
+        if not self.reading:
+            self.apply_subscriptions()
+
+    def apply_subscriptions(self, between: bool = False) -> None:
+        """Take the subscriptions :meth:`set_subscriptions` left due; ``between``: only if
+        no transaction is open, plain or streamed (a prepared one was read whole)."""
+        assembler = self.assembler
+        if between and (assembler._current is not None or assembler._streams):
+            return
+        due = self._subscriptions_due
+        if due is not self._subscribed:
+            self._subscribed = due
+            self.relations.refresh_subscriptions()
 
     # -- sessions (walex.session) ------------------------------------------
 
@@ -240,6 +259,14 @@ class Pipeline:
             await asyncio.sleep(0.01)
 
     async def _read_session(self) -> None:
+        self.reading = True  # a subscription change waits for the transaction read to end
+        try:
+            await self._read_frames()
+        finally:
+            self.reading = False
+            self.apply_subscriptions()
+
+    async def _read_frames(self) -> None:
         repl, ack = self.repl, self.ack
         assert repl is not None
         decoder = Decoder()
@@ -275,6 +302,8 @@ class Pipeline:
                 await ack.send(self, reply=True)  # ask for a sign of life
                 continue
             silent_since = None
+            if self._subscriptions_due is not self._subscribed:
+                self.apply_subscriptions(between=True)  # between transactions only
             if failpoints.ACTIVE:
                 failpoints.hit("after_frames")
             i, count = 0, len(frames)
@@ -347,6 +376,8 @@ class Pipeline:
                             if self.abandoning:
                                 raise ReplicationError(_ABANDONED, retriable=True)
                     queue.wake()  # the dispatcher, if it waits for a batch
+                    if self._subscriptions_due is not self._subscribed:
+                        self.apply_subscriptions(between=True)  # between transactions only
                 if end > ack.received:  # ack.saw(end)
                     ack.received = end
 
@@ -402,6 +433,8 @@ class Pipeline:
             self.backfill.message(msg)  # type: ignore[arg-type]
             return
         batches = self.assembler.feed(msg, lsn, _row_bytes(msg) if from_middleware else 0)
+        if self._subscriptions_due is not self._subscribed:
+            self.apply_subscriptions(between=True)  # between transactions only
         if batches is None:
             return
         for txn in batches:
