@@ -303,7 +303,12 @@ def test_invalid_changes_raise_and_change_nothing(admin: psycopg.Connection, dsn
         ("replace", "on_error", "retry", "on_error: must be 'stop', 'skip' or a dead-letter"),
         *[("replace", key, value, f"{key} cannot change while the app exists")
           for key, value in [("name", "x"), ("slot_name", "x"), ("publication", "p2"),
-                             ("durable_slot", True), ("streaming", True)]],
+                             ("durable_slot", True), ("streaming", True),
+                             # accepted and shown, never used: the queue was made with the app
+                             ("max_pending_bytes", "1MiB"), ("max_pending_transactions", 3),
+                             ("batch_size", 7), ("status_interval", 1.5)]],
+        *[("replace", key, value, f"{key} cannot change while the app runs")
+          for key, value in [("metrics_port", 0), ("tracing", True), ("gc_threshold", 5000)]],
     ]
 
     async def main() -> None:

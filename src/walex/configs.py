@@ -31,7 +31,12 @@ if TYPE_CHECKING:
 __all__ = ["RuntimeConfig", "add_config", "remove_config", "replace_config", "get_config"]
 
 _FIXED = {"name", "durable_slot", "slot_name", "publication", "streaming", "failover",
-          "destinations", "partitions", "destination_window", "backfill_table"}
+          "destinations", "partitions", "destination_window", "backfill_table",
+          # the queue, its budget and the assembler are made with the app
+          "max_pending_bytes", "max_pending_transactions", "batch_size", "spill_dir",
+          "status_interval"}
+# taken when the app starts: changed while it runs, they would be shown and not used
+_AT_START = {"metrics_port", "metrics_host", "tracing", "gc_threshold", "gc_freeze"}
 
 
 class RuntimeConfig:
@@ -75,6 +80,9 @@ class RuntimeConfig:
             raise ConfigError(f"unknown configuration key {key!r}")
         if key in _FIXED:
             raise ConfigError(f"{key} cannot change while the app exists; create a new app")
+        if key in _AT_START and self._app._tasks:
+            raise ConfigError(f"{key} cannot change while the app runs (it is taken at start); "
+                              "stop the app, change it, and start it again")
         options = {k: getattr(settings, k) for k in settings.model_fields_set | {key}}
         options[key] = value
         new = load_settings(**options)
