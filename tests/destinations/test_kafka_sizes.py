@@ -12,7 +12,6 @@ refusal for good (on_error settles it) that names the setting, at once.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
