@@ -34,6 +34,7 @@ from workers.test_worker import made_up
 
 from walex import Events
 from walex.destinations import Destinations
+from walex.observe.workers import worker_health
 from walex.workers import Worker
 
 ADMIN_PASSWORD = "adm-Pw-7f3c91"
@@ -149,15 +150,20 @@ def test_failing_lease_rounds_warn_once_and_recover(
             await until(lambda: len(handled["a"]) == 20, "a handling", 15)
             leases = b.consumer.leases  # type: ignore[attr-defined]
             assert not leases.held and len(leases.members) == 2, (leases.held, leases.members)
+            assert worker_health(b)[0] == 200
 
             t.deny(True)  # b's lease rounds fail from now on
             took = await until(lambda: records(logging.WARNING, "lease rounds"),
                                "WARNING of the failing lease rounds", 10)
             assert took > ACK_WAIT, f"warned after {took:.1f}s, within the leases' ttl"
+            code, body = worker_health(b)  # what /healthz answers
+            assert code == 503 and body["status"] == "stalled", body
+            assert f"lease rounds in bucket {bucket!r} have failed" in body["reason"], body
             await asyncio.sleep(2 * ACK_WAIT)  # more failed rounds: no second WARNING
 
             t.deny(False)
             await until(lambda: records(logging.INFO, "work again"), "INFO of leases back", 10)
+            assert worker_health(b)[0] == 200
             await asyncio.wait_for(a.stop(), 20)  # gives its lease back: b takes it
             await t.publish(20, 40)
             await until(lambda: len(handled["b"]) == 20, "b handling", 15)

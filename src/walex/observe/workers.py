@@ -25,7 +25,7 @@ metric carries the labels ``worker`` (its name) and ``group``.
 ``/healthz`` is 200 while the worker consumes (connected to the broker,
 its partitions subscribed), 503 while it reconnects or once stopped;
 ``/livez`` 200 while it runs at all (reconnecting included). Both answer
-JSON with ``status`` (``consuming``, ``reconnecting``, ``stopped``) and a
+JSON with ``status`` (``consuming``, ``reconnecting``, ``stalled``, ``stopped``) and a
 ``reason`` when not 200. Figures are counted per handler call, never per
 event in Python code, and only when ``metrics_port`` is set.
 """
@@ -102,6 +102,9 @@ def worker_health(worker: Worker) -> tuple[int, dict[str, Any]]:
     if not worker.connected:
         return 503, {"status": "reconnecting",
                      "reason": f"not consuming: connecting to {consumer.display}", **body}
+    trouble = consumer.trouble()
+    if trouble is not None:
+        return 503, {"status": "stalled", "reason": f"not consuming: {trouble}", **body}
     return 200, {"status": "consuming", **body}
 
 

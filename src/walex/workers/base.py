@@ -126,6 +126,11 @@ class Consumer(ABC):
     def take_options(self, url: DestinationURL) -> None:
         """Take the broker module's own worker parameters from ``url``."""
 
+    def trouble(self) -> str | None:
+        """What keeps this consumer from consuming although connected (``/healthz`` 503
+        ``stalled`` with it as the reason), or None."""
+        return None
+
     @abstractmethod
     async def open(self) -> list[Lane]:
         """Connect, declare, subscribe; one lane per partition.

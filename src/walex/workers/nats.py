@@ -396,6 +396,9 @@ class NatsConsumer(Consumer):
     direct = True  # the lanes' messages straight from the parser (walex.workers.natsdirect)
     tap = True  # and from the socket's chunks while the read loop is idle (walex.workers.natstap)
 
+    def trouble(self) -> str | None:
+        return None if self.leases is None else self.leases.trouble()
+
     def take_options(self, url: DestinationURL) -> None:
         self.ack_wait = url.take_float("ack_wait", 30.0, minimum=0.1)
         self.prefetch = url.take_int("prefetch", 1, minimum=1) or 1
@@ -411,7 +414,7 @@ class NatsConsumer(Consumer):
         self.filters = [partition_filter(self.template, p, self.partitions, url.display, "subject")
                         for p in range(self.partitions)]
         self.lanes: list[NatsLane | BatchLane] = []
-        self.leases: Leases | None = None  # prefetch > 1: the partitions' leases
+        self.leases: Leases | None = None  # prefetch > 1: the partitions' leases (trouble())
         self.declaring = False
         self.inboxes: Inboxes | None = None  # the direct way's hook, while it is set
         self.checked = 0.0  # when the stream was last compared with this worker's setup

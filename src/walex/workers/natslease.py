@@ -225,6 +225,14 @@ class Leases:
                 self.id, self.bucket, now - self.failing_since, self.ttl, error, len(self.held),
                 self.bucket)
 
+    def trouble(self) -> str | None:
+        """Once the rounds have failed for longer than the leases last (the WARNING said so):
+        what ``/healthz`` reports; else None."""
+        if not self._warned or self.failing_since is None:
+            return None
+        return (f"its lease rounds in bucket {self.bucket!r} have failed for "
+                f"{time.monotonic() - self.failing_since:.0f}s: it takes no partition")
+
     def _succeeded(self) -> None:
         if self._warned:
             log.info("worker %s: its lease rounds in bucket %r work again (after %.1fs of "
