@@ -291,6 +291,10 @@ class Destination(ABC):
     # transactions' batches (walex.destinations.window); one batch alone may exceed them
     group_events: ClassVar[int] = 4096
     group_bytes: ClassVar[int] = 8 * 1024 * 1024
+    # failed attempts in a row at a refusal that may pass (a full stream or queue, a Redis
+    # out of memory: Unavailable(attempts=full_attempts)) before it is a refusal for good;
+    # a destination object may be given its own
+    full_attempts = 8
 
     def __init__(self, url: DestinationURL, partitions: int = 1) -> None:
         self.url = url

@@ -160,9 +160,7 @@ class NatsDestination(Destination):
         prefix = self.subject.prefix
         if self.subject.constant:
             self.stream_subjects = [self.subject.text]
-        elif prefix.endswith(".") and all(
-            token and not _NOT_IN_TOKEN.search(token) for token in prefix[:-1].split(".")
-        ):
+        elif prefix.endswith("."):  # its tokens checked above (none empty, no wildcard)
             self.stream_subjects = [prefix + ">"]
         else:
             raise ConfigError(
@@ -194,8 +192,6 @@ class NatsDestination(Destination):
         self._misses = 0  # chains that failed in a row
         self._unchained = 0  # batches to go with a PubAck per message after one failed
         self.chains = self.chains_failed = 0  # batches sent as a chain, and those that failed
-        # failed attempts in a row at a full stream (discard=new) before it is a refusal
-        self.full_attempts = 8
 
     async def open(self) -> None:
         url = self.url

@@ -129,8 +129,6 @@ class RabbitMQDestination(Destination):
         self.framed = False
         self._methods: dict[tuple, bytes] = {}  # Basic.Publish frames by routing key fields
         self._number = -1  # the channel number they were made for
-        # failed attempts in a row with messages nacked (a full queue) before it is a refusal
-        self.full_attempts = 8
 
     passive = False  # a worker's: the exchange must exist (the relay declares it)
     connection_class: Any = None  # aio-pika's Connection, or a worker's (walex.workers.rabbitmq)

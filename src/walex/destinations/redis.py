@@ -181,8 +181,6 @@ class RedisDestination(Destination):
                               f"number (redis://host:6379/0), not {db!r}")
         self.db = int(db)
         self.client: Any = None
-        # failed attempts in a row refused for want of memory (OOM) before it is a refusal
-        self.full_attempts = 8
 
     async def open(self) -> None:
         url = self.url

@@ -91,12 +91,11 @@ class Entry:
 
     __slots__ = ("outgoing", "pending", "size", "txn")
 
-    def __init__(self, txn: Any, outgoing: list[Outgoing], pending: int, size: int = -1) -> None:
+    def __init__(self, txn: Any, outgoing: list[Outgoing], pending: int, size: int) -> None:
         self.txn = txn
         self.outgoing = outgoing
         self.pending = pending
-        self.size = (sum(len(o.body) for o in outgoing) + _PER_MESSAGE * len(outgoing)) \
-            if size < 0 else size
+        self.size = size  # the bodies' bytes and _PER_MESSAGE each
 
 
 _NONE: list[Outgoing] = []  # the outgoing of a batch without events (never changed)
