@@ -261,13 +261,18 @@ class KafkaConsumer(Consumer):
                     self.buffers.get(tp, deque()).clear()
             self.lock.notify_all()
 
-    async def open(self) -> list[Lane]:
-        with self.lock:  # a consumer thread of an earlier session, still running, leaves it be
+    def _new_session(self) -> tuple[object, dict[str, Any]]:
+        """A new session's token, the state reset (under the lock: a consumer thread of an
+        earlier session, still running, leaves it be), and client settings reporting to it."""
+        with self.lock:
             token = self.session = object()
             self._reset()
+        return token, dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
+
+    async def open(self) -> list[Lane]:
+        token, settings = self._new_session()
         self.loop = asyncio.get_running_loop()
         self.ready = asyncio.Event()
-        settings = dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
         try:
             client = KafkaClient(settings)
         except (KafkaException, ValueError, TypeError) as exc:
@@ -323,11 +328,7 @@ class KafkaConsumer(Consumer):
     async def declare(self) -> None:
         """A Kafka group needs nothing declared (a group without committed offsets starts at
         ``start``); this checks that the brokers answer and take the login, then disconnects."""
-        with self.lock:
-            token = self.session = object()
-            self._reset()
-        client = KafkaClient(dict(self.client_settings,
-                                  error_cb=lambda err: self._on_error(err, token)))
+        client = KafkaClient(self._new_session()[1])
         try:
             await self._check(client)
         finally:

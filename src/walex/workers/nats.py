@@ -563,9 +563,10 @@ class NatsConsumer(Consumer):
             except Exception:  # another worker created it meanwhile, maybe otherwise
                 info = await js.consumer_info(self.stream, name)
         config = info.config
-        if config.max_ack_pending != self.prefetch and self.declaring and \
-                config.filter_subject == subject and config.ack_policy == AckPolicy.EXPLICIT:
-            # walex worker --declare: the group's prefetch is this one's
+        if config.max_ack_pending != self.prefetch and self.declaring:
+            # walex worker --declare: the group's prefetch is this one's (its filter and
+            # acknowledgements must be right already)
+            refuse(self.display, self.stream, name, config, subject, config.max_ack_pending)
             info = await js.add_consumer(self.stream, config.evolve(max_ack_pending=self.prefetch))
             log.info("consumer %r: max_ack_pending %s -> %d", name, config.max_ack_pending,
                      self.prefetch)
