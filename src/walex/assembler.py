@@ -102,6 +102,12 @@ class TransactionAssembler:
     def idle(self) -> bool:
         return self._current is None and not self._streams and not self._prepared
 
+    @property
+    def reading(self) -> bool:
+        """A transaction is read in part: its Begin (or a stream's start) came, its end not
+        yet (a prepared one, read whole, awaiting COMMIT PREPARED, does not count)."""
+        return self._current is not None or bool(self._streams)
+
     def feed(self, msg: m.Message, lsn: int, size: int = 0) -> Iterable[Transaction] | None:
         """``size``: bytes of the message as received, counted towards ``batch_bytes``."""
         kind = type(msg)

@@ -181,8 +181,7 @@ class Pipeline:
     def apply_subscriptions(self, between: bool = False) -> None:
         """Take the subscriptions :meth:`set_subscriptions` left due; ``between``: only if
         no transaction is open, plain or streamed (a prepared one was read whole)."""
-        assembler = self.assembler
-        if between and (assembler._current is not None or assembler._streams):
+        if between and self.assembler.reading:
             return
         due = self._subscriptions_due
         if due is not self._subscribed:

@@ -100,22 +100,21 @@ class Target:
         the extended protocol with none, a ``$1`` of the condition is an error, not a
         reference to what the chunk statements bind (their row limit, the last key read)."""
         cond = sql.SQL(where)  # type: ignore[arg-type]
-        conditions = [sql.SQL("({}\n)").format(sql.SQL(extra))  # type: ignore[arg-type]
-                      for extra in (self.rowfilter, where) if extra]
         return [
             sql.SQL("EXPLAIN SELECT ARRAY[{}\n] FROM {}").format(cond, self._from()),
             sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE {}").format(
-                self._from(), sql.SQL(" AND ").join(conditions)),
+                self._from(), sql.SQL(" AND ").join(self._conditions(where, params=False))),
         ]
 
     def _from(self) -> sql.Composed:
         only = sql.SQL("ONLY ") if self.relkind == "r" else sql.SQL("")
         return sql.SQL("{}{}").format(only, sql.Identifier(self.schema, self.name))
 
-    def _conditions(self, where: str | None) -> list[sql.Composable]:
-        # run with parameters: a '%' of the condition is not one; the line break ends
-        # a '--' comment before the closing parenthesis
-        return [sql.SQL("({}\n)").format(sql.SQL(extra.replace("%", "%%")))  # type: ignore[arg-type]
+    def _conditions(self, where: str | None, params: bool = True) -> list[sql.Composable]:
+        # run with parameters: a '%' of the condition is not one (without: it stays as it
+        # is); the line break ends a '--' comment before the closing parenthesis
+        return [sql.SQL("({}\n)").format(  # type: ignore[arg-type]
+                    sql.SQL(extra.replace("%", "%%") if params else extra))  # type: ignore[arg-type]
                 for extra in (self.rowfilter, where) if extra]
 
 
