@@ -130,6 +130,7 @@ class NatsConsumer(Consumer):
         self.declaring = False
         self.inboxes: Inboxes | None = None  # the direct way's hook, while it is set
         self.checked = 0.0  # when the stream was last compared with this worker's setup
+        self.since: Any = None  # when the oldest of the group's consumers was made (server's)
 
     def check(self) -> None:
         """Raise :class:`Unavailable` when the connection is gone."""
@@ -152,6 +153,7 @@ class NatsConsumer(Consumer):
             js = self.destination.js
             await self.verify()
             self.lanes = []
+            self.since = None
             for p, subject in enumerate(self.filters):
                 name = f"{self.group}_{p}"
                 ack_wait = await self._ensure_consumer(js, name, subject)
@@ -202,7 +204,7 @@ class NatsConsumer(Consumer):
             max(lane.ack_wait for lane in lanes),
             granted=lambda p: lanes[p].grant(), lost=lambda p, why: lanes[p].lose(why),
             shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}",
-            scrub=self.url.scrub)
+            scrub=self.url.scrub, since=self.since)
         for lane in lanes:
             lane.leases = self.leases
         await self.leases.open()
@@ -274,6 +276,9 @@ class NatsConsumer(Consumer):
                 info = await js.add_consumer(self.stream, config)
             except Exception:  # another worker created it meanwhile, maybe otherwise
                 info = await js.consumer_info(self.stream, name)
+        created = getattr(info, "created", None)
+        if created is not None and (self.since is None or created < self.since):
+            self.since = created
         config = info.config
         if config.max_ack_pending != self.prefetch and self.declaring:
             # walex worker --declare: the group's prefetch is this one's (its filter and
