@@ -18,6 +18,11 @@ so a record is never counted as done before its handler returned. A record
 stored again (a publish the relay could not confirm, produced again: the same
 ``ce_id``) is left out of the call that has it already, so a call holds each
 event once; one that comes in a later call is dropped as handled already.
+The commits go out every half second, asynchronously; an offset counts as
+committed only once the broker confirmed it (librdkafka's answer, read on the
+consumer's thread): one it refused is committed again by the next commit (and
+by the one a rebalance or close makes synchronously) and said in a WARNING,
+once until a commit succeeds again.
 
 When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
@@ -183,7 +188,9 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.buffers: dict[TP, deque[Any]] = {}
         self.busy: dict[TP, int] = {}  # records handed out, not yet acknowledged or released
         self.done: dict[TP, int] = {}  # next offset to commit, past handled records
-        self.committed: dict[TP, int] = {}
+        self.committed: dict[TP, int] = {}  # confirmed by the broker
+        self.sent: dict[TP, int] = {}  # committed asynchronously, not answered yet
+        self.commit_failing = False  # a commit failed, none succeeded since (said once)
         self.rewind: dict[TP, int] = {}  # released records: read again from here
         self.failed: Exception | None = None
         self.closing = False
@@ -264,7 +271,8 @@ class KafkaConsumer(KafkaSession, Consumer):
         with self.lock:
             token = self.session = object()
             self._reset()
-        return token, dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
+        return token, dict(self.client_settings, error_cb=lambda err: self._on_error(err, token),
+                           on_commit=lambda err, parts: self._on_commit(err, parts, token))
 
     async def open(self) -> list[Lane]:
         token, settings = self._new_session()

@@ -62,6 +62,8 @@ class KafkaSession:
     busy: dict[TP, int]
     done: dict[TP, int]
     committed: dict[TP, int]
+    sent: dict[TP, int]
+    commit_failing: bool
     rewind: dict[TP, int]
     failed: Exception | None
     closing: bool
@@ -197,24 +199,65 @@ class KafkaSession:
                           self.destination.describe(exc))
 
     def _commit(self, client: Any, only: set[TP] | None, wait: bool, token: object) -> None:
+        """Commit what was handled and is not confirmed committed. Asynchronously (``wait``
+        False): an offset whose commit is out is not sent again until the broker answered
+        (:meth:`_on_commit`); synchronously: every offset not confirmed, its answer awaited.
+        An offset counts as committed only once the broker confirmed it."""
         with self.lock:
             if self.session is not token:
                 return
             offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
-                       if (only is None or (t, p) in only) and self.committed.get((t, p)) != o]
+                       if (only is None or (t, p) in only) and self.committed.get((t, p)) != o
+                       and (wait or self.sent.get((t, p)) != o)]
+            if not wait:
+                for tp in offsets:
+                    self.sent[(tp.topic, tp.partition)] = tp.offset
         if not offsets:
             return
         try:
-            client.commit(offsets=offsets, asynchronous=not wait)
+            answered = client.commit(offsets=offsets, asynchronous=not wait)
         except KafkaException as exc:
+            with self.lock:
+                for tp in offsets:
+                    if self.sent.get((tp.topic, tp.partition)) == tp.offset:
+                        del self.sent[(tp.topic, tp.partition)]
             log.warning("worker group %r: committing offsets failed (%s); those records may be "
                         "handled again", self.group, self.destination.describe(exc))
             return
+        if wait:
+            self._confirmed(answered or [], None, token)
+
+    def _on_commit(self, err: Any, partitions: list[Any], token: object) -> None:
+        """librdkafka's answer to a commit (on the consumer's thread)."""
+        self._confirmed(partitions, err, token)
+
+    def _confirmed(self, partitions: list[Any], err: Any, token: object) -> None:
+        """Offsets the broker answered for: committed, or failed (then committed again by the
+        next commit, and said once until one succeeds)."""
+        failed = []
         with self.lock:
             if self.session is not token:
                 return
-            for tp in offsets:
-                self.committed[(tp.topic, tp.partition)] = tp.offset
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if self.sent.get(key) == tp.offset:
+                    del self.sent[key]
+                error = err if err is not None else tp.error
+                if error is not None:
+                    failed.append(f"{tp.topic}[{tp.partition}]@{tp.offset}: {error}")
+                elif key in self.assigned and tp.offset >= 0 and \
+                        tp.offset >= self.committed.get(key, -1):
+                    self.committed[key] = tp.offset
+            warn = bool(failed) and not self.commit_failing
+            if failed:
+                self.commit_failing = True
+            elif partitions:
+                self.commit_failing = False
+        if failed:
+            log.log(logging.WARNING if warn else logging.DEBUG,
+                    "worker group %r: the broker did not take the commit of %s; it is committed "
+                    "again (until then those records would be handled again after a rebalance "
+                    "or restart)", self.group, self.url.scrub("; ".join(failed)))
 
     def _on_assign(self, client: Any, partitions: list[Any], token: object) -> None:
         with self.lock:
@@ -228,6 +271,7 @@ class KafkaSession:
                 self.busy[key] = 0
                 self.done.pop(key, None)
                 self.committed.pop(key, None)
+                self.sent.pop(key, None)
                 self.rewind.pop(key, None)
         log.info("worker group %r: assigned %s", self.group, _names(partitions))
 
@@ -286,6 +330,7 @@ class KafkaSession:
                 self.busy.pop(key, None)
                 self.done.pop(key, None)
                 self.committed.pop(key, None)
+                self.sent.pop(key, None)
                 self.rewind.pop(key, None)
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
