@@ -18,6 +18,11 @@ so a record is never counted as done before its handler returned. A record
 stored again (a publish the relay could not confirm, produced again: the same
 ``ce_id``) is left out of the call that has it already, so a call holds each
 event once; one that comes in a later call is dropped as handled already.
+The commits go out every half second, asynchronously; an offset counts as
+committed only once the broker confirmed it (librdkafka's answer, read on the
+consumer's thread): one it refused is committed again by the next commit (and
+by the one a rebalance or close makes synchronously) and said in a WARNING,
+once until a commit succeeds again.
 
 When partitions move (a worker joined, left or died), a worker giving up a
 partition first waits for the handler call in hand for it to return,
@@ -53,7 +58,8 @@ joins again. ``walex worker --declare`` has nothing to create on Kafka: it
 checks that the brokers answer and take the login.
 
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
-run there); the event loop only exchanges records and offsets with it. Each
+run there: :mod:`walex.workers.kafkasession`); the event loop only exchanges
+records and offsets with it. Each
 connection's thread and callbacks carry its session: one that outlives
 ``close()`` (a broker that does not answer its leaving) touches nothing of
 the next connection's partitions, offsets or state.
@@ -69,12 +75,13 @@ from collections import deque
 from typing import Any
 
 from confluent_kafka import Consumer as KafkaClient
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 
 from ..destinations.base import DestinationURL, Unavailable
-from ..destinations.kafka import AUTHENTICATION, OWN, KafkaDestination, client_settings, validate
+from ..destinations.kafka import OWN, KafkaDestination, client_settings, validate
 from ..errors import ConfigError
 from .base import Consumer, Delivery, Lane
+from .kafkasession import TP, KafkaSession
 
 __all__ = ["KafkaConsumer"]
 
@@ -82,11 +89,6 @@ log = logging.getLogger("walex.workers")
 
 _FIXED = frozenset({"bootstrap.servers", "group.id", "enable.auto.commit",
                     "enable.auto.offset.store", "auto.offset.reset"})
-_BATCH = 500  # records taken from the client at once
-_COMMIT_EVERY = 0.5  # seconds between commits of what was handled
-
-TP = tuple[str, int]
-
 
 def topic_pattern(text: str) -> str:
     """A topic template as a subscription: the topic itself, or a regular expression."""
@@ -135,7 +137,7 @@ class KafkaLane(Lane):
         self.consumer.settle(deliveries, handled=False)
 
 
-class KafkaConsumer(Consumer):
+class KafkaConsumer(KafkaSession, Consumer):
     scheme = "kafka"
     destination_class = KafkaDestination
     accepted = ("start",)
@@ -186,7 +188,9 @@ class KafkaConsumer(Consumer):
         self.buffers: dict[TP, deque[Any]] = {}
         self.busy: dict[TP, int] = {}  # records handed out, not yet acknowledged or released
         self.done: dict[TP, int] = {}  # next offset to commit, past handled records
-        self.committed: dict[TP, int] = {}
+        self.committed: dict[TP, int] = {}  # confirmed by the broker
+        self.sent: dict[TP, int] = {}  # committed asynchronously, not answered yet
+        self.commit_failing = False  # a commit failed, none succeeded since (said once)
         self.rewind: dict[TP, int] = {}  # released records: read again from here
         self.failed: Exception | None = None
         self.closing = False
@@ -267,7 +271,8 @@ class KafkaConsumer(Consumer):
         with self.lock:
             token = self.session = object()
             self._reset()
-        return token, dict(self.client_settings, error_cb=lambda err: self._on_error(err, token))
+        return token, dict(self.client_settings, error_cb=lambda err: self._on_error(err, token),
+                           on_commit=lambda err, parts: self._on_commit(err, parts, token))
 
     async def open(self) -> list[Lane]:
         token, settings = self._new_session()
@@ -349,235 +354,6 @@ class KafkaConsumer(Consumer):
         self.client = None
         self.lane = None
 
-    def _wake(self) -> None:
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            try:
-                loop.call_soon_threadsafe(self.ready.set)
-            except RuntimeError:
-                pass
-
-    def _fail(self, exc: Exception, token: object) -> None:
-        with self.lock:
-            if self.session is not token:
-                return
-            if self.failed is None:
-                self.failed = exc
-        self._wake()
-
-    # -- the consumer's thread -------------------------------------------
-
-    def _on_error(self, err: Any, token: object) -> None:
-        text = self.url.scrub(str(err.str()))
-        log.debug("worker source %s: %s", self.display, text)
-        if self.session is not token:
-            return
-        self.last_error = text
-        if self.trouble_since is None:
-            self.trouble_since = time.monotonic()
-        if err.code() in AUTHENTICATION:
-            self.auth_error = text
-        if err.fatal():
-            self._fail(Unavailable(f"the Kafka consumer failed: {text}"), token)
-
-    def _serve(self, client: Any, token: object, stopping: threading.Event) -> None:
-        try:
-            client.subscribe([self.subscription],
-                             on_assign=lambda c, p: self._on_assign(c, p, token),
-                             on_revoke=lambda c, p: self._give_up(c, p, True, token),
-                             on_lost=lambda c, p: self._give_up(c, p, False, token))
-            last_commit = time.monotonic()
-            rejoin_limit = None
-            while not stopping.is_set() or (self.rejoining and self.session is token):
-                if stopping.is_set():  # the rebalance this member is in ends first
-                    rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
-                    if time.monotonic() > rejoin_limit:
-                        break
-                self._seek(client, token)
-                messages = client.consume(_BATCH, 0.2)
-                self._receive(messages, token)
-                if time.monotonic() - last_commit >= _COMMIT_EVERY:
-                    self._commit(client, None, wait=False, token=token)
-                    last_commit = time.monotonic()
-                if self.trouble_since is not None and self.failed is None and \
-                        self.session is token:
-                    self._probe(client, token)
-        except Exception as exc:
-            log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
-                      self.destination.describe(exc))
-            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc), token)
-        finally:
-            with self.lock:
-                if self.session is token:
-                    self.closing = True
-            try:
-                self._commit(client, None, wait=True, token=token)
-            finally:
-                try:
-                    client.close()  # leaves the group: its partitions go to the others now
-                except Exception as exc:
-                    log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
-
-    def _probe(self, client: Any, token: object) -> None:
-        """After an error of the client (it reconnects by itself, silently): do the brokers
-        answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
-        :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
-        again)."""
-        now = time.monotonic()
-        since = self.trouble_since
-        if since is None or now < self.next_probe:
-            return
-        self.next_probe = now + 1.0
-        try:
-            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
-        except KafkaException as exc:
-            if now - since >= self.timeout:
-                detail = self.last_error or self.destination.describe(exc)
-                self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
-                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"), token)
-            return
-        if self.trouble_since == since and self.session is token:
-            self.trouble_since = None  # they answer: the error passed
-
-    def _receive(self, messages: list[Any], token: object) -> None:
-        if not messages:
-            return
-        added = False
-        with self.lock:
-            if self.session is not token:
-                return
-            for m in messages:
-                err = m.error()
-                if err is not None:
-                    self.last_error = self.url.scrub(str(err.str()))
-                    if err.fatal():
-                        self.failed = Unavailable(f"the Kafka consumer failed: {self.last_error}")
-                    log.debug("worker source %s: %s", self.display, self.last_error)
-                    continue
-                tp = (m.topic(), m.partition())
-                if tp not in self.assigned or tp in self.rewind:
-                    continue  # revoked meanwhile, or to be read again
-                self.buffers.setdefault(tp, deque()).append(m)
-                added = True
-        if added or self.failed is not None:
-            self._wake()
-
-    def _seek(self, client: Any, token: object) -> None:
-        with self.lock:
-            if self.session is not token:
-                return
-            rewind, self.rewind = self.rewind, {}
-        for (topic, partition), offset in rewind.items():
-            try:
-                client.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # not fetching yet: the committed offset holds
-                log.debug("seeking %s[%d] to %d: %s", topic, partition, offset,
-                          self.destination.describe(exc))
-
-    def _commit(self, client: Any, only: set[TP] | None, wait: bool, token: object) -> None:
-        with self.lock:
-            if self.session is not token:
-                return
-            offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
-                       if (only is None or (t, p) in only) and self.committed.get((t, p)) != o]
-        if not offsets:
-            return
-        try:
-            client.commit(offsets=offsets, asynchronous=not wait)
-        except KafkaException as exc:
-            log.warning("worker group %r: committing offsets failed (%s); those records may be "
-                        "handled again", self.group, self.destination.describe(exc))
-            return
-        with self.lock:
-            if self.session is not token:
-                return
-            for tp in offsets:
-                self.committed[(tp.topic, tp.partition)] = tp.offset
-
-    def _on_assign(self, client: Any, partitions: list[Any], token: object) -> None:
-        with self.lock:
-            if self.session is not token:
-                return  # the client of an earlier session: its records are not read
-            self.rejoining = False
-            for tp in partitions:
-                key = (tp.topic, tp.partition)
-                self.assigned.add(key)
-                self.buffers[key] = deque()
-                self.busy[key] = 0
-                self.done.pop(key, None)
-                self.committed.pop(key, None)
-                self.rewind.pop(key, None)
-        log.info("worker group %r: assigned %s", self.group, _names(partitions))
-
-    def _give_up(self, client: Any, partitions: list[Any], commit: bool, token: object) -> None:
-        """Before partitions go to another worker: the call in hand returns, what was handled is
-        committed, the rest is dropped."""
-        keys = {(tp.topic, tp.partition) for tp in partitions}
-        limit = time.monotonic() + self.revoke_limit
-        cancelled = False
-        with self.lock:
-            if self.session is not token:  # a later session's partitions are not these
-                log.info("worker group %r: %s %s (an earlier connection's)", self.group,
-                         "released" if commit else "lost", _names(partitions))
-                return
-            for key in keys:
-                self.buffers.get(key, deque()).clear()
-            lane, loop = self.lane, self.loop
-            if not commit and any(self.busy.get(k) for k in keys):
-                # the group gave them away already (this worker missed its session): the call
-                # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
-                cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
-                                         "were lost (the group session timed out)")
-            while self.session is token and not self.closing and \
-                    any(self.busy.get(k) for k in keys):
-                left = limit - time.monotonic()
-                if left <= 0 and not cancelled:
-                    # the group waits max.poll.interval.ms for this worker to give them up:
-                    # the call is cancelled well before, and nothing of it committed
-                    log.warning("worker group %r: a handler call for %s did not return within "
-                                "%gs of a rebalance; it is cancelled and its records are "
-                                "handled again", self.group, _names(partitions), self.revoke_limit)
-                    cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
-                                             "are revoked and the call did not return within "
-                                             f"{self.revoke_limit:g}s")
-                    limit = time.monotonic() + self.revoke_limit
-                    continue
-                if left <= 0:
-                    log.error("worker group %r: a handler call still runs for %s after it was "
-                              "cancelled; the partitions are given up without it (its records "
-                              "are handled again)", self.group, sorted(keys))
-                    break
-                self.lock.wait(min(left, 1.0))
-        if commit:
-            self._commit(client, keys, wait=True, token=token)
-        with self.lock:
-            if self.session is not token:
-                return
-            if cancelled and commit:
-                # the lane is revoked: the worker connects again, as a new member. This one
-                # first takes its part in the rebalance under way (_serve), then leaves: the
-                # group's leader leaving in the middle of one can wedge it (tansu kept it so)
-                self.rejoining = True
-            for key in keys:
-                self.assigned.discard(key)
-                self.buffers.pop(key, None)
-                self.busy.pop(key, None)
-                self.done.pop(key, None)
-                self.committed.pop(key, None)
-                self.rewind.pop(key, None)
-        log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
-                 _names(partitions))
-
-    def _cancel(self, lane: KafkaLane | None, loop: asyncio.AbstractEventLoop | None,
-                reason: str) -> bool:
-        """Revoke the lane (on the loop): the call in hand is cancelled, its lease lost."""
-        if lane is None or loop is None:
-            return False
-        try:
-            loop.call_soon_threadsafe(lane.revoke, reason)
-        except RuntimeError:  # the loop is closed: no call runs
-            return False
-        return True
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}
@@ -595,7 +371,3 @@ def _id_of(message: Any) -> bytes | None:
     if found is None or source is None:
         return found
     return found + b"-" + source
-
-
-def _names(partitions: list[Any]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

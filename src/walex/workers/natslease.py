@@ -37,6 +37,20 @@ one holding its lease here:
   holds, then :meth:`Leases.release` deletes the key, so another worker takes
   it in its next round rather than after ``ttl``). A worker that dies leaves its
   member key and leases to expire after ``ttl``;
+- a bucket younger than ``ttl`` (deleted, by hand or by its limits, and made
+  again; or made for the group's first start): every lease of the deleted one
+  is gone at once, while each former holder still takes its own as valid for
+  up to ``ttl - margin`` after its last confirmed renewal, sent before the
+  deletion. So a worker takes no lease in a bucket until ``ttl`` after the
+  bucket was made: at :meth:`Leases.open` its age is the server's time of the
+  worker's member put less the bucket stream's ``created`` (both the server's
+  clock), and a running worker that sees the stream's ``created`` change
+  (:meth:`Leases._members`) drops what it held and waits ``ttl`` from then; a
+  round that finds the bucket gone makes it again (:meth:`Leases._remake`: a
+  worker holding no lease would idle for ever), and waits as long.
+  Not at a group's first start: a bucket made within ``ttl`` after the group's
+  consumers (``since``, the oldest one's ``created``) is the group's first one
+  (a bucket deleted within ``ttl`` of the group's start is not told apart);
 - rounds failing (no answer, a permission missing) for longer than ``ttl``: one
   WARNING naming the bucket, the last error and what to check, one INFO once a
   round succeeds again (a worker holding nothing would otherwise idle silently).
@@ -59,7 +73,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+)
 
 __all__ = ["Leases", "bucket_name", "reraise_cancel", "stream_key"]
 
@@ -111,7 +131,7 @@ class Leases:
     def __init__(self, nc: Any, group: str, stream: str, partitions: int, ttl: float,
                  granted: Callable[[int], None], lost: Callable[[int, str], None],
                  shed: Callable[[int], None], name: str = "",
-                 scrub: Callable[[str], str] = lambda text: text) -> None:
+                 scrub: Callable[[str], str] = lambda text: text, since: Any = None) -> None:
         # its own requests' timeout: a renewal not answered within ttl / 4 is as refused
         self.js = nc.jetstream(timeout=min(max(ttl / 4, 0.5), 5.0))
         self.bucket = bucket_name(group)
@@ -132,6 +152,9 @@ class Leases:
         self._scrub = scrub  # an error's text without the URL's secrets
         self.failing_since: float | None = None  # when the rounds began failing, in a row
         self._warned = False  # the failing rounds were told (a WARNING), once
+        self.created: Any = None  # when the bucket's stream was made (the server's clock)
+        self.since = since  # when the group's oldest consumer was made (the server's clock)
+        self.hold_until = 0.0  # local monotonic time before which no lease is taken
 
     @property
     def margin(self) -> float:
@@ -161,7 +184,8 @@ class Leases:
                                f"(nats kv rm {self.bucket}) and start the workers again")
         self.kv = kv
         try:
-            await kv.put(self.member, self.id.encode())
+            revision = await kv.put(self.member, self.id.encode())
+            await self._age(revision)
             await self.round()
         except Exception as exc:  # the worker tries again: say what to check meanwhile
             reraise_cancel()
@@ -172,6 +196,42 @@ class Leases:
                 "and '$JS.API.>' (a publish the user may not make goes unanswered)") from None
         self._task = asyncio.get_running_loop().create_task(self._rounds(),
                                                              name=f"walex-leases-{self.bucket}")
+
+    async def _age(self, revision: int) -> None:
+        """A bucket made less than ``ttl`` ago: no lease taken before it is ``ttl`` old (a
+        deleted bucket's former holders may still take theirs as valid). Its age is the
+        server's time of this worker's member put (``revision``) less the stream's
+        ``created``, both the server's clock."""
+        info = await self.js.stream_info(self.stream_name)
+        stored = await self.js.get_msg(self.stream_name, seq=revision)
+        self.created = info.created
+        if info.created is None or stored.time is None:
+            return
+        age = (stored.time - info.created).total_seconds()
+        first = self.since is not None and \
+            (info.created - self.since).total_seconds() < self.ttl  # the group's first bucket
+        if age < self.ttl and not first:
+            self._hold(self.ttl - max(age, 0.0), f"is {max(age, 0.0):.1f}s old")
+
+    async def _remake(self) -> None:
+        """The bucket is gone (deleted): make it again, so the workers do not idle for ever
+        (one that holds no lease never reconnects), and take no lease for ``ttl``."""
+        try:
+            self.kv = await self.js.create_key_value(bucket=self.bucket, history=1, ttl=self.ttl)
+            self.created = (await self.js.stream_info(self.stream_name)).created
+        except Exception as exc:  # another worker made it meanwhile, or no answer: next round
+            reraise_cancel()
+            log.debug("making the lease bucket %r again: %r", self.bucket, exc)
+            return
+        for partition in list(self.held):
+            self._end(partition, f"the lease bucket {self.bucket!r} was deleted")
+        self._hold(self.ttl, "was deleted: this worker made it again")
+
+    def _hold(self, seconds: float, why: str) -> None:
+        self.hold_until = max(self.hold_until, time.monotonic() + seconds)
+        log.info("worker %s: the lease bucket %r %s: it takes no partition for %.1fs (a worker "
+                 "of a deleted bucket may still take its lease as valid until then)", self.id,
+                 self.bucket, why, seconds)
 
     def valid(self, partition: int) -> bool:
         held = self.held.get(partition)
@@ -197,6 +257,8 @@ class Leases:
             except Exception as exc:  # no answer: the leases' own timers end them in time
                 reraise_cancel()  # nats-py turns a cancelled request into a timeout
                 self._failed(exc)
+                if isinstance(exc, (NoStreamResponseError, NotFoundError)):
+                    await self._remake()  # the bucket was deleted
             else:
                 self._succeeded()
 
@@ -260,7 +322,7 @@ class Leases:
             (1 if rank < self.partitions % len(members) else 0)
         order = [(self.rotation + i) % self.partitions for i in range(self.partitions)]
         for partition in order:
-            if len(self.held) >= target:
+            if len(self.held) >= target or time.monotonic() < self.hold_until:
                 break
             if partition in self.held:
                 continue
@@ -277,6 +339,12 @@ class Leases:
         subjects), less those whose last entry is a delete marker."""
         head = f"$KV.{self.bucket}.{self.prefix}.m."
         info = await self.js.stream_info(self.stream_name, subjects_filter=head + ">")
+        if info.created is not None and self.created is not None and \
+                info.created != self.created:  # deleted and made again: its leases are gone
+            self.created = info.created
+            for partition in list(self.held):
+                self._end(partition, f"the lease bucket {self.bucket!r} was deleted")
+            self._hold(self.ttl, "was deleted and made again")
         live = []
         for subject in sorted((info.state.subjects or {}) if info.state is not None else {}):
             try:

@@ -1,0 +1,351 @@
+"""The Kafka worker's consumer thread (:mod:`walex.workers.kafka`): one session's client.
+
+Contract: :class:`KafkaSession` is the part of
+:class:`~walex.workers.kafka.KafkaConsumer` that runs on the consumer's thread
+(``_serve``) and in librdkafka's callbacks (errors, assignments, revocations,
+losses), all of them on that thread. It shares with the event loop's side only
+the state under ``lock`` (``assigned``, ``buffers``, ``busy``, ``done``,
+``committed``, ``rewind``, ``failed``, ``closing``, ``rejoining``) and wakes the
+loop through ``ready``; every entry point carries its session's ``token`` and
+touches nothing once ``session`` is another (a client that outlived
+``close()``). It reads records into ``buffers``, seeks back to what the loop
+released, commits what the loop settled as handled (``done``), and on a
+rebalance waits for the call in hand, commits it and drops the rest (or,
+partitions lost, cancels the call through the lane). It imports nothing of
+:mod:`walex.workers.kafka`; the consumer provides the attributes annotated on
+the class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from confluent_kafka import KafkaException, TopicPartition
+
+from ..destinations.base import Unavailable
+from ..destinations.kafka import AUTHENTICATION
+from .base import Lane
+
+__all__ = ["TP", "KafkaSession"]
+
+log = logging.getLogger("walex.workers")
+
+_BATCH = 500  # records taken from the client at once
+_COMMIT_EVERY = 0.5  # seconds between commits of what was handled
+
+TP = tuple[str, int]
+
+
+class KafkaSession:
+    """The consumer thread's side of a Kafka worker (see the module's doc)."""
+
+    # provided by the consumer (walex.workers.kafka.KafkaConsumer)
+    url: Any
+    destination: Any
+    display: str
+    group: str
+    subscription: str
+    timeout: float
+    revoke_limit: float
+    lock: threading.Condition
+    session: object
+    ready: asyncio.Event
+    loop: asyncio.AbstractEventLoop | None
+    lane: Lane | None
+    assigned: set[TP]
+    buffers: dict[TP, deque[Any]]
+    busy: dict[TP, int]
+    done: dict[TP, int]
+    committed: dict[TP, int]
+    sent: dict[TP, int]
+    commit_failing: bool
+    rewind: dict[TP, int]
+    failed: Exception | None
+    closing: bool
+    rejoining: bool
+    last_error: str | None
+    auth_error: str | None
+    trouble_since: float | None
+    next_probe: float
+
+    def _wake(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.ready.set)
+            except RuntimeError:
+                pass
+
+    def _fail(self, exc: Exception, token: object) -> None:
+        with self.lock:
+            if self.session is not token:
+                return
+            if self.failed is None:
+                self.failed = exc
+        self._wake()
+
+    # -- the consumer's thread -------------------------------------------
+
+    def _on_error(self, err: Any, token: object) -> None:
+        text = self.url.scrub(str(err.str()))
+        log.debug("worker source %s: %s", self.display, text)
+        if self.session is not token:
+            return
+        self.last_error = text
+        if self.trouble_since is None:
+            self.trouble_since = time.monotonic()
+        if err.code() in AUTHENTICATION:
+            self.auth_error = text
+        if err.fatal():
+            self._fail(Unavailable(f"the Kafka consumer failed: {text}"), token)
+
+    def _serve(self, client: Any, token: object, stopping: threading.Event) -> None:
+        try:
+            client.subscribe([self.subscription],
+                             on_assign=lambda c, p: self._on_assign(c, p, token),
+                             on_revoke=lambda c, p: self._give_up(c, p, True, token),
+                             on_lost=lambda c, p: self._give_up(c, p, False, token))
+            last_commit = time.monotonic()
+            rejoin_limit = None
+            while not stopping.is_set() or (self.rejoining and self.session is token):
+                if stopping.is_set():  # the rebalance this member is in ends first
+                    rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
+                    if time.monotonic() > rejoin_limit:
+                        break
+                self._seek(client, token)
+                messages = client.consume(_BATCH, 0.2)
+                self._receive(messages, token)
+                if time.monotonic() - last_commit >= _COMMIT_EVERY:
+                    self._commit(client, None, wait=False, token=token)
+                    last_commit = time.monotonic()
+                if self.trouble_since is not None and self.failed is None and \
+                        self.session is token:
+                    self._probe(client, token)
+        except Exception as exc:
+            log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
+                      self.destination.describe(exc))
+            self._fail(self.destination.unavailable("the Kafka consumer stopped", exc), token)
+        finally:
+            with self.lock:
+                if self.session is token:
+                    self.closing = True
+            try:
+                self._commit(client, None, wait=True, token=token)
+            finally:
+                try:
+                    client.close()  # leaves the group: its partitions go to the others now
+                except Exception as exc:
+                    log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
+
+    def _probe(self, client: Any, token: object) -> None:
+        """After an error of the client (it reconnects by itself, silently): do the brokers
+        answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
+        :class:`Unavailable` (the worker says so, reports itself reconnecting, and connects
+        again)."""
+        now = time.monotonic()
+        since = self.trouble_since
+        if since is None or now < self.next_probe:
+            return
+        self.next_probe = now + 1.0
+        try:
+            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
+        except KafkaException as exc:
+            if now - since >= self.timeout:
+                detail = self.last_error or self.destination.describe(exc)
+                self._fail(Unavailable(f"no Kafka broker of {self.url.servers} answered for "
+                                       f"{self.timeout:g}s: {self.url.scrub(detail)}"), token)
+            return
+        if self.trouble_since == since and self.session is token:
+            self.trouble_since = None  # they answer: the error passed
+
+    def _receive(self, messages: list[Any], token: object) -> None:
+        if not messages:
+            return
+        added = False
+        with self.lock:
+            if self.session is not token:
+                return
+            for m in messages:
+                err = m.error()
+                if err is not None:
+                    self.last_error = self.url.scrub(str(err.str()))
+                    if err.fatal():
+                        self.failed = Unavailable(f"the Kafka consumer failed: {self.last_error}")
+                    log.debug("worker source %s: %s", self.display, self.last_error)
+                    continue
+                tp = (m.topic(), m.partition())
+                if tp not in self.assigned or tp in self.rewind:
+                    continue  # revoked meanwhile, or to be read again
+                self.buffers.setdefault(tp, deque()).append(m)
+                added = True
+        if added or self.failed is not None:
+            self._wake()
+
+    def _seek(self, client: Any, token: object) -> None:
+        with self.lock:
+            if self.session is not token:
+                return
+            rewind, self.rewind = self.rewind, {}
+        for (topic, partition), offset in rewind.items():
+            try:
+                client.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # not fetching yet: the committed offset holds
+                log.debug("seeking %s[%d] to %d: %s", topic, partition, offset,
+                          self.destination.describe(exc))
+
+    def _commit(self, client: Any, only: set[TP] | None, wait: bool, token: object) -> None:
+        """Commit what was handled and is not confirmed committed. Asynchronously (``wait``
+        False): an offset whose commit is out is not sent again until the broker answered
+        (:meth:`_on_commit`); synchronously: every offset not confirmed, its answer awaited.
+        An offset counts as committed only once the broker confirmed it."""
+        with self.lock:
+            if self.session is not token:
+                return
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self.done.items()
+                       if (only is None or (t, p) in only) and self.committed.get((t, p)) != o
+                       and (wait or self.sent.get((t, p)) != o)]
+            if not wait:
+                for tp in offsets:
+                    self.sent[(tp.topic, tp.partition)] = tp.offset
+        if not offsets:
+            return
+        try:
+            answered = client.commit(offsets=offsets, asynchronous=not wait)
+        except KafkaException as exc:
+            with self.lock:
+                for tp in offsets:
+                    if self.sent.get((tp.topic, tp.partition)) == tp.offset:
+                        del self.sent[(tp.topic, tp.partition)]
+            log.warning("worker group %r: committing offsets failed (%s); those records may be "
+                        "handled again", self.group, self.destination.describe(exc))
+            return
+        if wait:
+            self._confirmed(answered or [], None, token)
+
+    def _on_commit(self, err: Any, partitions: list[Any], token: object) -> None:
+        """librdkafka's answer to a commit (on the consumer's thread)."""
+        self._confirmed(partitions, err, token)
+
+    def _confirmed(self, partitions: list[Any], err: Any, token: object) -> None:
+        """Offsets the broker answered for: committed, or failed (then committed again by the
+        next commit, and said once until one succeeds)."""
+        failed = []
+        with self.lock:
+            if self.session is not token:
+                return
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                if self.sent.get(key) == tp.offset:
+                    del self.sent[key]
+                error = err if err is not None else tp.error
+                if error is not None:
+                    failed.append(f"{tp.topic}[{tp.partition}]@{tp.offset}: {error}")
+                elif key in self.assigned and tp.offset >= 0 and \
+                        tp.offset >= self.committed.get(key, -1):
+                    self.committed[key] = tp.offset
+            warn = bool(failed) and not self.commit_failing
+            if failed:
+                self.commit_failing = True
+            elif partitions:
+                self.commit_failing = False
+        if failed:
+            log.log(logging.WARNING if warn else logging.DEBUG,
+                    "worker group %r: the broker did not take the commit of %s; it is committed "
+                    "again (until then those records would be handled again after a rebalance "
+                    "or restart)", self.group, self.url.scrub("; ".join(failed)))
+
+    def _on_assign(self, client: Any, partitions: list[Any], token: object) -> None:
+        with self.lock:
+            if self.session is not token:
+                return  # the client of an earlier session: its records are not read
+            self.rejoining = False
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self.assigned.add(key)
+                self.buffers[key] = deque()
+                self.busy[key] = 0
+                self.done.pop(key, None)
+                self.committed.pop(key, None)
+                self.sent.pop(key, None)
+                self.rewind.pop(key, None)
+        log.info("worker group %r: assigned %s", self.group, _names(partitions))
+
+    def _give_up(self, client: Any, partitions: list[Any], commit: bool, token: object) -> None:
+        """Before partitions go to another worker: the call in hand returns, what was handled is
+        committed, the rest is dropped."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        limit = time.monotonic() + self.revoke_limit
+        cancelled = False
+        with self.lock:
+            if self.session is not token:  # a later session's partitions are not these
+                log.info("worker group %r: %s %s (an earlier connection's)", self.group,
+                         "released" if commit else "lost", _names(partitions))
+                return
+            for key in keys:
+                self.buffers.get(key, deque()).clear()
+            lane, loop = self.lane, self.loop
+            if not commit and any(self.busy.get(k) for k in keys):
+                # the group gave them away already (this worker missed its session): the call
+                # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
+                cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                         "were lost (the group session timed out)")
+            while self.session is token and not self.closing and \
+                    any(self.busy.get(k) for k in keys):
+                left = limit - time.monotonic()
+                if left <= 0 and not cancelled:
+                    # the group waits max.poll.interval.ms for this worker to give them up:
+                    # the call is cancelled well before, and nothing of it committed
+                    log.warning("worker group %r: a handler call for %s did not return within "
+                                "%gs of a rebalance; it is cancelled and its records are "
+                                "handled again", self.group, _names(partitions), self.revoke_limit)
+                    cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
+                                             "are revoked and the call did not return within "
+                                             f"{self.revoke_limit:g}s")
+                    limit = time.monotonic() + self.revoke_limit
+                    continue
+                if left <= 0:
+                    log.error("worker group %r: a handler call still runs for %s after it was "
+                              "cancelled; the partitions are given up without it (its records "
+                              "are handled again)", self.group, sorted(keys))
+                    break
+                self.lock.wait(min(left, 1.0))
+        if commit:
+            self._commit(client, keys, wait=True, token=token)
+        with self.lock:
+            if self.session is not token:
+                return
+            if cancelled and commit:
+                # the lane is revoked: the worker connects again, as a new member. This one
+                # first takes its part in the rebalance under way (_serve), then leaves: the
+                # group's leader leaving in the middle of one can wedge it (tansu kept it so)
+                self.rejoining = True
+            for key in keys:
+                self.assigned.discard(key)
+                self.buffers.pop(key, None)
+                self.busy.pop(key, None)
+                self.done.pop(key, None)
+                self.committed.pop(key, None)
+                self.sent.pop(key, None)
+                self.rewind.pop(key, None)
+        log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
+                 _names(partitions))
+
+    def _cancel(self, lane: Lane | None, loop: asyncio.AbstractEventLoop | None,
+                reason: str) -> bool:
+        """Revoke the lane (on the loop): the call in hand is cancelled, its lease lost."""
+        if lane is None or loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(lane.revoke, reason)
+        except RuntimeError:  # the loop is closed: no call runs
+            return False
+        return True
+
+
+def _names(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,134 @@
+"""The lease bucket of a NATS worker group deleted while two workers hold its leases.
+
+Workers with ``prefetch`` > 1 pull a partition only while they hold its lease in the
+key-value bucket ``walex_leases_<group>`` (:mod:`walex.workers.natslease`). Deleted (by
+hand, ``nats kv rm``), every lease in it is gone at once, while each holder still takes
+its own as valid for up to ``ttl * 3/4`` after its last confirmed renewal. A worker that
+makes the bucket again (it reconnects when its leases lapse) found it empty: on main it
+took every partition at once, those another worker still believed its own included, and
+both handled one partition concurrently.
+
+Two worker processes of :mod:`workers.test_nats_batches` (every change handled, per row
+in order, no two completed calls of one partition overlapping across workers) share four
+partitions; the bucket is deleted twice, with nats-py's JetStream API, while they handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from walex.workers.natslease import Leases, bucket_name
+import workers.test_nats_batches as nb
+from destinations.conftest import require
+
+EVENTS = 6000  # ~12 s of publishing: the deletions happen while it goes on
+
+
+async def _delete(port: int, bucket: str) -> None:
+    """Delete the bucket, once a worker has made it (again)."""
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await nc.jetstream(timeout=10).delete_key_value(bucket)
+                return
+            except NotFoundError:
+                assert time.monotonic() < deadline, f"no worker made {bucket!r} again"
+                await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+def test_a_deleted_lease_bucket_lets_no_partition_be_handled_twice_at_once(
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nb, "EVENTS", EVENTS)
+    group = nb.Group(tmp_path, unique, ["a", "b"])
+    bucket = f"walex_leases_g{unique}"
+    try:
+        group.start({})
+        group.publish()
+        group.wait(lambda: {r[4] for r in group.rows("handled")} == {"a", "b"},
+                   "both workers to handle", 30)
+        for _ in range(3):
+            asyncio.run(_delete(group.port, bucket))
+            deleted = time.time()
+            group.wait(lambda: {r[1] for r in group.rows("calls") if r[3] and r[3] > deleted}
+                       == {"a", "b"}, "both workers to handle again after the deletion", 40)
+        group.wait(group.complete, f"{EVENTS} changes handled", 60)
+    finally:
+        group.stop()
+        asyncio.run(group.cleanup())
+    group.check()
+    for name in group.names:
+        assert "lost partition" in group.log(name).read_text()
+
+
+def test_a_bucket_made_again_gives_no_lease_a_former_holder_still_takes_as_valid(
+        unique: str) -> None:
+    """The leases themselves, two workers' :class:`Leases` on the same nats-server: ``one``
+    holds both partitions; the bucket is deleted; ``two`` starts and makes the bucket again.
+    No lease may be granted to one of them while the other still takes it as valid (on
+    main ``two`` took both at once, ``one`` believing its own for up to ``ttl * 3/4``).
+    Then they share the partitions."""
+    port = require("nats")
+    ttl = 2.0
+    group, stream = f"g{unique}", f"S{unique}"
+    clashes: list[str] = []
+
+    async def main() -> None:
+        ncs = [await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+               for _ in range(3)]
+        leases: dict[str, Leases] = {}
+        tasks: list[asyncio.Future[None]] = []  # the leases given back (a lane's shed)
+
+        def granted(name: str, partition: int) -> None:
+            for other, theirs in leases.items():
+                if other != name and theirs.valid(partition):
+                    clashes.append(f"{name} got partition {partition} while {other} held it "
+                                   f"for {theirs.remaining(partition):.2f}s more")
+
+        def make(name: str, nc: object) -> Leases:
+            made = leases[name] = Leases(nc, group, stream, 2, ttl,
+                                         granted=lambda p: granted(name, p),
+                                         lost=lambda p, why: None,
+                                         shed=lambda p: tasks.append(asyncio.ensure_future(
+                                             leases[name].release(p))),
+                                         name=name)
+            return made
+
+        try:
+            one = make("one", ncs[0])
+            await one.open()
+            await _wait(lambda: len(one.held) == 2, "one to hold both partitions", 3 * ttl)
+            await asyncio.sleep(0.3)  # a renewal later: one takes them as valid ~ttl*3/4
+            await ncs[2].jetstream(timeout=10).delete_key_value(bucket_name(group))
+            two = make("two", ncs[1])
+            await two.open()  # makes the bucket again
+            await _wait(lambda: len(one.held) == 1 and len(two.held) == 1,
+                        "the two to share the partitions", 4 * ttl)
+            await one.close()
+            await two.close()
+        finally:
+            try:
+                await ncs[2].jetstream(timeout=10).delete_key_value(bucket_name(group))
+            except NotFoundError:
+                pass
+            for nc in ncs:
+                await nc.close()
+
+    asyncio.run(asyncio.wait_for(main(), 40))
+    assert not clashes, clashes
+
+
+async def _wait(check, what: str, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g}s"
+        await asyncio.sleep(0.05)
