@@ -132,3 +132,36 @@ async def _wait(check, what: str, timeout: float) -> None:  # type: ignore[no-un
     while not check():
         assert time.monotonic() < deadline, f"no {what} within {timeout:g}s"
         await asyncio.sleep(0.05)
+
+
+def test_a_group_declared_long_before_its_first_worker_takes_its_partitions_at_once(
+        unique: str) -> None:
+    """``walex worker --declare`` with a prefetch makes the group's lease bucket too: a
+    first worker started more than ``ack_wait`` later finds a bucket as old as the
+    consumers and takes its partitions at once. Without it, that worker made the bucket
+    itself, younger than the consumers by more than ``ttl``, could not tell it from a
+    deleted one made again, and took no partition for ``ttl``."""
+    from walex import Events
+    from walex.workers import Worker
+
+    events = Events()
+    events.on_event("item")(lambda batch: None)
+    source = nb._source(unique, 8) + "&ack_wait=3"
+
+    async def main() -> None:
+        await Worker(source, [events]).consumer.declare()
+        await asyncio.sleep(4)  # the group's consumers (and bucket) older than ack_wait
+        worker = Worker(source, [events])
+        await worker.start()
+        try:
+            leases = worker.consumer.leases
+            assert leases is not None
+            deadline = time.monotonic() + 2.0  # well within ttl (3 s)
+            while len(leases.held) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert sorted(leases.held) == [0, 1], (
+                f"a first worker after --declare held {sorted(leases.held)} after 2 s")
+        finally:
+            await asyncio.wait_for(worker.stop(), 30)
+
+    asyncio.run(main())

@@ -90,7 +90,7 @@ from .base import Consumer, Lane, close_quietly, partition_filter
 from .natsbatch import BatchLane
 from .natsdirect import Inboxes
 from .natslane import NatsLane
-from .natslease import Leases, reraise_cancel
+from .natslease import Leases, bucket_name, open_bucket, reraise_cancel
 from .natsstream import _SourceStream, refuse, verify
 
 __all__ = ["NatsConsumer"]
@@ -162,7 +162,10 @@ class NatsConsumer(Consumer):
                                   BatchLane(p, self, psub, ack_wait, self.prefetch, name))
             if self.direct:
                 self._hook()
-            if self.prefetch > 1 and not self.declaring:
+            if self.prefetch > 1 and self.declaring:  # the group's lease bucket, made now
+                await open_bucket(js, bucket_name(self.group),
+                                  max(lane.ack_wait for lane in self.lanes))
+            elif self.prefetch > 1:
                 await self._lease()
         except Unavailable:
             await self.close()

@@ -51,6 +51,8 @@ one holding its lease here:
   Not at a group's first start: a bucket made within ``ttl`` after the group's
   consumers (``since``, the oldest one's ``created``) is the group's first one
   (a bucket deleted within ``ttl`` of the group's start is not told apart);
+  ``walex worker --declare`` makes the bucket with the consumers, so a first
+  worker started later finds it as old as they are (:func:`open_bucket`);
 - rounds failing (no answer, a permission missing) for longer than ``ttl``: one
   WARNING naming the bucket, the last error and what to check, one INFO once a
   round succeeds again (a worker holding nothing would otherwise idle silently).
@@ -81,7 +83,7 @@ from nats.js.errors import (
     NotFoundError,
 )
 
-__all__ = ["Leases", "bucket_name", "reraise_cancel", "stream_key"]
+__all__ = ["Leases", "bucket_name", "open_bucket", "reraise_cancel", "stream_key"]
 
 log = logging.getLogger("walex.workers")
 
@@ -115,6 +117,16 @@ class Held:
     valid_until: float  # local monotonic time the lease ends at, for this worker
     timer: asyncio.TimerHandle | None = None
     shedding: bool = False  # asked to give it back (above the target)
+
+
+async def open_bucket(js: Any, bucket: str, ttl: float) -> Any:
+    """The lease bucket, made when missing (a concurrent creation of the same is fine).
+    ``walex worker --declare`` makes it too, so that a group's first worker, started
+    later, finds it as old as the group's consumers (:meth:`Leases._age`)."""
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # missing: create it
+        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl)
 
 
 class Leases:
@@ -170,10 +182,7 @@ class Leases:
     async def open(self) -> None:
         """Find or create the bucket (its ``max_age`` becomes the ttl), register, and run
         the rounds."""
-        try:
-            kv = await self.js.key_value(self.bucket)
-        except Exception:  # missing: create it (a concurrent creation of the same is fine)
-            kv = await self.js.create_key_value(bucket=self.bucket, history=1, ttl=self.ttl)
+        kv = await open_bucket(self.js, self.bucket, self.ttl)
         status = await kv.status()
         if status.ttl and abs(status.ttl - self.ttl) > 1e-3:
             log.warning("lease bucket %r has ttl=%gs (not the consumers' ack_wait=%gs): leases "
