@@ -50,7 +50,7 @@ from typing import Any
 from .errors import HandlerError
 from .event import Event
 from .handlers import Events, Handler
-from .threads import Workers
+from .threads import Bound, Workers
 from .transactions import Transaction
 
 __all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
@@ -120,6 +120,7 @@ class Dispatcher:
         name: str = "walex",
     ) -> None:
         self.workers = Workers(name, function_concurrency)
+        self._functions = Bound(function_concurrency)  # the calls of per-event functions
         # max_batch handlers' events not yet handed over, by id(handler) (handlers are unhashable)
         self._pending: dict[int, tuple[Handler, list[Event]]] = {}
         # the commit LSN of the transaction whose later batches are still to be planned
@@ -136,12 +137,14 @@ class Dispatcher:
     def configure(
         self, on_error: Any, max_retries: int, retry_backoff: float, function_concurrency: int
     ) -> None:
-        """Set the error policy and the function bound; takes effect from the next transaction."""
+        """Set the error policy and the function bound. The bound holds at once, for the
+        calls running too (a new semaphore let the calls waiting on the old one in
+        beside those taking the new one: more than either bound at once)."""
         self.on_error = on_error
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.function_concurrency = function_concurrency
-        self._functions = asyncio.Semaphore(function_concurrency)
+        self._functions.limit = function_concurrency
         self.workers.function_threads = function_concurrency
 
     def close(self, wait: bool = True) -> None:

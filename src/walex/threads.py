@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Workers"]
+__all__ = ["Bound", "Workers"]
 
 
 class Workers:
@@ -105,6 +106,63 @@ class Workers:
         self._handlers = self._functions = None
         for pool in pools:
             pool.shutdown(wait=wait, cancel_futures=True)
+
+
+class Bound:
+    """At most ``limit`` holders at once (``async with``), in the order they came, like a
+    semaphore whose limit may change while it is held (``function_concurrency`` at run
+    time): the calls already in count against the new limit, so a lower one lets no
+    other in until enough have left, and a higher one lets waiting ones in at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        self._limit = limit
+        self._wake()
+
+    async def __aenter__(self) -> None:
+        if self.held < self._limit and not self._waiters:
+            self.held += 1
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter
+                if self.held < self._limit:
+                    break
+                waiter = loop.create_future()  # another came in first: wait again, first
+                self._waiters.appendleft(waiter)
+        except BaseException:
+            if not waiter.done() or waiter.cancelled():
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            else:  # woken, then cancelled: the room it was woken for goes to the next
+                self._wake()
+            raise
+        self.held += 1
+        self._wake()  # room for more (a raised limit): the next one too
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.held -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self.held < self._limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 def _run_calls(

@@ -1,0 +1,95 @@
+"""Run-time configuration against the running app's calls and its stop().
+
+Concern: a configuration change never loosens a bound the app keeps for the
+calls under way: ``function_concurrency`` holds at every moment, across any
+change (a change of any option, the bound itself lowered or raised), for the
+calls already running as for those that start or retry after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+from support import collecting, run, until
+
+from walex import Event, Events
+
+SCHEMA = """
+CREATE TABLE item (id int PRIMARY KEY, label text);
+CREATE PUBLICATION pub FOR TABLE item;
+"""
+
+
+class Overlap:
+    """Counts the calls of a function running at once; the first call of id 1 fails."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.most = 0
+        self.calls: list[int] = []
+        self.entered: list[int] | None = None  # set: each call's count of those running
+
+    async def function(self, event: Event) -> None:
+        key = event.new_record["id"]
+        self.calls.append(key)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        if self.entered is not None:
+            self.entered.append(self.running)
+        try:
+            if key == 1 and self.calls.count(1) == 1:
+                await asyncio.sleep(0.4)
+                raise RuntimeError("first try of 1 fails")
+            await asyncio.sleep(1.0)
+        finally:
+            self.running -= 1
+
+
+def test_function_concurrency_holds_across_a_change_during_a_transaction(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """A change (here of retry_backoff) while two functions run: on main it made a new
+    semaphore, and the retry of the failed call took it while the old one let the next
+    call in: three calls at once with function_concurrency=2."""
+    admin.execute(SCHEMA)
+    overlap, events = Overlap(), Events()
+    events.on_insert("item", functions=[overlap.function])(lambda items: None)
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], function_concurrency=2, max_retries=1,
+                              retry_backoff=0.01) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute("INSERT INTO item SELECT g, 'x' FROM generate_series(1, 4) g")
+            await until(lambda: overlap.running == 2, "two functions running")
+            app.config.replace("retry_backoff", 0.02)
+            await until(lambda: app.transactions_handled == 1, "the transaction", timeout=10)
+        assert sorted(overlap.calls) == [1, 1, 2, 3, 4]
+        assert overlap.most == 2
+
+    run(main())
+
+
+def test_function_concurrency_lowered_during_a_transaction_is_held_at_once(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """function_concurrency lowered from 3 to 1 while three calls run: no call starts (or
+    retries) until none runs; on main the waiting calls went on under the old bound of 3
+    and the retry under the new one (four at once)."""
+    admin.execute(SCHEMA)
+    overlap, events = Overlap(), Events()
+    events.on_insert("item", functions=[overlap.function])(lambda items: None)
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], function_concurrency=3, max_retries=1,
+                              retry_backoff=0.01) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute("INSERT INTO item SELECT g, 'x' FROM generate_series(1, 5) g")
+            await until(lambda: overlap.running == 3, "three functions running")
+            app.config.replace("function_concurrency", 1)
+            overlap.entered = []  # how many ran, itself included, as each later call began
+            await until(lambda: app.transactions_handled == 1, "the transaction", timeout=15)
+        assert sorted(overlap.calls) == [1, 1, 2, 3, 4, 5]
+        assert overlap.entered == [1, 1, 1]
+
+    run(main())
