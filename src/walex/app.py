@@ -18,6 +18,7 @@ an internal task that ends in any other way than by :meth:`stop`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import hashlib
@@ -50,6 +51,9 @@ __all__ = ["WalEx", "get_app"]
 log = logging.getLogger("walex")
 
 _running: weakref.WeakValueDictionary[str, WalEx] = weakref.WeakValueDictionary()
+# the app whose internal tasks run the current code (its handlers, functions, middleware):
+# its stop() cannot wait there for the call in hand, which awaits it
+_inside: contextvars.ContextVar[WalEx | None] = contextvars.ContextVar("walex_inside", default=None)
 
 
 def get_app(name: str) -> WalEx:
@@ -130,6 +134,7 @@ class WalEx(Lifecycle):
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None  # a stop its own calls asked for
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
@@ -190,16 +195,19 @@ class WalEx(Lifecycle):
             self._starting = False
         _running[name] = self
         p = self.pipeline
-        self._tasks = [
-            asyncio.create_task(p.run_reader(), name=f"walex-{name}-reader"),
-            asyncio.create_task(p.run_dispatcher(), name=f"walex-{name}-dispatcher"),
-            asyncio.create_task(p.run_acknowledger(), name=f"walex-{name}-ack"),
-        ]
+        inside = contextvars.copy_context()  # the tasks' own: stop() knows its calls by it
+        inside.run(_inside.set, self)
+
+        def task(coro: Any, role: str) -> asyncio.Task[None]:
+            return asyncio.create_task(coro, name=f"walex-{name}-{role}", context=inside)
+
+        self._tasks = [task(p.run_reader(), "reader"), task(p.run_dispatcher(), "dispatcher"),
+                       task(p.run_acknowledger(), "ack")]
         if self.settings.heartbeat_interval:
-            self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+            self._tasks.append(task(p.run_heartbeat(), "heartbeat"))
         if p.fence is not None:  # standby=True: handle only while holding the lock
-            self._tasks.append(asyncio.create_task(watch(p), name=f"walex-{name}-fence"))
-        self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
+            self._tasks.append(task(watch(p), "fence"))
+        self._tasks.append(task(p.backfill.run(), "backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         self.observer.streaming()
@@ -240,7 +248,23 @@ class WalEx(Lifecycle):
         runs on until the function returns) and the log says so. Batches
         received but not started are not handled: a durable slot delivers them
         again at the next start.
+
+        Called by the app's own handlers, functions or message middleware, it
+        starts the stop and returns at once (the stop waits for the call in
+        hand, so the call cannot wait for the stop): the call goes on, and its
+        transaction is acknowledged if it returns within the grace; a message
+        middleware's reading is cancelled.
         """
+        if _inside.get() is self:
+            if not self._stopping:
+                outside = contextvars.copy_context()
+                outside.run(_inside.set, None)
+                stopping = self._stop_task = asyncio.get_running_loop().create_task(
+                    self.stop(), name=f"walex-{self.settings.name}-stop", context=outside)
+                stopping.add_done_callback(self._stop_done)
+                while not (self._stopping or stopping.done()):
+                    await asyncio.sleep(0)  # until the stop began: no batch starts after this one
+            return
         if self._stopping:
             await self._stopped.wait()
             return
@@ -291,6 +315,12 @@ class WalEx(Lifecycle):
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()
+
+    def _stop_done(self, task: asyncio.Task[None]) -> None:
+        """A stop the app's own calls asked for ended: an error of it is logged (no one awaits it)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("walex %r: stop() failed: %r", self.settings.name, task.exception(),
+                      exc_info=task.exception())
 
     def _log_cut_off(self, txn: Any) -> None:
         """Say that the batch in hand did not finish within the grace and is cancelled."""

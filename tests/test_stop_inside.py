@@ -1,0 +1,115 @@
+"""``stop()`` called by the app's own handler calls.
+
+Concern: a handler (or a per-event function) that stops its app, awaiting
+``app.stop()`` as any other code would, cannot wait for the stop to end: the
+stop waits for the call in hand. The stop must still happen, promptly and
+whole: the call returns, its transaction is acknowledged, nothing after it is
+handled, the session is closed (the slot let go), and the app can start again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from support import run, until
+
+from walex import Event, Events, WalEx
+from walex.pgoutput.messages import Insert
+
+SCHEMA = """
+CREATE TABLE item (id int PRIMARY KEY);
+CREATE PUBLICATION pub FOR TABLE item;
+"""
+
+_names = itertools.count(1)
+
+
+def commit_lsn(event: Event) -> int:
+    return int(event.id.split("-")[0], 16)
+
+
+def slot_state(admin: psycopg.Connection, slot: str) -> tuple[int, bool]:
+    row = admin.execute("SELECT confirmed_flush_lsn - '0/0', active FROM pg_replication_slots "
+                        "WHERE slot_name = %s", [slot]).fetchone()
+    assert row is not None, f"no slot {slot}"
+    return int(row[0]), bool(row[1])
+
+
+@pytest.mark.parametrize("where", ["handler", "function", "plain handler", "middleware"])
+def test_stop_awaited_by_a_handler_call(admin: psycopg.Connection, dsn: str, where: str) -> None:
+    """On main the stop waited shutdown_grace for the call awaiting it, cancelled its own
+    task half-way and left the session open (slot active) and the app unstartable."""
+    admin.execute(SCHEMA)
+    handled: list[int] = []
+    returned: list[int] = []
+    app: WalEx
+    events = Events()
+    loop: asyncio.AbstractEventLoop
+    options: dict[str, Any] = {}
+
+    async def stop_on_two(event: Event) -> None:
+        if event.new_record["id"] == 2:
+            await app.stop()
+            returned.append(2)
+
+    if where == "handler":
+        @events.on_insert("item")
+        async def handler(items: list[Event]) -> None:
+            handled.extend(e.new_record["id"] for e in items)
+            await stop_on_two(items[0])
+    elif where == "function":
+        events.on_insert("item", functions=[stop_on_two])(
+            lambda items: handled.extend(e.new_record["id"] for e in items))
+    elif where == "middleware":
+        events.on_insert("item")(lambda items: handled.extend(e.new_record["id"] for e in items))
+
+        async def middleware(message: Any, owner: WalEx) -> None:
+            if isinstance(message, Insert) and message.new.values[0] == b"3" and not returned:
+                returned.append(2)  # the reader is cancelled by the stop: it goes no further
+                await owner.stop()  # before the third transaction's row is handed on
+            await owner.process_message(message)
+
+        options["message_middleware"] = middleware
+    else:
+        @events.on_insert("item")
+        def plain(items: list[Event]) -> None:
+            handled.extend(e.new_record["id"] for e in items)
+            if items[0].new_record["id"] == 2:
+                asyncio.run_coroutine_threadsafe(app.stop(), loop).result(timeout=20)
+                returned.append(2)
+
+    async def main() -> None:
+        nonlocal app, loop
+        loop = asyncio.get_running_loop()
+        app = WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events],
+                    name=f"walex_stop_inside_{next(_names)}", durable_slot=True,
+                    shutdown_grace=20, **options)
+        await app.start()
+        for i in (1, 2, 3):
+            admin.execute("INSERT INTO item VALUES (%s)", [i])
+        began = time.monotonic()
+        await until(lambda: 2 in handled, "the second transaction")
+        await asyncio.wait_for(app.wait(), 10)  # stopped, without an error
+        assert time.monotonic() - began < 5, "the stop waited for the call that asked for it"
+        assert returned == [2]  # the call went on and returned (a middleware: asked)
+        assert handled == [1, 2]  # nothing after it
+        assert not app._tasks
+        deadline = time.monotonic() + 10
+        while slot_state(admin, app.slot_name)[1]:  # the session closed: the slot let go
+            assert time.monotonic() < deadline, "the slot is still active after the stop"
+            await asyncio.sleep(0.05)
+        # the second transaction was acknowledged: a restart delivers the third only
+        await app.start()
+        try:
+            await until(lambda: 3 in handled, "the third transaction")
+            await asyncio.sleep(0.3)
+        finally:
+            await app.stop()
+        assert handled == [1, 2, 3]
+
+    run(main(), timeout=90)
