@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -113,3 +114,92 @@ def test_stop_awaited_by_a_handler_call(admin: psycopg.Connection, dsn: str, whe
         assert handled == [1, 2, 3]
 
     run(main(), timeout=90)
+
+
+class Overlap:
+    """How many calls of a handler ran at once, and in which order they began and ended."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.log: list[str] = []
+
+    def enter(self, key: int) -> None:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.log.append(f"+{key}")
+
+    def leave(self, key: int) -> None:
+        with self.lock:
+            self.running -= 1
+            self.log.append(f"-{key}")
+
+
+@pytest.mark.parametrize("kind", ["plain", "async ignoring cancellation"])
+def test_start_after_a_cut_off_call_waits_for_it(admin: psycopg.Connection, dsn: str,
+                                                 kind: str) -> None:
+    """A handler call cut off by stop() (a plain one on its thread, an async one that
+    ignores its cancellation for longer than stop() waits) still runs when the app starts
+    again: on main the new handler calls ran beside it, the same transaction (not
+    acknowledged, delivered again) handled twice at once; an async one's old dispatcher
+    loop even went on taking batches beside the new one."""
+    admin.execute(SCHEMA)
+    overlap, events = Overlap(), Events()
+    first = [True]
+    hold = 3.0 if kind == "plain" else 12.0  # stop() waits 10 s for its tasks
+
+    if kind == "plain":
+        @events.on_insert("item")
+        def plain(items: list[Event]) -> None:
+            key = items[0].new_record["id"]
+            overlap.enter(key)
+            if first[0]:
+                first[0] = False
+                time.sleep(hold)
+            else:
+                time.sleep(0.05)
+            overlap.leave(key)
+    else:
+        @events.on_insert("item")
+        async def stubborn(items: list[Event]) -> None:
+            key = items[0].new_record["id"]
+            overlap.enter(key)
+            if first[0]:
+                first[0] = False
+                began = time.monotonic()
+                while time.monotonic() - began < hold:
+                    try:
+                        await asyncio.sleep(hold - (time.monotonic() - began))
+                    except asyncio.CancelledError:
+                        pass  # ignored
+            else:
+                await asyncio.sleep(0.05)
+            overlap.leave(key)
+
+    async def main() -> None:
+        app = WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events],
+                    name=f"walex_stop_inside_{next(_names)}", durable_slot=True,
+                    shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: overlap.running, "the first call")
+        await app.stop()  # cuts the call off: transaction 1 is not acknowledged
+        await app.start()
+        try:
+            for i in (2, 3, 4):
+                admin.execute("INSERT INTO item VALUES (%s)", [i])
+            await until(lambda: overlap.log.count("-4") == 1, "the fourth transaction",
+                        timeout=hold + 20)
+            await asyncio.sleep(0.3)
+        finally:
+            await app.stop()
+        assert overlap.most == 1, overlap.log
+        later = ["+2", "-2", "+3", "-3", "+4", "-4"]
+        # the cut-off call returned before any other began; transaction 1 again (unless that
+        # call's return was recorded), then each other once, in order
+        assert overlap.log[:2] == ["+1", "-1"]
+        assert overlap.log[2:] in (["+1", "-1"] + later, later)
+
+    run(main(), timeout=120)

@@ -32,7 +32,7 @@ from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from . import gcpolicy
-from .errors import ConfigError, WalExError
+from .errors import ConfigError, StoppedError, WalExError
 from .handlers import Handler
 from .lifecycle import Lifecycle
 from .lsn import format_lsn
@@ -135,6 +135,7 @@ class WalEx(Lifecycle):
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None  # a stop its own calls asked for
+        self._stuck: list[asyncio.Task[None]] = []  # tasks the last stop() could not end
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
@@ -187,9 +188,10 @@ class WalEx(Lifecycle):
         self._stopped.clear()
         self._stopping = False
         self._error = None
-        self.pipeline.closing = False
         self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
+            await self._wait_cut_off()
+            self.pipeline.closing = False
             await self._open()
         finally:
             self._starting = False
@@ -223,6 +225,28 @@ class WalEx(Lifecycle):
             name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
+
+    async def _wait_cut_off(self) -> None:
+        """Before a start, wait for the calls the last stop() cut off that still run (a plain
+        one on its thread, an async one ignoring its cancellation): the new calls would run
+        beside them, the transaction they had in hand (not acknowledged, so delivered again)
+        handled twice at once, and an old dispatcher loop could take batches again."""
+        def left() -> list[str]:
+            return ([t.get_name() for t in self._stuck if not t.done()]
+                    or self.dispatcher.workers.lingering())
+
+        running = left()
+        if not running:
+            return
+        log.warning("walex %r: start() waits for handler calls cut off by the last stop() to "
+                    "return (%s), so that none runs beside the new ones", self.settings.name,
+                    ", ".join(running))
+        while left():
+            await asyncio.sleep(0.05)
+        self._stuck = []
+        if self._stopping:
+            raise StoppedError(f"walex app {self.settings.name!r} was stopped while start() "
+                               "waited for the calls the last stop() cut off")
 
     async def _open(self) -> None:
         """start()'s connections: the endpoint, the destinations, the first session."""
@@ -290,6 +314,7 @@ class WalEx(Lifecycle):
                 for task in stuck:
                     log.error("walex %r: task %s did not stop within 10s", self.settings.name,
                               task.get_name())
+                self._stuck = list(stuck)
                 self._tasks = []
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:
@@ -335,6 +360,8 @@ class WalEx(Lifecycle):
     def _task_done(self, task: asyncio.Task[None], may_return: bool = False) -> None:
         """An internal task ended: unless :meth:`stop` ended it, the app stops with an error."""
         error: BaseException
+        if task in self._stuck:  # cut off by the last stop(), which said so
+            return
         if task.cancelled():
             if self._stopping:
                 return

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,12 @@ class Workers:
         self._handlers = self._functions = None
         for pool in pools:
             pool.shutdown(wait=wait, cancel_futures=True)
+
+    def lingering(self) -> list[str]:
+        """The names of this app's threads still alive after :meth:`close` (a call cut
+        off runs on until it returns); asked before new threads start."""
+        prefixes = (f"walex-{self.name}-handlers_", f"walex-{self.name}-functions_")
+        return [t.name for t in threading.enumerate() if t.name.startswith(prefixes)]
 
 
 class Bound:
