@@ -48,8 +48,7 @@ class RuntimeConfig:
 
     def get(self, key: str) -> Any:
         settings = self._app.settings
-        if key not in type(settings).model_fields:
-            raise ConfigError(f"unknown configuration key {key!r}")
+        _check_key(key, settings)
         return getattr(settings, key)
 
     def add(self, key: str, values: Any) -> None:
@@ -77,8 +76,7 @@ class RuntimeConfig:
 
     def _set(self, key: str, value: Any) -> None:
         settings = self._app.settings
-        if key not in type(settings).model_fields:
-            raise ConfigError(f"unknown configuration key {key!r}")
+        _check_key(key, settings)
         if key in _FIXED:
             raise ConfigError(f"{key} cannot change while the app exists; create a new app")
         if key in _AT_START and self._app._tasks:
@@ -92,6 +90,13 @@ class RuntimeConfig:
         app.dispatcher.configure(
             new.on_error, new.max_retries, new.retry_backoff, new.function_concurrency
         )
+
+
+def _check_key(key: Any, settings: Any) -> None:
+    """A ConfigError unless ``key`` names an option (a list or a dict raised TypeError)."""
+    if not isinstance(key, str) or key not in type(settings).model_fields:
+        raise ConfigError(f"unknown configuration key {key!r}; the keys are the options of "
+                          "WalEx(...), e.g. 'subscriptions', 'modules', 'on_error'")
 
 
 def _config(name: str) -> RuntimeConfig:
