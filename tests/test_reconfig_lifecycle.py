@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import pytest
 from support import collecting, run, until
 
-from walex import Event, Events
+from walex import ConfigError, Event, Events
 
 SCHEMA = """
 CREATE TABLE item (id int PRIMARY KEY, label text);
@@ -91,5 +92,49 @@ def test_function_concurrency_lowered_during_a_transaction_is_held_at_once(
             await until(lambda: app.transactions_handled == 1, "the transaction", timeout=15)
         assert sorted(overlap.calls) == [1, 1, 2, 3, 4, 5]
         assert overlap.entered == [1, 1, 1]
+
+    run(main())
+
+
+def test_a_key_of_the_wrong_type_is_a_config_error(admin: psycopg.Connection, dsn: str) -> None:
+    """A list or dict as the key raised TypeError (unhashable) on main."""
+    admin.execute(SCHEMA)
+
+    async def main() -> None:
+        async with collecting(dsn) as rec:
+            app = rec.app
+            assert app is not None
+            for call in (lambda: app.config.get(["subscriptions"]),
+                         lambda: app.config.replace({"on_error": "skip"}, "skip"),
+                         lambda: app.config.add(["subscriptions"], "item"),
+                         lambda: app.config.remove(b"subscriptions", "item")):
+                with pytest.raises(ConfigError, match="unknown configuration key .*'subscriptions'"):
+                    call()
+
+    run(main())
+
+
+def test_many_retries_without_backoff_stay_under_the_error_policy(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """max_retries above 1023: on main the 1024th retry's delay (retry_backoff * 2**1024)
+    raised OverflowError, which stopped the app instead of the "skip" policy going on."""
+    admin.execute(SCHEMA)
+    tries: list[int] = []
+    events = Events()
+
+    @events.on_insert("item")
+    async def fails_on_one(items: list[Event]) -> None:
+        key = items[0].new_record["id"]
+        tries.append(key)
+        if key == 1:
+            raise RuntimeError("always")
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], max_retries=1100, retry_backoff=0,
+                              on_error="skip") as rec:
+            admin.execute("INSERT INTO item VALUES (1, 'x')")
+            admin.execute("INSERT INTO item VALUES (2, 'y')")
+            await until(lambda: 2 in tries, "the second transaction", timeout=60)
+        assert tries.count(1) == 1101
 
     run(main())

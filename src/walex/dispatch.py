@@ -538,7 +538,8 @@ class Dispatcher:
                 self.errors += 1
                 label = _label(handler, func, event)
                 if attempt < self.max_retries:
-                    delay = self.retry_backoff * 2**attempt
+                    # 2**attempt as a float overflows past 1023 retries (OverflowError)
+                    delay = self.retry_backoff * 2 ** min(attempt, 64)
                     attempt += 1
                     self.retries += 1
                     log.warning("%s raised %r; retry %d/%d in %.2fs",
