@@ -6,11 +6,12 @@ configuration with the same model as the constructor (so a bad value raises
 :class:`~walex.errors.ConfigError` and nothing changes), check an added
 subscription against the database as ``start()`` does while the app runs (a
 :class:`~walex.errors.SetupError`, and nothing changes), then apply it:
-subscriptions, modules and the handler options (``on_error``,
-``max_retries``, ``retry_backoff``) from the next transaction, without a
-restart (a transaction under way -- its batches read or handed over in part,
-or a streamed one still open -- ends under the old ones);
-``function_concurrency`` at once, counting the calls running already;
+subscriptions and modules from the next transaction, without a restart (a
+transaction under way -- its batches read or handed over in part, or a
+streamed one still open -- ends under the old ones); the handler options
+(``on_error``, ``max_retries``, ``retry_backoff``) for every failure from
+then on, and ``function_concurrency`` at once, counting the calls running
+already;
 connection options (``password``, ``url``,
 ...) and ``message_middleware`` at the next reconnect; ``backfill_chunk_size``
 from the next backfill. ``name``, the slot, the publication, the protocol
