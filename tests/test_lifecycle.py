@@ -259,3 +259,39 @@ def test_stop_cuts_off_a_handler_after_the_grace_and_says_so(
     assert "handler call cut off after shutdown_grace=0.5s" in message
     assert f"transaction committed at {started[0].lsn} was not acknowledged" in message
     assert app.settings.name in message
+
+
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit])
+def test_handler_raising_base_exception_when_cut_off(admin: psycopg.Connection, dsn: str,
+                                                     kind: type[BaseException]) -> None:
+    """A handler cut off by stop() that raises KeyboardInterrupt or SystemExit as it is
+    cancelled: on main it left the dispatcher task and stopped the event loop itself,
+    stop() cancelled half done; it must be the error wait() raises, stop() finishing."""
+    admin.execute(SCHEMA)
+    events = Events()
+    started: list[Event] = []
+
+    @events.on_insert("item")
+    async def stubborn(items: list[Event]) -> None:
+        started.extend(items)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise kind("leaving") from None
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: started, "the call")
+        await app.stop()
+        with pytest.raises(HandlerError, match=kind.__name__) as info:
+            await app.wait()
+        assert isinstance(info.value.__cause__, kind)
+        assert not app._tasks
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(started[0])
+
+    try:
+        run(main())
+    except (KeyboardInterrupt, SystemExit) as exc:  # out of the loop: not the test runner's
+        pytest.fail(f"{exc!r} left the event loop")

@@ -73,11 +73,20 @@ async def _call(func: Callable[..., Any], arg: Any, is_async: bool | None, run_p
 
 
 def _stopping(exc: BaseException) -> bool:
-    """Whether ``exc`` is walex's own task being cancelled, not something a call raised."""
+    """Whether ``exc`` is walex's own task being cancelled, not something a call raised.
+
+    A call that turns that cancellation into KeyboardInterrupt or SystemExit (a
+    handler cut off by ``stop()``) has it raised as a HandlerError here: out of a
+    task, those two stop the event loop itself, ``stop()`` half done."""
     if isinstance(exc, GeneratorExit):
         return True
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    if task is None or not task.cancelling():
+        return False
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise HandlerError(f"a handler call raised {exc!r} when stop() cancelled it (cut off "
+                           "after shutdown_grace); its transaction was not acknowledged") from exc
+    return True
 
 
 class _BatchFailure:
