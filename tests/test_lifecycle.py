@@ -295,3 +295,35 @@ def test_handler_raising_base_exception_when_cut_off(admin: psycopg.Connection, 
         run(main())
     except (KeyboardInterrupt, SystemExit) as exc:  # out of the loop: not the test runner's
         pytest.fail(f"{exc!r} left the event loop")
+
+
+def test_a_stop_whose_caller_is_cancelled_still_ends(admin: psycopg.Connection, dsn: str) -> None:
+    """stop() under a timeout that runs out (asyncio.wait_for, a second Ctrl-C cancelling
+    the main task) while the call in hand finishes: on main the stop was cancelled half
+    done (session open, slot active, tasks kept) and every later stop() returned at once;
+    the stop must go on to its end, and a later stop() wait for it."""
+    admin.execute(SCHEMA)
+    events = Events()
+    started: list[Event] = []
+    finished: list[Event] = []
+
+    @events.on_insert("item")
+    async def slow(items: list[Event]) -> None:
+        started.extend(items)
+        await asyncio.sleep(1.5)
+        finished.extend(items)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=10)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: started, "the call")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app.stop(), 0.2)
+        await app.stop()  # waits for the stop under way
+        assert finished == started
+        assert not app._tasks and app.pipeline.connection is None
+        await app.wait()
+        assert confirmed_flush(admin, app.slot_name) > commit_lsn(started[0])
+
+    run(main())

@@ -134,7 +134,9 @@ class WalEx(Lifecycle):
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
-        self._stop_task: asyncio.Task[None] | None = None  # a stop its own calls asked for
+        self._stop_task: asyncio.Task[None] | None = None  # stop()'s work (_halt)
+        self._halting = False  # _halt began (the batch in hand is the last one)
+        self._stop_waiters = 0  # stop() calls awaiting _stop_task
         self._stuck: list[asyncio.Task[None]] = []  # tasks the last stop() could not end
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
@@ -186,7 +188,7 @@ class WalEx(Lifecycle):
         if self._tasks:
             raise ConfigError(f"walex app {name!r} is already started")
         self._stopped.clear()
-        self._stopping = False
+        self._stopping = self._halting = False
         self._error = None
         self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
@@ -279,20 +281,29 @@ class WalEx(Lifecycle):
         transaction is acknowledged if it returns within the grace; a message
         middleware's reading is cancelled.
         """
+        if not self._stopping:
+            self._stopping = True
+            outside = contextvars.copy_context()  # not one of its tasks (see _inside)
+            outside.run(_inside.set, None)
+            halting = self._stop_task = asyncio.get_running_loop().create_task(
+                self._halt(), name=f"walex-{self.settings.name}-stop", context=outside)
+            halting.add_done_callback(self._stop_done)
+        halting = self._stop_task
+        assert halting is not None  # made with _stopping set
         if _inside.get() is self:
-            if not self._stopping:
-                outside = contextvars.copy_context()
-                outside.run(_inside.set, None)
-                stopping = self._stop_task = asyncio.get_running_loop().create_task(
-                    self.stop(), name=f"walex-{self.settings.name}-stop", context=outside)
-                stopping.add_done_callback(self._stop_done)
-                while not (self._stopping or stopping.done()):
-                    await asyncio.sleep(0)  # until the stop began: no batch starts after this one
+            while not (self._halting or halting.done()):
+                await asyncio.sleep(0)  # until the stop began: no batch starts after this one
             return
-        if self._stopping:
-            await self._stopped.wait()
-            return
-        self._stopping = True
+        # shielded: a caller cancelled (a timeout, a second Ctrl-C) leaves the stop going on
+        self._stop_waiters += 1
+        try:
+            await asyncio.shield(halting)
+        finally:
+            self._stop_waiters -= 1
+
+    async def _halt(self) -> None:
+        """:meth:`stop`'s work, in a task of its own."""
+        self._halting = True
         cut_off = False
         try:
             if not self._tasks:  # start() may be waiting as a standby: it raises StoppedError
@@ -342,10 +353,12 @@ class WalEx(Lifecycle):
             self._stopped.set()
 
     def _stop_done(self, task: asyncio.Task[None]) -> None:
-        """A stop the app's own calls asked for ended: an error of it is logged (no one awaits it)."""
-        if not task.cancelled() and task.exception() is not None:
-            log.error("walex %r: stop() failed: %r", self.settings.name, task.exception(),
-                      exc_info=task.exception())
+        """stop()'s work ended: an error of it no stop() call awaits (the caller cancelled,
+        or one of the app's own calls) is logged."""
+        if task.cancelled() or task.exception() is None or self._stop_waiters:
+            return
+        log.error("walex %r: stop() failed: %r", self.settings.name, task.exception(),
+                  exc_info=task.exception())
 
     def _log_cut_off(self, txn: Any) -> None:
         """Say that the batch in hand did not finish within the grace and is cancelled."""
