@@ -327,3 +327,39 @@ def test_a_stop_whose_caller_is_cancelled_still_ends(admin: psycopg.Connection, 
         assert confirmed_flush(admin, app.slot_name) > commit_lsn(started[0])
 
     run(main())
+
+
+def test_a_cut_off_call_that_swallows_its_cancellation_is_not_acknowledged(
+        admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler cut off by stop() that catches its cancellation and returns: stop() logged
+    that the transaction was not acknowledged, and on main then acknowledged it (the
+    dispatcher loop recorded the call's return), so the slot never delivered it again."""
+    admin.execute(SCHEMA)
+    events = Events()
+    calls: list[Event] = []
+
+    @events.on_insert("item")
+    async def swallowing(items: list[Event]) -> None:
+        calls.extend(items)
+        if len(calls) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                return  # gives up half-way, as if done
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: calls, "the call")
+        await app.stop()
+        assert "not acknowledged" in caplog.text
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(calls[0])
+        await app.start()  # the slot delivers it again
+        try:
+            await until(lambda: len(calls) == 2, "the transaction delivered again")
+        finally:
+            await app.stop()
+        assert [e.id for e in calls] == [calls[0].id] * 2
+
+    run(main())

@@ -136,6 +136,7 @@ class WalEx(Lifecycle):
         self._deferred_task: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None  # stop()'s work (_halt)
         self._halting = False  # _halt began (the batch in hand is the last one)
+        self._ack_held: int | None = None  # the ack position when stop() cut a call off
         self._stop_waiters = 0  # stop() calls awaiting _stop_task
         self._stuck: list[asyncio.Task[None]] = []  # tasks the last stop() could not end
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
@@ -246,6 +247,7 @@ class WalEx(Lifecycle):
         while left():
             await asyncio.sleep(0.05)
         self._stuck = []
+        self._hold_ack()  # a stuck call that returned since recorded its transaction
         if self._stopping:
             raise StoppedError(f"walex app {self.settings.name!r} was stopped while start() "
                                "waited for the calls the last stop() cut off")
@@ -319,6 +321,9 @@ class WalEx(Lifecycle):
                     if not dispatcher.done():
                         cut_off = True
                         self._log_cut_off(pipeline.in_hand)
+                        # what is acknowledged: not the call cut off, even if it returns
+                        # (ignoring its cancellation) and its loop records it handled
+                        self._ack_held = pipeline.ack.flushed
                 for task in self._tasks:
                     task.cancel()
                 _, stuck = await asyncio.wait(self._tasks, timeout=10)
@@ -326,6 +331,7 @@ class WalEx(Lifecycle):
                     log.error("walex %r: task %s did not stop within 10s", self.settings.name,
                               task.get_name())
                 self._stuck = list(stuck)
+                self._hold_ack()
                 self._tasks = []
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:
@@ -351,6 +357,19 @@ class WalEx(Lifecycle):
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()
+
+    def _hold_ack(self) -> None:
+        """Take back what a call cut off by stop() had recorded handled after its cut-off
+        (its loop went on when it ignored its cancellation): it is not acknowledged."""
+        held = self._ack_held
+        if held is None:
+            return
+        ack = self.pipeline.ack
+        if ack.flushed > held:
+            ack.flushed = held
+        ack.after_flight = 0  # a keepalive's end past it would be acknowledged as idle
+        if not self._stuck:
+            self._ack_held = None
 
     def _stop_done(self, task: asyncio.Task[None]) -> None:
         """stop()'s work ended: an error of it no stop() call awaits (the caller cancelled,
