@@ -1,9 +1,11 @@
-"""Run-time configuration against the running app's calls and its stop().
+"""Run-time configuration against the calls under way, and hostile input.
 
 Concern: a configuration change never loosens a bound the app keeps for the
 calls under way: ``function_concurrency`` holds at every moment, across any
 change (a change of any option, the bound itself lowered or raised), for the
-calls already running as for those that start or retry after it.
+calls already running as for those that start or retry after it. A key of
+the wrong type is a ConfigError; a retry count however high stays under the
+error policy.
 """
 
 from __future__ import annotations
