@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from support import collecting, run, until
 
-from walex import Event, Events, HandlerError, WalEx, WalExError
+from walex import ConfigError, Event, Events, HandlerError, WalEx, WalExError
 
 SCHEMA = """
 CREATE TABLE item (id int PRIMARY KEY);
@@ -361,5 +361,45 @@ def test_a_cut_off_call_that_swallows_its_cancellation_is_not_acknowledged(
         finally:
             await app.stop()
         assert [e.id for e in calls] == [calls[0].id] * 2
+
+    run(main())
+
+
+def test_start_while_a_cancelled_stop_goes_on_and_two_starts_at_once(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """start() right after a stop() whose caller was cancelled waits for that stop to end
+    (which would otherwise close what the start opens; on main the half-done stop left
+    the app 'already started'); a second start() while one is under way is a ConfigError
+    (on main both opened a session)."""
+    admin.execute(SCHEMA)
+    events = Events()
+    calls: list[Event] = []
+
+    @events.on_insert("item")
+    async def slow(items: list[Event]) -> None:
+        calls.extend(items)
+        await asyncio.sleep(1)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=10)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: calls, "the call")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app.stop(), 0.2)
+        first = asyncio.ensure_future(app.start())
+        await asyncio.sleep(0)
+        with pytest.raises(ConfigError, match="already starting"):
+            await app.start()
+        await first
+        try:
+            admin.execute("INSERT INTO item VALUES (2)")
+            await until(lambda: len(calls) == 2, "the second transaction")
+            assert app.pipeline.connection is not None  # the stop did not close this session
+            assert app._tasks and not any(t.done() for t in app._tasks)
+        finally:
+            await app.stop()
+        await app.wait()
+        assert [e.new_record["id"] for e in calls] == [1, 2]
 
     run(main())

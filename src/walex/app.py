@@ -186,13 +186,18 @@ class WalEx(Lifecycle):
                 f"a walex app named {name!r} is already running in this process; "
                 "give each app its own name"
             )
-        if self._tasks:
-            raise ConfigError(f"walex app {name!r} is already started")
-        self._stopped.clear()
-        self._stopping = self._halting = False
-        self._error = None
+        if self._starting:
+            raise ConfigError(f"walex app {name!r} is already starting (start() is under way)")
         self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
+            halting = self._stop_task
+            if halting is not None and not halting.done():  # its caller cancelled: it goes on
+                await asyncio.wait([halting])  # and would close what this start opens
+            if self._tasks:
+                raise ConfigError(f"walex app {name!r} is already started")
+            self._stopped.clear()
+            self._stopping = self._halting = False
+            self._error = None
             await self._wait_cut_off()
             self.pipeline.closing = False
             await self._open()

@@ -125,6 +125,7 @@ class Bound:
         self._limit = limit
         self.held = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the waiters', once one waited
 
     @property
     def limit(self) -> int:
@@ -132,14 +133,25 @@ class Bound:
 
     @limit.setter
     def limit(self, limit: int) -> None:
+        """Set from any thread (a plain handler may change function_concurrency)."""
         self._limit = limit
-        self._wake()
+        loop = self._loop
+        if loop is None or not self._waiters:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._wake()
+        else:  # the waiters' futures belong to their loop
+            loop.call_soon_threadsafe(self._wake)
 
     async def __aenter__(self) -> None:
         if self.held < self._limit and not self._waiters:
             self.held += 1
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiters.append(waiter)
         try:
