@@ -261,23 +261,33 @@ def test_stop_cuts_off_a_handler_after_the_grace_and_says_so(
     assert app.settings.name in message
 
 
+@pytest.mark.parametrize("where", ["handler", "plain handler's awaitable", "function"])
 @pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit])
 def test_handler_raising_base_exception_when_cut_off(admin: psycopg.Connection, dsn: str,
-                                                     kind: type[BaseException]) -> None:
-    """A handler cut off by stop() that raises KeyboardInterrupt or SystemExit as it is
-    cancelled: on main it left the dispatcher task and stopped the event loop itself,
-    stop() cancelled half done; it must be the error wait() raises, stop() finishing."""
+                                                     kind: type[BaseException], where: str) -> None:
+    """A handler (a per-event function, the awaitable a plain handler returned) cut off by
+    stop() that raises KeyboardInterrupt or SystemExit as it is cancelled: on main it left
+    its task and stopped the event loop itself, stop() cancelled half done; it must be the
+    error wait() raises, stop() finishing."""
     admin.execute(SCHEMA)
     events = Events()
     started: list[Event] = []
 
-    @events.on_insert("item")
-    async def stubborn(items: list[Event]) -> None:
-        started.extend(items)
+    async def stubborn(event: Event) -> None:
+        started.append(event)
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
             raise kind("leaving") from None
+
+    if where == "handler":
+        @events.on_insert("item")
+        async def handler(items: list[Event]) -> None:
+            await stubborn(items[0])
+    elif where == "plain handler's awaitable":  # awaited on the loop (walex.threads)
+        events.on_insert("item")(lambda items: stubborn(items[0]))
+    else:
+        events.on_insert("item", functions=[stubborn])(lambda items: None)
 
     async def main() -> None:
         app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
@@ -287,7 +297,10 @@ def test_handler_raising_base_exception_when_cut_off(admin: psycopg.Connection, 
         await app.stop()
         with pytest.raises(HandlerError, match=kind.__name__) as info:
             await app.wait()
-        assert isinstance(info.value.__cause__, kind)
+        cause = info.value.__cause__
+        while isinstance(cause, HandlerError):  # a function's: within the dispatch's own
+            cause = cause.__cause__
+        assert isinstance(cause, kind)
         assert not app._tasks
         assert confirmed_flush(admin, app.slot_name) < commit_lsn(started[0])
 

@@ -40,6 +40,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
+from .threads import INTERRUPTED
 from .standby import first_session, release, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
@@ -137,6 +138,7 @@ class WalEx(Lifecycle):
         self._stop_task: asyncio.Task[None] | None = None  # stop()'s work (_halt)
         self._halting = False  # _halt began (the batch in hand is the last one)
         self._ack_held: int | None = None  # the ack position when stop() cut a call off
+        self._interrupted: list[BaseException] = []  # what calls cut off raised (INTERRUPTED)
         self._stop_waiters = 0  # stop() calls awaiting _stop_task
         self._stuck: list[asyncio.Task[None]] = []  # tasks the last stop() could not end
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
@@ -207,6 +209,8 @@ class WalEx(Lifecycle):
         p = self.pipeline
         inside = contextvars.copy_context()  # the tasks' own: stop() knows its calls by it
         inside.run(_inside.set, self)
+        self._interrupted = []
+        inside.run(INTERRUPTED.set, self._interrupted)  # see walex.threads.cut_off_raised
 
         def task(coro: Any, role: str) -> asyncio.Task[None]:
             return asyncio.create_task(coro, name=f"walex-{name}-{role}", context=inside)
@@ -337,6 +341,8 @@ class WalEx(Lifecycle):
                               task.get_name())
                 self._stuck = list(stuck)
                 self._hold_ack()
+                if self._interrupted and self._error is None:  # wait() raises it
+                    self._error = self._interrupted[0]
                 self._tasks = []
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:

@@ -50,7 +50,7 @@ from typing import Any
 from .errors import HandlerError
 from .event import Event
 from .handlers import Events, Handler
-from .threads import Bound, Workers
+from .threads import Bound, Workers, cut_off_raised
 from .transactions import Transaction
 
 __all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
@@ -83,9 +83,7 @@ def _stopping(exc: BaseException) -> bool:
     task = asyncio.current_task()
     if task is None or not task.cancelling():
         return False
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        raise HandlerError(f"a handler call raised {exc!r} when stop() cancelled it (cut off "
-                           "after shutdown_grace); its transaction was not acknowledged") from exc
+    cut_off_raised(exc)
     return True
 
 

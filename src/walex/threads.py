@@ -28,7 +28,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Bound", "Workers"]
+from .errors import HandlerError
+
+__all__ = ["INTERRUPTED", "Bound", "Workers", "cut_off_raised"]
+
+# the list, in an app's tasks' context, of what its calls raised as stop() cancelled them
+INTERRUPTED: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
+    "walex_interrupted", default=None)
+
+
+def cut_off_raised(exc: BaseException) -> None:
+    """A call raised ``exc`` as walex's own task was cancelled (cut off by ``stop()``):
+    KeyboardInterrupt or SystemExit is raised as a HandlerError, noted for the app's
+    ``wait()`` (out of a task, those two stop the event loop itself, the stop half done;
+    a per-event function's would otherwise be lost with its cancelled gather)."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        error = HandlerError(f"a handler call raised {exc!r} when stop() cancelled it (cut off "
+                             "after shutdown_grace); its transaction was not acknowledged")
+        noted = INTERRUPTED.get()
+        if noted is not None:
+            noted.append(error)
+        raise error from exc
 
 
 class Workers:
@@ -79,6 +99,7 @@ class Workers:
             except BaseException as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
+                    cut_off_raised(exc)
                     raise
                 return done, exc
             done += 1
