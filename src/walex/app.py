@@ -286,11 +286,13 @@ class WalEx(Lifecycle):
         received but not started are not handled: a durable slot delivers them
         again at the next start.
 
-        Called by the app's own handlers, functions or message middleware, it
-        starts the stop and returns at once (the stop waits for the call in
-        hand, so the call cannot wait for the stop): the call goes on, and its
+        Called by the app's own handlers, functions or message middleware (or a
+        task they started: it shares their context), it starts the stop and
+        returns once the stop began (the stop waits for the call in hand, so
+        the call cannot wait for the stop): the call goes on, and its
         transaction is acknowledged if it returns within the grace; a message
-        middleware's reading is cancelled.
+        middleware's reading is cancelled. A caller cancelled while awaiting
+        stop() leaves it going on to its end.
         """
         if not self._stopping:
             self._stopping = True
