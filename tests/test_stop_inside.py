@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from typing import Any
 
 import psycopg
+from psycopg import sql
 import pytest
 from support import run, until
 
@@ -203,3 +205,43 @@ def test_start_after_a_cut_off_call_waits_for_it(admin: psycopg.Connection, dsn:
         assert overlap.log[2:] in (["+1", "-1"] + later, later)
 
     run(main(), timeout=120)
+
+
+def _open_in(directory: str) -> list[str]:
+    """The files in ``directory`` this process holds open (unlinked spill files included)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory + "/"):
+            found.append(target)
+    return found
+
+
+def test_stop_closes_the_spill_of_a_transaction_still_streaming(admin: psycopg.Connection,
+                                                                dsn: str, tmp_path: Any) -> None:
+    """streaming=True, stop() while an open transaction is streamed and spilled: its spill
+    file (unlinked, so its disk space is freed only once closed) stayed open on main for
+    as long as the app object lived."""
+    admin.execute(SCHEMA)
+    admin.execute(sql.SQL("ALTER DATABASE {} SET logical_decoding_work_mem = '64kB'").format(
+        sql.Identifier(admin.info.dbname)))
+
+    async def main() -> None:
+        spill_dir = str(tmp_path)
+        app = WalEx(dsn, publication="pub", subscriptions=["item"], streaming=True, batch_size=50,
+                    spill_dir=spill_dir, name=f"walex_stop_inside_{next(_names)}")
+        await app.start()
+        try:
+            with psycopg.connect(dsn) as writer:
+                writer.execute("INSERT INTO item SELECT g FROM generate_series(1, 5000) g")
+                await until(lambda: bool(_open_in(spill_dir)), "a spill file")
+                await app.stop()
+                assert _open_in(spill_dir) == []
+                writer.rollback()
+        finally:
+            await app.stop()
+
+    run(main())

@@ -361,6 +361,8 @@ class WalEx(Lifecycle):
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
+            # open (streamed) transactions: their spill files, unlinked, take disk until closed
+            self.pipeline.assembler.reset()
             await release(self.pipeline)  # nothing is handled any more: a standby may go
             await self.destinations.close()
         finally:
