@@ -1,10 +1,15 @@
-"""``stop()`` called by the app's own handler calls.
+"""``stop()`` asked for by the app's own calls, and what a stop leaves behind.
 
-Concern: a handler (or a per-event function) that stops its app, awaiting
-``app.stop()`` as any other code would, cannot wait for the stop to end: the
-stop waits for the call in hand. The stop must still happen, promptly and
-whole: the call returns, its transaction is acknowledged, nothing after it is
-handled, the session is closed (the slot let go), and the app can start again.
+Concern: a handler (or a per-event function, a plain handler through
+``run_coroutine_threadsafe``, a message middleware) that stops its app,
+awaiting ``app.stop()`` as any other code would, cannot wait for the stop to
+end: the stop waits for the call in hand. The stop must still happen,
+promptly and whole: the call returns, its transaction is acknowledged,
+nothing after it is handled, the session is closed (the slot let go), and
+the app can start again. A call that stop() cut off and that runs on (a
+plain one on its thread, an async one ignoring its cancellation) must end
+before a new start's calls begin; and a stop closes the spill files of the
+transactions still open.
 """
 
 from __future__ import annotations
