@@ -303,6 +303,8 @@ class WalEx(Lifecycle):
             halting.add_done_callback(self._stop_done)
         halting = self._stop_task
         assert halting is not None  # made with _stopping set
+        if halting.done():  # stopped already (a failure of that stop was raised to its callers)
+            return
         if _inside.get() is self:
             while not (self._halting or halting.done()):
                 await asyncio.sleep(0)  # until the stop began: no batch starts after this one
