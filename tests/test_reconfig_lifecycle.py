@@ -11,6 +11,8 @@ error policy.
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import psycopg
 import pytest
@@ -140,3 +142,46 @@ def test_many_retries_without_backoff_stay_under_the_error_policy(
         assert tries.count(1) == 1101
 
     run(main())
+
+
+def test_a_long_outage_under_many_reconnect_attempts(admin: psycopg.Connection, dsn: str) -> None:
+    """reconnect_max_attempts above 1024 (a way to say: keep trying): on main the backoff of
+    the 1025th attempt (0.2 * 2**1024 as a float) raised OverflowError, which stopped the
+    app however many attempts were left. Here the url is replaced by one nothing answers,
+    the session ended, and, past 1025 failed attempts, the good url given back."""
+    admin.execute(SCHEMA)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bad = psycopg.conninfo.make_conninfo(dsn, port=port, connect_timeout=1)
+
+    async def main() -> None:
+        async with collecting(dsn, subscriptions=["item"], reconnect_max_attempts=100_000,
+                              reconnect_backoff_max=0.0001, durable_slot=True) as rec:
+            app = rec.app
+            assert app is not None
+            good = app.config.get("url")
+            app.config.replace("url", bad)
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                          "WHERE slot_name = %s", [app.slot_name])
+            log = logging.getLogger("walex")
+            failed = []
+
+            class Count(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    if "reconnect attempt" in record.getMessage():
+                        failed.append(1)
+
+            counter = Count()
+            log.addHandler(counter)
+            try:
+                await until(lambda: len(failed) > 1100 or not app._tasks, "1100 failed attempts",
+                            timeout=60)
+            finally:
+                log.removeHandler(counter)
+            assert app._tasks and not any(t.done() for t in app._tasks), app._error
+            app.config.replace("url", good)
+            admin.execute("INSERT INTO item VALUES (1, 'back')")
+            await rec.wait_for(1, timeout=30)
+
+    run(main(), timeout=120)
