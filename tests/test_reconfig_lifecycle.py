@@ -101,7 +101,8 @@ def test_function_concurrency_lowered_during_a_transaction_is_held_at_once(
 
 
 def test_a_key_of_the_wrong_type_is_a_config_error(admin: psycopg.Connection, dsn: str) -> None:
-    """A list or dict as the key raised TypeError (unhashable) on main."""
+    """A list or dict as the key raised TypeError (unhashable) on main; an infinite backoff
+    was taken."""
     admin.execute(SCHEMA)
 
     async def main() -> None:
@@ -114,6 +115,12 @@ def test_a_key_of_the_wrong_type_is_a_config_error(admin: psycopg.Connection, ds
                          lambda: app.config.remove(b"subscriptions", "item")):
                 with pytest.raises(ConfigError, match="unknown configuration key .*'subscriptions'"):
                     call()
+            # an infinite backoff: the first failed call (or lost connection) would wait for
+            # ever, silently; on main accepted
+            for key in ("retry_backoff", "reconnect_backoff_max"):
+                with pytest.raises(ConfigError, match=f"{key}: Input should be a finite number"):
+                    app.config.replace(key, float("inf"))
+                assert app.config.get(key) != float("inf")
 
     run(main())
 
