@@ -212,16 +212,16 @@ class WalEx(Lifecycle):
         self._interrupted = []
         inside.run(INTERRUPTED.set, self._interrupted)  # see walex.threads.cut_off_raised
 
-        def task(coro: Any, role: str) -> asyncio.Task[None]:
+        def spawn(coro: Any, role: str) -> asyncio.Task[None]:
             return asyncio.create_task(coro, name=f"walex-{name}-{role}", context=inside)
 
-        self._tasks = [task(p.run_reader(), "reader"), task(p.run_dispatcher(), "dispatcher"),
-                       task(p.run_acknowledger(), "ack")]
+        self._tasks = [spawn(p.run_reader(), "reader"), spawn(p.run_dispatcher(), "dispatcher"),
+                       spawn(p.run_acknowledger(), "ack")]
         if self.settings.heartbeat_interval:
-            self._tasks.append(task(p.run_heartbeat(), "heartbeat"))
+            self._tasks.append(spawn(p.run_heartbeat(), "heartbeat"))
         if p.fence is not None:  # standby=True: handle only while holding the lock
-            self._tasks.append(task(watch(p), "fence"))
-        self._tasks.append(task(p.backfill.run(), "backfill"))
+            self._tasks.append(spawn(watch(p), "fence"))
+        self._tasks.append(spawn(p.backfill.run(), "backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         self.observer.streaming()
