@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from support import collecting, run, until
 
-from walex import Event, Events, HandlerError, WalEx, WalExError
+from walex import ConfigError, Event, Events, HandlerError, WalEx, WalExError
 
 SCHEMA = """
 CREATE TABLE item (id int PRIMARY KEY);
@@ -259,3 +259,160 @@ def test_stop_cuts_off_a_handler_after_the_grace_and_says_so(
     assert "handler call cut off after shutdown_grace=0.5s" in message
     assert f"transaction committed at {started[0].lsn} was not acknowledged" in message
     assert app.settings.name in message
+
+
+@pytest.mark.parametrize("where", ["handler", "plain handler's awaitable", "function"])
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit])
+def test_handler_raising_base_exception_when_cut_off(admin: psycopg.Connection, dsn: str,
+                                                     kind: type[BaseException], where: str) -> None:
+    """A handler (a per-event function, the awaitable a plain handler returned) cut off by
+    stop() that raises KeyboardInterrupt or SystemExit as it is cancelled: on main it left
+    its task and stopped the event loop itself, stop() cancelled half done; it must be the
+    error wait() raises, stop() finishing."""
+    admin.execute(SCHEMA)
+    events = Events()
+    started: list[Event] = []
+
+    async def stubborn(event: Event) -> None:
+        started.append(event)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise kind("leaving") from None
+
+    if where == "handler":
+        @events.on_insert("item")
+        async def handler(items: list[Event]) -> None:
+            await stubborn(items[0])
+    elif where == "plain handler's awaitable":  # awaited on the loop (walex.threads)
+        events.on_insert("item")(lambda items: stubborn(items[0]))
+    else:
+        events.on_insert("item", functions=[stubborn])(lambda items: None)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: started, "the call")
+        await app.stop()
+        with pytest.raises(HandlerError, match=kind.__name__) as info:
+            await app.wait()
+        cause = info.value.__cause__
+        while isinstance(cause, HandlerError):  # a function's: within the dispatch's own
+            cause = cause.__cause__
+        assert isinstance(cause, kind)
+        assert not app._tasks
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(started[0])
+
+    try:
+        run(main())
+    except (KeyboardInterrupt, SystemExit) as exc:  # out of the loop: not the test runner's
+        pytest.fail(f"{exc!r} left the event loop")
+
+
+def test_a_stop_whose_caller_is_cancelled_still_ends(admin: psycopg.Connection, dsn: str) -> None:
+    """stop() under a timeout that runs out (asyncio.wait_for, a second Ctrl-C cancelling
+    the main task) while the call in hand finishes: on main the stop was cancelled half
+    done (session open, slot active, tasks kept) and every later stop() returned at once;
+    the stop must go on to its end, and a later stop() wait for it."""
+    admin.execute(SCHEMA)
+    events = Events()
+    started: list[Event] = []
+    finished: list[Event] = []
+
+    @events.on_insert("item")
+    async def slow(items: list[Event]) -> None:
+        started.extend(items)
+        await asyncio.sleep(1.5)
+        finished.extend(items)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=10)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: started, "the call")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app.stop(), 0.2)
+        await app.stop()  # waits for the stop under way
+        assert finished == started
+        assert not app._tasks and app.pipeline.connection is None
+        await app.wait()
+        assert confirmed_flush(admin, app.slot_name) > commit_lsn(started[0])
+
+    run(main())
+
+
+def test_a_cut_off_call_that_swallows_its_cancellation_is_not_acknowledged(
+        admin: psycopg.Connection, dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A handler cut off by stop() that catches its cancellation and returns: stop() logged
+    that the transaction was not acknowledged, and on main then acknowledged it (the
+    dispatcher loop recorded the call's return), so the slot never delivered it again."""
+    admin.execute(SCHEMA)
+    events = Events()
+    calls: list[Event] = []
+
+    @events.on_insert("item")
+    async def swallowing(items: list[Event]) -> None:
+        calls.extend(items)
+        if len(calls) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                return  # gives up half-way, as if done
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: calls, "the call")
+        await app.stop()
+        assert "not acknowledged" in caplog.text
+        assert confirmed_flush(admin, app.slot_name) < commit_lsn(calls[0])
+        await app.start()  # the slot delivers it again
+        try:
+            await until(lambda: len(calls) == 2, "the transaction delivered again")
+        finally:
+            await app.stop()
+        assert [e.id for e in calls] == [calls[0].id] * 2
+
+    run(main())
+
+
+def test_start_while_a_cancelled_stop_goes_on_and_two_starts_at_once(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """start() right after a stop() whose caller was cancelled waits for that stop to end
+    (which would otherwise close what the start opens; on main the half-done stop left
+    the app 'already started'); a second start() while one is under way is a ConfigError
+    (on main both opened a session)."""
+    admin.execute(SCHEMA)
+    events = Events()
+    calls: list[Event] = []
+
+    @events.on_insert("item")
+    async def slow(items: list[Event]) -> None:
+        calls.extend(items)
+        await asyncio.sleep(1)
+
+    async def main() -> None:
+        app = make_app(dsn, events, durable_slot=True, shutdown_grace=10)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await until(lambda: calls, "the call")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app.stop(), 0.2)
+        first = asyncio.ensure_future(app.start())
+        await asyncio.sleep(0)
+        with pytest.raises(ConfigError, match="already starting"):
+            await app.start()
+        await first
+        try:
+            admin.execute("INSERT INTO item VALUES (2)")
+            await until(lambda: len(calls) == 2, "the second transaction")
+            assert app.pipeline.connection is not None  # the stop did not close this session
+            assert app._tasks and not any(t.done() for t in app._tasks)
+        finally:
+            await app.stop()
+        await app.wait()
+        assert [e.new_record["id"] for e in calls] == [1, 2]
+
+    run(main())

@@ -18,6 +18,7 @@ an internal task that ends in any other way than by :meth:`stop`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import gc
 import hashlib
@@ -31,7 +32,7 @@ from .config import WalExSettings, format_target, load_settings
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from . import gcpolicy
-from .errors import ConfigError, WalExError
+from .errors import ConfigError, StoppedError, WalExError
 from .handlers import Handler
 from .lifecycle import Lifecycle
 from .lsn import format_lsn
@@ -39,6 +40,7 @@ from .modules import resolve_modules
 from .observe import Observer
 from .pgoutput.messages import Message
 from .pipeline import Pipeline
+from .threads import INTERRUPTED
 from .standby import first_session, release, stop_waiting, watch
 from .subscriptions import check_subscriptions, unreachable
 
@@ -50,6 +52,9 @@ __all__ = ["WalEx", "get_app"]
 log = logging.getLogger("walex")
 
 _running: weakref.WeakValueDictionary[str, WalEx] = weakref.WeakValueDictionary()
+# the app whose internal tasks run the current code (its handlers, functions, middleware):
+# its stop() cannot wait there for the call in hand, which awaits it
+_inside: contextvars.ContextVar[WalEx | None] = contextvars.ContextVar("walex_inside", default=None)
 
 
 def get_app(name: str) -> WalEx:
@@ -130,6 +135,12 @@ class WalEx(Lifecycle):
         self._error: BaseException | None = None
         self._deferred: deque[Message] = deque()
         self._deferred_task: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[None] | None = None  # stop()'s work (_halt)
+        self._halting = False  # _halt began (the batch in hand is the last one)
+        self._ack_held: int | None = None  # the ack position when stop() cut a call off
+        self._interrupted: list[BaseException] = []  # what calls cut off raised (INTERRUPTED)
+        self._stop_waiters = 0  # stop() calls awaiting _stop_task
+        self._stuck: list[asyncio.Task[None]] = []  # tasks the last stop() could not end
         self._unreachable: dict[int, Handler] = {}  # handlers warned about as unable to fire
 
     def __repr__(self) -> str:
@@ -177,29 +188,40 @@ class WalEx(Lifecycle):
                 f"a walex app named {name!r} is already running in this process; "
                 "give each app its own name"
             )
-        if self._tasks:
-            raise ConfigError(f"walex app {name!r} is already started")
-        self._stopped.clear()
-        self._stopping = False
-        self._error = None
-        self.pipeline.closing = False
+        if self._starting:
+            raise ConfigError(f"walex app {name!r} is already starting (start() is under way)")
         self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
+            halting = self._stop_task
+            if halting is not None and not halting.done():  # its caller cancelled: it goes on
+                await asyncio.wait([halting])  # and would close what this start opens
+            if self._tasks:
+                raise ConfigError(f"walex app {name!r} is already started")
+            self._stopped.clear()
+            self._stopping = self._halting = False
+            self._error = None
+            await self._wait_cut_off()
+            self.pipeline.closing = False
             await self._open()
         finally:
             self._starting = False
         _running[name] = self
         p = self.pipeline
-        self._tasks = [
-            asyncio.create_task(p.run_reader(), name=f"walex-{name}-reader"),
-            asyncio.create_task(p.run_dispatcher(), name=f"walex-{name}-dispatcher"),
-            asyncio.create_task(p.run_acknowledger(), name=f"walex-{name}-ack"),
-        ]
+        inside = contextvars.copy_context()  # the tasks' own: stop() knows its calls by it
+        inside.run(_inside.set, self)
+        self._interrupted = []
+        inside.run(INTERRUPTED.set, self._interrupted)  # see walex.threads.cut_off_raised
+
+        def spawn(coro: Any, role: str) -> asyncio.Task[None]:
+            return asyncio.create_task(coro, name=f"walex-{name}-{role}", context=inside)
+
+        self._tasks = [spawn(p.run_reader(), "reader"), spawn(p.run_dispatcher(), "dispatcher"),
+                       spawn(p.run_acknowledger(), "ack")]
         if self.settings.heartbeat_interval:
-            self._tasks.append(asyncio.create_task(p.run_heartbeat(), name=f"walex-{name}-heartbeat"))
+            self._tasks.append(spawn(p.run_heartbeat(), "heartbeat"))
         if p.fence is not None:  # standby=True: handle only while holding the lock
-            self._tasks.append(asyncio.create_task(watch(p), name=f"walex-{name}-fence"))
-        self._tasks.append(asyncio.create_task(p.backfill.run(), name=f"walex-{name}-backfill"))
+            self._tasks.append(spawn(watch(p), "fence"))
+        self._tasks.append(spawn(p.backfill.run(), "backfill"))
         for task in self._tasks:
             task.add_done_callback(self._task_done)
         self.observer.streaming()
@@ -215,6 +237,29 @@ class WalEx(Lifecycle):
             name, s.publication, self.target,
             "durable" if s.durable_slot else "temporary", self.slot_name,
         )
+
+    async def _wait_cut_off(self) -> None:
+        """Before a start, wait for the calls the last stop() cut off that still run (a plain
+        one on its thread, an async one ignoring its cancellation): the new calls would run
+        beside them, the transaction they had in hand (not acknowledged, so delivered again)
+        handled twice at once, and an old dispatcher loop could take batches again."""
+        def left() -> list[str]:
+            return ([t.get_name() for t in self._stuck if not t.done()]
+                    or self.dispatcher.workers.lingering())
+
+        running = left()
+        if not running:
+            return
+        log.warning("walex %r: start() waits for handler calls cut off by the last stop() to "
+                    "return (%s), so that none runs beside the new ones", self.settings.name,
+                    ", ".join(running))
+        while left():
+            await asyncio.sleep(0.05)
+        self._stuck = []
+        self._hold_ack()  # a stuck call that returned since recorded its transaction
+        if self._stopping:
+            raise StoppedError(f"walex app {self.settings.name!r} was stopped while start() "
+                               "waited for the calls the last stop() cut off")
 
     async def _open(self) -> None:
         """start()'s connections: the endpoint, the destinations, the first session."""
@@ -240,11 +285,40 @@ class WalEx(Lifecycle):
         runs on until the function returns) and the log says so. Batches
         received but not started are not handled: a durable slot delivers them
         again at the next start.
+
+        Called by the app's own handlers, functions or message middleware (or a
+        task they started: it shares their context), it starts the stop and
+        returns once the stop began (the stop waits for the call in hand, so
+        the call cannot wait for the stop): the call goes on, and its
+        transaction is acknowledged if it returns within the grace; a message
+        middleware's reading is cancelled. A caller cancelled while awaiting
+        stop() leaves it going on to its end.
         """
-        if self._stopping:
-            await self._stopped.wait()
+        if not self._stopping:
+            self._stopping = True
+            outside = contextvars.copy_context()  # not one of its tasks (see _inside)
+            outside.run(_inside.set, None)
+            halting = self._stop_task = asyncio.get_running_loop().create_task(
+                self._halt(), name=f"walex-{self.settings.name}-stop", context=outside)
+            halting.add_done_callback(self._stop_done)
+        halting = self._stop_task
+        assert halting is not None  # made with _stopping set
+        if halting.done():  # stopped already (a failure of that stop was raised to its callers)
             return
-        self._stopping = True
+        if _inside.get() is self:
+            while not (self._halting or halting.done()):
+                await asyncio.sleep(0)  # until the stop began: no batch starts after this one
+            return
+        # shielded: a caller cancelled (a timeout, a second Ctrl-C) leaves the stop going on
+        self._stop_waiters += 1
+        try:
+            await asyncio.shield(halting)
+        finally:
+            self._stop_waiters -= 1
+
+    async def _halt(self) -> None:
+        """:meth:`stop`'s work, in a task of its own."""
+        self._halting = True
         cut_off = False
         try:
             if not self._tasks:  # start() may be waiting as a standby: it raises StoppedError
@@ -260,12 +334,19 @@ class WalEx(Lifecycle):
                     if not dispatcher.done():
                         cut_off = True
                         self._log_cut_off(pipeline.in_hand)
+                        # what is acknowledged: not the call cut off, even if it returns
+                        # (ignoring its cancellation) and its loop records it handled
+                        self._ack_held = pipeline.ack.flushed
                 for task in self._tasks:
                     task.cancel()
                 _, stuck = await asyncio.wait(self._tasks, timeout=10)
                 for task in stuck:
                     log.error("walex %r: task %s did not stop within 10s", self.settings.name,
                               task.get_name())
+                self._stuck = list(stuck)
+                self._hold_ack()
+                if self._interrupted and self._error is None:  # wait() raises it
+                    self._error = self._interrupted[0]
                 self._tasks = []
                 repl = self.pipeline.repl
                 if repl is not None and repl.streaming:
@@ -282,6 +363,8 @@ class WalEx(Lifecycle):
                          "delivers them again", self.settings.name, left)
             self.dispatcher.close(wait=not cut_off)
             await self.pipeline.close_session()
+            # open (streamed) transactions: their spill files, unlinked, take disk until closed
+            self.pipeline.assembler.reset()
             await release(self.pipeline)  # nothing is handled any more: a standby may go
             await self.destinations.close()
         finally:
@@ -291,6 +374,27 @@ class WalEx(Lifecycle):
             if _running.get(self.settings.name) is self:
                 del _running[self.settings.name]
             self._stopped.set()
+
+    def _hold_ack(self) -> None:
+        """Take back what a call cut off by stop() had recorded handled after its cut-off
+        (its loop went on when it ignored its cancellation): it is not acknowledged."""
+        held = self._ack_held
+        if held is None:
+            return
+        ack = self.pipeline.ack
+        if ack.flushed > held:
+            ack.flushed = held
+        ack.after_flight = 0  # a keepalive's end past it would be acknowledged as idle
+        if not self._stuck:
+            self._ack_held = None
+
+    def _stop_done(self, task: asyncio.Task[None]) -> None:
+        """stop()'s work ended: an error of it no stop() call awaits (the caller cancelled,
+        or one of the app's own calls) is logged."""
+        if task.cancelled() or task.exception() is None or self._stop_waiters:
+            return
+        log.error("walex %r: stop() failed: %r", self.settings.name, task.exception(),
+                  exc_info=task.exception())
 
     def _log_cut_off(self, txn: Any) -> None:
         """Say that the batch in hand did not finish within the grace and is cancelled."""
@@ -305,6 +409,8 @@ class WalEx(Lifecycle):
     def _task_done(self, task: asyncio.Task[None], may_return: bool = False) -> None:
         """An internal task ended: unless :meth:`stop` ended it, the app stops with an error."""
         error: BaseException
+        if task in self._stuck:  # cut off by the last stop(), which said so
+            return
         if task.cancelled():
             if self._stopping:
                 return

@@ -144,7 +144,7 @@ class WalExSettings(BaseSettings):
     # text PostgreSQL sent: None (default) for an app with destinations and no handler
     raw_rows: bool | None = None
     reconnect_max_attempts: int = Field(default=10, ge=0)
-    reconnect_backoff_max: float = Field(default=30.0, gt=0)
+    reconnect_backoff_max: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     # existing rows as "read" events (walex.backfill)
     snapshot: Literal["never", "initial"] = "never"  # "initial": every table when the slot is made
@@ -158,7 +158,7 @@ class WalExSettings(BaseSettings):
     message_middleware: Any = None
     on_error: Any = "stop"  # "stop", "skip" or a dead-letter callable(events, exc)
     max_retries: int = Field(default=3, ge=0)
-    retry_backoff: float = Field(default=0.5, ge=0)
+    retry_backoff: float = Field(default=0.5, ge=0, allow_inf_nan=False)  # inf: no retry ever
     function_concurrency: int = Field(default=16, ge=1)
     shutdown_grace: float = Field(default=30.0, ge=0)
     # process-wide, while streaming: the cyclic GC's generation-0 threshold is at

@@ -6,10 +6,12 @@ configuration with the same model as the constructor (so a bad value raises
 :class:`~walex.errors.ConfigError` and nothing changes), check an added
 subscription against the database as ``start()`` does while the app runs (a
 :class:`~walex.errors.SetupError`, and nothing changes), then apply it:
-subscriptions, modules and the handler options (``on_error``,
-``max_retries``, ``retry_backoff``, ``function_concurrency``) from the next
-transaction, without a restart (a transaction under way -- its batches read or
-handed over in part, or a streamed one still open -- ends under the old ones);
+subscriptions and modules from the next transaction, without a restart (a
+transaction under way -- its batches read or handed over in part, or a
+streamed one still open -- ends under the old ones); the handler options
+(``on_error``, ``max_retries``, ``retry_backoff``) for every failure from
+then on, and ``function_concurrency`` at once, counting the calls running
+already;
 connection options (``password``, ``url``,
 ...) and ``message_middleware`` at the next reconnect; ``backfill_chunk_size``
 from the next backfill. ``name``, the slot, the publication, the protocol
@@ -47,8 +49,7 @@ class RuntimeConfig:
 
     def get(self, key: str) -> Any:
         settings = self._app.settings
-        if key not in type(settings).model_fields:
-            raise ConfigError(f"unknown configuration key {key!r}")
+        _check_key(key, settings)
         return getattr(settings, key)
 
     def add(self, key: str, values: Any) -> None:
@@ -76,8 +77,7 @@ class RuntimeConfig:
 
     def _set(self, key: str, value: Any) -> None:
         settings = self._app.settings
-        if key not in type(settings).model_fields:
-            raise ConfigError(f"unknown configuration key {key!r}")
+        _check_key(key, settings)
         if key in _FIXED:
             raise ConfigError(f"{key} cannot change while the app exists; create a new app")
         if key in _AT_START and self._app._tasks:
@@ -91,6 +91,13 @@ class RuntimeConfig:
         app.dispatcher.configure(
             new.on_error, new.max_retries, new.retry_backoff, new.function_concurrency
         )
+
+
+def _check_key(key: Any, settings: Any) -> None:
+    """A ConfigError unless ``key`` names an option (a list or a dict raised TypeError)."""
+    if not isinstance(key, str) or key not in type(settings).model_fields:
+        raise ConfigError(f"unknown configuration key {key!r}; the keys are the options of "
+                          "WalEx(...), e.g. 'subscriptions', 'modules', 'on_error'")
 
 
 def _config(name: str) -> RuntimeConfig:

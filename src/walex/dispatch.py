@@ -50,7 +50,7 @@ from typing import Any
 from .errors import HandlerError
 from .event import Event
 from .handlers import Events, Handler
-from .threads import Workers
+from .threads import Bound, Workers, cut_off_raised
 from .transactions import Transaction
 
 __all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
@@ -73,11 +73,18 @@ async def _call(func: Callable[..., Any], arg: Any, is_async: bool | None, run_p
 
 
 def _stopping(exc: BaseException) -> bool:
-    """Whether ``exc`` is walex's own task being cancelled, not something a call raised."""
+    """Whether ``exc`` is walex's own task being cancelled, not something a call raised.
+
+    A call that turns that cancellation into KeyboardInterrupt or SystemExit (a
+    handler cut off by ``stop()``) has it raised as a HandlerError here: out of a
+    task, those two stop the event loop itself, ``stop()`` half done."""
     if isinstance(exc, GeneratorExit):
         return True
     task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+    if task is None or not task.cancelling():
+        return False
+    cut_off_raised(exc)
+    return True
 
 
 class _BatchFailure:
@@ -120,6 +127,7 @@ class Dispatcher:
         name: str = "walex",
     ) -> None:
         self.workers = Workers(name, function_concurrency)
+        self._functions = Bound(function_concurrency)  # the calls of per-event functions
         # max_batch handlers' events not yet handed over, by id(handler) (handlers are unhashable)
         self._pending: dict[int, tuple[Handler, list[Event]]] = {}
         # the commit LSN of the transaction whose later batches are still to be planned
@@ -136,12 +144,14 @@ class Dispatcher:
     def configure(
         self, on_error: Any, max_retries: int, retry_backoff: float, function_concurrency: int
     ) -> None:
-        """Set the error policy and the function bound; takes effect from the next transaction."""
+        """Set the error policy and the function bound. The bound holds at once, for the
+        calls running too (a new semaphore let the calls waiting on the old one in
+        beside those taking the new one: more than either bound at once)."""
         self.on_error = on_error
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.function_concurrency = function_concurrency
-        self._functions = asyncio.Semaphore(function_concurrency)
+        self._functions.limit = function_concurrency
         self.workers.function_threads = function_concurrency
 
     def close(self, wait: bool = True) -> None:
@@ -535,7 +545,8 @@ class Dispatcher:
                 self.errors += 1
                 label = _label(handler, func, event)
                 if attempt < self.max_retries:
-                    delay = self.retry_backoff * 2**attempt
+                    # 2**attempt as a float overflows past 1023 retries (OverflowError)
+                    delay = self.retry_backoff * 2 ** min(attempt, 64)
                     attempt += 1
                     self.retries += 1
                     log.warning("%s raised %r; retry %d/%d in %.2fs",

@@ -239,7 +239,9 @@ class Pipeline:
                         f"gave up reconnecting to {self.settings.display_target()} after "
                         f"{attempts - 1} attempts"
                     )
-                backoff = min(self.settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+                # the exponent capped: 2**1024 as a float raises OverflowError
+                backoff = min(self.settings.reconnect_backoff_max,
+                              0.2 * 2 ** min(attempts - 1, 64))
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 try:
                     await self.open_session()

@@ -22,11 +22,33 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["Workers"]
+from .errors import HandlerError
+
+__all__ = ["INTERRUPTED", "Bound", "Workers", "cut_off_raised"]
+
+# the list, in an app's tasks' context, of what its calls raised as stop() cancelled them
+INTERRUPTED: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
+    "walex_interrupted", default=None)
+
+
+def cut_off_raised(exc: BaseException) -> None:
+    """A call raised ``exc`` as walex's own task was cancelled (cut off by ``stop()``):
+    KeyboardInterrupt or SystemExit is raised as a HandlerError, noted for the app's
+    ``wait()`` (out of a task, those two stop the event loop itself, the stop half done;
+    a per-event function's would otherwise be lost with its cancelled gather)."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        error = HandlerError(f"a handler call raised {exc!r} when stop() cancelled it (cut off "
+                             "after shutdown_grace); its transaction was not acknowledged")
+        noted = INTERRUPTED.get()
+        if noted is not None:
+            noted.append(error)
+        raise error from exc
 
 
 class Workers:
@@ -77,6 +99,7 @@ class Workers:
             except BaseException as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
+                    cut_off_raised(exc)
                     raise
                 return done, exc
             done += 1
@@ -105,6 +128,81 @@ class Workers:
         self._handlers = self._functions = None
         for pool in pools:
             pool.shutdown(wait=wait, cancel_futures=True)
+
+    def lingering(self) -> list[str]:
+        """The names of this app's threads still alive after :meth:`close` (a call cut
+        off runs on until it returns); asked before new threads start."""
+        prefixes = (f"walex-{self.name}-handlers_", f"walex-{self.name}-functions_")
+        return [t.name for t in threading.enumerate() if t.name.startswith(prefixes)]
+
+
+class Bound:
+    """At most ``limit`` holders at once (``async with``), in the order they came, like a
+    semaphore whose limit may change while it is held (``function_concurrency`` at run
+    time): the calls already in count against the new limit, so a lower one lets no
+    other in until enough have left, and a higher one lets waiting ones in at once."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.held = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the waiters', once one waited
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        """Set from any thread (a plain handler may change function_concurrency)."""
+        self._limit = limit
+        loop = self._loop
+        if loop is None or not self._waiters:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._wake()
+        else:  # the waiters' futures belong to their loop
+            loop.call_soon_threadsafe(self._wake)
+
+    async def __aenter__(self) -> None:
+        if self.held < self._limit and not self._waiters:
+            self.held += 1
+            return
+        loop = self._loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            while True:
+                await waiter
+                if self.held < self._limit:
+                    break
+                waiter = loop.create_future()  # another came in first: wait again, first
+                self._waiters.appendleft(waiter)
+        except BaseException:
+            if not waiter.done() or waiter.cancelled():
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            else:  # woken, then cancelled: the room it was woken for goes to the next
+                self._wake()
+            raise
+        self.held += 1
+        self._wake()  # room for more (a raised limit): the next one too
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.held -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self.held < self._limit:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 def _run_calls(
