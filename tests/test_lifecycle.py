@@ -173,6 +173,29 @@ def test_an_internal_task_that_ends_makes_wait_raise(admin: psycopg.Connection, 
     run(main())
 
 
+def test_wait_before_start_is_an_error_not_a_hang(admin: psycopg.Connection, dsn: str) -> None:
+    """wait() on an app (or a worker) that was never started waited for ever: a
+    ConfigError naming the fix. After a start and a stop it returns."""
+    from walex.workers import Worker
+
+    admin.execute(SCHEMA)
+
+    async def main() -> None:
+        app = make_app(dsn, Events())
+        with pytest.raises(ConfigError, match=r"never started.*start\(\) first"):
+            await asyncio.wait_for(app.wait(), 5)
+        await app.start()
+        await app.stop()
+        await asyncio.wait_for(app.wait(), 5)
+        events = Events()
+        events.on_event("item")(lambda batch: None)
+        worker = Worker("nats://127.0.0.1:1?stream=never", [events])  # not connected
+        with pytest.raises(ConfigError, match=r"never started"):
+            await asyncio.wait_for(worker.wait(), 5)
+
+    run(main())
+
+
 # -- stop() and shutdown_grace -------------------------------------------------
 
 

@@ -190,6 +190,7 @@ class WalEx(Lifecycle):
             )
         if self._starting:
             raise ConfigError(f"walex app {name!r} is already starting (start() is under way)")
+        self._began = True
         self._starting = True  # /livez: alive while it connects and waits for its slot
         try:
             halting = self._stop_task

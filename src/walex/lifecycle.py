@@ -90,6 +90,7 @@ class Lifecycle(ABC):
 
     _stopped: asyncio.Event  # set once stop() finished
     _error: BaseException | None  # what stopped it, raised by wait(), __aexit__ and run()
+    _began = False  # start() was called once: wait() before it would wait for ever
 
     @abstractmethod
     async def start(self) -> None:
@@ -105,6 +106,9 @@ class Lifecycle(ABC):
 
     async def wait(self) -> None:
         """Wait until stopped; raises the error that stopped it, if any."""
+        if not self._began:
+            raise ConfigError(f"{self!r} was never started, so wait() would wait for ever: "
+                              "await its start() first (or use run(), or 'async with')")
         await self._stopped.wait()
         if self._error is not None:
             raise self._error

@@ -261,6 +261,7 @@ class Worker(Lifecycle):
         if self._task is not None:
             raise ConfigError(f"worker {self.name!r} is already started")
         self._closing = False
+        self._began = True
         self._error = None
         self._stopped.clear()
         lanes: list[Lane] | None = None
