@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
+from typing import Any
 
 import psycopg
 
 from support import collecting, run
+from walex.embedded import Cluster
 
 WALEX = [sys.executable, "-m", "walex.cli"]
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -51,3 +55,102 @@ def test_drop_slot_refuses_a_slot_in_use(dsn: str, admin: psycopg.Connection) ->
     proc = run(main())
     assert proc.returncode == 1 and "is in use by server process" in proc.stderr, proc.stderr
     assert slots(admin) == ["busy_slot"]
+
+
+def held(output: str) -> float:
+    """The bytes of WAL `drop-slot` says the slot holds ('no' WAL: 0)."""
+    found = re.search(r"holds (no|[\d.]+ (?:B|KiB|MiB|GiB)) WAL", output)
+    assert found, output
+    if found.group(1) == "no":
+        return 0
+    number, unit = found.group(1).split()
+    return float(number) * 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
+
+
+def test_drop_slot_counts_the_wal_held_from_restart_lsn(dsn: str, admin: psycopg.Connection) -> None:
+    """A transaction open when the slot was read keeps its restart_lsn back: the WAL the slot
+    holds (what dropping it frees) is counted from there, not from confirmed_flush_lsn."""
+    admin.execute("CREATE TABLE t (v text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    admin.execute("SELECT pg_create_logical_replication_slot('held_slot', 'pgoutput')")
+    with psycopg.connect(dsn) as open_txn:  # written, not committed: decoding restarts before it
+        open_txn.execute("INSERT INTO t VALUES ('open')")
+        admin.execute("INSERT INTO t SELECT repeat(md5(g::text), 32) FROM generate_series(1, 3000) g")
+        admin.execute("SELECT count(*) FROM pg_logical_slot_get_binary_changes('held_slot', NULL, "
+                      "NULL, 'proto_version', '1', 'publication_names', 'pub')")
+        retained, unconfirmed = admin.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) "
+            "FROM pg_replication_slots WHERE slot_name = 'held_slot'").fetchone()  # type: ignore[misc]
+        assert retained > 2 * 2**20 and unconfirmed < 2**20, (retained, unconfirmed)
+        proc = drop(dsn, "held_slot", answer="n\n")
+        report = subprocess.run([*WALEX, "status", "--url", dsn, "--json"],
+                                capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 1 and "not dropped" in proc.stdout, proc.stdout + proc.stderr
+    assert held(proc.stdout) > 2 * 2**20, proc.stdout
+    (slot,) = json.loads(report.stdout)["slots"]
+    assert slot["retained_bytes"] > 2 * 2**20 and slot["lag_bytes"] < 2**20, slot
+    (warning,) = [p["what"] for p in json.loads(report.stdout)["problems"] if "held_slot" in p["what"]]
+    assert "MiB WAL" in warning, warning
+
+
+def test_drop_slot_checks_the_name_before_postgresql_truncates_it(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """PostgreSQL cuts a name to 63 bytes: a longer one must not find and drop another slot."""
+    kept = "s" * 63
+    admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (kept,))
+    for name in (kept + "_2", "S" * 10, "x'; drop table t; --"):
+        proc = drop(dsn, name, "--yes")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "not a replication slot name" in proc.stderr and "63" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert slots(admin) == [kept]
+
+
+def test_drop_slot_of_a_physical_slot(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("SELECT pg_create_physical_replication_slot('phys_slot', true)")
+    try:
+        proc = drop(dsn, "phys_slot", answer="n\n")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "physical" in proc.stdout and "None" not in proc.stdout, proc.stdout
+    finally:
+        admin.execute("SELECT pg_drop_replication_slot('phys_slot')")
+
+
+def test_drop_slot_of_an_invalidated_slot_says_nothing_more_is_lost(pg_cluster: Any) -> None:
+    """wal_status 'lost': the slot holds no WAL and its consumer lost its position already."""
+    bindir = pg_cluster.cluster.bindir if pg_cluster.cluster is not None else None
+    with Cluster(bindir, settings={"max_slot_wal_keep_size": "1MB", "wal_keep_size": "0",
+                                   "max_wal_size": "32MB", "min_wal_size": "32MB"}) as cluster:
+        dsn = cluster.dsn("postgres")
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            invalidate(admin, "lost_slot")
+            proc = drop(dsn, "lost_slot", answer="n\n")
+            assert proc.returncode == 1, proc.stdout + proc.stderr
+            assert "invalidated" in proc.stdout and held(proc.stdout) == 0, proc.stdout
+            assert "never delivered" not in proc.stdout, proc.stdout
+            report = subprocess.run([*WALEX, "status", "--url", dsn, "--json"],
+                                    capture_output=True, text=True, timeout=60, env=ENV)
+            assert report.returncode == 2, report.stdout + report.stderr
+            (slot,) = json.loads(report.stdout)["slots"]
+            assert slot["wal_status"] == "lost" and slot["retained_bytes"] is None, slot
+            yes = drop(dsn, "lost_slot", "--yes")
+            assert yes.returncode == 0, yes.stdout + yes.stderr
+            assert slots(admin) == []
+
+
+def invalidate(admin: psycopg.Connection, slot: str) -> None:
+    """Write WAL past max_slot_wal_keep_size until ``slot`` is invalidated."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+    admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    for _ in range(100):
+        admin.execute("INSERT INTO t SELECT g, repeat(md5(random()::text), 300) "
+                      "FROM generate_series(1, 200) g ON CONFLICT DO NOTHING")
+        admin.execute("SELECT pg_switch_wal()")
+        admin.execute("CHECKPOINT")
+        status = admin.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
+                               (slot,)).fetchone()[0]  # type: ignore[index]
+        if status == "lost":
+            return
+    raise AssertionError(f"slot {slot} was not invalidated")

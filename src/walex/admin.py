@@ -9,13 +9,16 @@ fixes it. Without a publication (None) it reports the rest and checks none. What
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # psycopg is imported by the functions that query (the CLI imports
     import psycopg  # this module for human_size and Status, also for commands that never connect)
 
-__all__ = ["Problem", "Status", "inspect_database", "human_size"]
+__all__ = ["Problem", "Status", "check_slot_name", "inspect_database", "human_size"]
 
 
 @dataclass(slots=True)
@@ -47,6 +50,7 @@ class Status:
         return data
 
 
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 _IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
 
 
@@ -60,6 +64,18 @@ def human_size(size: int | None) -> str | None:
             return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_slot_name(name: str, option: str = "") -> None:
+    """A ConfigError unless ``name`` is a name PostgreSQL gives a replication slot.
+
+    Checked before asking the server: PostgreSQL cuts a longer name to 63 bytes,
+    so a query for it would find (and drop) the slot of the first 63 bytes.
+    """
+    if not _SLOT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{option + ' ' if option else ''}{name!r} is not a replication slot name: one has "
+            "1-63 characters among lower-case letters, digits and underscores")
 
 
 def inspect_database(conn: psycopg.Connection, publication: str | None) -> Status:
@@ -136,11 +152,15 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
         "  s.confirmed_flush_lsn::text, "
         "  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
         + ("s.wal_status, s.safe_wal_size, " if has_wal_status else "NULL, NULL, ")
+        # the WAL kept for the slot: from restart_lsn (an invalidated slot keeps none)
+        + f"CASE WHEN {'s.wal_status' if has_wal_status else 'NULL'} IS DISTINCT FROM 'lost' THEN "
+        + "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint END, "
         + "r.application_name, host(r.client_addr), r.client_port "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
         "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"
     ):
-        name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, app, addr, port = slot
+        (name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, retained,
+         app, addr, port) = slot
         client = None
         if pid is not None:
             where = "local socket" if addr is None and port == -1 else (
@@ -150,6 +170,7 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
             "slot": name, "plugin": plugin, "temporary": temporary, "active": active,
             "pid": pid, "client": client, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
             "lag": human_size(lag), "wal_status": wal_status, "safe_wal_size": safe,
+            "retained_bytes": retained, "retained": human_size(retained),
         })
         if wal_status == "lost":
             status.problems.append(Problem(
@@ -160,7 +181,8 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
             ))
         elif not active and not temporary:
             status.problems.append(Problem(
-                f"durable slot {name!r} is not in use and holds {lag or 0} bytes of WAL",
+                f"durable slot {name!r} is not in use and holds {human_size(retained) or 'no'} "
+                "WAL (from its restart_lsn)",
                 f"start its consumer, or drop it: SELECT pg_drop_replication_slot('{name}');",
                 fatal=False,
             ))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .admin import human_size
+from .admin import check_slot_name, human_size
 from .cli_console import console, escape
 from .errors import SetupError, WalExError, redact
 
@@ -213,26 +213,37 @@ def drop_slot(
     import psycopg
 
     try:
+        check_slot_name(name)
         settings = _settings(url, "_", config)  # no publication involved
         with _connect(settings) as conn:
             with deadline(conn, settings, QUERY_TIMEOUT, "reading the slot"):
+                wal_status = "wal_status" if conn.info.server_version >= 130000 else "NULL"
                 row = conn.execute(
-                    "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
-                    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, "
-                    "restart_lsn))::bigint FROM pg_replication_slots WHERE slot_name = %s",
+                    f"SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
+                    f"{wal_status}, CASE WHEN {wal_status} IS DISTINCT FROM 'lost' THEN "
+                    "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint END "
+                    "FROM pg_replication_slots WHERE slot_name = %s",
                     (name,)).fetchone()
             if row is None:
                 raise SetupError(f"replication slot {name!r} does not exist on "
                                  f"{settings.display_target()}")
-            database, kind, pid, temporary, confirmed, held = row
+            database, kind, pid, temporary, confirmed, lost, held = row
+            lost = lost == "lost"
             if pid is not None:
                 raise SetupError(
                     f"replication slot {name!r} is in use by server process {pid}: stop its "
                     "consumer first (only a slot nobody streams from can be dropped)")
-            out.print(f"slot [bold]{escape(name)}[/] ({kind}{', temporary' if temporary else ''}, "
-                      f"database {escape(str(database))}) holds {human_size(held) or 'no'} WAL; "
-                      f"confirmed up to {confirmed or '-'}")
+            where = f", database {escape(str(database))}" if database is not None else ""
+            what = f"slot [bold]{escape(name)}[/] ({kind}{', temporary' if temporary else ''}{where})"
+            if lost:  # invalidated: PostgreSQL keeps no WAL for it, its position is gone already
+                out.print(f"{what} was invalidated (wal_status 'lost'): it holds no WAL, and "
+                          f"the changes after {confirmed or 'its position'} are gone already; "
+                          "dropping it loses nothing more")
+            else:  # the WAL kept for it is counted from restart_lsn (where decoding restarts)
+                out.print(f"{what} holds {human_size(held) or 'no'} WAL; "
+                          f"confirmed up to {confirmed or '-'}")
             if not yes and not typer.confirm(
+                "Drop it?" if lost else
                 f"Drop it? Its consumer loses its position: changes after {confirmed or 'it'} "
                 "are never delivered to it", default=False,
             ):
@@ -241,6 +252,11 @@ def drop_slot(
             try:
                 with deadline(conn, settings, QUERY_TIMEOUT, "dropping the slot"):
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            except psycopg.errors.ObjectInUse as exc:
+                raise SetupError(
+                    f"cannot drop slot {name!r}: a consumer started streaming from it after it "
+                    f"was read ({redact(str(exc).strip(), settings.secret())}); stop that "
+                    "consumer first, then run walex drop-slot again") from None
             except psycopg.Error as exc:
                 raise SetupError(f"cannot drop slot {name!r}: "
                                  f"{redact(str(exc).strip(), settings.secret())}") from None

@@ -182,7 +182,8 @@ def status(
 def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) -> Table:
     from rich.table import Table
 
-    columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "wal status", "safe WAL"]
+    columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "WAL held", "wal status",
+               "safe WAL"]
     if history is not None:
         columns.append("lag history")
     table = Table(*columns, title="slots")
@@ -190,7 +191,8 @@ def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) ->
         row = [
             escape(s["slot"]) + (" (temporary)" if s["temporary"] else ""),
             f"yes ({s['pid']})" if s["active"] else "no", escape(s["client"] or "-"),
-            s["confirmed_flush_lsn"] or "-", s["lag"] or "-", s["wal_status"] or "-",
+            s["confirmed_flush_lsn"] or "-", s["lag"] or "-", s["retained"] or "-",
+            s["wal_status"] or "-",
             human_size(s["safe_wal_size"]) or "-",
         ]
         if history is not None:
