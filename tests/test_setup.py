@@ -284,3 +284,23 @@ def test_setup_gives_up_on_a_silent_network_while_applying(
     assert "whether it was applied is unknown" in result["error"]
     assert "Nothing was applied before it" in result["error"]
     assert state(admin)["publications"] == []  # the server's statement_timeout undid it
+
+
+def test_setup_refuses_a_slot_name_postgresql_would_reject_or_truncate(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Checked before anything is applied: not after the publication was created, and never
+    a name cut to 63 bytes that finds another slot and reports it as walex's."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", ("s" * 63,))
+    before = state(admin)
+    for name in ("s" * 63 + "_2", "Bad Name", "x'; drop table t; --"):
+        proc = walex("setup", "--url", dsn, "-p", "pub", "--slot", name)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "not a replication slot name" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert state(admin) == before
+    status = subprocess.run([*WALEX, "status", "--url", dsn, "--slot", "s" * 63 + "_2"],
+                            capture_output=True, text=True, timeout=60, env=ENV)
+    assert status.returncode == 1 and "not a replication slot name" in status.stderr, \
+        status.stdout + status.stderr

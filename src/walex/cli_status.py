@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from . import failpoints
-from .admin import Status, human_size
+from .admin import Status, check_slot_name, human_size
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
     _settings, deadline,
@@ -148,6 +148,8 @@ def status(
 ) -> None:
     """Report whether PostgreSQL is ready for walex, and every slot's client and lag."""
     try:
+        if slot is not None:  # compared whole, not cut to 63 bytes like a name in a query
+            check_slot_name(slot, "--slot")
         settings, pub = _status_settings(url, publication, config)
         limit = _max_lag(max_lag)
         if watch is not None and watch <= 0:
