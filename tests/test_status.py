@@ -256,3 +256,28 @@ def test_status_watch_ends_on_ctrl_c_that_a_check_swallowed(dsn: str, admin: psy
             proc.kill()
             proc.wait()
     assert code == 0, proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_status_slot_of_another_kind_or_database_is_not_called_missing(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """--slot names a physical slot, or a logical slot of another database: it exists, and
+    the alert says what it is and where to check it instead of 'does not exist'."""
+    other = f"{admin.info.dbname}_other"
+    admin.execute("SELECT pg_create_physical_replication_slot('phys_slot', true)")
+    admin.execute(f"CREATE DATABASE {other}")
+    try:
+        with psycopg.connect(make_conninfo(dsn, dbname=other), autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot('far_slot', 'pgoutput')")
+        code, report = status(dsn, "--slot", "phys_slot")
+        assert code == 2, report
+        assert "is a physical slot" in report["alerts"][0], report["alerts"]
+        assert "does not exist" not in report["alerts"][0]
+        code, report = status(dsn, "--slot", "far_slot")
+        assert code == 2, report
+        assert f"is a logical slot of database {other!r}" in report["alerts"][0], report["alerts"]
+    finally:
+        admin.execute("SELECT pg_drop_replication_slot('phys_slot')")
+        admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                      "WHERE database = %s", (other,))
+        admin.execute(f"DROP DATABASE {other}")

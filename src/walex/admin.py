@@ -39,6 +39,9 @@ class Status:
     slots: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # the slot asked for (walex status --slot) when it is not one of ``slots`` (the logical
+    # slots of this database) but exists: what it is, e.g. "a physical slot"
+    slot_elsewhere: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -78,7 +81,22 @@ def check_slot_name(name: str, option: str = "") -> None:
             "1-63 characters among lower-case letters, digits and underscores")
 
 
-def inspect_database(conn: psycopg.Connection, publication: str | None) -> Status:
+def inspect_database(conn: psycopg.Connection, publication: str | None,
+                     slot: str | None = None) -> Status:
+    """What the server says; ``slot`` is looked for among every slot when it is not one of
+    this database's logical slots (``Status.slot_elsewhere``)."""
+    status = _inspect(conn, publication)
+    if slot is not None and not any(s["slot"] == slot for s in status.slots):
+        row = conn.execute("SELECT slot_type, database FROM pg_replication_slots "
+                           "WHERE slot_name = %s", (slot,)).fetchone()
+        if row is not None:
+            kind, database = row
+            status.slot_elsewhere = f"a {kind} slot" + (
+                f" of database {database!r}" if database is not None else "")
+    return status
+
+
+def _inspect(conn: psycopg.Connection, publication: str | None) -> Status:
     from psycopg import sql
 
     row = conn.execute(

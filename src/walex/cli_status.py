@@ -81,7 +81,11 @@ def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[s
     alerts = []
     slots = [s for s in report.slots if slot is None or s["slot"] == slot]
     if slot is not None and not slots:
-        alerts.append(f"slot {slot!r} does not exist in database {report.database!r}")
+        alerts.append(
+            f"slot {slot!r} is {report.slot_elsewhere}, not a logical slot of database "
+            f"{report.database!r}: walex status checks only those (connect to the slot's "
+            "database to check a logical slot)" if report.slot_elsewhere else
+            f"slot {slot!r} does not exist in database {report.database!r}")
     for s in slots:
         if s["wal_status"] == "lost":
             alerts.append(f"slot {s['slot']!r} was invalidated (wal_status = 'lost')")
@@ -105,8 +109,8 @@ def _status_settings(
     return _settings(url, "-", config), None  # a placeholder the report never uses
 
 
-def _check(settings: WalExSettings, publication: str | None,
-           timeout: float = QUERY_TIMEOUT) -> tuple[Status, list[Job]]:
+def _check(settings: WalExSettings, publication: str | None, timeout: float = QUERY_TIMEOUT,
+           slot: str | None = None) -> tuple[Status, list[Job]]:
     """The server's state and the backfills recorded in the progress store.
 
     Anything that stops the check (the server unreachable or not answering, the
@@ -122,7 +126,7 @@ def _check(settings: WalExSettings, publication: str | None,
     with _connect(settings, timeout) as conn:
         try:
             with deadline(conn, settings, timeout, "reading the server's state"):
-                report = inspect_database(conn, publication)
+                report = inspect_database(conn, publication, slot)
                 return report, read_backfills(conn, settings.backfill_table) or []
         except psycopg.Error as exc:
             message = redact(str(exc).strip(), settings.secret()) or type(exc).__name__
@@ -159,7 +163,7 @@ def status(
     if watch is not None:
         raise typer.Exit(_watch(settings, pub, watch, slot, limit, timeout))
     try:
-        report, backfills = _check(settings, pub, timeout)
+        report, backfills = _check(settings, pub, timeout, slot)
     except SetupError as exc:
         if as_json:
             print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
@@ -241,7 +245,7 @@ def _watch(settings: WalExSettings, publication: str | None, every: float, slot:
     def frame() -> Any:
         nonlocal code
         try:
-            report, backfills = _check(settings, publication, timeout)
+            report, backfills = _check(settings, publication, timeout, slot)
         except WalExError as exc:
             code = 3
             return f"[bold red]{time.strftime('%H:%M:%S')} could not check:[/] {escape(str(exc))}"
