@@ -53,6 +53,10 @@ class Status:
         return data
 
 
+# where the server's WAL is now: on a standby (in recovery, where pg_current_wal_lsn() fails)
+# the last WAL replayed, which is what its logical slots decode up to
+WAL_NOW = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+           "ELSE pg_current_wal_lsn() END)")
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 _IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
 
@@ -168,11 +172,11 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
     for slot in conn.execute(
         "SELECT s.slot_name, s.plugin, s.temporary, s.active, s.active_pid, "
         "  s.confirmed_flush_lsn::text, "
-        "  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        f"  pg_wal_lsn_diff({WAL_NOW}, s.confirmed_flush_lsn)::bigint, "
         + ("s.wal_status, s.safe_wal_size, " if has_wal_status else "NULL, NULL, ")
         # the WAL kept for the slot: from restart_lsn (an invalidated slot keeps none)
         + f"CASE WHEN {'s.wal_status' if has_wal_status else 'NULL'} IS DISTINCT FROM 'lost' THEN "
-        + "pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint END, "
+        + f"pg_wal_lsn_diff({WAL_NOW}, s.restart_lsn)::bigint END, "
         + "r.application_name, host(r.client_addr), r.client_port "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
         "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"

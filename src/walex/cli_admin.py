@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .admin import check_slot_name, human_size
+from .admin import WAL_NOW, check_slot_name, human_size
 from .cli_console import console, escape
 from .errors import SetupError, WalExError, redact
 
@@ -221,7 +221,7 @@ def drop_slot(
                 row = conn.execute(
                     f"SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
                     f"{wal_status}, CASE WHEN {wal_status} IS DISTINCT FROM 'lost' THEN "
-                    "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint END "
+                    f"pg_wal_lsn_diff({WAL_NOW}, restart_lsn)::bigint END "
                     "FROM pg_replication_slots WHERE slot_name = %s",
                     (name,)).fetchone()
             if row is None:
