@@ -154,3 +154,33 @@ def invalidate(admin: psycopg.Connection, slot: str) -> None:
         if status == "lost":
             return
     raise AssertionError(f"slot {slot} was not invalidated")
+
+
+def test_drop_slot_racing_a_consumer_that_took_the_slot_meanwhile(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """The slot was free when read; a consumer starts on it while drop-slot asks: the drop is
+    refused by PostgreSQL, and walex says what happened and what to do."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    admin.execute("SELECT pg_create_logical_replication_slot('raced_slot', 'pgoutput')")
+    proc = subprocess.Popen([*WALEX, "drop-slot", "raced_slot", "--url", dsn],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        shown = ""
+        while "[y/N]" not in shown:  # the prompt: the slot was read, not in use
+            char = proc.stdout.read(1)  # type: ignore[union-attr]
+            assert char, shown
+            shown += char
+
+        async def main() -> tuple[str, str]:
+            async with collecting(dsn, durable_slot=True, slot_name="raced_slot"):
+                return await asyncio.to_thread(proc.communicate, "y\n", 60)
+
+        out, err = run(main())
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, shown + out + err
+    assert "started streaming from it after it was read" in err, err
+    assert "Traceback" not in err and slots(admin) == ["raced_slot"]
