@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -304,3 +305,20 @@ def test_setup_refuses_a_slot_name_postgresql_would_reject_or_truncate(
                             capture_output=True, text=True, timeout=60, env=ENV)
     assert status.returncode == 1 and "not a replication slot name" in status.stderr, \
         status.stdout + status.stderr
+
+
+def test_fixes_for_a_missing_publication_can_be_copied_as_they_are(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Every table asked for is missing: no 'FOR TABLE ;' to copy. A publication name with
+    spaces and quotes: the walex setup command of status's fix is quoted for the shell."""
+    proc = walex("setup", "--url", dsn, "-p", "pub", "-t", "no_such_table", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (finding,) = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "publication"]
+    assert "FOR TABLE ;" not in finding["fix"], finding
+    name = 'Pub "Q" x'
+    status = subprocess.run([*WALEX, "status", "--url", dsn, "-p", name, "--json"],
+                            capture_output=True, text=True, timeout=60, env=ENV)
+    (problem,) = [p for p in json.loads(status.stdout)["problems"] if "publication" in p["what"]]
+    command = problem["fix"].split(" (creates it")[0]
+    assert shlex.split(command) == ["walex", "setup", "--publication", name], problem

@@ -10,6 +10,7 @@ fixes it. Without a publication (None) it reports the rest and checks none. What
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +135,8 @@ def _inspect(conn: psycopg.Connection, publication: str | None) -> Status:
     if not status.publication_exists:
         status.problems.append(Problem(
             f"publication {publication!r} does not exist",
-            f"walex setup --publication {publication} (creates it FOR ALL TABLES), or "
+            f"walex setup --publication {shlex.quote(publication)} (creates it FOR ALL "
+            "TABLES), or "
             f"CREATE PUBLICATION {sql.Identifier(publication).as_string(conn)} FOR TABLE ...;",
         ))
     for schema, table, identity, has_pk in conn.execute(

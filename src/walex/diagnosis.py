@@ -365,7 +365,8 @@ def _check_publication(
         else:
             what = f"FOR TABLE {targets}" if wanted else "FOR ALL TABLES"
             statement = f"CREATE PUBLICATION {pub} {what}"
-            c.add("publication", FIX, f"{name!r} does not exist", statement + ";")
+            c.add("publication", FIX, f"{name!r} does not exist", statement + ";" if resolved or
+                  not wanted else f"CREATE PUBLICATION {pub} FOR TABLE ...; once the tables exist")
             if not wanted or resolved:
                 plan.actions.append(Action(
                     "ddl", statement,
