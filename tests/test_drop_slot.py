@@ -8,12 +8,18 @@ import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from support import collecting, run
 from walex.embedded import Cluster
+
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
 
 WALEX = [sys.executable, "-m", "walex.cli"]
 ENV = {**os.environ, "COLUMNS": "200"}
@@ -184,3 +190,34 @@ def test_drop_slot_racing_a_consumer_that_took_the_slot_meanwhile(
     assert proc.returncode == 1, shown + out + err
     assert "started streaming from it after it was read" in err, err
     assert "Traceback" not in err and slots(admin) == ["raced_slot"]
+
+
+def test_drop_slot_gives_up_on_a_silent_network_within_its_timeout(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """The network goes silent between the question and the drop: the command ends within
+    --timeout (+5 s) and says the drop may or may not have happened."""
+    admin.execute("SELECT pg_create_logical_replication_slot('silent_slot', 'pgoutput')")
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params["host"]), int(params["port"])).start()
+    try:
+        url = make_conninfo(dsn, port=proxy.port)
+        proc = subprocess.Popen([*WALEX, "drop-slot", "silent_slot", "--url", url,
+                                 "--timeout", "2"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        try:
+            shown = ""
+            while "[y/N]" not in shown:
+                char = proc.stdout.read(1)  # type: ignore[union-attr]
+                assert char, shown
+                shown += char
+            proxy.partition()
+            started = time.monotonic()
+            _, err = proc.communicate("y\n", timeout=60)
+        finally:
+            proc.kill()
+    finally:
+        proxy.stop()
+    assert proc.returncode == 1, err
+    assert time.monotonic() - started < 20, time.monotonic() - started
+    assert "no answer from" in err and "was dropped is unknown" in err, err

@@ -208,6 +208,7 @@ def drop_slot(
     url: UrlOption = None,
     config: ConfigOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    timeout: TimeoutOption = QUERY_TIMEOUT,
 ) -> None:
     """Drop a replication slot that no process uses, freeing the WAL it holds (asks first)."""
     import psycopg
@@ -215,8 +216,8 @@ def drop_slot(
     try:
         check_slot_name(name)
         settings = _settings(url, "_", config)  # no publication involved
-        with _connect(settings) as conn:
-            with deadline(conn, settings, QUERY_TIMEOUT, "reading the slot"):
+        with _connect(settings, timeout) as conn:
+            with deadline(conn, settings, timeout, "reading the slot"):
                 wal_status = "wal_status" if conn.info.server_version >= 130000 else "NULL"
                 row = conn.execute(
                     f"SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
@@ -250,8 +251,12 @@ def drop_slot(
                 out.print("not dropped")
                 raise typer.Exit(1)
             try:
-                with deadline(conn, settings, QUERY_TIMEOUT, "dropping the slot"):
+                with deadline(conn, settings, timeout, "dropping the slot"):
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            except SetupError as exc:  # no answer: the server may have dropped it or not
+                raise SetupError(
+                    f"{exc}. Whether slot {name!r} was dropped is unknown: see walex status "
+                    "(or SELECT slot_name FROM pg_replication_slots;)") from None
             except psycopg.errors.ObjectInUse as exc:
                 raise SetupError(
                     f"cannot drop slot {name!r}: a consumer started streaming from it after it "
