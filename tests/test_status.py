@@ -91,6 +91,30 @@ def test_status_shows_the_client_of_an_active_slot(dsn: str, admin: psycopg.Conn
     assert code == 0
 
 
+def test_status_names_every_client_a_role_may_not_see_in_full(
+    dsn: str, admin: psycopg.Connection, plain_role: str
+) -> None:
+    """A role without pg_read_all_stats sees no client address: status says it is hidden
+    (not 'no client'); a slot held by a SQL session (not a walsender) has its client too."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    admin.execute("SELECT pg_create_logical_replication_slot('sql_slot', 'pgoutput', true)")
+
+    async def main() -> list[tuple[int, dict[str, Any]]]:
+        async with collecting(dsn, name="status_probe", durable_slot=True,
+                              slot_name="busy_slot"):
+            return [await asyncio.to_thread(status, url)
+                    for url in (make_conninfo(dsn, user=plain_role), dsn)]
+
+    (_, hidden), (_, full) = run(main())
+    clients = {s["slot"]: s["client"] for s in hidden["slots"]}
+    assert clients == {"busy_slot": "status_probe (address hidden from this role)",
+                       "sql_slot": "(address hidden from this role)"}, clients
+    clients = {s["slot"]: s["client"] for s in full["slots"]}
+    assert clients["sql_slot"].startswith("client backend session (127.0.0.1:"), clients
+    assert clients["busy_slot"].startswith("status_probe (127.0.0.1:"), clients
+
+
 def test_sparkline() -> None:
     assert sparkline([]) == ""
     assert sparkline([0, 0]) == "▁▁"

@@ -179,17 +179,23 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
         # the WAL kept for the slot: from restart_lsn (an invalidated slot keeps none)
         + f"CASE WHEN {'s.wal_status' if has_wal_status else 'NULL'} IS DISTINCT FROM 'lost' THEN "
         + f"pg_wal_lsn_diff({WAL_NOW}, s.restart_lsn)::bigint END, "
-        + "r.application_name, host(r.client_addr), r.client_port "
-        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        # pg_stat_activity: a walsender's client, or a session reading the slot with SQL
+        + "r.application_name, host(r.client_addr), r.client_port, r.backend_type "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_activity r ON r.pid = s.active_pid "
         "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"
     ):
         (name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, retained,
-         app, addr, port) = slot
+         app, addr, port, kind) = slot
         client = None
         if pid is not None:
+            # no address nor port: pg_stat_activity hides them from a role without the
+            # privileges of the session's role or pg_read_all_stats
             where = "local socket" if addr is None and port == -1 else (
-                f"{addr}:{port}" if addr is not None else None)
-            client = " ".join(p for p in (app, f"({where})" if where else None) if p) or None
+                f"{addr}:{port}" if addr is not None else "address hidden from this role"
+                if port is None else None)
+            session = f"{kind} session" if kind not in (None, "walsender") else None
+            client = " ".join(p for p in (session, app, f"({where})" if where else None)
+                              if p) or None
         status.slots.append({
             "slot": name, "plugin": plugin, "temporary": temporary, "active": active,
             "pid": pid, "client": client, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
