@@ -19,10 +19,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from support import collecting, run
+from support import collecting, run, standby_of
 from walex.backfill.store import CREATE as CREATE_STORE
 from walex.cli_status import sparkline
-from walex.embedded import Cluster, free_port
+from walex.embedded import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent / "chaos"))
 from proxy import Proxy  # noqa: E402
@@ -314,58 +314,36 @@ def test_status_and_drop_slot_on_a_standby(pg_cluster: Any) -> None:
     (PostgreSQL 16+) are reported and dropped like a primary's."""
     if pg_cluster.cluster is None:
         pytest.skip("needs a throwaway cluster, not WALEX_TEST_DSN")
-    with Cluster(pg_cluster.cluster.bindir) as primary:
-        base = primary.datadir.parent
-        standby_dir, port = base / "standby", free_port()
-        done = threading.Event()
-        primary._run("pg_basebackup", "-D", str(standby_dir), "-h", primary.host,
-                     "-p", str(primary.port), "-U", "postgres", "-R", "-X", "stream")
-        with open(standby_dir / "postgresql.auto.conf", "a") as fh:
-            fh.write(f"port = {port}\nhot_standby = on\n")
-        primary._run("pg_ctl", "-D", str(standby_dir), "-w", "-t", "60",
-                     "-l", str(base / "standby.log"), "start")
-        try:
-            standby = f"postgresql://postgres@{primary.host}:{port}/postgres"
-            with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
-                conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-                conn.execute("CREATE PUBLICATION pub FOR TABLE t")
-
-            def snapshots() -> None:  # a slot made on a standby waits for one to be replayed
-                with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
-                    while not done.wait(0.3):
-                        conn.execute("SELECT pg_log_standby_snapshot()")
-
-            if primary.major_version >= 16:
-                threading.Thread(target=snapshots, daemon=True).start()
-            with psycopg.connect(standby, autocommit=True) as conn:
-                wait_for(lambda: conn.execute(
-                    "SELECT 1 FROM pg_publication WHERE pubname = 'pub'").fetchone(),
-                    "the publication replayed on the standby")
-                if primary.major_version >= 16:  # logical decoding on a standby
-                    conn.execute("SELECT pg_create_logical_replication_slot('standby_slot', "
-                                 "'pgoutput')")
-            code, report = status(standby)
-            assert code == 0, report
-            if primary.major_version >= 16:
-                (slot,) = report["slots"]
-                assert slot["slot"] == "standby_slot" and slot["lag_bytes"] is not None, slot
-                proc = subprocess.run([*WALEX, "drop-slot", "standby_slot", "--url", standby],
-                                      input="y\n", capture_output=True, text=True, timeout=60,
-                                      env=ENV)
-                assert proc.returncode == 0 and "holds" in proc.stdout, proc.stdout + proc.stderr
-            # setup: read-only, so a publication is made on the primary; a slot (16+) here
-            proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "other_pub"],
-                                  capture_output=True, text=True, timeout=60, env=ENV)
-            assert proc.returncode == 1, proc.stdout + proc.stderr
-            assert "a standby" in proc.stdout and "against the primary" in proc.stdout, proc.stdout
-            assert "read-only transaction" not in proc.stderr, proc.stderr
-            proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "pub", "--slot",
-                                   "made_here"], capture_output=True, text=True, timeout=60,
+    with Cluster(pg_cluster.cluster.bindir) as primary, standby_of(primary) as standby:
+        with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION pub FOR TABLE t")
+        with psycopg.connect(standby, autocommit=True) as conn:
+            wait_for(lambda: conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = 'pub'").fetchone(),
+                "the publication replayed on the standby")
+            if primary.major_version >= 16:  # logical decoding on a standby
+                conn.execute("SELECT pg_create_logical_replication_slot('standby_slot', "
+                             "'pgoutput')")
+        code, report = status(standby)
+        assert code == 0, report
+        if primary.major_version >= 16:
+            (slot,) = report["slots"]
+            assert slot["slot"] == "standby_slot" and slot["lag_bytes"] is not None, slot
+            proc = subprocess.run([*WALEX, "drop-slot", "standby_slot", "--url", standby],
+                                  input="y\n", capture_output=True, text=True, timeout=60,
                                   env=ENV)
-            if primary.major_version >= 16:
-                assert proc.returncode == 0, proc.stdout + proc.stderr
-            else:
-                assert proc.returncode == 1 and "before 16" in proc.stdout, proc.stdout + proc.stderr
-        finally:
-            done.set()
-            primary._run("pg_ctl", "-D", str(standby_dir), "-w", "-m", "fast", "stop")
+            assert proc.returncode == 0 and "holds" in proc.stdout, proc.stdout + proc.stderr
+        # setup: read-only, so a publication is made on the primary; a slot (16+) here
+        proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "other_pub"],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "a standby" in proc.stdout and "against the primary" in proc.stdout, proc.stdout
+        assert "read-only transaction" not in proc.stderr, proc.stderr
+        proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "pub", "--slot",
+                               "made_here"], capture_output=True, text=True, timeout=60,
+                              env=ENV)
+        if primary.major_version >= 16:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        else:
+            assert proc.returncode == 1 and "before 16" in proc.stdout, proc.stdout + proc.stderr
