@@ -17,6 +17,7 @@ later, for a network that goes silent without closing the connection.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -50,8 +51,17 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="A TOML file of WalEx options."),
 ]
 QUERY_TIMEOUT = 30.0  # seconds, the default of --timeout
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback: 'nan' and 'inf' are floats, not a number of seconds."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a number of seconds, got {value}")
+    return value
+
+
 TimeoutOption = Annotated[float, typer.Option(
-    "--timeout", metavar="SECONDS", min=1,
+    "--timeout", metavar="SECONDS", min=1, max=86400, callback=finite,  # statement_timeout: int ms
     help="Give up on a query after SECONDS (statement_timeout; a silent network too).")]
 _MARGIN = 5.0  # the client gives up this long after the server's statement_timeout would
 
@@ -147,7 +157,7 @@ def tail(
         "--table", "-t", metavar="TABLE",
         help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        help="Stop after this many events.")] = None,
+        min=1, help="Stop after this many events.")] = None,
 ) -> None:
     """Print every change of the publication as it is committed (temporary slot)."""
     import asyncio

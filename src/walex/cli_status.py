@@ -33,7 +33,7 @@ from . import failpoints
 from .admin import Status, check_slot_name, human_size
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
-    _settings, deadline,
+    _settings, deadline, finite,
 )
 from .cli_console import console, escape
 from .errors import ConfigError, SetupError, WalExError, redact
@@ -141,7 +141,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     watch: Annotated[Optional[float], typer.Option(  # noqa: UP007
         "--watch", metavar="SECONDS", help="Refresh a live table every SECONDS (Ctrl-C ends).",
-        show_default=False)] = None,
+        show_default=False, callback=finite)] = None,
     slot: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--slot", help="Check only this slot (exit 2 when it is lost, missing or over --max-lag).",
         show_default=False)] = None,
