@@ -60,8 +60,14 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def _timeout(value: float) -> float:
+    if not math.isfinite(value) or not 1 <= value <= 86400:  # statement_timeout: an int of ms
+        raise typer.BadParameter(f"must be from 1 to 86400 seconds, got {value:g}")
+    return value
+
+
 TimeoutOption = Annotated[float, typer.Option(
-    "--timeout", metavar="SECONDS", min=1, max=86400, callback=finite,  # statement_timeout: int ms
+    "--timeout", metavar="SECONDS", callback=_timeout,
     help="Give up on a query after SECONDS (statement_timeout; a silent network too).")]
 _MARGIN = 5.0  # the client gives up this long after the server's statement_timeout would
 
