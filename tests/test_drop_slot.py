@@ -221,3 +221,31 @@ def test_drop_slot_gives_up_on_a_silent_network_within_its_timeout(
     assert proc.returncode == 1, err
     assert time.monotonic() - started < 20, time.monotonic() - started
     assert "no answer from" in err and "was dropped is unknown" in err, err
+
+
+def test_status_alerts_on_a_slot_about_to_be_invalidated(pg_cluster: Any) -> None:
+    """wal_status 'unreserved': the slot's WAL is past max_slot_wal_keep_size and goes at
+    the next checkpoint. status says so and a health check fails (exit 2) before it is lost."""
+    bindir = pg_cluster.cluster.bindir if pg_cluster.cluster is not None else None
+    with Cluster(bindir, settings={"max_slot_wal_keep_size": "1MB", "wal_keep_size": "0",
+                                   "max_wal_size": "64MB", "min_wal_size": "64MB",
+                                   "checkpoint_timeout": "1h"}) as cluster:
+        dsn = cluster.dsn("postgres")
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+            admin.execute("SELECT pg_create_logical_replication_slot('doomed_slot', 'pgoutput')")
+            for _ in range(20):  # WAL past max_slot_wal_keep_size, no checkpoint yet
+                admin.execute("INSERT INTO t SELECT g, repeat(md5(random()::text), 300) "
+                              "FROM generate_series(1, 200) g ON CONFLICT DO NOTHING")
+                admin.execute("SELECT pg_switch_wal()")
+                (wal_status,) = admin.execute(
+                    "SELECT wal_status FROM pg_replication_slots").fetchone()  # type: ignore[misc]
+                if wal_status == "unreserved":
+                    break
+            assert wal_status == "unreserved"
+            report = subprocess.run([*WALEX, "status", "--url", dsn, "--json"],
+                                    capture_output=True, text=True, timeout=60, env=ENV)
+            assert report.returncode == 2, report.stdout + report.stderr
+            data = json.loads(report.stdout)
+            assert any("about to be invalidated" in a for a in data["alerts"]), data["alerts"]
+            assert any("max_slot_wal_keep_size" in p["fix"] for p in data["problems"]), data

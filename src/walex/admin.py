@@ -209,7 +209,15 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
                 f"SELECT pg_drop_replication_slot('{name}'); then resynchronise, or start the "
                 "app with recreate_lost_slot=True",
             ))
-        elif not active and not temporary:
+        elif wal_status == "unreserved":
+            status.problems.append(Problem(
+                f"slot {name!r} is about to be invalidated (wal_status = 'unreserved'): the WAL "
+                "it needs is past max_slot_wal_keep_size and is removed at the next checkpoint",
+                "let its consumer catch up now, or raise max_slot_wal_keep_size: ALTER SYSTEM "
+                "SET max_slot_wal_keep_size = '...'; SELECT pg_reload_conf();",
+                fatal=False,
+            ))
+        if wal_status != "lost" and not active and not temporary:
             status.problems.append(Problem(
                 f"durable slot {name!r} is not in use and holds {human_size(retained) or 'no'} "
                 "WAL (from its restart_lsn)",

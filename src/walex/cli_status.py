@@ -10,7 +10,8 @@ the server, its settings and every slot, and checks no publication.
 
 Exit codes, for a health check: 0 fine; 1 PostgreSQL is not set up for walex
 (a problem with its fix is printed); 2 a slot was invalidated
-(``wal_status = 'lost'``) or is over ``--max-lag``; 3 the server could not be
+(``wal_status = 'lost'``), is about to be (``'unreserved'``) or is over
+``--max-lag``; 3 the server could not be
 checked (unreachable, refused, the connection lost, a privilege missing, no
 answer within ``--timeout``), with the reason. With ``--watch`` the code of
 the last check.
@@ -89,6 +90,9 @@ def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[s
     for s in slots:
         if s["wal_status"] == "lost":
             alerts.append(f"slot {s['slot']!r} was invalidated (wal_status = 'lost')")
+        elif s["wal_status"] == "unreserved":
+            alerts.append(f"slot {s['slot']!r} is about to be invalidated (wal_status = "
+                          "'unreserved': its WAL goes at the next checkpoint)")
         elif max_lag is not None and (s["lag_bytes"] or 0) > max_lag:
             alerts.append(f"slot {s['slot']!r} lags {human_size(s['lag_bytes'])}, over "
                           f"--max-lag {human_size(max_lag)}")
