@@ -249,3 +249,15 @@ def test_status_alerts_on_a_slot_about_to_be_invalidated(pg_cluster: Any) -> Non
             data = json.loads(report.stdout)
             assert any("about to be invalidated" in a for a in data["alerts"]), data["alerts"]
             assert any("max_slot_wal_keep_size" in p["fix"] for p in data["problems"]), data
+
+
+def test_drop_slot_without_an_answer_says_how_to_drop_without_asking(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    admin.execute("SELECT pg_create_logical_replication_slot('asked_slot', 'pgoutput')")
+    proc = subprocess.run([*WALEX, "drop-slot", "asked_slot", "--url", dsn],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                          env=ENV)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("walex: not dropped") and "--yes" in proc.stderr, proc.stderr
+    assert slots(admin) == ["asked_slot"]

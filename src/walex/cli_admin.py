@@ -219,6 +219,16 @@ def tail(
         raise _fail(exc) from None
 
 
+def _confirm(question: str) -> bool:
+    """The answer to ``question``; no answer (stdin closed, Ctrl-C) is a SetupError."""
+    try:
+        return typer.confirm(question, default=False)
+    except typer.Abort:
+        out.print()
+        raise SetupError("not dropped: no answer to the question (stdin closed or "
+                         "interrupted); give --yes to drop it without asking") from None
+
+
 def drop_slot(
     name: Annotated[str, typer.Argument(help="The replication slot to drop.")],
     url: UrlOption = None,
@@ -259,11 +269,10 @@ def drop_slot(
             else:  # the WAL kept for it is counted from restart_lsn (where decoding restarts)
                 out.print(f"{what} holds {human_size(held) or 'no'} WAL; "
                           f"confirmed up to {confirmed or '-'}")
-            if not yes and not typer.confirm(
+            if not yes and not _confirm(
                 "Drop it?" if lost else
                 f"Drop it? Its consumer loses its position: changes after {confirmed or 'it'} "
-                "are never delivered to it", default=False,
-            ):
+                "are never delivered to it"):
                 out.print("not dropped")
                 raise typer.Exit(1)
             try:
