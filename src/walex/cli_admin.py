@@ -246,7 +246,7 @@ def drop_slot(
             with deadline(conn, settings, timeout, "reading the slot"):
                 wal_status = "wal_status" if conn.info.server_version >= 130000 else "NULL"
                 row = conn.execute(
-                    f"SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
+                    "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
                     f"{wal_status}, CASE WHEN {wal_status} IS DISTINCT FROM 'lost' THEN "
                     f"pg_wal_lsn_diff({WAL_NOW}, restart_lsn)::bigint END "
                     "FROM pg_replication_slots WHERE slot_name = %s",
@@ -254,8 +254,8 @@ def drop_slot(
             if row is None:
                 raise SetupError(f"replication slot {name!r} does not exist on "
                                  f"{settings.display_target()}")
-            database, kind, pid, temporary, confirmed, lost, held = row
-            lost = lost == "lost"
+            database, kind, pid, temporary, confirmed, slot_wal_status, held = row
+            lost = slot_wal_status == "lost"
             if pid is not None:
                 raise SetupError(
                     f"replication slot {name!r} is in use by server process {pid}: stop its "
