@@ -168,6 +168,15 @@ def _inspect(conn: psycopg.Connection, publication: str | None) -> Status:
     return status
 
 
+# pg_replication_slots.invalidation_reason (PostgreSQL 17+), said with the setting involved
+_INVALIDATED = {
+    "wal_removed": "its WAL was removed: over max_slot_wal_keep_size",
+    "rows_removed": "rows it needed were vacuumed on the primary",
+    "wal_level_insufficient": "wal_level on the primary went below 'logical'",
+    "idle_timeout": "unused for longer than idle_replication_slot_timeout",
+}
+
+
 def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
     """Every logical slot of the database, with its client, lag and WAL status."""
     has_wal_status = conn.info.server_version >= 130000
@@ -179,13 +188,15 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
         # the WAL kept for the slot: from restart_lsn (an invalidated slot keeps none)
         + f"CASE WHEN {'s.wal_status' if has_wal_status else 'NULL'} IS DISTINCT FROM 'lost' THEN "
         + f"pg_wal_lsn_diff({WAL_NOW}, s.restart_lsn)::bigint END, "
+        # why PostgreSQL invalidated it (17+): wal_removed, rows_removed, idle_timeout, ...
+        + ("s.invalidation_reason, " if conn.info.server_version >= 170000 else "NULL, ")
         # pg_stat_activity: a walsender's client, or a session reading the slot with SQL
         + "r.application_name, host(r.client_addr), r.client_port, r.backend_type "
         "FROM pg_replication_slots s LEFT JOIN pg_stat_activity r ON r.pid = s.active_pid "
         "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"
     ):
         (name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, retained,
-         app, addr, port, kind) = slot
+         reason, app, addr, port, kind) = slot
         client = None
         if pid is not None:
             # no address nor port: pg_stat_activity hides them from a role without the
@@ -201,11 +212,13 @@ def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
             "pid": pid, "client": client, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
             "lag": human_size(lag), "wal_status": wal_status, "safe_wal_size": safe,
             "retained_bytes": retained, "retained": human_size(retained),
+            "invalidation_reason": reason,
         })
         if wal_status == "lost":
             status.problems.append(Problem(
-                f"slot {name!r} was invalidated (wal_status = 'lost'): changes after "
-                f"{confirmed} are gone",
+                f"slot {name!r} was invalidated (wal_status = 'lost'"
+                + (f", {_INVALIDATED.get(reason, reason)}" if reason else "")
+                + f"): changes after {confirmed} are gone",
                 f"SELECT pg_drop_replication_slot('{name}'); then resynchronise, or start the "
                 "app with recreate_lost_slot=True",
             ))
