@@ -22,10 +22,12 @@ import asyncio
 import time
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import psycopg
 
 from walex import Event, Events, WalEx
 
@@ -234,3 +236,36 @@ async def release_a_full_queue(admin: Any, app: Any, batches: Any, insert: str, 
     await until(lambda: app.transactions_handled == rows, f"{rows} transactions handled")
     last = batches.calls[-1][1][-1]
     await until(lambda: app.ack.flushed > last, "the last one acknowledged")
+
+
+@contextmanager
+def standby_of(primary: Any) -> Iterator[str]:
+    """A hot standby of the walex.embedded Cluster ``primary``: its DSN while the block runs.
+
+    On PostgreSQL 16+ the primary logs a standby snapshot every 0.3 s meanwhile: a logical
+    slot made on the standby waits for one to be replayed.
+    """
+    from walex.embedded import free_port
+
+    base = primary.datadir.parent
+    datadir, port = base / "standby", free_port()
+    primary._run("pg_basebackup", "-D", str(datadir), "-h", primary.host,
+                 "-p", str(primary.port), "-U", "postgres", "-R", "-X", "stream")
+    with open(datadir / "postgresql.auto.conf", "a") as fh:
+        fh.write(f"port = {port}\nhot_standby = on\n")
+    primary._run("pg_ctl", "-D", str(datadir), "-w", "-t", "60", "-l",
+                 str(base / "standby.log"), "start")
+    done = threading.Event()
+
+    def snapshots() -> None:
+        with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
+            while not done.wait(0.3):
+                conn.execute("SELECT pg_log_standby_snapshot()")
+
+    if primary.major_version >= 16:
+        threading.Thread(target=snapshots, daemon=True).start()
+    try:
+        yield f"postgresql://postgres@{primary.host}:{port}/postgres"
+    finally:
+        done.set()
+        primary._run("pg_ctl", "-D", str(datadir), "-w", "-m", "fast", "stop")

@@ -217,3 +217,18 @@ def test_tail_prints_committed_changes(dsn: str, admin: psycopg.Connection) -> N
     # a temporary slot: nothing left behind
     assert admin.execute("SELECT count(*) FROM pg_replication_slots "
                          "WHERE database = current_database()").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["status", "--timeout", "inf"], ["status", "--timeout", "nan"],
+    ["setup", "-p", "pub", "--timeout", "1e9"], ["drop-slot", "no_slot", "--timeout", "inf"],
+    ["status", "--watch", "nan"], ["status", "--watch", "inf"],
+    ["tail", "-p", "pub", "--limit", "0"], ["tail", "-p", "pub", "--limit", "-1"],
+])
+def test_numbers_no_command_can_use_are_usage_errors(dsn: str, args: list[str]) -> None:
+    """inf / nan seconds (a traceback), a timeout past statement_timeout's range (a server
+    error), a tail that can never reach its --limit (waits forever): exit 2 at once."""
+    proc = subprocess.run([*WALEX, *args, "--url", dsn], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Invalid value for" in proc.stderr, proc.stderr

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from support import collecting, run, until
+from support import collecting, run, standby_of, until
 from walex import Events, WalEx
 from walex.embedded import Cluster, free_port
 from walex.errors import ConfigError
@@ -504,3 +504,33 @@ def test_the_slot_monitor_notices_a_silent_partition_and_reconnects(
     finally:
         proxy.stop()
         drop_database(dbname)  # its temporary slot's walsender may still be active
+
+
+def test_healthz_of_an_app_streaming_from_a_standby(pg_cluster: Any) -> None:
+    """PostgreSQL 16+ decodes on a standby; pg_current_wal_lsn() fails there (in recovery):
+    the slot monitor reads the last WAL replayed, and /healthz says streaming, not
+    'unreachable'."""
+    if pg_cluster.cluster is None or pg_cluster.major_version < 16:
+        pytest.skip("needs a throwaway cluster of PostgreSQL 16+")
+    with Cluster(pg_cluster.cluster.bindir) as primary, standby_of(primary) as standby:
+        with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE item (id int PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION pub FOR TABLE item")
+        with psycopg.connect(standby, autocommit=True) as conn:
+            wait_until(lambda: conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = 'pub'").fetchone(),
+                "the publication replayed on the standby")
+
+        async def main() -> tuple[int, dict[str, Any]]:
+            async with collecting(standby, metrics_port=0, status_interval=0.3) as rec:
+                app = rec.app
+                with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
+                    conn.execute("INSERT INTO item VALUES (1)")
+                await rec.wait_for(1, timeout=30)
+                await until(lambda: app.pipeline.stats.server_wal_end > 0
+                            or app.pipeline.stats.monitor_error is not None, "a monitor poll")
+                await asyncio.sleep(1)  # a few more polls
+                return health(app)
+
+        code, body = run(main(), timeout=120)
+    assert code == 200 and body["status"] == "streaming", body

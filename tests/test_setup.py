@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -284,3 +285,40 @@ def test_setup_gives_up_on_a_silent_network_while_applying(
     assert "whether it was applied is unknown" in result["error"]
     assert "Nothing was applied before it" in result["error"]
     assert state(admin)["publications"] == []  # the server's statement_timeout undid it
+
+
+def test_setup_refuses_a_slot_name_postgresql_would_reject_or_truncate(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Checked before anything is applied: not after the publication was created, and never
+    a name cut to 63 bytes that finds another slot and reports it as walex's."""
+    admin.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", ("s" * 63,))
+    before = state(admin)
+    for name in ("s" * 63 + "_2", "Bad Name", "x'; drop table t; --"):
+        proc = walex("setup", "--url", dsn, "-p", "pub", "--slot", name)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "not a replication slot name" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert state(admin) == before
+    status = subprocess.run([*WALEX, "status", "--url", dsn, "--slot", "s" * 63 + "_2"],
+                            capture_output=True, text=True, timeout=60, env=ENV)
+    assert status.returncode == 1 and "not a replication slot name" in status.stderr, \
+        status.stdout + status.stderr
+
+
+def test_fixes_for_a_missing_publication_can_be_copied_as_they_are(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Every table asked for is missing: no 'FOR TABLE ;' to copy. A publication name with
+    spaces and quotes: the walex setup command of status's fix is quoted for the shell."""
+    proc = walex("setup", "--url", dsn, "-p", "pub", "-t", "no_such_table", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (finding,) = [f for f in json.loads(proc.stdout)["findings"] if f["check"] == "publication"]
+    assert "FOR TABLE ;" not in finding["fix"], finding
+    name = 'Pub "Q" x'
+    status = subprocess.run([*WALEX, "status", "--url", dsn, "-p", name, "--json"],
+                            capture_output=True, text=True, timeout=60, env=ENV)
+    (problem,) = [p for p in json.loads(status.stdout)["problems"] if "publication" in p["what"]]
+    command = problem["fix"].split(" (creates it")[0]
+    assert shlex.split(command) == ["walex", "setup", "--publication", name], problem

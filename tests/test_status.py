@@ -19,9 +19,10 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from support import collecting, run
+from support import collecting, run, standby_of
 from walex.backfill.store import CREATE as CREATE_STORE
 from walex.cli_status import sparkline
+from walex.embedded import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent / "chaos"))
 from proxy import Proxy  # noqa: E402
@@ -88,6 +89,30 @@ def test_status_shows_the_client_of_an_active_slot(dsn: str, admin: psycopg.Conn
     assert slot["active"] and isinstance(slot["pid"], int), slot
     assert slot["client"].startswith("status_probe (127.0.0.1:"), slot
     assert code == 0
+
+
+def test_status_names_every_client_a_role_may_not_see_in_full(
+    dsn: str, admin: psycopg.Connection, plain_role: str
+) -> None:
+    """A role without pg_read_all_stats sees no client address: status says it is hidden
+    (not 'no client'); a slot held by a SQL session (not a walsender) has its client too."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    admin.execute("SELECT pg_create_logical_replication_slot('sql_slot', 'pgoutput', true)")
+
+    async def main() -> list[tuple[int, dict[str, Any]]]:
+        async with collecting(dsn, name="status_probe", durable_slot=True,
+                              slot_name="busy_slot"):
+            return [await asyncio.to_thread(status, url)
+                    for url in (make_conninfo(dsn, user=plain_role), dsn)]
+
+    (_, hidden), (_, full) = run(main())
+    clients = {s["slot"]: s["client"] for s in hidden["slots"]}
+    assert clients == {"busy_slot": "status_probe (address hidden from this role)",
+                       "sql_slot": "(address hidden from this role)"}, clients
+    clients = {s["slot"]: s["client"] for s in full["slots"]}
+    assert clients["sql_slot"].startswith("client backend session (127.0.0.1:"), clients
+    assert clients["busy_slot"].startswith("status_probe (127.0.0.1:"), clients
 
 
 def test_sparkline() -> None:
@@ -256,3 +281,69 @@ def test_status_watch_ends_on_ctrl_c_that_a_check_swallowed(dsn: str, admin: psy
             proc.kill()
             proc.wait()
     assert code == 0, proc.stderr.read()  # type: ignore[union-attr]
+
+
+def test_status_slot_of_another_kind_or_database_is_not_called_missing(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """--slot names a physical slot, or a logical slot of another database: it exists, and
+    the alert says what it is and where to check it instead of 'does not exist'."""
+    other = f"{admin.info.dbname}_other"
+    admin.execute("SELECT pg_create_physical_replication_slot('phys_slot', true)")
+    admin.execute(f"CREATE DATABASE {other}")
+    try:
+        with psycopg.connect(make_conninfo(dsn, dbname=other), autocommit=True) as conn:
+            conn.execute("SELECT pg_create_logical_replication_slot('far_slot', 'pgoutput')")
+        code, report = status(dsn, "--slot", "phys_slot")
+        assert code == 2, report
+        assert "is a physical slot" in report["alerts"][0], report["alerts"]
+        assert "does not exist" not in report["alerts"][0]
+        code, report = status(dsn, "--slot", "far_slot")
+        assert code == 2, report
+        assert f"is a logical slot of database {other!r}" in report["alerts"][0], report["alerts"]
+    finally:
+        admin.execute("SELECT pg_drop_replication_slot('phys_slot')")
+        admin.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                      "WHERE database = %s", (other,))
+        admin.execute(f"DROP DATABASE {other}")
+
+
+def test_status_and_drop_slot_on_a_standby(pg_cluster: Any) -> None:
+    """A hot standby has no current WAL position (pg_current_wal_lsn() fails in recovery):
+    the lag and the WAL held are counted from the last WAL replayed, and its logical slots
+    (PostgreSQL 16+) are reported and dropped like a primary's."""
+    if pg_cluster.cluster is None:
+        pytest.skip("needs a throwaway cluster, not WALEX_TEST_DSN")
+    with Cluster(pg_cluster.cluster.bindir) as primary, standby_of(primary) as standby:
+        with psycopg.connect(primary.dsn("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("CREATE PUBLICATION pub FOR TABLE t")
+        with psycopg.connect(standby, autocommit=True) as conn:
+            wait_for(lambda: conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = 'pub'").fetchone(),
+                "the publication replayed on the standby")
+            if primary.major_version >= 16:  # logical decoding on a standby
+                conn.execute("SELECT pg_create_logical_replication_slot('standby_slot', "
+                             "'pgoutput')")
+        code, report = status(standby)
+        assert code == 0, report
+        if primary.major_version >= 16:
+            (slot,) = report["slots"]
+            assert slot["slot"] == "standby_slot" and slot["lag_bytes"] is not None, slot
+            proc = subprocess.run([*WALEX, "drop-slot", "standby_slot", "--url", standby],
+                                  input="y\n", capture_output=True, text=True, timeout=60,
+                                  env=ENV)
+            assert proc.returncode == 0 and "holds" in proc.stdout, proc.stdout + proc.stderr
+        # setup: read-only, so a publication is made on the primary; a slot (16+) here
+        proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "other_pub"],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "a standby" in proc.stdout and "against the primary" in proc.stdout, proc.stdout
+        assert "read-only transaction" not in proc.stderr, proc.stderr
+        proc = subprocess.run([*WALEX, "setup", "--url", standby, "-p", "pub", "--slot",
+                               "made_here"], capture_output=True, text=True, timeout=60,
+                              env=ENV)
+        if primary.major_version >= 16:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        else:
+            assert proc.returncode == 1 and "before 16" in proc.stdout, proc.stdout + proc.stderr

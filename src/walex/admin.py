@@ -9,13 +9,17 @@ fixes it. Without a publication (None) it reports the rest and checks none. What
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # psycopg is imported by the functions that query (the CLI imports
     import psycopg  # this module for human_size and Status, also for commands that never connect)
 
-__all__ = ["Problem", "Status", "inspect_database", "human_size"]
+__all__ = ["Problem", "Status", "check_slot_name", "inspect_database", "human_size"]
 
 
 @dataclass(slots=True)
@@ -36,6 +40,9 @@ class Status:
     slots: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # the slot asked for (walex status --slot) when it is not one of ``slots`` (the logical
+    # slots of this database) but exists: what it is, e.g. "a physical slot"
+    slot_elsewhere: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -47,6 +54,11 @@ class Status:
         return data
 
 
+# where the server's WAL is now: on a standby (in recovery, where pg_current_wal_lsn() fails)
+# the last WAL replayed, which is what its logical slots decode up to
+WAL_NOW = ("(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() "
+           "ELSE pg_current_wal_lsn() END)")
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 _IDENTITY = {"d": "default", "f": "full", "i": "index", "n": "nothing"}
 
 
@@ -62,7 +74,34 @@ def human_size(size: int | None) -> str | None:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def inspect_database(conn: psycopg.Connection, publication: str | None) -> Status:
+def check_slot_name(name: str, option: str = "") -> None:
+    """A ConfigError unless ``name`` is a name PostgreSQL gives a replication slot.
+
+    Checked before asking the server: PostgreSQL cuts a longer name to 63 bytes,
+    so a query for it would find (and drop) the slot of the first 63 bytes.
+    """
+    if not _SLOT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{option + ' ' if option else ''}{name!r} is not a replication slot name: one has "
+            "1-63 characters among lower-case letters, digits and underscores")
+
+
+def inspect_database(conn: psycopg.Connection, publication: str | None,
+                     slot: str | None = None) -> Status:
+    """What the server says; ``slot`` is looked for among every slot when it is not one of
+    this database's logical slots (``Status.slot_elsewhere``)."""
+    status = _inspect(conn, publication)
+    if slot is not None and not any(s["slot"] == slot for s in status.slots):
+        row = conn.execute("SELECT slot_type, database FROM pg_replication_slots "
+                           "WHERE slot_name = %s", (slot,)).fetchone()
+        if row is not None:
+            kind, database = row
+            status.slot_elsewhere = f"a {kind} slot" + (
+                f" of database {database!r}" if database is not None else "")
+    return status
+
+
+def _inspect(conn: psycopg.Connection, publication: str | None) -> Status:
     from psycopg import sql
 
     row = conn.execute(
@@ -96,7 +135,8 @@ def inspect_database(conn: psycopg.Connection, publication: str | None) -> Statu
     if not status.publication_exists:
         status.problems.append(Problem(
             f"publication {publication!r} does not exist",
-            f"walex setup --publication {publication} (creates it FOR ALL TABLES), or "
+            f"walex setup --publication {shlex.quote(publication)} (creates it FOR ALL "
+            "TABLES), or "
             f"CREATE PUBLICATION {sql.Identifier(publication).as_string(conn)} FOR TABLE ...;",
         ))
     for schema, table, identity, has_pk in conn.execute(
@@ -128,39 +168,72 @@ def inspect_database(conn: psycopg.Connection, publication: str | None) -> Statu
     return status
 
 
+# pg_replication_slots.invalidation_reason (PostgreSQL 17+), said with the setting involved
+_INVALIDATED = {
+    "wal_removed": "its WAL was removed: over max_slot_wal_keep_size",
+    "rows_removed": "rows it needed were vacuumed on the primary",
+    "wal_level_insufficient": "wal_level on the primary went below 'logical'",
+    "idle_timeout": "unused for longer than idle_replication_slot_timeout",
+}
+
+
 def _inspect_slots(conn: psycopg.Connection, status: Status) -> None:
     """Every logical slot of the database, with its client, lag and WAL status."""
     has_wal_status = conn.info.server_version >= 130000
     for slot in conn.execute(
         "SELECT s.slot_name, s.plugin, s.temporary, s.active, s.active_pid, "
         "  s.confirmed_flush_lsn::text, "
-        "  pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint, "
+        f"  pg_wal_lsn_diff({WAL_NOW}, s.confirmed_flush_lsn)::bigint, "
         + ("s.wal_status, s.safe_wal_size, " if has_wal_status else "NULL, NULL, ")
-        + "r.application_name, host(r.client_addr), r.client_port "
-        "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid "
+        # the WAL kept for the slot: from restart_lsn (an invalidated slot keeps none)
+        + f"CASE WHEN {'s.wal_status' if has_wal_status else 'NULL'} IS DISTINCT FROM 'lost' THEN "
+        + f"pg_wal_lsn_diff({WAL_NOW}, s.restart_lsn)::bigint END, "
+        # why PostgreSQL invalidated it (17+): wal_removed, rows_removed, idle_timeout, ...
+        + ("s.invalidation_reason, " if conn.info.server_version >= 170000 else "NULL, ")
+        # pg_stat_activity: a walsender's client, or a session reading the slot with SQL
+        + "r.application_name, host(r.client_addr), r.client_port, r.backend_type "
+        "FROM pg_replication_slots s LEFT JOIN pg_stat_activity r ON r.pid = s.active_pid "
         "WHERE s.database = current_database() AND s.slot_type = 'logical' ORDER BY s.slot_name"
     ):
-        name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, app, addr, port = slot
+        (name, plugin, temporary, active, pid, confirmed, lag, wal_status, safe, retained,
+         reason, app, addr, port, kind) = slot
         client = None
         if pid is not None:
+            # no address nor port: pg_stat_activity hides them from a role without the
+            # privileges of the session's role or pg_read_all_stats
             where = "local socket" if addr is None and port == -1 else (
-                f"{addr}:{port}" if addr is not None else None)
-            client = " ".join(p for p in (app, f"({where})" if where else None) if p) or None
+                f"{addr}:{port}" if addr is not None else "address hidden from this role"
+                if port is None else None)
+            session = f"{kind} session" if kind not in (None, "walsender") else None
+            client = " ".join(p for p in (session, app, f"({where})" if where else None)
+                              if p) or None
         status.slots.append({
             "slot": name, "plugin": plugin, "temporary": temporary, "active": active,
             "pid": pid, "client": client, "confirmed_flush_lsn": confirmed, "lag_bytes": lag,
             "lag": human_size(lag), "wal_status": wal_status, "safe_wal_size": safe,
+            "retained_bytes": retained, "retained": human_size(retained),
+            "invalidation_reason": reason,
         })
         if wal_status == "lost":
             status.problems.append(Problem(
-                f"slot {name!r} was invalidated (wal_status = 'lost'): changes after "
-                f"{confirmed} are gone",
+                f"slot {name!r} was invalidated (wal_status = 'lost'"
+                + (f", {_INVALIDATED.get(reason, reason)}" if reason else "")
+                + f"): changes after {confirmed} are gone",
                 f"SELECT pg_drop_replication_slot('{name}'); then resynchronise, or start the "
                 "app with recreate_lost_slot=True",
             ))
-        elif not active and not temporary:
+        elif wal_status == "unreserved":
             status.problems.append(Problem(
-                f"durable slot {name!r} is not in use and holds {lag or 0} bytes of WAL",
+                f"slot {name!r} is about to be invalidated (wal_status = 'unreserved'): the WAL "
+                "it needs is past max_slot_wal_keep_size and is removed at the next checkpoint",
+                "let its consumer catch up now, or raise max_slot_wal_keep_size: ALTER SYSTEM "
+                "SET max_slot_wal_keep_size = '...'; SELECT pg_reload_conf();",
+                fatal=False,
+            ))
+        if wal_status != "lost" and not active and not temporary:
+            status.problems.append(Problem(
+                f"durable slot {name!r} is not in use and holds {human_size(retained) or 'no'} "
+                "WAL (from its restart_lsn)",
                 f"start its consumer, or drop it: SELECT pg_drop_replication_slot('{name}');",
                 fatal=False,
             ))

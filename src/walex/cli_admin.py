@@ -17,6 +17,7 @@ later, for a network that goes silent without closing the connection.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from .admin import human_size
+from .admin import WAL_NOW, check_slot_name, human_size
 from .cli_console import console, escape
 from .errors import SetupError, WalExError, redact
 
@@ -50,8 +51,23 @@ ConfigOption = Annotated[
     typer.Option("--config", "-c", help="A TOML file of WalEx options."),
 ]
 QUERY_TIMEOUT = 30.0  # seconds, the default of --timeout
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback: 'nan' and 'inf' are floats, not a number of seconds."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a number of seconds, got {value}")
+    return value
+
+
+def _timeout(value: float) -> float:
+    if not math.isfinite(value) or not 1 <= value <= 86400:  # statement_timeout: an int of ms
+        raise typer.BadParameter(f"must be from 1 to 86400 seconds, got {value:g}")
+    return value
+
+
 TimeoutOption = Annotated[float, typer.Option(
-    "--timeout", metavar="SECONDS", min=1,
+    "--timeout", metavar="SECONDS", callback=_timeout,
     help="Give up on a query after SECONDS (statement_timeout; a silent network too).")]
 _MARGIN = 5.0  # the client gives up this long after the server's statement_timeout would
 
@@ -147,7 +163,7 @@ def tail(
         "--table", "-t", metavar="TABLE",
         help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
     limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        help="Stop after this many events.")] = None,
+        min=1, help="Stop after this many events.")] = None,
 ) -> None:
     """Print every change of the publication as it is committed (temporary slot)."""
     import asyncio
@@ -203,44 +219,74 @@ def tail(
         raise _fail(exc) from None
 
 
+def _confirm(question: str) -> bool:
+    """The answer to ``question``; no answer (stdin closed, Ctrl-C) is a SetupError."""
+    try:
+        return typer.confirm(question, default=False)
+    except typer.Abort:
+        out.print()
+        raise SetupError("not dropped: no answer to the question (stdin closed or "
+                         "interrupted); give --yes to drop it without asking") from None
+
+
 def drop_slot(
     name: Annotated[str, typer.Argument(help="The replication slot to drop.")],
     url: UrlOption = None,
     config: ConfigOption = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    timeout: TimeoutOption = QUERY_TIMEOUT,
 ) -> None:
     """Drop a replication slot that no process uses, freeing the WAL it holds (asks first)."""
     import psycopg
 
     try:
+        check_slot_name(name)
         settings = _settings(url, "_", config)  # no publication involved
-        with _connect(settings) as conn:
-            with deadline(conn, settings, QUERY_TIMEOUT, "reading the slot"):
+        with _connect(settings, timeout) as conn:
+            with deadline(conn, settings, timeout, "reading the slot"):
+                wal_status = "wal_status" if conn.info.server_version >= 130000 else "NULL"
                 row = conn.execute(
                     "SELECT database, slot_type, active_pid, temporary, confirmed_flush_lsn::text, "
-                    "pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, "
-                    "restart_lsn))::bigint FROM pg_replication_slots WHERE slot_name = %s",
+                    f"{wal_status}, CASE WHEN {wal_status} IS DISTINCT FROM 'lost' THEN "
+                    f"pg_wal_lsn_diff({WAL_NOW}, restart_lsn)::bigint END "
+                    "FROM pg_replication_slots WHERE slot_name = %s",
                     (name,)).fetchone()
             if row is None:
                 raise SetupError(f"replication slot {name!r} does not exist on "
                                  f"{settings.display_target()}")
-            database, kind, pid, temporary, confirmed, held = row
+            database, kind, pid, temporary, confirmed, slot_wal_status, held = row
+            lost = slot_wal_status == "lost"
             if pid is not None:
                 raise SetupError(
                     f"replication slot {name!r} is in use by server process {pid}: stop its "
                     "consumer first (only a slot nobody streams from can be dropped)")
-            out.print(f"slot [bold]{escape(name)}[/] ({kind}{', temporary' if temporary else ''}, "
-                      f"database {escape(str(database))}) holds {human_size(held) or 'no'} WAL; "
-                      f"confirmed up to {confirmed or '-'}")
-            if not yes and not typer.confirm(
+            where = f", database {escape(str(database))}" if database is not None else ""
+            what = f"slot [bold]{escape(name)}[/] ({kind}{', temporary' if temporary else ''}{where})"
+            if lost:  # invalidated: PostgreSQL keeps no WAL for it, its position is gone already
+                out.print(f"{what} was invalidated (wal_status 'lost'): it holds no WAL, and "
+                          f"the changes after {confirmed or 'its position'} are gone already; "
+                          "dropping it loses nothing more")
+            else:  # the WAL kept for it is counted from restart_lsn (where decoding restarts)
+                out.print(f"{what} holds {human_size(held) or 'no'} WAL; "
+                          f"confirmed up to {confirmed or '-'}")
+            if not yes and not _confirm(
+                "Drop it?" if lost else
                 f"Drop it? Its consumer loses its position: changes after {confirmed or 'it'} "
-                "are never delivered to it", default=False,
-            ):
+                "are never delivered to it"):
                 out.print("not dropped")
                 raise typer.Exit(1)
             try:
-                with deadline(conn, settings, QUERY_TIMEOUT, "dropping the slot"):
+                with deadline(conn, settings, timeout, "dropping the slot"):
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            except SetupError as exc:  # no answer: the server may have dropped it or not
+                raise SetupError(
+                    f"{exc}. Whether slot {name!r} was dropped is unknown: see walex status "
+                    "(or SELECT slot_name FROM pg_replication_slots;)") from None
+            except psycopg.errors.ObjectInUse as exc:
+                raise SetupError(
+                    f"cannot drop slot {name!r}: a consumer started streaming from it after it "
+                    f"was read ({redact(str(exc).strip(), settings.secret())}); stop that "
+                    "consumer first, then run walex drop-slot again") from None
             except psycopg.Error as exc:
                 raise SetupError(f"cannot drop slot {name!r}: "
                                  f"{redact(str(exc).strip(), settings.secret())}") from None

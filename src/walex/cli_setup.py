@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from .admin import check_slot_name
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _settings,
     deadline,
@@ -73,6 +74,8 @@ def setup(
         return typer.Exit(code)
 
     try:
+        if slot is not None:  # before asking the server: it would cut a longer name to 63 bytes
+            check_slot_name(slot, "--slot")
         settings = _settings(url, publication, config)
     except WalExError as exc:
         raise stop(1, str(exc)) from None

@@ -10,7 +10,8 @@ the server, its settings and every slot, and checks no publication.
 
 Exit codes, for a health check: 0 fine; 1 PostgreSQL is not set up for walex
 (a problem with its fix is printed); 2 a slot was invalidated
-(``wal_status = 'lost'``) or is over ``--max-lag``; 3 the server could not be
+(``wal_status = 'lost'``), is about to be (``'unreserved'``) or is over
+``--max-lag``; 3 the server could not be
 checked (unreachable, refused, the connection lost, a privilege missing, no
 answer within ``--timeout``), with the reason. With ``--watch`` the code of
 the last check.
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from . import failpoints
-from .admin import Status, human_size
+from .admin import Status, check_slot_name, human_size
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
-    _settings, deadline,
+    _settings, deadline, finite,
 )
 from .cli_console import console, escape
 from .errors import ConfigError, SetupError, WalExError, redact
@@ -81,10 +82,17 @@ def slot_alerts(report: Status, slot: str | None, max_lag: int | None) -> list[s
     alerts = []
     slots = [s for s in report.slots if slot is None or s["slot"] == slot]
     if slot is not None and not slots:
-        alerts.append(f"slot {slot!r} does not exist in database {report.database!r}")
+        alerts.append(
+            f"slot {slot!r} is {report.slot_elsewhere}, not a logical slot of database "
+            f"{report.database!r}: walex status checks only those (connect to the slot's "
+            "database to check a logical slot)" if report.slot_elsewhere else
+            f"slot {slot!r} does not exist in database {report.database!r}")
     for s in slots:
         if s["wal_status"] == "lost":
             alerts.append(f"slot {s['slot']!r} was invalidated (wal_status = 'lost')")
+        elif s["wal_status"] == "unreserved":
+            alerts.append(f"slot {s['slot']!r} is about to be invalidated (wal_status = "
+                          "'unreserved': its WAL goes at the next checkpoint)")
         elif max_lag is not None and (s["lag_bytes"] or 0) > max_lag:
             alerts.append(f"slot {s['slot']!r} lags {human_size(s['lag_bytes'])}, over "
                           f"--max-lag {human_size(max_lag)}")
@@ -105,8 +113,8 @@ def _status_settings(
     return _settings(url, "-", config), None  # a placeholder the report never uses
 
 
-def _check(settings: WalExSettings, publication: str | None,
-           timeout: float = QUERY_TIMEOUT) -> tuple[Status, list[Job]]:
+def _check(settings: WalExSettings, publication: str | None, timeout: float = QUERY_TIMEOUT,
+           slot: str | None = None) -> tuple[Status, list[Job]]:
     """The server's state and the backfills recorded in the progress store.
 
     Anything that stops the check (the server unreachable or not answering, the
@@ -122,7 +130,7 @@ def _check(settings: WalExSettings, publication: str | None,
     with _connect(settings, timeout) as conn:
         try:
             with deadline(conn, settings, timeout, "reading the server's state"):
-                report = inspect_database(conn, publication)
+                report = inspect_database(conn, publication, slot)
                 return report, read_backfills(conn, settings.backfill_table) or []
         except psycopg.Error as exc:
             message = redact(str(exc).strip(), settings.secret()) or type(exc).__name__
@@ -137,7 +145,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     watch: Annotated[Optional[float], typer.Option(  # noqa: UP007
         "--watch", metavar="SECONDS", help="Refresh a live table every SECONDS (Ctrl-C ends).",
-        show_default=False)] = None,
+        show_default=False, callback=finite)] = None,
     slot: Annotated[Optional[str], typer.Option(  # noqa: UP007
         "--slot", help="Check only this slot (exit 2 when it is lost, missing or over --max-lag).",
         show_default=False)] = None,
@@ -148,6 +156,8 @@ def status(
 ) -> None:
     """Report whether PostgreSQL is ready for walex, and every slot's client and lag."""
     try:
+        if slot is not None:  # compared whole, not cut to 63 bytes like a name in a query
+            check_slot_name(slot, "--slot")
         settings, pub = _status_settings(url, publication, config)
         limit = _max_lag(max_lag)
         if watch is not None and watch <= 0:
@@ -157,7 +167,7 @@ def status(
     if watch is not None:
         raise typer.Exit(_watch(settings, pub, watch, slot, limit, timeout))
     try:
-        report, backfills = _check(settings, pub, timeout)
+        report, backfills = _check(settings, pub, timeout, slot)
     except SetupError as exc:
         if as_json:
             print(json.dumps({"exit_code": 3, "error": f"could not check: {exc}"}))
@@ -182,7 +192,8 @@ def status(
 def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) -> Table:
     from rich.table import Table
 
-    columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "wal status", "safe WAL"]
+    columns = ["slot", "active (pid)", "client", "confirmed flush", "lag", "WAL held", "wal status",
+               "safe WAL"]
     if history is not None:
         columns.append("lag history")
     table = Table(*columns, title="slots")
@@ -190,7 +201,8 @@ def _slot_table(report: Status, history: dict[str, deque[int]] | None = None) ->
         row = [
             escape(s["slot"]) + (" (temporary)" if s["temporary"] else ""),
             f"yes ({s['pid']})" if s["active"] else "no", escape(s["client"] or "-"),
-            s["confirmed_flush_lsn"] or "-", s["lag"] or "-", s["wal_status"] or "-",
+            s["confirmed_flush_lsn"] or "-", s["lag"] or "-", s["retained"] or "-",
+            s["wal_status"] or "-",
             human_size(s["safe_wal_size"]) or "-",
         ]
         if history is not None:
@@ -237,7 +249,7 @@ def _watch(settings: WalExSettings, publication: str | None, every: float, slot:
     def frame() -> Any:
         nonlocal code
         try:
-            report, backfills = _check(settings, publication, timeout)
+            report, backfills = _check(settings, publication, timeout, slot)
         except WalExError as exc:
             code = 3
             return f"[bold red]{time.strftime('%H:%M:%S')} could not check:[/] {escape(str(exc))}"

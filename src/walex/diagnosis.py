@@ -142,7 +142,31 @@ def diagnose(
     _check_tables(c, tables, published, all_tables, replica_identity_full)
     if slot:
         _check_slot(c, slot)
+    _check_standby(c)
     return plan
+
+
+def _check_standby(c: _Checker) -> None:
+    """A standby (in recovery) is read-only: what setup would change there cannot be done."""
+    try:
+        if not c.one("SELECT pg_is_in_recovery()"):
+            return
+    except psycopg.Error as exc:
+        c.unknown("server", exc)
+        return
+    ddl = [a.sql for a in c.plan.actions if a.phase == "ddl"]
+    if ddl:
+        c.add("server", PROBLEM,
+              "a standby (in recovery, read-only): the publication and replica identity "
+              "are changed on the primary, and replicated to its standbys",
+              "run walex setup against the primary; then here, if walex streams from this "
+              "standby, walex setup --slot NAME (PostgreSQL 16+)", blocking=True)
+    elif c.conn.info.server_version < 160000 and any(a.phase == "slot" for a in c.plan.actions):
+        c.add("server", PROBLEM,
+              "a standby (in recovery): PostgreSQL before 16 has no logical slot on a standby",
+              "stream from the primary: walex setup --slot NAME against it", blocking=True)
+    else:
+        c.add("server", OK, "a standby (in recovery)")
 
 
 def _platform(c: _Checker) -> str:
@@ -341,7 +365,8 @@ def _check_publication(
         else:
             what = f"FOR TABLE {targets}" if wanted else "FOR ALL TABLES"
             statement = f"CREATE PUBLICATION {pub} {what}"
-            c.add("publication", FIX, f"{name!r} does not exist", statement + ";")
+            c.add("publication", FIX, f"{name!r} does not exist", statement + ";" if resolved or
+                  not wanted else f"CREATE PUBLICATION {pub} FOR TABLE ...; once the tables exist")
             if not wanted or resolved:
                 plan.actions.append(Action(
                     "ddl", statement,

@@ -26,7 +26,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from ..admin import human_size
+from ..admin import WAL_NOW, human_size
 from ..errors import ReplicationError
 from ..lookups import LookupConnection
 from .health import measure
@@ -64,7 +64,7 @@ class Monitor:
         try:
             async with asyncio.timeout(2 * POLL_TIMEOUT + 15):  # LookupConnection bounds each try
                 rows = await self.conn.fetch(
-                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, s.active_pid, "
+                    f"SELECT pg_wal_lsn_diff({WAL_NOW}, '0/0')::bigint, s.active_pid, "
                     f"{wal_status} FROM (SELECT 1) one LEFT JOIN pg_replication_slots s "
                     "ON s.slot_name = %s", (app.slot_name,))
         except TimeoutError:
@@ -74,7 +74,7 @@ class Monitor:
         except (ReplicationError, OSError) as exc:
             self._failed(str(exc))
             return
-        except Exception as exc:  # e.g. a server in recovery: pg_current_wal_lsn() fails
+        except Exception as exc:  # e.g. a server that refuses a function
             self._failed(f"{type(exc).__name__}: {exc}")
             return
         end, pid, status, safe = rows[0]
