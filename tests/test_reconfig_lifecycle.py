@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 
 import psycopg
@@ -192,3 +193,33 @@ def test_a_long_outage_under_many_reconnect_attempts(admin: psycopg.Connection, 
             await rec.wait_for(1, timeout=30)
 
     run(main(), timeout=120)
+
+
+def test_the_retry_backoff_doubles_up_to_its_cap(admin: psycopg.Connection, dsn: str,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A retry waits retry_backoff doubled at each retry up to RETRY_BACKOFF_CAP (60 s; made
+    small here): on main the delay kept doubling, so max_retries=20 with the default
+    backoff waited days before the error policy ever saw the failure."""
+    import walex.dispatch
+
+    monkeypatch.setattr(walex.dispatch, "RETRY_BACKOFF_CAP", 0.3)
+    admin.execute(SCHEMA)
+    tries: list[int] = []
+    events = Events()
+
+    @events.on_insert("item")
+    async def fails(items: list[Event]) -> None:
+        tries.append(items[0].new_record["id"])
+        raise RuntimeError("always")
+
+    async def main() -> None:
+        async with collecting(dsn, modules=[events], max_retries=5, retry_backoff=0.1,
+                              on_error="skip"):
+            admin.execute("INSERT INTO item VALUES (1, 'x')")
+            await until(lambda: len(tries) == 6, "six calls", timeout=30)
+
+    with caplog.at_level(logging.WARNING, logger="walex"):
+        run(main())
+    delays = [float(m) for m in re.findall(r"retry \d/5 in ([0-9.]+)s", caplog.text)]
+    assert delays == [0.1, 0.2, 0.3, 0.3, 0.3], delays

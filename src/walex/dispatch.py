@@ -12,7 +12,9 @@ Coroutine functions run on the event loop; plain ones on the app's threads
 per-event functions on a pool of ``function_concurrency`` threads.
 
 A failing call is retried ``max_retries`` times with exponential backoff
-(only that call: the others already succeeded). Whatever a call raises is a
+(``retry_backoff`` seconds doubled at each retry up to 60 s, or
+``retry_backoff`` itself when larger; only that call: the others already
+succeeded). Whatever a call raises is a
 failure, ``asyncio.CancelledError`` and any other ``BaseException`` included;
 only the cancellation of walex's own task (by ``stop()``) goes through. Then
 the error policy decides: ``"stop"`` (the default) raises, ``"skip"`` logs
@@ -54,6 +56,8 @@ from .threads import Bound, Workers, cut_off_raised
 from .transactions import Transaction
 
 __all__ = ["ASYNC", "NOTHING", "OTHER", "PLAIN", "Dispatcher", "Plan"]
+
+RETRY_BACKOFF_CAP = 60.0  # seconds: the longest a retry waits (unless retry_backoff is longer)
 
 log = logging.getLogger("walex.dispatch")
 
@@ -545,8 +549,10 @@ class Dispatcher:
                 self.errors += 1
                 label = _label(handler, func, event)
                 if attempt < self.max_retries:
-                    # 2**attempt as a float overflows past 1023 retries (OverflowError)
-                    delay = self.retry_backoff * 2 ** min(attempt, 64)
+                    # doubling up to RETRY_BACKOFF_CAP (2**attempt as a float would overflow
+                    # past 1023 retries): a retry waits minutes at most, not days
+                    delay = min(self.retry_backoff * 2 ** min(attempt, 64),
+                                max(RETRY_BACKOFF_CAP, self.retry_backoff))
                     attempt += 1
                     self.retries += 1
                     log.warning("%s raised %r; retry %d/%d in %.2fs",

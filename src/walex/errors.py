@@ -95,7 +95,8 @@ class HandlerError(WalExError):
 
 
 class StoppedError(WalExError):
-    """``stop()`` was called while ``start()`` waited as a standby: the app never streamed.
+    """``stop()`` was called while ``start()`` waited: as a standby for the slot, or for
+    the handler calls the last ``stop()`` cut off to return. The app never streamed.
 
     Raised by that ``start()`` once it closed what it had opened; ``stop()``
     itself returns normally.
