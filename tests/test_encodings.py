@@ -110,6 +110,10 @@ def test_setup_names_a_table_name_that_is_not_utf8(
         assert finding["status"] == "problem" and finding["blocking"], finding
         assert "not valid UTF-8" in finding["detail"] and "SQL_ASCII" in finding["detail"]
         assert "0xe9" in finding["detail"] and "role" not in finding["fix"], finding
+        status = subprocess.run([*WALEX, "status", "--url", dsn, "-p", "pub"],
+                                capture_output=True, text=True, timeout=60)
+        assert "name is not valid UTF-8" in status.stderr and "rename it" in status.stderr, (
+            status.stdout + status.stderr)
         find, _, rest = finding["fix"].partition("escaped: ")[2].partition("; then")
         rename = "DO $$" + rest.partition("DO $$")[2].partition("END $$;")[0] + "END $$;"
         with psycopg.connect(dsn, autocommit=True, client_encoding="UTF8") as conn:
