@@ -10,6 +10,7 @@ type lookups, ``walex status`` and the events all see ``str``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,48 @@ def test_status_on_a_database_in_another_encoding(encoded_dsn: str) -> None:
     assert "b'" not in proc.stdout + proc.stderr
     assert "public.item" in proc.stdout
     assert "ready" in proc.stdout
+
+
+def test_setup_names_a_table_name_that_is_not_utf8(
+    pg_cluster: PgServer, drop_database: Callable[[str], None]
+) -> None:
+    """A SQL_ASCII database holding a table named in LATIN1 bytes: setup says the name is
+    not UTF-8 and how to rename it (main: 'unknown', run as a role allowed to read this),
+    and the SQL of its fix, run as given, lets setup through."""
+    dbname = f"walex_enc_names_{os.getpid()}"
+    with psycopg.connect(pg_cluster.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL(
+            "CREATE DATABASE {} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' "
+            "TEMPLATE template0").format(sql.Identifier(dbname)))
+    dsn = pg_cluster.dsn(dbname)
+    try:
+        with psycopg.connect(dsn, autocommit=True, client_encoding="SQL_ASCII") as conn:
+            conn.execute(b'CREATE TABLE "caf\xe9" (id int PRIMARY KEY)')  # LATIN1 bytes
+            conn.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+
+        def setup() -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*WALEX, "setup", "--url", dsn, "-p", "pub", "--json"],
+                                  capture_output=True, text=True, timeout=60)
+
+        proc = setup()
+        assert proc.returncode == 1, proc.stdout + proc.stderr  # a problem, not "unknown"
+        findings = {f["check"]: f for f in json.loads(proc.stdout)["findings"]}
+        [finding] = [f for f in findings.values() if f["status"] != "ok"]
+        assert finding["status"] == "problem" and finding["blocking"], finding
+        assert "not valid UTF-8" in finding["detail"] and "SQL_ASCII" in finding["detail"]
+        assert "0xe9" in finding["detail"] and "role" not in finding["fix"], finding
+        status = subprocess.run([*WALEX, "status", "--url", dsn, "-p", "pub"],
+                                capture_output=True, text=True, timeout=60)
+        assert "name is not valid UTF-8" in status.stderr and "rename it" in status.stderr, (
+            status.stdout + status.stderr)
+        find, _, rest = finding["fix"].partition("escaped: ")[2].partition("; then")
+        rename = "DO $$" + rest.partition("DO $$")[2].partition("END $$;")[0] + "END $$;"
+        with psycopg.connect(dsn, autocommit=True, client_encoding="UTF8") as conn:
+            rows = conn.execute(find).fetchall()
+            [(oid, shown)] = rows
+            assert shown == "public.caf\\351", shown
+            conn.execute(rename.replace("OID", str(oid)).replace("new_name", "cafe"))
+        proc = setup()
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        drop_database(dbname)

@@ -76,3 +76,37 @@ def test_streaming_log_line_names_the_connection(admin: psycopg.Connection, dsn:
         asyncio.run(main())
     [line] = [r.getMessage() for r in caplog.records if "streaming publication" in r.getMessage()]
     assert f"from {target} via" in line, line
+
+
+def test_service_file_target_is_the_services(dsn: str, tmp_path: os.PathLike[str]) -> None:
+    """``--url service=svc``: messages name the host, port, user and database of the
+    service's entry (main: ``root@[local]:5432/root``), explicit keys over it, and never
+    its password."""
+    params = conninfo_to_dict(dsn)
+    entry = "\n".join(f"{k}={params[k]}" for k in ("host", "port", "user"))
+    services = os.path.join(tmp_path, "services.conf")
+    with open(services, "w") as fh:
+        fh.write(f"# services\n[other]\nhost=wrong.invalid\ndbname=wrong\n\n"
+                 f"[svc]\n{entry}\ndbname={params['dbname']}\npassword=Hush\n\n"
+                 f"[nodb]\n{entry}\ndbname=no_such_db\npassword=Hush\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGSERVICEFILE=services, COLUMNS="200")
+    target = f"{params['user']}@{params['host']}:{params['port']}"
+
+    def walex(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([*WALEX, *args], capture_output=True, text=True, timeout=60,
+                              env=env, stdin=subprocess.DEVNULL)
+        assert "Hush" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+        return proc
+
+    missing = walex("drop-slot", "no_slot", "--yes", "--url", "service=svc")
+    assert missing.returncode == 1, missing.stdout + missing.stderr
+    assert f"does not exist on {target}/{params['dbname']}" in missing.stderr, missing.stderr
+    refused = walex("status", "-p", "pub", "--url", "service=nodb")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert f"cannot connect to {target}/no_such_db: " in refused.stderr, refused.stderr
+    assert '"no_such_db" does not exist' in refused.stderr, refused.stderr
+    explicit = walex("status", "-p", "pub", "--url", "service=svc dbname=no_such_db")
+    assert f"cannot connect to {target}/no_such_db: " in explicit.stderr, explicit.stderr
+    unknown = walex("status", "-p", "pub", "--url", "service=nosuch")
+    assert "cannot connect to service 'nosuch': " in unknown.stderr, unknown.stderr

@@ -19,7 +19,43 @@ from .errors import ConfigError
 if TYPE_CHECKING:  # psycopg is imported by the functions that query (the CLI imports
     import psycopg  # this module for human_size and Status, also for commands that never connect)
 
-__all__ = ["Problem", "Status", "check_slot_name", "inspect_database", "human_size"]
+__all__ = ["Problem", "Status", "check_slot_name", "inspect_database", "human_size",
+           "name_encoding_problem"]
+
+# character_not_in_repertoire (invalid byte sequence), untranslatable_character
+_ENCODING_ERRORS = ("22021", "22P05")
+_FIND_NAMES = (
+    "SELECT c.oid::int, encode(convert_to(n.nspname || '.' || c.relname, 'SQL_ASCII'), "
+    "'escape') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind IN ('r', 'p') AND n.nspname || c.relname !~ '^[ -~]*$';")
+
+
+def name_encoding_problem(conn: psycopg.Connection, exc: BaseException) -> tuple[str, str] | None:
+    """(what, fix) when ``exc`` is the server unable to send a name as UTF-8, else None.
+
+    walex's connections read UTF-8 (:meth:`walex.config.WalExSettings.conninfo`):
+    a ``SQL_ASCII`` database keeps a name as the bytes it was written in, and
+    the server refuses to send bytes that are not UTF-8 as UTF-8.
+    """
+    import psycopg
+
+    if getattr(exc, "sqlstate", None) not in _ENCODING_ERRORS:
+        return None
+    message = str(exc).strip().splitlines()[0]
+    try:
+        row = conn.execute("SELECT current_setting('server_encoding')").fetchone()
+        encoding = str(row[0]) if row else "?"
+    except psycopg.Error:
+        encoding = "?"
+    why = ("which keeps a name as the bytes it was written in" if encoding == "SQL_ASCII"
+           else "and a character of it has no UTF-8 form")
+    what = (f"a table's or schema's name is not valid UTF-8 ({message}): the database's "
+            f"encoding is {encoding}, {why}, and walex reads every name as UTF-8")
+    fix = ("rename it to a UTF-8 name (or move the data to a UTF8 database); the names "
+           f"that are not plain ASCII, their bytes escaped: {_FIND_NAMES} then rename one by "
+           "its oid: DO $$ BEGIN EXECUTE format('ALTER TABLE %s RENAME TO new_name', "
+           "OID::regclass); END $$; (ALTER SCHEMA for a schema)")
+    return what, fix
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from . import cli_admin, cli_setup, cli_status, cli_worker
+from . import cli_admin, cli_setup, cli_status, cli_tail, cli_worker
 from .backfill.command import backfill as backfill_command
 from .cli_console import console
 from .errors import ConfigError, WalExError, redact
@@ -228,7 +228,7 @@ def run(
 
 app.command()(cli_status.status)
 app.command()(cli_setup.setup)
-app.command()(cli_admin.tail)
+app.command()(cli_tail.tail)
 app.command("drop-slot")(cli_admin.drop_slot)
 app.command()(backfill_command)  # walex backfill TABLE (walex.backfill.command)
 app.command()(cli_worker.command(_setup_logging))  # walex worker SOURCE_URL package.module:obj

@@ -1,12 +1,12 @@
-"""The operator's commands' common options, ``walex tail`` and ``walex drop-slot``.
+"""The operator's commands' common options and ``walex drop-slot``.
 
 Every command takes the connection and publication like ``walex run``:
 ``--url`` / ``--publication`` (or ``WALEX_URL`` / ``WALEX_PUBLICATION`` and
 the other ``WALEX_*`` variables), or ``--config walex.toml``. ``status``
 (:mod:`walex.cli_status`) only reads; ``setup`` (:mod:`walex.cli_setup`)
-checks, then changes only what is missing; ``tail`` prints the changes of a
-publication as they are committed, on a temporary slot (so it leaves nothing
-behind), until Ctrl-C; ``drop-slot`` drops a slot that is not in use, after
+checks, then changes only what is missing; ``tail`` (:mod:`walex.cli_tail`)
+prints the changes of a publication as they are committed, on a temporary
+slot (so it leaves nothing behind), until Ctrl-C; ``drop-slot`` drops a slot that is not in use, after
 saying how much WAL it holds and asking.
 
 Every query has a timeout (``--timeout``, 30 s by default): the session's
@@ -153,70 +153,6 @@ def deadline(conn: psycopg.Connection, settings: WalExSettings, timeout: float,
 def _fail(exc: Exception) -> typer.Exit:
     console(stderr=True).print(f"[bold red]walex:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(1)
-
-
-def tail(
-    url: UrlOption = None,
-    publication: PublicationOption = None,
-    config: ConfigOption = None,
-    table: Annotated[list[str], typer.Option(
-        "--table", "-t", metavar="TABLE",
-        help="Only these tables ('name' or 'schema.name'); default: all.")] = [],  # noqa: B006
-    limit: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        min=1, help="Stop after this many events.")] = None,
-) -> None:
-    """Print every change of the publication as it is committed (temporary slot)."""
-    import asyncio
-    import signal
-
-    from .app import WalEx
-    from .demo import print_event
-    from .event import Event
-    from .handlers import Events
-    from .lifecycle import run_loop
-
-    try:
-        settings = _settings(url, publication, config)
-        events, stop = Events(), asyncio.Event()
-        seen = 0
-
-        @events.on_event("all")
-        async def show(batch: list[Event]) -> None:
-            nonlocal seen
-            for event in batch:
-                if limit is not None and seen >= limit:
-                    break
-                print_event(out, event)
-                seen += 1
-            if limit is not None and seen >= limit:
-                stop.set()
-
-        options = settings.model_dump(exclude_unset=True)
-        options.update(modules=[events], name="walex_tail", durable_slot=False, slot_name=None)
-        if table:
-            options["subscriptions"] = table
-        app = WalEx(**options)
-
-        async def main() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            async with app:
-                console(stderr=True).print(
-                    f"[dim]tailing publication {settings.publication} on "
-                    f"{escape(app.target)}; Ctrl-C to stop[/]")
-                waiter = asyncio.create_task(app.wait())
-                stopper = asyncio.create_task(stop.wait())
-                await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if waiter.done():
-                    waiter.result()
-                else:
-                    waiter.cancel()
-
-        run_loop(main, app.settings.loop)
-    except WalExError as exc:
-        raise _fail(exc) from None
 
 
 def _confirm(question: str) -> bool:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from . import failpoints
-from .admin import Status, check_slot_name, human_size
+from .admin import Status, check_slot_name, human_size, name_encoding_problem
 from .cli_admin import (
     QUERY_TIMEOUT, ConfigOption, PublicationOption, TimeoutOption, UrlOption, _connect, _fail,
     _settings, deadline, finite,
@@ -133,6 +133,10 @@ def _check(settings: WalExSettings, publication: str | None, timeout: float = QU
                 report = inspect_database(conn, publication, slot)
                 return report, read_backfills(conn, settings.backfill_table) or []
         except psycopg.Error as exc:
+            encoding = name_encoding_problem(conn, exc) if not conn.closed else None
+            if encoding is not None:
+                raise SetupError(f"cannot read {settings.display_target()}: {encoding[0]}; "
+                                 f"fix: {encoding[1]}") from None
             message = redact(str(exc).strip(), settings.secret()) or type(exc).__name__
             raise SetupError(f"could not read the state of {settings.display_target()}: "
                              f"{message}") from None

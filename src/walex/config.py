@@ -444,17 +444,27 @@ class WalExSettings(BaseSettings):
         """``user@host:port/db`` for logs and errors, without the password.
 
         What libpq connects to: the parts the configuration leaves out come
-        from libpq's ``PG*`` variables and defaults (``[local]`` is its Unix
-        socket).
+        from its service file's entry (``service=name``, :mod:`walex.pgservice`),
+        then libpq's ``PG*`` variables and defaults (``[local]`` is its Unix
+        socket); ``service 'name'`` when the entry is not found.
         """
         params = conninfo_to_dict(self.conninfo())
         defaults = {
             o.keyword.decode(): o.val.decode(errors="replace")
             for o in pq.Conninfo.get_defaults() if o.val is not None
         }
+        service = params.get("service")
+        from_service: dict[str, str] = {}
+        if service and service != defaults.get("service"):  # PGSERVICE's is in the defaults
+            from .pgservice import service_params
+
+            found = service_params(str(service), params.get("servicefile"))
+            if found is None:  # libpq may still find it (its own system directory)
+                return f"service {service!r}"
+            from_service = found
 
         def get(key: str) -> str:
-            return str(params.get(key) or defaults.get(key) or "")
+            return str(params.get(key) or from_service.get(key) or defaults.get(key) or "")
 
         user = get("user")
         return format_target(user, get("host") or get("hostaddr") or "[local]",

@@ -38,6 +38,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .admin import name_encoding_problem
+
 __all__ = ["Finding", "Action", "Plan", "diagnose", "apply_plan"]
 
 OK, FIX, WARNING, PROBLEM, UNKNOWN = "ok", "fix", "warning", "problem", "unknown"
@@ -114,6 +116,10 @@ class _Checker:
         return finding
 
     def unknown(self, check: str, exc: BaseException, blocking: bool = True) -> None:
+        encoding = name_encoding_problem(self.conn, exc)
+        if encoding is not None:  # not a privilege: a name walex cannot read (nor stream)
+            self.add(check, PROBLEM, *encoding, blocking=True)
+            return
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         self.add(check, UNKNOWN, f"could not check: {message}",
                  "run walex setup as a role allowed to read this, or check it by hand",

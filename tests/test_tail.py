@@ -1,0 +1,95 @@
+"""``walex tail`` on a network that goes silent: it ends within its documented bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
+
+WALEX = [sys.executable, "-m", "walex.cli"]
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def _active(admin: psycopg.Connection) -> int:
+    return admin.execute("SELECT count(*) FROM pg_replication_slots "
+                         "WHERE active AND database = current_database()").fetchone()[0]
+
+
+def _wait_active(admin: psycopg.Connection, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while not _active(admin):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+
+
+def test_tail_gives_up_on_a_silent_network_within_its_timeout(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """The proxy stops forwarding while tail streams: with --timeout 2 it exits 1 within
+    3 x 2 + 10 s (main: ~340 s, wal_sender_timeout and 10 reconnects), saying the
+    connection was lost and what to do."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params["host"]), int(params["port"])).start()
+    try:
+        url = make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
+        proc = subprocess.Popen([*WALEX, "tail", "--url", url, "-p", "pub", "--timeout", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=ENV)
+        try:
+            _wait_active(admin, proc)
+            admin.execute("INSERT INTO item VALUES (1)")
+            shown = ""
+            while "INSERT" not in shown:  # streaming, through the proxy
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, proc.communicate()
+                shown += line
+            proxy.partition()
+            started = time.monotonic()
+            out, err = proc.communicate(timeout=60)
+            took = time.monotonic() - started
+        finally:
+            proc.kill()
+    finally:
+        proxy.stop()
+    assert proc.returncode == 1, out + err
+    assert took < 3 * 2 + 10, (took, err)
+    assert "Traceback" not in err, err
+    assert "gave up reconnecting" in err and "the connection was lost" in err, err
+    assert "run walex tail again" in err and "--timeout" in err, err
+
+
+def test_tail_rides_out_a_walsender_busy_on_unpublished_changes(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """A short --timeout is no false alarm: the walsender decoding a large transaction of
+    an unpublished table is told the same timeout, so it sends keepalives every half of
+    it, and tail shows the next change on its first connection."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE TABLE bulk (id int, pad text)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    proc = subprocess.Popen([*WALEX, "tail", "--url", dsn, "-p", "pub", "--timeout", "1",
+                             "--limit", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_active(admin, proc)
+        with admin.transaction():
+            admin.execute("INSERT INTO bulk SELECT i, 'x' FROM generate_series(1, 2000000) i")
+        started = time.monotonic()
+        admin.execute("INSERT INTO item VALUES (1)")
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "INSERT   public.item" in out, out + err
+    assert "interrupted" not in err and "reconnect" not in err, err
