@@ -57,6 +57,7 @@ from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.pq import Format
 
 from ..pgtypes import json_loaders
+from ..rawrow import row_values
 from .values import _KINDS, _MAX_SAFE, Outgoing, _rfc3339, _table_info, _tuple_new, json_value, \
     partition_of
 
@@ -461,7 +462,9 @@ def py_direct_event(event: Any, partitions: int) -> Outgoing | None:
 
 
 def _direct(event: Any, partitions: int) -> Outgoing:
-    table, new, old, old_kind, _lsn = event.raw
+    table, new_row, old_row, old_kind, _lsn = event.raw
+    new = None if new_row is None else row_values(new_row)  # raises (unfit) if not a raw row
+    old = None if old_row is None else row_values(old_row)
     plan = plan_of(event, table)
     if plan.key is None:
         raise _Unfit
