@@ -5,7 +5,9 @@ The twin of ``py_direct_event`` in :mod:`walex.destinations.direct`, which
 stays the pure-Python path and makes the per-table plans both twins use: the
 same writers, the same rules, the same bytes or the same "unfit"
 (``tests/destinations/test_direct.py`` runs every check through both). Here the
-document is written into one C buffer: the values of the plain writers (bool,
+document is written into one C buffer, the values found in the raw rows
+(:mod:`walex.rawrow`, one bytes object per row) without a Python object per value:
+the values of the plain writers (bool,
 integers, text, uuid, numeric, date, timestamps) straight from their text, the
 rest through their loader, ``json_value`` and orjson, as the pure twin does.
 The direct module hands its helpers over with :func:`bind` (this module
