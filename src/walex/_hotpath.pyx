@@ -232,6 +232,8 @@ cdef class HotPath:
     # the table of the last change
     cdef object _table, _names, _name, _source, _load, _load_plain, _keys
     cdef Py_ssize_t _width  # the table's column count
+    cdef object _relkey  # its relation id, the int object the relation cache is keyed by
+    cdef uint32_t _relid  # the same in C
     cdef dict _template  # {column: None} in column order, copied for each record
     cdef dict _tables  # the relation cache's tables by relation id
 
@@ -365,7 +367,9 @@ cdef class HotPath:
         if size < 6:
             return _NOT_HANDLED
         cdef uint32_t relid = _be32(data + 1)
-        relation_id = relid
+        # the last table's id: the relation cache's own key object, found by identity (no
+        # new int, no comparison)
+        relation_id = self._relkey if relid == self._relid and self._relkey is not None else relid
         # the table (RelationCache.get, in C; no side effect): a raw table's rows sent whole
         # as text are kept as raw rows (walex.rawrow), as its RawEvents keep them
         cdef PyObject *found = PyDict_GetItem(self._tables, relation_id)
@@ -418,6 +422,9 @@ cdef class HotPath:
                 self._width = len(table.type_oids)
                 self._keys = table.key_indexes
                 self._template = dict.fromkeys(self._names)
+                key = table.relation_id
+                self._relkey = key if type(key) is int and key == relation_id else None
+                self._relid = relid
             if txn is not self._stamped:
                 self._stamped = txn
                 self._commit_lsn = txn.commit_lsn
