@@ -93,6 +93,7 @@ cdef tuple _last_time = (None, None)
 cdef tuple _time_json = (None, None)
 cdef tuple _lsn_json = (None, None)
 cdef tuple _type_json = (None, None)
+cdef tuple _kind_of = (None, None)  # the last event's type and its _KINDS entry
 # ASCII characters orjson writes as they are (from ESCAPES)
 cdef unsigned char _as_is[128]
 # _as_is is every ASCII character from ' ' on but '"' and '\\' (what orjson's escapes give):
@@ -148,13 +149,14 @@ cdef inline object _attr(object event, const Py_ssize_t *offsets, int i):
 def bind(helpers):
     """Take the direct module's helpers (its namespace); returns :func:`direct_event`."""
     global _plan_of, _tolerant_loads, _json_value, _rfc3339, _partition_of, _Outgoing
-    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET, _outgoing_direct
+    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET, _outgoing_direct, _kind_of
     cdef int i
     cdef bytes escape
     _plan_of, _tolerant_loads = helpers["plan_of"], helpers["tolerant_loads"]
     _json_value, _rfc3339 = helpers["json_value"], helpers["_rfc3339"]
     _partition_of, _Outgoing = helpers["partition_of"], helpers["Outgoing"]
     _KINDS, _Unfit, _Tolerant = helpers["_KINDS"], helpers["_Unfit"], helpers["_Tolerant"]
+    _kind_of = (None, None)
     _UTC_OFFSET = helpers["_UTC_OFFSET"]
     escapes = helpers["ESCAPES"]
     for i in range(128):
@@ -474,7 +476,7 @@ def direct_event(event, Py_ssize_t partitions):
 
 
 cdef object _direct(object event, Py_ssize_t partitions):
-    global _last, _last_time, _lsn_json, _type_json, _time_json
+    global _last, _last_time, _lsn_json, _type_json, _time_json, _kind_of
     cdef Py_ssize_t offsets[6]
     if type(event) is not _slots_of:
         _learn(type(event))
@@ -512,8 +514,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef const char *new_p = NULL
     cdef const char *old_p = NULL
     cdef int new_mode = 0, old_mode = 0
-    cdef bint changes = old is not None and new is not None and old_kind != "K"
-    cdef bint full_old = old_kind != "K"
+    cdef bint full_old = old is None or old_kind != "K"  # asked only of an old row sent
+    cdef bint changes = old is not None and new is not None and full_old
     cdef char data_stack[STACK]
     cdef char head_stack[512]
     cdef Buf d, h
@@ -590,7 +592,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
             key_text = prefix
         _put_char(&d, b'}')
 
-        kind, type_name = _KINDS[_attr(event, offsets, E_TYPE)]
+        event_type = _attr(event, offsets, E_TYPE)
+        if <object>PyTuple_GET_ITEM(_kind_of, 0) is not event_type:  # not the last event's
+            _kind_of = (event_type, _KINDS[event_type])
+        kind, type_name = <tuple>PyTuple_GET_ITEM(_kind_of, 1)
         moment = _attr(event, offsets, E_TIMESTAMP)
         if <object>PyTuple_GET_ITEM(_last_time, 0) is moment:  # the transaction's time again
             time = <object>PyTuple_GET_ITEM(_last_time, 1)
