@@ -38,6 +38,7 @@ from walex import hotpath
 from walex.pgoutput import Decoder, Relation, Type
 from walex.pgtypes import TypeCatalog
 from walex.lookups import LookupConnection
+from walex.rawevent import RawEvent
 from walex.relations import RelationCache
 from walex.replication.frames import XLOGDATA_HEADER
 from walex.assembler import TransactionAssembler
@@ -67,10 +68,17 @@ def pure_catalog(lookups: LookupConnection | None) -> TypeCatalog:
             os.environ["WALEX_PURE_PYTHON"] = saved
 
 
+def _outcome(txn: Any) -> str:
+    """A batch as an outcome: the raw rows its RawEvents keep (walex.rawrow), read before
+    ``repr`` types them, then its repr."""
+    rows = [e.raw[1:] if type(e) is RawEvent and e.raw is not None else None for e in txn.events]
+    return repr(rows) + repr(txn)
+
+
 async def replay(
     stream: Stream, *, compiled: bool, batch_size: int = 1000,
     subscribed: Callable[[str, str], bool] = lambda schema, table: True,
-    conn: psycopg.AsyncConnection | None = None,
+    conn: psycopg.AsyncConnection | None = None, raw: bool = False,
 ) -> tuple[list[Any], int]:
     """What one path makes of ``stream``: the outcome list, and how many frames it compiled."""
     lookups = None  # no connection: the types Type messages name stay text
@@ -78,7 +86,7 @@ async def replay(
         lookups = LookupConnection()
         lookups.use(conn, None, None)
     catalog = pure_catalog(lookups) if not compiled else TypeCatalog(lookups)
-    relations = RelationCache(catalog, "db", subscribed)
+    relations = RelationCache(catalog, "db", subscribed, (lambda schema, table: True) if raw else None)
     assembler = TransactionAssembler(relations, batch_size=batch_size)
     decoder = Decoder()
     hot = hotpath.HotPath(assembler, decoder) if compiled else None  # type: ignore[misc]
@@ -103,7 +111,7 @@ async def replay(
                 else:  # the frame's size, as the pipeline passes it (the byte bound's unit)
                     batches = assembler.feed(msg, lsn, len(payload) + XLOGDATA_HEADER.size)
             for txn in batches or ():
-                out.append(repr(txn))
+                out.append(_outcome(txn))
             out.append(assembler.idle)
     except Exception as exc:  # noqa: BLE001 - the error is part of the outcome
         out.append((type(exc).__name__, str(exc), getattr(exc, "tag", None), getattr(exc, "lsn", None)))
@@ -113,7 +121,7 @@ async def replay(
 async def replay_frames(
     stream: Stream, *, room: tuple[int, int], batch_size: int = 1000,
     subscribed: Callable[[str, str], bool] = lambda schema, table: True,
-    conn: psycopg.AsyncConnection | None = None,
+    conn: psycopg.AsyncConnection | None = None, raw: bool = False,
 ) -> list[Any]:
     """What the reader makes of ``stream`` with ``HotPath.feed_frames`` (a run of frames per
     call, at most ``room`` = (batches, bytes) per call): the batches and the error."""
@@ -122,7 +130,7 @@ async def replay_frames(
         lookups = LookupConnection()
         lookups.use(conn, None, None)
     catalog = TypeCatalog(lookups)
-    relations = RelationCache(catalog, "db", subscribed)
+    relations = RelationCache(catalog, "db", subscribed, (lambda schema, table: True) if raw else None)
     assembler = TransactionAssembler(relations, batch_size=batch_size)
     decoder = Decoder()
     hot = hotpath.HotPath(assembler, decoder)  # type: ignore[misc]
@@ -149,7 +157,7 @@ async def replay_frames(
                     await catalog.resolve([msg.type_oid])
                 else:
                     batches = assembler.feed(msg, lsn, len(payload) + XLOGDATA_HEADER.size)
-            out.extend(repr(txn) for txn in batches or ())
+            out.extend(_outcome(txn) for txn in batches or ())
     except Exception as exc:  # noqa: BLE001 - the error is part of the outcome
         out.append((type(exc).__name__, str(exc), getattr(exc, "tag", None), getattr(exc, "lsn", None)))
     return out
@@ -176,9 +184,11 @@ SUBSCRIPTIONS: dict[str, Callable[[str, str], bool]] = {
 @pytest.mark.parametrize("cap", FIXTURES, ids=lambda c: c.name)
 @pytest.mark.parametrize("batch_size", [1, 2, 1000])
 @pytest.mark.parametrize("subscription", list(SUBSCRIPTIONS))
-def test_real_streams(cap: Any, batch_size: int, subscription: str) -> None:
+@pytest.mark.parametrize("raw", [False, True], ids=["typed", "raw"])
+def test_real_streams(cap: Any, batch_size: int, subscription: str, raw: bool) -> None:
+    """Both paths, the tables' rows typed or kept as raw rows (walex.rawrow, Table.raw)."""
     out, handled = asyncio.run(both(cap.messages, batch_size=batch_size,
-                                    subscribed=SUBSCRIPTIONS[subscription]))
+                                    subscribed=SUBSCRIPTIONS[subscription], raw=raw))
     assert not any(isinstance(item, tuple) for item in out), out[-1]  # no error
     if any(payload[:1] == b"B" for _, payload in cap.messages):
         assert handled > 0  # the compiled path took part
@@ -252,9 +262,10 @@ def mutated_streams(draw: st.DrawFn) -> Stream:
 
 @needs_compiled
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mutated_streams(), st.integers(1, 4), st.sampled_from(list(SUBSCRIPTIONS)))
-def test_mutated_streams(stream: Stream, batch_size: int, subscription: str) -> None:
-    asyncio.run(both(stream, batch_size=batch_size, subscribed=SUBSCRIPTIONS[subscription]))
+@given(mutated_streams(), st.integers(1, 4), st.sampled_from(list(SUBSCRIPTIONS)), st.booleans())
+def test_mutated_streams(stream: Stream, batch_size: int, subscription: str, raw: bool) -> None:
+    asyncio.run(both(stream, batch_size=batch_size, subscribed=SUBSCRIPTIONS[subscription],
+                     raw=raw))
 
 
 @needs_compiled
@@ -322,10 +333,11 @@ def synthetic_streams(draw: st.DrawFn) -> Stream:
 
 @needs_compiled
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(synthetic_streams(), st.integers(1, 4))
-def test_synthetic_changes(stream: Stream, batch_size: int) -> None:
-    """Every Update/Delete branch of walex.rows: 'K' and 'O', TOAST, NULL, binary values."""
-    out, _ = asyncio.run(both(stream, batch_size=batch_size))
+@given(synthetic_streams(), st.integers(1, 4), st.booleans())
+def test_synthetic_changes(stream: Stream, batch_size: int, raw: bool) -> None:
+    """Every Update/Delete branch of walex.rows: 'K' and 'O', TOAST, NULL, binary values;
+    with ``raw`` the rows sent whole as text kept as raw rows, the others typed."""
+    out, _ = asyncio.run(both(stream, batch_size=batch_size, raw=raw))
 
 
 @needs_compiled

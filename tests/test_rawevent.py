@@ -27,6 +27,7 @@ from walex import Events, WalEx
 from walex.event import Event
 from walex.hotpath import compiled_available
 from walex.rawevent import RawEvent
+from walex.rawrow import pack_row, row_values
 
 
 
@@ -161,6 +162,51 @@ def test_replica_identities_and_toast(admin: psycopg.Connection, dsn: str) -> No
     assert untyped[14:] == [True, False, True]  # the update with an unchanged TOAST value
 
 
+def test_a_raw_row_is_the_tuple_data_postgresql_sent(admin: psycopg.Connection, dsn: str) -> None:
+    """Each row a RawEvent keeps is one bytes object, the row's TupleData as PostgreSQL sent
+    it (walex.rawrow: what ``pack_row`` gives of its values), the same on both hot paths,
+    NULLs and a row of 70 columns included; a row with an unchanged TOAST value is typed."""
+    wide = ", ".join(f"c{i} text" for i in range(70))
+    admin.execute(IDENTITIES + f"CREATE TABLE wide (id int PRIMARY KEY, {wide});"
+                  "ALTER TABLE wide REPLICA IDENTITY FULL; ALTER PUBLICATION pub ADD TABLE wide")
+    values = ", ".join("NULL" if i % 7 == 3 else f"'v{i}'" for i in range(70))
+    statements = ["INSERT INTO f VALUES (1, 'x', 1.5), (2, NULL, NULL)",
+                  "UPDATE f SET b = 'y' WHERE id = 1",
+                  "DELETE FROM f WHERE id = 2",
+                  "INSERT INTO doc VALUES (1, repeat('toast ', 4000), 1)",
+                  "UPDATE doc SET n = 2",  # body not resent: an unchanged TOAST value
+                  f"INSERT INTO wide VALUES (1, {values})",
+                  "UPDATE wide SET c3 = 'set', c4 = NULL"]
+    seen: list[Any] = []
+    events = Events()
+
+    @events.on_event("all")
+    async def keep(batch: list[Event]) -> None:  # the rows as the handler gets them
+        seen.extend((e.raw[1], e.raw[2]) if type(e) is RawEvent and e.raw is not None else None
+                    for e in batch)
+
+    async def main() -> None:
+        async with collecting(dsn, raw_rows=True, modules=[events],
+                              subscriptions=["f", "doc", "wide"]) as rec:
+            for statement in statements:
+                admin.execute(statement)
+            await rec.wait_for(8)
+
+    run(main())
+    assert [pair is not None for pair in seen] == [True] * 5 + [False, True, True]
+    rows = [pair for pair in seen if pair is not None]
+    assert rows[:3] == [(pack_row((b"1", b"x", b"1.5")), None),
+                        (pack_row((b"2", None, None)), None),
+                        (pack_row((b"1", b"y", b"1.5")), pack_row((b"1", b"x", b"1.5")))]
+    assert rows[3] == (None, pack_row((b"2", None, None)))
+    wide_new = tuple(None if i % 7 == 3 else f"v{i}".encode() for i in range(70))
+    assert rows[5][0] == pack_row((b"1",) + wide_new)
+    updated = (b"1",) + wide_new[:3] + (b"set", None) + wide_new[5:]
+    assert rows[6] == (pack_row(updated), pack_row((b"1",) + wide_new))
+    assert all(row_values(row) == tuple(row_values(row)) and pack_row(row_values(row)) == row
+               for pair in rows for row in pair if row is not None)
+
+
 def test_raw_rows_by_default_for_the_tables_no_handler_takes_in_an_app_that_relays(
         dsn: str) -> None:
     def raw(table: str, *handled: str, **options: Any) -> bool:
@@ -210,7 +256,8 @@ def test_a_raw_event_typed_by_threads_at_once_and_replaced() -> None:
 
     Slow.source = source
     for _ in range(5):
-        event = RawEvent.of("t", EventType.UPDATE, source, (Slow(), (b"1", b"x"), (b"1", b"y"), "O", 5),
+        event = RawEvent.of("t", EventType.UPDATE, source, (Slow(), pack_row((b"1", b"x")),
+                                                                 pack_row((b"1", b"y")), "O", 5),
                             None, "0/1", "id1")
         seen: list[Any] = []
         threads = [threading.Thread(target=lambda: seen.append(event.changes)) for _ in range(4)]
@@ -220,7 +267,7 @@ def test_a_raw_event_typed_by_threads_at_once_and_replaced() -> None:
             thread.join()
         assert [dict(c) for c in seen] == [{"b": ("y", "x")}] * 4
         assert event.raw is None and event.new_record == {"id": 1, "b": "x"}
-    fresh = RawEvent.of("t", EventType.INSERT, source, (Slow(), (b"2", b"z"), None, "", 5),
+    fresh = RawEvent.of("t", EventType.INSERT, source, (Slow(), pack_row((b"2", b"z")), None, "", 5),
                         None, "0/1", "id2")
     copy = dataclasses.replace(fresh, id="id3")
     assert type(copy) is RawEvent and copy.raw is None and copy.new_record == {"id": 2, "b": "z"}

@@ -21,6 +21,7 @@ from support import collecting, run
 
 from walex import Event, Events
 from walex.rawevent import RawEvent
+from walex.rawrow import pack_row
 from walex.sizes import Sizer, event_bytes
 
 TABLES = {
@@ -201,11 +202,14 @@ def test_the_compiled_sizer_gives_the_pure_totals() -> None:
         Event("t", EventType.DELETE, source, None, old, None, dt.datetime(2025, 1, 1), "0/1", "é"),
         Event("t", EventType.UPDATE, source, new, old, {}, dt.datetime(2025, 1, 1), "0/1", ""),
         SimpleNamespace(id="0/1:0", new_record=new, old_record=None, changes=None),
-        RawEvent.of("t", EventType.UPDATE, source, (None, (b"1", None, b"x" * 50), (b"1", b"y"),
-                                                     "O", 5), None, "0/1", "raw id"),
-        RawEvent.of("t", EventType.INSERT, source, (None, (b"2",), None, "", 2**40), None, "0/1", "r2"),
-        RawEvent.of("t", EventType.INSERT, source, (None, tuple(b"v" * i for i in range(40)), None,
-                                                     "", 3), None, "0/1", "r3"),
+        RawEvent.of("t", EventType.UPDATE, source,
+                    (None, pack_row((b"1", None, b"x" * 50)), pack_row((b"1", b"y")), "O", 5),
+                    None, "0/1", "raw id"),
+        RawEvent.of("t", EventType.INSERT, source, (None, pack_row((b"2",)), None, "", 2**40),
+                    None, "0/1", "r2"),
+        RawEvent.of("t", EventType.INSERT, source,
+                    (None, pack_row(tuple(b"v" * i for i in range(40))), None, "", 3),
+                    None, "0/1", "r3"),
     ]
     for event in events:
         assert compiled.event_bytes(event) == sizes.py_event_bytes(event), event

@@ -22,9 +22,8 @@ Transformer, user adapters included), never here.
 from cpython.datetime cimport datetime_new, import_datetime
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Copy, PyDict_GetItem, PyDict_SetItem
-from cpython.list cimport PyList_AsTuple, PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
-from cpython.object cimport Py_NE, Py_SIZE, PyObject, PyObject_RichCompareBool
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.object cimport Py_NE, PyObject, PyObject_RichCompareBool
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.long cimport PyLong_AsSsize_t
 from cpython.unicode cimport PyUnicode_DecodeASCII
@@ -99,10 +98,42 @@ cdef inline uint64_t _be64(const unsigned char *p) noexcept nogil:
     return (<uint64_t>_be32(p) << 32) | <uint64_t>_be32(p + 4)
 
 
-cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain,
-                   bint as_tuple):
-    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed;
-    the values as a tuple if ``as_tuple`` (a raw row: what a RawEvent keeps).
+cdef object _row(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain,
+                 Py_ssize_t *count):
+    """TupleData at ``ppos[0]`` for a raw table: a raw row (walex.rawrow: the slice of
+    ``buf``, one bytes object) when every value is text or NULL, else the values list as
+    :func:`_tuple` gives it (``plain`` cleared); None if malformed. Advances ``ppos``;
+    ``count`` is the row's column count."""
+    cdef Py_ssize_t start = ppos[0], pos = start, n, i
+    cdef uint32_t length
+    cdef unsigned char kind
+    if pos + 2 > size:
+        return None
+    n = (<Py_ssize_t>buf[pos] << 8) | buf[pos + 1]
+    count[0] = n
+    pos += 2
+    for i in range(n):
+        if pos >= size:
+            return None
+        kind = buf[pos]
+        if kind == 116:  # 't' text
+            if pos + 5 > size:
+                return None
+            length = _be32(buf + pos + 1)
+            pos += 5
+            if <int32_t>length < 0 or <Py_ssize_t>length > size - pos:
+                return None
+            pos += <Py_ssize_t>length
+        elif kind == 110:  # 'n' null
+            pos += 1
+        else:  # binary, unchanged TOAST or malformed: as the typed path parses it
+            return _tuple(buf, size, ppos, plain)
+    ppos[0] = pos
+    return PyBytes_FromStringAndSize(<const char *>buf + start, pos - start)
+
+
+cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, bint *plain):
+    """TupleData at ``ppos[0]``: the values list (advancing ``ppos``), or None if malformed.
 
     Accepts exactly what ``Decoder._py_tuple`` accepts, with the same values.
     """
@@ -114,7 +145,7 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         return None
     count = (<Py_ssize_t>buf[pos] << 8) | buf[pos + 1]
     pos += 2
-    cdef object values = PyTuple_New(count) if as_tuple else PyList_New(count)
+    cdef object values = PyList_New(count)
     for i in range(count):
         if pos >= size:
             return None
@@ -140,12 +171,19 @@ cdef object _tuple(const unsigned char *buf, Py_ssize_t size, Py_ssize_t *ppos, 
         else:
             return None
         Py_INCREF(item)
-        if as_tuple:
-            PyTuple_SET_ITEM(values, i, item)
-        else:
-            PyList_SET_ITEM(values, i, item)
+        PyList_SET_ITEM(values, i, item)
     ppos[0] = pos
     return values
+
+
+cdef list _values(object row):
+    """The values list of a row :func:`_row` gave (a raw row parsed again, or the list)."""
+    if type(row) is not bytes:
+        return row
+    cdef Py_ssize_t pos = 0
+    cdef bint plain = True
+    return _tuple(<const unsigned char *>PyBytes_AS_STRING(row), PyBytes_GET_SIZE(row), &pos,
+                  &plain)
 
 
 cdef inline bint _differ(object a, object b) except -1:
@@ -194,6 +232,8 @@ cdef class HotPath:
     # the table of the last change
     cdef object _table, _names, _name, _source, _load, _load_plain, _keys
     cdef Py_ssize_t _width  # the table's column count
+    cdef object _relkey  # its relation id, the int object the relation cache is keyed by
+    cdef uint32_t _relid  # the same in C
     cdef dict _template  # {column: None} in column order, copied for each record
     cdef dict _tables  # the relation cache's tables by relation id
 
@@ -320,43 +360,49 @@ cdef class HotPath:
                 or _OPEN.get(txn, O_SPILL) is not None):
             return _NOT_HANDLED
         # Parse the whole message first (what Decoder._insert/_update/_delete accept).
-        cdef Py_ssize_t pos = 5, position
+        cdef Py_ssize_t pos = 5, position, new_count = -1, old_count = -1
         cdef bint new_plain = True, old_plain = True
         cdef unsigned char kind = 0, old_kind = 0
         cdef object new = None, old = None
         if size < 6:
             return _NOT_HANDLED
         cdef uint32_t relid = _be32(data + 1)
-        relation_id = relid
-        # the table (RelationCache.get, in C; no side effect): a raw table's rows are parsed
-        # into tuples, as its RawEvents keep them
+        # the last table's id: the relation cache's own key object, found by identity (no
+        # new int, no comparison)
+        relation_id = self._relkey if relid == self._relid and self._relkey is not None else relid
+        # the table (RelationCache.get, in C; no side effect): a raw table's rows sent whole
+        # as text are kept as raw rows (walex.rawrow), as its RawEvents keep them
         cdef PyObject *found = PyDict_GetItem(self._tables, relation_id)
         table = <object>found if found != NULL else None
-        cdef bint as_tuple = type(table) is Table and _TABLE.get(table, 1) is True
+        cdef bint as_raw = type(table) is Table and _TABLE.get(table, 1) is True
         kind = data[5]
         if tag == 73:  # Insert: 'N' tuple
             if kind != 78:
                 return _NOT_HANDLED
             pos = 6
-            new = _tuple(data, size, &pos, &new_plain, as_tuple)
+            new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
+                   else _tuple(data, size, &pos, &new_plain))
         elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
             if kind == 75 or kind == 79:
                 old_kind = kind
                 pos = 6
-                old = _tuple(data, size, &pos, &old_plain, as_tuple)
+                old = (_row(data, size, &pos, &old_plain, &old_count) if as_raw
+                       else _tuple(data, size, &pos, &old_plain))
                 if old is None or pos >= size:
                     return _NOT_HANDLED
                 kind = data[pos]
             if kind != 78:
                 return _NOT_HANDLED
             pos += 1
-            new = _tuple(data, size, &pos, &new_plain, as_tuple)
+            new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
+                   else _tuple(data, size, &pos, &new_plain))
         else:  # Delete: 'K'|'O' tuple
             if kind != 75 and kind != 79:
                 return _NOT_HANDLED
             old_kind = kind
             pos = 6
-            old = _tuple(data, size, &pos, &old_plain, as_tuple)
+            old = (_row(data, size, &pos, &old_plain, &old_count) if as_raw
+                   else _tuple(data, size, &pos, &old_plain))
             new = old  # only checked for None below
         if new is None or pos != size:
             return _NOT_HANDLED
@@ -376,6 +422,9 @@ cdef class HotPath:
                 self._width = len(table.type_oids)
                 self._keys = table.key_indexes
                 self._template = dict.fromkeys(self._names)
+                key = table.relation_id
+                self._relkey = key if type(key) is int and key == relation_id else None
+                self._relid = relid
             if txn is not self._stamped:
                 self._stamped = txn
                 self._commit_lsn = txn.commit_lsn
@@ -389,17 +438,17 @@ cdef class HotPath:
             else:
                 self._id = _event_id(self._commit_lsn, emitted + len(changes))
             if type(table) is Table and _TABLE.get(table, 1) is True and (
-                    (new_plain and Py_SIZE(new) == self._width) if tag != 68 else True) and (
-                    old is None or (old_plain and Py_SIZE(old) == self._width)):
+                    (type(new) is bytes and new_count == self._width) if tag != 68 else True) and (
+                    old is None or (type(old) is bytes and old_count == self._width)):
                 event = self._raw(tag, new, old, old_kind, lsn, table)
-            elif as_tuple:  # parsed as a raw row, typed after all: as lists, as the pure path
+            elif as_raw:  # a raw row after all typed (its width): as lists, as the pure path
                 if tag == 68:
-                    old = list(old)
+                    old = _values(old)
                     new = old
                 else:
-                    new = list(new)
+                    new = _values(new)
                     if old is not None:
-                        old = list(old)
+                        old = _values(old)
                 if tag == 73:
                     event = self._insert(new, new_plain, lsn)
                 elif tag == 85:
@@ -466,12 +515,8 @@ cdef class HotPath:
         _EVENT.put(obj, 3, self._commit_time)
         _EVENT.put(obj, 4, self._lsn_text)
         _EVENT.put(obj, 5, self._id)
-        # the rows as tuples: of bytes and None only, the collector stops tracking them at its
-        # first look, so the events a relay holds in flight cost the later collections less
-        if type(new) is list:
-            new = PyList_AsTuple(new)
-        if type(old) is list:
-            old = PyList_AsTuple(old)
+        # the rows as raw rows (walex.rawrow: one bytes object each, not tracked by the
+        # collector)
         _RAW.put(obj, 0, (table, new, old,
                           _KEY_KIND if old_kind == 75 else _OLD_KIND if old_kind == 79 else _NO_KIND,
                           lsn))

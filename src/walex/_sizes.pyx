@@ -11,7 +11,7 @@ size of an object is:
 
 - for a compact ASCII ``str`` (ids, most text), its header and characters, as
   ``str.__sizeof__`` counts them;
-- for an exact ``bytes`` or ``tuple`` (a RawEvent's rows as sent), the size of one
+- for an exact ``bytes`` or ``tuple`` (a RawEvent's rows as sent, its raw tuple), the size of one
   of no length (``sys.getsizeof``'s, at import) and its length times its item's size;
 - for an ``int`` within 64 bits, ``sys.getsizeof`` of the first one of as many
   digits, kept by digits;
@@ -259,10 +259,7 @@ cdef Py_ssize_t _raw_bytes(object event, tuple raw) except -1:
     cdef Py_ssize_t total = _size(event) + _size(event.id) + _size(raw) + _size(raw[4])
     for row in (raw[1], raw[2]):
         if row is not None:
-            total += _size(row)
-            for value in row:
-                if value is not None:
-                    total += _size(value)
+            total += _size(row)  # one bytes object (walex.rawrow)
     return total
 
 

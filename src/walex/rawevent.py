@@ -14,8 +14,9 @@ backfill, an ``on_error`` callback, ``repr``, ``==``...), with exactly the rules
 :mod:`walex.rows`, so that nothing but ``type(event)`` tells it from the
 Event the typed path builds (it compares equal to it).
 
-``raw`` is ``(table, new, old, old_kind, lsn)``: ``new`` and ``old`` the rows'
-values (tuples of ``bytes`` or ``None`` per column, ``None`` for a row not sent),
+``raw`` is ``(table, new, old, old_kind, lsn)``: ``new`` and ``old`` the rows as
+sent (each one ``bytes`` object, the row's TupleData: :mod:`walex.rawrow`; ``None`` for
+a row not sent),
 ``old_kind`` ``"K"``, ``"O"`` or ``""``, ``lsn`` the change's (for the
 errors of typing). It is ``None`` once the rows were typed.
 
@@ -31,6 +32,7 @@ from typing import Any
 from .event import Event, EventType
 from .pgoutput.messages import Delete, Insert, TupleData, Update
 from .relations import Table
+from .rawrow import pack_row, row_values
 from .rows import delete_event, insert_event, update_event
 
 __all__ = ["RawEvent", "change_event", "typed_rows"]
@@ -46,12 +48,13 @@ def typed_rows(kind: EventType, raw: tuple[Any, ...]) -> tuple[Any, Any, Any]:
     """``(new_record, old_record, changes)`` of a change from its raw rows: the Event
     :mod:`walex.rows` builds from the change message, for rows that came whole as text."""
     table, new, old, old_kind, lsn = raw
-    old_row = TupleData(old, True) if old is not None else None
+    old_row = TupleData(list(row_values(old)), True) if old is not None else None
+    new_row = TupleData(list(row_values(new)), True) if new is not None else None
     if kind is _INSERT:
-        event = insert_event(table, Insert(table.relation_id, TupleData(new, True)), lsn)
+        event = insert_event(table, Insert(table.relation_id, new_row), lsn)  # type: ignore[arg-type]
     elif kind is _UPDATE:
-        event = update_event(table, Update(table.relation_id, TupleData(new, True), old_row,
-                                           old_kind or None), lsn)
+        event = update_event(table, Update(table.relation_id, new_row,  # type: ignore[arg-type]
+                                           old_row, old_kind or None), lsn)
     else:
         event = delete_event(table, Delete(table.relation_id, old_row, old_kind), lsn)
     return event.new_record, event.old_record, event.changes
@@ -71,8 +74,8 @@ def change_event(table: Table, msg: Insert | Update | Delete, lsn: int) -> Event
         if (new is None or (new.plain and len(new.values) == width)) and (
                 old is None or (old.plain and len(old.values) == width)) and (
                 new is not None or kind is Delete):
-            raw = (table, None if new is None else tuple(new.values),
-                   None if old is None else tuple(old.values),
+            raw = (table, None if new is None else pack_row(new.values),
+                   None if old is None else pack_row(old.values),
                    "" if kind is Insert else (msg.old_kind or ""), lsn)  # type: ignore[union-attr]
             return RawEvent.of(table.name, _KIND[kind], table.source, raw, None, "", "")
     if kind is Insert:

@@ -5,7 +5,9 @@ The twin of ``py_direct_event`` in :mod:`walex.destinations.direct`, which
 stays the pure-Python path and makes the per-table plans both twins use: the
 same writers, the same rules, the same bytes or the same "unfit"
 (``tests/destinations/test_direct.py`` runs every check through both). Here the
-document is written into one C buffer: the values of the plain writers (bool,
+document is written into one C buffer, the values found in the raw rows
+(:mod:`walex.rawrow`, one bytes object per row) without a Python object per value:
+the values of the plain writers (bool,
 integers, text, uuid, numeric, date, timestamps) straight from their text, the
 rest through their loader, ``json_value`` and orjson, as the pure twin does.
 The direct module hands its helpers over with :func:`bind` (this module
@@ -62,6 +64,7 @@ cdef enum:
     JSONB = 10
     MAX_KEY = 32  # PostgreSQL's indexes have at most 32 columns
     STACK = 2048
+    COLUMNS = 64  # the widest table whose rows' places _direct keeps on its stack
 
 cdef long long _MAX_SAFE = 2**53 - 1
 cdef object _dumps = orjson.dumps
@@ -90,6 +93,7 @@ cdef tuple _last_time = (None, None)
 cdef tuple _time_json = (None, None)
 cdef tuple _lsn_json = (None, None)
 cdef tuple _type_json = (None, None)
+cdef tuple _kind_of = (None, None)  # the last event's type and its _KINDS entry
 # ASCII characters orjson writes as they are (from ESCAPES)
 cdef unsigned char _as_is[128]
 # _as_is is every ASCII character from ' ' on but '"' and '\\' (what orjson's escapes give):
@@ -145,13 +149,14 @@ cdef inline object _attr(object event, const Py_ssize_t *offsets, int i):
 def bind(helpers):
     """Take the direct module's helpers (its namespace); returns :func:`direct_event`."""
     global _plan_of, _tolerant_loads, _json_value, _rfc3339, _partition_of, _Outgoing
-    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET, _outgoing_direct
+    global _KINDS, _Unfit, _Tolerant, _UTC_OFFSET, _outgoing_direct, _kind_of
     cdef int i
     cdef bytes escape
     _plan_of, _tolerant_loads = helpers["plan_of"], helpers["tolerant_loads"]
     _json_value, _rfc3339 = helpers["json_value"], helpers["_rfc3339"]
     _partition_of, _Outgoing = helpers["partition_of"], helpers["Outgoing"]
     _KINDS, _Unfit, _Tolerant = helpers["_KINDS"], helpers["_Unfit"], helpers["_Tolerant"]
+    _kind_of = (None, None)
     _UTC_OFFSET = helpers["_UTC_OFFSET"]
     escapes = helpers["ESCAPES"]
     for i in range(128):
@@ -234,10 +239,11 @@ cdef object _load(object load, bytes raw, int mode):
         raise
 
 
-cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keyed):
-    """Write one value; returns its JSON form when it is a str and ``keyed`` (else None)."""
-    cdef const char *s = PyBytes_AS_STRING(raw)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw), i, start
+cdef object _piece(Buf *b, int kind, const char *s, Py_ssize_t n, object load, int mode,
+                   bint keyed):
+    """Write one value (its text at ``s``, ``n`` bytes, in a raw row); returns its JSON form
+    when it is a str and ``keyed`` (else None)."""
+    cdef Py_ssize_t i, start
     cdef unsigned long long v
     if kind == INT:
         start = 1 if n > 0 and s[0] == b'-' else 0
@@ -279,20 +285,20 @@ cdef object _piece(Buf *b, int kind, bytes raw, object load, int mode, bint keye
         if n == 10 and _day(s):
             _put_quoted(b, s, n)
             return None
-        return _temporal_text(b, raw, load, mode)
+        return _temporal_text(b, PyBytes_FromStringAndSize(s, n), load, mode)
     if kind == TIMESTAMP or kind == TIMESTAMPTZ:
         if _timestamp(b, s, n, kind == TIMESTAMPTZ):
             return None
-        return _temporal_text(b, raw, load, mode)
+        return _temporal_text(b, PyBytes_FromStringAndSize(s, n), load, mode)
     if kind == JSONB and _jsonb(b, s, n):
         return None  # its form for a key: see _subject
     if kind == JSON or kind == JSONB:
-        value = _load(load, raw, mode)
+        value = _load(load, PyBytes_FromStringAndSize(s, n), mode)
         if type(value) is int and not -_MAX_SAFE <= value <= _MAX_SAFE:
             value = str(value)  # as the reference writes a whole document that is one
         _put_bytes(b, _dumps(value))
         return None  # its form for a key: see _subject
-    form = _json_value(_load(load, raw, mode))
+    form = _json_value(_load(load, PyBytes_FromStringAndSize(s, n), mode))
     _put_bytes(b, _dumps(form))
     return form if type(form) is str else None
 
@@ -308,11 +314,56 @@ cdef object _temporal_text(Buf *b, bytes raw, object load, int mode):
     return value
 
 
-cdef int _record(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width, int mode,
-                 Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
-    """Write ``{"name":piece,...}`` of ``row``'s columns (all of them, or ``columns``): each
-    piece's span in ``spans`` (when given, two per column) and, for the key's columns, in
-    ``key_spans`` with their str forms in ``key_forms``."""
+cdef int _columns(object row, Py_ssize_t width, Py_ssize_t *cols) except -1:
+    """Find the values of a raw row (walex.rawrow): per column, where its text starts in
+    the row and its length (-1: NULL) in ``cols``. Unfit if it is not a raw row of
+    ``width`` columns (as ``row_values`` refuses it, or the pure twin's width check)."""
+    if type(row) is not bytes:
+        raise _Unfit
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(row)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(row), pos = 2, i
+    cdef size_t length
+    if size < 2 or ((<Py_ssize_t>s[0] << 8) | s[1]) != width:
+        raise _Unfit
+    for i in range(width):
+        if pos >= size:
+            raise _Unfit
+        if s[pos] == b'n':
+            cols[2 * i] = pos
+            cols[2 * i + 1] = -1
+            pos += 1
+        elif s[pos] == b't' and pos + 5 <= size:
+            length = ((<size_t>s[pos + 1] << 24) | (<size_t>s[pos + 2] << 16)
+                      | (<size_t>s[pos + 3] << 8) | <size_t>s[pos + 4])
+            pos += 5
+            if length > <size_t>(size - pos):
+                raise _Unfit
+            cols[2 * i] = pos
+            cols[2 * i + 1] = <Py_ssize_t>length
+            pos += <Py_ssize_t>length
+        else:
+            raise _Unfit
+    if pos != size:
+        raise _Unfit
+    return 0
+
+
+cdef inline bint _same(const char *a, const Py_ssize_t *a_cols, const char *b,
+                       const Py_ssize_t *b_cols, Py_ssize_t i) noexcept:
+    """Whether column ``i`` holds the same value in two raw rows (NULL equals NULL)."""
+    cdef Py_ssize_t n = a_cols[2 * i + 1]
+    if n != b_cols[2 * i + 1]:
+        return False
+    return n <= 0 or memcmp(a + a_cols[2 * i], b + b_cols[2 * i], n) == 0
+
+
+cdef int _record(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tuple columns,
+                 Py_ssize_t width, int mode, Py_ssize_t *spans, Py_ssize_t *key_spans,
+                 list key_forms) except -1:
+    """Write ``{"name":piece,...}`` of the raw row's columns (all of them, or ``columns``;
+    ``row`` its bytes, ``cols`` its values' places): each piece's span in ``spans`` (when
+    given, two per column) and, for the key's columns, in ``key_spans`` with their str
+    forms in ``key_forms``."""
     cdef bytes kinds = <bytes>PyTuple_GET_ITEM(plan, 2)
     cdef tuple names = <tuple>PyTuple_GET_ITEM(plan, 3)
     cdef tuple loads
@@ -324,7 +375,6 @@ cdef int _record(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width,
     cdef const unsigned char *kind = <const unsigned char *>PyBytes_AS_STRING(kinds)
     cdef const unsigned char *position = <const unsigned char *>PyBytes_AS_STRING(positions)
     cdef Py_ssize_t count = width if columns is None else PyTuple_GET_SIZE(columns), j, i, at
-    cdef PyObject *value
     cdef int keyed
     _put_char(b, b'{')
     for j in range(count):
@@ -332,17 +382,14 @@ cdef int _record(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width,
         if j:
             _put_char(b, b',')
         _put_bytes(b, <bytes>PyTuple_GET_ITEM(names, i))
-        value = PyTuple_GET_ITEM(row, i)
         at = b.n
         keyed = position[i]
-        if <object>value is None:
+        if cols[2 * i + 1] < 0:
             _put(b, b"null", 4)
             form = None
-        elif type(<object>value) is bytes:
-            form = _piece(b, kind[i], <bytes>value, <object>PyTuple_GET_ITEM(loads, i), mode,
-                          keyed != 0)
         else:
-            raise _Unfit  # a binary or unchanged TOAST value: not a raw row
+            form = _piece(b, kind[i], row + cols[2 * i], cols[2 * i + 1],
+                          <object>PyTuple_GET_ITEM(loads, i), mode, keyed != 0)
         if spans != NULL:
             spans[2 * i] = at
             spans[2 * i + 1] = b.n
@@ -354,23 +401,22 @@ cdef int _record(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width,
     return 0
 
 
-cdef int _row(Buf *b, tuple plan, tuple row, tuple columns, Py_ssize_t width,
-              Py_ssize_t *spans, Py_ssize_t *key_spans, list key_forms) except -1:
+cdef int _row(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tuple columns,
+              Py_ssize_t width, Py_ssize_t *spans, Py_ssize_t *key_spans,
+              list key_forms) except -1:
     """:func:`_record` with the table's loaders, or again with the tolerant ones; the mode."""
     cdef Py_ssize_t at = b.n
-    if PyTuple_GET_SIZE(row) != width:
-        raise _Unfit
     try:
-        _record(b, plan, row, columns, width, 0, spans, key_spans, key_forms)
+        _record(b, plan, row, cols, columns, width, 0, spans, key_spans, key_forms)
         return 0
     except _Tolerant:
         b.n = at
-    _record(b, plan, row, columns, width, 1, spans, key_spans, key_forms)
+    _record(b, plan, row, cols, columns, width, 1, spans, key_spans, key_forms)
     return 1
 
 
-cdef object _subject(Buf *b, tuple plan, tuple row, int mode, Py_ssize_t *key_spans,
-                     list key_forms):
+cdef object _subject(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, int mode,
+                     Py_ssize_t *key_spans, list key_forms):
     """The twin of ``direct._subject``: the key's text from its pieces in ``b``."""
     cdef tuple key = <tuple>PyTuple_GET_ITEM(plan, 5)
     cdef bytes kinds = <bytes>PyTuple_GET_ITEM(plan, 2)
@@ -383,18 +429,18 @@ cdef object _subject(Buf *b, tuple plan, tuple row, int mode, Py_ssize_t *key_sp
         i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
         if ((<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON
                 or (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSONB) \
-                and <object>PyTuple_GET_ITEM(row, i) is not None:
+                and cols[2 * i + 1] >= 0:
             json_key = True
     if json_key:  # a json key's form is json_value's of the document: through Python
         pieces = []
         loads = _tolerant_loads(plan) if mode else <tuple>PyTuple_GET_ITEM(plan, 4)
         for j in range(count):
             i = <Py_ssize_t>(<object>PyTuple_GET_ITEM(key, j))
-            value = <object>PyTuple_GET_ITEM(row, i)
             if ((<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSON
                     or (<const unsigned char *>PyBytes_AS_STRING(kinds))[i] == JSONB) \
-                    and value is not None:
-                form = _json_value(loads[i](value))
+                    and cols[2 * i + 1] >= 0:
+                form = _json_value(loads[i](PyBytes_FromStringAndSize(row + cols[2 * i],
+                                                                      cols[2 * i + 1])))
                 pieces.append(_dumps(form))
                 key_forms[j] = form if type(form) is str else None
             else:
@@ -430,7 +476,7 @@ def direct_event(event, Py_ssize_t partitions):
 
 
 cdef object _direct(object event, Py_ssize_t partitions):
-    global _last, _last_time, _lsn_json, _type_json, _time_json
+    global _last, _last_time, _lsn_json, _type_json, _time_json, _kind_of
     cdef Py_ssize_t offsets[6]
     if type(event) is not _slots_of:
         _learn(type(event))
@@ -460,27 +506,44 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef list key_forms = [None] * nkey if new is not None else None
     cdef list old_key_forms = [None] * nkey if old is not None else None
     cdef Py_ssize_t *spans = NULL
+    # per column of each raw row, where its value is (_columns), then the pieces' spans
+    cdef Py_ssize_t places_stack[8 * COLUMNS]
+    cdef Py_ssize_t *places = places_stack
+    cdef Py_ssize_t *new_cols = NULL
+    cdef Py_ssize_t *old_cols = NULL
+    cdef const char *new_p = NULL
+    cdef const char *old_p = NULL
     cdef int new_mode = 0, old_mode = 0
-    cdef bint changes = old is not None and new is not None and old_kind != "K"
-    cdef bint full_old = old_kind != "K"
+    cdef bint full_old = old is None or old_kind != "K"  # asked only of an old row sent
+    cdef bint changes = old is not None and new is not None and full_old
     cdef char data_stack[STACK]
     cdef char head_stack[512]
     cdef Buf d, h
     _init(&d, data_stack, STACK)
     _init(&h, head_stack, 512)
     try:
-        if changes:
-            spans = <Py_ssize_t *>PyMem_Malloc(4 * width * sizeof(Py_ssize_t))
-            if spans == NULL:
+        if width > COLUMNS:
+            places = <Py_ssize_t *>PyMem_Malloc(8 * width * sizeof(Py_ssize_t))
+            if places == NULL:
+                places = places_stack
                 raise MemoryError()
+        new_cols, old_cols = places, places + 2 * width
+        if changes:
+            spans = places + 4 * width
+        if new is not None:
+            _columns(new, width, new_cols)
+            new_p = PyBytes_AS_STRING(new)
+        if old is not None:
+            _columns(old, width, old_cols)
+            old_p = PyBytes_AS_STRING(old)
         _put(&d, b'"data":{"new_record":', 21)
         if new is not None:
-            new_mode = _row(&d, plan, <tuple?>new, None, width, spans, key_spans, key_forms)
+            new_mode = _row(&d, plan, new_p, new_cols, None, width, spans, key_spans, key_forms)
         else:
             _put(&d, b"null", 4)
         _put(&d, b',"old_record":', 14)
         if old is not None:
-            old_mode = _row(&d, plan, <tuple?>old, None if full_old else
+            old_mode = _row(&d, plan, old_p, old_cols, None if full_old else
                             <tuple>PyTuple_GET_ITEM(plan, 7), width,
                             spans + 2 * width if spans != NULL else NULL,
                             old_key_spans, old_key_forms)
@@ -492,8 +555,7 @@ cdef object _direct(object event, Py_ssize_t partitions):
             first = True
             names = <tuple>PyTuple_GET_ITEM(plan, 3)
             for i in range(width):
-                if PyTuple_GET_ITEM(<tuple>new, i) == PyTuple_GET_ITEM(<tuple>old, i) or \
-                        <object>PyTuple_GET_ITEM(<tuple>new, i) == <object>PyTuple_GET_ITEM(<tuple>old, i):
+                if _same(new_p, new_cols, old_p, old_cols, i):
                     continue
                 if not first:
                     _put_char(&d, b',')
@@ -510,9 +572,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
         subject = None
         if nkey:
             if new is not None:
-                subject = _subject(&d, plan, <tuple>new, new_mode, key_spans, key_forms)
+                subject = _subject(&d, plan, new_p, new_cols, new_mode, key_spans, key_forms)
             elif old is not None and (full_old or <object>PyTuple_GET_ITEM(plan, 6)):
-                subject = _subject(&d, plan, <tuple>old, old_mode, old_key_spans, old_key_forms)
+                subject = _subject(&d, plan, old_p, old_cols, old_mode, old_key_spans,
+                                   old_key_forms)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
         lsn = _attr(event, offsets, E_LSN)
         _lsn_json = _json_of(_lsn_json, lsn)
@@ -529,7 +592,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
             key_text = prefix
         _put_char(&d, b'}')
 
-        kind, type_name = _KINDS[_attr(event, offsets, E_TYPE)]
+        event_type = _attr(event, offsets, E_TYPE)
+        if <object>PyTuple_GET_ITEM(_kind_of, 0) is not event_type:  # not the last event's
+            _kind_of = (event_type, _KINDS[event_type])
+        kind, type_name = <tuple>PyTuple_GET_ITEM(_kind_of, 1)
         moment = _attr(event, offsets, E_TIMESTAMP)
         if <object>PyTuple_GET_ITEM(_last_time, 0) is moment:  # the transaction's time again
             time = <object>PyTuple_GET_ITEM(_last_time, 1)
@@ -567,8 +633,8 @@ cdef object _direct(object event, Py_ssize_t partitions):
     finally:
         _free(&d)
         _free(&h)
-        if spans != NULL:
-            PyMem_Free(spans)
+        if places != places_stack:
+            PyMem_Free(places)
     return _outgoing(ident, <object>PyTuple_GET_ITEM(plan, 14), <object>PyTuple_GET_ITEM(plan, 15),
                      kind, partition, body, <object>PyTuple_GET_ITEM(plan, 13), time, key_text,
                      subject)

@@ -32,9 +32,9 @@ A row with a value its loader refuses (``infinity``, a year BC or after 9999,
 ``24:00:00``, a range or array of such values) is written again as the typed
 path types it again (:meth:`walex.relations.Table.load`): every column with
 the table's tolerant loaders (:meth:`walex.pgtypes.TypeCatalog.tolerant`),
-where such a value is its text. Anything a writer does not take (a value not bytes, a row of another width, a
-loader raising, orjson refusing, text not in the expected form) makes the event
-unfit. The key of the row (``subject``, ``partitionkey``) is formed from the same
+where such a value is its text. Anything a writer does not take (a row that is not
+a raw row of the table's width, :mod:`walex.rawrow`; a loader raising, orjson
+refusing, text not in the expected form) makes the event unfit. The key of the row (``subject``, ``partitionkey``) is formed from the same
 pieces as the reference forms it from the typed values.
 
 :mod:`walex.destinations._direct` (Cython) is the compiled twin of
@@ -57,6 +57,7 @@ from psycopg.adapt import AdaptersMap, Transformer
 from psycopg.pq import Format
 
 from ..pgtypes import json_loaders
+from ..rawrow import row_values
 from .values import _KINDS, _MAX_SAFE, Outgoing, _rfc3339, _table_info, _tuple_new, json_value, \
     partition_of
 
@@ -461,7 +462,9 @@ def py_direct_event(event: Any, partitions: int) -> Outgoing | None:
 
 
 def _direct(event: Any, partitions: int) -> Outgoing:
-    table, new, old, old_kind, _lsn = event.raw
+    table, new_row, old_row, old_kind, _lsn = event.raw
+    new = None if new_row is None else row_values(new_row)  # raises (unfit) if not a raw row
+    old = None if old_row is None else row_values(old_row)
     plan = plan_of(event, table)
     if plan.key is None:
         raise _Unfit
