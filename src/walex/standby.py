@@ -21,7 +21,8 @@ changes hands once its holder has given up handling:
   other), the queue is dropped, and the session ends; those changes come again
   from the slot, with the same ids, to whichever instance takes the lock. It
   then takes the lock again, or waits as a standby, once its handlers' thread
-  is idle. walex's connections carry TCP keepalives and ``tcp_user_timeout``,
+  is idle. Until then no keepalive moves its acknowledged position (the
+  queue it dropped is not done: :meth:`~walex.ack.AckTracker.fence`). walex's connections carry TCP keepalives and ``tcp_user_timeout``,
   and the lock's connection asks the server to notice a silent client within
   about half a minute, much later than the holder notices itself.
 
@@ -150,7 +151,7 @@ async def hold(pipeline: Pipeline) -> None:
     if fence.held:
         try:
             await fence.check()
-            pipeline.abandoning = False
+            _held_again(pipeline)
             return
         except ReplicationError as exc:
             log.warning("walex %r: %s; taking the standby lock of slot %r again",
@@ -163,7 +164,7 @@ async def hold(pipeline: Pipeline) -> None:
         while True:
             try:
                 if await fence.acquire():
-                    pipeline.abandoning = False
+                    _held_again(pipeline)
                     return
                 failures = 0
                 if not stats.standby:
@@ -304,6 +305,7 @@ def abandon(pipeline: Pipeline, reason: str) -> None:
     if pipeline.abandoning:
         return
     pipeline.abandoning = True
+    pipeline.ack.fence()  # dropped is not done: no keepalive may acknowledge past it
     log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at once; "
               "the changes not acknowledged (after %s) are delivered again to the instance "
               "that holds the slot next", pipeline.settings.name, pipeline.slot_name, reason,
@@ -332,6 +334,12 @@ async def fenced_dispatcher(pipeline: Pipeline) -> None:
             pipeline.dispatching = None
         while pipeline.abandoning:  # until the next session holds the fence
             await asyncio.sleep(0.05)
+
+
+def _held_again(pipeline: Pipeline) -> None:
+    """The fence is held (again): handle, and acknowledge from the next session's frames."""
+    pipeline.abandoning = False
+    pipeline.ack.unfence()
 
 
 def _stopped_error(pipeline: Pipeline) -> StoppedError:
