@@ -62,6 +62,7 @@ __all__ = ["open_session", "close_session", "note_stop"]
 log = logging.getLogger("walex")
 
 START_TIMEOUT = 60.0  # seconds the server has to answer START_REPLICATION
+LOOKUP_BUDGET_MIN = 5.0  # seconds a lookup of a session may take at least, attempts included
 
 
 async def open_session(pipeline: Pipeline) -> None:
@@ -99,6 +100,9 @@ async def open_session(pipeline: Pipeline) -> None:
             raise ReplicationError(f"checking the server failed: {redact(str(exc), pipeline.secret)}",
                                    retriable=True) from None
         pipeline.silence_limit = _silence_limit(pipeline, pipeline.preflight.wal_sender_timeout)
+        # the reader waiting on a lookup reads nothing: a silent network must end the
+        # lookup about as soon as it would end a read
+        pipeline.lookups.budget = max(LOOKUP_BUDGET_MIN, pipeline.silence_limit)
         pipeline.backfill.store_known = pipeline.preflight.store_exists
         pipeline.catalog.forget()  # every table's Relation message comes again
         pipeline.relations.db = pipeline.preflight.database
