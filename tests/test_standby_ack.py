@@ -164,3 +164,65 @@ def test_a_lock_lost_while_draining_after_a_lost_walsender_keeps_the_slot_until_
         assert began_b >= ended, calls
 
     run(scenario(), timeout=120)
+
+
+def test_an_async_handler_finishing_after_its_cancellation_keeps_the_slot_until_it_ends(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Two apps on one slot with ``standby=True``; the active one's (a) async handler, when
+    cancelled, finishes its write first (2 s, as one shielding its critical section does).
+    a's lock connection is terminated while the handler runs: a abandons and cancels the
+    call. The slot must stay held by a until the handler's coroutine has ended, so the
+    standby (b) handles nothing before (on main a released the slot as soon as its
+    handlers' thread was idle, and b handled row 1 while a's handler still wrote it)."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    slot = "async_fence_slot"
+    started = asyncio.Event()
+    calls: list[tuple[str, int, float, float]] = []  # app, first id, start, end
+
+    def module(label: str) -> Events:
+        events = Events()
+
+        @events.on_insert("item")
+        async def record(batch):  # type: ignore[no-untyped-def]
+            begin = time.monotonic()
+            if label == "a":
+                started.set()
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    await asyncio.shield(asyncio.sleep(2.0))  # the write it finishes first
+                    calls.append((label, batch[0].new_record["id"], begin, time.monotonic()))
+                    raise
+            calls.append((label, batch[0].new_record["id"], begin, time.monotonic()))
+
+        return events
+
+    def options(label: str) -> dict[str, object]:
+        return {"publication": "pub", "modules": [module(label)], "name": f"async_fence_{label}",
+                "durable_slot": True, "slot_name": slot, "standby": True,
+                "status_interval": 0.2}
+
+    async def scenario() -> None:
+        a, b = WalEx(dsn, **options("a")), WalEx(dsn, **options("b"))
+        await a.start()
+        b_start = asyncio.create_task(b.start())
+        try:
+            await until(lambda: b.pipeline.stats.standby, "b standing by")
+            _insert(admin, range(1, 2))
+            await until(started.is_set, "a's call on row 1")
+            holder = a.pipeline.fence.conn.pgconn.backend_pid  # type: ignore[union-attr]
+            admin.execute("SELECT pg_terminate_backend(%s)", [holder])
+            await until(lambda: any(c[0] == "b" for c in calls), "b handling row 1",
+                        timeout=30)
+            await until(lambda: any(c[0] == "a" for c in calls), "a's call ending")
+        finally:
+            await a.stop()
+            await b.stop()
+            await asyncio.gather(b_start, return_exceptions=True)
+        ended = next(c[3] for c in calls if c[0] == "a")
+        began_b = min(c[2] for c in calls if c[0] == "b")
+        assert began_b >= ended, f"b began {ended - began_b:.2f}s before a's call ended: {calls}"
+
+    run(scenario(), timeout=90)

@@ -30,7 +30,9 @@ Contract:
   lost (a silent network); creating a slot has no deadline, as the server waits
   for the transactions running then to end;
 - :func:`close_session` closes the replication and the lookup connections and
-  never raises.
+  never raises; after the standby lock was lost it first waits for the handler
+  calls abandoned with it (:func:`walex.standby.calls_ended`), as the slot it
+  holds keeps the other instances from streaming.
 
 It reads and sets the pipeline's session state (``repl``, ``preflight``,
 ``sessions``, ``silence_limit``, ``ack``'s positions, ``gaps``) and imports
@@ -312,6 +314,9 @@ def note_stop(pipeline: Pipeline, failure: BaseException | None) -> None:
 
 
 async def close_session(pipeline: Pipeline) -> None:
+    if pipeline.abandoning and not pipeline.closing and pipeline.repl is not None:
+        # the standby lock was lost: the slot stays ours until the calls abandoned ended
+        await standby.calls_ended(pipeline)
     if pipeline.repl is not None:
         try:
             await pipeline.repl.close()

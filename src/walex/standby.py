@@ -21,7 +21,9 @@ changes hands once its holder has given up handling:
   other), the queue is dropped, and the session ends; those changes come again
   from the slot, with the same ids, to whichever instance takes the lock. It
   then takes the lock again, or waits as a standby, once its handlers' thread
-  is idle. Until then no keepalive moves its acknowledged position (the
+  is idle. The session's slot is given up only once the abandoned calls ended
+  (an async handler may finish what it does before it lets the cancellation
+  through: :func:`calls_ended`), so no other instance streams meanwhile. Until then no keepalive moves its acknowledged position (the
   queue it dropped is not done: :meth:`~walex.ack.AckTracker.fence`). walex's connections carry TCP keepalives and ``tcp_user_timeout``,
   and the lock's connection asks the server to notice a silent client within
   about half a minute, much later than the holder notices itself.
@@ -68,7 +70,7 @@ from .lsn import format_lsn, parse_lsn
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "release",
+__all__ = ["Fence", "abandon", "calls_ended", "fenced_dispatcher", "first_session", "hold", "release",
            "wait_for_slot", "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
 
 log = logging.getLogger("walex")
@@ -156,7 +158,7 @@ async def hold(pipeline: Pipeline) -> None:
         except ReplicationError as exc:
             log.warning("walex %r: %s; taking the standby lock of slot %r again",
                         pipeline.settings.name, exc, pipeline.slot_name)
-    await pipeline.dispatcher.workers.idle()  # a handler call abandoned with the lock ends first
+    await calls_ended(pipeline)  # a handler call abandoned with the lock ends first
     stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
     settings, stats = pipeline.settings, pipeline.stats
     failures = 0
@@ -292,6 +294,19 @@ async def release(pipeline: Pipeline) -> None:
     """At stop, once nothing is handled any more: give the fence up, so a standby may go."""
     if pipeline.fence is not None:
         await pipeline.fence.release()
+
+
+async def calls_ended(pipeline: Pipeline) -> None:
+    """Return once the handler calls abandoned with the fence have ended: the cancelled
+    dispatcher task (an async handler may finish what it does before it lets the
+    cancellation through) and the call on the handlers' thread. Until then the session
+    keeps its slot, so no other instance streams (:func:`walex.session.close_session`)."""
+    task = pipeline.dispatching
+    if task is not None and not task.done():
+        log.info("walex %r: waiting for the handler call it abandoned to end before it gives "
+                 "up replication slot %r", pipeline.settings.name, pipeline.slot_name)
+        await asyncio.wait({task})
+    await pipeline.dispatcher.workers.idle()
 
 
 def abandon(pipeline: Pipeline, reason: str) -> None:
