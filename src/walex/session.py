@@ -206,7 +206,8 @@ def _slot_vanished(pipeline: Pipeline) -> str:
     returns what is lost (the gap is recorded once the new slot's start is known)."""
     message = (
         f"durable replication slot {pipeline.slot_name!r} no longer exists: it was dropped "
-        f"while walex streamed from it, so the changes committed after "
+        f"since walex streamed from it (or the server was replaced by one without it, a "
+        f"failover before the slot was synchronised), so the changes committed after "
         f"{format_lsn(pipeline.ack.flushed)} (the position walex acknowledged last) are lost "
         "to walex"
     )
