@@ -301,8 +301,8 @@ async def calls_ended(pipeline: Pipeline) -> None:
     dispatcher task (an async handler may finish what it does before it lets the
     cancellation through) and the call on the handlers' thread. Until then the session
     keeps its slot, so no other instance streams (:func:`walex.session.close_session`)."""
-    task = pipeline.dispatching
-    if task is not None and not task.done():
+    task = pipeline.dispatching  # cancelled by abandon(); a running one is not waited for
+    if pipeline.abandoning and task is not None and not task.done():
         log.info("walex %r: waiting for the handler call it abandoned to end before it gives "
                  "up replication slot %r", pipeline.settings.name, pipeline.slot_name)
         await asyncio.wait({task})
