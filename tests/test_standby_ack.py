@@ -1,18 +1,25 @@
-"""Standby fence and acknowledgements: an instance that lost its standby lock acknowledges
-nothing it had not handled, whatever its acknowledger and reader see meanwhile."""
+"""Standby fence: an instance that lost its standby lock acknowledges nothing it had not
+handled, keeps its slot until its abandoned calls ended, and a standby notices a silent
+network within its query timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from support import run, until
 from walex import Events, WalEx
 from walex.lsn import parse_lsn
+
+sys.path.insert(0, str(Path(__file__).parent / "chaos"))
+from proxy import Proxy  # noqa: E402
 
 
 def _confirmed(admin: psycopg.Connection, slot: str) -> int:
@@ -226,3 +233,67 @@ def test_an_async_handler_finishing_after_its_cancellation_keeps_the_slot_until_
         assert began_b >= ended, f"b began {ended - began_b:.2f}s before a's call ended: {calls}"
 
     run(scenario(), timeout=90)
+
+
+def test_a_standby_waiting_for_the_slot_notices_a_silent_network_within_its_query_timeout(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """b holds the lock and polls the slot, which a (abandoning, its call in hand) still
+    holds; b's network goes silent. Its poll must fail within the standby's query timeout
+    (5 s) plus a connect, as the lock's queries do: on main it waited for the lookup
+    connection's 30 s and two more 10 s connects (~61 s)."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    slot = "silent_wait_slot"
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(str(params.get("host") or "127.0.0.1"), int(params["port"])).start()
+    via = make_conninfo(dsn, host="127.0.0.1", port=proxy.port)
+    started, go = threading.Event(), threading.Event()
+    events = Events()
+
+    @events.on_insert("item")
+    def record(batch):  # type: ignore[no-untyped-def]
+        started.set()
+        go.wait(60)  # a's call: a keeps the slot while it runs
+
+    def options(label: str) -> dict[str, object]:
+        return {"publication": "pub", "modules": [events if label == "a" else Events()],
+                "name": f"silent_wait_{label}", "durable_slot": True, "slot_name": slot,
+                "standby": True, "status_interval": 0.2}
+
+    def polling() -> bool:  # b holds the lock and polls the slot a still holds
+        return admin.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND "
+            "a.application_name = 'silent_wait_b'").fetchone() == (1,)
+
+    async def scenario() -> float:
+        a, b = WalEx(dsn, **options("a")), WalEx(via, **options("b"))
+        await a.start()
+        b_start = asyncio.create_task(b.start())
+        try:
+            await until(lambda: b.pipeline.stats.standby, "b standing by")
+            _insert(admin, range(1, 2))
+            await until(started.is_set, "a's call")
+            holder = a.pipeline.fence.conn.pgconn.backend_pid  # type: ignore[union-attr]
+            admin.execute("SELECT pg_terminate_backend(%s)", [holder])
+            await until(polling, "b holding the lock, waiting for the slot")
+            await asyncio.sleep(1.0)
+            began = time.monotonic()
+            proxy.partition()
+            await until(lambda: "retrying in" in caplog.text, "b noticing the silence",
+                        timeout=45)
+            return time.monotonic() - began
+        finally:
+            go.set()
+            proxy.heal()
+            await a.stop()
+            await b.stop()
+            await asyncio.gather(b_start, return_exceptions=True)
+
+    try:
+        with caplog.at_level("INFO", logger="walex"):
+            noticed = run(scenario(), timeout=120)
+    finally:
+        proxy.stop()
+    assert noticed < 20, noticed

@@ -124,15 +124,19 @@ class LookupConnection:
         """Whether there is a connection, or what it takes to open one."""
         return self.conn is not None or self.conninfo is not None
 
-    async def fetch(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """The rows of ``query``; reconnects and retries if the connection is lost."""
+    async def fetch(self, query: str, params: Any = None, *, timeout: float | None = None,
+                    budget: float | None = None) -> list[tuple[Any, ...]]:
+        """The rows of ``query``; reconnects and retries if the connection is lost.
+        ``timeout`` and ``budget`` replace :attr:`timeout` and :attr:`budget` for this call."""
         if not self.ready:
             raise ReplicationError("no connection for type lookups: not connected", retriable=True)
         delay = self.backoff
         loop = asyncio.get_running_loop()
-        deadline = None if self.budget is None else loop.time() + self.budget
+        budget = self.budget if budget is None else budget
+        deadline = None if budget is None else loop.time() + budget
+        per_query = self.timeout if timeout is None else timeout
         for attempt in range(1, self.attempts + 1):
-            timeout = self.timeout
+            timeout = per_query
             if deadline is not None:
                 timeout = min(timeout, deadline - loop.time())
             try:
@@ -150,7 +154,7 @@ class LookupConnection:
                 reason = redact(str(exc).strip(), self.secret)
                 out = deadline is not None and loop.time() + delay >= deadline
                 if attempt == self.attempts or out:
-                    within_budget = f" within {self.budget:g}s" if out else ""
+                    within_budget = f" within {budget:g}s" if out else ""
                     raise ReplicationError(
                         f"the connection for {self.purpose} was lost and could not "
                         f"be reopened ({attempt} attempts{within_budget}): {reason}",

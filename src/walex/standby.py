@@ -220,9 +220,10 @@ async def wait_for_slot(pipeline: Pipeline) -> int:
     stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
     try:
         while True:
-            rows = await lookups.fetch(
+            rows = await lookups.fetch(  # bounded as the fence's queries and connect are
                 "SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots "
-                "WHERE slot_name = %s", (name,))
+                "WHERE slot_name = %s", (name,), timeout=QUERY_TIMEOUT,
+                budget=QUERY_TIMEOUT + 10)
             row = rows[0] if rows else None
             if row is None or row[0] is None:
                 confirmed = parse_lsn(row[1]) if row and row[1] else 0
