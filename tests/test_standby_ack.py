@@ -5,6 +5,7 @@ network within its query timeout."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from support import run, until
 from walex import Events, WalEx
+from walex.errors import ReplicationError
 from walex.lsn import parse_lsn
 
 sys.path.insert(0, str(Path(__file__).parent / "chaos"))
@@ -297,3 +299,22 @@ def test_a_standby_waiting_for_the_slot_notices_a_silent_network_within_its_quer
     finally:
         proxy.stop()
     assert noticed < 20, noticed
+
+
+def test_a_standby_keeps_trying_past_1024_failed_attempts(dsn: str) -> None:
+    """reconnect_max_attempts above 1024 (keep trying) with the server unreachable: the
+    standby's wait gives up after them with its ReplicationError; on main the backoff of the
+    1025th attempt (0.2 * 2**1024 as a float) raised OverflowError."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = make_conninfo(dsn, port=port, connect_timeout=1)
+
+    async def scenario() -> None:
+        app = WalEx(dead, publication="pub", modules=[Events()], name="many_tries",
+                    durable_slot=True, standby=True, reconnect_max_attempts=1100,
+                    reconnect_backoff_max=0.0001)
+        with pytest.raises(ReplicationError, match="after 1100 failed attempts"):
+            await app.start()
+
+    run(scenario(), timeout=90)

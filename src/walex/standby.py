@@ -183,7 +183,7 @@ async def hold(pipeline: Pipeline) -> None:
                         f"walex {settings.name!r} gave up waiting for replication slot "
                         f"{pipeline.slot_name!r} after {failures - 1} failed attempts to reach "
                         f"{settings.display_target()}: {exc}", retriable=False) from None
-                pause = min(settings.reconnect_backoff_max, 0.2 * 2 ** (failures - 1))
+                pause = _backoff(settings.reconnect_backoff_max, failures)
                 pause *= random.uniform(0.5, 1.0)
                 log.warning("walex %r%s: %s; reconnecting in %.1fs (attempt %d)", settings.name,
                             " (standby)" if stats.standby else "", exc, pause, failures)
@@ -270,7 +270,7 @@ async def first_session(pipeline: Pipeline) -> None:
             if (pipeline.fence is None or not exc.retriable
                     or attempts > settings.reconnect_max_attempts):
                 raise
-            backoff = min(settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+            backoff = _backoff(settings.reconnect_backoff_max, attempts)
             backoff *= random.uniform(0.5, 1.0)
             log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
                         settings.name, exc, backoff, attempts)
@@ -350,6 +350,12 @@ async def fenced_dispatcher(pipeline: Pipeline) -> None:
             pipeline.dispatching = None
         while pipeline.abandoning:  # until the next session holds the fence
             await asyncio.sleep(0.05)
+
+
+def _backoff(most: float, failures: int) -> float:
+    """The pause after ``failures`` failed attempts in a row, before jitter: doubling from
+    0.2 s up to ``most`` (the exponent capped: 2**1024 as a float raises OverflowError)."""
+    return min(most, 0.2 * 2 ** min(failures - 1, 64))
 
 
 def _held_again(pipeline: Pipeline) -> None:
