@@ -4,7 +4,10 @@
 (or, when nothing at all is in flight, the WAL end of the latest keepalive,
 so an idle or filtered slot does not hold WAL; a keepalive that came while
 something was in flight, with no change after it, counts once that is done:
-``after_flight``). It only ever grows. Status
+``after_flight``). It only ever grows, and while :attr:`AckTracker.fenced` (the
+standby lock was lost, :func:`walex.standby.abandon`: what was received is
+dropped unhandled) only a handled transaction moves it, never a keepalive.
+Status
 updates carry it as ``flush`` (the only field that moves the slot's
 ``confirmed_flush_lsn``); they are sent on a timer well inside
 ``wal_sender_timeout``, at once when the server asks, and at shutdown, from
@@ -41,6 +44,9 @@ class AckTracker:
         # no change (0: none): everything below it is done once they are (see settled)
         self.after_flight = 0
         self.quiet: Callable[[], bool] | None = None  # whether nothing is in flight now
+        # the standby lock was lost: what was in flight is dropped, not done, so "nothing in
+        # flight" says nothing about the WAL before a keepalive (fence() / unfence())
+        self.fenced = False
         self._wake = asyncio.Event()
 
     def handled(self, end_lsn: int) -> None:
@@ -50,12 +56,24 @@ class AckTracker:
 
     def idle_at(self, wal_end: int) -> None:
         """Nothing is in flight and the server has sent everything up to ``wal_end``."""
-        if wal_end > self.flushed:
+        if wal_end > self.flushed and not self.fenced:
             self.flushed = wal_end
+
+    def fence(self) -> None:
+        """The changes in flight are dropped unhandled (the standby lock was lost): no
+        keepalive moves ``flushed`` until :meth:`unfence`."""
+        self.fenced = True
+        self.after_flight = 0
+
+    def unfence(self) -> None:
+        """The lock is held again and a new session starts: keepalives count again (none
+        of the abandoned session's)."""
+        self.fenced = False
+        self.after_flight = 0
 
     def settled(self) -> int:
         """``flushed``, moved to ``after_flight`` once nothing is in flight any more."""
-        if self.after_flight and self.quiet is not None and self.quiet():
+        if self.after_flight and not self.fenced and self.quiet is not None and self.quiet():
             self.idle_at(self.after_flight)
             self.after_flight = 0
         return self.flushed

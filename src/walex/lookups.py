@@ -14,6 +14,10 @@ as for any lost connection. A query the server does not answer within
 closed) counts as a lost connection: :func:`bounded` drops it at once
 (:func:`within` does so for any work on a connection, and a
 :class:`DeadlineConnection` for each of its exchanges with the server).
+``budget``, when set, bounds a whole :meth:`LookupConnection.fetch`, its
+connects, attempts and pauses included: the replication session sets it to its
+silence bound, as the reader waiting on a lookup cannot notice a silent
+server meanwhile.
 
 Invariant: queries sent through it are read-only or safe to repeat (a query
 may run twice when the connection broke after the server ran it). Error
@@ -108,6 +112,7 @@ class LookupConnection:
         self.backoff = backoff
         self.timeout = timeout  # seconds a query may take before the connection counts as lost
         self.purpose = purpose  # what the connection is for, in its messages
+        self.budget: float | None = None  # seconds a whole fetch may take, attempts included
         self.conn: psycopg.AsyncConnection | None = None
 
     def use(self, conn: psycopg.AsyncConnection | None, conninfo: str | None, secret: str | None) -> None:
@@ -119,24 +124,41 @@ class LookupConnection:
         """Whether there is a connection, or what it takes to open one."""
         return self.conn is not None or self.conninfo is not None
 
-    async def fetch(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """The rows of ``query``; reconnects and retries if the connection is lost."""
+    async def fetch(self, query: str, params: Any = None, *, timeout: float | None = None,
+                    budget: float | None = None) -> list[tuple[Any, ...]]:
+        """The rows of ``query``; reconnects and retries if the connection is lost.
+        ``timeout`` and ``budget`` replace :attr:`timeout` and :attr:`budget` for this call."""
         if not self.ready:
             raise ReplicationError("no connection for type lookups: not connected", retriable=True)
         delay = self.backoff
+        loop = asyncio.get_running_loop()
+        budget = self.budget if budget is None else budget
+        deadline = None if budget is None else loop.time() + budget
+        per_query = self.timeout if timeout is None else timeout
         for attempt in range(1, self.attempts + 1):
+            timeout = per_query
+            if deadline is not None:
+                timeout = min(timeout, deadline - loop.time())
             try:
                 conn = self.conn
                 if conn is None or conn.closed:
-                    conn = self.conn = await self._connect()
-                return await bounded(conn, query, params, self.timeout)
+                    try:
+                        async with asyncio.timeout(timeout):
+                            conn = self.conn = await self._connect()
+                    except TimeoutError:
+                        raise psycopg.OperationalError(
+                            f"connecting did not finish within {timeout:.3g}s") from None
+                return await bounded(conn, query, params, max(timeout, 0.001))
             except psycopg.OperationalError as exc:
                 await self.close()
                 reason = redact(str(exc).strip(), self.secret)
-                if attempt == self.attempts:
+                out = deadline is not None and loop.time() + delay >= deadline
+                if attempt == self.attempts or out:
+                    within_budget = f" within {budget:g}s" if out else ""
                     raise ReplicationError(
                         f"the connection for {self.purpose} was lost and could not "
-                        f"be reopened ({self.attempts} attempts): {reason}", retriable=True,
+                        f"be reopened ({attempt} attempts{within_budget}): {reason}",
+                        retriable=True,
                     ) from None
                 log.info("connection for %s lost (%s); reopening it", self.purpose, reason)
                 await asyncio.sleep(delay)

@@ -21,12 +21,18 @@ Contract:
 - a temporary slot made again after a lost connection, and a stop with changes
   unhandled, records the changes it lost in :attr:`Pipeline.gaps`
   (:func:`note_stop`, :func:`walex.slots.temporary_gap`);
+- a durable slot found invalidated, or missing after a session streamed from it
+  (dropped by hand; a start makes a missing one), is a
+  :class:`~walex.errors.SlotLostError`, or with ``recreate_lost_slot`` made
+  again and the gap recorded;
 - the checks must be answered within :data:`~walex.checks.CHECK_TIMEOUT` and
   START_REPLICATION within :data:`START_TIMEOUT`, else the session counts as
   lost (a silent network); creating a slot has no deadline, as the server waits
   for the transactions running then to end;
 - :func:`close_session` closes the replication and the lookup connections and
-  never raises.
+  never raises; after the standby lock was lost it first waits for the handler
+  calls abandoned with it (:func:`walex.standby.calls_ended`), as the slot it
+  holds keeps the other instances from streaming.
 
 It reads and sets the pipeline's session state (``repl``, ``preflight``,
 ``sessions``, ``silence_limit``, ``ack``'s positions, ``gaps``) and imports
@@ -58,6 +64,7 @@ __all__ = ["open_session", "close_session", "note_stop"]
 log = logging.getLogger("walex")
 
 START_TIMEOUT = 60.0  # seconds the server has to answer START_REPLICATION
+LOOKUP_BUDGET_MIN = 5.0  # seconds a lookup of a session may take at least, attempts included
 
 
 async def open_session(pipeline: Pipeline) -> None:
@@ -95,6 +102,9 @@ async def open_session(pipeline: Pipeline) -> None:
             raise ReplicationError(f"checking the server failed: {redact(str(exc), pipeline.secret)}",
                                    retriable=True) from None
         pipeline.silence_limit = _silence_limit(pipeline, pipeline.preflight.wal_sender_timeout)
+        # the reader waiting on a lookup reads nothing: a silent network must end the
+        # lookup about as soon as it would end a read
+        pipeline.lookups.budget = max(LOOKUP_BUDGET_MIN, pipeline.silence_limit)
         pipeline.backfill.store_known = pipeline.preflight.store_exists
         pipeline.catalog.forget()  # every table's Relation message comes again
         pipeline.relations.db = pipeline.preflight.database
@@ -150,11 +160,14 @@ async def _prepare_slot(pipeline: Pipeline, first: bool) -> int:
     """The LSN to start from; creates the slot when needed."""
     s, repl = pipeline.settings, pipeline.repl
     assert repl is not None and pipeline.preflight is not None
+    vanished = None  # the durable slot this app streamed from was dropped meanwhile
     if s.durable_slot:
         row = pipeline.preflight.slot  # read with the checks
         if row is not None and row[0] == "lost":
             await _slot_lost(pipeline, row[1])
             row = None
+        elif row is None and not first and not pipeline.after_stop:
+            vanished = _slot_vanished(pipeline)
         if row is not None:
             confirmed = parse_lsn(row[1]) if row[1] else 0
             if confirmed > pipeline.ack.flushed:
@@ -176,10 +189,35 @@ async def _prepare_slot(pipeline: Pipeline, first: bool) -> int:
                  pipeline.slot_name, format_lsn(slot.consistent_point))
     if not s.durable_slot and lost_from is not None:
         temporary_gap(pipeline, lost_from, slot.consistent_point)
+    if vanished is not None:
+        gap = (f"{vanished}; made again at {format_lsn(slot.consistent_point)} as "
+               "recreate_lost_slot=True: the changes committed before that are never delivered")
+        log.error(gap)
+        pipeline.gaps.append(gap)
     start = slot.consistent_point
     if start > pipeline.ack.flushed:
         pipeline.ack.flushed = pipeline.ack.received = start
     return start
+
+
+def _slot_vanished(pipeline: Pipeline) -> str:
+    """The durable slot a session of this app streamed from no longer exists (dropped by
+    hand, or by another program): raises SlotLostError, or with ``recreate_lost_slot``
+    returns what is lost (the gap is recorded once the new slot's start is known)."""
+    message = (
+        f"durable replication slot {pipeline.slot_name!r} no longer exists: it was dropped "
+        f"since walex streamed from it (or the server was replaced by one without it, a "
+        f"failover before the slot was synchronised), so the changes committed after "
+        f"{format_lsn(pipeline.ack.flushed)} (the position walex acknowledged last) are lost "
+        "to walex"
+    )
+    if not pipeline.settings.recreate_lost_slot:
+        raise SlotLostError(
+            message + ". Fix: find what dropped it (no other program may drop or use a walex "
+            "app's slot), then resynchronise what was missed; pass recreate_lost_slot=True to "
+            "make the slot again at the server's current position instead (the gap is reported)."
+        )
+    return message
 
 
 async def _slot_lost(pipeline: Pipeline, confirmed: str | None) -> None:
@@ -251,9 +289,11 @@ def note_stop(pipeline: Pipeline, failure: BaseException | None) -> None:
     but not handled, or while reconnecting loses everything committed
     after the acknowledged position: that is a gap.
     """
-    if pipeline.settings.durable_slot or pipeline.sessions == 0:
+    if pipeline.sessions == 0:
         return
-    pipeline.after_stop = True
+    pipeline.after_stop = True  # a durable slot missing at the next start is made anew
+    if pipeline.settings.durable_slot:
+        return
     repl = pipeline.repl
     if failure is not None:
         why = "stopped after a failure"
@@ -275,6 +315,9 @@ def note_stop(pipeline: Pipeline, failure: BaseException | None) -> None:
 
 
 async def close_session(pipeline: Pipeline) -> None:
+    if pipeline.abandoning and not pipeline.closing and pipeline.repl is not None:
+        # the standby lock was lost: the slot stays ours until the calls abandoned ended
+        await standby.calls_ended(pipeline)
     if pipeline.repl is not None:
         try:
             await pipeline.repl.close()

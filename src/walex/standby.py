@@ -21,7 +21,10 @@ changes hands once its holder has given up handling:
   other), the queue is dropped, and the session ends; those changes come again
   from the slot, with the same ids, to whichever instance takes the lock. It
   then takes the lock again, or waits as a standby, once its handlers' thread
-  is idle. walex's connections carry TCP keepalives and ``tcp_user_timeout``,
+  is idle. The session's slot is given up only once the abandoned calls ended
+  (an async handler may finish what it does before it lets the cancellation
+  through: :func:`calls_ended`), so no other instance streams meanwhile. Until then no keepalive moves its acknowledged position (the
+  queue it dropped is not done: :meth:`~walex.ack.AckTracker.fence`). walex's connections carry TCP keepalives and ``tcp_user_timeout``,
   and the lock's connection asks the server to notice a silent client within
   about half a minute, much later than the holder notices itself.
 
@@ -67,7 +70,7 @@ from .lsn import format_lsn, parse_lsn
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Fence", "abandon", "fenced_dispatcher", "first_session", "hold", "release",
+__all__ = ["Fence", "abandon", "calls_ended", "fenced_dispatcher", "first_session", "hold", "release",
            "wait_for_slot", "stop_waiting", "took_over", "watch", "POLL_INTERVAL"]
 
 log = logging.getLogger("walex")
@@ -150,12 +153,12 @@ async def hold(pipeline: Pipeline) -> None:
     if fence.held:
         try:
             await fence.check()
-            pipeline.abandoning = False
+            _held_again(pipeline)
             return
         except ReplicationError as exc:
             log.warning("walex %r: %s; taking the standby lock of slot %r again",
                         pipeline.settings.name, exc, pipeline.slot_name)
-    await pipeline.dispatcher.workers.idle()  # a handler call abandoned with the lock ends first
+    await calls_ended(pipeline)  # a handler call abandoned with the lock ends first
     stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
     settings, stats = pipeline.settings, pipeline.stats
     failures = 0
@@ -163,7 +166,7 @@ async def hold(pipeline: Pipeline) -> None:
         while True:
             try:
                 if await fence.acquire():
-                    pipeline.abandoning = False
+                    _held_again(pipeline)
                     return
                 failures = 0
                 if not stats.standby:
@@ -180,7 +183,7 @@ async def hold(pipeline: Pipeline) -> None:
                         f"walex {settings.name!r} gave up waiting for replication slot "
                         f"{pipeline.slot_name!r} after {failures - 1} failed attempts to reach "
                         f"{settings.display_target()}: {exc}", retriable=False) from None
-                pause = min(settings.reconnect_backoff_max, 0.2 * 2 ** (failures - 1))
+                pause = _backoff(settings.reconnect_backoff_max, failures)
                 pause *= random.uniform(0.5, 1.0)
                 log.warning("walex %r%s: %s; reconnecting in %.1fs (attempt %d)", settings.name,
                             " (standby)" if stats.standby else "", exc, pause, failures)
@@ -217,9 +220,10 @@ async def wait_for_slot(pipeline: Pipeline) -> int:
     stop, ended = _waits[pipeline] = asyncio.Event(), asyncio.Event()
     try:
         while True:
-            rows = await lookups.fetch(
+            rows = await lookups.fetch(  # bounded as the fence's queries and connect are
                 "SELECT active_pid, confirmed_flush_lsn::text FROM pg_replication_slots "
-                "WHERE slot_name = %s", (name,))
+                "WHERE slot_name = %s", (name,), timeout=QUERY_TIMEOUT,
+                budget=QUERY_TIMEOUT + 10)
             row = rows[0] if rows else None
             if row is None or row[0] is None:
                 confirmed = parse_lsn(row[1]) if row and row[1] else 0
@@ -266,7 +270,7 @@ async def first_session(pipeline: Pipeline) -> None:
             if (pipeline.fence is None or not exc.retriable
                     or attempts > settings.reconnect_max_attempts):
                 raise
-            backoff = min(settings.reconnect_backoff_max, 0.2 * 2 ** (attempts - 1))
+            backoff = _backoff(settings.reconnect_backoff_max, attempts)
             backoff *= random.uniform(0.5, 1.0)
             log.warning("walex %r (standby): %s; retrying in %.1fs (attempt %d)",
                         settings.name, exc, backoff, attempts)
@@ -293,6 +297,19 @@ async def release(pipeline: Pipeline) -> None:
         await pipeline.fence.release()
 
 
+async def calls_ended(pipeline: Pipeline) -> None:
+    """Return once the handler calls abandoned with the fence have ended: the cancelled
+    dispatcher task (an async handler may finish what it does before it lets the
+    cancellation through) and the call on the handlers' thread. Until then the session
+    keeps its slot, so no other instance streams (:func:`walex.session.close_session`)."""
+    task = pipeline.dispatching  # cancelled by abandon(); a running one is not waited for
+    if pipeline.abandoning and task is not None and not task.done():
+        log.info("walex %r: waiting for the handler call it abandoned to end before it gives "
+                 "up replication slot %r", pipeline.settings.name, pipeline.slot_name)
+        await asyncio.wait({task})
+    await pipeline.dispatcher.workers.idle()
+
+
 def abandon(pipeline: Pipeline, reason: str) -> None:
     """The fence was lost: stop handling at once; what is not acknowledged comes again.
 
@@ -304,6 +321,7 @@ def abandon(pipeline: Pipeline, reason: str) -> None:
     if pipeline.abandoning:
         return
     pipeline.abandoning = True
+    pipeline.ack.fence()  # dropped is not done: no keepalive may acknowledge past it
     log.error("walex %r lost its standby lock on slot %r (%s): stopping all handling at once; "
               "the changes not acknowledged (after %s) are delivered again to the instance "
               "that holds the slot next", pipeline.settings.name, pipeline.slot_name, reason,
@@ -332,6 +350,18 @@ async def fenced_dispatcher(pipeline: Pipeline) -> None:
             pipeline.dispatching = None
         while pipeline.abandoning:  # until the next session holds the fence
             await asyncio.sleep(0.05)
+
+
+def _backoff(most: float, failures: int) -> float:
+    """The pause after ``failures`` failed attempts in a row, before jitter: doubling from
+    0.2 s up to ``most`` (the exponent capped: 2**1024 as a float raises OverflowError)."""
+    return min(most, 0.2 * 2 ** min(failures - 1, 64))
+
+
+def _held_again(pipeline: Pipeline) -> None:
+    """The fence is held (again): handle, and acknowledge from the next session's frames."""
+    pipeline.abandoning = False
+    pipeline.ack.unfence()
 
 
 def _stopped_error(pipeline: Pipeline) -> StoppedError:
