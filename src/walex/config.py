@@ -124,7 +124,9 @@ class WalExSettings(BaseSettings):
     slot_name: str | None = None
 
     failover: bool = False  # PostgreSQL 17+: the slot survives a failover to a standby
-    recreate_lost_slot: bool = False  # an invalidated durable slot is recreated (a reported gap)
+    # a durable slot invalidated, or dropped while the app streamed from it: recreated, the gap
+    # reported (instead of an error)
+    recreate_lost_slot: bool = False
     slot_wait_timeout: float = Field(default=30.0, ge=0)  # a durable slot held by another process
     # CREATE_REPLICATION_SLOT waits for the transactions that had written when it began
     slot_create_timeout: float = Field(default=120.0, gt=0)
