@@ -25,7 +25,8 @@ SECRET = "whsec_" + base64.b64encode(b"walex body test").decode()
 
 def _items(count: int) -> list[Outgoing]:
     return [Outgoing(f"e{i}", "public", "t", "insert", 0,
-                     b'{"id":"e%d","d":"%s"}' % (i, b"\xc3\xa9" * i), "/db/public/t", "2026-12-07T00:00:00Z", f"public.t/{i}", str(i))
+                     b'{"id":"e%d","d":"%s"}' % (i, b"\xc3\xa9" * i), "/db/public/t",
+                     "2026-12-07T00:00:00Z", f"public.t/{i}", str(i))
             for i in range(count)]
 
 
