@@ -58,3 +58,40 @@ def test_the_body_is_the_array_of_the_events_bodies(count: int,
         Webhook(SECRET).verify(body, headers)
         ids.add(headers["webhook-id"])
     assert len(ids) == 1
+
+
+def _cut(sizes: list[int], most_events: int, most_bytes: int) -> list[int]:
+    """The rule, one event at a time: the number of events of each request."""
+    out, n, size = [], 0, 1  # "[", then each event with its "," or "]"
+    for length in sizes:
+        if n and (n >= most_events or size + length + 1 > most_bytes):
+            out.append(n)
+            n, size = 0, 1
+        n += 1
+        size += length + 1
+    return out + [n] if n else out
+
+
+def test_requests_are_cut_by_the_rule_for_any_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group larger than the bounds is cut where the rule says (at most ``group_events``
+    events, ``[``, the bodies and their separators within ``group_bytes``, one event alone
+    whatever its size), for random sizes and bounds, bodies exactly at the limit included."""
+    import random
+
+    monkeypatch.setenv("WALEX_TEST_WEBHOOK_BODY_SECRET", SECRET)
+    d = from_url("http://127.0.0.1:9/in/{table}?secret_env=WALEX_TEST_WEBHOOK_BODY_SECRET")
+    rng = random.Random(7)
+    for _ in range(300):
+        sizes = [rng.choice([0, 1, 5, 30, 99, 100, 101, 400]) for _ in range(rng.randint(1, 60))]
+        d.group_events = rng.choice([1, 2, 3, 7, 1000])
+        d.group_bytes = rng.choice([1, 2, 50, 101, 102, 103, 250, 10_000])
+        items = [Outgoing(f"e{i}", "public", "t", "insert", 0, b"x" * size, "/db/public/t",
+                          "t", "public.t", None) for i, size in enumerate(sizes)]
+        got = [len(part) for _url, _id, part in d._requests(items)]
+        assert got == _cut(sizes, d.group_events, d.group_bytes), (sizes, d.group_events,
+                                                                   d.group_bytes)
+        for _url, rid, part in d._requests(items):
+            body = b"[" + b",".join(o.body for o in part) + b"]"
+            assert len(part) == 1 or (len(part) <= d.group_events
+                                      and len(body) <= d.group_bytes)
+            assert rid == part[0].id

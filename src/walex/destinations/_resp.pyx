@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# (cdivision: C division and remainder; every number divided here is a size, never negative)
 """The compiled twin of ``walex.destinations.redis.py_xadd_commands``: a batch's ``XADD``
 commands in RESP, in one buffer (the same bytes; a test holds the twins equal).
 
