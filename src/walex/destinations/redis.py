@@ -29,7 +29,9 @@ selects the database and says HELLO). The replies are taken from that
 connection's hiredis reader (:func:`replies`; the ``redis`` extra installs
 hiredis, else redis-py's ``read_response`` reads them), each one: a refusal
 is kept with its position while the rest are read, a RESP3 push among them
-goes to redis-py's handler and is never counted as a reply. The timeout
+goes to redis-py's handler and is never counted as a reply; the entry ids, the
+usual replies, are counted from the socket's bytes in compiled code
+(:func:`scan_ids`) until a reply of another kind hands the rest to hiredis. The timeout
 bounds the whole batch rather than each reply; a batch that times out or
 fails on the wire drops the connection (its unread replies are never taken
 for another batch's) and is published again whole.
@@ -164,7 +166,10 @@ async def replies(conn: Any, count: int) -> tuple[ResponseError | None, int]:
     hiredis reader in this one loop, the socket read when it has no whole reply left: two
     C calls per reply instead of three coroutines, a host description and a protocol
     check in redis-py's ``read_response`` per reply (about 5x less CPU per reply).
-    Without it, through ``read_response``."""
+    When hiredis holds nothing yet, the entry ids are first counted straight from the
+    socket's bytes by the compiled :func:`scan_ids` (no reply object, no copy into
+    hiredis: ~1.4k fewer instructions per row); hiredis takes the bytes from the first
+    reply of another kind on. Without hiredis, through ``read_response``."""
     refused: ResponseError | None = None
     at = 0
     parser = getattr(conn, "_parser", None)
