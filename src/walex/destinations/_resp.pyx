@@ -1,4 +1,5 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# (cdivision: C division and remainder; every number divided here is a size, never negative)
 """The compiled twin of ``walex.destinations.redis.py_xadd_commands``: a batch's ``XADD``
 commands in RESP, in one buffer (the same bytes; a test holds the twins equal).
 
@@ -85,3 +86,46 @@ def xadd_commands(list batch, dict heads, head_of):
         p[1] = b'\n'
         p += 2
     return out
+
+
+def scan_ids(bytes data, Py_ssize_t most):
+    """The compiled twin of ``walex.destinations.redis.py_scan_ids``: how many whole bulk
+    string replies (``$<n>\\r\\n<n bytes>\\r\\n``, an XADD's entry id) ``data`` starts
+    with, at most ``most``; the bytes they take; and whether the scan stopped only for
+    want of more bytes (a bulk string begun, not whole yet) rather than at ``most`` or at
+    a reply of another kind (an error, a push, a null), left to hiredis."""
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), at = 0, n = 0, j, length, digits
+    cdef bint more = False
+    while n < most:
+        if at >= size:
+            more = True
+            break
+        if p[at] != b'$':
+            break
+        j = at + 1
+        length = 0
+        digits = 0
+        while j < size and b'0' <= p[j] <= b'9' and digits < 18:
+            length = length * 10 + (p[j] - 48)
+            j += 1
+            digits += 1
+        if j >= size:  # the length not whole yet (or only "$")
+            more = True
+            break
+        if digits == 0 or p[j] != b'\r':  # "$-1" (a null), more than 18 digits, or not RESP
+            break
+        if j + 1 >= size:
+            more = True
+            break
+        if p[j + 1] != b'\n':
+            break
+        j += 2 + length
+        if j + 2 > size:
+            more = True
+            break
+        if p[j] != b'\r' or p[j + 1] != b'\n':
+            break
+        at = j + 2
+        n += 1
+    return n, at, more

@@ -41,9 +41,11 @@ import os
 import re
 import ssl
 import time
+from bisect import bisect_right
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
-from operator import itemgetter
+from itertools import accumulate, count
+from operator import add, itemgetter
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -228,14 +230,16 @@ class WebhookDestination(Destination):
                 groups.setdefault((render(item), item.schema, item.table), []).append(item)
             tables = [(target, items) for (target, _s, _t), items in groups.items()]
         for target, items in tables:
-            start, size = 0, 1  # the body's bytes: "[", each event and its "," or "]"
-            for i, item in enumerate(items):
-                if i > start and (i - start >= most_events
-                                  or size + len(item.body) + 1 > most_bytes):
-                    yield target, _request_id(items[start:i], ranged), items[start:i]
-                    start, size = i, 1
-                size += len(item.body) + 1
-            yield target, _request_id(items[start:], ranged), items[start:]
+            # ends[k]: the bytes of items[:k] in a body, each event with its "," or "]"
+            # (summed in C: no Python step per event); a request from ``start`` takes the
+            # events while "[" and theirs fit in most_bytes, at most most_events, one at least
+            ends = list(map(add, accumulate(map(len, map(_BODY, items)), initial=0), count()))
+            start, total = 0, len(items)
+            while start < total:
+                stop = min(total, start + most_events,
+                           max(start + 1, bisect_right(ends, ends[start] + most_bytes - 1) - 1))
+                yield target, _request_id(items[start:stop], ranged), items[start:stop]
+                start = stop
 
     async def publish(self, batch: list[Outgoing]) -> None:
         client = self.client
@@ -252,7 +256,13 @@ class WebhookDestination(Destination):
 
     async def _post(self, client: httpx.AsyncClient, target: str, message_id: str,
                     items: list[Outgoing]) -> None:
-        body = b"[" + b",".join(map(_BODY, items)) + b"]"
+        # the JSON array in one copy of the bodies: the brackets go on the first and last
+        # body (small copies) rather than around the joined request (two copies of up
+        # to group_bytes, callgrind: ~1.2k instructions a row)
+        bodies = list(map(_BODY, items))
+        bodies[0] = b"[" + bodies[0]
+        bodies[-1] += b"]"
+        body = b",".join(bodies)
         timestamp = int(time.time())
         headers = {
             "content-type": "application/cloudevents-batch+json",
