@@ -1,0 +1,90 @@
+"""The metrics endpoint against slow or hostile HTTP clients, on a real app and server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import urllib.request
+
+import psycopg
+import pytest
+
+from support import collecting, run
+from walex.observe import server
+
+
+def exchange(port: int, request: bytes, *, rcvbuf: int | None = None, idle: float = 0) -> bytes:
+    """Send ``request`` on a fresh connection, wait ``idle`` seconds unread, then read to the end."""
+    with socket.socket() as sock:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(request)
+        time.sleep(idle)
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return bytes(received)
+
+
+def healthz(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/livez", timeout=5) as response:
+        return int(response.status)
+
+
+def test_an_oversized_request_line_or_header_is_answered_400_without_a_traceback(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    caplog.set_level(logging.INFO, logger="walex")
+
+    async def main() -> None:
+        async with collecting(dsn, metrics_port=0) as rec:
+            port = rec.app.observer.port
+            huge = b"a" * 200_000
+            for request in (b"GET /healthz?token=" + huge + b" HTTP/1.1\r\n\r\n",
+                            b"GET /healthz HTTP/1.1\r\nX-Junk: " + huge + b"\r\n\r\n"):
+                answer = await asyncio.to_thread(exchange, port, request)
+                assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+                assert b"over 16384 bytes" in answer
+            assert await asyncio.to_thread(healthz, port) == 200  # still serving
+
+    run(main(), timeout=60)
+    failed = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failed, [r.getMessage() for r in failed]
+
+
+def test_a_client_that_does_not_read_its_answer_is_cut_off(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scraper that stops reading a big /metrics (thousands of tables) must not hold its
+    connection and the buffered answer forever: it is cut off after ANSWER_TIMEOUT."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    monkeypatch.setattr(server, "ANSWER_TIMEOUT", 1.0, raising=False)
+
+    async def main() -> None:
+        async with collecting(dsn, metrics_port=0) as rec:
+            app = rec.app
+            port = app.observer.port
+            # what 60 000 tables' events would count: /metrics of several megabytes
+            for i in range(60_000):
+                app.pipeline.stats.events[("public", f"table_with_a_long_name_{i:06}", "INSERT")] = i
+            stuck = asyncio.create_task(asyncio.to_thread(
+                exchange, port, b"GET /metrics HTTP/1.1\r\n\r\n", rcvbuf=4096, idle=4))
+            await asyncio.sleep(1)
+            assert await asyncio.to_thread(healthz, port) == 200  # others are served meanwhile
+            received = await stuck
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert length > 8_000_000
+            assert len(body) < length, "the stalled client kept its connection to the end"
+
+    run(main(), timeout=60)
