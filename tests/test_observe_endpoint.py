@@ -88,3 +88,35 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off(
             assert len(body) < length, "the stalled client kept its connection to the end"
 
     run(main(), timeout=60)
+
+
+def test_stopping_the_app_cuts_the_connections_still_being_served(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """A client that has not finished its request (slowloris) is cut off when the app stops,
+    not left connected to a stopped app until its read deadline."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+
+    def closed_after(sock: socket.socket) -> float:
+        sock.settimeout(30)
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return time.monotonic()
+
+    async def main() -> None:
+        with socket.socket() as sock:
+            async with collecting(dsn, metrics_port=0) as rec:
+                port = rec.app.observer.port
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+                await asyncio.sleep(0.3)
+                watching = asyncio.create_task(asyncio.to_thread(closed_after, sock))
+            stopped = time.monotonic()  # the app's stop() has returned
+            closed = await watching
+            assert closed < stopped + 0.5, f"left connected {closed - stopped:.1f}s after stop()"
+
+    run(main(), timeout=60)

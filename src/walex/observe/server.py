@@ -5,7 +5,8 @@ arrive whole within :data:`READ_TIMEOUT` seconds is dropped, one with a line
 over :data:`LINE_LIMIT` bytes is answered 400, and a client that does not
 take its answer within :data:`ANSWER_TIMEOUT` seconds is cut off (so a slow
 or hostile client never holds a connection, nor its answer's memory, for
-long; each connection is served on its own, so it never delays the others). ``/readyz`` is ``/healthz``.
+long; each connection is served on its own, so it never delays the others).
+Stopping the server cuts the connections still being served. ``/readyz`` is ``/healthz``.
 Served from the event loop that streams (or, for a worker, consumes), so an
 answer shows that loop is responsive, and every figure is read between two
 steps of the pipeline. What it serves comes from its owner, an app's
@@ -46,6 +47,7 @@ class HttpServer:
         self.health = health
         self.liveness = liveness
         self.server: asyncio.Server | None = None
+        self.clients: set[asyncio.StreamWriter] = set()  # connections being served
 
     async def start(self, host: str, port: int) -> int:
         try:
@@ -60,6 +62,8 @@ class HttpServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            for client in list(self.clients):  # stopped: nothing more is answered
+                client.transport.abort()
             try:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
             except TimeoutError:  # pragma: no cover - a client holding its connection
@@ -68,6 +72,7 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cut = True  # dropped without an answer, or the answer not taken in time
+        self.clients.add(writer)
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
@@ -97,6 +102,7 @@ class HttpServer:
         except Exception:  # never let a request end the app
             log.exception("walex: the metrics endpoint failed to answer a request")
         finally:
+            self.clients.discard(writer)
             if cut:
                 writer.transport.abort()  # close() would wait for the client to take the rest
             else:
