@@ -120,3 +120,22 @@ def test_stopping_the_app_cuts_the_connections_still_being_served(
             assert closed < stopped + 0.5, f"left connected {closed - stopped:.1f}s after stop()"
 
     run(main(), timeout=60)
+
+
+def test_a_metrics_host_that_does_not_resolve_is_named(dsn: str, admin: psycopg.Connection) -> None:
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    from walex import WalEx
+    from walex.errors import ConfigError
+
+    app = WalEx(dsn, publication="pub", name="badhost", metrics_port=0,
+                metrics_host="no-such-host.invalid")
+
+    async def main() -> None:
+        with pytest.raises(ConfigError) as raised:
+            await app.start()
+        message = str(raised.value)
+        assert message.startswith("metrics_host 'no-such-host.invalid': cannot resolve it"), message
+        assert "metrics_port" not in message and "free port" not in message, message
+        assert app.observer.server is None  # nothing left started
+
+    run(main(), timeout=60)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,11 @@ class HttpServer:
     async def start(self, host: str, port: int) -> int:
         try:
             self.server = await asyncio.start_server(self._serve, host, port, limit=LINE_LIMIT)
+        except socket.gaierror as exc:  # before OSError: it is one
+            raise ConfigError(
+                f"metrics_host {host!r}: cannot resolve it ({exc.strerror}); give an address "
+                "of this machine, e.g. 0.0.0.0 or 127.0.0.1"
+            ) from None
         except OSError as exc:
             raise ConfigError(
                 f"metrics_port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
