@@ -139,3 +139,41 @@ def test_a_metrics_host_that_does_not_resolve_is_named(dsn: str, admin: psycopg.
         assert app.observer.server is None  # nothing left started
 
     run(main(), timeout=60)
+
+
+def test_many_connections_held_open_neither_pile_up_nor_lock_out_healthz(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Hundreds of half-sent requests (slowloris) must not each hold a file descriptor of the
+    app until their read deadline: beyond a bound the oldest are cut, and /healthz answers."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+
+    def still_open(sock: socket.socket) -> bool:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) != b""
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
+            return False
+
+    async def main() -> None:
+        async with collecting(dsn, metrics_port=0) as rec:
+            port = rec.app.observer.port
+            def hold() -> socket.socket:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # never finished
+                return sock
+
+            held = await asyncio.to_thread(lambda: [hold() for _ in range(300)])
+            try:
+                assert await asyncio.to_thread(healthz, port) == 200
+                await asyncio.sleep(0.5)
+                open_ = sum(still_open(sock) for sock in held)
+                assert open_ <= 40, f"{open_} of 300 half-sent requests still held by the app"
+            finally:
+                for sock in held:
+                    sock.close()
+
+    run(main(), timeout=60)

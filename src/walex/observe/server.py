@@ -6,7 +6,10 @@ over :data:`LINE_LIMIT` bytes is answered 400, and a client that does not
 take its answer within :data:`ANSWER_TIMEOUT` seconds is cut off (so a slow
 or hostile client never holds a connection, nor its answer's memory, for
 long; each connection is served on its own, so it never delays the others).
-Stopping the server cuts the connections still being served. ``/readyz`` is ``/healthz``.
+At most :data:`MAX_CLIENTS` connections are served at once: a new one
+beyond cuts the oldest, so clients holding connections open cannot take the
+process' file descriptors (its PostgreSQL connections need some) nor lock
+out a health check. Stopping the server cuts the connections still served. ``/readyz`` is ``/healthz``.
 Served from the event loop that streams (or, for a worker, consumes), so an
 answer shows that loop is responsive, and every figure is read between two
 steps of the pipeline. What it serves comes from its owner, an app's
@@ -33,6 +36,7 @@ log = logging.getLogger("walex")
 READ_TIMEOUT = 5.0  # seconds a client has to send its request line and headers
 ANSWER_TIMEOUT = 10.0  # seconds it has to take the answer (Prometheus' default scrape_timeout)
 LINE_LIMIT = 16384  # bytes of a request line or header line
+MAX_CLIENTS = 32  # connections served at once; a new one beyond cuts the oldest
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
@@ -48,7 +52,8 @@ class HttpServer:
         self.health = health
         self.liveness = liveness
         self.server: asyncio.Server | None = None
-        self.clients: set[asyncio.StreamWriter] = set()  # connections being served
+        # connections being served, oldest first
+        self.clients: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> int:
         try:
@@ -78,7 +83,11 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cut = True  # dropped without an answer, or the answer not taken in time
-        self.clients.add(writer)
+        if len(self.clients) >= MAX_CLIENTS:  # many held open (slowloris): cut the oldest
+            oldest = next(iter(self.clients))
+            del self.clients[oldest]
+            oldest.transport.abort()
+        self.clients[writer] = None
         try:
             try:
                 async with asyncio.timeout(READ_TIMEOUT):
@@ -108,7 +117,7 @@ class HttpServer:
         except Exception:  # never let a request end the app
             log.exception("walex: the metrics endpoint failed to answer a request")
         finally:
-            self.clients.discard(writer)
+            self.clients.pop(writer, None)
             if cut:
                 writer.transport.abort()  # close() would wait for the client to take the rest
             else:
