@@ -38,7 +38,8 @@ ANSWER_TIMEOUT = 10.0  # seconds it has to take the answer (Prometheus' default 
 LINE_LIMIT = 16384  # bytes of a request line or header line
 MAX_CLIENTS = 32  # connections served at once; a new one beyond cuts the oldest
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
 
 
 Answer = Callable[[], tuple[int, dict[str, Any]]]
