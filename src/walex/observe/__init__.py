@@ -108,9 +108,10 @@ class Observer:
             from .server import HttpServer
 
             app = self.app
-            self.server = HttpServer({"app": settings.name}, registry(app),
-                                     lambda: health(app), lambda: liveness(app))
-            self.port = await self.server.start(settings.metrics_host, settings.metrics_port)
+            server = HttpServer({"app": settings.name}, registry(app),
+                                lambda: health(app), lambda: liveness(app))
+            self.port = await server.start(settings.metrics_host, settings.metrics_port)
+            self.server = server  # only once it serves (a ConfigError leaves none)
             log.info("walex %r serves /metrics, /healthz and /livez on %s:%d",
                      settings.name, settings.metrics_host, self.port)
 
