@@ -143,7 +143,7 @@ def test_many_retries_without_backoff_stay_under_the_error_policy(
 
     async def main() -> None:
         async with collecting(dsn, modules=[events], max_retries=1100, retry_backoff=0,
-                              on_error="skip") as rec:
+                              on_error="skip"):
             admin.execute("INSERT INTO item VALUES (1, 'x')")
             admin.execute("INSERT INTO item VALUES (2, 'y')")
             await until(lambda: 2 in tries, "the second transaction", timeout=60)
