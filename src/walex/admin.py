@@ -4,7 +4,8 @@
 to know before and while streaming: ``wal_level``, replication capacity,
 the publication and the replica identity of its tables, every slot with its
 client, lag and WAL status. Each problem comes with the SQL or setting that
-fixes it. Without a publication (None) it reports the rest and checks none. What ``walex setup`` checks and changes is :mod:`walex.diagnosis`.
+fixes it. Without a publication (None) it reports the rest and checks none.
+What ``walex setup`` checks and changes is :mod:`walex.diagnosis`.
 """
 
 from __future__ import annotations

@@ -23,10 +23,12 @@ changes hands once its holder has given up handling:
   then takes the lock again, or waits as a standby, once its handlers' thread
   is idle. The session's slot is given up only once the abandoned calls ended
   (an async handler may finish what it does before it lets the cancellation
-  through: :func:`calls_ended`), so no other instance streams meanwhile. Until then no keepalive moves its acknowledged position (the
-  queue it dropped is not done: :meth:`~walex.ack.AckTracker.fence`). walex's connections carry TCP keepalives and ``tcp_user_timeout``,
-  and the lock's connection asks the server to notice a silent client within
-  about half a minute, much later than the holder notices itself.
+  through: :func:`calls_ended`), so no other instance streams meanwhile.
+  Until then no keepalive moves its acknowledged position (the queue it
+  dropped is not done: :meth:`~walex.ack.AckTracker.fence`). walex's
+  connections carry TCP keepalives and ``tcp_user_timeout``, and the lock's
+  connection asks the server to notice a silent client within about half a
+  minute, much later than the holder notices itself.
 
 When the lock is had, the slot is read and streamed from its
 ``confirmed_flush_lsn``; a slot still held by a walsender (the old holder's,

@@ -34,8 +34,9 @@ path types it again (:meth:`walex.relations.Table.load`): every column with
 the table's tolerant loaders (:meth:`walex.pgtypes.TypeCatalog.tolerant`),
 where such a value is its text. Anything a writer does not take (a row that is not
 a raw row of the table's width, :mod:`walex.rawrow`; a loader raising, orjson
-refusing, text not in the expected form) makes the event unfit. The key of the row (``subject``, ``partitionkey``) is formed from the same
-pieces as the reference forms it from the typed values.
+refusing, text not in the expected form) makes the event unfit. The key of the
+row (``subject``, ``partitionkey``) is formed from the same pieces as the
+reference forms it from the typed values.
 
 :mod:`walex.destinations._direct` (Cython) is the compiled twin of
 :func:`py_direct_event`; it serves when built, unless ``WALEX_PURE_PYTHON`` is set
