@@ -9,7 +9,8 @@ long; each connection is served on its own, so it never delays the others).
 At most :data:`MAX_CLIENTS` connections are served at once: a new one
 beyond cuts the oldest, so clients holding connections open cannot take the
 process' file descriptors (its PostgreSQL connections need some) nor lock
-out a health check. Stopping the server cuts the connections still served. ``/readyz`` is ``/healthz``.
+out a health check. Stopping the server cuts the connections still served.
+``/readyz`` is ``/healthz``.
 Served from the event loop that streams (or, for a worker, consumes), so an
 answer shows that loop is responsive, and every figure is read between two
 steps of the pipeline. What it serves comes from its owner, an app's
