@@ -439,3 +439,46 @@ def test_start_while_a_cancelled_stop_goes_on_and_two_starts_at_once(
         assert [e.new_record["id"] for e in calls] == [1, 2]
 
     run(main())
+
+
+def test_a_stop_while_start_opens_its_session_leaves_nothing_running(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """stop() called while start() was past any standby wait, opening its session: the stop
+    closed the session under it and returned, then start() went on, made its tasks and
+    returned, the app running after its stop() (seen in the suite: a standby's start()
+    ending just after a.stop() let it have the slot, b.stop() racing it, the app left
+    running for the rest of the process). start() now raises StoppedError and the stop
+    closes what it opened."""
+    from walex import StoppedError
+    import walex.app
+
+    admin.execute(SCHEMA)
+    slots: list[str] = []
+
+    async def main() -> None:
+        app = make_app(dsn, Events(), durable_slot=True)
+        slots.append(app.slot_name)
+        real, opened, go = app._open, asyncio.Event(), asyncio.Event()
+
+        async def open_slowly() -> None:
+            await real()
+            opened.set()
+            await go.wait()  # the rest of start() after its session is open
+
+        app._open = open_slowly  # type: ignore[method-assign]
+        starting = asyncio.ensure_future(app.start())
+        await asyncio.wait_for(opened.wait(), 30)
+        stopping = asyncio.ensure_future(app.stop())
+        await asyncio.sleep(0.3)
+        go.set()
+        with pytest.raises(StoppedError, match="stopped while start"):
+            await asyncio.wait_for(starting, 10)
+        await asyncio.wait_for(stopping, 10)
+        assert not app._tasks
+        assert app.settings.name not in walex.app._running
+        await asyncio.wait_for(app.wait(), 5)
+
+    run(main())
+    active = admin.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
+                           slots).fetchone()
+    assert active == (False,), active

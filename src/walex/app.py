@@ -204,6 +204,9 @@ class WalEx(Lifecycle):
             await self._wait_cut_off()
             self.pipeline.closing = False
             await self._open()
+            if self._stopping:  # stop() came while it opened: stop() closes what it opened
+                raise StoppedError(f"walex app {name!r} was stopped while start() opened its "
+                                   "session")
         finally:
             self._starting = False
         _running[name] = self
@@ -324,6 +327,8 @@ class WalEx(Lifecycle):
         try:
             if not self._tasks:  # start() may be waiting as a standby: it raises StoppedError
                 await stop_waiting(self.pipeline)
+                while self._starting:  # or opening its session: it raises StoppedError then,
+                    await asyncio.sleep(0.01)  # and what it opened is closed below
             if self._tasks:
                 reader, dispatcher = self._tasks[0], self._tasks[1]
                 reader.cancel()
