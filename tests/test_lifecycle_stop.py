@@ -250,3 +250,43 @@ def test_stop_closes_the_spill_of_a_transaction_still_streaming(admin: psycopg.C
             await app.stop()
 
     run(main())
+
+
+def test_a_stop_while_start_waits_for_a_cut_off_call_returns_at_once(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """start() waits for a plain call the last stop() cut off (still on its thread); a
+    stop() meanwhile ends that wait at once (start() raises StoppedError) instead of
+    waiting, as long as the stuck call runs, for the start to finish."""
+    from walex import StoppedError
+
+    admin.execute(SCHEMA)
+    release = threading.Event()
+    running = threading.Event()
+    events = Events()
+
+    @events.on_insert("item")
+    def stuck(items: list[Event]) -> None:
+        running.set()
+        release.wait(60)
+
+    async def main() -> None:
+        app = WalEx(dsn, publication="pub", subscriptions=["item"], modules=[events],
+                    name=f"walex_stop_inside_{next(_names)}", durable_slot=True,
+                    shutdown_grace=0.5)
+        await app.start()
+        admin.execute("INSERT INTO item VALUES (1)")
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 30)
+        await app.stop()  # cuts the call off; it runs on, on its thread
+        starting = asyncio.ensure_future(app.start())
+        await asyncio.sleep(0.5)  # start() waits for the stuck call
+        assert not starting.done()
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(app.stop(), 10)
+            with pytest.raises(StoppedError, match="cut off"):
+                await asyncio.wait_for(starting, 5)
+        finally:
+            release.set()
+        assert time.monotonic() - began < 5
+
+    run(main(), timeout=90)

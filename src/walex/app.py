@@ -257,13 +257,13 @@ class WalEx(Lifecycle):
         log.warning("walex %r: start() waits for handler calls cut off by the last stop() to "
                     "return (%s), so that none runs beside the new ones", self.settings.name,
                     ", ".join(running))
-        while left():
+        while left() and not self._stopping:  # a stop() meanwhile ends the wait (and start)
             await asyncio.sleep(0.05)
-        self._stuck = []
-        self._hold_ack()  # a stuck call that returned since recorded its transaction
         if self._stopping:
             raise StoppedError(f"walex app {self.settings.name!r} was stopped while start() "
                                "waited for the calls the last stop() cut off")
+        self._stuck = []
+        self._hold_ack()  # a stuck call that returned since recorded its transaction
 
     async def _open(self) -> None:
         """start()'s connections: the endpoint, the destinations, the first session."""
