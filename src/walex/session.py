@@ -234,8 +234,11 @@ async def _slot_lost(pipeline: Pipeline, confirmed: str | None) -> None:
         )
     log.error("%s; recreating it as recreate_lost_slot=True", message)
     pipeline.gaps.append(message)
-    admin = await pipeline.lookups.connection()
-    await admin.execute("SELECT pg_drop_replication_slot(%s)", (pipeline.slot_name,))
+    # bounded as every lookup (a silent network counts as a lost session), and idempotent:
+    # a retry after an answer lost on the way finds the slot gone and drops nothing
+    await pipeline.lookups.fetch(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE slot_name = %s", (pipeline.slot_name,), timeout=CHECK_TIMEOUT)
 
 
 async def _start_replication(pipeline: Pipeline, start: int) -> None:
