@@ -144,6 +144,8 @@ class Pipeline:
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
+        # what a gap's message advises (``walex tail``, which has no durable slot, says its own)
+        self.gap_advice = "Use durable_slot=True so that no change is lost to a reconnect or a stop."
         self.after_stop = False  # the next session follows a stop(), not a lost connection
         self.transactions_handled = 0
         self.events_handled = 0

@@ -311,7 +311,7 @@ def note_stop(pipeline: Pipeline, failure: BaseException | None) -> None:
         f"is dropped with the connection: the changes committed after "
         f"{format_lsn(pipeline.ack.flushed)} (those not handled included) are never delivered, "
         "not even by a restart, which makes a new slot at the server's current position. "
-        "Use durable_slot=True so that the next start resumes at them."
+        + pipeline.gap_advice
     )
     log.error(gap)
     pipeline.gaps.append(gap)
