@@ -543,3 +543,18 @@ def test_ssl_true_verifies_certificate_and_host(tls_server: tuple[Cluster, Path]
         with pytest.raises(SetupError) as info:
             run(app.start())
         assert f'root certificate file "{tmp_path}/.postgresql/root.crt" does not exist' in str(info.value)
+
+
+def test_number_options_refuse_true_and_false() -> None:
+    """``function_concurrency=True`` was taken as 1 (one call at a time), ``max_retries=True``
+    as one retry, without a word: every number option refuses a bool, and the list of them
+    is every int, float or byte-size field."""
+    from walex import config
+
+    numbers = {name for name, field in config.WalExSettings.model_fields.items()
+               if any(kind in str(field.annotation) for kind in ("int", "float", "ByteSize"))}
+    assert numbers == set(config._NUMBERS)
+    for name in sorted(numbers):
+        for flag in (True, False):
+            with pytest.raises(ConfigError, match=name):
+                WalEx("postgresql://u@h/db", publication="p", **{name: flag})

@@ -98,12 +98,6 @@ def test_an_instance_that_lost_its_lock_acknowledges_nothing_it_dropped(
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fencing hole, fix needs walex.pipeline.run_reader (not this branch's scope): after a "
-    "lost walsender a standby=True instance drains its queue holding the lock but not the "
-    "slot; a lock lost meanwhile lets the standby stream at once (the slot is free) while "
-    "the drain and its call in hand go on for up to FENCE_CHECK + QUERY_TIMEOUT and the "
-    "call's length"))
 def test_a_lock_lost_while_draining_after_a_lost_walsender_keeps_the_slot_until_the_call_ends(
     dsn: str, admin: psycopg.Connection
 ) -> None:
@@ -150,10 +144,11 @@ def test_a_lock_lost_while_draining_after_a_lost_walsender_keeps_the_slot_until_
             await until(lambda: a.pipeline.queue.qsize() >= 3, "rows 3..5 queued in a")
             admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
                           "WHERE slot_name = %s", [slot])
-            await until(lambda: a.pipeline.repl is not None and not a.pipeline.repl.streaming,
-                        "a's session lost")
-            await asyncio.sleep(0.3)  # a checked its lock and drains
-            assert not a.pipeline.abandoning
+            # a checked its lock and took its slot back, its queue kept (on main it drained
+            # the queue first, the slot free meanwhile)
+            await until(lambda: a.pipeline.sessions >= 2 and a.pipeline.repl is not None
+                        and a.pipeline.repl.streaming, "a streaming again")
+            assert a.pipeline.queue.qsize() >= 3 and not a.pipeline.abandoning
             holder = a.pipeline.fence.conn.pgconn.backend_pid  # type: ignore[union-attr]
             admin.execute("SELECT pg_terminate_backend(%s)", [holder])
             await until(lambda: a.pipeline.abandoning, "a abandoning")
@@ -318,3 +313,67 @@ def test_a_standby_keeps_trying_past_1024_failed_attempts(dsn: str) -> None:
             await app.start()
 
     run(scenario(), timeout=90)
+
+
+def test_a_lock_lost_while_reconnecting_abandons_the_queue_it_kept(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """Two apps on one slot with ``standby=True``. a's walsender is terminated while rows
+    3..5 are queued behind its long call on row 2: a checks its lock and reconnects, keeping
+    its queue. Its lock's connection is terminated during the reconnect's pause, so the
+    reconnect finds the lock gone: a must abandon the queue at once (without hold()'s
+    abandon, a would go on handling rows 3..5 from it while not holding the lock, as b
+    could take it and the slot), and rows 2..5 come again to the next holder."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    slot = "reconnect_lock_slot"
+    started, go = threading.Event(), threading.Event()
+    calls: list[tuple[str, int]] = []
+
+    def module(label: str) -> Events:
+        events = Events()
+
+        @events.on_insert("item")
+        def record(batch):  # type: ignore[no-untyped-def]
+            if label == "a" and batch[0].new_record["id"] == 2:
+                started.set()
+                go.wait(30)
+            calls.extend((label, e.new_record["id"]) for e in batch)
+
+        return events
+
+    def options(label: str) -> dict[str, object]:
+        return {"publication": "pub", "modules": [module(label)], "name": f"reconnect_lock_{label}",
+                "durable_slot": True, "slot_name": slot, "standby": True,
+                "status_interval": 0.2, "reconnect_backoff_max": 1.0}
+
+    async def scenario() -> None:
+        a, b = WalEx(dsn, **options("a")), WalEx(dsn, **options("b"))
+        await a.start()
+        b_start = asyncio.create_task(b.start())
+        try:
+            await until(lambda: b.pipeline.stats.standby, "b standing by")
+            _insert(admin, range(1, 2))
+            await until(lambda: ("a", 1) in calls, "row 1 handled by a")
+            _insert(admin, range(2, 6))
+            await until(started.is_set, "a's long call on row 2")
+            await until(lambda: a.pipeline.queue.qsize() >= 3, "rows 3..5 queued in a")
+            holder = a.pipeline.fence.conn.pgconn.backend_pid  # type: ignore[union-attr]
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                          "WHERE slot_name = %s", [slot])
+            await until(lambda: a.pipeline.repl is None, "a between two sessions")
+            admin.execute("SELECT pg_terminate_backend(%s)", [holder])
+            await until(lambda: a.pipeline.abandoning, "a abandoning its queue")
+            assert a.pipeline.queue.qsize() == 0
+            dropped = len(calls)
+            go.set()
+            # whichever takes the lock next (a once its call ended, or b) has them again
+            await until(lambda: {i for _, i in calls[dropped:]} >= {2, 3, 4, 5},
+                        "rows 2..5 handled again", timeout=30)
+        finally:
+            go.set()
+            await a.stop()
+            await b.stop()
+            await asyncio.gather(b_start, return_exceptions=True)
+
+    run(scenario(), timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +92,35 @@ def test_tail_rides_out_a_walsender_busy_on_unpublished_changes(
     assert proc.returncode == 0, out + err
     assert "INSERT   public.item" in out, out + err
     assert "interrupted" not in err and "reconnect" not in err, err
+
+
+def test_tail_reconnecting_after_a_lost_walsender_names_its_gap_without_durable_slot(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """tail's walsender is terminated: it reconnects on a new temporary slot and says what
+    it did not show, advising what tail can do (on main the gap told a tail user to pass
+    durable_slot=True, an option tail has not); it then shows what comes next."""
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item")
+    proc = subprocess.Popen([*WALEX, "tail", "--url", dsn, "-p", "pub", "--timeout", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_active(admin, proc)
+        admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                      "WHERE active AND database = current_database()")
+        deadline = time.monotonic() + 30
+        while _active(admin) == 0 or admin.execute(  # the new slot streams
+                "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchone()[0] != 1:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        admin.execute("INSERT INTO item VALUES (7)")
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "INSERT" in line, line
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert "never delivered" in err and "walex tail shows only what is committed" in err, err
+    assert "durable_slot=True receives every change" in err and "Traceback" not in err, err
+    assert "Use durable_slot=True so that" not in err, err

@@ -28,7 +28,8 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .config import WalExSettings, format_target, load_settings
+from .config import WalExSettings, load_settings
+from .conntext import format_target
 from .configs import RuntimeConfig
 from .dispatch import Dispatcher
 from . import gcpolicy

@@ -79,6 +79,11 @@ def tail_options(settings: WalExSettings, timeout: float) -> dict[str, Any]:
     return options
 
 
+# what tail's gap messages advise (an app's say durable_slot=True, which tail has not)
+GAP_ADVICE = ("walex tail shows only what is committed while it streams; a walex app with "
+              "durable_slot=True receives every change.")
+
+
 def tail(
     url: UrlOption = None,
     publication: PublicationOption = None,
@@ -121,6 +126,7 @@ def tail(
         if table:
             options["subscriptions"] = table
         app = WalEx(**options)
+        app.pipeline.gap_advice = GAP_ADVICE
 
         async def main() -> None:
             loop = asyncio.get_running_loop()

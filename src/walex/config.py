@@ -40,9 +40,10 @@ from pydantic_settings import (
     BaseSettings, InitSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
 )
 
-from .errors import ConfigError, redact
+from .conntext import conninfo_problem, format_target, hint, misplaced_at
+from .errors import ConfigError
 
-__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "format_target", "SSLMODES"]
+__all__ = ["WalExSettings", "load_settings", "read_toml", "file_values", "SSLMODES"]
 
 _SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _STORE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?$")
@@ -51,6 +52,15 @@ SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 # Values of a configuration file, below keyword arguments and WALEX_* variables.
 _FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("walex_file_values", default=None)
+
+
+# the number options, which refuse True and False
+_NUMBERS = ("port", "partitions", "destination_window", "slot_wait_timeout", "slot_create_timeout",
+            "status_interval", "heartbeat_interval", "max_pending_transactions",
+            "max_pending_bytes", "batch_size", "reconnect_max_attempts", "reconnect_backoff_max",
+            "backfill_chunk_size", "backfill_query_timeout", "max_retries", "retry_backoff",
+            "function_concurrency", "shutdown_grace", "gc_threshold", "metrics_port",
+            "max_lag_bytes")
 
 
 def _no_items() -> list[Any]:
@@ -208,6 +218,15 @@ class WalExSettings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
 
+    @field_validator(*_NUMBERS, mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: Any) -> Any:
+        # pydantic takes True as 1 for a number: function_concurrency=True meant one call
+        # at a time, max_retries=True one retry, without a word
+        if isinstance(value, bool):
+            raise ValueError(f"a number is needed, not {value}")
+        return value
+
     @field_validator("destinations", mode="before")
     @classmethod
     def _destination_list(cls, value: Any) -> Any:
@@ -256,10 +275,10 @@ class WalExSettings(BaseSettings):
                 raise ValueError(f"not a valid database url: {conninfo_problem(exc, raw)}") from None
             port = str(params.get("port", ""))
             if not all(p.strip().isdigit() for p in port.split(",") if p.strip()):
-                raise ValueError("not a valid database url: its port is not a number" + _hint(raw))
-            misplaced = _misplaced_at(raw, params)
+                raise ValueError("not a valid database url: its port is not a number" + hint(raw))
+            misplaced = misplaced_at(raw, params)
             if misplaced:
-                raise ValueError(f"not a valid database url: {misplaced}" + _hint(raw))
+                raise ValueError(f"not a valid database url: {misplaced}" + hint(raw))
         return value
 
     @field_validator("max_pending_bytes", "max_lag_bytes", mode="wrap")
@@ -471,50 +490,6 @@ class WalExSettings(BaseSettings):
         user = get("user")
         return format_target(user, get("host") or get("hostaddr") or "[local]",
                              get("port"), get("dbname") or user)
-
-
-def format_target(user: str | None, host: str | None, port: str | int | None,
-                  dbname: str | None) -> str:
-    """``user@host:port/db``; with a connection's ``info``, the target it is connected to."""
-    return f"{user or ''}@{host or ''}:{port or ''}/{dbname or ''}"
-
-
-# libpq quotes the text it could not parse, which may be part of the password: every
-# quoted part of its message is hidden, but for the few that are its own literal text
-_QUOTED = re.compile(r'"[^"]*"')
-_LIBPQ_LITERALS = [('missing "***" after', 'missing "=" after'),
-                   ('separator "***"', 'separator "="'), ('matching "***"', 'matching "]"'),
-                   ('(expected "***" or "***")', '(expected ":" or "/")')]
-
-
-def conninfo_problem(exc: BaseException, raw: str) -> str:
-    """libpq's complaint about the connection string ``raw``, without any text of ``raw``."""
-    lines = str(exc).strip().splitlines()
-    message = _QUOTED.sub('"***"', lines[0] if lines else "libpq cannot parse it")
-    for hidden, literal in _LIBPQ_LITERALS:
-        message = message.replace(hidden, literal)
-    return f"{redact(message, raw)} (text not repeated: it may hold the password){_hint(raw)}"
-
-
-def _hint(raw: str) -> str:
-    if "://" in raw:
-        return ("; percent-encode special characters of a password in a URL ('%' as %25, "
-                "'@' as %40, '/' as %2F, ' ' as %20, ...) or give it apart (password=..., "
-                "WALEX_PASSWORD)")
-    return "; quote a value holding spaces in a key=value string: password='a b'"
-
-
-def _misplaced_at(raw: str, params: dict[str, Any]) -> str | None:
-    """Why an '@' of ``raw`` cannot be meant as parsed (a password with '@' or '/' unencoded)."""
-    hosts = str(params.get("host", ""))
-    if any("@" in h and not h.startswith("/") for h in hosts.split(",")):
-        return "its host holds an '@' (an '@' of the password is not percent-encoded)"
-    if "://" in raw:
-        path = raw.split("://", 1)[1].split("?", 1)[0].partition("/")[2]
-        if "@" in path:
-            return ("an '@' follows a '/': a '/' of the password, or an '@' of the database "
-                    "name, is not percent-encoded")
-    return None
 
 
 def _import_callable(spec: str) -> Any:

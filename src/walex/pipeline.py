@@ -7,9 +7,13 @@ heartbeats and the rare statements a walsender cannot run go through a
 :class:`~walex.lookups.LookupConnection`, a normal connection opened on first
 use and reopened whenever the server closed it, without ending the session.
 The pipeline outlives sessions: when a session breaks
-for a reason a reconnect can cure, it lets the dispatcher finish every
-transaction already received, then opens a new session with backoff and
-jitter, resuming from the slot. Changes flow::
+for a reason a reconnect can cure, it opens a new session with backoff and
+jitter, resuming from the slot, while the dispatcher goes on with the
+transactions already received (a durable slot is taken back at once, so no
+other instance streams what is still handled here; the new session's copies
+of them are dropped: :attr:`Pipeline.queued_upto`). With a temporary slot,
+which went with the connection, the received transactions are handled first.
+Changes flow::
 
     reader: frames -> compiled hot path or Decoder -> [message_middleware] -> bounded queue
     dispatcher (walex.handoff): queue -> Dispatcher (plain calls in runs) -> AckTracker.handled
@@ -18,8 +22,10 @@ jitter, resuming from the slot. Changes flow::
 Invariants:
 - a transaction is acknowledged only after its dispatch returned and every
   destination confirmed it durable;
-- a transaction committed below the acknowledged position is a replay and
-  is dropped before dispatch;
+- a transaction committed below the acknowledged position, or queued whole
+  by an earlier session whose queue was kept, is a replay and is dropped
+  before dispatch; dropping the queue (:meth:`Pipeline.discard_unhandled`)
+  forgets the second, so those transactions come again;
 - a large transaction flows through in batches of at most ``batch_size``
   events and about ``max_pending_bytes / 8`` bytes, so memory is bounded by
   the queue and not by the transaction's size: the reader stops reading while
@@ -138,6 +144,8 @@ class Pipeline:
         self.wal_sender_timeout = 60.0
         self.silence_limit = 2 * settings.status_interval + 60.0
         self.gaps: list[str] = []
+        # what a gap's message advises (``walex tail``, which has no durable slot, says its own)
+        self.gap_advice = "Use durable_slot=True so that no change is lost to a reconnect or a stop."
         self.after_stop = False  # the next session follows a stop(), not a lost connection
         self.transactions_handled = 0
         self.events_handled = 0
@@ -146,6 +154,11 @@ class Pipeline:
         self.observer: Any = None  # set by walex.observe: wraps dispatch per batch
         self.counting: Any = None  # walex.observe.Stats when it only counts (no tracing)
         self.reached_ahead = 0  # batches at the queue's front counting.reached already (handoff)
+        # the commit LSN of the last transaction queued whole from the stream, kept across a
+        # reconnect: a new session sends those again, and they are queued or handled already
+        # (0 once what was queued is dropped: it must come again)
+        self.queued_upto = 0
+        self.replayed_upto = 0  # queued_upto when the session began: what it sends again up to it
         # standby=True: the lock that lets one instance at a time handle (walex.standby),
         # made by the first session that has the option (``walex run --standby`` sets it late)
         self.fence: standby.Fence | None = None
@@ -229,8 +242,14 @@ class Pipeline:
                 # the slot stays ours (no other instance can stream) until an abandoned
                 # handler call on the handlers' thread has returned
                 await self.dispatcher.workers.idle()
-            else:
+            elif not self.settings.durable_slot:
+                # a temporary slot went with the connection: nothing to hold, and the next
+                # one starts later (the gap is counted from what was handled)
                 await self._drain()
+            # else the batches received go on being handled while the reader takes its slot
+            # back at once: a free slot would let another instance stream the changes
+            # handled here meanwhile (what the new session sends again of them is dropped
+            # as already queued: queued_upto)
             await self.close_session()
             while True:
                 attempts += 1
@@ -282,6 +301,8 @@ class Pipeline:
         backfill = self.backfill
         interval, limit = self.settings.status_interval, self.silence_limit
         silent_since: float | None = None
+        # a reconnect's queue was kept: what this session sends again of it is not queued twice
+        replayed_upto = self.replayed_upto = self.queued_upto
         scale = 0.0  # the memory per wire byte batch_bytes was last set from (never 0)
         while True:
             if self.abandoning:
@@ -366,9 +387,10 @@ class Pipeline:
                             assembler.batch_bytes = wire(batch_memory)
                         if backfill.window is not None:  # a backfill runs
                             await backfill.batch(txn)
-                        if txn.commit_lsn < ack.flushed:
+                        if txn.commit_lsn < ack.flushed or txn.commit_lsn <= replayed_upto:
                             self._replayed(txn)
-                        elif len(items) < most and queue.bytes <= queue.max_bytes:  # room
+                            continue
+                        if len(items) < most and queue.bytes <= queue.max_bytes:  # room
                             items.append(txn)
                             queue.bytes += txn.size
                         else:
@@ -376,6 +398,8 @@ class Pipeline:
                             await queue.put(txn)
                             if self.abandoning:
                                 raise ReplicationError(_ABANDONED, retriable=True)
+                        if txn.last:
+                            self.queued_upto = txn.commit_lsn
                     queue.wake()  # the dispatcher, if it waits for a batch
                     if self._subscriptions_due is not self._subscribed:
                         self.apply_subscriptions(between=True)  # between transactions only
@@ -400,6 +424,7 @@ class Pipeline:
     def discard_unhandled(self) -> int:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
+        self.queued_upto = self.replayed_upto = 0  # what was dropped must come again
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.reached_ahead = 0
         self.in_hand = None
@@ -443,10 +468,12 @@ class Pipeline:
             self.assembler.batch_bytes = self.sizer.wire(self.batch_memory)
             if self.backfill.window is not None:
                 await self.backfill.batch(txn)
-            if txn.commit_lsn < self.ack.flushed:
+            if txn.commit_lsn < self.ack.flushed or txn.commit_lsn <= self.replayed_upto:
                 self._replayed(txn)
             else:
                 await self.queue.put(txn)
+                if txn.last:
+                    self.queued_upto = txn.commit_lsn
 
     def _replayed(self, txn: Transaction) -> None:
         """Committed before what was acknowledged: a replay after a reconnect."""

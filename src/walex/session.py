@@ -234,8 +234,11 @@ async def _slot_lost(pipeline: Pipeline, confirmed: str | None) -> None:
         )
     log.error("%s; recreating it as recreate_lost_slot=True", message)
     pipeline.gaps.append(message)
-    admin = await pipeline.lookups.connection()
-    await admin.execute("SELECT pg_drop_replication_slot(%s)", (pipeline.slot_name,))
+    # bounded as every lookup (a silent network counts as a lost session), and idempotent:
+    # a retry after an answer lost on the way finds the slot gone and drops nothing
+    await pipeline.lookups.fetch(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE slot_name = %s", (pipeline.slot_name,), timeout=CHECK_TIMEOUT)
 
 
 async def _start_replication(pipeline: Pipeline, start: int) -> None:
@@ -308,7 +311,7 @@ def note_stop(pipeline: Pipeline, failure: BaseException | None) -> None:
         f"is dropped with the connection: the changes committed after "
         f"{format_lsn(pipeline.ack.flushed)} (those not handled included) are never delivered, "
         "not even by a restart, which makes a new slot at the server's current position. "
-        "Use durable_slot=True so that the next start resumes at them."
+        + pipeline.gap_advice
     )
     log.error(gap)
     pipeline.gaps.append(gap)

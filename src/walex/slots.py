@@ -41,7 +41,7 @@ def temporary_gap(pipeline: Pipeline, after: int, until: int) -> None:
     gap = (
         f"temporary slot {pipeline.slot_name!r} {why}: the changes committed after "
         f"{format_lsn(after)} and before {format_lsn(until)} (where the new slot starts) "
-        "are never delivered (use durable_slot=True to avoid this)"
+        f"are never delivered. {pipeline.gap_advice}"
     )
     log.error(gap)
     pipeline.gaps.append(gap)

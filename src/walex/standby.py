@@ -10,10 +10,11 @@ changes hands once its holder has given up handling:
 
 - an active instance whose walsender is lost (ended by
   ``pg_terminate_backend``, a network failure) checks that it still holds the
-  lock, then keeps it while it finishes the batches it received and
-  reconnects, so a standby cannot start meanwhile (the lock is released by
-  ``stop()``, after every task stopped, or by the server when the process
-  dies); if the lock is gone too (a server restart) it abandons them;
+  lock, then keeps it and reconnects at once, taking its slot back, while it
+  goes on handling the batches it received, so a standby cannot start
+  meanwhile (the lock is released by ``stop()``, after every task stopped,
+  or by the server when the process dies); if the lock is gone too (a server
+  restart), then or at the reconnect's check of it, it abandons them;
 - the active instance checks its lock every :data:`FENCE_CHECK` seconds; when
   that connection is lost (so the server may give the lock to a standby) it
   abandons at once what it had not acknowledged: the batch in hand is
@@ -158,6 +159,9 @@ async def hold(pipeline: Pipeline) -> None:
             _held_again(pipeline)
             return
         except ReplicationError as exc:
+            # the batches received before a lost session are still being handled (the
+            # reconnect took the slot back first): without the lock, nothing more is
+            abandon(pipeline, str(exc))
             log.warning("walex %r: %s; taking the standby lock of slot %r again",
                         pipeline.settings.name, exc, pipeline.slot_name)
     await calls_ended(pipeline)  # a handler call abandoned with the lock ends first
