@@ -61,12 +61,14 @@ class ReplicationError(WalExError):
     """The replication stream could not be started or was interrupted.
 
     ``retriable`` is true when reconnecting may help (a lost connection, a
-    restarting server, a terminated walsender).
+    restarting server, a terminated walsender); ``answered`` is false when the
+    server was not reached at all (refused, timed out).
     """
 
-    def __init__(self, message: str, *, retriable: bool = False) -> None:
+    def __init__(self, message: str, *, retriable: bool = False, answered: bool = True) -> None:
         super().__init__(message)
         self.retriable = retriable
+        self.answered = answered
 
 
 class SlotInUseError(ReplicationError):

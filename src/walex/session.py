@@ -85,8 +85,11 @@ async def open_session(pipeline: Pipeline) -> None:
             await standby.hold(pipeline)
         try:
             pipeline.repl = await ReplicationConnection.connect(conninfo, pipeline.secret)
-        except ReplicationError:
-            await _diagnose(pipeline, conninfo, first)
+        except ReplicationError as exc:
+            # a reconnect diagnoses only a server's refusal: an unreachable one would make a
+            # second connection wait out its connect timeout too
+            if first or exc.answered:
+                await _diagnose(pipeline, conninfo, first)
             raise
         try:
             conn = pipeline.repl.conn

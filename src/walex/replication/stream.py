@@ -80,6 +80,7 @@ class ReplicationConnection:
             raise ReplicationError(
                 f"cannot open a replication connection: {redact(str(exc), secret)}",
                 retriable=isinstance(exc, psycopg.OperationalError) and is_retriable(exc.sqlstate or ""),
+                answered=exc.sqlstate is not None,  # a refusal has a SQLSTATE, no answer none
             ) from None
         return cls(conn, secret)
 
