@@ -534,3 +534,42 @@ def test_healthz_of_an_app_streaming_from_a_standby(pg_cluster: Any) -> None:
 
         code, body = run(main(), timeout=120)
     assert code == 200 and body["status"] == "streaming", body
+
+
+def test_events_of_tables_past_the_first_thousand_share_one_series(
+    dsn: str, admin: psycopg.Connection
+) -> None:
+    """1003 published tables, one row each in one transaction, then more rows in the first
+    and the last: /metrics has a ``walex_events_total`` series for each of the first 1000
+    tables seen and one ``table="(other)"`` per type for the rest (on main one per table,
+    a scrape growing without bound with the tables), and both keep counting."""
+    MAX_TABLES, OTHER_TABLES = 1000, "(other)"  # noqa: N806 (walex.observe.families')
+    tables = MAX_TABLES + 3
+    admin.execute(f"DO $$ BEGIN FOR i IN 1..{tables} LOOP "
+                  "EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY)', i); END LOOP; END $$")
+    admin.execute("CREATE PUBLICATION pub FOR ALL TABLES")
+    port = free_port()
+
+    def scrape() -> dict[str, float]:
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200, text
+        return {k: v for k, v in samples(text).items() if k.startswith("walex_events_total")}
+
+    async def main() -> None:
+        async with collecting(dsn, metrics_port=port, status_interval=0.5) as rec:
+            admin.execute(f"DO $$ BEGIN FOR i IN 1..{tables} LOOP "
+                          "EXECUTE format('INSERT INTO t%s VALUES (1)', i); END LOOP; END $$")
+            await until(lambda: len(rec.events) >= tables, "one event per table", timeout=60)
+            found = await asyncio.to_thread(scrape)
+            assert len(found) == MAX_TABLES + 1, len(found)
+            other = f'walex_events_total{{table="{OTHER_TABLES}",type="insert"}}'
+            assert found[other] == 3
+            first = rec.events[0].table
+            assert found[f'walex_events_total{{table="{first}",type="insert"}}'] == 1
+            admin.execute(f"INSERT INTO t1 VALUES (2); INSERT INTO t{tables} VALUES (2)")
+            await until(lambda: len(rec.events) >= tables + 2, "two more events")
+            again = await asyncio.to_thread(scrape)
+            assert len(again) == MAX_TABLES + 1 and again[other] == 4, again.get(other)
+            assert again['walex_events_total{table="public.t1",type="insert"}'] == 2
+
+    run(main(), timeout=180)

@@ -16,9 +16,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .stats import Buckets
 
-__all__ = ["Families"]
+__all__ = ["Families", "MAX_TABLES", "OTHER_TABLES"]
 
 _KINDS = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
+MAX_TABLES = 1000  # tables with walex_events_total series of their own (Families.events)
+OTHER_TABLES = "(other)"  # the table label of the events of the tables past them
 
 
 class Families:
@@ -52,8 +54,25 @@ class Families:
         return family
 
     def events(self, name: str, counts: dict[tuple[str, str, str], int]) -> CounterMetricFamily:
-        """Events handled, by table (``schema.table``, as ``Event.table``) and type."""
+        """Events handled, by table (``schema.table``, as ``Event.table``) and type.
+
+        The first :data:`MAX_TABLES` tables seen have series of their own; the events of
+        any later one are summed, per type, under ``table="(other)"``. A table keeps its
+        place (``counts`` only grows, in the order tables were first seen), so every
+        series stays a counter; a scrape stays small with tens of thousands of tables.
+        """
+        tables: dict[tuple[str, str], str] = {}
+        other: dict[str, int] = {}
+        values = []
+        for (schema, table, kind), count in list(counts.items()):
+            label = tables.get((schema, table))
+            if label is None:
+                label = tables[(schema, table)] = (
+                    f"{schema}.{table}" if len(tables) < MAX_TABLES else OTHER_TABLES)
+            if label is OTHER_TABLES:
+                other[kind] = other.get(kind, 0) + count
+            else:
+                values.append(((label, kind), count))
+        values.extend(((OTHER_TABLES, kind), count) for kind, count in other.items())
         return self.labelled("counter", name, "Events handled, by table (schema.table) and type.",
-                             ["table", "type"],
-                             [((f"{schema}.{table}", kind), count)
-                              for (schema, table, kind), count in list(counts.items())])
+                             ["table", "type"], values)

@@ -4,7 +4,7 @@ Every metric carries the labels ``app`` (the app's name) and ``slot``.
 
 | metric | type | what |
 |---|---|---|
-| ``walex_events_total{table,type}`` | counter | events handled (``table``: ``schema.table``) |
+| ``walex_events_total{table,type}`` | counter | events handled (``table``: ``schema.table``; ``(other)`` past 1000 tables) |
 | ``walex_transactions_total`` | counter | transactions handled (all their batches) |
 | ``walex_handler_errors_total`` | counter | handler and function calls that raised (each try) |
 | ``walex_handler_retries_total`` | counter | retries of those calls |
