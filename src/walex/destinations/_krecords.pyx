@@ -42,6 +42,8 @@ cdef inline void _tuple_put(tuple t, Py_ssize_t at, object value):
 
 cdef inline void _list_put(list l, Py_ssize_t at, object value):
     cdef PyObject* old = PyList_GET_ITEM(l, at)
+    if old == <PyObject*>value:  # (the source, type and time pairs: mostly the same)
+        return
     Py_INCREF(value)
     PyList_SET_ITEM(l, at, value)
     Py_XDECREF(old)
@@ -87,6 +89,7 @@ def records(object produce, list batch, Py_ssize_t start, object topic, object r
             bint ce_headers=True):
     cdef Py_ssize_t at, n = len(batch), count = 0
     cdef tuple item, source_header = None, time_header = ("ce_time", b"")
+    cdef object type_kind = None, type_header = None  # the ce_type pair of the last kind
     cdef tuple args = None  # produce's arguments, filled again while the loop alone holds it
     cdef list headers = None, plain = None, with_subject = None
     cdef list only = [_CONTENT_TYPE]  # the headers of every record without the ce_* ones
@@ -132,14 +135,17 @@ def records(object produce, list batch, Py_ssize_t start, object topic, object r
             if time is not time_text:
                 time_text = time
                 time_header = ("ce_time", time.encode())
+            if kind is not type_kind:
+                type_header = types[kind]
+                type_kind = kind
             headers = None  # the loop's references to a list: its own and the argument tuple's
             if subject is None:
                 plain = _headers(plain, 1 + _holds(args, plain), id_, source_header,
-                                 types[kind], time_header, None)
+                                 type_header, time_header, None)
                 headers = plain
             else:
                 with_subject = _headers(with_subject, 1 + _holds(args, with_subject), id_,
-                                        source_header, types[kind], time_header, subject)
+                                        source_header, type_header, time_header, subject)
                 headers = with_subject
         if args is None or Py_REFCNT(args) != 1:
             args = (where, item[5], key, -1, failed, None, 0, headers)
