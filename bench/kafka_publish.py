@@ -3,6 +3,8 @@
     .venv/bin/python bench/kafka_publish.py                    # 200k records, groups of 4096
     .venv/bin/python bench/kafka_publish.py --busy             # a busy event loop meanwhile
     .venv/bin/python bench/kafka_publish.py --records 50000 --group 1 --reps 3
+    .venv/bin/python bench/kafka_publish.py --ceiling          # the kafka_ceiling level's way
+    .venv/bin/python bench/kafka_publish.py --callgrind 20000  # instructions per record
 
 Starts tansu (as ``run.py --destination kafka``), makes a topic of 3 partitions,
 and publishes synthetic CloudEvents (the W1 row's size: ~300-byte bodies, keys,
@@ -12,6 +14,14 @@ lane does. ``--busy`` runs a coroutine meanwhile that burns the CPU in slices of
 threads then contend for the GIL as in the relay. Prints the process's CPU
 (every thread, librdkafka's too; the busy coroutine's own work subtracted,
 measured alone first) per record, best of ``--reps``.
+
+``--ceiling`` publishes the same records as ``run.py``'s ``kafka_ceiling`` level
+does (``consumers/ceiling_consumer.py``'s ``kafka_publish``: one plain
+confluent-kafka producer, every record produced at once with a Python callback
+per report, one flush). ``--callgrind N`` runs this script under ``valgrind
+--tool=callgrind`` with N and 3N records (one repetition each) and prints the
+difference in instructions per extra record (``--keep-out DIR`` keeps the two
+files, for ``callgrind_annotate --inclusive=yes``).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import destinations  # noqa: E402
+
+sys.path.insert(0, str(HERE / "consumers"))
 
 from walex.destinations.base import DestinationURL  # noqa: E402
 from walex.destinations.encoding import Outgoing  # noqa: E402
@@ -59,6 +71,41 @@ def burn(ms: float) -> int:
     while time.thread_time() < end:
         n += 1
     return n
+
+
+async def ceiling(url: str, records: list[Outgoing]) -> tuple[float, float, int]:
+    """The kafka_ceiling level's publish of the same records (its own producer), timed from
+    its warm-up's end (its ``yield_start``) as run.py times it; its records (key, value,
+    headers) made before, as its untimed phase does."""
+    import ceiling_consumer
+
+    made = ceiling_consumer.kafka_records(records)
+    start = ceiling_consumer.yield_start
+    marks: list[float] = []
+
+    def started() -> None:
+        marks[:] = [time.perf_counter(), time.process_time(), time.thread_time()]
+        start()
+
+    ceiling_consumer.yield_start, ceiling_consumer.kafka_records = started, lambda _items: made
+    await ceiling_consumer.kafka_publish(url, records)
+    loop_cpu[0] = time.thread_time() - marks[2]
+    return time.perf_counter() - marks[0], time.process_time() - marks[1], 0
+
+
+def callgrind(args: argparse.Namespace) -> float:
+    """Instructions per record: this script under callgrind with N and 3N records."""
+    from pertxn import callgrind_total
+
+    argv = [__file__, "--reps", "1", "--group", str(args.group)]
+    argv += ["--ceiling"] if args.ceiling else []
+    argv += [a for p in args.param for a in ("--param", p)]
+    argv += ["--url", args.url] if args.url else []
+    n = args.callgrind
+    counts = [callgrind_total(argv + ["--records", str(m)],
+                              Path(args.keep_out) / f"{'ceiling' if args.ceiling else 'walex'}-{m}.out"
+                              if args.keep_out else None) for m in (n, 3 * n)]
+    return (counts[1] - counts[0]) / (2 * n)
 
 
 async def run(url: str, records: list[Outgoing], group: int, busy: bool, slice_ms: float
@@ -102,7 +149,17 @@ def main() -> int:
     parser.add_argument("--url", default="", help="a kafka:// URL instead of a tansu of our own")
     parser.add_argument("--param", action="append", default=[],
                         help="NAME=VALUE added to the URL (a librdkafka setting)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="publish as the kafka_ceiling level does (not through walex)")
+    parser.add_argument("--callgrind", type=int, default=0, metavar="N",
+                        help="instructions per record under callgrind (N and 3N records)")
+    parser.add_argument("--keep-out", default=None, help="with --callgrind: keep the files here")
     args = parser.parse_args()
+    if args.callgrind:
+        print(f"{'ceiling' if args.ceiling else 'walex'}: {callgrind(args):,.0f} instructions "
+              f"per record (callgrind, {args.callgrind} vs {3 * args.callgrind} records, group "
+              f"{args.group}{', ' + ' '.join(args.param) if args.param else ''})")
+        return 0
     if not args.url:
         destinations.parse(["kafka"])
     url = args.url or destinations.url_for("walex+kafka", f"kpub{os.getpid()}")
@@ -113,7 +170,11 @@ def main() -> int:
     best = None
     try:
         for _ in range(args.reps):
-            wall, cpu, slices = asyncio.run(run(url, records, args.group, args.busy, args.slice))
+            if args.ceiling:
+                wall, cpu, slices = asyncio.run(ceiling(url, records))
+            else:
+                wall, cpu, slices = asyncio.run(run(url, records, args.group, args.busy,
+                                                    args.slice))
             spare = cpu - slices * args.slice / 1000  # the busy coroutine's own CPU out
             line = (f"wall {wall:.3f}s cpu {cpu:.3f}s cpu-minus-busy {spare:.3f}s "
                     f"= {spare / len(records) * 1e6:.2f} us/record"

@@ -144,6 +144,37 @@ def test_a_refusal_names_its_topic_in_both_twins() -> None:
         assert len(rec.calls) == 6
 
 
+@pytest.mark.skipif(krecords.compiled_records is None,
+                    reason="walex.destinations._krecords not built (no Cython or C compiler)")
+@pytest.mark.parametrize("keep", ["list", "pairs"])
+def test_arguments_a_producer_kept_are_never_changed(keep: str) -> None:
+    """The compiled loop reuses its argument tuple, header lists and ``ce_id`` /
+    ``ce_subject`` pairs from one record to the next; a producer that kept one of them
+    (here the header list itself, or only its pairs) still holds what it was given."""
+    batch = _batch()
+    expected = _Recorded(1000)
+    krecords.py_records(expected.produce, batch, 0, None, Template(
+        "walex.{schema}.{table}", "topic", "test").render, _FAILED, {}, _TYPE_HEADERS, True,
+        lambda where, exc: RuntimeError(where))
+
+    class Keeper(_Recorded):
+        held: list[Any] = []
+
+        def produce(self, *args: Any) -> None:
+            self.producer.produce(*args)
+            headers = args[7]
+            self.held.append((args[:7], headers if keep == "list" or headers is None
+                              else list(headers)))
+
+    keeper = Keeper(1000)
+    krecords.compiled_records(keeper.produce, batch, 0, None, Template(
+        "walex.{schema}.{table}", "topic", "test").render, _FAILED, {}, _TYPE_HEADERS, True,
+        lambda where, exc: RuntimeError(where))
+    got = [(*a[:4], a[4] is _FAILED, *a[5:7], None if h is None else [tuple(p) for p in h])
+           for a, h in keeper.held]
+    assert got == expected.calls
+
+
 TABLES = ("CREATE TABLE a (id int PRIMARY KEY, v text); "
           "CREATE TABLE b (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR ALL TABLES")
 

@@ -12,8 +12,10 @@ one). Both take the same arguments and make the same calls of ``produce``
   its ``body`` as the value, its ``key`` as the key, the partitioner's partition (-1),
   ``failed`` as the delivery callback, no timestamp (0: now), and the headers
   ``ce_specversion``, ``ce_id``, ``ce_source``, ``ce_type``, ``ce_time``,
-  ``content-type`` and, when the item has a subject, ``ce_subject``: a new list per
-  record, of (name, value) pairs whose values shared by many records (the spec
+  ``content-type`` and, when the item has a subject, ``ce_subject``: a list per
+  record (the compiled twin fills its own list, pairs and argument tuple again for
+  the next record while nothing else holds them: the client copies them at once),
+  of (name, value) pairs whose values shared by many records (the spec
   version, content type, type, source and time) are bytes made once (``sources``
   keeps each source's pair across batches, ``types`` is each type's); with
   ``ce_headers`` false, ``content-type`` alone (one list for every record: the
