@@ -16,6 +16,9 @@ dispatcher under the partition's :class:`~walex.workers.lease.Lease`
 - A lane revoked during a call (the worker lost the partition) cancels the
   call; its deliveries are not acknowledged and :class:`Unavailable` is
   raised (the worker reconnects); the worker's own cancellation goes on.
+  A call cut off alone (:meth:`~walex.workers.base.Lane.cut`: a Kafka
+  partition moved) is cancelled the same way and its deliveries given back,
+  and the lane goes on with its other partitions, without reconnecting.
 - A message that is not a walex event is a failure under the error policy;
   one published with other partitions than this worker's is a
   :class:`~walex.errors.ConfigError` (the worker stops).
@@ -42,9 +45,14 @@ from .base import Consumer, Delivery, Lane
 from .gate import Gate
 from .lease import _CURRENT, Lease
 
-__all__ = ["Calls"]
+__all__ = ["CallCut", "Calls"]
 
 log = logging.getLogger("walex.workers")
+
+
+class CallCut(Exception):
+    """A call cut off by :meth:`~walex.workers.base.Lane.cut`: its messages were given back
+    and the lane goes on."""
 
 
 class Calls:
@@ -74,10 +82,13 @@ class Calls:
         lane.task = asyncio.current_task()
         while not self._closing:
             deliveries = await lane.receive(self.poll)
-            if len(deliveries) == 1 and self.stats is None:  # a NATS lane's every call
-                await self._handle_one(lane, deliveries)
-            elif deliveries:
-                await self._handle(lane, deliveries)
+            try:
+                if len(deliveries) == 1 and self.stats is None:  # a NATS lane's every call
+                    await self._handle_one(lane, deliveries)
+                elif deliveries:
+                    await self._handle(lane, deliveries)
+            except CallCut:  # given back, not acknowledged: the lane goes on
+                pass
 
     async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
         """Handle the deliveries in order, a transaction's consecutive events per call."""
@@ -216,13 +227,26 @@ class Calls:
         failure: BaseException | None = None
         token = _CURRENT.set(lease)
         lane.call = task
+        lane.lease = lease
         try:
             await self._dispatch(lane.partition, groups)
         except BaseException as exc:  # decided below: the partition may be lost
             failure = exc
         finally:
-            lane.call = None
+            lane.call = lane.lease = None
             _CURRENT.reset(token)
+        if lease.cut and not lane.revoked.is_set():
+            # Lane.cut() cancelled this task once, during the call: taken back as below; the
+            # call's messages are given back (not acknowledged) and the lane goes on
+            if task.uncancel() > 0:
+                raise failure if isinstance(failure, asyncio.CancelledError) else \
+                    asyncio.CancelledError()
+            self.fenced += 1
+            log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
+                        "cut off, nothing acknowledged; the worker goes on with its other "
+                        "partitions", self.name, lane.partition, lease.cut, events[0].id,
+                        events[-1].id)
+            raise CallCut(lease.cut)
         if lane.revoked.is_set():
             # revoke() cancelled this task once, during the call: that request is taken
             # back, and the call's own outcome does not count; the worker's own

@@ -49,14 +49,17 @@ class Lease:
     attempt: int | None = None  # JetStream: deliveries of the message so far (1 = first)
     sequence: int | None = None  # JetStream: the message's stream sequence
     lane: Any = field(default=None, repr=False)  # the worker's lane of the partition
+    cut: str = field(default="", repr=False)  # why this call alone lost it (Lane.cut), if it did
 
     @property
     def lost(self) -> bool:
         """Whether this worker knows it no longer holds the partition."""
-        return self.lane is not None and self.lane.revoked.is_set()
+        return bool(self.cut) or (self.lane is not None and self.lane.revoked.is_set())
 
     @property
     def reason(self) -> str:
+        if self.cut:
+            return self.cut
         return self.lane.reason if self.lost else ""
 
     def check(self) -> None:
