@@ -262,6 +262,12 @@ class Calls:
                               f"{events[0].id}..{events[-1].id} was cancelled or its end not "
                               "acknowledged")
         if failure is not None:
+            if isinstance(failure, asyncio.CancelledError):
+                # the worker cut the call off (stop() past shutdown_grace, a reconnect): its
+                # messages go back to the broker, so a call that runs on (a plain handler, on
+                # its thread) must find its lease lost
+                lease.cut = ("this worker cut the call off (stopping or reconnecting): the "
+                             "broker hands the partition to another worker")
             raise failure
 
     async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:

@@ -10,6 +10,8 @@ worker already handles the same messages, and newer ones. So:
   (JetStream: before the server's ``ack_wait`` runs out without a confirmed
   progress report, see :mod:`walex.workers.nats`; RabbitMQ: when the
   connection or channel is closed), and does not acknowledge its messages;
+  a call the worker cuts off itself (``stop()`` past ``shutdown_grace``, a
+  reconnect) has its lease lost too, as its messages go back to the broker;
 - during a call, :func:`current_lease` returns its :class:`Lease`: ``lost``
   tells whether the worker already knows it lost the partition, ``check()``
   raises :class:`LeaseLost` then (a plain handler, which runs on a thread
