@@ -52,7 +52,9 @@ returned). A message that is not a walex event is such a failure too.
 
 Calls run one at a time per worker by default (``concurrency``), so a
 handler written for an in-process app, which never runs twice at once, runs
-unchanged; scale out with processes. Redis Streams is a destination only:
+unchanged; scale out with processes. With a ``max_batch`` handler they always
+run one at a time (the events such a handler keeps between calls belong to
+one lane's acknowledgement). Redis Streams is a destination only:
 a consumer group hands entries to whichever consumer asks, and the entries
 a dead consumer held are claimed by another while newer entries of the same
 rows are being handled, so per-row order cannot be kept.
@@ -214,7 +216,15 @@ class Worker(Calls, Lifecycle):
         self.shutdown_grace = shutdown_grace
         self.gc_threshold = gc_threshold
         self._gc_held = 0  # the gc_threshold held while running (walex.gcpolicy)
-        self._slots = Gate(concurrency)  # how many calls run at once
+        # how many calls run at once. One with a max_batch handler: the dispatcher keeps such
+        # a handler's events that do not fill a call until the end of the dispatch, so
+        # another lane's call at once would take them into its own and this one's messages
+        # be acknowledged before that call returned
+        if self.dispatcher.batching and concurrency > 1:
+            log.warning("worker %r: concurrency=%d, and a handler has max_batch: its calls run "
+                        "one at a time (a max_batch handler's kept events go to one lane's "
+                        "acknowledgement only)", name, concurrency)
+        self._slots = Gate(1 if self.dispatcher.batching else concurrency)
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
