@@ -235,26 +235,24 @@ class Calls:
         finally:
             lane.call = lane.lease = None
             _CURRENT.reset(token)
-        if lease.cut and not lane.revoked.is_set():
-            # Lane.cut() cancelled this task once, during the call: taken back as below; the
-            # call's messages are given back (not acknowledged) and the lane goes on
-            if task.uncancel() > 0:
+        cut, revoked = bool(lease.cut), lane.revoked.is_set()
+        if cut or revoked:
+            # Lane.cut() and revoke() each cancelled this task once, during the call: those
+            # requests are taken back, and the call's own outcome does not count; the
+            # worker's own cancellation (stop) goes on
+            left = 0
+            for _ in range(cut + revoked):
+                left = task.uncancel()
+            if left > 0:
                 raise failure if isinstance(failure, asyncio.CancelledError) else \
                     asyncio.CancelledError()
             self.fenced += 1
-            log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
-                        "cut off, nothing acknowledged; the worker goes on with its other "
-                        "partitions", self.name, lane.partition, lease.cut, events[0].id,
-                        events[-1].id)
-            raise CallCut(lease.cut)
-        if lane.revoked.is_set():
-            # revoke() cancelled this task once, during the call: that request is taken
-            # back, and the call's own outcome does not count; the worker's own
-            # cancellation (stop) goes on
-            if task.uncancel() > 0:
-                raise failure if isinstance(failure, asyncio.CancelledError) else \
-                    asyncio.CancelledError()
-            self.fenced += 1
+            if not revoked:  # this call alone: its messages given back, the lane goes on
+                log.warning("worker %r: partition %d lost (%s) during the call with events "
+                            "%s..%s: cut off, nothing acknowledged; the worker goes on with its "
+                            "other partitions", self.name, lane.partition, lease.cut,
+                            events[0].id, events[-1].id)
+                raise CallCut(lease.cut)
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
                         "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
                         events[0].id, events[-1].id)
