@@ -235,8 +235,8 @@ class Calls:
         finally:
             lane.call = lane.lease = None
             _CURRENT.reset(token)
-        cut, revoked = bool(lease.cut), lane.revoked.is_set()
-        if cut or revoked:
+        if lease.cut or lane.revoked.is_set():
+            cut, revoked = bool(lease.cut), lane.revoked.is_set()
             # Lane.cut() and revoke() each cancelled this task once, during the call: those
             # requests are taken back, and the call's own outcome does not count; the
             # worker's own cancellation (stop) goes on
