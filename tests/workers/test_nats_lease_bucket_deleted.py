@@ -165,3 +165,56 @@ def test_a_group_declared_long_before_its_first_worker_takes_its_partitions_at_o
             await asyncio.wait_for(worker.stop(), 30)
 
     asyncio.run(main())
+
+
+def test_a_bucket_deleted_within_ttl_of_the_groups_start_is_not_taken_for_its_first(
+        unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group declared, its first worker ``a`` holding both partitions at once (the bucket
+    was made with the consumers); the bucket is deleted at once, well within ``ttl`` of the
+    group's start, and worker ``b`` starts and makes it again. ``b`` must take no lease
+    ``a`` still takes as valid. On main a bucket made within ``ttl`` of the group's
+    consumers counted as the group's first whoever made it: ``b`` took both partitions
+    while ``a`` held them (until its next round)."""
+    from walex import Events
+    from walex.workers import Worker
+
+    # a's rounds 3 s apart (ttl / 3): b opens well before a's next round sees the deletion
+    monkeypatch.setattr(Leases, "round_every", 10.0)
+    events = Events()
+    events.on_event("item")(lambda batch: None)
+    source = nb._source(unique, 8) + "&ack_wait=9"
+    port = require("nats")
+    clashes: list[str] = []
+
+    async def main() -> None:
+        await Worker(source, [events]).consumer.declare()
+        a = Worker(source, [events], name="a")
+        b = Worker(source, [events], name="b")
+        await a.start()
+        try:
+            la = a.consumer.leases
+            assert la is not None
+            await _wait(lambda: sorted(la.held) == [0, 1], "a to hold both partitions", 5)
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=5)
+            try:
+                await nc.jetstream(timeout=10).delete_key_value(bucket_name(f"g{unique}"))
+            finally:
+                await nc.close()
+            await b.start()
+            lb = b.consumer.leases
+            assert lb is not None
+            deadline = time.monotonic() + 6  # past a's next round: it has dropped its leases
+            while time.monotonic() < deadline:
+                clashes.extend(f"b holds partition {p} while a takes it as valid for "
+                               f"{la.remaining(p):.2f}s more" for p in lb.held if la.valid(p))
+                await asyncio.sleep(0.01)
+            assert not la.held, f"a still holds {sorted(la.held)} after the deletion"
+            # ttl after the bucket was made again, b takes partitions (a reconnected meanwhile:
+            # it lost its leases, so its lanes were revoked)
+            await _wait(lambda: bool(lb.held), "b to take a partition", 20)
+        finally:
+            await asyncio.wait_for(a.stop(), 30)
+            await asyncio.wait_for(b.stop(), 30)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert not clashes, clashes[:5]

@@ -52,7 +52,9 @@ returned). A message that is not a walex event is such a failure too.
 
 Calls run one at a time per worker by default (``concurrency``), so a
 handler written for an in-process app, which never runs twice at once, runs
-unchanged; scale out with processes. Redis Streams is a destination only:
+unchanged; scale out with processes. With a ``max_batch`` handler they always
+run one at a time (the events such a handler keeps between calls belong to
+one lane's acknowledgement). Redis Streams is a destination only:
 a consumer group hands entries to whichever consumer asks, and the entries
 a dead consumer held are claimed by another while newer entries of the same
 rows are being handled, so per-row order cannot be kept.
@@ -60,13 +62,16 @@ rows are being handled, so per-row order cannot be kept.
 ``metrics_port`` (and ``metrics_host``) serve the worker's Prometheus
 metrics, ``/healthz`` and ``/livez`` as an app's do (:mod:`walex.observe.workers`;
 needs ``walex[metrics]``).
+
+This module holds the worker's configuration and lifecycle (connect,
+reconnect, stop); the lanes' loop and each call's steps, up to the
+acknowledgement, are :mod:`walex.workers.calls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -76,16 +81,15 @@ from ..destinations import SCHEMES, load_class
 from ..destinations.base import DestinationURL, Unavailable, backoff
 from ..destinations.decoding import Decoder
 from ..dispatch import Dispatcher
-from ..errors import ConfigError, DecodeError, HandlerError
-from ..event import Event
+from ..errors import ConfigError
 from ..lifecycle import Lifecycle, check_loop
 from ..modules import import_object, resolve_modules
 from ..observe import require_extra
 from ..observe.workers import WorkerObserver, WorkerStats
-from ..transactions import Transaction
-from .base import Consumer, Delivery, Lane
+from .base import Consumer, Lane
+from .calls import Calls
 from .gate import Gate
-from .lease import _CURRENT, Lease, LeaseLost, current_lease
+from .lease import Lease, LeaseLost, current_lease
 
 __all__ = ["Lease", "LeaseLost", "Worker", "consumer_from_url", "current_lease", "declare"]
 
@@ -141,7 +145,7 @@ def _policy(on_error: Any) -> Any:
                       f"exception) (or its import string 'package.module:function'), got {on_error!r}")
 
 
-class Worker(Lifecycle):
+class Worker(Calls, Lifecycle):
     """Handle what a relay published to ``source_url`` with the handlers of ``modules``.
 
     ``modules``: :class:`~walex.Events` objects or import strings, as for
@@ -212,7 +216,15 @@ class Worker(Lifecycle):
         self.shutdown_grace = shutdown_grace
         self.gc_threshold = gc_threshold
         self._gc_held = 0  # the gc_threshold held while running (walex.gcpolicy)
-        self._slots = Gate(concurrency)  # how many calls run at once
+        # how many calls run at once. One with a max_batch handler: the dispatcher keeps such
+        # a handler's events that do not fill a call until the end of the dispatch, so
+        # another lane's call at once would take them into its own and this one's messages
+        # be acknowledged before that call returned
+        if self.dispatcher.batching and concurrency > 1:
+            log.warning("worker %r: concurrency=%d, and a handler has max_batch: its calls run "
+                        "one at a time (a max_batch handler's kept events go to one lane's "
+                        "acknowledgement only)", name, concurrency)
+        self._slots = Gate(1 if self.dispatcher.batching else concurrency)
         self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()  # (db, id) handled here
         self._task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -322,241 +334,6 @@ class Worker(Lifecycle):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self.consumer.close()
             lanes = None
-
-    async def _lane(self, lane: Lane) -> None:
-        # the lane's task, looked up once: on Python 3.11 each lookup asks the OS for the pid
-        lane.task = asyncio.current_task()
-        while not self._closing:
-            deliveries = await lane.receive(self.poll)
-            if len(deliveries) == 1 and self.stats is None:  # a NATS lane's every call
-                await self._handle_one(lane, deliveries)
-            elif deliveries:
-                await self._handle(lane, deliveries)
-
-    async def _handle(self, lane: Lane, deliveries: list[Delivery]) -> None:
-        """Handle the deliveries in order, a transaction's consecutive events per call."""
-        if self.stats is not None and deliveries[-1].pending is not None:
-            self.stats.pending[lane.partition] = deliveries[-1].pending
-        if len(deliveries) == 1:  # a NATS lane's every time: the same steps, fewer of them
-            await self._handle_one(lane, deliveries)
-            return
-        items: list[tuple[Delivery, Event | None, DecodeError | None]] = []
-        for delivery in deliveries:
-            try:
-                event = self._event(delivery)
-            except DecodeError as exc:
-                items.append((delivery, None, exc))
-            except ConfigError:
-                await lane.release(deliveries)
-                raise
-            else:
-                items.append((delivery, event, None))
-        # The messages are acknowledged once, after the last call of the batch (one
-        # acknowledgement where the broker takes cumulative ones): deliveries[:done] are
-        # handled or disposed of, deliveries[:acked] acknowledged.
-        acked = done = 0
-        across = self.dispatcher.batching and self.concurrency == 1  # kept events: one call at a time
-        since = time.monotonic()  # of the oldest unacknowledged message (a broker may time it out)
-        while done < len(items):
-            if self._closing:
-                await self._ack_handled(lane, deliveries[acked:done])
-                await lane.release(deliveries[done:])
-                return
-            delivery, event, error = items[done]
-            if event is None:
-                if self.dispatcher.on_error == "stop":
-                    await self._ack_handled(lane, deliveries[acked:done])
-                    acked = done
-                await self._undecodable(lane, deliveries[done:], error)
-                done += 1
-                continue
-            # one call per transaction; with max_batch handlers, one for the consecutive
-            # transactions received together (the dispatcher calls the others per transaction)
-            groups: list[list[Event]] = []
-            j = done
-            n = len(items)
-            while j < n and items[j][1] is not None and (j == done or across):
-                first = items[j][1].id  # type: ignore[union-attr]
-                commit = first.partition("-")[0]
-                prefix = commit + "-"  # an id is "<commit>-<position>"
-                k = j + 1
-                while k < n:
-                    later = items[k][1]
-                    if later is None or not (later.id.startswith(prefix) or later.id == commit):
-                        break
-                    k += 1
-                groups.append([e for _, e, _ in items[j:k]])  # type: ignore[misc]
-                j = k
-            try:
-                await self._call(lane, groups, deliveries[done:j])
-            except BaseException:
-                await self._ack_handled(lane, deliveries[acked:done])
-                await lane.release(deliveries[done:])
-                raise
-            done = j
-            if done < len(items) and time.monotonic() - since > self.ack_interval:
-                await lane.ack(deliveries[acked:done])  # slow calls: do not hold them for long
-                acked, since = done, time.monotonic()
-        await lane.ack(deliveries[acked:])
-
-    def _event(self, delivery: Delivery) -> Event:
-        """The event of a delivery (counted if redelivered); DecodeError when it is not a
-        walex event, ConfigError (the caller gives the deliveries back) when it was
-        published with other partitions than this worker's."""
-        if delivery.redelivered:
-            self.redeliveries += 1
-        doc = self.decoder.document(delivery.body)
-        theirs, mine = doc.get("walexpartitions"), self.consumer.partitions
-        if mine > 1 and isinstance(theirs, int) and theirs != mine:
-            raise ConfigError(
-                f"worker {self.name!r}: message {doc.get('id')} was published with "
-                f"partitions={theirs}, and this worker has partitions={mine}: its source URL "
-                f"must say the relay's partitions (&partitions={theirs}), or some partitions "
-                "are never handled"
-            )
-        return self.decoder.decode(doc)
-
-    async def _handle_one(self, lane: Lane, deliveries: list[Delivery]) -> None:
-        """:meth:`_handle` of a single delivery: its steps without the grouping."""
-        try:
-            event = self._event(deliveries[0])
-        except ConfigError:
-            await lane.release(deliveries)
-            raise
-        except DecodeError as exc:
-            if self._closing:
-                await lane.release(deliveries)
-                return
-            await self._undecodable(lane, deliveries, exc)
-            await lane.ack(deliveries)
-            return
-        if self._closing:
-            await lane.release(deliveries)
-            return
-        try:
-            await self._call(lane, [[event]], deliveries)
-        except BaseException:
-            await lane.release(deliveries)
-            raise
-        await lane.ack(deliveries)
-
-    async def _ack_handled(self, lane: Lane, handled: list[Delivery]) -> None:
-        """Before giving the rest back: acknowledge what was handled, if the lane is still
-        this worker's (else, or failing, it comes again: at-least-once)."""
-        if not handled or lane.revoked.is_set():
-            return
-        try:
-            await lane.ack(handled)
-        except Exception as exc:
-            log.debug("worker %r: acknowledging the handled messages before giving the rest "
-                      "back failed: %r", self.name, exc)
-
-    async def _call(self, lane: Lane, groups: list[list[Event]], deliveries: list[Delivery]) -> None:
-        """Dispatch the transactions ``groups`` under the partition's lease: the call is
-        cancelled when the lane is revoked (this worker lost the partition), and then
-        nothing is acknowledged."""
-        events = groups[0] if len(groups) == 1 else [e for group in groups for e in group]
-        last = deliveries[-1]
-        redelivered = last.redelivered if len(deliveries) == 1 else \
-            any(d.redelivered for d in deliveries)
-        lease = Lease(lane.partition, events[-1].id, redelivered, last.attempt, last.sequence, lane)
-        if lane.revoked.is_set():
-            raise Unavailable(f"partition {lane.partition}: {lane.reason}")
-        # The call runs in the lane's own task (no task of its own per call): revoke()
-        # cancels that task, only while lane.call names it, i.e. within the await below
-        # (it is called from other tasks and callbacks, so the cancellation lands there).
-        task = lane.task if lane.task is not None else asyncio.current_task()
-        assert task is not None
-        failure: BaseException | None = None
-        token = _CURRENT.set(lease)
-        lane.call = task
-        try:
-            await self._dispatch(lane.partition, groups)
-        except BaseException as exc:  # decided below: the partition may be lost
-            failure = exc
-        finally:
-            lane.call = None
-            _CURRENT.reset(token)
-        if lane.revoked.is_set():
-            # revoke() cancelled this task once, during the call: that request is taken
-            # back, and the call's own outcome does not count; the worker's own
-            # cancellation (stop) goes on
-            if task.uncancel() > 0:
-                raise failure if isinstance(failure, asyncio.CancelledError) else \
-                    asyncio.CancelledError()
-            self.fenced += 1
-            log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
-                        "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
-                        events[0].id, events[-1].id)
-            raise Unavailable(f"partition {lane.partition}: {lane.reason}; the call with events "
-                              f"{events[0].id}..{events[-1].id} was cancelled or its end not "
-                              "acknowledged")
-        if failure is not None:
-            raise failure
-
-    async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
-        """Call the handlers with each transaction of ``groups``, in order; with several,
-        ``max_batch`` handlers get their events in as few calls as their size allows."""
-        seen = self._seen
-        fresh_groups = []
-        keys = []  # of the fresh events, in order: remembered once they are handled
-        for events in groups:
-            fresh = []
-            for event in events:
-                key = (event.source.db, event.id)
-                if key in seen:
-                    self.duplicates += 1
-                    log.debug("worker %r: event %s was handled here already; dropped", self.name,
-                              event.id)
-                    continue
-                fresh.append(event)
-                keys.append(key)
-            if fresh:
-                fresh_groups.append(fresh)
-        if not fresh_groups:
-            return
-        defer = len(fresh_groups) > 1
-        dispatcher = self.dispatcher
-        stats = self.stats
-        slots = self._slots
-        if not slots.enter_now():
-            await slots.enter()
-        try:
-            started, clock = (time.time(), time.perf_counter()) if stats is not None else (0.0, 0.0)
-            try:
-                for fresh in fresh_groups:
-                    first = fresh[0]
-                    await dispatcher.dispatch(
-                        Transaction(xid=0, commit_lsn=int(first.id.partition("-")[0], 16),
-                                    end_lsn=0, commit_time=first.timestamp, events=fresh),
-                        defer=defer)
-                if defer and dispatcher.pending:
-                    await dispatcher.flush()
-            except BaseException:
-                dispatcher.drop_pending()  # not acknowledged: they come again
-                raise
-            handled = fresh_groups[0] if not defer else [e for g in fresh_groups for e in g]
-            if stats is not None:
-                stats.handled(partition, handled, started, time.perf_counter() - clock)
-        finally:
-            slots.leave()
-        for key in keys:
-            seen[key] = None
-        while len(seen) > self.remember:
-            seen.popitem(last=False)
-        self.events_handled += len(handled)
-
-    async def _undecodable(self, lane: Lane, rest: list[Delivery], error: DecodeError | None) -> None:
-        """A message that is not a walex event: a failure under the error policy."""
-        policy = self.dispatcher.on_error
-        if policy == "stop":
-            await lane.release(rest)
-            raise HandlerError(f"worker {self.name!r}: {error} (partition {lane.partition}); "
-                               "it was not acknowledged")
-        log.error("worker %r: %s (partition %d); skipped (acknowledged with the batch)",
-                  self.name, error, lane.partition)
-        self.dispatcher.failures += 1
-        self.undecodable += 1
 
     async def stop(self) -> None:
         """Finish the calls in hand (within ``shutdown_grace``), give back the rest, disconnect."""

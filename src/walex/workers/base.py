@@ -8,7 +8,9 @@ whatever was received but not acknowledged goes back to the broker.
 
 A :class:`Lane` hands out one partition's messages in order (and is
 revoked, :meth:`Lane.revoke`, when the worker learns the broker may hand
-them to another worker: the worker cancels the call in hand):
+them to another worker: the worker cancels the call in hand and connects
+again; or only the call in hand is cut off, :meth:`Lane.cut`, where the
+lane goes on with other partitions, as a Kafka lane does):
 :meth:`~Lane.receive` returns the next messages available (an empty list
 after ``wait`` seconds without any), :meth:`~Lane.ack` acknowledges
 delivered messages once they are handled, :meth:`~Lane.release` gives
@@ -66,6 +68,7 @@ class Lane(ABC):
         self.revoked = asyncio.Event()  # set when this worker lost the partition
         self.reason = ""
         self.call: asyncio.Task[Any] | None = None  # the handler call in hand, cancelled by revoke
+        self.lease: Any = None  # the call in hand's walex.workers.lease.Lease, while self.call
 
     def revoke(self, reason: str) -> None:
         """This worker no longer holds the partition: the call in hand is cancelled."""
@@ -75,6 +78,18 @@ class Lane(ABC):
             log.debug("partition %d: %s", self.partition, reason)
             if self.call is not None:
                 self.call.cancel()
+
+    def cut(self, reason: str) -> bool:
+        """The call in hand alone lost its partition: it is cancelled and nothing of it is
+        acknowledged (its messages come again), and the lane goes on; False when no call is
+        in hand."""
+        lease, call = self.lease, self.call
+        if lease is None or call is None or lease.cut:
+            return False
+        lease.cut = reason
+        log.debug("partition %d: %s", lease.partition, reason)
+        call.cancel()
+        return True
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:

@@ -33,7 +33,9 @@ handled by one worker at a time and per-key order holds. The group waits
 worker to give its partitions up: a call that has not returned after a
 third of it (60 s at most) is cancelled, as when a partition is lost
 (below), nothing of it is committed, and the worker waits as long again for
-it to end before it lets the partitions go (then connects again). A plain
+it to end before it lets the partitions go; only that call is cut off: the
+worker stays in the group and goes on with the partitions it holds or is
+given next (its records come again, with the same ``event.id``). A plain
 handler runs on a thread and cannot be cancelled: as with the other
 sources, its lease says lost (``current_lease().check()`` raises
 :class:`~walex.workers.LeaseLost`: call it before the effect, or keep the
@@ -54,7 +56,7 @@ A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
 the other sources do (:func:`walex.workers.current_lease`; the lease's
 ``partition`` is the record's Kafka partition), commits nothing of it and
-joins again. ``walex worker --declare`` has nothing to create on Kafka: it
+goes on with its other partitions (librdkafka joins the group again). ``walex worker --declare`` has nothing to create on Kafka: it
 checks that the brokers answer and take the login.
 
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
@@ -110,6 +112,14 @@ class KafkaLane(Lane):
     def __init__(self, consumer: KafkaConsumer) -> None:
         super().__init__(0)
         self.consumer = consumer
+        self.holding: TP | None = None  # the partition of the records handed out, until settled
+        self.last: Delivery | None = None  # the last of them
+
+    def cut_partitions(self, keys: set[TP], reason: str) -> None:
+        """Partitions that go to another worker: the call in hand is cut off if it holds one
+        of them (:meth:`~walex.workers.base.Lane.cut`); the calls of the others go on."""
+        if self.holding in keys:
+            self.cut(reason)
 
     async def receive(self, wait: float) -> list[Delivery]:
         c = self.consumer
@@ -119,7 +129,8 @@ class KafkaLane(Lane):
             taken = c.take()
             if taken:
                 # the lease of the call (walex.workers.current_lease) names its Kafka partition
-                self.partition = taken[0].handle[0][1]
+                self.holding, self.last = taken[0].handle[0], taken[-1]
+                self.partition = self.holding[1]
                 return taken
             left = deadline - time.monotonic()
             if left <= 0:
@@ -131,9 +142,12 @@ class KafkaLane(Lane):
                 pass
 
     async def ack(self, deliveries: list[Delivery]) -> None:
+        if deliveries and deliveries[-1] is self.last:  # all of them handled
+            self.holding = None
         self.consumer.settle(deliveries, handled=True)
 
     async def release(self, deliveries: list[Delivery]) -> None:
+        self.holding = None
         self.consumer.settle(deliveries, handled=False)
 
 
@@ -194,7 +208,6 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.rewind: dict[TP, int] = {}  # released records: read again from here
         self.failed: Exception | None = None
         self.closing = False
-        self.rejoining = False  # a rebalance this member gave up a call in: it rejoins first
         self.last_error: str | None = None
         self.auth_error: str | None = None
         self.trouble_since: float | None = None  # the client's first error not yet cleared

@@ -5,15 +5,17 @@ Contract: :class:`KafkaSession` is the part of
 (``_serve``) and in librdkafka's callbacks (errors, assignments, revocations,
 losses), all of them on that thread. It shares with the event loop's side only
 the state under ``lock`` (``assigned``, ``buffers``, ``busy``, ``done``,
-``committed``, ``rewind``, ``failed``, ``closing``, ``rejoining``) and wakes the
+``committed``, ``rewind``, ``failed``, ``closing``) and wakes the
 loop through ``ready``; every entry point carries its session's ``token`` and
 touches nothing once ``session`` is another (a client that outlived
 ``close()``). It reads records into ``buffers``, seeks back to what the loop
 released, commits what the loop settled as handled (``done``), and on a
-rebalance waits for the call in hand, commits it and drops the rest (or,
-partitions lost, cancels the call through the lane). It imports nothing of
-:mod:`walex.workers.kafka`; the consumer provides the attributes annotated on
-the class.
+rebalance waits for the call in hand, commits it and drops the rest; a call of
+the partitions that go (lost, or not returned in time) is cut off through the
+lane (``cut_partitions``, :meth:`walex.workers.base.Lane.cut`): that call alone,
+nothing of it committed, and the worker goes on with its other partitions. It
+imports nothing of :mod:`walex.workers.kafka`; the consumer provides the
+attributes annotated on the class.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from confluent_kafka import KafkaException, TopicPartition
 
 from ..destinations.base import Unavailable
 from ..destinations.kafka import AUTHENTICATION
-from .base import Lane
 
 __all__ = ["TP", "KafkaSession"]
 
@@ -56,7 +57,7 @@ class KafkaSession:
     session: object
     ready: asyncio.Event
     loop: asyncio.AbstractEventLoop | None
-    lane: Lane | None
+    lane: Any  # walex.workers.kafka.KafkaLane
     assigned: set[TP]
     buffers: dict[TP, deque[Any]]
     busy: dict[TP, int]
@@ -67,7 +68,6 @@ class KafkaSession:
     rewind: dict[TP, int]
     failed: Exception | None
     closing: bool
-    rejoining: bool
     last_error: str | None
     auth_error: str | None
     trouble_since: float | None
@@ -111,12 +111,7 @@ class KafkaSession:
                              on_revoke=lambda c, p: self._give_up(c, p, True, token),
                              on_lost=lambda c, p: self._give_up(c, p, False, token))
             last_commit = time.monotonic()
-            rejoin_limit = None
-            while not stopping.is_set() or (self.rejoining and self.session is token):
-                if stopping.is_set():  # the rebalance this member is in ends first
-                    rejoin_limit = rejoin_limit or time.monotonic() + max(self.timeout, 10.0)
-                    if time.monotonic() > rejoin_limit:
-                        break
+            while not stopping.is_set():
                 self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
                 self._receive(messages, token)
@@ -263,7 +258,6 @@ class KafkaSession:
         with self.lock:
             if self.session is not token:
                 return  # the client of an earlier session: its records are not read
-            self.rejoining = False
             for tp in partitions:
                 key = (tp.topic, tp.partition)
                 self.assigned.add(key)
@@ -292,8 +286,8 @@ class KafkaSession:
             if not commit and any(self.busy.get(k) for k in keys):
                 # the group gave them away already (this worker missed its session): the call
                 # in hand is cancelled (fencing, walex.workers.current_lease) and not committed
-                cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
-                                         "were lost (the group session timed out)")
+                cancelled = self._cut(lane, loop, keys, f"Kafka partitions {_names(partitions)} "
+                                      "were lost (the group session timed out)")
             while self.session is token and not self.closing and \
                     any(self.busy.get(k) for k in keys):
                 left = limit - time.monotonic()
@@ -303,9 +297,9 @@ class KafkaSession:
                     log.warning("worker group %r: a handler call for %s did not return within "
                                 "%gs of a rebalance; it is cancelled and its records are "
                                 "handled again", self.group, _names(partitions), self.revoke_limit)
-                    cancelled = self._cancel(lane, loop, f"Kafka partitions {_names(partitions)} "
-                                             "are revoked and the call did not return within "
-                                             f"{self.revoke_limit:g}s")
+                    cancelled = self._cut(lane, loop, keys, f"Kafka partitions "
+                                          f"{_names(partitions)} are revoked and the call did "
+                                          f"not return within {self.revoke_limit:g}s")
                     limit = time.monotonic() + self.revoke_limit
                     continue
                 if left <= 0:
@@ -319,11 +313,6 @@ class KafkaSession:
         with self.lock:
             if self.session is not token:
                 return
-            if cancelled and commit:
-                # the lane is revoked: the worker connects again, as a new member. This one
-                # first takes its part in the rebalance under way (_serve), then leaves: the
-                # group's leader leaving in the middle of one can wedge it (tansu kept it so)
-                self.rejoining = True
             for key in keys:
                 self.assigned.discard(key)
                 self.buffers.pop(key, None)
@@ -335,13 +324,14 @@ class KafkaSession:
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
 
-    def _cancel(self, lane: Lane | None, loop: asyncio.AbstractEventLoop | None,
-                reason: str) -> bool:
-        """Revoke the lane (on the loop): the call in hand is cancelled, its lease lost."""
+    def _cut(self, lane: Any, loop: asyncio.AbstractEventLoop | None, keys: set[TP],
+             reason: str) -> bool:
+        """Cut off the call in hand if it holds one of ``keys`` (on the loop): that call alone is
+        cancelled, its lease lost, nothing of it committed; the lane goes on with the others."""
         if lane is None or loop is None:
             return False
         try:
-            loop.call_soon_threadsafe(lane.revoke, reason)
+            loop.call_soon_threadsafe(lane.cut_partitions, keys, reason)
         except RuntimeError:  # the loop is closed: no call runs
             return False
         return True

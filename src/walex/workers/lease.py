@@ -10,6 +10,8 @@ worker already handles the same messages, and newer ones. So:
   (JetStream: before the server's ``ack_wait`` runs out without a confirmed
   progress report, see :mod:`walex.workers.nats`; RabbitMQ: when the
   connection or channel is closed), and does not acknowledge its messages;
+  a call the worker cuts off itself (``stop()`` past ``shutdown_grace``, a
+  reconnect) has its lease lost too, as its messages go back to the broker;
 - during a call, :func:`current_lease` returns its :class:`Lease`: ``lost``
   tells whether the worker already knows it lost the partition, ``check()``
   raises :class:`LeaseLost` then (a plain handler, which runs on a thread
@@ -49,14 +51,17 @@ class Lease:
     attempt: int | None = None  # JetStream: deliveries of the message so far (1 = first)
     sequence: int | None = None  # JetStream: the message's stream sequence
     lane: Any = field(default=None, repr=False)  # the worker's lane of the partition
+    cut: str = field(default="", repr=False)  # why this call alone lost it (Lane.cut), if it did
 
     @property
     def lost(self) -> bool:
         """Whether this worker knows it no longer holds the partition."""
-        return self.lane is not None and self.lane.revoked.is_set()
+        return bool(self.cut) or (self.lane is not None and self.lane.revoked.is_set())
 
     @property
     def reason(self) -> str:
+        if self.cut:
+            return self.cut
         return self.lane.reason if self.lost else ""
 
     def check(self) -> None:

@@ -131,6 +131,7 @@ class NatsConsumer(Consumer):
         self.inboxes: Inboxes | None = None  # the direct way's hook, while it is set
         self.checked = 0.0  # when the stream was last compared with this worker's setup
         self.since: Any = None  # when the oldest of the group's consumers was made (server's)
+        self.made = False  # this open() made one of the group's consumers (natslease.FIRST)
 
     def check(self) -> None:
         """Raise :class:`Unavailable` when the connection is gone."""
@@ -154,6 +155,7 @@ class NatsConsumer(Consumer):
             await self.verify()
             self.lanes = []
             self.since = None
+            self.made = False
             for p, subject in enumerate(self.filters):
                 name = f"{self.group}_{p}"
                 ack_wait = await self._ensure_consumer(js, name, subject)
@@ -164,7 +166,7 @@ class NatsConsumer(Consumer):
                 self._hook()
             if self.prefetch > 1 and self.declaring:  # the group's lease bucket, made now
                 await open_bucket(js, bucket_name(self.group),
-                                  max(lane.ack_wait for lane in self.lanes))
+                                  max(lane.ack_wait for lane in self.lanes), first=self.made)
             elif self.prefetch > 1:
                 await self._lease()
         except Unavailable:
@@ -207,7 +209,7 @@ class NatsConsumer(Consumer):
             max(lane.ack_wait for lane in lanes),
             granted=lambda p: lanes[p].grant(), lost=lambda p, why: lanes[p].lose(why),
             shed=lambda p: lanes[p].shed(), name=f"{socket.gethostname()}-{os.getpid()}",
-            scrub=self.url.scrub, since=self.since)
+            scrub=self.url.scrub, since=self.since, first=self.made)
         for lane in lanes:
             lane.leases = self.leases
         await self.leases.open()
@@ -277,6 +279,7 @@ class NatsConsumer(Consumer):
             )
             try:
                 info = await js.add_consumer(self.stream, config)
+                self.made = True
             except Exception:  # another worker created it meanwhile, maybe otherwise
                 info = await js.consumer_info(self.stream, name)
         created = getattr(info, "created", None)

@@ -49,8 +49,11 @@ one holding its lease here:
   round that finds the bucket gone makes it again (:meth:`Leases._remake`: a
   worker holding no lease would idle for ever), and waits as long.
   Not at a group's first start: a bucket made within ``ttl`` after the group's
-  consumers (``since``, the oldest one's ``created``) is the group's first one
-  (a bucket deleted within ``ttl`` of the group's start is not told apart);
+  consumers (``since``, the oldest one's ``created``) by the worker (or
+  ``walex worker --declare``) that made those consumers is the group's first
+  one; its maker says so in its description (:data:`FIRST`). A bucket made
+  by a worker that found the consumers made, a deleted one made again even
+  within ``ttl`` of the group's start, says :data:`AGAIN`, and is waited for.
   ``walex worker --declare`` makes the bucket with the consumers, so a first
   worker started later finds it as old as they are (:func:`open_bucket`);
 - rounds failing (no answer, a permission missing) for longer than ``ttl``: one
@@ -119,14 +122,29 @@ class Held:
     shedding: bool = False  # asked to give it back (above the target)
 
 
-async def open_bucket(js: Any, bucket: str, ttl: float) -> Any:
-    """The lease bucket, made when missing (a concurrent creation of the same is fine).
-    ``walex worker --declare`` makes it too, so that a group's first worker, started
-    later, finds it as old as the group's consumers (:meth:`Leases._age`)."""
+# the bucket's description, set when it is made: whether its maker had just made the
+# group's consumers (the group's first bucket), or found them and the bucket missing (a
+# deleted bucket made again, whose former holders may still take their leases as valid)
+FIRST = "walex lease bucket, made with the group's consumers"
+AGAIN = "walex lease bucket, made while the group's consumers existed"
+
+
+async def open_bucket(js: Any, bucket: str, ttl: float, first: bool = False) -> Any:
+    """The lease bucket, made when missing, the one place its parameters are set;
+    ``first``: the caller made the group's consumers just now (else a bucket it makes
+    counts as made again, :meth:`Leases._age`). A concurrent creation is fine (whatever
+    the other made is used). ``walex worker --declare`` makes it too, so that a group's
+    first worker, started later, finds it as old as the group's consumers."""
     try:
         return await js.key_value(bucket)
     except Exception:  # missing: create it
-        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+        pass
+    try:
+        return await js.create_key_value(bucket=bucket, history=1, ttl=ttl,
+                                         description=FIRST if first else AGAIN)
+    except Exception:  # made meanwhile by another worker (maybe the other description)
+        reraise_cancel()
+        return await js.key_value(bucket)
 
 
 class Leases:
@@ -143,7 +161,8 @@ class Leases:
     def __init__(self, nc: Any, group: str, stream: str, partitions: int, ttl: float,
                  granted: Callable[[int], None], lost: Callable[[int, str], None],
                  shed: Callable[[int], None], name: str = "",
-                 scrub: Callable[[str], str] = lambda text: text, since: Any = None) -> None:
+                 scrub: Callable[[str], str] = lambda text: text, since: Any = None,
+                 first: bool = False) -> None:
         # its own requests' timeout: a renewal not answered within ttl / 4 is as refused
         self.js = nc.jetstream(timeout=min(max(ttl / 4, 0.5), 5.0))
         self.bucket = bucket_name(group)
@@ -166,6 +185,7 @@ class Leases:
         self._warned = False  # the failing rounds were told (a WARNING), once
         self.created: Any = None  # when the bucket's stream was made (the server's clock)
         self.since = since  # when the group's oldest consumer was made (the server's clock)
+        self.first = first  # this worker made the group's consumers (a bucket it makes: FIRST)
         self.hold_until = 0.0  # local monotonic time before which no lease is taken
 
     @property
@@ -182,7 +202,7 @@ class Leases:
     async def open(self) -> None:
         """Find or create the bucket (its ``max_age`` becomes the ttl), register, and run
         the rounds."""
-        kv = await open_bucket(self.js, self.bucket, self.ttl)
+        kv = await open_bucket(self.js, self.bucket, self.ttl, first=self.first)
         status = await kv.status()
         if status.ttl and abs(status.ttl - self.ttl) > 1e-3:
             log.warning("lease bucket %r has ttl=%gs (not the consumers' ack_wait=%gs): leases "
@@ -217,8 +237,11 @@ class Leases:
         if info.created is None or stored.time is None:
             return
         age = (stored.time - info.created).total_seconds()
-        first = self.since is not None and \
-            (info.created - self.since).total_seconds() < self.ttl  # the group's first bucket
+        # the group's first bucket: made by the maker of the group's consumers, within ttl of
+        # them (a bucket made again by a worker that found the consumers says AGAIN)
+        first = self.since is not None and info.config is not None and \
+            info.config.description == FIRST and \
+            (info.created - self.since).total_seconds() < self.ttl
         if age < self.ttl and not first:
             self._hold(self.ttl - max(age, 0.0), f"is {max(age, 0.0):.1f}s old")
 
@@ -226,9 +249,9 @@ class Leases:
         """The bucket is gone (deleted): make it again, so the workers do not idle for ever
         (one that holds no lease never reconnects), and take no lease for ``ttl``."""
         try:
-            self.kv = await self.js.create_key_value(bucket=self.bucket, history=1, ttl=self.ttl)
+            self.kv = await open_bucket(self.js, self.bucket, self.ttl)
             self.created = (await self.js.stream_info(self.stream_name)).created
-        except Exception as exc:  # another worker made it meanwhile, or no answer: next round
+        except Exception as exc:  # no answer: the next round
             reraise_cancel()
             log.debug("making the lease bucket %r again: %r", self.bucket, exc)
             return
