@@ -2,12 +2,92 @@
 # walex.destinations._direct (included there: it declares the names used here).
 
 # -- the buffer ------------------------------------------------------------------
+#
+# In C: the writers are forced inline (the C compiler declines to inline them into
+# _direct, a large function, and a call with its memcpy costs ~40 instructions where a
+# copy of a constant size inlined is a few moves). They return -1 with MemoryError set
+# when the buffer cannot grow.
 
-cdef struct Buf:
-    char *p
-    Py_ssize_t n
-    Py_ssize_t cap
-    char *stack  # the caller's stack storage: p while it is big enough
+cdef extern from *:
+    """
+    typedef struct {
+        char *p;
+        Py_ssize_t n;
+        Py_ssize_t cap;
+        char *stack;  /* the caller's stack storage: p while it is big enough */
+    } walex_Buf;
+
+    #if defined(__GNUC__) || defined(__clang__)
+    #define WALEX_INLINE static inline __attribute__((always_inline))
+    #define WALEX_COLD static __attribute__((noinline, cold))
+    #else
+    #define WALEX_INLINE static inline
+    #define WALEX_COLD static
+    #endif
+
+    WALEX_COLD int walex_grow(walex_Buf *b, Py_ssize_t extra) {
+        Py_ssize_t cap = b->cap * 2;
+        char *p;
+        while (cap < b->n + extra)
+            cap *= 2;
+        if (b->p == b->stack) {
+            p = (char *)PyMem_Malloc(cap);
+            if (p == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(p, b->p, b->n);
+        } else {
+            p = (char *)PyMem_Realloc(b->p, cap);
+            if (p == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+        b->p = p;
+        b->cap = cap;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put(walex_Buf *b, const char *s, Py_ssize_t n) {
+        if (b->n + n > b->cap && walex_grow(b, n) < 0)
+            return -1;
+        memcpy(b->p + b->n, s, n);
+        b->n += n;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put_bytes(walex_Buf *b, PyObject *s) {
+        return walex_put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s));
+    }
+
+    WALEX_INLINE int walex_put_char(walex_Buf *b, char c) {
+        if (b->n + 1 > b->cap && walex_grow(b, 1) < 0)
+            return -1;
+        b->p[b->n++] = c;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put_quoted(walex_Buf *b, const char *s, Py_ssize_t n) {
+        if (b->n + n + 2 > b->cap && walex_grow(b, n + 2) < 0)
+            return -1;
+        b->p[b->n] = '"';
+        memcpy(b->p + b->n + 1, s, n);
+        b->p[b->n + n + 1] = '"';
+        b->n += n + 2;
+        return 0;
+    }
+    """
+    ctypedef struct Buf "walex_Buf":
+        char *p
+        Py_ssize_t n
+        Py_ssize_t cap
+        char *stack
+    int _grow "walex_grow" (Buf *b, Py_ssize_t extra) except -1
+    int _put "walex_put" (Buf *b, const char *s, Py_ssize_t n) except -1
+    int _put_bytes "walex_put_bytes" (Buf *b, bytes s) except -1
+    int _put_char "walex_put_char" (Buf *b, char c) except -1
+    int _put_quoted "walex_put_quoted" (Buf *b, const char *s, Py_ssize_t n) except -1  # no escape needed
 
 
 cdef inline void _init(Buf *b, char *stack, Py_ssize_t size) noexcept:
@@ -21,56 +101,6 @@ cdef inline void _free(Buf *b) noexcept:
     if b.p != b.stack:
         PyMem_Free(b.p)
     b.p = b.stack
-
-
-cdef int _grow(Buf *b, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t cap = b.cap * 2
-    cdef char *p
-    while cap < b.n + extra:
-        cap *= 2
-    if b.p == b.stack:
-        p = <char *>PyMem_Malloc(cap)
-        if p == NULL:
-            raise MemoryError()
-        memcpy(p, b.p, b.n)
-    else:
-        p = <char *>PyMem_Realloc(b.p, cap)
-        if p == NULL:
-            raise MemoryError()
-    b.p = p
-    b.cap = cap
-    return 0
-
-
-cdef inline int _put(Buf *b, const char *s, Py_ssize_t n) except -1:
-    if b.n + n > b.cap:
-        _grow(b, n)
-    memcpy(b.p + b.n, s, n)
-    b.n += n
-    return 0
-
-
-cdef inline int _put_bytes(Buf *b, bytes s) except -1:
-    return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
-
-
-cdef inline int _put_char(Buf *b, char c) except -1:
-    if b.n + 1 > b.cap:
-        _grow(b, 1)
-    b.p[b.n] = c
-    b.n += 1
-    return 0
-
-
-cdef inline int _put_quoted(Buf *b, const char *s, Py_ssize_t n) except -1:
-    """``s`` between double quotes (text that needs no escape)."""
-    if b.n + n + 2 > b.cap:
-        _grow(b, n + 2)
-    b.p[b.n] = b'"'
-    memcpy(b.p + b.n + 1, s, n)
-    b.p[b.n + n + 1] = b'"'
-    b.n += n + 2
-    return 0
 
 
 cdef int _put_int(Buf *b, Py_ssize_t v) except -1:
