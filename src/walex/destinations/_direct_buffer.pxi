@@ -25,6 +25,39 @@ cdef extern from *:
     #define WALEX_COLD static
     #endif
 
+    /* memcpy for the short copies most are here (a key, a column's name, a value): a
+       libc call costs more than the copy itself; two overlapping loads and stores
+       instead (n known to the compiler: memcpy, expanded in place) */
+    WALEX_INLINE void walex_copy(char *d, const char *s, Py_ssize_t n) {
+    #if defined(__GNUC__) || defined(__clang__)
+        if (__builtin_constant_p(n)) {
+            memcpy(d, s, n);
+            return;
+        }
+    #endif
+        if (n > 32) {
+            memcpy(d, s, n);
+        } else if (n >= 16) {
+            uint64_t a, b, c, e;
+            memcpy(&a, s, 8); memcpy(&b, s + 8, 8);
+            memcpy(&c, s + n - 16, 8); memcpy(&e, s + n - 8, 8);
+            memcpy(d, &a, 8); memcpy(d + 8, &b, 8);
+            memcpy(d + n - 16, &c, 8); memcpy(d + n - 8, &e, 8);
+        } else if (n >= 8) {
+            uint64_t a, b;
+            memcpy(&a, s, 8); memcpy(&b, s + n - 8, 8);
+            memcpy(d, &a, 8); memcpy(d + n - 8, &b, 8);
+        } else if (n >= 4) {
+            uint32_t a, b;
+            memcpy(&a, s, 4); memcpy(&b, s + n - 4, 4);
+            memcpy(d, &a, 4); memcpy(d + n - 4, &b, 4);
+        } else if (n > 0) {
+            d[0] = s[0];
+            d[n >> 1] = s[n >> 1];
+            d[n - 1] = s[n - 1];
+        }
+    }
+
     WALEX_COLD int walex_grow(walex_Buf *b, Py_ssize_t extra) {
         Py_ssize_t cap = b->cap * 2;
         char *p;
@@ -52,7 +85,7 @@ cdef extern from *:
     WALEX_INLINE int walex_put(walex_Buf *b, const char *s, Py_ssize_t n) {
         if (b->n + n > b->cap && walex_grow(b, n) < 0)
             return -1;
-        memcpy(b->p + b->n, s, n);
+        walex_copy(b->p + b->n, s, n);
         b->n += n;
         return 0;
     }
@@ -72,7 +105,7 @@ cdef extern from *:
         if (b->n + n + 2 > b->cap && walex_grow(b, n + 2) < 0)
             return -1;
         b->p[b->n] = '"';
-        memcpy(b->p + b->n + 1, s, n);
+        walex_copy(b->p + b->n + 1, s, n);
         b->p[b->n + n + 1] = '"';
         b->n += n + 2;
         return 0;
