@@ -334,15 +334,18 @@ cdef inline bint _hex_lower(unsigned char c) noexcept:
 cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
     """The twin of ``direct.jsonb_compact``: jsonb text without PostgreSQL's spaces written
     to ``b`` (True), or nothing written (False) where that is not certain to be what the
-    json loader and orjson.dumps give."""
-    cdef Py_ssize_t i = 0, j, start, digits, mark = b.n
+    json loader and orjson.dumps give. The text is checked token by token and copied in
+    runs: the compact form is the text without those spaces."""
+    cdef Py_ssize_t i = 0, j, start, digits, mark = b.n, run = 0
     cdef int depth = 0, code
-    cdef unsigned char c, d, e
+    cdef unsigned char c, d, e, last = 0  # the last byte kept: ',' ':' or another (0: none yet)
     while i < n:
         c = <unsigned char>s[i]
-        if c == 34:  # '"': a string, copied as it is, its escapes checked
+        if c == 34:  # '"': a string, kept as it is, its escapes checked
             j = i + 1
             while True:
+                while j + 8 <= n and _plain8(<const unsigned char *>s + j):
+                    j += 8  # no '"', backslash, control character or byte >= 0x80 among 8
                 if j >= n:
                     b.n = mark
                     return False
@@ -380,19 +383,22 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                     j += 2
                     continue
                 j += 1
-            _put(b, s + i, j + 1 - i)
             i = j + 1
-        elif c == 32:  # only PostgreSQL's, after a comma or a colon
-            if b.n == mark or (b.p[b.n - 1] != b',' and b.p[b.n - 1] != b':'):
+            last = 1
+        elif c == 32:  # only PostgreSQL's, after a comma or a colon: the run so far copied
+            if last != 44 and last != 58:
                 b.n = mark
                 return False
+            if i > run:
+                _put(b, s + run, i - run)
+            run = i + 1
             i += 1
         elif c == 123 or c == 91:  # '{' '['
             depth += 1
             if depth > 64:
                 b.n = mark
                 return False
-            _put_char(b, <char>c)
+            last = c
             i += 1
         elif c == 125 or c == 93 or c == 44 or c == 58:  # '}' ']' ',' ':'
             if c == 125 or c == 93:
@@ -400,7 +406,7 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                 if depth < 0:
                     b.n = mark
                     return False
-            _put_char(b, <char>c)
+            last = c
             i += 1
         elif c == 45 or 48 <= c <= 57:  # a number: an integer of at most 15 digits
             j = i + 1 if c == 45 else i
@@ -412,21 +418,23 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                     or (j < n and (s[j] == b'.' or s[j] == b'e' or s[j] == b'E'))):
                 b.n = mark
                 return False
-            _put(b, s + i, j - i)
             i = j
+            last = 1
         elif c == 116 and i + 4 <= n and memcmp(s + i, b"true", 4) == 0:
-            _put(b, b"true", 4)
             i += 4
+            last = 1
         elif c == 102 and i + 5 <= n and memcmp(s + i, b"false", 5) == 0:
-            _put(b, b"false", 5)
             i += 5
+            last = 1
         elif c == 110 and i + 4 <= n and memcmp(s + i, b"null", 4) == 0:
-            _put(b, b"null", 4)
             i += 4
+            last = 1
         else:
             b.n = mark
             return False
     if depth != 0:
         b.n = mark
         return False
+    if n > run:
+        _put(b, s + run, n - run)
     return True
