@@ -343,9 +343,9 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
         c = <unsigned char>s[i]
         if c == 34:  # '"': a string, kept as it is, its escapes checked
             j = i + 1
+            while j + 8 <= n and _plain8(<const unsigned char *>s + j):
+                j += 8  # no '"', backslash, control character or byte >= 0x80 among 8
             while True:
-                while j + 8 <= n and _plain8(<const unsigned char *>s + j):
-                    j += 8  # no '"', backslash, control character or byte >= 0x80 among 8
                 if j >= n:
                     b.n = mark
                     return False

@@ -15,6 +15,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
 __all__ = ["frames", "sizes"]
@@ -57,13 +58,24 @@ cdef inline char *_put_bytes(char *out, bytes data) noexcept:
 
 
 cdef inline bint _plain(const char *text, Py_ssize_t size) noexcept:
-    """Printable ASCII without a space, at least one character (the pure twin's regex)."""
-    cdef Py_ssize_t i
+    """Printable ASCII without a space, at least one character (the pure twin's regex).
+    Eight bytes at a time: a byte of 0x80 or more has its top bit, one below 0x21 borrows
+    in ``w - 0x21..`` (exact while no byte is 0x80 or more), 0x7f carries into the top bit
+    in ``w + 0x01..`` (a carry out of a byte only from 0xff, refused anyway)."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t w
     if size == 0:
         return False
-    for i in range(size):
+    while i + 8 <= size:
+        memcpy(&w, text + i, 8)
+        if (w | ((w - 0x2121212121212121ULL) & ~w) | (w + 0x0101010101010101ULL)) \
+                & 0x8080808080808080ULL:
+            return False
+        i += 8
+    while i < size:
         if not 0x21 <= <unsigned char>text[i] <= 0x7e:
             return False
+        i += 1
     return True
 
 
