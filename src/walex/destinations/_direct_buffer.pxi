@@ -343,8 +343,6 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
         c = <unsigned char>s[i]
         if c == 34:  # '"': a string, kept as it is, its escapes checked
             j = i + 1
-            while j + 8 <= n and _plain8(<const unsigned char *>s + j):
-                j += 8  # no '"', backslash, control character or byte >= 0x80 among 8
             while True:
                 if j >= n:
                     b.n = mark
@@ -383,6 +381,10 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                     j += 2
                     continue
                 j += 1
+                if j - i == 9:  # a string longer than 8 bytes: the rest 8 at a time, while
+                    # none is '"', a backslash, a control character or a byte >= 0x80
+                    while j + 8 <= n and _plain8(<const unsigned char *>s + j):
+                        j += 8
             i = j + 1
             last = 1
         elif c == 32:  # only PostgreSQL's, after a comma or a colon: the run so far copied
