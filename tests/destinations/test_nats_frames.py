@@ -276,3 +276,33 @@ def test_frames_go_to_the_socket_only_when_nothing_is_pending() -> None:
             await other.close()
 
     run(main())
+
+
+@pytest.mark.skipif(hpub.compiled_frames is None,
+                    reason="walex.destinations._hpub not built (no Cython or C compiler at install)")
+def test_an_id_with_a_character_not_plain_at_any_offset_is_refused_by_both() -> None:
+    """The compiled twin checks ids eight bytes at a time: a space, a control character,
+    DEL, a byte of 0x80 or more (é, U+2028) at each offset of ids of 1 to 24 characters is
+    refused by both twins; the edges of the plain range ('!' and '~') are taken by both,
+    with the same frames."""
+    batch = _batch("edge")[:2]
+
+    def subject_of(subjects: dict[Any, bytes]) -> Any:
+        def render(key: Any, item: Outgoing) -> bytes:
+            subject = subjects[key] = b"s.x"
+            return subject
+        return render
+
+    for length in range(1, 25):
+        for at in range(length):
+            for char, plain in ((" ", False), ("\x00", False), ("\x1f", False), ("\x7f", False),
+                                ("é", False), ("\u2028", False), ("!", True), ("~", True)):
+                ident = "a" * at + char + "b" * (length - at - 1)
+                odd = [batch[0], batch[1]._replace(id=ident)]
+                built = []
+                for frames in (hpub.frames, hpub.compiled_frames):
+                    subjects: dict[Any, bytes] = {}
+                    built.append(frames(odd, subjects, subject_of(subjects), b"p.", b"S", 0,
+                                        (5, b"prev")))
+                assert built[0] == built[1], (length, at, char)
+                assert (built[0] is not None) == plain, (length, at, char)

@@ -34,6 +34,10 @@ cdef extern from "Python.h":
     object PyUnicode_DecodeUTF8(const char *s, Py_ssize_t size, const char *errors)
     object PyUnicode_DecodeASCII(const char *s, Py_ssize_t size, const char *errors)
     object PyUnicode_Concat(object left, object right)
+    object PyUnicode_New(Py_ssize_t size, unsigned int maxchar)
+    void *PyUnicode_DATA(object text)
+    bint PyUnicode_IS_ASCII(object text)
+    Py_ssize_t PyUnicode_GET_LENGTH(object text)
     ctypedef struct _Type "PyTypeObject":
         PyObject *(*tp_alloc)(_Type *, Py_ssize_t) except NULL
     ctypedef struct PyMemberDef:
@@ -44,6 +48,7 @@ cdef extern from "Python.h":
     void PyTuple_SET_ITEM_STEAL "PyTuple_SET_ITEM" (PyObject *, Py_ssize_t, PyObject *)
     void Py_INCREF(PyObject *)
     void Py_DECREF(PyObject *)
+    void Py_XDECREF(PyObject *)
 
 cdef extern from "structmember.h":
     int T_OBJECT_EX
@@ -228,6 +233,35 @@ cdef tuple _json_of(tuple cache, object text):
         _free(&k)
 
 
+cdef inline object _ascii(const char *s, Py_ssize_t n):
+    """The str of ``n`` ASCII bytes (PyUnicode_DecodeASCII's result, made directly)."""
+    text = PyUnicode_New(n, 127)
+    memcpy(PyUnicode_DATA(text), s, n)
+    return text
+
+
+cdef object _text(const char *s, Py_ssize_t n):
+    """``PyUnicode_DecodeUTF8(s, n)``: made directly when the bytes are ASCII."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if <unsigned char>s[i] >= 0x80:
+            return PyUnicode_DecodeUTF8(s, n, NULL)
+    return _ascii(s, n)
+
+
+cdef object _concat(object a, object b):
+    """``a + b`` of two str: made directly when both are plain ASCII str."""
+    cdef Py_ssize_t na, nb
+    if type(a) is str and type(b) is str and PyUnicode_IS_ASCII(a) and PyUnicode_IS_ASCII(b):
+        na = PyUnicode_GET_LENGTH(a)
+        nb = PyUnicode_GET_LENGTH(b)
+        text = PyUnicode_New(na + nb, 127)
+        memcpy(PyUnicode_DATA(text), PyUnicode_DATA(a), na)
+        memcpy(<char *>PyUnicode_DATA(text) + na, PyUnicode_DATA(b), nb)
+        return text
+    return PyUnicode_Concat(a, b)
+
+
 cdef object _load(object load, bytes raw, int mode):
     """The loader's value; a refusal in a row typed with the table's loaders (mode 0)
     raises _Tolerant (the row is written again with the tolerant loaders)."""
@@ -259,10 +293,10 @@ cdef object _piece(Buf *b, int kind, const char *s, Py_ssize_t n, object load, i
             _put(b, s, n)
             return None
         _put_quoted(b, s, n)
-        return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
+        return _ascii(s, n) if keyed else None
     if kind == TEXT:
         _put_string(b, <const unsigned char *>s, n)
-        return PyUnicode_DecodeUTF8(s, n, NULL) if keyed else None
+        return _text(s, n) if keyed else None
     if kind == BOOL:
         if n == 1 and s[0] == b't':
             _put(b, b"true", 4)
@@ -275,7 +309,7 @@ cdef object _piece(Buf *b, int kind, const char *s, Py_ssize_t n, object load, i
         if not _numeric(s, n):
             raise _Unfit
         _put_quoted(b, s, n)
-        return PyUnicode_DecodeASCII(s, n, NULL) if keyed else None
+        return _ascii(s, n) if keyed else None
     if kind == UUID:
         if not _uuid(s, n):
             raise _Unfit
@@ -357,9 +391,21 @@ cdef inline bint _same(const char *a, const Py_ssize_t *a_cols, const char *b,
     return n <= 0 or memcmp(a + a_cols[2 * i], b + b_cols[2 * i], n) == 0
 
 
+cdef inline void _set_form(PyObject **forms, Py_ssize_t i, object form) noexcept:
+    """``forms[i] = form``: a reference of its own, NULL for None (the one before dropped:
+    a row written again with the tolerant loaders sets its forms again)."""
+    cdef PyObject *old = forms[i]
+    if form is None:
+        forms[i] = NULL
+    else:
+        Py_INCREF(<PyObject *>form)
+        forms[i] = <PyObject *>form
+    Py_XDECREF(old)
+
+
 cdef int _record(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tuple columns,
                  Py_ssize_t width, int mode, Py_ssize_t *spans, Py_ssize_t *key_spans,
-                 list key_forms) except -1:
+                 PyObject **key_forms) except -1:
     """Write ``{"name":piece,...}`` of the raw row's columns (all of them, or ``columns``;
     ``row`` its bytes, ``cols`` its values' places): each piece's span in ``spans`` (when
     given, two per column) and, for the key's columns, in ``key_spans`` with their str
@@ -396,14 +442,14 @@ cdef int _record(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tu
         if keyed:
             key_spans[2 * (keyed - 1)] = at
             key_spans[2 * (keyed - 1) + 1] = b.n
-            key_forms[keyed - 1] = form
+            _set_form(key_forms, keyed - 1, form)
     _put_char(b, b'}')
     return 0
 
 
 cdef int _row(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tuple columns,
               Py_ssize_t width, Py_ssize_t *spans, Py_ssize_t *key_spans,
-              list key_forms) except -1:
+              PyObject **key_forms) except -1:
     """:func:`_record` with the table's loaders, or again with the tolerant ones; the mode."""
     cdef Py_ssize_t at = b.n
     try:
@@ -416,7 +462,7 @@ cdef int _row(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, tuple
 
 
 cdef object _subject(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols, int mode,
-                     Py_ssize_t *key_spans, list key_forms):
+                     Py_ssize_t *key_spans, PyObject **key_forms):
     """The twin of ``direct._subject``: the key's text from its pieces in ``b``."""
     cdef tuple key = <tuple>PyTuple_GET_ITEM(plan, 5)
     cdef bytes kinds = <bytes>PyTuple_GET_ITEM(plan, 2)
@@ -442,16 +488,16 @@ cdef object _subject(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols
                 form = _json_value(loads[i](PyBytes_FromStringAndSize(row + cols[2 * i],
                                                                       cols[2 * i + 1])))
                 pieces.append(_dumps(form))
-                key_forms[j] = form if type(form) is str else None
+                _set_form(key_forms, j, form if type(form) is str else None)
             else:
                 pieces.append(PyBytes_FromStringAndSize(b.p + key_spans[2 * j],
                                                         key_spans[2 * j + 1] - key_spans[2 * j]))
     if count == 1:
-        if key_forms[0] is not None:
-            return key_forms[0]
+        if key_forms[0] != NULL:
+            return <object>key_forms[0]
         if pieces is not None:
             return (<bytes>pieces[0]).decode()
-        return PyUnicode_DecodeUTF8(b.p + key_spans[0], key_spans[1] - key_spans[0], NULL)
+        return _text(b.p + key_spans[0], key_spans[1] - key_spans[0])
     if pieces is not None:
         return (b"[" + b",".join(pieces) + b"]").decode()
     _init(&k, stack, 256)
@@ -462,7 +508,7 @@ cdef object _subject(Buf *b, tuple plan, const char *row, const Py_ssize_t *cols
                 _put_char(&k, b',')
             _put(&k, b.p + key_spans[2 * j], key_spans[2 * j + 1] - key_spans[2 * j])
         _put_char(&k, b']')
-        return PyUnicode_DecodeUTF8(k.p, k.n, NULL)
+        return _text(k.p, k.n)
     finally:
         _free(&k)
 
@@ -503,8 +549,13 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef Py_ssize_t key_spans[2 * MAX_KEY]
     cdef Py_ssize_t old_key_spans[2 * MAX_KEY]
     # the key's forms in each row sent (an insert has no old row, a delete no new one)
-    cdef list key_forms = [None] * nkey if new is not None else None
-    cdef list old_key_forms = [None] * nkey if old is not None else None
+    cdef PyObject *key_forms[MAX_KEY]  # owned references, NULL for None (see _set_form)
+    cdef PyObject *old_key_forms[MAX_KEY]
+    if nkey > MAX_KEY:
+        raise _Unfit
+    for i in range(nkey):
+        key_forms[i] = NULL
+        old_key_forms[i] = NULL
     cdef Py_ssize_t *spans = NULL
     # per column of each raw row, where its value is (_columns), then the pieces' spans
     cdef Py_ssize_t places_stack[8 * COLUMNS]
@@ -587,7 +638,7 @@ cdef object _direct(object event, Py_ssize_t partitions):
             subject_at = d.n
             _put_str(&d, subject)
             subject_end = d.n  # the subject as a JSON string: d.p[subject_at:subject_end]
-            key_text = PyUnicode_Concat(prefix_slash, subject)
+            key_text = _concat(prefix_slash, subject)
         else:
             key_text = prefix
         _put_char(&d, b'}')
@@ -635,6 +686,9 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _free(&h)
         if places != places_stack:
             PyMem_Free(places)
+        for i in range(nkey):
+            Py_XDECREF(key_forms[i])
+            Py_XDECREF(old_key_forms[i])
     return _outgoing(ident, <object>PyTuple_GET_ITEM(plan, 14), <object>PyTuple_GET_ITEM(plan, 15),
                      kind, partition, body, <object>PyTuple_GET_ITEM(plan, 13), time, key_text,
                      subject)

@@ -2,12 +2,125 @@
 # walex.destinations._direct (included there: it declares the names used here).
 
 # -- the buffer ------------------------------------------------------------------
+#
+# In C: the writers are forced inline (the C compiler declines to inline them into
+# _direct, a large function, and a call with its memcpy costs ~40 instructions where a
+# copy of a constant size inlined is a few moves). They return -1 with MemoryError set
+# when the buffer cannot grow.
 
-cdef struct Buf:
-    char *p
-    Py_ssize_t n
-    Py_ssize_t cap
-    char *stack  # the caller's stack storage: p while it is big enough
+cdef extern from *:
+    """
+    typedef struct {
+        char *p;
+        Py_ssize_t n;
+        Py_ssize_t cap;
+        char *stack;  /* the caller's stack storage: p while it is big enough */
+    } walex_Buf;
+
+    #if defined(__GNUC__) || defined(__clang__)
+    #define WALEX_INLINE static inline __attribute__((always_inline))
+    #define WALEX_COLD static __attribute__((noinline, cold))
+    #else
+    #define WALEX_INLINE static inline
+    #define WALEX_COLD static
+    #endif
+
+    /* memcpy for the short copies most are here (a key, a column's name, a value): a
+       libc call costs more than the copy itself; two overlapping loads and stores
+       instead (n known to the compiler: memcpy, expanded in place) */
+    WALEX_INLINE void walex_copy(char *d, const char *s, Py_ssize_t n) {
+    #if defined(__GNUC__) || defined(__clang__)
+        if (__builtin_constant_p(n)) {
+            memcpy(d, s, n);
+            return;
+        }
+    #endif
+        if (n > 32) {
+            memcpy(d, s, n);
+        } else if (n >= 16) {
+            uint64_t a, b, c, e;
+            memcpy(&a, s, 8); memcpy(&b, s + 8, 8);
+            memcpy(&c, s + n - 16, 8); memcpy(&e, s + n - 8, 8);
+            memcpy(d, &a, 8); memcpy(d + 8, &b, 8);
+            memcpy(d + n - 16, &c, 8); memcpy(d + n - 8, &e, 8);
+        } else if (n >= 8) {
+            uint64_t a, b;
+            memcpy(&a, s, 8); memcpy(&b, s + n - 8, 8);
+            memcpy(d, &a, 8); memcpy(d + n - 8, &b, 8);
+        } else if (n >= 4) {
+            uint32_t a, b;
+            memcpy(&a, s, 4); memcpy(&b, s + n - 4, 4);
+            memcpy(d, &a, 4); memcpy(d + n - 4, &b, 4);
+        } else if (n > 0) {
+            d[0] = s[0];
+            d[n >> 1] = s[n >> 1];
+            d[n - 1] = s[n - 1];
+        }
+    }
+
+    WALEX_COLD int walex_grow(walex_Buf *b, Py_ssize_t extra) {
+        Py_ssize_t cap = b->cap * 2;
+        char *p;
+        while (cap < b->n + extra)
+            cap *= 2;
+        if (b->p == b->stack) {
+            p = (char *)PyMem_Malloc(cap);
+            if (p == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(p, b->p, b->n);
+        } else {
+            p = (char *)PyMem_Realloc(b->p, cap);
+            if (p == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+        }
+        b->p = p;
+        b->cap = cap;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put(walex_Buf *b, const char *s, Py_ssize_t n) {
+        if (b->n + n > b->cap && walex_grow(b, n) < 0)
+            return -1;
+        walex_copy(b->p + b->n, s, n);
+        b->n += n;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put_bytes(walex_Buf *b, PyObject *s) {
+        return walex_put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s));
+    }
+
+    WALEX_INLINE int walex_put_char(walex_Buf *b, char c) {
+        if (b->n + 1 > b->cap && walex_grow(b, 1) < 0)
+            return -1;
+        b->p[b->n++] = c;
+        return 0;
+    }
+
+    WALEX_INLINE int walex_put_quoted(walex_Buf *b, const char *s, Py_ssize_t n) {
+        if (b->n + n + 2 > b->cap && walex_grow(b, n + 2) < 0)
+            return -1;
+        b->p[b->n] = '"';
+        walex_copy(b->p + b->n + 1, s, n);
+        b->p[b->n + n + 1] = '"';
+        b->n += n + 2;
+        return 0;
+    }
+    """
+    ctypedef struct Buf "walex_Buf":
+        char *p
+        Py_ssize_t n
+        Py_ssize_t cap
+        char *stack
+    int _grow "walex_grow" (Buf *b, Py_ssize_t extra) except -1
+    int _put "walex_put" (Buf *b, const char *s, Py_ssize_t n) except -1
+    int _put_bytes "walex_put_bytes" (Buf *b, bytes s) except -1
+    int _put_char "walex_put_char" (Buf *b, char c) except -1
+    int _put_quoted "walex_put_quoted" (Buf *b, const char *s, Py_ssize_t n) except -1  # no escape needed
 
 
 cdef inline void _init(Buf *b, char *stack, Py_ssize_t size) noexcept:
@@ -21,56 +134,6 @@ cdef inline void _free(Buf *b) noexcept:
     if b.p != b.stack:
         PyMem_Free(b.p)
     b.p = b.stack
-
-
-cdef int _grow(Buf *b, Py_ssize_t extra) except -1:
-    cdef Py_ssize_t cap = b.cap * 2
-    cdef char *p
-    while cap < b.n + extra:
-        cap *= 2
-    if b.p == b.stack:
-        p = <char *>PyMem_Malloc(cap)
-        if p == NULL:
-            raise MemoryError()
-        memcpy(p, b.p, b.n)
-    else:
-        p = <char *>PyMem_Realloc(b.p, cap)
-        if p == NULL:
-            raise MemoryError()
-    b.p = p
-    b.cap = cap
-    return 0
-
-
-cdef inline int _put(Buf *b, const char *s, Py_ssize_t n) except -1:
-    if b.n + n > b.cap:
-        _grow(b, n)
-    memcpy(b.p + b.n, s, n)
-    b.n += n
-    return 0
-
-
-cdef inline int _put_bytes(Buf *b, bytes s) except -1:
-    return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
-
-
-cdef inline int _put_char(Buf *b, char c) except -1:
-    if b.n + 1 > b.cap:
-        _grow(b, 1)
-    b.p[b.n] = c
-    b.n += 1
-    return 0
-
-
-cdef inline int _put_quoted(Buf *b, const char *s, Py_ssize_t n) except -1:
-    """``s`` between double quotes (text that needs no escape)."""
-    if b.n + n + 2 > b.cap:
-        _grow(b, n + 2)
-    b.p[b.n] = b'"'
-    memcpy(b.p + b.n + 1, s, n)
-    b.p[b.n + n + 1] = b'"'
-    b.n += n + 2
-    return 0
 
 
 cdef int _put_int(Buf *b, Py_ssize_t v) except -1:
@@ -271,13 +334,14 @@ cdef inline bint _hex_lower(unsigned char c) noexcept:
 cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
     """The twin of ``direct.jsonb_compact``: jsonb text without PostgreSQL's spaces written
     to ``b`` (True), or nothing written (False) where that is not certain to be what the
-    json loader and orjson.dumps give."""
-    cdef Py_ssize_t i = 0, j, start, digits, mark = b.n
+    json loader and orjson.dumps give. The text is checked token by token and copied in
+    runs: the compact form is the text without those spaces."""
+    cdef Py_ssize_t i = 0, j, start, digits, mark = b.n, run = 0
     cdef int depth = 0, code
-    cdef unsigned char c, d, e
+    cdef unsigned char c, d, e, last = 0  # the last byte kept: ',' ':' or another (0: none yet)
     while i < n:
         c = <unsigned char>s[i]
-        if c == 34:  # '"': a string, copied as it is, its escapes checked
+        if c == 34:  # '"': a string, kept as it is, its escapes checked
             j = i + 1
             while True:
                 if j >= n:
@@ -317,19 +381,26 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                     j += 2
                     continue
                 j += 1
-            _put(b, s + i, j + 1 - i)
+                if j - i == 9:  # a string longer than 8 bytes: the rest 8 at a time, while
+                    # none is '"', a backslash, a control character or a byte >= 0x80
+                    while j + 8 <= n and _plain8(<const unsigned char *>s + j):
+                        j += 8
             i = j + 1
-        elif c == 32:  # only PostgreSQL's, after a comma or a colon
-            if b.n == mark or (b.p[b.n - 1] != b',' and b.p[b.n - 1] != b':'):
+            last = 1
+        elif c == 32:  # only PostgreSQL's, after a comma or a colon: the run so far copied
+            if last != 44 and last != 58:
                 b.n = mark
                 return False
+            if i > run:
+                _put(b, s + run, i - run)
+            run = i + 1
             i += 1
         elif c == 123 or c == 91:  # '{' '['
             depth += 1
             if depth > 64:
                 b.n = mark
                 return False
-            _put_char(b, <char>c)
+            last = c
             i += 1
         elif c == 125 or c == 93 or c == 44 or c == 58:  # '}' ']' ',' ':'
             if c == 125 or c == 93:
@@ -337,7 +408,7 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                 if depth < 0:
                     b.n = mark
                     return False
-            _put_char(b, <char>c)
+            last = c
             i += 1
         elif c == 45 or 48 <= c <= 57:  # a number: an integer of at most 15 digits
             j = i + 1 if c == 45 else i
@@ -349,21 +420,23 @@ cdef bint _jsonb(Buf *b, const char *s, Py_ssize_t n) except -1:
                     or (j < n and (s[j] == b'.' or s[j] == b'e' or s[j] == b'E'))):
                 b.n = mark
                 return False
-            _put(b, s + i, j - i)
             i = j
+            last = 1
         elif c == 116 and i + 4 <= n and memcmp(s + i, b"true", 4) == 0:
-            _put(b, b"true", 4)
             i += 4
+            last = 1
         elif c == 102 and i + 5 <= n and memcmp(s + i, b"false", 5) == 0:
-            _put(b, b"false", 5)
             i += 5
+            last = 1
         elif c == 110 and i + 4 <= n and memcmp(s + i, b"null", 4) == 0:
-            _put(b, b"null", 4)
             i += 4
+            last = 1
         else:
             b.n = mark
             return False
     if depth != 0:
         b.n = mark
         return False
+    if n > run:
+        _put(b, s + run, n - run)
     return True

@@ -10,16 +10,40 @@ message's (schema, table, type, partition) are not the previous message's object
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.string cimport memcpy
 
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+    void Py_INCREF(PyObject *)
+    void Py_DECREF(PyObject *)
+    PyObject *PyList_GET_ITEM_PTR "PyList_GET_ITEM" (object, Py_ssize_t)
+    void PyList_SET_ITEM_STEAL "PyList_SET_ITEM" (object, Py_ssize_t, PyObject *)
+
+
+cdef inline void PyList_SET_ITEM_REF(list items, Py_ssize_t i, object value) noexcept:
+    """``items[i] = value`` (no bounds check: i is within the list)."""
+    cdef PyObject *old = PyList_GET_ITEM_PTR(items, i)
+    Py_INCREF(<PyObject *>value)
+    PyList_SET_ITEM_STEAL(items, i, <PyObject *>value)
+    Py_DECREF(old)
 
 
 cdef inline Py_ssize_t _digits(Py_ssize_t n) noexcept:
-    cdef Py_ssize_t d = 1
-    while n >= 10:
+    if n < 10:
+        return 1
+    if n < 100:
+        return 2
+    if n < 1000:
+        return 3
+    if n < 10000:
+        return 4
+    cdef Py_ssize_t d = 5
+    n //= 100000
+    while n > 0:
         n //= 10
         d += 1
     return d
@@ -45,39 +69,47 @@ cdef inline char* _length(char* p, Py_ssize_t n) noexcept:
 def xadd_commands(list batch, dict heads, head_of):
     cdef Py_ssize_t count = len(batch), i, total = 0, size
     cdef list found = [None] * count  # each message's head, kept alive while copying
-    cdef tuple item, previous = None
-    cdef object head = None, text
+    cdef PyObject *item
+    cdef PyObject *previous = NULL  # the message before (batch holds it)
+    cdef object head = None
     cdef bytes body, out
     cdef const char* ident
     cdef char* p
     for i in range(count):
-        item = <tuple>batch[i]
-        if previous is None or not (item[1] is previous[1] and item[2] is previous[2]
-                                    and item[3] is previous[3] and item[4] is previous[4]):
-            head = heads.get(item[1:5])
+        if not isinstance(<object>PyList_GET_ITEM(batch, i), tuple) \
+                or PyTuple_GET_SIZE(<tuple>PyList_GET_ITEM(batch, i)) < 6:
+            raise TypeError("xadd_commands: a message is not an Outgoing tuple")
+        item = PyList_GET_ITEM(batch, i)
+        if previous == NULL or not (PyTuple_GET_ITEM(<tuple>item, 1) == PyTuple_GET_ITEM(<tuple>previous, 1)
+                                    and PyTuple_GET_ITEM(<tuple>item, 2) == PyTuple_GET_ITEM(<tuple>previous, 2)
+                                    and PyTuple_GET_ITEM(<tuple>item, 3) == PyTuple_GET_ITEM(<tuple>previous, 3)
+                                    and PyTuple_GET_ITEM(<tuple>item, 4) == PyTuple_GET_ITEM(<tuple>previous, 4)):
+            head = heads.get((<tuple>item)[1:5])
             if head is None:
-                head = head_of(item)
+                head = head_of(<tuple>item)
+            if type(head) is not bytes:
+                raise TypeError(f"xadd_commands: a head must be bytes, not {type(head).__name__}")
             previous = item
-        found[i] = head
-        PyUnicode_AsUTF8AndSize(item[0], &size)
-        body = <bytes?>item[5]
-        total += (PyBytes_GET_SIZE(<bytes?>head) + 3 + _digits(size) + size + 2 + 11
+        PyList_SET_ITEM_REF(found, i, head)
+        PyUnicode_AsUTF8AndSize(<object>PyTuple_GET_ITEM(<tuple>item, 0), &size)
+        body = <bytes?><object>PyTuple_GET_ITEM(<tuple>item, 5)
+        total += (PyBytes_GET_SIZE(<bytes>head) + 3 + _digits(size) + size + 2 + 11
                   + 3 + _digits(PyBytes_GET_SIZE(body)) + PyBytes_GET_SIZE(body) + 2)
     out = PyBytes_FromStringAndSize(NULL, total)
     p = PyBytes_AS_STRING(out)
     for i in range(count):
-        item = <tuple>batch[i]
-        head = found[i]
+        item = PyList_GET_ITEM(batch, i)
+        head = <object>PyList_GET_ITEM(found, i)
         size = PyBytes_GET_SIZE(<bytes>head)
         memcpy(p, PyBytes_AS_STRING(<bytes>head), size)
         p += size
-        ident = PyUnicode_AsUTF8AndSize(item[0], &size)
+        ident = PyUnicode_AsUTF8AndSize(<object>PyTuple_GET_ITEM(<tuple>item, 0), &size)
         p = _length(p, size)
         memcpy(p, ident, size)
         p += size
         memcpy(p, b"\r\n$5\r\nevent\r\n", 13)
         p += 13
-        body = <bytes>item[5]
+        body = <bytes><object>PyTuple_GET_ITEM(<tuple>item, 5)
         size = PyBytes_GET_SIZE(body)
         p = _length(p, size)
         memcpy(p, PyBytes_AS_STRING(body), size)
