@@ -75,7 +75,9 @@ async def run_windowed(p: Any, window: Any) -> None:
         if not items:
             await queue.wait_ready()
             continue
-        taken = await take(items)  # published from now on, while the handlers run
+        p.in_hand = window.first  # take may wait for room (a destination down): stop()
+        taken = await take(items)  # names the oldest unrecorded batch if it cuts that off
+        p.in_hand = None  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued (their bytes still count until
             queue.room_made()  # recorded): the reader may queue more meanwhile
         if dispatch is None and not has_handlers():  # a relay alone: no call to make, so
@@ -184,7 +186,9 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
         if deferred and window.held_full():  # take would wait for room that only the
             await _flush(p, deferred, finished)  # deferred batches' calls can make
             continue
-        taken = await take(items)  # published from now on, while the handlers run
+        p.in_hand = window.first  # take may wait for room (a destination down): stop()
+        taken = await take(items)  # names the oldest unrecorded batch if it cuts that off
+        p.in_hand = None  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued: the reader may queue more
             queue.room_made()
             let_in = not queue._reader_waits  # woken, it runs at the loop's next turn
