@@ -10,18 +10,25 @@ PostgreSQL before the broker confirmed it.
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from support import collecting, run
 
+from walex import DestinationError
 from walex.lsn import parse_lsn
 
-from .brokers import redis_stored
+from .brokers import rabbitmq_delete, rabbitmq_queue, rabbitmq_stored, redis_stored
+from .conftest import require
 from .servers import OwnRedis
 from .test_outage import confirmed
 from .test_window import INSERT_KEYS, KEYS, SETUP, check_keys, until_confirmed, write
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "chaos"))
+from proxy import Proxy  # noqa: E402
 
 
 def test_stop_while_the_dispatcher_waits_for_room_in_a_full_window(
@@ -63,3 +70,66 @@ def test_stop_while_the_dispatcher_waits_for_room_in_a_full_window(
     handled = {e.id: e for e in first}
     assert all(handled[e.id].lsn == e.lsn for e in again if e.id in handled)
     check_keys(stored, updates)
+
+
+async def _redeclare(exchange: str, port: int) -> None:
+    """Replace walex's topic exchange with a fanout one of the same name."""
+    import aio_pika
+
+    connection = await aio_pika.connect(port=port)
+    try:
+        channel = await connection.channel()
+        await channel.exchange_delete(exchange)
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize("window", [1, 64])
+def test_a_destination_that_cannot_be_opened_again_is_no_refusal_of_the_batch(
+    window: int, admin: psycopg.Connection, dsn: str, unique: str,
+) -> None:
+    """RabbitMQ's connection is cut and meanwhile the exchange is declared again with another
+    type: opening the destination again fails for good (PRECONDITION_FAILED), whatever the
+    batch. That is the destination's configuration, not a refusal of the batch in hand, so
+    on_error="skip" does not skip (and acknowledge) it: the app stops with the error, the
+    row unacknowledged."""
+    port = require("rabbitmq")
+    admin.execute(SETUP)
+    slot = f"window_reopen_{unique}"
+    exchange, queue = f"wo{unique}", f"wo{unique}.q"
+    asyncio.run(rabbitmq_queue(exchange, queue, port))
+    proxy = Proxy("127.0.0.1", port).start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?exchange={exchange}&timeout=1"
+    app: Any = None
+
+    async def main() -> list[Any]:
+        nonlocal app
+        with pytest.raises(DestinationError, match="exists with other settings"):
+            async with collecting(dsn, destinations=[url], durable_slot=True, slot_name=slot,
+                                  status_interval=0.2, destination_window=window,
+                                  on_error="skip") as rec:
+                app = rec.app
+                assert app is not None
+                admin.execute("INSERT INTO k VALUES (0, 0)")
+                await rec._until(lambda: app.transactions_handled == 1, 60, "the first row")
+                await _redeclare(exchange, port)
+                await asyncio.to_thread(proxy.cut)
+                admin.execute("INSERT INTO k VALUES (1, 0)")
+                await rec._until(lambda: rec._app_done.done() or app.dispatcher.failures, 60,
+                                 "the app stopped, or the row skipped")
+                assert app.destinations.refusals == 0 and app.dispatcher.failures == 0, \
+                    "the row was skipped as refused"
+                await app.wait()
+        return list(rec.events)
+
+    try:
+        events = run(main(), timeout=120)
+        at_rabbitmq = asyncio.run(rabbitmq_stored(queue, port))
+    finally:
+        proxy.stop()
+        asyncio.run(rabbitmq_delete(exchange, queue, port))
+    assert [e.new_record["id"] for e in events] == [0, 1]
+    assert app.destinations.refusals == 0 and app.dispatcher.failures == 0
+    assert confirmed(admin, slot) <= parse_lsn(events[1].lsn), "the row was acknowledged"
+    assert [i for i, _d, _x in at_rabbitmq] == [events[0].id]
