@@ -230,6 +230,9 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
                 finished(done)
             deferred.clear()
         p.in_hand = None
+    if deferred:  # closing came while take waited for room: the batches deferred are in
+        await _flush(p, deferred, finished)  # hand, so the call holding their events is
+        p.in_hand = None  # made, as without a window
 
 
 async def _flush(p: Any, deferred: list[Any], finished: Any) -> None:

@@ -133,3 +133,64 @@ def test_a_destination_that_cannot_be_opened_again_is_no_refusal_of_the_batch(
     assert app.destinations.refusals == 0 and app.dispatcher.failures == 0
     assert confirmed(admin, slot) <= parse_lsn(events[1].lsn), "the row was acknowledged"
     assert [i for i, _d, _x in at_rabbitmq] == [events[0].id]
+
+
+def test_stop_while_a_full_window_waits_makes_the_call_holding_the_deferred_events(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A max_batch handler keeps the events of the transactions in hand while more are
+    queued; the window (window=2) is full with Redis down, so the loop waits for room with
+    those events kept. stop() comes, then Redis is back: the call holding the kept events
+    is made (as without a window: the batches in hand finish), they are acknowledged, and
+    the stop cuts nothing off."""
+    from walex import Event, Events, WalEx
+
+    admin.execute(SETUP)
+    slot = "window_deferred_stop"
+    calls: list[list[tuple[int, str]]] = []  # (row, commit LSN) of each call's events
+    gate = asyncio.Event()
+    events = Events()
+
+    @events.on_event("k", max_batch=50)
+    async def handle(items: list[Event]) -> None:
+        calls.append([(e.new_record["id"], e.lsn) for e in items])
+        await gate.wait()  # the first call holds the dispatcher while the others queue
+
+    async def until(check: Any, what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not check():
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def main(server: OwnRedis) -> Any:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=wd:{{table}}&timeout=1&window=2"
+        app = WalEx(dsn, publication="pub", subscriptions=["k"], modules=[events],
+                    name="walex_window_deferred", destinations=[url], durable_slot=True,
+                    slot_name=slot, status_interval=0.2, shutdown_grace=20)
+        await app.start()
+        try:
+            admin.execute("INSERT INTO k VALUES (0, 0)")
+            await until(lambda: calls and app.pipeline.window is not None
+                        and not app.pipeline.window.lanes[0].queued, "row 0 at Redis")
+            await asyncio.to_thread(server.stop)
+            for i in range(1, 8):
+                admin.execute("INSERT INTO k VALUES (%s, 0)", [i])
+            await until(lambda: app.pipeline.queue.qsize() == 7, "rows 1 to 7 queued")
+            gate.set()  # rows 1 and 2 fill the window, their events kept for one call
+            await until(lambda: len(app.pipeline.window) == 2 and app.dispatcher.pending
+                        and app.destinations.retries >= 1, "the window full, events kept")
+            stopping = asyncio.ensure_future(app.stop())
+            await until(lambda: app.pipeline.closing, "the stop began")
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(stopping, 60)
+        finally:
+            gate.set()
+            await app.stop()
+        assert [[i for i, _lsn in call] for call in calls] == [[0], [1, 2]]
+        await until_confirmed(admin, slot, parse_lsn(calls[1][-1][1]) + 1, 30)  # acknowledged
+        return app
+
+    with OwnRedis(tmp_path) as server:
+        app = run(main(server), timeout=180)
+    assert "cut off" not in caplog.text
+    assert app.transactions_handled == 3
