@@ -10,6 +10,7 @@ PostgreSQL before the broker confirmed it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,29 @@ def test_stop_while_the_dispatcher_waits_for_room_in_a_full_window(
     handled = {e.id: e for e in first}
     assert all(handled[e.id].lsn == e.lsn for e in again if e.id in handled)
     check_keys(stored, updates)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:pw0rd-x@127.0.0.1:6379/0?stream=s&window=1024",
+    "nats://us3r:pw0rd-x@127.0.0.1:4222?stream=S&window=1024",
+    "amqp://guest:pw0rd-x@127.0.0.1:5672/?exchange=e&window=1024",
+    "https://hooks.example.com/t0ken-pw0rd-x?token=pw0rd-x&secret_env=WALEX_TEST_W&window=1024",
+])
+def test_a_url_s_window_is_shown_and_never_taken_for_a_secret(
+    url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``window=`` is walex's own parameter, in any URL: its value is shown in the URL's
+    display (each log line and error), and a number of an error message that happens to
+    equal it is not scrubbed as if it were a password; the secrets still are."""
+    from walex.destinations import from_url
+
+    monkeypatch.setenv("WALEX_TEST_W", "whsec_" + base64.b64encode(b"window").decode())
+    destination = from_url(url)
+    assert destination.window == 1024
+    assert "window=1024" in destination.display and "pw0rd" not in destination.display
+    text = "over the broker's max_message_size of 1024000 bytes (password pw0rd-x)"
+    assert destination.url.scrub(text) == \
+        "over the broker's max_message_size of 1024000 bytes (password ***)"
 
 
 async def _redeclare(exchange: str, port: int) -> None:
