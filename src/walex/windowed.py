@@ -73,6 +73,8 @@ async def run_windowed(p: Any, window: Any) -> None:
 
     while not p.closing:
         if not items:
+            if window.error is not None:  # a lane ended, its cancel swallowed by a handler
+                raise window.error  # (it wakes this wait: Window.running's wake)
             await queue.wait_ready()
             continue
         p.in_hand = window.first  # take may wait for room (a destination down): stop()
@@ -181,6 +183,8 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
     let_in = False  # the reader was woken to queue more and has not run since
     while not p.closing:
         if not items:
+            if window.error is not None:  # a lane ended, its cancel swallowed by a handler
+                raise window.error  # (it wakes this wait: Window.running's wake)
             await queue.wait_ready()
             continue
         if deferred and window.held_full():  # take would wait for room that only the

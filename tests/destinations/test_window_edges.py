@@ -218,3 +218,71 @@ def test_stop_while_a_full_window_waits_makes_the_call_holding_the_deferred_even
         app = run(main(server), timeout=180)
     assert "cut off" not in caplog.text
     assert app.transactions_handled == 3
+
+
+def test_a_lane_s_failure_stops_the_app_even_when_a_handler_swallows_its_cancellation(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """A lane ends with a refusal under on_error="stop" (Redis refuses the events of table
+    ``other``) while the dispatcher awaits an async handler that catches the
+    CancelledError meant to interrupt it and returns. The lane's error still stops the
+    app (raised by wait()), rather than leaving a relay with no lane that acknowledges
+    nothing and never says why; the refused transaction is not acknowledged."""
+    from walex import Event, Events, WalEx
+
+    from .test_window import _refusing_other
+
+    admin.execute(SETUP)
+    slot = "window_swallowed"
+    gate, started = asyncio.Event(), asyncio.Event()
+    swallowed: list[int] = []
+    events = Events()
+
+    @events.on_insert("k")
+    async def handle(items: list[Event]) -> None:
+        if items[0].new_record["id"] == 0:
+            started.set()
+            await gate.wait()
+            return
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:  # a handler that does not let itself be cancelled
+            swallowed.append(items[0].new_record["id"])
+
+    async def main(server: OwnRedis) -> tuple[BaseException | None, int]:
+        url = await _refusing_other(server, "wsw")
+        app = WalEx(dsn, publication="pub", subscriptions=["k", "other"], modules=[events],
+                    name="walex_window_swallowed", destinations=[url], durable_slot=True,
+                    slot_name=slot, status_interval=0.2, on_error="stop")
+        await app.start()
+        error: BaseException | None = None
+        try:
+            admin.execute("INSERT INTO k VALUES (0, 0)")
+            await asyncio.wait_for(started.wait(), 30)
+            before = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+            admin.execute("INSERT INTO other VALUES (1)")  # refused by Redis for good
+            admin.execute("INSERT INTO k VALUES (1, 0)")  # its call swallows the cancel
+            end = int(admin.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchone()[0])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while app.ack.received < end or app.pipeline.queue.qsize() < 2:
+                assert loop.time() < deadline, "the two transactions were never queued"
+                await asyncio.sleep(0.01)
+            gate.set()  # both taken together: published as one group, the handler called
+            try:
+                await asyncio.wait_for(app.wait(), 60)
+            except TimeoutError:
+                raise AssertionError("the app neither stopped nor relayed: the lane is gone "
+                                     f"(its error: {app.pipeline.window.error!r})") from None
+            except Exception as exc:
+                error = exc
+        finally:
+            gate.set()
+            await asyncio.gather(app.stop(), return_exceptions=True)
+        return error, before
+
+    with OwnRedis(tmp_path) as server:
+        error, before = run(main(server), timeout=180)
+    assert swallowed == [1]
+    assert isinstance(error, DestinationError) and "wsw:other" in str(error)
+    assert confirmed(admin, slot) <= before, "acknowledged past the refused transaction"
