@@ -178,7 +178,7 @@ async def run_dispatcher(p: Any) -> None:
     destinations = p.destinations
     if destinations and destinations.pipelined:  # a window of unconfirmed transactions
         window = p.window = destinations.lanes(partial(_recorded, p, queue, ack))
-        async with window.running():
+        async with window.running(queue.interrupt):
             if dispatcher.batching:
                 await run_batching_windowed(p, window)
             else:

@@ -73,9 +73,13 @@ async def run_windowed(p: Any, window: Any) -> None:
 
     while not p.closing:
         if not items:
+            if window.error is not None:  # a lane ended, its cancel swallowed by a handler
+                raise window.error  # (it wakes this wait: Window.running's wake)
             await queue.wait_ready()
             continue
-        taken = await take(items)  # published from now on, while the handlers run
+        p.in_hand = window.first  # take may wait for room (a destination down): stop()
+        taken = await take(items)  # names the oldest unrecorded batch if it cuts that off
+        p.in_hand = None  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued (their bytes still count until
             queue.room_made()  # recorded): the reader may queue more meanwhile
         if dispatch is None and not has_handlers():  # a relay alone: no call to make, so
@@ -179,12 +183,16 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
     let_in = False  # the reader was woken to queue more and has not run since
     while not p.closing:
         if not items:
+            if window.error is not None:  # a lane ended, its cancel swallowed by a handler
+                raise window.error  # (it wakes this wait: Window.running's wake)
             await queue.wait_ready()
             continue
         if deferred and window.held_full():  # take would wait for room that only the
             await _flush(p, deferred, finished)  # deferred batches' calls can make
             continue
-        taken = await take(items)  # published from now on, while the handlers run
+        p.in_hand = window.first  # take may wait for room (a destination down): stop()
+        taken = await take(items)  # names the oldest unrecorded batch if it cuts that off
+        p.in_hand = None  # published from now on, while the handlers run
         if queue._reader_waits:  # taken, no longer queued: the reader may queue more
             queue.room_made()
             let_in = not queue._reader_waits  # woken, it runs at the loop's next turn
@@ -226,6 +234,9 @@ async def run_batching_windowed(p: Any, window: Any) -> None:
                 finished(done)
             deferred.clear()
         p.in_hand = None
+    if deferred:  # closing came while take waited for room: the batches deferred are in
+        await _flush(p, deferred, finished)  # hand, so the call holding their events is
+        p.in_hand = None  # made, as without a window
 
 
 async def _flush(p: Any, deferred: list[Any], finished: Any) -> None:

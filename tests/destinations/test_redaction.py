@@ -122,7 +122,7 @@ def test_the_shown_parameters_are_walex_own() -> None:
     from walex.destinations import SCHEMES, load_class
     from walex.destinations.base import SHOWN
 
-    taken: set[str] = {"partitions", "group"}
+    taken: set[str] = {"partitions", "group", "window"}  # (window: any URL's, from_url's)
     for scheme in {s for s in SCHEMES.values() if s.module != "webhook"}:
         taken |= set(load_class("walex.destinations", scheme, scheme.destination, "t").accepted)
         if scheme.consumer:

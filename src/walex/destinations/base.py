@@ -41,9 +41,11 @@ SHOWN = frozenset({
     "stream", "subject", "duplicate_window", "timeout", "exchange", "routing_key",
     "exchange_type", "mandatory", "maxlen", "partitions", "group", "ack_wait", "prefetch",
     "balance", "topic", "tombstones", "start", "chain", "ce_headers",
+    "window",  # any URL's (walex.destinations.from_url takes it out first)
 })
 _WEBHOOK_SCHEMES = ("http", "https")
-_WEBHOOK_SHOWN = frozenset({"secret_env", "timeout"})  # a webhook's other parameters are the receiver's
+# a webhook's other parameters are the receiver's
+_WEBHOOK_SHOWN = frozenset({"secret_env", "timeout", "window"})
 _ENCODE = ("its host and port cannot be read (nothing of it is shown: it may hold a "
            "password). A user name or password holding / ? # @ : or % must be "
            "percent-encoded: urllib.parse.quote(password, safe='')")

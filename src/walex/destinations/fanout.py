@@ -131,15 +131,20 @@ class Destinations:
     async def _deliver(self, destination: Destination, batch: list[Outgoing],
                        events: list[Event] | None, settle: bool = True) -> bool:
         """Publish ``batch`` until confirmed (True); a permanent refusal is settled by
-        :attr:`refused` (True), or with ``settle=False`` left to the caller (False)."""
+        :attr:`refused` (True), or with ``settle=False`` left to the caller (False). A
+        :class:`~walex.errors.DestinationError` of ``open()`` is raised whatever the
+        policy: it is the destination's, not the batch's."""
         attempt = 0
         limited = 0  # attempts in a row refused the way exc.attempts bounds (a full queue...)
         while True:
             stats = self.stats
             started = time.perf_counter()
+            opening = False
             try:
                 if not destination.opened:
+                    opening = True
                     await destination.open()
+                    opening = False
                 tracer = stats.tracer if stats is not None else None
                 if tracer is None:
                     await destination.publish(batch)
@@ -148,7 +153,10 @@ class Destinations:
                         await destination.publish(batch)
             except DestinationError as exc:
                 self._failed(destination, exc)
-                if settle and self.refused is None:
+                if opening or (settle and self.refused is None):
+                    # opening it again failed for good (an exchange or stream made with
+                    # other settings meanwhile): the destination's configuration, not a
+                    # refusal of this batch, which on_error must not skip: the app stops
                     raise
                 if stats is not None:
                     stats.record_publish(destination.display, len(batch),

@@ -308,6 +308,8 @@ class Window:
             self._waiting = True
             self._room.clear()
             await self._room.wait()
+            if self.error is not None:
+                raise self.error
 
     async def take(self, items: deque[Any]) -> list[Entry]:
         """Take the batches at the front of ``items`` that the window has room for (at least
@@ -315,6 +317,8 @@ class Window:
         of each lane, not one per batch. The caller hands each entry's batch to the
         handlers, in order, then counts the handlers done (:meth:`finished`); or gives back the entries it did not hand
         to the handlers (:meth:`give_back`)."""
+        if self.error is not None:  # a lane ended (its cancel of the caller may have been
+            raise self.error  # swallowed by a handler): nothing more is taken
         if self._full():
             await self._wait_room()
         lanes = self.lanes
@@ -427,15 +431,20 @@ class Window:
     async def drain(self) -> None:
         """Wait until every submitted batch was recorded (at a graceful stop)."""
         while self.entries:
+            if self.error is not None:
+                raise self.error
             self._waiting = True
             self._room.clear()
             await self._room.wait()
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
+    async def running(self, wake: Callable[[], None] | None = None) -> AsyncIterator[None]:
         """Run the lanes while the body (the dispatcher loop) runs. A lane ending with an
         error cancels the body's task, which then raises that error, not the
-        cancellation; the lanes end with the body."""
+        cancellation; the lanes end with the body. Should the body go on all the same (a
+        handler it awaited swallowed the cancellation), :meth:`take` and :meth:`drain`
+        raise the error, and ``wake`` (called then) ends the body's wait for a batch,
+        so that it looks at :attr:`error`."""
         owner = asyncio.current_task()
         assert owner is not None
         tasks = []
@@ -447,6 +456,9 @@ class Window:
             self.error = exc if exc is not None else RuntimeError(
                 f"the publishing lane {task.get_name()} returned")
             owner.cancel()
+            self._room.set()  # a wait for room or for the drain raises it
+            if wake is not None:
+                wake()
 
         for lane in self.lanes:
             task = asyncio.create_task(lane.run(), name=f"walex-lane-{lane.destination.display}")
@@ -458,6 +470,10 @@ class Window:
             if self.error is not None:
                 owner.uncancel()
                 raise self.error from None
+            raise
+        except BaseException as exc:
+            if exc is self.error and owner.cancelling():  # raised by take/drain or the
+                owner.uncancel()  # loop: the cancel that done() sent was swallowed
             raise
         finally:
             for task in tasks:
