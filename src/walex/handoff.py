@@ -369,7 +369,7 @@ async def _plain_run(p: Any, ahead: list[Any], stopping: Any) -> None:
     p.in_hand = None
 
 
-def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
+def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction, release: bool = True) -> None:
     """Record a batch handled (by every call of a run before it, and its own)."""
     if failpoints.ACTIVE:
         failpoints.hit("after_dispatch")
@@ -377,15 +377,21 @@ def _handled(p: Any, queue: BatchQueue, ack: Any, txn: Transaction) -> None:
     if txn.last:
         ack.handled(txn.end_lsn)
         p.transactions_handled += 1
-    queue.release(txn.size)
+    if release:
+        queue.release(txn.size)
 
 
 def _recorded(p: Any, queue: BatchQueue, ack: Any, txns: list[Transaction]) -> None:
     """Record batches handled, in order (a window's, once every destination confirmed them):
-    the acknowledgement position, the counters and the byte budget once for them all."""
+    the acknowledgement position, the counters and the byte budget once for them all.
+
+    A confirmation that comes after the window was discarded (``p.window`` None: a standby
+    that lost its lock dropped everything before its lanes were cancelled) takes no bytes
+    off: ``queue.clear()`` took them all already, and the budget would stay loosened."""
+    release = p.window is not None
     if failpoints.ACTIVE:  # the failpoint sees each batch recorded, one at a time
         for txn in txns:
-            _handled(p, queue, ack, txn)
+            _handled(p, queue, ack, txn, release)
         return
     events = transactions = size = 0
     end = 0
@@ -399,4 +405,5 @@ def _recorded(p: Any, queue: BatchQueue, ack: Any, txns: list[Transaction]) -> N
     p.transactions_handled += transactions
     if end:
         ack.handled(end)
-    queue.release(size)
+    if release:
+        queue.release(size)

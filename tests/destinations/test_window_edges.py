@@ -286,3 +286,36 @@ def test_a_lane_s_failure_stops_the_app_even_when_a_handler_swallows_its_cancell
     assert swallowed == [1]
     assert isinstance(error, DestinationError) and "wsw:other" in str(error)
     assert confirmed(admin, slot) <= before, "acknowledged past the refused transaction"
+
+
+def test_a_confirmation_after_the_window_was_discarded_takes_no_bytes_off(
+    admin: psycopg.Connection, dsn: str, tmp_path: Path,
+) -> None:
+    """A standby that loses its lock drops everything it received (queue and window,
+    ``Pipeline.discard_unhandled``, which zeroes the byte budget's count) before its lanes
+    are cancelled; a confirmation arriving in between must not take its batch's bytes off
+    again (on main the count went below zero: the budget loosened by that much for good).
+    Reproduced by discarding while the lanes wait for a stopped Redis, then starting it."""
+    admin.execute(SETUP)
+    updates = 6
+
+    async def main(server: OwnRedis) -> int:
+        url = f"redis://127.0.0.1:{server.port}/0?stream=wd:{{table}}&timeout=1&window=64"
+        async with collecting(dsn, destinations=[url], status_interval=0.2) as rec:
+            app = rec.app
+            assert app is not None
+            admin.execute(INSERT_KEYS)
+            await rec._until(lambda: app.transactions_handled == 1, 60, "the rows stored")
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(write, dsn, updates)
+            await rec._until(lambda: len(app.pipeline.window) >= 1, 60, "batches in the window")
+            handled = app.transactions_handled
+            app.pipeline.discard_unhandled()  # what standby.abandon does first
+            await asyncio.to_thread(server.start)
+            await rec._until(lambda: app.transactions_handled > handled, 60,
+                             "a confirmation after the discard")
+            return app.pipeline.queue.bytes
+
+    with OwnRedis(tmp_path) as server:
+        left = run(main(server), timeout=120)
+    assert left >= 0, f"the byte count went to {left}"
