@@ -340,7 +340,7 @@ class WalEx(Lifecycle):
                     await asyncio.wait([dispatcher], timeout=self.settings.shutdown_grace)
                     if not dispatcher.done():
                         cut_off = True
-                        self._log_cut_off(pipeline.in_hand)
+                        self._log_cut_off(pipeline.in_hand, bool(pipeline.window))
                         # what is acknowledged: not the call cut off, even if it returns
                         # (ignoring its cancellation) and its loop records it handled
                         self._ack_held = pipeline.ack.flushed
@@ -403,14 +403,17 @@ class WalEx(Lifecycle):
         log.error("walex %r: stop() failed: %r", self.settings.name, task.exception(),
                   exc_info=task.exception())
 
-    def _log_cut_off(self, txn: Any) -> None:
-        """Say that the batch in hand did not finish within the grace and is cancelled."""
+    def _log_cut_off(self, txn: Any, windowed: bool = False) -> None:
+        """Say that the batch in hand (or the oldest a destination has not confirmed) did not
+        finish within the grace and is cancelled."""
         s = self.settings
         fate = ("a durable slot delivers it again at the next start" if s.durable_slot
                 else "it is lost with the temporary slot")
+        what = "handler call or destination publish" if windowed else "handler call"
         (log.warning if s.durable_slot else log.error)(
-            "walex %r: handler call cut off after shutdown_grace=%gs; the transaction committed at "
-            "%s was not acknowledged (%s)", s.name, s.shutdown_grace, format_lsn(txn.commit_lsn), fate,
+            "walex %r: %s cut off after shutdown_grace=%gs; the transaction committed at "
+            "%s was not acknowledged (%s)", s.name, what, s.shutdown_grace,
+            format_lsn(txn.commit_lsn), fate,
         )
 
     def _task_done(self, task: asyncio.Task[None], may_return: bool = False) -> None:
