@@ -90,9 +90,9 @@ def test_a_large_transaction_cut_by_a_lost_walsender_is_delivered_whole(
 ) -> None:
     """One transaction of ``rows`` rows (~4 MB, more than the sockets buffer), in batches of
     50, whose first batch's call holds the handlers while the rest is received: the queue
-    keeps its first batches (not the last) when the walsender is terminated. The new session sends the transaction again from its
-    start: every row must reach the handlers, the ones queued before maybe twice (same ids),
-    none lost, and the transaction after it once."""
+    keeps its first batches (not the last) when the walsender is terminated. The new session
+    sends the transaction again from its start: every row must reach the handlers, the ones
+    queued before maybe twice (same ids), none lost, and the transaction after it once."""
     admin.execute("CREATE TABLE item (id int PRIMARY KEY, pad text)")
     admin.execute("CREATE PUBLICATION pub FOR TABLE item")
     slot = "requeue_large_slot"

@@ -56,8 +56,9 @@ A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
 the other sources do (:func:`walex.workers.current_lease`; the lease's
 ``partition`` is the record's Kafka partition), commits nothing of it and
-goes on with its other partitions (librdkafka joins the group again). ``walex worker --declare`` has nothing to create on Kafka: it
-checks that the brokers answer and take the login.
+goes on with its other partitions (librdkafka joins the group again).
+``walex worker --declare`` has nothing to create on Kafka: it checks that
+the brokers answer and take the login.
 
 The consumer runs on a thread of its own (librdkafka's rebalance callbacks
 run there: :mod:`walex.workers.kafkasession`); the event loop only exchanges
