@@ -394,8 +394,7 @@ cdef class HotPath:
                 return _NOT_HANDLED
             pos = 6
             if typed:
-                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names,
-                                    self._template)
+                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
                 if new is None:
                     typed = False
                     pos = 6
@@ -415,8 +414,7 @@ cdef class HotPath:
                 return _NOT_HANDLED
             pos += 1
             if typed:  # no old row
-                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names,
-                                    self._template)
+                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
                 if new is None:
                     typed = False
                     pos = 6
