@@ -40,7 +40,8 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
     else:
         compiled = [Extension("walex._hotpath", ["src/walex/_hotpath.pyx"],
                               depends=["src/walex/_hotpath_objects.pxi",
-                                       "src/walex/_hotpath_stamps.pxi"]),
+                                       "src/walex/_hotpath_stamps.pxi",
+                                       "src/walex/_hotpath_values.pxi"]),
                     Extension("walex._json", ["src/walex/_json.pyx"]),
                     Extension("walex._encode", ["src/walex/_encode.pyx"],
                               depends=["src/walex/destinations/_rfc3339.pxi"]),

@@ -28,7 +28,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.long cimport PyLong_AsSsize_t
 from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 import dataclasses
 import datetime
@@ -63,6 +63,7 @@ cdef const char *_HEX = b"0123456789ABCDEF"
 
 include "_hotpath_objects.pxi"  # _Maker, _Slots, _change_tuple, _immutable
 include "_hotpath_stamps.pxi"  # _pg_timestamp, _event_id, _format_lsn
+include "_hotpath_values.pxi"  # _plan, _typed_record: rows typed in C
 
 
 # _Open's slots the per-row path, Commit and _batch read
@@ -235,6 +236,9 @@ cdef class HotPath:
     cdef object _relkey  # its relation id, the int object the relation cache is keyed by
     cdef uint32_t _relid  # the same in C
     cdef dict _template  # {column: None} in column order, copied for each record
+    cdef bytes _kinds  # the table's column kinds (_plan), None: its rows typed by Table.load
+    cdef list _loads  # each column's loader's load (_plan)
+    cdef dict _plans  # relation id: (table, _plan of it), so a switch of tables reuses it
     cdef dict _tables  # the relation cache's tables by relation id
 
     def __init__(self, assembler, decoder):
@@ -243,6 +247,7 @@ cdef class HotPath:
         self.assembler = assembler
         self.relations = assembler.relations
         self._tables = self.relations._tables
+        self._plans = {}
         self.decoder = decoder
         self.end = 0
 
@@ -376,12 +381,26 @@ cdef class HotPath:
         table = <object>found if found != NULL else None
         cdef bint as_raw = type(table) is Table and _TABLE.get(table, 1) is True
         kind = data[5]
+        # a subscribed typed table's new row typed in C straight into its record (when
+        # _typed_record is sure of every value; else parsed and typed as before)
+        cdef bint typed = (not as_raw and type(table) is Table and bool(_TABLE.get(table, 0))
+                           and (tag == 73 or (tag == 85 and kind == 78)))
+        if typed:
+            if table is not self._table:
+                self._use(table, relation_id, relid)
+            typed = self._kinds is not None
         if tag == 73:  # Insert: 'N' tuple
             if kind != 78:
                 return _NOT_HANDLED
             pos = 6
-            new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
-                   else _tuple(data, size, &pos, &new_plain))
+            if typed:
+                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
+                if new is None:
+                    typed = False
+                    pos = 6
+            if not typed:
+                new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
+                       else _tuple(data, size, &pos, &new_plain))
         elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
             if kind == 75 or kind == 79:
                 old_kind = kind
@@ -394,8 +413,14 @@ cdef class HotPath:
             if kind != 78:
                 return _NOT_HANDLED
             pos += 1
-            new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
-                   else _tuple(data, size, &pos, &new_plain))
+            if typed:  # no old row
+                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
+                if new is None:
+                    typed = False
+                    pos = 6
+            if not typed:
+                new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
+                       else _tuple(data, size, &pos, &new_plain))
         else:  # Delete: 'K'|'O' tuple
             if kind != 75 and kind != 79:
                 return _NOT_HANDLED
@@ -413,18 +438,7 @@ cdef class HotPath:
             table = self.relations.get(relid, chr(tag), lsn)  # raises its DecodeError
         if _TABLE.get(table, 0) if type(table) is Table else table.subscribed:
             if table is not self._table:
-                self._table = table
-                self._names = table.column_names
-                self._name = table.name
-                self._source = table.source
-                self._load = table.load
-                self._load_plain = table.load_plain
-                self._width = len(table.type_oids)
-                self._keys = table.key_indexes
-                self._template = dict.fromkeys(self._names)
-                key = table.relation_id
-                self._relkey = key if type(key) is int and key == relation_id else None
-                self._relid = relid
+                self._use(table, relation_id, relid)
             if txn is not self._stamped:
                 self._stamped = txn
                 self._commit_lsn = txn.commit_lsn
@@ -437,7 +451,9 @@ cdef class HotPath:
                 self._id = _event_id_at(self._commit_lsn, position + PyList_GET_SIZE(changes))
             else:
                 self._id = _event_id(self._commit_lsn, emitted + len(changes))
-            if type(table) is Table and _TABLE.get(table, 1) is True and (
+            if typed:  # the record made already
+                event = self._event(_INSERT if tag == 73 else _UPDATE, new, None, None)
+            elif type(table) is Table and _TABLE.get(table, 1) is True and (
                     (type(new) is bytes and new_count == self._width) if tag != 68 else True) and (
                     old is None or (type(old) is bytes and old_count == self._width)):
                 event = self._raw(tag, new, old, old_kind, lsn, table)
@@ -474,6 +490,32 @@ cdef class HotPath:
             return [self._batch(txn, _OPEN.get(txn, O_COMMIT_LSN), _OPEN.get(txn, O_COMMIT_TIME),
                                 0, False)]
         return None
+
+    cdef void _use(self, object table, object relation_id, uint32_t relid) except *:
+        """Make ``table`` the table of the changes that follow (its names, loaders, plan)."""
+        self._table = table
+        self._names = table.column_names
+        self._name = table.name
+        self._source = table.source
+        self._load = table.load
+        self._load_plain = table.load_plain
+        self._width = len(table.type_oids)
+        self._keys = table.key_indexes
+        self._template = dict.fromkeys(self._names)
+        key = table.relation_id
+        self._relkey = key if type(key) is int and key == relation_id else None
+        self._relid = relid
+        self._kinds = self._loads = None
+        if (type(table) is Table and type(self._names) is list and len(self._template) == self._width
+                and PyList_GET_SIZE(self._names) == self._width):
+            cached = self._plans.get(key)  # as many as the relation cache has ids
+            if cached is not None and (<tuple>cached)[0] is table:
+                plan = (<tuple>cached)[1]
+            else:
+                plan = _plan(table)
+                self._plans[key] = (table, plan)
+            if plan is not None:
+                self._kinds, self._loads = plan
 
     cdef dict _record(self, object values):
         """``dict(zip(names, values))``: a copy of the template, its values replaced."""
