@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from support import collecting, run
-from walex.observe import server
+from walex.observe import families, server
 
 
 def exchange(port: int, request: bytes, *, rcvbuf: int | None = None, idle: float = 0) -> bytes:
@@ -69,6 +69,8 @@ def test_a_client_that_does_not_read_its_answer_is_cut_off(
     admin.execute("CREATE TABLE item (id int PRIMARY KEY)")
     admin.execute("CREATE PUBLICATION pub FOR TABLE item")
     monkeypatch.setattr(server, "ANSWER_TIMEOUT", 1.0, raising=False)
+    # every table its own series (1000 by default), so that /metrics is big
+    monkeypatch.setattr(families, "MAX_TABLES", 100_000)
 
     async def main() -> None:
         async with collecting(dsn, metrics_port=0) as rec:

@@ -179,13 +179,29 @@ async def _prepare_slot(pipeline: Pipeline, first: bool) -> int:
     lost_from = None if first or pipeline.after_stop else pipeline.ack.flushed  # a stop reported its own
     if first and s.snapshot == "initial":  # the requests are stored before the slot exists
         await pipeline.backfill.initial(await pipeline.lookups.connection())
-    try:
-        async with asyncio.timeout(s.slot_create_timeout):  # psycopg cancels it on the server
-            slot = await repl.create_slot(pipeline.slot_name, temporary=not s.durable_slot,
-                                          failover=s.failover)
-    except TimeoutError:
-        raise ReplicationError(await slot_create_blocked(
-            pipeline.lookups, pipeline.slot_name, s.slot_create_timeout)) from None
+    # a temporary slot of this name is the last session's: its walsender has not ended yet
+    # (busy decoding, it notices the lost client late) and drops the slot when it does:
+    # waited for as a slot in use is (_start_replication), then made anew
+    deadline = time.monotonic() + max(s.slot_wait_timeout, pipeline.wal_sender_timeout + 10)
+    delay = 0.1
+    while True:
+        try:
+            async with asyncio.timeout(s.slot_create_timeout):  # psycopg cancels it on the server
+                slot = await repl.create_slot(pipeline.slot_name, temporary=not s.durable_slot,
+                                              failover=s.failover)
+        except TimeoutError:
+            raise ReplicationError(await slot_create_blocked(
+                pipeline.lookups, pipeline.slot_name, s.slot_create_timeout)) from None
+        if slot.created or s.durable_slot:
+            break
+        if time.monotonic() >= deadline:
+            raise ReplicationError(
+                f"temporary replication slot {pipeline.slot_name!r} is still held by the "
+                "previous session's walsender, which drops it when it ends", retriable=True)
+        log.warning("temporary replication slot %r is still held by the previous session's "
+                    "walsender; trying again in %.1fs", pipeline.slot_name, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
     if slot.created:
         log.info("created %s replication slot %r at %s",
                  "durable" if s.durable_slot else "temporary",
