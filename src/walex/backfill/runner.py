@@ -124,6 +124,7 @@ class Backfills:
         window = self.window
         if window is None:
             return
+        window.generation = self.pipeline.discards  # queues dropped so far: see Window.sent
         reads = window.observe(txn)
         if reads:
             put = self.pipeline.queue.put
@@ -500,6 +501,9 @@ class Backfills:
             if done:
                 return future.result()
             if self.pipeline.sessions != session:
+                window = self.window
+                if window is not None:  # a high watermark seen from now on emits nothing
+                    window.give_up()
                 return Outcome(redo="the replication connection was re-established")
             waited += 0.05
             if waited >= 60 and waited % 60 < 0.05:
@@ -511,13 +515,15 @@ class Backfills:
                     pending: tuple[int, list[str], int], progress: ProgressLog) -> None:
         """Mark a chunk done once every handler finished its events (its watermark handled)."""
         end_lsn, last_key, rows = pending
-        ack = self.pipeline.ack
+        ack, window = self.pipeline.ack, self.window
         while ack.flushed < end_lsn:
             await asyncio.sleep(0.005)
         job.rows_done += rows
         await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
                                 chunks_done=job.chunks_done + 1, rate=progress.rate)
         self._progressed = True
+        if window is not None:
+            window.forget(end_lsn)
         progress.chunk()
 
     async def _table(self, target: Target) -> Table:

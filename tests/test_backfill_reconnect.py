@@ -1,0 +1,160 @@
+"""Backfill across lost sessions: a standby lock lost while a chunk's reads are queued, a
+walsender terminated while they are (walex.backfill.runner, .watermarks; the pipeline keeps
+its queue across a durable slot's reconnect and drops it when the lock is lost)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from support import run, until
+from test_backfill import table_rows
+from walex import Event, Events, EventType, WalEx
+from walex.backfill import chunks as backfill_chunks
+from walex.backfill.store import Store
+
+
+class Delivered:
+    """Rows by key from every event, and every read event's id by key; the first read
+    call can be held (a slow handler: the chunk's other reads queue up behind it)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[int, dict[str, Any]]] = {"item": {}, "marker": {}}
+        self.reads: dict[int, set[str]] = {}
+        self.held, self.go = threading.Event(), threading.Event()
+        self.hold = False
+        self.events = Events()
+        self.events.on_event("all")(self.apply)
+
+    def apply(self, events: list[Event]) -> None:  # on the handlers' thread
+        if self.hold and any(e.type is EventType.READ for e in events):
+            self.hold = False
+            self.held.set()
+            self.go.wait(30)
+        for e in events:
+            rows = self.rows[e.name]
+            if e.type in (EventType.READ, EventType.INSERT, EventType.UPDATE):
+                rows[e.new_record["id"]] = e.new_record
+            elif e.type is EventType.DELETE:
+                rows.pop(e.old_record["id"], None)
+            if e.type is EventType.READ:
+                self.reads.setdefault(e.new_record["id"], set()).add(e.id)
+
+
+def _schema(admin: psycopg.Connection, rows: int) -> None:
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TABLE item (id int PRIMARY KEY, v int NOT NULL)")
+    admin.execute(f"INSERT INTO item SELECT g, g FROM generate_series(1, {rows}) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE item, marker")
+
+
+async def _caught_up(admin: psycopg.Connection, got: Delivered) -> None:
+    marker = admin.execute("INSERT INTO marker DEFAULT VALUES RETURNING id").fetchone()[0]
+    await until(lambda: marker in got.rows["marker"], "the marker row", 30)
+
+
+def _every_row(admin: psycopg.Connection, got: Delivered) -> None:
+    want = {k[0]: r for k, r in table_rows(admin, "item", ("id",)).items()}
+    missing = sorted(set(want) - set(got.rows["item"]))
+    assert not missing, f"{len(missing)} rows never delivered: {missing[:10]}"
+    assert got.rows["item"] == want
+    twice = {k: ids for k, ids in got.reads.items() if len(ids) > 1}
+    assert not twice, f"rows read twice under different event ids: {list(twice.items())[:5]}"
+
+
+def test_reads_dropped_with_the_queue_when_the_standby_lock_is_lost_are_delivered_again(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """``standby=True``: the first read call of the backfill is held, the chunk's other reads
+    wait in the queue; the standby lock's connection is terminated, so the instance drops
+    its queue (what it did not acknowledge comes again from the slot). Once the lock is
+    taken again the stream sends the high watermark again: the chunk's reads must come
+    with it (on main they were gone for good, the chunk was marked done when its replayed
+    watermark was acknowledged, and its rows were never delivered)."""
+    _schema(admin, 200)
+    got = Delivered()
+    got.hold = True
+
+    async def scenario() -> Any:
+        app = WalEx(dsn, publication="pub", modules=[got.events], name="bf_fence",
+                    durable_slot=True, slot_name="bf_fence_slot", standby=True,
+                    status_interval=0.2, batch_size=10, backfill_chunk_size=50)
+        await app.start()
+        try:
+            job = asyncio.ensure_future(app.backfill("item"))
+            await until(got.held.is_set, "the first read call")
+            await until(lambda: app.pipeline.queue.qsize() >= 3, "the chunk's reads queued")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                          "locktype = 'advisory' AND granted AND database = "
+                          "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            await until(lambda: app.pipeline.abandoning, "the instance abandoning", timeout=15)
+            got.go.set()
+            done = await asyncio.wait_for(job, 60)
+            await _caught_up(admin, got)
+            return done
+        finally:
+            got.go.set()
+            await app.stop()
+
+    job = run(scenario(), timeout=120)
+    assert job.state == "done"
+    _every_row(admin, got)
+
+
+def test_a_chunk_given_up_at_a_reconnect_emits_nothing_when_its_high_watermark_comes(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Durable slot. The walsender is terminated after the first chunk's low watermark was
+    streamed; its high watermark is written once the next session streams, behind a large
+    transaction the walsender takes a while to decode. The backfill gives the chunk up
+    (the session changed) and reads it again; the stream then reaches the first high
+    watermark while the next chunk is not yet armed (the store answers slowly): on main
+    it still emitted the given-up chunk's reads, so every row of it was read twice, under
+    two different event ids."""
+    _schema(admin, 200)
+    admin.execute("CREATE TABLE filler (n int)")  # not published: decoded, sent nowhere
+    got = Delivered()
+    real_read, real_state = backfill_chunks.read_chunk, Store.state
+    state = {"app": None, "cut": False, "slow": False}
+
+    async def cut_after_read(*args: Any, **kw: Any) -> Any:
+        chunk = await real_read(*args, **kw)
+        if not state["cut"]:
+            state["cut"] = True
+            pipeline = state["app"].pipeline  # type: ignore[attr-defined]
+            before = pipeline.sessions
+            admin.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                          "WHERE slot_name = 'bf_cut_slot'")
+            await until(lambda: pipeline.sessions > before, "the next session", timeout=20)
+            await asyncio.to_thread(admin.execute,
+                                    "INSERT INTO filler SELECT generate_series(1, 400000)")
+            state["slow"] = True
+        return chunk
+
+    async def slow_state(self: Store, conn: Any, job: Any) -> Any:
+        if state["slow"]:  # once: the answer to the check after the chunk was given up
+            state["slow"] = False
+            await asyncio.sleep(3)
+        return await real_state(self, conn, job)
+
+    monkeypatch.setattr(backfill_chunks, "read_chunk", cut_after_read)
+    monkeypatch.setattr(Store, "state", slow_state)
+
+    async def scenario() -> Any:
+        app = state["app"] = WalEx(dsn, publication="pub", modules=[got.events], name="bf_cut",
+                                   durable_slot=True, slot_name="bf_cut_slot",
+                                   status_interval=0.2, batch_size=10, backfill_chunk_size=50)
+        async with app:
+            job = await asyncio.wait_for(app.backfill("item"), 60)
+            await _caught_up(admin, got)
+            redone = app.pipeline.backfill.chunks_redone
+        return job, redone
+
+    job, redone = run(scenario(), timeout=120)
+    assert job.state == "done"
+    assert redone >= 1  # the first chunk was given up at the reconnect
+    _every_row(admin, got)
