@@ -14,6 +14,8 @@ import pytest
 from support import run, until
 from test_backfill import table_rows
 from walex import Event, Events, EventType, WalEx
+from walex.errors import ReplicationError
+from walex.pgoutput.messages import Commit, LogicalMessage
 from walex.backfill import chunks as backfill_chunks
 from walex.backfill.store import Store
 
@@ -25,17 +27,19 @@ class Delivered:
     def __init__(self) -> None:
         self.rows: dict[str, dict[int, dict[str, Any]]] = {"item": {}, "marker": {}}
         self.reads: dict[int, set[str]] = {}
+        self.ids: list[str] = []  # every event's id, in the order handled
         self.held, self.go = threading.Event(), threading.Event()
-        self.hold = False
+        self.hold: Any = None  # which call to hold: a test of the events, once
         self.events = Events()
         self.events.on_event("all")(self.apply)
 
     def apply(self, events: list[Event]) -> None:  # on the handlers' thread
-        if self.hold and any(e.type is EventType.READ for e in events):
-            self.hold = False
+        if self.hold is not None and self.hold(events):
+            self.hold = None
             self.held.set()
             self.go.wait(30)
         for e in events:
+            self.ids.append(e.id)
             rows = self.rows[e.name]
             if e.type in (EventType.READ, EventType.INSERT, EventType.UPDATE):
                 rows[e.new_record["id"]] = e.new_record
@@ -77,7 +81,7 @@ def test_reads_dropped_with_the_queue_when_the_standby_lock_is_lost_are_delivere
     watermark was acknowledged, and its rows were never delivered)."""
     _schema(admin, 200)
     got = Delivered()
-    got.hold = True
+    got.hold = lambda events: any(e.type is EventType.READ for e in events)
 
     async def scenario() -> Any:
         app = WalEx(dsn, publication="pub", modules=[got.events], name="bf_fence",
@@ -158,3 +162,55 @@ def test_a_chunk_given_up_at_a_reconnect_emits_nothing_when_its_high_watermark_c
     assert job.state == "done"
     assert redone >= 1  # the first chunk was given up at the reconnect
     _every_row(admin, got)
+
+
+def test_a_high_watermark_cut_off_before_its_commit_counts_only_when_it_comes_again(
+    dsn: str, admin: psycopg.Connection,
+) -> None:
+    """Durable slot; a slow handler holds a transaction, two more wait in the queue. The
+    session ends between the last chunk's high watermark message and its commit (the
+    middleware plays the connection lost there). The next session sends the held
+    transactions again first: on main the first of them was taken for the high watermark's
+    transaction, so the chunk's reads went out with its position (event ids older than
+    ones handled before them) and the chunk was marked done once that old transaction was
+    acknowledged, before its reads were handled."""
+    _schema(admin, 30)
+    got = Delivered()
+    state = {"high": False, "cut": False}
+
+    async def middleware(message: Any, app: WalEx) -> None:
+        if (isinstance(message, LogicalMessage) and message.prefix == "walex.backfill"
+                and b'"mark":"high"' in message.content and not state["cut"]):
+            state["high"] = True
+        elif isinstance(message, Commit) and state["high"]:
+            state["high"], state["cut"] = False, True
+            raise ReplicationError("the connection was lost (test)", retriable=True)
+        await app.process_message(message)
+
+    async def scenario() -> Any:
+        app = WalEx(dsn, publication="pub", modules=[got.events], name="bf_commit",
+                    durable_slot=True, slot_name="bf_commit_slot", status_interval=0.2,
+                    backfill_chunk_size=100, message_middleware=middleware)
+        async with app:
+            admin.execute("INSERT INTO marker DEFAULT VALUES")
+            await until(lambda: got.rows["marker"], "the stream flowing")
+            got.hold = lambda events: any(e.type is EventType.UPDATE for e in events)
+            admin.execute("UPDATE item SET v = -1 WHERE id = 1")  # held by the handler
+            await until(got.held.is_set, "the held call")
+            admin.execute("UPDATE item SET v = -2 WHERE id = 2")  # queued behind it
+            admin.execute("UPDATE item SET v = -3 WHERE id = 3")
+            job = asyncio.ensure_future(app.backfill("item"))
+            await until(lambda: state["cut"], "the session cut before the high commit", 30)
+            got.go.set()
+            done = await asyncio.wait_for(job, 60)
+            early = sorted(set(range(1, 31)) - set(got.rows["item"]))
+            await _caught_up(admin, got)
+            return done, early
+
+    job, early = run(scenario(), timeout=120)
+    assert job.state == "done"
+    assert not early, f"backfill() returned before rows {early} were handled"
+    _every_row(admin, got)
+    handled = [i for i in got.ids if i]
+    late = [(a, b) for a, b in zip(handled, handled[1:]) if b < a]
+    assert not late, f"event ids going back in stream order: {late[:3]}"

@@ -91,6 +91,7 @@ class Backfills:
         # connection until a request comes
         self.store_known = True
         self._progressed = False  # a chunk was completed since the last interruption
+        self._high_session = 0  # the session whose stream showed the last high watermark
 
     @property
     def store(self) -> Store:
@@ -118,12 +119,17 @@ class Backfills:
             self.wake.set()
         elif self.window is not None:
             self.window.message(fields)
+            self._high_session = self.pipeline.sessions
 
     async def batch(self, txn: Transaction) -> None:
         """An assembled batch, before it is queued; at a high watermark, the reads go first."""
         window = self.window
         if window is None:
             return
+        if window.high_seen and self._high_session != self.pipeline.sessions:
+            # the session that showed the high watermark ended before its commit came: this
+            # batch is one the next session sends again, and it sends the mark again too
+            window.high_seen = False
         window.generation = self.pipeline.discards  # queues dropped so far: see Window.sent
         reads = window.observe(txn)
         if reads:

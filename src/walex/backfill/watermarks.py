@@ -39,7 +39,9 @@ A chunk's reads are kept until the runner marked the chunk done: when the
 pipeline dropped its queue meanwhile (:meth:`~walex.pipeline.Pipeline.discard_unhandled`,
 a standby lock lost: :attr:`Window.generation` counts those), the slot sends
 the high watermark's transaction again, and the same reads, with the same
-ids, go out again just before it.
+ids, go out again just before it. A high watermark whose transaction was cut
+off by a reconnect before its commit came counts only when it comes again
+(the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
 Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
 in the chunk, 7 hex digits>``: never equal to a streamed id (whose second part
