@@ -5,7 +5,15 @@ its queue across a durable slot's reconnect and drops it when the lock is lost).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -214,3 +222,95 @@ def test_a_high_watermark_cut_off_before_its_commit_counts_only_when_it_comes_ag
     handled = [i for i in got.ids if i]
     late = [(a, b) for a, b in zip(handled, handled[1:]) if b < a]
     assert not late, f"event ids going back in stream order: {late[:3]}"
+
+
+
+PAIR_APP = """
+import os, sqlite3, time
+from walex import WalEx, Events
+
+events = Events()
+db = sqlite3.connect(os.environ["PAIR_LOG"], isolation_level=None, check_same_thread=False,
+                     timeout=30)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("CREATE TABLE IF NOT EXISTS seen (pid INTEGER, id TEXT, pk INTEGER)")
+
+@events.on_event("item")
+def record(batch):  # slow: the chunk's reads queue up behind it
+    time.sleep(0.1)
+    db.executemany("INSERT INTO seen VALUES (?, ?, ?)",
+                   [(os.getpid(), e.id, e.new_record["id"]) for e in batch])
+
+app = WalEx({dsn!r}, publication="pub", modules=[events], name="bf_pair",
+            durable_slot=True, slot_name="bf_pair_slot", status_interval=0.2,
+            snapshot="initial", batch_size=10, backfill_chunk_size=60)
+"""
+
+
+def test_the_standby_taking_over_mid_backfill_delivers_every_row(
+    dsn: str, admin: psycopg.Connection, tmp_path: Path,
+) -> None:
+    """Two ``walex run --standby`` processes; the active one (a) backfills the table
+    (``snapshot="initial"``) with a slow handler, the chunk's reads queued; its standby
+    lock's connection is terminated, so it drops them. The standby (b) takes over and
+    carries the job on from the store: between them every row is delivered, the job ends
+    done."""
+    _schema(admin, 400)
+    (tmp_path / "pair_app.py").write_text(textwrap.dedent(PAIR_APP.format(dsn=dsn)))
+    log_path = tmp_path / "seen.sqlite"
+    procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "walex.cli", "run", "pair_app:app", "--standby"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(tmp_path), "PAIR_LOG": str(log_path)})
+
+    def seen() -> list[tuple[int, str, int]]:
+        if not log_path.exists():
+            return []
+        with sqlite3.connect(log_path, timeout=30) as db:
+            try:
+                return db.execute("SELECT pid, id, pk FROM seen").fetchall()
+            except sqlite3.OperationalError:
+                return []
+
+    def state() -> str | None:
+        try:
+            row = admin.execute(
+                "SELECT state FROM walex_backfill WHERE table_name = 'item'").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None
+        return row[0] if row else None
+
+    def wait(predicate: Any, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    try:
+        start("a")
+        wait(lambda: len(seen()) >= 20, "a handling reads")
+        start("b")
+        time.sleep(3)  # b starts and stands by (a holds the lock)
+        assert procs["b"].poll() is None, procs["b"].communicate()
+        assert state() == "running", state()
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                      "locktype = 'advisory' AND granted AND database = "
+                      "(SELECT oid FROM pg_database WHERE datname = current_database())")
+        wait(lambda: state() == "done", "the job done", timeout=120)
+        time.sleep(3)  # the last reads handled (the job is marked done once they were)
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    rows = seen()
+    missing = sorted(set(range(1, 401)) - {pk for _, _, pk in rows})
+    assert len({pid for pid, _, _ in rows}) == 2, "b never handled"
+    assert not missing, f"{len(missing)} rows delivered by neither: {missing[:10]}"
