@@ -383,7 +383,7 @@ class Backfills:
                 raise _Cancelled
             seq += 1
             outcome_future = window.arm(seq)
-            session = pipeline.sessions
+            gaps = len(pipeline.gaps)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
             chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
                                      job.condition, after, 0 if exhausted else limit,
@@ -411,7 +411,7 @@ class Backfills:
                 break  # no row left, and the rows to read again are gone (deleted)
             window.load(chunk)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
-            outcome = await self._outcome(outcome_future, session, job)
+            outcome = await self._outcome(outcome_future, gaps, job)
             if outcome.redo is not None:
                 redone += 1
                 self.chunks_redone += 1
@@ -499,18 +499,26 @@ class Backfills:
             waiting = list(row[0]) if row and row[0] else []
         self.waiting_for = []
 
-    async def _outcome(self, future: asyncio.Future[Outcome], session: int, job: Job) -> Outcome:
-        """Wait for the reader to reach the high watermark (or a reconnect to lose it)."""
+    async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, job: Job) -> Outcome:
+        """Wait for the reader to reach the high watermark (or a reconnect to lose it).
+
+        A reconnect loses it only when the new session skipped WAL (a temporary slot, a
+        lost slot made again: what :attr:`Pipeline.gaps` records; ``gaps``: their count
+        when the chunk began). A durable slot sends everything after the position
+        acknowledged again, the watermarks included, and the window, kept across
+        sessions, sees them again: the chunk goes on (giving it up at every reconnect
+        read it again and again, never done, when reconnects came faster than the
+        stream reached its high watermark behind a slow handler)."""
         waited = 0.0
         while True:
             done, _ = await asyncio.wait([future], timeout=0.05)
             if done:
                 return future.result()
-            if self.pipeline.sessions != session:
+            if len(self.pipeline.gaps) != gaps:
                 window = self.window
                 if window is not None:  # a high watermark seen from now on emits nothing
                     window.give_up()
-                return Outcome(redo="the replication connection was re-established")
+                return Outcome(redo="the stream skipped WAL at a reconnect (a gap)")
             waited += 0.05
             if waited >= 60 and waited % 60 < 0.05:
                 log.warning("walex %r: the backfill of %s has waited %.0fs for the stream to "
