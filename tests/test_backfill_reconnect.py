@@ -465,3 +465,66 @@ def test_network_cuts_during_a_backfill_with_a_slow_handler(
     missing = sorted(set(want) - set(got.rows["item"]))
     assert not missing, f"{len(missing)} rows never delivered: {missing[:10]}"
     assert got.rows["item"] == want
+
+
+def test_a_session_that_starts_past_the_high_watermark_reads_the_chunk_again(
+    dsn: str, admin: psycopg.Connection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``standby=True``: the instance loses its standby lock while its second chunk is read
+    (another connection takes the lock meanwhile), so its stream stops before that chunk's
+    high watermark; the slot is moved past it (as a standby that held it would), then the
+    lock is given back. The new session starts past the high watermark: the chunk is read
+    again and the backfill ends, every row delivered (with only a count of gaps deciding,
+    the backfill waited for that watermark for ever)."""
+    import hashlib
+
+    _schema(admin, 200)
+    got = Delivered()
+    key = int.from_bytes(hashlib.sha256(b"walex standby bf_jump_slot").digest()[:8], "big",
+                         signed=True)
+    blocker = psycopg.connect(dsn, autocommit=True)
+    real_read = backfill_chunks.read_chunk
+    calls = {"n": 0}
+
+    async def lose_the_lock(*args: Any, **kw: Any) -> Any:
+        chunk = await real_read(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                          "locktype = 'advisory' AND granted AND database = "
+                          "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            await asyncio.to_thread(blocker.execute, "SELECT pg_advisory_lock(%s)", (key,))
+            await until(lambda: admin.execute(
+                "SELECT active_pid IS NULL FROM pg_replication_slots "
+                "WHERE slot_name = 'bf_jump_slot'").fetchone()[0], "the slot free", 20)
+        return chunk
+
+    monkeypatch.setattr(backfill_chunks, "read_chunk", lose_the_lock)
+
+    async def scenario() -> Any:
+        app = WalEx(dsn, publication="pub", modules=[got.events], name="bf_jump",
+                    durable_slot=True, slot_name="bf_jump_slot", standby=True,
+                    status_interval=0.2, batch_size=10, backfill_chunk_size=50)
+        await app.start()
+        try:
+            job = asyncio.ensure_future(app.backfill("item"))
+            await until(lambda: calls["n"] >= 2, "the second chunk read", 30)
+            window = app.pipeline.backfill.window
+            await until(lambda: window is not None and window.chunk is not None,
+                        "the second chunk waiting for its high watermark", 20)
+            await asyncio.sleep(0.3)  # its high watermark written
+            admin.execute("SELECT pg_replication_slot_advance('bf_jump_slot', "
+                          "pg_current_wal_lsn())")
+            blocker.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            done = await asyncio.wait_for(job, 60)
+            await _caught_up(admin, got)
+            return done
+        finally:
+            await app.stop()
+
+    try:
+        job = run(scenario(), timeout=120)
+    finally:
+        blocker.close()
+    assert job.state == "done"
+    _every_row(admin, got)

@@ -37,6 +37,7 @@ from ..errors import (
     BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
 )
 from ..lookups import DeadlineConnection
+from ..lsn import parse_lsn
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
@@ -57,6 +58,7 @@ __all__ = ["Backfills", "check_condition", "estimate"]
 log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
+_EMIT_AT = "SELECT pg_logical_emit_message(true, %s, %s)::text"  # and where it was written
 # transactions a snapshot taken now does not show whose commit record is written: their
 # sessions wait for a synchronous standby (pg_xact_status still says "in progress")
 _SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
@@ -410,8 +412,10 @@ class Backfills:
             if not chunk.events and not chunk.untried:
                 break  # no row left, and the rows to read again are gone (deleted)
             window.load(chunk)
-            await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
-            outcome = await self._outcome(outcome_future, gaps, job)
+            cur = await conn.execute(_EMIT_AT, (PREFIX, payload(s.name, run=run, chunk=seq,
+                                                                mark="high")))
+            high = parse_lsn((await cur.fetchone() or ("0/0",))[0])
+            outcome = await self._outcome(outcome_future, gaps, high, job)
             if outcome.redo is not None:
                 redone += 1
                 self.chunks_redone += 1
@@ -499,7 +503,8 @@ class Backfills:
             waiting = list(row[0]) if row and row[0] else []
         self.waiting_for = []
 
-    async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, job: Job) -> Outcome:
+    async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, high: int,
+                       job: Job) -> Outcome:
         """Wait for the reader to reach the high watermark (or a reconnect to lose it).
 
         A reconnect loses it only when the new session skipped WAL (a temporary slot, a
@@ -508,17 +513,19 @@ class Backfills:
         acknowledged again, the watermarks included, and the window, kept across
         sessions, sees them again: the chunk goes on (giving it up at every reconnect
         read it again and again, never done, when reconnects came faster than the
-        stream reached its high watermark behind a slow handler)."""
+        stream reached its high watermark behind a slow handler). A session that starts
+        past the high watermark (``high``, where it was written: the slot was moved on
+        meanwhile, by a standby that held it) loses it too."""
         waited = 0.0
         while True:
             done, _ = await asyncio.wait([future], timeout=0.05)
             if done:
                 return future.result()
-            if len(self.pipeline.gaps) != gaps:
+            if len(self.pipeline.gaps) != gaps or self.pipeline.ack.flushed > high:
                 window = self.window
                 if window is not None:  # a high watermark seen from now on emits nothing
                     window.give_up()
-                return Outcome(redo="the stream skipped WAL at a reconnect (a gap)")
+                return Outcome(redo="the stream skipped its watermarks at a reconnect")
             waited += 0.05
             if waited >= 60 and waited % 60 < 0.05:
                 log.warning("walex %r: the backfill of %s has waited %.0fs for the stream to "
