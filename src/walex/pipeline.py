@@ -159,6 +159,7 @@ class Pipeline:
         # (0 once what was queued is dropped: it must come again)
         self.queued_upto = 0
         self.replayed_upto = 0  # queued_upto when the session began: what it sends again up to it
+        self.discards = 0  # queues dropped (discard_unhandled): a backfill sends their reads again
         # standby=True: the lock that lets one instance at a time handle (walex.standby),
         # made by the first session that has the option (``walex run --standby`` sets it late)
         self.fence: standby.Fence | None = None
@@ -424,6 +425,7 @@ class Pipeline:
     def discard_unhandled(self) -> int:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
+        self.discards += 1
         self.queued_upto = self.replayed_upto = 0  # what was dropped must come again
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.reached_ahead = 0

@@ -37,6 +37,7 @@ from ..errors import (
     BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
 )
 from ..lookups import DeadlineConnection
+from ..lsn import parse_lsn
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
@@ -57,6 +58,7 @@ __all__ = ["Backfills", "check_condition", "estimate"]
 log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
+_EMIT_AT = "SELECT pg_logical_emit_message(true, %s, %s)::text"  # and where it was written
 # transactions a snapshot taken now does not show whose commit record is written: their
 # sessions wait for a synchronous standby (pg_xact_status still says "in progress")
 _SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
@@ -91,6 +93,7 @@ class Backfills:
         # connection until a request comes
         self.store_known = True
         self._progressed = False  # a chunk was completed since the last interruption
+        self._high_session = 0  # the session whose stream showed the last high watermark
 
     @property
     def store(self) -> Store:
@@ -118,12 +121,18 @@ class Backfills:
             self.wake.set()
         elif self.window is not None:
             self.window.message(fields)
+            self._high_session = self.pipeline.sessions
 
     async def batch(self, txn: Transaction) -> None:
         """An assembled batch, before it is queued; at a high watermark, the reads go first."""
         window = self.window
         if window is None:
             return
+        if window.high_seen and self._high_session != self.pipeline.sessions:
+            # the session that showed the high watermark ended before its commit came: this
+            # batch is one the next session sends again, and it sends the mark again too
+            window.high_seen = False
+        window.generation = self.pipeline.discards  # queues dropped so far: see Window.sent
         reads = window.observe(txn)
         if reads:
             put = self.pipeline.queue.put
@@ -376,7 +385,7 @@ class Backfills:
                 raise _Cancelled
             seq += 1
             outcome_future = window.arm(seq)
-            session = pipeline.sessions
+            gaps = len(pipeline.gaps)
             await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="low")))
             chunk = await read_chunk(conn, target, table, pipeline.catalog.adapters,
                                      job.condition, after, 0 if exhausted else limit,
@@ -403,8 +412,10 @@ class Backfills:
             if not chunk.events and not chunk.untried:
                 break  # no row left, and the rows to read again are gone (deleted)
             window.load(chunk)
-            await conn.execute(_EMIT, (PREFIX, payload(s.name, run=run, chunk=seq, mark="high")))
-            outcome = await self._outcome(outcome_future, session, job)
+            cur = await conn.execute(_EMIT_AT, (PREFIX, payload(s.name, run=run, chunk=seq,
+                                                                mark="high")))
+            high = parse_lsn((await cur.fetchone() or ("0/0",))[0])
+            outcome = await self._outcome(outcome_future, gaps, high, job)
             if outcome.redo is not None:
                 redone += 1
                 self.chunks_redone += 1
@@ -492,15 +503,29 @@ class Backfills:
             waiting = list(row[0]) if row and row[0] else []
         self.waiting_for = []
 
-    async def _outcome(self, future: asyncio.Future[Outcome], session: int, job: Job) -> Outcome:
-        """Wait for the reader to reach the high watermark (or a reconnect to lose it)."""
+    async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, high: int,
+                       job: Job) -> Outcome:
+        """Wait for the reader to reach the high watermark (or a reconnect to lose it).
+
+        A reconnect loses it only when the new session skipped WAL (a temporary slot, a
+        lost slot made again: what :attr:`Pipeline.gaps` records; ``gaps``: their count
+        when the chunk began). A durable slot sends everything after the position
+        acknowledged again, the watermarks included, and the window, kept across
+        sessions, sees them again: the chunk goes on (giving it up at every reconnect
+        read it again and again, never done, when reconnects came faster than the
+        stream reached its high watermark behind a slow handler). A session that starts
+        past the high watermark (``high``, where it was written: the slot was moved on
+        meanwhile, by a standby that held it) loses it too."""
         waited = 0.0
         while True:
             done, _ = await asyncio.wait([future], timeout=0.05)
             if done:
                 return future.result()
-            if self.pipeline.sessions != session:
-                return Outcome(redo="the replication connection was re-established")
+            if len(self.pipeline.gaps) != gaps or self.pipeline.ack.flushed > high:
+                window = self.window
+                if window is not None:  # a high watermark seen from now on emits nothing
+                    window.give_up()
+                return Outcome(redo="the stream skipped its watermarks at a reconnect")
             waited += 0.05
             if waited >= 60 and waited % 60 < 0.05:
                 log.warning("walex %r: the backfill of %s has waited %.0fs for the stream to "
@@ -511,13 +536,15 @@ class Backfills:
                     pending: tuple[int, list[str], int], progress: ProgressLog) -> None:
         """Mark a chunk done once every handler finished its events (its watermark handled)."""
         end_lsn, last_key, rows = pending
-        ack = self.pipeline.ack
+        ack, window = self.pipeline.ack, self.window
         while ack.flushed < end_lsn:
             await asyncio.sleep(0.005)
         job.rows_done += rows
         await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
                                 chunks_done=job.chunks_done + 1, rate=progress.rate)
         self._progressed = True
+        if window is not None:
+            window.forget(end_lsn)
         progress.chunk()
 
     async def _table(self, target: Target) -> Table:

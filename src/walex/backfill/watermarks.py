@@ -35,6 +35,14 @@ A chunk is *redone* (read again, nothing emitted) when a change to the table
 in its window cannot be tied to a key (a TRUNCATE, a key column missing from
 the old row) or when the stream did not show its low watermark (a reconnect).
 
+A chunk's reads are kept until the runner marked the chunk done: when the
+pipeline dropped its queue meanwhile (:meth:`~walex.pipeline.Pipeline.discard_unhandled`,
+a standby lock lost: :attr:`Window.generation` counts those), the slot sends
+the high watermark's transaction again, and the same reads, with the same
+ids, go out again just before it. A high watermark whose transaction was cut
+off by a reconnect before its commit came counts only when it comes again
+(the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
+
 Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
 in the chunk, 7 hex digits>``: never equal to a streamed id (whose second part
 has 8 hex digits and no ``R``) and increasing in commit order with them.
@@ -131,6 +139,11 @@ class Window:
         self.outcome: asyncio.Future[Outcome] | None = None
         self._before = _Changes()  # since the previous high watermark, up to the low one
         self._after = _Changes()  # since the low watermark
+        # the pipeline's count of dropped queues (Pipeline.discards), set by Backfills.batch
+        self.generation = 0
+        # the reads of chunks emitted and not yet marked done, by their high watermark's
+        # commit LSN: (generation when emitted, read events, the high watermark's end)
+        self.sent: dict[int, tuple[int, list[Any], int]] = {}
 
     # -- the backfill task's side -----------------------------------------
 
@@ -144,6 +157,17 @@ class Window:
         self._after = _Changes()
         self.outcome = asyncio.get_running_loop().create_future()
         return self.outcome
+
+    def give_up(self) -> None:
+        """The runner reads the armed chunk again: its high watermark emits nothing."""
+        self.chunk = None
+        self.high_seen = False
+
+    def forget(self, end_lsn: int) -> None:
+        """The chunk whose high watermark ends at ``end_lsn`` was marked done."""
+        for commit_lsn, (_, _, end) in list(self.sent.items()):
+            if end <= end_lsn:
+                del self.sent[commit_lsn]
 
     def load(self, chunk: Chunk) -> None:
         """The chunk's rows, read after the low watermark and before the high one is written."""
@@ -165,6 +189,12 @@ class Window:
 
     def observe(self, txn: Transaction) -> list[Transaction] | None:
         """Record the keys a transaction batch changed; at the high watermark, the reads."""
+        if self.sent and (sent := self.sent.get(txn.commit_lsn)) is not None:
+            if sent[0] == self.generation:  # the queue that holds its reads was kept
+                return None
+            # its reads were dropped with the queue: they go out again, as they were
+            self.sent[txn.commit_lsn] = (self.generation, sent[1], sent[2])
+            return self._batches(txn, sent[1])
         if self.high_seen:
             return self._emit(txn)
         changes = self._after if self.low_seen else self._before
@@ -260,14 +290,18 @@ class Window:
             event.lsn = lsn
             event.id = f"{prefix}{index:07X}"
         result.emitted = len(events)
+        self.sent[commit_lsn] = (self.generation, events, txn.end_lsn)
+        if not outcome.done():
+            outcome.set_result(result)
+        return self._batches(txn, events)
+
+    def _batches(self, txn: Transaction, events: list[Any]) -> list[Transaction]:
+        """The reads, as batches of the high watermark's transaction."""
         size = self.batch_size
-        batches = [
+        return [
             Transaction(
-                xid=txn.xid, commit_lsn=commit_lsn, end_lsn=0, commit_time=commit_time,
+                xid=txn.xid, commit_lsn=txn.commit_lsn, end_lsn=0, commit_time=txn.commit_time,
                 events=events[i:i + size], last=False,
             )
             for i in range(0, len(events), size)
         ]
-        if not outcome.done():
-            outcome.set_result(result)
-        return batches
