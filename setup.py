@@ -51,6 +51,7 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex.destinations._resp", ["src/walex/destinations/_resp.pyx"]),
                     Extension("walex.destinations._direct", ["src/walex/destinations/_direct.pyx"],
                               depends=["src/walex/destinations/_direct_buffer.pxi",
+                                       "src/walex/destinations/_direct_values.pxi",
                                        "src/walex/destinations/_rfc3339.pxi"]),
                     Extension("walex.destinations._krecords",
                               ["src/walex/destinations/_krecords.pyx"]),
