@@ -17,7 +17,9 @@ Contract:
   error names the setup problem (role, ``wal_level``, publication);
 - a slot another walsender still holds is waited for, at least the server's
   ``wal_sender_timeout`` after a lost connection, or handed to
-  :func:`walex.standby.wait_for_slot` with ``standby=True``;
+  :func:`walex.standby.wait_for_slot` with ``standby=True``; so is the last
+  session's temporary slot, which its walsender drops when it ends (then a new
+  one is made);
 - a temporary slot made again after a lost connection, and a stop with changes
   unhandled, records the changes it lost in :attr:`Pipeline.gaps`
   (:func:`note_stop`, :func:`walex.slots.temporary_gap`);
