@@ -211,3 +211,37 @@ def test_a_worker_denied_its_lease_bucket_from_its_start_says_what_to_check(
     assert f"lease bucket {t.bucket!r}" in text, text
     assert f"'$KV.{t.bucket}.>'" in text and "'$JS.API.>'" in text and "reachable" in text, text
     t.no_password()
+
+
+def test_a_worker_refused_for_a_moment_by_a_reloading_server_goes_on(
+        tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's authorization is reloaded without the worker's user, then with it
+    again at once (as a reload racing a reconnect refuses a valid user for a moment): the
+    server closes the worker's connection and refuses its next attempt. Credentials the
+    server took before are retried a few times (then they stop the worker, as a server back
+    with other credentials does): the worker must say so and handle again (on main the
+    first refusal was a ConfigError and the worker stopped for good: seen in the suite)."""
+    t = Setup(tmp_path, unique, caplog, denied=False)
+
+    async def main() -> None:
+        await Worker(t.admin, [t.handler("a")]).consumer.declare()
+        b = Worker(t.source("worker", WORKER_PASSWORD), [t.handler("b")])
+        await b.start()
+        try:
+            await t.publish(0, 10)
+            await until(lambda: len(t.handled["b"]) == 10, "b handling", 20)
+            t.server.conf.write_text(t.server.conf.read_text().split("    {user: worker")[0]
+                                     + "  ]\n}\n")  # the admin alone
+            assert t.server.proc is not None
+            t.server.proc.send_signal(signal.SIGHUP)
+            await until(lambda: t.records(logging.WARNING, "took before"), "the WARNING", 30)
+            t.deny(False)  # both users again
+            await t.publish(10, 20)
+            await until(lambda: len(t.handled["b"]) == 20, "b handling again", 40)
+            assert b._task is not None and not b._task.done(), "the worker stopped"
+        finally:
+            await asyncio.wait_for(b.stop(), 20)
+
+    with t.server:
+        run(main(), timeout=120)
+    t.no_password()

@@ -69,6 +69,7 @@ message is never left in a client buffer while the batch counts as done.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import ssl
@@ -90,6 +91,16 @@ __all__ = ["NatsDestination"]
 log = logging.getLogger("walex.destinations")
 
 _WINDOW = 4096  # messages in flight at most (the client's async publish limit)
+# (server, digest of the credentials) a server took from a connection of this process ->
+# its refusals of them since: the first few are retried (a server reloading its
+# authorization refuses valid users for a moment: seen when a reload raced a reconnect),
+# then they are what a changed server's are, a ConfigError (whichever object connects)
+_ACCEPTED: dict[tuple[str, str], int] = {}
+_REFUSALS_RETRIED = 3
+
+
+def _taken(server: str, credentials: dict[str, Any]) -> tuple[str, str]:
+    return server, hashlib.sha256(repr(sorted(credentials.items())).encode()).hexdigest()
 # JetStream's error codes of a PubAck that retrying at once cannot cure
 _TOO_LARGE = 10054  # message size exceeds the stream's max_msg_size
 _OTHER_STREAM = 10060  # the subject belongs to another stream than Nats-Expected-Stream
@@ -223,6 +234,16 @@ class NatsDestination(Destination):
                 **credentials,
             ), timeout=self.timeout + 1)
         except Exception as exc:
+            taken = _taken(self.server, credentials)
+            refused = _ACCEPTED.get(taken)
+            if "authorization violation" in str(exc).lower() and refused is not None \
+                    and refused < _REFUSALS_RETRIED:
+                _ACCEPTED[taken] = refused + 1
+                raise self.unavailable(
+                    "the server refused the credentials it took before (Authorization "
+                    "Violation: its authorization may be being reloaded); trying again, "
+                    f"{_REFUSALS_RETRIED - refused - 1} more time(s) before walex stops",
+                ) from None
             if "authorization violation" in str(exc).lower():
                 given = "token" if "token" in credentials else "user name and password" \
                     if credentials else "no credentials"
@@ -233,6 +254,7 @@ class NatsDestination(Destination):
                     "nats://USER:PASSWORD@host:4222 or nats://TOKEN@host:4222",
                 ) from None
             raise self.unavailable("cannot connect", exc) from None
+        _ACCEPTED[_taken(self.server, credentials)] = 0
         self.js = self.nc.jetstream(timeout=self.timeout, publish_async_max_pending=_WINDOW)
         try:
             await self._ensure_stream()
