@@ -17,9 +17,15 @@ seconds so far of this process, of the walsender (its pid from the replication
 connection) and of the broker (the server process whose socket is the
 destination connection's peer), the queue's and the window's bytes and counts.
 
+Also the length of every loop turn between two selects (by bucket, and those over
+10 ms with their time), every ``Window.take`` (:func:`prepare`, before the app
+starts), the run-queue waits of walex and the walsender (``/proc/PID/schedstat``)
+and the bytes walex's socket to the broker holds unsent (``TIOCOUTQ``). Once the
+pids are known, ``stallwatch.py`` samples from another process which of the three
+runs (``FILE.states``).
+
 At the end (:meth:`Watch.dump`) the file gets the samples and the totals, and a
-summary is printed on stderr: wall time in ``select`` per state, and the share
-of the run in which the walsender or the broker ran while walex's loop slept.
+summary of the time in ``select`` per state is printed on stderr.
 """
 
 from __future__ import annotations
@@ -162,7 +168,8 @@ class Watch:
             "full" if window is not None and window._waiting else "-"
         unread = _unread(repl.pgconn.socket) if repl is not None and repl.streaming else -1
         flying = self._flying()
-        key = f"reader={reader} dispatcher={disp} flying={flying} unread={'y' if unread > 0 else 'n'}"
+        key = (f"reader={reader} dispatcher={disp} flying={flying} "
+               f"unread={'y' if unread > 0 else 'n'}")
         start = time.perf_counter()
         if self.left:
             busy = start - self.left
@@ -222,7 +229,8 @@ class Watch:
         print(f"loopwatch: {total:.3f}s in select over {len(self.selects)} states", file=out)
         for k, (n, s, most) in sorted(self.selects.items(), key=lambda kv: -kv[1][1]):
             if s > 0.001:
-                print(f"  {s:7.3f}s {int(n):7d} selects, longest {most * 1000:6.1f}ms  {k}", file=out)
+                print(f"  {s:7.3f}s {int(n):7d} selects, longest {most * 1000:6.1f}ms  {k}",
+                      file=out)
 
 
 TAKES: list[tuple[float, float, int, int]] = []  # Window.take calls: (at, seconds, batches, events)

@@ -7,13 +7,15 @@ A throwaway PostgreSQL 18 (the embedded wheel) gets W1's table and two slots: th
 first sees a transaction of ``--rows`` rows, the second (made after it) one of
 twice as many. A child process streams a slot with walex's
 :class:`~walex.replication.stream.ReplicationConnection` and only reads: every
-frame through ``read()`` (in ``asyncio.timeout``, as the pipeline) until the first Commit, no decoding, no status update (so
-a slot streams the same again). It reports the ``read()`` calls, the waits for the
-socket (loop turns through ``select``) and its CPU. ``--callgrind`` runs the child
-under ``valgrind --tool=callgrind`` on both slots (the least of ``--reps`` runs each) and reports the difference in
-instructions over the extra rows: start-up and the connection drop out. Under
-valgrind the child is far slower than the walsender, so the socket always holds
-data: the case of a reader that is behind, where the loop turns per row count.
+frame through ``read()`` (in ``asyncio.timeout``, as the pipeline) until the first
+Commit, no decoding, no status update (so a slot streams the same again). It
+reports the ``read()`` calls, the waits for the socket (loop turns through
+``select``) and its CPU. ``--callgrind`` runs the child under
+``valgrind --tool=callgrind`` on both slots (the least of ``--reps`` runs each) and
+reports the difference in instructions over the extra rows: start-up and the
+connection drop out. Under valgrind the child is far slower than the walsender, so
+the socket always holds data: the case of a reader that is behind, where the loop
+turns per row count.
 """
 
 from __future__ import annotations
