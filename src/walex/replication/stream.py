@@ -164,9 +164,11 @@ class ReplicationConnection:
         self.streaming = True
 
     async def read(self) -> list[bytes]:
-        """The frames available now; waits for at least one. A connection libpq finds or
-        already found broken (its socket gone: a status update's write failed first, say)
-        raises a retriable :class:`ReplicationError`, whichever call sees it."""
+        """The frames available now; waits for at least one. Beyond libpq's buffer, what
+        the socket already holds is read too while fewer than ``_FRAMES_PER_TURN`` came
+        (at most 1,024 are returned). A connection libpq finds or already found broken
+        (its socket gone: a status update's write failed first, say) raises a retriable
+        :class:`ReplicationError`, whichever call sees it."""
         pgconn = self.pgconn
         frames: list[bytes] = []
         tried = -1  # len(frames) when libpq last read the socket without a wait
