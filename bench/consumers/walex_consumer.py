@@ -150,7 +150,16 @@ def main() -> int:
             modules=[events_mod], name="bench", durable_slot=True, slot_name=args.slot,
             destinations=args.destination,
         )
+        loopwatch = None
+        if os.environ.get("BENCH_LOOPWATCH") and args.destination:  # where the loop waits
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+            import loopwatch  # bench/loopwatch.py
+
+            loopwatch.prepare()
         await app.start()
+        watch = None
+        if loopwatch is not None:
+            watch = loopwatch.install(app, os.environ["BENCH_LOOPWATCH"])
         tracer = None
         if os.environ.get("BENCH_TRACEMALLOC"):  # what-if knob: where the memory is, at its peak
             tracer = asyncio.create_task(trace_peak(res.data))
@@ -171,6 +180,8 @@ def main() -> int:
             while app.ack.flushed <= end and not waiter.done():
                 await asyncio.sleep(0.001)
             res.end()
+        if watch is not None:
+            watch.dump()
         waiter.cancel()
         if tracer is not None:
             tracer.cancel()

@@ -3,6 +3,10 @@ dropped)."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import struct
+import termios
 from typing import Any
 
 import psycopg
@@ -76,3 +80,51 @@ def test_a_connection_libpq_dropped_ends_the_read_as_a_retriable_replication_err
             await stream.close()
 
     run(scenario())
+
+
+def test_a_read_takes_what_the_socket_holds_beyond_libpqs_buffer_up_to_a_turns_worth(
+        admin: psycopg.Connection, dsn: str) -> None:
+    """When the reader is behind (the socket holds far more than libpq's 16 kB buffer),
+    one ``read`` returns what the socket holds, up to a loop turn's worth of frames (256),
+    instead of one libpq buffer per turn of the event loop through select (a loop turn
+    and two epoll_ctl per 16 kB were ~1,300 instructions a W1 row, bench/readturns.py);
+    every frame still comes, in order, and a read never returns more than 1,024."""
+    admin.execute("CREATE TABLE turns_t (id int PRIMARY KEY, t text)")
+    admin.execute("CREATE PUBLICATION turns_pub FOR TABLE turns_t")
+    rows = 20000
+
+    async def scenario() -> tuple[list[int], int]:
+        stream = await ReplicationConnection.connect(dsn)
+        try:
+            await stream.create_slot("turns_slot", temporary=True)
+            admin.execute("INSERT INTO turns_t SELECT i, repeat('x', 50) FROM "
+                          f"generate_series(1, {rows}) i")
+            await stream.start("turns_slot", 0, {"proto_version": "1",
+                                                "publication_names": "turns_pub"})
+            fd = stream.pgconn.socket
+            held = 0
+            for _ in range(600):  # until the walsender filled the socket (a bounded wait)
+                await asyncio.sleep(0.05)
+                held = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+                if held >= 48 * 1024:
+                    break
+            assert held >= 48 * 1024, f"the walsender sent only {held} bytes"
+            sizes: list[int] = []
+            ids: list[int] = []
+            while len(ids) < rows:
+                frames = await stream.read()
+                sizes.append(len(frames))
+                for frame in frames:  # an Insert: 'I', relation, 'N', 2 columns, 't' len id
+                    if frame[:1] == b"w" and frame[25:26] == b"I":
+                        size = int.from_bytes(frame[34:38], "big")
+                        ids.append(int(frame[38:38 + size]))
+            assert ids == list(range(1, rows + 1))
+            return sizes, held
+        finally:
+            await stream.close()
+
+    sizes, held = run(scenario())
+    assert max(sizes) <= 1024
+    # the first reads, with over 48 kB of ~100-byte frames in the socket: more than libpq's
+    # 16 kB buffer holds (at most ~165 of them)
+    assert max(sizes[:3]) >= 256, (sizes[:5], held)
