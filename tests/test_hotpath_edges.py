@@ -112,3 +112,31 @@ def test_a_table_of_1600_columns(admin: psycopg.Connection, dsn: str) -> None:
     admin.execute("DELETE FROM w")
     text, handled = _both(dsn, _stream(admin))
     assert handled >= 5 and "'c1598': None" in text
+
+
+@pytest.mark.parametrize("session", [
+    "SET DateStyle = 'SQL, DMY'; SET TimeZone = 'Asia/Kolkata'; SET extra_float_digits = 0",
+    "SET DateStyle = 'German'; SET TimeZone = 'America/St_Johns'; SET extra_float_digits = -15",
+    "SET DateStyle = 'Postgres, MDY'; SET TimeZone = 'Europe/Amsterdam'",
+    "SET DateStyle = 'ISO, YMD'; SET TimeZone = '+14'",
+])
+def test_text_written_under_other_session_settings(admin: psycopg.Connection, dsn: str,
+                                                    session: str) -> None:
+    """walex's replication session fixes DateStyle, TimeZone and extra_float_digits; text
+    written under others (a stream decoded elsewhere) is never typed in C as something
+    else: both paths give the same (the C path refuses what is not its forms), an error
+    included (extra_float_digits=0 rounds the largest float8 past its range)."""
+    admin.execute(EDGES)
+    _slot(admin)
+    for statement in _rows():
+        admin.execute(statement)
+    admin.execute("ALTER TABLE e REPLICA IDENTITY DEFAULT")
+    admin.execute("UPDATE e SET b = coalesce(b, false) WHERE id % 2 = 0")
+    admin.execute(session)
+    stream = _stream(admin)
+
+    async def main() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await both(stream, conn=conn)  # the same outcome, error or not
+
+    asyncio.run(main())
