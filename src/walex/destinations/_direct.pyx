@@ -446,10 +446,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
                     _put_char(&d, b',')
                 first = False
                 _put_bytes(&d, <bytes>PyTuple_GET_ITEM(names, i))
-                _put(&d, b'{"old_value":', 13)
-                _put(&d, d.p + spans[2 * width + 2 * i], spans[2 * width + 2 * i + 1] - spans[2 * width + 2 * i])
+                _put(&d, b'{"old_value":', 13)  # the pieces copied from d itself: by offset
+                _put_own(&d, spans[2 * width + 2 * i], spans[2 * width + 2 * i + 1] - spans[2 * width + 2 * i])
                 _put(&d, b',"new_value":', 13)
-                _put(&d, d.p + spans[2 * i], spans[2 * i + 1] - spans[2 * i])
+                _put_own(&d, spans[2 * i], spans[2 * i + 1] - spans[2 * i])
                 _put_char(&d, b'}')
             _put_char(&d, b'}')
         else:
