@@ -140,3 +140,16 @@ def test_text_written_under_other_session_settings(admin: psycopg.Connection, ds
             await both(stream, conn=conn)  # the same outcome, error or not
 
     asyncio.run(main())
+
+
+def test_a_table_of_no_columns(admin: psycopg.Connection, dsn: str) -> None:
+    """A table with no column (or none left after DROP COLUMN): empty rows, both paths."""
+    admin.execute("CREATE TABLE z (); CREATE TABLE y (a int); ALTER TABLE z REPLICA IDENTITY FULL; "
+                  "CREATE PUBLICATION pub FOR TABLE z, y")
+    _slot(admin)
+    admin.execute("INSERT INTO z DEFAULT VALUES; INSERT INTO y VALUES (1)")
+    admin.execute("ALTER TABLE y DROP COLUMN a; INSERT INTO y DEFAULT VALUES")
+    admin.execute("DELETE FROM z")
+    for raw in (False, True):
+        text, handled = _both(dsn, _stream(admin), raw=raw)
+        assert handled >= 4 and "new_record={}" in text

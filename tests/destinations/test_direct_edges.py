@@ -114,3 +114,14 @@ def test_a_table_of_1600_columns(admin: psycopg.Connection, dsn: str) -> None:
     events = raw_events(admin, dsn)
     assert len(events) == 6
     assert check(events, (1,)) == 6
+
+
+def test_a_table_of_no_columns(admin: psycopg.Connection, dsn: str) -> None:
+    admin.execute("CREATE TABLE z (); ALTER TABLE z REPLICA IDENTITY FULL; "
+                  "CREATE PUBLICATION pub FOR TABLE z")
+    slot(admin)
+    admin.execute("INSERT INTO z DEFAULT VALUES; INSERT INTO z DEFAULT VALUES")
+    admin.execute("DELETE FROM z")
+    events = raw_events(admin, dsn)
+    assert len(events) == 4
+    check(events, (1, 3))
