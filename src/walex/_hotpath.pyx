@@ -275,14 +275,6 @@ cdef class HotPath:
             if kind != 78:
                 return _NOT_HANDLED
             pos = 6
-            if typed:
-                new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
-                if new is None:
-                    typed = False
-                    pos = 6
-            if not typed:
-                new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
-                       else _tuple(data, size, &pos, &new_plain))
         elif tag == 85:  # Update: ['K'|'O' tuple] 'N' tuple
             if kind == 75 or kind == 79:
                 old_kind = kind
@@ -295,11 +287,11 @@ cdef class HotPath:
             if kind != 78:
                 return _NOT_HANDLED
             pos += 1
-            if typed:  # no old row
+        if tag != 68:  # the new row, at pos: typed in C (an Insert, an Update without an old
+            # row) when _typed_record is sure of it (it moves pos only then), else parsed
+            if typed:
                 new = _typed_record(data, size, &pos, self._kinds, self._loads, self._names)
-                if new is None:
-                    typed = False
-                    pos = 6
+                typed = new is not None
             if not typed:
                 new = (_row(data, size, &pos, &new_plain, &new_count) if as_raw
                        else _tuple(data, size, &pos, &new_plain))

@@ -402,6 +402,7 @@ cdef object _direct(object event, Py_ssize_t partitions):
     cdef bint changes = old is not None and new is not None and full_old
     cdef char data_stack[STACK]
     cdef char head_stack[512]
+    cdef tuple lsn_json, type_json, time_json
     cdef Buf d, h
     _init(&d, data_stack, STACK)
     _init(&h, head_stack, 512)
@@ -445,10 +446,10 @@ cdef object _direct(object event, Py_ssize_t partitions):
                     _put_char(&d, b',')
                 first = False
                 _put_bytes(&d, <bytes>PyTuple_GET_ITEM(names, i))
-                _put(&d, b'{"old_value":', 13)
-                _put(&d, d.p + spans[2 * width + 2 * i], spans[2 * width + 2 * i + 1] - spans[2 * width + 2 * i])
+                _put(&d, b'{"old_value":', 13)  # the pieces copied from d itself: by offset
+                _put_own(&d, spans[2 * width + 2 * i], spans[2 * width + 2 * i + 1] - spans[2 * width + 2 * i])
                 _put(&d, b',"new_value":', 13)
-                _put(&d, d.p + spans[2 * i], spans[2 * i + 1] - spans[2 * i])
+                _put_own(&d, spans[2 * i], spans[2 * i + 1] - spans[2 * i])
                 _put_char(&d, b'}')
             _put_char(&d, b'}')
         else:
@@ -462,8 +463,11 @@ cdef object _direct(object event, Py_ssize_t partitions):
                                    old_key_forms)
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 11))  # ,"columns":...,"lsn":
         lsn = _attr(event, offsets, E_LSN)
-        _lsn_json = _json_of(_lsn_json, lsn)
-        _put_bytes(&d, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
+        # the caches' entries held in locals: another thread's encoding may replace them
+        # while a Python call here runs (the partition's hash, a loader)
+        lsn_json = _json_of(_lsn_json, lsn)
+        _lsn_json = lsn_json
+        _put_bytes(&d, <bytes>PyTuple_GET_ITEM(lsn_json, 1))
         _put_bytes(&d, <bytes>PyTuple_GET_ITEM(plan, 12))  # base_types, key, }
         prefix = <object>PyTuple_GET_ITEM(plan, 9)
         if subject is not None:
@@ -493,13 +497,15 @@ cdef object _direct(object event, Py_ssize_t partitions):
         _put(&h, b'{"specversion":"1.0","id":', 26)
         _put_str(&h, ident)
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 8))  # ,"source":...,"type":
-        _type_json = _json_of(_type_json, type_name)
-        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_type_json, 1))
+        type_json = _json_of(_type_json, type_name)
+        _type_json = type_json
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(type_json, 1))
         _put(&h, b',"time":', 8)
-        _time_json = _json_of(_time_json, time)
-        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_time_json, 1))
+        time_json = _json_of(_time_json, time)
+        _time_json = time_json
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(time_json, 1))
         _put(&h, b',"datacontenttype":"application/json","walexlsn":', 49)
-        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(_lsn_json, 1))
+        _put_bytes(&h, <bytes>PyTuple_GET_ITEM(lsn_json, 1))
         _put_bytes(&h, <bytes>PyTuple_GET_ITEM(plan, 10))  # ,"partitionkey":"schema.table
         if subject is not None:  # "/" and the subject's JSON string without its opening quote
             _put_char(&h, b'/')

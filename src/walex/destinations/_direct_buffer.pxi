@@ -90,6 +90,16 @@ cdef extern from *:
         return 0;
     }
 
+    /* a copy of the buffer's own bytes [at, at + n) (written before: at + n <= b->n) to
+       its end; the source found after a growth (which may move the buffer) */
+    WALEX_INLINE int walex_put_own(walex_Buf *b, Py_ssize_t at, Py_ssize_t n) {
+        if (b->n + n > b->cap && walex_grow(b, n) < 0)
+            return -1;
+        walex_copy(b->p + b->n, b->p + at, n);
+        b->n += n;
+        return 0;
+    }
+
     WALEX_INLINE int walex_put_bytes(walex_Buf *b, PyObject *s) {
         return walex_put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s));
     }
@@ -118,6 +128,7 @@ cdef extern from *:
         char *stack
     int _grow "walex_grow" (Buf *b, Py_ssize_t extra) except -1
     int _put "walex_put" (Buf *b, const char *s, Py_ssize_t n) except -1
+    int _put_own "walex_put_own" (Buf *b, Py_ssize_t at, Py_ssize_t n) except -1  # not _put(b, b.p + at, n)
     int _put_bytes "walex_put_bytes" (Buf *b, bytes s) except -1
     int _put_char "walex_put_char" (Buf *b, char c) except -1
     int _put_quoted "walex_put_quoted" (Buf *b, const char *s, Py_ssize_t n) except -1  # no escape needed
