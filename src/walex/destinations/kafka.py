@@ -325,7 +325,7 @@ class KafkaDestination(Destination):
     async def publish(self, batch: list[Outgoing]) -> None:
         """Produce every record of the batch, then serve delivery reports until the producer
         holds none: the batch is confirmed when each of its records left the producer
-        without a failed report (see :class:`_Failures`)."""
+        without a failed report (see :class:`~walex.destinations.kflights.Failures`)."""
         async with self._publishing:  # one batch at a time: the producer holds no other's
             producer = self.producer
             if producer is None or self._fatal is not None or self._broken is not None:
@@ -372,6 +372,9 @@ class KafkaDestination(Destination):
                 self._steady = False
                 raise Unavailable(f"a group handed over ahead failed: {exc}") from None
             self.ahead += 1
+            if self._flights and log.isEnabledFor(logging.DEBUG):
+                log.debug("destination %s: a group of %d records handed over ahead, %d in "
+                          "flight", self.display, flight.count, len(self._flights))
             self._flights.append(flight)
             if self._watcher is None or self._watcher.done():
                 self._watcher = asyncio.create_task(
@@ -509,7 +512,7 @@ class KafkaDestination(Destination):
         most :data:`_FLUSH_SLICE`: it sends what the producer holds at once (``linger.ms``
         does not apply) and is woken when the last record was confirmed, so a group of
         one-row transactions costs one round trip, no polling cadence. The callbacks it
-        runs there only record (:class:`_Failures`, :meth:`_on_error`): the loop reads
+        runs there only record (:class:`~walex.destinations.kflights.Failures`, :meth:`_on_error`): the loop reads
         them once the flush returned.
 
         A fatal error (``enable.gapless.guarantee``: a record refused for good) is told
