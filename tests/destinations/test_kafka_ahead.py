@@ -169,6 +169,9 @@ def test_two_groups_handed_over_ahead_through_a_cut(tmp_path: Path, outage: floa
                     two = await dest.send_ahead(second)
                     assert one is not None and two is not None
                     assert not one.answer.done() and not two.answer.done()
+                    # the client holds one reference to a group's callback per record
+                    assert one.outstanding() == one.count == len(first)
+                    assert two.outstanding() == two.count == len(second)
                     await one.answer
                     landed = [dest.landed(one)]
                     await two.answer

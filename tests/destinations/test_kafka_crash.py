@@ -107,7 +107,8 @@ def test_sigkilled_relay_with_groups_ahead_loses_nothing(
     over while another is in flight): the relay SIGKILLed twice once that happened, and
     started again at once. Every row is in the topic; the first copies are in commit
     order per partition; a repeat is its first copy again."""
-    admin.execute("CREATE TABLE a (id int PRIMARY KEY, txn int); CREATE PUBLICATION pub FOR ALL TABLES")
+    admin.execute("CREATE TABLE a (id int PRIMARY KEY, txn int); "
+                  "CREATE PUBLICATION pub FOR ALL TABLES")
     slot = f"kcrashb_{unique}"
     log = tmp_path / "relay.log"
     marker = "handed over ahead"
@@ -149,7 +150,7 @@ def test_sigkilled_relay_with_groups_ahead_loses_nothing(
     per_partition: dict[int, list[str]] = defaultdict(list)
     for message_id, doc, message in records:
         if message_id in first:
-            assert first[message_id] == doc, f"{message_id}: a duplicate differs from the first copy"
+            assert first[message_id] == doc, f"{message_id}: a duplicate differs"
             continue
         first[message_id] = doc
         per_partition[message.partition()].append(message_id)

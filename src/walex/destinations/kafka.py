@@ -183,7 +183,8 @@ class KafkaDestination(Destination):
         self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error", _GAPLESS})
+                                        fixed=_FIXED | _OWN_TIMEOUTS
+                                        | {"delivery.report.only.error", _GAPLESS})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports).
@@ -226,6 +227,10 @@ class KafkaDestination(Destination):
         self._steady = False  # a group was confirmed on this producer, none failed since
         self._broken: str | None = None  # a group ahead timed out: a new producer is needed
         self.ahead = 0  # groups handed over ahead (send_ahead)
+        self._polls = 0  # services of the reports on the loop (_poll)
+        # the client holds a reference to a record's callback until its report was served
+        # (checked at each group produced without a service meanwhile): a group's end told
+        self._countable = True
 
     # -- connection ------------------------------------------------------
 
@@ -280,6 +285,7 @@ class KafkaDestination(Destination):
     def _poll(self, producer: Any) -> None:
         """Run the producer's callbacks that are due, here in the event loop's thread (a
         thread of its own would fight the event loop for the GIL at each callback)."""
+        self._polls += 1
         try:
             producer.poll(0)
         except Exception as exc:  # a callback's bug must not end the relay
@@ -348,8 +354,8 @@ class KafkaDestination(Destination):
         """Whether a group may be handed over ahead now: a producer that confirmed a group
         and has had no failure since (after one, groups go one at a time until one is
         confirmed again)."""
-        return (self._steady and self.producer is not None and self._fatal is None
-                and self._broken is None)
+        return (self._steady and self._countable and self.producer is not None
+                and self._fatal is None and self._broken is None)
 
     async def send_ahead(self, batch: list[Outgoing]) -> kflights.Flight | None:
         """Produce ``batch``'s records while the groups handed over before await their
@@ -363,6 +369,7 @@ class KafkaDestination(Destination):
             loop = asyncio.get_running_loop()
             flight = kflights.Flight(kflights.Failures(self.classify), loop.create_future(),
                                      loop.time() + self.timeout + 5, len(batch))
+            polls = self._polls
             try:
                 flight.count = await self._produce_all(producer, batch, flight.callback,
                                                        flight.deadline)
@@ -371,6 +378,15 @@ class KafkaDestination(Destination):
                 # lane publishes the group again one at a time (where a refusal is settled)
                 self._steady = False
                 raise Unavailable(f"a group handed over ahead failed: {exc}") from None
+            if polls == self._polls and flight.outstanding() != flight.count:
+                # no report was served meanwhile, yet the references do not count the
+                # records: this client does not hold one per record. The group's end is
+                # then an empty producer, and no group goes ahead any more
+                flight.counted = self._countable = False
+                log.warning("destination %s: the Kafka client does not hold a delivery "
+                            "callback per record (%d references for %d records); groups "
+                            "are no longer handed over ahead", self.display,
+                            flight.outstanding(), flight.count)
             self.ahead += 1
             if self._flights and log.isEnabledFor(logging.DEBUG):
                 log.debug("destination %s: a group of %d records handed over ahead, %d in "
@@ -512,7 +528,8 @@ class KafkaDestination(Destination):
         most :data:`_FLUSH_SLICE`: it sends what the producer holds at once (``linger.ms``
         does not apply) and is woken when the last record was confirmed, so a group of
         one-row transactions costs one round trip, no polling cadence. The callbacks it
-        runs there only record (:class:`~walex.destinations.kflights.Failures`, :meth:`_on_error`): the loop reads
+        runs there only record (:class:`~walex.destinations.kflights.Failures`,
+        :meth:`_on_error`): the loop reads
         them once the flush returned.
 
         A fatal error (``enable.gapless.guarantee``: a record refused for good) is told

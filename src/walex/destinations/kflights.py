@@ -73,7 +73,8 @@ class Flight:
     group) is held by the flight alone but for the client's per-record references:
     ``base`` is :func:`held` before any record was produced."""
 
-    __slots__ = ("answer", "base", "callback", "count", "deadline", "failures", "size")
+    __slots__ = ("answer", "base", "callback", "count", "counted", "deadline", "failures",
+                 "size")
 
     def __init__(self, failures: Failures, answer: asyncio.Future[Exception | None],
                  deadline: float, size: int) -> None:
@@ -84,6 +85,7 @@ class Flight:
         self.deadline = deadline
         self.size = size  # the batch's items
         self.count = 0  # the records produced (the batch's, and tombstones)
+        self.counted = True  # False: the references do not count its records (see kafka)
 
     def outstanding(self) -> int:
         """Records of the group not yet reported."""
@@ -109,8 +111,8 @@ async def watch(producer: Any, flights: deque[Flight], poll: Callable[[Any], Non
             flight = flights[0]
             if why is not None:
                 outcome: Exception | None = Unavailable(f"the producer failed: {why}")
-            elif empty or flight.outstanding() == 0:  # (below 0 would be a miscount:
-                # then only an empty producer tells)
+            elif empty or (flight.counted and flight.outstanding() == 0):  # (below 0
+                # would be a miscount: then only an empty producer tells)
                 outcome = None
             elif now >= flight.deadline:
                 outcome = Unavailable(f"{flight.outstanding()} of {flight.count} records were "
