@@ -97,6 +97,7 @@ def test_a_cut_with_two_groups_in_flight_loses_nothing_and_acknowledges_nothing_
                 # oldest transaction the lane has not confirmed then cannot be stored while
                 # the cut lasts (tansu cannot be read meanwhile: it names the relay's port)
                 await asyncio.sleep(0.5)
+                await rec._until(lambda: bool(lane.queued), 30, "a transaction queued")
                 oldest = parse_lsn(lane.queued[0].txn.events[0].lsn)
                 highest = 0
                 while loop.time() < end:
