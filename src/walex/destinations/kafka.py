@@ -53,15 +53,36 @@ log line or an error. walex sets ``bootstrap.servers`` (the URL's hosts),
 ``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``,
 ``message.timeout.ms=0`` (``timeout`` instead; ``delivery.timeout.ms`` too) and
 ``partitioner=murmur2_random`` (the Java client's, so other producers' records of one
-key share the partition); all but the partitioner cannot be changed. Topics are not created:
+key share the partition) and ``enable.gapless.guarantee=true`` (below); all but the
+partitioner cannot be changed. Topics are not created:
 the broker's auto-creation does it, or create them beforehand with the
 partitions you want.
+
+Groups ahead (:attr:`KafkaDestination.depth` 2, :mod:`walex.destinations.window`): once
+a publish was confirmed, a window's lane hands the next group over while the one
+before awaits its reports (:meth:`KafkaDestination.send_ahead`), so that the broker
+and librdkafka's thread always have records (:mod:`walex.destinations.kflights`).
+A group's end is told without a report into Python per record: each group's records
+carry a callback of its own (the failed-record one above), which the client holds a
+reference to until the record's report was served, so the group is done when the
+callback's reference count is back to what the group holds itself; it is confirmed
+when no record of it failed. The order per key holds across groups: per partition an
+idempotent producer stores a record only after every earlier one (sequence numbers;
+``message.timeout.ms=0``: none is dropped by a timeout), and a record the broker
+refuses for good would let librdkafka renumber the later ones past the gap (an epoch
+bump): ``enable.gapless.guarantee`` makes that a fatal error instead (nothing past
+the gap is stored; the refused record's report still names its error, which the
+publish again, alone on a new producer, settles through ``on_error``). Any failure
+(a record's, a group's deadline, a fatal error) makes the lane publish again from
+the first group not confirmed, one group at a time, with the same ids; a deadline
+passed closes the producer first (what it still held dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -69,7 +90,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from ..errors import ConfigError, DestinationError
 from ..event import EventType
-from . import krecords
+from . import kflights, krecords
 from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
 from .krecords import CONTENT_TYPE
 
@@ -86,6 +107,7 @@ _FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's r
 _LONGEST_PAUSE = 0.002  # ... and the longest
 OWN = ("topic", "tombstones", "timeout", "ce_headers")  # walex's parameters; the others are librdkafka's
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
+_GAPLESS = "enable.gapless.guarantee"  # walex's: groups ahead rely on it (see the docstring)
 _OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
 
 # delivery errors retrying cannot cure: the batch goes to on_error
@@ -161,7 +183,8 @@ class KafkaDestination(Destination):
         self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | _OWN_TIMEOUTS | {"delivery.report.only.error"})
+                                        fixed=_FIXED | _OWN_TIMEOUTS
+                                        | {"delivery.report.only.error", _GAPLESS})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports).
@@ -185,6 +208,9 @@ class KafkaDestination(Destination):
             # the client calls back into Python only for a failed record; a success is a
             # record that left the producer without one (see publish)
             "delivery.report.only.error": True,
+            # a record refused for good stops the producer (a fatal error) instead of letting
+            # the later records of its partition be stored past it (see the docstring)
+            _GAPLESS: True,
         })
         validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
@@ -196,11 +222,21 @@ class KafkaDestination(Destination):
         self._fatal: str | None = None  # the producer cannot go on: a new one is needed
         self._last_error: str | None = None
         self._auth_error: str | None = None
+        self._flights: deque[kflights.Flight] = deque()  # groups handed over ahead, in order
+        self._watcher: asyncio.Task[None] | None = None  # serves their reports
+        self._steady = False  # a group was confirmed on this producer, none failed since
+        self._broken: str | None = None  # a group ahead timed out: a new producer is needed
+        self.ahead = 0  # groups handed over ahead (send_ahead)
+        self._polls = 0  # services of the reports on the loop (_poll)
+        # the client holds a reference to a record's callback until its report was served
+        # (checked at each group produced without a service meanwhile): a group's end told
+        self._countable = True
 
     # -- connection ------------------------------------------------------
 
     async def open(self) -> None:
-        self._fatal = self._last_error = self._auth_error = None
+        self._fatal = self._last_error = self._auth_error = self._broken = None
+        self._steady = False
         settings = dict(self.settings, error_cb=self._on_error)
         try:
             producer = Producer(settings)
@@ -249,6 +285,7 @@ class KafkaDestination(Destination):
     def _poll(self, producer: Any) -> None:
         """Run the producer's callbacks that are due, here in the event loop's thread (a
         thread of its own would fight the event loop for the GIL at each callback)."""
+        self._polls += 1
         try:
             producer.poll(0)
         except Exception as exc:  # a callback's bug must not end the relay
@@ -270,6 +307,7 @@ class KafkaDestination(Destination):
         self.opened = False
         if server is not None:
             server.cancel()
+        self._land_all(Unavailable("the producer was closed"))
         flusher, self._flusher = self._flusher, None
         if flusher is not None:  # a flush still running ends within its slice
             flusher.shutdown(wait=False)
@@ -293,27 +331,114 @@ class KafkaDestination(Destination):
     async def publish(self, batch: list[Outgoing]) -> None:
         """Produce every record of the batch, then serve delivery reports until the producer
         holds none: the batch is confirmed when each of its records left the producer
-        without a failed report (see :class:`_Failures`)."""
+        without a failed report (see :class:`~walex.destinations.kflights.Failures`)."""
         async with self._publishing:  # one batch at a time: the producer holds no other's
             producer = self.producer
-            if producer is None or self._fatal is not None:
-                raise Unavailable(f"the producer failed: {self._fatal}" if self._fatal
-                                  else "not connected")
-            failures = _Failures(self.classify)
+            if producer is None or self._fatal is not None or self._broken is not None:
+                raise Unavailable(f"the producer failed: {self._fatal or self._broken}"
+                                  if self._fatal or self._broken else "not connected")
+            failures = kflights.Failures(self.classify)
             deadline = asyncio.get_running_loop().time() + self.timeout + 5
-            count = await self._produce_all(producer, batch, failures, deadline)
-            await self._confirmed(producer, count, deadline)
+            count = await self._produce_all(producer, batch, failures.delivered, deadline)
+            await self._confirmed(producer, count, deadline, failures)
             if failures.error is not None:
+                self._steady = False
                 raise failures.error
+            self._steady = True
 
-    async def _produce_all(self, producer: Any, batch: list[Outgoing], failures: _Failures,
+    # -- groups ahead (walex.destinations.window) -----------------------------
+
+    depth = 2
+
+    def pipelined(self) -> bool:
+        """Whether a group may be handed over ahead now: a producer that confirmed a group
+        and has had no failure since (after one, groups go one at a time until one is
+        confirmed again)."""
+        return (self._steady and self._countable and self.producer is not None
+                and self._fatal is None and self._broken is None)
+
+    async def send_ahead(self, batch: list[Outgoing]) -> kflights.Flight | None:
+        """Produce ``batch``'s records while the groups handed over before await their
+        reports; its outcome is :meth:`landed`'s once the flight's ``answer`` is done
+        (:func:`~walex.destinations.kflights.watch`, within the timeout). None, having
+        produced nothing, when groups may not go ahead now (:meth:`pipelined`)."""
+        async with self._publishing:
+            producer = self.producer
+            if not self.pipelined():
+                return None
+            loop = asyncio.get_running_loop()
+            flight = kflights.Flight(kflights.Failures(self.classify), loop.create_future(),
+                                     loop.time() + self.timeout + 5, len(batch))
+            polls = self._polls
+            try:
+                flight.count = await self._produce_all(producer, batch, flight.callback,
+                                                       flight.deadline)
+            except (Unavailable, DestinationError) as exc:  # a record refused at once, the
+                # queue full too long: what went is in the producer, unconfirmed, and the
+                # lane publishes the group again one at a time (where a refusal is settled)
+                self._steady = False
+                raise Unavailable(f"a group handed over ahead failed: {exc}") from None
+            if polls == self._polls and flight.outstanding() != flight.count:
+                # no report was served meanwhile, yet the references do not count the
+                # records: this client does not hold one per record. The group's end is
+                # then an empty producer, and no group goes ahead any more
+                flight.counted = self._countable = False
+                log.warning("destination %s: the Kafka client does not hold a delivery "
+                            "callback per record (%d references for %d records); groups "
+                            "are no longer handed over ahead", self.display,
+                            flight.outstanding(), flight.count)
+            self.ahead += 1
+            if self._flights and log.isEnabledFor(logging.DEBUG):
+                log.debug("destination %s: a group of %d records handed over ahead, %d in "
+                          "flight", self.display, flight.count, len(self._flights))
+            self._flights.append(flight)
+            if self._watcher is None or self._watcher.done():
+                self._watcher = asyncio.create_task(
+                    kflights.watch(producer, self._flights, self._poll, self._failure,
+                                   self.timeout), name="walex-kafka-flights")
+            return flight
+
+    def _failure(self) -> str | None:
+        if self._fatal is not None:
+            return self._fatal
+        return None if self.producer is not None else "the producer was closed"
+
+    def landed(self, flight: kflights.Flight) -> Exception | None:
+        """A flight's outcome, asked in the order they were handed over: None when every
+        record of it was reported and none failed; otherwise why not (a record's failure,
+        a refusal for good first; the deadline; the producer's failure), and groups go one
+        at a time again. A deadline passed makes the next publish close the producer (what
+        it still holds is dropped) and publish on a new one."""
+        outcome = flight.answer.result()
+        if outcome is None:
+            outcome = flight.failures.error
+            if outcome is None:
+                return None
+        self._steady = False
+        if isinstance(outcome, Unavailable) and flight.failures.error is None \
+                and self._fatal is None and self._broken is None:
+            self._broken = str(outcome)  # records of it may still be in the producer
+        return flight.failures.error or outcome
+
+    def _land_all(self, outcome: Exception) -> None:
+        """Every flight fails with ``outcome`` (the producer closed)."""
+        flights = self._flights
+        while flights:
+            flight = flights.popleft()
+            if not flight.answer.done():
+                flight.answer.set_result(outcome)
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+
+    async def _produce_all(self, producer: Any, batch: list[Outgoing], failed: Any,
                            deadline: float) -> int:
         """Produce the batch's records (tombstones included); returns how many.
 
         The hot loop of the relay is :mod:`~walex.destinations.krecords`' (compiled when
         built): it stops at a record the producer's queue has no room for, produced here
         once there is (:meth:`_produce_later`), and goes on after it."""
-        produce, failed, records = producer.produce, failures.delivered, self._records
+        produce, records = producer.produce, self._records
         topic = self.topic.prefix if self.topic.constant else None
         render, tombstones, sources = self.topic.render, self.tombstones, self._sources
         count, start, end = 0, 0, len(batch)
@@ -388,7 +513,8 @@ class KafkaDestination(Destination):
         if loop.time() >= deadline:
             raise Unavailable(timed_out)
 
-    async def _confirmed(self, producer: Any, count: int, deadline: float) -> None:
+    async def _confirmed(self, producer: Any, count: int, deadline: float,
+                         failures: kflights.Failures) -> None:
         """Wait until the producer holds no record (its count includes those whose report
         is not served yet), checking between two waits.
 
@@ -402,14 +528,30 @@ class KafkaDestination(Destination):
         most :data:`_FLUSH_SLICE`: it sends what the producer holds at once (``linger.ms``
         does not apply) and is woken when the last record was confirmed, so a group of
         one-row transactions costs one round trip, no polling cadence. The callbacks it
-        runs there only record (:class:`_Failures`, :meth:`_on_error`): the loop reads
-        them once the flush returned."""
+        runs there only record (:class:`~walex.destinations.kflights.Failures`,
+        :meth:`_on_error`): the loop reads
+        them once the flush returned.
+
+        A fatal error (``enable.gapless.guarantee``: a record refused for good) is told
+        after the reports of what was in flight: the refused record's names the refusal,
+        which the publish raises rather than the producer's failure (its report may come
+        after the error, and after those of the records the fatal error dropped)."""
         loop = asyncio.get_running_loop()
         pause = _FIRST_PAUSE
+        fatal_until = None  # when a fatal error was seen: the last wait for the reports
         while True:
             left = len(producer)
             if not left:
                 return
+            if self._fatal is not None and self.producer is producer:
+                if fatal_until is None:
+                    fatal_until = min(loop.time() + 2.0, deadline)
+                if failures.refused is not None:
+                    raise failures.refused
+                if loop.time() < fatal_until:
+                    await asyncio.sleep(0.01)
+                    self._poll(producer)
+                    continue
             self._still_usable(producer, loop, deadline,
                                f"{min(left, count)} of {count} records were not confirmed "
                                f"within {self.timeout:g}s")
@@ -466,17 +608,3 @@ class KafkaDestination(Destination):
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "topic": self.topic.text}
 
-
-class _Failures:
-    """The failed delivery reports of one batch (the producer calls back only for those:
-    ``delivery.report.only.error``); the first one is the batch's error."""
-
-    __slots__ = ("classify", "error")
-
-    def __init__(self, classify: Any) -> None:
-        self.classify = classify
-        self.error: Exception | None = None
-
-    def delivered(self, err: Any, msg: Any) -> None:
-        if err is not None and self.error is None:
-            self.error = self.classify(err, msg.topic() if msg is not None else "?")
