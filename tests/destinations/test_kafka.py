@@ -223,6 +223,9 @@ def test_settings_walex_owns_and_unknown_settings_are_clear_errors() -> None:
     for name in ("message.timeout.ms", "delivery.timeout.ms"):  # timeout= is walex's
         with pytest.raises(ConfigError, match=f"{name} is set by walex .*timeout="):
             from_url(f"kafka://127.0.0.1:9092?{name}=5000")
+    for name in ("retries", "message.send.max.retries"):  # order per key: walex's timeout=
+        with pytest.raises(ConfigError, match=f"{name} is set by walex .*timeout="):
+            from_url(f"kafka://127.0.0.1:9092?{name}=2")
     with pytest.raises(ConfigError, match="No such configuration property: \"no.such.setting\""):
         from_url("kafka://127.0.0.1:1?no.such.setting=1")
     with pytest.raises(ConfigError, match="refused its settings: Invalid value") as info:

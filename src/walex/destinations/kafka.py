@@ -51,7 +51,9 @@ URL are ``sasl.username`` and ``sasl.password``. Values of settings named
 like a secret (``*password*``, ``*secret*``, ``*.pem``) never appear in a
 log line or an error. walex sets ``bootstrap.servers`` (the URL's hosts),
 ``enable.idempotence=true``, ``acks=all``, ``delivery.report.only.error=true``,
-``message.timeout.ms=0`` (``timeout`` instead; ``delivery.timeout.ms`` too) and
+``message.timeout.ms=0`` (``timeout`` instead; ``delivery.timeout.ms`` too, and
+``retries``: a record given up after its retries would let the later ones of its
+partition be stored past it) and
 ``partitioner=murmur2_random`` (the Java client's, so other producers' records of one
 key share the partition) and ``enable.gapless.guarantee=true`` (below); all but the
 partitioner cannot be changed. Topics are not created:
@@ -109,6 +111,9 @@ OWN = ("topic", "tombstones", "timeout", "ce_headers")  # walex's parameters; th
 _FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
 _GAPLESS = "enable.gapless.guarantee"  # walex's: groups ahead rely on it (see the docstring)
 _OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
+# a record given up after a number of retries is no permanent error: gapless would not stop the
+# later records of its partition from being stored past it (order per key): walex's timeout= instead
+_RETRIES = frozenset({"retries", "message.send.max.retries"})
 
 # delivery errors retrying cannot cure: the batch goes to on_error
 PERMANENT = frozenset(getattr(KafkaError, name) for name in (
@@ -183,7 +188,7 @@ class KafkaDestination(Destination):
         self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | _OWN_TIMEOUTS
+                                        fixed=_FIXED | _OWN_TIMEOUTS | _RETRIES
                                         | {"delivery.report.only.error", _GAPLESS})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
