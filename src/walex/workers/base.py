@@ -40,11 +40,17 @@ from typing import Any, ClassVar
 from ..destinations.base import Destination, DestinationURL, Unavailable
 from ..errors import ConfigError
 
-__all__ = ["Consumer", "Delivery", "Lane", "Unavailable", "close_quietly", "partition_filter"]
+__all__ = ["CallCut", "Consumer", "Delivery", "Lane", "Unavailable", "close_quietly",
+           "partition_filter"]
 
 log = logging.getLogger("walex.workers")
 
 _GROUP = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CallCut(Exception):
+    """A call cut off by :meth:`Lane.cut`, or messages whose partition the lane lost since it
+    handed them out (:meth:`Lane.gone`): they were given back and the lane goes on."""
 
 
 @dataclass(slots=True)
@@ -90,6 +96,11 @@ class Lane(ABC):
         log.debug("partition %d: %s", lease.partition, reason)
         call.cancel()
         return True
+
+    def gone(self) -> str | None:
+        """Why the messages this lane handed out last are no longer this worker's to handle
+        (it lost their partition alone, and goes on with the lane), or None."""
+        return None
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:
