@@ -257,6 +257,7 @@ class Calls:
                             "%s..%s: cut off, nothing acknowledged; the worker goes on with its "
                             "other partitions", self.name, lane.partition, lease.cut,
                             events[0].id, events[-1].id)
+                await self._thread_done(lane.partition)
                 raise CallCut(lease.cut)
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
                         "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
@@ -272,6 +273,21 @@ class Calls:
                 lease.cut = ("this worker cut the call off (stopping or reconnecting): the "
                              "broker hands the partition to another worker")
             raise failure
+
+    async def _thread_done(self, partition: int) -> None:
+        """After a call cut off alone: a plain handler of it may still run on the handler
+        thread (it cannot be cancelled); the lane gives the partition up only once it
+        returned, so no other worker handles the partition while it runs (a Kafka worker
+        whose call outlives its revoke limit ends the process instead:
+        :mod:`walex.workers.kafkasession`)."""
+        idle = asyncio.ensure_future(self.dispatcher.workers.idle())
+        done, _ = await asyncio.wait({idle}, timeout=0.05)
+        if not done:
+            log.warning("worker %r: a plain handler call cut off for partition %d still runs "
+                        "on its thread; the partition is given up once it returns (check "
+                        "walex.workers.current_lease() in the handler to return sooner)",
+                        self.name, partition)
+        await idle
 
     async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
         """Call the handlers with each transaction of ``groups``, in order; with several,

@@ -39,7 +39,14 @@ given next (its records come again, with the same ``event.id``). A plain
 handler runs on a thread and cannot be cancelled: as with the other
 sources, its lease says lost (``current_lease().check()`` raises
 :class:`~walex.workers.LeaseLost`: call it before the effect, or keep the
-lease's fencing token with it) and the worker does not wait for it. A
+lease's fencing token with it), and the worker lets the partitions go only
+once it returned. A call that still runs when the second wait ends (a plain
+handler blocking its thread, an async one that catches ``CancelledError``
+or blocks the event loop) ends the worker process, with a CRITICAL log
+naming the partitions and the fix and the exit code
+:data:`~walex.workers.kafkasession.STUCK_EXIT` (70): nothing else can stop
+it, and the group would hand its partitions to another worker while it
+runs. A
 worker that was killed leaves its partitions to the group after
 ``session.timeout.ms``; the records it had handled and not committed are
 handled again, with the same ``event.id``.

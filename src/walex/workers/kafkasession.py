@@ -13,7 +13,11 @@ released, commits what the loop settled as handled (``done``), and on a
 rebalance waits for the call in hand, commits it and drops the rest; a call of
 the partitions that go (lost, or not returned in time) is cut off through the
 lane (``cut_partitions``, :meth:`walex.workers.base.Lane.cut`): that call alone,
-nothing of it committed, and the worker goes on with its other partitions. It
+nothing of it committed, and the worker goes on with its other partitions. A
+call that still runs ``revoke_limit`` after it was cancelled (a handler that
+ignores the cancellation or blocks its thread) ends the process
+(:data:`STUCK_EXIT`, a CRITICAL log naming the partitions and the fix): the
+partitions are never handed to another worker while it runs. It
 imports nothing of :mod:`walex.workers.kafka`; the consumer provides the
 attributes annotated on the class.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -32,7 +37,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from ..destinations.base import Unavailable
 from ..destinations.kafka import AUTHENTICATION
 
-__all__ = ["TP", "KafkaSession"]
+__all__ = ["STUCK_EXIT", "TP", "KafkaSession"]
 
 log = logging.getLogger("walex.workers")
 
@@ -40,6 +45,9 @@ _BATCH = 500  # records taken from the client at once
 _COMMIT_EVERY = 0.5  # seconds between commits of what was handled
 
 TP = tuple[str, int]
+# the exit code of a worker process whose handler call outlived its cancellation while its
+# partitions were to go to another worker (KafkaSession._stuck)
+STUCK_EXIT = 70
 
 
 class KafkaSession:
@@ -303,11 +311,12 @@ class KafkaSession:
                     limit = time.monotonic() + self.revoke_limit
                     continue
                 if left <= 0:
-                    log.error("worker group %r: a handler call still runs for %s after it was "
-                              "cancelled; the partitions are given up without it (its records "
-                              "are handled again)", self.group, sorted(keys))
                     break
                 self.lock.wait(min(left, 1.0))
+            stuck = self.session is token and not self.closing and \
+                any(self.busy.get(k) for k in keys)
+        if stuck:
+            self._stuck(client, keys, partitions, commit, token)
         if commit:
             self._commit(client, keys, wait=True, token=token)
         with self.lock:
@@ -323,6 +332,33 @@ class KafkaSession:
                 self.rewind.pop(key, None)
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
+
+    def _stuck(self, client: Any, keys: set[TP], partitions: list[Any], commit: bool,
+               token: object) -> None:
+        """A call of partitions that go to another worker outlived its cancellation (a handler
+        that ignores it, or blocks its thread): letting them go would have two workers handle
+        them at once, and nothing ends the call, so the process ends, before the group can
+        give them away (it waits ``max.poll.interval.ms``; this is at two thirds of it). What
+        was handled is committed first; the call's records are handled again elsewhere."""
+        log.critical(
+            "worker group %r: a handler call for %s still runs %gs after it was cancelled, and "
+            "its partitions must go to another worker (%s): the worker process exits (code %d) "
+            "so that no two workers handle them at once; its records are handled again by the "
+            "group. Fix the handler: let it end on cancellation (do not catch CancelledError, "
+            "do not block the event loop; a plain handler on its thread should return once "
+            "walex.workers.current_lease() says lost), or raise max.poll.interval.ms if calls "
+            "are this slow", self.group, _names(partitions), self.revoke_limit,
+            "revoked" if commit else "lost", STUCK_EXIT)
+        try:
+            self._commit(client, keys, wait=True, token=token)
+        except Exception as exc:
+            log.debug("committing before exiting: %s", self.destination.describe(exc))
+        for handler in (*logging.getLogger().handlers, *log.handlers):
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        os._exit(STUCK_EXIT)
 
     def _cut(self, lane: Any, loop: asyncio.AbstractEventLoop | None, keys: set[TP],
              reason: str) -> bool:
