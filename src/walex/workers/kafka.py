@@ -57,7 +57,13 @@ stops answering without closing its connections is an error too. A broker
 error (librdkafka reconnects by itself) makes the worker ask the
 brokers for metadata each second until they answer: none for ``timeout``
 seconds and the worker reconnects, as for the other sources (a warning,
-``/healthz`` ``reconnecting`` until they are back).
+``/healthz`` ``reconnecting`` until they are back). An error the client hands
+over as a record of a topic or partition (the topic does not exist or was
+deleted, the broker refuses the read, records it cannot decompress: error 76
+UNSUPPORTED_COMPRESSION_TYPE) keeps that partition from being read while it
+lasts: one WARNING names the topic, partition, error and fix, and
+``/healthz`` answers 503 ``stalled`` with it, until the partition is assigned
+again or its records come (an INFO says so).
 
 A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
@@ -217,6 +223,9 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.failed: Exception | None = None
         self.closing = False
         self.last_error: str | None = None
+        # topic or partition errors the client handed over as records, not cleared yet:
+        # (code, text, since when)
+        self.partition_errors: dict[TP, tuple[int, str, float]] = {}
         self.auth_error: str | None = None
         self.trouble_since: float | None = None  # the client's first error not yet cleared
         self.next_probe = 0.0
@@ -375,6 +384,10 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.client = None
         self.lane = None
 
+
+    def trouble(self) -> str | None:
+        """A topic or partition the client reports an error for (not read meanwhile)."""
+        return self.partition_trouble()
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}

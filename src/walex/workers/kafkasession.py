@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from ..destinations.base import Unavailable
 from ..destinations.kafka import AUTHENTICATION
@@ -77,6 +77,7 @@ class KafkaSession:
     failed: Exception | None
     closing: bool
     last_error: str | None
+    partition_errors: dict[TP, tuple[int, str, float]]
     auth_error: str | None
     trouble_since: float | None
     next_probe: float
@@ -173,21 +174,67 @@ class KafkaSession:
         with self.lock:
             if self.session is not token:
                 return
+            errors = self.partition_errors
             for m in messages:
                 err = m.error()
                 if err is not None:
                     self.last_error = self.url.scrub(str(err.str()))
                     if err.fatal():
                         self.failed = Unavailable(f"the Kafka consumer failed: {self.last_error}")
-                    log.debug("worker source %s: %s", self.display, self.last_error)
+                    if err.code() == KafkaError._PARTITION_EOF:  # informational only
+                        log.debug("worker source %s: %s", self.display, self.last_error)
+                    else:
+                        self._partition_error(m, err)
                     continue
                 tp = (m.topic(), m.partition())
+                if errors:
+                    self._cleared(tp[0], tp[1], "records of it are read again")
                 if tp not in self.assigned or tp in self.rewind:
                     continue  # revoked meanwhile, or to be read again
                 self.buffers.setdefault(tp, deque()).append(m)
                 added = True
         if added or self.failed is not None:
             self._wake()
+
+    def _partition_error(self, message: Any, err: Any) -> None:
+        """A topic's or partition's error the client handed over as a record (under the
+        lock): a WARNING naming it and the fix, once until it clears, and ``trouble()``
+        (``/healthz`` 503 ``stalled``) meanwhile: the partition is not read while it
+        lasts (before, a DEBUG line and a silent stall)."""
+        topic, partition = message.topic() or "?", message.partition()
+        key = (topic, partition if partition is not None else -1)
+        code = err.code()
+        known = self.partition_errors.get(key)
+        self.partition_errors[key] = (code, self.last_error or "",
+                                      known[2] if known is not None and known[0] == code
+                                      else time.monotonic())
+        if known is not None and known[0] == code:
+            log.debug("worker source %s: %s", self.display, self.last_error)
+            return
+        log.warning("worker group %r: the Kafka consumer reports %s for %s: %s; it reads "
+                    "nothing of it until this clears: %s", self.group, err.name(),
+                    _where(key), self.last_error, _fix(code))
+
+    def _cleared(self, topic: str, partition: int, why: str) -> None:
+        """The errors of a topic's partition (and of the topic as a whole) are over (under
+        the lock)."""
+        for key in [k for k in self.partition_errors
+                    if k[0] == topic and k[1] in (partition, -1)]:
+            code, _text, _since = self.partition_errors.pop(key)
+            log.info("worker group %r: %s is consumed again (%s): the error %s is over",
+                     self.group, _where(key), why, KafkaError(code).name())
+
+    def partition_trouble(self) -> str | None:
+        """The oldest topic or partition error not cleared, as ``/healthz`` says it."""
+        with self.lock:
+            if not self.partition_errors:
+                return None
+            key, (code, text, since) = min(self.partition_errors.items(),
+                                           key=lambda item: item[1][2])
+            more = len(self.partition_errors) - 1
+        return (f"the Kafka consumer reports {KafkaError(code).name()} for {_where(key)} "
+                f"for {time.monotonic() - since:.0f}s ({text}){f' and {more} more' if more else ''}"
+                f": {_fix(code)}")
 
     def _seek(self, client: Any, token: object) -> None:
         with self.lock:
@@ -268,6 +315,8 @@ class KafkaSession:
                 return  # the client of an earlier session: its records are not read
             for tp in partitions:
                 key = (tp.topic, tp.partition)
+                if self.partition_errors:
+                    self._cleared(tp.topic, tp.partition, "assigned")
                 self.assigned.add(key)
                 self.buffers[key] = deque()
                 self.busy[key] = 0
@@ -323,6 +372,7 @@ class KafkaSession:
             if self.session is not token:
                 return
             for key in keys:
+                self.partition_errors.pop(key, None)  # another worker's now
                 self.assigned.discard(key)
                 self.buffers.pop(key, None)
                 self.busy.pop(key, None)
@@ -371,6 +421,28 @@ class KafkaSession:
         except RuntimeError:  # the loop is closed: no call runs
             return False
         return True
+
+
+def _where(key: TP) -> str:
+    return f"topic {key[0]!r}" if key[1] < 0 else f"{key[0]}[{key[1]}]"
+
+
+def _fix(code: int) -> str:
+    """What to do about a topic's or partition's consumer error."""
+    if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
+                KafkaError._UNKNOWN_PARTITION):
+        return ("the topic or partition does not exist (deleted, or not created yet): check the "
+                "topic in the source URL against the relay's, and create the topic "
+                "(kafka-topics.sh --create) or have the broker create it as the relay first "
+                "publishes (auto.create.topics.enable)")
+    if code in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+        return ("the worker's user may not read it: grant it Read and Describe on the topic and "
+                "Read on the consumer group")
+    if code in (KafkaError.UNSUPPORTED_COMPRESSION_TYPE, KafkaError._BAD_COMPRESSION):
+        return ("its records are compressed with a codec this worker's client or the broker "
+                "cannot read: have the relay use a compression.type both support (zstd needs "
+                "brokers 2.1+), or upgrade the broker")
+    return "check the broker's log for this topic and partition, and the worker's permissions"
 
 
 def _names(partitions: list[Any]) -> str:
