@@ -6,7 +6,8 @@ UNSUPPORTED_COMPRESSION_TYPE among them): the worker reads nothing of that parti
 while they last. On main it wrote them at DEBUG, and ``/healthz`` said ``consuming``.
 
 The error tansu gives for real here: a worker subscribed to a topic that does not exist
-(its source URL names a topic the relay has not created). Checked: one WARNING names
+(its source URL names a topic the relay has not created), or to a template (a pattern
+subscription) no topic matches yet. Checked: one WARNING names
 the topic, the error and the fix, however often the client repeats it; ``/healthz``
 answers 503 ``stalled`` with the same reason; once the topic is made and the relay
 publishes, the worker handles the event, says the error is over and answers 200.
@@ -34,15 +35,16 @@ from walex.observe.workers import worker_health
 from walex.workers import Worker
 
 
+@pytest.mark.parametrize("topic", ["wm.item", "wm.{table}"])
 def test_a_missing_topic_is_a_warning_and_stalls_healthz(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, topic: str,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="walex.workers")
     got: list[Event] = []
     events = Events()
     events.on_event("item")(got.extend)
     with OwnTansu(tmp_path) as broker:
-        url = f"kafka://127.0.0.1:{broker.port}?topic=wm.item"
+        url = f"kafka://127.0.0.1:{broker.port}?topic={topic}"
         source = f"{url}&{GROUP}&topic.metadata.refresh.interval.ms=1000&group=missing"
 
         def warnings() -> list[str]:
@@ -60,7 +62,7 @@ def test_a_missing_topic_is_a_warning_and_stalls_healthz(
 
         async def main() -> tuple[list[str], tuple[int, dict[str, object]]]:
             async with w:
-                await until(lambda: any("wm.item" in m for m in warnings()),
+                await until(lambda: any("Unknown topic" in m for m in warnings()),
                             "a warning naming the missing topic")
                 await until(lambda: worker_health(w)[0] == 503, "/healthz 503")
                 stalled = worker_health(w)
@@ -80,10 +82,11 @@ def test_a_missing_topic_is_a_warning_and_stalls_healthz(
 
         said, stalled = run(main(), timeout=120)
     [warning] = said  # once, however often the client repeated it
-    assert "wm.item" in warning and "Unknown topic" in warning and "create the topic" in warning
+    named = "wm.item" if "{" not in topic else "^wm\\..+$"  # a pattern: none matches it
+    assert named in warning and "Unknown topic" in warning and "create the topic" in warning
     code, body = stalled
     assert code == 503 and body["status"] == "stalled", body
     reason = str(body["reason"])
-    assert "wm.item" in reason and "UNKNOWN_TOPIC_OR_PART" in reason, body
+    assert named in reason and "UNKNOWN_TOPIC_OR_PART" in reason, body
     assert any("is consumed again" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -120,6 +121,7 @@ class KafkaSession:
                              on_revoke=lambda c, p: self._give_up(c, p, True, token),
                              on_lost=lambda c, p: self._give_up(c, p, False, token))
             last_commit = time.monotonic()
+            next_look = 0.0
             while not stopping.is_set():
                 self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
@@ -130,6 +132,9 @@ class KafkaSession:
                 if self.trouble_since is not None and self.failed is None and \
                         self.session is token:
                     self._probe(client, token)
+                if self.partition_errors and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + 2.0
+                    self._look_again(client, token)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
@@ -202,8 +207,11 @@ class KafkaSession:
         (``/healthz`` 503 ``stalled``) meanwhile: the partition is not read while it
         lasts (before, a DEBUG line and a silent stall)."""
         topic, partition = message.topic() or "?", message.partition()
-        key = (topic, partition if partition is not None else -1)
         code = err.code()
+        if partition is None or (code in _MISSING and topic.startswith("^")) or \
+                "Subscribed topic not available" in (self.last_error or ""):
+            partition = -1  # the topic's (or the pattern's: no topic matches it) as a whole
+        key = (topic, partition)
         known = self.partition_errors.get(key)
         self.partition_errors[key] = (code, self.last_error or "",
                                       known[2] if known is not None and known[0] == code
@@ -219,10 +227,34 @@ class KafkaSession:
         """The errors of a topic's partition (and of the topic as a whole) are over (under
         the lock)."""
         for key in [k for k in self.partition_errors
-                    if k[0] == topic and k[1] in (partition, -1)]:
+                    if k[1] in (partition, -1) and _names_topic(k[0], topic)]:
             code, _text, _since = self.partition_errors.pop(key)
             log.info("worker group %r: %s is consumed again (%s): the error %s is over",
                      self.group, _where(key), why, KafkaError(code).name())
+
+    def _look_again(self, client: Any, token: object) -> None:
+        """A topic or partition reported missing: cleared once the brokers list it again (an
+        error of the moment, e.g. before the topic was made, may be the last word the
+        client gave of a partition that has no record to send since)."""
+        with self.lock:
+            if self.session is not token:
+                return
+            missing = [k for k, (code, _t, _s) in self.partition_errors.items() if code in _MISSING]
+        wait = max(1.0, min(self.timeout, 2.0))
+        for name in sorted({k[0] for k in missing}):
+            try:  # a pattern subscription's: all topics, for one that matches
+                found = client.list_topics(None if name.startswith("^") else name, timeout=wait)
+            except KafkaException:
+                return
+            for topic, meta in found.topics.items():
+                if meta.error is not None or not _names_topic(name, topic):
+                    continue
+                with self.lock:
+                    if self.session is not token:
+                        return
+                    for key in missing:
+                        if key[0] == name and (key[1] < 0 or key[1] in meta.partitions):
+                            self._cleared(topic, key[1], "the brokers list it again")
 
     def partition_trouble(self) -> str | None:
         """The oldest topic or partition error not cleared, as ``/healthz`` says it."""
@@ -423,14 +455,29 @@ class KafkaSession:
         return True
 
 
+def _names_topic(name: str, topic: str) -> bool:
+    """Whether ``name`` (a topic, or a pattern subscription: ``^...``) takes ``topic``."""
+    if name == topic:
+        return True
+    if not name.startswith("^"):
+        return False
+    try:
+        return re.match(name, topic) is not None
+    except re.error:
+        return False
+
+
 def _where(key: TP) -> str:
     return f"topic {key[0]!r}" if key[1] < 0 else f"{key[0]}[{key[1]}]"
 
 
+_MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
+            KafkaError._UNKNOWN_PARTITION)
+
+
 def _fix(code: int) -> str:
     """What to do about a topic's or partition's consumer error."""
-    if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
-                KafkaError._UNKNOWN_PARTITION):
+    if code in _MISSING:
         return ("the topic or partition does not exist (deleted, or not created yet): check the "
                 "topic in the source URL against the relay's, and create the topic "
                 "(kafka-topics.sh --create) or have the broker create it as the relay first "
