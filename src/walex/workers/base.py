@@ -93,9 +93,16 @@ class Lane(ABC):
         if lease is None or call is None or lease.cut:
             return False
         lease.cut = reason
+        lease.cancelled = True
         log.debug("partition %d: %s", lease.partition, reason)
         call.cancel()
         return True
+
+    def stale(self) -> str | None:
+        """Why the partition may be another worker's although the broker has not said so yet
+        (this worker was stalled longer than the broker waits for it), or None. Called from
+        handler threads too: it reads, and changes nothing."""
+        return None
 
     def gone(self) -> str | None:
         """Why the messages this lane handed out last are no longer this worker's to handle

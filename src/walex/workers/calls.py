@@ -241,7 +241,7 @@ class Calls:
             lane.call = lane.lease = None
             _CURRENT.reset(token)
         if lease.cut or lane.revoked.is_set():
-            cut, revoked = bool(lease.cut), lane.revoked.is_set()
+            cut, revoked = lease.cancelled, lane.revoked.is_set()
             # Lane.cut() and revoke() each cancelled this task once, during the call: those
             # requests are taken back, and the call's own outcome does not count; the
             # worker's own cancellation (stop) goes on

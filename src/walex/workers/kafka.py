@@ -128,6 +128,20 @@ class KafkaLane(Lane):
         self.consumer = consumer
         self.holding: TP | None = None  # the partition of the records handed out, until settled
         self.last: Delivery | None = None  # the last of them
+        self.stalls = consumer.stalls  # the consumer's stalls when they were handed out
+
+    def stale(self) -> str | None:
+        """The consumer thread stalled (the process frozen?) since the records in hand were
+        handed out, or is stalled now, for most of the group's session timeout: the group
+        may have given their partition to another worker already."""
+        c = self.consumer
+        if c.stalls != self.stalls:
+            return c.stall_reason
+        gap = time.monotonic() - c.ticked
+        if gap > c.stale_after and c.thread is not None:
+            return (f"the Kafka consumer has not run for {gap:.1f}s (the process frozen?): the "
+                    "group may have given the partition to another worker (session.timeout.ms)")
+        return None
 
     def cut_partitions(self, keys: set[TP], reason: str) -> None:
         """Partitions that go to another worker: the call in hand is cut off if it holds one
@@ -144,6 +158,7 @@ class KafkaLane(Lane):
             if taken:
                 # the lease of the call (walex.workers.current_lease) names its Kafka partition
                 self.holding, self.last = taken[0].handle[0], taken[-1]
+                self.stalls = c.stalls
                 self.partition = self.holding[1]
                 return taken
             left = deadline - time.monotonic()
@@ -201,6 +216,16 @@ class KafkaConsumer(KafkaSession, Consumer):
         # cancelled and waited for as long again, so it ends before they can move
         poll = float(settings.get("max.poll.interval.ms", 300_000)) / 1000
         self.revoke_limit = max(0.5, min(60.0, poll / 3))
+        # the group gives a member's partitions away after session.timeout.ms without its
+        # heartbeats: a consumer thread stalled (the process frozen) for most of it may have
+        # lost them unknowingly. Heartbeats go every heartbeat.interval.ms, so one stalled
+        # for less than the session less an interval kept them
+        session = float(settings.get("session.timeout.ms", 45_000)) / 1000
+        heartbeat = float(settings.get("heartbeat.interval.ms", 3_000)) / 1000
+        self.stale_after = max(0.5, min(0.75 * session, session - heartbeat - 0.5))
+        self.ticked = time.monotonic()  # the consumer thread's last turn
+        self.stalls = 0  # stalls the consumer thread saw (each cuts the call in hand)
+        self.stall_reason = ""
         self.client: Any = None
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
@@ -321,6 +346,7 @@ class KafkaConsumer(KafkaSession, Consumer):
             self.client = None
             raise
         self.trouble_since = None  # the brokers answered
+        self.ticked = time.monotonic()
         self.thread = threading.Thread(target=self._serve, args=(client, token, self.stopping),
                                        daemon=True,
                                        name=f"walex-kafka-{self.group}")

@@ -62,6 +62,10 @@ class KafkaSession:
     subscription: str
     timeout: float
     revoke_limit: float
+    stale_after: float
+    ticked: float
+    stalls: int
+    stall_reason: str
     lock: threading.Condition
     session: object
     ready: asyncio.Event
@@ -123,6 +127,7 @@ class KafkaSession:
             last_commit = time.monotonic()
             next_look = 0.0
             while not stopping.is_set():
+                self._tick(token)
                 self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
                 self._receive(messages, token)
@@ -150,6 +155,27 @@ class KafkaSession:
                     client.close()  # leaves the group: its partitions go to the others now
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
+
+    def _tick(self, token: object) -> None:
+        """A turn of the consumer thread: after one stalled for most of the session timeout
+        (the process frozen: no heartbeat went out either), the call in hand is cut off and
+        the leases of records handed out before say lost (``KafkaLane.stale``), before the
+        turn counts, as the group may have given their partitions away meanwhile."""
+        now = time.monotonic()
+        gap = now - self.ticked
+        if gap > self.stale_after and self.session is token:
+            with self.lock:
+                keys = set(self.assigned)
+            reason = (f"the Kafka consumer did not run for {gap:.1f}s (the process frozen?), "
+                      f"most of session.timeout.ms: the group may have given the partitions "
+                      "to another worker")
+            self.stall_reason = reason
+            self.stalls += 1
+            if keys and any(self.busy.get(k) for k in keys):
+                log.warning("worker group %r: %s; the call in hand is cut off (its lease says "
+                            "lost, nothing of it is committed)", self.group, reason)
+                self._cut(self.lane, self.loop, keys, reason)
+        self.ticked = now
 
     def _probe(self, client: Any, token: object) -> None:
         """After an error of the client (it reconnects by itself, silently): do the brokers
@@ -394,6 +420,7 @@ class KafkaSession:
                 if left <= 0:
                     break
                 self.lock.wait(min(left, 1.0))
+                self.ticked = time.monotonic()  # waiting on the group's side: not stalled
             stuck = self.session is token and not self.closing and \
                 any(self.busy.get(k) for k in keys)
         if stuck:
