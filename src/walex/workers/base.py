@@ -68,6 +68,8 @@ class Delivery:
 class Lane(ABC):
     """One partition's messages at this worker, in the order they were published."""
 
+    alone: ClassVar[bool] = False  # it may lose its partition alone (:meth:`gone` tells)
+
     def __init__(self, partition: int) -> None:
         self.partition = partition
         self.task: asyncio.Task[Any] | None = None  # the task running the lane (Worker._lane)

@@ -217,7 +217,7 @@ class Calls:
         lease = Lease(lane.partition, events[-1].id, redelivered, last.attempt, last.sequence, lane)
         if lane.revoked.is_set():
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
-        gone = lane.gone()
+        gone = lane.gone() if lane.alone else None
         if gone is not None:  # the partition alone was lost since they were handed out
             self.fenced += 1
             log.warning("worker %r: partition %d lost (%s) before the call with events %s..%s: "

@@ -101,6 +101,7 @@ class BatchLane(BoxLane):
     """One partition's messages in batches, while this worker holds its lease."""
 
     check_every = 0.25  # seconds between CONSUMER.INFO requests while taking a partition
+    alone = True  # a lost lease gives up this partition alone (gone())
 
     def __init__(self, partition: int, consumer: Any, psub: Any, ack_wait: float,
                  prefetch: int, durable: str) -> None:
