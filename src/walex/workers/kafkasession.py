@@ -188,7 +188,8 @@ class KafkaSession:
             return
         self.next_probe = now + 1.0
         try:
-            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
+            # within half the stall limit: a wait this long is no sign of a frozen process
+            client.list_topics(timeout=max(0.5, min(self.timeout, 5.0, self.stale_after / 2)))
         except KafkaException as exc:
             if now - since >= self.timeout:
                 detail = self.last_error or self.destination.describe(exc)
@@ -266,7 +267,7 @@ class KafkaSession:
             if self.session is not token:
                 return
             missing = [k for k, (code, _t, _s) in self.partition_errors.items() if code in _MISSING]
-        wait = max(1.0, min(self.timeout, 2.0))
+        wait = max(0.5, min(self.timeout, 2.0, self.stale_after / 2))
         for name in sorted({k[0] for k in missing}):
             try:  # a pattern subscription's: all topics, for one that matches
                 found = client.list_topics(None if name.startswith("^") else name, timeout=wait)
