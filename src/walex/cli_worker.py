@@ -15,7 +15,9 @@ workers of one app may share a machine). ``--types package.module:mapping``
 is the worker's ``types`` (:class:`~walex.destinations.decoding.Decoder`);
 domains need none: the message names their base types. SIGINT and SIGTERM
 stop the worker cleanly (exit 0); a handler failure under ``on_error="stop"``
-exits 1 with the error, its messages left to the other workers.
+exits 1 with the error, its messages left to the other workers. A Kafka
+worker whose handler call outlives its cancellation while its partitions must
+go to another worker exits 70 (:mod:`walex.workers.kafkasession`).
 """
 
 from __future__ import annotations

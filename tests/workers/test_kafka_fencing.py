@@ -123,4 +123,7 @@ def test_a_frozen_worker_loses_its_partitions_and_its_call_is_cut_off(
                     proc.wait(10)
     rows = query(db, "SELECT event_id, worker FROM handled")
     assert [w for i, w in rows if i == cut] == ["w1"], "the frozen call was not cut off"
-    assert "were lost" in logs[0].read_text()
+    text = logs[0].read_text()
+    # cut off as the group's loss arrived, or sooner: as w0 found its consumer had not run
+    # for most of the session timeout (frozen), before the group could tell it
+    assert "were lost" in text or "did not run for" in text, text[-3000:]

@@ -40,11 +40,17 @@ from typing import Any, ClassVar
 from ..destinations.base import Destination, DestinationURL, Unavailable
 from ..errors import ConfigError
 
-__all__ = ["Consumer", "Delivery", "Lane", "Unavailable", "close_quietly", "partition_filter"]
+__all__ = ["CallCut", "Consumer", "Delivery", "Lane", "Unavailable", "close_quietly",
+           "partition_filter"]
 
 log = logging.getLogger("walex.workers")
 
 _GROUP = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CallCut(Exception):
+    """A call cut off by :meth:`Lane.cut`, or messages whose partition the lane lost since it
+    handed them out (:meth:`Lane.gone`): they were given back and the lane goes on."""
 
 
 @dataclass(slots=True)
@@ -61,6 +67,8 @@ class Delivery:
 
 class Lane(ABC):
     """One partition's messages at this worker, in the order they were published."""
+
+    alone: ClassVar[bool] = False  # it may lose its partition alone (:meth:`gone` tells)
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
@@ -87,9 +95,21 @@ class Lane(ABC):
         if lease is None or call is None or lease.cut:
             return False
         lease.cut = reason
+        lease.cancelled = True
         log.debug("partition %d: %s", lease.partition, reason)
         call.cancel()
         return True
+
+    def stale(self) -> str | None:
+        """Why the partition may be another worker's although the broker has not said so yet
+        (this worker was stalled longer than the broker waits for it), or None. Called from
+        handler threads too: it reads, and changes nothing."""
+        return None
+
+    def gone(self) -> str | None:
+        """Why the messages this lane handed out last are no longer this worker's to handle
+        (it lost their partition alone, and goes on with the lane), or None."""
+        return None
 
     @abstractmethod
     async def receive(self, wait: float) -> list[Delivery]:

@@ -17,8 +17,11 @@ dispatcher under the partition's :class:`~walex.workers.lease.Lease`
   call; its deliveries are not acknowledged and :class:`Unavailable` is
   raised (the worker reconnects); the worker's own cancellation goes on.
   A call cut off alone (:meth:`~walex.workers.base.Lane.cut`: a Kafka
-  partition moved) is cancelled the same way and its deliveries given back,
-  and the lane goes on with its other partitions, without reconnecting.
+  partition moved, a NATS batch lane's lease lost) is cancelled the same way
+  and its deliveries given back, and the lane goes on (with its other
+  partitions, or waiting to hold its own again), without reconnecting; so do
+  deliveries whose partition was lost after they were handed out and before
+  their call (:meth:`~walex.workers.base.Lane.gone`): never called.
 - A message that is not a walex event is a failure under the error policy;
   one published with other partitions than this worker's is a
   :class:`~walex.errors.ConfigError` (the worker stops).
@@ -41,18 +44,13 @@ from ..errors import ConfigError, DecodeError, HandlerError
 from ..event import Event
 from ..observe.workers import WorkerStats
 from ..transactions import Transaction
-from .base import Consumer, Delivery, Lane
+from .base import CallCut, Consumer, Delivery, Lane
 from .gate import Gate
 from .lease import _CURRENT, Lease
 
 __all__ = ["CallCut", "Calls"]
 
 log = logging.getLogger("walex.workers")
-
-
-class CallCut(Exception):
-    """A call cut off by :meth:`~walex.workers.base.Lane.cut`: its messages were given back
-    and the lane goes on."""
 
 
 class Calls:
@@ -219,6 +217,13 @@ class Calls:
         lease = Lease(lane.partition, events[-1].id, redelivered, last.attempt, last.sequence, lane)
         if lane.revoked.is_set():
             raise Unavailable(f"partition {lane.partition}: {lane.reason}")
+        gone = lane.gone() if lane.alone else None
+        if gone is not None:  # the partition alone was lost since they were handed out
+            self.fenced += 1
+            log.warning("worker %r: partition %d lost (%s) before the call with events %s..%s: "
+                        "not called, nothing acknowledged; the worker goes on with its other "
+                        "partitions", self.name, lane.partition, gone, events[0].id, events[-1].id)
+            raise CallCut(gone)
         # The call runs in the lane's own task (no task of its own per call): revoke()
         # cancels that task, only while lane.call names it, i.e. within the await below
         # (it is called from other tasks and callbacks, so the cancellation lands there).
@@ -236,7 +241,7 @@ class Calls:
             lane.call = lane.lease = None
             _CURRENT.reset(token)
         if lease.cut or lane.revoked.is_set():
-            cut, revoked = bool(lease.cut), lane.revoked.is_set()
+            cut, revoked = lease.cancelled, lane.revoked.is_set()
             # Lane.cut() and revoke() each cancelled this task once, during the call: those
             # requests are taken back, and the call's own outcome does not count; the
             # worker's own cancellation (stop) goes on
@@ -252,6 +257,7 @@ class Calls:
                             "%s..%s: cut off, nothing acknowledged; the worker goes on with its "
                             "other partitions", self.name, lane.partition, lease.cut,
                             events[0].id, events[-1].id)
+                await self._thread_done(lane.partition)
                 raise CallCut(lease.cut)
             log.warning("worker %r: partition %d lost (%s) during the call with events %s..%s: "
                         "cut off, nothing acknowledged", self.name, lane.partition, lane.reason,
@@ -267,6 +273,21 @@ class Calls:
                 lease.cut = ("this worker cut the call off (stopping or reconnecting): the "
                              "broker hands the partition to another worker")
             raise failure
+
+    async def _thread_done(self, partition: int) -> None:
+        """After a call cut off alone: a plain handler of it may still run on the handler
+        thread (it cannot be cancelled); the lane gives the partition up only once it
+        returned, so no other worker handles the partition while it runs (a Kafka worker
+        whose call outlives its revoke limit ends the process instead:
+        :mod:`walex.workers.kafkasession`)."""
+        idle = asyncio.ensure_future(self.dispatcher.workers.idle())
+        done, _ = await asyncio.wait({idle}, timeout=0.05)
+        if not done:
+            log.warning("worker %r: a plain handler call cut off for partition %d still runs "
+                        "on its thread; the partition is given up once it returns (check "
+                        "walex.workers.current_lease() in the handler to return sooner)",
+                        self.name, partition)
+        await idle
 
     async def _dispatch(self, partition: int, groups: list[list[Event]]) -> None:
         """Call the handlers with each transaction of ``groups``, in order; with several,

@@ -39,7 +39,14 @@ given next (its records come again, with the same ``event.id``). A plain
 handler runs on a thread and cannot be cancelled: as with the other
 sources, its lease says lost (``current_lease().check()`` raises
 :class:`~walex.workers.LeaseLost`: call it before the effect, or keep the
-lease's fencing token with it) and the worker does not wait for it. A
+lease's fencing token with it), and the worker lets the partitions go only
+once it returned. A call that still runs when the second wait ends (a plain
+handler blocking its thread, an async one that catches ``CancelledError``
+or blocks the event loop) ends the worker process, with a CRITICAL log
+naming the partitions and the fix and the exit code
+:data:`~walex.workers.kafkasession.STUCK_EXIT` (70): nothing else can stop
+it, and the group would hand its partitions to another worker while it
+runs. A
 worker that was killed leaves its partitions to the group after
 ``session.timeout.ms``; the records it had handled and not committed are
 handled again, with the same ``event.id``.
@@ -50,7 +57,13 @@ stops answering without closing its connections is an error too. A broker
 error (librdkafka reconnects by itself) makes the worker ask the
 brokers for metadata each second until they answer: none for ``timeout``
 seconds and the worker reconnects, as for the other sources (a warning,
-``/healthz`` ``reconnecting`` until they are back).
+``/healthz`` ``reconnecting`` until they are back). An error the client hands
+over as a record of a topic or partition (the topic does not exist or was
+deleted, the broker refuses the read, records it cannot decompress: error 76
+UNSUPPORTED_COMPRESSION_TYPE) keeps that partition from being read while it
+lasts: one WARNING names the topic, partition, error and fix, and
+``/healthz`` answers 503 ``stalled`` with it, until the partition is assigned
+again or its records come (an INFO says so).
 
 A worker that learns it lost partitions without giving them up (it missed
 its session: the group gave them away already) cancels the call in hand, as
@@ -115,6 +128,20 @@ class KafkaLane(Lane):
         self.consumer = consumer
         self.holding: TP | None = None  # the partition of the records handed out, until settled
         self.last: Delivery | None = None  # the last of them
+        self.stalls = consumer.stalls  # the consumer's stalls when they were handed out
+
+    def stale(self) -> str | None:
+        """The consumer thread stalled (the process frozen?) since the records in hand were
+        handed out, or is stalled now, for most of the group's session timeout: the group
+        may have given their partition to another worker already."""
+        c = self.consumer
+        if c.stalls != self.stalls:
+            return c.stall_reason
+        gap = time.monotonic() - c.ticked
+        if gap > c.stale_after and c.thread is not None:
+            return (f"the Kafka consumer has not run for {gap:.1f}s (the process frozen?): the "
+                    "group may have given the partition to another worker (session.timeout.ms)")
+        return None
 
     def cut_partitions(self, keys: set[TP], reason: str) -> None:
         """Partitions that go to another worker: the call in hand is cut off if it holds one
@@ -131,6 +158,7 @@ class KafkaLane(Lane):
             if taken:
                 # the lease of the call (walex.workers.current_lease) names its Kafka partition
                 self.holding, self.last = taken[0].handle[0], taken[-1]
+                self.stalls = c.stalls
                 self.partition = self.holding[1]
                 return taken
             left = deadline - time.monotonic()
@@ -188,6 +216,16 @@ class KafkaConsumer(KafkaSession, Consumer):
         # cancelled and waited for as long again, so it ends before they can move
         poll = float(settings.get("max.poll.interval.ms", 300_000)) / 1000
         self.revoke_limit = max(0.5, min(60.0, poll / 3))
+        # the group gives a member's partitions away after session.timeout.ms without its
+        # heartbeats: a consumer thread stalled (the process frozen) for most of it may have
+        # lost them unknowingly. Heartbeats go every heartbeat.interval.ms, so one stalled
+        # for less than the session less an interval kept them
+        session = float(settings.get("session.timeout.ms", 45_000)) / 1000
+        heartbeat = float(settings.get("heartbeat.interval.ms", 3_000)) / 1000
+        self.stale_after = max(0.5, min(0.75 * session, session - heartbeat - 0.5))
+        self.ticked = time.monotonic()  # the consumer thread's last turn
+        self.stalls = 0  # stalls the consumer thread saw (each cuts the call in hand)
+        self.stall_reason = ""
         self.client: Any = None
         self.ready = asyncio.Event()
         self.lock = threading.Condition()
@@ -210,6 +248,9 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.failed: Exception | None = None
         self.closing = False
         self.last_error: str | None = None
+        # topic or partition errors the client handed over as records, not cleared yet:
+        # (code, text, since when)
+        self.partition_errors: dict[TP, tuple[int, str, float]] = {}
         self.auth_error: str | None = None
         self.trouble_since: float | None = None  # the client's first error not yet cleared
         self.next_probe = 0.0
@@ -305,6 +346,7 @@ class KafkaConsumer(KafkaSession, Consumer):
             self.client = None
             raise
         self.trouble_since = None  # the brokers answered
+        self.ticked = time.monotonic()
         self.thread = threading.Thread(target=self._serve, args=(client, token, self.stopping),
                                        daemon=True,
                                        name=f"walex-kafka-{self.group}")
@@ -368,6 +410,10 @@ class KafkaConsumer(KafkaSession, Consumer):
         self.client = None
         self.lane = None
 
+
+    def trouble(self) -> str | None:
+        """A topic or partition the client reports an error for (not read meanwhile)."""
+        return self.partition_trouble()
 
     def info(self) -> dict[str, Any]:
         return {"url": self.display, "group": self.group, "topics": self.subscription}

@@ -13,7 +13,11 @@ released, commits what the loop settled as handled (``done``), and on a
 rebalance waits for the call in hand, commits it and drops the rest; a call of
 the partitions that go (lost, or not returned in time) is cut off through the
 lane (``cut_partitions``, :meth:`walex.workers.base.Lane.cut`): that call alone,
-nothing of it committed, and the worker goes on with its other partitions. It
+nothing of it committed, and the worker goes on with its other partitions. A
+call that still runs ``revoke_limit`` after it was cancelled (a handler that
+ignores the cancellation or blocks its thread) ends the process
+(:data:`STUCK_EXIT`, a CRITICAL log naming the partitions and the fix): the
+partitions are never handed to another worker while it runs. It
 imports nothing of :mod:`walex.workers.kafka`; the consumer provides the
 attributes annotated on the class.
 """
@@ -22,17 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import threading
 import time
 from collections import deque
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from ..destinations.base import Unavailable
 from ..destinations.kafka import AUTHENTICATION
 
-__all__ = ["TP", "KafkaSession"]
+__all__ = ["STUCK_EXIT", "TP", "KafkaSession"]
 
 log = logging.getLogger("walex.workers")
 
@@ -40,6 +46,9 @@ _BATCH = 500  # records taken from the client at once
 _COMMIT_EVERY = 0.5  # seconds between commits of what was handled
 
 TP = tuple[str, int]
+# the exit code of a worker process whose handler call outlived its cancellation while its
+# partitions were to go to another worker (KafkaSession._stuck)
+STUCK_EXIT = 70
 
 
 class KafkaSession:
@@ -53,6 +62,10 @@ class KafkaSession:
     subscription: str
     timeout: float
     revoke_limit: float
+    stale_after: float
+    ticked: float
+    stalls: int
+    stall_reason: str
     lock: threading.Condition
     session: object
     ready: asyncio.Event
@@ -69,6 +82,7 @@ class KafkaSession:
     failed: Exception | None
     closing: bool
     last_error: str | None
+    partition_errors: dict[TP, tuple[int, str, float]]
     auth_error: str | None
     trouble_since: float | None
     next_probe: float
@@ -111,7 +125,9 @@ class KafkaSession:
                              on_revoke=lambda c, p: self._give_up(c, p, True, token),
                              on_lost=lambda c, p: self._give_up(c, p, False, token))
             last_commit = time.monotonic()
+            next_look = 0.0
             while not stopping.is_set():
+                self._tick(token)
                 self._seek(client, token)
                 messages = client.consume(_BATCH, 0.2)
                 self._receive(messages, token)
@@ -121,6 +137,9 @@ class KafkaSession:
                 if self.trouble_since is not None and self.failed is None and \
                         self.session is token:
                     self._probe(client, token)
+                if self.partition_errors and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + 2.0
+                    self._look_again(client, token)
         except Exception as exc:
             log.error("worker source %s: the Kafka consumer stopped: %s", self.display,
                       self.destination.describe(exc))
@@ -137,6 +156,27 @@ class KafkaSession:
                 except Exception as exc:
                     log.debug("closing the Kafka consumer: %s", self.destination.describe(exc))
 
+    def _tick(self, token: object) -> None:
+        """A turn of the consumer thread: after one stalled for most of the session timeout
+        (the process frozen: no heartbeat went out either), the call in hand is cut off and
+        the leases of records handed out before say lost (``KafkaLane.stale``), before the
+        turn counts, as the group may have given their partitions away meanwhile."""
+        now = time.monotonic()
+        gap = now - self.ticked
+        if gap > self.stale_after and self.session is token:
+            with self.lock:
+                keys = set(self.assigned)
+            reason = (f"the Kafka consumer did not run for {gap:.1f}s (the process frozen?), "
+                      f"most of session.timeout.ms: the group may have given the partitions "
+                      "to another worker")
+            self.stall_reason = reason
+            self.stalls += 1
+            if keys and any(self.busy.get(k) for k in keys):
+                log.warning("worker group %r: %s; the call in hand is cut off (its lease says "
+                            "lost, nothing of it is committed)", self.group, reason)
+                self._cut(self.lane, self.loop, keys, reason)
+        self.ticked = now
+
     def _probe(self, client: Any, token: object) -> None:
         """After an error of the client (it reconnects by itself, silently): do the brokers
         answer? None for ``timeout`` seconds is a lost connection, as for the other sources:
@@ -148,7 +188,8 @@ class KafkaSession:
             return
         self.next_probe = now + 1.0
         try:
-            client.list_topics(timeout=max(1.0, min(self.timeout, 5.0)))
+            # within half the stall limit: a wait this long is no sign of a frozen process
+            client.list_topics(timeout=max(0.5, min(self.timeout, 5.0, self.stale_after / 2)))
         except KafkaException as exc:
             if now - since >= self.timeout:
                 detail = self.last_error or self.destination.describe(exc)
@@ -165,21 +206,94 @@ class KafkaSession:
         with self.lock:
             if self.session is not token:
                 return
+            errors = self.partition_errors
             for m in messages:
                 err = m.error()
                 if err is not None:
                     self.last_error = self.url.scrub(str(err.str()))
                     if err.fatal():
                         self.failed = Unavailable(f"the Kafka consumer failed: {self.last_error}")
-                    log.debug("worker source %s: %s", self.display, self.last_error)
+                    if err.code() == KafkaError._PARTITION_EOF:  # informational only
+                        log.debug("worker source %s: %s", self.display, self.last_error)
+                    else:
+                        self._partition_error(m, err)
                     continue
                 tp = (m.topic(), m.partition())
+                if errors:
+                    self._cleared(tp[0], tp[1], "records of it are read again")
                 if tp not in self.assigned or tp in self.rewind:
                     continue  # revoked meanwhile, or to be read again
                 self.buffers.setdefault(tp, deque()).append(m)
                 added = True
         if added or self.failed is not None:
             self._wake()
+
+    def _partition_error(self, message: Any, err: Any) -> None:
+        """A topic's or partition's error the client handed over as a record (under the
+        lock): a WARNING naming it and the fix, once until it clears, and ``trouble()``
+        (``/healthz`` 503 ``stalled``) meanwhile: the partition is not read while it
+        lasts (before, a DEBUG line and a silent stall)."""
+        topic, partition = message.topic() or "?", message.partition()
+        code = err.code()
+        if partition is None or (code in _MISSING and topic.startswith("^")) or \
+                "Subscribed topic not available" in (self.last_error or ""):
+            partition = -1  # the topic's (or the pattern's: no topic matches it) as a whole
+        key = (topic, partition)
+        known = self.partition_errors.get(key)
+        self.partition_errors[key] = (code, self.last_error or "",
+                                      known[2] if known is not None and known[0] == code
+                                      else time.monotonic())
+        if known is not None and known[0] == code:
+            log.debug("worker source %s: %s", self.display, self.last_error)
+            return
+        log.warning("worker group %r: the Kafka consumer reports %s for %s: %s; it reads "
+                    "nothing of it until this clears: %s", self.group, err.name(),
+                    _where(key), self.last_error, _fix(code))
+
+    def _cleared(self, topic: str, partition: int, why: str) -> None:
+        """The errors of a topic's partition (and of the topic as a whole) are over (under
+        the lock)."""
+        for key in [k for k in self.partition_errors
+                    if k[1] in (partition, -1) and _names_topic(k[0], topic)]:
+            code, _text, _since = self.partition_errors.pop(key)
+            log.info("worker group %r: %s is consumed again (%s): the error %s is over",
+                     self.group, _where(key), why, KafkaError(code).name())
+
+    def _look_again(self, client: Any, token: object) -> None:
+        """A topic or partition reported missing: cleared once the brokers list it again (an
+        error of the moment, e.g. before the topic was made, may be the last word the
+        client gave of a partition that has no record to send since)."""
+        with self.lock:
+            if self.session is not token:
+                return
+            missing = [k for k, (code, _t, _s) in self.partition_errors.items() if code in _MISSING]
+        wait = max(0.5, min(self.timeout, 2.0, self.stale_after / 2))
+        for name in sorted({k[0] for k in missing}):
+            try:  # a pattern subscription's: all topics, for one that matches
+                found = client.list_topics(None if name.startswith("^") else name, timeout=wait)
+            except KafkaException:
+                return
+            for topic, meta in found.topics.items():
+                if meta.error is not None or not _names_topic(name, topic):
+                    continue
+                with self.lock:
+                    if self.session is not token:
+                        return
+                    for key in missing:
+                        if key[0] == name and (key[1] < 0 or key[1] in meta.partitions):
+                            self._cleared(topic, key[1], "the brokers list it again")
+
+    def partition_trouble(self) -> str | None:
+        """The oldest topic or partition error not cleared, as ``/healthz`` says it."""
+        with self.lock:
+            if not self.partition_errors:
+                return None
+            key, (code, text, since) = min(self.partition_errors.items(),
+                                           key=lambda item: item[1][2])
+            more = len(self.partition_errors) - 1
+        return (f"the Kafka consumer reports {KafkaError(code).name()} for {_where(key)} "
+                f"for {time.monotonic() - since:.0f}s ({text}){f' and {more} more' if more else ''}"
+                f": {_fix(code)}")
 
     def _seek(self, client: Any, token: object) -> None:
         with self.lock:
@@ -260,6 +374,8 @@ class KafkaSession:
                 return  # the client of an earlier session: its records are not read
             for tp in partitions:
                 key = (tp.topic, tp.partition)
+                if self.partition_errors:
+                    self._cleared(tp.topic, tp.partition, "assigned")
                 self.assigned.add(key)
                 self.buffers[key] = deque()
                 self.busy[key] = 0
@@ -303,17 +419,20 @@ class KafkaSession:
                     limit = time.monotonic() + self.revoke_limit
                     continue
                 if left <= 0:
-                    log.error("worker group %r: a handler call still runs for %s after it was "
-                              "cancelled; the partitions are given up without it (its records "
-                              "are handled again)", self.group, sorted(keys))
                     break
                 self.lock.wait(min(left, 1.0))
+                self.ticked = time.monotonic()  # waiting on the group's side: not stalled
+            stuck = self.session is token and not self.closing and \
+                any(self.busy.get(k) for k in keys)
+        if stuck:
+            self._stuck(client, keys, partitions, commit, token)
         if commit:
             self._commit(client, keys, wait=True, token=token)
         with self.lock:
             if self.session is not token:
                 return
             for key in keys:
+                self.partition_errors.pop(key, None)  # another worker's now
                 self.assigned.discard(key)
                 self.buffers.pop(key, None)
                 self.busy.pop(key, None)
@@ -323,6 +442,33 @@ class KafkaSession:
                 self.rewind.pop(key, None)
         log.info("worker group %r: %s %s", self.group, "released" if commit else "lost",
                  _names(partitions))
+
+    def _stuck(self, client: Any, keys: set[TP], partitions: list[Any], commit: bool,
+               token: object) -> None:
+        """A call of partitions that go to another worker outlived its cancellation (a handler
+        that ignores it, or blocks its thread): letting them go would have two workers handle
+        them at once, and nothing ends the call, so the process ends, before the group can
+        give them away (it waits ``max.poll.interval.ms``; this is at two thirds of it). What
+        was handled is committed first; the call's records are handled again elsewhere."""
+        log.critical(
+            "worker group %r: a handler call for %s still runs %gs after it was cancelled, and "
+            "its partitions must go to another worker (%s): the worker process exits (code %d) "
+            "so that no two workers handle them at once; its records are handled again by the "
+            "group. Fix the handler: let it end on cancellation (do not catch CancelledError, "
+            "do not block the event loop; a plain handler on its thread should return once "
+            "walex.workers.current_lease() says lost), or raise max.poll.interval.ms if calls "
+            "are this slow", self.group, _names(partitions), self.revoke_limit,
+            "revoked" if commit else "lost", STUCK_EXIT)
+        try:
+            self._commit(client, keys, wait=True, token=token)
+        except Exception as exc:
+            log.debug("committing before exiting: %s", self.destination.describe(exc))
+        for handler in (*logging.getLogger().handlers, *log.handlers):
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        os._exit(STUCK_EXIT)
 
     def _cut(self, lane: Any, loop: asyncio.AbstractEventLoop | None, keys: set[TP],
              reason: str) -> bool:
@@ -335,6 +481,43 @@ class KafkaSession:
         except RuntimeError:  # the loop is closed: no call runs
             return False
         return True
+
+
+def _names_topic(name: str, topic: str) -> bool:
+    """Whether ``name`` (a topic, or a pattern subscription: ``^...``) takes ``topic``."""
+    if name == topic:
+        return True
+    if not name.startswith("^"):
+        return False
+    try:
+        return re.match(name, topic) is not None
+    except re.error:
+        return False
+
+
+def _where(key: TP) -> str:
+    return f"topic {key[0]!r}" if key[1] < 0 else f"{key[0]}[{key[1]}]"
+
+
+_MISSING = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
+            KafkaError._UNKNOWN_PARTITION)
+
+
+def _fix(code: int) -> str:
+    """What to do about a topic's or partition's consumer error."""
+    if code in _MISSING:
+        return ("the topic or partition does not exist (deleted, or not created yet): check the "
+                "topic in the source URL against the relay's, and create the topic "
+                "(kafka-topics.sh --create) or have the broker create it as the relay first "
+                "publishes (auto.create.topics.enable)")
+    if code in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED):
+        return ("the worker's user may not read it: grant it Read and Describe on the topic and "
+                "Read on the consumer group")
+    if code in (KafkaError.UNSUPPORTED_COMPRESSION_TYPE, KafkaError._BAD_COMPRESSION):
+        return ("its records are compressed with a codec this worker's client or the broker "
+                "cannot read: have the relay use a compression.type both support (zstd needs "
+                "brokers 2.1+), or upgrade the broker")
+    return "check the broker's log for this topic and partition, and the worker's permissions"
 
 
 def _names(partitions: list[Any]) -> str:

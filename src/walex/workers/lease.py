@@ -10,6 +10,9 @@ worker already handles the same messages, and newer ones. So:
   (JetStream: before the server's ``ack_wait`` runs out without a confirmed
   progress report, see :mod:`walex.workers.nats`; RabbitMQ: when the
   connection or channel is closed), and does not acknowledge its messages;
+  a lease says lost too as soon as the worker may have lost the partition
+  without being told yet (a Kafka worker whose process was frozen for most
+  of the group's session timeout: ``Lane.stale()``);
   a call the worker cuts off itself (``stop()`` past ``shutdown_grace``, a
   reconnect) has its lease lost too, as its messages go back to the broker;
 - during a call, :func:`current_lease` returns its :class:`Lease`: ``lost``
@@ -52,11 +55,25 @@ class Lease:
     sequence: int | None = None  # JetStream: the message's stream sequence
     lane: Any = field(default=None, repr=False)  # the worker's lane of the partition
     cut: str = field(default="", repr=False)  # why this call alone lost it (Lane.cut), if it did
+    cancelled: bool = field(default=False, repr=False)  # Lane.cut cancelled the call's task
 
     @property
     def lost(self) -> bool:
-        """Whether this worker knows it no longer holds the partition."""
-        return bool(self.cut) or (self.lane is not None and self.lane.revoked.is_set())
+        """Whether this worker knows it no longer holds the partition (or may not: a lane
+        that was stalled longer than the broker waits for it, ``Lane.stale()``; once said
+        lost, a lease stays lost and the call's messages go back)."""
+        if self.cut:
+            return True
+        lane = self.lane
+        if lane is None:
+            return False
+        if lane.revoked.is_set():
+            return True
+        stale = lane.stale()
+        if stale is not None:
+            self.cut = stale
+            return True
+        return False
 
     @property
     def reason(self) -> str:

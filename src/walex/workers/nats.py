@@ -88,6 +88,7 @@ from ..destinations.base import DestinationURL, Unavailable
 from ..errors import ConfigError
 from .base import Consumer, Lane, close_quietly, partition_filter
 from .natsbatch import BatchLane
+from .natsbox import guard_pongs
 from .natsdirect import Inboxes
 from .natslane import NatsLane
 from .natslease import Leases, bucket_name, open_bucket, reraise_cancel
@@ -151,6 +152,7 @@ class NatsConsumer(Consumer):
     async def open(self) -> list[Lane]:
         try:
             await self.destination.open()  # connects; the stream must exist
+            guard_pongs(self.destination.nc)  # a late PONG must not end its read loop
             js = self.destination.js
             await self.verify()
             self.lanes = []

@@ -11,7 +11,7 @@ client asks. Only the worker holding the partition's lease
   duplicate sequence, a message delivered again while held, kept once); what
   arrives while a call runs is held for the next one. :meth:`BatchLane.ack`
   writes an explicit ``+ACK`` per message in one write, only while the lease
-  is valid (else the lane is revoked and nothing is acknowledged);
+  is valid (else nothing is acknowledged and the partition is given up);
   :meth:`BatchLane.release` gives messages back with ``-NAK`` (only while
   valid). Every ``ack_wait / 3`` the held messages get ``+WPI`` in one write,
   confirmed by a flush;
@@ -30,10 +30,16 @@ client asks. Only the worker holding the partition's lease
   delivery went to someone else (a former holder's request the server served
   late), so the lane gives back what it holds beyond the call in hand and
   waits for seniority again;
-- **the lease lost** (a renewal refused, or not confirmed in time): the lane is
-  revoked (:meth:`~walex.workers.base.Lane.revoke`: the call in hand is
-  cancelled, nothing acknowledged) and :meth:`receive` raises
-  :class:`~walex.destinations.base.Unavailable`, so the worker reconnects;
+- **the lease lost** (a renewal refused, or not confirmed in time, or the
+  bucket deleted): that partition alone is given up. The call in hand for it
+  is cut off (:meth:`~walex.workers.base.Lane.cut`: cancelled, nothing
+  acknowledged, its lease says lost), what the lane holds is forgotten
+  unanswered (the server delivers it again after ``ack_wait``; a ``-NAK``
+  from a worker that may no longer hold the partition could let a message out
+  twice), messages handed out and not yet in a call are not called
+  (:meth:`gone`), and the lane waits to take the lease again; the worker stays
+  connected and its other partitions' calls go on (before, the lane was
+  revoked and the whole worker reconnected, cutting every partition's work);
 - **asked to give the partition back** (more leases than its share): after the
   call in hand, the lane lets its pull request end, gives back what it holds
   (``-NAK``) and deletes the lease (:meth:`~walex.workers.natslease.Leases.release`).
@@ -61,7 +67,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from ..destinations.base import Unavailable
-from .base import Delivery
+from .base import CallCut, Delivery
 from .natsbox import BoxLane, is_status
 from .natsdirect import Raw
 from .natslease import reraise_cancel
@@ -95,6 +101,7 @@ class BatchLane(BoxLane):
     """One partition's messages in batches, while this worker holds its lease."""
 
     check_every = 0.25  # seconds between CONSUMER.INFO requests while taking a partition
+    alone = True  # a lost lease gives up this partition alone (gone())
 
     def __init__(self, partition: int, consumer: Any, psub: Any, ack_wait: float,
                  prefetch: int, durable: str) -> None:
@@ -114,6 +121,8 @@ class BatchLane(BoxLane):
         self.requested = 0  # messages it may still bring
         self._keeper_task: asyncio.Task[None] | None = None
         self.gaps = 0  # deliveries seen to go elsewhere after seniority (for the curious)
+        self.lost: str | None = None  # why the lease of what was handed out last was lost
+        self.losses = 0  # leases lost (the partition given up alone)
 
     # -- lease events (from Leases) ------------------------------------------
 
@@ -124,8 +133,35 @@ class BatchLane(BoxLane):
         self.shedding = True
 
     def lose(self, reason: str) -> None:
+        """The lease is lost: this partition alone is given up (see the module's doc)."""
+        self.losses += 1
+        self.lost = reason
         self.state = IDLE
-        self.revoke(reason)
+        self.shedding = False
+        self.next_dseq = None
+        self._forget()
+        self.cut(reason)  # the call in hand, if any: cancelled, nothing acknowledged
+
+    def gone(self) -> str | None:
+        if self.lost is None and self.leases is not None and not self.leases.valid(self.partition):
+            # its validity ran out and the timer that says so has not run yet
+            self.lose("its lease ended (not renewed in time)")
+        return self.lost
+
+    def _forget(self) -> None:
+        """Drop, unanswered, what the lane holds and what came for its requests: the
+        server delivers them again after ``ack_wait`` (the partition may be another's)."""
+        self.mine.clear()
+        self.given.clear()
+        self.box.clear()
+        self.requested = 0
+        self.request_until = 0.0
+        sub = getattr(self.psub, "_sub", None)
+        queue = getattr(sub, "_pending_queue", None)
+        while queue is not None and not queue.empty():
+            msg = queue.get_nowait()
+            sub._pending_size -= len(msg.data)
+            queue.task_done()
 
     # -- receiving -----------------------------------------------------------
 
@@ -146,6 +182,7 @@ class BatchLane(BoxLane):
                     pass
                 return []
             self.granted.clear()
+            self._forget()  # what came for an earlier lease's requests
             self._begin()
         if self.shedding:
             await self._give_up()
@@ -189,6 +226,7 @@ class BatchLane(BoxLane):
         mine, given = self.mine, self.given
         fresh = sorted(mine) if not given else sorted(s for s in mine if s not in given)
         given.update(fresh)
+        self.lost = None  # handed out under the lease held now
         out = []
         append = out.append
         for sseq in fresh:
@@ -312,6 +350,8 @@ class BatchLane(BoxLane):
         js = self.consumer.destination.js
         info = await js.consumer_info(self.consumer.stream, self.durable,
                                       timeout=max(min(self.ack_wait / 3, 5.0), 0.5))
+        if self.state != SENIOR:  # the lease was lost meanwhile
+            return
         self._take()
         upto = info.delivered.consumer_seq if info.delivered is not None else 0
         pending = info.num_ack_pending or 0
@@ -380,10 +420,19 @@ class BatchLane(BoxLane):
             self.leases.valid(self.partition)
 
     async def ack(self, deliveries: list[Delivery]) -> None:
-        if not self._holding():
-            if not self.revoked.is_set():
-                self.revoke("the partition's lease ended before the acknowledgement")
+        if self.revoked.is_set():
             raise Unavailable(f"partition {self.partition}: {self.reason}; nothing acknowledged")
+        if self.gone() is not None:
+            # the partition alone is lost: nothing acknowledged, the lane goes on
+            for delivery in deliveries:
+                self.given.discard(delivery.sequence)  # type: ignore[arg-type]
+                self.mine.pop(delivery.sequence, None)  # type: ignore[arg-type]
+            reason = self.lost
+            log.warning("partition %d: %s; the handled messages %s..%s were not acknowledged "
+                        "(they are delivered again)", self.partition, reason,
+                        deliveries[0].sequence if deliveries else "-",
+                        deliveries[-1].sequence if deliveries else "-")
+            raise CallCut(f"partition {self.partition}: {reason}; nothing acknowledged")
         msgs = []
         append = msgs.append
         given, pop = self.given, self.mine.pop

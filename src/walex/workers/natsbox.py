@@ -18,7 +18,7 @@ from typing import Any
 from .base import Lane
 from .natsdirect import Inboxes, Raw
 
-__all__ = ["BoxLane", "is_status"]
+__all__ = ["BoxLane", "guard_pongs", "is_status"]
 
 
 class BoxLane(Lane):
@@ -106,3 +106,32 @@ def is_status(msg: Any) -> bool:
     """A JetStream status message (no messages, request expired, heartbeat), not a message."""
     return not msg.data and bool(msg.header) and "Status" in msg.header
 
+
+def guard_pongs(nc: Any) -> None:
+    """Keep ``nc``'s read loop alive past a PONG whose flush gave up.
+
+    nats-py resolves the oldest waiting PONG future per PONG; a ``flush`` that
+    timed out cancelled its future but left it in line, so when that PONG comes
+    after all (a path that held the bytes back, then let them through),
+    ``set_result`` raises InvalidStateError in the read loop, which ends it: the
+    connection still says connected and never reads again (every request, lease
+    round and fetch then times out). The future in line for the PONG is still
+    the one taken, in order (a later flush is never confirmed by an earlier
+    PONG); a cancelled one is only skipped. A client without these internals is
+    left as it is."""
+    original = getattr(nc, "_process_pong", None)
+    if original is None or not isinstance(getattr(nc, "_pongs", None), list) or \
+            getattr(original, "_walex_guarded", False):
+        return
+
+    async def process_pong() -> None:
+        pongs = nc._pongs
+        if pongs and pongs[0].done():  # its flush gave up: nothing to tell it
+            pongs.pop(0)
+            nc._pongs_received += 1
+            nc._pings_outstanding = 0
+            return
+        await original()
+
+    process_pong._walex_guarded = True  # type: ignore[attr-defined]
+    nc._process_pong = process_pong
