@@ -88,12 +88,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaException, Producer
 
 from ..errors import ConfigError, DestinationError
 from ..event import EventType
 from . import kflights, krecords
 from .base import Destination, DestinationURL, Outgoing, Template, Unavailable
+from .kafkaconf import (AUTHENTICATION, FIXED, GAPLESS, NO_TOPIC, NOT_ALLOWED, OWN, OWN_TIMEOUTS,
+                        PERMANENT, RETRIES, TOO_LARGE, client_settings, validate)
 from .krecords import CONTENT_TYPE
 
 __all__ = ["CONTENT_TYPE", "KafkaDestination", "client_settings", "validate", "AUTHENTICATION",
@@ -107,75 +109,6 @@ _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees it
 _FLUSH_AT = 256  # records left unconfirmed in a publish from which its thread flushes the rest
 _FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's reports on the loop
 _LONGEST_PAUSE = 0.002  # ... and the longest
-OWN = ("topic", "tombstones", "timeout", "ce_headers")  # walex's parameters; the others are librdkafka's
-_FIXED = frozenset({"bootstrap.servers", "enable.idempotence", "acks", "request.required.acks"})
-_GAPLESS = "enable.gapless.guarantee"  # walex's: groups ahead rely on it (see the docstring)
-_OWN_TIMEOUTS = frozenset({"message.timeout.ms", "delivery.timeout.ms"})  # walex's timeout= instead
-# a record given up after a number of retries is no permanent error: gapless would not stop the
-# later records of its partition from being stored past it (order per key): walex's timeout= instead
-_RETRIES = frozenset({"retries", "message.send.max.retries"})
-
-# delivery errors retrying cannot cure: the batch goes to on_error
-PERMANENT = frozenset(getattr(KafkaError, name) for name in (
-    "MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD", "INVALID_MSG_SIZE",
-    "TOPIC_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED", "_UNKNOWN_TOPIC",
-    "UNKNOWN_TOPIC_OR_PART", "TOPIC_EXCEPTION", "_INVALID_ARG", "POLICY_VIOLATION",
-    "INVALID_REQUIRED_ACKS",
-) if hasattr(KafkaError, name))
-_TOO_LARGE = frozenset(getattr(KafkaError, n) for n in (
-    "MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_MSG_SIZE") if hasattr(KafkaError, n))
-_NO_TOPIC = frozenset({KafkaError._UNKNOWN_TOPIC, KafkaError.UNKNOWN_TOPIC_OR_PART})
-_NOT_ALLOWED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                          KafkaError.CLUSTER_AUTHORIZATION_FAILED})
-AUTHENTICATION = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
-
-
-class _Quiet:
-    """librdkafka's log lines at debug level: what matters is raised, with the URL's secrets out."""
-
-    def __init__(self, url: DestinationURL) -> None:
-        self.url = url
-
-    def log(self, level: int, fmt: str, *args: Any) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("librdkafka: %s", self.url.scrub(fmt % args if args else fmt))
-
-
-def client_settings(url: DestinationURL, what: str, keep: tuple[str, ...] = (),
-                    fixed: frozenset[str] = _FIXED) -> dict[str, Any]:
-    """The librdkafka settings a URL gives: its hosts, SASL user and the parameters left
-    (but ``keep``); a setting of ``fixed`` is walex's own, an error naming it."""
-    servers = url.servers or "127.0.0.1:9092"
-    settings: dict[str, Any] = {"bootstrap.servers": servers, "logger": _Quiet(url)}
-    if url.username is not None:
-        settings["sasl.username"] = url.username
-        settings["sasl.password"] = url.password or ""
-    for name in list(url.params):
-        if name in keep:
-            continue
-        if name in fixed:
-            raise ConfigError(f"{what} {url.display}: {name} is set by walex (the URL's hosts, an "
-                              "idempotent producer with acks=all reporting failed records, "
-                              "records given up by walex's timeout=, the worker's group and "
-                              "offsets); remove it")
-        settings[name] = url.params.pop(name)
-    return settings
-
-
-def validate(client: Any, settings: dict[str, Any], what: str, url: DestinationURL) -> None:
-    """Let librdkafka check the settings now (a client without brokers connects nowhere):
-    a misspelt or invalid setting is a :class:`~walex.errors.ConfigError` when the URL is given."""
-    offline = {k: v for k, v in settings.items() if k != "bootstrap.servers"}
-    try:
-        made = client(offline)
-    except (KafkaException, ValueError, TypeError) as exc:
-        raise ConfigError(f"{what} {url.display}: the Kafka client refused its settings: "
-                          f"{url.scrub(str(exc.args[0].str() if isinstance(exc, KafkaException) else exc))}"
-                          ) from None
-    if hasattr(made, "close"):
-        made.close()
-
-
 class KafkaDestination(Destination):
     scheme = "kafka"
     extra = "kafka"
@@ -188,8 +121,8 @@ class KafkaDestination(Destination):
         self.ce_headers = url.take_bool("ce_headers", True)
         self.timeout = url.take_float("timeout", 30.0, minimum=0.1)
         self.settings = client_settings(url, "destination",
-                                        fixed=_FIXED | _OWN_TIMEOUTS | _RETRIES
-                                        | {"delivery.report.only.error", _GAPLESS})
+                                        fixed=FIXED | OWN_TIMEOUTS | RETRIES
+                                        | {"delivery.report.only.error", GAPLESS})
         self.settings.setdefault("partitioner", "murmur2_random")
         # librdkafka's own copy of what is in flight: one publish (a group, or one batch);
         # its default of 1 GiB is no bound (a full queue makes produce() wait for reports).
@@ -215,7 +148,7 @@ class KafkaDestination(Destination):
             "delivery.report.only.error": True,
             # a record refused for good stops the producer (a fatal error) instead of letting
             # the later records of its partition be stored past it (see the docstring)
-            _GAPLESS: True,
+            GAPLESS: True,
         })
         validate(Producer, self.settings, "destination", url)
         self.producer: Any = None
@@ -583,18 +516,18 @@ class KafkaDestination(Destination):
 
     def fix(self, topic: str, code: int) -> str:
         """What makes the broker take such a record (a refusal's fix)."""
-        if code in _TOO_LARGE:
+        if code in TOO_LARGE:
             limit = self.settings.get("message.max.bytes", 1_000_000)
             return (f"the record is over the producer's message.max.bytes ({limit}; a URL "
                     "parameter) or the broker's limit (message.max.bytes, or the topic's "
                     f"max.message.bytes: kafka-configs.sh --alter --entity-type topics "
                     f"--entity-name {topic} --add-config max.message.bytes=BYTES): raise them, "
                     "or keep such rows out of the destination")
-        if code in _NO_TOPIC:
+        if code in NO_TOPIC:
             return (f"create topic {topic!r} on the broker (kafka-topics.sh --create --topic "
                     f"{topic}), or turn the broker's auto.create.topics.enable on (a topic "
                     "template makes one topic per table: create each)")
-        if code in _NOT_ALLOWED:
+        if code in NOT_ALLOWED:
             user = self.url.username or "the URL's user"
             if user in self.url.secrets:  # a password that is the user name too
                 user = "the URL's user"
