@@ -24,6 +24,7 @@ from support import run, until
 from test_backfill import table_rows
 from walex import UNCHANGED_TOAST, Event, Events, EventType, WalEx
 from walex.errors import ReplicationError
+from walex.lsn import parse_lsn
 from walex.pgoutput.messages import Commit, LogicalMessage
 from walex.backfill import chunks as backfill_chunks
 from walex.backfill.store import Store
@@ -37,6 +38,7 @@ class Delivered:
         self.rows: dict[str, dict[int, dict[str, Any]]] = {"item": {}, "marker": {}}
         self.reads: dict[int, set[str]] = {}
         self.ids: list[str] = []  # every event's id, in the order handled
+        self.lsns: list[int] = []  # every event's commit LSN (a read's: its high watermark's)
         self.held, self.go = threading.Event(), threading.Event()
         self.hold: Any = None  # which call to hold: a test of the events, once
         self.events = Events()
@@ -49,6 +51,7 @@ class Delivered:
             self.go.wait(30)
         for e in events:
             self.ids.append(e.id)
+            self.lsns.append(parse_lsn(e.lsn))
             rows = self.rows[e.name]
             if e.type in (EventType.READ, EventType.INSERT, EventType.UPDATE):
                 rows[e.new_record["id"]] = e.new_record
@@ -230,9 +233,9 @@ def test_a_high_watermark_cut_off_before_its_commit_counts_only_when_it_comes_ag
     assert job.state == "done"
     assert not early, f"backfill() returned before rows {early} were handled"
     _every_row(admin, got)
-    handled = [i for i in got.ids if i]
-    late = [(a, b) for a, b in zip(handled, handled[1:]) if b < a]
-    assert not late, f"event ids going back in stream order: {late[:3]}"
+    # read ids are not positions (a row read again keeps its id): their lsn is
+    late = [(a, b) for a, b in zip(got.lsns, got.lsns[1:]) if b < a]
+    assert not late, f"event positions going back in stream order: {late[:3]}"
 
 
 
@@ -526,5 +529,100 @@ def test_a_session_that_starts_past_the_high_watermark_reads_the_chunk_again(
         job = run(scenario(), timeout=120)
     finally:
         blocker.close()
+    assert job.state == "done"
+    _every_row(admin, got)
+
+
+def _lose_the_lock_to_another_instance(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture, name: str,
+    move_the_slot: bool,
+) -> tuple[Any, Delivered]:
+    """``standby=True``: the first read call of the backfill is held, more reads queued;
+    the standby lock's connection is terminated and another connection (the other
+    instance) takes the lock at once. The instance abandons its queue; its backfill must
+    stop (not wait for its dropped reads for ever) and say so. With ``move_the_slot`` the
+    other instance moves the slot past the chunks' watermarks (as it does when it streams
+    without this job's window) before it gives the lock back; then the lock is free again
+    and the instance takes it back: the job must end done with every row delivered."""
+    import hashlib
+
+    _schema(admin, 200)
+    got = Delivered()
+    got.hold = lambda events: any(e.type is EventType.READ for e in events)
+    slot = f"{name}_slot"
+    key = int.from_bytes(hashlib.sha256(f"walex standby {slot}".encode()).digest()[:8], "big",
+                         signed=True)
+    other = psycopg.connect(dsn, autocommit=True)
+
+    async def scenario() -> Any:
+        app = WalEx(dsn, publication="pub", modules=[got.events], name=name,
+                    durable_slot=True, slot_name=slot, standby=True,
+                    status_interval=0.2, batch_size=10, backfill_chunk_size=50)
+        await app.start()
+        backfills = app.pipeline.backfill
+        try:
+            job = asyncio.ensure_future(app.backfill("item"))
+            await until(got.held.is_set, "the first read call")
+            await until(lambda: app.pipeline.queue.qsize() >= 3, "the chunk's reads queued")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                          "locktype = 'advisory' AND granted AND database = "
+                          "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            await asyncio.to_thread(other.execute, "SELECT pg_advisory_lock(%s)", (key,))
+            await until(lambda: app.pipeline.abandoning, "the instance abandoning", timeout=15)
+            got.go.set()
+            if not move_the_slot:
+                # the instance stands by; its backfill stops instead of waiting for the reads
+                # it dropped (on main it waited for ever, warning every minute)
+                await until(lambda: backfills.current is None and backfills.window is None,
+                            "the backfill of the instance that lost its lock to stop", 30)
+                assert ("lost its standby lock: its backfill of public.item stops here"
+                        in caplog.text)
+                assert app.pipeline.abandoning and not job.done()
+            await until(lambda: admin.execute(
+                "SELECT active_pid IS NULL FROM pg_replication_slots WHERE slot_name = %s",
+                (slot,)).fetchone()[0], "the slot free", 20)
+            if move_the_slot:
+                admin.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
+                              (slot,))
+            other.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            done = await asyncio.wait_for(job, 60)
+            await _caught_up(admin, got)
+            return done
+        finally:
+            got.go.set()
+            await app.stop()
+
+    caplog.set_level("WARNING", logger="walex.backfill")
+    try:
+        job = run(scenario(), timeout=120)
+    finally:
+        other.close()
+    return job, got
+
+
+def test_a_backfill_stops_when_its_instance_loses_the_standby_lock_to_another(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The backfill task of an instance that lost its standby lock to another instance
+    stops its job with a clear message (on main it waited for its dropped reads' watermark
+    to be acknowledged, for ever while the other instance held the slot); once the lock is
+    free again and taken back, the job resumes from the store and ends done, every row
+    delivered, each under one id."""
+    job, got = _lose_the_lock_to_another_instance(dsn, admin, caplog, "bf_lost",
+                                                  move_the_slot=False)
+    assert job.state == "done"
+    _every_row(admin, got)
+
+
+def test_chunks_whose_reads_the_other_instance_never_delivered_are_not_marked_done(
+    dsn: str, admin: psycopg.Connection, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The other instance moved the slot past the watermarks of the chunks whose reads
+    this one dropped, then gave the lock back. The new session starts past them: on main
+    the first chunk was marked done once that position counted as acknowledged, and its
+    dropped rows were never delivered by anybody. A chunk is done only once its reads
+    were delivered: the job reads them again."""
+    job, got = _lose_the_lock_to_another_instance(dsn, admin, caplog, "bf_moved",
+                                                  move_the_slot=True)
     assert job.state == "done"
     _every_row(admin, got)

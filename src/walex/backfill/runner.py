@@ -43,7 +43,7 @@ from ..relations import Table
 from ..transactions import Transaction
 from .conditions import check_condition, estimate
 from .store import Job, Store
-from .watermarks import PREFIX, Outcome, Window, parse, payload
+from .watermarks import PREFIX, Outcome, ReadIds, Window, parse, payload
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -94,6 +94,7 @@ class Backfills:
         self.store_known = True
         self._progressed = False  # a chunk was completed since the last interruption
         self._high_session = 0  # the session whose stream showed the last high watermark
+        self._discards = 0  # Pipeline.discards when the jobs began: a change means a lost lock
 
     @property
     def store(self) -> Store:
@@ -244,13 +245,23 @@ class Backfills:
             while True:
                 self.wake.clear()
                 try:
+                    await self._held()
                     async with await self._connect() as conn:
                         jobs = await self.store.jobs(conn)
                         if jobs:
                             await self.store.ensure(conn)  # a store of an earlier walex
+                        await self._finished_elsewhere(conn, jobs)
                         for job in jobs:
                             await self._run(conn, job)
                             failures = 0
+                except _LockLost as lost:
+                    log.warning(
+                        "walex %r lost its standby lock: its backfill of %s stops here, after "
+                        "%s rows (%d chunks) marked done; the chunks read since are read again "
+                        "(same event ids for unchanged rows) by the instance that holds the "
+                        "slot, this one once it holds it again", self.pipeline.settings.name,
+                        lost.job.qualified, f"{lost.job.rows_done:,}", lost.job.chunks_done)
+                    continue
                 except (psycopg.OperationalError, ReplicationError) as exc:
                     if self._progressed:  # the job went on since the last interruption
                         self._progressed, failures = False, 0
@@ -273,6 +284,32 @@ class Backfills:
                             f"backfill of {'.'.join(key)} finished; it resumes at the next start"
                         ))
             self._waiters.clear()
+
+    async def _held(self) -> None:
+        """Return once this instance handles its slot's changes (``standby=True``: it holds
+        the standby lock); until then it reads nothing, leaving the jobs to the instance
+        that holds the lock. Jobs started from here stop when the lock is lost again."""
+        pipeline = self.pipeline
+        while pipeline.abandoning:
+            await asyncio.sleep(0.1)
+        self._discards = pipeline.discards
+
+    def _check_held(self, job: Job) -> None:
+        """Raise :class:`_LockLost` once the pipeline dropped its queue since the job began
+        (the standby lock lost, :func:`walex.standby.abandon`): the reads it emitted may
+        be gone, and the slot may be moved past their watermarks by another instance, so
+        no chunk of it may be marked done from here on."""
+        if self.pipeline.discards != self._discards or self.pipeline.abandoning:
+            raise _LockLost(job)
+
+    async def _finished_elsewhere(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> None:
+        """Answer the requests of jobs no longer pending here (another instance ended them
+        while this one stood by)."""
+        left = {(job.schema, job.table) for job in jobs}
+        for key in [k for k in self._waiters if k not in left]:
+            job = await self.store.job(conn, *key)
+            if job is not None and job.finished:
+                self._finished(job)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         """A connection for the backfill: every exchange within ``backfill_query_timeout``.
@@ -327,8 +364,12 @@ class Backfills:
             if not resumed:
                 job.last_key, job.rows_done, job.chunks_done = None, 0, 0
             estimated = await estimate(conn, target, job.condition)
+            if job.id_lsn is None:  # the job's first start: its read ids begin here
+                cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+                job.id_lsn = (await cur.fetchone() or ("0/0",))[0]
             if not await store.update(
-                conn, job, if_state=job.state, state="running", chunk_key=target.key,
+                conn, job, if_state=job.state, state="running", id_lsn=job.id_lsn,
+                chunk_key=target.key,
                 key_signature=target.key_signature, rows_estimated=estimated,
                 started_at=job.started_at if resumed and job.started_at else _now(),
                 last_key=job.last_key, rows_done=job.rows_done, chunks_done=job.chunks_done,
@@ -371,7 +412,8 @@ class Backfills:
         # next one is read)
         limit = Limit(s.backfill_chunk_size, max(1, s.max_pending_bytes // 4))
         run = secrets.token_hex(8)
-        window = self.window = Window(s.name, run, target, s.batch_size)
+        ids = ReadIds(s.name, job.schema, job.table, parse_lsn(job.id_lsn or "0/0"))
+        window = self.window = Window(s.name, run, target, s.batch_size, ids)
         await self._settle(conn, job)
         after = job.last_key
         pending: tuple[int, list[str] | None, int] | None = None  # emitted, not yet known handled
@@ -381,6 +423,7 @@ class Backfills:
         seq = redone = stuck = 0
         exhausted = False  # every row in key order was read: only rows to read again are left
         while True:
+            self._check_held(job)
             if await store.state(conn, job) not in ("pending", "running"):  # cancelled
                 raise _Cancelled
             seq += 1
@@ -495,6 +538,7 @@ class Backfills:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(1.0, delay * 2)
+            self._check_held(job)
             if await self.store.state(conn, job) not in ("pending", "running"):  # cancelled
                 self.waiting_for = []
                 raise _Cancelled
@@ -521,6 +565,7 @@ class Backfills:
             done, _ = await asyncio.wait([future], timeout=0.05)
             if done:
                 return future.result()
+            self._check_held(job)
             if len(self.pipeline.gaps) != gaps or self.pipeline.ack.flushed > high:
                 window = self.window
                 if window is not None:  # a high watermark seen from now on emits nothing
@@ -538,7 +583,12 @@ class Backfills:
         end_lsn, last_key, rows = pending
         ack, window = self.pipeline.ack, self.window
         while ack.flushed < end_lsn:
+            self._check_held(job)
             await asyncio.sleep(0.005)
+        # acknowledged past the chunk's high watermark: by this instance's handlers, unless
+        # the lock was lost meanwhile (the queue holding the reads dropped) and another
+        # instance moved the slot on, without these reads
+        self._check_held(job)
         job.rows_done += rows
         await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
                                 chunks_done=job.chunks_done + 1, rate=progress.rate)
@@ -569,6 +619,14 @@ def _now() -> datetime:
 
 class _Cancelled(Exception):
     """The job was cancelled: it stops here."""
+
+
+class _LockLost(Exception):
+    """The standby lock was lost while the job ran: it stops here, unfinished."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.qualified)
+        self.job = job
 
 
 def _key_text(columns: list[str] | None, signature: str | None) -> str:

@@ -12,7 +12,11 @@ it; ``walex status`` shows it. A row is a request and its progress:
   and collations, which decide their order) changed meanwhile;
 - ``rows_done`` (read events delivered, each row once) of about
   ``rows_estimated`` (the planner's estimate when the backfill started),
-  ``chunks_done``, ``rate`` (rows per second of the current run).
+  ``chunks_done``, ``rate`` (rows per second of the current run);
+- ``id_lsn``: the server's WAL position when the job first started, kept
+  until it is requested anew: with the job's table it makes the read event
+  ids of the job (see :mod:`.watermarks`), so a restarted job gives a row it
+  reads again the id it had.
 
 The table is created, or brought up to date from an earlier walex, under an
 advisory lock, so apps asking at the same moment do not race.
@@ -64,6 +68,7 @@ CREATE TABLE IF NOT EXISTS {store} (
     finished_at timestamptz,
     error text,
     key_signature text,
+    id_lsn pg_lsn,
     PRIMARY KEY (app, table_schema, table_name)
 )
 """
@@ -76,20 +81,22 @@ ON CONFLICT (app, table_schema, table_name) DO UPDATE
 SET condition = excluded.condition, state = 'pending', chunk_key = excluded.chunk_key,
     last_key = NULL, rows_done = 0, rows_estimated = NULL, chunks_done = 0, rate = NULL,
     requested_at = now(), started_at = NULL, updated_at = now(), finished_at = NULL, error = NULL,
-    key_signature = NULL
+    key_signature = NULL, id_lsn = NULL
 WHERE s.state IN ('done', 'failed', 'cancelled') OR %(restart)s
 RETURNING state
 """
 
-# key_signature read through to_jsonb: a store made by an earlier walex has no such column
+# key_signature and id_lsn read through to_jsonb: a store made by an earlier walex has no
+# such columns
 _FIELDS = """app, table_schema, table_name, condition, state, chunk_key, last_key, rows_done,
        rows_estimated, chunks_done, rate, requested_at, started_at, updated_at, finished_at, error,
-       to_jsonb(s) ->> 'key_signature'"""
+       to_jsonb(s) ->> 'key_signature', to_jsonb(s) ->> 'id_lsn'"""
 SELECT_ALL = "SELECT " + _FIELDS + " FROM {store} s "
 
-# a store made by an earlier walex: the key signature, the state 'cancelled'
+# a store made by an earlier walex: the key signature, the read ids' LSN, the state 'cancelled'
 _UPGRADE = [
     "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS key_signature text",
+    "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS id_lsn pg_lsn",
     "ALTER TABLE {store} DROP CONSTRAINT IF EXISTS {check}",
     "ALTER TABLE {store} ADD CONSTRAINT {check} CHECK (state IN ('pending', 'running', 'done', "
     "'failed', 'cancelled'))",
@@ -117,6 +124,7 @@ class Job(Record):
     finished_at: datetime | None
     error: str | None
     key_signature: str | None = None  # the key's types and collations when it was last read
+    id_lsn: str | None = None  # where the job first started: its read ids begin with it
 
     @property
     def qualified(self) -> str:
@@ -165,8 +173,9 @@ class Store:
                                    (f"walex.backfill:{self.regclass()}",))
                 await conn.execute(_q(CREATE, self.option))
                 cur = await conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                    "AND attname = 'key_signature' AND NOT attisdropped)", (self.regclass(),))
+                    "SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                    "AND attname IN ('key_signature', 'id_lsn') AND NOT attisdropped",
+                    (self.regclass(),))
                 row = await cur.fetchone()
                 if not (row and row[0]):
                     check = sql.Identifier(f"{self.option.rpartition('.')[2]}_state_check"[:63])

@@ -68,11 +68,13 @@ class Target:
 
     def chunk_query(self, where: str | None, after: bool, at: bool = False) -> sql.Composed:
         """``SELECT`` of the next rows in key order, after a key given as text (with
-        ``at``: from that key on, itself included).
+        ``at``: from that key on, itself included); the columns, then the row version's
+        ``xmin`` (the transaction that wrote it: part of the read event's id).
 
         Run it with the key's text forms (none for the first chunk) and the row
         limit as parameters: the extended protocol, one statement only."""
-        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
+        cols = sql.SQL(", ").join([*(sql.Identifier(c.name) for c in self.columns),
+                                   sql.SQL("xmin")])
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
         conditions: list[sql.Composable] = []
         if after:

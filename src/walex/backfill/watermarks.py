@@ -43,14 +43,29 @@ ids, go out again just before it. A high watermark whose transaction was cut
 off by a reconnect before its commit came counts only when it comes again
 (the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
-Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
-in the chunk, 7 hex digits>``: never equal to a streamed id (whose second part
-has 8 hex digits and no ``R``) and increasing in commit order with them.
+Read event ids are ``<the job's id LSN, 16 hex digits>-R<24 hex digits>``
+(:func:`read_id`): the id LSN is where the job first started (kept in the
+progress store until the table is requested anew, :mod:`.store`), the 24 digits
+a digest of the app, the table, that LSN, the row's key (text forms) and its
+version, the ``xmin`` of the tuple read (the transaction that wrote it). A
+row read again by the same job, in a later chunk or after a restart (a lost
+connection, a crash, a standby that took over), therefore carries the same
+id as long as it did not change: consumers drop it as a duplicate. A row
+that changed in between is another version (another ``xmin``) with other
+values: it gets another id, as a streamed change would, and is not dropped
+as a duplicate of the older copy. A new request of the table is a new job (a
+new id LSN): its reads are not duplicates of the previous job's. Read ids
+never equal a streamed id (whose second part has 8 hex digits and no ``R``);
+unlike streamed ids they are not in commit order (a reread must keep its
+id), and their first part is not the commit LSN of the read (``event.lsn``
+is: the high watermark's), but it is an LSN no later than the snapshot the
+row was read in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,7 +80,7 @@ if TYPE_CHECKING:
     from .chunks import Bound, Chunk
     from .target import Target
 
-__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
+__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome", "ReadIds"]
 
 PREFIX = "walex.backfill"
 
@@ -83,6 +98,24 @@ def parse(content: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
+
+
+class ReadIds:
+    """The ids of one job's read events (see the module docstring)."""
+
+    __slots__ = ("prefix", "_base")
+
+    def __init__(self, app: str, schema: str, table: str, id_lsn: int) -> None:
+        self.prefix = f"{id_lsn:016X}-R"
+        seed = "\0".join((app, schema, table, str(id_lsn), ""))
+        self._base = hashlib.blake2b(seed.encode("utf-8", "surrogateescape"), digest_size=12)
+
+    def __call__(self, key: tuple[str, ...], version: str) -> str:
+        """The id of the row of key ``key`` (text forms; PostgreSQL text holds no NUL, so
+        NUL separates them unambiguously) at version ``version`` (its ``xmin``)."""
+        h = self._base.copy()
+        h.update("\0".join((str(len(key)), *key, version)).encode("utf-8", "surrogateescape"))
+        return self.prefix + h.hexdigest().upper()
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -126,8 +159,10 @@ class _Changes(Record):
 class Window:
     """The stream side of one backfill job (one table), chunk after chunk."""
 
-    def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
+    def __init__(self, app: str, run: str, target: Target, batch_size: int,
+                 ids: ReadIds) -> None:
         self.app = app
+        self.ids = ids
         self.run = run
         self.schema, self.name = target.schema, target.name
         self.key = target.key
@@ -272,23 +307,27 @@ class Window:
             drop |= before.by_xid.get(xid, set())
             partial |= before.partial.get(xid, set())
         commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
-        lsn, prefix = format_lsn(commit_lsn), f"{commit_lsn:016X}-R"
-        events = chunk.events
+        lsn = format_lsn(commit_lsn)
+        read = chunk.events
+        kept: range | list[int] = range(len(read))
         if drop:
             key = self.key
             kept = []
-            for index, event in enumerate(events):
+            for index, event in enumerate(read):
                 value = canonical(tuple(event.new_record[k] for k in key))  # type: ignore[index]
                 if value not in drop:
-                    kept.append(event)
+                    kept.append(index)
                 elif value in partial:  # its handlers lack a column: read it again
                     result.again.append(chunk.bound(index))
-            result.dropped = len(events) - len(kept)
-            events = kept
-        for index, event in enumerate(events):
+            result.dropped = len(read) - len(kept)
+        ids, bound, versions = self.ids, chunk.bound, chunk.versions
+        events = []
+        for index in kept:
+            event = read[index]
             event.timestamp = commit_time
             event.lsn = lsn
-            event.id = f"{prefix}{index:07X}"
+            event.id = ids(bound(index)[1], versions[index])
+            events.append(event)
         result.emitted = len(events)
         self.sent[commit_lsn] = (self.generation, events, txn.end_lsn)
         if not outcome.done():
