@@ -10,7 +10,9 @@ format and are typed by a psycopg ``Transformer`` over the app's adapters
 and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
 insert of the same row would give. A value that cannot be typed raises the
-same :class:`~walex.errors.DecodeError` a streamed row would.
+same :class:`~walex.errors.DecodeError` a streamed row would. Each row's
+``xmin`` (the transaction that wrote its version) is read with it, for its
+event id (:class:`.watermarks.ReadIds`).
 
 A chunk can also re-read rows of earlier chunks, in the same snapshot: rows
 the watermark logic left to the stream although the stream's change did not

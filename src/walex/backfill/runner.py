@@ -21,6 +21,14 @@ with backoff (reset once a chunk was completed since), resuming at the last
 chunk marked done; a query not answered within ``backfill_query_timeout`` (a
 network gone silent, a chunk read slower than that) counts as a lost connection. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
 ``walex backfill --cancel``) stops before its next chunk.
+
+With ``standby=True`` only the instance that holds the standby lock runs jobs.
+When it loses the lock (the pipeline drops its queue: :func:`walex.standby.abandon`)
+the job stops at once, with a warning, and marks nothing more done: the reads it
+emitted may have gone with the queue, and the instance that takes the slot
+moves it past their watermarks without them. The instance that holds the lock
+next (another, or this one again) carries the job on from its last chunk marked
+done; the rows read again come under the ids they had (:mod:`.watermarks`).
 """
 
 from __future__ import annotations
@@ -133,7 +141,6 @@ class Backfills:
             # the session that showed the high watermark ended before its commit came: this
             # batch is one the next session sends again, and it sends the mark again too
             window.high_seen = False
-        window.generation = self.pipeline.discards  # queues dropped so far: see Window.sent
         reads = window.observe(txn)
         if reads:
             put = self.pipeline.queue.put

@@ -35,11 +35,14 @@ A chunk is *redone* (read again, nothing emitted) when a change to the table
 in its window cannot be tied to a key (a TRUNCATE, a key column missing from
 the old row) or when the stream did not show its low watermark (a reconnect).
 
-A chunk's reads are kept until the runner marked the chunk done: when the
-pipeline dropped its queue meanwhile (:meth:`~walex.pipeline.Pipeline.discard_unhandled`,
-a standby lock lost: :attr:`Window.generation` counts those), the slot sends
-the high watermark's transaction again, and the same reads, with the same
-ids, go out again just before it. A high watermark whose transaction was cut
+A durable slot's reconnect keeps the pipeline's queue and sends again what
+was not acknowledged, the high watermark of a chunk whose reads are queued
+included: :attr:`Window.sent` knows it, and its reads do not go out twice.
+When the pipeline drops its queue (a standby lock lost:
+:meth:`~walex.pipeline.Pipeline.discard_unhandled`) the runner stops the job
+and the window goes with it: a later run reads again every chunk not marked
+done (same ids for unchanged rows), whether or not the slot still holds its
+watermarks (another instance may have moved it past them). A high watermark whose transaction was cut
 off by a reconnect before its commit came counts only when it comes again
 (the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
@@ -174,11 +177,9 @@ class Window:
         self.outcome: asyncio.Future[Outcome] | None = None
         self._before = _Changes()  # since the previous high watermark, up to the low one
         self._after = _Changes()  # since the low watermark
-        # the pipeline's count of dropped queues (Pipeline.discards), set by Backfills.batch
-        self.generation = 0
-        # the reads of chunks emitted and not yet marked done, by their high watermark's
-        # commit LSN: (generation when emitted, read events, the high watermark's end)
-        self.sent: dict[int, tuple[int, list[Any], int]] = {}
+        # the chunks emitted and not yet marked done: their high watermark's commit LSN ->
+        # its end
+        self.sent: dict[int, int] = {}
 
     # -- the backfill task's side -----------------------------------------
 
@@ -200,7 +201,7 @@ class Window:
 
     def forget(self, end_lsn: int) -> None:
         """The chunk whose high watermark ends at ``end_lsn`` was marked done."""
-        for commit_lsn, (_, _, end) in list(self.sent.items()):
+        for commit_lsn, end in list(self.sent.items()):
             if end <= end_lsn:
                 del self.sent[commit_lsn]
 
@@ -224,12 +225,8 @@ class Window:
 
     def observe(self, txn: Transaction) -> list[Transaction] | None:
         """Record the keys a transaction batch changed; at the high watermark, the reads."""
-        if self.sent and (sent := self.sent.get(txn.commit_lsn)) is not None:
-            if sent[0] == self.generation:  # the queue that holds its reads was kept
-                return None
-            # its reads were dropped with the queue: they go out again, as they were
-            self.sent[txn.commit_lsn] = (self.generation, sent[1], sent[2])
-            return self._batches(txn, sent[1])
+        if self.sent and txn.commit_lsn in self.sent:
+            return None  # sent again by a reconnect: its reads are queued already
         if self.high_seen:
             return self._emit(txn)
         changes = self._after if self.low_seen else self._before
@@ -329,7 +326,7 @@ class Window:
             event.id = ids(bound(index)[1], versions[index])
             events.append(event)
         result.emitted = len(events)
-        self.sent[commit_lsn] = (self.generation, events, txn.end_lsn)
+        self.sent[commit_lsn] = txn.end_lsn
         if not outcome.done():
             outcome.set_result(result)
         return self._batches(txn, events)
