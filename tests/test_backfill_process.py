@@ -150,8 +150,19 @@ def test_rows_read_again_after_a_sigkill_carry_the_ids_they_had(
     assert second.returncode == 0, out
 
     with sqlite3.connect(log) as db:
+        handled = db.execute("SELECT pk, id FROM log ORDER BY rowid").fetchall()
         ids = {run: dict(db.execute("SELECT pk, id FROM log WHERE run = ?", (run,)).fetchall())
                for run in (1, 2)}
+    # ids increase in the order handled, across the restart but for the copies (the rows
+    # read again under their ids come first, in their order): a consumer that drops every
+    # id not above the highest it saw drops only copies, and gets every row
+    highest, kept = "", {}
+    for pk, rid in handled:
+        if rid > highest:
+            highest, kept[pk] = rid, rid
+        else:
+            assert ids[1].get(pk) == rid, f"row {pk} under {rid}, below {highest}, not a copy"
+    assert set(kept) == set(range(1, 3001))
     assert set(ids[1]) | set(ids[2]) == set(range(1, 3001))  # every row, none lost
     twice = sorted(set(ids[1]) & set(ids[2]))
     assert set(again) <= set(twice)

@@ -426,6 +426,7 @@ class Pipeline:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
         self.discards += 1
+        self.backfill.discarded(self.ack.flushed)
         self.queued_upto = self.replayed_upto = 0  # what was dropped must come again
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.reached_ahead = 0

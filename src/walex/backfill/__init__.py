@@ -34,14 +34,9 @@ Contract:
   a chunk's events were handled: a backfill stopped or killed resumes after
   its last completed chunk (at-least-once: the chunks handled since the last
   mark may be delivered again, never skipped), and ``walex status`` shows it.
-- Read event ids, ``<LSN where the job began>-R<digest of the table, the
-  row's key and its version (xmin)>``, never collide with streamed ids. A chunk
-  delivered again after a crash (or a standby lock lost) is read anew: a row
-  that did not change meanwhile comes under the id it had (a consumer drops
-  it as a duplicate), a changed one under a new id, with its current values.
-  A new request of the table is a new job, with new ids. Read events carry
-  the high watermark's commit LSN and time (``event.lsn``, ``timestamp``), but
-  unlike streamed ids their ids do not increase in commit order.
+- Read event ids, ``<commit LSN of the chunk's high watermark>-R<index>``,
+  never collide with streamed ids. A chunk delivered again after a crash is
+  read anew, so its events carry new ids and current values.
 - Needs PostgreSQL 14+ (pgoutput's ``messages`` option, turned on for every
   stream; a ``message_middleware`` therefore also sees
   :class:`~walex.pgoutput.messages.LogicalMessage` s).

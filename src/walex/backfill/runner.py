@@ -51,7 +51,9 @@ from ..relations import Table
 from ..transactions import Transaction
 from .conditions import check_condition, estimate
 from .store import Job, Store
-from .watermarks import PREFIX, Outcome, ReadIds, Window, parse, payload
+from .replay import GATE_TIMEOUT, Gate, replay_reads
+from .store import ReadIds, decode_ids
+from .watermarks import PREFIX, Outcome, Window, parse, payload
 
 if TYPE_CHECKING:
     from ..pipeline import Pipeline
@@ -87,7 +89,7 @@ class Backfills:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.window: Window | None = None  # set while a job runs: the reader feeds it
+        self.window: Window | Gate | None = None  # set while a job runs: the reader feeds it
         self.current: Job | None = None
         self.wake = asyncio.Event()
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
@@ -103,6 +105,10 @@ class Backfills:
         self._progressed = False  # a chunk was completed since the last interruption
         self._high_session = 0  # the session whose stream showed the last high watermark
         self._discards = 0  # Pipeline.discards when the jobs began: a change means a lost lock
+        self._ids = ReadIds({})  # the current job's ids of reads not marked done
+        self._gate_warned = False
+        self._loss_flushed: int | None = None  # see discarded()
+        self._pending: tuple[int, list[str] | None, int] | None = None  # emitted, not marked
 
     @property
     def store(self) -> Store:
@@ -137,12 +143,26 @@ class Backfills:
         window = self.window
         if window is None:
             return
+        if isinstance(window, Gate):  # the task is looking for reads to replay
+            if not await window.wait() and not self._gate_warned:
+                self._gate_warned = True
+                log.warning("walex %r: the backfill task did not tell within %.0fs what to "
+                            "replay; the stream goes on (rows of unfinished chunks are read "
+                            "again under new ids)", self.pipeline.settings.name, GATE_TIMEOUT)
+            window = self.window
+            if window is None or isinstance(window, Gate):
+                return
         if window.high_seen and self._high_session != self.pipeline.sessions:
             # the session that showed the high watermark ended before its commit came: this
             # batch is one the next session sends again, and it sends the mark again too
             window.high_seen = False
         reads = window.observe(txn)
         if reads:
+            persisted = window.persisted
+            if persisted is not None:  # their ids are stored first (see Window.persisted)
+                await asyncio.wait([persisted])
+                if persisted.cancelled() or persisted.exception() is not None:
+                    return  # the job stopped first: a later run reads these rows again
             put = self.pipeline.queue.put
             for read in reads:
                 await put(read, counted=False)  # read batches: bounded by count only
@@ -249,6 +269,8 @@ class Backfills:
         try:
             if not self.store_known:  # no store, so no job: wait for a request (or its wake)
                 await self.wake.wait()
+            else:  # reads to replay, maybe: the stream waits until the task knows
+                self.window = Gate()
             while True:
                 self.wake.clear()
                 try:
@@ -258,6 +280,8 @@ class Backfills:
                         if jobs:
                             await self.store.ensure(conn)  # a store of an earlier walex
                         await self._finished_elsewhere(conn, jobs)
+                        if not jobs:
+                            self._install(None)
                         for job in jobs:
                             await self._run(conn, job)
                             failures = 0
@@ -268,6 +292,7 @@ class Backfills:
                         "(same event ids for unchanged rows) by the instance that holds the "
                         "slot, this one once it holds it again", self.pipeline.settings.name,
                         lost.job.qualified, f"{lost.job.rows_done:,}", lost.job.chunks_done)
+                    self.window = Gate()  # the next session may send its reads again
                     continue
                 except (psycopg.OperationalError, ReplicationError) as exc:
                     if self._progressed:  # the job went on since the last interruption
@@ -281,7 +306,7 @@ class Backfills:
                 if not jobs:
                     await self.wake.wait()
         finally:
-            self.window = None
+            self._install(None)
             self.current = None
             for key, waiters in self._waiters.items():
                 for waiter in waiters:
@@ -300,6 +325,14 @@ class Backfills:
         while pipeline.abandoning:
             await asyncio.sleep(0.1)
         self._discards = pipeline.discards
+        self._loss_flushed = None
+
+    def discarded(self, flushed: int) -> None:
+        """The pipeline dropped its queue (:meth:`~walex.pipeline.Pipeline.discard_unhandled`),
+        its handlers having finished everything up to ``flushed``: the first time since
+        the jobs began, that is what this instance handled before it lost its lock."""
+        if self._loss_flushed is None:
+            self._loss_flushed = flushed
 
     def _check_held(self, job: Job) -> None:
         """Raise :class:`_LockLost` once the pipeline dropped its queue since the job began
@@ -362,6 +395,9 @@ class Backfills:
                 await self._fail(conn, job, str(exc))
                 return
             resumed = job.last_key is not None
+            if job.chunk_key != target.key or job.key_signature not in (
+                    None, target.key_signature):
+                job.read_ids = None  # ids of the rows of another key
             if resumed and (job.chunk_key != target.key or job.key_signature not in (
                     None, target.key_signature)):
                 log.warning("walex %r: the key of %s changed (%s, now %s): its backfill starts "
@@ -371,11 +407,8 @@ class Backfills:
             if not resumed:
                 job.last_key, job.rows_done, job.chunks_done = None, 0, 0
             estimated = await estimate(conn, target, job.condition)
-            if job.id_lsn is None:  # the job's first start: its read ids begin here
-                cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
-                job.id_lsn = (await cur.fetchone() or ("0/0",))[0]
             if not await store.update(
-                conn, job, if_state=job.state, state="running", id_lsn=job.id_lsn,
+                conn, job, if_state=job.state, state="running", read_ids=job.read_ids,
                 chunk_key=target.key,
                 key_signature=target.key_signature, rows_estimated=estimated,
                 started_at=job.started_at if resumed and job.started_at else _now(),
@@ -386,6 +419,9 @@ class Backfills:
             progress.start(resumed)
             try:
                 await self._chunks(conn, job, target, table, progress)
+            except _LockLost:
+                await self._handled_before_loss(conn, job, progress)
+                raise
             except psycopg.OperationalError:
                 raise
             except (psycopg.Error, WalExError) as exc:
@@ -393,7 +429,7 @@ class Backfills:
                 await self._fail(conn, job, redact(str(exc), s.secret()))
                 return
             if not await store.update(conn, job, if_state="running", state="done",
-                                      finished_at=_now(), rate=progress.rate):
+                                      finished_at=_now(), rate=progress.rate, read_ids=None):
                 raise _Cancelled
             progress.done()
             self._finished(job)
@@ -403,8 +439,18 @@ class Backfills:
                         job.qualified, f"{job.rows_done:,}")
             self._finished(job)
         finally:
-            self.window = None
+            window = self.window
+            if window is not None and window.persisted is not None:
+                window.persisted.cancel()  # reads whose ids were not stored: never queued
+            self._install(None)
             self.current = None
+
+    def _install(self, window: Window | None) -> None:
+        """Set the window the stream feeds; a gate standing in is opened."""
+        gate = self.window
+        self.window = window
+        if isinstance(gate, Gate):
+            gate.opened.set()
 
     async def _chunks(
         self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
@@ -419,11 +465,22 @@ class Backfills:
         # next one is read)
         limit = Limit(s.backfill_chunk_size, max(1, s.max_pending_bytes // 4))
         run = secrets.token_hex(8)
-        ids = ReadIds(s.name, job.schema, job.table, parse_lsn(job.id_lsn or "0/0"))
-        window = self.window = Window(s.name, run, target, s.batch_size, ids)
+        # the ids of rows an earlier run emitted in chunks it did not mark done: the rows
+        # still as they were go out again where they went out (walex.backfill.replay)
+        gate = self.window
+        inherited = decode_ids(job.read_ids, 8 * s.backfill_chunk_size)
+        ids = self._ids = ReadIds(inherited)
+        window = Window(s.name, run, target, s.batch_size)
+        # (only at a session's start: a lost backfill connection leaves the reads queued)
+        if inherited and isinstance(gate, Gate) and not gate.expired:
+            window.replay = await replay_reads(conn, target, table, pipeline.catalog.adapters,
+                                               job.condition, job.last_key, inherited,
+                                               limit.rows, limit.bytes or 1)
+        self._install(window)
         await self._settle(conn, job)
         after = job.last_key
         pending: tuple[int, list[str] | None, int] | None = None  # emitted, not yet known handled
+        self._pending = None
         # rows to read again (their handlers lack a column), by key, in key order: each one's
         # bound and place (the chunk that first left it out, its index there)
         again: dict[tuple[str, ...], tuple[Bound, tuple[int, int]]] = {}
@@ -454,9 +511,10 @@ class Backfills:
                                 _key_text(target.key, target.key_signature))
                     after, window.key, pending, exhausted = None, target.key, None, False
                     again.clear()  # every row is read anew
+                    ids.inherited.clear()  # ids of the old key's rows
                     await store.update(conn, job, chunk_key=target.key,
                                        key_signature=target.key_signature, last_key=None,
-                                       rows_done=0, chunks_done=0)
+                                       rows_done=0, chunks_done=0, read_ids=ids.encoded())
                 continue
             exhausted = exhausted or not chunk.more  # no row after the last one read
             if not chunk.events and not chunk.untried:
@@ -474,6 +532,11 @@ class Backfills:
                     outcome.redo)
                 continue
             redone = 0
+            if outcome.ids:  # stored before the reader queues the reads
+                ids.emitted(outcome.end_lsn, outcome.ids)
+                await store.update(conn, job, read_ids=ids.encoded())
+                if window.persisted is not None and not window.persisted.done():
+                    window.persisted.set_result(None)
             self.rows_left_to_stream += outcome.dropped
             self.rows_read_again += len(chunk.events) - chunk.rows
             before = len(again)
@@ -489,7 +552,7 @@ class Backfills:
             # to read again: a restart reads that one again
             first = next((bound for bound, _ in again.values()), None)
             mark = after if first is None else None if first[0] is None else list(first[0])
-            pending = (outcome.end_lsn, mark, outcome.emitted)
+            pending = self._pending = (outcome.end_lsn, mark, outcome.emitted)
             if exhausted:
                 if not again:
                     break
@@ -596,13 +659,30 @@ class Backfills:
         # the lock was lost meanwhile (the queue holding the reads dropped) and another
         # instance moved the slot on, without these reads
         self._check_held(job)
-        job.rows_done += rows
-        await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
-                                chunks_done=job.chunks_done + 1, rate=progress.rate)
-        self._progressed = True
+        await self._mark(conn, job, pending, progress)
         if window is not None:
             window.forget(end_lsn)
+
+    async def _mark(self, conn: psycopg.AsyncConnection, job: Job,
+                    pending: tuple[int, list[str], int], progress: ProgressLog) -> None:
+        end_lsn, last_key, rows = pending
+        job.rows_done += rows
+        self._ids.done(end_lsn)
+        await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
+                                chunks_done=job.chunks_done + 1, rate=progress.rate,
+                                read_ids=self._ids.encoded())
+        self._pending = None
+        self._progressed = True
         progress.chunk()
+
+    async def _handled_before_loss(self, conn: psycopg.AsyncConnection, job: Job,
+                                   progress: ProgressLog) -> None:
+        """The lock was lost: the chunk waiting to be marked done is marked done if its
+        reads were handled here before (acknowledged up to its high watermark when the
+        queue was dropped; any later acknowledged position may be another instance's)."""
+        pending, handled = self._pending, self._loss_flushed
+        if pending is not None and handled is not None and pending[0] <= handled:
+            await self._mark(conn, job, pending, progress)
 
     async def _table(self, target: Target) -> Table:
         """The table's definition, typed with the app's catalog as a Relation message is."""

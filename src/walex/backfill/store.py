@@ -13,10 +13,10 @@ it; ``walex status`` shows it. A row is a request and its progress:
 - ``rows_done`` (read events delivered, each row once) of about
   ``rows_estimated`` (the planner's estimate when the backfill started),
   ``chunks_done``, ``rate`` (rows per second of the current run);
-- ``id_lsn``: the server's WAL position when the job first started, kept
-  until it is requested anew: with the job's table it makes the read event
-  ids of the job (see :mod:`.watermarks`), so a restarted job gives a row it
-  reads again the id it had.
+- ``read_ids``: the event ids of the rows emitted in chunks not yet marked
+  done (:class:`ReadIds`), written before those reads are queued: the next
+  run of the job gives a row it reads again, unchanged, the id it had (see
+  :mod:`.watermarks`).
 
 The table is created, or brought up to date from an earlier walex, under an
 advisory lock, so apps asking at the same moment do not race.
@@ -29,6 +29,7 @@ stream when the publication is ``FOR ALL TABLES``; walex never delivers them.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,7 +40,8 @@ from psycopg import sql
 from ..errors import ConfigError, SetupError
 from ..records import Record
 
-__all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL", "STATES"]
+__all__ = ["Job", "ReadIds", "decode_ids", "store_name", "CREATE", "REQUEST", "SELECT_ALL",
+           "STATES"]
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 
@@ -68,7 +70,7 @@ CREATE TABLE IF NOT EXISTS {store} (
     finished_at timestamptz,
     error text,
     key_signature text,
-    id_lsn pg_lsn,
+    read_ids bytea,
     PRIMARY KEY (app, table_schema, table_name)
 )
 """
@@ -81,22 +83,22 @@ ON CONFLICT (app, table_schema, table_name) DO UPDATE
 SET condition = excluded.condition, state = 'pending', chunk_key = excluded.chunk_key,
     last_key = NULL, rows_done = 0, rows_estimated = NULL, chunks_done = 0, rate = NULL,
     requested_at = now(), started_at = NULL, updated_at = now(), finished_at = NULL, error = NULL,
-    key_signature = NULL, id_lsn = NULL
+    key_signature = NULL, read_ids = NULL
 WHERE s.state IN ('done', 'failed', 'cancelled') OR %(restart)s
 RETURNING state
 """
 
-# key_signature and id_lsn read through to_jsonb: a store made by an earlier walex has no
-# such columns
+# key_signature and read_ids read through to_jsonb (bytea as its hex text form): a store
+# made by an earlier walex has no such columns
 _FIELDS = """app, table_schema, table_name, condition, state, chunk_key, last_key, rows_done,
        rows_estimated, chunks_done, rate, requested_at, started_at, updated_at, finished_at, error,
-       to_jsonb(s) ->> 'key_signature', to_jsonb(s) ->> 'id_lsn'"""
+       to_jsonb(s) ->> 'key_signature', decode(substr(to_jsonb(s) ->> 'read_ids', 3), 'hex')"""
 SELECT_ALL = "SELECT " + _FIELDS + " FROM {store} s "
 
 # a store made by an earlier walex: the key signature, the read ids' LSN, the state 'cancelled'
 _UPGRADE = [
     "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS key_signature text",
-    "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS id_lsn pg_lsn",
+    "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS read_ids bytea",
     "ALTER TABLE {store} DROP CONSTRAINT IF EXISTS {check}",
     "ALTER TABLE {store} ADD CONSTRAINT {check} CHECK (state IN ('pending', 'running', 'done', "
     "'failed', 'cancelled'))",
@@ -124,7 +126,7 @@ class Job(Record):
     finished_at: datetime | None
     error: str | None
     key_signature: str | None = None  # the key's types and collations when it was last read
-    id_lsn: str | None = None  # where the job first started: its read ids begin with it
+    read_ids: bytes | None = None  # ids of reads emitted, not marked done (ReadIds)
 
     @property
     def qualified(self) -> str:
@@ -133,6 +135,48 @@ class Job(Record):
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+
+_ENTRY = struct.Struct(">8sQI")  # version digest, high watermark's commit LSN, index
+
+
+def decode_ids(blob: bytes | None, most: int) -> dict[bytes, str]:
+    """The ids ``read_ids`` holds, by version digest: the last ``most`` of them."""
+    if not blob:
+        return {}
+    size = _ENTRY.size
+    start = max(0, len(blob) // size - most) * size
+    return {digest: f"{lsn:016X}-R{index:07X}" for digest, lsn, index
+            in _ENTRY.iter_unpack(blob[start:len(blob) - len(blob) % size])}
+
+
+class ReadIds:
+    """A job's ids of reads emitted and not marked done, as ``read_ids`` stores them: those
+    an earlier run left (``inherited``: kept for a run after this one until this run marks
+    a chunk done, or emits the same version again), then this run's, chunk by chunk."""
+
+    def __init__(self, inherited: dict[bytes, str]) -> None:
+        self.inherited = inherited
+        self.chunks: dict[int, dict[bytes, str]] = {}  # by the high watermark's end
+
+    def emitted(self, end_lsn: int, ids: dict[bytes, str]) -> None:
+        self.chunks[end_lsn] = ids
+        inherited = self.inherited
+        if inherited:
+            for digest in ids:
+                inherited.pop(digest, None)
+
+    def done(self, end_lsn: int) -> None:
+        """The chunks whose high watermarks end at or before ``end_lsn`` were marked done."""
+        for end in [e for e in self.chunks if e <= end_lsn]:
+            del self.chunks[end]
+        self.inherited.clear()  # the stream is past them: they are not replayed any more
+
+    def encoded(self) -> bytes | None:
+        pack = _ENTRY.pack
+        parts = [pack(digest, int(rid[:16], 16), int(rid[18:], 16))
+                 for ids in (self.inherited, *self.chunks.values()) for digest, rid in ids.items()]
+        return b"".join(parts) or None
 
 
 def _q(template: str, option: str) -> sql.Composed:
@@ -174,7 +218,7 @@ class Store:
                 await conn.execute(_q(CREATE, self.option))
                 cur = await conn.execute(
                     "SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                    "AND attname IN ('key_signature', 'id_lsn') AND NOT attisdropped",
+                    "AND attname IN ('key_signature', 'read_ids') AND NOT attisdropped",
                     (self.regclass(),))
                 row = await cur.fetchone()
                 if not (row and row[0]):

@@ -46,23 +46,29 @@ watermarks (another instance may have moved it past them). A high watermark whos
 off by a reconnect before its commit came counts only when it comes again
 (the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
-Read event ids are ``<the job's id LSN, 16 hex digits>-R<24 hex digits>``
-(:func:`read_id`): the id LSN is where the job first started (kept in the
-progress store until the table is requested anew, :mod:`.store`), the 24 digits
-a digest of the app, the table, that LSN, the row's key (text forms) and its
-version, the ``xmin`` of the tuple read (the transaction that wrote it). A
-row read again by the same job, in a later chunk or after a restart (a lost
-connection, a crash, a standby that took over), therefore carries the same
-id as long as it did not change: consumers drop it as a duplicate. A row
-that changed in between is another version (another ``xmin``) with other
-values: it gets another id, as a streamed change would, and is not dropped
-as a duplicate of the older copy. A new request of the table is a new job (a
-new id LSN): its reads are not duplicates of the previous job's. Read ids
-never equal a streamed id (whose second part has 8 hex digits and no ``R``);
-unlike streamed ids they are not in commit order (a reread must keep its
-id), and their first part is not the commit LSN of the read (``event.lsn``
-is: the high watermark's), but it is an LSN no later than the snapshot the
-row was read in.
+Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
+in the chunk's emission, 7 hex digits>``: never equal to a streamed id (whose
+second part has 8 hex digits and no ``R``) and increasing in commit order
+with them.
+
+Reads of a chunk not marked done (the process killed, the standby lock lost)
+are *replayed* as they were, where they were: the ids of emitted chunks not
+yet marked done are kept in the progress store (:mod:`.store`), by a digest
+of each row's key (text forms) and ``xmin`` (the transaction that wrote the
+version read: :func:`version_digest`), written before those reads are queued
+(the reader waits for that: :attr:`Window.persisted`). The next run of the
+job reads the rows after the last chunk marked done again and keeps those
+still at the version emitted (:attr:`Window.replay`): identical rows. The
+slot sends again what was not acknowledged, so a chunk whose reads were not
+all handled comes with its high watermark's transaction again: the kept rows
+go out just before it, under the ids they had, in their order, as streamed
+changes are replayed (a consumer that drops ids it saw, or every id not above
+the highest it saw, drops exactly the copies). The run's own chunks leave
+those rows out (:attr:`Window.replayed`). A row that changed since is not
+replayed: the stream sends its change after that transaction, and the run's
+chunks read it anew, with a new id. When the stream does not send the high
+watermark again (it was acknowledged, or the replay was not ready in time)
+its rows are read anew too: duplicates under new ids, never a row lost.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ if TYPE_CHECKING:
     from .chunks import Bound, Chunk
     from .target import Target
 
-__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome", "ReadIds"]
+__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome", "version_digest"]
 
 PREFIX = "walex.backfill"
 
@@ -103,22 +109,11 @@ def parse(content: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-class ReadIds:
-    """The ids of one job's read events (see the module docstring)."""
-
-    __slots__ = ("prefix", "_base")
-
-    def __init__(self, app: str, schema: str, table: str, id_lsn: int) -> None:
-        self.prefix = f"{id_lsn:016X}-R"
-        seed = "\0".join((app, schema, table, str(id_lsn), ""))
-        self._base = hashlib.blake2b(seed.encode("utf-8", "surrogateescape"), digest_size=12)
-
-    def __call__(self, key: tuple[str, ...], version: str) -> str:
-        """The id of the row of key ``key`` (text forms; PostgreSQL text holds no NUL, so
-        NUL separates them unambiguously) at version ``version`` (its ``xmin``)."""
-        h = self._base.copy()
-        h.update("\0".join((str(len(key)), *key, version)).encode("utf-8", "surrogateescape"))
-        return self.prefix + h.hexdigest().upper()
+def version_digest(key: tuple[str, ...], xmin: str) -> bytes:
+    """8 bytes naming one version of a row: its key's text forms (PostgreSQL text holds no
+    NUL, so NUL separates them unambiguously) and the ``xmin`` of its tuple."""
+    return hashlib.blake2b("\0".join((*key, xmin)).encode("utf-8", "surrogateescape"),
+                           digest_size=8).digest()
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -131,6 +126,9 @@ class Outcome(Record):
     redo: str | None = None  # why the chunk must be read again
     # rows left to the stream whose streamed change lacked a column: read them again
     again: list[Bound] = field(default_factory=list)
+    # the ids of the rows emitted, by version_digest: the runner stores them, then sets
+    # Window.persisted
+    ids: dict[bytes, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -162,10 +160,15 @@ class _Changes(Record):
 class Window:
     """The stream side of one backfill job (one table), chunk after chunk."""
 
-    def __init__(self, app: str, run: str, target: Target, batch_size: int,
-                 ids: ReadIds) -> None:
+    def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
         self.app = app
-        self.ids = ids
+        # reads of an earlier run of the job to replay: by the commit LSN of the high
+        # watermark they went out with, (id, version_digest, event) in id order
+        self.replay: dict[int, list[tuple[str, bytes, Any]]] = {}
+        self.replayed: dict[bytes, str] = {}  # version_digest -> id of the rows replayed
+        # set by the runner once the ids of the reads just emitted are stored; the reader
+        # queues them only then (cancelled: they are not queued, a later run reads them)
+        self.persisted: asyncio.Future[None] | None = None
         self.run = run
         self.schema, self.name = target.schema, target.name
         self.key = target.key
@@ -225,6 +228,8 @@ class Window:
 
     def observe(self, txn: Transaction) -> list[Transaction] | None:
         """Record the keys a transaction batch changed; at the high watermark, the reads."""
+        if self.replay and (entries := self.replay.pop(txn.commit_lsn, None)) is not None:
+            return self._replay(txn, entries)
         if self.sent and txn.commit_lsn in self.sent:
             return None  # sent again by a reconnect: its reads are queued already
         if self.high_seen:
@@ -305,6 +310,7 @@ class Window:
             partial |= before.partial.get(xid, set())
         commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
         lsn = format_lsn(commit_lsn)
+        self.persisted = None
         read = chunk.events
         kept: range | list[int] = range(len(read))
         if drop:
@@ -317,18 +323,39 @@ class Window:
                 elif value in partial:  # its handlers lack a column: read it again
                     result.again.append(chunk.bound(index))
             result.dropped = len(read) - len(kept)
-        ids, bound, versions = self.ids, chunk.bound, chunk.versions
+        self.replay.clear()  # the stream is past every earlier run's watermark
+        replayed, bound, versions, ids = self.replayed, chunk.bound, chunk.versions, result.ids
+        prefix = f"{commit_lsn:016X}-R"
         events = []
         for index in kept:
+            digest = version_digest(bound(index)[1], versions[index])
+            known = replayed.get(digest) if replayed else None
+            if known is not None:  # replayed as it is: delivered (its id kept till done)
+                ids[digest] = known
+                continue
             event = read[index]
+            event.id = ids[digest] = f"{prefix}{len(events):07X}"
             event.timestamp = commit_time
             event.lsn = lsn
-            event.id = ids(bound(index)[1], versions[index])
             events.append(event)
-        result.emitted = len(events)
+        result.emitted = len(ids)
+        if events:
+            self.persisted = asyncio.get_running_loop().create_future()
         self.sent[commit_lsn] = txn.end_lsn
         if not outcome.done():
             outcome.set_result(result)
+        return self._batches(txn, events)
+
+    def _replay(self, txn: Transaction, entries: list[tuple[str, bytes, Any]]) -> list[Transaction]:
+        """An earlier run's high watermark sent again: its reads still as they were go out
+        again just before it, under their ids."""
+        lsn, commit_time, replayed = format_lsn(txn.commit_lsn), txn.commit_time, self.replayed
+        events = []
+        for rid, digest, event in entries:
+            event.id, event.lsn, event.timestamp = rid, lsn, commit_time
+            replayed[digest] = rid
+            events.append(event)
+        self.sent[txn.commit_lsn] = txn.end_lsn  # a reconnect sends it again: nothing more
         return self._batches(txn, events)
 
     def _batches(self, txn: Transaction, events: list[Any]) -> list[Transaction]:
