@@ -41,18 +41,17 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from ..errors import (
-    BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
-)
+from ..errors import ReplicationError, WalExError, redact
 from ..lookups import DeadlineConnection
 from ..lsn import parse_lsn
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
 from .conditions import check_condition, estimate
-from .store import Job, Store
 from .replay import GATE_TIMEOUT, Gate, replay_reads
-from .store import ReadIds, decode_ids
+from .requests import Requests
+from .store import Job, ReadIds, decode_ids
+from .visibility import settle
 from .watermarks import PREFIX, Outcome, Window, parse, payload
 
 if TYPE_CHECKING:
@@ -69,22 +68,7 @@ log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
 _EMIT_AT = "SELECT pg_logical_emit_message(true, %s, %s)::text"  # and where it was written
-# transactions a snapshot taken now does not show whose commit record is written: their
-# sessions wait for a synchronous standby (pg_xact_status still says "in progress")
-_SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
-_COMMITTED_INVISIBLE = (
-    "SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x "
-    f"WHERE xid(x) = ANY({_SYNC_REP})), "
-    "current_setting('synchronous_standby_names') <> '' "
-    "AND NOT pg_has_role('pg_read_all_stats', 'USAGE')"
-)
-_STILL_INVISIBLE = (
-    "SELECT array(SELECT x::text FROM unnest(%s::xid8[]) x "
-    f"WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot()) AND xid(x) = ANY({_SYNC_REP}))"
-)
-
-
-class Backfills:
+class Backfills(Requests):
     """The backfills of one app (see the module docstring)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
@@ -110,20 +94,12 @@ class Backfills:
         self._loss_flushed: int | None = None  # see discarded()
         self._pending: tuple[int, list[str] | None, int] | None = None  # emitted, not marked
 
-    @property
-    def store(self) -> Store:
-        s = self.pipeline.settings
-        return Store(s.backfill_table, s.name)
-
     # -- hooks called by the pipeline ------------------------------------
 
     @staticmethod
     def stream_options(server_version: int) -> dict[str, str]:
         """pgoutput options: logical decoding messages (the watermarks), PostgreSQL 14+."""
         return {"messages": "true"} if server_version >= 140000 else {}
-
-    def excludes(self, schema: str, table: str) -> bool:
-        return self.store.excludes(schema, table)
 
     def message(self, msg: LogicalMessage) -> None:
         """A logical decoding message of the stream, in stream order."""
@@ -166,100 +142,6 @@ class Backfills:
             put = self.pipeline.queue.put
             for read in reads:
                 await put(read, counted=False)  # read batches: bounded by count only
-
-    async def initial(self, conn: psycopg.AsyncConnection) -> None:
-        """``snapshot="initial"``: before the app's first slot is made, ask for every table."""
-        s = self.pipeline.settings
-        if s.snapshot != "initial":
-            return
-        from .target import resolve_target
-
-        preflight = self.pipeline.preflight
-        assert preflight is not None
-        targets: list[Target] = []
-        problems: list[str] = []
-        for schema, name in sorted(preflight.published):
-            if self.excludes(schema, name):
-                continue
-            try:
-                targets.append(await resolve_target(conn, s.publication, f"{schema}.{name}",
-                                                    s.subscriptions))
-            except ConfigError:
-                continue  # not subscribed
-            except SetupError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise SetupError(
-                "snapshot='initial' cannot read every subscribed table (the slot was not "
-                "created): " + " ".join(problems)
-            )
-        for target in targets:
-            await self.store.request(conn, target.schema, target.name, None, target.key, restart=True)
-        self.store_known = True
-        log.info("walex %r: initial snapshot of %s requested", s.name,
-                 ", ".join(t.qualified for t in targets) or "no table")
-
-    # -- requests ---------------------------------------------------------
-
-    async def request(self, table: str, where: str | None = None) -> Job:
-        """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
-        from .target import resolve_target
-
-        s = self.pipeline.settings
-        async with await self._connect() as conn:
-            target = await resolve_target(conn, s.publication, table, s.subscriptions)
-            await check_condition(conn, target, where)
-            key = (target.schema, target.name)
-            waiter: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(key, []).append(waiter)
-            try:
-                if not await self.store.request(conn, target.schema, target.name, where, target.key):
-                    job = await self.store.job(conn, target.schema, target.name)
-                    if job is not None and job.condition != where:
-                        raise ConfigError(
-                            f"a backfill of {target.qualified} is already under way"
-                            f"{' where ' + job.condition if job.condition else ''}; wait for it "
-                            "to finish before asking for another"
-                        )
-                    if job is not None and job.finished:
-                        self._finished(job)
-            except BaseException:
-                waiters = self._waiters.get(key, [])  # run() clears them when the app stops
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                raise
-        self.wake.set()
-        return await waiter
-
-    async def cancel(self, table: str, timeout: float = 60.0) -> Job | None:
-        """Cancel the pending or running backfill of ``table``; once a running one stopped
-        (before its next chunk; at most ``timeout`` seconds are waited for that), the job.
-        ``None`` when none was under way."""
-        async with await self._connect() as conn:
-            job = await self.store.cancel(conn, table)
-            if job is None:
-                return None
-            key = (job.schema, job.table)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (current := self.current) is not None and (current.schema, current.table) == key \
-                    and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            job = await self.store.job(conn, *key) or job
-        self._finished(job)
-        return job
-
-    def _finished(self, job: Job) -> None:
-        for waiter in self._waiters.pop((job.schema, job.table), []):
-            if waiter.done():
-                continue
-            if job.state == "done":
-                waiter.set_result(job)
-            elif job.state == "cancelled":
-                waiter.set_exception(BackfillCancelledError(
-                    f"the backfill of {job.qualified} was cancelled after {job.rows_done:,} rows"))
-            else:
-                waiter.set_exception(SetupError(f"the backfill of {job.qualified} failed: {job.error}"))
 
     # -- the task -----------------------------------------------------------
 
@@ -341,15 +223,6 @@ class Backfills:
         no chunk of it may be marked done from here on."""
         if self.pipeline.discards != self._discards or self.pipeline.abandoning:
             raise _LockLost(job)
-
-    async def _finished_elsewhere(self, conn: psycopg.AsyncConnection, jobs: list[Job]) -> None:
-        """Answer the requests of jobs no longer pending here (another instance ended them
-        while this one stood by)."""
-        left = {(job.schema, job.table) for job in jobs}
-        for key in [k for k in self._waiters if k not in left]:
-            job = await self.store.job(conn, *key)
-            if job is not None and job.finished:
-                self._finished(job)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         """A connection for the backfill: every exchange within ``backfill_query_timeout``.
@@ -569,53 +442,18 @@ class Backfills:
             await self._save(conn, job, pending, progress)
 
     async def _settle(self, conn: psycopg.AsyncConnection, job: Job) -> None:
-        """Wait until every transaction committed before the window opened is visible.
+        """Wait until every transaction committed before the window opened is visible
+        (:func:`.visibility.settle`); a job cancelled meanwhile stops."""
 
-        A commit can reach the stream before snapshots show it: its commit record is
-        flushed (so logical decoding sends it) while the committing session still waits,
-        invisible, for a synchronous standby (``synchronous_commit`` ``on`` or
-        ``remote_apply``). The window records the keys of what the stream passes from now
-        on; what it passed before is unknown to it, so no chunk may be read in a snapshot
-        that does not show it. Such a transaction is listed as running by a snapshot
-        taken now while its session waits for the standby (wait event ``SyncRep``, seen
-        in ``pg_stat_activity``; another role's sessions need ``pg_read_all_stats``). A
-        transaction of this session is committed first, so that every earlier
-        transaction id is below the snapshot's ``xmax`` (and so in its list of running
-        ones when it is not visible). The wait ends when the standby confirms, when the
-        session stops waiting (cancelled: its commit then becomes visible), or for a
-        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared. A job
-        cancelled meanwhile stops waiting.
-        """
-        await conn.execute("SELECT pg_current_xact_id()")
-        cur = await conn.execute(_COMMITTED_INVISIBLE)
-        row = await cur.fetchone()
-        waiting: list[str] = list(row[0]) if row and row[0] else []
-        if row and row[1]:
-            log.warning("walex %r: synchronous replication is on, but walex's role cannot see "
-                        "other roles' wait events: a backfill of %s may not see that a commit "
-                        "the stream already sent waits for a standby (and deliver an older read "
-                        "of its rows). Fix: GRANT pg_read_all_stats TO the role",
-                        self.pipeline.settings.name, job.qualified)
-        waited, delay, warn_at = 0.0, 0.01, 60.0
-        while waiting:
-            self.waiting_for = [int(x) for x in waiting]
-            if waited >= warn_at:
-                warn_at += 60
-                log.warning("walex %r: the backfill of %s has waited %.0fs for transaction(s) %s, "
-                            "committed but not yet visible (a synchronous standby that does not "
-                            "confirm?), to become visible", self.pipeline.settings.name,
-                            job.qualified, waited, ", ".join(waiting))
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(1.0, delay * 2)
+        async def wanted() -> bool:
             self._check_held(job)
-            if await self.store.state(conn, job) not in ("pending", "running"):  # cancelled
-                self.waiting_for = []
-                raise _Cancelled
-            cur = await conn.execute(_STILL_INVISIBLE, (waiting,))
-            row = await cur.fetchone()
-            waiting = list(row[0]) if row and row[0] else []
-        self.waiting_for = []
+            return await self.store.state(conn, job) in ("pending", "running")
+
+        def waiting(xids: list[int]) -> None:
+            self.waiting_for = xids
+
+        if not await settle(conn, self.pipeline.settings.name, job.qualified, wanted, waiting):
+            raise _Cancelled
 
     async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, high: int,
                        job: Job) -> Outcome:
