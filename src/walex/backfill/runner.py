@@ -506,9 +506,10 @@ class Backfills(Requests):
         end_lsn, last_key, rows = pending
         job.rows_done += rows
         self._ids.done(end_lsn)
+        # read_ids keeps the chunk's ids until the next chunk's are written: a run after
+        # this one reads on after last_key, and never meets its rows
         await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
-                                chunks_done=job.chunks_done + 1, rate=progress.rate,
-                                read_ids=self._ids.encoded())
+                                chunks_done=job.chunks_done + 1, rate=progress.rate)
         self._pending = None
         self._progressed = True
         progress.chunk()

@@ -137,17 +137,28 @@ class Job(Record):
         return self.state in ("done", "failed", "cancelled")
 
 
-_ENTRY = struct.Struct(">8sQI")  # version digest, high watermark's commit LSN, index
+# read_ids: groups of a high watermark's commit LSN and its number of entries, each entry a
+# version digest and an index: 12 bytes a row
+_GROUP = struct.Struct(">QI")
+_ENTRY = struct.Struct(">8sI")
 
 
 def decode_ids(blob: bytes | None, most: int) -> dict[bytes, str]:
     """The ids ``read_ids`` holds, by version digest: the last ``most`` of them."""
-    if not blob:
-        return {}
-    size = _ENTRY.size
-    start = max(0, len(blob) // size - most) * size
-    return {digest: f"{lsn:016X}-R{index:07X}" for digest, lsn, index
-            in _ENTRY.iter_unpack(blob[start:len(blob) - len(blob) % size])}
+    ids: dict[bytes, str] = {}
+    pos, end, size = 0, len(blob or b""), _ENTRY.size
+    while blob and pos + _GROUP.size <= end:
+        lsn, count = _GROUP.unpack_from(blob, pos)
+        pos += _GROUP.size
+        stop = min(end, pos + count * size)
+        stop -= (stop - pos) % size
+        prefix = f"{lsn:016X}-R"
+        for digest, index in _ENTRY.iter_unpack(blob[pos:stop]):
+            ids[digest] = f"{prefix}{index:07X}"
+        pos = stop
+    if len(ids) > most:
+        ids = dict(list(ids.items())[-most:])
+    return ids
 
 
 class ReadIds:
@@ -173,9 +184,15 @@ class ReadIds:
         self.inherited.clear()  # the stream is past them: they are not replayed any more
 
     def encoded(self) -> bytes | None:
+        groups: dict[str, list[bytes]] = {}
         pack = _ENTRY.pack
-        parts = [pack(digest, int(rid[:16], 16), int(rid[18:], 16))
-                 for ids in (self.inherited, *self.chunks.values()) for digest, rid in ids.items()]
+        for ids in (self.inherited, *self.chunks.values()):
+            for digest, rid in ids.items():
+                groups.setdefault(rid[:16], []).append(pack(digest, int(rid[18:], 16)))
+        parts = []
+        for lsn, entries in groups.items():
+            parts.append(_GROUP.pack(int(lsn, 16), len(entries)))
+            parts += entries
         return b"".join(parts) or None
 
 
