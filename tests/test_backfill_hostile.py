@@ -111,3 +111,27 @@ def test_edge_keys_huge_values_and_writers(dsn: str, admin: psycopg.Connection) 
     assert len(ids) == len(set(ids))  # one id per read
     assert all(e.type is EventType.READ for e in reads)
     assert any(e.new_record.get("big") and len(e.new_record["big"]) > 1_000_000 for e in reads)
+
+
+def test_a_partitioned_table_published_by_its_root(dsn: str, admin: psycopg.Connection) -> None:
+    """Rows are read from the root, their versions (xmin) too, across partitions."""
+    admin.execute("CREATE TABLE marker (id serial PRIMARY KEY)")
+    admin.execute("CREATE TABLE m (id int PRIMARY KEY, at int) PARTITION BY RANGE (id)")
+    admin.execute("CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM (0) TO (100)")
+    admin.execute("CREATE TABLE m_2 PARTITION OF m FOR VALUES FROM (100) TO (200)")
+    admin.execute("INSERT INTO m SELECT g, g FROM generate_series(0, 199) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE m, marker "
+                  "WITH (publish_via_partition_root = true)")
+
+    async def main() -> Copy:
+        copy = Copy({"m": ("id",), "marker": ("id",)})
+        app = WalEx(dsn, publication="pub", name="parted", backfill_chunk_size=30,
+                    modules=[copy.events])
+        async with app:
+            job = await app.backfill("m")
+            assert job.state == "done" and job.rows_done == 200
+            await caught_up(admin, copy)
+        return copy
+
+    copy = run(main())
+    assert copy.rows["m"] == table_rows(admin, "m", ("id",))
