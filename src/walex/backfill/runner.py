@@ -73,7 +73,9 @@ class Backfills(Requests):
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.window: Window | Gate | None = None  # set while a job runs: the reader feeds it
+        # what the reader feeds: a job's window; until the backfill task knows whether reads
+        # of an earlier run are to be replayed (at a start, after a lost lock), a Gate
+        self.window: Window | Gate | None = Gate()
         self.current: Job | None = None
         self.wake = asyncio.Event()
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
@@ -150,8 +152,9 @@ class Backfills(Requests):
         failures = 0
         try:
             if not self.store_known:  # no store, so no job: wait for a request (or its wake)
+                self._install(None)
                 await self.wake.wait()
-            else:  # reads to replay, maybe: the stream waits until the task knows
+            elif self.window is None:  # reads to replay, maybe: the stream waits to know
                 self.window = Gate()
             while True:
                 self.wake.clear()
@@ -162,11 +165,11 @@ class Backfills(Requests):
                         if jobs:
                             await self.store.ensure(conn)  # a store of an earlier walex
                         await self._finished_elsewhere(conn, jobs)
-                        if not jobs:
-                            self._install(None)
                         for job in jobs:
                             await self._run(conn, job)
                             failures = 0
+                        if isinstance(self.window, Gate):
+                            self._install(None)  # nothing (more) to replay
                 except _LockLost as lost:
                     log.warning(
                         "walex %r lost its standby lock: its backfill of %s stops here, after "
@@ -174,7 +177,8 @@ class Backfills(Requests):
                         "(same event ids for unchanged rows) by the instance that holds the "
                         "slot, this one once it holds it again", self.pipeline.settings.name,
                         lost.job.qualified, f"{lost.job.rows_done:,}", lost.job.chunks_done)
-                    self.window = Gate()  # the next session may send its reads again
+                    if not isinstance(self.window, Gate):  # discarded() installed one
+                        self.window = Gate()
                     continue
                 except (psycopg.OperationalError, ReplicationError) as exc:
                     if self._progressed:  # the job went on since the last interruption
@@ -188,7 +192,10 @@ class Backfills(Requests):
                 if not jobs:
                     await self.wake.wait()
         finally:
-            self._install(None)
+            # the next start's stream waits for the next run to know what to replay
+            gate, self.window = self.window, Gate()
+            if isinstance(gate, Gate):
+                gate.opened.set()
             self.current = None
             for key, waiters in self._waiters.items():
                 for waiter in waiters:
@@ -215,6 +222,13 @@ class Backfills(Requests):
         the jobs began, that is what this instance handled before it lost its lock."""
         if self._loss_flushed is None:
             self._loss_flushed = flushed
+        # the next session may send the reads of the job's chunks not marked done again:
+        # it waits until the task knows what to replay
+        window = self.window
+        if isinstance(window, Window) and window.persisted is not None:
+            window.persisted.cancel()  # those reads went with the queue
+        if not isinstance(window, Gate):
+            self.window = Gate()
 
     def _check_held(self, job: Job) -> None:
         """Raise :class:`_LockLost` once the pipeline dropped its queue since the job began
@@ -313,9 +327,10 @@ class Backfills(Requests):
             self._finished(job)
         finally:
             window = self.window
-            if window is not None and window.persisted is not None:
-                window.persisted.cancel()  # reads whose ids were not stored: never queued
-            self._install(None)
+            if isinstance(window, Window):  # (a gate a lost lock put in its place stays)
+                if window.persisted is not None:
+                    window.persisted.cancel()  # reads whose ids were not stored: never queued
+                self.window = None
             self.current = None
 
     def _install(self, window: Window | None) -> None:
