@@ -173,9 +173,10 @@ class Backfills(Requests):
                 except _LockLost as lost:
                     log.warning(
                         "walex %r lost its standby lock: its backfill of %s stops here, after "
-                        "%s rows (%d chunks) marked done; the chunks read since are read again "
-                        "(same event ids for unchanged rows) by the instance that holds the "
-                        "slot, this one once it holds it again", self.pipeline.settings.name,
+                        "%s rows (%d chunks) marked done; the instance that holds the slot "
+                        "next (this one once it holds it again) carries it on, and sends the "
+                        "reads of the chunks not marked done again (under the same ids where "
+                        "the slot sends their watermark again)", self.pipeline.settings.name,
                         lost.job.qualified, f"{lost.job.rows_done:,}", lost.job.chunks_done)
                     if not isinstance(self.window, Gate):  # discarded() installed one
                         self.window = Gate()
@@ -282,11 +283,11 @@ class Backfills(Requests):
                 await self._fail(conn, job, str(exc))
                 return
             resumed = job.last_key is not None
-            if job.chunk_key != target.key or job.key_signature not in (
-                    None, target.key_signature):
+            key_changed = job.chunk_key != target.key or job.key_signature not in (
+                None, target.key_signature)
+            if key_changed:
                 job.read_ids = None  # ids of the rows of another key
-            if resumed and (job.chunk_key != target.key or job.key_signature not in (
-                    None, target.key_signature)):
+            if resumed and key_changed:
                 log.warning("walex %r: the key of %s changed (%s, now %s): its backfill starts "
                             "over", s.name, job.qualified, _key_text(job.chunk_key, job.key_signature),
                             _key_text(target.key, target.key_signature))
