@@ -11,8 +11,8 @@ and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
 insert of the same row would give. A value that cannot be typed raises the
 same :class:`~walex.errors.DecodeError` a streamed row would. Each row's
-``xmin`` (the transaction that wrote its version) is read with it, for its
-event id (:class:`.watermarks.ReadIds`).
+version (a digest of its key and ``xmin``, the transaction that wrote it) is
+read with it, to replay its read under its id (:mod:`.replay`).
 
 A chunk can also re-read rows of earlier chunks, in the same snapshot: rows
 the watermark logic left to the stream although the stream's change did not
@@ -101,8 +101,8 @@ class Chunk:
     rows: int = 0  # events[:rows] are the next rows in key order, the rest rows read again
     after: tuple[str, ...] | None = None  # the key the chunk's rows follow
     texts: list[tuple[str, ...]] = field(default_factory=list)  # key text forms of events[:rows]
-    # each event's row version: the xmin of its tuple (the transaction that wrote it), text
-    versions: list[str] = field(default_factory=list)
+    # each event's row version: a digest of its key and the xmin of its tuple, 16 hex digits
+    versions: list[bytes] = field(default_factory=list)
     again: list[Bound] = field(default_factory=list)  # the bounds of events[rows:]
     # bounds of rows to read again that this chunk did not try (the budget was spent)
     untried: list[Bound] = field(default_factory=list)
@@ -161,7 +161,7 @@ async def read_chunk(
     cur = conn.cursor()
     events: list[Event] = []
     texts: list[tuple[str, ...]] = []
-    versions: list[str] = []
+    versions: list[bytes] = []
     found = _Again(again or [], limit.bytes, limit.rows > 0)
     size = 0
     more = False
@@ -270,7 +270,7 @@ class _Again:
         self.size = 0  # bytes of the rows read, in memory
         self.events: list[Event] = []
         self.bounds: list[Bound] = []  # of each of events
-        self.versions: list[str] = []  # of each of events
+        self.versions: list[bytes] = []  # of each of events
         self._step = 1
 
     def want(self) -> bool:
@@ -289,7 +289,7 @@ class _Again:
         self.tried = min(len(self.bounds_in), start + min(step, _REFETCH_BATCH))
         return self.bounds_in[start:self.tried]
 
-    def add(self, typed: list[Event], keys: list[tuple[str, ...]], xmins: list[str],
+    def add(self, typed: list[Event], keys: list[tuple[str, ...]], xmins: list[bytes],
             size: int) -> None:
         """The rows a piece returned, their versions, and their size."""
         wanted = self.wanted
@@ -309,16 +309,16 @@ class _Again:
 
 async def _typed(
     result: Any, table: Table, adapters: AdaptersMap, positions: list[int], encoding: str,
-) -> tuple[list[Event], list[tuple[str, ...]], list[str]]:
+) -> tuple[list[Event], list[tuple[str, ...]], list[bytes]]:
     """A result's rows as read events, typed like the rows of the stream, each row's key
-    in text form, and each row's version (its ``xmin``, the column after the table's)."""
+    in text form, and each row's version (the column after the table's)."""
     assert result is not None
     count = result.ntuples
     names = table.column_names
     name, source = table.name, table.source
     tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
     tx.set_pgresult(result, set_loaders=False)
-    # xmin is loaded too (as text: the result's every column needs a loader), then left out
+    # the version is loaded too (as text: every column needs a loader), then left out
     tx.set_loader_types([*table.type_oids, _TEXT_OID], Format.TEXT)
     events: list[Event] = []
     try:
@@ -337,8 +337,8 @@ async def _typed(
     value = result.get_value
     texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
              for i in range(count)]
-    xmin = len(names)
-    versions = [bytes(value(i, xmin) or b"").decode("ascii") for i in range(count)]
+    column = len(names)
+    versions = [bytes(value(i, column) or b"") for i in range(count)]  # 16 hex digits
     return events, texts, versions
 
 

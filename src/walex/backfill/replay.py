@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from .watermarks import version_digest
-
 if TYPE_CHECKING:
     import psycopg
     from psycopg.adapt import AdaptersMap
@@ -93,7 +91,7 @@ async def replay_reads(
             break
         seen += chunk.rows
         for index in range(chunk.rows):
-            digest = version_digest(chunk.texts[index], chunk.versions[index])
+            digest = chunk.versions[index]
             rid = want.pop(digest, None)
             if rid is not None:
                 found.setdefault(int(rid[:16], 16), []).append(

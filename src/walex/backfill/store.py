@@ -30,6 +30,7 @@ stream when the publication is ``FOR ALL TABLES``; walex never delivers them.
 from __future__ import annotations
 
 import struct
+from binascii import unhexlify
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -137,25 +138,26 @@ class Job(Record):
         return self.state in ("done", "failed", "cancelled")
 
 
-# read_ids: groups of a high watermark's commit LSN and its number of entries, each entry a
-# version digest and an index: 12 bytes a row
+# read_ids: groups of a high watermark's commit LSN and its number of entries n, then the
+# n version digests (8 bytes each), then the n indexes (4 bytes each): 12 bytes a row
 _GROUP = struct.Struct(">QI")
-_ENTRY = struct.Struct(">8sI")
 
 
 def decode_ids(blob: bytes | None, most: int) -> dict[bytes, str]:
-    """The ids ``read_ids`` holds, by version digest: the last ``most`` of them."""
+    """The ids ``read_ids`` holds, by version digest (16 hex digits): the last ``most``."""
     ids: dict[bytes, str] = {}
-    pos, end, size = 0, len(blob or b""), _ENTRY.size
+    pos, end = 0, len(blob or b"")
     while blob and pos + _GROUP.size <= end:
         lsn, count = _GROUP.unpack_from(blob, pos)
         pos += _GROUP.size
-        stop = min(end, pos + count * size)
-        stop -= (stop - pos) % size
+        if pos + 12 * count > end:
+            break  # cut short: what it holds is not read
+        digests = blob[pos:pos + 8 * count].hex().encode()
+        indexes = blob[pos + 8 * count:pos + 12 * count].hex().upper()
+        pos += 12 * count
         prefix = f"{lsn:016X}-R"
-        for digest, index in _ENTRY.iter_unpack(blob[pos:stop]):
-            ids[digest] = f"{prefix}{index:07X}"
-        pos = stop
+        for j in range(count):
+            ids[digests[16 * j:16 * j + 16]] = prefix + indexes[8 * j + 1:8 * j + 8]
     if len(ids) > most:
         ids = dict(list(ids.items())[-most:])
     return ids
@@ -184,15 +186,19 @@ class ReadIds:
         self.inherited.clear()  # the stream is past them: they are not replayed any more
 
     def encoded(self) -> bytes | None:
-        groups: dict[str, list[bytes]] = {}
-        pack = _ENTRY.pack
+        groups: dict[str, tuple[list[bytes], list[str]]] = {}
         for ids in (self.inherited, *self.chunks.values()):
             for digest, rid in ids.items():
-                groups.setdefault(rid[:16], []).append(pack(digest, int(rid[18:], 16)))
+                group = groups.get(rid[:16])
+                if group is None:
+                    group = groups[rid[:16]] = ([], [])
+                group[0].append(digest)
+                group[1].append(rid[18:])  # 7 hex digits
         parts = []
-        for lsn, entries in groups.items():
-            parts.append(_GROUP.pack(int(lsn, 16), len(entries)))
-            parts += entries
+        for lsn, (digests, indexes) in groups.items():
+            parts.append(_GROUP.pack(int(lsn, 16), len(digests)))
+            parts.append(unhexlify(b"".join(digests)))
+            parts.append(bytes.fromhex("0" + "0".join(indexes)))
         return b"".join(parts) or None
 
 

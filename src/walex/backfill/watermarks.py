@@ -54,8 +54,9 @@ with them.
 Reads of a chunk not marked done (the process killed, the standby lock lost)
 are *replayed* as they were, where they were: the ids of emitted chunks not
 yet marked done are kept in the progress store (:mod:`.store`), by a digest
-of each row's key (text forms) and ``xmin`` (the transaction that wrote the
-version read: :func:`version_digest`), written before those reads are queued
+of each row's key and ``xmin`` (the transaction that wrote the version read:
+computed by the chunk's query, :meth:`~.target.Target.chunk_query`), written before those
+reads are queued
 (the reader waits for that: :attr:`Window.persisted`). The next run of the
 job reads the rows after the last chunk marked done again and keeps those
 still at the version emitted (:attr:`Window.replay`): identical rows. The
@@ -74,7 +75,6 @@ its rows are read anew too: duplicates under new ids, never a row lost.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,7 +89,7 @@ if TYPE_CHECKING:
     from .chunks import Bound, Chunk
     from .target import Target
 
-__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome", "version_digest"]
+__all__ = ["PREFIX", "payload", "parse", "Window", "Outcome"]
 
 PREFIX = "walex.backfill"
 
@@ -109,13 +109,6 @@ def parse(content: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def version_digest(key: tuple[str, ...], xmin: str) -> bytes:
-    """8 bytes naming one version of a row: its key's text forms (PostgreSQL text holds no
-    NUL, so NUL separates them unambiguously) and the ``xmin`` of its tuple."""
-    return hashlib.blake2b("\0".join((*key, xmin)).encode("utf-8", "surrogateescape"),
-                           digest_size=8).digest()
-
-
 @dataclass(slots=True, repr=False, eq=False)
 class Outcome(Record):
     """What became of a chunk at its high watermark."""
@@ -126,7 +119,7 @@ class Outcome(Record):
     redo: str | None = None  # why the chunk must be read again
     # rows left to the stream whose streamed change lacked a column: read them again
     again: list[Bound] = field(default_factory=list)
-    # the ids of the rows emitted, by version_digest: the runner stores them, then sets
+    # the ids of the rows emitted, by version digest: the runner stores them, then sets
     # Window.persisted
     ids: dict[bytes, str] = field(default_factory=dict)
 
@@ -163,9 +156,9 @@ class Window:
     def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
         self.app = app
         # reads of an earlier run of the job to replay: by the commit LSN of the high
-        # watermark they went out with, (id, version_digest, event) in id order
+        # watermark they went out with, (id, version digest, event) in id order
         self.replay: dict[int, list[tuple[str, bytes, Any]]] = {}
-        self.replayed: dict[bytes, str] = {}  # version_digest -> id of the rows replayed
+        self.replayed: dict[bytes, str] = {}  # version digest -> id of the rows replayed
         # set by the runner once the ids of the reads just emitted are stored; the reader
         # queues them only then (cancelled: they are not queued, a later run reads them)
         self.persisted: asyncio.Future[None] | None = None
@@ -324,11 +317,11 @@ class Window:
                     result.again.append(chunk.bound(index))
             result.dropped = len(read) - len(kept)
         self.replay.clear()  # the stream is past every earlier run's watermark
-        replayed, bound, versions, ids = self.replayed, chunk.bound, chunk.versions, result.ids
+        replayed, versions, ids = self.replayed, chunk.versions, result.ids
         prefix = f"{commit_lsn:016X}-R"
         events = []
         for index in kept:
-            digest = version_digest(bound(index)[1], versions[index])
+            digest = versions[index]
             known = replayed.get(digest) if replayed else None
             if known is not None:  # replayed as it is: delivered (its id kept till done)
                 ids[digest] = known
