@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 
 WORKER = Path(__file__).with_name("backfill_worker.py")
@@ -99,3 +100,84 @@ def test_a_large_backfill_runs_in_bounded_memory_while_the_stream_flows(
     assert large["reads"] == rows
     assert large["stream_during"] > 0  # streamed events were handled while the backfill ran
     assert large["peak_kb"] - baseline["peak_kb"] < 30_000, (baseline, large)
+
+
+@pytest.mark.parametrize("shape", ["int", "composite"])
+def test_rows_read_again_after_a_sigkill_carry_the_ids_they_had(
+    dsn: str, admin: psycopg.Connection, tmp_path: Path, shape: str,
+) -> None:
+    """A backfill process is SIGKILLed in the middle of a chunk (its reads handled in
+    batches of 10, some of the chunk's logged, none of it marked done), and started again:
+    it reads again the rows handled since the last chunk marked done. Each such row must
+    come under the id it had (on main the ids held the new high watermark's position, so
+    consumers could not drop the copies), except rows that changed in between: another
+    version, with other values, under another id. ``composite``: a key of texts, an
+    infinite timestamp and the id, in the order of the ids."""
+    if shape == "int":
+        admin.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        admin.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 3000) g")
+    else:
+        admin.execute("CREATE TABLE t (k1 text, k2 text, ts timestamptz, id int, v text, "
+                      "PRIMARY KEY (k1, k2, ts, id))")
+        admin.execute("INSERT INTO t SELECT 'ä' || lpad((g / 10)::text, 4, '0'), "
+                      "lpad((g % 10)::text, 2, '0'), 'infinity', g, 'v' "
+                      "FROM generate_series(1, 3000) g")
+    admin.execute("CREATE PUBLICATION pub FOR TABLE t")
+    log = tmp_path / "log.sqlite"
+
+    def logged_past(key: int) -> list[int]:
+        with sqlite3.connect(log, timeout=30) as db:
+            try:
+                return [pk for (pk,) in db.execute("SELECT pk FROM log WHERE pk > ?", (key,))]
+            except sqlite3.OperationalError:
+                return []
+
+    first = _worker(dsn, log, "--request", "t", "--chunk", "100", "--batch-size", "10",
+                    "--sleep", "0.01")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row = admin.execute("SELECT to_regclass('walex_backfill') IS NOT NULL").fetchone()
+            if row[0]:
+                done = admin.execute("SELECT chunks_done, last_key FROM walex_backfill").fetchone()
+                if done is not None and done[0] >= 3 and len(logged_past(int(done[1][-1]))) >= 25:
+                    break
+            time.sleep(0.01)
+    finally:
+        first.kill()  # SIGKILL
+        first.wait()
+    state, last_key = admin.execute("SELECT state, last_key FROM walex_backfill").fetchone()
+    assert state == "running"
+    again = sorted(logged_past(int(last_key[-1])))  # handled, not marked done: read again
+    assert again, "the kill came when every handled chunk was marked done"
+    changed = again[:5]
+    admin.execute("UPDATE t SET v = 'changed' WHERE id = ANY(%s)", (changed,))
+    second = _worker(dsn, log, "--chunk", "100", "--batch-size", "10")
+    try:
+        out, _ = second.communicate(timeout=120)
+    finally:
+        second.kill()
+    assert second.returncode == 0, out
+
+    with sqlite3.connect(log) as db:
+        handled = db.execute("SELECT pk, id FROM log ORDER BY rowid").fetchall()
+        ids = {run: dict(db.execute("SELECT pk, id FROM log WHERE run = ?", (run,)).fetchall())
+               for run in (1, 2)}
+    # ids increase in the order handled, across the restart but for the copies (the rows
+    # read again under their ids come first, in their order): a consumer that drops every
+    # id not above the highest it saw drops only copies, and gets every row
+    highest, kept = "", {}
+    for pk, rid in handled:
+        if rid > highest:
+            highest, kept[pk] = rid, rid
+        else:
+            assert ids[1].get(pk) == rid, f"row {pk} under {rid}, below {highest}, not a copy"
+    assert set(kept) == set(range(1, 3001))
+    assert set(ids[1]) | set(ids[2]) == set(range(1, 3001))  # every row, none lost
+    twice = sorted(set(ids[1]) & set(ids[2]))
+    assert set(again) <= set(twice)
+    other = {pk: (ids[1][pk], ids[2][pk]) for pk in twice
+             if ids[1][pk] != ids[2][pk] and pk not in changed}
+    assert not other, f"{len(other)} unchanged rows read again under new ids: {list(other.items())[:3]}"
+    assert all(ids[1][pk] != ids[2][pk] for pk in changed)  # another version, another id
+    assert len(set(ids[2].values())) == len(ids[2])  # one id per row of a run

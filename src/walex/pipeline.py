@@ -159,7 +159,7 @@ class Pipeline:
         # (0 once what was queued is dropped: it must come again)
         self.queued_upto = 0
         self.replayed_upto = 0  # queued_upto when the session began: what it sends again up to it
-        self.discards = 0  # queues dropped (discard_unhandled): a backfill sends their reads again
+        self.discards = 0  # queues dropped (discard_unhandled): a running backfill job stops
         # standby=True: the lock that lets one instance at a time handle (walex.standby),
         # made by the first session that has the option (``walex run --standby`` sets it late)
         self.fence: standby.Fence | None = None
@@ -426,6 +426,7 @@ class Pipeline:
         """At stop: forget the batches received but not handled; how many were queued."""
         count = self.queue.clear()
         self.discards += 1
+        self.backfill.discarded(self.ack.flushed)
         self.queued_upto = self.replayed_upto = 0  # what was dropped must come again
         self.dispatcher.drop_pending()  # events kept for max_batch handlers, unacknowledged
         self.reached_ahead = 0

@@ -35,8 +35,13 @@ Contract:
   its last completed chunk (at-least-once: the chunks handled since the last
   mark may be delivered again, never skipped), and ``walex status`` shows it.
 - Read event ids, ``<commit LSN of the chunk's high watermark>-R<index>``,
-  never collide with streamed ids. A chunk delivered again after a crash is
-  read anew, so its events carry new ids and current values.
+  never collide with streamed ids and increase in stream order with them. The
+  reads of chunks not yet marked done when a run stopped (a crash, a lost
+  standby lock) are replayed by the next run where they went out, under the
+  same ids, when the slot sends their high watermark again (:mod:`.replay`);
+  rows changed since, and chunks whose watermark the slot no longer sends, are
+  read anew under new ids, with current values. With ``standby=True`` only
+  the instance holding the lock runs jobs; one that loses it stops its job.
 - Needs PostgreSQL 14+ (pgoutput's ``messages`` option, turned on for every
   stream; a ``message_middleware`` therefore also sees
   :class:`~walex.pgoutput.messages.LogicalMessage` s).
@@ -45,7 +50,9 @@ Modules: :mod:`.target` (table, key, columns), :mod:`.chunks` (reading and
 typing a chunk), :mod:`.watermarks` (the stream side), :mod:`.keys` (keys
 compared as PostgreSQL compares them), :mod:`.store`
 (progress), :mod:`.report` (progress for people), :mod:`.runner` (the
-jobs), :mod:`.command` (``walex backfill``).
+jobs), :mod:`.requests` (asking, cancelling), :mod:`.replay` (reads of a
+stopped run sent again), :mod:`.visibility` (commits not yet visible),
+:mod:`.command` (``walex backfill``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ format and are typed by a psycopg ``Transformer`` over the app's adapters
 and the columns' type OIDs, which is what :meth:`walex.relations.Table.load`
 does for a streamed row: a ``read`` event's ``new_record`` equals what an
 insert of the same row would give. A value that cannot be typed raises the
-same :class:`~walex.errors.DecodeError` a streamed row would.
+same :class:`~walex.errors.DecodeError` a streamed row would. Each row's
+version (a digest of its key and ``xmin``, the transaction that wrote it) is
+read with it, to replay its read under its id (:mod:`.replay`).
 
 A chunk can also re-read rows of earlier chunks, in the same snapshot: rows
 the watermark logic left to the stream although the stream's change did not
@@ -56,6 +58,7 @@ SLICE = 1000  # rows typed at once; the event loop runs between slices
 _READ = EventType.READ
 _UNSET: Any = None
 _REFETCH_BATCH = 100  # rows re-read by one statement
+_TEXT_OID = 25
 
 # A row to read again: (the key before it, or None for the table's first row; its key),
 # in the text forms of the chunk key's columns.
@@ -98,6 +101,8 @@ class Chunk:
     rows: int = 0  # events[:rows] are the next rows in key order, the rest rows read again
     after: tuple[str, ...] | None = None  # the key the chunk's rows follow
     texts: list[tuple[str, ...]] = field(default_factory=list)  # key text forms of events[:rows]
+    # each event's row version: a digest of its key and the xmin of its tuple, 16 hex digits
+    versions: list[bytes] = field(default_factory=list)
     again: list[Bound] = field(default_factory=list)  # the bounds of events[rows:]
     # bounds of rows to read again that this chunk did not try (the budget was spent)
     untried: list[Bound] = field(default_factory=list)
@@ -156,6 +161,7 @@ async def read_chunk(
     cur = conn.cursor()
     events: list[Event] = []
     texts: list[tuple[str, ...]] = []
+    versions: list[bytes] = []
     found = _Again(again or [], limit.bytes, limit.rows > 0)
     size = 0
     more = False
@@ -189,8 +195,8 @@ async def read_chunk(
                 )
                 result = cur.pgresult
                 assert result is not None
-                typed, keys = await _typed(result, table, adapters, positions, encoding)
-                found.add(typed, keys, _held(typed, keys, result) if limit.bytes else 0)
+                typed, keys, xmins = await _typed(result, table, adapters, positions, encoding)
+                found.add(typed, keys, xmins, _held(typed, keys, result) if limit.bytes else 0)
                 del result
             size = found.size
             if limit.rows > 0:  # 0: only rows to read again are left
@@ -213,11 +219,12 @@ async def read_chunk(
             count = result.ntuples
             if count:
                 fetched += count
-                typed, keys = await _typed(result, table, adapters, positions, encoding)
+                typed, keys, xmins = await _typed(result, table, adapters, positions, encoding)
                 if limit.bytes:
                     taken += _held(typed, keys, result)
                 events += typed
                 texts += keys
+                versions += xmins
                 del result  # typed: only the events stay
             if count < want or fetched >= limit.rows:
                 more = count == want  # the row limit: the next chunk tells
@@ -240,8 +247,9 @@ async def read_chunk(
         raise
     chunk = Chunk(events, list(texts[-1]) if texts else None, snapshot, more=more, size=size,
                   rows=len(events), after=tuple(after) if after is not None else None,
-                  texts=texts, untried=found.untried())
+                  texts=texts, versions=versions, untried=found.untried())
     chunk.events += found.events
+    chunk.versions += found.versions
     chunk.again = found.bounds
     return chunk
 
@@ -262,6 +270,7 @@ class _Again:
         self.size = 0  # bytes of the rows read, in memory
         self.events: list[Event] = []
         self.bounds: list[Bound] = []  # of each of events
+        self.versions: list[bytes] = []  # of each of events
         self._step = 1
 
     def want(self) -> bool:
@@ -280,14 +289,16 @@ class _Again:
         self.tried = min(len(self.bounds_in), start + min(step, _REFETCH_BATCH))
         return self.bounds_in[start:self.tried]
 
-    def add(self, typed: list[Event], keys: list[tuple[str, ...]], size: int) -> None:
-        """The rows a piece returned, and their size."""
+    def add(self, typed: list[Event], keys: list[tuple[str, ...]], xmins: list[bytes],
+            size: int) -> None:
+        """The rows a piece returned, their versions, and their size."""
         wanted = self.wanted
-        for event, key in zip(typed, keys):
+        for event, key, xmin in zip(typed, keys, xmins):
             bound = wanted.pop(key, None)
             if bound is not None:  # else not a row to read again (the row after a gone one)
                 self.events.append(event)
                 self.bounds.append(bound)
+                self.versions.append(xmin)
         self.size += size
 
     def untried(self) -> list[Bound]:
@@ -298,16 +309,17 @@ class _Again:
 
 async def _typed(
     result: Any, table: Table, adapters: AdaptersMap, positions: list[int], encoding: str,
-) -> tuple[list[Event], list[tuple[str, ...]]]:
-    """A result's rows as read events, typed like the rows of the stream, and each row's
-    key in text form."""
+) -> tuple[list[Event], list[tuple[str, ...]], list[bytes]]:
+    """A result's rows as read events, typed like the rows of the stream, each row's key
+    in text form, and each row's version (the column after the table's)."""
     assert result is not None
     count = result.ntuples
     names = table.column_names
     name, source = table.name, table.source
     tx = Transformer(adapters)  # the app's type catalog: the loaders of streamed rows
     tx.set_pgresult(result, set_loaders=False)
-    tx.set_loader_types(table.type_oids, Format.TEXT)
+    # the version is loaded too (as text: every column needs a loader), then left out
+    tx.set_loader_types([*table.type_oids, _TEXT_OID], Format.TEXT)
     events: list[Event] = []
     try:
         for start in range(0, count, SLICE):  # let the stream go on between slices
@@ -325,7 +337,9 @@ async def _typed(
     value = result.get_value
     texts = [tuple(bytes(value(i, p) or b"").decode(encoding) for p in positions)
              for i in range(count)]
-    return events, texts
+    column = len(names)
+    versions = [bytes(value(i, column) or b"") for i in range(count)]  # 16 hex digits
+    return events, texts, versions
 
 
 def _held(events: list[Event], keys: list[tuple[str, ...]], result: Any) -> int:

@@ -21,6 +21,14 @@ with backoff (reset once a chunk was completed since), resuming at the last
 chunk marked done; a query not answered within ``backfill_query_timeout`` (a
 network gone silent, a chunk read slower than that) counts as a lost connection. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
 ``walex backfill --cancel``) stops before its next chunk.
+
+With ``standby=True`` only the instance that holds the standby lock runs jobs.
+When it loses the lock (the pipeline drops its queue: :func:`walex.standby.abandon`)
+the job stops at once, with a warning, and marks nothing more done: the reads it
+emitted may have gone with the queue, and the instance that takes the slot
+moves it past their watermarks without them. The instance that holds the lock
+next (another, or this one again) carries the job on from its last chunk marked
+done; the rows read again come under the ids they had (:mod:`.watermarks`).
 """
 
 from __future__ import annotations
@@ -33,16 +41,17 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from ..errors import (
-    BackfillCancelledError, ConfigError, ReplicationError, SetupError, WalExError, redact,
-)
+from ..errors import ReplicationError, WalExError, redact
 from ..lookups import DeadlineConnection
 from ..lsn import parse_lsn
 from ..pgoutput.messages import LogicalMessage
 from ..relations import Table
 from ..transactions import Transaction
 from .conditions import check_condition, estimate
-from .store import Job, Store
+from .replay import GATE_TIMEOUT, Gate, replay_reads
+from .requests import Requests
+from .store import Job, ReadIds, decode_ids
+from .visibility import settle
 from .watermarks import PREFIX, Outcome, Window, parse, payload
 
 if TYPE_CHECKING:
@@ -59,27 +68,14 @@ log = logging.getLogger("walex.backfill")
 
 _EMIT = "SELECT pg_logical_emit_message(true, %s, %s)"
 _EMIT_AT = "SELECT pg_logical_emit_message(true, %s, %s)::text"  # and where it was written
-# transactions a snapshot taken now does not show whose commit record is written: their
-# sessions wait for a synchronous standby (pg_xact_status still says "in progress")
-_SYNC_REP = "array(SELECT backend_xid FROM pg_stat_activity WHERE wait_event = 'SyncRep')"
-_COMMITTED_INVISIBLE = (
-    "SELECT array(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x "
-    f"WHERE xid(x) = ANY({_SYNC_REP})), "
-    "current_setting('synchronous_standby_names') <> '' "
-    "AND NOT pg_has_role('pg_read_all_stats', 'USAGE')"
-)
-_STILL_INVISIBLE = (
-    "SELECT array(SELECT x::text FROM unnest(%s::xid8[]) x "
-    f"WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot()) AND xid(x) = ANY({_SYNC_REP}))"
-)
-
-
-class Backfills:
+class Backfills(Requests):
     """The backfills of one app (see the module docstring)."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.window: Window | None = None  # set while a job runs: the reader feeds it
+        # what the reader feeds: a job's window; until the backfill task knows whether reads
+        # of an earlier run are to be replayed (at a start, after a lost lock), a Gate
+        self.window: Window | Gate | None = Gate()
         self.current: Job | None = None
         self.wake = asyncio.Event()
         self._waiters: dict[tuple[str, str], list[asyncio.Future[Job]]] = {}
@@ -94,11 +90,11 @@ class Backfills:
         self.store_known = True
         self._progressed = False  # a chunk was completed since the last interruption
         self._high_session = 0  # the session whose stream showed the last high watermark
-
-    @property
-    def store(self) -> Store:
-        s = self.pipeline.settings
-        return Store(s.backfill_table, s.name)
+        self._discards = 0  # Pipeline.discards when the jobs began: a change means a lost lock
+        self._ids = ReadIds({})  # the current job's ids of reads not marked done
+        self._gate_warned = False
+        self._loss_flushed: int | None = None  # see discarded()
+        self._pending: tuple[int, list[str] | None, int] | None = None  # emitted, not marked
 
     # -- hooks called by the pipeline ------------------------------------
 
@@ -106,9 +102,6 @@ class Backfills:
     def stream_options(server_version: int) -> dict[str, str]:
         """pgoutput options: logical decoding messages (the watermarks), PostgreSQL 14+."""
         return {"messages": "true"} if server_version >= 140000 else {}
-
-    def excludes(self, schema: str, table: str) -> bool:
-        return self.store.excludes(schema, table)
 
     def message(self, msg: LogicalMessage) -> None:
         """A logical decoding message of the stream, in stream order."""
@@ -128,110 +121,29 @@ class Backfills:
         window = self.window
         if window is None:
             return
+        if isinstance(window, Gate):  # the task is looking for reads to replay
+            if not await window.wait() and not self._gate_warned:
+                self._gate_warned = True
+                log.warning("walex %r: the backfill task did not tell within %.0fs what to "
+                            "replay; the stream goes on (rows of unfinished chunks are read "
+                            "again under new ids)", self.pipeline.settings.name, GATE_TIMEOUT)
+            window = self.window
+            if window is None or isinstance(window, Gate):
+                return
         if window.high_seen and self._high_session != self.pipeline.sessions:
             # the session that showed the high watermark ended before its commit came: this
             # batch is one the next session sends again, and it sends the mark again too
             window.high_seen = False
-        window.generation = self.pipeline.discards  # queues dropped so far: see Window.sent
         reads = window.observe(txn)
         if reads:
+            persisted = window.persisted
+            if persisted is not None:  # their ids are stored first (see Window.persisted)
+                await asyncio.wait([persisted])
+                if persisted.cancelled() or persisted.exception() is not None:
+                    return  # the job stopped first: a later run reads these rows again
             put = self.pipeline.queue.put
             for read in reads:
                 await put(read, counted=False)  # read batches: bounded by count only
-
-    async def initial(self, conn: psycopg.AsyncConnection) -> None:
-        """``snapshot="initial"``: before the app's first slot is made, ask for every table."""
-        s = self.pipeline.settings
-        if s.snapshot != "initial":
-            return
-        from .target import resolve_target
-
-        preflight = self.pipeline.preflight
-        assert preflight is not None
-        targets: list[Target] = []
-        problems: list[str] = []
-        for schema, name in sorted(preflight.published):
-            if self.excludes(schema, name):
-                continue
-            try:
-                targets.append(await resolve_target(conn, s.publication, f"{schema}.{name}",
-                                                    s.subscriptions))
-            except ConfigError:
-                continue  # not subscribed
-            except SetupError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise SetupError(
-                "snapshot='initial' cannot read every subscribed table (the slot was not "
-                "created): " + " ".join(problems)
-            )
-        for target in targets:
-            await self.store.request(conn, target.schema, target.name, None, target.key, restart=True)
-        self.store_known = True
-        log.info("walex %r: initial snapshot of %s requested", s.name,
-                 ", ".join(t.qualified for t in targets) or "no table")
-
-    # -- requests ---------------------------------------------------------
-
-    async def request(self, table: str, where: str | None = None) -> Job:
-        """Backfill ``table`` (the rows matching ``where``); returns once every read was handled."""
-        from .target import resolve_target
-
-        s = self.pipeline.settings
-        async with await self._connect() as conn:
-            target = await resolve_target(conn, s.publication, table, s.subscriptions)
-            await check_condition(conn, target, where)
-            key = (target.schema, target.name)
-            waiter: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(key, []).append(waiter)
-            try:
-                if not await self.store.request(conn, target.schema, target.name, where, target.key):
-                    job = await self.store.job(conn, target.schema, target.name)
-                    if job is not None and job.condition != where:
-                        raise ConfigError(
-                            f"a backfill of {target.qualified} is already under way"
-                            f"{' where ' + job.condition if job.condition else ''}; wait for it "
-                            "to finish before asking for another"
-                        )
-                    if job is not None and job.finished:
-                        self._finished(job)
-            except BaseException:
-                waiters = self._waiters.get(key, [])  # run() clears them when the app stops
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                raise
-        self.wake.set()
-        return await waiter
-
-    async def cancel(self, table: str, timeout: float = 60.0) -> Job | None:
-        """Cancel the pending or running backfill of ``table``; once a running one stopped
-        (before its next chunk; at most ``timeout`` seconds are waited for that), the job.
-        ``None`` when none was under way."""
-        async with await self._connect() as conn:
-            job = await self.store.cancel(conn, table)
-            if job is None:
-                return None
-            key = (job.schema, job.table)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (current := self.current) is not None and (current.schema, current.table) == key \
-                    and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            job = await self.store.job(conn, *key) or job
-        self._finished(job)
-        return job
-
-    def _finished(self, job: Job) -> None:
-        for waiter in self._waiters.pop((job.schema, job.table), []):
-            if waiter.done():
-                continue
-            if job.state == "done":
-                waiter.set_result(job)
-            elif job.state == "cancelled":
-                waiter.set_exception(BackfillCancelledError(
-                    f"the backfill of {job.qualified} was cancelled after {job.rows_done:,} rows"))
-            else:
-                waiter.set_exception(SetupError(f"the backfill of {job.qualified} failed: {job.error}"))
 
     # -- the task -----------------------------------------------------------
 
@@ -240,17 +152,35 @@ class Backfills:
         failures = 0
         try:
             if not self.store_known:  # no store, so no job: wait for a request (or its wake)
+                self._install(None)
                 await self.wake.wait()
+            elif self.window is None:  # reads to replay, maybe: the stream waits to know
+                self.window = Gate()
             while True:
                 self.wake.clear()
                 try:
+                    await self._held()
                     async with await self._connect() as conn:
                         jobs = await self.store.jobs(conn)
                         if jobs:
                             await self.store.ensure(conn)  # a store of an earlier walex
+                        await self._finished_elsewhere(conn, jobs)
                         for job in jobs:
                             await self._run(conn, job)
                             failures = 0
+                        if isinstance(self.window, Gate):
+                            self._install(None)  # nothing (more) to replay
+                except _LockLost as lost:
+                    log.warning(
+                        "walex %r lost its standby lock: its backfill of %s stops here, after "
+                        "%s rows (%d chunks) marked done; the instance that holds the slot "
+                        "next (this one once it holds it again) carries it on, and sends the "
+                        "reads of the chunks not marked done again (under the same ids where "
+                        "the slot sends their watermark again)", self.pipeline.settings.name,
+                        lost.job.qualified, f"{lost.job.rows_done:,}", lost.job.chunks_done)
+                    if not isinstance(self.window, Gate):  # discarded() installed one
+                        self.window = Gate()
+                    continue
                 except (psycopg.OperationalError, ReplicationError) as exc:
                     if self._progressed:  # the job went on since the last interruption
                         self._progressed, failures = False, 0
@@ -263,7 +193,10 @@ class Backfills:
                 if not jobs:
                     await self.wake.wait()
         finally:
-            self.window = None
+            # the next start's stream waits for the next run to know what to replay
+            gate, self.window = self.window, Gate()
+            if isinstance(gate, Gate):
+                gate.opened.set()
             self.current = None
             for key, waiters in self._waiters.items():
                 for waiter in waiters:
@@ -273,6 +206,38 @@ class Backfills:
                             f"backfill of {'.'.join(key)} finished; it resumes at the next start"
                         ))
             self._waiters.clear()
+
+    async def _held(self) -> None:
+        """Return once this instance handles its slot's changes (``standby=True``: it holds
+        the standby lock); until then it reads nothing, leaving the jobs to the instance
+        that holds the lock. Jobs started from here stop when the lock is lost again."""
+        pipeline = self.pipeline
+        while pipeline.abandoning:
+            await asyncio.sleep(0.1)
+        self._discards = pipeline.discards
+        self._loss_flushed = None
+
+    def discarded(self, flushed: int) -> None:
+        """The pipeline dropped its queue (:meth:`~walex.pipeline.Pipeline.discard_unhandled`),
+        its handlers having finished everything up to ``flushed``: the first time since
+        the jobs began, that is what this instance handled before it lost its lock."""
+        if self._loss_flushed is None:
+            self._loss_flushed = flushed
+        # the next session may send the reads of the job's chunks not marked done again:
+        # it waits until the task knows what to replay
+        window = self.window
+        if isinstance(window, Window) and window.persisted is not None:
+            window.persisted.cancel()  # those reads went with the queue
+        if not isinstance(window, Gate):
+            self.window = Gate()
+
+    def _check_held(self, job: Job) -> None:
+        """Raise :class:`_LockLost` once the pipeline dropped its queue since the job began
+        (the standby lock lost, :func:`walex.standby.abandon`): the reads it emitted may
+        be gone, and the slot may be moved past their watermarks by another instance, so
+        no chunk of it may be marked done from here on."""
+        if self.pipeline.discards != self._discards or self.pipeline.abandoning:
+            raise _LockLost(job)
 
     async def _connect(self) -> psycopg.AsyncConnection:
         """A connection for the backfill: every exchange within ``backfill_query_timeout``.
@@ -318,8 +283,11 @@ class Backfills:
                 await self._fail(conn, job, str(exc))
                 return
             resumed = job.last_key is not None
-            if resumed and (job.chunk_key != target.key or job.key_signature not in (
-                    None, target.key_signature)):
+            key_changed = job.chunk_key != target.key or job.key_signature not in (
+                None, target.key_signature)
+            if key_changed:
+                job.read_ids = None  # ids of the rows of another key
+            if resumed and key_changed:
                 log.warning("walex %r: the key of %s changed (%s, now %s): its backfill starts "
                             "over", s.name, job.qualified, _key_text(job.chunk_key, job.key_signature),
                             _key_text(target.key, target.key_signature))
@@ -328,7 +296,8 @@ class Backfills:
                 job.last_key, job.rows_done, job.chunks_done = None, 0, 0
             estimated = await estimate(conn, target, job.condition)
             if not await store.update(
-                conn, job, if_state=job.state, state="running", chunk_key=target.key,
+                conn, job, if_state=job.state, state="running", read_ids=job.read_ids,
+                chunk_key=target.key,
                 key_signature=target.key_signature, rows_estimated=estimated,
                 started_at=job.started_at if resumed and job.started_at else _now(),
                 last_key=job.last_key, rows_done=job.rows_done, chunks_done=job.chunks_done,
@@ -338,6 +307,9 @@ class Backfills:
             progress.start(resumed)
             try:
                 await self._chunks(conn, job, target, table, progress)
+            except _LockLost:
+                await self._handled_before_loss(conn, job, progress)
+                raise
             except psycopg.OperationalError:
                 raise
             except (psycopg.Error, WalExError) as exc:
@@ -345,7 +317,7 @@ class Backfills:
                 await self._fail(conn, job, redact(str(exc), s.secret()))
                 return
             if not await store.update(conn, job, if_state="running", state="done",
-                                      finished_at=_now(), rate=progress.rate):
+                                      finished_at=_now(), rate=progress.rate, read_ids=None):
                 raise _Cancelled
             progress.done()
             self._finished(job)
@@ -355,8 +327,19 @@ class Backfills:
                         job.qualified, f"{job.rows_done:,}")
             self._finished(job)
         finally:
-            self.window = None
+            window = self.window
+            if isinstance(window, Window):  # (a gate a lost lock put in its place stays)
+                if window.persisted is not None:
+                    window.persisted.cancel()  # reads whose ids were not stored: never queued
+                self.window = None
             self.current = None
+
+    def _install(self, window: Window | None) -> None:
+        """Set the window the stream feeds; a gate standing in is opened."""
+        gate = self.window
+        self.window = window
+        if isinstance(gate, Gate):
+            gate.opened.set()
 
     async def _chunks(
         self, conn: psycopg.AsyncConnection, job: Job, target: Target, table: Table,
@@ -371,16 +354,29 @@ class Backfills:
         # next one is read)
         limit = Limit(s.backfill_chunk_size, max(1, s.max_pending_bytes // 4))
         run = secrets.token_hex(8)
-        window = self.window = Window(s.name, run, target, s.batch_size)
+        # the ids of rows an earlier run emitted in chunks it did not mark done: the rows
+        # still as they were go out again where they went out (walex.backfill.replay)
+        gate = self.window
+        inherited = decode_ids(job.read_ids, 8 * s.backfill_chunk_size)
+        ids = self._ids = ReadIds(inherited)
+        window = Window(s.name, run, target, s.batch_size)
+        # (only at a session's start: a lost backfill connection leaves the reads queued)
+        if inherited and isinstance(gate, Gate) and not gate.expired:
+            window.replay = await replay_reads(conn, target, table, pipeline.catalog.adapters,
+                                               job.condition, job.last_key, inherited,
+                                               limit.rows, limit.bytes or 1)
+        self._install(window)
         await self._settle(conn, job)
         after = job.last_key
         pending: tuple[int, list[str] | None, int] | None = None  # emitted, not yet known handled
+        self._pending = None
         # rows to read again (their handlers lack a column), by key, in key order: each one's
         # bound and place (the chunk that first left it out, its index there)
         again: dict[tuple[str, ...], tuple[Bound, tuple[int, int]]] = {}
         seq = redone = stuck = 0
         exhausted = False  # every row in key order was read: only rows to read again are left
         while True:
+            self._check_held(job)
             if await store.state(conn, job) not in ("pending", "running"):  # cancelled
                 raise _Cancelled
             seq += 1
@@ -404,9 +400,10 @@ class Backfills:
                                 _key_text(target.key, target.key_signature))
                     after, window.key, pending, exhausted = None, target.key, None, False
                     again.clear()  # every row is read anew
+                    ids.inherited.clear()  # ids of the old key's rows
                     await store.update(conn, job, chunk_key=target.key,
                                        key_signature=target.key_signature, last_key=None,
-                                       rows_done=0, chunks_done=0)
+                                       rows_done=0, chunks_done=0, read_ids=ids.encoded())
                 continue
             exhausted = exhausted or not chunk.more  # no row after the last one read
             if not chunk.events and not chunk.untried:
@@ -424,6 +421,11 @@ class Backfills:
                     outcome.redo)
                 continue
             redone = 0
+            if outcome.ids:  # stored before the reader queues the reads
+                ids.emitted(outcome.end_lsn, outcome.ids)
+                await store.update(conn, job, read_ids=ids.encoded())
+                if window.persisted is not None and not window.persisted.done():
+                    window.persisted.set_result(None)
             self.rows_left_to_stream += outcome.dropped
             self.rows_read_again += len(chunk.events) - chunk.rows
             before = len(again)
@@ -439,7 +441,7 @@ class Backfills:
             # to read again: a restart reads that one again
             first = next((bound for bound, _ in again.values()), None)
             mark = after if first is None else None if first[0] is None else list(first[0])
-            pending = (outcome.end_lsn, mark, outcome.emitted)
+            pending = self._pending = (outcome.end_lsn, mark, outcome.emitted)
             if exhausted:
                 if not again:
                     break
@@ -456,52 +458,18 @@ class Backfills:
             await self._save(conn, job, pending, progress)
 
     async def _settle(self, conn: psycopg.AsyncConnection, job: Job) -> None:
-        """Wait until every transaction committed before the window opened is visible.
+        """Wait until every transaction committed before the window opened is visible
+        (:func:`.visibility.settle`); a job cancelled meanwhile stops."""
 
-        A commit can reach the stream before snapshots show it: its commit record is
-        flushed (so logical decoding sends it) while the committing session still waits,
-        invisible, for a synchronous standby (``synchronous_commit`` ``on`` or
-        ``remote_apply``). The window records the keys of what the stream passes from now
-        on; what it passed before is unknown to it, so no chunk may be read in a snapshot
-        that does not show it. Such a transaction is listed as running by a snapshot
-        taken now while its session waits for the standby (wait event ``SyncRep``, seen
-        in ``pg_stat_activity``; another role's sessions need ``pg_read_all_stats``). A
-        transaction of this session is committed first, so that every earlier
-        transaction id is below the snapshot's ``xmax`` (and so in its list of running
-        ones when it is not visible). The wait ends when the standby confirms, when the
-        session stops waiting (cancelled: its commit then becomes visible), or for a
-        ``PREPARE TRANSACTION`` (nothing the stream sent) once it is prepared. A job
-        cancelled meanwhile stops waiting.
-        """
-        await conn.execute("SELECT pg_current_xact_id()")
-        cur = await conn.execute(_COMMITTED_INVISIBLE)
-        row = await cur.fetchone()
-        waiting: list[str] = list(row[0]) if row and row[0] else []
-        if row and row[1]:
-            log.warning("walex %r: synchronous replication is on, but walex's role cannot see "
-                        "other roles' wait events: a backfill of %s may not see that a commit "
-                        "the stream already sent waits for a standby (and deliver an older read "
-                        "of its rows). Fix: GRANT pg_read_all_stats TO the role",
-                        self.pipeline.settings.name, job.qualified)
-        waited, delay, warn_at = 0.0, 0.01, 60.0
-        while waiting:
-            self.waiting_for = [int(x) for x in waiting]
-            if waited >= warn_at:
-                warn_at += 60
-                log.warning("walex %r: the backfill of %s has waited %.0fs for transaction(s) %s, "
-                            "committed but not yet visible (a synchronous standby that does not "
-                            "confirm?), to become visible", self.pipeline.settings.name,
-                            job.qualified, waited, ", ".join(waiting))
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(1.0, delay * 2)
-            if await self.store.state(conn, job) not in ("pending", "running"):  # cancelled
-                self.waiting_for = []
-                raise _Cancelled
-            cur = await conn.execute(_STILL_INVISIBLE, (waiting,))
-            row = await cur.fetchone()
-            waiting = list(row[0]) if row and row[0] else []
-        self.waiting_for = []
+        async def wanted() -> bool:
+            self._check_held(job)
+            return await self.store.state(conn, job) in ("pending", "running")
+
+        def waiting(xids: list[int]) -> None:
+            self.waiting_for = xids
+
+        if not await settle(conn, self.pipeline.settings.name, job.qualified, wanted, waiting):
+            raise _Cancelled
 
     async def _outcome(self, future: asyncio.Future[Outcome], gaps: int, high: int,
                        job: Job) -> Outcome:
@@ -521,6 +489,7 @@ class Backfills:
             done, _ = await asyncio.wait([future], timeout=0.05)
             if done:
                 return future.result()
+            self._check_held(job)
             if len(self.pipeline.gaps) != gaps or self.pipeline.ack.flushed > high:
                 window = self.window
                 if window is not None:  # a high watermark seen from now on emits nothing
@@ -538,14 +507,37 @@ class Backfills:
         end_lsn, last_key, rows = pending
         ack, window = self.pipeline.ack, self.window
         while ack.flushed < end_lsn:
+            self._check_held(job)
             await asyncio.sleep(0.005)
-        job.rows_done += rows
-        await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
-                                chunks_done=job.chunks_done + 1, rate=progress.rate)
-        self._progressed = True
+        # acknowledged past the chunk's high watermark: by this instance's handlers, unless
+        # the lock was lost meanwhile (the queue holding the reads dropped) and another
+        # instance moved the slot on, without these reads
+        self._check_held(job)
+        await self._mark(conn, job, pending, progress)
         if window is not None:
             window.forget(end_lsn)
+
+    async def _mark(self, conn: psycopg.AsyncConnection, job: Job,
+                    pending: tuple[int, list[str], int], progress: ProgressLog) -> None:
+        end_lsn, last_key, rows = pending
+        job.rows_done += rows
+        self._ids.done(end_lsn)
+        # read_ids keeps the chunk's ids until the next chunk's are written: a run after
+        # this one reads on after last_key, and never meets its rows
+        await self.store.update(conn, job, last_key=last_key, rows_done=job.rows_done,
+                                chunks_done=job.chunks_done + 1, rate=progress.rate)
+        self._pending = None
+        self._progressed = True
         progress.chunk()
+
+    async def _handled_before_loss(self, conn: psycopg.AsyncConnection, job: Job,
+                                   progress: ProgressLog) -> None:
+        """The lock was lost: the chunk waiting to be marked done is marked done if its
+        reads were handled here before (acknowledged up to its high watermark when the
+        queue was dropped; any later acknowledged position may be another instance's)."""
+        pending, handled = self._pending, self._loss_flushed
+        if pending is not None and handled is not None and pending[0] <= handled:
+            await self._mark(conn, job, pending, progress)
 
     async def _table(self, target: Target) -> Table:
         """The table's definition, typed with the app's catalog as a Relation message is."""
@@ -569,6 +561,14 @@ def _now() -> datetime:
 
 class _Cancelled(Exception):
     """The job was cancelled: it stops here."""
+
+
+class _LockLost(Exception):
+    """The standby lock was lost while the job ran: it stops here, unfinished."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job.qualified)
+        self.job = job
 
 
 def _key_text(columns: list[str] | None, signature: str | None) -> str:

@@ -12,7 +12,11 @@ it; ``walex status`` shows it. A row is a request and its progress:
   and collations, which decide their order) changed meanwhile;
 - ``rows_done`` (read events delivered, each row once) of about
   ``rows_estimated`` (the planner's estimate when the backfill started),
-  ``chunks_done``, ``rate`` (rows per second of the current run).
+  ``chunks_done``, ``rate`` (rows per second of the current run);
+- ``read_ids``: the event ids of the rows emitted in chunks not yet marked
+  done (:class:`ReadIds`), written before those reads are queued: the next
+  run of the job gives a row it reads again, unchanged, the id it had (see
+  :mod:`.watermarks`).
 
 The table is created, or brought up to date from an earlier walex, under an
 advisory lock, so apps asking at the same moment do not race.
@@ -25,6 +29,8 @@ stream when the publication is ``FOR ALL TABLES``; walex never delivers them.
 
 from __future__ import annotations
 
+import struct
+from binascii import unhexlify
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -35,7 +41,8 @@ from psycopg import sql
 from ..errors import ConfigError, SetupError
 from ..records import Record
 
-__all__ = ["Job", "store_name", "CREATE", "REQUEST", "SELECT_ALL", "STATES"]
+__all__ = ["Job", "ReadIds", "decode_ids", "store_name", "CREATE", "REQUEST", "SELECT_ALL",
+           "STATES"]
 
 STATES = ("pending", "running", "done", "failed", "cancelled")
 
@@ -64,6 +71,7 @@ CREATE TABLE IF NOT EXISTS {store} (
     finished_at timestamptz,
     error text,
     key_signature text,
+    read_ids bytea,
     PRIMARY KEY (app, table_schema, table_name)
 )
 """
@@ -76,20 +84,22 @@ ON CONFLICT (app, table_schema, table_name) DO UPDATE
 SET condition = excluded.condition, state = 'pending', chunk_key = excluded.chunk_key,
     last_key = NULL, rows_done = 0, rows_estimated = NULL, chunks_done = 0, rate = NULL,
     requested_at = now(), started_at = NULL, updated_at = now(), finished_at = NULL, error = NULL,
-    key_signature = NULL
+    key_signature = NULL, read_ids = NULL
 WHERE s.state IN ('done', 'failed', 'cancelled') OR %(restart)s
 RETURNING state
 """
 
-# key_signature read through to_jsonb: a store made by an earlier walex has no such column
+# key_signature and read_ids read through to_jsonb (bytea as its hex text form): a store
+# made by an earlier walex has no such columns
 _FIELDS = """app, table_schema, table_name, condition, state, chunk_key, last_key, rows_done,
        rows_estimated, chunks_done, rate, requested_at, started_at, updated_at, finished_at, error,
-       to_jsonb(s) ->> 'key_signature'"""
+       to_jsonb(s) ->> 'key_signature', decode(substr(to_jsonb(s) ->> 'read_ids', 3), 'hex')"""
 SELECT_ALL = "SELECT " + _FIELDS + " FROM {store} s "
 
-# a store made by an earlier walex: the key signature, the state 'cancelled'
+# a store made by an earlier walex: the key signature, the read ids' LSN, the state 'cancelled'
 _UPGRADE = [
     "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS key_signature text",
+    "ALTER TABLE {store} ADD COLUMN IF NOT EXISTS read_ids bytea",
     "ALTER TABLE {store} DROP CONSTRAINT IF EXISTS {check}",
     "ALTER TABLE {store} ADD CONSTRAINT {check} CHECK (state IN ('pending', 'running', 'done', "
     "'failed', 'cancelled'))",
@@ -117,6 +127,7 @@ class Job(Record):
     finished_at: datetime | None
     error: str | None
     key_signature: str | None = None  # the key's types and collations when it was last read
+    read_ids: bytes | None = None  # ids of reads emitted, not marked done (ReadIds)
 
     @property
     def qualified(self) -> str:
@@ -125,6 +136,70 @@ class Job(Record):
     @property
     def finished(self) -> bool:
         return self.state in ("done", "failed", "cancelled")
+
+
+# read_ids: groups of a high watermark's commit LSN and its number of entries n, then the
+# n version digests (8 bytes each), then the n indexes (4 bytes each): 12 bytes a row
+_GROUP = struct.Struct(">QI")
+
+
+def decode_ids(blob: bytes | None, most: int) -> dict[bytes, str]:
+    """The ids ``read_ids`` holds, by version digest (16 hex digits): the last ``most``."""
+    ids: dict[bytes, str] = {}
+    pos, end = 0, len(blob or b"")
+    while blob and pos + _GROUP.size <= end:
+        lsn, count = _GROUP.unpack_from(blob, pos)
+        pos += _GROUP.size
+        if pos + 12 * count > end:
+            break  # cut short: what it holds is not read
+        digests = blob[pos:pos + 8 * count].hex().encode()
+        indexes = blob[pos + 8 * count:pos + 12 * count].hex().upper()
+        pos += 12 * count
+        prefix = f"{lsn:016X}-R"
+        for j in range(count):
+            ids[digests[16 * j:16 * j + 16]] = prefix + indexes[8 * j + 1:8 * j + 8]
+    if len(ids) > most:
+        ids = dict(list(ids.items())[-most:])
+    return ids
+
+
+class ReadIds:
+    """A job's ids of reads emitted and not marked done, as ``read_ids`` stores them: those
+    an earlier run left (``inherited``: kept for a run after this one until this run marks
+    a chunk done, or emits the same version again), then this run's, chunk by chunk."""
+
+    def __init__(self, inherited: dict[bytes, str]) -> None:
+        self.inherited = inherited
+        self.chunks: dict[int, dict[bytes, str]] = {}  # by the high watermark's end
+
+    def emitted(self, end_lsn: int, ids: dict[bytes, str]) -> None:
+        self.chunks[end_lsn] = ids
+        inherited = self.inherited
+        if inherited:
+            for digest in ids:
+                inherited.pop(digest, None)
+
+    def done(self, end_lsn: int) -> None:
+        """The chunks whose high watermarks end at or before ``end_lsn`` were marked done."""
+        for end in [e for e in self.chunks if e <= end_lsn]:
+            del self.chunks[end]
+        self.inherited.clear()  # the stream is past them: they are not replayed any more
+
+    def encoded(self) -> bytes | None:
+        groups: dict[str, tuple[list[bytes], list[str]]] = {}
+        for ids in (self.inherited, *self.chunks.values()):
+            for digest, rid in ids.items():
+                group = groups.get(rid[:16])
+                if group is None:
+                    group = groups[rid[:16]] = ([], [])
+                group[0].append(digest)
+                group[1].append(rid[18:])  # 7 hex digits
+        parts = []
+        for lsn, (digests, indexes) in groups.items():
+            parts.append(_GROUP.pack(int(lsn, 16), len(digests)))
+            parts.append(unhexlify(b"".join(digests)))
+            parts.append(bytes.fromhex("0" + "0".join(indexes)))
+        return b"".join(parts) or None
 
 
 def _q(template: str, option: str) -> sql.Composed:
@@ -165,8 +240,9 @@ class Store:
                                    (f"walex.backfill:{self.regclass()}",))
                 await conn.execute(_q(CREATE, self.option))
                 cur = await conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                    "AND attname = 'key_signature' AND NOT attisdropped)", (self.regclass(),))
+                    "SELECT count(*) = 2 FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                    "AND attname IN ('key_signature', 'read_ids') AND NOT attisdropped",
+                    (self.regclass(),))
                 row = await cur.fetchone()
                 if not (row and row[0]):
                     check = sql.Identifier(f"{self.option.rpartition('.')[2]}_state_check"[:63])

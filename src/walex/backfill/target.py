@@ -68,12 +68,17 @@ class Target:
 
     def chunk_query(self, where: str | None, after: bool, at: bool = False) -> sql.Composed:
         """``SELECT`` of the next rows in key order, after a key given as text (with
-        ``at``: from that key on, itself included).
+        ``at``: from that key on, itself included); the columns, then a digest of the
+        row's version (its key's text and the ``xmin`` of its tuple, the transaction that
+        wrote it: 64 bits of ``hashtextextended``, as 16 hex digits; see :mod:`.replay`).
 
         Run it with the key's text forms (none for the first chunk) and the row
         limit as parameters: the extended protocol, one statement only."""
-        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns)
         keys = sql.SQL(", ").join(sql.Identifier(k) for k in self.key)
+        # a record's text form quotes what could make two keys read alike
+        version = sql.SQL("lpad(to_hex(hashtextextended(ROW({})::text || ' ' || xmin::text, 0)), "
+                          "16, '0')").format(keys)
+        cols = sql.SQL(", ").join([*(sql.Identifier(c.name) for c in self.columns), version])
         conditions: list[sql.Composable] = []
         if after:
             bound = sql.SQL(", ").join(

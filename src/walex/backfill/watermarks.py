@@ -35,17 +35,41 @@ A chunk is *redone* (read again, nothing emitted) when a change to the table
 in its window cannot be tied to a key (a TRUNCATE, a key column missing from
 the old row) or when the stream did not show its low watermark (a reconnect).
 
-A chunk's reads are kept until the runner marked the chunk done: when the
-pipeline dropped its queue meanwhile (:meth:`~walex.pipeline.Pipeline.discard_unhandled`,
-a standby lock lost: :attr:`Window.generation` counts those), the slot sends
-the high watermark's transaction again, and the same reads, with the same
-ids, go out again just before it. A high watermark whose transaction was cut
+A durable slot's reconnect keeps the pipeline's queue and sends again what
+was not acknowledged, the high watermark of a chunk whose reads are queued
+included: :attr:`Window.sent` knows it, and its reads do not go out twice.
+When the pipeline drops its queue (a standby lock lost:
+:meth:`~walex.pipeline.Pipeline.discard_unhandled`) the runner stops the job
+and the window goes with it: a later run reads again every chunk not marked
+done (same ids for unchanged rows), whether or not the slot still holds its
+watermarks (another instance may have moved it past them). A high watermark whose transaction was cut
 off by a reconnect before its commit came counts only when it comes again
 (the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
 Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
-in the chunk, 7 hex digits>``: never equal to a streamed id (whose second part
-has 8 hex digits and no ``R``) and increasing in commit order with them.
+in the chunk's emission, 7 hex digits>``: never equal to a streamed id (whose
+second part has 8 hex digits and no ``R``) and increasing in commit order
+with them.
+
+Reads of a chunk not marked done (the process killed, the standby lock lost)
+are *replayed* as they were, where they were: the ids of emitted chunks not
+yet marked done are kept in the progress store (:mod:`.store`), by a digest
+of each row's key and ``xmin`` (the transaction that wrote the version read:
+computed by the chunk's query, :meth:`~.target.Target.chunk_query`), written before those
+reads are queued
+(the reader waits for that: :attr:`Window.persisted`). The next run of the
+job reads the rows after the last chunk marked done again and keeps those
+still at the version emitted (:attr:`Window.replay`): identical rows. The
+slot sends again what was not acknowledged, so a chunk whose reads were not
+all handled comes with its high watermark's transaction again: the kept rows
+go out just before it, under the ids they had, in their order, as streamed
+changes are replayed (a consumer that drops ids it saw, or every id not above
+the highest it saw, drops exactly the copies). The run's own chunks leave
+those rows out (:attr:`Window.replayed`). A row that changed since is not
+replayed: the stream sends its change after that transaction, and the run's
+chunks read it anew, with a new id. When the stream does not send the high
+watermark again (it was acknowledged, or the replay was not ready in time)
+its rows are read anew too: duplicates under new ids, never a row lost.
 """
 
 from __future__ import annotations
@@ -95,6 +119,9 @@ class Outcome(Record):
     redo: str | None = None  # why the chunk must be read again
     # rows left to the stream whose streamed change lacked a column: read them again
     again: list[Bound] = field(default_factory=list)
+    # the ids of the rows emitted, by version digest: the runner stores them, then sets
+    # Window.persisted
+    ids: dict[bytes, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, repr=False, eq=False)
@@ -128,6 +155,13 @@ class Window:
 
     def __init__(self, app: str, run: str, target: Target, batch_size: int) -> None:
         self.app = app
+        # reads of an earlier run of the job to replay: by the commit LSN of the high
+        # watermark they went out with, (id, version digest, event) in id order
+        self.replay: dict[int, list[tuple[str, bytes, Any]]] = {}
+        self.replayed: dict[bytes, str] = {}  # version digest -> id of the rows replayed
+        # set by the runner once the ids of the reads just emitted are stored; the reader
+        # queues them only then (cancelled: they are not queued, a later run reads them)
+        self.persisted: asyncio.Future[None] | None = None
         self.run = run
         self.schema, self.name = target.schema, target.name
         self.key = target.key
@@ -139,11 +173,9 @@ class Window:
         self.outcome: asyncio.Future[Outcome] | None = None
         self._before = _Changes()  # since the previous high watermark, up to the low one
         self._after = _Changes()  # since the low watermark
-        # the pipeline's count of dropped queues (Pipeline.discards), set by Backfills.batch
-        self.generation = 0
-        # the reads of chunks emitted and not yet marked done, by their high watermark's
-        # commit LSN: (generation when emitted, read events, the high watermark's end)
-        self.sent: dict[int, tuple[int, list[Any], int]] = {}
+        # the chunks emitted and not yet marked done: their high watermark's commit LSN ->
+        # its end
+        self.sent: dict[int, int] = {}
 
     # -- the backfill task's side -----------------------------------------
 
@@ -165,7 +197,7 @@ class Window:
 
     def forget(self, end_lsn: int) -> None:
         """The chunk whose high watermark ends at ``end_lsn`` was marked done."""
-        for commit_lsn, (_, _, end) in list(self.sent.items()):
+        for commit_lsn, end in list(self.sent.items()):
             if end <= end_lsn:
                 del self.sent[commit_lsn]
 
@@ -189,12 +221,10 @@ class Window:
 
     def observe(self, txn: Transaction) -> list[Transaction] | None:
         """Record the keys a transaction batch changed; at the high watermark, the reads."""
-        if self.sent and (sent := self.sent.get(txn.commit_lsn)) is not None:
-            if sent[0] == self.generation:  # the queue that holds its reads was kept
-                return None
-            # its reads were dropped with the queue: they go out again, as they were
-            self.sent[txn.commit_lsn] = (self.generation, sent[1], sent[2])
-            return self._batches(txn, sent[1])
+        if self.replay and (entries := self.replay.pop(txn.commit_lsn, None)) is not None:
+            return self._replay(txn, entries)
+        if self.sent and txn.commit_lsn in self.sent:
+            return None  # sent again by a reconnect: its reads are queued already
         if self.high_seen:
             return self._emit(txn)
         changes = self._after if self.low_seen else self._before
@@ -272,27 +302,53 @@ class Window:
             drop |= before.by_xid.get(xid, set())
             partial |= before.partial.get(xid, set())
         commit_lsn, commit_time = txn.commit_lsn, txn.commit_time
-        lsn, prefix = format_lsn(commit_lsn), f"{commit_lsn:016X}-R"
-        events = chunk.events
+        lsn = format_lsn(commit_lsn)
+        self.persisted = None
+        read = chunk.events
+        kept: range | list[int] = range(len(read))
         if drop:
             key = self.key
             kept = []
-            for index, event in enumerate(events):
+            for index, event in enumerate(read):
                 value = canonical(tuple(event.new_record[k] for k in key))  # type: ignore[index]
                 if value not in drop:
-                    kept.append(event)
+                    kept.append(index)
                 elif value in partial:  # its handlers lack a column: read it again
                     result.again.append(chunk.bound(index))
-            result.dropped = len(events) - len(kept)
-            events = kept
-        for index, event in enumerate(events):
+            result.dropped = len(read) - len(kept)
+        self.replay.clear()  # the stream is past every earlier run's watermark
+        replayed, versions, ids = self.replayed, chunk.versions, result.ids
+        prefix = f"{commit_lsn:016X}-R"
+        events = []
+        for index in kept:
+            digest = versions[index]
+            known = replayed.get(digest) if replayed else None
+            if known is not None:  # replayed as it is: delivered (its id kept till done)
+                ids[digest] = known
+                continue
+            event = read[index]
+            event.id = ids[digest] = f"{prefix}{len(events):07X}"
             event.timestamp = commit_time
             event.lsn = lsn
-            event.id = f"{prefix}{index:07X}"
-        result.emitted = len(events)
-        self.sent[commit_lsn] = (self.generation, events, txn.end_lsn)
+            events.append(event)
+        result.emitted = len(ids)
+        if events:
+            self.persisted = asyncio.get_running_loop().create_future()
+        self.sent[commit_lsn] = txn.end_lsn
         if not outcome.done():
             outcome.set_result(result)
+        return self._batches(txn, events)
+
+    def _replay(self, txn: Transaction, entries: list[tuple[str, bytes, Any]]) -> list[Transaction]:
+        """An earlier run's high watermark sent again: its reads still as they were go out
+        again just before it, under their ids."""
+        lsn, commit_time, replayed = format_lsn(txn.commit_lsn), txn.commit_time, self.replayed
+        events = []
+        for rid, digest, event in entries:
+            event.id, event.lsn, event.timestamp = rid, lsn, commit_time
+            replayed[digest] = rid
+            events.append(event)
+        self.sent[txn.commit_lsn] = txn.end_lsn  # a reconnect sends it again: nothing more
         return self._batches(txn, events)
 
     def _batches(self, txn: Transaction, events: list[Any]) -> list[Transaction]:
