@@ -21,7 +21,10 @@ Set ``WALEX_NO_EXTENSIONS=1`` to skip building them.
 - ``walex.destinations._direct`` (Cython): a RawEvent's CloudEvent written from
   its raw rows (twin of ``py_direct_event`` in ``walex.destinations.direct``);
 - ``walex.destinations._krecords`` (Cython): a batch's records handed to the Kafka
-  producer (twin of ``py_records`` in ``walex.destinations.krecords``).
+  producer (twin of ``py_records`` in ``walex.destinations.krecords``);
+- ``walex.replication._readloop`` (Cython): the replication reader's frame loop on
+  psycopg's libpq, called by address (twin of ``_read_python`` in
+  ``walex.replication.stream``; no libpq headers or link needed).
 """
 
 import os
@@ -56,7 +59,9 @@ if not os.environ.get("WALEX_NO_EXTENSIONS"):
                     Extension("walex.destinations._krecords",
                               ["src/walex/destinations/_krecords.pyx"]),
                     Extension("walex.destinations._longnum",
-                              ["src/walex/destinations/_longnum.pyx"])]
+                              ["src/walex/destinations/_longnum.pyx"]),
+                    Extension("walex.replication._readloop",
+                              ["src/walex/replication/_readloop.pyx"])]
         for ext in cythonize(compiled,
                              compiler_directives={"language_level": 3}, quiet=True):
             ext.optional = True  # cythonize does not carry it over

@@ -13,9 +13,11 @@ reports the ``read()`` calls, the waits for the socket (loop turns through
 ``select``) and its CPU. ``--callgrind`` runs the child under
 ``valgrind --tool=callgrind`` on both slots (the least of ``--reps`` runs each) and
 reports the difference in instructions over the extra rows: start-up and the
-connection drop out. Under valgrind the child is far slower than the walsender, so
-the socket always holds data: the case of a reader that is behind, where the loop
-turns per row count.
+connection drop out. ``read()`` gathers frames with the compiled loop
+(``walex.replication._readloop``) when it is built; ``WALEX_PURE_PYTHON=1`` in the
+environment measures the Python loop. Under valgrind the child is far slower than
+the walsender, so the socket always holds data: the case of a reader that is behind,
+where the loop turns per row count.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ async def stream(dsn: str, slot: str) -> dict[str, float]:
         done = b"C" in map(_KIND, got)  # an XLogData Commit (a keepalive has no byte 25)
     cpu = time.process_time() - cpu
     await repl.close()
-    return {"frames": frames, "reads": reads, "waits": waits, "cpu": cpu}
+    loop = "compiled" if repl._read_loop is not None else "Python"
+    return {"frames": frames, "reads": reads, "waits": waits, "cpu": cpu, "loop": loop}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -104,7 +107,7 @@ def main() -> None:
                                               capture_output=True, text=True).stdout)
                     for _ in range(args.reps)]
             best = min(runs, key=lambda r: r["cpu"])
-            print(f"{slot} ({rows} rows): frames {best['frames']}, read() calls "
+            print(f"{slot} ({rows} rows, {best['loop']} frame loop): frames {best['frames']}, read() calls "
                   f"{best['reads']}, socket waits {best['waits']} (best of {args.reps}: "
                   f"{best['cpu'] * 1e6 / rows:.2f} us CPU per row; waits per 1000 rows "
                   f"{[round(r['waits'] * 1000 / rows, 1) for r in runs]})")

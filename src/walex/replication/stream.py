@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import pq, sql
@@ -24,6 +25,7 @@ from ..errors import ReplicationError, SlotInUseError, redact
 from ..lsn import format_lsn, parse_lsn
 from ..records import Record
 from .frames import standby_status
+from .readloop import CONSUME_FAILED, COPY_FAILED, WAIT, read_loop
 
 __all__ = ["ReplicationConnection", "SlotInfo"]
 
@@ -31,6 +33,7 @@ _COPY_BOTH = pq.ExecStatus.COPY_BOTH
 # frames read() gathers from the socket without a wait before it returns (the loop turns
 # between two reads: the lanes and the acknowledger run then): ~64 kB of W1 rows, ~1 ms
 _FRAMES_PER_TURN = 256
+_MOST_FRAMES = 1024  # a read returns at most these
 _SESSION_OPTIONS = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC"
 
 
@@ -63,6 +66,8 @@ class ReplicationConnection:
         self._secret = secret
         self._loop = asyncio.get_running_loop()
         self._fd = -1
+        # the compiled twin of read()'s frame loop (readloop.py), None for the Python loop
+        self._read_loop = read_loop(self.pgconn)
         self._send_lock = asyncio.Lock()
         self.streaming = False
 
@@ -169,38 +174,67 @@ class ReplicationConnection:
         (at most 1,024 are returned). A connection libpq finds or already found broken
         (its socket gone: a status update's write failed first, say) raises a retriable
         :class:`ReplicationError`, whichever call sees it."""
-        pgconn = self.pgconn
-        frames: list[bytes] = []
-        tried = -1  # len(frames) when libpq last read the socket without a wait
         try:
-            while True:
-                nbytes, data = pgconn.get_copy_data(1)
-                if nbytes > 0:
-                    frames.append(bytes(data))
-                    if len(frames) >= 1024:
-                        return frames
-                    continue
-                if nbytes == 0:
-                    if frames:
-                        if tried == len(frames) or len(frames) >= _FRAMES_PER_TURN:
-                            return frames  # the socket had no more, or enough for a turn
-                        # libpq reads at most its buffer (~16 kB, ~60 W1 rows) at a time:
-                        # what the socket holds already is taken now, up to a turn's
-                        # worth, not after a turn of the loop through select (and two
-                        # epoll_ctl) per 16 kB
-                        tried = len(frames)
-                        pgconn.consume_input()
-                        continue
-                    await self._wait_readable()
-                    pgconn.consume_input()
-                    continue
-                self._end_of_stream(nbytes)
+            if self._read_loop is not None:
+                return await self._read_compiled(self._read_loop)
+            return await self._read_python()
         except psycopg.OperationalError as exc:
             self.streaming = False
             raise ReplicationError(
                 f"replication connection lost: {redact(str(exc), self._secret)}",
                 retriable=True,
             ) from None
+
+    async def _read_python(self) -> list[bytes]:
+        pgconn = self.pgconn
+        frames: list[bytes] = []
+        tried = -1  # len(frames) when libpq last read the socket without a wait
+        while True:
+            nbytes, data = pgconn.get_copy_data(1)
+            if nbytes > 0:
+                frames.append(bytes(data))
+                if len(frames) >= _MOST_FRAMES:
+                    return frames
+                continue
+            if nbytes == 0:
+                if frames:
+                    if tried == len(frames) or len(frames) >= _FRAMES_PER_TURN:
+                        return frames  # the socket had no more, or enough for a turn
+                    # libpq reads at most its buffer (~16 kB, ~60 W1 rows) at a time:
+                    # what the socket holds already is taken now, up to a turn's
+                    # worth, not after a turn of the loop through select (and two
+                    # epoll_ctl) per 16 kB
+                    tried = len(frames)
+                    pgconn.consume_input()
+                    continue
+                await self._wait_readable()
+                pgconn.consume_input()
+                continue
+            self._end_of_stream(nbytes)
+
+    async def _read_compiled(self, loop: Any) -> list[bytes]:
+        """:meth:`_read_python` with its frame loop in C (``_readloop.ReadLoop.gather``):
+        the same frames and the same errors, psycopg's messages included."""
+        pgconn = self.pgconn
+        frames: list[bytes] = []
+        while True:
+            ptr = pgconn.pgconn_ptr
+            if ptr is None:  # closed: psycopg's own calls say how (frames is empty here)
+                return await self._read_python()
+            code = loop.gather(ptr, frames, _FRAMES_PER_TURN, _MOST_FRAMES)
+            if code > 0:
+                return frames
+            if code == WAIT:
+                await self._wait_readable()
+                pgconn.consume_input()
+            elif code == COPY_FAILED:
+                raise psycopg.OperationalError(
+                    f"receiving copy data failed: {pgconn.get_error_message()}")
+            elif code == CONSUME_FAILED:
+                raise psycopg.OperationalError(
+                    f"consuming input failed: {pgconn.get_error_message()}")
+            else:
+                self._end_of_stream(code)
 
     async def _discard_results(self) -> None:
         pgconn = self.pgconn
