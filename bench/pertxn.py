@@ -164,6 +164,9 @@ async def recorded_app(module: Events, name: str, destination: str | None,
     if destination:
         await app.destinations.open()
     p.repl = RecordedTransport(frames, chunk)  # type: ignore[assignment]
+    # no backfill task runs here: the stream must not wait for it to say what to replay
+    # (an app's task says "nothing" at once when there is no progress store)
+    p.backfill._install(None)
     p.relations.db = "bench"
     gc.collect()
     return app, p
