@@ -107,8 +107,6 @@ _TYPE_HEADERS = {kind.value: ("ce_type", f"walex.{kind.value}".encode()) for kin
 _IDLE_POLL = 0.25  # seconds between two services of the producer while no batch is published
 _FLUSH_SLICE = 0.5  # longest flush call: a publish cancelled meanwhile frees its thread by then
 _FLUSH_AT = 256  # records left unconfirmed in a publish from which its thread flushes the rest
-_FIRST_PAUSE = 0.0005  # seconds between the first two services of a publish's reports on the loop
-_LONGEST_PAUSE = 0.002  # ... and the longest
 class KafkaDestination(Destination):
     scheme = "kafka"
     extra = "kafka"
@@ -459,9 +457,10 @@ class KafkaDestination(Destination):
         The client takes the GIL for each record's report, whatever the callback (even
         none). While many records are unconfirmed (more than :data:`_FLUSH_AT`: a large
         group), their reports are served here, in the event loop's thread, pausing
-        :data:`_FIRST_PAUSE` at first and doubling up to :data:`_LONGEST_PAUSE`: served on
-        another thread, they would fight the event loop, busy reading and encoding the
-        next records, for the GIL at each record. The last ones (or a small group's) are
+        :data:`~walex.destinations.kflights.FIRST_PAUSE` at first and doubling up to
+        :data:`~walex.destinations.kflights.LONGEST_PAUSE`: served on another thread, they
+        would fight the event loop, busy reading and encoding the next records, for the
+        GIL at each record. The last ones (or a small group's) are
         waited for with librdkafka's flush on the destination's thread, in slices of at
         most :data:`_FLUSH_SLICE`: it sends what the producer holds at once (``linger.ms``
         does not apply) and is woken when the last record was confirmed, so a group of
@@ -475,7 +474,7 @@ class KafkaDestination(Destination):
         which the publish raises rather than the producer's failure (its report may come
         after the error, and after those of the records the fatal error dropped)."""
         loop = asyncio.get_running_loop()
-        pause = _FIRST_PAUSE
+        pause = kflights.FIRST_PAUSE
         fatal_until = None  # when a fatal error was seen: the last wait for the reports
         while True:
             left = len(producer)
@@ -495,7 +494,7 @@ class KafkaDestination(Destination):
                                f"within {self.timeout:g}s")
             if left > _FLUSH_AT:
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, _LONGEST_PAUSE)
+                pause = min(pause * 2, kflights.LONGEST_PAUSE)
                 self._poll(producer)
                 continue
             flusher = self._flusher

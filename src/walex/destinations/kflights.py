@@ -28,10 +28,10 @@ from typing import Any
 from ..errors import DestinationError
 from .base import Unavailable
 
-__all__ = ["Failures", "Flight", "held", "watch"]
+__all__ = ["FIRST_PAUSE", "LONGEST_PAUSE", "Failures", "Flight", "held", "watch"]
 
-_FIRST_PAUSE = 0.0005  # seconds between the first two services of the reports
-_LONGEST_PAUSE = 0.002  # ... and the longest
+FIRST_PAUSE = 0.0005  # seconds between the first two services of the reports on the loop
+LONGEST_PAUSE = 0.002  # ... and the longest (the publish of a group uses them too)
 
 
 class Failures:
@@ -97,11 +97,11 @@ async def watch(producer: Any, flights: deque[Flight], poll: Callable[[Any], Non
     """Serve ``producer``'s reports on the event loop while ``flights`` (appended to by
     the destination, in order) is not empty; each front flight done is taken off with
     its outcome. ``failed()`` says why the producer cannot go on (None: it can). The
-    pause between two services doubles from :data:`_FIRST_PAUSE` up to
-    :data:`_LONGEST_PAUSE` (the thread of a publish's flush would fight the event loop,
+    pause between two services doubles from :data:`FIRST_PAUSE` up to
+    :data:`LONGEST_PAUSE` (the thread of a publish's flush would fight the event loop,
     busy handing the next group over, for the GIL at each report)."""
     loop = asyncio.get_running_loop()
-    pause = _FIRST_PAUSE
+    pause = FIRST_PAUSE
     while flights:
         poll(producer)
         why = failed()
@@ -122,7 +122,7 @@ async def watch(producer: Any, flights: deque[Flight], poll: Callable[[Any], Non
             flights.popleft()
             if not flight.answer.done():
                 flight.answer.set_result(outcome)
-            pause = _FIRST_PAUSE
+            pause = FIRST_PAUSE
         if flights:
             await asyncio.sleep(pause)
-            pause = min(pause * 2, _LONGEST_PAUSE)
+            pause = min(pause * 2, LONGEST_PAUSE)
