@@ -19,8 +19,9 @@ columns, types or collations (which decide the order rows are read in) starts
 the job over from the first row. A lost connection of the backfill is retried
 with backoff (reset once a chunk was completed since), resuming at the last
 chunk marked done; a query not answered within ``backfill_query_timeout`` (a
-network gone silent, a chunk read slower than that) counts as a lost connection. A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`,
-``walex backfill --cancel``) stops before its next chunk.
+network gone silent, a chunk read slower than that) counts as a lost connection.
+A job marked ``cancelled`` in the store (:meth:`Backfills.cancel`, ``walex backfill
+--cancel``) stops before its next chunk.
 
 With ``standby=True`` only the instance that holds the standby lock runs jobs.
 When it loses the lock (the pipeline drops its queue: :func:`walex.standby.abandon`)

@@ -42,9 +42,10 @@ When the pipeline drops its queue (a standby lock lost:
 :meth:`~walex.pipeline.Pipeline.discard_unhandled`) the runner stops the job
 and the window goes with it: a later run reads again every chunk not marked
 done (same ids for unchanged rows), whether or not the slot still holds its
-watermarks (another instance may have moved it past them). A high watermark whose transaction was cut
-off by a reconnect before its commit came counts only when it comes again
-(the runner's :meth:`~walex.backfill.runner.Backfills.batch` forgets it).
+watermarks (another instance may have moved it past them). A high watermark
+whose transaction was cut off by a reconnect before its commit came counts
+only when it comes again (the runner's
+:meth:`~walex.backfill.runner.Backfills.batch` forgets it).
 
 Read event ids are ``<commit LSN of the high watermark, 16 hex digits>-R<index
 in the chunk's emission, 7 hex digits>``: never equal to a streamed id (whose
